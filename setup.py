@@ -1,0 +1,34 @@
+"""relora_ds: ReLoRA pre-training on DeepSpeed ZeRO with Triton kernels.
+
+The Triton kernels live in ``kernels/`` and install as ``relora_kernels`` (never as a top-level
+``kernels`` module: Hugging Face transformers probes for its own ``kernels`` package).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="relora_ds",
+    version="0.1.0",
+    description="ReLoRA (high-rank training through low-rank updates) on DeepSpeed ZeRO",
+    python_requires=">=3.10",
+    packages=find_packages(include=["relora_ds", "relora_ds.*"]) + ["relora_kernels"],
+    package_dir={"relora_kernels": "kernels"},
+    install_requires=[
+        # The set-up script installs torch first (a CPU wheel on CPU-only machines) so that this
+        # range never pulls a multi-GB CUDA build by itself.
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "triton>=3.0",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "tqdm",
+        "numpy",
+        "pyyaml",
+        "tensorboard",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=4.0", "mpich"],
+        "flash": ["flash-attn>=2.5"],
+        "dev": ["pytest", "transformers>=4.45", "peft>=0.13", "matplotlib"],
+    },
+)

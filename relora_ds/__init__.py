@@ -1,0 +1,14 @@
+"""relora_ds: ReLoRA (Lialin et al., ICLR 2024) pre-training on DeepSpeed ZeRO with Triton kernels."""
+from .hf import export_hf, load_hf
+from .merge import merge_and_reinit
+from .model import CausalLMOutput, LlamaForCausalLM
+from .model_config import PRESETS, LlamaConfig
+from .prune import prune_optimizer_state
+from .relora import ReLoRALinear, lora_parameters, relora_layers, unwrap, wrap
+from .schedule import build_scheduler, cosine_with_warmup, jagged_cosine, linear_with_warmup
+
+__all__ = [
+    "CausalLMOutput", "LlamaConfig", "LlamaForCausalLM", "PRESETS", "ReLoRALinear", "build_scheduler",
+    "cosine_with_warmup", "export_hf", "jagged_cosine", "linear_with_warmup", "load_hf", "lora_parameters",
+    "merge_and_reinit", "prune_optimizer_state", "relora_layers", "unwrap", "wrap",
+]

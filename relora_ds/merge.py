@@ -1,0 +1,37 @@
+"""Merge-and-reinit (paper Eq. 2–3): W += s·B·A, then A ← Kaiming(seeded), B ← 0.
+
+Each merge adds a rank-r update to the frozen weight, so k merges can raise rank(W − W0) to k·r: the
+mechanism by which ReLoRA trains a high-rank network through low-rank updates.
+"""
+from __future__ import annotations
+
+import time
+
+from torch import nn
+
+from .relora import relora_layers
+
+
+def _is_deepspeed_engine(obj) -> bool:
+    return type(obj).__name__ == "DeepSpeedEngine" or hasattr(obj, "zero_optimization_stage")
+
+
+def merge_and_reinit(model: nn.Module) -> dict:
+    """Merge every ReLoRA layer of ``model`` (or of a DeepSpeed engine) and re-initialize its LoRA factors.
+
+    The new lora_A comes from a generator seeded by (run seed, layer name, merge count), so every rank
+    draws the same A without communication. Returns ``{"layers": n, "merge_seconds": t}``.
+    """
+    if _is_deepspeed_engine(model):
+        from .zero_merge import merge_and_reinit_engine  # only this path touches DeepSpeed
+
+        return merge_and_reinit_engine(model)
+    start = time.perf_counter()
+    layers = list(relora_layers(model))
+    if not layers:
+        raise ValueError("merge_and_reinit: the model has no ReLoRALinear layers (call relora_ds.wrap first)")
+    for _, layer in layers:
+        layer.merge_()
+        layer.merge_count += 1
+        layer.reset_lora(restart_index=int(layer.merge_count))
+    return {"layers": len(layers), "merge_seconds": time.perf_counter() - start}

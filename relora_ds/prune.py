@@ -1,0 +1,101 @@
+"""Optimizer-state pruning at a ReLoRA reset (paper §3: prune ~99% of the LoRA parameters' Adam moments).
+
+The masks are pure functions of a tensor (and a seed for `random`), so the ZeRO path (`zero_prune.py`)
+can compute them on a gathered tensor and apply each rank's slice: pruning is then exactly what a single
+process holding the whole tensor would do.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+METHODS = ("magnitude", "random", "reset")
+
+
+def check_prune_args(method: str, ratio: float) -> None:
+    if method not in METHODS:
+        raise ValueError(f"prune method {method!r} is not valid; valid methods: {list(METHODS)}")
+    if not 0.0 <= float(ratio) <= 1.0:
+        raise ValueError(f"prune ratio={ratio} must be in [0, 1]")
+
+
+def num_pruned(numel: int, ratio: float) -> int:
+    return int(round(ratio * numel))
+
+
+def magnitude_prune_mask(t: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Boolean mask (same shape as t) of exactly round(ratio·numel) entries with the smallest |t|.
+
+    Ties at the threshold are broken by flat index (lowest indices pruned first), so the mask is a
+    well-defined function of the values. The threshold is the exact k-th smallest |t| from
+    ``torch.kthvalue`` (``torch.quantile`` refuses inputs above ~16.7M elements).
+    """
+    flat = t.detach().reshape(-1).abs().float()
+    n = flat.numel()
+    k = num_pruned(n, ratio)
+    if k == 0:
+        return torch.zeros_like(flat, dtype=torch.bool).view(t.shape)
+    if k >= n:
+        return torch.ones_like(flat, dtype=torch.bool).view(t.shape)
+    threshold = flat.kthvalue(k).values
+    mask = flat < threshold
+    need = k - int(mask.sum())
+    if need > 0:
+        ties = flat == threshold
+        mask |= ties & (torch.cumsum(ties, 0) <= need)
+    return mask.view(t.shape)
+
+
+def random_prune_mask(shape: torch.Size, ratio: float, seed: int) -> torch.Tensor:
+    """Mask of exactly round(ratio·numel) uniformly chosen entries, drawn on the CPU from ``seed``."""
+    n = int(torch.Size(shape).numel())
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=g)[: num_pruned(n, ratio)]] = True
+    return mask.view(shape)
+
+
+def prune_mask(t: torch.Tensor, method: str, ratio: float, seed: int = 0) -> torch.Tensor:
+    if method == "magnitude":
+        return magnitude_prune_mask(t, ratio)
+    if method == "random":
+        return random_prune_mask(t.shape, ratio, seed).to(t.device)
+    return torch.ones_like(t, dtype=torch.bool)  # reset
+
+
+@torch.no_grad()
+def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], method: str = "magnitude",
+                          ratio: float = 0.99, seed: int = 0) -> dict:
+    """Zero, in place, the chosen fraction of each Adam moment of each given parameter.
+
+    ``method``: 'magnitude' (smallest |value| per tensor), 'random', or 'reset' (all). Other parameters'
+    state is untouched. Adam's ``step`` is deliberately left alone: DeepSpeed keeps it per flat param
+    group, so it cannot be reset for the LoRA parameters alone, and the reference implementation does not
+    reset it either; keeping it makes single-process and ZeRO runs identical. The restart warmup is what
+    keeps the first updates after a reset small.
+
+    Accepts torch Adam/AdamW or a DeepSpeed engine (ZeRO-partitioned state, see zero_prune.py).
+    Returns ``{key: fraction of entries zeroed}`` over all given params.
+    """
+    check_prune_args(method, ratio)
+    params = list(params)
+    if hasattr(optimizer, "zero_optimization_stage"):
+        from .zero_prune import prune_engine_optimizer_state  # the one path that touches DeepSpeed internals
+
+        return prune_engine_optimizer_state(optimizer, params, method, ratio, seed)
+    zeroed = dict.fromkeys(MOMENT_KEYS, 0)
+    total = 0
+    for i, p in enumerate(params):
+        state = optimizer.state.get(p, {})
+        if not all(k in state for k in MOMENT_KEYS):
+            raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) has no Adam moments yet: prune after "
+                             "the first optimizer step (optimizer state keys: "
+                             f"{sorted(state)})")
+        total += p.numel()
+        for j, key in enumerate(MOMENT_KEYS):
+            mask = prune_mask(state[key], method, ratio, seed=seed + 1000003 * i + j)
+            state[key].masked_fill_(mask, 0.0)
+            zeroed[key] += int(mask.sum())
+    return {key: zeroed[key] / max(1, total) for key in MOMENT_KEYS}

@@ -1,0 +1,174 @@
+"""The ReLoRA layer and the conversion that puts it into a model (ours or Hugging Face's LLaMA).
+
+ReLoRA is a conversion applied to a built model (torchtitan's ModelConverter pattern): `wrap(model)`
+replaces every targeted `nn.Linear` by a `ReLoRALinear` in place; the model code knows nothing of it.
+Embeddings, norms and lm_head stay trainable full-rank (paper §3).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The reference implementation trains r=128 with lora_alpha=32 (scale 0.25); we keep its alpha.
+DEFAULT_ALPHA = 32.0
+
+
+def reinit_seed(run_seed: int, layer_name: str, restart_index: int) -> int:
+    """A 63-bit seed from (run seed, layer name, restart index): every data-parallel rank derives the same
+    lora_A without communication, and a resumed run redraws exactly what an uninterrupted one would."""
+    digest = hashlib.sha256(f"{run_seed}/{layer_name}/{restart_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def kaiming_uniform_A(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """Kaiming-uniform(a=√5) in fp32 on the CPU from a seeded generator (bound 1/√in_features, the same
+    init as nn.Linear and PEFT's lora_A); CPU so that every device type draws identical numbers."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = torch.empty(shape, dtype=torch.float32)
+    return nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=g)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for merges: fp32, or fp64 for fp64 weights (never lower than the weight)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class ReLoRALinear(nn.Module):
+    """``y = x Wᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ`` with W (and b) frozen.
+
+    Shapes and names as PEFT's LoRA: ``weight`` (out, in), ``lora_A`` (rank, in), ``lora_B`` (out, rank),
+    ``scale = alpha / rank``. lora_A starts Kaiming-uniform and lora_B at zero, so a fresh layer computes
+    exactly the base layer while B still receives a gradient at the first backward (the reference code
+    zeroed both, which leaves LoRA without gradient until the first restart).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, alpha: float | None = None,
+                 dropout: float = 0.0, bias: bool = False, name: str = "", seed: int = 0,
+                 device=None, dtype=None):
+        super().__init__()
+        if not 0 < rank <= min(in_features, out_features):
+            raise ValueError(f"layer {name or '<unnamed>'}: rank={rank} must be in [1, "
+                             f"min(in_features={in_features}, out_features={out_features})]")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"layer {name or '<unnamed>'}: dropout={dropout} must be in [0, 1)")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.alpha = float(DEFAULT_ALPHA if alpha is None else alpha)
+        self.scale = self.alpha / rank
+        self.dropout = dropout
+        self.name, self.seed = name, seed
+        kw = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **kw))
+        # How many merges this layer has seen: part of the re-init seed, saved with the model so that a
+        # resumed run redraws the same A.
+        self.register_buffer("merge_count", torch.zeros((), dtype=torch.int64))
+        # A standalone layer starts like nn.Linear; wrap() overwrites weight/bias with the model's.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.reset_lora(restart_index=0)
+
+    @torch.no_grad()
+    def reset_lora(self, restart_index: int) -> None:
+        """A ← Kaiming-uniform from the (seed, name, restart) generator; B ← 0."""
+        A = kaiming_uniform_A((self.rank, self.in_features), reinit_seed(self.seed, self.name, restart_index))
+        self.lora_A.copy_(A.to(self.lora_A.dtype))
+        self.lora_B.zero_()
+
+    def base_weight(self) -> torch.Tensor:
+        """The effective frozen weight in at least fp32 (dequantized when the base is stored in int8)."""
+        return self.weight.to(_acc_dtype(self.weight.dtype))
+
+    def delta_weight(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> torch.Tensor:
+        """scale · B·A in fp32; A and B default to this layer's (pass fp32 masters under DeepSpeed)."""
+        A = self.lora_A if A is None else A
+        B = self.lora_B if B is None else B
+        acc = _acc_dtype(A.dtype)
+        return (B.to(acc) @ A.to(acc)) * self.scale
+
+    @torch.no_grad()
+    def merge_(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> None:
+        """W += scale · B·A, accumulated in fp32 and cast once to W's dtype."""
+        merged = self.base_weight() + self.delta_weight(A, B).to(self.weight.device)
+        self.weight.copy_(merged.to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        x_d = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        return y + self.scale * F.linear(F.linear(x_d, self.lora_A), self.lora_B)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"scale={self.scale:g}, dropout={self.dropout}, bias={self.bias is not None}")
+
+
+def relora_layers(model: nn.Module) -> Iterator[tuple[str, ReLoRALinear]]:
+    """(name, layer) for every ReLoRA layer, in module order (the same order on every rank)."""
+    for name, module in model.named_modules():
+        if isinstance(module, ReLoRALinear):
+            yield name, module
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """All lora_A and lora_B parameters, in module order."""
+    return [p for _, layer in relora_layers(model) for p in (layer.lora_A, layer.lora_B)]
+
+
+def _matches(name: str, targets: Iterable[str]) -> bool:
+    # PEFT semantics: a target matches the full module name or its trailing dotted suffix.
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout: float = 0.0,
+         target_modules: Iterable[str] | None = None, seed: int = 0) -> nn.Module:
+    """Replace targeted ``nn.Linear`` layers by ``ReLoRALinear`` in place and return the model.
+
+    ``target_modules``: module names or dotted suffixes (PEFT style), default all attention and MLP
+    projections. The base weight is moved (not copied) into the new layer and frozen; every other
+    parameter keeps its ``requires_grad``. ``seed`` seeds lora_A's draws (see `reinit_seed`).
+    """
+    if any(True for _ in relora_layers(model)):
+        raise ValueError("model already contains ReLoRALinear layers; wrap() it only once "
+                         "(use relora_ds.unwrap(model) first to start over)")
+    targets = tuple(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
+    if isinstance(target_modules, str) or not targets:
+        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [(n, m) for n, m in linears if _matches(n, targets)]
+    if not chosen:
+        raise ValueError(f"target_modules={list(targets)} matched no nn.Linear layer; linear layers in this "
+                         f"model: {[n for n, _ in linears]}")
+    for name, linear in chosen:
+        layer = ReLoRALinear(linear.in_features, linear.out_features, rank, alpha=alpha, dropout=dropout,
+                             bias=linear.bias is not None, name=name, seed=seed,
+                             device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        _set_submodule(model, name, layer)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Merge every ReLoRA layer and put back a plain, trainable ``nn.Linear``; returns the model."""
+    for name, layer in list(relora_layers(model)):
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                           device=layer.weight.device, dtype=layer.lora_A.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(layer.base_weight() + layer.delta_weight())
+            if layer.bias is not None:
+                linear.bias.copy_(layer.bias)
+        _set_submodule(model, name, linear)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

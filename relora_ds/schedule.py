@@ -1,0 +1,81 @@
+"""Learning-rate schedules as pure functions of the step, bound into ``LambdaLR`` (nanoGPT's get_lr style).
+
+The jagged cosine (paper Fig. 2, the reference implementation's cosine with multiple warmups): a linear
+warmup, one global cosine from 1 to ``min_lr_ratio``, and at every optimizer reset a drop to 0 followed
+by a linear ramp over ``restart_warmup_steps`` back onto the global cosine.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def _check(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> None:
+    if total_steps <= 0:
+        raise ValueError(f"total_steps={total_steps} must be positive")
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warmup_steps={warmup_steps} must be in [0, total_steps={total_steps})")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio={min_lr_ratio} must be in [0, 1]")
+
+
+def cosine_with_warmup(step: int, *, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """Linear warmup from 0, then cosine from 1 to ``min_lr_ratio`` at ``total_steps`` (held after)."""
+    _check(total_steps, warmup_steps, min_lr_ratio)
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def linear_with_warmup(step: int, *, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Linear warmup from 0, then linear decay from 1 to ``min_lr_ratio`` at ``total_steps``."""
+    _check(total_steps, warmup_steps, min_lr_ratio)
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 1.0 - (1.0 - min_lr_ratio) * progress
+
+
+def jagged_cosine(step: int, *, total_steps: int, warmup_steps: int, cycle_length: int,
+                  restart_warmup_steps: int, min_lr_ratio: float = 0.1, start_step: int = 0) -> float:
+    """LR multiplier of ReLoRA's jagged cosine at optimizer step ``step`` (0-based, as LambdaLR counts).
+
+    Resets happen at ``start_step + k·cycle_length`` for k ≥ 1, and also at ``start_step`` itself when it
+    is > 0 (the switch from a full-rank warm start to ReLoRA starts a fresh optimizer). At a reset step
+    the multiplier is 0 and ramps linearly to the global cosine's value at the end of the ramp.
+    """
+    _check(total_steps, warmup_steps, min_lr_ratio)
+    if cycle_length <= 0:
+        raise ValueError(f"cycle_length={cycle_length} must be positive (steps between optimizer resets)")
+    if not 0 < restart_warmup_steps <= cycle_length:
+        raise ValueError(f"restart_warmup_steps={restart_warmup_steps} must be in [1, cycle_length={cycle_length}]")
+    if warmup_steps > cycle_length:
+        raise ValueError(f"warmup_steps={warmup_steps} is longer than a cycle (cycle_length={cycle_length}): "
+                         "the first reset would interrupt the warmup")
+    if start_step < 0 or 0 < start_step < warmup_steps:
+        raise ValueError(f"start_step={start_step} must be 0 or at least warmup_steps={warmup_steps}")
+    cosine = functools.partial(cosine_with_warmup, total_steps=total_steps, warmup_steps=warmup_steps,
+                               min_lr_ratio=min_lr_ratio)
+    if step < warmup_steps or step < start_step:
+        return cosine(step)
+    since_start = step - start_step
+    cycle, in_cycle = divmod(since_start, cycle_length)
+    if (cycle > 0 or start_step > 0) and in_cycle < restart_warmup_steps:
+        return in_cycle / restart_warmup_steps * cosine(step - in_cycle + restart_warmup_steps)
+    return cosine(step)
+
+
+SCHEDULES = {"jagged_cosine": jagged_cosine, "cosine": cosine_with_warmup, "linear": linear_with_warmup}
+
+
+def build_scheduler(optimizer: Optimizer, name: str = "jagged_cosine", **kwargs) -> LambdaLR:
+    """``LambdaLR`` over one of SCHEDULES with its keyword arguments bound (validated right away)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; valid: {sorted(SCHEDULES)}")
+    fn = functools.partial(SCHEDULES[name], **kwargs)
+    fn(0)  # raise ValueError on a bad combination now, not at the first step
+    return LambdaLR(optimizer, fn)

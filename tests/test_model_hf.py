@@ -1,0 +1,80 @@
+"""Our LLaMA equals Hugging Face's LlamaForCausalLM (the oracle) with the same weights, both directions."""
+import json
+
+import pytest
+import torch
+import transformers
+
+import relora_ds
+from relora_ds import LlamaConfig, LlamaForCausalLM
+
+
+def _hf_config(cfg: LlamaConfig) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_export_hf_loads_in_transformers_with_equal_logits(tmp_path, kv_heads):
+    torch.manual_seed(0)
+    cfg = LlamaConfig.preset("debug", num_key_value_heads=kv_heads)
+    model = LlamaForCausalLM(cfg).eval()
+    relora_ds.export_hf(model, tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 37))
+    with torch.no_grad():
+        ours, theirs = model(x, labels=x), hf(x, labels=x)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=1e-5, rtol=0)
+
+
+def test_load_hf_from_a_transformers_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    cfg = LlamaConfig.preset("debug", rope_theta=5000.0)
+    hf = transformers.LlamaForCausalLM(_hf_config(cfg)).eval()
+    hf.save_pretrained(tmp_path)
+    ours = relora_ds.load_hf(tmp_path).eval()
+    assert ours.config.rope_theta == 5000.0 and ours.config.num_hidden_layers == cfg.num_hidden_layers
+    x = torch.randint(0, cfg.vocab_size, (3, 21))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_export_merges_relora_layers(tmp_path):
+    torch.manual_seed(2)
+    model = relora_ds.wrap(LlamaForCausalLM(LlamaConfig.preset("debug")), rank=4)
+    with torch.no_grad():
+        for p in relora_ds.lora_parameters(model):
+            p.normal_(0, 0.1)  # a non-trivial LoRA delta that export must fold in
+    relora_ds.export_hf(model, tmp_path)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    x = torch.randint(0, 512, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x).logits, hf(x).logits, atol=1e-4, rtol=0)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["tie_word_embeddings"] is False
+
+
+def test_loss_is_shifted_next_token_cross_entropy():
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig.preset("debug"))
+    x = torch.randint(0, 512, (2, 9))
+    out = model(x, labels=x)
+    logp = torch.log_softmax(out.logits.float(), -1)
+    by_hand = -torch.stack([logp[b, t, x[b, t + 1]] for b in range(2) for t in range(8)]).mean()
+    torch.testing.assert_close(out.loss, by_hand)
+    assert model(x).loss is None
+
+
+def test_presets_match_paper_sizes_and_unknown_preset_is_an_error():
+    assert LlamaConfig.preset("130m").hidden_size == 768
+    assert LlamaConfig.preset("1b").intermediate_size == 5461
+    assert LlamaForCausalLM(LlamaConfig.preset("debug")).num_parameters() < 1_000_000
+    assert 2e6 <= LlamaForCausalLM(LlamaConfig.preset("tiny")).num_parameters() <= 5e6
+    with pytest.raises(ValueError, match="valid presets: .*130m"):
+        LlamaConfig.preset("13m")
+    with pytest.raises(ValueError, match="unknown LlamaConfig field"):
+        LlamaConfig.preset("debug", hiden_size=3)

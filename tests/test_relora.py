@@ -1,0 +1,158 @@
+"""ReLoRA layer, wrap/unwrap and merge-and-reinit against plain-torch oracles."""
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import relora_ds
+from relora_ds import LlamaConfig, LlamaForCausalLM, ReLoRALinear
+from relora_ds.relora import DEFAULT_TARGET_MODULES
+
+
+def _debug_model(seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig.preset("debug"))
+
+
+def _hf_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("make", [_debug_model, _hf_model], ids=["ours", "hf"])
+def test_wrap_keeps_outputs_and_converts_every_projection(make):
+    model = make().eval()
+    x = torch.randint(0, 256, (2, 11))
+    with torch.no_grad():
+        before = model(x).logits
+    relora_ds.wrap(model, rank=8)
+    with torch.no_grad():
+        after = model(x).logits
+    torch.testing.assert_close(after, before, atol=0, rtol=0)  # B = 0: exactly the base model
+    layers = dict(relora_ds.relora_layers(model))
+    assert len(layers) == 2 * len(DEFAULT_TARGET_MODULES)
+    assert {n.rsplit(".", 1)[1] for n in layers} == set(DEFAULT_TARGET_MODULES)
+    assert all(not l.weight.requires_grad for l in layers.values())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens" in n for n in trainable) and "lm_head.weight" in trainable
+    assert any("norm" in n for n in trainable)
+    assert len(relora_ds.lora_parameters(model)) == 2 * len(layers)
+
+
+def test_lora_gets_gradients_first_backward_and_both_after_one_step():
+    model = relora_ds.wrap(_debug_model(), rank=4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, 512, (2, 16))
+    model(x, labels=x).loss.backward()
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_B.grad.abs().sum() > 0  # A ≠ 0 so B learns at once
+    assert layer.lora_A.grad.abs().sum() == 0  # B = 0 so A's gradient is exactly zero at first
+    assert layer.weight.grad is None
+    opt.step()
+    opt.zero_grad()
+    model(x, labels=x).loss.backward()
+    assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_target_modules_by_suffix_and_errors():
+    model = relora_ds.wrap(_debug_model(), rank=4, target_modules=["q_proj", "v_proj"])
+    names = [n for n, _ in relora_ds.relora_layers(model)]
+    assert names == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    with pytest.raises(ValueError, match="only once"):
+        relora_ds.wrap(model)
+    with pytest.raises(ValueError, match=r"matched no nn.Linear.*self_attn.q_proj"):
+        relora_ds.wrap(_debug_model(), target_modules=["query"])
+    with pytest.raises(ValueError, match=r"layer model.layers.0.self_attn.q_proj: rank=65"):
+        relora_ds.wrap(_debug_model(), rank=65)
+    with pytest.raises(ValueError, match="rank=0"):
+        relora_ds.wrap(_debug_model(), rank=0)
+
+
+def test_layer_forward_matches_formula_with_bias_and_dropout():
+    torch.manual_seed(0)
+    layer = ReLoRALinear(12, 7, rank=3, alpha=6, dropout=0.5, bias=True, name="l")
+    with torch.no_grad():
+        layer.weight.normal_(), layer.bias.normal_(), layer.lora_B.normal_()
+    x = torch.randn(4, 5, 12)
+    layer.eval()
+    ref = x @ layer.weight.T + layer.bias + 2.0 * (x @ layer.lora_A.T) @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), ref)
+    layer.train()
+    torch.manual_seed(5)
+    y = layer(x)
+    torch.manual_seed(5)
+    x_d = torch.nn.functional.dropout(x, 0.5, True)
+    torch.testing.assert_close(y, x @ layer.weight.T + layer.bias + 2.0 * (x_d @ layer.lora_A.T) @ layer.lora_B.T)
+
+
+def test_merge_and_reinit_keeps_outputs_redraws_A_zeroes_B_and_ranks_agree():
+    model = relora_ds.wrap(_debug_model(), rank=4, seed=7).eval()
+    with torch.no_grad():
+        for p in relora_ds.lora_parameters(model):
+            p.normal_(0, 0.05)
+    x = torch.randint(0, 512, (2, 13))
+    with torch.no_grad():
+        before = model(x).logits
+    old_A = {n: l.lora_A.detach().clone() for n, l in relora_ds.relora_layers(model)}
+    stats = relora_ds.merge_and_reinit(model)
+    assert stats["layers"] == 14
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, atol=1e-5, rtol=1e-5)
+    # A second "rank": the same model built from the same seeds, merged independently.
+    other = relora_ds.wrap(_debug_model(), rank=4, seed=7)
+    relora_ds.merge_and_reinit(other)
+    for (n, l), (_, l2) in zip(relora_ds.relora_layers(model), relora_ds.relora_layers(other)):
+        assert not torch.equal(l.lora_A, old_A[n])
+        assert torch.count_nonzero(l.lora_B) == 0
+        assert torch.equal(l.lora_A, l2.lora_A) and int(l.merge_count) == 1
+        bound = 1 / l.in_features ** 0.5
+        assert l.lora_A.abs().max() <= bound and l.lora_A.std() > bound / 3  # Kaiming-uniform(a=√5)
+    # Distinct layers and distinct restarts draw distinct A.
+    a0 = model.model.layers[0].self_attn.q_proj.lora_A.clone()
+    assert not torch.equal(a0, model.model.layers[1].self_attn.q_proj.lora_A)
+    relora_ds.merge_and_reinit(model)
+    assert not torch.equal(a0, model.model.layers[0].self_attn.q_proj.lora_A)
+
+
+def test_restarts_accumulate_rank():
+    """Paper Eq. 2: k merges of rank-r updates give rank(W − W0) = k·r > r."""
+    torch.manual_seed(0)
+    # float64 so that merge rounding stays far below matrix_rank's default tolerance
+    layer = ReLoRALinear(48, 40, rank=3, name="layer", dtype=torch.float64)
+    w0 = layer.weight.detach().clone()
+    k = 4
+    for _ in range(k):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        layer.merge_()
+        layer.merge_count += 1
+        layer.reset_lora(int(layer.merge_count))
+    assert torch.linalg.matrix_rank(layer.weight - w0) == k * 3 > 3
+
+
+def test_unwrap_restores_plain_linear_with_merged_weight():
+    model = relora_ds.wrap(_debug_model(), rank=4).eval()
+    with torch.no_grad():
+        for p in relora_ds.lora_parameters(model):
+            p.normal_(0, 0.05)
+    x = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        before = model(x).logits
+    relora_ds.unwrap(model)
+    assert not list(relora_ds.relora_layers(model))
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    assert model.model.layers[0].mlp.down_proj.weight.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_merge_is_computed_in_fp32():
+    torch.manual_seed(0)
+    layer = ReLoRALinear(64, 32, rank=8, name="l", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.normal_(), layer.lora_B.normal_(0, 0.01)
+    expected = (layer.weight.float() + layer.scale * layer.lora_B.float() @ layer.lora_A.float()).bfloat16()
+    layer.merge_()
+    assert torch.equal(layer.weight, expected)

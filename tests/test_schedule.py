@@ -1,0 +1,68 @@
+"""Jagged cosine against hand-computed values (paper Fig. 2 / the reference implementation)."""
+import math
+
+import pytest
+import torch
+
+from relora_ds import build_scheduler, cosine_with_warmup, jagged_cosine, linear_with_warmup
+
+KW = dict(total_steps=1000, warmup_steps=100, cycle_length=300, restart_warmup_steps=50, min_lr_ratio=0.1)
+
+
+def _cos(step):  # global cosine by hand: 0.1 + 0.9 * 0.5 * (1 + cos(pi * (step - 100) / 900))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - 100) / 900))
+
+
+def test_warmup_cosine_resets_and_end():
+    assert jagged_cosine(0, **KW) == 0.0
+    assert jagged_cosine(50, **KW) == pytest.approx(0.5)
+    assert jagged_cosine(100, **KW) == pytest.approx(1.0)
+    assert jagged_cosine(299, **KW) == pytest.approx(_cos(299))
+    assert jagged_cosine(300, **KW) == 0.0  # reset: drop to zero
+    assert jagged_cosine(325, **KW) == pytest.approx(0.5 * _cos(350))  # halfway up the restart ramp
+    assert jagged_cosine(349, **KW) == pytest.approx(49 / 50 * _cos(350))
+    assert jagged_cosine(350, **KW) == pytest.approx(_cos(350))  # back on the global cosine
+    assert jagged_cosine(600, **KW) == 0.0 and jagged_cosine(900, **KW) == 0.0
+    assert jagged_cosine(1000, **KW) == pytest.approx(0.1)
+    assert jagged_cosine(999, **KW) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 899 / 900)))
+
+
+def test_start_step_offsets_resets_and_warm_start_switch_is_a_reset():
+    kw = {**KW, "start_step": 150}
+    assert jagged_cosine(120, **kw) == pytest.approx(_cos(120))  # still the warm start
+    assert jagged_cosine(150, **kw) == 0.0  # the switch to ReLoRA is a reset
+    assert jagged_cosine(175, **kw) == pytest.approx(0.5 * _cos(200))
+    assert jagged_cosine(300, **kw) == pytest.approx(_cos(300))  # no reset at 300 any more
+    assert jagged_cosine(450, **kw) == 0.0
+
+
+def test_baselines():
+    assert cosine_with_warmup(10, total_steps=100, warmup_steps=20) == pytest.approx(0.5)
+    assert cosine_with_warmup(60, total_steps=100, warmup_steps=20, min_lr_ratio=0.0) == pytest.approx(0.5)
+    assert linear_with_warmup(60, total_steps=100, warmup_steps=20) == pytest.approx(0.5)
+    assert linear_with_warmup(100, total_steps=100, warmup_steps=20, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_lambdalr_follows_the_pure_function():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = build_scheduler(opt, "jagged_cosine", **KW)
+    lrs = []
+    for _ in range(400):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([2.0 * jagged_cosine(s, **KW) for s in range(400)])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(cycle_length=0), "cycle_length=0"),
+    (dict(warmup_steps=400), "longer than a cycle"),
+    (dict(restart_warmup_steps=301), "restart_warmup_steps=301"),
+    (dict(min_lr_ratio=1.5), "min_lr_ratio"),
+    (dict(start_step=50), "start_step=50"),
+])
+def test_invalid_combinations_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        jagged_cosine(0, **{**KW, **bad})
+    with pytest.raises(ValueError, match=match):
+        build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **{**KW, **bad})

@@ -20,12 +20,9 @@ want="$(cat "$ROOT/setup.py" "$ROOT/scripts/setup_env.sh" | sha256sum | cut -c1-
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python -m pip install -q --upgrade pip
   if ! python -c "import torch" 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1; then
-      python -m pip install -q "torch==$TORCH_VERSION"
-    else
-      python -m pip install -q "torch==$TORCH_VERSION" --index-url "${RELORA_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" \
-        2>/dev/null || python -m pip install -q "torch==$TORCH_VERSION"
-    fi
+    # On this project's CPU machines pip resolves this pin to a local CPU wheel; on a GPU machine,
+    # install the torch build matching your CUDA first and this step is skipped.
+    python -m pip install -q "torch==$TORCH_VERSION"
   fi
   python -m pip install -q -e "$ROOT[dev,mpi]"
   # Built-in corpus: Wikipedia vital-article summaries (CC BY-SA 4.0) and Shakespeare (public domain).

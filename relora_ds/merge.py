@@ -23,7 +23,7 @@ def merge_and_reinit(model: nn.Module) -> dict:
     draws the same A without communication. Returns ``{"layers": n, "merge_seconds": t}``.
     """
     if _is_deepspeed_engine(model):
-        from .zero_merge import merge_and_reinit_engine  # only this path touches DeepSpeed
+        from .zero_reset import merge_and_reinit_engine  # only this path touches DeepSpeed
 
         return merge_and_reinit_engine(model)
     start = time.perf_counter()

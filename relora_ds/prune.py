@@ -1,6 +1,6 @@
 """Optimizer-state pruning at a ReLoRA reset (paper §3: prune ~99% of the LoRA parameters' Adam moments).
 
-The masks are pure functions of a tensor (and a seed for `random`), so the ZeRO path (`zero_prune.py`)
+The masks are pure functions of a tensor (and a seed for `random`), so the ZeRO path (`zero_reset.py`)
 can compute them on a gathered tensor and apply each rank's slice: pruning is then exactly what a single
 process holding the whole tensor would do.
 """
@@ -76,13 +76,13 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     reset it either; keeping it makes single-process and ZeRO runs identical. The restart warmup is what
     keeps the first updates after a reset small.
 
-    Accepts torch Adam/AdamW or a DeepSpeed engine (ZeRO-partitioned state, see zero_prune.py).
+    Accepts torch Adam/AdamW or a DeepSpeed engine (ZeRO-partitioned state, see zero_reset.py).
     Returns ``{key: fraction of entries zeroed}`` over all given params.
     """
     check_prune_args(method, ratio)
     params = list(params)
     if hasattr(optimizer, "zero_optimization_stage"):
-        from .zero_prune import prune_engine_optimizer_state  # the one path that touches DeepSpeed internals
+        from .zero_reset import prune_engine_optimizer_state  # the one path that touches DeepSpeed internals
 
         return prune_engine_optimizer_state(optimizer, params, method, ratio, seed)
     zeroed = dict.fromkeys(MOMENT_KEYS, 0)

@@ -1,0 +1,165 @@
+"""ReLoRA's reset under DeepSpeed ZeRO 1/2/3: merge into the frozen base and prune sharded Adam moments.
+
+The one file that touches DeepSpeed internals (fp32 master partitions, fragment mappings); everything
+else talks to the engine through its public API. Facts it relies on (DeepSpeed 0.19, see shared FACTS):
+- Frozen base weights are in no optimizer group and have no fp32 master: a merge is an in-place edit
+  that must be bit-identical on every rank, so it is computed from identical inputs (the gathered fp32
+  masters of A and B) with the same ops everywhere. ZeRO-3 gathers W with GatheredParameters.
+- For lora_A/B the fp32 master partition is the truth: writing only ``param.data`` is undone by the next
+  ``step()`` (DeepSpeed #2424). We write the master (and the low-precision copy).
+- Adam moments live in flat per-group partitions and a tensor can straddle ranks. Each tensor is gathered
+  in full (all-reduce for ZeRO-1/2, all-gather for ZeRO-3), its mask computed exactly as one process
+  would, and each rank writes back its own slice in place (replacing state tensors would leave stale
+  fragment views).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                             safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+from .prune import MOMENT_KEYS, prune_mask
+from .relora import relora_layers
+
+
+def _is_zero3(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _is_partitioned(param: torch.Tensor) -> bool:
+    return _is_zero3(param) or hasattr(param, "_hp_mapping")
+
+
+def _zero3_set_full(param: torch.Tensor, value: torch.Tensor, key: str | None) -> None:
+    """ZeRO-3 set-full that also handles a numel not divisible by the world size.
+
+    DeepSpeed's ``set_full_hp_param`` narrows ``value`` at ``partition_numel · rank``, which runs past the
+    end on the last (padded) partition; pad the value to ``partition_numel · world`` first.
+    """
+    opt = param._z3_optimizer
+    part, group_idx = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    world = opt._get_param_partition_world_size(param)
+    rank = opt._get_param_partition_rank(param)
+    padded = torch.zeros(part.numel() * world, dtype=part.dtype, device=part.device)
+    padded[: value.numel()] = value.reshape(-1).to(padded)
+    part.data.copy_(padded.narrow(0, part.numel() * rank, part.numel()))
+    if opt._swappable_optimizer_subgroup(group_idx):
+        opt._optimizer_states_and_gradient_swap_out(group_idx)
+
+
+def get_full(param: torch.Tensor, key: str | None = None) -> torch.Tensor:
+    """Full fp32 master (key None) or optimizer state of ``param``; a collective on every rank."""
+    out = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
+    if out is None:
+        raise ValueError(f"parameter of shape {tuple(param.shape)} has no ZeRO-managed fp32 state "
+                         f"({'master' if key is None else key}); is it trainable?")
+    return out
+
+
+def set_full(param: torch.Tensor, value: torch.Tensor, key: str | None = None) -> None:
+    """Write a full value (identical on every rank) into this rank's slice; no communication."""
+    if _is_zero3(param):
+        _zero3_set_full(param, value, key)
+    elif key is None:
+        safe_set_full_fp32_param(param, value)
+    else:
+        safe_set_full_optimizer_state(param, value, key)
+
+
+def optimizer_state_ready(engine) -> bool:
+    """DeepSpeed links the per-tensor optimizer-state fragments lazily, after the first optimizer step."""
+    opt = engine.optimizer
+    if hasattr(opt, "_hp_optimizer_states_linked"):  # ZeRO-1/2 and the BF16 optimizer
+        return bool(opt._hp_optimizer_states_linked)
+    inner = getattr(opt, "optimizer", opt)  # ZeRO-3 wraps the torch optimizer
+    return len(getattr(inner, "state", {})) > 0
+
+
+def relink_optimizer_fragments(engine) -> None:
+    """Re-create every parameter's optimizer-state fragment views (ZeRO-1/2 and the BF16 optimizer).
+
+    DeepSpeed 0.19 links them lazily inside the per-group optimizer step and sets its "linked" flag after
+    the first group, so with two or more param groups (ours: LoRA and full-rank) every later group keeps
+    empty fragments and ``safe_get_full_optimizer_state`` fails for it. Re-running DeepSpeed's own linker
+    once all groups have state is idempotent (it only builds views).
+    """
+    opt = engine.optimizer
+    if getattr(opt, "_hp_optimizer_states_linked", False):
+        opt._hp_optimizer_states_linked = False
+        opt._lazy_init_hp_params_optimizer_state()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def merge_and_reinit_engine(engine) -> dict:
+    """``W += s·B·A`` from the fp32 masters, then A ← seeded Kaiming and B ← 0 in masters and model copies."""
+    start = time.perf_counter()
+    layers = list(relora_layers(engine.module))
+    if not layers:
+        raise ValueError("merge_and_reinit: the engine's model has no ReLoRALinear layers")
+    comm_bytes = 0
+    for _, layer in layers:
+        A_param, B_param = layer.lora_A, layer.lora_B
+        partitioned = _is_partitioned(A_param)
+        if partitioned:
+            A, B = get_full(A_param), get_full(B_param)  # fp32 masters, identical on every rank
+            comm_bytes += 4 * (A.numel() + B.numel())
+        else:  # ZeRO stage 0 in fp32: the model copy is the master
+            A, B = A_param.detach().float(), B_param.detach().float()
+        new_count = int(layer.merge_count) + 1
+        if _is_zero3(layer.weight):
+            import deepspeed
+
+            gathered = [layer.weight, A_param, B_param] + ([layer.bias] if layer.bias is not None else [])
+            with deepspeed.zero.GatheredParameters(gathered, modifier_rank=0):
+                if _rank() == 0:
+                    layer.merge_(A, B)
+                    layer.merge_count.fill_(new_count)
+                    layer.reset_lora(new_count)
+            comm_bytes += layer.weight.ds_numel * layer.weight.element_size()
+            layer.merge_count.fill_(new_count)  # buffers are not partitioned: keep every rank's counter
+        else:
+            layer.merge_(A, B)
+            layer.merge_count.fill_(new_count)
+            layer.reset_lora(new_count)
+        if partitioned:
+            from .relora import kaiming_uniform_A, reinit_seed
+
+            new_A = kaiming_uniform_A(tuple(A.shape), reinit_seed(layer.seed, layer.name, new_count)).to(A.device)
+            set_full(A_param, new_A)
+            set_full(B_param, torch.zeros_like(B))
+    return {"layers": len(layers), "merge_seconds": time.perf_counter() - start, "merge_comm_bytes": comm_bytes}
+
+
+@torch.no_grad()
+def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed: int) -> dict:
+    """Prune each LoRA tensor's Adam moments exactly as a single process holding the whole tensor would."""
+    start = time.perf_counter()
+    if not optimizer_state_ready(engine):
+        raise ValueError("prune_optimizer_state: the DeepSpeed optimizer has no state fragments yet; DeepSpeed "
+                         "creates them at the first optimizer step, so prune only after engine.step()")
+    relink_optimizer_fragments(engine)
+    zeroed = dict.fromkeys(MOMENT_KEYS, 0)
+    total = comm_bytes = 0
+    for i, p in enumerate(params):
+        total += p.ds_numel if _is_zero3(p) else p.numel()
+        for j, key in enumerate(MOMENT_KEYS):
+            if _is_partitioned(p):
+                full = get_full(p, key)
+                comm_bytes += 4 * full.numel()
+            else:  # ZeRO stage 0 keeps plain torch optimizer state
+                full = engine.optimizer.state[p][key]
+            mask = prune_mask(full, method, ratio, seed=seed + 1000003 * i + j)
+            full.masked_fill_(mask, 0.0)
+            if _is_partitioned(p):
+                set_full(p, full, key)
+            zeroed[key] += int(mask.sum())
+    stats = {key: zeroed[key] / max(1, total) for key in MOMENT_KEYS}
+    stats.update(prune_seconds=time.perf_counter() - start, prune_comm_bytes=comm_bytes)
+    return stats

@@ -1,0 +1,136 @@
+"""2-rank worker for tests/test_zero_reset.py: prune and merge under ZeRO-1/2/3 in fp32 and bf16.
+
+Run by the deepspeed launcher; every check's outcome goes to a JSON file per rank for pytest to assert.
+The oracle for pruning is a sort-based mask on the gathered pre-reset moments (one process's view).
+"""
+import argparse
+import hashlib
+import json
+import os
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+import relora_ds
+from relora_ds import LlamaConfig, LlamaForCausalLM
+from relora_ds.relora import kaiming_uniform_A, reinit_seed
+from relora_ds.zero_reset import relink_optimizer_fragments
+
+
+def sort_oracle(t, ratio):
+    flat = t.reshape(-1).abs()
+    k = int(round(ratio * flat.numel()))
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[torch.sort(flat, stable=True).indices[:k]] = True
+    return t.masked_fill(mask.view(t.shape), 0.0)
+
+
+def build(stage, bf16):
+    torch.manual_seed(0)
+    # intermediate 175 and rank 3: gate/up lora_B (175, 3) has an odd numel, not divisible by 2 ranks.
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=175, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=64)
+    model = relora_ds.wrap(LlamaForCausalLM(cfg), rank=3, seed=11)
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+          "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    # LoRA tensors in a group of their own (as the trainer does): its flat partition boundary falls inside
+    # one LoRA tensor, which then straddles the two ranks.
+    lora = relora_ds.lora_parameters(model)
+    others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[{"params": lora}, {"params": others}],
+                                      config=ds)
+    return engine
+
+
+def run_case(stage, bf16, rank):
+    engine = build(stage, bf16)
+    model = engine.module
+    lora = relora_ds.lora_parameters(model)
+    others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    res = {}
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randint(0, 256, (2, 17), generator=g).to(engine.device)
+    try:
+        relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.9)
+        res["refuses_before_first_step"] = False
+    except ValueError as e:
+        res["refuses_before_first_step"] = "first optimizer step" in str(e)
+    for _ in range(3):
+        loss = engine(x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+    # A tensor that straddles the partition boundary (ZeRO-1/2): this rank holds part, not all, of it.
+    res["straddles"] = sum(1 for p in lora if getattr(p, "_hp_mapping", None) is not None
+                           and 0 < p._hp_mapping.lp_fragment_address.numel < p.numel())
+    res["odd_numel"] = sum(1 for p in lora if (p.ds_numel if hasattr(p, "ds_id") else p.numel()) % 2)
+    relink_optimizer_fragments(engine)  # lets the test read the second group's state (DeepSpeed linking bug)
+    before = [{k: safe_get_full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")} for p in lora]
+    others_before = [safe_get_full_optimizer_state(p, "exp_avg").clone() for p in others]
+    stats = relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.9)
+    res["prune_exact"] = all(torch.equal(safe_get_full_optimizer_state(p, k), sort_oracle(b[k], 0.9))
+                             for p, b in zip(lora, before) for k in b)
+    res["others_untouched"] = all(torch.equal(safe_get_full_optimizer_state(p, "exp_avg"), o)
+                                  for p, o in zip(others, others_before))
+    res["stats"] = {k: v for k, v in stats.items() if k.startswith("exp")}
+    res["prune_comm_bytes"] = stats["prune_comm_bytes"]
+
+    engine.eval()
+    with torch.no_grad():
+        logits_before = engine(x).logits.float()
+    old_A = [safe_get_full_fp32_param(l.lora_A).clone() for _, l in relora_ds.relora_layers(model)]
+    relora_ds.merge_and_reinit(engine)
+    with torch.no_grad():
+        logits_after = engine(x).logits.float()
+    res["merge_max_logit_diff"] = (logits_after - logits_before).abs().max().item()
+    layers = list(relora_ds.relora_layers(model))
+    expected_A = [kaiming_uniform_A(tuple(l.lora_A.ds_shape if hasattr(l.lora_A, "ds_id") else l.lora_A.shape),
+                                    reinit_seed(11, n, 1)) for n, l in layers]
+    res["masters_A_new_init"] = all(torch.equal(safe_get_full_fp32_param(l.lora_A).cpu(), a)
+                                    for (_, l), a in zip(layers, expected_A))
+    res["masters_B_zero"] = all(int(torch.count_nonzero(safe_get_full_fp32_param(l.lora_B))) == 0 for _, l in layers)
+    h = hashlib.sha256()
+    for _, l in layers:
+        with deepspeed.zero.GatheredParameters([l.weight], enabled=hasattr(l.weight, "ds_id")):
+            h.update(l.weight.detach().float().cpu().numpy().tobytes())
+    res["base_hash"] = h.hexdigest()
+    # DeepSpeed #2424: an edit of param.data alone is undone by the next step(), which copies the fp32
+    # master back into the model. Step with lr 0 (Adam then changes nothing) and check that the model's
+    # copy of A is still the new init, i.e. the master was written too.
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+    engine.train()
+    loss = engine(x, labels=x).loss
+    engine.backward(loss)
+    engine.step()
+    ok = True
+    for (_, l), a, o in zip(layers, expected_A, old_A):
+        with deepspeed.zero.GatheredParameters([l.lora_A, l.lora_B], enabled=hasattr(l.lora_A, "ds_id")):
+            lp_A, lp_B = l.lora_A.detach().cpu().clone(), l.lora_B.detach().cpu().clone()
+        ok &= torch.equal(lp_A, a.to(lp_A.dtype)) and int(torch.count_nonzero(lp_B)) == 0
+        ok &= torch.equal(safe_get_full_fp32_param(l.lora_A).cpu(), a)
+    res["no_resurrection"] = bool(ok)
+    engine.destroy()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", type=int, default=0)
+    ap.add_argument("--cases", default="1:fp32,2:fp32,3:fp32,1:bf16,2:bf16,3:bf16")
+    args = ap.parse_args()
+    deepspeed.init_distributed()
+    rank = dist.get_rank()
+    out = {}
+    for case in args.cases.split(","):
+        stage, dtype = case.split(":")
+        out[case] = run_case(int(stage), dtype == "bf16", rank)
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

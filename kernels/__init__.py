@@ -1,0 +1,42 @@
+"""relora_kernels: fused Triton kernels for ReLoRA's low-rank linear layer and merge.
+
+Public API (each op has a pure-torch twin that is its specification and the CPU path):
+
+- ``lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True, generator=None,
+  *, deterministic=None)`` -- autograd-aware, dispatches itself; twin ``lora_linear_reference``.
+- ``lora_merge_(weight, lora_A, lora_B, scale)`` -- in-place ``W += scale * B @ A``; twin
+  ``lora_merge_reference_``.
+- ``use_triton(tensor) -> bool`` -- the dispatch decision (env ``RELORA_KERNELS=auto|triton|reference``).
+- ``deterministic_mode(flag=None) -> bool`` -- env ``RELORA_DETERMINISTIC=1``.
+
+Importing this package imports neither triton nor any GPU driver: the kernel modules load on first use
+(PEP 562 ``__getattr__``), so the package imports on CPU-only machines and costs nothing until used.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ._runtime import deterministic_mode, interpreting, kernel_mode, use_triton
+from .reference import lora_linear_reference, lora_merge_reference_
+
+_LAZY = {
+    "lora_linear": "lora_linear",
+    "LoRALinearFunction": "lora_linear",
+    "lora_forward": "lora_linear",
+    "lora_backward": "lora_linear",
+    "lora_merge_": "lora_merge",
+    "merge_launch": "lora_merge",
+    "concat_matmul": "concat_matmul",
+}
+
+__all__ = ["lora_linear", "lora_linear_reference", "lora_merge_", "lora_merge_reference_", "use_triton",
+           "deterministic_mode", "interpreting", "kernel_mode", "LoRALinearFunction", "lora_forward",
+           "lora_backward", "merge_launch", "concat_matmul"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

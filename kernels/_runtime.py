@@ -1,0 +1,160 @@
+"""Path selection and launch helpers shared by the relora_kernels ops.
+
+Nothing here touches a GPU driver at import time: the package must import on a CPU-only machine.
+
+Environment variables (read at call time, never cached):
+
+- ``RELORA_KERNELS=auto|triton|reference`` (default ``auto``): ``auto`` runs the Triton kernels on CUDA
+  tensors of a supported dtype and the pure-torch reference elsewhere; ``triton`` forces the kernels (on CPU
+  tensors that means Triton's interpreter, so ``TRITON_INTERPRET=1`` must be set); ``reference`` forces
+  the torch twins.
+- ``RELORA_DETERMINISTIC=1``: bitwise-reproducible backward (no atomics, fixed reduction order, one fixed
+  launch configuration instead of autotuning). Also on when ``torch.use_deterministic_algorithms(True)``.
+- ``TRITON_INTERPRET=1``: Triton's own switch for its CPU interpreter.
+- ``RELORA_KERNELS_POISON=1`` (tests only): every buffer a launcher allocates with :func:`new_empty` is
+  filled with NaN first, so an element a kernel forgets to write shows up as NaN.
+
+How Triton reads ``TRITON_INTERPRET`` (checked in Triton 3.9 ``runtime/jit.py``; ``triton.knobs`` exists
+since 3.4): ``@triton.jit`` consults ``triton.knobs.runtime.interpret`` -- which re-reads the environment on
+every access -- *when the decorator runs*, i.e. when our kernel module is imported, and returns either a
+compiled-kernel ``JITFunction`` or an ``InterpretedFunction``. So the mode is frozen per module import,
+not per ``import triton``. :func:`for_current_mode` removes even that ordering constraint: each launch
+re-wraps the kernel's Python function for the mode in force at call time (cached), so setting the variable
+in a test fixture is enough, whichever test imported triton or our kernels first.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+VALID_MODES = ("auto", "triton", "reference")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in _TRUE
+
+
+def kernel_mode() -> str:
+    """The value of ``RELORA_KERNELS`` (``auto`` when unset)."""
+    mode = os.environ.get("RELORA_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in VALID_MODES:
+        raise ValueError(f"RELORA_KERNELS={mode!r} is not valid; use one of {', '.join(VALID_MODES)}")
+    return mode
+
+
+def interpreting() -> bool:
+    """Whether Triton would run kernels through its CPU interpreter right now."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:  # Triton >= 3.4: honours both the env var and `knobs.runtime.interpret = True`
+        return bool(knobs.runtime.interpret)
+    return _env_flag("TRITON_INTERPRET")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether the ops should take the Triton path for ``tensor`` (the layer input).
+
+    ``auto``: Triton on CUDA tensors of dtype fp32/fp16/bf16, the torch reference elsewhere.
+    ``triton``: always Triton; raises if it cannot run (CPU tensors without the interpreter, a dtype the
+    kernels do not handle, Triton not installed). ``reference``: never.
+    """
+    mode = kernel_mode()
+    if mode == "reference":
+        return False
+    if mode == "auto":
+        return tensor.is_cuda and tensor.dtype in SUPPORTED_DTYPES and _triton_installed()
+    # mode == "triton": fail loudly rather than silently fall back.
+    if not _triton_installed():
+        raise RuntimeError("RELORA_KERNELS=triton but triton is not installed")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"RELORA_KERNELS=triton: dtype {tensor.dtype} is not supported by the kernels; "
+                         f"use one of {SUPPORTED_DTYPES} or RELORA_KERNELS=reference")
+    check_device(tensor)
+    return True
+
+
+def check_device(tensor: torch.Tensor) -> None:
+    """Raise a clear error when a Triton kernel cannot run on ``tensor``'s device."""
+    if tensor.is_cuda:
+        return
+    if tensor.device.type == "cpu":
+        if not interpreting():
+            raise RuntimeError(
+                "relora_kernels: Triton kernels on CPU tensors need Triton's interpreter; set "
+                "TRITON_INTERPRET=1 in the environment (for Triton < 3.4: before triton is imported), "
+                "or use RELORA_KERNELS=reference / RELORA_KERNELS=auto for the torch path")
+        return
+    raise ValueError(f"relora_kernels: no Triton path for device {tensor.device}; "
+                     "use CUDA tensors or RELORA_KERNELS=reference")
+
+
+def deterministic_mode(deterministic: bool | None = None) -> bool:
+    """Explicit argument first, then ``RELORA_DETERMINISTIC``, then torch's global deterministic switch."""
+    if deterministic is not None:
+        return bool(deterministic)
+    return _env_flag("RELORA_DETERMINISTIC") or torch.are_deterministic_algorithms_enabled()
+
+
+def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs; NaN-filled under ``RELORA_KERNELS_POISON=1`` (tests)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _env_flag("RELORA_KERNELS_POISON"):
+        out.fill_(float("nan"))
+    return out
+
+
+_WRAPPED: dict = {}
+
+
+def for_current_mode(kernel):
+    """Return ``kernel`` (a ``@triton.jit`` object) compiled or interpreted per the mode in force now."""
+    wants_interp = interpreting()
+    is_interp = type(kernel).__name__ == "InterpretedFunction"
+    if wants_interp == is_interp:
+        return kernel
+    key = (kernel.fn, wants_interp)
+    if key not in _WRAPPED:
+        if wants_interp:
+            from triton.runtime.interpreter import InterpretedFunction
+            _WRAPPED[key] = InterpretedFunction(kernel.fn)
+        else:
+            import triton
+            _WRAPPED[key] = triton.jit(kernel.fn)
+    return _WRAPPED[key]
+
+
+def upcast_for_interpreter(dtype: torch.dtype) -> bool:
+    """The interpreter's bf16 ``tl.dot`` returns garbage (Triton issue #11584): dot in fp32 there."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: fp32 operands use 3xTF32 (error ~1e-6 instead of plain TF32's ~4e-4;
+    fp32 is the accuracy path, bf16 the speed path); 16-bit operands ignore it."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs a reduction-over-tokens launch should aim for (about two waves of SMs)."""
+    if device.type == "cuda":
+        return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 8  # interpreter: small, but > 1 so that tests exercise the split path
+

@@ -1,0 +1,192 @@
+"""Fused ReLoRA linear: ``y = x @ W.T (+ b) + s * dropout(x) @ A.T @ B.T`` with W frozen.
+
+Forward (two launches; LoRAFusion, arXiv 2510.00206):
+    S = drop(X) @ A.T                    (M, r)   X read once more, but only against r columns
+    Y = [X | S] @ [W | s·B].T (+ b)      (M, out) one GEMM over the concatenated K = in + r
+Saved for backward: X, S (and the dropout keep-mask as uint8). Backward (W frozen: no dW unless asked):
+    dS = s·dY @ B, dB = s·dY.T @ S       read dY once (fused kernel below, fp32 atomics for dB), or in
+                                         deterministic mode two GEMMs with a fixed-order split reduction
+    dA = dS.T @ drop(X)                  split over tokens (atomics, or fixed-order partials)
+    dX = [dY | dS] @ [W ; A]             one GEMM over K = out + r; under dropout the r-part is masked
+                                         and scaled by 1/(1-p) in the epilogue
+
+Bytes that decide the dB design (bf16, M tokens, BM rows per program): the fused kernel adds its partial
+dB (out x r fp32) once per row-tile, (M/BM)·out·r·4 B of atomics; the unfused dB re-reads dY, M·out·2 B.
+At BM=128 the atomics move 2x the bytes of a dY re-read -- the fused path wins only if L2 absorbs them.
+Both paths are kept and benchmarked (``launch/bench_kernels.py``: providers ``fused`` and
+``fused_det``); the default is the paper's fused one until H100 numbers say otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _runtime
+from .concat_matmul import MASK_A1, MASK_B1, MASK_OUT2, concat_matmul
+from .reference import check_dropout_p, dropout_keep_mask, lora_linear_reference
+
+
+@triton.jit
+def _ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R,
+                  stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+                  stride_dsm, stride_dsr, stride_dbn, stride_dbr, scale,
+                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program per (row-tile, r-tile): dS[rows] = s·dY[rows] @ B over all of N in registers, and the
+    row-tile's share of dB = s·dY[rows].T @ S[rows] added per N-tile with fp32 atomics."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    # Rows past M load as zeros in both dY and S, so they add nothing to dB.
+    s_tile = tl.load(s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_R)
+    if UPCAST:
+        s_tile = s_tile.to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(dy, b, acc, input_precision=DOT_PRECISION)
+        part = tl.dot(tl.trans(dy), s_tile, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_R)
+        tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, part * scale,
+                      mask=n_ok[:, None] & r_ok[None, :])
+    tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+             (acc * scale).to(ds_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers (no autograd)
+# ----------------------------------------------------------------------------------------------------
+def fused_ds_db(dy, lora_B, s, scale, db_dtype=None):
+    """dS = scale·dy @ B (M, r) in dy's dtype and dB = scale·dy.T @ s (out, r), reading dy once."""
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    ds = _runtime.new_empty((M, R), dy.dtype, dy.device)
+    db32 = torch.zeros((N, R), dtype=torch.float32, device=dy.device)  # atomics need a zeroed fp32 target
+    if M > 0 and R > 0:
+        br = min(128, max(16, triton.next_power_of_2(R)))
+        if _runtime.interpreting():
+            cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_R=min(br, 32), num_warps=4)
+        else:  # untuned lead: 128 rows halves the atomic bytes of 64 rows; 8 warps for the two dots
+            cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_R=br, num_warps=8, num_stages=3)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
+        _runtime.for_current_mode(_ds_db_kernel)[grid](
+            dy, lora_B, s, ds, db32, M, N, R,
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
+            ds.stride(0), ds.stride(1), db32.stride(0), db32.stride(1), float(scale),
+            UPCAST=_runtime.upcast_for_interpreter(dy.dtype), DOT_PRECISION=_runtime.dot_precision(dy.dtype), **cfg)
+    db_dtype = db_dtype or lora_B.dtype
+    return ds, (db32 if db_dtype == torch.float32 else db32.to(db_dtype))
+
+
+def lora_forward(x, weight, lora_A, lora_B, scale, bias=None, keep=None, dropout_p=0.0):
+    """x (M, in) -> (y (M, out), s (M, r)). ``keep``: (M, in) keep-mask, or None for no dropout."""
+    inv_keep = 1.0 / (1.0 - dropout_p) if keep is not None else 1.0
+    s = concat_matmul(x, lora_A.t(), alpha=inv_keep, mask=keep, mask_mode=MASK_A1)
+    y = concat_matmul(x, weight.t(), s, lora_B.t(), beta=scale, bias=bias)
+    return y, s
+
+
+def lora_backward(dy, x, s, weight, lora_A, lora_B, scale, keep=None, dropout_p=0.0, deterministic=False,
+                  need_dx=True, need_lora=True):
+    """dy (M, out) -> (dx (M, in) or None, dA (r, in) or None, dB (out, r) or None)."""
+    inv_keep = 1.0 / (1.0 - dropout_p) if keep is not None else 1.0
+    if deterministic or not need_lora:
+        ds = concat_matmul(dy, lora_B, alpha=scale)
+        db = (concat_matmul(dy.t(), s, alpha=scale, reduce_k=True, deterministic=deterministic,
+                            out_dtype=lora_B.dtype) if need_lora else None)
+    else:
+        ds, db = fused_ds_db(dy, lora_B, s, scale)
+    da = (concat_matmul(ds.t(), x, alpha=inv_keep, mask=keep, mask_mode=MASK_B1, reduce_k=True,
+                        deterministic=deterministic, out_dtype=lora_A.dtype) if need_lora else None)
+    dx = concat_matmul(dy, weight, ds, lora_A, beta=inv_keep, mask=keep, mask_mode=MASK_OUT2) if need_dx else None
+    return dx, da, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------
+class LoRALinearFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scale, keep, dropout_p, deterministic):
+        d_in = x.shape[-1]
+        x2 = x.reshape(-1, d_in)  # (M, in), M = prod(leading dims)
+        keep2 = keep.reshape(-1, d_in).view(torch.uint8) if keep is not None else None
+        y2, s = lora_forward(x2, weight, lora_A, lora_B, scale, bias, keep2, dropout_p)
+        ctx.save_for_backward(x2, s, weight, lora_A, lora_B, keep2)
+        ctx.scale, ctx.dropout_p, ctx.deterministic = scale, dropout_p, deterministic
+        ctx.x_shape, ctx.bias_dtype = x.shape, (bias.dtype if bias is not None else None)
+        return y2.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, s, weight, lora_A, lora_B, keep2 = ctx.saved_tensors
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
+        dx2, da, db = lora_backward(dy2, x2, s, weight, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p,
+                                    ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b)
+        dx = dx2.reshape(ctx.x_shape) if dx2 is not None else None
+        # ReLoRA keeps W frozen; a trainable W still gets its gradient, through plain torch.
+        dw = (dy2.t() @ x2) if need_w else None
+        dbias = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if need_bias else None
+        return dx, dw, (da if need_a else None), (db if need_b else None), dbias, None, None, None, None
+
+
+def _check_args(x, weight, lora_A, lora_B, bias):
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"weight, lora_A, lora_B must be 2-D; got {tuple(weight.shape)}, {tuple(lora_A.shape)}, "
+                         f"{tuple(lora_B.shape)}")
+    d_out, d_in = weight.shape
+    r = lora_A.shape[0]
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"x's last dimension must be weight's in_features={d_in}; got x of shape {tuple(x.shape)}")
+    if lora_A.shape != (r, d_in) or lora_B.shape != (d_out, r):
+        raise ValueError(f"expected lora_A (r, {d_in}) and lora_B ({d_out}, r) with the same r; got lora_A "
+                         f"{tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}")
+    if bias is not None and bias.shape != (d_out,):
+        raise ValueError(f"bias must have shape ({d_out},); got {tuple(bias.shape)}")
+
+
+def _check_triton_args(x, weight, lora_A, lora_B, bias):
+    tensors = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"relora_kernels.lora_linear (Triton path): {name} has dtype {t.dtype} but x has "
+                             f"{x.dtype}; cast them to one dtype (or use RELORA_KERNELS=reference)")
+        if t.device != x.device:
+            raise ValueError(f"relora_kernels.lora_linear: {name} is on {t.device} but x is on {x.device}")
+
+
+def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True, generator=None, *,
+                deterministic=None):
+    """``x @ weight.T (+ bias) + scale * dropout(x) @ lora_A.T @ lora_B.T``, autograd-aware.
+
+    x (..., in); weight (out, in), frozen; lora_A (r, in); lora_B (out, r); bias (out,) or None.
+    Dispatches itself (:func:`relora_kernels.use_triton`): Triton kernels on CUDA, the torch reference
+    elsewhere. ``dropout_p`` applies to the LoRA branch's input only, when ``training``; ``generator``
+    draws its mask (same generator state, same mask, on either path). ``deterministic``: None reads
+    ``RELORA_DETERMINISTIC`` / ``torch.are_deterministic_algorithms_enabled()``.
+    """
+    _check_args(x, weight, lora_A, lora_B, bias)
+    p = check_dropout_p(dropout_p)
+    if not _runtime.use_triton(x):
+        return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, p, training, generator)
+    _check_triton_args(x, weight, lora_A, lora_B, bias)
+    _runtime.check_device(x)
+    keep = dropout_keep_mask(x, p, generator) if (training and p > 0.0) else None
+    return LoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, float(scale), keep,
+                                    p if keep is not None else 0.0, _runtime.deterministic_mode(deterministic))

@@ -1,0 +1,91 @@
+"""ReLoRA merge: ``W += s * B @ A`` in place, fp32 accumulation, one read and one write of W.
+
+Memory-bound: W (out x in) moves twice, A and B (rank r) are re-read per tile from L2. Each program owns
+a (BLOCK_N x BLOCK_K) tile of W, issues its load first, computes the rank-r product for the tile in
+BLOCK_R chunks, and writes ``round(fp32(W) + s * acc)``: the same single rounding as the reference.
+No atomics and a fixed reduction order, so every data-parallel rank gets bit-identical weights (DeepSpeed
+never re-broadcasts frozen weights, see FACTS.md).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _runtime
+from .reference import lora_merge_reference_
+
+
+@triton.jit
+def _lora_merge_kernel(w_ptr, a_ptr, b_ptr, N, K, R,
+                       stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, scale,
+                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # issued before the rank-r loop so it is in flight
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    rr = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        r_ok = (r0 + rr) < R
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + (r0 + rr)[None, :] * stride_br,
+                    mask=(offs_n[:, None] < N) & r_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_R)
+        a = tl.load(a_ptr + (r0 + rr)[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_ok[:, None] & (offs_k[None, :] < K), other=0.0)  # (BLOCK_R, BLOCK_K)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(b, a, acc, input_precision=DOT_PRECISION)
+    w_new = w.to(tl.float32) + scale * acc
+    tl.store(w_ptrs, w_new.to(w_ptr.dtype.element_ty), mask=w_mask)
+
+
+def merge_launch(weight, lora_A, lora_B, scale):
+    """Launcher: ``weight += scale * lora_B @ lora_A`` in place. weight (out, in), A (r, in), B (out, r)."""
+    N, K = weight.shape
+    R = lora_A.shape[0]
+    if N == 0 or K == 0 or R == 0:
+        return weight
+    br = max(16, min(64, triton.next_power_of_2(R)))
+    if _runtime.interpreting():
+        cfg = dict(BLOCK_N=32, BLOCK_K=32, BLOCK_R=min(br, 16), num_warps=4)
+    else:  # untuned lead for a copy-bound tile: 16 KB of bf16 W per program, W load issued first
+        cfg = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_R=br, num_warps=8, num_stages=2)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    _runtime.for_current_mode(_lora_merge_kernel)[grid](
+        weight, lora_A, lora_B, N, K, R,
+        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), float(scale),
+        UPCAST=_runtime.upcast_for_interpreter(lora_A.dtype),
+        # fp32 factors: exact fp32 products (the merge is memory-bound; tf32 would cost accuracy for nothing)
+        DOT_PRECISION="ieee" if lora_A.dtype == torch.float32 else "tf32", **cfg)
+    return weight
+
+
+@torch.no_grad()
+def lora_merge_(weight, lora_A, lora_B, scale):
+    """In place ``weight += scale * lora_B @ lora_A`` (fp32 accumulation, one rounding). Returns weight.
+
+    weight (out, in) fp32/bf16/fp16; lora_A (r, in) and lora_B (out, r) of one dtype. Dispatches like
+    :func:`relora_kernels.lora_linear`: Triton on CUDA, the torch reference elsewhere.
+    """
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError("weight, lora_A, lora_B must be 2-D")
+    if lora_A.shape[1] != weight.shape[1] or lora_B.shape != (weight.shape[0], lora_A.shape[0]):
+        raise ValueError(f"lora_merge_: expected lora_A (r, {weight.shape[1]}) and lora_B ({weight.shape[0]}, r); "
+                         f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    if not _runtime.use_triton(weight):
+        return lora_merge_reference_(weight, lora_A, lora_B, scale)
+    if lora_A.dtype != lora_B.dtype:
+        raise ValueError(f"lora_merge_: lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
+    if lora_A.dtype not in _runtime.SUPPORTED_DTYPES:
+        raise ValueError(f"lora_merge_: lora dtype {lora_A.dtype} not supported by the kernel")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.device != weight.device:
+            raise ValueError(f"lora_merge_: {name} is on {t.device} but weight is on {weight.device}")
+    _runtime.check_device(weight)
+    return merge_launch(weight, lora_A, lora_B, scale)

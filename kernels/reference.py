@@ -1,0 +1,55 @@
+"""Pure-torch twins of the kernels: the specification, and the path on CPU (or wherever Triton is off).
+
+``lora_linear_reference(x, W, A, B, s, b)`` is exactly
+``F.linear(x, W, b) + s * F.linear(F.linear(dropout(x), A), B)``, autograd included.
+``lora_merge_reference_(W, A, B, s)`` is ``W <- round(fp32(W) + s * fp32(B) @ fp32(A))``.
+
+The dropout mask comes from :func:`dropout_keep_mask`, shared with the Triton path, so that the same
+``generator`` state gives the same mask on both paths.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def check_dropout_p(dropout_p: float) -> float:
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
+    return p
+
+
+def dropout_keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Boolean keep-mask shaped like ``x``: True with probability ``1 - p``.
+
+    Drawn in fp32 whatever ``x``'s dtype, so an fp64 reference sees the same mask as a bf16 run.
+    """
+    return torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float32) >= p
+
+
+def lora_dropout(x: torch.Tensor, p: float, training: bool, generator: torch.Generator | None = None,
+                 ) -> torch.Tensor:
+    """Inverted dropout, like ``F.dropout``, but with the mask from :func:`dropout_keep_mask`."""
+    p = check_dropout_p(p)
+    if not training or p == 0.0:
+        return x
+    keep = dropout_keep_mask(x, p, generator)
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
+def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                          scale: float, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+                          training: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x @ W.T (+ b) + scale * dropout(x) @ A.T @ B.T`` with x (..., in), W (out, in), A (r, in), B (out, r)."""
+    xd = lora_dropout(x, dropout_p, training, generator)
+    return F.linear(x, weight, bias) + scale * F.linear(F.linear(xd, lora_A), lora_B)
+
+
+@torch.no_grad()
+def lora_merge_reference_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """In place ``W += scale * B @ A``, accumulated in fp32 and rounded once to W's dtype."""
+    delta = lora_B.float() @ lora_A.float()  # (out, in)
+    weight.copy_(weight.float().add_(delta, alpha=float(scale)))
+    return weight

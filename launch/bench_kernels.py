@@ -1,0 +1,288 @@
+"""Throughput of the fused ReLoRA kernels against the torch baselines they must beat.
+
+Providers for the linear layer (bf16, y = x W^T + s x A^T B^T):
+  full     (a) full-rank trainable nn.Linear (dX and dW)      -- what ReLoRA replaces
+  frozen   (b) frozen-W linear alone (dX only)                -- the floor the LoRA branch adds to
+  peft     (c) PEFT-style unfused LoRA in plain torch autograd
+  fused    (d) relora_kernels.lora_linear (atomic dB/dA reductions)
+  fused_det    the same in deterministic mode (fixed-order split reductions, no autotune)
+Merge: ``merge`` (relora_kernels.lora_merge_) vs ``torch`` (W.add_(s * B @ A)) vs ``copy`` (W2.copy_(W), the
+HBM ceiling). Timings: median of triton.testing.do_bench (CUDA events), p20/p80 kept in the rows.
+
+    python launch/bench_kernels.py                       # full grid on CUDA (M x shapes x ranks)
+    python launch/bench_kernels.py --quick               # M=16384, d=2048/4096, r=128: the target points
+    python launch/bench_kernels.py --device cpu --quick  # interpreter smoke run: proves the script runs,
+                                                         # its timings are NOT performance numbers
+Rows are appended to --out (CSV, or JSON if the name ends in .json), keyed by (op, provider, mode, shape,
+dtype, device, torch/triton versions, date). Targets (H100, bf16, M=16384, r=128): fused/full <= 0.75 at
+d=4096 and <= 0.83 at d=2048; fused >= 1.3x faster than peft; merge >= 80% of copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_M = (4096, 8192, 16384)
+FULL_SHAPES = ((2048, 2048), (4096, 4096), (2048, 5461), (5461, 2048))
+FULL_R = (64, 128, 256)
+QUICK = dict(M=(16384,), shapes=((2048, 2048), (4096, 4096)), ranks=(128,))
+CPU_SMOKE = dict(M=(64,), shapes=((48, 40),), ranks=(8,))
+LINEAR_PROVIDERS = ("full", "frozen", "peft", "fused", "fused_det")
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cuda: real timings; cpu: Triton-interpreter smoke run with tiny shapes")
+    ap.add_argument("--quick", action="store_true", help="only the target points (or tiny shapes on cpu)")
+    ap.add_argument("--M", type=int, nargs="+", help="token counts (default: 4096 8192 16384)")
+    ap.add_argument("--shapes", nargs="+", help="d_in x d_out pairs, e.g. 4096x4096 2048x5461")
+    ap.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks (default: 64 128 256)")
+    ap.add_argument("--providers", nargs="+", default=list(LINEAR_PROVIDERS), choices=LINEAR_PROVIDERS)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--ops", nargs="+", default=["linear", "merge"], choices=("linear", "merge"))
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                    help="default bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_kernels.csv",
+                    help="rows are appended here (.csv) or written as a list (.json)")
+    return ap.parse_args(argv)
+
+
+def grid(args):
+    base = (CPU_SMOKE if args.device == "cpu" else QUICK) if args.quick else \
+        dict(M=FULL_M, shapes=FULL_SHAPES, ranks=FULL_R)
+    if args.device == "cpu" and not args.quick:
+        base = CPU_SMOKE  # the interpreter cannot time real sizes in any useful time
+    shapes = base["shapes"] if not args.shapes else tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes)
+    return list(args.M or base["M"]), list(shapes), list(args.ranks or base["ranks"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing: one shared utility
+# ---------------------------------------------------------------------------------------------------
+def bench(fn, device):
+    """(median, p20, p80) in ms. CUDA: triton.testing.do_bench (events, warm-up, many reps)."""
+    fn()  # compile / autotune outside the timed region
+    if device == "cuda":
+        import triton
+        ms = triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=(0.5, 0.2, 0.8))
+        return tuple(ms)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return statistics.median(times), times[0], times[-1]
+
+
+def peak_mb(fn, device):
+    if device != "cuda":
+        return float("nan")
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setups: each returns {mode: callable}
+# ---------------------------------------------------------------------------------------------------
+def linear_setup(provider, M, d_in, d_out, r, dtype, device):
+    import torch
+    import torch.nn.functional as F
+
+    import relora_kernels as rk
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *s, std=1.0: torch.randn(*s, generator=g, device=device, dtype=dtype) * std  # noqa: E731
+    x = rnd(M, d_in).requires_grad_()
+    w = rnd(d_out, d_in, std=d_in ** -0.5).requires_grad_(provider == "full")
+    a = rnd(r, d_in, std=d_in ** -0.5).requires_grad_()
+    b = rnd(d_out, r, std=r ** -0.5).requires_grad_()  # random, not the zero init: never time zeros
+    dy = rnd(M, d_out)
+    scale = 2.0
+
+    if provider in ("full", "frozen"):
+        fwd, inputs = (lambda: F.linear(x, w)), ([x, w] if provider == "full" else [x])
+    elif provider == "peft":
+        fwd, inputs = (lambda: F.linear(x, w) + scale * F.linear(F.linear(x, a), b)), [x, a, b]
+    else:
+        det = provider == "fused_det"
+        fwd, inputs = (lambda: rk.lora_linear(x, w, a, b, scale, deterministic=det)), [x, a, b]
+    state = {}
+
+    def bwd():
+        return torch.autograd.grad(state["y"], inputs, dy, retain_graph=True)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fwd(), inputs, dy)
+
+    def prepare_bwd():
+        state["y"] = fwd()
+    return dict(fwd=fwd, bwd=bwd, **{"fwd+bwd": fwd_bwd}), prepare_bwd, (x, w, a, b, dy, scale)
+
+
+def linear_work(provider, mode, M, K, N, r, elem):
+    """(flops, bytes): useful flops, and the fewest bytes each pass must move (inputs once, outputs once)."""
+    fwd_f = 2 * M * N * K + (2 * M * r * (K + N) if provider not in ("full", "frozen") else 0)
+    fwd_b = elem * (M * K + N * K + M * N) + (elem * (r * (K + N) + M * r) if provider not in ("full", "frozen") else 0)
+    if provider == "full":
+        bwd_f, bwd_b = 4 * M * N * K, elem * (M * N + N * K + M * K) * 2
+    elif provider == "frozen":
+        bwd_f, bwd_b = 2 * M * N * K, elem * (M * N + N * K + M * K)
+    else:  # dX = [dY|dS][W;A], dS, dB, dA
+        bwd_f = 2 * M * N * K + 4 * M * r * K + 4 * M * N * r
+        bwd_b = elem * (M * N + N * K + 2 * M * K + M * r + 2 * r * (K + N))
+    return {"fwd": (fwd_f, fwd_b), "bwd": (bwd_f, bwd_b), "fwd+bwd": (fwd_f + bwd_f, fwd_b + bwd_b)}[mode]
+
+
+def check_fused(tensors, device):
+    """Relative Frobenius error of the fused y, dX, dA, dB against the fp32 torch reference."""
+    import torch
+
+    import relora_kernels as rk
+    x, w, a, b, dy, scale = tensors
+    leaves = [t.detach().requires_grad_() for t in (x, a, b)]
+    y = rk.lora_linear(leaves[0], w.detach(), leaves[1], leaves[2], scale)
+    got = [y] + list(torch.autograd.grad(y, leaves, dy))
+    ref_leaves = [t.detach().float().requires_grad_() for t in (x, a, b)]
+    yr = rk.lora_linear_reference(ref_leaves[0], w.detach().float(), ref_leaves[1], ref_leaves[2], scale)
+    want = [yr] + list(torch.autograd.grad(yr, ref_leaves, dy.float()))
+    return max(((g.float() - t).norm() / t.norm()).item() for g, t in zip(got, want))
+
+
+def merge_setups(N, K, r, dtype, device):
+    import torch
+
+    import relora_kernels as rk
+    g = torch.Generator(device=device).manual_seed(1)
+    w = torch.randn(N, K, generator=g, device=device, dtype=dtype)
+    w2 = torch.empty_like(w)
+    a = torch.randn(r, K, generator=g, device=device, dtype=dtype)
+    b = torch.randn(N, r, generator=g, device=device, dtype=dtype)
+    s = 1e-6  # repeated in-place merges must not drift W into overflow while timing
+    return {"merge": lambda: rk.lora_merge_(w, a, b, s), "torch": lambda: w.add_(s * b @ a),
+            "copy": lambda: w2.copy_(w)}
+
+
+# ---------------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ["RELORA_KERNELS"] = "triton"  # "fused" must mean the kernels, whatever the caller's env says
+    if args.device == "cpu":
+        # Before any relora_kernels launch: Triton's interpreter runs the kernels on CPU tensors.
+        os.environ["TRITON_INTERPRET"] = "1"
+        print("CPU smoke mode (Triton interpreter): timings below show the script runs; they are NOT "
+              "performance numbers.")
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU (none found). For a smoke run of the script on CPU use "
+              "`--device cpu --quick`.", file=sys.stderr)
+        return 2
+    try:
+        import relora_kernels  # noqa: F401
+    except ImportError:  # not pip-installed (e.g. a bare GPU image): load kernels/ as relora_kernels
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("relora_kernels", ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["relora_kernels"] = module
+        spec.loader.exec_module(module)
+    import triton
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    elem = torch.finfo(dtype).bits // 8
+    device = args.device
+    dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (triton interpreter)"
+    meta = dict(dtype=str(dtype).replace("torch.", ""), device=dev_name, torch=torch.__version__,
+                triton=triton.__version__, date=datetime.date.today().isoformat())
+    Ms, shapes, ranks = grid(args)
+    rows = []
+
+    def emit(**row):
+        rows.append({**row, **meta})
+
+    if "linear" in args.ops:
+        for M in Ms:
+            for d_in, d_out in shapes:
+                for r in ranks:
+                    for provider in args.providers:
+                        fns, prepare_bwd, tensors = linear_setup(provider, M, d_in, d_out, r, dtype, device)
+                        err = check_fused(tensors, device) if provider.startswith("fused") else float("nan")
+                        for mode in args.modes:
+                            if mode == "bwd":
+                                prepare_bwd()
+                            ms, p20, p80 = bench(fns[mode], device)
+                            flops, nbytes = linear_work(provider, mode, M, d_in, d_out, r, elem)
+                            emit(op="linear", provider=provider, mode=mode, M=M, d_in=d_in, d_out=d_out, r=r,
+                                 ms=ms, ms_p20=p20, ms_p80=p80, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6,
+                                 peak_mb=peak_mb(fns[mode], device), max_rel_err=err)
+                        del fns, tensors
+    if "merge" in args.ops:
+        for d_in, d_out in shapes:
+            for r in ranks:
+                for provider, fn in merge_setups(d_out, d_in, r, dtype, device).items():
+                    ms, p20, p80 = bench(fn, device)
+                    nbytes = 2 * d_out * d_in * elem  # W read once and written once (copy: src + dst)
+                    emit(op="merge", provider=provider, mode="inplace", M=0, d_in=d_in, d_out=d_out, r=r,
+                         ms=ms, ms_p20=p20, ms_p80=p80, tflops=2 * d_out * d_in * r / ms / 1e9,
+                         gbps=nbytes / ms / 1e6, peak_mb=float("nan"), max_rel_err=float("nan"))
+    print_table(rows)
+    write_rows(rows, args.out)
+    print(f"\n{len(rows)} rows -> {args.out}")
+    return 0
+
+
+def print_table(rows):
+    def key(r):
+        return (r["op"], r["mode"], r["M"], r["d_in"], r["d_out"], r["r"])
+    by_key = {}
+    for r in rows:
+        by_key.setdefault(key(r), {})[r["provider"]] = r
+    hdr = (f"{'op':6} {'mode':8} {'M':>6} {'d_in':>5} {'d_out':>5} {'r':>4} {'provider':10} {'ms':>9} "
+           f"{'TFLOP/s':>8} {'GB/s':>8}  ratios")
+    print(hdr)
+    print("-" * len(hdr))
+    for k, group in by_key.items():
+        for prov, r in group.items():
+            ratios = ""
+            if r["op"] == "linear" and prov.startswith("fused"):
+                ratios = "  ".join(f"/{base}={r['ms'] / group[base]['ms']:.3f}" for base in ("full", "peft", "frozen")
+                                   if base in group)
+                if r["max_rel_err"] == r["max_rel_err"]:
+                    ratios += f"  err={r['max_rel_err']:.1e}"
+            if r["op"] == "merge" and prov != "copy" and "copy" in group:
+                ratios = f"{100 * r['gbps'] / group['copy']['gbps']:.0f}% of copy GB/s"
+            print(f"{r['op']:6} {r['mode']:8} {r['M']:>6} {r['d_in']:>5} {r['d_out']:>5} {r['r']:>4} {prov:10} "
+                  f"{r['ms']:>9.4f} {r['tflops']:>8.1f} {r['gbps']:>8.1f}  {ratios}")
+
+
+def write_rows(rows, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        old = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(old + rows, indent=1))
+        return
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else [])
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""Data pipeline: corpus -> SentencePiece tokenizer -> packed token files -> sharded, resumable batches.
+
+``prepare_data`` tokenizes once into a data dir (``launch/prepare_data.py`` is its command line);
+training reads fixed windows from it with ``PackedTokens`` and ``ShardedBatches``. Nothing here
+imports ``torch.distributed`` or DeepSpeed: the caller passes its rank and world size.
+"""
+from relora_ds.data.manifest import builtin_data_dir, load_manifest
+from relora_ds.data.packed import PackedTokens
+from relora_ds.data.prepare import PrepareConfig, in_validation, prepare_data
+from relora_ds.data.sampler import ShardedBatches, epoch_order, eval_batches
+from relora_ds.data.sources import SUPPORTED_SUFFIXES, DataWarning
+from relora_ds.data.tokenizer import check_tokenizer_matches, load_tokenizer
+
+__all__ = [
+    "DataWarning", "PackedTokens", "PrepareConfig", "SUPPORTED_SUFFIXES", "ShardedBatches",
+    "builtin_data_dir", "check_tokenizer_matches", "epoch_order", "eval_batches", "in_validation",
+    "load_manifest", "load_tokenizer", "prepare_data",
+]

@@ -1,0 +1,61 @@
+"""Tokenize a corpus once into a data dir that training reads by random access.
+
+    python launch/prepare_data.py --out data/builtin                       # the built-in corpus
+    python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --out data/c4 --num-proc 16
+    python launch/prepare_data.py --input allenai/c4 --hf-config en --out data/c4 --tokenizer t.model
+
+Re-running with the same inputs and options is a no-op. See relora_ds.data.prepare.PrepareConfig.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+try:
+    from relora_ds.data import PrepareConfig, prepare_data
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from relora_ds.data import PrepareConfig, prepare_data
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = {f.name: f.default for f in dataclasses.fields(PrepareConfig)}
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", default=None,
+                   help="files, directories, globs (.txt/.jsonl/.json[.gz], .parquet) or one hub dataset "
+                        "name; default: the built-in corpus (Wikipedia summaries + Shakespeare)")
+    p.add_argument("--out", required=True, help="data dir to write")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", default=None, help="existing SentencePiece .model to use")
+    tok.add_argument("--vocab-size", type=int, default=None, help="vocab of the BPE tokenizer to train (32000)")
+    p.add_argument("--seq-len", type=int, default=None, help="report windows per split for this length")
+    p.add_argument("--text-column", default=defaults["text_column"])
+    p.add_argument("--num-proc", type=int, default=defaults["num_proc"])
+    p.add_argument("--hf-config", default=None, help="config of a hub dataset (e.g. 'en' for allenai/c4)")
+    p.add_argument("--val-fraction", type=float, default=defaults["val_fraction"])
+    p.add_argument("--seed", type=int, default=defaults["seed"], help="tokenizer-training sample seed")
+    stream = p.add_mutually_exclusive_group()
+    stream.add_argument("--streaming", dest="streaming", action="store_true", default=None)
+    stream.add_argument("--no-streaming", dest="streaming", action="store_false")
+    p.add_argument("--txt-unit", choices=["document", "paragraph", "line"], default=defaults["txt_unit"],
+                   help="one document per .txt file, per blank-line paragraph, or per line")
+    p.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
+    p.add_argument("--tokenizer-train-chars", type=int, default=defaults["tokenizer_train_chars"])
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    inputs, out = args.pop("input"), args.pop("out")
+    try:
+        prepare_data(inputs, out, **args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The manifest of a prepared data dir: what was tokenized, with which tokenizer, into which files.
+
+A prepared dir holds ``tokenizer.model``, one token file per split (``train.bin``, ``validation.bin``:
+raw little-endian ``uint16``/``uint32`` ids, memory-mappable) and ``manifest.json``, written last and
+atomically, so a dir with a manifest is complete. Its ``recipe`` entry is everything that decides the
+bytes of the token files; :func:`relora_ds.data.prepare.prepare_data` is a no-op when it matches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+FORMAT = "relora_ds.packed_tokens/1"
+SPLITS = ("train", "validation")
+
+
+def builtin_data_dir(vocab_size: int) -> Path:
+    """Where the built-in corpus is prepared for `vocab_size` when no data dir is given.
+
+    ``$RELORA_DATA_CACHE/builtin-vocab{N}``, default ``~/.cache/relora_ds/builtin-vocab{N}``.
+    """
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size={vocab_size!r} must be a positive int")
+    root = os.environ.get("RELORA_DATA_CACHE") or "~/.cache/relora_ds"
+    return Path(root).expanduser() / f"builtin-vocab{vocab_size}"
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned dtype holding every id: halves the file and page-cache use at <= 64k."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def read_manifest_file(data_dir: str | Path) -> dict | None:
+    """The manifest as stored (paths relative to the dir), or None if there is none."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_manifest(data_dir: Path, manifest: dict) -> None:
+    tmp = data_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, data_dir / MANIFEST)
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """The manifest of a prepared data dir, with ``tokenizer_path`` and split ``path`` made absolute.
+
+    Keys: format, vocab_size, bos_id, eos_id, pad_id (None: packed, never padded), unk_id,
+    tokenizer_path, tokenizer_sha256, dtype, splits ({name: {path, tokens, documents}}),
+    corpus (description, fingerprint), recipe, warnings, versions, created.
+    """
+    data_dir = Path(data_dir)
+    manifest = read_manifest_file(data_dir)
+    if manifest is None:
+        raise ValueError(f"{str(data_dir)!r} is not a prepared data dir (no {MANIFEST}); create it with "
+                         f"python launch/prepare_data.py --out {data_dir} [--input ...]")
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{str(data_dir / MANIFEST)!r} has format {manifest.get('format')!r}, this code "
+                         f"reads {FORMAT!r}; re-run prepare_data")
+    manifest["tokenizer_path"] = str((data_dir / manifest["tokenizer_path"]).resolve())
+    for split in manifest["splits"].values():
+        split["path"] = str((data_dir / split["path"]).resolve())
+    return manifest
+
+
+def files_intact(data_dir: Path, manifest: dict) -> bool:
+    """Whether the token files a stored manifest names have the right sizes and the tokenizer its hash."""
+    itemsize = 2 if manifest["dtype"] == "uint16" else 4
+    for split in manifest["splits"].values():
+        path = data_dir / split["path"]
+        if not path.is_file() or path.stat().st_size != split["tokens"] * itemsize:
+            return False
+    tokenizer = data_dir / manifest["tokenizer_path"]
+    return tokenizer.is_file() and file_sha256(tokenizer) == manifest["tokenizer_sha256"]

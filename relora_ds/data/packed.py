@@ -1,0 +1,76 @@
+"""Random access to fixed training windows of a packed token file (``np.memmap``, nothing loaded).
+
+Window ``i`` is tokens ``[i*seq_len, i*seq_len + seq_len + 1)``: inputs are its first ``seq_len``
+tokens, targets its last ``seq_len``. Consecutive windows share one token, so every token of the split
+except the first is a target exactly once. The last ``(tokens - 1) % seq_len`` tokens of a split fill no
+whole window and are not trained on (fewer than ``seq_len`` per split, whatever the corpus size).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from relora_ds.data.manifest import load_manifest
+
+
+class PackedTokens:
+    """``len(ds)`` windows of ``seq_len + 1`` token ids; ``ds[i]`` is a LongTensor of that shape."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train", *, seq_len: int):
+        if not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len={seq_len!r} must be a positive int")
+        manifest = load_manifest(data_dir)
+        if split not in manifest["splits"]:
+            raise ValueError(f"split={split!r} is not in {str(data_dir)!r}; its splits are "
+                             f"{sorted(manifest['splits'])}")
+        info = manifest["splits"][split]
+        self.path = Path(info["path"])
+        self.dtype = np.dtype(manifest["dtype"])
+        self.num_tokens = int(info["tokens"])
+        size = self.path.stat().st_size if self.path.is_file() else None
+        if size != self.num_tokens * self.dtype.itemsize:
+            raise ValueError(f"{str(self.path)!r} has {size} bytes, but the manifest says "
+                             f"{self.num_tokens} {self.dtype} tokens; re-run prepare_data")
+        self.split, self.seq_len, self.manifest = split, seq_len, manifest
+        self._num_windows = max(0, (self.num_tokens - 1) // seq_len)
+        self._tokens: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The whole split as a read-only memmap, opened on first use (also after pickling)."""
+        if self._tokens is None:
+            # np.memmap cannot map an empty file; an empty split has no windows to read anyway.
+            self._tokens = (np.memmap(self.path, dtype=self.dtype, mode="r") if self.num_tokens
+                            else np.zeros(0, dtype=self.dtype))
+        return self._tokens
+
+    def __getstate__(self) -> dict:
+        # Pickling a memmap copies its data; DataLoader workers re-open the file instead.
+        return {**self.__dict__, "_tokens": None}
+
+    def __len__(self) -> int:
+        return self._num_windows
+
+    def _check(self, i: int) -> int:
+        if not 0 <= i < self._num_windows:
+            raise IndexError(f"window {i} out of range for {self._num_windows} windows "
+                             f"({self.split}, seq_len={self.seq_len})")
+        return i * self.seq_len
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start = self._check(int(i))
+        return torch.from_numpy(self.tokens[start:start + self.seq_len + 1].astype(np.int64))
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """Windows `indices` stacked: a LongTensor (len(indices), seq_len + 1)."""
+        out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        tokens = self.tokens
+        # One slice copy per row beats a fancy-index gather: each row is contiguous in the file
+        # (see launch/bench_data.py).
+        for row, i in enumerate(indices):
+            start = self._check(int(i))
+            out[row] = tokens[start:start + self.seq_len + 1]
+        return torch.from_numpy(out)

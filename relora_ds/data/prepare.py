@@ -1,0 +1,332 @@
+"""Pre-tokenization: corpus -> tokenizer + one packed token file per split + manifest, once.
+
+Every document becomes ``BOS ids EOS``; the documents of a split are concatenated in corpus order into
+one flat file of ids (packing: training windows cross document boundaries, the EOS/BOS pair marks
+them, and nothing is padded or truncated). Tokenization runs through ``datasets.map`` (``num_proc``
+processes) or, when streaming, through SentencePiece's own thread pool inside ``IterableDataset.map``;
+both give byte-identical files.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.compute as pc
+import sentencepiece as spm
+from tqdm.auto import tqdm
+
+from relora_ds.data import manifest as mf
+from relora_ds.data.builtin_corpus import builtin_fingerprint
+from relora_ds.data.sources import Corpus, DataWarning, load_corpus, local_fingerprint, resolve_inputs
+from relora_ds.data.tokenizer import load_tokenizer, train_tokenizer, training_lines
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VOCAB_SIZE = 32000
+_MAP_BATCH = 1000
+_WRITE_BATCH = 10_000
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How to turn a corpus into a prepared data dir (everything but the inputs and the dir)."""
+
+    tokenizer: str | None = None
+    """An existing SentencePiece ``.model`` to use; None trains one on the corpus's training split."""
+    vocab_size: int | None = None
+    """Vocabulary of the trained tokenizer (None: 32000). With `tokenizer`: None or its exact size."""
+    seq_len: int | None = None
+    """Only reported (windows per split, documents longer than a window): the files do not depend on it."""
+    text_column: str = "text"
+    """Column holding the text in JSON/Parquet/hub corpora (``.txt`` files have none)."""
+    num_proc: int = 1
+    """Tokenizer processes (``datasets.map``) or threads (streaming); the output does not depend on it."""
+    hf_config: str | None = None
+    """Config name of a hub dataset input (``en`` for ``allenai/c4``)."""
+    val_fraction: float = 0.01
+    """Share of documents in the validation split, chosen by a hash of each document's text."""
+    seed: int = 0
+    """Seed of SentencePiece's sampling during tokenizer training. Not the training seed: keep it fixed."""
+    streaming: bool | None = None
+    """Read the corpus with ``datasets`` streaming; None: for hub datasets and corpora > RAM/4."""
+    txt_unit: str = "document"
+    """What one document is in a ``.txt`` file: the whole "document", a "paragraph" or a "line"."""
+    max_docs: int | None = None
+    """Use only the first N documents of the corpus (smoke tests); None: all."""
+    tokenizer_train_chars: int = 100_000_000
+    """Train the tokenizer on the first ~N characters of the training split (about 100 MB of text)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "max_docs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive int or None")
+        if not isinstance(self.num_proc, int) or self.num_proc < 1:
+            raise ValueError(f"num_proc={self.num_proc!r} must be a positive int")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction!r} must be in [0, 1)")
+        if self.tokenizer_train_chars < 1:
+            raise ValueError(f"tokenizer_train_chars={self.tokenizer_train_chars!r} must be positive")
+
+
+def in_validation(text: str, val_fraction: float) -> bool:
+    """Whether a document belongs to the validation split: a pure function of its text.
+
+    blake2b is stable across Python processes, runs and machines (Python's ``hash()`` is salted), and
+    identical documents land in the same split, so duplicates never leak from train into validation.
+    """
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2.0**64
+
+
+class _Encode:
+    """``datasets.map`` function: texts -> ``BOS ids EOS`` (empty for blank texts) and the split flag.
+
+    Carries the model's path, not the model, so that it pickles cheaply to ``num_proc`` workers.
+    """
+
+    def __init__(self, model_path: str, val_fraction: float, num_threads: int):
+        self.model_path, self.val_fraction, self.num_threads = model_path, val_fraction, num_threads
+        self._sp: spm.SentencePieceProcessor | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_sp": None}
+
+    def __call__(self, batch: dict) -> dict:
+        if self._sp is None:
+            self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+        texts = []
+        for text in batch["text"]:
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"the text column holds {type(text).__name__} values, not strings: "
+                                 f"{str(text)[:80]!r}")
+            texts.append(text or "")
+        keep = [bool(t.strip()) for t in texts]
+        encoded = iter(self._sp.encode([t for t, k in zip(texts, keep) if k], add_bos=True, add_eos=True,
+                                       out_type="numpy", num_threads=self.num_threads))
+        empty = np.zeros(0, dtype=np.int32)
+        return {
+            "ids": [np.asarray(next(encoded), dtype=np.int32) if k else empty for k in keep],
+            "validation": np.array([in_validation(t, self.val_fraction) for t in texts], dtype=bool),
+        }
+
+
+_TOKENIZED = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
+                                "validation": datasets.Value("bool")})
+
+
+def _corpus_fingerprint(inputs: list[str] | None, cfg: PrepareConfig) -> str:
+    """The fingerprint without reading the corpus: what decides whether a re-run is a no-op."""
+    if inputs is None:
+        return builtin_fingerprint()
+    files, hub = resolve_inputs(inputs)
+    if hub is not None:
+        return hashlib.sha256(f"hub\0{hub}\0{cfg.hf_config}".encode()).hexdigest()
+    return local_fingerprint(files)
+
+
+def _recipe(inputs: list[str] | None, cfg: PrepareConfig) -> dict:
+    """Everything that decides the bytes of the token files, and nothing else (not num_proc, seq_len)."""
+    if cfg.tokenizer is not None:
+        tok = {"file_sha256": mf.file_sha256(cfg.tokenizer)} if Path(cfg.tokenizer).is_file() else {}
+        tokenizer = {"given": tok.get("file_sha256") or str(cfg.tokenizer)}
+    else:
+        tokenizer = {"train_bpe": {"vocab_size": cfg.vocab_size or DEFAULT_VOCAB_SIZE, "seed": cfg.seed,
+                                   "train_chars": cfg.tokenizer_train_chars}}
+    return {
+        "inputs": None if inputs is None else [str(i) for i in inputs],
+        "corpus_fingerprint": _corpus_fingerprint(inputs, cfg),
+        "tokenizer": tokenizer,
+        "text_column": cfg.text_column, "hf_config": cfg.hf_config, "txt_unit": cfg.txt_unit,
+        "val_fraction": cfg.val_fraction, "max_docs": cfg.max_docs,
+    }
+
+
+def _texts(ds, val_fraction: float):
+    """Training-split texts of a (possibly streaming) "text" dataset, in corpus order."""
+    for batch in ds.iter(batch_size=_MAP_BATCH):
+        for text in batch["text"]:
+            if isinstance(text, str) and not in_validation(text, val_fraction):
+                yield text
+
+
+def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path) -> spm.SentencePieceProcessor:
+    if cfg.tokenizer is not None:
+        sp = load_tokenizer(cfg.tokenizer)
+        if cfg.vocab_size is not None and cfg.vocab_size != sp.vocab_size():
+            raise ValueError(f"vocab_size={cfg.vocab_size} but tokenizer {cfg.tokenizer!r} has "
+                             f"{sp.vocab_size()} pieces; give one of the two")
+        shutil.copyfile(cfg.tokenizer, dest)
+        return sp
+    start = time.perf_counter()
+    lines = training_lines(_texts(corpus.dataset, cfg.val_fraction), cfg.tokenizer_train_chars)
+    size = train_tokenizer(lines, dest, vocab_size=cfg.vocab_size or DEFAULT_VOCAB_SIZE,
+                           num_threads=cfg.num_proc, seed=cfg.seed)
+    log.info("trained a %d-piece BPE tokenizer in %.1fs", size, time.perf_counter() - start)
+    return load_tokenizer(dest)
+
+
+def _tokenize_and_write(corpus: Corpus, encode: _Encode, cfg: PrepareConfig, out_dir: Path,
+                        work_dir: Path, dtype: str, unk_id: int) -> dict:
+    """Tokenize the corpus and append each document to its split's file; returns the counts."""
+    ds = corpus.dataset
+    if corpus.streaming:
+        tokenized = ds.map(encode, batched=True, batch_size=_MAP_BATCH, remove_columns=["text"],
+                           features=_TOKENIZED)
+        progress = tqdm(desc="Tokenizing", unit=" docs")
+    else:
+        # datasets.map runs `num_proc` processes (each with one SentencePiece thread) and keeps order.
+        encode.num_threads = 1
+        tokenized = ds.map(encode, batched=True, batch_size=_MAP_BATCH, remove_columns=["text"],
+                           features=_TOKENIZED, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                           cache_file_name=str(work_dir / "tokenized.arrow"), load_from_cache_file=False,
+                           desc="Tokenizing")
+        progress = None
+    stats = {s: {"tokens": 0, "documents": 0, "longer_than_seq_len": 0} for s in mf.SPLITS}
+    empty = unk = 0
+    files = {s: open(out_dir / f".{s}.bin.tmp", "wb") for s in mf.SPLITS}
+    try:
+        for table in tokenized.with_format("arrow").iter(batch_size=_WRITE_BATCH):
+            ids = table.column("ids").combine_chunks()
+            lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
+            values = ids.flatten().to_numpy(zero_copy_only=False)
+            is_val = table.column("validation").to_numpy(zero_copy_only=False)
+            empty += int((lengths == 0).sum())
+            unk += int((values == unk_id).sum())
+            token_is_val = np.repeat(is_val, lengths)
+            for split, doc_mask, tok_mask in (("train", ~is_val, ~token_is_val),
+                                              ("validation", is_val, token_is_val)):
+                chunk = values[tok_mask].astype(dtype)
+                chunk.tofile(files[split])
+                s = stats[split]
+                s["tokens"] += int(chunk.size)
+                s["documents"] += int((doc_mask & (lengths > 0)).sum())
+                if cfg.seq_len:
+                    s["longer_than_seq_len"] += int((doc_mask & (lengths > cfg.seq_len + 1)).sum())
+            if progress is not None:
+                progress.update(table.num_rows)
+    finally:
+        for f in files.values():
+            f.close()
+        if progress is not None:
+            progress.close()
+    return {"splits": stats, "empty_documents": empty, "unk_tokens": unk}
+
+
+def _report_windows(manifest: dict, seq_len: int | None) -> None:
+    if not seq_len:
+        return
+    for name, split in manifest["splits"].items():
+        windows = max(0, (split["tokens"] - 1) // seq_len)
+        log.info("%s: %d windows of seq_len=%d (+1 target token)", name, windows, seq_len)
+        if windows == 0:
+            warnings.warn(f"split {name!r} has {split['tokens']} tokens: not one window of seq_len={seq_len}",
+                          DataWarning, stacklevel=3)
+
+
+def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Path:
+    """Tokenize `inputs` (None: the built-in corpus) into `out_dir`; returns `out_dir`.
+
+    `options` are the fields of :class:`PrepareConfig` (tokenizer, vocab_size, seq_len, text_column,
+    num_proc, hf_config, val_fraction, seed, streaming, txt_unit, max_docs, tokenizer_train_chars).
+    A no-op when `out_dir` already holds data prepared from the same recipe; safe to call from several
+    processes at once (they serialize on a lock file, and the later ones find the work done).
+    """
+    cfg = PrepareConfig(**options)
+    out_dir = Path(out_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        recipe = _recipe(inputs, cfg)
+        old = mf.read_manifest_file(out_dir)
+        if old is not None and old.get("recipe") == recipe and mf.files_intact(out_dir, old):
+            log.info("%s is up to date (manifest matches); nothing to do", out_dir)
+            _report_windows(old, cfg.seq_len)
+            return out_dir
+        if old is not None:
+            log.warning("%s holds data from a different recipe or is incomplete; re-preparing", out_dir)
+        manifest = _prepare(inputs, cfg, out_dir, recipe)
+        _report_windows(manifest, cfg.seq_len)
+        return out_dir
+
+
+def _prepare(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, recipe: dict) -> dict:
+    work_dir = out_dir / ".work"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir()
+    try:
+        corpus = load_corpus(inputs, work_dir=work_dir, text_column=cfg.text_column, hf_config=cfg.hf_config,
+                             txt_unit=cfg.txt_unit, streaming=cfg.streaming, num_proc=cfg.num_proc)
+        if cfg.max_docs is not None:
+            ds = corpus.dataset
+            corpus.dataset = (ds.take(cfg.max_docs) if corpus.streaming
+                              else ds.select(range(min(cfg.max_docs, len(ds)))))
+            corpus.description += f", its first {cfg.max_docs} documents"
+        tok_tmp = out_dir / ".tokenizer.model.tmp"
+        sp = _get_tokenizer(corpus, cfg, tok_tmp)
+        vocab_size = sp.vocab_size()
+        dtype = mf.token_dtype(vocab_size)
+        start = time.perf_counter()
+        encode = _Encode(str(tok_tmp), cfg.val_fraction, cfg.num_proc)
+        counts = _tokenize_and_write(corpus, encode, cfg, out_dir, work_dir, dtype, sp.unk_id())
+        seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    splits = counts["splits"]
+    total_tokens = sum(s["tokens"] for s in splits.values())
+    total_docs = sum(s["documents"] for s in splits.values())
+    if total_docs == 0:
+        raise ValueError(f"empty corpus: {corpus.description} holds no non-blank document")
+    if counts["empty_documents"]:
+        warnings.warn(f"skipped {counts['empty_documents']} empty or blank documents in {corpus.description}",
+                      DataWarning, stacklevel=3)
+    if counts["unk_tokens"]:
+        warnings.warn(f"{counts['unk_tokens']} tokens are <unk>: the tokenizer has no byte fallback for "
+                      f"some characters of {corpus.description}", DataWarning, stacklevel=3)
+    if splits["validation"]["documents"] == 0 and cfg.val_fraction > 0:
+        warnings.warn(f"the validation split is empty ({total_docs} documents, val_fraction="
+                      f"{cfg.val_fraction}); evaluation will see no data", DataWarning, stacklevel=3)
+    if splits["train"]["documents"] == 0:
+        raise ValueError(f"the training split is empty ({total_docs} documents, all in validation)")
+
+    tok_path = out_dir / "tokenizer.model"
+    tok_tmp.replace(tok_path)
+    for split in mf.SPLITS:
+        (out_dir / f".{split}.bin.tmp").replace(out_dir / f"{split}.bin")
+    manifest = {
+        "format": mf.FORMAT,
+        "recipe": recipe,
+        "vocab_size": vocab_size, "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
+        "pad_id": sp.pad_id() if sp.pad_id() >= 0 else None, "unk_id": sp.unk_id(),
+        "tokenizer_path": tok_path.name, "tokenizer_sha256": mf.file_sha256(tok_path),
+        "dtype": dtype,
+        "splits": {s: {"path": f"{s}.bin", "tokens": splits[s]["tokens"], "documents": splits[s]["documents"]}
+                   for s in mf.SPLITS},
+        "corpus": {"description": corpus.description, "fingerprint": corpus.fingerprint,
+                   "streaming": corpus.streaming},
+        "warnings": {"invalid_utf8_bytes": corpus.invalid_utf8, "empty_documents": counts["empty_documents"],
+                     "unk_tokens": counts["unk_tokens"]},
+        "stats": {"tokenize_seconds": round(seconds, 3), "tokens_per_second": round(total_tokens / seconds),
+                  "num_proc": cfg.num_proc},
+        "versions": {"sentencepiece": spm.__version__, "datasets": datasets.__version__,
+                     "numpy": np.__version__},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": asdict(cfg),
+    }
+    mf.write_manifest(out_dir, manifest)
+    long_docs = sum(s["longer_than_seq_len"] for s in splits.values())
+    log.info("prepared %s: %s tokens (train %s, validation %s), %s documents, %s tokens/s%s",
+             out_dir, f"{total_tokens:,}", f"{splits['train']['tokens']:,}",
+             f"{splits['validation']['tokens']:,}", f"{total_docs:,}", f"{total_tokens / seconds:,.0f}",
+             f"; {long_docs} documents span several windows of seq_len={cfg.seq_len}" if cfg.seq_len else "")
+    return manifest

@@ -1,0 +1,305 @@
+"""Corpus sources: turn ``--input`` strings into one ``datasets`` dataset with a single "text" column.
+
+Accepted inputs: local ``.txt``, ``.jsonl``, ``.json`` (optionally gzipped) and ``.parquet`` files, given
+as files, directories (searched recursively) or globs (the paper's C4 comes as ``c4-train.*.json.gz``),
+or one Hugging Face hub dataset name (``allenai/c4`` with ``hf_config="en"``) when the machine is online.
+``None`` means the built-in corpus (:mod:`relora_ds.data.builtin_corpus`).
+
+Reading, decompression, JSON/Parquet parsing and streaming are ``datasets``' job. What is ours: path
+resolution with clear errors, the invalid UTF-8 pass (``datasets`` refuses such files outright), the
+text-column check, and the corpus fingerprint used to make re-runs no-ops.
+"""
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import hashlib
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import datasets
+
+from relora_ds.data.builtin_corpus import builtin_documents, builtin_fingerprint
+
+# name suffix -> datasets builder. Parquet has its own internal compression, so no ".parquet.gz".
+SUPPORTED_SUFFIXES = {
+    ".txt": "text", ".txt.gz": "text",
+    ".jsonl": "json", ".jsonl.gz": "json",
+    ".json": "json", ".json.gz": "json",
+    ".parquet": "parquet",
+}
+TXT_UNITS = ("document", "paragraph", "line")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# surrogateescape turns each invalid byte into one lone surrogate in this range.
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]")
+_CHUNK = 1 << 22
+
+
+class DataWarning(UserWarning):
+    """Input that was repaired or skipped; always carries a count and, where it applies, a file name."""
+
+
+@dataclass
+class Corpus:
+    """A corpus ready to tokenize."""
+
+    dataset: datasets.Dataset | datasets.IterableDataset
+    """One "text" column; an ``IterableDataset`` when streaming."""
+    fingerprint: str
+    """Changes whenever the documents can: sha256 of sources (built-in) or of paths, sizes, mtimes."""
+    description: str
+    """What was read, for the manifest and log lines."""
+    invalid_utf8: dict[str, int] = field(default_factory=dict)
+    """file -> number of invalid UTF-8 bytes replaced by U+FFFD."""
+
+    @property
+    def streaming(self) -> bool:
+        return isinstance(self.dataset, datasets.IterableDataset)
+
+
+def builder_for(path: str | Path) -> str | None:
+    """The ``datasets`` builder for a file name, or None if its extension is not supported."""
+    name = Path(path).name.lower()
+    for suffix, builder in SUPPORTED_SUFFIXES.items():
+        if name.endswith(suffix):
+            return builder
+    return None
+
+
+def _unsupported(path: str) -> ValueError:
+    return ValueError(
+        f"unsupported input file {path!r}: supported extensions are {', '.join(SUPPORTED_SUFFIXES)}"
+    )
+
+
+def _files_in(candidates: list[str], origin: str) -> list[str]:
+    """Supported files among `candidates` (from a directory or glob); the others are counted and warned."""
+    files = sorted(c for c in candidates if os.path.isfile(c) and not Path(c).name.startswith("."))
+    kept = [f for f in files if builder_for(f)]
+    skipped = [Path(f).name for f in files if not builder_for(f)]
+    if not kept:
+        raise ValueError(
+            f"input {origin!r} holds no supported files (found {len(files)}: {skipped[:5]}); "
+            f"supported extensions are {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    if skipped:
+        warnings.warn(
+            f"input {origin!r}: skipped {len(skipped)} files with unsupported extensions "
+            f"({', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}); "
+            f"supported are {', '.join(SUPPORTED_SUFFIXES)}",
+            DataWarning,
+            stacklevel=3,
+        )
+    return kept
+
+
+def resolve_inputs(inputs: list[str]) -> tuple[list[str], str | None]:
+    """(local files, hub dataset name): exactly one of the two is non-empty.
+
+    A string that is neither an existing path nor a glob with matches is a hub name only if it looks
+    like ``owner/name`` and has no file extension; anything else is a missing-path error.
+    """
+    if not inputs:
+        raise ValueError("inputs is an empty list: give files, directories, globs or a hub dataset name "
+                         "(or None for the built-in corpus)")
+    files: list[str] = []
+    hub: list[str] = []
+    for item in inputs:
+        item = str(item)
+        path = Path(item).expanduser()
+        if path.is_file():
+            if builder_for(path) is None:
+                raise _unsupported(item)
+            files.append(str(path.resolve()))
+        elif path.is_dir():
+            found = [str(p) for p in path.resolve().rglob("*")]
+            files.extend(_files_in(found, item))
+        elif _GLOB_CHARS.search(item):
+            matches = [str(Path(m).resolve()) for m in glob.glob(str(path), recursive=True)]
+            if not matches:
+                raise ValueError(f"input glob {item!r} matches no files")
+            files.extend(_files_in(matches, item))
+        elif _HUB_NAME.match(item) and builder_for(item) is None and not item.startswith("."):
+            hub.append(item)
+        else:
+            raise ValueError(f"input path {item!r} does not exist (not a file, directory, glob match, "
+                             f"or Hugging Face hub name like 'allenai/c4')")
+    if hub and (files or len(hub) > 1):
+        raise ValueError(f"a hub dataset ({hub[0]!r}) must be the only input; got {list(inputs)}")
+    return list(dict.fromkeys(files)), (hub[0] if hub else None)
+
+
+def local_fingerprint(files: list[str]) -> str:
+    """sha256 of each file's path, size and mtime: cheap, and changes whenever a file is rewritten."""
+    h = hashlib.sha256(b"local-v1")
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def _is_valid_utf8(path: str) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    try:
+        with _open_binary(path) as f:
+            while chunk := f.read(_CHUNK):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def repair_utf8(path: str, dest: str) -> int:
+    """Write `path` (decompressed) to `dest` with each invalid UTF-8 byte replaced by U+FFFD.
+
+    Returns the number of bytes replaced, or 0 without writing anything when the file is valid
+    (the common case costs one decode pass and no copy).
+    """
+    if _is_valid_utf8(path):
+        return 0
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    bad = 0
+    with _open_binary(path) as src, open(dest, "w", encoding="utf-8") as out:
+        while True:
+            chunk = src.read(_CHUNK)
+            text = decoder.decode(chunk, final=not chunk)
+            bad += len(_ESCAPED_BYTES.findall(text))
+            out.write(_ESCAPED_BYTES.sub("\ufffd", text))
+            if not chunk:
+                break
+    return bad
+
+
+def _repair_job(args: tuple[str, str]) -> int:
+    return repair_utf8(*args)
+
+
+def _repair_files(files: list[str], work_dir: Path, num_proc: int) -> tuple[list[str], dict[str, int]]:
+    """Replace files holding invalid UTF-8 by repaired copies in `work_dir`; warn once per such file."""
+    text_files = [f for f in files if builder_for(f) in ("text", "json")]
+    if not text_files:
+        return files, {}
+    repair_dir = work_dir / "utf8-repaired"
+    repair_dir.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for i, f in enumerate(text_files):
+        name = Path(f).name
+        name = name[:-3] if name.lower().endswith(".gz") else name
+        jobs.append((f, str(repair_dir / f"{i:06d}-{name}")))
+    if num_proc > 1 and len(jobs) > 1:
+        with get_context("spawn").Pool(min(num_proc, len(jobs))) as pool:
+            counts = pool.map(_repair_job, jobs, chunksize=1)
+    else:
+        counts = [_repair_job(j) for j in jobs]
+    replaced = {src: dest for (src, dest), n in zip(jobs, counts) if n}
+    invalid = {src: n for (src, _), n in zip(jobs, counts) if n}
+    for src, n in invalid.items():
+        warnings.warn(f"{src}: replaced {n} invalid UTF-8 bytes with U+FFFD", DataWarning, stacklevel=3)
+    return [replaced.get(f, f) for f in files], invalid
+
+
+def _select_text(ds, text_column: str, origin: str):
+    """`ds` reduced to one column named "text"; a clear error when `text_column` is missing."""
+    columns = ds.column_names
+    if columns is None:  # streaming JSON learns its columns from the first record
+        first = next(iter(ds), None)
+        columns = list(first) if first is not None else [text_column]
+    if text_column not in columns:
+        raise ValueError(f"text column {text_column!r} not found in {origin}; its columns are {columns} "
+                         f"(choose one with --text-column)")
+    ds = ds.select_columns([text_column])
+    return ds.rename_column(text_column, "text") if text_column != "text" else ds
+
+
+def _default_streaming(files: list[str]) -> bool:
+    """Stream when the corpus is unlikely to fit in memory (gzip text counted at 4x its size)."""
+    size = sum(os.path.getsize(f) * (4 if f.lower().endswith(".gz") else 1) for f in files)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 << 30
+    return size > ram // 4
+
+
+def load_corpus(
+    inputs: list[str] | None,
+    *,
+    work_dir: Path,
+    text_column: str = "text",
+    hf_config: str | None = None,
+    txt_unit: str = "document",
+    streaming: bool | None = None,
+    num_proc: int = 1,
+) -> Corpus:
+    """Open the corpus named by `inputs` (None: the built-in one). `work_dir` holds datasets' cache."""
+    if txt_unit not in TXT_UNITS:
+        raise ValueError(f"txt_unit={txt_unit!r} is not one of {TXT_UNITS}")
+    if inputs is None:
+        if hf_config is not None:
+            raise ValueError(f"hf_config={hf_config!r} only applies to a hub dataset input")
+        docs = builtin_documents()
+        ds = datasets.Dataset.from_dict({"text": [d["text"] for d in docs]})
+        if streaming:  # 10 MB fit in memory; streaming it only exercises the streaming path
+            ds = ds.to_iterable_dataset()
+        return Corpus(ds, builtin_fingerprint(), f"built-in corpus ({len(docs)} documents)")
+
+    files, hub = resolve_inputs(inputs)
+    if hub is not None:
+        return _load_hub(hub, hf_config, text_column)
+    if hf_config is not None:
+        raise ValueError(f"hf_config={hf_config!r} only applies to a hub dataset input, not local files")
+    fingerprint = local_fingerprint(files)
+    if streaming is None:
+        streaming = _default_streaming(files)
+    if text_column != "text" and all(builder_for(f) == "text" for f in files):
+        warnings.warn(f"text_column={text_column!r} is ignored: .txt files have no columns", DataWarning,
+                      stacklevel=2)
+    files, invalid = _repair_files(files, work_dir, num_proc)
+
+    parts = []
+    # Consecutive files with the same builder are read together; order is the resolved order.
+    groups: list[tuple[str, list[str]]] = []
+    for f in files:
+        b = builder_for(f)
+        if groups and groups[-1][0] == b:
+            groups[-1][1].append(f)
+        else:
+            groups.append((b, [f]))
+    for builder, group in groups:
+        kwargs = {"sample_by": txt_unit} if builder == "text" else {}
+        origin = group[0] if len(group) == 1 else f"{len(group)} {builder} files ({group[0]}, ...)"
+        try:
+            ds = datasets.load_dataset(builder, data_files=group, split="train", streaming=streaming,
+                                       cache_dir=str(work_dir / "hf-cache"), **kwargs)
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise ValueError(f"could not read {origin}: {e.__cause__ or e}") from e
+        column = "text" if builder == "text" else text_column
+        parts.append(_select_text(ds, column, origin))
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return Corpus(ds, fingerprint, f"{len(files)} local files", invalid)
+
+
+def _load_hub(name: str, hf_config: str | None, text_column: str) -> Corpus:
+    try:
+        # Streaming: the paper's C4 is hundreds of GB; nothing is downloaded ahead of tokenization.
+        ds = datasets.load_dataset(name, hf_config, split="train", streaming=True)
+    except Exception as e:  # offline, unknown name, bad config: all surface as different types
+        raise ValueError(
+            f"could not open Hugging Face hub dataset {name!r} (config {hf_config!r}): "
+            f"{type(e).__name__}: {e}. Hub datasets need network access; a local path by this name "
+            f"does not exist either."
+        ) from e
+    ds = _select_text(ds, text_column, f"hub dataset {name!r}")
+    return Corpus(ds, hashlib.sha256(f"hub\0{name}\0{hf_config}".encode()).hexdigest(),
+                  f"hub dataset {name} ({hf_config})")

@@ -1,0 +1,29 @@
+"""ReLoRA pre-training. Runs under `deepspeed`, `torchrun`, `mpirun` or plain `python` (one process).
+
+    deepspeed --num_gpus 2 launch/train.py --config launch/configs/tiny.yaml --deepspeed ds_configs/zero2.json
+"""
+import argparse
+import sys
+
+from relora_ds.train_config import build_parser, config_from_args
+from relora_ds.trainer import Trainer
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Our own --deepspeed PATH: deepspeed.add_config_arguments would make it a boolean flag.
+    parser.add_argument("--deepspeed", metavar="PATH", help="DeepSpeed JSON (ds_configs/); default: ZeRO off, fp32")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    build_parser(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        trainer = Trainer(cfg, args.deepspeed)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Run configuration: one dataclass, filled from a YAML recipe (``--config``) and CLI overrides.
+
+Every field's help text is its ``metadata["help"]`` and shows in ``launch/train.py --help``. Each setting
+has one home: batch sizes, optimizer hyperparameters, gradient clipping and the schedule live here; the
+DeepSpeed JSON holds only the engine's own settings (ZeRO stage, offload, precision, communication) and a
+value given in both places is an error, never silently resolved (see ``ds_config.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # Model
+    model: str = _f("tiny", "model preset (debug, tiny, 60m, 130m, 250m, 350m, 1b, 3b, 7b)")
+    hf_model: str | None = _f(None, "Hugging Face LLaMA directory to start from (continued pre-training); "
+                                    "replaces --model")
+    seq_len: int = _f(256, "tokens per training sequence (windows of seq_len+1 tokens are read)")
+    # ReLoRA
+    mode: str = _f("relora", "relora (merges + resets), lora (no restarts: the paper's baseline) or full",
+                   choices=("relora", "lora", "full"))
+    rank: int = _f(128, "LoRA rank r")
+    alpha: float = _f(32.0, "LoRA alpha; scale = alpha / rank")
+    dropout: float = _f(0.0, "LoRA dropout on the input of the low-rank path")
+    target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                   "module names or suffixes to convert to ReLoRA layers")
+    cycle_length: int | None = _f(None, "steps between optimizer resets (the paper: 5000); required for relora")
+    merge_every: int | None = _f(None, "steps between merges (online ReLoRA merges more often than it "
+                                        "resets); default: cycle_length")
+    restart_warmup_steps: int = _f(100, "steps of linear LR re-warmup after each reset")
+    prune_method: str = _f("magnitude", "optimizer-state pruning at a reset",
+                           choices=("magnitude", "random", "reset"))
+    prune_ratio: float = _f(0.99, "fraction of each LoRA Adam moment zeroed at a reset")
+    warm_start_steps: int = _f(0, "full-rank steps before switching to ReLoRA in the same run")
+    warm_start_from: str | None = _f(None, "Hugging Face directory of a full-rank warm start (e.g. an "
+                                           "export of another run); the ReLoRA run starts from it")
+    # Optimization
+    lr: float = _f(1e-3, "peak learning rate (the paper uses 2x the full-rank lr for ReLoRA)")
+    min_lr_ratio: float = _f(0.1, "final LR as a fraction of the peak (cosine floor)")
+    warmup_steps: int = _f(100, "initial linear LR warmup")
+    total_steps: int | None = _f(None, "optimizer steps to train (or give token_budget)")
+    token_budget: int | None = _f(None, "training tokens; sets total_steps = ceil(budget / tokens per step)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "global gradient-norm clip (0 disables)")
+    micro_batch_size: int = _f(8, "sequences per rank per forward/backward")
+    global_batch_size: int = _f(8, "sequences per optimizer step over all ranks; must be a multiple of "
+                                    "micro_batch_size x world size (the rest is gradient accumulation)")
+    # Data
+    data_dir: str | None = _f(None, "prepared data dir (launch/prepare_data.py); default: the built-in "
+                                    "corpus, prepared on first use")
+    vocab_size: int = _f(2048, "SentencePiece vocab size when preparing the built-in corpus")
+    # Evaluation, checkpoints, logging
+    eval_every: int = _f(100, "validation perplexity every N steps (and at the end); 0 disables")
+    eval_batches: int = _f(20, "validation micro-batches per rank per evaluation")
+    save_every: int = _f(0, "checkpoint every N steps (and at the end); 0: only at the end")
+    keep_last: int = _f(3, "checkpoints to keep (older ones are deleted)")
+    output_dir: str = _f("runs/default", "where checkpoints, metrics.jsonl, TensorBoard logs and the "
+                                         "Hugging Face export go")
+    resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
+    export: bool = _f(True, "export the final model to output_dir/hf (Hugging Face LLaMA format)")
+    log_every: int = _f(1, "metrics line every N steps")
+    seed: int = _f(0, "seed for init, data order and LoRA re-inits")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.mode == "relora" and not self.cycle_length:
+            raise ValueError("mode=relora needs cycle_length (steps between optimizer resets, e.g. 5000); "
+                             "use mode=lora for LoRA without restarts")
+        if self.cycle_length is not None and self.cycle_length <= 0:
+            raise ValueError(f"cycle_length={self.cycle_length} must be positive")
+        if self.merge_every is not None and (self.merge_every <= 0 or (self.cycle_length or 0) % self.merge_every):
+            raise ValueError(f"merge_every={self.merge_every} must be a positive divisor of cycle_length="
+                             f"{self.cycle_length} (every reset is also a merge)")
+        if (self.total_steps is None) == (self.token_budget is None):
+            raise ValueError("give exactly one of total_steps and token_budget "
+                             f"(got total_steps={self.total_steps}, token_budget={self.token_budget})")
+        if not 0.0 <= self.prune_ratio <= 1.0:
+            raise ValueError(f"prune_ratio={self.prune_ratio} must be in [0, 1]")
+        if self.warm_start_steps and self.warm_start_from:
+            raise ValueError("give warm_start_steps or warm_start_from, not both")
+        if self.warm_start_steps and self.mode == "full":
+            raise ValueError("warm_start_steps only makes sense with mode=relora or lora")
+        for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _arg_type(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    return base
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser()
+    parser.add_argument("--config", help="YAML recipe; CLI flags override its values")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_ = f"{f.metadata['help']} (default: {default})"
+        tp = _arg_type(hints[f.name])
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_,
+                                choices=f.metadata.get("choices"))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < YAML recipe < CLI flags. Unknown recipe keys are an error (a typo is never ignored)."""
+    values: dict = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise ValueError(f"--config {path}: no such file")
+        values = yaml.safe_load(path.read_text()) or {}
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; valid keys: {sorted(names)}")
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return TrainConfig(**values)

@@ -1,0 +1,329 @@
+"""The training loop: a DeepSpeed engine around our LLaMA, ReLoRA's merges and resets, eval, checkpoints.
+
+Phases: an optional full-rank warm start, then the low-rank phase (``relora`` with merges and optimizer
+resets, or ``lora`` without); ``full`` trains full-rank throughout. The switch builds a new engine with a
+fresh optimizer (the paper's warm start) and counts as a reset for the LR schedule.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from . import checkpoint
+from .data import PackedTokens, ShardedBatches, builtin_data_dir, check_tokenizer_matches, eval_batches, \
+    load_manifest, prepare_data
+from .ds_config import complete_ds_config, load_ds_config, uses_bf16
+from .engine_state import full_fp32_state_dict
+from .hf import export_hf, load_hf
+from .merge import merge_and_reinit
+from .metrics import MetricsLogger, peak_memory_mb
+from .model import LlamaForCausalLM
+from .model_config import LlamaConfig
+from .prune import prune_optimizer_state
+from .relora import lora_parameters, wrap
+from .schedule import cosine_with_warmup, jagged_cosine
+from .train_config import TrainConfig
+
+
+def _shifted(step: int, *, fn, offset: int) -> float:
+    """LambdaLR counts from the engine's creation; the schedule is a function of the global step."""
+    return fn(step + offset)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, ds_config_path: str | None = None):
+        self.cfg = cfg
+        deepspeed.init_distributed(auto_mpi_discovery=True)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
+                                     source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.data_dir = self._prepare_data()
+        self.model_config = self._model_config()
+        check_tokenizer_matches(self.data_dir, self.model_config.vocab_size)
+        self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len)
+        self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)
+        self.batches = ShardedBatches(self.train_data, cfg.micro_batch_size, rank=self.rank,
+                                      world_size=self.world, seed=cfg.seed)
+        self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        self.total_steps = cfg.total_steps or math.ceil(cfg.token_budget / self.tokens_per_step)
+        self.relora_start = cfg.warm_start_steps
+        if self.relora_start >= self.total_steps:
+            raise ValueError(f"warm_start_steps={self.relora_start} leaves no ReLoRA steps of "
+                             f"total_steps={self.total_steps}")
+        self.schedule = self._schedule()
+        self.schedule(0)  # a bad combination raises ValueError before any engine exists
+        self.step = 0
+        self.engine = None
+        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
+        # SIGTERM/SIGUSR1 (SLURM preemption or time limit): finish the step, checkpoint, exit cleanly.
+        self._stop_signal = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._request_stop)
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    # ---------------------------------------------------------------- setup
+    def _prepare_data(self) -> Path:
+        cfg = self.cfg
+        if cfg.data_dir is not None:
+            return Path(cfg.data_dir)
+        path = builtin_data_dir(cfg.vocab_size)
+        if self.rank == 0:  # one process tokenizes; the others wait and read
+            prepare_data(None, path, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
+        dist.barrier()
+        return path
+
+    def _model_config(self) -> LlamaConfig:
+        cfg, vocab = self.cfg, load_manifest(self.data_dir)["vocab_size"]
+        source = cfg.hf_model or cfg.warm_start_from
+        if source:
+            return load_hf_config(source)
+        return LlamaConfig.preset(cfg.model, vocab_size=vocab, max_position_embeddings=cfg.seq_len + 1)
+
+    def _schedule(self):
+        cfg = self.cfg
+        kw = dict(total_steps=self.total_steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
+        if cfg.mode == "full":
+            return functools.partial(cosine_with_warmup, **kw)
+        # lora: one "cycle" spanning the run, so the only LR drop is at the warm-start switch (if any)
+        cycle = cfg.cycle_length if cfg.mode == "relora" else self.total_steps
+        return functools.partial(jagged_cosine, cycle_length=cycle, start_step=self.relora_start,
+                                 restart_warmup_steps=min(cfg.restart_warmup_steps, cycle), **kw)
+
+    def _phase(self, step: int) -> str:
+        return "full" if self.cfg.mode == "full" or step < self.relora_start else "lowrank"
+
+    def _base_model(self) -> LlamaForCausalLM:
+        src = self.cfg.hf_model or self.cfg.warm_start_from
+        if src:
+            return load_hf(src)
+        torch.manual_seed(self.cfg.seed)
+        return LlamaForCausalLM(self.model_config)
+
+    def _build_engine(self, model: LlamaForCausalLM, phase: str) -> None:
+        cfg = self.cfg
+        if phase == "lowrank":
+            wrap(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
+                 seed=cfg.seed)
+        lora = {id(p) for p in lora_parameters(model)}
+        # LoRA and full-rank parameters in separate groups: the reset touches only the first.
+        groups = [{"params": [p for p in model.parameters() if id(p) in lora]},
+                  {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in lora]}]
+        groups = [g for g in groups if g["params"]]
+        offset = 0 if phase == "full" else self.relora_start
+        fn = functools.partial(_shifted, fn=self.schedule, offset=offset)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds,
+                                               lr_scheduler=lambda opt: LambdaLR(opt, fn))
+        self.engine_phase = phase
+
+    def _switch_to_lowrank(self) -> None:
+        """End of the warm start: full-rank weights (fp32 masters) into a fresh ReLoRA engine."""
+        state = full_fp32_state_dict(self.engine)
+        self.engine.destroy()
+        model = LlamaForCausalLM(self.model_config)
+        model.load_state_dict(state)
+        self._build_engine(model, "lowrank")
+        self._event({"event": "switch_to_relora", "step": self.step})
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {"step": self.step, "phase": self.engine_phase, "relora_start": self.relora_start,
+                "sampler": self.batches.state_dict(), "world_size": self.world}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.batches.load_state_dict(state["sampler"])
+
+    def _run_config(self) -> dict:
+        return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "deepspeed": self.ds,
+                "world_size": self.world, "data_dir": str(self.data_dir)}
+
+    def save(self) -> Path:
+        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(), self._run_config(),
+                               self.cfg.keep_last)
+
+    def _resume(self) -> bool:
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None:
+            self._print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
+            return False
+        saved = checkpoint.load_config(self.ckpt_dir, tag)
+        mismatch = {k: (v, saved["model"].get(k)) for k, v in self.model_config.to_dict().items()
+                    if saved["model"].get(k) != v}
+        if mismatch:
+            raise ValueError(f"checkpoint {self.ckpt_dir / tag} is of another model: field (now, checkpoint): "
+                             f"{mismatch}")
+        if saved["world_size"] != self.world:
+            raise ValueError(f"checkpoint {self.ckpt_dir / tag} was written by world_size={saved['world_size']}, "
+                             f"this run has {self.world}: ZeRO partitions differ; resume with "
+                             f"{saved['world_size']} ranks (or convert it with DeepSpeed's ds_to_universal.py)")
+        step = int(tag.split("_")[1])
+        self._build_engine(self._base_model() if self._phase(step) == "full" or not self.cfg.warm_start_steps
+                           else LlamaForCausalLM(self.model_config), self._phase(step))
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+        self.load_state_dict(client)
+        checkpoint.load_rng(self.ckpt_dir, tag)
+        self._print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
+        return True
+
+    # ---------------------------------------------------------------- loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        self._print("effective configuration:\n" + json.dumps(self._run_config(), indent=2))
+        if not (cfg.resume and self._resume()):
+            self._build_engine(self._base_model(), self._phase(0))
+        self._print(f"model: {self.model_config.num_hidden_layers} layers, "
+                    f"{sum(p.numel() for p in self.engine.module.parameters()):,} parameters; "
+                    f"{self.world} rank(s), bf16={uses_bf16(self.ds)}, ZeRO stage "
+                    f"{self.ds.get('zero_optimization', {}).get('stage', 0)}, {self.total_steps} steps")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
+        final = {}
+        t_last, step_last = time.perf_counter(), self.step
+        while self.step < self.total_steps:
+            if self.engine_phase == "full" and self._phase(self.step) == "lowrank":
+                self._switch_to_lowrank()
+            loss = self._train_step()
+            self.step += 1
+            self._after_step_events()
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                now = time.perf_counter()
+                tok_s = (self.step - step_last) * self.tokens_per_step / (now - t_last)
+                t_last, step_last = now, self.step
+                rec = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
+                       "grad_norm": _float(self.engine.get_global_grad_norm()), "tokens_per_s": tok_s,
+                       "peak_memory_mb": peak_memory_mb(), "phase": self.engine_phase}
+                self.metrics.log(rec)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tok_s:.0f}",
+                                cycle=self._cycle_step())
+            bar.update(1)
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+                final = self.evaluate()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
+                self.save()
+            elif self._stop_agreed:
+                self.save()
+            if self._stop_agreed:
+                bar.close()
+                self._print(f"stopped by signal {self._stop_signal or 'on another rank'} after step "
+                            f"{self.step}; checkpoint saved, resume with --resume")
+                self.metrics.log({"event": "preempted", "step": self.step})
+                self.metrics.close()
+                return {"preempted": True, "step": self.step}
+        bar.close()
+        if cfg.export:
+            self.export(self.out / "hf")
+        self.metrics.close()
+        return final
+
+    def _train_step(self) -> float:
+        engine, losses = self.engine, []
+        for _ in range(engine.gradient_accumulation_steps()):
+            batch = next(self.batches).to(engine.device)
+            loss = engine(batch, labels=batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+        # One all-reduce carries the loss and whether any rank was asked to stop.
+        flags = torch.stack([torch.stack(losses).mean(), torch.tensor(float(self._stop_signal > 0))])
+        dist.all_reduce(flags)
+        mean = flags[0].item() / self.world
+        self._stop_agreed = flags[1].item() > 0
+        if not math.isfinite(mean):
+            last = checkpoint.latest_tag(self.ckpt_dir)
+            raise FloatingPointError(
+                f"non-finite loss ({mean}) at step {self.step + 1}; stopping. Last good checkpoint: "
+                f"{self.ckpt_dir / last if last else 'none'} (kept; resume with --resume, e.g. with a lower lr)")
+        return mean
+
+    def _cycle_step(self) -> int | None:
+        if self.cfg.mode != "relora" or self.step < self.relora_start:
+            return None
+        return (self.step - self.relora_start) % self.cfg.cycle_length
+
+    def _after_step_events(self) -> None:
+        cfg = self.cfg
+        if cfg.mode != "relora" or self.engine_phase != "lowrank":
+            return
+        since = self.step - self.relora_start
+        if since <= 0:
+            return
+        event = {}
+        if since % (cfg.merge_every or cfg.cycle_length) == 0:
+            event.update(merge_and_reinit(self.engine))
+        if since % cfg.cycle_length == 0:
+            event.update(prune_optimizer_state(self.engine, lora_parameters(self.engine.module),
+                                               method=cfg.prune_method, ratio=cfg.prune_ratio,
+                                               seed=cfg.seed + self.step))
+            event["reset"] = True
+        if event:
+            self._event({"event": "reset" if event.get("reset") else "merge", "step": self.step, **event})
+
+    def evaluate(self) -> dict:
+        engine = self.engine
+        engine.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=engine.device)
+        with torch.no_grad():
+            for batch in eval_batches(self.val_data, self.cfg.micro_batch_size, self.rank, self.world,
+                                      max_batches=self.cfg.eval_batches):
+                batch = batch.to(engine.device)
+                tokens = batch.shape[0] * (batch.shape[1] - 1)
+                total[0] += engine(batch, labels=batch).loss.double() * tokens
+                total[1] += tokens
+        engine.train()
+        dist.all_reduce(total)
+        val_loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        rec = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+               "val_tokens": int(total[1].item())}
+        self.metrics.log(rec)
+        self._print(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {rec['val_ppl']:.2f}")
+        return rec
+
+    def export(self, out_dir: Path) -> Path:
+        """Merged Hugging Face LLaMA directory of the current weights (all ranks call; rank 0 writes)."""
+        state = full_fp32_state_dict(self.engine)
+        if self.rank == 0:
+            model = LlamaForCausalLM(self.model_config)
+            if self.engine_phase == "lowrank":
+                wrap(model, rank=self.cfg.rank, alpha=self.cfg.alpha, target_modules=self.cfg.target_modules)
+            model.load_state_dict(state)
+            export_hf(model, out_dir)
+            self._print(f"exported Hugging Face model to {out_dir}")
+        dist.barrier()
+        return out_dir
+
+    def _event(self, rec: dict) -> None:
+        self.metrics.log(rec)
+        if self.rank == 0:
+            details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+                                if k not in ("event", "step"))
+            tqdm.write(f"[step {rec['step']}] {rec['event']}: {details}")
+
+    def _print(self, msg: str) -> None:
+        if self.rank == 0:
+            tqdm.write(msg)
+
+
+def _float(x) -> float | None:
+    return None if x is None else float(x)
+
+
+def load_hf_config(path: str) -> LlamaConfig:
+    from .hf import config_from_hf
+
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{path}: no config.json (expected a Hugging Face LLaMA directory)")
+    return config_from_hf(json.loads(cfg_path.read_text()))

@@ -11,6 +11,8 @@ Public API (each op has a pure-torch twin that is its specification and the CPU 
 
 Importing this package imports neither triton nor any GPU driver: the kernel modules load on first use
 (PEP 562 ``__getattr__``), so the package imports on CPU-only machines and costs nothing until used.
+Module names (``linear``, ``merge``, ``matmul``) differ from the function names on purpose: importing a
+submodule binds its name on the package, which would shadow a same-named function.
 """
 from __future__ import annotations
 
@@ -20,13 +22,13 @@ from ._runtime import deterministic_mode, interpreting, kernel_mode, use_triton
 from .reference import lora_linear_reference, lora_merge_reference_
 
 _LAZY = {
-    "lora_linear": "lora_linear",
-    "LoRALinearFunction": "lora_linear",
-    "lora_forward": "lora_linear",
-    "lora_backward": "lora_linear",
-    "lora_merge_": "lora_merge",
-    "merge_launch": "lora_merge",
-    "concat_matmul": "concat_matmul",
+    "lora_linear": "linear",
+    "LoRALinearFunction": "linear",
+    "lora_forward": "linear",
+    "lora_backward": "linear",
+    "lora_merge_": "merge",
+    "merge_launch": "merge",
+    "concat_matmul": "matmul",
 }
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_merge_", "lora_merge_reference_", "use_triton",

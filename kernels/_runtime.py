@@ -18,9 +18,11 @@ How Triton reads ``TRITON_INTERPRET`` (checked in Triton 3.9 ``runtime/jit.py``;
 since 3.4): ``@triton.jit`` consults ``triton.knobs.runtime.interpret`` -- which re-reads the environment on
 every access -- *when the decorator runs*, i.e. when our kernel module is imported, and returns either a
 compiled-kernel ``JITFunction`` or an ``InterpretedFunction``. So the mode is frozen per module import,
-not per ``import triton``. :func:`for_current_mode` removes even that ordering constraint: each launch
-re-wraps the kernel's Python function for the mode in force at call time (cached), so setting the variable
-in a test fixture is enough, whichever test imported triton or our kernels first.
+not per ``import triton`` -- except for triton.language.standard's own ``@jit`` helpers (``tl.cdiv``,
+``tl.zeros``, ``tl.sum``...), decorated when triton itself is imported. :func:`for_current_mode`
+removes the ordering constraint for our kernels: each launch re-wraps the kernel's Python function for the
+mode in force at call time (cached); and our kernels call only core builtins, never those helpers. So
+setting the variable in a test fixture is enough, whichever test imported triton or our kernels first.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _runtime
-from .concat_matmul import MASK_A1, MASK_B1, MASK_OUT2, concat_matmul
+from .matmul import MASK_A1, MASK_B1, MASK_OUT2, concat_matmul
 from .reference import check_dropout_p, dropout_keep_mask, lora_linear_reference
 
 
@@ -46,7 +46,7 @@ def _ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R,
                      mask=m_ok[:, None] & r_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_R)
     if UPCAST:
         s_tile = s_tile.to(tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N

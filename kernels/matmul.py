@@ -40,10 +40,13 @@ def _concat_k_matmul_kernel(
         EVEN_K1: tl.constexpr, EVEN_K2: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped tile order: GROUP_M row-tiles share each B column-tile while it is hot in L2.
+    # Kernels here call only core builtins, no triton.language.standard @jit helpers (tl.cdiv, tl.zeros,
+    # tl.zeros_like): those are decorated once, when triton is imported, so they would break the
+    # interpreter whenever TRITON_INTERPRET is set after `import triton` (see _runtime.for_current_mode).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     num_pid_in_group = GROUP_M * num_pid_n
     first_pid_m = (pid // num_pid_in_group) * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
@@ -52,14 +55,16 @@ def _concat_k_matmul_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Wrapped row/column indices: loads need no M/N mask (the store masks them).
-    rm = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
-    rn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    # Wrapped row/column indices: loads need no M/N mask (the store masks them). No max_contiguous /
+    # multiple_of hints: a wrapped last tile is not contiguous, and a hint would let vector loads read past
+    # the row end; the compiler still vectorizes by itself when N is a multiple of 16.
+    rm = offs_m % M
+    rn = offs_n % N
     rk = tl.arange(0, BLOCK_K)
 
     k_start = pid_k * k1_per_split
     k_end = min(K1, k_start + k1_per_split)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         kk = k0 + rk
         a_ptrs = a1_ptr + rm[:, None] * stride_a1m + kk[None, :] * stride_a1k
@@ -73,11 +78,11 @@ def _concat_k_matmul_kernel(
         if MASK_MODE == 1:  # dropout on A1 = X (M, K1): S = drop(X) @ A.T
             keep = tl.load(mask_ptr + rm[:, None] * stride_mask0 + kk[None, :] * stride_mask1,
                            mask=kk[None, :] < k_end, other=0)
-            a = tl.where(keep != 0, a, tl.zeros_like(a))
+            a = tl.where(keep != 0, a, 0.0)
         if MASK_MODE == 2:  # dropout on B1 = X (K1 = tokens, N): dA = dS.T @ drop(X)
             keep = tl.load(mask_ptr + kk[:, None] * stride_mask0 + rn[None, :] * stride_mask1,
                            mask=kk[:, None] < k_end, other=0)
-            b = tl.where(keep != 0, b, tl.zeros_like(b))
+            b = tl.where(keep != 0, b, 0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -85,7 +90,7 @@ def _concat_k_matmul_kernel(
 
     if HAS_SECOND:  # the short r-loop of the concatenated K: [A1 | A2] @ [B1 ; B2]
         if MASK_MODE == 3:
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc2 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for k0 in range(0, K2, BLOCK_K):
             kk = k0 + rk
             a_ptrs = a2_ptr + rm[:, None] * stride_a2m + kk[None, :] * stride_a2k

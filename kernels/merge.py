@@ -28,7 +28,7 @@ def _lora_merge_kernel(w_ptr, a_ptr, b_ptr, N, K, R,
     w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # issued before the rank-r loop so it is in flight
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
     rr = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
         r_ok = (r0 + rr) < R

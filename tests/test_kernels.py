@@ -1,0 +1,365 @@
+"""relora_kernels: Triton kernels vs their float64 torch twins, on every output and every gradient.
+
+On CPU the kernels run under Triton's interpreter: each test sets TRITON_INTERPRET=1 only for itself
+(monkeypatch). That is enough because relora_kernels re-wraps each kernel for the mode in force at launch
+(``_runtime.for_current_mode``), so it does not matter which test file imported triton first; a subprocess
+test below checks exactly that ordering. With CUDA, the same tests also run un-interpreted ("cuda" params,
+the only skip here: they need a GPU) and add larger shapes.
+
+Tolerances: relative Frobenius error against the float64 reference on the same inputs (and the same
+dropout mask). Under the interpreter, bf16 dots are upcast to fp32 (its bf16 ``tl.dot`` is broken, Triton
+#11584) and its fp32->bf16 cast truncates instead of rounding, so bf16 errors there are ~2x a GPU's.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import relora_kernels as rk
+from relora_kernels import _runtime
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA GPU: the kernels then run compiled (bf16/fp16/fp32)"))]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {("cpu", torch.float32): 1e-5, ("cuda", torch.float32): 3e-4,  # fp32 dots are 3xTF32 on GPU
+       torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+# (leading dims of x, d_in, d_out, r, bias): none is a multiple of a block size; r=1 and r > BLOCK_R.
+SHAPES = [((70,), 96, 40, 16, True), ((2, 17), 50, 96, 1, False), ((33,), 40, 70, 40, True),
+          ((1,), 17, 19, 3, False)]
+GPU_SHAPES = [((4, 300), 1000, 1500, 128, True), ((1024,), 1024, 2048, 64, False), ((777,), 2048, 640, 256, True)]
+
+
+def tol(device, dtype):
+    return TOL.get((device, dtype), TOL.get(dtype))
+
+
+def rel_err(got, want):
+    assert torch.isfinite(got).all(), "non-finite values (an unwritten, NaN-poisoned element?)"
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.fixture
+def kernels_on(monkeypatch, request):
+    """Force the Triton path for one test: interpreter on CPU, compiled on CUDA; poison new buffers."""
+    callspec = getattr(request.node, "callspec", None)
+    device = callspec.params.get("device", "cpu") if callspec else "cpu"
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("RELORA_KERNELS_POISON", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if device == "cpu" else "0")
+    monkeypatch.delenv("RELORA_DETERMINISTIC", raising=False)
+    return device
+
+
+def make_inputs(lead, d_in, d_out, r, has_bias, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)  # noqa: E731
+    x = rnd(*lead, d_in).requires_grad_()
+    w = rnd(d_out, d_in, std=d_in ** -0.5)
+    a = rnd(r, d_in, std=d_in ** -0.5).requires_grad_()
+    b = rnd(d_out, r, std=r ** -0.5).requires_grad_()  # random, never the zero init: zeros hide bugs
+    bias = rnd(d_out).requires_grad_() if has_bias else None
+    dy = rnd(*lead, d_out)
+    return x, w, a, b, bias, dy
+
+
+def run_both(x, w, a, b, bias, dy, scale, dropout_seed=None, **kw):
+    """(kernel outputs, float64 reference outputs on the same device): [y, dx, dA, dB(, dbias)].
+
+    With ``dropout_seed``, both paths draw their mask from identically seeded generators on x's device.
+    """
+    gen = lambda: torch.Generator(device=x.device).manual_seed(dropout_seed) if dropout_seed is not None else None  # noqa: E731
+    leaves = [t for t in (x, a, b, bias) if t is not None]
+    y = rk.lora_linear(x, w, a, b, scale, bias, generator=gen(), **kw)
+    got = [y, *torch.autograd.grad(y, leaves, dy)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    biasr = ref_leaves[3] if bias is not None else None
+    yr = rk.lora_linear_reference(ref_leaves[0], w.double(), ref_leaves[1], ref_leaves[2], scale, biasr,
+                                  generator=gen(), **{k: v for k, v in kw.items() if k != "deterministic"})
+    want = [yr, *torch.autograd.grad(yr, ref_leaves, dy.double())]
+    return got, want
+
+
+NAMES = ["y", "dx", "dA", "dB", "dbias"]
+
+
+def _shape_id(s):
+    return "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}" + ("-bias" if s[4] else "")
+
+
+DEVICE_SHAPES = [pytest.param("cpu", s, id=f"cpu-{_shape_id(s)}") for s in SHAPES] + [
+    pytest.param("cuda", s, id=f"cuda-{_shape_id(s)}", marks=DEVICES[1].marks) for s in SHAPES + GPU_SHAPES]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device,shape", DEVICE_SHAPES)
+def test_lora_linear_matches_reference(kernels_on, device, dtype, shape, deterministic):
+    lead, d_in, d_out, r, has_bias = shape
+    x, w, a, b, bias, dy = make_inputs(lead, d_in, d_out, r, has_bias, dtype, device, seed=7 * d_in + d_out + r)
+    got, want = run_both(x, w, a, b, bias, dy, scale=0.7, deterministic=deterministic)
+    assert got[0].shape == (*lead, d_out) and got[0].dtype == dtype and got[1].shape == x.shape
+    errs = {n: rel_err(g, t) for n, g, t in zip(NAMES, got, want)}
+    assert all(e <= tol(device, dtype) for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_mask_consistent_with_reference(kernels_on, device, dtype):
+    """Same generator seed -> same mask on both paths: S = drop(X)A^T, dA = dS^T drop(X), dX masked."""
+    x, w, a, b, bias, dy = make_inputs((3, 23), 40, 50, 8, True, dtype, device, seed=7)
+    for deterministic in (False, True):
+        got, want = run_both(x, w, a, b, bias, dy, 2.0, dropout_seed=5, dropout_p=0.3, deterministic=deterministic)
+        errs = {n: rel_err(g, t) for n, g, t in zip(NAMES, got, want)}
+        assert all(e <= tol(device, dtype) for e in errs.values()), errs
+    # The mask does something, and eval mode (training=False) turns it off.
+    no_drop = rk.lora_linear(x, w, a, b, 2.0, bias)
+    dropped = rk.lora_linear(x, w, a, b, 2.0, bias, dropout_p=0.3)
+    assert rel_err(dropped, no_drop) > 10 * tol(device, dtype)
+    evaluated = rk.lora_linear(x, w, a, b, 2.0, bias, dropout_p=0.3, training=False)
+    assert torch.equal(evaluated, no_drop)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_mode_is_bitwise_reproducible(kernels_on, device, monkeypatch):
+    x, w, a, b, bias, dy = make_inputs((2, 45), 64, 48, 12, True, torch.float16, device, seed=3)
+    monkeypatch.setenv("RELORA_DETERMINISTIC", "1")
+    runs = []
+    for _ in range(2):
+        y = rk.lora_linear(x, w, a, b, 0.5, bias)
+        runs.append([y, *torch.autograd.grad(y, [x, a, b, bias], dy)])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_partial_gradients(kernels_on, device):
+    """Only the grads autograd asks for: x alone (frozen LoRA), LoRA alone (x a leaf without grad), and a
+    trainable W (its dW comes from plain torch; ReLoRA keeps W frozen)."""
+    x, w, a, b, bias, dy = make_inputs((29,), 36, 44, 6, True, torch.float32, device, seed=5)
+    t = tol(device, torch.float32)
+    _, want = run_both(x, w, a, b, bias, dy, 0.9)
+    y = rk.lora_linear(x, w, a.detach(), b.detach(), 0.9, bias.detach())
+    (dx,) = torch.autograd.grad(y, [x], dy)
+    assert rel_err(dx, want[1]) <= t
+    y = rk.lora_linear(x.detach(), w, a, b, 0.9)
+    da, db = torch.autograd.grad(y, [a, b], dy)
+    assert rel_err(da, want[2]) <= t and rel_err(db, want[3]) <= t
+    w_train = w.clone().requires_grad_()
+    (dw,) = torch.autograd.grad(rk.lora_linear(x, w_train, a, b, 0.9, bias), [w_train], dy)
+    assert rel_err(dw, dy.double().t() @ x.double()) <= t
+
+
+@pytest.mark.parametrize("lora_dtype", ["same", "fp32"])
+@pytest.mark.parametrize("wdtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(70, 45, 5), (33, 96, 1), (64, 64, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_lora_merge_matches_reference(kernels_on, device, wdtype, lora_dtype, shape):
+    d_out, d_in, r = shape
+    g = torch.Generator().manual_seed(d_out * r)
+    ldtype = wdtype if lora_dtype == "same" else torch.float32
+    w = torch.randn(d_out, d_in, generator=g).to(device, wdtype)
+    a = torch.randn(r, d_in, generator=g).to(device, ldtype)
+    b = torch.randn(d_out, r, generator=g).to(device, ldtype)
+    scale = 2.0 / r ** 0.5  # delta ~ 2x W: the error metric below then sees the merge, not W's rounding
+    w0 = w.clone()
+    ptr = w.data_ptr()
+    assert rk.lora_merge_(w, a, b, scale) is w and w.data_ptr() == ptr
+    exact_delta = scale * (b.double() @ a.double())
+    assert rel_err(w.double() - w0.double(), exact_delta) <= tol(device, wdtype)
+    w_ref = rk.lora_merge_reference_(w0.clone(), a, b, scale)
+    assert rel_err(w_ref.double() - w0.double(), exact_delta) <= tol(device, wdtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_merge_strided_weight(kernels_on, device):
+    base = torch.randn(48, 70, device=device)
+    w = base.t()  # (70, 48), not contiguous
+    a, b = torch.randn(4, 48, device=device), torch.randn(70, 4, device=device)
+    want = w.double() + 0.5 * (b.double() @ a.double())
+    rk.lora_merge_(w, a, b, 0.5)
+    assert rel_err(base.t(), want) <= tol(device, torch.float32)
+
+
+class TinyLoRAMLP(torch.nn.Module):
+    """Two lora_linear layers (frozen W, trainable A/B/bias) on random data: a self-contained stack."""
+
+    def __init__(self, d_in=32, hidden=48, d_out=10, r=4, device="cpu", seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        p = lambda *s, std: torch.nn.Parameter((torch.randn(*s, generator=g) * std).to(device))  # noqa: E731
+        self.w1 = p(hidden, d_in, std=d_in ** -0.5).requires_grad_(False)
+        self.w2 = p(d_out, hidden, std=hidden ** -0.5).requires_grad_(False)
+        self.a1, self.b1 = p(r, d_in, std=d_in ** -0.5), p(hidden, r, std=0.1)
+        self.a2, self.b2 = p(r, hidden, std=hidden ** -0.5), p(d_out, r, std=0.1)
+        self.bias1, self.bias2 = p(hidden, std=0.1), p(d_out, std=0.1)
+        self.scale = 2.0
+
+    def forward(self, x, generator):
+        h = F.gelu(rk.lora_linear(x, self.w1, self.a1, self.b1, self.scale, self.bias1, dropout_p=0.1,
+                                  generator=generator))
+        return rk.lora_linear(h, self.w2, self.a2, self.b2, self.scale, self.bias2, dropout_p=0.1,
+                              generator=generator)
+
+    @torch.no_grad()
+    def merge_and_reinit(self, generator):
+        """A ReLoRA restart: fold B·A into W, then fresh A and B (B random here, not zero)."""
+        for w, a, b in ((self.w1, self.a1, self.b1), (self.w2, self.a2, self.b2)):
+            rk.lora_merge_(w, a, b, self.scale)
+            a.copy_(torch.randn(a.shape, generator=generator).to(a.device) * a.shape[1] ** -0.5)
+            b.copy_(torch.randn(b.shape, generator=generator).to(b.device) * 0.1)
+
+
+def train_curve(device, steps=6, merge_at=3):
+    model = TinyLoRAMLP(device=device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g_data = torch.Generator().manual_seed(1)
+    g_drop = torch.Generator(device=device).manual_seed(2)
+    g_init = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 32, generator=g_data).to(device)
+    labels = torch.randint(0, 10, (2, 16), generator=g_data).to(device)
+    losses = []
+    for step in range(steps):
+        if step == merge_at:
+            model.merge_and_reinit(g_init)
+        loss = F.cross_entropy(model(x, g_drop).flatten(0, 1), labels.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiny_training_run_kernels_match_reference(kernels_on, device, monkeypatch):
+    kernel_losses = train_curve(device)
+    monkeypatch.setenv("RELORA_KERNELS", "reference")
+    ref_losses = train_curve(device)
+    assert kernel_losses[-1] < kernel_losses[0]
+    for k, r in zip(kernel_losses, ref_losses):
+        assert abs(k - r) <= tol(device, torch.float32) * abs(r), (kernel_losses, ref_losses)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch, modes and errors
+# ----------------------------------------------------------------------------------------------------
+def test_use_triton_modes(monkeypatch):
+    cpu = torch.zeros(2)
+    monkeypatch.delenv("RELORA_KERNELS", raising=False)
+    assert rk.use_triton(cpu) is False  # auto: reference on CPU
+    monkeypatch.setenv("RELORA_KERNELS", "reference")
+    assert rk.use_triton(cpu) is False
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert rk.use_triton(cpu) is True
+    with pytest.raises(ValueError, match="float64"):
+        rk.use_triton(cpu.double())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        rk.use_triton(cpu)
+    monkeypatch.setenv("RELORA_KERNELS", "fast")
+    with pytest.raises(ValueError, match="RELORA_KERNELS"):
+        rk.use_triton(cpu)
+    if HAS_CUDA:
+        monkeypatch.setenv("RELORA_KERNELS", "auto")
+        assert rk.use_triton(cpu.cuda()) is True and rk.use_triton(cpu.cuda().double()) is False
+
+
+def test_auto_mode_on_cpu_is_the_reference_bitwise(monkeypatch):
+    monkeypatch.delenv("RELORA_KERNELS", raising=False)
+    x, w, a, b, bias, _ = make_inputs((5, 3), 12, 7, 2, True, torch.float32, "cpu", seed=0)
+    want = rk.lora_linear_reference(x, w, a, b, 0.3, bias, dropout_p=0.2, generator=torch.Generator().manual_seed(0))
+    got = rk.lora_linear(x, w, a, b, 0.3, bias, dropout_p=0.2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)
+    direct = F.linear(x, w, bias) + 0.3 * F.linear(F.linear(x, a), b)
+    assert torch.equal(rk.lora_linear_reference(x, w, a, b, 0.3, bias), direct)
+
+
+def test_deterministic_mode_sources(monkeypatch):
+    monkeypatch.delenv("RELORA_DETERMINISTIC", raising=False)
+    assert rk.deterministic_mode() is False and rk.deterministic_mode(True) is True
+    monkeypatch.setenv("RELORA_DETERMINISTIC", "1")
+    assert rk.deterministic_mode() is True and rk.deterministic_mode(False) is False
+
+
+def test_argument_errors(monkeypatch):
+    x, w, a, b, bias, _ = make_inputs((4,), 8, 6, 2, True, torch.float32, "cpu", seed=0)
+    with pytest.raises(ValueError, match="in_features"):
+        rk.lora_linear(x[:, :5], w, a, b, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        rk.lora_linear(x, w, a, b[:, :1], 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        rk.lora_linear(x, w, a, b, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="lora_A"):
+        rk.lora_merge_(w.clone(), a[:, :3], b, 1.0)
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="dtype"):
+        rk.lora_linear(x, w.half(), a, b, 1.0)
+
+
+def test_kernel_rewrapped_for_mode_at_call_time(monkeypatch):
+    from relora_kernels.matmul import _sum_splits_kernel
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert type(_runtime.for_current_mode(_sum_splits_kernel)).__name__ == "InterpretedFunction"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert type(_runtime.for_current_mode(_sum_splits_kernel)).__name__ == "JITFunction"
+
+
+def _run(code, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_package_imports_without_triton_or_gpu():
+    """Importing the package loads neither triton nor a driver; the kernel modules load on first use."""
+    code = ("import sys, relora_kernels as rk; assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert callable(rk.lora_linear) and callable(rk.lora_merge_); print('ok')")
+    proc = _run(code, CUDA_VISIBLE_DEVICES="")
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_interpreter_enabled_after_kernels_were_imported():
+    """The ordering other test files can cause: triton and our kernels imported with the interpreter off,
+    TRITON_INTERPRET=1 set afterwards. The launch must still run interpreted."""
+    code = ("import os, torch, triton, relora_kernels as rk, relora_kernels.linear as m, relora_kernels.merge, relora_kernels.matmul\n"
+            "assert type(m._ds_db_kernel).__name__ == 'JITFunction'\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "x = torch.randn(5, 8, requires_grad=True); w = torch.randn(6, 8)\n"
+            "a = torch.randn(2, 8, requires_grad=True); b = torch.randn(6, 2, requires_grad=True)\n"
+            "y = rk.lora_linear(x, w, a, b, 0.5); y.sum().backward()\n"
+            "ref = rk.lora_linear_reference(x, w, a, b, 0.5)\n"
+            "assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5); print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**env, "RELORA_KERNELS": "triton", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_bench_script_smoke(tmp_path):
+    """launch/bench_kernels.py runs end to end (CPU interpreter, tiny shapes) and writes keyed rows."""
+    out = tmp_path / "bench.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_kernels.py"), "--device", "cpu", "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "NOT performance numbers" in proc.stdout
+    import csv
+    rows = list(csv.DictReader(out.open()))
+    assert {(r["op"], r["provider"]) for r in rows} >= {("linear", p) for p in
+                                                       ("full", "frozen", "peft", "fused", "fused_det")}
+    assert {r["provider"] for r in rows if r["op"] == "merge"} == {"merge", "torch", "copy"}
+    assert {"op", "provider", "mode", "M", "d_in", "d_out", "r", "dtype", "device", "torch", "triton", "date",
+            "ms"} <= set(rows[0])
+    assert all(float(r["max_rel_err"]) < 1e-4 for r in rows if r["provider"].startswith("fused"))
+    if not HAS_CUDA:
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_kernels.py"), "--out",
+                               str(tmp_path / "x.csv")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr

@@ -237,7 +237,7 @@ class Trainer:
             engine.step()
             losses.append(loss.detach().float())
         # One all-reduce carries the loss and whether any rank was asked to stop.
-        flags = torch.stack([torch.stack(losses).mean(), torch.tensor(float(self._stop_signal > 0))])
+        flags = torch.stack([torch.stack(losses).mean(), torch.tensor(float(self._stop_signal > 0), device=losses[0].device)])
         dist.all_reduce(flags)
         mean = flags[0].item() / self.world
         self._stop_agreed = flags[1].item() > 0

@@ -14,7 +14,8 @@ Bytes that decide the dB design (bf16, M tokens, BM rows per program): the fused
 dB (out x r fp32) once per row-tile, (M/BM)·out·r·4 B of atomics; the unfused dB re-reads dY, M·out·2 B.
 At BM=128 the atomics move 2x the bytes of a dY re-read -- the fused path wins only if L2 absorbs them.
 Both paths are kept and benchmarked (``launch/bench_kernels.py``: providers ``fused`` and
-``fused_det``); the default is the paper's fused one until H100 numbers say otherwise.
+``fused_splitdb``, which differ only in :data:`FUSE_DS_DB`); the default is the paper's fused one until
+H100 numbers say otherwise. Deterministic mode always takes the split path (no atomics).
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ import triton.language as tl
 from . import _runtime
 from .matmul import MASK_A1, MASK_B1, MASK_OUT2, concat_matmul
 from .reference import check_dropout_p, dropout_keep_mask, lora_linear_reference
+
+# Non-deterministic backward: dS and dB from one read of dY (fp32 atomics for dB) when True; two GEMMs
+# (dB split over tokens, partials summed with atomics) when False. A measured decision still to make.
+FUSE_DS_DB = True
 
 
 @triton.jit
@@ -102,7 +107,7 @@ def lora_backward(dy, x, s, weight, lora_A, lora_B, scale, keep=None, dropout_p=
                   need_dx=True, need_lora=True):
     """dy (M, out) -> (dx (M, in) or None, dA (r, in) or None, dB (out, r) or None)."""
     inv_keep = 1.0 / (1.0 - dropout_p) if keep is not None else 1.0
-    if deterministic or not need_lora:
+    if deterministic or not need_lora or not FUSE_DS_DB:
         ds = concat_matmul(dy, lora_B, alpha=scale)
         db = (concat_matmul(dy.t(), s, alpha=scale, reduce_k=True, deterministic=deterministic,
                             out_dtype=lora_B.dtype) if need_lora else None)

@@ -4,8 +4,9 @@ Providers for the linear layer (bf16, y = x W^T + s x A^T B^T):
   full     (a) full-rank trainable nn.Linear (dX and dW)      -- what ReLoRA replaces
   frozen   (b) frozen-W linear alone (dX only)                -- the floor the LoRA branch adds to
   peft     (c) PEFT-style unfused LoRA in plain torch autograd
-  fused    (d) relora_kernels.lora_linear (atomic dB/dA reductions)
-  fused_det    the same in deterministic mode (fixed-order split reductions, no autotune)
+  fused    (d) relora_kernels.lora_linear (dS+dB from one read of dY, fp32 atomics for dB and dA)
+  fused_splitdb  the same with dB as its own GEMM over tokens (relora_kernels.linear.FUSE_DS_DB = False)
+  fused_det    deterministic mode (split dB, fixed-order partial sums, one fixed config, no autotune)
 Merge: ``merge`` (relora_kernels.lora_merge_) vs ``torch`` (W.add_(s * B @ A)) vs ``copy`` (W2.copy_(W), the
 HBM ceiling). Timings: median of triton.testing.do_bench (CUDA events), p20/p80 kept in the rows.
 
@@ -35,7 +36,7 @@ FULL_SHAPES = ((2048, 2048), (4096, 4096), (2048, 5461), (5461, 2048))
 FULL_R = (64, 128, 256)
 QUICK = dict(M=(16384,), shapes=((2048, 2048), (4096, 4096)), ranks=(128,))
 CPU_SMOKE = dict(M=(64,), shapes=((48, 40),), ranks=(8,))
-LINEAR_PROVIDERS = ("full", "frozen", "peft", "fused", "fused_det")
+LINEAR_PROVIDERS = ("full", "frozen", "peft", "fused", "fused_splitdb", "fused_det")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -114,24 +115,36 @@ def linear_setup(provider, M, d_in, d_out, r, dtype, device):
     dy = rnd(M, d_out)
     scale = 2.0
 
+    variant = lambda: None  # noqa: E731
     if provider in ("full", "frozen"):
         fwd, inputs = (lambda: F.linear(x, w)), ([x, w] if provider == "full" else [x])
     elif provider == "peft":
         fwd, inputs = (lambda: F.linear(x, w) + scale * F.linear(F.linear(x, a), b)), [x, a, b]
     else:
+        import relora_kernels.linear as linear_mod
         det = provider == "fused_det"
+
+        def variant():  # FUSE_DS_DB is read in backward: set it before every timed call
+            linear_mod.FUSE_DS_DB = provider != "fused_splitdb"
+
         fwd, inputs = (lambda: rk.lora_linear(x, w, a, b, scale, deterministic=det)), [x, a, b]
     state = {}
 
+    def run_fwd():
+        variant()
+        return fwd()
+
     def bwd():
+        variant()
         return torch.autograd.grad(state["y"], inputs, dy, retain_graph=True)
 
     def fwd_bwd():
+        variant()
         return torch.autograd.grad(fwd(), inputs, dy)
 
     def prepare_bwd():
-        state["y"] = fwd()
-    return dict(fwd=fwd, bwd=bwd, **{"fwd+bwd": fwd_bwd}), prepare_bwd, (x, w, a, b, dy, scale)
+        state["y"] = run_fwd()
+    return dict(fwd=run_fwd, bwd=bwd, **{"fwd+bwd": fwd_bwd}), prepare_bwd, (x, w, a, b, dy, scale, run_fwd)
 
 
 def linear_work(provider, mode, M, K, N, r, elem):
@@ -148,15 +161,14 @@ def linear_work(provider, mode, M, K, N, r, elem):
     return {"fwd": (fwd_f, fwd_b), "bwd": (bwd_f, bwd_b), "fwd+bwd": (fwd_f + bwd_f, fwd_b + bwd_b)}[mode]
 
 
-def check_fused(tensors, device):
+def check_fused(tensors):
     """Relative Frobenius error of the fused y, dX, dA, dB against the fp32 torch reference."""
     import torch
 
     import relora_kernels as rk
-    x, w, a, b, dy, scale = tensors
-    leaves = [t.detach().requires_grad_() for t in (x, a, b)]
-    y = rk.lora_linear(leaves[0], w.detach(), leaves[1], leaves[2], scale)
-    got = [y] + list(torch.autograd.grad(y, leaves, dy))
+    x, w, a, b, dy, scale, run_fwd = tensors
+    y = run_fwd()
+    got = [y] + list(torch.autograd.grad(y, [x, a, b], dy))
     ref_leaves = [t.detach().float().requires_grad_() for t in (x, a, b)]
     yr = rk.lora_linear_reference(ref_leaves[0], w.detach().float(), ref_leaves[1], ref_leaves[2], scale)
     want = [yr] + list(torch.autograd.grad(yr, ref_leaves, dy.float()))
@@ -221,7 +233,7 @@ def main(argv=None):
                 for r in ranks:
                     for provider in args.providers:
                         fns, prepare_bwd, tensors = linear_setup(provider, M, d_in, d_out, r, dtype, device)
-                        err = check_fused(tensors, device) if provider.startswith("fused") else float("nan")
+                        err = check_fused(tensors) if provider.startswith("fused") else float("nan")
                         for mode in args.modes:
                             if mode == "bwd":
                                 prepare_bwd()
@@ -252,7 +264,7 @@ def print_table(rows):
     by_key = {}
     for r in rows:
         by_key.setdefault(key(r), {})[r["provider"]] = r
-    hdr = (f"{'op':6} {'mode':8} {'M':>6} {'d_in':>5} {'d_out':>5} {'r':>4} {'provider':10} {'ms':>9} "
+    hdr = (f"{'op':6} {'mode':8} {'M':>6} {'d_in':>5} {'d_out':>5} {'r':>4} {'provider':13} {'ms':>9} "
            f"{'TFLOP/s':>8} {'GB/s':>8}  ratios")
     print(hdr)
     print("-" * len(hdr))
@@ -266,7 +278,7 @@ def print_table(rows):
                     ratios += f"  err={r['max_rel_err']:.1e}"
             if r["op"] == "merge" and prov != "copy" and "copy" in group:
                 ratios = f"{100 * r['gbps'] / group['copy']['gbps']:.0f}% of copy GB/s"
-            print(f"{r['op']:6} {r['mode']:8} {r['M']:>6} {r['d_in']:>5} {r['d_out']:>5} {r['r']:>4} {prov:10} "
+            print(f"{r['op']:6} {r['mode']:8} {r['M']:>6} {r['d_in']:>5} {r['d_out']:>5} {r['r']:>4} {prov:13} "
                   f"{r['ms']:>9.4f} {r['tflops']:>8.1f} {r['gbps']:>8.1f}  {ratios}")
 
 

@@ -99,10 +99,14 @@ DEVICE_SHAPES = [pytest.param("cpu", s, id=f"cpu-{_shape_id(s)}") for s in SHAPE
     pytest.param("cuda", s, id=f"cuda-{_shape_id(s)}", marks=DEVICES[1].marks) for s in SHAPES + GPU_SHAPES]
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "det"])
+@pytest.mark.parametrize("mode", ["fused", "splitdb", "det"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,shape", DEVICE_SHAPES)
-def test_lora_linear_matches_reference(kernels_on, device, dtype, shape, deterministic):
+def test_lora_linear_matches_reference(kernels_on, device, dtype, shape, mode, monkeypatch):
+    """fused: dS+dB in one read of dY (atomics); splitdb: dB its own GEMM (atomics); det: no atomics."""
+    import relora_kernels.linear as linear_mod
+    monkeypatch.setattr(linear_mod, "FUSE_DS_DB", mode == "fused")
+    deterministic = mode == "det"
     lead, d_in, d_out, r, has_bias = shape
     x, w, a, b, bias, dy = make_inputs(lead, d_in, d_out, r, has_bias, dtype, device, seed=7 * d_in + d_out + r)
     got, want = run_both(x, w, a, b, bias, dy, scale=0.7, deterministic=deterministic)
@@ -354,7 +358,8 @@ def test_bench_script_smoke(tmp_path):
     import csv
     rows = list(csv.DictReader(out.open()))
     assert {(r["op"], r["provider"]) for r in rows} >= {("linear", p) for p in
-                                                       ("full", "frozen", "peft", "fused", "fused_det")}
+                                                       ("full", "frozen", "peft", "fused", "fused_splitdb",
+                                                                            "fused_det")}
     assert {r["provider"] for r in rows if r["op"] == "merge"} == {"merge", "torch", "copy"}
     assert {"op", "provider", "mode", "M", "d_in", "d_out", "r", "dtype", "device", "torch", "triton", "date",
             "ms"} <= set(rows[0])

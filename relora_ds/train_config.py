@@ -107,9 +107,11 @@ class TrainConfig:
 
 
 def _arg_type(tp):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if args else tp
-    return base
+    """``X | None`` -> X; anything else unchanged (``list[str]`` stays a list type)."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return tp
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

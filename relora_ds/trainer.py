@@ -258,7 +258,7 @@ class Trainer:
         if cfg.mode != "relora" or self.engine_phase != "lowrank":
             return
         since = self.step - self.relora_start
-        if since <= 0:
+        if since <= 0 or self.step == self.total_steps:  # no training follows the last step
             return
         event = {}
         if since % (cfg.merge_every or cfg.cycle_length) == 0:

@@ -1,0 +1,117 @@
+"""Data pipeline throughput: tokenizing the built-in corpus, and assembling batches from the memmap.
+
+    python launch/bench_data.py                      # vocab 32000, seq_len 1024, micro-batch 8
+    python launch/bench_data.py --vocab-size 2048 --num-proc 2
+
+Batch assembly runs on one thread (torch and numpy), with the token file in the page cache (as after
+the first epoch) and, as a worst case, evicted from it before every batch; the target is >= 1M tokens/s.
+Results go to stdout as one JSON line per measurement (see BENCHMARKS.md for recorded runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+try:
+    from relora_ds.data import PackedTokens, ShardedBatches, load_manifest, prepare_data
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from relora_ds.data import PackedTokens, ShardedBatches, load_manifest, prepare_data
+
+
+def bench_tokenize(out_dir: Path, vocab_size: int, num_proc: int) -> dict:
+    start = time.perf_counter()
+    prepare_data(None, out_dir, vocab_size=vocab_size, num_proc=num_proc)
+    total = time.perf_counter() - start
+    m = load_manifest(out_dir)
+    tokens = sum(s["tokens"] for s in m["splits"].values())
+    return {"what": "tokenize built-in corpus", "vocab_size": m["vocab_size"], "num_proc": num_proc,
+            "documents": sum(s["documents"] for s in m["splits"].values()), "tokens": tokens,
+            "train_tokens": m["splits"]["train"]["tokens"], "val_tokens": m["splits"]["validation"]["tokens"],
+            "tokenize_tokens_per_s": m["stats"]["tokens_per_second"],
+            "prepare_seconds_incl_tokenizer_training": round(total, 2)}
+
+
+def _time(fn, steps: int, repeats: int = 5) -> float:
+    """Seconds for `steps` calls: the best of `repeats` runs (the machine is shared; the best run is
+    the one least disturbed by other processes)."""
+    fn()  # first touch of the memmap pages and the epoch permutation
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_batches(data_dir: Path, seq_len: int, micro_batch_size: int, steps: int) -> list[dict]:
+    ds = PackedTokens(data_dir, "train", seq_len=seq_len)
+    sampler = ShardedBatches(ds, micro_batch_size, rank=0, world_size=1, seed=0)
+    rng = np.random.default_rng(0)
+    tokens = ds.tokens
+
+    def row_slices():  # the alternative PackedTokens.get_batch does not use; kept to show why
+        out = np.empty((micro_batch_size, seq_len + 1), dtype=np.int64)
+        for row, i in enumerate(rng.integers(0, len(ds), micro_batch_size)):
+            out[row] = tokens[i * seq_len:i * seq_len + seq_len + 1]
+        return torch.from_numpy(out)
+
+    fd = os.open(ds.path, os.O_RDONLY)
+
+    def cold():  # every batch read from storage: evict this file's pages from the page cache first
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return next(sampler)
+
+    results = []
+    for name, fn in [("ShardedBatches (fancy-index gather)", lambda: next(sampler)),
+                     ("a slice copy per row", row_slices),
+                     ("ShardedBatches, file evicted from page cache before each batch", cold)]:
+        seconds = _time(fn, steps)
+        results.append({"what": f"batch assembly: {name}", "seq_len": seq_len,
+                        "micro_batch_size": micro_batch_size, "steps": steps,
+                        "tokens_per_s": round(steps * micro_batch_size * seq_len / seconds),
+                        "us_per_batch": round(1e6 * seconds / steps, 1)})
+    return results
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--num-proc", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1000, help="batches per timed run (best of 5)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    env = {"device": f"{_cpu_name()}, 1 thread", "python":
+           platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "date": date.today().isoformat()}
+    print(json.dumps({"what": "environment", **env}))
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp) / "builtin"
+        print(json.dumps(bench_tokenize(data_dir, args.vocab_size, args.num_proc)), flush=True)
+        for row in bench_batches(data_dir, args.seq_len, args.micro_batch_size, args.steps):
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

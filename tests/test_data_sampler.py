@@ -1,0 +1,187 @@
+"""Windows from the packed file, rank sharding, epoch reshuffles, and exact resume."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from relora_ds.data import PackedTokens, ShardedBatches, eval_batches, load_manifest, prepare_data
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The first 400 built-in documents with a 500-piece tokenizer: ~2,000 windows of 32."""
+    return prepare_data(None, tmp_path_factory.mktemp("data"), vocab_size=500, max_docs=400, val_fraction=0.05)
+
+
+@pytest.fixture(scope="module")
+def ds(data_dir):
+    return PackedTokens(data_dir, "train", seq_len=SEQ)
+
+
+class Windows:
+    """A window dataset that returns its index: samplers can be checked against exact sample ids."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.tensor([i], dtype=torch.long)
+
+
+def ids(batch):
+    return batch[:, 0].tolist()
+
+
+def test_windows_are_contiguous_overlapping_slices_of_the_token_file(data_dir, ds):
+    m = load_manifest(data_dir)
+    tokens = np.fromfile(m["splits"]["train"]["path"], dtype=m["dtype"]).astype(np.int64)
+    assert len(ds) == (tokens.size - 1) // SEQ and len(ds) > 1000
+    for i in [0, 1, 2, 777, len(ds) - 1]:
+        window = ds[i]
+        assert window.dtype == torch.long and window.shape == (SEQ + 1,)
+        np.testing.assert_array_equal(window.numpy(), tokens[i * SEQ:i * SEQ + SEQ + 1])
+    assert ds[0][-1] == ds[1][0]  # consecutive windows share one token: every token is a target once
+    batch = ds.get_batch(np.array([5, 3, 900]))
+    assert torch.equal(batch, torch.stack([ds[5], ds[3], ds[900]]))
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    val = PackedTokens(data_dir, "validation", seq_len=SEQ)
+    assert 0 < len(val) < len(ds)
+
+
+def test_packed_tokens_pickles_without_its_data_and_checks_arguments(data_dir, ds):
+    blob = pickle.dumps(ds)
+    assert len(blob) < 10_000
+    assert torch.equal(pickle.loads(blob)[10], ds[10])
+    with pytest.raises(ValueError, match=r"split='test' is not in .*\['train', 'validation'\]"):
+        PackedTokens(data_dir, "test", seq_len=SEQ)
+    with pytest.raises(ValueError, match="seq_len=0 must be a positive int"):
+        PackedTokens(data_dir, seq_len=0)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_rank_shards_are_disjoint_and_cover_each_epoch(drop_last):
+    n, world, micro = 103, 3, 4
+    ranks = [ShardedBatches(Windows(n), micro, rank=r, world_size=world, seed=7, drop_last=drop_last)
+             for r in range(world)]
+    steps = ranks[0].steps_per_epoch
+    assert steps == (n // 12 if drop_last else -(-n // 12))
+    epochs = []
+    for _ in range(2):
+        shards = [[i for _ in range(steps) for i in ids(next(r))] for r in ranks]
+        assert all(len(s) == steps * micro for s in shards)
+        seen = [i for s in shards for i in s]
+        if drop_last:
+            assert len(set(seen)) == len(seen) == n - n % 12  # disjoint; only the tail is dropped
+        else:
+            assert set(seen) == set(range(n))  # covered; the wrap-around repeats a few
+            assert len(seen) - len(set(seen)) == steps * 12 - n
+        epochs.append(seen)
+    assert all(r.epoch == 1 for r in ranks)
+    assert epochs[0] != epochs[1]  # each epoch reshuffles
+
+
+def test_order_is_a_function_of_seed_and_epoch(ds):
+    a = ShardedBatches(ds, 4, rank=0, world_size=1, seed=1)
+    b = ShardedBatches(ds, 4, rank=0, world_size=1, seed=1)
+    c = ShardedBatches(ds, 4, rank=0, world_size=1, seed=2)
+    first = [next(a) for _ in range(3)]
+    assert all(torch.equal(x, next(b)) for x in first)
+    assert not torch.equal(first[0], next(c))
+    assert first[0].shape == (4, SEQ + 1) and first[0].dtype == torch.long
+
+
+def run(sampler, steps):
+    return [ids(next(sampler)) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_exact_resume_at_several_steps_and_across_epoch_boundaries(world):
+    n, micro = 50, 3
+    make = [lambda r=r: ShardedBatches(Windows(n), micro, rank=r, world_size=world, seed=3) for r in range(world)]
+    steps = make[0]().steps_per_epoch
+    total = 3 * steps + 2
+    references = [m() for m in make]
+    reference = [run(ref, total) for ref in references]
+    assert references[0].epoch == 3
+    for k in [0, 1, 5, steps - 1, steps, steps + 1, 2 * steps + 3]:
+        for r, m in enumerate(make):
+            before = m()
+            run(before, k)
+            state = json.loads(json.dumps(before.state_dict()))  # as stored in a checkpoint
+            assert all(type(v) in (int, bool) for v in state.values())
+            resumed = m()
+            resumed.load_state_dict(state)
+            assert run(resumed, total - k) == reference[r][k:], (k, r)
+            assert resumed.state_dict() == references[r].state_dict()
+            assert resumed.samples_consumed == total * micro * world
+
+
+def test_resume_with_another_world_size_reshards_by_global_sample_index(caplog):
+    n, micro = 200, 4
+    order = []  # the global order: all ranks' micro-batches of each step, rank-major
+    first = [ShardedBatches(Windows(n), micro, rank=r, world_size=2, seed=5) for r in range(2)]
+    for _ in range(7):
+        order += [i for r in first for i in ids(next(r))]
+    state = first[0].state_dict()
+    assert state == first[1].state_dict()  # the state is the same on every rank
+    reference = ShardedBatches(Windows(n), 2 * micro, rank=0, world_size=1, seed=5)
+    expected = run(reference, 7 + 25)
+    assert [i for step in expected[:7] for i in step] == order
+    for world, mb in [(3, 4), (1, 8), (4, 1)]:
+        resumed = [ShardedBatches(Windows(n), mb, rank=r, world_size=world, seed=5) for r in range(world)]
+        for r in resumed:
+            r.load_state_dict(state)
+        seen = []
+        while len(seen) < n - len(order) - world * mb:
+            seen += [i for r in resumed for i in ids(next(r))]
+        # The new ranks continue the same epoch order from the same global sample: nothing skipped or
+        # repeated, the epoch's remaining samples are split among them.
+        flat = [i for step in expected for i in step][len(order):len(order) + len(seen)]
+        assert seen == flat
+        assert not set(seen) & set(order)
+    assert "re-sharding epoch 0 from global sample 56" in caplog.text
+
+
+def test_resume_refuses_a_different_sample_order():
+    s = ShardedBatches(Windows(40), 2, rank=0, world_size=1, seed=1)
+    next(s)
+    with pytest.raises(ValueError, match="seed=1, this one 2"):
+        ShardedBatches(Windows(40), 2, rank=0, world_size=1, seed=2).load_state_dict(s.state_dict())
+    with pytest.raises(ValueError, match="num_samples=40, this one 41"):
+        ShardedBatches(Windows(41), 2, rank=0, world_size=1, seed=1).load_state_dict(s.state_dict())
+
+
+def test_sampler_argument_errors():
+    with pytest.raises(ValueError, match=r"rank=2 must be an int in \[0, world_size=2\)"):
+        ShardedBatches(Windows(10), 2, rank=2, world_size=2, seed=0)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ShardedBatches(Windows(10), 4, rank=0, world_size=3, seed=0)
+    with pytest.raises(ValueError, match="micro_batch_size=0"):
+        ShardedBatches(Windows(10), 0, rank=0, world_size=1, seed=0)
+    s = ShardedBatches(Windows(10), 4, rank=0, world_size=3, seed=0, drop_last=False)
+    assert len(ids(next(s))) == 4  # a dataset smaller than a global batch still works by repeating
+
+
+def test_eval_batches_are_disjoint_equal_in_count_and_unshuffled(ds):
+    n, world, micro = 103, 3, 4
+    shards = [[ids(b) for b in eval_batches(Windows(n), micro, r, world, drop_last=False)] for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank takes the same number of steps
+    seen = sorted(i for s in shards for b in s for i in b)
+    assert seen == list(range(n))
+    assert shards[0][0] == [0, 1, 2, 3] and shards[1][0] == [4, 5, 6, 7]
+    assert [len(s[-1]) for s in shards] == [4, 3, 0]  # 103 = 8 * 12 + 7
+    dropped = [[i for b in eval_batches(Windows(n), micro, r, world) for i in ids(b)] for r in range(world)]
+    assert sum(map(len, dropped)) == 96
+    assert len(list(eval_batches(ds, 2, 0, 1, max_batches=5))) == 5
+    batch = next(eval_batches(ds, 2, 1, 2))
+    assert torch.equal(batch, ds.get_batch([2, 3]))

@@ -149,8 +149,9 @@ def linear_setup(provider, M, d_in, d_out, r, dtype, device):
 
 def linear_work(provider, mode, M, K, N, r, elem):
     """(flops, bytes): useful flops, and the fewest bytes each pass must move (inputs once, outputs once)."""
-    fwd_f = 2 * M * N * K + (2 * M * r * (K + N) if provider not in ("full", "frozen") else 0)
-    fwd_b = elem * (M * K + N * K + M * N) + (elem * (r * (K + N) + M * r) if provider not in ("full", "frozen") else 0)
+    lora = provider not in ("full", "frozen")
+    fwd_f = 2 * M * N * K + (2 * M * r * (K + N) if lora else 0)
+    fwd_b = elem * (M * K + N * K + M * N) + (elem * (r * (K + N) + M * r) if lora else 0)
     if provider == "full":
         bwd_f, bwd_b = 4 * M * N * K, elem * (M * N + N * K + M * K) * 2
     elif provider == "frozen":

@@ -76,7 +76,8 @@ def run_both(x, w, a, b, bias, dy, scale, dropout_seed=None, **kw):
 
     With ``dropout_seed``, both paths draw their mask from identically seeded generators on x's device.
     """
-    gen = lambda: torch.Generator(device=x.device).manual_seed(dropout_seed) if dropout_seed is not None else None  # noqa: E731
+    def gen():
+        return None if dropout_seed is None else torch.Generator(device=x.device).manual_seed(dropout_seed)
     leaves = [t for t in (x, a, b, bias) if t is not None]
     y = rk.lora_linear(x, w, a, b, scale, bias, generator=gen(), **kw)
     got = [y, *torch.autograd.grad(y, leaves, dy)]
@@ -160,6 +161,20 @@ def test_partial_gradients(kernels_on, device):
     w_train = w.clone().requires_grad_()
     (dw,) = torch.autograd.grad(rk.lora_linear(x, w_train, a, b, 0.9, bias), [w_train], dy)
     assert rel_err(dw, dy.double().t() @ x.double()) <= t
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_computes_in_autocast_dtype(kernels_on, device):
+    """Under autocast, fp32 inputs/params run the kernels in the autocast dtype, like F.linear does."""
+    x, w, a, b, bias, dy = make_inputs((21,), 40, 24, 4, True, torch.float32, device, seed=9)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = rk.lora_linear(x, w, a, b, 0.5, bias)
+    assert y.dtype == torch.bfloat16
+    got = [y, *torch.autograd.grad(y, [x, a, b, bias], dy.bfloat16())]
+    assert all(g.dtype == torch.float32 for g in got[1:])
+    _, want = run_both(x, w, a, b, bias, dy, 0.5)
+    errs = {n: rel_err(g, t) for n, g, t in zip(NAMES, got, want)}
+    assert all(e <= tol(device, torch.bfloat16) for e in errs.values()), errs
 
 
 @pytest.mark.parametrize("lora_dtype", ["same", "fp32"])
@@ -334,7 +349,8 @@ def test_package_imports_without_triton_or_gpu():
 def test_interpreter_enabled_after_kernels_were_imported():
     """The ordering other test files can cause: triton and our kernels imported with the interpreter off,
     TRITON_INTERPRET=1 set afterwards. The launch must still run interpreted."""
-    code = ("import os, torch, triton, relora_kernels as rk, relora_kernels.linear as m, relora_kernels.merge, relora_kernels.matmul\n"
+    code = ("import os, torch, triton, relora_kernels as rk\n"
+            "import relora_kernels.linear as m, relora_kernels.merge, relora_kernels.matmul\n"
             "assert type(m._ds_db_kernel).__name__ == 'JITFunction'\n"
             "os.environ['TRITON_INTERPRET'] = '1'\n"
             "x = torch.randn(5, 8, requires_grad=True); w = torch.randn(6, 8)\n"

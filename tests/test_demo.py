@@ -1,0 +1,83 @@
+"""The README's main job, shortened: deepspeed launcher, 2 ranks, shipped zero2.json (bf16), tiny recipe,
+built-in corpus. Then errors that must stop a run before its first step."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from launch_utils import ROOT, free_port, launch_env, run_deepspeed
+
+SHORT = ["--total-steps", "50", "--warm-start-steps", "14", "--cycle-length", "12", "--restart-warmup-steps", "4",
+         "--warmup-steps", "7", "--eval-every", "25", "--eval-batches", "4", "--save-every", "25",
+         "--micro-batch-size", "4", "--global-batch-size", "8", "--seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    run_deepspeed(ROOT / "launch/train.py", "--config", ROOT / "launch/configs/tiny.yaml", "--deepspeed",
+                  ROOT / "ds_configs/zero2.json", *SHORT, "--output-dir", out)
+    return out
+
+
+def test_demo_warm_start_resets_eval_checkpoint_export(demo_run):
+    recs = [json.loads(l) for l in (demo_run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("event") == "switch_to_relora" and r["step"] == 14 for r in recs)
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [26, 38]
+    val = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in val] == [25, 50] and val[-1]["val_loss"] < val[0]["val_loss"]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses) == 50 and sum(losses[-5:]) / 5 < losses[0] - 1.0
+    assert (demo_run / "checkpoints" / "latest").read_text() == "step_50"
+    assert (demo_run / "tensorboard").is_dir()
+
+
+def test_export_loads_in_transformers_and_predicts(demo_run):
+    import transformers
+
+    from relora_ds.data import PackedTokens, builtin_data_dir
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(demo_run / "hf").eval()
+    val = PackedTokens(builtin_data_dir(2048), "validation", seq_len=64)
+    batch = torch.stack([val[i] for i in range(4)])
+    with torch.no_grad():
+        loss = hf(batch, labels=batch).loss.item()
+    recs = [json.loads(l) for l in (demo_run / "metrics.jsonl").read_text().splitlines()]
+    assert loss < math.log(2048) - 1.0  # far better than uniform: the trained weights were exported
+    assert abs(loss - [r for r in recs if "val_loss" in r][-1]["val_loss"]) < 0.5
+
+
+def test_plot_command(demo_run):
+    subprocess.run([sys.executable, str(ROOT / "launch/plot_metrics.py"), str(demo_run / "metrics.jsonl")],
+                   check=True, capture_output=True)
+    assert (demo_run / "curves.png").stat().st_size > 10_000
+
+
+def _python_train(*args):
+    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    return subprocess.run([sys.executable, str(ROOT / "launch/train.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_resume_with_another_model_is_a_clear_error(demo_run, tmp_path):
+    proc = _python_train("--config", ROOT / "launch/configs/tiny.yaml", *SHORT, "--output-dir", demo_run,
+                         "--resume", "--model", "debug")
+    assert proc.returncode != 0 and "is of another model" in proc.stderr + proc.stdout
+    proc = _python_train("--config", ROOT / "launch/configs/tiny.yaml", *SHORT, "--output-dir", demo_run, "--resume")
+    assert proc.returncode != 0 and "world_size=2, this run has 1" in proc.stderr + proc.stdout
+
+
+def test_tokenizer_larger_than_model_vocab_is_a_clear_error(tmp_path):
+    import relora_ds
+
+    relora_ds.export_hf(relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug", vocab_size=300)),
+                        tmp_path / "hf300")
+    proc = _python_train("--config", ROOT / "launch/configs/tiny.yaml", *SHORT, "--hf-model", tmp_path / "hf300",
+                         "--output-dir", tmp_path / "run")
+    out = proc.stderr + proc.stdout
+    assert proc.returncode == 2 and "error:" in out and "300" in out and "2048" in out, out[-2000:]

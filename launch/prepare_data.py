@@ -36,7 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-proc", type=int, default=defaults["num_proc"])
     p.add_argument("--hf-config", default=None, help="config of a hub dataset (e.g. 'en' for allenai/c4)")
     p.add_argument("--val-fraction", type=float, default=defaults["val_fraction"])
-    p.add_argument("--seed", type=int, default=defaults["seed"], help="tokenizer-training sample seed")
     stream = p.add_mutually_exclusive_group()
     stream.add_argument("--streaming", dest="streaming", action="store_true", default=None)
     stream.add_argument("--no-streaming", dest="streaming", action="store_false")

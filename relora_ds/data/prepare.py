@@ -55,8 +55,6 @@ class PrepareConfig:
     """Config name of a hub dataset input (``en`` for ``allenai/c4``)."""
     val_fraction: float = 0.01
     """Share of documents in the validation split, chosen by a hash of each document's text."""
-    seed: int = 0
-    """Seed of SentencePiece's sampling during tokenizer training. Not the training seed: keep it fixed."""
     streaming: bool | None = None
     """Read the corpus with ``datasets`` streaming; None: for hub datasets and corpora > RAM/4."""
     txt_unit: str = "document"
@@ -137,7 +135,7 @@ def _recipe(inputs: list[str] | None, cfg: PrepareConfig) -> dict:
         tok = {"file_sha256": mf.file_sha256(cfg.tokenizer)} if Path(cfg.tokenizer).is_file() else {}
         tokenizer = {"given": tok.get("file_sha256") or str(cfg.tokenizer)}
     else:
-        tokenizer = {"train_bpe": {"vocab_size": cfg.vocab_size or DEFAULT_VOCAB_SIZE, "seed": cfg.seed,
+        tokenizer = {"train_bpe": {"vocab_size": cfg.vocab_size or DEFAULT_VOCAB_SIZE,
                                    "train_chars": cfg.tokenizer_train_chars}}
     return {
         "corpus_fingerprint": corpus_fingerprint(inputs, cfg.hf_config),
@@ -165,8 +163,7 @@ def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path) -> spm.Senten
         return sp
     start = time.perf_counter()
     lines = training_lines(_texts(corpus.dataset, cfg.val_fraction), cfg.tokenizer_train_chars)
-    size = train_tokenizer(lines, dest, vocab_size=cfg.vocab_size or DEFAULT_VOCAB_SIZE,
-                           num_threads=cfg.num_proc, seed=cfg.seed)
+    size = train_tokenizer(lines, dest, vocab_size=cfg.vocab_size or DEFAULT_VOCAB_SIZE, num_threads=cfg.num_proc)
     log.info("trained a %d-piece BPE tokenizer in %.1fs", size, time.perf_counter() - start)
     return load_tokenizer(dest)
 
@@ -233,7 +230,8 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
     """Tokenize `inputs` (None: the built-in corpus) into `out_dir`; returns `out_dir`.
 
     `options` are the fields of :class:`PrepareConfig` (tokenizer, vocab_size, seq_len, text_column,
-    num_proc, hf_config, val_fraction, seed, streaming, txt_unit, max_docs, tokenizer_train_chars).
+    num_proc, hf_config, val_fraction, streaming, txt_unit, max_docs, tokenizer_train_chars). There is
+    no seed: the validation split is a hash of each text and tokenizer training is deterministic.
     A no-op when `out_dir` already holds data prepared from the same recipe; safe to call from several
     processes at once (they serialize on a lock file, and the later ones find the work done).
     """

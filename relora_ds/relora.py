@@ -10,8 +10,8 @@ import hashlib
 import math
 from collections.abc import Iterable, Iterator
 
+import relora_kernels
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -94,14 +94,22 @@ class ReLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge_(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> None:
-        """W += scale · B·A, accumulated in fp32 and cast once to W's dtype."""
-        merged = self.base_weight() + self.delta_weight(A, B).to(self.weight.device)
+        """W += scale · B·A, accumulated in fp32 (fp64 for fp64 W) and cast once to W's dtype.
+
+        On CUDA this is the one-pass Triton merge kernel (no atomics, so every rank computes the same bits).
+        """
+        A = self.lora_A if A is None else A.to(self.weight.device)
+        B = self.lora_B if B is None else B.to(self.weight.device)
+        if relora_kernels.use_triton(self.weight) and self.weight.dtype != torch.float64:
+            relora_kernels.lora_merge_(self.weight, A, B, self.scale)
+            return
+        merged = self.base_weight() + self.delta_weight(A, B)
         self.weight.copy_(merged.to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        x_d = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
-        return y + self.scale * F.linear(F.linear(x_d, self.lora_A), self.lora_B)
+        # Dispatches itself: fused Triton kernels on CUDA, the torch twin elsewhere (RELORA_KERNELS forces).
+        return relora_kernels.lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.bias,
+                                          self.dropout, self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -24,11 +24,13 @@ setup(
         "tqdm",
         "numpy",
         "pyyaml",
+        "protobuf",  # sentencepiece's model proto (tokenizer inspection)
         "tensorboard",
+        "matplotlib",  # launch/plot_metrics.py
     ],
     extras_require={
         "mpi": ["mpi4py>=4.0", "mpich"],
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest", "transformers>=4.45", "peft>=0.13", "matplotlib"],
+        "dev": ["pytest", "transformers>=4.45", "peft>=0.13"],
     },
 )

@@ -51,7 +51,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.data_dir = self._prepare_data()
         self.model_config = self._model_config()
-        check_tokenizer_matches(self.data_dir, self.model_config.vocab_size)
+        self.tokenizer_sha256 = check_tokenizer_matches(self.data_dir, self.model_config.vocab_size)["tokenizer_sha256"]
         self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len)
         self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)
         self.batches = ShardedBatches(self.train_data, cfg.micro_batch_size, rank=self.rank,
@@ -149,7 +149,7 @@ class Trainer:
 
     def _run_config(self) -> dict:
         return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "deepspeed": self.ds,
-                "world_size": self.world, "data_dir": str(self.data_dir)}
+                "world_size": self.world, "data_dir": str(self.data_dir), "tokenizer_sha256": self.tokenizer_sha256}
 
     def save(self) -> Path:
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(), self._run_config(),
@@ -170,6 +170,10 @@ class Trainer:
             raise ValueError(f"checkpoint {self.ckpt_dir / tag} was written by world_size={saved['world_size']}, "
                              f"this run has {self.world}: ZeRO partitions differ; resume with "
                              f"{saved['world_size']} ranks (or convert it with DeepSpeed's ds_to_universal.py)")
+        if saved.get("tokenizer_sha256") not in (None, self.tokenizer_sha256):
+            raise ValueError(f"checkpoint {self.ckpt_dir / tag} was trained with tokenizer sha256 "
+                             f"{saved['tokenizer_sha256'][:12]}..., but {self.data_dir} uses "
+                             f"{self.tokenizer_sha256[:12]}...: resume on the data it was trained on")
         step = int(tag.split("_")[1])
         self._build_engine(self._base_model() if self._phase(step) == "full" or not self.cfg.warm_start_steps
                            else LlamaForCausalLM(self.model_config), self._phase(step))

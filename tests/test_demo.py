@@ -81,3 +81,18 @@ def test_tokenizer_larger_than_model_vocab_is_a_clear_error(tmp_path):
                          "--output-dir", tmp_path / "run")
     out = proc.stderr + proc.stdout
     assert proc.returncode == 2 and "error:" in out and "300" in out and "2048" in out, out[-2000:]
+
+
+def test_export_any_checkpoint_offline(demo_run, tmp_path):
+    import transformers
+
+    for tag in ("step_25", "step_50"):
+        subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(demo_run / "checkpoints"), "--tag", tag,
+                        "--out", str(tmp_path / tag)], check=True, capture_output=True, env=launch_env())
+    final = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "step_50").eval()
+    trainer_export = transformers.LlamaForCausalLM.from_pretrained(demo_run / "hf").eval()
+    mid = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "step_25").eval()
+    x = torch.randint(0, 2048, (2, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(final(x).logits, trainer_export(x).logits, atol=1e-4, rtol=0)
+        assert (mid(x).logits - final(x).logits).abs().max() > 1e-2  # a different point of the run

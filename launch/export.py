@@ -1,0 +1,47 @@
+"""Export any training checkpoint to a merged Hugging Face LLaMA directory (offline, CPU, any world size).
+
+    python launch/export.py runs/tiny/checkpoints [--tag step_400] --out runs/tiny/hf-step400
+
+Reads DeepSpeed's ZeRO checkpoint with its own zero_to_fp32 (fp32 masters of trainable parameters, frozen
+base weights as saved), rebuilds the model from the checkpoint's config.json, folds every ReLoRA layer's
+scale·B·A into its weight and writes config.json + model.safetensors.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from relora_ds import LlamaConfig, LlamaForCausalLM, export_hf, wrap
+from relora_ds.checkpoint import latest_tag, load_config
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", type=Path, help="the run's checkpoints/ directory")
+    ap.add_argument("--tag", help="checkpoint tag, e.g. step_400 (default: latest)")
+    ap.add_argument("--out", type=Path, required=True, help="output Hugging Face directory")
+    args = ap.parse_args(argv)
+    tag = args.tag or latest_tag(args.checkpoints)
+    if tag is None or not (args.checkpoints / tag).is_dir():
+        found = sorted(p.name for p in args.checkpoints.glob("step_*")) if args.checkpoints.is_dir() else []
+        ap.error(f"no checkpoint {tag or '(latest)'} in {args.checkpoints}; found: {found or 'none'}")
+    run = load_config(args.checkpoints, tag)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(args.checkpoints), tag=tag)
+    model = LlamaForCausalLM(LlamaConfig(**run["model"]))
+    if any(".lora_A" in k for k in state):  # saved in the ReLoRA phase (after any warm start)
+        t = run["train"]
+        wrap(model, rank=t["rank"], alpha=t["alpha"], target_modules=t["target_modules"])
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    # zero_to_fp32 returns parameters only; buffers (merge_count) do not affect the exported weights.
+    if unexpected or [k for k in missing if not k.endswith("merge_count")]:
+        ap.error(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        out = export_hf(model, args.out)
+    print(f"exported {args.checkpoints / tag} to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -27,7 +27,7 @@ def sort_oracle(t, ratio):
     return t.masked_fill(mask.view(t.shape), 0.0)
 
 
-def build(stage, bf16):
+def build(stage, bf16, offload=False):
     torch.manual_seed(0)
     # intermediate 175 and rank 3: gate/up lora_B (175, 3) has an odd numel, not divisible by 2 ranks.
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=175, num_hidden_layers=2,
@@ -36,6 +36,9 @@ def build(stage, bf16):
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    if offload:  # ZeRO-Offload: fp32 masters and moments on the host, DeepSpeedCPUAdam (a compiled op)
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2}}
     # LoRA tensors in a group of their own (as the trainer does): its flat partition boundary falls inside
     # one LoRA tensor, which then straddles the two ranks.
     lora = relora_ds.lora_parameters(model)
@@ -45,8 +48,8 @@ def build(stage, bf16):
     return engine
 
 
-def run_case(stage, bf16, rank):
-    engine = build(stage, bf16)
+def run_case(stage, bf16, rank, offload=False):
+    engine = build(stage, bf16, offload)
     model = engine.module
     lora = relora_ds.lora_parameters(model)
     others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -120,14 +123,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=0)
-    ap.add_argument("--cases", default="1:fp32,2:fp32,3:fp32,1:bf16,2:bf16,3:bf16")
+    ap.add_argument("--cases", default="1:fp32,2:fp32,3:fp32,1:bf16,2:bf16,3:bf16,2off:fp32")
     args = ap.parse_args()
     deepspeed.init_distributed()
     rank = dist.get_rank()
     out = {}
     for case in args.cases.split(","):
         stage, dtype = case.split(":")
-        out[case] = run_case(int(stage), dtype == "bf16", rank)
+        out[case] = run_case(int(stage[0]), dtype == "bf16", rank, offload=stage.endswith("off"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)
 

@@ -8,6 +8,10 @@ Public API (each op has a pure-torch twin that is its specification and the CPU 
   ``lora_merge_reference_``.
 - ``use_triton(tensor) -> bool`` -- the dispatch decision (env ``RELORA_KERNELS=auto|triton|reference``).
 - ``deterministic_mode(flag=None) -> bool`` -- env ``RELORA_DETERMINISTIC=1``.
+- int8 frozen base (``int8``): ``int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, ...)``,
+  ``int8_dequantize(q, scale, dtype)``, ``int8_merge_(q, scale, residual, lora_A, lora_B, scale)``; twins
+  ``int8_lora_linear_reference``, ``int8_dequantize_reference``, ``int8_merge_reference_`` and the quantizer
+  ``int8_quantize_reference`` (module ``int8_reference``).
 
 Importing this package imports neither triton nor any GPU driver: the kernel modules load on first use
 (PEP 562 ``__getattr__``), so the package imports on CPU-only machines and costs nothing until used.
@@ -19,6 +23,8 @@ from __future__ import annotations
 import importlib
 
 from ._runtime import deterministic_mode, interpreting, kernel_mode, use_triton
+from .int8_reference import (int8_dequantize_reference, int8_lora_linear_reference, int8_merge_reference_,
+                             int8_quantize_reference)
 from .reference import lora_linear_reference, lora_merge_reference_
 
 _LAZY = {
@@ -29,11 +35,17 @@ _LAZY = {
     "lora_merge_": "merge",
     "merge_launch": "merge",
     "concat_matmul": "matmul",
+    "int8_lora_linear": "int8",
+    "int8_dequantize": "int8",
+    "int8_merge_": "int8",
+    "Int8LoRALinearFunction": "int8",
 }
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_merge_", "lora_merge_reference_", "use_triton",
            "deterministic_mode", "interpreting", "kernel_mode", "LoRALinearFunction", "lora_forward",
-           "lora_backward", "merge_launch", "concat_matmul"]
+           "lora_backward", "merge_launch", "concat_matmul", "int8_lora_linear", "int8_dequantize", "int8_merge_",
+           "Int8LoRALinearFunction", "int8_lora_linear_reference", "int8_dequantize_reference",
+           "int8_merge_reference_", "int8_quantize_reference"]
 
 
 def __getattr__(name):

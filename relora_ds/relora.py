@@ -14,6 +14,8 @@ import relora_kernels
 import torch
 from torch import nn
 
+from . import quant
+
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The reference implementation trains r=128 with lora_alpha=32 (scale 0.25); we keep its alpha.
 DEFAULT_ALPHA = 32.0
@@ -43,14 +45,15 @@ class ReLoRALinear(nn.Module):
     """``y = x Wᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ`` with W (and b) frozen.
 
     Shapes and names as PEFT's LoRA: ``weight`` (out, in), ``lora_A`` (rank, in), ``lora_B`` (out, rank),
-    ``scale = alpha / rank``. lora_A starts Kaiming-uniform and lora_B at zero, so a fresh layer computes
+    ``scale = alpha / rank``. With ``quantize="int8"`` there is no ``weight`` parameter: the base lives in
+    int8 buffers (``weight_q``, ``weight_scale``, host ``weight_residual``; see relora_ds/quant.py). lora_A starts Kaiming-uniform and lora_B at zero, so a fresh layer computes
     exactly the base layer while B still receives a gradient at the first backward (the reference code
     zeroed both, which leaves LoRA without gradient until the first restart).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, alpha: float | None = None,
                  dropout: float = 0.0, bias: bool = False, name: str = "", seed: int = 0,
-                 device=None, dtype=None):
+                 quantize: str | None = None, device=None, dtype=None):
         super().__init__()
         if not 0 < rank <= min(in_features, out_features):
             raise ValueError(f"layer {name or '<unnamed>'}: rank={rank} must be in [1, "
@@ -62,8 +65,14 @@ class ReLoRALinear(nn.Module):
         self.scale = self.alpha / rank
         self.dropout = dropout
         self.name, self.seed = name, seed
+        self.quantize = quant.check_quantize(quantize)
         kw = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+        w0 = torch.empty(out_features, in_features, **kw)
+        if self.quantize:
+            self.register_parameter("weight", None)
+            quant.init_storage(self, out_features, in_features, device)
+        else:
+            self.weight = nn.Parameter(w0, requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **kw))
@@ -71,8 +80,26 @@ class ReLoRALinear(nn.Module):
         # resumed run redraws the same A.
         self.register_buffer("merge_count", torch.zeros((), dtype=torch.int64))
         # A standalone layer starts like nn.Linear; wrap() overwrites weight/bias with the model's.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(w0, a=math.sqrt(5))
+        if self.quantize:
+            quant.load_weight_(self, w0)
         self.reset_lora(restart_index=0)
+
+    @torch.no_grad()
+    def load_base_(self, weight: torch.Tensor) -> None:
+        """Set the frozen base from a float weight (out, in): copied, or quantized with ``quantize``."""
+        if self.quantize:
+            quant.load_weight_(self, weight)
+        else:
+            self.weight.copy_(weight)
+
+    def _apply(self, fn, recurse=True):
+        # The int8 merge residual stays in host memory: .to(device)/.cuda()/.bfloat16() skip it.
+        host = {k: self._buffers.pop(k) for k in quant.HOST_BUFFERS if self._buffers.get(k) is not None}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(host)
 
     @torch.no_grad()
     def reset_lora(self, restart_index: int) -> None:
@@ -83,6 +110,8 @@ class ReLoRALinear(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The effective frozen weight in at least fp32 (dequantized when the base is stored in int8)."""
+        if self.quantize:
+            return quant.dequantized(self)
         return self.weight.to(_acc_dtype(self.weight.dtype))
 
     def delta_weight(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,7 +126,11 @@ class ReLoRALinear(nn.Module):
         """W += scale · B·A, accumulated in fp32 (fp64 for fp64 W) and cast once to W's dtype.
 
         On CUDA this is the one-pass Triton merge kernel (no atomics, so every rank computes the same bits).
+        An int8 base is requantized with error feedback (relora_ds/quant.py), so merges do not drift.
         """
+        if self.quantize:
+            quant.merge_(self, self.lora_A if A is None else A, self.lora_B if B is None else B)
+            return
         A = self.lora_A if A is None else A.to(self.weight.device)
         B = self.lora_B if B is None else B.to(self.weight.device)
         if relora_kernels.use_triton(self.weight) and self.weight.dtype != torch.float64:
@@ -108,12 +141,16 @@ class ReLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Dispatches itself: fused Triton kernels on CUDA, the torch twin elsewhere (RELORA_KERNELS forces).
+        if self.quantize:
+            return relora_kernels.int8_lora_linear(x, self.weight_q, self.weight_scale, self.lora_A, self.lora_B,
+                                                   self.scale, self.bias, self.dropout, self.training)
         return relora_kernels.lora_linear(x, self.weight, self.lora_A, self.lora_B, self.scale, self.bias,
                                           self.dropout, self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"scale={self.scale:g}, dropout={self.dropout}, bias={self.bias is not None}")
+                f"scale={self.scale:g}, dropout={self.dropout}, bias={self.bias is not None}"
+                + (f", quantize={self.quantize!r}" if self.quantize else ""))
 
 
 def relora_layers(model: nn.Module) -> Iterator[tuple[str, ReLoRALinear]]:
@@ -134,13 +171,15 @@ def _matches(name: str, targets: Iterable[str]) -> bool:
 
 
 def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout: float = 0.0,
-         target_modules: Iterable[str] | None = None, seed: int = 0) -> nn.Module:
+         target_modules: Iterable[str] | None = None, seed: int = 0, quantize: str | None = None) -> nn.Module:
     """Replace targeted ``nn.Linear`` layers by ``ReLoRALinear`` in place and return the model.
 
     ``target_modules``: module names or dotted suffixes (PEFT style), default all attention and MLP
     projections. The base weight is moved (not copied) into the new layer and frozen; every other
     parameter keeps its ``requires_grad``. ``seed`` seeds lora_A's draws (see `reinit_seed`).
+    ``quantize``: None (base kept in its dtype) or ``"int8"`` (per-channel int8 buffers, relora_ds/quant.py).
     """
+    quant.check_quantize(quantize)
     if any(True for _ in relora_layers(model)):
         raise ValueError("model already contains ReLoRALinear layers; wrap() it only once "
                          "(use relora_ds.unwrap(model) first to start over)")
@@ -152,12 +191,15 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     if not chosen:
         raise ValueError(f"target_modules={list(targets)} matched no nn.Linear layer; linear layers in this "
                          f"model: {[n for n, _ in linears]}")
+    if quantize:
+        for name, linear in chosen:
+            quant.check_not_quantized(name, linear)
     for name, linear in chosen:
         layer = ReLoRALinear(linear.in_features, linear.out_features, rank, alpha=alpha, dropout=dropout,
-                             bias=linear.bias is not None, name=name, seed=seed,
+                             bias=linear.bias is not None, name=name, seed=seed, quantize=quantize,
                              device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
-            layer.weight.copy_(linear.weight)
+            layer.load_base_(linear.weight)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
         _set_submodule(model, name, layer)
@@ -168,7 +210,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Merge every ReLoRA layer and put back a plain, trainable ``nn.Linear``; returns the model."""
     for name, layer in list(relora_layers(model)):
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.weight.device, dtype=layer.lora_A.dtype)
+                           device=layer.lora_A.device, dtype=layer.lora_A.dtype)
         with torch.no_grad():
             linear.weight.copy_(layer.base_weight() + layer.delta_weight())
             if layer.bias is not None:

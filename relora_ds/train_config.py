@@ -37,6 +37,9 @@ class TrainConfig:
     dropout: float = _f(0.0, "LoRA dropout on the input of the low-rank path")
     target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                    "module names or suffixes to convert to ReLoRA layers")
+    quantize: str | None = _f(None, "store the frozen base of ReLoRA layers in int8 (per-channel scales, "
+                                    "drift-free merges; relora_ds/quant.py); default: the model dtype",
+                              choices=("int8",))
     cycle_length: int | None = _f(None, "steps between optimizer resets (the paper: 5000); required for relora")
     merge_every: int | None = _f(None, "steps between merges (online ReLoRA merges more often than it "
                                         "resets); default: cycle_length")
@@ -98,6 +101,10 @@ class TrainConfig:
             raise ValueError("give warm_start_steps or warm_start_from, not both")
         if self.warm_start_steps and self.mode == "full":
             raise ValueError("warm_start_steps only makes sense with mode=relora or lora")
+        if self.quantize not in (None, "int8"):
+            raise ValueError(f"quantize={self.quantize!r} is not supported; valid values: None, 'int8'")
+        if self.quantize and self.mode == "full":
+            raise ValueError("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full")
         for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")

@@ -117,7 +117,7 @@ class Trainer:
         cfg = self.cfg
         if phase == "lowrank":
             wrap(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
-                 seed=cfg.seed)
+                 seed=cfg.seed, quantize=cfg.quantize)
         lora = {id(p) for p in lora_parameters(model)}
         # LoRA and full-rank parameters in separate groups: the reset touches only the first.
         groups = [{"params": [p for p in model.parameters() if id(p) in lora]},
@@ -301,7 +301,8 @@ class Trainer:
         if self.rank == 0:
             model = LlamaForCausalLM(self.model_config)
             if self.engine_phase == "lowrank":
-                wrap(model, rank=self.cfg.rank, alpha=self.cfg.alpha, target_modules=self.cfg.target_modules)
+                wrap(model, rank=self.cfg.rank, alpha=self.cfg.alpha, target_modules=self.cfg.target_modules,
+                     quantize=self.cfg.quantize)
             model.load_state_dict(state)
             export_hf(model, out_dir)
             self._print(f"exported Hugging Face model to {out_dir}")

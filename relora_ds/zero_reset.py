@@ -4,7 +4,8 @@ The one file that touches DeepSpeed internals (fp32 master partitions, fragment 
 else talks to the engine through its public API. Facts it relies on (DeepSpeed 0.19, see shared FACTS):
 - Frozen base weights are in no optimizer group and have no fp32 master: a merge is an in-place edit
   that must be bit-identical on every rank, so it is computed from identical inputs (the gathered fp32
-  masters of A and B) with the same ops everywhere. ZeRO-3 gathers W with GatheredParameters.
+  masters of A and B) with the same ops everywhere. ZeRO-3 gathers W with GatheredParameters; an int8
+  base (relora_ds/quant.py) is buffers, never partitioned, so every rank merges it in every stage.
 - For lora_A/B the fp32 master partition is the truth: writing only ``param.data`` is undone by the next
   ``step()`` (DeepSpeed #2424). We write the master (and the low-precision copy).
 - Adam moments live in flat per-group partitions and a tensor can straddle ranks. Each tensor is gathered
@@ -113,16 +114,22 @@ def merge_and_reinit_engine(engine) -> dict:
         else:  # ZeRO stage 0 in fp32: the model copy is the master
             A, B = A_param.detach().float(), B_param.detach().float()
         new_count = int(layer.merge_count) + 1
-        if _is_zero3(layer.weight):
+        if _is_zero3(A_param):
             import deepspeed
 
-            gathered = [layer.weight, A_param, B_param] + ([layer.bias] if layer.bias is not None else [])
+            if layer.quantize:  # int8 base = buffers, replicated on every rank: every rank merges the same bits
+                layer.merge_(A, B)
+                gathered = [A_param, B_param]
+            else:
+                gathered = [layer.weight, A_param, B_param] + ([layer.bias] if layer.bias is not None else [])
             with deepspeed.zero.GatheredParameters(gathered, modifier_rank=0):
                 if _rank() == 0:
-                    layer.merge_(A, B)
+                    if not layer.quantize:
+                        layer.merge_(A, B)
                     layer.merge_count.fill_(new_count)
                     layer.reset_lora(new_count)
-            comm_bytes += layer.weight.ds_numel * layer.weight.element_size()
+            if not layer.quantize:
+                comm_bytes += layer.weight.ds_numel * layer.weight.element_size()
             layer.merge_count.fill_(new_count)  # buffers are not partitioned: keep every rank's counter
         else:
             layer.merge_(A, B)

@@ -1,0 +1,228 @@
+"""int8 frozen base weights: dequantize-to-scratch linear and the one-kernel drift-free merge.
+
+Storage and rounding: see :mod:`relora_kernels.int8_reference` (the twins). Two kernels:
+
+- ``_dequant_kernel``: ``W = q · scale`` into a bf16/fp16/fp32 scratch buffer, then the existing fused
+  bf16 LoRA kernels (kernels/linear.py) run unchanged. The scratch (out × in × 2 B) lives only inside one
+  layer's forward or backward: autograd saves the int8 weight, and backward dequantizes again.
+  Why scratch and not dequantization inside the GEMM's weight-tile load: public H100 numbers put in-GEMM
+  int8→bf16 Triton GEMMs at 40–65% of bf16, while the scratch copy costs one read of int8 + one write and
+  read of bf16 W (≈2–4% of the GEMM at M ≥ 8k tokens). NOT yet measured here (no GPU in the session that
+  wrote this); ``launch/bench_int8.py`` measures the scratch path against the bf16 base.
+- ``_int8_merge_kernel``: ``(q, scale, residual) ← quantize(dequantize(q, scale, residual) + s·B·A)``. The
+  new absmax scale needs the whole new row, so each program owns BLOCK_N full rows and walks K twice:
+  pass 1 computes the new row maxima, pass 2 recomputes each tile and writes q and residual in place
+  (programs own disjoint rows, and a row is read completely before it is written). W is read twice and
+  written once; the rank-r product is computed twice (cheap next to the memory traffic for r ≪ in).
+  No atomics and a fixed order, so every rank computes the same bits.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _runtime
+from .int8_reference import QMAX, RES_STEPS, int8_dequantize_reference, int8_lora_linear_reference, \
+    int8_merge_reference_
+from .linear import _check_args, lora_backward, lora_forward
+from .reference import check_dropout_p, dropout_keep_mask
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_qk, stride_on, stride_ok,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    q = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, mask=mask, other=0)
+    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    w = q.to(tl.float32) * s[:, None]
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :] * stride_ok,
+             w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
+                       stride_qn, stride_qk, stride_rn, stride_rk, stride_ar, stride_ak, stride_bn, stride_br,
+                       scale, HAS_RES: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    s_old = tl.load(s_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32)
+    rr = tl.arange(0, BLOCK_R)
+    rowmax = tl.full((BLOCK_N,), 0.0, tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # pass 1: new row absmax
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = n_ok[:, None] & (offs_k[None, :] < K)
+        v = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, mask=mask,
+                    other=0).to(tl.float32)
+        if HAS_RES:
+            v += tl.load(r_ptr + offs_n[:, None] * stride_rn + offs_k[None, :] * stride_rk, mask=mask,
+                         other=0).to(tl.float32) / RES_STEPS
+        acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r_ok = (r0 + rr) < R
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + (r0 + rr)[None, :] * stride_br,
+                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            a = tl.load(a_ptr + (r0 + rr)[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=r_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(b, a, acc, input_precision=DOT_PRECISION)
+        w = v * s_old[:, None] + scale * acc
+        # tl.reduce with our combine, not tl.max: the interpreter runs a reduce's combine_fn as Python
+        # whatever mode triton was imported in, while tl.max is a standard-library @jit (see _runtime).
+        rowmax = tl.maximum(rowmax, tl.reduce(tl.where(mask, tl.abs(w), 0.0), 1, _max_combine))
+    # bf16 round-to-nearest-even of rowmax/127 by bit arithmetic: identical compiled and interpreted (the
+    # interpreter's fp32->bf16 cast truncates) and identical to torch's .to(torch.bfloat16).
+    bits = (rowmax / QMAX).to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    s_new = bits.to(tl.float32, bitcast=True)
+    s_new = tl.where(s_new == 0.0, 1.0, s_new)
+    for k0 in range(0, K, BLOCK_K):  # pass 2: recompute the tile, requantize, write in place
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = n_ok[:, None] & (offs_k[None, :] < K)
+        q_ptrs = q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk
+        r_ptrs = r_ptr + offs_n[:, None] * stride_rn + offs_k[None, :] * stride_rk
+        v = tl.load(q_ptrs, mask=mask, other=0).to(tl.float32)
+        if HAS_RES:
+            v += tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) / RES_STEPS
+        acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r_ok = (r0 + rr) < R
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + (r0 + rr)[None, :] * stride_br,
+                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            a = tl.load(a_ptr + (r0 + rr)[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=r_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(b, a, acc, input_precision=DOT_PRECISION)
+        vn = (v * s_old[:, None] + scale * acc) / s_new[:, None]
+        qn = tl.minimum(tl.maximum(tl.floor(vn + 0.5), -QMAX), QMAX)
+        tl.store(q_ptrs, qn.to(tl.int8), mask=mask)
+        if HAS_RES:
+            rn = tl.minimum(tl.maximum(tl.floor((vn - qn) * RES_STEPS + 0.5), -QMAX), QMAX)
+            tl.store(r_ptrs, rn.to(tl.int8), mask=mask)
+    tl.store(s_ptr + offs_n, s_new.to(s_ptr.dtype.element_ty), mask=n_ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers (no autograd)
+# ----------------------------------------------------------------------------------------------------
+def dequant_launch(q, scale, dtype):
+    """``q · scale[:, None]`` as a new (out, in) tensor of ``dtype`` on q's device."""
+    N, K = q.shape
+    out = _runtime.new_empty((N, K), dtype, q.device)
+    if N and K:
+        cfg = dict(BLOCK_N=32, BLOCK_K=32) if _runtime.interpreting() else dict(BLOCK_N=64, BLOCK_K=128)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
+        _runtime.for_current_mode(_dequant_kernel)[grid](q, scale, out, N, K, q.stride(0), q.stride(1),
+                                                         out.stride(0), out.stride(1), **cfg)
+    return out
+
+
+def int8_merge_launch(q, scale, residual, lora_A, lora_B, s):
+    """In place on (q, scale, residual-or-None), all on q's device; A (r, in), B (out, r) fp32/bf16."""
+    N, K = q.shape
+    R = lora_A.shape[0]
+    if N == 0 or K == 0:
+        return q
+    br = max(16, min(64, triton.next_power_of_2(max(R, 1))))
+    if _runtime.interpreting():
+        cfg = dict(BLOCK_N=16, BLOCK_K=32, BLOCK_R=16, num_warps=4)
+    else:  # untuned lead; 32 rows per program (4096 rows: 128 programs, about one wave on an H100)
+        cfg = dict(BLOCK_N=32, BLOCK_K=128, BLOCK_R=br, num_warps=8, num_stages=2)
+    res = residual if residual is not None else q  # dummy pointer when HAS_RES is False
+    _runtime.for_current_mode(_int8_merge_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        q, res, scale, lora_A, lora_B, N, K, R, q.stride(0), q.stride(1), res.stride(0), res.stride(1),
+        lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), float(s),
+        HAS_RES=residual is not None, UPCAST=_runtime.upcast_for_interpreter(lora_A.dtype),
+        DOT_PRECISION="ieee" if lora_A.dtype == torch.float32 else "tf32", **cfg)
+    return q
+
+
+def int8_dequantize(q, scale, dtype=torch.bfloat16):
+    """Dispatching dequantize: the Triton kernel on CUDA, the torch twin elsewhere."""
+    if _runtime.use_triton(q if q.is_cuda else torch.empty(0, dtype=dtype, device=q.device)):
+        return dequant_launch(q, scale, dtype)
+    return int8_dequantize_reference(q, scale, dtype)
+
+
+@torch.no_grad()
+def int8_merge_(q, scale, residual, lora_A, lora_B, s):
+    """``(q, scale, residual) ← quantize(dequantize(...) + s·B·A)`` in place; residual may live on the host
+    (it is staged through q's device for the kernel) or be None (naive requantization). Returns q."""
+    if lora_A.shape[1] != q.shape[1] or lora_B.shape != (q.shape[0], lora_A.shape[0]):
+        raise ValueError(f"int8_merge_: expected lora_A (r, {q.shape[1]}) and lora_B ({q.shape[0]}, r); "
+                         f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    if not _runtime.use_triton(lora_A.to(q.device) if lora_A.device != q.device else lora_A):
+        int8_merge_reference_(q, scale, residual, lora_A, lora_B, s)
+        return q
+    A, B = lora_A.to(q.device), lora_B.to(q.device, lora_A.dtype)
+    res_dev = residual.to(q.device) if residual is not None else None  # 1 B/param each way per merge
+    int8_merge_launch(q, scale, res_dev, A, B, s)
+    if residual is not None and res_dev.data_ptr() != residual.data_ptr():
+        residual.copy_(res_dev)
+    return q
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------
+class Int8LoRALinearFunction(torch.autograd.Function):
+    """The fused LoRA linear with an int8 base: dequantize to scratch in forward and again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, q, w_scale, lora_A, lora_B, bias, scale, keep, dropout_p, deterministic):
+        d_in = x.shape[-1]
+        x2 = x.reshape(-1, d_in)  # (M, in)
+        keep2 = keep.reshape(-1, d_in).view(torch.uint8) if keep is not None else None
+        w = dequant_launch(q, w_scale, x.dtype)  # scratch, freed on return
+        y2, s = lora_forward(x2, w, lora_A, lora_B, scale, bias, keep2, dropout_p)
+        ctx.save_for_backward(x2, s, q, w_scale, lora_A, lora_B, keep2)
+        ctx.scale, ctx.dropout_p, ctx.deterministic = scale, dropout_p, deterministic
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return y2.reshape(*x.shape[:-1], q.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, s, q, w_scale, lora_A, lora_B, keep2 = ctx.saved_tensors
+        need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
+        w = dequant_launch(q, w_scale, dy.dtype)
+        dx2, da, db = lora_backward(dy2, x2, s, w, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p,
+                                    ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b)
+        dx = dx2.reshape(ctx.x_shape) if dx2 is not None else None
+        dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if (ctx.has_bias and need_bias) else None
+        return dx, None, None, (da if need_a else None), (db if need_b else None), dbias, None, None, None, None
+
+
+def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True,
+                     generator=None, *, deterministic=None):
+    """``x @ (q·w_scale).T (+ bias) + scale · dropout(x) @ A.T @ B.T``; dispatches like ``lora_linear``.
+
+    q int8 (out, in), w_scale (out,) (bf16); the dequantized weight is never saved for backward.
+    """
+    if q.dtype != torch.int8 or w_scale.shape != (q.shape[0],):
+        raise ValueError(f"int8_lora_linear: expected int8 q (out, in) and scale (out,); got {q.dtype} "
+                         f"{tuple(q.shape)} and {tuple(w_scale.shape)}")
+    _check_args(x, q, lora_A, lora_B, bias)
+    p = check_dropout_p(dropout_p)
+    if not _runtime.use_triton(x):
+        return int8_lora_linear_reference(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, lora_A, lora_B = x.to(dt), lora_A.to(dt), lora_B.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    _runtime.check_device(x)
+    keep = dropout_keep_mask(x, p, generator) if (training and p > 0.0) else None
+    return Int8LoRALinearFunction.apply(x, q, w_scale, lora_A, lora_B, bias, float(scale), keep,
+                                        p if keep is not None else 0.0, _runtime.deterministic_mode(deterministic))

@@ -1,0 +1,169 @@
+"""8-bit frozen base weights for ReLoRA layers, and merges that do not drift.
+
+Storage (``wrap(model, quantize="int8")``): each targeted layer's frozen W (out, in) becomes three buffers
+(buffers, not parameters: ZeRO never puts them in an optimizer group, and DeepSpeed 0.19 casts only
+parameters to bf16 unless ``buffer_dtype`` is configured):
+
+- ``weight_q`` int8 (out, in) and ``weight_scale`` bf16 (out,), on the layer's device: per-output-channel
+  absmax, ``W ≈ q · scale``. Device bytes: out·in + 2·out = (0.5 + 1/in)× bf16.
+- ``weight_residual`` int8 (out, in) in **host memory** (never moved by ``.to(device)``): the next 8 bits of
+  the weight, ``W ≈ (q + residual/254) · scale`` (relative error ~1e-4·absmax per element).
+
+Merge without drift (``W_q ← quantize(dequantize(W_q) + s·B·A)``): requantizing the int8 weight alone
+rounds at every merge and drifts (measured: 3.3× the one-shot error after 20 merges, FACTS.md: 4–4.6×).
+We carry the rounding residual (error feedback) and, as FACTS.md found necessary, the residual includes
+the *initial* quantization error W0 − q(W0): the merge requantizes the 16-bit-accurate value
+``(q + residual/254)·scale + s·B·A``, so after k merges the int8 weight is one absmax rounding of a value
+within ~k·scale/508 of the exact fp32-accumulated weight. Measured ratio to the one-shot error: 1.000–1.001
+for k = 1…20 (``merge_drift`` below; tests/test_int8_quant.py; BENCHMARKS.md "int8 base weights").
+Alternatives measured with the same function: stochastic rounding (unbiased, but error grows like √k),
+an fp32 master in host memory (exact, 4 B/param of host memory instead of 1 B/param). The residual is a
+buffer, so it is in every checkpoint (resume stays exact); it is computed identically on every rank.
+"""
+from __future__ import annotations
+
+import relora_kernels
+import torch
+from torch import nn
+
+VALID_QUANTIZE = (None, "int8")
+HOST_BUFFERS = ("weight_residual",)
+# Module/library prefixes whose Linear subclasses carry their own quantized weights.
+_FOREIGN_QUANT = ("bitsandbytes", "torchao", "auto_gptq", "gptqmodel", "awq", "optimum.quanto", "quanto", "hqq",
+                  "transformers.integrations")
+
+
+def check_quantize(quantize) -> str | None:
+    """Validate a ``quantize`` setting; returns it."""
+    if quantize not in VALID_QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} is not supported; valid values: "
+                         f"{', '.join(repr(v) for v in VALID_QUANTIZE)}")
+    return quantize
+
+
+def foreign_quantization(linear: nn.Module) -> str | None:
+    """Why ``linear`` looks already quantized by another library (None when it is a plain float linear)."""
+    mod = type(linear).__module__ or ""
+    if any(mod == p or mod.startswith(p + ".") for p in _FOREIGN_QUANT) and type(linear) is not nn.Linear:
+        return f"its class {mod}.{type(linear).__name__} is a quantized linear layer"
+    w = getattr(linear, "weight", None)
+    if w is None:
+        return "it has no weight"
+    if not w.is_floating_point():
+        return f"its weight has dtype {w.dtype}"
+    if type(w.data) is not torch.Tensor:
+        return f"its weight is a {type(w.data).__name__} tensor subclass"
+    for attr in ("quant_state", "SCB", "CB", "qweight"):
+        if hasattr(w, attr) or hasattr(linear, attr):
+            return f"it carries quantization state ({attr!r})"
+    return None
+
+
+def check_not_quantized(name: str, linear: nn.Module) -> None:
+    reason = foreign_quantization(linear)
+    if reason is not None:
+        raise ValueError(f"quantize='int8': layer {name!r} is already quantized ({reason}); relora_ds "
+                         "quantizes from the float weight itself. Load the model in bf16/fp32 (without "
+                         "load_in_8bit/4bit or another quantization library) and pass quantize='int8'.")
+
+
+# ----------------------------------------------------------------------------------------------- layer
+def init_storage(layer: nn.Module, out_features: int, in_features: int, device=None) -> None:
+    """Register the int8 buffers on ``layer`` (its ``weight`` parameter must already be None)."""
+    layer.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+    layer.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.bfloat16, device=device))
+    layer.register_buffer("weight_residual", torch.zeros(out_features, in_features, dtype=torch.int8))
+
+
+@torch.no_grad()
+def load_weight_(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Quantize a float weight (out, in) into the layer's buffers (the residual keeps the initial error)."""
+    q, scale, residual = relora_kernels.int8_quantize_reference(weight.to(layer.weight_q.device), residual=True)
+    layer.weight_q.copy_(q)
+    layer.weight_scale.copy_(scale)
+    layer.weight_residual.copy_(residual)
+
+
+def dequantized(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The int8 weight the forward uses, as ``dtype`` (the residual is merge bookkeeping only)."""
+    return relora_kernels.int8_dequantize_reference(layer.weight_q, layer.weight_scale, dtype)
+
+
+@torch.no_grad()
+def merge_(layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
+    """``(q, scale, residual) ← quantize(dequantize(q, scale, residual) + s·B·A)``: one Triton pass on CUDA
+    (residual staged host→device→host), the fp32 torch twin elsewhere; deterministic, so identical on every
+    data-parallel rank given identical A and B (the gathered fp32 masters)."""
+    relora_kernels.int8_merge_(layer.weight_q, layer.weight_scale, layer.weight_residual, A, B, layer.scale)
+
+
+def device_bytes(out_features: int, in_features: int, quantize: str | None) -> int:
+    """Device bytes of one frozen weight: bf16, or int8 + bf16 scales."""
+    if quantize is None:
+        return 2 * out_features * in_features
+    return out_features * in_features + 2 * out_features
+
+
+# ------------------------------------------------------------------------------------ drift measurement
+MECHANISMS = ("naive", "residual", "stochastic", "host_fp32")
+
+
+def _quantize_stochastic(w: torch.Tensor, g: torch.Generator):
+    scale = relora_kernels.int8_quantize_reference(w)[1]
+    v = w / scale.float()[:, None]
+    q = torch.floor(v + torch.rand(v.shape, generator=g, dtype=v.dtype)).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+@torch.no_grad()
+def merge_drift(W0: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]],
+                mechanisms=MECHANISMS, seed: int = 0) -> dict[str, list[float]]:
+    """Relative error ‖W_k − W_exact_k‖/‖W_exact_k‖ after each merge k, per mechanism, plus ``one_shot``
+    (quantizing W_exact_k once). W_exact accumulates W0 + Σ s·B·A in fp64; the int8 weight W_k is what the
+    forward uses. ``updates``: (A (r, in), B (out, r), s) per merge."""
+    ref = relora_kernels
+    exact = W0.double().clone()
+    err = {m: [] for m in ("one_shot", *mechanisms)}
+    q0, s0, r0 = ref.int8_quantize_reference(W0, residual=True)
+    state = {m: (q0.clone(), s0.clone(), r0.clone() if m == "residual" else None) for m in mechanisms}
+    master = W0.float().clone()
+    g = torch.Generator().manual_seed(seed)
+
+    def rel(w):
+        return ((w.double() - exact).norm() / exact.norm()).item()
+
+    for A, B, s in updates:
+        exact += s * (B.double() @ A.double())
+        q1, s1, _ = ref.int8_quantize_reference(exact.float())
+        err["one_shot"].append(rel(ref.int8_dequantize_reference(q1, s1)))
+        for m in mechanisms:
+            q, sc, res = state[m]
+            if m in ("naive", "residual"):
+                ref.int8_merge_reference_(q, sc, res, A, B, s)
+            elif m == "stochastic":
+                w = ref.int8_dequantize_reference(q, sc) + s * (B.float() @ A.float())
+                q, sc = _quantize_stochastic(w, g)
+                state[m] = (q, sc, None)
+            else:  # host_fp32: an fp32 master in host memory, requantized after each merge
+                master += s * (B.float() @ A.float())
+                q, sc, _ = ref.int8_quantize_reference(master)
+                state[m] = (q, sc, None)
+            err[m].append(rel(ref.int8_dequantize_reference(q, sc)))
+    return err
+
+
+def realistic_updates(out_features: int, in_features: int, rank: int, merges: int, rel_norm: float = 0.02,
+                      w_std: float = 0.02, alpha: float = 32.0, seed: int = 0):
+    """W0 ~ N(0, w_std) (LLaMA init) and ``merges`` rank-r updates s·B·A with A Kaiming-uniform (our init) and
+    B ~ N(0, σ) scaled so that ‖s·B·A‖_F = rel_norm·‖W0‖_F per merge (a trained ReLoRA cycle)."""
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(out_features, in_features, generator=g) * w_std
+    s = alpha / rank
+    ups = []
+    for _ in range(merges):
+        bound = 1.0 / in_features ** 0.5
+        A = (torch.rand(rank, in_features, generator=g) * 2 - 1) * bound
+        B = torch.randn(out_features, rank, generator=g)
+        B *= rel_norm * W0.norm() / (s * (B @ A).norm())
+        ups.append((A, B, s))
+    return W0, ups

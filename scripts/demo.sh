@@ -7,7 +7,9 @@ cd "$ROOT"
 source scripts/setup_env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 NPROC="${NPROC:-2}"
-deepspeed --num_gpus "$NPROC" launch/train.py --config launch/configs/tiny.yaml \
+# A free rendezvous port unless MASTER_PORT is given (29500, the default, may be taken by another job).
+PORT="${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --config launch/configs/tiny.yaml \
   --deepspeed ds_configs/zero2.json "$@"
 OUT="$(python - "$@" <<'PY'
 import sys, argparse

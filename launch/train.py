@@ -21,7 +21,11 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, args.deepspeed)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    trainer.train()
+    try:
+        trainer.train()
+    except FloatingPointError as e:  # NaN/inf loss: the message names the step and the last good checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

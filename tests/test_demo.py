@@ -96,3 +96,16 @@ def test_export_any_checkpoint_offline(demo_run, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(final(x).logits, trainer_export(x).logits, atol=1e-4, rtol=0)
         assert (mid(x).logits - final(x).logits).abs().max() > 1e-2  # a different point of the run
+
+
+def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
+    proc = _python_train("--model", "debug", "--seq-len", "32", "--cycle-length", "4", "--warm-start-steps", "2",
+                         "--restart-warmup-steps", "2", "--warmup-steps", "1", "--total-steps", "12",
+                         "--lr", "1e20", "--grad-clip", "0", "--micro-batch-size", "4", "--global-batch-size", "4",
+                         "--save-every", "2", "--eval-every", "0", "--rank", "4", "--vocab-size", "512",
+                         "--output-dir", tmp_path / "run")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    last_good = (ckpts / "latest").read_text()
+    assert f"non-finite loss (nan) at step {int(last_good.split('_')[1]) + 1}" in proc.stderr
+    assert f"Last good checkpoint: {ckpts / last_good}" in proc.stderr and (ckpts / last_good).is_dir()

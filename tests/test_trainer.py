@@ -111,3 +111,16 @@ def test_other_zero_stages_train_through_switch_and_resets_then_export(tmp_path,
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "run" / "hf")
     batch = __import__("torch").randint(0, 512, (2, 17))
     assert hf(batch, labels=batch).loss.item() < losses[1]  # trained weights, not the init
+
+
+def test_torchrun_launcher(tmp_path, small_data_dir):
+    recipe, ds = _write(tmp_path, small_data_dir, total_steps=4, warm_start_steps=0, cycle_length=2,
+                        restart_warmup_steps=1, warmup_steps=1, eval_every=0)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()),
+                           str(ROOT / "launch/train.py"), "--config", str(recipe), "--deepspeed", str(ds)],
+                          cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout + proc.stderr
+    losses, recs = _losses(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 3, 4] and [r["step"] for r in recs if r.get("event") == "reset"] == [2]

@@ -7,8 +7,10 @@ Storage and rounding: see :mod:`relora_kernels.int8_reference` (the twins). Two 
   layer's forward or backward: autograd saves the int8 weight, and backward dequantizes again.
   Why scratch and not dequantization inside the GEMM's weight-tile load: public H100 numbers put in-GEMM
   int8→bf16 Triton GEMMs at 40–65% of bf16, while the scratch copy costs one read of int8 + one write and
-  read of bf16 W (≈2–4% of the GEMM at M ≥ 8k tokens). NOT yet measured here (no GPU in the session that
-  wrote this); ``launch/bench_int8.py`` measures the scratch path against the bf16 base.
+  read of bf16 W (≈2–4% of the GEMM at M ≥ 8k tokens). Measured (H100, bf16, M=16384, r=128,
+  launch/bench_int8.py): fused fwd+bwd speed vs the bf16 base 0.967–0.974 at 4096², 0.989 at 2048×5461,
+  0.76–0.94 at 2048² (1.3 ms calls, noisy between runs); dequant 22 µs at 4096². In-GEMM dequantization
+  is not implemented, so the choice is not yet confirmed against it.
 - ``_int8_merge_kernel``: ``(q, scale, residual) ← quantize(dequantize(q, scale, residual) + s·B·A)``. The
   new absmax scale needs the whole new row, so each program owns BLOCK_N full rows and walks K twice:
   pass 1 computes the new row maxima, pass 2 recomputes each tile and writes q and residual in place
@@ -27,6 +29,9 @@ from .int8_reference import QMAX, RES_STEPS, int8_dequantize_reference, int8_lor
     int8_merge_reference_
 from .linear import _check_args, lora_backward, lora_forward
 from .reference import check_dropout_p, dropout_keep_mask
+
+_QMAX = tl.constexpr(QMAX)  # kernels may read only constexpr globals
+_RES_STEPS = tl.constexpr(RES_STEPS)
 
 
 @triton.jit
@@ -64,7 +69,7 @@ def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
                     other=0).to(tl.float32)
         if HAS_RES:
             v += tl.load(r_ptr + offs_n[:, None] * stride_rn + offs_k[None, :] * stride_rk, mask=mask,
-                         other=0).to(tl.float32) / RES_STEPS
+                         other=0).to(tl.float32) / _RES_STEPS
         acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
         for r0 in range(0, R, BLOCK_R):
             r_ok = (r0 + rr) < R
@@ -82,7 +87,7 @@ def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
         rowmax = tl.maximum(rowmax, tl.reduce(tl.where(mask, tl.abs(w), 0.0), 1, _max_combine))
     # bf16 round-to-nearest-even of rowmax/127 by bit arithmetic: identical compiled and interpreted (the
     # interpreter's fp32->bf16 cast truncates) and identical to torch's .to(torch.bfloat16).
-    bits = (rowmax / QMAX).to(tl.int32, bitcast=True)
+    bits = (rowmax / _QMAX).to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     s_new = bits.to(tl.float32, bitcast=True)
     s_new = tl.where(s_new == 0.0, 1.0, s_new)
@@ -93,7 +98,7 @@ def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
         r_ptrs = r_ptr + offs_n[:, None] * stride_rn + offs_k[None, :] * stride_rk
         v = tl.load(q_ptrs, mask=mask, other=0).to(tl.float32)
         if HAS_RES:
-            v += tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) / RES_STEPS
+            v += tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) / _RES_STEPS
         acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
         for r0 in range(0, R, BLOCK_R):
             r_ok = (r0 + rr) < R
@@ -106,10 +111,10 @@ def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
                 b = b.to(tl.float32)
             acc = tl.dot(b, a, acc, input_precision=DOT_PRECISION)
         vn = (v * s_old[:, None] + scale * acc) / s_new[:, None]
-        qn = tl.minimum(tl.maximum(tl.floor(vn + 0.5), -QMAX), QMAX)
+        qn = tl.minimum(tl.maximum(tl.floor(vn + 0.5), -_QMAX), _QMAX)
         tl.store(q_ptrs, qn.to(tl.int8), mask=mask)
         if HAS_RES:
-            rn = tl.minimum(tl.maximum(tl.floor((vn - qn) * RES_STEPS + 0.5), -QMAX), QMAX)
+            rn = tl.minimum(tl.maximum(tl.floor((vn - qn) * _RES_STEPS + 0.5), -_QMAX), _QMAX)
             tl.store(r_ptrs, rn.to(tl.int8), mask=mask)
     tl.store(s_ptr + offs_n, s_new.to(s_ptr.dtype.element_ty), mask=n_ok)
 
@@ -151,7 +156,7 @@ def int8_merge_launch(q, scale, residual, lora_A, lora_B, s):
 
 def int8_dequantize(q, scale, dtype=torch.bfloat16):
     """Dispatching dequantize: the Triton kernel on CUDA, the torch twin elsewhere."""
-    if _runtime.use_triton(q if q.is_cuda else torch.empty(0, dtype=dtype, device=q.device)):
+    if _runtime.use_triton(torch.empty(0, dtype=dtype, device=q.device)):  # dispatch on the output dtype
         return dequant_launch(q, scale, dtype)
     return int8_dequantize_reference(q, scale, dtype)
 

@@ -10,7 +10,7 @@ parameters to bf16 unless ``buffer_dtype`` is configured):
   the weight, ``W ≈ (q + residual/254) · scale`` (relative error ~1e-4·absmax per element).
 
 Merge without drift (``W_q ← quantize(dequantize(W_q) + s·B·A)``): requantizing the int8 weight alone
-rounds at every merge and drifts (measured: 3.3× the one-shot error after 20 merges, FACTS.md: 4–4.6×).
+rounds at every merge and drifts (measured: 1.41× the one-shot error after 1 merge, 4.57× after 20).
 We carry the rounding residual (error feedback) and, as FACTS.md found necessary, the residual includes
 the *initial* quantization error W0 − q(W0): the merge requantizes the 16-bit-accurate value
 ``(q + residual/254)·scale + s·B·A``, so after k merges the int8 weight is one absmax rounding of a value

@@ -159,3 +159,27 @@ def test_bf16_merge_is_computed_in_fp32():
     expected = (layer.weight.float() + layer.scale * layer.lora_B.float() @ layer.lora_A.float()).bfloat16()
     layer.merge_()
     assert torch.equal(layer.weight, expected)
+
+
+def test_same_outputs_as_peft_lora_with_the_same_factors():
+    """PEFT's LoRA is the oracle: identical A, B, alpha and rank must give identical logits."""
+    import copy
+
+    import peft
+
+    base = _hf_model(seed=3).eval()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(DEFAULT_TARGET_MODULES))).eval()
+    ours = relora_ds.wrap(copy.deepcopy(base), rank=4, alpha=8).eval()
+    g = torch.Generator().manual_seed(0)
+    for name, layer in relora_ds.relora_layers(ours):
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        with torch.no_grad():
+            a = torch.randn(layer.lora_A.shape, generator=g) * 0.1
+            b = torch.randn(layer.lora_B.shape, generator=g) * 0.1
+            layer.lora_A.copy_(a), layer.lora_B.copy_(b)
+            peft_layer.lora_A["default"].weight.copy_(a), peft_layer.lora_B["default"].weight.copy_(b)
+    x = torch.randint(0, 256, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)
+        assert (ours(x).logits - base(x).logits).abs().max() > 1e-3  # the LoRA path really contributed

@@ -1,0 +1,82 @@
+"""Tokens/s of one ReLoRA training step (forward, backward, AdamW step) on one GPU, kernels vs reference.
+
+    python launch/bench_e2e.py --presets 350m 1b --micro-batch 8 --seq-len 512 --out results.json
+
+Each (preset, path) runs in its own process with RELORA_KERNELS set (triton | reference), bf16 weights and
+activations, r=128, fused torch AdamW over the trainable parameters; median over timed steps after warm-up.
+No DeepSpeed: this isolates the layer kernels' effect on a whole model.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int) -> dict:
+    import torch
+
+    import relora_ds
+
+    torch.manual_seed(0)
+    cfg = relora_ds.LlamaConfig.preset(preset, max_position_embeddings=seq_len + 1)
+    model = relora_ds.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    relora_ds.wrap(model, rank=rank)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    batch = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device="cuda")
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(steps + 3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= 3:  # warm-up: Triton compilation, allocator growth
+            times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {"preset": preset, "path": os.environ.get("RELORA_KERNELS", "auto"), "micro_batch": micro_batch,
+            "seq_len": seq_len, "rank": rank, "step_ms": 1000 * t, "tokens_per_s": micro_batch * seq_len / t,
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "loss": loss.item(),
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["350m", "1b"])
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", default="bench_e2e.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank)))
+        return
+    rows = []
+    for preset in args.presets:
+        for path in ("reference", "triton"):
+            env = {**os.environ, "RELORA_KERNELS": path}
+            proc = subprocess.run([sys.executable, __file__, "--one", preset, "--micro-batch", str(args.micro_batch),
+                                   "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--rank",
+                                   str(args.rank)], env=env, capture_output=True, text=True)
+            if proc.returncode:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                continue
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{preset:>5} {path:>9}: {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:10.0f} tok/s "
+                  f"peak {r['peak_mem_gb']:.1f} GB loss {r['loss']:.3f}", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -66,10 +66,18 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether the ops should take the Triton path for ``tensor`` (the layer input).
+# Ops that `auto` keeps on the torch path even on CUDA, because their Triton kernel measured slower.
+# H100, bf16, 2026-11-22 (BENCHMARKS.md "Kernels"): a whole training step with the fused LoRA linear ran at
+# 0.58x (350m) and 0.79x (1b) the tokens/s of the torch path (cuBLAS chain), although the layer alone
+# reached 0.86x of a full-rank linear at d=4096. RELORA_KERNELS=triton still forces the kernel.
+AUTO_TORCH_OPS = frozenset({"linear"})
 
-    ``auto``: Triton on CUDA tensors of dtype fp32/fp16/bf16, the torch reference elsewhere.
+
+def use_triton(tensor: torch.Tensor, op: str | None = None) -> bool:
+    """Whether ``op`` should take the Triton path for ``tensor`` (the layer input).
+
+    ``auto``: Triton on CUDA tensors of dtype fp32/fp16/bf16, except for the ops in ``AUTO_TORCH_OPS``;
+    the torch reference elsewhere.
     ``triton``: always Triton; raises if it cannot run (CPU tensors without the interpreter, a dtype the
     kernels do not handle, Triton not installed). ``reference``: never.
     """
@@ -77,7 +85,8 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if mode == "reference":
         return False
     if mode == "auto":
-        return tensor.is_cuda and tensor.dtype in SUPPORTED_DTYPES and _triton_installed()
+        return (op not in AUTO_TORCH_OPS and tensor.is_cuda and tensor.dtype in SUPPORTED_DTYPES
+                and _triton_installed())
     # mode == "triton": fail loudly rather than silently fall back.
     if not _triton_installed():
         raise RuntimeError("RELORA_KERNELS=triton but triton is not installed")

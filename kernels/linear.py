@@ -84,7 +84,10 @@ def fused_ds_db(dy, lora_B, s, scale, db_dtype=None):
         if _runtime.interpreting():
             cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_R=min(br, 32), num_warps=4)
         else:  # untuned lead: 128 rows halves the atomic bytes of 64 rows; 8 warps for the two dots
-            cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_R=br, num_warps=8, num_stages=3)
+            # fp32 with BLOCK_R=128 and 3 stages needs 256 KB of shared memory, over the H100's 227 KB
+            # (OutOfResources, seen 2026-11-22): 2 stages fit (192 KB).
+            stages = 2 if dy.element_size() >= 4 and br >= 128 else 3
+            cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_R=br, num_warps=8, num_stages=stages)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
         _runtime.for_current_mode(_ds_db_kernel)[grid](
             dy, lora_B, s, ds, db32, M, N, R,
@@ -188,7 +191,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, trai
     """
     _check_args(x, weight, lora_A, lora_B, bias)
     p = check_dropout_p(dropout_p)
-    if not _runtime.use_triton(x):
+    if not _runtime.use_triton(x, op="linear"):
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, p, training, generator)
     if torch.is_autocast_enabled(x.device.type):
         # What F.linear does under autocast: compute in the autocast dtype (the casts are differentiable,

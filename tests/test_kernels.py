@@ -290,6 +290,10 @@ def test_use_triton_modes(monkeypatch):
     if HAS_CUDA:
         monkeypatch.setenv("RELORA_KERNELS", "auto")
         assert rk.use_triton(cpu.cuda()) is True and rk.use_triton(cpu.cuda().double()) is False
+        # auto keeps the measured-slower fused linear on the torch path; triton forces it
+        assert rk.use_triton(cpu.cuda(), op="linear") is False
+        monkeypatch.setenv("RELORA_KERNELS", "triton")
+        assert rk.use_triton(cpu.cuda(), op="linear") is True
 
 
 def test_auto_mode_on_cpu_is_the_reference_bitwise(monkeypatch):

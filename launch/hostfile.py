@@ -1,0 +1,132 @@
+"""DeepSpeed hostfiles: write one from a SLURM allocation, check one before launching, find this node's rank.
+
+    python launch/hostfile.py from-slurm --slots 8 > hostfile   # "node slots=8" per node of the job
+    python launch/hostfile.py check hostfile                    # every host known, slots valid; prints the world size
+    python launch/hostfile.py node-rank hostfile                # this node's line number (for --no_ssh --node_rank)
+
+A host is *known* when it is a node of the current SLURM job (inside one) or else when its name resolves.
+The deepspeed launcher itself only warns about a missing hostfile and then trains on the local node
+alone, and with ``--no_ssh`` a host that never starts its launcher leaves the others waiting in
+rendezvous: both are errors here, before any rank starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+# DeepSpeed's format (deepspeed/launcher/runner.py: _parse_hostfile), but a line must hold nothing else.
+_LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
+
+
+def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
+    """{host: slots} in file order. Comments (#) and blank lines are skipped."""
+    hosts: dict[str, int] = {}
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _LINE.match(line)
+        if not m:
+            raise ValueError(f"{source}:{n}: {raw.strip()!r} is not 'HOST slots=N'")
+        host, slots = m.group(1), int(m.group(2))
+        if host in hosts:
+            raise ValueError(f"{source}:{n}: host {host!r} is listed twice")
+        if slots < 1:
+            raise ValueError(f"{source}:{n}: host {host!r} has slots={slots}; need at least 1")
+        hosts[host] = slots
+    if not hosts:
+        raise ValueError(f"{source}: no 'HOST slots=N' lines")
+    return hosts
+
+
+def read_hostfile(path: str | Path) -> dict[str, int]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"hostfile {path}: no such file (the deepspeed launcher would silently train on "
+                         "this node alone)")
+    return parse_hostfile(path.read_text(), str(path))
+
+
+def slurm_nodes() -> list[str] | None:
+    """Node names of the current SLURM job, in SLURM's order; None outside a job."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise ValueError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol: {e}") from None
+    return out.stdout.split()
+
+
+def unknown_hosts(hosts, allocation: list[str] | None) -> list[str]:
+    """Hosts outside the SLURM allocation, or (outside SLURM) hosts whose names do not resolve."""
+    if allocation is not None:
+        return [h for h in hosts if h not in allocation]
+    bad = []
+    for h in hosts:
+        try:
+            socket.getaddrinfo(h, None)
+        except socket.gaierror:
+            bad.append(h)
+    return bad
+
+
+def check(hosts: dict[str, int], allocation: list[str] | None, source: str = "hostfile") -> None:
+    bad = unknown_hosts(hosts, allocation)
+    if bad:
+        where = (f"not nodes of SLURM job {os.environ.get('SLURM_JOB_ID', '?')} (its nodes: {', '.join(allocation)})"
+                 if allocation is not None else "names that do not resolve on this machine")
+        raise ValueError(f"{source}: unknown host(s) {', '.join(bad)}: {where}")
+
+
+def node_rank(hosts: dict[str, int], me: str | None = None) -> int:
+    """Index of this node in the hostfile: its SLURM node name, else its hostname (full or short)."""
+    names = [me] if me else [n for n in (os.environ.get("SLURMD_NODENAME"), socket.gethostname(),
+                                          socket.gethostname().split(".")[0]) if n]
+    order = list(hosts)
+    for n in names:
+        if n in order:
+            return order.index(n)
+    raise ValueError(f"this node ({' / '.join(dict.fromkeys(names))}) is not in the hostfile "
+                     f"({', '.join(order)})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("from-slurm", help="print a hostfile for the current SLURM job")
+    p.add_argument("--slots", type=int, required=True, help="ranks per node (GPUs per node)")
+    p = sub.add_parser("check", help="validate a hostfile; print its total slots (the world size)")
+    p.add_argument("hostfile")
+    p = sub.add_parser("node-rank", help="print this node's index in the hostfile")
+    p.add_argument("hostfile")
+    p.add_argument("--host", help="this node's name (default: $SLURMD_NODENAME, else the hostname)")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "from-slurm":
+            nodes = slurm_nodes()
+            if nodes is None:
+                raise ValueError("SLURM_JOB_NODELIST is not set: from-slurm runs inside a SLURM job (sbatch/salloc)")
+            if args.slots < 1:
+                raise ValueError(f"--slots must be >= 1, got {args.slots}")
+            print("".join(f"{n} slots={args.slots}\n" for n in nodes), end="")
+        elif args.cmd == "check":
+            hosts = read_hostfile(args.hostfile)
+            check(hosts, slurm_nodes(), args.hostfile)
+            print(sum(hosts.values()))
+        else:
+            print(node_rank(read_hostfile(args.hostfile), args.host))
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

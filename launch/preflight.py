@@ -1,0 +1,43 @@
+"""Check a training command line for a given world size before any rank starts.
+
+    python launch/preflight.py --world-size 16 --config launch/configs/paper_1b.yaml --deepspeed ds_configs/zero2.json
+
+Reads the arguments as launch/train.py does (recipe, CLI overrides, DeepSpeed JSON) and completes the
+DeepSpeed config for that world size with the trainer's own code, so the same batch arithmetic and
+one-home-per-value checks run, once, on the launching node: a bad recipe fails in seconds with one
+message instead of once per rank after every node has imported torch. Prints a summary on stderr and the
+resolved output directory on stdout (the sbatch scripts read it to find metrics.jsonl); exit 2 on error.
+"""
+import argparse
+import sys
+
+from relora_ds.ds_config import complete_ds_config, load_ds_config
+from relora_ds.train_config import build_parser, config_from_args
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-size", type=int, required=True, help="ranks the launcher will start")
+    # The two flags launch/train.py declares besides the recipe's.
+    parser.add_argument("--deepspeed", metavar="PATH", help="DeepSpeed JSON (ds_configs/)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    build_parser(parser)
+    args = parser.parse_args(argv)
+    if args.world_size < 1:
+        parser.exit(2, f"error: --world-size must be >= 1, got {args.world_size}\n")
+    try:
+        cfg = config_from_args(args)
+        ds = complete_ds_config(load_ds_config(args.deepspeed), cfg, args.world_size,
+                                source=f"--deepspeed {args.deepspeed}" if args.deepspeed else "default")
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    print(f"preflight: {args.world_size} rank(s) x micro_batch_size {cfg.micro_batch_size} x "
+          f"{ds['gradient_accumulation_steps']} accumulation step(s) = global_batch_size {cfg.global_batch_size}; "
+          f"model {cfg.model}, ZeRO stage {stage}, output_dir {cfg.output_dir}", file=sys.stderr)
+    print(cfg.output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

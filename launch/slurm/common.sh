@@ -1,0 +1,88 @@
+# Shared by the sbatch scripts in this directory; sourced, not run. sbatch executes a spooled copy of the
+# job script, so they find this file through the submit directory (the repository root).
+#
+# Variables (sbatch passes the submitting shell's environment to the job):
+#   RECIPE        YAML recipe (default launch/configs/paper_130m.yaml)
+#   DS_CONFIG     DeepSpeed JSON (default ds_configs/zero2.json)
+#   OUTPUT_DIR    run directory; default: the recipe's output_dir
+#   TRAIN_ARGS    more launch/train.py flags, split on spaces
+#   PYTHON        interpreter with relora_ds installed (default: python on PATH)
+#   MASTER_PORT   rendezvous port on the first node (default: 29500 + job id mod 10000)
+#   TORCH_EXTENSIONS_DIR  DeepSpeed's JIT-compiled ops (default: per job, node-local /tmp)
+#   REQUEUE_SIGNALS  signals after whose checkpoint the job requeues itself (default: USR1)
+
+SCRIPT=${SCRIPT:-launch/slurm}  # set by the sourcing script, prefixes its messages
+say() { echo "$SCRIPT: $*"; }
+die() { echo "$SCRIPT: error: $*" >&2; exit 2; }
+
+# Missing SLURM variables mean the script was run outside sbatch (or with too few options): stop here.
+require_slurm_job() {
+    local v missing=()
+    for v in SLURM_JOB_ID SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_NTASKS "$@"; do
+        [[ -n "${!v:-}" ]] || missing+=("$v")
+    done
+    (( ${#missing[@]} == 0 )) || die "${missing[*]} not set: submit this script with sbatch (not bash)" \
+        "from the repository root, with --nodes and --ntasks-per-node"
+    command -v srun >/dev/null && command -v scontrol >/dev/null || die "srun/scontrol not on PATH on $(hostname)"
+    cd "${SLURM_SUBMIT_DIR:-.}"
+    [[ -f launch/train.py ]] || die "launch/train.py not found in $PWD: submit from the repository root"
+}
+
+# Sets train_args (launch/train.py flags) and out_dir after checking them for WORLD ranks (launch/preflight.py).
+prepare_training() {
+    local world=$1 extra=()
+    PYTHON=${PYTHON:-python}
+    train_args=(--config "${RECIPE:-launch/configs/paper_130m.yaml}" --deepspeed "${DS_CONFIG:-ds_configs/zero2.json}"
+                --resume)
+    [[ -z "${OUTPUT_DIR:-}" ]] || train_args+=(--output-dir "$OUTPUT_DIR")
+    read -r -a extra <<< "${TRAIN_ARGS:-}"
+    train_args+=("${extra[@]}")
+    out_dir=$("$PYTHON" launch/preflight.py --world-size "$world" "${train_args[@]}") || exit 2
+
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    [[ -n "$MASTER_ADDR" ]] || die "could not expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST with scontrol"
+    export MASTER_ADDR
+    export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 10000))}
+    export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/torch_extensions_$(id -un)_$SLURM_JOB_ID}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+    say "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $world rank(s) on $SLURM_JOB_NUM_NODES node(s)" \
+         "($SLURM_JOB_NODELIST), master $MASTER_ADDR:$MASTER_PORT, output $out_dir"
+}
+
+# Run `srun ARGS...` and wait for it, forwarding USR1/TERM to it. When a forwarded signal made the ranks
+# checkpoint and exit cleanly (the trainer's last metrics line is its "preempted" event), requeue the job
+# if the signal is in REQUEUE_SIGNALS. Exits with srun's status.
+srun_with_requeue() {
+    local rc=0 late=0
+    stop_signal=""
+    srun_pid=""
+    trap '_forward USR1' USR1
+    trap '_forward TERM' TERM
+    # srun in the background: bash runs a trap only between commands, and `wait` returns when one arrives.
+    srun "$@" &
+    srun_pid=$!
+    wait "$srun_pid" || rc=$?
+    while kill -0 "$srun_pid" 2>/dev/null; do  # woken by a trap: keep waiting while the ranks save
+        rc=0
+        wait "$srun_pid" || rc=$?
+    done
+    # If srun ended just after a trap woke `wait`, its status is still there to collect (127: collected).
+    wait "$srun_pid" 2>/dev/null || late=$?
+    (( late == 127 )) || rc=$late
+
+    if [[ -n "$stop_signal" && $rc -eq 0 ]] && tail -n 1 "$out_dir/metrics.jsonl" 2>/dev/null | grep -q '"preempted"'; then
+        if [[ " ${REQUEUE_SIGNALS:-USR1} " == *" $stop_signal "* ]]; then
+            say "checkpoint saved after SIG$stop_signal; requeueing job $SLURM_JOB_ID"
+            scontrol requeue "$SLURM_JOB_ID"  # ends this script; the job restarts with --resume
+        else
+            say "checkpoint saved after SIG$stop_signal; not requeueing (REQUEUE_SIGNALS=${REQUEUE_SIGNALS:-USR1})"
+        fi
+    fi
+    exit "$rc"
+}
+
+_forward() {
+    stop_signal=$1
+    say "got SIG$1: forwarding it to the ranks (they finish the step, checkpoint and exit)"
+    [[ -z "$srun_pid" ]] || kill -s "$1" "$srun_pid" 2>/dev/null || true
+}

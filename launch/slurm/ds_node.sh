@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run by srun once per node (launch/slurm/train_deepspeed.sbatch): start this node's ranks with the
+# deepspeed launcher in --no_ssh mode, so no node needs ssh access to another.
+#
+#   srun --ntasks-per-node=1 launch/slurm/ds_node.sh HOSTFILE launch/train.py --config ... --deepspeed ...
+#
+# --node_rank is this node's line in the hostfile (launch/hostfile.py node-rank): the launcher gives node
+# i the slots of line i and numbers its ranks after those of lines 0..i-1.
+set -euo pipefail
+
+(( $# >= 2 )) || { echo "ds_node.sh: error: usage: ds_node.sh HOSTFILE SCRIPT [ARGS...]" >&2; exit 2; }
+for v in MASTER_ADDR MASTER_PORT; do
+    [[ -n "${!v:-}" ]] || { echo "ds_node.sh: error: $v not set (train_deepspeed.sbatch exports it)" >&2; exit 2; }
+done
+hostfile=$1; shift
+PYTHON=${PYTHON:-python}
+node_rank=$("$PYTHON" launch/hostfile.py node-rank "$hostfile") || exit 2
+
+# SLURM delivers a step signal to every process of the step. The launcher processes ignore USR1 (the
+# disposition is inherited; the trainer installs its own handler): its default action would kill the
+# launcher, end the step, and SLURM would then kill the ranks before their checkpoint is written.
+trap '' USR1
+exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --node_rank="$node_rank" \
+    --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@"

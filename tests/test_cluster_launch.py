@@ -1,0 +1,149 @@
+"""Launcher helpers without a cluster: errors before launching (missing SLURM variables, unknown hosts,
+batch arithmetic), the per-task environment, hostfiles, and the memory table's formulas."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from launch_utils import ROOT
+
+sys.path.insert(0, str(ROOT / "launch"))
+import hostfile  # noqa: E402
+import memory_table  # noqa: E402
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                      "MASTER_PORT")}
+    return {**env, **extra}
+
+
+def _run(*cmd, env=None):
+    return subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env or _clean_env(), capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_deepspeed.sbatch"])
+def test_sbatch_script_outside_slurm_names_the_missing_variables(script):
+    proc = _run("bash", ROOT / "launch/slurm" / script)
+    assert proc.returncode == 2
+    assert ("SLURM_JOB_ID SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_NTASKS not set: submit this script "
+            "with sbatch") in proc.stderr
+    proc = _run("bash", ROOT / "launch/slurm" / script, env=_clean_env(SLURM_JOB_ID="7", SLURM_NTASKS="2"))
+    assert proc.returncode == 2 and "SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES not set" in proc.stderr
+
+
+def test_rank_env_maps_slurm_task_ids():
+    env = _clean_env(SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NTASKS="4", MASTER_ADDR="n1", MASTER_PORT="29501")
+    proc = _run(ROOT / "launch/slurm/rank_env.sh", "env", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert {"RANK=3", "LOCAL_RANK=1", "WORLD_SIZE=4"} <= set(proc.stdout.splitlines())
+    proc = _run(ROOT / "launch/slurm/rank_env.sh", "env", env=_clean_env(SLURM_PROCID="0"))
+    assert proc.returncode == 2
+    assert "SLURM_LOCALID SLURM_NTASKS MASTER_ADDR MASTER_PORT not set" in proc.stderr
+
+
+def test_ds_node_needs_the_rendezvous_and_its_own_line(tmp_path):
+    (tmp_path / "hf").write_text("n1 slots=2\nn2 slots=2\n")
+    proc = _run(ROOT / "launch/slurm/ds_node.sh", tmp_path / "hf", "launch/train.py")
+    assert proc.returncode == 2 and "MASTER_ADDR not set" in proc.stderr
+    env = _clean_env(MASTER_ADDR="n1", MASTER_PORT="29501", SLURMD_NODENAME="n9", PYTHON=sys.executable)
+    proc = _run(ROOT / "launch/slurm/ds_node.sh", tmp_path / "hf", "launch/train.py", env=env)
+    assert proc.returncode == 2 and "this node (n9" in proc.stderr and "is not in the hostfile (n1, n2)" in proc.stderr
+
+
+def test_preflight_checks_batch_arithmetic_for_the_world_size():
+    args = ["--config", "launch/configs/tiny.yaml", "--deepspeed", "ds_configs/zero2.json", "--micro-batch-size",
+            "4", "--global-batch-size", "24"]
+    proc = _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "runs/tiny\n"  # the resolved output_dir, for the sbatch scripts
+    assert "3 rank(s) x micro_batch_size 4 x 2 accumulation step(s) = global_batch_size 24" in proc.stderr
+    proc = _run(sys.executable, "launch/preflight.py", "--world-size", "4", *args)
+    assert proc.returncode == 2
+    assert "global_batch_size=24 is not divisible by micro_batch_size=4 x world_size=4 = 16" in proc.stderr
+    proc = _run(sys.executable, "launch/preflight.py", "--world-size", "2", *args[:2], "--deepspeed", "nope.json")
+    assert proc.returncode == 2 and "--deepspeed nope.json: no such file" in proc.stderr
+
+
+def test_hostfile_parse_errors():
+    assert hostfile.parse_hostfile("# nodes\nn1 slots=8\n\nn2 slots=4  # half\n") == {"n1": 8, "n2": 4}
+    for text, msg in [("n1 slots=8\nn1 slots=8\n", "hostfile:2: host 'n1' is listed twice"),
+                      ("n1 slots=0\n", "slots=0; need at least 1"),
+                      ("n1 8\n", "hostfile:1: 'n1 8' is not 'HOST slots=N'"),
+                      ("n1 slots=8 extra\n", "is not 'HOST slots=N'"),
+                      ("# only a comment\n", "no 'HOST slots=N' lines")]:
+        with pytest.raises(ValueError, match=msg):
+            hostfile.parse_hostfile(text)
+
+
+def test_hostfile_check_names_unknown_hosts(tmp_path, monkeypatch):
+    hf = tmp_path / "hostfile"
+    hf.write_text("localhost slots=2\nnode-that-does-not-exist.invalid slots=2\n")
+    proc = _run(sys.executable, "launch/hostfile.py", "check", hf)
+    assert proc.returncode == 2
+    assert "unknown host(s) node-that-does-not-exist.invalid: names that do not resolve" in proc.stderr
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    with pytest.raises(ValueError, match=r"unknown host\(s\) n3: not nodes of SLURM job 42 \(its nodes: n1, n2\)"):
+        hostfile.check({"n1": 8, "n3": 8}, ["n1", "n2"])
+    proc = _run(sys.executable, "launch/hostfile.py", "check", tmp_path / "missing")
+    assert proc.returncode == 2 and "no such file (the deepspeed launcher would silently train" in proc.stderr
+    hf.write_text("localhost slots=2\n")
+    proc = _run(sys.executable, "launch/hostfile.py", "check", hf)
+    assert (proc.returncode, proc.stdout) == (0, "2\n")  # the world size
+
+
+def test_hostfile_node_rank_and_from_slurm_outside_a_job(tmp_path):
+    assert hostfile.node_rank({"n1": 8, "n2": 8, "n3": 8}, "n2") == 1
+    proc = _run(sys.executable, "launch/hostfile.py", "from-slurm", "--slots", "8")
+    assert proc.returncode == 2 and "SLURM_JOB_NODELIST is not set" in proc.stderr
+
+
+def test_memory_table_parameter_counts_match_the_model():
+    from relora_ds import LlamaConfig, LlamaForCausalLM, lora_parameters, wrap
+
+    for name, rank in [("tiny", 32), ("60m", 128)]:
+        cfg = LlamaConfig.preset(name)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        c = memory_table.param_counts(cfg, rank)
+        assert c["projections"] + c["other"] == model.num_parameters()
+        with torch.device("meta"):
+            wrap(model, rank=rank)
+        assert c["lora"] == sum(p.numel() for p in lora_parameters(model))
+
+
+@pytest.mark.parametrize("rank", [None, 16])
+def test_activation_formula_matches_saved_tensors(rank):
+    """The formula's saved part (all but 6 s V of transient logits/gradient bytes) equals what autograd keeps."""
+    from relora_ds import LlamaConfig, LlamaForCausalLM, wrap
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig.preset("tiny", attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    if rank:
+        wrap(model, rank=rank)
+    b, s = 2, 128
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, cfg.vocab_size, (b, s))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids)
+    formula = b * (memory_table.activation_bytes(cfg, s, rank) - 6 * s * cfg.vocab_size)
+    assert sum(saved.values()) == pytest.approx(formula, rel=0.01)
+
+
+def test_memory_table_prints_every_preset():
+    proc = _run(sys.executable, "launch/memory_table.py")
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "preset" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == list(memory_table.PRESETS)

@@ -1,0 +1,52 @@
+"""`mpirun -np 2 python launch/train.py ...`: ranks found through mpi4py by
+deepspeed.init_distributed(auto_mpi_discovery=True), with no RANK/WORLD_SIZE in the environment.
+Set RELORA_SKIP_MPI=1 to skip; without it, a missing mpirun or mpi4py fails here with the reason."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch_utils import ROOT, launch_env
+
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _mpirun() -> list[str]:
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    exe = shutil.which("mpirun", path=path)
+    if exe is None:
+        pytest.fail("mpirun not found: pip install -e '.[mpi]' (mpi4py and the mpich wheel) or set RELORA_SKIP_MPI=1")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    # Open MPI refuses root without these flags; MPICH's hydra needs none.
+    extra = ["--allow-run-as-root", "--oversubscribe"] if "Open MPI" in version and os.geteuid() == 0 else []
+    return [exe, *extra]
+
+
+def test_mpirun_two_ranks(tmp_path):
+    if os.environ.get("RELORA_SKIP_MPI") == "1":
+        pytest.skip("RELORA_SKIP_MPI=1")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError as e:
+        pytest.fail(f"mpi4py not importable ({e}): pip install -e '.[mpi]' or set RELORA_SKIP_MPI=1")
+    env = {k: v for k, v in launch_env().items() if k not in DIST_VARS and not k.startswith(("SLURM_", "PMI_"))}
+    # DeepSpeed's MPI discovery sets MASTER_ADDR from rank 0's `hostname -I` and MASTER_PORT to 29500
+    # (init_distributed's distributed_port), whatever the environment says.
+    out = tmp_path / "run"
+    cmd = [*_mpirun(), "-np", "2", sys.executable, str(ROOT / "launch/train.py"),
+           "--config", str(ROOT / "launch/configs/tiny.yaml"), "--deepspeed", str(ROOT / "ds_configs/zero2.json"),
+           "--total-steps", "12", "--warm-start-steps", "4", "--cycle-length", "4", "--restart-warmup-steps", "2",
+           "--warmup-steps", "2", "--eval-every", "12", "--eval-batches", "2", "--micro-batch-size", "4",
+           "--global-batch-size", "8", "--seq-len", "64", "--no-export", "--output-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "2 rank(s), bf16=True, ZeRO stage 2, 12 steps" in log
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 13))
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [8]
+    assert (out / "checkpoints/latest").read_text() == "step_12"

@@ -1,0 +1,127 @@
+"""launch/slurm/*.sbatch on a real one-node SLURM (Debian's slurmctld/slurmd/munge, installed if missing):
+a 2-rank run, a USR1 checkpoint-requeue-resume, the deepspeed --hostfile --no_ssh variant, and jobs that
+must stop before any rank starts. Set RELORA_SKIP_SLURM=1 to skip (documented in docs/cluster.md);
+without it, a machine where SLURM cannot be installed or started fails here with the reason."""
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch_utils import ROOT, launch_env
+
+sys.path.insert(0, str(Path(__file__).parent / "cluster"))
+from local_slurm import LocalSlurm  # noqa: E402
+
+# tiny.yaml shortened: switch to ReLoRA at 8, resets at 16 and 24, eval at 15 and 30, checkpoints every 10.
+SHORT = ("--total-steps 30 --warm-start-steps 8 --cycle-length 8 --restart-warmup-steps 3 --warmup-steps 4 "
+         "--eval-every 15 --eval-batches 2 --save-every 10 --micro-batch-size 4 --global-batch-size 8 --seq-len 64")
+ONE_NODE = ["--nodes=1", "--gpus-per-node=0"]  # this cluster has 2 CPUs and no GPUs
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory, request):
+    if os.environ.get("RELORA_SKIP_SLURM") == "1":
+        pytest.skip("RELORA_SKIP_SLURM=1")
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    request.addfinalizer(cluster.stop)  # also after a failed start: stop whatever did start
+    return cluster.start()
+
+
+def _submit(slurm, tmp_path, script, *options, **variables):
+    env = {k: v for k, v in launch_env().items() if not k.startswith("SLURM_")}
+    env.update({"PYTHON": sys.executable, "RECIPE": "launch/configs/tiny.yaml", "DS_CONFIG": "ds_configs/zero2.json",
+                "OUTPUT_DIR": str(tmp_path / "run"), "TRAIN_ARGS": SHORT, **variables})
+    return slurm.submit(ROOT / "launch/slurm" / script, *ONE_NODE, f"--output={tmp_path}/%x-%j.out", *options,
+                        env=env, cwd=ROOT)
+
+
+def _log(tmp_path, job_id) -> str:
+    return next(tmp_path.glob(f"*-{job_id}.out")).read_text(errors="replace")
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_finished(info, log):
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n--- job log\n{log[-5000:]}"
+
+
+def test_srun_job_two_ranks_resets_checkpoint(slurm, tmp_path):
+    job = _submit(slurm, tmp_path, "train.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1")
+    info = slurm.wait(job)
+    log = _log(tmp_path, job)
+    _assert_finished(info, log)
+    assert f"train.sbatch: job {job} restart 0: 2 rank(s) on 1 node(s)" in log
+    assert "2 rank(s), bf16=True, ZeRO stage 2, 30 steps" in log  # the trainer's own count of ranks
+    recs = _records(tmp_path / "run")
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [16, 24]
+    assert sorted(r["step"] for r in recs if "loss" in r) == list(range(1, 31))
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step_30"
+    assert (tmp_path / "run/hf/config.json").is_file()
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    job = _submit(slurm, tmp_path, "train.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1",
+                  TRAIN_ARGS=SHORT.replace("--total-steps 30", "--total-steps 40").replace("--save-every 10",
+                                                                                           "--save-every 100"))
+    metrics = tmp_path / "run/metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and '"step": 10,' in metrics.read_text()):  # past the switch to ReLoRA
+        assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), \
+            f"job {job} never reached step 10: {slurm.job(job)}"
+        time.sleep(0.1)
+    # What SLURM does 120 s before the time limit (--signal=B:USR1@120): USR1 to the batch script only.
+    slurm.run("scancel", "--batch", "--signal=USR1", job)
+    info = slurm.wait(job)
+    log = _log(tmp_path, job)
+    _assert_finished(info, log)
+    assert info["Restarts"] == "1", info
+    recs = _records(tmp_path / "run")
+    stopped = [r["step"] for r in recs if r.get("event") == "preempted"]
+    assert len(stopped) == 1 and 10 <= stopped[0] < 40, (stopped, log[-3000:])
+    n = stopped[0]
+    assert re.search(rf"stopped by signal 10 after step {n}; checkpoint saved", log)
+    assert f"requeueing job {job}" in log and f"job {job} restart 1: 2 rank(s)" in log
+    assert f"resumed from {tmp_path}/run/checkpoints/step_{n} at step {n}" in log
+    steps = [r["step"] for r in recs if "loss" in r]
+    assert steps == list(range(1, 41)), steps  # every step once: nothing lost, nothing repeated
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [16, 24, 32]
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step_40"
+
+
+def test_deepspeed_launcher_variant(slurm, tmp_path):
+    job = _submit(slurm, tmp_path, "train_deepspeed.sbatch", "--ntasks-per-node=1", "--cpus-per-task=2",
+                  GPUS_PER_NODE="2", TRAIN_ARGS=SHORT.replace("--total-steps 30", "--total-steps 10")
+                  .replace("--save-every 10", "--save-every 0") + " --no-export")
+    info = slurm.wait(job)
+    log = _log(tmp_path, job)
+    _assert_finished(info, log)
+    assert (tmp_path / f"run/hostfile-{job}").read_text() == "localhost slots=2\n"
+    assert "2 rank(s), bf16=True, ZeRO stage 2, 10 steps" in log
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step_10"
+
+
+def test_bad_batch_arithmetic_stops_the_job_before_any_rank(slurm, tmp_path):
+    job = _submit(slurm, tmp_path, "train.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1",
+                  TRAIN_ARGS=SHORT.replace("--global-batch-size 8", "--global-batch-size 12"))
+    info = slurm.wait(job)
+    log = _log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), info
+    assert "global_batch_size=12 is not divisible by micro_batch_size=4 x world_size=2" in log
+    assert "rank(s), bf16" not in log and not (tmp_path / "run").exists()
+
+
+def test_hostfile_naming_a_host_outside_the_job_is_an_error(slurm, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\ngpu-node-7 slots=2\n")
+    job = _submit(slurm, tmp_path, "train_deepspeed.sbatch", "--ntasks-per-node=1", "--cpus-per-task=2",
+                  HOSTFILE=str(hostfile))
+    info = slurm.wait(job)
+    log = _log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), info
+    assert f"unknown host(s) gpu-node-7: not nodes of SLURM job {job} (its nodes: localhost)" in log

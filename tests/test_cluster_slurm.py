@@ -65,16 +65,21 @@ def test_srun_job_two_ranks_resets_checkpoint(slurm, tmp_path):
     assert (tmp_path / "run/hf/config.json").is_file()
 
 
-def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
-    job = _submit(slurm, tmp_path, "train.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1",
-                  TRAIN_ARGS=SHORT.replace("--total-steps 30", "--total-steps 40").replace("--save-every 10",
-                                                                                           "--save-every 100"))
-    metrics = tmp_path / "run/metrics.jsonl"
+def _wait_for_step(slurm, job, run_dir: Path, step: int):
+    metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while not (metrics.is_file() and '"step": 10,' in metrics.read_text()):  # past the switch to ReLoRA
+    while not (metrics.is_file() and f'"step": {step},' in metrics.read_text()):
         assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING"), \
-            f"job {job} never reached step 10: {slurm.job(job)}"
+            f"job {job} never reached step {step}: {slurm.job(job)}"
         time.sleep(0.1)
+
+
+LONGER = SHORT.replace("--total-steps 30", "--total-steps 40").replace("--save-every 10", "--save-every 100")
+
+
+def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    job = _submit(slurm, tmp_path, "train.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1", TRAIN_ARGS=LONGER)
+    _wait_for_step(slurm, job, tmp_path / "run", 10)  # past the switch to ReLoRA
     # What SLURM does 120 s before the time limit (--signal=B:USR1@120): USR1 to the batch script only.
     slurm.run("scancel", "--batch", "--signal=USR1", job)
     info = slurm.wait(job)
@@ -92,6 +97,20 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert steps == list(range(1, 41)), steps  # every step once: nothing lost, nothing repeated
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [16, 24, 32]
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step_40"
+
+
+def test_term_to_the_batch_script_checkpoints_without_requeue(slurm, tmp_path):
+    # srun answers SIGTERM by SIGKILLing its tasks: the script must reach the ranks without it.
+    job = _submit(slurm, tmp_path, "train.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1",
+                  TRAIN_ARGS=LONGER + " --no-export")
+    _wait_for_step(slurm, job, tmp_path / "run", 5)
+    slurm.run("scancel", "--batch", "--signal=TERM", job)
+    info = slurm.wait(job)
+    log = _log(tmp_path, job)
+    _assert_finished(info, log)
+    assert info["Restarts"] == "0" and "not requeueing (REQUEUE_SIGNALS=USR1)" in log, info
+    n = [r["step"] for r in _records(tmp_path / "run") if r.get("event") == "preempted"]
+    assert len(n) == 1 and (tmp_path / "run/checkpoints/latest").read_text() == f"step_{n[0]}" and n[0] < 40
 
 
 def test_deepspeed_launcher_variant(slurm, tmp_path):

@@ -59,7 +59,9 @@ srun_with_requeue() {
     trap '_forward USR1' USR1
     trap '_forward TERM' TERM
     # srun in the background: bash runs a trap only between commands, and `wait` returns when one arrives.
-    srun "$@" &
+    # srun answers SIGTERM by SIGKILLing its tasks before they can checkpoint (tested: a TERM forwarded to
+    # srun ends the job 137), so srun ignores TERM and _forward signals the ranks through scancel.
+    ( trap '' TERM; exec srun "$@" ) &
     srun_pid=$!
     wait "$srun_pid" || rc=$?
     while kill -0 "$srun_pid" 2>/dev/null; do  # woken by a trap: keep waiting while the ranks save
@@ -84,5 +86,7 @@ srun_with_requeue() {
 _forward() {
     stop_signal=$1
     say "got SIG$1: forwarding it to the ranks (they finish the step, checkpoint and exit)"
-    [[ -z "$srun_pid" ]] || kill -s "$1" "$srun_pid" 2>/dev/null || true
+    # To the tasks of the job's steps, not to srun (see above) nor to this script (no --batch). It fails,
+    # harmlessly, when SLURM is already cancelling the job: then SLURM signals the ranks itself.
+    scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || true
 }

@@ -72,7 +72,8 @@ srun_with_requeue() {
     wait "$srun_pid" 2>/dev/null || late=$?
     (( late == 127 )) || rc=$late
 
-    if [[ -n "$stop_signal" && $rc -eq 0 ]] && tail -n 1 "$out_dir/metrics.jsonl" 2>/dev/null | grep -q '"preempted"'; then
+    if [[ -n "$stop_signal" && $rc -eq 0 ]] \
+        && tail -n 1 "$out_dir/metrics.jsonl" 2>/dev/null | grep -q '"preempted"'; then
         if [[ " ${REQUEUE_SIGNALS:-USR1} " == *" $stop_signal "* ]]; then
             say "checkpoint saved after SIG$stop_signal; requeueing job $SLURM_JOB_ID"
             scontrol requeue "$SLURM_JOB_ID"  # ends this script; the job restarts with --resume

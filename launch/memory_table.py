@@ -1,4 +1,4 @@
-"""Per-GPU memory of the model presets by ZeRO stage, and the largest micro-batch that fits (docs/cluster.md).
+"""Per-GPU memory of the model presets by ZeRO stage, and the largest micro-batch that fits (README.md, "Running on a cluster").
 
     python launch/memory_table.py                       # 80 GB GPUs, 8 per ZeRO group, r=128, seq 512
     python launch/memory_table.py --gpus 16 --memory-gb 141 --global-batch-size 1152

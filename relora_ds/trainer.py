@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -43,7 +44,10 @@ def _shifted(step: int, *, fn, offset: int) -> float:
 class Trainer:
     def __init__(self, cfg: TrainConfig, ds_config_path: str | None = None):
         self.cfg = cfg
-        deepspeed.init_distributed(auto_mpi_discovery=True)
+        # Under mpirun DeepSpeed discovers ranks through mpi4py and would take port 29500 whatever the
+        # environment says; honour MASTER_PORT so that two MPI jobs can share a node.
+        deepspeed.init_distributed(auto_mpi_discovery=True,
+                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")

@@ -1,6 +1,6 @@
 """launch/slurm/*.sbatch on a real one-node SLURM (Debian's slurmctld/slurmd/munge, installed if missing):
 a 2-rank run, a USR1 checkpoint-requeue-resume, the deepspeed --hostfile --no_ssh variant, and jobs that
-must stop before any rank starts. Set RELORA_SKIP_SLURM=1 to skip (documented in docs/cluster.md);
+must stop before any rank starts. Set RELORA_SKIP_SLURM=1 to skip (documented in README.md, "Running on a cluster");
 without it, a machine where SLURM cannot be installed or started fails here with the reason."""
 import json
 import os

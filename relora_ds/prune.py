@@ -76,6 +76,11 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     reset it either; keeping it makes single-process and ZeRO runs identical. The restart warmup is what
     keeps the first updates after a reset small.
 
+    Caveat (seen in tests/dist/zero_reset_worker.py): each moment is pruned by its own magnitudes, as in the
+    paper, so an entry can keep exp_avg while losing exp_avg_sq. Right after a reset B = 0, so lora_A's
+    gradient is exactly zero and such an entry's Adam update is ~lr·m/eps until v refills: the restart
+    warmup (LR from 0) is what keeps these first updates small.
+
     Accepts torch Adam/AdamW or a DeepSpeed engine (ZeRO-partitioned state, see zero_reset.py).
     Returns ``{key: fraction of entries zeroed}`` over all given params.
     """

@@ -9,3 +9,15 @@ def small_data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "builtin-512"
     prepare_data(None, out, vocab_size=512, max_docs=1500)
     return out
+
+
+@pytest.fixture
+def kernels_on(monkeypatch, request):
+    """Force the Triton path for one test: interpreter on CPU, compiled on CUDA; poison new buffers."""
+    callspec = getattr(request.node, "callspec", None)
+    device = callspec.params.get("device", "cpu") if callspec else "cpu"
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("RELORA_KERNELS_POISON", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if device == "cpu" else "0")
+    monkeypatch.delenv("RELORA_DETERMINISTIC", raising=False)
+    return device

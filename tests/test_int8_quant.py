@@ -19,16 +19,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not HAS_CUDA, reason="needs a CUDA GPU: the int8 kernels then run compiled"))]
 
 
-@pytest.fixture
-def kernels_on(monkeypatch, request):
-    callspec = getattr(request.node, "callspec", None)
-    device = callspec.params.get("device", "cpu") if callspec else "cpu"
-    monkeypatch.setenv("RELORA_KERNELS", "triton")
-    monkeypatch.setenv("RELORA_KERNELS_POISON", "1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if device == "cpu" else "0")
-    return device
-
-
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

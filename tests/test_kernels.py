@@ -47,18 +47,6 @@ def rel_err(got, want):
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
-@pytest.fixture
-def kernels_on(monkeypatch, request):
-    """Force the Triton path for one test: interpreter on CPU, compiled on CUDA; poison new buffers."""
-    callspec = getattr(request.node, "callspec", None)
-    device = callspec.params.get("device", "cpu") if callspec else "cpu"
-    monkeypatch.setenv("RELORA_KERNELS", "triton")
-    monkeypatch.setenv("RELORA_KERNELS_POISON", "1")
-    monkeypatch.setenv("TRITON_INTERPRET", "1" if device == "cpu" else "0")
-    monkeypatch.delenv("RELORA_DETERMINISTIC", raising=False)
-    return device
-
-
 def make_inputs(lead, d_in, d_out, r, has_bias, dtype, device, seed):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s, std=1.0: (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)  # noqa: E731

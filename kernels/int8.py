@@ -1,16 +1,24 @@
-"""int8 frozen base weights: dequantize-to-scratch linear and the one-kernel drift-free merge.
+"""int8 frozen base weights: the fused LoRA linear on an int8 weight, and the one-kernel drift-free merge.
 
-Storage and rounding: see :mod:`relora_kernels.int8_reference` (the twins). Two kernels:
+Storage and rounding: see :mod:`relora_kernels.int8_reference` (the twins). Two ways to run the linear,
+chosen by :data:`IN_GEMM_DEQUANT` (benchmark providers ``int8_scratch`` and ``int8_gemm`` in
+launch/bench_int8.py):
 
-- ``_dequant_kernel``: ``W = q · scale`` into a bf16/fp16/fp32 scratch buffer, then the existing fused
-  bf16 LoRA kernels (kernels/linear.py) run unchanged. The scratch (out × in × 2 B) lives only inside one
-  layer's forward or backward: autograd saves the int8 weight, and backward dequantizes again.
-  Why scratch and not dequantization inside the GEMM's weight-tile load: public H100 numbers put in-GEMM
-  int8→bf16 Triton GEMMs at 40–65% of bf16, while the scratch copy costs one read of int8 + one write and
-  read of bf16 W (≈2–4% of the GEMM at M ≥ 8k tokens). Measured (H100, bf16, M=16384, r=128,
-  launch/bench_int8.py): fused fwd+bwd speed vs the bf16 base 0.967–0.974 at 4096², 0.989 at 2048×5461,
-  0.76–0.94 at 2048² (1.3 ms calls, noisy between runs); dequant 22 µs at 4096². In-GEMM dequantization
-  is not implemented, so the choice is not yet confirmed against it.
+- scratch (default): ``_dequant_kernel`` writes ``W = q · scale`` into a bf16/fp16/fp32 buffer, then the
+  fused bf16 LoRA kernels (kernels/linear.py) run unchanged. The scratch (out × in × 2 B) lives only inside
+  one layer's forward or backward: autograd saves the int8 weight, and backward dequantizes again. Cost:
+  one read of int8 + one write and read of bf16 W, ≈2–4% of the GEMM at M ≥ 8k tokens.
+- in-GEMM: the concatenated-K GEMM loads int8 weight tiles and converts them in registers
+  (kernels/matmul.py ``B1_SCALE``): the forward applies the per-output-channel scale in the epilogue (before
+  the low-rank term joins the accumulator), dX multiplies each weight-tile row by its scale. No scratch
+  buffer and half the weight bytes per tile; the conversion sits in the GEMM's inner loop instead (public
+  Hopper numbers for Triton int8×bf16 GEMMs: 40–65% of bf16).
+
+Measured (H100, bf16, M=16384, r=128, launch/bench_int8.py, scratch): fused fwd+bwd speed vs the bf16 base
+0.967–0.974 at 4096², 0.989 at 2048×5461, 0.76–0.94 at 2048² (1.3 ms calls, noisy between runs); dequant
+22 µs at 4096². The in-GEMM path is tested against the twins (interpreter, and compiled on a GPU) but has
+not been timed on a GPU yet, so the scratch path stays the default.
+
 - ``_int8_merge_kernel``: ``(q, scale, residual) ← quantize(dequantize(q, scale, residual) + s·B·A)``. The
   new absmax scale needs the whole new row, so each program owns BLOCK_N full rows and walks K twice:
   pass 1 computes the new row maxima, pass 2 recomputes each tile and writes q and residual in place
@@ -29,6 +37,9 @@ from .int8_reference import QMAX, RES_STEPS, int8_dequantize_reference, int8_lor
     int8_merge_reference_
 from .linear import _check_args, lora_backward, lora_forward
 from .reference import check_dropout_p, dropout_keep_mask
+
+# False: dequantize to a scratch buffer, then the bf16 kernels; True: dequantize inside the GEMM tiles.
+IN_GEMM_DEQUANT = False
 
 _QMAX = tl.constexpr(QMAX)  # kernels may read only constexpr globals
 _RES_STEPS = tl.constexpr(RES_STEPS)
@@ -183,17 +194,21 @@ def int8_merge_(q, scale, residual, lora_A, lora_B, s):
 # Autograd
 # ----------------------------------------------------------------------------------------------------
 class Int8LoRALinearFunction(torch.autograd.Function):
-    """The fused LoRA linear with an int8 base: dequantize to scratch in forward and again in backward."""
+    """The fused LoRA linear with an int8 base: dequantized to scratch (forward, and again in backward) or
+    inside the GEMM tiles (``in_gemm``); either way only the int8 weight is saved for backward."""
 
     @staticmethod
-    def forward(ctx, x, q, w_scale, lora_A, lora_B, bias, scale, keep, dropout_p, deterministic):
+    def forward(ctx, x, q, w_scale, lora_A, lora_B, bias, scale, keep, dropout_p, deterministic, in_gemm):
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)  # (M, in)
         keep2 = keep.reshape(-1, d_in).view(torch.uint8) if keep is not None else None
-        w = dequant_launch(q, w_scale, x.dtype)  # scratch, freed on return
-        y2, s = lora_forward(x2, w, lora_A, lora_B, scale, bias, keep2, dropout_p)
+        if in_gemm:
+            y2, s = lora_forward(x2, q, lora_A, lora_B, scale, bias, keep2, dropout_p, weight_scale=w_scale)
+        else:
+            w = dequant_launch(q, w_scale, x.dtype)  # scratch, freed on return
+            y2, s = lora_forward(x2, w, lora_A, lora_B, scale, bias, keep2, dropout_p)
         ctx.save_for_backward(x2, s, q, w_scale, lora_A, lora_B, keep2)
-        ctx.scale, ctx.dropout_p, ctx.deterministic = scale, dropout_p, deterministic
+        ctx.scale, ctx.dropout_p, ctx.deterministic, ctx.in_gemm = scale, dropout_p, deterministic, in_gemm
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return y2.reshape(*x.shape[:-1], q.shape[0])
 
@@ -202,19 +217,24 @@ class Int8LoRALinearFunction(torch.autograd.Function):
         x2, s, q, w_scale, lora_A, lora_B, keep2 = ctx.saved_tensors
         need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
-        w = dequant_launch(q, w_scale, dy.dtype)
+        if ctx.in_gemm:
+            w, w_s = q, w_scale
+        else:
+            w, w_s = (dequant_launch(q, w_scale, dy.dtype) if need_x else None), None
         dx2, da, db = lora_backward(dy2, x2, s, w, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p,
-                                    ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b)
+                                    ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b, weight_scale=w_s)
         dx = dx2.reshape(ctx.x_shape) if dx2 is not None else None
         dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if (ctx.has_bias and need_bias) else None
-        return dx, None, None, (da if need_a else None), (db if need_b else None), dbias, None, None, None, None
+        return (dx, None, None, (da if need_a else None), (db if need_b else None), dbias, None, None, None, None,
+                None)
 
 
 def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True,
-                     generator=None, *, deterministic=None):
+                     generator=None, *, deterministic=None, in_gemm=None):
     """``x @ (q·w_scale).T (+ bias) + scale · dropout(x) @ A.T @ B.T``; dispatches like ``lora_linear``.
 
     q int8 (out, in), w_scale (out,) (bf16); the dequantized weight is never saved for backward.
+    ``in_gemm``: dequantize inside the GEMM tiles instead of to a scratch buffer (None: :data:`IN_GEMM_DEQUANT`).
     """
     if q.dtype != torch.int8 or w_scale.shape != (q.shape[0],):
         raise ValueError(f"int8_lora_linear: expected int8 q (out, in) and scale (out,); got {q.dtype} "
@@ -230,4 +250,5 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
     _runtime.check_device(x)
     keep = dropout_keep_mask(x, p, generator) if (training and p > 0.0) else None
     return Int8LoRALinearFunction.apply(x, q, w_scale, lora_A, lora_B, bias, float(scale), keep,
-                                        p if keep is not None else 0.0, _runtime.deterministic_mode(deterministic))
+                                        p if keep is not None else 0.0, _runtime.deterministic_mode(deterministic),
+                                        IN_GEMM_DEQUANT if in_gemm is None else bool(in_gemm))

@@ -98,17 +98,20 @@ def fused_ds_db(dy, lora_B, s, scale, db_dtype=None):
     return ds, (db32 if db_dtype == torch.float32 else db32.to(db_dtype))
 
 
-def lora_forward(x, weight, lora_A, lora_B, scale, bias=None, keep=None, dropout_p=0.0):
-    """x (M, in) -> (y (M, out), s (M, r)). ``keep``: (M, in) keep-mask, or None for no dropout."""
+def lora_forward(x, weight, lora_A, lora_B, scale, bias=None, keep=None, dropout_p=0.0, weight_scale=None):
+    """x (M, in) -> (y (M, out), s (M, r)). ``keep``: (M, in) keep-mask, or None for no dropout.
+    ``weight_scale`` (out,): ``weight`` is int8 and dequantized inside the GEMM (kernels/int8.py)."""
     inv_keep = 1.0 / (1.0 - dropout_p) if keep is not None else 1.0
     s = concat_matmul(x, lora_A.t(), alpha=inv_keep, mask=keep, mask_mode=MASK_A1)
-    y = concat_matmul(x, weight.t(), s, lora_B.t(), beta=scale, bias=bias)
+    y = concat_matmul(x, weight.t(), s, lora_B.t(), beta=scale, bias=bias, b1_scale=weight_scale,
+                      b1_scale_mode=0 if weight_scale is None else 1)
     return y, s
 
 
 def lora_backward(dy, x, s, weight, lora_A, lora_B, scale, keep=None, dropout_p=0.0, deterministic=False,
-                  need_dx=True, need_lora=True):
-    """dy (M, out) -> (dx (M, in) or None, dA (r, in) or None, dB (out, r) or None)."""
+                  need_dx=True, need_lora=True, weight_scale=None):
+    """dy (M, out) -> (dx (M, in) or None, dA (r, in) or None, dB (out, r) or None).
+    ``weight_scale`` (out,): ``weight`` is int8, dequantized inside the dX GEMM."""
     inv_keep = 1.0 / (1.0 - dropout_p) if keep is not None else 1.0
     if deterministic or not need_lora or not FUSE_DS_DB:
         ds = concat_matmul(dy, lora_B, alpha=scale)
@@ -118,7 +121,8 @@ def lora_backward(dy, x, s, weight, lora_A, lora_B, scale, keep=None, dropout_p=
         ds, db = fused_ds_db(dy, lora_B, s, scale)
     da = (concat_matmul(ds.t(), x, alpha=inv_keep, mask=keep, mask_mode=MASK_B1, reduce_k=True,
                         deterministic=deterministic, out_dtype=lora_A.dtype) if need_lora else None)
-    dx = concat_matmul(dy, weight, ds, lora_A, beta=inv_keep, mask=keep, mask_mode=MASK_OUT2) if need_dx else None
+    dx = (concat_matmul(dy, weight, ds, lora_A, beta=inv_keep, mask=keep, mask_mode=MASK_OUT2, b1_scale=weight_scale,
+                        b1_scale_mode=0 if weight_scale is None else 2) if need_dx else None)
     return dx, da, db
 
 

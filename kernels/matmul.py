@@ -10,7 +10,14 @@ Operands are given as (pointer, strides) of their *logical* shape, so a transpos
 - low-rank      S = drop(X) @ A.T,  dS = s·dY @ B,  dA = dS.T @ drop(X),  dB = s·dY.T @ S  (no second term)
 
 The two K loops share one fp32 accumulator, so the low-rank term adds r/BK iterations to the tile and no
-extra pass over C. Without an output mask, beta is folded into the B2 tile (that is the ``[W | s·B]`` of the
+extra pass over C.
+
+int8 B1 (a frozen base weight stored as ``q`` int8 with a per-output-channel scale, kernels/int8.py): the
+int8 tile is converted to the compute dtype in registers (exact: |q| ≤ 127) and the scale applied where it
+is cheapest. ``B1_SCALE=1`` (forward, ``B1 = q.T``: one scale per output column n): the first loop's
+accumulator is multiplied by ``scale[n]`` once, before the r-loop adds the low-rank term. ``B1_SCALE=2``
+(dX, ``B1 = q``: one scale per K row): each weight tile row is multiplied by ``scale[k]`` in fp32 and
+rounded to the compute dtype, which is what a dequantized bf16 weight holds. Without an output mask, beta is folded into the B2 tile (that is the ``[W | s·B]`` of the
 paper); with one (dX under dropout), the second loop gets its own accumulator.
 
 A split over K1 (``split > 1``) serves the reductions over tokens (dA, dB): each split writes an fp32 partial
@@ -30,13 +37,14 @@ MASK_NONE, MASK_A1, MASK_B1, MASK_OUT2 = 0, 1, 2, 3  # which operand the uint8 k
 
 @triton.jit
 def _concat_k_matmul_kernel(
-        a1_ptr, b1_ptr, a2_ptr, b2_ptr, mask_ptr, bias_ptr, c_ptr,
+        a1_ptr, b1_ptr, a2_ptr, b2_ptr, mask_ptr, bias_ptr, b1s_ptr, c_ptr,
         M, N, K1, K2, k1_per_split,
         stride_a1m, stride_a1k, stride_b1k, stride_b1n,
         stride_a2m, stride_a2k, stride_b2k, stride_b2n,
         stride_mask0, stride_mask1, stride_cs, stride_cm, stride_cn,
         alpha, beta,
         HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr, ATOMIC: tl.constexpr,
+        B1_SCALE: tl.constexpr,
         EVEN_K1: tl.constexpr, EVEN_K2: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped tile order: GROUP_M row-tiles share each B column-tile while it is hot in L2.
@@ -86,7 +94,14 @@ def _concat_k_matmul_kernel(
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        if B1_SCALE == 2:  # int8 weight rows (K) times their scale: the dequantized tile, in registers
+            ks = tl.load(b1s_ptr + kk, mask=kk < k_end, other=0.0).to(tl.float32)
+            b = (b.to(tl.float32) * ks[:, None]).to(a.dtype)
+        elif B1_SCALE == 1:
+            b = b.to(a.dtype)  # int8 -> 16-bit/fp32 is exact; the scale waits for the epilogue
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if B1_SCALE == 1:  # per-output-column scale of the int8 weight, before the low-rank term joins
+        acc = acc * tl.load(b1s_ptr + rn).to(tl.float32)[None, :]
 
     if HAS_SECOND:  # the short r-loop of the concatenated K: [A1 | A2] @ [B1 ; B2]
         if MASK_MODE == 3:
@@ -189,14 +204,15 @@ def _split_count(M: int, N: int, K1: int, cfg: dict, device: torch.device) -> in
 # Launchers (no autograd): importable by tests and benchmarks
 # ----------------------------------------------------------------------------------------------------
 def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, mask=None, mask_mode=MASK_NONE,
-                  out_dtype=None, reduce_k=False, deterministic=False, out=None):
+                  out_dtype=None, reduce_k=False, deterministic=False, out=None, b1_scale=None, b1_scale_mode=0):
     """C = alpha * (a1 @ b1 + beta * mask ⊙ (a2 @ b2)) (+ bias), fp32 accumulation.
 
     a1 (M, K1), b1 (K1, N), a2 (M, K2), b2 (K2, N): any strides (pass ``W.t()`` etc.). ``mask``: bool or
     uint8 keep-mask shaped like the operand named by ``mask_mode``. ``reduce_k``: K1 is a long reduction
     with few output tiles (dA, dB over tokens): split it over programs, combining the fp32 partials in a
     fixed order when ``deterministic`` or with atomics otherwise. Returns C (M, N) of ``out_dtype``
-    (default a1's dtype), written into ``out`` when given.
+    (default a1's dtype), written into ``out`` when given. ``b1`` int8 with ``b1_scale``: B1 is
+    ``b1 · b1_scale`` per column (``b1_scale_mode=1``, shape (N,)) or per row (``b1_scale_mode=2``, (K1,)).
     """
     M, K1 = a1.shape
     N = b1.shape[1]
@@ -206,6 +222,12 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
     if has_second:
         assert a2.shape[0] == M and b2.shape == (K2, N), (a2.shape, b2.shape)
     assert not (reduce_k and has_second)
+    if b1.dtype == torch.int8:
+        want = {1: (N,), 2: (K1,)}.get(b1_scale_mode)
+        assert want is not None and b1_scale is not None and b1_scale.shape == want and not reduce_k, \
+            (b1_scale_mode, None if b1_scale is None else b1_scale.shape)
+    else:
+        assert b1_scale is None and b1_scale_mode == 0
     device = a1.device
     out_dtype = out_dtype or a1.dtype
     if out is None:
@@ -245,7 +267,8 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
     mask_t = mask.view(torch.uint8) if mask is not None and mask.dtype == torch.bool else mask
     ms = mask_t.stride() if mask_t is not None else (0, 0)
     args = [a1, b1, a2 if has_second else dummy, b2 if has_second else dummy,
-            mask_t if mask_t is not None else dummy, bias if bias is not None else dummy, c2d,
+            mask_t if mask_t is not None else dummy, bias if bias is not None else dummy,
+            b1_scale if b1_scale is not None else dummy, c2d,
             M, N, K1, K2, k1_per_split,
             a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
             a2.stride(0) if has_second else 0, a2.stride(1) if has_second else 0,
@@ -253,7 +276,7 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
             ms[0], ms[1], stride_cs, c2d.stride(0), c2d.stride(1),
             float(alpha), float(beta)]
     flags = dict(HAS_SECOND=has_second, HAS_BIAS=bias is not None, MASK_MODE=mask_mode if mask_t is not None else 0,
-                 ATOMIC=atomic, EVEN_K1=(K1 % k1_per_split == 0 and k1_per_split % block_k == 0),
+                 ATOMIC=atomic, B1_SCALE=b1_scale_mode, EVEN_K1=(K1 % k1_per_split == 0 and k1_per_split % block_k == 0),
                  EVEN_K2=(K2 % block_k == 0), UPCAST=_runtime.upcast_for_interpreter(a1.dtype),
                  DOT_PRECISION=_runtime.dot_precision(a1.dtype))
     if cfg is None:

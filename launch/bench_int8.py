@@ -3,11 +3,10 @@
 Sections (``--sections``, default all that the device supports):
   kernels  CUDA: fused LoRA linear fwd / fwd+bwd with a bf16 base (``bf16``, relora_kernels.lora_linear) vs an
            int8 base dequantized to a bf16 scratch buffer (``int8_scratch``, relora_kernels.int8_lora_linear),
-           the dequant kernel alone (``dequant``), and the merges (``merge_bf16`` vs ``merge_int8``).
-           Target (H100, bf16, M=16384, r=128): int8_scratch fwd+bwd >= 0.96x the speed of bf16.
-           In-GEMM dequantization (int8 weight tiles converted in registers) is NOT implemented; the scratch
-           path was chosen on public H100 numbers (in-GEMM Triton int8xbf16: 40-65% of bf16; scratch: 2-4%
-           overhead at M >= 8k) and must be confirmed here.
+           vs an int8 base dequantized inside the GEMM tiles (``int8_gemm``, in_gemm=True), the dequant kernel
+           alone (``dequant``), and the merges (``merge_bf16`` vs ``merge_int8``).
+           Target (H100, bf16, M=16384, r=128): int8 fwd+bwd >= 0.96x the speed of bf16. The faster of
+           int8_scratch / int8_gemm should be kernels/int8.py's IN_GEMM_DEQUANT default.
   drift    ||W_k - W_exact|| / ||W_exact|| for k = 1..20 merges: naive requantization, error feedback with a
            host residual (ours), stochastic rounding, an fp32 host master; and quantizing W_exact once.
   error    quantizer choice: absmax with fp32 vs bf16 scales vs MSE-optimal clipping, on Gaussian (LLaMA init)
@@ -48,7 +47,8 @@ def kernel_rows(M, shapes, r, device):
         q, s, res = rk.int8_quantize_reference(W, residual=True)
         res = res.cpu()
         fwd = {"bf16": lambda: rk.lora_linear(x, W, A, B, 0.25),
-               "int8_scratch": lambda: rk.int8_lora_linear(x, q, s, A, B, 0.25)}
+               "int8_scratch": lambda: rk.int8_lora_linear(x, q, s, A, B, 0.25, in_gemm=False),
+               "int8_gemm": lambda: rk.int8_lora_linear(x, q, s, A, B, 0.25, in_gemm=True)}
         for name, f in fwd.items():
             def fb(f=f):
                 torch.autograd.grad(f(), (x, A, B), dy)
@@ -72,9 +72,11 @@ def print_kernel_summary(rows):
     for d_in, d_out in sorted({(r["d_in"], r["d_out"]) for r in rows}):
         get = {(r["provider"], r["mode"]): r["ms"] for r in rows if (r["d_in"], r["d_out"]) == (d_in, d_out)}
         for mode in ("fwd", "fwd+bwd"):
-            b, i = get.get(("bf16", mode)), get.get(("int8_scratch", mode))
-            if b and i:
-                print(f"{d_in}x{d_out} {mode}: bf16 {b:.3f} ms, int8 {i:.3f} ms, speed ratio {b / i:.3f}")
+            b = get.get(("bf16", mode))
+            for prov in ("int8_scratch", "int8_gemm"):
+                i = get.get((prov, mode))
+                if b and i:
+                    print(f"{d_in}x{d_out} {mode}: bf16 {b:.3f} ms, {prov} {i:.3f} ms, speed ratio {b / i:.3f}")
         print(f"{d_in}x{d_out} dequant {get[('dequant', '-')]:.3f} ms, merge bf16 {get[('merge_bf16', '-')]:.3f} "
               f"ms, merge int8 (+host residual round trip) {get[('merge_int8', '-')]:.3f} ms")
 

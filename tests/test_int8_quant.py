@@ -115,10 +115,14 @@ def test_merge_kernel_matches_twin(kernels_on, device, with_residual, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_kernel_matches_twin(kernels_on, device, dtype):
+@pytest.mark.parametrize("in_gemm", [False, True], ids=["scratch", "in_gemm"])
+@pytest.mark.parametrize("shape", [(33, 40, 70, 8, 0.0), (50, 97, 19, 3, 0.25)], ids=["plain", "dropout"])
+def test_int8_linear_kernel_matches_twin(kernels_on, device, dtype, in_gemm, shape):
+    """Both dequantization paths (scratch buffer, in-GEMM tiles) against the twin, every output and grad."""
     g = torch.Generator().manual_seed(3)
-    M, K, N, R = 33, 40, 70, 8
+    M, K, N, R, p = shape
     w = torch.randn(N, K, generator=g) * 0.1
+    w[1] *= 20  # rows of different scale: a scale applied to the wrong axis shows
     q, s, _ = rk.int8_quantize_reference(w)
     q, s = q.to(device), s.to(device)
     x = torch.randn(M, K, generator=g).to(device, dtype).requires_grad_()
@@ -126,10 +130,11 @@ def test_int8_linear_kernel_matches_twin(kernels_on, device, dtype):
     B = (torch.randn(N, R, generator=g) * 0.1).to(device, dtype).requires_grad_()
     bias = torch.randn(N, generator=g).to(device, dtype)
     dy = torch.randn(M, N, generator=g).to(device, dtype)
-    y = rk.int8_lora_linear(x, q, s, A, B, 0.5, bias)
+    gen = lambda: torch.Generator(device=device).manual_seed(7)  # noqa: E731  same dropout mask on both
+    y = rk.int8_lora_linear(x, q, s, A, B, 0.5, bias, dropout_p=p, generator=gen(), in_gemm=in_gemm)
     grads = torch.autograd.grad(y, (x, A, B), dy)
     xd, Ad, Bd = (t.detach().double().requires_grad_() for t in (x, A, B))
-    yr = rk.int8_lora_linear_reference(xd, q, s, Ad, Bd, 0.5, bias.double())
+    yr = rk.int8_lora_linear_reference(xd, q, s, Ad, Bd, 0.5, bias.double(), dropout_p=p, generator=gen())
     grads_r = torch.autograd.grad(yr, (xd, Ad, Bd), dy.double())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert rel(y, yr) < tol

@@ -73,15 +73,18 @@ def _ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R,
 # ----------------------------------------------------------------------------------------------------
 # Launchers (no autograd)
 # ----------------------------------------------------------------------------------------------------
-def fused_ds_db(dy, lora_B, s, scale, db_dtype=None):
-    """dS = scale·dy @ B (M, r) in dy's dtype and dB = scale·dy.T @ s (out, r), reading dy once."""
+def fused_ds_db(dy, lora_B, s, scale, db_dtype=None, config=None):
+    """dS = scale·dy @ B (M, r) in dy's dtype and dB = scale·dy.T @ s (out, r), reading dy once.
+    ``config``: explicit BLOCK_M/BLOCK_N/BLOCK_R/num_warps/num_stages (launch/tune_kernels.py)."""
     M, N = dy.shape
     R = lora_B.shape[1]
     ds = _runtime.new_empty((M, R), dy.dtype, dy.device)
     db32 = torch.zeros((N, R), dtype=torch.float32, device=dy.device)  # atomics need a zeroed fp32 target
     if M > 0 and R > 0:
         br = min(128, max(16, triton.next_power_of_2(R)))
-        if _runtime.interpreting():
+        if config is not None:
+            cfg = dict(config)
+        elif _runtime.interpreting():
             cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_R=min(br, 32), num_warps=4)
         else:  # untuned lead: 128 rows halves the atomic bytes of 64 rows; 8 warps for the two dots
             # fp32 with BLOCK_R=128 and 3 stages needs 256 KB of shared memory, over the H100's 227 KB

@@ -204,7 +204,8 @@ def _split_count(M: int, N: int, K1: int, cfg: dict, device: torch.device) -> in
 # Launchers (no autograd): importable by tests and benchmarks
 # ----------------------------------------------------------------------------------------------------
 def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, mask=None, mask_mode=MASK_NONE,
-                  out_dtype=None, reduce_k=False, deterministic=False, out=None, b1_scale=None, b1_scale_mode=0):
+                  out_dtype=None, reduce_k=False, deterministic=False, out=None, b1_scale=None, b1_scale_mode=0,
+                  config=None):
     """C = alpha * (a1 @ b1 + beta * mask ⊙ (a2 @ b2)) (+ bias), fp32 accumulation.
 
     a1 (M, K1), b1 (K1, N), a2 (M, K2), b2 (K2, N): any strides (pass ``W.t()`` etc.). ``mask``: bool or
@@ -213,6 +214,8 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
     fixed order when ``deterministic`` or with atomics otherwise. Returns C (M, N) of ``out_dtype``
     (default a1's dtype), written into ``out`` when given. ``b1`` int8 with ``b1_scale``: B1 is
     ``b1 · b1_scale`` per column (``b1_scale_mode=1``, shape (N,)) or per row (``b1_scale_mode=2``, (K1,)).
+    ``config``: an explicit launch config (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages and,
+    with ``reduce_k``, optionally ``split``) instead of the built-in choice; for launch/tune_kernels.py.
     """
     M, K1 = a1.shape
     N = b1.shape[1]
@@ -240,13 +243,17 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
 
     interp = _runtime.interpreting()
     deterministic = bool(deterministic)
-    if interp:
+    forced_split = None
+    if config is not None:
+        cfg = dict(config)
+        forced_split = cfg.pop("split", None)
+    elif interp:
         cfg = dict(_INTERP_CONFIG)
     elif reduce_k or deterministic or N <= 64 or M <= 64:
         cfg = _fixed_gpu_config(M, N)
     else:
         cfg = None  # autotune
-    split = _split_count(M, N, K1, cfg, device) if reduce_k else 1
+    split = (forced_split or _split_count(M, N, K1, cfg, device)) if reduce_k else 1
     block_k = cfg["BLOCK_K"] if cfg else _GPU_BLOCK_K
     k1_per_split = triton.cdiv(triton.cdiv(K1, split), block_k) * block_k
     split = triton.cdiv(K1, k1_per_split)

@@ -44,14 +44,17 @@ def _lora_merge_kernel(w_ptr, a_ptr, b_ptr, N, K, R,
     tl.store(w_ptrs, w_new.to(w_ptr.dtype.element_ty), mask=w_mask)
 
 
-def merge_launch(weight, lora_A, lora_B, scale):
-    """Launcher: ``weight += scale * lora_B @ lora_A`` in place. weight (out, in), A (r, in), B (out, r)."""
+def merge_launch(weight, lora_A, lora_B, scale, config=None):
+    """Launcher: ``weight += scale * lora_B @ lora_A`` in place. weight (out, in), A (r, in), B (out, r).
+    ``config``: explicit BLOCK_N/BLOCK_K/BLOCK_R/num_warps/num_stages (launch/tune_kernels.py)."""
     N, K = weight.shape
     R = lora_A.shape[0]
     if N == 0 or K == 0 or R == 0:
         return weight
     br = max(16, min(64, triton.next_power_of_2(R)))
-    if _runtime.interpreting():
+    if config is not None:
+        cfg = dict(config)
+    elif _runtime.interpreting():
         cfg = dict(BLOCK_N=32, BLOCK_K=32, BLOCK_R=min(br, 16), num_warps=4)
     else:  # untuned lead for a copy-bound tile: 16 KB of bf16 W per program, W load issued first
         cfg = dict(BLOCK_N=64, BLOCK_K=128, BLOCK_R=br, num_warps=8, num_stages=2)

@@ -67,15 +67,29 @@ def grid(args):
     return list(args.M or base["M"]), list(shapes), list(args.ranks or base["ranks"])
 
 
+def load_relora_kernels():
+    """``import relora_kernels``, or, when it is not pip-installed (a bare GPU image), kernels/ under that name."""
+    try:
+        import relora_kernels
+    except ImportError:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("relora_kernels", ROOT / "kernels" / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT / "kernels")])
+        relora_kernels = importlib.util.module_from_spec(spec)
+        sys.modules["relora_kernels"] = relora_kernels
+        spec.loader.exec_module(relora_kernels)
+    return relora_kernels
+
+
 # ---------------------------------------------------------------------------------------------------
 # Timing: one shared utility
 # ---------------------------------------------------------------------------------------------------
-def bench(fn, device):
-    """(median, p20, p80) in ms. CUDA: triton.testing.do_bench (events, warm-up, many reps)."""
+def bench(fn, device, rep=200):
+    """(median, p20, p80) in ms. CUDA: triton.testing.do_bench (events, warm-up, ``rep`` ms of repeats)."""
     fn()  # compile / autotune outside the timed region
     if device == "cuda":
         import triton
-        ms = triton.testing.do_bench(fn, warmup=25, rep=200, quantiles=(0.5, 0.2, 0.8))
+        ms = triton.testing.do_bench(fn, warmup=25, rep=rep, quantiles=(0.5, 0.2, 0.8))
         return tuple(ms)
     times = []
     for _ in range(3):
@@ -204,15 +218,7 @@ def main(argv=None):
         print("bench_kernels.py needs a CUDA GPU (none found). For a smoke run of the script on CPU use "
               "`--device cpu --quick`.", file=sys.stderr)
         return 2
-    try:
-        import relora_kernels  # noqa: F401
-    except ImportError:  # not pip-installed (e.g. a bare GPU image): load kernels/ as relora_kernels
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("relora_kernels", ROOT / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "kernels")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["relora_kernels"] = module
-        spec.loader.exec_module(module)
+    load_relora_kernels()
     import triton
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[

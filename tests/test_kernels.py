@@ -376,3 +376,26 @@ def test_bench_script_smoke(tmp_path):
         proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_kernels.py"), "--out",
                                str(tmp_path / "x.csv")], capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
+
+
+def test_tune_script_smoke(tmp_path):
+    """launch/tune_kernels.py: every launch of the breakdown and every sweep candidate runs and matches torch
+    (its own check, recorded per row); a candidate that computes wrong values is reported, never timed."""
+    out = tmp_path / "tune.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "tune_kernels.py"), "--device", "cpu", "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    rows = json.loads(out.read_text())
+    kernel_rows = [r for r in rows if r["provider"] != "torch"]
+    assert {r["op"] for r in kernel_rows if r["section"] == "breakdown"} == {"S", "Y", "dSdB", "dS", "dB", "dA",
+                                                                             "dX", "merge"}
+    assert {r["op"] for r in kernel_rows if r["section"] == "sweep"} == {"S", "dS", "dB", "dA", "dSdB", "merge"}
+    assert all(r["status"] == "ok" and r["err"] < 1e-4 for r in kernel_rows), [r for r in kernel_rows
+                                                                               if r["status"] != "ok"]
+    assert "sweep merge  best" in proc.stdout
+    # The correctness gate works: a candidate whose values are wrong is flagged, not timed.
+    sys.path.insert(0, str(ROOT / "launch"))
+    import tune_kernels
+    assert tune_kernels.max_rel_err(torch.ones(3), lambda: torch.ones(3)) == 0.0
+    assert tune_kernels.max_rel_err(torch.zeros(3), lambda: torch.ones(3)) == 1.0

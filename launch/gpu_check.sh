@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One prepared device call for the open GPU work of the kernels and int8 issues (see BENCHMARKS.md).
+#   bash launch/gpu_check.sh [stage ...]     stages: env tests tune bench int8 e2e (default: env tests tune bench int8)
+# Results go to $OUT (the device tool's output folder; default runs/gpu). Each stage has its own time limit
+# and a failing stage does not stop the next: the device call is the scarce thing. Budget: tests ~170 s,
+# tune ~200 s, bench ~90 s, int8 ~60 s, e2e ~120 s; the device tool allows 600 s per call, so run
+# `env tests tune` in one call and `bench int8` (+ e2e) in the next.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-runs/gpu}"
+mkdir -p "$OUT"
+# The GPU image cannot pip-install (offline, no setuptools wheel): kernels/ goes on the path as relora_kernels.
+mkdir -p /tmp/pk && ln -sfn "$PWD/kernels" /tmp/pk/relora_kernels
+export PYTHONPATH="/tmp/pk:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export RELORA_KERNELS=triton
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(env tests tune bench int8)
+
+run() {  # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, record the exit status and seconds
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc ${limit}s-limit took=$((SECONDS - t0))s" | tee -a "$OUT/stages.txt"
+  tail -n 25 "$OUT/$name.log"
+}
+
+for st in "${stages[@]}"; do
+  case $st in
+    env) run env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
+    tests) run tests 240 python3 -m pytest -q -x -k cuda tests/test_kernels.py tests/test_int8_quant.py ;;
+    tune) run tune 260 python3 launch/tune_kernels.py --out "$OUT/tune_kernels.json" ;;
+    bench) run bench 150 python3 launch/bench_kernels.py --quick --out "$OUT/bench_kernels.csv" ;;
+    int8) run int8 120 python3 launch/bench_int8.py --sections kernels --out "$OUT/bench_int8.json" ;;
+    e2e) run e2e 200 python3 launch/bench_e2e.py --presets 350m 1b --out "$OUT/e2e.json" ;;
+    *) echo "unknown stage $st (valid: env tests tune bench int8 e2e)" >&2; exit 2 ;;
+  esac
+done

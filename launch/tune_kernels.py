@@ -1,0 +1,255 @@
+"""Where the fused LoRA linear spends its time, and which launch configs make each piece faster.
+
+The H100 run of 2026-11-22 (BENCHMARKS.md) left the fused layer at 0.86x (d=4096) and 1.60x (d=2048) of a
+full-rank linear; the fwd+bwd totals do not say which launch is slow. This script times each launch alone:
+
+  breakdown  every launch of the fused forward and backward, next to the cuBLAS product computing the
+             same values (``torch``) and the op's memory floor (its bytes at the measured copy bandwidth):
+               S     = X @ A.T                 dS    = s·dY @ B
+               Y     = [X|S] @ [W|s·B].T       dB    = s·dY.T @ S       (split over tokens: atomic / det)
+               dSdB  = fused dS and dB         dA    = dS.T @ X         (split over tokens: atomic / det)
+               dX    = [dY|dS] @ [W;A]         merge = W += s·B @ A
+  sweep      candidate launch configs for the low-rank ops and the merge (their launchers take
+             ``config=``); every candidate is checked against the torch result before it is timed, and
+             configs that fail to compile (shared memory) are recorded as such.
+
+    python launch/tune_kernels.py                             # CUDA: M=16384, d=2048 and 4096, r=128
+    python launch/tune_kernels.py --sections breakdown --shapes 2048x2048
+    python launch/tune_kernels.py --device cpu --smoke        # interpreter: proves the script runs
+
+Rows go to --out (.json or .csv, via bench_kernels.write_rows); the best config per (op, shape) is printed.
+A winner becomes the launcher's built-in config only after it beats the current one in bench_kernels.py.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+from bench_kernels import bench, load_relora_kernels, write_rows  # noqa: E402
+
+LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes and two candidates per op (CPU interpreter)")
+    ap.add_argument("--sections", nargs="+", default=["breakdown", "sweep"], choices=("breakdown", "sweep"))
+    ap.add_argument("--ops", nargs="+", default=list(LOW_RANK_OPS), choices=LOW_RANK_OPS, help="ops to sweep")
+    ap.add_argument("--M", type=int, default=16384)
+    ap.add_argument("--shapes", nargs="+", default=["2048x2048", "4096x4096"], help="d_in x d_out")
+    ap.add_argument("--sweep-shapes", nargs="+", default=["2048x2048"],
+                    help="the shapes the sweep runs at (~110 compiled candidates per shape)")
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--rep", type=int, default=60, help="do_bench milliseconds of repeats per timing")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tune_kernels.json")
+    return ap.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Candidate configs (each a launcher ``config=`` dict)
+# ---------------------------------------------------------------------------------------------------
+def gemm_candidates(r, smoke):
+    """S = X @ A.T and dS = dY @ B: M x r outputs, a long K loop; bandwidth-bound on X / dY."""
+    if smoke:
+        return [dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1),
+                dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=1)]
+    bn = min(256, max(16, 1 << (r - 1).bit_length()))
+    out = []
+    for bm, bk, w, st in itertools.product((64, 128), (64, 128), (4, 8), (3, 4)):
+        out.append(dict(BLOCK_M=bm, BLOCK_N=min(bn, 128), BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st))
+    if bn > 128:  # all of r in one tile: X is read once instead of r/128 times
+        out += [dict(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)]
+    return out
+
+
+def reduce_candidates(smoke):
+    """dB = dY.T @ S and dA = dS.T @ X: small outputs, K = tokens split over programs."""
+    if smoke:
+        return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1, split=2),
+                dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=1, split=3)]
+    out = []
+    for (bm, bn), bk, split, st in itertools.product(((128, 128), (64, 128), (128, 64)), (64, 128), (8, 16, 32),
+                                                     (3,)):
+        out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8 if bm * bn >= 16384 else 4,
+                        num_stages=st, split=split))
+    return out
+
+
+def ds_db_candidates(r, smoke):
+    if smoke:
+        return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_R=16, num_warps=4, num_stages=1),
+                dict(BLOCK_M=16, BLOCK_N=16, BLOCK_R=32, num_warps=4, num_stages=1)]
+    br = min(128, max(16, 1 << (r - 1).bit_length()))
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=w, num_stages=st)
+            for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
+
+
+def merge_candidates(r, smoke):
+    if smoke:
+        return [dict(BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, num_warps=4, num_stages=1),
+                dict(BLOCK_N=16, BLOCK_K=64, BLOCK_R=32, num_warps=4, num_stages=1)]
+    br = min(128, max(16, 1 << (r - 1).bit_length()))
+    return [dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=w, num_stages=st)
+            for bn, bk, w, st in itertools.product((32, 64), (128, 256), (4, 8), (1, 2))]
+
+
+# ---------------------------------------------------------------------------------------------------
+def make_ops(M, d_in, d_out, r, dtype, device):
+    """{op: (kernel(config) -> tensor(s), torch() -> same values, bytes moved at least once)}."""
+    import torch
+
+    import relora_kernels.linear as lin
+    from relora_kernels.matmul import concat_matmul
+    from relora_kernels.merge import merge_launch
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *s, std=1.0: torch.randn(*s, generator=g, device=device, dtype=dtype) * std  # noqa: E731
+    x, dy = rnd(M, d_in), rnd(M, d_out)
+    w = rnd(d_out, d_in, std=d_in ** -0.5)
+    a, b = rnd(r, d_in, std=d_in ** -0.5), rnd(d_out, r, std=r ** -0.5)
+    s_ = x @ a.t()
+    ds = dy @ b
+    scale = 2.0
+    e = x.element_size()
+    w_merge = w.clone()
+
+    def merge_kernel(cfg):
+        w_merge.copy_(w)
+        return merge_launch(w_merge, a, b, scale, config=cfg)
+
+    def merge_torch():
+        w_merge.copy_(w)
+        return w_merge.add_(scale * b @ a)
+
+    return {
+        "S": (lambda cfg: concat_matmul(x, a.t(), config=cfg), lambda: x @ a.t(), e * (M * d_in + M * r)),
+        "dS": (lambda cfg: concat_matmul(dy, b, alpha=scale, config=cfg), lambda: scale * (dy @ b),
+               e * (M * d_out + M * r)),
+        "dB": (lambda cfg, det=False: concat_matmul(dy.t(), s_, alpha=scale, reduce_k=True, deterministic=det,
+                                                    out_dtype=dtype, config=cfg),
+               lambda: scale * (dy.t() @ s_), e * (M * d_out + M * r)),
+        "dA": (lambda cfg, det=False: concat_matmul(ds.t(), x, reduce_k=True, deterministic=det, out_dtype=dtype,
+                                                    config=cfg),
+               lambda: ds.t() @ x, e * (M * d_in + M * r)),
+        "dSdB": (lambda cfg: lin.fused_ds_db(dy, b, s_, scale, db_dtype=dtype, config=cfg),
+                 lambda: (scale * (dy @ b), scale * (dy.t() @ s_)), e * (M * d_out + 2 * M * r)),
+        "Y": (lambda cfg: concat_matmul(x, w.t(), s_, b.t(), beta=scale, config=cfg),
+              lambda: x @ w.t() + scale * (s_ @ b.t()), e * (M * d_in + M * d_out + M * r)),
+        "dX": (lambda cfg: concat_matmul(dy, w, ds, a, config=cfg), lambda: dy @ w + ds @ a,
+               e * (M * d_out + M * d_in + M * r)),
+        "merge": (merge_kernel, merge_torch, 2 * e * d_out * d_in),
+        "_cublas_Y": (None, lambda: x @ w.t(), 0),   # the big GEMMs without the low-rank term: cuBLAS floor
+        "_cublas_dX": (None, lambda: dy @ w, 0),
+        "_copy": (None, lambda: w_merge.copy_(w), 2 * e * d_out * d_in),
+    }
+
+
+def max_rel_err(got, want_fn):
+    """Error of ``got`` against ``want_fn()``; ``got`` is copied first (the merge ops share one buffer)."""
+    got = tuple(t.clone() for t in (got if isinstance(got, tuple) else (got,)))
+    want = want_fn()
+    want = want if isinstance(want, tuple) else (want,)
+    return max(((g.float() - t.float()).norm() / t.float().norm()).item() for g, t in zip(got, want))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ["RELORA_KERNELS"] = "triton"
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+        print("CPU smoke mode (Triton interpreter): timings are NOT performance numbers.")
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("tune_kernels.py needs a CUDA GPU; use `--device cpu --smoke` for a smoke run.", file=sys.stderr)
+        return 2
+    load_relora_kernels()
+    import triton
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    M, r = args.M, args.rank
+    if args.smoke:
+        M, r, shapes = 96, 8, [(48, 40)]
+    meta = dict(dtype=str(dtype).replace("torch.", ""), torch=torch.__version__, triton=triton.__version__,
+                device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu (triton interpreter)",
+                date=datetime.date.today().isoformat(), M=M, r=r)
+    rows = []
+
+    for d_in, d_out in shapes:
+        ops = make_ops(M, d_in, d_out, r, dtype, args.device)
+        copy_ms = bench(ops["_copy"][1], args.device, args.rep)[0]
+        copy_gbps = ops["_copy"][2] / copy_ms / 1e6
+
+        def time_row(section, op, provider, fn, nbytes, cfg=None, want=None):
+            row = dict(section=section, op=op, provider=provider, d_in=d_in, d_out=d_out,
+                       config="" if cfg is None else " ".join(f"{k}={v}" for k, v in cfg.items()), **meta)
+            try:
+                err = max_rel_err(fn(), want) if want is not None else float("nan")
+                if err == err and err > tol:
+                    row.update(status=f"wrong (rel err {err:.1e})", ms=float("nan"), err=err)
+                    return rows.append(row)
+                ms = bench(fn, args.device, args.rep)[0]
+            except Exception as exc:  # noqa: BLE001  a config over the shared-memory limit etc.
+                row.update(status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}",
+                           ms=float("nan"), err=float("nan"))
+                return rows.append(row)
+            floor = nbytes / copy_gbps / 1e6 if nbytes else float("nan")
+            row.update(status="ok", ms=ms, err=err, gbps=nbytes / ms / 1e6 if nbytes else float("nan"),
+                       floor_ms=floor, copy_gbps=copy_gbps)
+            rows.append(row)
+
+        if "breakdown" in args.sections:
+            for op in ("S", "Y", "dSdB", "dS", "dB", "dA", "dX", "merge"):
+                kernel, ref, nbytes = ops[op]
+                if op in ("dB", "dA"):
+                    time_row("breakdown", op, "atomic", lambda k=kernel: k(None), nbytes, want=ref)
+                    time_row("breakdown", op, "det", lambda k=kernel: k(None, det=True), nbytes, want=ref)
+                else:
+                    time_row("breakdown", op, "kernel", lambda k=kernel: k(None), nbytes, want=ref)
+                time_row("breakdown", op, "torch", ref, nbytes)
+            for op in ("_cublas_Y", "_cublas_dX"):
+                time_row("breakdown", op, "torch", ops[op][1], 0)
+
+        if "sweep" in args.sections and (args.smoke or f"{d_in}x{d_out}" in args.sweep_shapes):
+            cands = {"S": gemm_candidates(r, args.smoke), "dS": gemm_candidates(r, args.smoke),
+                     "dB": reduce_candidates(args.smoke), "dA": reduce_candidates(args.smoke),
+                     "dSdB": ds_db_candidates(r, args.smoke), "merge": merge_candidates(r, args.smoke)}
+            for op in args.ops:
+                kernel, ref, nbytes = ops[op]
+                for cfg in cands[op]:
+                    time_row("sweep", op, "kernel", lambda k=kernel, c=cfg: k(c), nbytes, cfg=cfg, want=ref)
+
+    print_summary(rows)
+    write_rows(rows, args.out)
+    print(f"\n{len(rows)} rows -> {args.out}")
+    return 0
+
+
+def print_summary(rows):
+    for (d_in, d_out) in sorted({(r["d_in"], r["d_out"]) for r in rows}):
+        shape_rows = [r for r in rows if (r["d_in"], r["d_out"]) == (d_in, d_out)]
+        print(f"\n== {d_in} x {d_out}, M={shape_rows[0]['M']}, r={shape_rows[0]['r']}: breakdown (ms; floor = bytes "
+              f"at copy bandwidth)")
+        for r in (r for r in shape_rows if r["section"] == "breakdown"):
+            extra = r["status"] if r["status"] != "ok" else \
+                f"{r['ms']:.4f} ms  floor {r['floor_ms']:.4f}  err {r['err']:.1e}"
+            print(f"  {r['op']:10} {r['provider']:7} {extra}")
+        ok = [r for r in shape_rows if r["section"] == "sweep" and r["status"] == "ok"]
+        for op in sorted({r["op"] for r in shape_rows if r["section"] == "sweep"}):
+            cand = sorted((r for r in ok if r["op"] == op), key=lambda r: r["ms"])
+            bad = sum(1 for r in shape_rows if r["section"] == "sweep" and r["op"] == op and r["status"] != "ok")
+            if cand:
+                print(f"  sweep {op:6} best {cand[0]['ms']:.4f} ms [{cand[0]['config']}] of {len(cand)} ok, "
+                      f"{bad} failed/wrong; worst {cand[-1]['ms']:.4f} ms")
+            else:
+                print(f"  sweep {op:6} no candidate ran ({bad} failed/wrong)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -113,6 +113,8 @@ def main():
         results[f"zero{stage}"] = run_case(stage, rank, os.path.join(args.out, f"ckpt_zero{stage}"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # join gloo's threads now, not at exit (aborts, -6)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,8 @@ def main():
         out[case] = run_case(int(stage[0]), dtype == "bf16", rank, offload=stage.endswith("off"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()  # join gloo's threads now, not in static destructors (exit aborts, -6)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Public API (each op has a pure-torch twin that is its specification and the CPU 
   *, deterministic=None)`` -- autograd-aware, dispatches itself; twin ``lora_linear_reference``.
 - ``lora_merge_(weight, lora_A, lora_B, scale)`` -- in-place ``W += scale * B @ A``; twin
   ``lora_merge_reference_``.
-- ``use_triton(tensor) -> bool`` -- the dispatch decision (env ``RELORA_KERNELS=auto|triton|reference``).
+- ``lora_linear_torch(...)`` -- the same layer as BLAS calls with fused epilogues (module ``torch_linear``;
+  ``RELORA_KERNELS=torch``, and ``auto`` on CPU).
+- ``use_triton(tensor) -> bool`` -- the dispatch decision (env ``RELORA_KERNELS=auto|triton|torch|reference``).
 - ``deterministic_mode(flag=None) -> bool`` -- env ``RELORA_DETERMINISTIC=1``.
 - int8 frozen base (``int8``): ``int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, ...)``,
   ``int8_dequantize(q, scale, dtype)``, ``int8_merge_(q, scale, residual, lora_A, lora_B, scale)``; twins
@@ -15,7 +17,7 @@ Public API (each op has a pure-torch twin that is its specification and the CPU 
 
 Importing this package imports neither triton nor any GPU driver: the kernel modules load on first use
 (PEP 562 ``__getattr__``), so the package imports on CPU-only machines and costs nothing until used.
-Module names (``linear``, ``merge``, ``matmul``) differ from the function names on purpose: importing a
+Module names (``linear``, ``merge``, ``matmul``, ``torch_linear``) differ from the function names on purpose: importing a
 submodule binds its name on the package, which would shadow a same-named function.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ _LAZY = {
     "lora_forward": "linear",
     "lora_backward": "linear",
     "lora_merge_": "merge",
+    "lora_linear_torch": "torch_linear",
     "merge_launch": "merge",
     "concat_matmul": "matmul",
     "int8_lora_linear": "int8",
@@ -41,7 +44,7 @@ _LAZY = {
     "Int8LoRALinearFunction": "int8",
 }
 
-__all__ = ["lora_linear", "lora_linear_reference", "lora_merge_", "lora_merge_reference_", "use_triton",
+__all__ = ["lora_linear", "lora_linear_reference", "lora_linear_torch", "lora_merge_", "lora_merge_reference_", "use_triton",
            "deterministic_mode", "interpreting", "kernel_mode", "LoRALinearFunction", "lora_forward",
            "lora_backward", "merge_launch", "concat_matmul", "int8_lora_linear", "int8_dequantize", "int8_merge_",
            "Int8LoRALinearFunction", "int8_lora_linear_reference", "int8_dequantize_reference",

@@ -4,10 +4,11 @@ Nothing here touches a GPU driver at import time: the package must import on a C
 
 Environment variables (read at call time, never cached):
 
-- ``RELORA_KERNELS=auto|triton|reference`` (default ``auto``): ``auto`` runs the Triton kernels on CUDA
-  tensors of a supported dtype and the pure-torch reference elsewhere; ``triton`` forces the kernels (on CPU
-  tensors that means Triton's interpreter, so ``TRITON_INTERPRET=1`` must be set); ``reference`` forces
-  the torch twins.
+- ``RELORA_KERNELS=auto|triton|torch|reference`` (default ``auto``): ``auto`` runs the Triton kernels on
+  CUDA tensors of a supported dtype, except for the ops in :data:`AUTO_TORCH_OPS`, and torch elsewhere;
+  ``triton`` forces the kernels (on CPU tensors that means Triton's interpreter, so ``TRITON_INTERPRET=1``
+  must be set); ``torch`` runs the LoRA linear as BLAS calls with fused epilogues (kernels/torch_linear.py)
+  and every other op as its twin; ``reference`` forces the pure-torch twins (the specification).
 - ``RELORA_DETERMINISTIC=1``: bitwise-reproducible backward (no atomics, fixed reduction order, one fixed
   launch configuration instead of autotuning). Also on when ``torch.use_deterministic_algorithms(True)``.
 - ``TRITON_INTERPRET=1``: Triton's own switch for its CPU interpreter.
@@ -32,7 +33,7 @@ import os
 
 import torch
 
-VALID_MODES = ("auto", "triton", "reference")
+VALID_MODES = ("auto", "triton", "torch", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRUE = ("1", "true", "yes", "on")
 
@@ -82,7 +83,7 @@ def use_triton(tensor: torch.Tensor, op: str | None = None) -> bool:
     kernels do not handle, Triton not installed). ``reference``: never.
     """
     mode = kernel_mode()
-    if mode == "reference":
+    if mode in ("reference", "torch"):
         return False
     if mode == "auto":
         return (op not in AUTO_TORCH_OPS and tensor.is_cuda and tensor.dtype in SUPPORTED_DTYPES
@@ -95,6 +96,22 @@ def use_triton(tensor: torch.Tensor, op: str | None = None) -> bool:
                          f"use one of {SUPPORTED_DTYPES} or RELORA_KERNELS=reference")
     check_device(tensor)
     return True
+
+
+# The non-Triton path `auto` takes for the LoRA linear, per device type. CPU, fp32, 2026-11-30
+# (BENCHMARKS.md "Torch paths"): the BLAS chain with fused epilogues measured faster than the twin.
+# CUDA: not yet timed on a GPU (launch/bench_kernels.py provider `torch_fused`), so it stays the twin there.
+AUTO_LINEAR_TORCH_PATH = {"cpu": "torch"}
+
+
+def linear_path(tensor: torch.Tensor) -> str:
+    """``"triton"``, ``"torch"`` (BLAS chain, kernels/torch_linear.py) or ``"reference"`` for the LoRA linear."""
+    if use_triton(tensor, op="linear"):
+        return "triton"
+    mode = kernel_mode()
+    if mode in ("torch", "reference"):
+        return mode
+    return AUTO_LINEAR_TORCH_PATH.get(tensor.device.type, "reference")
 
 
 def check_device(tensor: torch.Tensor) -> None:

@@ -26,6 +26,7 @@ import triton.language as tl
 from . import _runtime
 from .matmul import MASK_A1, MASK_B1, MASK_OUT2, concat_matmul
 from .reference import check_dropout_p, dropout_keep_mask, lora_linear_reference
+from .torch_linear import lora_linear_torch
 
 # Non-deterministic backward: dS and dB from one read of dY (fp32 atomics for dB) when True; two GEMMs
 # (dB split over tokens, partials summed with atomics) when False. A measured decision still to make.
@@ -191,15 +192,18 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, trai
     """``x @ weight.T (+ bias) + scale * dropout(x) @ lora_A.T @ lora_B.T``, autograd-aware.
 
     x (..., in); weight (out, in), frozen; lora_A (r, in); lora_B (out, r); bias (out,) or None.
-    Dispatches itself (:func:`relora_kernels.use_triton`): Triton kernels on CUDA, the torch reference
-    elsewhere. ``dropout_p`` applies to the LoRA branch's input only, when ``training``; ``generator``
+    Dispatches itself (``_runtime.linear_path``): the Triton kernels, the BLAS chain of
+    kernels/torch_linear.py or the torch reference, per ``RELORA_KERNELS`` and the device. ``dropout_p`` applies to the LoRA branch's input only, when ``training``; ``generator``
     draws its mask (same generator state, same mask, on either path). ``deterministic``: None reads
     ``RELORA_DETERMINISTIC`` / ``torch.are_deterministic_algorithms_enabled()``.
     """
     _check_args(x, weight, lora_A, lora_B, bias)
     p = check_dropout_p(dropout_p)
-    if not _runtime.use_triton(x, op="linear"):
+    path = _runtime.linear_path(x)
+    if path == "reference":
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, p, training, generator)
+    if path == "torch":
+        return lora_linear_torch(x, weight, lora_A, lora_B, scale, bias, p, training, generator)
     if torch.is_autocast_enabled(x.device.type):
         # What F.linear does under autocast: compute in the autocast dtype (the casts are differentiable,
         # so fp32 masters still get fp32 grads). The kernels themselves never see autocast.

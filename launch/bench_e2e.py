@@ -2,7 +2,8 @@
 
     python launch/bench_e2e.py --presets 350m 1b --micro-batch 8 --seq-len 512 --out results.json
 
-Each (preset, path) runs in its own process with RELORA_KERNELS set (triton | reference), bf16 weights and
+Each (preset, path) runs in its own process with RELORA_KERNELS set (--paths: reference | torch | triton;
+torch = the BLAS chain with fused epilogues, kernels/torch_linear.py), bf16 weights and
 activations, r=128, fused torch AdamW over the trainable parameters; median over timed steps after warm-up.
 No DeepSpeed: this isolates the layer kernels' effect on a whole model.
 """
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--paths", nargs="+", default=["reference", "torch", "triton"],
+                    choices=("reference", "torch", "triton", "auto"))
     ap.add_argument("--out", default="bench_e2e.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -62,7 +65,7 @@ def main() -> None:
         return
     rows = []
     for preset in args.presets:
-        for path in ("reference", "triton"):
+        for path in args.paths:
             env = {**os.environ, "RELORA_KERNELS": path}
             proc = subprocess.run([sys.executable, __file__, "--one", preset, "--micro-batch", str(args.micro_batch),
                                    "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--rank",

@@ -4,6 +4,8 @@ Providers for the linear layer (bf16, y = x W^T + s x A^T B^T):
   full     (a) full-rank trainable nn.Linear (dX and dW)      -- what ReLoRA replaces
   frozen   (b) frozen-W linear alone (dX only)                -- the floor the LoRA branch adds to
   peft     (c) PEFT-style unfused LoRA in plain torch autograd
+  torch_fused  the BLAS chain with the additions folded into GEMM epilogues (kernels/torch_linear.py: what
+           RELORA_KERNELS=torch runs, and auto on CPU)
   fused    (d) relora_kernels.lora_linear (dS+dB from one read of dY, fp32 atomics for dB and dA)
   fused_splitdb  the same with dB as its own GEMM over tokens (relora_kernels.linear.FUSE_DS_DB = False)
   fused_det    deterministic mode (split dB, fixed-order partial sums, one fixed config, no autotune)
@@ -36,7 +38,7 @@ FULL_SHAPES = ((2048, 2048), (4096, 4096), (2048, 5461), (5461, 2048))
 FULL_R = (64, 128, 256)
 QUICK = dict(M=(16384,), shapes=((2048, 2048), (4096, 4096)), ranks=(128,))
 CPU_SMOKE = dict(M=(64,), shapes=((48, 40),), ranks=(8,))
-LINEAR_PROVIDERS = ("full", "frozen", "peft", "fused", "fused_splitdb", "fused_det")
+LINEAR_PROVIDERS = ("full", "frozen", "peft", "torch_fused", "fused", "fused_splitdb", "fused_det")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -134,6 +136,9 @@ def linear_setup(provider, M, d_in, d_out, r, dtype, device):
         fwd, inputs = (lambda: F.linear(x, w)), ([x, w] if provider == "full" else [x])
     elif provider == "peft":
         fwd, inputs = (lambda: F.linear(x, w) + scale * F.linear(F.linear(x, a), b)), [x, a, b]
+    elif provider == "torch_fused":
+        from relora_kernels.torch_linear import lora_linear_torch
+        fwd, inputs = (lambda: lora_linear_torch(x, w, a, b, scale)), [x, a, b]
     else:
         import relora_kernels.linear as linear_mod
         det = provider == "fused_det"
@@ -240,7 +245,7 @@ def main(argv=None):
                 for r in ranks:
                     for provider in args.providers:
                         fns, prepare_bwd, tensors = linear_setup(provider, M, d_in, d_out, r, dtype, device)
-                        err = check_fused(tensors) if provider.startswith("fused") else float("nan")
+                        err = check_fused(tensors) if "fused" in provider else float("nan")
                         for mode in args.modes:
                             if mode == "bwd":
                                 prepare_bwd()
@@ -278,7 +283,7 @@ def print_table(rows):
     for k, group in by_key.items():
         for prov, r in group.items():
             ratios = ""
-            if r["op"] == "linear" and prov.startswith("fused"):
+            if r["op"] == "linear" and "fused" in prov:
                 ratios = "  ".join(f"/{base}={r['ms'] / group[base]['ms']:.3f}" for base in ("full", "peft", "frozen")
                                    if base in group)
                 if r["max_rel_err"] == r["max_rel_err"]:

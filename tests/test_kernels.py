@@ -261,7 +261,7 @@ def test_tiny_training_run_kernels_match_reference(kernels_on, device, monkeypat
 def test_use_triton_modes(monkeypatch):
     cpu = torch.zeros(2)
     monkeypatch.delenv("RELORA_KERNELS", raising=False)
-    assert rk.use_triton(cpu) is False  # auto: reference on CPU
+    assert rk.use_triton(cpu) is False  # auto: torch on CPU
     monkeypatch.setenv("RELORA_KERNELS", "reference")
     assert rk.use_triton(cpu) is False
     monkeypatch.setenv("RELORA_KERNELS", "triton")
@@ -284,14 +284,89 @@ def test_use_triton_modes(monkeypatch):
         assert rk.use_triton(cpu.cuda(), op="linear") is True
 
 
-def test_auto_mode_on_cpu_is_the_reference_bitwise(monkeypatch):
-    monkeypatch.delenv("RELORA_KERNELS", raising=False)
+def test_reference_mode_is_the_twin_bitwise(monkeypatch):
+    monkeypatch.setenv("RELORA_KERNELS", "reference")
     x, w, a, b, bias, _ = make_inputs((5, 3), 12, 7, 2, True, torch.float32, "cpu", seed=0)
     want = rk.lora_linear_reference(x, w, a, b, 0.3, bias, dropout_p=0.2, generator=torch.Generator().manual_seed(0))
     got = rk.lora_linear(x, w, a, b, 0.3, bias, dropout_p=0.2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(got, want)
     direct = F.linear(x, w, bias) + 0.3 * F.linear(F.linear(x, a), b)
     assert torch.equal(rk.lora_linear_reference(x, w, a, b, 0.3, bias), direct)
+
+
+def test_auto_mode_on_cpu_takes_the_blas_chain(monkeypatch):
+    monkeypatch.delenv("RELORA_KERNELS", raising=False)
+    cpu = torch.zeros(2)
+    assert _runtime.linear_path(cpu) == "torch"
+    monkeypatch.setenv("RELORA_KERNELS", "torch")
+    assert _runtime.linear_path(cpu) == "torch" and rk.use_triton(cpu) is False
+    monkeypatch.setenv("RELORA_KERNELS", "reference")
+    assert _runtime.linear_path(cpu) == "reference"
+    if HAS_CUDA:  # not yet timed on a GPU: the twin there (AUTO_LINEAR_TORCH_PATH)
+        monkeypatch.delenv("RELORA_KERNELS", raising=False)
+        assert _runtime.linear_path(cpu.cuda()) == "reference"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The BLAS-chain path (kernels/torch_linear.py): same values and gradients as the twin, less saved
+# ----------------------------------------------------------------------------------------------------
+TORCH_PATH_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("dtype", list(TORCH_PATH_TOL), ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=_shape_id)
+def test_torch_path_matches_reference(monkeypatch, dtype, dropout_p, shape):
+    """Every output and gradient (x, W when trainable, A, B, bias) against the float64 twin, same mask."""
+    monkeypatch.setenv("RELORA_KERNELS", "torch")
+    x, w, a, b, bias, dy = make_inputs(*shape, dtype, "cpu", seed=11)
+    w.requires_grad_()
+    leaves = [t for t in (x, w, a, b, bias) if t is not None]
+    gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    y = rk.lora_linear(x, w, a, b, 0.7, bias, dropout_p=dropout_p, generator=gen())
+    got = [y, *torch.autograd.grad(y, leaves, dy)]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    yr = rk.lora_linear_reference(ref[0], ref[1], ref[2], ref[3], 0.7, ref[4] if bias is not None else None,
+                                  dropout_p=dropout_p, generator=gen())
+    want = [yr, *torch.autograd.grad(yr, ref, dy.double())]
+    for name, g_, w_ in zip(["y", "dx", "dW", "dA", "dB", "dbias"], got, want):
+        assert g_.dtype == dtype and g_.shape == w_.shape, name
+        assert rel_err(g_, w_) < TORCH_PATH_TOL[dtype], name
+
+
+def test_torch_path_saves_less_than_reference():
+    """Saved for backward under dropout: X, S and a 1-byte mask, not the twin's dropout(X) and X A^T copies."""
+    from relora_kernels.torch_linear import lora_linear_torch
+    x, w, a, b, bias, _ = make_inputs((64,), 48, 40, 4, True, torch.float32, "cpu", seed=0)
+
+    def saved_bytes(fn):
+        seen = {}
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x, w, a, b, 0.5, bias, 0.1, True, torch.Generator().manual_seed(0))
+        return sum(seen.values())
+    ours, twin = saved_bytes(lora_linear_torch), saved_bytes(rk.lora_linear_reference)
+    x_bytes, mask_bytes = 64 * 48 * 4, 64 * 48
+    assert ours <= twin - x_bytes + mask_bytes, (ours, twin)
+
+
+def test_torch_path_autocast_and_partial_grads(monkeypatch):
+    monkeypatch.setenv("RELORA_KERNELS", "torch")
+    x, w, a, b, bias, dy = make_inputs((6, 5), 16, 12, 4, True, torch.float32, "cpu", seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rk.lora_linear(x, w, a, b, 0.5, bias)
+    assert y.dtype == torch.bfloat16
+    da, = torch.autograd.grad(y.float(), (a,), dy)  # only A: the other gradients are not computed
+    assert da.dtype == torch.float32
+    ar = a.detach().double().requires_grad_()
+    yr = rk.lora_linear_reference(x.double(), w.double(), ar, b.double(), 0.5, bias.double())
+    dar, = torch.autograd.grad(yr, (ar,), dy.double())
+    assert rel_err(da, dar) < 2e-2
+    # Mixed dtypes outside autocast: the twin's behaviour (torch's own F.linear dtype error), as before.
+    with pytest.raises(RuntimeError, match="dtype"):
+        rk.lora_linear(x.double(), w, a, b, 0.5, bias)
 
 
 def test_deterministic_mode_sources(monkeypatch):
@@ -366,12 +441,12 @@ def test_bench_script_smoke(tmp_path):
     import csv
     rows = list(csv.DictReader(out.open()))
     assert {(r["op"], r["provider"]) for r in rows} >= {("linear", p) for p in
-                                                       ("full", "frozen", "peft", "fused", "fused_splitdb",
-                                                                            "fused_det")}
+                                                       ("full", "frozen", "peft", "torch_fused", "fused",
+                                                                            "fused_splitdb", "fused_det")}
     assert {r["provider"] for r in rows if r["op"] == "merge"} == {"merge", "torch", "copy"}
     assert {"op", "provider", "mode", "M", "d_in", "d_out", "r", "dtype", "device", "torch", "triton", "date",
             "ms"} <= set(rows[0])
-    assert all(float(r["max_rel_err"]) < 1e-4 for r in rows if r["provider"].startswith("fused"))
+    assert all(float(r["max_rel_err"]) < 1e-4 for r in rows if "fused" in r["provider"])
     if not HAS_CUDA:
         proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_kernels.py"), "--out",
                                str(tmp_path / "x.csv")], capture_output=True, text=True, timeout=300, cwd=ROOT)

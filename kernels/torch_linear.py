@@ -1,0 +1,89 @@
+"""The ReLoRA linear as a chain of BLAS calls with the additions folded into GEMM epilogues (no Triton).
+
+Same maths as :func:`relora_kernels.lora_linear_reference` (the twin), fewer passes over the big
+activations. With M tokens, the reference (PEFT-style autograd) moves these M x out / M x in tensors:
+
+    forward   Y0 = X W^T, L = S B^T, s·L, Y0 + s·L                      4 writes, 3 reads
+    backward  s·dY, dX0 = dY W, dXl = dS A, dX0 + dXl                   3 writes, 3 reads (+ dY reads)
+
+This path computes ``C = b + s·S B^T`` and then ``C += X W^T`` in place (BLAS beta=1: C is read once in
+the GEMM epilogue), and ``dX = dS A``, then ``dX += dY W`` in place; the scale lands on the rank-r tensors
+(dS, dB), never on an M x out one:
+
+    forward   C, then C += X W^T                                         2 writes, 1 read
+    backward  T = dS A, then T += dY W                                   2 writes, 1 read
+
+Saved for backward: X, S (M x r) and the dropout keep-mask (1 B per element) instead of the reference's
+X, dropout(X) and X A^T. Used by ``RELORA_KERNELS=auto`` wherever Triton is not (see ``_runtime``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .reference import check_dropout_p, dropout_keep_mask, lora_linear_reference
+
+
+class TorchLoRALinearFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scale, keep, inv_keep):
+        d_in = x.shape[-1]
+        x2 = x.reshape(-1, d_in)
+        keep2 = keep.reshape(-1, d_in) if keep is not None else None
+        xd = x2 if keep2 is None else x2 * keep2  # the masked copy lives only inside forward
+        s = torch.mm(xd, lora_A.t())
+        if keep2 is not None:
+            s.mul_(inv_keep)
+        # C = b + s·S B^T (bias broadcast by addmm), then C += X W^T in place: one epilogue read of C.
+        y = torch.addmm(bias, s, lora_B.t(), alpha=scale) if bias is not None else \
+            torch.mm(s, lora_B.t()).mul_(scale)
+        y.addmm_(x2, weight.t())
+        ctx.save_for_backward(x2, s, weight, lora_A, lora_B, keep2)
+        ctx.scale, ctx.inv_keep, ctx.x_shape, ctx.has_bias = scale, inv_keep, x.shape, bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, s, weight, lora_A, lora_B, keep2 = ctx.saved_tensors
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = da = db = dw = dbias = None
+        ds = torch.mm(dy2, lora_B).mul_(ctx.scale) if (need_x or need_a) else None
+        if need_b:
+            db = torch.mm(dy2.t(), s).mul_(ctx.scale)
+        if need_a:
+            xd = x2 if keep2 is None else x2 * keep2
+            da = torch.mm(ds.t(), xd)
+            if keep2 is not None:
+                da.mul_(ctx.inv_keep)
+        if need_x:
+            dx = torch.mm(ds, lora_A)
+            if keep2 is not None:
+                dx.mul_(keep2).mul_(ctx.inv_keep)
+            dx.addmm_(dy2, weight)
+            dx = dx.reshape(ctx.x_shape)
+        if need_w:
+            dw = torch.mm(dy2.t(), x2)
+        if need_bias and ctx.has_bias:
+            dbias = dy2.sum(0)
+        return dx, dw, da, db, dbias, None, None, None
+
+
+def lora_linear_torch(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True, generator=None):
+    """``x @ W.T (+ b) + scale * dropout(x) @ A.T @ B.T`` through BLAS with fused epilogues; autograd-aware.
+
+    Tensors must share one dtype (under autocast they are cast to the autocast dtype first, as F.linear
+    does); mixed dtypes or devices go to the reference twin, so they fail or work exactly as plain F.linear.
+    """
+    p = check_dropout_p(dropout_p)
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight, lora_A, lora_B = x.to(dt), weight.to(dt), lora_A.to(dt), lora_B.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    tensors = [t for t in (x, weight, lora_A, lora_B, bias) if t is not None]
+    if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
+        return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, p, training, generator)
+    keep = dropout_keep_mask(x, p, generator) if (training and p > 0.0) else None  # bool: 1 B per element
+    inv_keep = 1.0 / (1.0 - p) if keep is not None else 1.0
+    with torch.autocast(x.device.type, enabled=False):
+        return TorchLoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, float(scale), keep, inv_keep)

@@ -16,36 +16,39 @@ import sys
 import time
 
 
-def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int) -> dict:
+def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, device: str = "cuda") -> dict:
     import torch
 
     import relora_ds
 
     torch.manual_seed(0)
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = relora_ds.LlamaConfig.preset(preset, max_position_embeddings=seq_len + 1)
-    model = relora_ds.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16)
+    model = relora_ds.LlamaForCausalLM(cfg).to(device, torch.bfloat16 if cuda else torch.float32)
     relora_ds.wrap(model, rank=rank)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    batch = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device="cuda")
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    batch = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     for i in range(steps + 3):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         loss = model(batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         if i >= 3:  # warm-up: Triton compilation, allocator growth
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     return {"preset": preset, "path": os.environ.get("RELORA_KERNELS", "auto"), "micro_batch": micro_batch,
             "seq_len": seq_len, "rank": rank, "step_ms": 1000 * t, "tokens_per_s": micro_batch * seq_len / t,
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "loss": loss.item(),
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__}
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+            "loss": loss.item(), "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
+            "torch": torch.__version__, "triton": __import__("triton").__version__}
 
 
 def main() -> None:
@@ -55,13 +58,15 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: fp32 weights, plain AdamW, the thread count of OMP_NUM_THREADS")
     ap.add_argument("--paths", nargs="+", default=["reference", "torch", "triton"],
                     choices=("reference", "torch", "triton", "auto"))
     ap.add_argument("--out", default="bench_e2e.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank)))
+        print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank, args.device)))
         return
     rows = []
     for preset in args.presets:
@@ -69,7 +74,7 @@ def main() -> None:
             env = {**os.environ, "RELORA_KERNELS": path}
             proc = subprocess.run([sys.executable, __file__, "--one", preset, "--micro-batch", str(args.micro_batch),
                                    "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--rank",
-                                   str(args.rank)], env=env, capture_output=True, text=True)
+                                   str(args.rank), "--device", args.device], env=env, capture_output=True, text=True)
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 continue

@@ -104,6 +104,26 @@ def device_bytes(out_features: int, in_features: int, quantize: str | None) -> i
     return out_features * in_features + 2 * out_features
 
 
+def zero3_replication_warning(shapes: list[tuple[int, int]], zero_stage: int, world_size: int) -> str | None:
+    """The warning for an int8 base under ZeRO-3 on several ranks (None when it does not apply).
+
+    The int8 weights are buffers (the design: ZeRO never puts them in an optimizer group and its bf16 cast
+    leaves them int8), and ZeRO-3 partitions parameters only, so every rank holds all of them; a bf16 base
+    would be partitioned into 1/world_size per rank. ``shapes``: (out, in) of each quantized layer.
+    """
+    if zero_stage != 3 or world_size < 2 or not shapes:
+        return None
+    mib = 2 ** 20
+    int8 = sum(device_bytes(o, i, "int8") for o, i in shapes) / mib
+    bf16 = sum(device_bytes(o, i, None) for o, i in shapes) / world_size / mib
+    host = sum(o * i for o, i in shapes) / mib
+    return (f"quantize='int8' under ZeRO-3 on {world_size} ranks: the int8 base weights are buffers, which ZeRO-3 "
+            f"does not partition, so every rank holds all of them ({int8:,.1f} MiB on the device, plus "
+            f"{host:,.1f} MiB of host residual), while ZeRO-3 would partition a bf16 base to {bf16:,.1f} MiB per "
+            "rank. int8 saves device memory under ZeRO stages 0-2 (weights replicated there anyway); under "
+            "ZeRO-3 with 2 or more ranks, drop --quantize or use ZeRO-2.")
+
+
 # ------------------------------------------------------------------------------------ drift measurement
 MECHANISMS = ("naive", "residual", "stochastic", "host_fp32")
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, quant
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, check_tokenizer_matches, eval_batches, \
     load_manifest, prepare_data
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16
@@ -31,7 +31,7 @@ from .metrics import MetricsLogger, peak_memory_mb
 from .model import LlamaForCausalLM
 from .model_config import LlamaConfig
 from .prune import prune_optimizer_state
-from .relora import lora_parameters, wrap
+from .relora import lora_parameters, relora_layers, wrap
 from .schedule import cosine_with_warmup, jagged_cosine
 from .train_config import TrainConfig
 
@@ -132,6 +132,12 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds,
                                                lr_scheduler=lambda opt: LambdaLR(opt, fn))
         self.engine_phase = phase
+        if phase == "lowrank" and cfg.quantize:
+            warning = quant.zero3_replication_warning(
+                [(m.out_features, m.in_features) for _, m in relora_layers(model)],
+                self.ds.get("zero_optimization", {}).get("stage", 0), self.world)
+            if warning:  # printed by rank 0 and kept in metrics.jsonl
+                self._event({"event": "warning", "step": self.step, "message": warning})
 
     def _switch_to_lowrank(self) -> None:
         """End of the warm start: full-rank weights (fp32 masters) into a fresh ReLoRA engine."""

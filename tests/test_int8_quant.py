@@ -246,3 +246,13 @@ def test_frozen_bytes_at_most_052_of_bf16_for_every_preset():
         int8 = sum(quant.device_bytes(o, i, "int8") for o, i in shapes)
         bf16 = sum(quant.device_bytes(o, i, None) for o, i in shapes)
         assert int8 <= 0.52 * bf16, (name, int8 / bf16)
+
+
+def test_zero3_replication_warning_numbers():
+    """int8 buffers are replicated under ZeRO-3 while a bf16 base would be partitioned: say so, with numbers."""
+    shapes = [(1024, 1024)] * 4  # 4 Mi int8 params: 4.0 MiB + 8 KiB of scales; bf16 8 MiB in all
+    assert quant.zero3_replication_warning(shapes, 2, 8) is None
+    assert quant.zero3_replication_warning(shapes, 3, 1) is None
+    msg = quant.zero3_replication_warning(shapes, 3, 4)
+    assert "ZeRO-3 on 4 ranks" in msg and "4.0 MiB on the device" in msg and "2.0 MiB per rank" in msg
+    assert "4.0 MiB of host residual" in msg and "ZeRO-2" in msg

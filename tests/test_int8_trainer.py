@@ -41,3 +41,18 @@ def test_int8_trainer_zero2_resets_checkpoint_export(tmp_path, small_data_dir):
     got = hf.state_dict()[pre + "weight"].float()
     assert (got - want).abs().max() < 2e-3 * want.abs().max()
     assert losses[12] < losses[1]
+
+
+def test_int8_trainer_zero3_warns_about_replicated_buffers(tmp_path, small_data_dir):
+    """ZeRO-3 partitions parameters, not the int8 buffers: the run trains and says so, with the numbers."""
+    recipe = {**RECIPE, "data_dir": str(small_data_dir), "output_dir": str(tmp_path / "run"), "total_steps": 5,
+              "eval_every": 0, "save_every": 0, "export": False}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    proc = run_deepspeed(ROOT / "launch/train.py", "--config", tmp_path / "recipe.yaml",
+                         "--deepspeed", ROOT / "ds_configs/zero3.json")
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    warnings = [r for r in recs if r.get("event") == "warning"]
+    assert len(warnings) == 1 and warnings[0]["step"] == 2, warnings  # at the switch to ReLoRA
+    assert "ZeRO-3 on 2 ranks" in warnings[0]["message"] and "MiB per rank" in warnings[0]["message"]
+    assert "quantize='int8' under ZeRO-3" in proc.stdout
+    assert max(r["step"] for r in recs if "loss" in r) == 5

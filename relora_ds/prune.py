@@ -57,6 +57,19 @@ def random_prune_mask(shape: torch.Size, ratio: float, seed: int) -> torch.Tenso
     return mask.view(shape)
 
 
+def moment_masks(moments: dict, method: str, ratio: float, seed: int, joint: bool) -> dict:
+    """{key: mask} for one parameter's Adam moments (``moments``: {key: whole tensor}); ``seed`` is the
+    parameter's. Independent (the paper): each moment by its own values. ``joint``: one mask, from
+    ``exp_avg``, for both, so no entry keeps its momentum while losing its second moment."""
+    masks = {}
+    for j, key in enumerate(MOMENT_KEYS):
+        if joint and j > 0:
+            masks[key] = masks[MOMENT_KEYS[0]]
+        else:
+            masks[key] = prune_mask(moments[key], method, ratio, seed=seed + j)
+    return masks
+
+
 def prune_mask(t: torch.Tensor, method: str, ratio: float, seed: int = 0) -> torch.Tensor:
     if method == "magnitude":
         return magnitude_prune_mask(t, ratio)
@@ -67,7 +80,7 @@ def prune_mask(t: torch.Tensor, method: str, ratio: float, seed: int = 0) -> tor
 
 @torch.no_grad()
 def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], method: str = "magnitude",
-                          ratio: float = 0.99, seed: int = 0) -> dict:
+                          ratio: float = 0.99, seed: int = 0, joint: bool = False) -> dict:
     """Zero, in place, the chosen fraction of each Adam moment of each given parameter.
 
     ``method``: 'magnitude' (smallest |value| per tensor), 'random', or 'reset' (all). Other parameters'
@@ -76,10 +89,11 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     reset it either; keeping it makes single-process and ZeRO runs identical. The restart warmup is what
     keeps the first updates after a reset small.
 
-    Caveat (seen in tests/dist/zero_reset_worker.py): each moment is pruned by its own magnitudes, as in the
-    paper, so an entry can keep exp_avg while losing exp_avg_sq. Right after a reset B = 0, so lora_A's
-    gradient is exactly zero and such an entry's Adam update is ~lr·m/eps until v refills: the restart
-    warmup (LR from 0) is what keeps these first updates small.
+    ``joint=False`` (the paper): each moment is pruned by its own magnitudes, so an entry can keep exp_avg
+    while losing exp_avg_sq (seen in tests/dist/zero_reset_worker.py). Right after a reset B = 0, so
+    lora_A's gradient is exactly zero and such an entry's Adam update is ~lr·m/eps until v refills; only
+    the restart warmup (LR from 0) keeps it small. ``joint=True`` zeroes exp_avg_sq exactly where exp_avg
+    is zeroed (one mask, from exp_avg), which rules that case out.
 
     Accepts torch Adam/AdamW or a DeepSpeed engine (ZeRO-partitioned state, see zero_reset.py).
     Returns ``{key: fraction of entries zeroed}`` over all given params.
@@ -89,7 +103,7 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     if hasattr(optimizer, "zero_optimization_stage"):
         from .zero_reset import prune_engine_optimizer_state  # the one path that touches DeepSpeed internals
 
-        return prune_engine_optimizer_state(optimizer, params, method, ratio, seed)
+        return prune_engine_optimizer_state(optimizer, params, method, ratio, seed, joint)
     zeroed = dict.fromkeys(MOMENT_KEYS, 0)
     total = 0
     for i, p in enumerate(params):
@@ -99,8 +113,8 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
                              "the first optimizer step (optimizer state keys: "
                              f"{sorted(state)})")
         total += p.numel()
-        for j, key in enumerate(MOMENT_KEYS):
-            mask = prune_mask(state[key], method, ratio, seed=seed + 1000003 * i + j)
-            state[key].masked_fill_(mask, 0.0)
-            zeroed[key] += int(mask.sum())
+        masks = moment_masks({k: state[k] for k in MOMENT_KEYS}, method, ratio, seed + 1000003 * i, joint)
+        for key in MOMENT_KEYS:
+            state[key].masked_fill_(masks[key], 0.0)
+            zeroed[key] += int(masks[key].sum())
     return {key: zeroed[key] / max(1, total) for key in MOMENT_KEYS}

@@ -47,6 +47,9 @@ class TrainConfig:
     prune_method: str = _f("magnitude", "optimizer-state pruning at a reset",
                            choices=("magnitude", "random", "reset"))
     prune_ratio: float = _f(0.99, "fraction of each LoRA Adam moment zeroed at a reset")
+    prune_joint: bool = _f(False, "zero exp_avg_sq exactly where exp_avg is zeroed (one mask from |exp_avg|), "
+                                  "so no entry keeps momentum without its second moment; default: each moment "
+                                  "by its own magnitudes, as the paper")
     warm_start_steps: int = _f(0, "full-rank steps before switching to ReLoRA in the same run")
     warm_start_from: str | None = _f(None, "Hugging Face directory of a full-rank warm start (e.g. an "
                                            "export of another run); the ReLoRA run starts from it")

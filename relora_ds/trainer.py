@@ -280,7 +280,7 @@ class Trainer:
         if since % cfg.cycle_length == 0:
             event.update(prune_optimizer_state(self.engine, lora_parameters(self.engine.module),
                                                method=cfg.prune_method, ratio=cfg.prune_ratio,
-                                               seed=cfg.seed + self.step))
+                                               seed=cfg.seed + self.step, joint=cfg.prune_joint))
             event["reset"] = True
         if event:
             self._event({"event": "reset" if event.get("reset") else "merge", "step": self.step, **event})

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
-from .prune import MOMENT_KEYS, prune_mask
+from .prune import MOMENT_KEYS, moment_masks
 from .relora import relora_layers
 
 
@@ -145,7 +145,7 @@ def merge_and_reinit_engine(engine) -> dict:
 
 
 @torch.no_grad()
-def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed: int) -> dict:
+def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed: int, joint: bool = False) -> dict:
     """Prune each LoRA tensor's Adam moments exactly as a single process holding the whole tensor would."""
     start = time.perf_counter()
     if not optimizer_state_ready(engine):
@@ -156,17 +156,19 @@ def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed
     total = comm_bytes = 0
     for i, p in enumerate(params):
         total += p.ds_numel if _is_zero3(p) else p.numel()
-        for j, key in enumerate(MOMENT_KEYS):
+        full = {}
+        for key in MOMENT_KEYS:
             if _is_partitioned(p):
-                full = get_full(p, key)
-                comm_bytes += 4 * full.numel()
+                full[key] = get_full(p, key)
+                comm_bytes += 4 * full[key].numel()
             else:  # ZeRO stage 0 keeps plain torch optimizer state
-                full = engine.optimizer.state[p][key]
-            mask = prune_mask(full, method, ratio, seed=seed + 1000003 * i + j)
-            full.masked_fill_(mask, 0.0)
+                full[key] = engine.optimizer.state[p][key]
+        masks = moment_masks(full, method, ratio, seed + 1000003 * i, joint)
+        for key in MOMENT_KEYS:
+            full[key].masked_fill_(masks[key], 0.0)
             if _is_partitioned(p):
-                set_full(p, full, key)
-            zeroed[key] += int(mask.sum())
+                set_full(p, full[key], key)
+            zeroed[key] += int(masks[key].sum())
     stats = {key: zeroed[key] / max(1, total) for key in MOMENT_KEYS}
     stats.update(prune_seconds=time.perf_counter() - start, prune_comm_bytes=comm_bytes)
     return stats

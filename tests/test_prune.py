@@ -62,6 +62,39 @@ def test_prune_optimizer_state_magnitude_only_given_params():
     assert stats["exp_avg"] == pytest.approx((round(0.9 * a.numel()) + round(0.9 * b.numel())) / n)
 
 
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_joint_prune_one_mask_from_exp_avg(method):
+    """joint=True: exp_avg_sq is zeroed exactly where exp_avg is (the exp_avg mask), never elsewhere."""
+    opt, a, b, _ = _adam_state(seed=1)
+    indep, _, _, _ = _adam_state(seed=1)
+    # Noisy-gradient moments: |exp_avg| and exp_avg_sq order the entries differently (a few steps of one
+    # smooth loss would give v ∝ m², the same order, and hide the difference between the two modes).
+    g = torch.Generator().manual_seed(9)
+    for p, q in zip((a, b), indep.param_groups[0]["params"][:2]):
+        m, v = torch.randn(p.shape, generator=g), torch.rand(p.shape, generator=g) + 0.01
+        opt.state[p]["exp_avg"].copy_(m), opt.state[p]["exp_avg_sq"].copy_(v)
+        indep.state[q]["exp_avg"].copy_(m), indep.state[q]["exp_avg_sq"].copy_(v)
+    before = {id(p): {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for p in (a, b)}
+    relora_ds.prune_optimizer_state(indep, indep.param_groups[0]["params"][:2], method=method, ratio=0.9, seed=5)
+    stats = relora_ds.prune_optimizer_state(opt, [a, b], method=method, ratio=0.9, seed=5, joint=True)
+    for i, p in enumerate((a, b)):
+        m0, v0 = before[id(p)]["exp_avg"], before[id(p)]["exp_avg_sq"]
+        mask = (_oracle_mask(m0, 0.9) if method == "magnitude" else
+                random_prune_mask(m0.shape, 0.9, seed=5 + 1000003 * i))
+        assert torch.equal(opt.state[p]["exp_avg"], m0.masked_fill(mask, 0.0))
+        assert torch.equal(opt.state[p]["exp_avg_sq"], v0.masked_fill(mask, 0.0))
+        # No entry keeps momentum without its second moment (every exp_avg_sq was > 0 before).
+        assert not ((opt.state[p]["exp_avg"] != 0) & (opt.state[p]["exp_avg_sq"] == 0)).any()
+    assert stats["exp_avg"] == stats["exp_avg_sq"]
+    # The default (the paper) prunes exp_avg with the same mask but exp_avg_sq by its own values.
+    ib = indep.param_groups[0]["params"][1]
+    assert torch.equal(indep.state[ib]["exp_avg"], opt.state[b]["exp_avg"])
+    assert not torch.equal(indep.state[ib]["exp_avg_sq"], opt.state[b]["exp_avg_sq"])
+    if method == "magnitude":
+        assert torch.equal(indep.state[ib]["exp_avg_sq"], before[id(b)]["exp_avg_sq"].masked_fill(
+            _oracle_mask(before[id(b)]["exp_avg_sq"], 0.9), 0.0))
+
+
 def test_random_and_reset_modes():
     opt, a, b, _ = _adam_state()
     relora_ds.prune_optimizer_state(opt, [a], method="random", ratio=0.75, seed=3)

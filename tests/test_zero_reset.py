@@ -22,6 +22,7 @@ def test_prune_equals_single_process_oracle(results, case):
         res = r[case]
         assert res["refuses_before_first_step"], "prune before the first step must be a clear error"
         assert res["prune_exact"], "pruned moments differ from the sort-based single-process oracle"
+        assert res["joint_prune_exact"], "joint pruning (one mask from exp_avg) differs from the oracle"
         assert res["others_untouched"]
         assert res["odd_numel"] >= 1  # a LoRA tensor whose numel is not divisible by the world size
         if not case.startswith("3"):

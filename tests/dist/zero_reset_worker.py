@@ -19,12 +19,16 @@ from relora_ds.relora import kaiming_uniform_A, reinit_seed
 from relora_ds.zero_reset import relink_optimizer_fragments
 
 
-def sort_oracle(t, ratio):
+def sort_mask(t, ratio):
     flat = t.reshape(-1).abs()
     k = int(round(ratio * flat.numel()))
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask[torch.sort(flat, stable=True).indices[:k]] = True
-    return t.masked_fill(mask.view(t.shape), 0.0)
+    return mask.view(t.shape)
+
+
+def sort_oracle(t, ratio):
+    return t.masked_fill(sort_mask(t, ratio), 0.0)
 
 
 def build(stage, bf16, offload=False):
@@ -79,6 +83,12 @@ def run_case(stage, bf16, rank, offload=False):
                                   for p, o in zip(others, others_before))
     res["stats"] = {k: v for k, v in stats.items() if k.startswith("exp")}
     res["prune_comm_bytes"] = stats["prune_comm_bytes"]
+    # joint=True: one mask from |exp_avg| (the sort oracle's) zeroes both moments.
+    before = [{k: safe_get_full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")} for p in lora]
+    relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.95, joint=True)
+    masks = [sort_mask(b["exp_avg"], 0.95) for b in before]
+    res["joint_prune_exact"] = all(torch.equal(safe_get_full_optimizer_state(p, k), b[k].masked_fill(m, 0.0))
+                                   for p, b, m in zip(lora, before, masks) for k in b)
 
     engine.eval()
     with torch.no_grad():

@@ -34,6 +34,11 @@ from . import _runtime
 
 MASK_NONE, MASK_A1, MASK_B1, MASK_OUT2 = 0, 1, 2, 3  # which operand the uint8 keep-mask multiplies
 
+# True: products that TMA can read (kernels/matmul_tma.py: eligible) take the persistent TMA-descriptor
+# kernel instead of the pointer kernel below. Off until a GPU measurement says it is faster
+# (launch/bench_kernels.py provider ``fused_tma``); tests run both.
+TMA_GEMM = False
+
 
 @triton.jit
 def _concat_k_matmul_kernel(
@@ -241,6 +246,12 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
         out.zero_() if bias is None else out.copy_(bias.expand(M, N))
         return out
 
+    mask_t = mask.view(torch.uint8) if mask is not None and mask.dtype == torch.bool else mask
+    if TMA_GEMM and config is None:
+        from . import matmul_tma
+        if matmul_tma.eligible(a1, b1, a2, b2, out, mask_t, b1_scale, reduce_k):
+            return matmul_tma.launch(a1, b1, a2, b2, out, alpha=alpha, beta=beta, bias=bias)
+
     interp = _runtime.interpreting()
     deterministic = bool(deterministic)
     forced_split = None
@@ -271,7 +282,6 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
     c2d = target if target.dim() == 2 else target[0]
 
     dummy = c2d  # never dereferenced when the matching constexpr flag is off
-    mask_t = mask.view(torch.uint8) if mask is not None and mask.dtype == torch.bool else mask
     ms = mask_t.stride() if mask_t is not None else (0, 0)
     args = [a1, b1, a2 if has_second else dummy, b2 if has_second else dummy,
             mask_t if mask_t is not None else dummy, bias if bias is not None else dummy,

@@ -9,6 +9,8 @@ Providers for the linear layer (bf16, y = x W^T + s x A^T B^T):
   fused    (d) relora_kernels.lora_linear (dS+dB from one read of dY, fp32 atomics for dB and dA)
   fused_splitdb  the same with dB as its own GEMM over tokens (relora_kernels.linear.FUSE_DS_DB = False)
   fused_det    deterministic mode (split dB, fixed-order partial sums, one fixed config, no autotune)
+  fused_tma    fused, with the products TMA can read on the persistent TMA-descriptor GEMM
+           (relora_kernels.matmul.TMA_GEMM = True, kernels/matmul_tma.py)
 Merge: ``merge`` (relora_kernels.lora_merge_) vs ``torch`` (W.add_(s * B @ A)) vs ``copy`` (W2.copy_(W), the
 HBM ceiling). Timings: median of triton.testing.do_bench (CUDA events), p20/p80 kept in the rows.
 
@@ -38,7 +40,7 @@ FULL_SHAPES = ((2048, 2048), (4096, 4096), (2048, 5461), (5461, 2048))
 FULL_R = (64, 128, 256)
 QUICK = dict(M=(16384,), shapes=((2048, 2048), (4096, 4096)), ranks=(128,))
 CPU_SMOKE = dict(M=(64,), shapes=((48, 40),), ranks=(8,))
-LINEAR_PROVIDERS = ("full", "frozen", "peft", "torch_fused", "fused", "fused_splitdb", "fused_det")
+LINEAR_PROVIDERS = ("full", "frozen", "peft", "torch_fused", "fused", "fused_splitdb", "fused_det", "fused_tma")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -141,10 +143,12 @@ def linear_setup(provider, M, d_in, d_out, r, dtype, device):
         fwd, inputs = (lambda: lora_linear_torch(x, w, a, b, scale)), [x, a, b]
     else:
         import relora_kernels.linear as linear_mod
+        import relora_kernels.matmul as matmul_mod
         det = provider == "fused_det"
 
-        def variant():  # FUSE_DS_DB is read in backward: set it before every timed call
+        def variant():  # the switches are read at call time: set them before every timed call
             linear_mod.FUSE_DS_DB = provider != "fused_splitdb"
+            matmul_mod.TMA_GEMM = provider == "fused_tma"
 
         fwd, inputs = (lambda: rk.lora_linear(x, w, a, b, scale, deterministic=det)), [x, a, b]
     state = {}

@@ -9,6 +9,7 @@ full-rank linear; the fwd+bwd totals do not say which launch is slow. This scrip
                Y     = [X|S] @ [W|s·B].T       dB    = s·dY.T @ S       (split over tokens: atomic / det)
                dSdB  = fused dS and dB         dA    = dS.T @ X         (split over tokens: atomic / det)
                dX    = [dY|dS] @ [W;A]         merge = W += s·B @ A
+               Y_tma, dX_tma: Y and dX on the persistent TMA-descriptor kernel (kernels/matmul_tma.py)
   sweep      candidate launch configs for the low-rank ops and the merge (their launchers take
              ``config=``); every candidate is checked against the torch result before it is timed, and
              configs that fail to compile (shared memory) are recorded as such.
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 from bench_kernels import bench, load_relora_kernels, write_rows  # noqa: E402
 
-LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge")
+LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge", "Y_tma")
 
 
 def parse_args(argv=None):
@@ -91,6 +92,13 @@ def ds_db_candidates(r, smoke):
             for bm, bn, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))]
 
 
+def tma_candidates(smoke):
+    if smoke:
+        return [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)]
+    return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=8, num_stages=st)
+            for (bm, bn), bk, st in itertools.product(((128, 256), (256, 128), (128, 128)), (64,), (3, 4))]
+
+
 def merge_candidates(r, smoke):
     if smoke:
         return [dict(BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, num_warps=4, num_stages=1),
@@ -106,6 +114,7 @@ def make_ops(M, d_in, d_out, r, dtype, device):
     import torch
 
     import relora_kernels.linear as lin
+    from relora_kernels import matmul_tma
     from relora_kernels.matmul import concat_matmul
     from relora_kernels.merge import merge_launch
     g = torch.Generator(device=device).manual_seed(0)
@@ -143,6 +152,10 @@ def make_ops(M, d_in, d_out, r, dtype, device):
               lambda: x @ w.t() + scale * (s_ @ b.t()), e * (M * d_in + M * d_out + M * r)),
         "dX": (lambda cfg: concat_matmul(dy, w, ds, a, config=cfg), lambda: dy @ w + ds @ a,
                e * (M * d_out + M * d_in + M * r)),
+        "Y_tma": (lambda cfg: matmul_tma.launch(x, w.t(), s_, b.t(), torch.empty_like(dy), beta=scale, config=cfg),
+                  lambda: x @ w.t() + scale * (s_ @ b.t()), e * (M * d_in + M * d_out + M * r)),
+        "dX_tma": (lambda cfg: matmul_tma.launch(dy, w, ds, a, torch.empty_like(x), config=cfg),
+                   lambda: dy @ w + ds @ a, e * (M * d_out + M * d_in + M * r)),
         "merge": (merge_kernel, merge_torch, 2 * e * d_out * d_in),
         "_cublas_Y": (None, lambda: x @ w.t(), 0),   # the big GEMMs without the low-rank term: cuBLAS floor
         "_cublas_dX": (None, lambda: dy @ w, 0),
@@ -205,7 +218,7 @@ def main(argv=None):
             rows.append(row)
 
         if "breakdown" in args.sections:
-            for op in ("S", "Y", "dSdB", "dS", "dB", "dA", "dX", "merge"):
+            for op in ("S", "Y", "Y_tma", "dSdB", "dS", "dB", "dA", "dX", "dX_tma", "merge"):
                 kernel, ref, nbytes = ops[op]
                 if op in ("dB", "dA"):
                     time_row("breakdown", op, "atomic", lambda k=kernel: k(None), nbytes, want=ref)
@@ -219,7 +232,8 @@ def main(argv=None):
         if "sweep" in args.sections and (args.smoke or f"{d_in}x{d_out}" in args.sweep_shapes):
             cands = {"S": gemm_candidates(r, args.smoke), "dS": gemm_candidates(r, args.smoke),
                      "dB": reduce_candidates(args.smoke), "dA": reduce_candidates(args.smoke),
-                     "dSdB": ds_db_candidates(r, args.smoke), "merge": merge_candidates(r, args.smoke)}
+                     "dSdB": ds_db_candidates(r, args.smoke), "merge": merge_candidates(r, args.smoke),
+                     "Y_tma": tma_candidates(args.smoke)}
             for op in args.ops:
                 kernel, ref, nbytes = ops[op]
                 for cfg in cands[op]:

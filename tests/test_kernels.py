@@ -88,13 +88,16 @@ DEVICE_SHAPES = [pytest.param("cpu", s, id=f"cpu-{_shape_id(s)}") for s in SHAPE
     pytest.param("cuda", s, id=f"cuda-{_shape_id(s)}", marks=DEVICES[1].marks) for s in SHAPES + GPU_SHAPES]
 
 
-@pytest.mark.parametrize("mode", ["fused", "splitdb", "det"])
+@pytest.mark.parametrize("mode", ["fused", "splitdb", "det", "tma"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,shape", DEVICE_SHAPES)
 def test_lora_linear_matches_reference(kernels_on, device, dtype, shape, mode, monkeypatch):
-    """fused: dS+dB in one read of dY (atomics); splitdb: dB its own GEMM (atomics); det: no atomics."""
+    """fused: dS+dB in one read of dY (atomics); splitdb: dB its own GEMM (atomics); det: no atomics;
+    tma: fused, with the big products on the TMA-descriptor kernel where TMA can read them."""
     import relora_kernels.linear as linear_mod
-    monkeypatch.setattr(linear_mod, "FUSE_DS_DB", mode == "fused")
+    import relora_kernels.matmul as matmul_mod
+    monkeypatch.setattr(linear_mod, "FUSE_DS_DB", mode in ("fused", "tma"))
+    monkeypatch.setattr(matmul_mod, "TMA_GEMM", mode == "tma")
     deterministic = mode == "det"
     lead, d_in, d_out, r, has_bias = shape
     x, w, a, b, bias, dy = make_inputs(lead, d_in, d_out, r, has_bias, dtype, device, seed=7 * d_in + d_out + r)
@@ -102,6 +105,33 @@ def test_lora_linear_matches_reference(kernels_on, device, dtype, shape, mode, m
     assert got[0].shape == (*lead, d_out) and got[0].dtype == dtype and got[1].shape == x.shape
     errs = {n: rel_err(g, t) for n, g, t in zip(NAMES, got, want)}
     assert all(e <= tol(device, dtype) for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tma_gemm_runs_where_eligible_and_falls_back_elsewhere(kernels_on, device, monkeypatch):
+    """TMA_GEMM on: the forward and dX products of an aligned layer go through the TMA kernel (poisoned
+    outputs fully written, values match); unaligned widths, a dropout mask or an int8 weight fall back."""
+    import relora_kernels.matmul as matmul_mod
+    from relora_kernels import matmul_tma
+    monkeypatch.setattr(matmul_mod, "TMA_GEMM", True)
+    calls = []
+    real = matmul_tma.launch
+    monkeypatch.setattr(matmul_tma, "launch", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    x, w, a, b, bias, dy = make_inputs((2, 35), 96, 48, 16, True, torch.float32, device, seed=1)
+    got, want = run_both(x, w, a, b, bias, dy, scale=0.7)
+    assert all(rel_err(g, t) <= tol(device, torch.float32) for g, t in zip(got, want))
+    assert calls == [(70, 96), (70, 96), (70, 48)]  # S = X·Aᵀ, Y = [X|S]·[W|s·B]ᵀ, dX = [dY|dS]·[W;A]
+    calls.clear()
+    x, w, a, b, bias, dy = make_inputs((33,), 40, 70, 8, True, torch.float32, device, seed=2)  # 70·4 B % 16 ≠ 0
+    got, want = run_both(x, w, a, b, bias, dy, scale=0.7)
+    assert all(rel_err(g, t) <= tol(device, torch.float32) for g, t in zip(got, want))
+    assert calls == [(33, 40)]  # only S = X·Aᵀ; Y (33 x 70) and dX (dY is 33 x 70) take the pointer kernel
+    out = torch.empty(8, 16, device=device)
+    a1, b1 = torch.randn(8, 32, device=device), torch.randn(16, 32, device=device).t()
+    assert matmul_tma.eligible(a1, b1, None, None, out, None, None, False)
+    assert not matmul_tma.eligible(a1, b1, None, None, out, torch.ones(8, 32, dtype=torch.uint8), None, False)
+    assert not matmul_tma.eligible(a1, b1.to(torch.int8), None, None, out, None, torch.ones(16), False)
+    assert not matmul_tma.eligible(a1[:, 1:], b1[1:], None, None, out, None, None, False)  # misaligned view
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -442,7 +472,8 @@ def test_bench_script_smoke(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert {(r["op"], r["provider"]) for r in rows} >= {("linear", p) for p in
                                                        ("full", "frozen", "peft", "torch_fused", "fused",
-                                                                            "fused_splitdb", "fused_det")}
+                                                                            "fused_splitdb", "fused_det",
+                                                                            "fused_tma")}
     assert {r["provider"] for r in rows if r["op"] == "merge"} == {"merge", "torch", "copy"}
     assert {"op", "provider", "mode", "M", "d_in", "d_out", "r", "dtype", "device", "torch", "triton", "date",
             "ms"} <= set(rows[0])
@@ -463,9 +494,10 @@ def test_tune_script_smoke(tmp_path):
     import json
     rows = json.loads(out.read_text())
     kernel_rows = [r for r in rows if r["provider"] != "torch"]
-    assert {r["op"] for r in kernel_rows if r["section"] == "breakdown"} == {"S", "Y", "dSdB", "dS", "dB", "dA",
-                                                                             "dX", "merge"}
-    assert {r["op"] for r in kernel_rows if r["section"] == "sweep"} == {"S", "dS", "dB", "dA", "dSdB", "merge"}
+    assert {r["op"] for r in kernel_rows if r["section"] == "breakdown"} == {"S", "Y", "Y_tma", "dSdB", "dS", "dB",
+                                                                             "dA", "dX", "dX_tma", "merge"}
+    assert {r["op"] for r in kernel_rows if r["section"] == "sweep"} == {"S", "dS", "dB", "dA", "dSdB", "merge",
+                                                                         "Y_tma"}
     assert all(r["status"] == "ok" and r["err"] < 1e-4 for r in kernel_rows), [r for r in kernel_rows
                                                                                if r["status"] != "ok"]
     assert "sweep merge  best" in proc.stdout

@@ -32,6 +32,13 @@ from .torch_linear import lora_linear_torch
 # (dB split over tokens, partials summed with atomics) when False. A measured decision still to make.
 FUSE_DS_DB = True
 
+# True: the rank-r products (S = X·Aᵀ, dS = s·dY·B, dB = s·dYᵀ·S, dA = dSᵀ·X) go to cuBLAS (torch.mm),
+# and only the two big concatenated-K products stay on Triton. The H100 run of 2026-11-22 put the fused
+# layer's rank-r work at ~0.2–0.45 ms where its bytes need ~0.05 ms; cuBLAS runs skinny GEMMs near the
+# memory floor. Used without dropout and outside deterministic mode (there the masked / fixed-order Triton
+# kernels run). Off until a GPU measurement says it is faster (launch/bench_kernels.py: ``fused_blas_lr``).
+LOWRANK_BLAS = False
+
 
 @triton.jit
 def _ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R,
@@ -106,7 +113,10 @@ def lora_forward(x, weight, lora_A, lora_B, scale, bias=None, keep=None, dropout
     """x (M, in) -> (y (M, out), s (M, r)). ``keep``: (M, in) keep-mask, or None for no dropout.
     ``weight_scale`` (out,): ``weight`` is int8 and dequantized inside the GEMM (kernels/int8.py)."""
     inv_keep = 1.0 / (1.0 - dropout_p) if keep is not None else 1.0
-    s = concat_matmul(x, lora_A.t(), alpha=inv_keep, mask=keep, mask_mode=MASK_A1)
+    if LOWRANK_BLAS and keep is None:
+        s = torch.mm(x, lora_A.t())
+    else:
+        s = concat_matmul(x, lora_A.t(), alpha=inv_keep, mask=keep, mask_mode=MASK_A1)
     y = concat_matmul(x, weight.t(), s, lora_B.t(), beta=scale, bias=bias, b1_scale=weight_scale,
                       b1_scale_mode=0 if weight_scale is None else 1)
     return y, s
@@ -117,6 +127,13 @@ def lora_backward(dy, x, s, weight, lora_A, lora_B, scale, keep=None, dropout_p=
     """dy (M, out) -> (dx (M, in) or None, dA (r, in) or None, dB (out, r) or None).
     ``weight_scale`` (out,): ``weight`` is int8, dequantized inside the dX GEMM."""
     inv_keep = 1.0 / (1.0 - dropout_p) if keep is not None else 1.0
+    if LOWRANK_BLAS and keep is None and not deterministic:
+        ds = torch.mm(dy, lora_B).mul_(scale)
+        da = torch.mm(ds.t(), x) if need_lora else None
+        db = torch.mm(dy.t(), s).mul_(scale) if need_lora else None
+        dx = (concat_matmul(dy, weight, ds, lora_A, b1_scale=weight_scale,
+                            b1_scale_mode=0 if weight_scale is None else 2) if need_dx else None)
+        return dx, da, db
     if deterministic or not need_lora or not FUSE_DS_DB:
         ds = concat_matmul(dy, lora_B, alpha=scale)
         db = (concat_matmul(dy.t(), s, alpha=scale, reduce_k=True, deterministic=deterministic,

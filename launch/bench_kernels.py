@@ -11,6 +11,8 @@ Providers for the linear layer (bf16, y = x W^T + s x A^T B^T):
   fused_det    deterministic mode (split dB, fixed-order partial sums, one fixed config, no autotune)
   fused_tma    fused, with the products TMA can read on the persistent TMA-descriptor GEMM
            (relora_kernels.matmul.TMA_GEMM = True, kernels/matmul_tma.py)
+  fused_blas_lr  fused concat-K GEMMs on Triton, the rank-r products on cuBLAS (linear.LOWRANK_BLAS)
+  fused_tma_blas_lr  both of the above
 Merge: ``merge`` (relora_kernels.lora_merge_) vs ``torch`` (W.add_(s * B @ A)) vs ``copy`` (W2.copy_(W), the
 HBM ceiling). Timings: median of triton.testing.do_bench (CUDA events), p20/p80 kept in the rows.
 
@@ -40,7 +42,8 @@ FULL_SHAPES = ((2048, 2048), (4096, 4096), (2048, 5461), (5461, 2048))
 FULL_R = (64, 128, 256)
 QUICK = dict(M=(16384,), shapes=((2048, 2048), (4096, 4096)), ranks=(128,))
 CPU_SMOKE = dict(M=(64,), shapes=((48, 40),), ranks=(8,))
-LINEAR_PROVIDERS = ("full", "frozen", "peft", "torch_fused", "fused", "fused_splitdb", "fused_det", "fused_tma")
+LINEAR_PROVIDERS = ("full", "frozen", "peft", "torch_fused", "fused", "fused_splitdb", "fused_det", "fused_tma",
+                    "fused_blas_lr", "fused_tma_blas_lr")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -148,7 +151,8 @@ def linear_setup(provider, M, d_in, d_out, r, dtype, device):
 
         def variant():  # the switches are read at call time: set them before every timed call
             linear_mod.FUSE_DS_DB = provider != "fused_splitdb"
-            matmul_mod.TMA_GEMM = provider == "fused_tma"
+            matmul_mod.TMA_GEMM = "tma" in provider
+            linear_mod.LOWRANK_BLAS = "blas_lr" in provider
 
         fwd, inputs = (lambda: rk.lora_linear(x, w, a, b, scale, deterministic=det)), [x, a, b]
     state = {}

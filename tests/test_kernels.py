@@ -88,16 +88,18 @@ DEVICE_SHAPES = [pytest.param("cpu", s, id=f"cpu-{_shape_id(s)}") for s in SHAPE
     pytest.param("cuda", s, id=f"cuda-{_shape_id(s)}", marks=DEVICES[1].marks) for s in SHAPES + GPU_SHAPES]
 
 
-@pytest.mark.parametrize("mode", ["fused", "splitdb", "det", "tma"])
+@pytest.mark.parametrize("mode", ["fused", "splitdb", "det", "tma", "blas_lr"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,shape", DEVICE_SHAPES)
 def test_lora_linear_matches_reference(kernels_on, device, dtype, shape, mode, monkeypatch):
     """fused: dS+dB in one read of dY (atomics); splitdb: dB its own GEMM (atomics); det: no atomics;
-    tma: fused, with the big products on the TMA-descriptor kernel where TMA can read them."""
+    tma: fused, with the big products on the TMA-descriptor kernel where TMA can read them; blas_lr: the
+    rank-r products on torch.mm, the concat-K products on Triton."""
     import relora_kernels.linear as linear_mod
     import relora_kernels.matmul as matmul_mod
     monkeypatch.setattr(linear_mod, "FUSE_DS_DB", mode in ("fused", "tma"))
     monkeypatch.setattr(matmul_mod, "TMA_GEMM", mode == "tma")
+    monkeypatch.setattr(linear_mod, "LOWRANK_BLAS", mode == "blas_lr")
     deterministic = mode == "det"
     lead, d_in, d_out, r, has_bias = shape
     x, w, a, b, bias, dy = make_inputs(lead, d_in, d_out, r, has_bias, dtype, device, seed=7 * d_in + d_out + r)
@@ -473,7 +475,8 @@ def test_bench_script_smoke(tmp_path):
     assert {(r["op"], r["provider"]) for r in rows} >= {("linear", p) for p in
                                                        ("full", "frozen", "peft", "torch_fused", "fused",
                                                                             "fused_splitdb", "fused_det",
-                                                                            "fused_tma")}
+                                                                            "fused_tma", "fused_blas_lr",
+                                                                            "fused_tma_blas_lr")}
     assert {r["provider"] for r in rows if r["op"] == "merge"} == {"merge", "torch", "copy"}
     assert {"op", "provider", "mode", "M", "d_in", "d_out", "r", "dtype", "device", "torch", "triton", "date",
             "ms"} <= set(rows[0])

@@ -15,12 +15,72 @@ the GEMM epilogue), and ``dX = dS A``, then ``dX += dY W`` in place; the scale l
 
 Saved for backward: X, S (M x r) and the dropout keep-mask (1 B per element) instead of the reference's
 X, dropout(X) and X A^T. Used by ``RELORA_KERNELS=auto`` wherever Triton is not (see ``_runtime``).
+
+Merged-weight variant (``merged_weight=True``, no dropout): ``Y = X·W_effᵀ + b`` and ``dX = dY·W_eff`` with
+``W_eff = W + s·B·A`` built per call (out × in, one read of W and one write, rounded once to W's dtype;
+rebuilt in backward, never saved). The two big products are then plain GEMMs with no M x out / M x in
+side pass at all; S = X·Aᵀ is still computed (dB needs it). The low-rank term reaches Y through W_eff's
+rounding (in bf16: 2^-9 of |W| per element, the same as a merged bf16 model), not through an fp32
+accumulator as in the other paths.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .reference import check_dropout_p, dropout_keep_mask, lora_linear_reference
+
+
+# The default of lora_linear_torch's merged_weight per device type, a measured choice (BENCHMARKS.md "The
+# torch path on CPU"); CUDA is not yet timed. RELORA_MERGED_WEIGHT=0/1 overrides it.
+MERGED_WEIGHT = {"cpu": True}
+
+
+def merged_weight_default(device: torch.device) -> bool:
+    env = os.environ.get("RELORA_MERGED_WEIGHT", "").strip().lower()
+    if env:
+        if env not in ("0", "1", "false", "true", "no", "yes", "off", "on"):
+            raise ValueError(f"RELORA_MERGED_WEIGHT={env!r} is not valid; use 0 or 1")
+        return env in ("1", "true", "yes", "on")
+    return MERGED_WEIGHT.get(device.type, False)
+
+
+def _w_eff(weight, lora_A, lora_B, scale):
+    return torch.addmm(weight, lora_B, lora_A, alpha=scale)
+
+
+class MergedLoRALinearFunction(torch.autograd.Function):
+    """``X·(W + s·B·A)ᵀ + b`` with W frozen (no dropout): two plain GEMMs and rank-r side products."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scale):
+        d_in = x.shape[-1]
+        x2 = x.reshape(-1, d_in)
+        s = torch.mm(x2, lora_A.t())
+        w_eff = _w_eff(weight, lora_A, lora_B, scale)
+        y = torch.addmm(bias, x2, w_eff.t()) if bias is not None else torch.mm(x2, w_eff.t())
+        ctx.save_for_backward(x2, s, weight, lora_A, lora_B)
+        ctx.scale, ctx.x_shape, ctx.has_bias = scale, x.shape, bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, s, weight, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = da = db = dbias = None
+        if need_a:
+            da = torch.mm(torch.mm(dy2, lora_B).mul_(ctx.scale).t(), x2)
+        if need_b:
+            db = torch.mm(dy2.t(), s).mul_(ctx.scale)
+        if need_x:
+            dx = torch.mm(dy2, _w_eff(weight, lora_A, lora_B, ctx.scale)).reshape(ctx.x_shape)
+        if need_w:
+            dw = torch.mm(dy2.t(), x2)
+        if need_bias and ctx.has_bias:
+            dbias = dy2.sum(0)
+        return dx, dw, da, db, dbias, None
 
 
 class TorchLoRALinearFunction(torch.autograd.Function):
@@ -69,11 +129,14 @@ class TorchLoRALinearFunction(torch.autograd.Function):
         return dx, dw, da, db, dbias, None, None, None
 
 
-def lora_linear_torch(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True, generator=None):
+def lora_linear_torch(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True, generator=None,
+                      merged_weight=None):
     """``x @ W.T (+ b) + scale * dropout(x) @ A.T @ B.T`` through BLAS with fused epilogues; autograd-aware.
 
     Tensors must share one dtype (under autocast they are cast to the autocast dtype first, as F.linear
     does); mixed dtypes or devices go to the reference twin, so they fail or work exactly as plain F.linear.
+    ``merged_weight`` (None: ``RELORA_MERGED_WEIGHT``, else :data:`MERGED_WEIGHT` for x's device type): the
+    merged-weight variant, used when no dropout mask is drawn.
     """
     p = check_dropout_p(dropout_p)
     if torch.is_autocast_enabled(x.device.type):
@@ -85,5 +148,8 @@ def lora_linear_torch(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, p, training, generator)
     keep = dropout_keep_mask(x, p, generator) if (training and p > 0.0) else None  # bool: 1 B per element
     inv_keep = 1.0 / (1.0 - p) if keep is not None else 1.0
+    merged = merged_weight_default(x.device) if merged_weight is None else bool(merged_weight)
     with torch.autocast(x.device.type, enabled=False):
+        if merged and keep is None:
+            return MergedLoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, float(scale))
         return TorchLoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, float(scale), keep, inv_keep)

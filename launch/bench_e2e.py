@@ -2,8 +2,9 @@
 
     python launch/bench_e2e.py --presets 350m 1b --micro-batch 8 --seq-len 512 --out results.json
 
-Each (preset, path) runs in its own process with RELORA_KERNELS set (--paths: reference | torch | triton;
-torch = the BLAS chain with fused epilogues, kernels/torch_linear.py), bf16 weights and
+Each (preset, path) runs in its own process with the path's environment (--paths, PATH_ENV below: reference |
+torch (BLAS chain with fused epilogues) | torch_merged (merged-weight GEMMs, kernels/torch_linear.py) |
+triton | auto), or with --interleave all paths alternate step by step in one process; bf16 weights and
 activations, r=128, fused torch AdamW over the trainable parameters; median over timed steps after warm-up.
 No DeepSpeed: this isolates the layer kernels' effect on a whole model.
 """
@@ -16,7 +17,18 @@ import sys
 import time
 
 
-def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, device: str = "cuda") -> dict:
+# What each --paths name sets in the environment (read by relora_kernels at call time).
+PATH_ENV = {"reference": {"RELORA_KERNELS": "reference"},
+            "torch": {"RELORA_KERNELS": "torch", "RELORA_MERGED_WEIGHT": "0"},
+            "torch_merged": {"RELORA_KERNELS": "torch", "RELORA_MERGED_WEIGHT": "1"},
+            "triton": {"RELORA_KERNELS": "triton"},
+            "auto": {"RELORA_KERNELS": "auto"}}
+
+
+def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, device: str = "cuda",
+        interleave: list[str] | None = None, dtype: str | None = None) -> dict | list[dict]:
+    """Time ``steps`` training steps after 3 warm-up steps. ``interleave``: alternate these paths step by
+    step on one model and batch (cancels a shared machine's drift); returns one row per path."""
     import torch
 
     import relora_ds
@@ -25,30 +37,42 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = relora_ds.LlamaConfig.preset(preset, max_position_embeddings=seq_len + 1)
-    model = relora_ds.LlamaForCausalLM(cfg).to(device, torch.bfloat16 if cuda else torch.float32)
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("bf16" if cuda else "fp32")]
+    model = relora_ds.LlamaForCausalLM(cfg).to(device, dt)
     relora_ds.wrap(model, rank=rank)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     batch = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
-    times = []
+    paths = interleave or [None]
+    times = {p: [] for p in paths}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i in range(steps + 3):
-        sync()
-        t0 = time.perf_counter()
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        if i >= 3:  # warm-up: Triton compilation, allocator growth
-            times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
-    return {"preset": preset, "path": os.environ.get("RELORA_KERNELS", "auto"), "micro_batch": micro_batch,
-            "seq_len": seq_len, "rank": rank, "step_ms": 1000 * t, "tokens_per_s": micro_batch * seq_len / t,
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-            "loss": loss.item(), "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
-            "torch": torch.__version__, "triton": __import__("triton").__version__}
+        for path in paths:
+            if path is not None:
+                os.environ.update(PATH_ENV[path])
+            sync()
+            t0 = time.perf_counter()
+            loss = model(batch, labels=batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if i >= 3:  # warm-up: Triton compilation, allocator growth
+                times[path].append(time.perf_counter() - t0)
+    rows = []
+    for path, ts in times.items():
+        t = statistics.median(ts)
+        rows.append({"preset": preset, "path": path or os.environ.get("RELORA_KERNELS", "auto"),
+                     "interleaved": interleave is not None, "dtype": str(dt).replace("torch.", ""),
+                     "micro_batch": micro_batch, "seq_len": seq_len,
+                     "rank": rank, "step_ms": 1000 * t, "tokens_per_s": micro_batch * seq_len / t,
+                     "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30
+                                     if cuda and interleave is None else float("nan")),
+                     "loss": loss.item(),
+                     "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
+                     "torch": torch.__version__, "triton": __import__("triton").__version__})
+    return rows if interleave else rows[0]
 
 
 def main() -> None:
@@ -60,28 +84,38 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cpu: fp32 weights, plain AdamW, the thread count of OMP_NUM_THREADS")
-    ap.add_argument("--paths", nargs="+", default=["reference", "torch", "triton"],
-                    choices=("reference", "torch", "triton", "auto"))
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), help="weights and activations (default: bf16 on "
+                    "cuda, fp32 on cpu)")
+    ap.add_argument("--paths", nargs="+", default=["reference", "torch", "torch_merged", "triton"],
+                    choices=tuple(PATH_ENV))
+    ap.add_argument("--interleave", action="store_true",
+                    help="one process per preset, paths alternating step by step (no per-path peak memory)")
     ap.add_argument("--out", default="bench_e2e.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank, args.device)))
+        print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank, args.device,
+                             args.paths if args.interleave else None, args.dtype)))
         return
     rows = []
     for preset in args.presets:
-        for path in args.paths:
-            env = {**os.environ, "RELORA_KERNELS": path}
-            proc = subprocess.run([sys.executable, __file__, "--one", preset, "--micro-batch", str(args.micro_batch),
-                                   "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--rank",
-                                   str(args.rank), "--device", args.device], env=env, capture_output=True, text=True)
+        runs = [(args.paths, dict(os.environ))] if args.interleave else \
+            [([p], {**os.environ, **PATH_ENV[p]}) for p in args.paths]
+        for paths, env in runs:
+            cmd = [sys.executable, __file__, "--one", preset, "--micro-batch", str(args.micro_batch), "--seq-len",
+                   str(args.seq_len), "--steps", str(args.steps), "--rank", str(args.rank), "--device", args.device,
+                   "--paths", *paths] + (["--interleave"] if args.interleave else []) + \
+                (["--dtype", args.dtype] if args.dtype else [])
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{preset:>5} {path:>9}: {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:10.0f} tok/s "
-                  f"peak {r['peak_mem_gb']:.1f} GB loss {r['loss']:.3f}", flush=True)
+            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            for r in (got if isinstance(got, list) else [got]):
+                r["path"] = paths[0] if not args.interleave else r["path"]
+                rows.append(r)
+                print(f"{preset:>5} {r['path']:>12}: {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:10.0f} tok/s "
+                      f"peak {r['peak_mem_gb']:.1f} GB loss {r['loss']:.3f}", flush=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

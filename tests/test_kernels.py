@@ -345,12 +345,15 @@ def test_auto_mode_on_cpu_takes_the_blas_chain(monkeypatch):
 TORCH_PATH_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+@pytest.mark.parametrize("merged", ["0", "1"], ids=["epilogue", "merged"])
 @pytest.mark.parametrize("dtype", list(TORCH_PATH_TOL), ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=_shape_id)
-def test_torch_path_matches_reference(monkeypatch, dtype, dropout_p, shape):
-    """Every output and gradient (x, W when trainable, A, B, bias) against the float64 twin, same mask."""
+def test_torch_path_matches_reference(monkeypatch, dtype, dropout_p, shape, merged):
+    """Every output and gradient (x, W when trainable, A, B, bias) against the float64 twin, same mask.
+    merged: W_eff = W + s·B·A GEMMs (without dropout; with dropout the epilogue chain runs)."""
     monkeypatch.setenv("RELORA_KERNELS", "torch")
+    monkeypatch.setenv("RELORA_MERGED_WEIGHT", merged)
     x, w, a, b, bias, dy = make_inputs(*shape, dtype, "cpu", seed=11)
     w.requires_grad_()
     leaves = [t for t in (x, w, a, b, bias) if t is not None]
@@ -364,6 +367,32 @@ def test_torch_path_matches_reference(monkeypatch, dtype, dropout_p, shape):
     for name, g_, w_ in zip(["y", "dx", "dW", "dA", "dB", "dbias"], got, want):
         assert g_.dtype == dtype and g_.shape == w_.shape, name
         assert rel_err(g_, w_) < TORCH_PATH_TOL[dtype], name
+
+
+def test_merged_weight_dispatch_and_bf16_accuracy(monkeypatch):
+    """Which variant runs (env, device default, dropout), and the merged variant's bf16 error: W_eff is
+    rounded once to bf16, like a merged bf16 model, so y stays within bf16 rounding of the fp64 result."""
+    from relora_kernels import torch_linear
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("RELORA_MERGED_WEIGHT", raising=False)
+    assert torch_linear.merged_weight_default(cpu.device) is True  # measured on CPU (BENCHMARKS.md)
+    monkeypatch.setenv("RELORA_MERGED_WEIGHT", "0")
+    assert torch_linear.merged_weight_default(cpu.device) is False
+    monkeypatch.setenv("RELORA_MERGED_WEIGHT", "maybe")
+    with pytest.raises(ValueError, match="RELORA_MERGED_WEIGHT"):
+        torch_linear.merged_weight_default(cpu.device)
+    monkeypatch.delenv("RELORA_MERGED_WEIGHT")
+    seen = []
+    for cls in (torch_linear.MergedLoRALinearFunction, torch_linear.TorchLoRALinearFunction):
+        monkeypatch.setattr(cls, "apply", (lambda real, name: lambda *a: seen.append(name) or real(*a))(
+            cls.apply, cls.__name__))
+    x, w, a, b, bias, dy = make_inputs((64,), 256, 128, 8, True, torch.bfloat16, "cpu", seed=5)
+    y = torch_linear.lora_linear_torch(x, w, a, b, 0.5, bias)
+    torch_linear.lora_linear_torch(x, w, a, b, 0.5, bias, dropout_p=0.1)
+    torch_linear.lora_linear_torch(x, w, a, b, 0.5, bias, dropout_p=0.1, training=False)
+    assert seen == ["MergedLoRALinearFunction", "TorchLoRALinearFunction", "MergedLoRALinearFunction"]
+    yr = rk.lora_linear_reference(x.double(), w.double(), a.double(), b.double(), 0.5, bias.double())
+    assert rel_err(y, yr) < 6e-3
 
 
 def test_torch_path_saves_less_than_reference():

@@ -7,8 +7,10 @@ Environment variables (read at call time, never cached):
 - ``RELORA_KERNELS=auto|triton|torch|reference`` (default ``auto``): ``auto`` runs the Triton kernels on
   CUDA tensors of a supported dtype, except for the ops in :data:`AUTO_TORCH_OPS`, and torch elsewhere;
   ``triton`` forces the kernels (on CPU tensors that means Triton's interpreter, so ``TRITON_INTERPRET=1``
-  must be set); ``torch`` runs the LoRA linear as BLAS calls with fused epilogues (kernels/torch_linear.py)
-  and every other op as its twin; ``reference`` forces the pure-torch twins (the specification).
+  must be set); ``torch`` runs the LoRA linear as BLAS calls only (merged-weight GEMMs or an epilogue
+  chain, kernels/torch_linear.py) and every other op as its twin; ``reference`` forces the pure-torch
+  twins (the specification).
+- ``RELORA_MERGED_WEIGHT=0|1``: the ``torch`` path's variant (default per device type, see torch_linear).
 - ``RELORA_DETERMINISTIC=1``: bitwise-reproducible backward (no atomics, fixed reduction order, one fixed
   launch configuration instead of autotuning). Also on when ``torch.use_deterministic_algorithms(True)``.
 - ``TRITON_INTERPRET=1``: Triton's own switch for its CPU interpreter.
@@ -98,8 +100,8 @@ def use_triton(tensor: torch.Tensor, op: str | None = None) -> bool:
     return True
 
 
-# The non-Triton path `auto` takes for the LoRA linear, per device type. CPU, fp32, 2026-11-30
-# (BENCHMARKS.md "Torch paths"): the BLAS chain with fused epilogues measured faster than the twin.
+# The non-Triton path `auto` takes for the LoRA linear, per device type. CPU, 2026-11-30 (BENCHMARKS.md
+# "The torch paths on CPU"): whole training steps 1.04-1.13x the twin's speed.
 # CUDA: not yet timed on a GPU (launch/bench_kernels.py provider `torch_fused`), so it stays the twin there.
 AUTO_LINEAR_TORCH_PATH = {"cpu": "torch"}
 

@@ -8,20 +8,15 @@ one-home-per-value checks run, once, on the launching node: a bad recipe fails i
 message instead of once per rank after every node has imported torch. Prints a summary on stderr and the
 resolved output directory on stdout (the sbatch scripts read it to find metrics.jsonl); exit 2 on error.
 """
-import argparse
 import sys
 
 from relora_ds.ds_config import complete_ds_config, load_ds_config
-from relora_ds.train_config import build_parser, config_from_args
+from relora_ds.train_config import build_launch_parser, config_from_args
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = build_launch_parser(__doc__)  # exactly launch/train.py's flags, plus the world size
     parser.add_argument("--world-size", type=int, required=True, help="ranks the launcher will start")
-    # The two flags launch/train.py declares besides the recipe's.
-    parser.add_argument("--deepspeed", metavar="PATH", help="DeepSpeed JSON (ds_configs/)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    build_parser(parser)
     args = parser.parse_args(argv)
     if args.world_size < 1:
         parser.exit(2, f"error: --world-size must be >= 1, got {args.world_size}\n")

@@ -2,21 +2,16 @@
 
     deepspeed --num_gpus 2 launch/train.py --config launch/configs/tiny.yaml --deepspeed ds_configs/zero2.json
 """
-import argparse
 import sys
 
 import torch
 
-from relora_ds.train_config import build_parser, config_from_args
+from relora_ds.train_config import build_launch_parser, config_from_args
 from relora_ds.trainer import Trainer
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # Our own --deepspeed PATH: deepspeed.add_config_arguments would make it a boolean flag.
-    parser.add_argument("--deepspeed", metavar="PATH", help="DeepSpeed JSON (ds_configs/); default: ZeRO off, fp32")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
-    build_parser(parser)
+    parser = build_launch_parser(__doc__)
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)

@@ -124,6 +124,16 @@ def _arg_type(tp):
     return tp
 
 
+def build_launch_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The parser of launch/train.py: the recipe's flags plus ``--deepspeed PATH`` and the launcher's
+    ``--local_rank``. launch/preflight.py extends it, so both read a command line identically."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Our own --deepspeed PATH: deepspeed.add_config_arguments would make it a boolean flag.
+    parser.add_argument("--deepspeed", metavar="PATH", help="DeepSpeed JSON (ds_configs/); default: ZeRO off, fp32")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return build_parser(parser)
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser()
     parser.add_argument("--config", help="YAML recipe; CLI flags override its values")

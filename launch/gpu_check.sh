@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One prepared device call for the open GPU work of the kernels and int8 issues (see BENCHMARKS.md).
-#   bash launch/gpu_check.sh [stage ...]     stages: env tests tune bench int8 e2e (default: env tests tune bench int8)
+#   bash launch/gpu_check.sh [stage ...]     stages: env tests tune bench int8 e2e ds (default: env tests tune bench int8)
+# `ds` (the 1b peak memory under a DeepSpeed engine, bf16 vs int8 base) needs the wheels of
+# scripts/gpu_wheels.sh: build them here, then name ".whl" in the device call's carry.
 # Results go to $OUT (the device tool's output folder; default runs/gpu). Each stage has its own time limit
 # and a failing stage does not stop the next: the device call is the scarce thing. Budget: tests ~170 s,
 # tune ~200 s, bench ~90 s, int8 ~60 s, e2e ~120 s; the device tool allows 600 s per call, so run
@@ -32,7 +34,15 @@ for st in "${stages[@]}"; do
     tune) run tune 260 python3 launch/tune_kernels.py --out "$OUT/tune_kernels.json" ;;
     bench) run bench 150 python3 launch/bench_kernels.py --quick --out "$OUT/bench_kernels.csv" ;;
     int8) run int8 120 python3 launch/bench_int8.py --sections kernels --out "$OUT/bench_int8.json" ;;
-    e2e) run e2e 200 python3 launch/bench_e2e.py --presets 350m 1b --out "$OUT/e2e.json" ;;
-    *) echo "unknown stage $st (valid: env tests tune bench int8 e2e)" >&2; exit 2 ;;
+    e2e) run e2e 240 python3 launch/bench_e2e.py --presets 350m 1b --paths reference torch torch_merged triton \
+           --out "$OUT/e2e.json" ;;
+    ds)
+      if ! python3 -c "import deepspeed" 2>/dev/null; then
+        [ -d .whl ] || { echo "ds: no .whl/ (run scripts/gpu_wheels.sh here and carry .whl)" | tee -a "$OUT/stages.txt"; continue; }
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH="/tmp/site:$PYTHONPATH"
+      fi
+      run ds 300 env RELORA_KERNELS=auto python3 launch/bench_memory_ds.py --preset 1b --deepspeed ds_configs/zero2.json --out "$OUT/memory_ds.json" ;;
+    *) echo "unknown stage $st (valid: env tests tune bench int8 e2e ds)" >&2; exit 2 ;;
   esac
 done

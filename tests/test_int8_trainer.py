@@ -56,3 +56,20 @@ def test_int8_trainer_zero3_warns_about_replicated_buffers(tmp_path, small_data_
     assert "ZeRO-3 on 2 ranks" in warnings[0]["message"] and "MiB per rank" in warnings[0]["message"]
     assert "quantize='int8' under ZeRO-3" in proc.stdout
     assert max(r["step"] for r in recs if "loss" in r) == 5
+
+
+def test_bench_memory_ds_smoke(tmp_path):
+    """launch/bench_memory_ds.py (the 1b int8-vs-bf16 peak-memory benchmark for a GPU) runs end to end:
+    DeepSpeed ZeRO-2 engine, steps, a reset inside the window; one fresh process per base."""
+    import subprocess
+    import sys
+
+    from launch_utils import launch_env
+    out = tmp_path / "mem.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/bench_memory_ds.py"), "--device", "cpu", "--preset",
+                           "debug", "--steps", "2", "--micro-batch", "2", "--seq-len", "32", "--rank", "4", "--out",
+                           str(out)], env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["base"] for r in rows] == ["bf16", "int8"] and all(r["zero_stage"] == 2 for r in rows)
+    assert all(r["loss"] == r["loss"] and r["step_ms"] > 0 for r in rows)

@@ -1,0 +1,123 @@
+"""Peak device memory of ReLoRA training under a DeepSpeed engine: bf16 base vs int8 base.
+
+One process (world size 1) per base, each in a fresh interpreter so the allocator's peak is its own: build
+the preset, wrap it (``quantize=None`` or ``"int8"``), ``deepspeed.initialize`` with the given JSON completed
+by the trainer's own code (relora_ds.ds_config), then warm-up steps, a ReLoRA reset (merge + 99% prune)
+and timed steps on random tokens. Reports the model's device bytes after initialize, the peak over the
+whole run and the median step time.
+
+    python launch/bench_memory_ds.py --preset 1b --deepspeed ds_configs/zero2.json    # on a GPU
+    python launch/bench_memory_ds.py --device cpu --preset debug --steps 2             # smoke run (CPU)
+
+On the GPU image (no DeepSpeed there) carry the wheels of scripts/gpu_wheels.sh; launch/gpu_check.sh's
+``ds`` stage installs them and runs this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one(preset: str, quantize: str | None, ds_path: str, micro_batch: int, seq_len: int, rank: int, steps: int,
+        device: str) -> dict:
+    import deepspeed
+    import torch
+
+    import relora_ds
+    from relora_ds.ds_config import complete_ds_config, load_ds_config
+    from relora_ds.train_config import TrainConfig
+
+    cuda = device == "cuda"
+    cfg = TrainConfig(model=preset, mode="relora", rank=rank, cycle_length=1000, micro_batch_size=micro_batch,
+                      global_batch_size=micro_batch, seq_len=seq_len, total_steps=steps + 4, quantize=quantize)
+    ds = complete_ds_config(load_ds_config(ds_path), cfg, world_size=1, source=ds_path)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    torch.manual_seed(0)
+    model_cfg = relora_ds.LlamaConfig.preset(preset, max_position_embeddings=seq_len + 1)
+    with torch.device(device):
+        model = relora_ds.LlamaForCausalLM(model_cfg)
+    relora_ds.wrap(model, rank=rank, quantize=quantize)
+    lora = relora_ds.lora_parameters(model)
+    others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[{"params": lora}, {"params": others}],
+                                      config=ds)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    after_init = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    batch = torch.randint(0, model_cfg.vocab_size, (micro_batch, seq_len + 1), device=engine.device)
+    times = []
+    for i in range(steps + 3):
+        sync()
+        t0 = time.perf_counter()
+        loss = engine(batch, labels=batch).loss
+        engine.backward(loss)
+        engine.step()
+        sync()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+        if i == 1:  # a reset inside the measured window: merge (gathers, int8 requantize) and prune
+            relora_ds.merge_and_reinit(engine)
+            relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.99)
+    return {"preset": preset, "base": quantize or "bf16", "deepspeed": ds_path,
+            "zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "micro_batch": micro_batch,
+            "seq_len": seq_len, "rank": rank, "after_init_gib": after_init,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+            "step_ms": 1000 * statistics.median(times), "loss": loss.item(),
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "deepspeed_version": deepspeed.__version__}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="1b")
+    ap.add_argument("--deepspeed", default=str(ROOT / "ds_configs" / "zero2.json"))
+    ap.add_argument("--bases", nargs="+", default=["bf16", "int8"], choices=("bf16", "int8"))
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_memory_ds.json")
+    ap.add_argument("--one", choices=("bf16", "int8"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.preset, None if args.one == "bf16" else "int8", args.deepspeed, args.micro_batch,
+                             args.seq_len, args.rank, args.steps, args.device)))
+        return 0
+    rows = []
+    for base in args.bases:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        if args.device == "cpu":
+            env.setdefault("DS_ACCELERATOR", "cpu")
+        cmd = [sys.executable, __file__, "--one", base, "--preset", args.preset, "--deepspeed", args.deepspeed,
+               "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
+               "--steps", str(args.steps), "--device", args.device]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
+            return proc.returncode
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{row['preset']} {row['base']:>5} ZeRO-{row['zero_stage']}: after initialize {row['after_init_gib']:.2f} "
+              f"GiB, peak {row['peak_gib']:.2f} GiB, step {row['step_ms']:.1f} ms, loss {row['loss']:.3f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Build .whl/: DeepSpeed and the packages it needs that the GPU image lacks (Python 3.12, x86-64; the image
+# list is in ../.library/device/KINDS.md). DeepSpeed ships as an sdist, so its wheel is built here; the rest
+# are downloaded as manylinux wheels. .whl/ is git-ignored (.git/info/exclude) and travels with a device
+# call only when named in `carry`:
+#   bash scripts/gpu_wheels.sh
+#   device run: carry [".whl"], command "bash launch/gpu_check.sh ds"
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+source scripts/setup_env.sh >/dev/null
+mkdir -p .whl
+python -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8
+python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+  hjson pydantic pydantic-core annotated-types typing-inspection "typing-extensions>=4.16"
+ls -la .whl && du -sh .whl

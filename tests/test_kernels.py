@@ -538,3 +538,13 @@ def test_tune_script_smoke(tmp_path):
     import tune_kernels
     assert tune_kernels.max_rel_err(torch.ones(3), lambda: torch.ones(3)) == 0.0
     assert tune_kernels.max_rel_err(torch.zeros(3), lambda: torch.ones(3)) == 1.0
+
+
+def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
+    """launch/gpu_check.sh is run only on a lent GPU: here, at least, it must parse, and a wrong stage name
+    must fail at once with the valid ones (a typo must not burn a device call)."""
+    script = ROOT / "launch" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "benhc"], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 2 and "valid: env tests tune bench int8 e2e ds" in proc.stderr

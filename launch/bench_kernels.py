@@ -174,6 +174,20 @@ def linear_setup(provider, M, d_in, d_out, r, dtype, device):
     return dict(fwd=run_fwd, bwd=bwd, **{"fwd+bwd": fwd_bwd}), prepare_bwd, (x, w, a, b, dy, scale, run_fwd)
 
 
+def run_linear(provider, M, d_in, d_out, r, dtype, device, elem, modes, emit):
+    """Time one linear provider in each mode and emit its rows (after checking the fused paths' values)."""
+    fns, prepare_bwd, tensors = linear_setup(provider, M, d_in, d_out, r, dtype, device)
+    err = check_fused(tensors) if "fused" in provider else float("nan")
+    for mode in modes:
+        if mode == "bwd":
+            prepare_bwd()
+        ms, p20, p80 = bench(fns[mode], device)
+        flops, nbytes = linear_work(provider, mode, M, d_in, d_out, r, elem)
+        emit(op="linear", provider=provider, mode=mode, M=M, d_in=d_in, d_out=d_out, r=r, ms=ms, ms_p20=p20,
+             ms_p80=p80, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6, peak_mb=peak_mb(fns[mode], device),
+             max_rel_err=err)
+
+
 def linear_work(provider, mode, M, K, N, r, elem):
     """(flops, bytes): useful flops, and the fewest bytes each pass must move (inputs once, outputs once)."""
     lora = provider not in ("full", "frozen")
@@ -242,7 +256,7 @@ def main(argv=None):
     meta = dict(dtype=str(dtype).replace("torch.", ""), device=dev_name, torch=torch.__version__,
                 triton=triton.__version__, date=datetime.date.today().isoformat())
     Ms, shapes, ranks = grid(args)
-    rows = []
+    rows, failures = [], []
 
     def emit(**row):
         rows.append({**row, **meta})
@@ -252,17 +266,12 @@ def main(argv=None):
             for d_in, d_out in shapes:
                 for r in ranks:
                     for provider in args.providers:
-                        fns, prepare_bwd, tensors = linear_setup(provider, M, d_in, d_out, r, dtype, device)
-                        err = check_fused(tensors) if "fused" in provider else float("nan")
-                        for mode in args.modes:
-                            if mode == "bwd":
-                                prepare_bwd()
-                            ms, p20, p80 = bench(fns[mode], device)
-                            flops, nbytes = linear_work(provider, mode, M, d_in, d_out, r, elem)
-                            emit(op="linear", provider=provider, mode=mode, M=M, d_in=d_in, d_out=d_out, r=r,
-                                 ms=ms, ms_p20=p20, ms_p80=p80, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6,
-                                 peak_mb=peak_mb(fns[mode], device), max_rel_err=err)
-                        del fns, tensors
+                        try:  # one provider failing (a config over the shared-memory limit...) must not end
+                            run_linear(provider, M, d_in, d_out, r, dtype, device, elem, args.modes, emit)
+                        except Exception as exc:  # noqa: BLE001  the scarce GPU call goes on
+                            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                            print(f"provider {provider} failed at M={M} {d_in}x{d_out} r={r}: {msg}", file=sys.stderr)
+                            failures.append(dict(provider=provider, M=M, d_in=d_in, d_out=d_out, r=r, error=msg))
     if "merge" in args.ops:
         for d_in, d_out in shapes:
             for r in ranks:
@@ -275,7 +284,9 @@ def main(argv=None):
     print_table(rows)
     write_rows(rows, args.out)
     print(f"\n{len(rows)} rows -> {args.out}")
-    return 0
+    for f in failures:
+        print(f"FAILED: {f}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def print_table(rows):

@@ -47,6 +47,9 @@ class TrainConfig:
     prune_method: str = _f("magnitude", "optimizer-state pruning at a reset",
                            choices=("magnitude", "random", "reset"))
     prune_ratio: float = _f(0.99, "fraction of each LoRA Adam moment zeroed at a reset")
+    kernels: str | None = _f(None, "ReLoRA layer and merge implementation (relora_kernels): auto, triton, torch or "
+                                   "reference; sets RELORA_KERNELS for the run; default: that environment "
+                                   "variable, else auto", choices=("auto", "triton", "torch", "reference"))
     prune_joint: bool = _f(False, "zero exp_avg_sq exactly where exp_avg is zeroed (one mask from |exp_avg|), "
                                   "so no entry keeps momentum without its second moment; default: each moment "
                                   "by its own magnitudes, as the paper")
@@ -87,6 +90,11 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        # The CLI enforces `choices` through argparse; a recipe (YAML) or a direct construction gets the same check.
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"{f.name}={value!r} is not valid; valid values: {', '.join(map(repr, choices))}")
         if self.mode == "relora" and not self.cycle_length:
             raise ValueError("mode=relora needs cycle_length (steps between optimizer resets, e.g. 5000); "
                              "use mode=lora for LoRA without restarts")

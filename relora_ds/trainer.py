@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import deepspeed
+import relora_kernels
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
@@ -41,9 +42,23 @@ def _shifted(step: int, *, fn, offset: int) -> float:
     return fn(step + offset)
 
 
+def apply_kernels_setting(kernels: str | None) -> None:
+    """``--kernels`` / the recipe's ``kernels`` becomes RELORA_KERNELS, which relora_kernels reads at every
+    call. Both given and different is an error naming both: no value is silently preferred."""
+    if kernels is None:
+        relora_kernels.kernel_mode()  # an invalid RELORA_KERNELS fails here, before any rank starts work
+        return
+    env = os.environ.get("RELORA_KERNELS", "").strip().lower()
+    if env and env != kernels:
+        raise ValueError(f"kernels={kernels!r} (recipe or --kernels) but RELORA_KERNELS={env!r} in the environment; "
+                         "set only one of them")
+    os.environ["RELORA_KERNELS"] = kernels
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, ds_config_path: str | None = None):
         self.cfg = cfg
+        apply_kernels_setting(cfg.kernels)
         # Under mpirun DeepSpeed discovers ranks through mpi4py and would take port 29500 whatever the
         # environment says; honour MASTER_PORT so that two MPI jobs can share a node.
         deepspeed.init_distributed(auto_mpi_discovery=True,
@@ -202,7 +217,8 @@ class Trainer:
         self._print(f"model: {self.model_config.num_hidden_layers} layers, "
                     f"{sum(p.numel() for p in self.engine.module.parameters()):,} parameters; "
                     f"{self.world} rank(s), bf16={uses_bf16(self.ds)}, ZeRO stage "
-                    f"{self.ds.get('zero_optimization', {}).get('stage', 0)}, {self.total_steps} steps")
+                    f"{self.ds.get('zero_optimization', {}).get('stage', 0)}, {self.total_steps} steps, "
+                    f"RELORA_KERNELS={relora_kernels.kernel_mode()}")
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
         final = {}
         t_last, step_last = time.perf_counter(), self.step

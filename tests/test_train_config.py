@@ -45,6 +45,10 @@ def test_batch_arithmetic():
     (dict(token_budget=1000), "exactly one of total_steps and token_budget"),
     (dict(prune_ratio=1.2), r"prune_ratio=1.2 must be in \[0, 1\]"),
     (dict(warm_start_steps=5, warm_start_from="x"), "not both"),
+    # choices hold for recipes and direct construction too, not only for CLI flags (argparse)
+    (dict(prune_method="l1"), "prune_method='l1' is not valid; valid values: 'magnitude', 'random', 'reset'"),
+    (dict(mode="qlora"), "mode='qlora' is not valid; valid values: 'relora', 'lora', 'full'"),
+    (dict(kernels="fast"), "kernels='fast' is not valid; valid values: 'auto', 'triton', 'torch', 'reference'"),
 ])
 def test_invalid_train_configs(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -69,3 +73,26 @@ def test_shipped_ds_configs_complete_cleanly():
         ds = complete_ds_config(load_ds_config(ROOT / f"ds_configs/{name}.json"), TrainConfig(**BASE), world_size=2)
         assert ds["zero_optimization"]["stage"] in (1, 2, 3)
         json.dumps(ds)
+
+
+def test_yaml_recipe_choices_are_checked(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_length: 10\ntotal_steps: 50\nprune_method: l1\n")
+    parser = build_parser(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match="prune_method='l1' is not valid"):
+        config_from_args(parser.parse_args(["--config", str(recipe)]))
+
+
+def test_kernels_setting_sets_the_env_and_refuses_a_conflict(monkeypatch):
+    from relora_ds.trainer import apply_kernels_setting
+    monkeypatch.setenv("RELORA_KERNELS", "auto")  # records the outer value, restored after the test
+    monkeypatch.delenv("RELORA_KERNELS")
+    apply_kernels_setting("torch")
+    import os
+    assert os.environ["RELORA_KERNELS"] == "torch"
+    apply_kernels_setting("torch")  # the same value in both places is fine
+    with pytest.raises(ValueError, match="kernels='reference' .* but RELORA_KERNELS='torch'"):
+        apply_kernels_setting("reference")
+    monkeypatch.setenv("RELORA_KERNELS", "fast")
+    with pytest.raises(ValueError, match="RELORA_KERNELS='fast' is not valid"):
+        apply_kernels_setting(None)

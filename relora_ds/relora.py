@@ -191,6 +191,11 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     if not chosen:
         raise ValueError(f"target_modules={list(targets)} matched no nn.Linear layer; linear layers in this "
                          f"model: {[n for n, _ in linears]}")
+    unmatched = [t for t in targets if not any(_matches(n, (t,)) for n, _ in linears)]
+    if unmatched and target_modules is not None:  # a typo next to valid names must not silently leave layers full-rank or untrained
+        leaves = sorted({n.rpartition(".")[2] for n, _ in linears})
+        raise ValueError(f"target_modules {unmatched} matched no nn.Linear layer (the others did); linear layer "
+                         f"names in this model end in: {leaves}")
     if quantize:
         for name, linear in chosen:
             quant.check_not_quantized(name, linear)

@@ -64,6 +64,9 @@ def test_target_modules_by_suffix_and_errors():
         relora_ds.wrap(model)
     with pytest.raises(ValueError, match=r"matched no nn.Linear.*self_attn.q_proj"):
         relora_ds.wrap(_debug_model(), target_modules=["query"])
+    # A typo next to valid names is an error too: it would silently leave v_proj a plain full-rank linear.
+    with pytest.raises(ValueError, match=r"target_modules \['v_prj'\] matched no nn.Linear layer .*'v_proj'"):
+        relora_ds.wrap(_debug_model(), target_modules=["q_proj", "v_prj"])
     with pytest.raises(ValueError, match=r"layer model.layers.0.self_attn.q_proj: rank=65"):
         relora_ds.wrap(_debug_model(), rank=65)
     with pytest.raises(ValueError, match="rank=0"):

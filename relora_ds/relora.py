@@ -170,6 +170,29 @@ def _matches(name: str, targets: Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def target_linears(model: nn.Module, target_modules: Iterable[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """(name, nn.Linear) that ``target_modules`` selects (None: the attention and MLP projections).
+
+    An error when nothing matches, and when an explicitly given entry matches nothing although others do
+    (a typo next to valid names must not silently leave a projection full-rank). The trainer calls this
+    before its full-rank warm start, so a bad name fails in seconds, not at the switch to ReLoRA.
+    """
+    targets = tuple(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
+    if isinstance(target_modules, str) or not targets:
+        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    leaves = sorted({n.rpartition(".")[2] for n, _ in linears})
+    chosen = [(n, m) for n, m in linears if _matches(n, targets)]
+    if not chosen:
+        raise ValueError(f"target_modules={list(targets)} matched no nn.Linear layer; linear layer names in this "
+                         f"model end in: {leaves}")
+    unmatched = [t for t in targets if not any(_matches(n, (t,)) for n, _ in linears)]
+    if unmatched and target_modules is not None:
+        raise ValueError(f"target_modules {unmatched} matched no nn.Linear layer (the others did); linear layer "
+                         f"names in this model end in: {leaves}")
+    return chosen
+
+
 def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout: float = 0.0,
          target_modules: Iterable[str] | None = None, seed: int = 0, quantize: str | None = None) -> nn.Module:
     """Replace targeted ``nn.Linear`` layers by ``ReLoRALinear`` in place and return the model.
@@ -183,19 +206,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     if any(True for _ in relora_layers(model)):
         raise ValueError("model already contains ReLoRALinear layers; wrap() it only once "
                          "(use relora_ds.unwrap(model) first to start over)")
-    targets = tuple(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
-    if isinstance(target_modules, str) or not targets:
-        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    chosen = [(n, m) for n, m in linears if _matches(n, targets)]
-    if not chosen:
-        raise ValueError(f"target_modules={list(targets)} matched no nn.Linear layer; linear layers in this "
-                         f"model: {[n for n, _ in linears]}")
-    unmatched = [t for t in targets if not any(_matches(n, (t,)) for n, _ in linears)]
-    if unmatched and target_modules is not None:  # a typo next to valid names must not silently leave layers full-rank or untrained
-        leaves = sorted({n.rpartition(".")[2] for n, _ in linears})
-        raise ValueError(f"target_modules {unmatched} matched no nn.Linear layer (the others did); linear layer "
-                         f"names in this model end in: {leaves}")
+    chosen = target_linears(model, target_modules)
     if quantize:
         for name, linear in chosen:
             quant.check_not_quantized(name, linear)

@@ -116,9 +116,20 @@ class TrainConfig:
             raise ValueError(f"quantize={self.quantize!r} is not supported; valid values: None, 'int8'")
         if self.quantize and self.mode == "full":
             raise ValueError("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full")
-        for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank", "lr", "alpha", "adam_eps",
+                     "vocab_size", "eval_batches", "keep_last", "log_every", "total_steps", "token_budget"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be positive")
+        for name in ("warmup_steps", "restart_warmup_steps", "warm_start_steps", "weight_decay", "grad_clip",
+                     "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        for name in ("dropout", "adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -32,7 +32,7 @@ from .metrics import MetricsLogger, peak_memory_mb
 from .model import LlamaForCausalLM
 from .model_config import LlamaConfig
 from .prune import prune_optimizer_state
-from .relora import lora_parameters, relora_layers, wrap
+from .relora import lora_parameters, relora_layers, target_linears, wrap
 from .schedule import cosine_with_warmup, jagged_cosine
 from .train_config import TrainConfig
 
@@ -70,6 +70,9 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.data_dir = self._prepare_data()
         self.model_config = self._model_config()
+        if cfg.mode != "full":  # a bad target name fails here (clean error, exit 2), not after the warm start
+            with torch.device("meta"):
+                target_linears(LlamaForCausalLM(self.model_config), cfg.target_modules)
         self.tokenizer_sha256 = check_tokenizer_matches(self.data_dir, self.model_config.vocab_size)["tokenizer_sha256"]
         self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len)
         self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)

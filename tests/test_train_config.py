@@ -49,6 +49,13 @@ def test_batch_arithmetic():
     (dict(prune_method="l1"), "prune_method='l1' is not valid; valid values: 'magnitude', 'random', 'reset'"),
     (dict(mode="qlora"), "mode='qlora' is not valid; valid values: 'relora', 'lora', 'full'"),
     (dict(kernels="fast"), "kernels='fast' is not valid; valid values: 'auto', 'triton', 'torch', 'reference'"),
+    # numbers that used to pass validation and fail later (a torch error at the first step, a TypeError)
+    (dict(lr=-1.0), "lr=-1.0 must be positive"),
+    (dict(total_steps=0), "total_steps=0 must be positive"),
+    (dict(warmup_steps=-5), "warmup_steps=-5 must be >= 0"),
+    (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
+    (dict(adam_beta2=1.5), r"adam_beta2=1.5 must be in \[0, 1\)"),
+    (dict(min_lr_ratio=2.0), r"min_lr_ratio=2.0 must be in \[0, 1\]"),
 ])
 def test_invalid_train_configs(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -30,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
-from bench_kernels import bench, peak_mb, write_rows  # noqa: E402
+from bench_kernels import bench, peak_mb, shape_arg, write_rows  # noqa: E402
 
 import relora_kernels as rk  # noqa: E402
 from relora_ds import PRESETS, LlamaConfig, LlamaForCausalLM, quant, relora_layers, wrap  # noqa: E402
@@ -184,7 +184,7 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sections", nargs="+", default=["kernels", "train_memory", "drift", "error", "memory"])
     ap.add_argument("--M", type=int, default=16384)
-    ap.add_argument("--shapes", nargs="+", default=["2048x2048", "4096x4096", "2048x5461"])
+    ap.add_argument("--shapes", nargs="+", type=shape_arg, default=[(2048, 2048), (4096, 4096), (2048, 5461)])
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--train-preset", default="1b")
     ap.add_argument("--train-batch", type=int, default=8)
@@ -196,7 +196,7 @@ def main(argv=None):
         if args.device != "cuda":
             print("kernels: skipped (needs CUDA; under the interpreter timings mean nothing)")
         else:
-            shapes = [tuple(map(int, s.split("x"))) for s in args.shapes]
+            shapes = list(args.shapes)
             krows = kernel_rows(args.M, shapes, args.rank, "cuda")
             print_kernel_summary(krows)
             rows += krows

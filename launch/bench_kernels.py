@@ -47,13 +47,22 @@ LINEAR_PROVIDERS = ("full", "frozen", "peft", "torch_fused", "fused", "fused_spl
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
+def shape_arg(text: str) -> tuple[int, int]:
+    """argparse type for ``D_INxD_OUT`` (e.g. ``4096x4096``)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape; expected D_INxD_OUT with positive integers, "
+                                         "e.g. 4096x4096 or 2048x5461")
+    return int(parts[0]), int(parts[1])
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cuda: real timings; cpu: Triton-interpreter smoke run with tiny shapes")
     ap.add_argument("--quick", action="store_true", help="only the target points (or tiny shapes on cpu)")
     ap.add_argument("--M", type=int, nargs="+", help="token counts (default: 4096 8192 16384)")
-    ap.add_argument("--shapes", nargs="+", help="d_in x d_out pairs, e.g. 4096x4096 2048x5461")
+    ap.add_argument("--shapes", nargs="+", type=shape_arg, help="d_in x d_out pairs, e.g. 4096x4096 2048x5461")
     ap.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks (default: 64 128 256)")
     ap.add_argument("--providers", nargs="+", default=list(LINEAR_PROVIDERS), choices=LINEAR_PROVIDERS)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -70,7 +79,7 @@ def grid(args):
         dict(M=FULL_M, shapes=FULL_SHAPES, ranks=FULL_R)
     if args.device == "cpu" and not args.quick:
         base = CPU_SMOKE  # the interpreter cannot time real sizes in any useful time
-    shapes = base["shapes"] if not args.shapes else tuple(tuple(int(v) for v in s.split("x")) for s in args.shapes)
+    shapes = base["shapes"] if not args.shapes else tuple(args.shapes)
     return list(args.M or base["M"]), list(shapes), list(args.ranks or base["ranks"])
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
-from bench_kernels import bench, load_relora_kernels, write_rows  # noqa: E402
+from bench_kernels import bench, load_relora_kernels, shape_arg, write_rows  # noqa: E402
 
 LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge", "Y_tma")
 
@@ -44,8 +44,8 @@ def parse_args(argv=None):
     ap.add_argument("--sections", nargs="+", default=["breakdown", "sweep"], choices=("breakdown", "sweep"))
     ap.add_argument("--ops", nargs="+", default=list(LOW_RANK_OPS), choices=LOW_RANK_OPS, help="ops to sweep")
     ap.add_argument("--M", type=int, default=16384)
-    ap.add_argument("--shapes", nargs="+", default=["2048x2048", "4096x4096"], help="d_in x d_out")
-    ap.add_argument("--sweep-shapes", nargs="+", default=["2048x2048"],
+    ap.add_argument("--shapes", nargs="+", type=shape_arg, default=[(2048, 2048), (4096, 4096)], help="d_in x d_out")
+    ap.add_argument("--sweep-shapes", nargs="+", type=shape_arg, default=[(2048, 2048)],
                     help="the shapes the sweep runs at (~110 compiled candidates per shape)")
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--rep", type=int, default=60, help="do_bench milliseconds of repeats per timing")
@@ -185,7 +185,7 @@ def main(argv=None):
     import triton
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    shapes = list(args.shapes)
     M, r = args.M, args.rank
     if args.smoke:
         M, r, shapes = 96, 8, [(48, 40)]
@@ -229,7 +229,7 @@ def main(argv=None):
             for op in ("_cublas_Y", "_cublas_dX"):
                 time_row("breakdown", op, "torch", ops[op][1], 0)
 
-        if "sweep" in args.sections and (args.smoke or f"{d_in}x{d_out}" in args.sweep_shapes):
+        if "sweep" in args.sections and (args.smoke or (d_in, d_out) in args.sweep_shapes):
             cands = {"S": gemm_candidates(r, args.smoke), "dS": gemm_candidates(r, args.smoke),
                      "dB": reduce_candidates(args.smoke), "dA": reduce_candidates(args.smoke),
                      "dSdB": ds_db_candidates(r, args.smoke), "merge": merge_candidates(r, args.smoke),

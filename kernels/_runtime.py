@@ -110,10 +110,13 @@ def linear_path(tensor: torch.Tensor) -> str:
     """``"triton"``, ``"torch"`` (BLAS chain, kernels/torch_linear.py) or ``"reference"`` for the LoRA linear."""
     if use_triton(tensor, op="linear"):
         return "triton"
+    return "torch" if torch_path(tensor) else "reference"
+
+
+def torch_path(tensor: torch.Tensor) -> bool:
+    """Whether a layer that does not run Triton takes the BLAS-only path rather than the twin."""
     mode = kernel_mode()
-    if mode in ("torch", "reference"):
-        return mode
-    return AUTO_LINEAR_TORCH_PATH.get(tensor.device.type, "reference")
+    return mode == "torch" or (mode == "auto" and AUTO_LINEAR_TORCH_PATH.get(tensor.device.type) == "torch")
 
 
 def check_device(tensor: torch.Tensor) -> None:

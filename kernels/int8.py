@@ -37,6 +37,7 @@ from .int8_reference import QMAX, RES_STEPS, int8_dequantize_reference, int8_lor
     int8_merge_reference_
 from .linear import _check_args, lora_backward, lora_forward
 from .reference import check_dropout_p, dropout_keep_mask
+from .torch_linear import int8_lora_linear_torch
 
 # False: dequantize to a scratch buffer, then the bf16 kernels; True: dequantize inside the GEMM tiles.
 IN_GEMM_DEQUANT = False
@@ -242,6 +243,8 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
     _check_args(x, q, lora_A, lora_B, bias)
     p = check_dropout_p(dropout_p)
     if not _runtime.use_triton(x):
+        if _runtime.torch_path(x):  # RELORA_KERNELS=torch, or auto on CPU: the merged-weight BLAS path
+            return int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
         return int8_lora_linear_reference(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)

@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from .int8_reference import int8_dequantize_reference, int8_lora_linear_reference
 from .reference import check_dropout_p, dropout_keep_mask, lora_linear_reference
 
 
@@ -81,6 +82,55 @@ class MergedLoRALinearFunction(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             dbias = dy2.sum(0)
         return dx, dw, da, db, dbias, None
+
+
+class MergedInt8LoRALinearFunction(torch.autograd.Function):
+    """The merged-weight layer on an int8 base: ``W_eff = q·scale + s·B·A`` (one dequantized buffer, built
+    in forward and again in backward; only the int8 weight is saved)."""
+
+    @staticmethod
+    def forward(ctx, x, q, w_scale, lora_A, lora_B, bias, scale):
+        d_in = x.shape[-1]
+        x2 = x.reshape(-1, d_in)
+        s = torch.mm(x2, lora_A.t())
+        w_eff = int8_dequantize_reference(q, w_scale, x.dtype).addmm_(lora_B, lora_A, alpha=scale)
+        y = torch.addmm(bias, x2, w_eff.t()) if bias is not None else torch.mm(x2, w_eff.t())
+        ctx.save_for_backward(x2, s, q, w_scale, lora_A, lora_B)
+        ctx.scale, ctx.x_shape, ctx.has_bias = scale, x.shape, bias is not None
+        return y.reshape(*x.shape[:-1], q.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, s, q, w_scale, lora_A, lora_B = ctx.saved_tensors
+        need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = da = db = dbias = None
+        if need_a:
+            da = torch.mm(torch.mm(dy2, lora_B).mul_(ctx.scale).t(), x2)
+        if need_b:
+            db = torch.mm(dy2.t(), s).mul_(ctx.scale)
+        if need_x:
+            w_eff = int8_dequantize_reference(q, w_scale, dy.dtype).addmm_(lora_B, lora_A, alpha=ctx.scale)
+            dx = torch.mm(dy2, w_eff).reshape(ctx.x_shape)
+        if need_bias and ctx.has_bias:
+            dbias = dy2.sum(0)
+        return dx, None, None, da, db, dbias, None
+
+
+def int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True,
+                           generator=None):
+    """The int8-base layer through BLAS only (merged weight); with a dropout mask drawn, or mixed dtypes,
+    the twin (``int8_lora_linear_reference``) runs instead."""
+    p = check_dropout_p(dropout_p)
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, lora_A, lora_B = x.to(dt), lora_A.to(dt), lora_B.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    same = len({t.dtype for t in (x, lora_A, lora_B, bias) if t is not None}) == 1
+    if (training and p > 0.0) or not same:
+        return int8_lora_linear_reference(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
+    with torch.autocast(x.device.type, enabled=False):
+        return MergedInt8LoRALinearFunction.apply(x, q, w_scale, lora_A, lora_B, bias, float(scale))
 
 
 class TorchLoRALinearFunction(torch.autograd.Function):

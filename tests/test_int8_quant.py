@@ -256,3 +256,36 @@ def test_zero3_replication_warning_numbers():
     msg = quant.zero3_replication_warning(shapes, 3, 4)
     assert "ZeRO-3 on 4 ranks" in msg and "4.0 MiB on the device" in msg and "2.0 MiB per rank" in msg
     assert "4.0 MiB of host residual" in msg and "ZeRO-2" in msg
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_torch_path_matches_twin(monkeypatch, dtype):
+    """RELORA_KERNELS=torch (and auto on CPU): W_eff = q·scale + s·B·A GEMMs, every output and gradient
+    against the fp64 twin; under dropout the twin itself runs (bitwise)."""
+    from relora_kernels import torch_linear
+    monkeypatch.setenv("RELORA_KERNELS", "torch")
+    g = torch.Generator().manual_seed(4)
+    M, K, N, R = 37, 48, 40, 4
+    w = torch.randn(N, K, generator=g) * 0.1
+    w[2] *= 3  # rows of different scale (not so large that the low-rank term vanishes next to them)
+    q, s, _ = rk.int8_quantize_reference(w)
+    x = torch.randn(3, M, K, generator=g).to(dtype).requires_grad_()
+    A = (torch.randn(R, K, generator=g) * 0.3).to(dtype).requires_grad_()
+    B = (torch.randn(N, R, generator=g) * 0.3).to(dtype).requires_grad_()
+    bias = torch.randn(N, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(3, M, N, generator=g).to(dtype)
+    calls = []
+    real = torch_linear.MergedInt8LoRALinearFunction.apply
+    monkeypatch.setattr(torch_linear.MergedInt8LoRALinearFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    y = rk.int8_lora_linear(x, q, s, A, B, 0.5, bias)
+    grads = torch.autograd.grad(y, (x, A, B, bias), dy)
+    assert calls == [1]
+    leaves = [t.detach().double().requires_grad_() for t in (x, A, B, bias)]
+    yr = rk.int8_lora_linear_reference(leaves[0], q, s, leaves[1], leaves[2], 0.5, leaves[3])
+    grads_r = torch.autograd.grad(yr, leaves, dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(y, yr) < tol and all(rel(a, b) < tol for a, b in zip(grads, grads_r))
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    y_drop = rk.int8_lora_linear(x, q, s, A, B, 0.5, bias, dropout_p=0.2, generator=gen())
+    assert calls == [1] and torch.equal(y_drop, rk.int8_lora_linear_reference(x, q, s, A, B, 0.5, bias, 0.2,
+                                                                              True, gen()))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .model_config import LlamaConfig
@@ -135,12 +136,18 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = self.rotary_emb(input_ids.shape[1], x.device, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # Only the layer's input is kept; its activations are recomputed in backward (the RNG state
+                # is restored, so a LoRA dropout mask is drawn identically both times).
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         return self.norm(x)
 
 
@@ -174,6 +181,13 @@ class LlamaForCausalLM(nn.Module):
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in backward instead of keeping its activations (Hugging Face's name)."""
+        self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing = False
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

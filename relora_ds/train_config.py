@@ -70,6 +70,9 @@ class TrainConfig:
     micro_batch_size: int = _f(8, "sequences per rank per forward/backward")
     global_batch_size: int = _f(8, "sequences per optimizer step over all ranks; must be a multiple of "
                                     "micro_batch_size x world size (the rest is gradient accumulation)")
+    activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward: keeps "
+                                               "only the layers' inputs (far less activation memory) for about "
+                                               "one more forward pass of compute")
     # Data
     data_dir: str | None = _f(None, "prepared data dir (launch/prepare_data.py); default: the built-in "
                                     "corpus, prepared on first use")

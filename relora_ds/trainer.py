@@ -137,6 +137,8 @@ class Trainer:
 
     def _build_engine(self, model: LlamaForCausalLM, phase: str) -> None:
         cfg = self.cfg
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable()
         if phase == "lowrank":
             wrap(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
                  seed=cfg.seed, quantize=cfg.quantize)

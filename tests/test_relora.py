@@ -186,3 +186,38 @@ def test_same_outputs_as_peft_lora_with_the_same_factors():
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)
         assert (ours(x).logits - base(x).logits).abs().max() > 1e-3  # the LoRA path really contributed
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_activation_checkpointing_same_loss_and_grads_with_recompute(monkeypatch, dropout):
+    """gradient_checkpointing_enable(): each decoder layer runs again in backward (recompute), and loss and
+    every gradient equal the plain run's (oracle: the same model without checkpointing), LoRA dropout
+    included (the RNG state is restored for the recompute)."""
+    from relora_ds.model import DecoderLayer
+    calls = []
+    real = DecoderLayer.forward
+    monkeypatch.setattr(DecoderLayer, "forward", lambda self, *a: calls.append(1) or real(self, *a))
+    batch = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+    results = []
+    for ckpt in (False, True):
+        model = relora_ds.wrap(_debug_model(), rank=4, dropout=dropout)
+        with torch.no_grad():
+            for _, layer in relora_ds.relora_layers(model):
+                layer.lora_B.normal_(0, 0.05)  # a live low-rank branch (B = 0 would hide dropout)
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        calls.clear()
+        torch.manual_seed(123)  # the same dropout masks in both runs
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        n_layers = model.config.num_hidden_layers
+        assert len(calls) == (2 * n_layers if ckpt else n_layers)
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
+    with torch.no_grad():  # no recompute (and no checkpoint) outside autograd
+        calls.clear()
+        model(batch)
+        assert len(calls) == model.config.num_hidden_layers

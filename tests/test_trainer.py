@@ -100,10 +100,11 @@ def test_crash_while_saving_then_exact_resume(tmp_path, small_data_dir, uninterr
 @pytest.mark.parametrize("stage", [1, 3])
 def test_other_zero_stages_train_through_switch_and_resets_then_export(tmp_path, small_data_dir, stage):
     """ZeRO-1 and ZeRO-3 (bf16, the shipped configs): warm-start switch (gathering full-rank weights from
-    the partitions), two resets, and an export that loads in transformers."""
+    the partitions), two resets, and an export that loads in transformers. The ZeRO-3 run also recomputes
+    activations (activation_checkpointing: ZeRO-3 must re-gather each layer's weights for the recompute)."""
     import transformers
 
-    recipe, _ = _write(tmp_path, small_data_dir, export=True)
+    recipe, _ = _write(tmp_path, small_data_dir, export=True, activation_checkpointing=stage == 3)
     run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ROOT / f"ds_configs/zero{stage}.json")
     losses, recs = _losses(tmp_path / "run")
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10]

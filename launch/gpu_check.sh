@@ -35,7 +35,7 @@ for st in "${stages[@]}"; do
     bench) run bench 150 python3 launch/bench_kernels.py --quick --out "$OUT/bench_kernels.csv" ;;
     int8) run int8 120 python3 launch/bench_int8.py --sections kernels --out "$OUT/bench_int8.json" ;;
     e2e) run e2e 240 python3 launch/bench_e2e.py --presets 350m 1b --paths reference torch torch_merged triton \
-           --out "$OUT/e2e.json" ;;
+           --interleave --steps 6 --out "$OUT/e2e.json" ;;  # one model per preset, paths alternating
     ds)
       if ! python3 -c "import deepspeed" 2>/dev/null; then
         [ -d .whl ] || { echo "ds: no .whl/ (run scripts/gpu_wheels.sh here and carry .whl)" | tee -a "$OUT/stages.txt"; continue; }

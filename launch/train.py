@@ -14,23 +14,24 @@ def main(argv=None) -> int:
     parser = build_launch_parser(__doc__)
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_args(args)
-        trainer = Trainer(cfg, args.deepspeed)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
-    try:
-        trainer.train()
-    except FloatingPointError as e:  # NaN/inf loss: the message names the step and the last good checkpoint
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        try:
+            cfg = config_from_args(args)
+            trainer = Trainer(cfg, args.deepspeed)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        try:
+            trainer.train()
+        except FloatingPointError as e:  # NaN/inf loss: the message names the step and the last good checkpoint
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        return 0
     finally:
-        # Shut the process group down here: left to interpreter exit, gloo's threads are sometimes destroyed
-        # while joinable and the rank aborts ("terminate called without an active exception", exit -6)
-        # after a finished run; seen in 3 of 7 2-rank CPU runs of tests/dist/zero_reset_worker.py.
+        # Shut the process group down here, on every exit path: left to interpreter exit, gloo's threads are
+        # sometimes destroyed while joinable and the rank aborts ("terminate called without an active
+        # exception", exit -6); seen in 3 of 7 2-rank CPU runs of tests/dist/zero_reset_worker.py.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,6 +33,7 @@ def one(preset: str, quantize: str | None, ds_path: str, micro_batch: int, seq_l
     import torch
 
     import relora_ds
+    from relora_ds.distributed import init_distributed
     from relora_ds.ds_config import complete_ds_config, load_ds_config
     from relora_ds.train_config import TrainConfig
 
@@ -40,7 +41,7 @@ def one(preset: str, quantize: str | None, ds_path: str, micro_batch: int, seq_l
     cfg = TrainConfig(model=preset, mode="relora", rank=rank, cycle_length=1000, micro_batch_size=micro_batch,
                       global_batch_size=micro_batch, seq_len=seq_len, total_steps=steps + 4, quantize=quantize)
     ds = complete_ds_config(load_ds_config(ds_path), cfg, world_size=1, source=ds_path)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    init_distributed(dist_backend="nccl" if cuda else "gloo")
     torch.manual_seed(0)
     model_cfg = relora_ds.LlamaConfig.preset(preset, max_position_embeddings=seq_len + 1)
     with torch.device(device):

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import checkpoint, quant
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, check_tokenizer_matches, eval_batches, \
     load_manifest, prepare_data
+from .distributed import init_distributed
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16
 from .engine_state import full_fp32_state_dict
 from .hf import export_hf, load_hf
@@ -61,8 +62,7 @@ class Trainer:
         apply_kernels_setting(cfg.kernels)
         # Under mpirun DeepSpeed discovers ranks through mpi4py and would take port 29500 whatever the
         # environment says; honour MASTER_PORT so that two MPI jobs can share a node.
-        deepspeed.init_distributed(auto_mpi_discovery=True,
-                                   distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+        init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")

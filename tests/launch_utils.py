@@ -23,9 +23,11 @@ def launch_env() -> dict:
     return env
 
 
-def run_deepspeed(script, *args, nprocs: int = 2, timeout: int = 600, cwd=ROOT) -> subprocess.CompletedProcess:
+def run_deepspeed(script, *args, nprocs: int = 2, timeout: int = 600, cwd=ROOT,
+                  master_port: int | None = None) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(script), *map(str, args)]
+    port = master_port or free_port()
+    cmd = [str(launcher), "--num_gpus", str(nprocs), "--master_port", str(port), str(script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"

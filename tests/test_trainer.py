@@ -1,4 +1,5 @@
 """End-to-end trainer runs on 2 CPU ranks (gloo): 1-rank equivalence, exact resume, crash while saving."""
+import glob
 import json
 import os
 import subprocess
@@ -28,21 +29,31 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in recs if "loss" in r}, recs
 
 
-def _train2(tmp_path, data_dir, *extra, env=None, check=True, **overrides):
+def _train2(tmp_path, data_dir, *extra, env=None, check=True, master_port=None, **overrides):
     recipe, ds = _write(tmp_path, data_dir, **overrides)
     args = ["--config", recipe, "--deepspeed", ds, *extra]
     if env is None:
-        return run_deepspeed(ROOT / "launch/train.py", *args)
+        return run_deepspeed(ROOT / "launch/train.py", *args, master_port=master_port)
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
            str(free_port()), str(ROOT / "launch/train.py"), *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, env={**launch_env(), **env}, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, small_data_dir):
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    _train2(tmp, small_data_dir)
-    return _losses(tmp / "run")
+def uninterrupted_run(tmp_path_factory, small_data_dir):
+    tmp, port = tmp_path_factory.mktemp("uninterrupted"), free_port()
+    _train2(tmp, small_data_dir, master_port=port)
+    # DeepSpeed's CPU shm allreduce segments of this run (named after its MASTER_PORT) must all be gone.
+    return {"losses": _losses(tmp / "run"), "shm_left": sorted(glob.glob(f"/dev/shm/*allreduce_buffer_*_{port}_*"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return uninterrupted_run["losses"]
+
+
+def test_two_rank_run_leaves_no_shared_memory_behind(uninterrupted_run):
+    assert uninterrupted_run["shm_left"] == []
 
 
 def test_two_rank_run_has_resets_eval_and_checkpoint(uninterrupted):

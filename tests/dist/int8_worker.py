@@ -16,6 +16,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 import relora_ds
 import relora_kernels as rk
 from relora_ds import LlamaConfig, LlamaForCausalLM
+from relora_ds.distributed import init_distributed
 
 BUFFERS = ("weight_q", "weight_scale", "weight_residual")
 
@@ -106,7 +107,7 @@ def main():
     ap.add_argument("--stages", default="2")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
-    deepspeed.init_distributed()
+    init_distributed()
     rank = int(os.environ.get("RANK", 0))
     results = {}
     for stage in (int(s) for s in args.stages.split(",")):

@@ -15,6 +15,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM
+from relora_ds.distributed import init_distributed
 from relora_ds.relora import kaiming_uniform_A, reinit_seed
 from relora_ds.zero_reset import relink_optimizer_fragments
 
@@ -135,7 +136,7 @@ def main():
     ap.add_argument("--local_rank", type=int, default=0)
     ap.add_argument("--cases", default="1:fp32,2:fp32,3:fp32,1:bf16,2:bf16,3:bf16,2off:fp32")
     args = ap.parse_args()
-    deepspeed.init_distributed()
+    init_distributed()
     rank = dist.get_rank()
     out = {}
     for case in args.cases.split(","):

@@ -1,0 +1,40 @@
+"""relora_ds.distributed: the DeepSpeed CPU shared-memory allreduce segments are released, and still work.
+
+Oracle: DeepSpeed itself. The worker checks our predicted segment names exist right after its init (so a new
+naming scheme fails here rather than leaking silently) and runs its shm allreduce kernel after the release."""
+import json
+
+import pytest
+
+from launch_utils import ROOT, free_port, run_deepspeed
+
+
+@pytest.fixture(scope="module")
+def shm_run(tmp_path_factory):
+    out, port = tmp_path_factory.mktemp("shm"), free_port()
+    run_deepspeed(ROOT / "tests/dist/shm_worker.py", "--out", out, master_port=port, timeout=300)
+    return port, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_predicted_segment_names_are_deepspeeds(shm_run):
+    port, res = shm_run
+    for r in res:
+        assert r["exist_after_init"] == [True, True], r["paths"]
+        assert all(p.endswith(f"_{port}_{i}") for i, p in enumerate(r["paths"]))
+
+
+def test_each_rank_releases_its_own_segment_and_none_is_left(shm_run):
+    port, res = shm_run
+    assert [r["released"] for r in res] == res[0]["paths"]
+    assert all(r["exist_after_release"] == [False, False] for r in res)
+
+
+def test_shm_allreduce_still_works_after_release(shm_run):
+    _, res = shm_run
+    assert all(r["shm_kernel"] for r in res)  # DeepSpeed's kernel ran, not a gloo fallback
+    assert all(r["allreduce_ok"] == [True, True] for r in res)
+
+
+def test_single_process_has_nothing_to_release():
+    from relora_ds.distributed import release_shm_segment
+    assert release_shm_segment() is None  # no process group: no collective, no error

@@ -1,0 +1,217 @@
+"""relora_kernels dispatch: RELORA_KERNELS modes, the BLAS-only ``torch`` path (kernels/torch_linear.py) against
+the twin, argument errors, and import/interpreter ordering (subprocesses)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import relora_kernels as rk
+from relora_kernels import _runtime
+from kernel_utils import HAS_CUDA, SHAPES, _shape_id, make_inputs, rel_err
+
+
+def test_use_triton_modes(monkeypatch):
+    cpu = torch.zeros(2)
+    monkeypatch.delenv("RELORA_KERNELS", raising=False)
+    assert rk.use_triton(cpu) is False  # auto: torch on CPU
+    monkeypatch.setenv("RELORA_KERNELS", "reference")
+    assert rk.use_triton(cpu) is False
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert rk.use_triton(cpu) is True
+    with pytest.raises(ValueError, match="float64"):
+        rk.use_triton(cpu.double())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        rk.use_triton(cpu)
+    monkeypatch.setenv("RELORA_KERNELS", "fast")
+    with pytest.raises(ValueError, match="RELORA_KERNELS"):
+        rk.use_triton(cpu)
+    if HAS_CUDA:
+        monkeypatch.setenv("RELORA_KERNELS", "auto")
+        assert rk.use_triton(cpu.cuda()) is True and rk.use_triton(cpu.cuda().double()) is False
+        # auto keeps the measured-slower fused linear on the torch path; triton forces it
+        assert rk.use_triton(cpu.cuda(), op="linear") is False
+        monkeypatch.setenv("RELORA_KERNELS", "triton")
+        assert rk.use_triton(cpu.cuda(), op="linear") is True
+
+
+def test_reference_mode_is_the_twin_bitwise(monkeypatch):
+    monkeypatch.setenv("RELORA_KERNELS", "reference")
+    x, w, a, b, bias, _ = make_inputs((5, 3), 12, 7, 2, True, torch.float32, "cpu", seed=0)
+    want = rk.lora_linear_reference(x, w, a, b, 0.3, bias, dropout_p=0.2, generator=torch.Generator().manual_seed(0))
+    got = rk.lora_linear(x, w, a, b, 0.3, bias, dropout_p=0.2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)
+    direct = F.linear(x, w, bias) + 0.3 * F.linear(F.linear(x, a), b)
+    assert torch.equal(rk.lora_linear_reference(x, w, a, b, 0.3, bias), direct)
+
+
+def test_auto_mode_on_cpu_takes_the_blas_chain(monkeypatch):
+    monkeypatch.delenv("RELORA_KERNELS", raising=False)
+    cpu = torch.zeros(2)
+    assert _runtime.linear_path(cpu) == "torch"
+    monkeypatch.setenv("RELORA_KERNELS", "torch")
+    assert _runtime.linear_path(cpu) == "torch" and rk.use_triton(cpu) is False
+    monkeypatch.setenv("RELORA_KERNELS", "reference")
+    assert _runtime.linear_path(cpu) == "reference"
+    if HAS_CUDA:  # not yet timed on a GPU: the twin there (AUTO_LINEAR_TORCH_PATH)
+        monkeypatch.delenv("RELORA_KERNELS", raising=False)
+        assert _runtime.linear_path(cpu.cuda()) == "reference"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The BLAS-chain path (kernels/torch_linear.py): same values and gradients as the twin, less saved
+# ----------------------------------------------------------------------------------------------------
+TORCH_PATH_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize("merged", ["0", "1"], ids=["epilogue", "merged"])
+@pytest.mark.parametrize("dtype", list(TORCH_PATH_TOL), ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=_shape_id)
+def test_torch_path_matches_reference(monkeypatch, dtype, dropout_p, shape, merged):
+    """Every output and gradient (x, W when trainable, A, B, bias) against the float64 twin, same mask.
+    merged: W_eff = W + s·B·A GEMMs (without dropout; with dropout the epilogue chain runs)."""
+    monkeypatch.setenv("RELORA_KERNELS", "torch")
+    monkeypatch.setenv("RELORA_MERGED_WEIGHT", merged)
+    x, w, a, b, bias, dy = make_inputs(*shape, dtype, "cpu", seed=11)
+    w.requires_grad_()
+    leaves = [t for t in (x, w, a, b, bias) if t is not None]
+    gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    y = rk.lora_linear(x, w, a, b, 0.7, bias, dropout_p=dropout_p, generator=gen())
+    got = [y, *torch.autograd.grad(y, leaves, dy)]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    yr = rk.lora_linear_reference(ref[0], ref[1], ref[2], ref[3], 0.7, ref[4] if bias is not None else None,
+                                  dropout_p=dropout_p, generator=gen())
+    want = [yr, *torch.autograd.grad(yr, ref, dy.double())]
+    for name, g_, w_ in zip(["y", "dx", "dW", "dA", "dB", "dbias"], got, want):
+        assert g_.dtype == dtype and g_.shape == w_.shape, name
+        assert rel_err(g_, w_) < TORCH_PATH_TOL[dtype], name
+
+
+def test_merged_weight_dispatch_and_bf16_accuracy(monkeypatch):
+    """Which variant runs (env, device default, dropout), and the merged variant's bf16 error: W_eff is
+    rounded once to bf16, like a merged bf16 model, so y stays within bf16 rounding of the fp64 result."""
+    from relora_kernels import torch_linear
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("RELORA_MERGED_WEIGHT", raising=False)
+    assert torch_linear.merged_weight_default(cpu.device) is True  # measured on CPU (BENCHMARKS.md)
+    monkeypatch.setenv("RELORA_MERGED_WEIGHT", "0")
+    assert torch_linear.merged_weight_default(cpu.device) is False
+    monkeypatch.setenv("RELORA_MERGED_WEIGHT", "maybe")
+    with pytest.raises(ValueError, match="RELORA_MERGED_WEIGHT"):
+        torch_linear.merged_weight_default(cpu.device)
+    monkeypatch.delenv("RELORA_MERGED_WEIGHT")
+    seen = []
+    for cls in (torch_linear.MergedLoRALinearFunction, torch_linear.TorchLoRALinearFunction):
+        monkeypatch.setattr(cls, "apply", (lambda real, name: lambda *a: seen.append(name) or real(*a))(
+            cls.apply, cls.__name__))
+    x, w, a, b, bias, dy = make_inputs((64,), 256, 128, 8, True, torch.bfloat16, "cpu", seed=5)
+    y = torch_linear.lora_linear_torch(x, w, a, b, 0.5, bias)
+    torch_linear.lora_linear_torch(x, w, a, b, 0.5, bias, dropout_p=0.1)
+    torch_linear.lora_linear_torch(x, w, a, b, 0.5, bias, dropout_p=0.1, training=False)
+    assert seen == ["MergedLoRALinearFunction", "TorchLoRALinearFunction", "MergedLoRALinearFunction"]
+    yr = rk.lora_linear_reference(x.double(), w.double(), a.double(), b.double(), 0.5, bias.double())
+    assert rel_err(y, yr) < 6e-3
+
+
+def test_torch_path_saves_less_than_reference():
+    """Saved for backward under dropout: X, S and a 1-byte mask, not the twin's dropout(X) and X A^T copies."""
+    from relora_kernels.torch_linear import lora_linear_torch
+    x, w, a, b, bias, _ = make_inputs((64,), 48, 40, 4, True, torch.float32, "cpu", seed=0)
+
+    def saved_bytes(fn):
+        seen = {}
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x, w, a, b, 0.5, bias, 0.1, True, torch.Generator().manual_seed(0))
+        return sum(seen.values())
+    ours, twin = saved_bytes(lora_linear_torch), saved_bytes(rk.lora_linear_reference)
+    x_bytes, mask_bytes = 64 * 48 * 4, 64 * 48
+    assert ours <= twin - x_bytes + mask_bytes, (ours, twin)
+
+
+def test_torch_path_autocast_and_partial_grads(monkeypatch):
+    monkeypatch.setenv("RELORA_KERNELS", "torch")
+    x, w, a, b, bias, dy = make_inputs((6, 5), 16, 12, 4, True, torch.float32, "cpu", seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = rk.lora_linear(x, w, a, b, 0.5, bias)
+    assert y.dtype == torch.bfloat16
+    da, = torch.autograd.grad(y.float(), (a,), dy)  # only A: the other gradients are not computed
+    assert da.dtype == torch.float32
+    ar = a.detach().double().requires_grad_()
+    yr = rk.lora_linear_reference(x.double(), w.double(), ar, b.double(), 0.5, bias.double())
+    dar, = torch.autograd.grad(yr, (ar,), dy.double())
+    assert rel_err(da, dar) < 2e-2
+    # Mixed dtypes outside autocast: the twin's behaviour (torch's own F.linear dtype error), as before.
+    with pytest.raises(RuntimeError, match="dtype"):
+        rk.lora_linear(x.double(), w, a, b, 0.5, bias)
+
+
+def test_deterministic_mode_sources(monkeypatch):
+    monkeypatch.delenv("RELORA_DETERMINISTIC", raising=False)
+    assert rk.deterministic_mode() is False and rk.deterministic_mode(True) is True
+    monkeypatch.setenv("RELORA_DETERMINISTIC", "1")
+    assert rk.deterministic_mode() is True and rk.deterministic_mode(False) is False
+
+
+def test_argument_errors(monkeypatch):
+    x, w, a, b, bias, _ = make_inputs((4,), 8, 6, 2, True, torch.float32, "cpu", seed=0)
+    with pytest.raises(ValueError, match="in_features"):
+        rk.lora_linear(x[:, :5], w, a, b, 1.0)
+    with pytest.raises(ValueError, match="lora_B"):
+        rk.lora_linear(x, w, a, b[:, :1], 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        rk.lora_linear(x, w, a, b, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="lora_A"):
+        rk.lora_merge_(w.clone(), a[:, :3], b, 1.0)
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="dtype"):
+        rk.lora_linear(x, w.half(), a, b, 1.0)
+
+
+def test_kernel_rewrapped_for_mode_at_call_time(monkeypatch):
+    from relora_kernels.matmul import _sum_splits_kernel
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert type(_runtime.for_current_mode(_sum_splits_kernel)).__name__ == "InterpretedFunction"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert type(_runtime.for_current_mode(_sum_splits_kernel)).__name__ == "JITFunction"
+
+
+def _run(code, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_package_imports_without_triton_or_gpu():
+    """Importing the package loads neither triton nor a driver; the kernel modules load on first use."""
+    code = ("import sys, relora_kernels as rk; assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert callable(rk.lora_linear) and callable(rk.lora_merge_); print('ok')")
+    proc = _run(code, CUDA_VISIBLE_DEVICES="")
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_interpreter_enabled_after_kernels_were_imported():
+    """The ordering other test files can cause: triton and our kernels imported with the interpreter off,
+    TRITON_INTERPRET=1 set afterwards. The launch must still run interpreted."""
+    code = ("import os, torch, triton, relora_kernels as rk\n"
+            "import relora_kernels.linear as m, relora_kernels.merge, relora_kernels.matmul\n"
+            "assert type(m._ds_db_kernel).__name__ == 'JITFunction'\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "x = torch.randn(5, 8, requires_grad=True); w = torch.randn(6, 8)\n"
+            "a = torch.randn(2, 8, requires_grad=True); b = torch.randn(6, 2, requires_grad=True)\n"
+            "y = rk.lora_linear(x, w, a, b, 0.5); y.sum().backward()\n"
+            "ref = rk.lora_linear_reference(x, w, a, b, 0.5)\n"
+            "assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5); print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**env, "RELORA_KERNELS": "triton", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr

@@ -1,0 +1,90 @@
+"""The kernel scripts run end to end on CPU (interpreter, tiny shapes): launch/bench_kernels.py,
+launch/tune_kernels.py, launch/gpu_check.sh. Not performance numbers; those live in BENCHMARKS.md."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from kernel_utils import HAS_CUDA, ROOT
+
+
+def test_bench_script_smoke(tmp_path):
+    """launch/bench_kernels.py runs end to end (CPU interpreter, tiny shapes) and writes keyed rows."""
+    out = tmp_path / "bench.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_kernels.py"), "--device", "cpu", "--quick",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "NOT performance numbers" in proc.stdout
+    import csv
+    rows = list(csv.DictReader(out.open()))
+    assert {(r["op"], r["provider"]) for r in rows} >= {("linear", p) for p in
+                                                       ("full", "frozen", "peft", "torch_fused", "fused",
+                                                                            "fused_splitdb", "fused_det",
+                                                                            "fused_tma", "fused_blas_lr",
+                                                                            "fused_tma_blas_lr")}
+    assert {r["provider"] for r in rows if r["op"] == "merge"} == {"merge", "torch", "copy"}
+    assert {"op", "provider", "mode", "M", "d_in", "d_out", "r", "dtype", "device", "torch", "triton", "date",
+            "ms"} <= set(rows[0])
+    assert all(float(r["max_rel_err"]) < 1e-4 for r in rows if "fused" in r["provider"])
+    if not HAS_CUDA:
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_kernels.py"), "--out",
+                               str(tmp_path / "x.csv")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
+
+
+def test_tune_script_smoke(tmp_path):
+    """launch/tune_kernels.py: every launch of the breakdown and every sweep candidate runs and matches torch
+    (its own check, recorded per row); a candidate that computes wrong values is reported, never timed."""
+    out = tmp_path / "tune.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "tune_kernels.py"), "--device", "cpu", "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    rows = json.loads(out.read_text())
+    kernel_rows = [r for r in rows if r["provider"] != "torch"]
+    assert {r["op"] for r in kernel_rows if r["section"] == "breakdown"} == {"S", "Y", "Y_tma", "dSdB", "dS", "dB",
+                                                                             "dA", "dX", "dX_tma", "merge"}
+    assert {r["op"] for r in kernel_rows if r["section"] == "sweep"} == {"S", "dS", "dB", "dA", "dSdB", "merge",
+                                                                         "Y_tma"}
+    assert all(r["status"] == "ok" and r["err"] < 1e-4 for r in kernel_rows), [r for r in kernel_rows
+                                                                               if r["status"] != "ok"]
+    assert "sweep merge  best" in proc.stdout
+    # The correctness gate works: a candidate whose values are wrong is flagged, not timed.
+    sys.path.insert(0, str(ROOT / "launch"))
+    import tune_kernels
+    assert tune_kernels.max_rel_err(torch.ones(3), lambda: torch.ones(3)) == 0.0
+    assert tune_kernels.max_rel_err(torch.zeros(3), lambda: torch.ones(3)) == 1.0
+
+
+def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
+    """launch/gpu_check.sh is run only on a lent GPU: here, at least, it must parse, and a wrong stage name
+    must fail at once with the valid ones (a typo must not burn a device call)."""
+    script = ROOT / "launch" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "benhc"], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 2 and "valid: env tests tune bench int8 e2e ds" in proc.stderr
+
+
+def test_bench_goes_on_when_a_provider_fails(tmp_path, monkeypatch, capsys):
+    """One provider failing (e.g. a kernel over the GPU's shared memory) is reported, the others still run."""
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sys.path.insert(0, str(ROOT / "launch"))
+    import bench_kernels
+    real = bench_kernels.linear_setup
+
+    def setup(provider, *a, **k):
+        if provider == "fused_tma":
+            raise RuntimeError("OutOfResources: shared memory, Required: 262144, Hardware limit: 232448")
+        return real(provider, *a, **k)
+    monkeypatch.setattr(bench_kernels, "linear_setup", setup)
+    out = tmp_path / "b.csv"
+    rc = bench_kernels.main(["--device", "cpu", "--quick", "--providers", "fused_tma", "full", "--ops", "linear",
+                             "--modes", "fwd", "--out", str(out)])
+    assert rc == 1 and "provider fused_tma failed" in capsys.readouterr().err
+    import csv
+    assert [r["provider"] for r in csv.DictReader(out.open())] == ["full"]

@@ -30,7 +30,8 @@ run() {  # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, record the exit status
 for st in "${stages[@]}"; do
   case $st in
     env) run env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
-    tests) run tests 240 python3 -m pytest -q -x -k cuda tests/test_kernels.py tests/test_int8_quant.py ;;
+    tests) run tests 240 bash -c 'python3 -m pytest -q -x -k cuda tests/test_kernels.py tests/test_int8_quant.py;
+             a=$?; env -u RELORA_KERNELS python3 -m pytest -q -x tests/test_kernel_dispatch.py; exit $((a | $?))' ;;
     tune) run tune 260 python3 launch/tune_kernels.py --out "$OUT/tune_kernels.json" ;;
     bench) run bench 150 python3 launch/bench_kernels.py --quick --out "$OUT/bench_kernels.csv" ;;
     int8) run int8 120 python3 launch/bench_int8.py --sections kernels --out "$OUT/bench_int8.json" ;;

@@ -11,18 +11,21 @@ parameters (the ReLoRA base weights): bf16 weight 2, nothing else (no master, no
 The warm start is full-rank (T = all parameters, F = 0); the ReLoRA phase trains LoRA A/B of the 7
 projections, embeddings, lm_head and norms (T) and freezes the projections' weights (F).
 
-Activations saved for backward, bytes per sequence of s tokens, bf16, no activation checkpointing,
-SDPA/flash attention (no s x s score matrix), counted from relora_ds/model.py's autograd graph:
+Activations, bytes per sequence of s tokens, bf16, SDPA/flash attention (no s x s score matrix), counted
+from relora_ds/model.py's autograd graph. Kept for backward after the forward:
     per layer      24 s h + 8 s i  [+ 14 s r in the ReLoRA phase]
       attention: RMSNorm 8 s h (fp32 copy of its input 4, normalized bf16 2, scaled output 2),
                  q, k, v after RoPE 6 s h (kv heads = heads), SDPA output 2 s h (o_proj's input is a
                  view of it: SDPA returns (B, T, H, hd) memory)
       MLP:       RMSNorm 8 s h; gate output, SiLU(gate), up output, down_proj input: 4 x 2 s i
       LoRA:      x A^T (s x r, bf16) kept for each of the 7 adapted projections: 7 x 2 s r
-    final norm 8 s h, logits and loss 10 s V (fp32 log-probs 4 saved, bf16 logits 2 held by the output,
-    fp32 gradient 4 at the start of backward)
-Checked against torch.autograd.graph.saved_tensors_hooks on 60m and 130m with and without LoRA (CPU,
-SDPA): the saved bytes equal the formula less its 6 s V transient terms.
+    final norm 8 s h, fp32 log-probs 4 s V
+    with activation checkpointing (--activation-checkpointing), each layer keeps only its input: 2 s h
+The peak comes in backward:
+    plain:          kept + 8 s V   (bf16 logits 2, their bf16 gradient 2, the fp32 log-prob gradient 4)
+    checkpointing:  kept + max(8 s V, one layer's 24 s h + 8 s i [+ 14 s r] recomputed)
+Checked against torch.autograd.graph.saved_tensors_hooks (kept part) and against the heap in use (glibc
+mallinfo2, sampled at every autograd node and module call) on CPU: tests/test_memory_table.py.
 Not counted: the CUDA context, NCCL and DeepSpeed bucket buffers, allocator fragmentation, ZeRO-3
 gather buffers and transient fp32 gradient partitions; `--reserve-gb` (default 10% + 2 GiB) covers them.
 """
@@ -54,11 +57,25 @@ def state_bytes(trainable: int, frozen: int, stage: int, n: int) -> float:
     return t + 2 * frozen / (n if stage == 3 else 1)
 
 
-def activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> float:
-    """Activation bytes kept for backward per sequence (rank=None: full-rank phase, no LoRA branch)."""
-    s, h, i, V = seq_len, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    per_layer = 24 * s * h + 8 * s * i + (14 * s * rank if rank else 0)
-    return cfg.num_hidden_layers * per_layer + 8 * s * h + 10 * s * V
+def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> int:
+    """Bytes one decoder layer keeps for backward per sequence (rank=None: no LoRA branch)."""
+    s, h, i = seq_len, cfg.hidden_size, cfg.intermediate_size
+    return 24 * s * h + 8 * s * i + (14 * s * rank if rank else 0)
+
+
+def kept_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool = False) -> int:
+    """Activation bytes alive between forward and backward, per sequence."""
+    s, h, V = seq_len, cfg.hidden_size, cfg.vocab_size
+    per_layer = 2 * s * h if checkpointing else layer_activation_bytes(cfg, seq_len, rank)
+    return cfg.num_hidden_layers * per_layer + 8 * s * h + 4 * s * V
+
+
+def activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool = False) -> int:
+    """Peak activation bytes per sequence, reached in backward (rank=None: full-rank phase, no LoRA branch):
+    at its start (the logits' 8 s V of transients) or, with checkpointing, while one layer is recomputed."""
+    logits = 8 * seq_len * cfg.vocab_size
+    transient = max(logits, layer_activation_bytes(cfg, seq_len, rank)) if checkpointing else logits
+    return kept_activation_bytes(cfg, seq_len, rank, checkpointing) + transient
 
 
 def max_micro_batch(budget: float, states: float, act_per_seq: float) -> int:
@@ -75,7 +92,8 @@ def table(args) -> str:
                                      else 0.1 * args.memory_gb * 1e9 + 2 * GIB)
     per_rank = args.global_batch_size // args.gpus if args.global_batch_size % args.gpus == 0 else 0
     head = (f"{args.gpus} GPUs x {args.memory_gb:g} GB (usable {budget / 1e9:.1f} GB each), r={args.rank}, "
-            f"seq {args.seq_len}, vocab {args.vocab_size}, bf16 + fp32 Adam; micro-batch = largest divisor of "
+            f"seq {args.seq_len}, vocab {args.vocab_size}, bf16 + fp32 Adam, activation checkpointing "
+            f"{'on' if args.activation_checkpointing else 'off'}; micro-batch = largest divisor of "
             f"global {args.global_batch_size} / {args.gpus} GPUs = {per_rank} that fits\n\n")
     rows = ["| preset | params | LoRA params | ReLoRA trainable | states/GPU warm start Z0 / Z1 / Z2 / Z3 (GB) "
             "| states/GPU ReLoRA Z0 / Z2 / Z3 (GB) | activations per seq. full / ReLoRA (GB) "
@@ -88,8 +106,8 @@ def table(args) -> str:
         trainable_lr = c["lora"] + c["other"]
         full = {z: state_bytes(total, 0, z, args.gpus) for z in range(4)}
         low = {z: state_bytes(trainable_lr, c["projections"], z, args.gpus) for z in (0, 2, 3)}
-        act_full = activation_bytes(cfg, args.seq_len, None)
-        act_low = activation_bytes(cfg, args.seq_len, args.rank)
+        act_full = activation_bytes(cfg, args.seq_len, None, args.activation_checkpointing)
+        act_low = activation_bytes(cfg, args.seq_len, args.rank, args.activation_checkpointing)
 
         def mb(states, act):
             fit = max_micro_batch(budget, states, act)
@@ -116,6 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--global-batch-size", type=int, default=1152, help="the recipe's global batch")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="the trainer's --activation-checkpointing: layers keep only their inputs")
     args = parser.parse_args(argv)
     try:
         for name in args.presets:

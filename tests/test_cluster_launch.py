@@ -1,17 +1,15 @@
 """Launcher helpers without a cluster: errors before launching (missing SLURM variables, unknown hosts,
-batch arithmetic), the per-task environment, hostfiles, and the memory table's formulas."""
+batch arithmetic), the per-task environment, hostfiles."""
 import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from launch_utils import ROOT
 
 sys.path.insert(0, str(ROOT / "launch"))
 import hostfile  # noqa: E402
-import memory_table  # noqa: E402
 
 
 def _clean_env(**extra):
@@ -100,50 +98,3 @@ def test_hostfile_node_rank_and_from_slurm_outside_a_job(tmp_path):
     assert hostfile.node_rank({"n1": 8, "n2": 8, "n3": 8}, "n2") == 1
     proc = _run(sys.executable, "launch/hostfile.py", "from-slurm", "--slots", "8")
     assert proc.returncode == 2 and "SLURM_JOB_NODELIST is not set" in proc.stderr
-
-
-def test_memory_table_parameter_counts_match_the_model():
-    from relora_ds import LlamaConfig, LlamaForCausalLM, lora_parameters, wrap
-
-    for name, rank in [("tiny", 32), ("60m", 128)]:
-        cfg = LlamaConfig.preset(name)
-        with torch.device("meta"):
-            model = LlamaForCausalLM(cfg)
-        c = memory_table.param_counts(cfg, rank)
-        assert c["projections"] + c["other"] == model.num_parameters()
-        with torch.device("meta"):
-            wrap(model, rank=rank)
-        assert c["lora"] == sum(p.numel() for p in lora_parameters(model))
-
-
-@pytest.mark.parametrize("rank", [None, 16])
-def test_activation_formula_matches_saved_tensors(rank):
-    """The formula's saved part (all but 6 s V of transient logits/gradient bytes) equals what autograd keeps."""
-    from relora_ds import LlamaConfig, LlamaForCausalLM, wrap
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig.preset("tiny", attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    if rank:
-        wrap(model, rank=rank)
-    b, s = 2, 128
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    ids = torch.randint(0, cfg.vocab_size, (b, s))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, labels=ids)
-    formula = b * (memory_table.activation_bytes(cfg, s, rank) - 6 * s * cfg.vocab_size)
-    assert sum(saved.values()) == pytest.approx(formula, rel=0.01)
-
-
-def test_memory_table_prints_every_preset():
-    proc = _run(sys.executable, "launch/memory_table.py")
-    assert proc.returncode == 0, proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "preset" not in line]
-    assert [r.split("|")[1].strip() for r in rows] == list(memory_table.PRESETS)

@@ -26,8 +26,8 @@ PATH_ENV = {"reference": {"RELORA_KERNELS": "reference"},
 
 
 def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, device: str = "cuda",
-        interleave: list[str] | None = None, dtype: str | None = None, quantize: str | None = None
-        ) -> dict | list[dict]:
+        interleave: list[str] | None = None, dtype: str | None = None, quantize: str | None = None,
+        loss_chunk_size: int = 0, activation_checkpointing: bool = False) -> dict | list[dict]:
     """Time ``steps`` training steps after 3 warm-up steps. ``interleave``: alternate these paths step by
     step on one model and batch (cancels a shared machine's drift); returns one row per path."""
     import torch
@@ -41,6 +41,10 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
     dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype or ("bf16" if cuda else "fp32")]
     model = relora_ds.LlamaForCausalLM(cfg).to(device, dt)
     relora_ds.wrap(model, rank=rank, quantize=quantize)
+    if loss_chunk_size:
+        model.chunked_loss_enable(loss_chunk_size)
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     batch = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
@@ -66,7 +70,8 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
         t = statistics.median(ts)
         rows.append({"preset": preset, "path": path or os.environ.get("RELORA_KERNELS", "auto"),
                      "interleaved": interleave is not None, "dtype": str(dt).replace("torch.", ""),
-                     "base": quantize or "float",
+                     "base": quantize or "float", "loss_chunk_size": loss_chunk_size,
+                     "activation_checkpointing": activation_checkpointing,
                      "micro_batch": micro_batch, "seq_len": seq_len,
                      "rank": rank, "step_ms": 1000 * t, "tokens_per_s": micro_batch * seq_len / t,
                      "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30
@@ -89,6 +94,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("bf16", "fp32"), help="weights and activations (default: bf16 on "
                     "cuda, fp32 on cpu)")
     ap.add_argument("--quantize", choices=("int8",), help="int8 frozen base (relora_ds.wrap(quantize='int8'))")
+    ap.add_argument("--loss-chunk-size", type=int, default=0, help="model.chunked_loss_enable(N); 0: full logits")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="model.gradient_checkpointing_enable()")
     ap.add_argument("--paths", nargs="+", default=["reference", "torch", "torch_merged", "triton"],
                     choices=tuple(PATH_ENV))
     ap.add_argument("--interleave", action="store_true",
@@ -98,7 +105,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank, args.device,
-                             args.paths if args.interleave else None, args.dtype, args.quantize)))
+                             args.paths if args.interleave else None, args.dtype, args.quantize,
+                             args.loss_chunk_size, args.activation_checkpointing)))
         return
     rows = []
     for preset in args.presets:
@@ -108,7 +116,9 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", preset, "--micro-batch", str(args.micro_batch), "--seq-len",
                    str(args.seq_len), "--steps", str(args.steps), "--rank", str(args.rank), "--device", args.device,
                    "--paths", *paths] + (["--interleave"] if args.interleave else []) + \
-                (["--dtype", args.dtype] if args.dtype else []) + (["--quantize", args.quantize] if args.quantize else [])
+                (["--dtype", args.dtype] if args.dtype else []) + (["--quantize", args.quantize] if args.quantize else []) + \
+                ["--loss-chunk-size", str(args.loss_chunk_size)] + \
+                (["--activation-checkpointing"] if args.activation_checkpointing else [])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)

@@ -21,9 +21,12 @@ from relora_ds/model.py's autograd graph. Kept for backward after the forward:
       LoRA:      x A^T (s x r, bf16) kept for each of the 7 adapted projections: 7 x 2 s r
     final norm 8 s h, fp32 log-probs 4 s V
     with activation checkpointing (--activation-checkpointing), each layer keeps only its input: 2 s h
-The peak comes in backward:
+The peak comes in backward, at its start or (checkpointing) while a layer is recomputed:
     plain:          kept + 8 s V   (bf16 logits 2, their bf16 gradient 2, the fp32 log-prob gradient 4)
-    checkpointing:  kept + max(8 s V, one layer's 24 s h + 8 s i [+ 14 s r] recomputed)
+    checkpointing:  max(kept + 8 s V, L 2 s h + one layer's 24 s h + 8 s i [+ 14 s r] + 8 s h of gradients)
+With the chunked loss (--loss-chunk-size c, relora_ds/loss.py) no logits are kept: 4 s V becomes the
+hidden-state gradient 2 s h, 8 s V becomes 2 s h, and each micro-batch holds 4 V h (the fp32 head-weight
+gradient) plus the larger of one chunk's logits 6 c V (forward) and the gradient's bf16 copy 2 V h.
 Checked against torch.autograd.graph.saved_tensors_hooks (kept part) and against the heap in use (glibc
 mallinfo2, sampled at every autograd node and module call) on CPU: tests/test_memory_table.py.
 Not counted: the CUDA context, NCCL and DeepSpeed bucket buffers, allocator fragmentation, ZeRO-3
@@ -63,23 +66,45 @@ def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> 
     return 24 * s * h + 8 * s * i + (14 * s * rank if rank else 0)
 
 
-def kept_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool = False) -> int:
-    """Activation bytes alive between forward and backward, per sequence."""
+def kept_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool = False,
+                          chunked_loss: bool = False) -> int:
+    """Activation bytes alive between forward and backward, per sequence (the chunked loss's per
+    micro-batch weight gradient not included: see activation_peak_bytes)."""
     s, h, V = seq_len, cfg.hidden_size, cfg.vocab_size
     per_layer = 2 * s * h if checkpointing else layer_activation_bytes(cfg, seq_len, rank)
-    return cfg.num_hidden_layers * per_layer + 8 * s * h + 4 * s * V
+    head = 2 * s * h if chunked_loss else 4 * s * V  # the hidden-state gradient, or the fp32 log-probs
+    return cfg.num_hidden_layers * per_layer + 8 * s * h + head
 
 
-def activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool = False) -> int:
-    """Peak activation bytes per sequence, reached in backward (rank=None: full-rank phase, no LoRA branch):
-    at its start (the logits' 8 s V of transients) or, with checkpointing, while one layer is recomputed."""
-    logits = 8 * seq_len * cfg.vocab_size
-    transient = max(logits, layer_activation_bytes(cfg, seq_len, rank)) if checkpointing else logits
-    return kept_activation_bytes(cfg, seq_len, rank, checkpointing) + transient
+def activation_phases(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool = False,
+                      loss_chunk_size: int = 0) -> list[tuple[int, int]]:
+    """(bytes per sequence, bytes per micro-batch) at each candidate peak (rank=None: no LoRA branch).
+
+    Start of backward: everything kept plus the logits' 8 s V of transients; with the chunked loss instead
+    2 s h per sequence, and per micro-batch the fp32 weight gradient 4 V h plus the larger of one chunk's
+    logits in the forward (6 c V) and the gradient's cast to the weight dtype in the backward (2 V h).
+    With checkpointing, also the recompute of a layer: the layers' inputs, one layer's activations and
+    8 s h of gradients in flight (the loss's buffers are freed by then)."""
+    s, h, V = seq_len, cfg.hidden_size, cfg.vocab_size
+    kept = kept_activation_bytes(cfg, seq_len, rank, checkpointing, bool(loss_chunk_size))
+    if loss_chunk_size:
+        phases = [(kept + 2 * s * h, 4 * V * h + max(6 * loss_chunk_size * V, 2 * V * h))]
+    else:
+        phases = [(kept + 8 * s * V, 0)]
+    if checkpointing:
+        phases.append((cfg.num_hidden_layers * 2 * s * h + layer_activation_bytes(cfg, seq_len, rank) + 8 * s * h, 0))
+    return phases
 
 
-def max_micro_batch(budget: float, states: float, act_per_seq: float) -> int:
-    return max(0, int((budget - states) // act_per_seq))
+def activation_peak_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, micro_batch: int,
+                          checkpointing: bool = False, loss_chunk_size: int = 0) -> int:
+    """Peak activation bytes of one micro-batch, reached in backward (or, chunked loss, in its forward)."""
+    return max(micro_batch * per_seq + fixed
+               for per_seq, fixed in activation_phases(cfg, seq_len, rank, checkpointing, loss_chunk_size))
+
+
+def max_micro_batch(budget: float, states: float, phases: list[tuple[int, int]]) -> int:
+    return max(0, min(int((budget - states - fixed) // per_seq) for per_seq, fixed in phases))
 
 
 def fitting_divisor(limit: int, per_rank_batch: int) -> int:
@@ -93,7 +118,8 @@ def table(args) -> str:
     per_rank = args.global_batch_size // args.gpus if args.global_batch_size % args.gpus == 0 else 0
     head = (f"{args.gpus} GPUs x {args.memory_gb:g} GB (usable {budget / 1e9:.1f} GB each), r={args.rank}, "
             f"seq {args.seq_len}, vocab {args.vocab_size}, bf16 + fp32 Adam, activation checkpointing "
-            f"{'on' if args.activation_checkpointing else 'off'}; micro-batch = largest divisor of "
+            f"{'on' if args.activation_checkpointing else 'off'}, loss "
+            f"{f'chunked by {args.loss_chunk_size} tokens' if args.loss_chunk_size else 'on full logits'}; micro-batch = largest divisor of "
             f"global {args.global_batch_size} / {args.gpus} GPUs = {per_rank} that fits\n\n")
     rows = ["| preset | params | LoRA params | ReLoRA trainable | states/GPU warm start Z0 / Z1 / Z2 / Z3 (GB) "
             "| states/GPU ReLoRA Z0 / Z2 / Z3 (GB) | activations per seq. full / ReLoRA (GB) "
@@ -106,8 +132,8 @@ def table(args) -> str:
         trainable_lr = c["lora"] + c["other"]
         full = {z: state_bytes(total, 0, z, args.gpus) for z in range(4)}
         low = {z: state_bytes(trainable_lr, c["projections"], z, args.gpus) for z in (0, 2, 3)}
-        act_full = activation_bytes(cfg, args.seq_len, None, args.activation_checkpointing)
-        act_low = activation_bytes(cfg, args.seq_len, args.rank, args.activation_checkpointing)
+        act_full = activation_phases(cfg, args.seq_len, None, args.activation_checkpointing, args.loss_chunk_size)
+        act_low = activation_phases(cfg, args.seq_len, args.rank, args.activation_checkpointing, args.loss_chunk_size)
 
         def mb(states, act):
             fit = max_micro_batch(budget, states, act)
@@ -117,7 +143,7 @@ def table(args) -> str:
             f"| {name} | {total / 1e6:,.0f}M | {c['lora'] / 1e6:,.1f}M | {trainable_lr / 1e6:,.0f}M "
             f"| {' / '.join(f'{full[z] / 1e9:.1f}' for z in range(4))} "
             f"| {' / '.join(f'{low[z] / 1e9:.1f}' for z in (0, 2, 3))} "
-            f"| {act_full / 1e9:.2f} / {act_low / 1e9:.2f} "
+            f"| {max(p for p, _ in act_full) / 1e9:.2f} / {max(p for p, _ in act_low) / 1e9:.2f} "
             f"| {' / '.join(mb(full[z], act_full) for z in range(4))} "
             f"| {' / '.join(mb(low[z], act_low) for z in (0, 2, 3))} |")
     return head + "\n".join(rows) + "\n"
@@ -136,7 +162,11 @@ def main(argv=None) -> int:
     parser.add_argument("--global-batch-size", type=int, default=1152, help="the recipe's global batch")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="the trainer's --activation-checkpointing: layers keep only their inputs")
+    parser.add_argument("--loss-chunk-size", type=int, default=0,
+                        help="the trainer's --loss-chunk-size: the loss without full logits (0: off)")
     args = parser.parse_args(argv)
+    if args.loss_chunk_size < 0:
+        parser.exit(2, f"error: --loss-chunk-size must be >= 0 (0: off), got {args.loss_chunk_size}\n")
     try:
         for name in args.presets:
             LlamaConfig.preset(name)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .loss import linear_cross_entropy
 from .model_config import LlamaConfig
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
@@ -22,8 +23,21 @@ _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when a chunked loss was computed instead
     loss: torch.Tensor | None = None
+
+
+class LMHead(nn.Linear):
+    """The output projection (an ``nn.Linear``: same parameter name and state dict as Hugging Face's).
+
+    ``head(h)`` gives logits; ``head(h, targets=y, chunk_size=n)`` gives the mean cross-entropy without the
+    logits (relora_ds/loss.py). The loss is computed inside this module's forward so that ZeRO-3, which
+    gathers a module's parameters around its forward, has the weight in place."""
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, chunk_size: int = 0) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, targets, chunk_size)
 
 
 class RMSNorm(nn.Module):
@@ -156,14 +170,16 @@ class LlamaForCausalLM(nn.Module):
 
     The loss is next-token cross-entropy with the shift done inside, as in Hugging Face: position t
     predicts ``labels[:, t+1]``; label -100 is ignored. Pass a packed window of seq_len+1 tokens as both
-    input_ids and labels to train on seq_len predictions.
+    input_ids and labels to train on seq_len predictions. After ``chunked_loss_enable(n)`` a call with labels
+    computes the loss n tokens at a time and returns no logits (relora_ds/loss.py).
     """
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_chunk_size = 0  # chunked_loss_enable()
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -176,11 +192,27 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> CausalLMOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-        logits = self.lm_head(self.model(input_ids))  # (B, T, V)
+        hidden = self.model(input_ids)  # (B, T, hidden)
+        if labels is not None and self.loss_chunk_size:
+            targets = labels[:, 1:].reshape(-1).to(hidden.device)
+            loss = self.lm_head(hidden[:, :-1].reshape(-1, hidden.shape[-1]), targets=targets,
+                                chunk_size=self.loss_chunk_size)
+            return CausalLMOutput(logits=None, loss=loss)
+        logits = self.lm_head(hidden)  # (B, T, V)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def chunked_loss_enable(self, chunk_size: int = 1024) -> None:
+        """With labels, compute the loss ``chunk_size`` tokens at a time without the full logits (the output's
+        ``logits`` is then None). Same loss and gradients as the plain path up to rounding."""
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
+        self.loss_chunk_size = chunk_size
+
+    def chunked_loss_disable(self) -> None:
+        self.loss_chunk_size = 0
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer in backward instead of keeping its activations (Hugging Face's name)."""

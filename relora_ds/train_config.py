@@ -73,6 +73,8 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward: keeps "
                                                "only the layers' inputs (far less activation memory) for about "
                                                "one more forward pass of compute")
+    loss_chunk_size: int = _f(0, "compute the loss this many tokens at a time through lm_head, never holding "
+                                 "the full (tokens x vocab) logits (e.g. 1024); 0: plain logits")
     # Data
     data_dir: str | None = _f(None, "prepared data dir (launch/prepare_data.py); default: the built-in "
                                     "corpus, prepared on first use")
@@ -125,7 +127,7 @@ class TrainConfig:
             if value is not None and value <= 0:
                 raise ValueError(f"{name}={value} must be positive")
         for name in ("warmup_steps", "restart_warmup_steps", "warm_start_steps", "weight_decay", "grad_clip",
-                     "eval_every", "save_every"):
+                     "eval_every", "save_every", "loss_chunk_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("dropout", "adam_beta1", "adam_beta2"):

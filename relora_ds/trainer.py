@@ -139,6 +139,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.activation_checkpointing:
             model.gradient_checkpointing_enable()
+        if cfg.loss_chunk_size:
+            model.chunked_loss_enable(cfg.loss_chunk_size)
         if phase == "lowrank":
             wrap(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
                  seed=cfg.seed, quantize=cfg.quantize)

@@ -66,7 +66,7 @@ def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     proc = subprocess.run(["bash", str(script), "benhc"], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
-    assert proc.returncode == 2 and "valid: env tests tune bench int8 e2e ds" in proc.stderr
+    assert proc.returncode == 2 and "valid: env tests tune bench int8 e2e loss ds" in proc.stderr
 
 
 def test_bench_goes_on_when_a_provider_fails(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,124 @@
+"""relora_ds/loss.py: the chunked lm_head cross-entropy against the plain path (F.linear + F.cross_entropy)
+evaluated in float64: loss and both gradients, any chunking, ignored labels, bf16, autocast, eval."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from relora_ds import LlamaConfig, LlamaForCausalLM
+from relora_ds.loss import linear_cross_entropy
+
+
+def _inputs(n=37, d=24, v=53, dtype=torch.float32, seed=0, ignore=(3, 4, 5, 30)):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * d ** -0.5).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    y[list(ignore)] = -100
+    return h, w, y
+
+
+def _plain(h, w, y, dtype=None):
+    """The spec: what LlamaForCausalLM computes without chunking (logits in h's dtype, loss in fp32)."""
+    hh, ww = (h, w) if dtype is None else (h.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_())
+    loss = F.cross_entropy(F.linear(hh, ww).float(), y, ignore_index=-100)
+    return loss, *torch.autograd.grad(loss, (hh, ww))
+
+
+def _chunked(h, w, y, chunk, scale=1.0):
+    loss = linear_cross_entropy(h, w, y, chunk)
+    return loss, *torch.autograd.grad(loss * scale, (h, w))
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 37, 100])
+def test_fp32_matches_plain_for_any_chunking(chunk):
+    h, w, y = _inputs()
+    want = _plain(h, w, y, torch.float64)
+    got = _chunked(h, w, y, chunk)
+    assert got[0].item() == pytest.approx(want[0].item(), rel=1e-6)
+    assert _rel(got[1], want[1]) < 1e-6 and _rel(got[2], want[2]) < 1e-6
+    assert got[1].dtype == h.dtype and got[2].dtype == w.dtype
+
+
+def test_a_chunk_with_only_ignored_labels_and_a_scaled_loss():
+    h, w, y = _inputs(ignore=range(8, 16))  # chunk 8 makes tokens 8..15 one chunk with nothing to predict
+    want = _plain(h, w, y, torch.float64)
+    got = _chunked(h, w, y, 8, scale=3.0)
+    assert got[0].item() == pytest.approx(want[0].item(), rel=1e-6)
+    assert _rel(got[1], 3 * want[1]) < 1e-6 and _rel(got[2], 3 * want[2]) < 1e-6
+    assert torch.count_nonzero(got[1][8:16]) == 0  # ignored positions get no gradient
+
+
+def test_bf16_is_as_accurate_as_the_plain_bf16_path():
+    h, w, y = _inputs(n=300, d=64, v=500, dtype=torch.bfloat16, ignore=())
+    want = _plain(h, w, y, torch.float64)
+    plain = _plain(h, w, y)
+    got = _chunked(h, w, y, 64)
+    for i in range(3):
+        assert _rel(got[i], want[i]) <= 1.5 * _rel(plain[i], want[i]) + 1e-6, i
+
+
+def test_no_logits_beyond_one_chunk_are_ever_made(monkeypatch):
+    """The point of the chunking: every (tokens x vocab) product has at most chunk rows."""
+    import relora_ds.loss as loss_mod
+    rows, real = [], F.linear
+
+    def linear(x, w, *a):
+        rows.append(x.shape[0])
+        return real(x, w, *a)
+    monkeypatch.setattr(loss_mod.F, "linear", linear)
+    h, w, y = _inputs(n=100)
+    _chunked(h, w, y, 16)
+    assert rows == [16] * 6 + [4]
+
+
+def test_eval_gives_the_same_loss_without_gradients():
+    h, w, y = _inputs()
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, y, 10)
+    assert not loss.requires_grad
+    assert loss.item() == pytest.approx(_plain(h, w, y, torch.float64)[0].item(), rel=1e-6)
+
+
+def test_autocast_runs_the_gemms_in_the_autocast_dtype():
+    h, w, y = _inputs(n=64, d=32, v=80)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.cross_entropy(F.linear(h, w).float(), y, ignore_index=-100)
+        got = linear_cross_entropy(h, w, y, 16)
+    assert got.item() == pytest.approx(want.item(), rel=1e-3)
+    assert got.item() != pytest.approx(_plain(h, w, y)[0].item(), rel=1e-6)  # i.e. not computed in fp32
+    gh, gw = torch.autograd.grad(got, (h, w))
+    assert gh.dtype == torch.float32 and gw.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", [0, -4])
+def test_bad_chunk_size_is_an_error(bad):
+    h, w, y = _inputs()
+    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+        linear_cross_entropy(h, w, y, bad)
+    model = LlamaForCausalLM(LlamaConfig.preset("debug"))
+    with pytest.raises(ValueError, match="chunk_size must be a positive"):
+        model.chunked_loss_enable(bad)
+
+
+def test_model_chunked_loss_same_loss_and_gradients():
+    torch.manual_seed(0)
+    cfg = LlamaConfig.preset("debug")
+    model = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (3, 33))
+    labels = ids.clone()
+    labels[1, 5:12] = -100
+    plain = model(ids, labels=labels)
+    plain.loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.chunked_loss_enable(20)  # 96 predicted tokens: chunks straddle the sequences
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    assert out.logits is None
+    assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+    assert max(_rel(p.grad, want[n]) for n, p in model.named_parameters()) < 1e-5
+    assert model(ids).logits.shape == (3, 33, cfg.vocab_size)  # without labels: logits as before

@@ -4,6 +4,13 @@ Layout: ``<output_dir>/checkpoints/step_<N>/`` (DeepSpeed's files, ``config.json
 configs, ``rng_rank<r>.pt`` per rank) and ``<output_dir>/checkpoints/latest`` holding the tag of the last
 *complete* checkpoint. ``latest`` is written to a temporary file and renamed only after every rank has
 finished writing, so a crash while saving leaves it pointing at the previous complete checkpoint.
+
+Resuming on another number of ranks: a checkpoint whose optimizer state is sharded (ZeRO, or DeepSpeed's
+bf16 optimizer) is converted once by DeepSpeed's ``ds_to_universal`` into ``step_<N>/universal/`` and
+loaded with ``load_universal``. DeepSpeed restores the trainable parameters, their optimizer state and the
+scheduler from it, but not frozen parameters or buffers (the ReLoRA base weights, int8 buffers, merge
+counts): the conversion adds any the converter leaves out (ZeRO-3's) and ``restore_frozen_from_universal``
+copies them in.
 """
 from __future__ import annotations
 
@@ -11,6 +18,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +27,9 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+UNIVERSAL = "universal"
+# DeepSpeed's converter needs this key in the checkpoint (Megatron-DeepSpeed sets it); set on the model.
+UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}
 
 
 def rng_state() -> dict:
@@ -79,3 +91,69 @@ def load_rng(ckpt_dir: Path, tag: str) -> None:
     path = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
     if path.is_file():
         set_rng_state(torch.load(path, weights_only=False))
+
+
+def is_sharded(ckpt_dir: Path, tag: str) -> bool:
+    """Whether the checkpoint's optimizer state is split over ranks (ZeRO-1/2/3, DeepSpeed's bf16 optimizer)."""
+    return any((Path(ckpt_dir) / tag).glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def make_universal(ckpt_dir: Path, tag: str) -> str:
+    """Convert ``<tag>`` for any number of ranks (once; rank 0 converts, every rank waits) and return the tag
+    to load it by. The conversion is written beside the checkpoint and renamed into it when complete."""
+    src = Path(ckpt_dir) / tag
+    out = src / UNIVERSAL
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0 and not out.is_dir():
+        tmp = Path(ckpt_dir) / f".{tag}_{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(src), "--output_folder", str(tmp)], capture_output=True, text=True)
+        if proc.returncode != 0 or not (tmp / "zero").is_dir():
+            hint = (" (written before relora_ds recorded universal_checkpoint_info: resume it with its own "
+                    "number of ranks)") if "universal_checkpoint_info" in proc.stderr else ""
+            raise RuntimeError(f"converting {src} with deepspeed.checkpoint.ds_to_universal failed{hint}:\n"
+                               f"{proc.stderr[-3000:]}")
+        _add_frozen_tensors(Path(ckpt_dir), tag, tmp / "zero")
+        os.replace(tmp, out)
+    if dist.is_initialized():
+        dist.barrier()
+    return f"{tag}/{UNIVERSAL}"
+
+
+def _add_frozen_tensors(ckpt_dir: Path, tag: str, zero: Path) -> None:
+    """ds_to_universal writes frozen parameters and buffers for ZeRO-1/2 but not for ZeRO-3 (where frozen
+    parameters are saved as per-rank fragments): add whatever it left out, reassembled by DeepSpeed's
+    zero_to_fp32 (buffers keep their dtype)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    for name, value in get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag).items():
+        path = zero / name / "fp32.pt"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"param": value.contiguous()}, path)
+
+
+@torch.no_grad()
+def restore_frozen_from_universal(module: torch.nn.Module, universal_dir: Path) -> int:
+    """Copy every frozen parameter and persistent buffer of ``module`` from a universal checkpoint's
+    ``zero/<name>/fp32.pt``; returns how many tensors were restored. Under ZeRO-3 a partitioned parameter
+    is gathered, written by rank 0 and re-partitioned."""
+    zero = Path(universal_dir) / "zero"
+    persistent = set(module.state_dict(keep_vars=True))
+    frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+    buffers = [(n, b) for n, b in module.named_buffers() if n in persistent]
+    missing = [n for n, _ in frozen + buffers if not (zero / n / "fp32.pt").is_file()]
+    if missing:
+        raise RuntimeError(f"universal checkpoint {universal_dir} lacks {len(missing)} frozen tensor(s), e.g. "
+                           f"{missing[:3]}: convert it again (delete the folder) or resume with the original ranks")
+    for name, tensor in frozen + buffers:
+        value = torch.load(zero / name / "fp32.pt", weights_only=False)["param"]
+        if hasattr(tensor, "ds_id"):  # ZeRO-3 partitioned parameter
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+                if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+                    tensor.copy_(value.view(tensor.shape))
+        else:
+            tensor.copy_(value.view(tensor.shape))
+    return len(frozen) + len(buffers)

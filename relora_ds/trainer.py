@@ -36,6 +36,7 @@ from .prune import prune_optimizer_state
 from .relora import lora_parameters, relora_layers, target_linears, wrap
 from .schedule import cosine_with_warmup, jagged_cosine
 from .train_config import TrainConfig
+from .zero_reset import unshare_optimizer_steps
 
 
 def _shifted(step: int, *, fn, offset: int) -> float:
@@ -135,7 +136,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         return LlamaForCausalLM(self.model_config)
 
-    def _build_engine(self, model: LlamaForCausalLM, phase: str) -> None:
+    def _build_engine(self, model: LlamaForCausalLM, phase: str, load_universal: bool = False) -> None:
         cfg = self.cfg
         if cfg.activation_checkpointing:
             model.gradient_checkpointing_enable()
@@ -151,7 +152,10 @@ class Trainer:
         groups = [g for g in groups if g["params"]]
         offset = 0 if phase == "full" else self.relora_start
         fn = functools.partial(_shifted, fn=self.schedule, offset=offset)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds,
+        model.universal_checkpoint_info = checkpoint.UNIVERSAL_INFO  # lets ds_to_universal convert our checkpoints
+        ds = {**self.ds, "checkpoint": {**self.ds.get("checkpoint", {}), "load_universal": True}} \
+            if load_universal else self.ds
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
                                                lr_scheduler=lambda opt: LambdaLR(opt, fn))
         self.engine_phase = phase
         if phase == "lowrank" and cfg.quantize:
@@ -198,20 +202,31 @@ class Trainer:
         if mismatch:
             raise ValueError(f"checkpoint {self.ckpt_dir / tag} is of another model: field (now, checkpoint): "
                              f"{mismatch}")
-        if saved["world_size"] != self.world:
-            raise ValueError(f"checkpoint {self.ckpt_dir / tag} was written by world_size={saved['world_size']}, "
-                             f"this run has {self.world}: ZeRO partitions differ; resume with "
-                             f"{saved['world_size']} ranks (or convert it with DeepSpeed's ds_to_universal.py)")
         if saved.get("tokenizer_sha256") not in (None, self.tokenizer_sha256):
             raise ValueError(f"checkpoint {self.ckpt_dir / tag} was trained with tokenizer sha256 "
                              f"{saved['tokenizer_sha256'][:12]}..., but {self.data_dir} uses "
                              f"{self.tokenizer_sha256[:12]}...: resume on the data it was trained on")
         step = int(tag.split("_")[1])
+        # Another number of ranks: a sharded optimizer state goes through DeepSpeed's universal checkpoint.
+        universal = saved["world_size"] != self.world and checkpoint.is_sharded(self.ckpt_dir, tag)
+        load_tag = tag
+        if universal:
+            self._print(f"checkpoint {self.ckpt_dir / tag} was written by {saved['world_size']} rank(s), this run "
+                        f"has {self.world}: loading it as a DeepSpeed universal checkpoint")
+            load_tag = checkpoint.make_universal(self.ckpt_dir, tag)
         self._build_engine(self._base_model() if self._phase(step) == "full" or not self.cfg.warm_start_steps
-                           else LlamaForCausalLM(self.model_config), self._phase(step))
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=tag)
+                           else LlamaForCausalLM(self.model_config), self._phase(step), load_universal=universal)
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load {self.ckpt_dir / load_tag}")
+        if universal:
+            checkpoint.restore_frozen_from_universal(self.engine.module, self.ckpt_dir / load_tag)
+            unshare_optimizer_steps(self.engine)
         self.load_state_dict(client)
-        checkpoint.load_rng(self.ckpt_dir, tag)
+        if saved["world_size"] == self.world:
+            checkpoint.load_rng(self.ckpt_dir, tag)
+        else:  # per-rank RNG streams do not map onto other ranks (only LoRA dropout draws from them)
+            torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
         self._print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
         return True
 

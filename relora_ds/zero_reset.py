@@ -93,6 +93,25 @@ def relink_optimizer_fragments(engine) -> None:
         opt._lazy_init_hp_params_optimizer_state()
 
 
+def unshare_optimizer_steps(engine) -> int:
+    """Give every optimizer state its own ``step`` tensor; returns how many were shared.
+
+    DeepSpeed 0.19's ZeRO-3 universal-checkpoint load stores one ``step`` tensor object in the state of
+    every sub-group. torch's Adam increments ``step`` in place, so with two param groups (ours: LoRA and
+    full-rank) the second group counts every step twice and its bias correction drifts (seen as a 2e-5
+    difference in the full-rank weights after one step)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    seen, shared = set(), 0
+    for state in getattr(inner, "state", {}).values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+                shared += 1
+            seen.add(id(step))
+    return shared
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

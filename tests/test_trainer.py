@@ -108,6 +108,58 @@ def test_crash_while_saving_then_exact_resume(tmp_path, small_data_dir, uninterr
         assert loss == reference[step], f"step {step}: resumed {loss!r} != uninterrupted {reference[step]!r}"
 
 
+def _train1(tmp_path, data_dir, *extra, ds=None, **overrides):
+    """One rank, plain python (the trainer reads RANK/WORLD_SIZE)."""
+    recipe, ds2 = _write(tmp_path, data_dir, **overrides)
+    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(recipe), "--deepspeed",
+                           str(ds or ds2), *map(str, extra)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _rewind_to(run_dir, tag):
+    """As if the job had died right after saving ``tag``: ``latest`` names it, later metrics are gone."""
+    (run_dir / "checkpoints" / "latest").write_text(tag)
+    (run_dir / "metrics.jsonl").unlink()
+
+
+def test_resume_on_fewer_ranks_zero2(tmp_path, small_data_dir, uninterrupted):
+    """A 2-rank ZeRO-2 checkpoint (step 7: inside the restart warmup after the reset at 6) resumed on one
+    rank goes through DeepSpeed's universal checkpoint and continues the 2-rank run's losses: the sampler
+    re-shards the same global batches, and optimizer state, frozen base weights and merge counts carry over."""
+    _train2(tmp_path, small_data_dir, save_every=7)
+    _rewind_to(tmp_path / "run", "step_7")
+    proc = _train1(tmp_path, small_data_dir, "--resume", save_every=7)
+    assert "loading it as a DeepSpeed universal checkpoint" in proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step_7" / "universal" / "zero").is_dir()
+    resumed, recs = _losses(tmp_path / "run")
+    reference, _ = uninterrupted
+    assert sorted(resumed) == list(range(8, 13))
+    for step, loss in resumed.items():  # only the reduction order differs (fp32)
+        assert loss == pytest.approx(reference[step], rel=2e-5, abs=2e-5), step
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
+
+
+def test_resume_on_more_ranks_zero3_int8(tmp_path, small_data_dir):
+    """The other direction and the other partitioning: 1-rank ZeRO-3 with an int8 base (buffers and error
+    residuals, which DeepSpeed's converter leaves out under ZeRO-3) resumed on 2 ranks. Also catches
+    DeepSpeed's ZeRO-3 universal load sharing one Adam step counter between our two param groups."""
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({**FP32_ZERO2, "zero_optimization": {"stage": 3}}))
+    _train1(tmp_path, small_data_dir, ds=ds, save_every=7, quantize="int8")
+    reference, _ = _losses(tmp_path / "run")
+    _rewind_to(tmp_path / "run", "step_7")
+    recipe, _ = _write(tmp_path, small_data_dir, save_every=7, quantize="int8")
+    run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume")
+    resumed, _ = _losses(tmp_path / "run")
+    assert sorted(resumed) == list(range(8, 13))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=2e-5, abs=2e-5), step
+
+
 def test_chunked_loss_under_zero3_matches_the_logits_run(tmp_path, small_data_dir, uninterrupted):
     """loss_chunk_size computes the loss inside lm_head's forward, where ZeRO-3 has gathered the weight;
     fp32 ZeRO-3 with 7-token chunks (straddling sequences) against the plain ZeRO-2 run: same losses,
@@ -171,3 +223,14 @@ def test_bad_target_module_fails_before_the_warm_start(tmp_path, small_data_dir)
     assert "target_modules ['v_prj'] matched no nn.Linear layer" in proc.stderr and "'v_proj'" in proc.stderr
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert not metrics.exists() or '"loss"' not in metrics.read_text()  # no training step ran
+
+
+def test_a_checkpoint_the_converter_cannot_read_is_a_clear_error(tmp_path):
+    from relora_ds import checkpoint
+
+    (tmp_path / "step_5").mkdir()
+    (tmp_path / "step_5" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
+    assert checkpoint.is_sharded(tmp_path, "step_5")
+    with pytest.raises(RuntimeError, match=r"converting .*step_5 with deepspeed.checkpoint.ds_to_universal failed"):
+        checkpoint.make_universal(tmp_path, "step_5")
+    assert not (tmp_path / "step_5" / "universal").exists()  # nothing half-written is left to be loaded

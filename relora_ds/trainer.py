@@ -87,6 +87,7 @@ class Trainer:
                              f"total_steps={self.total_steps}")
         self.schedule = self._schedule()
         self.schedule(0)  # a bad combination raises ValueError before any engine exists
+        self.resume_plan = self._plan_resume() if cfg.resume else None
         self.step = 0
         self.engine = None
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
@@ -191,11 +192,11 @@ class Trainer:
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(), self._run_config(),
                                self.cfg.keep_last)
 
-    def _resume(self) -> bool:
+    def _plan_resume(self) -> dict | None:
+        """What --resume will load, checked before any engine exists (a mismatch is a clean exit 2)."""
         tag = checkpoint.latest_tag(self.ckpt_dir)
         if tag is None:
-            self._print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
-            return False
+            return None
         saved = checkpoint.load_config(self.ckpt_dir, tag)
         mismatch = {k: (v, saved["model"].get(k)) for k, v in self.model_config.to_dict().items()
                     if saved["model"].get(k) != v}
@@ -206,13 +207,35 @@ class Trainer:
             raise ValueError(f"checkpoint {self.ckpt_dir / tag} was trained with tokenizer sha256 "
                              f"{saved['tokenizer_sha256'][:12]}..., but {self.data_dir} uses "
                              f"{self.tokenizer_sha256[:12]}...: resume on the data it was trained on")
+        # Another number of ranks or ZeRO stage: a sharded optimizer state goes through DeepSpeed's universal
+        # checkpoint, which DeepSpeed loads into ZeRO-1/2/3 engines only.
+        stages = (saved["deepspeed"].get("zero_optimization", {}).get("stage", 0),
+                  self.ds.get("zero_optimization", {}).get("stage", 0))
+        universal = (saved["world_size"] != self.world or stages[0] != stages[1]) and \
+            checkpoint.is_sharded(self.ckpt_dir, tag)
+        if universal and stages[0] != stages[1] and 3 in stages:
+            raise ValueError(f"checkpoint {self.ckpt_dir / tag} was written with ZeRO stage {stages[0]}, this run uses "
+                             f"stage {stages[1]}: DeepSpeed 0.19's universal checkpoint cannot move a checkpoint "
+                             f"between ZeRO-3 and ZeRO-1/2. Resume with a ZeRO-{stages[0]} config (any number of "
+                             "ranks), or export it (launch/export.py) and start from it with --warm-start-from")
+        if universal and stages[1] == 0:
+            raise ValueError(f"checkpoint {self.ckpt_dir / tag} was written by {saved['world_size']} rank(s) with ZeRO "
+                             f"stage {stages[0]}; this run has {self.world} rank(s) and ZeRO stage 0. Its sharded "
+                             "optimizer state can be loaded on another number of ranks only into a ZeRO-1/2/3 "
+                             f"engine: pass --deepspeed with a ZeRO stage (e.g. ds_configs/zero{stages[0] or 2}.json)")
+        return {"tag": tag, "saved": saved, "universal": universal, "stages": stages}
+
+    def _resume(self) -> bool:
+        if self.resume_plan is None:
+            self._print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
+            return False
+        tag, saved, universal, stages = (self.resume_plan[k] for k in ("tag", "saved", "universal", "stages"))
         step = int(tag.split("_")[1])
-        # Another number of ranks: a sharded optimizer state goes through DeepSpeed's universal checkpoint.
-        universal = saved["world_size"] != self.world and checkpoint.is_sharded(self.ckpt_dir, tag)
         load_tag = tag
         if universal:
-            self._print(f"checkpoint {self.ckpt_dir / tag} was written by {saved['world_size']} rank(s), this run "
-                        f"has {self.world}: loading it as a DeepSpeed universal checkpoint")
+            self._print(f"checkpoint {self.ckpt_dir / tag} was written by {saved['world_size']} rank(s) with ZeRO "
+                        f"stage {stages[0]}, this run has {self.world} and stage {stages[1]}: loading it as a "
+                        "DeepSpeed universal checkpoint")
             load_tag = checkpoint.make_universal(self.ckpt_dir, tag)
         self._build_engine(self._base_model() if self._phase(step) == "full" or not self.cfg.warm_start_steps
                            else LlamaForCausalLM(self.model_config), self._phase(step), load_universal=universal)

@@ -158,6 +158,14 @@ def test_resume_on_more_ranks_zero3_int8(tmp_path, small_data_dir):
     assert sorted(resumed) == list(range(8, 13))
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], rel=2e-5, abs=2e-5), step
+    # Moving between ZeRO-3 and ZeRO-1/2 is what DeepSpeed's universal load cannot do: a clean error first.
+    recipe, ds2 = _write(tmp_path, small_data_dir, save_every=7, quantize="int8")
+    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(recipe), "--deepspeed",
+                           str(ds2), "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "cannot move a checkpoint between ZeRO-3 and ZeRO-1/2" in proc.stderr, \
+        proc.stderr[-3000:]
 
 
 def test_chunked_loss_under_zero3_matches_the_logits_run(tmp_path, small_data_dir, uninterrupted):

@@ -7,7 +7,8 @@ Model states (bytes per parameter; Rajbhandari et al. 2020, ZeRO, Sec. 3 with K=
 ranks. Trainable parameters: bf16 weight 2 + bf16 grad 2 + fp32 master 4 + Adam m 4 + Adam v 4. Frozen
 parameters (the ReLoRA base weights): bf16 weight 2, nothing else (no master, no grad, no Adam state).
     ZeRO 0: 16 T           ZeRO 1: 4 T + 12 T/N      ZeRO 2: 2 T + 14 T/N      ZeRO 3: 16 T/N
-    plus frozen 2 F (ZeRO 0-2) or 2 F/N (ZeRO 3).
+    plus frozen 2 F (ZeRO 0-2) or 2 F/N (ZeRO 3); with --quantize int8 about 1 F at every stage (buffers,
+    which ZeRO-3 does not partition).
 The warm start is full-rank (T = all parameters, F = 0); the ReLoRA phase trains LoRA A/B of the 7
 projections, embeddings, lm_head and norms (T) and freezes the projections' weights (F).
 
@@ -49,15 +50,26 @@ def param_counts(cfg: LlamaConfig, rank: int) -> dict[str, int]:
     kv = cfg.num_key_value_heads * cfg.head_dim
     shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # (in, out): q k v o gate up down
     return {"projections": L * sum(a * b for a, b in shapes),
+            "projection_rows": L * sum(b for _, b in shapes),
             "lora": L * sum(rank * (a + b) for a, b in shapes),
             "other": 2 * V * h + (2 * L + 1) * h}
 
 
-def state_bytes(trainable: int, frozen: int, stage: int, n: int) -> float:
-    """Per-GPU model-state bytes (weights, grads, fp32 masters, Adam m and v) at a ZeRO stage over n ranks."""
+def frozen_bytes(counts: dict[str, int], quantize: str | None) -> int:
+    """Device bytes of the frozen projection weights: bf16 (2 per parameter), or int8 plus a bf16 scale per
+    output row (relora_ds/quant.py; the int8 merge residual lives in host memory)."""
+    if quantize == "int8":
+        return counts["projections"] + 2 * counts["projection_rows"]
+    return 2 * counts["projections"]
+
+
+def state_bytes(trainable: int, frozen: float, stage: int, n: int, frozen_partitioned: bool = True) -> float:
+    """Per-GPU model-state bytes at a ZeRO stage over n ranks: trainable parameters' weights, grads, fp32
+    masters and Adam m and v, plus ``frozen`` bytes of frozen weights (partitioned by ZeRO-3 only, and not
+    even then when they are buffers: the int8 base)."""
     t = {0: 16 * trainable, 1: 4 * trainable + 12 * trainable / n, 2: 2 * trainable + 14 * trainable / n,
          3: 16 * trainable / n}[stage]
-    return t + 2 * frozen / (n if stage == 3 else 1)
+    return t + frozen / (n if stage == 3 and frozen_partitioned else 1)
 
 
 def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> int:
@@ -118,7 +130,7 @@ def table(args) -> str:
     per_rank = args.global_batch_size // args.gpus if args.global_batch_size % args.gpus == 0 else 0
     head = (f"{args.gpus} GPUs x {args.memory_gb:g} GB (usable {budget / 1e9:.1f} GB each), r={args.rank}, "
             f"seq {args.seq_len}, vocab {args.vocab_size}, bf16 + fp32 Adam, activation checkpointing "
-            f"{'on' if args.activation_checkpointing else 'off'}, loss "
+            f"{'on' if args.activation_checkpointing else 'off'}, base {args.quantize or 'bf16'}, loss "
             f"{f'chunked by {args.loss_chunk_size} tokens' if args.loss_chunk_size else 'on full logits'}; micro-batch = largest divisor of "
             f"global {args.global_batch_size} / {args.gpus} GPUs = {per_rank} that fits\n\n")
     rows = ["| preset | params | LoRA params | ReLoRA trainable | states/GPU warm start Z0 / Z1 / Z2 / Z3 (GB) "
@@ -131,7 +143,8 @@ def table(args) -> str:
         total = c["projections"] + c["other"]
         trainable_lr = c["lora"] + c["other"]
         full = {z: state_bytes(total, 0, z, args.gpus) for z in range(4)}
-        low = {z: state_bytes(trainable_lr, c["projections"], z, args.gpus) for z in (0, 2, 3)}
+        low = {z: state_bytes(trainable_lr, frozen_bytes(c, args.quantize), z, args.gpus,
+                              frozen_partitioned=args.quantize is None) for z in (0, 2, 3)}
         act_full = activation_phases(cfg, args.seq_len, None, args.activation_checkpointing, args.loss_chunk_size)
         act_low = activation_phases(cfg, args.seq_len, args.rank, args.activation_checkpointing, args.loss_chunk_size)
 
@@ -162,6 +175,7 @@ def main(argv=None) -> int:
     parser.add_argument("--global-batch-size", type=int, default=1152, help="the recipe's global batch")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="the trainer's --activation-checkpointing: layers keep only their inputs")
+    parser.add_argument("--quantize", choices=("int8",), help="the trainer's --quantize: int8 frozen base weights")
     parser.add_argument("--loss-chunk-size", type=int, default=0,
                         help="the trainer's --loss-chunk-size: the loss without full logits (0: off)")
     args = parser.parse_args(argv)

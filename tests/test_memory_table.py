@@ -28,6 +28,17 @@ def test_memory_table_parameter_counts_match_the_model():
         assert c["lora"] == sum(p.numel() for p in lora_parameters(model))
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_frozen_bytes_match_the_wrapped_model(quantize):
+    """Device bytes of the frozen base as the layers really hold it (the int8 host residual excluded)."""
+    cfg = LlamaConfig.preset("tiny")
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    wrap(model, rank=8, quantize=quantize)
+    held = sum(t.untyped_storage().nbytes() for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if n.endswith((".weight", ".weight_q", ".weight_scale")) and "proj" in n and not t.requires_grad)
+    assert memory_table.frozen_bytes(memory_table.param_counts(cfg, 8), quantize) == held
+
+
 @pytest.mark.parametrize("rank", [None, 16])
 def test_kept_activations_match_saved_tensors(rank):
     """What autograd saves in the forward (one count per storage) equals the formula's kept part."""

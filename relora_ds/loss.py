@@ -41,21 +41,26 @@ def _chunk_loss_and_grads(h, weight, y, n_valid, need_dh, need_dw, dh_out, dw_ac
     return loss
 
 
+def _chunked(hidden, weight, targets, chunk_size, need_dh, need_dw):
+    """(mean loss, d loss/d hidden or None, fp32 d loss/d weight or None), one chunk of logits at a time."""
+    n_valid = (targets != IGNORE_INDEX).sum().clamp_min(1).to(torch.float32)
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        stop = start + chunk_size
+        loss += _chunk_loss_and_grads(hidden[start:stop], weight, targets[start:stop], n_valid, need_dh, need_dw,
+                                      dh[start:stop] if need_dh else None, dw)
+    return loss / n_valid, dh, dw
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
-        n_valid = (targets != IGNORE_INDEX).sum().clamp_min(1).to(torch.float32)
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh = torch.empty_like(hidden) if need_dh else None
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            stop = start + chunk_size
-            loss += _chunk_loss_and_grads(hidden[start:stop], weight, targets[start:stop], n_valid, need_dh, need_dw,
-                                          dh[start:stop] if need_dh else None, dw)
+        loss, dh, dw = _chunked(hidden, weight, targets, chunk_size, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(dh, dw)
         ctx.weight_dtype = weight.dtype
-        return loss / n_valid
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -84,8 +89,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     with torch.autocast(device_type, enabled=False):
         if not torch.is_grad_enabled():  # evaluation: the loss alone (ctx.needs_input_grad ignores no_grad)
-            n_valid = (targets != IGNORE_INDEX).sum().clamp_min(1).to(torch.float32)
-            return sum(_chunk_loss_and_grads(hidden[i:i + chunk_size], weight, targets[i:i + chunk_size], n_valid,
-                                             False, False, None, None)
-                       for i in range(0, hidden.shape[0], chunk_size)) / n_valid
+            return _chunked(hidden, weight, targets, chunk_size, False, False)[0]
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_size)

@@ -39,6 +39,19 @@ def _train2(tmp_path, data_dir, *extra, env=None, check=True, master_port=None, 
     return subprocess.run(cmd, cwd=ROOT, env={**launch_env(), **env}, capture_output=True, text=True, timeout=600)
 
 
+def _train1(tmp_path, data_dir, *extra, ds=None, check=True, **overrides):
+    """One rank, plain python (the trainer reads RANK/WORLD_SIZE)."""
+    recipe, ds2 = _write(tmp_path, data_dir, **overrides)
+    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(recipe), "--deepspeed",
+                           str(ds or ds2), *map(str, extra)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory, small_data_dir):
     tmp, port = tmp_path_factory.mktemp("uninterrupted"), free_port()
@@ -68,12 +81,7 @@ def test_two_rank_run_has_resets_eval_and_checkpoint(uninterrupted):
 
 
 def test_two_ranks_match_one_rank_with_same_global_batch(tmp_path, small_data_dir, uninterrupted):
-    recipe, ds = _write(tmp_path, small_data_dir)
-    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(recipe),
-                           "--deepspeed", str(ds)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _train1(tmp_path, small_data_dir)
     one, _ = _losses(tmp_path / "run")
     two, _ = uninterrupted
     for step in two:  # same samples per step; only the reduction order differs (fp32)
@@ -106,18 +114,6 @@ def test_crash_while_saving_then_exact_resume(tmp_path, small_data_dir, uninterr
         reference, _ = _losses(ref_dir / "run")
     for step, loss in resumed.items():
         assert loss == reference[step], f"step {step}: resumed {loss!r} != uninterrupted {reference[step]!r}"
-
-
-def _train1(tmp_path, data_dir, *extra, ds=None, **overrides):
-    """One rank, plain python (the trainer reads RANK/WORLD_SIZE)."""
-    recipe, ds2 = _write(tmp_path, data_dir, **overrides)
-    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(recipe), "--deepspeed",
-                           str(ds or ds2), *map(str, extra)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def _rewind_to(run_dir, tag):
@@ -159,11 +155,7 @@ def test_resume_on_more_ranks_zero3_int8(tmp_path, small_data_dir):
     for step, loss in resumed.items():
         assert loss == pytest.approx(reference[step], rel=2e-5, abs=2e-5), step
     # Moving between ZeRO-3 and ZeRO-1/2 is what DeepSpeed's universal load cannot do: a clean error first.
-    recipe, ds2 = _write(tmp_path, small_data_dir, save_every=7, quantize="int8")
-    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(recipe), "--deepspeed",
-                           str(ds2), "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = _train1(tmp_path, small_data_dir, "--resume", check=False, save_every=7, quantize="int8")
     assert proc.returncode == 2 and "cannot move a checkpoint between ZeRO-3 and ZeRO-1/2" in proc.stderr, \
         proc.stderr[-3000:]
 

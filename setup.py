@@ -21,6 +21,7 @@ setup(
         "datasets>=3.0",
         "sentencepiece>=0.2",
         "safetensors>=0.4",
+        "transformers>=4.45",  # the exported tokenizer (relora_ds/hf.py: save_hf_tokenizer)
         "tqdm",
         "numpy",
         "pyyaml",
@@ -31,6 +32,6 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=4.0", "mpich"],
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest", "transformers>=4.45", "peft>=0.13"],
+        "dev": ["pytest", "peft>=0.13"],
     },
 )

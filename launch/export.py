@@ -4,7 +4,9 @@
 
 Reads DeepSpeed's ZeRO checkpoint with its own zero_to_fp32 (fp32 masters of trainable parameters, frozen
 base weights as saved), rebuilds the model from the checkpoint's config.json, folds every ReLoRA layer's
-scale·B·A into its weight and writes config.json + model.safetensors.
+scale·B·A into its weight and writes config.json + model.safetensors, plus the run's SentencePiece tokenizer
+in Hugging Face form (found through the run's data dir, or --tokenizer; its sha256 must be the one the
+checkpoint was trained with).
 """
 import argparse
 import sys
@@ -15,6 +17,8 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from relora_ds import LlamaConfig, LlamaForCausalLM, export_hf, wrap
 from relora_ds.checkpoint import latest_tag, load_config
+from relora_ds.data import load_manifest
+from relora_ds.data.manifest import file_sha256
 
 
 def main(argv=None) -> Path:
@@ -22,25 +26,46 @@ def main(argv=None) -> Path:
     ap.add_argument("checkpoints", type=Path, help="the run's checkpoints/ directory")
     ap.add_argument("--tag", help="checkpoint tag, e.g. step_400 (default: latest)")
     ap.add_argument("--out", type=Path, required=True, help="output Hugging Face directory")
+    tok = ap.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", type=Path, help="SentencePiece .model (default: the run's data dir's)")
+    tok.add_argument("--no-tokenizer", action="store_true", help="write the model only")
     args = ap.parse_args(argv)
     tag = args.tag or latest_tag(args.checkpoints)
     if tag is None or not (args.checkpoints / tag).is_dir():
         found = sorted(p.name for p in args.checkpoints.glob("step_*")) if args.checkpoints.is_dir() else []
         ap.error(f"no checkpoint {tag or '(latest)'} in {args.checkpoints}; found: {found or 'none'}")
     run = load_config(args.checkpoints, tag)
+    tokenizer = None if args.no_tokenizer else args.tokenizer or _run_tokenizer(run, ap)
+    if tokenizer is not None and not tokenizer.is_file():
+        ap.error(f"--tokenizer {tokenizer}: no such file")
+    if tokenizer is not None and run.get("tokenizer_sha256") not in (None, file_sha256(tokenizer)):
+        ap.error(f"{tokenizer} is not the tokenizer {args.checkpoints / tag} was trained with (sha256 "
+                 f"{run['tokenizer_sha256'][:12]}...); pass that one with --tokenizer, or --no-tokenizer")
     state = get_fp32_state_dict_from_zero_checkpoint(str(args.checkpoints), tag=tag)
     model = LlamaForCausalLM(LlamaConfig(**run["model"]))
     if any(".lora_A" in k for k in state):  # saved in the ReLoRA phase (after any warm start)
         t = run["train"]
-        wrap(model, rank=t["rank"], alpha=t["alpha"], target_modules=t["target_modules"])
+        wrap(model, rank=t["rank"], alpha=t["alpha"], target_modules=t["target_modules"],
+             quantize=t.get("quantize"))  # int8 runs: the base is weight_q/weight_scale buffers
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    # zero_to_fp32 returns parameters only; buffers (merge_count) do not affect the exported weights.
+    # merge_count buffers may be absent: they do not affect the exported weights.
     if unexpected or [k for k in missing if not k.endswith("merge_count")]:
         ap.error(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        out = export_hf(model, args.out)
+    try:
+        with torch.no_grad():
+            out = export_hf(model, args.out, tokenizer=tokenizer)
+    except ValueError as e:  # a tokenizer transformers cannot reproduce exactly
+        ap.error(f"{e} (--no-tokenizer writes the model alone)")
     print(f"exported {args.checkpoints / tag} to {out}")
     return out
+
+
+def _run_tokenizer(run: dict, ap: argparse.ArgumentParser) -> Path:
+    try:
+        return Path(load_manifest(run["data_dir"])["tokenizer_path"])
+    except (KeyError, OSError, ValueError) as e:
+        ap.error(f"cannot find the run's tokenizer through its data dir {run.get('data_dir')!r} ({e}); "
+                 "pass --tokenizer PATH.model, or --no-tokenizer")
 
 
 if __name__ == "__main__":

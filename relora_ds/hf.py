@@ -1,11 +1,15 @@
 """Hugging Face LLaMA checkpoints: export (merged, plain weights) and load (continued pre-training).
 
 Our module names equal Hugging Face's, so the state dict maps one to one; ReLoRA layers are merged into
-plain weights (dequantized when stored in int8) and their LoRA tensors and counters are dropped.
+plain weights (dequantized when stored in int8) and their LoRA tensors and counters are dropped. Given the
+run's SentencePiece model, the export also holds a tokenizer that ``AutoTokenizer`` loads and that encodes
+exactly as training did (``save_hf_tokenizer``).
 """
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,7 +24,7 @@ _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
                 "initializer_range")
 
 
-def hf_config_dict(config: LlamaConfig, dtype: torch.dtype) -> dict:
+def hf_config_dict(config: LlamaConfig, dtype: torch.dtype, bos_token_id: int = 1, eos_token_id: int = 2) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -31,8 +35,8 @@ def hf_config_dict(config: LlamaConfig, dtype: torch.dtype) -> dict:
         "mlp_bias": False,
         "tie_word_embeddings": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
     }
 
 
@@ -55,18 +59,93 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     return {k: v.contiguous().cpu() for k, v in merged.items()}
 
 
-def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` in Hugging Face LLaMA format; returns out_dir."""
+def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None,
+              tokenizer: str | Path | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` in Hugging Face LLaMA format; returns out_dir.
+
+    `tokenizer`: the SentencePiece ``.model`` the model was trained with; its Hugging Face form is written
+    too (``save_hf_tokenizer``) and its BOS/EOS ids go into the configs.
+    """
     config = getattr(model, "config", None)
     if not isinstance(config, LlamaConfig):
         raise ValueError(f"export_hf expects a relora_ds.LlamaForCausalLM, got {type(model).__name__} "
                          "(for a Hugging Face model: relora_ds.unwrap(model).save_pretrained(dir))")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    special = {"bos_token_id": 1, "eos_token_id": 2}  # LLaMA's, and what relora_ds tokenizers use
+    if tokenizer is not None:
+        special = save_hf_tokenizer(tokenizer, out, model_max_length=config.max_position_embeddings)
     state = merged_state_dict(model, dtype)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config_dict(config, state["lm_head.weight"].dtype), indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config_dict(config, state["lm_head.weight"].dtype, **special),
+                                                indent=2))
+    (out / "generation_config.json").write_text(json.dumps(special, indent=2))
     return out
+
+
+# Checked by save_hf_tokenizer on every export: leading, repeated and trailing spaces, newlines, tabs,
+# digits, non-ASCII (byte fallback) and the empty string.
+_PROBES = ["Hello world", " leading space", "  two  spaces  ", "line\nbreak\n\n", "\tTab", "12345 3.14",
+           "naïve café, 漢字 ✓", "", " "]
+
+
+def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_length: int,
+                      probes: list[str] | None = None) -> dict:
+    """Write `sp_model` (SentencePiece) as a Hugging Face fast tokenizer into `out_dir`; returns its
+    ``{"bos_token_id", "eos_token_id"}``.
+
+    transformers' LLaMA conversion gives the vocab and merges, but its pre-tokenizer (``Metaspace``,
+    prepend "first") does not prepend "▁" to text that already starts with a space, where SentencePiece's
+    dummy prefix always does: `` leading`` would encode differently from training. The normalizer is
+    therefore rebuilt from the model's own normalizer spec, and the result is checked against
+    SentencePiece on `probes` (ValueError naming the first text that differs). ``tokenizer.model`` is
+    copied too, for SentencePiece users.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Regex, decoders, normalizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from .data.tokenizer import load_tokenizer
+
+    sp_model, out = Path(sp_model), Path(out_dir)
+    sp = load_tokenizer(sp_model)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp_model.read_bytes())
+    spec = proto.normalizer_spec
+    if not spec.escape_whitespaces:
+        raise ValueError(f"{sp_model}: SentencePiece models without escape_whitespaces are not supported")
+    pieces = {name: sp.id_to_piece(i) for name, i in
+              (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()))}
+    with tempfile.TemporaryDirectory() as tmp:  # transformers converts a directory holding tokenizer.model
+        shutil.copy(sp_model, Path(tmp) / "tokenizer.model")
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", **pieces}))
+        backend = AutoTokenizer.from_pretrained(tmp).backend_tokenizer
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:
+        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         *([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else [])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
+                                  add_bos_token=True, add_eos_token=False, **pieces)
+    for text in _PROBES if probes is None else probes:
+        want = [sp.bos_id(), *sp.encode(text)]
+        got = tok(text)["input_ids"]
+        if got != want:
+            raise ValueError(f"{sp_model}: the Hugging Face tokenizer encodes {text!r} as {got[:12]}, "
+                             f"SentencePiece as {want[:12]}; export without a tokenizer and use tokenizer.model")
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    # transformers 5 records its own class name (TokenizersBackend), which 4.x cannot load; the generic
+    # fast class loads tokenizer.json as written in both.
+    config_path = out / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                       "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    shutil.copy(sp_model, out / "tokenizer.model")
+    return {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()}
 
 
 def config_from_hf(hf: dict) -> LlamaConfig:

@@ -74,7 +74,8 @@ class Trainer:
         if cfg.mode != "full":  # a bad target name fails here (clean error, exit 2), not after the warm start
             with torch.device("meta"):
                 target_linears(LlamaForCausalLM(self.model_config), cfg.target_modules)
-        self.tokenizer_sha256 = check_tokenizer_matches(self.data_dir, self.model_config.vocab_size)["tokenizer_sha256"]
+        manifest = check_tokenizer_matches(self.data_dir, self.model_config.vocab_size)
+        self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
         self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len)
         self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)
         self.batches = ShardedBatches(self.train_data, cfg.micro_batch_size, rank=self.rank,
@@ -375,8 +376,13 @@ class Trainer:
                 wrap(model, rank=self.cfg.rank, alpha=self.cfg.alpha, target_modules=self.cfg.target_modules,
                      quantize=self.cfg.quantize)
             model.load_state_dict(state)
-            export_hf(model, out_dir)
-            self._print(f"exported Hugging Face model to {out_dir}")
+            try:
+                export_hf(model, out_dir, tokenizer=self.tokenizer_path)
+                self._print(f"exported Hugging Face model and tokenizer to {out_dir}")
+            except ValueError as e:  # a SentencePiece model transformers cannot reproduce: weights only
+                export_hf(model, out_dir)
+                self._event({"event": "warning", "step": self.step,
+                             "message": f"exported {out_dir} without a Hugging Face tokenizer: {e}"})
         dist.barrier()
         return out_dir
 

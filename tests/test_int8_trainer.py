@@ -1,13 +1,15 @@
 """The trainer with ``--quantize int8``: 2 ranks, ZeRO-2 bf16 (the shipped config), warm-start switch,
 two resets, checkpoints holding the int8 buffers, and an export that loads in transformers."""
 import json
+import subprocess
+import sys
 
 import torch
 import yaml
 
 import relora_kernels as rk
 
-from launch_utils import ROOT, run_deepspeed
+from launch_utils import ROOT, launch_env, run_deepspeed
 
 RECIPE = dict(model="debug", seq_len=32, mode="relora", rank=4, alpha=8, warm_start_steps=2, cycle_length=4,
               restart_warmup_steps=2, warmup_steps=2, total_steps=12, lr=3e-3, micro_batch_size=4,
@@ -41,6 +43,14 @@ def test_int8_trainer_zero2_resets_checkpoint_export(tmp_path, small_data_dir):
     got = hf.state_dict()[pre + "weight"].float()
     assert (got - want).abs().max() < 2e-3 * want.abs().max()
     assert losses[12] < losses[1]
+    # launch/export.py rebuilds the int8 layers from the checkpoint alone: the same weights as the trainer's.
+    subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(tmp_path / "run" / "checkpoints"),
+                    "--out", str(tmp_path / "exported")], check=True, capture_output=True, env=launch_env())
+    offline = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
+    assert offline.keys() == hf.state_dict().keys()
+    assert all(torch.equal(offline[k], v) for k, v in hf.state_dict().items())
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")  # the run's tokenizer, found
+    assert tok("a b")["input_ids"][0] == 1 and len(tok) == 512               # through its data dir
 
 
 def test_int8_trainer_zero3_warns_about_replicated_buffers(tmp_path, small_data_dir):

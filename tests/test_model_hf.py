@@ -78,3 +78,71 @@ def test_presets_match_paper_sizes_and_unknown_preset_is_an_error():
         LlamaConfig.preset("13m")
     with pytest.raises(ValueError, match="unknown LlamaConfig field"):
         LlamaConfig.preset("debug", hiden_size=3)
+
+
+def _documents(data_dir, split):
+    """Each document of a prepared split as the token ids training saw (BOS text EOS, BOS/EOS removed)."""
+    import numpy as np
+
+    manifest = relora_ds.data.load_manifest(data_dir)
+    tokens = np.fromfile(manifest["splits"][split]["path"], dtype=manifest["dtype"])
+    starts, ends = np.flatnonzero(tokens == manifest["bos_id"]), np.flatnonzero(tokens == manifest["eos_id"])
+    return [tokens[b + 1:e].tolist() for b, e in zip(starts, ends)]
+
+
+def test_exported_tokenizer_encodes_exactly_as_training(tmp_path, small_data_dir):
+    """AutoTokenizer on the export reproduces the token ids of the prepared data (the oracle: what
+    SentencePiece wrote at prepare time) for every validation document and 300 training documents."""
+    import sentencepiece as spm
+
+    tok_path = relora_ds.data.load_manifest(small_data_dir)["tokenizer_path"]
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=512))
+    relora_ds.export_hf(model, tmp_path, tokenizer=tok_path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=tok_path)
+    docs = _documents(small_data_dir, "validation") + _documents(small_data_dir, "train")[:300]
+    assert len(docs) > 300
+    for ids in docs:
+        text = sp.decode(ids)
+        assert tok(text)["input_ids"] == [1, *ids], text[:80]
+        assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    # Where transformers' own LLaMA conversion differs from SentencePiece: text starting with spaces.
+    for text in (" leading", "  two", " "):
+        assert tok(text)["input_ids"] == [1, *sp.encode(text)]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (sp.bos_id(), sp.eos_id()) == (tok.bos_token_id, tok.eos_token_id)
+    assert tok.model_max_length == model.config.max_position_embeddings
+    assert (tmp_path / "tokenizer.model").read_bytes() == open(tok_path, "rb").read()
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert hf.generation_config.eos_token_id == sp.eos_id()
+
+
+def _train_sp(tmp_path, name, vocab_size, **options):
+    import io
+
+    import sentencepiece as spm
+
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(200)]
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size,
+                                   minloglevel=2, **options)
+    path = tmp_path / f"{name}.model"
+    path.write_bytes(proto.getvalue())
+    return path
+
+
+def test_exported_tokenizer_other_sentencepiece_models(tmp_path):
+    # BPE without the dummy prefix: the normalizer follows the model's own spec.
+    path = _train_sp(tmp_path, "nodummy", 320, model_type="bpe", add_dummy_prefix=False, byte_fallback=True)
+    relora_ds.hf.save_hf_tokenizer(path, tmp_path / "nodummy", model_max_length=64)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "nodummy")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    for text in ("the lazy dog 42", " fox", "ünï"):
+        assert tok(text)["input_ids"] == [sp.bos_id(), *sp.encode(text)]
+    # A unigram model: transformers' LLaMA conversion cannot reproduce it, and the export says so.
+    path = _train_sp(tmp_path, "unigram", 60, model_type="unigram")
+    with pytest.raises(ValueError, match="encodes .* as .*SentencePiece as"):
+        relora_ds.hf.save_hf_tokenizer(path, tmp_path / "unigram", model_max_length=64)
+    assert not (tmp_path / "unigram").exists()

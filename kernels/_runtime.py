@@ -38,10 +38,15 @@ import torch
 VALID_MODES = ("auto", "triton", "torch", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
 
 
 def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in _TRUE
+    """Our boolean environment switches: a value that is neither true nor false is an error, not off."""
+    value = os.environ.get(name, "0").strip().lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"{name}={value!r} is not valid; use one of {', '.join(_TRUE)} or {', '.join(_FALSE[:-1])}")
+    return value in _TRUE
 
 
 def kernel_mode() -> str:
@@ -61,7 +66,7 @@ def interpreting() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:  # Triton >= 3.4: honours both the env var and `knobs.runtime.interpret = True`
         return bool(knobs.runtime.interpret)
-    return _env_flag("TRITON_INTERPRET")
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE + ("y",)  # Triton's own reading
 
 
 @functools.lru_cache(maxsize=None)

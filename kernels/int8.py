@@ -35,7 +35,7 @@ import triton.language as tl
 from . import _runtime
 from .int8_reference import QMAX, RES_STEPS, int8_dequantize_reference, int8_lora_linear_reference, \
     int8_merge_reference_
-from .linear import _check_args, lora_backward, lora_forward
+from .linear import _check_args, _check_triton_args, lora_backward, lora_forward
 from .reference import check_dropout_p, dropout_keep_mask
 from .torch_linear import int8_lora_linear_torch
 
@@ -242,14 +242,19 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
                          f"{tuple(q.shape)} and {tuple(w_scale.shape)}")
     _check_args(x, q, lora_A, lora_B, bias)
     p = check_dropout_p(dropout_p)
-    if not _runtime.use_triton(x):
-        if _runtime.torch_path(x):  # RELORA_KERNELS=torch, or auto on CPU: the merged-weight BLAS path
-            return int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
+    path = _runtime.linear_path(x)  # the same choice as lora_linear, AUTO_TORCH_OPS included
+    if path == "torch":  # RELORA_KERNELS=torch, or auto on CPU: the merged-weight BLAS path
+        return int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
+    if path == "reference":
         return int8_lora_linear_reference(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, lora_A, lora_B = x.to(dt), lora_A.to(dt), lora_B.to(dt)
         bias = bias.to(dt) if bias is not None else None
+    _check_triton_args(x, None, lora_A, lora_B, bias)
+    for name, t in (("q", q), ("w_scale", w_scale)):
+        if t.device != x.device:
+            raise ValueError(f"relora_kernels.int8_lora_linear: {name} is on {t.device} but x is on {x.device}")
     _runtime.check_device(x)
     keep = dropout_keep_mask(x, p, generator) if (training and p > 0.0) else None
     return Int8LoRALinearFunction.apply(x, q, w_scale, lora_A, lora_B, bias, float(scale), keep,

@@ -198,7 +198,7 @@ def _check_triton_args(x, weight, lora_A, lora_B, bias):
         if t is None:
             continue
         if t.dtype != x.dtype:
-            raise ValueError(f"relora_kernels.lora_linear (Triton path): {name} has dtype {t.dtype} but x has "
+            raise ValueError(f"relora_kernels (Triton path): {name} has dtype {t.dtype} but x has "
                              f"{x.dtype}; cast them to one dtype (or use RELORA_KERNELS=reference)")
         if t.device != x.device:
             raise ValueError(f"relora_kernels.lora_linear: {name} is on {t.device} but x is on {x.device}")

@@ -230,6 +230,7 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
     if has_second:
         assert a2.shape[0] == M and b2.shape == (K2, N), (a2.shape, b2.shape)
     assert not (reduce_k and has_second)
+    assert not (reduce_k and bias is not None), "every K split would add the bias: add it after the reduction"
     if b1.dtype == torch.int8:
         want = {1: (N,), 2: (K1,)}.get(b1_scale_mode)
         assert want is not None and b1_scale is not None and b1_scale.shape == want and not reduce_k, \

@@ -57,6 +57,12 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
     ckpt_dir = Path(ckpt_dir)
     tag = f"step_{step}"
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and (ckpt_dir / tag).exists() and latest_tag(ckpt_dir) != tag:
+        # Left by a save that crashed (maybe on another number of ranks): its stale shards would sit next
+        # to the new ones, and ds_to_universal reads every *_optim_states.pt it finds.
+        shutil.rmtree(ckpt_dir / tag)
+    if dist.is_initialized():
+        dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
     if rank == 0:

@@ -50,6 +50,14 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
         raise ValueError(f"{source} sets {twice}, which the recipe also sets (micro_batch_size, "
                          "global_batch_size, lr, adam_beta1/2, adam_eps, weight_decay, grad_clip): remove them "
                          "from the JSON so that each value has one home")
+    low = [k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled", False)]
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if low and stage == 0 and cfg.mode != "full":
+        # DeepSpeed then wraps the optimizer in its FP16 optimizer, whose fp32 masters and Adam moments
+        # (keyed by those masters) the ReLoRA merge and prune cannot reach (relora_ds/zero_reset.py).
+        raise ValueError(f"{source} enables {low[0]} with ZeRO stage 0, which mode={cfg.mode!r} does not "
+                         "support: use ZeRO stage 1 or higher (ds_configs/zero1.json; on one rank it holds the "
+                         f"same state as stage 0), or disable {low[0]} (fp32)")
     per_step = cfg.micro_batch_size * world_size
     if cfg.global_batch_size % per_step:
         raise ValueError(f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size="

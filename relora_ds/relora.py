@@ -133,7 +133,7 @@ class ReLoRALinear(nn.Module):
             return
         A = self.lora_A if A is None else A.to(self.weight.device)
         B = self.lora_B if B is None else B.to(self.weight.device)
-        if relora_kernels.use_triton(self.weight) and self.weight.dtype != torch.float64:
+        if self.weight.dtype != torch.float64 and relora_kernels.use_triton(self.weight):
             relora_kernels.lora_merge_(self.weight, A, B, self.scale)
             return
         merged = self.base_weight() + self.delta_weight(A, B)

@@ -51,9 +51,9 @@ def jagged_cosine(step: int, *, total_steps: int, warmup_steps: int, cycle_lengt
     _check(total_steps, warmup_steps, min_lr_ratio)
     if cycle_length <= 0:
         raise ValueError(f"cycle_length={cycle_length} must be positive (steps between optimizer resets)")
-    if not 0 < restart_warmup_steps <= cycle_length:
-        raise ValueError(f"restart_warmup_steps={restart_warmup_steps} must be in [1, cycle_length={cycle_length}]")
-    if warmup_steps > cycle_length:
+    if not 0 <= restart_warmup_steps <= cycle_length:  # 0: no re-warmup, the lr jumps back after a reset
+        raise ValueError(f"restart_warmup_steps={restart_warmup_steps} must be in [0, cycle_length={cycle_length}]")
+    if start_step == 0 and warmup_steps > cycle_length:  # after a warm start the warmup is long over
         raise ValueError(f"warmup_steps={warmup_steps} is longer than a cycle (cycle_length={cycle_length}): "
                          "the first reset would interrupt the warmup")
     if start_step < 0 or 0 < start_step < warmup_steps:

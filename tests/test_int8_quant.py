@@ -128,14 +128,14 @@ def test_int8_linear_kernel_matches_twin(kernels_on, device, dtype, in_gemm, sha
     x = torch.randn(M, K, generator=g).to(device, dtype).requires_grad_()
     A = (torch.randn(R, K, generator=g) * 0.1).to(device, dtype).requires_grad_()
     B = (torch.randn(N, R, generator=g) * 0.1).to(device, dtype).requires_grad_()
-    bias = torch.randn(N, generator=g).to(device, dtype)
+    bias = torch.randn(N, generator=g).to(device, dtype).requires_grad_()
     dy = torch.randn(M, N, generator=g).to(device, dtype)
     gen = lambda: torch.Generator(device=device).manual_seed(7)  # noqa: E731  same dropout mask on both
     y = rk.int8_lora_linear(x, q, s, A, B, 0.5, bias, dropout_p=p, generator=gen(), in_gemm=in_gemm)
-    grads = torch.autograd.grad(y, (x, A, B), dy)
-    xd, Ad, Bd = (t.detach().double().requires_grad_() for t in (x, A, B))
-    yr = rk.int8_lora_linear_reference(xd, q, s, Ad, Bd, 0.5, bias.double(), dropout_p=p, generator=gen())
-    grads_r = torch.autograd.grad(yr, (xd, Ad, Bd), dy.double())
+    grads = torch.autograd.grad(y, (x, A, B, bias), dy)
+    xd, Ad, Bd, bd = (t.detach().double().requires_grad_() for t in (x, A, B, bias))
+    yr = rk.int8_lora_linear_reference(xd, q, s, Ad, Bd, 0.5, bd, dropout_p=p, generator=gen())
+    grads_r = torch.autograd.grad(yr, (xd, Ad, Bd, bd), dy.double())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert rel(y, yr) < tol
     for gk, gr in zip(grads, grads_r):

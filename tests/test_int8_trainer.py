@@ -13,7 +13,7 @@ from launch_utils import ROOT, launch_env, run_deepspeed
 
 RECIPE = dict(model="debug", seq_len=32, mode="relora", rank=4, alpha=8, warm_start_steps=2, cycle_length=4,
               restart_warmup_steps=2, warmup_steps=2, total_steps=12, lr=3e-3, micro_batch_size=4,
-              global_batch_size=8, eval_every=6, eval_batches=2, save_every=6, keep_last=5, export=True,
+              global_batch_size=8, eval_every=6, eval_windows=16, save_every=6, keep_last=5, export=True,
               quantize="int8")
 
 

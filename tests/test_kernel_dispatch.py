@@ -160,6 +160,9 @@ def test_deterministic_mode_sources(monkeypatch):
     assert rk.deterministic_mode() is False and rk.deterministic_mode(True) is True
     monkeypatch.setenv("RELORA_DETERMINISTIC", "1")
     assert rk.deterministic_mode() is True and rk.deterministic_mode(False) is False
+    monkeypatch.setenv("RELORA_DETERMINISTIC", "enable")  # neither on nor off: an error, not silently off
+    with pytest.raises(ValueError, match=r"RELORA_DETERMINISTIC='enable' is not valid; use one of 1, true"):
+        rk.deterministic_mode()
 
 
 def test_argument_errors(monkeypatch):
@@ -176,6 +179,22 @@ def test_argument_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="dtype"):
         rk.lora_linear(x, w.half(), a, b, 1.0)
+    # The int8 Triton path checks the LoRA operands the same way (it used to run on mixed dtypes).
+    q, s, _ = rk.int8_quantize_reference(w)
+    with pytest.raises(ValueError, match="lora_A has dtype torch.float16 but x has torch.float32"):
+        rk.int8_lora_linear(x, q, s, a.half(), b, 1.0)
+
+
+def test_int8_layer_dispatches_like_the_linear(monkeypatch):
+    """`auto` sends int8 layers where it sends bf16 ones (AUTO_TORCH_OPS), not to the fused Triton linear
+    it keeps plain layers off: the path is chosen by _runtime.linear_path for both."""
+    x, w, a, b, bias, _ = make_inputs((4,), 8, 6, 2, True, torch.float32, "cpu", seed=0)
+    q, s, _ = rk.int8_quantize_reference(w)
+    chosen = []
+    monkeypatch.setattr(_runtime, "linear_path", lambda t: chosen.append(t) or "reference")
+    monkeypatch.setattr(_runtime, "use_triton", lambda t, op=None: True)  # as auto would say on CUDA for op=None
+    got = rk.int8_lora_linear(x, q, s, a, b, 0.5, bias)
+    assert len(chosen) == 1 and torch.equal(got, rk.int8_lora_linear_reference(x, q, s, a, b, 0.5, bias))
 
 
 def test_kernel_rewrapped_for_mode_at_call_time(monkeypatch):

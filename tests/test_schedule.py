@@ -54,6 +54,19 @@ def test_lambdalr_follows_the_pure_function():
     assert lrs == pytest.approx([2.0 * jagged_cosine(s, **KW) for s in range(400)])
 
 
+def test_harmless_settings_are_accepted():
+    """No re-warmup (the lr jumps back to the cosine after a reset), and a first warmup longer than a cycle
+    when a warm start of at least that length comes first (the reference's 250M: warmup 600, cycle 500)."""
+    kw = {**KW, "restart_warmup_steps": 0}
+    reset = KW["cycle_length"]
+    assert jagged_cosine(reset, **kw) == pytest.approx(cosine_with_warmup(
+        reset, total_steps=KW["total_steps"], warmup_steps=KW["warmup_steps"], min_lr_ratio=KW.get("min_lr_ratio", 0.1)))
+    kw = dict(total_steps=20000, warmup_steps=600, cycle_length=500, restart_warmup_steps=100, start_step=5000)
+    assert jagged_cosine(5000, **kw) == 0.0 and jagged_cosine(5050, **kw) > 0
+    with pytest.raises(ValueError, match="longer than a cycle"):
+        jagged_cosine(0, **{**kw, "start_step": 0})
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(cycle_length=0), "cycle_length=0"),
     (dict(warmup_steps=400), "longer than a cycle"),

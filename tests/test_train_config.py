@@ -73,6 +73,19 @@ def test_yaml_recipe_with_cli_overrides_and_unknown_key(tmp_path):
         config_from_args(parser.parse_args(["--config", str(recipe)]))
 
 
+@pytest.mark.parametrize("low", ["bf16", "fp16"])
+def test_low_precision_without_zero_is_refused_for_relora(low):
+    """DeepSpeed wraps a bf16/fp16 ZeRO-0 optimizer in its FP16 optimizer, out of the reset's reach: refused
+    for relora/lora with the way out named; full-rank training and ZeRO-1 are fine."""
+    ds = {low: {"enabled": True}, "zero_optimization": {"stage": 0}}
+    for mode in ("relora", "lora"):
+        with pytest.raises(ValueError, match=rf"enables {low} with ZeRO stage 0, which mode='{mode}' .*zero1.json"):
+            complete_ds_config(ds, TrainConfig(**BASE, mode=mode), world_size=1)
+    complete_ds_config(ds, TrainConfig(**BASE, mode="full"), world_size=1)
+    complete_ds_config({**ds, "zero_optimization": {"stage": 1}}, TrainConfig(**BASE), world_size=1)
+    complete_ds_config({"zero_optimization": {"stage": 0}}, TrainConfig(**BASE), world_size=1)  # fp32
+
+
 def test_shipped_ds_configs_complete_cleanly():
     from launch_utils import ROOT
 

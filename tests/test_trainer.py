@@ -14,7 +14,7 @@ FP32_ZERO2 = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", 
 # warm start 2 steps, resets at steps 6 and 10 (cycle 4), 2-step restart warmups.
 RECIPE = dict(model="debug", seq_len=32, mode="relora", rank=4, alpha=8, warm_start_steps=2, cycle_length=4,
               restart_warmup_steps=2, warmup_steps=2, total_steps=12, lr=3e-3, micro_batch_size=4,
-              global_batch_size=8, eval_every=6, eval_batches=2, save_every=0, keep_last=5, export=False)
+              global_batch_size=8, eval_every=6, eval_windows=16, save_every=0, keep_last=5, export=False)
 
 
 def _write(tmp_path, data_dir, **overrides):
@@ -78,21 +78,36 @@ def test_two_rank_run_has_resets_eval_and_checkpoint(uninterrupted):
     assert all(r["prune_comm_bytes"] > 0 and r["merge_comm_bytes"] > 0 for r in resets)
     assert any(r.get("event") == "switch_to_relora" and r["step"] == 2 for r in recs)
     assert [r["step"] for r in recs if "val_loss" in r] == [6, 12]
+    # The logged lr is the one step s trained with: the schedule at 0-based optimizer step s - 1 (0 right
+    # after the switch at 2 and the resets at 6 and 10).
+    from relora_ds.schedule import jagged_cosine
+
+    logged = [r["lr"] for r in recs if "loss" in r]
+    want = [3e-3 * jagged_cosine(s - 1, total_steps=12, warmup_steps=2, cycle_length=4, restart_warmup_steps=2,
+                                 start_step=2) for s in range(1, 13)]
+    assert logged == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert [s for s, lr in zip(range(1, 13), logged) if lr == 0] == [1, 3, 7, 11]
 
 
 def test_two_ranks_match_one_rank_with_same_global_batch(tmp_path, small_data_dir, uninterrupted):
-    _train1(tmp_path, small_data_dir)
-    one, _ = _losses(tmp_path / "run")
-    two, _ = uninterrupted
+    _train1(tmp_path, small_data_dir, micro_batch_size=2)  # 1 rank x 2 x 4 accumulation steps
+    one, one_recs = _losses(tmp_path / "run")
+    two, two_recs = uninterrupted
     for step in two:  # same samples per step; only the reduction order differs (fp32)
         assert one[step] == pytest.approx(two[step], rel=2e-5, abs=2e-5), step
+    # Validation covers the same 16 windows whatever the number of ranks and micro-batch size.
+    val = [[(r["step"], r["val_loss"], r["val_tokens"]) for r in recs if "val_loss" in r] for recs in (one_recs, two_recs)]
+    assert [v[2] for v in val[0]] == [v[2] for v in val[1]] == [16 * 32] * 2
+    assert [v[1] for v in val[0]] == pytest.approx([v[1] for v in val[1]], rel=2e-5)
 
 
-@pytest.mark.parametrize("save_every, crash_at", [(3, 9), (7, 14)], ids=["after-reset", "in-restart-warmup"])
+@pytest.mark.parametrize("save_every, crash_at", [(3, 9), (7, 14), (2, 4)],
+                         ids=["after-reset", "in-restart-warmup", "at-warm-start-switch"])
 def test_crash_while_saving_then_exact_resume(tmp_path, small_data_dir, uninterrupted, save_every, crash_at):
     """Die inside the save at `crash_at`: `latest` must still name the previous checkpoint (step 6: right
-    after the reset at 6; step 7: inside its restart warmup), and resuming from it reproduces the
-    uninterrupted run's losses bit for bit."""
+    after the reset at 6; step 7: inside its restart warmup; step 2: written by the full-rank engine at the
+    end of the warm start, so the resumed run must switch to ReLoRA itself), and resuming from it reproduces
+    the uninterrupted run's losses bit for bit."""
     total = 12 if crash_at < 12 else 16
     overrides = dict(save_every=save_every, total_steps=total)
     proc = _train2(tmp_path, small_data_dir, env={"RELORA_TEST_CRASH_IN_SAVE": str(crash_at)}, **overrides)
@@ -101,8 +116,11 @@ def test_crash_while_saving_then_exact_resume(tmp_path, small_data_dir, uninterr
     resume_step = crash_at - save_every
     assert (ckpts / "latest").read_text() == f"step_{resume_step}"
     assert (ckpts / f"step_{crash_at}").exists()  # the partial one is there, but not pointed to
+    stale = ckpts / f"step_{crash_at}" / "zero_pp_rank_7_mp_rank_00_optim_states.pt"  # as from another world size
+    stale.write_bytes(b"stale shard")
     os.remove(tmp_path / "run" / "metrics.jsonl")
     _train2(tmp_path, small_data_dir, "--resume", **overrides)
+    assert not stale.exists()  # the partial directory was cleared before the step was saved again
     resumed, _ = _losses(tmp_path / "run")
     assert min(resumed) == resume_step + 1
     if total == 12:
@@ -120,6 +138,30 @@ def _rewind_to(run_dir, tag):
     """As if the job had died right after saving ``tag``: ``latest`` names it, later metrics are gone."""
     (run_dir / "checkpoints" / "latest").write_text(tag)
     (run_dir / "metrics.jsonl").unlink()
+
+
+def test_resume_applies_the_recipes_new_lr(tmp_path, small_data_dir):
+    """Resuming with another lr (the advice after a divergence) trains with it: DeepSpeed restores the old
+    one into the param groups and LambdaLR unless the trainer re-applies the recipe's."""
+    from relora_ds.schedule import jagged_cosine
+
+    _train1(tmp_path, small_data_dir, save_every=6, warm_start_lr=5e-4)
+    _, recs = _losses(tmp_path / "run")
+    # The full-rank warm start (steps 1-2) peaks at warm_start_lr, the ReLoRA phase at lr.
+    kw = dict(total_steps=12, warmup_steps=2, cycle_length=4, restart_warmup_steps=2, start_step=2)
+    assert [r["lr"] for r in recs if "loss" in r][:6] == pytest.approx(
+        [(5e-4 if s <= 2 else 3e-3) * jagged_cosine(s - 1, **kw) for s in range(1, 7)], rel=1e-6)
+    assert [r["lr"] for r in recs if "loss" in r][1] > 0
+    _rewind_to(tmp_path / "run", "step_6")
+    _train1(tmp_path, small_data_dir, "--resume", "--lr", "1e-3", "--adam-beta2", "0.95", save_every=6,
+            warm_start_lr=5e-4)
+    losses, recs = _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(7, 13))
+    logged = [r["lr"] for r in recs if "loss" in r]
+    want = [1e-3 * jagged_cosine(s - 1, **kw) for s in range(7, 13)]
+    assert logged == pytest.approx(want, rel=1e-6) and max(want) > 0
+    event = next(r for r in recs if r.get("event") == "resume_settings_changed")
+    assert event["lr"] == "0.003 -> 0.001" and event["adam_beta2"] == "0.999 -> 0.95"
 
 
 def test_resume_on_fewer_ranks_zero2(tmp_path, small_data_dir, uninterrupted):

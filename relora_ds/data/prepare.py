@@ -128,7 +128,7 @@ _TOKENIZED = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
                                 "validation": datasets.Value("bool")})
 
 
-def _recipe(inputs: list[str] | None, cfg: PrepareConfig) -> dict:
+def _recipe(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path) -> dict:
     """Everything that decides the bytes of the token files, and nothing else: not num_proc, streaming
     or seq_len, nor how the inputs were spelled (the fingerprint covers the resolved files)."""
     if cfg.tokenizer is not None:
@@ -138,7 +138,7 @@ def _recipe(inputs: list[str] | None, cfg: PrepareConfig) -> dict:
         tokenizer = {"train_bpe": {"vocab_size": cfg.vocab_size or DEFAULT_VOCAB_SIZE,
                                    "train_chars": cfg.tokenizer_train_chars}}
     return {
-        "corpus_fingerprint": corpus_fingerprint(inputs, cfg.hf_config),
+        "corpus_fingerprint": corpus_fingerprint(inputs, cfg.hf_config, exclude=out_dir),
         "tokenizer": tokenizer,
         "text_column": cfg.text_column, "hf_config": cfg.hf_config, "txt_unit": cfg.txt_unit,
         "val_fraction": cfg.val_fraction, "max_docs": cfg.max_docs,
@@ -244,7 +244,7 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        recipe = _recipe(inputs, cfg)
+        recipe = _recipe(inputs, cfg, out_dir)
         old = mf.read_manifest_file(out_dir)
         if old is not None and old.get("recipe") == recipe and mf.files_intact(out_dir, old):
             log.info("%s is up to date (manifest matches); nothing to do", out_dir)
@@ -275,7 +275,8 @@ def _prepare(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, recipe
 def _prepare_files(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, work_dir: Path,
                    tok_tmp: Path, recipe: dict) -> dict:
     """Tokenizer, token files and manifest; returns the manifest."""
-    corpus = load_corpus(inputs, work_dir=work_dir, text_column=cfg.text_column, hf_config=cfg.hf_config,
+    corpus = load_corpus(inputs, work_dir=work_dir, exclude=out_dir, text_column=cfg.text_column,
+                         hf_config=cfg.hf_config,
                          txt_unit=cfg.txt_unit, streaming=cfg.streaming, num_proc=cfg.num_proc)
     if cfg.max_docs is not None:
         ds = corpus.dataset

@@ -5,9 +5,11 @@ together: micro-step ``k`` of an epoch covers the global slice ``[k*W*B, (k+1)*W
 (``W`` ranks, ``B`` micro-batch size), and rank ``r`` takes its ``r``-th block of ``B``. So
 
 - the ranks' shards of an epoch are disjoint, and together they cover it (but for a tail smaller than
-  one global batch, dropped with ``drop_last=True``, or filled from the epoch's start otherwise);
+  one optimizer step's ``G*W*B`` samples, dropped with ``drop_last=True``, or filled from the epoch's
+  start otherwise);
 - the set of samples in an optimizer step depends only on the global batch ``G*W*B``, not on how it is
-  split into accumulation steps ``G``, ranks ``W`` and micro-batches ``B``;
+  split into accumulation steps ``G``, ranks ``W`` and micro-batches ``B`` (the epoch's tail is cut in
+  whole optimizer steps, so no step straddles two epochs);
 - the whole state is (epoch, global position), the same on every rank.
 
 Changing the world size (or micro-batch size) on resume re-shards by global sample index: the new ranks
@@ -57,17 +59,21 @@ class ShardedBatches:
     """Infinite iterator of this rank's micro-batches, LongTensor (micro_batch_size, seq_len + 1)."""
 
     def __init__(self, dataset, micro_batch_size: int, *, rank: int, world_size: int, seed: int,
-                 drop_last: bool = True):
+                 drop_last: bool = True, accumulation_steps: int = 1):
         _check_shard(micro_batch_size, rank, world_size)
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r} must be a non-negative int")
+        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps={accumulation_steps!r} must be a positive int")
         self.num_samples = len(dataset)
         if self.num_samples == 0:
             raise ValueError("the dataset has no windows (split too small for seq_len?)")
-        if drop_last and self.num_samples < micro_batch_size * world_size:
-            raise ValueError(f"the dataset has {self.num_samples} windows, fewer than one global batch of "
-                             f"world_size * micro_batch_size = {world_size * micro_batch_size}; use "
-                             f"drop_last=False (which repeats samples) or a smaller batch")
+        # Samples of one optimizer step: the unit in which an epoch's tail is dropped.
+        self.step_samples = accumulation_steps * micro_batch_size * world_size
+        if drop_last and self.num_samples < self.step_samples:
+            raise ValueError(f"the dataset has {self.num_samples} windows, fewer than one optimizer step's "
+                             f"global batch of accumulation_steps * world_size * micro_batch_size = "
+                             f"{self.step_samples}; use drop_last=False (which repeats samples) or a smaller batch")
         self.dataset, self.micro_batch_size = dataset, micro_batch_size
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.epoch = 0
@@ -84,8 +90,9 @@ class ShardedBatches:
     @property
     def steps_per_epoch(self) -> int:
         """Micro-steps per epoch (the same on every rank)."""
-        full, rest = divmod(self.num_samples, self.global_batch)
-        return full + (rest > 0 and not self.drop_last)
+        if self.drop_last:
+            return self.num_samples // self.step_samples * (self.step_samples // self.global_batch)
+        return -(-self.num_samples // self.global_batch)
 
     def _epoch_order(self) -> np.ndarray:
         if self._order is None or self._order[0] != self.epoch:
@@ -96,8 +103,10 @@ class ShardedBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
-        n, g = self.num_samples, self.global_batch
-        if self.position >= n or (self.drop_last and self.position + g > n):
+        n, g, step = self.num_samples, self.global_batch, self.step_samples
+        at_step_start = self.position % step == 0
+        if self.position >= n or (self.drop_last and (self.position + g > n or
+                                                      (at_step_start and self.position + step > n))):
             self.epoch += 1
             self.position = 0
         order = self._epoch_order()
@@ -134,23 +143,22 @@ class ShardedBatches:
         self.samples_consumed = int(state["samples_consumed"])
 
 
-def eval_batches(dataset, micro_batch_size: int, rank: int, world_size: int, max_batches: int | None = None,
-                 *, drop_last: bool = True) -> Iterator[torch.Tensor]:
-    """This rank's share of one unshuffled pass: LongTensors (micro_batch_size, seq_len + 1).
+def eval_batches(dataset, micro_batch_size: int, rank: int, world_size: int,
+                 num_windows: int | None = None) -> Iterator[torch.Tensor]:
+    """This rank's share of windows ``[0, N)`` of `dataset`, unshuffled: LongTensors (rows, seq_len + 1).
 
-    Global batch ``k`` is windows ``[k*W*B, (k+1)*W*B)``; rank ``r`` gets its ``r``-th block of ``B``.
-    Every rank yields the same number of batches (at most `max_batches`), so collectives stay matched.
-    With ``drop_last=True`` the last ``len(dataset) % (W*B)`` windows are not evaluated; with False they
-    form a last, shorter batch, which is empty (0 rows) on ranks past the end.
+    ``N = min(num_windows, len(dataset))`` (all windows when `num_windows` is None), so the evaluated set
+    does not depend on the world size or micro-batch size. Micro-step ``k`` covers windows
+    ``[k*W*B, (k+1)*W*B)`` and rank ``r`` its ``r``-th block of ``B`` of them, clipped to ``N``: the last
+    micro-step's batches are shorter, and empty (0 rows) on ranks past the end. Every rank yields the same
+    number of batches, so collectives inside the forward (ZeRO-3 gathers) stay matched.
     """
     _check_shard(micro_batch_size, rank, world_size)
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 0):
-        raise ValueError(f"max_batches={max_batches!r} must be a non-negative int or None")
-    n, g = len(dataset), micro_batch_size * world_size
-    steps = n // g if drop_last else -(-n // g)
-    if max_batches is not None:
-        steps = min(steps, max_batches)
-    for k in range(steps):
+    if num_windows is not None and (not isinstance(num_windows, int) or num_windows < 1):
+        raise ValueError(f"num_windows={num_windows!r} must be a positive int or None")
+    n = len(dataset) if num_windows is None else min(num_windows, len(dataset))
+    g = micro_batch_size * world_size
+    for k in range(-(-n // g)):
         start = min(n, k * g + rank * micro_batch_size)
         stop = min(n, start + micro_batch_size)
         if stop > start:

@@ -97,8 +97,11 @@ def _files_in(candidates: list[str], origin: str) -> list[str]:
     return kept
 
 
-def resolve_inputs(inputs: list[str]) -> tuple[list[str], str | None]:
+def resolve_inputs(inputs: list[str], exclude: Path | None = None) -> tuple[list[str], str | None]:
     """(local files, hub dataset name): exactly one of the two is non-empty.
+
+    Directories are read recursively, without hidden files and folders (counted in a warning) and without
+    `exclude` (the output directory, when it lies inside an input directory: its manifest is no corpus).
 
     A string that is neither an existing path nor a glob with matches is a hub name only if it looks
     like ``owner/name`` and has no file extension; anything else is a missing-path error.
@@ -116,10 +119,23 @@ def resolve_inputs(inputs: list[str]) -> tuple[list[str], str | None]:
                 raise _unsupported(item)
             files.append(str(path.resolve()))
         elif path.is_dir():
-            found = [str(p) for p in path.resolve().rglob("*")]
+            root = path.resolve()
+            found, hidden = [], 0
+            for p in sorted(root.rglob("*")):
+                if exclude is not None and (p == exclude or exclude in p.parents):
+                    continue
+                if any(part.startswith(".") for part in p.relative_to(root).parts):  # .git, .ipynb_checkpoints
+                    hidden += p.is_file()
+                else:
+                    found.append(str(p))
+            if hidden:
+                warnings.warn(f"input {item!r}: skipped {hidden} hidden files (names or folders starting "
+                              "with '.')", DataWarning, stacklevel=2)
             files.extend(_files_in(found, item))
         elif _GLOB_CHARS.search(item):
             matches = [str(Path(m).resolve()) for m in glob.glob(str(path), recursive=True)]
+            if exclude is not None:
+                matches = [m for m in matches if exclude not in Path(m).parents]
             if not matches:
                 raise ValueError(f"input glob {item!r} matches no files")
             files.extend(_files_in(matches, item))
@@ -142,12 +158,13 @@ def local_fingerprint(files: list[str]) -> str:
     return h.hexdigest()
 
 
-def corpus_fingerprint(inputs: list[str] | None, hf_config: str | None = None) -> str:
+def corpus_fingerprint(inputs: list[str] | None, hf_config: str | None = None,
+                       exclude: Path | None = None) -> str:
     """Changes whenever the documents can, computed without reading them: sha256 of the built-in
     sources, of local files' paths, sizes and mtimes, or of a hub dataset's name and config."""
     if inputs is None:
         return builtin_fingerprint()
-    files, hub = resolve_inputs(inputs)
+    files, hub = resolve_inputs(inputs, exclude)
     if hub is not None:
         return hashlib.sha256(f"hub\0{hub}\0{hf_config}".encode()).hexdigest()
     return local_fingerprint(files)
@@ -230,6 +247,19 @@ def _select_text(ds, text_column: str, origin: str):
     return ds.rename_column(text_column, "text") if text_column != "text" else ds
 
 
+def _concatenate(parts: list):
+    """concatenate_datasets, after giving every part one string type where they differ: pyarrow and
+    polars write parquet text as large_string, datasets' JSON reader gives string, and
+    concatenate_datasets refuses to mix them (the cast is a pass over the data, so only when needed)."""
+    if len(parts) == 1:
+        return parts[0]
+    types = {None if p.features is None else p.features["text"].dtype for p in parts}
+    if len(types) > 1 and "large_string" in types:
+        parts = [p.cast_column("text", datasets.Value("large_string"))
+                 if p.features is not None and p.features["text"] == datasets.Value("string") else p for p in parts]
+    return datasets.concatenate_datasets(parts)
+
+
 def _default_streaming(files: list[str]) -> bool:
     """Stream when the corpus is unlikely to fit in memory (gzip text counted at 4x its size)."""
     size = sum(os.path.getsize(f) * (4 if f.lower().endswith(".gz") else 1) for f in files)
@@ -244,13 +274,15 @@ def load_corpus(
     inputs: list[str] | None,
     *,
     work_dir: Path,
+    exclude: Path | None = None,
     text_column: str = "text",
     hf_config: str | None = None,
     txt_unit: str = "document",
     streaming: bool | None = None,
     num_proc: int = 1,
 ) -> Corpus:
-    """Open the corpus named by `inputs` (None: the built-in one). `work_dir` holds datasets' cache."""
+    """Open the corpus named by `inputs` (None: the built-in one). `work_dir` holds datasets' cache;
+    files under `exclude` (the output directory) are never read."""
     if txt_unit not in TXT_UNITS:
         raise ValueError(f"txt_unit={txt_unit!r} is not one of {TXT_UNITS}")
     if inputs is None:
@@ -262,7 +294,7 @@ def load_corpus(
             ds = ds.to_iterable_dataset()
         return Corpus(ds, f"built-in corpus ({len(docs)} documents)")
 
-    files, hub = resolve_inputs(inputs)
+    files, hub = resolve_inputs(inputs, exclude)
     if hub is not None:
         return _load_hub(hub, hf_config, text_column)
     if hf_config is not None:
@@ -291,9 +323,11 @@ def load_corpus(
                                        cache_dir=str(work_dir / "hf-cache"), **kwargs)
         except datasets.exceptions.DatasetGenerationError as e:
             raise ValueError(f"could not read {origin}: {e.__cause__ or e}") from e
+        except StopIteration as e:  # datasets' JSON reader on a file with no records
+            raise ValueError(f"could not read {origin}: no records (an empty file?)") from e
         column = "text" if builder == "text" else text_column
         parts.append(_select_text(ds, column, origin))
-    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    ds = _concatenate(parts)
     return Corpus(ds, f"{len(files)} local files", invalid)
 
 

@@ -40,7 +40,7 @@ def test_mpirun_two_ranks(tmp_path):
     cmd = [*_mpirun(), "-np", "2", sys.executable, str(ROOT / "launch/train.py"),
            "--config", str(ROOT / "launch/configs/tiny.yaml"), "--deepspeed", str(ROOT / "ds_configs/zero2.json"),
            "--total-steps", "12", "--warm-start-steps", "4", "--cycle-length", "4", "--restart-warmup-steps", "2",
-           "--warmup-steps", "2", "--eval-every", "12", "--eval-batches", "2", "--micro-batch-size", "4",
+           "--warmup-steps", "2", "--eval-every", "12", "--eval-windows", "16", "--micro-batch-size", "4",
            "--global-batch-size", "8", "--seq-len", "64", "--no-export", "--output-dir", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr

@@ -18,7 +18,7 @@ from local_slurm import LocalSlurm  # noqa: E402
 
 # tiny.yaml shortened: switch to ReLoRA at 8, resets at 16 and 24, eval at 15 and 30, checkpoints every 10.
 SHORT = ("--total-steps 30 --warm-start-steps 8 --cycle-length 8 --restart-warmup-steps 3 --warmup-steps 4 "
-         "--eval-every 15 --eval-batches 2 --save-every 10 --micro-batch-size 4 --global-batch-size 8 --seq-len 64")
+         "--eval-every 15 --eval-windows 16 --save-every 10 --micro-batch-size 4 --global-batch-size 8 --seq-len 64")
 ONE_NODE = ["--nodes=1", "--gpus-per-node=0"]  # this cluster has 2 CPUs and no GPUs
 
 

@@ -12,7 +12,7 @@ import torch
 from launch_utils import ROOT, free_port, launch_env, run_deepspeed
 
 SHORT = ["--total-steps", "50", "--warm-start-steps", "14", "--cycle-length", "12", "--restart-warmup-steps", "4",
-         "--warmup-steps", "7", "--eval-every", "25", "--eval-batches", "4", "--save-every", "25",
+         "--warmup-steps", "7", "--eval-every", "25", "--eval-windows", "32", "--save-every", "25",
          "--micro-batch-size", "4", "--global-batch-size", "8", "--seq-len", "64"]
 
 

@@ -226,8 +226,9 @@ def test_resume_on_more_ranks_zero3_int8(tmp_path, small_data_dir):
 def test_chunked_loss_under_zero3_matches_the_logits_run(tmp_path, small_data_dir, uninterrupted):
     """loss_chunk_size computes the loss inside lm_head's forward, where ZeRO-3 has gathered the weight;
     fp32 ZeRO-3 with 7-token chunks (straddling sequences) against the plain ZeRO-2 run: same losses,
-    through the warm-start switch and both resets, up to reduction order."""
-    recipe, _ = _write(tmp_path, small_data_dir, loss_chunk_size=7)
+    through the warm-start switch and both resets, up to reduction order. Its evaluation covers 10 windows:
+    rank 1's second micro-batch is empty and must still run a (weightless) forward for ZeRO-3's gathers."""
+    recipe, _ = _write(tmp_path, small_data_dir, loss_chunk_size=7, eval_windows=10)
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({**FP32_ZERO2, "zero_optimization": {"stage": 3}}))
     run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
@@ -237,6 +238,8 @@ def test_chunked_loss_under_zero3_matches_the_logits_run(tmp_path, small_data_di
     for step in plain:
         assert chunked[step] == pytest.approx(plain[step], rel=1e-4, abs=1e-4), step
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10]
+    vals = [r for r in recs if "val_loss" in r]
+    assert [r["val_tokens"] for r in vals] == [10 * 32] * 2 and all(3 < r["val_loss"] < 7 for r in vals)
 
 
 @pytest.mark.parametrize("stage", [1, 3])

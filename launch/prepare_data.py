@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-column", default=defaults["text_column"])
     p.add_argument("--num-proc", type=int, default=defaults["num_proc"])
     p.add_argument("--hf-config", default=None, help="config of a hub dataset (e.g. 'en' for allenai/c4)")
+    p.add_argument("--hf-revision", default=None, help="branch, tag or commit of a hub dataset (default: its "
+                   "default branch); the resolved commit is recorded in the manifest")
     p.add_argument("--val-fraction", type=float, default=defaults["val_fraction"])
     stream = p.add_mutually_exclusive_group()
     stream.add_argument("--streaming", dest="streaming", action="store_true", default=None)

@@ -202,3 +202,36 @@ def test_hidden_folders_and_an_output_inside_the_input_are_not_read(tmp_path):
         m = load_manifest(prepare_data([str(corpus)], corpus / "prepared", vocab_size=300))
         assert sum(s["documents"] for s in m["splits"].values()) == len(SENTENCES)
     assert m["created"] == load_manifest(corpus / "prepared")["created"]
+
+
+def test_hub_dataset_is_pinned_to_the_commit_it_was_read_at(tmp_path, monkeypatch):
+    """A hub corpus is read at the commit its revision points to now; the manifest records it, re-running
+    is a no-op while it stays, and a moved branch re-prepares (the hub is simulated: no network here)."""
+    import datasets
+    import huggingface_hub
+
+    head = {"main": "aaa111", "v1": "0f0f0f"}
+    asked, loaded = [], []
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, name, revision=None: (
+        asked.append((name, revision)) or type("Info", (), {"sha": head[revision or "main"]})()))
+    real_load = datasets.load_dataset
+
+    def fake_load(name, *args, **kw):
+        if name != "someone/corpus":
+            return real_load(name, *args, **kw)
+        loaded.append(kw["revision"])
+        return datasets.Dataset.from_dict({"text": SENTENCES}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    out = tmp_path / "out"
+    prepare_data(["someone/corpus"], out, vocab_size=300)
+    assert load_manifest(out)["recipe"]["hub_commit"] == "aaa111" and loaded == ["aaa111"]
+    prepare_data(["someone/corpus"], out, vocab_size=300)
+    assert loaded == ["aaa111"]  # unchanged: nothing re-read
+    head["main"] = "bbb222"
+    prepare_data(["someone/corpus"], out, vocab_size=300)
+    assert load_manifest(out)["recipe"]["hub_commit"] == "bbb222" and loaded == ["aaa111", "bbb222"]
+    prepare_data(["someone/corpus"], tmp_path / "pinned", vocab_size=300, hf_revision="v1")
+    assert asked[-1] == ("someone/corpus", "v1") and loaded[-1] == "0f0f0f"
+    with pytest.raises(ValueError, match="hf_revision='v1' only applies to a hub dataset"):
+        prepare_data([write_jsonl(tmp_path / "c.jsonl", SENTENCES)], tmp_path / "local", hf_revision="v1")

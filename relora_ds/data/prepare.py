@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from relora_ds.data import manifest as mf
 from relora_ds.data.sources import (
-    TXT_UNITS, Corpus, DataWarning, corpus_fingerprint, load_corpus,
+    TXT_UNITS, Corpus, DataWarning, corpus_fingerprint, hub_commit, load_corpus, resolve_inputs,
 )
 from relora_ds.data.tokenizer import load_tokenizer, train_tokenizer, training_lines
 
@@ -53,6 +53,9 @@ class PrepareConfig:
     """Tokenizer processes (``datasets.map``) or threads (streaming); the output does not depend on it."""
     hf_config: str | None = None
     """Config name of a hub dataset input (``en`` for ``allenai/c4``)."""
+    hf_revision: str | None = None
+    """Branch, tag or commit of a hub dataset input (None: its default branch); the commit it resolves to is
+    recorded, and the data is re-prepared when it moves."""
     val_fraction: float = 0.01
     """Share of documents in the validation split, chosen by a hash of each document's text."""
     streaming: bool | None = None
@@ -137,8 +140,13 @@ def _recipe(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path) -> dict
     else:
         tokenizer = {"train_bpe": {"vocab_size": cfg.vocab_size or DEFAULT_VOCAB_SIZE,
                                    "train_chars": cfg.tokenizer_train_chars}}
+    hub = resolve_inputs(inputs, out_dir)[1] if inputs is not None else None
+    if hub is None and cfg.hf_revision is not None:
+        raise ValueError(f"hf_revision={cfg.hf_revision!r} only applies to a hub dataset input")
+    commit = hub_commit(hub, cfg.hf_revision) if hub is not None else None
     return {
-        "corpus_fingerprint": corpus_fingerprint(inputs, cfg.hf_config, exclude=out_dir),
+        "corpus_fingerprint": corpus_fingerprint(inputs, cfg.hf_config, exclude=out_dir, hub_revision=commit),
+        **({"hub_commit": commit} if commit else {}),  # absent for local corpora: their recipes are unchanged
         "tokenizer": tokenizer,
         "text_column": cfg.text_column, "hf_config": cfg.hf_config, "txt_unit": cfg.txt_unit,
         "val_fraction": cfg.val_fraction, "max_docs": cfg.max_docs,
@@ -230,7 +238,7 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
     """Tokenize `inputs` (None: the built-in corpus) into `out_dir`; returns `out_dir`.
 
     `options` are the fields of :class:`PrepareConfig` (tokenizer, vocab_size, seq_len, text_column,
-    num_proc, hf_config, val_fraction, streaming, txt_unit, max_docs, tokenizer_train_chars). There is
+    num_proc, hf_config, hf_revision, val_fraction, streaming, txt_unit, max_docs, tokenizer_train_chars). There is
     no seed: the validation split is a hash of each text and tokenizer training is deterministic.
     A no-op when `out_dir` already holds data prepared from the same recipe; safe to call from several
     processes at once (they serialize on a lock file, and the later ones find the work done).
@@ -275,8 +283,8 @@ def _prepare(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, recipe
 def _prepare_files(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, work_dir: Path,
                    tok_tmp: Path, recipe: dict) -> dict:
     """Tokenizer, token files and manifest; returns the manifest."""
-    corpus = load_corpus(inputs, work_dir=work_dir, exclude=out_dir, text_column=cfg.text_column,
-                         hf_config=cfg.hf_config,
+    corpus = load_corpus(inputs, work_dir=work_dir, exclude=out_dir, hub_revision=recipe.get("hub_commit"),
+                         text_column=cfg.text_column, hf_config=cfg.hf_config,
                          txt_unit=cfg.txt_unit, streaming=cfg.streaming, num_proc=cfg.num_proc)
     if cfg.max_docs is not None:
         ds = corpus.dataset

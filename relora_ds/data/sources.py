@@ -158,15 +158,30 @@ def local_fingerprint(files: list[str]) -> str:
     return h.hexdigest()
 
 
+def hub_commit(name: str, revision: str | None = None) -> str:
+    """The commit sha a hub dataset's `revision` (branch, tag or sha; None: the default branch) points to
+    now: prepared data records it and is re-prepared when it moves."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(name, revision=revision).sha
+    except Exception as e:  # offline, unknown name or revision: all surface as different types
+        raise ValueError(
+            f"could not open Hugging Face hub dataset {name!r} (revision {revision!r}): {type(e).__name__}: "
+            f"{e}. Hub datasets need network access; a local path by this name does not exist either."
+        ) from e
+
+
 def corpus_fingerprint(inputs: list[str] | None, hf_config: str | None = None,
-                       exclude: Path | None = None) -> str:
+                       exclude: Path | None = None, hub_revision: str | None = None) -> str:
     """Changes whenever the documents can, computed without reading them: sha256 of the built-in
-    sources, of local files' paths, sizes and mtimes, or of a hub dataset's name and config."""
+    sources, of local files' paths, sizes and mtimes, or of a hub dataset's name, config and commit
+    (`hub_revision`, as resolved by :func:`hub_commit`)."""
     if inputs is None:
         return builtin_fingerprint()
     files, hub = resolve_inputs(inputs, exclude)
     if hub is not None:
-        return hashlib.sha256(f"hub\0{hub}\0{hf_config}".encode()).hexdigest()
+        return hashlib.sha256(f"hub\0{hub}\0{hf_config}\0{hub_revision}".encode()).hexdigest()
     return local_fingerprint(files)
 
 
@@ -275,6 +290,7 @@ def load_corpus(
     *,
     work_dir: Path,
     exclude: Path | None = None,
+    hub_revision: str | None = None,
     text_column: str = "text",
     hf_config: str | None = None,
     txt_unit: str = "document",
@@ -296,7 +312,7 @@ def load_corpus(
 
     files, hub = resolve_inputs(inputs, exclude)
     if hub is not None:
-        return _load_hub(hub, hf_config, text_column)
+        return _load_hub(hub, hf_config, text_column, hub_revision)
     if hf_config is not None:
         raise ValueError(f"hf_config={hf_config!r} only applies to a hub dataset input, not local files")
     if streaming is None:
@@ -331,14 +347,15 @@ def load_corpus(
     return Corpus(ds, f"{len(files)} local files", invalid)
 
 
-def _load_hub(name: str, hf_config: str | None, text_column: str) -> Corpus:
+def _load_hub(name: str, hf_config: str | None, text_column: str, revision: str | None) -> Corpus:
     try:
         # Streaming: the paper's C4 is hundreds of GB; nothing is downloaded ahead of tokenization.
-        ds = datasets.load_dataset(name, hf_config, split="train", streaming=True)
+        ds = datasets.load_dataset(name, hf_config, split="train", streaming=True, revision=revision)
     except Exception as e:  # offline, unknown name, bad config: all surface as different types
         raise ValueError(
             f"could not open Hugging Face hub dataset {name!r} (config {hf_config!r}): "
             f"{type(e).__name__}: {e}. Hub datasets need network access; a local path by this name "
             f"does not exist either."
         ) from e
-    return Corpus(_select_text(ds, text_column, f"hub dataset {name!r}"), f"hub dataset {name} ({hf_config})")
+    return Corpus(_select_text(ds, text_column, f"hub dataset {name!r}"),
+                  f"hub dataset {name} ({hf_config}) at {revision}")

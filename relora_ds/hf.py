@@ -156,11 +156,18 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("checkpoints with attention/MLP biases are not supported")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"rope scaling {rope.get('rope_type')!r} is not supported (only plain RoPE)")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": configs before transformers 4.37
+    if rope_type != "default":
+        raise ValueError(f"rope scaling {rope_type!r} is not supported (only plain RoPE)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA's SwiGLU uses 'silu')")
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     kw = {k: hf[k] for k in _CONFIG_KEYS if k in hf and k != "rope_theta"}
-    return LlamaConfig(rope_theta=float(theta), **kw)
+    config = LlamaConfig(rope_theta=float(theta), **kw)
+    if hf.get("head_dim") not in (None, config.head_dim):
+        raise ValueError(f"head_dim={hf['head_dim']} is not hidden_size / num_attention_heads = {config.head_dim}; "
+                         "only that layout is supported")
+    return config
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -184,5 +191,4 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCau
         model = LlamaForCausalLM(config)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     model.load_state_dict(state, strict=True, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config.head_dim, config.rope_theta)
     return model.to(dtype)

@@ -11,7 +11,10 @@ chunk token per vocab entry (fp32 logits, and the activation-dtype GEMM output o
 
 Numerics follow ``F.cross_entropy(F.linear(h, W).float(), y)``: logits in the activations' dtype, softmax
 and loss in fp32, the logit gradient cast back to the activations' dtype before the two GEMMs, the weight
-gradient summed over chunks in fp32.
+gradient summed over chunks in fp32. fp16 is the exception: its gradients are made before the loss scale
+(DeepSpeed's fp16 optimizer multiplies the loss by up to 2^16) and would underflow in fp16's range, so
+there the gradient GEMMs run and the hidden-state gradient is kept in fp32, and backward scales before it
+casts.
 """
 from __future__ import annotations
 
@@ -21,8 +24,13 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def _chunk_loss_and_grads(h, weight, y, n_valid, need_dh, need_dw, dh_out, dw_acc):
-    """One chunk: its summed loss (fp32); writes d(mean loss)/dh into dh_out and adds d/dW into dw_acc."""
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _chunk_loss_and_grads(h, weight, y, n_valid, need_dh, need_dw, dh_out, dw_acc, weight_g):
+    """One chunk: its summed loss (fp32); writes d(mean loss)/dh into dh_out and adds d/dW into dw_acc.
+    weight_g: the weight in the gradients' dtype (_grad_dtype)."""
     logits = F.linear(h, weight).float()
     lse = torch.logsumexp(logits, dim=-1)
     valid = y != IGNORE_INDEX
@@ -33,24 +41,26 @@ def _chunk_loss_and_grads(h, weight, y, n_valid, need_dh, need_dw, dh_out, dw_ac
         grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
         grad[torch.arange(len(y), device=y.device), safe_y] -= 1.0
         grad.mul_((valid / n_valid)[:, None])
-        grad = grad.to(h.dtype)
+        grad = grad.to(weight_g.dtype)
         if need_dh:
-            dh_out.copy_(grad @ weight)
+            dh_out.copy_(grad @ weight_g)
         if need_dw:
-            dw_acc.add_(grad.t() @ h)
+            dw_acc.add_(grad.t() @ h.to(weight_g.dtype))
     return loss
 
 
 def _chunked(hidden, weight, targets, chunk_size, need_dh, need_dw):
     """(mean loss, d loss/d hidden or None, fp32 d loss/d weight or None), one chunk of logits at a time."""
     n_valid = (targets != IGNORE_INDEX).sum().clamp_min(1).to(torch.float32)
-    dh = torch.empty_like(hidden) if need_dh else None
+    grad_dtype = _grad_dtype(hidden.dtype)
+    weight_g = weight.to(grad_dtype) if need_dh or need_dw else None  # a copy for fp16 only
+    dh = torch.empty_like(hidden, dtype=grad_dtype) if need_dh else None
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_dw else None
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         stop = start + chunk_size
         loss += _chunk_loss_and_grads(hidden[start:stop], weight, targets[start:stop], n_valid, need_dh, need_dw,
-                                      dh[start:stop] if need_dh else None, dw)
+                                      dh[start:stop] if need_dh else None, dw, weight_g)
     return loss / n_valid, dh, dw
 
 
@@ -59,15 +69,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_size):
         loss, dh, dw = _chunked(hidden, weight, targets, chunk_size, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(dh, dw)
-        ctx.weight_dtype = weight.dtype
+        ctx.dtypes = hidden.dtype, weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the chunked loss computes its gradients in forward: it has no second derivative "
+                               "(create_graph=True); use the plain path (loss_chunk_size=0)")
         dh, dw = ctx.saved_tensors
-        # Cast first, then scale: no second fp32 copy of the weight gradient (grad_loss is 1 or a loss scale).
-        dh = dh * grad_loss.to(dh.dtype) if dh is not None else None
-        dw = dw.to(ctx.weight_dtype, copy=True).mul_(grad_loss) if dw is not None else None
+        hidden_dtype, weight_dtype = ctx.dtypes
+        # grad_loss is 1 or a loss scale; scale in the stored gradient's dtype, then cast (fp16: 2^16 is inf).
+        dh = (dh * grad_loss.to(dh.dtype)).to(hidden_dtype) if dh is not None else None
+        if dw is not None and weight_dtype == torch.float16:
+            dw = (dw * grad_loss).to(weight_dtype)
+        elif dw is not None:  # cast first: no second fp32 copy of the weight gradient
+            dw = dw.to(weight_dtype, copy=True).mul_(grad_loss)
         return dh, dw, None, None
 
 

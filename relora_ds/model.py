@@ -57,13 +57,15 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype):
-        # Computed per call in fp32 (cheap next to attention); no cache to go stale across dtypes/devices.
+        # Computed per call in fp32 (cheap next to attention). No buffer: model.to(torch.bfloat16) would round
+        # the frequencies (cos off by 0.47 at position 512 with head_dim 128), and no cache to go stale.
+        exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.int64).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponent)
         pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(device))  # (T, head_dim/2)
+        freqs = torch.outer(pos, inv_freq)  # (T, head_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -198,8 +198,8 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     """Replace targeted ``nn.Linear`` layers by ``ReLoRALinear`` in place and return the model.
 
     ``target_modules``: module names or dotted suffixes (PEFT style), default all attention and MLP
-    projections. The base weight is moved (not copied) into the new layer and frozen; every other
-    parameter keeps its ``requires_grad``. ``seed`` seeds lora_A's draws (see `reinit_seed`).
+    projections. The base weight is copied into the new layer (in int8 when quantized) and frozen; every
+    other parameter keeps its ``requires_grad``. Tied weights and relora_ds's ``lm_head`` are refused. ``seed`` seeds lora_A's draws (see `reinit_seed`).
     ``quantize``: None (base kept in its dtype) or ``"int8"`` (per-channel int8 buffers, relora_ds/quant.py).
     """
     quant.check_quantize(quantize)
@@ -207,6 +207,17 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
         raise ValueError("model already contains ReLoRALinear layers; wrap() it only once "
                          "(use relora_ds.unwrap(model) first to start over)")
     chosen = target_linears(model, target_modules)
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for name, linear in chosen:
+        if type(linear).__name__ == "LMHead":
+            raise ValueError(f"target_modules selects {name!r}, relora_ds's output layer: ReLoRA trains it "
+                             "full-rank (as embeddings and norms), and its chunked loss needs the plain layer")
+        shared = [o for o in owners[id(linear.weight)] if o != f"{name}.weight"]
+        if shared:
+            raise ValueError(f"target_modules selects {name!r}, whose weight is tied to {shared}: a ReLoRA layer "
+                             "would untie it silently; leave it out of target_modules")
     if quantize:
         for name, linear in chosen:
             quant.check_not_quantized(name, linear)
@@ -218,12 +229,14 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
             layer.load_base_(linear.weight)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
+        layer.base_requires_grad = linear.weight.requires_grad  # restored by unwrap
         _set_submodule(model, name, layer)
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Merge every ReLoRA layer and put back a plain, trainable ``nn.Linear``; returns the model."""
+    """Merge every ReLoRA layer and put back a plain ``nn.Linear``, trainable as it was before `wrap`
+    (trainable for layers built directly); returns the model."""
     for name, layer in list(relora_layers(model)):
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                            device=layer.lora_A.device, dtype=layer.lora_A.dtype)
@@ -231,6 +244,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             linear.weight.copy_(layer.base_weight() + layer.delta_weight())
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias)
+        linear.weight.requires_grad_(getattr(layer, "base_requires_grad", True))
         _set_submodule(model, name, linear)
     return model
 

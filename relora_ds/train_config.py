@@ -95,6 +95,9 @@ class TrainConfig:
     seed: int = _f(0, "seed for init, data order and LoRA re-inits")
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         self.validate()
 
     def validate(self) -> None:
@@ -146,6 +149,41 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _coerce(name: str, value, tp):
+    """`value` as the field's type, or a ValueError naming the field. YAML 1.1 reads ``1e-3`` (no dot) as a
+    string, so numeric strings become numbers; a bool is never a number, a float never an int."""
+    optional = type(None) in typing.get_args(tp)
+    tp = _arg_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name}=None: a value is required")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name}={value!r} must be true or false")
+    if tp in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{name}={value!r} must be a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}={value!r} must be a number")
+        if tp is float:
+            return float(value)
+        if float(value) != int(value):
+            raise ValueError(f"{name}={value!r} must be a whole number")
+        return int(value)
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name}={value!r} must be a list of strings")
+        return value
+    if not isinstance(value, tp):
+        raise ValueError(f"{name}={value!r} must be a {tp.__name__}")
+    return value
+
+
 def _arg_type(tp):
     """``X | None`` -> X; anything else unchanged (``list[str]`` stays a list type)."""
     args = typing.get_args(tp)
@@ -178,9 +216,27 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         elif typing.get_origin(tp) is list:
             parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_)
         else:
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_,
+            optional = type(None) in typing.get_args(hints[f.name])
+            if optional:
+                help_ += "; 'none' clears a value the recipe sets"
+            parser.add_argument(flag, dest=f.name, type=_cli_type(f.name, hints[f.name]), default=None, help=help_,
                                 choices=f.metadata.get("choices"))
     return parser
+
+
+_CLEAR = "__none__"  # a CLI `none` for an optional field: overrides the recipe's value with None
+
+
+def _cli_type(name: str, hint):
+    def parse(text: str):
+        if text.strip().lower() in ("none", "null") and type(None) in typing.get_args(hint):
+            return _CLEAR
+        try:
+            return _coerce(name, text, hint)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = _arg_type(hint).__name__  # argparse names the type in its error message
+    return parse
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -198,5 +254,5 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:
-            values[f.name] = v
+            values[f.name] = None if v == _CLEAR else v
     return TrainConfig(**values)

@@ -122,3 +122,34 @@ def test_model_chunked_loss_same_loss_and_gradients():
     assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
     assert max(_rel(p.grad, want[n]) for n, p in model.named_parameters()) < 1e-5
     assert model(ids).logits.shape == (3, 33, cfg.vocab_size)  # without labels: logits as before
+
+
+def test_fp16_under_a_loss_scale_matches_the_plain_path():
+    """DeepSpeed's fp16 engine backpropagates loss * 2^16. The chunked loss makes its gradients before that
+    scale exists: in fp16 they underflowed (dW 17% off) and 2^16 itself overflowed to inf (dh NaN). Against
+    an fp32 reference, the chunked fp16 gradients must be at least as good as the plain fp16 path's."""
+    torch.manual_seed(0)
+    N, d, V = 4096, 32, 3000
+    h0, W0 = torch.randn(N, d).half(), (torch.randn(V, d) * 0.02).half()
+    y = torch.randint(0, V, (N,))
+    h, W = h0.float().requires_grad_(), W0.float().requires_grad_()
+    F.cross_entropy(F.linear(h, W), y).backward()
+    for scale in (2.0 ** 15, 2.0 ** 16):
+        errs = {}
+        for chunked in (False, True):
+            hc, Wc = h0.clone().requires_grad_(), W0.clone().requires_grad_()
+            loss = linear_cross_entropy(hc, Wc, y, 1024) if chunked else F.cross_entropy(F.linear(hc, Wc).float(), y)
+            (loss * scale).backward()
+            assert hc.grad.dtype == Wc.grad.dtype == torch.float16
+            errs[chunked] = [((g.float() / scale - ref).norm() / ref.norm()).item()
+                             for g, ref in ((hc.grad, h.grad), (Wc.grad, W.grad))]
+        assert all(c <= 1.2 * p for c, p in zip(errs[True], errs[False])), (scale, errs)
+        assert max(errs[True]) < 1e-3, (scale, errs)
+
+
+def test_second_derivative_is_refused():
+    h = torch.randn(6, 4, requires_grad=True)
+    W = torch.randn(5, 4, requires_grad=True)
+    loss = linear_cross_entropy(h, W, torch.randint(0, 5, (6,)), 4)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, h, create_graph=True)

@@ -146,3 +146,27 @@ def test_exported_tokenizer_other_sentencepiece_models(tmp_path):
     with pytest.raises(ValueError, match="encodes .* as .*SentencePiece as"):
         relora_ds.hf.save_hf_tokenizer(path, tmp_path / "unigram", model_max_length=64)
     assert not (tmp_path / "unigram").exists()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("rope_scaling", {"type": "linear", "factor": 4.0}, "rope scaling 'linear'"),  # the pre-4.37 spelling
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "rope scaling 'dynamic'"),
+    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("head_dim", 32, "head_dim=32 is not hidden_size / num_attention_heads"),
+])
+def test_hf_configs_we_cannot_reproduce_are_refused(field, value, match):
+    from relora_ds.hf import config_from_hf, hf_config_dict
+
+    hf = {**hf_config_dict(LlamaConfig.preset("debug"), torch.float32), field: value}
+    with pytest.raises(ValueError, match=match):
+        config_from_hf(hf)
+
+
+def test_rope_frequencies_survive_a_cast_to_bf16():
+    """Casting the model (load_hf(dtype=bf16), model.to(bf16)) must not round the RoPE frequencies:
+    transformers keeps them fp32 as well."""
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", max_position_embeddings=2048))
+    before = model.model.rotary_emb(2048, torch.device("cpu"), torch.float32)
+    model.to(torch.bfloat16)
+    after = model.model.rotary_emb(2048, torch.device("cpu"), torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -71,6 +71,14 @@ def test_target_modules_by_suffix_and_errors():
         relora_ds.wrap(_debug_model(), rank=65)
     with pytest.raises(ValueError, match="rank=0"):
         relora_ds.wrap(_debug_model(), rank=0)
+    # Our output layer trains full-rank (and its chunked loss needs the plain layer); a tied weight would
+    # silently untie (an HF model with tie_word_embeddings: updates to the embedding would miss lm_head).
+    with pytest.raises(ValueError, match="'lm_head', relora_ds's output layer"):
+        relora_ds.wrap(_debug_model(), rank=4, target_modules=["q_proj", "lm_head"])
+    tied = _hf_model()
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"'lm_head', whose weight is tied to \['model.embed_tokens.weight'\]"):
+        relora_ds.wrap(tied, rank=4, target_modules=["lm_head"])
 
 
 def test_layer_forward_matches_formula_with_bias_and_dropout():
@@ -152,6 +160,12 @@ def test_unwrap_restores_plain_linear_with_merged_weight():
     assert model.model.layers[0].mlp.down_proj.weight.requires_grad
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, before, atol=1e-5, rtol=1e-5)
+    # A projection frozen before wrap comes back frozen.
+    frozen = _debug_model()
+    frozen.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    relora_ds.unwrap(relora_ds.wrap(frozen, rank=4))
+    assert not frozen.model.layers[0].mlp.up_proj.weight.requires_grad
+    assert frozen.model.layers[1].mlp.up_proj.weight.requires_grad
 
 
 def test_bf16_merge_is_computed_in_fp32():

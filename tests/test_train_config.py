@@ -116,3 +116,30 @@ def test_kernels_setting_sets_the_env_and_refuses_a_conflict(monkeypatch):
     monkeypatch.setenv("RELORA_KERNELS", "fast")
     with pytest.raises(ValueError, match="RELORA_KERNELS='fast' is not valid"):
         apply_kernels_setting(None)
+
+
+def test_recipe_values_are_typed(tmp_path):
+    """YAML 1.1 reads `1e-3` (no dot) as a string: numbers come through as numbers; a quoted "no" is not
+    a bool and 2.5 sequences is not a micro-batch (errors naming the field, not tracebacks or silent truths)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nlr: 1e-3\nadam_eps: 1e-8\n")
+    cfg = config_from_args(build_parser().parse_args(["--config", str(recipe)]))
+    assert (cfg.lr, cfg.adam_eps) == (1e-3, 1e-8) and isinstance(cfg.lr, float)
+    for line, match in (('resume: "no"', r"resume='no' must be true or false"),
+                        ("micro_batch_size: 2.5", "micro_batch_size=2.5 must be a whole number"),
+                        ("mode: null", "mode=None: a value is required"),
+                        ("target_modules: q_proj", "must be a list of strings")):
+        recipe.write_text(f"cycle_length: 10\ntotal_steps: 100\n{line}\n")
+        with pytest.raises(ValueError, match=match):
+            config_from_args(build_parser().parse_args(["--config", str(recipe)]))
+
+
+def test_cli_none_clears_a_recipe_value(tmp_path):
+    """The paper recipes set total_steps; `--token-budget 2e9 --total-steps none` trains by tokens instead."""
+    from launch_utils import ROOT
+
+    args = ["--config", str(ROOT / "launch/configs/paper_60m.yaml"), "--total-steps", "none", "--token-budget", "2e9"]
+    cfg = config_from_args(build_parser().parse_args(args))
+    assert cfg.total_steps is None and cfg.token_budget == 2_000_000_000
+    with pytest.raises(ValueError, match="exactly one of total_steps and token_budget"):
+        config_from_args(build_parser().parse_args(args[:2] + ["--token-budget", "2e9"]))

@@ -16,7 +16,7 @@ setup(
         # The set-up script installs torch first (a CPU wheel on CPU-only machines) so that this
         # range never pulls a multi-GB CUDA build by itself.
         "torch>=2.4",
-        "deepspeed>=0.16",
+        "deepspeed>=0.19.8,<0.20",  # relora_ds/zero_reset.py relies on 0.19 internals (tested: 0.19.8)
         "triton>=3.0",
         "datasets>=3.0",
         "sentencepiece>=0.2",

@@ -78,12 +78,20 @@ def unknown_hosts(hosts, allocation: list[str] | None) -> list[str]:
     return bad
 
 
-def check(hosts: dict[str, int], allocation: list[str] | None, source: str = "hostfile") -> None:
+def check(hosts: dict[str, int], allocation: list[str] | None, source: str = "hostfile",
+          all_nodes: bool = False) -> None:
+    """Every host must be a node of the SLURM job (or resolve, outside SLURM); with `all_nodes`, every node
+    of the job must be listed too (train_deepspeed.sbatch starts the launcher on every node)."""
     bad = unknown_hosts(hosts, allocation)
     if bad:
         where = (f"not nodes of SLURM job {os.environ.get('SLURM_JOB_ID', '?')} (its nodes: {', '.join(allocation)})"
                  if allocation is not None else "names that do not resolve on this machine")
         raise ValueError(f"{source}: unknown host(s) {', '.join(bad)}: {where}")
+    missing = [n for n in allocation or [] if n not in hosts] if all_nodes else []
+    if missing:
+        raise ValueError(f"{source}: node(s) {', '.join(missing)} of SLURM job {os.environ.get('SLURM_JOB_ID', '?')} "
+                         "are not listed: every node of the job starts the launcher, so list them all (or "
+                         "submit with fewer --nodes)")
 
 
 def node_rank(hosts: dict[str, int], me: str | None = None) -> int:
@@ -105,6 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--slots", type=int, required=True, help="ranks per node (GPUs per node)")
     p = sub.add_parser("check", help="validate a hostfile; print its total slots (the world size)")
     p.add_argument("hostfile")
+    p.add_argument("--all-nodes", action="store_true", help="inside a SLURM job: every node must be listed")
+    p = sub.add_parser("first-host", help="print the hostfile's first host (where the deepspeed launcher puts rank 0)")
+    p.add_argument("hostfile")
     p = sub.add_parser("node-rank", help="print this node's index in the hostfile")
     p.add_argument("hostfile")
     p.add_argument("--host", help="this node's name (default: $SLURMD_NODENAME, else the hostname)")
@@ -119,8 +130,10 @@ def main(argv=None) -> int:
             print("".join(f"{n} slots={args.slots}\n" for n in nodes), end="")
         elif args.cmd == "check":
             hosts = read_hostfile(args.hostfile)
-            check(hosts, slurm_nodes(), args.hostfile)
+            check(hosts, slurm_nodes(), args.hostfile, all_nodes=args.all_nodes)
             print(sum(hosts.values()))
+        elif args.cmd == "first-host":
+            print(next(iter(read_hostfile(args.hostfile))))
         else:
             print(node_rank(read_hostfile(args.hostfile), args.host))
     except ValueError as e:

@@ -12,6 +12,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def curves(recs: list[dict]) -> tuple[list[dict], list[dict], list[int]]:
+    """(training records, validation records, switch/reset steps), one per step in step order. A resumed
+    run appends to metrics.jsonl and logs the steps after its checkpoint again: the later record wins."""
+    def last_per_step(key):
+        return sorted({r["step"]: r for r in recs if key in r}.values(), key=lambda r: r["step"])
+
+    resets = sorted({r["step"] for r in recs if r.get("event") in ("reset", "switch_to_relora")})
+    return last_per_step("loss"), last_per_step("val_loss"), resets
+
+
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("metrics", type=Path)
@@ -20,9 +30,7 @@ def main(argv=None) -> Path:
     if not args.metrics.is_file():
         ap.error(f"{args.metrics}: no such file")
     recs = [json.loads(line) for line in args.metrics.read_text().splitlines() if line.strip()]
-    train = [r for r in recs if "loss" in r]
-    val = [r for r in recs if "val_loss" in r]
-    resets = [r["step"] for r in recs if r.get("event") in ("reset", "switch_to_relora")]
+    train, val, resets = curves(recs)
     if not train:
         ap.error(f"{args.metrics}: no training records")
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)

@@ -13,6 +13,7 @@ from relora_ds.trainer import Trainer
 def main(argv=None) -> int:
     parser = build_launch_parser(__doc__)
     args = parser.parse_args(argv)
+    trainer = None
     try:
         try:
             cfg = config_from_args(args)
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
             return 3
         return 0
     finally:
+        if trainer is not None:  # a NaN stop or any exception: the last TensorBoard events are written too
+            trainer.metrics.close()
         # Shut the process group down here, on every exit path: left to interpreter exit, gloo's threads are
         # sometimes destroyed while joinable and the rank aborts ("terminate called without an active
         # exception", exit -6); seen in 3 of 7 2-rank CPU runs of tests/dist/zero_reset_worker.py.

@@ -40,5 +40,7 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
+        """Flush TensorBoard's events; idempotent (launch/train.py also calls it on every exit path)."""
         if self._tb is not None:
             self._tb.close()
+            self._tb = None

@@ -9,8 +9,9 @@ VENV="${RELORA_VENV:-$ROOT/.venv}"
 TORCH_VERSION="${RELORA_TORCH_VERSION:-2.13.0}"
 PY="${PYTHON:-python3}"
 
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  # (re)create: also a venv left without pip by an interrupted first run, or python3-venv missing then
+  "$PY" -m venv --clear "$VENV"
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
@@ -20,9 +21,18 @@ want="$(cat "$ROOT/setup.py" "$ROOT/scripts/setup_env.sh" | sha256sum | cut -c1-
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python -m pip install -q --upgrade pip
   if ! python -c "import torch" 2>/dev/null; then
-    # On this project's CPU machines pip resolves this pin to a local CPU wheel; on a GPU machine,
-    # install the torch build matching your CUDA first and this step is skipped.
-    python -m pip install -q "torch==$TORCH_VERSION"
+    # A wheel already on this machine (pip's find-links) first: this project's CPU machines keep the CPU
+    # build there. Otherwise, without an NVIDIA GPU, PyTorch's CPU index: PyPI's Linux wheel is the
+    # multi-GB CUDA build. On a GPU machine install the build matching your CUDA first; this is skipped.
+    local_wheel=$(mktemp -d)
+    if python -m pip download -q --no-index --no-deps -d "$local_wheel" "torch==$TORCH_VERSION" >/dev/null 2>&1 \
+        || command -v nvidia-smi >/dev/null 2>&1; then
+      python -m pip install -q "torch==$TORCH_VERSION"
+    else
+      python -m pip install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+        --extra-index-url https://pypi.org/simple
+    fi
+    rm -rf "$local_wheel"
   fi
   python -m pip install -q -e "$ROOT[dev,mpi]"
   # Built-in corpus: Wikipedia vital-article summaries (CC BY-SA 4.0) and Shakespeare (public domain).

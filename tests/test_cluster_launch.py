@@ -65,6 +65,13 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size():
     assert "global_batch_size=24 is not divisible by micro_batch_size=4 x world_size=4 = 16" in proc.stderr
     proc = _run(sys.executable, "launch/preflight.py", "--world-size", "2", *args[:2], "--deepspeed", "nope.json")
     assert proc.returncode == 2 and "--deepspeed nope.json: no such file" in proc.stderr
+    # What would otherwise fail every rank after start-up: preset, data dir, target_modules, HF directory.
+    for extra, msg in ((["--model", "13b"], "unknown model preset '13b'"),
+                       (["--data-dir", "/nonexistent"], "'/nonexistent' is not a prepared data dir"),
+                       (["--target-modules", "q_proj", "v_prj"], "target_modules ['v_prj'] matched no nn.Linear"),
+                       (["--hf-model", str(ROOT / "launch")], "no config.json")):
+        proc = _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args, *extra)
+        assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-500:])
 
 
 def test_hostfile_parse_errors():
@@ -92,6 +99,14 @@ def test_hostfile_check_names_unknown_hosts(tmp_path, monkeypatch):
     hf.write_text("localhost slots=2\n")
     proc = _run(sys.executable, "launch/hostfile.py", "check", hf)
     assert (proc.returncode, proc.stdout) == (0, "2\n")  # the world size
+    # train_deepspeed.sbatch starts the launcher on every node: a node left out is an error there, and
+    # MASTER_ADDR is the hostfile's first host (rank 0), not the allocation's first node.
+    hostfile.check({"n2": 8, "n1": 8}, ["n1", "n2"], all_nodes=True)
+    with pytest.raises(ValueError, match=r"node\(s\) n3 of SLURM job 42 are not listed"):
+        hostfile.check({"n2": 8, "n1": 8}, ["n1", "n2", "n3"], all_nodes=True)
+    hf.write_text("n2 slots=8\nn1 slots=8\n")
+    proc = _run(sys.executable, "launch/hostfile.py", "first-host", hf)
+    assert (proc.returncode, proc.stdout) == (0, "n2\n")
 
 
 def test_hostfile_node_rank_and_from_slurm_outside_a_job(tmp_path):

@@ -57,6 +57,18 @@ def test_plot_command(demo_run):
     assert (demo_run / "curves.png").stat().st_size > 10_000
 
 
+def test_plot_curves_of_a_resumed_run_keep_one_record_per_step():
+    sys.path.insert(0, str(ROOT / "launch"))
+    from plot_metrics import curves
+
+    first = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 9)] + [{"event": "reset", "step": 6}]
+    resumed = [{"step": s, "loss": 4.0 - 0.1 * s, "lr": 1e-3} for s in range(7, 11)] + [{"event": "reset", "step": 10}]
+    train, val, resets = curves(first + resumed + [{"step": 10, "val_loss": 3.5}])
+    assert [r["step"] for r in train] == list(range(1, 11))
+    assert [r["loss"] for r in train][6:] == [4.0 - 0.1 * s for s in range(7, 11)]  # the resumed run's
+    assert resets == [6, 10] and [r["step"] for r in val] == [10]
+
+
 def _python_train(*args):
     env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
@@ -111,6 +123,12 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
     last_good = (ckpts / "latest").read_text()
     assert f"non-finite loss (nan) at step {int(last_good.split('_')[1]) + 1}" in proc.stderr
     assert f"Last good checkpoint: {ckpts / last_good}" in proc.stderr and (ckpts / last_good).is_dir()
+    # The steps before the NaN reached TensorBoard too (its writer is closed on this exit path as well).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert "loss" in events.Tags()["scalars"] and len(events.Scalars("loss")) >= int(last_good.split("_")[1])
     # That checkpoint has no ZeRO partitions: resuming it under ZeRO is a clear error naming the ways out.
     proc = _python_train("--model", "debug", "--seq-len", "32", "--cycle-length", "4", "--warm-start-steps", "2",
                          "--restart-warmup-steps", "2", "--warmup-steps", "1", "--total-steps", "12",

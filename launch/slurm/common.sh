@@ -28,15 +28,17 @@ require_slurm_job() {
     [[ -f launch/train.py ]] || die "launch/train.py not found in $PWD: submit from the repository root"
 }
 
-# Sets train_args (launch/train.py flags) and out_dir after checking them for WORLD ranks (launch/preflight.py).
+# Sets train_args (launch/train.py flags), out_dir and world_size after checking them for WORLD ranks
+# (launch/preflight.py).
 prepare_training() {
     local world=$1 extra=()
+    world_size=$world
     PYTHON=${PYTHON:-python}
     train_args=(--config "${RECIPE:-launch/configs/paper_130m.yaml}" --deepspeed "${DS_CONFIG:-ds_configs/zero2.json}"
                 --resume)
     [[ -z "${OUTPUT_DIR:-}" ]] || train_args+=(--output-dir "$OUTPUT_DIR")
     read -r -a extra <<< "${TRAIN_ARGS:-}"
-    train_args+=("${extra[@]}")
+    train_args+=(${extra[@]+"${extra[@]}"})  # (an empty array under set -u fails on bash < 4.4)
     out_dir=$("$PYTHON" launch/preflight.py --world-size "$world" "${train_args[@]}") || exit 2
 
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

@@ -66,7 +66,28 @@ def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     proc = subprocess.run(["bash", str(script), "benhc"], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
-    assert proc.returncode == 2 and "valid: env tests tune bench int8 e2e loss ds" in proc.stderr
+    assert proc.returncode == 2 and "(valid: env bench int8 e2e tests loss tune ds )" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_gpu_check_returns_few_files_and_keeps_to_its_budget(tmp_path):
+    """The device tool returns at most 8 files from $OUT: every stage's logs and results travel in one
+    tarball (re-packed after each stage) beside stages.txt. A stage the budget cannot fit is skipped, named.
+    Here, on CPU, `env` fails (no nvidia-smi), which must not stop the script."""
+    import tarfile
+
+    script = ROOT / "launch" / "gpu_check.sh"
+    proc = subprocess.run(["bash", str(script), "env", "tests"], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path), "GPU_CHECK_BUDGET": "40"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.tar.gz", "stages.txt"]
+    stages = (tmp_path / "stages.txt").read_text().splitlines()
+    assert stages == ["env skipped: 40s of GPU_CHECK_BUDGET=40s left", "tests skipped: 40s of GPU_CHECK_BUDGET=40s left"]
+    proc = subprocess.run(["bash", str(script), "env"], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 0 and (tmp_path / "stages.txt").read_text().startswith("env rc=")
+    with tarfile.open(tmp_path / "gpu_check.tar.gz") as tar:
+        assert {"./env.log", "./stages.txt"} <= set(tar.getnames())
 
 
 def test_bench_goes_on_when_a_provider_fails(tmp_path, monkeypatch, capsys):

@@ -7,8 +7,8 @@ Model states (bytes per parameter; Rajbhandari et al. 2020, ZeRO, Sec. 3 with K=
 ranks. Trainable parameters: bf16 weight 2 + bf16 grad 2 + fp32 master 4 + Adam m 4 + Adam v 4. Frozen
 parameters (the ReLoRA base weights): bf16 weight 2, nothing else (no master, no grad, no Adam state).
     ZeRO 0: 16 T           ZeRO 1: 4 T + 12 T/N      ZeRO 2: 2 T + 14 T/N      ZeRO 3: 16 T/N
-    plus frozen 2 F (ZeRO 0-2) or 2 F/N (ZeRO 3); with --quantize int8 about 1 F at every stage (buffers,
-    which ZeRO-3 does not partition).
+    plus frozen 2 F (ZeRO 0-2) or 2 F/N (ZeRO 3); with --quantize int8 F or F/N, plus the per-row scales
+    (2 bytes per output row, replicated).
 The warm start is full-rank (T = all parameters, F = 0); the ReLoRA phase trains LoRA A/B of the 7
 projections, embeddings, lm_head and norms (T) and freezes the projections' weights (F).
 
@@ -55,21 +55,23 @@ def param_counts(cfg: LlamaConfig, rank: int) -> dict[str, int]:
             "other": 2 * V * h + (2 * L + 1) * h}
 
 
-def frozen_bytes(counts: dict[str, int], quantize: str | None) -> int:
-    """Device bytes of the frozen projection weights: bf16 (2 per parameter), or int8 plus a bf16 scale per
-    output row (relora_ds/quant.py; the int8 merge residual lives in host memory)."""
+def frozen_bytes(counts: dict[str, int], quantize: str | None) -> tuple[int, int]:
+    """Device bytes of the frozen projection weights as (ZeRO-3-partitioned parameters, replicated buffers):
+    bf16 (2 per parameter, 0), or int8 (1 per parameter, a bf16 scale per output row); relora_ds/quant.py,
+    whose int8 merge residual lives in host memory."""
     if quantize == "int8":
-        return counts["projections"] + 2 * counts["projection_rows"]
-    return 2 * counts["projections"]
+        return counts["projections"], 2 * counts["projection_rows"]
+    return 2 * counts["projections"], 0
 
 
-def state_bytes(trainable: int, frozen: float, stage: int, n: int, frozen_partitioned: bool = True) -> float:
+def state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n: int) -> float:
     """Per-GPU model-state bytes at a ZeRO stage over n ranks: trainable parameters' weights, grads, fp32
-    masters and Adam m and v, plus ``frozen`` bytes of frozen weights (partitioned by ZeRO-3 only, and not
-    even then when they are buffers: the int8 base)."""
+    masters and Adam m and v, plus the frozen weights (``frozen_bytes``: its parameters are partitioned by
+    ZeRO-3 only, its buffers never)."""
     t = {0: 16 * trainable, 1: 4 * trainable + 12 * trainable / n, 2: 2 * trainable + 14 * trainable / n,
          3: 16 * trainable / n}[stage]
-    return t + frozen / (n if stage == 3 and frozen_partitioned else 1)
+    params, buffers = frozen
+    return t + params / (n if stage == 3 else 1) + buffers
 
 
 def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> int:
@@ -142,9 +144,8 @@ def table(args) -> str:
         c = param_counts(cfg, args.rank)
         total = c["projections"] + c["other"]
         trainable_lr = c["lora"] + c["other"]
-        full = {z: state_bytes(total, 0, z, args.gpus) for z in range(4)}
-        low = {z: state_bytes(trainable_lr, frozen_bytes(c, args.quantize), z, args.gpus,
-                              frozen_partitioned=args.quantize is None) for z in (0, 2, 3)}
+        full = {z: state_bytes(total, (0, 0), z, args.gpus) for z in range(4)}
+        low = {z: state_bytes(trainable_lr, frozen_bytes(c, args.quantize), z, args.gpus) for z in (0, 2, 3)}
         act_full = activation_phases(cfg, args.seq_len, None, args.activation_checkpointing, args.loss_chunk_size)
         act_low = activation_phases(cfg, args.seq_len, args.rank, args.activation_checkpointing, args.loss_chunk_size)
 

@@ -6,8 +6,9 @@ Reads the arguments as launch/train.py does (recipe, CLI overrides, DeepSpeed JS
 DeepSpeed config for that world size with the trainer's own code, so the same batch arithmetic and
 one-home-per-value checks run, once, on the launching node: a bad recipe fails in seconds with one
 message instead of once per rank after every node has imported torch. It also checks what fails every
-rank at start-up: the model preset (or Hugging Face directory), a given data dir, and target_modules. Prints a summary on stderr and the
-resolved output directory on stdout (the sbatch scripts read it to find metrics.jsonl); exit 2 on error.
+rank at start-up: the model preset (or Hugging Face directory), a given data dir, and target_modules.
+Prints a summary on stderr and the resolved output directory on stdout (the sbatch scripts read it to
+find metrics.jsonl); exit 2 on error.
 """
 import json
 import sys

@@ -8,7 +8,7 @@ finished writing, so a crash while saving leaves it pointing at the previous com
 Resuming on another number of ranks: a checkpoint whose optimizer state is sharded (ZeRO, or DeepSpeed's
 bf16 optimizer) is converted once by DeepSpeed's ``ds_to_universal`` into ``step_<N>/universal/`` and
 loaded with ``load_universal``. DeepSpeed restores the trainable parameters, their optimizer state and the
-scheduler from it, but not frozen parameters or buffers (the ReLoRA base weights, int8 buffers, merge
+scheduler from it, but not frozen parameters or buffers (the ReLoRA base weights, int8 weights and buffers, merge
 counts): the conversion adds any the converter leaves out (ZeRO-3's) and ``restore_frozen_from_universal``
 copies them in.
 """

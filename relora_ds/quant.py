@@ -1,11 +1,14 @@
 """8-bit frozen base weights for ReLoRA layers, and merges that do not drift.
 
-Storage (``wrap(model, quantize="int8")``): each targeted layer's frozen W (out, in) becomes three buffers
-(buffers, not parameters: ZeRO never puts them in an optimizer group, and DeepSpeed 0.19 casts only
-parameters to bf16 unless ``buffer_dtype`` is configured):
+Storage (``wrap(model, quantize="int8")``): each targeted layer's frozen W (out, in) becomes
 
-- ``weight_q`` int8 (out, in) and ``weight_scale`` bf16 (out,), on the layer's device: per-output-channel
-  absmax, ``W ≈ q · scale``. Device bytes: out·in + 2·out = (0.5 + 1/in)× bf16.
+- ``weight_q`` int8 (out, in), a frozen parameter (``requires_grad=False``), and ``weight_scale`` bf16 (out,),
+  a buffer, both on the layer's device: per-output-channel absmax, ``W ≈ q · scale``. Device bytes:
+  out·in + 2·out = (0.5 + 1/in)× bf16. ``weight_q`` is a parameter so that ZeRO-3 partitions it like a bf16
+  base (1/N per rank, gathered per layer in forward and at a merge); frozen, it is in no optimizer group,
+  and DeepSpeed's mixed-precision cast touches only float parameters (``CASTABLE_DTYPES``), so it stays
+  int8. The scale is a buffer so that no precision setting recasts it (DeepSpeed casts buffers only when
+  ``buffer_dtype`` is configured); it is 2 bytes per row, replicated.
 - ``weight_residual`` int8 (out, in) in **host memory** (never moved by ``.to(device)``): the next 8 bits of
   the weight, ``W ≈ (q + residual/254) · scale`` (relative error ~1e-4·absmax per element).
 
@@ -18,7 +21,8 @@ within ~k·scale/508 of the exact fp32-accumulated weight. Measured ratio to the
 for k = 1…20 (``merge_drift`` below; tests/test_int8_quant.py; BENCHMARKS.md "int8 base weights").
 Alternatives measured with the same function: stochastic rounding (unbiased, but error grows like √k),
 an fp32 master in host memory (exact, 4 B/param of host memory instead of 1 B/param). The residual is a
-buffer, so it is in every checkpoint (resume stays exact); it is computed identically on every rank.
+buffer, so it is in every checkpoint (resume stays exact); it is computed identically on every rank (under
+ZeRO-3 every rank merges the gathered weight, so every rank's residual follows).
 """
 from __future__ import annotations
 
@@ -69,8 +73,9 @@ def check_not_quantized(name: str, linear: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------------------------- layer
 def init_storage(layer: nn.Module, out_features: int, in_features: int, device=None) -> None:
-    """Register the int8 buffers on ``layer`` (its ``weight`` parameter must already be None)."""
-    layer.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+    """Register the int8 storage on ``layer`` (its ``weight`` parameter must already be None)."""
+    layer.weight_q = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                                  requires_grad=False)
     layer.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.bfloat16, device=device))
     layer.register_buffer("weight_residual", torch.zeros(out_features, in_features, dtype=torch.int8))
 
@@ -102,26 +107,6 @@ def device_bytes(out_features: int, in_features: int, quantize: str | None) -> i
     if quantize is None:
         return 2 * out_features * in_features
     return out_features * in_features + 2 * out_features
-
-
-def zero3_replication_warning(shapes: list[tuple[int, int]], zero_stage: int, world_size: int) -> str | None:
-    """The warning for an int8 base under ZeRO-3 on several ranks (None when it does not apply).
-
-    The int8 weights are buffers (the design: ZeRO never puts them in an optimizer group and its bf16 cast
-    leaves them int8), and ZeRO-3 partitions parameters only, so every rank holds all of them; a bf16 base
-    would be partitioned into 1/world_size per rank. ``shapes``: (out, in) of each quantized layer.
-    """
-    if zero_stage != 3 or world_size < 2 or not shapes:
-        return None
-    mib = 2 ** 20
-    int8 = sum(device_bytes(o, i, "int8") for o, i in shapes) / mib
-    bf16 = sum(device_bytes(o, i, None) for o, i in shapes) / world_size / mib
-    host = sum(o * i for o, i in shapes) / mib
-    return (f"quantize='int8' under ZeRO-3 on {world_size} ranks: the int8 base weights are buffers, which ZeRO-3 "
-            f"does not partition, so every rank holds all of them ({int8:,.1f} MiB on the device, plus "
-            f"{host:,.1f} MiB of host residual), while ZeRO-3 would partition a bf16 base to {bf16:,.1f} MiB per "
-            "rank. int8 saves device memory under ZeRO stages 0-2 (weights replicated there anyway); under "
-            "ZeRO-3 with 2 or more ranks, drop --quantize or use ZeRO-2.")
 
 
 # ------------------------------------------------------------------------------------ drift measurement

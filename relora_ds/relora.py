@@ -46,7 +46,8 @@ class ReLoRALinear(nn.Module):
 
     Shapes and names as PEFT's LoRA: ``weight`` (out, in), ``lora_A`` (rank, in), ``lora_B`` (out, rank),
     ``scale = alpha / rank``. With ``quantize="int8"`` there is no ``weight`` parameter: the base lives in
-    int8 buffers (``weight_q``, ``weight_scale``, host ``weight_residual``; see relora_ds/quant.py). lora_A starts Kaiming-uniform and lora_B at zero, so a fresh layer computes
+    int8 (frozen parameter ``weight_q``; buffers ``weight_scale`` and host ``weight_residual``; see
+    relora_ds/quant.py). lora_A starts Kaiming-uniform and lora_B at zero, so a fresh layer computes
     exactly the base layer while B still receives a gradient at the first backward (the reference code
     zeroed both, which leaves LoRA without gradient until the first restart).
     """
@@ -199,8 +200,9 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
 
     ``target_modules``: module names or dotted suffixes (PEFT style), default all attention and MLP
     projections. The base weight is copied into the new layer (in int8 when quantized) and frozen; every
-    other parameter keeps its ``requires_grad``. Tied weights and relora_ds's ``lm_head`` are refused. ``seed`` seeds lora_A's draws (see `reinit_seed`).
-    ``quantize``: None (base kept in its dtype) or ``"int8"`` (per-channel int8 buffers, relora_ds/quant.py).
+    other parameter keeps its ``requires_grad``. Tied weights and relora_ds's ``lm_head`` are refused.
+    ``seed`` seeds lora_A's draws (see `reinit_seed`).
+    ``quantize``: None (base kept in its dtype) or ``"int8"`` (per-channel int8, relora_ds/quant.py).
     """
     quant.check_quantize(quantize)
     if any(True for _ in relora_layers(model)):

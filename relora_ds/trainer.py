@@ -164,12 +164,6 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
                                                lr_scheduler=lambda opt: LambdaLR(opt, fn))
         self.engine_phase = phase
-        if phase == "lowrank" and cfg.quantize:
-            warning = quant.zero3_replication_warning(
-                [(m.out_features, m.in_features) for _, m in relora_layers(model)],
-                self.ds.get("zero_optimization", {}).get("stage", 0), self.world)
-            if warning:  # printed by rank 0 and kept in metrics.jsonl
-                self._event({"event": "warning", "step": self.step, "message": warning})
 
     def _phase_lr(self, phase: str) -> float:
         cfg = self.cfg
@@ -260,7 +254,8 @@ class Trainer:
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {self.ckpt_dir / load_tag}")
         if client.get("phase", phase) != phase:
-            raise RuntimeError(f"{self.ckpt_dir / tag} was written in the {client['phase']!r} phase, expected {phase!r}")
+            raise RuntimeError(f"{self.ckpt_dir / tag} was written in the {client['phase']!r} phase, "
+                               f"expected {phase!r}")
         if universal:
             checkpoint.restore_frozen_from_universal(self.engine.module, self.ckpt_dir / load_tag)
             unshare_optimizer_steps(self.engine)

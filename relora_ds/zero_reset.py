@@ -5,7 +5,8 @@ else talks to the engine through its public API. Facts it relies on (DeepSpeed 0
 - Frozen base weights are in no optimizer group and have no fp32 master: a merge is an in-place edit
   that must be bit-identical on every rank, so it is computed from identical inputs (the gathered fp32
   masters of A and B) with the same ops everywhere. ZeRO-3 gathers W with GatheredParameters; an int8
-  base (relora_ds/quant.py) is buffers, never partitioned, so every rank merges it in every stage.
+  base (relora_ds/quant.py: the int8 weight a frozen parameter, scale and host residual buffers) is
+  merged by every rank, so that every rank's buffers follow, and rank 0's weight is re-partitioned.
 - For lora_A/B the fp32 master partition is the truth: writing only ``param.data`` is undone by the next
   ``step()`` (DeepSpeed #2424). We write the master (and the low-precision copy).
 - Adam moments live in flat per-group partitions and a tensor can straddle ranks. Each tensor is gathered
@@ -136,19 +137,15 @@ def merge_and_reinit_engine(engine) -> dict:
         if _is_zero3(A_param):
             import deepspeed
 
-            if layer.quantize:  # int8 base = buffers, replicated on every rank: every rank merges the same bits
-                layer.merge_(A, B)
-                gathered = [A_param, B_param]
-            else:
-                gathered = [layer.weight, A_param, B_param] + ([layer.bias] if layer.bias is not None else [])
+            base = layer.weight_q if layer.quantize else layer.weight
+            gathered = [base, A_param, B_param] + ([layer.bias] if layer.bias is not None else [])
             with deepspeed.zero.GatheredParameters(gathered, modifier_rank=0):
+                if layer.quantize or _rank() == 0:  # int8: every rank, for its scale and residual buffers
+                    layer.merge_(A, B)
                 if _rank() == 0:
-                    if not layer.quantize:
-                        layer.merge_(A, B)
                     layer.merge_count.fill_(new_count)
                     layer.reset_lora(new_count)
-            if not layer.quantize:
-                comm_bytes += layer.weight.ds_numel * layer.weight.element_size()
+            comm_bytes += base.ds_numel * base.element_size()
             layer.merge_count.fill_(new_count)  # buffers are not partitioned: keep every rank's counter
         else:
             layer.merge_(A, B)

@@ -1,5 +1,6 @@
-"""int8 base weights under DeepSpeed ZeRO-2 and ZeRO-3 (bf16, 2 CPU ranks): resets keep the base
-bit-identical across ranks and equal to the single-process reference; checkpoints restore it exactly."""
+"""int8 base weights under DeepSpeed ZeRO-2 and ZeRO-3 (bf16, 2 CPU ranks): ZeRO-3 partitions the int8
+weight; resets keep the base bit-identical across ranks and equal to the single-process reference;
+checkpoints restore it exactly."""
 import json
 
 import pytest
@@ -23,6 +24,9 @@ def test_int8_storage_survives_bf16_engine(results, stage):
         assert r["dtypes"] == ["torch.bfloat16", "torch.int8"]  # int8 q/residual, bf16 scales: not recast
         assert r["residual_on_host"] and r["no_weight_param"] and not r["int8_in_optimizer"]
         assert r["lora_dtype"] == "torch.bfloat16"
+        if stage == 3:  # the int8 weight is partitioned like a bf16 base: each rank holds half of it
+            assert len(r["partitioned"]) == len(r["q_numel"]) == 14
+            assert all(part == -(-n // 2) for part, n in zip(r["partitioned"], r["q_numel"]))
 
 
 @pytest.mark.parametrize("stage", STAGES)

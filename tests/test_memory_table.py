@@ -34,9 +34,14 @@ def test_frozen_bytes_match_the_wrapped_model(quantize):
     cfg = LlamaConfig.preset("tiny")
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     wrap(model, rank=8, quantize=quantize)
-    held = sum(t.untyped_storage().nbytes() for n, t in [*model.named_parameters(), *model.named_buffers()]
-               if n.endswith((".weight", ".weight_q", ".weight_scale")) and "proj" in n and not t.requires_grad)
-    assert memory_table.frozen_bytes(memory_table.param_counts(cfg, 8), quantize) == held
+    def held(tensors):
+        return sum(t.untyped_storage().nbytes() for n, t in tensors
+                   if n.endswith((".weight", ".weight_q", ".weight_scale")) and "proj" in n and not t.requires_grad)
+
+    # (parameters, which ZeRO-3 partitions; buffers, which it does not)
+    want = (held(model.named_parameters()), held(model.named_buffers()))
+    assert memory_table.frozen_bytes(memory_table.param_counts(cfg, 8), quantize) == want
+    assert want[0] > 0 and (want[1] > 0) == (quantize == "int8")
 
 
 @pytest.mark.parametrize("rank", [None, 16])

@@ -1,8 +1,10 @@
 """2-rank worker for tests/test_int8_zero.py: int8 base weights under ZeRO-2/3 (bf16) through resets.
 
-Per case: train, merge (twice), check the int8 buffers' dtypes and placement, hash them (pytest compares
-ranks), compare each merge with the single-process reference on the same inputs, then save a checkpoint,
-load it into a fresh engine and compare every int8 buffer (residuals included) bit for bit.
+Per case: train, merge (twice), check the int8 tensors' dtypes and placement (under ZeRO-3 the int8 weight is
+partitioned: every parameter, persistence threshold 0), hash them (pytest compares ranks), compare each
+merge with the single-process reference on the same inputs, then save a checkpoint, load it into a fresh
+engine and compare every int8 tensor (residuals included) bit for bit. Under ZeRO-3 the partitioned weights
+are read inside GatheredParameters.
 """
 import argparse
 import hashlib
@@ -26,8 +28,9 @@ def build(stage):
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=175, num_hidden_layers=2,
                       num_attention_heads=4, max_position_embeddings=64)
     model = relora_ds.wrap(LlamaForCausalLM(cfg), rank=3, seed=11, quantize="int8")
+    zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-          "zero_optimization": {"stage": stage}, "bf16": {"enabled": True},
+          "zero_optimization": zero, "bf16": {"enabled": True},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
     lora = relora_ds.lora_parameters(model)
     others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -40,10 +43,17 @@ def buffers(engine):
     return [(n, b) for n, l in relora_ds.relora_layers(engine.module) for b in (getattr(l, k) for k in BUFFERS)]
 
 
+def gathered(engine):
+    """The full int8 weights inside this context (ZeRO-3 partitions them; a no-op otherwise)."""
+    qs = [l.weight_q for _, l in relora_ds.relora_layers(engine.module)]
+    return deepspeed.zero.GatheredParameters(qs, enabled=hasattr(qs[0], "ds_id"))
+
+
 def digest(engine):
     h = hashlib.sha256()
-    for _, b in buffers(engine):
-        h.update(b.detach().cpu().view(torch.uint8).numpy().tobytes())
+    with gathered(engine):
+        for _, b in buffers(engine):
+            h.update(b.detach().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -62,7 +72,9 @@ def run_case(stage, rank, ckpt_dir):
            "residual_on_host": all(l.weight_residual.device.type == "cpu" for _, l in layers),
            "no_weight_param": all(l.weight is None for _, l in layers),
            "int8_in_optimizer": any(p.dtype == torch.int8 for g in engine.optimizer.param_groups for p in g["params"]),
-           "lora_dtype": str(layers[0][1].lora_A.dtype)}
+           "lora_dtype": str(layers[0][1].lora_A.dtype),
+           "partitioned": [q.ds_tensor.numel() for q in (l.weight_q for _, l in layers) if hasattr(q, "ds_id")],
+           "q_numel": [l.weight_q.ds_numel if hasattr(l.weight_q, "ds_id") else l.weight_q.numel() for _, l in layers]}
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randint(0, 256, (2, 17), generator=g).to(engine.device)
     merges_match = True
@@ -72,26 +84,31 @@ def run_case(stage, rank, ckpt_dir):
         expected = []
         for _, l in layers:
             A, B = safe_get_full_fp32_param(l.lora_A), safe_get_full_fp32_param(l.lora_B)
-            q, s, r = (getattr(l, k).clone() for k in BUFFERS)
+            with gathered(engine):
+                q, s, r = (getattr(l, k).clone() for k in BUFFERS)
             rk.int8_merge_reference_(q, s, r, A.cpu(), B.cpu(), l.scale)
             expected.append((q, s, r))
         relora_ds.merge_and_reinit(engine)
-        for (_, l), e in zip(layers, expected):
-            merges_match &= all(torch.equal(getattr(l, k).cpu(), t.cpu()) for k, t in zip(BUFFERS, e))
+        with gathered(engine):
+            for (_, l), e in zip(layers, expected):
+                merges_match &= all(torch.equal(getattr(l, k).cpu(), t.cpu()) for k, t in zip(BUFFERS, e))
         res[f"hash_after_merge_{cycle + 1}"] = digest(engine)
     res["merges_match_reference"] = bool(merges_match)
     res["merge_count"] = int(layers[0][1].merge_count)
     train(engine, x, 1)
     engine.save_checkpoint(ckpt_dir, tag="t")
-    saved = [b.detach().cpu().clone() for _, b in buffers(engine)]
+    with gathered(engine):
+        saved = [b.detach().cpu().clone() for _, b in buffers(engine)]
     saved_counts = [int(l.merge_count) for _, l in layers]
     engine.destroy()
 
     fresh = build(stage)
-    res["fresh_differs"] = any(not torch.equal(a, b.cpu()) for a, (_, b) in zip(saved, buffers(fresh)))
+    with gathered(fresh):
+        res["fresh_differs"] = any(not torch.equal(a, b.cpu()) for a, (_, b) in zip(saved, buffers(fresh)))
     fresh.load_checkpoint(ckpt_dir, tag="t")
-    res["resume_exact"] = all(torch.equal(a, b.cpu()) and a.dtype == b.dtype
-                              for a, (_, b) in zip(saved, buffers(fresh)))
+    with gathered(fresh):
+        res["resume_exact"] = all(torch.equal(a, b.cpu()) and a.dtype == b.dtype
+                                  for a, (_, b) in zip(saved, buffers(fresh)))
     res["resume_counts"] = [int(l.merge_count) for _, l in relora_ds.relora_layers(fresh.module)] == saved_counts
     res["resume_residual_on_host"] = all(l.weight_residual.device.type == "cpu"
                                          for _, l in relora_ds.relora_layers(fresh.module))

@@ -46,7 +46,15 @@ def main(argv=None) -> Path:
     if any(".lora_A" in k for k in state):  # saved in the ReLoRA phase (after any warm start)
         t = run["train"]
         wrap(model, rank=t["rank"], alpha=t["alpha"], target_modules=t["target_modules"],
-             quantize=t.get("quantize"))  # int8 runs: the base is weight_q/weight_scale buffers
+             quantize=t.get("quantize"))  # int8 runs: the base is weight_q plus scale/residual buffers
+    # DeepSpeed saves frozen-parameter fragments only where gradients are partitioned (ZeRO-2/3), so for
+    # ZeRO-1 zero_to_fp32 returns no frozen base weights: take them from the module states, which hold them
+    # in full there (ZeRO-3 writes per-rank module states instead, and zero_to_fp32 has its frozen weights).
+    module_states = args.checkpoints / tag / "mp_rank_00_model_states.pt"
+    if module_states.is_file():
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        module = torch.load(module_states, map_location="cpu", weights_only=False)["module"]
+        state.update({k: v for k, v in module.items() if k not in state and k in shapes and v.shape == shapes[k]})
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     # merge_count buffers may be absent: they do not affect the exported weights.
     if unexpected or [k for k in missing if not k.endswith("merge_count")]:

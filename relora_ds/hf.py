@@ -86,7 +86,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
 # Checked by save_hf_tokenizer on every export: leading, repeated and trailing spaces, newlines, tabs,
 # digits, non-ASCII (byte fallback) and the empty string.
 _PROBES = ["Hello world", " leading space", "  two  spaces  ", "line\nbreak\n\n", "\tTab", "12345 3.14",
-           "naïve café, 漢字 ✓", "", " "]
+           "naïve café, 漢字 ✓", "", " ", "text with <s>, </s> and <unk> written in it"]
 
 
 def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_length: int,
@@ -129,8 +129,9 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
     backend.pre_tokenizer = None
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          *([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else [])])
+    # split_special_tokens: "<s>" written in a text is text, as SentencePiece encoded it in training.
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
-                                  add_bos_token=True, add_eos_token=False, **pieces)
+                                  add_bos_token=True, add_eos_token=False, split_special_tokens=True, **pieces)
     for text in _PROBES if probes is None else probes:
         want = [sp.bos_id(), *sp.encode(text)]
         got = tok(text)["input_ids"]

@@ -191,6 +191,17 @@ def target_linears(model: nn.Module, target_modules: Iterable[str] | None = None
     if unmatched and target_modules is not None:
         raise ValueError(f"target_modules {unmatched} matched no nn.Linear layer (the others did); linear layer "
                          f"names in this model end in: {leaves}")
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for name, linear in chosen:
+        if type(linear).__name__ == "LMHead":
+            raise ValueError(f"target_modules selects {name!r}, relora_ds's output layer: ReLoRA trains it "
+                             "full-rank (as embeddings and norms), and its chunked loss needs the plain layer")
+        shared = [o for o in owners[id(linear.weight)] if o != f"{name}.weight"]
+        if shared:
+            raise ValueError(f"target_modules selects {name!r}, whose weight is tied to {shared}: a ReLoRA layer "
+                             "would untie it silently; leave it out of target_modules")
     return chosen
 
 
@@ -209,17 +220,6 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
         raise ValueError("model already contains ReLoRALinear layers; wrap() it only once "
                          "(use relora_ds.unwrap(model) first to start over)")
     chosen = target_linears(model, target_modules)
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
-    for name, linear in chosen:
-        if type(linear).__name__ == "LMHead":
-            raise ValueError(f"target_modules selects {name!r}, relora_ds's output layer: ReLoRA trains it "
-                             "full-rank (as embeddings and norms), and its chunked loss needs the plain layer")
-        shared = [o for o in owners[id(linear.weight)] if o != f"{name}.weight"]
-        if shared:
-            raise ValueError(f"target_modules selects {name!r}, whose weight is tied to {shared}: a ReLoRA layer "
-                             "would untie it silently; leave it out of target_modules")
     if quantize:
         for name, linear in chosen:
             quant.check_not_quantized(name, linear)

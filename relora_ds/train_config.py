@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,8 +169,8 @@ def _coerce(name: str, value, tp):
                 value = float(value)
             except ValueError:
                 raise ValueError(f"{name}={value!r} must be a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name}={value!r} must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} must be a finite number")
         if tp is float:
             return float(value)
         if float(value) != int(value):
@@ -217,10 +218,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
             parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_)
         else:
             optional = type(None) in typing.get_args(hints[f.name])
+            choices = f.metadata.get("choices")
+            if choices:  # checked by TrainConfig.validate, so that 'none' can pass argparse
+                help_ += f"; one of {', '.join(choices)}"
             if optional:
                 help_ += "; 'none' clears a value the recipe sets"
             parser.add_argument(flag, dest=f.name, type=_cli_type(f.name, hints[f.name]), default=None, help=help_,
-                                choices=f.metadata.get("choices"))
+                                metavar=f"{{{','.join(choices)}}}" if choices else None)
     return parser
 
 

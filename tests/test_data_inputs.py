@@ -231,6 +231,15 @@ def test_hub_dataset_is_pinned_to_the_commit_it_was_read_at(tmp_path, monkeypatc
     head["main"] = "bbb222"
     prepare_data(["someone/corpus"], out, vocab_size=300)
     assert load_manifest(out)["recipe"]["hub_commit"] == "bbb222" and loaded == ["aaa111", "bbb222"]
+    # Offline: the data prepared at the last commit is kept (a warning says the hub could not be asked).
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, name, revision=None: 1 / 0)
+    with pytest.warns(DataWarning, match="cannot reach the hub .* keeping the data prepared at commit bbb222"):
+        prepare_data(["someone/corpus"], out, vocab_size=300)
+    assert loaded == ["aaa111", "bbb222"]
+    with pytest.raises(ValueError, match="could not open Hugging Face hub dataset 'someone/corpus'"):
+        prepare_data(["someone/corpus"], tmp_path / "never_prepared", vocab_size=300)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, name, revision=None: (
+        asked.append((name, revision)) or type("Info", (), {"sha": head[revision or "main"]})()))
     prepare_data(["someone/corpus"], tmp_path / "pinned", vocab_size=300, hf_revision="v1")
     assert asked[-1] == ("someone/corpus", "v1") and loaded[-1] == "0f0f0f"
     with pytest.raises(ValueError, match="hf_revision='v1' only applies to a hub dataset"):

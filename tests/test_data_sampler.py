@@ -126,6 +126,23 @@ def test_resharding_mid_epoch_with_accumulation_skips_nothing():
     assert len(set(seen)) == len(seen) == 48 and resumed[0].epoch == 0
 
 
+def test_resume_with_another_global_batch_keeps_steps_inside_epochs():
+    """Global batch 8 for 2 steps, then 12 (world 1, micro 4, accumulation 2 -> 3): every later optimizer
+    step still lies within one epoch (50 windows: the resumed epoch has room for 2 more steps of 12)."""
+    n = 50
+    first = ShardedBatches(Windows(n), 4, rank=0, world_size=1, seed=3, accumulation_steps=2)
+    for _ in range(4):
+        next(first)
+    resumed = ShardedBatches(Windows(n), 4, rank=0, world_size=1, seed=3, accumulation_steps=3)
+    resumed.load_state_dict(first.state_dict())
+    for _ in range(10):  # 10 optimizer steps of 3 micro-batches
+        epochs = set()
+        for _ in range(3):
+            next(resumed)
+            epochs.add(resumed.epoch)
+        assert len(epochs) == 1, "an optimizer step straddles two epochs"
+
+
 def test_order_is_a_function_of_seed_and_epoch(ds):
     a = ShardedBatches(ds, 4, rank=0, world_size=1, seed=1)
     b = ShardedBatches(ds, 4, rank=0, world_size=1, seed=1)

@@ -107,8 +107,9 @@ def test_exported_tokenizer_encodes_exactly_as_training(tmp_path, small_data_dir
         assert tok(text)["input_ids"] == [1, *ids], text[:80]
         assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
     # Where transformers' own LLaMA conversion differs from SentencePiece: text starting with spaces.
-    for text in (" leading", "  two", " "):
-        assert tok(text)["input_ids"] == [1, *sp.encode(text)]
+    # And "<s>" written in a text: text to SentencePiece, a special token to transformers by default.
+    for text in (" leading", "  two", " ", "a <s> b </s> c <unk>"):
+        assert tok(text)["input_ids"] == [1, *sp.encode(text)], text
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (sp.bos_id(), sp.eos_id()) == (tok.bos_token_id, tok.eos_token_id)
     assert tok.model_max_length == model.config.max_position_embeddings

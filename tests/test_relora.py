@@ -75,6 +75,8 @@ def test_target_modules_by_suffix_and_errors():
     # silently untie (an HF model with tie_word_embeddings: updates to the embedding would miss lm_head).
     with pytest.raises(ValueError, match="'lm_head', relora_ds's output layer"):
         relora_ds.wrap(_debug_model(), rank=4, target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ValueError, match="'lm_head', relora_ds's output layer"):  # the trainer's start-up check
+        relora_ds.relora.target_linears(_debug_model(), ["q_proj", "lm_head"])
     tied = _hf_model()
     tied.lm_head.weight = tied.model.embed_tokens.weight
     with pytest.raises(ValueError, match=r"'lm_head', whose weight is tied to \['model.embed_tokens.weight'\]"):

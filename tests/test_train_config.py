@@ -143,3 +143,13 @@ def test_cli_none_clears_a_recipe_value(tmp_path):
     assert cfg.total_steps is None and cfg.token_budget == 2_000_000_000
     with pytest.raises(ValueError, match="exactly one of total_steps and token_budget"):
         config_from_args(build_parser().parse_args(args[:2] + ["--token-budget", "2e9"]))
+    # Fields with a fixed set of values take 'none' too, and a bad value is still an error naming them.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nquantize: int8\nkernels: torch\n")
+    cfg = config_from_args(build_parser().parse_args(["--config", str(recipe), "--quantize", "none", "--kernels", "none"]))
+    assert cfg.quantize is None and cfg.kernels is None
+    with pytest.raises(ValueError, match="quantize='int4' is not valid; valid values: 'int8'"):
+        config_from_args(build_parser().parse_args(["--config", str(recipe), "--quantize", "int4"]))
+    for bad in (["--total-steps", "inf"], ["--lr", "nan"]):
+        with pytest.raises(SystemExit):  # argparse: "... must be a finite number"
+            build_parser().parse_args(bad)

@@ -131,6 +131,21 @@ _TOKENIZED = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
                                 "validation": datasets.Value("bool")})
 
 
+def _current_commit(hub: str, revision: str | None, out_dir: Path) -> str:
+    """The hub dataset's commit now; offline, the one `out_dir` was prepared at (with a warning), so that
+    re-running on prepared data stays a no-op without network."""
+    try:
+        return hub_commit(hub, revision)
+    except ValueError:
+        old = mf.read_manifest_file(out_dir)
+        prepared = (old or {}).get("recipe", {}).get("hub_commit")
+        if prepared is None:
+            raise
+        warnings.warn(f"cannot reach the hub to check whether {hub!r} moved; keeping the data prepared at "
+                      f"commit {prepared}", DataWarning, stacklevel=4)
+        return prepared
+
+
 def _recipe(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path) -> dict:
     """Everything that decides the bytes of the token files, and nothing else: not num_proc, streaming
     or seq_len, nor how the inputs were spelled (the fingerprint covers the resolved files)."""
@@ -143,7 +158,7 @@ def _recipe(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path) -> dict
     hub = resolve_inputs(inputs, out_dir)[1] if inputs is not None else None
     if hub is None and cfg.hf_revision is not None:
         raise ValueError(f"hf_revision={cfg.hf_revision!r} only applies to a hub dataset input")
-    commit = hub_commit(hub, cfg.hf_revision) if hub is not None else None
+    commit = _current_commit(hub, cfg.hf_revision, out_dir) if hub is not None else None
     return {
         "corpus_fingerprint": corpus_fingerprint(inputs, cfg.hf_config, exclude=out_dir, hub_revision=commit),
         **({"hub_commit": commit} if commit else {}),  # absent for local corpora: their recipes are unchanged

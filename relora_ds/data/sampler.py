@@ -79,6 +79,9 @@ class ShardedBatches:
         self.epoch = 0
         # Global index into this epoch's order of the next micro-step's first sample.
         self.position = 0
+        # Optimizer steps start at positions step_offset + k * step_samples of an epoch: 0, but after a resume
+        # with another global batch the resumed position (always a step boundary) starts one.
+        self.step_offset = 0
         # Samples consumed by all ranks together since the start of training, across epochs.
         self.samples_consumed = 0
         self._order: tuple[int, np.ndarray] | None = None
@@ -104,11 +107,12 @@ class ShardedBatches:
 
     def __next__(self) -> torch.Tensor:
         n, g, step = self.num_samples, self.global_batch, self.step_samples
-        at_step_start = self.position % step == 0
+        at_step_start = (self.position - self.step_offset) % step == 0
         if self.position >= n or (self.drop_last and (self.position + g > n or
                                                       (at_step_start and self.position + step > n))):
             self.epoch += 1
             self.position = 0
+            self.step_offset = 0
         order = self._epoch_order()
         start = self.position + self.rank * self.micro_batch_size
         # Without drop_last, the epoch's last global batch wraps to the start of the same order.
@@ -141,6 +145,8 @@ class ShardedBatches:
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self.samples_consumed = int(state["samples_consumed"])
+        # A checkpoint is taken between optimizer steps: its position starts one, whatever the global batch.
+        self.step_offset = self.position % self.step_samples
 
 
 def eval_batches(dataset, micro_batch_size: int, rank: int, world_size: int,

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from . import checkpoint, quant
+from . import checkpoint
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, check_tokenizer_matches, eval_batches, \
     load_manifest, prepare_data
+from .data.manifest import read_manifest_file
 from .distributed import init_distributed
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16
 from .engine_state import full_fp32_state_dict
@@ -33,7 +35,7 @@ from .metrics import MetricsLogger, peak_memory_mb
 from .model import LlamaForCausalLM
 from .model_config import LlamaConfig
 from .prune import prune_optimizer_state
-from .relora import lora_parameters, relora_layers, target_linears, wrap
+from .relora import lora_parameters, target_linears, wrap
 from .schedule import cosine_with_warmup, jagged_cosine
 from .train_config import TrainConfig
 from .zero_reset import unshare_optimizer_steps
@@ -110,6 +112,10 @@ class Trainer:
         if self.rank == 0:  # one process tokenizes; the others wait and read
             prepare_data(None, path, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
         dist.barrier()
+        if read_manifest_file(path) is None:  # another node, whose cache is not rank 0's
+            raise ValueError(f"rank {self.rank} on {socket.gethostname()} cannot see the built-in corpus that rank 0 "
+                             f"prepared in {path}: on several nodes set RELORA_DATA_CACHE to a directory all "
+                             "nodes share, or prepare data once (launch/prepare_data.py) and pass --data-dir")
         return path
 
     def _model_config(self) -> LlamaConfig:

@@ -135,3 +135,15 @@ def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
                          "--micro-batch-size", "4", "--global-batch-size", "4", "--rank", "4", "--vocab-size", "512",
                          "--output-dir", tmp_path / "run", "--resume", "--deepspeed", ROOT / "ds_configs/zero1.json")
     assert proc.returncode == 2 and "was written without ZeRO (stage 0)" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_readme_generation_snippet_runs_on_the_export(demo_run, capsys):
+    """The README's generation example, on this run's export: its tokenizer loads and the model generates."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"The export generates text with\nits own tokenizer:\n\n```python\n(.*?)```", text, re.S).group(1)
+    torch.manual_seed(0)
+    exec(compile(block.replace('"runs/tiny/hf"', repr(str(demo_run / "hf"))), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("ROMEO:") and len(printed.strip()) > len("ROMEO:") + 20

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,9 +123,12 @@ class TrainConfig:
             raise ValueError(f"prune_ratio={self.prune_ratio} must be in [0, 1]")
         if self.warm_start_steps and self.warm_start_from:
             raise ValueError("give warm_start_steps or warm_start_from, not both")
-        if self.warm_start_lr is not None and (self.warm_start_lr <= 0 or not self.warm_start_steps):
-            raise ValueError(f"warm_start_lr={self.warm_start_lr} needs warm_start_steps > 0 (now "
-                             f"{self.warm_start_steps}) and must be positive")
+        if self.warm_start_lr is not None and self.warm_start_lr <= 0:
+            raise ValueError(f"warm_start_lr={self.warm_start_lr} must be positive")
+        if self.warm_start_lr is not None and not (self.warm_start_steps and self.mode != "full"):
+            # e.g. a recipe's warm start overridden by --warm-start-steps 0 or --mode full: say so, go on
+            warnings.warn(f"warm_start_lr={self.warm_start_lr} is ignored: this run has no full-rank warm start "
+                          f"(warm_start_steps={self.warm_start_steps}, mode={self.mode!r})", stacklevel=3)
         if self.warm_start_steps and self.mode == "full":
             raise ValueError("warm_start_steps only makes sense with mode=relora or lora")
         if self.quantize not in (None, "int8"):

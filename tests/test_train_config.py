@@ -153,3 +153,16 @@ def test_cli_none_clears_a_recipe_value(tmp_path):
     for bad in (["--total-steps", "inf"], ["--lr", "nan"]):
         with pytest.raises(SystemExit):  # argparse: "... must be a finite number"
             build_parser().parse_args(bad)
+
+
+def test_warm_start_lr_without_a_warm_start_is_named_not_fatal():
+    """tiny.yaml sets warm_start_lr; `--mode full --warm-start-steps 0` (the full-rank baseline of
+    BENCHMARKS.md) must still run, and say the setting is ignored."""
+    from launch_utils import ROOT
+
+    args = ["--config", str(ROOT / "launch/configs/tiny.yaml"), "--mode", "full", "--warm-start-steps", "0"]
+    with pytest.warns(UserWarning, match=r"warm_start_lr=0.001 is ignored: this run has no full-rank warm start"):
+        cfg = config_from_args(build_parser().parse_args(args))
+    assert cfg.mode == "full" and cfg.warm_start_lr == 0.001
+    with pytest.raises(ValueError, match="warm_start_lr=-1.0 must be positive"):
+        TrainConfig(**BASE, warm_start_steps=5, warm_start_lr=-1)

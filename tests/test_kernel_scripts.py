@@ -3,6 +3,7 @@ launch/tune_kernels.py, launch/gpu_check.sh. Not performance numbers; those live
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -82,7 +83,8 @@ def test_gpu_check_returns_few_files_and_keeps_to_its_budget(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.tar.gz", "stages.txt"]
     stages = (tmp_path / "stages.txt").read_text().splitlines()
-    assert stages == [f"{st} skipped: 40s of GPU_CHECK_BUDGET=40s left" for st in ("env", "tests")]
+    assert [re.sub(r"\d+s of", "Ns of", line) for line in stages] == \
+        [f"{st} skipped: Ns of GPU_CHECK_BUDGET=40s left" for st in ("env", "tests")]  # N: 40, or 39 after a slow pack
     proc = subprocess.run(["bash", str(script), "env"], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path)}, timeout=120)
     assert proc.returncode == 0 and (tmp_path / "stages.txt").read_text().startswith("env rc=")

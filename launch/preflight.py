@@ -10,36 +10,12 @@ rank at start-up: the model preset (or Hugging Face directory), a given data dir
 Prints a summary on stderr and the resolved output directory on stdout (the sbatch scripts read it to
 find metrics.jsonl); exit 2 on error.
 """
-import json
 import sys
-from pathlib import Path
 
-import torch
-
-from relora_ds import LlamaConfig, LlamaForCausalLM
-from relora_ds.data import check_tokenizer_matches, load_manifest
+from relora_ds.data import load_manifest
 from relora_ds.ds_config import complete_ds_config, load_ds_config
-from relora_ds.hf import config_from_hf
-from relora_ds.relora import target_linears
+from relora_ds.startup import check_model_and_data
 from relora_ds.train_config import build_launch_parser, config_from_args
-
-
-def check_model_and_data(cfg) -> None:
-    """The start-up checks of Trainer.__init__ that need no process group (ValueError on a problem)."""
-    vocab = load_manifest(cfg.data_dir)["vocab_size"] if cfg.data_dir else cfg.vocab_size
-    source = cfg.hf_model or cfg.warm_start_from
-    if source:
-        path = Path(source) / "config.json"
-        if not path.is_file():
-            raise ValueError(f"{source}: no config.json (expected a Hugging Face LLaMA directory)")
-        model_config = config_from_hf(json.loads(path.read_text()))
-    else:
-        model_config = LlamaConfig.preset(cfg.model, vocab_size=vocab, max_position_embeddings=cfg.seq_len + 1)
-    if cfg.data_dir:
-        check_tokenizer_matches(cfg.data_dir, model_config.vocab_size)
-    if cfg.mode != "full":
-        with torch.device("meta"):
-            target_linears(LlamaForCausalLM(model_config), cfg.target_modules)
 
 
 def main(argv=None) -> int:
@@ -52,7 +28,8 @@ def main(argv=None) -> int:
         cfg = config_from_args(args)
         ds = complete_ds_config(load_ds_config(args.deepspeed), cfg, args.world_size,
                                 source=f"--deepspeed {args.deepspeed}" if args.deepspeed else "default")
-        check_model_and_data(cfg)
+        vocab = load_manifest(cfg.data_dir)["vocab_size"] if cfg.data_dir else cfg.vocab_size
+        check_model_and_data(cfg, cfg.data_dir, vocab)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     stage = ds.get("zero_optimization", {}).get("stage", 0)

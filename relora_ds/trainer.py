@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from . import checkpoint
-from .data import PackedTokens, ShardedBatches, builtin_data_dir, check_tokenizer_matches, eval_batches, \
+from .data import PackedTokens, ShardedBatches, builtin_data_dir, eval_batches, \
     load_manifest, prepare_data
 from .data.manifest import read_manifest_file
 from .distributed import init_distributed
@@ -33,10 +33,10 @@ from .hf import export_hf, load_hf
 from .merge import merge_and_reinit
 from .metrics import MetricsLogger, peak_memory_mb
 from .model import LlamaForCausalLM
-from .model_config import LlamaConfig
 from .prune import prune_optimizer_state
-from .relora import lora_parameters, target_linears, wrap
+from .relora import lora_parameters, wrap
 from .schedule import cosine_with_warmup, jagged_cosine
+from .startup import check_model_and_data
 from .train_config import TrainConfig
 from .zero_reset import unshare_optimizer_steps
 
@@ -72,11 +72,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.data_dir = self._prepare_data()
-        self.model_config = self._model_config()
-        if cfg.mode != "full":  # a bad target name fails here (clean error, exit 2), not after the warm start
-            with torch.device("meta"):
-                target_linears(LlamaForCausalLM(self.model_config), cfg.target_modules)
-        manifest = check_tokenizer_matches(self.data_dir, self.model_config.vocab_size)
+        self.model_config, manifest = check_model_and_data(cfg, self.data_dir,
+                                                           load_manifest(self.data_dir)["vocab_size"])
         self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
         self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len)
         self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)
@@ -117,13 +114,6 @@ class Trainer:
                              f"prepared in {path}: on several nodes set RELORA_DATA_CACHE to a directory all "
                              "nodes share, or prepare data once (launch/prepare_data.py) and pass --data-dir")
         return path
-
-    def _model_config(self) -> LlamaConfig:
-        cfg, vocab = self.cfg, load_manifest(self.data_dir)["vocab_size"]
-        source = cfg.hf_model or cfg.warm_start_from
-        if source:
-            return load_hf_config(source)
-        return LlamaConfig.preset(cfg.model, vocab_size=vocab, max_position_embeddings=cfg.seq_len + 1)
 
     def _schedule(self):
         cfg = self.cfg
@@ -353,7 +343,8 @@ class Trainer:
             engine.step()
             losses.append(loss.detach().float())
         # One all-reduce carries the loss and whether any rank was asked to stop.
-        flags = torch.stack([torch.stack(losses).mean(), torch.tensor(float(self._stop_signal > 0), device=losses[0].device)])
+        stop = torch.tensor(float(self._stop_signal > 0), device=losses[0].device)
+        flags = torch.stack([torch.stack(losses).mean(), stop])
         dist.all_reduce(flags)
         mean = flags[0].item() / self.world
         self._stop_agreed = flags[1].item() > 0
@@ -442,12 +433,3 @@ class Trainer:
 
 def _float(x) -> float | None:
     return None if x is None else float(x)
-
-
-def load_hf_config(path: str) -> LlamaConfig:
-    from .hf import config_from_hf
-
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        raise ValueError(f"{path}: no config.json (expected a Hugging Face LLaMA directory)")
-    return config_from_hf(json.loads(cfg_path.read_text()))

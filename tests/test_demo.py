@@ -147,3 +147,23 @@ def test_readme_generation_snippet_runs_on_the_export(demo_run, capsys):
     exec(compile(block.replace('"runs/tiny/hf"', repr(str(demo_run / "hf"))), "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.startswith("ROMEO:") and len(printed.strip()) > len("ROMEO:") + 20
+
+
+def test_train_py_closes_the_metrics_on_an_error_exit(monkeypatch):
+    """launch/train.py closes the metrics writer (TensorBoard flush) also when training stops on a NaN:
+    the end-to-end NaN test above cannot tell, since TensorBoard flushed there anyway."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import train as train_py
+
+    closed = []
+
+    class StopsOnNaN:
+        def __init__(self, cfg, ds_config_path):
+            self.metrics = type("Metrics", (), {"close": lambda _: closed.append(True)})()
+
+        def train(self):
+            raise FloatingPointError("non-finite loss (nan) at step 3")
+
+    monkeypatch.setattr(train_py, "Trainer", StopsOnNaN)
+    assert train_py.main(["--model", "debug", "--cycle-length", "4", "--total-steps", "8"]) == 3
+    assert closed == [True]

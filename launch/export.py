@@ -2,9 +2,9 @@
 
     python launch/export.py runs/tiny/checkpoints [--tag step_400] --out runs/tiny/hf-step400
 
-Reads DeepSpeed's ZeRO checkpoint with its own zero_to_fp32 (fp32 masters of trainable parameters, frozen
-base weights as saved), rebuilds the model from the checkpoint's config.json, folds every ReLoRA layer's
-scale·B·A into its weight and writes config.json + model.safetensors, plus the run's SentencePiece tokenizer
+Reads DeepSpeed's ZeRO checkpoint whole (relora_ds.checkpoint.full_state_dict: fp32 masters of trainable
+parameters, frozen base weights as saved), rebuilds the model from the checkpoint's config.json, folds every
+ReLoRA layer's scale·B·A into its weight and writes config.json + model.safetensors, plus the run's SentencePiece tokenizer
 in Hugging Face form (found through the run's data dir, or --tokenizer; its sha256 must be the one the
 checkpoint was trained with).
 """
@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from relora_ds import LlamaConfig, LlamaForCausalLM, export_hf, wrap
-from relora_ds.checkpoint import latest_tag, load_config
+from relora_ds.checkpoint import full_state_dict, latest_tag, load_config
 from relora_ds.data import load_manifest
 from relora_ds.data.manifest import file_sha256
 
@@ -41,20 +40,12 @@ def main(argv=None) -> Path:
     if tokenizer is not None and run.get("tokenizer_sha256") not in (None, file_sha256(tokenizer)):
         ap.error(f"{tokenizer} is not the tokenizer {args.checkpoints / tag} was trained with (sha256 "
                  f"{run['tokenizer_sha256'][:12]}...); pass that one with --tokenizer, or --no-tokenizer")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(args.checkpoints), tag=tag)
+    state = full_state_dict(args.checkpoints, tag)
     model = LlamaForCausalLM(LlamaConfig(**run["model"]))
     if any(".lora_A" in k for k in state):  # saved in the ReLoRA phase (after any warm start)
         t = run["train"]
         wrap(model, rank=t["rank"], alpha=t["alpha"], target_modules=t["target_modules"],
              quantize=t.get("quantize"))  # int8 runs: the base is weight_q plus scale/residual buffers
-    # DeepSpeed saves frozen-parameter fragments only where gradients are partitioned (ZeRO-2/3), so for
-    # ZeRO-1 zero_to_fp32 returns no frozen base weights: take them from the module states, which hold them
-    # in full there (ZeRO-3 writes per-rank module states instead, and zero_to_fp32 has its frozen weights).
-    module_states = args.checkpoints / tag / "mp_rank_00_model_states.pt"
-    if module_states.is_file():
-        shapes = {k: v.shape for k, v in model.state_dict().items()}
-        module = torch.load(module_states, map_location="cpu", weights_only=False)["module"]
-        state.update({k: v for k, v in module.items() if k not in state and k in shapes and v.shape == shapes[k]})
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     # merge_count buffers may be absent: they do not affect the exported weights.
     if unexpected or [k for k in missing if not k.endswith("merge_count")]:

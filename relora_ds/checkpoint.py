@@ -88,6 +88,47 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def plan_resume(ckpt_dir: Path, *, model: dict, ds: dict, world: int, data_dir: Path,
+                tokenizer_sha256: str) -> dict | None:
+    """What ``--resume`` will load from ``ckpt_dir`` into a run of ``model`` (its config dict) with DeepSpeed
+    config ``ds`` on ``world`` ranks, reading ``data_dir`` (tokenized by ``tokenizer_sha256``), checked before any engine exists: None without a checkpoint, else
+    ``{"tag", "saved" (its config.json), "universal" (load through ds_to_universal), "stages" (saved, now)}``.
+    A checkpoint this run cannot load is a ValueError saying what to do instead."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    saved = load_config(ckpt_dir, tag)
+    mismatch = {k: (v, saved["model"].get(k)) for k, v in model.items() if saved["model"].get(k) != v}
+    if mismatch:
+        raise ValueError(f"checkpoint {ckpt_dir / tag} is of another model: field (now, checkpoint): {mismatch}")
+    if saved.get("tokenizer_sha256") not in (None, tokenizer_sha256):
+        raise ValueError(f"checkpoint {ckpt_dir / tag} was trained with tokenizer sha256 "
+                         f"{saved['tokenizer_sha256'][:12]}..., but {data_dir} uses "
+                         f"{tokenizer_sha256[:12]}...: resume on the data it was trained on")
+    # Another number of ranks or ZeRO stage: a sharded optimizer state goes through DeepSpeed's universal
+    # checkpoint, which DeepSpeed loads into ZeRO-1/2/3 engines only.
+    stages = (saved["deepspeed"].get("zero_optimization", {}).get("stage", 0),
+              ds.get("zero_optimization", {}).get("stage", 0))
+    universal = (saved["world_size"] != world or stages[0] != stages[1]) and is_sharded(ckpt_dir, tag)
+    if universal and stages[0] != stages[1] and 3 in stages:
+        raise ValueError(f"checkpoint {ckpt_dir / tag} was written with ZeRO stage {stages[0]}, this run uses "
+                         f"stage {stages[1]}: DeepSpeed 0.19's universal checkpoint cannot move a checkpoint "
+                         f"between ZeRO-3 and ZeRO-1/2. Resume with a ZeRO-{stages[0]} config (any number of "
+                         "ranks), or export it (launch/export.py) and start from it with --warm-start-from")
+    if stages[0] == 0 and stages[1] != 0:
+        raise ValueError(f"checkpoint {ckpt_dir / tag} was written without ZeRO (stage 0); this run uses "
+                         f"ZeRO stage {stages[1]}, whose loader needs ZeRO-partitioned optimizer files. Resume "
+                         "it without ZeRO (a stage-0 --deepspeed config, or none), or export it "
+                         "(launch/export.py) and start from it with --warm-start-from")
+    if universal and stages[1] == 0:
+        raise ValueError(f"checkpoint {ckpt_dir / tag} was written by {saved['world_size']} rank(s) with ZeRO "
+                         f"stage {stages[0]}; this run has {world} rank(s) and ZeRO stage 0. Its sharded "
+                         "optimizer state can be loaded on another number of ranks only into a ZeRO-1/2/3 "
+                         f"engine: pass --deepspeed with a ZeRO stage (e.g. ds_configs/zero{stages[0] or 2}.json)")
+    return {"tag": tag, "saved": saved, "universal": universal, "stages": stages}
+
+
 def load_config(ckpt_dir: Path, tag: str) -> dict:
     return json.loads((Path(ckpt_dir) / tag / "config.json").read_text())
 
@@ -126,13 +167,26 @@ def make_universal(ckpt_dir: Path, tag: str) -> str:
     return f"{tag}/{UNIVERSAL}"
 
 
-def _add_frozen_tensors(ckpt_dir: Path, tag: str, zero: Path) -> None:
-    """ds_to_universal writes frozen parameters and buffers for ZeRO-1/2 but not for ZeRO-3 (where frozen
-    parameters are saved as per-rank fragments): add whatever it left out, reassembled by DeepSpeed's
-    zero_to_fp32 (buffers keep their dtype)."""
+def full_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the model saved in ``<ckpt_dir>/<tag>``, whole, on any world size: DeepSpeed's
+    zero_to_fp32 (fp32 masters of the trainable parameters; frozen parameters and buffers in their own
+    dtype), plus what it leaves out. DeepSpeed saves frozen-parameter fragments only where gradients are
+    partitioned (ZeRO-2/3), so at ZeRO-1 the frozen base weights come from the module states, which hold
+    them whole there (ZeRO-3 writes per-rank module states instead, and zero_to_fp32 has its frozen ones)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    for name, value in get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag).items():
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    module_states = Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt"
+    if module_states.is_file():
+        module = torch.load(module_states, map_location="cpu", weights_only=False)["module"]
+        state.update({k: v for k, v in module.items() if k not in state})
+    return state
+
+
+def _add_frozen_tensors(ckpt_dir: Path, tag: str, zero: Path) -> None:
+    """ds_to_universal writes frozen parameters and buffers for ZeRO-1/2 but not for ZeRO-3 (where frozen
+    parameters are saved as per-rank fragments): add whatever it left out."""
+    for name, value in full_state_dict(ckpt_dir, tag).items():
         path = zero / name / "fp32.pt"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)

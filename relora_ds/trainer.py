@@ -88,7 +88,9 @@ class Trainer:
                              f"total_steps={self.total_steps}")
         self.schedule = self._schedule()
         self.schedule(0)  # a bad combination raises ValueError before any engine exists
-        self.resume_plan = self._plan_resume() if cfg.resume else None
+        self.resume_plan = None if not cfg.resume else checkpoint.plan_resume(
+            self.ckpt_dir, model=self.model_config.to_dict(), ds=self.ds, world=self.world, data_dir=self.data_dir,
+            tokenizer_sha256=self.tokenizer_sha256)
         self.step = 0
         self.engine = None
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
@@ -190,44 +192,6 @@ class Trainer:
     def save(self) -> Path:
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(), self._run_config(),
                                self.cfg.keep_last)
-
-    def _plan_resume(self) -> dict | None:
-        """What --resume will load, checked before any engine exists (a mismatch is a clean exit 2)."""
-        tag = checkpoint.latest_tag(self.ckpt_dir)
-        if tag is None:
-            return None
-        saved = checkpoint.load_config(self.ckpt_dir, tag)
-        mismatch = {k: (v, saved["model"].get(k)) for k, v in self.model_config.to_dict().items()
-                    if saved["model"].get(k) != v}
-        if mismatch:
-            raise ValueError(f"checkpoint {self.ckpt_dir / tag} is of another model: field (now, checkpoint): "
-                             f"{mismatch}")
-        if saved.get("tokenizer_sha256") not in (None, self.tokenizer_sha256):
-            raise ValueError(f"checkpoint {self.ckpt_dir / tag} was trained with tokenizer sha256 "
-                             f"{saved['tokenizer_sha256'][:12]}..., but {self.data_dir} uses "
-                             f"{self.tokenizer_sha256[:12]}...: resume on the data it was trained on")
-        # Another number of ranks or ZeRO stage: a sharded optimizer state goes through DeepSpeed's universal
-        # checkpoint, which DeepSpeed loads into ZeRO-1/2/3 engines only.
-        stages = (saved["deepspeed"].get("zero_optimization", {}).get("stage", 0),
-                  self.ds.get("zero_optimization", {}).get("stage", 0))
-        universal = (saved["world_size"] != self.world or stages[0] != stages[1]) and \
-            checkpoint.is_sharded(self.ckpt_dir, tag)
-        if universal and stages[0] != stages[1] and 3 in stages:
-            raise ValueError(f"checkpoint {self.ckpt_dir / tag} was written with ZeRO stage {stages[0]}, this run uses "
-                             f"stage {stages[1]}: DeepSpeed 0.19's universal checkpoint cannot move a checkpoint "
-                             f"between ZeRO-3 and ZeRO-1/2. Resume with a ZeRO-{stages[0]} config (any number of "
-                             "ranks), or export it (launch/export.py) and start from it with --warm-start-from")
-        if stages[0] == 0 and stages[1] != 0:
-            raise ValueError(f"checkpoint {self.ckpt_dir / tag} was written without ZeRO (stage 0); this run uses "
-                             f"ZeRO stage {stages[1]}, whose loader needs ZeRO-partitioned optimizer files. Resume "
-                             "it without ZeRO (a stage-0 --deepspeed config, or none), or export it "
-                             "(launch/export.py) and start from it with --warm-start-from")
-        if universal and stages[1] == 0:
-            raise ValueError(f"checkpoint {self.ckpt_dir / tag} was written by {saved['world_size']} rank(s) with ZeRO "
-                             f"stage {stages[0]}; this run has {self.world} rank(s) and ZeRO stage 0. Its sharded "
-                             "optimizer state can be loaded on another number of ranks only into a ZeRO-1/2/3 "
-                             f"engine: pass --deepspeed with a ZeRO stage (e.g. ds_configs/zero{stages[0] or 2}.json)")
-        return {"tag": tag, "saved": saved, "universal": universal, "stages": stages}
 
     def _resume(self) -> bool:
         if self.resume_plan is None:

@@ -306,3 +306,52 @@ def test_a_checkpoint_the_converter_cannot_read_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"converting .*step_5 with deepspeed.checkpoint.ds_to_universal failed"):
         checkpoint.make_universal(tmp_path, "step_5")
     assert not (tmp_path / "step_5" / "universal").exists()  # nothing half-written is left to be loaded
+
+
+def _fake_checkpoint(ckpt_dir, *, world, stage, sharded, model=None, sha="a" * 64):
+    tag = ckpt_dir / "step_8"
+    tag.mkdir(parents=True)
+    (ckpt_dir / "latest").write_text("step_8")
+    (tag / "config.json").write_text(json.dumps({"model": model or {"hidden_size": 64}, "world_size": world,
+                                                 "deepspeed": {"zero_optimization": {"stage": stage}},
+                                                 "tokenizer_sha256": sha, "train": {}}))
+    if sharded:
+        (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+
+
+@pytest.mark.parametrize("saved, now, expect", [
+    ((2, 2, True), (2, 2), {"universal": False}),                 # same ranks, same stage
+    ((2, 2, True), (1, 2), {"universal": True}),                  # fewer ranks: through ds_to_universal
+    ((2, 1, True), (4, 2), {"universal": True}),                  # ZeRO-1 -> ZeRO-2 on more ranks
+    ((1, 0, False), (1, 0), {"universal": False}),                # no ZeRO, same ranks
+    ((2, 0, False), (1, 0), {"universal": False}),                # unsharded: any ranks, no conversion
+    ((2, 3, True), (2, 2), "between ZeRO-3 and ZeRO-1/2"),
+    ((2, 2, True), (2, 3), "between ZeRO-3 and ZeRO-1/2"),
+    ((1, 0, False), (1, 2), "written without ZeRO"),
+    ((2, 2, True), (1, 0), "only into a ZeRO-1/2/3 engine"),
+])
+def test_plan_resume_decides_how_to_load_or_says_why_not(tmp_path, saved, now, expect):
+    from relora_ds import checkpoint
+
+    _fake_checkpoint(tmp_path, world=saved[0], stage=saved[1], sharded=saved[2])
+    kw = dict(model={"hidden_size": 64}, ds={"zero_optimization": {"stage": now[1]}}, world=now[0],
+              data_dir=tmp_path / "data", tokenizer_sha256="a" * 64)
+    if isinstance(expect, str):
+        with pytest.raises(ValueError, match=expect):
+            checkpoint.plan_resume(tmp_path, **kw)
+    else:
+        plan = checkpoint.plan_resume(tmp_path, **kw)
+        assert plan["tag"] == "step_8" and plan["universal"] == expect["universal"]
+        assert plan["stages"] == (saved[1], now[1])
+
+
+def test_plan_resume_refuses_another_model_or_tokenizer(tmp_path):
+    from relora_ds import checkpoint
+
+    kw = dict(ds={"zero_optimization": {"stage": 2}}, world=2, data_dir=tmp_path / "data")
+    assert checkpoint.plan_resume(tmp_path, model={}, tokenizer_sha256="a" * 64, **kw) is None  # nothing saved
+    _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
+    with pytest.raises(ValueError, match=r"another model: field \(now, checkpoint\): \{'hidden_size': \(128, 64\)\}"):
+        checkpoint.plan_resume(tmp_path, model={"hidden_size": 128}, tokenizer_sha256="a" * 64, **kw)
+    with pytest.raises(ValueError, match=r"tokenizer sha256 aaaaaaaaaaaa\.\.\., but .*data uses bbbbbbbbbbbb"):
+        checkpoint.plan_resume(tmp_path, model={"hidden_size": 64}, tokenizer_sha256="b" * 64, **kw)

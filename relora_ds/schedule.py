@@ -69,6 +69,12 @@ def jagged_cosine(step: int, *, total_steps: int, warmup_steps: int, cycle_lengt
     return cosine(step)
 
 
+def restarted_at(step: int, *, start_step: int, first, second) -> float:
+    """``first(step)`` before ``start_step``, then ``second`` counted from 0 there: the reference
+    implementation's two runs (a full-rank warm start, then a ReLoRA run whose own schedule starts over)."""
+    return first(step) if step < start_step else second(step - start_step)
+
+
 SCHEDULES = {"jagged_cosine": jagged_cosine, "cosine": cosine_with_warmup, "linear": linear_with_warmup}
 
 

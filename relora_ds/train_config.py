@@ -58,6 +58,11 @@ class TrainConfig:
     warm_start_steps: int = _f(0, "full-rank steps before switching to ReLoRA in the same run")
     warm_start_lr: float | None = _f(None, "peak lr of the full-rank warm start (the paper's ReLoRA lr is 2x "
                                            "the full-rank one); default: lr")
+    lowrank_schedule: str = _f("continue", "LR schedule after an in-run warm start: continue (the switch is a reset: "
+                                           "a restart_warmup_steps ramp back onto the run's one cosine) or restart "
+                                           "(the reference implementation's second run: a fresh warmup_steps warmup "
+                                           "and a jagged cosine over the remaining steps)",
+                               choices=("continue", "restart"))
     warm_start_from: str | None = _f(None, "Hugging Face directory of a full-rank warm start (e.g. an "
                                            "export of another run); the ReLoRA run starts from it")
     # Optimization
@@ -129,6 +134,10 @@ class TrainConfig:
             # e.g. a recipe's warm start overridden by --warm-start-steps 0 or --mode full: say so, go on
             warnings.warn(f"warm_start_lr={self.warm_start_lr} is ignored: this run has no full-rank warm start "
                           f"(warm_start_steps={self.warm_start_steps}, mode={self.mode!r})", stacklevel=3)
+        if self.warm_start_steps and self.mode != "full" and self.warm_start_lr is None:
+            warnings.warn(f"the full-rank warm start runs at ReLoRA's lr={self.lr}: the paper's ReLoRA lr is 2x the "
+                          "full-rank one, and a warm start at the full-rank lr measured better (BENCHMARKS.md); set "
+                          "warm_start_lr (e.g. lr / 2)", stacklevel=3)
         if self.warm_start_steps and self.mode == "full":
             raise ValueError("warm_start_steps only makes sense with mode=relora or lora")
         if self.quantize not in (None, "int8"):

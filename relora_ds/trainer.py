@@ -35,7 +35,7 @@ from .metrics import MetricsLogger, peak_memory_mb
 from .model import LlamaForCausalLM
 from .prune import prune_optimizer_state
 from .relora import lora_parameters, wrap
-from .schedule import cosine_with_warmup, jagged_cosine
+from .schedule import cosine_with_warmup, jagged_cosine, restarted_at
 from .startup import check_model_and_data
 from .train_config import TrainConfig
 from .zero_reset import unshare_optimizer_steps
@@ -87,7 +87,8 @@ class Trainer:
             raise ValueError(f"warm_start_steps={self.relora_start} leaves no ReLoRA steps of "
                              f"total_steps={self.total_steps}")
         self.schedule = self._schedule()
-        self.schedule(0)  # a bad combination raises ValueError before any engine exists
+        for step in (0, self.relora_start):  # a bad combination raises ValueError before any engine exists
+            self.schedule(step)
         self.resume_plan = None if not cfg.resume else checkpoint.plan_resume(
             self.ckpt_dir, model=self.model_config.to_dict(), ds=self.ds, world=self.world, data_dir=self.data_dir,
             tokenizer_sha256=self.tokenizer_sha256)
@@ -124,8 +125,13 @@ class Trainer:
             return functools.partial(cosine_with_warmup, **kw)
         # lora: one "cycle" spanning the run, so the only LR drop is at the warm-start switch (if any)
         cycle = cfg.cycle_length if cfg.mode == "relora" else self.total_steps
-        return functools.partial(jagged_cosine, cycle_length=cycle, start_step=self.relora_start,
-                                 restart_warmup_steps=min(cfg.restart_warmup_steps, cycle), **kw)
+        jagged = functools.partial(jagged_cosine, cycle_length=cycle,
+                                   restart_warmup_steps=min(cfg.restart_warmup_steps, cycle), **kw)
+        if cfg.lowrank_schedule == "restart" and self.relora_start:
+            return functools.partial(restarted_at, start_step=self.relora_start,
+                                     first=functools.partial(cosine_with_warmup, **kw),
+                                     second=functools.partial(jagged, total_steps=self.total_steps - self.relora_start))
+        return functools.partial(jagged, start_step=self.relora_start)
 
     def _phase(self, step: int) -> str:
         return "full" if self.cfg.mode == "full" or step < self.relora_start else "lowrank"

@@ -79,3 +79,56 @@ def test_invalid_combinations_raise(bad, match):
         jagged_cosine(0, **{**KW, **bad})
     with pytest.raises(ValueError, match=match):
         build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **{**KW, **bad})
+
+
+def _reference_multiple_warmups(step, *, num_training_steps, first_warmup_steps, restart_warmup_steps,
+                                restart_every, min_lr_ratio):
+    """Guitaricet/relora's peft_pretraining/training_utils.py `_get_cosine_schedule_with_multiple_warmups_lambda`
+    (adjust_step 0), transcribed: the oracle for a ReLoRA run whose schedule starts at its own step 0."""
+    if step < first_warmup_steps:
+        return step / max(1, first_warmup_steps)
+    restart_step, restart_number = step % restart_every, step // restart_every
+    if restart_step < restart_warmup_steps and step >= restart_every:
+        end_of_warmup_progress = (restart_number * restart_every + restart_warmup_steps - first_warmup_steps) / \
+            max(1, num_training_steps - first_warmup_steps)
+        decay = 0.5 * (1 + math.cos(math.pi * end_of_warmup_progress))
+        return restart_step / max(1, restart_warmup_steps) * (min_lr_ratio + (1 - min_lr_ratio) * decay)
+    progress = (step - first_warmup_steps) / max(1, num_training_steps - first_warmup_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("lowrank_schedule", ["continue", "restart"])
+def test_trainer_schedule_after_a_warm_start_matches_the_reference(lowrank_schedule):
+    """The paper recipes' shape at 1/10 scale: total 2000, warm start 500, warmup 50, cycle 500, re-warmup 10.
+    `restart` is the reference's second run (its own warmup, a cosine over the remaining 1500 steps);
+    `continue` ramps back onto the one cosine of the whole run. Without a warm start they are the same."""
+    from types import SimpleNamespace
+
+    from relora_ds.train_config import TrainConfig
+    from relora_ds.trainer import Trainer
+
+    cfg = TrainConfig(mode="relora", total_steps=2000, warmup_steps=50, warm_start_steps=500, warm_start_lr=5e-4,
+                      cycle_length=500, restart_warmup_steps=10, min_lr_ratio=0.1, lowrank_schedule=lowrank_schedule)
+    sched = Trainer._schedule(SimpleNamespace(cfg=cfg, total_steps=2000, relora_start=500))
+    full = [cosine_with_warmup(s, total_steps=2000, warmup_steps=50) for s in range(500)]
+    assert [sched(s) for s in range(500)] == pytest.approx(full, abs=1e-12)  # the warm start: unchanged
+    if lowrank_schedule == "restart":
+        want = [_reference_multiple_warmups(s, num_training_steps=1500, first_warmup_steps=50, restart_warmup_steps=10,
+                                            restart_every=500, min_lr_ratio=0.1) for s in range(1500)]
+        assert sched(525) == pytest.approx(0.5)  # halfway up the fresh 50-step warmup
+    else:
+        want = [jagged_cosine(s, total_steps=2000, warmup_steps=50, cycle_length=500, restart_warmup_steps=10,
+                              start_step=500) for s in range(500, 2000)]
+        assert sched(510) == pytest.approx(_cos_at(510, total=2000, warmup=50))  # back on the run's cosine
+    assert [sched(s) for s in range(500, 2000)] == pytest.approx(want, abs=1e-12)
+    assert sched(500) == sched(1000) == sched(1500) == 0.0  # the switch and both resets
+    no_warm = TrainConfig(mode="relora", total_steps=2000, warmup_steps=50, cycle_length=500, restart_warmup_steps=10,
+                          lowrank_schedule=lowrank_schedule)
+    plain = Trainer._schedule(SimpleNamespace(cfg=no_warm, total_steps=2000, relora_start=0))
+    assert [plain(s) for s in range(2000)] == pytest.approx(
+        [_reference_multiple_warmups(s, num_training_steps=2000, first_warmup_steps=50, restart_warmup_steps=10,
+                                     restart_every=500, min_lr_ratio=0.1) for s in range(2000)], abs=1e-12)
+
+
+def _cos_at(step, *, total, warmup):
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))

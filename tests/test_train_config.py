@@ -166,3 +166,14 @@ def test_warm_start_lr_without_a_warm_start_is_named_not_fatal():
     assert cfg.mode == "full" and cfg.warm_start_lr == 0.001
     with pytest.raises(ValueError, match="warm_start_lr=-1.0 must be positive"):
         TrainConfig(**BASE, warm_start_steps=5, warm_start_lr=-1)
+
+
+def test_a_warm_start_without_its_own_lr_is_named():
+    """The full-rank warm start at ReLoRA's (2x) lr measured worse (BENCHMARKS.md): say so, go on."""
+    with pytest.warns(UserWarning, match=r"the full-rank warm start runs at ReLoRA's lr=0.002.*set warm_start_lr"):
+        TrainConfig(**{**BASE, "lr": 0.002}, warm_start_steps=5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TrainConfig(**{**BASE, "lr": 0.002}, warm_start_steps=5, warm_start_lr=0.001)  # given: no warning

@@ -126,10 +126,28 @@ def fitting_divisor(limit: int, per_rank_batch: int) -> int:
     return max((d for d in range(1, min(limit, per_rank_batch) + 1) if per_rank_batch % d == 0), default=0)
 
 
+def batch_split_error(global_batch: int, gpus: int) -> str | None:
+    """Why ``global_batch`` cannot be split over ``gpus`` ranks, with the nearest combinations that can; None
+    if it can. The trainer needs global = micro-batch x GPUs x accumulation steps (relora_ds/ds_config.py)."""
+    if global_batch % gpus == 0:
+        return None
+    below = max(d for d in range(1, gpus) if global_batch % d == 0)
+    above = next((d for d in range(gpus + 1, global_batch + 1) if global_batch % d == 0), None)
+    counts = f"{below} or {above}" if above else f"{below}"
+    lower, upper = global_batch - global_batch % gpus, global_batch - global_batch % gpus + gpus
+    batches = f"{lower} or {upper}" if lower else f"{upper}"
+    return (f"--global-batch-size {global_batch} is not divisible by --gpus {gpus}, so no micro-batch can be used "
+            f"(the trainer needs global batch = micro-batch x GPUs x accumulation steps): use {counts} GPUs, "
+            f"or a global batch of {batches}")
+
+
 def table(args) -> str:
+    error = batch_split_error(args.global_batch_size, args.gpus)
+    if error:
+        raise ValueError(error)
     budget = args.memory_gb * 1e9 - (args.reserve_gb * GIB if args.reserve_gb is not None
                                      else 0.1 * args.memory_gb * 1e9 + 2 * GIB)
-    per_rank = args.global_batch_size // args.gpus if args.global_batch_size % args.gpus == 0 else 0
+    per_rank = args.global_batch_size // args.gpus
     head = (f"{args.gpus} GPUs x {args.memory_gb:g} GB (usable {budget / 1e9:.1f} GB each), r={args.rank}, "
             f"seq {args.seq_len}, vocab {args.vocab_size}, bf16 + fp32 Adam, activation checkpointing "
             f"{'on' if args.activation_checkpointing else 'off'}, base {args.quantize or 'bf16'}, loss "
@@ -151,7 +169,7 @@ def table(args) -> str:
 
         def mb(states, act):
             fit = max_micro_batch(budget, states, act)
-            return str(fitting_divisor(fit, per_rank) if per_rank else fit) if fit else "-"
+            return str(fitting_divisor(fit, per_rank)) if fit else "-"
 
         rows.append(
             f"| {name} | {total / 1e6:,.0f}M | {c['lora'] / 1e6:,.1f}M | {trainable_lr / 1e6:,.0f}M "
@@ -163,17 +181,31 @@ def table(args) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def positive_int(text: str) -> int:
+    value = int(text)  # argparse turns a ValueError into "invalid positive_int value: 'x'"
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), help="model presets (relora_ds.PRESETS)")
-    parser.add_argument("--gpus", type=int, default=8, help="data-parallel ranks sharing ZeRO states")
-    parser.add_argument("--memory-gb", type=float, default=80.0, help="memory per GPU (GB, 1e9 bytes)")
+    parser.add_argument("--gpus", type=positive_int, default=8, help="data-parallel ranks sharing ZeRO states")
+    parser.add_argument("--memory-gb", type=positive_float, default=80.0, help="memory per GPU (GB, 1e9 bytes)")
     parser.add_argument("--reserve-gb", type=float, default=None,
                         help="GiB kept free for context, buffers, fragmentation (default: 10%% + 2 GiB)")
-    parser.add_argument("--rank", type=int, default=128, help="LoRA rank r")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--global-batch-size", type=int, default=1152, help="the recipe's global batch")
+    parser.add_argument("--rank", type=positive_int, default=128, help="LoRA rank r")
+    parser.add_argument("--seq-len", type=positive_int, default=512)
+    parser.add_argument("--vocab-size", type=positive_int, default=32000)
+    parser.add_argument("--global-batch-size", type=positive_int, default=1152, help="the recipe's global batch")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="the trainer's --activation-checkpointing: layers keep only their inputs")
     parser.add_argument("--quantize", choices=("int8",), help="the trainer's --quantize: int8 frozen base weights")
@@ -187,6 +219,9 @@ def main(argv=None) -> int:
             LlamaConfig.preset(name)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
+    error = batch_split_error(args.global_batch_size, args.gpus)
+    if error:
+        parser.error(error)
     print(table(args), end="")
     return 0
 

@@ -4,17 +4,30 @@ The JSON holds the engine's own settings: ZeRO stage and offload, bf16/fp16, com
 *type* and implementation flags (e.g. ``torch_adam``). Batch sizes, learning rate, betas, eps, weight
 decay, gradient clipping and the LR schedule come from the recipe; finding one of them in the JSON is an
 error naming both places, so no value is silently preferred over another.
+
+DeepSpeed ignores top-level keys it does not know (``"bf_16"`` trains in fp32) and reports a misspelt
+optimizer parameter as a TypeError from inside the optimizer's constructor, so every key is checked here
+against what the installed DeepSpeed reads, with the likely intended key named.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import functools
+import inspect
 import json
+import typing
 from pathlib import Path
 
 from .train_config import TrainConfig
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _OPT_KEYS = ("lr", "betas", "eps", "weight_decay")
+# The optimizer section's own keys (deepspeed/runtime/config.py: TYPE, OPTIMIZER_PARAMS, LEGACY_FUSION).
+_OPTIMIZER_SECTION_KEYS = ("type", "params", "legacy_fusion")
+# ReLoRA's reset prunes Adam moments and the recipe's betas/eps are Adam's. DeepSpeed matches names in any case.
+_SUPPORTED_OPTIMIZERS = ("AdamW", "Adam")
 
 # Used when no --deepspeed file is given (plain `python launch/train.py`): ZeRO off, fp32.
 DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 0},
@@ -36,6 +49,7 @@ def load_ds_config(path: str | Path | None) -> dict:
 def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str = "the DeepSpeed config") -> dict:
     """A copy of ``ds`` with batch sizes, optimizer hyperparameters and clipping from ``cfg``."""
     ds = copy.deepcopy(ds)
+    check_deepspeed_keys(ds, source)
     twice = [k for k in _BATCH_KEYS if k in ds]
     if "gradient_clipping" in ds:
         twice.append("gradient_clipping")
@@ -50,8 +64,8 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
         raise ValueError(f"{source} sets {twice}, which the recipe also sets (micro_batch_size, "
                          "global_batch_size, lr, adam_beta1/2, adam_eps, weight_decay, grad_clip): remove them "
                          "from the JSON so that each value has one home")
-    low = [k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled", False)]
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    low = [k for k, on in (("bf16", uses_bf16(ds)), ("fp16", ds.get("fp16", {}).get("enabled", False))) if on]
+    stage = _zero_config(ds, source).stage
     if low and stage == 0 and cfg.mode != "full":
         # DeepSpeed then wraps the optimizer in its FP16 optimizer, whose fp32 masters and Adam moments
         # (keyed by those masters) the ReLoRA merge and prune cannot reach (relora_ds/zero_reset.py).
@@ -69,9 +83,250 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
     ds["gradient_clipping"] = cfg.grad_clip
     params.update(lr=cfg.lr, betas=[cfg.adam_beta1, cfg.adam_beta2], eps=cfg.adam_eps,
                   weight_decay=cfg.weight_decay)
+    _accumulate_bf16_optimizer_grads_once(ds, source)
     ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's
     return ds
 
 
 def uses_bf16(ds: dict) -> bool:
-    return bool(ds.get("bf16", {}).get("enabled", False))
+    return bool(_bf16_section(ds).get("enabled", False))
+
+
+def uses_bf16_optimizer(ds: dict, source: str = "the DeepSpeed config") -> bool:
+    """Whether DeepSpeed 0.19 wraps the optimizer in its ``BF16_Optimizer``.
+
+    ``DeepSpeedEngine._do_optimizer_sanity_check``: bf16 weights, fp32 gradient accumulation
+    (``data_types.grad_accum_dtype``), ZeRO stage 1 and the optimizer not offloaded to the CPU. (At stage 0
+    that mix is refused by ``_check_grad_accum_dtype``; stages 2 and 3 use the ZeRO optimizer.)"""
+    if not uses_bf16(ds) or _grad_accum_dtype(ds, source) != "fp32":
+        return False
+    zero = _zero_config(ds, source)
+    offload = zero.offload_optimizer.device if zero.offload_optimizer is not None else "none"
+    return zero.stage == 1 and offload != "cpu"
+
+
+def _accumulate_bf16_optimizer_grads_once(ds: dict, source: str) -> None:
+    """DeepSpeed 0.19.8's BF16_Optimizer adds the *running* bf16 gradient into its fp32 buffer after every
+    micro-step (``backward_epilogue`` -> ``update_hp_grads(clear_lp_grads=False)``), so over k micro-steps
+    micro-batch i is counted k - i times: gradient = sum_i (k - i) g_i / k instead of sum_i g_i / k.
+    ``immediate_grad_update`` moves each micro-step's gradient into the fp32 buffer and frees the bf16 one,
+    which counts every micro-batch once (tests/test_ds_config.py compares k=4 with k=1)."""
+    _check_grad_accum_dtype(ds, source)
+    if ds["gradient_accumulation_steps"] == 1 or not uses_bf16_optimizer(ds, source):
+        return
+    bf16 = _bf16_section(ds)
+    if bf16.get("immediate_grad_update", True) is not True:
+        raise ValueError(f"{source} sets bf16.immediate_grad_update={bf16['immediate_grad_update']!r} with "
+                         "data_types.grad_accum_dtype='fp32' at ZeRO stage 1 and gradient_accumulation_steps="
+                         f"{ds['gradient_accumulation_steps']}: DeepSpeed's BF16_Optimizer then adds micro-batch i "
+                         "of k into the gradient k - i times. Set it to true (or leave it out), or drop "
+                         "grad_accum_dtype, or use one micro-step per optimizer step")
+    bf16["immediate_grad_update"] = True
+
+
+def _check_grad_accum_dtype(ds: dict, source: str) -> None:
+    """DeepSpeed raises NotImplementedError("unsupported mix ...") at initialize when ZeRO is off and the
+    gradient accumulation dtype differs from the weights' (engine._do_optimizer_sanity_check)."""
+    accum = _grad_accum_dtype(ds, source)
+    weights = "bf16" if uses_bf16(ds) else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    if accum is not None and accum != weights and _zero_config(ds, source).stage == 0:
+        raise ValueError(f"{source} sets data_types.grad_accum_dtype={ds['data_types']['grad_accum_dtype']!r} "
+                         f"with {weights} weights at ZeRO stage 0, which DeepSpeed does not support: use ZeRO "
+                         f"stage 1 or higher, or remove grad_accum_dtype (accumulate in {weights})")
+
+
+def _grad_accum_dtype(ds: dict, source: str) -> str | None:
+    from deepspeed.runtime.config import DtypeEnum
+
+    value = ds.get("data_types", {}).get("grad_accum_dtype")
+    if value is None:
+        return None
+    try:
+        return DtypeEnum(value).name
+    except ValueError:
+        valid = sorted({str(v) for e in DtypeEnum for v in e._all_values[1:]})
+        raise ValueError(f"{source}: data_types.grad_accum_dtype={value!r} is not a dtype DeepSpeed knows; "
+                         f"valid values: {valid}") from None
+
+
+def _bf16_section(ds: dict) -> dict:
+    # deepspeed/runtime/precision_config.py get_bfloat16_config: "bf16", else the older "bfloat16".
+    return ds["bf16"] if ds.get("bf16") is not None else ds.get("bfloat16", {})
+
+
+def _zero_config(ds: dict, source: str):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = ds.get("zero_optimization", {})
+    try:
+        return DeepSpeedZeroConfig(**(zero if isinstance(zero, dict) else {"stage": 1 if zero else 0}))
+    except ValueError as e:  # pydantic's ValidationError: a bad value (key names are checked before)
+        raise ValueError(f"{source}: zero_optimization: {e}") from None
+
+
+# ----------------------------------------------------------------------------- key checks
+def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None:
+    """Raise ValueError for a key the installed DeepSpeed would ignore or choke on, naming the likely
+    intended one: top-level keys, the sections parsed by pydantic models (zero_optimization with its
+    offload sections, bf16, fp16) and optimizer.params (the keys the Adam constructor DeepSpeed will call
+    accepts, plus DeepSpeed's own flags)."""
+    import deepspeed.runtime.config as ds_cfg
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    if not isinstance(ds, dict):
+        raise ValueError(f"{source} must be a JSON object, not {type(ds).__name__}")
+    removed = {**getattr(ds_cfg, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {})}
+    for key in ds:
+        if key in removed:
+            raise ValueError(f"{source}: {removed[key]}")
+        if key in {f.name for f in dataclasses.fields(TrainConfig)} - deepspeed_top_level_keys():
+            raise ValueError(f"{source}: {key!r} is not a DeepSpeed key but a recipe setting: set it in the "
+                             f"recipe (or --{key.replace('_', '-')}), not in the DeepSpeed JSON")
+        if key not in deepspeed_top_level_keys():
+            # DeepSpeed ignores unknown top-level keys: "bf_16" would train in fp32 without a word.
+            _unknown(f"{source}: top-level key", key, deepspeed_top_level_keys(), list_valid=False,
+                     hint=" (DeepSpeed would silently ignore it)")
+    if "bf16" in ds and "bfloat16" in ds:
+        raise ValueError(f"{source} has both 'bf16' and 'bfloat16' (DeepSpeed then reads only 'bf16'): keep 'bf16'")
+    zero, removed_zero = ds.get("zero_optimization"), getattr(ds_cfg, "_REMOVED_ZERO_CONFIG_KEYS", {})
+    for key in zero if isinstance(zero, dict) else ():
+        if key in removed_zero:
+            raise ValueError(f"{source}: {removed_zero[key]}")
+    for section, model in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config),
+                           ("bfloat16", DeepSpeedBF16Config), ("fp16", DeepSpeedFP16Config)):
+        if isinstance(ds.get(section), dict):
+            _check_model_keys(ds[section], model, f"{source}: {section}")
+    _check_optimizer(ds, source)
+
+
+@functools.lru_cache(maxsize=None)
+def deepspeed_top_level_keys() -> frozenset[str]:
+    """Every top-level key the installed DeepSpeed reads from its JSON.
+
+    DeepSpeed has no list of them: each of its parsers (``DeepSpeedConfig._initialize_params`` and the
+    section configs it builds) looks its own key up. So a minimal config is parsed through a dict that
+    records each key looked up, which follows the installed version. ``deepspeed.initialize`` itself also
+    reads the two mesh sizes."""
+    from collections.abc import KeysView
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger
+
+    seen: set[str] = set()
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            seen.add(key)
+            return super().get(key, default)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def keys(self):  # `key in d.keys()` goes through __contains__
+            return KeysView(self)
+
+    level = logger.level
+    logger.setLevel("WARNING")  # "Config mesh_device None world_size = 1"
+    try:
+        DeepSpeedConfig(Recording(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+    finally:
+        logger.setLevel(level)
+    return frozenset(seen | {"sequence_parallel_size", "data_parallel_size"})
+
+
+def _check_model_keys(section: dict, model, where: str) -> None:
+    """Keys of ``section`` against a DeepSpeed pydantic config model: field names and their aliases
+    (``stage3_*``), recursing into sub-models such as offload_optimizer."""
+    fields = model.model_fields
+    known = {}
+    for name, f in fields.items():
+        known[name] = f
+        aliases = [f.alias, f.validation_alias]
+        aliases += list(getattr(f.validation_alias, "choices", []) or [])
+        known.update({a: f for a in aliases if isinstance(a, str)})
+    for key, value in section.items():
+        if key not in known:
+            _unknown(f"{where}: key", key, known)
+        sub = _config_model(known[key].annotation)
+        if sub is not None and isinstance(value, dict):
+            _check_model_keys(value, sub, f"{where}.{key}")
+
+
+def _config_model(annotation):
+    from pydantic import BaseModel
+
+    for tp in (annotation, *typing.get_args(annotation)):  # Optional[Model] -> Model
+        if inspect.isclass(tp) and issubclass(tp, BaseModel):
+            return tp
+    return None
+
+
+def _check_optimizer(ds: dict, source: str) -> None:
+    opt = ds.get("optimizer")
+    if opt is None:
+        return
+    if not isinstance(opt, dict):
+        raise ValueError(f"{source}: 'optimizer' must be an object like {DEFAULT_DS_CONFIG['optimizer']}")
+    for key in opt:
+        if key not in _OPTIMIZER_SECTION_KEYS:
+            _unknown(f"{source}: optimizer key", key, _OPTIMIZER_SECTION_KEYS)
+    kind = opt.get("type")
+    if not isinstance(kind, str) or kind.lower() not in [t.lower() for t in _SUPPORTED_OPTIMIZERS]:
+        raise ValueError(f"{source}: optimizer.type={kind!r} is not supported; valid types: "
+                         f"{list(_SUPPORTED_OPTIMIZERS)} (ReLoRA's reset prunes Adam moments and the recipe's "
+                         "adam_beta1/2 and adam_eps are Adam's)")
+    params = opt.get("params", {})
+    if not isinstance(params, dict):
+        raise ValueError(f"{source}: optimizer.params must be an object, not {params!r}")
+    ctor, valid = adam_parameters(ds)
+    for key in params:
+        if key not in valid:
+            _unknown(f"{source}: optimizer.params key", key, valid,
+                     hint=f" to {ctor.__module__}.{ctor.__name__}, which DeepSpeed builds for this config")
+
+
+def adam_parameters(ds: dict) -> tuple[type, list[str]]:
+    """The Adam class DeepSpeed 0.19 builds for this config and the optimizer.params keys it accepts.
+
+    ``DeepSpeedEngine._configure_basic_optimizer`` / ``get_optimizer_configuration``: DeepSpeed pops
+    ``adam_w_mode``, ``torch_adam`` and ``fp32_optimizer_states`` (and ``foreach`` with torch_adam) and passes
+    the rest to torch.optim.AdamW/Adam (``torch_adam``), DeepSpeedCPUAdam (optimizer offloaded to cpu or
+    nvme) or FusedAdam, together with a mode flag of its own, which params must then not repeat."""
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    opt = ds.get("optimizer", {})
+    params = opt.get("params", {})
+    own = {"torch_adam", "adam_w_mode", "fp32_optimizer_states"}
+    if params.get("torch_adam"):
+        w_mode = opt.get("type", "").lower() == "adamw" or params.get("adam_w_mode", True)
+        ctor, passed = (torch.optim.AdamW if w_mode else torch.optim.Adam), {"foreach"}
+        own.add("foreach")
+    else:
+        zero = ds.get("zero_optimization", {})
+        offload = (zero.get("offload_optimizer") or {}).get("device") if isinstance(zero, dict) else None
+        offload = "cpu" if isinstance(zero, dict) and zero.get("cpu_offload") else offload
+        if offload in ("cpu", "nvme"):
+            ctor, passed = DeepSpeedCPUAdam, {"adamw_mode", "fp32_optimizer_states"}
+        else:
+            ctor, passed = FusedAdam, {"adam_w_mode"}
+    accepted = list(inspect.signature(ctor).parameters)[1:]  # [0] is the parameters (params / model_params)
+    return ctor, sorted(own | (set(accepted) - passed))
+
+
+def _unknown(what: str, key, known, hint: str = "", list_valid: bool = True) -> typing.NoReturn:
+    """ValueError naming the unknown key, the closest known one (difflib) and, unless the list is long and
+    a close match was found, all valid ones."""
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    msg = f"{what} {key!r} is unknown{hint}"
+    if close:
+        msg += f"; did you mean {close[0]!r}?"
+    if list_valid or not close:
+        msg += f"{'' if close else ';'} valid keys: {sorted(known)}"
+    raise ValueError(msg)

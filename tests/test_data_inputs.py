@@ -91,10 +91,34 @@ def test_missing_text_column_lists_the_columns(tmp_path):
 
 
 def test_non_string_text_column_is_an_error(tmp_path):
+    """A numeric column used to be read as no text at all ("empty corpus: no non-empty line ...")."""
     path = tmp_path / "c.jsonl"
-    path.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(10)))
-    with pytest.raises(ValueError, match="holds int values, not strings"):
-        prepare_data([str(path)], tmp_path / "out", tokenizer=str(_tiny_tokenizer(tmp_path)))
+    path.write_text("".join(json.dumps({"id": i, "body": s, "title": "t", "score": 0.5}) + "\n"
+                            for i, s in enumerate(SENTENCES)))
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=r"text column 'id' of .*c\.jsonl holds int64 values, not text; its "
+                                             r"string columns are \['body', 'title'\] \(choose one with --text-column\)"):
+            prepare_data([str(path)], tmp_path / "out", vocab_size=300, text_column="id", streaming=streaming)
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(10)))
+    with pytest.raises(ValueError, match=r"text column 'text' of .*numbers\.jsonl holds int64 values, not text; it "
+                                         r"has no string column \(its columns are \['text'\]\)"):
+        prepare_data([str(numbers)], tmp_path / "out", tokenizer=str(_tiny_tokenizer(tmp_path)))
+    prepare_data([str(path)], tmp_path / "out", vocab_size=300, text_column="body")
+
+
+def test_each_skipped_file_is_warned_about_once(tmp_path):
+    """The inputs used to be resolved three times (recipe, fingerprint, loading), each warning again."""
+    corpus = tmp_path / "corpus"
+    (corpus / ".git").mkdir(parents=True)
+    write_jsonl(corpus / "a.jsonl", SENTENCES)
+    (corpus / "notes.csv").write_text("x,y\n")
+    (corpus / ".git" / "HEAD").write_text("ref")
+    with pytest.warns(DataWarning) as record:  # records every warning, repeats included
+        prepare_data([str(corpus)], tmp_path / "out", vocab_size=300)
+    messages = [str(w.message) for w in record]
+    assert sum("skipped 1 files with unsupported extensions (notes.csv)" in m for m in messages) == 1, messages
+    assert sum("skipped 1 hidden files" in m for m in messages) == 1, messages
 
 
 def _tiny_tokenizer(tmp_path):

@@ -3,6 +3,7 @@ activations against autograd's saved tensors, and the peak activation memory (wi
 checkpointing) against the heap actually in use on CPU."""
 import ctypes
 import gc
+import re
 import subprocess
 import sys
 
@@ -138,7 +139,8 @@ def test_peak_activations_match_the_heap(checkpointing, chunked, vocab):
     # The chunked loss's per-chunk logits (6 c V) live inside one autograd node, where the sampling cannot see
     # (tests/test_loss.py bounds them); with a 1-token chunk the formula leaves them out and keeps the rest.
     want = memory_table.activation_peak_bytes(cfg, s, rank, b, checkpointing, 1 if chunked else 0)
-    # Measured 0.94-1.04x the formula: backward's own gradient buffers come and go around these terms.
+    # Measured 0.96-1.04x the formula: backward's own gradient buffers come and go around these terms
+    # (README.md, "Sizing micro-batch and ZeRO stage", quotes this tolerance).
     assert peak == pytest.approx(want, rel=0.07, abs=slack)
     if checkpointing and not chunked and vocab == 64:  # what it saves is real: the layers' activations are gone
         assert peak < 0.6 * memory_table.activation_peak_bytes(cfg, s, rank, b)
@@ -154,3 +156,78 @@ def test_memory_table_prints_every_preset():
         rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "preset" not in line]
         assert [r.split("|")[1].strip() for r in rows] == list(memory_table.PRESETS)
     assert "activation checkpointing on" in proc.stdout
+
+
+def _table(capsys, *argv) -> dict[str, dict[str, str]]:
+    """memory_table.py's output as {preset: {column header: cell}}."""
+    assert memory_table.main(list(argv)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--gpus", "0"], "argument --gpus: must be a positive whole number, got 0"),
+    (["--gpus", "-2"], "argument --gpus: must be a positive whole number, got -2"),
+    (["--global-batch-size", "0"], "argument --global-batch-size: must be a positive whole number, got 0"),
+    (["--memory-gb", "nan"], "argument --memory-gb: must be a positive number, got nan"),
+    (["--gpus", "7"], "--global-batch-size 1152 is not divisible by --gpus 7, so no micro-batch can be used "
+                      r"\(.*\): use 6 or 8 GPUs, or a global batch of 1148 or 1155"),
+    (["--gpus", "5", "--global-batch-size", "3"], "use 3 GPUs, or a global batch of 5"),
+])
+def test_bad_gpu_counts_are_named(capsys, argv, error):
+    """--gpus 0 used to divide by zero; --gpus 7 printed "= 0 that fits" and micro-batches no run can use."""
+    with pytest.raises(SystemExit) as e:
+        memory_table.main(argv)
+    out = capsys.readouterr()
+    assert e.value.code == 2 and "|" not in out.out
+    assert re.search(error, out.err), out.err
+
+
+@pytest.mark.parametrize("gpus", [1, 12, 16])
+def test_micro_batches_are_the_largest_fitting_divisors(capsys, gpus):
+    """Every micro-batch divides the per-rank batch (the trainer's batch arithmetic) and is the largest
+    divisor whose states + activations fit: 16 GPUs, 1b warm start at ZeRO-0 is 24 (36 x 1.35 GB does not
+    fit in the 48.5 GB its 21.4 GB of states leave)."""
+    rows = _table(capsys, "--gpus", str(gpus))
+    per_rank = 1152 // gpus
+    budget = 80e9 - (0.1 * 80e9 + 2 * memory_table.GIB)
+    for name, row in rows.items():
+        cfg = LlamaConfig.preset(name, vocab_size=32000)
+        c = memory_table.param_counts(cfg, 128)
+        for phase, stages, trainable, frozen, rank in (
+                ("warm start", range(4), c["projections"] + c["other"], (0, 0), None),
+                ("ReLoRA", (0, 2, 3), c["lora"] + c["other"], memory_table.frozen_bytes(c, None), 128)):
+            cells = row[f"micro-batch {phase} {' / '.join(f'Z{z}' for z in stages)}"].split(" / ")
+            for z, cell in zip(stages, cells):
+                states = memory_table.state_bytes(trainable, frozen, z, gpus)
+
+                def fits(mb):
+                    return states + memory_table.activation_peak_bytes(cfg, 512, rank, mb) <= budget
+                usable = [d for d in range(1, per_rank + 1) if per_rank % d == 0 and fits(d)]
+                assert cell == (str(max(usable)) if usable else "-"), (name, phase, z, cell, usable)
+    if gpus == 16:
+        assert rows["1b"]["micro-batch warm start Z0 / Z1 / Z2 / Z3"].startswith("24 / ")
+
+
+def test_readme_sizing_tables_are_the_scripts_output(capsys):
+    """Every cell of the README's sizing tables, against memory_table.py run with the table's options."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("### Sizing micro-batch and ZeRO stage on 80 GB GPUs")
+    section = text[start:text.index("\n### ", start + 1)]
+    tables, current = [], []
+    for line in section.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([c.strip() for c in line.strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    options = [[], ["--gpus", "16"], ["--activation-checkpointing"],
+               ["--activation-checkpointing", "--loss-chunk-size", "1024"]]
+    assert len(tables) == len(options)
+    for table, argv in zip(tables, options):
+        want = _table(capsys, *argv)
+        header = table[0]
+        for cells in table[2:]:
+            assert dict(zip(header, cells)) == {h: want[cells[0]][h] for h in header}, (argv, cells[0])

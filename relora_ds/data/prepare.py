@@ -146,7 +146,7 @@ def _current_commit(hub: str, revision: str | None, out_dir: Path) -> str:
         return prepared
 
 
-def _recipe(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path) -> dict:
+def _recipe(resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig, out_dir: Path) -> dict:
     """Everything that decides the bytes of the token files, and nothing else: not num_proc, streaming
     or seq_len, nor how the inputs were spelled (the fingerprint covers the resolved files)."""
     if cfg.tokenizer is not None:
@@ -155,12 +155,12 @@ def _recipe(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path) -> dict
     else:
         tokenizer = {"train_bpe": {"vocab_size": cfg.vocab_size or DEFAULT_VOCAB_SIZE,
                                    "train_chars": cfg.tokenizer_train_chars}}
-    hub = resolve_inputs(inputs, out_dir)[1] if inputs is not None else None
+    hub = resolved[1] if resolved is not None else None
     if hub is None and cfg.hf_revision is not None:
         raise ValueError(f"hf_revision={cfg.hf_revision!r} only applies to a hub dataset input")
     commit = _current_commit(hub, cfg.hf_revision, out_dir) if hub is not None else None
     return {
-        "corpus_fingerprint": corpus_fingerprint(inputs, cfg.hf_config, exclude=out_dir, hub_revision=commit),
+        "corpus_fingerprint": corpus_fingerprint(resolved, cfg.hf_config, hub_revision=commit),
         **({"hub_commit": commit} if commit else {}),  # absent for local corpora: their recipes are unchanged
         "tokenizer": tokenizer,
         "text_column": cfg.text_column, "hf_config": cfg.hf_config, "txt_unit": cfg.txt_unit,
@@ -267,7 +267,10 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        recipe = _recipe(inputs, cfg, out_dir)
+        # Resolved once: resolving warns about each skipped file, and the fingerprint and the loading
+        # must see the same files.
+        resolved = resolve_inputs(inputs, exclude=out_dir) if inputs is not None else None
+        recipe = _recipe(resolved, cfg, out_dir)
         old = mf.read_manifest_file(out_dir)
         if old is not None and old.get("recipe") == recipe and mf.files_intact(out_dir, old):
             log.info("%s is up to date (manifest matches); nothing to do", out_dir)
@@ -275,19 +278,20 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
             return out_dir
         if old is not None:
             log.warning("%s holds data from a different recipe or is incomplete; re-preparing", out_dir)
-        manifest = _prepare(inputs, cfg, out_dir, recipe)
+        manifest = _prepare(inputs, resolved, cfg, out_dir, recipe)
         _report_windows(manifest, cfg.seq_len)
         return out_dir
 
 
-def _prepare(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, recipe: dict) -> dict:
+def _prepare(inputs: list[str] | None, resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig,
+             out_dir: Path, recipe: dict) -> dict:
     """Write everything under temporary names, then swap it in; the manifest goes last."""
     work_dir = out_dir / ".work"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir()
     tok_tmp = out_dir / ".tokenizer.model.tmp"
     try:
-        manifest = _prepare_files(inputs, cfg, out_dir, work_dir, tok_tmp, recipe)
+        manifest = _prepare_files(inputs, resolved, cfg, out_dir, work_dir, tok_tmp, recipe)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
         for tmp in [tok_tmp, *(out_dir / f".{s}.bin.tmp" for s in mf.SPLITS)]:
@@ -295,10 +299,10 @@ def _prepare(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, recipe
     return manifest
 
 
-def _prepare_files(inputs: list[str] | None, cfg: PrepareConfig, out_dir: Path, work_dir: Path,
-                   tok_tmp: Path, recipe: dict) -> dict:
+def _prepare_files(inputs: list[str] | None, resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig,
+                   out_dir: Path, work_dir: Path, tok_tmp: Path, recipe: dict) -> dict:
     """Tokenizer, token files and manifest; returns the manifest."""
-    corpus = load_corpus(inputs, work_dir=work_dir, exclude=out_dir, hub_revision=recipe.get("hub_commit"),
+    corpus = load_corpus(resolved, work_dir=work_dir, hub_revision=recipe.get("hub_commit"),
                          text_column=cfg.text_column, hf_config=cfg.hf_config,
                          txt_unit=cfg.txt_unit, streaming=cfg.streaming, num_proc=cfg.num_proc)
     if cfg.max_docs is not None:

@@ -39,6 +39,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 # surrogateescape turns each invalid byte into one lone surrogate in this range.
 _ESCAPED_BYTES = re.compile("[\udc80-\udcff]")
 _CHUNK = 1 << 22
+_STRING_DTYPES = ("string", "large_string")
 
 
 class DataWarning(UserWarning):
@@ -172,14 +173,15 @@ def hub_commit(name: str, revision: str | None = None) -> str:
         ) from e
 
 
-def corpus_fingerprint(inputs: list[str] | None, hf_config: str | None = None,
-                       exclude: Path | None = None, hub_revision: str | None = None) -> str:
+def corpus_fingerprint(resolved: tuple[list[str], str | None] | None, hf_config: str | None = None,
+                       hub_revision: str | None = None) -> str:
     """Changes whenever the documents can, computed without reading them: sha256 of the built-in
-    sources, of local files' paths, sizes and mtimes, or of a hub dataset's name, config and commit
-    (`hub_revision`, as resolved by :func:`hub_commit`)."""
-    if inputs is None:
+    sources (``resolved`` None), of local files' paths, sizes and mtimes, or of a hub dataset's name,
+    config and commit (`hub_revision`, as resolved by :func:`hub_commit`). ``resolved`` is what
+    :func:`resolve_inputs` returned."""
+    if resolved is None:
         return builtin_fingerprint()
-    files, hub = resolve_inputs(inputs, exclude)
+    files, hub = resolved
     if hub is not None:
         return hashlib.sha256(f"hub\0{hub}\0{hf_config}\0{hub_revision}".encode()).hexdigest()
     return local_fingerprint(files)
@@ -250,14 +252,26 @@ def _repair_files(files: list[str], work_dir: Path, num_proc: int) -> tuple[list
 
 
 def _select_text(ds, text_column: str, origin: str):
-    """`ds` reduced to one column named "text"; a clear error when `text_column` is missing."""
-    columns = ds.column_names
-    if columns is None:  # streaming JSON learns its columns from the first record
+    """`ds` reduced to one column named "text"; a clear error when `text_column` is missing or holds no text."""
+    if ds.features is not None:
+        kinds = {name: f.dtype if isinstance(f, datasets.Value) else type(f).__name__
+                 for name, f in ds.features.items()}
+    else:  # streaming JSON learns its columns from the first record
         first = next(iter(ds), None)
-        columns = list(first) if first is not None else [text_column]
-    if text_column not in columns:
-        raise ValueError(f"text column {text_column!r} not found in {origin}; its columns are {columns} "
+        if first is None:
+            kinds = {text_column: "string"}  # no records: the empty-corpus check reports it
+        else:
+            kinds = {name: "string" if value is None or isinstance(value, str) else type(value).__name__
+                     for name, value in first.items()}
+    if text_column not in kinds:
+        raise ValueError(f"text column {text_column!r} not found in {origin}; its columns are {list(kinds)} "
                          f"(choose one with --text-column)")
+    if kinds[text_column] not in _STRING_DTYPES:
+        # Otherwise every value is skipped as a non-text and the corpus looks empty.
+        strings = [name for name, kind in kinds.items() if kind in _STRING_DTYPES]
+        raise ValueError(f"text column {text_column!r} of {origin} holds {kinds[text_column]} values, not text; "
+                         + (f"its string columns are {strings} (choose one with --text-column)" if strings
+                            else f"it has no string column (its columns are {list(kinds)})"))
     ds = ds.select_columns([text_column])
     return ds.rename_column(text_column, "text") if text_column != "text" else ds
 
@@ -286,10 +300,9 @@ def _default_streaming(files: list[str]) -> bool:
 
 
 def load_corpus(
-    inputs: list[str] | None,
+    resolved: tuple[list[str], str | None] | None,
     *,
     work_dir: Path,
-    exclude: Path | None = None,
     hub_revision: str | None = None,
     text_column: str = "text",
     hf_config: str | None = None,
@@ -297,11 +310,12 @@ def load_corpus(
     streaming: bool | None = None,
     num_proc: int = 1,
 ) -> Corpus:
-    """Open the corpus named by `inputs` (None: the built-in one). `work_dir` holds datasets' cache;
-    files under `exclude` (the output directory) are never read."""
+    """Open the corpus :func:`resolve_inputs` found (None: the built-in one). `work_dir` holds datasets'
+    cache. The inputs are resolved once by the caller: resolving warns about skipped files, and the
+    fingerprint and the loading must see the same files."""
     if txt_unit not in TXT_UNITS:
         raise ValueError(f"txt_unit={txt_unit!r} is not one of {TXT_UNITS}")
-    if inputs is None:
+    if resolved is None:
         if hf_config is not None:
             raise ValueError(f"hf_config={hf_config!r} only applies to a hub dataset input")
         docs = builtin_documents()
@@ -310,7 +324,7 @@ def load_corpus(
             ds = ds.to_iterable_dataset()
         return Corpus(ds, f"built-in corpus ({len(docs)} documents)")
 
-    files, hub = resolve_inputs(inputs, exclude)
+    files, hub = resolved
     if hub is not None:
         return _load_hub(hub, hf_config, text_column, hub_revision)
     if hf_config is not None:

@@ -1,0 +1,186 @@
+"""DeepSpeed JSON checks: misspelt keys are errors naming the intended key, and the bf16 + fp32-accumulation
+optimizer counts every micro-batch once.
+
+Run as a script (``python tests/test_ds_config.py OUT``) it is the one-rank engine worker of
+test_bf16_optimizer_accumulates_like_one_big_micro_batch.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from relora_ds.ds_config import (adam_parameters, check_deepspeed_keys, complete_ds_config,
+                                 deepspeed_top_level_keys, load_ds_config)
+from relora_ds.train_config import TrainConfig
+
+BASE = dict(cycle_length=10, restart_warmup_steps=5, total_steps=100, micro_batch_size=2, global_batch_size=8)
+# bf16 weights, fp32 gradient accumulation, ZeRO-1: DeepSpeed's BF16_Optimizer
+BF16_FP32_ACCUM = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+                   "zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+
+
+@pytest.mark.parametrize("ds, match", [
+    # DeepSpeed ignores these silently ("bf_16": fp32 training) or reports something unrelated
+    ({"bf_16": {"enabled": True}}, r"top-level key 'bf_16' is unknown .*did you mean 'bf16'\?"),
+    ({"zero_optimisation": {"stage": 2}}, r"'zero_optimisation' is unknown .*did you mean 'zero_optimization'\?"),
+    ({"zero_optimization": {"stag": 2}}, r"zero_optimization: key 'stag' is unknown; did you mean 'stage'\?"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"devise": "cpu"}}},
+     r"zero_optimization.offload_optimizer: key 'devise' is unknown; did you mean 'device'\?.* 'nvme_path'"),
+    ({"bf16": {"enabled": True, "immediate_grad_updates": True}}, r"did you mean 'immediate_grad_update'\?"),
+    ({"fp16": {"enable": True}}, r"fp16: key 'enable' is unknown; did you mean 'enabled'\?"),
+    ({"no_such_setting": 1}, r"top-level key 'no_such_setting' is unknown .*; valid keys: \[.*'zero_optimization'"),
+    ({"seed": 1}, r"'seed' is not a DeepSpeed key but a recipe setting: set it in the recipe \(or --seed\)"),
+    ({"elasticity": {}}, r"Elastic training has been removed"),  # DeepSpeed's own message, before any engine
+    ({"zero_optimization": {"stage": 3, "mics_shard_size": 8}}, r"MiCS ZeRO-3 sharding has been removed"),
+    ({"bf16": {"enabled": True}, "bfloat16": {"enabled": True}}, r"both 'bf16' and 'bfloat16'"),
+    # A TypeError from the optimizer's constructor at deepspeed.initialize otherwise
+    ({"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "weight_decy": 0.1}}},
+     r"optimizer.params key 'weight_decy' is unknown to torch.optim.adamw.AdamW.*did you mean 'weight_decay'\?"
+     r" valid keys: \['adam_w_mode', 'amsgrad', 'betas', .*'torch_adam', 'weight_decay'\]"),
+    ({"optimizer": {"type": "AdamW", "params": {"fused": True}}},  # torch's flag; FusedAdam has no such argument
+     r"'fused' is unknown to deepspeed.ops.adam.fused_adam.FusedAdam"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+      "optimizer": {"type": "AdamW", "params": {"adamw_mode": False}}},  # DeepSpeed passes adamw_mode itself
+     r"'adamw_mode' is unknown to deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam.*did you mean 'adam_w_mode'\?"),
+    ({"optimizer": {"type": "SGD", "params": {}}}, r"optimizer.type='SGD' is not supported; valid types: \['AdamW'"),
+    ({"optimizer": {"params": {"torch_adam": True}}}, r"optimizer.type=None is not supported"),
+    ({"optimizer": {"type": "AdamW", "param": {}}}, r"optimizer key 'param' is unknown; did you mean 'params'\?"),
+])
+def test_misspelt_and_unknown_keys_are_named(ds, match):
+    with pytest.raises(ValueError, match=match):
+        complete_ds_config(ds, TrainConfig(**BASE), world_size=2)
+
+
+def test_keys_deepspeed_reads_pass():
+    """The known set is what DeepSpeed 0.19 reads: nothing DeepSpeed accepts is refused."""
+    common = ["bf16", "fp16", "zero_optimization", "optimizer", "gradient_clipping", "steps_per_print",
+              "wall_clock_breakdown", "communication_data_type", "data_types", "activation_checkpointing",
+              "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comms_logger", "zero_allow_untested_optimizer",
+              "checkpoint", "aio", "bfloat16", "prescale_gradients", "memory_breakdown", "dump_state",
+              "sequence_parallel_size", "tensor_parallel", "compile"]
+    assert set(common) <= deepspeed_top_level_keys()
+    assert "seed" not in deepspeed_top_level_keys() and "bf_16" not in deepspeed_top_level_keys()
+    from launch_utils import ROOT
+
+    shipped = sorted((ROOT / "ds_configs").glob("*.json"))
+    assert len(shipped) >= 4
+    for path in shipped:
+        check_deepspeed_keys(load_ds_config(path), str(path))
+    check_deepspeed_keys({
+        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 5e7, "prefetch_bucket_size": 5e7,
+                              "offload_param": {"device": "cpu", "pin_memory": True},
+                              "offload_optimizer": {"device": "cpu", "buffer_count": 4}},
+        "bf16": {"enabled": True, "immediate_grad_update": True}, "fp16": {"enabled": False, "loss_scale": 0},
+        "activation_checkpointing": {"partition_activations": True}, "tensorboard": {"enabled": False},
+        "optimizer": {"type": "Adam", "params": {"bias_correction": True, "amsgrad": False, "adam_w_mode": True,
+                                                 "fp32_optimizer_states": True}}})
+    check_deepspeed_keys({"optimizer": {"type": "adamw", "params": {
+        "torch_adam": True, "foreach": False, "fused": False, "amsgrad": False, "maximize": False}}})
+
+
+def test_adam_parameters_follow_the_class_deepspeed_builds():
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    torch_adam = {"type": "Adam", "params": {"torch_adam": True}}
+    assert adam_parameters({"optimizer": torch_adam})[0] is torch.optim.AdamW  # adam_w_mode defaults to true
+    torch_adam["params"]["adam_w_mode"] = False
+    ctor, valid = adam_parameters({"optimizer": torch_adam})
+    assert ctor is torch.optim.Adam and "decoupled_weight_decay" in valid
+    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}},
+               "optimizer": {"type": "AdamW", "params": {}}}
+    ctor, valid = adam_parameters(offload)
+    assert ctor is DeepSpeedCPUAdam and "adamw_mode" not in valid and "bias_correction" in valid
+    assert adam_parameters({"optimizer": {"type": "AdamW"}})[0] is FusedAdam
+
+
+def test_bf16_optimizer_gets_immediate_grad_update_under_accumulation():
+    """The rewrite, and only where DeepSpeed's BF16_Optimizer runs with more than one micro-step."""
+    full = dict(BASE, mode="full", cycle_length=None)
+    ds = complete_ds_config(BF16_FP32_ACCUM, TrainConfig(**full), world_size=2)  # 2 micro-steps
+    assert ds["gradient_accumulation_steps"] == 2 and ds["bf16"]["immediate_grad_update"] is True
+    assert "immediate_grad_update" not in BF16_FP32_ACCUM["bf16"]  # the caller's dict is not edited
+    alias = {**BF16_FP32_ACCUM, "bfloat16": BF16_FP32_ACCUM["bf16"]}
+    del alias["bf16"]
+    assert complete_ds_config(alias, TrainConfig(**full), world_size=2)["bfloat16"]["immediate_grad_update"]
+    untouched = [
+        (BF16_FP32_ACCUM, 4),                                               # one micro-step per optimizer step
+        ({**BF16_FP32_ACCUM, "zero_optimization": {"stage": 2}}, 2),         # the ZeRO optimizer accumulates
+        ({**BF16_FP32_ACCUM, "data_types": {}}, 2),                          # bf16 accumulation: ZeRO optimizer
+        ({**BF16_FP32_ACCUM, "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}}}, 2),
+    ]
+    for src, world in untouched:
+        assert "immediate_grad_update" not in complete_ds_config(src, TrainConfig(**full), world)["bf16"], src
+    with pytest.raises(ValueError, match=r"immediate_grad_update=False .*gradient_accumulation_steps=2: "
+                                         r"DeepSpeed's BF16_Optimizer then adds micro-batch i of k"):
+        complete_ds_config({**BF16_FP32_ACCUM, "bf16": {"enabled": True, "immediate_grad_update": False}},
+                           TrainConfig(**full), world_size=2)
+    with pytest.raises(ValueError, match=r"grad_accum_dtype='fp32' with bf16 weights at ZeRO stage 0, which "
+                                         r"DeepSpeed does not support"):
+        complete_ds_config({**BF16_FP32_ACCUM, "zero_optimization": {"stage": 0}}, TrainConfig(**full), 2)
+    with pytest.raises(ValueError, match=r"grad_accum_dtype='fp33' is not a dtype DeepSpeed knows; valid "
+                                         r"values: \[.*'fp32'"):
+        complete_ds_config({**BF16_FP32_ACCUM, "data_types": {"grad_accum_dtype": "fp33"}}, TrainConfig(**full), 2)
+
+
+def test_bf16_optimizer_accumulates_like_one_big_micro_batch(tmp_path):
+    """One rank, bf16 + fp32 accumulation at ZeRO-1: 4 micro-batches of 1 give the update 1 micro-batch of 4
+    gives. Adam with eps=1 makes the first update ~ -lr * gradient, so the update compares the gradients.
+    DeepSpeed's default (immediate_grad_update=False) weights the micro-batches 4, 3, 2, 1."""
+    import torch
+    from launch_utils import ROOT, free_port, launch_env
+
+    out = tmp_path / "updates.pt"
+    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    u = torch.load(out)
+
+    def rel(a, b):
+        return ((u[a] - u[b]).norm() / u[b].norm()).item()
+
+    assert u["gas1"].norm() > 0
+    assert rel("gas4", "gas1") < 0.02, rel("gas4", "gas1")
+    # Fails once DeepSpeed counts each micro-batch once by itself: then the rewrite is no longer needed.
+    assert rel("gas4_deepspeed_default", "gas1") > 0.5, rel("gas4_deepspeed_default", "gas1")
+
+
+def _bf16_accumulation_worker(out: str) -> None:
+    import deepspeed
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from relora_ds import LlamaConfig, LlamaForCausalLM
+    from relora_ds.distributed import init_distributed
+
+    init_distributed()
+    model_cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64)
+    xs = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(1))
+    updates = {}
+    for name, micro in (("gas4", 1), ("gas1", 4), ("gas4_deepspeed_default", 1)):
+        cfg = TrainConfig(mode="full", total_steps=1, micro_batch_size=micro, global_batch_size=4, lr=1.0,
+                          adam_eps=1.0, grad_clip=0.0)
+        ds = complete_ds_config(BF16_FP32_ACCUM, cfg, world_size=1)
+        if name == "gas4_deepspeed_default":
+            ds["bf16"]["immediate_grad_update"] = False  # bypass the rewrite: DeepSpeed's default
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(model_cfg)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        assert type(engine.optimizer).__name__ == "BF16_Optimizer", type(engine.optimizer)
+        params = list(engine.module.parameters())
+        before = [safe_get_full_fp32_param(p).clone() for p in params]
+        for x in xs.split(micro):
+            engine.backward(engine(x, labels=x).loss)
+            engine.step()
+        assert engine.global_steps == 1
+        updates[name] = torch.cat([(safe_get_full_fp32_param(p) - b).reshape(-1) for p, b in zip(params, before)])
+    torch.save(updates, out)
+    print(json.dumps({k: v.norm().item() for k, v in updates.items()}))
+
+
+if __name__ == "__main__":
+    _bf16_accumulation_worker(sys.argv[1])

@@ -59,14 +59,28 @@ def random_prune_mask(shape: torch.Size, ratio: float, seed: int) -> torch.Tenso
 
 def moment_masks(moments: dict, method: str, ratio: float, seed: int, joint: bool) -> dict:
     """{key: mask} for one parameter's Adam moments (``moments``: {key: whole tensor}); ``seed`` is the
-    parameter's. Independent (the paper): each moment by its own values. ``joint``: one mask, from
-    ``exp_avg``, for both, so no entry keeps its momentum while losing its second moment."""
+    parameter's. Either way no entry keeps its momentum without its second moment:
+
+    - independent (``joint=False``, the paper): each moment is pruned by its own values, then exp_avg is
+      also zeroed wherever exp_avg_sq is. exp_avg_sq's mask is the paper's; exp_avg's is its own mask
+      united with exp_avg_sq's, so slightly more than ``ratio`` of exp_avg is zeroed.
+    - ``joint``: one mask, from exp_avg, for both.
+
+    Why the guard: right after a reset B = 0, so lora_A's gradient is exactly 0 and a zeroed exp_avg_sq
+    stays 0; an entry keeping exp_avg then moves by ~lr·m/eps per step. Measured without the guard (tiny
+    model, ZeRO-2 on 2 CPU ranks, peak lr 1e-3, 99% magnitude pruning): max|A| 0.125 -> 19.8 and global
+    grad norm 2.1 -> 35.7 at the first step after a reset with a 2-step restart warmup (lr 2e-4; clipping
+    then shrank every other parameter's step ~17x); 0.125 -> 0.885 and grad norm +30-50% with a 20-step
+    warmup (lr 1e-5). The restart warmup does not prevent it. tests/test_prune.py reproduces it.
+    """
     masks = {}
     for j, key in enumerate(MOMENT_KEYS):
         if joint and j > 0:
             masks[key] = masks[MOMENT_KEYS[0]]
         else:
             masks[key] = prune_mask(moments[key], method, ratio, seed=seed + j)
+    if not joint:
+        masks["exp_avg"] = masks["exp_avg"] | masks["exp_avg_sq"]
     return masks
 
 
@@ -86,17 +100,18 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     ``method``: 'magnitude' (smallest |value| per tensor), 'random', or 'reset' (all). Other parameters'
     state is untouched. Adam's ``step`` is deliberately left alone: DeepSpeed keeps it per flat param
     group, so it cannot be reset for the LoRA parameters alone, and the reference implementation does not
-    reset it either; keeping it makes single-process and ZeRO runs identical. The restart warmup is what
-    keeps the first updates after a reset small.
+    reset it either; keeping it makes single-process and ZeRO runs identical.
 
-    ``joint=False`` (the paper): each moment is pruned by its own magnitudes, so an entry can keep exp_avg
-    while losing exp_avg_sq (seen in tests/dist/zero_reset_worker.py). Right after a reset B = 0, so
-    lora_A's gradient is exactly zero and such an entry's Adam update is ~lr·m/eps until v refills; only
-    the restart warmup (LR from 0) keeps it small. ``joint=True`` zeroes exp_avg_sq exactly where exp_avg
-    is zeroed (one mask, from exp_avg), which rules that case out.
+    ``joint=False`` (the paper): each moment is pruned by its own magnitudes, and exp_avg is also zeroed
+    wherever exp_avg_sq is (``moment_masks``): an entry keeping exp_avg without exp_avg_sq would move lora_A
+    by ~lr·m/eps per step after the reset (B = 0 makes lora_A's gradient exactly zero, so exp_avg_sq does
+    not refill), and the restart warmup does not keep that small (measured in ``moment_masks``).
+    ``joint=True`` uses one mask, from exp_avg, for both moments.
 
-    Accepts torch Adam/AdamW or a DeepSpeed engine (ZeRO-partitioned state, see zero_reset.py).
-    Returns ``{key: fraction of entries zeroed}`` over all given params.
+    Accepts torch Adam/AdamW or a DeepSpeed engine (ZeRO-partitioned state, see zero_reset.py); both use
+    ``moment_masks`` on whole tensors, so the results are identical.
+    Returns ``{key: fraction of entries zeroed}`` over all given params (independent mode: exp_avg's
+    fraction is at least ``ratio``, since it includes exp_avg_sq's mask).
     """
     check_prune_args(method, ratio)
     params = list(params)

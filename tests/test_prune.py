@@ -47,65 +47,150 @@ def _adam_state(seed=0):
     return opt, a, b, other
 
 
+def _noisy_moments(opt, params, seed=9):
+    """Overwrite the moments with noisy-gradient-like values: |exp_avg| and exp_avg_sq then order the
+    entries differently (a few steps of one smooth loss give v ∝ m², the same order, and would hide the
+    difference between the modes). Returns the moments written."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p in params:
+        m, v = torch.randn(p.shape, generator=g), torch.rand(p.shape, generator=g) + 0.01
+        opt.state[p]["exp_avg"].copy_(m), opt.state[p]["exp_avg_sq"].copy_(v)
+        out.append({"exp_avg": m, "exp_avg_sq": v})
+    return out
+
+
+def _own_masks(moments, method, ratio, seed, i):
+    """Each moment's own mask, as the paper computes it (seeds as prune_optimizer_state derives them)."""
+    if method == "magnitude":
+        return [_oracle_mask(moments[k], ratio) for k in ("exp_avg", "exp_avg_sq")]
+    return [random_prune_mask(moments[k].shape, ratio, seed=seed + 1000003 * i + j)
+            for j, k in enumerate(("exp_avg", "exp_avg_sq"))]
+
+
 def test_prune_optimizer_state_magnitude_only_given_params():
     opt, a, b, other = _adam_state()
     before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in (a, b, other)}
     stats = relora_ds.prune_optimizer_state(opt, [a, b], method="magnitude", ratio=0.9)
+    zeroed_m = 0
     for p in (a, b):
-        for key in ("exp_avg", "exp_avg_sq"):
-            expect = before[id(p)][key].masked_fill(_oracle_mask(before[id(p)][key], 0.9), 0.0)
-            assert torch.equal(opt.state[p][key], expect)
+        m_mask, v_mask = _own_masks(before[id(p)], "magnitude", 0.9, 0, 0)
+        assert torch.equal(opt.state[p]["exp_avg"], before[id(p)]["exp_avg"].masked_fill(m_mask | v_mask, 0.0))
+        assert torch.equal(opt.state[p]["exp_avg_sq"], before[id(p)]["exp_avg_sq"].masked_fill(v_mask, 0.0))
         assert torch.equal(opt.state[p]["step"], before[id(p)]["step"])  # step untouched
+        zeroed_m += int((m_mask | v_mask).sum())
     for key, v in opt.state[other].items():
         assert torch.equal(v, before[id(other)][key])
     n = a.numel() + b.numel()
-    assert stats["exp_avg"] == pytest.approx((round(0.9 * a.numel()) + round(0.9 * b.numel())) / n)
+    assert stats["exp_avg_sq"] == pytest.approx((round(0.9 * a.numel()) + round(0.9 * b.numel())) / n)
+    assert stats["exp_avg"] == pytest.approx(zeroed_m / n)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_independent_prune_leaves_no_momentum_without_second_moment(method):
+    """joint=False: exp_avg_sq is pruned by its own mask exactly as the paper does; exp_avg by its own mask
+    united with exp_avg_sq's, so no entry keeps exp_avg while its exp_avg_sq is zeroed."""
+    opt, a, b, _ = _adam_state(seed=2)
+    before = _noisy_moments(opt, (a, b))
+    stats = relora_ds.prune_optimizer_state(opt, [a, b], method=method, ratio=0.9, seed=5)
+    zeroed = {"exp_avg": 0, "exp_avg_sq": 0}
+    for i, (p, b0) in enumerate(zip((a, b), before)):
+        m_mask, v_mask = _own_masks(b0, method, 0.9, 5, i)
+        assert (m_mask & ~v_mask).any() and (v_mask & ~m_mask).any()  # the masks really differ here
+        assert torch.equal(opt.state[p]["exp_avg_sq"], b0["exp_avg_sq"].masked_fill(v_mask, 0.0))
+        assert torch.equal(opt.state[p]["exp_avg"], b0["exp_avg"].masked_fill(m_mask | v_mask, 0.0))
+        assert not ((opt.state[p]["exp_avg"] != 0) & (opt.state[p]["exp_avg_sq"] == 0)).any()
+        zeroed["exp_avg"] += int((m_mask | v_mask).sum())
+        zeroed["exp_avg_sq"] += int(v_mask.sum())
+    n = a.numel() + b.numel()
+    assert stats == {k: pytest.approx(zeroed[k] / n) for k in zeroed}  # the fractions truly zeroed
+    assert stats["exp_avg_sq"] == pytest.approx((round(0.9 * a.numel()) + round(0.9 * b.numel())) / n)
+    assert stats["exp_avg"] > stats["exp_avg_sq"]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "random"])
 def test_joint_prune_one_mask_from_exp_avg(method):
     """joint=True: exp_avg_sq is zeroed exactly where exp_avg is (the exp_avg mask), never elsewhere."""
     opt, a, b, _ = _adam_state(seed=1)
-    indep, _, _, _ = _adam_state(seed=1)
-    # Noisy-gradient moments: |exp_avg| and exp_avg_sq order the entries differently (a few steps of one
-    # smooth loss would give v ∝ m², the same order, and hide the difference between the two modes).
-    g = torch.Generator().manual_seed(9)
-    for p, q in zip((a, b), indep.param_groups[0]["params"][:2]):
-        m, v = torch.randn(p.shape, generator=g), torch.rand(p.shape, generator=g) + 0.01
-        opt.state[p]["exp_avg"].copy_(m), opt.state[p]["exp_avg_sq"].copy_(v)
-        indep.state[q]["exp_avg"].copy_(m), indep.state[q]["exp_avg_sq"].copy_(v)
-    before = {id(p): {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for p in (a, b)}
-    relora_ds.prune_optimizer_state(indep, indep.param_groups[0]["params"][:2], method=method, ratio=0.9, seed=5)
+    before = _noisy_moments(opt, (a, b))
     stats = relora_ds.prune_optimizer_state(opt, [a, b], method=method, ratio=0.9, seed=5, joint=True)
-    for i, p in enumerate((a, b)):
-        m0, v0 = before[id(p)]["exp_avg"], before[id(p)]["exp_avg_sq"]
-        mask = (_oracle_mask(m0, 0.9) if method == "magnitude" else
-                random_prune_mask(m0.shape, 0.9, seed=5 + 1000003 * i))
-        assert torch.equal(opt.state[p]["exp_avg"], m0.masked_fill(mask, 0.0))
-        assert torch.equal(opt.state[p]["exp_avg_sq"], v0.masked_fill(mask, 0.0))
-        # No entry keeps momentum without its second moment (every exp_avg_sq was > 0 before).
+    for i, (p, b0) in enumerate(zip((a, b), before)):
+        mask, v_own = _own_masks(b0, method, 0.9, 5, i)
+        assert torch.equal(opt.state[p]["exp_avg"], b0["exp_avg"].masked_fill(mask, 0.0))
+        assert torch.equal(opt.state[p]["exp_avg_sq"], b0["exp_avg_sq"].masked_fill(mask, 0.0))
         assert not ((opt.state[p]["exp_avg"] != 0) & (opt.state[p]["exp_avg_sq"] == 0)).any()
+        assert not torch.equal(mask, v_own)  # unlike the default, exp_avg_sq's own values play no part
     assert stats["exp_avg"] == stats["exp_avg_sq"]
-    # The default (the paper) prunes exp_avg with the same mask but exp_avg_sq by its own values.
-    ib = indep.param_groups[0]["params"][1]
-    assert torch.equal(indep.state[ib]["exp_avg"], opt.state[b]["exp_avg"])
-    assert not torch.equal(indep.state[ib]["exp_avg_sq"], opt.state[b]["exp_avg_sq"])
-    if method == "magnitude":
-        assert torch.equal(indep.state[ib]["exp_avg_sq"], before[id(b)]["exp_avg_sq"].masked_fill(
-            _oracle_mask(before[id(b)]["exp_avg_sq"], 0.9), 0.0))
 
 
 def test_random_and_reset_modes():
     opt, a, b, _ = _adam_state()
+    before = {k: opt.state[a][k].clone() for k in ("exp_avg", "exp_avg_sq")}
     relora_ds.prune_optimizer_state(opt, [a], method="random", ratio=0.75, seed=3)
-    for key in ("exp_avg", "exp_avg_sq"):
-        assert int((opt.state[a][key] == 0).sum()) == round(0.75 * a.numel())
+    m_mask, v_mask = _own_masks(before, "random", 0.75, 3, 0)
+    assert int(v_mask.sum()) == int(m_mask.sum()) == round(0.75 * a.numel())
+    assert torch.equal(opt.state[a]["exp_avg_sq"], before["exp_avg_sq"].masked_fill(v_mask, 0.0))
+    assert torch.equal(opt.state[a]["exp_avg"], before["exp_avg"].masked_fill(m_mask | v_mask, 0.0))
     m1, m2 = random_prune_mask((100,), 0.3, seed=1), random_prune_mask((100,), 0.3, seed=1)
     assert torch.equal(m1, m2) and int(m1.sum()) == 30
     assert not torch.equal(m1, random_prune_mask((100,), 0.3, seed=2))
     stats = relora_ds.prune_optimizer_state(opt, [b], method="reset")
     assert stats == {"exp_avg": 1.0, "exp_avg_sq": 1.0}
     assert torch.count_nonzero(opt.state[b]["exp_avg"]) == 0
+
+
+def _reset_then_step(prune):
+    """Debug-preset ReLoRA model, AdamW lr 1e-3 for 5 steps, merge_and_reinit, ``prune(opt, lora)``, one
+    step at lr 2e-4 (a restart warmup's first step), then one more backward. Returns (max|lora_A| after
+    the re-init, after the step, the global grad norm before the reset, at the backward after the step)."""
+    torch.manual_seed(0)
+    model = relora_ds.wrap(relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug")), rank=4, seed=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 512, (4, 33), generator=g) for _ in range(7)]
+
+    def backward(x):
+        opt.zero_grad(set_to_none=True)
+        model(x, labels=x).loss.backward()
+        return float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+
+    for x in batches[:5]:
+        norm_before = backward(x)
+        opt.step()
+    relora_ds.merge_and_reinit(model)
+    lora_A = [layer.lora_A for _, layer in relora_ds.relora_layers(model)]
+    max_A_init = max(float(a.detach().abs().max()) for a in lora_A)
+    prune(opt, relora_ds.lora_parameters(model))
+    for group in opt.param_groups:
+        group["lr"] = 2e-4
+    backward(batches[5])
+    opt.step()
+    max_A = max(float(a.detach().abs().max()) for a in lora_A)
+    return max_A_init, max_A, norm_before, backward(batches[6])
+
+
+@torch.no_grad()
+def _prune_unguarded(opt, params):
+    """The paper's masks alone (each moment by its own magnitudes), without exp_avg ⊇ exp_avg_sq's mask."""
+    for p in params:
+        for key in ("exp_avg", "exp_avg_sq"):
+            opt.state[p][key].masked_fill_(magnitude_prune_mask(opt.state[p][key], 0.99), 0.0)
+
+
+def test_first_step_after_reset_keeps_lora_A_small():
+    """Right after a reset B = 0, so lora_A's gradient is exactly 0 and a zeroed exp_avg_sq stays 0: an
+    entry that kept exp_avg would move by ~lr·m/eps. With the paper's masks alone (``_prune_unguarded``)
+    78 entries do, and one step at lr 2e-4 takes max|lora_A| from 0.125 to ~21 and the next grad norm from
+    ~1.3 to ~15 (measured); prune_optimizer_state zeroes exp_avg there too and A stays at its re-init."""
+    def guarded(opt, lora):
+        relora_ds.prune_optimizer_state(opt, lora, "magnitude", 0.99)
+
+    max_A_init, max_A, norm_before, norm_after = _reset_then_step(guarded)
+    assert max_A <= 2 * max_A_init, (max_A_init, max_A)
+    assert norm_after <= 2 * norm_before, (norm_before, norm_after)
+    max_A_init, max_A, norm_before, norm_after = _reset_then_step(_prune_unguarded)
+    assert max_A > 20 * max_A_init and norm_after > 5 * norm_before, "the hazard the guard exists for"
 
 
 def test_bad_arguments():

@@ -4,9 +4,9 @@
 
 Reads DeepSpeed's ZeRO checkpoint whole (relora_ds.checkpoint.full_state_dict: fp32 masters of trainable
 parameters, frozen base weights as saved), rebuilds the model from the checkpoint's config.json, folds every
-ReLoRA layer's scale·B·A into its weight and writes config.json + model.safetensors, plus the run's SentencePiece tokenizer
-in Hugging Face form (found through the run's data dir, or --tokenizer; its sha256 must be the one the
-checkpoint was trained with).
+ReLoRA layer's scale·B·A into its weight and writes config.json + model.safetensors, plus the run's
+SentencePiece tokenizer in Hugging Face form (found through the run's data dir, or --tokenizer; its sha256
+must be the one the checkpoint was trained with).
 """
 import argparse
 import sys

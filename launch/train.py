@@ -6,11 +6,12 @@ import sys
 
 import torch
 
-from relora_ds.train_config import build_launch_parser, config_from_args
+from relora_ds.train_config import build_launch_parser, config_from_args, show_config_warnings_plainly
 from relora_ds.trainer import Trainer
 
 
 def main(argv=None) -> int:
+    show_config_warnings_plainly()
     parser = build_launch_parser(__doc__)
     args = parser.parse_args(argv)
     trainer = None

@@ -88,10 +88,16 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def plan_resume(ckpt_dir: Path, *, model: dict, ds: dict, world: int, data_dir: Path,
+# Settings a resume cannot change: they decide the saved module structure, the phase and reset positions,
+# or the data order.
+FIXED_ON_RESUME = ("seq_len", "rank", "alpha", "target_modules", "quantize", "warm_start_steps", "seed")
+
+
+def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: int, data_dir: Path,
                 tokenizer_sha256: str) -> dict | None:
-    """What ``--resume`` will load from ``ckpt_dir`` into a run of ``model`` (its config dict) with DeepSpeed
-    config ``ds`` on ``world`` ranks, reading ``data_dir`` (tokenized by ``tokenizer_sha256``), checked before any engine exists: None without a checkpoint, else
+    """What ``--resume`` will load from ``ckpt_dir`` into a run of ``model`` (its config dict) trained with
+    ``train`` (the TrainConfig dict) and DeepSpeed config ``ds`` on ``world`` ranks, reading ``data_dir``
+    (tokenized by ``tokenizer_sha256``), checked before any engine exists: None without a checkpoint, else
     ``{"tag", "saved" (its config.json), "universal" (load through ds_to_universal), "stages" (saved, now)}``.
     A checkpoint this run cannot load is a ValueError saying what to do instead."""
     ckpt_dir = Path(ckpt_dir)
@@ -99,6 +105,14 @@ def plan_resume(ckpt_dir: Path, *, model: dict, ds: dict, world: int, data_dir: 
     if tag is None:
         return None
     saved = load_config(ckpt_dir, tag)
+    fixed = {k: (train[k], saved["train"][k]) for k in FIXED_ON_RESUME
+             if k in saved["train"] and saved["train"][k] != train[k]}
+    if (train["mode"] == "full") != (saved["train"].get("mode", train["mode"]) == "full"):
+        fixed["mode"] = (train["mode"], saved["train"]["mode"])
+    if fixed:
+        raise ValueError(f"checkpoint {ckpt_dir / tag} was trained with settings a resume cannot change, field "
+                         f"(now, checkpoint): {fixed}. Resume with the checkpoint's values, or start a new run "
+                         "from its export (launch/export.py, then --warm-start-from or --hf-model)")
     mismatch = {k: (v, saved["model"].get(k)) for k, v in model.items() if saved["model"].get(k) != v}
     if mismatch:
         raise ValueError(f"checkpoint {ckpt_dir / tag} is of another model: field (now, checkpoint): {mismatch}")

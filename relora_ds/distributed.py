@@ -42,6 +42,25 @@ def release_shm_segment() -> Path | None:
     return path
 
 
+# Set by torchrun/deepspeed (RANK...), mpirun (OMPI_/PMI_/PMIX_/MV2_) or the user (MASTER_PORT).
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK",
+                  "MV2_COMM_WORLD_SIZE")
+
+
+def pick_port_for_a_single_process() -> int | None:
+    """Plain ``python launch/train.py``, no launcher: set MASTER_PORT to a free port (and return it), so a
+    second single-process run on the machine does not fail on DeepSpeed's default 29500 (EADDRINUSE)."""
+    if any(k in os.environ for k in _LAUNCHER_VARS):
+        return None
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["MASTER_PORT"] = str(port)
+    return port
+
+
 def init_distributed(**kwargs) -> None:
     """``deepspeed.init_distributed(**kwargs)``, then release the shared-memory segment it leaks on CPU."""
     import deepspeed

@@ -57,7 +57,8 @@ def jagged_cosine(step: int, *, total_steps: int, warmup_steps: int, cycle_lengt
         raise ValueError(f"warmup_steps={warmup_steps} is longer than a cycle (cycle_length={cycle_length}): "
                          "the first reset would interrupt the warmup")
     if start_step < 0 or 0 < start_step < warmup_steps:
-        raise ValueError(f"start_step={start_step} must be 0 or at least warmup_steps={warmup_steps}")
+        raise ValueError(f"start_step={start_step} (the warm start's length) must be 0 or at least warmup_steps="
+                         f"{warmup_steps}: the first warmup must end before the switch to the low-rank phase")
     cosine = functools.partial(cosine_with_warmup, total_steps=total_steps, warmup_steps=warmup_steps,
                                min_lr_ratio=min_lr_ratio)
     if step < warmup_steps or step < start_step:

@@ -2,7 +2,11 @@
 any engine exists (ValueError naming the problem)."""
 from __future__ import annotations
 
+import functools
 import json
+import math
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,7 +16,8 @@ from .hf import config_from_hf
 from .model import LlamaForCausalLM
 from .model_config import LlamaConfig
 from .relora import target_linears
-from .train_config import TrainConfig
+from .schedule import cosine_with_warmup, jagged_cosine, restarted_at
+from .train_config import ConfigWarning, TrainConfig
 
 
 def load_hf_config(path: str | Path) -> LlamaConfig:
@@ -40,3 +45,73 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
         with torch.device("meta"):
             target_linears(LlamaForCausalLM(model_config), cfg.target_modules)
     return model_config, manifest
+
+
+def total_steps_for(cfg: TrainConfig) -> int:
+    return cfg.total_steps or math.ceil(cfg.token_budget / (cfg.global_batch_size * cfg.seq_len))
+
+
+def build_schedule(cfg: TrainConfig, total_steps: int):
+    """The run's LR multiplier as a function of the global step (0-based), checked at both phases' first
+    steps: a bad combination is a ValueError here, before any engine exists."""
+    start = cfg.warm_start_steps
+    if start >= total_steps:
+        raise ValueError(f"warm_start_steps={start} leaves no low-rank steps of total_steps={total_steps}")
+    kw = dict(total_steps=total_steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
+    if cfg.mode == "full":
+        schedule = functools.partial(cosine_with_warmup, **kw)
+    else:
+        # lora: one "cycle" spanning the run, so the only LR drop is at the warm-start switch (if any)
+        cycle = cfg.cycle_length if cfg.mode == "relora" else total_steps
+        jagged = functools.partial(jagged_cosine, cycle_length=cycle,
+                                   restart_warmup_steps=min(cfg.restart_warmup_steps, cycle), **kw)
+        if cfg.lowrank_schedule == "restart" and start:
+            schedule = functools.partial(restarted_at, start_step=start,
+                                         first=functools.partial(cosine_with_warmup, **kw),
+                                         second=functools.partial(jagged, total_steps=total_steps - start))
+        else:
+            schedule = functools.partial(jagged, start_step=start)
+    for step in (0, start):
+        schedule(step)
+    return schedule
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """A new run (no --resume) in an output_dir that holds another run's checkpoints or metrics would mix
+    the two (metrics appended, old checkpoints kept beside new ones): refuse, naming the ways out."""
+    out = Path(cfg.output_dir)
+    found = [p.name for p in (out / "checkpoints" / "latest", out / "metrics.jsonl") if p.is_file()]
+    if found and not cfg.resume and not cfg.overwrite:
+        raise ValueError(f"output_dir {out} holds a run ({', '.join(found)}): pass --resume to continue it, "
+                         "--overwrite to start over there (its checkpoints, metrics, TensorBoard logs and "
+                         "export are deleted), or another --output-dir")
+
+
+def check_kernels(cfg: TrainConfig, cuda: bool) -> None:
+    """RELORA_KERNELS=triton on a machine without CUDA (and without Triton's interpreter) would fail only
+    at the first ReLoRA layer, after the whole warm start: fail now."""
+    import relora_kernels
+
+    if cfg.mode != "full" and relora_kernels.kernel_mode() == "triton" and not cuda \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("kernels=triton (recipe, --kernels or RELORA_KERNELS) needs CUDA tensors, and this run "
+                         "has no GPU (or set TRITON_INTERPRET=1 for Triton's CPU interpreter, for tests): use "
+                         "kernels auto, torch or reference")
+
+
+def check_data_use(cfg: TrainConfig, total_steps: int, train_windows: int, val_windows: int,
+                   data: str) -> None:
+    """Validation that cannot run is an error; reading the data many times over, or fewer validation
+    windows than asked for, is a named warning (e.g. a paper recipe left on the built-in demo corpus)."""
+    if cfg.eval_every and val_windows == 0:
+        raise ValueError(f"the validation split of {data} is empty: prepare the data with a larger "
+                         "--val-fraction (launch/prepare_data.py), or set eval_every 0")
+    epochs = total_steps * cfg.global_batch_size / max(1, train_windows)
+    if epochs > 4:
+        warnings.warn(f"this run reads the training data of {data} {epochs:.1f} times ({total_steps} steps x "
+                      f"{cfg.global_batch_size} sequences, {train_windows} windows of {cfg.seq_len + 1} tokens): "
+                      "set data_dir to a larger prepared corpus (launch/prepare_data.py)", ConfigWarning,
+                      stacklevel=2)
+    if cfg.eval_every and cfg.eval_windows > val_windows:
+        warnings.warn(f"eval_windows={cfg.eval_windows} but the validation split of {data} holds {val_windows} "
+                      f"windows: each evaluation uses all {val_windows}", ConfigWarning, stacklevel=2)

@@ -18,6 +18,24 @@ from pathlib import Path
 import yaml
 
 
+class ConfigWarning(UserWarning):
+    """A setting that is ignored, capped or likely a mistake; the run goes on. The launch scripts print
+    these as one ``warning: ...`` line (``show_config_warnings_plainly``)."""
+
+
+def show_config_warnings_plainly() -> None:
+    """Print ConfigWarnings as ``warning: <message>``, without a source location (it would point into the
+    dataclass machinery, not at the recipe); other warnings keep Python's format."""
+    default = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        if issubclass(category, ConfigWarning):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+
+
 def _f(default, help: str, **kw):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
@@ -52,9 +70,9 @@ class TrainConfig:
     kernels: str | None = _f(None, "ReLoRA layer and merge implementation (relora_kernels): auto, triton, torch or "
                                    "reference; sets RELORA_KERNELS for the run; default: that environment "
                                    "variable, else auto", choices=("auto", "triton", "torch", "reference"))
-    prune_joint: bool = _f(False, "zero exp_avg_sq exactly where exp_avg is zeroed (one mask from |exp_avg|), "
-                                  "so no entry keeps momentum without its second moment; default: each moment "
-                                  "by its own magnitudes, as the paper")
+    prune_joint: bool = _f(False, "one mask, from |exp_avg|, for both Adam moments; default: each moment by its own "
+                                  "magnitudes (the paper), with exp_avg also zeroed where exp_avg_sq is (an entry "
+                                  "keeping momentum without its second moment would move by lr*m/eps)")
     warm_start_steps: int = _f(0, "full-rank steps before switching to ReLoRA in the same run")
     warm_start_lr: float | None = _f(None, "peak lr of the full-rank warm start (the paper's ReLoRA lr is 2x "
                                            "the full-rank one); default: lr")
@@ -97,6 +115,8 @@ class TrainConfig:
     output_dir: str = _f("runs/default", "where checkpoints, metrics.jsonl, TensorBoard logs and the "
                                          "Hugging Face export go")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
+    overwrite: bool = _f(False, "start a new run in an output_dir that holds one, deleting its checkpoints, "
+                                "metrics, TensorBoard logs and export (without it, or --resume, that is an error)")
     export: bool = _f(True, "export the final model to output_dir/hf (Hugging Face LLaMA format)")
     log_every: int = _f(1, "metrics line every N steps")
     seed: int = _f(0, "seed for init, data order and LoRA re-inits")
@@ -133,11 +153,22 @@ class TrainConfig:
         if self.warm_start_lr is not None and not (self.warm_start_steps and self.mode != "full"):
             # e.g. a recipe's warm start overridden by --warm-start-steps 0 or --mode full: say so, go on
             warnings.warn(f"warm_start_lr={self.warm_start_lr} is ignored: this run has no full-rank warm start "
-                          f"(warm_start_steps={self.warm_start_steps}, mode={self.mode!r})", stacklevel=3)
+                          f"(warm_start_steps={self.warm_start_steps}, mode={self.mode!r})", ConfigWarning,
+                          stacklevel=3)
         if self.warm_start_steps and self.mode != "full" and self.warm_start_lr is None:
             warnings.warn(f"the full-rank warm start runs at ReLoRA's lr={self.lr}: the paper's ReLoRA lr is 2x the "
                           "full-rank one, and a warm start at the full-rank lr measured better (BENCHMARKS.md); set "
-                          "warm_start_lr (e.g. lr / 2)", stacklevel=3)
+                          "warm_start_lr (e.g. lr / 2)", ConfigWarning, stacklevel=3)
+        if self.resume and self.overwrite:
+            raise ValueError("give resume or overwrite, not both (resume continues the run in output_dir, "
+                             "overwrite deletes it)")
+        if self.mode == "relora" and self.cycle_length and self.restart_warmup_steps > self.cycle_length:
+            warnings.warn(f"restart_warmup_steps={self.restart_warmup_steps} is longer than a cycle: each reset "
+                          f"re-warms over the whole cycle (cycle_length={self.cycle_length})", ConfigWarning,
+                          stacklevel=3)
+        if self.mode != "relora" and (self.cycle_length is not None or self.merge_every is not None):
+            warnings.warn(f"cycle_length={self.cycle_length} and merge_every={self.merge_every} are ignored: "
+                          f"mode={self.mode!r} has no merges or resets", ConfigWarning, stacklevel=3)
         if self.warm_start_steps and self.mode == "full":
             raise ValueError("warm_start_steps only makes sense with mode=relora or lora")
         if self.quantize not in (None, "int8"):

@@ -10,9 +10,11 @@ import functools
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import deepspeed
@@ -26,7 +28,7 @@ from . import checkpoint
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, eval_batches, \
     load_manifest, prepare_data
 from .data.manifest import read_manifest_file
-from .distributed import init_distributed
+from .distributed import init_distributed, pick_port_for_a_single_process
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16
 from .engine_state import full_fp32_state_dict
 from .hf import export_hf, load_hf
@@ -35,9 +37,9 @@ from .metrics import MetricsLogger, peak_memory_mb
 from .model import LlamaForCausalLM
 from .prune import prune_optimizer_state
 from .relora import lora_parameters, wrap
-from .schedule import cosine_with_warmup, jagged_cosine, restarted_at
-from .startup import check_model_and_data
-from .train_config import TrainConfig
+from .startup import build_schedule, check_data_use, check_kernels, check_model_and_data, check_output_dir, \
+    total_steps_for
+from .train_config import ConfigWarning, TrainConfig
 from .zero_reset import unshare_optimizer_steps
 
 
@@ -63,6 +65,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ds_config_path: str | None = None):
         self.cfg = cfg
         apply_kernels_setting(cfg.kernels)
+        check_kernels(cfg, torch.cuda.is_available())
+        check_output_dir(cfg)
+        pick_port_for_a_single_process()
         # Under mpirun DeepSpeed discovers ranks through mpi4py and would take port 29500 whatever the
         # environment says; honour MASTER_PORT so that two MPI jobs can share a node.
         init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
@@ -71,9 +76,15 @@ class Trainer:
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        if cfg.overwrite:
+            self._clear_output_dir()
         self.data_dir = self._prepare_data()
-        self.model_config, manifest = check_model_and_data(cfg, self.data_dir,
-                                                           load_manifest(self.data_dir)["vocab_size"])
+        manifest_vocab = load_manifest(self.data_dir)["vocab_size"]
+        if cfg.data_dir is not None and cfg.vocab_size != manifest_vocab and self.rank == 0:
+            warnings.warn(f"vocab_size={cfg.vocab_size} is not used: the tokenizer of data_dir {cfg.data_dir} has "
+                          f"{manifest_vocab} pieces, which the model takes", ConfigWarning, stacklevel=2)
+        cfg.vocab_size = manifest_vocab  # the effective config records what the run uses
+        self.model_config, manifest = check_model_and_data(cfg, self.data_dir, manifest_vocab)
         self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
         self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len)
         self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)
@@ -81,17 +92,16 @@ class Trainer:
                                       world_size=self.world, seed=cfg.seed,
                                       accumulation_steps=cfg.global_batch_size // (cfg.micro_batch_size * self.world))
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
-        self.total_steps = cfg.total_steps or math.ceil(cfg.token_budget / self.tokens_per_step)
+        self.total_steps = total_steps_for(cfg)
         self.relora_start = cfg.warm_start_steps
-        if self.relora_start >= self.total_steps:
-            raise ValueError(f"warm_start_steps={self.relora_start} leaves no ReLoRA steps of "
-                             f"total_steps={self.total_steps}")
-        self.schedule = self._schedule()
-        for step in (0, self.relora_start):  # a bad combination raises ValueError before any engine exists
-            self.schedule(step)
+        self.schedule = build_schedule(cfg, self.total_steps)
+        with warnings.catch_warnings():
+            if self.rank != 0:  # every rank checks (an error must stop all); one prints the warnings
+                warnings.simplefilter("ignore")
+            check_data_use(cfg, self.total_steps, len(self.train_data), len(self.val_data), str(self.data_dir))
         self.resume_plan = None if not cfg.resume else checkpoint.plan_resume(
-            self.ckpt_dir, model=self.model_config.to_dict(), ds=self.ds, world=self.world, data_dir=self.data_dir,
-            tokenizer_sha256=self.tokenizer_sha256)
+            self.ckpt_dir, model=self.model_config.to_dict(), train=cfg.to_dict(), ds=self.ds, world=self.world,
+            data_dir=self.data_dir, tokenizer_sha256=self.tokenizer_sha256)
         self.step = 0
         self.engine = None
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
@@ -99,6 +109,15 @@ class Trainer:
         self._stop_signal = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._request_stop)
+
+    def _clear_output_dir(self) -> None:
+        """--overwrite: the previous run's checkpoints, metrics, TensorBoard logs, export and plot go."""
+        if self.rank == 0:
+            for name in ("checkpoints", "tensorboard", "hf"):
+                shutil.rmtree(self.out / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "curves.png"):
+                (self.out / name).unlink(missing_ok=True)
+        dist.barrier()
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -117,21 +136,6 @@ class Trainer:
                              f"prepared in {path}: on several nodes set RELORA_DATA_CACHE to a directory all "
                              "nodes share, or prepare data once (launch/prepare_data.py) and pass --data-dir")
         return path
-
-    def _schedule(self):
-        cfg = self.cfg
-        kw = dict(total_steps=self.total_steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
-        if cfg.mode == "full":
-            return functools.partial(cosine_with_warmup, **kw)
-        # lora: one "cycle" spanning the run, so the only LR drop is at the warm-start switch (if any)
-        cycle = cfg.cycle_length if cfg.mode == "relora" else self.total_steps
-        jagged = functools.partial(jagged_cosine, cycle_length=cycle,
-                                   restart_warmup_steps=min(cfg.restart_warmup_steps, cycle), **kw)
-        if cfg.lowrank_schedule == "restart" and self.relora_start:
-            return functools.partial(restarted_at, start_step=self.relora_start,
-                                     first=functools.partial(cosine_with_warmup, **kw),
-                                     second=functools.partial(jagged, total_steps=self.total_steps - self.relora_start))
-        return functools.partial(jagged, start_step=self.relora_start)
 
     def _phase(self, step: int) -> str:
         return "full" if self.cfg.mode == "full" or step < self.relora_start else "lowrank"
@@ -237,11 +241,8 @@ class Trainer:
     def _apply_optimizer_settings(self, saved: dict) -> None:
         """The recipe's lr, betas, eps and weight decay, not the checkpoint's: DeepSpeed restores the param
         groups and LambdaLR's base lrs, so resuming with e.g. a lower lr after a divergence would
-        otherwise silently keep the old one."""
+        otherwise silently keep the old one. Logs every setting that differs from the checkpoint's."""
         cfg = self.cfg
-        changed = {k: [saved.get(k), getattr(cfg, k)] for k in ("lr", "warm_start_lr", "adam_beta1", "adam_beta2",
-                                                                "adam_eps", "weight_decay")
-                   if saved.get(k) != getattr(cfg, k)}
         lr = self._phase_lr(self.engine_phase)
         sched = self.engine.lr_scheduler
         sched.base_lrs = [lr] * len(sched.base_lrs)
@@ -249,9 +250,12 @@ class Trainer:
             group.update(lr=lr * fn(sched.last_epoch), betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                          weight_decay=cfg.weight_decay)
         sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+        # Every other setting a resume may change (total_steps, cycle_length, batch sizes, clipping, ...) takes
+        # effect through the new config; all of them are named once here.
+        changed = {k: f"{saved.get(k)} -> {v}" for k, v in cfg.to_dict().items()
+                   if k not in ("resume", "overwrite") and saved.get(k) != v}
         if changed:
-            self._event({"event": "resume_settings_changed", "step": self.step,
-                         **{k: f"{old} -> {new}" for k, (old, new) in changed.items()}})
+            self._event({"event": "resume_settings_changed", "step": self.step, **changed})
 
     # ---------------------------------------------------------------- loop
     def train(self) -> dict:
@@ -260,7 +264,7 @@ class Trainer:
         if not (cfg.resume and self._resume()):
             self._build_engine(self._base_model(), self._phase(0))
         self._print(f"model: {self.model_config.num_hidden_layers} layers, "
-                    f"{sum(p.numel() for p in self.engine.module.parameters()):,} parameters; "
+                    f"{sum(getattr(p, 'ds_numel', p.numel()) for p in self.engine.module.parameters()):,} parameters; "
                     f"{self.world} rank(s), bf16={uses_bf16(self.ds)}, ZeRO stage "
                     f"{self.ds.get('zero_optimization', {}).get('stage', 0)}, {self.total_steps} steps, "
                     f"RELORA_KERNELS={relora_kernels.kernel_mode()}")
@@ -277,12 +281,13 @@ class Trainer:
                 now = time.perf_counter()
                 tok_s = (self.step - step_last) * self.tokens_per_step / (now - t_last)
                 t_last, step_last = now, self.step
-                rec = {"step": self.step, "loss": loss, "lr": self.step_lr,
-                       "grad_norm": _float(self.engine.get_global_grad_norm()), "tokens_per_s": tok_s,
+                grad_norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
+                rec = {"step": self.step, "loss": loss, "lr": self.step_lr, "grad_norm": _float(grad_norm),
+                       "tokens_per_s": tok_s,
                        "peak_memory_mb": peak_memory_mb(), "phase": self.engine_phase}
                 self.metrics.log(rec)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tok_s:.0f}",
-                                cycle=self._cycle_step())
+                                **self._cycle_position())
             bar.update(1)
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                 final = self.evaluate()
@@ -306,12 +311,22 @@ class Trainer:
     def _train_step(self) -> float:
         engine, losses = self.engine, []
         self.step_lr = engine.get_lr()[0]  # the lr this step trains with (engine.step() advances the scheduler)
-        for _ in range(engine.gradient_accumulation_steps()):
+        gas = engine.gradient_accumulation_steps()
+        for micro in range(gas):
             batch = next(self.batches).to(engine.device)
             loss = engine(batch, labels=batch).loss
             engine.backward(loss)
+            if micro == gas - 1:
+                self.grad_norm = self._grad_norm_before_step()
             engine.step()
             losses.append(loss.detach().float())
+        if not engine.was_step_applied():
+            # fp16 overflow: DeepSpeed skips the update and does not advance the scheduler, but the step
+            # counts (resets come from self.step): keep the schedule on the step, so the lr is 0 at resets.
+            engine.lr_scheduler.step()
+            self._event({"event": "step_skipped", "step": self.step + 1, "reason": "fp16 overflow",
+                         "loss_scale": float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale")
+                         else None})
         # One all-reduce carries the loss and whether any rank was asked to stop.
         stop = torch.tensor(float(self._stop_signal > 0), device=losses[0].device)
         flags = torch.stack([torch.stack(losses).mean(), stop])
@@ -325,22 +340,39 @@ class Trainer:
                 f"{self.ckpt_dir / last if last else 'none'} (kept; resume with --resume, e.g. with a lower lr)")
         return mean
 
-    def _cycle_step(self) -> int | None:
-        if self.cfg.mode != "relora" or self.step < self.relora_start:
+    def _grad_norm_before_step(self) -> float | None:
+        """Without ZeRO (stage 0, fp32) DeepSpeed clips with torch but records no norm: compute it from the
+        reduced gradients (whole on every rank there). ZeRO stages record theirs (get_global_grad_norm)."""
+        if self.ds.get("zero_optimization", {}).get("stage", 0) != 0:
             return None
-        return (self.step - self.relora_start) % self.cfg.cycle_length
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+
+    def _cycle_position(self) -> dict:
+        """{"cycle": k/of, "in_cycle": step within it} for the progress bar; empty outside ReLoRA's cycles."""
+        if self.cfg.mode != "relora" or self.step < self.relora_start:
+            return {}
+        since, cycle = self.step - self.relora_start, self.cfg.cycle_length
+        total = math.ceil((self.total_steps - self.relora_start) / cycle)
+        return {"cycle": f"{min(since // cycle + 1, total)}/{total}", "in_cycle": since % cycle}
 
     def _after_step_events(self) -> None:
         cfg = self.cfg
         if cfg.mode != "relora" or self.engine_phase != "lowrank":
             return
         since = self.step - self.relora_start
-        if since <= 0 or self.step == self.total_steps:  # no training follows the last step
+        if since <= 0:  # the switch itself is the fresh engine's start, not a reset
             return
+        # A reset at the last step too: the final checkpoint is then the one a longer run writes at that
+        # step, so resuming it with a larger total_steps continues exactly (and the merge does not change
+        # the function: B is 0 afterwards).
         event = {}
         if since % (cfg.merge_every or cfg.cycle_length) == 0:
             event.update(merge_and_reinit(self.engine))
-        if since % cfg.cycle_length == 0:
+        if since % cfg.cycle_length == 0 and self.engine.global_steps == self.engine.skipped_steps:
+            # fp16 overflows skipped every update since the switch: Adam has no moments yet, nothing to prune
+            event.update(reset=True, prune_skipped="no optimizer update since the switch (fp16 overflows)")
+        elif since % cfg.cycle_length == 0:
             event.update(prune_optimizer_state(self.engine, lora_parameters(self.engine.module),
                                                method=cfg.prune_method, ratio=cfg.prune_ratio,
                                                seed=cfg.seed + self.step, joint=cfg.prune_joint))
@@ -394,7 +426,7 @@ class Trainer:
         if self.rank == 0:
             details = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
                                 if k not in ("event", "step"))
-            tqdm.write(f"[step {rec['step']}] {rec['event']}: {details}")
+            tqdm.write(f"[step {rec['step']}] {rec['event']}" + (f": {details}" if details else ""))
 
     def _print(self, msg: str) -> None:
         if self.rank == 0:

@@ -9,8 +9,11 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 NPROC="${NPROC:-2}"
 # A free rendezvous port unless MASTER_PORT is given (29500, the default, may be taken by another job).
 PORT="${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+# A re-run of the demo starts over in runs/tiny (--overwrite), unless it is asked to --resume.
+FRESH=(--overwrite)
+for arg in "$@"; do [[ "$arg" == --resume || "$arg" == --overwrite ]] && FRESH=(); done
 deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --config launch/configs/tiny.yaml \
-  --deepspeed ds_configs/zero2.json "$@"
+  --deepspeed ds_configs/zero2.json ${FRESH[@]+"${FRESH[@]}"} "$@"
 OUT="$(python - "$@" <<'PY'
 import sys, argparse
 from relora_ds.train_config import build_parser, config_from_args

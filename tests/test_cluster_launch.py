@@ -53,12 +53,13 @@ def test_ds_node_needs_the_rendezvous_and_its_own_line(tmp_path):
     assert proc.returncode == 2 and "this node (n9" in proc.stderr and "is not in the hostfile (n1, n2)" in proc.stderr
 
 
-def test_preflight_checks_batch_arithmetic_for_the_world_size():
+def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
     args = ["--config", "launch/configs/tiny.yaml", "--deepspeed", "ds_configs/zero2.json", "--micro-batch-size",
-            "4", "--global-batch-size", "24"]
+            "4", "--global-batch-size", "24", "--output-dir", str(tmp_path / "run")]
     proc = _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "runs/tiny\n"  # the resolved output_dir, for the sbatch scripts
+    assert proc.stdout == f"{tmp_path / 'run'}\n"  # the resolved output_dir, for the sbatch scripts
+    assert "data the built-in demo corpus" in proc.stderr and "800 steps" in proc.stderr
     assert "3 rank(s) x micro_batch_size 4 x 2 accumulation step(s) = global_batch_size 24" in proc.stderr
     proc = _run(sys.executable, "launch/preflight.py", "--world-size", "4", *args)
     assert proc.returncode == 2
@@ -72,6 +73,17 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size():
                        (["--hf-model", str(ROOT / "launch")], "no config.json")):
         proc = _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args, *extra)
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-500:])
+    # ... the schedule, the kernels setting, and another run in output_dir (without --resume/--overwrite).
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    for extra, env, msg in ((["--total-steps", "50", "--overwrite"], {}, "warm_start_steps=100 leaves no low-rank"),
+                            (["--warmup-steps", "150", "--overwrite"], {}, "must be 0 or at least warmup_steps=150: the first"),
+                            (["--overwrite"], {"RELORA_KERNELS": "tritn"}, "RELORA_KERNELS='tritn'"),
+                            ([], {}, "holds a run (metrics.jsonl): pass --resume to continue it, --overwrite")):
+        proc = _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args, *extra, env=_clean_env(**env))
+        assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-500:])
+    for ok in (["--resume"], ["--overwrite"]):
+        assert _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args, *ok).returncode == 0
 
 
 def test_hostfile_parse_errors():

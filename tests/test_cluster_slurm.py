@@ -95,7 +95,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert f"resumed from {tmp_path}/run/checkpoints/step_{n} at step {n}" in log
     steps = [r["step"] for r in recs if "loss" in r]
     assert steps == list(range(1, 41)), steps  # every step once: nothing lost, nothing repeated
-    assert [r["step"] for r in recs if r.get("event") == "reset"] == [16, 24, 32]
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [16, 24, 32, 40]
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step_40"
 
 

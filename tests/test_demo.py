@@ -27,7 +27,7 @@ def demo_run(tmp_path_factory):
 def test_demo_warm_start_resets_eval_checkpoint_export(demo_run):
     recs = [json.loads(l) for l in (demo_run / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("event") == "switch_to_relora" and r["step"] == 14 for r in recs)
-    assert [r["step"] for r in recs if r.get("event") == "reset"] == [26, 38]
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [26, 38, 50]
     val = [r for r in recs if "val_loss" in r]
     assert [r["step"] for r in val] == [25, 50] and val[-1]["val_loss"] < val[0]["val_loss"]
     losses = [r["loss"] for r in recs if "loss" in r]

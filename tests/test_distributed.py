@@ -3,6 +3,7 @@
 Oracle: DeepSpeed itself. The worker checks our predicted segment names exist right after its init (so a new
 naming scheme fails here rather than leaking silently) and runs its shm allreduce kernel after the release."""
 import json
+import os
 
 import pytest
 
@@ -38,3 +39,25 @@ def test_shm_allreduce_still_works_after_release(shm_run):
 def test_single_process_has_nothing_to_release():
     from relora_ds.distributed import release_shm_segment
     assert release_shm_segment() is None  # no process group: no collective, no error
+
+
+def test_a_single_process_without_a_launcher_gets_a_free_port(monkeypatch):
+    """Two plain `python launch/train.py` runs on one machine must not both take DeepSpeed's 29500."""
+    import socket
+
+    from relora_ds.distributed import _LAUNCHER_VARS, pick_port_for_a_single_process
+
+    for var in _LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = pick_port_for_a_single_process()
+        assert port != busy.getsockname()[1] and os.environ["MASTER_PORT"] == str(port)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free
+    monkeypatch.setenv("MASTER_PORT", "29611")
+    assert pick_port_for_a_single_process() is None and os.environ["MASTER_PORT"] == "29611"  # a user's choice
+    monkeypatch.delenv("MASTER_PORT")
+    monkeypatch.setenv("RANK", "0")
+    assert pick_port_for_a_single_process() is None  # a launcher's process: its rendezvous decides

@@ -102,14 +102,12 @@ def test_trainer_schedule_after_a_warm_start_matches_the_reference(lowrank_sched
     """The paper recipes' shape at 1/10 scale: total 2000, warm start 500, warmup 50, cycle 500, re-warmup 10.
     `restart` is the reference's second run (its own warmup, a cosine over the remaining 1500 steps);
     `continue` ramps back onto the one cosine of the whole run. Without a warm start they are the same."""
-    from types import SimpleNamespace
-
+    from relora_ds.startup import build_schedule
     from relora_ds.train_config import TrainConfig
-    from relora_ds.trainer import Trainer
 
     cfg = TrainConfig(mode="relora", total_steps=2000, warmup_steps=50, warm_start_steps=500, warm_start_lr=5e-4,
                       cycle_length=500, restart_warmup_steps=10, min_lr_ratio=0.1, lowrank_schedule=lowrank_schedule)
-    sched = Trainer._schedule(SimpleNamespace(cfg=cfg, total_steps=2000, relora_start=500))
+    sched = build_schedule(cfg, 2000)
     full = [cosine_with_warmup(s, total_steps=2000, warmup_steps=50) for s in range(500)]
     assert [sched(s) for s in range(500)] == pytest.approx(full, abs=1e-12)  # the warm start: unchanged
     if lowrank_schedule == "restart":
@@ -124,7 +122,7 @@ def test_trainer_schedule_after_a_warm_start_matches_the_reference(lowrank_sched
     assert sched(500) == sched(1000) == sched(1500) == 0.0  # the switch and both resets
     no_warm = TrainConfig(mode="relora", total_steps=2000, warmup_steps=50, cycle_length=500, restart_warmup_steps=10,
                           lowrank_schedule=lowrank_schedule)
-    plain = Trainer._schedule(SimpleNamespace(cfg=no_warm, total_steps=2000, relora_start=0))
+    plain = build_schedule(no_warm, 2000)
     assert [plain(s) for s in range(2000)] == pytest.approx(
         [_reference_multiple_warmups(s, num_training_steps=2000, first_warmup_steps=50, restart_warmup_steps=10,
                                      restart_every=500, min_lr_ratio=0.1) for s in range(2000)], abs=1e-12)

@@ -7,7 +7,7 @@ import pytest
 from relora_ds.ds_config import complete_ds_config, load_ds_config
 from relora_ds.train_config import TrainConfig, build_parser, config_from_args
 
-BASE = dict(cycle_length=10, total_steps=100, micro_batch_size=2, global_batch_size=8)
+BASE = dict(cycle_length=10, restart_warmup_steps=2, total_steps=100, micro_batch_size=2, global_batch_size=8)
 
 
 def test_ds_config_missing_and_invalid_json(tmp_path):
@@ -177,3 +177,12 @@ def test_a_warm_start_without_its_own_lr_is_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TrainConfig(**{**BASE, "lr": 0.002}, warm_start_steps=5, warm_start_lr=0.001)  # given: no warning
+
+
+def test_settings_a_mode_does_not_use_are_named():
+    with pytest.warns(UserWarning, match=r"cycle_length=10 and merge_every=None are ignored: mode='lora'"):
+        TrainConfig(**{**BASE, "mode": "lora"})
+    with pytest.warns(UserWarning, match=r"restart_warmup_steps=100 is longer than a cycle: .*cycle_length=10"):
+        TrainConfig(**{**BASE, "restart_warmup_steps": 100})
+    with pytest.raises(ValueError, match="give resume or overwrite, not both"):
+        TrainConfig(**BASE, resume=True, overwrite=True)

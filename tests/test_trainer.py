@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -74,7 +75,8 @@ def test_two_rank_run_has_resets_eval_and_checkpoint(uninterrupted):
     assert sorted(losses) == list(range(1, 13))
     resets = [r for r in recs if r.get("event") == "reset"]
     assert [r["step"] for r in resets] == [6, 10]
-    assert all(r["exp_avg"] == pytest.approx(0.99, abs=2e-3) for r in resets)
+    # exp_avg_sq: the 99% of each tensor; exp_avg also where exp_avg_sq went (no momentum without it)
+    assert all(r["exp_avg_sq"] == pytest.approx(0.99, abs=2e-3) and r["exp_avg"] >= r["exp_avg_sq"] for r in resets)
     assert all(r["prune_comm_bytes"] > 0 and r["merge_comm_bytes"] > 0 for r in resets)
     assert any(r.get("event") == "switch_to_relora" and r["step"] == 2 for r in recs)
     assert [r["step"] for r in recs if "val_loss" in r] == [6, 12]
@@ -253,7 +255,8 @@ def test_other_zero_stages_train_through_switch_and_resets_then_export(tmp_path,
     run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ROOT / f"ds_configs/zero{stage}.json")
     losses, recs = _losses(tmp_path / "run")
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10]
-    assert all(abs(r["exp_avg"] - 0.99) < 2e-3 for r in recs if r.get("event") == "reset")
+    assert all(abs(r["exp_avg_sq"] - 0.99) < 2e-3 and r["exp_avg"] >= r["exp_avg_sq"]
+               for r in recs if r.get("event") == "reset")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "run" / "hf")
     from relora_ds.data import PackedTokens
 
@@ -280,7 +283,7 @@ def test_torchrun_launcher(tmp_path, small_data_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 rank(s)" in proc.stdout + proc.stderr
     losses, recs = _losses(tmp_path / "run")
-    assert sorted(losses) == [1, 2, 3, 4] and [r["step"] for r in recs if r.get("event") == "reset"] == [2]
+    assert sorted(losses) == [1, 2, 3, 4] and [r["step"] for r in recs if r.get("event") == "reset"] == [2, 4]
 
 
 def test_bad_target_module_fails_before_the_warm_start(tmp_path, small_data_dir):
@@ -308,13 +311,17 @@ def test_a_checkpoint_the_converter_cannot_read_is_a_clear_error(tmp_path):
     assert not (tmp_path / "step_5" / "universal").exists()  # nothing half-written is left to be loaded
 
 
-def _fake_checkpoint(ckpt_dir, *, world, stage, sharded, model=None, sha="a" * 64):
+TRAIN = {"mode": "relora", "seq_len": 32, "rank": 4, "alpha": 8.0, "target_modules": ["q_proj"], "quantize": None,
+         "warm_start_steps": 2, "seed": 0, "lr": 1e-3}
+
+
+def _fake_checkpoint(ckpt_dir, *, world, stage, sharded, model=None, sha="a" * 64, train=None):
     tag = ckpt_dir / "step_8"
     tag.mkdir(parents=True)
     (ckpt_dir / "latest").write_text("step_8")
     (tag / "config.json").write_text(json.dumps({"model": model or {"hidden_size": 64}, "world_size": world,
                                                  "deepspeed": {"zero_optimization": {"stage": stage}},
-                                                 "tokenizer_sha256": sha, "train": {}}))
+                                                 "tokenizer_sha256": sha, "train": train or TRAIN}))
     if sharded:
         (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
 
@@ -334,7 +341,7 @@ def test_plan_resume_decides_how_to_load_or_says_why_not(tmp_path, saved, now, e
     from relora_ds import checkpoint
 
     _fake_checkpoint(tmp_path, world=saved[0], stage=saved[1], sharded=saved[2])
-    kw = dict(model={"hidden_size": 64}, ds={"zero_optimization": {"stage": now[1]}}, world=now[0],
+    kw = dict(model={"hidden_size": 64}, train=TRAIN, ds={"zero_optimization": {"stage": now[1]}}, world=now[0],
               data_dir=tmp_path / "data", tokenizer_sha256="a" * 64)
     if isinstance(expect, str):
         with pytest.raises(ValueError, match=expect):
@@ -348,10 +355,97 @@ def test_plan_resume_decides_how_to_load_or_says_why_not(tmp_path, saved, now, e
 def test_plan_resume_refuses_another_model_or_tokenizer(tmp_path):
     from relora_ds import checkpoint
 
-    kw = dict(ds={"zero_optimization": {"stage": 2}}, world=2, data_dir=tmp_path / "data")
+    kw = dict(train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2, data_dir=tmp_path / "data")
     assert checkpoint.plan_resume(tmp_path, model={}, tokenizer_sha256="a" * 64, **kw) is None  # nothing saved
     _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
     with pytest.raises(ValueError, match=r"another model: field \(now, checkpoint\): \{'hidden_size': \(128, 64\)\}"):
         checkpoint.plan_resume(tmp_path, model={"hidden_size": 128}, tokenizer_sha256="a" * 64, **kw)
     with pytest.raises(ValueError, match=r"tokenizer sha256 aaaaaaaaaaaa\.\.\., but .*data uses bbbbbbbbbbbb"):
         checkpoint.plan_resume(tmp_path, model={"hidden_size": 64}, tokenizer_sha256="b" * 64, **kw)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"rank": 8}, "'rank': (8, 4)"), ({"seq_len": 64}, "'seq_len': (64, 32)"),
+    ({"quantize": "int8"}, "'quantize': ('int8', None)"), ({"warm_start_steps": 5}, "'warm_start_steps': (5, 2)"),
+    ({"seed": 1}, "'seed': (1, 0)"), ({"target_modules": ["v_proj"]}, "'target_modules'"),
+    ({"mode": "full"}, "'mode': ('full', 'relora')"),
+])
+def test_plan_resume_refuses_settings_that_shape_the_checkpoint(tmp_path, change, named):
+    from relora_ds import checkpoint
+
+    _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
+    kw = dict(model={"hidden_size": 64}, ds={"zero_optimization": {"stage": 2}}, world=2,
+              data_dir=tmp_path / "data", tokenizer_sha256="a" * 64)
+    with pytest.raises(ValueError, match=r"settings a resume cannot change, field \(now, checkpoint\): .*" +
+                       re.escape(named)):
+        checkpoint.plan_resume(tmp_path, train={**TRAIN, **change}, **kw)
+    for free in ({"lr": 5e-4}, {"mode": "lora"}):  # an lr (after a divergence), or no more resets: allowed
+        assert checkpoint.plan_resume(tmp_path, train={**TRAIN, **free}, **kw)["tag"] == "step_8"
+
+
+@pytest.mark.parametrize("scale_power", [20, 40])
+def test_fp16_skipped_steps_keep_the_lr_schedule_on_the_step(tmp_path, small_data_dir, scale_power):
+    """An fp16 overflow makes DeepSpeed skip the update and not advance its scheduler; the trainer still
+    counts the step (resets come from its counter), so it must advance the schedule itself: else the lr
+    is no longer 0 at the resets. A loss scale of 2^20 overflows the first steps for real (DeepSpeed's own
+    overflow path; this CPU's fp16 support flag is forced on, as DeepSpeed's CPU accelerator reports none);
+    2^40 overflows every step, so the resets find no Adam moments to prune."""
+    ds = {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True, "initial_scale_power": scale_power,
+                                                      "hysteresis": 1},
+          "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+    (tmp_path / "fp16.json").write_text(json.dumps(ds))
+    recipe, _ = _write(tmp_path, small_data_dir, eval_every=0, global_batch_size=4)
+    wrapper = ("import sys, runpy\nfrom deepspeed.accelerator import get_accelerator\n"
+               "type(get_accelerator()).is_fp16_supported = lambda self: True\n"
+               "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", wrapper, str(ROOT / "launch/train.py"), "--config", str(recipe),
+                           "--deepspeed", str(tmp_path / "fp16.json")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _, recs = _losses(tmp_path / "run")
+    skipped = [r["step"] for r in recs if r.get("event") == "step_skipped"]
+    assert len(skipped) >= 2 and skipped == sorted(skipped), skipped  # 2^20 -> fits after a few halvings, per engine
+    from relora_ds.schedule import jagged_cosine
+
+    logged = [r["lr"] for r in recs if "loss" in r]
+    want = [3e-3 * jagged_cosine(s - 1, total_steps=12, warmup_steps=2, cycle_length=4, restart_warmup_steps=2,
+                                 start_step=2) for s in range(1, 13)]
+    assert logged == pytest.approx(want, rel=1e-6, abs=1e-12)  # 0 at the switch (3) and the resets (7, 11)
+    resets = [r for r in recs if r.get("event") == "reset"]
+    assert [r["step"] for r in resets] == [6, 10]
+    assert all(("prune_skipped" in r) == (scale_power == 40) for r in resets), resets
+
+
+def test_grad_norm_is_logged_without_zero_too(tmp_path, small_data_dir):
+    """Stage 0 (plain `python launch/train.py`) logs the same gradient norm as ZeRO-2 records (fp32, 1 rank)."""
+    stage0 = tmp_path / "stage0.json"
+    stage0.write_text(json.dumps({"zero_optimization": {"stage": 0},
+                                  "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    norms = {}
+    for name, ds in (("zero0", stage0), ("zero2", None)):
+        (tmp_path / name).mkdir()
+        _train1(tmp_path / name, small_data_dir, ds=ds, total_steps=4, eval_every=0, global_batch_size=4)
+        _, recs = _losses(tmp_path / name / "run")
+        norms[name] = [r["grad_norm"] for r in recs if "loss" in r]
+    assert all(n is not None and n > 0 for n in norms["zero0"]), norms
+    assert norms["zero0"] == pytest.approx(norms["zero2"], rel=1e-4)
+    # A new run in that output_dir is refused (it would mix the runs); --overwrite starts over there.
+    proc = _train1(tmp_path / "zero2", small_data_dir, check=False, total_steps=3, eval_every=0, global_batch_size=4)
+    assert proc.returncode == 2 and "holds a run (latest, metrics.jsonl): pass --resume" in proc.stderr, proc.stderr
+    _train1(tmp_path / "zero2", small_data_dir, "--overwrite", total_steps=3, eval_every=0, global_batch_size=4)
+    losses, _ = _losses(tmp_path / "zero2" / "run")
+    assert sorted(losses) == [1, 2, 3] and (tmp_path / "zero2/run/checkpoints/latest").read_text() == "step_3"
+    assert sorted(p.name for p in (tmp_path / "zero2/run/checkpoints").glob("step_*")) == ["step_3"]
+
+
+def test_a_finished_run_extended_with_resume_keeps_its_last_reset(tmp_path, small_data_dir):
+    """The reset at a run's last step is done too, so `--resume --total-steps` longer continues from a
+    checkpoint taken after it (it used to be skipped there, and never done)."""
+    _train2(tmp_path, small_data_dir, total_steps=10, eval_every=0)
+    _train2(tmp_path, small_data_dir, "--resume", "--total-steps", "14", total_steps=10, eval_every=0)
+    losses, recs = _losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 15))
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10, 14]
+    assert [r for r in recs if r.get("event") == "resume_settings_changed"][0]["total_steps"] == "10 -> 14"

@@ -16,7 +16,8 @@ import sys
 from relora_ds.data import load_manifest
 from relora_ds.ds_config import complete_ds_config, load_ds_config
 from relora_ds.startup import build_schedule, check_model_and_data, check_output_dir, total_steps_for
-from relora_ds.train_config import build_launch_parser, config_from_args, show_config_warnings_plainly
+from relora_ds.train_config import (BUILTIN_VOCAB_SIZE, build_launch_parser, config_from_args,
+                                   show_config_warnings_plainly)
 from relora_ds.trainer import apply_kernels_setting
 
 
@@ -29,13 +30,13 @@ def main(argv=None) -> int:
         parser.exit(2, f"error: --world-size must be >= 1, got {args.world_size}\n")
     try:
         cfg = config_from_args(args)
+        check_output_dir(cfg)
         ds = complete_ds_config(load_ds_config(args.deepspeed), cfg, args.world_size,
                                 source=f"--deepspeed {args.deepspeed}" if args.deepspeed else "default")
-        vocab = load_manifest(cfg.data_dir)["vocab_size"] if cfg.data_dir else cfg.vocab_size
+        vocab = load_manifest(cfg.data_dir)["vocab_size"] if cfg.data_dir else cfg.vocab_size or BUILTIN_VOCAB_SIZE
         check_model_and_data(cfg, cfg.data_dir, vocab)
         build_schedule(cfg, total_steps_for(cfg))
         apply_kernels_setting(cfg.kernels)
-        check_output_dir(cfg)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     stage = ds.get("zero_optimization", {}).get("stage", 0)

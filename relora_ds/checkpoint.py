@@ -90,7 +90,10 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str) -> None:
 
 # Settings a resume cannot change: they decide the saved module structure, the phase and reset positions,
 # or the data order.
-FIXED_ON_RESUME = ("seq_len", "rank", "alpha", "target_modules", "quantize", "warm_start_steps", "seed")
+FIXED_ON_RESUME = ("seq_len", "rank", "alpha", "target_modules", "quantize", "warm_start_steps", "seed",
+                   "lowrank_schedule")
+# What a checkpoint written before a setting existed ran with.
+DEFAULTS_OF_OLDER_CHECKPOINTS = {"lowrank_schedule": "continue"}
 
 
 def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: int, data_dir: Path,
@@ -105,8 +108,8 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
     if tag is None:
         return None
     saved = load_config(ckpt_dir, tag)
-    fixed = {k: (train[k], saved["train"][k]) for k in FIXED_ON_RESUME
-             if k in saved["train"] and saved["train"][k] != train[k]}
+    before = {**DEFAULTS_OF_OLDER_CHECKPOINTS, **saved["train"]}
+    fixed = {k: (train[k], before[k]) for k in FIXED_ON_RESUME if k in before and before[k] != train[k]}
     if (train["mode"] == "full") != (saved["train"].get("mode", train["mode"]) == "full"):
         fixed["mode"] = (train["mode"], saved["train"]["mode"])
     if fixed:

@@ -50,6 +50,9 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
     """A copy of ``ds`` with batch sizes, optimizer hyperparameters and clipping from ``cfg``."""
     ds = copy.deepcopy(ds)
     check_deepspeed_keys(ds, source)
+    _refuse_auto(ds, source)
+    if isinstance(ds.get("zero_optimization"), bool):  # DeepSpeed's legacy form: true means stage 1
+        ds["zero_optimization"] = {"stage": 1 if ds["zero_optimization"] else 0}
     twice = [k for k in _BATCH_KEYS if k in ds]
     if "gradient_clipping" in ds:
         twice.append("gradient_clipping")
@@ -64,7 +67,7 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
         raise ValueError(f"{source} sets {twice}, which the recipe also sets (micro_batch_size, "
                          "global_batch_size, lr, adam_beta1/2, adam_eps, weight_decay, grad_clip): remove them "
                          "from the JSON so that each value has one home")
-    low = [k for k, on in (("bf16", uses_bf16(ds)), ("fp16", ds.get("fp16", {}).get("enabled", False))) if on]
+    low = [k for k, on in (("bf16", uses_bf16(ds)), ("fp16", uses_fp16(ds))) if on]
     stage = _zero_config(ds, source).stage
     if low and stage == 0 and cfg.mode != "full":
         # DeepSpeed then wraps the optimizer in its FP16 optimizer, whose fp32 masters and Adam moments
@@ -89,7 +92,29 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
 
 
 def uses_bf16(ds: dict) -> bool:
-    return bool(_bf16_section(ds).get("enabled", False))
+    """bf16 as DeepSpeed reads it (its config model: ``"enabled": "false"`` is False, not a true string)."""
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+
+    return bool(DeepSpeedBF16Config(**_bf16_section(ds)).enabled)
+
+
+def uses_fp16(ds: dict) -> bool:
+    from deepspeed.runtime.precision_config import DeepSpeedFP16Config
+
+    return bool(DeepSpeedFP16Config(**ds.get("fp16", {})).enabled)
+
+
+def _refuse_auto(ds, source: str, path: str = "") -> None:
+    """``"auto"`` is a Hugging Face Trainer placeholder: DeepSpeed itself drops such a value and silently
+    uses its default (``"bf16": {"enabled": "auto"}`` trains in fp32)."""
+    items = ds.items() if isinstance(ds, dict) else enumerate(ds) if isinstance(ds, list) else ()
+    for key, value in items:
+        where = f"{path}.{key}" if path else str(key)
+        if value == "auto":
+            raise ValueError(f"{source}: {where} is \"auto\", a Hugging Face Trainer placeholder that DeepSpeed "
+                             "ignores (it would use its default without a word): give a value, or leave the key "
+                             "out (batch sizes, lr and clipping come from the recipe)")
+        _refuse_auto(value, source, where)
 
 
 def uses_bf16_optimizer(ds: dict, source: str = "the DeepSpeed config") -> bool:
@@ -128,7 +153,7 @@ def _check_grad_accum_dtype(ds: dict, source: str) -> None:
     """DeepSpeed raises NotImplementedError("unsupported mix ...") at initialize when ZeRO is off and the
     gradient accumulation dtype differs from the weights' (engine._do_optimizer_sanity_check)."""
     accum = _grad_accum_dtype(ds, source)
-    weights = "bf16" if uses_bf16(ds) else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+    weights = "bf16" if uses_bf16(ds) else "fp16" if uses_fp16(ds) else "fp32"
     if accum is not None and accum != weights and _zero_config(ds, source).stage == 0:
         raise ValueError(f"{source} sets data_types.grad_accum_dtype={ds['data_types']['grad_accum_dtype']!r} "
                          f"with {weights} weights at ZeRO stage 0, which DeepSpeed does not support: use ZeRO "
@@ -168,7 +193,8 @@ def _zero_config(ds: dict, source: str):
 def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None:
     """Raise ValueError for a key the installed DeepSpeed would ignore or choke on, naming the likely
     intended one: top-level keys, the sections parsed by pydantic models (zero_optimization with its
-    offload sections, bf16, fp16) and optimizer.params (the keys the Adam constructor DeepSpeed will call
+    offload sections, bf16, fp16, the tensorboard/wandb/csv_monitor/comet monitors), data_types, and
+    optimizer.params (the keys the Adam constructor DeepSpeed will call
     accepts, plus DeepSpeed's own flags)."""
     import deepspeed.runtime.config as ds_cfg
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
@@ -193,10 +219,18 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
     for key in zero if isinstance(zero, dict) else ():
         if key in removed_zero:
             raise ValueError(f"{source}: {removed_zero[key]}")
+    from deepspeed.monitor.config import CometConfig, CSVConfig, TensorBoardConfig, WandbConfig
+    from deepspeed.runtime.constants import GRAD_ACCUM_DTYPE
+
     for section, model in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config),
-                           ("bfloat16", DeepSpeedBF16Config), ("fp16", DeepSpeedFP16Config)):
+                           ("bfloat16", DeepSpeedBF16Config), ("fp16", DeepSpeedFP16Config),
+                           ("tensorboard", TensorBoardConfig), ("wandb", WandbConfig), ("csv_monitor", CSVConfig),
+                           ("comet", CometConfig)):
         if isinstance(ds.get(section), dict):
             _check_model_keys(ds[section], model, f"{source}: {section}")
+    for key in ds.get("data_types", {}) if isinstance(ds.get("data_types"), dict) else ():
+        if key != GRAD_ACCUM_DTYPE:  # the one key DeepSpeed 0.19 reads there (and relora_ds relies on)
+            _unknown(f"{source}: data_types: key", key, {GRAD_ACCUM_DTYPE: None})
     _check_optimizer(ds, source)
 
 

@@ -78,13 +78,20 @@ def build_schedule(cfg: TrainConfig, total_steps: int):
 
 def check_output_dir(cfg: TrainConfig) -> None:
     """A new run (no --resume) in an output_dir that holds another run's checkpoints or metrics would mix
-    the two (metrics appended, old checkpoints kept beside new ones): refuse, naming the ways out."""
+    the two (metrics appended, old checkpoints kept beside new ones): refuse, naming the ways out. With
+    --overwrite, refuse an input of this run that lies inside what would be deleted."""
     out = Path(cfg.output_dir)
     found = [p.name for p in (out / "checkpoints" / "latest", out / "metrics.jsonl") if p.is_file()]
     if found and not cfg.resume and not cfg.overwrite:
         raise ValueError(f"output_dir {out} holds a run ({', '.join(found)}): pass --resume to continue it, "
                          "--overwrite to start over there (its checkpoints, metrics, TensorBoard logs and "
                          "export are deleted), or another --output-dir")
+    if cfg.overwrite:  # what --overwrite deletes must not be this run's own input
+        for name in ("hf_model", "warm_start_from", "data_dir"):
+            src = getattr(cfg, name)
+            if src and out.resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
+                raise ValueError(f"{name}={src} lies inside output_dir {out}, which --overwrite deletes: copy "
+                                 "it elsewhere first, or pick another --output-dir")
 
 
 def check_kernels(cfg: TrainConfig, cuda: bool) -> None:

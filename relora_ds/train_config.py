@@ -18,6 +18,9 @@ from pathlib import Path
 import yaml
 
 
+BUILTIN_VOCAB_SIZE = 2048
+
+
 class ConfigWarning(UserWarning):
     """A setting that is ignored, capped or likely a mistake; the run goes on. The launch scripts print
     these as one ``warning: ...`` line (``show_config_warnings_plainly``)."""
@@ -105,7 +108,8 @@ class TrainConfig:
     # Data
     data_dir: str | None = _f(None, "prepared data dir (launch/prepare_data.py); default: the built-in "
                                     "corpus, prepared on first use")
-    vocab_size: int = _f(2048, "SentencePiece vocab size when preparing the built-in corpus")
+    vocab_size: int | None = _f(None, f"SentencePiece vocab size when preparing the built-in corpus (default "
+                                      f"{BUILTIN_VOCAB_SIZE}); with data_dir the data's tokenizer decides")
     # Evaluation, checkpoints, logging
     eval_every: int = _f(100, "validation perplexity every N steps (and at the end); 0 disables")
     eval_windows: int = _f(10240, "validation windows (sequences) per evaluation: the first N of the split, "
@@ -161,7 +165,8 @@ class TrainConfig:
                           "warm_start_lr (e.g. lr / 2)", ConfigWarning, stacklevel=3)
         if self.resume and self.overwrite:
             raise ValueError("give resume or overwrite, not both (resume continues the run in output_dir, "
-                             "overwrite deletes it)")
+                             "overwrite deletes it; the SLURM scripts always pass --resume: for a new run there, "
+                             "give a new output_dir)")
         if self.mode == "relora" and self.cycle_length and self.restart_warmup_steps > self.cycle_length:
             warnings.warn(f"restart_warmup_steps={self.restart_warmup_steps} is longer than a cycle: each reset "
                           f"re-warms over the whole cycle (cycle_length={self.cycle_length})", ConfigWarning,

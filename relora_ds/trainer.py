@@ -29,17 +29,17 @@ from .data import PackedTokens, ShardedBatches, builtin_data_dir, eval_batches, 
     load_manifest, prepare_data
 from .data.manifest import read_manifest_file
 from .distributed import init_distributed, pick_port_for_a_single_process
-from .ds_config import complete_ds_config, load_ds_config, uses_bf16
+from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16
 from .engine_state import full_fp32_state_dict
 from .hf import export_hf, load_hf
 from .merge import merge_and_reinit
 from .metrics import MetricsLogger, peak_memory_mb
 from .model import LlamaForCausalLM
 from .prune import prune_optimizer_state
-from .relora import lora_parameters, wrap
+from .relora import lora_parameters, relora_layers, wrap
 from .startup import build_schedule, check_data_use, check_kernels, check_model_and_data, check_output_dir, \
     total_steps_for
-from .train_config import ConfigWarning, TrainConfig
+from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import unshare_optimizer_steps
 
 
@@ -76,11 +76,9 @@ class Trainer:
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        if cfg.overwrite:
-            self._clear_output_dir()
         self.data_dir = self._prepare_data()
         manifest_vocab = load_manifest(self.data_dir)["vocab_size"]
-        if cfg.data_dir is not None and cfg.vocab_size != manifest_vocab and self.rank == 0:
+        if cfg.data_dir is not None and cfg.vocab_size not in (None, manifest_vocab) and self.rank == 0:
             warnings.warn(f"vocab_size={cfg.vocab_size} is not used: the tokenizer of data_dir {cfg.data_dir} has "
                           f"{manifest_vocab} pieces, which the model takes", ConfigWarning, stacklevel=2)
         cfg.vocab_size = manifest_vocab  # the effective config records what the run uses
@@ -102,6 +100,8 @@ class Trainer:
         self.resume_plan = None if not cfg.resume else checkpoint.plan_resume(
             self.ckpt_dir, model=self.model_config.to_dict(), train=cfg.to_dict(), ds=self.ds, world=self.world,
             data_dir=self.data_dir, tokenizer_sha256=self.tokenizer_sha256)
+        if cfg.overwrite:  # only now that every check has passed: a refused run deletes nothing
+            self._clear_output_dir()
         self.step = 0
         self.engine = None
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
@@ -127,9 +127,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.data_dir is not None:
             return Path(cfg.data_dir)
-        path = builtin_data_dir(cfg.vocab_size)
+        vocab = cfg.vocab_size or BUILTIN_VOCAB_SIZE
+        path = builtin_data_dir(vocab)
         if self.rank == 0:  # one process tokenizes; the others wait and read
-            prepare_data(None, path, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
+            prepare_data(None, path, vocab_size=vocab, seq_len=cfg.seq_len)
         dist.barrier()
         if read_manifest_file(path) is None:  # another node, whose cache is not rank 0's
             raise ValueError(f"rank {self.rank} on {socket.gethostname()} cannot see the built-in corpus that rank 0 "
@@ -231,12 +232,25 @@ class Trainer:
             unshare_optimizer_steps(self.engine)
         self.load_state_dict(client)
         self._apply_optimizer_settings(saved["train"])
+        self._catch_up_missed_merge()
         if saved["world_size"] == self.world:
             checkpoint.load_rng(self.ckpt_dir, tag)
         else:  # per-rank RNG streams do not map onto other ranks (only LoRA dropout draws from them)
             torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
         self._print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
         return True
+
+    def _catch_up_missed_merge(self) -> None:
+        """A final checkpoint written before relora_ds did the last step's reset (before 2026-11-30) sits on
+        a merge step without its merge: do it now, once, so extending such a run loses no reset."""
+        cfg = self.cfg
+        since = self.step - self.relora_start
+        every = cfg.merge_every or cfg.cycle_length
+        if cfg.mode != "relora" or self.engine_phase != "lowrank" or since <= 0 or since % every:
+            return
+        layer = next(layer for _, layer in relora_layers(self.engine.module))
+        if int(layer.merge_count) == since // every - 1:
+            self._after_step_events()
 
     def _apply_optimizer_settings(self, saved: dict) -> None:
         """The recipe's lr, betas, eps and weight decay, not the checkpoint's: DeepSpeed restores the param
@@ -263,8 +277,8 @@ class Trainer:
         self._print("effective configuration:\n" + json.dumps(self._run_config(), indent=2))
         if not (cfg.resume and self._resume()):
             self._build_engine(self._base_model(), self._phase(0))
-        self._print(f"model: {self.model_config.num_hidden_layers} layers, "
-                    f"{sum(getattr(p, 'ds_numel', p.numel()) for p in self.engine.module.parameters()):,} parameters; "
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())  # ZeRO-3: whole
+        self._print(f"model: {self.model_config.num_hidden_layers} layers, {n_params:,} parameters; "
                     f"{self.world} rank(s), bf16={uses_bf16(self.ds)}, ZeRO stage "
                     f"{self.ds.get('zero_optimization', {}).get('stage', 0)}, {self.total_steps} steps, "
                     f"RELORA_KERNELS={relora_kernels.kernel_mode()}")
@@ -321,10 +335,12 @@ class Trainer:
             engine.step()
             losses.append(loss.detach().float())
         if not engine.was_step_applied():
-            # fp16 overflow: DeepSpeed skips the update and does not advance the scheduler, but the step
-            # counts (resets come from self.step): keep the schedule on the step, so the lr is 0 at resets.
+            # An fp16 overflow (or a non-finite gradient norm under ZeRO/bf16): DeepSpeed skips the update and
+            # does not advance the scheduler, but the step counts (resets come from self.step): keep the
+            # schedule on the step, so the lr is 0 at resets.
             engine.lr_scheduler.step()
-            self._event({"event": "step_skipped", "step": self.step + 1, "reason": "fp16 overflow",
+            reason = "fp16 overflow: loss scale lowered" if uses_fp16(self.ds) else "non-finite gradient norm"
+            self._event({"event": "step_skipped", "step": self.step + 1, "reason": reason,
                          "loss_scale": float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale")
                          else None})
         # One all-reduce carries the loss and whether any rank was asked to stop.
@@ -343,10 +359,10 @@ class Trainer:
     def _grad_norm_before_step(self) -> float | None:
         """Without ZeRO (stage 0, fp32) DeepSpeed clips with torch but records no norm: compute it from the
         reduced gradients (whole on every rank there). ZeRO stages record theirs (get_global_grad_norm)."""
-        if self.ds.get("zero_optimization", {}).get("stage", 0) != 0:
-            return None
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+        if self.ds.get("zero_optimization", {}).get("stage", 0) != 0 or uses_bf16(self.ds) or uses_fp16(self.ds):
+            return None  # ZeRO and DeepSpeed's FP16/BF16 optimizers record the (unscaled) norm themselves
+        norms = [p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else None
 
     def _cycle_position(self) -> dict:
         """{"cycle": k/of, "in_cycle": step within it} for the progress bar; empty outside ReLoRA's cycles."""
@@ -364,8 +380,8 @@ class Trainer:
         if since <= 0:  # the switch itself is the fresh engine's start, not a reset
             return
         # A reset at the last step too: the final checkpoint is then the one a longer run writes at that
-        # step, so resuming it with a larger total_steps continues exactly (and the merge does not change
-        # the function: B is 0 afterwards).
+        # step, so resuming it with a larger total_steps continues exactly. (Its merge rounds s·B·A into a
+        # bf16 or int8 base like every merge; in fp32 it leaves the function unchanged.)
         event = {}
         if since % (cfg.merge_every or cfg.cycle_length) == 0:
             event.update(merge_and_reinit(self.engine))

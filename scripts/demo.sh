@@ -9,9 +9,10 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 NPROC="${NPROC:-2}"
 # A free rendezvous port unless MASTER_PORT is given (29500, the default, may be taken by another job).
 PORT="${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
-# A re-run of the demo starts over in runs/tiny (--overwrite), unless it is asked to --resume.
+# A re-run of the demo starts over in its own runs/tiny (--overwrite), unless it is asked to --resume or
+# given another --output-dir (whose run is never deleted without an explicit --overwrite).
 FRESH=(--overwrite)
-for arg in "$@"; do [[ "$arg" == --resume || "$arg" == --overwrite ]] && FRESH=(); done
+for arg in "$@"; do [[ "$arg" == --resume || "$arg" == --overwrite || "$arg" == --output-dir* ]] && FRESH=(); done
 deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --config launch/configs/tiny.yaml \
   --deepspeed ds_configs/zero2.json ${FRESH[@]+"${FRESH[@]}"} "$@"
 OUT="$(python - "$@" <<'PY'

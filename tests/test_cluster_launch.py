@@ -64,7 +64,8 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
     proc = _run(sys.executable, "launch/preflight.py", "--world-size", "4", *args)
     assert proc.returncode == 2
     assert "global_batch_size=24 is not divisible by micro_batch_size=4 x world_size=4 = 16" in proc.stderr
-    proc = _run(sys.executable, "launch/preflight.py", "--world-size", "2", *args[:2], "--deepspeed", "nope.json")
+    proc = _run(sys.executable, "launch/preflight.py", "--world-size", "2", *args[:2], "--deepspeed", "nope.json",
+                "--output-dir", tmp_path / "other")
     assert proc.returncode == 2 and "--deepspeed nope.json: no such file" in proc.stderr
     # What would otherwise fail every rank after start-up: preset, data dir, target_modules, HF directory.
     for extra, msg in ((["--model", "13b"], "unknown model preset '13b'"),
@@ -77,9 +78,11 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
     for extra, env, msg in ((["--total-steps", "50", "--overwrite"], {}, "warm_start_steps=100 leaves no low-rank"),
-                            (["--warmup-steps", "150", "--overwrite"], {}, "must be 0 or at least warmup_steps=150: the first"),
+                            (["--warmup-steps", "150", "--overwrite"], {}, "at least warmup_steps=150: the first"),
                             (["--overwrite"], {"RELORA_KERNELS": "tritn"}, "RELORA_KERNELS='tritn'"),
-                            ([], {}, "holds a run (metrics.jsonl): pass --resume to continue it, --overwrite")):
+                            ([], {}, "holds a run (metrics.jsonl): pass --resume to continue it, --overwrite"),
+                            (["--overwrite", "--warm-start-from", str(tmp_path / "run" / "hf"), "--warm-start-steps",
+                              "0"], {}, "lies inside output_dir")):
         proc = _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args, *extra, env=_clean_env(**env))
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-500:])
     for ok in (["--resume"], ["--overwrite"]):

@@ -184,3 +184,24 @@ def _bf16_accumulation_worker(out: str) -> None:
 
 if __name__ == "__main__":
     _bf16_accumulation_worker(sys.argv[1])
+
+
+def test_values_deepspeed_would_drop_or_read_differently():
+    """"auto" (a Hugging Face Trainer placeholder) is dropped by DeepSpeed for its default; "enabled":
+    "false" is False to DeepSpeed; the legacy `"zero_optimization": true` is stage 1; a typo under data_types
+    (whose grad_accum_dtype decides the bf16 optimizer) is named."""
+    from relora_ds.ds_config import uses_bf16
+
+    cfg = TrainConfig(**BASE)
+    for ds, where in (({"bf16": {"enabled": "auto"}}, "bf16.enabled"),
+                      ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}},
+                       "zero_optimization.reduce_bucket_size")):
+        with pytest.raises(ValueError, match=rf'{where} is "auto", a Hugging Face Trainer placeholder'):
+            complete_ds_config(ds, cfg, world_size=1)
+    assert not uses_bf16({"bf16": {"enabled": "false"}}) and uses_bf16({"bf16": {"enabled": "true"}})
+    assert complete_ds_config({"bf16": {"enabled": "false"}}, cfg, world_size=1)  # fp32 at stage 0: accepted
+    assert complete_ds_config({"zero_optimization": True}, cfg, world_size=1)["zero_optimization"] == {"stage": 1}
+    with pytest.raises(ValueError, match=r"data_types: key 'grad_acum_dtype' is unknown; did you mean 'grad_accum"):
+        check_deepspeed_keys({"data_types": {"grad_acum_dtype": "fp32"}})
+    with pytest.raises(ValueError, match=r"tensorboard: key 'output' is unknown; did you mean 'output_path'"):
+        check_deepspeed_keys({"tensorboard": {"enabled": True, "output": "tb"}})

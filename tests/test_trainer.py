@@ -312,7 +312,7 @@ def test_a_checkpoint_the_converter_cannot_read_is_a_clear_error(tmp_path):
 
 
 TRAIN = {"mode": "relora", "seq_len": 32, "rank": 4, "alpha": 8.0, "target_modules": ["q_proj"], "quantize": None,
-         "warm_start_steps": 2, "seed": 0, "lr": 1e-3}
+         "warm_start_steps": 2, "seed": 0, "lr": 1e-3, "lowrank_schedule": "continue"}
 
 
 def _fake_checkpoint(ckpt_dir, *, world, stage, sharded, model=None, sha="a" * 64, train=None):
@@ -369,6 +369,7 @@ def test_plan_resume_refuses_another_model_or_tokenizer(tmp_path):
     ({"quantize": "int8"}, "'quantize': ('int8', None)"), ({"warm_start_steps": 5}, "'warm_start_steps': (5, 2)"),
     ({"seed": 1}, "'seed': (1, 0)"), ({"target_modules": ["v_proj"]}, "'target_modules'"),
     ({"mode": "full"}, "'mode': ('full', 'relora')"),
+    ({"lowrank_schedule": "restart"}, "'lowrank_schedule': ('restart', 'continue')"),
 ])
 def test_plan_resume_refuses_settings_that_shape_the_checkpoint(tmp_path, change, named):
     from relora_ds import checkpoint
@@ -381,6 +382,14 @@ def test_plan_resume_refuses_settings_that_shape_the_checkpoint(tmp_path, change
         checkpoint.plan_resume(tmp_path, train={**TRAIN, **change}, **kw)
     for free in ({"lr": 5e-4}, {"mode": "lora"}):  # an lr (after a divergence), or no more resets: allowed
         assert checkpoint.plan_resume(tmp_path, train={**TRAIN, **free}, **kw)["tag"] == "step_8"
+    # A checkpoint from before lowrank_schedule existed ran `continue`: a recipe now saying `restart` (the
+    # paper recipes) must not silently reshape the lr of a run in flight.
+    (tmp_path / "old").mkdir()
+    _fake_checkpoint(tmp_path / "old", world=2, stage=2, sharded=True,
+                     train={k: v for k, v in TRAIN.items() if k != "lowrank_schedule"})
+    assert checkpoint.plan_resume(tmp_path / "old", train=TRAIN, **kw)["tag"] == "step_8"
+    with pytest.raises(ValueError, match=r"'lowrank_schedule': \('restart', 'continue'\)"):
+        checkpoint.plan_resume(tmp_path / "old", train={**TRAIN, "lowrank_schedule": "restart"}, **kw)
 
 
 @pytest.mark.parametrize("scale_power", [20, 40])
@@ -434,6 +443,11 @@ def test_grad_norm_is_logged_without_zero_too(tmp_path, small_data_dir):
     # A new run in that output_dir is refused (it would mix the runs); --overwrite starts over there.
     proc = _train1(tmp_path / "zero2", small_data_dir, check=False, total_steps=3, eval_every=0, global_batch_size=4)
     assert proc.returncode == 2 and "holds a run (latest, metrics.jsonl): pass --resume" in proc.stderr, proc.stderr
+    # --overwrite deletes only once every check passed: a refused run leaves the old one alone.
+    proc = _train1(tmp_path / "zero2", small_data_dir, "--overwrite", check=False, total_steps=2, eval_every=0,
+                   global_batch_size=4)
+    assert proc.returncode == 2 and "warm_start_steps=2 leaves no low-rank steps" in proc.stderr, proc.stderr
+    assert (tmp_path / "zero2/run/checkpoints/latest").read_text() == "step_4"
     _train1(tmp_path / "zero2", small_data_dir, "--overwrite", total_steps=3, eval_every=0, global_batch_size=4)
     losses, _ = _losses(tmp_path / "zero2" / "run")
     assert sorted(losses) == [1, 2, 3] and (tmp_path / "zero2/run/checkpoints/latest").read_text() == "step_3"
@@ -449,3 +463,26 @@ def test_a_finished_run_extended_with_resume_keeps_its_last_reset(tmp_path, smal
     assert sorted(losses) == list(range(1, 15))
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10, 14]
     assert [r for r in recs if r.get("event") == "resume_settings_changed"][0]["total_steps"] == "10 -> 14"
+
+
+def test_a_checkpoint_missing_its_last_merge_gets_it_once_on_resume():
+    """Older relora_ds skipped the reset at a run's last step; resuming such a final checkpoint (merge_count
+    one short at a merge step) does it once, and nothing else is ever merged twice."""
+    from types import SimpleNamespace
+
+    import relora_ds
+    from relora_ds.train_config import TrainConfig
+    from relora_ds.trainer import Trainer
+
+    model = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug"))
+    relora_ds.wrap(model, rank=4)
+    calls = []
+    cfg = TrainConfig(cycle_length=4, restart_warmup_steps=2, total_steps=20, warm_start_steps=2, warm_start_lr=1e-3)
+    t = SimpleNamespace(cfg=cfg, relora_start=2, engine_phase="lowrank", engine=SimpleNamespace(module=model),
+                        _after_step_events=lambda: calls.append(t.step))
+    for step, merges, want in ((10, 1, [10]), (10, 2, []), (9, 1, []), (6, 0, [6]), (6, 1, []), (2, 0, [])):
+        for _, layer in relora_ds.relora_layers(model):
+            layer.merge_count.fill_(merges)
+        t.step, calls[:] = step, []
+        Trainer._catch_up_missed_merge(t)
+        assert calls == want, (step, merges)

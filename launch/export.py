@@ -45,7 +45,7 @@ def main(argv=None) -> Path:
     if any(".lora_A" in k for k in state):  # saved in the ReLoRA phase (after any warm start)
         t = run["train"]
         wrap(model, rank=t["rank"], alpha=t["alpha"], target_modules=t["target_modules"],
-             quantize=t.get("quantize"))  # int8 runs: the base is weight_q plus scale/residual buffers
+             quantize=t.get("quantize"), merge_residual=t.get("merge_residual", False))  # their buffers
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     # merge_count buffers may be absent: they do not affect the exported weights.
     if unexpected or [k for k in missing if not k.endswith("merge_count")]:

@@ -91,9 +91,9 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str) -> None:
 # Settings a resume cannot change: they decide the saved module structure, the phase and reset positions,
 # or the data order.
 FIXED_ON_RESUME = ("seq_len", "rank", "alpha", "target_modules", "quantize", "warm_start_steps", "seed",
-                   "lowrank_schedule")
+                   "lowrank_schedule", "merge_residual")
 # What a checkpoint written before a setting existed ran with.
-DEFAULTS_OF_OLDER_CHECKPOINTS = {"lowrank_schedule": "continue"}
+DEFAULTS_OF_OLDER_CHECKPOINTS = {"lowrank_schedule": "continue", "merge_residual": False}
 
 
 def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: int, data_dir: Path,

@@ -54,7 +54,7 @@ class ReLoRALinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, alpha: float | None = None,
                  dropout: float = 0.0, bias: bool = False, name: str = "", seed: int = 0,
-                 quantize: str | None = None, device=None, dtype=None):
+                 quantize: str | None = None, merge_residual: bool = False, device=None, dtype=None):
         super().__init__()
         if not 0 < rank <= min(in_features, out_features):
             raise ValueError(f"layer {name or '<unnamed>'}: rank={rank} must be in [1, "
@@ -80,6 +80,15 @@ class ReLoRALinear(nn.Module):
         # How many merges this layer has seen: part of the re-init seed, saved with the model so that a
         # resumed run redraws the same A.
         self.register_buffer("merge_count", torch.zeros((), dtype=torch.int64))
+        if merge_residual:
+            if self.quantize:
+                raise ValueError(f"layer {name or '<unnamed>'}: merge_residual is for float bases; an int8 base "
+                                 "carries its own error-feedback residual (relora_ds/quant.py)")
+            # What the last merge's rounding into a bf16/fp16 weight dropped, added back at the next merge
+            # (error feedback), in bf16 in host memory: 2 bytes per base parameter, never on the GPU.
+            self.register_buffer("merge_residual", torch.zeros(out_features, in_features, dtype=torch.bfloat16))
+        else:
+            self.merge_residual = None
         # A standalone layer starts like nn.Linear; wrap() overwrites weight/bias with the model's.
         nn.init.kaiming_uniform_(w0, a=math.sqrt(5))
         if self.quantize:
@@ -95,8 +104,9 @@ class ReLoRALinear(nn.Module):
             self.weight.copy_(weight)
 
     def _apply(self, fn, recurse=True):
-        # The int8 merge residual stays in host memory: .to(device)/.cuda()/.bfloat16() skip it.
-        host = {k: self._buffers.pop(k) for k in quant.HOST_BUFFERS if self._buffers.get(k) is not None}
+        # The merge residuals (int8's, merge_residual) stay in host memory: .to(device)/.cuda()/.bfloat16() skip them.
+        host = {k: self._buffers.pop(k) for k in (*quant.HOST_BUFFERS, "merge_residual")
+                if self._buffers.get(k) is not None}
         try:
             return super()._apply(fn, recurse)
         finally:
@@ -127,13 +137,20 @@ class ReLoRALinear(nn.Module):
         """W += scale · B·A, accumulated in fp32 (fp64 for fp64 W) and cast once to W's dtype.
 
         On CUDA this is the one-pass Triton merge kernel (no atomics, so every rank computes the same bits).
-        An int8 base is requantized with error feedback (relora_ds/quant.py), so merges do not drift.
+        An int8 base is requantized with error feedback (relora_ds/quant.py), so merges do not drift; so is a
+        float base with ``merge_residual`` (the torch path: merges are rare next to training steps).
         """
         if self.quantize:
             quant.merge_(self, self.lora_A if A is None else A, self.lora_B if B is None else B)
             return
         A = self.lora_A if A is None else A.to(self.weight.device)
         B = self.lora_B if B is None else B.to(self.weight.device)
+        if self.merge_residual is not None:  # error feedback: W + residual + s·B·A, rounded once, remainder kept
+            exact = self.base_weight() + self.merge_residual.to(self.weight.device, torch.float32) + \
+                self.delta_weight(A, B)
+            self.weight.copy_(exact.to(self.weight.dtype))
+            self.merge_residual.copy_((exact - self.weight.float()).to(torch.bfloat16).cpu())
+            return
         if self.weight.dtype != torch.float64 and relora_kernels.use_triton(self.weight):
             relora_kernels.lora_merge_(self.weight, A, B, self.scale)
             return
@@ -206,7 +223,8 @@ def target_linears(model: nn.Module, target_modules: Iterable[str] | None = None
 
 
 def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout: float = 0.0,
-         target_modules: Iterable[str] | None = None, seed: int = 0, quantize: str | None = None) -> nn.Module:
+         target_modules: Iterable[str] | None = None, seed: int = 0, quantize: str | None = None,
+         merge_residual: bool = False) -> nn.Module:
     """Replace targeted ``nn.Linear`` layers by ``ReLoRALinear`` in place and return the model.
 
     ``target_modules``: module names or dotted suffixes (PEFT style), default all attention and MLP
@@ -214,6 +232,8 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     other parameter keeps its ``requires_grad``. Tied weights and relora_ds's ``lm_head`` are refused.
     ``seed`` seeds lora_A's draws (see `reinit_seed`).
     ``quantize``: None (base kept in its dtype) or ``"int8"`` (per-channel int8, relora_ds/quant.py).
+    ``merge_residual``: keep what each merge's rounding into a bf16/fp16 base drops (bf16, host memory) and
+    add it back at the next merge, so frequent small merges are not lost (float bases only).
     """
     quant.check_quantize(quantize)
     if any(True for _ in relora_layers(model)):
@@ -226,7 +246,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     for name, linear in chosen:
         layer = ReLoRALinear(linear.in_features, linear.out_features, rank, alpha=alpha, dropout=dropout,
                              bias=linear.bias is not None, name=name, seed=seed, quantize=quantize,
-                             device=linear.weight.device, dtype=linear.weight.dtype)
+                             merge_residual=merge_residual, device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
             layer.load_base_(linear.weight)
             if linear.bias is not None:

@@ -63,6 +63,9 @@ class TrainConfig:
     quantize: str | None = _f(None, "store the frozen base of ReLoRA layers in int8 (per-channel scales, "
                                     "drift-free merges; relora_ds/quant.py); default: the model dtype",
                               choices=("int8",))
+    merge_residual: bool = _f(False, "keep what each merge's rounding into a bf16/fp16 base drops (bf16 in host "
+                                     "memory, 2 bytes per base parameter) and add it back at the next merge, so "
+                                     "frequent small merges (merge_every) are not lost; float bases only")
     cycle_length: int | None = _f(None, "steps between optimizer resets (the paper: 5000); required for relora")
     merge_every: int | None = _f(None, "steps between merges (online ReLoRA merges more often than it "
                                         "resets); default: cycle_length")
@@ -178,6 +181,9 @@ class TrainConfig:
             raise ValueError("warm_start_steps only makes sense with mode=relora or lora")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize={self.quantize!r} is not supported; valid values: None, 'int8'")
+        if self.merge_residual and self.quantize:
+            raise ValueError("merge_residual is for float bases: quantize=int8 already merges with its own "
+                             "error-feedback residual")
         if self.quantize and self.mode == "full":
             raise ValueError("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full")
         for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank", "lr", "alpha", "adam_eps",

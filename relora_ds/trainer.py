@@ -156,7 +156,7 @@ class Trainer:
             model.chunked_loss_enable(cfg.loss_chunk_size)
         if phase == "lowrank":
             wrap(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
-                 seed=cfg.seed, quantize=cfg.quantize)
+                 seed=cfg.seed, quantize=cfg.quantize, merge_residual=cfg.merge_residual)
         lora = {id(p) for p in lora_parameters(model)}
         # LoRA and full-rank parameters in separate groups: the reset touches only the first.
         groups = [{"params": [p for p in model.parameters() if id(p) in lora]},
@@ -425,7 +425,7 @@ class Trainer:
             model = LlamaForCausalLM(self.model_config)
             if self.engine_phase == "lowrank":
                 wrap(model, rank=self.cfg.rank, alpha=self.cfg.alpha, target_modules=self.cfg.target_modules,
-                     quantize=self.cfg.quantize)
+                     quantize=self.cfg.quantize, merge_residual=self.cfg.merge_residual)
             model.load_state_dict(state)
             try:
                 export_hf(model, out_dir, tokenizer=self.tokenizer_path)

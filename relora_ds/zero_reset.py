@@ -140,7 +140,8 @@ def merge_and_reinit_engine(engine) -> dict:
             base = layer.weight_q if layer.quantize else layer.weight
             gathered = [base, A_param, B_param] + ([layer.bias] if layer.bias is not None else [])
             with deepspeed.zero.GatheredParameters(gathered, modifier_rank=0):
-                if layer.quantize or _rank() == 0:  # int8: every rank, for its scale and residual buffers
+                # int8 or merge_residual: every rank, for its own residual (and scale) buffers
+                if layer.quantize or layer.merge_residual is not None or _rank() == 0:
                     layer.merge_(A, B)
                 if _rank() == 0:
                     layer.merge_count.fill_(new_count)

@@ -237,3 +237,35 @@ def test_activation_checkpointing_same_loss_and_grads_with_recompute(monkeypatch
         calls.clear()
         model(batch)
         assert len(calls) == model.config.num_hidden_layers
+
+
+def test_merge_residual_keeps_frequent_small_bf16_merges():
+    """100 merges of small updates (0.1% of the weights' std each) into a bf16 base: rounding each result
+    to bf16 loses most of them; with merge_residual (error feedback) the weight stays within one bf16
+    rounding of the exactly accumulated one (fp64 oracle)."""
+    torch.manual_seed(0)
+    W0 = torch.randn(64, 48).bfloat16()
+
+    def run(residual: bool):
+        layer = ReLoRALinear(48, 64, rank=4, alpha=4, merge_residual=residual, dtype=torch.bfloat16)
+        layer.load_base_(W0)
+        exact, g = W0.double(), torch.Generator().manual_seed(1)
+        for _ in range(100):
+            A, B = torch.randn(4, 48, generator=g), torch.randn(64, 4, generator=g) * 5e-4  # fp32 masters
+            layer.merge_(A, B)
+            exact = exact + layer.scale * (B.double() @ A.double())
+        return layer, exact
+
+    plain, exact = run(False)
+    fed, exact_again = run(True)
+    assert torch.equal(exact, exact_again)
+    update = (exact - W0.double()).norm()
+    one_rounding = (exact.bfloat16().double() - exact).norm() / update
+    lost = (plain.weight.double() - exact).norm() / update
+    kept = (fed.weight.double() - exact).norm() / update
+    assert lost > 0.3 and kept <= 1.1 * one_rounding, (lost, kept, one_rounding)
+    assert fed.merge_residual.dtype == torch.bfloat16 and fed.merge_residual.abs().max() > 0
+    fed.to(torch.float32)  # a dtype/device move (DeepSpeed's bf16 cast, .cuda()) leaves the residual alone
+    assert fed.merge_residual.dtype == torch.bfloat16 and fed.merge_residual.device.type == "cpu"
+    with pytest.raises(ValueError, match="merge_residual is for float bases"):
+        ReLoRALinear(48, 64, rank=4, quantize="int8", merge_residual=True)

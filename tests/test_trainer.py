@@ -248,10 +248,12 @@ def test_chunked_loss_under_zero3_matches_the_logits_run(tmp_path, small_data_di
 def test_other_zero_stages_train_through_switch_and_resets_then_export(tmp_path, small_data_dir, stage):
     """ZeRO-1 and ZeRO-3 (bf16, the shipped configs): warm-start switch (gathering full-rank weights from
     the partitions), two resets, and an export that loads in transformers. The ZeRO-3 run also recomputes
-    activations (activation_checkpointing: ZeRO-3 must re-gather each layer's weights for the recompute)."""
+    activations (activation_checkpointing: ZeRO-3 must re-gather each layer's weights for the recompute)
+    and keeps bf16 merge residuals (every rank merges the gathered weight, for its own residual buffer)."""
     import transformers
 
-    recipe, _ = _write(tmp_path, small_data_dir, export=True, activation_checkpointing=stage == 3)
+    recipe, _ = _write(tmp_path, small_data_dir, export=True, activation_checkpointing=stage == 3,
+                       merge_residual=stage == 3)
     run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ROOT / f"ds_configs/zero{stage}.json")
     losses, recs = _losses(tmp_path / "run")
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10]
@@ -312,7 +314,7 @@ def test_a_checkpoint_the_converter_cannot_read_is_a_clear_error(tmp_path):
 
 
 TRAIN = {"mode": "relora", "seq_len": 32, "rank": 4, "alpha": 8.0, "target_modules": ["q_proj"], "quantize": None,
-         "warm_start_steps": 2, "seed": 0, "lr": 1e-3, "lowrank_schedule": "continue"}
+         "warm_start_steps": 2, "seed": 0, "lr": 1e-3, "lowrank_schedule": "continue", "merge_residual": False}
 
 
 def _fake_checkpoint(ckpt_dir, *, world, stage, sharded, model=None, sha="a" * 64, train=None):

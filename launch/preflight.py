@@ -14,11 +14,11 @@ find metrics.jsonl); exit 2 on error.
 import sys
 
 from relora_ds.data import load_manifest
-from relora_ds.ds_config import complete_ds_config, load_ds_config
-from relora_ds.startup import build_schedule, check_model_and_data, check_output_dir, total_steps_for
+from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
+from relora_ds.startup import (apply_kernels_setting, build_schedule, check_model_and_data, check_output_dir,
+                               total_steps_for)
 from relora_ds.train_config import (BUILTIN_VOCAB_SIZE, build_launch_parser, config_from_args,
                                    show_config_warnings_plainly)
-from relora_ds.trainer import apply_kernels_setting
 
 
 def main(argv=None) -> int:
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         apply_kernels_setting(cfg.kernels)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(ds)
     print(f"preflight: {args.world_size} rank(s) x micro_batch_size {cfg.micro_batch_size} x "
           f"{ds['gradient_accumulation_steps']} accumulation step(s) = global_batch_size {cfg.global_batch_size}; "
           f"model {cfg.hf_model or cfg.model}, ZeRO stage {stage}, {total_steps_for(cfg)} steps, data "

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .ds_config import zero_stage
+
 LATEST = "latest"
 UNIVERSAL = "universal"
 # DeepSpeed's converter needs this key in the checkpoint (Megatron-DeepSpeed sets it); set on the model.
@@ -125,8 +127,7 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
                          f"{tokenizer_sha256[:12]}...: resume on the data it was trained on")
     # Another number of ranks or ZeRO stage: a sharded optimizer state goes through DeepSpeed's universal
     # checkpoint, which DeepSpeed loads into ZeRO-1/2/3 engines only.
-    stages = (saved["deepspeed"].get("zero_optimization", {}).get("stage", 0),
-              ds.get("zero_optimization", {}).get("stage", 0))
+    stages = (zero_stage(saved["deepspeed"]), zero_stage(ds))
     universal = (saved["world_size"] != world or stages[0] != stages[1]) and is_sharded(ckpt_dir, tag)
     if universal and stages[0] != stages[1] and 3 in stages:
         raise ValueError(f"checkpoint {ckpt_dir / tag} was written with ZeRO stage {stages[0]}, this run uses "

@@ -98,6 +98,11 @@ def uses_bf16(ds: dict) -> bool:
     return bool(DeepSpeedBF16Config(**_bf16_section(ds)).enabled)
 
 
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage of a completed config (complete_ds_config turns the legacy boolean into a section)."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
 def uses_fp16(ds: dict) -> bool:
     from deepspeed.runtime.precision_config import DeepSpeedFP16Config
 

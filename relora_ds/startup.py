@@ -9,6 +9,7 @@ import os
 import warnings
 from pathlib import Path
 
+import relora_kernels
 import torch
 
 from .data import check_tokenizer_matches
@@ -94,11 +95,22 @@ def check_output_dir(cfg: TrainConfig) -> None:
                                  "it elsewhere first, or pick another --output-dir")
 
 
+def apply_kernels_setting(kernels: str | None) -> None:
+    """``--kernels`` / the recipe's ``kernels`` becomes RELORA_KERNELS, which relora_kernels reads at every
+    call. Both given and different is an error naming both: no value is silently preferred."""
+    if kernels is None:
+        relora_kernels.kernel_mode()  # an invalid RELORA_KERNELS fails here, before any rank starts work
+        return
+    env = os.environ.get("RELORA_KERNELS", "").strip().lower()
+    if env and env != kernels:
+        raise ValueError(f"kernels={kernels!r} (recipe or --kernels) but RELORA_KERNELS={env!r} in the environment; "
+                         "set only one of them")
+    os.environ["RELORA_KERNELS"] = kernels
+
+
 def check_kernels(cfg: TrainConfig, cuda: bool) -> None:
     """RELORA_KERNELS=triton on a machine without CUDA (and without Triton's interpreter) would fail only
     at the first ReLoRA layer, after the whole warm start: fail now."""
-    import relora_kernels
-
     if cfg.mode != "full" and relora_kernels.kernel_mode() == "triton" and not cuda \
             and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("kernels=triton (recipe, --kernels or RELORA_KERNELS) needs CUDA tensors, and this run "

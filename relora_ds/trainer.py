@@ -29,7 +29,7 @@ from .data import PackedTokens, ShardedBatches, builtin_data_dir, eval_batches, 
     load_manifest, prepare_data
 from .data.manifest import read_manifest_file
 from .distributed import init_distributed, pick_port_for_a_single_process
-from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16
+from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engine_state import full_fp32_state_dict
 from .hf import export_hf, load_hf
 from .merge import merge_and_reinit
@@ -37,8 +37,8 @@ from .metrics import MetricsLogger, peak_memory_mb
 from .model import LlamaForCausalLM
 from .prune import prune_optimizer_state
 from .relora import lora_parameters, relora_layers, wrap
-from .startup import build_schedule, check_data_use, check_kernels, check_model_and_data, check_output_dir, \
-    total_steps_for
+from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
+    check_output_dir, total_steps_for
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import unshare_optimizer_steps
 
@@ -46,19 +46,6 @@ from .zero_reset import unshare_optimizer_steps
 def _shifted(step: int, *, fn, offset: int) -> float:
     """LambdaLR counts from the engine's creation; the schedule is a function of the global step."""
     return fn(step + offset)
-
-
-def apply_kernels_setting(kernels: str | None) -> None:
-    """``--kernels`` / the recipe's ``kernels`` becomes RELORA_KERNELS, which relora_kernels reads at every
-    call. Both given and different is an error naming both: no value is silently preferred."""
-    if kernels is None:
-        relora_kernels.kernel_mode()  # an invalid RELORA_KERNELS fails here, before any rank starts work
-        return
-    env = os.environ.get("RELORA_KERNELS", "").strip().lower()
-    if env and env != kernels:
-        raise ValueError(f"kernels={kernels!r} (recipe or --kernels) but RELORA_KERNELS={env!r} in the environment; "
-                         "set only one of them")
-    os.environ["RELORA_KERNELS"] = kernels
 
 
 class Trainer:
@@ -74,6 +61,10 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
+        self.fp16 = uses_fp16(self.ds)
+        # Without ZeRO and in fp32 DeepSpeed records no gradient norm: the trainer computes it (see below).
+        self.own_grad_norm = zero_stage(self.ds) == 0 and not (uses_bf16(self.ds) or self.fp16)
+        self.grad_norm = None
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.data_dir = self._prepare_data()
@@ -280,7 +271,7 @@ class Trainer:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())  # ZeRO-3: whole
         self._print(f"model: {self.model_config.num_hidden_layers} layers, {n_params:,} parameters; "
                     f"{self.world} rank(s), bf16={uses_bf16(self.ds)}, ZeRO stage "
-                    f"{self.ds.get('zero_optimization', {}).get('stage', 0)}, {self.total_steps} steps, "
+                    f"{zero_stage(self.ds)}, {self.total_steps} steps, "
                     f"RELORA_KERNELS={relora_kernels.kernel_mode()}")
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
         final = {}
@@ -330,7 +321,7 @@ class Trainer:
             batch = next(self.batches).to(engine.device)
             loss = engine(batch, labels=batch).loss
             engine.backward(loss)
-            if micro == gas - 1:
+            if micro == gas - 1 and self.own_grad_norm:
                 self.grad_norm = self._grad_norm_before_step()
             engine.step()
             losses.append(loss.detach().float())
@@ -339,7 +330,7 @@ class Trainer:
             # does not advance the scheduler, but the step counts (resets come from self.step): keep the
             # schedule on the step, so the lr is 0 at resets.
             engine.lr_scheduler.step()
-            reason = "fp16 overflow: loss scale lowered" if uses_fp16(self.ds) else "non-finite gradient norm"
+            reason = "fp16 overflow: loss scale lowered" if self.fp16 else "non-finite gradient norm"
             self._event({"event": "step_skipped", "step": self.step + 1, "reason": reason,
                          "loss_scale": float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale")
                          else None})
@@ -358,9 +349,8 @@ class Trainer:
 
     def _grad_norm_before_step(self) -> float | None:
         """Without ZeRO (stage 0, fp32) DeepSpeed clips with torch but records no norm: compute it from the
-        reduced gradients (whole on every rank there). ZeRO stages record theirs (get_global_grad_norm)."""
-        if self.ds.get("zero_optimization", {}).get("stage", 0) != 0 or uses_bf16(self.ds) or uses_fp16(self.ds):
-            return None  # ZeRO and DeepSpeed's FP16/BF16 optimizers record the (unscaled) norm themselves
+        reduced gradients (whole on every rank there). ZeRO and DeepSpeed's FP16/BF16 optimizers record the
+        (unscaled) norm themselves (get_global_grad_norm)."""
         norms = [p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.stack(norms).norm()) if norms else None
 

@@ -2,7 +2,6 @@
 built-in corpus. Then errors that must stop a run before its first step."""
 import json
 import math
-import os
 import subprocess
 import sys
 

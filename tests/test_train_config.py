@@ -104,7 +104,7 @@ def test_yaml_recipe_choices_are_checked(tmp_path):
 
 
 def test_kernels_setting_sets_the_env_and_refuses_a_conflict(monkeypatch):
-    from relora_ds.trainer import apply_kernels_setting
+    from relora_ds.startup import apply_kernels_setting
     monkeypatch.setenv("RELORA_KERNELS", "auto")  # records the outer value, restored after the test
     monkeypatch.delenv("RELORA_KERNELS")
     apply_kernels_setting("torch")

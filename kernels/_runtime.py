@@ -190,6 +190,25 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+HOPPER_SHARED_MEMORY = 232448  # bytes per block, opt-in (H100/H200: 227 KB)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_limit() -> int:
+    """Opt-in shared memory per block of the current CUDA device (Hopper's when torch cannot say)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return getattr(props, "shared_memory_per_block_optin", 0) or HOPPER_SHARED_MEMORY
+
+
+def pipeline_fits(block_m: int, block_n: int, block_k: int, stages: int, in_bytes: int, epilogue_bytes: int = 0) -> bool:
+    """Whether a GEMM config's software pipeline (``stages`` A and B tiles) plus an epilogue buffer of
+    ``epilogue_bytes`` per output element fit in shared memory. Agrees with what Triton 3.6 compiled for
+    sm_90 (pointer kernel, TMA kernel with its store buffer): Triton would find an overflow only after a
+    full compile per config (0.7-4 s each) and then raise ``OutOfResources`` if no config fits."""
+    need = stages * (block_m + block_n) * block_k * in_bytes + block_m * block_n * epilogue_bytes
+    return need <= shared_memory_limit()
+
+
 def target_programs(device: torch.device) -> int:
     """How many programs a reduction-over-tokens launch should aim for (about two waves of SMs)."""
     if device.type == "cuda":

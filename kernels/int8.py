@@ -204,10 +204,11 @@ class Int8LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, d_in)  # (M, in)
         keep2 = keep.reshape(-1, d_in).view(torch.uint8) if keep is not None else None
         if in_gemm:
-            y2, s = lora_forward(x2, q, lora_A, lora_B, scale, bias, keep2, dropout_p, weight_scale=w_scale)
+            y2, s = lora_forward(x2, q, lora_A, lora_B, scale, bias, keep2, dropout_p, weight_scale=w_scale,
+                                 deterministic=deterministic)
         else:
             w = dequant_launch(q, w_scale, x.dtype)  # scratch, freed on return
-            y2, s = lora_forward(x2, w, lora_A, lora_B, scale, bias, keep2, dropout_p)
+            y2, s = lora_forward(x2, w, lora_A, lora_B, scale, bias, keep2, dropout_p, deterministic=deterministic)
         ctx.save_for_backward(x2, s, q, w_scale, lora_A, lora_B, keep2)
         ctx.scale, ctx.dropout_p, ctx.deterministic, ctx.in_gemm = scale, dropout_p, deterministic, in_gemm
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None

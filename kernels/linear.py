@@ -73,7 +73,7 @@ def _ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R,
         acc = tl.dot(dy, b, acc, input_precision=DOT_PRECISION)
         part = tl.dot(tl.trans(dy), s_tile, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_R)
         tl.atomic_add(db_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, part * scale,
-                      mask=n_ok[:, None] & r_ok[None, :])
+                      mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")  # a sum: no ordering needed
     tl.store(ds_ptr + offs_m[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
              (acc * scale).to(ds_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
@@ -109,16 +109,18 @@ def fused_ds_db(dy, lora_B, s, scale, db_dtype=None, config=None):
     return ds, (db32 if db_dtype == torch.float32 else db32.to(db_dtype))
 
 
-def lora_forward(x, weight, lora_A, lora_B, scale, bias=None, keep=None, dropout_p=0.0, weight_scale=None):
+def lora_forward(x, weight, lora_A, lora_B, scale, bias=None, keep=None, dropout_p=0.0, weight_scale=None,
+                 deterministic=False):
     """x (M, in) -> (y (M, out), s (M, r)). ``keep``: (M, in) keep-mask, or None for no dropout.
-    ``weight_scale`` (out,): ``weight`` is int8 and dequantized inside the GEMM (kernels/int8.py)."""
+    ``weight_scale`` (out,): ``weight`` is int8 and dequantized inside the GEMM (kernels/int8.py).
+    ``deterministic``: the fixed launch configs, not autotuned ones (which may differ between processes)."""
     inv_keep = 1.0 / (1.0 - dropout_p) if keep is not None else 1.0
-    if LOWRANK_BLAS and keep is None:
+    if LOWRANK_BLAS and keep is None and not deterministic:
         s = torch.mm(x, lora_A.t())
     else:
-        s = concat_matmul(x, lora_A.t(), alpha=inv_keep, mask=keep, mask_mode=MASK_A1)
+        s = concat_matmul(x, lora_A.t(), alpha=inv_keep, mask=keep, mask_mode=MASK_A1, deterministic=deterministic)
     y = concat_matmul(x, weight.t(), s, lora_B.t(), beta=scale, bias=bias, b1_scale=weight_scale,
-                      b1_scale_mode=0 if weight_scale is None else 1)
+                      b1_scale_mode=0 if weight_scale is None else 1, deterministic=deterministic)
     return y, s
 
 
@@ -135,7 +137,7 @@ def lora_backward(dy, x, s, weight, lora_A, lora_B, scale, keep=None, dropout_p=
                             b1_scale_mode=0 if weight_scale is None else 2) if need_dx else None)
         return dx, da, db
     if deterministic or not need_lora or not FUSE_DS_DB:
-        ds = concat_matmul(dy, lora_B, alpha=scale)
+        ds = concat_matmul(dy, lora_B, alpha=scale, deterministic=deterministic)
         db = (concat_matmul(dy.t(), s, alpha=scale, reduce_k=True, deterministic=deterministic,
                             out_dtype=lora_B.dtype) if need_lora else None)
     else:
@@ -143,7 +145,8 @@ def lora_backward(dy, x, s, weight, lora_A, lora_B, scale, keep=None, dropout_p=
     da = (concat_matmul(ds.t(), x, alpha=inv_keep, mask=keep, mask_mode=MASK_B1, reduce_k=True,
                         deterministic=deterministic, out_dtype=lora_A.dtype) if need_lora else None)
     dx = (concat_matmul(dy, weight, ds, lora_A, beta=inv_keep, mask=keep, mask_mode=MASK_OUT2, b1_scale=weight_scale,
-                        b1_scale_mode=0 if weight_scale is None else 2) if need_dx else None)
+                        b1_scale_mode=0 if weight_scale is None else 2, deterministic=deterministic)
+          if need_dx else None)
     return dx, da, db
 
 
@@ -157,7 +160,7 @@ class LoRALinearFunction(torch.autograd.Function):
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)  # (M, in), M = prod(leading dims)
         keep2 = keep.reshape(-1, d_in).view(torch.uint8) if keep is not None else None
-        y2, s = lora_forward(x2, weight, lora_A, lora_B, scale, bias, keep2, dropout_p)
+        y2, s = lora_forward(x2, weight, lora_A, lora_B, scale, bias, keep2, dropout_p, deterministic=deterministic)
         ctx.save_for_backward(x2, s, weight, lora_A, lora_B, keep2)
         ctx.scale, ctx.dropout_p, ctx.deterministic = scale, dropout_p, deterministic
         ctx.x_shape, ctx.bias_dtype = x.shape, (bias.dtype if bias is not None else None)

@@ -139,7 +139,7 @@ def _concat_k_matmul_kernel(
     c_ptrs = c_ptr + pid_k.to(tl.int64) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if ATOMIC:
-        tl.atomic_add(c_ptrs, acc, mask=c_mask)
+        tl.atomic_add(c_ptrs, acc, mask=c_mask, sem="relaxed")  # a sum: no ordering needed
     else:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
@@ -178,9 +178,12 @@ def _fixed_gpu_config(M: int, N: int) -> dict:
 
 
 def _prune(configs, named_args, **kwargs):
-    n = named_args["N"]
-    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))]
-    return keep or configs[:1]
+    """No BLOCK_N much wider than N; none whose pipeline overflows shared memory (fp32: three of them)."""
+    n, in_bytes = named_args["N"], named_args["a1_ptr"].element_size()
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
+            and _runtime.pipeline_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                       c.num_stages, in_bytes)]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
 
 
 _AUTOTUNED = {}
@@ -191,7 +194,10 @@ def _autotuned_kernel():
     if "k" not in _AUTOTUNED:
         configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_GPU_BLOCK_K, GROUP_M=8),
                                  num_warps=w, num_stages=s) for bm, bn, w, s in _GPU_CONFIGS]
-        _AUTOTUNED["k"] = triton.autotune(configs=configs, key=["M", "N", "K1", "K2"],
+        # The strides and flags are in the key: on a square layer Y = X·Wᵀ and dX = dY·W have the same
+        # M, N, K but read W transposed from each other, and each deserves its own tuned config.
+        _AUTOTUNED["k"] = triton.autotune(configs=configs, key=["M", "N", "K1", "K2", "stride_b1k", "stride_b2k",
+                                                                "HAS_SECOND", "MASK_MODE", "B1_SCALE"],
                                           prune_configs_by={"early_config_prune": _prune},
                                           )(_runtime.for_current_mode(_concat_k_matmul_kernel))
     return _AUTOTUNED["k"]

@@ -87,7 +87,10 @@ def _concat_k_matmul_tma_kernel(
 
 _INTERP_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
 # Hopper leads (the persistent-matmul tutorial's choices; to be confirmed by launch/tune_kernels.py).
-_GPU_CONFIGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3)]
+# (128, 128, 32, 8, 3) is the one that fits fp32 in shared memory (compiled for sm_90 with Triton 3.6: 160 KB;
+# the others need 321-449 KB in fp32, 161-225 KB in bf16). _prune drops what cannot fit before compiling.
+_GPU_CONFIGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+                (128, 128, 32, 8, 3)]
 
 
 def _row_major(t: torch.Tensor) -> bool:
@@ -121,18 +124,27 @@ def eligible(a1, b1, a2, b2, out, mask, b1_scale, reduce_k) -> bool:
     return _aligned(out)
 
 
-_ALLOCATOR_SET = False
+def _alloc(size: int, alignment: int, stream):
+    device = "cuda" if torch.cuda.is_available() and not _runtime.interpreting() else "cpu"
+    return torch.empty(size, dtype=torch.int8, device=device)
 
 
 def _ensure_allocator():
-    """Device-side tensor descriptors need global scratch from an allocator (``triton.set_allocator``)."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        def alloc(size: int, alignment: int, stream):
-            device = "cuda" if torch.cuda.is_available() and not _runtime.interpreting() else "cpu"
-            return torch.empty(size, dtype=torch.int8, device=device)
-        triton.set_allocator(alloc)
-        _ALLOCATOR_SET = True
+    """Device-side tensor descriptors need global scratch from an allocator (``triton.set_allocator``).
+
+    Set on every launch: Triton keeps it in a ContextVar, i.e. per thread, and autograd runs CUDA
+    backward passes on its own worker threads (set once in the forward, the backward's launch would find
+    no allocator). Setting it is one ``ContextVar.set``.
+    """
+    triton.set_allocator(_alloc)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Only configs whose pipeline and TMA store buffer fit in shared memory (in fp32 only the last)."""
+    in_bytes, out_bytes = named_args["a1_ptr"].element_size(), named_args["c_ptr"].element_size()
+    keep = [c for c in configs if _runtime.pipeline_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                                         c.num_stages, in_bytes, out_bytes)]
+    return keep or configs[-1:]
 
 
 _AUTOTUNED = {}
@@ -142,7 +154,11 @@ def _autotuned_kernel():
     if "k" not in _AUTOTUNED:
         configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
                    for bm, bn, bk, w, s in _GPU_CONFIGS]
-        _AUTOTUNED["k"] = triton.autotune(configs=configs, key=["M", "N", "K1", "K2"])(
+        # Layout flags in the key: on a square layer the forward (W K-major) and dX (W row-major) have
+        # the same M, N, K and deserve their own configs.
+        _AUTOTUNED["k"] = triton.autotune(configs=configs, key=["M", "N", "K1", "K2", "B1_KMAJOR", "B2_KMAJOR",
+                                                                "HAS_SECOND"],
+                                          prune_configs_by={"early_config_prune": _prune})(
             _runtime.for_current_mode(_concat_k_matmul_tma_kernel))
     return _AUTOTUNED["k"]
 

@@ -17,7 +17,7 @@ Sections (``--sections``, default all that the device supports):
 
     python launch/bench_int8.py                   # on a GPU: everything
     python launch/bench_int8.py --device cpu      # drift, error, memory (kernel timings need CUDA)
-Rows are appended to --out (CSV or .json) through bench_kernels.write_rows.
+Rows are appended to --out (CSV or .json) as they are made, through bench_kernels.RowSink.
 """
 from __future__ import annotations
 
@@ -30,14 +30,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
-from bench_kernels import bench, peak_mb, shape_arg, write_rows  # noqa: E402
+from bench_kernels import RowSink, bench, peak_mb, shape_arg  # noqa: E402
 
 import relora_kernels as rk  # noqa: E402
 from relora_ds import PRESETS, LlamaConfig, LlamaForCausalLM, quant, relora_layers, wrap  # noqa: E402
 
 
-def kernel_rows(M, shapes, r, device):
-    rows = []
+def kernel_rows(M, shapes, r, device, rows):
     for d_in, d_out in shapes:
         g = torch.Generator(device=device).manual_seed(0)
         mk = lambda *s, std=1.0: (torch.randn(*s, device=device, generator=g) * std).to(torch.bfloat16)  # noqa
@@ -191,15 +190,15 @@ def main(argv=None):
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_int8.json")
     args = ap.parse_args(argv)
-    rows = []
+    stamp = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__,
+                 date=datetime.date.today().isoformat())
+    rows = RowSink(args.out, stamp)
     if "kernels" in args.sections:
         if args.device != "cuda":
             print("kernels: skipped (needs CUDA; under the interpreter timings mean nothing)")
         else:
-            shapes = list(args.shapes)
-            krows = kernel_rows(args.M, shapes, args.rank, "cuda")
-            print_kernel_summary(krows)
-            rows += krows
+            kernel_rows(args.M, list(args.shapes), args.rank, "cuda", rows)
+            print_kernel_summary(rows)
     if "train_memory" in args.sections and args.device == "cuda":
         rows += train_memory_rows(args.train_preset, args.train_batch, args.train_seq, args.rank, "cuda")
     if "drift" in args.sections:
@@ -208,9 +207,6 @@ def main(argv=None):
         rows += error_rows()
     if "memory" in args.sections:
         rows += memory_rows()
-    stamp = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu", torch=torch.__version__,
-                 date=datetime.date.today().isoformat())
-    write_rows([{**r, **stamp} for r in rows], args.out)
 
 
 if __name__ == "__main__":

@@ -265,10 +265,10 @@ def main(argv=None):
     meta = dict(dtype=str(dtype).replace("torch.", ""), device=dev_name, torch=torch.__version__,
                 triton=triton.__version__, date=datetime.date.today().isoformat())
     Ms, shapes, ranks = grid(args)
-    rows, failures = [], []
+    rows, failures = RowSink(args.out, meta), []
 
     def emit(**row):
-        rows.append({**row, **meta})
+        rows.append(row)
 
     if "linear" in args.ops:
         for M in Ms:
@@ -291,7 +291,6 @@ def main(argv=None):
                          ms=ms, ms_p20=p20, ms_p80=p80, tflops=2 * d_out * d_in * r / ms / 1e9,
                          gbps=nbytes / ms / 1e6, peak_mb=float("nan"), max_rel_err=float("nan"))
     print_table(rows)
-    write_rows(rows, args.out)
     print(f"\n{len(rows)} rows -> {args.out}")
     for f in failures:
         print(f"FAILED: {f}", file=sys.stderr)
@@ -320,6 +319,28 @@ def print_table(rows):
                 ratios = f"{100 * r['gbps'] / group['copy']['gbps']:.0f}% of copy GB/s"
             print(f"{r['op']:6} {r['mode']:8} {r['M']:>6} {r['d_in']:>5} {r['d_out']:>5} {r['r']:>4} {prov:13} "
                   f"{r['ms']:>9.4f} {r['tflops']:>8.1f} {r['gbps']:>8.1f}  {ratios}")
+
+
+class RowSink(list):
+    """The rows of a run, each also appended to ``path`` (with ``stamp``) the moment it is made: a run killed
+    at its time limit (the one scarce GPU call) keeps every row it measured."""
+
+    def __init__(self, path: Path, stamp: dict | None = None):
+        super().__init__()
+        self.path, self.stamp = path, stamp or {}
+
+    def append(self, row):
+        row = {**row, **self.stamp}
+        super().append(row)
+        write_rows([row], self.path)
+
+    def extend(self, rows):
+        for row in rows:
+            self.append(row)
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        return self
 
 
 def write_rows(rows, path: Path):

@@ -18,7 +18,7 @@ full-rank linear; the fwd+bwd totals do not say which launch is slow. This scrip
     python launch/tune_kernels.py --sections breakdown --shapes 2048x2048
     python launch/tune_kernels.py --device cpu --smoke        # interpreter: proves the script runs
 
-Rows go to --out (.json or .csv, via bench_kernels.write_rows); the best config per (op, shape) is printed.
+Rows go to --out (.json or .csv, via bench_kernels.RowSink, each as it is measured); the best config per (op, shape) is printed.
 A winner becomes the launcher's built-in config only after it beats the current one in bench_kernels.py.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
-from bench_kernels import bench, load_relora_kernels, shape_arg, write_rows  # noqa: E402
+from bench_kernels import RowSink, bench, load_relora_kernels, shape_arg  # noqa: E402
 
 LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge", "Y_tma")
 
@@ -192,7 +192,7 @@ def main(argv=None):
     meta = dict(dtype=str(dtype).replace("torch.", ""), torch=torch.__version__, triton=triton.__version__,
                 device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu (triton interpreter)",
                 date=datetime.date.today().isoformat(), M=M, r=r)
-    rows = []
+    rows = RowSink(args.out)
 
     for d_in, d_out in shapes:
         ops = make_ops(M, d_in, d_out, r, dtype, args.device)
@@ -240,7 +240,6 @@ def main(argv=None):
                     time_row("sweep", op, "kernel", lambda k=kernel, c=cfg: k(c), nbytes, cfg=cfg, want=ref)
 
     print_summary(rows)
-    write_rows(rows, args.out)
     print(f"\n{len(rows)} rows -> {args.out}")
     return 0
 

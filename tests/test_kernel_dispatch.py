@@ -218,6 +218,43 @@ def test_package_imports_without_triton_or_gpu():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
+def _triton_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+    return tuple(int(p) for p in version("triton").split(".")[:2])
+
+
+def test_autotune_prunes_configs_that_overflow_shared_memory(monkeypatch):
+    """Oracle: the shared memory Triton 3.6 allocated when these configs were compiled for sm_90 (ptxas,
+    2026-11-30): TMA kernel fp32 321-449 KB except 128x128x32 (160 KB), bf16 161-225 KB; pointer kernel
+    fp32 128x128/s4, 128x256/s3 and 256x128/s3 over 227 KB, every bf16 config under it."""
+    import triton
+    from relora_kernels import matmul, matmul_tma
+    monkeypatch.setattr(_runtime, "shared_memory_limit", lambda: _runtime.HOPPER_SHARED_MEMORY)
+
+    def tma_configs():
+        return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+                for bm, bn, bk, w, s in matmul_tma._GPU_CONFIGS]
+
+    def kept(prune, configs, dtype, **extra):
+        t = torch.empty(1, dtype=dtype)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages)
+                for c in prune(configs, dict(a1_ptr=t, c_ptr=t, **extra))]
+
+    assert kept(matmul_tma._prune, tma_configs(), torch.float32) == [(128, 128, 32, 3)]
+    assert len(kept(matmul_tma._prune, tma_configs(), torch.bfloat16)) == len(matmul_tma._GPU_CONFIGS)
+    ptr = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=matmul._GPU_BLOCK_K, GROUP_M=8), num_warps=w,
+                         num_stages=s) for bm, bn, w, s in matmul._GPU_CONFIGS]
+    fp32 = kept(matmul._prune, ptr, torch.float32, N=4096)
+    assert {(128, 128, 64, 4), (128, 256, 64, 3), (256, 128, 64, 3)}.isdisjoint(fp32)
+    assert len(fp32) == len(ptr) - 3
+    assert len(kept(matmul._prune, ptr, torch.bfloat16, N=4096)) == len(ptr)
+    # With a GPU whose limit fits none, the smallest config is still tried (Triton reports it if it fails).
+    monkeypatch.setattr(_runtime, "shared_memory_limit", lambda: 1024)
+    assert kept(matmul._prune, ptr, torch.float32, N=4096) == [(64, 64, 64, 4)]
+
+
+@pytest.mark.skipif(_triton_version() < (3, 7), reason="Triton 3.6's interpreter cannot take tensor-valued "
+                    "range() bounds (tensor.__index__ without squeeze; BENCHMARKS.md), which the kernels use")
 def test_interpreter_enabled_after_kernels_were_imported():
     """The ordering other test files can cause: triton and our kernels imported with the interpreter off,
     TRITON_INTERPRET=1 set afterwards. The launch must still run interpreted."""

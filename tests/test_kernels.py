@@ -65,6 +65,29 @@ def test_tma_gemm_runs_where_eligible_and_falls_back_elsewhere(kernels_on, devic
     assert not matmul_tma.eligible(a1[:, 1:], b1[1:], None, None, out, None, None, False)  # misaligned view
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_tma_launch_sets_its_allocator_in_every_thread(kernels_on, device):
+    """Triton keeps the allocator of device-side descriptors per thread (a ContextVar) and autograd runs
+    CUDA backward passes on worker threads: a launch from a thread other than the first launcher's must
+    find the allocator (set once per process, the backward's dX launch failed with Triton's "no allocator
+    was set"). Oracle: the allocator Triton will use in that thread, read right after the launch."""
+    import threading
+    from triton.runtime import _allocation
+    from relora_kernels import matmul_tma
+    a1, b1 = torch.randn(32, 32, device=device), torch.randn(32, 16, device=device)
+    want = a1 @ b1
+    matmul_tma.launch(a1, b1, None, None, torch.empty(32, 16, device=device))  # the first launcher's thread
+    seen = []
+
+    def worker():
+        out = matmul_tma.launch(a1, b1, None, None, torch.empty(32, 16, device=device))
+        seen.append((_allocation._allocator.get(), rel_err(out, want)))
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen and seen[0][0] is not _allocation._NULL_ALLOCATOR and seen[0][1] <= tol(device, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_mask_consistent_with_reference(kernels_on, device, dtype):
@@ -98,6 +121,27 @@ def test_deterministic_mode_is_bitwise_reproducible(kernels_on, device, monkeypa
     got, want = run_both(x, w, a, b, bias, dy, 0.5)
     errs = {n: rel_err(g, t) for n, g, t in zip(NAMES, got, want)}
     assert all(e <= tol(device, torch.float16) for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("lowrank_blas", [False, True])
+def test_deterministic_mode_never_autotunes(kernels_on, monkeypatch, lowrank_blas):
+    """Autotuning picks a config by timing, so two processes can pick different ones (different bits): in
+    deterministic mode every GEMM launch of the forward and backward, float and int8 base, asks for the
+    fixed config, and the rank-r products stay off cuBLAS."""
+    import relora_kernels.linear as linear_mod
+    calls = []
+    real = linear_mod.concat_matmul
+    monkeypatch.setattr(linear_mod, "concat_matmul", lambda *a, **k: calls.append(k.get("deterministic")) or real(*a, **k))
+    monkeypatch.setattr(linear_mod, "LOWRANK_BLAS", lowrank_blas)
+    monkeypatch.setattr(torch, "mm", None)  # the cuBLAS rank-r products would fail here
+    monkeypatch.setenv("RELORA_DETERMINISTIC", "1")
+    x, w, a, b, bias, dy = make_inputs((2, 9), 32, 24, 4, True, torch.float32, "cpu", seed=4)
+    q, s, _ = rk.int8_quantize_reference(w)
+    for y in (rk.lora_linear(x, w, a, b, 0.5, bias),
+              rk.int8_lora_linear(x, q, s, a, b, 0.5, bias, in_gemm=False),
+              rk.int8_lora_linear(x, q, s, a, b, 0.5, bias, in_gemm=True)):
+        torch.autograd.grad(y, [x, a, b], dy)
+    assert len(calls) == 3 * 6 and all(calls), calls  # S, Y; dS, dB, dA, dX
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -70,13 +70,24 @@ def test_plan_resume_refuses_another_model_or_tokenizer(tmp_path):
         checkpoint.plan_resume(tmp_path, model={"hidden_size": 64}, tokenizer_sha256="b" * 64, **kw)
 
 
+# One changed value for every field of checkpoint.FIXED_ON_RESUME (TRAIN holds the checkpoint's): written out
+# here, not read from FIXED_ON_RESUME, so that a field dropped from it fails its case, and a field added to it
+# fails test_every_fixed_field_has_a_refusal_case until it gets one.
+FIXED_CHANGES = {"seq_len": 64, "rank": 8, "alpha": 16.0, "target_modules": ["v_proj"], "quantize": "int8",
+                 "warm_start_steps": 5, "seed": 1, "lowrank_schedule": "restart", "merge_residual": True}
+
+
+def test_every_fixed_field_has_a_refusal_case():
+    from relora_ds import checkpoint
+
+    assert set(FIXED_CHANGES) == set(checkpoint.FIXED_ON_RESUME)
+    assert all(FIXED_CHANGES[k] != TRAIN[k] for k in FIXED_CHANGES)
+
+
 @pytest.mark.parametrize("change, named", [
-    ({"rank": 8}, "'rank': (8, 4)"), ({"seq_len": 64}, "'seq_len': (64, 32)"),
-    ({"quantize": "int8"}, "'quantize': ('int8', None)"), ({"warm_start_steps": 5}, "'warm_start_steps': (5, 2)"),
-    ({"seed": 1}, "'seed': (1, 0)"), ({"target_modules": ["v_proj"]}, "'target_modules'"),
+    *[({k: v}, f"{k!r}: ({v!r}, {TRAIN[k]!r})") for k, v in FIXED_CHANGES.items()],
     ({"mode": "full"}, "'mode': ('full', 'relora')"),
-    ({"lowrank_schedule": "restart"}, "'lowrank_schedule': ('restart', 'continue')"),
-])
+], ids=[*FIXED_CHANGES, "mode"])
 def test_plan_resume_refuses_settings_that_shape_the_checkpoint(tmp_path, change, named):
     from relora_ds import checkpoint
 

@@ -254,3 +254,47 @@ def test_eval_windows_do_not_depend_on_world_or_micro_batch(world, micro):
         shards = [[ids(b) for b in eval_batches(Windows(n), micro, r, world, num_windows=num)] for r in range(world)]
         assert len({len(s) for s in shards}) == 1
         assert sorted(i for s in shards for b in s for i in b) == list(range(min(n, num or n)))
+
+
+def test_the_trainers_batches_form_whole_global_batches_per_optimizer_step(data_dir, tmp_path, monkeypatch):
+    """The batch source Trainer.__init__ builds (in process, for rank 0 and rank 1 of 2: the process group is
+    stubbed out, no engine is built), read as Trainer._train_step reads it: gradient_accumulation_steps
+    micro-batches per optimizer step. Oracle, by index arithmetic on the pinned epoch order: optimizer step
+    k of an epoch covers order[k*G, (k+1)*G) (G = global_batch_size 16), its micro-step m on rank r the B = 2
+    samples from k*G + m*W*B + r*B (W = 2 ranks, 4 accumulation steps); an epoch holds n // G whole steps
+    and its tail is dropped (792 windows: 49 steps, 8 left, enough for 2 more micro-steps if the sampler
+    cut the epoch per micro-step). Read over 60 steps, through the end of epoch 0."""
+    import signal
+
+    from relora_ds import trainer as trainer_mod
+    from relora_ds.train_config import TrainConfig
+
+    world, micro, global_batch, seq = 2, 2, 16, 128
+    accum = global_batch // (micro * world)
+    monkeypatch.setattr(trainer_mod, "init_distributed", lambda **kw: None)
+    monkeypatch.setattr(trainer_mod, "pick_port_for_a_single_process", lambda: None)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the trainer's SIGTERM/SIGUSR1 handlers: not in pytest
+    monkeypatch.setattr(trainer_mod.dist, "get_world_size", lambda group=None: world)
+    readers = []
+    for rank in range(world):
+        monkeypatch.setattr(trainer_mod.dist, "get_rank", lambda group=None, rank=rank: rank)
+        cfg = TrainConfig(model="debug", seq_len=seq, data_dir=str(data_dir), output_dir=str(tmp_path / "run"),
+                          rank=4, cycle_length=4, restart_warmup_steps=2, warmup_steps=2, total_steps=100,
+                          micro_batch_size=micro, global_batch_size=global_batch, eval_every=0, export=False)
+        t = trainer_mod.Trainer(cfg)
+        t.metrics.close()
+        assert t.ds["gradient_accumulation_steps"] == accum  # the micro-batches _train_step draws per step
+        readers.append(t)
+    data = readers[0].train_data
+    n = len(data)
+    assert n == 792 and n % global_batch >= micro * world  # the tail a per-micro-step cut would not drop
+    steps_per_epoch = n // global_batch
+    for step in range(60):
+        epoch, k = divmod(step, steps_per_epoch)
+        order = epoch_order(n, 0, epoch)
+        for m in range(accum):
+            for r, t in enumerate(readers):
+                start = k * global_batch + m * world * micro + r * micro
+                want = data.get_batch(order[start:start + micro])
+                assert torch.equal(next(t.batches), want), (step, m, r)
+    assert [t.batches.epoch for t in readers] == [1, 1]

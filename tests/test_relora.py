@@ -1,4 +1,7 @@
 """ReLoRA layer, wrap/unwrap and merge-and-reinit against plain-torch oracles."""
+import hashlib
+import math
+
 import pytest
 import torch
 import transformers
@@ -103,15 +106,30 @@ def test_layer_forward_matches_formula_with_bias_and_dropout():
     torch.testing.assert_close(y, x @ layer.weight.T + layer.bias + 2.0 * (x_d @ layer.lora_A.T) @ layer.lora_B.T)
 
 
+def _documented_A(run_seed, layer_name, restart, shape):
+    """Hand-written oracle of the documented re-init draw (relora_ds.relora.reinit_seed and
+    kaiming_uniform_A, written out, not called): the first 8 bytes (little-endian, 63 bits) of
+    sha256("run_seed/layer_name/restart") seed a CPU generator for nn.init.kaiming_uniform_(a=√5) in fp32."""
+    digest = hashlib.sha256(f"{run_seed}/{layer_name}/{restart}".encode()).digest()
+    g = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return nn.init.kaiming_uniform_(torch.empty(shape, dtype=torch.float32), a=math.sqrt(5), generator=g)
+
+
 def test_merge_and_reinit_keeps_outputs_redraws_A_zeroes_B_and_ranks_agree():
+    """wrap draws A for restart 0, and the k-th merge redraws it for restart k (merge_count counts the merge
+    before A is drawn: the ZeRO path, zero_reset.merge_and_reinit_engine, draws with the new count too, and
+    tests/dist/zero_reset_worker.py pins it to restart 1 after one merge). Oracle: `_documented_A`."""
     model = relora_ds.wrap(_debug_model(), rank=4, seed=7).eval()
+    layers = list(relora_ds.relora_layers(model))
+    for n, l in layers:
+        assert torch.equal(l.lora_A, _documented_A(7, n, 0, l.lora_A.shape)), n  # the initial draw: restart 0
+    initial_A = {n: l.lora_A.detach().clone() for n, l in layers}
     with torch.no_grad():
         for p in relora_ds.lora_parameters(model):
             p.normal_(0, 0.05)
     x = torch.randint(0, 512, (2, 13))
     with torch.no_grad():
         before = model(x).logits
-    old_A = {n: l.lora_A.detach().clone() for n, l in relora_ds.relora_layers(model)}
     stats = relora_ds.merge_and_reinit(model)
     assert stats["layers"] == 14
     with torch.no_grad():
@@ -119,17 +137,21 @@ def test_merge_and_reinit_keeps_outputs_redraws_A_zeroes_B_and_ranks_agree():
     # A second "rank": the same model built from the same seeds, merged independently.
     other = relora_ds.wrap(_debug_model(), rank=4, seed=7)
     relora_ds.merge_and_reinit(other)
-    for (n, l), (_, l2) in zip(relora_ds.relora_layers(model), relora_ds.relora_layers(other)):
-        assert not torch.equal(l.lora_A, old_A[n])
+    for (n, l), (_, l2) in zip(layers, relora_ds.relora_layers(other)):
+        assert int(l.merge_count) == 1
+        assert torch.equal(l.lora_A, _documented_A(7, n, 1, l.lora_A.shape)), n  # restart 1's draw...
+        assert not torch.equal(l.lora_A, initial_A[n]), n  # ...not the initial A drawn again
         assert torch.count_nonzero(l.lora_B) == 0
-        assert torch.equal(l.lora_A, l2.lora_A) and int(l.merge_count) == 1
+        assert torch.equal(l.lora_A, l2.lora_A)
         bound = 1 / l.in_features ** 0.5
         assert l.lora_A.abs().max() <= bound and l.lora_A.std() > bound / 3  # Kaiming-uniform(a=√5)
-    # Distinct layers and distinct restarts draw distinct A.
+    # Distinct layers and distinct restarts draw distinct A; the second merge draws restart 2's.
     a0 = model.model.layers[0].self_attn.q_proj.lora_A.clone()
     assert not torch.equal(a0, model.model.layers[1].self_attn.q_proj.lora_A)
     relora_ds.merge_and_reinit(model)
     assert not torch.equal(a0, model.model.layers[0].self_attn.q_proj.lora_A)
+    for n, l in layers:
+        assert int(l.merge_count) == 2 and torch.equal(l.lora_A, _documented_A(7, n, 2, l.lora_A.shape)), n
 
 
 def test_restarts_accumulate_rank():

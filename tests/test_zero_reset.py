@@ -7,9 +7,10 @@ from launch_utils import ROOT, run_deepspeed
 
 # 2off: CPU offload (fp32, and bf16 as ds_configs/zero2_offload.json ships it); 3t0: ZeRO-3 with
 # stage3_param_persistence_threshold 0, every parameter split across the ranks (the plain ZeRO-3 cases keep
-# this model's tensors whole, all below the default threshold 1e5). ~3 s a case after the launch.
+# this model's tensors whole, all below the default threshold 1e5); 2rnd: ZeRO-2 with the LoRA tensors in the
+# second param group, pruned `random`ly first with nothing relinked before. ~3 s a case after the launch.
 CASES = ["1:fp32", "2:fp32", "3:fp32", "1:bf16", "2:bf16", "3:bf16", "2off:fp32", "2off:bf16", "3t0:fp32",
-         "3t0:bf16"]
+         "3t0:bf16", "2rnd:fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,23 @@ def test_prune_equals_single_process_oracle(results, case):
         assert res["stats"] == pytest.approx(res["expected_stats"], abs=1e-12)
         assert res["stats"]["exp_avg_sq"] == pytest.approx(0.9, abs=1e-3)
         assert res["stats"]["exp_avg"] > res["stats"]["exp_avg_sq"]  # the masks differ: the union is tested
+
+
+def test_random_prune_of_a_second_param_group_equals_the_single_process_oracle(results):
+    """`random` pruning under ZeRO-2 draws each tensor's masks from its own documented seed (run seed +
+    1000003·index + moment) exactly as one process does, and relinks DeepSpeed's optimizer-state fragments
+    itself: the LoRA tensors sit in the second param group, whose fragments DeepSpeed 0.19 leaves empty, and
+    nothing relinked them before (oracles in tests/dist/zero_reset_worker.py: random_prune_without_relink).
+    Without that relink the prune fails on a rank holding an unlinked fragment while the other waits in a
+    collective: the worker run then fails as a whole (the launcher output names the error)."""
+    for r in results:
+        res = r["2rnd:fp32"]
+        assert res["lora_unlinked_before_prune"], "the case must start with the LoRA group unlinked"
+        assert res["random_prune_error"] is None, res["random_prune_error"]
+        assert res["random_prune_exact"], "random masks differ from the hand-written per-tensor seed derivation"
+        assert res["random_prune_single_process"], "ZeRO random pruning differs from the single-process path"
+        assert res["random_kept_nonzero"] > 0.99  # the moments were live: a wrong mask cannot hide among zeros
+        assert res["random_pruned_fraction"] == pytest.approx(0.5, abs=1e-3)
 
 
 @pytest.mark.parametrize("case", CASES)

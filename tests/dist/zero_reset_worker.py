@@ -4,7 +4,9 @@ Run by the deepspeed launcher; every check's outcome goes to a JSON file per ran
 The oracle for pruning is a sort-based mask on the gathered pre-reset moments (one process's view).
 A case is "STAGE[VARIANT]:DTYPE": VARIANT "off" offloads the optimizer to the CPU; "t0" (ZeRO-3) sets
 stage3_param_persistence_threshold 0, so that every parameter is really split across the ranks (the default
-threshold, 1e5, is above every tensor of this model, which then stays whole on each rank).
+threshold, 1e5, is above every tensor of this model, which then stays whole on each rank); "rnd" (ZeRO-1/2)
+puts the LoRA tensors in the second param group and first prunes them `random`ly without any relink by the
+test (see random_prune_without_relink), then runs the same checks as every case.
 """
 import argparse
 import hashlib
@@ -22,6 +24,8 @@ from relora_ds.distributed import init_distributed
 from relora_ds.relora import kaiming_uniform_A, reinit_seed
 from relora_ds.zero_reset import relink_optimizer_fragments
 
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
 
 def sort_mask(t, ratio):
     flat = t.reshape(-1).abs()
@@ -31,7 +35,7 @@ def sort_mask(t, ratio):
     return mask.view(t.shape)
 
 
-def build(stage, bf16, offload=False, persist0=False):
+def build(stage, bf16, offload=False, persist0=False, lora_second=False):
     torch.manual_seed(0)
     # intermediate 175 and rank 3: gate/up lora_B (175, 3) has an odd numel, not divisible by 2 ranks.
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=175, num_hidden_layers=2,
@@ -49,13 +53,74 @@ def build(stage, bf16, offload=False, persist0=False):
     # one LoRA tensor, which then straddles the two ranks.
     lora = relora_ds.lora_parameters(model)
     others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[{"params": lora}, {"params": others}],
+    groups = [{"params": lora}, {"params": others}]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups[::-1] if lora_second else groups,
                                       config=ds)
     return engine
 
 
-def run_case(stage, bf16, rank, offload=False, persist0=False):
-    engine = build(stage, bf16, offload, persist0)
+def random_prune_without_relink(engine, lora, seed=123, ratio=0.5):
+    """`random` pruning of LoRA tensors that sit in the second param group, called with nothing relinked before:
+    DeepSpeed 0.19 links optimizer-state fragments once, after the first group's first step, so the second
+    group's fragments are empty here and the prune must relink them itself.
+
+    Oracle: the documented per-tensor draw written out by hand: tensor i (in the order given) moment j
+    (exp_avg 0, exp_avg_sq 1) zeroes the first round(ratio * n) entries of torch.randperm(n) from a CPU
+    generator seeded seed + 1000003 * i + j, and exp_avg is also zeroed where exp_avg_sq is; applied to the
+    gathered pre-prune moments. Also the single-process path: relora_ds.prune_optimizer_state on a plain torch
+    AdamW holding the same moments. The pre-prune moments are read through the test's own relink afterwards,
+    by putting back a snapshot of the flat optimizer state (ZeRO-1/2: state of the flat fp32 partitions)."""
+    mapped = [p for p in lora if p._hp_mapping is not None]  # the LoRA tensors (partly) on this rank
+    res = {"lora_unlinked_before_prune": len(mapped) > 0 and all(
+        "exp_avg" not in (p._hp_mapping.optim_fragment or {}) for p in mapped)}
+    flat_states = [st for st in engine.optimizer.optimizer.state.values() if "exp_avg" in st]
+    snapshot = [{k: st[k].clone() for k in MOMENTS} for st in flat_states]
+    try:
+        relora_ds.prune_optimizer_state(engine, lora, "random", ratio, seed=seed)
+        res["random_prune_error"] = None
+    except Exception as e:  # shown in the launcher's output: a rank that fails here may desync the collectives
+        res["random_prune_error"] = f"{type(e).__name__}: {e}"
+        print(f"rank {dist.get_rank()}: random prune of the second param group failed: {e!r}", flush=True)
+    pruned = [{k: st[k].clone() for k in MOMENTS} for st in flat_states]
+    relink_optimizer_fragments(engine)
+    after = [{k: safe_get_full_optimizer_state(p, k).clone() for k in MOMENTS} for p in lora]
+    for st, snap in zip(flat_states, snapshot):
+        for k in MOMENTS:
+            st[k].copy_(snap[k])
+    before = [{k: safe_get_full_optimizer_state(p, k).clone() for k in MOMENTS} for p in lora]
+    for st, pr in zip(flat_states, pruned):
+        for k in MOMENTS:
+            st[k].copy_(pr[k])
+    exact = True
+    for i, (a, b) in enumerate(zip(after, before)):
+        masks = {}
+        for j, k in enumerate(MOMENTS):
+            n = b[k].numel()
+            g = torch.Generator(device="cpu").manual_seed(seed + 1000003 * i + j)
+            m = torch.zeros(n, dtype=torch.bool)
+            m[torch.randperm(n, generator=g)[:int(round(ratio * n))]] = True
+            masks[k] = m.view(b[k].shape)
+        masks["exp_avg"] = masks["exp_avg"] | masks["exp_avg_sq"]
+        exact &= all(torch.equal(a[k].cpu(), b[k].cpu().masked_fill(masks[k], 0.0)) for k in MOMENTS)
+    res["random_prune_exact"] = bool(exact)
+    # The single-process path on the same moments (what the trainer does without DeepSpeed).
+    params = [torch.nn.Parameter(torch.zeros(b["exp_avg"].shape)) for b in before]
+    opt = torch.optim.AdamW(params)
+    for q, b in zip(params, before):
+        opt.state[q] = {"step": torch.tensor(3.0), **{k: b[k].cpu().clone() for k in MOMENTS}}
+    relora_ds.prune_optimizer_state(opt, params, "random", ratio, seed=seed)
+    res["random_prune_single_process"] = all(torch.equal(a[k].cpu(), opt.state[q][k])
+                                             for a, q in zip(after, params) for k in MOMENTS)
+    # Not vacuous: the moments were non-zero where the masks keep them, and about half were zeroed.
+    res["random_pruned_fraction"] = sum(int((a["exp_avg_sq"] == 0).sum()) for a in after) / \
+        sum(a["exp_avg_sq"].numel() for a in after)
+    res["random_kept_nonzero"] = sum(int((b["exp_avg_sq"] != 0).sum()) for b in before) / \
+        sum(b["exp_avg_sq"].numel() for b in before)
+    return res
+
+
+def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_second=False):
+    engine = build(stage, bf16, offload, persist0, lora_second=random_lora_second)
     model = engine.module
     lora = relora_ds.lora_parameters(model)
     others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
@@ -77,6 +142,8 @@ def run_case(stage, bf16, rank, offload=False, persist0=False):
     # ZeRO-3: parameters not kept whole on every rank (ds_persist False): only these are really partitioned.
     res["split_params"] = sum(1 for p in model.parameters() if hasattr(p, "ds_id") and not p.ds_persist)
     res["odd_numel"] = sum(1 for p in lora if (p.ds_numel if hasattr(p, "ds_id") else p.numel()) % 2)
+    if random_lora_second:  # before anything here relinks the fragments
+        res.update(random_prune_without_relink(engine, lora))
     relink_optimizer_fragments(engine)  # lets the test read the second group's state (DeepSpeed linking bug)
     before = [{k: safe_get_full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")} for p in lora]
     others_before = [safe_get_full_optimizer_state(p, "exp_avg").clone() for p in others]
@@ -154,9 +221,9 @@ def main():
     out = {}
     for case in args.cases.split(","):
         stage, dtype = case.split(":")
-        assert stage[1:] in ("", "off", "t0"), case
+        assert stage[1:] in ("", "off", "t0", "rnd"), case
         out[case] = run_case(int(stage[0]), dtype == "bf16", rank, offload=stage.endswith("off"),
-                             persist0=stage.endswith("t0"))
+                             persist0=stage.endswith("t0"), random_lora_second=stage.endswith("rnd"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)
     dist.barrier()

@@ -7,21 +7,39 @@ DeepSpeed config for that world size with the trainer's own code, so the same ba
 one-home-per-value checks run, once, on the launching node: a bad recipe fails in seconds with one
 message instead of once per rank after every node has imported torch. It also checks what fails every
 rank at start-up: the model preset (or Hugging Face directory), a given data dir, target_modules, the LR
-schedule, the kernels setting, and an output_dir holding another run without --resume or --overwrite.
-Prints a summary on stderr and the resolved output directory on stdout (the sbatch scripts read it to
+schedule, the kernels setting, an output_dir holding another run without --resume or --overwrite, and
+with --resume whether the run can load its checkpoint (settings a resume cannot change, another model or
+tokenizer, a ZeRO stage or world-size change DeepSpeed cannot make). With DS_ACCELERATOR set (as
+scripts/setup_env.sh does), what the ranks will run on is known here too: kernels=triton without CUDA and
+fp16 on DeepSpeed's CPU accelerator are refused; without it the launching node may lack the compute nodes'
+GPUs, so those two are left to the ranks. Prints a summary on stderr and the resolved output directory on stdout (the sbatch scripts read it to
 find metrics.jsonl); exit 2 on error.
 """
+import contextlib
+import os
 import sys
+from pathlib import Path
 
-from relora_ds.data import load_manifest
+from relora_ds import checkpoint
+from relora_ds.data import builtin_data_dir, load_manifest
+from relora_ds.data.manifest import read_manifest_file
 from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
-from relora_ds.startup import (apply_kernels_setting, build_schedule, check_model_and_data, check_output_dir,
-                               total_steps_for)
+from relora_ds.startup import (apply_kernels_setting, build_schedule, check_kernels, check_model_and_data,
+                               check_output_dir, check_precision_on_device, total_steps_for)
 from relora_ds.train_config import (BUILTIN_VOCAB_SIZE, build_launch_parser, config_from_args,
                                    show_config_warnings_plainly)
 
 
 def main(argv=None) -> int:
+    # stdout carries the output dir alone (the sbatch scripts read it); DeepSpeed, imported on the way by the
+    # config checks, logs to stdout: its logger, created inside this block, writes to stderr instead.
+    with contextlib.redirect_stdout(sys.stderr):
+        out = _check(argv)
+    print(out)
+    return 0
+
+
+def _check(argv) -> str:
     show_config_warnings_plainly()
     parser = build_launch_parser(__doc__)  # exactly launch/train.py's flags, plus the world size
     parser.add_argument("--world-size", type=int, required=True, help="ranks the launcher will start")
@@ -34,9 +52,20 @@ def main(argv=None) -> int:
         ds = complete_ds_config(load_ds_config(args.deepspeed), cfg, args.world_size,
                                 source=f"--deepspeed {args.deepspeed}" if args.deepspeed else "default")
         vocab = load_manifest(cfg.data_dir)["vocab_size"] if cfg.data_dir else cfg.vocab_size or BUILTIN_VOCAB_SIZE
-        check_model_and_data(cfg, cfg.data_dir, vocab)
+        model_config, _ = check_model_and_data(cfg, cfg.data_dir, vocab)
         build_schedule(cfg, total_steps_for(cfg))
         apply_kernels_setting(cfg.kernels)
+        if os.environ.get("DS_ACCELERATOR"):  # what the ranks will run on (see above)
+            check_kernels(cfg, os.environ["DS_ACCELERATOR"] == "cuda")
+            from deepspeed.accelerator import get_accelerator
+            check_precision_on_device(ds, get_accelerator())
+        if cfg.resume:  # as the trainer plans it (the built-in corpus may not be prepared yet: no tokenizer check)
+            data_dir = Path(cfg.data_dir) if cfg.data_dir else builtin_data_dir(vocab)
+            manifest = read_manifest_file(data_dir)
+            cfg.vocab_size = vocab
+            checkpoint.plan_resume(Path(cfg.output_dir) / "checkpoints", model=model_config.to_dict(),
+                                   train=cfg.to_dict(), ds=ds, world=args.world_size, data_dir=data_dir,
+                                   tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     stage = zero_stage(ds)
@@ -44,8 +73,7 @@ def main(argv=None) -> int:
           f"{ds['gradient_accumulation_steps']} accumulation step(s) = global_batch_size {cfg.global_batch_size}; "
           f"model {cfg.hf_model or cfg.model}, ZeRO stage {stage}, {total_steps_for(cfg)} steps, data "
           f"{cfg.data_dir or 'the built-in demo corpus'}, output_dir {cfg.output_dir}", file=sys.stderr)
-    print(cfg.output_dir)
-    return 0
+    return cfg.output_dir
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ copies them in.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -54,6 +55,14 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def tag_step(tag: str) -> int:
+    """The training step a checkpoint tag (``step_N``) was saved at."""
+    prefix, _, number = tag.partition("_")
+    if prefix != "step" or not number.isdigit():
+        raise ValueError(f"checkpoint tag {tag!r} is not of the form step_N")
+    return int(number)
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, keep_last: int) -> Path:
     """Every rank calls this. Returns the checkpoint directory."""
     ckpt_dir = Path(ckpt_dir)
@@ -84,7 +93,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
 
 
 def _prune_old(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    tags = sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
+    tags = sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), key=lambda p: tag_step(p.name))
     for old in tags[:-keep_last] if keep_last > 0 else []:
         if old.name != keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -99,10 +108,10 @@ DEFAULTS_OF_OLDER_CHECKPOINTS = {"lowrank_schedule": "continue", "merge_residual
 
 
 def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: int, data_dir: Path,
-                tokenizer_sha256: str) -> dict | None:
+                tokenizer_sha256: str | None) -> dict | None:
     """What ``--resume`` will load from ``ckpt_dir`` into a run of ``model`` (its config dict) trained with
     ``train`` (the TrainConfig dict) and DeepSpeed config ``ds`` on ``world`` ranks, reading ``data_dir``
-    (tokenized by ``tokenizer_sha256``), checked before any engine exists: None without a checkpoint, else
+    (tokenized by ``tokenizer_sha256``; None: not known yet, not checked), checked before any engine exists: None without a checkpoint, else
     ``{"tag", "saved" (its config.json), "universal" (load through ds_to_universal), "stages" (saved, now)}``.
     A checkpoint this run cannot load is a ValueError saying what to do instead."""
     ckpt_dir = Path(ckpt_dir)
@@ -121,7 +130,7 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
     mismatch = {k: (v, saved["model"].get(k)) for k, v in model.items() if saved["model"].get(k) != v}
     if mismatch:
         raise ValueError(f"checkpoint {ckpt_dir / tag} is of another model: field (now, checkpoint): {mismatch}")
-    if saved.get("tokenizer_sha256") not in (None, tokenizer_sha256):
+    if tokenizer_sha256 is not None and saved.get("tokenizer_sha256") not in (None, tokenizer_sha256):
         raise ValueError(f"checkpoint {ckpt_dir / tag} was trained with tokenizer sha256 "
                          f"{saved['tokenizer_sha256'][:12]}..., but {data_dir} uses "
                          f"{tokenizer_sha256[:12]}...: resume on the data it was trained on")
@@ -186,19 +195,56 @@ def make_universal(ckpt_dir: Path, tag: str) -> str:
 
 
 def full_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the model saved in ``<ckpt_dir>/<tag>``, whole, on any world size: DeepSpeed's
-    zero_to_fp32 (fp32 masters of the trainable parameters; frozen parameters and buffers in their own
-    dtype), plus what it leaves out. DeepSpeed saves frozen-parameter fragments only where gradients are
-    partitioned (ZeRO-2/3), so at ZeRO-1 the frozen base weights come from the module states, which hold
-    them whole there (ZeRO-3 writes per-rank module states instead, and zero_to_fp32 has its frozen ones)."""
+    """Every tensor of the model saved in ``<ckpt_dir>/<tag>``, whole, on any world size, trainable
+    parameters as their fp32 masters, frozen parameters and buffers in their own dtype.
+
+    - Without ZeRO (stage 0): the module states are the whole model (fp32: stage 0 trains in fp32).
+    - DeepSpeed's bf16 optimizer (ZeRO-1 with fp32 gradient accumulation), which DeepSpeed's zero_to_fp32
+      cannot read: the module states, with each trainable parameter's fp32 master put together from the
+      ranks' partitions (:func:`_bf16_optimizer_masters`).
+    - ZeRO-1/2/3: DeepSpeed's zero_to_fp32, plus what it leaves out. DeepSpeed saves frozen-parameter
+      fragments only where gradients are partitioned (ZeRO-2/3), so at ZeRO-1 the frozen base weights come
+      from the module states, which hold them whole there (ZeRO-3 writes per-rank module states instead, and
+      zero_to_fp32 has its frozen ones)."""
+    src = Path(ckpt_dir) / tag
+    module_states = src / "mp_rank_00_model_states.pt"
+    module = (torch.load(module_states, map_location="cpu", weights_only=False)["module"]
+              if module_states.is_file() else {})
+    if not is_sharded(ckpt_dir, tag):
+        if not module:
+            raise FileNotFoundError(f"{src} holds neither ZeRO optimizer files nor {module_states.name}: "
+                                    "not a DeepSpeed checkpoint folder")
+        return dict(module)
+    if any(src.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        return {**module, **_bf16_optimizer_masters(src, {k: v.shape for k, v in module.items()})}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    module_states = Path(ckpt_dir) / tag / "mp_rank_00_model_states.pt"
-    if module_states.is_file():
-        module = torch.load(module_states, map_location="cpu", weights_only=False)["module"]
-        state.update({k: v for k, v in module.items() if k not in state})
+    state.update({k: v for k, v in module.items() if k not in state})
     return state
+
+
+def _bf16_optimizer_masters(src: Path, shapes: dict) -> dict[str, torch.Tensor]:
+    """The fp32 masters of DeepSpeed's bf16 optimizer, whole: each rank's file holds, per param group, its
+    contiguous partition of the group's flat fp32 buffer (``single_partition_of_fp32_groups``) and where
+    each parameter's piece lies in it (``param_slice_mappings``: name -> (numel, start)); a parameter that
+    straddles ranks has a piece in each, in rank order."""
+    files = sorted(src.glob("bf16_zero_pp_rank_*_optim_states.pt"),
+                   key=lambda f: int(f.name.split("_pp_rank_")[1].split("_")[0]))
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for f in files:
+        sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for flat, mapping in zip(sd["single_partition_of_fp32_groups"], sd["param_slice_mappings"]):
+            for name, address in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
+    out = {}
+    for name, parts in pieces.items():
+        full = torch.cat(parts)
+        if name not in shapes or full.numel() != math.prod(shapes[name]):
+            raise ValueError(f"{src}: the bf16 optimizer's pieces of {name} hold {full.numel()} values, the module "
+                             f"states' shape is {tuple(shapes.get(name, ()))}")
+        out[name] = full.view(shapes[name]).clone()
+    return out
 
 
 def _add_frozen_tensors(ckpt_dir: Path, tag: str, zero: Path) -> None:

@@ -118,6 +118,17 @@ def check_kernels(cfg: TrainConfig, cuda: bool) -> None:
                          "kernels auto, torch or reference")
 
 
+def check_precision_on_device(ds: dict, accelerator) -> None:
+    """fp16 on an accelerator DeepSpeed says has none (its CPU accelerator) fails inside engine creation, on
+    every rank, after the data and model are built: fail first, naming the alternatives. ``accelerator``:
+    DeepSpeed's ``get_accelerator()`` of the ranks."""
+    from .ds_config import uses_fp16
+    if uses_fp16(ds) and not accelerator.is_fp16_supported():
+        raise ValueError(f"fp16 (the DeepSpeed config's \"fp16\": {{\"enabled\": true}}) is not supported by "
+                         f"DeepSpeed's {accelerator.device_name()} accelerator, which this run uses: use bf16 or fp32 "
+                         "there (fp16 needs GPUs)")
+
+
 def check_data_use(cfg: TrainConfig, total_steps: int, train_windows: int, val_windows: int,
                    data: str) -> None:
     """Validation that cannot run is an error; reading the data many times over, or fewer validation

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import deepspeed
 import relora_kernels
+from deepspeed.accelerator import get_accelerator
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
@@ -38,7 +39,7 @@ from .model import LlamaForCausalLM
 from .prune import prune_optimizer_state
 from .relora import lora_parameters, relora_layers, wrap
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
-    check_output_dir, total_steps_for
+    check_output_dir, check_precision_on_device, total_steps_for
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import unshare_optimizer_steps
 
@@ -61,6 +62,7 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
+        check_precision_on_device(self.ds, get_accelerator())
         self.fp16 = uses_fp16(self.ds)
         # Without ZeRO and in fp32 DeepSpeed records no gradient norm: the trainer computes it (see below).
         self.own_grad_norm = zero_stage(self.ds) == 0 and not (uses_bf16(self.ds) or self.fp16)
@@ -95,7 +97,12 @@ class Trainer:
             self._clear_output_dir()
         self.step = 0
         self.engine = None
-        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
+        resume_step = None if not cfg.resume else (
+            0 if self.resume_plan is None else checkpoint.tag_step(self.resume_plan["tag"]))
+        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0, resume_step=resume_step)
+        if self.metrics.rewound:
+            self._print(f"resuming from step {resume_step}: the {self.metrics.rewound} metrics records the previous "
+                        f"run logged after it moved to {self.out / MetricsLogger.REWOUND}")
         # SIGTERM/SIGUSR1 (SLURM preemption or time limit): finish the step, checkpoint, exit cleanly.
         self._stop_signal = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -200,7 +207,7 @@ class Trainer:
             self._print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
             return False
         tag, saved, universal, stages = (self.resume_plan[k] for k in ("tag", "saved", "universal", "stages"))
-        step = int(tag.split("_")[1])
+        step = checkpoint.tag_step(tag)
         load_tag = tag
         if universal:
             self._print(f"checkpoint {self.ckpt_dir / tag} was written by {saved['world_size']} rank(s) with ZeRO "

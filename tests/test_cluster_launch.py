@@ -89,6 +89,34 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
         assert _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args, *ok).returncode == 0
 
 
+def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path):
+    """--resume of a checkpoint the run cannot load, and (with DS_ACCELERATOR naming the ranks' accelerator)
+    kernels=triton without CUDA and fp16 on DeepSpeed's CPU accelerator: the trainer refuses each on every
+    rank; preflight gates the SLURM jobs, so it must refuse them first (the messages are the trainer's)."""
+    import json
+    args = ["--config", "launch/configs/tiny.yaml", "--output-dir", str(tmp_path / "run")]
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "step_8").mkdir(parents=True)
+    (ckpt / "latest").write_text("step_8")
+    (ckpt / "step_8" / "config.json").write_text(json.dumps(
+        {"model": {}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}}, "tokenizer_sha256": None,
+         "train": {"mode": "relora", "rank": 16}}))  # tiny.yaml trains rank 32
+    proc = _run(sys.executable, "launch/preflight.py", "--world-size", "2", *args, "--resume")
+    assert proc.returncode == 2 and "settings a resume cannot change, field (now, checkpoint): {'rank': (32, 16)}" \
+        in proc.stderr, proc.stderr[-800:]
+    fp16 = tmp_path / "fp16.json"
+    fp16.write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}))
+    other = ["--config", "launch/configs/tiny.yaml", "--output-dir", str(tmp_path / "new")]
+    for extra, msg in ((["--kernels", "triton"], "kernels=triton (recipe, --kernels or RELORA_KERNELS) needs CUDA"),
+                       (["--deepspeed", fp16], "is not supported by DeepSpeed's cpu accelerator, which this run uses")):
+        proc = _run(sys.executable, "launch/preflight.py", "--world-size", "2", *other, *extra,
+                    env=_clean_env(DS_ACCELERATOR="cpu"))
+        assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-800:])
+        # Without DS_ACCELERATOR the launching node may not be a compute node: left to the ranks.
+        env = {k: v for k, v in _clean_env().items() if k != "DS_ACCELERATOR"}
+        assert _run(sys.executable, "launch/preflight.py", "--world-size", "2", *other, *extra, env=env).returncode == 0
+
+
 def test_hostfile_parse_errors():
     assert hostfile.parse_hostfile("# nodes\nn1 slots=8\n\nn2 slots=4  # half\n") == {"n1": 8, "n2": 4}
     for text, msg in [("n1 slots=8\nn1 slots=8\n", "hostfile:2: host 'n1' is listed twice"),

@@ -274,6 +274,53 @@ def test_other_zero_stages_train_through_switch_and_resets_then_export(tmp_path,
     assert all(__import__("torch").equal(offline[k], v) for k, v in hf.state_dict().items())
 
 
+def _export_equals_the_trainers(run_dir, tmp_path):
+    """launch/export.py on the checkpoints alone gives the weights the trainer exported from its live model."""
+    import torch
+    import transformers
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(run_dir / "checkpoints"), "--out",
+                           str(tmp_path / "exported")], capture_output=True, text=True, env=launch_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
+    live = transformers.LlamaForCausalLM.from_pretrained(run_dir / "hf").state_dict()
+    assert offline.keys() == live.keys() and all(torch.equal(offline[k], v) for k, v in live.items())
+
+
+def test_stage0_checkpoint_exports(tmp_path, small_data_dir):
+    """Without ZeRO (plain `python launch/train.py`) the module states are the whole model: export.py reads
+    them (DeepSpeed's zero_to_fp32, which it used for every checkpoint, finds no ZeRO files and crashed)."""
+    stage0 = tmp_path / "stage0.json"
+    stage0.write_text(json.dumps({"zero_optimization": {"stage": 0},
+                                  "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    _train1(tmp_path, small_data_dir, ds=stage0, total_steps=4, eval_every=0, global_batch_size=4, export=True)
+    assert not list((tmp_path / "run" / "checkpoints" / "step_4").glob("*optim_states.pt"))  # no ZeRO files
+    _export_equals_the_trainers(tmp_path / "run", tmp_path)
+
+
+def test_bf16_optimizer_checkpoint_exports_and_resumes_on_fewer_ranks(tmp_path, small_data_dir):
+    """ZeRO-1 with bf16 weights and fp32 gradient accumulation runs DeepSpeed's bf16 optimizer, whose
+    checkpoint files DeepSpeed's zero_to_fp32 cannot read: export.py gives the trainer's own export, and a
+    resume on one rank (through ds_to_universal) continues the two-rank run's losses."""
+    ds = tmp_path / "bf16opt.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
+                              "data_types": {"grad_accum_dtype": "fp32"},
+                              "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    recipe, _ = _write(tmp_path, small_data_dir, micro_batch_size=2, save_every=7, export=True)
+    run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
+    run = tmp_path / "run"
+    assert list((run / "checkpoints" / "step_12").glob("bf16_zero_pp_rank_*_optim_states.pt"))
+    _export_equals_the_trainers(run, tmp_path)
+    two_ranks, _ = _losses(run)
+    _rewind_to(run, "step_7")
+    proc = _train1(tmp_path, small_data_dir, "--resume", ds=ds, micro_batch_size=2, save_every=7)
+    assert "loading it as a DeepSpeed universal checkpoint" in proc.stdout + proc.stderr
+    resumed, recs = _losses(run)
+    assert sorted(resumed) == list(range(8, 13))
+    for step, loss in resumed.items():  # bf16 weights, another reduction order: close, not equal
+        assert loss == pytest.approx(two_ranks[step], rel=2e-3), step
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
+
+
 def test_torchrun_launcher(tmp_path, small_data_dir):
     recipe, ds = _write(tmp_path, small_data_dir, total_steps=4, warm_start_steps=0, cycle_length=2,
                         restart_warmup_steps=1, warmup_steps=1, eval_every=0)
@@ -417,3 +464,23 @@ def test_merge_every_and_cycle_length_place_merges_resets_and_prune_seeds(monkey
         assert calls.index(("merge", s)) < next(i for i, c in enumerate(calls) if c[:2] == ("prune", s))
     assert [(e["event"], e["step"]) for e in events] == sorted(
         [("reset", s) for s in resets] + [("merge", s) for s in merges if s not in resets], key=lambda e: e[1])
+
+
+def test_resume_moves_metrics_of_steps_it_trains_again_aside(tmp_path):
+    """A run that died after its last checkpoint (step 5) had logged steps 6-8 and half a line: the resumed
+    run trains 6-8 again, so metrics.jsonl keeps each step once (records up to 5, step-less records) and the
+    dropped records, the cut line too (no JSON reader could read past it), are kept in metrics.rewound.jsonl;
+    a resume without a checkpoint starts from 0."""
+    from relora_ds.metrics import MetricsLogger
+
+    lines = [json.dumps({"step": s, "loss": 10.0 - s}) for s in range(1, 9)] + [json.dumps({"event": "start"})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "lo')
+    m = MetricsLogger(tmp_path, enabled=True, resume_step=5)
+    m.log({"step": 6, "loss": 3.5})
+    m.close()
+    kept = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert kept == lines[:5] + [lines[8], json.dumps({"step": 6, "loss": 3.5})]
+    moved = (tmp_path / "metrics.rewound.jsonl").read_text().splitlines()
+    assert m.rewound == 4 and moved == lines[5:8] + ['{"step": 9, "lo']
+    assert MetricsLogger(tmp_path, enabled=True, resume_step=0).rewound == 6  # steps 1-5 and the new 6
+    assert MetricsLogger(tmp_path / "fresh", enabled=True, resume_step=3).rewound == 0

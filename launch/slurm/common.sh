@@ -2,7 +2,7 @@
 # job script, so they find this file through the submit directory (the repository root).
 #
 # Variables (sbatch passes the submitting shell's environment to the job):
-#   RECIPE        YAML recipe (default launch/configs/paper_130m.yaml)
+#   RECIPE        YAML recipe (default launch/configs/paper_250m.yaml)
 #   DS_CONFIG     DeepSpeed JSON (default ds_configs/zero2.json)
 #   OUTPUT_DIR    run directory; default: the recipe's output_dir
 #   TRAIN_ARGS    more launch/train.py flags, split on spaces
@@ -34,7 +34,7 @@ prepare_training() {
     local world=$1 extra=()
     world_size=$world
     PYTHON=${PYTHON:-python}
-    train_args=(--config "${RECIPE:-launch/configs/paper_130m.yaml}" --deepspeed "${DS_CONFIG:-ds_configs/zero2.json}"
+    train_args=(--config "${RECIPE:-launch/configs/paper_250m.yaml}" --deepspeed "${DS_CONFIG:-ds_configs/zero2.json}"
                 --resume)
     [[ -z "${OUTPUT_DIR:-}" ]] || train_args+=(--output-dir "$OUTPUT_DIR")
     read -r -a extra <<< "${TRAIN_ARGS:-}"

@@ -210,3 +210,88 @@ def test_builtin_data_dir_is_per_vocab_under_the_cache_root(tmp_path, monkeypatc
     assert str(builtin_data_dir(32000)) == os.path.expanduser("~/.cache/relora_ds/builtin-vocab32000")
     with pytest.raises(ValueError, match="vocab_size=0 must be a positive int"):
         builtin_data_dir(0)
+
+
+def _packed_dir(path, tokens, dtype):
+    """A prepared data dir written by hand: a train split holding `tokens`, an empty validation split."""
+    import hashlib
+
+    from relora_ds.data.manifest import FORMAT
+
+    path.mkdir()
+    np.asarray(tokens, dtype=dtype).tofile(path / "train.bin")
+    (path / "validation.bin").write_bytes(b"")
+    (path / "tokenizer.model").write_bytes(b"stand-in")
+    (path / "manifest.json").write_text(json.dumps({
+        "format": FORMAT, "dtype": dtype, "vocab_size": int(max(tokens)) + 1, "bos_id": 1, "eos_id": 2,
+        "tokenizer_path": "tokenizer.model", "tokenizer_sha256": hashlib.sha256(b"stand-in").hexdigest(),
+        "splits": {"train": {"path": "train.bin", "tokens": len(tokens), "documents": 1},
+                   "validation": {"path": "validation.bin", "tokens": 0, "documents": 0}}}))
+    return path
+
+
+def test_windows_of_a_split_that_is_a_whole_number_of_windows(tmp_path):
+    """32 tokens 0..31 at seq_len 8: windows [0..8], [8..16], [16..24]; a 4th would need token 32."""
+    ds = PackedTokens(_packed_dir(tmp_path / "d", np.arange(32), "uint16"), "train", seq_len=8)
+    assert len(ds) == 3
+    assert [ds[i].tolist() for i in range(3)] == [list(range(8 * i, 8 * i + 9)) for i in range(3)]
+    assert ds.get_batch([2, 0]).tolist() == [list(range(16, 25)), list(range(0, 9))]
+    with pytest.raises(IndexError):
+        ds[3]
+    with pytest.raises(IndexError):
+        ds.get_batch([3])
+
+
+def test_token_dtype_boundary_and_uint32_splits(tmp_path):
+    """uint16 holds ids 0..65535, i.e. vocabularies up to 65536; a uint32 split is intact at 4 bytes a token."""
+    from relora_ds.data.manifest import files_intact, read_manifest_file, token_dtype
+
+    assert (token_dtype(65536), token_dtype(65537), token_dtype(32000)) == ("uint16", "uint32", "uint16")
+    d = _packed_dir(tmp_path / "d", [0, 65535, 65536, 100_000, 7], "uint32")
+    assert files_intact(d, read_manifest_file(d))  # else every re-run of prepare_data re-tokenizes
+    assert PackedTokens(d, "train", seq_len=2)[1].tolist() == [65536, 100_000, 7]
+    (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:-2])
+    assert not files_intact(d, read_manifest_file(d))
+
+
+def test_changed_recipe_fields_and_a_replaced_tokenizer_re_prepare(builtin_dir, tmp_path):
+    """A re-run is a no-op only for the same recipe and intact files: changing max_docs or
+    tokenizer_train_chars, or the bytes of a given tokenizer at the same path, or the dir's own
+    tokenizer.model, re-prepares (checked against hashes and counts computed here)."""
+    import hashlib
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"record {i}: " + "alpha beta gamma " * (i % 13)}) + "\n"
+                              for i in range(200)))
+    sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    out = tmp_path / "out"
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0)
+    first_tokenizer = sha(out / "tokenizer.model")
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0, max_docs=50)
+    assert load_manifest(out)["splits"]["train"]["documents"] == 50
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0, max_docs=50, tokenizer_train_chars=300)
+    assert sha(out / "tokenizer.model") != first_tokenizer
+    assert load_manifest(out)["config"]["tokenizer_train_chars"] == 300
+    # The dir's tokenizer.model replaced: the data no longer matches it, so it is prepared again.
+    (out / "tokenizer.model").write_bytes((builtin_dir / "tokenizer.model").read_bytes())
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0, max_docs=50, tokenizer_train_chars=300)
+    assert sha(out / "tokenizer.model") == load_manifest(out)["tokenizer_sha256"] != sha(builtin_dir / "tokenizer.model")
+    # A given tokenizer rewritten in place: its bytes, not its path, decide.
+    given, out2 = tmp_path / "given.model", tmp_path / "out2"
+    given.write_bytes((builtin_dir / "tokenizer.model").read_bytes())
+    prepare_data([str(corpus)], out2, tokenizer=str(given), val_fraction=0.0)
+    given.write_bytes((out / "tokenizer.model").read_bytes())
+    prepare_data([str(corpus)], out2, tokenizer=str(given), val_fraction=0.0)
+    assert load_manifest(out2)["tokenizer_sha256"] == sha(given) == sha(out2 / "tokenizer.model")
+    assert load_manifest(out2)["vocab_size"] == 300
+
+
+def test_trained_tokenizer_splits_digits(builtin_dir):
+    """LLaMA's recipe: every digit is its own piece (the built-in corpus is full of years, which a BPE
+    without split_digits merges)."""
+    sp = load_tokenizer(load_manifest(builtin_dir)["tokenizer_path"])
+    pieces = sp.encode("In 1998, 2024 and 1066 AD: 31415 apples", out_type=str)
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("1998" "2024" "1066" "31415")
+    merged = [sp.id_to_piece(i) for i in range(sp.vocab_size()) if not (sp.is_byte(i) or sp.is_control(i))
+              and any(c.isdigit() for c in sp.id_to_piece(i)) and len(sp.id_to_piece(i).strip("▁")) > 1]
+    assert merged == []

@@ -205,3 +205,28 @@ def test_values_deepspeed_would_drop_or_read_differently():
         check_deepspeed_keys({"data_types": {"grad_acum_dtype": "fp32"}})
     with pytest.raises(ValueError, match=r"tensorboard: key 'output' is unknown; did you mean 'output_path'"):
         check_deepspeed_keys({"tensorboard": {"enabled": True, "output": "tb"}})
+
+
+def test_completed_config_carries_every_recipe_value():
+    """Each recipe value lands in its DeepSpeed key (hand-written expectations), the batch split included:
+    gradient_accumulation_steps = global / (micro x world)."""
+    cfg = TrainConfig(**{**BASE, "micro_batch_size": 1, "global_batch_size": 12}, lr=3e-4, adam_beta1=0.8,
+                      adam_beta2=0.95, adam_eps=1e-6, weight_decay=0.05, grad_clip=0.5)
+    for world, accumulation in ((1, 12), (2, 6), (3, 4), (12, 1)):
+        ds = complete_ds_config({"zero_optimization": {"stage": 1}}, cfg, world_size=world)
+        assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+                ds["train_batch_size"]) == (1, accumulation, 12)
+        assert ds["optimizer"] == {"type": "AdamW", "params": {"torch_adam": True, "lr": 3e-4, "betas": [0.8, 0.95],
+                                                              "eps": 1e-6, "weight_decay": 0.05}}
+        assert ds["gradient_clipping"] == 0.5
+
+
+@pytest.mark.parametrize("ds, key", [
+    ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu"),
+    ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95]}}}, "optimizer.params.betas"),
+    ({"optimizer": {"type": "AdamW", "params": {"eps": 1e-6}}}, "optimizer.params.eps"),
+    ({"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1}}}, "optimizer.params.weight_decay"),
+])
+def test_a_recipe_value_in_the_json_is_an_error_not_overwritten(ds, key):
+    with pytest.raises(ValueError, match=rf"sets \['{key}'\], which the recipe also sets"):
+        complete_ds_config(ds, TrainConfig(**BASE), world_size=2)

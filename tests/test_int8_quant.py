@@ -283,3 +283,47 @@ def test_int8_torch_path_matches_twin(monkeypatch, dtype):
     y_drop = rk.int8_lora_linear(x, q, s, A, B, 0.5, bias, dropout_p=0.2, generator=gen())
     assert calls == [1] and torch.equal(y_drop, rk.int8_lora_linear_reference(x, q, s, A, B, 0.5, bias, 0.2,
                                                                               True, gen()))
+
+
+def _absmax_by_hand(w):
+    """Per-row absmax int8 with a bf16 scale, rounding half up, and the residual's next 8 bits (254 per step)."""
+    scale = (w.abs().amax(1) / 127).to(torch.bfloat16).float()
+    v = w / scale[:, None]
+    q = torch.floor(v + 0.5).clamp(-127, 127)
+    return q, scale, torch.floor((v - q) * 254 + 0.5).clamp(-127, 127)
+
+
+def test_int8_layer_load_keeps_the_initial_rounding_error_for_its_merges():
+    """load_base_ stores W0's own rounding error in the residual, so merged weights track W0 + Σ s·B·A (the
+    true weight, in fp64 here) within one rounding, not the int8 rounding of W0 plus one more per merge."""
+    g = torch.Generator().manual_seed(5)
+    W0 = torch.randn(48, 96, generator=g) * 0.02
+    layer = relora_ds.ReLoRALinear(96, 48, 4, quantize="int8")
+    layer.load_base_(W0)
+    q, scale, res = _absmax_by_hand(W0)
+    assert torch.equal(layer.weight_q.float(), q) and torch.equal(layer.weight_scale.float(), scale)
+    assert torch.equal(layer.weight_residual.float(), res)
+    exact = W0.double()
+    for _ in range(4):
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.05, generator=g)
+        exact += layer.scale * (layer.lora_B.double() @ layer.lora_A.double())
+        layer.merge_()
+        q1, s1, _ = _absmax_by_hand(exact.float())
+        assert rel(layer.base_weight(), exact) <= 1.05 * rel(q1 * s1[:, None], exact)
+
+
+def test_quantizer_rounds_ties_half_up_like_the_kernels():
+    # absmax 127/128 makes the bf16 scale exactly 2^-7, so these are exact ties in units of the step
+    w = torch.tensor([[127.0, 0.5, 2.5, -0.5, -1.5, -2.5]]) / 128
+    q, s, _ = rk.int8_quantize_reference(w)
+    assert s.item() == 2.0 ** -7
+    assert q.tolist() == [[127, 1, 3, 0, -1, -2]]
+
+
+def test_device_bytes_are_the_int8_layers_device_tensors():
+    assert quant.device_bytes(40, 96, None) == 2 * 40 * 96
+    assert quant.device_bytes(40, 96, "int8") == 40 * 96 + 2 * 40  # int8 weight + one bf16 scale per row
+    layer = relora_ds.ReLoRALinear(96, 40, 4, quantize="int8")
+    on_device = sum(t.numel() * t.element_size() for t in (layer.weight_q, layer.weight_scale))
+    assert quant.device_bytes(40, 96, "int8") == on_device

@@ -171,3 +171,77 @@ def test_rope_frequencies_survive_a_cast_to_bf16():
     model.to(torch.bfloat16)
     after = model.model.rotary_emb(2048, torch.device("cpu"), torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def _randomize_norms(model):
+    """Trained RMSNorm weights: fresh ones are all 1, which hides a norm applied in the wrong place."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+
+
+def test_export_carries_rope_theta_eps_and_trained_norms(tmp_path):
+    """Non-default rope_theta and rms_norm_eps (the debug preset's defaults equal transformers' own, so a value
+    left out of config.json went unnoticed) and non-unit norm weights, against transformers (the oracle)."""
+    torch.manual_seed(4)
+    cfg = LlamaConfig.preset("debug", rope_theta=5000.0, rms_norm_eps=1e-3)
+    model = LlamaForCausalLM(cfg).eval()
+    _randomize_norms(model)
+    relora_ds.export_hf(model, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["rope_theta"], written["rms_norm_eps"]) == (5000.0, 1e-3)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 37))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_load_hf_reads_eps_and_trained_norms(tmp_path):
+    torch.manual_seed(5)
+    cfg = LlamaConfig.preset("debug", rms_norm_eps=1e-3)
+    hf = transformers.LlamaForCausalLM(_hf_config(cfg)).eval()
+    _randomize_norms(hf)
+    hf.save_pretrained(tmp_path)
+    ours = relora_ds.load_hf(tmp_path).eval()
+    assert ours.config.rms_norm_eps == 1e-3
+    x = torch.randint(0, cfg.vocab_size, (2, 29))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_export_in_bf16_casts_every_tensor_and_records_the_dtype(tmp_path):
+    """export_hf(dtype=bf16): each ReLoRA weight is W + s·B·A summed in fp32 (written out here) and cast once;
+    every other tensor is cast too; config.json says bfloat16, so transformers loads it as bf16."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(6)
+    model = relora_ds.wrap(LlamaForCausalLM(LlamaConfig.preset("debug")), rank=4)
+    with torch.no_grad():
+        for p in relora_ds.lora_parameters(model):
+            p.normal_(0, 0.1)
+    relora_ds.export_hf(model, tmp_path, dtype=torch.bfloat16)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    layer = model.model.layers[1].mlp.down_proj
+    want = (layer.weight.float() + layer.scale * (layer.lora_B.float() @ layer.lora_A.float())).to(torch.bfloat16)
+    assert torch.equal(state["model.layers.1.mlp.down_proj.weight"], want)
+    assert torch.equal(state["model.embed_tokens.weight"], model.model.embed_tokens.weight.to(torch.bfloat16))
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype="auto")
+    assert hf.dtype == torch.bfloat16
+
+
+def test_rmsnorm_is_transformers_bitwise_in_bf16():
+    """The normalized input is cast to bf16 before the bf16 weight multiplies it, as in LlamaRMSNorm."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from relora_ds.model import RMSNorm
+
+    g = torch.Generator().manual_seed(7)
+    ours, theirs = RMSNorm(64, 1e-6).bfloat16(), LlamaRMSNorm(64, eps=1e-6).bfloat16()
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(64, generator=g) + 0.5)
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(4, 9, 64, generator=g).bfloat16()
+    assert torch.equal(ours(x), theirs(x))

@@ -130,3 +130,15 @@ def test_trainer_schedule_after_a_warm_start_matches_the_reference(lowrank_sched
 
 def _cos_at(step, *, total, warmup):
     return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def test_lr_is_held_at_the_floor_after_total_steps_and_no_warmup_starts_at_the_peak():
+    for fn in (cosine_with_warmup, linear_with_warmup):
+        assert fn(1000, total_steps=1000, warmup_steps=100, min_lr_ratio=0.25) == pytest.approx(0.25)
+        assert fn(1500, total_steps=1000, warmup_steps=100, min_lr_ratio=0.25) == pytest.approx(0.25)  # held
+        assert fn(0, total_steps=100, warmup_steps=0) == 1.0  # no warmup: the peak from the first step
+        assert fn(99, total_steps=1000, warmup_steps=100) == pytest.approx(0.99)
+        assert fn(100, total_steps=1000, warmup_steps=100) == 1.0  # the warmup ends exactly at the peak
+        with pytest.raises(ValueError, match=r"warmup_steps=100 must be in \[0, total_steps=100\)"):
+            fn(0, total_steps=100, warmup_steps=100)
+    assert jagged_cosine(1100, **KW) == pytest.approx(0.1)  # past the end (1100 = 3 x 300 + 200: no re-warmup)

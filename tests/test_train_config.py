@@ -186,3 +186,38 @@ def test_settings_a_mode_does_not_use_are_named():
         TrainConfig(**{**BASE, "restart_warmup_steps": 100})
     with pytest.raises(ValueError, match="give resume or overwrite, not both"):
         TrainConfig(**BASE, resume=True, overwrite=True)
+
+
+def test_boundary_values_are_accepted():
+    """The closed ends of each range: a cosine down to 0 or held flat, no pruning or a full reset."""
+    for kw in (dict(min_lr_ratio=0.0), dict(min_lr_ratio=1.0), dict(prune_ratio=0.0), dict(prune_ratio=1.0),
+               dict(dropout=0.0), dict(warmup_steps=0, restart_warmup_steps=0), dict(grad_clip=0.0),
+               dict(merge_every=10), dict(merge_every=1)):
+        cfg = TrainConfig(**{**BASE, **kw})
+        assert all(getattr(cfg, k) == v for k, v in kw.items())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(micro_batch_size=0), "micro_batch_size=0 must be positive"),
+    (dict(global_batch_size=0), "global_batch_size=0 must be positive"),
+    (dict(seq_len=0), "seq_len=0 must be positive"),
+    (dict(rank=0), "rank=0 must be positive"),
+    (dict(merge_every=0), "merge_every=0 must be a positive divisor of cycle_length=10"),
+    (dict(min_lr_ratio=-0.1), r"min_lr_ratio=-0.1 must be in \[0, 1\]"),
+    (dict(prune_ratio=-0.1), r"prune_ratio=-0.1 must be in \[0, 1\]"),
+])
+def test_zero_and_negative_values_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{**BASE, **kw})
+
+
+def test_token_budget_sets_total_steps_rounded_up():
+    """total_steps = ceil(token_budget / (global_batch_size x seq_len)): 8 sequences of 4 predicted tokens
+    (windows of 5) are 32 tokens per optimizer step."""
+    from relora_ds.startup import total_steps_for
+
+    kw = {**BASE, "total_steps": None, "seq_len": 4}
+    assert total_steps_for(TrainConfig(**kw, token_budget=320)) == 10
+    assert total_steps_for(TrainConfig(**kw, token_budget=321)) == 11
+    assert total_steps_for(TrainConfig(**kw, token_budget=1)) == 1
+    assert total_steps_for(TrainConfig(**{**BASE, "seq_len": 4})) == 100  # total_steps given: used as is

@@ -322,17 +322,20 @@ def print_table(rows):
 
 
 class RowSink(list):
-    """The rows of a run, each also appended to ``path`` (with ``stamp``) the moment it is made: a run killed
-    at its time limit (the one scarce GPU call) keeps every row it measured."""
+    """The rows of a run, appended to what ``path`` already holds (CSV, or a JSON list for ``.json``) and
+    written out with ``stamp`` the moment each is made: a run killed at its time limit (the one scarce GPU
+    call) keeps every row it measured. Each write replaces the file whole (a temporary file renamed over
+    it, so a kill mid-write leaves the previous version), and a CSV's header is the union of every row's
+    keys, so rows of different kinds (kernels, drift, memory) keep their columns."""
 
     def __init__(self, path: Path, stamp: dict | None = None):
         super().__init__()
-        self.path, self.stamp = path, stamp or {}
+        self.path, self.stamp = Path(path), stamp or {}
+        self.previous = read_rows(self.path)
 
     def append(self, row):
-        row = {**row, **self.stamp}
-        super().append(row)
-        write_rows([row], self.path)
+        super().append({**row, **self.stamp})
+        write_rows(self.previous + list(self), self.path)
 
     def extend(self, rows):
         for row in rows:
@@ -343,18 +346,28 @@ class RowSink(list):
         return self
 
 
-def write_rows(rows, path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
     if path.suffix == ".json":
-        old = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(old + rows, indent=1))
-        return
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else [])
-        if new:
+        return json.loads(path.read_text())
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """``rows`` as the whole content of ``path`` (CSV, or JSON for ``.json``), replaced atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".json":
+        tmp.write_text(json.dumps(rows, indent=1))
+    else:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
-        writer.writerows(rows)
+            writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

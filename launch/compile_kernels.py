@@ -65,20 +65,21 @@ class _HopperStandIn:
 @contextlib.contextmanager
 def compile_only_for_hopper(records: list):
     """Inside: relora_kernels launches compile for sm_90 and append (kernel, config, shared bytes) to
-    ``records`` instead of running. Not thread-safe; restores everything on exit."""
-    os.environ.pop("TRITON_INTERPRET", None)
+    ``records`` instead of running. Not thread-safe; restores everything on exit, errors included."""
     import triton
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
-    from relora_kernels import _runtime
-    saved_env = {k: os.environ.get(k) for k in ("RELORA_KERNELS", "RELORA_KERNELS_POISON", "RELORA_DETERMINISTIC")}
-    os.environ["RELORA_KERNELS"] = "triton"
-    for k in ("RELORA_KERNELS_POISON", "RELORA_DETERMINISTIC"):
-        os.environ.pop(k, None)
+    from relora_kernels import _runtime, matmul, matmul_tma
+    # TRITON_INTERPRET off: triton.jit decides compiled vs interpreted from it when our launchers re-wrap a
+    # kernel (_runtime.for_current_mode).
+    env_keys = ("TRITON_INTERPRET", "RELORA_KERNELS", "RELORA_KERNELS_POISON", "RELORA_DETERMINISTIC")
+    saved_env = {k: os.environ.get(k) for k in env_keys}
     patches = [(_runtime, "interpreting", lambda: False), (_runtime, "check_device", lambda tensor: None),
                (_runtime, "target_programs", lambda device: 2 * SM_COUNT),
                (_runtime, "shared_memory_limit", lambda: HOPPER_SHARED_MEMORY)]
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+    previous_driver = getattr(driver, "_active", None)  # None: Triton creates its default when next asked
     real_run = JITFunction.run
     compiled = []
 
@@ -89,13 +90,14 @@ def compile_only_for_hopper(records: list):
         records.append(dict(kernel=self.fn.__name__, config=config, shared=kernel.metadata.shared))
         return kernel
 
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-    previous_driver = getattr(driver, "_active", None)  # None: Triton creates its default when next asked
-    driver.set_active(_HopperStandIn())
-    JITFunction.run = run
-    for obj, name, value in patches:
-        setattr(obj, name, value)
     try:
+        for k in env_keys:
+            os.environ.pop(k, None)
+        os.environ["RELORA_KERNELS"] = "triton"
+        driver.set_active(_HopperStandIn())
+        JITFunction.run = run
+        for obj, name, value in patches:
+            setattr(obj, name, value)
         yield triton
     finally:
         for obj, name, value in saved:
@@ -106,7 +108,6 @@ def compile_only_for_hopper(records: list):
         # binders hold its target, and the autotuners' choices came from ties, not timings.
         for fn in compiled:
             getattr(fn, "device_caches", {}).clear()
-        from relora_kernels import matmul, matmul_tma
         matmul._AUTOTUNED.clear()
         matmul_tma._AUTOTUNED.clear()
         for k, v in saved_env.items():

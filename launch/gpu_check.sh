@@ -6,7 +6,8 @@
 # candidates (bench), the int8 ratio (int8), compiled correctness (tests, 150 s at most: the int8 and kernel
 # cases, one line per test, no stop at the first failure; bench also records each fused row's error against
 # the torch reference), whole training steps (e2e), the chunked loss (loss), the config sweep (tune).
-# Stage times (estimates): bench ~90 s, int8 ~60 s, tests ~170 s, e2e ~120 s, loss ~120 s, tune ~200 s.
+# Stage times (estimates): bench ~90 s, int8 ~60 s, tests ~170 s (cut at 150 s: the int8 cases and the
+# candidates' come first), e2e ~120 s, loss ~120 s, tune ~200 s.
 # The benchmarks write each row the moment it is measured, so a stage cut at its limit keeps its rows.
 # A task lent a GPU gets 15 minutes of device time in all, machine start included, and one call may run
 # 600 s: with GPU_CHECK_BUDGET (seconds) each stage is cut to what is left and skipped once less than 45 s

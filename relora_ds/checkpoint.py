@@ -15,7 +15,6 @@ copies them in.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -195,13 +194,14 @@ def make_universal(ckpt_dir: Path, tag: str) -> str:
 
 
 def full_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the model saved in ``<ckpt_dir>/<tag>``, whole, on any world size, trainable
+    """Every tensor of the model saved in ``<ckpt_dir>/<tag>``, whole, on any world size: trainable
     parameters as their fp32 masters, frozen parameters and buffers in their own dtype.
 
-    - Without ZeRO (stage 0): the module states are the whole model (fp32: stage 0 trains in fp32).
-    - DeepSpeed's bf16 optimizer (ZeRO-1 with fp32 gradient accumulation), which DeepSpeed's zero_to_fp32
-      cannot read: the module states, with each trainable parameter's fp32 master put together from the
-      ranks' partitions (:func:`_bf16_optimizer_masters`).
+    - Without ZeRO (stage 0): the module states, which hold the whole model -- in fp32, or for a
+      ``mode: full`` run in bf16/fp16 at stage 0, in that dtype (its fp32 masters are not read).
+    - DeepSpeed's bf16 optimizer (ZeRO-1 with bf16 weights and fp32 gradient accumulation), whose files
+      DeepSpeed's zero_to_fp32 cannot read: the module states, with the fp32 masters put together from the
+      ranks' partitions (:func:`relora_ds.zero_reset.bf16_optimizer_masters`).
     - ZeRO-1/2/3: DeepSpeed's zero_to_fp32, plus what it leaves out. DeepSpeed saves frozen-parameter
       fragments only where gradients are partitioned (ZeRO-2/3), so at ZeRO-1 the frozen base weights come
       from the module states, which hold them whole there (ZeRO-3 writes per-rank module states instead, and
@@ -215,36 +215,16 @@ def full_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"{src} holds neither ZeRO optimizer files nor {module_states.name}: "
                                     "not a DeepSpeed checkpoint folder")
         return dict(module)
-    if any(src.glob("bf16_zero_pp_rank_*_optim_states.pt")):
-        return {**module, **_bf16_optimizer_masters(src, {k: v.shape for k, v in module.items()})}
+    from .zero_reset import bf16_optimizer_masters
+
+    masters = bf16_optimizer_masters(src, {k: v.shape for k, v in module.items()})
+    if masters is not None:
+        return {**module, **masters}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     state.update({k: v for k, v in module.items() if k not in state})
     return state
-
-
-def _bf16_optimizer_masters(src: Path, shapes: dict) -> dict[str, torch.Tensor]:
-    """The fp32 masters of DeepSpeed's bf16 optimizer, whole: each rank's file holds, per param group, its
-    contiguous partition of the group's flat fp32 buffer (``single_partition_of_fp32_groups``) and where
-    each parameter's piece lies in it (``param_slice_mappings``: name -> (numel, start)); a parameter that
-    straddles ranks has a piece in each, in rank order."""
-    files = sorted(src.glob("bf16_zero_pp_rank_*_optim_states.pt"),
-                   key=lambda f: int(f.name.split("_pp_rank_")[1].split("_")[0]))
-    pieces: dict[str, list[torch.Tensor]] = {}
-    for f in files:
-        sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        for flat, mapping in zip(sd["single_partition_of_fp32_groups"], sd["param_slice_mappings"]):
-            for name, address in mapping.items():
-                pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
-    out = {}
-    for name, parts in pieces.items():
-        full = torch.cat(parts)
-        if name not in shapes or full.numel() != math.prod(shapes[name]):
-            raise ValueError(f"{src}: the bf16 optimizer's pieces of {name} hold {full.numel()} values, the module "
-                             f"states' shape is {tuple(shapes.get(name, ()))}")
-        out[name] = full.view(shapes[name]).clone()
-    return out
 
 
 def _add_frozen_tensors(ckpt_dir: Path, tag: str, zero: Path) -> None:

@@ -31,9 +31,11 @@ def release_shm_segment() -> Path | None:
     any name disappears; a rank still in ``shm_initialize`` would otherwise wait forever for it)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() < 2:
-        return None  # DeepSpeed creates no segment for a single process (LOCAL_SIZE == 1 maps nothing shared)
-    dist.barrier()
+    if not dist.is_initialized():
+        return None
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    # A single process too: started by the deepspeed launcher (--num_gpus 1) it creates its segment as well.
     path = shm_segment_path(dist.get_rank())
     try:
         path.unlink()

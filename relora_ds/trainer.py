@@ -113,7 +113,7 @@ class Trainer:
         if self.rank == 0:
             for name in ("checkpoints", "tensorboard", "hf"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "curves.png"):
+            for name in ("metrics.jsonl", MetricsLogger.REWOUND, "curves.png"):
                 (self.out / name).unlink(missing_ok=True)
         dist.barrier()
 

@@ -16,7 +16,9 @@ else talks to the engine through its public API. Facts it relies on (DeepSpeed 0
 """
 from __future__ import annotations
 
+import math
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -189,3 +191,35 @@ def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed
     stats = {key: zeroed[key] / max(1, total) for key in MOMENT_KEYS}
     stats.update(prune_seconds=time.perf_counter() - start, prune_comm_bytes=comm_bytes)
     return stats
+
+
+def bf16_optimizer_masters(src: Path, shapes: dict) -> dict[str, torch.Tensor] | None:
+    """The fp32 masters saved by DeepSpeed's bf16 optimizer (BF16_Optimizer: ZeRO-1, bf16 weights, fp32
+    gradient accumulation) in checkpoint folder ``src``, whole; ``shapes``: each parameter's shape (the
+    module states'). None when ``src`` holds another optimizer's files: DeepSpeed names every bf16 ZeRO
+    checkpoint ``bf16_zero_pp_rank_*``, ZeRO-1/2/3 included, and those its zero_to_fp32 reads.
+
+    Each rank's file holds, per param group, its contiguous partition of the group's flat fp32 buffer
+    (``single_partition_of_fp32_groups``) and where each parameter's piece lies in it
+    (``param_slice_mappings``: name -> (numel, start in the partition)); a parameter that straddles ranks
+    has a piece in each, in rank order; padding only ends a partition."""
+    files = sorted(Path(src).glob("bf16_zero_pp_rank_*_optim_states.pt"),
+                   key=lambda f: int(f.name.split("_pp_rank_")[1].split("_")[0]))
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for f in files:
+        sd = torch.load(f, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+        if "param_slice_mappings" not in sd or "single_partition_of_fp32_groups" not in sd:
+            return None
+        for flat, mapping in zip(sd["single_partition_of_fp32_groups"], sd["param_slice_mappings"]):
+            for name, address in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
+    if not pieces:
+        return None
+    out = {}
+    for name, parts in pieces.items():
+        full = torch.cat(parts)
+        if name not in shapes or full.numel() != math.prod(shapes[name]):
+            raise ValueError(f"{src}: the bf16 optimizer's pieces of {name} hold {full.numel()} values, the "
+                             f"module states' shape is {tuple(shapes.get(name, ()))}")
+        out[name] = full.view(shapes[name]).clone()
+    return out

@@ -107,14 +107,19 @@ def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path):
     fp16 = tmp_path / "fp16.json"
     fp16.write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}))
     other = ["--config", "launch/configs/tiny.yaml", "--output-dir", str(tmp_path / "new")]
+    # DeepSpeed's CPU accelerator reports fp16 on CPUs with AVX512-FP16/AMX: pin the answer to "none", the
+    # case under test, as the trainer's fp16 test pins it to "supported".
+    preflight = ["-c", "import sys, runpy\nfrom deepspeed.accelerator import get_accelerator\n"
+                       "type(get_accelerator()).is_fp16_supported = lambda self: False\n"
+                       "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n",
+                 "launch/preflight.py"]
     for extra, msg in ((["--kernels", "triton"], "kernels=triton (recipe, --kernels or RELORA_KERNELS) needs CUDA"),
                        (["--deepspeed", fp16], "is not supported by DeepSpeed's cpu accelerator, which this run uses")):
-        proc = _run(sys.executable, "launch/preflight.py", "--world-size", "2", *other, *extra,
-                    env=_clean_env(DS_ACCELERATOR="cpu"))
+        proc = _run(sys.executable, *preflight, "--world-size", "2", *other, *extra, env=_clean_env(DS_ACCELERATOR="cpu"))
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-800:])
         # Without DS_ACCELERATOR the launching node may not be a compute node: left to the ranks.
         env = {k: v for k, v in _clean_env().items() if k != "DS_ACCELERATOR"}
-        assert _run(sys.executable, "launch/preflight.py", "--world-size", "2", *other, *extra, env=env).returncode == 0
+        assert _run(sys.executable, *preflight, "--world-size", "2", *other, *extra, env=env).returncode == 0
 
 
 def test_hostfile_parse_errors():

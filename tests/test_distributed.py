@@ -4,6 +4,7 @@ Oracle: DeepSpeed itself. The worker checks our predicted segment names exist ri
 naming scheme fails here rather than leaking silently) and runs its shm allreduce kernel after the release."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,29 @@ def test_shm_allreduce_still_works_after_release(shm_run):
     _, res = shm_run
     assert all(r["shm_kernel"] for r in res)  # DeepSpeed's kernel ran, not a gloo fallback
     assert all(r["allreduce_ok"] == [True, True] for r in res)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "plain"])
+def test_a_single_rank_leaves_no_segment_either(tmp_path, launcher):
+    """One rank started by the deepspeed launcher (a resume on fewer ranks, a 1-GPU run) creates its
+    segment too; a plain `python` process with the launcher's variables is checked the same way."""
+    import subprocess
+    import sys
+
+    from launch_utils import launch_env
+    port = free_port()
+    if launcher == "deepspeed":
+        run_deepspeed(ROOT / "tests/dist/shm_worker.py", "--out", tmp_path, nprocs=1, master_port=port, timeout=300)
+    else:
+        env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        proc = subprocess.run([sys.executable, str(ROOT / "tests/dist/shm_worker.py"), "--out", str(tmp_path)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "rank0.json").read_text())
+    assert res["exist_after_init"] == [launcher == "deepspeed"]  # the launcher's LOCAL_SIZE makes DeepSpeed build it
+    assert res["exist_after_release"] == [False] and res["allreduce_ok"] == [True, True]
+    assert not list(Path("/dev/shm").glob(f"*allreduce_buffer_*_{port}_*"))
 
 
 def test_single_process_has_nothing_to_release():

@@ -36,6 +36,35 @@ def test_bench_script_smoke(tmp_path):
         assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
 
 
+def test_row_sink_keeps_every_column_and_what_the_file_held(tmp_path):
+    """Rows of different kinds (bench_int8.py: kernel timings, drift, memory) each keep their own columns in
+    a CSV; a second run appends to the first's rows; the file is complete after every row (a stage killed
+    at its limit keeps what it measured)."""
+    import csv
+    import json
+    sys.path.insert(0, str(ROOT / "launch"))
+    from bench_kernels import RowSink
+
+    for name in ("rows.csv", "rows.json"):
+        path = tmp_path / name
+        sink = RowSink(path, {"date": "d1"})
+        sink.append({"op": "Y", "ms": 1.5})
+        sink += [{"op": "drift", "k": 3, "err": 0.25}]
+        read = (lambda: json.loads(path.read_text())) if name.endswith(".json") else \
+            (lambda: list(csv.DictReader(path.open(newline=""))))
+        first = read()
+        RowSink(path, {"date": "d2"}).append({"op": "merge", "gbps": 900})
+        rows = read()
+        assert len(first) == 2 and len(rows) == 3 and not list(tmp_path.glob("*.tmp"))
+        if name.endswith(".csv"):
+            assert rows[0] == {"op": "Y", "ms": "1.5", "date": "d1", "k": "", "err": "", "gbps": ""}
+            assert rows[1]["k"] == "3" and rows[1]["err"] == "0.25" and rows[1]["ms"] == ""
+            assert rows[2]["gbps"] == "900" and rows[2]["date"] == "d2"
+        else:
+            assert rows == [{"op": "Y", "ms": 1.5, "date": "d1"}, {"op": "drift", "k": 3, "err": 0.25, "date": "d1"},
+                            {"op": "merge", "gbps": 900, "date": "d2"}]
+
+
 def test_tune_script_smoke(tmp_path):
     """launch/tune_kernels.py: every launch of the breakdown and every sweep candidate runs and matches torch
     (its own check, recorded per row); a candidate that computes wrong values is reported, never timed."""

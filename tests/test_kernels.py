@@ -123,16 +123,20 @@ def test_deterministic_mode_is_bitwise_reproducible(kernels_on, device, monkeypa
     assert all(e <= tol(device, torch.float16) for e in errs.values()), errs
 
 
-@pytest.mark.parametrize("lowrank_blas", [False, True])
-def test_deterministic_mode_never_autotunes(kernels_on, monkeypatch, lowrank_blas):
+@pytest.mark.parametrize("lowrank_blas,tma", [(False, False), (True, True)])
+def test_deterministic_mode_never_autotunes(kernels_on, monkeypatch, lowrank_blas, tma):
     """Autotuning picks a config by timing, so two processes can pick different ones (different bits): in
     deterministic mode every GEMM launch of the forward and backward, float and int8 base, asks for the
-    fixed config, and the rank-r products stay off cuBLAS."""
+    fixed config, the rank-r products stay off cuBLAS, and the (autotuned) TMA kernel is not used."""
     import relora_kernels.linear as linear_mod
+    import relora_kernels.matmul as matmul_mod
+    from relora_kernels import matmul_tma
     calls = []
     real = linear_mod.concat_matmul
     monkeypatch.setattr(linear_mod, "concat_matmul", lambda *a, **k: calls.append(k.get("deterministic")) or real(*a, **k))
     monkeypatch.setattr(linear_mod, "LOWRANK_BLAS", lowrank_blas)
+    monkeypatch.setattr(matmul_mod, "TMA_GEMM", tma)
+    monkeypatch.setattr(matmul_tma, "launch", None)  # would fail if called
     monkeypatch.setattr(torch, "mm", None)  # the cuBLAS rank-r products would fail here
     monkeypatch.setenv("RELORA_DETERMINISTIC", "1")
     x, w, a, b, bias, dy = make_inputs((2, 9), 32, 24, 4, True, torch.float32, "cpu", seed=4)

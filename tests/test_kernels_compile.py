@@ -8,6 +8,7 @@ the compiler: it must accept every launch, and the shared memory it allocates mu
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -61,3 +62,20 @@ def test_config_prune_agrees_with_the_compiler(dtype, monkeypatch):
     assert predicted == verdicts
     if dtype == torch.float32:
         assert sum(not v[-1] for v in verdicts) >= 4  # the overflows the compiler reports
+
+
+def test_the_stand_in_is_gone_afterwards_even_after_an_error(monkeypatch):
+    """Inside a test session that runs the interpreter (TRITON_INTERPRET=1), a compile check must leave the
+    environment, Triton's driver and our runtime as it found them, also when a launch fails."""
+    from triton.runtime.jit import JITFunction
+
+    from relora_kernels import _runtime
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RELORA_KERNELS", "reference")
+    before = (JITFunction.run, _runtime.interpreting, _runtime.check_device)
+    with pytest.raises(RuntimeError, match="a launch failed"):
+        with ck.compile_only_for_hopper([]):
+            assert os.environ["RELORA_KERNELS"] == "triton" and "TRITON_INTERPRET" not in os.environ
+            raise RuntimeError("a launch failed")
+    assert os.environ["TRITON_INTERPRET"] == "1" and os.environ["RELORA_KERNELS"] == "reference"
+    assert (JITFunction.run, _runtime.interpreting, _runtime.check_device) == before

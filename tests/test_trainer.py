@@ -484,3 +484,18 @@ def test_resume_moves_metrics_of_steps_it_trains_again_aside(tmp_path):
     assert m.rewound == 4 and moved == lines[5:8] + ['{"step": 9, "lo']
     assert MetricsLogger(tmp_path, enabled=True, resume_step=0).rewound == 6  # steps 1-5 and the new 6
     assert MetricsLogger(tmp_path / "fresh", enabled=True, resume_step=3).rewound == 0
+
+
+def test_overwrite_clears_every_output_of_the_previous_run(tmp_path, monkeypatch):
+    """--overwrite: checkpoints, TensorBoard logs, export, metrics (the rewound ones too) and the plot go;
+    anything else in output_dir stays."""
+    from types import SimpleNamespace
+
+    from relora_ds import trainer as trainer_mod
+    monkeypatch.setattr(trainer_mod.dist, "barrier", lambda: None)
+    for d in ("checkpoints/step_4", "tensorboard", "hf"):
+        (tmp_path / d).mkdir(parents=True)
+    for f in ("metrics.jsonl", "metrics.rewound.jsonl", "curves.png", "notes.txt"):
+        (tmp_path / f).write_text("x")
+    trainer_mod.Trainer._clear_output_dir(SimpleNamespace(rank=0, out=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

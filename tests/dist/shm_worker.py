@@ -29,7 +29,9 @@ def main():
     dist.barrier()
     res["exist_after_release"] = [shm_segment_path(r).exists() for r in range(world)]
     # DeepSpeed's shm kernel (not gloo) through the unlinked segments: a small and a chunked (> 32 MB) tensor.
-    res["shm_kernel"] = hasattr(torch.ops, "deepspeed") and hasattr(torch.ops.deepspeed, "inference_all_reduce_")
+    # (Only where DeepSpeed built the shm allreduce: a plain single process has none, and its kernel crashes.)
+    res["shm_kernel"] = all(res["exist_after_init"]) and hasattr(torch.ops, "deepspeed") and \
+        hasattr(torch.ops.deepspeed, "inference_all_reduce_")
     res["allreduce_ok"] = []
     for n in (1000, 9_000_001):
         x = (torch.arange(n) % 997).float() * (rank + 1)

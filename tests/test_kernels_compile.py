@@ -24,7 +24,10 @@ pytest.importorskip("triton.backends.nvidia", reason="this Triton build has no N
 def test_every_launch_of_a_training_step_compiles_and_fits():
     """bf16 (training's dtype): the default fused layer, the TMA and in-GEMM int8 candidates, the int8 base
     through scratch, the merges; fp32 through the TMA kernel (every one of its configs overflowed once)."""
-    rows = ck.compile_all(modes=("fused", "tma", "int8_gemm", "int8_scratch", "merge"), dtypes=(torch.bfloat16,))
+    # The default layer on every shape (aligned, the 1b MLP's 5461, small rank); the candidates on the aligned
+    # one (CI time: each autotuned launch compiles every config; `launch/compile_kernels.py --all-modes` does all).
+    rows = ck.compile_all(modes=("fused", "merge"), dtypes=(torch.bfloat16,))
+    rows += ck.compile_all(modes=("tma", "int8_gemm", "int8_scratch"), dtypes=(torch.bfloat16,), shapes=ck.SHAPES[:1])
     rows += ck.compile_all(modes=("tma",), dtypes=(torch.float32,), shapes=ck.SHAPES[:1])
     kernels = {r["kernel"] for r in rows}
     assert kernels == {"_concat_k_matmul_kernel", "_concat_k_matmul_tma_kernel", "_ds_db_kernel", "_dequant_kernel",

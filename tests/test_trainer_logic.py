@@ -1,0 +1,82 @@
+"""The trainer's logic on stubs, no engine and no launcher: where merges, resets and prune seeds fall; what a
+resume does to the metrics log; what --overwrite clears. (Runs through DeepSpeed: tests/test_trainer.py.)"""
+import json
+
+import pytest
+
+
+@pytest.mark.parametrize("merge_every, merges, resets", [
+    (2, [4, 6, 8, 10, 12], [6, 10]),
+    (None, [6, 10], [6, 10]),
+], ids=["merge_every=2", "merge_every=None"])
+def test_merge_every_and_cycle_length_place_merges_resets_and_prune_seeds(monkeypatch, merge_every, merges, resets):
+    """Trainer._after_step_events over steps 1-12 (warm start 2, cycle_length 4), merge and prune recorded by
+    stubs. Expected by hand from the config docs: merges every `merge_every` steps (default cycle_length) and
+    resets (merge + prune) every cycle_length steps, both counted from the switch to ReLoRA at step 2, none
+    at the switch itself: merges at 4, 6, 8, 10, 12 with merge_every 2, resets at 6 and 10. Each reset
+    prunes with its own seed, run seed + step (a `random` prune must not reuse one mask at every reset, and
+    a resumed run must draw the one an uninterrupted run draws at that step)."""
+    from types import SimpleNamespace
+
+    from relora_ds import trainer as trainer_mod
+    from relora_ds.train_config import TrainConfig
+    from relora_ds.trainer import Trainer
+
+    calls, events = [], []
+    monkeypatch.setattr(trainer_mod, "merge_and_reinit", lambda engine: calls.append(("merge", t.step)) or {"layers": 1})
+    monkeypatch.setattr(trainer_mod, "prune_optimizer_state",
+                        lambda engine, params, **kw: calls.append(("prune", t.step, kw)) or {"exp_avg_sq": 0.5})
+    monkeypatch.setattr(trainer_mod, "lora_parameters", lambda module: ["lora params"])
+    cfg = TrainConfig(cycle_length=4, merge_every=merge_every, restart_warmup_steps=2, total_steps=12,
+                      warm_start_steps=2, warm_start_lr=1e-3, prune_method="random", prune_ratio=0.5, seed=5)
+    t = SimpleNamespace(cfg=cfg, relora_start=2, _event=events.append,
+                        engine=SimpleNamespace(module=None, global_steps=0, skipped_steps=0))
+    for step in range(1, 13):  # as Trainer.train: step += 1, then the events; the switch precedes step 3's training
+        t.step, t.engine_phase = step, "full" if step <= 2 else "lowrank"
+        t.engine.global_steps = step - 2 if step > 2 else step  # the low-rank engine counts from the switch
+        Trainer._after_step_events(t)
+    assert [s for kind, s, *_ in calls if kind == "merge"] == merges
+    prunes = [(s, kw) for kind, s, *kw in calls if kind == "prune"]
+    assert [s for s, _ in prunes] == resets
+    assert [kw[0]["seed"] for _, kw in prunes] == [5 + s for s in resets]  # 11, 15: one seed per reset
+    assert all(kw[0]["method"] == "random" and kw[0]["ratio"] == 0.5 for _, kw in prunes)
+    # Every reset is also a merge, done before the prune (the new A's zeroed B and pruned moments go together).
+    for s in resets:
+        assert calls.index(("merge", s)) < next(i for i, c in enumerate(calls) if c[:2] == ("prune", s))
+    assert [(e["event"], e["step"]) for e in events] == sorted(
+        [("reset", s) for s in resets] + [("merge", s) for s in merges if s not in resets], key=lambda e: e[1])
+
+
+def test_resume_moves_metrics_of_steps_it_trains_again_aside(tmp_path):
+    """A run that died after its last checkpoint (step 5) had logged steps 6-8 and half a line: the resumed
+    run trains 6-8 again, so metrics.jsonl keeps each step once (records up to 5, step-less records) and the
+    dropped records, the cut line too (no JSON reader could read past it), are kept in metrics.rewound.jsonl;
+    a resume without a checkpoint starts from 0."""
+    from relora_ds.metrics import MetricsLogger
+
+    lines = [json.dumps({"step": s, "loss": 10.0 - s}) for s in range(1, 9)] + [json.dumps({"event": "start"})]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "lo')
+    m = MetricsLogger(tmp_path, enabled=True, resume_step=5)
+    m.log({"step": 6, "loss": 3.5})
+    m.close()
+    kept = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert kept == lines[:5] + [lines[8], json.dumps({"step": 6, "loss": 3.5})]
+    moved = (tmp_path / "metrics.rewound.jsonl").read_text().splitlines()
+    assert m.rewound == 4 and moved == lines[5:8] + ['{"step": 9, "lo']
+    assert MetricsLogger(tmp_path, enabled=True, resume_step=0).rewound == 6  # steps 1-5 and the new 6
+    assert MetricsLogger(tmp_path / "fresh", enabled=True, resume_step=3).rewound == 0
+
+
+def test_overwrite_clears_every_output_of_the_previous_run(tmp_path, monkeypatch):
+    """--overwrite: checkpoints, TensorBoard logs, export, metrics (the rewound ones too) and the plot go;
+    anything else in output_dir stays."""
+    from types import SimpleNamespace
+
+    from relora_ds import trainer as trainer_mod
+    monkeypatch.setattr(trainer_mod.dist, "barrier", lambda: None)
+    for d in ("checkpoints/step_4", "tensorboard", "hf"):
+        (tmp_path / d).mkdir(parents=True)
+    for f in ("metrics.jsonl", "metrics.rewound.jsonl", "curves.png", "notes.txt"):
+        (tmp_path / f).write_text("x")
+    trainer_mod.Trainer._clear_output_dir(SimpleNamespace(rank=0, out=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

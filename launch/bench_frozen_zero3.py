@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import relora_ds
-from relora_ds.distributed import init_distributed
+from relora_ds.distributed import exit_process, init_distributed
 from relora_ds.ds_config import complete_ds_config, load_ds_config
 from relora_ds.train_config import TrainConfig
 
@@ -58,8 +58,8 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(json.dumps(rows, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    exit_process()  # destroys the group; skips the teardown where gloo's threads can abort a rank

@@ -121,4 +121,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from relora_ds.distributed import exit_process
+
+    exit_process(main())  # no interpreter teardown: there gloo's threads can abort a finished rank (-6)

@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from relora_ds.distributed import exit_process
 from relora_ds.train_config import build_launch_parser, config_from_args, show_config_warnings_plainly
 from relora_ds.trainer import Trainer
 
@@ -31,11 +32,10 @@ def main(argv=None) -> int:
     finally:
         if trainer is not None:  # a NaN stop or any exception: the last TensorBoard events are written too
             trainer.metrics.close()
-        # Shut the process group down here, on every exit path: left to interpreter exit, gloo's threads are
-        # sometimes destroyed while joinable and the rank aborts ("terminate called without an active
-        # exception", exit -6); seen in 3 of 7 2-rank CPU runs of tests/dist/zero_reset_worker.py.
+        # Shut the process group down on every exit path, also when main() is called in-process.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # no interpreter teardown: there gloo's threads can abort a finished rank (-6)

@@ -8,11 +8,16 @@ called), so each run leaves world_size segments behind in RAM; 318 of them fille
 Once every rank has mapped every segment (a barrier after init), the names are no longer needed: each rank
 unlinks its own. The mappings stay valid, the kernel frees the memory when the last rank exits, and nothing
 is left behind even after a crash or ``kill -9``.
+
+``exit_process`` ends a rank without the interpreter's teardown, where gloo's threads can abort it.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "deepspeed_allreduce_buffer"  # SHM_BUFFER_NAME in deepspeed/ops/csrc/cpu/comm/shm.cpp
@@ -69,3 +74,38 @@ def init_distributed(**kwargs) -> None:
 
     deepspeed.init_distributed(**kwargs)
     release_shm_segment()
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End this process with ``code``: shut the process group down, run the ``atexit`` handlers, flush
+    stdout/stderr, then ``os._exit`` instead of the interpreter's teardown.
+
+    Why: gloo runs each collective on a worker thread, and a barrier keeps (weak) references to the
+    collectives still queued when it was issued. Whichever thread drops the last reference destroys them,
+    and the output tensors they hold need the GIL to be freed. When that thread is a gloo worker and the
+    main thread has already begun ``Py_FinalizeEx``, CPython ends the worker with ``pthread_exit`` inside a
+    noexcept C++ destructor and the rank aborts ("terminate called without an active exception", exit -6)
+    after all its work is done. A core dump of ``tests/dist/int8_worker.py`` showed exactly this (3 aborts in
+    about 90 2-rank CPU runs). ``destroy_process_group`` does not stop those threads while DeepSpeed still holds
+    the group, so only skipping the teardown removes the race. Files the program left open are not
+    flushed: close them first (the trainer closes its metrics; ``logging`` flushes in its atexit handler).
+    mpi4py finalizes MPI from ``Py_AtExit``, which ``os._exit`` skips, so MPI is finalized here (under
+    ``mpirun`` DeepSpeed finds the ranks through mpi4py; MPI requires every process to finalize before it exits,
+    and Open MPI's ``mpirun`` reports a rank that does not as exiting improperly).
+    """
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    finally:
+        atexit._run_exitfuncs()  # what a normal exit runs first: logging.shutdown, multiprocessing's joins, ...
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):  # replaced or closed by the program
+                pass
+        os._exit(code)

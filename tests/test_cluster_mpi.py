@@ -42,9 +42,13 @@ def test_mpirun_two_ranks(tmp_path):
            "--total-steps", "12", "--warm-start-steps", "4", "--cycle-length", "4", "--restart-warmup-steps", "2",
            "--warmup-steps", "2", "--eval-every", "12", "--eval-windows", "16", "--micro-batch-size", "4",
            "--global-batch-size", "8", "--seq-len", "64", "--no-export", "--output-dir", str(out)]
+    shm_before = set(Path("/dev/shm").glob("mpich_shm_*"))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
+    # The ranks finalized MPI (exit_process skips mpi4py's Py_AtExit hook): unfinalized, mpich leaves its
+    # shared-memory segment in /dev/shm.
+    assert set(Path("/dev/shm").glob("mpich_shm_*")) <= shm_before
     assert "2 rank(s), bf16=True, ZeRO stage 2, 12 steps" in log
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 13))

@@ -85,3 +85,52 @@ def test_a_single_process_without_a_launcher_gets_a_free_port(monkeypatch):
     monkeypatch.delenv("MASTER_PORT")
     monkeypatch.setenv("RANK", "0")
     assert pick_port_for_a_single_process() is None  # a launcher's process: its rendezvous decides
+
+
+def test_exit_process_destroys_the_group_runs_atexit_and_flushes(tmp_path):
+    """exit_process skips the interpreter's teardown (where gloo's threads abort a finished rank, -6), so it
+    must do by hand what a normal exit would: the group is gone before the atexit handlers run, those run,
+    buffered output (stdout is a pipe here) reaches the reader, and the code given is the exit status."""
+    import subprocess
+    import sys
+
+    from launch_utils import launch_env
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import atexit, sys\n"
+        "import torch.distributed as dist\n"
+        "from relora_ds.distributed import exit_process\n"
+        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
+        "dist.barrier()\n"
+        "atexit.register(lambda: print('atexit: initialized', dist.is_initialized()))\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "exit_process(5)\n"
+        "print('not reached')\n")
+    proc = subprocess.run([sys.executable, str(script)], env=launch_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert proc.stdout == "buffered, no newlineatexit: initialized False\n"
+
+
+def test_exit_process_finalizes_mpi(tmp_path):
+    """Under mpirun, DeepSpeed initializes MPI through mpi4py, which finalizes it from Py_AtExit: a step
+    os._exit skips, so exit_process must call MPI_Finalize itself (Open MPI fails the job otherwise)."""
+    import subprocess
+    import sys
+
+    from launch_utils import launch_env
+    script = tmp_path / "child.py"
+    script.write_text(
+        "from mpi4py import MPI\n"
+        "from relora_ds.distributed import exit_process\n"
+        "real = MPI.Finalize\n"
+        "def finalize():\n"
+        "    real()\n"
+        "    print('finalized', MPI.Is_finalized())\n"
+        "MPI.Finalize = finalize\n"
+        "print('initialized', MPI.Is_initialized(), 'size', MPI.COMM_WORLD.Get_size())\n"
+        "exit_process(0)\n")
+    proc = subprocess.run([sys.executable, str(script)], env=launch_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "initialized True size 1\nfinalized True\n"

@@ -18,7 +18,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 import relora_ds
 import relora_kernels as rk
 from relora_ds import LlamaConfig, LlamaForCausalLM
-from relora_ds.distributed import init_distributed
+from relora_ds.distributed import exit_process, init_distributed
 
 BUFFERS = ("weight_q", "weight_scale", "weight_residual")
 
@@ -132,8 +132,8 @@ def main():
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # join gloo's threads now, not at exit (aborts, -6)
 
 
 if __name__ == "__main__":
     main()
+    exit_process()  # destroys the group; skips the teardown where gloo's threads can abort a rank

@@ -12,7 +12,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from relora_ds.distributed import release_shm_segment, shm_segment_path
+from relora_ds.distributed import exit_process, release_shm_segment, shm_segment_path
 
 
 def main():
@@ -41,8 +41,8 @@ def main():
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    exit_process()  # destroys the group; skips the teardown where gloo's threads can abort a rank

@@ -20,7 +20,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM
-from relora_ds.distributed import init_distributed
+from relora_ds.distributed import exit_process, init_distributed
 from relora_ds.relora import kaiming_uniform_A, reinit_seed
 from relora_ds.zero_reset import relink_optimizer_fragments
 
@@ -227,8 +227,8 @@ def main():
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)
     dist.barrier()
-    dist.destroy_process_group()  # join gloo's threads now, not in static destructors (exit aborts, -6)
 
 
 if __name__ == "__main__":
     main()
+    exit_process()  # destroys the group; skips the teardown where gloo's threads can abort a rank

@@ -41,7 +41,7 @@ from .relora import lora_parameters, relora_layers, wrap
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
     check_output_dir, check_precision_on_device, total_steps_for
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
-from .zero_reset import unshare_optimizer_steps
+from .zero_reset import offloaded, unshare_optimizer_steps
 
 
 def _shifted(step: int, *, fn, offset: int) -> float:
@@ -278,7 +278,7 @@ class Trainer:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())  # ZeRO-3: whole
         self._print(f"model: {self.model_config.num_hidden_layers} layers, {n_params:,} parameters; "
                     f"{self.world} rank(s), bf16={uses_bf16(self.ds)}, ZeRO stage "
-                    f"{zero_stage(self.ds)}, {self.total_steps} steps, "
+                    f"{zero_stage(self.ds)}, offload: {offloaded(self.engine)}, {self.total_steps} steps, "
                     f"RELORA_KERNELS={relora_kernels.kernel_mode()}")
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
         final = {}

@@ -29,6 +29,16 @@ from .prune import MOMENT_KEYS, moment_masks
 from .relora import relora_layers
 
 
+def offloaded(engine) -> str:
+    """What the engine's ZeRO optimizer really moved to the host, from its own flags (not the JSON):
+    "optimizer", "optimizer+parameters" or "none"."""
+    opt = engine.optimizer
+    parts = [name for name, flag in (
+        ("optimizer", getattr(opt, "offload_optimizer", False) or getattr(opt, "cpu_offload", False)),  # ZeRO-3, 1/2
+        ("parameters", getattr(opt, "offload_param", False))) if flag]
+    return "+".join(parts) or "none"
+
+
 def _is_zero3(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 

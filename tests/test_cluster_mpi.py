@@ -49,7 +49,7 @@ def test_mpirun_two_ranks(tmp_path):
     # The ranks finalized MPI (exit_process skips mpi4py's Py_AtExit hook): unfinalized, mpich leaves its
     # shared-memory segment in /dev/shm.
     assert set(Path("/dev/shm").glob("mpich_shm_*")) <= shm_before
-    assert "2 rank(s), bf16=True, ZeRO stage 2, 12 steps" in log
+    assert "2 rank(s), bf16=True, ZeRO stage 2, offload: none, 12 steps" in log
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 13))
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [8, 12]  # the last step resets too

@@ -57,7 +57,7 @@ def test_srun_job_two_ranks_resets_checkpoint(slurm, tmp_path):
     log = _log(tmp_path, job)
     _assert_finished(info, log)
     assert f"train.sbatch: job {job} restart 0: 2 rank(s) on 1 node(s)" in log
-    assert "2 rank(s), bf16=True, ZeRO stage 2, 30 steps" in log  # the trainer's own count of ranks
+    assert "2 rank(s), bf16=True, ZeRO stage 2, offload: none, 30 steps" in log  # the trainer's own count of ranks
     recs = _records(tmp_path / "run")
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [16, 24]
     assert sorted(r["step"] for r in recs if "loss" in r) == list(range(1, 31))
@@ -121,7 +121,7 @@ def test_deepspeed_launcher_variant(slurm, tmp_path):
     log = _log(tmp_path, job)
     _assert_finished(info, log)
     assert (tmp_path / f"run/hostfile-{job}").read_text() == "localhost slots=2\n"
-    assert "2 rank(s), bf16=True, ZeRO stage 2, 10 steps" in log
+    assert "2 rank(s), bf16=True, ZeRO stage 2, offload: none, 10 steps" in log
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step_10"
 
 

@@ -1,19 +1,19 @@
-"""int8 base weights under DeepSpeed ZeRO-2 and ZeRO-3 (bf16, 2 CPU ranks): ZeRO-3 partitions the int8
-weight; resets keep the base bit-identical across ranks and equal to the single-process reference;
-checkpoints restore it exactly."""
+"""int8 base weights under DeepSpeed ZeRO-2, ZeRO-3 and ZeRO-3 with host offload (bf16, 2 CPU ranks):
+ZeRO-3 partitions the int8 weight; resets keep the base bit-identical across ranks and equal to the
+single-process reference; checkpoints restore it exactly."""
 import json
 
 import pytest
 
 from launch_utils import ROOT, run_deepspeed
 
-STAGES = (2, 3)
+STAGES = ("2", "3", "3off")  # 3off: ZeRO-3 with the optimizer and the parameters offloaded to the host
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("int8_zero")
-    run_deepspeed(ROOT / "tests/dist/int8_worker.py", "--out", out, "--stages", ",".join(map(str, STAGES)))
+    run_deepspeed(ROOT / "tests/dist/int8_worker.py", "--out", out, "--stages", ",".join(STAGES))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -24,7 +24,8 @@ def test_int8_storage_survives_bf16_engine(results, stage):
         assert r["dtypes"] == ["torch.bfloat16", "torch.int8"]  # int8 q/residual, bf16 scales: not recast
         assert r["residual_on_host"] and r["no_weight_param"] and not r["int8_in_optimizer"]
         assert r["lora_dtype"] == "torch.bfloat16"
-        if stage == 3:  # the int8 weight is partitioned like a bf16 base: each rank holds half of it
+        assert r["offloaded"] == ("optimizer+parameters" if stage == "3off" else "none")
+        if stage.startswith("3"):  # the int8 weight is partitioned like a bf16 base: each rank holds half of it
             assert len(r["partitioned"]) == len(r["q_numel"]) == 14
             assert all(part == -(-n // 2) for part, n in zip(r["partitioned"], r["q_numel"]))
 

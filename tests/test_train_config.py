@@ -89,9 +89,12 @@ def test_low_precision_without_zero_is_refused_for_relora(low):
 def test_shipped_ds_configs_complete_cleanly():
     from launch_utils import ROOT
 
-    for name in ("zero1", "zero2", "zero3", "zero2_offload"):
+    shipped = sorted(p.stem for p in (ROOT / "ds_configs").glob("*.json"))
+    assert shipped == ["zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"]  # README lists these
+    for name in shipped:
         ds = complete_ds_config(load_ds_config(ROOT / f"ds_configs/{name}.json"), TrainConfig(**BASE), world_size=2)
-        assert ds["zero_optimization"]["stage"] in (1, 2, 3)
+        assert ds["zero_optimization"]["stage"] == int(name[4])
+        assert ("offload_optimizer" in ds["zero_optimization"]) == name.endswith("offload")
         json.dumps(ds)
 
 

@@ -5,12 +5,13 @@ import pytest
 
 from launch_utils import ROOT, run_deepspeed
 
-# 2off: CPU offload (fp32, and bf16 as ds_configs/zero2_offload.json ships it); 3t0: ZeRO-3 with
+# 2off: CPU offload (fp32, and bf16 as ds_configs/zero2_offload.json ships it); 3off: ZeRO-3 with the optimizer
+# and the parameters on the host (ds_configs/zero3_offload.json), every parameter split; 3t0: ZeRO-3 with
 # stage3_param_persistence_threshold 0, every parameter split across the ranks (the plain ZeRO-3 cases keep
 # this model's tensors whole, all below the default threshold 1e5); 2rnd: ZeRO-2 with the LoRA tensors in the
 # second param group, pruned `random`ly first with nothing relinked before. ~3 s a case after the launch.
 CASES = ["1:fp32", "2:fp32", "3:fp32", "1:bf16", "2:bf16", "3:bf16", "2off:fp32", "2off:bf16", "3t0:fp32",
-         "3t0:bf16", "2rnd:fp32"]
+         "3t0:bf16", "3off:fp32", "3off:bf16", "2rnd:fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,9 @@ def test_prune_equals_single_process_oracle(results, case):
         assert res["odd_numel"] >= 1  # a LoRA tensor whose numel is not divisible by the world size
         if not case.startswith("3"):
             assert res["straddles"] >= 1  # a LoRA tensor split across the two ranks' flat partitions
-        if case.startswith("3t0"):
+        # The engine's optimizer really offloaded what the case asked for (its own flags, not the JSON).
+        assert res["offloaded"] == {"2off": "optimizer", "3off": "optimizer+parameters"}.get(case.split(":")[0], "none")
+        if case.startswith(("3t0", "3off")):
             assert res["split_params"] >= 1  # parameters really partitioned, not kept whole on each rank
         # The fractions zeroed: exp_avg_sq's own 90%; exp_avg's 90% united with exp_avg_sq's mask.
         assert res["stats"] == pytest.approx(res["expected_stats"], abs=1e-12)

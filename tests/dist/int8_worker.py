@@ -1,4 +1,5 @@
-"""2-rank worker for tests/test_int8_zero.py: int8 base weights under ZeRO-2/3 (bf16) through resets.
+"""2-rank worker for tests/test_int8_zero.py: int8 base weights under ZeRO-2/3 (bf16; ZeRO-3 also with
+host offload) through resets.
 
 Per case: train, merge (twice), check the int8 tensors' dtypes and placement (under ZeRO-3 the int8 weight is
 partitioned: every parameter, persistence threshold 0), hash them (pytest compares ranks), compare each
@@ -19,11 +20,14 @@ import relora_ds
 import relora_kernels as rk
 from relora_ds import LlamaConfig, LlamaForCausalLM
 from relora_ds.distributed import exit_process, init_distributed
+from relora_ds.zero_reset import offloaded
 
 BUFFERS = ("weight_q", "weight_scale", "weight_residual")
 
 
 def build(stage):
+    """``stage`` 2, 3 or "3off" (ZeRO-3 with the optimizer and the parameters offloaded to the host)."""
+    stage, offload = int(str(stage)[0]), str(stage).endswith("off")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=175, num_hidden_layers=2,
                       num_attention_heads=4, max_position_embeddings=64)
@@ -32,6 +36,9 @@ def build(stage):
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
           "zero_optimization": zero, "bf16": {"enabled": True},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    if offload:  # DeepSpeedCPUAdam (a compiled op) steps the host masters
+        zero.update(offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2}}
     lora = relora_ds.lora_parameters(model)
     others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[{"params": lora}, {"params": others}],
@@ -68,7 +75,8 @@ def run_case(stage, rank, ckpt_dir):
     engine = build(stage)
     model = engine.module
     layers = list(relora_ds.relora_layers(model))
-    res = {"dtypes": sorted({str(getattr(l, k).dtype) for _, l in layers for k in BUFFERS}),
+    res = {"offloaded": offloaded(engine),
+           "dtypes": sorted({str(getattr(l, k).dtype) for _, l in layers for k in BUFFERS}),
            "residual_on_host": all(l.weight_residual.device.type == "cpu" for _, l in layers),
            "no_weight_param": all(l.weight is None for _, l in layers),
            "int8_in_optimizer": any(p.dtype == torch.int8 for g in engine.optimizer.param_groups for p in g["params"]),
@@ -127,7 +135,7 @@ def main():
     init_distributed()
     rank = int(os.environ.get("RANK", 0))
     results = {}
-    for stage in (int(s) for s in args.stages.split(",")):
+    for stage in args.stages.split(","):
         results[f"zero{stage}"] = run_case(stage, rank, os.path.join(args.out, f"ckpt_zero{stage}"))
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)

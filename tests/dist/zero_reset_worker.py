@@ -2,7 +2,8 @@
 
 Run by the deepspeed launcher; every check's outcome goes to a JSON file per rank for pytest to assert.
 The oracle for pruning is a sort-based mask on the gathered pre-reset moments (one process's view).
-A case is "STAGE[VARIANT]:DTYPE": VARIANT "off" offloads the optimizer to the CPU; "t0" (ZeRO-3) sets
+A case is "STAGE[VARIANT]:DTYPE": VARIANT "off" offloads the optimizer to the CPU (ZeRO-3: the parameters
+too, every one split across the ranks); "t0" (ZeRO-3) sets
 stage3_param_persistence_threshold 0, so that every parameter is really split across the ranks (the default
 threshold, 1e5, is above every tensor of this model, which then stays whole on each rank); "rnd" (ZeRO-1/2)
 puts the LoRA tensors in the second param group and first prunes them `random`ly without any relink by the
@@ -22,7 +23,7 @@ import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM
 from relora_ds.distributed import exit_process, init_distributed
 from relora_ds.relora import kaiming_uniform_A, reinit_seed
-from relora_ds.zero_reset import relink_optimizer_fragments
+from relora_ds.zero_reset import offloaded, relink_optimizer_fragments
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -47,6 +48,9 @@ def build(stage, bf16, offload=False, persist0=False, lora_second=False):
     if offload:  # ZeRO-Offload: fp32 masters and moments on the host, DeepSpeedCPUAdam (a compiled op)
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2}}
+        if stage == 3:  # ZeRO-Infinity style: the parameter partitions live on the host too, every one split
+            ds["zero_optimization"]["offload_param"] = {"device": "cpu"}
+            persist0 = True
     if persist0:
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     # LoRA tensors in a group of their own (as the trainer does): its flat partition boundary falls inside
@@ -124,7 +128,7 @@ def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_secon
     model = engine.module
     lora = relora_ds.lora_parameters(model)
     others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    res = {}
+    res = {"offloaded": offloaded(engine)}
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randint(0, 256, (2, 17), generator=g).to(engine.device)
     try:

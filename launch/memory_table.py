@@ -32,6 +32,14 @@ Checked against torch.autograd.graph.saved_tensors_hooks (kept part) and against
 mallinfo2, sampled at every autograd node and module call) on CPU: tests/test_memory_table.py.
 Not counted: the CUDA context, NCCL and DeepSpeed bucket buffers, allocator fragmentation, ZeRO-3
 gather buffers and transient fp32 gradient partitions; `--reserve-gb` (default 10% + 2 GiB) covers them.
+
+Offload (`--offload`, as ds_configs/zero2_offload.json and zero3_offload.json; the names the trainer's
+start-up line prints). The GPU keeps only the bf16 weights of the trainable parameters:
+    optimizer (ZeRO 1-3): 2 T (ZeRO 1, 2) or 2 T/N (ZeRO 3); fp32 master, grad partition, m, v: 16 T/N to host
+    optimizer+parameters (ZeRO 3 only): 0; the bf16 partitions 2 T/N and the frozen ones go to host as well
+The same as DeepSpeed's estimate_zero2/zero3_model_states_mem_needs without their largest-layer working
+set (tests/test_memory_table.py). Host RAM per GPU is those offloaded bytes and, at start-up, the model
+every rank builds in fp32 before DeepSpeed shards it (4 bytes per parameter, the full-rank model).
 """
 from __future__ import annotations
 
@@ -42,6 +50,9 @@ from relora_ds import LlamaConfig
 
 PRESETS = ("60m", "130m", "250m", "350m", "1b", "3b", "7b")
 GIB = 2**30
+# What the ZeRO optimizer moves to host memory, and the stages DeepSpeed allows it at (relora_ds/zero_reset.offloaded
+# prints the same names).
+OFFLOAD_STAGES = {"none": (0, 1, 2, 3), "optimizer": (1, 2, 3), "optimizer+parameters": (3,)}
 
 
 def param_counts(cfg: LlamaConfig, rank: int) -> dict[str, int]:
@@ -64,14 +75,37 @@ def frozen_bytes(counts: dict[str, int], quantize: str | None) -> tuple[int, int
     return 2 * counts["projections"], 0
 
 
-def state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n: int) -> float:
+def _check_offload(stage: int, offload: str) -> None:
+    if offload not in OFFLOAD_STAGES:
+        raise ValueError(f"offload={offload!r} is not valid: use one of {', '.join(OFFLOAD_STAGES)}")
+    if stage not in OFFLOAD_STAGES[offload]:
+        raise ValueError(f"offload={offload!r} needs ZeRO stage {' or '.join(map(str, OFFLOAD_STAGES[offload]))}, "
+                         f"got stage {stage}")
+
+
+def state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n: int, offload: str = "none") -> float:
     """Per-GPU model-state bytes at a ZeRO stage over n ranks: trainable parameters' weights, grads, fp32
     masters and Adam m and v, plus the frozen weights (``frozen_bytes``: its parameters are partitioned by
-    ZeRO-3 only, its buffers never)."""
-    t = {0: 16 * trainable, 1: 4 * trainable + 12 * trainable / n, 2: 2 * trainable + 14 * trainable / n,
-         3: 16 * trainable / n}[stage]
+    ZeRO-3 only, its buffers never). With ``offload`` only what stays on the GPU (module docstring)."""
+    _check_offload(stage, offload)
     params, buffers = frozen
+    if offload == "optimizer+parameters":
+        return buffers
+    if offload == "optimizer":
+        t = 2 * trainable / (n if stage == 3 else 1)
+    else:
+        t = {0: 16 * trainable, 1: 4 * trainable + 12 * trainable / n, 2: 2 * trainable + 14 * trainable / n,
+             3: 16 * trainable / n}[stage]
     return t + params / (n if stage == 3 else 1) + buffers
+
+
+def host_state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n: int, offload: str) -> float:
+    """Per-GPU host-memory bytes of the offloaded states: each rank's fp32 master, fp32 gradient, m and v
+    partitions (16 T/N), and with the parameters also their bf16 partitions and the frozen ones."""
+    _check_offload(stage, offload)
+    if offload == "none":
+        return 0.0
+    return 16 * trainable / n + (2 * trainable + frozen[0]) / n * (offload == "optimizer+parameters")
 
 
 def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> int:
@@ -153,31 +187,49 @@ def table(args) -> str:
             f"{'on' if args.activation_checkpointing else 'off'}, base {args.quantize or 'bf16'}, loss "
             f"{f'chunked by {args.loss_chunk_size} tokens' if args.loss_chunk_size else 'on full logits'}; micro-batch = largest divisor of "
             f"global {args.global_batch_size} / {args.gpus} GPUs = {per_rank} that fits\n\n")
+    offload = args.offload
+    if offload != "none":
+        head = head[:-2] + (f"; offload: {offload}, states the GPU keeps (n/a: a stage DeepSpeed does not "
+                            f"offload at)\n\n")
     rows = ["| preset | params | LoRA params | ReLoRA trainable | states/GPU warm start Z0 / Z1 / Z2 / Z3 (GB) "
             "| states/GPU ReLoRA Z0 / Z2 / Z3 (GB) | activations per seq. full / ReLoRA (GB) "
-            "| micro-batch warm start Z0 / Z1 / Z2 / Z3 | micro-batch ReLoRA Z0 / Z2 / Z3 |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| micro-batch warm start Z0 / Z1 / Z2 / Z3 | micro-batch ReLoRA Z0 / Z2 / Z3 |"
+            + (" host RAM/GPU start-up / warm start / ReLoRA (GB) |" if offload != "none" else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if offload != "none" else "")]
     for name in args.presets:
         cfg = LlamaConfig.preset(name, vocab_size=args.vocab_size)
         c = param_counts(cfg, args.rank)
         total = c["projections"] + c["other"]
         trainable_lr = c["lora"] + c["other"]
-        full = {z: state_bytes(total, (0, 0), z, args.gpus) for z in range(4)}
-        low = {z: state_bytes(trainable_lr, frozen_bytes(c, args.quantize), z, args.gpus) for z in (0, 2, 3)}
+        frozen = frozen_bytes(c, args.quantize)
+        ok = OFFLOAD_STAGES[offload]
+        full = {z: state_bytes(total, (0, 0), z, args.gpus, offload) if z in ok else None for z in range(4)}
+        low = {z: state_bytes(trainable_lr, frozen, z, args.gpus, offload) if z in ok else None for z in (0, 2, 3)}
         act_full = activation_phases(cfg, args.seq_len, None, args.activation_checkpointing, args.loss_chunk_size)
         act_low = activation_phases(cfg, args.seq_len, args.rank, args.activation_checkpointing, args.loss_chunk_size)
 
         def mb(states, act):
+            if states is None:
+                return "n/a"
             fit = max_micro_batch(budget, states, act)
             return str(fitting_divisor(fit, per_rank)) if fit else "-"
 
+        def gb(states):
+            return "n/a" if states is None else f"{states / 1e9:.1f}"
+
+        host = ""
+        if offload != "none":
+            z = max(ok)  # the offloaded bytes per GPU are the same at every stage that allows the offload
+            host = (f" {4 * total / 1e9:.1f} / {host_state_bytes(total, (0, 0), z, args.gpus, offload) / 1e9:.1f}"
+                    f" / {host_state_bytes(trainable_lr, frozen, z, args.gpus, offload) / 1e9:.1f} |")
+
         rows.append(
             f"| {name} | {total / 1e6:,.0f}M | {c['lora'] / 1e6:,.1f}M | {trainable_lr / 1e6:,.0f}M "
-            f"| {' / '.join(f'{full[z] / 1e9:.1f}' for z in range(4))} "
-            f"| {' / '.join(f'{low[z] / 1e9:.1f}' for z in (0, 2, 3))} "
+            f"| {' / '.join(gb(full[z]) for z in range(4))} "
+            f"| {' / '.join(gb(low[z]) for z in (0, 2, 3))} "
             f"| {max(p for p, _ in act_full) / 1e9:.2f} / {max(p for p, _ in act_low) / 1e9:.2f} "
             f"| {' / '.join(mb(full[z], act_full) for z in range(4))} "
-            f"| {' / '.join(mb(low[z], act_low) for z in (0, 2, 3))} |")
+            f"| {' / '.join(mb(low[z], act_low) for z in (0, 2, 3))} |{host}")
     return head + "\n".join(rows) + "\n"
 
 
@@ -209,6 +261,9 @@ def main(argv=None) -> int:
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="the trainer's --activation-checkpointing: layers keep only their inputs")
     parser.add_argument("--quantize", choices=("int8",), help="the trainer's --quantize: int8 frozen base weights")
+    parser.add_argument("--offload", choices=tuple(OFFLOAD_STAGES), default="none",
+                        help="what the DeepSpeed config offloads to host memory (ds_configs/zero2_offload.json: "
+                             "optimizer; zero3_offload.json: optimizer+parameters)")
     parser.add_argument("--loss-chunk-size", type=int, default=0,
                         help="the trainer's --loss-chunk-size: the loss without full logits (0: off)")
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """launch/memory_table.py's formulas against the model: parameter counts against the module, the kept
 activations against autograd's saved tensors, and the peak activation memory (with and without activation
-checkpointing) against the heap actually in use on CPU."""
+checkpointing) against the heap actually in use on CPU; the offloaded states against DeepSpeed's own estimators."""
 import ctypes
 import gc
 import re
@@ -231,3 +231,65 @@ def test_readme_sizing_tables_are_the_scripts_output(capsys):
         header = table[0]
         for cells in table[2:]:
             assert dict(zip(header, cells)) == {h: want[cells[0]][h] for h in header}, (argv, cells[0])
+
+
+@pytest.mark.parametrize("gpus", [1, 8, 16])
+def test_offloaded_states_match_deepspeeds_own_estimates(gpus):
+    """GPU and host bytes with the optimizer (and the parameters) offloaded, against DeepSpeed's
+    estimate_zero{2,3}_model_states_mem_needs for an all-trainable model (the full-rank warm start), minus
+    what the table leaves to --reserve-gb: ZeRO-3's largest-layer working set (4 bytes per parameter of
+    it) and the 1.5x host buffer factor. One node of `gpus` GPUs (DeepSpeed counts host memory per node)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cfg = LlamaConfig.preset("1b", vocab_size=32000)
+    c = memory_table.param_counts(cfg, 128)
+    T = c["projections"] + c["other"]
+    largest = cfg.vocab_size * cfg.hidden_size  # the embedding (and the head) is this model's largest layer
+    _, gpu = estimate_zero2_model_states_mem_needs(T, gpus, 1, cpu_offload=True)
+    assert memory_table.state_bytes(T, (0, 0), 2, gpus, "optimizer") == gpu
+    for params, offload in ((False, "optimizer"), (True, "optimizer+parameters")):
+        host, gpu, working = estimate_zero3_model_states_mem_needs(T, largest, gpus, 1, cpu_offload=True,
+                                                                   cpu_offload_params=params, zero_init=True)
+        assert working == 4 * largest
+        assert memory_table.state_bytes(T, (0, 0), 3, gpus, offload) == pytest.approx(gpu - working, abs=1)
+        assert gpus * memory_table.host_state_bytes(T, (0, 0), 3, gpus, offload) == pytest.approx(host / 1.5,
+                                                                                                     rel=1e-12)
+    # Frozen weights (the ReLoRA base): kept on the GPU (partitioned at ZeRO-3) unless the parameters are
+    # offloaded; int8's per-row scales are buffers, which stay on the GPU in every case.
+    frozen = memory_table.frozen_bytes(c, "int8")
+    assert memory_table.state_bytes(0, frozen, 2, gpus, "optimizer") == frozen[0] + frozen[1]
+    assert memory_table.state_bytes(0, frozen, 3, gpus, "optimizer") == frozen[0] / gpus + frozen[1]
+    assert memory_table.state_bytes(0, frozen, 3, gpus, "optimizer+parameters") == frozen[1]
+    assert memory_table.host_state_bytes(0, frozen, 3, gpus, "optimizer+parameters") == frozen[0] / gpus
+
+
+@pytest.mark.parametrize("stage, offload, error", [
+    (0, "optimizer", "offload='optimizer' needs ZeRO stage 1 or 2 or 3, got stage 0"),
+    (2, "optimizer+parameters", "offload='optimizer\\+parameters' needs ZeRO stage 3, got stage 2"),
+    (3, "nvme", "offload='nvme' is not valid: use one of none, optimizer, optimizer\\+parameters"),
+])
+def test_offload_at_a_stage_deepspeed_refuses_is_an_error(stage, offload, error):
+    with pytest.raises(ValueError, match=error):
+        memory_table.state_bytes(1000, (0, 0), stage, 8, offload)
+
+
+def test_offload_table_cells(capsys):
+    """The --offload table: n/a where DeepSpeed cannot offload, the GPU-side states elsewhere, and the host
+    column (start-up fp32 model, offloaded warm-start and ReLoRA states), hand-computed for 1b on 8 GPUs."""
+    c = memory_table.param_counts(LlamaConfig.preset("1b", vocab_size=32000), 128)
+    T, t = c["projections"] + c["other"], c["lora"] + c["other"]
+    F = 2 * c["projections"]  # the bf16 base
+    row = _table(capsys, "--offload", "optimizer", "--presets", "1b")["1b"]
+    assert row["states/GPU warm start Z0 / Z1 / Z2 / Z3 (GB)"] == \
+        f"n/a / {2 * T / 1e9:.1f} / {2 * T / 1e9:.1f} / {2 * T / 8 / 1e9:.1f}"
+    assert row["states/GPU ReLoRA Z0 / Z2 / Z3 (GB)"] == f"n/a / {(2 * t + F) / 1e9:.1f} / {(2 * t + F) / 8 / 1e9:.1f}"
+    assert row["micro-batch warm start Z0 / Z1 / Z2 / Z3"].startswith("n/a / ")
+    assert row["host RAM/GPU start-up / warm start / ReLoRA (GB)"] == \
+        f"{4 * T / 1e9:.1f} / {16 * T / 8 / 1e9:.1f} / {16 * t / 8 / 1e9:.1f}"
+    row = _table(capsys, "--offload", "optimizer+parameters", "--presets", "1b")["1b"]
+    assert row["states/GPU ReLoRA Z0 / Z2 / Z3 (GB)"] == "n/a / n/a / 0.0"
+    assert row["host RAM/GPU start-up / warm start / ReLoRA (GB)"] == \
+        f"{4 * T / 1e9:.1f} / {18 * T / 8 / 1e9:.1f} / {(18 * t + F) / 8 / 1e9:.1f}"
+    default = _table(capsys, "--presets", "1b")["1b"]  # the default table has no host column and no n/a
+    assert not any(h.startswith("host RAM") for h in default) and "n/a" not in " ".join(default.values())

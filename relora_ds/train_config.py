@@ -126,6 +126,8 @@ class TrainConfig:
                                 "metrics, TensorBoard logs and export (without it, or --resume, that is an error)")
     export: bool = _f(True, "export the final model to output_dir/hf (Hugging Face LLaMA format)")
     log_every: int = _f(1, "metrics line every N steps")
+    peak_tflops: float | None = _f(None, "per-GPU peak TFLOP/s for the mfu metric (default: the dense bf16 peak of "
+                                          "A100, H100, H200 and H800 when training in bf16; no mfu elsewhere)")
     seed: int = _f(0, "seed for init, data order and LoRA re-inits")
 
     def __post_init__(self) -> None:
@@ -187,7 +189,7 @@ class TrainConfig:
         if self.quantize and self.mode == "full":
             raise ValueError("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full")
         for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank", "lr", "alpha", "adam_eps",
-                     "vocab_size", "keep_last", "log_every", "total_steps", "token_budget"):
+                     "vocab_size", "keep_last", "log_every", "total_steps", "token_budget", "peak_tflops"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}={value} must be positive")

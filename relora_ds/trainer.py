@@ -30,6 +30,7 @@ from .data import PackedTokens, ShardedBatches, builtin_data_dir, eval_batches, 
     load_manifest, prepare_data
 from .data.manifest import read_manifest_file
 from .distributed import init_distributed, pick_port_for_a_single_process
+from .flops import flops_per_token, peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engine_state import full_fp32_state_dict
 from .hf import export_hf, load_hf
@@ -83,6 +84,10 @@ class Trainer:
                                       world_size=self.world, seed=cfg.seed,
                                       accumulation_steps=cfg.global_batch_size // (cfg.micro_batch_size * self.world))
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
+        # MFU's denominator: the recipe's peak_tflops, else the table's bf16 peak of this GPU when in bf16.
+        on_cuda = torch.cuda.is_available() and get_accelerator().device_name() == "cuda"
+        self.peak_tflops = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name())
+                                               if on_cuda and uses_bf16(self.ds) else None)
         self.total_steps = total_steps_for(cfg)
         self.relora_start = cfg.warm_start_steps
         self.schedule = build_schedule(cfg, self.total_steps)
@@ -171,6 +176,7 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
                                                lr_scheduler=lambda opt: LambdaLR(opt, fn))
         self.engine_phase = phase
+        self.flops_per_token = flops_per_token(model, cfg.seq_len)  # the warm start's, then ReLoRA's
 
     def _phase_lr(self, phase: str) -> float:
         cfg = self.cfg
@@ -294,8 +300,10 @@ class Trainer:
                 tok_s = (self.step - step_last) * self.tokens_per_step / (now - t_last)
                 t_last, step_last = now, self.step
                 grad_norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
+                tflops = tok_s * self.flops_per_token / self.world / 1e12  # model TFLOP/s per rank
                 rec = {"step": self.step, "loss": loss, "lr": self.step_lr, "grad_norm": _float(grad_norm),
-                       "tokens_per_s": tok_s,
+                       "tokens_per_s": tok_s, "tflops_per_gpu": tflops,
+                       **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {}),
                        "peak_memory_mb": peak_memory_mb(), "phase": self.engine_phase}
                 self.metrics.log(rec)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tok_s:.0f}",

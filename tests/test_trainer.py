@@ -111,10 +111,36 @@ def test_losses_match_the_golden_curve(uninterrupted):
             assert got[kind][step] == pytest.approx(loss, rel=1e-5), (kind, step)
 
 
+def _model_flops_per_token(lowrank: bool, quantize=None) -> float:
+    """RECIPE's model (debug preset, the 512-piece test tokenizer, 32 tokens): relora_ds.flops, which
+    tests/test_flops.py checks against torch's FLOP counter."""
+    from relora_ds import LlamaConfig, LlamaForCausalLM, wrap
+    from relora_ds.flops import flops_per_token
+
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=512))
+    if lowrank:
+        wrap(model, rank=RECIPE["rank"], quantize=quantize)
+    return flops_per_token(model, RECIPE["seq_len"])
+
+
+def _check_tflops(recs, world, peak=None):
+    """Each step's model TFLOP/s per rank follows from its tokens/s and its phase's FLOPs per token; mfu
+    only with a peak to divide by."""
+    per_phase = {"full": _model_flops_per_token(False), "lowrank": _model_flops_per_token(True)}
+    steps = [r for r in recs if "loss" in r]
+    assert {r["phase"] for r in steps} == {"full", "lowrank"}
+    for r in steps:
+        assert r["tflops_per_gpu"] == pytest.approx(r["tokens_per_s"] * per_phase[r["phase"]] / world / 1e12,
+                                                    rel=1e-9)
+        assert r.get("mfu") == (None if peak is None else pytest.approx(r["tflops_per_gpu"] / peak, rel=1e-9))
+
+
 def test_two_ranks_match_one_rank_with_same_global_batch(tmp_path, small_data_dir, uninterrupted):
-    _train1(tmp_path, small_data_dir, micro_batch_size=2)  # 1 rank x 2 x 4 accumulation steps
+    _train1(tmp_path, small_data_dir, micro_batch_size=2, peak_tflops=0.5)  # 1 rank x 2 x 4 accumulation steps
     one, one_recs = _losses(tmp_path / "run")
     two, two_recs = uninterrupted
+    _check_tflops(one_recs, world=1, peak=0.5)
+    _check_tflops(two_recs, world=2)  # on CPU without peak_tflops: no mfu
     for step in two:  # same samples per step; only the reduction order differs (fp32)
         assert one[step] == pytest.approx(two[step], rel=2e-5, abs=2e-5), step
     # Validation covers the same 16 windows whatever the number of ranks and micro-batch size.

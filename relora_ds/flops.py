@@ -1,0 +1,44 @@
+"""Model FLOPs of a training step, for the TFLOP/s and MFU columns of metrics.jsonl.
+
+Per token, the matrix products the step's algorithm needs (PaLM, Chowdhery et al. 2022, App. B: 6N + 12·L·h·T
+for dense training), whatever kernels compute them:
+- each weight matrix costs 2 FLOPs per parameter in the forward and 2 for the input gradient, and 2 more for
+  its own gradient only if it trains: a trainable matrix 6, a frozen ReLoRA base (bf16 or int8) 4, the LoRA
+  factors 6. The input embedding is a lookup and costs nothing (unless tied to the head).
+- attention: scores and their weighted sum, 4·h·T per layer in the forward and twice that in the backward,
+  12·L·h·T; the causal mask is not credited, as in PaLM.
+Not counted: norms, softmax, element-wise ops and recomputation (activation checkpointing); so this is MFU,
+not hardware FLOPs utilization. Checked against torch.utils.flop_counter on the reference path
+(tests/test_flops.py). The torch/Triton paths may do more or fewer products for the same step (a merged
+weight for few tokens, say); they do not change the model's FLOPs.
+"""
+from __future__ import annotations
+
+import torch
+
+# Dense bf16 peak TFLOP/s per GPU (vendor datasheets, without sparsity), matched in this order against
+# torch.cuda.get_device_name(). Anything else: set peak_tflops in the recipe to get the mfu column.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("A100", 312.0))
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token of ``model`` (ours or a wrapped one) at ``seq_len`` tokens per sequence.
+    Counts whole parameters under ZeRO-3 (``ds_numel``)."""
+    cfg = model.config
+    embed = model.model.embed_tokens.weight
+    tied = model.lm_head.weight is embed
+    total = 0
+    for p in model.parameters():
+        if p.dim() != 2 or (p is embed and not tied):
+            continue
+        total += (6 if p.requires_grad else 4) * getattr(p, "ds_numel", p.numel())
+    h = cfg.num_attention_heads * cfg.head_dim
+    return float(total + 12 * cfg.num_hidden_layers * h * seq_len)
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    """The table's bf16 peak for a CUDA device name, or None."""
+    for key, value in PEAK_BF16_TFLOPS:
+        if device_name and key in device_name:
+            return value
+    return None

@@ -1,0 +1,47 @@
+"""relora_ds.flops against torch.utils.flop_counter: the FLOPs one forward+backward really runs on the
+reference path (pure torch matmuls; attention through SDPA's math backend, which FlopCounterMode sees),
+for a full-rank model, a ReLoRA-wrapped one (frozen base, LoRA factors) and an int8 base."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import relora_ds
+from relora_ds import LlamaConfig, LlamaForCausalLM
+from relora_ds.flops import flops_per_token, peak_tflops
+
+
+def _counted_per_token(model, batch, seq_len):
+    x = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        model(x, labels=x).loss.backward()
+    return counter.get_total_flops() / (batch * seq_len)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("seq_len", [33, 64])
+def test_flops_per_token_equal_the_counted_flops(monkeypatch, seq_len, quantize):
+    monkeypatch.setenv("RELORA_KERNELS", "reference")  # the spec's products, no shape-dependent shortcut
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    full = flops_per_token(model, seq_len)
+    assert full == _counted_per_token(model, 2, seq_len)
+    # Hand count for the dense model: 6 per weight-matrix parameter (not the embedding) + 12 L h T.
+    linear = 2 * (4 * 48 * 48 + 3 * 48 * 80) + 96 * 48
+    assert full == 6 * linear + 12 * 2 * 48 * seq_len
+    relora_ds.wrap(model, rank=4, quantize=quantize)
+    low = flops_per_token(model, seq_len)
+    assert low == _counted_per_token(model, 2, seq_len)
+    lora = 2 * 4 * (4 * (48 + 48) + 3 * (48 + 80))
+    assert low == full - 2 * (linear - 96 * 48) + 6 * lora  # the frozen base loses its weight gradient
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H200") == 989.4
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA L4") is None and peak_tflops(None) is None

@@ -65,15 +65,21 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
             sync()
             if i >= 3:  # warm-up: Triton compilation, allocator growth
                 times[path].append(time.perf_counter() - t0)
+    from relora_ds.flops import flops_per_token, peak_tflops
+
+    per_token = flops_per_token(model, seq_len)
+    peak = peak_tflops(torch.cuda.get_device_name()) if cuda and dt == torch.bfloat16 else None
     rows = []
     for path, ts in times.items():
         t = statistics.median(ts)
+        tflops = micro_batch * seq_len * per_token / t / 1e12
         rows.append({"preset": preset, "path": path or os.environ.get("RELORA_KERNELS", "auto"),
                      "interleaved": interleave is not None, "dtype": str(dt).replace("torch.", ""),
                      "base": quantize or "float", "loss_chunk_size": loss_chunk_size,
                      "activation_checkpointing": activation_checkpointing,
                      "micro_batch": micro_batch, "seq_len": seq_len,
                      "rank": rank, "step_ms": 1000 * t, "tokens_per_s": micro_batch * seq_len / t,
+                     "model_tflops": tflops, "mfu": tflops / peak if peak else float("nan"),
                      "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30
                                      if cuda and interleave is None else float("nan")),
                      "loss": loss.item(),
@@ -128,7 +134,8 @@ def main() -> None:
                 r["path"] = paths[0] if not args.interleave else r["path"]
                 rows.append(r)
                 print(f"{preset:>5} {r['path']:>12}: {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:10.0f} tok/s "
-                      f"peak {r['peak_mem_gb']:.1f} GB loss {r['loss']:.3f}", flush=True)
+                      f"{r['model_tflops']:7.3g} TFLOP/s (MFU {r['mfu']:.1%}) peak {r['peak_mem_gb']:.1f} GB "
+                      f"loss {r['loss']:.3f}", flush=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
 

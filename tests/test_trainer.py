@@ -253,25 +253,29 @@ def test_resume_on_more_ranks_zero3_int8(tmp_path, small_data_dir):
 def test_zero3_offload_resumes_exactly(tmp_path, small_data_dir):
     """ZeRO-3 with the optimizer and the parameters in host memory (the shipped zero3_offload.json, in fp32,
     DeepSpeedCPUAdam): rewound to its checkpoint at step 7 (inside the restart warmup after the reset at 6,
-    pruned moments included) and resumed, the run continues its own losses. Not bit for bit: after a load
-    DeepSpeedCPUAdam computes beta^t with pow where the running optimizer multiplied step by step
-    (deepspeed/ops/csrc/includes/cpu_adam.h, IncrementStep), so updates differ in their last bits (seen:
-    <= 1e-6 in fp32, the same for zero2_offload; bf16 rounding carries that to 7e-5). A lost or unpruned
-    moment, or a step count off by one, moves the losses by orders of magnitude more."""
+    pruned moments included) and resumed on 2 ranks and on 1, the run continues its own losses. Not bit for
+    bit: after a load DeepSpeedCPUAdam computes beta^t with pow where the running optimizer multiplied step
+    by step (deepspeed/ops/csrc/includes/cpu_adam.h, IncrementStep), so updates differ in their last bits
+    (seen: <= 1e-6 in fp32, the same for zero2_offload; bf16 rounding carries that to 7e-5). A lost or
+    unpruned moment, or a step count off by one, moves the losses by orders of magnitude more (without the
+    optimizer state: 4e-3)."""
     recipe, _ = _write(tmp_path, small_data_dir, save_every=7)
     ds = tmp_path / "zero3_offload_fp32.json"
     ds.write_text(json.dumps({**json.loads((ROOT / "ds_configs/zero3_offload.json").read_text()),
                               "bf16": {"enabled": False}}))
     run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
     reference, _ = _losses(tmp_path / "run")
-    _rewind_to(tmp_path / "run", "step_7")
-    run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume")
-    resumed, recs = _losses(tmp_path / "run")
-    assert sorted(resumed) == list(range(8, 13))
-    assert resumed[8] == reference[8]  # the restored weights, before any update
-    for step, loss in resumed.items():
-        assert loss == pytest.approx(reference[step], rel=0, abs=3e-6), step
-    assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
+    # On 2 ranks again, then on 1 (DeepSpeed's universal checkpoint re-partitions the offloaded states).
+    for resume in (lambda: run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume"),
+                   lambda: _train1(tmp_path, small_data_dir, "--resume", ds=ds, save_every=7)):
+        _rewind_to(tmp_path / "run", "step_7")
+        resume()
+        resumed, recs = _losses(tmp_path / "run")
+        assert sorted(resumed) == list(range(8, 13))
+        assert resumed[8] == reference[8]  # the restored weights, before any update
+        for step, loss in resumed.items():
+            assert loss == pytest.approx(reference[step], rel=0, abs=3e-6), step
+        assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
 
 
 def test_chunked_loss_under_zero3_matches_the_logits_run(tmp_path, small_data_dir, uninterrupted):

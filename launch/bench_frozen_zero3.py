@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import relora_ds
-from relora_ds.distributed import exit_process, init_distributed
+from relora_ds.distributed import init_distributed, run_and_exit
 from relora_ds.ds_config import complete_ds_config, load_ds_config
 from relora_ds.train_config import TrainConfig
 
@@ -61,5 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    exit_process()  # destroys the group; skips the teardown where gloo's threads can abort a rank
+    run_and_exit(main)  # no interpreter teardown: there gloo's threads can abort a finished rank (-6)

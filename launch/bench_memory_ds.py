@@ -121,6 +121,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from relora_ds.distributed import exit_process
+    from relora_ds.distributed import run_and_exit
 
-    exit_process(main())  # no interpreter teardown: there gloo's threads can abort a finished rank (-6)
+    run_and_exit(main)  # no interpreter teardown: there gloo's threads can abort a finished rank (-6)

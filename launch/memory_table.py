@@ -34,12 +34,16 @@ Not counted: the CUDA context, NCCL and DeepSpeed bucket buffers, allocator frag
 gather buffers and transient fp32 gradient partitions; `--reserve-gb` (default 10% + 2 GiB) covers them.
 
 Offload (`--offload`, as ds_configs/zero2_offload.json and zero3_offload.json; the names the trainer's
-start-up line prints). The GPU keeps only the bf16 weights of the trainable parameters:
-    optimizer (ZeRO 1-3): 2 T (ZeRO 1, 2) or 2 T/N (ZeRO 3); fp32 master, grad partition, m, v: 16 T/N to host
+start-up line prints). The GPU keeps the bf16 weights of the trainable parameters (and at ZeRO-1 their
+full bf16 gradients, reduced only at the accumulation boundary):
+    optimizer (ZeRO 1-3): 4 T (ZeRO 1), 2 T (ZeRO 2) or 2 T/N (ZeRO 3); fp32 master, grad partition, m, v:
+        16 T/N to host
     optimizer+parameters (ZeRO 3 only): 0; the bf16 partitions 2 T/N and the frozen ones go to host as well
-The same as DeepSpeed's estimate_zero2/zero3_model_states_mem_needs without their largest-layer working
-set (tests/test_memory_table.py). Host RAM per GPU is those offloaded bytes and, at start-up, the model
-every rank builds in fp32 before DeepSpeed shards it (4 bytes per parameter, the full-rank model).
+ZeRO-2 and 3 are DeepSpeed's estimate_zero2/zero3_model_states_mem_needs without their largest-layer working
+set (tests/test_memory_table.py; DeepSpeed has no ZeRO-1 estimate). Host RAM per GPU (shown with --offload
+or --quantize): those offloaded bytes, the int8 base's merge residual (1 byte per frozen parameter, whole on
+every rank: relora_ds/quant.py) and, at start-up, the model every rank builds in fp32 before DeepSpeed
+shards it (4 bytes per parameter of the full-rank model).
 """
 from __future__ import annotations
 
@@ -92,20 +96,22 @@ def state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n: int,
     if offload == "optimizer+parameters":
         return buffers
     if offload == "optimizer":
-        t = 2 * trainable / (n if stage == 3 else 1)
+        t = {1: 4 * trainable, 2: 2 * trainable, 3: 2 * trainable / n}[stage]
     else:
         t = {0: 16 * trainable, 1: 4 * trainable + 12 * trainable / n, 2: 2 * trainable + 14 * trainable / n,
              3: 16 * trainable / n}[stage]
     return t + params / (n if stage == 3 else 1) + buffers
 
 
-def host_state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n: int, offload: str) -> float:
-    """Per-GPU host-memory bytes of the offloaded states: each rank's fp32 master, fp32 gradient, m and v
-    partitions (16 T/N), and with the parameters also their bf16 partitions and the frozen ones."""
+def host_state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n: int, offload: str,
+                     residual: int = 0) -> float:
+    """Per-GPU host-memory bytes: the offloaded states (each rank's fp32 master, fp32 gradient, m and v
+    partitions, 16 T/N, and with the parameters also their bf16 partitions and the frozen ones) plus
+    ``residual``, the int8 merge residual every rank keeps whole in host memory."""
     _check_offload(stage, offload)
-    if offload == "none":
-        return 0.0
-    return 16 * trainable / n + (2 * trainable + frozen[0]) / n * (offload == "optimizer+parameters")
+    offloaded = 0.0 if offload == "none" else \
+        16 * trainable / n + (2 * trainable + frozen[0]) / n * (offload == "optimizer+parameters")
+    return offloaded + residual
 
 
 def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> int:
@@ -188,14 +194,15 @@ def table(args) -> str:
             f"{f'chunked by {args.loss_chunk_size} tokens' if args.loss_chunk_size else 'on full logits'}; micro-batch = largest divisor of "
             f"global {args.global_batch_size} / {args.gpus} GPUs = {per_rank} that fits\n\n")
     offload = args.offload
+    show_host = offload != "none" or args.quantize is not None
     if offload != "none":
         head = head[:-2] + (f"; offload: {offload}, states the GPU keeps (n/a: a stage DeepSpeed does not "
                             f"offload at)\n\n")
     rows = ["| preset | params | LoRA params | ReLoRA trainable | states/GPU warm start Z0 / Z1 / Z2 / Z3 (GB) "
             "| states/GPU ReLoRA Z0 / Z2 / Z3 (GB) | activations per seq. full / ReLoRA (GB) "
             "| micro-batch warm start Z0 / Z1 / Z2 / Z3 | micro-batch ReLoRA Z0 / Z2 / Z3 |"
-            + (" host RAM/GPU start-up / warm start / ReLoRA (GB) |" if offload != "none" else ""),
-            "|---|---|---|---|---|---|---|---|---|" + ("---|" if offload != "none" else "")]
+            + (" host RAM/GPU start-up / warm start / ReLoRA (GB) |" if show_host else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if show_host else "")]
     for name in args.presets:
         cfg = LlamaConfig.preset(name, vocab_size=args.vocab_size)
         c = param_counts(cfg, args.rank)
@@ -218,10 +225,11 @@ def table(args) -> str:
             return "n/a" if states is None else f"{states / 1e9:.1f}"
 
         host = ""
-        if offload != "none":
+        if show_host:
             z = max(ok)  # the offloaded bytes per GPU are the same at every stage that allows the offload
+            residual = c["projections"] if args.quantize == "int8" else 0
             host = (f" {4 * total / 1e9:.1f} / {host_state_bytes(total, (0, 0), z, args.gpus, offload) / 1e9:.1f}"
-                    f" / {host_state_bytes(trainable_lr, frozen, z, args.gpus, offload) / 1e9:.1f} |")
+                    f" / {host_state_bytes(trainable_lr, frozen, z, args.gpus, offload, residual) / 1e9:.1f} |")
 
         rows.append(
             f"| {name} | {total / 1e6:,.0f}M | {c['lora'] / 1e6:,.1f}M | {trainable_lr / 1e6:,.0f}M "

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from relora_ds.distributed import exit_process
+from relora_ds.distributed import run_and_exit
 from relora_ds.train_config import build_launch_parser, config_from_args, show_config_warnings_plainly
 from relora_ds.trainer import Trainer
 
@@ -38,4 +38,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    exit_process(main())  # no interpreter teardown: there gloo's threads can abort a finished rank (-6)
+    run_and_exit(main)  # no interpreter teardown: there gloo's threads can abort a finished rank (-6)

@@ -17,7 +17,7 @@ import atexit
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "deepspeed_allreduce_buffer"  # SHM_BUFFER_NAME in deepspeed/ops/csrc/cpu/comm/shm.cpp
@@ -77,8 +77,9 @@ def init_distributed(**kwargs) -> None:
 
 
 def exit_process(code: int = 0) -> NoReturn:
-    """End this process with ``code``: shut the process group down, run the ``atexit`` handlers, flush
-    stdout/stderr, then ``os._exit`` instead of the interpreter's teardown.
+    """End this process with ``code``: shut the process group down, then do what the interpreter's exit
+    would (join non-daemon threads, run the ``atexit`` handlers, finalize MPI, flush stdout/stderr) and
+    ``os._exit`` instead of its teardown.
 
     Why: gloo runs each collective on a worker thread, and a barrier keeps (weak) references to the
     collectives still queued when it was issued. Whichever thread drops the last reference destroys them,
@@ -86,26 +87,62 @@ def exit_process(code: int = 0) -> NoReturn:
     main thread has already begun ``Py_FinalizeEx``, CPython ends the worker with ``pthread_exit`` inside a
     noexcept C++ destructor and the rank aborts ("terminate called without an active exception", exit -6)
     after all its work is done. A core dump of ``tests/dist/int8_worker.py`` showed exactly this (3 aborts in
-    about 90 2-rank CPU runs). ``destroy_process_group`` does not stop those threads while DeepSpeed still holds
-    the group, so only skipping the teardown removes the race. Files the program left open are not
+    about 90 2-rank CPU runs). ``destroy_process_group`` does not stop those threads while DeepSpeed still
+    holds the group, so only skipping the teardown removes the race. Files the program left open are not
     flushed: close them first (the trainer closes its metrics; ``logging`` flushes in its atexit handler).
     mpi4py finalizes MPI from ``Py_AtExit``, which ``os._exit`` skips, so MPI is finalized here (under
-    ``mpirun`` DeepSpeed finds the ranks through mpi4py; MPI requires every process to finalize before it exits,
-    and Open MPI's ``mpirun`` reports a rank that does not as exiting improperly).
+    ``mpirun`` DeepSpeed finds the ranks through mpi4py; MPI requires every process to finalize before it
+    exits, and mpich otherwise leaves its /dev/shm segment behind). An error in any of these steps is
+    printed and makes a zero ``code`` 1.
     """
-    try:
+    import threading
+    import traceback
+
+    def attempt(step) -> None:
+        nonlocal code
+        try:
+            step()
+        except BaseException:  # report it, keep shutting down
+            traceback.print_exc()
+            code = code or 1
+
+    def destroy_group() -> None:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    finally:
-        atexit._run_exitfuncs()  # what a normal exit runs first: logging.shutdown, multiprocessing's joins, ...
+
+    def finalize_mpi() -> None:
         mpi = sys.modules.get("mpi4py.MPI")
         if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
             mpi.Finalize()
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (AttributeError, OSError, ValueError):  # replaced or closed by the program
-                pass
-        os._exit(code)
+
+    attempt(destroy_group)
+    attempt(threading._shutdown)  # a normal exit's first step: joins non-daemon threads (concurrent.futures...)
+    attempt(atexit._run_exitfuncs)  # then logging.shutdown, multiprocessing's joins, ...
+    attempt(finalize_mpi)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # replaced or closed by the program
+            pass
+    os._exit(code)
+
+
+def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
+    """``exit_process(main())`` also when ``main`` raises: the traceback is printed as Python would, and
+    the status is 1 (or ``SystemExit``'s code, e.g. argparse's 2), never the teardown's abort."""
+    try:
+        code = main()
+    except SystemExit as e:  # sys.exit / argparse: its code, or its message and 1
+        if e.code is None or isinstance(e.code, int):
+            code = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    exit_process(code or 0)

@@ -18,22 +18,26 @@ import torch
 
 # Dense bf16 peak TFLOP/s per GPU (vendor datasheets, without sparsity), matched in this order against
 # torch.cuda.get_device_name(). Anything else: set peak_tflops in the recipe to get the mfu column.
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("A100", 312.0))
+PEAK_BF16_TFLOPS = (("H100 NVL", 835.5), ("H200 NVL", 835.5), ("H100 PCIe", 756.0), ("H800 PCIe", 756.0),
+                    ("H100", 989.4), ("H200", 989.4), ("H800", 989.4), ("A100", 312.0))
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """Training FLOPs per token of ``model`` (ours or a wrapped one) at ``seq_len`` tokens per sequence.
-    Counts whole parameters under ZeRO-3 (``ds_numel``)."""
+    """Training FLOPs per trained token of ``model`` (ours or a wrapped one) on the data's windows of
+    ``seq_len + 1`` tokens: the model runs all ``seq_len + 1`` positions and is trained on ``seq_len``
+    predictions, the tokens that tokens/s counts. Counts whole parameters under ZeRO-3, whose partitioned
+    parameters are empty tensors (``ds_shape``, ``ds_numel``)."""
     cfg = model.config
     embed = model.model.embed_tokens.weight
     tied = model.lm_head.weight is embed
-    total = 0
+    linear = 0
     for p in model.parameters():
-        if p.dim() != 2 or (p is embed and not tied):
+        if len(getattr(p, "ds_shape", p.shape)) != 2 or (p is embed and not tied):
             continue
-        total += (6 if p.requires_grad else 4) * getattr(p, "ds_numel", p.numel())
-    h = cfg.num_attention_heads * cfg.head_dim
-    return float(total + 12 * cfg.num_hidden_layers * h * seq_len)
+        linear += (6 if p.requires_grad else 4) * getattr(p, "ds_numel", p.numel())
+    positions = seq_len + 1
+    per_position = linear + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * positions
+    return per_position * positions / seq_len
 
 
 def peak_tflops(device_name: str | None) -> float | None:

@@ -87,29 +87,61 @@ def test_a_single_process_without_a_launcher_gets_a_free_port(monkeypatch):
     assert pick_port_for_a_single_process() is None  # a launcher's process: its rendezvous decides
 
 
-def test_exit_process_destroys_the_group_runs_atexit_and_flushes(tmp_path):
-    """exit_process skips the interpreter's teardown (where gloo's threads abort a finished rank, -6), so it
-    must do by hand what a normal exit would: the group is gone before the atexit handlers run, those run,
-    buffered output (stdout is a pipe here) reaches the reader, and the code given is the exit status."""
+def _run_child(tmp_path, code: str):
     import subprocess
     import sys
 
     from launch_utils import launch_env
     script = tmp_path / "child.py"
-    script.write_text(
-        "import atexit, sys\n"
-        "import torch.distributed as dist\n"
-        "from relora_ds.distributed import exit_process\n"
-        f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)\n"
-        "dist.barrier()\n"
-        "atexit.register(lambda: print('atexit: initialized', dist.is_initialized()))\n"
-        "sys.stdout.write('buffered, no newline')\n"
-        "exit_process(5)\n"
-        "print('not reached')\n")
-    proc = subprocess.run([sys.executable, str(script)], env=launch_env(), capture_output=True, text=True,
+    script.write_text(code)
+    return subprocess.run([sys.executable, str(script)], env=launch_env(), capture_output=True, text=True,
                           timeout=120)
+
+
+def test_exit_process_destroys_the_group_joins_threads_runs_atexit_and_flushes(tmp_path):
+    """exit_process skips the interpreter's teardown (where gloo's threads abort a finished rank, -6), so it
+    must do by hand what a normal exit would, in its order: the group is gone before the atexit handlers
+    run; a non-daemon thread still writing is joined first (as Python's exit does: an async checkpoint
+    writer must not be cut off); buffered output (stdout is a pipe here) reaches the reader; and the code
+    given is the exit status."""
+    out = tmp_path / "late.txt"
+    proc = _run_child(tmp_path,
+                      "import atexit, sys, threading, time\n"
+                      "import torch.distributed as dist\n"
+                      "from relora_ds.distributed import exit_process\n"
+                      f"dist.init_process_group('gloo', init_method='tcp://127.0.0.1:{free_port()}', rank=0, "
+                      "world_size=1)\n"
+                      "dist.barrier()\n"
+                      "atexit.register(lambda: print('atexit: initialized', dist.is_initialized(), "
+                      f"'late file', open({str(out)!r}).read()))\n"
+                      f"threading.Thread(target=lambda: (time.sleep(0.5), open({str(out)!r}, 'w').write('written'))"
+                      ").start()\n"
+                      "sys.stdout.write('buffered, no newline')\n"
+                      "exit_process(5)\n"
+                      "print('not reached')\n")
     assert proc.returncode == 5, proc.stderr[-3000:]
-    assert proc.stdout == "buffered, no newlineatexit: initialized False\n"
+    assert proc.stdout == "buffered, no newlineatexit: initialized False late file written\n"
+
+
+@pytest.mark.parametrize("body, status, stderr", [
+    ("return 3", 3, ""),
+    ("return None", 0, ""),
+    ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
+    ("raise SystemExit(2)", 2, ""),
+    ("raise SystemExit('usage: bad flag')", 1, "usage: bad flag"),
+])
+def test_run_and_exit_keeps_the_status_and_the_traceback(tmp_path, body, status, stderr):
+    """A main that raises still leaves through exit_process: the traceback is printed and the status is 1
+    (SystemExit keeps its code), where the interpreter's teardown could turn it into an abort."""
+    proc = _run_child(tmp_path,
+                      "import atexit\n"
+                      "from relora_ds.distributed import run_and_exit\n"
+                      "atexit.register(lambda: print('atexit ran'))\n"
+                      f"def main():\n    {body}\n"
+                      "run_and_exit(main)\n")
+    assert proc.returncode == status, proc.stderr[-3000:]
+    assert proc.stdout == "atexit ran\n"
+    assert stderr in proc.stderr and ("Traceback" in proc.stderr) == (status == 1 and "boom" in stderr)
 
 
 def test_exit_process_finalizes_mpi(tmp_path):

@@ -12,7 +12,8 @@ from relora_ds.flops import flops_per_token, peak_tflops
 
 
 def _counted_per_token(model, batch, seq_len):
-    x = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    """A step on the data's windows (seq_len + 1 tokens, seq_len of them predicted): FLOPs per trained token."""
+    x = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
         model(x, labels=x).loss.backward()
@@ -28,20 +29,23 @@ def test_flops_per_token_equal_the_counted_flops(monkeypatch, seq_len, quantize)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     full = flops_per_token(model, seq_len)
-    assert full == _counted_per_token(model, 2, seq_len)
-    # Hand count for the dense model: 6 per weight-matrix parameter (not the embedding) + 12 L h T.
-    linear = 2 * (4 * 48 * 48 + 3 * 48 * 80) + 96 * 48
-    assert full == 6 * linear + 12 * 2 * 48 * seq_len
+    assert full == pytest.approx(_counted_per_token(model, 2, seq_len), rel=1e-12)
+    # Hand count for the dense model: 6 per weight-matrix parameter (not the embedding) + 12 L h T, for each
+    # of the T = seq_len + 1 positions, per trained token.
+    linear, T = 2 * (4 * 48 * 48 + 3 * 48 * 80) + 96 * 48, seq_len + 1
+    assert full == pytest.approx((6 * linear + 12 * 2 * 48 * T) * T / seq_len, rel=1e-12)
     relora_ds.wrap(model, rank=4, quantize=quantize)
     low = flops_per_token(model, seq_len)
-    assert low == _counted_per_token(model, 2, seq_len)
+    assert low == pytest.approx(_counted_per_token(model, 2, seq_len), rel=1e-12)
     lora = 2 * 4 * (4 * (48 + 48) + 3 * (48 + 80))
-    assert low == full - 2 * (linear - 96 * 48) + 6 * lora  # the frozen base loses its weight gradient
+    # The frozen base loses its weight gradient; the LoRA factors cost 6 each.
+    assert low == pytest.approx(full - (2 * (linear - 96 * 48) - 6 * lora) * T / seq_len, rel=1e-12)
 
 
 def test_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H100 NVL") == peak_tflops("NVIDIA H200 NVL") == 835.5
     assert peak_tflops("NVIDIA H200") == 989.4
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert peak_tflops("NVIDIA L4") is None and peak_tflops(None) is None

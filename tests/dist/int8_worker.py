@@ -19,7 +19,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 import relora_ds
 import relora_kernels as rk
 from relora_ds import LlamaConfig, LlamaForCausalLM
-from relora_ds.distributed import exit_process, init_distributed
+from relora_ds.distributed import init_distributed, run_and_exit
 from relora_ds.zero_reset import offloaded
 
 BUFFERS = ("weight_q", "weight_scale", "weight_residual")
@@ -143,5 +143,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    exit_process()  # destroys the group; skips the teardown where gloo's threads can abort a rank
+    run_and_exit(main)  # no interpreter teardown: there gloo's threads can abort a finished rank (-6)

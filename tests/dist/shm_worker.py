@@ -12,7 +12,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from relora_ds.distributed import exit_process, release_shm_segment, shm_segment_path
+from relora_ds.distributed import release_shm_segment, run_and_exit, shm_segment_path
 
 
 def main():
@@ -44,5 +44,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    exit_process()  # destroys the group; skips the teardown where gloo's threads can abort a rank
+    run_and_exit(main)  # no interpreter teardown: there gloo's threads can abort a finished rank (-6)

@@ -21,7 +21,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM
-from relora_ds.distributed import exit_process, init_distributed
+from relora_ds.distributed import init_distributed, run_and_exit
 from relora_ds.relora import kaiming_uniform_A, reinit_seed
 from relora_ds.zero_reset import offloaded, relink_optimizer_fragments
 
@@ -234,5 +234,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    exit_process()  # destroys the group; skips the teardown where gloo's threads can abort a rank
+    run_and_exit(main)  # no interpreter teardown: there gloo's threads can abort a finished rank (-6)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -95,9 +97,6 @@ def exit_process(code: int = 0) -> NoReturn:
     exits, and mpich otherwise leaves its /dev/shm segment behind). An error in any of these steps is
     printed and makes a zero ``code`` 1.
     """
-    import threading
-    import traceback
-
     def attempt(step) -> None:
         nonlocal code
         try:
@@ -141,8 +140,6 @@ def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
             print(e.code, file=sys.stderr)
             code = 1
     except BaseException:
-        import traceback
-
         traceback.print_exc()
         code = 1
     exit_process(code or 0)

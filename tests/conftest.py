@@ -1,3 +1,5 @@
+import glob
+
 import pytest
 
 
@@ -21,3 +23,21 @@ def kernels_on(monkeypatch, request):
     monkeypatch.setenv("TRITON_INTERPRET", "1" if device == "cpu" else "0")
     monkeypatch.delenv("RELORA_DETERMINISTIC", raising=False)
     return device
+
+
+# One uninterrupted 2-rank run of trainer_utils.RECIPE, the reference of tests/test_trainer.py and
+# tests/test_trainer_resume.py (session-scoped: trained once for both).
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory, small_data_dir):
+    from launch_utils import free_port
+    from trainer_utils import read_losses, train2
+
+    tmp, port = tmp_path_factory.mktemp("uninterrupted"), free_port()
+    train2(tmp, small_data_dir, master_port=port)
+    # DeepSpeed's CPU shm allreduce segments of this run (named after its MASTER_PORT) must all be gone.
+    return {"losses": read_losses(tmp / "run"), "shm_left": sorted(glob.glob(f"/dev/shm/*allreduce_buffer_*_{port}_*"))}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(uninterrupted_run):
+    return uninterrupted_run["losses"]

@@ -1,0 +1,166 @@
+"""The trainer's resume on 2 CPU ranks (gloo): a crash while saving, new settings, fewer and more ranks,
+ZeRO-3 with int8 and with offload, DeepSpeed's bf16 optimizer, a finished run extended."""
+import json
+import os
+
+import pytest
+
+from launch_utils import ROOT, run_deepspeed
+from trainer_utils import FP32_ZERO2, export_equals_the_trainers, read_losses, rewind_to, train1, train2, write
+
+@pytest.mark.parametrize("save_every, crash_at", [(3, 9), (7, 14), (2, 4)],
+                         ids=["after-reset", "in-restart-warmup", "at-warm-start-switch"])
+def test_crash_while_saving_then_exact_resume(tmp_path, small_data_dir, uninterrupted, save_every, crash_at):
+    """Die inside the save at `crash_at`: `latest` must still name the previous checkpoint (step 6: right
+    after the reset at 6; step 7: inside its restart warmup; step 2: written by the full-rank engine at the
+    end of the warm start, so the resumed run must switch to ReLoRA itself), and resuming from it reproduces
+    the uninterrupted run's losses bit for bit."""
+    total = 12 if crash_at < 12 else 16
+    overrides = dict(save_every=save_every, total_steps=total)
+    proc = train2(tmp_path, small_data_dir, env={"RELORA_TEST_CRASH_IN_SAVE": str(crash_at)}, **overrides)
+    assert proc.returncode != 0
+    ckpts = tmp_path / "run" / "checkpoints"
+    resume_step = crash_at - save_every
+    assert (ckpts / "latest").read_text() == f"step_{resume_step}"
+    assert (ckpts / f"step_{crash_at}").exists()  # the partial one is there, but not pointed to
+    stale = ckpts / f"step_{crash_at}" / "zero_pp_rank_7_mp_rank_00_optim_states.pt"  # as from another world size
+    stale.write_bytes(b"stale shard")
+    os.remove(tmp_path / "run" / "metrics.jsonl")
+    train2(tmp_path, small_data_dir, "--resume", **overrides)
+    assert not stale.exists()  # the partial directory was cleared before the step was saved again
+    resumed, _ = read_losses(tmp_path / "run")
+    assert min(resumed) == resume_step + 1
+    if total == 12:
+        reference, _ = uninterrupted
+    else:
+        ref_dir = tmp_path / "ref"
+        ref_dir.mkdir()
+        train2(ref_dir, small_data_dir, total_steps=total)
+        reference, _ = read_losses(ref_dir / "run")
+    for step, loss in resumed.items():
+        assert loss == reference[step], f"step {step}: resumed {loss!r} != uninterrupted {reference[step]!r}"
+
+
+def test_resume_applies_the_recipes_new_lr(tmp_path, small_data_dir):
+    """Resuming with another lr (the advice after a divergence) trains with it: DeepSpeed restores the old
+    one into the param groups and LambdaLR unless the trainer re-applies the recipe's."""
+    from relora_ds.schedule import jagged_cosine
+
+    train1(tmp_path, small_data_dir, save_every=6, warm_start_lr=5e-4)
+    _, recs = read_losses(tmp_path / "run")
+    # The full-rank warm start (steps 1-2) peaks at warm_start_lr, the ReLoRA phase at lr.
+    kw = dict(total_steps=12, warmup_steps=2, cycle_length=4, restart_warmup_steps=2, start_step=2)
+    assert [r["lr"] for r in recs if "loss" in r][:6] == pytest.approx(
+        [(5e-4 if s <= 2 else 3e-3) * jagged_cosine(s - 1, **kw) for s in range(1, 7)], rel=1e-6)
+    assert [r["lr"] for r in recs if "loss" in r][1] > 0
+    rewind_to(tmp_path / "run", "step_6")
+    train1(tmp_path, small_data_dir, "--resume", "--lr", "1e-3", "--adam-beta2", "0.95", save_every=6,
+            warm_start_lr=5e-4)
+    losses, recs = read_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(7, 13))
+    logged = [r["lr"] for r in recs if "loss" in r]
+    want = [1e-3 * jagged_cosine(s - 1, **kw) for s in range(7, 13)]
+    assert logged == pytest.approx(want, rel=1e-6) and max(want) > 0
+    event = next(r for r in recs if r.get("event") == "resume_settings_changed")
+    assert event["lr"] == "0.003 -> 0.001" and event["adam_beta2"] == "0.999 -> 0.95"
+
+
+def test_resume_on_fewer_ranks_zero2(tmp_path, small_data_dir, uninterrupted):
+    """A 2-rank ZeRO-2 checkpoint (step 7: inside the restart warmup after the reset at 6) resumed on one
+    rank goes through DeepSpeed's universal checkpoint and continues the 2-rank run's losses: the sampler
+    re-shards the same global batches, and optimizer state, frozen base weights and merge counts carry over."""
+    train2(tmp_path, small_data_dir, save_every=7)
+    rewind_to(tmp_path / "run", "step_7")
+    proc = train1(tmp_path, small_data_dir, "--resume", save_every=7)
+    assert "loading it as a DeepSpeed universal checkpoint" in proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step_7" / "universal" / "zero").is_dir()
+    resumed, recs = read_losses(tmp_path / "run")
+    reference, _ = uninterrupted
+    assert sorted(resumed) == list(range(8, 13))
+    for step, loss in resumed.items():  # only the reduction order differs (fp32)
+        assert loss == pytest.approx(reference[step], rel=2e-5, abs=2e-5), step
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
+
+
+def test_resume_on_more_ranks_zero3_int8(tmp_path, small_data_dir):
+    """The other direction and the other partitioning: 1-rank ZeRO-3 with an int8 base (buffers and error
+    residuals, which DeepSpeed's converter leaves out under ZeRO-3) resumed on 2 ranks. Also catches
+    DeepSpeed's ZeRO-3 universal load sharing one Adam step counter between our two param groups."""
+    ds = tmp_path / "zero3.json"  # every parameter partitioned, the int8 weights included
+    ds.write_text(json.dumps({**FP32_ZERO2, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
+    train1(tmp_path, small_data_dir, ds=ds, save_every=7, quantize="int8")
+    reference, _ = read_losses(tmp_path / "run")
+    rewind_to(tmp_path / "run", "step_7")
+    recipe, _ = write(tmp_path, small_data_dir, save_every=7, quantize="int8")
+    run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume")
+    resumed, _ = read_losses(tmp_path / "run")
+    assert sorted(resumed) == list(range(8, 13))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(reference[step], rel=2e-5, abs=2e-5), step
+    # Moving between ZeRO-3 and ZeRO-1/2 is what DeepSpeed's universal load cannot do: a clean error first.
+    proc = train1(tmp_path, small_data_dir, "--resume", check=False, save_every=7, quantize="int8")
+    assert proc.returncode == 2 and "cannot move a checkpoint between ZeRO-3 and ZeRO-1/2" in proc.stderr, \
+        proc.stderr[-3000:]
+
+
+def test_zero3_offload_resumes_exactly(tmp_path, small_data_dir):
+    """ZeRO-3 with the optimizer and the parameters in host memory (the shipped zero3_offload.json, in fp32,
+    DeepSpeedCPUAdam): rewound to its checkpoint at step 7 (inside the restart warmup after the reset at 6,
+    pruned moments included) and resumed on 2 ranks and on 1, the run continues its own losses. Not bit for
+    bit: after a load DeepSpeedCPUAdam computes beta^t with pow where the running optimizer multiplied step
+    by step (deepspeed/ops/csrc/includes/cpu_adam.h, IncrementStep), so updates differ in their last bits
+    (seen: <= 1e-6 in fp32, the same for zero2_offload; bf16 rounding carries that to 7e-5). A lost or
+    unpruned moment, or a step count off by one, moves the losses by orders of magnitude more (without the
+    optimizer state: 4e-3)."""
+    recipe, _ = write(tmp_path, small_data_dir, save_every=7)
+    ds = tmp_path / "zero3_offload_fp32.json"
+    ds.write_text(json.dumps({**json.loads((ROOT / "ds_configs/zero3_offload.json").read_text()),
+                              "bf16": {"enabled": False}}))
+    run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
+    reference, _ = read_losses(tmp_path / "run")
+    # On 2 ranks again, then on 1 (DeepSpeed's universal checkpoint re-partitions the offloaded states).
+    for resume in (lambda: run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume"),
+                   lambda: train1(tmp_path, small_data_dir, "--resume", ds=ds, save_every=7)):
+        rewind_to(tmp_path / "run", "step_7")
+        resume()
+        resumed, recs = read_losses(tmp_path / "run")
+        assert sorted(resumed) == list(range(8, 13))
+        assert resumed[8] == reference[8]  # the restored weights, before any update
+        for step, loss in resumed.items():
+            assert loss == pytest.approx(reference[step], rel=0, abs=3e-6), step
+        assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
+
+
+def test_bf16_optimizer_checkpoint_exports_and_resumes_on_fewer_ranks(tmp_path, small_data_dir):
+    """ZeRO-1 with bf16 weights and fp32 gradient accumulation runs DeepSpeed's bf16 optimizer, whose
+    checkpoint files DeepSpeed's zero_to_fp32 cannot read: export.py gives the trainer's own export, and a
+    resume on one rank (through ds_to_universal) continues the two-rank run's losses."""
+    ds = tmp_path / "bf16opt.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True},
+                              "data_types": {"grad_accum_dtype": "fp32"},
+                              "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    recipe, _ = write(tmp_path, small_data_dir, micro_batch_size=2, save_every=7, export=True)
+    run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
+    run = tmp_path / "run"
+    assert list((run / "checkpoints" / "step_12").glob("bf16_zero_pp_rank_*_optim_states.pt"))
+    export_equals_the_trainers(run, tmp_path)
+    two_ranks, _ = read_losses(run)
+    rewind_to(run, "step_7")
+    proc = train1(tmp_path, small_data_dir, "--resume", ds=ds, micro_batch_size=2, save_every=7)
+    assert "loading it as a DeepSpeed universal checkpoint" in proc.stdout + proc.stderr
+    resumed, recs = read_losses(run)
+    assert sorted(resumed) == list(range(8, 13))
+    for step, loss in resumed.items():  # bf16 weights, another reduction order: close, not equal
+        assert loss == pytest.approx(two_ranks[step], rel=2e-3), step
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
+
+
+def test_a_finished_run_extended_with_resume_keeps_its_last_reset(tmp_path, small_data_dir):
+    """The reset at a run's last step is done too, so `--resume --total-steps` longer continues from a
+    checkpoint taken after it (it used to be skipped there, and never done)."""
+    train2(tmp_path, small_data_dir, total_steps=10, eval_every=0)
+    train2(tmp_path, small_data_dir, "--resume", "--total-steps", "14", total_steps=10, eval_every=0)
+    losses, recs = read_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 15))
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10, 14]
+    assert [r for r in recs if r.get("event") == "resume_settings_changed"][0]["total_steps"] == "10 -> 14"

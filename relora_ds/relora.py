@@ -42,7 +42,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class ReLoRALinear(nn.Module):
-    """``y = x Wᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ`` with W (and b) frozen.
+    """``y = x Wᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ`` with W frozen; a bias trains full-rank, like the norms
+    (as in the reference code; ``wrap`` keeps the replaced layer's setting).
 
     Shapes and names as PEFT's LoRA: ``weight`` (out, in), ``lora_A`` (rank, in), ``lora_B`` (out, rank),
     ``scale = alpha / rank``. With ``quantize="int8"`` there is no ``weight`` parameter: the base lives in
@@ -74,7 +75,7 @@ class ReLoRALinear(nn.Module):
             quant.init_storage(self, out_features, in_features, device)
         else:
             self.weight = nn.Parameter(w0, requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **kw))
         # How many merges this layer has seen: part of the re-init seed, saved with the model so that a
@@ -229,7 +230,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
 
     ``target_modules``: module names or dotted suffixes (PEFT style), default all attention and MLP
     projections. The base weight is copied into the new layer (in int8 when quantized) and frozen; every
-    other parameter keeps its ``requires_grad``. Tied weights and relora_ds's ``lm_head`` are refused.
+    other parameter, a linear's bias included, keeps its ``requires_grad`` (ReLoRA trains it full-rank). Tied weights and relora_ds's ``lm_head`` are refused.
     ``seed`` seeds lora_A's draws (see `reinit_seed`).
     ``quantize``: None (base kept in its dtype) or ``"int8"`` (per-channel int8, relora_ds/quant.py).
     ``merge_residual``: keep what each merge's rounding into a bf16/fp16 base drops (bf16, host memory) and
@@ -251,6 +252,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
             layer.load_base_(linear.weight)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
+                layer.bias.requires_grad_(linear.bias.requires_grad)
         layer.base_requires_grad = linear.weight.requires_grad  # restored by unwrap
         _set_submodule(model, name, layer)
     return model
@@ -266,6 +268,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             linear.weight.copy_(layer.base_weight() + layer.delta_weight())
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias)
+                linear.bias.requires_grad_(layer.bias.requires_grad)
         linear.weight.requires_grad_(getattr(layer, "base_requires_grad", True))
         _set_submodule(model, name, linear)
     return model

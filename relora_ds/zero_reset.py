@@ -150,7 +150,7 @@ def merge_and_reinit_engine(engine) -> dict:
             import deepspeed
 
             base = layer.weight_q if layer.quantize else layer.weight
-            gathered = [base, A_param, B_param] + ([layer.bias] if layer.bias is not None else [])
+            gathered = [base, A_param, B_param]  # the merge reads A and B and writes W; a bias is not touched
             with deepspeed.zero.GatheredParameters(gathered, modifier_rank=0):
                 # int8 or merge_residual: every rank, for its own residual (and scale) buffers
                 if layer.quantize or layer.merge_residual is not None or _rank() == 0:

@@ -1,4 +1,5 @@
 """ReLoRA layer, wrap/unwrap and merge-and-reinit against plain-torch oracles."""
+import copy
 import hashlib
 import math
 
@@ -104,6 +105,41 @@ def test_layer_forward_matches_formula_with_bias_and_dropout():
     x_d = x * dropout_keep_mask(x, 0.5, None).float() / 0.5  # the mask both kernel paths draw
     assert 0.3 < (x_d == 0).float().mean() < 0.7
     torch.testing.assert_close(y, x @ layer.weight.T + layer.bias + 2.0 * (x_d @ layer.lora_A.T) @ layer.lora_B.T)
+
+
+def test_biases_train_full_rank_as_before_wrap():
+    """A wrapped linear's bias keeps training (the reference code's ReLoRA does too): same bias gradients as
+    the unwrapped model while B = 0, no gradient for the frozen W; a bias frozen before wrap stays frozen,
+    and unwrap gives each back as it was."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, attention_bias=True, mlp_bias=True)
+    plain = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # fresh HF biases are zero
+    plain.model.layers[1].mlp.up_proj.bias.requires_grad_(False)
+    wrapped = relora_ds.wrap(copy.deepcopy(plain), rank=4)
+    x = torch.randint(0, 256, (2, 9))
+    plain(x, labels=x).loss.backward()
+    wrapped(x, labels=x).loss.backward()
+    plain_linears = dict(plain.named_modules())
+    layers = list(relora_ds.relora_layers(wrapped))
+    assert len(layers) == 2 * 7
+    for name, layer in layers:
+        ref = plain_linears[name].bias
+        assert layer.bias.requires_grad == ref.requires_grad
+        assert layer.weight.grad is None and layer.lora_B.grad is not None
+        if ref.requires_grad:
+            torch.testing.assert_close(layer.bias.grad, ref.grad, atol=1e-6, rtol=1e-5)
+            assert ref.grad.abs().sum() > 0
+        else:
+            assert layer.bias.grad is None
+    relora_ds.unwrap(wrapped)
+    assert not wrapped.model.layers[1].mlp.up_proj.bias.requires_grad
+    assert wrapped.model.layers[0].mlp.up_proj.bias.requires_grad
+    assert all(p.requires_grad for n, p in wrapped.named_parameters() if n.endswith("proj.weight"))
 
 
 def _documented_A(run_seed, layer_name, restart, shape):

@@ -16,7 +16,7 @@ from .data import check_tokenizer_matches
 from .hf import config_from_hf
 from .model import LlamaForCausalLM
 from .model_config import LlamaConfig
-from .relora import target_linears
+from .relora import wrap
 from .schedule import cosine_with_warmup, jagged_cosine, restarted_at
 from .train_config import ConfigWarning, TrainConfig
 
@@ -39,12 +39,16 @@ def model_config_for(cfg: TrainConfig, vocab_size: int) -> LlamaConfig:
 def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
                          vocab_size: int) -> tuple[LlamaConfig, dict | None]:
     """(model config, data manifest or None without data_dir): preset or HF directory, tokenizer vs model
-    vocab, and target_modules (a bad name fails here, not at the switch after the warm start)."""
+    vocab, and the ReLoRA layers: ``wrap`` runs on a meta-device copy of the model (about 1 s for 7b), so a
+    bad target name, a rank above a layer's size or a bad dropout fails here, not at the switch after the
+    warm start."""
     model_config = model_config_for(cfg, vocab_size)
     manifest = check_tokenizer_matches(data_dir, model_config.vocab_size) if data_dir is not None else None
     if cfg.mode != "full":
         with torch.device("meta"):
-            target_linears(LlamaForCausalLM(model_config), cfg.target_modules)
+            wrap(LlamaForCausalLM(model_config), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
+                 target_modules=cfg.target_modules, seed=cfg.seed, quantize=cfg.quantize,
+                 merge_residual=cfg.merge_residual)
     return model_config, manifest
 
 

@@ -67,10 +67,11 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
     proc = _run(sys.executable, "launch/preflight.py", "--world-size", "2", *args[:2], "--deepspeed", "nope.json",
                 "--output-dir", tmp_path / "other")
     assert proc.returncode == 2 and "--deepspeed nope.json: no such file" in proc.stderr
-    # What would otherwise fail every rank after start-up: preset, data dir, target_modules, HF directory.
+    # What would otherwise fail every rank after start-up: preset, data dir, target_modules, rank, HF directory.
     for extra, msg in ((["--model", "13b"], "unknown model preset '13b'"),
                        (["--data-dir", "/nonexistent"], "'/nonexistent' is not a prepared data dir"),
                        (["--target-modules", "q_proj", "v_prj"], "target_modules ['v_prj'] matched no nn.Linear"),
+                       (["--rank", "512"], "rank=512 must be in [1, min(in_features=256, out_features=256)]"),
                        (["--hf-model", str(ROOT / "launch")], "no config.json")):
         proc = _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args, *extra)
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-500:])

@@ -172,16 +172,22 @@ def test_torchrun_launcher(tmp_path, small_data_dir):
     assert sorted(losses) == [1, 2, 3, 4] and [r["step"] for r in recs if r.get("event") == "reset"] == [2, 4]
 
 
-def test_bad_target_module_fails_before_the_warm_start(tmp_path, small_data_dir):
-    """A typo in target_modules is a clean error (exit 2) at start-up, not a traceback at the switch."""
+@pytest.mark.parametrize("bad, message", [
+    (["--target-modules", "q_proj", "v_prj"], "target_modules ['v_prj'] matched no nn.Linear layer (the others "
+                                               "did); linear layer names in this model end in: ['down_proj', "),
+    (["--rank", "100"], "layer model.layers.0.self_attn.q_proj: rank=100 must be in [1, min(in_features=64"),
+], ids=["target_modules", "rank"])
+def test_bad_lora_setting_fails_before_the_warm_start(tmp_path, small_data_dir, bad, message):
+    """A typo in target_modules or a rank above a layer's size is a clean error (exit 2) at start-up, not a
+    traceback at the switch after the warm start."""
     env = {**launch_env(), "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
            "MASTER_ADDR": "127.0.0.1"}
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--model", "debug", "--data-dir",
                            str(small_data_dir), "--cycle-length", "4", "--warm-start-steps", "2", "--total-steps", "8",
-                           "--target-modules", "q_proj", "v_prj", "--output-dir", str(tmp_path / "run")],
+                           *bad, "--output-dir", str(tmp_path / "run")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "target_modules ['v_prj'] matched no nn.Linear layer" in proc.stderr and "'v_proj'" in proc.stderr
+    assert message in proc.stderr
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert not metrics.exists() or '"loss"' not in metrics.read_text()  # no training step ran
 

@@ -65,7 +65,8 @@ def _check(argv) -> str:
             cfg.vocab_size = vocab
             checkpoint.plan_resume(Path(cfg.output_dir) / "checkpoints", model=model_config.to_dict(),
                                    train=cfg.to_dict(), ds=ds, world=args.world_size, data_dir=data_dir,
-                                   tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None)
+                                   tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None,
+                                   total_steps=total_steps_for(cfg))
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     stage = zero_stage(ds)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from .ds_config import zero_stage
 
 LATEST = "latest"
+REWOUND = "rewound"  # checkpoints after a --resume-from point
 UNIVERSAL = "universal"
 # DeepSpeed's converter needs this key in the checkpoint (Megatron-DeepSpeed sets it); set on the model.
 UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}
@@ -107,16 +108,23 @@ DEFAULTS_OF_OLDER_CHECKPOINTS = {"lowrank_schedule": "continue", "merge_residual
 
 
 def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: int, data_dir: Path,
-                tokenizer_sha256: str | None) -> dict | None:
+                tokenizer_sha256: str | None, total_steps: int) -> dict | None:
     """What ``--resume`` will load from ``ckpt_dir`` into a run of ``model`` (its config dict) trained with
-    ``train`` (the TrainConfig dict) and DeepSpeed config ``ds`` on ``world`` ranks, reading ``data_dir``
-    (tokenized by ``tokenizer_sha256``; None: not known yet, not checked), checked before any engine exists: None without a checkpoint, else
-    ``{"tag", "saved" (its config.json), "universal" (load through ds_to_universal), "stages" (saved, now)}``.
+    ``train`` (the TrainConfig dict) and DeepSpeed config ``ds`` on ``world`` ranks for ``total_steps`` steps,
+    reading ``data_dir`` (tokenized by ``tokenizer_sha256``; None: not known yet, not checked), checked before
+    any engine exists: None without a checkpoint, else ``{"tag", "saved" (its config.json), "universal" (load
+    through ds_to_universal), "stages" (saved, now), "rewind" (the later tags ``resume_from`` moves aside)}``.
     A checkpoint this run cannot load is a ValueError saying what to do instead."""
     ckpt_dir = Path(ckpt_dir)
-    tag = latest_tag(ckpt_dir)
+    tag, rewind = latest_tag(ckpt_dir), []
+    if train.get("resume_from"):
+        tag, rewind = _resume_point(ckpt_dir, train["resume_from"], tag)
     if tag is None:
         return None
+    if tag_step(tag) > total_steps:
+        raise ValueError(f"checkpoint {ckpt_dir / tag} is at step {tag_step(tag)}, past this run's total_steps="
+                         f"{total_steps}: resume with total_steps of at least {tag_step(tag)} (equal: nothing left "
+                         "to train), or go back to an earlier checkpoint with --resume-from step_N")
     saved = load_config(ckpt_dir, tag)
     before = {**DEFAULTS_OF_OLDER_CHECKPOINTS, **saved["train"]}
     fixed = {k: (train[k], before[k]) for k in FIXED_ON_RESUME if k in before and before[k] != train[k]}
@@ -152,7 +160,46 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
                          f"stage {stages[0]}; this run has {world} rank(s) and ZeRO stage 0. Its sharded "
                          "optimizer state can be loaded on another number of ranks only into a ZeRO-1/2/3 "
                          f"engine: pass --deepspeed with a ZeRO stage (e.g. ds_configs/zero{stages[0] or 2}.json)")
-    return {"tag": tag, "saved": saved, "universal": universal, "stages": stages}
+    return {"tag": tag, "saved": saved, "universal": universal, "stages": stages, "rewind": rewind}
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """The checkpoint tags in ``ckpt_dir`` whose files are all written (config.json comes last), by step."""
+    tags = [p.name for p in Path(ckpt_dir).glob("step_*") if (p / "config.json").is_file()]
+    return sorted(tags, key=tag_step)
+
+
+def _resume_point(ckpt_dir: Path, resume_from: str, latest: str | None) -> tuple[str, list[str]]:
+    """(tag to load, later tags to move aside) for ``--resume-from``. A checkpoint written after the rewind
+    by the run that made it (its config says the same resume_from) is that run's progress: a requeued job
+    repeating the command line continues from it instead of going back again."""
+    if not (ckpt_dir / resume_from / "config.json").is_file():
+        raise ValueError(f"--resume-from {resume_from}: no complete checkpoint {ckpt_dir / resume_from}; there: "
+                         f"{complete_tags(ckpt_dir) or 'none'}")
+    step = tag_step(resume_from)
+    if latest is not None and tag_step(latest) > step and \
+            load_config(ckpt_dir, latest)["train"].get("resume_from") == resume_from:
+        return latest, []
+    later = [p.name for p in ckpt_dir.glob("step_*") if p.is_dir() and tag_step(p.name) > step]
+    return resume_from, sorted(later, key=tag_step)
+
+
+def rewind(ckpt_dir: Path, tag: str, later: list[str]) -> list[Path]:
+    """Go back to ``tag``: move the ``later`` checkpoints into ``ckpt_dir/rewound/`` (kept, out of the way of
+    the saves that will write those steps again) and point ``latest`` at ``tag``. Rank 0 calls this."""
+    moved = []
+    for name in later:
+        dest = ckpt_dir / REWOUND / name
+        n = 1
+        while dest.exists():  # rewound twice past the same step: keep both
+            dest, n = ckpt_dir / REWOUND / f"{name}.{n}", n + 1
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(ckpt_dir / name, dest)
+        moved.append(dest)
+    tmp = ckpt_dir / f".{LATEST}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, ckpt_dir / LATEST)
+    return moved
 
 
 def load_config(ckpt_dir: Path, tag: str) -> dict:

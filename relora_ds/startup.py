@@ -13,6 +13,7 @@ import relora_kernels
 import torch
 
 from .data import check_tokenizer_matches
+from .data.manifest import file_sha256
 from .hf import config_from_hf
 from .model import LlamaForCausalLM
 from .model_config import LlamaConfig
@@ -44,12 +45,33 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
     warm start."""
     model_config = model_config_for(cfg, vocab_size)
     manifest = check_tokenizer_matches(data_dir, model_config.vocab_size) if data_dir is not None else None
+    source = cfg.hf_model or cfg.warm_start_from
+    if source and manifest is not None:
+        check_model_tokenizer(source, manifest, data_dir)
     if cfg.mode != "full":
         with torch.device("meta"):
             wrap(LlamaForCausalLM(model_config), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                  target_modules=cfg.target_modules, seed=cfg.seed, quantize=cfg.quantize,
                  merge_residual=cfg.merge_residual)
     return model_config, manifest
+
+
+def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Path) -> None:
+    """A Hugging Face model must train on token ids from its own tokenizer: compare its ``tokenizer.model``
+    (SentencePiece, as our exports and LLaMA checkpoints hold) with the one the data was prepared with. Equal
+    vocab sizes prove nothing (prepare_data trains its own 32000-piece BPE by default, LLaMA has 32000)."""
+    path = Path(source) / "tokenizer.model"
+    if not path.is_file():
+        warnings.warn(f"{source} has no tokenizer.model, so relora_ds cannot check that {data_dir} was tokenized "
+                      "with this model's tokenizer; if it was not, every token id means another piece to the model "
+                      "(prepare the data with launch/prepare_data.py --tokenizer <the model's .model>)",
+                      ConfigWarning, stacklevel=3)
+        return
+    sha = file_sha256(path)
+    if sha != manifest["tokenizer_sha256"]:
+        raise ValueError(f"{path} (sha256 {sha[:12]}...) is not the tokenizer {data_dir} was prepared with "
+                         f"(sha256 {manifest['tokenizer_sha256'][:12]}...): its token ids would mean other pieces to "
+                         f"the model. Prepare the data with launch/prepare_data.py --tokenizer {path}")
 
 
 def total_steps_for(cfg: TrainConfig) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -122,6 +123,10 @@ class TrainConfig:
     output_dir: str = _f("runs/default", "where checkpoints, metrics.jsonl, TensorBoard logs and the "
                                          "Hugging Face export go")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")
+    resume_from: str | None = _f(None, "continue from this checkpoint of output_dir (a tag, e.g. step_2000) instead "
+                                       "of the latest, e.g. to go back before a loss spike; implies resume. The "
+                                       "checkpoints after it move to checkpoints/rewound/ (kept). A requeued job "
+                                       "repeating the command continues from the rewound run's own checkpoints")
     overwrite: bool = _f(False, "start a new run in an output_dir that holds one, deleting its checkpoints, "
                                 "metrics, TensorBoard logs and export (without it, or --resume, that is an error)")
     export: bool = _f(True, "export the final model to output_dir/hf (Hugging Face LLaMA format)")
@@ -157,6 +162,10 @@ class TrainConfig:
             raise ValueError(f"prune_ratio={self.prune_ratio} must be in [0, 1]")
         if self.warm_start_steps and self.warm_start_from:
             raise ValueError("give warm_start_steps or warm_start_from, not both")
+        if self.hf_model and self.warm_start_from:
+            raise ValueError(f"give hf_model or warm_start_from, not both (each names the Hugging Face directory the "
+                             f"run starts from; got hf_model={self.hf_model!r}, "
+                             f"warm_start_from={self.warm_start_from!r})")
         if self.warm_start_lr is not None and self.warm_start_lr <= 0:
             raise ValueError(f"warm_start_lr={self.warm_start_lr} must be positive")
         if self.warm_start_lr is not None and not (self.warm_start_steps and self.mode != "full"):
@@ -168,6 +177,11 @@ class TrainConfig:
             warnings.warn(f"the full-rank warm start runs at ReLoRA's lr={self.lr}: the paper's ReLoRA lr is 2x the "
                           "full-rank one, and a warm start at the full-rank lr measured better (BENCHMARKS.md); set "
                           "warm_start_lr (e.g. lr / 2)", ConfigWarning, stacklevel=3)
+        if self.resume_from is not None:
+            if not re.fullmatch(r"step_\d+", self.resume_from):
+                raise ValueError(f"resume_from={self.resume_from!r} is not a checkpoint tag: give one of the form "
+                                 "step_N (the folders in output_dir/checkpoints)")
+            self.resume = True
         if self.resume and self.overwrite:
             raise ValueError("give resume or overwrite, not both (resume continues the run in output_dir, "
                              "overwrite deletes it; the SLURM scripts always pass --resume: for a new run there, "
@@ -181,6 +195,7 @@ class TrainConfig:
                           f"mode={self.mode!r} has no merges or resets", ConfigWarning, stacklevel=3)
         if self.warm_start_steps and self.mode == "full":
             raise ValueError("warm_start_steps only makes sense with mode=relora or lora")
+        self._warn_ignored()
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize={self.quantize!r} is not supported; valid values: None, 'int8'")
         if self.merge_residual and self.quantize:
@@ -202,6 +217,27 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+    def _warn_ignored(self) -> None:
+        """A ConfigWarning for each setting this run's mode or other settings leave without effect."""
+        ignored = []
+        if self.lowrank_schedule == "restart" and not (self.warm_start_steps and self.mode != "full"):
+            ignored.append(("lowrank_schedule='restart'", "it restarts the schedule after an in-run warm start, "
+                            f"and this run has none (warm_start_steps={self.warm_start_steps}, mode={self.mode!r})"))
+        if self.mode == "full":
+            for name, default in (("dropout", 0.0), ("prune_joint", False), ("merge_residual", False)):
+                if getattr(self, name) != default:
+                    ignored.append((f"{name}={getattr(self, name)!r}", "mode='full' has no LoRA layers"))
+        elif self.mode == "lora":
+            if self.merge_residual:
+                ignored.append(("merge_residual=True", "mode='lora' never merges (its residual buffers still take "
+                                "2 bytes per base parameter of host memory)"))
+            if self.prune_joint:
+                ignored.append(("prune_joint=True", "mode='lora' has no optimizer resets"))
+        if self.prune_method == "reset" and self.prune_ratio != TrainConfig.prune_ratio:
+            ignored.append((f"prune_ratio={self.prune_ratio}", "prune_method='reset' zeroes the whole moments"))
+        for setting, why in ignored:
+            warnings.warn(f"{setting} is ignored: {why}", ConfigWarning, stacklevel=4)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

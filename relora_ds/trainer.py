@@ -97,9 +97,11 @@ class Trainer:
             check_data_use(cfg, self.total_steps, len(self.train_data), len(self.val_data), str(self.data_dir))
         self.resume_plan = None if not cfg.resume else checkpoint.plan_resume(
             self.ckpt_dir, model=self.model_config.to_dict(), train=cfg.to_dict(), ds=self.ds, world=self.world,
-            data_dir=self.data_dir, tokenizer_sha256=self.tokenizer_sha256)
+            data_dir=self.data_dir, tokenizer_sha256=self.tokenizer_sha256, total_steps=self.total_steps)
         if cfg.overwrite:  # only now that every check has passed: a refused run deletes nothing
             self._clear_output_dir()
+        if cfg.resume_from:
+            self._rewind()
         self.step = 0
         self.engine = None
         resume_step = None if not cfg.resume else (
@@ -120,6 +122,17 @@ class Trainer:
                 shutil.rmtree(self.out / name, ignore_errors=True)
             for name in ("metrics.jsonl", MetricsLogger.REWOUND, "curves.png"):
                 (self.out / name).unlink(missing_ok=True)
+        dist.barrier()
+
+    def _rewind(self) -> None:
+        """--resume-from: the checkpoints after it move aside (the metrics after it move aside in MetricsLogger).
+        Every rank has planned from the same files (the first barrier) before rank 0 moves any."""
+        dist.barrier()
+        if self.rank == 0 and self.resume_plan and self.resume_plan["rewind"]:
+            tag = self.resume_plan["tag"]
+            moved = checkpoint.rewind(self.ckpt_dir, tag, self.resume_plan["rewind"])
+            self._print(f"--resume-from {tag}: moved the later checkpoints to {self.ckpt_dir / checkpoint.REWOUND}: "
+                        + ", ".join(p.name for p in moved))
         dist.barrier()
 
     def _request_stop(self, signum, frame) -> None:
@@ -193,8 +206,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
+        # step_events_done: the merge and reset due at `step`, if any, are in this checkpoint (saves come after
+        # them); checkpoints without the key predate that order (see _catch_up_missed_merge).
         return {"step": self.step, "phase": self.engine_phase, "relora_start": self.relora_start,
-                "sampler": self.batches.state_dict(), "world_size": self.world}
+                "sampler": self.batches.state_dict(), "world_size": self.world, "step_events_done": True}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
@@ -236,7 +251,7 @@ class Trainer:
             unshare_optimizer_steps(self.engine)
         self.load_state_dict(client)
         self._apply_optimizer_settings(saved["train"])
-        self._catch_up_missed_merge()
+        self._catch_up_missed_merge(client)
         if saved["world_size"] == self.world:
             checkpoint.load_rng(self.ckpt_dir, tag)
         else:  # per-rank RNG streams do not map onto other ranks (only LoRA dropout draws from them)
@@ -244,9 +259,12 @@ class Trainer:
         self._print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
         return True
 
-    def _catch_up_missed_merge(self) -> None:
+    def _catch_up_missed_merge(self, client: dict) -> None:
         """A final checkpoint written before relora_ds did the last step's reset (before 2026-11-30) sits on
-        a merge step without its merge: do it now, once, so extending such a run loses no reset."""
+        a merge step without its merge: do it now, once, so extending such a run loses no reset. Only for
+        checkpoints without ``step_events_done``: the merge count cannot tell once cycle_length changes."""
+        if client.get("step_events_done"):
+            return
         cfg = self.cfg
         since = self.step - self.relora_start
         every = cfg.merge_every or cfg.cycle_length
@@ -271,7 +289,7 @@ class Trainer:
         # Every other setting a resume may change (total_steps, cycle_length, batch sizes, clipping, ...) takes
         # effect through the new config; all of them are named once here.
         changed = {k: f"{saved.get(k)} -> {v}" for k, v in cfg.to_dict().items()
-                   if k not in ("resume", "overwrite") and saved.get(k) != v}
+                   if k not in ("resume", "resume_from", "overwrite") and saved.get(k) != v}
         if changed:
             self._event({"event": "resume_settings_changed", "step": self.step, **changed})
 

@@ -48,7 +48,7 @@ def test_plan_resume_decides_how_to_load_or_says_why_not(tmp_path, saved, now, e
 
     _fake_checkpoint(tmp_path, world=saved[0], stage=saved[1], sharded=saved[2])
     kw = dict(model={"hidden_size": 64}, train=TRAIN, ds={"zero_optimization": {"stage": now[1]}}, world=now[0],
-              data_dir=tmp_path / "data", tokenizer_sha256="a" * 64)
+              data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
     if isinstance(expect, str):
         with pytest.raises(ValueError, match=expect):
             checkpoint.plan_resume(tmp_path, **kw)
@@ -61,7 +61,7 @@ def test_plan_resume_decides_how_to_load_or_says_why_not(tmp_path, saved, now, e
 def test_plan_resume_refuses_another_model_or_tokenizer(tmp_path):
     from relora_ds import checkpoint
 
-    kw = dict(train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2, data_dir=tmp_path / "data")
+    kw = dict(train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2, data_dir=tmp_path / "data", total_steps=12)
     assert checkpoint.plan_resume(tmp_path, model={}, tokenizer_sha256="a" * 64, **kw) is None  # nothing saved
     _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
     with pytest.raises(ValueError, match=r"another model: field \(now, checkpoint\): \{'hidden_size': \(128, 64\)\}"):
@@ -93,7 +93,7 @@ def test_plan_resume_refuses_settings_that_shape_the_checkpoint(tmp_path, change
 
     _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
     kw = dict(model={"hidden_size": 64}, ds={"zero_optimization": {"stage": 2}}, world=2,
-              data_dir=tmp_path / "data", tokenizer_sha256="a" * 64)
+              data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
     with pytest.raises(ValueError, match=r"settings a resume cannot change, field \(now, checkpoint\): .*" +
                        re.escape(named)):
         checkpoint.plan_resume(tmp_path, train={**TRAIN, **change}, **kw)
@@ -107,6 +107,65 @@ def test_plan_resume_refuses_settings_that_shape_the_checkpoint(tmp_path, change
     assert checkpoint.plan_resume(tmp_path / "old", train=TRAIN, **kw)["tag"] == "step_8"
     with pytest.raises(ValueError, match=r"'lowrank_schedule': \('restart', 'continue'\)"):
         checkpoint.plan_resume(tmp_path / "old", train={**TRAIN, "lowrank_schedule": "restart"}, **kw)
+
+
+def test_a_checkpoint_past_total_steps_is_refused(tmp_path):
+    from relora_ds import checkpoint
+
+    _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
+    kw = dict(model={"hidden_size": 64}, train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2,
+              data_dir=tmp_path / "data", tokenizer_sha256="a" * 64)
+    assert checkpoint.plan_resume(tmp_path, total_steps=8, **kw)["tag"] == "step_8"  # equal: nothing to train
+    with pytest.raises(ValueError, match=r"step_8 is at step 8, past this run's total_steps=7: resume with "
+                                         r"total_steps of at least 8"):
+        checkpoint.plan_resume(tmp_path, total_steps=7, **kw)
+
+
+def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
+    """plan_resume with resume_from: that tag, and the later ones to move aside; once a checkpoint of the rewound
+    run exists (its config names the same resume_from), the latest again (a requeued job). rewind() moves them
+    under rewound/ (a second rewind past the same step keeps both) and points latest at the tag."""
+    from relora_ds import checkpoint
+
+    for step in (4, 8, 12):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "config.json").write_text(json.dumps(
+            {"model": {"hidden_size": 64}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}},
+             "tokenizer_sha256": "a" * 64, "train": TRAIN}))
+    (tmp_path / "step_16").mkdir()  # a save that crashed: no config.json, never latest, still after step 4
+    (tmp_path / "latest").write_text("step_12")
+    kw = dict(model={"hidden_size": 64}, ds={"zero_optimization": {"stage": 2}}, world=2,
+              data_dir=tmp_path / "data", tokenizer_sha256="a" * 64, total_steps=12)
+    back = {**TRAIN, "resume_from": "step_4"}
+    plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
+    assert plan["tag"] == "step_4" and plan["rewind"] == ["step_8", "step_12", "step_16"]
+    with pytest.raises(ValueError, match=r"--resume-from step_6: no complete checkpoint .*step_6; there: "
+                                         r"\['step_4', 'step_8', 'step_12'\]"):
+        checkpoint.plan_resume(tmp_path, train={**TRAIN, "resume_from": "step_6"}, **kw)
+    moved = checkpoint.rewind(tmp_path, "step_4", plan["rewind"])
+    assert [p.relative_to(tmp_path).as_posix() for p in moved] == ["rewound/step_8", "rewound/step_12",
+                                                                    "rewound/step_16"]
+    assert checkpoint.latest_tag(tmp_path) == "step_4" and checkpoint.complete_tags(tmp_path) == ["step_4"]
+    assert checkpoint.plan_resume(tmp_path, train=back, **kw) == {**plan, "rewind": []}  # nothing left to move
+    # The rewound run saves step_8 (its config records resume_from): the same command continues from it.
+    (tmp_path / "step_8").mkdir()
+    (tmp_path / "step_8" / "config.json").write_text(json.dumps(
+        {"model": {"hidden_size": 64}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}},
+         "tokenizer_sha256": "a" * 64, "train": back}))
+    (tmp_path / "latest").write_text("step_8")
+    plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
+    assert plan["tag"] == "step_8" and plan["rewind"] == []
+    # Going back to step_4 again with another command (a plain run's config, e.g. a new resume_from) moves
+    # the new step_8 beside the old one.
+    again = checkpoint.plan_resume(tmp_path, train={**TRAIN, "resume_from": "step_8"}, **kw)
+    assert again["tag"] == "step_8" and again["rewind"] == []
+    (tmp_path / "step_8" / "config.json").write_text(json.dumps(
+        {"model": {"hidden_size": 64}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}},
+         "tokenizer_sha256": "a" * 64, "train": TRAIN}))
+    plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
+    assert plan["tag"] == "step_4" and plan["rewind"] == ["step_8"]
+    checkpoint.rewind(tmp_path, "step_4", plan["rewind"])
+    assert sorted(p.name for p in (tmp_path / "rewound").iterdir()) == ["step_12", "step_16", "step_8", "step_8.1"]
 
 
 def test_a_checkpoint_missing_its_last_merge_gets_it_once_on_resume():
@@ -128,5 +187,15 @@ def test_a_checkpoint_missing_its_last_merge_gets_it_once_on_resume():
         for _, layer in relora_ds.relora_layers(model):
             layer.merge_count.fill_(merges)
         t.step, calls[:] = step, []
-        Trainer._catch_up_missed_merge(t)
+        Trainer._catch_up_missed_merge(t, {})  # a checkpoint from before step_events_done
         assert calls == want, (step, merges)
+    # What the merge count cannot tell: the cycle halved on resume (4 -> 2) on the step-6 checkpoint, whose
+    # reset (the first, at cycle 4) is done. Today's checkpoints say so, and nothing is merged again.
+    t.cfg = TrainConfig(cycle_length=2, restart_warmup_steps=2, total_steps=20, warm_start_steps=2, warm_start_lr=1e-3)
+    for _, layer in relora_ds.relora_layers(model):
+        layer.merge_count.fill_(1)
+    t.step = 6
+    for client, want in (({}, [6]), ({"step_events_done": True}, [])):  # the heuristic alone would merge again
+        calls[:] = []
+        Trainer._catch_up_missed_merge(t, client)
+        assert calls == want, client

@@ -245,3 +245,26 @@ def test_rmsnorm_is_transformers_bitwise_in_bf16():
         theirs.weight.copy_(ours.weight)
     x = torch.randn(4, 9, 64, generator=g).bfloat16()
     assert torch.equal(ours(x), theirs(x))
+
+
+def test_a_model_trains_only_on_data_of_its_own_tokenizer(tmp_path, small_data_dir):
+    """--hf-model / --warm-start-from with a data dir: the model's tokenizer.model must be the data's (same
+    vocab size proves nothing); a model directory without one is named as unverifiable."""
+    from relora_ds.data import prepare_data
+    from relora_ds.startup import check_model_and_data
+    from relora_ds.train_config import TrainConfig
+
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=512))
+    relora_ds.export_hf(model, tmp_path / "hf", tokenizer=small_data_dir / "tokenizer.model")
+    other = prepare_data(None, tmp_path / "other", vocab_size=512, max_docs=300)  # its own 512-piece tokenizer
+    for field in ("hf_model", "warm_start_from"):
+        cfg = TrainConfig(**{field: str(tmp_path / "hf")}, mode="lora", rank=4, total_steps=10)
+        assert check_model_and_data(cfg, small_data_dir, 512)[0].vocab_size == 512
+        with pytest.raises(ValueError, match=r"hf/tokenizer.model \(sha256 .*\) is not the tokenizer .*other was "
+                                             r"prepared with .*prepare_data.py --tokenizer .*hf/tokenizer.model"):
+            check_model_and_data(cfg, other, 512)
+    (tmp_path / "hf" / "tokenizer.model").unlink()
+    cfg = TrainConfig(hf_model=str(tmp_path / "hf"), mode="lora", rank=4, total_steps=10)
+    with pytest.warns(UserWarning, match=r"has no tokenizer.model, so relora_ds cannot check that .*other was "
+                                         r"tokenized with this model's tokenizer"):
+        check_model_and_data(cfg, other, 512)

@@ -45,6 +45,10 @@ def test_batch_arithmetic():
     (dict(token_budget=1000), "exactly one of total_steps and token_budget"),
     (dict(prune_ratio=1.2), r"prune_ratio=1.2 must be in \[0, 1\]"),
     (dict(warm_start_steps=5, warm_start_from="x"), "not both"),
+    (dict(hf_model="a", warm_start_from="b"), "give hf_model or warm_start_from, not both .*hf_model='a', "
+                                              "warm_start_from='b'"),
+    (dict(resume_from="200"), "resume_from='200' is not a checkpoint tag: give one of the form step_N"),
+    (dict(resume_from="step_200", overwrite=True), "give resume or overwrite, not both"),
     # choices hold for recipes and direct construction too, not only for CLI flags (argparse)
     (dict(prune_method="l1"), "prune_method='l1' is not valid; valid values: 'magnitude', 'random', 'reset'"),
     (dict(mode="qlora"), "mode='qlora' is not valid; valid values: 'relora', 'lora', 'full'"),
@@ -189,6 +193,33 @@ def test_settings_a_mode_does_not_use_are_named():
         TrainConfig(**{**BASE, "restart_warmup_steps": 100})
     with pytest.raises(ValueError, match="give resume or overwrite, not both"):
         TrainConfig(**BASE, resume=True, overwrite=True)
+    for kw, match in (
+            (dict(lowrank_schedule="restart"), r"lowrank_schedule='restart' is ignored: .*\(warm_start_steps=0"),
+            (dict(mode="full", dropout=0.1), r"dropout=0.1 is ignored: mode='full' has no LoRA layers"),
+            (dict(mode="full", prune_joint=True), r"prune_joint=True is ignored: mode='full'"),
+            (dict(mode="full", merge_residual=True), r"merge_residual=True is ignored: mode='full'"),
+            (dict(mode="lora", cycle_length=None, merge_residual=True), r"merge_residual=True is ignored: mode='lora' "
+                                                                        "never merges"),
+            (dict(mode="lora", cycle_length=None, prune_joint=True), r"prune_joint=True is ignored: mode='lora'"),
+            (dict(prune_method="reset", prune_ratio=0.5), r"prune_ratio=0.5 is ignored: prune_method='reset'")):
+        with pytest.warns(UserWarning, match=match):
+            TrainConfig(**{**BASE, **kw})
+    import warnings
+
+    with warnings.catch_warnings():  # the same settings where they take effect: no warning
+        warnings.simplefilter("error")
+        for kw in (dict(lowrank_schedule="restart", warm_start_steps=5, warm_start_lr=1e-3), dict(dropout=0.1),
+                   dict(prune_joint=True), dict(merge_residual=True), dict(prune_method="reset"),
+                   dict(prune_method="random", prune_ratio=0.5)):
+            TrainConfig(**{**BASE, **kw})
+
+
+def test_resume_from_implies_resume():
+    cfg = TrainConfig(**BASE, resume_from="step_200")
+    assert cfg.resume and cfg.resume_from == "step_200"
+    args = build_parser().parse_args(["--total-steps", "20", "--cycle-length", "10", "--resume-from", "step_20"])
+    cfg = config_from_args(args)
+    assert cfg.resume and cfg.resume_from == "step_20"
 
 
 def test_boundary_values_are_accepted():

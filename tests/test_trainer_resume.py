@@ -164,3 +164,38 @@ def test_a_finished_run_extended_with_resume_keeps_its_last_reset(tmp_path, smal
     assert sorted(losses) == list(range(1, 15))
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10, 14]
     assert [r for r in recs if r.get("event") == "resume_settings_changed"][0]["total_steps"] == "10 -> 14"
+
+
+def test_resume_from_an_earlier_checkpoint_and_requeue(tmp_path, small_data_dir, uninterrupted):
+    """--resume-from step_4 of a finished run (checkpoints 4, 8, 12) goes back there: the later checkpoints
+    and metrics move aside (kept), and the run retrains steps 5-12 with the uninterrupted run's losses bit for
+    bit. The same command again (a requeued job) continues the rewound run instead of going back again; a
+    total_steps below the checkpoint's step is refused, not a silent no-op."""
+    from relora_ds.metrics import MetricsLogger
+
+    train2(tmp_path, small_data_dir, save_every=4)
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    first_12 = (ckpts / "step_12" / "config.json").stat().st_mtime_ns
+    proc = train2(tmp_path, small_data_dir, "--resume-from", "step_4", save_every=4)
+    assert "moved the later checkpoints to" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in (ckpts / "rewound").iterdir()) == ["step_12", "step_8"]
+    assert (ckpts / "rewound" / "step_12" / "config.json").stat().st_mtime_ns == first_12  # the old one, kept
+    assert (ckpts / "latest").read_text() == "step_12" and (ckpts / "step_8").is_dir()
+    resumed, _ = read_losses(run)
+    assert sorted(resumed) == list(range(1, 13))
+    reference, _ = uninterrupted
+    for step, loss in resumed.items():
+        assert loss == reference[step], f"step {step}: resumed {loss!r} != uninterrupted {reference[step]!r}"
+    moved = [json.loads(l) for l in (run / MetricsLogger.REWOUND).read_text().splitlines()]
+    assert sorted(r["step"] for r in moved if "loss" in r) == list(range(5, 13))
+    # The requeue: same command line, the rewound run's step_12 says resume_from=step_4: nothing to go back for.
+    proc = train2(tmp_path, small_data_dir, "--resume-from", "step_4", save_every=4)
+    assert f"resumed from {ckpts / 'step_12'} at step 12" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in (ckpts / "rewound").iterdir()) == ["step_12", "step_8"]
+    assert read_losses(run)[0] == resumed
+    proc = train1(tmp_path, small_data_dir, "--resume", "--total-steps", "8", check=False, save_every=4)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"checkpoint {ckpts / 'step_12'} is at step 12, past this run's total_steps=8" in proc.stderr
+    proc = train1(tmp_path, small_data_dir, "--resume-from", "step_5", check=False, save_every=4)
+    assert proc.returncode == 2 and "--resume-from step_5: no complete checkpoint" in proc.stderr
+    assert "there: ['step_4', 'step_8', 'step_12']" in proc.stderr

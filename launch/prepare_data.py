@@ -3,6 +3,8 @@
     python launch/prepare_data.py --out data/builtin                       # the built-in corpus
     python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --out data/c4 --num-proc 16
     python launch/prepare_data.py --input allenai/c4 --hf-config en --out data/c4 --tokenizer t.model
+    python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --val-input 'c4/en/c4-validation.*.json.gz' \
+        --out data/c4   # C4's own validation set (the paper's numbers), not a hash split of the training files
 
 Re-running with the same inputs and options is a no-op. See relora_ds.data.prepare.PrepareConfig.
 """
@@ -37,7 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-config", default=None, help="config of a hub dataset (e.g. 'en' for allenai/c4)")
     p.add_argument("--hf-revision", default=None, help="branch, tag or commit of a hub dataset (default: its "
                    "default branch); the resolved commit is recorded in the manifest")
-    p.add_argument("--val-fraction", type=float, default=defaults["val_fraction"])
+    p.add_argument("--val-fraction", type=float, default=defaults["val_fraction"],
+                   help="share of the input documents in the validation split (a hash of each text)")
+    p.add_argument("--val-input", dest="val_inputs", nargs="+", default=None,
+                   help="a separate validation corpus (files, directories, globs or one hub dataset name); every "
+                        "--input document then trains")
+    p.add_argument("--hf-split", default=defaults["hf_split"], help="split of a hub dataset --input")
+    p.add_argument("--hf-val-split", default=None, help="split of a hub dataset --val-input (default: validation)")
     stream = p.add_mutually_exclusive_group()
     stream.add_argument("--streaming", dest="streaming", action="store_true", default=None)
     stream.add_argument("--no-streaming", dest="streaming", action="store_false")

@@ -268,3 +268,35 @@ def test_hub_dataset_is_pinned_to_the_commit_it_was_read_at(tmp_path, monkeypatc
     assert asked[-1] == ("someone/corpus", "v1") and loaded[-1] == "0f0f0f"
     with pytest.raises(ValueError, match="hf_revision='v1' only applies to a hub dataset"):
         prepare_data([write_jsonl(tmp_path / "c.jsonl", SENTENCES)], tmp_path / "local", hf_revision="v1")
+
+
+def test_hub_validation_split_as_the_validation_corpus(tmp_path, monkeypatch):
+    """allenai/c4 style: --input NAME --val-input NAME reads its train split for training and its validation
+    split for validation (simulated hub); --hf-split/--hf-val-split pick others."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, name, revision=None: type("Info", (), {"sha": "c0ffee"})())
+    splits = {"train": SENTENCES, "validation": [f"held out sentence {i}" for i in range(5)],
+              "other": ["another split"]}
+    read = []
+    real_load = datasets.load_dataset
+
+    def fake_load(name, *args, **kw):
+        if name != "someone/corpus":
+            return real_load(name, *args, **kw)
+        read.append(kw["split"])
+        return datasets.Dataset.from_dict({"text": splits[kw["split"]]}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    m = load_manifest(prepare_data(["someone/corpus"], tmp_path / "out", vocab_size=300,
+                                   val_inputs=["someone/corpus"]))
+    assert read == ["train", "validation"]
+    assert m["splits"]["train"]["documents"] == len(SENTENCES) and m["splits"]["validation"]["documents"] == 5
+    assert m["recipe"]["validation_corpus"]["hf_split"] == "validation"
+    m = load_manifest(prepare_data(["someone/corpus"], tmp_path / "out2", vocab_size=300, hf_split="validation",
+                                   val_inputs=["someone/corpus"], hf_val_split="other"))
+    assert read[-2:] == ["validation", "other"]
+    assert m["splits"]["train"]["documents"] == 5 and m["splits"]["validation"]["documents"] == 1
+    assert m["recipe"]["hf_split"] == "validation" and m["recipe"]["validation_corpus"]["hf_split"] == "other"

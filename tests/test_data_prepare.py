@@ -295,3 +295,45 @@ def test_trained_tokenizer_splits_digits(builtin_dir):
     merged = [sp.id_to_piece(i) for i in range(sp.vocab_size()) if not (sp.is_byte(i) or sp.is_control(i))
               and any(c.isdigit() for c in sp.id_to_piece(i)) and len(sp.id_to_piece(i).strip("▁")) > 1]
     assert merged == []
+
+
+def test_a_separate_validation_corpus(tmp_path):
+    """--val-input: its documents are the validation split, in order, and every input document trains (the
+    tokenizer learns from the training documents alone); the recipe covers it (a changed validation file
+    re-prepares); bad combinations are named."""
+    train, val = tmp_path / "c4-train.jsonl", tmp_path / "c4-validation.jsonl"
+    train.write_text("".join(json.dumps({"text": f"train doc {i}: " + "alpha beta " * (i % 7)}) + "\n"
+                             for i in range(200)))
+    val.write_text("".join(json.dumps({"text": f"held out {i}: gamma delta"}) + "\n" for i in range(20)))
+    out = prepare_data([str(train)], tmp_path / "out", vocab_size=300, val_inputs=[str(val)])
+    m = load_manifest(out)
+    assert m["splits"]["train"]["documents"] == 200 and m["splits"]["validation"]["documents"] == 20
+    assert m["corpus"]["val_inputs"] == [str(val)] and "validation_corpus" in m["recipe"]
+    sp = load_tokenizer(m["tokenizer_path"])
+
+    def docs(split):
+        tokens = read_split(out, split)
+        return [sp.decode(d.tolist()) for d in np.split(tokens, np.flatnonzero(tokens == m["eos_id"])[:-1] + 1)]
+
+    assert docs("validation") == [f"held out {i}: gamma delta" for i in range(20)]
+    assert docs("train") == [f"train doc {i}: " + "alpha beta " * (i % 7) for i in range(200)]
+    # The hash split of the same training file alone: other bytes (a tokenizer and splits of its own).
+    hashed = prepare_data([str(train)], tmp_path / "hashed", vocab_size=300, val_fraction=0.1)
+    assert load_manifest(hashed)["splits"]["train"]["documents"] < 200
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    prepare_data([str(train)], out, vocab_size=300, val_inputs=[str(val)])  # same recipe: a no-op
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime
+    val.write_text(json.dumps({"text": "one new held-out document"}) + "\n")
+    prepare_data([str(train)], out, vocab_size=300, val_inputs=[str(val)])
+    assert load_manifest(out)["splits"]["validation"]["documents"] == 1
+    with pytest.raises(ValueError, match="val_fraction=0.1 splits the inputs, val_inputs gives the validation split"):
+        prepare_data([str(train)], tmp_path / "x", val_inputs=[str(val)], val_fraction=0.1)
+    with pytest.raises(ValueError, match="val_inputs='v.jsonl' must be a non-empty list"):
+        prepare_data([str(train)], tmp_path / "x", val_inputs="v.jsonl")
+    with pytest.raises(ValueError, match="hf_split='validation' only applies to a hub dataset input"):
+        prepare_data([str(train)], tmp_path / "x", vocab_size=300, hf_split="validation")
+    with pytest.raises(ValueError, match="hf_split='test' only applies to a hub dataset input"):
+        prepare_data([str(train)], tmp_path / "x", vocab_size=300, val_inputs=[str(val)], hf_val_split="test")
+    with pytest.raises(ValueError, match="hf_val_split='test' is the split of a hub dataset in val_inputs; there are "
+                                         "no val_inputs"):
+        prepare_data([str(train)], tmp_path / "x", hf_val_split="test")

@@ -58,6 +58,14 @@ class PrepareConfig:
     recorded, and the data is re-prepared when it moves."""
     val_fraction: float = 0.01
     """Share of documents in the validation split, chosen by a hash of each document's text."""
+    val_inputs: tuple[str, ...] | None = None
+    """A separate corpus for the validation split (files, directories, globs or a hub dataset name, read
+    with the same text_column, hf_config, hf_revision and txt_unit), e.g. C4's own validation set, which the
+    paper reports; every document of the inputs then trains (val_fraction is not used). None: the hash split."""
+    hf_split: str = "train"
+    """Split of a hub dataset input."""
+    hf_val_split: str | None = None
+    """Split of a hub dataset in val_inputs (None: "validation")."""
     streaming: bool | None = None
     """Read the corpus with ``datasets`` streaming; None: for hub datasets and corpora > RAM/4."""
     txt_unit: str = "document"
@@ -76,6 +84,17 @@ class PrepareConfig:
             raise ValueError(f"num_proc={self.num_proc!r} must be a positive int")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction!r} must be in [0, 1)")
+        if self.val_inputs is not None:
+            if isinstance(self.val_inputs, (str, Path)) or not self.val_inputs:
+                raise ValueError(f"val_inputs={self.val_inputs!r} must be a non-empty list of files, directories, "
+                                 "globs or one hub dataset name")
+            object.__setattr__(self, "val_inputs", tuple(str(v) for v in self.val_inputs))
+            if self.val_fraction != PrepareConfig.val_fraction:
+                raise ValueError(f"val_fraction={self.val_fraction} splits the inputs, val_inputs gives the "
+                                 "validation split: give one of the two")
+        if self.hf_val_split is not None and self.val_inputs is None:
+            raise ValueError(f"hf_val_split={self.hf_val_split!r} is the split of a hub dataset in val_inputs; "
+                             "there are no val_inputs")
         if self.txt_unit not in TXT_UNITS:
             raise ValueError(f"txt_unit={self.txt_unit!r} is not one of {TXT_UNITS}")
         if not self.text_column:
@@ -146,7 +165,8 @@ def _current_commit(hub: str, revision: str | None, out_dir: Path) -> str:
         return prepared
 
 
-def _recipe(resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig, out_dir: Path) -> dict:
+def _recipe(resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig, out_dir: Path,
+            resolved_val: tuple[list[str], str | None] | None = None) -> dict:
     """Everything that decides the bytes of the token files, and nothing else: not num_proc, streaming
     or seq_len, nor how the inputs were spelled (the fingerprint covers the resolved files)."""
     if cfg.tokenizer is not None:
@@ -159,9 +179,19 @@ def _recipe(resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig, o
     if hub is None and cfg.hf_revision is not None:
         raise ValueError(f"hf_revision={cfg.hf_revision!r} only applies to a hub dataset input")
     commit = _current_commit(hub, cfg.hf_revision, out_dir) if hub is not None else None
+    # Keys absent at their defaults: data prepared before they existed keeps its recipe (no re-prepare).
+    val = {}
+    if resolved_val is not None:
+        val_hub = resolved_val[1]
+        val_commit = _current_commit(val_hub, cfg.hf_revision, out_dir) if val_hub is not None else None
+        val = {"validation_corpus": {
+            "fingerprint": corpus_fingerprint(resolved_val, cfg.hf_config, hub_revision=val_commit),
+            **({"hub_commit": val_commit, "hf_split": cfg.hf_val_split or "validation"} if val_commit else {})}}
     return {
         "corpus_fingerprint": corpus_fingerprint(resolved, cfg.hf_config, hub_revision=commit),
         **({"hub_commit": commit} if commit else {}),  # absent for local corpora: their recipes are unchanged
+        **({"hf_split": cfg.hf_split} if cfg.hf_split != "train" else {}),
+        **val,
         "tokenizer": tokenizer,
         "text_column": cfg.text_column, "hf_config": cfg.hf_config, "txt_unit": cfg.txt_unit,
         "val_fraction": cfg.val_fraction, "max_docs": cfg.max_docs,
@@ -176,7 +206,8 @@ def _texts(ds, val_fraction: float):
                 yield text
 
 
-def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path) -> spm.SentencePieceProcessor:
+def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path,
+                   val_fraction: float) -> spm.SentencePieceProcessor:
     if cfg.tokenizer is not None:
         sp = load_tokenizer(cfg.tokenizer)
         if cfg.vocab_size is not None and cfg.vocab_size != sp.vocab_size():
@@ -185,31 +216,46 @@ def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path) -> spm.Senten
         shutil.copyfile(cfg.tokenizer, dest)
         return sp
     start = time.perf_counter()
-    lines = training_lines(_texts(corpus.dataset, cfg.val_fraction), cfg.tokenizer_train_chars)
+    lines = training_lines(_texts(corpus.dataset, val_fraction), cfg.tokenizer_train_chars)
     size = train_tokenizer(lines, dest, vocab_size=cfg.vocab_size or DEFAULT_VOCAB_SIZE, num_threads=cfg.num_proc)
     log.info("trained a %d-piece BPE tokenizer in %.1fs", size, time.perf_counter() - start)
     return load_tokenizer(dest)
 
 
-def _tokenize_and_write(corpus: Corpus, encode: _Encode, cfg: PrepareConfig, out_dir: Path,
-                        work_dir: Path, dtype: str, unk_id: int) -> dict:
-    """Tokenize the corpus and append each document to its split's file; returns the counts."""
+def _tokenized(corpus: Corpus, encode: _Encode, cfg: PrepareConfig, cache_file: Path):
+    """(the corpus mapped to ids and split flags, a progress bar or None)."""
     ds = corpus.dataset
     if corpus.streaming:
         tokenized = ds.map(encode, batched=True, batch_size=_MAP_BATCH, remove_columns=["text"],
                            features=_TOKENIZED)
-        progress = tqdm(desc="Tokenizing", unit=" docs")
-    else:
-        # datasets.map runs `num_proc` processes (each with one SentencePiece thread) and keeps order.
-        encode.num_threads = 1
-        tokenized = ds.map(encode, batched=True, batch_size=_MAP_BATCH, remove_columns=["text"],
-                           features=_TOKENIZED, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-                           cache_file_name=str(work_dir / "tokenized.arrow"), load_from_cache_file=False,
-                           desc="Tokenizing")
-        progress = None
+        return tokenized, tqdm(desc="Tokenizing", unit=" docs")
+    # datasets.map runs `num_proc` processes (each with one SentencePiece thread) and keeps order.
+    encode.num_threads = 1
+    tokenized = ds.map(encode, batched=True, batch_size=_MAP_BATCH, remove_columns=["text"],
+                       features=_TOKENIZED, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+                       cache_file_name=str(cache_file), load_from_cache_file=False, desc="Tokenizing")
+    return tokenized, None
+
+
+def _tokenize_and_write(parts: list[tuple[Corpus, _Encode]], cfg: PrepareConfig, out_dir: Path,
+                        work_dir: Path, dtype: str, unk_id: int) -> dict:
+    """Tokenize each (corpus, encoder) in turn and append each document to its split's file; returns the
+    counts."""
     stats = {s: {"tokens": 0, "documents": 0, "longer_than_seq_len": 0} for s in mf.SPLITS}
     empty = unk = 0
     files = {s: open(out_dir / f".{s}.bin.tmp", "wb") for s in mf.SPLITS}
+    try:
+        for i, (corpus, encode) in enumerate(parts):
+            empty, unk = _write_part(corpus, encode, cfg, work_dir / f"tokenized{i}.arrow", files, stats, dtype,
+                                     unk_id, empty, unk)
+    finally:
+        for f in files.values():
+            f.close()
+    return {"splits": stats, "empty_documents": empty, "unk_tokens": unk}
+
+
+def _write_part(corpus, encode, cfg, cache_file, files, stats, dtype, unk_id, empty, unk) -> tuple[int, int]:
+    tokenized, progress = _tokenized(corpus, encode, cfg, cache_file)
     try:
         for table in tokenized.with_format("arrow").iter(batch_size=_WRITE_BATCH):
             ids = table.column("ids").combine_chunks()
@@ -231,11 +277,9 @@ def _tokenize_and_write(corpus: Corpus, encode: _Encode, cfg: PrepareConfig, out
             if progress is not None:
                 progress.update(table.num_rows)
     finally:
-        for f in files.values():
-            f.close()
         if progress is not None:
             progress.close()
-    return {"splits": stats, "empty_documents": empty, "unk_tokens": unk}
+    return empty, unk
 
 
 def _report_windows(manifest: dict, seq_len: int | None) -> None:
@@ -253,7 +297,8 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
     """Tokenize `inputs` (None: the built-in corpus) into `out_dir`; returns `out_dir`.
 
     `options` are the fields of :class:`PrepareConfig` (tokenizer, vocab_size, seq_len, text_column,
-    num_proc, hf_config, hf_revision, val_fraction, streaming, txt_unit, max_docs, tokenizer_train_chars). There is
+    num_proc, hf_config, hf_revision, val_fraction, val_inputs, hf_split, hf_val_split, streaming, txt_unit,
+    max_docs, tokenizer_train_chars). There is
     no seed: the validation split is a hash of each text and tokenizer training is deterministic.
     A no-op when `out_dir` already holds data prepared from the same recipe; safe to call from several
     processes at once (they serialize on a lock file, and the later ones find the work done).
@@ -270,7 +315,8 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
         # Resolved once: resolving warns about each skipped file, and the fingerprint and the loading
         # must see the same files.
         resolved = resolve_inputs(inputs, exclude=out_dir) if inputs is not None else None
-        recipe = _recipe(resolved, cfg, out_dir)
+        resolved_val = resolve_inputs(list(cfg.val_inputs), exclude=out_dir) if cfg.val_inputs else None
+        recipe = _recipe(resolved, cfg, out_dir, resolved_val)
         old = mf.read_manifest_file(out_dir)
         if old is not None and old.get("recipe") == recipe and mf.files_intact(out_dir, old):
             log.info("%s is up to date (manifest matches); nothing to do", out_dir)
@@ -278,13 +324,12 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
             return out_dir
         if old is not None:
             log.warning("%s holds data from a different recipe or is incomplete; re-preparing", out_dir)
-        manifest = _prepare(inputs, resolved, cfg, out_dir, recipe)
+        manifest = _prepare(inputs, (resolved, resolved_val), cfg, out_dir, recipe)
         _report_windows(manifest, cfg.seq_len)
         return out_dir
 
 
-def _prepare(inputs: list[str] | None, resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig,
-             out_dir: Path, recipe: dict) -> dict:
+def _prepare(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig, out_dir: Path, recipe: dict) -> dict:
     """Write everything under temporary names, then swap it in; the manifest goes last."""
     work_dir = out_dir / ".work"
     shutil.rmtree(work_dir, ignore_errors=True)
@@ -299,23 +344,32 @@ def _prepare(inputs: list[str] | None, resolved: tuple[list[str], str | None] | 
     return manifest
 
 
-def _prepare_files(inputs: list[str] | None, resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig,
-                   out_dir: Path, work_dir: Path, tok_tmp: Path, recipe: dict) -> dict:
-    """Tokenizer, token files and manifest; returns the manifest."""
+def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig, out_dir: Path, work_dir: Path,
+                   tok_tmp: Path, recipe: dict) -> dict:
+    """Tokenizer, token files and manifest; returns the manifest. `resolved`: (inputs, val_inputs) resolved."""
+    resolved, resolved_val = resolved
     corpus = load_corpus(resolved, work_dir=work_dir, hub_revision=recipe.get("hub_commit"),
-                         text_column=cfg.text_column, hf_config=cfg.hf_config,
+                         text_column=cfg.text_column, hf_config=cfg.hf_config, hf_split=cfg.hf_split,
                          txt_unit=cfg.txt_unit, streaming=cfg.streaming, num_proc=cfg.num_proc)
+    val_corpus = None if resolved_val is None else load_corpus(
+        resolved_val, work_dir=work_dir / "validation", text_column=cfg.text_column, hf_config=cfg.hf_config,
+        hub_revision=recipe["validation_corpus"].get("hub_commit"),
+        hf_split=cfg.hf_val_split or ("validation" if resolved_val[1] else "train"),
+        txt_unit=cfg.txt_unit, streaming=cfg.streaming, num_proc=cfg.num_proc)
+    train_fraction = 0.0 if val_corpus is not None else cfg.val_fraction  # 0: every input document trains
     if cfg.max_docs is not None:
         ds = corpus.dataset
         corpus.dataset = (ds.take(cfg.max_docs) if corpus.streaming
                           else ds.select(range(min(cfg.max_docs, len(ds)))))
         corpus.description += f", its first {cfg.max_docs} documents"
-    sp = _get_tokenizer(corpus, cfg, tok_tmp)
+    sp = _get_tokenizer(corpus, cfg, tok_tmp, train_fraction)
     vocab_size = sp.vocab_size()
     dtype = mf.token_dtype(vocab_size)
     start = time.perf_counter()
-    encode = _Encode(str(tok_tmp), cfg.val_fraction, cfg.num_proc)
-    counts = _tokenize_and_write(corpus, encode, cfg, out_dir, work_dir, dtype, sp.unk_id())
+    parts = [(corpus, _Encode(str(tok_tmp), train_fraction, cfg.num_proc))]
+    if val_corpus is not None:  # a fraction of 1: every document of it validates
+        parts.append((val_corpus, _Encode(str(tok_tmp), 1.0, cfg.num_proc)))
+    counts = _tokenize_and_write(parts, cfg, out_dir, work_dir, dtype, sp.unk_id())
     seconds = time.perf_counter() - start
 
     splits = counts["splits"]
@@ -351,6 +405,8 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple[list[str], str | No
         "splits": {s: {"path": f"{s}.bin", "tokens": splits[s]["tokens"], "documents": splits[s]["documents"]}
                    for s in mf.SPLITS},
         "corpus": {"inputs": inputs, "description": corpus.description,
+                   **({"val_inputs": list(cfg.val_inputs), "val_description": val_corpus.description}
+                      if val_corpus is not None else {}),
                    "fingerprint": recipe["corpus_fingerprint"], "streaming": corpus.streaming},
         "warnings": {"invalid_utf8_bytes": corpus.invalid_utf8, "empty_documents": counts["empty_documents"],
                      "unk_tokens": counts["unk_tokens"]},

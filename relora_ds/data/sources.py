@@ -309,10 +309,11 @@ def load_corpus(
     txt_unit: str = "document",
     streaming: bool | None = None,
     num_proc: int = 1,
+    hf_split: str = "train",
 ) -> Corpus:
     """Open the corpus :func:`resolve_inputs` found (None: the built-in one). `work_dir` holds datasets'
     cache. The inputs are resolved once by the caller: resolving warns about skipped files, and the
-    fingerprint and the loading must see the same files."""
+    fingerprint and the loading must see the same files. `hf_split`: the split of a hub dataset to read."""
     if txt_unit not in TXT_UNITS:
         raise ValueError(f"txt_unit={txt_unit!r} is not one of {TXT_UNITS}")
     if resolved is None:
@@ -326,7 +327,9 @@ def load_corpus(
 
     files, hub = resolved
     if hub is not None:
-        return _load_hub(hub, hf_config, text_column, hub_revision)
+        return _load_hub(hub, hf_config, text_column, hub_revision, hf_split)
+    if hf_split != "train":
+        raise ValueError(f"hf_split={hf_split!r} only applies to a hub dataset input, not local files")
     if hf_config is not None:
         raise ValueError(f"hf_config={hf_config!r} only applies to a hub dataset input, not local files")
     if streaming is None:
@@ -361,15 +364,16 @@ def load_corpus(
     return Corpus(ds, f"{len(files)} local files", invalid)
 
 
-def _load_hub(name: str, hf_config: str | None, text_column: str, revision: str | None) -> Corpus:
+def _load_hub(name: str, hf_config: str | None, text_column: str, revision: str | None,
+              split: str = "train") -> Corpus:
     try:
         # Streaming: the paper's C4 is hundreds of GB; nothing is downloaded ahead of tokenization.
-        ds = datasets.load_dataset(name, hf_config, split="train", streaming=True, revision=revision)
-    except Exception as e:  # offline, unknown name, bad config: all surface as different types
+        ds = datasets.load_dataset(name, hf_config, split=split, streaming=True, revision=revision)
+    except Exception as e:  # offline, unknown name, bad config or split: all surface as different types
         raise ValueError(
-            f"could not open Hugging Face hub dataset {name!r} (config {hf_config!r}): "
+            f"could not open Hugging Face hub dataset {name!r} (config {hf_config!r}, split {split!r}): "
             f"{type(e).__name__}: {e}. Hub datasets need network access; a local path by this name "
             f"does not exist either."
         ) from e
     return Corpus(_select_text(ds, text_column, f"hub dataset {name!r}"),
-                  f"hub dataset {name} ({hf_config}) at {revision}")
+                  f"hub dataset {name} ({hf_config}, {split}) at {revision}")

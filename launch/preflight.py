@@ -52,7 +52,10 @@ def _check(argv) -> str:
         ds = complete_ds_config(load_ds_config(args.deepspeed), cfg, args.world_size,
                                 source=f"--deepspeed {args.deepspeed}" if args.deepspeed else "default")
         vocab = load_manifest(cfg.data_dir)["vocab_size"] if cfg.data_dir else cfg.vocab_size or BUILTIN_VOCAB_SIZE
-        model_config, _ = check_model_and_data(cfg, cfg.data_dir, vocab)
+        # The built-in corpus is checked as the trainer will once it is prepared (the ranks prepare it).
+        data_dir = Path(cfg.data_dir) if cfg.data_dir else builtin_data_dir(vocab)
+        prepared = cfg.data_dir or read_manifest_file(data_dir) is not None
+        model_config, _ = check_model_and_data(cfg, data_dir if prepared else None, vocab)
         build_schedule(cfg, total_steps_for(cfg))
         apply_kernels_setting(cfg.kernels)
         if os.environ.get("DS_ACCELERATOR"):  # what the ranks will run on (see above)
@@ -60,7 +63,6 @@ def _check(argv) -> str:
             from deepspeed.accelerator import get_accelerator
             check_precision_on_device(ds, get_accelerator())
         if cfg.resume:  # as the trainer plans it (the built-in corpus may not be prepared yet: no tokenizer check)
-            data_dir = Path(cfg.data_dir) if cfg.data_dir else builtin_data_dir(vocab)
             manifest = read_manifest_file(data_dir)
             cfg.vocab_size = vocab
             checkpoint.plan_resume(Path(cfg.output_dir) / "checkpoints", model=model_config.to_dict(),

@@ -173,20 +173,27 @@ def _resume_point(ckpt_dir: Path, resume_from: str, latest: str | None) -> tuple
     """(tag to load, later tags to move aside) for ``--resume-from``. A checkpoint written after the rewind
     by the run that made it (its config says the same resume_from) is that run's progress: a requeued job
     repeating the command line continues from it instead of going back again."""
-    if not (ckpt_dir / resume_from / "config.json").is_file():
-        raise ValueError(f"--resume-from {resume_from}: no complete checkpoint {ckpt_dir / resume_from}; there: "
-                         f"{complete_tags(ckpt_dir) or 'none'}")
     step = tag_step(resume_from)
-    if latest is not None and tag_step(latest) > step and \
+    # First: the rewound run's keep_last may have deleted resume_from since.
+    if latest is not None and tag_step(latest) > step and (ckpt_dir / latest / "config.json").is_file() and \
             load_config(ckpt_dir, latest)["train"].get("resume_from") == resume_from:
         return latest, []
+    complete = [t for t in complete_tags(ckpt_dir) if latest is not None and tag_step(t) <= tag_step(latest)]
+    if resume_from not in complete:  # a tag after `latest` is a save that crashed: maybe not every rank's files
+        raise ValueError(f"--resume-from {resume_from}: no complete checkpoint {ckpt_dir / resume_from}; there: "
+                         f"{complete or 'none'}")
     later = [p.name for p in ckpt_dir.glob("step_*") if p.is_dir() and tag_step(p.name) > step]
     return resume_from, sorted(later, key=tag_step)
 
 
 def rewind(ckpt_dir: Path, tag: str, later: list[str]) -> list[Path]:
-    """Go back to ``tag``: move the ``later`` checkpoints into ``ckpt_dir/rewound/`` (kept, out of the way of
-    the saves that will write those steps again) and point ``latest`` at ``tag``. Rank 0 calls this."""
+    """Go back to ``tag``: point ``latest`` at it and move the ``later`` checkpoints into ``ckpt_dir/rewound/``
+    (kept, out of the way of the saves that will write those steps again; never pruned: delete them when
+    done with them). Rank 0 calls this."""
+    # `latest` first: a crash while moving leaves it on `tag`, and the next --resume-from moves the rest.
+    tmp = ckpt_dir / f".{LATEST}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, ckpt_dir / LATEST)
     moved = []
     for name in later:
         dest = ckpt_dir / REWOUND / name
@@ -196,9 +203,6 @@ def rewind(ckpt_dir: Path, tag: str, later: list[str]) -> list[Path]:
         dest.parent.mkdir(exist_ok=True)
         os.replace(ckpt_dir / name, dest)
         moved.append(dest)
-    tmp = ckpt_dir / f".{LATEST}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, ckpt_dir / LATEST)
     return moved
 
 

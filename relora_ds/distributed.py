@@ -78,6 +78,29 @@ def init_distributed(**kwargs) -> None:
     release_shm_segment()
 
 
+def on_rank_zero(fn: Callable, *args) -> None:
+    """``fn(*args)`` on rank 0 while the other ranks wait; an error there stops every rank (rank 0 raises
+    it, the others a RuntimeError) instead of leaving them blocked at the next collective."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            fn(*args)
+        except Exception as e:  # every error: the other ranks must hear of it
+            error = e
+    device = get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0)))  # NCCL: this rank's GPU
+    failed = torch.tensor([float(error is not None)], device=device)
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"rank 0 failed in {getattr(fn, '__name__', fn)} (its error is in its output); "
+                           f"rank {dist.get_rank()} stops too")
+
+
 def exit_process(code: int = 0) -> NoReturn:
     """End this process with ``code``: shut the process group down, then do what the interpreter's exit
     would (join non-daemon threads, run the ``atexit`` handlers, finalize MPI, flush stdout/stderr) and

@@ -131,6 +131,9 @@ class TrainConfig:
                                 "metrics, TensorBoard logs and export (without it, or --resume, that is an error)")
     export: bool = _f(True, "export the final model to output_dir/hf (Hugging Face LLaMA format)")
     log_every: int = _f(1, "metrics line every N steps")
+    collective_timeout_min: int = _f(60, "minutes a rank waits in a collective before the job fails; DeepSpeed's "
+                                         "10 can end a job while rank 0 alone converts a checkpoint for another "
+                                         "world size or exports a large model")
     peak_tflops: float | None = _f(None, "per-GPU peak TFLOP/s for the mfu metric (default: the dense bf16 peak of "
                                           "A100, H100, H200 and H800 when training in bf16; no mfu elsewhere)")
     seed: int = _f(0, "seed for init, data order and LoRA re-inits")
@@ -204,7 +207,8 @@ class TrainConfig:
         if self.quantize and self.mode == "full":
             raise ValueError("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full")
         for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank", "lr", "alpha", "adam_eps",
-                     "vocab_size", "keep_last", "log_every", "total_steps", "token_budget", "peak_tflops"):
+                     "vocab_size", "keep_last", "log_every", "total_steps", "token_budget", "peak_tflops",
+                     "collective_timeout_min"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}={value} must be positive")

@@ -6,6 +6,7 @@ fresh optimizer (the paper's warm start) and counts as a reset for the LR schedu
 """
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import math
@@ -29,7 +30,7 @@ from . import checkpoint
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, eval_batches, \
     load_manifest, prepare_data
 from .data.manifest import read_manifest_file
-from .distributed import init_distributed, pick_port_for_a_single_process
+from .distributed import init_distributed, on_rank_zero, pick_port_for_a_single_process
 from .flops import flops_per_token, peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engine_state import full_fp32_state_dict
@@ -59,7 +60,8 @@ class Trainer:
         pick_port_for_a_single_process()
         # Under mpirun DeepSpeed discovers ranks through mpi4py and would take port 29500 whatever the
         # environment says; honour MASTER_PORT so that two MPI jobs can share a node.
-        init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+        init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
+                         timeout=datetime.timedelta(minutes=cfg.collective_timeout_min))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
@@ -76,7 +78,10 @@ class Trainer:
             warnings.warn(f"vocab_size={cfg.vocab_size} is not used: the tokenizer of data_dir {cfg.data_dir} has "
                           f"{manifest_vocab} pieces, which the model takes", ConfigWarning, stacklevel=2)
         cfg.vocab_size = manifest_vocab  # the effective config records what the run uses
-        self.model_config, manifest = check_model_and_data(cfg, self.data_dir, manifest_vocab)
+        with warnings.catch_warnings():
+            if self.rank != 0:  # every rank checks (an error must stop all); one prints the warnings
+                warnings.simplefilter("ignore")
+            self.model_config, manifest = check_model_and_data(cfg, self.data_dir, manifest_vocab)
         self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
         self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len)
         self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)
@@ -117,23 +122,25 @@ class Trainer:
 
     def _clear_output_dir(self) -> None:
         """--overwrite: the previous run's checkpoints, metrics, TensorBoard logs, export and plot go."""
-        if self.rank == 0:
+        def clear():
             for name in ("checkpoints", "tensorboard", "hf"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
             for name in ("metrics.jsonl", MetricsLogger.REWOUND, "curves.png"):
                 (self.out / name).unlink(missing_ok=True)
-        dist.barrier()
+        on_rank_zero(clear)
 
     def _rewind(self) -> None:
         """--resume-from: the checkpoints after it move aside (the metrics after it move aside in MetricsLogger).
-        Every rank has planned from the same files (the first barrier) before rank 0 moves any."""
+        Every rank has planned from the same files (the barrier) before rank 0 moves any."""
         dist.barrier()
-        if self.rank == 0 and self.resume_plan and self.resume_plan["rewind"]:
-            tag = self.resume_plan["tag"]
-            moved = checkpoint.rewind(self.ckpt_dir, tag, self.resume_plan["rewind"])
-            self._print(f"--resume-from {tag}: moved the later checkpoints to {self.ckpt_dir / checkpoint.REWOUND}: "
-                        + ", ".join(p.name for p in moved))
-        dist.barrier()
+        plan = self.resume_plan
+
+        def move():
+            if plan and plan["rewind"]:
+                moved = checkpoint.rewind(self.ckpt_dir, plan["tag"], plan["rewind"])
+                self._print(f"--resume-from {plan['tag']}: moved the later checkpoints to "
+                            f"{self.ckpt_dir / checkpoint.REWOUND}: " + ", ".join(p.name for p in moved))
+        on_rank_zero(move)
 
     def _request_stop(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -199,6 +206,8 @@ class Trainer:
         """End of the warm start: full-rank weights (fp32 masters) into a fresh ReLoRA engine."""
         state = full_fp32_state_dict(self.engine)
         self.engine.destroy()
+        if torch.cuda.is_available():  # peak_memory_mb from here on is the ReLoRA phase's own
+            torch.cuda.reset_peak_memory_stats()
         model = LlamaForCausalLM(self.model_config)
         model.load_state_dict(state)
         self._build_engine(model, "lowrank")
@@ -220,8 +229,12 @@ class Trainer:
                 "world_size": self.world, "data_dir": str(self.data_dir), "tokenizer_sha256": self.tokenizer_sha256}
 
     def save(self) -> Path:
-        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(), self._run_config(),
+        start = time.perf_counter()
+        path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(), self._run_config(),
                                self.cfg.keep_last)
+        self.metrics.log({"event": "checkpoint", "step": self.step, "path": str(path),
+                          "save_seconds": time.perf_counter() - start})
+        return path
 
     def _resume(self) -> bool:
         if self.resume_plan is None:
@@ -306,17 +319,20 @@ class Trainer:
                     f"RELORA_KERNELS={relora_kernels.kernel_mode()}")
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
         final = {}
-        t_last, step_last = time.perf_counter(), self.step
+        # Throughput counts training steps and their merges and resets, not evaluation, checkpoints or the
+        # warm-start switch (each step ends in an all-reduce read on the host, so the clock sees the device).
+        train_s, step_last = 0.0, self.step
         while self.step < self.total_steps:
             if self.engine_phase == "full" and self._phase(self.step) == "lowrank":
                 self._switch_to_lowrank()
+            t0 = time.perf_counter()
             loss = self._train_step()
             self.step += 1
             self._after_step_events()
+            train_s += time.perf_counter() - t0
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                now = time.perf_counter()
-                tok_s = (self.step - step_last) * self.tokens_per_step / (now - t_last)
-                t_last, step_last = now, self.step
+                tok_s = (self.step - step_last) * self.tokens_per_step / train_s
+                train_s, step_last = 0.0, self.step
                 grad_norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
                 tflops = tok_s * self.flops_per_token / self.world / 1e12  # model TFLOP/s per rank
                 rec = {"step": self.step, "loss": loss, "lr": self.step_lr, "grad_norm": _float(grad_norm),
@@ -327,19 +343,18 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tok_s:.0f}",
                                 **self._cycle_position())
             bar.update(1)
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
-                final = self.evaluate()
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
+            if self._stop_agreed:  # the checkpoint first, and no evaluation: SLURM's warning gives 120 s
                 self.save()
-            elif self._stop_agreed:
-                self.save()
-            if self._stop_agreed:
                 bar.close()
                 self._print(f"stopped by signal {self._stop_signal or 'on another rank'} after step "
                             f"{self.step}; checkpoint saved, resume with --resume")
                 self.metrics.log({"event": "preempted", "step": self.step})
                 self.metrics.close()
                 return {"preempted": True, "step": self.step}
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+                final = self.evaluate()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
+                self.save()
         bar.close()
         if cfg.export:
             self.export(self.out / "hf")
@@ -420,7 +435,7 @@ class Trainer:
             self._event({"event": "reset" if event.get("reset") else "merge", "step": self.step, **event})
 
     def evaluate(self) -> dict:
-        engine = self.engine
+        engine, start = self.engine, time.perf_counter()
         engine.eval()
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)
         with torch.no_grad():
@@ -436,7 +451,7 @@ class Trainer:
         dist.all_reduce(total)
         val_loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
         rec = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-               "val_tokens": int(total[1].item())}
+               "val_tokens": int(total[1].item()), "eval_seconds": time.perf_counter() - start}
         self.metrics.log(rec)
         self._print(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {rec['val_ppl']:.2f}")
         return rec

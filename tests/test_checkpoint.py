@@ -2,6 +2,7 @@
 fabricated checkpoint folders), the converter's error, and the catch-up of a merge older code skipped."""
 import json
 import re
+import shutil
 
 import pytest
 
@@ -121,6 +122,13 @@ def test_a_checkpoint_past_total_steps_is_refused(tmp_path):
         checkpoint.plan_resume(tmp_path, total_steps=7, **kw)
 
 
+def _tag(ckpt_dir, step, train=TRAIN):
+    (ckpt_dir / f"step_{step}").mkdir(exist_ok=True)
+    (ckpt_dir / f"step_{step}" / "config.json").write_text(json.dumps(
+        {"model": {"hidden_size": 64}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}},
+         "tokenizer_sha256": "a" * 64, "train": train}))
+
+
 def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
     """plan_resume with resume_from: that tag, and the later ones to move aside; once a checkpoint of the rewound
     run exists (its config names the same resume_from), the latest again (a requeued job). rewind() moves them
@@ -128,22 +136,27 @@ def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
     from relora_ds import checkpoint
 
     for step in (4, 8, 12):
-        (tmp_path / f"step_{step}").mkdir()
-        (tmp_path / f"step_{step}" / "config.json").write_text(json.dumps(
-            {"model": {"hidden_size": 64}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}},
-             "tokenizer_sha256": "a" * 64, "train": TRAIN}))
-    (tmp_path / "step_16").mkdir()  # a save that crashed: no config.json, never latest, still after step 4
+        _tag(tmp_path, step)
+    _tag(tmp_path, 14)  # a save that crashed after rank 0's config.json: never latest, not a resume point
+    (tmp_path / "step_16").mkdir()  # a save that crashed earlier: no config.json
     (tmp_path / "latest").write_text("step_12")
     kw = dict(model={"hidden_size": 64}, ds={"zero_optimization": {"stage": 2}}, world=2,
               data_dir=tmp_path / "data", tokenizer_sha256="a" * 64, total_steps=12)
     back = {**TRAIN, "resume_from": "step_4"}
     plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
-    assert plan["tag"] == "step_4" and plan["rewind"] == ["step_8", "step_12", "step_16"]
-    with pytest.raises(ValueError, match=r"--resume-from step_6: no complete checkpoint .*step_6; there: "
-                                         r"\['step_4', 'step_8', 'step_12'\]"):
-        checkpoint.plan_resume(tmp_path, train={**TRAIN, "resume_from": "step_6"}, **kw)
+    assert plan["tag"] == "step_4" and plan["rewind"] == ["step_8", "step_12", "step_14", "step_16"]
+    for bad in ("step_6", "step_14"):
+        with pytest.raises(ValueError, match=rf"--resume-from {bad}: no complete checkpoint .*{bad}; there: "
+                                             r"\['step_4', 'step_8', 'step_12'\]"):
+            checkpoint.plan_resume(tmp_path, train={**TRAIN, "resume_from": bad}, **kw)
+    # A crash after the first move: latest already names step_4, and the next --resume-from moves the rest.
+    checkpoint.rewind(tmp_path, "step_4", plan["rewind"][:1])
+    assert checkpoint.latest_tag(tmp_path) == "step_4"
+    assert checkpoint.plan_resume(tmp_path, train=TRAIN, **kw)["tag"] == "step_4"  # a plain --resume loads it
+    plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
+    assert plan["tag"] == "step_4" and plan["rewind"] == ["step_12", "step_14", "step_16"]
     moved = checkpoint.rewind(tmp_path, "step_4", plan["rewind"])
-    assert [p.relative_to(tmp_path).as_posix() for p in moved] == ["rewound/step_8", "rewound/step_12",
+    assert [p.relative_to(tmp_path).as_posix() for p in moved] == ["rewound/step_12", "rewound/step_14",
                                                                     "rewound/step_16"]
     assert checkpoint.latest_tag(tmp_path) == "step_4" and checkpoint.complete_tags(tmp_path) == ["step_4"]
     assert checkpoint.plan_resume(tmp_path, train=back, **kw) == {**plan, "rewind": []}  # nothing left to move
@@ -155,6 +168,10 @@ def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
     (tmp_path / "latest").write_text("step_8")
     plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
     assert plan["tag"] == "step_8" and plan["rewind"] == []
+    shutil.copytree(tmp_path / "step_4", tmp_path / "kept_4")  # keep_last deleted the rewind point: still so
+    shutil.rmtree(tmp_path / "step_4")
+    assert checkpoint.plan_resume(tmp_path, train=back, **kw) == plan
+    (tmp_path / "kept_4").rename(tmp_path / "step_4")
     # Going back to step_4 again with another command (a plain run's config, e.g. a new resume_from) moves
     # the new step_8 beside the old one.
     again = checkpoint.plan_resume(tmp_path, train={**TRAIN, "resume_from": "step_8"}, **kw)
@@ -165,7 +182,8 @@ def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
     plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
     assert plan["tag"] == "step_4" and plan["rewind"] == ["step_8"]
     checkpoint.rewind(tmp_path, "step_4", plan["rewind"])
-    assert sorted(p.name for p in (tmp_path / "rewound").iterdir()) == ["step_12", "step_16", "step_8", "step_8.1"]
+    assert sorted(p.name for p in (tmp_path / "rewound").iterdir()) == ["step_12", "step_14", "step_16", "step_8",
+                                                                        "step_8.1"]
 
 
 def test_a_checkpoint_missing_its_last_merge_gets_it_once_on_resume():

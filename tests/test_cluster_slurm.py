@@ -91,6 +91,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert len(stopped) == 1 and 10 <= stopped[0] < 40, (stopped, log[-3000:])
     n = stopped[0]
     assert re.search(rf"stopped by signal 10 after step {n}; checkpoint saved", log)
+    assert not any("val_loss" in r and r["step"] == n for r in recs)  # the checkpoint first, no evaluation
     assert f"requeueing job {job}" in log and f"job {job} restart 1: 2 rank(s)" in log
     assert f"resumed from {tmp_path}/run/checkpoints/step_{n} at step {n}" in log
     steps = [r["step"] for r in recs if "loss" in r]

@@ -166,3 +166,37 @@ def test_exit_process_finalizes_mpi(tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == "initialized True size 1\nfinalized True\n"
+
+
+def test_an_error_on_rank_zero_stops_every_rank(tmp_path):
+    """on_rank_zero: rank 0's work succeeds for all, or its error reaches every rank (rank 0 raises it, the
+    others a RuntimeError naming it) instead of leaving them blocked at the next collective."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"""
+import json, sys
+import deepspeed, torch.distributed as dist
+from relora_ds.distributed import on_rank_zero, run_and_exit
+
+def main():
+    deepspeed.init_distributed()
+    done, out = [], {{}}
+    on_rank_zero(lambda: done.append(dist.get_rank()))
+    out["ran_on"] = done
+    def fail():
+        raise OSError("disk full")
+    try:
+        on_rank_zero(fail)
+        out["error"] = None
+    except Exception as e:
+        out["error"] = f"{{type(e).__name__}}: {{e}}"
+    dist.barrier()  # both ranks got here: nobody hangs
+    with open(r"{tmp_path}/rank%d.json" % dist.get_rank(), "w") as f:
+        json.dump(out, f)
+
+run_and_exit(main)
+""")
+    run_deepspeed(worker, timeout=300)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["ran_on"] == [0] and r1["ran_on"] == []
+    assert r0["error"] == "OSError: disk full"
+    assert r1["error"].startswith("RuntimeError: rank 0 failed in fail") and "rank 1 stops too" in r1["error"]

@@ -73,10 +73,37 @@ def test_overwrite_clears_every_output_of_the_previous_run(tmp_path, monkeypatch
     from types import SimpleNamespace
 
     from relora_ds import trainer as trainer_mod
-    monkeypatch.setattr(trainer_mod.dist, "barrier", lambda: None)
+    monkeypatch.setattr(trainer_mod, "on_rank_zero", lambda fn: fn())  # one process: rank 0 alone
     for d in ("checkpoints/step_4", "tensorboard", "hf"):
         (tmp_path / d).mkdir(parents=True)
     for f in ("metrics.jsonl", "metrics.rewound.jsonl", "curves.png", "notes.txt"):
         (tmp_path / f).write_text("x")
     trainer_mod.Trainer._clear_output_dir(SimpleNamespace(rank=0, out=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_collectives_wait_the_configured_time(monkeypatch, tmp_path):
+    """The process group gets collective_timeout_min (default 60: DeepSpeed's 10 minutes can end a job while
+    rank 0 alone converts a checkpoint or exports), not DeepSpeed's default."""
+    import datetime
+
+    from relora_ds import trainer
+    from relora_ds.train_config import TrainConfig
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(**kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(trainer, "init_distributed", fake_init)
+    for kw, minutes in (({}, 60), ({"collective_timeout_min": 180}, 180)):
+        cfg = TrainConfig(cycle_length=4, total_steps=8, output_dir=str(tmp_path / "run"), **kw)
+        with pytest.raises(Stop):
+            trainer.Trainer(cfg)
+        assert seen["timeout"] == datetime.timedelta(minutes=minutes)
+    with pytest.raises(ValueError, match="collective_timeout_min=0 must be positive"):
+        TrainConfig(cycle_length=4, total_steps=8, collective_timeout_min=0)

@@ -173,8 +173,12 @@ def test_resume_from_an_earlier_checkpoint_and_requeue(tmp_path, small_data_dir,
     total_steps below the checkpoint's step is refused, not a silent no-op."""
     from relora_ds.metrics import MetricsLogger
 
+    import torch
+
     train2(tmp_path, small_data_dir, save_every=4)
     run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    client = torch.load(ckpts / "step_4" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert client["step"] == 4 and client["step_events_done"] is True  # no merge catch-up for it on resume
     first_12 = (ckpts / "step_12" / "config.json").stat().st_mtime_ns
     proc = train2(tmp_path, small_data_dir, "--resume-from", "step_4", save_every=4)
     assert "moved the later checkpoints to" in proc.stdout + proc.stderr
@@ -186,6 +190,10 @@ def test_resume_from_an_earlier_checkpoint_and_requeue(tmp_path, small_data_dir,
     reference, _ = uninterrupted
     for step, loss in resumed.items():
         assert loss == reference[step], f"step {step}: resumed {loss!r} != uninterrupted {reference[step]!r}"
+    _, recs = read_losses(run)  # each checkpoint and evaluation with its time (not in tokens_per_s)
+    saves = [r for r in recs if r.get("event") == "checkpoint"]
+    assert [r["step"] for r in saves] == [4, 8, 12] and all(r["save_seconds"] > 0 for r in saves)
+    assert [r["step"] for r in recs if r.get("eval_seconds", 0) > 0] == [6, 12]
     moved = [json.loads(l) for l in (run / MetricsLogger.REWOUND).read_text().splitlines()]
     assert sorted(r["step"] for r in moved if "loss" in r) == list(range(5, 13))
     # The requeue: same command line, the rewound run's step_12 says resume_from=step_4: nothing to go back for.

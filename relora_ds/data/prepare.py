@@ -71,7 +71,7 @@ class PrepareConfig:
     txt_unit: str = "document"
     """What one document is in a ``.txt`` file: the whole "document", a "paragraph" or a "line"."""
     max_docs: int | None = None
-    """Use only the first N documents of the corpus (smoke tests); None: all."""
+    """Use only the first N documents of the inputs (smoke tests; val_inputs are read whole); None: all."""
     tokenizer_train_chars: int = 100_000_000
     """Train the tokenizer on the first ~N characters of the training split (about 100 MB of text)."""
 
@@ -150,14 +150,14 @@ _TOKENIZED = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
                                 "validation": datasets.Value("bool")})
 
 
-def _current_commit(hub: str, revision: str | None, out_dir: Path) -> str:
+def _current_commit(hub: str, revision: str | None, out_dir: Path, validation: bool = False) -> str:
     """The hub dataset's commit now; offline, the one `out_dir` was prepared at (with a warning), so that
-    re-running on prepared data stays a no-op without network."""
+    re-running on prepared data stays a no-op without network. `validation`: of the val_inputs dataset."""
     try:
         return hub_commit(hub, revision)
     except ValueError:
-        old = mf.read_manifest_file(out_dir)
-        prepared = (old or {}).get("recipe", {}).get("hub_commit")
+        recipe = (mf.read_manifest_file(out_dir) or {}).get("recipe", {})
+        prepared = (recipe.get("validation_corpus", {}) if validation else recipe).get("hub_commit")
         if prepared is None:
             raise
         warnings.warn(f"cannot reach the hub to check whether {hub!r} moved; keeping the data prepared at "
@@ -183,7 +183,7 @@ def _recipe(resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig, o
     val = {}
     if resolved_val is not None:
         val_hub = resolved_val[1]
-        val_commit = _current_commit(val_hub, cfg.hf_revision, out_dir) if val_hub is not None else None
+        val_commit = _current_commit(val_hub, cfg.hf_revision, out_dir, validation=True) if val_hub else None
         val = {"validation_corpus": {
             "fingerprint": corpus_fingerprint(resolved_val, cfg.hf_config, hub_revision=val_commit),
             **({"hub_commit": val_commit, "hf_split": cfg.hf_val_split or "validation"} if val_commit else {})}}
@@ -408,7 +408,8 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
                    **({"val_inputs": list(cfg.val_inputs), "val_description": val_corpus.description}
                       if val_corpus is not None else {}),
                    "fingerprint": recipe["corpus_fingerprint"], "streaming": corpus.streaming},
-        "warnings": {"invalid_utf8_bytes": corpus.invalid_utf8, "empty_documents": counts["empty_documents"],
+        "warnings": {"invalid_utf8_bytes": {**corpus.invalid_utf8, **(val_corpus.invalid_utf8 if val_corpus else {})},
+                     "empty_documents": counts["empty_documents"],
                      "unk_tokens": counts["unk_tokens"]},
         "stats": {"tokenize_seconds": round(seconds, 3), "tokens_per_second": round(total_tokens / seconds),
                   "num_proc": cfg.num_proc},

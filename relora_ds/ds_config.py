@@ -60,6 +60,7 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
         raise ValueError(f"{source} has a 'scheduler' section; the LR schedule (ReLoRA's jagged cosine) is set "
                          "by the recipe (lr, warmup_steps, cycle_length, restart_warmup_steps, min_lr_ratio): "
                          "remove it")
+    _refuse_unused_sections(ds, source)
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
     params = opt.setdefault("params", {})
     twice += [f"optimizer.params.{k}" for k in _OPT_KEYS if k in params]
@@ -192,6 +193,30 @@ def _zero_config(ds: dict, source: str):
         return DeepSpeedZeroConfig(**(zero if isinstance(zero, dict) else {"stage": 1 if zero else 0}))
     except ValueError as e:  # pydantic's ValidationError: a bad value (key names are checked before)
         raise ValueError(f"{source}: zero_optimization: {e}") from None
+
+
+# Sections DeepSpeed reads but that act only through calls this trainer does not make, or that would log a
+# part of the run: accepted, they would do nothing (or mislead) without a word. (key, is it on?, why)
+_MONITOR_WHY = ("DeepSpeed's monitor sees only its own lr and loss scale, and restarts its sample axis at the "
+                "warm-start switch (a new engine); relora_ds logs every metric and event to "
+                "output_dir/metrics.jsonl and output_dir/tensorboard itself")
+_UNUSED_SECTIONS = (
+    ("activation_checkpointing", lambda sec: bool(sec),
+     "the model recomputes with torch.utils.checkpoint, not DeepSpeed's checkpointing: use the recipe's "
+     "activation_checkpointing (--activation-checkpointing)"),
+    ("compile", lambda sec: isinstance(sec, dict) and bool(sec.get("deepcompile")),
+     "the trainer never calls engine.compile()"),
+    ("comms_logger", lambda sec: isinstance(sec, dict) and bool(sec.get("enabled")),
+     "the trainer never prints DeepSpeed's communication summary"),
+    *((m, lambda sec: isinstance(sec, dict) and bool(sec.get("enabled")), _MONITOR_WHY)
+      for m in ("tensorboard", "wandb", "csv_monitor", "comet")),
+)
+
+
+def _refuse_unused_sections(ds: dict, source: str) -> None:
+    for key, on, why in _UNUSED_SECTIONS:
+        if key in ds and on(ds[key]):
+            raise ValueError(f"{source}: the {key!r} section has no effect here ({why}); remove it")
 
 
 # ----------------------------------------------------------------------------- key checks

@@ -24,11 +24,16 @@ class MetricsLogger:
 
     REWOUND = "metrics.rewound.jsonl"
 
-    def __init__(self, output_dir: str | Path, enabled: bool, resume_step: int | None = None):
+    WANDB_ID = "wandb_run_id"
+
+    def __init__(self, output_dir: str | Path, enabled: bool, resume_step: int | None = None,
+                 wandb_project: str | None = None, run_config: dict | None = None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._tb = None
+        self._tb = self._wandb = None
         self.rewound = 0
+        if enabled and wandb_project:
+            self._wandb = _start_wandb(Path(output_dir), wandb_project, run_config)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
@@ -65,13 +70,39 @@ class MetricsLogger:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None and "step" in record:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, record["step"])
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, record["step"])
+        if self._wandb is not None and "step" in record:
+            if "event" in record:  # a reset, merge, checkpoint...: its numbers under the event's name
+                scalars = {f"{record['event']}/{k}": v for k, v in scalars.items()}
+            self._wandb.log({**scalars, "step": record["step"]})
 
     def close(self) -> None:
         """Flush TensorBoard's events; idempotent (launch/train.py also calls it on every exit path)."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(output_dir: Path, project: str, run_config: dict | None):
+    """A W&B run that a resumed or requeued job continues: its id is kept in output_dir. The x axis is our
+    step (a metric), not W&B's own counter, so the steps a resumed run trains again are plotted at their
+    step rather than dropped as out of order."""
+    import uuid
+
+    import wandb
+
+    id_file = output_dir / MetricsLogger.WANDB_ID
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id)
+    run = wandb.init(project=project, id=run_id, resume="allow", config=run_config, dir=str(output_dir))
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run

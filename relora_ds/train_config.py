@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import re
 import typing
@@ -131,6 +132,9 @@ class TrainConfig:
                                 "metrics, TensorBoard logs and export (without it, or --resume, that is an error)")
     export: bool = _f(True, "export the final model to output_dir/hf (Hugging Face LLaMA format)")
     log_every: int = _f(1, "metrics line every N steps")
+    wandb_project: str | None = _f(None, "also log every metric and event to this Weights & Biases project (needs "
+                                         "the wandb package; the run id is kept in output_dir, so a resumed or "
+                                         "requeued job continues the same W&B run)")
     collective_timeout_min: int = _f(60, "minutes a rank waits in a collective before the job fails; DeepSpeed's "
                                          "10 can end a job while rank 0 alone converts a checkpoint for another "
                                          "world size or exports a large model")
@@ -199,6 +203,9 @@ class TrainConfig:
         if self.warm_start_steps and self.mode == "full":
             raise ValueError("warm_start_steps only makes sense with mode=relora or lora")
         self._warn_ignored()
+        if self.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"wandb_project={self.wandb_project!r} needs the wandb package, which is not installed "
+                             "(pip install wandb), or leave wandb_project unset")
         if self.quantize not in (None, "int8"):
             raise ValueError(f"quantize={self.quantize!r} is not supported; valid values: None, 'int8'")
         if self.merge_residual and self.quantize:

@@ -111,7 +111,8 @@ class Trainer:
         self.engine = None
         resume_step = None if not cfg.resume else (
             0 if self.resume_plan is None else checkpoint.tag_step(self.resume_plan["tag"]))
-        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0, resume_step=resume_step)
+        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0, resume_step=resume_step,
+                                     wandb_project=cfg.wandb_project, run_config=self._run_config())
         if self.metrics.rewound:
             self._print(f"resuming from step {resume_step}: the {self.metrics.rewound} metrics records the previous "
                         f"run logged after it moved to {self.out / MetricsLogger.REWOUND}")
@@ -125,7 +126,7 @@ class Trainer:
         def clear():
             for name in ("checkpoints", "tensorboard", "hf"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
-            for name in ("metrics.jsonl", MetricsLogger.REWOUND, "curves.png"):
+            for name in ("metrics.jsonl", MetricsLogger.REWOUND, MetricsLogger.WANDB_ID, "curves.png"):
                 (self.out / name).unlink(missing_ok=True)
         on_rank_zero(clear)
 

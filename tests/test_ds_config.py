@@ -5,6 +5,7 @@ Run as a script (``python tests/test_ds_config.py OUT``) it is the one-rank engi
 test_bf16_optimizer_accumulates_like_one_big_micro_batch.
 """
 import json
+import re
 import subprocess
 import sys
 
@@ -230,3 +231,20 @@ def test_completed_config_carries_every_recipe_value():
 def test_a_recipe_value_in_the_json_is_an_error_not_overwritten(ds, key):
     with pytest.raises(ValueError, match=rf"sets \['{key}'\], which the recipe also sets"):
         complete_ds_config(ds, TrainConfig(**BASE), world_size=2)
+
+
+@pytest.mark.parametrize("section, value, why", [
+    ("activation_checkpointing", {"partition_activations": True}, "--activation-checkpointing"),
+    ("compile", {"deepcompile": True}, "never calls engine.compile"),
+    ("comms_logger", {"enabled": True}, "communication summary"),
+    ("tensorboard", {"enabled": True, "output_path": "tb"}, "output_dir/metrics.jsonl and output_dir/tensorboard"),
+    ("wandb", {"enabled": True, "project": "p"}, "restarts its sample axis at the warm-start switch"),
+    ("csv_monitor", {"enabled": True}, "DeepSpeed's monitor sees only its own lr"),
+])
+def test_sections_this_trainer_would_leave_without_effect_are_refused(section, value, why):
+    """DeepSpeed accepts them, and here they would do nothing or log a fragment: an error, not silence;
+    the same sections switched off pass."""
+    with pytest.raises(ValueError, match=rf"the '{section}' section has no effect here \(.*{re.escape(why)}"):
+        complete_ds_config({section: value}, TrainConfig(**BASE), world_size=2)
+    off = {"activation_checkpointing": {}, "compile": {"deepcompile": False}}.get(section, {**value, "enabled": False})
+    complete_ds_config({section: off}, TrainConfig(**BASE), world_size=2)

@@ -76,7 +76,7 @@ def test_overwrite_clears_every_output_of_the_previous_run(tmp_path, monkeypatch
     monkeypatch.setattr(trainer_mod, "on_rank_zero", lambda fn: fn())  # one process: rank 0 alone
     for d in ("checkpoints/step_4", "tensorboard", "hf"):
         (tmp_path / d).mkdir(parents=True)
-    for f in ("metrics.jsonl", "metrics.rewound.jsonl", "curves.png", "notes.txt"):
+    for f in ("metrics.jsonl", "metrics.rewound.jsonl", "wandb_run_id", "curves.png", "notes.txt"):
         (tmp_path / f).write_text("x")
     trainer_mod.Trainer._clear_output_dir(SimpleNamespace(rank=0, out=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
@@ -107,3 +107,51 @@ def test_collectives_wait_the_configured_time(monkeypatch, tmp_path):
         assert seen["timeout"] == datetime.timedelta(minutes=minutes)
     with pytest.raises(ValueError, match="collective_timeout_min=0 must be positive"):
         TrainConfig(cycle_length=4, total_steps=8, collective_timeout_min=0)
+
+
+def test_wandb_gets_every_metric_and_a_requeued_job_continues_its_run(tmp_path, monkeypatch):
+    """wandb_project: each record's numbers go to W&B (events' under their name) against our step; the run id
+    is kept in output_dir, so the next start (a resume, a requeue) continues the same run. (A stand-in wandb
+    module: the package is not a dependency.)"""
+    import sys
+    import types
+
+    from relora_ds.metrics import MetricsLogger
+    from relora_ds.train_config import TrainConfig
+
+    calls = []
+
+    class Run:
+        def define_metric(self, name, step_metric=None):
+            calls.append(("define_metric", name, step_metric))
+
+        def log(self, data):
+            calls.append(("log", data))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    m = MetricsLogger(tmp_path, enabled=True, wandb_project="relora", run_config={"train": {"lr": 1e-3}})
+    m.log({"step": 1, "loss": 5.0, "lr": 1e-3, "phase": "full", "grad_norm": None})
+    m.log({"event": "reset", "step": 2, "pruned_fraction": 0.99, "reset": True})
+    m.close()
+    init = calls[0][1]
+    assert init["project"] == "relora" and init["resume"] == "allow" and init["config"] == {"train": {"lr": 1e-3}}
+    assert (tmp_path / "wandb_run_id").read_text() == init["id"]
+    assert ("define_metric", "*", "step") in calls
+    assert [c[1] for c in calls if c[0] == "log"] == [{"loss": 5.0, "lr": 1e-3, "step": 1},
+                                                      {"reset/pruned_fraction": 0.99, "step": 2}]
+    assert calls[-1] == ("finish",)
+    calls.clear()
+    MetricsLogger(tmp_path, enabled=True, resume_step=2, wandb_project="relora").close()
+    assert calls[0][1]["id"] == init["id"]  # the same W&B run
+    calls.clear()
+    MetricsLogger(tmp_path, enabled=False, wandb_project="relora").close()  # ranks other than 0: no run
+    assert calls == []
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else object())
+    with pytest.raises(ValueError, match="wandb_project='relora' needs the wandb package, which is not installed"):
+        TrainConfig(cycle_length=4, total_steps=8, wandb_project="relora")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, run_info
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, eval_batches, \
     load_manifest, prepare_data
 from .data.manifest import read_manifest_file
@@ -111,6 +111,9 @@ class Trainer:
         self.engine = None
         resume_step = None if not cfg.resume else (
             0 if self.resume_plan is None else checkpoint.tag_step(self.resume_plan["tag"]))
+        self.environment = run_info.environment(self.world)  # the host's view is rank 0's
+        if self.rank == 0:
+            run_info.append(self.out, {**self.environment, "resume_step": resume_step})
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0, resume_step=resume_step,
                                      wandb_project=cfg.wandb_project, run_config=self._run_config())
         if self.metrics.rewound:
@@ -126,7 +129,8 @@ class Trainer:
         def clear():
             for name in ("checkpoints", "tensorboard", "hf"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
-            for name in ("metrics.jsonl", MetricsLogger.REWOUND, MetricsLogger.WANDB_ID, "curves.png"):
+            for name in ("metrics.jsonl", MetricsLogger.REWOUND, MetricsLogger.WANDB_ID, "run_info.jsonl",
+                         "curves.png"):
                 (self.out / name).unlink(missing_ok=True)
         on_rank_zero(clear)
 
@@ -227,7 +231,8 @@ class Trainer:
 
     def _run_config(self) -> dict:
         return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "deepspeed": self.ds,
-                "world_size": self.world, "data_dir": str(self.data_dir), "tokenizer_sha256": self.tokenizer_sha256}
+                "world_size": self.world, "data_dir": str(self.data_dir), "tokenizer_sha256": self.tokenizer_sha256,
+                "environment": self.environment}
 
     def save(self) -> Path:
         start = time.perf_counter()
@@ -310,7 +315,8 @@ class Trainer:
     # ---------------------------------------------------------------- loop
     def train(self) -> dict:
         cfg = self.cfg
-        self._print("effective configuration:\n" + json.dumps(self._run_config(), indent=2))
+        self._print("effective configuration:\n" + json.dumps(
+            {k: v for k, v in self._run_config().items() if k != "environment"}, indent=2))  # that: run_info.jsonl
         if not (cfg.resume and self._resume()):
             self._build_engine(self._base_model(), self._phase(0))
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())  # ZeRO-3: whole

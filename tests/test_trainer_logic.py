@@ -76,7 +76,7 @@ def test_overwrite_clears_every_output_of_the_previous_run(tmp_path, monkeypatch
     monkeypatch.setattr(trainer_mod, "on_rank_zero", lambda fn: fn())  # one process: rank 0 alone
     for d in ("checkpoints/step_4", "tensorboard", "hf"):
         (tmp_path / d).mkdir(parents=True)
-    for f in ("metrics.jsonl", "metrics.rewound.jsonl", "wandb_run_id", "curves.png", "notes.txt"):
+    for f in ("metrics.jsonl", "metrics.rewound.jsonl", "wandb_run_id", "run_info.jsonl", "curves.png", "notes.txt"):
         (tmp_path / f).write_text("x")
     trainer_mod.Trainer._clear_output_dir(SimpleNamespace(rank=0, out=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
@@ -155,3 +155,29 @@ def test_wandb_gets_every_metric_and_a_requeued_job_continues_its_run(tmp_path, 
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "wandb" else object())
     with pytest.raises(ValueError, match="wandb_project='relora' needs the wandb package, which is not installed"):
         TrainConfig(cycle_length=4, total_steps=8, wandb_project="relora")
+
+
+def test_run_info_records_what_the_run_ran_on(tmp_path):
+    """run_info.environment against independent sources: this checkout's git HEAD, the installed versions,
+    the command line; append() adds one line per start."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from launch_utils import ROOT
+    from relora_ds import run_info
+
+    env = run_info.environment(world_size=2)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI clones one)
+        assert env["git"]["commit"] == head.stdout.strip() and isinstance(env["git"]["dirty"], bool)
+    assert env["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        env["versions"]["torch"] == torch.__version__
+    import deepspeed
+    assert env["versions"]["deepspeed"] == deepspeed.__version__
+    assert env["argv"] == sys.argv and env["world_size"] == 2 and env["host"]
+    run_info.append(tmp_path, {**env, "resume_step": None})
+    run_info.append(tmp_path, {**env, "resume_step": 8})
+    lines = [json.loads(l) for l in (tmp_path / "run_info.jsonl").read_text().splitlines()]
+    assert [r["resume_step"] for r in lines] == [None, 8] and lines[0]["versions"] == env["versions"]

@@ -201,6 +201,10 @@ def test_resume_from_an_earlier_checkpoint_and_requeue(tmp_path, small_data_dir,
     assert f"resumed from {ckpts / 'step_12'} at step 12" in proc.stdout + proc.stderr
     assert sorted(p.name for p in (ckpts / "rewound").iterdir()) == ["step_12", "step_8"]
     assert read_losses(run)[0] == resumed
+    starts = [json.loads(l) for l in (run / "run_info.jsonl").read_text().splitlines()]
+    assert [r["resume_step"] for r in starts] == [None, 4, 12] and all(r["world_size"] == 2 for r in starts)
+    assert json.loads((ckpts / "step_12" / "config.json").read_text())["environment"]["versions"] == \
+        starts[1]["versions"]
     proc = train1(tmp_path, small_data_dir, "--resume", "--total-steps", "8", check=False, save_every=4)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"checkpoint {ckpts / 'step_12'} is at step 12, past this run's total_steps=8" in proc.stderr

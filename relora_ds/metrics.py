@@ -1,6 +1,7 @@
 """Rank-0 metrics: one JSON object per line in metrics.jsonl, the same scalars to TensorBoard."""
 from __future__ import annotations
 
+import datetime
 import json
 import resource
 from pathlib import Path
@@ -106,3 +107,19 @@ def _start_wandb(output_dir: Path, project: str, run_config: dict | None):
     run.define_metric("step")
     run.define_metric("*", step_metric="step")
     return run
+
+
+def progress_line(rec: dict, total_steps: int, elapsed_s: float, steps_done: int, cycle: dict) -> str:
+    """One plain log line for a metrics record, where no terminal shows the progress bar (a SLURM .out
+    file): step, loss, lr, throughput, ReLoRA cycle, elapsed and estimated time left (from this process's
+    steps so far, evaluations and checkpoints included)."""
+    left = (total_steps - rec["step"]) * elapsed_s / max(steps_done, 1)
+    hms = lambda s: str(datetime.timedelta(seconds=round(s)))  # noqa: E731
+    parts = [f"step {rec['step']}/{total_steps}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.3e}",
+             f"{rec['tokens_per_s']:,.0f} tok/s", f"{rec['tflops_per_gpu']:.1f} TFLOP/s/GPU"]
+    if "mfu" in rec:
+        parts.append(f"MFU {rec['mfu']:.1%}")
+    if cycle:
+        parts.append(f"cycle {cycle['cycle']} step {cycle['in_cycle']}")
+    parts += [f"elapsed {hms(elapsed_s)}", f"left ~{hms(left)}"]
+    return " | ".join(parts)

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,7 +37,7 @@ from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16,
 from .engine_state import full_fp32_state_dict
 from .hf import export_hf, load_hf
 from .merge import merge_and_reinit
-from .metrics import MetricsLogger, peak_memory_mb
+from .metrics import MetricsLogger, peak_memory_mb, progress_line
 from .model import LlamaForCausalLM
 from .prune import prune_optimizer_state
 from .relora import lora_parameters, relora_layers, wrap
@@ -324,7 +325,11 @@ class Trainer:
                     f"{self.world} rank(s), bf16={uses_bf16(self.ds)}, ZeRO stage "
                     f"{zero_stage(self.ds)}, offload: {offloaded(self.engine)}, {self.total_steps} steps, "
                     f"RELORA_KERNELS={relora_kernels.kernel_mode()}")
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True)
+        # A terminal gets the bar; a log file (SLURM's .out) a plain line per metrics record instead.
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or not interactive,
+                   dynamic_ncols=True)
+        started, first_step = time.perf_counter(), self.step
         final = {}
         # Throughput counts training steps and their merges and resets, not evaluation, checkpoints or the
         # warm-start switch (each step ends in an all-reduce read on the host, so the clock sees the device).
@@ -349,6 +354,9 @@ class Trainer:
                 self.metrics.log(rec)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tok_s:.0f}",
                                 **self._cycle_position())
+                if not interactive:
+                    self._print(progress_line(rec, self.total_steps, time.perf_counter() - started,
+                                              self.step - first_step, self._cycle_position()))
             bar.update(1)
             if self._stop_agreed:  # the checkpoint first, and no evaluation: SLURM's warning gives 120 s
                 self.save()

@@ -181,3 +181,14 @@ def test_run_info_records_what_the_run_ran_on(tmp_path):
     run_info.append(tmp_path, {**env, "resume_step": 8})
     lines = [json.loads(l) for l in (tmp_path / "run_info.jsonl").read_text().splitlines()]
     assert [r["resume_step"] for r in lines] == [None, 8] and lines[0]["versions"] == env["versions"]
+
+
+def test_progress_line_for_log_files():
+    """Without a terminal (a SLURM .out file) each metrics record becomes one plain line; the time left is
+    the remaining steps at this process's pace so far (hand-computed: 90 s for 30 steps, 60 left -> 180 s)."""
+    from relora_ds.metrics import progress_line
+
+    rec = {"step": 40, "loss": 3.14159, "lr": 1e-3, "tokens_per_s": 12345.6, "tflops_per_gpu": 101.25, "mfu": 0.4321}
+    line = progress_line(rec, total_steps=100, elapsed_s=90.0, steps_done=30, cycle={"cycle": "2/5", "in_cycle": 7})
+    assert line == ("step 40/100 | loss 3.1416 | lr 1.000e-03 | 12,346 tok/s | 101.2 TFLOP/s/GPU | MFU 43.2% | "
+                    "cycle 2/5 step 7 | elapsed 0:01:30 | left ~0:03:00")

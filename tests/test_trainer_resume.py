@@ -2,6 +2,7 @@
 ZeRO-3 with int8 and with offload, DeepSpeed's bf16 optimizer, a finished run extended."""
 import json
 import os
+import re
 
 import pytest
 
@@ -175,7 +176,9 @@ def test_resume_from_an_earlier_checkpoint_and_requeue(tmp_path, small_data_dir,
 
     import torch
 
-    train2(tmp_path, small_data_dir, save_every=4)
+    proc = train2(tmp_path, small_data_dir, save_every=4)
+    # No terminal here (as in a SLURM .out file): plain progress lines instead of the bar.
+    assert re.search(r"step 12/12 \| loss \d+\.\d+ \| lr .* \| left ~0:00:00", proc.stdout + proc.stderr)
     run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     client = torch.load(ckpts / "step_4" / "mp_rank_00_model_states.pt", weights_only=False)
     assert client["step"] == 4 and client["step_events_done"] is True  # no merge catch-up for it on resume

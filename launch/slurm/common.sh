@@ -7,7 +7,7 @@
 #   OUTPUT_DIR    run directory; default: the recipe's output_dir
 #   TRAIN_ARGS    more launch/train.py flags, split on spaces
 #   PYTHON        interpreter with relora_ds installed (default: python on PATH)
-#   MASTER_PORT   rendezvous port on the first node (default: 29500 + job id mod 10000)
+#   MASTER_PORT   rendezvous port on the first node (default: 20000 + job id mod 10000, below Linux's ephemeral ports 32768-60999)
 #   TORCH_EXTENSIONS_DIR  DeepSpeed's JIT-compiled ops (default: per job, node-local /tmp)
 #   REQUEUE_SIGNALS  signals after whose checkpoint the job requeues itself (default: USR1)
 
@@ -44,7 +44,7 @@ prepare_training() {
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     [[ -n "$MASTER_ADDR" ]] || die "could not expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST with scontrol"
     export MASTER_ADDR
-    export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 10000))}
+    export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
     export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-${TMPDIR:-/tmp}/torch_extensions_$(id -un)_$SLURM_JOB_ID}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
     say "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $world rank(s) on $SLURM_JOB_NUM_NODES node(s)" \

@@ -1,4 +1,5 @@
-"""The training loop: a DeepSpeed engine around our LLaMA, ReLoRA's merges and resets, eval, checkpoints.
+"""The training loop: a DeepSpeed engine around our LLaMA, ReLoRA's merges and resets, eval (checkpoints and
+resume: relora_ds/resume.py).
 
 Phases: an optional full-rank warm start, then the low-rank phase (``relora`` with merges and optimizer
 resets, or ``lora`` without); ``full`` trains full-rank throughout. The switch builds a new engine with a
@@ -40,11 +41,12 @@ from .merge import merge_and_reinit
 from .metrics import MetricsLogger, peak_memory_mb, progress_line
 from .model import LlamaForCausalLM
 from .prune import prune_optimizer_state
-from .relora import lora_parameters, relora_layers, wrap
+from .relora import lora_parameters, wrap
+from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
     check_output_dir, check_precision_on_device, total_steps_for
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
-from .zero_reset import offloaded, unshare_optimizer_steps
+from .zero_reset import offloaded
 
 
 def _shifted(step: int, *, fn, offset: int) -> float:
@@ -52,7 +54,7 @@ def _shifted(step: int, *, fn, offset: int) -> float:
     return fn(step + offset)
 
 
-class Trainer:
+class Trainer(CheckpointsMixin):
     def __init__(self, cfg: TrainConfig, ds_config_path: str | None = None):
         self.cfg = cfg
         apply_kernels_setting(cfg.kernels)
@@ -135,19 +137,6 @@ class Trainer:
                 (self.out / name).unlink(missing_ok=True)
         on_rank_zero(clear)
 
-    def _rewind(self) -> None:
-        """--resume-from: the checkpoints after it move aside (the metrics after it move aside in MetricsLogger).
-        Every rank has planned from the same files (the barrier) before rank 0 moves any."""
-        dist.barrier()
-        plan = self.resume_plan
-
-        def move():
-            if plan and plan["rewind"]:
-                moved = checkpoint.rewind(self.ckpt_dir, plan["tag"], plan["rewind"])
-                self._print(f"--resume-from {plan['tag']}: moved the later checkpoints to "
-                            f"{self.ckpt_dir / checkpoint.REWOUND}: " + ", ".join(p.name for p in moved))
-        on_rank_zero(move)
-
     def _request_stop(self, signum, frame) -> None:
         self._stop_signal = signum
 
@@ -219,99 +208,10 @@ class Trainer:
         self._build_engine(model, "lowrank")
         self._event({"event": "switch_to_relora", "step": self.step})
 
-    # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
-        # step_events_done: the merge and reset due at `step`, if any, are in this checkpoint (saves come after
-        # them); checkpoints without the key predate that order (see _catch_up_missed_merge).
-        return {"step": self.step, "phase": self.engine_phase, "relora_start": self.relora_start,
-                "sampler": self.batches.state_dict(), "world_size": self.world, "step_events_done": True}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
-        self.batches.load_state_dict(state["sampler"])
-
     def _run_config(self) -> dict:
         return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "deepspeed": self.ds,
                 "world_size": self.world, "data_dir": str(self.data_dir), "tokenizer_sha256": self.tokenizer_sha256,
                 "environment": self.environment}
-
-    def save(self) -> Path:
-        start = time.perf_counter()
-        path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(), self._run_config(),
-                               self.cfg.keep_last)
-        self.metrics.log({"event": "checkpoint", "step": self.step, "path": str(path),
-                          "save_seconds": time.perf_counter() - start})
-        return path
-
-    def _resume(self) -> bool:
-        if self.resume_plan is None:
-            self._print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
-            return False
-        tag, saved, universal, stages = (self.resume_plan[k] for k in ("tag", "saved", "universal", "stages"))
-        step = checkpoint.tag_step(tag)
-        load_tag = tag
-        if universal:
-            self._print(f"checkpoint {self.ckpt_dir / tag} was written by {saved['world_size']} rank(s) with ZeRO "
-                        f"stage {stages[0]}, this run has {self.world} and stage {stages[1]}: loading it as a "
-                        "DeepSpeed universal checkpoint")
-            load_tag = checkpoint.make_universal(self.ckpt_dir, tag)
-        # The engine that wrote step_N trained step N-1: at N == warm_start_steps still the full-rank one
-        # (the loop switches before step N's training).
-        phase = self._phase(step - 1)
-        self._build_engine(self._base_model() if phase == "full" or not self.cfg.warm_start_steps
-                           else LlamaForCausalLM(self.model_config), phase, load_universal=universal)
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
-        if client is None:
-            raise RuntimeError(f"DeepSpeed could not load {self.ckpt_dir / load_tag}")
-        if client.get("phase", phase) != phase:
-            raise RuntimeError(f"{self.ckpt_dir / tag} was written in the {client['phase']!r} phase, "
-                               f"expected {phase!r}")
-        if universal:
-            checkpoint.restore_frozen_from_universal(self.engine.module, self.ckpt_dir / load_tag)
-            unshare_optimizer_steps(self.engine)
-        self.load_state_dict(client)
-        self._apply_optimizer_settings(saved["train"])
-        self._catch_up_missed_merge(client)
-        if saved["world_size"] == self.world:
-            checkpoint.load_rng(self.ckpt_dir, tag)
-        else:  # per-rank RNG streams do not map onto other ranks (only LoRA dropout draws from them)
-            torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
-        self._print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
-        return True
-
-    def _catch_up_missed_merge(self, client: dict) -> None:
-        """A final checkpoint written before relora_ds did the last step's reset (before 2026-11-30) sits on
-        a merge step without its merge: do it now, once, so extending such a run loses no reset. Only for
-        checkpoints without ``step_events_done``: the merge count cannot tell once cycle_length changes."""
-        if client.get("step_events_done"):
-            return
-        cfg = self.cfg
-        since = self.step - self.relora_start
-        every = cfg.merge_every or cfg.cycle_length
-        if cfg.mode != "relora" or self.engine_phase != "lowrank" or since <= 0 or since % every:
-            return
-        layer = next(layer for _, layer in relora_layers(self.engine.module))
-        if int(layer.merge_count) == since // every - 1:
-            self._after_step_events()
-
-    def _apply_optimizer_settings(self, saved: dict) -> None:
-        """The recipe's lr, betas, eps and weight decay, not the checkpoint's: DeepSpeed restores the param
-        groups and LambdaLR's base lrs, so resuming with e.g. a lower lr after a divergence would
-        otherwise silently keep the old one. Logs every setting that differs from the checkpoint's."""
-        cfg = self.cfg
-        lr = self._phase_lr(self.engine_phase)
-        sched = self.engine.lr_scheduler
-        sched.base_lrs = [lr] * len(sched.base_lrs)
-        for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas):
-            group.update(lr=lr * fn(sched.last_epoch), betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                         weight_decay=cfg.weight_decay)
-        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
-        # Every other setting a resume may change (total_steps, cycle_length, batch sizes, clipping, ...) takes
-        # effect through the new config; all of them are named once here.
-        changed = {k: f"{saved.get(k)} -> {v}" for k, v in cfg.to_dict().items()
-                   if k not in ("resume", "resume_from", "overwrite") and saved.get(k) != v}
-        if changed:
-            self._event({"event": "resume_settings_changed", "step": self.step, **changed})
 
     # ---------------------------------------------------------------- loop
     def train(self) -> dict:

@@ -23,10 +23,13 @@ class CheckpointsMixin:
         # step_events_done: the merge and reset due at `step`, if any, are in this checkpoint (saves come after
         # them); checkpoints without the key predate that order (see _catch_up_missed_merge).
         return {"step": self.step, "phase": self.engine_phase, "relora_start": self.relora_start,
-                "sampler": self.batches.state_dict(), "world_size": self.world, "step_events_done": True}
+                "sampler": self.batches.state_dict(), "world_size": self.world, "step_events_done": True,
+                "tokens_seen": self.tokens_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        # Checkpoints before the counter: their steps at the saved run's batch (the same unless it changed).
+        self.tokens_seen = int(state.get("tokens_seen", self.step * self.tokens_per_step))
         self.batches.load_state_dict(state["sampler"])
 
     def save(self) -> Path:

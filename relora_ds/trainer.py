@@ -111,6 +111,7 @@ class Trainer(CheckpointsMixin):
         if cfg.resume_from:
             self._rewind()
         self.step = 0
+        self.tokens_seen = 0  # trained tokens so far: a sum, as global_batch_size may change on resume
         self.engine = None
         resume_step = None if not cfg.resume else (
             0 if self.resume_plan is None else checkpoint.tag_step(self.resume_plan["tag"]))
@@ -240,6 +241,7 @@ class Trainer(CheckpointsMixin):
             t0 = time.perf_counter()
             loss = self._train_step()
             self.step += 1
+            self.tokens_seen += self.tokens_per_step
             self._after_step_events()
             train_s += time.perf_counter() - t0
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
@@ -248,7 +250,7 @@ class Trainer(CheckpointsMixin):
                 grad_norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
                 tflops = tok_s * self.flops_per_token / self.world / 1e12  # model TFLOP/s per rank
                 rec = {"step": self.step, "loss": loss, "lr": self.step_lr, "grad_norm": _float(grad_norm),
-                       "tokens_per_s": tok_s, "tflops_per_gpu": tflops,
+                       "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen, "tflops_per_gpu": tflops,
                        **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {}),
                        "peak_memory_mb": peak_memory_mb(), "phase": self.engine_phase}
                 self.metrics.log(rec)

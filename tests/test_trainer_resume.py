@@ -182,6 +182,7 @@ def test_resume_from_an_earlier_checkpoint_and_requeue(tmp_path, small_data_dir,
     run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     client = torch.load(ckpts / "step_4" / "mp_rank_00_model_states.pt", weights_only=False)
     assert client["step"] == 4 and client["step_events_done"] is True  # no merge catch-up for it on resume
+    assert client["tokens_seen"] == 4 * 8 * 32  # steps x global batch x seq_len
     first_12 = (ckpts / "step_12" / "config.json").stat().st_mtime_ns
     proc = train2(tmp_path, small_data_dir, "--resume-from", "step_4", save_every=4)
     assert "moved the later checkpoints to" in proc.stdout + proc.stderr
@@ -194,6 +195,7 @@ def test_resume_from_an_earlier_checkpoint_and_requeue(tmp_path, small_data_dir,
     for step, loss in resumed.items():
         assert loss == reference[step], f"step {step}: resumed {loss!r} != uninterrupted {reference[step]!r}"
     _, recs = read_losses(run)  # each checkpoint and evaluation with its time (not in tokens_per_s)
+    assert [r["tokens_seen"] for r in recs if "loss" in r] == [s * 8 * 32 for s in range(1, 13)]
     saves = [r for r in recs if r.get("event") == "checkpoint"]
     assert [r["step"] for r in saves] == [4, 8, 12] and all(r["save_seconds"] > 0 for r in saves)
     assert [r["step"] for r in recs if r.get("eval_seconds", 0) > 0] == [6, 12]

@@ -42,6 +42,14 @@ def _version(name: str) -> str | None:
         return None
 
 
+def _nccl() -> str | None:
+    try:
+        v = torch.cuda.nccl.version()  # a tuple in recent torch, an int in older ones
+    except Exception:  # a build without NCCL
+        return None
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
 def environment(world_size: int) -> dict:
     cuda = torch.cuda.is_available()
     return {
@@ -51,7 +59,7 @@ def environment(world_size: int) -> dict:
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in PACKAGES},
         "cuda": torch.version.cuda if cuda else None,
-        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "nccl": _nccl() if cuda else None,
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "host": socket.gethostname(),
         "world_size": world_size,

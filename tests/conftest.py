@@ -2,6 +2,22 @@ import glob
 
 import pytest
 
+_SHM = "/dev/shm/deepspeed_allreduce_buffer_*"
+_shm_before: set[str] = set()
+
+
+def pytest_sessionstart(session):
+    _shm_before.update(glob.glob(_SHM))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Every multi-rank run must release DeepSpeed's 64 MB shared-memory segments (relora_ds.distributed
+    .init_distributed does): one left by this session fails it, naming the files (their port names the run)."""
+    left = sorted(set(glob.glob(_SHM)) - _shm_before)
+    if left:
+        print(f"\nFAILED: this session left DeepSpeed shared-memory segments behind: {left}")
+        session.exitstatus = 1
+
 
 @pytest.fixture(scope="session")
 def small_data_dir(tmp_path_factory):

@@ -2,6 +2,7 @@
 
 Oracle: DeepSpeed itself. The worker checks our predicted segment names exist right after its init (so a new
 naming scheme fails here rather than leaking silently) and runs its shm allreduce kernel after the release."""
+import glob
 import json
 import os
 from pathlib import Path
@@ -174,11 +175,11 @@ def test_an_error_on_rank_zero_stops_every_rank(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(f"""
 import json, sys
-import deepspeed, torch.distributed as dist
-from relora_ds.distributed import on_rank_zero, run_and_exit
+import torch.distributed as dist
+from relora_ds.distributed import init_distributed, on_rank_zero, run_and_exit
 
 def main():
-    deepspeed.init_distributed()
+    init_distributed()  # releases DeepSpeed's shared-memory segment (deepspeed.init_distributed leaks it)
     done, out = [], {{}}
     on_rank_zero(lambda: done.append(dist.get_rank()))
     out["ran_on"] = done
@@ -195,7 +196,9 @@ def main():
 
 run_and_exit(main)
 """)
-    run_deepspeed(worker, timeout=300)
+    port = free_port()
+    run_deepspeed(worker, timeout=300, master_port=port)
+    assert not glob.glob(f"/dev/shm/*allreduce_buffer_*_{port}_*")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["ran_on"] == [0] and r1["ran_on"] == []
     assert r0["error"] == "OSError: disk full"

@@ -15,23 +15,26 @@ def main(argv=None) -> int:
     show_config_warnings_plainly()
     parser = build_launch_parser(__doc__)
     args = parser.parse_args(argv)
-    trainer = None
+    trainer, status = None, 1  # an exception leaves with 1 (run_and_exit)
     try:
         try:
             cfg = config_from_args(args)
             trainer = Trainer(cfg, args.deepspeed)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            status = 2
+            return status
         try:
             trainer.train()
         except FloatingPointError as e:  # NaN/inf loss: the message names the step and the last good checkpoint
             print(f"error: {e}", file=sys.stderr)
-            return 3
-        return 0
+            status = 3
+            return status
+        status = 0
+        return status
     finally:
-        if trainer is not None:  # a NaN stop or any exception: the last TensorBoard events are written too
-            trainer.metrics.close()
+        if trainer is not None:  # a NaN stop or any exception: the last TensorBoard events are written too,
+            trainer.metrics.close(exit_code=status)  # and W&B marks the run failed
         # Shut the process group down on every exit path, also when main() is called in-process.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

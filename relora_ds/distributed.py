@@ -76,6 +76,11 @@ def init_distributed(**kwargs) -> None:
 
     deepspeed.init_distributed(**kwargs)
     release_shm_segment()
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":  # this rank's GPU from the start: NCCL collectives before the engine
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def on_rank_zero(fn: Callable, *args) -> None:

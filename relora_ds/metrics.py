@@ -81,13 +81,19 @@ class MetricsLogger:
                 scalars = {f"{record['event']}/{k}": v for k, v in scalars.items()}
             self._wandb.log({**scalars, "step": record["step"]})
 
-    def close(self) -> None:
-        """Flush TensorBoard's events; idempotent (launch/train.py also calls it on every exit path)."""
+    def preempting(self) -> None:
+        """The job stops to be resumed: W&B marks its run preempted rather than finished."""
+        if self._wandb is not None:
+            self._wandb.mark_preempting()
+
+    def close(self, exit_code: int = 0) -> None:
+        """Flush TensorBoard's events and end the W&B run (``exit_code`` != 0 marks it failed); idempotent
+        (launch/train.py also calls it on every exit path)."""
         if self._tb is not None:
             self._tb.close()
             self._tb = None
         if self._wandb is not None:
-            self._wandb.finish()
+            self._wandb.finish(exit_code=exit_code)
             self._wandb = None
 
 

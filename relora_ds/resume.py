@@ -28,8 +28,7 @@ class CheckpointsMixin:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-        # Checkpoints before the counter: their steps at the saved run's batch (the same unless it changed).
-        self.tokens_seen = int(state.get("tokens_seen", self.step * self.tokens_per_step))
+        self.tokens_seen = int(state.get("tokens_seen", 0))  # checkpoints before the counter: see _resume
         self.batches.load_state_dict(state["sampler"])
 
     def save(self) -> Path:
@@ -67,6 +66,8 @@ class CheckpointsMixin:
             checkpoint.restore_frozen_from_universal(self.engine.module, self.ckpt_dir / load_tag)
             unshare_optimizer_steps(self.engine)
         self.load_state_dict(client)
+        if "tokens_seen" not in client:  # written before the counter: its steps at its own batch
+            self.tokens_seen = self.step * saved["train"]["global_batch_size"] * saved["train"]["seq_len"]
         self._apply_optimizer_settings(saved["train"])
         self._catch_up_missed_merge(client)
         if saved["world_size"] == self.world:
@@ -106,7 +107,7 @@ class CheckpointsMixin:
         # Every other setting a resume may change (total_steps, cycle_length, batch sizes, clipping, ...) takes
         # effect through the new config; all of them are named once here.
         changed = {k: f"{saved.get(k)} -> {v}" for k, v in cfg.to_dict().items()
-                   if k not in ("resume", "resume_from", "overwrite") and saved.get(k) != v}
+                   if k not in ("resume", "resume_from", "overwrite") and k in saved and saved[k] != v}
         if changed:
             self._event({"event": "resume_settings_changed", "step": self.step, **changed})
 

@@ -26,7 +26,10 @@ def _git(root: Path) -> dict | None:
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10)
-        if commit.returncode != 0:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, timeout=10)
+        # Installed into a venv inside another repository, root is not a checkout's top: no commit of ours.
+        if commit.returncode != 0 or Path(top.stdout.strip()).resolve() != root.resolve():
             return None
         status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, timeout=10)

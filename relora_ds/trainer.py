@@ -63,6 +63,9 @@ class Trainer(CheckpointsMixin):
         pick_port_for_a_single_process()
         # Under mpirun DeepSpeed discovers ranks through mpi4py and would take port 29500 whatever the
         # environment says; honour MASTER_PORT so that two MPI jobs can share a node.
+        if os.environ.get("DEEPSPEED_TIMEOUT"):
+            warnings.warn(f"DEEPSPEED_TIMEOUT={os.environ['DEEPSPEED_TIMEOUT']} is ignored: collective_timeout_min="
+                          f"{cfg.collective_timeout_min} sets the collectives' timeout", ConfigWarning, stacklevel=2)
         init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
                          timeout=datetime.timedelta(minutes=cfg.collective_timeout_min))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -115,11 +118,14 @@ class Trainer(CheckpointsMixin):
         self.engine = None
         resume_step = None if not cfg.resume else (
             0 if self.resume_plan is None else checkpoint.tag_step(self.resume_plan["tag"]))
-        self.environment = run_info.environment(self.world)  # the host's view is rank 0's
-        if self.rank == 0:
+        self.environment = run_info.environment(self.world) if self.rank == 0 else None  # rank 0 records
+        self.metrics = MetricsLogger(self.out, enabled=False)  # other ranks log nothing
+
+        def start_logs():  # W&B's start in particular can fail on rank 0 alone: on_rank_zero stops every rank
             run_info.append(self.out, {**self.environment, "resume_step": resume_step})
-        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0, resume_step=resume_step,
-                                     wandb_project=cfg.wandb_project, run_config=self._run_config())
+            self.metrics = MetricsLogger(self.out, enabled=True, resume_step=resume_step,
+                                         wandb_project=cfg.wandb_project, run_config=self._run_config())
+        on_rank_zero(start_logs)
         if self.metrics.rewound:
             self._print(f"resuming from step {resume_step}: the {self.metrics.rewound} metrics records the previous "
                         f"run logged after it moved to {self.out / MetricsLogger.REWOUND}")
@@ -131,7 +137,7 @@ class Trainer(CheckpointsMixin):
     def _clear_output_dir(self) -> None:
         """--overwrite: the previous run's checkpoints, metrics, TensorBoard logs, export and plot go."""
         def clear():
-            for name in ("checkpoints", "tensorboard", "hf"):
+            for name in ("checkpoints", "tensorboard", "hf", "wandb"):
                 shutil.rmtree(self.out / name, ignore_errors=True)
             for name in ("metrics.jsonl", MetricsLogger.REWOUND, MetricsLogger.WANDB_ID, "run_info.jsonl",
                          "curves.png"):
@@ -260,9 +266,12 @@ class Trainer(CheckpointsMixin):
                     self._print(progress_line(rec, self.total_steps, time.perf_counter() - started,
                                               self.step - first_step, self._cycle_position()))
             bar.update(1)
-            if self._stop_agreed:  # the checkpoint first, and no evaluation: SLURM's warning gives 120 s
+            if self._stop_agreed:  # the checkpoint first: SLURM's warning gives 120 s
                 self.save()
                 bar.close()
+                if self.step == self.total_steps and cfg.eval_every:  # the run's last, once its checkpoint is safe
+                    self.evaluate()
+                self.metrics.preempting()
                 self._print(f"stopped by signal {self._stop_signal or 'on another rank'} after step "
                             f"{self.step}; checkpoint saved, resume with --resume")
                 self.metrics.log({"event": "preempted", "step": self.step})

@@ -128,8 +128,11 @@ def test_wandb_gets_every_metric_and_a_requeued_job_continues_its_run(tmp_path, 
         def log(self, data):
             calls.append(("log", data))
 
-        def finish(self):
-            calls.append(("finish",))
+        def mark_preempting(self):
+            calls.append(("mark_preempting",))
+
+        def finish(self, exit_code=0):
+            calls.append(("finish", exit_code))
 
     fake = types.ModuleType("wandb")
     fake.init = lambda **kw: calls.append(("init", kw)) or Run()
@@ -137,6 +140,7 @@ def test_wandb_gets_every_metric_and_a_requeued_job_continues_its_run(tmp_path, 
     m = MetricsLogger(tmp_path, enabled=True, wandb_project="relora", run_config={"train": {"lr": 1e-3}})
     m.log({"step": 1, "loss": 5.0, "lr": 1e-3, "phase": "full", "grad_norm": None})
     m.log({"event": "reset", "step": 2, "pruned_fraction": 0.99, "reset": True})
+    m.preempting()
     m.close()
     init = calls[0][1]
     assert init["project"] == "relora" and init["resume"] == "allow" and init["config"] == {"train": {"lr": 1e-3}}
@@ -144,10 +148,11 @@ def test_wandb_gets_every_metric_and_a_requeued_job_continues_its_run(tmp_path, 
     assert ("define_metric", "*", "step") in calls
     assert [c[1] for c in calls if c[0] == "log"] == [{"loss": 5.0, "lr": 1e-3, "step": 1},
                                                       {"reset/pruned_fraction": 0.99, "step": 2}]
-    assert calls[-1] == ("finish",)
+    assert calls[-2:] == [("mark_preempting",), ("finish", 0)]  # a stop to be resumed, not a finished run
     calls.clear()
-    MetricsLogger(tmp_path, enabled=True, resume_step=2, wandb_project="relora").close()
+    MetricsLogger(tmp_path, enabled=True, resume_step=2, wandb_project="relora").close(exit_code=3)
     assert calls[0][1]["id"] == init["id"]  # the same W&B run
+    assert calls[-1] == ("finish", 3)  # a NaN stop (launch/train.py's status 3): the W&B run is marked failed
     calls.clear()
     MetricsLogger(tmp_path, enabled=False, wandb_project="relora").close()  # ranks other than 0: no run
     assert calls == []

@@ -275,6 +275,8 @@ def test_the_trainers_batches_form_whole_global_batches_per_optimizer_step(data_
     monkeypatch.setattr(trainer_mod, "pick_port_for_a_single_process", lambda: None)
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # the trainer's SIGTERM/SIGUSR1 handlers: not in pytest
     monkeypatch.setattr(trainer_mod.dist, "get_world_size", lambda group=None: world)
+    # No process group here: rank 0's start-up work (logs) runs in the rank-0 Trainer, as on_rank_zero would.
+    monkeypatch.setattr(trainer_mod, "on_rank_zero", lambda fn: fn() if trainer_mod.dist.get_rank() == 0 else None)
     readers = []
     for rank in range(world):
         monkeypatch.setattr(trainer_mod.dist, "get_rank", lambda group=None, rank=rank: rank)

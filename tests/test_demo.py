@@ -149,7 +149,7 @@ def test_readme_generation_snippet_runs_on_the_export(demo_run, capsys):
 
 
 def test_train_py_closes_the_metrics_on_an_error_exit(monkeypatch):
-    """launch/train.py closes the metrics writer (TensorBoard flush) also when training stops on a NaN:
+    """launch/train.py closes the metrics writer (TensorBoard flush, W&B's end) also when training stops on a NaN:
     the end-to-end NaN test above cannot tell, since TensorBoard flushed there anyway."""
     sys.path.insert(0, str(ROOT / "launch"))
     import train as train_py
@@ -158,11 +158,11 @@ def test_train_py_closes_the_metrics_on_an_error_exit(monkeypatch):
 
     class StopsOnNaN:
         def __init__(self, cfg, ds_config_path):
-            self.metrics = type("Metrics", (), {"close": lambda _: closed.append(True)})()
+            self.metrics = type("Metrics", (), {"close": lambda _, exit_code=0: closed.append(exit_code)})()
 
         def train(self):
             raise FloatingPointError("non-finite loss (nan) at step 3")
 
     monkeypatch.setattr(train_py, "Trainer", StopsOnNaN)
     assert train_py.main(["--model", "debug", "--cycle-length", "4", "--total-steps", "8"]) == 3
-    assert closed == [True]
+    assert closed == [3]  # with the exit status: W&B marks the run failed

@@ -55,6 +55,13 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def _write_latest(ckpt_dir: Path, tag: str) -> None:
+    """Point ``latest`` at ``tag`` atomically (a rename): a crash leaves the old or the new, never half."""
+    tmp = Path(ckpt_dir) / f".{LATEST}.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, Path(ckpt_dir) / LATEST)
+
+
 def tag_step(tag: str) -> int:
     """The training step a checkpoint tag (``step_N``) was saved at."""
     prefix, _, number = tag.partition("_")
@@ -83,9 +90,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        tmp = ckpt_dir / f".{LATEST}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / LATEST)
+        _write_latest(ckpt_dir, tag)
         _prune_old(ckpt_dir, keep_last, keep=tag)
     if dist.is_initialized():
         dist.barrier()
@@ -191,9 +196,7 @@ def rewind(ckpt_dir: Path, tag: str, later: list[str]) -> list[Path]:
     (kept, out of the way of the saves that will write those steps again; never pruned: delete them when
     done with them). Rank 0 calls this."""
     # `latest` first: a crash while moving leaves it on `tag`, and the next --resume-from moves the rest.
-    tmp = ckpt_dir / f".{LATEST}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, ckpt_dir / LATEST)
+    _write_latest(ckpt_dir, tag)
     moved = []
     for name in later:
         dest = ckpt_dir / REWOUND / name

@@ -96,7 +96,7 @@ def on_rank_zero(fn: Callable, *args) -> None:
             fn(*args)
         except Exception as e:  # every error: the other ranks must hear of it
             error = e
-    device = get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0)))  # NCCL: this rank's GPU
+    device = get_accelerator().current_device_name()  # NCCL: this rank's GPU (set by init_distributed)
     failed = torch.tensor([float(error is not None)], device=device)
     dist.all_reduce(failed)
     if error is not None:

@@ -7,6 +7,7 @@ fresh optimizer (the paper's warm start) and counts as a reset for the LR schedu
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -84,9 +85,7 @@ class Trainer(CheckpointsMixin):
             warnings.warn(f"vocab_size={cfg.vocab_size} is not used: the tokenizer of data_dir {cfg.data_dir} has "
                           f"{manifest_vocab} pieces, which the model takes", ConfigWarning, stacklevel=2)
         cfg.vocab_size = manifest_vocab  # the effective config records what the run uses
-        with warnings.catch_warnings():
-            if self.rank != 0:  # every rank checks (an error must stop all); one prints the warnings
-                warnings.simplefilter("ignore")
+        with self._warnings_on_rank_zero():
             self.model_config, manifest = check_model_and_data(cfg, self.data_dir, manifest_vocab)
         self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
         self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len)
@@ -102,9 +101,7 @@ class Trainer(CheckpointsMixin):
         self.total_steps = total_steps_for(cfg)
         self.relora_start = cfg.warm_start_steps
         self.schedule = build_schedule(cfg, self.total_steps)
-        with warnings.catch_warnings():
-            if self.rank != 0:  # every rank checks (an error must stop all); one prints the warnings
-                warnings.simplefilter("ignore")
+        with self._warnings_on_rank_zero():
             check_data_use(cfg, self.total_steps, len(self.train_data), len(self.val_data), str(self.data_dir))
         self.resume_plan = None if not cfg.resume else checkpoint.plan_resume(
             self.ckpt_dir, model=self.model_config.to_dict(), train=cfg.to_dict(), ds=self.ds, world=self.world,
@@ -133,6 +130,14 @@ class Trainer(CheckpointsMixin):
         self._stop_signal = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._request_stop)
+
+    @contextlib.contextmanager
+    def _warnings_on_rank_zero(self):
+        """Every rank runs a check (an error must stop all); one prints its warnings."""
+        with warnings.catch_warnings():
+            if self.rank != 0:
+                warnings.simplefilter("ignore")
+            yield
 
     def _clear_output_dir(self) -> None:
         """--overwrite: the previous run's checkpoints, metrics, TensorBoard logs, export and plot go."""

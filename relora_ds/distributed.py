@@ -106,6 +106,20 @@ def on_rank_zero(fn: Callable, *args) -> None:
                            f"rank {dist.get_rank()} stops too")
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest of every rank's ``value`` (a collective: every rank calls it); ``value`` itself without
+    a process group. Peak memory is the busiest rank's, not rank 0's."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=get_accelerator().current_device_name())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def exit_process(code: int = 0) -> NoReturn:
     """End this process with ``code``: shut the process group down, then do what the interpreter's exit
     would (join non-daemon threads, run the ``atexit`` handlers, finalize MPI, flush stdout/stderr) and

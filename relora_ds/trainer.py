@@ -33,7 +33,7 @@ from . import checkpoint, run_info
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, eval_batches, \
     load_manifest, prepare_data
 from .data.manifest import read_manifest_file
-from .distributed import init_distributed, on_rank_zero, pick_port_for_a_single_process
+from .distributed import init_distributed, max_over_ranks, on_rank_zero, pick_port_for_a_single_process
 from .flops import flops_per_token, peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engine_state import full_fp32_state_dict
@@ -263,7 +263,7 @@ class Trainer(CheckpointsMixin):
                 rec = {"step": self.step, "loss": loss, "lr": self.step_lr, "grad_norm": _float(grad_norm),
                        "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen, "tflops_per_gpu": tflops,
                        **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {}),
-                       "peak_memory_mb": peak_memory_mb(), "phase": self.engine_phase}
+                       "peak_memory_mb": max_over_ranks(peak_memory_mb()), "phase": self.engine_phase}
                 self.metrics.log(rec)
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tok_s:.0f}",
                                 **self._cycle_position())

@@ -169,14 +169,15 @@ def test_exit_process_finalizes_mpi(tmp_path):
     assert proc.stdout == "initialized True size 1\nfinalized True\n"
 
 
-def test_an_error_on_rank_zero_stops_every_rank(tmp_path):
+def test_an_error_on_rank_zero_stops_every_rank_and_max_over_ranks(tmp_path):
     """on_rank_zero: rank 0's work succeeds for all, or its error reaches every rank (rank 0 raises it, the
-    others a RuntimeError naming it) instead of leaving them blocked at the next collective."""
+    others a RuntimeError naming it) instead of leaving them blocked at the next collective. max_over_ranks
+    gives every rank the largest value (peak memory is the busiest rank's)."""
     worker = tmp_path / "worker.py"
     worker.write_text(f"""
 import json, sys
 import torch.distributed as dist
-from relora_ds.distributed import init_distributed, on_rank_zero, run_and_exit
+from relora_ds.distributed import init_distributed, max_over_ranks, on_rank_zero, run_and_exit
 
 def main():
     init_distributed()  # releases DeepSpeed's shared-memory segment (deepspeed.init_distributed leaks it)
@@ -190,6 +191,7 @@ def main():
         out["error"] = None
     except Exception as e:
         out["error"] = f"{{type(e).__name__}}: {{e}}"
+    out["max"] = max_over_ranks([1234.5, 5678.25][dist.get_rank()])
     dist.barrier()  # both ranks got here: nobody hangs
     with open(r"{tmp_path}/rank%d.json" % dist.get_rank(), "w") as f:
         json.dump(out, f)
@@ -203,3 +205,4 @@ run_and_exit(main)
     assert r0["ran_on"] == [0] and r1["ran_on"] == []
     assert r0["error"] == "OSError: disk full"
     assert r1["error"].startswith("RuntimeError: rank 0 failed in fail") and "rank 1 stops too" in r1["error"]
+    assert r0["max"] == r1["max"] == 5678.25  # rank 1's, on both

@@ -84,11 +84,12 @@ def test_overwrite_clears_every_output_of_the_previous_run(tmp_path, monkeypatch
 
 def test_collectives_wait_the_configured_time(monkeypatch, tmp_path):
     """The process group gets collective_timeout_min (default 60: DeepSpeed's 10 minutes can end a job while
-    rank 0 alone converts a checkpoint or exports), not DeepSpeed's default."""
+    rank 0 alone converts a checkpoint or exports), not DeepSpeed's default; a DEEPSPEED_TIMEOUT in the
+    environment gets a warning that it is ignored."""
     import datetime
 
     from relora_ds import trainer
-    from relora_ds.train_config import TrainConfig
+    from relora_ds.train_config import ConfigWarning, TrainConfig
 
     seen = {}
 
@@ -105,6 +106,13 @@ def test_collectives_wait_the_configured_time(monkeypatch, tmp_path):
         with pytest.raises(Stop):
             trainer.Trainer(cfg)
         assert seen["timeout"] == datetime.timedelta(minutes=minutes)
+    # DeepSpeed's own variable would be overridden by our timeout: said, not silently dropped.
+    monkeypatch.setenv("DEEPSPEED_TIMEOUT", "30")
+    cfg = TrainConfig(cycle_length=4, total_steps=8, output_dir=str(tmp_path / "run"))
+    with pytest.warns(ConfigWarning, match="DEEPSPEED_TIMEOUT=30 is ignored: collective_timeout_min=60"), \
+            pytest.raises(Stop):
+        trainer.Trainer(cfg)
+    assert seen["timeout"] == datetime.timedelta(minutes=60)
     with pytest.raises(ValueError, match="collective_timeout_min=0 must be positive"):
         TrainConfig(cycle_length=4, total_steps=8, collective_timeout_min=0)
 

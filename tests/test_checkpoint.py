@@ -217,3 +217,62 @@ def test_a_checkpoint_missing_its_last_merge_gets_it_once_on_resume():
         calls[:] = []
         Trainer._catch_up_missed_merge(t, client)
         assert calls == want, client
+
+
+def test_keep_last_deletes_the_oldest_by_step_number_and_spares_the_kept_tag(tmp_path):
+    """_prune_old after a save: the newest keep_last checkpoints by step number (step_10 after step_4, not
+    before it as by name), never the tag just saved (a rewound run saves a step older than the rewound
+    tags'), nothing at keep_last 0."""
+    from relora_ds import checkpoint
+
+    for s in (2, 4, 10, 12):
+        (tmp_path / f"step_{s}").mkdir()
+    (tmp_path / "latest").write_text("step_12")
+    checkpoint._prune_old(tmp_path, keep_last=0, keep="step_12")
+    assert {p.name for p in tmp_path.iterdir()} == {"step_2", "step_4", "step_10", "step_12", "latest"}
+    checkpoint._prune_old(tmp_path, keep_last=3, keep="step_12")
+    assert {p.name for p in tmp_path.iterdir()} == {"step_4", "step_10", "step_12", "latest"}
+    checkpoint._prune_old(tmp_path, keep_last=1, keep="step_4")
+    assert {p.name for p in tmp_path.iterdir()} == {"step_4", "step_12", "latest"}
+
+
+def test_rng_state_restores_every_generator():
+    """rng_state/set_rng_state: python, numpy and torch draw the same numbers after a restore (dropout masks
+    and anything else a resumed run draws)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from relora_ds.checkpoint import rng_state, set_rng_state
+
+    def draw():
+        return random.random(), np.random.rand(), torch.rand(3).tolist()
+
+    state = rng_state()
+    first = draw()
+    draw()
+    set_rng_state(state)
+    assert draw() == first
+
+
+def test_bf16_optimizer_masters_join_pieces_in_rank_number_order(tmp_path):
+    """DeepSpeed's bf16 optimizer files of 12 ranks (rank_10 sorts before rank_2 by name): w (6x10) is split
+    into 12 consecutive pieces of arange(60), one per rank, each after a 2-value piece of v in the rank's
+    partition (so w's pieces start at 2, not 0); the joined masters are arange(60) and arange(24) again."""
+    import torch
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from relora_ds.zero_reset import bf16_optimizer_masters
+
+    w, v = torch.arange(60.0), torch.arange(100.0, 124.0)
+    for r in range(12):
+        flat = torch.cat([v[2 * r: 2 * r + 2], w[5 * r: 5 * r + 5], torch.full((1,), -1.0)])  # -1: padding
+        mapping = {"v": fragment_address(numel=2, start=0), "w": fragment_address(numel=5, start=2)}
+        torch.save({"optimizer_state_dict": {"single_partition_of_fp32_groups": [flat],
+                                             "param_slice_mappings": [mapping]}},
+                   tmp_path / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    out = bf16_optimizer_masters(tmp_path, {"w": (6, 10), "v": (4, 6)})
+    assert torch.equal(out["w"], w.view(6, 10)) and torch.equal(out["v"], v.view(4, 6))
+    with pytest.raises(ValueError, match="pieces of w hold 60 values, the module states' shape is \\(6, 11\\)"):
+        bf16_optimizer_masters(tmp_path, {"w": (6, 11), "v": (4, 6)})

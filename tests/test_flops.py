@@ -42,6 +42,19 @@ def test_flops_per_token_equal_the_counted_flops(monkeypatch, seq_len, quantize)
     assert low == pytest.approx(full - (2 * (linear - 96 * 48) - 6 * lora) * T / seq_len, rel=1e-12)
 
 
+def test_a_head_tied_to_the_embedding_is_counted_once_as_a_matmul():
+    """A tied head (one parameter, the embedding's): its matmul costs 6 per weight like an untied head's,
+    counted once, and the lookup nothing; the same total as the untied model's, as FlopCounterMode counts."""
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    untied = flops_per_token(model, 33)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    assert flops_per_token(model, 33) == pytest.approx(_counted_per_token(model, 2, 33), rel=1e-12)
+    assert flops_per_token(model, 33) == untied
+
+
 def test_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0

@@ -205,3 +205,54 @@ def test_progress_line_for_log_files():
     line = progress_line(rec, total_steps=100, elapsed_s=90.0, steps_done=30, cycle={"cycle": "2/5", "in_cycle": 7})
     assert line == ("step 40/100 | loss 3.1416 | lr 1.000e-03 | 12,346 tok/s | 101.2 TFLOP/s/GPU | MFU 43.2% | "
                     "cycle 2/5 step 7 | elapsed 0:01:30 | left ~0:03:00")
+
+
+def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(monkeypatch):
+    """Trainer.evaluate on a stub engine whose loss is a batch's mean of known per-window values: 10 windows
+    in micro-batches of 4 on 2 ranks (rank 0: windows 0-3 and 8-9, rank 1: 4-7 and an empty batch, which
+    still runs a weightless forward). The validation loss must be the plain mean of the 10 values, as one
+    process over all windows would give; a mean of batch means (or a full weight for the short batch, or
+    any weight for the empty one) gives another number."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from relora_ds import trainer as trainer_mod
+
+    value = torch.tensor([float(i * i + 1) for i in range(10)])  # window i's "loss"
+    val_data = torch.zeros(10, 9, dtype=torch.long)
+    val_data[:, 0] = torch.arange(10)
+    seen = []
+
+    class Engine:
+        device = "cpu"
+
+        def eval(self):
+            pass
+
+        def train(self):
+            pass
+
+        def __call__(self, batch, labels):
+            seen.append(batch[:, 0].tolist())
+            return SimpleNamespace(loss=value[batch[:, 0]].mean())
+
+    reduced = []
+
+    def all_reduce(t):  # rank 1 runs first: rank 0's all-reduce adds its total
+        if reduced:
+            t += reduced.pop()
+        else:
+            reduced.append(t.clone())
+
+    monkeypatch.setattr(trainer_mod.dist, "all_reduce", all_reduce)
+    logged = []
+    cfg = SimpleNamespace(micro_batch_size=4, eval_windows=10)
+    for rank in (1, 0):
+        t = SimpleNamespace(engine=Engine(), val_data=val_data, cfg=cfg, rank=rank, world=2, step=7,
+                            metrics=SimpleNamespace(log=logged.append), _print=lambda msg: None)
+        rec = trainer_mod.Trainer.evaluate(t)
+    assert seen == [[4, 5, 6, 7], [0], [0, 1, 2, 3], [8, 9]]  # rank 1's empty batch ran window 0, weightless
+    assert rec["val_tokens"] == 10 * 8
+    assert rec["val_loss"] == pytest.approx(value.mean().item(), rel=1e-12)  # 29.5, by hand: (285 + 10) / 10
+    assert value.mean().item() == 29.5

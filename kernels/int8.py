@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from . import _runtime
 from .int8_reference import QMAX, RES_STEPS, int8_dequantize_reference, int8_lora_linear_reference, \
@@ -59,9 +60,15 @@ def _dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_qk, stride_on
              w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _max_combine(a, b):
+def _max(a, b):
     return tl.maximum(a, b)
+
+
+# tl.reduce's combine function is a global the kernel calls, which the compiler accepts only as a compiled-mode
+# JITFunction: built as one whatever TRITON_INTERPRET said when this module was imported (``@triton.jit``
+# would make it an InterpretedFunction then, and every later compiled int8 merge would fail with "Unsupported
+# function referenced"); the interpreter runs either kind. (_runtime.for_current_mode re-wraps kernels only.)
+_max_combine = JITFunction(_max)
 
 
 @triton.jit

@@ -13,8 +13,10 @@ Providers for the linear layer (bf16, y = x W^T + s x A^T B^T):
            (relora_kernels.matmul.TMA_GEMM = True, kernels/matmul_tma.py)
   fused_blas_lr  fused concat-K GEMMs on Triton, the rank-r products on cuBLAS (linear.LOWRANK_BLAS)
   fused_tma_blas_lr  both of the above
-Merge: ``merge`` (relora_kernels.lora_merge_) vs ``torch`` (W.add_(s * B @ A)) vs ``copy`` (W2.copy_(W), the
-HBM ceiling). Timings: median of triton.testing.do_bench (CUDA events), p20/p80 kept in the rows.
+Merge: ``merge`` (relora_kernels.lora_merge_, factors in W's dtype), ``merge_fp32ab`` (the same with fp32
+factors, as training merges DeepSpeed's fp32 masters: exact fp32 products, no tensor cores) vs ``torch``
+(W.add_(s * B @ A)) vs ``copy`` (W2.copy_(W), the HBM ceiling). Merges run before the layer rows, so a run
+cut at its time limit still has them. Timings: median of triton.testing.do_bench (CUDA events), p20/p80 kept in the rows.
 
     python launch/bench_kernels.py                       # full grid on CUDA (M x shapes x ranks)
     python launch/bench_kernels.py --quick               # M=16384, d=2048/4096, r=128: the target points
@@ -235,9 +237,10 @@ def merge_setups(N, K, r, dtype, device):
     w2 = torch.empty_like(w)
     a = torch.randn(r, K, generator=g, device=device, dtype=dtype)
     b = torch.randn(N, r, generator=g, device=device, dtype=dtype)
+    a32, b32 = a.float(), b.float()
     s = 1e-6  # repeated in-place merges must not drift W into overflow while timing
-    return {"merge": lambda: rk.lora_merge_(w, a, b, s), "torch": lambda: w.add_(s * b @ a),
-            "copy": lambda: w2.copy_(w)}
+    return {"merge": lambda: rk.lora_merge_(w, a, b, s), "merge_fp32ab": lambda: rk.lora_merge_(w, a32, b32, s),
+            "torch": lambda: w.add_(s * b @ a), "copy": lambda: w2.copy_(w)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,6 +273,15 @@ def main(argv=None):
     def emit(**row):
         rows.append(row)
 
+    if "merge" in args.ops:
+        for d_in, d_out in shapes:
+            for r in ranks:
+                for provider, fn in merge_setups(d_out, d_in, r, dtype, device).items():
+                    ms, p20, p80 = bench(fn, device)
+                    nbytes = 2 * d_out * d_in * elem  # W read once and written once (copy: src + dst)
+                    emit(op="merge", provider=provider, mode="inplace", M=0, d_in=d_in, d_out=d_out, r=r,
+                         ms=ms, ms_p20=p20, ms_p80=p80, tflops=2 * d_out * d_in * r / ms / 1e9,
+                         gbps=nbytes / ms / 1e6, peak_mb=float("nan"), max_rel_err=float("nan"))
     if "linear" in args.ops:
         for M in Ms:
             for d_in, d_out in shapes:
@@ -281,15 +293,6 @@ def main(argv=None):
                             msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                             print(f"provider {provider} failed at M={M} {d_in}x{d_out} r={r}: {msg}", file=sys.stderr)
                             failures.append(dict(provider=provider, M=M, d_in=d_in, d_out=d_out, r=r, error=msg))
-    if "merge" in args.ops:
-        for d_in, d_out in shapes:
-            for r in ranks:
-                for provider, fn in merge_setups(d_out, d_in, r, dtype, device).items():
-                    ms, p20, p80 = bench(fn, device)
-                    nbytes = 2 * d_out * d_in * elem  # W read once and written once (copy: src + dst)
-                    emit(op="merge", provider=provider, mode="inplace", M=0, d_in=d_in, d_out=d_out, r=r,
-                         ms=ms, ms_p20=p20, ms_p80=p80, tflops=2 * d_out * d_in * r / ms / 1e9,
-                         gbps=nbytes / ms / 1e6, peak_mb=float("nan"), max_rel_err=float("nan"))
     print_table(rows)
     print(f"\n{len(rows)} rows -> {args.out}")
     for f in failures:

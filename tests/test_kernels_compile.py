@@ -82,3 +82,32 @@ def test_the_stand_in_is_gone_afterwards_even_after_an_error(monkeypatch):
             raise RuntimeError("a launch failed")
     assert os.environ["TRITON_INTERPRET"] == "1" and os.environ["RELORA_KERNELS"] == "reference"
     assert (JITFunction.run, _runtime.interpreting, _runtime.check_device) == before
+
+
+def test_int8_merge_compiles_after_an_interpreted_import():
+    """A process that first imports relora_kernels.int8 under the interpreter (a test selection starting with
+    an interpreted case) must still compile the int8 merge, whose tl.reduce calls a global combine function:
+    built with @triton.jit at import it was an InterpretedFunction, which the compiler rejects ("Unsupported
+    function referenced"). A fresh process, so that this module is imported exactly then."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(Path(ck.__file__).parent)!r})
+        import triton, triton.language  # as in a test session: triton first, then a fixture sets the mode
+        os.environ["TRITON_INTERPRET"] = "1"
+        import relora_kernels as rk
+        import relora_kernels.int8  # decorated under the interpreter
+        from compile_kernels import compile_only_for_hopper
+        q, s, res = rk.int8_quantize_reference(torch.randn(64, 256), residual=True)
+        rk.int8_merge_(q, s, res, torch.randn(8, 256), torch.randn(64, 8), 0.5)  # interpreted: runs
+        records = []
+        with compile_only_for_hopper(records):
+            rk.int8_merge_(q, s, res, torch.randn(8, 256), torch.randn(64, 8), 0.5)
+        print(sorted({{r["kernel"] for r in records}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "['_int8_merge_kernel']"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -137,6 +138,29 @@ def check_device(tensor: torch.Tensor) -> None:
         return
     raise ValueError(f"relora_kernels: no Triton path for device {tensor.device}; "
                      "use CUDA tensors or RELORA_KERNELS=reference")
+
+
+INT32_MAX = 2**31 - 1  # the kernels' element offsets are 32-bit: Triton types integer arguments below 2**31 as i32
+
+
+def span(t: torch.Tensor) -> int:
+    """Elements from a tensor's first to one past its last (its strides included)."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def fits_int32(op: str, **spans: int) -> bool:
+    """Whether every tensor a Triton launch of ``op`` addresses (``name=element span``) fits 32-bit offsets,
+    past which they would wrap silently. When one does not: under ``RELORA_KERNELS=triton`` a ValueError;
+    under ``auto`` a warning and False, and the caller takes the torch path (64-bit indexing)."""
+    big = {name: n for name, n in spans.items() if n > INT32_MAX}
+    if not big:
+        return True
+    what = ", ".join(f"{name} spans {n:,} elements" for name, n in big.items())
+    msg = f"relora_kernels.{op}: {what}, past the Triton kernels' 32-bit offsets (at most {INT32_MAX:,})"
+    if kernel_mode() == "triton":
+        raise ValueError(f"{msg}; use a smaller micro-batch, or RELORA_KERNELS=auto/torch for the torch path")
+    warnings.warn(f"{msg}: this call takes the torch path", RuntimeWarning, stacklevel=3)
+    return False
 
 
 def deterministic_mode(deterministic: bool | None = None) -> bool:

@@ -36,7 +36,7 @@ from triton.runtime.jit import JITFunction
 from . import _runtime
 from .int8_reference import QMAX, RES_STEPS, int8_dequantize_reference, int8_lora_linear_reference, \
     int8_merge_reference_
-from .linear import _check_args, _check_triton_args, lora_backward, lora_forward
+from .linear import _check_args, _check_triton_args, _fits_int32, lora_backward, lora_forward
 from .reference import check_dropout_p, dropout_keep_mask
 from .torch_linear import int8_lora_linear_torch
 
@@ -187,7 +187,8 @@ def int8_merge_(q, scale, residual, lora_A, lora_B, s):
     if lora_A.shape[1] != q.shape[1] or lora_B.shape != (q.shape[0], lora_A.shape[0]):
         raise ValueError(f"int8_merge_: expected lora_A (r, {q.shape[1]}) and lora_B ({q.shape[0]}, r); "
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    if not _runtime.use_triton(lora_A.to(q.device) if lora_A.device != q.device else lora_A):
+    if not (_runtime.use_triton(lora_A.to(q.device) if lora_A.device != q.device else lora_A)
+            and _runtime.fits_int32("int8_merge_", q=_runtime.span(q))):
         int8_merge_reference_(q, scale, residual, lora_A, lora_B, s)
         return q
     A, B = lora_A.to(q.device), lora_B.to(q.device, lora_A.dtype)
@@ -251,6 +252,8 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
     _check_args(x, q, lora_A, lora_B, bias)
     p = check_dropout_p(dropout_p)
     path = _runtime.linear_path(x)  # the same choice as lora_linear, AUTO_TORCH_OPS included
+    if path == "triton" and not _fits_int32("int8_lora_linear", x, q):
+        path = "torch"
     if path == "torch":  # RELORA_KERNELS=torch, or auto on CPU: the merged-weight BLAS path
         return int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
     if path == "reference":

@@ -207,6 +207,13 @@ def _check_triton_args(x, weight, lora_A, lora_B, bias):
             raise ValueError(f"relora_kernels.lora_linear: {name} is on {t.device} but x is on {x.device}")
 
 
+def _fits_int32(op, x, weight):
+    """x, dX (the same shape), Y, dY (rows × out) and the weight within the kernels' 32-bit offsets."""
+    rows = x.numel() // x.shape[-1]
+    return _runtime.fits_int32(op, x=_runtime.span(x), weight=_runtime.span(weight), y=rows * weight.shape[0],
+                               dx=rows * x.shape[-1])
+
+
 def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True, generator=None, *,
                 deterministic=None):
     """``x @ weight.T (+ bias) + scale * dropout(x) @ lora_A.T @ lora_B.T``, autograd-aware.
@@ -220,6 +227,8 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, trai
     _check_args(x, weight, lora_A, lora_B, bias)
     p = check_dropout_p(dropout_p)
     path = _runtime.linear_path(x)
+    if path == "triton" and not _fits_int32("lora_linear", x, weight):
+        path = "torch"
     if path == "reference":
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, p, training, generator)
     if path == "torch":

@@ -81,7 +81,7 @@ def lora_merge_(weight, lora_A, lora_B, scale):
     if lora_A.shape[1] != weight.shape[1] or lora_B.shape != (weight.shape[0], lora_A.shape[0]):
         raise ValueError(f"lora_merge_: expected lora_A (r, {weight.shape[1]}) and lora_B ({weight.shape[0]}, r); "
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    if not _runtime.use_triton(weight):
+    if not (_runtime.use_triton(weight) and _runtime.fits_int32("lora_merge_", weight=_runtime.span(weight))):
         return lora_merge_reference_(weight, lora_A, lora_B, scale)
     if lora_A.dtype != lora_B.dtype:
         raise ValueError(f"lora_merge_: lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")

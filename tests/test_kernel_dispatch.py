@@ -222,6 +222,41 @@ def test_argument_errors(monkeypatch):
         rk.int8_lora_linear(x, q, s, a.half(), b, 1.0)
 
 
+def test_tensors_past_32_bit_offsets_never_reach_the_kernels(monkeypatch):
+    """The kernels index with 32-bit offsets (Triton types integer arguments below 2**31 as i32), which would
+    wrap silently past 2**31 elements. With the limit lowered to 100 elements: RELORA_KERNELS=triton refuses
+    the call naming the tensor; auto (Triton claimed, as on CUDA) warns and takes the torch path, whose
+    result is the torch path's exactly; a 12-row x with a 6x8 weight still fits and runs the kernel."""
+    x, w, a, b, bias, _ = make_inputs((13,), 8, 6, 2, True, torch.float32, "cpu", seed=0)  # x spans 104
+    q, s, res = rk.int8_quantize_reference(w, residual=True)
+    monkeypatch.setattr(_runtime, "INT32_MAX", 100)
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match=r"lora_linear: x spans 104 elements, dx spans 104 elements, past the "
+                                         r"Triton kernels' 32-bit offsets \(at most 100\); use a smaller micro-batch"):
+        rk.lora_linear(x, w, a, b, 1.0, bias)
+    with pytest.raises(ValueError, match="int8_lora_linear: x spans 104"):
+        rk.int8_lora_linear(x, q, s, a, b, 1.0, bias)
+    big = torch.randn(13, 8)
+    with pytest.raises(ValueError, match="lora_merge_: weight spans 104"):
+        rk.lora_merge_(big, a.detach(), torch.randn(13, 2), 1.0)
+    with pytest.raises(ValueError, match="int8_merge_: q spans 104"):
+        rk.int8_merge_(*rk.int8_quantize_reference(big, residual=True), a.detach(), torch.randn(13, 2), 1.0)
+    assert torch.allclose(rk.lora_linear(x[:12], w, a, b, 1.0, bias),  # 96 elements: the kernel runs
+                          rk.lora_linear_reference(x[:12], w, a, b, 1.0, bias), rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setenv("RELORA_KERNELS", "auto")
+    monkeypatch.setattr(_runtime, "use_triton", lambda t, op=None: True)  # as auto says on CUDA
+    with pytest.warns(RuntimeWarning, match="lora_linear: x spans 104 .* this call takes the torch path"):
+        got = rk.lora_linear(x, w, a, b, 1.0, bias)
+    assert torch.equal(got, rk.lora_linear_torch(x, w, a, b, 1.0, bias))
+    with pytest.warns(RuntimeWarning, match="lora_merge_: weight spans 104"):
+        merged = rk.lora_merge_(big.clone(), a.detach(), b2 := torch.randn(13, 2), 1.0)
+    assert torch.equal(merged, rk.lora_merge_reference_(big.clone(), a.detach(), b2, 1.0))
+    # A transposed view spans what its strides reach, not its numel.
+    assert _runtime.span(torch.empty(10, 20).t()) == 200 and _runtime.span(torch.empty(10, 20)[::2]) == 180
+
+
 def test_int8_layer_dispatches_like_the_linear(monkeypatch):
     """`auto` sends int8 layers where it sends bf16 ones (AUTO_TORCH_OPS), not to the fused Triton linear
     it keeps plain layers off: the path is chosen by _runtime.linear_path for both."""

@@ -108,6 +108,18 @@ def merge_candidates(r, smoke):
             for bn, bk, w, st in itertools.product((32, 64), (128, 256), (4, 8), (1, 2))]
 
 
+def gemm_fits(op, cfg, dtype) -> bool:
+    """The GEMM candidates (pointer kernel: S, dS, dB, dA; TMA kernel with its store buffer: Y_tma) whose
+    pipeline fits in shared memory, by _runtime.pipeline_fits (checked against the compiler in
+    tests/test_kernels_compile.py); each sure overflow would otherwise cost a full compile (0.7-4 s)."""
+    from relora_kernels import _runtime
+    if op not in ("S", "dS", "dB", "dA", "Y_tma"):
+        return True
+    e = dtype.itemsize
+    return _runtime.pipeline_fits(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], e,
+                                  e if op == "Y_tma" else 0)
+
+
 # ---------------------------------------------------------------------------------------------------
 def make_ops(M, d_in, d_out, r, dtype, device):
     """{op: (kernel(config) -> tensor(s), torch() -> same values, bytes moved at least once)}."""
@@ -237,6 +249,12 @@ def main(argv=None):
             for op in args.ops:
                 kernel, ref, nbytes = ops[op]
                 for cfg in cands[op]:
+                    if args.device == "cuda" and not gemm_fits(op, cfg, dtype):  # no compile for a sure overflow
+                        rows.append(dict(section="sweep", op=op, provider="kernel", d_in=d_in, d_out=d_out,
+                                         config=" ".join(f"{k}={v}" for k, v in cfg.items()), **meta,
+                                         status="skipped: over shared memory (predicted)", ms=float("nan"),
+                                         err=float("nan")))
+                        continue
                     time_row("sweep", op, "kernel", lambda k=kernel, c=cfg: k(c), nbytes, cfg=cfg, want=ref)
 
     print_summary(rows)

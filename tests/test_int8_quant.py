@@ -102,7 +102,11 @@ def test_merge_kernel_matches_twin(kernels_on, device, with_residual, shape):
     got = [t.to(device) for t in (q, s)] + [r.clone() if r is not None else None]  # residual stays on host
     rk.int8_merge_(*got, A.to(device), B.to(device), 0.7)
     assert got[0].dtype == torch.int8 and got[1].dtype == torch.bfloat16
-    assert torch.equal(got[1].cpu(), ref[1])  # same bf16 scale rounding in kernel and twin
+    # Same bf16 rounding of rowmax/127 in kernel and twin (bit arithmetic); rowmax itself may differ in its
+    # last fp32 bits (on a GPU the division is approximate and products fuse into FMAs), which moves the
+    # bf16 scale by one unit only when it lies on a rounding boundary: at most 1 ulp, on rare rows.
+    ulps = (got[1].cpu().view(torch.int16).int() - ref[1].view(torch.int16).int()).abs()
+    assert ulps.max() <= 1 and (ulps > 0).sum() <= (0 if device == "cpu" else 1)
     # q/residual may differ where the fp32 products round differently: by one unit, on rare elements.
     assert (got[0].cpu().int() - ref[0].int()).abs().max() <= 1
     assert (got[0].cpu() != ref[0]).float().mean() < 0.01

@@ -90,6 +90,24 @@ def test_tune_script_smoke(tmp_path):
     assert tune_kernels.max_rel_err(torch.zeros(3), lambda: torch.ones(3)) == 1.0
 
 
+def test_tune_sweep_skips_the_candidates_that_cannot_fit(monkeypatch):
+    """On Hopper (227 KB of shared memory), bf16, r=128: of the S candidates only the two 128x128 tiles with
+    BLOCK_K=128 at 4 stages overflow (4 * (128 + 128) * 128 * 2 B = 256 KB; the next largest, 192 KB, fits);
+    of the TMA ones the 128x256 and 256x128 tiles at 4 stages (192 KB of pipeline + 64 KB of store buffer).
+    Those are skipped without a compile; merge and fused dS+dB candidates are not judged by the formula."""
+    import torch
+    sys.path.insert(0, str(ROOT / "launch"))
+    import tune_kernels
+    from relora_kernels import _runtime
+    monkeypatch.setattr(_runtime, "shared_memory_limit", lambda: _runtime.HOPPER_SHARED_MEMORY)
+    assert _runtime.HOPPER_SHARED_MEMORY == 232448
+    over = [c for c in tune_kernels.gemm_candidates(128, False) if not tune_kernels.gemm_fits("S", c, torch.bfloat16)]
+    assert [(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_stages"]) for c in over] == [(128, 128, 128, 4)] * 2
+    over = [c for c in tune_kernels.tma_candidates(False) if not tune_kernels.gemm_fits("Y_tma", c, torch.bfloat16)]
+    assert [(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"]) for c in over] == [(128, 256, 4), (256, 128, 4)]
+    assert all(tune_kernels.gemm_fits("merge", c, torch.float32) for c in tune_kernels.merge_candidates(128, False))
+
+
 def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
     """launch/gpu_check.sh is run only on a lent GPU: here, at least, it must parse, and a wrong stage name
     must fail at once with the valid ones (a typo must not burn a device call)."""

@@ -2,10 +2,14 @@
 any engine exists (ValueError naming the problem)."""
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import functools
 import json
 import math
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -119,6 +123,39 @@ def check_output_dir(cfg: TrainConfig) -> None:
             if src and out.resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
                 raise ValueError(f"{name}={src} lies inside output_dir {out}, which --overwrite deletes: copy "
                                  "it elsewhere first, or pick another --output-dir")
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_output_dir(out: Path):
+    """Rank 0's exclusive lock on ``output_dir`` for the life of the process (an open file: the kernel
+    drops the lock when the process ends, however it ends). A second run there -- e.g. a ``--resume``
+    while the first still trains -- would interleave its metrics and checkpoints with the first's, so it is
+    refused, naming the holder. On a file system without ``flock`` (some NFS/Lustre mounts) a warning."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):  # EWOULDBLOCK is EAGAIN on Linux
+            warnings.warn(f"cannot lock output_dir {out} ({e.strerror}): nothing stops a second run from "
+                          "writing there while this one runs", ConfigWarning, stacklevel=2)
+            return f
+        f.seek(0)
+        holder = f.read().strip() or "holder unknown"
+        f.close()
+        raise ValueError(f"output_dir {out} is in use by a run still going ({holder}): two runs would "
+                         "interleave their metrics and checkpoints. Stop that run first -- signal its ranks "
+                         "(the launch/train.py processes; SIGTERM to the `deepspeed` command alone leaves "
+                         "them running) -- or pick another --output-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"host {socket.gethostname()}, pid {os.getpid()}, "
+            f"since {datetime.datetime.now().isoformat(timespec='seconds')}\n")
+    f.flush()
+    return f
 
 
 def apply_kernels_setting(kernels: str | None) -> None:

@@ -45,7 +45,7 @@ from .prune import prune_optimizer_state
 from .relora import lora_parameters, wrap
 from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
-    check_output_dir, check_precision_on_device, total_steps_for
+    check_output_dir, check_precision_on_device, lock_output_dir, total_steps_for
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import offloaded
 
@@ -70,6 +70,13 @@ class Trainer(CheckpointsMixin):
         init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
                          timeout=datetime.timedelta(minutes=cfg.collective_timeout_min))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.out = Path(cfg.output_dir)
+        self._lock = None  # rank 0's lock on output_dir, held until the process ends
+
+        def lock():
+            self._lock = lock_output_dir(self.out)
+        with self._warnings_on_rank_zero():
+            on_rank_zero(lock)
         self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
         check_precision_on_device(self.ds, get_accelerator())
@@ -77,7 +84,6 @@ class Trainer(CheckpointsMixin):
         # Without ZeRO and in fp32 DeepSpeed records no gradient norm: the trainer computes it (see below).
         self.own_grad_norm = zero_stage(self.ds) == 0 and not (uses_bf16(self.ds) or self.fp16)
         self.grad_norm = None
-        self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.data_dir = self._prepare_data()
         manifest_vocab = load_manifest(self.data_dir)["vocab_size"]

@@ -252,3 +252,30 @@ def test_grad_norm_is_logged_without_zero_too(tmp_path, small_data_dir):
     losses, _ = read_losses(tmp_path / "zero2" / "run")
     assert sorted(losses) == [1, 2, 3] and (tmp_path / "zero2/run/checkpoints/latest").read_text() == "step_3"
     assert sorted(p.name for p in (tmp_path / "zero2/run/checkpoints").glob("step_*")) == ["step_3"]
+
+
+def test_a_second_run_in_a_busy_output_dir_is_refused(tmp_path, small_data_dir):
+    """Rank 0 holds an exclusive lock on output_dir while it runs: a second run there (a --resume while the
+    first still trains, e.g. after SIGTERM reached only the `deepspeed` runner) is refused before it writes
+    anything, naming the holder; the lock goes with its process, so a run after it starts normally."""
+    from relora_ds.startup import lock_output_dir
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from relora_ds.startup import lock_output_dir\n"
+                               f"f = lock_output_dir(Path({str(run)!r}))\nprint('locked', flush=True)\n"
+                               "sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=launch_env())
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(ValueError, match=rf"output_dir {run} is in use by a run still going \(host .*, pid "
+                                             rf"{holder.pid}, since .*\): two runs would interleave"):
+            lock_output_dir(run)
+        proc = train1(tmp_path, small_data_dir, "--resume", check=False, total_steps=4)
+        assert proc.returncode == 2 and "is in use by a run still going" in proc.stderr, proc.stderr[-2000:]
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written: no logs, no run_info
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    train1(tmp_path, small_data_dir, "--resume", total_steps=4)  # the holder is gone: the lock with it
+    assert (run / "metrics.jsonl").exists()

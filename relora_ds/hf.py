@@ -8,6 +8,7 @@ exactly as training did (``save_hf_tokenizer``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -77,10 +78,19 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
         special = save_hf_tokenizer(tokenizer, out, model_max_length=config.max_position_embeddings)
     state = merged_state_dict(model, dtype)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _readable_as_umask_allows(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_config_dict(config, state["lm_head.weight"].dtype, **special),
                                                 indent=2))
     (out / "generation_config.json").write_text(json.dumps(special, indent=2))
     return out
+
+
+def _readable_as_umask_allows(path: Path) -> None:
+    """safetensors writes its file with mode 0600 (a temporary file renamed); give it the mode every other
+    file gets (0666 less the umask), so that a group sharing a cluster directory can read the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 # Checked by save_hf_tokenizer on every export: leading, repeated and trailing spaces, newlines, tabs,

@@ -1,6 +1,8 @@
 """Our LLaMA equals Hugging Face's LlamaForCausalLM (the oracle) with the same weights, both directions."""
 import json
 
+import os
+
 import pytest
 import torch
 import transformers
@@ -22,7 +24,13 @@ def test_export_hf_loads_in_transformers_with_equal_logits(tmp_path, kv_heads):
     torch.manual_seed(0)
     cfg = LlamaConfig.preset("debug", num_key_value_heads=kv_heads)
     model = LlamaForCausalLM(cfg).eval()
-    relora_ds.export_hf(model, tmp_path)
+    umask = os.umask(0o022)  # safetensors alone writes 0600: the export is as readable as its config.json
+    try:
+        relora_ds.export_hf(model, tmp_path)
+    finally:
+        os.umask(umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
+        "model.safetensors": "0o644", "config.json": "0o644", "generation_config.json": "0o644"}
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
     x = torch.randint(0, cfg.vocab_size, (2, 37))
     with torch.no_grad():

@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="one document per .txt file, per blank-line paragraph, or per line")
     p.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
     p.add_argument("--tokenizer-train-chars", type=int, default=defaults["tokenizer_train_chars"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace data --out holds from another recipe (runs trained on it cannot resume after)")
     return p.parse_args(argv)
 
 

@@ -166,7 +166,7 @@ class Trainer(CheckpointsMixin):
         vocab = cfg.vocab_size or BUILTIN_VOCAB_SIZE
         path = builtin_data_dir(vocab)
         if self.rank == 0:  # one process tokenizes; the others wait and read
-            prepare_data(None, path, vocab_size=vocab, seq_len=cfg.seq_len)
+            prepare_data(None, path, vocab_size=vocab, seq_len=cfg.seq_len, overwrite=True)  # relora_ds's own cache
         dist.barrier()
         if read_manifest_file(path) is None:  # another node, whose cache is not rank 0's
             raise ValueError(f"rank {self.rank} on {socket.gethostname()} cannot see the built-in corpus that rank 0 "

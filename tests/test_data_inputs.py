@@ -230,7 +230,8 @@ def test_hidden_folders_and_an_output_inside_the_input_are_not_read(tmp_path):
 
 def test_hub_dataset_is_pinned_to_the_commit_it_was_read_at(tmp_path, monkeypatch):
     """A hub corpus is read at the commit its revision points to now; the manifest records it, re-running
-    is a no-op while it stays, and a moved branch re-prepares (the hub is simulated: no network here)."""
+    is a no-op while it stays, and a moved branch re-prepares with --overwrite (the hub is simulated: no
+    network here)."""
     import datasets
     import huggingface_hub
 
@@ -252,8 +253,11 @@ def test_hub_dataset_is_pinned_to_the_commit_it_was_read_at(tmp_path, monkeypatc
     assert load_manifest(out)["recipe"]["hub_commit"] == "aaa111" and loaded == ["aaa111"]
     prepare_data(["someone/corpus"], out, vocab_size=300)
     assert loaded == ["aaa111"]  # unchanged: nothing re-read
-    head["main"] = "bbb222"
-    prepare_data(["someone/corpus"], out, vocab_size=300)
+    head["main"] = "bbb222"  # the branch moved: replacing the data is the user's call
+    with pytest.raises(ValueError, match=r"another recipe \(.*hub_commit: \"aaa111\" -> \"bbb222\"\).* "
+                                         r"\(or --hf-revision aaa111 to keep the commit this data was read at\)"):
+        prepare_data(["someone/corpus"], out, vocab_size=300)
+    prepare_data(["someone/corpus"], out, vocab_size=300, overwrite=True)
     assert load_manifest(out)["recipe"]["hub_commit"] == "bbb222" and loaded == ["aaa111", "bbb222"]
     # Offline: the data prepared at the last commit is kept (a warning says the hub could not be asked).
     monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, name, revision=None: 1 / 0)

@@ -108,12 +108,19 @@ def test_rerun_is_a_noop_and_changes_re_prepare(tmp_path):
     assert time.perf_counter() - start < 2.0
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")} == files
 
-    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2)  # a different recipe
+    # A different recipe replaces complete data only when asked: runs trained on it could not resume.
+    with pytest.raises(ValueError, match=r"holds data prepared from another recipe \(val_fraction: 0.01 -> 0.2\); "
+                                         r"runs trained on it could not resume .* Pass --overwrite"):
+        prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")} == files
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2, overwrite=True)
     assert load_manifest(out)["splits"]["validation"]["documents"] > 30
     sha = load_manifest(out)["tokenizer_sha256"]
     os.utime(corpus)  # the corpus was rewritten
     mtime = (out / "manifest.json").stat().st_mtime_ns
-    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2)
+    with pytest.raises(ValueError, match=r"another recipe \(corpus_fingerprint: "):
+        prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2)
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2, overwrite=True)
     assert (out / "manifest.json").stat().st_mtime_ns != mtime
     assert load_manifest(out)["tokenizer_sha256"] == sha  # same text, same tokenizer
 
@@ -267,12 +274,14 @@ def test_changed_recipe_fields_and_a_replaced_tokenizer_re_prepare(builtin_dir, 
     out = tmp_path / "out"
     prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0)
     first_tokenizer = sha(out / "tokenizer.model")
-    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0, max_docs=50)
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0, max_docs=50, overwrite=True)
     assert load_manifest(out)["splits"]["train"]["documents"] == 50
-    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0, max_docs=50, tokenizer_train_chars=300)
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0, max_docs=50, tokenizer_train_chars=300,
+                 overwrite=True)
     assert sha(out / "tokenizer.model") != first_tokenizer
     assert load_manifest(out)["config"]["tokenizer_train_chars"] == 300
-    # The dir's tokenizer.model replaced: the data no longer matches it, so it is prepared again.
+    # The dir's tokenizer.model replaced: the data no longer matches it, so it is prepared again (no
+    # --overwrite needed: there is nothing intact to lose).
     (out / "tokenizer.model").write_bytes((builtin_dir / "tokenizer.model").read_bytes())
     prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0, max_docs=50, tokenizer_train_chars=300)
     assert sha(out / "tokenizer.model") == load_manifest(out)["tokenizer_sha256"] != sha(builtin_dir / "tokenizer.model")
@@ -281,7 +290,7 @@ def test_changed_recipe_fields_and_a_replaced_tokenizer_re_prepare(builtin_dir, 
     given.write_bytes((builtin_dir / "tokenizer.model").read_bytes())
     prepare_data([str(corpus)], out2, tokenizer=str(given), val_fraction=0.0)
     given.write_bytes((out / "tokenizer.model").read_bytes())
-    prepare_data([str(corpus)], out2, tokenizer=str(given), val_fraction=0.0)
+    prepare_data([str(corpus)], out2, tokenizer=str(given), val_fraction=0.0, overwrite=True)
     assert load_manifest(out2)["tokenizer_sha256"] == sha(given) == sha(out2 / "tokenizer.model")
     assert load_manifest(out2)["vocab_size"] == 300
 
@@ -324,7 +333,7 @@ def test_a_separate_validation_corpus(tmp_path):
     prepare_data([str(train)], out, vocab_size=300, val_inputs=[str(val)])  # same recipe: a no-op
     assert (out / "manifest.json").stat().st_mtime_ns == mtime
     val.write_text(json.dumps({"text": "one new held-out document"}) + "\n")
-    prepare_data([str(train)], out, vocab_size=300, val_inputs=[str(val)])
+    prepare_data([str(train)], out, vocab_size=300, val_inputs=[str(val)], overwrite=True)
     assert load_manifest(out)["splits"]["validation"]["documents"] == 1
     with pytest.raises(ValueError, match="val_fraction=0.1 splits the inputs, val_inputs gives the validation split"):
         prepare_data([str(train)], tmp_path / "x", val_inputs=[str(val)], val_fraction=0.1)

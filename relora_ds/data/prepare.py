@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -293,7 +294,7 @@ def _report_windows(manifest: dict, seq_len: int | None) -> None:
                           DataWarning, stacklevel=3)
 
 
-def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Path:
+def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool = False, **options) -> Path:
     """Tokenize `inputs` (None: the built-in corpus) into `out_dir`; returns `out_dir`.
 
     `options` are the fields of :class:`PrepareConfig` (tokenizer, vocab_size, seq_len, text_column,
@@ -301,7 +302,10 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
     max_docs, tokenizer_train_chars). There is
     no seed: the validation split is a hash of each text and tokenizer training is deterministic.
     A no-op when `out_dir` already holds data prepared from the same recipe; safe to call from several
-    processes at once (they serialize on a lock file, and the later ones find the work done).
+    processes at once (they serialize on a lock file, and the later ones find the work done). Complete data
+    from another recipe (other options, changed input files, a hub branch that moved) is replaced only with
+    `overwrite`: runs trained on it could no longer resume (their tokenizer or data would change under
+    them), so without it a ValueError names what differs. Incomplete or damaged data is re-prepared.
     """
     cfg = PrepareConfig(**options)
     if isinstance(inputs, (str, Path)):
@@ -322,11 +326,35 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, **options) -> Pa
             log.info("%s is up to date (manifest matches); nothing to do", out_dir)
             _report_windows(old, cfg.seq_len)
             return out_dir
+        if old is not None and mf.files_intact(out_dir, old) and not overwrite:
+            raise ValueError(f"{out_dir} holds data prepared from another recipe ({_recipe_diff(old.get('recipe', {}), recipe)}); "
+                             "runs trained on it could not resume once it is replaced. Pass --overwrite to "
+                             "re-prepare it, or another --out"
+                             + (f" (or --hf-revision {old['recipe']['hub_commit']} to keep the commit this data "
+                                "was read at)" if old.get("recipe", {}).get("hub_commit") not in
+                                (None, recipe.get("hub_commit")) else ""))
         if old is not None:
             log.warning("%s holds data from a different recipe or is incomplete; re-preparing", out_dir)
         manifest = _prepare(inputs, (resolved, resolved_val), cfg, out_dir, recipe)
         _report_windows(manifest, cfg.seq_len)
         return out_dir
+
+
+def _recipe_diff(old: dict, new: dict, prefix: str = "") -> str:
+    """The recipe keys that differ, as ``key: old -> new`` (nested keys dotted; long values shortened)."""
+    def short(v):
+        text = json.dumps(v) if v is not None else "absent"
+        return text if len(text) <= 40 else text[:37] + "..."
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            parts.append(_recipe_diff(a, b, f"{prefix}{key}."))
+        else:
+            parts.append(f"{prefix}{key}: {short(a)} -> {short(b)}")
+    return "; ".join(parts)
 
 
 def _prepare(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig, out_dir: Path, recipe: dict) -> dict:

@@ -7,6 +7,7 @@ import sys
 import torch
 
 from relora_ds.distributed import run_and_exit
+from relora_ds.ds_config import load_ds_config
 from relora_ds.train_config import build_launch_parser, config_from_args, show_config_warnings_plainly
 from relora_ds.trainer import Trainer
 
@@ -19,6 +20,7 @@ def main(argv=None) -> int:
     try:
         try:
             cfg = config_from_args(args)
+            load_ds_config(args.deepspeed)  # a wrong path or bad JSON before the process group starts
             trainer = Trainer(cfg, args.deepspeed)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

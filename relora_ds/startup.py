@@ -102,8 +102,12 @@ def build_schedule(cfg: TrainConfig, total_steps: int):
                                          second=functools.partial(jagged, total_steps=total_steps - start))
         else:
             schedule = functools.partial(jagged, start_step=start)
-    for step in (0, start):
-        schedule(step)
+    try:
+        for step in (0, start):
+            schedule(step)
+    except ValueError as e:  # the schedule's own names for two recipe settings
+        raise ValueError(str(e).replace("start_step=", "warm_start_steps=").replace(
+            "(the warm start's length) ", "")) from None
     return schedule
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib.util
 import math
 import re
@@ -164,7 +165,8 @@ class TrainConfig:
                              f"{self.cycle_length} (every reset is also a merge)")
         if (self.total_steps is None) == (self.token_budget is None):
             raise ValueError("give exactly one of total_steps and token_budget "
-                             f"(got total_steps={self.total_steps}, token_budget={self.token_budget})")
+                             f"(got total_steps={self.total_steps}, token_budget={self.token_budget}); on the "
+                             "command line, --total-steps none drops a recipe's total_steps")
         if not 0.0 <= self.prune_ratio <= 1.0:
             raise ValueError(f"prune_ratio={self.prune_ratio} must be in [0, 1]")
         if self.warm_start_steps and self.warm_start_from:
@@ -175,7 +177,7 @@ class TrainConfig:
                              f"warm_start_from={self.warm_start_from!r})")
         if self.warm_start_lr is not None and self.warm_start_lr <= 0:
             raise ValueError(f"warm_start_lr={self.warm_start_lr} must be positive")
-        if self.warm_start_lr is not None and not (self.warm_start_steps and self.mode != "full"):
+        if self.warm_start_lr is not None and not self.warm_start_steps:  # (mode=full with steps: an error below)
             # e.g. a recipe's warm start overridden by --warm-start-steps 0 or --mode full: say so, go on
             warnings.warn(f"warm_start_lr={self.warm_start_lr} is ignored: this run has no full-rank warm start "
                           f"(warm_start_steps={self.warm_start_steps}, mode={self.mode!r})", ConfigWarning,
@@ -201,7 +203,9 @@ class TrainConfig:
             warnings.warn(f"cycle_length={self.cycle_length} and merge_every={self.merge_every} are ignored: "
                           f"mode={self.mode!r} has no merges or resets", ConfigWarning, stacklevel=3)
         if self.warm_start_steps and self.mode == "full":
-            raise ValueError("warm_start_steps only makes sense with mode=relora or lora")
+            raise ValueError(f"warm_start_steps={self.warm_start_steps} only makes sense with mode=relora or "
+                             "lora: mode=full trains full-rank throughout; set warm_start_steps to 0 "
+                             "(--warm-start-steps 0)")
         self._warn_ignored()
         if self.wandb_project is not None and importlib.util.find_spec("wandb") is None:
             raise ValueError(f"wandb_project={self.wandb_project!r} needs the wandb package, which is not installed "
@@ -236,7 +240,9 @@ class TrainConfig:
             ignored.append(("lowrank_schedule='restart'", "it restarts the schedule after an in-run warm start, "
                             f"and this run has none (warm_start_steps={self.warm_start_steps}, mode={self.mode!r})"))
         if self.mode == "full":
-            for name, default in (("dropout", 0.0), ("prune_joint", False), ("merge_residual", False)):
+            for name, default in (("rank", TrainConfig.rank), ("alpha", TrainConfig.alpha),
+                                  ("target_modules", _FIELD_DEFAULTS["target_modules"]), ("dropout", 0.0),
+                                  ("prune_joint", False), ("merge_residual", False)):
                 if getattr(self, name) != default:
                     ignored.append((f"{name}={getattr(self, name)!r}", "mode='full' has no LoRA layers"))
         elif self.mode == "lora":
@@ -252,6 +258,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+_FIELD_DEFAULTS = {f.name: f.default_factory() for f in dataclasses.fields(TrainConfig)
+                   if f.default_factory is not dataclasses.MISSING}
 
 
 def _coerce(name: str, value, tp):
@@ -300,7 +310,9 @@ def _arg_type(tp):
 def build_launch_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The parser of launch/train.py: the recipe's flags plus ``--deepspeed PATH`` and the launcher's
     ``--local_rank``. launch/preflight.py extends it, so both read a command line identically."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: --total-step must not silently mean --total-steps (nor a future flag's prefix)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     # Our own --deepspeed PATH: deepspeed.add_config_arguments would make it a boolean flag.
     parser.add_argument("--deepspeed", metavar="PATH", help="DeepSpeed JSON (ds_configs/); default: ZeRO off, fp32")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -308,7 +320,7 @@ def build_launch_parser(description: str | None = None) -> argparse.ArgumentPars
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser()
+    parser = parser or argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--config", help="YAML recipe; CLI flags override its values")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -358,7 +370,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}; valid keys: {sorted(names)}")
+            close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            hints = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+            raise ValueError(f"{path}: unknown keys {unknown}{f' ({hints})' if hints else ''}; valid keys: "
+                             f"{sorted(names)}")
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name, None)
         if v is not None:

@@ -81,6 +81,10 @@ class Trainer(CheckpointsMixin):
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
         check_precision_on_device(self.ds, get_accelerator())
         self.fp16 = uses_fp16(self.ds)
+        if cfg.merge_residual and cfg.mode == "relora" and not (uses_bf16(self.ds) or self.fp16) and self.rank == 0:
+            warnings.warn("merge_residual=True is ignored: the weights are fp32 (no bf16/fp16 in the DeepSpeed "
+                          "config), so a merge leaves no rounding residual; its buffers still take 2 bytes per "
+                          "base parameter of host memory", ConfigWarning, stacklevel=2)
         # Without ZeRO and in fp32 DeepSpeed records no gradient norm: the trainer computes it (see below).
         self.own_grad_norm = zero_stage(self.ds) == 0 and not (uses_bf16(self.ds) or self.fp16)
         self.grad_norm = None
@@ -238,8 +242,11 @@ class Trainer(CheckpointsMixin):
             {k: v for k, v in self._run_config().items() if k != "environment"}, indent=2))  # that: run_info.jsonl
         if not (cfg.resume and self._resume()):
             self._build_engine(self._base_model(), self._phase(0))
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())  # ZeRO-3: whole
-        self._print(f"model: {self.model_config.num_hidden_layers} layers, {n_params:,} parameters; "
+        numel = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731  ZeRO-3: whole
+        n_lora = numel(lora_parameters(self.engine.module))
+        n_params = numel(self.engine.module.parameters()) - n_lora  # the model's own, in either phase
+        self._print(f"model: {self.model_config.num_hidden_layers} layers, {n_params:,} parameters"
+                    f"{f' (+ {n_lora:,} LoRA)' if n_lora else ''}; "
                     f"{self.world} rank(s), bf16={uses_bf16(self.ds)}, ZeRO stage "
                     f"{zero_stage(self.ds)}, offload: {offloaded(self.engine)}, {self.total_steps} steps, "
                     f"RELORA_KERNELS={relora_kernels.kernel_mode()}")

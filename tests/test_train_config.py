@@ -5,7 +5,7 @@ import json
 import pytest
 
 from relora_ds.ds_config import complete_ds_config, load_ds_config
-from relora_ds.train_config import TrainConfig, build_parser, config_from_args
+from relora_ds.train_config import TrainConfig, build_launch_parser, build_parser, config_from_args
 
 BASE = dict(cycle_length=10, restart_warmup_steps=2, total_steps=100, micro_batch_size=2, global_batch_size=8)
 
@@ -255,3 +255,26 @@ def test_token_budget_sets_total_steps_rounded_up():
     assert total_steps_for(TrainConfig(**kw, token_budget=321)) == 11
     assert total_steps_for(TrainConfig(**kw, token_budget=1)) == 1
     assert total_steps_for(TrainConfig(**{**BASE, "seq_len": 4})) == 100  # total_steps given: used as is
+
+
+def test_errors_name_the_flag_that_fixes_them(tmp_path):
+    """Each refusal says how to get a valid run: the flag to drop a recipe's value, the setting to change,
+    the recipe key probably meant; a CLI prefix is not taken for a flag."""
+    with pytest.raises(ValueError, match=r"warm_start_steps=100 only makes sense with mode=relora or lora: .*"
+                                         r"\(--warm-start-steps 0\)"):
+        TrainConfig(**{**BASE, "mode": "full", "cycle_length": None, "warm_start_steps": 100})
+    with pytest.raises(ValueError, match=r"--total-steps none drops a recipe's total_steps"):
+        TrainConfig(**BASE, token_budget=1000)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_lenght: 10\ntotal_steps: 50\nwarmup_step: 3\nzzz: 1\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['cycle_lenght', 'warmup_step', 'zzz'\] \('cycle_lenght': "
+                                         r"did you mean 'cycle_length'\?; 'warmup_step': did you mean 'warmup_steps'\?\)"):
+        config_from_args(build_parser().parse_args(["--config", str(recipe)]))
+    with pytest.raises(SystemExit):
+        build_launch_parser().parse_args(["--total-step", "30"])
+    from relora_ds.startup import build_schedule
+    cfg = TrainConfig(**{**BASE, "warm_start_steps": 4, "warmup_steps": 6, "cycle_length": 10})
+    with pytest.raises(ValueError, match=r"^warm_start_steps=4 must be 0 or at least warmup_steps=6: the first warmup"):
+        build_schedule(cfg, 100)
+    with pytest.warns(UserWarning, match=r"rank=8 is ignored: mode='full' has no LoRA layers"):
+        TrainConfig(**{**BASE, "mode": "full", "cycle_length": None, "rank": 8})

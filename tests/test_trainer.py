@@ -279,3 +279,17 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(tmp_path, small_data_dir):
         holder.wait(timeout=60)
     train1(tmp_path, small_data_dir, "--resume", total_steps=4)  # the holder is gone: the lock with it
     assert (run / "metrics.jsonl").exists()
+
+
+def test_a_wrong_deepspeed_path_fails_before_the_process_group(tmp_path):
+    """A mistyped --deepspeed is named at once (exit 2), before DeepSpeed's init and the output_dir lock
+    (which would have created the output directory)."""
+    env = {**launch_env(), "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--model", "debug", "--cycle-length", "4",
+                           "--restart-warmup-steps", "2", "--total-steps", "8", "--output-dir", str(tmp_path / "run"),
+                           "--deepspeed", str(tmp_path / "zero2.jsn")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert f"error: --deepspeed {tmp_path / 'zero2.jsn'}: no such file (configs ship in ds_configs/)" in proc.stderr
+    assert not (tmp_path / "run").exists()

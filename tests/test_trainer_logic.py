@@ -256,3 +256,32 @@ def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(mon
     assert rec["val_tokens"] == 10 * 8
     assert rec["val_loss"] == pytest.approx(value.mean().item(), rel=1e-12)  # 29.5, by hand: (285 + 10) / 10
     assert value.mean().item() == 29.5
+
+
+def test_settings_without_effect_under_the_deepspeed_config_are_named(monkeypatch, tmp_path):
+    """merge_residual keeps what rounding W to bf16/fp16 loses at a merge: with fp32 weights (no bf16/fp16
+    in the DeepSpeed config) nothing is lost, so the setting is named as ignored; under bf16 it is not.
+    (In process, no process group: the trainer stops right after reading the DeepSpeed config.)"""
+    import warnings
+
+    from relora_ds import trainer
+    from relora_ds.train_config import ConfigWarning, TrainConfig
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(trainer, "init_distributed", lambda **kw: None)
+    monkeypatch.setattr(trainer, "pick_port_for_a_single_process", lambda: None)
+    monkeypatch.setattr(trainer.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(trainer.dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(trainer, "on_rank_zero", lambda fn: fn())
+    monkeypatch.setattr(trainer.Trainer, "_prepare_data", lambda self: (_ for _ in ()).throw(Stop()))
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    cfg = dict(cycle_length=4, restart_warmup_steps=2, warmup_steps=2, total_steps=8, merge_residual=True)
+    with pytest.warns(ConfigWarning, match="merge_residual=True is ignored: the weights are fp32"), pytest.raises(Stop):
+        trainer.Trainer(TrainConfig(**cfg, output_dir=str(tmp_path / "fp32")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        with pytest.raises(Stop):
+            trainer.Trainer(TrainConfig(**cfg, output_dir=str(tmp_path / "bf16")), str(bf16))

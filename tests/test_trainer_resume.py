@@ -223,11 +223,15 @@ def test_a_resumed_run_draws_the_dropout_masks_the_uninterrupted_one_draws(tmp_p
     step 4 trains steps 5-8 with the same masks, hence bit for bit the same losses, as the uninterrupted run
     (without the restore the masks, and the losses, differ). One rank, plain python."""
     overrides = dict(dropout=0.2, total_steps=8, save_every=4, eval_every=0)
-    train1(tmp_path, small_data_dir, **overrides)
+    fresh = train1(tmp_path, small_data_dir, **overrides)
     run = tmp_path / "run"
     uninterrupted, _ = read_losses(run)
     rewind_to(run, "step_4")
-    train1(tmp_path, small_data_dir, "--resume", **overrides)
+    again = train1(tmp_path, small_data_dir, "--resume", **overrides)
+    # The start-up line counts the model's parameters alike in both phases, the LoRA factors apart.
+    full = re.search(r"model: 2 layers, ([\d,]+) parameters;", fresh.stdout + fresh.stderr)
+    low = re.search(r"model: 2 layers, ([\d,]+) parameters \(\+ ([\d,]+) LoRA\);", again.stdout + again.stderr)
+    assert full and low and full.group(1) == low.group(1), (full, low)
     resumed, _ = read_losses(run)
     assert sorted(resumed) == [5, 6, 7, 8]
     for step, loss in resumed.items():

@@ -6,6 +6,7 @@ atomic ``latest``, what a resume may change, universal conversion) is in ``relor
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from . import checkpoint
 from .distributed import on_rank_zero
 from .model import LlamaForCausalLM
 from .relora import relora_layers
+from .train_config import ConfigWarning
 from .zero_reset import unshare_optimizer_steps
 
 
@@ -41,7 +43,9 @@ class CheckpointsMixin:
 
     def _resume(self) -> bool:
         if self.resume_plan is None:
-            self._print(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
+            if self.rank == 0:  # a warning, not a line among the config: a mistyped --output-dir shows here
+                warnings.warn(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0 (expected at a "
+                              "job's first start; otherwise check --output-dir)", ConfigWarning, stacklevel=2)
             return False
         tag, saved, universal, stages = (self.resume_plan[k] for k in ("tag", "saved", "universal", "stages"))
         step = checkpoint.tag_step(tag)

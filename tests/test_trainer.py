@@ -277,8 +277,9 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(tmp_path, small_data_dir):
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    train1(tmp_path, small_data_dir, "--resume", total_steps=4)  # the holder is gone: the lock with it
+    proc = train1(tmp_path, small_data_dir, "--resume", total_steps=4)  # the holder is gone: the lock with it
     assert (run / "metrics.jsonl").exists()
+    assert f"warning: --resume: no checkpoint in {run / 'checkpoints'}; starting from step 0" in proc.stderr
 
 
 def test_a_wrong_deepspeed_path_fails_before_the_process_group(tmp_path):

@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 launch/train.py --config launch/configs/tiny.yaml --deepspeed ds_configs/zero2.json
 """
+import os
 import sys
 
 import torch
@@ -10,6 +11,15 @@ from relora_ds.distributed import run_and_exit
 from relora_ds.ds_config import load_ds_config
 from relora_ds.train_config import build_launch_parser, config_from_args, show_config_warnings_plainly
 from relora_ds.trainer import Trainer
+
+
+def _error(e: Exception) -> None:
+    """One write per message (print's separate newline let two ranks' errors share a line), naming the rank
+    when there are several (each rank reports what it hit)."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
+    sys.stderr.write(f"{rank}error: {e}\n")
+    sys.stderr.flush()
 
 
 def main(argv=None) -> int:
@@ -23,13 +33,13 @@ def main(argv=None) -> int:
             load_ds_config(args.deepspeed)  # a wrong path or bad JSON before the process group starts
             trainer = Trainer(cfg, args.deepspeed)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
+            _error(e)
             status = 2
             return status
         try:
             trainer.train()
         except FloatingPointError as e:  # NaN/inf loss: the message names the step and the last good checkpoint
-            print(f"error: {e}", file=sys.stderr)
+            _error(e)
             status = 3
             return status
         status = 0

@@ -1,4 +1,4 @@
-"""Tokenize a corpus once into a data dir that training reads by random access.
+r"""Tokenize a corpus once into a data dir that training reads by random access.
 
     python launch/prepare_data.py --out data/builtin                       # the built-in corpus
     python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --out data/c4 --num-proc 16
@@ -6,7 +6,8 @@
     python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --val-input 'c4/en/c4-validation.*.json.gz' \
         --out data/c4   # C4's own validation set (the paper's numbers), not a hash split of the training files
 
-Re-running with the same inputs and options is a no-op. See relora_ds.data.prepare.PrepareConfig.
+Re-running with the same inputs and options is a no-op; data from other inputs or options is replaced only
+with --overwrite. See relora_ds.data.prepare.PrepareConfig.
 """
 from __future__ import annotations
 

@@ -148,6 +148,13 @@ def span(t: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
 
 
+def within_int32(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy when its strides reach past 32-bit offsets while its size does not (a
+    narrowed view, e.g. the gradient torch.cat's backward hands on): the forward checked the size of dY,
+    not the strides it would come with."""
+    return t if span(t) <= INT32_MAX else t.contiguous()
+
+
 def fits_int32(op: str, **spans: int) -> bool:
     """Whether every tensor a Triton launch of ``op`` addresses (``name=element span``) fits 32-bit offsets,
     past which they would wrap silently. When one does not: under ``RELORA_KERNELS=triton`` a ValueError;

@@ -226,7 +226,7 @@ class Int8LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, s, q, w_scale, lora_A, lora_B, keep2 = ctx.saved_tensors
         need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
+        dy2 = _runtime.within_int32(dy.reshape(-1, dy.shape[-1]))  # (M, out); 32-bit offsets: see forward
         if ctx.in_gemm:
             w, w_s = q, w_scale
         else:

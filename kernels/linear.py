@@ -170,7 +170,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, s, weight, lora_A, lora_B, keep2 = ctx.saved_tensors
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, out)
+        dy2 = _runtime.within_int32(dy.reshape(-1, dy.shape[-1]))  # (M, out); 32-bit offsets: see forward
         dx2, da, db = lora_backward(dy2, x2, s, weight, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p,
                                     ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b)
         dx = dx2.reshape(ctx.x_shape) if dx2 is not None else None

@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     finally:
         if trainer is not None:  # a NaN stop or any exception: the last TensorBoard events are written too,
             trainer.metrics.close(exit_code=status)  # and W&B marks the run failed
+            trainer.close()  # the output_dir lock and the signal handlers (main() may run in-process)
         # Shut the process group down on every exit path, also when main() is called in-process.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

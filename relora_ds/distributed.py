@@ -85,7 +85,8 @@ def init_distributed(**kwargs) -> None:
 
 def on_rank_zero(fn: Callable, *args) -> None:
     """``fn(*args)`` on rank 0 while the other ranks wait; an error there stops every rank (rank 0 raises
-    it, the others a RuntimeError) instead of leaving them blocked at the next collective."""
+    it, the others a RuntimeError, or a ValueError when rank 0's was one) instead of leaving them blocked at
+    the next collective."""
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -97,13 +98,15 @@ def on_rank_zero(fn: Callable, *args) -> None:
         except Exception as e:  # every error: the other ranks must hear of it
             error = e
     device = get_accelerator().current_device_name()  # NCCL: this rank's GPU (set by init_distributed)
-    failed = torch.tensor([float(error is not None)], device=device)
+    # 0: fine; 1: an error; 2: a ValueError (bad input: the other ranks report it as one too, no traceback)
+    failed = torch.tensor([0.0 if error is None else 2.0 if isinstance(error, ValueError) else 1.0], device=device)
     dist.all_reduce(failed)
     if error is not None:
         raise error
     if failed.item():
-        raise RuntimeError(f"rank 0 failed in {getattr(fn, '__name__', fn)} (its error is in its output); "
-                           f"rank {dist.get_rank()} stops too")
+        kind = ValueError if failed.item() == 2 else RuntimeError
+        raise kind(f"rank 0 failed in {getattr(fn, '__name__', fn)} (its error is in its output); "
+                   f"rank {dist.get_rank()} stops too")
 
 
 def max_over_ranks(value: float) -> float:

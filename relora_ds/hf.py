@@ -88,9 +88,20 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
 def _readable_as_umask_allows(path: Path) -> None:
     """safetensors writes its file with mode 0600 (a temporary file renamed); give it the mode every other
     file gets (0666 less the umask), so that a group sharing a cluster directory can read the export."""
-    umask = os.umask(0)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # no /proc: the brief set-and-restore
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
 
 
 # Checked by save_hf_tokenizer on every export: leading, repeated and trailing spaces, newlines, tabs,

@@ -130,15 +130,18 @@ def check_output_dir(cfg: TrainConfig) -> None:
 
 
 LOCK_FILE = ".lock"
+_HELD: dict[Path, object] = {}  # this process's locks: a second Trainer here (a notebook) takes the same one
 
 
 def lock_output_dir(out: Path):
-    """Rank 0's exclusive lock on ``output_dir`` for the life of the process (an open file: the kernel
-    drops the lock when the process ends, however it ends). A second run there -- e.g. a ``--resume``
+    """Rank 0's exclusive lock on ``output_dir`` until :func:`unlock_output_dir` or the process ends (an open
+    file: the kernel drops the lock however the process ends). A second run there -- e.g. a ``--resume``
     while the first still trains -- would interleave its metrics and checkpoints with the first's, so it is
     refused, naming the holder. On a file system without ``flock`` (some NFS/Lustre mounts) a warning."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
+    path = (out / LOCK_FILE).resolve()
+    if path in _HELD:
+        return _HELD[path]
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -151,15 +154,24 @@ def lock_output_dir(out: Path):
         holder = f.read().strip() or "holder unknown"
         f.close()
         raise ValueError(f"output_dir {out} is in use by a run still going ({holder}): two runs would "
-                         "interleave their metrics and checkpoints. Stop that run first -- signal its ranks "
-                         "(the launch/train.py processes; SIGTERM to the `deepspeed` command alone leaves "
-                         "them running) -- or pick another --output-dir") from None
+                         "interleave their metrics and checkpoints. Stop that run first (SIGTERM to that pid, "
+                         "its rank 0, stops every rank after a checkpoint; SIGTERM to the `deepspeed` command "
+                         "alone leaves the ranks running), or pick another --output-dir. If that process is "
+                         f"gone (its node crashed, on NFS), delete {path}") from None
     f.seek(0)
     f.truncate()
     f.write(f"host {socket.gethostname()}, pid {os.getpid()}, "
             f"since {datetime.datetime.now().isoformat(timespec='seconds')}\n")
     f.flush()
+    _HELD[path] = f
     return f
+
+
+def unlock_output_dir(out: Path) -> None:
+    """Release this process's lock on ``output_dir`` (none held: nothing to do)."""
+    f = _HELD.pop((Path(out) / LOCK_FILE).resolve(), None)
+    if f is not None:
+        f.close()  # closing the file drops the flock
 
 
 def apply_kernels_setting(kernels: str | None) -> None:

@@ -45,7 +45,8 @@ from .prune import prune_optimizer_state
 from .relora import lora_parameters, wrap
 from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
-    check_output_dir, check_precision_on_device, lock_output_dir, total_steps_for
+    check_output_dir, check_precision_on_device, lock_output_dir, total_steps_for, \
+    unlock_output_dir
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import offloaded
 
@@ -71,12 +72,9 @@ class Trainer(CheckpointsMixin):
                          timeout=datetime.timedelta(minutes=cfg.collective_timeout_min))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.out = Path(cfg.output_dir)
-        self._lock = None  # rank 0's lock on output_dir, held until the process ends
-
-        def lock():
-            self._lock = lock_output_dir(self.out)
-        with self._warnings_on_rank_zero():
-            on_rank_zero(lock)
+        self._signal_handlers = {}
+        with self._warnings_on_rank_zero():  # rank 0's lock on output_dir, until close() or the process ends
+            on_rank_zero(lambda: lock_output_dir(self.out))
         self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
         check_precision_on_device(self.ds, get_accelerator())
@@ -139,7 +137,16 @@ class Trainer(CheckpointsMixin):
         # SIGTERM/SIGUSR1 (SLURM preemption or time limit): finish the step, checkpoint, exit cleanly.
         self._stop_signal = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._request_stop)
+            self._signal_handlers[sig] = signal.signal(sig, self._request_stop)
+
+    def close(self) -> None:
+        """Release what the run holds in this process: the output_dir lock and the signal handlers (for a
+        Trainer built in a notebook or test; launch/train.py calls it on every exit path)."""
+        for sig, handler in self._signal_handlers.items():
+            signal.signal(sig, handler)
+        self._signal_handlers = {}
+        if self.rank == 0:
+            unlock_output_dir(self.out)
 
     @contextlib.contextmanager
     def _warnings_on_rank_zero(self):

@@ -247,6 +247,11 @@ def test_windows_of_a_split_that_is_a_whole_number_of_windows(tmp_path):
         ds[3]
     with pytest.raises(IndexError):
         ds.get_batch([3])
+    # A negative index is an error too, not numpy's "from the end" (a sampler bug must not read other data).
+    with pytest.raises(IndexError, match="window -1 out of range for 3 windows"):
+        ds[-1]
+    with pytest.raises(IndexError, match="window -1 out of range for 3 windows"):
+        ds.get_batch([0, -1])
 
 
 def test_token_dtype_boundary_and_uint32_splits(tmp_path):
@@ -346,3 +351,15 @@ def test_a_separate_validation_corpus(tmp_path):
     with pytest.raises(ValueError, match="hf_val_split='test' is the split of a hub dataset in val_inputs; there are "
                                          "no val_inputs"):
         prepare_data([str(train)], tmp_path / "x", hf_val_split="test")
+
+
+def test_the_refusal_names_each_recipe_difference():
+    """_recipe_diff, as the refusal to replace prepared data prints it: a key one side lacks is "absent" (not
+    the same as null), nested keys are dotted, and long values are cut around where they differ."""
+    from relora_ds.data.prepare import _recipe_diff
+
+    assert _recipe_diff({"a": 1, "hf_split": None}, {"a": 1}) == "hf_split: null -> absent"
+    assert _recipe_diff({"max_docs": None, "v": 1}, {"max_docs": 50, "v": 2}) == "max_docs: null -> 50; v: 1 -> 2"
+    long = "/data/tokenizers/shared-by-the-team/2026/november/"
+    assert _recipe_diff({"tok": {"given": long + "v1.model"}}, {"tok": {"given": long + "v2.model"}}) == (
+        'tok.given: ...team/2026/november/v1.model" -> ...team/2026/november/v2.model"')

@@ -191,6 +191,12 @@ def main():
         out["error"] = None
     except Exception as e:
         out["error"] = f"{{type(e).__name__}}: {{e}}"
+    def refuse():
+        raise ValueError("output_dir is in use")
+    try:
+        on_rank_zero(refuse)
+    except Exception as e:  # bad input on rank 0: a ValueError (a clean "error:" line) on every rank
+        out["refused"] = f"{{type(e).__name__}}: {{e}}"
     out["max"] = max_over_ranks([1234.5, 5678.25][dist.get_rank()])
     dist.barrier()  # both ranks got here: nobody hangs
     with open(r"{tmp_path}/rank%d.json" % dist.get_rank(), "w") as f:
@@ -205,4 +211,6 @@ run_and_exit(main)
     assert r0["ran_on"] == [0] and r1["ran_on"] == []
     assert r0["error"] == "OSError: disk full"
     assert r1["error"].startswith("RuntimeError: rank 0 failed in fail") and "rank 1 stops too" in r1["error"]
+    assert r0["refused"] == "ValueError: output_dir is in use"
+    assert r1["refused"].startswith("ValueError: rank 0 failed in refuse")
     assert r0["max"] == r1["max"] == 5678.25  # rank 1's, on both

@@ -120,6 +120,11 @@ def test_bf16_optimizer_gets_immediate_grad_update_under_accumulation():
     with pytest.raises(ValueError, match=r"grad_accum_dtype='fp32' with bf16 weights at ZeRO stage 0, which "
                                          r"DeepSpeed does not support"):
         complete_ds_config({**BF16_FP32_ACCUM, "zero_optimization": {"stage": 0}}, TrainConfig(**full), 2)
+    # fp16 weights alike: accumulating in fp16 is their own dtype (accepted), fp32 is the unsupported mix.
+    fp16 = {"fp16": {"enabled": True}, "zero_optimization": {"stage": 0}}
+    complete_ds_config({**fp16, "data_types": {"grad_accum_dtype": "fp16"}}, TrainConfig(**full), 2)
+    with pytest.raises(ValueError, match=r"grad_accum_dtype='fp32' with fp16 weights at ZeRO stage 0"):
+        complete_ds_config({**fp16, "data_types": {"grad_accum_dtype": "fp32"}}, TrainConfig(**full), 2)
     with pytest.raises(ValueError, match=r"grad_accum_dtype='fp33' is not a dtype DeepSpeed knows; valid "
                                          r"values: \[.*'fp32'"):
         complete_ds_config({**BF16_FP32_ACCUM, "data_types": {"grad_accum_dtype": "fp33"}}, TrainConfig(**full), 2)

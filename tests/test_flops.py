@@ -42,6 +42,20 @@ def test_flops_per_token_equal_the_counted_flops(monkeypatch, seq_len, quantize)
     assert low == pytest.approx(full - (2 * (linear - 96 * 48) - 6 * lora) * T / seq_len, rel=1e-12)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_grouped_query_attention_counts_every_query_head(monkeypatch, quantize):
+    """GQA (2 key/value heads for 4 query heads): the K/V projections shrink, the attention products do not
+    (scores and values cost heads x head_dim per position pair whatever the K/V width), as counted."""
+    monkeypatch.setenv("RELORA_KERNELS", "reference")
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    assert flops_per_token(model, 33) == pytest.approx(_counted_per_token(model, 2, 33), rel=1e-12)
+    relora_ds.wrap(model, rank=4, quantize=quantize)
+    assert flops_per_token(model, 33) == pytest.approx(_counted_per_token(model, 2, 33), rel=1e-12)
+
+
 def test_a_head_tied_to_the_embedding_is_counted_once_as_a_matmul():
     """A tied head (one parameter, the embedding's): its matmul costs 6 per weight like an untied head's,
     counted once, and the lookup nothing; the same total as the untied model's, as FlopCounterMode counts."""

@@ -107,9 +107,12 @@ def test_merge_kernel_matches_twin(kernels_on, device, with_residual, shape):
     # bf16 scale by one unit only when it lies on a rounding boundary: at most 1 ulp, on rare rows.
     ulps = (got[1].cpu().view(torch.int16).int() - ref[1].view(torch.int16).int()).abs()
     assert ulps.max() <= 1 and (ulps > 0).sum() <= (0 if device == "cpu" else 1)
-    # q/residual may differ where the fp32 products round differently: by one unit, on rare elements.
-    assert (got[0].cpu().int() - ref[0].int()).abs().max() <= 1
-    assert (got[0].cpu() != ref[0]).float().mean() < 0.01
+    # q/residual may differ where the fp32 products round differently: by one unit, on rare elements (of
+    # the rows with the same scale; a row whose scale moved is requantized throughout, and is checked by
+    # its dequantized values below).
+    same = ulps == 0
+    assert (got[0].cpu()[same].int() - ref[0][same].int()).abs().max() <= 1
+    assert (got[0].cpu()[same] != ref[0][same]).float().mean() < 0.01
     full = lambda t: rk.int8_dequantize_reference(t[0].cpu(), t[1].cpu(), residual=t[2])  # noqa: E731
     exact = w.double() + 0.7 * (B.double() @ A.double())
     tol = (0.5 / 254 if with_residual else 0.5) * s.float().max().item() * 4

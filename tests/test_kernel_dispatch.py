@@ -41,6 +41,20 @@ def test_use_triton_modes(monkeypatch):
         assert rk.use_triton(cpu.cuda(), op="linear") is True
 
 
+def test_auto_on_cuda_keeps_the_linear_on_the_twin_and_the_merge_on_triton(monkeypatch):
+    """What README/BENCHMARKS state from the H100 measurements, checked without a GPU (a CUDA stand-in): under
+    auto the LoRA linear takes the twin (cuBLAS; the fused kernel measured slower per training step), the
+    merge and the other ops Triton; bf16/fp16/fp32 only."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("RELORA_KERNELS", raising=False)
+    monkeypatch.setattr(_runtime, "_triton_installed", lambda: True)
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda"))
+    assert _runtime.use_triton(cuda, op="linear") is False and _runtime.linear_path(cuda) == "reference"
+    assert _runtime.use_triton(cuda) is True  # lora_merge_, int8_merge_, dequantization
+    assert _runtime.use_triton(SimpleNamespace(is_cuda=True, dtype=torch.float64, device=torch.device("cuda"))) is False
+
+
 def test_reference_mode_is_the_twin_bitwise(monkeypatch):
     monkeypatch.setenv("RELORA_KERNELS", "reference")
     x, w, a, b, bias, _ = make_inputs((5, 3), 12, 7, 2, True, torch.float32, "cpu", seed=0)
@@ -343,3 +357,26 @@ def test_interpreter_enabled_after_kernels_were_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**env, "RELORA_KERNELS": "triton", "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_a_strided_gradient_past_32_bit_offsets_is_made_contiguous(monkeypatch):
+    """The forward checks dY's size (rows x out); the gradient can arrive as a narrowed view whose strides
+    reach further (torch.cat's backward). With the limit lowered to 100: a (10, 6) gradient inside a (10, 12)
+    buffer spans 114 elements; the kernels get a contiguous copy and the gradients equal the twin's."""
+    x, w, a, b, bias, _ = make_inputs((10,), 8, 6, 2, True, torch.float32, "cpu", seed=1)
+    monkeypatch.setattr(_runtime, "INT32_MAX", 100)
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    wide = torch.randn(10, 12)
+    dy = wide[:, :6]
+    assert _runtime.span(dy) == 114 and _runtime.within_int32(dy).is_contiguous()
+    assert _runtime.within_int32(wide[:5, :6]) is not None and _runtime.span(wide[:5, :6]) == 54
+    assert _runtime.within_int32(wide[:5, :6]).data_ptr() == wide.data_ptr()  # within the limit: no copy
+    seen = []
+    real = rk.linear.lora_backward
+    monkeypatch.setattr(rk.linear, "lora_backward", lambda dy2, *args, **kw: seen.append(dy2) or real(dy2, *args, **kw))
+    got = torch.autograd.grad(rk.lora_linear(x, w, a, b, 0.5, bias), (x, a, b, bias), dy)
+    want = torch.autograd.grad(rk.lora_linear_reference(x, w, a, b, 0.5, bias), (x, a, b, bias), dy)
+    assert seen and seen[0].is_contiguous() and _runtime.span(seen[0]) == 60
+    for g, r in zip(got, want):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-5)

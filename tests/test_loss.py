@@ -153,3 +153,13 @@ def test_second_derivative_is_refused():
     loss = linear_cross_entropy(h, W, torch.randint(0, 5, (6,)), 4)
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad(loss, h, create_graph=True)
+
+
+def test_no_valid_target_at_all_gives_zero_loss_and_zero_gradients():
+    """As documented (the plain path's 0/0 would be NaN and poison the step): a micro-batch whose labels are
+    all ignored contributes loss 0 and no gradient, with and without autograd."""
+    h, w, y = _inputs(ignore=range(37))
+    loss, dh, dw = _chunked(h, w, y, 5)
+    assert loss.item() == 0.0 and torch.count_nonzero(dh) == 0 and torch.count_nonzero(dw) == 0
+    with torch.no_grad():
+        assert linear_cross_entropy(h, w, y, 5).item() == 0.0

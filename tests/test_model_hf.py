@@ -276,3 +276,22 @@ def test_a_model_trains_only_on_data_of_its_own_tokenizer(tmp_path, small_data_d
     with pytest.warns(UserWarning, match=r"has no tokenizer.model, so relora_ds cannot check that .*other was "
                                          r"tokenized with this model's tokenizer"):
         check_model_and_data(cfg, other, 512)
+
+
+def test_export_takes_special_ids_from_the_tokenizer_not_llamas(tmp_path):
+    """A SentencePiece model whose BOS/EOS are 3 and 4 (not LLaMA's 1 and 2): config.json,
+    generation_config.json and the exported Hugging Face tokenizer carry the model's own ids (SentencePiece
+    is the oracle), and the tokenizer encodes as SentencePiece does."""
+    import sentencepiece as spm
+
+    path = _train_sp(tmp_path, "ids34", 320, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=3, eos_id=4,
+                     pad_id=-1)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    assert (sp.bos_id(), sp.eos_id()) == (3, 4)
+    out = tmp_path / "export"
+    relora_ds.export_hf(LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=320)), out, tokenizer=path)
+    cfg, gen = (json.loads((out / f).read_text()) for f in ("config.json", "generation_config.json"))
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (gen["bos_token_id"], gen["eos_token_id"]) == (3, 4)
+    assert (tok.bos_token_id, tok.eos_token_id) == (3, 4)
+    assert tok("the lazy dog 42")["input_ids"] == [3, *sp.encode("the lazy dog 42")]

@@ -269,7 +269,8 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(tmp_path, small_data_dir):
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(ValueError, match=rf"output_dir {run} is in use by a run still going \(host .*, pid "
-                                             rf"{holder.pid}, since .*\): two runs would interleave"):
+                                             rf"{holder.pid}, since .*\): two runs would interleave.* If that "
+                                             rf"process is gone \(its node crashed, on NFS\), delete .*\.lock"):
             lock_output_dir(run)
         proc = train1(tmp_path, small_data_dir, "--resume", check=False, total_steps=4)
         assert proc.returncode == 2 and "is in use by a run still going" in proc.stderr, proc.stderr[-2000:]
@@ -280,6 +281,16 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(tmp_path, small_data_dir):
     proc = train1(tmp_path, small_data_dir, "--resume", total_steps=4)  # the holder is gone: the lock with it
     assert (run / "metrics.jsonl").exists()
     assert f"warning: --resume: no checkpoint in {run / 'checkpoints'}; starting from step 0" in proc.stderr
+    # In one process (a notebook: a second Trainer on the same directory) the lock is this process's own,
+    # and Trainer.close() / unlock_output_dir lets another process take it.
+    from relora_ds.startup import unlock_output_dir
+    mine = lock_output_dir(run)
+    assert lock_output_dir(run) is mine
+    unlock_output_dir(run)
+    other = subprocess.run([sys.executable, "-c", "from pathlib import Path\nfrom relora_ds.startup import "
+                            f"lock_output_dir\nlock_output_dir(Path({str(run)!r}))"], env=launch_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode == 0, other.stderr
 
 
 def test_a_wrong_deepspeed_path_fails_before_the_process_group(tmp_path):

@@ -340,21 +340,33 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
         return out_dir
 
 
+_ABSENT = object()
+
+
 def _recipe_diff(old: dict, new: dict, prefix: str = "") -> str:
-    """The recipe keys that differ, as ``key: old -> new`` (nested keys dotted; long values shortened)."""
-    def short(v):
-        text = json.dumps(v) if v is not None else "absent"
-        return text if len(text) <= 40 else text[:37] + "..."
+    """The recipe keys that differ, as ``key: old -> new`` (nested keys dotted; a key only one side has is
+    "absent"; long values shown around where they first differ)."""
     parts = []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             parts.append(_recipe_diff(a, b, f"{prefix}{key}."))
         else:
-            parts.append(f"{prefix}{key}: {short(a)} -> {short(b)}")
+            ta, tb = ("absent" if v is _ABSENT else json.dumps(v) for v in (a, b))
+            parts.append(f"{prefix}{key}: {' -> '.join(_around_first_difference(ta, tb))}")
     return "; ".join(parts)
+
+
+def _around_first_difference(a: str, b: str, width: int = 40) -> tuple[str, str]:
+    """``a`` and ``b`` cut to about ``width`` characters each, keeping where they first differ in view."""
+    if max(len(a), len(b)) <= width:
+        return a, b
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    start = max(0, first - width // 2)
+    return tuple(("..." if start else "") + t[start:start + width] + ("..." if len(t) > start + width else "")
+                 for t in (a, b))
 
 
 def _prepare(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig, out_dir: Path, recipe: dict) -> dict:

@@ -285,3 +285,24 @@ def test_settings_without_effect_under_the_deepspeed_config_are_named(monkeypatc
         warnings.simplefilter("error", ConfigWarning)
         with pytest.raises(Stop):
             trainer.Trainer(TrainConfig(**cfg, output_dir=str(tmp_path / "bf16")), str(bf16))
+
+
+def test_tensorboard_keeps_each_step_once_after_a_resume(tmp_path):
+    """A run logged steps 1-8 and died after its step-5 checkpoint; the resumed run logs 6-8 anew. Read back
+    with TensorBoard's own reader: every step once, 1-5 from the first run (5 included), 6-8 the new values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from relora_ds.metrics import MetricsLogger
+
+    first = MetricsLogger(tmp_path, enabled=True)
+    for s in range(1, 9):
+        first.log({"step": s, "loss": float(s)})
+    first.close()
+    resumed = MetricsLogger(tmp_path, enabled=True, resume_step=5)
+    for s in range(6, 9):
+        resumed.log({"step": s, "loss": 100.0 + s})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    got = {e.step: e.value for e in events.Scalars("loss")}
+    assert got == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0, 6: 106.0, 7: 107.0, 8: 108.0}

@@ -285,6 +285,7 @@ def test_the_trainers_batches_form_whole_global_batches_per_optimizer_step(data_
                           micro_batch_size=micro, global_batch_size=global_batch, eval_every=0, export=False)
         t = trainer_mod.Trainer(cfg)
         t.metrics.close()
+        t.close()  # the output_dir lock (rank 0's) and the signal handlers
         assert t.ds["gradient_accumulation_steps"] == accum  # the micro-batches _train_step draws per step
         readers.append(t)
     data = readers[0].train_data

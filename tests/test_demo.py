@@ -163,6 +163,9 @@ def test_train_py_closes_the_metrics_on_an_error_exit(monkeypatch):
         def train(self):
             raise FloatingPointError("non-finite loss (nan) at step 3")
 
+        def close(self):  # the output_dir lock and the signal handlers
+            closed.append("released")
+
     monkeypatch.setattr(train_py, "Trainer", StopsOnNaN)
     assert train_py.main(["--model", "debug", "--cycle-length", "4", "--total-steps", "8"]) == 3
-    assert closed == [3]  # with the exit status: W&B marks the run failed
+    assert closed == [3, "released"]  # with the exit status (W&B marks the run failed), then the lock

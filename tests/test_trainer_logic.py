@@ -265,6 +265,7 @@ def test_settings_without_effect_under_the_deepspeed_config_are_named(monkeypatc
     import warnings
 
     from relora_ds import trainer
+    from relora_ds.startup import unlock_output_dir
     from relora_ds.train_config import ConfigWarning, TrainConfig
 
     class Stop(Exception):
@@ -285,6 +286,8 @@ def test_settings_without_effect_under_the_deepspeed_config_are_named(monkeypatc
         warnings.simplefilter("error", ConfigWarning)
         with pytest.raises(Stop):
             trainer.Trainer(TrainConfig(**cfg, output_dir=str(tmp_path / "bf16")), str(bf16))
+    for run in ("fp32", "bf16"):  # the Trainers never finished building: release their locks here
+        unlock_output_dir(tmp_path / run)
 
 
 def test_tensorboard_keeps_each_step_once_after_a_resume(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from relora_ds.data import DataWarning, PackedTokens, load_manifest, load_tokenizer, prepare_data
+from relora_ds.data.sources import builder_for, repair_utf8
 
 
 def write_jsonl(path, texts, column="text"):
@@ -304,3 +305,33 @@ def test_hub_validation_split_as_the_validation_corpus(tmp_path, monkeypatch):
     assert read[-2:] == ["validation", "other"]
     assert m["splits"]["train"]["documents"] == 5 and m["splits"]["validation"]["documents"] == 1
     assert m["recipe"]["hf_split"] == "validation" and m["recipe"]["validation_corpus"]["hf_split"] == "other"
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    """The same file given as a path, again through another spelling and through its directory (a common
+    `--input data/ data/a.jsonl` slip) is one corpus file, not a corpus counted two or three times."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    path = write_jsonl(corpus / "a.jsonl", SENTENCES)
+    out = prepare_data([path, str(corpus / ".." / "corpus" / "a.jsonl"), str(corpus)], tmp_path / "out",
+                       vocab_size=300)
+    m = load_manifest(out)
+    assert sum(s["documents"] for s in m["splits"].values()) == len(SENTENCES)
+
+
+def test_invalid_utf8_at_the_very_end_of_a_file_is_replaced_not_dropped(tmp_path):
+    """A file cut inside a multi-byte character (a truncated download): its last 2 bytes \\xe2\\x82 (of the
+    3-byte euro sign) are each replaced by U+FFFD and counted, as every invalid byte is (hand-computed)."""
+    for name, opener in (("cut.txt", open), ("cut.txt.gz", gzip.open)):
+        src = tmp_path / name
+        with opener(src, "wb") as f:
+            f.write("café ok\nprice 5".encode() + b"\xe2\x82")
+        dest = tmp_path / f"{name}.repaired"
+        assert repair_utf8(str(src), str(dest)) == 2
+        assert dest.read_text(encoding="utf-8") == "café ok\nprice 5\ufffd\ufffd"
+
+
+def test_file_extensions_are_matched_case_insensitively():
+    assert builder_for("C4-TRAIN.00000-OF-01024.JSON.GZ") == "json"
+    assert (builder_for("Notes.TXT"), builder_for("x.Parquet"), builder_for("a.JsonL")) == ("text", "parquet", "json")
+    assert builder_for("a.docx") is None

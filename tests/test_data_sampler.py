@@ -301,3 +301,16 @@ def test_the_trainers_batches_form_whole_global_batches_per_optimizer_step(data_
                 want = data.get_batch(order[start:start + micro])
                 assert torch.equal(next(t.batches), want), (step, m, r)
     assert [t.batches.epoch for t in readers] == [1, 1]
+
+
+@pytest.mark.parametrize("saved, resumed", [(True, False), (False, True)])
+def test_resume_refuses_another_drop_last(saved, resumed):
+    """drop_last decides where each epoch's tail goes (dropped vs wrapped from the epoch's start): 10 windows
+    in batches of 4 give 2 micro-steps per epoch with drop_last, 3 without, so a resumed (epoch, position)
+    would name other samples. The checkpoint's value is stated, not silently replaced."""
+    s = ShardedBatches(Windows(10), 4, rank=0, world_size=1, seed=1, drop_last=saved)
+    next(s)
+    other = ShardedBatches(Windows(10), 4, rank=0, world_size=1, seed=1, drop_last=resumed)
+    assert s.steps_per_epoch != other.steps_per_epoch
+    with pytest.raises(ValueError, match=f"drop_last={saved}, this one {resumed}"):
+        other.load_state_dict(s.state_dict())

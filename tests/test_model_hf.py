@@ -6,9 +6,11 @@ import os
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM
+from relora_ds.hf import config_from_hf, hf_config_dict
 
 
 def _hf_config(cfg: LlamaConfig) -> transformers.LlamaConfig:
@@ -295,3 +297,36 @@ def test_export_takes_special_ids_from_the_tokenizer_not_llamas(tmp_path):
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (gen["bos_token_id"], gen["eos_token_id"]) == (3, 4)
     assert (tok.bos_token_id, tok.eos_token_id) == (3, 4)
     assert tok("the lazy dog 42")["input_ids"] == [3, *sp.encode("the lazy dog 42")]
+
+
+def test_load_hf_casts_to_the_requested_dtype(tmp_path):
+    torch.manual_seed(4)
+    relora_ds.export_hf(LlamaForCausalLM(LlamaConfig.preset("debug")), tmp_path)
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    model = relora_ds.load_hf(tmp_path, dtype=torch.bfloat16)
+    params = dict(model.named_parameters())
+    assert params and all(p.dtype == torch.bfloat16 for p in params.values())
+    for name, p in params.items():  # oracle: the file's fp32 tensors rounded to bf16
+        assert torch.equal(p.detach(), stored[name].to(torch.bfloat16)), name
+
+
+def test_a_checkpoint_holding_rotary_inv_freq_buffers_loads(tmp_path):
+    """transformers < 4.31 saved each layer's rotary_emb.inv_freq (1 / theta^(2i/d)): such checkpoints load,
+    the stored buffer is ignored (ours is recomputed) and the weights are the file's."""
+    torch.manual_seed(5)
+    cfg = LlamaConfig.preset("debug")
+    relora_ds.export_hf(LlamaForCausalLM(cfg), tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    d = cfg.hidden_size // cfg.num_attention_heads
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    for i in range(cfg.num_hidden_layers):
+        state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model = relora_ds.load_hf(tmp_path)
+    assert torch.equal(model.state_dict()["lm_head.weight"], state["lm_head.weight"])
+
+
+def test_tied_embeddings_are_refused():
+    hf = {**hf_config_dict(LlamaConfig.preset("debug"), torch.float32), "tie_word_embeddings": True}
+    with pytest.raises(ValueError, match="tied embeddings are not supported"):
+        config_from_hf(hf)

@@ -202,3 +202,22 @@ def test_bad_arguments():
     fresh = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="after the first optimizer step"):
         relora_ds.prune_optimizer_state(torch.optim.AdamW([fresh]), [fresh])
+
+
+def _opt():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(6, 5))
+    opt = torch.optim.AdamW([a], lr=1e-3)
+    (a ** 2).sum().backward()
+    opt.step()
+    return opt, a
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_ratio_one_zeroes_everything_and_ratio_zero_nothing(method):
+    opt, a = _opt()
+    before = {k: opt.state[a][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    assert relora_ds.prune_optimizer_state(opt, [a], method, ratio=0.0) == {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+    assert all(torch.equal(opt.state[a][k], before[k]) for k in before)
+    assert relora_ds.prune_optimizer_state(opt, [a], method, ratio=1.0) == {"exp_avg": 1.0, "exp_avg_sq": 1.0}
+    assert all(torch.count_nonzero(opt.state[a][k]) == 0 for k in before)

@@ -327,3 +327,48 @@ def test_merge_residual_keeps_frequent_small_bf16_merges():
     assert fed.merge_residual.dtype == torch.bfloat16 and fed.merge_residual.device.type == "cpu"
     with pytest.raises(ValueError, match="merge_residual is for float bases"):
         ReLoRALinear(48, 64, rank=4, quantize="int8", merge_residual=True)
+
+
+def test_merge_and_reinit_sends_any_zero_engine_to_the_zero_path(monkeypatch):
+    import relora_ds.zero_reset as zero_reset
+
+    class PipelineEngine(nn.Module):  # a DeepSpeedEngine subclass by another name
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def zero_optimization_stage(self):
+            return 2
+
+    torch.manual_seed(0)
+    engine = PipelineEngine(relora_ds.wrap(relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug")), rank=4))
+    calls = []
+    monkeypatch.setattr(zero_reset, "merge_and_reinit_engine", lambda e: calls.append(e) or {"layers": -1})
+    assert relora_ds.merge_and_reinit(engine) == {"layers": -1} and calls == [engine]
+    assert all(int(l.merge_count) == 0 for _, l in relora_ds.relora_layers(engine))  # nothing merged locally
+
+
+class _Phi3LikeMLP(nn.Module):  # Phi-3 names: gate_up_proj / qkv_proj next to LLaMA's up_proj / v_proj
+    def __init__(self):
+        super().__init__()
+        self.gate_up_proj, self.up_proj = nn.Linear(8, 16), nn.Linear(8, 8)
+        self.qkv_proj, self.v_proj = nn.Linear(8, 24), nn.Linear(8, 8)
+
+
+def test_target_suffix_matches_whole_dotted_components_only():
+    model = nn.Module()
+    model.mlp = _Phi3LikeMLP()
+    relora_ds.wrap(model, rank=2, target_modules=["up_proj", "v_proj"])
+    assert [n for n, _ in relora_ds.relora_layers(model)] == ["mlp.up_proj", "mlp.v_proj"]
+    assert type(model.mlp.gate_up_proj) is nn.Linear and type(model.mlp.qkv_proj) is nn.Linear
+    other = nn.Module()
+    other.mlp = _Phi3LikeMLP()
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        relora_ds.wrap(other, rank=2, target_modules=["proj"])  # a partial name selects nothing
+
+
+def test_rank_may_equal_the_smaller_dimension():
+    layer = ReLoRALinear(8, 6, rank=6, alpha=6)
+    assert layer.lora_A.shape == (6, 8) and layer.lora_B.shape == (6, 6) and layer.scale == 1.0
+    with pytest.raises(ValueError, match="rank=7"):
+        ReLoRALinear(8, 6, rank=7)

@@ -142,3 +142,37 @@ def test_lr_is_held_at_the_floor_after_total_steps_and_no_warmup_starts_at_the_p
         with pytest.raises(ValueError, match=r"warmup_steps=100 must be in \[0, total_steps=100\)"):
             fn(0, total_steps=100, warmup_steps=100)
     assert jagged_cosine(1100, **KW) == pytest.approx(0.1)  # past the end (1100 = 3 x 300 + 200: no re-warmup)
+
+
+def _cos_tw(step, total=1000, warmup=100):
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def test_warmup_as_long_as_a_cycle_is_accepted():
+    kw = dict(total_steps=1000, warmup_steps=300, cycle_length=300, restart_warmup_steps=50, min_lr_ratio=0.1)
+    assert jagged_cosine(150, **kw) == pytest.approx(0.5)  # the first warmup, uninterrupted
+    assert jagged_cosine(299, **kw) == pytest.approx(299 / 300)
+    assert jagged_cosine(300, **kw) == 0.0  # the first reset, right where the warmup ends
+    assert jagged_cosine(325, **kw) == pytest.approx(0.5 * _cos_tw(350, warmup=300))
+    build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **kw)
+
+
+def test_restart_warmup_as_long_as_a_cycle_ramps_over_the_whole_cycle():
+    kw = dict(total_steps=1000, warmup_steps=100, cycle_length=300, restart_warmup_steps=300, min_lr_ratio=0.1)
+    assert jagged_cosine(300, **kw) == 0.0
+    assert jagged_cosine(450, **kw) == pytest.approx(0.5 * _cos_tw(600))  # halfway up, aiming at the next reset's value
+    assert jagged_cosine(599, **kw) == pytest.approx(299 / 300 * _cos_tw(600))
+    assert jagged_cosine(600, **kw) == 0.0
+    build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **kw)
+
+
+def test_no_reset_inside_a_warm_start_longer_than_a_cycle():
+    """The reference 250M recipe: warm start 5000 steps, cycle 500. During the full-rank warm start the lr is the
+    plain warmup+cosine (oracle: cosine_with_warmup); the first reset is the switch at start_step, and the
+    following ones come every cycle_length after it."""
+    kw = dict(total_steps=20000, warmup_steps=600, cycle_length=500, restart_warmup_steps=100, min_lr_ratio=0.1)
+    start = 5000
+    cos = [cosine_with_warmup(s, total_steps=20000, warmup_steps=600, min_lr_ratio=0.1) for s in range(start)]
+    assert [jagged_cosine(s, start_step=start, **kw) for s in range(start)] == pytest.approx(cos, abs=1e-12)
+    assert all(jagged_cosine(s, start_step=start, **kw) > 0 for s in range(600, start))  # never dropped to 0
+    assert [jagged_cosine(s, start_step=start, **kw) for s in (5000, 5500, 6000)] == [0.0, 0.0, 0.0]

@@ -278,3 +278,25 @@ def test_errors_name_the_flag_that_fixes_them(tmp_path):
         build_schedule(cfg, 100)
     with pytest.warns(UserWarning, match=r"rank=8 is ignored: mode='full' has no LoRA layers"):
         TrainConfig(**{**BASE, "mode": "full", "cycle_length": None, "rank": 8})
+
+
+def test_negative_grad_clip_is_refused():
+    """DeepSpeed clips only when gradient_clipping > 0: a negative value would silently train unclipped."""
+    with pytest.raises(ValueError, match="grad_clip=-1.0 must be >= 0"):
+        TrainConfig(**{**BASE, "grad_clip": -1.0})
+    assert TrainConfig(**{**BASE, "grad_clip": 0.0}).grad_clip == 0.0  # 0 disables clipping on purpose
+
+
+def test_a_bool_is_never_a_number(tmp_path):
+    """YAML 1.1 reads `yes`/`on` as true: `micro_batch_size: yes` must not train with micro-batches of 1."""
+    with pytest.raises(ValueError, match="micro_batch_size=True must be a finite number"):
+        TrainConfig(**{**BASE, "micro_batch_size": True})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nlr: on\n")
+    with pytest.raises(ValueError, match="lr=True must be a finite number"):
+        config_from_args(build_parser().parse_args(["--config", str(recipe)]))
+
+
+def test_int8_base_with_full_mode_is_refused():
+    with pytest.raises(ValueError, match="quantize=int8 applies to the frozen base of mode=relora or lora"):
+        TrainConfig(**{**BASE, "mode": "full", "cycle_length": None, "quantize": "int8"})

@@ -9,18 +9,13 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 NPROC="${NPROC:-2}"
 # A free rendezvous port unless MASTER_PORT is given (29500, the default, may be taken by another job).
 PORT="${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
-# A re-run of the demo starts over in its own runs/tiny (--overwrite), unless it is asked to --resume or
-# given another --output-dir (whose run is never deleted without an explicit --overwrite).
-FRESH=(--overwrite)
-for arg in "$@"; do [[ "$arg" == --resume || "$arg" == --overwrite || "$arg" == --output-dir* ]] && FRESH=(); done
+# A re-run of the demo starts over in its own runs/tiny (--overwrite), unless it is asked to resume
+# (--resume, --resume-from) or given another --output-dir (whose run is never deleted without an explicit
+# --overwrite): scripts/demo_plan.py reads the flags as launch/train.py does.
+PLAN="$(python scripts/demo_plan.py "$@")"
+OUT="$(sed -n 1p <<< "$PLAN")"
+read -r -a FRESH <<< "$(sed -n 2p <<< "$PLAN")"
 deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --config launch/configs/tiny.yaml \
   --deepspeed ds_configs/zero2.json ${FRESH[@]+"${FRESH[@]}"} "$@"
-OUT="$(python - "$@" <<'PY'
-import sys, argparse
-from relora_ds.train_config import build_parser, config_from_args
-args, _ = build_parser(argparse.ArgumentParser()).parse_known_args(["--config", "launch/configs/tiny.yaml", *sys.argv[1:]])
-print(config_from_args(args).output_dir)
-PY
-)"
 python launch/plot_metrics.py "$OUT/metrics.jsonl"
 echo "outputs in $OUT: metrics.jsonl, curves.png, tensorboard/, checkpoints/, hf/ (Hugging Face export)"

@@ -169,3 +169,29 @@ def test_train_py_closes_the_metrics_on_an_error_exit(monkeypatch):
     monkeypatch.setattr(train_py, "Trainer", StopsOnNaN)
     assert train_py.main(["--model", "debug", "--cycle-length", "4", "--total-steps", "8"]) == 3
     assert closed == [3, "released"]  # with the exit status (W&B marks the run failed), then the lock
+
+
+@pytest.mark.parametrize("argv, out, extra", [
+    ([], "runs/tiny", ["--overwrite"]),
+    (["--total-steps", "200"], "runs/tiny", ["--overwrite"]),
+    (["--resume"], "runs/tiny", []),
+    (["--resume-from", "step_200"], "runs/tiny", []),  # implies resume: with --overwrite train.py refuses both
+    (["--resume-from=step_200"], "runs/tiny", []),
+    (["--overwrite"], "runs/tiny", []),  # given once, not twice
+    (["--no-overwrite"], "runs/tiny", []),
+    (["--output-dir", "runs/mine"], "runs/mine", []),  # someone's own run is never deleted implicitly
+    (["--output-dir=runs/mine", "--no-resume"], "runs/mine", []),
+])
+def test_demo_plan_adds_overwrite_only_to_a_fresh_run_in_its_own_dir(argv, out, extra):
+    proc = subprocess.run([sys.executable, "scripts/demo_plan.py", *argv], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    assert proc.stdout.split("\n")[:2] == [out, " ".join(extra)]
+    if extra:  # what demo.sh then launches is a valid command line
+        subprocess.run([sys.executable, "scripts/demo_plan.py", *argv, *extra], cwd=ROOT, check=True,
+                       capture_output=True)
+
+
+def test_demo_plan_names_a_bad_flag_combination_before_any_launch():
+    proc = subprocess.run([sys.executable, "scripts/demo_plan.py", "--resume", "--overwrite"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "give resume or overwrite, not both" in proc.stderr

@@ -4,7 +4,7 @@ the demo should start over in it (no --resume/--resume-from, no --overwrite/--no
 import sys
 import warnings
 
-from relora_ds.train_config import _CLEAR, build_launch_parser, config_from_args
+from relora_ds.train_config import build_launch_parser, config_from_args
 
 RECIPE = "launch/configs/tiny.yaml"
 
@@ -16,8 +16,7 @@ def plan(argv: list[str], recipe: str = RECIPE) -> tuple[str, list[str]]:
     with warnings.catch_warnings():  # train.py warns about the recipe; once is enough
         warnings.simplefilter("ignore")
         cfg = config_from_args(args)
-    own_dir = args.output_dir not in (None, _CLEAR)
-    extra = [] if cfg.resume or args.overwrite is not None or own_dir else ["--overwrite"]
+    extra = [] if cfg.resume or args.overwrite is not None or args.output_dir is not None else ["--overwrite"]
     return cfg.output_dir, extra
 
 

@@ -30,7 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
-from bench_kernels import RowSink, bench, peak_mb, shape_arg  # noqa: E402
+from bench_kernels import RowSink, bench, peak_mb, shape_arg, spin_up  # noqa: E402
 
 import relora_kernels as rk  # noqa: E402
 from relora_ds import PRESETS, LlamaConfig, LlamaForCausalLM, quant, relora_layers, wrap  # noqa: E402
@@ -197,6 +197,7 @@ def main(argv=None):
         if args.device != "cuda":
             print("kernels: skipped (needs CUDA; under the interpreter timings mean nothing)")
         else:
+            spin_up("cuda", 1.0)  # clocks up before the first timing
             kernel_rows(args.M, list(args.shapes), args.rank, "cuda", rows)
             print_kernel_summary(rows)
     if "train_memory" in args.sections and args.device == "cuda":

@@ -64,7 +64,7 @@ run() {  # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, record the exit status
 for st in "${stages[@]}"; do
   case $st in
     env) run env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
-    bench) run bench 150 python3 launch/bench_kernels.py --quick --out "$OUT/bench_kernels.csv" ;;
+    bench) run bench 150 python3 launch/bench_kernels.py --quick --repeat 2 --out "$OUT/bench_kernels.csv" ;;
     int8) run int8 120 python3 launch/bench_int8.py --sections kernels --out "$OUT/bench_int8.json" ;;
     e2e) run e2e 240 python3 launch/bench_e2e.py --presets 350m 1b --paths reference torch torch_merged triton \
            --interleave --steps 6 --out "$OUT/e2e.json" ;;  # one model per preset, paths alternating

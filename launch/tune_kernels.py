@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
-from bench_kernels import RowSink, bench, load_relora_kernels, shape_arg  # noqa: E402
+from bench_kernels import RowSink, bench, load_relora_kernels, shape_arg, spin_up  # noqa: E402
 
 LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge", "Y_tma")
 
@@ -205,6 +205,7 @@ def main(argv=None):
                 device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu (triton interpreter)",
                 date=datetime.date.today().isoformat(), M=M, r=r)
     rows = RowSink(args.out)
+    spin_up(args.device, 1.0)  # clocks up before the first timing (no-op on cpu)
 
     for d_in, d_out in shapes:
         ops = make_ops(M, d_in, d_out, r, dtype, args.device)

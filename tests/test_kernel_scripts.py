@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from kernel_utils import HAS_CUDA, ROOT
@@ -159,3 +160,29 @@ def test_bench_goes_on_when_a_provider_fails(tmp_path, monkeypatch, capsys):
     assert rc == 1 and "provider fused_tma failed" in capsys.readouterr().err
     import csv
     assert [r["provider"] for r in csv.DictReader(out.open())] == ["full"]
+
+
+def test_bench_repeat_times_every_point_per_pass_and_reports_the_spread(tmp_path, monkeypatch, capsys):
+    """--repeat 2: each (provider, mode) is timed once per pass, the rows say which pass, and the table's
+    value is the median over passes with spread (slowest - fastest) / median, checked by hand."""
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    sys.path.insert(0, str(ROOT / "launch"))
+    import csv
+
+    import bench_kernels
+    out = tmp_path / "b.csv"
+    rc = bench_kernels.main(["--device", "cpu", "--quick", "--providers", "full", "fused", "--ops", "linear",
+                             "--modes", "fwd", "--repeat", "2", "--out", str(out)])
+    assert rc == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["provider"], r["repeat"]) for r in rows] == [("full", "1"), ("fused", "1"), ("full", "2"),
+                                                            ("fused", "2")]
+    assert "spread" in capsys.readouterr().out
+    base = dict(op="linear", mode="fwd", M=64, d_in=48, d_out=40, r=8, tflops=1.0, gbps=2.0, max_rel_err=0.0)
+    summary = bench_kernels.summarize([{**base, "provider": "fused", "ms": ms} for ms in (1.0, 3.0, 1.2)])
+    row = summary[("linear", "fwd", 64, 48, 40, 8)]["fused"]
+    assert row["ms"] == 1.2 and abs(row["spread"] - (3.0 - 1.0) / 1.2) < 1e-12 and row["passes"] == 3
+    with pytest.raises(SystemExit):
+        bench_kernels.parse_args(["--repeat", "0"])
+    assert "--repeat must be >= 1" in capsys.readouterr().err

@@ -112,9 +112,9 @@ def load_relora_kernels():
 # ---------------------------------------------------------------------------------------------------
 def spin_up(device, seconds):
     """Keep the GPU busy with bf16 matrix products for ``seconds``, so its clocks have ramped before a timing.
-    The H100 of 2026-11-22 sat at a 345 MHz idle clock, and a GPU idles while Triton compiles and
-    autotunes on the host: that run's first-timed fused forward read 0.498 ms where the same code, timed
-    next under another provider name, read 0.277 ms."""
+    The H100 of 2026-11-22 idled at 345 MHz, and a GPU waits while Triton compiles on the host; that run's
+    first-timed fused forward read 0.498 ms where the same code, timed next under another provider name,
+    read 0.277 ms (cause not established; clocks are the likely one)."""
     if device != "cuda":
         return
     import torch

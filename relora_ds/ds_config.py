@@ -68,6 +68,9 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
         raise ValueError(f"{source} sets {twice}, which the recipe also sets (micro_batch_size, "
                          "global_batch_size, lr, adam_beta1/2, adam_eps, weight_decay, grad_clip): remove them "
                          "from the JSON so that each value has one home")
+    if params.get("amsgrad") and cfg.mode == "relora":
+        raise ValueError(f"{source} sets optimizer.params.amsgrad, whose running max of exp_avg_sq would keep every "
+                         "moment ReLoRA's reset prunes: remove it (mode='relora' runs Adam/AdamW without amsgrad)")
     low = [k for k, on in (("bf16", uses_bf16(ds)), ("fp16", uses_fp16(ds))) if on]
     stage = _zero_config(ds, source).stage
     if low and stage == 0 and cfg.mode != "full":

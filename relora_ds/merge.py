@@ -16,6 +16,16 @@ def _is_deepspeed_engine(obj) -> bool:
     return type(obj).__name__ == "DeepSpeedEngine" or hasattr(obj, "zero_optimization_stage")
 
 
+def check_not_engine_managed(param, what: str) -> None:
+    """Refuse a DeepSpeed ZeRO-managed parameter on the plain path: its values there are the engine's
+    low-precision copy or a ZeRO-3 shard, and its fp32 master and moments would stay as they were (the
+    merged update then comes back at the next step)."""
+    if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+        raise ValueError(f"{what}: the model's parameters are managed by a DeepSpeed ZeRO engine; pass the engine "
+                         f"itself (relora_ds.{what}(engine, ...)), not engine.module or engine.optimizer, so "
+                         "that the fp32 masters and Adam moments are the ones changed")
+
+
 def merge_and_reinit(model: nn.Module) -> dict:
     """Merge every ReLoRA layer of ``model`` (or of a DeepSpeed engine) and re-initialize its LoRA factors.
 
@@ -30,6 +40,7 @@ def merge_and_reinit(model: nn.Module) -> dict:
     layers = list(relora_layers(model))
     if not layers:
         raise ValueError("merge_and_reinit: the model has no ReLoRALinear layers (call relora_ds.wrap first)")
+    check_not_engine_managed(layers[0][1].lora_A, "merge_and_reinit")
     for _, layer in layers:
         layer.merge_()
         layer.merge_count += 1

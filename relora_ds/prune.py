@@ -119,17 +119,38 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
         from .zero_reset import prune_engine_optimizer_state  # the one path that touches DeepSpeed internals
 
         return prune_engine_optimizer_state(optimizer, params, method, ratio, seed, joint)
+    from .merge import check_not_engine_managed
+    for p in params[:1]:
+        check_not_engine_managed(p, "prune_optimizer_state")
+    if type(optimizer).__module__.startswith("deepspeed.runtime"):  # ZeRO / bf16 / fp16 optimizer wrappers
+        raise ValueError(f"prune_optimizer_state: got DeepSpeed's {type(optimizer).__name__}; pass the engine "
+                         "itself (relora_ds.prune_optimizer_state(engine, ...)), whose moments ZeRO partitions")
     zeroed = dict.fromkeys(MOMENT_KEYS, 0)
     total = 0
     for i, p in enumerate(params):
         state = optimizer.state.get(p, {})
         if not all(k in state for k in MOMENT_KEYS):
-            raise ValueError(f"parameter {i} (shape {tuple(p.shape)}) has no Adam moments yet: prune after "
-                             "the first optimizer step (optimizer state keys: "
-                             f"{sorted(state)})")
+            raise ValueError(_no_moments(optimizer, i, p, state))
         total += p.numel()
         masks = moment_masks({k: state[k] for k in MOMENT_KEYS}, method, ratio, seed + 1000003 * i, joint)
         for key in MOMENT_KEYS:
             state[key].masked_fill_(masks[key], 0.0)
             zeroed[key] += int(masks[key].sum())
+        if "max_exp_avg_sq" in state:  # amsgrad: its running max would otherwise keep the pruned entries
+            state["max_exp_avg_sq"].masked_fill_(masks["exp_avg_sq"], 0.0)
     return {key: zeroed[key] / max(1, total) for key in MOMENT_KEYS}
+
+
+def _no_moments(optimizer, i: int, p: torch.Tensor, state: dict) -> str:
+    """Why parameter ``i`` has no Adam moments, for the error."""
+    where = f"prune_optimizer_state: parameter {i} (shape {tuple(p.shape)})"
+    name = type(optimizer).__name__
+    if state:
+        return (f"{where} has optimizer state {sorted(state)}, not the Adam moments {list(MOMENT_KEYS)}: ReLoRA "
+                f"prunes Adam/AdamW moments, and {name} keeps none")
+    if "betas" not in getattr(optimizer, "defaults", {"betas": None}):
+        return f"{where} has no optimizer state: ReLoRA prunes Adam/AdamW moments, and {name} keeps none"
+    if any(len(st) for st in optimizer.state.values()):
+        return (f"{where} has no optimizer state although other parameters do: is it in this optimizer's param "
+                "groups, and did it get a gradient?")
+    return f"{where} has no Adam moments yet: prune after the first optimizer step"

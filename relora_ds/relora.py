@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from collections.abc import Iterable, Iterator
 
 import relora_kernels
@@ -16,7 +17,9 @@ from torch import nn
 
 from . import quant
 
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# LLaMA-family names, and Phi-3's fused qkv_proj / gate_up_proj (a model uses whichever it has).
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                          "gate_up_proj")
 # The reference implementation trains r=128 with lora_alpha=32 (scale 0.25); we keep its alpha.
 DEFAULT_ALPHA = 32.0
 
@@ -41,6 +44,22 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def check_layer_args(name: str, in_features: int, out_features: int, rank, alpha, dropout) -> None:
+    """The checks of one layer's LoRA settings; `wrap` runs them on every target before it swaps any in."""
+    where = f"layer {name or '<unnamed>'}"
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise ValueError(f"{where}: rank={rank!r} must be an integer (got {type(rank).__name__})")
+    if not 0 < rank <= min(in_features, out_features):
+        raise ValueError(f"{where}: rank={rank} must be in [1, min(in_features={in_features}, "
+                         f"out_features={out_features})]")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                              or not math.isfinite(alpha) or alpha <= 0):
+        raise ValueError(f"{where}: alpha={alpha!r} must be a positive finite number (scale = alpha / rank; "
+                         f"default {DEFAULT_ALPHA:g})")
+    if not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{where}: dropout={dropout!r} must be in [0, 1)")
+
+
 class ReLoRALinear(nn.Module):
     """``y = x Wᵀ + b + scale · (dropout(x) Aᵀ) Bᵀ`` with W frozen; a bias trains full-rank, like the norms
     (as in the reference code; ``wrap`` keeps the replaced layer's setting).
@@ -57,11 +76,7 @@ class ReLoRALinear(nn.Module):
                  dropout: float = 0.0, bias: bool = False, name: str = "", seed: int = 0,
                  quantize: str | None = None, merge_residual: bool = False, device=None, dtype=None):
         super().__init__()
-        if not 0 < rank <= min(in_features, out_features):
-            raise ValueError(f"layer {name or '<unnamed>'}: rank={rank} must be in [1, "
-                             f"min(in_features={in_features}, out_features={out_features})]")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"layer {name or '<unnamed>'}: dropout={dropout} must be in [0, 1)")
+        check_layer_args(name, in_features, out_features, rank, alpha, dropout)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha = float(DEFAULT_ALPHA if alpha is None else alpha)
         self.scale = self.alpha / rank
@@ -90,8 +105,12 @@ class ReLoRALinear(nn.Module):
             self.register_buffer("merge_residual", torch.zeros(out_features, in_features, dtype=torch.bfloat16))
         else:
             self.merge_residual = None
-        # A standalone layer starts like nn.Linear; wrap() overwrites weight/bias with the model's.
+        # A standalone layer starts like nn.Linear (weight and bias); wrap() overwrites both with the model's.
         nn.init.kaiming_uniform_(w0, a=math.sqrt(5))
+        if self.bias is not None:
+            with torch.no_grad():
+                bound = 1.0 / math.sqrt(in_features)
+                self.bias.uniform_(-bound, bound)
         if self.quantize:
             quant.load_weight_(self, w0)
         self.reset_lora(restart_index=0)
@@ -202,13 +221,27 @@ def target_linears(model: nn.Module, target_modules: Iterable[str] | None = None
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     leaves = sorted({n.rpartition(".")[2] for n, _ in linears})
     chosen = [(n, m) for n, m in linears if _matches(n, targets)]
+    # Modules a target names that are not nn.Linear (transformers' Conv1D in GPT-2, a fused 3-D expert
+    # weight...): say so, rather than "matched nothing".
+    others = sorted({f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+                     if n and not isinstance(m, nn.Linear) and _matches(n, targets) and
+                     isinstance(getattr(m, "weight", None), torch.Tensor)})
+    not_linear = (f"; these modules match by name but are not nn.Linear, which is all ReLoRA wraps: "
+                  f"{others[:8]}{' ...' if len(others) > 8 else ''}") if others else ""
     if not chosen:
         raise ValueError(f"target_modules={list(targets)} matched no nn.Linear layer; linear layer names in this "
-                         f"model end in: {leaves}")
+                         f"model end in: {leaves}{not_linear}")
     unmatched = [t for t in targets if not any(_matches(n, (t,)) for n, _ in linears)]
     if unmatched and target_modules is not None:
         raise ValueError(f"target_modules {unmatched} matched no nn.Linear layer (the others did); linear layer "
-                         f"names in this model end in: {leaves}")
+                         f"names in this model end in: {leaves}{not_linear}")
+    chosen_names = {name for name, _ in chosen}
+    bypassed = [f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+                if isinstance(m, nn.MultiheadAttention) and (f"{n}.out_proj" if n else "out_proj") in chosen_names]
+    if bypassed:
+        raise ValueError(f"target_modules selects {bypassed}: nn.MultiheadAttention reads its out_proj's weight "
+                         "directly and never calls the module, so a ReLoRA layer there would never run; "
+                         "leave it out of target_modules")
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
@@ -241,9 +274,17 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
         raise ValueError("model already contains ReLoRALinear layers; wrap() it only once "
                          "(use relora_ds.unwrap(model) first to start over)")
     chosen = target_linears(model, target_modules)
-    if quantize:
-        for name, linear in chosen:
+    # Every check before the first swap: a bad setting must not leave the model half wrapped.
+    for name, linear in chosen:
+        check_layer_args(name, linear.in_features, linear.out_features, rank, alpha, dropout)
+        if quantize:
             quant.check_not_quantized(name, linear)
+            if linear.weight.is_meta and torch.get_default_device().type != "meta":
+                raise ValueError(f"quantize='int8': layer {name!r} is on the meta device (no values to quantize); "
+                                 "load the weights first, or call wrap inside the same `with "
+                                 "torch.device('meta'):` block that built the model")
+    _warn_unwrapped(model, chosen, target_modules)
+    training = {name: linear.training for name, linear in chosen}
     for name, linear in chosen:
         layer = ReLoRALinear(linear.in_features, linear.out_features, rank, alpha=alpha, dropout=dropout,
                              bias=linear.bias is not None, name=name, seed=seed, quantize=quantize,
@@ -254,16 +295,37 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
                 layer.bias.copy_(linear.bias)
                 layer.bias.requires_grad_(linear.bias.requires_grad)
         layer.base_requires_grad = linear.weight.requires_grad  # restored by unwrap
+        layer.train(training[name])  # an eval-mode model stays in eval mode (no LoRA dropout)
         _set_submodule(model, name, layer)
     return model
 
 
+def _warn_unwrapped(model: nn.Module, chosen: list, target_modules) -> None:
+    """With the default targets, name the other nn.Linear layers that stay full-rank trainable (a fused
+    ``qkv_proj`` of an architecture the defaults do not know...); the output embedding is meant to."""
+    if target_modules is not None:
+        return
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    picked = {id(m) for _, m in chosen}
+    left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in picked
+            and m is not out_emb and type(m).__name__ != "LMHead" and n.rpartition(".")[2] != "lm_head"]
+    if left:
+        import warnings
+        warnings.warn(f"relora_ds.wrap: the default target_modules {list(DEFAULT_TARGET_MODULES)} leave "
+                      f"{len(left)} other nn.Linear layers full-rank and trainable: {left[:6]}"
+                      f"{' ...' if len(left) > 6 else ''}; pass target_modules to choose them explicitly",
+                      stacklevel=3)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """Merge every ReLoRA layer and put back a plain ``nn.Linear``, trainable as it was before `wrap`
-    (trainable for layers built directly); returns the model."""
+    (trainable for layers built directly), in the layer's train/eval mode and the base weight's dtype
+    (an int8 base: the LoRA factors' dtype); returns the model."""
     for name, layer in list(relora_layers(model)):
+        dtype = layer.lora_A.dtype if layer.quantize else layer.weight.dtype
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.lora_A.device, dtype=layer.lora_A.dtype)
+                           device=layer.lora_A.device, dtype=dtype)
+        linear.train(layer.training)
         with torch.no_grad():
             linear.weight.copy_(layer.base_weight() + layer.delta_weight())
             if layer.bias is not None:

@@ -217,6 +217,10 @@ class TrainConfig:
                              "error-feedback residual")
         if self.quantize and self.mode == "full":
             raise ValueError("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full")
+        for f in dataclasses.fields(self):  # nan passes every comparison below, and inf none usefully
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}={value} must be a finite number")
         for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank", "lr", "alpha", "adam_eps",
                      "vocab_size", "keep_last", "log_every", "total_steps", "token_budget", "peak_tflops",
                      "collective_timeout_min"):

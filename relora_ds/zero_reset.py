@@ -125,6 +125,17 @@ def unshare_optimizer_steps(engine) -> int:
     return shared
 
 
+def check_engine_supported(engine, what: str) -> None:
+    """ZeRO stage 0 with bf16/fp16: DeepSpeed's FP16 optimizer keeps the fp32 masters and Adam moments
+    keyed by its own copies, out of the merge's and the prune's reach (ds_config.py refuses it for the
+    trainer; this is the same refusal for the Python API), checked before anything is changed."""
+    low = [n for n, on in (("bf16", engine.bfloat16_enabled()), ("fp16", engine.fp16_enabled())) if on]
+    if low and engine.zero_optimization_stage() == 0:
+        raise ValueError(f"{what}: the engine runs {low[0]} with ZeRO stage 0, whose fp32 masters and Adam moments "
+                         "ReLoRA's merge and prune cannot reach: use ZeRO stage 1 or higher (on one rank it holds "
+                         f"the same state as stage 0), or disable {low[0]} (fp32)")
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -133,6 +144,7 @@ def _rank() -> int:
 def merge_and_reinit_engine(engine) -> dict:
     """``W += s·B·A`` from the fp32 masters, then A ← seeded Kaiming and B ← 0 in masters and model copies."""
     start = time.perf_counter()
+    check_engine_supported(engine, "merge_and_reinit")
     layers = list(relora_layers(engine.module))
     if not layers:
         raise ValueError("merge_and_reinit: the engine's model has no ReLoRALinear layers")
@@ -177,6 +189,11 @@ def merge_and_reinit_engine(engine) -> dict:
 def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed: int, joint: bool = False) -> dict:
     """Prune each LoRA tensor's Adam moments exactly as a single process holding the whole tensor would."""
     start = time.perf_counter()
+    check_engine_supported(engine, "prune_optimizer_state")
+    if any(g.get("amsgrad") for g in getattr(engine.optimizer, "param_groups", [])):
+        raise ValueError("prune_optimizer_state: the engine's optimizer runs amsgrad, whose running max of "
+                         "exp_avg_sq would keep every pruned entry; ReLoRA under DeepSpeed supports Adam/AdamW "
+                         "without amsgrad (remove optimizer.params.amsgrad)")
     if not optimizer_state_ready(engine):
         raise ValueError("prune_optimizer_state: the DeepSpeed optimizer has no state fragments yet; DeepSpeed "
                          "creates them at the first optimizer step, so prune only after engine.step()")

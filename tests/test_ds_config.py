@@ -253,3 +253,12 @@ def test_sections_this_trainer_would_leave_without_effect_are_refused(section, v
         complete_ds_config({section: value}, TrainConfig(**BASE), world_size=2)
     off = {"activation_checkpointing": {}, "compile": {"deepcompile": False}}.get(section, {**value, "enabled": False})
     complete_ds_config({section: off}, TrainConfig(**BASE), world_size=2)
+
+
+def test_amsgrad_is_refused_for_relora():
+    """amsgrad's running max of exp_avg_sq keeps every moment a reset prunes; named before launch."""
+    ds = {"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "amsgrad": True}}}
+    with pytest.raises(ValueError, match=r"optimizer.params.amsgrad, whose running max of exp_avg_sq"):
+        complete_ds_config(json.loads(json.dumps(ds)), TrainConfig(**BASE), world_size=1)
+    full = complete_ds_config(json.loads(json.dumps(ds)), TrainConfig(**BASE, mode="full"), world_size=1)
+    assert full["optimizer"]["params"]["amsgrad"] is True  # no resets in a full-rank run: allowed

@@ -221,3 +221,46 @@ def test_ratio_one_zeroes_everything_and_ratio_zero_nothing(method):
     assert all(torch.equal(opt.state[a][k], before[k]) for k in before)
     assert relora_ds.prune_optimizer_state(opt, [a], method, ratio=1.0) == {"exp_avg": 1.0, "exp_avg_sq": 1.0}
     assert all(torch.count_nonzero(opt.state[a][k]) == 0 for k in before)
+
+
+def _one_step(opt, params):
+    loss = sum((p ** 2).sum() for p in params)
+    loss.backward()
+    opt.step()
+
+
+def test_errors_say_why_a_parameter_has_no_adam_moments():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(2)]
+    sgd = torch.optim.SGD(ps, lr=0.1, momentum=0.9)
+    _one_step(sgd, ps)
+    with pytest.raises(ValueError, match=r"has optimizer state \['momentum_buffer'\], not the Adam moments"):
+        relora_ds.prune_optimizer_state(sgd, ps)
+    plain = torch.optim.SGD(ps, lr=0.1)
+    _one_step(plain, ps)
+    with pytest.raises(ValueError, match=r"has no optimizer state: ReLoRA prunes Adam/AdamW moments, and SGD keeps"):
+        relora_ds.prune_optimizer_state(plain, ps)
+    adam = torch.optim.AdamW(ps[:1])
+    with pytest.raises(ValueError, match="after the first optimizer step"):
+        relora_ds.prune_optimizer_state(adam, ps[:1])
+    _one_step(adam, ps[:1])
+    with pytest.raises(ValueError, match=r"parameter 1 .* no optimizer state although other parameters do: is it in"):
+        relora_ds.prune_optimizer_state(adam, ps)
+
+
+def test_amsgrad_running_max_is_pruned_with_exp_avg_sq():
+    """With amsgrad Adam divides by max(max_exp_avg_sq, exp_avg_sq): pruning exp_avg_sq alone would do
+    nothing, so the running max is zeroed where exp_avg_sq is."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(40, 10))
+    opt = torch.optim.AdamW([p], amsgrad=True)
+    for _ in range(3):
+        opt.zero_grad()
+        (p.pow(3).sum()).backward()
+        opt.step()
+    state = opt.state[p]
+    sq = state["exp_avg_sq"].clone()
+    relora_ds.prune_optimizer_state(opt, [p], method="magnitude", ratio=0.9)
+    pruned = state["exp_avg_sq"] == 0
+    assert int(pruned.sum()) == 360 and torch.equal(pruned, sq <= sq.flatten().kthvalue(360).values)
+    assert torch.all(state["max_exp_avg_sq"][pruned] == 0) and torch.all(state["max_exp_avg_sq"][~pruned] > 0)

@@ -55,6 +55,9 @@ def test_batch_arithmetic():
     (dict(kernels="fast"), "kernels='fast' is not valid; valid values: 'auto', 'triton', 'torch', 'reference'"),
     # numbers that used to pass validation and fail later (a torch error at the first step, a TypeError)
     (dict(lr=-1.0), "lr=-1.0 must be positive"),
+    (dict(alpha=float("nan")), "alpha=nan must be a finite number"),  # nan passes every comparison
+    (dict(lr=float("inf")), "lr=inf must be a finite number"),
+    (dict(grad_clip=float("nan")), "grad_clip=nan must be a finite number"),
     (dict(total_steps=0), "total_steps=0 must be positive"),
     (dict(warmup_steps=-5), "warmup_steps=-5 must be >= 0"),
     (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),

@@ -335,3 +335,120 @@ def test_file_extensions_are_matched_case_insensitively():
     assert builder_for("C4-TRAIN.00000-OF-01024.JSON.GZ") == "json"
     assert (builder_for("Notes.TXT"), builder_for("x.Parquet"), builder_for("a.JsonL")) == ("text", "parquet", "json")
     assert builder_for("a.docx") is None
+
+
+# --- Inputs a user brings (found by a test-drive, 2026-12-01) ---
+def _documents(out):
+    return sum(s["documents"] for s in load_manifest(out)["splits"].values())
+
+
+def test_a_glob_that_matches_directories_reads_them(tmp_path):
+    """`--input "shards/*"` over sub-directories and a file: every document of all three is read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "shards" / "s1").mkdir(parents=True)
+    (tmp_path / "shards" / "s2").mkdir()
+    write_jsonl(tmp_path / "shards" / "s1" / "a.jsonl", SENTENCES[:40])
+    with gzip.open(tmp_path / "shards" / "s2" / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": t}) + "\n" for t in SENTENCES[40:80]))
+    pq.write_table(pa.table({"text": pa.array(SENTENCES[80:])}), tmp_path / "shards" / "c.parquet")
+    assert _documents(prepare_data([str(tmp_path / "shards" / "*")], tmp_path / "out", vocab_size=300)) == 120
+    assert _documents(prepare_data([str(tmp_path / "shards" / "s*")], tmp_path / "out2", vocab_size=300)) == 80
+
+
+def test_inputs_inside_the_output_directory_are_read(tmp_path):
+    """Only what prepare writes there is left out: `--input proj/raw --out proj` and `--input 'proj/*.jsonl'
+    --out proj` read the corpus, and a second run finds the same corpus (nothing to do)."""
+    proj = tmp_path / "proj"
+    (proj / "raw").mkdir(parents=True)
+    write_jsonl(proj / "raw" / "a.jsonl", SENTENCES)
+    write_jsonl(proj / "b.jsonl", SENTENCES[:30])
+    for inputs in ([str(proj / "raw")], [str(proj / "*.jsonl")]):
+        out = prepare_data(inputs, proj, vocab_size=300, overwrite=True)
+        created = load_manifest(out)["created"]
+        assert _documents(out) == (120 if "raw" in inputs[0] else 30)
+        assert load_manifest(prepare_data(inputs, proj, vocab_size=300))["created"] == created
+
+
+def test_validation_input_that_is_also_training_input_is_refused(tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", SENTENCES[:60])
+    val = write_jsonl(corpus / "b.jsonl", SENTENCES[60:])
+    with pytest.raises(ValueError, match=r"1 files are both training input and --val-input, so validation would be "
+                                         r"trained on: \['.*b.jsonl'\]"):
+        prepare_data([str(corpus)], tmp_path / "out", vocab_size=300, val_inputs=[val])
+    assert not (tmp_path / "out" / "train.bin").exists()
+
+
+def test_streaming_mix_of_parquet_large_strings_jsonl_and_txt(tmp_path):
+    """Streaming (chosen by itself for corpora over RAM/4) reads the same documents, in the same order,
+    as the in-memory path from parquet (large_string), JSON lines and text files together."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    pq.write_table(pa.table({"text": pa.array(SENTENCES[:50], type=pa.large_string())}), corpus / "a.parquet")
+    write_jsonl(corpus / "b.jsonl", SENTENCES[50:100])
+    (corpus / "c.txt").write_text("\n".join(SENTENCES[100:]), encoding="utf-8")
+    outs = [prepare_data([str(corpus)], tmp_path / f"out{s}", vocab_size=300, streaming=s, txt_unit="line")
+            for s in (False, True)]
+    assert _documents(outs[0]) == _documents(outs[1]) == 120
+    for split in ("train", "validation"):
+        assert (outs[0] / f"{split}.bin").read_bytes() == (outs[1] / f"{split}.bin").read_bytes()
+
+
+def test_a_truncated_gzip_file_is_named(tmp_path):
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", SENTENCES)
+    whole = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in SENTENCES * 20).encode())
+    (corpus / "trunc.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (corpus / "not_gzip.jsonl.gz").write_bytes(b'{"text": "plain"}\n')
+    for name in ("trunc.jsonl.gz", "not_gzip.jsonl.gz"):
+        with pytest.raises(ValueError, match=rf"could not read .*{name}: .*\(a truncated or corrupt gzip file\?\)"):
+            prepare_data([str(corpus / "a.jsonl"), str(corpus / name)], tmp_path / f"out_{name}", vocab_size=300)
+
+
+def test_documents_of_one_very_long_line_train_a_tokenizer(tmp_path):
+    """SentencePiece skips training lines over 64 KiB: a corpus of only such lines used to leave it
+    nothing (a RuntimeError from its C++ core). They are cut into pieces that add up to the line."""
+    from relora_ds.data.tokenizer import MAX_TRAIN_LINE_BYTES, training_lines
+    doc = " ".join(SENTENCES * 12)  # ~ 90 KB, no newline
+    assert len(doc.encode()) > MAX_TRAIN_LINE_BYTES
+    pieces = list(training_lines([doc], max_chars=10**9))
+    assert len(pieces) > 1 and "".join(pieces) == doc
+    assert all(len(p.encode()) <= MAX_TRAIN_LINE_BYTES for p in pieces)
+    wide = "é" * 40000  # 80 KB of 2-byte characters, no space to cut at
+    assert "".join(training_lines([wide], 10**9)) == wide
+    path = write_jsonl(tmp_path / "long.jsonl", [doc] * 3)
+    out = prepare_data([path], tmp_path / "out", vocab_size=300, val_fraction=0.0)
+    sp = load_tokenizer(out / "tokenizer.model")
+    assert load_manifest(out)["splits"]["train"]["tokens"] == 3 * (len(sp.encode(doc)) + 2)  # + BOS and EOS
+
+
+def test_every_document_in_validation_says_the_training_split_is_empty(tmp_path):
+    path = write_jsonl(tmp_path / "small.jsonl", SENTENCES[:5])
+    with pytest.raises(ValueError, match=r"the training split is empty: every document of the corpus hashes into "
+                                         r"validation at val_fraction=0.9999"):
+        prepare_data([path], tmp_path / "out", vocab_size=300, val_fraction=0.9999)
+
+
+def test_a_dataset_saved_with_save_to_disk_is_read_and_a_dataset_dict_refused(tmp_path):
+    import datasets
+    ds = datasets.Dataset.from_dict({"content": SENTENCES, "id": list(range(len(SENTENCES)))})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    out = prepare_data([str(tmp_path / "saved")], tmp_path / "out", vocab_size=300, text_column="content")
+    ref = prepare_data([write_jsonl(tmp_path / "same.jsonl", SENTENCES)], tmp_path / "ref", vocab_size=300)
+    assert _documents(out) == len(SENTENCES)
+    assert (out / "train.bin").read_bytes() == (ref / "train.bin").read_bytes()
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=r"is a DatasetDict saved with save_to_disk \(splits \['test', 'train'\]\): "
+                                         r"give one split's directory"):
+        prepare_data([str(tmp_path / "dd")], tmp_path / "out_dd", vocab_size=300, text_column="content")
+
+
+def test_out_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"out_dir '.*f' exists and is not a directory"):
+        prepare_data([write_jsonl(tmp_path / "a.jsonl", SENTENCES)], tmp_path / "f", vocab_size=300)

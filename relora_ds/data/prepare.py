@@ -217,7 +217,10 @@ def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path,
         shutil.copyfile(cfg.tokenizer, dest)
         return sp
     start = time.perf_counter()
-    lines = training_lines(_texts(corpus.dataset, val_fraction), cfg.tokenizer_train_chars)
+    lines = list(training_lines(_texts(corpus.dataset, val_fraction), cfg.tokenizer_train_chars))
+    if not lines and val_fraction > 0 and any(isinstance(t, str) and t.strip() for t in _texts(corpus.dataset, 0.0)):
+        raise ValueError(f"the training split is empty: every document of the corpus hashes into validation at "
+                         f"val_fraction={val_fraction} (a corpus this small needs a smaller --val-fraction)")
     size = train_tokenizer(lines, dest, vocab_size=cfg.vocab_size or DEFAULT_VOCAB_SIZE, num_threads=cfg.num_proc)
     log.info("trained a %d-piece BPE tokenizer in %.1fs", size, time.perf_counter() - start)
     return load_tokenizer(dest)
@@ -313,13 +316,24 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
     if inputs is not None:
         inputs = [str(i) for i in inputs]
     out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory: give a directory (new or "
+                         "holding prepared data) for --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         # Resolved once: resolving warns about each skipped file, and the fingerprint and the loading
-        # must see the same files.
-        resolved = resolve_inputs(inputs, exclude=out_dir) if inputs is not None else None
-        resolved_val = resolve_inputs(list(cfg.val_inputs), exclude=out_dir) if cfg.val_inputs else None
+        # must see the same files. Inputs may lie in out_dir: only what prepare writes there is left out.
+        own = [out_dir / name for name in (mf.MANIFEST, "tokenizer.model", ".work", ".prepare.lock",
+                                           *(f"{s}.bin" for s in mf.SPLITS))]
+        resolved = resolve_inputs(inputs, exclude=own) if inputs is not None else None
+        resolved_val = resolve_inputs(list(cfg.val_inputs), exclude=own) if cfg.val_inputs else None
+        if resolved and resolved_val:
+            both = sorted(set(resolved[0]) & set(resolved_val[0]))
+            if both:
+                raise ValueError(f"{len(both)} files are both training input and --val-input, so validation would "
+                                 f"be trained on: {both[:5]}{' ...' if len(both) > 5 else ''}; leave them out of "
+                                 "one of the two (e.g. a narrower glob for --input)")
         recipe = _recipe(resolved, cfg, out_dir, resolved_val)
         old = mf.read_manifest_file(out_dir)
         if old is not None and old.get("recipe") == recipe and mf.files_intact(out_dir, old):

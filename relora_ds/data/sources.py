@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,10 @@ SUPPORTED_SUFFIXES = {
     ".jsonl": "json", ".jsonl.gz": "json",
     ".json": "json", ".json.gz": "json",
     ".parquet": "parquet",
+    ".arrow": "arrow",  # Dataset.save_to_disk's data files
 }
+# What Dataset.save_to_disk writes beside its .arrow files: metadata, not text.
+_SAVE_TO_DISK_META = ("state.json", "dataset_info.json")
 TXT_UNITS = ("document", "paragraph", "line")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -98,11 +102,42 @@ def _files_in(candidates: list[str], origin: str) -> list[str]:
     return kept
 
 
-def resolve_inputs(inputs: list[str], exclude: Path | None = None) -> tuple[list[str], str | None]:
+def _walk(root: Path, origin: str, exclude: tuple[Path, ...]) -> list[str]:
+    """Every non-hidden path under directory `root` (hidden files counted in a warning), without the
+    paths in `exclude` and what lies under them; a ``save_to_disk`` dataset's metadata files are not text."""
+    found, hidden = [], 0
+    for p in sorted(root.rglob("*")):
+        if _excluded(p, exclude):
+            continue
+        if any(part.startswith(".") for part in p.relative_to(root).parts):  # .git, .ipynb_checkpoints
+            hidden += p.is_file()
+        elif not (p.name in _SAVE_TO_DISK_META and any(p.parent.glob("*.arrow"))):
+            found.append(str(p))
+    if hidden:
+        warnings.warn(f"input {origin!r}: skipped {hidden} hidden files (names or folders starting "
+                      "with '.')", DataWarning, stacklevel=3)
+    return found
+
+
+def _excluded(p: Path, exclude: tuple[Path, ...]) -> bool:
+    return any(p == e or e in p.parents for e in exclude)
+
+
+def _check_not_dataset_dict(root: Path, origin: str) -> None:
+    if (root / "dataset_dict.json").is_file():
+        splits = sorted(d.name for d in root.iterdir() if d.is_dir() and (d / "state.json").is_file())
+        raise ValueError(f"input {origin!r} is a DatasetDict saved with save_to_disk (splits {splits}): give one "
+                         f"split's directory, e.g. {str(root / (splits[0] if splits else 'train'))!r}, so that "
+                         "other splits do not end up in the training data")
+
+
+def resolve_inputs(inputs: list[str], exclude=None) -> tuple[list[str], str | None]:
     """(local files, hub dataset name): exactly one of the two is non-empty.
 
-    Directories are read recursively, without hidden files and folders (counted in a warning) and without
-    `exclude` (the output directory, when it lies inside an input directory: its manifest is no corpus).
+    Directories, and directories a glob matches, are read recursively, without hidden files and folders
+    (counted in a warning) and without the paths in `exclude` (prepare's own outputs, when its output
+    directory lies inside an input) or anything under them. A directory written by ``Dataset.save_to_disk``
+    is read through its ``.arrow`` files.
 
     A string that is neither an existing path nor a glob with matches is a hub name only if it looks
     like ``owner/name`` and has no file extension; anything else is a missing-path error.
@@ -110,6 +145,7 @@ def resolve_inputs(inputs: list[str], exclude: Path | None = None) -> tuple[list
     if not inputs:
         raise ValueError("inputs is an empty list: give files, directories, globs or a hub dataset name "
                          "(or None for the built-in corpus)")
+    exclude = tuple(Path(e).resolve() for e in ([exclude] if isinstance(exclude, (str, Path)) else exclude or ()))
     files: list[str] = []
     hub: list[str] = []
     for item in inputs:
@@ -120,26 +156,24 @@ def resolve_inputs(inputs: list[str], exclude: Path | None = None) -> tuple[list
                 raise _unsupported(item)
             files.append(str(path.resolve()))
         elif path.is_dir():
-            root = path.resolve()
-            found, hidden = [], 0
-            for p in sorted(root.rglob("*")):
-                if exclude is not None and (p == exclude or exclude in p.parents):
-                    continue
-                if any(part.startswith(".") for part in p.relative_to(root).parts):  # .git, .ipynb_checkpoints
-                    hidden += p.is_file()
-                else:
-                    found.append(str(p))
-            if hidden:
-                warnings.warn(f"input {item!r}: skipped {hidden} hidden files (names or folders starting "
-                              "with '.')", DataWarning, stacklevel=2)
-            files.extend(_files_in(found, item))
+            _check_not_dataset_dict(path.resolve(), item)
+            files.extend(_files_in(_walk(path.resolve(), item, exclude), item))
         elif _GLOB_CHARS.search(item):
-            matches = [str(Path(m).resolve()) for m in glob.glob(str(path), recursive=True)]
-            if exclude is not None:
-                matches = [m for m in matches if exclude not in Path(m).parents]
+            matches = [Path(m).resolve() for m in glob.glob(str(path), recursive=True)]
             if not matches:
                 raise ValueError(f"input glob {item!r} matches no files")
-            files.extend(_files_in(matches, item))
+            found = []
+            for m in sorted(matches):
+                if _excluded(m, exclude):
+                    continue
+                if m.is_dir():
+                    _check_not_dataset_dict(m, f"{item} -> {m}")
+                    found.extend(_walk(m, item, exclude))
+                elif not (m.name in _SAVE_TO_DISK_META and any(m.parent.glob("*.arrow"))):
+                    found.append(str(m))
+            if not found:
+                raise ValueError(f"input glob {item!r} matches only prepare's own output files {sorted(map(str, matches))[:5]}")
+            files.extend(_files_in(found, item))
         elif _HUB_NAME.match(item) and builder_for(item) is None and not item.startswith("."):
             hub.append(item)
         else:
@@ -200,6 +234,8 @@ def _is_valid_utf8(path: str) -> bool:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return False
+    except (EOFError, OSError, zlib.error) as e:  # truncated or not gzip at all (gzip.BadGzipFile is an OSError)
+        raise ValueError(f"could not read {path}: {type(e).__name__}: {e} (a truncated or corrupt gzip file?)") from e
     return True
 
 
@@ -276,12 +312,22 @@ def _select_text(ds, text_column: str, origin: str):
     return ds.rename_column(text_column, "text") if text_column != "text" else ds
 
 
+def _same_text(batch: dict) -> dict:
+    return {"text": batch["text"]}
+
+
 def _concatenate(parts: list):
     """concatenate_datasets, after giving every part one string type where they differ: pyarrow and
     polars write parquet text as large_string, datasets' JSON reader gives string, and
     concatenate_datasets refuses to mix them (the cast is a pass over the data, so only when needed)."""
     if len(parts) == 1:
         return parts[0]
+    if isinstance(parts[0], datasets.IterableDataset):
+        # Streaming: cast_column does not make the Arrow batches of the parts one type (iteration then
+        # fails on "Schema at index 1 was different"), and a streaming .txt part has no features to compare;
+        # a batched identity map with explicit features does.
+        string = datasets.Features({"text": datasets.Value("string")})
+        return datasets.concatenate_datasets([p.map(_same_text, batched=True, features=string) for p in parts])
     types = {None if p.features is None else p.features["text"].dtype for p in parts}
     if len(types) > 1 and "large_string" in types:
         parts = [p.cast_column("text", datasets.Value("large_string"))

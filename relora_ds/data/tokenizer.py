@@ -26,15 +26,30 @@ _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+)
 
 
 def training_lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-    """Non-empty lines of `texts`, stopping after about `max_chars` characters."""
+    """Non-empty lines of `texts`, stopping after about `max_chars` characters. A line over
+    MAX_TRAIN_LINE_BYTES (which SentencePiece would skip: a corpus of only such lines left it nothing to
+    train on) is cut into pieces under that size, at the last space of each piece where there is one."""
     seen = 0
     for text in texts:
         for line in text.split("\n"):
             if line.strip():
-                yield line
+                for piece in _pieces(line):
+                    yield piece
                 seen += len(line)
         if seen >= max_chars:
             return
+
+
+def _pieces(line: str) -> Iterator[str]:
+    if len(line) * 4 <= MAX_TRAIN_LINE_BYTES or len(line.encode()) <= MAX_TRAIN_LINE_BYTES:
+        yield line
+        return
+    step = MAX_TRAIN_LINE_BYTES // 4  # characters: at most 4 UTF-8 bytes each
+    while line:
+        cut = len(line) if len(line) <= step else (line.rfind(" ", step // 2, step) + 1 or step)
+        piece, line = line[:cut], line[cut:]
+        if piece.strip():
+            yield piece
 
 
 def train_tokenizer(lines: Iterable[str], model_path: Path, *, vocab_size: int, num_threads: int = 1) -> int:

@@ -24,6 +24,9 @@ class MetricsLogger:
     (``purge_step``), so each step is logged once."""
 
     REWOUND = "metrics.rewound.jsonl"
+    # Events logged with step N after step N's checkpoint (the warm-start switch runs at the start of step
+    # N + 1): a run resumed from that checkpoint logs them again, so the earlier record is rewound too.
+    AFTER_CHECKPOINT_EVENTS = ("switch_to_relora",)
 
     WANDB_ID = "wandb_run_id"
 
@@ -53,11 +56,14 @@ class MetricsLogger:
         keep, later = [], []
         for line in self.path.read_text().splitlines(keepends=True):
             try:
-                rec_step = json.loads(line).get("step")
+                rec = json.loads(line)
+                rec_step = rec.get("step")
             except ValueError:  # a line cut by a crash mid-write: the dead run's, and no JSON reader's
                 later.append(line if line.endswith("\n") else line + "\n")
                 continue
-            (later if isinstance(rec_step, int) and rec_step > step else keep).append(line)
+            redone = isinstance(rec_step, int) and (
+                rec_step > step or (rec_step == step and rec.get("event") in self.AFTER_CHECKPOINT_EVENTS))
+            (later if redone else keep).append(line)
         if later:
             with (self.path.parent / self.REWOUND).open("a") as f:
                 f.writelines(later)

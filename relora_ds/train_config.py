@@ -370,7 +370,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         path = Path(args.config)
         if not path.is_file():
             raise ValueError(f"--config {path}: no such file")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            with path.open(encoding="utf-8") as f:  # a file object: YAML's errors name the file
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"--config {path}: a recipe is a mapping of keys to values (key: value lines), "
+                             f"not a {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(values) - names)
         if unknown:

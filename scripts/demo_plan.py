@@ -1,8 +1,10 @@
 """What scripts/demo.sh launches, from its extra flags: prints the run's output_dir, then `--overwrite` when
-the demo should start over in it (no --resume/--resume-from, no --overwrite/--no-overwrite and no
---output-dir of the user's: a run there is never deleted without an explicit --overwrite)."""
+the demo should start over in it (no --resume/--resume-from, no --overwrite/--no-overwrite, and the output_dir is the demo recipe's own:
+a run elsewhere, named by --output-dir or by another --config, is never deleted without an explicit
+--overwrite)."""
 import sys
 import warnings
+from pathlib import Path
 
 from relora_ds.train_config import build_launch_parser, config_from_args
 
@@ -16,8 +18,17 @@ def plan(argv: list[str], recipe: str = RECIPE) -> tuple[str, list[str]]:
     with warnings.catch_warnings():  # train.py warns about the recipe; once is enough
         warnings.simplefilter("ignore")
         cfg = config_from_args(args)
-    extra = [] if cfg.resume or args.overwrite is not None or args.output_dir is not None else ["--overwrite"]
+    own = _output_dir(recipe)  # the demo's own runs/tiny: the only run it may start over without being told
+    mine = Path(cfg.output_dir).resolve() == own
+    extra = ["--overwrite"] if mine and not cfg.resume and args.overwrite is None else []
     return cfg.output_dir, extra
+
+
+def _output_dir(recipe: str) -> Path:
+    parser = build_launch_parser()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Path(config_from_args(parser.parse_args(["--config", recipe])).output_dir).resolve()
 
 
 if __name__ == "__main__":

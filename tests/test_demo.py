@@ -181,6 +181,8 @@ def test_train_py_closes_the_metrics_on_an_error_exit(monkeypatch):
     (["--no-overwrite"], "runs/tiny", []),
     (["--output-dir", "runs/mine"], "runs/mine", []),  # someone's own run is never deleted implicitly
     (["--output-dir=runs/mine", "--no-resume"], "runs/mine", []),
+    (["--config", "launch/configs/paper_60m.yaml"], "runs/paper-60m", []),  # another recipe's run: never implied
+    (["--output-dir", "runs/tiny"], "runs/tiny", ["--overwrite"]),  # the demo's own dir, however named
 ])
 def test_demo_plan_adds_overwrite_only_to_a_fresh_run_in_its_own_dir(argv, out, extra):
     proc = subprocess.run([sys.executable, "scripts/demo_plan.py", *argv], cwd=ROOT, capture_output=True,
@@ -195,3 +197,14 @@ def test_demo_plan_names_a_bad_flag_combination_before_any_launch():
     proc = subprocess.run([sys.executable, "scripts/demo_plan.py", "--resume", "--overwrite"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "give resume or overwrite, not both" in proc.stderr
+
+
+def test_demo_plan_never_overwrites_the_run_of_a_users_recipe(tmp_path):
+    """A user's --config naming its own output_dir (a run with checkpoints there): no --overwrite."""
+    recipe = (ROOT / "launch/configs/tiny.yaml").read_text()
+    assert "output_dir: runs/tiny" in recipe
+    mine = tmp_path / "my.yaml"
+    mine.write_text(recipe.replace("output_dir: runs/tiny", f"output_dir: {tmp_path / 'important'}"))
+    proc = subprocess.run([sys.executable, "scripts/demo_plan.py", "--config", str(mine)], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.split("\n")[:2] == [str(tmp_path / "important"), ""]

@@ -303,3 +303,14 @@ def test_a_bool_is_never_a_number(tmp_path):
 def test_int8_base_with_full_mode_is_refused():
     with pytest.raises(ValueError, match="quantize=int8 applies to the frozen base of mode=relora or lora"):
         TrainConfig(**{**BASE, "mode": "full", "cycle_length": None, "quantize": "int8"})
+
+
+def test_a_recipe_that_is_not_yaml_or_not_a_mapping_is_named(tmp_path):
+    parser = build_parser(argparse.ArgumentParser())
+    recipe = tmp_path / "r.yaml"
+    for text, match in (("lr: 0.01\n\tcycle_length: 10\n", r"(?s)r.yaml: not valid YAML: .*in \".*r.yaml\", line 2"),
+                        ("just a string\n", r"r.yaml: a recipe is a mapping of keys to values .*not a str"),
+                        ("- lr\n- rank\n", r"r.yaml: a recipe is a mapping .*not a list")):
+        recipe.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            config_from_args(parser.parse_args(["--config", str(recipe)]))

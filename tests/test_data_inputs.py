@@ -452,3 +452,26 @@ def test_out_dir_that_is_a_file_is_named(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match=r"out_dir '.*f' exists and is not a directory"):
         prepare_data([write_jsonl(tmp_path / "a.jsonl", SENTENCES)], tmp_path / "f", vocab_size=300)
+
+
+def test_a_byte_order_mark_does_not_start_the_first_document(tmp_path):
+    """Windows editors write a UTF-8 BOM: it is dropped from .txt and .jsonl (plain and gzipped), so the
+    token files equal those of the same text without it."""
+    docs = SENTENCES[:50]
+    plain, bom = tmp_path / "plain", tmp_path / "bom"
+    for d in (plain, bom):
+        d.mkdir()
+    body_txt = "\n".join(docs)
+    body_jsonl = "".join(json.dumps({"text": t}) + "\n" for t in docs)
+    (plain / "a.txt").write_text(body_txt, encoding="utf-8")
+    (plain / "b.jsonl").write_text(body_jsonl, encoding="utf-8")
+    (bom / "a.txt").write_bytes(b"\xef\xbb\xbf" + body_txt.encode())
+    with gzip.open(bom / "b.jsonl.gz", "wb") as f:
+        f.write(b"\xef\xbb\xbf" + body_jsonl.encode())
+    tok = _tiny_tokenizer(tmp_path)
+    outs = [prepare_data([str(d)], tmp_path / f"out_{d.name}", tokenizer=str(tok), txt_unit="line")
+            for d in (plain, bom)]
+    for split in ("train", "validation"):
+        assert (outs[0] / f"{split}.bin").read_bytes() == (outs[1] / f"{split}.bin").read_bytes()
+    assert load_manifest(outs[1])["splits"]["train"]["documents"] + \
+        load_manifest(outs[1])["splits"]["validation"]["documents"] == 100

@@ -226,11 +226,13 @@ def _open_binary(path: str):
 
 
 def _is_valid_utf8(path: str) -> bool:
+    """Valid UTF-8 without a byte-order mark (Windows editors write one: it would start the first document)."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     try:
         with _open_binary(path) as f:
             while chunk := f.read(_CHUNK):
-                decoder.decode(chunk)
+                if decoder.decode(chunk).startswith("\ufeff") and f.tell() <= _CHUNK:
+                    return False
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return False
@@ -240,19 +242,23 @@ def _is_valid_utf8(path: str) -> bool:
 
 
 def repair_utf8(path: str, dest: str) -> int:
-    """Write `path` (decompressed) to `dest` with each invalid UTF-8 byte replaced by U+FFFD.
+    """Write `path` (decompressed) to `dest` with each invalid UTF-8 byte replaced by U+FFFD and without a
+    leading byte-order mark.
 
-    Returns the number of bytes replaced, or 0 without writing anything when the file is valid
-    (the common case costs one decode pass and no copy).
+    Returns the number of bytes replaced, or 0 (the BOM is not counted); nothing is written when the file
+    is valid and has no BOM (the common case costs one decode pass and no copy).
     """
     if _is_valid_utf8(path):
         return 0
     decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
     bad = 0
+    first = True
     with _open_binary(path) as src, open(dest, "w", encoding="utf-8") as out:
         while True:
             chunk = src.read(_CHUNK)
             text = decoder.decode(chunk, final=not chunk)
+            if first and text:
+                text, first = text.removeprefix("\ufeff"), False
             bad += len(_ESCAPED_BYTES.findall(text))
             out.write(_ESCAPED_BYTES.sub("\ufffd", text))
             if not chunk:
@@ -276,11 +282,12 @@ def _repair_files(files: list[str], work_dir: Path, num_proc: int) -> tuple[list
         name = Path(f).name
         name = name[:-3] if name.lower().endswith(".gz") else name
         jobs.append((f, str(repair_dir / f"{i:06d}-{name}")))
+        Path(jobs[-1][1]).unlink(missing_ok=True)  # written below only for a file that needs repair
     # Threads suffice: the cost is gzip inflation and the strict decode, which run outside the GIL
     # for large buffers; the slow repairing pass is only for the rare bad file.
     with ThreadPoolExecutor(max_workers=max(1, min(num_proc, len(jobs)))) as pool:
         counts = list(pool.map(_repair_job, jobs))
-    replaced = {src: dest for (src, dest), n in zip(jobs, counts, strict=True) if n}
+    replaced = {src: dest for src, dest in jobs if os.path.exists(dest)}  # invalid bytes or a BOM
     invalid = {src: n for (src, _), n in zip(jobs, counts, strict=True) if n}
     for src, n in invalid.items():
         warnings.warn(f"{src}: replaced {n} invalid UTF-8 bytes with U+FFFD", DataWarning, stacklevel=3)

@@ -389,4 +389,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = None if v == _CLEAR else v
+    if getattr(args, "resume", None) is False and values.get("resume_from") is not None:
+        raise ValueError(f"--no-resume contradicts resume_from={values['resume_from']!r}, which resumes: give one "
+                         "(--resume-from none clears a recipe's)")
     return TrainConfig(**values)

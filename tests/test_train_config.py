@@ -314,3 +314,13 @@ def test_a_recipe_that_is_not_yaml_or_not_a_mapping_is_named(tmp_path):
         recipe.write_text(text)
         with pytest.raises(ValueError, match=match):
             config_from_args(parser.parse_args(["--config", str(recipe)]))
+
+
+def test_no_resume_with_resume_from_is_a_contradiction():
+    parser = build_parser(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match=r"--no-resume contradicts resume_from='step_10'"):
+        config_from_args(parser.parse_args(["--resume-from", "step_10", "--no-resume", "--cycle-length", "10",
+                                              "--total-steps", "100"]))
+    cfg = config_from_args(parser.parse_args(["--resume-from", "step_10", "--resume", "--cycle-length", "10",
+                                            "--total-steps", "100"]))
+    assert cfg.resume and cfg.resume_from == "step_10"

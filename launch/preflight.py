@@ -7,9 +7,10 @@ DeepSpeed config for that world size with the trainer's own code, so the same ba
 one-home-per-value checks run, once, on the launching node: a bad recipe fails in seconds with one
 message instead of once per rank after every node has imported torch. It also checks what fails every
 rank at start-up: the model preset (or Hugging Face directory), a given data dir, target_modules, the LR
-schedule, the kernels setting, an output_dir holding another run without --resume or --overwrite, and
-with --resume whether the run can load its checkpoint (settings a resume cannot change, another model or
-tokenizer, a ZeRO stage or world-size change DeepSpeed cannot make). With DS_ACCELERATOR set (as
+schedule, the kernels setting, a prepared training split too small for one window or one global batch at
+this world size (and validation that cannot run), an output_dir holding another run without --resume or
+--overwrite, and with --resume whether the run can load its checkpoint (settings a resume cannot change,
+another model, tokenizer or training data, a ZeRO stage or world-size change DeepSpeed cannot make). With DS_ACCELERATOR set (as
 scripts/setup_env.sh does), what the ranks will run on is known here too: kernels=triton without CUDA and
 fp16 on DeepSpeed's CPU accelerator are refused; without it the launching node may lack the compute nodes'
 GPUs, so those two are left to the ranks. Prints a summary on stderr and the resolved output directory on stdout (the sbatch scripts read it to
@@ -24,8 +25,9 @@ from relora_ds import checkpoint
 from relora_ds.data import builtin_data_dir, load_manifest
 from relora_ds.data.manifest import read_manifest_file
 from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
-from relora_ds.startup import (apply_kernels_setting, build_schedule, check_kernels, check_model_and_data,
-                               check_output_dir, check_precision_on_device, total_steps_for)
+from relora_ds.startup import (apply_kernels_setting, build_schedule, check_data_use, check_kernels,
+                               check_model_and_data, check_output_dir, check_precision_on_device, total_steps_for,
+                               train_data_record)
 from relora_ds.train_config import (BUILTIN_VOCAB_SIZE, build_launch_parser, config_from_args,
                                    show_config_warnings_plainly)
 
@@ -62,13 +64,17 @@ def _check(argv) -> str:
             check_kernels(cfg, os.environ["DS_ACCELERATOR"] == "cuda")
             from deepspeed.accelerator import get_accelerator
             check_precision_on_device(ds, get_accelerator())
-        if cfg.resume:  # as the trainer plans it (the built-in corpus may not be prepared yet: no tokenizer check)
-            manifest = read_manifest_file(data_dir)
+        # The built-in corpus may not be prepared yet: then its size, tokenizer and fingerprint are not checked.
+        manifest = read_manifest_file(data_dir)
+        if manifest is not None:  # a split too small for a window or a global batch at this world size
+            check_data_use(cfg, total_steps_for(cfg), manifest["splits"], str(data_dir), args.world_size)
+        if cfg.resume:  # as the trainer plans it
             cfg.vocab_size = vocab
             checkpoint.plan_resume(Path(cfg.output_dir) / "checkpoints", model=model_config.to_dict(),
                                    train=cfg.to_dict(), ds=ds, world=args.world_size, data_dir=data_dir,
                                    tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None,
-                                   total_steps=total_steps_for(cfg))
+                                   total_steps=total_steps_for(cfg),
+                                   data=train_data_record(manifest, cfg.seq_len) if manifest else None)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     stage = zero_stage(ds)

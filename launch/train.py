@@ -32,6 +32,8 @@ def main(argv=None) -> int:
             cfg = config_from_args(args)
             load_ds_config(args.deepspeed)  # a wrong path or bad JSON before the process group starts
             trainer = Trainer(cfg, args.deepspeed)
+            # The engine, or the checkpoint --resume loads into it: what it refuses is a one-line error too.
+            trainer.start()
         except ValueError as e:
             _error(e)
             status = 2

@@ -113,11 +113,13 @@ DEFAULTS_OF_OLDER_CHECKPOINTS = {"lowrank_schedule": "continue", "merge_residual
 
 
 def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: int, data_dir: Path,
-                tokenizer_sha256: str | None, total_steps: int) -> dict | None:
+                tokenizer_sha256: str | None, total_steps: int, data: dict | None = None) -> dict | None:
     """What ``--resume`` will load from ``ckpt_dir`` into a run of ``model`` (its config dict) trained with
     ``train`` (the TrainConfig dict) and DeepSpeed config ``ds`` on ``world`` ranks for ``total_steps`` steps,
-    reading ``data_dir`` (tokenized by ``tokenizer_sha256``; None: not known yet, not checked), checked before
-    any engine exists: None without a checkpoint, else ``{"tag", "saved" (its config.json), "universal" (load
+    reading ``data_dir`` (tokenized by ``tokenizer_sha256``; None: not known yet, not checked; its training
+    split described by ``data``, ``{"fingerprint", "train_tokens", "train_windows"}`` as the trainer records it
+    in each checkpoint, see :func:`check_same_data`; None: not checked), checked before any engine exists:
+    None without a checkpoint, else ``{"tag", "saved" (its config.json), "universal" (load
     through ds_to_universal), "stages" (saved, now), "rewind" (the later tags ``resume_from`` moves aside)}``.
     A checkpoint this run cannot load is a ValueError saying what to do instead."""
     ckpt_dir = Path(ckpt_dir)
@@ -146,6 +148,8 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
         raise ValueError(f"checkpoint {ckpt_dir / tag} was trained with tokenizer sha256 "
                          f"{saved['tokenizer_sha256'][:12]}..., but {data_dir} uses "
                          f"{tokenizer_sha256[:12]}...: resume on the data it was trained on")
+    if data is not None:
+        check_same_data(saved.get("data"), data, ckpt_dir / tag, data_dir, train["seq_len"])
     # Another number of ranks or ZeRO stage: a sharded optimizer state goes through DeepSpeed's universal
     # checkpoint, which DeepSpeed loads into ZeRO-1/2/3 engines only.
     stages = (zero_stage(saved["deepspeed"]), zero_stage(ds))
@@ -166,6 +170,29 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
                          "optimizer state can be loaded on another number of ranks only into a ZeRO-1/2/3 "
                          f"engine: pass --deepspeed with a ZeRO stage (e.g. ds_configs/zero{stages[0] or 2}.json)")
     return {"tag": tag, "saved": saved, "universal": universal, "stages": stages, "rewind": rewind}
+
+
+def check_same_data(saved: dict | None, now: dict, ckpt: Path, data_dir: Path, seq_len: int) -> None:
+    """A checkpoint's sampler position is an index into the epoch order of its own training windows: on data
+    prepared again from other inputs or options (another ``train_data_fingerprint`` of the manifest), or with
+    another number of windows, it would name other samples, so the resume is refused here, before any engine
+    exists. ``saved``/``now``: ``{"fingerprint", "train_tokens", "train_windows"}`` of the checkpoint's data
+    and of ``data_dir``; a checkpoint written before they were recorded (``saved`` None) is not checked."""
+    if not saved:
+        return
+    if (saved.get("fingerprint"), saved.get("train_windows")) == (now["fingerprint"], now["train_windows"]):
+        return
+    count = lambda d: (f"{d['train_tokens']:,} tokens, {d['train_windows']:,} windows"  # noqa: E731
+                       if "train_tokens" in d and "train_windows" in d else "size not recorded")
+    same = saved.get("train_windows") == now["train_windows"] and saved.get("train_tokens") == now["train_tokens"]
+    raise ValueError(
+        f"checkpoint {ckpt} was trained on other data than {data_dir} holds now: its training split had "
+        f"{count(saved)} of seq_len {seq_len}, now {count(now)}"
+        + ("; the same size, but prepared from other inputs or options" if same else "")
+        + f" (data fingerprint {str(saved.get('fingerprint'))[:12]}... vs {now['fingerprint'][:12]}..., from the "
+        "manifest's recipe and counts). Its sampler position would name other samples. Resume on the data it "
+        "was trained on (restore that data dir, or pass --data-dir with a copy of it), or start a new run from "
+        "its export (launch/export.py, then --warm-start-from or --hf-model)")
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:

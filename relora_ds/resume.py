@@ -69,6 +69,16 @@ class CheckpointsMixin:
         if universal:
             checkpoint.restore_frozen_from_universal(self.engine.module, self.ckpt_dir / load_tag)
             unshare_optimizer_steps(self.engine)
+        # A checkpoint that records its data was checked before any engine (checkpoint.check_same_data); an older
+        # one only here, by its sampler's window count.
+        saved_windows = client["sampler"].get("num_samples")
+        if saved_windows is not None and saved_windows != self.batches.num_samples:
+            raise ValueError(f"checkpoint {self.ckpt_dir / tag} was trained on {saved_windows:,} windows of training "
+                             f"data, but {self.data_dir} holds {self.batches.num_samples:,} windows of seq_len "
+                             f"{self.cfg.seq_len}: other data (another --data-dir, or this one prepared again from another "
+                             "corpus or options), on which its sampler position would name other samples. Resume on the data it was trained on, "
+                             "or start a new run from its export (launch/export.py, then --warm-start-from or "
+                             "--hf-model)")
         self.load_state_dict(client)
         if "tokens_seen" not in client:  # written before the counter: its steps at its own batch
             self.tokens_seen = self.step * saved["train"]["global_batch_size"] * saved["train"]["seq_len"]

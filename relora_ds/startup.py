@@ -17,7 +17,8 @@ import relora_kernels
 import torch
 
 from .data import check_tokenizer_matches
-from .data.manifest import file_sha256
+from .data.manifest import file_sha256, train_data_fingerprint
+from .data.packed import num_windows
 from .hf import config_from_hf
 from .model import LlamaForCausalLM
 from .model_config import LlamaConfig
@@ -208,17 +209,58 @@ def check_precision_on_device(ds: dict, accelerator) -> None:
                          "there (fp16 needs GPUs)")
 
 
-def check_data_use(cfg: TrainConfig, total_steps: int, train_windows: int, val_windows: int,
-                   data: str) -> None:
-    """Validation that cannot run is an error; reading the data many times over, or fewer validation
-    windows than asked for, is a named warning (e.g. a paper recipe left on the built-in demo corpus)."""
+def train_data_record(manifest: dict, seq_len: int) -> dict:
+    """What each checkpoint records of its training data and ``--resume`` compares before any engine exists
+    (:func:`relora_ds.checkpoint.check_same_data`): the manifest's fingerprint of the training split
+    (:func:`relora_ds.data.manifest.train_data_fingerprint`, no token file read), its tokens, and its windows
+    at ``seq_len``."""
+    tokens = int(manifest["splits"]["train"]["tokens"])
+    return {"fingerprint": train_data_fingerprint(manifest), "train_tokens": tokens,
+            "train_windows": num_windows(tokens, seq_len)}
+
+
+def _tokens(n: int) -> str:
+    return f"{n:,} token{'' if n == 1 else 's'}"
+
+
+def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, world: int = 1) -> None:
+    """The run's data use, from the token counts of the data dir's manifest (``splits``: its ``splits``
+    entry) at ``world`` ranks, before any engine exists. A training split without one window of
+    ``seq_len + 1`` tokens, or with fewer windows than one optimizer step's global batch, and validation
+    that cannot run are errors naming the numbers and the flags that fix them; reading the data many times
+    over, or fewer validation windows than asked for, is a named warning (e.g. a paper recipe left on the
+    built-in demo corpus)."""
+    seq, need = cfg.seq_len, cfg.seq_len + 1
+    train_tokens = int(splits["train"]["tokens"])
+    train_windows = num_windows(train_tokens, seq)
+    if train_windows == 0:
+        raise ValueError(f"the training split of {data} holds {_tokens(train_tokens)}, fewer than one window of "
+                         f"--seq-len {seq} needs (seq_len + 1 = {need:,} tokens): use a smaller --seq-len, or "
+                         "prepare more data (launch/prepare_data.py)")
+    if train_windows < cfg.global_batch_size:
+        per_step = cfg.micro_batch_size * world  # the global batch is a multiple of this
+        smaller = (f"a --global-batch-size of at most {train_windows // per_step * per_step} (a multiple of "
+                   f"--micro-batch-size {cfg.micro_batch_size} x {world} rank(s))" if train_windows >= per_step else
+                   f"a smaller --micro-batch-size and --global-batch-size (one micro-batch of {cfg.micro_batch_size} "
+                   f"on each of {world} rank(s) is already {per_step} windows)")
+        raise ValueError(f"the training split of {data} holds {train_windows:,} windows of --seq-len {seq} "
+                         f"({_tokens(train_tokens)}), fewer than one optimizer step's --global-batch-size "
+                         f"{cfg.global_batch_size}: use {smaller}, a smaller --seq-len (more windows from the same "
+                         "tokens), or prepare more data (launch/prepare_data.py)")
+    val_tokens = int(splits["validation"]["tokens"])
+    val_windows = num_windows(val_tokens, seq)
+    if cfg.eval_every and val_tokens == 0:
+        raise ValueError(f"the validation split of {data} is empty (0 tokens): prepare the data with a larger "
+                         "--val-fraction (launch/prepare_data.py), or set --eval-every 0 (no evaluation)")
     if cfg.eval_every and val_windows == 0:
-        raise ValueError(f"the validation split of {data} is empty: prepare the data with a larger "
-                         "--val-fraction (launch/prepare_data.py), or set eval_every 0")
-    epochs = total_steps * cfg.global_batch_size / max(1, train_windows)
+        raise ValueError(f"the validation split of {data} holds {_tokens(val_tokens)}, fewer than one window of "
+                         f"--seq-len {seq} needs (seq_len + 1 = {need:,} tokens): use a smaller --seq-len, prepare "
+                         "the data with a larger --val-fraction (launch/prepare_data.py), or set --eval-every 0 "
+                         "(no evaluation)")
+    epochs = total_steps * cfg.global_batch_size / train_windows
     if epochs > 4:
         warnings.warn(f"this run reads the training data of {data} {epochs:.1f} times ({total_steps} steps x "
-                      f"{cfg.global_batch_size} sequences, {train_windows} windows of {cfg.seq_len + 1} tokens): "
+                      f"{cfg.global_batch_size} sequences, {train_windows} windows of {need} tokens): "
                       "set data_dir to a larger prepared corpus (launch/prepare_data.py)", ConfigWarning,
                       stacklevel=2)
     if cfg.eval_every and cfg.eval_windows > val_windows:

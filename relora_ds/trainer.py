@@ -45,7 +45,7 @@ from .prune import prune_optimizer_state
 from .relora import lora_parameters, wrap
 from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
-    check_output_dir, check_precision_on_device, lock_output_dir, total_steps_for, \
+    check_output_dir, check_precision_on_device, lock_output_dir, total_steps_for, train_data_record, \
     unlock_output_dir
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import offloaded
@@ -96,8 +96,15 @@ class Trainer(CheckpointsMixin):
         with self._warnings_on_rank_zero():
             self.model_config, manifest = check_model_and_data(cfg, self.data_dir, manifest_vocab)
         self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
+        self.total_steps = total_steps_for(cfg)
+        self.relora_start = cfg.warm_start_steps
+        self.schedule = build_schedule(cfg, self.total_steps)
+        with self._warnings_on_rank_zero():  # a split too small for a window or a global batch: named here
+            check_data_use(cfg, self.total_steps, manifest["splits"], str(self.data_dir), self.world)
         self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len)
         self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)
+        # What each checkpoint records of the training data, and --resume compares (checkpoint.plan_resume).
+        self.data_info = train_data_record(manifest, cfg.seq_len)
         self.batches = ShardedBatches(self.train_data, cfg.micro_batch_size, rank=self.rank,
                                       world_size=self.world, seed=cfg.seed,
                                       accumulation_steps=cfg.global_batch_size // (cfg.micro_batch_size * self.world))
@@ -106,14 +113,10 @@ class Trainer(CheckpointsMixin):
         on_cuda = torch.cuda.is_available() and get_accelerator().device_name() == "cuda"
         self.peak_tflops = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name())
                                                if on_cuda and uses_bf16(self.ds) else None)
-        self.total_steps = total_steps_for(cfg)
-        self.relora_start = cfg.warm_start_steps
-        self.schedule = build_schedule(cfg, self.total_steps)
-        with self._warnings_on_rank_zero():
-            check_data_use(cfg, self.total_steps, len(self.train_data), len(self.val_data), str(self.data_dir))
         self.resume_plan = None if not cfg.resume else checkpoint.plan_resume(
             self.ckpt_dir, model=self.model_config.to_dict(), train=cfg.to_dict(), ds=self.ds, world=self.world,
-            data_dir=self.data_dir, tokenizer_sha256=self.tokenizer_sha256, total_steps=self.total_steps)
+            data_dir=self.data_dir, tokenizer_sha256=self.tokenizer_sha256, data=self.data_info,
+            total_steps=self.total_steps)
         if cfg.overwrite:  # only now that every check has passed: a refused run deletes nothing
             self._clear_output_dir()
         if cfg.resume_from:
@@ -240,15 +243,24 @@ class Trainer(CheckpointsMixin):
     def _run_config(self) -> dict:
         return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "deepspeed": self.ds,
                 "world_size": self.world, "data_dir": str(self.data_dir), "tokenizer_sha256": self.tokenizer_sha256,
-                "environment": self.environment}
+                "data": self.data_info, "environment": self.environment}
 
     # ---------------------------------------------------------------- loop
-    def train(self) -> dict:
-        cfg = self.cfg
+    def start(self) -> None:
+        """Build the engine, or load the checkpoint ``--resume`` names into it; once (``train`` calls it when
+        the caller has not). launch/train.py calls it apart from ``train``, so that a ValueError here (a
+        checkpoint that cannot continue, e.g. one saved before checkpoints recorded their data, on re-prepared
+        data) is a one-line error like the start-up checks', not a traceback out of the training loop."""
+        if self.engine is not None:
+            return
         self._print("effective configuration:\n" + json.dumps(
             {k: v for k, v in self._run_config().items() if k != "environment"}, indent=2))  # that: run_info.jsonl
-        if not (cfg.resume and self._resume()):
+        if not (self.cfg.resume and self._resume()):
             self._build_engine(self._base_model(), self._phase(0))
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.start()
         numel = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731  ZeRO-3: whole
         n_lora = numel(lora_parameters(self.engine.module))
         n_params = numel(self.engine.module.parameters()) - n_lora  # the model's own, in either phase

@@ -22,13 +22,14 @@ TRAIN = {"mode": "relora", "seq_len": 32, "rank": 4, "alpha": 8.0, "target_modul
          "warm_start_steps": 2, "seed": 0, "lr": 1e-3, "lowrank_schedule": "continue", "merge_residual": False}
 
 
-def _fake_checkpoint(ckpt_dir, *, world, stage, sharded, model=None, sha="a" * 64, train=None):
+def _fake_checkpoint(ckpt_dir, *, world, stage, sharded, model=None, sha="a" * 64, train=None, data=None):
     tag = ckpt_dir / "step_8"
     tag.mkdir(parents=True)
     (ckpt_dir / "latest").write_text("step_8")
     (tag / "config.json").write_text(json.dumps({"model": model or {"hidden_size": 64}, "world_size": world,
                                                  "deepspeed": {"zero_optimization": {"stage": stage}},
-                                                 "tokenizer_sha256": sha, "train": train or TRAIN}))
+                                                 "tokenizer_sha256": sha, "train": train or TRAIN,
+                                                 **({"data": data} if data else {})}))
     if sharded:
         (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
 
@@ -69,6 +70,62 @@ def test_plan_resume_refuses_another_model_or_tokenizer(tmp_path):
         checkpoint.plan_resume(tmp_path, model={"hidden_size": 128}, tokenizer_sha256="a" * 64, **kw)
     with pytest.raises(ValueError, match=r"tokenizer sha256 aaaaaaaaaaaa\.\.\., but .*data uses bbbbbbbbbbbb"):
         checkpoint.plan_resume(tmp_path, model={"hidden_size": 64}, tokenizer_sha256="b" * 64, **kw)
+
+
+def test_plan_resume_refuses_other_training_data(tmp_path):
+    """The checkpoint's recorded training data against the data dir's now (fingerprint and windows at the run's
+    seq_len): any difference is refused, naming both sizes; a checkpoint without the record, or a caller that
+    knows no data yet (data=None), is not checked."""
+    from relora_ds import checkpoint
+
+    was = {"fingerprint": "f" * 64, "train_tokens": 4_000, "train_windows": 124}
+    _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True, data=was)
+    kw = dict(model={"hidden_size": 64}, train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2,
+              data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
+    assert checkpoint.plan_resume(tmp_path, data=dict(was), **kw)["tag"] == "step_8"
+    assert checkpoint.plan_resume(tmp_path, data=None, **kw)["tag"] == "step_8"
+    with pytest.raises(ValueError, match=re.escape(
+            f"checkpoint {tmp_path / 'step_8'} was trained on other data than {tmp_path / 'data'} holds now: its "
+            "training split had 4,000 tokens, 124 windows of seq_len 32, now 3,000 tokens, 93 windows (data "
+            "fingerprint ffffffffffff... vs 000000000000...")):
+        checkpoint.plan_resume(tmp_path, data={"fingerprint": "0" * 64, "train_tokens": 3_000, "train_windows": 93}, **kw)
+    with pytest.raises(ValueError, match="; the same size, but prepared from other inputs or options"):
+        checkpoint.plan_resume(tmp_path, data={**was, "fingerprint": "0" * 64}, **kw)
+    # The tokenizer is named first: another tokenizer is other data, but that is the plainer reason.
+    with pytest.raises(ValueError, match="tokenizer sha256"):
+        checkpoint.plan_resume(tmp_path, data={**was, "fingerprint": "0" * 64}, **{**kw, "tokenizer_sha256": "b" * 64})
+    (tmp_path / "old").mkdir()
+    _fake_checkpoint(tmp_path / "old", world=2, stage=2, sharded=True)  # written before the record existed
+    assert checkpoint.plan_resume(tmp_path / "old", data={**was, "fingerprint": "0" * 64}, **kw)["tag"] == "step_8"
+
+
+def test_the_training_data_fingerprint_follows_what_decides_the_training_tokens():
+    """train_data_fingerprint reads the manifest alone. It changes with the recipe (input files, tokenizer,
+    options), the tokenizer's hash and the training split's counts; not with the validation corpus, the
+    validation split, the paths (a moved or copied data dir), the timing stats or the creation time."""
+    from relora_ds.data.manifest import train_data_fingerprint
+
+    m = {"recipe": {"corpus_fingerprint": "c1", "tokenizer": {"train_bpe": {"vocab_size": 512}}, "val_fraction": 0.01,
+                    "max_docs": None, "validation_corpus": {"fingerprint": "v1"}},
+         "tokenizer_sha256": "t1", "dtype": "uint16", "created": "2026-01-01T00:00:00+00:00",
+         "stats": {"tokenize_seconds": 1.0},
+         "splits": {"train": {"path": "/a/train.bin", "tokens": 1000, "documents": 10},
+                    "validation": {"path": "/a/validation.bin", "tokens": 50, "documents": 1}}}
+    fp = train_data_fingerprint(m)
+    assert len(fp) == 64
+    same = [{**m, "recipe": {**m["recipe"], "validation_corpus": {"fingerprint": "v2"}}},
+            {**m, "splits": {"train": {**m["splits"]["train"], "path": "/b/train.bin"},
+                             "validation": {"path": "/b/validation.bin", "tokens": 70, "documents": 2}}},
+            {**m, "created": "2027-01-01T00:00:00+00:00", "stats": {"tokenize_seconds": 2.0}}]
+    assert all(train_data_fingerprint(x) == fp for x in same)
+    other = [{**m, "recipe": {**m["recipe"], "corpus_fingerprint": "c2"}},
+             {**m, "recipe": {**m["recipe"], "val_fraction": 0.02}},
+             {**m, "recipe": {**m["recipe"], "max_docs": 100}},
+             {**m, "tokenizer_sha256": "t2"},
+             {**m, "dtype": "uint32"},
+             {**m, "splits": {**m["splits"], "train": {**m["splits"]["train"], "tokens": 1001}}},
+             {**m, "splits": {**m["splits"], "train": {**m["splits"]["train"], "documents": 11}}}]
+    assert len({train_data_fingerprint(x) for x in other} | {fp}) == len(other) + 1
 
 
 # One changed value for every field of checkpoint.FIXED_ON_RESUME (TRAIN holds the checkpoint's): written out

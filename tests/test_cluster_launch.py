@@ -123,6 +123,52 @@ def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path):
         assert _run(sys.executable, *preflight, "--world-size", "2", *other, *extra, env=env).returncode == 0
 
 
+def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_path):
+    """With a prepared --data-dir, preflight refuses what the trainer refuses before any engine: fewer training
+    windows than one global batch at this world size (124 windows of 32 in 4,000 tokens), and with --resume a
+    checkpoint that recorded other training data; the trainer's own messages. A checkpoint that recorded this
+    data (startup.train_data_record, as the trainer writes it) passes."""
+    import json
+
+    from relora_ds.data import load_manifest
+    from relora_ds.startup import model_config_for, train_data_record
+    from relora_ds.train_config import TrainConfig
+    from trainer_utils import packed_data_dir
+
+    data = packed_data_dir(tmp_path / "data", 4_000, 3_000)
+    settings = dict(model="debug", rank=4, seq_len=32, cycle_length=4, restart_warmup_steps=2, warmup_steps=2,
+                    warm_start_steps=0, total_steps=8, micro_batch_size=8, eval_every=0)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()] + ["--data-dir", data, "--output-dir",
+                                                                              tmp_path / "run"]
+    preflight = [sys.executable, "launch/preflight.py", "--world-size", "2", *args]
+    proc = _run(*preflight, "--global-batch-size", "64")
+    assert proc.returncode == 0, proc.stderr[-800:]
+    proc = _run(*preflight, "--global-batch-size", "128")
+    assert proc.returncode == 2
+    assert (f"error: the training split of {data} holds 124 windows of --seq-len 32 (4,000 tokens), fewer than one "
+            "optimizer step's --global-batch-size 128: use a --global-batch-size of at most 112 (a multiple of "
+            "--micro-batch-size 8 x 2 rank(s))") in proc.stderr, proc.stderr[-800:]
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "step_4").mkdir(parents=True)
+    (ckpt / "latest").write_text("step_4")
+    model = model_config_for(TrainConfig(**settings), 512).to_dict()
+    record = train_data_record(load_manifest(data), 32)
+
+    def saved(data_record):
+        (ckpt / "step_4" / "config.json").write_text(json.dumps(
+            {"model": model, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 0}},
+             "tokenizer_sha256": load_manifest(data)["tokenizer_sha256"], "data": data_record,
+             "train": {"mode": "relora", "rank": 4, "seq_len": 32}}))
+    saved({"fingerprint": "0" * 64, "train_tokens": 3_000, "train_windows": 93})
+    proc = _run(*preflight, "--global-batch-size", "64", "--resume")
+    assert proc.returncode == 2
+    assert (f"error: checkpoint {ckpt / 'step_4'} was trained on other data than {data} holds now: its training split "
+            "had 3,000 tokens, 93 windows of seq_len 32, now 4,000 tokens, 124 windows") in proc.stderr, proc.stderr[-800:]
+    saved(record)
+    proc = _run(*preflight, "--global-batch-size", "64", "--resume")
+    assert proc.returncode == 0, proc.stderr[-800:]
+
+
 def test_hostfile_parse_errors():
     assert hostfile.parse_hostfile("# nodes\nn1 slots=8\n\nn2 slots=4  # half\n") == {"n1": 8, "n2": 4}
     for text, msg in [("n1 slots=8\nn1 slots=8\n", "hostfile:2: host 'n1' is listed twice"),

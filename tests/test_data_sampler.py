@@ -233,6 +233,37 @@ def test_sampler_argument_errors():
     assert len(ids(next(s))) == 4  # a dataset smaller than a global batch still works by repeating
 
 
+def test_a_dataset_too_small_names_its_size_and_the_remedies(data_dir):
+    """ShardedBatches over a PackedTokens split without a window, or with fewer windows than one optimizer
+    step: the split, its tokens and seq_len, the step's arithmetic, and what to change (drop_last is named as the
+    API argument it is: the trainer has no such setting and checks the sizes itself, see startup.check_data_use)."""
+    import re
+
+    m = load_manifest(data_dir)
+    val_tokens = m["splits"]["validation"]["tokens"]
+    tiny = PackedTokens(data_dir, "validation", seq_len=val_tokens)  # seq_len + 1 tokens needed, seq_len held
+    assert len(tiny) == 0
+    with pytest.raises(ValueError, match=re.escape(
+            f"the dataset has no windows (the validation split: {val_tokens:,} tokens at seq_len={val_tokens}): each "
+            "window needs seq_len + 1 tokens; use a smaller seq_len, or more data (launch/prepare_data.py)")):
+        ShardedBatches(tiny, 2, rank=0, world_size=1, seed=0)
+    val = PackedTokens(data_dir, "validation", seq_len=SEQ)
+    n = len(val)
+    assert 0 < n < 4 * 3 * 16
+    with pytest.raises(ValueError, match=re.escape(
+            f"the dataset has {n:,} windows (the validation split: {val_tokens:,} tokens at seq_len={SEQ}), fewer "
+            "than one optimizer step's global batch of accumulation_steps * world_size * micro_batch_size = 4 * 3 * 16 "
+            "= 192: use a smaller batch (accumulation_steps, micro_batch_size), a smaller seq_len (more windows from "
+            "the same tokens), or more data (launch/prepare_data.py); or pass drop_last=False to ShardedBatches, "
+            "which repeats samples to fill each step")):
+        ShardedBatches(val, 16, rank=0, world_size=3, seed=0, accumulation_steps=4)
+    with pytest.raises(ValueError, match=r"^the dataset has 10 windows, fewer than one optimizer step's global batch of "
+                                         r"accumulation_steps \* world_size \* micro_batch_size = 1 \* 3 \* 4 = 12: "):
+        ShardedBatches(Windows(10), 4, rank=0, world_size=3, seed=0)  # not a PackedTokens: its count alone
+    with pytest.raises(ValueError, match=r"^the dataset has no windows: each window needs seq_len \+ 1 tokens"):
+        ShardedBatches(Windows(0), 4, rank=0, world_size=1, seed=0)
+
+
 def test_eval_batches_are_disjoint_equal_in_count_and_unshuffled(ds):
     n, world, micro = 103, 3, 4
     shards = [[ids(b) for b in eval_batches(Windows(n), micro, r, world)] for r in range(world)]

@@ -160,6 +160,9 @@ def test_train_py_closes_the_metrics_on_an_error_exit(monkeypatch):
         def __init__(self, cfg, ds_config_path):
             self.metrics = type("Metrics", (), {"close": lambda _, exit_code=0: closed.append(exit_code)})()
 
+        def start(self):  # the engine (built; nothing to refuse here)
+            pass
+
         def train(self):
             raise FloatingPointError("non-finite loss (nan) at step 3")
 

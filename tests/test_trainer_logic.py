@@ -309,3 +309,171 @@ def test_tensorboard_keeps_each_step_once_after_a_resume(tmp_path):
     events.Reload()
     got = {e.step: e.value for e in events.Scalars("loss")}
     assert got == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0, 6: 106.0, 7: 107.0, 8: 108.0}
+
+
+def _splits(train, val):
+    return {"train": {"tokens": train}, "validation": {"tokens": val}}
+
+
+def test_data_too_small_for_a_window_or_a_global_batch_is_named_with_its_numbers():
+    """startup.check_data_use on the manifest's token counts (windows are seq_len + 1 tokens, consecutive ones
+    sharing one: (tokens - 1) // seq_len of them): the numbers and the flags that fix it, by case. A training
+    split without a window, or with fewer than one optimizer step's global batch, is an error (the sampler
+    could not draw a step); validation that cannot run is one too, told apart: an empty split, or one too short
+    for a window (1,989 tokens at --seq-len 2048) -- unless evaluation is off."""
+    from relora_ds.startup import check_data_use
+    from relora_ds.train_config import TrainConfig
+
+    kw = dict(model="debug", seq_len=2048, cycle_length=4, restart_warmup_steps=2, warmup_steps=2, total_steps=8,
+              micro_batch_size=2, global_batch_size=8, eval_every=4, eval_windows=1)
+    cfg = TrainConfig(**kw)
+    with pytest.raises(ValueError) as e:
+        check_data_use(cfg, 8, _splits(1_500, 10_000), "data/x", 2)
+    assert str(e.value) == ("the training split of data/x holds 1,500 tokens, fewer than one window of --seq-len 2048 "
+                            "needs (seq_len + 1 = 2,049 tokens): use a smaller --seq-len, or prepare more data "
+                            "(launch/prepare_data.py)")
+    five = 5 * 2048 + 1  # 5 windows; 2 ranks x 2 = 4 per micro-step: a global batch of 4 fits
+    with pytest.raises(ValueError) as e:
+        check_data_use(cfg, 8, _splits(five, 10_000), "data/x", 2)
+    assert str(e.value) == ("the training split of data/x holds 5 windows of --seq-len 2048 (10,241 tokens), fewer "
+                            "than one optimizer step's --global-batch-size 8: use a --global-batch-size of at most 4 "
+                            "(a multiple of --micro-batch-size 2 x 2 rank(s)), a smaller --seq-len (more windows "
+                            "from the same tokens), or prepare more data (launch/prepare_data.py)")
+    with pytest.raises(ValueError, match=r"holds 5 windows .* use a smaller --micro-batch-size and --global-batch-size "
+                                         r"\(one micro-batch of 2 on each of 4 rank\(s\) is already 8 windows\)"):
+        check_data_use(cfg, 8, _splits(five, 10_000), "data/x", 4)
+    enough = 8 * 2048 + 1
+    with pytest.raises(ValueError) as e:
+        check_data_use(cfg, 8, _splits(enough, 0), "data/x", 2)
+    assert str(e.value) == ("the validation split of data/x is empty (0 tokens): prepare the data with a larger "
+                            "--val-fraction (launch/prepare_data.py), or set --eval-every 0 (no evaluation)")
+    with pytest.raises(ValueError) as e:
+        check_data_use(cfg, 8, _splits(enough, 1_989), "data/x", 2)
+    assert str(e.value) == ("the validation split of data/x holds 1,989 tokens, fewer than one window of --seq-len "
+                            "2048 needs (seq_len + 1 = 2,049 tokens): use a smaller --seq-len, prepare the data with "
+                            "a larger --val-fraction (launch/prepare_data.py), or set --eval-every 0 (no evaluation)")
+    no_eval = TrainConfig(**{**kw, "eval_every": 0})
+    for val in (0, 1_989):  # nothing evaluates: nothing to refuse
+        check_data_use(no_eval, 1, _splits(enough, val), "data/x", 2)
+    check_data_use(cfg, 1, _splits(enough, 2_049), "data/x", 2)  # exactly one window each way: fine
+
+
+@pytest.mark.parametrize("train_tokens, message", [
+    (1_500, "the training split of {data} holds 1,500 tokens, fewer than one window of --seq-len 2048 needs"),
+    (3 * 2048 + 1, "the training split of {data} holds 3 windows of --seq-len 2048 (6,145 tokens), fewer than one "
+                   "optimizer step's --global-batch-size 8: use a --global-batch-size of at most 2 (a multiple of "
+                   "--micro-batch-size 1 x 2 rank(s))"),
+], ids=["no-window", "fewer-windows-than-a-global-batch"])
+def test_the_trainer_names_a_training_split_too_small_before_reading_it(tmp_path, monkeypatch, train_tokens, message):
+    """Trainer.__init__ on 2 (stubbed) ranks: a data dir too small for --seq-len 2048 or --global-batch-size 8
+    is refused naming the dir, before the windows are opened, the sampler is built or any engine exists (the
+    sampler's own error knows no data dir or flag)."""
+    from relora_ds.startup import unlock_output_dir
+    from relora_ds.train_config import TrainConfig
+    from trainer_utils import in_process_trainer, packed_data_dir
+
+    trainer_mod = in_process_trainer(monkeypatch, world=2)
+    for name in ("PackedTokens", "ShardedBatches"):
+        monkeypatch.setattr(trainer_mod, name, lambda *a, name=name, **kw: pytest.fail(f"{name} built before the check"))
+    data = packed_data_dir(tmp_path / "data", train_tokens, 4_000)
+    cfg = TrainConfig(model="debug", seq_len=2048, data_dir=str(data), output_dir=str(tmp_path / "run"), rank=4,
+                      cycle_length=4, restart_warmup_steps=2, warmup_steps=2, total_steps=8, micro_batch_size=1,
+                      global_batch_size=8, eval_every=0, export=False)
+    with pytest.raises(ValueError) as e:
+        trainer_mod.Trainer(cfg)
+    unlock_output_dir(tmp_path / "run")
+    assert str(e.value).startswith(message.format(data=data)), str(e.value)
+
+
+def test_resume_on_data_prepared_again_is_refused_before_any_engine(tmp_path, monkeypatch):
+    """Each checkpoint's config.json records the training data (the manifest's fingerprint, tokens, windows at
+    the run's seq_len); --resume on the data dir prepared again -- with more tokens, or as many from another
+    corpus -- is refused in Trainer.__init__ naming both, before any engine is built (DeepSpeed's initialize
+    fails this test). Unchanged data resumes; a checkpoint written before the record existed is not checked."""
+    from relora_ds.data.manifest import load_manifest, train_data_fingerprint
+    from relora_ds.startup import unlock_output_dir
+    from relora_ds.train_config import TrainConfig
+    from trainer_utils import in_process_trainer, packed_data_dir
+
+    trainer_mod = in_process_trainer(monkeypatch)
+    data = packed_data_dir(tmp_path / "data", 4_000, 400)
+    run = tmp_path / "run"
+
+    def trainer(**kw):
+        cfg = TrainConfig(model="debug", seq_len=32, data_dir=str(data), output_dir=str(run), rank=4, cycle_length=4,
+                          restart_warmup_steps=2, warmup_steps=2, total_steps=12, micro_batch_size=4,
+                          global_batch_size=8, eval_every=0, export=False, **kw)
+        try:
+            t = trainer_mod.Trainer(cfg)
+        finally:
+            unlock_output_dir(run)
+        t.metrics.close()
+        t.close()
+        return t
+
+    saved = trainer()._run_config()  # what Trainer.save writes to the checkpoint's config.json
+    assert saved["data"] == {"fingerprint": train_data_fingerprint(load_manifest(data)), "train_tokens": 4_000,
+                             "train_windows": 124}  # (4000 - 1) // 32
+    ckpt = run / "checkpoints"
+    (ckpt / "step_4").mkdir(parents=True)
+    (ckpt / "step_4" / "config.json").write_text(json.dumps(saved))
+    (ckpt / "latest").write_text("step_4")
+    assert trainer(resume=True).resume_plan["tag"] == "step_4"  # the same data
+
+    packed_data_dir(data, 4_100, 400)  # prepared again from a larger corpus
+    with pytest.raises(ValueError) as e:
+        trainer(resume=True)
+    new_fp = train_data_fingerprint(load_manifest(data))
+    assert str(e.value) == (
+        f"checkpoint {ckpt / 'step_4'} was trained on other data than {data} holds now: its training split had "
+        f"4,000 tokens, 124 windows of seq_len 32, now 4,100 tokens, 128 windows (data fingerprint "
+        f"{saved['data']['fingerprint'][:12]}... vs {new_fp[:12]}..., from the manifest's recipe and counts). Its "
+        "sampler position would name other samples. Resume on the data it was trained on (restore that data dir, or "
+        "pass --data-dir with a copy of it), or start a new run from its export (launch/export.py, then "
+        "--warm-start-from or --hf-model)")
+    packed_data_dir(data, 4_000, 400, corpus="corpus-b")  # as many tokens, from other input files
+    with pytest.raises(ValueError, match=r"its training split had 4,000 tokens, 124 windows of seq_len 32, now 4,000 "
+                                         r"tokens, 124 windows; the same size, but prepared from other inputs or "
+                                         r"options \(data fingerprint"):
+        trainer(resume=True)
+    old = {k: v for k, v in saved.items() if k != "data"}  # written before checkpoints recorded their data
+    (ckpt / "step_4" / "config.json").write_text(json.dumps(old))
+    assert trainer(resume=True).resume_plan["tag"] == "step_4"
+
+
+def test_train_py_reports_a_refused_start_or_resume_in_one_line(tmp_path, monkeypatch, capsys):
+    """launch/train.py builds the engine or loads the checkpoint (Trainer.start) inside the same ValueError
+    handler as the config and start-up checks: e.g. an old checkpoint whose sampler finds other data is one
+    `error:` line and exit 2, not a traceback out of the training loop; the run's logs and lock are closed."""
+    import importlib.util
+    import warnings
+    from types import SimpleNamespace
+
+    from launch_utils import ROOT
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # train.py replaces it
+    spec = importlib.util.spec_from_file_location("train_py_under_test", ROOT / "launch/train.py")
+    train_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_py)
+    closed = []
+
+    class Refused:
+        def __init__(self, cfg, ds_config_path):
+            self.metrics = SimpleNamespace(close=lambda exit_code: closed.append(("metrics", exit_code)))
+
+        def start(self):
+            raise ValueError("checkpoint run/checkpoints/step_4 was trained on 40 windows of training data")
+
+        def train(self):
+            pytest.fail("train() ran after a refused start")
+
+        def close(self):
+            closed.append("close")
+
+    monkeypatch.setattr(train_py, "Trainer", Refused)
+    status = train_py.main(["--model", "debug", "--cycle-length", "4", "--restart-warmup-steps", "2", "--total-steps",
+                            "8", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err == "error: checkpoint run/checkpoints/step_4 was trained on 40 windows of training data\n"
+    assert closed == [("metrics", 2), "close"]

@@ -236,3 +236,34 @@ def test_a_resumed_run_draws_the_dropout_masks_the_uninterrupted_one_draws(tmp_p
     assert sorted(resumed) == [5, 6, 7, 8]
     for step, loss in resumed.items():
         assert loss == uninterrupted[step], f"step {step}: resumed {loss!r} != uninterrupted {uninterrupted[step]!r}"
+
+
+def test_resume_on_data_prepared_again_is_one_error_line(tmp_path):
+    """A 4-step run (one rank, plain python) on a data dir, then that dir prepared again with more tokens:
+    --resume is refused by the start-up check (the checkpoint's recorded data vs the manifest's), one `error:`
+    line and exit 2, before the effective configuration is printed (the engine's start). A checkpoint from
+    before the record (its config.json without "data") is caught once loaded, by its sampler's window count,
+    still one line (launch/train.py's start-up handler covers Trainer.start), and trains no step."""
+    from trainer_utils import packed_data_dir
+
+    data = packed_data_dir(tmp_path / "data", 4_000, 3_000)
+    overrides = dict(total_steps=4, save_every=4, eval_every=0)
+    train1(tmp_path, data, **overrides)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_4"
+    saved = json.loads((ckpt / "config.json").read_text())
+    assert {k: saved["data"][k] for k in ("train_tokens", "train_windows")} == {"train_tokens": 4_000,
+                                                                                 "train_windows": 124}
+    packed_data_dir(data, 4_100, 3_000)  # prepared again: (4100 - 1) // 32 = 128 windows
+    proc = train1(tmp_path, data, "--resume", check=False, **{**overrides, "total_steps": 8})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"\nerror: checkpoint {ckpt} was trained on other data than {data} holds now: its training split had 4,000 " \
+           "tokens, 124 windows of seq_len 32, now 4,100 tokens, 128 windows (data fingerprint " in "\n" + proc.stderr
+    assert "Traceback" not in proc.stderr and "effective configuration" not in proc.stdout
+    (ckpt / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "data"}))
+    proc = train1(tmp_path, data, "--resume", check=False, **{**overrides, "total_steps": 8})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"\nerror: checkpoint {ckpt} was trained on 124 windows of training data, but {data} holds 128 windows " \
+           "of seq_len 32: other data (another --data-dir, or this one prepared again" in "\n" + proc.stderr
+    assert "Traceback" not in proc.stderr
+    losses, _ = read_losses(tmp_path / "run")
+    assert sorted(losses) == [1, 2, 3, 4]

@@ -67,3 +67,49 @@ def export_equals_the_trainers(run_dir, tmp_path):
     offline = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
     live = transformers.LlamaForCausalLM.from_pretrained(run_dir / "hf").state_dict()
     assert offline.keys() == live.keys() and all(torch.equal(offline[k], v) for k, v in live.items())
+
+
+def packed_data_dir(path, train_tokens, val_tokens, *, vocab=512, corpus="corpus-a"):
+    """A prepared data dir written by hand (no tokenizer training): `train_tokens` and `val_tokens` token ids
+    in uint16, a stand-in tokenizer file with its hash, and a recipe whose corpus fingerprint is `corpus`.
+    Writing it again over the same path is preparing the data again."""
+    import hashlib
+
+    import numpy as np
+
+    from relora_ds.data.manifest import FORMAT, write_manifest
+
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(train_tokens)
+    rng.integers(0, vocab, train_tokens, dtype=np.uint16).tofile(path / "train.bin")
+    rng.integers(0, vocab, val_tokens, dtype=np.uint16).tofile(path / "validation.bin")
+    (path / "tokenizer.model").write_bytes(b"stand-in")
+    write_manifest(path, {
+        "format": FORMAT, "dtype": "uint16", "vocab_size": vocab, "bos_id": 1, "eos_id": 2, "pad_id": None,
+        "unk_id": 0, "tokenizer_path": "tokenizer.model", "tokenizer_sha256": hashlib.sha256(b"stand-in").hexdigest(),
+        "recipe": {"corpus_fingerprint": corpus, "tokenizer": {"train_bpe": {"vocab_size": vocab}},
+                   "val_fraction": 0.01, "max_docs": None},
+        "splits": {"train": {"path": "train.bin", "tokens": train_tokens, "documents": 10},
+                   "validation": {"path": "validation.bin", "tokens": val_tokens, "documents": 1}}})
+    return path
+
+
+def in_process_trainer(monkeypatch, *, rank=0, world=1):
+    """Build Trainers in this process without a process group, an engine or signal handlers: the process group
+    is stubbed out and rank 0's start-up work runs in place; DeepSpeed's engine creation fails the test if
+    reached. Returns the trainer module. (Close each Trainer built: its output_dir lock.)"""
+    import signal
+
+    from relora_ds import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "init_distributed", lambda **kw: None)
+    monkeypatch.setattr(trainer_mod, "pick_port_for_a_single_process", lambda: None)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the trainer's SIGTERM/SIGUSR1 handlers: not in pytest
+    monkeypatch.setattr(trainer_mod.dist, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(trainer_mod.dist, "get_world_size", lambda group=None: world)
+    monkeypatch.setattr(trainer_mod, "on_rank_zero", lambda fn: fn() if rank == 0 else None)
+
+    def no_engine(**kw):
+        raise AssertionError("deepspeed.initialize reached: the check should have come before any engine")
+    monkeypatch.setattr(trainer_mod.deepspeed, "initialize", no_engine)
+    return trainer_mod

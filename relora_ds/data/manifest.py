@@ -77,6 +77,21 @@ def load_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
+def train_data_fingerprint(manifest: dict) -> str:
+    """sha256 of what decides the training split's tokens, read from the manifest alone (no token file is
+    read: free on a 100 GB corpus). It covers the prepare recipe -- the corpus fingerprint (the input files'
+    paths, sizes and mtimes, or a hub dataset's commit), the tokenizer, val_fraction, max_docs, ... -- less
+    a separate validation corpus (``--val-input``, which trains nothing), the tokenizer's sha256, the token
+    dtype and the training split's token and document counts. Data re-prepared from changed inputs or
+    options changes it; re-running prepare_data with the same recipe (a no-op), or moving or copying the
+    data dir, does not. Checkpoints record it so that ``--resume`` refuses data their sampler never saw."""
+    recipe = {k: v for k, v in (manifest.get("recipe") or {}).items() if k != "validation_corpus"}
+    train = manifest["splits"]["train"]
+    key = {"recipe": recipe, "tokenizer_sha256": manifest.get("tokenizer_sha256"), "dtype": manifest.get("dtype"),
+           "train_tokens": int(train["tokens"]), "train_documents": int(train.get("documents", 0))}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
 def files_intact(data_dir: Path, manifest: dict) -> bool:
     """Whether the token files a stored manifest names have the right sizes and the tokenizer its hash."""
     itemsize = 2 if manifest["dtype"] == "uint16" else 4

@@ -16,6 +16,11 @@ import torch
 from relora_ds.data.manifest import load_manifest
 
 
+def num_windows(tokens: int, seq_len: int) -> int:
+    """Windows of ``seq_len + 1`` tokens in a split of ``tokens`` (0 when it holds ``seq_len`` or fewer)."""
+    return max(0, (int(tokens) - 1) // seq_len)
+
+
 class PackedTokens:
     """``len(ds)`` windows of ``seq_len + 1`` token ids; ``ds[i]`` is a LongTensor of that shape."""
 
@@ -35,7 +40,7 @@ class PackedTokens:
             raise ValueError(f"{str(self.path)!r} has {size} bytes, but the manifest says "
                              f"{self.num_tokens} {self.dtype} tokens; re-run prepare_data")
         self.split, self.seq_len, self.manifest = split, seq_len, manifest
-        self._num_windows = max(0, (self.num_tokens - 1) // seq_len)
+        self._num_windows = num_windows(self.num_tokens, seq_len)
         self._tokens: np.ndarray | None = None
 
     @property

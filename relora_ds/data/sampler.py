@@ -37,6 +37,15 @@ def _check_shard(micro_batch_size: int, rank: int, world_size: int) -> None:
         raise ValueError(f"rank={rank!r} must be an int in [0, world_size={world_size})")
 
 
+def _size(dataset) -> str:
+    """A PackedTokens' size for an error: "the train split: 1,989 tokens at seq_len=2048" ("" for others)."""
+    tokens, seq_len = getattr(dataset, "num_tokens", None), getattr(dataset, "seq_len", None)
+    if tokens is None or seq_len is None:
+        return ""
+    split = getattr(dataset, "split", None)
+    return f"{f'the {split} split: ' if split else ''}{tokens:,} tokens at seq_len={seq_len}"
+
+
 def _batch(dataset, indices: np.ndarray) -> torch.Tensor:
     if hasattr(dataset, "get_batch"):
         return dataset.get_batch(indices)
@@ -67,13 +76,20 @@ class ShardedBatches:
             raise ValueError(f"accumulation_steps={accumulation_steps!r} must be a positive int")
         self.num_samples = len(dataset)
         if self.num_samples == 0:
-            raise ValueError("the dataset has no windows (split too small for seq_len?)")
+            size = _size(dataset)
+            raise ValueError(f"the dataset has no windows{f' ({size})' if size else ''}: each window needs seq_len + 1 "
+                             "tokens; use a smaller seq_len, or more data (launch/prepare_data.py)")
         # Samples of one optimizer step: the unit in which an epoch's tail is dropped.
         self.step_samples = accumulation_steps * micro_batch_size * world_size
         if drop_last and self.num_samples < self.step_samples:
-            raise ValueError(f"the dataset has {self.num_samples} windows, fewer than one optimizer step's "
-                             f"global batch of accumulation_steps * world_size * micro_batch_size = "
-                             f"{self.step_samples}; use drop_last=False (which repeats samples) or a smaller batch")
+            size = _size(dataset)
+            raise ValueError(
+                f"the dataset has {self.num_samples:,} windows{f' ({size})' if size else ''}, fewer than one "
+                f"optimizer step's global batch of accumulation_steps * world_size * micro_batch_size = "
+                f"{accumulation_steps} * {world_size} * {micro_batch_size} = {self.step_samples:,}: use a smaller "
+                "batch (accumulation_steps, micro_batch_size), a smaller seq_len (more windows from the same "
+                "tokens), or more data (launch/prepare_data.py); or pass drop_last=False to ShardedBatches, "
+                "which repeats samples to fill each step")
         self.dataset, self.micro_batch_size = dataset, micro_batch_size
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.epoch = 0

@@ -58,7 +58,10 @@ def _check(argv) -> str:
         data_dir = Path(cfg.data_dir) if cfg.data_dir else builtin_data_dir(vocab)
         prepared = cfg.data_dir or read_manifest_file(data_dir) is not None
         model_config, _ = check_model_and_data(cfg, data_dir if prepared else None, vocab)
-        build_schedule(cfg, total_steps_for(cfg))
+        total_steps = total_steps_for(cfg, checkpoint.resume_progress(Path(cfg.output_dir) / "checkpoints",
+                                                                      cfg.resume_from)
+                                      if cfg.resume and cfg.token_budget else None)
+        build_schedule(cfg, total_steps)
         apply_kernels_setting(cfg.kernels)
         if os.environ.get("DS_ACCELERATOR"):  # what the ranks will run on (see above)
             check_kernels(cfg, os.environ["DS_ACCELERATOR"] == "cuda")
@@ -67,20 +70,20 @@ def _check(argv) -> str:
         # The built-in corpus may not be prepared yet: then its size, tokenizer and fingerprint are not checked.
         manifest = read_manifest_file(data_dir)
         if manifest is not None:  # a split too small for a window or a global batch at this world size
-            check_data_use(cfg, total_steps_for(cfg), manifest["splits"], str(data_dir), args.world_size)
+            check_data_use(cfg, total_steps, manifest["splits"], str(data_dir), args.world_size)
         if cfg.resume:  # as the trainer plans it
             cfg.vocab_size = vocab
             checkpoint.plan_resume(Path(cfg.output_dir) / "checkpoints", model=model_config.to_dict(),
                                    train=cfg.to_dict(), ds=ds, world=args.world_size, data_dir=data_dir,
                                    tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None,
-                                   total_steps=total_steps_for(cfg),
+                                   total_steps=total_steps,
                                    data=train_data_record(manifest, cfg.seq_len) if manifest else None)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     stage = zero_stage(ds)
     print(f"preflight: {args.world_size} rank(s) x micro_batch_size {cfg.micro_batch_size} x "
           f"{ds['gradient_accumulation_steps']} accumulation step(s) = global_batch_size {cfg.global_batch_size}; "
-          f"model {cfg.hf_model or cfg.model}, ZeRO stage {stage}, {total_steps_for(cfg)} steps, data "
+          f"model {cfg.hf_model or cfg.model}, ZeRO stage {stage}, {total_steps} steps, data "
           f"{cfg.data_dir or 'the built-in demo corpus'}, output_dir {cfg.output_dir}", file=sys.stderr)
     return cfg.output_dir
 

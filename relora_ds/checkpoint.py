@@ -201,6 +201,23 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=tag_step)
 
 
+def resume_progress(ckpt_dir: Path, resume_from: str | None) -> dict | None:
+    """``{"step", "tokens_seen"}`` of the checkpoint ``--resume`` (``resume_from``) will load, from its
+    config.json, before any engine exists; None without a checkpoint. A token-budget run's length depends on
+    it once the global batch changes. Checkpoints written before config.json recorded it: their steps at their
+    own batch."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = latest_tag(ckpt_dir)
+    if resume_from:
+        tag, _ = _resume_point(ckpt_dir, resume_from, tag)
+    if tag is None:
+        return None
+    saved = load_config(ckpt_dir, tag)
+    step = tag_step(tag)
+    return saved.get("progress") or {
+        "step": step, "tokens_seen": step * saved["train"]["global_batch_size"] * saved["train"]["seq_len"]}
+
+
 def _resume_point(ckpt_dir: Path, resume_from: str, latest: str | None) -> tuple[str, list[str]]:
     """(tag to load, later tags to move aside) for ``--resume-from``. A checkpoint written after the rewind
     by the run that made it (its config says the same resume_from) is that run's progress: a requeued job

@@ -35,7 +35,8 @@ class CheckpointsMixin:
 
     def save(self) -> Path:
         start = time.perf_counter()
-        path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(), self._run_config(),
+        path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(),
+                               {**self._run_config(), "progress": {"step": self.step, "tokens_seen": self.tokens_seen}},
                                self.cfg.keep_last)
         self.metrics.log({"event": "checkpoint", "step": self.step, "path": str(path),
                           "save_seconds": time.perf_counter() - start})

@@ -79,8 +79,16 @@ def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Pa
                          f"the model. Prepare the data with launch/prepare_data.py --tokenizer {path}")
 
 
-def total_steps_for(cfg: TrainConfig) -> int:
-    return cfg.total_steps or math.ceil(cfg.token_budget / (cfg.global_batch_size * cfg.seq_len))
+def total_steps_for(cfg: TrainConfig, progress: dict | None = None) -> int:
+    """total_steps, or the steps of token_budget at this run's global batch; a resumed token-budget run
+    (``progress``: the checkpoint's ``{"step", "tokens_seen"}``, checkpoint.resume_progress) trains what is
+    left of the budget at this run's batch, which may differ from the checkpoint's."""
+    if cfg.total_steps:
+        return cfg.total_steps
+    per_step = cfg.global_batch_size * cfg.seq_len
+    if progress is None:
+        return math.ceil(cfg.token_budget / per_step)
+    return int(progress["step"]) + math.ceil(max(0, cfg.token_budget - int(progress["tokens_seen"])) / per_step)
 
 
 def build_schedule(cfg: TrainConfig, total_steps: int):
@@ -103,6 +111,12 @@ def build_schedule(cfg: TrainConfig, total_steps: int):
                                          second=functools.partial(jagged, total_steps=total_steps - start))
         else:
             schedule = functools.partial(jagged, start_step=start)
+    lowrank = total_steps - start
+    if cfg.mode == "relora" and cfg.cycle_length >= lowrank:
+        warnings.warn(f"cycle_length={cfg.cycle_length} is not shorter than the low-rank phase ({lowrank} steps: "
+                      f"total_steps={total_steps} - warm_start_steps={start}): no ReLoRA reset happens before the "
+                      "last step, so this run trains as plain LoRA (set a smaller cycle_length, e.g. the paper's "
+                      "~1/8 of the run, or mode lora)", ConfigWarning, stacklevel=2)
     try:
         for step in (0, start):
             schedule(step)

@@ -389,6 +389,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = None if v == _CLEAR else v
+    source = values.get("hf_model") or values.get("warm_start_from")
+    if getattr(args, "model", None) is not None and source:
+        raise ValueError(f"--model {args.model} contradicts {'hf_model' if values.get('hf_model') else 'warm_start_from'}"
+                         f"={source!r}, whose config.json decides the model: give one of the two")
     if getattr(args, "resume", None) is False and values.get("resume_from") is not None:
         raise ValueError(f"--no-resume contradicts resume_from={values['resume_from']!r}, which resumes: give one "
                          "(--resume-from none clears a recipe's)")

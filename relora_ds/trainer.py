@@ -96,7 +96,8 @@ class Trainer(CheckpointsMixin):
         with self._warnings_on_rank_zero():
             self.model_config, manifest = check_model_and_data(cfg, self.data_dir, manifest_vocab)
         self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
-        self.total_steps = total_steps_for(cfg)
+        self.total_steps = total_steps_for(cfg, checkpoint.resume_progress(self.ckpt_dir, cfg.resume_from)
+                                           if cfg.resume and cfg.token_budget else None)
         self.relora_start = cfg.warm_start_steps
         self.schedule = build_schedule(cfg, self.total_steps)
         with self._warnings_on_rank_zero():  # a split too small for a window or a global batch: named here

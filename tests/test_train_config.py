@@ -324,3 +324,56 @@ def test_no_resume_with_resume_from_is_a_contradiction():
     cfg = config_from_args(parser.parse_args(["--resume-from", "step_10", "--resume", "--cycle-length", "10",
                                             "--total-steps", "100"]))
     assert cfg.resume and cfg.resume_from == "step_10"
+
+
+def test_a_resumed_token_budget_trains_what_is_left_at_the_new_batch(tmp_path):
+    """The checkpoint at step 10 saw 10 x 16 x 64 = 10,240 of 20,480 tokens; resumed at a global batch of 32
+    (2,048 tokens a step) the run ends at 10 + 10,240 / 2,048 = 15, not at ceil(20,480 / 2,048) = 10. The
+    checkpoint's progress comes from its config.json, or, for one written before it recorded it, from its
+    steps at its own batch."""
+    import json
+
+    from relora_ds import checkpoint
+    from relora_ds.startup import total_steps_for
+
+    cfg = TrainConfig(**{**BASE, "total_steps": None, "token_budget": 20480, "seq_len": 64,
+                         "global_batch_size": 32, "micro_batch_size": 4})
+    assert total_steps_for(cfg) == 10
+    assert total_steps_for(cfg, {"step": 10, "tokens_seen": 10240}) == 15
+    assert total_steps_for(cfg, {"step": 10, "tokens_seen": 10241}) == 15  # a part step still runs
+    assert total_steps_for(cfg, {"step": 20, "tokens_seen": 20480}) == 20  # spent: nothing left
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step_10").mkdir(parents=True)
+    (ckpts / "latest").write_text("step_10")
+    saved = {"train": {"global_batch_size": 16, "seq_len": 64}}
+    (ckpts / "step_10" / "config.json").write_text(json.dumps(saved))
+    assert checkpoint.resume_progress(ckpts, None) == {"step": 10, "tokens_seen": 10240}
+    (ckpts / "step_10" / "config.json").write_text(json.dumps({**saved, "progress": {"step": 10, "tokens_seen": 9000}}))
+    assert checkpoint.resume_progress(ckpts, "step_10") == {"step": 10, "tokens_seen": 9000}
+    assert checkpoint.resume_progress(tmp_path / "none", None) is None
+
+
+def test_a_reset_interval_longer_than_the_low_rank_phase_is_named():
+    import warnings as w
+
+    from relora_ds.startup import build_schedule
+    from relora_ds.train_config import ConfigWarning
+
+    kw = {**BASE, "total_steps": 30, "warm_start_steps": 10, "restart_warmup_steps": 3, "warmup_steps": 5,
+          "warm_start_lr": 5e-4}
+    with pytest.warns(ConfigWarning, match=r"cycle_length=20 is not shorter than the low-rank phase \(20 steps: "
+                                           r"total_steps=30 - warm_start_steps=10\): no ReLoRA reset happens"):
+        build_schedule(TrainConfig(**{**kw, "cycle_length": 20}), 30)
+    with w.catch_warnings():
+        w.simplefilter("error")
+        build_schedule(TrainConfig(**{**kw, "cycle_length": 19}), 30)  # one reset at step 29: no warning
+        build_schedule(TrainConfig(**{**kw, "cycle_length": None, "mode": "lora"}), 30)  # lora never resets
+
+
+def test_model_preset_with_a_hugging_face_start_is_a_contradiction():
+    parser = build_parser(argparse.ArgumentParser())
+    for flag in ("--hf-model", "--warm-start-from"):
+        with pytest.raises(ValueError, match=rf"--model 60m contradicts {flag[2:].replace('-', '_')}='/x/hf', whose "
+                                             r"config.json decides the model"):
+            config_from_args(parser.parse_args(["--model", "60m", flag, "/x/hf", "--total-steps", "100",
+                                                "--cycle-length", "10"]))

@@ -128,6 +128,7 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
         tag, rewind = _resume_point(ckpt_dir, train["resume_from"], tag)
     if tag is None:
         return None
+    check_complete(ckpt_dir, tag)
     if tag_step(tag) > total_steps:
         raise ValueError(f"checkpoint {ckpt_dir / tag} is at step {tag_step(tag)}, past this run's total_steps="
                          f"{total_steps}: resume with total_steps of at least {tag_step(tag)} (equal: nothing left "
@@ -201,6 +202,20 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=tag_step)
 
 
+def check_complete(ckpt_dir: Path, tag: str) -> None:
+    """The checkpoint a resume will load has its folder and config.json (a folder deleted by hand while
+    ``latest`` still names it is named here, not by a FileNotFoundError; files DeepSpeed misses are named
+    where it loads them, resume.py)."""
+    folder = Path(ckpt_dir) / tag
+    missing = ("its folder" if not folder.is_dir() else "config.json" if not (folder / "config.json").is_file()
+               else None)
+    if missing:
+        others = [t for t in complete_tags(ckpt_dir) if t != tag]
+        raise ValueError(f"checkpoint {folder} (the one to resume from) lacks {missing}; complete checkpoints in "
+                         f"{ckpt_dir}: {others or 'none'}" + (": resume from one with --resume-from step_N" if others
+                                                             else ": start over with --overwrite"))
+
+
 def resume_progress(ckpt_dir: Path, resume_from: str | None) -> dict | None:
     """``{"step", "tokens_seen"}`` of the checkpoint ``--resume`` (``resume_from``) will load, from its
     config.json, before any engine exists; None without a checkpoint. A token-budget run's length depends on
@@ -212,6 +227,7 @@ def resume_progress(ckpt_dir: Path, resume_from: str | None) -> dict | None:
         tag, _ = _resume_point(ckpt_dir, resume_from, tag)
     if tag is None:
         return None
+    check_complete(ckpt_dir, tag)
     saved = load_config(ckpt_dir, tag)
     step = tag_step(tag)
     return saved.get("progress") or {

@@ -61,7 +61,12 @@ class CheckpointsMixin:
         phase = self._phase(step - 1)
         self._build_engine(self._base_model() if phase == "full" or not self.cfg.warm_start_steps
                            else LlamaForCausalLM(self.model_config), phase, load_universal=universal)
-        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
+        try:
+            _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
+        except (AssertionError, FileNotFoundError) as e:  # DeepSpeed asserts that its files exist
+            raise ValueError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / load_tag}: {type(e).__name__}: "
+                             f"{e} (a file missing from it?); resume from another one with --resume-from step_N "
+                             f"(others there: {[t for t in checkpoint.complete_tags(self.ckpt_dir) if t != tag]})") from e
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load {self.ckpt_dir / load_tag}")
         if client.get("phase", phase) != phase:

@@ -333,3 +333,26 @@ def test_bf16_optimizer_masters_join_pieces_in_rank_number_order(tmp_path):
     assert torch.equal(out["w"], w.view(6, 10)) and torch.equal(out["v"], v.view(4, 6))
     with pytest.raises(ValueError, match="pieces of w hold 60 values, the module states' shape is \\(6, 11\\)"):
         bf16_optimizer_masters(tmp_path, {"w": (6, 11), "v": (4, 6)})
+
+
+def test_a_checkpoint_deleted_or_incomplete_under_latest_is_named(tmp_path):
+    """`latest` names a folder deleted by hand, or one without DeepSpeed's model states: a clear error naming
+    the complete checkpoints there, not a FileNotFoundError/AssertionError from the loader."""
+    import json as _json
+
+    from relora_ds import checkpoint as ck
+    ckpts = tmp_path / "checkpoints"
+    for step in (5, 10):
+        (ckpts / f"step_{step}").mkdir(parents=True)
+        (ckpts / f"step_{step}" / "config.json").write_text(_json.dumps({"train": {}}))
+        (ckpts / f"step_{step}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (ckpts / "latest").write_text("step_12")
+    with pytest.raises(ValueError, match=r"step_12 \(the one to resume from\) lacks its folder; complete checkpoints "
+                                         r"in .*: \['step_5', 'step_10'\]: resume from one with --resume-from"):
+        ck.check_complete(ckpts, ck.latest_tag(ckpts))
+    (ckpts / "latest").write_text("step_10")
+    (ckpts / "step_10" / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"step_10 \(the one to resume from\) lacks config.json; complete checkpoints "
+                                         r"in .*: \['step_5'\]"):
+        ck.resume_progress(ckpts, None)
+    ck.check_complete(ckpts, "step_5")  # complete: no error

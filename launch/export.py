@@ -29,10 +29,17 @@ def main(argv=None) -> Path:
     tok.add_argument("--tokenizer", type=Path, help="SentencePiece .model (default: the run's data dir's)")
     tok.add_argument("--no-tokenizer", action="store_true", help="write the model only")
     args = ap.parse_args(argv)
+    if (args.checkpoints / "checkpoints").is_dir() and not (args.checkpoints / "latest").is_file():
+        args.checkpoints = args.checkpoints / "checkpoints"  # the run's output_dir: its checkpoints/ is meant
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out} exists and is not a directory")
     tag = args.tag or latest_tag(args.checkpoints)
     if tag is None or not (args.checkpoints / tag).is_dir():
         found = sorted(p.name for p in args.checkpoints.glob("step_*")) if args.checkpoints.is_dir() else []
         ap.error(f"no checkpoint {tag or '(latest)'} in {args.checkpoints}; found: {found or 'none'}")
+    if not (args.checkpoints / tag / "config.json").is_file():
+        ap.error(f"{args.checkpoints / tag} has no config.json: an incomplete checkpoint (its save did not finish?); "
+                 "export another with --tag")
     run = load_config(args.checkpoints, tag)
     tokenizer = None if args.no_tokenizer else args.tokenizer or _run_tokenizer(run, ap)
     if tokenizer is not None and not tokenizer.is_file():
@@ -40,7 +47,11 @@ def main(argv=None) -> Path:
     if tokenizer is not None and run.get("tokenizer_sha256") not in (None, file_sha256(tokenizer)):
         ap.error(f"{tokenizer} is not the tokenizer {args.checkpoints / tag} was trained with (sha256 "
                  f"{run['tokenizer_sha256'][:12]}...); pass that one with --tokenizer, or --no-tokenizer")
-    state = full_state_dict(args.checkpoints, tag)
+    try:
+        state = full_state_dict(args.checkpoints, tag)
+    except (ValueError, FileNotFoundError, AssertionError, RuntimeError) as e:  # DeepSpeed's readers on damaged files
+        ap.error(f"cannot read {args.checkpoints / tag}: {type(e).__name__}: {e} (a file missing or cut short? "
+                 "every rank's *_model_states.pt and *_optim_states.pt must be there); export another with --tag")
     model = LlamaForCausalLM(LlamaConfig(**run["model"]))
     if any(".lora_A" in k for k in state):  # saved in the ReLoRA phase (after any warm start)
         t = run["train"]

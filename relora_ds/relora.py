@@ -130,6 +130,10 @@ class ReLoRALinear(nn.Module):
         try:
             return super()._apply(fn, recurse)
         finally:
+            # Off the meta device (to_empty after a meta build): host buffers become real, zero, host tensors
+            # (a residual of zero), which load_state_dict then fills; on meta they could hold nothing.
+            if not self.lora_A.is_meta:
+                host = {k: torch.zeros_like(v, device="cpu") if v.is_meta else v for k, v in host.items()}
             self._buffers.update(host)
 
     @torch.no_grad()

@@ -111,6 +111,30 @@ def test_export_any_checkpoint_offline(demo_run, tmp_path):
         assert (mid(x).logits - final(x).logits).abs().max() > 1e-2  # a different point of the run
 
 
+def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path):
+    """launch/export.py on a copy of the demo's checkpoints: the run directory itself is taken for its
+    checkpoints/; a checkpoint without config.json, one missing a DeepSpeed file, and an --out that is a file
+    are one-line errors (exit 2), not tracebacks."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run / "checkpoints", run / "checkpoints")
+    export = lambda *a: subprocess.run([sys.executable, str(ROOT / "launch/export.py"), *map(str, a)],  # noqa: E731
+                                       capture_output=True, text=True, env=launch_env())
+    proc = export(run, "--tag", "step_50", "--out", tmp_path / "hf", "--no-tokenizer")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (tmp_path / "afile").write_text("x")
+    proc = export(run / "checkpoints", "--out", tmp_path / "afile")
+    assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr
+    (run / "checkpoints" / "step_25" / "config.json").unlink()
+    proc = export(run / "checkpoints", "--tag", "step_25", "--out", tmp_path / "x")
+    assert proc.returncode == 2 and "step_25 has no config.json: an incomplete checkpoint" in proc.stderr
+    for f in (run / "checkpoints" / "step_50").glob("*model_states.pt"):
+        f.unlink()
+    proc = export(run / "checkpoints", "--tag", "step_50", "--out", tmp_path / "y")
+    assert proc.returncode == 2 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
     proc = _python_train("--model", "debug", "--seq-len", "32", "--cycle-length", "4", "--warm-start-steps", "2",
                          "--restart-warmup-steps", "2", "--warmup-steps", "1", "--total-steps", "12",

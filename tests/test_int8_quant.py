@@ -364,3 +364,35 @@ def test_stochastic_rounding_is_unbiased_and_grows_like_sqrt_k():
     err = quant.merge_drift(W0, ups, mechanisms=("stochastic",), seed=0)
     r = [e / o for e, o in zip(err["stochastic"], err["one_shot"])]
     assert r == pytest.approx([math.sqrt(1 + 2 * k) for k in range(1, 17)], rel=0.05)
+
+
+@pytest.mark.parametrize("kw", [dict(quantize="int8"), dict(merge_residual=True)])
+def test_a_meta_built_model_materialized_with_to_empty_loads_its_host_residuals(kw):
+    """Build on meta, to_empty, load_state_dict (the usual large-model load): the host residual buffers
+    become real host tensors and take the checkpoint's values, so the next merge equals the source model's."""
+    import relora_ds
+    from relora_ds import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dtype = torch.float32 if kw.get("quantize") else torch.bfloat16  # a float base rounds only in bf16
+    src = relora_ds.wrap(LlamaForCausalLM(LlamaConfig.preset("debug")).to(dtype), rank=4, **kw)
+    with torch.no_grad():
+        for _, layer in relora_ds.relora_layers(src):
+            layer.lora_B.normal_(std=0.02)
+    relora_ds.merge_and_reinit(src)  # a non-zero residual to carry over
+    with torch.device("meta"):
+        dst = relora_ds.wrap(LlamaForCausalLM(LlamaConfig.preset("debug")).to(dtype), rank=4, **kw)
+    dst.to_empty(device="cpu")
+    dst.load_state_dict(src.state_dict())
+    name = "weight_residual" if kw.get("quantize") else "merge_residual"
+    for (_, a), (_, b) in zip(relora_ds.relora_layers(src), relora_ds.relora_layers(dst)):
+        assert getattr(b, name).device.type == "cpu"
+        assert torch.equal(getattr(a, name), getattr(b, name)) and getattr(a, name).abs().sum() > 0
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(relora_ds.relora_layers(src), relora_ds.relora_layers(dst)):
+            a.lora_B.normal_(std=0.02)
+            b.lora_B.copy_(a.lora_B)
+    relora_ds.merge_and_reinit(src)
+    relora_ds.merge_and_reinit(dst)
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k]), k

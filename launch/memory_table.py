@@ -257,7 +257,8 @@ def positive_float(text: str) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), help="model presets (relora_ds.PRESETS)")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS),
+                        help="model presets (relora_ds.PRESETS), space- or comma-separated")
     parser.add_argument("--gpus", type=positive_int, default=8, help="data-parallel ranks sharing ZeRO states")
     parser.add_argument("--memory-gb", type=positive_float, default=80.0, help="memory per GPU (GB, 1e9 bytes)")
     parser.add_argument("--reserve-gb", type=float, default=None,
@@ -277,9 +278,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.loss_chunk_size < 0:
         parser.exit(2, f"error: --loss-chunk-size must be >= 0 (0: off), got {args.loss_chunk_size}\n")
+    args.presets = [n for item in args.presets for n in item.split(",") if n]
+    memory_gib = args.memory_gb * 1e9 / 2**30
+    if args.reserve_gb is not None and not 0 <= args.reserve_gb < memory_gib:
+        parser.error(f"--reserve-gb must be in [0, {memory_gib:.1f}) GiB (the --memory-gb {args.memory_gb:g} GB), "
+                     f"got {args.reserve_gb:g}")
     try:
         for name in args.presets:
-            LlamaConfig.preset(name)
+            config = LlamaConfig.preset(name)
+            smallest = min(config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim)
+            if args.rank > smallest:
+                raise ValueError(f"--rank {args.rank} is larger than {name}'s smallest targeted layer dimension "
+                                 f"{smallest} (the trainer refuses it); valid ranks: 1..{smallest}")
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     error = batch_split_error(args.global_batch_size, args.gpus)

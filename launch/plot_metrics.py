@@ -29,7 +29,15 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
     if not args.metrics.is_file():
         ap.error(f"{args.metrics}: no such file")
-    recs = [json.loads(line) for line in args.metrics.read_text().splitlines() if line.strip()]
+    recs, cut = [], 0
+    for line in args.metrics.read_text().splitlines():
+        if line.strip():
+            try:
+                recs.append(json.loads(line))
+            except ValueError:  # a line cut by a run killed mid-write (metrics.py moves it aside on resume)
+                cut += 1
+    if cut:
+        print(f"{args.metrics}: skipped {cut} line(s) that are not complete JSON (a run killed mid-write)")
     train, val, resets = curves(recs)
     if not train:
         ap.error(f"{args.metrics}: no training records")
@@ -46,6 +54,8 @@ def main(argv=None) -> Path:
     ax2.set_ylabel("learning rate")
     ax2.set_xlabel("optimizer step (dotted: ReLoRA switch and resets)")
     out = args.out or args.metrics.with_name("curves.png")
+    if not out.parent.is_dir():
+        ap.error(f"-o {out}: no directory {out.parent}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")

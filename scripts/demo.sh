@@ -12,6 +12,13 @@ PORT="${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("1
 # A re-run of the demo starts over in its own runs/tiny (--overwrite), unless it is asked to resume
 # (--resume, --resume-from) or given another --output-dir (whose run is never deleted without an explicit
 # --overwrite): scripts/demo_plan.py reads the flags as launch/train.py does.
+for a in "$@"; do  # help: the demo's own usage and train.py's flags, nothing launched
+  if [[ "$a" == -h || "$a" == --help ]]; then
+    echo "usage: bash scripts/demo.sh [launch/train.py flags]   (env: NPROC ranks, default 2; MASTER_PORT)"
+    echo "runs launch/train.py --config launch/configs/tiny.yaml --deepspeed ds_configs/zero2.json on NPROC ranks, then plots"
+    exec python launch/train.py --help
+  fi
+done
 PLAN="$(python scripts/demo_plan.py "$@")"
 OUT="$(sed -n 1p <<< "$PLAN")"
 read -r -a FRESH <<< "$(sed -n 2p <<< "$PLAN")"

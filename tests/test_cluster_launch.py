@@ -208,3 +208,21 @@ def test_hostfile_node_rank_and_from_slurm_outside_a_job(tmp_path):
     assert hostfile.node_rank({"n1": 8, "n2": 8, "n3": 8}, "n2") == 1
     proc = _run(sys.executable, "launch/hostfile.py", "from-slurm", "--slots", "8")
     assert proc.returncode == 2 and "SLURM_JOB_NODELIST is not set" in proc.stderr
+
+
+def test_slurm_start_up_line_names_the_master_the_ranks_get(tmp_path):
+    """common.sh's prepare_training: MASTER_ADDR is the allocation's first node, or the host it is given
+    (train_deepspeed.sbatch passes a HOSTFILE's first host), and the start-up line names that one."""
+    import stat
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("scontrol", 'printf "n1\\nn2\\n"'), ("fakepython", f'echo {tmp_path}/out')):
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    script = ("source launch/slurm/common.sh; SLURM_JOB_ID=5; SLURM_JOB_NODELIST='n[1-2]'; SLURM_JOB_NUM_NODES=2; "
+              "prepare_training 4 $MASTER; echo ranks-get=$MASTER_ADDR")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "fakepython")}
+    for master, want in (("", "n1"), ("n2", "n2")):
+        out = subprocess.run(["bash", "-c", script], cwd=ROOT, env={**env, "MASTER": master}, capture_output=True,
+                             text=True, check=True).stdout
+        assert f"master {want}:20005" in out and f"ranks-get={want}" in out, out

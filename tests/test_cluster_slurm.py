@@ -31,11 +31,11 @@ def slurm(tmp_path_factory, request):
     return cluster.start()
 
 
-def _submit(slurm, tmp_path, script, *options, **variables):
+def _submit(slurm, tmp_path, script, *options, node=tuple(ONE_NODE), **variables):
     env = {k: v for k, v in launch_env().items() if not k.startswith("SLURM_")}
     env.update({"PYTHON": sys.executable, "RECIPE": "launch/configs/tiny.yaml", "DS_CONFIG": "ds_configs/zero2.json",
                 "OUTPUT_DIR": str(tmp_path / "run"), "TRAIN_ARGS": SHORT, **variables})
-    return slurm.submit(ROOT / "launch/slurm" / script, *ONE_NODE, f"--output={tmp_path}/%x-%j.out", *options,
+    return slurm.submit(ROOT / "launch/slurm" / script, *node, f"--output={tmp_path}/%x-%j.out", *options,
                         env=env, cwd=ROOT)
 
 
@@ -115,13 +115,16 @@ def test_term_to_the_batch_script_checkpoints_without_requeue(slurm, tmp_path):
 
 
 def test_deepspeed_launcher_variant(slurm, tmp_path):
+    # Submitted as on a cluster without GPU gres: no --gpus-per-node anywhere (the script asks for none).
     job = _submit(slurm, tmp_path, "train_deepspeed.sbatch", "--ntasks-per-node=1", "--cpus-per-task=2",
-                  GPUS_PER_NODE="2", TRAIN_ARGS=SHORT.replace("--total-steps 30", "--total-steps 10")
+                  node=("--nodes=1",), GPUS_PER_NODE="2",
+                  TRAIN_ARGS=SHORT.replace("--total-steps 30", "--total-steps 10")
                   .replace("--save-every 10", "--save-every 0") + " --no-export")
     info = slurm.wait(job)
     log = _log(tmp_path, job)
     _assert_finished(info, log)
     assert (tmp_path / f"run/hostfile-{job}").read_text() == "localhost slots=2\n"
+    assert re.search(r"master localhost:\d+", log)  # the start-up line names the rendezvous host
     assert "2 rank(s), bf16=True, ZeRO stage 2, offload: none, 10 steps" in log
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step_10"
 

@@ -297,3 +297,16 @@ def test_offload_table_cells(capsys):
     assert row["host RAM/GPU start-up / warm start / ReLoRA (GB)"] == f"{4 * T / 1e9:.1f} / 0.0 / {F / 2 / 1e9:.1f}"
     default = _table(capsys, "--presets", "1b")["1b"]  # the default table has no host column and no n/a
     assert not any(h.startswith("host RAM") for h in default) and "n/a" not in " ".join(default.values())
+
+
+def test_bad_reserve_and_rank_are_named_and_presets_may_be_comma_separated(capsys):
+    for argv, match in ((["--reserve-gb", "-5"], r"--reserve-gb must be in \[0, 74.5\) GiB"),
+                        (["--reserve-gb", "100"], r"--reserve-gb must be in \[0, 74.5\) GiB"),
+                        (["--presets", "60m", "--rank", "100000"],
+                         r"--rank 100000 is larger than 60m's smallest targeted layer dimension 512")):
+        with pytest.raises(SystemExit) as e:
+            memory_table.main(argv)
+        assert e.value.code == 2 and re.search(match, capsys.readouterr().err)
+    assert memory_table.main(["--presets", "60m,130m"]) == 0
+    rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["60m", "130m"]

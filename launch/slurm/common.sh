@@ -29,9 +29,9 @@ require_slurm_job() {
 }
 
 # Sets train_args (launch/train.py flags), out_dir and world_size after checking them for WORLD ranks
-# (launch/preflight.py).
+# (launch/preflight.py); MASTER_ADDR is MASTER (the second argument) or the allocation's first node.
 prepare_training() {
-    local world=$1 extra=()
+    local world=$1 master=${2:-} extra=()
     world_size=$world
     PYTHON=${PYTHON:-python}
     train_args=(--config "${RECIPE:-launch/configs/paper_250m.yaml}" --deepspeed "${DS_CONFIG:-ds_configs/zero2.json}"
@@ -41,7 +41,8 @@ prepare_training() {
     train_args+=(${extra[@]+"${extra[@]}"})  # (an empty array under set -u fails on bash < 4.4)
     out_dir=$("$PYTHON" launch/preflight.py --world-size "$world" "${train_args[@]}") || exit 2
 
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # awk reads the whole list (head would close the pipe early: scontrol's SIGPIPE fails pipefail on huge jobs)
+    MASTER_ADDR=${master:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')}
     [[ -n "$MASTER_ADDR" ]] || die "could not expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST with scontrol"
     export MASTER_ADDR
     export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}

@@ -119,9 +119,9 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
         from .zero_reset import prune_engine_optimizer_state  # the one path that touches DeepSpeed internals
 
         return prune_engine_optimizer_state(optimizer, params, method, ratio, seed, joint)
-    from .merge import check_not_engine_managed
-    for p in params[:1]:
-        check_not_engine_managed(p, "prune_optimizer_state")
+    if params:
+        from .merge import check_not_engine_managed
+        check_not_engine_managed(params[0], "prune_optimizer_state")
     if type(optimizer).__module__.startswith("deepspeed.runtime"):  # ZeRO / bf16 / fp16 optimizer wrappers
         raise ValueError(f"prune_optimizer_state: got DeepSpeed's {type(optimizer).__name__}; pass the engine "
                          "itself (relora_ds.prune_optimizer_state(engine, ...)), whose moments ZeRO partitions")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import warnings
 from collections.abc import Iterable, Iterator
 
 import relora_kernels
@@ -314,7 +315,6 @@ def _warn_unwrapped(model: nn.Module, chosen: list, target_modules) -> None:
     left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in picked
             and m is not out_emb and type(m).__name__ != "LMHead" and n.rpartition(".")[2] != "lm_head"]
     if left:
-        import warnings
         warnings.warn(f"relora_ds.wrap: the default target_modules {list(DEFAULT_TARGET_MODULES)} leave "
                       f"{len(left)} other nn.Linear layers full-rank and trainable: {left[:6]}"
                       f"{' ...' if len(left) > 6 else ''}; pass target_modules to choose them explicitly",

@@ -111,12 +111,17 @@ def _walk(root: Path, origin: str, exclude: tuple[Path, ...]) -> list[str]:
             continue
         if any(part.startswith(".") for part in p.relative_to(root).parts):  # .git, .ipynb_checkpoints
             hidden += p.is_file()
-        elif not (p.name in _SAVE_TO_DISK_META and any(p.parent.glob("*.arrow"))):
+        elif not _is_save_to_disk_meta(p):
             found.append(str(p))
     if hidden:
         warnings.warn(f"input {origin!r}: skipped {hidden} hidden files (names or folders starting "
                       "with '.')", DataWarning, stacklevel=3)
     return found
+
+
+def _is_save_to_disk_meta(p: Path) -> bool:
+    """A metadata file Dataset.save_to_disk writes beside its .arrow files (not text to read)."""
+    return p.name in _SAVE_TO_DISK_META and any(p.parent.glob("*.arrow"))
 
 
 def _excluded(p: Path, exclude: tuple[Path, ...]) -> bool:
@@ -169,7 +174,7 @@ def resolve_inputs(inputs: list[str], exclude=None) -> tuple[list[str], str | No
                 if m.is_dir():
                     _check_not_dataset_dict(m, f"{item} -> {m}")
                     found.extend(_walk(m, item, exclude))
-                elif not (m.name in _SAVE_TO_DISK_META and any(m.parent.glob("*.arrow"))):
+                elif not _is_save_to_disk_meta(m):
                     found.append(str(m))
             if not found:
                 raise ValueError(f"input glob {item!r} matches only prepare's own output files {sorted(map(str, matches))[:5]}")
@@ -230,9 +235,11 @@ def _is_valid_utf8(path: str) -> bool:
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     try:
         with _open_binary(path) as f:
+            if f.read(3) == codecs.BOM_UTF8:
+                return False
+            f.seek(0)
             while chunk := f.read(_CHUNK):
-                if decoder.decode(chunk).startswith("\ufeff") and f.tell() <= _CHUNK:
-                    return False
+                decoder.decode(chunk)
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return False

@@ -1,0 +1,192 @@
+"""relora_ds.wrap / unwrap / merge_and_reinit / prune_optimizer_state on the models and optimizers a user
+brings: Hugging Face architectures, eval mode, mixed dtypes, bad settings, DeepSpeed objects passed in the
+wrong place (found by a test-drive, 2026-12-01). The layer and the conversion themselves: test_relora.py."""
+import math
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import relora_ds
+from relora_ds import ReLoRALinear
+
+
+def _tiny_llama(**kw):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, **kw)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_wrap_and_unwrap_keep_the_train_eval_mode():
+    """An eval-mode model (from_pretrained returns one) stays in eval mode: no LoRA dropout at inference."""
+    model = _tiny_llama().eval()
+    relora_ds.wrap(model, rank=4, dropout=0.3)
+    layers = [l for _, l in relora_ds.relora_layers(model)]
+    assert layers and not any(l.training for l in layers)
+    with torch.no_grad():
+        for l in layers:
+            l.lora_B.normal_(std=0.05)
+    x = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, model(x).logits, atol=0, rtol=0)
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x).logits, model(x).logits)  # dropout is on in training
+    model.eval()
+    relora_ds.unwrap(model)
+    assert not any(m.training for m in model.modules())
+
+
+def test_wrap_checks_every_layer_before_swapping_any():
+    """rank=40 fits q_proj (64x64) but not k_proj (out 32): the error leaves the model untouched."""
+    model = _tiny_llama()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"k_proj: rank=40 must be in \[1, min\(in_features=64, out_features=32\)\]"):
+        relora_ds.wrap(model, rank=40)
+    assert not list(relora_ds.relora_layers(model))
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    relora_ds.wrap(model, rank=16)  # a retry with a valid rank works
+    assert len(list(relora_ds.relora_layers(model))) == 7
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(alpha=float("nan")), "alpha=nan must be a positive finite number"),
+    (dict(alpha=float("inf")), "alpha=inf must be a positive finite number"),
+    (dict(alpha=0.0), "alpha=0.0 must be a positive finite number"),
+    (dict(alpha=-8), "alpha=-8 must be a positive finite number"),
+    (dict(rank=4.0), r"rank=4.0 must be an integer \(got float\)"),
+    (dict(rank=True), r"rank=True must be an integer \(got bool\)"),
+    (dict(dropout="0.1"), r"dropout='0.1' must be in \[0, 1\)"),
+])
+def test_wrap_refuses_bad_rank_alpha_dropout(kw, match):
+    model = _tiny_llama()
+    with pytest.raises(ValueError, match=match):
+        relora_ds.wrap(model, **{"rank": 4, **kw})
+    assert not list(relora_ds.relora_layers(model))
+
+
+def test_numpy_integer_rank_is_a_rank():
+    import numpy as np
+    model = relora_ds.wrap(_tiny_llama(), rank=np.int64(4))
+    assert {l.rank for _, l in relora_ds.relora_layers(model)} == {4}
+
+
+def test_unwrap_keeps_the_base_dtype_when_lora_masters_are_fp32():
+    """bf16 model, fp32 LoRA factors (a common mixed-precision setup): the plain layer is bf16 again and
+    holds round_bf16(W + s·B·A) computed in fp32."""
+    model = _tiny_llama().to(torch.bfloat16)
+    relora_ds.wrap(model, rank=4)
+    for _, l in relora_ds.relora_layers(model):
+        l.lora_A.data = l.lora_A.data.float()
+        l.lora_B.data = torch.randn(l.lora_B.shape) * 0.1
+    layer = model.model.layers[0].self_attn.q_proj
+    want = (layer.weight.float() + layer.scale * layer.lora_B.data @ layer.lora_A.data).to(torch.bfloat16)
+    relora_ds.unwrap(model)
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear and q.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(q.weight.data, want, atol=0, rtol=0)
+    model(torch.randint(0, 128, (1, 8)))  # one dtype throughout: runs
+
+
+def test_standalone_layer_with_bias_starts_like_nn_linear():
+    torch.manual_seed(0)
+    layer = ReLoRALinear(100, 30, rank=4, bias=True)
+    bound = 1 / math.sqrt(100)
+    assert layer.bias.abs().max() <= bound and layer.bias.abs().min() > 0 and layer.bias.std() > bound / 4
+
+
+def test_multihead_attention_out_proj_is_refused_other_linears_wrap():
+    """nn.MultiheadAttention reads out_proj.weight itself: a ReLoRA layer there would never run."""
+    enc = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    with pytest.raises(ValueError, match=r"\['self_attn.out_proj'\]: nn.MultiheadAttention reads its out_proj"):
+        relora_ds.wrap(enc, rank=4, target_modules=["out_proj", "linear1", "linear2"])
+    assert not list(relora_ds.relora_layers(enc))
+    relora_ds.wrap(enc, rank=4, target_modules=["linear1", "linear2"])
+    for _, l in relora_ds.relora_layers(enc):
+        l.lora_B.data.normal_()
+    enc(torch.randn(2, 5, 32)).sum().backward()
+    assert all(l.lora_A.grad is not None and l.lora_A.grad.abs().sum() > 0 for _, l in relora_ds.relora_layers(enc))
+
+
+def test_default_targets_cover_phi3_fused_projections():
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    model = transformers.Phi3ForCausalLM(cfg)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left over to warn about
+        relora_ds.wrap(model, rank=4)
+    assert {n.rsplit(".", 1)[1] for n, _ in relora_ds.relora_layers(model)} == {"qkv_proj", "o_proj", "gate_up_proj",
+                                                                               "down_proj"}
+
+
+def test_default_targets_name_the_linears_they_leave_full_rank():
+    model = _tiny_llama()
+    model.model.layers[0].mlp.router = nn.Linear(64, 4)  # a layer the default names do not know
+    with pytest.warns(UserWarning, match=r"leave 1 other nn.Linear layers full-rank and trainable: "
+                                         r"\['model.layers.0.mlp.router'\]"):
+        relora_ds.wrap(model, rank=4)
+    assert len(list(relora_ds.relora_layers(model))) == 7  # lm_head is meant to stay: not named
+
+
+def test_targets_that_name_non_linear_modules_say_what_they_are():
+    """GPT-2's projections are transformers' Conv1D: the error names them and their type."""
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with pytest.raises(ValueError, match=r"match by name but are not nn.Linear.*'transformer.h.0.attn.c_attn "
+                                         r"\(Conv1D\)'"):
+        relora_ds.wrap(model, rank=4, target_modules=["c_attn", "c_fc"])
+
+
+def test_wrap_int8_of_a_meta_model_outside_its_context_is_named():
+    with torch.device("meta"):
+        model = _tiny_llama()
+    with pytest.raises(ValueError, match=r"quantize='int8': layer 'model.layers.0.self_attn.q_proj' is on the meta "
+                                         r"device"):
+        relora_ds.wrap(model, rank=4, quantize="int8")
+    with torch.device("meta"):
+        relora_ds.wrap(model, rank=4, quantize="int8")  # inside the context (what the trainer does): fine
+
+
+@pytest.mark.parametrize("attr", ["ds_id", "_hp_mapping"])
+def test_merge_and_prune_refuse_zero_managed_parameters_outside_the_engine(attr):
+    """engine.module / engine.optimizer instead of the engine: the plain path would merge the bf16 copy (or a
+    ZeRO-3 shard) and leave the fp32 master's B as it was, so the update came back at the next step."""
+    model = relora_ds.wrap(_tiny_llama(), rank=4)
+    for p in relora_ds.lora_parameters(model):
+        setattr(p, attr, object())  # what DeepSpeed's ZeRO-3 / ZeRO-1,2 put on the parameters it manages
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"managed by a DeepSpeed ZeRO engine; pass the engine itself"):
+        relora_ds.merge_and_reinit(model)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    opt = torch.optim.AdamW(relora_ds.lora_parameters(model))
+    with pytest.raises(ValueError, match=r"managed by a DeepSpeed ZeRO engine"):
+        relora_ds.prune_optimizer_state(opt, relora_ds.lora_parameters(model))
+
+
+def test_engine_at_stage_0_with_bf16_is_refused_before_any_change():
+    """DeepSpeed's FP16 optimizer (bf16/fp16 at stage 0) keeps masters and moments out of reach."""
+    class Engine:  # the engine surface the check reads
+        def __init__(self, module, bf16):
+            self.module, self.bf16 = module, bf16
+
+        def zero_optimization_stage(self):
+            return 0
+
+        def bfloat16_enabled(self):
+            return self.bf16
+
+        def fp16_enabled(self):
+            return False
+    pytest.importorskip("deepspeed")
+    model = relora_ds.wrap(_tiny_llama(), rank=4)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    for call in (lambda e: relora_ds.merge_and_reinit(e),
+                 lambda e: relora_ds.prune_optimizer_state(e, relora_ds.lora_parameters(model))):
+        with pytest.raises(ValueError, match=r"runs bf16 with ZeRO stage 0.*use ZeRO stage 1 or higher"):
+            call(Engine(model, bf16=True))
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    assert relora_ds.merge_and_reinit(Engine(model, bf16=False))["layers"] == 7  # fp32 stage 0: the model is the master

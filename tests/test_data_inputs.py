@@ -327,8 +327,37 @@ def test_invalid_utf8_at_the_very_end_of_a_file_is_replaced_not_dropped(tmp_path
         with opener(src, "wb") as f:
             f.write("café ok\nprice 5".encode() + b"\xe2\x82")
         dest = tmp_path / f"{name}.repaired"
-        assert repair_utf8(str(src), str(dest)) == 2
+        assert repair_utf8(str(src), str(dest)) == (2, 0)
         assert dest.read_text(encoding="utf-8") == "café ok\nprice 5\ufffd\ufffd"
+
+
+def test_lone_surrogate_escapes_in_json_are_replaced_pairs_and_escaped_backslashes_kept(tmp_path):
+    """Arrow's JSON reader refused a whole file for one lone surrogate escape (JavaScript and Python's
+    json.dumps write them). Each lone one (high, low, or a high at a string's end) becomes \\ufffd; a valid
+    pair (an emoji) and an escaped backslash followed by "ud800" stay as they are (hand-written expectations)."""
+    lines = [r'{"text": "lone high \ud800 here"}', r'{"text": "lone low \udc00 and at the end \udbff"}',
+             r'{"text": "a pair \ud83d\ude00 stays"}', r'{"text": "a backslash \\ud800 is text"}']
+    expected = ["lone high \ufffd here", "lone low \ufffd and at the end \ufffd", "a pair \U0001f600 stays",
+                "a backslash \\ud800 is text"]
+    for name, opener in (("s.jsonl", open), ("s.jsonl.gz", gzip.open)):
+        src = tmp_path / name
+        with opener(src, "wb") as f:
+            f.write("\n".join(lines + [json.dumps({"text": s}) for s in SENTENCES]).encode())
+        dest = tmp_path / f"{name}.repaired"
+        assert repair_utf8(str(src), str(dest), json=True) == (0, 3)
+        repaired = [json.loads(line)["text"] for line in dest.read_text(encoding="utf-8").splitlines()]
+        assert repaired == expected + SENTENCES
+    # Only pairs: the file is read as it is, nothing written.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(lines[2] + "\n" + lines[3] + "\n")
+    assert repair_utf8(str(pairs), str(tmp_path / "pairs.out"), json=True) == (0, 0)
+    assert not (tmp_path / "pairs.out").exists()
+    # End to end: counted, named, and the documents trained on.
+    with pytest.warns(DataWarning, match=r"s\.jsonl: replaced 3 lone UTF-16 surrogate escapes"):
+        out = prepare_data([str(tmp_path / "s.jsonl")], tmp_path / "out", vocab_size=300, val_fraction=0.0)
+    m = load_manifest(out)
+    assert list(m["warnings"]["lone_surrogate_escapes"].values()) == [3]
+    assert m["splits"]["train"]["documents"] == len(lines) + len(SENTENCES)
 
 
 def test_file_extensions_are_matched_case_insensitively():

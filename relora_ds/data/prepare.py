@@ -463,6 +463,8 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
                       if val_corpus is not None else {}),
                    "fingerprint": recipe["corpus_fingerprint"], "streaming": corpus.streaming},
         "warnings": {"invalid_utf8_bytes": {**corpus.invalid_utf8, **(val_corpus.invalid_utf8 if val_corpus else {})},
+                     "lone_surrogate_escapes": {**corpus.lone_surrogates,
+                                                **(val_corpus.lone_surrogates if val_corpus else {})},
                      "empty_documents": counts["empty_documents"],
                      "unk_tokens": counts["unk_tokens"]},
         "stats": {"tokenize_seconds": round(seconds, 3), "tokens_per_second": round(total_tokens / seconds),

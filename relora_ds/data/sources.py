@@ -6,7 +6,8 @@ or one Hugging Face hub dataset name (``allenai/c4`` with ``hf_config="en"``) wh
 ``None`` means the built-in corpus (:mod:`relora_ds.data.builtin_corpus`).
 
 Reading, decompression, JSON/Parquet parsing and streaming are ``datasets``' job. What is ours: path
-resolution with clear errors, the invalid UTF-8 pass (``datasets`` refuses such files outright), the
+resolution with clear errors, the invalid UTF-8 pass (``datasets`` refuses such files outright, and JSON files holding a lone UTF-16
+surrogate escape such as ``"\\ud800"``, which JavaScript and Python's ``json.dumps`` write), the
 text-column check, and the corpus fingerprint used to make re-runs no-ops.
 """
 from __future__ import annotations
@@ -43,6 +44,11 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 # surrogateescape turns each invalid byte into one lone surrogate in this range.
 _ESCAPED_BYTES = re.compile("[\udc80-\udcff]")
 _CHUNK = 1 << 22
+# A JSON escape sequence: a surrogate pair, a lone surrogate (Arrow's JSON reader refuses the file), or any
+# other escape (consumed so that an escaped backslash before "ud800" is not read as an escape).
+_JSON_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+                          r"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\\.")
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]")
 _STRING_DTYPES = ("string", "large_string")
 
 
@@ -60,6 +66,8 @@ class Corpus:
     """What was read, for the manifest and log lines."""
     invalid_utf8: dict[str, int] = field(default_factory=dict)
     """file -> number of invalid UTF-8 bytes replaced by U+FFFD."""
+    lone_surrogates: dict[str, int] = field(default_factory=dict)
+    """JSON file -> number of lone surrogate escapes replaced by ``\\ufffd``."""
 
     @property
     def streaming(self) -> bool:
@@ -230,36 +238,77 @@ def _open_binary(path: str):
     return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
 
 
-def _is_valid_utf8(path: str) -> bool:
-    """Valid UTF-8 without a byte-order mark (Windows editors write one: it would start the first document)."""
+def _fix_json_escapes(text: str) -> tuple[str, int]:
+    """`text` (JSON) with each lone surrogate escape replaced by ``\\ufffd``, and how many there were."""
+    count = 0
+
+    def fix(m: re.Match) -> str:
+        nonlocal count
+        if len(m[0]) == 6:  # a lone surrogate; pairs are 12 characters, other escapes 2
+            count += 1
+            return "\\ufffd"
+        return m[0]
+
+    return _JSON_ESCAPE.sub(fix, text), count
+
+
+def _is_clean(path: str, json: bool) -> bool:
+    """Valid UTF-8 without a byte-order mark (Windows editors write one: it would start the first document)
+    and, for JSON (`json`), without a lone surrogate escape."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    hint = False
     try:
         with _open_binary(path) as f:
             if f.read(3) == codecs.BOM_UTF8:
                 return False
             f.seek(0)
+            tail = b""
             while chunk := f.read(_CHUNK):
                 decoder.decode(chunk)
+                if json and not hint:  # tail: a hint cut by the chunk boundary
+                    hint = bool(_SURROGATE_HINT.search(tail + chunk[:8]) or _SURROGATE_HINT.search(chunk))
+                    tail = chunk[-8:]
         decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         return False
     except (EOFError, OSError, zlib.error) as e:  # truncated or not gzip at all (gzip.BadGzipFile is an OSError)
         raise ValueError(f"could not read {path}: {type(e).__name__}: {e} (a truncated or corrupt gzip file?)") from e
-    return True
+    if not hint:
+        return True
+    # Surrogate escapes, maybe all in pairs (an emoji written by json.dumps): look at each.
+    return all(n == 0 for _, n in _json_lines_fixed(path))
 
 
-def repair_utf8(path: str, dest: str) -> int:
-    """Write `path` (decompressed) to `dest` with each invalid UTF-8 byte replaced by U+FFFD and without a
-    leading byte-order mark.
+def _json_lines_fixed(path: str):
+    """(text, lone surrogates fixed) per run of whole lines of a valid UTF-8 JSON file. JSON strings hold
+    no raw newline, so no escape spans two runs."""
+    carry = ""
+    with _open_binary(path) as f:
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        while True:
+            chunk = f.read(_CHUNK)
+            text = carry + decoder.decode(chunk, final=not chunk)
+            cut = len(text) if not chunk else text.rfind("\n") + 1
+            carry = text[cut:]
+            yield _fix_json_escapes(text[:cut])
+            if not chunk:
+                return
 
-    Returns the number of bytes replaced, or 0 (the BOM is not counted); nothing is written when the file
-    is valid and has no BOM (the common case costs one decode pass and no copy).
+
+def repair_utf8(path: str, dest: str, *, json: bool = False) -> tuple[int, int]:
+    """Write `path` (decompressed) to `dest` with each invalid UTF-8 byte replaced by U+FFFD, without a
+    leading byte-order mark and, for a JSON file (`json`), with each lone UTF-16 surrogate escape
+    (``"\\ud800"``, which no UTF-8 text can hold) replaced by ``\\ufffd``.
+
+    Returns (invalid bytes replaced, lone surrogate escapes replaced), both 0 when nothing was written:
+    the file is clean (the common case costs one decode pass and no copy).
     """
-    if _is_valid_utf8(path):
-        return 0
+    if _is_clean(path, json):
+        return 0, 0
     decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-    bad = 0
+    bad = lone = 0
     first = True
+    carry = ""
     with _open_binary(path) as src, open(dest, "w", encoding="utf-8") as out:
         while True:
             chunk = src.read(_CHUNK)
@@ -267,21 +316,31 @@ def repair_utf8(path: str, dest: str) -> int:
             if first and text:
                 text, first = text.removeprefix("\ufeff"), False
             bad += len(_ESCAPED_BYTES.findall(text))
-            out.write(_ESCAPED_BYTES.sub("\ufffd", text))
+            text = _ESCAPED_BYTES.sub("\ufffd", text)
+            if json:  # whole lines only: no escape spans a newline
+                text = carry + text
+                cut = len(text) if not chunk else text.rfind("\n") + 1
+                text, carry = text[:cut], text[cut:]
+                text, n = _fix_json_escapes(text)
+                lone += n
+            out.write(text)
             if not chunk:
                 break
-    return bad
+    return bad, lone
 
 
-def _repair_job(args: tuple[str, str]) -> int:
-    return repair_utf8(*args)
+def _repair_job(args: tuple[str, str]) -> tuple[int, int]:
+    src, dest = args
+    return repair_utf8(src, dest, json=builder_for(src) == "json")
 
 
-def _repair_files(files: list[str], work_dir: Path, num_proc: int) -> tuple[list[str], dict[str, int]]:
-    """Replace files holding invalid UTF-8 by repaired copies in `work_dir`; warn once per such file."""
+def _repair_files(files: list[str], work_dir: Path, num_proc: int
+                  ) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """Replace files holding invalid UTF-8 (or lone surrogate escapes) by repaired copies in `work_dir`;
+    warn once per such file. Returns the files to read and the counts of both repairs per file."""
     text_files = [f for f in files if builder_for(f) in ("text", "json")]
     if not text_files:
-        return files, {}
+        return files, {}, {}
     repair_dir = work_dir / "utf8-repaired"
     repair_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -295,10 +354,14 @@ def _repair_files(files: list[str], work_dir: Path, num_proc: int) -> tuple[list
     with ThreadPoolExecutor(max_workers=max(1, min(num_proc, len(jobs)))) as pool:
         counts = list(pool.map(_repair_job, jobs))
     replaced = {src: dest for src, dest in jobs if os.path.exists(dest)}  # invalid bytes or a BOM
-    invalid = {src: n for (src, _), n in zip(jobs, counts, strict=True) if n}
+    invalid = {src: n for (src, _), (n, _) in zip(jobs, counts, strict=True) if n}
+    lone = {src: n for (src, _), (_, n) in zip(jobs, counts, strict=True) if n}
     for src, n in invalid.items():
         warnings.warn(f"{src}: replaced {n} invalid UTF-8 bytes with U+FFFD", DataWarning, stacklevel=3)
-    return [replaced.get(f, f) for f in files], invalid
+    for src, n in lone.items():
+        warnings.warn(f"{src}: replaced {n} lone UTF-16 surrogate escapes (such as \\ud800, which no text "
+                      f"can hold) with \\ufffd", DataWarning, stacklevel=3)
+    return [replaced.get(f, f) for f in files], invalid, lone
 
 
 def _select_text(ds, text_column: str, origin: str):
@@ -397,7 +460,7 @@ def load_corpus(
     if text_column != "text" and all(builder_for(f) == "text" for f in files):
         warnings.warn(f"text_column={text_column!r} is ignored: .txt files have no columns", DataWarning,
                       stacklevel=2)
-    files, invalid = _repair_files(files, work_dir, num_proc)
+    files, invalid, lone = _repair_files(files, work_dir, num_proc)
 
     parts = []
     # Consecutive files with the same builder are read together; order is the resolved order.
@@ -421,7 +484,7 @@ def load_corpus(
         column = "text" if builder == "text" else text_column
         parts.append(_select_text(ds, column, origin))
     ds = _concatenate(parts)
-    return Corpus(ds, f"{len(files)} local files", invalid)
+    return Corpus(ds, f"{len(files)} local files", invalid, lone)
 
 
 def _load_hub(name: str, hf_config: str | None, text_column: str, revision: str | None,

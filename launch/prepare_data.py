@@ -51,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stream.add_argument("--streaming", dest="streaming", action="store_true", default=None)
     stream.add_argument("--no-streaming", dest="streaming", action="store_false")
     p.add_argument("--txt-unit", choices=["document", "paragraph", "line"], default=defaults["txt_unit"],
-                   help="one document per .txt file, per paragraph (text between empty lines, \\n\\n; a line of "
-                        "only spaces does not separate), or per line")
+                   help="one document per .txt file, per paragraph (text between blank lines; a line of only "
+                        "spaces or tabs is blank), or per line")
     p.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
     p.add_argument("--tokenizer-train-chars", type=int, default=defaults["tokenizer_train_chars"])
     p.add_argument("--overwrite", action="store_true",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from relora_ds.data import DataWarning, PackedTokens, load_manifest, load_tokenizer, prepare_data
-from relora_ds.data.sources import builder_for, repair_utf8
+from relora_ds.data.sources import builder_for, load_corpus, repair_utf8, resolve_inputs
 
 
 def write_jsonl(path, texts, column="text"):
@@ -358,6 +358,18 @@ def test_lone_surrogate_escapes_in_json_are_replaced_pairs_and_escaped_backslash
     m = load_manifest(out)
     assert list(m["warnings"]["lone_surrogate_escapes"].values()) == [3]
     assert m["splits"]["train"]["documents"] == len(lines) + len(SENTENCES)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_paragraphs_are_split_at_blank_lines_holding_spaces_or_tabs(tmp_path, streaming):
+    """datasets splits paragraphs on "\\n\\n" only: a line of spaces between two paragraphs (editors leave
+    them) made one document of both. Hand-written expectation; CRLF files read the same."""
+    text = "First para\nline two\n\nSecond\n   \nThird\n\t\n \n\nFourth  \n\n\n"
+    for name, data in (("p.txt", text), ("crlf.txt", text.replace("\n", "\r\n"))):
+        (tmp_path / name).write_bytes(data.encode())
+        files, _ = resolve_inputs([str(tmp_path / name)])
+        corpus = load_corpus((files, None), work_dir=tmp_path / "work", txt_unit="paragraph", streaming=streaming)
+        assert [row["text"] for row in corpus.dataset] == ["First para\nline two", "Second", "Third", "Fourth  "]
 
 
 def test_file_extensions_are_matched_case_insensitively():

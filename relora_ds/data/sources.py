@@ -389,6 +389,15 @@ def _select_text(ds, text_column: str, origin: str):
     return ds.rename_column(text_column, "text") if text_column != "text" else ds
 
 
+# datasets splits paragraphs on "\n\n" only; a line of spaces or tabs between two paragraphs also ends one.
+_BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")
+
+
+def _split_paragraphs(batch: dict) -> dict:
+    """Each of `batch`'s paragraphs split again at lines holding only whitespace; the separators go."""
+    return {"text": [p for text in batch["text"] for p in _BLANK_LINES.split(text) if p.strip()]}
+
+
 def _same_text(batch: dict) -> dict:
     return {"text": batch["text"]}
 
@@ -482,7 +491,10 @@ def load_corpus(
         except StopIteration as e:  # datasets' JSON reader on a file with no records
             raise ValueError(f"could not read {origin}: no records (an empty file?)") from e
         column = "text" if builder == "text" else text_column
-        parts.append(_select_text(ds, column, origin))
+        ds = _select_text(ds, column, origin)
+        if builder == "text" and txt_unit == "paragraph":
+            ds = ds.map(_split_paragraphs, batched=True)
+        parts.append(ds)
     ds = _concatenate(parts)
     return Corpus(ds, f"{len(files)} local files", invalid, lone)
 

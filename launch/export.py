@@ -61,11 +61,12 @@ def main(argv=None) -> Path:
     # merge_count buffers may be absent: they do not affect the exported weights.
     if unexpected or [k for k in missing if not k.endswith("merge_count")]:
         ap.error(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    try:
-        with torch.no_grad():
+    with torch.no_grad():
+        try:
             out = export_hf(model, args.out, tokenizer=tokenizer)
-    except ValueError as e:  # a tokenizer transformers cannot reproduce exactly
-        ap.error(f"{e} (--no-tokenizer writes the model alone)")
+        except ValueError as e:  # a tokenizer transformers cannot reproduce exactly (e.g. a unigram model)
+            print(f"warning: {e}; writing tokenizer.model without a Hugging Face tokenizer.json", file=sys.stderr)
+            out = export_hf(model, args.out, tokenizer=tokenizer, hf_tokenizer=False)
     print(f"exported {args.checkpoints / tag} to {out}")
     return out
 

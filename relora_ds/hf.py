@@ -25,7 +25,8 @@ _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
                 "initializer_range")
 
 
-def hf_config_dict(config: LlamaConfig, dtype: torch.dtype, bos_token_id: int = 1, eos_token_id: int = 2) -> dict:
+def hf_config_dict(config: LlamaConfig, dtype: torch.dtype, bos_token_id: int | None = 1,
+                   eos_token_id: int = 2) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -61,11 +62,13 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
 
 
 def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None,
-              tokenizer: str | Path | None = None) -> Path:
+              tokenizer: str | Path | None = None, *, hf_tokenizer: bool = True) -> Path:
     """Write ``config.json`` + ``model.safetensors`` in Hugging Face LLaMA format; returns out_dir.
 
-    `tokenizer`: the SentencePiece ``.model`` the model was trained with; its Hugging Face form is written
-    too (``save_hf_tokenizer``) and its BOS/EOS ids go into the configs.
+    `tokenizer`: the SentencePiece ``.model`` the model was trained with. Its BOS/EOS ids go into the
+    configs, the file is copied, and with `hf_tokenizer` its Hugging Face form is written too
+    (``save_hf_tokenizer``: a ValueError, before anything is written, for a model transformers cannot
+    reproduce exactly; ``hf_tokenizer=False`` then exports without it).
     """
     config = getattr(model, "config", None)
     if not isinstance(config, LlamaConfig):
@@ -74,8 +77,11 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     special = {"bos_token_id": 1, "eos_token_id": 2}  # LLaMA's, and what relora_ds tokenizers use
-    if tokenizer is not None:
+    if tokenizer is not None and hf_tokenizer:
         special = save_hf_tokenizer(tokenizer, out, model_max_length=config.max_position_embeddings)
+    elif tokenizer is not None:
+        special = sentencepiece_special_ids(tokenizer)
+        shutil.copy(tokenizer, out / "tokenizer.model")
     state = merged_state_dict(model, dtype)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     _readable_as_umask_allows(out / "model.safetensors")
@@ -110,6 +116,14 @@ _PROBES = ["Hello world", " leading space", "  two  spaces  ", "line\nbreak\n\n"
            "naïve café, 漢字 ✓", "", " ", "text with <s>, </s> and <unk> written in it"]
 
 
+def sentencepiece_special_ids(sp_model: str | Path) -> dict:
+    """``{"bos_token_id", "eos_token_id"}`` of a SentencePiece model (BOS None where it has none, as T5's)."""
+    from .data.tokenizer import load_tokenizer
+
+    sp = load_tokenizer(sp_model)
+    return {"bos_token_id": sp.bos_id() if sp.bos_id() >= 0 else None, "eos_token_id": sp.eos_id()}
+
+
 def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_length: int,
                       probes: list[str] | None = None) -> dict:
     """Write `sp_model` (SentencePiece) as a Hugging Face fast tokenizer into `out_dir`; returns its
@@ -135,8 +149,9 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
     spec = proto.normalizer_spec
     if not spec.escape_whitespaces:
         raise ValueError(f"{sp_model}: SentencePiece models without escape_whitespaces are not supported")
+    bos = [sp.bos_id()] if sp.bos_id() >= 0 else []  # T5's spiece.model has no BOS
     pieces = {name: sp.id_to_piece(i) for name, i in
-              (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()))}
+              (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())) if i >= 0}
     with tempfile.TemporaryDirectory() as tmp:  # transformers converts a directory holding tokenizer.model
         shutil.copy(sp_model, Path(tmp) / "tokenizer.model")
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", **pieces}))
@@ -152,13 +167,15 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
                                          *([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else [])])
     # split_special_tokens: "<s>" written in a text is text, as SentencePiece encoded it in training.
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
-                                  add_bos_token=True, add_eos_token=False, split_special_tokens=True, **pieces)
+                                  add_bos_token=bool(bos), add_eos_token=False, split_special_tokens=True,
+                                  **pieces)
     for text in _PROBES if probes is None else probes:
-        want = [sp.bos_id(), *sp.encode(text)]
+        want = [*bos, *sp.encode(text)]
         got = tok(text)["input_ids"]
         if got != want:
             raise ValueError(f"{sp_model}: the Hugging Face tokenizer encodes {text!r} as {got[:12]}, "
-                             f"SentencePiece as {want[:12]}; export without a tokenizer and use tokenizer.model")
+                             f"SentencePiece as {want[:12]}: transformers cannot convert this model exactly "
+                             "(SentencePiece reads its tokenizer.model)")
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(out)
     # transformers 5 records its own class name (TokenizersBackend), which 4.x cannot load; the generic
@@ -167,7 +184,7 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
                                        "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     shutil.copy(sp_model, out / "tokenizer.model")
-    return {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()}
+    return {"bos_token_id": bos[0] if bos else None, "eos_token_id": sp.eos_id()}
 
 
 def config_from_hf(hf: dict) -> LlamaConfig:

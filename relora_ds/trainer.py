@@ -432,10 +432,11 @@ class Trainer(CheckpointsMixin):
             try:
                 export_hf(model, out_dir, tokenizer=self.tokenizer_path)
                 self._print(f"exported Hugging Face model and tokenizer to {out_dir}")
-            except ValueError as e:  # a SentencePiece model transformers cannot reproduce: weights only
-                export_hf(model, out_dir)
+            except ValueError as e:  # a SentencePiece model transformers cannot reproduce: no tokenizer.json
+                export_hf(model, out_dir, tokenizer=self.tokenizer_path, hf_tokenizer=False)
                 self._event({"event": "warning", "step": self.step,
-                             "message": f"exported {out_dir} without a Hugging Face tokenizer: {e}"})
+                             "message": f"exported {out_dir} with tokenizer.model but without a Hugging Face "
+                                        f"tokenizer: {e}"})
         dist.barrier()
         return out_dir
 

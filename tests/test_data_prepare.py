@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -434,12 +435,32 @@ def test_tokenizer_is_trained_on_the_training_split_only_and_within_its_budget(t
     assert seen == lines and len(seen) < 2 * len(train_docs)
 
 
+def test_a_tokenizer_without_bos_packs_documents_as_ids_eos(tmp_path):
+    """T5's spiece.model (the paper's tokenizer) has no BOS: pad 0, eos 1, unk 2, a unigram model with
+    NFKC normalization. It used to be refused; each document is now its ids then EOS (oracle: SentencePiece
+    itself on each document, in corpus order)."""
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS * 2), model_writer=proto, vocab_size=150,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   normalization_rule_name="nmt_nfkc", minloglevel=2)
+    model = tmp_path / "spiece.model"
+    model.write_bytes(proto.getvalue())
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    out = prepare_data([str(corpus)], tmp_path / "out", tokenizer=str(model), val_fraction=0.0)
+    m = load_manifest(out)
+    assert (m["bos_id"], m["eos_id"]) == (None, 1)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    want = [i for d in DOCS for i in [*sp.encode(d), 1]]
+    assert np.fromfile(m["splits"]["train"]["path"], dtype=m["dtype"]).tolist() == want
+
+
 def test_a_tokenizer_without_eos_is_refused(tmp_path):
-    """Every document is packed as BOS text EOS: a model with no EOS piece cannot mark document ends."""
+    """Every document is packed as [BOS] text EOS: a model with no EOS piece cannot mark document ends."""
     model = tmp_path / "no_eos.model"
     spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS * 2), model_prefix=str(tmp_path / "no_eos"),
                                    vocab_size=400, model_type="bpe", byte_fallback=True, bos_id=1, eos_id=-1,
                                    unk_id=0, pad_id=-1, minloglevel=2)
     assert spm.SentencePieceProcessor(model_file=str(model)).eos_id() == -1
-    with pytest.raises(ValueError, match=r"has no BOS or EOS piece \(bos_id=1, eos_id=-1\)"):
+    with pytest.raises(ValueError, match=r"has no EOS piece \(eos_id=-1\)"):
         load_tokenizer(model)

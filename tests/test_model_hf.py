@@ -299,6 +299,35 @@ def test_export_takes_special_ids_from_the_tokenizer_not_llamas(tmp_path):
     assert tok("the lazy dog 42")["input_ids"] == [3, *sp.encode("the lazy dog 42")]
 
 
+def test_export_of_a_tokenizer_without_bos(tmp_path):
+    """T5-style models have no BOS. A BPE one converts: the Hugging Face tokenizer adds no BOS and the
+    configs say bos_token_id None. A unigram one (T5's own kind) transformers cannot reproduce: with
+    hf_tokenizer=False (what the trainer and launch/export.py fall back to) the export still carries
+    tokenizer.model and the model's own EOS id, not LLaMA's 1/2 (SentencePiece is the oracle)."""
+    import sentencepiece as spm
+
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=320))
+    path = _train_sp(tmp_path, "nobos", 320, model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, unk_id=2,
+                     bos_id=-1)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    relora_ds.export_hf(model, tmp_path / "bpe", tokenizer=path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "bpe")
+    assert tok("the lazy dog 42")["input_ids"] == sp.encode("the lazy dog 42")
+    cfg = json.loads((tmp_path / "bpe" / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (None, 1)
+
+    path = _train_sp(tmp_path, "t5like", 60, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    with pytest.raises(ValueError, match="encodes .* as .*SentencePiece as"):
+        relora_ds.export_hf(model, tmp_path / "unigram", tokenizer=path)
+    relora_ds.export_hf(model, tmp_path / "unigram", tokenizer=path, hf_tokenizer=False)
+    out = tmp_path / "unigram"
+    assert (out / "tokenizer.model").read_bytes() == path.read_bytes() and not (out / "tokenizer.json").exists()
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((out / name).read_text())
+        assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (None, 1), name
+    assert transformers.LlamaForCausalLM.from_pretrained(out).config.eos_token_id == 1
+
+
 def test_load_hf_casts_to_the_requested_dtype(tmp_path):
     torch.manual_seed(4)
     relora_ds.export_hf(LlamaForCausalLM(LlamaConfig.preset("debug")), tmp_path)

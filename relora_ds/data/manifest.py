@@ -59,7 +59,8 @@ def write_manifest(data_dir: Path, manifest: dict) -> None:
 def load_manifest(data_dir: str | Path) -> dict:
     """The manifest of a prepared data dir, with ``tokenizer_path`` and split ``path`` made absolute.
 
-    Keys: format, vocab_size, bos_id, eos_id, pad_id (None: packed, never padded), unk_id,
+    Keys: format, vocab_size, bos_id (None: the tokenizer has no BOS), eos_id, pad_id (None: packed, never
+    padded), unk_id,
     tokenizer_path, tokenizer_sha256, dtype, splits ({name: {path, tokens, documents}}),
     corpus (description, fingerprint), recipe, warnings, versions, created.
     """

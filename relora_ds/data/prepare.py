@@ -1,8 +1,8 @@
 """Pre-tokenization: corpus -> tokenizer + one packed token file per split + manifest, once.
 
-Every document becomes ``BOS ids EOS``; the documents of a split are concatenated in corpus order into
-one flat file of ids (packing: training windows cross document boundaries, the EOS/BOS pair marks
-them, and nothing is padded or truncated). Tokenization runs through ``datasets.map`` (``num_proc``
+Every document becomes ``BOS ids EOS`` (``ids EOS`` with a tokenizer without BOS, such as T5's); the
+documents of a split are concatenated in corpus order into one flat file of ids (packing: training
+windows cross document boundaries, the EOS (and BOS) marks them, and nothing is padded or truncated). Tokenization runs through ``datasets.map`` (``num_proc``
 processes) or, when streaming, through SentencePiece's own thread pool inside ``IterableDataset.map``;
 both give byte-identical files.
 """
@@ -138,7 +138,7 @@ class _Encode:
             texts.append(text or "")
         keep = [bool(t.strip()) for t in texts]
         nonblank = [t for t, k in zip(texts, keep, strict=True) if k]
-        encoded = iter(self._sp.encode(nonblank, add_bos=True, add_eos=True, out_type="numpy",
+        encoded = iter(self._sp.encode(nonblank, add_bos=self._sp.bos_id() >= 0, add_eos=True, out_type="numpy",
                                        num_threads=self.num_threads))
         empty = np.zeros(0, dtype=np.int32)
         return {
@@ -452,7 +452,7 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
     manifest = {
         "format": mf.FORMAT,
         "recipe": recipe,
-        "vocab_size": vocab_size, "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
+        "vocab_size": vocab_size, "bos_id": sp.bos_id() if sp.bos_id() >= 0 else None, "eos_id": sp.eos_id(),
         "pad_id": sp.pad_id() if sp.pad_id() >= 0 else None, "unk_id": sp.unk_id(),
         "tokenizer_path": tok_path.name, "tokenizer_sha256": mf.file_sha256(tok_path),
         "dtype": dtype,

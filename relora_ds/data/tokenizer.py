@@ -107,7 +107,8 @@ def _without_thread_count(serialized: bytes) -> bytes:
 
 
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
-    """Load a SentencePiece ``.model``; it must define BOS and EOS (every document gets both)."""
+    """Load a SentencePiece ``.model``; it must define EOS (every document ends with one). Documents start
+    with BOS where the model has one; T5's ``spiece.model`` (the paper's tokenizer) has none."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"tokenizer file {str(path)!r} does not exist")
@@ -115,9 +116,9 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as e:
         raise ValueError(f"{str(path)!r} is not a SentencePiece model: {e}") from e
-    if sp.bos_id() < 0 or sp.eos_id() < 0:
-        raise ValueError(f"tokenizer {str(path)!r} has no BOS or EOS piece (bos_id={sp.bos_id()}, "
-                         f"eos_id={sp.eos_id()}); documents are packed as BOS text EOS")
+    if sp.eos_id() < 0:
+        raise ValueError(f"tokenizer {str(path)!r} has no EOS piece (eos_id={sp.eos_id()}); documents are "
+                         f"packed as [BOS] text EOS, so the model needs an end-of-document token")
     return sp
 
 

@@ -277,6 +277,8 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
                       f"{cfg.global_batch_size} sequences, {train_windows} windows of {need} tokens): "
                       "set data_dir to a larger prepared corpus (launch/prepare_data.py)", ConfigWarning,
                       stacklevel=2)
-    if cfg.eval_every and cfg.eval_windows > val_windows:
-        warnings.warn(f"eval_windows={cfg.eval_windows} but the validation split of {data} holds {val_windows} "
-                      f"windows: each evaluation uses all {val_windows}", ConfigWarning, stacklevel=2)
+    for name in ("eval_windows", "final_eval_windows"):
+        if cfg.eval_every and (getattr(cfg, name) or 0) > val_windows:
+            warnings.warn(f"{name}={getattr(cfg, name)} but the validation split of {data} holds {val_windows} "
+                          f"windows: {'each' if name == 'eval_windows' else 'the final'} evaluation uses all "
+                          f"{val_windows}", ConfigWarning, stacklevel=2)

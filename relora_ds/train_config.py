@@ -120,6 +120,9 @@ class TrainConfig:
     eval_every: int = _f(100, "validation perplexity every N steps (and at the end); 0 disables")
     eval_windows: int = _f(10240, "validation windows (sequences) per evaluation: the first N of the split, "
                                          "the same set on any number of ranks; default 10240; 0: the whole split")
+    final_eval_windows: int | None = _f(None, "validation windows of the run's last evaluation, the number "
+                                              "it reports (the reference's reads 100M tokens); default: "
+                                              "eval_windows; 0: the whole split")
     save_every: int = _f(0, "checkpoint every N steps (and at the end); 0: only at the end")
     keep_last: int = _f(3, "checkpoints to keep (older ones are deleted)")
     output_dir: str = _f("runs/default", "where checkpoints, metrics.jsonl, TensorBoard logs and the "
@@ -228,8 +231,8 @@ class TrainConfig:
             if value is not None and value <= 0:
                 raise ValueError(f"{name}={value} must be positive")
         for name in ("warmup_steps", "restart_warmup_steps", "warm_start_steps", "weight_decay", "grad_clip",
-                     "eval_every", "save_every", "loss_chunk_size", "eval_windows"):
-            if getattr(self, name) < 0:
+                     "eval_every", "save_every", "loss_chunk_size", "eval_windows", "final_eval_windows"):
+            if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("dropout", "adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:

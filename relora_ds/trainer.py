@@ -308,7 +308,7 @@ class Trainer(CheckpointsMixin):
                 self.save()
                 bar.close()
                 if self.step == self.total_steps and cfg.eval_every:  # the run's last, once its checkpoint is safe
-                    self.evaluate()
+                    self.evaluate(final=True)
                 self.metrics.preempting()
                 self._print(f"stopped by signal {self._stop_signal or 'on another rank'} after step "
                             f"{self.step}; checkpoint saved, resume with --resume")
@@ -316,7 +316,7 @@ class Trainer(CheckpointsMixin):
                 self.metrics.close()
                 return {"preempted": True, "step": self.step}
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
-                final = self.evaluate()
+                final = self.evaluate(final=self.step == self.total_steps)
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
                 self.save()
         bar.close()
@@ -398,13 +398,17 @@ class Trainer(CheckpointsMixin):
         if event:
             self._event({"event": "reset" if event.get("reset") else "merge", "step": self.step, **event})
 
-    def evaluate(self) -> dict:
+    def evaluate(self, final: bool = False) -> dict:
+        """Validation loss on the first eval_windows windows (final_eval_windows for the run's `final` one)."""
         engine, start = self.engine, time.perf_counter()
+        windows = self.cfg.eval_windows
+        if final and self.cfg.final_eval_windows is not None:
+            windows = self.cfg.final_eval_windows
         engine.eval()
         total = torch.zeros(2, dtype=torch.float64, device=engine.device)
         with torch.no_grad():
             for batch in eval_batches(self.val_data, self.cfg.micro_batch_size, self.rank, self.world,
-                                      num_windows=self.cfg.eval_windows or None):
+                                      num_windows=windows or None):
                 tokens = batch.shape[0] * (batch.shape[1] - 1)
                 if tokens == 0:  # past the end on this rank: a weightless forward keeps ZeRO-3's gathers matched
                     batch = self.val_data[0][None]

@@ -18,6 +18,7 @@ from relora_ds import LlamaConfig, LlamaForCausalLM, export_hf, wrap
 from relora_ds.checkpoint import full_state_dict, latest_tag, load_config
 from relora_ds.data import load_manifest
 from relora_ds.data.manifest import file_sha256
+from relora_ds.hf import export_dtype
 
 
 def main(argv=None) -> Path:
@@ -28,6 +29,9 @@ def main(argv=None) -> Path:
     tok = ap.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", type=Path, help="SentencePiece .model (default: the run's data dir's)")
     tok.add_argument("--no-tokenizer", action="store_true", help="write the model only")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                    help="dtype of the exported weights (default: the run's export_dtype, else the dtype of the "
+                         "Hugging Face model it started from, else float32)")
     args = ap.parse_args(argv)
     if (args.checkpoints / "checkpoints").is_dir() and not (args.checkpoints / "latest").is_file():
         args.checkpoints = args.checkpoints / "checkpoints"  # the run's output_dir: its checkpoints/ is meant
@@ -61,12 +65,20 @@ def main(argv=None) -> Path:
     # merge_count buffers may be absent: they do not affect the exported weights.
     if unexpected or [k for k in missing if not k.endswith("merge_count")]:
         ap.error(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    t = run["train"]
+    source = t.get("hf_model") or t.get("warm_start_from")
+    if source and not (Path(source) / "config.json").is_file():
+        print(f"warning: {source}, the Hugging Face model the run started from, is gone: its config keys, "
+              "tokenizer files and dtype are not carried over", file=sys.stderr)
+        source = None
+    kw = dict(dtype=export_dtype(args.dtype or t.get("export_dtype"), source), like=source,
+              tokenizer=tokenizer)
     with torch.no_grad():
         try:
-            out = export_hf(model, args.out, tokenizer=tokenizer)
+            out = export_hf(model, args.out, **kw)
         except ValueError as e:  # a tokenizer transformers cannot reproduce exactly (e.g. a unigram model)
             print(f"warning: {e}; writing tokenizer.model without a Hugging Face tokenizer.json", file=sys.stderr)
-            out = export_hf(model, args.out, tokenizer=tokenizer, hf_tokenizer=False)
+            out = export_hf(model, args.out, hf_tokenizer=False, **kw)
     print(f"exported {args.checkpoints / tag} to {out}")
     return out
 

@@ -61,14 +61,25 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     return {k: v.contiguous().cpu() for k, v in merged.items()}
 
 
+# A Hugging Face model directory's tokenizer: what `export_hf(like=...)` carries over.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
 def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None,
-              tokenizer: str | Path | None = None, *, hf_tokenizer: bool = True) -> Path:
+              tokenizer: str | Path | None = None, *, hf_tokenizer: bool = True,
+              like: str | Path | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` in Hugging Face LLaMA format; returns out_dir.
 
     `tokenizer`: the SentencePiece ``.model`` the model was trained with. Its BOS/EOS ids go into the
     configs, the file is copied, and with `hf_tokenizer` its Hugging Face form is written too
     (``save_hf_tokenizer``: a ValueError, before anything is written, for a model transformers cannot
     reproduce exactly; ``hf_tokenizer=False`` then exports without it).
+
+    `like`: the Hugging Face directory the model was loaded from (continued pre-training). Its config's
+    other keys (pad_token_id, dropout, ...) are kept, and where its ``tokenizer.model`` is `tokenizer` (or no
+    tokenizer is given) its tokenizer files and generation config are copied as they are: added tokens, pad
+    token and chat template stay the model's own.
     """
     config = getattr(model, "config", None)
     if not isinstance(config, LlamaConfig):
@@ -77,7 +88,14 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     special = {"bos_token_id": 1, "eos_token_id": 2}  # LLaMA's, and what relora_ds tokenizers use
-    if tokenizer is not None and hf_tokenizer:
+    source = _source_config(like)
+    keep_source_tokenizer = like is not None and _same_tokenizer(Path(like), tokenizer)
+    if keep_source_tokenizer:
+        for name in TOKENIZER_FILES:
+            if (Path(like) / name).is_file():
+                shutil.copy(Path(like) / name, out / name)
+        special = {k: source[k] for k in ("bos_token_id", "eos_token_id") if k in source}
+    elif tokenizer is not None and hf_tokenizer:
         special = save_hf_tokenizer(tokenizer, out, model_max_length=config.max_position_embeddings)
     elif tokenizer is not None:
         special = sentencepiece_special_ids(tokenizer)
@@ -85,10 +103,50 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
     state = merged_state_dict(model, dtype)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     _readable_as_umask_allows(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(hf_config_dict(config, state["lm_head.weight"].dtype, **special),
-                                                indent=2))
-    (out / "generation_config.json").write_text(json.dumps(special, indent=2))
+    ours = hf_config_dict(config, state["lm_head.weight"].dtype, **special)
+    if keep_source_tokenizer:  # the source's special ids as they are, absent ones absent
+        for key in ("bos_token_id", "eos_token_id"):
+            if key not in source:
+                del ours[key]
+    if "dtype" in source:  # transformers 5's name for torch_dtype
+        ours["dtype"] = ours["torch_dtype"]
+    (out / "config.json").write_text(json.dumps({**source, **ours}, indent=2))
+    generation = Path(like) / "generation_config.json" if like is not None else None
+    if keep_source_tokenizer and generation.is_file():
+        shutil.copy(generation, out / "generation_config.json")
+    else:
+        (out / "generation_config.json").write_text(json.dumps(special, indent=2))
     return out
+
+
+def export_dtype(name: str | None, source: str | Path | None = None) -> torch.dtype:
+    """The export's dtype: `name` ("float32", "bfloat16", "float16"), else the dtype the Hugging Face model
+    in `source` was stored in (its config's torch_dtype, or dtype in transformers 5), else float32."""
+    if name is None and source is not None:
+        hf = json.loads((Path(source) / "config.json").read_text())
+        name = hf.get("torch_dtype") or hf.get("dtype")
+    if name in (None, "auto"):
+        return torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"export dtype {name!r} is not supported; valid: 'float32', 'bfloat16', 'float16'")
+    return getattr(torch, name)
+
+
+def _source_config(like: str | Path | None) -> dict:
+    """The keys of `like`'s config.json other than those the export writes itself ({} without `like`)."""
+    if like is None:
+        return {}
+    source = json.loads((Path(like) / "config.json").read_text())
+    return {k: v for k, v in source.items() if k not in ("transformers_version", "rope_scaling", "rope_parameters")}
+
+
+def _same_tokenizer(like: Path, tokenizer: str | Path | None) -> bool:
+    """Whether `like` holds a tokenizer, and (given `tokenizer`, the training data's SentencePiece model) it
+    is that one: the same ``tokenizer.model`` bytes."""
+    if tokenizer is None:
+        return any((like / name).is_file() for name in TOKENIZER_FILES)
+    own = like / "tokenizer.model"
+    return own.is_file() and own.read_bytes() == Path(tokenizer).read_bytes()
 
 
 def _readable_as_umask_allows(path: Path) -> None:
@@ -191,7 +249,10 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     if hf.get("model_type") not in ("llama", None):
         raise ValueError(f"not a LLaMA checkpoint: model_type={hf.get('model_type')!r}")
     if hf.get("tie_word_embeddings"):
-        raise ValueError("tied embeddings are not supported (relora_ds trains an untied lm_head)")
+        raise ValueError("tied embeddings are not supported (relora_ds trains an untied lm_head): untie them "
+                         "with transformers first (load the model, set lm_head.weight to a copy of the input "
+                         "embedding and config.tie_word_embeddings=False, save_pretrained), or use the Python "
+                         "API (relora_ds.wrap) on the model as it is")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise ValueError("checkpoints with attention/MLP biases are not supported")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}

@@ -49,10 +49,21 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
     bad target name, a rank above a layer's size or a bad dropout fails here, not at the switch after the
     warm start."""
     model_config = model_config_for(cfg, vocab_size)
-    manifest = check_tokenizer_matches(data_dir, model_config.vocab_size) if data_dir is not None else None
     source = cfg.hf_model or cfg.warm_start_from
+    manifest = None
+    if data_dir is not None:
+        manifest = check_tokenizer_matches(data_dir, None if source else model_config.vocab_size)
     if source and manifest is not None:
         check_model_tokenizer(source, manifest, data_dir)
+        if model_config.vocab_size < manifest["vocab_size"]:
+            raise ValueError(f"the model in {source} has {model_config.vocab_size} embedding rows, fewer than the "
+                             f"{manifest['vocab_size']} pieces of the tokenizer {data_dir} was prepared with: prepare "
+                             f"the data with the model's own tokenizer (launch/prepare_data.py --tokenizer "
+                             f"{Path(source) / 'tokenizer.model'})")
+    if source and cfg.seq_len > model_config.max_position_embeddings:
+        warnings.warn(f"seq_len={cfg.seq_len} is longer than the max_position_embeddings="
+                      f"{model_config.max_position_embeddings} of the model in {source}: it trains on positions "
+                      "it was not built for (the export keeps the model's own limit)", ConfigWarning, stacklevel=3)
     if cfg.mode != "full":
         with torch.device("meta"):
             wrap(LlamaForCausalLM(model_config), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
@@ -66,6 +77,11 @@ def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Pa
     (SentencePiece, as our exports and LLaMA checkpoints hold) with the one the data was prepared with. Equal
     vocab sizes prove nothing (prepare_data trains its own 32000-piece BPE by default, LLaMA has 32000)."""
     path = Path(source) / "tokenizer.model"
+    if not path.is_file() and (Path(source) / "tokenizer.json").is_file():
+        raise ValueError(f"{source} holds a Hugging Face tokenizer.json but no SentencePiece tokenizer.model: the "
+                         "trainer's data is tokenized with SentencePiece (launch/prepare_data.py), so this model's "
+                         "token ids cannot be produced or checked. Train such models (LLaMA-3, Qwen, ...) through "
+                         "the Python API on your own data pipeline (README: Python API, relora_ds.wrap)")
     if not path.is_file():
         warnings.warn(f"{source} has no tokenizer.model, so relora_ds cannot check that {data_dir} was tokenized "
                       "with this model's tokenizer; if it was not, every token id means another piece to the model "

@@ -135,6 +135,9 @@ class TrainConfig:
     overwrite: bool = _f(False, "start a new run in an output_dir that holds one, deleting its checkpoints, "
                                 "metrics, TensorBoard logs and export (without it, or --resume, that is an error)")
     export: bool = _f(True, "export the final model to output_dir/hf (Hugging Face LLaMA format)")
+    export_dtype: str | None = _f(None, "dtype of the exported weights; default: the Hugging Face model's own "
+                                        "(hf_model / warm_start_from), else float32 (the fp32 master weights, "
+                                        "lossless)", choices=("float32", "bfloat16", "float16"))
     log_every: int = _f(1, "metrics line every N steps")
     wandb_project: str | None = _f(None, "also log every metric and event to this Weights & Biases project (needs "
                                          "the wandb package; the run id is kept in output_dir, so a resumed or "

@@ -37,7 +37,7 @@ from .distributed import init_distributed, max_over_ranks, on_rank_zero, pick_po
 from .flops import flops_per_token, peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engine_state import full_fp32_state_dict
-from .hf import export_hf, load_hf
+from .hf import export_dtype, export_hf, load_hf
 from .merge import merge_and_reinit
 from .metrics import MetricsLogger, peak_memory_mb, progress_line
 from .model import LlamaForCausalLM
@@ -89,7 +89,11 @@ class Trainer(CheckpointsMixin):
         self.ckpt_dir = self.out / "checkpoints"
         self.data_dir = self._prepare_data()
         manifest_vocab = load_manifest(self.data_dir)["vocab_size"]
-        if cfg.data_dir is not None and cfg.vocab_size not in (None, manifest_vocab) and self.rank == 0:
+        source = cfg.hf_model or cfg.warm_start_from
+        if source and cfg.vocab_size not in (None, manifest_vocab) and self.rank == 0:
+            warnings.warn(f"vocab_size={cfg.vocab_size} is not used: the model in {source} brings its own "
+                          "vocabulary", ConfigWarning, stacklevel=2)
+        elif cfg.data_dir is not None and cfg.vocab_size not in (None, manifest_vocab) and self.rank == 0:
             warnings.warn(f"vocab_size={cfg.vocab_size} is not used: the tokenizer of data_dir {cfg.data_dir} has "
                           f"{manifest_vocab} pieces, which the model takes", ConfigWarning, stacklevel=2)
         cfg.vocab_size = manifest_vocab  # the effective config records what the run uses
@@ -433,11 +437,13 @@ class Trainer(CheckpointsMixin):
                 wrap(model, rank=self.cfg.rank, alpha=self.cfg.alpha, target_modules=self.cfg.target_modules,
                      quantize=self.cfg.quantize, merge_residual=self.cfg.merge_residual)
             model.load_state_dict(state)
+            source = self.cfg.hf_model or self.cfg.warm_start_from
+            kw = dict(dtype=export_dtype(self.cfg.export_dtype, source), tokenizer=self.tokenizer_path, like=source)
             try:
-                export_hf(model, out_dir, tokenizer=self.tokenizer_path)
+                export_hf(model, out_dir, **kw)
                 self._print(f"exported Hugging Face model and tokenizer to {out_dir}")
             except ValueError as e:  # a SentencePiece model transformers cannot reproduce: no tokenizer.json
-                export_hf(model, out_dir, tokenizer=self.tokenizer_path, hf_tokenizer=False)
+                export_hf(model, out_dir, hf_tokenizer=False, **kw)
                 self._event({"event": "warning", "step": self.step,
                              "message": f"exported {out_dir} with tokenizer.model but without a Hugging Face "
                                         f"tokenizer: {e}"})

@@ -188,6 +188,13 @@ def test_given_tokenizer_is_copied_with_its_hash(builtin_dir, tmp_path):
         prepare_data([str(corpus)], tmp_path / "out2", tokenizer=m["tokenizer_path"], vocab_size=999)
     with pytest.raises(ValueError, match="tokenizer file .*nope.model.* does not exist"):
         prepare_data([str(corpus)], tmp_path / "out3", tokenizer=str(tmp_path / "nope.model"))
+    # A model directory (continued pre-training): the file in it is named.
+    with pytest.raises(ValueError, match=r"tokenizer .* is a directory, not a SentencePiece .model file; pass "
+                                         r"'.*tokenizer.model'"):
+        prepare_data([str(corpus)], tmp_path / "out3", tokenizer=str(builtin_dir))
+    # Checked before the corpus is read (a C4-size corpus takes hours): here the corpus does not even exist.
+    with pytest.raises(ValueError, match="tokenizer file .*nope.model.* does not exist"):
+        prepare_data([str(tmp_path / "missing.txt")], tmp_path / "out4", tokenizer=str(tmp_path / "nope.model"))
 
 
 def test_tokenizer_mismatch_is_a_clear_error_at_training_time(builtin_dir, tmp_path):

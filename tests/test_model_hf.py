@@ -275,9 +275,83 @@ def test_a_model_trains_only_on_data_of_its_own_tokenizer(tmp_path, small_data_d
             check_model_and_data(cfg, other, 512)
     (tmp_path / "hf" / "tokenizer.model").unlink()
     cfg = TrainConfig(hf_model=str(tmp_path / "hf"), mode="lora", rank=4, total_steps=10)
+    # tokenizer.json alone (LLaMA-3, Qwen): its ids cannot be produced by the SentencePiece pipeline.
+    with pytest.raises(ValueError, match=r"holds a Hugging Face tokenizer.json but no SentencePiece tokenizer.model"
+                                         r".* Python API"):
+        check_model_and_data(cfg, other, 512)
+    (tmp_path / "hf" / "tokenizer.json").unlink()
     with pytest.warns(UserWarning, match=r"has no tokenizer.model, so relora_ds cannot check that .*other was "
                                          r"tokenized with this model's tokenizer"):
         check_model_and_data(cfg, other, 512)
+
+
+def test_hf_model_smaller_vocab_and_positions_are_named_with_the_fix(tmp_path, small_data_dir):
+    """A model with fewer embedding rows than the data's tokenizer has pieces: the fix is the model's own
+    tokenizer (vocab_size does not apply to a Hugging Face model). A seq_len past the model's
+    max_position_embeddings is named."""
+    import shutil
+
+    from relora_ds.startup import check_model_and_data
+    from relora_ds.train_config import TrainConfig
+
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=500, max_position_embeddings=64))
+    relora_ds.export_hf(model, tmp_path / "hf")
+    shutil.copy(small_data_dir / "tokenizer.model", tmp_path / "hf" / "tokenizer.model")
+    cfg = TrainConfig(hf_model=str(tmp_path / "hf"), mode="lora", rank=4, total_steps=10, seq_len=32)
+    with pytest.raises(ValueError, match=r"the model in .*hf has 500 embedding rows, fewer than the 512 pieces of "
+                                         r"the tokenizer .* was prepared with: prepare the data with the model's own "
+                                         r"tokenizer \(launch/prepare_data.py --tokenizer .*hf/tokenizer.model\)"):
+        check_model_and_data(cfg, small_data_dir, 512)
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=512, max_position_embeddings=64))
+    relora_ds.export_hf(model, tmp_path / "hf")
+    cfg.seq_len = 128
+    with pytest.warns(UserWarning, match=r"seq_len=128 is longer than the max_position_embeddings=64 of the model"):
+        check_model_and_data(cfg, small_data_dir, 512)
+
+
+def test_continued_pretraining_export_keeps_the_source_models_tokenizer_config_and_dtype(tmp_path, small_data_dir):
+    """An export of a run started from a Hugging Face model (`like`) carries the model's own tokenizer files
+    (added tokens, pad token, chat template), generation config (a list of EOS ids), config keys the export
+    does not write (pad_token_id, attention_dropout) and its dtype (bf16), instead of a fresh conversion of
+    the data's tokenizer with LLaMA's ids in fp32. Oracle: the source files and transformers' own logits of
+    the weights rounded to bf16."""
+    from relora_ds.hf import export_dtype
+
+    src = tmp_path / "src"
+    relora_ds.hf.save_hf_tokenizer(small_data_dir / "tokenizer.model", src, model_max_length=64)
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<|eot|>"]})
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}<|eot|>{% endfor %}"
+    tok.save_pretrained(src)
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=514)).eval()
+    relora_ds.export_hf(model, src, dtype=torch.bfloat16)
+    config = json.loads((src / "config.json").read_text())
+    config.update(pad_token_id=512, attention_dropout=0.1)
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 513]}))
+
+    out = tmp_path / "out"
+    assert export_dtype(None, src) == torch.bfloat16 and export_dtype(None) == torch.float32
+    relora_ds.export_hf(model, out, dtype=export_dtype(None, src), tokenizer=small_data_dir / "tokenizer.model",
+                        like=src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    exported = transformers.AutoTokenizer.from_pretrained(out)
+    assert (len(exported), exported.pad_token, exported.convert_tokens_to_ids("<|eot|>")) == (514, "<pad>", 513)
+    assert exported.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi<|eot|>"
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["pad_token_id"], cfg["attention_dropout"], cfg["torch_dtype"]) == (512, 0.1, "bfloat16")
+    hf = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    assert hf.dtype == torch.bfloat16
+    x = torch.randint(0, 514, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits.float(), model.to(torch.bfloat16)(x).logits.float(), atol=2e-2,
+                                   rtol=0)
+    # Another tokenizer than the source's: the data's is converted, as without `like`.
+    relora_ds.export_hf(model, tmp_path / "other", tokenizer=_train_sp(tmp_path, "o", 320, model_type="bpe",
+                                                                       byte_fallback=True), like=src)
+    assert json.loads((tmp_path / "other" / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
 def test_export_takes_special_ids_from_the_tokenizer_not_llamas(tmp_path):

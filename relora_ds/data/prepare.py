@@ -311,6 +311,8 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
     them), so without it a ValueError names what differs. Incomplete or damaged data is re-prepared.
     """
     cfg = PrepareConfig(**options)
+    if cfg.tokenizer is not None:  # a wrong path or format is named now, not after reading the corpus
+        load_tokenizer(cfg.tokenizer)
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     if inputs is not None:

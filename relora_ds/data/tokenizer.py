@@ -110,6 +110,11 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
     """Load a SentencePiece ``.model``; it must define EOS (every document ends with one). Documents start
     with BOS where the model has one; T5's ``spiece.model`` (the paper's tokenizer) has none."""
     path = Path(path)
+    if path.is_dir():
+        hint = (f"; pass {str(path / 'tokenizer.model')!r}" if (path / "tokenizer.model").is_file() else
+                " and holds no tokenizer.model (a Hugging Face tokenizer.json cannot be used: the data pipeline "
+                "is SentencePiece)")
+        raise ValueError(f"tokenizer {str(path)!r} is a directory, not a SentencePiece .model file{hint}")
     if not path.is_file():
         raise ValueError(f"tokenizer file {str(path)!r} does not exist")
     try:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .ds_config import zero_stage
+from .ds_config import engine_layout, zero_stage
 
 LATEST = "latest"
 REWOUND = "rewound"  # checkpoints after a --resume-from point
@@ -120,7 +120,7 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
     split described by ``data``, ``{"fingerprint", "train_tokens", "train_windows"}`` as the trainer records it
     in each checkpoint, see :func:`check_same_data`; None: not checked), checked before any engine exists:
     None without a checkpoint, else ``{"tag", "saved" (its config.json), "universal" (load
-    through ds_to_universal), "stages" (saved, now), "rewind" (the later tags ``resume_from`` moves aside)}``.
+    through ds_to_universal), "stages" (saved, now), "layouts" (saved, now: ds_config.engine_layout), "rewind" (the later tags ``resume_from`` moves aside)}``.
     A checkpoint this run cannot load is a ValueError saying what to do instead."""
     ckpt_dir = Path(ckpt_dir)
     tag, rewind = latest_tag(ckpt_dir), []
@@ -153,8 +153,11 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
         check_same_data(saved.get("data"), data, ckpt_dir / tag, data_dir, train["seq_len"])
     # Another number of ranks or ZeRO stage: a sharded optimizer state goes through DeepSpeed's universal
     # checkpoint, which DeepSpeed loads into ZeRO-1/2/3 engines only.
+    # So does a change of weight precision or of the optimizer's place (offloaded: DeepSpeedCPUAdam, whose
+    # param groups and file names differ): DeepSpeed's own loader fails on those, at the first step.
     stages = (zero_stage(saved["deepspeed"]), zero_stage(ds))
-    universal = (saved["world_size"] != world or stages[0] != stages[1]) and is_sharded(ckpt_dir, tag)
+    layouts = (engine_layout(saved["deepspeed"]), engine_layout(ds))
+    universal = (saved["world_size"] != world or layouts[0] != layouts[1]) and is_sharded(ckpt_dir, tag)
     if universal and stages[0] != stages[1] and 3 in stages:
         raise ValueError(f"checkpoint {ckpt_dir / tag} was written with ZeRO stage {stages[0]}, this run uses "
                          f"stage {stages[1]}: DeepSpeed 0.19's universal checkpoint cannot move a checkpoint "
@@ -170,7 +173,8 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
                          f"stage {stages[0]}; this run has {world} rank(s) and ZeRO stage 0. Its sharded "
                          "optimizer state can be loaded on another number of ranks only into a ZeRO-1/2/3 "
                          f"engine: pass --deepspeed with a ZeRO stage (e.g. ds_configs/zero{stages[0] or 2}.json)")
-    return {"tag": tag, "saved": saved, "universal": universal, "stages": stages, "rewind": rewind}
+    return {"tag": tag, "saved": saved, "universal": universal, "stages": stages, "layouts": layouts,
+            "rewind": rewind}
 
 
 def check_same_data(saved: dict | None, now: dict, ckpt: Path, data_dir: Path, seq_len: int) -> None:

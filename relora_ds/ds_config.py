@@ -18,9 +18,10 @@ import functools
 import inspect
 import json
 import typing
+import warnings
 from pathlib import Path
 
-from .train_config import TrainConfig
+from .train_config import ConfigWarning, TrainConfig
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _OPT_KEYS = ("lr", "betas", "eps", "weight_decay")
@@ -105,6 +106,17 @@ def uses_bf16(ds: dict) -> bool:
 def zero_stage(ds: dict) -> int:
     """The ZeRO stage of a completed config (complete_ds_config turns the legacy boolean into a section)."""
     return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def engine_layout(ds: dict) -> dict:
+    """What decides the files and optimizer state a checkpoint holds: ZeRO stage, weight precision and where
+    the optimizer runs (DeepSpeedCPUAdam when offloaded). Two configs with the same layout load each other's
+    checkpoints directly; others go through the universal checkpoint (checkpoint.plan_resume)."""
+    zero = _zero_config(ds, "the DeepSpeed config")
+    offload = zero.offload_optimizer.device if zero.offload_optimizer is not None else "none"
+    precision = "bf16" if uses_bf16(ds) else "fp16" if uses_fp16(ds) else "fp32"
+    return {"zero_stage": zero.stage, "precision": precision, "offload_optimizer": str(getattr(offload, "value",
+                                                                                                 offload))}
 
 
 def uses_fp16(ds: dict) -> bool:
@@ -213,6 +225,9 @@ _UNUSED_SECTIONS = (
      "the trainer never prints DeepSpeed's communication summary"),
     *((m, lambda sec: isinstance(sec, dict) and bool(sec.get("enabled")), _MONITOR_WHY)
       for m in ("tensorboard", "wandb", "csv_monitor", "comet")),
+    ("flops_profiler", lambda sec: isinstance(sec, dict) and bool(sec.get("enabled")),
+     "its timers expect DeepSpeed's own forward/backward calls and stop the first backward here with "
+     "'AssertionError: timer is not started'; relora_ds logs tflops_per_gpu and mfu per step itself"),
 )
 
 
@@ -248,10 +263,29 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                      hint=" (DeepSpeed would silently ignore it)")
     if "bf16" in ds and "bfloat16" in ds:
         raise ValueError(f"{source} has both 'bf16' and 'bfloat16' (DeepSpeed then reads only 'bf16'): keep 'bf16'")
+    on = [k for k in ("bf16", "fp16") if isinstance(ds.get(k), dict) and ds[k].get("enabled") in (True, "true")]
+    if len(on) == 2:
+        raise ValueError(f"{source} enables both bf16 and fp16: enable one (bf16 on GPUs that have it)")
+    if isinstance(ds.get("checkpoint"), dict) and "load_universal" in ds["checkpoint"]:
+        raise ValueError(f"{source}: checkpoint.load_universal is set by the trainer itself, for the resumes that "
+                         "need it (another number of ranks, ZeRO stage, precision or optimizer offload); with it "
+                         "set here a plain resume fails: remove it")
     zero, removed_zero = ds.get("zero_optimization"), getattr(ds_cfg, "_REMOVED_ZERO_CONFIG_KEYS", {})
     for key in zero if isinstance(zero, dict) else ():
         if key in removed_zero:
             raise ValueError(f"{source}: {removed_zero[key]}")
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if isinstance(zero, dict) and isinstance(stage, int) and stage < 3:
+        param = zero.get("offload_param")
+        if isinstance(param, dict) and param.get("device", "none") not in ("none", None):
+            raise ValueError(f"{source}: zero_optimization.offload_param (device {param['device']!r}) acts only at "
+                             f"ZeRO stage 3, and this config is stage {stage}: DeepSpeed would keep the parameters "
+                             "on the accelerator without a word. Use stage 3 (ds_configs/zero3_offload.json) or "
+                             "remove offload_param")
+        only3 = sorted(k for k in zero if k.startswith("stage3_"))
+        if only3:
+            warnings.warn(f"{source}: {', '.join(only3)} act only at ZeRO stage 3; this config is stage {stage}, "
+                          "so DeepSpeed ignores them", ConfigWarning, stacklevel=2)
     from deepspeed.monitor.config import CometConfig, CSVConfig, TensorBoardConfig, WandbConfig
     from deepspeed.runtime.constants import GRAD_ACCUM_DTYPE
 

@@ -48,13 +48,16 @@ class CheckpointsMixin:
                 warnings.warn(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0 (expected at a "
                               "job's first start; otherwise check --output-dir)", ConfigWarning, stacklevel=2)
             return False
-        tag, saved, universal, stages = (self.resume_plan[k] for k in ("tag", "saved", "universal", "stages"))
+        tag, saved, universal = (self.resume_plan[k] for k in ("tag", "saved", "universal"))
         step = checkpoint.tag_step(tag)
         load_tag = tag
         if universal:
-            self._print(f"checkpoint {self.ckpt_dir / tag} was written by {saved['world_size']} rank(s) with ZeRO "
-                        f"stage {stages[0]}, this run has {self.world} and stage {stages[1]}: loading it as a "
-                        "DeepSpeed universal checkpoint")
+            def layout(world, lay):
+                return (f"{world} rank(s), ZeRO stage {lay['zero_stage']}, {lay['precision']}, optimizer "
+                        + ("on the device" if lay["offload_optimizer"] == "none" else f"offloaded to {lay['offload_optimizer']}"))
+            then, now = self.resume_plan["layouts"]
+            self._print(f"checkpoint {self.ckpt_dir / tag} was written with {layout(saved['world_size'], then)}, "
+                        f"this run has {layout(self.world, now)}: loading it as a DeepSpeed universal checkpoint")
             load_tag = checkpoint.make_universal(self.ckpt_dir, tag)
         # The engine that wrote step_N trained step N-1: at N == warm_start_steps still the full-rank one
         # (the loop switches before step N's training).
@@ -88,7 +91,7 @@ class CheckpointsMixin:
         self.load_state_dict(client)
         if "tokens_seen" not in client:  # written before the counter: its steps at its own batch
             self.tokens_seen = self.step * saved["train"]["global_batch_size"] * saved["train"]["seq_len"]
-        self._apply_optimizer_settings(saved["train"])
+        self._apply_optimizer_settings(saved)
         self._catch_up_missed_merge(client)
         if saved["world_size"] == self.world:
             checkpoint.load_rng(self.ckpt_dir, tag)
@@ -112,11 +115,12 @@ class CheckpointsMixin:
         if int(layer.merge_count) == since // every - 1:
             self._after_step_events()
 
-    def _apply_optimizer_settings(self, saved: dict) -> None:
+    def _apply_optimizer_settings(self, checkpoint_config: dict) -> None:
         """The recipe's lr, betas, eps and weight decay, not the checkpoint's: DeepSpeed restores the param
         groups and LambdaLR's base lrs, so resuming with e.g. a lower lr after a divergence would
-        otherwise silently keep the old one. Logs every setting that differs from the checkpoint's."""
-        cfg = self.cfg
+        otherwise silently keep the old one. Logs every setting that differs from the checkpoint's (its
+        config.json, `checkpoint_config`), DeepSpeed config entries and the number of ranks included."""
+        cfg, saved = self.cfg, checkpoint_config["train"]
         lr = self._phase_lr(self.engine_phase)
         sched = self.engine.lr_scheduler
         sched.base_lrs = [lr] * len(sched.base_lrs)
@@ -128,6 +132,11 @@ class CheckpointsMixin:
         # effect through the new config; all of them are named once here.
         changed = {k: f"{saved.get(k)} -> {v}" for k, v in cfg.to_dict().items()
                    if k not in ("resume", "resume_from", "overwrite") and k in saved and saved[k] != v}
+        if checkpoint_config.get("world_size", self.world) != self.world:
+            changed["world_size"] = f"{checkpoint_config['world_size']} -> {self.world}"
+        then, now = _flat(checkpoint_config.get("deepspeed", self.ds)), _flat(self.ds)
+        changed.update({f"deepspeed.{k}": f"{then.get(k)} -> {now.get(k)}" for k in sorted(then.keys() | now.keys())
+                        if then.get(k) != now.get(k)})
         if changed:
             self._event({"event": "resume_settings_changed", "step": self.step, **changed})
 
@@ -144,3 +153,13 @@ class CheckpointsMixin:
                             f"{self.ckpt_dir / checkpoint.REWOUND}: " + ", ".join(p.name for p in moved))
         on_rank_zero(move)
 
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """A nested config as {"a.b.c": leaf}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

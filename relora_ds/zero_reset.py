@@ -112,12 +112,17 @@ def unshare_optimizer_steps(engine) -> int:
     DeepSpeed 0.19's ZeRO-3 universal-checkpoint load stores one ``step`` tensor object in the state of
     every sub-group. torch's Adam increments ``step`` in place, so with two param groups (ours: LoRA and
     full-rank) the second group counts every step twice and its bias correction drifts (seen as a 2e-5
-    difference in the full-rank weights after one step)."""
+    difference in the full-rank weights after one step). A checkpoint of an offloaded optimizer
+    (DeepSpeedCPUAdam) holds ``step`` as an int, which torch's Adam refuses ("state_steps argument must
+    contain a list of singleton tensors"): it becomes a float32 tensor, as torch's own load_state_dict makes it."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    torch_adam = isinstance(inner, torch.optim.Adam | torch.optim.AdamW)
     seen, shared = set(), 0
     for state in getattr(inner, "state", {}).values():
         step = state.get("step")
-        if torch.is_tensor(step):
+        if torch_adam and isinstance(step, int | float):
+            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        elif torch.is_tensor(step):
             if id(step) in seen:
                 state["step"] = step.clone()
                 shared += 1

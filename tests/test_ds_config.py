@@ -245,6 +245,7 @@ def test_a_recipe_value_in_the_json_is_an_error_not_overwritten(ds, key):
     ("tensorboard", {"enabled": True, "output_path": "tb"}, "output_dir/metrics.jsonl and output_dir/tensorboard"),
     ("wandb", {"enabled": True, "project": "p"}, "restarts its sample axis at the warm-start switch"),
     ("csv_monitor", {"enabled": True}, "DeepSpeed's monitor sees only its own lr"),
+    ("flops_profiler", {"enabled": True}, "AssertionError: timer is not started"),
 ])
 def test_sections_this_trainer_would_leave_without_effect_are_refused(section, value, why):
     """DeepSpeed accepts them, and here they would do nothing or log a fragment: an error, not silence;
@@ -262,3 +263,29 @@ def test_amsgrad_is_refused_for_relora():
         complete_ds_config(json.loads(json.dumps(ds)), TrainConfig(**BASE), world_size=1)
     full = complete_ds_config(json.loads(json.dumps(ds)), TrainConfig(**BASE, mode="full"), world_size=1)
     assert full["optimizer"]["params"]["amsgrad"] is True  # no resets in a full-rank run: allowed
+
+
+def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
+    """From a test-drive: each of these trained without a word (offload_param at stage 2: parameters stayed on
+    the accelerator), or failed later with a DeepSpeed traceback (bf16 with fp16; load_universal in the JSON
+    broke the next plain resume)."""
+    import warnings
+
+    from relora_ds.train_config import ConfigWarning
+
+    bad = [({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "enables both bf16 and fp16"),
+           ({"checkpoint": {"load_universal": True}}, "checkpoint.load_universal is set by the trainer itself"),
+           ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+            r"offload_param \(device 'cpu'\) acts only at ZeRO stage 3, and this config is stage 2")]
+    for ds, match in bad:
+        with pytest.raises(ValueError, match=match):
+            complete_ds_config(ds, TrainConfig(**BASE), world_size=2)
+    with pytest.warns(ConfigWarning, match=r"stage3_param_persistence_threshold act only at ZeRO stage 3; this "
+                                           r"config is stage 2"):
+        complete_ds_config({"zero_optimization": {"stage": 2, "stage3_param_persistence_threshold": 0}},
+                           TrainConfig(**BASE), world_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        complete_ds_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                                  "offload_param": {"device": "cpu"}},
+                            "checkpoint": {"tag_validation": "Warn"}}, TrainConfig(**BASE), world_size=2)

@@ -132,6 +132,35 @@ def test_zero3_offload_resumes_exactly(tmp_path, small_data_dir):
         assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
 
 
+def test_resume_into_an_offloaded_optimizer_and_another_precision(tmp_path, small_data_dir, uninterrupted):
+    """A ZeRO-2 checkpoint resumed on the same 2 ranks with the optimizer offloaded (DeepSpeedCPUAdam), or in
+    bf16: DeepSpeed's own loader crashed at the first step (KeyError 'bias_correction': torch AdamW's param
+    groups) or named a missing file (bf16 files are named bf16_zero_pp_rank_*). Such a change goes through the
+    universal checkpoint, is logged, and the run continues the uninterrupted one's losses: in fp32 to
+    DeepSpeedCPUAdam's last bits (test_zero3_offload_resumes_exactly), in bf16 to its rounding."""
+    reference, _ = uninterrupted
+    train2(tmp_path, small_data_dir, save_every=7)
+    offload = tmp_path / "offload.json"
+    offload.write_text(json.dumps({**FP32_ZERO2, "zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(json.dumps({**FP32_ZERO2, "bf16": {"enabled": True}}))
+    recipe, _ = write(tmp_path, small_data_dir, save_every=7)
+    for ds, what, tol in ((offload, "optimizer offloaded to cpu", 3e-6), (bf16, "bf16", 2e-3)):
+        rewind_to(tmp_path / "run", "step_7")
+        proc = run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume")
+        out = proc.stdout + proc.stderr
+        assert re.search(rf"written with 2 rank\(s\), ZeRO stage 2, fp32, optimizer on the device, this run has 2 "
+                         rf"rank\(s\), ZeRO stage 2, .*{what}.*: loading it as a DeepSpeed universal checkpoint", out)
+        resumed, recs = read_losses(tmp_path / "run")
+        assert sorted(resumed) == list(range(8, 13))
+        for step, loss in resumed.items():
+            assert loss == pytest.approx(reference[step], rel=0, abs=tol), (what, step)
+        changed = next(r for r in recs if r.get("event") == "resume_settings_changed")
+        assert any(k.startswith("deepspeed.") for k in changed), changed
+        assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
+
+
 def test_bf16_optimizer_checkpoint_exports_and_resumes_on_fewer_ranks(tmp_path, small_data_dir):
     """ZeRO-1 with bf16 weights and fp32 gradient accumulation runs DeepSpeed's bf16 optimizer, whose
     checkpoint files DeepSpeed's zero_to_fp32 cannot read: export.py gives the trainer's own export, and a

@@ -70,3 +70,37 @@ def test_merge_writes_masters_keeps_outputs_and_ranks_agree(results, case):
         # Outputs unchanged up to W's dtype rounding (bf16 has 8 mantissa bits).
         assert res["merge_max_logit_diff"] < (1e-5 if case.endswith("fp32") else 0.05)
     assert results[0][case]["base_hash"] == results[1][case]["base_hash"], "base weights diverged across ranks"
+
+
+def test_optimizer_steps_after_a_universal_load_are_separate_tensors():
+    """After a universal load torch's Adam must get its own singleton-tensor ``step`` per state: DeepSpeed's
+    ZeRO-3 load shares one tensor between sub-groups (each group then counts every step twice), and a
+    checkpoint of an offloaded optimizer (DeepSpeedCPUAdam) holds ints, which torch's Adam refuses. The
+    oracle: torch's own Adam steps from the fixed state as from a freshly loaded state dict."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from relora_ds.zero_reset import unshare_optimizer_steps
+
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1)
+    shared = torch.tensor(5.0)
+    opt.state[a] = {"step": shared, "exp_avg": torch.full((3,), 0.1), "exp_avg_sq": torch.full((3,), 0.01)}
+    opt.state[b] = {"step": shared, "exp_avg": torch.full((2,), 0.1), "exp_avg_sq": torch.full((2,), 0.01)}
+    engine = SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))
+    assert unshare_optimizer_steps(engine) == 1
+    opt.state[b]["step"] = 5  # as DeepSpeedCPUAdam saves it
+    unshare_optimizer_steps(engine)
+    assert torch.is_tensor(opt.state[b]["step"]) and opt.state[b]["step"].dtype == torch.float32
+    ref = torch.optim.AdamW([{"params": [a2 := torch.nn.Parameter(torch.ones(3))]},
+                             {"params": [b2 := torch.nn.Parameter(torch.ones(2))]}], lr=0.1)
+    ref.load_state_dict({"state": {0: {"step": 5, "exp_avg": torch.full((3,), 0.1), "exp_avg_sq": torch.full((3,), 0.01)},
+                                   1: {"step": 5, "exp_avg": torch.full((2,), 0.1), "exp_avg_sq": torch.full((2,), 0.01)}},
+                         "param_groups": ref.state_dict()["param_groups"]})
+    for p in (a, b, a2, b2):
+        p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    ref.step()
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    assert opt.state[a]["step"].item() == opt.state[b]["step"].item() == 6

@@ -239,6 +239,21 @@ def check_precision_on_device(ds: dict, accelerator) -> None:
                          "there (fp16 needs GPUs)")
 
 
+def check_offload_on_device(ds: dict, accelerator) -> None:
+    """NVMe offload needs DeepSpeed's async_io op (libaio), which fails inside engine creation with a
+    traceback on a machine that cannot build it: fail first, naming the alternative."""
+    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+    nvme = [k for k in ("offload_optimizer", "offload_param")
+            if isinstance(zero.get(k), dict) and zero[k].get("device") == "nvme"]
+    if not nvme:
+        return
+    builder = accelerator.create_op_builder("AsyncIOBuilder")
+    if builder is None or not builder.is_compatible(verbose=False):
+        raise ValueError(f"zero_optimization.{nvme[0]} offloads to nvme, which needs DeepSpeed's async_io op, and "
+                         "this machine cannot build it (libaio missing? `ds_report` lists async_io): install "
+                         "libaio-dev, or offload to \"cpu\" (ds_configs/zero3_offload.json)")
+
+
 def train_data_record(manifest: dict, seq_len: int) -> dict:
     """What each checkpoint records of its training data and ``--resume`` compares before any engine exists
     (:func:`relora_ds.checkpoint.check_same_data`): the manifest's fingerprint of the training split

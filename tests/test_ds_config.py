@@ -276,7 +276,10 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
     bad = [({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "enables both bf16 and fp16"),
            ({"checkpoint": {"load_universal": True}}, "checkpoint.load_universal is set by the trainer itself"),
            ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
-            r"offload_param \(device 'cpu'\) acts only at ZeRO stage 3, and this config is stage 2")]
+            r"offload_param \(device 'cpu'\) acts only at ZeRO stage 3, and this config is stage 2"),
+           ({"zero_optimization": {"stage": 2}, "gradient_predivide_factor": 2.0},
+            "gradient_predivide_factor are not supported by DeepSpeed at ZeRO stage 2 with reduce_scatter"),
+           ({"zero_optimization": {"stage": 3}, "prescale_gradients": True}, "at ZeRO stage 3 with reduce_scatter")]
     for ds, match in bad:
         with pytest.raises(ValueError, match=match):
             complete_ds_config(ds, TrainConfig(**BASE), world_size=2)
@@ -289,3 +292,25 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
         complete_ds_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                                   "offload_param": {"device": "cpu"}},
                             "checkpoint": {"tag_validation": "Warn"}}, TrainConfig(**BASE), world_size=2)
+
+
+def test_nvme_offload_without_async_io_is_named_before_any_engine():
+    """DeepSpeed's async_io op (libaio) is what NVMe offload runs on; where it cannot be built the engine
+    failed with a traceback on every rank. Oracle: DeepSpeed's own builder says whether it can."""
+    from types import SimpleNamespace
+
+    from relora_ds.startup import check_offload_on_device
+
+    ds = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp/x"}}}
+    builder = lambda ok: SimpleNamespace(create_op_builder=lambda name: SimpleNamespace(  # noqa: E731
+        is_compatible=lambda verbose=False: ok))
+    with pytest.raises(ValueError, match=r"offload_param offloads to nvme, which needs DeepSpeed's async_io op"):
+        check_offload_on_device(ds, builder(False))
+    check_offload_on_device(ds, builder(True))
+    check_offload_on_device({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, builder(False))
+    from deepspeed.accelerator import get_accelerator
+
+    real = get_accelerator().create_op_builder("AsyncIOBuilder")
+    if real is None or not real.is_compatible(verbose=False):  # this machine: named, not a traceback
+        with pytest.raises(ValueError, match="async_io"):
+            check_offload_on_device(ds, get_accelerator())

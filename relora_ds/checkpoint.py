@@ -144,7 +144,10 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
                          "from its export (launch/export.py, then --warm-start-from or --hf-model)")
     mismatch = {k: (v, saved["model"].get(k)) for k, v in model.items() if saved["model"].get(k) != v}
     if mismatch:
-        raise ValueError(f"checkpoint {ckpt_dir / tag} is of another model: field (now, checkpoint): {mismatch}")
+        source = {k: saved["train"].get(k) for k in ("hf_model", "warm_start_from")
+                  if saved["train"].get(k) and saved["train"].get(k) != train.get(k)}
+        hint = "".join(f"; its run started from --{k.replace('_', '-')} {v}: pass that again" for k, v in source.items())
+        raise ValueError(f"checkpoint {ckpt_dir / tag} is of another model: field (now, checkpoint): {mismatch}{hint}")
     if tokenizer_sha256 is not None and saved.get("tokenizer_sha256") not in (None, tokenizer_sha256):
         raise ValueError(f"checkpoint {ckpt_dir / tag} was trained with tokenizer sha256 "
                          f"{saved['tokenizer_sha256'][:12]}..., but {data_dir} uses "

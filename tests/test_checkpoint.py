@@ -72,6 +72,33 @@ def test_plan_resume_refuses_another_model_or_tokenizer(tmp_path):
         checkpoint.plan_resume(tmp_path, model={"hidden_size": 64}, tokenizer_sha256="b" * 64, **kw)
 
 
+def test_plan_resume_loads_another_precision_or_optimizer_place_as_universal(tmp_path):
+    """Same ranks and stage, but bf16 instead of fp32 or the optimizer offloaded: DeepSpeed's own loader
+    fails on those (other file names, DeepSpeedCPUAdam's param groups), so they go through the universal
+    checkpoint too; the plan says which layouts differ."""
+    from relora_ds import checkpoint
+
+    _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
+    kw = dict(model={"hidden_size": 64}, train=TRAIN, world=2, data_dir=tmp_path / "data", total_steps=12,
+              tokenizer_sha256="a" * 64)
+    for ds, universal in (({"zero_optimization": {"stage": 2}}, False),
+                          ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, True),
+                          ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, True)):
+        plan = checkpoint.plan_resume(tmp_path, ds=ds, **kw)
+        assert plan["universal"] is universal, ds
+        assert (plan["layouts"][0] != plan["layouts"][1]) is universal
+
+
+def test_plan_resume_names_the_hf_model_a_run_started_from(tmp_path):
+    from relora_ds import checkpoint
+
+    _fake_checkpoint(tmp_path, world=1, stage=2, sharded=True, train={**TRAIN, "hf_model": "/models/llama"})
+    with pytest.raises(ValueError, match=r"another model: .*; its run started from --hf-model /models/llama: pass "
+                                         r"that again"):
+        checkpoint.plan_resume(tmp_path, model={"hidden_size": 128}, train=TRAIN, ds={"zero_optimization": {"stage": 2}},
+                               world=1, data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
+
+
 def test_plan_resume_refuses_other_training_data(tmp_path):
     """The checkpoint's recorded training data against the data dir's now (fingerprint and windows at the run's
     seq_len): any difference is refused, naming both sizes; a checkpoint without the record, or a caller that

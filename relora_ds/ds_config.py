@@ -263,12 +263,6 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                      hint=" (DeepSpeed would silently ignore it)")
     if "bf16" in ds and "bfloat16" in ds:
         raise ValueError(f"{source} has both 'bf16' and 'bfloat16' (DeepSpeed then reads only 'bf16'): keep 'bf16'")
-    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
-    if zero.get("stage") in (2, 3) and zero.get("reduce_scatter", True) and (
-            ds.get("prescale_gradients") or ds.get("gradient_predivide_factor", 1.0) != 1.0):
-        raise ValueError(f"{source}: prescale_gradients and gradient_predivide_factor are not supported by "
-                         f"DeepSpeed at ZeRO stage {zero['stage']} with reduce_scatter (its default): remove "
-                         "them, or set zero_optimization.reduce_scatter to false")
     on = [k for k in ("bf16", "fp16") if isinstance(ds.get(k), dict) and ds[k].get("enabled") in (True, "true")]
     if len(on) == 2:
         raise ValueError(f"{source} enables both bf16 and fp16: enable one (bf16 on GPUs that have it)")
@@ -281,6 +275,11 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
         if key in removed_zero:
             raise ValueError(f"{source}: {removed_zero[key]}")
     stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if stage in (2, 3) and zero.get("reduce_scatter", True) and (
+            ds.get("prescale_gradients") or ds.get("gradient_predivide_factor", 1.0) != 1.0):
+        raise ValueError(f"{source}: prescale_gradients and gradient_predivide_factor are not supported by "
+                         f"DeepSpeed at ZeRO stage {stage} with reduce_scatter (its default): remove them, or "
+                         "set zero_optimization.reduce_scatter to false")
     if isinstance(zero, dict) and isinstance(stage, int) and stage < 3:
         param = zero.get("offload_param")
         if isinstance(param, dict) and param.get("device", "none") not in ("none", None):

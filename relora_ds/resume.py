@@ -53,8 +53,9 @@ class CheckpointsMixin:
         load_tag = tag
         if universal:
             def layout(world, lay):
-                return (f"{world} rank(s), ZeRO stage {lay['zero_stage']}, {lay['precision']}, optimizer "
-                        + ("on the device" if lay["offload_optimizer"] == "none" else f"offloaded to {lay['offload_optimizer']}"))
+                place = "on the device" if lay["offload_optimizer"] == "none" else \
+                    f"offloaded to {lay['offload_optimizer']}"
+                return f"{world} rank(s), ZeRO stage {lay['zero_stage']}, {lay['precision']}, optimizer {place}"
             then, now = self.resume_plan["layouts"]
             self._print(f"checkpoint {self.ckpt_dir / tag} was written with {layout(saved['world_size'], then)}, "
                         f"this run has {layout(self.world, now)}: loading it as a DeepSpeed universal checkpoint")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from relora_ds import LlamaConfig, LlamaForCausalLM, export_hf, wrap
+from relora_ds import LlamaConfig, LlamaForCausalLM, wrap
 from relora_ds.checkpoint import full_state_dict, latest_tag, load_config
 from relora_ds.data import load_manifest
 from relora_ds.data.manifest import file_sha256
-from relora_ds.hf import export_dtype
+from relora_ds.hf import export_run
 
 
 def main(argv=None) -> Path:
@@ -65,20 +65,10 @@ def main(argv=None) -> Path:
     # merge_count buffers may be absent: they do not affect the exported weights.
     if unexpected or [k for k in missing if not k.endswith("merge_count")]:
         ap.error(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    t = run["train"]
-    source = t.get("hf_model") or t.get("warm_start_from")
-    if source and not (Path(source) / "config.json").is_file():
-        print(f"warning: {source}, the Hugging Face model the run started from, is gone: its config keys, "
-              "tokenizer files and dtype are not carried over", file=sys.stderr)
-        source = None
-    kw = dict(dtype=export_dtype(args.dtype or t.get("export_dtype"), source), like=source,
-              tokenizer=tokenizer)
     with torch.no_grad():
-        try:
-            out = export_hf(model, args.out, **kw)
-        except ValueError as e:  # a tokenizer transformers cannot reproduce exactly (e.g. a unigram model)
-            print(f"warning: {e}; writing tokenizer.model without a Hugging Face tokenizer.json", file=sys.stderr)
-            out = export_hf(model, args.out, hf_tokenizer=False, **kw)
+        out, notes = export_run(model, args.out, run["train"], tokenizer, dtype=args.dtype)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"exported {args.checkpoints / tag} to {out}")
     return out
 

@@ -263,9 +263,6 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                      hint=" (DeepSpeed would silently ignore it)")
     if "bf16" in ds and "bfloat16" in ds:
         raise ValueError(f"{source} has both 'bf16' and 'bfloat16' (DeepSpeed then reads only 'bf16'): keep 'bf16'")
-    on = [k for k in ("bf16", "fp16") if isinstance(ds.get(k), dict) and ds[k].get("enabled") in (True, "true")]
-    if len(on) == 2:
-        raise ValueError(f"{source} enables both bf16 and fp16: enable one (bf16 on GPUs that have it)")
     if isinstance(ds.get("checkpoint"), dict) and "load_universal" in ds["checkpoint"]:
         raise ValueError(f"{source}: checkpoint.load_universal is set by the trainer itself, for the resumes that "
                          "need it (another number of ranks, ZeRO stage, precision or optimizer offload); with it "
@@ -304,6 +301,8 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
         if key != GRAD_ACCUM_DTYPE:  # the one key DeepSpeed 0.19 reads there (and relora_ds relies on)
             _unknown(f"{source}: data_types: key", key, {GRAD_ACCUM_DTYPE: None})
     _check_optimizer(ds, source)
+    if uses_bf16(ds) and uses_fp16(ds):  # after the sections' keys are checked: these parse them
+        raise ValueError(f"{source} enables both bf16 and fp16: enable one (bf16 on GPUs that have it)")
 
 
 @functools.lru_cache(maxsize=None)

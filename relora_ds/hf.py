@@ -119,6 +119,26 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
     return out
 
 
+def export_run(model: torch.nn.Module, out_dir: str | Path, train: dict, tokenizer: str | Path | None,
+               dtype: str | None = None) -> tuple[Path, list[str]]:
+    """A run's export (the trainer's and launch/export.py's): ``export_hf`` like the Hugging Face model the
+    run started from (`train`: its TrainConfig dict, hf_model / warm_start_from), in `dtype` (None: the
+    run's export_dtype, else that model's, else float32). Where transformers cannot convert `tokenizer`
+    exactly, the export carries tokenizer.model alone. Returns (out_dir, warnings to show)."""
+    notes = []
+    source = train.get("hf_model") or train.get("warm_start_from")
+    if source and not (Path(source) / "config.json").is_file():
+        notes.append(f"{source}, the Hugging Face model the run started from, is gone: its config keys, "
+                     "tokenizer files and dtype are not carried over")
+        source = None
+    kw = dict(dtype=export_dtype(dtype or train.get("export_dtype"), source), like=source, tokenizer=tokenizer)
+    try:
+        return export_hf(model, out_dir, **kw), notes
+    except ValueError as e:  # a tokenizer transformers cannot reproduce exactly (e.g. a unigram model)
+        notes.append(f"{e}; exported with tokenizer.model but without a Hugging Face tokenizer.json")
+        return export_hf(model, out_dir, hf_tokenizer=False, **kw), notes
+
+
 def export_dtype(name: str | None, source: str | Path | None = None) -> torch.dtype:
     """The export's dtype: `name` ("float32", "bfloat16", "float16"), else the dtype the Hugging Face model
     in `source` was stored in (its config's torch_dtype, or dtype in transformers 5), else float32."""

@@ -37,7 +37,7 @@ from .distributed import init_distributed, max_over_ranks, on_rank_zero, pick_po
 from .flops import flops_per_token, peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engine_state import full_fp32_state_dict
-from .hf import export_dtype, export_hf, load_hf
+from .hf import export_run, load_hf
 from .merge import merge_and_reinit
 from .metrics import MetricsLogger, peak_memory_mb, progress_line
 from .model import LlamaForCausalLM
@@ -438,16 +438,10 @@ class Trainer(CheckpointsMixin):
                 wrap(model, rank=self.cfg.rank, alpha=self.cfg.alpha, target_modules=self.cfg.target_modules,
                      quantize=self.cfg.quantize, merge_residual=self.cfg.merge_residual)
             model.load_state_dict(state)
-            source = self.cfg.hf_model or self.cfg.warm_start_from
-            kw = dict(dtype=export_dtype(self.cfg.export_dtype, source), tokenizer=self.tokenizer_path, like=source)
-            try:
-                export_hf(model, out_dir, **kw)
-                self._print(f"exported Hugging Face model and tokenizer to {out_dir}")
-            except ValueError as e:  # a SentencePiece model transformers cannot reproduce: no tokenizer.json
-                export_hf(model, out_dir, hf_tokenizer=False, **kw)
-                self._event({"event": "warning", "step": self.step,
-                             "message": f"exported {out_dir} with tokenizer.model but without a Hugging Face "
-                                        f"tokenizer: {e}"})
+            _, notes = export_run(model, out_dir, self.cfg.to_dict(), self.tokenizer_path)
+            self._print(f"exported the Hugging Face model to {out_dir}")
+            for note in notes:
+                self._event({"event": "warning", "step": self.step, "message": f"export to {out_dir}: {note}"})
         dist.barrier()
         return out_dir
 

@@ -2,9 +2,9 @@
 
 Every document becomes ``BOS ids EOS`` (``ids EOS`` with a tokenizer without BOS, such as T5's); the
 documents of a split are concatenated in corpus order into one flat file of ids (packing: training
-windows cross document boundaries, the EOS (and BOS) marks them, and nothing is padded or truncated). Tokenization runs through ``datasets.map`` (``num_proc``
-processes) or, when streaming, through SentencePiece's own thread pool inside ``IterableDataset.map``;
-both give byte-identical files.
+windows cross document boundaries, the EOS (and BOS) marks them, and nothing is padded or truncated).
+Tokenization runs through ``datasets.map`` (``num_proc`` processes) or, when streaming, through
+SentencePiece's own thread pool inside ``IterableDataset.map``; both give byte-identical files.
 """
 from __future__ import annotations
 

@@ -6,20 +6,16 @@ or one Hugging Face hub dataset name (``allenai/c4`` with ``hf_config="en"``) wh
 ``None`` means the built-in corpus (:mod:`relora_ds.data.builtin_corpus`).
 
 Reading, decompression, JSON/Parquet parsing and streaming are ``datasets``' job. What is ours: path
-resolution with clear errors, the invalid UTF-8 pass (``datasets`` refuses such files outright, and JSON files holding a lone UTF-16
-surrogate escape such as ``"\\ud800"``, which JavaScript and Python's ``json.dumps`` write), the
-text-column check, and the corpus fingerprint used to make re-runs no-ops.
+resolution with clear errors, running the text repair pass (:mod:`relora_ds.data.repair`) on each text
+and JSON file, the text-column check, and the corpus fingerprint used to make re-runs no-ops.
 """
 from __future__ import annotations
 
-import codecs
 import glob
-import gzip
 import hashlib
 import os
 import re
 import warnings
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +23,7 @@ from pathlib import Path
 import datasets
 
 from relora_ds.data.builtin_corpus import builtin_documents, builtin_fingerprint
+from relora_ds.data.repair import repair_utf8
 
 # name suffix -> datasets builder. Parquet has its own internal compression, so no ".parquet.gz".
 SUPPORTED_SUFFIXES = {
@@ -41,14 +38,6 @@ _SAVE_TO_DISK_META = ("state.json", "dataset_info.json")
 TXT_UNITS = ("document", "paragraph", "line")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
-# surrogateescape turns each invalid byte into one lone surrogate in this range.
-_ESCAPED_BYTES = re.compile("[\udc80-\udcff]")
-_CHUNK = 1 << 22
-# A JSON escape sequence: a surrogate pair, a lone surrogate (Arrow's JSON reader refuses the file), or any
-# other escape (consumed so that an escaped backslash before "ud800" is not read as an escape).
-_JSON_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
-                          r"|\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\\.")
-_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]")
 _STRING_DTYPES = ("string", "large_string")
 
 
@@ -232,101 +221,6 @@ def corpus_fingerprint(resolved: tuple[list[str], str | None] | None, hf_config:
     if hub is not None:
         return hashlib.sha256(f"hub\0{hub}\0{hf_config}\0{hub_revision}".encode()).hexdigest()
     return local_fingerprint(files)
-
-
-def _open_binary(path: str):
-    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
-
-
-def _fix_json_escapes(text: str) -> tuple[str, int]:
-    """`text` (JSON) with each lone surrogate escape replaced by ``\\ufffd``, and how many there were."""
-    count = 0
-
-    def fix(m: re.Match) -> str:
-        nonlocal count
-        if len(m[0]) == 6:  # a lone surrogate; pairs are 12 characters, other escapes 2
-            count += 1
-            return "\\ufffd"
-        return m[0]
-
-    return _JSON_ESCAPE.sub(fix, text), count
-
-
-def _is_clean(path: str, json: bool) -> bool:
-    """Valid UTF-8 without a byte-order mark (Windows editors write one: it would start the first document)
-    and, for JSON (`json`), without a lone surrogate escape."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    hint = False
-    try:
-        with _open_binary(path) as f:
-            if f.read(3) == codecs.BOM_UTF8:
-                return False
-            f.seek(0)
-            tail = b""
-            while chunk := f.read(_CHUNK):
-                decoder.decode(chunk)
-                if json and not hint:  # tail: a hint cut by the chunk boundary
-                    hint = bool(_SURROGATE_HINT.search(tail + chunk[:8]) or _SURROGATE_HINT.search(chunk))
-                    tail = chunk[-8:]
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return False
-    except (EOFError, OSError, zlib.error) as e:  # truncated or not gzip at all (gzip.BadGzipFile is an OSError)
-        raise ValueError(f"could not read {path}: {type(e).__name__}: {e} (a truncated or corrupt gzip file?)") from e
-    if not hint:
-        return True
-    # Surrogate escapes, maybe all in pairs (an emoji written by json.dumps): look at each.
-    return all(n == 0 for _, n in _json_lines_fixed(path))
-
-
-def _json_lines_fixed(path: str):
-    """(text, lone surrogates fixed) per run of whole lines of a valid UTF-8 JSON file. JSON strings hold
-    no raw newline, so no escape spans two runs."""
-    carry = ""
-    with _open_binary(path) as f:
-        decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        while True:
-            chunk = f.read(_CHUNK)
-            text = carry + decoder.decode(chunk, final=not chunk)
-            cut = len(text) if not chunk else text.rfind("\n") + 1
-            carry = text[cut:]
-            yield _fix_json_escapes(text[:cut])
-            if not chunk:
-                return
-
-
-def repair_utf8(path: str, dest: str, *, json: bool = False) -> tuple[int, int]:
-    """Write `path` (decompressed) to `dest` with each invalid UTF-8 byte replaced by U+FFFD, without a
-    leading byte-order mark and, for a JSON file (`json`), with each lone UTF-16 surrogate escape
-    (``"\\ud800"``, which no UTF-8 text can hold) replaced by ``\\ufffd``.
-
-    Returns (invalid bytes replaced, lone surrogate escapes replaced), both 0 when nothing was written:
-    the file is clean (the common case costs one decode pass and no copy).
-    """
-    if _is_clean(path, json):
-        return 0, 0
-    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-    bad = lone = 0
-    first = True
-    carry = ""
-    with _open_binary(path) as src, open(dest, "w", encoding="utf-8") as out:
-        while True:
-            chunk = src.read(_CHUNK)
-            text = decoder.decode(chunk, final=not chunk)
-            if first and text:
-                text, first = text.removeprefix("\ufeff"), False
-            bad += len(_ESCAPED_BYTES.findall(text))
-            text = _ESCAPED_BYTES.sub("\ufffd", text)
-            if json:  # whole lines only: no escape spans a newline
-                text = carry + text
-                cut = len(text) if not chunk else text.rfind("\n") + 1
-                text, carry = text[:cut], text[cut:]
-                text, n = _fix_json_escapes(text)
-                lone += n
-            out.write(text)
-            if not chunk:
-                break
-    return bad, lone
 
 
 def _repair_job(args: tuple[str, str]) -> tuple[int, int]:

@@ -110,6 +110,18 @@ FIXED_ON_RESUME = ("seq_len", "rank", "alpha", "target_modules", "quantize", "wa
                    "lowrank_schedule", "merge_residual")
 # What a checkpoint written before a setting existed ran with.
 DEFAULTS_OF_OLDER_CHECKPOINTS = {"lowrank_schedule": "continue", "merge_residual": False}
+# The same for the model config's fields from before the Qwen2/Mistral/LLaMA-3 options (head_dim: below).
+MODEL_DEFAULTS_OF_OLDER_CHECKPOINTS = {"model_type": "llama", "attention_bias": False, "qkv_bias": False,
+                                       "mlp_bias": False, "tie_word_embeddings": False, "rope_scaling": None,
+                                       "sliding_window": None}
+
+
+def _model_with_older_defaults(model: dict) -> dict:
+    """A checkpoint's model config with the fields added since it was written, at the values they had then."""
+    older = dict(MODEL_DEFAULTS_OF_OLDER_CHECKPOINTS)
+    if "hidden_size" in model and "num_attention_heads" in model:
+        older["head_dim"] = model["hidden_size"] // model["num_attention_heads"]
+    return {**older, **model}
 
 
 def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: int, data_dir: Path,
@@ -142,7 +154,8 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
         raise ValueError(f"checkpoint {ckpt_dir / tag} was trained with settings a resume cannot change, field "
                          f"(now, checkpoint): {fixed}. Resume with the checkpoint's values, or start a new run "
                          "from its export (launch/export.py, then --warm-start-from or --hf-model)")
-    mismatch = {k: (v, saved["model"].get(k)) for k, v in model.items() if saved["model"].get(k) != v}
+    saved_model = _model_with_older_defaults(saved["model"])
+    mismatch = {k: (v, saved_model.get(k)) for k, v in model.items() if saved_model.get(k) != v}
     if mismatch:
         source = {k: saved["train"].get(k) for k in ("hf_model", "warm_start_from")
                   if saved["train"].get(k) and saved["train"].get(k) != train.get(k)}

@@ -1,13 +1,16 @@
-"""LLaMA-style decoder in plain PyTorch (the paper's architecture, numerically Hugging Face's LlamaForCausalLM).
+"""LLaMA-style decoder in plain PyTorch (the paper's architecture, numerically Hugging Face's LlamaForCausalLM,
+and Qwen2ForCausalLM / MistralForCausalLM, which differ only in configuration).
 
-Pre-norm RMSNorm, SwiGLU MLP, rotary position embeddings, causal attention through torch SDPA (or
-flash-attn when installed), no biases, untied lm_head. Module and parameter names equal Hugging Face's,
-so state dicts map one to one and ReLoRA's `wrap` finds the same layers in either model. This file knows
-nothing of DeepSpeed, Triton or ReLoRA.
+Pre-norm RMSNorm, SwiGLU MLP, rotary position embeddings (optionally "linear" or "llama3" scaled), causal
+attention through torch SDPA (or flash-attn when installed). The presets have no biases and an untied
+lm_head; a config can add attention/MLP biases, an explicit head_dim and an lm_head tied to the embedding.
+Module and parameter names equal Hugging Face's, so state dicts map one to one and ReLoRA's `wrap` finds the
+same layers in either model. This file knows nothing of DeepSpeed, Triton or ReLoRA.
 """
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,16 +57,39 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """RoPE's inverse frequencies, (head_dim/2,) fp32, computed as transformers' modeling_rope_utils does:
+    plain; "linear" (every frequency / factor: positions interpolated); "llama3" (LLaMA-3.1: wavelengths
+    above original_max_position_embeddings / low_freq_factor slowed by factor, those below
+    original / high_freq_factor kept, a linear blend between)."""
+    exponent = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponent)
+    rope_type = scaling["rope_type"] if scaling else "default"
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        slowed = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * slowed / factor + smooth * slowed
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, blended, slowed)
+    assert rope_type == "default", rope_type  # LlamaConfig refuses the others
+    return inv_freq
+
+
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
 
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype):
         # Computed per call in fp32 (cheap next to attention). No buffer: model.to(torch.bfloat16) would round
         # the frequencies (cos off by 0.47 at position 512 with head_dim 128), and no cache to go stale.
-        exponent = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.int64).float() / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponent)
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling, device)
         pos = torch.arange(seq_len, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)  # (T, head_dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
@@ -88,10 +114,11 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.attn_implementation = config.attn_implementation
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -123,10 +150,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        h, m = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, m, bias=False)
-        self.up_proj = nn.Linear(h, m, bias=False)
-        self.down_proj = nn.Linear(m, h, bias=False)
+        h, m, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, m, bias=bias)
+        self.up_proj = nn.Linear(h, m, bias=bias)
+        self.down_proj = nn.Linear(m, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -148,13 +175,15 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
+        self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.config.check_sequence_length(input_ids.shape[1])  # past a sliding window: not the source model
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = self.rotary_emb(input_ids.shape[1], x.device, x.dtype)
         for layer in self.layers:
@@ -182,12 +211,25 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, bias=False)
         self.loss_chunk_size = 0  # chunked_loss_enable()
+        self.tie_weights()
         self.apply(self._init_weights)
+        # Checkpoints of a tied model hold the shared weight once (transformers' safetensors, DeepSpeed's fp32
+        # state dicts name it model.embed_tokens.weight): lm_head.weight is that tensor.
+        self._register_load_state_dict_pre_hook(_tied_head_from_embedding, with_module=True)
+
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings, make lm_head's weight the embedding's Parameter itself (one tensor,
+        one optimizer entry; Hugging Face's name). Call again after anything that replaces parameters
+        (load_state_dict(assign=True))."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
@@ -225,6 +267,14 @@ class LlamaForCausalLM(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def _tied_head_from_embedding(model, state_dict, prefix, *args) -> None:
+    """load_state_dict of a tied model: lm_head.weight is the embedding's, stored or not (a stored copy is
+    ignored, as transformers ignores it)."""
+    embed = f"{prefix}model.embed_tokens.weight"
+    if model.config.tie_word_embeddings and embed in state_dict:
+        state_dict[f"{prefix}lm_head.weight"] = state_dict[embed]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,21 @@
-"""LLaMA model configuration with the paper's named sizes (ReLoRA, arXiv 2307.05695, Table 2)."""
+"""LLaMA model configuration with the paper's named sizes (ReLoRA, arXiv 2307.05695, Table 2), and the
+options of the LLaMA-shaped Hugging Face families continued pre-training starts from (LLaMA-3.x, Qwen2,
+Mistral): explicit head_dim, biases, tied embeddings, RoPE scaling."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+# The Hugging Face architectures this decoder reproduces exactly. They differ only in what their configs
+# can express: LLaMA's attention_bias (q, k, v, o) and mlp_bias, Qwen2's fixed q/k/v biases, Mistral's
+# sliding window.
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+# RoPE types whose frequencies relora_ds computes as transformers' modeling_rope_utils does, with the keys each
+# needs. Dynamic NTK, YaRN and LongRoPE change the frequencies with the sequence length or scale the
+# attention, and are refused.
+ROPE_TYPES = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass
@@ -18,7 +31,7 @@ class LlamaConfig:
     num_hidden_layers: int = 12
     """Number of decoder blocks."""
     num_attention_heads: int = 12
-    """Query heads; hidden_size must be divisible by it."""
+    """Query heads; hidden_size must be divisible by it unless head_dim is given."""
     num_key_value_heads: int | None = None
     """Key/value heads (grouped-query attention); None means equal to num_attention_heads."""
     max_position_embeddings: int = 512
@@ -31,6 +44,29 @@ class LlamaConfig:
     """Std of the normal init of linear and embedding weights (LLaMA init)."""
     attn_implementation: str = "auto"
     """'auto' (flash-attn when importable on CUDA in fp16/bf16, else torch SDPA), 'sdpa' or 'flash'."""
+    model_type: str = "llama"
+    """The Hugging Face architecture the model is exported as (MODEL_TYPES); it decides which biases and
+    options the exported config can express."""
+    head_dim: int | None = None
+    """Width of each attention head; None means hidden_size / num_attention_heads (Mistral-Nemo: 128, where
+    5120 / 32 would be 160)."""
+    attention_bias: bool = False
+    """Biases on q_proj, k_proj, v_proj and o_proj (LLaMA's attention_bias)."""
+    qkv_bias: bool | None = None
+    """Biases on q_proj, k_proj and v_proj but not o_proj (Qwen2's fixed layout); None means the
+    model_type's own (True for qwen2, else False)."""
+    mlp_bias: bool = False
+    """Biases on gate_proj, up_proj and down_proj (LLaMA's mlp_bias)."""
+    tie_word_embeddings: bool = False
+    """lm_head's weight is the input embedding itself (LLaMA-3.2-1B/3B, small Qwen2): one parameter, trained
+    full-rank."""
+    rope_scaling: dict | None = None
+    """RoPE frequency scaling as in Hugging Face configs, e.g. ``{"rope_type": "linear", "factor": 4.0}`` or
+    LLaMA-3.1's "llama3" (ROPE_TYPES); None is plain RoPE."""
+    sliding_window: int | None = None
+    """The source model's attention window (Mistral; Qwen2 with use_sliding_window), in tokens a query sees,
+    itself included. Attention here is full causal, which equals the window's only on sequences of at most
+    this many tokens: longer ones are refused (check_sequence_length). None: no window."""
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -39,18 +75,52 @@ class LlamaConfig:
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by "
-                             f"num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                                 f"{self.num_attention_heads}; set head_dim to give the heads' width explicitly")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if int(self.head_dim) <= 0 or self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim must be a positive even integer (RoPE rotates pairs), "
+                             f"got {self.head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not divisible by "
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.attn_implementation not in ("auto", "sdpa", "flash"):
             raise ValueError(f"attn_implementation={self.attn_implementation!r}; valid: 'auto', 'sdpa', 'flash'")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r} is not supported; valid: {', '.join(MODEL_TYPES)}")
+        if self.qkv_bias is None:
+            self.qkv_bias = self.model_type == "qwen2"
+        self._check_expressible()
+        self.rope_scaling = _checked_rope_scaling(self.rope_scaling)
+        if self.sliding_window is not None and int(self.sliding_window) <= 0:
+            raise ValueError(f"sliding_window must be a positive number of tokens or None, got {self.sliding_window!r}")
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def _check_expressible(self) -> None:
+        """The biases and window must be ones the model_type's Hugging Face config can say, or the export
+        would load in transformers as another model."""
+        need = {"llama": dict(qkv_bias=False),  # attention_bias and mlp_bias: either
+                "qwen2": dict(qkv_bias=True, attention_bias=False, mlp_bias=False),
+                "mistral": dict(qkv_bias=False, attention_bias=False, mlp_bias=False)}[self.model_type]
+        wrong = {k: getattr(self, k) for k, v in need.items() if bool(getattr(self, k)) != v}
+        if wrong:
+            raise ValueError(f"model_type={self.model_type!r} cannot have {wrong}: its Hugging Face architecture "
+                             f"fixes {need}")
+        if self.sliding_window is not None and self.model_type == "llama":
+            raise ValueError("sliding_window is a Mistral/Qwen2 option that LLaMA's Hugging Face config lacks: use "
+                             "model_type 'mistral' or 'qwen2', or sliding_window=None")
+
+    def check_sequence_length(self, tokens: int) -> None:
+        """A ValueError when sequences of `tokens` tokens reach past the sliding window, where full causal
+        attention would differ from the source model's. The trainer's sequences are windows of seq_len + 1
+        tokens (the last is only a label), so it needs seq_len < sliding_window."""
+        if self.sliding_window is not None and tokens > self.sliding_window:
+            raise ValueError(
+                f"sequences of {tokens} tokens are longer than this {self.model_type} model's sliding_window="
+                f"{self.sliding_window}: relora_ds computes full causal attention, which is the model's only up "
+                f"to {self.sliding_window} tokens. Train with --seq-len {self.sliding_window - 1} or less (the "
+                "trainer feeds seq_len + 1 tokens per sequence)")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LlamaConfig":
@@ -83,3 +153,29 @@ PRESETS: dict[str, dict] = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                max_position_embeddings=2048),
 }
+
+
+def _checked_rope_scaling(scaling: dict | None) -> dict | None:
+    """`scaling` with its type under "rope_type" (older configs: "type"), or None for plain RoPE; an
+    unsupported type or a missing key is a ValueError naming what is valid."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"rope_scaling must be a dict or None, got {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    # rope_theta (transformers 5 keeps it here) is the config's own field.
+    scaling = {"rope_type": rope_type,
+               **{k: v for k, v in scaling.items() if k not in ("type", "rope_type", "rope_theta")}}
+    if rope_type == "default":
+        return None
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope scaling {rope_type!r} is not supported; valid rope types: 'default' (plain RoPE), "
+                         f"{', '.join(repr(t) for t in ROPE_TYPES)}")
+    missing = [k for k in ROPE_TYPES[rope_type] if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_scaling of type {rope_type!r} lacks {missing}; it needs {list(ROPE_TYPES[rope_type])}")
+    if not all(math.isfinite(scaling[k]) and scaling[k] > 0 for k in ROPE_TYPES[rope_type]):
+        raise ValueError(f"rope_scaling {scaling}: {list(ROPE_TYPES[rope_type])} must be positive numbers")
+    if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError(f"rope_scaling {scaling}: high_freq_factor must be above low_freq_factor")
+    return scaling

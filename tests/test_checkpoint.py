@@ -99,6 +99,24 @@ def test_plan_resume_names_the_hf_model_a_run_started_from(tmp_path):
                                world=1, data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
 
 
+def test_plan_resume_takes_checkpoints_written_before_the_model_families(tmp_path):
+    """A checkpoint whose model config has only the fields LlamaConfig had before head_dim, the biases, tied
+    embeddings, rope_scaling, sliding_window and model_type (the debug preset as saved then) is today's debug
+    preset; the same shape tied is another model."""
+    from relora_ds import LlamaConfig, checkpoint
+
+    now = LlamaConfig.preset("debug").to_dict()
+    then = {k: now[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                "rms_norm_eps", "rope_theta", "initializer_range", "attn_implementation")}
+    _fake_checkpoint(tmp_path, world=1, stage=2, sharded=True, model=then)
+    kw = dict(train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=1, data_dir=tmp_path / "data",
+              total_steps=12, tokenizer_sha256="a" * 64)
+    assert checkpoint.plan_resume(tmp_path, model=now, **kw)["tag"] == "step_8"
+    with pytest.raises(ValueError, match=r"another model: field \(now, checkpoint\): \{'tie_word_embeddings': \(True, False\)\}"):
+        checkpoint.plan_resume(tmp_path, model=LlamaConfig.preset("debug", tie_word_embeddings=True).to_dict(), **kw)
+
+
 def test_plan_resume_refuses_other_training_data(tmp_path):
     """The checkpoint's recorded training data against the data dir's now (fingerprint and windows at the run's
     seq_len): any difference is refused, naming both sizes; a checkpoint without the record, or a caller that

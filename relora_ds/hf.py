@@ -1,4 +1,5 @@
-"""Hugging Face LLaMA checkpoints: export (merged, plain weights) and load (continued pre-training).
+"""Hugging Face checkpoints of LLaMA, Qwen2 and Mistral: export (merged, plain weights) and load (continued
+pre-training).
 
 Our module names equal Hugging Face's, so the state dict maps one to one; ReLoRA layers are merged into
 plain weights (dequantized when stored in int8) and their LoRA tensors and counters are dropped. Given the
@@ -17,33 +18,48 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .model import LlamaForCausalLM
-from .model_config import LlamaConfig
+from .model_config import MODEL_TYPES, LlamaConfig
 from .relora import relora_layers
 
 _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta",
                 "initializer_range")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 def hf_config_dict(config: LlamaConfig, dtype: torch.dtype, bos_token_id: int | None = 1,
                    eos_token_id: int = 2) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    """config.json for transformers' class of ``config.model_type``. RoPE scaling goes in as ``rope_scaling``
+    beside ``rope_theta``, which transformers 4.x reads as it is and 5.x converts to its rope_parameters."""
+    out = {
+        "architectures": [_ARCHITECTURES[config.model_type]],
+        "model_type": config.model_type,
         **{k: getattr(config, k) for k in _CONFIG_KEYS},
         "head_dim": config.head_dim,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": config.tie_word_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
     }
+    if config.rope_scaling is not None:
+        out["rope_scaling"] = dict(config.rope_scaling)
+    if config.model_type == "llama":
+        out.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+    elif config.model_type == "mistral":  # written even when None: MistralConfig's default is 4096
+        out["sliding_window"] = config.sliding_window
+    elif config.sliding_window is not None:  # qwen2 (its q/k/v biases are fixed by the architecture)
+        # Which layers slide (max_window_layers, layer_types) only the source's config knows: export_hf(like=).
+        out.update(use_sliding_window=True, sliding_window=config.sliding_window)
+    else:
+        out["use_sliding_window"] = False
+    return out
 
 
 def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Plain LLaMA state dict: every ReLoRA layer's weight = base + scale·B·A (fp32 sum, cast once)."""
+    """Plain LLaMA state dict: every ReLoRA layer's weight = base + scale·B·A (fp32 sum, cast once). A tied
+    model's lm_head.weight is left out, as transformers saves it (safetensors refuses a tensor under two
+    names, and loading ties it back)."""
     merged: dict[str, torch.Tensor] = {}
     layer_names = set()
     for name, layer in relora_layers(model):
@@ -58,6 +74,8 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
         if owner in layer_names:
             continue  # weight/bias written above; lora_A/B, merge_count and quantization buffers dropped
         merged[key] = t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        del merged["lm_head.weight"]
     return {k: v.contiguous().cpu() for k, v in merged.items()}
 
 
@@ -103,7 +121,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
     state = merged_state_dict(model, dtype)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     _readable_as_umask_allows(out / "model.safetensors")
-    ours = hf_config_dict(config, state["lm_head.weight"].dtype, **special)
+    ours = hf_config_dict(config, state["model.embed_tokens.weight"].dtype, **special)
     if keep_source_tokenizer:  # the source's special ids as they are, absent ones absent
         for key in ("bos_token_id", "eos_token_id"):
             if key not in source:
@@ -266,32 +284,47 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
 
 
 def config_from_hf(hf: dict) -> LlamaConfig:
-    if hf.get("model_type") not in ("llama", None):
-        raise ValueError(f"not a LLaMA checkpoint: model_type={hf.get('model_type')!r}")
-    if hf.get("tie_word_embeddings"):
-        raise ValueError("tied embeddings are not supported (relora_ds trains an untied lm_head): untie them "
-                         "with transformers first (load the model, set lm_head.weight to a copy of the input "
-                         "embedding and config.tie_word_embeddings=False, save_pretrained), or use the Python "
-                         "API (relora_ds.wrap) on the model as it is")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("checkpoints with attention/MLP biases are not supported")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type": configs before transformers 4.37
-    if rope_type != "default":
-        raise ValueError(f"rope scaling {rope_type!r} is not supported (only plain RoPE)")
+    """Our config of a Hugging Face LLaMA, Qwen2 or Mistral ``config.json``: a ValueError names what the model
+    here would not compute as transformers does (another architecture or activation, a RoPE type it does
+    not implement)."""
+    model_type = hf.get("model_type", "llama")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not supported; valid: {', '.join(MODEL_TYPES)} (LLaMA-shaped "
+                         "decoders; for another architecture use the Python API, relora_ds.wrap on transformers' model)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA's SwiGLU uses 'silu')")
-    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # rope_parameters: transformers 5
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ValueError(f"per-layer-type RoPE parameters {sorted(rope)} are not supported (one RoPE for every layer)")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor={partial} is not supported (RoPE on the whole head)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     kw = {k: hf[k] for k in _CONFIG_KEYS if k in hf and k != "rope_theta"}
-    config = LlamaConfig(rope_theta=float(theta), **kw)
-    if hf.get("head_dim") not in (None, config.head_dim):
-        raise ValueError(f"head_dim={hf['head_dim']} is not hidden_size / num_attention_heads = {config.head_dim}; "
-                         "only that layout is supported")
-    return config
+    if model_type == "llama":  # Qwen2's q/k/v biases are fixed (qkv_bias follows model_type); Mistral has none
+        kw.update({k: bool(hf[k]) for k in ("attention_bias", "mlp_bias") if k in hf})
+    return LlamaConfig(model_type=model_type, rope_theta=float(theta), rope_scaling=rope or None,
+                       head_dim=hf.get("head_dim"), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                       sliding_window=_sliding_window(hf), **kw)
+
+
+def _sliding_window(hf: dict) -> int | None:
+    """The attention window transformers applies to some layer of this config: Mistral's sliding_window
+    (null: none; absent: MistralConfig's 4096), or Qwen2's where use_sliding_window puts it on a layer
+    (its layer_types, else the layers from max_window_layers on, as Qwen2Config derives them)."""
+    if hf.get("model_type") == "mistral":
+        return hf.get("sliding_window", 4096)
+    if hf.get("model_type") == "qwen2" and hf.get("use_sliding_window"):
+        layers = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else
+                                           "full_attention" for i in range(hf.get("num_hidden_layers", 0))]
+        if "sliding_attention" in layers:
+            return hf.get("sliding_window", 4096)
+    return None
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A ``LlamaForCausalLM`` from a Hugging Face LLaMA directory (safetensors, single or sharded)."""
+    """A ``LlamaForCausalLM`` from a Hugging Face LLaMA, Qwen2 or Mistral directory (safetensors, single or
+    sharded). A tied model's lm_head is its embedding, whether the file stores lm_head.weight or not."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
@@ -311,4 +344,5 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCau
         model = LlamaForCausalLM(config)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign=True gave lm_head a Parameter of its own
     return model.to(dtype)

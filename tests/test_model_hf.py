@@ -160,14 +160,20 @@ def test_exported_tokenizer_other_sentencepiece_models(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("rope_scaling", {"type": "linear", "factor": 4.0}, "rope scaling 'linear'"),  # the pre-4.37 spelling
-    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, "rope scaling 'dynamic'"),
+    ("rope_scaling", {"type": "dynamic", "factor": 2.0},  # the pre-4.37 spelling
+     r"rope scaling 'dynamic' is not supported; valid rope types: 'default' \(plain RoPE\), 'linear', 'llama3'"),
+    ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},  # transformers 5
+     r"rope scaling 'yarn' is not supported; valid rope types: .*'llama3'"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, r"lacks \['low_freq_factor', 'high_freq_factor', "
+                                                             r"'original_max_position_embeddings'\]"),
+    ("partial_rotary_factor", 0.5, "partial_rotary_factor=0.5 is not supported"),
     ("hidden_act", "gelu", "hidden_act='gelu'"),
-    ("head_dim", 32, "head_dim=32 is not hidden_size / num_attention_heads"),
+    ("model_type", "gemma", "model_type='gemma' is not supported; valid: llama, qwen2, mistral"),
+    ("head_dim", 15, "head_dim must be a positive even integer .*got 15"),
 ])
 def test_hf_configs_we_cannot_reproduce_are_refused(field, value, match):
-    from relora_ds.hf import config_from_hf, hf_config_dict
-
+    """What the model here would not compute as transformers does is refused, naming what is valid (the
+    families and RoPE types it does reproduce are tested against transformers in test_model_families.py)."""
     hf = {**hf_config_dict(LlamaConfig.preset("debug"), torch.float32), field: value}
     with pytest.raises(ValueError, match=match):
         config_from_hf(hf)
@@ -429,7 +435,10 @@ def test_a_checkpoint_holding_rotary_inv_freq_buffers_loads(tmp_path):
     assert torch.equal(model.state_dict()["lm_head.weight"], state["lm_head.weight"])
 
 
-def test_tied_embeddings_are_refused():
+def test_tied_embeddings_load_as_one_parameter():
+    """tie_word_embeddings (LLaMA-3.2-1B/3B, small Qwen2), once refused, is now one Parameter shared by the
+    embedding and lm_head; an untied config keeps two (the presets' state dict keys are unchanged)."""
     hf = {**hf_config_dict(LlamaConfig.preset("debug"), torch.float32), "tie_word_embeddings": True}
-    with pytest.raises(ValueError, match="tied embeddings are not supported"):
-        config_from_hf(hf)
+    model = LlamaForCausalLM(config_from_hf(hf))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(1 for _ in model.parameters()) == sum(1 for _ in LlamaForCausalLM(LlamaConfig.preset("debug")).parameters()) - 1

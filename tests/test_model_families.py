@@ -1,0 +1,211 @@
+"""Continued pre-training of LLaMA-3.x, Qwen2 and Mistral checkpoints: our model loaded from a tiny
+transformers-made checkpoint (random weights, fp32) against transformers' own LlamaForCausalLM,
+Qwen2ForCausalLM and MistralForCausalLM (the oracle), for each option (tied embeddings, biases, explicit
+head_dim, "linear" and "llama3" RoPE scaling, sliding windows), and the export back; then what stays refused."""
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+import relora_ds
+from relora_ds import LlamaConfig, LlamaForCausalLM
+from relora_ds.hf import config_from_hf, hf_config_dict
+from relora_ds.model import RotaryEmbedding, rope_inv_freq
+
+SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}  # LLaMA-3.1's numbers, its 8192 shrunk below the test's 48 tokens
+FAMILIES = {
+    # LLaMA-3.2-1B/3B: tied embeddings and llama3 RoPE at theta 500000.
+    "llama3.2-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3)),
+    # Every LLaMA option at once: q/k/v/o and MLP biases, heads 24 wide (not 64 / 4), linear RoPE (pre-4.37 "type").
+    "llama-bias-head_dim-linear": (transformers.LlamaConfig, dict(attention_bias=True, mlp_bias=True, head_dim=24,
+                                                                  rope_scaling={"type": "linear", "factor": 4.0})),
+    # Qwen2/2.5 small: q/k/v biases (no o_proj bias), tied, theta 1e6, use_sliding_window false.
+    "qwen2-tied": (transformers.Qwen2Config, dict(tie_word_embeddings=True, rope_theta=1e6)),
+    # Qwen2 with a window on its second layer, longer than the sequences.
+    "qwen2-window": (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=64, max_window_layers=1)),
+    # Mistral-Nemo: head_dim given (32 where 64 / 4 = 16), sliding_window null.
+    "mistral-nemo": (transformers.MistralConfig, dict(head_dim=32, sliding_window=None)),
+    # Mistral-7B-v0.1: an active window (here 64 tokens), longer than the sequences.
+    "mistral-window": (transformers.MistralConfig, dict(sliding_window=64)),
+}
+
+
+def _transformers_model(family, seed=0):
+    config_cls, options = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_cls(**SHAPE, **copy.deepcopy(options))  # transformers adds rope_theta into rope_scaling
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # trained-looking norms and biases: fresh ones (1 and 0) hide a misplaced one
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.uniform_(-0.5, 1.5)
+    return model
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_wrap_and_export_equal_transformers(tmp_path, family):
+    """load_hf of transformers' checkpoint gives transformers' logits; after ReLoRA's wrap with a non-zero
+    LoRA delta, export_hf writes a checkpoint that transformers loads as the same class, with the options
+    in its config, and the logits of our wrapped model."""
+    theirs = _transformers_model(family)
+    theirs.save_pretrained(tmp_path / "src")
+    ours = relora_ds.load_hf(tmp_path / "src").eval()
+    x = torch.randint(0, SHAPE["vocab_size"], (2, 48))
+    torch.testing.assert_close(_logits(ours, x), _logits(theirs, x), atol=1e-5, rtol=0)
+    tied = theirs.config.tie_word_embeddings
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
+
+    relora_ds.wrap(ours, rank=4)
+    with torch.no_grad():
+        for p in relora_ds.lora_parameters(ours):
+            p.normal_(0, 0.05)
+    relora_ds.export_hf(ours, tmp_path / "out")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(exported) is type(theirs)
+    torch.testing.assert_close(_logits(exported, x), _logits(ours, x), atol=1e-5, rtol=0)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    source = theirs.config
+    assert (config["model_type"], config["tie_word_embeddings"], config["head_dim"]) == (
+        source.model_type, tied, source.head_dim if hasattr(source, "head_dim") else 16)
+    assert config.get("rope_scaling", {}).get("rope_type", "default") == source.rope_parameters["rope_type"]
+    assert getattr(exported.config, "sliding_window", None) == getattr(source, "sliding_window", None)
+    assert ("lm_head.weight" in load_file(str(tmp_path / "out" / "model.safetensors"))) == (not tied)
+    # The export of a loaded, unwrapped model round-trips bit for bit through both loaders.
+    again = relora_ds.load_hf(tmp_path / "out").eval()
+    assert torch.equal(_logits(again, x), _logits(relora_ds.unwrap(ours), x))
+
+
+def test_transformers_4_configs_and_the_like_of_a_source_model(tmp_path):
+    """A config as transformers 4.x wrote it (rope_scaling beside a top-level rope_theta, Qwen2 without
+    layer_types) maps as the 5.x one does; an export `like` its source keeps the source's other keys
+    (Qwen2's max_window_layers) and writes Mistral's null sliding_window explicitly (MistralConfig's default is
+    4096)."""
+    v4 = {**SHAPE, "model_type": "llama", "rope_theta": 500000.0, "rope_scaling": dict(LLAMA3, type="llama3"),
+          "tie_word_embeddings": True}
+    cfg = config_from_hf(v4)
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.tie_word_embeddings) == (500000.0, LLAMA3, True)
+    for family in ("qwen2-tied", "mistral-nemo"):
+        _transformers_model(family).save_pretrained(tmp_path / family)
+        model = relora_ds.load_hf(tmp_path / family)
+        relora_ds.export_hf(model, tmp_path / f"{family}-out", like=tmp_path / family)
+        src, out = (json.loads((tmp_path / d / "config.json").read_text()) for d in (family, f"{family}-out"))
+        assert out["model_type"] == src["model_type"]
+        if family.startswith("qwen2"):
+            assert out["max_window_layers"] == src["max_window_layers"] and out["use_sliding_window"] is False
+        else:
+            assert "sliding_window" in out and out["sliding_window"] is None
+            assert transformers.AutoConfig.from_pretrained(tmp_path / f"{family}-out").sliding_window is None
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3 | {"original_max_position_embeddings": 8192},
+                                     {"rope_type": "linear", "factor": 4.0}], ids=["llama3", "linear"])
+def test_rope_scaling_frequencies_equal_transformers_past_the_original_length(scaling):
+    """LLaMA-3.1's real numbers (head_dim 128, theta 500000, 8192 original positions): our inverse frequencies
+    are transformers' bit for bit, and cos/sin agree at positions up to 8x the original length."""
+    config = transformers.LlamaConfig(hidden_size=1024, num_attention_heads=8, max_position_embeddings=65536,
+                                      rope_theta=500000.0, rope_scaling=dict(scaling))
+    rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)
+    mapped = config_from_hf(config.to_dict())
+    assert (mapped.head_dim, mapped.rope_theta, mapped.rope_scaling["rope_type"]) == (128, 500000.0, scaling["rope_type"])
+    assert torch.equal(rope_inv_freq(128, 500000.0, mapped.rope_scaling), rotary.inv_freq)
+    assert not torch.equal(rope_inv_freq(128, 500000.0), rotary.inv_freq)  # the scaling changed something
+    ours = RotaryEmbedding(mapped.head_dim, mapped.rope_theta, mapped.rope_scaling)
+    cos, sin = ours(65536, torch.device("cpu"), torch.float32)
+    positions = torch.tensor([[0, 1, 8191, 8192, 8193, 20000, 65535]])
+    want_cos, want_sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    torch.testing.assert_close(cos[positions[0]], want_cos[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(sin[positions[0]], want_sin[0], atol=1e-6, rtol=0)
+
+
+def test_a_tied_model_trains_one_weight_and_relora_keeps_it_full_rank():
+    """Tied: one Parameter for embedding and lm_head, in the optimizer once, trained by both uses; wrap keeps
+    it (and norms and biases) full-rank and trainable and the tie intact; the state dict of an untied
+    preset is as before."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SHAPE, model_type="qwen2", tie_word_embeddings=True))
+    relora_ds.wrap(model, rank=4)
+    embed = model.model.embed_tokens.weight
+    assert model.lm_head.weight is embed and embed.requires_grad
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.v_proj.bias"} <= trainable
+    assert model.model.layers[0].self_attn.o_proj.bias is None
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    assert sum(p is embed for g in opt.param_groups for p in g["params"]) == 1
+    x = torch.randint(0, 256, (2, 12))
+    model(x, labels=x).loss.backward()
+    only_output = embed.grad.clone()  # rows of tokens never read still get lm_head's gradient
+    assert only_output.abs().sum() > 0
+    before = embed.detach().clone()
+    opt.step()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not torch.equal(before, model.lm_head.weight)
+    keys = set(LlamaForCausalLM(LlamaConfig.preset("debug")).state_dict())
+    assert "lm_head.weight" in keys and not any("bias" in k for k in keys)
+
+
+def test_load_state_dict_of_a_tied_model_with_or_without_lm_head():
+    """DeepSpeed's fp32 state dicts name the shared weight once (model.embed_tokens.weight); transformers
+    ignores a stored lm_head.weight of a tied model, and so do we."""
+    torch.manual_seed(1)
+    config = LlamaConfig.preset("debug", tie_word_embeddings=True)
+    src = LlamaForCausalLM(config)
+    state = {k: v.clone() for k, v in src.state_dict().items() if k != "lm_head.weight"}
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, src.model.embed_tokens.weight)
+    model.load_state_dict({**state, "lm_head.weight": torch.zeros_like(state["model.embed_tokens.weight"])})
+    assert torch.equal(model.lm_head.weight, src.model.embed_tokens.weight)
+
+
+def test_sliding_window_shorter_than_the_sequences_is_refused(tmp_path):
+    """Attention here is full causal: equal to a window of W only for sequences of at most W tokens
+    (transformers masks keys more than W - 1 positions back). Past it: a clear error, at the forward and
+    from the check the trainer's start-up can call with seq_len + 1 tokens."""
+    theirs = _transformers_model("mistral-window")
+    theirs.save_pretrained(tmp_path)
+    ours = relora_ds.load_hf(tmp_path).eval()
+    assert ours.config.sliding_window == 64
+    x = torch.randint(0, 256, (1, 65))
+    windowed = _logits(theirs, x)[:, -1]
+    theirs.config.sliding_window = None
+    assert not torch.allclose(windowed, _logits(theirs, x)[:, -1], atol=1e-3)  # position 64 sees position 0 again
+    with pytest.raises(ValueError, match=r"sequences of 65 tokens are longer than this mistral model's "
+                                         r"sliding_window=64.* --seq-len 63 or less"):
+        ours(x)
+    with pytest.raises(ValueError, match=r"--seq-len 63 or less"):
+        ours.config.check_sequence_length(64 + 1)  # --seq-len 64
+    ours.config.check_sequence_length(63 + 1)
+    qwen = {**hf_config_dict(LlamaConfig(**SHAPE, model_type="qwen2"), torch.float32), "use_sliding_window": True,
+            "sliding_window": 32, "max_window_layers": 2}  # no layer from 2 on: no window anywhere
+    assert config_from_hf(qwen).sliding_window is None
+    assert config_from_hf({**qwen, "max_window_layers": 1}).sliding_window == 32
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(model_type="gpt2"), r"model_type='gpt2' is not supported; valid: llama, qwen2, mistral"),
+    (dict(model_type="qwen2", mlp_bias=True), r"model_type='qwen2' cannot have \{'mlp_bias': True\}"),
+    (dict(model_type="qwen2", qkv_bias=False), r"model_type='qwen2' cannot have \{'qkv_bias': False\}"),
+    (dict(model_type="mistral", attention_bias=True), r"model_type='mistral' cannot have \{'attention_bias': True\}"),
+    (dict(qkv_bias=True), r"model_type='llama' cannot have \{'qkv_bias': True\}"),
+    (dict(sliding_window=64), r"sliding_window is a Mistral/Qwen2 option"),
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0]}),
+     r"rope scaling 'longrope' is not supported; valid rope types: 'default' \(plain RoPE\), 'linear', 'llama3'"),
+    (dict(rope_scaling={"rope_type": "linear"}), r"rope_scaling of type 'linear' lacks \['factor'\]"),
+    (dict(hidden_size=60, num_attention_heads=8), r"hidden_size=60 is not divisible by num_attention_heads=8; set "
+                                                  r"head_dim"),
+])
+def test_configs_the_export_could_not_express_are_refused(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig(**{**SHAPE, **overrides})

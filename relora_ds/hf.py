@@ -87,7 +87,8 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None,
               tokenizer: str | Path | None = None, *, hf_tokenizer: bool = True,
               like: str | Path | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` in Hugging Face LLaMA format; returns out_dir.
+    """Write ``config.json`` + ``model.safetensors`` in the Hugging Face format of the model's model_type
+    (LLaMA, Qwen2, Mistral); returns out_dir.
 
     `tokenizer`: the SentencePiece ``.model`` the model was trained with. Its BOS/EOS ids go into the
     configs, the file is copied, and with `hf_tokenizer` its Hugging Face form is written too

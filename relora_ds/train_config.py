@@ -52,8 +52,8 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     # Model
     model: str = _f("tiny", "model preset (debug, tiny, 60m, 130m, 250m, 350m, 1b, 3b, 7b)")
-    hf_model: str | None = _f(None, "Hugging Face LLaMA directory to start from (continued pre-training); "
-                                    "replaces --model")
+    hf_model: str | None = _f(None, "Hugging Face LLaMA, Qwen2 or Mistral directory to start from (continued "
+                                    "pre-training); replaces --model")
     seq_len: int = _f(256, "tokens per training sequence (windows of seq_len+1 tokens are read)")
     # ReLoRA
     mode: str = _f("relora", "relora (merges + resets), lora (no restarts: the paper's baseline) or full",

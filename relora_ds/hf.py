@@ -291,7 +291,8 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     model_type = hf.get("model_type", "llama")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported; valid: {', '.join(MODEL_TYPES)} (LLaMA-shaped "
-                         "decoders; for another architecture use the Python API, relora_ds.wrap on transformers' model)")
+                         "decoders; for another architecture use the Python API: relora_ds.wrap on transformers' "
+                         "model)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA's SwiGLU uses 'silu')")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # rope_parameters: transformers 5

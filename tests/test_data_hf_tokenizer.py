@@ -129,6 +129,12 @@ def test_bad_hugging_face_tokenizers_are_named(tmp_path, toks, corpus):
     (bare / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(ValueError, match=r"eos_token '</s>' is not a token of tokenizer.json"):
         prepare_data([str(path)], tmp_path / "d2", tokenizer=str(bare))
+    # A tokenizer.model that is not SentencePiece (LLaMA-3 ships a tiktoken file): the tokenizer.json is named.
+    (bare / "tokenizer.model").write_text("IQ== 0\n")
+    with pytest.raises(ValueError, match=r"is not a SentencePiece model: .*; to use the directory's Hugging Face "
+                                         r"tokenizer, pass '.*bare/tokenizer.json'"):
+        prepare_data([str(path)], tmp_path / "d3", tokenizer=str(bare))
+    (bare / "tokenizer.model").unlink()
     (bare / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"is not a Hugging Face tokenizer.json"):
         prepare_data([str(path)], tmp_path / "d3", tokenizer=str(bare))

@@ -201,9 +201,15 @@ def open_tokenizer(path: str | Path) -> Tokenizer:
     ``eos_token`` of its tokenizer_config.json (or special_tokens_map.json), as transformers reads them;
     documents start with BOS where the tokenizer itself adds it (its post-processor, or ``add_bos_token``):
     LLaMA-3 does, Qwen and GPT-2 do not."""
-    path = resolve_tokenizer(path)
+    given, path = Path(path), resolve_tokenizer(path)
     if path.suffix != ".json":
-        sp = load_tokenizer(path)
+        try:
+            sp = load_tokenizer(path)
+        except ValueError as e:
+            if given.is_dir() and (given / "tokenizer.json").is_file():  # e.g. a tiktoken file of that name
+                raise ValueError(f"{e}; to use the directory's Hugging Face tokenizer, pass "
+                                 f"{str(given / 'tokenizer.json')!r}") from e
+            raise
         return Tokenizer(path, sp.vocab_size(), sp.bos_id() if sp.bos_id() >= 0 else None, sp.eos_id(),
                          sp.unk_id() if sp.unk_id() >= 0 else None, sp.pad_id() if sp.pad_id() >= 0 else None)
     backend = _hf_backend(path)

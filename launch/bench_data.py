@@ -2,6 +2,7 @@
 
     python launch/bench_data.py                      # vocab 32000, seq_len 1024, micro-batch 8
     python launch/bench_data.py --vocab-size 2048 --num-proc 2
+    python launch/bench_data.py --tokenizer path/to/model_dir     # an existing .model or tokenizer.json
 
 Batch assembly runs on one thread (torch and numpy), with the token file in the page cache (as after
 the first epoch) and, as a worst case, evicted from it before every batch; the target is >= 1M tokens/s.
@@ -29,13 +30,14 @@ except ImportError:  # run from a checkout without `pip install -e .`
     from relora_ds.data import PackedTokens, ShardedBatches, load_manifest, prepare_data
 
 
-def bench_tokenize(out_dir: Path, vocab_size: int, num_proc: int) -> dict:
+def bench_tokenize(out_dir: Path, vocab_size: int | None, num_proc: int, tokenizer: str | None = None) -> dict:
     start = time.perf_counter()
-    prepare_data(None, out_dir, vocab_size=vocab_size, num_proc=num_proc)
+    prepare_data(None, out_dir, vocab_size=vocab_size, num_proc=num_proc, tokenizer=tokenizer)
     total = time.perf_counter() - start
     m = load_manifest(out_dir)
     tokens = sum(s["tokens"] for s in m["splits"].values())
-    return {"what": "tokenize built-in corpus", "vocab_size": m["vocab_size"], "num_proc": num_proc,
+    return {"what": "tokenize built-in corpus", "tokenizer": tokenizer or "trained SentencePiece BPE",
+            "vocab_size": m["vocab_size"], "num_proc": num_proc,
             "documents": sum(s["documents"] for s in m["splits"].values()), "tokens": tokens,
             "train_tokens": m["splits"]["train"]["tokens"], "val_tokens": m["splits"]["validation"]["tokens"],
             "tokenize_tokens_per_s": m["stats"]["tokens_per_second"],
@@ -95,7 +97,9 @@ def _cpu_name() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab-size", type=int, default=32000)
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--vocab-size", type=int, default=None, help="of the BPE trained on the corpus (32000)")
+    tok.add_argument("--tokenizer", default=None, help="an existing SentencePiece .model, tokenizer.json or model dir")
     p.add_argument("--num-proc", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--micro-batch-size", type=int, default=8)
@@ -108,7 +112,7 @@ def main() -> None:
     print(json.dumps({"what": "environment", **env}))
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "builtin"
-        print(json.dumps(bench_tokenize(data_dir, args.vocab_size, args.num_proc)), flush=True)
+        print(json.dumps(bench_tokenize(data_dir, args.vocab_size, args.num_proc, args.tokenizer)), flush=True)
         for row in bench_batches(data_dir, args.seq_len, args.micro_batch_size, args.steps):
             print(json.dumps(row), flush=True)
 

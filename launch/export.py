@@ -5,8 +5,8 @@
 Reads DeepSpeed's ZeRO checkpoint whole (relora_ds.checkpoint.full_state_dict: fp32 masters of trainable
 parameters, frozen base weights as saved), rebuilds the model from the checkpoint's config.json, folds every
 ReLoRA layer's scale·B·A into its weight and writes config.json + model.safetensors, plus the run's
-SentencePiece tokenizer in Hugging Face form (found through the run's data dir, or --tokenizer; its sha256
-must be the one the checkpoint was trained with).
+tokenizer (a SentencePiece model also in Hugging Face form; found through the run's data dir, or --tokenizer;
+it must be the one the checkpoint was trained with).
 """
 import argparse
 import sys
@@ -17,7 +17,8 @@ import torch
 from relora_ds import LlamaConfig, LlamaForCausalLM, wrap
 from relora_ds.checkpoint import full_state_dict, latest_tag, load_config
 from relora_ds.data import load_manifest
-from relora_ds.data.manifest import file_sha256
+from relora_ds.data.manifest import tokenizer_sha256
+from relora_ds.data.tokenizer import resolve_tokenizer
 from relora_ds.hf import export_run
 
 
@@ -27,7 +28,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--tag", help="checkpoint tag, e.g. step_400 (default: latest)")
     ap.add_argument("--out", type=Path, required=True, help="output Hugging Face directory")
     tok = ap.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", type=Path, help="SentencePiece .model (default: the run's data dir's)")
+    tok.add_argument("--tokenizer", type=Path, help="SentencePiece .model, Hugging Face tokenizer.json or a model "
+                     "directory holding one (default: the run's data dir's)")
     tok.add_argument("--no-tokenizer", action="store_true", help="write the model only")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="dtype of the exported weights (default: the run's export_dtype, else the dtype of the "
@@ -46,9 +48,11 @@ def main(argv=None) -> Path:
                  "export another with --tag")
     run = load_config(args.checkpoints, tag)
     tokenizer = None if args.no_tokenizer else args.tokenizer or _run_tokenizer(run, ap)
-    if tokenizer is not None and not tokenizer.is_file():
-        ap.error(f"--tokenizer {tokenizer}: no such file")
-    if tokenizer is not None and run.get("tokenizer_sha256") not in (None, file_sha256(tokenizer)):
+    try:
+        tokenizer = tokenizer and resolve_tokenizer(tokenizer)
+    except ValueError as e:
+        ap.error(f"--tokenizer: {e}")
+    if tokenizer is not None and run.get("tokenizer_sha256") not in (None, tokenizer_sha256(tokenizer)):
         ap.error(f"{tokenizer} is not the tokenizer {args.checkpoints / tag} was trained with (sha256 "
                  f"{run['tokenizer_sha256'][:12]}...); pass that one with --tokenizer, or --no-tokenizer")
     try:
@@ -78,7 +82,7 @@ def _run_tokenizer(run: dict, ap: argparse.ArgumentParser) -> Path:
         return Path(load_manifest(run["data_dir"])["tokenizer_path"])
     except (KeyError, OSError, ValueError) as e:
         ap.error(f"cannot find the run's tokenizer through its data dir {run.get('data_dir')!r} ({e}); "
-                 "pass --tokenizer PATH.model, or --no-tokenizer")
+                 "pass --tokenizer PATH, or --no-tokenizer")
 
 
 if __name__ == "__main__":

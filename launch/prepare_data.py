@@ -3,6 +3,7 @@ r"""Tokenize a corpus once into a data dir that training reads by random access.
     python launch/prepare_data.py --out data/builtin                       # the built-in corpus
     python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --out data/c4 --num-proc 16
     python launch/prepare_data.py --input allenai/c4 --hf-config en --out data/c4 --tokenizer t.model
+    python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --out data/c4-llama3 --tokenizer Meta-Llama-3-8B
     python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --val-input 'c4/en/c4-validation.*.json.gz' \
         --out data/c4   # C4's own validation set (the paper's numbers), not a hash split of the training files
 
@@ -32,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "name; default: the built-in corpus (Wikipedia summaries + Shakespeare)")
     p.add_argument("--out", required=True, help="data dir to write")
     tok = p.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", default=None, help="existing SentencePiece .model to use")
+    tok.add_argument("--tokenizer", default=None, help="existing tokenizer to use: a SentencePiece .model, a Hugging "
+                     "Face tokenizer.json (its tokenizer_config.json beside it) or a model directory holding one")
     tok.add_argument("--vocab-size", type=int, default=None, help="vocab of the BPE tokenizer to train (32000)")
     p.add_argument("--seq-len", type=int, default=None, help="report windows per split for this length")
     p.add_argument("--text-column", default=defaults["text_column"])

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .data.tokenizer import open_tokenizer, same_tokenizer
 from .model import LlamaForCausalLM
 from .model_config import MODEL_TYPES, LlamaConfig
 from .relora import relora_layers
@@ -90,13 +91,14 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
     """Write ``config.json`` + ``model.safetensors`` in the Hugging Face format of the model's model_type
     (LLaMA, Qwen2, Mistral); returns out_dir.
 
-    `tokenizer`: the SentencePiece ``.model`` the model was trained with. Its BOS/EOS ids go into the
-    configs, the file is copied, and with `hf_tokenizer` its Hugging Face form is written too
-    (``save_hf_tokenizer``: a ValueError, before anything is written, for a model transformers cannot
-    reproduce exactly; ``hf_tokenizer=False`` then exports without it).
+    `tokenizer`: the tokenizer the model was trained with (a data dir's ``tokenizer.model`` or
+    ``tokenizer.json``). Its BOS/EOS ids go into the configs and its files are copied; a SentencePiece model's
+    Hugging Face form is written too with `hf_tokenizer` (``save_hf_tokenizer``: a ValueError, before
+    anything is written, for a model transformers cannot reproduce exactly; ``hf_tokenizer=False`` then
+    exports without it).
 
     `like`: the Hugging Face directory the model was loaded from (continued pre-training). Its config's
-    other keys (pad_token_id, dropout, ...) are kept, and where its ``tokenizer.model`` is `tokenizer` (or no
+    other keys (pad_token_id, dropout, ...) are kept, and where its tokenizer is `tokenizer` (or no
     tokenizer is given) its tokenizer files and generation config are copied as they are: added tokens, pad
     token and chat template stay the model's own.
     """
@@ -114,6 +116,11 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
             if (Path(like) / name).is_file():
                 shutil.copy(Path(like) / name, out / name)
         special = {k: source[k] for k in ("bos_token_id", "eos_token_id") if k in source}
+    elif tokenizer is not None and Path(tokenizer).suffix == ".json":  # a Hugging Face tokenizer: as it is
+        tok = open_tokenizer(tokenizer)
+        for f in tok.files:
+            shutil.copy(f, out / ("tokenizer.json" if f == tok.path else f.name))
+        special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
     elif tokenizer is not None and hf_tokenizer:
         special = save_hf_tokenizer(tokenizer, out, model_max_length=config.max_position_embeddings)
     elif tokenizer is not None:
@@ -180,12 +187,12 @@ def _source_config(like: str | Path | None) -> dict:
 
 
 def _same_tokenizer(like: Path, tokenizer: str | Path | None) -> bool:
-    """Whether `like` holds a tokenizer, and (given `tokenizer`, the training data's SentencePiece model) it
-    is that one: the same ``tokenizer.model`` bytes."""
+    """Whether `like` holds a tokenizer, and (given `tokenizer`, the training data's ``tokenizer.model`` or
+    ``tokenizer.json``) it is that one (``same_tokenizer``)."""
     if tokenizer is None:
         return any((like / name).is_file() for name in TOKENIZER_FILES)
-    own = like / "tokenizer.model"
-    return own.is_file() and own.read_bytes() == Path(tokenizer).read_bytes()
+    own = like / Path(tokenizer).name
+    return own.is_file() and same_tokenizer(own, tokenizer)
 
 
 def _readable_as_umask_allows(path: Path) -> None:

@@ -17,7 +17,8 @@ import relora_kernels
 import torch
 
 from .data import check_tokenizer_matches
-from .data.manifest import file_sha256, train_data_fingerprint
+from .data.manifest import tokenizer_sha256, train_data_fingerprint
+from .data.tokenizer import same_tokenizer
 from .data.packed import num_windows
 from .hf import config_from_hf
 from .model import LlamaForCausalLM
@@ -58,8 +59,7 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
         if model_config.vocab_size < manifest["vocab_size"]:
             raise ValueError(f"the model in {source} has {model_config.vocab_size} embedding rows, fewer than the "
                              f"{manifest['vocab_size']} pieces of the tokenizer {data_dir} was prepared with: prepare "
-                             f"the data with the model's own tokenizer (launch/prepare_data.py --tokenizer "
-                             f"{Path(source) / 'tokenizer.model'})")
+                             f"the data with the model's own tokenizer (launch/prepare_data.py --tokenizer {source})")
     if source and cfg.seq_len > model_config.max_position_embeddings:
         warnings.warn(f"seq_len={cfg.seq_len} is longer than the max_position_embeddings="
                       f"{model_config.max_position_embeddings} of the model in {source}: it trains on positions "
@@ -73,26 +73,28 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
 
 
 def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Path) -> None:
-    """A Hugging Face model must train on token ids from its own tokenizer: compare its ``tokenizer.model``
-    (SentencePiece, as our exports and LLaMA checkpoints hold) with the one the data was prepared with. Equal
+    """A Hugging Face model must train on token ids from its own tokenizer: compare its tokenizer (the file
+    of the kind the data was prepared with: ``tokenizer.model`` or ``tokenizer.json``) with the data's. Equal
     vocab sizes prove nothing (prepare_data trains its own 32000-piece BPE by default, LLaMA has 32000)."""
-    path = Path(source) / "tokenizer.model"
-    if not path.is_file() and (Path(source) / "tokenizer.json").is_file():
-        raise ValueError(f"{source} holds a Hugging Face tokenizer.json but no SentencePiece tokenizer.model: the "
-                         "trainer's data is tokenized with SentencePiece (launch/prepare_data.py), so this model's "
-                         "token ids cannot be produced or checked. Train such models (LLaMA-3, Qwen, ...) through "
-                         "the Python API on your own data pipeline (README: Python API, relora_ds.wrap)")
-    if not path.is_file():
-        warnings.warn(f"{source} has no tokenizer.model, so relora_ds cannot check that {data_dir} was tokenized "
-                      "with this model's tokenizer; if it was not, every token id means another piece to the model "
-                      "(prepare the data with launch/prepare_data.py --tokenizer <the model's .model>)",
-                      ConfigWarning, stacklevel=3)
+    data_tokenizer = Path(manifest["tokenizer_path"])
+    own = Path(source) / data_tokenizer.name
+    if not own.is_file():
+        others = [n for n in ("tokenizer.model", "tokenizer.json") if (Path(source) / n).is_file()]
+        if others:
+            raise ValueError(f"{data_dir} was prepared with a {data_tokenizer.name}, {source} holds only "
+                             f"{' and '.join(others)}: another tokenizer, whose token ids mean other pieces. "
+                             f"Prepare the data with the model's own tokenizer (launch/prepare_data.py --tokenizer "
+                             f"{source})")
+        warnings.warn(f"{source} has no tokenizer.model or tokenizer.json, so relora_ds cannot check that "
+                      f"{data_dir} was tokenized with this model's tokenizer; if it was not, every token id means "
+                      "another piece to the model (prepare the data with launch/prepare_data.py --tokenizer "
+                      "<the model's tokenizer>)", ConfigWarning, stacklevel=3)
         return
-    sha = file_sha256(path)
-    if sha != manifest["tokenizer_sha256"]:
-        raise ValueError(f"{path} (sha256 {sha[:12]}...) is not the tokenizer {data_dir} was prepared with "
-                         f"(sha256 {manifest['tokenizer_sha256'][:12]}...): its token ids would mean other pieces to "
-                         f"the model. Prepare the data with launch/prepare_data.py --tokenizer {path}")
+    if not same_tokenizer(own, data_tokenizer):
+        raise ValueError(f"{own} (sha256 {tokenizer_sha256(own)[:12]}...) is not the tokenizer {data_dir} was "
+                         f"prepared with (sha256 {manifest['tokenizer_sha256'][:12]}...): its token ids would mean "
+                         f"other pieces to the model. Prepare the data with launch/prepare_data.py --tokenizer "
+                         f"{source}")
 
 
 def total_steps_for(cfg: TrainConfig, progress: dict | None = None) -> int:

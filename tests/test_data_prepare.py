@@ -186,14 +186,19 @@ def test_given_tokenizer_is_copied_with_its_hash(builtin_dir, tmp_path):
     assert check_tokenizer_matches(out, TINY_VOCAB, tokenizer_sha256=m["tokenizer_sha256"])["vocab_size"] == 1000
     with pytest.raises(ValueError, match="vocab_size=999 but tokenizer"):
         prepare_data([str(corpus)], tmp_path / "out2", tokenizer=m["tokenizer_path"], vocab_size=999)
-    with pytest.raises(ValueError, match="tokenizer file .*nope.model.* does not exist"):
+    with pytest.raises(ValueError, match=r"tokenizer .*nope.model.* does not exist \(give a SentencePiece .model, "
+                                         r"a Hugging Face tokenizer.json or a model directory holding one\)"):
         prepare_data([str(corpus)], tmp_path / "out3", tokenizer=str(tmp_path / "nope.model"))
-    # A model directory (continued pre-training): the file in it is named.
-    with pytest.raises(ValueError, match=r"tokenizer .* is a directory, not a SentencePiece .model file; pass "
-                                         r"'.*tokenizer.model'"):
-        prepare_data([str(corpus)], tmp_path / "out3", tokenizer=str(builtin_dir))
+    # A model directory (continued pre-training) stands for the tokenizer.model in it.
+    out3 = prepare_data([str(corpus)], tmp_path / "out3", tokenizer=str(builtin_dir))
+    assert load_manifest(out3)["tokenizer_sha256"] == m["tokenizer_sha256"]
+    assert (out3 / "train.bin").read_bytes() == (out / "train.bin").read_bytes()
+    (tmp_path / "empty_model").mkdir()
+    with pytest.raises(ValueError, match=r"empty_model' holds neither a SentencePiece tokenizer.model nor a "
+                                         r"Hugging Face tokenizer.json"):
+        prepare_data([str(corpus)], tmp_path / "out5", tokenizer=str(tmp_path / "empty_model"))
     # Checked before the corpus is read (a C4-size corpus takes hours): here the corpus does not even exist.
-    with pytest.raises(ValueError, match="tokenizer file .*nope.model.* does not exist"):
+    with pytest.raises(ValueError, match="tokenizer .*nope.model.* does not exist"):
         prepare_data([str(tmp_path / "missing.txt")], tmp_path / "out4", tokenizer=str(tmp_path / "nope.model"))
 
 

@@ -1,4 +1,5 @@
-"""Data pipeline: corpus -> SentencePiece tokenizer -> packed token files -> sharded, resumable batches.
+"""Data pipeline: corpus -> tokenizer (SentencePiece, trained or given, or a
+Hugging Face tokenizer.json) -> packed token files -> sharded, resumable batches.
 
 ``prepare_data`` tokenizes once into a data dir (``launch/prepare_data.py`` is its command line);
 training reads fixed windows from it with ``PackedTokens`` and ``ShardedBatches``. Nothing here
@@ -9,10 +10,10 @@ from relora_ds.data.packed import PackedTokens
 from relora_ds.data.prepare import PrepareConfig, in_validation, prepare_data
 from relora_ds.data.sampler import ShardedBatches, epoch_order, eval_batches
 from relora_ds.data.sources import SUPPORTED_SUFFIXES, DataWarning
-from relora_ds.data.tokenizer import check_tokenizer_matches, load_tokenizer
+from relora_ds.data.tokenizer import Tokenizer, check_tokenizer_matches, load_tokenizer, open_tokenizer
 
 __all__ = [
-    "DataWarning", "PackedTokens", "PrepareConfig", "SUPPORTED_SUFFIXES", "ShardedBatches",
+    "DataWarning", "PackedTokens", "PrepareConfig", "SUPPORTED_SUFFIXES", "ShardedBatches", "Tokenizer",
     "builtin_data_dir", "check_tokenizer_matches", "epoch_order", "eval_batches", "in_validation",
-    "load_manifest", "load_tokenizer", "prepare_data",
+    "load_manifest", "load_tokenizer", "open_tokenizer", "prepare_data",
 ]

@@ -1,6 +1,7 @@
 """The manifest of a prepared data dir: what was tokenized, with which tokenizer, into which files.
 
-A prepared dir holds ``tokenizer.model``, one token file per split (``train.bin``, ``validation.bin``:
+A prepared dir holds its tokenizer (``tokenizer.model``, SentencePiece, or a Hugging Face ``tokenizer.json``
+with its ``tokenizer_config.json``), one token file per split (``train.bin``, ``validation.bin``:
 raw little-endian ``uint16``/``uint32`` ids, memory-mappable) and ``manifest.json``, written last and
 atomically, so a dir with a manifest is complete. Its ``recipe`` entry is everything that decides the
 bytes of the token files; :func:`relora_ds.data.prepare.prepare_data` is a no-op when it matches.
@@ -33,6 +34,25 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
+    return h.hexdigest()
+
+
+# A Hugging Face tokenizer is these files (those present): tokenizer.json holds the vocabulary and rules, the
+# other two name its special tokens (which one ends a document).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_sha256(path: str | Path) -> str:
+    """The identity of a tokenizer file as data dirs and checkpoints record it: a SentencePiece ``.model``'s
+    sha256; for a Hugging Face ``tokenizer.json``, the sha256 over it and the special-token files beside it."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return file_sha256(path)
+    files = {"tokenizer.json": path, **{name: path.parent / name for name in HF_TOKENIZER_FILES[1:]
+                                        if (path.parent / name).is_file()}}
+    h = hashlib.sha256()
+    for name, file in files.items():
+        h.update(f"{name}\0{file_sha256(file)}\n".encode())
     return h.hexdigest()
 
 
@@ -101,4 +121,4 @@ def files_intact(data_dir: Path, manifest: dict) -> bool:
         if not path.is_file() or path.stat().st_size != split["tokens"] * itemsize:
             return False
     tokenizer = data_dir / manifest["tokenizer_path"]
-    return tokenizer.is_file() and file_sha256(tokenizer) == manifest["tokenizer_sha256"]
+    return tokenizer.is_file() and tokenizer_sha256(tokenizer) == manifest["tokenizer_sha256"]

@@ -3,8 +3,8 @@
 Every document becomes ``BOS ids EOS`` (``ids EOS`` with a tokenizer without BOS, such as T5's); the
 documents of a split are concatenated in corpus order into one flat file of ids (packing: training
 windows cross document boundaries, the EOS (and BOS) marks them, and nothing is padded or truncated).
-Tokenization runs through ``datasets.map`` (``num_proc`` processes) or, when streaming, through
-SentencePiece's own thread pool inside ``IterableDataset.map``; both give byte-identical files.
+Tokenization runs through ``datasets.map`` (``num_proc`` processes) or, when streaming, through the
+tokenizer's own thread pool inside ``IterableDataset.map``; both give byte-identical files.
 """
 from __future__ import annotations
 
@@ -23,17 +23,19 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 import sentencepiece as spm
+import tokenizers
 from tqdm.auto import tqdm
 
 from relora_ds.data import manifest as mf
 from relora_ds.data.sources import (
     TXT_UNITS, Corpus, DataWarning, corpus_fingerprint, hub_commit, load_corpus, resolve_inputs,
 )
-from relora_ds.data.tokenizer import load_tokenizer, train_tokenizer, training_lines
+from relora_ds.data.tokenizer import Tokenizer, open_tokenizer, resolve_tokenizer, train_tokenizer, training_lines
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VOCAB_SIZE = 32000
+_TOKENIZER_NAMES = ("tokenizer.model", *mf.HF_TOKENIZER_FILES)  # what a data dir's tokenizer may be
 _MAP_BATCH = 1000
 _WRITE_BATCH = 10_000
 
@@ -43,7 +45,9 @@ class PrepareConfig:
     """How to turn a corpus into a prepared data dir (everything but the inputs and the dir)."""
 
     tokenizer: str | None = None
-    """An existing SentencePiece ``.model`` to use; None trains one on the corpus's training split."""
+    """An existing tokenizer to use: a SentencePiece ``.model``, a Hugging Face ``tokenizer.json`` (with its
+    tokenizer_config.json beside it) or a model directory holding either; None trains a SentencePiece BPE on
+    the corpus's training split."""
     vocab_size: int | None = None
     """Vocabulary of the trained tokenizer (None: 32000). With `tokenizer`: None or its exact size."""
     seq_len: int | None = None
@@ -115,21 +119,12 @@ def in_validation(text: str, val_fraction: float) -> bool:
 
 
 class _Encode:
-    """``datasets.map`` function: texts -> ``BOS ids EOS`` (empty for blank texts) and the split flag.
+    """``datasets.map`` function: texts -> ``[BOS] ids EOS`` (empty for blank texts) and the split flag."""
 
-    Carries the model's path, not the model, so that it pickles cheaply to ``num_proc`` workers.
-    """
-
-    def __init__(self, model_path: str, val_fraction: float, num_threads: int):
-        self.model_path, self.val_fraction, self.num_threads = model_path, val_fraction, num_threads
-        self._sp: spm.SentencePieceProcessor | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_sp": None}
+    def __init__(self, tokenizer: Tokenizer, val_fraction: float, num_threads: int):
+        self.tokenizer, self.val_fraction, self.num_threads = tokenizer, val_fraction, num_threads
 
     def __call__(self, batch: dict) -> dict:
-        if self._sp is None:
-            self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
         texts = []
         for text in batch["text"]:
             if text is not None and not isinstance(text, str):
@@ -138,11 +133,10 @@ class _Encode:
             texts.append(text or "")
         keep = [bool(t.strip()) for t in texts]
         nonblank = [t for t, k in zip(texts, keep, strict=True) if k]
-        encoded = iter(self._sp.encode(nonblank, add_bos=self._sp.bos_id() >= 0, add_eos=True, out_type="numpy",
-                                       num_threads=self.num_threads))
+        encoded = iter(self.tokenizer.encode_documents(nonblank, self.num_threads))
         empty = np.zeros(0, dtype=np.int32)
         return {
-            "ids": [np.asarray(next(encoded), dtype=np.int32) if k else empty for k in keep],
+            "ids": [next(encoded) if k else empty for k in keep],
             "validation": np.array([in_validation(t, self.val_fraction) for t in texts], dtype=bool),
         }
 
@@ -171,8 +165,7 @@ def _recipe(resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig, o
     """Everything that decides the bytes of the token files, and nothing else: not num_proc, streaming
     or seq_len, nor how the inputs were spelled (the fingerprint covers the resolved files)."""
     if cfg.tokenizer is not None:
-        tok = {"file_sha256": mf.file_sha256(cfg.tokenizer)} if Path(cfg.tokenizer).is_file() else {}
-        tokenizer = {"given": tok.get("file_sha256") or str(cfg.tokenizer)}
+        tokenizer = {"given": mf.tokenizer_sha256(resolve_tokenizer(cfg.tokenizer))}
     else:
         tokenizer = {"train_bpe": {"vocab_size": cfg.vocab_size or DEFAULT_VOCAB_SIZE,
                                    "train_chars": cfg.tokenizer_train_chars}}
@@ -207,23 +200,26 @@ def _texts(ds, val_fraction: float):
                 yield text
 
 
-def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path,
-                   val_fraction: float) -> spm.SentencePieceProcessor:
+def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path, val_fraction: float) -> Tokenizer:
+    """The tokenizer, its files copied (or trained) into the directory `dest` and opened from there."""
     if cfg.tokenizer is not None:
-        sp = load_tokenizer(cfg.tokenizer)
-        if cfg.vocab_size is not None and cfg.vocab_size != sp.vocab_size():
+        given = open_tokenizer(cfg.tokenizer)
+        if cfg.vocab_size is not None and cfg.vocab_size != given.vocab_size:
             raise ValueError(f"vocab_size={cfg.vocab_size} but tokenizer {cfg.tokenizer!r} has "
-                             f"{sp.vocab_size()} pieces; give one of the two")
-        shutil.copyfile(cfg.tokenizer, dest)
-        return sp
+                             f"{given.vocab_size} pieces; give one of the two")
+        own_name = "tokenizer.model" if given.kind == "sentencepiece" else "tokenizer.json"
+        for f in given.files:
+            shutil.copyfile(f, dest / (own_name if f == given.path else f.name))
+        return open_tokenizer(dest)
     start = time.perf_counter()
     lines = list(training_lines(_texts(corpus.dataset, val_fraction), cfg.tokenizer_train_chars))
     if not lines and val_fraction > 0 and any(isinstance(t, str) and t.strip() for t in _texts(corpus.dataset, 0.0)):
         raise ValueError(f"the training split is empty: every document of the corpus hashes into validation at "
                          f"val_fraction={val_fraction} (a corpus this small needs a smaller --val-fraction)")
-    size = train_tokenizer(lines, dest, vocab_size=cfg.vocab_size or DEFAULT_VOCAB_SIZE, num_threads=cfg.num_proc)
+    size = train_tokenizer(lines, dest / "tokenizer.model", vocab_size=cfg.vocab_size or DEFAULT_VOCAB_SIZE,
+                           num_threads=cfg.num_proc)
     log.info("trained a %d-piece BPE tokenizer in %.1fs", size, time.perf_counter() - start)
-    return load_tokenizer(dest)
+    return open_tokenizer(dest)
 
 
 def _tokenized(corpus: Corpus, encode: _Encode, cfg: PrepareConfig, cache_file: Path):
@@ -312,7 +308,7 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
     """
     cfg = PrepareConfig(**options)
     if cfg.tokenizer is not None:  # a wrong path or format is named now, not after reading the corpus
-        load_tokenizer(cfg.tokenizer)
+        open_tokenizer(cfg.tokenizer)
     if isinstance(inputs, (str, Path)):
         inputs = [inputs]
     if inputs is not None:
@@ -326,8 +322,8 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
         fcntl.flock(lock, fcntl.LOCK_EX)
         # Resolved once: resolving warns about each skipped file, and the fingerprint and the loading
         # must see the same files. Inputs may lie in out_dir: only what prepare writes there is left out.
-        own = [out_dir / name for name in (mf.MANIFEST, "tokenizer.model", ".work", ".prepare.lock",
-                                           *(f"{s}.bin" for s in mf.SPLITS))]
+        own = [out_dir / name for name in (mf.MANIFEST, *_TOKENIZER_NAMES, ".work", ".tokenizer.tmp",
+                                           ".prepare.lock", *(f"{s}.bin" for s in mf.SPLITS))]
         resolved = resolve_inputs(inputs, exclude=own) if inputs is not None else None
         resolved_val = resolve_inputs(list(cfg.val_inputs), exclude=own) if cfg.val_inputs else None
         if resolved and resolved_val:
@@ -390,12 +386,15 @@ def _prepare(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig, out_
     work_dir = out_dir / ".work"
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir()
-    tok_tmp = out_dir / ".tokenizer.model.tmp"
+    tok_tmp = out_dir / ".tokenizer.tmp"
+    shutil.rmtree(tok_tmp, ignore_errors=True)
+    tok_tmp.mkdir()
     try:
         manifest = _prepare_files(inputs, resolved, cfg, out_dir, work_dir, tok_tmp, recipe)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-        for tmp in [tok_tmp, *(out_dir / f".{s}.bin.tmp" for s in mf.SPLITS)]:
+        shutil.rmtree(tok_tmp, ignore_errors=True)
+        for tmp in [out_dir / f".{s}.bin.tmp" for s in mf.SPLITS]:
             tmp.unlink(missing_ok=True)
     return manifest
 
@@ -418,14 +417,14 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
         corpus.dataset = (ds.take(cfg.max_docs) if corpus.streaming
                           else ds.select(range(min(cfg.max_docs, len(ds)))))
         corpus.description += f", its first {cfg.max_docs} documents"
-    sp = _get_tokenizer(corpus, cfg, tok_tmp, train_fraction)
-    vocab_size = sp.vocab_size()
+    tok = _get_tokenizer(corpus, cfg, tok_tmp, train_fraction)
+    vocab_size = tok.vocab_size
     dtype = mf.token_dtype(vocab_size)
     start = time.perf_counter()
-    parts = [(corpus, _Encode(str(tok_tmp), train_fraction, cfg.num_proc))]
+    parts = [(corpus, _Encode(tok, train_fraction, cfg.num_proc))]
     if val_corpus is not None:  # a fraction of 1: every document of it validates
-        parts.append((val_corpus, _Encode(str(tok_tmp), 1.0, cfg.num_proc)))
-    counts = _tokenize_and_write(parts, cfg, out_dir, work_dir, dtype, sp.unk_id())
+        parts.append((val_corpus, _Encode(tok, 1.0, cfg.num_proc)))
+    counts = _tokenize_and_write(parts, cfg, out_dir, work_dir, dtype, -1 if tok.unk_id is None else tok.unk_id)
     seconds = time.perf_counter() - start
 
     splits = counts["splits"]
@@ -447,16 +446,18 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
 
     # Readers holding the old files keep their inodes; new readers see no manifest until it is complete.
     (out_dir / mf.MANIFEST).unlink(missing_ok=True)
-    tok_path = out_dir / "tokenizer.model"
-    tok_tmp.replace(tok_path)
+    for name in _TOKENIZER_NAMES:  # another recipe's tokenizer, possibly of the other kind
+        (out_dir / name).unlink(missing_ok=True)
+    for f in tok.files:
+        f.replace(out_dir / f.name)
+    tok_path = out_dir / tok.path.name
     for split in mf.SPLITS:
         (out_dir / f".{split}.bin.tmp").replace(out_dir / f"{split}.bin")
     manifest = {
         "format": mf.FORMAT,
         "recipe": recipe,
-        "vocab_size": vocab_size, "bos_id": sp.bos_id() if sp.bos_id() >= 0 else None, "eos_id": sp.eos_id(),
-        "pad_id": sp.pad_id() if sp.pad_id() >= 0 else None, "unk_id": sp.unk_id(),
-        "tokenizer_path": tok_path.name, "tokenizer_sha256": mf.file_sha256(tok_path),
+        "vocab_size": vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+        "unk_id": tok.unk_id, "tokenizer_path": tok_path.name, "tokenizer_sha256": mf.tokenizer_sha256(tok_path),
         "dtype": dtype,
         "splits": {s: {"path": f"{s}.bin", "tokens": splits[s]["tokens"], "documents": splits[s]["documents"]}
                    for s in mf.SPLITS},
@@ -471,8 +472,8 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
                      "unk_tokens": counts["unk_tokens"]},
         "stats": {"tokenize_seconds": round(seconds, 3), "tokens_per_second": round(total_tokens / seconds),
                   "num_proc": cfg.num_proc},
-        "versions": {"sentencepiece": spm.__version__, "datasets": datasets.__version__,
-                     "numpy": np.__version__},
+        "versions": {"sentencepiece": spm.__version__, "tokenizers": tokenizers.__version__,
+                     "datasets": datasets.__version__, "numpy": np.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(cfg),
     }

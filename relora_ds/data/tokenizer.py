@@ -1,4 +1,6 @@
-"""The SentencePiece tokenizer: train one on the corpus, or load an existing ``.model``.
+"""The tokenizer: train a SentencePiece model on the corpus, or use an existing one -- a SentencePiece
+``.model`` or a Hugging Face ``tokenizer.json`` (LLaMA-3, Qwen, Mistral, ...), for continued pre-training of
+a model on its own token ids. :class:`Tokenizer` is what prepare_data encodes with, either kind.
 
 Trained models follow LLaMA's recipe: BPE, byte fallback (no input is ever <unk>), identity
 normalization and no whitespace folding (so ``decode(encode(text)) == text`` and verse keeps its line
@@ -7,14 +9,17 @@ breaks), digits split, ids unk=0, bos=1, eos=2 and no pad (sequences are packed,
 from __future__ import annotations
 
 import io
+import json
 import re
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
-from relora_ds.data.manifest import file_sha256, load_manifest
+from relora_ds.data import manifest as mf
 from relora_ds.data.sources import DataWarning
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -110,11 +115,9 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
     """Load a SentencePiece ``.model``; it must define EOS (every document ends with one). Documents start
     with BOS where the model has one; T5's ``spiece.model`` (the paper's tokenizer) has none."""
     path = Path(path)
-    if path.is_dir():
-        hint = (f"; pass {str(path / 'tokenizer.model')!r}" if (path / "tokenizer.model").is_file() else
-                " and holds no tokenizer.model (a Hugging Face tokenizer.json cannot be used: the data pipeline "
-                "is SentencePiece)")
-        raise ValueError(f"tokenizer {str(path)!r} is a directory, not a SentencePiece .model file{hint}")
+    if path.is_dir() or path.suffix == ".json":
+        raise ValueError(f"tokenizer {str(path)!r} is not a SentencePiece .model file (open_tokenizer reads "
+                         "model directories and Hugging Face tokenizer.json files)")
     if not path.is_file():
         raise ValueError(f"tokenizer file {str(path)!r} does not exist")
     try:
@@ -127,6 +130,158 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
     return sp
 
 
+def resolve_tokenizer(path: str | Path) -> Path:
+    """The tokenizer file `path` names: a SentencePiece ``.model``, a Hugging Face ``tokenizer.json``, or a
+    model directory holding one of them (its ``tokenizer.model`` where it has both: the file LLaMA-2-style
+    checkpoints, our exports and data dirs prepared before tokenizer.json was read all use)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (path / name).is_file():
+                return path / name
+        raise ValueError(f"tokenizer directory {str(path)!r} holds neither a SentencePiece tokenizer.model nor a "
+                         "Hugging Face tokenizer.json")
+    if not path.is_file():
+        raise ValueError(f"tokenizer {str(path)!r} does not exist (give a SentencePiece .model, a Hugging Face "
+                         "tokenizer.json or a model directory holding one)")
+    return path
+
+
+@dataclass
+class Tokenizer:
+    """A tokenizer as the data pipeline uses it: which file it is, its special ids, and a batch encoder
+    packing each document as ``[BOS] ids EOS``. Holds paths, not the loaded model, so that it pickles
+    cheaply to ``datasets.map`` workers; the model loads on first use in each process."""
+
+    path: Path
+    """The ``.model`` or ``tokenizer.json`` (a Hugging Face tokenizer's other files lie beside it)."""
+    vocab_size: int
+    """Highest id + 1 (added tokens included): the model's embedding must have at least this many rows."""
+    bos_id: int | None
+    """Starts every document; None where the tokenizer adds none (T5, Qwen, GPT-2)."""
+    eos_id: int
+    """Ends every document."""
+    unk_id: int | None
+    pad_id: int | None
+    _backend: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def kind(self) -> str:
+        return "huggingface" if self.path.suffix == ".json" else "sentencepiece"
+
+    @property
+    def files(self) -> list[Path]:
+        """The files that are this tokenizer (what a data dir keeps a copy of)."""
+        if self.kind == "sentencepiece":
+            return [self.path]
+        return [self.path, *(self.path.parent / n for n in mf.HF_TOKENIZER_FILES[1:] if (self.path.parent / n).is_file())]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_backend": None}
+
+    def encode_documents(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+        """``[BOS] ids EOS`` (int32) of each text. Text that spells a special token ("<s>", "<|endoftext|>")
+        is encoded as text, as SentencePiece does: only the packing writes special ids."""
+        if self.kind == "sentencepiece":
+            if self._backend is None:
+                self._backend = spm.SentencePieceProcessor(model_file=str(self.path))
+            return [np.asarray(ids, dtype=np.int32) for ids in self._backend.encode(
+                texts, add_bos=self.bos_id is not None, add_eos=True, out_type="numpy", num_threads=num_threads)]
+        if self._backend is None:
+            self._backend = _hf_backend(self.path)
+        bos, eos = [self.bos_id] if self.bos_id is not None else [], [self.eos_id]
+        # The Rust encoder batches over its own thread pool (RAYON_NUM_THREADS); num_threads is SentencePiece's.
+        return [np.asarray(bos + e.ids + eos, dtype=np.int32)
+                for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def open_tokenizer(path: str | Path) -> Tokenizer:
+    """The :class:`Tokenizer` in `path` (a ``.model``, a ``tokenizer.json`` or a model directory, see
+    :func:`resolve_tokenizer`). A Hugging Face tokenizer's BOS and EOS are the ``bos_token`` and
+    ``eos_token`` of its tokenizer_config.json (or special_tokens_map.json), as transformers reads them;
+    documents start with BOS where the tokenizer itself adds it (its post-processor, or ``add_bos_token``):
+    LLaMA-3 does, Qwen and GPT-2 do not."""
+    given, path = Path(path), resolve_tokenizer(path)
+    if path.suffix != ".json":
+        try:
+            sp = load_tokenizer(path)
+        except ValueError as e:
+            if given.is_dir() and (given / "tokenizer.json").is_file():  # e.g. a tiktoken file of that name
+                raise ValueError(f"{e}; to use the directory's Hugging Face tokenizer, pass "
+                                 f"{str(given / 'tokenizer.json')!r}") from e
+            raise
+        return Tokenizer(path, sp.vocab_size(), sp.bos_id() if sp.bos_id() >= 0 else None, sp.eos_id(),
+                         sp.unk_id() if sp.unk_id() >= 0 else None, sp.pad_id() if sp.pad_id() >= 0 else None)
+    backend = _hf_backend(path)
+    special = _hf_special_tokens(path.parent)
+
+    def token_id(name: str) -> int | None:
+        token = special.get(name)
+        if token is None:
+            return None
+        i = backend.token_to_id(token)
+        if i is None:
+            raise ValueError(f"{path.parent}: {name} {token!r} is not a token of {path.name}")
+        return i
+
+    eos = token_id("eos_token")
+    if eos is None:
+        raise ValueError(f"{path.parent} names no eos_token (tokenizer_config.json or special_tokens_map.json): "
+                         "documents are packed as [BOS] text EOS, so the tokenizer needs an end-of-document token. "
+                         "Give the model directory (or the tokenizer.json inside it) that holds its "
+                         "tokenizer_config.json")
+    bos = token_id("bos_token")
+    adds_bos = special.get("add_bos_token")
+    if adds_bos is None:  # the tokenizer's post-processor decides, as in transformers
+        adds_bos = bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+    return Tokenizer(path, vocab_size, bos if adds_bos else None, eos, token_id("unk_token"), token_id("pad_token"),
+                     _backend=backend)
+
+
+def same_tokenizer(a: str | Path, b: str | Path) -> bool:
+    """Whether two tokenizer files give the same ids: the same SentencePiece ``.model`` bytes; for
+    ``tokenizer.json``, the same JSON content (a re-save may reorder or re-indent it) and the same document
+    packing (BOS, EOS). Files of different kinds are different tokenizers."""
+    a, b = Path(a), Path(b)
+    if (a.suffix == ".json") != (b.suffix == ".json"):
+        return False
+    if a.suffix != ".json":
+        return a.read_bytes() == b.read_bytes()
+    ta, tb = open_tokenizer(a), open_tokenizer(b)
+    return (json.loads(a.read_text(encoding="utf-8")) == json.loads(b.read_text(encoding="utf-8"))
+            and (ta.bos_id, ta.eos_id) == (tb.bos_id, tb.eos_id))
+
+
+def _hf_backend(path: Path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        backend = HFTokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises its own exception type for a malformed file
+        raise ValueError(f"{str(path)!r} is not a Hugging Face tokenizer.json: {e}") from e
+    backend.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not the special token
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
+
+
+def _hf_special_tokens(directory: Path) -> dict:
+    """bos/eos/unk/pad token strings (None where unset) and add_bos_token (None where unset) of a Hugging
+    Face tokenizer directory: tokenizer_config.json over special_tokens_map.json, as transformers reads them
+    (a token may be written as ``{"content": ...}``)."""
+    found: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (directory / name).is_file():
+            try:
+                found.update(json.loads((directory / name).read_text(encoding="utf-8")))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{directory / name} is not valid JSON: {e}") from e
+    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in found.items()
+               if k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return {**special, "add_bos_token": found.get("add_bos_token")}
+
+
 def check_tokenizer_matches(data_dir: str | Path, vocab_size: int | None = None, *,
                             tokenizer_sha256: str | None = None) -> dict:
     """Check a prepared data dir against the model (and checkpoint) that will train on it.
@@ -135,8 +290,8 @@ def check_tokenizer_matches(data_dir: str | Path, vocab_size: int | None = None,
     `vocab_size` (the model's embedding rows) is smaller than the tokenizer's, or if
     `tokenizer_sha256` (e.g. stored in a checkpoint) differs from the manifest's. Returns the manifest.
     """
-    manifest = load_manifest(data_dir)
-    actual = file_sha256(manifest["tokenizer_path"])
+    manifest = mf.load_manifest(data_dir)
+    actual = mf.tokenizer_sha256(manifest["tokenizer_path"])
     if actual != manifest["tokenizer_sha256"]:
         raise ValueError(f"tokenizer {manifest['tokenizer_path']!r} has sha256 {actual[:12]}..., but the "
                          f"data in {str(data_dir)!r} was tokenized with {manifest['tokenizer_sha256'][:12]}...; "

@@ -1,0 +1,204 @@
+"""Hugging Face tokenizers (``tokenizer.json``: LLaMA-3, Qwen, ...) in the data pipeline, the trainer's
+model/data check and the export. Oracle: transformers' ``AutoTokenizer`` on the same directory."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import transformers
+
+import relora_ds
+from relora_ds.data import in_validation, load_manifest, open_tokenizer, prepare_data
+from relora_ds.data.builtin_corpus import builtin_documents
+
+CRAFTED = ["  leading spaces and a trailing one ", "line\nbreaks\n\n and a\ttab", "naïve café, 漢字 ✓ 12345",
+           "a document that writes <|end_of_text|> and <|begin_of_text|> and <|endoftext|> as text"]
+SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|endoftext|>")
+
+
+def _hf_tokenizer(out, *, adds_bos: bool, bos, eos, vocab_size=400):
+    """A byte-level BPE saved by transformers, as LLaMA-3 (`adds_bos`: its post-processor puts BOS first) or
+    Qwen (no BOS) ship theirs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([d["text"] for d in builtin_documents()[:300]], trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def toks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {"llama3": _hf_tokenizer(root / "llama3", adds_bos=True, bos="<|begin_of_text|>", eos="<|end_of_text|>"),
+            "qwen": _hf_tokenizer(root / "qwen", adds_bos=False, bos=None, eos="<|endoftext|>"),
+            # GPT-2's bos_token is its EOS, and its encoding adds none: documents are `ids EOS`.
+            "gpt2": _hf_tokenizer(root / "gpt2", adds_bos=False, bos="<|endoftext|>", eos="<|endoftext|>")}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    docs = [d["text"] for d in builtin_documents()[1000:1060]] + CRAFTED
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    return path, docs
+
+
+def _expected_splits(tokenizer_dir, docs, val_fraction):
+    """transformers' encoding of each document (with the special tokens it adds itself: LLaMA-3's BOS) and
+    its EOS, concatenated per split."""
+    hf = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = {"train": [], "validation": []}
+    for text in docs:
+        out["validation" if in_validation(text, val_fraction) else "train"] += hf(text)["input_ids"] + [hf.eos_token_id]
+    return out, hf
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen", "gpt2"])
+def test_prepared_tokens_are_transformers_encoding(tmp_path, toks, corpus, kind):
+    path, docs = corpus
+    plain = [d for d in docs if not any(s in d for s in SPECIAL)]
+    out = prepare_data([str(path)], tmp_path / "data", tokenizer=str(toks[kind]), val_fraction=0.2, num_proc=2)
+    m = load_manifest(out)
+    expected, hf = _expected_splits(toks[kind], plain, 0.2)
+    assert m["bos_id"] == (hf.bos_token_id if kind == "llama3" else None) and m["eos_id"] == hf.eos_token_id
+    assert m["vocab_size"] == len(hf) and m["tokenizer_path"].endswith("tokenizer.json") and m["dtype"] == "uint16"
+    for split in ("train", "validation"):
+        got = np.fromfile(out / f"{split}.bin", dtype=np.uint16).tolist()
+        special_doc = next(d for d in docs if "<|end_of_text|>" in d)
+        if in_validation(special_doc, 0.2) == (split == "validation"):
+            # The crafted document spelling the special tokens is the last one: its ids are text pieces.
+            n = len(hf(special_doc, split_special_tokens=True)["input_ids"]) + 1
+            assert hf.decode(got[-n:-1], skip_special_tokens=False).removeprefix("<|begin_of_text|>") == special_doc
+            assert not set(got[-n + 1:-1]) & {hf.convert_tokens_to_ids(s) for s in SPECIAL}
+            got = got[:-n]
+        assert got == expected[split], split
+    # The data dir holds the tokenizer transformers loads; re-running is a no-op, the file given directly too.
+    assert transformers.AutoTokenizer.from_pretrained(out)(plain[0])["input_ids"] == hf(plain[0])["input_ids"]
+    before = (out / "train.bin").stat().st_mtime_ns
+    prepare_data([str(path)], out, tokenizer=str(toks[kind] / "tokenizer.json"), val_fraction=0.2)
+    assert (out / "train.bin").stat().st_mtime_ns == before
+
+
+def test_another_end_of_document_token_is_another_recipe(tmp_path, toks, corpus):
+    """tokenizer_config.json decides the EOS every document ends with: changing it changes the data's
+    tokenizer hash, so prepared data is not silently kept (nor replaced without --overwrite)."""
+    path, _ = corpus
+    tok = tmp_path / "tok"
+    shutil.copytree(toks["qwen"], tok)
+    out = prepare_data([str(path)], tmp_path / "data", tokenizer=str(tok))
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    (tok / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|end_of_text|>"}))
+    with pytest.raises(ValueError, match=r"another recipe \(tokenizer.given: "):
+        prepare_data([str(path)], out, tokenizer=str(tok))
+    prepare_data([str(path)], out, tokenizer=str(tok), overwrite=True)
+    assert load_manifest(out)["eos_id"] == open_tokenizer(toks["llama3"]).eos_id != open_tokenizer(toks["qwen"]).eos_id
+
+
+def test_ids_past_65535_are_stored_as_uint32(tmp_path):
+    """A vocabulary larger than uint16 (LLaMA-3: 128256) is stored as uint32, every id intact."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({f"filler{i}": len(vocab) + i for i in range(70_000)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_special_tokens(["<|eos|>"])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>").save_pretrained(tmp_path / "big")
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(20)))
+    out = prepare_data([str(corpus)], tmp_path / "data", tokenizer=str(tmp_path / "big"), val_fraction=0.0)
+    m = load_manifest(out)
+    assert m["dtype"] == "uint32" and m["vocab_size"] == 70_257 and m["eos_id"] == 70_256
+    ids = np.fromfile(out / "train.bin", dtype=np.uint32)
+    assert (ids == 70_256).sum() == 20 and ids[len("document 0")] == 70_256
+
+
+def test_bad_hugging_face_tokenizers_are_named(tmp_path, toks, corpus):
+    path, _ = corpus
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(toks["qwen"] / "tokenizer.json", bare / "tokenizer.json")  # no tokenizer_config.json
+    with pytest.raises(ValueError, match=r"bare names no eos_token .* documents are packed as \[BOS\] text EOS"):
+        prepare_data([str(path)], tmp_path / "d1", tokenizer=str(bare / "tokenizer.json"))
+    (bare / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(ValueError, match=r"eos_token '</s>' is not a token of tokenizer.json"):
+        prepare_data([str(path)], tmp_path / "d2", tokenizer=str(bare))
+    # A tokenizer.model that is not SentencePiece (LLaMA-3 ships a tiktoken file): the tokenizer.json is named.
+    (bare / "tokenizer.model").write_text("IQ== 0\n")
+    with pytest.raises(ValueError, match=r"is not a SentencePiece model: .*; to use the directory's Hugging Face "
+                                         r"tokenizer, pass '.*bare/tokenizer.json'"):
+        prepare_data([str(path)], tmp_path / "d3", tokenizer=str(bare))
+    (bare / "tokenizer.model").unlink()
+    (bare / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"is not a Hugging Face tokenizer.json"):
+        prepare_data([str(path)], tmp_path / "d3", tokenizer=str(bare))
+
+
+def _model_dir(path, tokenizer_dir, vocab_size=512):
+    """A Hugging Face model directory holding `tokenizer_dir`'s tokenizer (export_hf copies its files)."""
+    relora_ds.export_hf(relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug", vocab_size=vocab_size)),
+                        path, tokenizer=tokenizer_dir / "tokenizer.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (path / name).read_bytes() == (tokenizer_dir / name).read_bytes()
+    return path
+
+
+def test_a_model_trains_only_on_data_of_its_own_hugging_face_tokenizer(tmp_path, toks, corpus):
+    from relora_ds.startup import check_model_and_data
+    from relora_ds.train_config import TrainConfig
+
+    path, _ = corpus
+    data = prepare_data([str(path)], tmp_path / "data", tokenizer=str(toks["llama3"]))
+    model = _model_dir(tmp_path / "model", toks["llama3"])
+    cfg = TrainConfig(hf_model=str(model), mode="lora", rank=4, total_steps=10, seq_len=32)
+    assert check_model_and_data(cfg, data, 512)[1]["eos_id"] == open_tokenizer(model).eos_id
+    # Re-saved (other indentation and key order): the same tokenizer.
+    spec = json.loads((model / "tokenizer.json").read_text())
+    (model / "tokenizer.json").write_text(json.dumps(dict(reversed(spec.items()))))
+    check_model_and_data(cfg, data, 512)
+    other = _model_dir(tmp_path / "qwen_model", toks["qwen"])
+    cfg = TrainConfig(hf_model=str(other), mode="lora", rank=4, total_steps=10, seq_len=32)
+    with pytest.raises(ValueError, match=r"qwen_model/tokenizer.json \(sha256 .*\) is not the tokenizer .*data was "
+                                         r"prepared with .*--tokenizer .*qwen_model$"):
+        check_model_and_data(cfg, data, 512)
+
+
+def test_continued_pretraining_on_hugging_face_tokens_exports_the_models_tokenizer(tmp_path, toks, corpus):
+    """launch/train.py --hf-model on data prepared with the model's tokenizer.json, through a ReLoRA reset:
+    the export carries the model's tokenizer files, and launch/export.py finds the run's tokenizer.json
+    through its data dir (an export without `like` copies it too)."""
+    import subprocess
+    import sys
+
+    from launch_utils import ROOT, launch_env
+    from trainer_utils import read_losses, train1
+
+    path, docs = corpus
+    data = prepare_data([str(path)], tmp_path / "data", tokenizer=str(toks["llama3"]), val_fraction=0.1)
+    model = _model_dir(tmp_path / "model", toks["llama3"])
+    train1(tmp_path, data, hf_model=str(model), total_steps=8, warm_start_steps=0, cycle_length=4,
+           eval_every=8, save_every=8, export=True)
+    losses, recs = read_losses(tmp_path / "run")
+    assert len(losses) == 8 and [r["step"] for r in recs if r.get("event") == "reset"] == [4, 8]
+    hf = tmp_path / "run" / "hf"
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (hf / name).read_bytes() == (model / name).read_bytes(), name
+    assert json.loads((hf / "config.json").read_text())["eos_token_id"] == open_tokenizer(model).eos_id
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(tmp_path / "run"), "--out",
+                           str(tmp_path / "exported")], capture_output=True, text=True, env=launch_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    relora_ds.export_hf(relora_ds.load_hf(tmp_path / "exported"), tmp_path / "plain", tokenizer=data / "tokenizer.json")
+    theirs = transformers.AutoTokenizer.from_pretrained(toks["llama3"])
+    for out in ("exported", "plain"):
+        tok = transformers.AutoTokenizer.from_pretrained(tmp_path / out)
+        assert tok(docs[0])["input_ids"] == theirs(docs[0])["input_ids"] and tok.eos_token_id == theirs.eos_token_id
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(tmp_path / "run"), "--out",
+                           str(tmp_path / "e2"), "--tokenizer", str(toks["qwen"])], capture_output=True, text=True,
+                          env=launch_env())
+    assert proc.returncode == 2 and "qwen/tokenizer.json is not the tokenizer" in proc.stderr, proc.stderr[-2000:]

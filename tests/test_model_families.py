@@ -191,6 +191,17 @@ def test_sliding_window_shorter_than_the_sequences_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"--seq-len 63 or less"):
         ours.config.check_sequence_length(64 + 1)  # --seq-len 64
     ours.config.check_sequence_length(63 + 1)
+    # The trainer's start-up, before any data is read or engine built.
+    from relora_ds.startup import check_model_and_data
+    from relora_ds.train_config import TrainConfig
+
+    for seq_len, ok in ((64, False), (63, True)):
+        cfg = TrainConfig(hf_model=str(tmp_path), mode="lora", rank=4, total_steps=10, seq_len=seq_len)
+        if ok:
+            assert check_model_and_data(cfg, None, 256)[0].sliding_window == 64
+        else:
+            with pytest.raises(ValueError, match=r"sequences of 65 tokens .* --seq-len 63 or less"):
+                check_model_and_data(cfg, None, 256)
     qwen = {**hf_config_dict(LlamaConfig(**SHAPE, model_type="qwen2"), torch.float32), "use_sliding_window": True,
             "sliding_window": 32, "max_window_layers": 2}  # no layer from 2 on: no window anywhere
     assert config_from_hf(qwen).sliding_window is None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .data.tokenizer import open_tokenizer, same_tokenizer
+from .data.tokenizer import open_tokenizer, tokenizer_difference
 from .model import LlamaForCausalLM
 from .model_config import MODEL_TYPES, LlamaConfig
 from .relora import relora_layers
@@ -188,11 +188,11 @@ def _source_config(like: str | Path | None) -> dict:
 
 def _same_tokenizer(like: Path, tokenizer: str | Path | None) -> bool:
     """Whether `like` holds a tokenizer, and (given `tokenizer`, the training data's ``tokenizer.model`` or
-    ``tokenizer.json``) it is that one (``same_tokenizer``)."""
+    ``tokenizer.json``) it is that one (``tokenizer_difference``)."""
     if tokenizer is None:
         return any((like / name).is_file() for name in TOKENIZER_FILES)
     own = like / Path(tokenizer).name
-    return own.is_file() and same_tokenizer(own, tokenizer)
+    return own.is_file() and tokenizer_difference(own, tokenizer) is None
 
 
 def _readable_as_umask_allows(path: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from .data import check_tokenizer_matches
 from .data.manifest import tokenizer_sha256, train_data_fingerprint
-from .data.tokenizer import same_tokenizer
+from .data.tokenizer import tokenizer_difference
 from .data.packed import num_windows
 from .hf import config_from_hf
 from .model import LlamaForCausalLM
@@ -56,7 +56,13 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
     if data_dir is not None:
         manifest = check_tokenizer_matches(data_dir, None if source else model_config.vocab_size)
     if source and manifest is not None:
-        check_model_tokenizer(source, manifest, data_dir)
+        own_tokenizer = check_model_tokenizer(source, manifest, data_dir)
+        if model_config.vocab_size < manifest["vocab_size"] and own_tokenizer:
+            raise ValueError(f"the model in {source} has {model_config.vocab_size} embedding rows, fewer than the "
+                             f"{manifest['vocab_size']} ids of its own tokenizer (which {data_dir} was prepared "
+                             "with): the model directory is inconsistent. Give it an embedding row per id (e.g. "
+                             f"transformers' model.resize_token_embeddings({manifest['vocab_size']}), then "
+                             "save_pretrained), or use the tokenizer it was trained with")
         if model_config.vocab_size < manifest["vocab_size"]:
             raise ValueError(f"the model in {source} has {model_config.vocab_size} embedding rows, fewer than the "
                              f"{manifest['vocab_size']} pieces of the tokenizer {data_dir} was prepared with: prepare "
@@ -73,10 +79,11 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
     return model_config, manifest
 
 
-def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Path) -> None:
+def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Path) -> bool:
     """A Hugging Face model must train on token ids from its own tokenizer: compare its tokenizer (the file
     of the kind the data was prepared with: ``tokenizer.model`` or ``tokenizer.json``) with the data's. Equal
-    vocab sizes prove nothing (prepare_data trains its own 32000-piece BPE by default, LLaMA has 32000)."""
+    vocab sizes prove nothing (prepare_data trains its own 32000-piece BPE by default, LLaMA has 32000).
+    Returns whether the data's tokenizer is the model's (False: the model holds none, with a warning)."""
     data_tokenizer = Path(manifest["tokenizer_path"])
     own = Path(source) / data_tokenizer.name
     if not own.is_file():
@@ -90,12 +97,14 @@ def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Pa
                       f"{data_dir} was tokenized with this model's tokenizer; if it was not, every token id means "
                       "another piece to the model (prepare the data with launch/prepare_data.py --tokenizer "
                       "<the model's tokenizer>)", ConfigWarning, stacklevel=3)
-        return
-    if not same_tokenizer(own, data_tokenizer):
+        return False
+    difference = tokenizer_difference(own, data_tokenizer)
+    if difference is not None:
         raise ValueError(f"{own} (sha256 {tokenizer_sha256(own)[:12]}...) is not the tokenizer {data_dir} was "
-                         f"prepared with (sha256 {manifest['tokenizer_sha256'][:12]}...): its token ids would mean "
-                         f"other pieces to the model. Prepare the data with launch/prepare_data.py --tokenizer "
-                         f"{source}")
+                         f"prepared with (sha256 {manifest['tokenizer_sha256'][:12]}...; {difference}): its token "
+                         f"ids would mean other things to the model. Prepare the data with launch/prepare_data.py "
+                         f"--tokenizer {source}")
+    return True
 
 
 def total_steps_for(cfg: TrainConfig, progress: dict | None = None) -> int:

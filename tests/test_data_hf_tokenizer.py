@@ -27,7 +27,8 @@ def _hf_tokenizer(out, *, adds_bos: bool, bos, eos, vocab_size=400):
     tok.train_from_iterator([d["text"] for d in builtin_documents()[:300]], trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if adds_bos:
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos).save_pretrained(out)
     return out
 
@@ -83,6 +84,25 @@ def test_prepared_tokens_are_transformers_encoding(tmp_path, toks, corpus, kind)
     before = (out / "train.bin").stat().st_mtime_ns
     prepare_data([str(path)], out, tokenizer=str(toks[kind] / "tokenizer.json"), val_fraction=0.2)
     assert (out / "train.bin").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("kind, add_bos_token", [("llama3", False), ("gpt2", True)])
+def test_documents_follow_the_post_processor_where_add_bos_token_disagrees(tmp_path, toks, corpus, kind,
+                                                                          add_bos_token):
+    """transformers 5's AutoTokenizer adds BOS as tokenizer.json's post-processor says, whatever the config's
+    add_bos_token: the data does the same, and the disagreement is named."""
+    path, docs = corpus
+    tok = tmp_path / "tok"
+    shutil.copytree(toks[kind], tok)
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    (tok / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": add_bos_token}))
+    with pytest.warns(UserWarning, match=rf"add_bos_token={add_bos_token}, but tokenizer.json's post-processor "
+                                         rf"{'adds' if kind == 'llama3' else 'does not add'} .*as transformers 5"):
+        out = prepare_data([str(path)], tmp_path / "data", tokenizer=str(tok), val_fraction=0.0)
+    hf = transformers.AutoTokenizer.from_pretrained(tok)
+    got = np.fromfile(out / "train.bin", dtype=np.uint16)
+    assert got[:len(hf(docs[0])["input_ids"])].tolist() == hf(docs[0])["input_ids"]
+    assert load_manifest(out)["bos_id"] == (hf.bos_token_id if kind == "llama3" else None)
 
 
 def test_another_end_of_document_token_is_another_recipe(tmp_path, toks, corpus):
@@ -162,10 +182,18 @@ def test_a_model_trains_only_on_data_of_its_own_hugging_face_tokenizer(tmp_path,
     spec = json.loads((model / "tokenizer.json").read_text())
     (model / "tokenizer.json").write_text(json.dumps(dict(reversed(spec.items()))))
     check_model_and_data(cfg, data, 512)
+    # The same pieces with another end-of-document token (LLaMA-3-Instruct's <|eot_id|> style): named as such.
+    eot = _model_dir(tmp_path / "eot_model", toks["llama3"])
+    config = json.loads((eot / "tokenizer_config.json").read_text())
+    (eot / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    cfg = TrainConfig(hf_model=str(eot), mode="lora", rank=4, total_steps=10, seq_len=32)
+    with pytest.raises(ValueError, match=r"the same pieces, but its documents end with '<\|endoftext\|>' \(id 2\), "
+                                         r"not '<\|end_of_text\|>' \(id 1\) \(tokenizer_config.json\)"):
+        check_model_and_data(cfg, data, 512)
     other = _model_dir(tmp_path / "qwen_model", toks["qwen"])
     cfg = TrainConfig(hf_model=str(other), mode="lora", rank=4, total_steps=10, seq_len=32)
     with pytest.raises(ValueError, match=r"qwen_model/tokenizer.json \(sha256 .*\) is not the tokenizer .*data was "
-                                         r"prepared with .*--tokenizer .*qwen_model$"):
+                                         r"prepared with \(sha256 .*; other pieces\).*--tokenizer .*qwen_model$"):
         check_model_and_data(cfg, data, 512)
 
 

@@ -304,9 +304,16 @@ def test_hf_model_smaller_vocab_and_positions_are_named_with_the_fix(tmp_path, s
     relora_ds.export_hf(model, tmp_path / "hf")
     shutil.copy(small_data_dir / "tokenizer.model", tmp_path / "hf" / "tokenizer.model")
     cfg = TrainConfig(hf_model=str(tmp_path / "hf"), mode="lora", rank=4, total_steps=10, seq_len=32)
+    # Its own tokenizer, which the data was prepared with: the model directory itself is inconsistent.
+    with pytest.raises(ValueError, match=r"the model in .*hf has 500 embedding rows, fewer than the 512 ids of its "
+                                         r"own tokenizer .* inconsistent.*resize_token_embeddings\(512\)"):
+        check_model_and_data(cfg, small_data_dir, 512)
+    # Another tokenizer's data (the model holds none to compare): the fix is the model's own tokenizer.
+    (tmp_path / "hf" / "tokenizer.model").unlink()
     with pytest.raises(ValueError, match=r"the model in .*hf has 500 embedding rows, fewer than the 512 pieces of "
                                          r"the tokenizer .* was prepared with: prepare the data with the model's own "
-                                         r"tokenizer \(launch/prepare_data.py --tokenizer .*hf\)"):
+                                         r"tokenizer \(launch/prepare_data.py --tokenizer .*hf\)"), \
+            pytest.warns(UserWarning, match="cannot check"):
         check_model_and_data(cfg, small_data_dir, 512)
     model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=512, max_position_embeddings=64))
     relora_ds.export_hf(model, tmp_path / "hf")

@@ -174,32 +174,44 @@ class Tokenizer:
         """The files that are this tokenizer (what a data dir keeps a copy of)."""
         if self.kind == "sentencepiece":
             return [self.path]
-        return [self.path, *(self.path.parent / n for n in mf.HF_TOKENIZER_FILES[1:] if (self.path.parent / n).is_file())]
+        beside = (self.path.parent / name for name in mf.HF_TOKENIZER_FILES[1:])
+        return [self.path, *(f for f in beside if f.is_file())]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_backend": None}
+
+    @property
+    def backend(self):
+        """The loaded model (a SentencePieceProcessor or a ``tokenizers.Tokenizer``), loaded on first use."""
+        if self._backend is None:
+            self._backend = (spm.SentencePieceProcessor(model_file=str(self.path)) if self.kind == "sentencepiece"
+                             else _hf_backend(self.path))
+        return self._backend
+
+    def spelled(self, i: int | None) -> str:
+        """Token `i` as its piece and id, for messages ("no token" for None)."""
+        if i is None:
+            return "no token"
+        piece = self.backend.id_to_piece(i) if self.kind == "sentencepiece" else self.backend.id_to_token(i)
+        return f"{piece!r} (id {i})"
 
     def encode_documents(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
         """``[BOS] ids EOS`` (int32) of each text. Text that spells a special token ("<s>", "<|endoftext|>")
         is encoded as text, as SentencePiece does: only the packing writes special ids."""
         if self.kind == "sentencepiece":
-            if self._backend is None:
-                self._backend = spm.SentencePieceProcessor(model_file=str(self.path))
-            return [np.asarray(ids, dtype=np.int32) for ids in self._backend.encode(
+            return [np.asarray(ids, dtype=np.int32) for ids in self.backend.encode(
                 texts, add_bos=self.bos_id is not None, add_eos=True, out_type="numpy", num_threads=num_threads)]
-        if self._backend is None:
-            self._backend = _hf_backend(self.path)
         bos, eos = [self.bos_id] if self.bos_id is not None else [], [self.eos_id]
         # The Rust encoder batches over its own thread pool (RAYON_NUM_THREADS); num_threads is SentencePiece's.
         return [np.asarray(bos + e.ids + eos, dtype=np.int32)
-                for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+                for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def open_tokenizer(path: str | Path) -> Tokenizer:
     """The :class:`Tokenizer` in `path` (a ``.model``, a ``tokenizer.json`` or a model directory, see
     :func:`resolve_tokenizer`). A Hugging Face tokenizer's BOS and EOS are the ``bos_token`` and
     ``eos_token`` of its tokenizer_config.json (or special_tokens_map.json), as transformers reads them;
-    documents start with BOS where the tokenizer itself adds it (its post-processor, or ``add_bos_token``):
+    documents start with BOS where the tokenizer itself adds it (tokenizer.json's post-processor):
     LLaMA-3 does, Qwen and GPT-2 do not."""
     given, path = Path(path), resolve_tokenizer(path)
     if path.suffix != ".json":
@@ -231,26 +243,37 @@ def open_tokenizer(path: str | Path) -> Tokenizer:
                          "Give the model directory (or the tokenizer.json inside it) that holds its "
                          "tokenizer_config.json")
     bos = token_id("bos_token")
-    adds_bos = special.get("add_bos_token")
-    if adds_bos is None:  # the tokenizer's post-processor decides, as in transformers
-        adds_bos = bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    # tokenizer.json's post-processor decides, as in transformers 5 (its TokenizersBackend ignores the
+    # config's add_bos_token, which 4.x's LlamaTokenizerFast applied): where the two disagree, say so.
+    adds_bos = bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    if special.get("add_bos_token") is not None and bool(special["add_bos_token"]) != adds_bos:
+        does = "adds" if adds_bos else "does not add"
+        warnings.warn(f"{path.parent}: tokenizer_config.json says add_bos_token={special['add_bos_token']}, but "
+                      f"tokenizer.json's post-processor {does} {special.get('bos_token')!r}; "
+                      f"documents follow tokenizer.json ({'with' if adds_bos else 'without'} BOS), as transformers 5's "
+                      "AutoTokenizer does (4.x followed add_bos_token)", DataWarning, stacklevel=2)
     vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
     return Tokenizer(path, vocab_size, bos if adds_bos else None, eos, token_id("unk_token"), token_id("pad_token"),
                      _backend=backend)
 
 
-def same_tokenizer(a: str | Path, b: str | Path) -> bool:
-    """Whether two tokenizer files give the same ids: the same SentencePiece ``.model`` bytes; for
-    ``tokenizer.json``, the same JSON content (a re-save may reorder or re-indent it) and the same document
-    packing (BOS, EOS). Files of different kinds are different tokenizers."""
+def tokenizer_difference(a: str | Path, b: str | Path) -> str | None:
+    """None where two tokenizer files give the same ids, else how they differ: SentencePiece ``.model``
+    bytes; for ``tokenizer.json``, its JSON content (a re-save may reorder or re-indent it), then the
+    document packing (BOS, EOS). Files of different kinds are different tokenizers."""
     a, b = Path(a), Path(b)
     if (a.suffix == ".json") != (b.suffix == ".json"):
-        return False
+        return f"a {a.name} and a {b.name}"
     if a.suffix != ".json":
-        return a.read_bytes() == b.read_bytes()
+        return None if a.read_bytes() == b.read_bytes() else "other pieces"
+    if json.loads(a.read_text(encoding="utf-8")) != json.loads(b.read_text(encoding="utf-8")):
+        return "other pieces"
     ta, tb = open_tokenizer(a), open_tokenizer(b)
-    return (json.loads(a.read_text(encoding="utf-8")) == json.loads(b.read_text(encoding="utf-8"))
-            and (ta.bos_id, ta.eos_id) == (tb.bos_id, tb.eos_id))
+    for what, ia, ib in (("end", ta.eos_id, tb.eos_id), ("start", ta.bos_id, tb.bos_id)):
+        if ia != ib:
+            return (f"the same pieces, but its documents {what} with {ta.spelled(ia)}, not {tb.spelled(ib)} "
+                    "(tokenizer_config.json)")
+    return None
 
 
 def _hf_backend(path: Path):

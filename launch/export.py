@@ -1,6 +1,7 @@
 """Export any training checkpoint to a merged Hugging Face LLaMA directory (offline, CPU, any world size).
 
     python launch/export.py runs/tiny/checkpoints [--tag step_400] --out runs/tiny/hf-step400
+    python launch/export.py runs/tiny/checkpoints/step_400 --out runs/tiny/hf-step400   # the same
 
 Reads DeepSpeed's ZeRO checkpoint whole (relora_ds.checkpoint.full_state_dict: fp32 masters of trainable
 parameters, frozen base weights as saved), rebuilds the model from the checkpoint's config.json, folds every
@@ -37,6 +38,8 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
     if (args.checkpoints / "checkpoints").is_dir() and not (args.checkpoints / "latest").is_file():
         args.checkpoints = args.checkpoints / "checkpoints"  # the run's output_dir: its checkpoints/ is meant
+    elif (args.checkpoints / "config.json").is_file() and args.tag in (None, args.checkpoints.name):
+        args.checkpoints, args.tag = args.checkpoints.parent, args.checkpoints.name  # one checkpoint: step_N/
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out {args.out} exists and is not a directory")
     tag = args.tag or latest_tag(args.checkpoints)

@@ -64,8 +64,11 @@ def _expected_splits(tokenizer_dir, docs, val_fraction):
 def test_prepared_tokens_are_transformers_encoding(tmp_path, toks, corpus, kind):
     path, docs = corpus
     plain = [d for d in docs if not any(s in d for s in SPECIAL)]
-    out = prepare_data([str(path)], tmp_path / "data", tokenizer=str(toks[kind]), val_fraction=0.2, num_proc=2)
+    with pytest.warns(UserWarning, match=r"1 documents of .* spell a special token of the tokenizer \('<\|begin_of_text"
+                                         r"\|>', .*encoded as text.*split_special_tokens=True"):
+        out = prepare_data([str(path)], tmp_path / "data", tokenizer=str(toks[kind]), val_fraction=0.2, num_proc=2)
     m = load_manifest(out)
+    assert m["warnings"]["documents_spelling_special_tokens"] == 1
     expected, hf = _expected_splits(toks[kind], plain, 0.2)
     assert m["bos_id"] == (hf.bos_token_id if kind == "llama3" else None) and m["eos_id"] == hf.eos_token_id
     assert m["vocab_size"] == len(hf) and m["tokenizer_path"].endswith("tokenizer.json") and m["dtype"] == "uint16"

@@ -138,7 +138,7 @@ def test_export_any_checkpoint_offline(demo_run, tmp_path):
 
 def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path):
     """launch/export.py on a copy of the demo's checkpoints: the run directory itself is taken for its
-    checkpoints/; a checkpoint without config.json, one missing a DeepSpeed file, and an --out that is a file
+    checkpoints/, and one checkpoint's directory for that checkpoint; a checkpoint without config.json, one missing a DeepSpeed file, and an --out that is a file
     are one-line errors (exit 2), not tracebacks."""
     import shutil
 
@@ -148,6 +148,12 @@ def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path
                                        capture_output=True, text=True, env=launch_env())
     proc = export(run, "--tag", "step_50", "--out", tmp_path / "hf", "--no-tokenizer")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = export(run / "checkpoints" / "step_50", "--out", tmp_path / "hf2", "--no-tokenizer")  # one checkpoint's dir
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("hf", "hf2"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     (tmp_path / "afile").write_text("x")
     proc = export(run / "checkpoints", "--out", tmp_path / "afile")
     assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr

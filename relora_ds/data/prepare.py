@@ -138,11 +138,12 @@ class _Encode:
         return {
             "ids": [next(encoded) if k else empty for k in keep],
             "validation": np.array([in_validation(t, self.val_fraction) for t in texts], dtype=bool),
+            "spells_special": np.array(self.tokenizer.spells_special_token(texts), dtype=bool),
         }
 
 
 _TOKENIZED = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
-                                "validation": datasets.Value("bool")})
+                                "validation": datasets.Value("bool"), "spells_special": datasets.Value("bool")})
 
 
 def _current_commit(hub: str, revision: str | None, out_dir: Path, validation: bool = False) -> str:
@@ -241,20 +242,21 @@ def _tokenize_and_write(parts: list[tuple[Corpus, _Encode]], cfg: PrepareConfig,
                         work_dir: Path, dtype: str, unk_id: int) -> dict:
     """Tokenize each (corpus, encoder) in turn and append each document to its split's file; returns the
     counts."""
-    stats = {s: {"tokens": 0, "documents": 0, "longer_than_seq_len": 0} for s in mf.SPLITS}
-    empty = unk = 0
+    counts = {"splits": {s: {"tokens": 0, "documents": 0, "longer_than_seq_len": 0} for s in mf.SPLITS},
+              "empty_documents": 0, "unk_tokens": 0, "documents_spelling_special_tokens": 0}
     files = {s: open(out_dir / f".{s}.bin.tmp", "wb") for s in mf.SPLITS}
     try:
         for i, (corpus, encode) in enumerate(parts):
-            empty, unk = _write_part(corpus, encode, cfg, work_dir / f"tokenized{i}.arrow", files, stats, dtype,
-                                     unk_id, empty, unk)
+            _write_part(corpus, encode, cfg, work_dir / f"tokenized{i}.arrow", files, counts, dtype, unk_id)
     finally:
         for f in files.values():
             f.close()
-    return {"splits": stats, "empty_documents": empty, "unk_tokens": unk}
+    return counts
 
 
-def _write_part(corpus, encode, cfg, cache_file, files, stats, dtype, unk_id, empty, unk) -> tuple[int, int]:
+def _write_part(corpus, encode, cfg, cache_file, files, counts, dtype, unk_id) -> None:
+    """Append one corpus's documents to the split files, adding to `counts` (_tokenize_and_write's)."""
+    stats = counts["splits"]
     tokenized, progress = _tokenized(corpus, encode, cfg, cache_file)
     try:
         for table in tokenized.with_format("arrow").iter(batch_size=_WRITE_BATCH):
@@ -262,8 +264,9 @@ def _write_part(corpus, encode, cfg, cache_file, files, stats, dtype, unk_id, em
             lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
             values = ids.flatten().to_numpy(zero_copy_only=False)
             is_val = table.column("validation").to_numpy(zero_copy_only=False)
-            empty += int((lengths == 0).sum())
-            unk += int((values == unk_id).sum())
+            counts["empty_documents"] += int((lengths == 0).sum())
+            counts["unk_tokens"] += int((values == unk_id).sum())
+            counts["documents_spelling_special_tokens"] += int(pc.sum(table.column("spells_special")).as_py() or 0)
             token_is_val = np.repeat(is_val, lengths)
             for split, doc_mask, tok_mask in (("train", ~is_val, ~token_is_val),
                                               ("validation", is_val, token_is_val)):
@@ -279,7 +282,6 @@ def _write_part(corpus, encode, cfg, cache_file, files, stats, dtype, unk_id, em
     finally:
         if progress is not None:
             progress.close()
-    return empty, unk
 
 
 def _report_windows(manifest: dict, seq_len: int | None) -> None:
@@ -438,6 +440,11 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
     if counts["unk_tokens"]:
         warnings.warn(f"{counts['unk_tokens']} tokens are <unk>: the tokenizer has no byte fallback for "
                       f"some characters of {corpus.description}", DataWarning, stacklevel=3)
+    if counts["documents_spelling_special_tokens"]:
+        warnings.warn(f"{counts['documents_spelling_special_tokens']} documents of {corpus.description} spell a "
+                      f"special token of the tokenizer ({tok.special_example()}): they are encoded as text, as "
+                      "training should see them; transformers' AutoTokenizer reads such text as the special token "
+                      "unless called with split_special_tokens=True", DataWarning, stacklevel=3)
     if splits["validation"]["documents"] == 0 and cfg.val_fraction > 0:
         warnings.warn(f"the validation split is empty ({total_docs} documents, val_fraction="
                       f"{cfg.val_fraction}); evaluation will see no data", DataWarning, stacklevel=3)
@@ -469,7 +476,8 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
                      "lone_surrogate_escapes": {**corpus.lone_surrogates,
                                                 **(val_corpus.lone_surrogates if val_corpus else {})},
                      "empty_documents": counts["empty_documents"],
-                     "unk_tokens": counts["unk_tokens"]},
+                     "unk_tokens": counts["unk_tokens"],
+                     "documents_spelling_special_tokens": counts["documents_spelling_special_tokens"]},
         "stats": {"tokenize_seconds": round(seconds, 3), "tokens_per_second": round(total_tokens / seconds),
                   "num_proc": cfg.num_proc},
         "versions": {"sentencepiece": spm.__version__, "tokenizers": tokenizers.__version__,

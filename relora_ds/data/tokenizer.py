@@ -164,6 +164,7 @@ class Tokenizer:
     unk_id: int | None
     pad_id: int | None
     _backend: object = field(default=None, repr=False, compare=False)
+    _special_pattern: re.Pattern | None = field(default=None, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -178,7 +179,7 @@ class Tokenizer:
         return [self.path, *(f for f in beside if f.is_file())]
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_backend": None}
+        return {**self.__dict__, "_backend": None, "_special_pattern": None}
 
     @property
     def backend(self):
@@ -187,6 +188,22 @@ class Tokenizer:
             self._backend = (spm.SentencePieceProcessor(model_file=str(self.path)) if self.kind == "sentencepiece"
                              else _hf_backend(self.path))
         return self._backend
+
+    def spells_special_token(self, texts: list[str]) -> list[bool]:
+        """Whether each text contains the spelling of one of a Hugging Face tokenizer's special tokens
+        ("<|endoftext|>"): encoded as text here, where AutoTokenizer's default reads the token. Always False
+        for SentencePiece, which never reads them from text (nor does the tokenizer.json exported from it)."""
+        if self.kind == "sentencepiece":
+            return [False] * len(texts)
+        if self._special_pattern is None:
+            specials = sorted({t.content for t in self.backend.get_added_tokens_decoder().values() if t.special})
+            self._special_pattern = re.compile("|".join(map(re.escape, specials)) or r"(?!)")  # (?!): none
+        return [self._special_pattern.search(t) is not None for t in texts]
+
+    def special_example(self) -> str:
+        """A few special-token spellings, for messages."""
+        specials = [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
+        return ", ".join(repr(t) for t in specials[:3]) + (", ..." if len(specials) > 3 else "")
 
     def spelled(self, i: int | None) -> str:
         """Token `i` as its piece and id, for messages ("no token" for None)."""
@@ -233,7 +250,8 @@ def open_tokenizer(path: str | Path) -> Tokenizer:
             return None
         i = backend.token_to_id(token)
         if i is None:
-            raise ValueError(f"{path.parent}: {name} {token!r} is not a token of {path.name}")
+            raise ValueError(f"{path.parent}: {name} {token!r} is not a token of {path.name}; set {name} in "
+                             "tokenizer_config.json to one of its tokens (or add the token to the tokenizer)")
         return i
 
     eos = token_id("eos_token")

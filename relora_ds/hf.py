@@ -2,9 +2,9 @@
 pre-training).
 
 Our module names equal Hugging Face's, so the state dict maps one to one; ReLoRA layers are merged into
-plain weights (dequantized when stored in int8) and their LoRA tensors and counters are dropped. Given the
-run's SentencePiece model, the export also holds a tokenizer that ``AutoTokenizer`` loads and that encodes
-exactly as training did (``save_hf_tokenizer``).
+plain weights (dequantized when stored in int8) and their LoRA tensors and counters are dropped. The export
+also holds the run's tokenizer for ``AutoTokenizer``: a SentencePiece model converted and checked to encode
+as training did (``save_hf_tokenizer``), a Hugging Face tokenizer.json copied as it is.
 """
 from __future__ import annotations
 

@@ -118,8 +118,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
         special = {k: source[k] for k in ("bos_token_id", "eos_token_id") if k in source}
     elif tokenizer is not None and Path(tokenizer).suffix == ".json":  # a Hugging Face tokenizer: as it is
         tok = open_tokenizer(tokenizer)
-        for f in tok.files:
-            shutil.copy(f, out / ("tokenizer.json" if f == tok.path else f.name))
+        tok.copy_to(out)
         special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
     elif tokenizer is not None and hf_tokenizer:
         special = save_hf_tokenizer(tokenizer, out, model_max_length=config.max_position_embeddings)

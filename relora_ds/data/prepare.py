@@ -208,9 +208,7 @@ def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path, val_fraction:
         if cfg.vocab_size is not None and cfg.vocab_size != given.vocab_size:
             raise ValueError(f"vocab_size={cfg.vocab_size} but tokenizer {cfg.tokenizer!r} has "
                              f"{given.vocab_size} pieces; give one of the two")
-        own_name = "tokenizer.model" if given.kind == "sentencepiece" else "tokenizer.json"
-        for f in given.files:
-            shutil.copyfile(f, dest / (own_name if f == given.path else f.name))
+        given.copy_to(dest)
         return open_tokenizer(dest)
     start = time.perf_counter()
     lines = list(training_lines(_texts(corpus.dataset, val_fraction), cfg.tokenizer_train_chars))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -177,6 +178,13 @@ class Tokenizer:
             return [self.path]
         beside = (self.path.parent / name for name in mf.HF_TOKENIZER_FILES[1:])
         return [self.path, *(f for f in beside if f.is_file())]
+
+    def copy_to(self, directory: Path) -> None:
+        """Copy this tokenizer's files into `directory` under the standard names (``tokenizer.model`` or
+        ``tokenizer.json``, the config files as they are named)."""
+        own_name = "tokenizer.model" if self.kind == "sentencepiece" else "tokenizer.json"
+        for f in self.files:
+            shutil.copyfile(f, Path(directory) / (own_name if f == self.path else f.name))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_backend": None, "_special_pattern": None}

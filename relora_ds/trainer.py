@@ -77,7 +77,8 @@ class Trainer(CheckpointsMixin):
             on_rank_zero(lambda: lock_output_dir(self.out))
         self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
-        check_precision_on_device(self.ds, get_accelerator())
+        with self._warnings_on_rank_zero():
+            check_precision_on_device(self.ds, get_accelerator())
         check_offload_on_device(self.ds, get_accelerator())
         self.fp16 = uses_fp16(self.ds)
         if cfg.merge_residual and cfg.mode == "relora" and not (uses_bf16(self.ds) or self.fp16) and self.rank == 0:

@@ -22,7 +22,8 @@ done
 PLAN="$(python scripts/demo_plan.py "$@")"
 OUT="$(sed -n 1p <<< "$PLAN")"
 read -r -a FRESH <<< "$(sed -n 2p <<< "$PLAN")"
+DS_CONFIG="$(sed -n 3p <<< "$PLAN")"  # zero2.json (bf16), or zero2_fp32.json on a CPU without native bf16
 deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --config launch/configs/tiny.yaml \
-  --deepspeed ds_configs/zero2.json ${FRESH[@]+"${FRESH[@]}"} "$@"
+  --deepspeed "$DS_CONFIG" ${FRESH[@]+"${FRESH[@]}"} "$@"
 python launch/plot_metrics.py "$OUT/metrics.jsonl"
 echo "outputs in $OUT: metrics.jsonl, curves.png, tensorboard/, checkpoints/, hf/ (Hugging Face export)"

@@ -1,7 +1,9 @@
 """What scripts/demo.sh launches, from its extra flags: prints the run's output_dir, then `--overwrite` when
 the demo should start over in it (no --resume/--resume-from, no --overwrite/--no-overwrite, and the output_dir is the demo recipe's own:
 a run elsewhere, named by --output-dir or by another --config, is never deleted without an explicit
---overwrite)."""
+--overwrite), then the DeepSpeed config: the one given by --deepspeed, else ds_configs/zero2.json (bf16), or
+ds_configs/zero2_fp32.json on a machine without a GPU whose CPU has no native bf16 matmul (there PyTorch's
+bf16 fallback made the demo 12x slower than fp32: 370 vs 4,500 tokens/s on 2 cores)."""
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +26,22 @@ def plan(argv: list[str], recipe: str = RECIPE) -> tuple[str, list[str]]:
     return cfg.output_dir, extra
 
 
+def ds_config(argv: list[str]) -> str:
+    """The DeepSpeed JSON for the demo: --deepspeed if given, else bf16 where this machine computes it natively."""
+    args, _ = build_launch_parser().parse_known_args(argv)
+    if args.deepspeed:
+        return args.deepspeed
+    import torch
+
+    from relora_ds.startup import cpu_has_native_bf16
+    if torch.cuda.is_available() or cpu_has_native_bf16():
+        return "ds_configs/zero2.json"
+    print(f"demo: this machine has no GPU and its CPU no native bf16 matmul (PyTorch sees "
+          f"{torch.backends.cpu.get_cpu_capability()}): the demo trains in fp32 (ds_configs/zero2_fp32.json); "
+          "--deepspeed ds_configs/zero2.json forces bf16", file=sys.stderr)
+    return "ds_configs/zero2_fp32.json"
+
+
 def _output_dir(recipe: str) -> Path:
     parser = build_launch_parser()
     with warnings.catch_warnings():
@@ -38,3 +56,4 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     print(out)
     print(" ".join(extra))
+    print(ds_config(sys.argv[1:]))

@@ -1,5 +1,6 @@
-"""The README's main job, shortened: deepspeed launcher, 2 ranks, shipped zero2.json (bf16), tiny recipe,
-built-in corpus. Then errors that must stop a run before its first step."""
+"""The README's main job, shortened: deepspeed launcher, 2 ranks, the DeepSpeed config demo.sh picks
+(zero2.json in bf16, zero2_fp32.json on a CPU without native bf16), tiny recipe, built-in corpus. Then errors
+that must stop a run before its first step."""
 import json
 import math
 import subprocess
@@ -18,8 +19,10 @@ SHORT = ["--total-steps", "50", "--warm-start-steps", "14", "--cycle-length", "1
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
+    ds = subprocess.run([sys.executable, "scripts/demo_plan.py"], cwd=ROOT, capture_output=True, text=True,
+                        check=True).stdout.split("\n")[2]
     run_deepspeed(ROOT / "launch/train.py", "--config", ROOT / "launch/configs/tiny.yaml", "--deepspeed",
-                  ROOT / "ds_configs/zero2.json", *SHORT, "--output-dir", out)
+                  ROOT / ds, *SHORT, "--output-dir", out)
     return out
 
 
@@ -266,3 +269,21 @@ def test_demo_plan_never_overwrites_the_run_of_a_users_recipe(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/demo_plan.py", "--config", str(mine)], cwd=ROOT,
                           capture_output=True, text=True, check=True)
     assert proc.stdout.split("\n")[:2] == [str(tmp_path / "important"), ""]
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_demo_plan_trains_fp32_on_a_cpu_without_native_bf16(monkeypatch, capsys, native_bf16):
+    """The third line: zero2.json (bf16) where bf16 matmuls are native, zero2_fp32.json (said on stderr) on a
+    GPU-less machine whose CPU would take PyTorch's bf16 fallback; a --deepspeed given is kept either way."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import demo_plan
+
+    from relora_ds import startup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(startup, "cpu_has_native_bf16", lambda: native_bf16)
+    assert demo_plan.ds_config(["--total-steps", "200"]) == ("ds_configs/zero2.json" if native_bf16
+                                                             else "ds_configs/zero2_fp32.json")
+    assert ("trains in fp32" in capsys.readouterr().err) == (not native_bf16)
+    assert demo_plan.ds_config(["--deepspeed", "ds_configs/zero3.json"]) == "ds_configs/zero3.json"
+    assert (ROOT / "ds_configs/zero2_fp32.json").is_file()

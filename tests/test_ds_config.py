@@ -314,3 +314,29 @@ def test_nvme_offload_without_async_io_is_named_before_any_engine():
     if real is None or not real.is_compatible(verbose=False):  # this machine: named, not a traceback
         with pytest.raises(ValueError, match="async_io"):
             check_offload_on_device(ds, get_accelerator())
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_named_with_the_fp32_config(monkeypatch):
+    """Without AVX512/AMX PyTorch takes a scalar fallback for every bf16 matmul (the demo ran 12x slower than
+    fp32): bf16 on DeepSpeed's CPU accelerator there is a warning naming ds_configs/zero2_fp32.json; on a CPU
+    with native bf16, or a GPU, nothing. Oracle for the shipped fp32 config: zero2.json with bf16 off."""
+    import warnings
+    from types import SimpleNamespace
+
+    from launch_utils import ROOT
+
+    from relora_ds import startup
+
+    fp32 = load_ds_config(ROOT / "ds_configs/zero2_fp32.json")
+    bf16 = load_ds_config(ROOT / "ds_configs/zero2.json")
+    assert bf16["bf16"] == {"enabled": True} and fp32 == {**bf16, "bf16": {"enabled": False}}
+    device = lambda name: SimpleNamespace(device_name=lambda: name, is_fp16_supported=lambda: False)  # noqa: E731
+    monkeypatch.setattr(startup, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match=r"no native bf16 matmul .* ds_configs/zero2_fp32\.json"):
+        startup.check_precision_on_device(bf16, device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        startup.check_precision_on_device(fp32, device("cpu"))
+        startup.check_precision_on_device(bf16, device("cuda"))
+        monkeypatch.setattr(startup, "cpu_has_native_bf16", lambda: True)
+        startup.check_precision_on_device(bf16, device("cpu"))

@@ -50,8 +50,13 @@ def hf_config_dict(config: LlamaConfig, dtype: torch.dtype, bos_token_id: int | 
     elif config.model_type == "mistral":  # written even when None: MistralConfig's default is 4096
         out["sliding_window"] = config.sliding_window
     elif config.sliding_window is not None:  # qwen2 (its q/k/v biases are fixed by the architecture)
-        # Which layers slide (max_window_layers, layer_types) only the source's config knows: export_hf(like=).
-        out.update(use_sliding_window=True, sliding_window=config.sliding_window)
+        layers = config.layer_types or ["sliding_attention"] * config.num_hidden_layers
+        # max_window_layers for a transformers without layer_types: the first sliding layer, where all after it
+        # slide too (Qwen2's own pattern); layer_types says it exactly either way.
+        first = layers.index("sliding_attention")
+        out.update(use_sliding_window=True, sliding_window=config.sliding_window, layer_types=layers,
+                   max_window_layers=first if all(t == "sliding_attention" for t in layers[first:]) else
+                   config.num_hidden_layers)
     else:
         out["use_sliding_window"] = False
     return out
@@ -313,21 +318,22 @@ def config_from_hf(hf: dict) -> LlamaConfig:
         kw.update({k: bool(hf[k]) for k in ("attention_bias", "mlp_bias") if k in hf})
     return LlamaConfig(model_type=model_type, rope_theta=float(theta), rope_scaling=rope or None,
                        head_dim=hf.get("head_dim"), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                       sliding_window=_sliding_window(hf), **kw)
+                       **_sliding_window(hf), **kw)
 
 
-def _sliding_window(hf: dict) -> int | None:
-    """The attention window transformers applies to some layer of this config: Mistral's sliding_window
-    (null: none; absent: MistralConfig's 4096), or Qwen2's where use_sliding_window puts it on a layer
-    (its layer_types, else the layers from max_window_layers on, as Qwen2Config derives them)."""
-    if hf.get("model_type") == "mistral":
-        return hf.get("sliding_window", 4096)
+def _sliding_window(hf: dict) -> dict:
+    """sliding_window and layer_types as transformers applies them to this config: Mistral's window on every
+    layer (null: none; absent: MistralConfig's 4096), Qwen2's where use_sliding_window puts it (its
+    layer_types, else the layers from max_window_layers on, as Qwen2Config derives them)."""
+    if hf.get("model_type") == "mistral":  # MistralForCausalLM ignores layer_types, as here
+        return {"sliding_window": hf.get("sliding_window", 4096)}
     if hf.get("model_type") == "qwen2" and hf.get("use_sliding_window"):
         layers = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else
                                            "full_attention" for i in range(hf.get("num_hidden_layers", 0))]
         if "sliding_attention" in layers:
-            return hf.get("sliding_window", 4096)
-    return None
+            every = all(t == "sliding_attention" for t in layers)
+            return {"sliding_window": hf.get("sliding_window", 4096), "layer_types": None if every else layers}
+    return {}
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:

@@ -2,13 +2,15 @@
 and Qwen2ForCausalLM / MistralForCausalLM, which differ only in configuration).
 
 Pre-norm RMSNorm, SwiGLU MLP, rotary position embeddings (optionally "linear" or "llama3" scaled), causal
-attention through torch SDPA (or flash-attn when installed). The presets have no biases and an untied
-lm_head; a config can add attention/MLP biases, an explicit head_dim and an lm_head tied to the embedding.
+attention through torch SDPA (or flash-attn when installed), optionally within a sliding window. The presets
+have no biases and an untied lm_head; a config can add attention/MLP biases, an explicit head_dim and an
+lm_head tied to the embedding.
 Module and parameter names equal Hugging Face's, so state dicts map one to one and ReLoRA's `wrap` finds the
 same layers in either model. This file knows nothing of DeepSpeed, Triton or ReLoRA.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -107,8 +109,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer: int = 0):
         super().__init__()
+        self.sliding_window = config.window_of(layer)  # None: the whole prefix
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -129,12 +132,20 @@ class Attention(nn.Module):
         if self._use_flash(q):
             from flash_attn import flash_attn_func  # (B, T, H, hd) layout, handles GQA itself
 
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            # window_size (left, right): keys i - left .. i + right, so left = window - 1 (-1: unbounded).
+            window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                window_size=window)
         else:
             if self.n_kv_heads != self.n_heads:
                 rep = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # (B, T, H, hd)
+            if self.sliding_window is not None and T > self.sliding_window:
+                mask = _sliding_window_mask(T, self.sliding_window, q.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:  # within the window every query sees its whole prefix
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = y.transpose(1, 2)  # (B, T, H, hd)
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
 
     def _use_flash(self, q: torch.Tensor) -> bool:
@@ -145,6 +156,14 @@ class Attention(nn.Module):
             raise ValueError("attn_implementation='flash' needs flash-attn installed and CUDA fp16/bf16 "
                              f"inputs (installed={_HAS_FLASH_ATTN}, device={q.device}, dtype={q.dtype})")
         return usable
+
+
+@functools.lru_cache(maxsize=4)
+def _sliding_window_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool, True where query i may attend key j: i - window < j <= i (transformers' sliding window)."""
+    i = torch.arange(T, device=device)
+    distance = i[:, None] - i[None, :]
+    return (distance >= 0) & (distance < window)
 
 
 class MLP(nn.Module):
@@ -160,10 +179,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -177,13 +196,12 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        self.config.check_sequence_length(input_ids.shape[1])  # past a sliding window: not the source model
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = self.rotary_emb(input_ids.shape[1], x.device, x.dtype)
         for layer in self.layers:

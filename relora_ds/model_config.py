@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 
 # The Hugging Face architectures this decoder reproduces exactly. They differ only in what their configs
-# can express: LLaMA's attention_bias (q, k, v, o) and mlp_bias, Qwen2's fixed q/k/v biases, Mistral's
-# sliding window.
+# can express: LLaMA's attention_bias (q, k, v, o) and mlp_bias, Qwen2's fixed q/k/v biases and per-layer
+# sliding window, Mistral's sliding window.
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 # RoPE types whose frequencies relora_ds computes as transformers' modeling_rope_utils does, with the keys each
 # needs. Dynamic NTK, YaRN and LongRoPE change the frequencies with the sequence length or scale the
@@ -64,9 +64,11 @@ class LlamaConfig:
     """RoPE frequency scaling as in Hugging Face configs, e.g. ``{"rope_type": "linear", "factor": 4.0}`` or
     LLaMA-3.1's "llama3" (ROPE_TYPES); None is plain RoPE."""
     sliding_window: int | None = None
-    """The source model's attention window (Mistral; Qwen2 with use_sliding_window), in tokens a query sees,
-    itself included. Attention here is full causal, which equals the window's only on sequences of at most
-    this many tokens: longer ones are refused (check_sequence_length). None: no window."""
+    """Attention window (Mistral; Qwen2 with use_sliding_window) in tokens a query sees, itself included: a
+    query at position i attends keys j with i - window < j <= i, as transformers masks it. None: full causal."""
+    layer_types: list[str] | None = None
+    """Which layers the window applies to, one per layer as transformers' layer_types: "sliding_attention" or
+    "full_attention" (Qwen2 slides only from max_window_layers on). None: every layer (Mistral)."""
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -96,6 +98,28 @@ class LlamaConfig:
         self.rope_scaling = _checked_rope_scaling(self.rope_scaling)
         if self.sliding_window is not None and int(self.sliding_window) <= 0:
             raise ValueError(f"sliding_window must be a positive number of tokens or None, got {self.sliding_window!r}")
+        self._check_layer_types()
+
+    def _check_layer_types(self) -> None:
+        if self.layer_types is None:
+            return
+        self.layer_types = list(self.layer_types)
+        valid = ("sliding_attention", "full_attention")
+        if len(self.layer_types) != self.num_hidden_layers or any(t not in valid for t in self.layer_types):
+            raise ValueError(f"layer_types must give one of {valid} for each of the {self.num_hidden_layers} layers, "
+                             f"got {self.layer_types!r}")
+        if self.sliding_window is None and "sliding_attention" in self.layer_types:
+            raise ValueError("layer_types names sliding_attention layers but sliding_window is None: give the "
+                             "window's length in tokens")
+        if self.model_type != "qwen2":
+            raise ValueError(f"layer_types (a window on some layers only) is a Qwen2 option; model_type="
+                             f"{self.model_type!r} applies sliding_window to every layer: use layer_types=None")
+
+    def window_of(self, layer: int) -> int | None:
+        """The attention window of layer `layer` (index from 0), None where it attends the whole prefix."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def _check_expressible(self) -> None:
         """The biases and window must be ones the model_type's Hugging Face config can say, or the export
@@ -110,17 +134,6 @@ class LlamaConfig:
         if self.sliding_window is not None and self.model_type == "llama":
             raise ValueError("sliding_window is a Mistral/Qwen2 option that LLaMA's Hugging Face config lacks: use "
                              "model_type 'mistral' or 'qwen2', or sliding_window=None")
-
-    def check_sequence_length(self, tokens: int) -> None:
-        """A ValueError when sequences of `tokens` tokens reach past the sliding window, where full causal
-        attention would differ from the source model's. The trainer's sequences are windows of seq_len + 1
-        tokens (the last is only a label), so it needs seq_len < sliding_window."""
-        if self.sliding_window is not None and tokens > self.sliding_window:
-            raise ValueError(
-                f"sequences of {tokens} tokens are longer than this {self.model_type} model's sliding_window="
-                f"{self.sliding_window}: relora_ds computes full causal attention, which is the model's only up "
-                f"to {self.sliding_window} tokens. Train with --seq-len {self.sliding_window - 1} or less (the "
-                "trainer feeds seq_len + 1 tokens per sequence)")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LlamaConfig":

@@ -50,7 +50,6 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
     bad target name, a rank above a layer's size or a bad dropout fails here, not at the switch after the
     warm start."""
     model_config = model_config_for(cfg, vocab_size)
-    model_config.check_sequence_length(cfg.seq_len + 1)  # a sliding window shorter than the sequences
     source = cfg.hf_model or cfg.warm_start_from
     manifest = None
     if data_dir is not None:

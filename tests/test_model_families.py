@@ -28,12 +28,12 @@ FAMILIES = {
                                                                   rope_scaling={"type": "linear", "factor": 4.0})),
     # Qwen2/2.5 small: q/k/v biases (no o_proj bias), tied, theta 1e6, use_sliding_window false.
     "qwen2-tied": (transformers.Qwen2Config, dict(tie_word_embeddings=True, rope_theta=1e6)),
-    # Qwen2 with a window on its second layer, longer than the sequences.
-    "qwen2-window": (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=64, max_window_layers=1)),
+    # Qwen2 with a 16-token window on its second layer only, shorter than the test's 48-token sequences.
+    "qwen2-window": (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
     # Mistral-Nemo: head_dim given (32 where 64 / 4 = 16), sliding_window null.
     "mistral-nemo": (transformers.MistralConfig, dict(head_dim=32, sliding_window=None)),
-    # Mistral-7B-v0.1: an active window (here 64 tokens), longer than the sequences.
-    "mistral-window": (transformers.MistralConfig, dict(sliding_window=64)),
+    # Mistral-7B-v0.1: a window on every layer (its 4096 here 16 tokens), shorter than the sequences.
+    "mistral-window": (transformers.MistralConfig, dict(sliding_window=16)),
 }
 
 
@@ -173,39 +173,61 @@ def test_load_state_dict_of_a_tied_model_with_or_without_lm_head():
     assert torch.equal(model.lm_head.weight, src.model.embed_tokens.weight)
 
 
-def test_sliding_window_shorter_than_the_sequences_is_refused(tmp_path):
-    """Attention here is full causal: equal to a window of W only for sequences of at most W tokens
-    (transformers masks keys more than W - 1 positions back). Past it: a clear error, at the forward and
-    from the check the trainer's start-up can call with seq_len + 1 tokens."""
-    theirs = _transformers_model("mistral-window")
+@pytest.mark.parametrize("family", ["mistral-window", "qwen2-window"])
+def test_sliding_window_past_its_length_equals_transformers_forward_and_backward(tmp_path, family):
+    """Sequences three times the window: logits and the embedding's gradient equal transformers' (whose
+    mask lets query i see keys i-15..i), where full causal attention would differ; Qwen2's window only on the
+    layers its config names (a window on every layer differs too). The trainer's start-up takes a --seq-len
+    past the window."""
+    theirs = _transformers_model(family)
     theirs.save_pretrained(tmp_path)
-    ours = relora_ds.load_hf(tmp_path).eval()
-    assert ours.config.sliding_window == 64
-    x = torch.randint(0, 256, (1, 65))
-    windowed = _logits(theirs, x)[:, -1]
-    theirs.config.sliding_window = None
-    assert not torch.allclose(windowed, _logits(theirs, x)[:, -1], atol=1e-3)  # position 64 sees position 0 again
-    with pytest.raises(ValueError, match=r"sequences of 65 tokens are longer than this mistral model's "
-                                         r"sliding_window=64.* --seq-len 63 or less"):
-        ours(x)
-    with pytest.raises(ValueError, match=r"--seq-len 63 or less"):
-        ours.config.check_sequence_length(64 + 1)  # --seq-len 64
-    ours.config.check_sequence_length(63 + 1)
-    # The trainer's start-up, before any data is read or engine built.
+    ours = relora_ds.load_hf(tmp_path)
+    assert ours.config.sliding_window == 16
+    assert ours.config.layer_types == (None if family == "mistral-window" else ["full_attention", "sliding_attention"])
+    x = torch.randint(0, SHAPE["vocab_size"], (2, 48))
+    losses = []
+    for model in (ours, theirs):
+        model.zero_grad()
+        loss = model(x, labels=x).loss
+        loss.backward()
+        losses.append((loss.item(), model.model.embed_tokens.weight.grad.clone()))
+    assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-5)
+    torch.testing.assert_close(losses[0][1], losses[1][1], atol=1e-6, rtol=1e-4)
+    windowed = _logits(ours, x)
+    controls = [{"sliding_window": None, "layer_types": None}]  # full causal attention
+    if family == "qwen2-window":
+        controls.append({"layer_types": None})  # the window on every layer
+    for other in controls:
+        changed = LlamaForCausalLM(LlamaConfig(**{**ours.config.to_dict(), **other})).eval()
+        changed.load_state_dict(ours.state_dict())
+        assert not torch.allclose(_logits(changed, x)[:, 16:], windowed[:, 16:], atol=1e-3), other
+        torch.testing.assert_close(_logits(changed, x)[:, :16], windowed[:, :16], atol=1e-5, rtol=0)
     from relora_ds.startup import check_model_and_data
     from relora_ds.train_config import TrainConfig
 
-    for seq_len, ok in ((64, False), (63, True)):
-        cfg = TrainConfig(hf_model=str(tmp_path), mode="lora", rank=4, total_steps=10, seq_len=seq_len)
-        if ok:
-            assert check_model_and_data(cfg, None, 256)[0].sliding_window == 64
-        else:
-            with pytest.raises(ValueError, match=r"sequences of 65 tokens .* --seq-len 63 or less"):
-                check_model_and_data(cfg, None, 256)
+    cfg = TrainConfig(hf_model=str(tmp_path), mode="lora", rank=4, total_steps=10, seq_len=100)
+    assert check_model_and_data(cfg, None, 256)[0].sliding_window == 16
+
+
+def test_qwen2_window_layers_map_both_ways():
+    """Qwen2Config's rule (layers from max_window_layers on slide, when use_sliding_window) read from either
+    form of the config, and written back with both: layer_types (transformers 5) and max_window_layers."""
     qwen = {**hf_config_dict(LlamaConfig(**SHAPE, model_type="qwen2"), torch.float32), "use_sliding_window": True,
             "sliding_window": 32, "max_window_layers": 2}  # no layer from 2 on: no window anywhere
     assert config_from_hf(qwen).sliding_window is None
-    assert config_from_hf({**qwen, "max_window_layers": 1}).sliding_window == 32
+    one = config_from_hf({**qwen, "max_window_layers": 1})
+    assert (one.sliding_window, one.layer_types) == (32, ["full_attention", "sliding_attention"])
+    every = config_from_hf({**qwen, "max_window_layers": 0})
+    assert (every.sliding_window, every.layer_types) == (32, None)
+    explicit = config_from_hf({**qwen, "layer_types": ["sliding_attention", "full_attention"]})
+    assert explicit.layer_types == ["sliding_attention", "full_attention"]
+    for config, max_window_layers in ((one, 1), (every, 0), (explicit, 2)):
+        out = hf_config_dict(config, torch.float32)
+        assert out["layer_types"] == (config.layer_types or ["sliding_attention"] * 2)
+        assert out["max_window_layers"] == max_window_layers and out["use_sliding_window"] is True
+        assert config_from_hf(out).layer_types == config.layer_types
+        theirs = transformers.Qwen2Config(**{k: v for k, v in out.items() if k != "architectures"})
+        assert theirs.layer_types == out["layer_types"] and theirs.sliding_window == 32
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -215,6 +237,12 @@ def test_sliding_window_shorter_than_the_sequences_is_refused(tmp_path):
     (dict(model_type="mistral", attention_bias=True), r"model_type='mistral' cannot have \{'attention_bias': True\}"),
     (dict(qkv_bias=True), r"model_type='llama' cannot have \{'qkv_bias': True\}"),
     (dict(sliding_window=64), r"sliding_window is a Mistral/Qwen2 option"),
+    (dict(model_type="qwen2", sliding_window=8, layer_types=["sliding_attention"]),
+     r"layer_types must give one of \('sliding_attention', 'full_attention'\) for each of the 2 layers"),
+    (dict(model_type="qwen2", layer_types=["sliding_attention", "full_attention"]),
+     r"layer_types names sliding_attention layers but sliding_window is None"),
+    (dict(model_type="mistral", sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+     r"layer_types \(a window on some layers only\) is a Qwen2 option; model_type='mistral'"),
     (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0]}),
      r"rope scaling 'longrope' is not supported; valid rope types: 'default' \(plain RoPE\), 'linear', 'llama3'"),
     (dict(rope_scaling={"rope_type": "linear"}), r"rope_scaling of type 'linear' lacks \['factor'\]"),
@@ -323,3 +351,34 @@ def test_trainer_on_a_tied_qwen2_trains_its_biases_and_exports_a_qwen2(tmp_path,
     source = _hf_dir(tmp_path, "qwen2-tied")
     train1(tmp_path, small_data_dir, hf_model=source, export=True)
     _export_equals_the_checkpoints_model(tmp_path / "run", source)
+
+
+def test_flash_attn_gets_the_window_as_its_documented_window_size(monkeypatch):
+    """flash-attn (GPU only) takes the window as window_size=(left, right): query i sees keys i-left .. i+right
+    (its docstring). A stand-in implementing exactly that documented rule, in flash's (B, T, H, hd) layout with
+    GQA, gives the SDPA path's output: the window reaches flash as 15 keys back for a 16-token window."""
+    import sys
+    import types
+
+    import relora_ds.model as model_module
+
+    def flash_attn_func(q, k, v, causal=False, window_size=(-1, -1)):
+        T, rep = q.shape[1], q.shape[2] // k.shape[2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)))
+        i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        left, right = (T if w < 0 else w for w in window_size)
+        allowed = (j >= i - left) & (j <= i + right) & ((j <= i) if causal else True)
+        scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~allowed, float("-inf"))
+        return (scores.softmax(-1) @ v).transpose(1, 2)
+
+    config = LlamaConfig(**SHAPE, model_type="mistral", sliding_window=16)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    x = torch.randint(0, SHAPE["vocab_size"], (2, 48))
+    sdpa = _logits(model, x)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    monkeypatch.setattr(model_module.Attention, "_use_flash", lambda self, q: True)
+    torch.testing.assert_close(_logits(model, x), sdpa, atol=1e-5, rtol=0)
+    full = LlamaForCausalLM(LlamaConfig(**SHAPE, model_type="mistral")).eval()
+    full.load_state_dict(model.state_dict())
+    assert not torch.allclose(_logits(full, x), sdpa, atol=1e-3)  # the stand-in honours the window

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import resource
 from pathlib import Path
 
@@ -119,6 +120,18 @@ def _start_wandb(output_dir: Path, project: str, run_config: dict | None):
     run.define_metric("step")
     run.define_metric("*", step_metric="step")
     return run
+
+
+def cycle_position(step: int, relora_start: int, cycle_length: int, total_steps: int) -> dict:
+    """Where step `step` (1-based, just done) lies among ReLoRA's cycles, for the progress bar:
+    {"cycle": "k/of", "in_cycle": "j/cycle_length"}, the reset closing cycle k at j == cycle_length; empty
+    in the warm start. A last cycle cut short by total_steps counts as one."""
+    since = step - relora_start
+    if since <= 0:
+        return {}
+    cycles = math.ceil((total_steps - relora_start) / cycle_length)
+    k, j = divmod(since - 1, cycle_length)
+    return {"cycle": f"{k + 1}/{cycles}", "in_cycle": f"{j + 1}/{cycle_length}"}
 
 
 def progress_line(rec: dict, total_steps: int, elapsed_s: float, steps_done: int, cycle: dict) -> str:

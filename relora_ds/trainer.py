@@ -39,7 +39,7 @@ from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16,
 from .engine_state import full_fp32_state_dict
 from .hf import export_run, load_hf
 from .merge import merge_and_reinit
-from .metrics import MetricsLogger, peak_memory_mb, progress_line
+from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_line
 from .model import LlamaForCausalLM
 from .prune import prune_optimizer_state
 from .relora import lora_parameters, wrap
@@ -373,12 +373,10 @@ class Trainer(CheckpointsMixin):
         return float(torch.stack(norms).norm()) if norms else None
 
     def _cycle_position(self) -> dict:
-        """{"cycle": k/of, "in_cycle": step within it} for the progress bar; empty outside ReLoRA's cycles."""
-        if self.cfg.mode != "relora" or self.step < self.relora_start:
+        """{"cycle": k/of, "in_cycle": j/length} of the step just done; empty outside ReLoRA's cycles."""
+        if self.cfg.mode != "relora":
             return {}
-        since, cycle = self.step - self.relora_start, self.cfg.cycle_length
-        total = math.ceil((self.total_steps - self.relora_start) / cycle)
-        return {"cycle": f"{min(since // cycle + 1, total)}/{total}", "in_cycle": since % cycle}
+        return cycle_position(self.step, self.relora_start, self.cfg.cycle_length, self.total_steps)
 
     def _after_step_events(self) -> None:
         cfg = self.cfg

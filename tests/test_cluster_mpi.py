@@ -1,6 +1,7 @@
 """`mpirun -np 2 python launch/train.py ...`: ranks found through mpi4py by
 deepspeed.init_distributed(auto_mpi_discovery=True), with no RANK/WORLD_SIZE in the environment.
-Set RELORA_SKIP_MPI=1 to skip; without it, a missing mpirun or mpi4py fails here with the reason."""
+Set RELORA_SKIP_MPI=1 to skip; without it, a missing mpirun or mpi4py fails here with the reason. fp32
+(ds_configs/zero2_fp32.json), as the SLURM jobs: the subject is the launch."""
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ def test_mpirun_two_ranks(tmp_path):
     # (init_distributed's distributed_port), whatever the environment says.
     out = tmp_path / "run"
     cmd = [*_mpirun(), "-np", "2", sys.executable, str(ROOT / "launch/train.py"),
-           "--config", str(ROOT / "launch/configs/tiny.yaml"), "--deepspeed", str(ROOT / "ds_configs/zero2.json"),
+           "--config", str(ROOT / "launch/configs/tiny.yaml"), "--deepspeed", str(ROOT / "ds_configs/zero2_fp32.json"),
            "--total-steps", "12", "--warm-start-steps", "4", "--cycle-length", "4", "--restart-warmup-steps", "2",
            "--warmup-steps", "2", "--eval-every", "12", "--eval-windows", "16", "--micro-batch-size", "4",
            "--global-batch-size", "8", "--seq-len", "64", "--no-export", "--output-dir", str(out)]
@@ -49,7 +50,7 @@ def test_mpirun_two_ranks(tmp_path):
     # The ranks finalized MPI (exit_process skips mpi4py's Py_AtExit hook): unfinalized, mpich leaves its
     # shared-memory segment in /dev/shm.
     assert set(Path("/dev/shm").glob("mpich_shm_*")) <= shm_before
-    assert "2 rank(s), bf16=True, ZeRO stage 2, offload: none, 12 steps" in log
+    assert "2 rank(s), bf16=False, ZeRO stage 2, offload: none, 12 steps" in log
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 13))
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [8, 12]  # the last step resets too

@@ -84,7 +84,7 @@ def _check(argv) -> str:
     stage = zero_stage(ds)
     print(f"preflight: {args.world_size} rank(s) x micro_batch_size {cfg.micro_batch_size} x "
           f"{ds['gradient_accumulation_steps']} accumulation step(s) = global_batch_size {cfg.global_batch_size}; "
-          f"model {cfg.hf_model or cfg.model}, ZeRO stage {stage}, {total_steps} steps, data "
+          f"model {cfg.hf_model or cfg.warm_start_from or cfg.model}, ZeRO stage {stage}, {total_steps} steps, data "
           f"{cfg.data_dir or 'the built-in demo corpus'}, output_dir {cfg.output_dir}", file=sys.stderr)
     return cfg.output_dir
 

@@ -132,7 +132,8 @@ class CheckpointsMixin:
         # Every other setting a resume may change (total_steps, cycle_length, batch sizes, clipping, ...) takes
         # effect through the new config; all of them are named once here.
         changed = {k: f"{saved.get(k)} -> {v}" for k, v in cfg.to_dict().items()
-                   if k not in ("resume", "resume_from", "overwrite") and k in saved and saved[k] != v}
+                   if k not in ("resume", "resume_from", "overwrite") and k in saved and saved[k] != v
+                   and not (k == "model" and v is None)}  # older checkpoints of an HF model recorded the default
         if checkpoint_config.get("world_size", self.world) != self.world:
             changed["world_size"] = f"{checkpoint_config['world_size']} -> {self.world}"
         then, now = _flat(checkpoint_config.get("deepspeed", self.ds)), _flat(self.ds)

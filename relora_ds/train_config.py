@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from .model_config import PRESETS
+
 
 BUILTIN_VOCAB_SIZE = 2048
 
@@ -51,7 +53,8 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # Model
-    model: str = _f("tiny", "model preset (debug, tiny, 60m, 130m, 250m, 350m, 1b, 3b, 7b)")
+    model: str | None = _f("tiny", "model preset (debug, tiny, 60m, 130m, 250m, 350m, 1b, 3b, 7b); recorded as "
+                                   "None where hf_model or warm_start_from gives the model")
     hf_model: str | None = _f(None, "Hugging Face LLaMA, Qwen2 or Mistral directory to start from (continued "
                                     "pre-training); replaces --model")
     seq_len: int = _f(256, "tokens per training sequence (windows of seq_len+1 tokens are read)")
@@ -181,6 +184,15 @@ class TrainConfig:
             raise ValueError(f"give hf_model or warm_start_from, not both (each names the Hugging Face directory the "
                              f"run starts from; got hf_model={self.hf_model!r}, "
                              f"warm_start_from={self.warm_start_from!r})")
+        source = self.hf_model or self.warm_start_from
+        if source and self.model is not None:  # the directory's config.json is the model; the field records None
+            if self.model != TrainConfig.model:
+                warnings.warn(f"model={self.model!r} is ignored: {'hf_model' if self.hf_model else 'warm_start_from'}"
+                              f"={source!r} decides the model (its config.json)", ConfigWarning, stacklevel=3)
+            self.model = None
+        if not source and self.model is None:
+            raise ValueError("model=None needs hf_model or warm_start_from (a Hugging Face directory); else give a "
+                             f"preset: {', '.join(PRESETS)}")
         if self.warm_start_lr is not None and self.warm_start_lr <= 0:
             raise ValueError(f"warm_start_lr={self.warm_start_lr} must be positive")
         if self.warm_start_lr is not None and not self.warm_start_steps:  # (mode=full with steps: an error below)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from relora_ds.ds_config import complete_ds_config, load_ds_config
-from relora_ds.train_config import TrainConfig, build_launch_parser, build_parser, config_from_args
+from relora_ds.train_config import ConfigWarning, TrainConfig, build_launch_parser, build_parser, config_from_args
 
 BASE = dict(cycle_length=10, restart_warmup_steps=2, total_steps=100, micro_batch_size=2, global_batch_size=8)
 
@@ -97,11 +97,14 @@ def test_shipped_ds_configs_complete_cleanly():
     from launch_utils import ROOT
 
     shipped = sorted(p.stem for p in (ROOT / "ds_configs").glob("*.json"))
-    assert shipped == ["zero1", "zero2", "zero2_offload", "zero3", "zero3_offload"]  # README lists these
+    assert shipped == ["zero1", "zero2", "zero2_fp32", "zero2_offload", "zero3", "zero3_offload"]  # README lists these
+    readme = (ROOT / "README.md").read_text()
     for name in shipped:
+        assert f"`{name}`" in readme, name
         ds = complete_ds_config(load_ds_config(ROOT / f"ds_configs/{name}.json"), TrainConfig(**BASE), world_size=2)
         assert ds["zero_optimization"]["stage"] == int(name[4])
         assert ("offload_optimizer" in ds["zero_optimization"]) == name.endswith("offload")
+        assert ds["bf16"]["enabled"] == (name != "zero2_fp32")
         json.dumps(ds)
 
 
@@ -377,3 +380,21 @@ def test_model_preset_with_a_hugging_face_start_is_a_contradiction():
                                              r"config.json decides the model"):
             config_from_args(parser.parse_args(["--model", "60m", flag, "/x/hf", "--total-steps", "100",
                                                 "--cycle-length", "10"]))
+
+
+def test_a_hugging_face_start_records_no_preset(tmp_path):
+    """With hf_model or warm_start_from the directory's config.json is the model: the config records model=None
+    (the effective configuration, run_info.jsonl and checkpoints said "tiny", the default), a recipe's preset
+    beside a CLI --hf-model is named as ignored, and model=None without such a directory is an error."""
+    parser = build_parser(argparse.ArgumentParser())
+    base = ["--total-steps", "100", "--cycle-length", "10"]
+    assert config_from_args(parser.parse_args(["--hf-model", "/x/hf", *base])).model is None
+    assert config_from_args(parser.parse_args(["--warm-start-from", "/x/hf", *base])).model is None
+    assert config_from_args(parser.parse_args(base)).model == "tiny"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: 130m\n")
+    with pytest.warns(ConfigWarning, match=r"model='130m' is ignored: hf_model='/x/hf' decides the model"):
+        cfg = config_from_args(parser.parse_args(["--config", str(recipe), "--hf-model", "/x/hf", *base]))
+    assert cfg.model is None and TrainConfig(**cfg.to_dict()).model is None  # a saved config reads back
+    with pytest.raises(ValueError, match=r"model=None needs hf_model or warm_start_from .* debug, tiny, 60m"):
+        TrainConfig(model=None, total_steps=100, cycle_length=10)

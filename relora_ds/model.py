@@ -132,10 +132,9 @@ class Attention(nn.Module):
         if self._use_flash(q):
             from flash_attn import flash_attn_func  # (B, T, H, hd) layout, handles GQA itself
 
-            # window_size (left, right): keys i - left .. i + right, so left = window - 1 (-1: unbounded).
-            window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
-                                window_size=window)
+            # window_size (left, right), flash-attn >= 2.3: keys i - left .. i + right, so left = window - 1.
+            window = {} if self.sliding_window is None else {"window_size": (self.sliding_window - 1, 0)}
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **window)
         else:
             if self.n_kv_heads != self.n_heads:
                 rep = self.n_heads // self.n_kv_heads

@@ -217,9 +217,6 @@ class TrainConfig:
             warnings.warn(f"restart_warmup_steps={self.restart_warmup_steps} is longer than a cycle: each reset "
                           f"re-warms over the whole cycle (cycle_length={self.cycle_length})", ConfigWarning,
                           stacklevel=3)
-        if self.mode != "relora" and (self.cycle_length is not None or self.merge_every is not None):
-            warnings.warn(f"cycle_length={self.cycle_length} and merge_every={self.merge_every} are ignored: "
-                          f"mode={self.mode!r} has no merges or resets", ConfigWarning, stacklevel=3)
         if self.warm_start_steps and self.mode == "full":
             raise ValueError(f"warm_start_steps={self.warm_start_steps} only makes sense with mode=relora or "
                              "lora: mode=full trains full-rank throughout; set warm_start_steps to 0 "
@@ -261,6 +258,13 @@ class TrainConfig:
         if self.lowrank_schedule == "restart" and not (self.warm_start_steps and self.mode != "full"):
             ignored.append(("lowrank_schedule='restart'", "it restarts the schedule after an in-run warm start, "
                             f"and this run has none (warm_start_steps={self.warm_start_steps}, mode={self.mode!r})"))
+        if self.mode != "relora":  # e.g. a ReLoRA recipe run with --mode lora or full: each setting it gives
+            for name in ("cycle_length", "merge_every"):
+                if getattr(self, name) is not None:
+                    ignored.append((f"{name}={getattr(self, name)}", f"mode={self.mode!r} has no merges or resets"))
+            for name, default in (("prune_method", TrainConfig.prune_method), ("prune_ratio", TrainConfig.prune_ratio)):
+                if getattr(self, name) != default:
+                    ignored.append((f"{name}={getattr(self, name)!r}", f"mode={self.mode!r} has no optimizer resets"))
         if self.mode == "full":
             for name, default in (("rank", TrainConfig.rank), ("alpha", TrainConfig.alpha),
                                   ("target_modules", _FIELD_DEFAULTS["target_modules"]), ("dropout", 0.0),
@@ -273,6 +277,7 @@ class TrainConfig:
                                 "2 bytes per base parameter of host memory)"))
             if self.prune_joint:
                 ignored.append(("prune_joint=True", "mode='lora' has no optimizer resets"))
+
         if self.prune_method == "reset" and self.prune_ratio != TrainConfig.prune_ratio:
             ignored.append((f"prune_ratio={self.prune_ratio}", "prune_method='reset' zeroes the whole moments"))
         for setting, why in ignored:

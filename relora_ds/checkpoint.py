@@ -113,7 +113,8 @@ DEFAULTS_OF_OLDER_CHECKPOINTS = {"lowrank_schedule": "continue", "merge_residual
 # The same for the model config's fields from before the Qwen2/Mistral/LLaMA-3 options (head_dim: below).
 MODEL_DEFAULTS_OF_OLDER_CHECKPOINTS = {"model_type": "llama", "attention_bias": False, "qkv_bias": False,
                                        "mlp_bias": False, "tie_word_embeddings": False, "rope_scaling": None,
-                                       "sliding_window": None, "layer_types": None}
+                                       "sliding_window": None, "layer_types": None,
+                                       "qk_norm": False}
 
 
 def _model_with_older_defaults(model: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints of LLaMA, Qwen2 and Mistral: export (merged, plain weights) and load (continued
+"""Hugging Face checkpoints of LLaMA, Qwen2, Qwen3 and Mistral: export (merged, plain weights) and load (continued
 pre-training).
 
 Our module names equal Hugging Face's, so the state dict maps one to one; ReLoRA layers are merged into
@@ -19,13 +19,14 @@ from safetensors.torch import load_file, save_file
 
 from .data.tokenizer import open_tokenizer, tokenizer_difference
 from .model import LlamaForCausalLM
-from .model_config import MODEL_TYPES, LlamaConfig
+from .model_config import MODEL_TYPES, PER_LAYER_WINDOW, LlamaConfig
 from .relora import relora_layers
 
 _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta",
                 "initializer_range")
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "mistral": "MistralForCausalLM"}
 
 
 def hf_config_dict(config: LlamaConfig, dtype: torch.dtype, bos_token_id: int | None = 1,
@@ -49,17 +50,23 @@ def hf_config_dict(config: LlamaConfig, dtype: torch.dtype, bos_token_id: int | 
         out.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
     elif config.model_type == "mistral":  # written even when None: MistralConfig's default is 4096
         out["sliding_window"] = config.sliding_window
-    elif config.sliding_window is not None:  # qwen2 (its q/k/v biases are fixed by the architecture)
-        layers = config.layer_types or ["sliding_attention"] * config.num_hidden_layers
-        # max_window_layers for a transformers without layer_types: the first sliding layer, where all after it
-        # slide too (Qwen2's own pattern); layer_types says it exactly either way.
-        first = layers.index("sliding_attention")
-        out.update(use_sliding_window=True, sliding_window=config.sliding_window, layer_types=layers,
-                   max_window_layers=first if all(t == "sliding_attention" for t in layers[first:]) else
-                   config.num_hidden_layers)
-    else:
-        out["use_sliding_window"] = False
+    else:  # qwen2, qwen3 (Qwen2's q/k/v biases and Qwen3's q/k norms are fixed by the architecture)
+        if config.model_type == "qwen3":
+            out["attention_bias"] = config.attention_bias
+        out.update(_qwen_window(config))
     return out
+
+
+def _qwen_window(config: LlamaConfig) -> dict:
+    """Qwen2/Qwen3's window keys: layer_types (transformers 5) and max_window_layers (earlier: the first
+    sliding layer, where all after it slide too, Qwen's own pattern)."""
+    if config.sliding_window is None:
+        return {"use_sliding_window": False}
+    layers = config.layer_types or ["sliding_attention"] * config.num_hidden_layers
+    first = layers.index("sliding_attention")
+    suffix = all(t == "sliding_attention" for t in layers[first:])
+    return {"use_sliding_window": True, "sliding_window": config.sliding_window, "layer_types": layers,
+            "max_window_layers": first if suffix else config.num_hidden_layers}
 
 
 def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -94,7 +101,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
               tokenizer: str | Path | None = None, *, hf_tokenizer: bool = True,
               like: str | Path | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` in the Hugging Face format of the model's model_type
-    (LLaMA, Qwen2, Mistral); returns out_dir.
+    (LLaMA, Qwen2, Qwen3, Mistral); returns out_dir.
 
     `tokenizer`: the tokenizer the model was trained with (a data dir's ``tokenizer.model`` or
     ``tokenizer.json``). Its BOS/EOS ids go into the configs and its files are copied; a SentencePiece model's
@@ -296,7 +303,7 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
 
 
 def config_from_hf(hf: dict) -> LlamaConfig:
-    """Our config of a Hugging Face LLaMA, Qwen2 or Mistral ``config.json``: a ValueError names what the model
+    """Our config of a Hugging Face LLaMA, Qwen2, Qwen3 or Mistral ``config.json``: a ValueError names what the model
     here would not compute as transformers does (another architecture or activation, a RoPE type it does
     not implement)."""
     model_type = hf.get("model_type", "llama")
@@ -316,6 +323,8 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     kw = {k: hf[k] for k in _CONFIG_KEYS if k in hf and k != "rope_theta"}
     if model_type == "llama":  # Qwen2's q/k/v biases are fixed (qkv_bias follows model_type); Mistral has none
         kw.update({k: bool(hf[k]) for k in ("attention_bias", "mlp_bias") if k in hf})
+    if model_type == "qwen3" and "attention_bias" in hf:  # its q/k norms follow model_type
+        kw["attention_bias"] = bool(hf["attention_bias"])
     return LlamaConfig(model_type=model_type, rope_theta=float(theta), rope_scaling=rope or None,
                        head_dim=hf.get("head_dim"), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                        **_sliding_window(hf), **kw)
@@ -327,7 +336,7 @@ def _sliding_window(hf: dict) -> dict:
     layer_types, else the layers from max_window_layers on, as Qwen2Config derives them)."""
     if hf.get("model_type") == "mistral":  # MistralForCausalLM ignores layer_types, as here
         return {"sliding_window": hf.get("sliding_window", 4096)}
-    if hf.get("model_type") == "qwen2" and hf.get("use_sliding_window"):
+    if hf.get("model_type") in PER_LAYER_WINDOW and hf.get("use_sliding_window"):
         layers = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else
                                            "full_attention" for i in range(hf.get("num_hidden_layers", 0))]
         if "sliding_attention" in layers:
@@ -337,7 +346,7 @@ def _sliding_window(hf: dict) -> dict:
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A ``LlamaForCausalLM`` from a Hugging Face LLaMA, Qwen2 or Mistral directory (safetensors, single or
+    """A ``LlamaForCausalLM`` from a Hugging Face LLaMA, Qwen2, Qwen3 or Mistral directory (safetensors, single or
     sharded). A tied model's lm_head is its embedding, whether the file stores lm_head.weight or not."""
     path = Path(path)
     if not (path / "config.json").is_file():

@@ -1,5 +1,5 @@
 """LLaMA-style decoder in plain PyTorch (the paper's architecture, numerically Hugging Face's LlamaForCausalLM,
-and Qwen2ForCausalLM / MistralForCausalLM, which differ only in configuration).
+and Qwen2ForCausalLM / Qwen3ForCausalLM / MistralForCausalLM, which differ only in configuration).
 
 Pre-norm RMSNorm, SwiGLU MLP, rotary position embeddings (optionally "linear" or "llama3" scaled), causal
 attention through torch SDPA (or flash-attn when installed), optionally within a sliding window. The presets
@@ -122,11 +122,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_bias)
+        if config.qk_norm:  # Qwen3: each head of q and k normalized (one weight of head_dim), before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self._use_flash(q):

@@ -1,6 +1,6 @@
 """LLaMA model configuration with the paper's named sizes (ReLoRA, arXiv 2307.05695, Table 2), and the
 options of the LLaMA-shaped Hugging Face families continued pre-training starts from (LLaMA-3.x, Qwen2,
-Mistral): explicit head_dim, biases, tied embeddings, RoPE scaling."""
+Qwen3, Mistral): explicit head_dim, biases, q/k norms, tied embeddings, RoPE scaling, sliding windows."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 # The Hugging Face architectures this decoder reproduces exactly. They differ only in what their configs
 # can express: LLaMA's attention_bias (q, k, v, o) and mlp_bias, Qwen2's fixed q/k/v biases and per-layer
-# sliding window, Mistral's sliding window.
-MODEL_TYPES = ("llama", "qwen2", "mistral")
+# sliding window, Qwen3's per-head RMSNorm of q and k (and Qwen2's window), Mistral's sliding window.
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+# The model types whose config can put the sliding window on some layers only (layer_types).
+PER_LAYER_WINDOW = ("qwen2", "qwen3")
 # RoPE types whose frequencies relora_ds computes as transformers' modeling_rope_utils does, with the keys each
 # needs. Dynamic NTK, YaRN and LongRoPE change the frequencies with the sequence length or scale the
 # attention, and are refused.
@@ -57,6 +59,9 @@ class LlamaConfig:
     model_type's own (True for qwen2, else False)."""
     mlp_bias: bool = False
     """Biases on gate_proj, up_proj and down_proj (LLaMA's mlp_bias)."""
+    qk_norm: bool | None = None
+    """RMSNorm over each head of q and k before RoPE (Qwen3's q_norm, k_norm; weights trained full-rank);
+    None means the model_type's own (True for qwen3, else False)."""
     tie_word_embeddings: bool = False
     """lm_head's weight is the input embedding itself (LLaMA-3.2-1B/3B, small Qwen2): one parameter, trained
     full-rank."""
@@ -64,11 +69,11 @@ class LlamaConfig:
     """RoPE frequency scaling as in Hugging Face configs, e.g. ``{"rope_type": "linear", "factor": 4.0}`` or
     LLaMA-3.1's "llama3" (ROPE_TYPES); None is plain RoPE."""
     sliding_window: int | None = None
-    """Attention window (Mistral; Qwen2 with use_sliding_window) in tokens a query sees, itself included: a
+    """Attention window (Mistral; Qwen2/Qwen3 with use_sliding_window) in tokens a query sees, itself included: a
     query at position i attends keys j with i - window < j <= i, as transformers masks it. None: full causal."""
     layer_types: list[str] | None = None
     """Which layers the window applies to, one per layer as transformers' layer_types: "sliding_attention" or
-    "full_attention" (Qwen2 slides only from max_window_layers on). None: every layer (Mistral)."""
+    "full_attention" (Qwen2/Qwen3 slide only from max_window_layers on). None: every layer (Mistral)."""
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -94,6 +99,8 @@ class LlamaConfig:
             raise ValueError(f"model_type={self.model_type!r} is not supported; valid: {', '.join(MODEL_TYPES)}")
         if self.qkv_bias is None:
             self.qkv_bias = self.model_type == "qwen2"
+        if self.qk_norm is None:
+            self.qk_norm = self.model_type == "qwen3"
         self._check_expressible()
         self.rope_scaling = _checked_rope_scaling(self.rope_scaling)
         if self.sliding_window is not None and int(self.sliding_window) <= 0:
@@ -111,8 +118,8 @@ class LlamaConfig:
         if self.sliding_window is None and "sliding_attention" in self.layer_types:
             raise ValueError("layer_types names sliding_attention layers but sliding_window is None: give the "
                              "window's length in tokens")
-        if self.model_type != "qwen2":
-            raise ValueError(f"layer_types (a window on some layers only) is a Qwen2 option; model_type="
+        if self.model_type not in PER_LAYER_WINDOW:
+            raise ValueError(f"layer_types (a window on some layers only) is a Qwen2/Qwen3 option; model_type="
                              f"{self.model_type!r} applies sliding_window to every layer: use layer_types=None")
 
     def window_of(self, layer: int) -> int | None:
@@ -124,16 +131,17 @@ class LlamaConfig:
     def _check_expressible(self) -> None:
         """The biases and window must be ones the model_type's Hugging Face config can say, or the export
         would load in transformers as another model."""
-        need = {"llama": dict(qkv_bias=False),  # attention_bias and mlp_bias: either
-                "qwen2": dict(qkv_bias=True, attention_bias=False, mlp_bias=False),
-                "mistral": dict(qkv_bias=False, attention_bias=False, mlp_bias=False)}[self.model_type]
+        need = {"llama": dict(qkv_bias=False, qk_norm=False),  # attention_bias and mlp_bias: either
+                "qwen2": dict(qkv_bias=True, attention_bias=False, mlp_bias=False, qk_norm=False),
+                "qwen3": dict(qkv_bias=False, mlp_bias=False, qk_norm=True),  # attention_bias: either
+                "mistral": dict(qkv_bias=False, attention_bias=False, mlp_bias=False, qk_norm=False)}[self.model_type]
         wrong = {k: getattr(self, k) for k, v in need.items() if bool(getattr(self, k)) != v}
         if wrong:
             raise ValueError(f"model_type={self.model_type!r} cannot have {wrong}: its Hugging Face architecture "
                              f"fixes {need}")
         if self.sliding_window is not None and self.model_type == "llama":
-            raise ValueError("sliding_window is a Mistral/Qwen2 option that LLaMA's Hugging Face config lacks: use "
-                             "model_type 'mistral' or 'qwen2', or sliding_window=None")
+            raise ValueError("sliding_window is a Mistral/Qwen2/Qwen3 option that LLaMA's Hugging Face config lacks: "
+                             "use model_type 'mistral', 'qwen2' or 'qwen3', or sliding_window=None")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LlamaConfig":

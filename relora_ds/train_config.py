@@ -55,7 +55,7 @@ class TrainConfig:
     # Model
     model: str | None = _f("tiny", "model preset (debug, tiny, 60m, 130m, 250m, 350m, 1b, 3b, 7b); recorded as "
                                    "None where hf_model or warm_start_from gives the model")
-    hf_model: str | None = _f(None, "Hugging Face LLaMA, Qwen2 or Mistral directory to start from (continued "
+    hf_model: str | None = _f(None, "Hugging Face LLaMA, Qwen2, Qwen3 or Mistral directory to start from (continued "
                                     "pre-training); replaces --model")
     seq_len: int = _f(256, "tokens per training sequence (windows of seq_len+1 tokens are read)")
     # ReLoRA

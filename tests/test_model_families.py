@@ -1,7 +1,8 @@
-"""Continued pre-training of LLaMA-3.x, Qwen2 and Mistral checkpoints: our model loaded from a tiny
+"""Continued pre-training of LLaMA-3.x, Qwen2, Qwen3 and Mistral checkpoints: our model loaded from a tiny
 transformers-made checkpoint (random weights, fp32) against transformers' own LlamaForCausalLM,
-Qwen2ForCausalLM and MistralForCausalLM (the oracle), for each option (tied embeddings, biases, explicit
-head_dim, "linear" and "llama3" RoPE scaling, sliding windows), and the export back; then what stays refused."""
+Qwen2ForCausalLM, Qwen3ForCausalLM and MistralForCausalLM (the oracle), for each option (tied embeddings,
+biases, explicit head_dim, q/k norms, "linear" and "llama3" RoPE scaling, sliding windows), and the export
+back; then what stays refused."""
 import copy
 import json
 
@@ -30,6 +31,11 @@ FAMILIES = {
     "qwen2-tied": (transformers.Qwen2Config, dict(tie_word_embeddings=True, rope_theta=1e6)),
     # Qwen2 with a 16-token window on its second layer only, shorter than the test's 48-token sequences.
     "qwen2-window": (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+    # Qwen3-0.6B/1.7B: per-head q/k RMSNorm, head_dim 128-style (here 24, not 64 / 4), tied, no biases.
+    "qwen3-tied": (transformers.Qwen3Config, dict(tie_word_embeddings=True, head_dim=24, rope_theta=1e6)),
+    # Qwen3 with attention biases and a 16-token window on its second layer.
+    "qwen3-bias-window": (transformers.Qwen3Config, dict(attention_bias=True, use_sliding_window=True,
+                                                         sliding_window=16, max_window_layers=1)),
     # Mistral-Nemo: head_dim given (32 where 64 / 4 = 16), sliding_window null.
     "mistral-nemo": (transformers.MistralConfig, dict(head_dim=32, sliding_window=None)),
     # Mistral-7B-v0.1: a window on every layer (its 4096 here 16 tokens), shorter than the sequences.
@@ -173,7 +179,7 @@ def test_load_state_dict_of_a_tied_model_with_or_without_lm_head():
     assert torch.equal(model.lm_head.weight, src.model.embed_tokens.weight)
 
 
-@pytest.mark.parametrize("family", ["mistral-window", "qwen2-window"])
+@pytest.mark.parametrize("family", ["mistral-window", "qwen2-window", "qwen3-bias-window"])
 def test_sliding_window_past_its_length_equals_transformers_forward_and_backward(tmp_path, family):
     """Sequences three times the window: logits and the embedding's gradient equal transformers' (whose
     mask lets query i see keys i-15..i), where full causal attention would differ; Qwen2's window only on the
@@ -184,6 +190,7 @@ def test_sliding_window_past_its_length_equals_transformers_forward_and_backward
     ours = relora_ds.load_hf(tmp_path)
     assert ours.config.sliding_window == 16
     assert ours.config.layer_types == (None if family == "mistral-window" else ["full_attention", "sliding_attention"])
+    assert ours.config.qk_norm == family.startswith("qwen3")
     x = torch.randint(0, SHAPE["vocab_size"], (2, 48))
     losses = []
     for model in (ours, theirs):
@@ -194,13 +201,17 @@ def test_sliding_window_past_its_length_equals_transformers_forward_and_backward
     assert losses[0][0] == pytest.approx(losses[1][0], abs=1e-5)
     torch.testing.assert_close(losses[0][1], losses[1][1], atol=1e-6, rtol=1e-4)
     windowed = _logits(ours, x)
+    agree = (windowed - _logits(theirs, x)).abs().max().item()  # ours vs transformers: rounding only
     controls = [{"sliding_window": None, "layer_types": None}]  # full causal attention
-    if family == "qwen2-window":
+    if family != "mistral-window":
         controls.append({"layer_types": None})  # the window on every layer
     for other in controls:
         changed = LlamaForCausalLM(LlamaConfig(**{**ours.config.to_dict(), **other})).eval()
         changed.load_state_dict(ours.state_dict())
-        assert not torch.allclose(_logits(changed, x)[:, 16:], windowed[:, 16:], atol=1e-3), other
+        # Past the window the logits move 100x more than ours and transformers' differ (Qwen3's normed q/k
+        # make the random model's attention flat: there the window moves them least, 1.4e-4).
+        moved = (_logits(changed, x)[:, 16:] - windowed[:, 16:]).abs().max().item()
+        assert moved > 100 * max(agree, 1e-7), (other, moved, agree)
         torch.testing.assert_close(_logits(changed, x)[:, :16], windowed[:, :16], atol=1e-5, rtol=0)
     from relora_ds.startup import check_model_and_data
     from relora_ds.train_config import TrainConfig
@@ -231,18 +242,20 @@ def test_qwen2_window_layers_map_both_ways():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (dict(model_type="gpt2"), r"model_type='gpt2' is not supported; valid: llama, qwen2, mistral"),
+    (dict(model_type="gpt2"), r"model_type='gpt2' is not supported; valid: llama, qwen2, qwen3, mistral"),
     (dict(model_type="qwen2", mlp_bias=True), r"model_type='qwen2' cannot have \{'mlp_bias': True\}"),
     (dict(model_type="qwen2", qkv_bias=False), r"model_type='qwen2' cannot have \{'qkv_bias': False\}"),
     (dict(model_type="mistral", attention_bias=True), r"model_type='mistral' cannot have \{'attention_bias': True\}"),
     (dict(qkv_bias=True), r"model_type='llama' cannot have \{'qkv_bias': True\}"),
-    (dict(sliding_window=64), r"sliding_window is a Mistral/Qwen2 option"),
+    (dict(sliding_window=64), r"sliding_window is a Mistral/Qwen2/Qwen3 option"),
+    (dict(qk_norm=True), r"model_type='llama' cannot have \{'qk_norm': True\}"),
+    (dict(model_type="qwen3", qk_norm=False), r"model_type='qwen3' cannot have \{'qk_norm': False\}"),
     (dict(model_type="qwen2", sliding_window=8, layer_types=["sliding_attention"]),
      r"layer_types must give one of \('sliding_attention', 'full_attention'\) for each of the 2 layers"),
     (dict(model_type="qwen2", layer_types=["sliding_attention", "full_attention"]),
      r"layer_types names sliding_attention layers but sliding_window is None"),
     (dict(model_type="mistral", sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
-     r"layer_types \(a window on some layers only\) is a Qwen2 option; model_type='mistral'"),
+     r"layer_types \(a window on some layers only\) is a Qwen2/Qwen3 option; model_type='mistral'"),
     (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0]}),
      r"rope scaling 'longrope' is not supported; valid rope types: 'default' \(plain RoPE\), 'linear', 'llama3'"),
     (dict(rope_scaling={"rope_type": "linear"}), r"rope_scaling of type 'linear' lacks \['factor'\]"),
@@ -268,7 +281,7 @@ def _hf_dir(tmp_path, family):
 def _export_equals_the_checkpoints_model(run_dir, source):
     """The trainer's export (hf/), loaded by transformers as the source's class, gives the logits of our model
     rebuilt from the last checkpoint (ReLoRA layers unmerged); the tie held, and training moved the shared
-    weight and the biases away from the source's."""
+    weight, the biases and Qwen3's q/k norms away from the source's."""
     from relora_ds import checkpoint
 
     saved = checkpoint.load_config(run_dir / "checkpoints", "step_12")
@@ -282,7 +295,7 @@ def _export_equals_the_checkpoints_model(run_dir, source):
     x = torch.randint(0, 512, (2, 33))
     torch.testing.assert_close(_logits(exported, x), _logits(ours.eval(), x), atol=1e-5, rtol=0)
     moved = {n: (p - start.state_dict()[n]).abs().max().item() for n, p in exported.state_dict().items()
-             if n == "model.embed_tokens.weight" or n.endswith(".bias")}
+             if n == "model.embed_tokens.weight" or n.endswith((".bias", "q_norm.weight", "k_norm.weight"))}
     assert moved and all(m > 1e-3 for m in moved.values()), moved
 
 
@@ -345,10 +358,11 @@ def test_trainer_on_a_tied_llama_zero3_two_ranks_and_universal_resume(tmp_path, 
         assert resumed[step] == pytest.approx(two[step], rel=2e-5, abs=2e-5), step
 
 
-def test_trainer_on_a_tied_qwen2_trains_its_biases_and_exports_a_qwen2(tmp_path, small_data_dir):
+@pytest.mark.parametrize("family", ["qwen2-tied", "qwen3-tied"])
+def test_trainer_on_a_tied_qwen_trains_its_biases_and_norms_and_exports_its_class(tmp_path, small_data_dir, family):
     from trainer_utils import train1
 
-    source = _hf_dir(tmp_path, "qwen2-tied")
+    source = _hf_dir(tmp_path, family)
     train1(tmp_path, small_data_dir, hf_model=source, export=True)
     _export_equals_the_checkpoints_model(tmp_path / "run", source)
 

@@ -168,7 +168,7 @@ def test_exported_tokenizer_other_sentencepiece_models(tmp_path):
                                                              r"'original_max_position_embeddings'\]"),
     ("partial_rotary_factor", 0.5, "partial_rotary_factor=0.5 is not supported"),
     ("hidden_act", "gelu", "hidden_act='gelu'"),
-    ("model_type", "gemma", "model_type='gemma' is not supported; valid: llama, qwen2, mistral"),
+    ("model_type", "gemma", "model_type='gemma' is not supported; valid: llama, qwen2, qwen3, mistral"),
     ("head_dim", 15, "head_dim must be a positive even integer .*got 15"),
 ])
 def test_hf_configs_we_cannot_reproduce_are_refused(field, value, match):

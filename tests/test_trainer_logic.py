@@ -196,32 +196,6 @@ def test_run_info_records_what_the_run_ran_on(tmp_path):
     assert [r["resume_step"] for r in lines] == [None, 8] and lines[0]["versions"] == env["versions"]
 
 
-def test_progress_line_for_log_files():
-    """Without a terminal (a SLURM .out file) each metrics record becomes one plain line; the time left is
-    the remaining steps at this process's pace so far (hand-computed: 90 s for 30 steps, 60 left -> 180 s)."""
-    from relora_ds.metrics import progress_line
-
-    rec = {"step": 40, "loss": 3.14159, "lr": 1e-3, "tokens_per_s": 12345.6, "tflops_per_gpu": 101.25, "mfu": 0.4321}
-    line = progress_line(rec, total_steps=100, elapsed_s=90.0, steps_done=30, cycle={"cycle": "2/5", "in_cycle": "7/10"})
-    assert line == ("step 40/100 | loss 3.1416 | lr 1.000e-03 | 12,346 tok/s | 101.2 TFLOP/s/GPU | MFU 43.2% | "
-                    "cycle 2/5 step 7/10 | elapsed 0:01:30 | left ~0:03:00")
-
-
-@pytest.mark.parametrize("step, want", [
-    (100, {}),  # the last warm-start step
-    (101, {"cycle": "1/3", "in_cycle": "1/100"}),
-    (200, {"cycle": "1/3", "in_cycle": "100/100"}),  # the step whose reset closes cycle 1
-    (201, {"cycle": "2/3", "in_cycle": "1/100"}),
-    (350, {"cycle": "3/3", "in_cycle": "50/100"}),  # the last, cut short: 250 low-rank steps are 3 cycles
-])
-def test_cycle_position_of_the_step_just_done(step, want):
-    """Hand-counted for a 100-step warm start, cycles of 100, 350 steps: step 200 ends cycle 1 (the old
-    count showed it as cycle 2's step 0, clamped to 1/1 at a run's last reset)."""
-    from relora_ds.metrics import cycle_position
-
-    assert cycle_position(step, relora_start=100, cycle_length=100, total_steps=350) == want
-
-
 def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(monkeypatch):
     """Trainer.evaluate on a stub engine whose loss is a batch's mean of known per-window values: 10 windows
     in micro-batches of 4 on 2 ranks (rank 0: windows 0-3 and 8-9, rank 1: 4-7 and an empty batch, which

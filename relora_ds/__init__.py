@@ -1,4 +1,5 @@
 """relora_ds: ReLoRA (Lialin et al., ICLR 2024) pre-training on DeepSpeed ZeRO with Triton kernels."""
+from .ds_patches import patch_deepspeed_nvme
 from .hf import export_hf, load_hf
 from .merge import merge_and_reinit
 from .model import CausalLMOutput, LlamaForCausalLM
@@ -10,5 +11,5 @@ from .schedule import build_scheduler, cosine_with_warmup, jagged_cosine, linear
 __all__ = [
     "CausalLMOutput", "LlamaConfig", "LlamaForCausalLM", "PRESETS", "ReLoRALinear", "build_scheduler",
     "cosine_with_warmup", "export_hf", "jagged_cosine", "linear_with_warmup", "load_hf", "lora_parameters",
-    "merge_and_reinit", "prune_optimizer_state", "relora_layers", "unwrap", "wrap",
+    "merge_and_reinit", "patch_deepspeed_nvme", "prune_optimizer_state", "relora_layers", "unwrap", "wrap",
 ]

@@ -284,6 +284,11 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                              f"ZeRO stage 3, and this config is stage {stage}: DeepSpeed would keep the parameters "
                              "on the accelerator without a word. Use stage 3 (ds_configs/zero3_offload.json) or "
                              "remove offload_param")
+        optimizer = zero.get("offload_optimizer")
+        if isinstance(optimizer, dict) and optimizer.get("device") == "nvme":
+            raise ValueError(f"{source}: zero_optimization.offload_optimizer (device 'nvme') swaps to NVMe only at "
+                             f"ZeRO stage 3; at stage {stage} DeepSpeed keeps the optimizer in host memory as with "
+                             "'cpu', without a word: use device 'cpu'")
         only3 = sorted(k for k in zero if k.startswith("stage3_"))
         if only3:
             warnings.warn(f"{source}: {', '.join(only3)} act only at ZeRO stage 3; this config is stage {stage}, "
@@ -300,6 +305,12 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
     for key in ds.get("data_types", {}) if isinstance(ds.get("data_types"), dict) else ():
         if key != GRAD_ACCUM_DTYPE:  # the one key DeepSpeed 0.19 reads there (and relora_ds relies on)
             _unknown(f"{source}: data_types: key", key, {GRAD_ACCUM_DTYPE: None})
+    if isinstance(ds.get("aio"), dict):  # DeepSpeed's get_aio_config reads the keys of AIO_DEFAULT_DICT only
+        from deepspeed.runtime.swap_tensor.aio_config import AIO_DEFAULT_DICT
+
+        for key in ds["aio"]:
+            if key not in AIO_DEFAULT_DICT:
+                _unknown(f"{source}: aio: key", key, AIO_DEFAULT_DICT, hint=" (DeepSpeed would silently ignore it)")
     _check_optimizer(ds, source)
     if uses_bf16(ds) and uses_fp16(ds):  # after the sections' keys are checked: these parse them
         raise ValueError(f"{source} enables both bf16 and fp16: enable one (bf16 on GPUs that have it)")

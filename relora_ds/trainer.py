@@ -45,7 +45,7 @@ from .prune import prune_optimizer_state
 from .relora import lora_parameters, wrap
 from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
-    check_offload_on_device, check_output_dir, check_precision_on_device, lock_output_dir, total_steps_for, \
+    check_offload, check_output_dir, check_precision_on_device, lock_output_dir, total_steps_for, \
     train_data_record, unlock_output_dir
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import offloaded
@@ -79,7 +79,7 @@ class Trainer(CheckpointsMixin):
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
         with self._warnings_on_rank_zero():
             check_precision_on_device(self.ds, get_accelerator())
-        check_offload_on_device(self.ds, get_accelerator())
+        check_offload(self.ds)
         self.fp16 = uses_fp16(self.ds)
         if cfg.merge_residual and cfg.mode == "relora" and not (uses_bf16(self.ds) or self.fp16) and self.rank == 0:
             warnings.warn("merge_residual=True is ignored: the weights are fp32 (no bf16/fp16 in the DeepSpeed "

@@ -4,4 +4,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source scripts/setup_env.sh
+# DeepSpeed's async_io op, which NVMe offload runs on (tests/test_nvme_offload.py), builds against libaio.
+if [ ! -f /usr/include/libaio.h ] && command -v apt-get >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -q libaio-dev >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null 2>&1 && $sudo apt-get install -y -q libaio-dev >/dev/null 2>&1; } \
+    || echo "scripts/test.sh: could not install libaio-dev; tests/test_nvme_offload.py will fail" >&2
+fi
 python -m pytest -q -rs tests "$@"

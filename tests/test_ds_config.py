@@ -29,6 +29,8 @@ BF16_FP32_ACCUM = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype":
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"devise": "cpu"}}},
      r"zero_optimization.offload_optimizer: key 'devise' is unknown; did you mean 'device'\?.* 'nvme_path'"),
     ({"bf16": {"enabled": True, "immediate_grad_updates": True}}, r"did you mean 'immediate_grad_update'\?"),
+    ({"aio": {"thread_count": 2}},  # the name before DeepSpeed 0.15; 0.19's get_aio_config ignores it
+     r"aio: key 'thread_count' is unknown \(DeepSpeed would silently ignore it\); valid keys: .*'intra_op_parallelism'"),
     ({"fp16": {"enable": True}}, r"fp16: key 'enable' is unknown; did you mean 'enabled'\?"),
     ({"no_such_setting": 1}, r"top-level key 'no_such_setting' is unknown .*; valid keys: \[.*'zero_optimization'"),
     ({"seed": 1}, r"'seed' is not a DeepSpeed key but a recipe setting: set it in the recipe \(or --seed\)"),
@@ -267,7 +269,7 @@ def test_amsgrad_is_refused_for_relora():
 
 def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
     """From a test-drive: each of these trained without a word (offload_param at stage 2: parameters stayed on
-    the accelerator), or failed later with a DeepSpeed traceback (bf16 with fp16; load_universal in the JSON
+    the accelerator; offload_optimizer to nvme at stage 2: the optimizer stayed in host memory), or failed later with a DeepSpeed traceback (bf16 with fp16; load_universal in the JSON
     broke the next plain resume)."""
     import warnings
 
@@ -277,6 +279,9 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
            ({"checkpoint": {"load_universal": True}}, "checkpoint.load_universal is set by the trainer itself"),
            ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
             r"offload_param \(device 'cpu'\) acts only at ZeRO stage 3, and this config is stage 2"),
+           # stage_1_and_2.py: any offload_optimizer device but none sets cpu_offload; no swapper exists there
+           ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}},
+            r"offload_optimizer \(device 'nvme'\) swaps to NVMe only at ZeRO stage 3; at stage 2 DeepSpeed keeps"),
            ({"zero_optimization": {"stage": 2}, "gradient_predivide_factor": 2.0},
             "gradient_predivide_factor are not supported by DeepSpeed at ZeRO stage 2 with reduce_scatter"),
            ({"zero_optimization": {"stage": 3}, "prescale_gradients": True}, "at ZeRO stage 3 with reduce_scatter")]
@@ -294,26 +299,19 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
                             "checkpoint": {"tag_validation": "Warn"}}, TrainConfig(**BASE), world_size=2)
 
 
-def test_nvme_offload_without_async_io_is_named_before_any_engine():
-    """DeepSpeed's async_io op (libaio) is what NVMe offload runs on; where it cannot be built the engine
-    failed with a traceback on every rank. Oracle: DeepSpeed's own builder says whether it can."""
-    from types import SimpleNamespace
+def test_nvme_offload_is_refused_before_any_engine():
+    """NVMe offload trains (tests/test_nvme_offload.py) but DeepSpeed 0.19.8 cannot resume it: the trainer
+    refuses it at start-up, for either offload section, naming host offload; host offload passes."""
+    from launch_utils import ROOT
 
-    from relora_ds.startup import check_offload_on_device
+    from relora_ds.startup import check_offload
 
-    ds = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp/x"}}}
-    builder = lambda ok: SimpleNamespace(create_op_builder=lambda name: SimpleNamespace(  # noqa: E731
-        is_compatible=lambda verbose=False: ok))
-    with pytest.raises(ValueError, match=r"offload_param offloads to nvme, which needs DeepSpeed's async_io op"):
-        check_offload_on_device(ds, builder(False))
-    check_offload_on_device(ds, builder(True))
-    check_offload_on_device({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, builder(False))
-    from deepspeed.accelerator import get_accelerator
-
-    real = get_accelerator().create_op_builder("AsyncIOBuilder")
-    if real is None or not real.is_compatible(verbose=False):  # this machine: named, not a traceback
-        with pytest.raises(ValueError, match="async_io"):
-            check_offload_on_device(ds, get_accelerator())
+    for key in ("offload_param", "offload_optimizer"):
+        with pytest.raises(ValueError, match=rf"zero_optimization.{key} offloads to nvme, whose checkpoints DeepSpeed "
+                                             r"0.19.8 does not restore.*ds_configs/zero3_offload.json"):
+            check_offload({"zero_optimization": {"stage": 3, key: {"device": "nvme", "nvme_path": "/tmp"}}})
+    check_offload(load_ds_config(ROOT / "ds_configs/zero3_offload.json"))
+    check_offload({"zero_optimization": {"stage": 3}})
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_named_with_the_fp32_config(monkeypatch):

@@ -1,0 +1,93 @@
+"""Two fixes for DeepSpeed 0.19's NVMe offload (ZeRO-Infinity): call ``patch_deepspeed_nvme()`` before
+``deepspeed.initialize``. With both, the optimizer and the parameters on NVMe train and reset bit for bit as
+with host offload (tests/test_nvme_offload.py). The trainer still refuses NVMe offload: DeepSpeed's
+checkpoints do not restore it (relora_ds/startup.py ``check_offload``).
+
+1. The optimizer offloaded to NVMe trains on wrong gradients without a word.
+
+ZeRO-3 with ``offload_optimizer.device = "nvme"`` swaps each sub-group's fp32 gradient partition to files,
+one piece per parameter, and reads the pieces back into a pinned buffer at each parameter's offset in the
+partition (``gradient_tensor.narrow(0, offset, length)``). DeepSpeed's async_io op reads and writes with
+O_DIRECT, which needs the buffer address aligned (512 bytes on ext4): into a buffer at another address the
+read does nothing and still reports success, and a write from one leaves an empty file. A parameter's offset
+is a sum of the numels before it in the partition (a bias of 2751, a LoRA factor of 5461 x 128, a split of
+an odd numel across ranks), so every later gradient piece is one of these: the optimizer steps on whatever
+the buffer held before (measured: 4 Linear layers of 2751 x 1024 in fp32 and bf16, one and two ranks:
+3 of the 4 weights' gradients wrong, the loss after one step 0.0016-0.0024 against 0.00067 with the
+optimizer offloaded to host memory; the `cpu` and `none` runs agree bit for bit).
+
+The fix splits each gradient where DeepSpeed already splits one whose length is misaligned
+(``OptimizerSwapper._adjust_for_misaligned_lengths``), and also at the first aligned offset inside it:
+a head and a tail of fewer than ``numel_alignment`` (256 fp32) elements stay in host memory as DeepSpeed's
+"unswapped" gradient pieces, and the middle, now at an aligned offset and length, is swapped as before.
+Every read and write of a gradient piece then uses an aligned address, in the partitioned and the
+pipelined swappers alike.
+
+2. The parameters offloaded to NVMe stop the second step with ``AssertionError: param N already assigned
+swap buffer id M``. The parameter coordinator's trace lists each parameter twice, once for the forward and
+once for the backward, and ``__prefetch_nvme_param_partitions`` queues every entry of the prefetch window whose
+partition is on disk, so a parameter of the last layer (used at the end of the forward and the start of the
+backward) is queued twice and given two buffers. The fix queues each parameter once. (Setting
+``stage3_prefetch_bucket_size`` to 0 also avoids it, by giving up every prefetch.)
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _aligned_gradient_pieces(self, tensors: list[torch.Tensor], offsets: list[int]):
+    """Pieces of each swappable gradient that start at an offset that is a multiple of
+    ``self.numel_alignment`` wherever they are long enough to be swapped; replaces DeepSpeed's
+    ``_adjust_for_misaligned_lengths``, which aligned only the length."""
+    align = self.numel_alignment
+    out_tensors, out_offsets = [], []
+    for tensor, offset in zip(tensors, offsets):
+        n = tensor.numel()
+        if not self.is_swappable_tensor(tensor=tensor):
+            out_tensors.append(tensor)
+            out_offsets.append(offset)
+            continue
+        head = min((-offset) % align, n)
+        body = (n - head) // align * align
+        for start, length in ((0, head), (head, body), (head + body, n - head - body)):
+            if length:
+                out_tensors.append(tensor.narrow(0, start, length))
+                out_offsets.append(offset + start)
+    return out_tensors, out_offsets
+
+
+def _prefetch_nvme_param_partitions_once(self) -> None:
+    """DeepSpeed's ``PartitionedParameterCoordinator.__prefetch_nvme_param_partitions`` (0.19.8) with each
+    parameter queued for swap-in at most once."""
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+
+    if not self.is_complete_trace():
+        return
+    own = "_PartitionedParameterCoordinator__"  # the class's private (name-mangled) attributes
+    numel_in_flight = sum(param.ds_numel for param in getattr(self, own + "inflight_param_registry"))
+    numel_considered, swap_in, queued = 0, [], set()
+    for param_in_trace in getattr(self, own + "param_queue"):
+        param = param_in_trace.param
+        if param.nvme_swapper is None:
+            continue
+        if numel_considered > 2 * numel_in_flight or len(swap_in) >= param.nvme_swapper.available_swap_in_buffers():
+            break
+        if param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE and param.ds_id not in queued:
+            swap_in.append(param)
+            queued.add(param.ds_id)
+        numel_considered += param.ds_numel
+    if swap_in:
+        swap_in[0].nvme_swapper.swap_in(swap_in, async_op=True)
+
+
+def patch_deepspeed_nvme() -> bool:
+    """Install both fixes (idempotent); False where DeepSpeed is not installed."""
+    try:
+        from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    except ImportError:  # no DeepSpeed: nothing to patch
+        return False
+    OptimizerSwapper._adjust_for_misaligned_lengths = _aligned_gradient_pieces
+    PartitionedParameterCoordinator._PartitionedParameterCoordinator__prefetch_nvme_param_partitions = \
+        _prefetch_nvme_param_partitions_once
+    return True

@@ -1,0 +1,172 @@
+"""2-rank worker for tests/test_nvme_offload.py: ZeRO-3 with the optimizer and the parameters swapped to
+NVMe files (ZeRO-Infinity) against the same run with both in host memory, through a ReLoRA reset.
+
+Each mode trains the same model from the same seed: 3 steps, a reset (prune 90% of the LoRA moments, merge
+and re-initialize), 2 more steps, and records per rank the losses and digests of what each rank gathers:
+the fp32 masters, the LoRA moments and the frozen base weights. Modes, in this order (the fix is global to
+the process once installed):
+- "unpatched": the optimizer on NVMe (parameters in host memory), DeepSpeed as installed;
+- "cpu": optimizer and parameters in host memory (the oracle);
+- "nvme": optimizer and parameters on NVMe, with relora_ds.patch_deepspeed_nvme();
+- "params": the parameters on NVMe, the optimizer in host memory.
+"cpu" and "params" then save a checkpoint, take 2 more steps, and take the same 2 steps from a new engine
+that loads it: what the trainer's resume relies on.
+Two layers: the last layer's parameters, used at the end of the forward and the start of the backward, are
+the ones DeepSpeed's NVMe prefetch queued twice. Sizes: DeepSpeed swaps only tensors of >= 1 MiB a rank (MIN_AIO_BYTES): hidden 1000, vocabulary 1048 and LoRA
+rank 33. The norms' 1000 / 2 ranks = 500 elements put the lm_head's gradient (524,000 a rank, swapped) at an
+offset that is not a multiple of DeepSpeed's I/O alignment (256 fp32), the case DeepSpeed reads wrong.
+"""
+import argparse
+import hashlib
+import json
+import os
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+import relora_ds
+from relora_ds import LlamaConfig, LlamaForCausalLM
+from relora_ds.distributed import init_distributed, run_and_exit
+from relora_ds.zero_reset import offloaded
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def count_prefetch_duplicates() -> dict:
+    """Wrap the fixed NVMe prefetch to count, at each call, the parameters DeepSpeed's own loop would have
+    queued twice there (the same walk over the trace without the once-only rule): each is the
+    'already assigned swap buffer' assertion the fix avoids."""
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coord
+
+    own = "_PartitionedParameterCoordinator__"
+    fixed, seen = getattr(Coord, own + "prefetch_nvme_param_partitions"), {"calls": 0, "duplicates": 0}
+
+    def counting(self):
+        if self.is_complete_trace():
+            in_flight = sum(p.ds_numel for p in getattr(self, own + "inflight_param_registry"))
+            considered, queued = 0, []
+            for entry in getattr(self, own + "param_queue"):
+                param = entry.param
+                if param.nvme_swapper is None:
+                    continue
+                if considered > 2 * in_flight or len(queued) >= param.nvme_swapper.available_swap_in_buffers():
+                    break
+                if param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE:
+                    queued.append(param.ds_id)
+                considered += param.ds_numel
+            seen["calls"] += 1
+            seen["duplicates"] += len(queued) - len(set(queued))
+        return fixed(self)
+
+    setattr(Coord, own + "prefetch_nvme_param_partitions", counting)
+    return seen
+
+
+def gathered(module) -> dict:
+    out = {}
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            out[name] = param.detach().float().clone()
+    return out
+
+
+def build(mode: str, swap_dir: str):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1048, hidden_size=1000, intermediate_size=2751, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=64)
+    model = relora_ds.wrap(LlamaForCausalLM(cfg), rank=33, seed=11)
+    nvme = {"device": "nvme", "nvme_path": swap_dir}
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "sub_group_size": 2 ** 18,  # several subgroups
+            "offload_optimizer": dict(nvme) if mode in ("nvme", "unpatched") else {"device": "cpu"},
+            "offload_param": dict(nvme, buffer_size=2 ** 21, buffer_count=8) if mode in ("nvme", "params")
+            else {"device": "cpu"}}
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+          "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    lora = relora_ds.lora_parameters(model)
+    others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[{"params": lora}, {"params": others}], config=ds)
+    return engine, lora
+
+
+def run(mode: str, swap_dir: str, rank: int) -> dict:
+    if mode in ("nvme", "params"):
+        relora_ds.patch_deepspeed_nvme()
+    if mode == "nvme":
+        prefetch = count_prefetch_duplicates()
+    engine, lora = build(mode, swap_dir)
+    model = engine.module
+    x = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(100 + rank))
+    res = {"offloaded": offloaded(engine), "losses": []}
+
+    def steps(n):
+        for _ in range(n):
+            loss = engine(x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+            res["losses"].append(loss.item())
+
+    steps(3)
+    if mode == "nvme":
+        res["prefetch"] = prefetch
+    opt = engine.optimizer
+    res["swapped_subgroups"] = sum(bool(opt._swappable_optimizer_subgroup(i)) for i in range(len(opt.fp16_groups)))
+    root = os.path.join(swap_dir, "zero_stage_3")
+    if os.path.isdir(root):  # not vacuous: optimizer subgroups and parameters really live in files
+        res["swap_bytes"] = {d: sum(os.path.getsize(os.path.join(root, d, f"rank{rank}", f))
+                                    for f in os.listdir(os.path.join(root, d, f"rank{rank}")))
+                             for d in sorted(os.listdir(root))}
+    stats = relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.9)
+    res["pruned"] = {k: v for k, v in stats.items() if k.startswith("exp")}
+    relora_ds.merge_and_reinit(engine)
+    steps(2)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    res["masters"] = digest(safe_get_full_fp32_param(p) for p in trainable)
+    res["moments"] = digest(safe_get_full_optimizer_state(p, k) for p in lora for k in ("exp_avg", "exp_avg_sq"))
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    with deepspeed.zero.GatheredParameters(frozen):
+        res["base"] = digest(frozen)
+    if mode in ("params", "cpu"):  # a checkpoint, 2 steps on, and the same 2 steps from an engine that loads it
+        before = gathered(engine.module)
+        ckpt = os.path.join(swap_dir, "ckpt")
+        engine.save_checkpoint(ckpt, tag="t")
+        steps(2)
+        engine.destroy()
+        engine, lora = build(mode, os.path.join(swap_dir, "again"))
+        engine.load_checkpoint(ckpt, tag="t")
+        after = gathered(engine.module)
+        res["changed_by_load"] = sorted(n for n in before if not torch.equal(before[n], after[n]))
+        res["swapped_frozen"] = sorted(n for n, p in engine.module.named_parameters()
+                                       if not p.requires_grad and p.nvme_swapper is not None
+                                       and p.nvme_swapper.swappable_tensor(numel=p.ds_tensor.ds_numel))
+        continued, res["losses"] = res["losses"][-2:], res["losses"][:-2]
+        steps(2)
+        res["continued"], res["resumed"] = continued, res["losses"][-2:]
+        res["losses"] = res["losses"][:-2]
+    engine.destroy()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+    init_distributed()
+    rank = dist.get_rank()
+    out = {mode: run(mode, os.path.join(args.out, f"swap_{mode}"), rank)
+           for mode in ("unpatched", "cpu", "nvme", "params")}
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    run_and_exit(main)  # no interpreter teardown: there gloo's threads can abort a finished rank (-6)

@@ -80,6 +80,54 @@ def _prefetch_nvme_param_partitions_once(self) -> None:
         swap_in[0].nvme_swapper.swap_in(swap_in, async_op=True)
 
 
+def _on_nvme(param) -> bool:
+    """A ZeRO-3 partition the NVMe swapper holds in a file (not in a buffer) right now."""
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+
+    return (hasattr(param, "ds_id") and getattr(param, "nvme_swapper", None) is not None
+            and param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE)
+
+
+def _fragment_reading_nvme(original):
+    """``DeepSpeedEngine._get_param_fragment_func``, which saves each frozen parameter's partition
+    (``param.ds_tensor``), reading a partition that is on NVMe from its swap file."""
+    def fragment(self, param):
+        if not _on_nvme(param):
+            return original(self, param)
+        param.nvme_swapper.swap_in([param], async_op=False)
+        try:
+            return param.ds_tensor.detach().cpu().clone()  # the swap buffer is reused once released
+        finally:
+            param.nvme_swapper.remove_partition_and_release_buffers([param])
+    return fragment
+
+
+def _load_writing_nvme(original):
+    """``DeepSpeedEngine.load_module_state_dict``, whose frozen-parameter restore copies each saved fragment
+    into ``param.ds_tensor``: for a partition the NVMe swapper holds, that is a placeholder (the copy fails)
+    or a buffer released without being written. Those fragments are written into their swap files instead
+    (swapped in, overwritten, swapped out), one at a time."""
+    def load(self, checkpoint, *args, **kwargs):
+        from deepspeed.checkpoint.constants import FROZEN_PARAM_FRAGMENTS
+        from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+        saved = checkpoint.get(FROZEN_PARAM_FRAGMENTS)
+        on_nvme = {name: param for param, name in self.param_names.items()  # those swapped (>= 1 MiB a rank)
+                   if not param.requires_grad and getattr(param, "nvme_swapper", None) is not None
+                   and getattr(param.ds_tensor, "final_location", None) == OffloadDeviceEnum.nvme
+                   and name in (saved or {})}
+        if on_nvme:  # DeepSpeed's loop copies each into itself, a no-op; written below
+            checkpoint = {**checkpoint, FROZEN_PARAM_FRAGMENTS: {**saved, **{n: p.ds_tensor for n, p in on_nvme.items()}}}
+        out = original(self, checkpoint, *args, **kwargs)
+        for name, param in on_nvme.items():
+            if _on_nvme(param):
+                param.nvme_swapper.swap_in([param], async_op=False)
+            param.ds_tensor.data.copy_(saved[name].data)
+            param.nvme_swapper.swap_out_and_release([param])
+        return out
+    return load
+
+
 def patch_deepspeed_nvme() -> bool:
     """Install both fixes (idempotent); False where DeepSpeed is not installed."""
     try:
@@ -90,4 +138,12 @@ def patch_deepspeed_nvme() -> bool:
     OptimizerSwapper._adjust_for_misaligned_lengths = _aligned_gradient_pieces
     PartitionedParameterCoordinator._PartitionedParameterCoordinator__prefetch_nvme_param_partitions = \
         _prefetch_nvme_param_partitions_once
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    if not getattr(DeepSpeedEngine.load_module_state_dict, "_relora_nvme", False):
+        for name, wrap in (("_get_param_fragment_func", _fragment_reading_nvme),
+                           ("load_module_state_dict", _load_writing_nvme)):
+            patched = wrap(getattr(DeepSpeedEngine, name))
+            patched._relora_nvme = True
+            setattr(DeepSpeedEngine, name, patched)
     return True

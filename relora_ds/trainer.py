@@ -37,6 +37,7 @@ from .distributed import init_distributed, max_over_ranks, on_rank_zero, pick_po
 from .flops import flops_per_token, peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engine_state import full_fp32_state_dict
+from .ds_patches import patch_deepspeed_nvme
 from .hf import export_run, load_hf
 from .merge import merge_and_reinit
 from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_line
@@ -45,8 +46,8 @@ from .prune import prune_optimizer_state
 from .relora import lora_parameters, wrap
 from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
-    check_offload, check_output_dir, check_precision_on_device, lock_output_dir, total_steps_for, \
-    train_data_record, unlock_output_dir
+    check_offload_on_device, check_output_dir, check_precision_on_device, lock_output_dir, nvme_offloads, \
+    total_steps_for, train_data_record, unlock_output_dir
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import offloaded
 
@@ -79,7 +80,7 @@ class Trainer(CheckpointsMixin):
                                      source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
         with self._warnings_on_rank_zero():
             check_precision_on_device(self.ds, get_accelerator())
-        check_offload(self.ds)
+        check_offload_on_device(self.ds, get_accelerator(), cfg.quantize)
         self.fp16 = uses_fp16(self.ds)
         if cfg.merge_residual and cfg.mode == "relora" and not (uses_bf16(self.ds) or self.fp16) and self.rank == 0:
             warnings.warn("merge_residual=True is ignored: the weights are fp32 (no bf16/fp16 in the DeepSpeed "
@@ -227,6 +228,8 @@ class Trainer(CheckpointsMixin):
         if self._phase_lr(phase) != cfg.lr:  # the warm start's own peak lr
             ds = {**ds, "optimizer": {**ds["optimizer"], "params": {**ds["optimizer"]["params"],
                                                                     "lr": self._phase_lr(phase)}}}
+        if nvme_offloads(ds):  # DeepSpeed 0.19.8's NVMe swapping: a crash at step 2, checkpoints that lose weights
+            patch_deepspeed_nvme()
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
                                                lr_scheduler=lambda opt: LambdaLR(opt, fn))
         self.engine_phase = phase

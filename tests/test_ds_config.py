@@ -299,19 +299,52 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
                             "checkpoint": {"tag_validation": "Warn"}}, TrainConfig(**BASE), world_size=2)
 
 
-def test_nvme_offload_is_refused_before_any_engine():
-    """NVMe offload trains (tests/test_nvme_offload.py) but DeepSpeed 0.19.8 cannot resume it: the trainer
-    refuses it at start-up, for either offload section, naming host offload; host offload passes."""
-    from launch_utils import ROOT
+def test_nvme_offload_is_checked_before_any_engine(tmp_path):
+    """Each of these failed inside engine creation on every rank, or trained and then resumed wrong:
+    the optimizer on NVMe (refused: DeepSpeed's loader then restores only its swapped sub-groups' files; a
+    resumed run's first loss was 6.245 where the run had 6.059), DeepSpeed's async_io op (libaio) missing
+    (oracle: DeepSpeed's own builder), an nvme_path that is not a writable directory, and an fp32 model's
+    parameters on NVMe on DeepSpeed's CPU accelerator (0.19.8 gives the parameter swapper bf16 there: the
+    first matmul failed with 'expected m1 and m2 to have the same dtype'), and int8 base weights on NVMe
+    (the swapper's buffers have the model's dtype)."""
+    from types import SimpleNamespace
 
-    from relora_ds.startup import check_offload
+    from deepspeed.accelerator import get_accelerator
 
-    for key in ("offload_param", "offload_optimizer"):
-        with pytest.raises(ValueError, match=rf"zero_optimization.{key} offloads to nvme, whose checkpoints DeepSpeed "
-                                             r"0.19.8 does not restore.*ds_configs/zero3_offload.json"):
-            check_offload({"zero_optimization": {"stage": 3, key: {"device": "nvme", "nvme_path": "/tmp"}}})
-    check_offload(load_ds_config(ROOT / "ds_configs/zero3_offload.json"))
-    check_offload({"zero_optimization": {"stage": 3}})
+    from relora_ds.startup import check_offload_on_device
+
+    acc = lambda device="cuda", aio=True: SimpleNamespace(  # noqa: E731
+        device_name=lambda: device,
+        create_op_builder=lambda name: SimpleNamespace(is_compatible=lambda verbose=False: aio))
+    nvme = lambda path=str(tmp_path), bf16=True: {  # noqa: E731
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                              "offload_param": {"device": "nvme", **({"nvme_path": path} if path else {})}},
+        "bf16": {"enabled": bf16}}
+    check_offload_on_device(nvme(), acc())
+    check_offload_on_device(nvme(), acc("cpu"))  # bf16 on the CPU accelerator
+    check_offload_on_device(nvme(bf16=False), acc())  # fp32 on a GPU
+    check_offload_on_device({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, acc(aio=False))
+    with pytest.raises(ValueError, match=r"offload_optimizer offloads to nvme, whose checkpoints DeepSpeed 0.19.8 does "
+                                         r"not restore.*ds_configs/zero3_nvme.json"):
+        check_offload_on_device({"zero_optimization": {"stage": 3, "offload_optimizer": {
+            "device": "nvme", "nvme_path": str(tmp_path)}}}, acc())
+    with pytest.raises(ValueError, match=r"offload_param offloads to nvme, which needs DeepSpeed's async_io op"):
+        check_offload_on_device(nvme(), acc(aio=False))
+    (tmp_path / "a_file").write_text("")
+    for path, what in ((None, "is not set"), (str(tmp_path / "missing"), "is not a writable directory"),
+                       (str(tmp_path / "a_file"), "is not a writable directory")):
+        with pytest.raises(ValueError, match=rf"offload_param.nvme_path .*{what}.*local NVMe"):
+            check_offload_on_device(nvme(path), acc())
+    with pytest.raises(ValueError, match=r"CPU accelerator, where DeepSpeed 0.19.8 swaps parameters only in bf16, "
+                                         r"and this config trains in fp32: enable bf16, or offload the parameters"):
+        check_offload_on_device(nvme(bf16=False), acc("cpu"))
+    with pytest.raises(ValueError, match=r"quantize='int8' with zero_optimization.offload_param on nvme: DeepSpeed's "
+                                         r"parameter swapper holds every partition in the model's dtype"):
+        check_offload_on_device(nvme(), acc(), "int8")
+    check_offload_on_device({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, acc(), "int8")
+    real = get_accelerator().create_op_builder("AsyncIOBuilder")  # scripts/test.sh installs libaio-dev
+    assert real is not None and real.is_compatible(verbose=False), "install libaio-dev"
+    check_offload_on_device(nvme(), get_accelerator())
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_named_with_the_fp32_config(monkeypatch):

@@ -97,13 +97,14 @@ def test_shipped_ds_configs_complete_cleanly():
     from launch_utils import ROOT
 
     shipped = sorted(p.stem for p in (ROOT / "ds_configs").glob("*.json"))
-    assert shipped == ["zero1", "zero2", "zero2_fp32", "zero2_offload", "zero3", "zero3_offload"]  # README lists these
+    assert shipped == ["zero1", "zero2", "zero2_fp32", "zero2_offload", "zero3", "zero3_nvme",
+                       "zero3_offload"]  # README lists these
     readme = (ROOT / "README.md").read_text()
     for name in shipped:
         assert f"`{name}`" in readme, name
         ds = complete_ds_config(load_ds_config(ROOT / f"ds_configs/{name}.json"), TrainConfig(**BASE), world_size=2)
         assert ds["zero_optimization"]["stage"] == int(name[4])
-        assert ("offload_optimizer" in ds["zero_optimization"]) == name.endswith("offload")
+        assert ("offload_optimizer" in ds["zero_optimization"]) == name.endswith(("offload", "nvme"))
         assert ds["bf16"]["enabled"] == (name != "zero2_fp32")
         json.dumps(ds)
 

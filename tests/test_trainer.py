@@ -114,10 +114,12 @@ def test_chunked_loss_under_zero3_matches_the_logits_run(tmp_path, small_data_di
     assert [r["val_tokens"] for r in vals] == [10 * 32] * 2 and all(3 < r["val_loss"] < 7 for r in vals)
 
 
-@pytest.mark.parametrize("stage", ["1", "3", "3_offload"])
+@pytest.mark.parametrize("stage", ["1", "3", "3_offload", "3_nvme"])
 def test_other_zero_stages_train_through_switch_and_resets_then_export(tmp_path, small_data_dir, stage):
-    """ZeRO-1, ZeRO-3 and ZeRO-3 with optimizer and parameters offloaded to the host (bf16, the shipped
-    configs): warm-start switch (gathering full-rank weights from
+    """ZeRO-1, ZeRO-3, ZeRO-3 with optimizer and parameters offloaded to the host, and with the parameters on
+    NVMe (bf16, the shipped configs; zero3_nvme.json with its nvme_path set to a folder here; this model's
+    tensors are below DeepSpeed's 1 MiB swap threshold: tests/test_nvme_offload.py swaps real ones):
+    warm-start switch (gathering full-rank weights from
     the partitions), two resets, and an export that loads in transformers. The ZeRO-3 run also recomputes
     activations (activation_checkpointing: ZeRO-3 must re-gather each layer's weights for the recompute)
     and keeps bf16 merge residuals (every rank merges the gathered weight, for its own residual buffer)."""
@@ -125,10 +127,15 @@ def test_other_zero_stages_train_through_switch_and_resets_then_export(tmp_path,
 
     zero3 = stage.startswith("3")
     recipe, _ = write(tmp_path, small_data_dir, export=True, activation_checkpointing=zero3, merge_residual=zero3)
-    proc = run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed",
-                         ROOT / f"ds_configs/zero{stage}.json")
+    ds = ROOT / f"ds_configs/zero{stage}.json"
+    if stage == "3_nvme":
+        shipped = json.loads(ds.read_text())
+        shipped["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path)
+        ds = tmp_path / "zero3_nvme.json"
+        ds.write_text(json.dumps(shipped))
+    proc = run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
     # The engine's own flags: the offload config really moved the optimizer and the parameters to the host.
-    offload = "optimizer+parameters" if stage.endswith("offload") else "none"
+    offload = "optimizer+parameters" if stage.endswith(("offload", "nvme")) else "none"
     assert f"ZeRO stage {stage[0]}, offload: {offload}," in proc.stdout + proc.stderr
     losses, recs = read_losses(tmp_path / "run")
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10]

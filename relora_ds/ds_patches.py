@@ -1,7 +1,8 @@
-"""Two fixes for DeepSpeed 0.19's NVMe offload (ZeRO-Infinity): call ``patch_deepspeed_nvme()`` before
-``deepspeed.initialize``. With both, the optimizer and the parameters on NVMe train and reset bit for bit as
-with host offload (tests/test_nvme_offload.py). The trainer still refuses NVMe offload: DeepSpeed's
-checkpoints do not restore it (relora_ds/startup.py ``check_offload``).
+"""Fixes for DeepSpeed 0.19.8's NVMe offload (ZeRO-Infinity): call ``patch_deepspeed_nvme()`` before
+``deepspeed.initialize`` (the trainer does, for a config with anything on nvme). With them, the optimizer and
+the parameters on NVMe train and reset bit for bit as with host offload, and a checkpoint of parameters on
+NVMe resumes exactly (tests/test_nvme_offload.py). The trainer still refuses the optimizer on NVMe, whose
+checkpoints DeepSpeed's loader does not restore (relora_ds/startup.py ``check_offload_on_device``).
 
 1. The optimizer offloaded to NVMe trains on wrong gradients without a word.
 
@@ -29,6 +30,13 @@ once for the backward, and ``__prefetch_nvme_param_partitions`` queues every ent
 partition is on disk, so a parameter of the last layer (used at the end of the forward and the start of the
 backward) is queued twice and given two buffers. The fix queues each parameter once. (Setting
 ``stage3_prefetch_bucket_size`` to 0 also avoids it, by giving up every prefetch.)
+
+3. A checkpoint loses the frozen parameters on NVMe (the merged ReLoRA base weights). ZeRO-3 saves each
+frozen parameter's partition (``_get_param_fragment_func``: ``param.ds_tensor``) and loads it back into
+``param.ds_tensor`` (``load_module_state_dict``), but for a partition the swapper holds in a file that is a
+placeholder: a scalar is saved, and the loaded values never reach the file (measured: a new engine loading
+the checkpoint had exactly the swapped MLP weights wrong, first loss 0.165 where the run had 0.091). The fix
+swaps each such partition in to save it, and writes each loaded one through the swapper into its file.
 """
 from __future__ import annotations
 

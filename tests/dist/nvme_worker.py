@@ -24,6 +24,8 @@ import os
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.swap_tensor.partitioned_param_swapper import AsyncPartitionedParameterSwapper
+from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 import relora_ds
@@ -39,34 +41,28 @@ def digest(tensors) -> str:
     return h.hexdigest()
 
 
-def count_prefetch_duplicates() -> dict:
-    """Wrap the fixed NVMe prefetch to count, at each call, the parameters DeepSpeed's own loop would have
-    queued twice there (the same walk over the trace without the once-only rule): each is the
-    'already assigned swap buffer' assertion the fix avoids."""
-    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coord
+PREFETCH = "_PartitionedParameterCoordinator__prefetch_nvme_param_partitions"  # name-mangled private method
+DEEPSPEEDS_PREFETCH = getattr(PartitionedParameterCoordinator, PREFETCH)  # taken before any patch
 
-    own = "_PartitionedParameterCoordinator__"
-    fixed, seen = getattr(Coord, own + "prefetch_nvme_param_partitions"), {"calls": 0, "duplicates": 0}
+
+def count_prefetch_duplicates() -> dict:
+    """Wrap the fixed NVMe prefetch to count, at each call, the parameters DeepSpeed's own prefetch would have
+    asked the swapper for twice there (run first with the swapper's swap_in recording instead of reading):
+    each is the 'already assigned swap buffer' assertion the fix avoids."""
+    fixed, seen = getattr(PartitionedParameterCoordinator, PREFETCH), {"calls": 0, "duplicates": 0}
 
     def counting(self):
-        if self.is_complete_trace():
-            in_flight = sum(p.ds_numel for p in getattr(self, own + "inflight_param_registry"))
-            considered, queued = 0, []
-            for entry in getattr(self, own + "param_queue"):
-                param = entry.param
-                if param.nvme_swapper is None:
-                    continue
-                if considered > 2 * in_flight or len(queued) >= param.nvme_swapper.available_swap_in_buffers():
-                    break
-                if param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE:
-                    queued.append(param.ds_id)
-                considered += param.ds_numel
-            seen["calls"] += 1
-            seen["duplicates"] += len(queued) - len(set(queued))
+        asked, swap_in = [], AsyncPartitionedParameterSwapper.swap_in
+        AsyncPartitionedParameterSwapper.swap_in = lambda swapper, params, **kw: asked.extend(p.ds_id for p in params)
+        try:
+            DEEPSPEEDS_PREFETCH(self)
+        finally:
+            AsyncPartitionedParameterSwapper.swap_in = swap_in
+        seen["calls"] += 1
+        seen["duplicates"] += len(asked) - len(set(asked))
         return fixed(self)
 
-    setattr(Coord, own + "prefetch_nvme_param_partitions", counting)
+    setattr(PartitionedParameterCoordinator, PREFETCH, counting)
     return seen
 
 

@@ -49,7 +49,7 @@ def uninterrupted_run(tmp_path_factory, small_data_dir):
     from trainer_utils import read_losses, train2
 
     tmp, port = tmp_path_factory.mktemp("uninterrupted"), free_port()
-    train2(tmp, small_data_dir, master_port=port)
+    train2(tmp, small_data_dir, master_port=port, launcher=True)  # the README's command
     # DeepSpeed's CPU shm allreduce segments of this run (named after its MASTER_PORT) must all be gone.
     return {"losses": read_losses(tmp / "run"), "shm_left": sorted(glob.glob(f"/dev/shm/*allreduce_buffer_*_{port}_*"))}
 

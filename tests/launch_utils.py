@@ -1,8 +1,12 @@
-"""Run a script under the deepspeed launcher with N CPU ranks (gloo) from a test."""
+"""Run a script on N CPU ranks (gloo) from a test: under the deepspeed launcher, or started directly with the
+environment that launcher gives its ranks (run_ranks: the same ranks, without the launcher's ~5 s)."""
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,13 +27,61 @@ def launch_env() -> dict:
     return env
 
 
+def _check(cmd, proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_ranks(script, *args, nprocs: int = 2, timeout: int = 600, cwd=ROOT, master_port: int | None = None,
+              env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus nprocs script args`` without the launcher: each rank is started as
+    deepspeed/launcher/launch.py starts it (``python -u script --local_rank=N args``, with RANK, LOCAL_RANK,
+    WORLD_SIZE, LOCAL_SIZE, CROSS_RANK/SIZE, MASTER_ADDR/PORT set), the ranks share one stdout and one stderr
+    as they share the launcher's, and the first rank to fail ends the run with its exit status after the
+    others are terminated, as the launcher does (it polls once a second: they get that second to report).
+    The launcher's two Python start-ups and its polling cost ~5 s a run; the tests of the launchers
+    themselves (tests/test_distributed.py, tests/test_cluster_*.py, the conftest reference run) use them."""
+    port = master_port or free_port()
+    base = {**launch_env(), **(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(nprocs), "LOCAL_SIZE": str(nprocs), "CROSS_RANK": "0", "CROSS_SIZE": "1",
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(nprocs)))}
+    cmd = [sys.executable, "-u", str(script), *map(str, args)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        procs = [subprocess.Popen([*cmd[:3], f"--local_rank={r}", *cmd[3:]], cwd=cwd, stdout=out, stderr=err,
+                                  env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
+                 for r in range(nprocs)]
+        deadline, failed = time.monotonic() + timeout, None
+        try:
+            while any(p.poll() is None for p in procs):
+                failed = failed or next((p for p in procs if p.returncode not in (None, 0)), None)
+                if failed is not None:
+                    time.sleep(1.0)  # the launcher's poll interval: the other ranks may report too
+                    break
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+        failed = failed or next((p for p in procs if p.returncode != 0), None)
+        out.seek(0), err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, failed.returncode if failed else 0, out.read(), err.read())
+    return _check(cmd, proc) if check else proc
+
+
 def run_deepspeed(script, *args, nprocs: int = 2, timeout: int = 600, cwd=ROOT,
                   master_port: int | None = None) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).with_name("deepspeed")
     port = master_port or free_port()
     cmd = [str(launcher), "--num_gpus", str(nprocs), "--master_port", str(port), str(script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=cwd, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
-                             f"\n--- stderr\n{proc.stderr[-6000:]}")
-    return proc
+    return _check(cmd, subprocess.run(cmd, cwd=cwd, env=launch_env(), capture_output=True, text=True,
+                                      timeout=timeout))

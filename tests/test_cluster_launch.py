@@ -1,5 +1,7 @@
 """Launcher helpers without a cluster: errors before launching (missing SLURM variables, unknown hosts,
 batch arithmetic), the per-task environment, hostfiles."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -22,6 +24,28 @@ def _clean_env(**extra):
 def _run(*cmd, env=None):
     return subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env or _clean_env(), capture_output=True, text=True,
                           timeout=120)
+
+
+def _preflight(*argv, env=None) -> subprocess.CompletedProcess:
+    """``python launch/preflight.py *argv`` run as its main() in this process, with ``env`` (default
+    _clean_env()) as os.environ and restored after: a subprocess paid ~4 s of imports per check. The command
+    line itself (stdout carrying the output dir alone) runs as a subprocess in the first test below."""
+    import preflight
+
+    saved, env = dict(os.environ), env or _clean_env()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(ROOT):
+            try:
+                code = preflight.main(list(map(str, argv)))
+            except SystemExit as e:
+                code = e.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["preflight.py", *argv], code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("script", ["train.sbatch", "train_deepspeed.sbatch"])
@@ -61,10 +85,10 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
     assert proc.stdout == f"{tmp_path / 'run'}\n"  # the resolved output_dir, for the sbatch scripts
     assert "data the built-in demo corpus" in proc.stderr and "800 steps" in proc.stderr
     assert "3 rank(s) x micro_batch_size 4 x 2 accumulation step(s) = global_batch_size 24" in proc.stderr
-    proc = _run(sys.executable, "launch/preflight.py", "--world-size", "4", *args)
+    proc = _preflight("--world-size", "4", *args)
     assert proc.returncode == 2
     assert "global_batch_size=24 is not divisible by micro_batch_size=4 x world_size=4 = 16" in proc.stderr
-    proc = _run(sys.executable, "launch/preflight.py", "--world-size", "2", *args[:2], "--deepspeed", "nope.json",
+    proc = _preflight("--world-size", "2", *args[:2], "--deepspeed", "nope.json",
                 "--output-dir", tmp_path / "other")
     assert proc.returncode == 2 and "--deepspeed nope.json: no such file" in proc.stderr
     # What would otherwise fail every rank after start-up: preset, data dir, target_modules, rank, HF directory.
@@ -73,7 +97,7 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
                        (["--target-modules", "q_proj", "v_prj"], "target_modules ['v_prj'] matched no nn.Linear"),
                        (["--rank", "512"], "rank=512 must be in [1, min(in_features=256, out_features=256)]"),
                        (["--hf-model", str(ROOT / "launch")], "no config.json")):
-        proc = _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args, *extra)
+        proc = _preflight("--world-size", "3", *args, *extra)
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-500:])
     # ... the schedule, the kernels setting, and another run in output_dir (without --resume/--overwrite).
     (tmp_path / "run").mkdir()
@@ -84,13 +108,13 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
                             ([], {}, "holds a run (metrics.jsonl): pass --resume to continue it, --overwrite"),
                             (["--overwrite", "--warm-start-from", str(tmp_path / "run" / "hf"), "--warm-start-steps",
                               "0"], {}, "lies inside output_dir")):
-        proc = _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args, *extra, env=_clean_env(**env))
+        proc = _preflight("--world-size", "3", *args, *extra, env=_clean_env(**env))
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-500:])
     for ok in (["--resume"], ["--overwrite"]):
-        assert _run(sys.executable, "launch/preflight.py", "--world-size", "3", *args, *ok).returncode == 0
+        assert _preflight("--world-size", "3", *args, *ok).returncode == 0
 
 
-def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path):
+def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path, monkeypatch):
     """--resume of a checkpoint the run cannot load, and (with DS_ACCELERATOR naming the ranks' accelerator)
     kernels=triton without CUDA and fp16 on DeepSpeed's CPU accelerator: the trainer refuses each on every
     rank; preflight gates the SLURM jobs, so it must refuse them first (the messages are the trainer's)."""
@@ -102,7 +126,7 @@ def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path):
     (ckpt / "step_8" / "config.json").write_text(json.dumps(
         {"model": {}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}}, "tokenizer_sha256": None,
          "train": {"mode": "relora", "rank": 16}}))  # tiny.yaml trains rank 32
-    proc = _run(sys.executable, "launch/preflight.py", "--world-size", "2", *args, "--resume")
+    proc = _preflight("--world-size", "2", *args, "--resume")
     assert proc.returncode == 2 and "settings a resume cannot change, field (now, checkpoint): {'rank': (32, 16)}" \
         in proc.stderr, proc.stderr[-800:]
     fp16 = tmp_path / "fp16.json"
@@ -110,17 +134,15 @@ def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path):
     other = ["--config", "launch/configs/tiny.yaml", "--output-dir", str(tmp_path / "new")]
     # DeepSpeed's CPU accelerator reports fp16 on CPUs with AVX512-FP16/AMX: pin the answer to "none", the
     # case under test, as the trainer's fp16 test pins it to "supported".
-    preflight = ["-c", "import sys, runpy\nfrom deepspeed.accelerator import get_accelerator\n"
-                       "type(get_accelerator()).is_fp16_supported = lambda self: False\n"
-                       "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n",
-                 "launch/preflight.py"]
+    from deepspeed.accelerator import get_accelerator
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
     for extra, msg in ((["--kernels", "triton"], "kernels=triton (recipe, --kernels or RELORA_KERNELS) needs CUDA"),
                        (["--deepspeed", fp16], "is not supported by DeepSpeed's cpu accelerator, which this run uses")):
-        proc = _run(sys.executable, *preflight, "--world-size", "2", *other, *extra, env=_clean_env(DS_ACCELERATOR="cpu"))
+        proc = _preflight("--world-size", "2", *other, *extra, env=_clean_env(DS_ACCELERATOR="cpu"))
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-800:])
         # Without DS_ACCELERATOR the launching node may not be a compute node: left to the ranks.
         env = {k: v for k, v in _clean_env().items() if k != "DS_ACCELERATOR"}
-        assert _run(sys.executable, *preflight, "--world-size", "2", *other, *extra, env=env).returncode == 0
+        assert _preflight("--world-size", "2", *other, *extra, env=env).returncode == 0
 
 
 def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_path):
@@ -140,10 +162,10 @@ def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_
                     warm_start_steps=0, total_steps=8, micro_batch_size=8, eval_every=0)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()] + ["--data-dir", data, "--output-dir",
                                                                               tmp_path / "run"]
-    preflight = [sys.executable, "launch/preflight.py", "--world-size", "2", *args]
-    proc = _run(*preflight, "--global-batch-size", "64")
+    preflight = ["--world-size", "2", *args]
+    proc = _preflight(*preflight, "--global-batch-size", "64")
     assert proc.returncode == 0, proc.stderr[-800:]
-    proc = _run(*preflight, "--global-batch-size", "128")
+    proc = _preflight(*preflight, "--global-batch-size", "128")
     assert proc.returncode == 2
     assert (f"error: the training split of {data} holds 124 windows of --seq-len 32 (4,000 tokens), fewer than one "
             "optimizer step's --global-batch-size 128: use a --global-batch-size of at most 112 (a multiple of "
@@ -160,12 +182,12 @@ def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_
              "tokenizer_sha256": load_manifest(data)["tokenizer_sha256"], "data": data_record,
              "train": {"mode": "relora", "rank": 4, "seq_len": 32}}))
     saved({"fingerprint": "0" * 64, "train_tokens": 3_000, "train_windows": 93})
-    proc = _run(*preflight, "--global-batch-size", "64", "--resume")
+    proc = _preflight(*preflight, "--global-batch-size", "64", "--resume")
     assert proc.returncode == 2
     assert (f"error: checkpoint {ckpt / 'step_4'} was trained on other data than {data} holds now: its training split "
             "had 3,000 tokens, 93 windows of seq_len 32, now 4,000 tokens, 124 windows") in proc.stderr, proc.stderr[-800:]
     saved(record)
-    proc = _run(*preflight, "--global-batch-size", "64", "--resume")
+    proc = _preflight(*preflight, "--global-batch-size", "64", "--resume")
     assert proc.returncode == 0, proc.stderr[-800:]
 
 

@@ -245,13 +245,16 @@ def test_train_py_closes_the_metrics_on_an_error_exit(monkeypatch):
     (["--config", "launch/configs/paper_60m.yaml"], "runs/paper-60m", []),  # another recipe's run: never implied
     (["--output-dir", "runs/tiny"], "runs/tiny", ["--overwrite"]),  # the demo's own dir, however named
 ])
-def test_demo_plan_adds_overwrite_only_to_a_fresh_run_in_its_own_dir(argv, out, extra):
-    proc = subprocess.run([sys.executable, "scripts/demo_plan.py", *argv], cwd=ROOT, capture_output=True,
-                          text=True, check=True)
-    assert proc.stdout.split("\n")[:2] == [out, " ".join(extra)]
-    if extra:  # what demo.sh then launches is a valid command line
-        subprocess.run([sys.executable, "scripts/demo_plan.py", *argv, *extra], cwd=ROOT, check=True,
-                       capture_output=True)
+def test_demo_plan_adds_overwrite_only_to_a_fresh_run_in_its_own_dir(argv, out, extra, monkeypatch):
+    # scripts/demo_plan.py's plan() in this process (its command line runs in the tests below): paths as
+    # demo.sh sees them, from the repository root.
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    monkeypatch.chdir(ROOT)
+    import demo_plan
+
+    assert demo_plan.plan(argv) == (out, extra)
+    if extra:  # what demo.sh then launches is a valid command line: no flag added twice or contradicted
+        assert demo_plan.plan([*argv, *extra]) == (out, [])
 
 
 def test_demo_plan_names_a_bad_flag_combination_before_any_launch():

@@ -9,7 +9,7 @@ import yaml
 
 import relora_kernels as rk
 
-from launch_utils import ROOT, launch_env, run_deepspeed
+from launch_utils import ROOT, launch_env, run_ranks
 
 RECIPE = dict(model="debug", seq_len=32, mode="relora", rank=4, alpha=8, warm_start_steps=2, cycle_length=4,
               restart_warmup_steps=2, warmup_steps=2, total_steps=12, lr=3e-3, micro_batch_size=4,
@@ -22,7 +22,7 @@ def test_int8_trainer_zero2_resets_checkpoint_export(tmp_path, small_data_dir):
 
     recipe = {**RECIPE, "data_dir": str(small_data_dir), "output_dir": str(tmp_path / "run")}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    run_deepspeed(ROOT / "launch/train.py", "--config", tmp_path / "recipe.yaml",
+    run_ranks(ROOT / "launch/train.py", "--config", tmp_path / "recipe.yaml",
                   "--deepspeed", ROOT / "ds_configs/zero2.json")
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10]
@@ -64,7 +64,7 @@ def test_int8_trainer_zero3_partitions_the_int8_base_and_exports(tmp_path, small
     ds = json.loads((ROOT / "ds_configs/zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even these small layers
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
-    run_deepspeed(ROOT / "launch/train.py", "--config", tmp_path / "recipe.yaml",
+    run_ranks(ROOT / "launch/train.py", "--config", tmp_path / "recipe.yaml",
                   "--deepspeed", tmp_path / "zero3.json")
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from launch_utils import ROOT, run_deepspeed
+from launch_utils import ROOT, run_ranks
 
 STAGES = ("2", "3", "3off")  # 3off: ZeRO-3 with the optimizer and the parameters offloaded to the host
 
@@ -13,7 +13,7 @@ STAGES = ("2", "3", "3off")  # 3off: ZeRO-3 with the optimizer and the parameter
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("int8_zero")
-    run_deepspeed(ROOT / "tests/dist/int8_worker.py", "--out", out, "--stages", ",".join(STAGES))
+    run_ranks(ROOT / "tests/dist/int8_worker.py", "--out", out, "--stages", ",".join(STAGES))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -124,8 +124,9 @@ def measure_activations(cfg, rank, b, s, checkpointing, loss_chunk_size=0):
     return kept, peak[0] - base
 
 
-# vocab 64: a layer's activations dominate the transient; vocab 2048/8192: the logits do.
-@pytest.mark.parametrize("vocab", [64, 2048, 8192])
+# vocab 64: a layer's activations dominate the transient; vocab 8192: the logits do. (A middle vocab, 2048,
+# passed too; dropped to keep CI short: 4 cases of ~12 s.)
+@pytest.mark.parametrize("vocab", [64, 8192])
 @pytest.mark.parametrize("chunked", [False, True], ids=["logits", "chunked"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_peak_activations_match_the_heap(checkpointing, chunked, vocab):

@@ -337,14 +337,14 @@ def test_trainer_on_a_tied_llama_zero3_two_ranks_and_universal_resume(tmp_path, 
     """ZeRO-3 on two ranks (lm_head gathers the embedding's partitions for the loss) trains the one-rank run's
     losses up to reduction order; its step-7 checkpoint resumed on one rank goes through DeepSpeed's universal
     checkpoint, where the shared weight has one name, and continues them."""
-    from launch_utils import ROOT, run_deepspeed
+    from launch_utils import ROOT, run_ranks
     from trainer_utils import FP32_ZERO2, read_losses, rewind_to, train1, write
 
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({**FP32_ZERO2, "zero_optimization": {"stage": 3}}))
     kw = dict(hf_model=tied_llama_run["source"], save_every=7)
     recipe, _ = write(tmp_path, small_data_dir, **kw)
-    run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
+    run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
     two, one = read_losses(tmp_path / "run")[0], tied_llama_run["losses"]
     assert sorted(two) == sorted(one)
     for step in one:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from launch_utils import ROOT, run_deepspeed
+from launch_utils import ROOT, run_ranks
 
 
 def test_gradient_pieces_start_aligned_and_cover_each_gradient():
@@ -49,7 +49,7 @@ def results(tmp_path_factory):
     assert builder is not None and builder.is_compatible(verbose=False), \
         "DeepSpeed's async_io op cannot be built here: install libaio-dev (scripts/test.sh does)"
     out = tmp_path_factory.mktemp("nvme")
-    run_deepspeed(ROOT / "tests/dist/nvme_worker.py", "--out", out, timeout=1200)
+    run_ranks(ROOT / "tests/dist/nvme_worker.py", "--out", out, timeout=1200)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

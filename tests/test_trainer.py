@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from launch_utils import ROOT, free_port, launch_env, run_deepspeed
+from launch_utils import ROOT, free_port, launch_env, run_ranks
 from trainer_utils import FP32_ZERO2, RECIPE, export_equals_the_trainers, read_losses, train1, write
 
 def test_two_rank_run_leaves_no_shared_memory_behind(uninterrupted_run):
@@ -103,7 +103,7 @@ def test_chunked_loss_under_zero3_matches_the_logits_run(tmp_path, small_data_di
     recipe, _ = write(tmp_path, small_data_dir, loss_chunk_size=7, eval_windows=10)
     ds = tmp_path / "zero3.json"
     ds.write_text(json.dumps({**FP32_ZERO2, "zero_optimization": {"stage": 3}}))
-    run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
+    run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
     chunked, recs = read_losses(tmp_path / "run")
     plain, _ = uninterrupted
     assert sorted(chunked) == sorted(plain)
@@ -133,7 +133,7 @@ def test_other_zero_stages_train_through_switch_and_resets_then_export(tmp_path,
         shipped["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path)
         ds = tmp_path / "zero3_nvme.json"
         ds.write_text(json.dumps(shipped))
-    proc = run_deepspeed(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
+    proc = run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
     # The engine's own flags: the offload config really moved the optimizer and the parameters to the host.
     offload = "optimizer+parameters" if stage.endswith(("offload", "nvme")) else "none"
     assert f"ZeRO stage {stage[0]}, offload: {offload}," in proc.stdout + proc.stderr

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from launch_utils import ROOT, run_deepspeed
+from launch_utils import ROOT, run_ranks
 
 # 2off: CPU offload (fp32, and bf16 as ds_configs/zero2_offload.json ships it); 3off: ZeRO-3 with the optimizer
 # and the parameters on the host (ds_configs/zero3_offload.json), every parameter split; 3t0: ZeRO-3 with
@@ -18,7 +18,7 @@ CASES = ["1:fp32", "2:fp32", "3:fp32", "1:bf16", "2:bf16", "3:bf16", "2off:fp32"
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero_reset")
     # The first offload case compiles DeepSpeedCPUAdam (~100 s once, cached in TORCH_EXTENSIONS_DIR).
-    run_deepspeed(ROOT / "tests/dist/zero_reset_worker.py", "--out", out, "--cases", ",".join(CASES), timeout=900)
+    run_ranks(ROOT / "tests/dist/zero_reset_worker.py", "--out", out, "--cases", ",".join(CASES), timeout=900)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -1,13 +1,13 @@
 """Shared by the trainer's end-to-end tests (tests/test_trainer*.py): the tiny recipe, runs of
-launch/train.py on 2 ranks (deepspeed launcher) or 1 (plain python), and readers of what a run leaves."""
+launch/train.py on 2 ranks (as the deepspeed launcher starts them) or 1 (plain python), and readers of
+what a run leaves."""
 import json
-import os
 import subprocess
 import sys
 
 import yaml
 
-from launch_utils import ROOT, free_port, launch_env, run_deepspeed
+from launch_utils import ROOT, free_port, launch_env, run_deepspeed, run_ranks
 
 FP32_ZERO2 = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
 # warm start 2 steps, resets at steps 6 and 10 (cycle 4), 2-step restart warmups.
@@ -28,14 +28,15 @@ def read_losses(run_dir):
     return {r["step"]: r["loss"] for r in recs if "loss" in r}, recs
 
 
-def train2(tmp_path, data_dir, *extra, env=None, check=True, master_port=None, **overrides):
+def train2(tmp_path, data_dir, *extra, env=None, check=True, master_port=None, launcher=False, **overrides):
+    """Two ranks: started directly as the deepspeed launcher starts them (launch_utils.run_ranks), or with
+    launcher=True under the deepspeed launcher itself (the README's command; the conftest reference run)."""
     recipe, ds = write(tmp_path, data_dir, **overrides)
     args = ["--config", recipe, "--deepspeed", ds, *extra]
-    if env is None:
+    if launcher:
+        assert env is None and check, "the launcher path runs with the test's environment and must succeed"
         return run_deepspeed(ROOT / "launch/train.py", *args, master_port=master_port)
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2", "--master_port",
-           str(free_port()), str(ROOT / "launch/train.py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env={**launch_env(), **env}, capture_output=True, text=True, timeout=600)
+    return run_ranks(ROOT / "launch/train.py", *args, master_port=master_port, env=env, check=check)
 
 
 def train1(tmp_path, data_dir, *extra, ds=None, check=True, **overrides):

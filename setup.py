@@ -32,6 +32,6 @@ setup(
     extras_require={
         "mpi": ["mpi4py>=4.0", "mpich"],
         "flash": ["flash-attn>=2.5"],
-        "dev": ["pytest", "peft>=0.13"],
+        "dev": ["pytest", "pytest-xdist", "peft>=0.13"],
     },
 )

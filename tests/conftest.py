@@ -1,18 +1,51 @@
 import glob
+import os
 
 import pytest
 
 _SHM = "/dev/shm/deepspeed_allreduce_buffer_*"
 _shm_before: set[str] = set()
 
+# scripts/test.sh runs the suite on pytest-xdist workers, a whole file per worker (--dist loadfile: a file's
+# module fixtures are built once). Files are handed out in collection order, so the longest go first (serial
+# seconds on 2 cores, 2026-12-01: ~330, 120, 130, 180, 90, 110, ...); one started last would run alone.
+_HEAVY_FIRST = ("test_trainer_resume.py", "test_nvme_offload.py", "test_cluster_slurm.py", "test_trainer.py",
+                "test_demo.py", "test_memory_table.py", "test_model_families.py", "test_int8_trainer.py",
+                "test_zero_reset.py", "test_distributed.py", "test_kernel_scripts.py", "test_int8_zero.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(_HEAVY_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest keep their order
+
+
+def pytest_configure(config):
+    """On an xdist worker, torch and OpenMP get the worker's share of the cores: with torch's default (every
+    core) in each of 2 workers on 2 cores, OpenMP's spinning threads made in-process tests ~10x slower
+    (tests/test_readme.py 5 s -> 53 s). Subprocesses inherit OMP_NUM_THREADS."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def _xdist_worker(session) -> bool:
+    return hasattr(session.config, "workerinput")  # pytest-xdist: the controller checks, after every worker
+
 
 def pytest_sessionstart(session):
-    _shm_before.update(glob.glob(_SHM))
+    if not _xdist_worker(session):
+        _shm_before.update(glob.glob(_SHM))
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Every multi-rank run must release DeepSpeed's 64 MB shared-memory segments (relora_ds.distributed
     .init_distributed does): one left by this session fails it, naming the files (their port names the run)."""
+    if _xdist_worker(session):
+        return
     left = sorted(set(glob.glob(_SHM)) - _shm_before)
     if left:
         print(f"\nFAILED: this session left DeepSpeed shared-memory segments behind: {left}")

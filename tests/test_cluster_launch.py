@@ -243,7 +243,9 @@ def test_slurm_start_up_line_names_the_master_the_ranks_get(tmp_path):
         (bin_dir / name).chmod(stat.S_IRWXU)
     script = ("source launch/slurm/common.sh; SLURM_JOB_ID=5; SLURM_JOB_NODELIST='n[1-2]'; SLURM_JOB_NUM_NODES=2; "
               "prepare_training 4 $MASTER; echo ranks-get=$MASTER_ADDR")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "fakepython")}
+    # _clean_env: an in-process trainer earlier in this worker may have set MASTER_PORT (as a plain
+    # `python launch/train.py` does for itself), which common.sh would rightly keep.
+    env = _clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "fakepython"))
     for master, want in (("", "n1"), ("n2", "n2")):
         out = subprocess.run(["bash", "-c", script], cwd=ROOT, env={**env, "MASTER": master}, capture_output=True,
                              text=True, check=True).stdout

@@ -7,8 +7,8 @@ _SHM = "/dev/shm/deepspeed_allreduce_buffer_*"
 _shm_before: set[str] = set()
 
 # scripts/test.sh runs the suite on pytest-xdist workers, a whole file per worker (--dist loadfile: a file's
-# module fixtures are built once). Files are handed out in collection order, so the longest go first (serial
-# seconds on 2 cores, 2026-12-01: ~330, 120, 130, 180, 90, 110, ...); one started last would run alone.
+# module fixtures are built once). Files are handed out in collection order, so the longest go first (by
+# `pytest --durations` on 2 cores, 2026-12-01); one started last would run alone at the end.
 _HEAVY_FIRST = ("test_trainer_resume.py", "test_nvme_offload.py", "test_cluster_slurm.py", "test_trainer.py",
                 "test_demo.py", "test_memory_table.py", "test_model_families.py", "test_int8_trainer.py",
                 "test_zero_reset.py", "test_distributed.py", "test_kernel_scripts.py", "test_int8_zero.py")

@@ -7,7 +7,8 @@ imports ``torch.distributed`` or DeepSpeed: the caller passes its rank and world
 """
 from relora_ds.data.manifest import builtin_data_dir, load_manifest
 from relora_ds.data.packed import PackedTokens
-from relora_ds.data.prepare import PrepareConfig, in_validation, prepare_data
+from relora_ds.data.encode import in_validation
+from relora_ds.data.prepare import PrepareConfig, prepare_data
 from relora_ds.data.sampler import ShardedBatches, epoch_order, eval_batches
 from relora_ds.data.sources import SUPPORTED_SUFFIXES, DataWarning
 from relora_ds.data.tokenizer import Tokenizer, check_tokenizer_matches, load_tokenizer, open_tokenizer

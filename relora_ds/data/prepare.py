@@ -3,13 +3,12 @@
 Every document becomes ``BOS ids EOS`` (``ids EOS`` with a tokenizer without BOS, such as T5's); the
 documents of a split are concatenated in corpus order into one flat file of ids (packing: training
 windows cross document boundaries, the EOS (and BOS) marks them, and nothing is padded or truncated).
-Tokenization runs through ``datasets.map`` (``num_proc`` processes) or, when streaming, through the
-tokenizer's own thread pool inside ``IterableDataset.map``; both give byte-identical files.
+This file decides whether to prepare (the recipe and its manifest), gets the tokenizer and writes the
+manifest; relora_ds/data/encode.py tokenizes the documents into the split files.
 """
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import shutil
@@ -21,12 +20,11 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pyarrow.compute as pc
 import sentencepiece as spm
 import tokenizers
-from tqdm.auto import tqdm
 
 from relora_ds.data import manifest as mf
+from relora_ds.data.encode import MAP_BATCH, Encode, in_validation, tokenize_and_write
 from relora_ds.data.sources import (
     TXT_UNITS, Corpus, DataWarning, corpus_fingerprint, hub_commit, load_corpus, resolve_inputs,
 )
@@ -36,8 +34,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VOCAB_SIZE = 32000
 _TOKENIZER_NAMES = ("tokenizer.model", *mf.HF_TOKENIZER_FILES)  # what a data dir's tokenizer may be
-_MAP_BATCH = 1000
-_WRITE_BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -108,44 +104,6 @@ class PrepareConfig:
             raise ValueError(f"tokenizer_train_chars={self.tokenizer_train_chars!r} must be positive")
 
 
-def in_validation(text: str, val_fraction: float) -> bool:
-    """Whether a document belongs to the validation split: a pure function of its text.
-
-    blake2b is stable across Python processes, runs and machines (Python's ``hash()`` is salted), and
-    identical documents land in the same split, so duplicates never leak from train into validation.
-    """
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < val_fraction * 2.0**64
-
-
-class _Encode:
-    """``datasets.map`` function: texts -> ``[BOS] ids EOS`` (empty for blank texts) and the split flag."""
-
-    def __init__(self, tokenizer: Tokenizer, val_fraction: float, num_threads: int):
-        self.tokenizer, self.val_fraction, self.num_threads = tokenizer, val_fraction, num_threads
-
-    def __call__(self, batch: dict) -> dict:
-        texts = []
-        for text in batch["text"]:
-            if text is not None and not isinstance(text, str):
-                raise ValueError(f"the text column holds {type(text).__name__} values, not strings: "
-                                 f"{str(text)[:80]!r}")
-            texts.append(text or "")
-        keep = [bool(t.strip()) for t in texts]
-        nonblank = [t for t, k in zip(texts, keep, strict=True) if k]
-        encoded = iter(self.tokenizer.encode_documents(nonblank, self.num_threads))
-        empty = np.zeros(0, dtype=np.int32)
-        return {
-            "ids": [next(encoded) if k else empty for k in keep],
-            "validation": np.array([in_validation(t, self.val_fraction) for t in texts], dtype=bool),
-            "spells_special": np.array(self.tokenizer.spells_special_token(texts), dtype=bool),
-        }
-
-
-_TOKENIZED = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
-                                "validation": datasets.Value("bool"), "spells_special": datasets.Value("bool")})
-
-
 def _current_commit(hub: str, revision: str | None, out_dir: Path, validation: bool = False) -> str:
     """The hub dataset's commit now; offline, the one `out_dir` was prepared at (with a warning), so that
     re-running on prepared data stays a no-op without network. `validation`: of the val_inputs dataset."""
@@ -195,7 +153,7 @@ def _recipe(resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig, o
 
 def _texts(ds, val_fraction: float):
     """Training-split texts of a (possibly streaming) "text" dataset, in corpus order."""
-    for batch in ds.iter(batch_size=_MAP_BATCH):
+    for batch in ds.iter(batch_size=MAP_BATCH):
         for text in batch["text"]:
             if isinstance(text, str) and not in_validation(text, val_fraction):
                 yield text
@@ -219,67 +177,6 @@ def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path, val_fraction:
                            num_threads=cfg.num_proc)
     log.info("trained a %d-piece BPE tokenizer in %.1fs", size, time.perf_counter() - start)
     return open_tokenizer(dest)
-
-
-def _tokenized(corpus: Corpus, encode: _Encode, cfg: PrepareConfig, cache_file: Path):
-    """(the corpus mapped to ids and split flags, a progress bar or None)."""
-    ds = corpus.dataset
-    if corpus.streaming:
-        tokenized = ds.map(encode, batched=True, batch_size=_MAP_BATCH, remove_columns=["text"],
-                           features=_TOKENIZED)
-        return tokenized, tqdm(desc="Tokenizing", unit=" docs")
-    # datasets.map runs `num_proc` processes (each with one SentencePiece thread) and keeps order.
-    encode.num_threads = 1
-    tokenized = ds.map(encode, batched=True, batch_size=_MAP_BATCH, remove_columns=["text"],
-                       features=_TOKENIZED, num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-                       cache_file_name=str(cache_file), load_from_cache_file=False, desc="Tokenizing")
-    return tokenized, None
-
-
-def _tokenize_and_write(parts: list[tuple[Corpus, _Encode]], cfg: PrepareConfig, out_dir: Path,
-                        work_dir: Path, dtype: str, unk_id: int) -> dict:
-    """Tokenize each (corpus, encoder) in turn and append each document to its split's file; returns the
-    counts."""
-    counts = {"splits": {s: {"tokens": 0, "documents": 0, "longer_than_seq_len": 0} for s in mf.SPLITS},
-              "empty_documents": 0, "unk_tokens": 0, "documents_spelling_special_tokens": 0}
-    files = {s: open(out_dir / f".{s}.bin.tmp", "wb") for s in mf.SPLITS}
-    try:
-        for i, (corpus, encode) in enumerate(parts):
-            _write_part(corpus, encode, cfg, work_dir / f"tokenized{i}.arrow", files, counts, dtype, unk_id)
-    finally:
-        for f in files.values():
-            f.close()
-    return counts
-
-
-def _write_part(corpus, encode, cfg, cache_file, files, counts, dtype, unk_id) -> None:
-    """Append one corpus's documents to the split files, adding to `counts` (_tokenize_and_write's)."""
-    stats = counts["splits"]
-    tokenized, progress = _tokenized(corpus, encode, cfg, cache_file)
-    try:
-        for table in tokenized.with_format("arrow").iter(batch_size=_WRITE_BATCH):
-            ids = table.column("ids").combine_chunks()
-            lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
-            values = ids.flatten().to_numpy(zero_copy_only=False)
-            is_val = table.column("validation").to_numpy(zero_copy_only=False)
-            counts["empty_documents"] += int((lengths == 0).sum())
-            counts["unk_tokens"] += int((values == unk_id).sum())
-            counts["documents_spelling_special_tokens"] += int(pc.sum(table.column("spells_special")).as_py() or 0)
-            token_is_val = np.repeat(is_val, lengths)
-            for split, doc_mask, tok_mask in (("train", ~is_val, ~token_is_val),
-                                              ("validation", is_val, token_is_val)):
-                chunk = values[tok_mask].astype(dtype)
-                chunk.tofile(files[split])
-                s = stats[split]
-                s["tokens"] += int(chunk.size)
-                s["documents"] += int((doc_mask & (lengths > 0)).sum())
-                if cfg.seq_len:
-                    s["longer_than_seq_len"] += int((doc_mask & (lengths > cfg.seq_len + 1)).sum())
-            if progress is not None:
-                progress.update(table.num_rows)
-    finally:
-        if progress is not None:
-            progress.close()
 
 
 def _report_windows(manifest: dict, seq_len: int | None) -> None:
@@ -421,10 +318,11 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
     vocab_size = tok.vocab_size
     dtype = mf.token_dtype(vocab_size)
     start = time.perf_counter()
-    parts = [(corpus, _Encode(tok, train_fraction, cfg.num_proc))]
+    parts = [(corpus, Encode(tok, train_fraction, cfg.num_proc))]
     if val_corpus is not None:  # a fraction of 1: every document of it validates
-        parts.append((val_corpus, _Encode(tok, 1.0, cfg.num_proc)))
-    counts = _tokenize_and_write(parts, cfg, out_dir, work_dir, dtype, -1 if tok.unk_id is None else tok.unk_id)
+        parts.append((val_corpus, Encode(tok, 1.0, cfg.num_proc)))
+    counts = tokenize_and_write(parts, out_dir, work_dir, dtype, -1 if tok.unk_id is None else tok.unk_id,
+                                num_proc=cfg.num_proc, seq_len=cfg.seq_len)
     seconds = time.perf_counter() - start
 
     splits = counts["splits"]

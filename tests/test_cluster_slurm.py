@@ -76,7 +76,10 @@ def _wait_for_step(slurm, job, run_dir: Path, step: int):
         time.sleep(0.1)
 
 
-LONGER = SHORT.replace("--total-steps 30", "--total-steps 40").replace("--save-every 10", "--save-every 100")
+# 60 steps: the signal, sent once step 10 is logged, must land before the last step; at 40 steps a slow
+# scancel on a loaded machine could miss the run (a step takes ~0.2 s on 2 CPU cores; the signal landed
+# one step after it was sent).
+LONGER = SHORT.replace("--total-steps 30", "--total-steps 60").replace("--save-every 10", "--save-every 100")
 
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
@@ -90,16 +93,16 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert info["Restarts"] == "1", info
     recs = _records(tmp_path / "run")
     stopped = [r["step"] for r in recs if r.get("event") == "preempted"]
-    assert len(stopped) == 1 and 10 <= stopped[0] < 40, (stopped, log[-3000:])
+    assert len(stopped) == 1 and 10 <= stopped[0] < 60, (stopped, log[-3000:])
     n = stopped[0]
     assert re.search(rf"stopped by signal 10 after step {n}; checkpoint saved", log)
     assert not any("val_loss" in r and r["step"] == n for r in recs)  # the checkpoint first, no evaluation
     assert f"requeueing job {job}" in log and f"job {job} restart 1: 2 rank(s)" in log
     assert f"resumed from {tmp_path}/run/checkpoints/step_{n} at step {n}" in log
     steps = [r["step"] for r in recs if "loss" in r]
-    assert steps == list(range(1, 41)), steps  # every step once: nothing lost, nothing repeated
-    assert [r["step"] for r in recs if r.get("event") == "reset"] == [16, 24, 32, 40]
-    assert (tmp_path / "run/checkpoints/latest").read_text() == "step_40"
+    assert steps == list(range(1, 61)), steps  # every step once: nothing lost, nothing repeated
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == list(range(16, 61, 8))
+    assert (tmp_path / "run/checkpoints/latest").read_text() == "step_60"
 
 
 def test_term_to_the_batch_script_checkpoints_without_requeue(slurm, tmp_path):
@@ -113,7 +116,7 @@ def test_term_to_the_batch_script_checkpoints_without_requeue(slurm, tmp_path):
     _assert_finished(info, log)
     assert info["Restarts"] == "0" and "not requeueing (REQUEUE_SIGNALS=USR1)" in log, info
     n = [r["step"] for r in _records(tmp_path / "run") if r.get("event") == "preempted"]
-    assert len(n) == 1 and (tmp_path / "run/checkpoints/latest").read_text() == f"step_{n[0]}" and n[0] < 40
+    assert len(n) == 1 and (tmp_path / "run/checkpoints/latest").read_text() == f"step_{n[0]}" and n[0] < 60
 
 
 def test_deepspeed_launcher_variant(slurm, tmp_path):

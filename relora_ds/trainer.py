@@ -29,20 +29,18 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from . import checkpoint, run_info
-from .data import PackedTokens, ShardedBatches, builtin_data_dir, eval_batches, \
-    load_manifest, prepare_data
+from . import checkpoint, reset_hook, run_info
+from .data import PackedTokens, ShardedBatches, builtin_data_dir, load_manifest, prepare_data
 from .data.manifest import read_manifest_file
 from .distributed import init_distributed, max_over_ranks, on_rank_zero, pick_port_for_a_single_process
 from .flops import flops_per_token, peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engine_state import full_fp32_state_dict
+from .evaluate import validation_loss
 from .ds_patches import patch_deepspeed_nvme
 from .hf import export_run, load_hf
-from .merge import merge_and_reinit
 from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_line
 from .model import LlamaForCausalLM
-from .prune import prune_optimizer_state
 from .relora import lora_parameters, wrap
 from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
@@ -382,51 +380,21 @@ class Trainer(CheckpointsMixin):
         return cycle_position(self.step, self.relora_start, self.cfg.cycle_length, self.total_steps)
 
     def _after_step_events(self) -> None:
-        cfg = self.cfg
-        if cfg.mode != "relora" or self.engine_phase != "lowrank":
-            return
-        since = self.step - self.relora_start
-        if since <= 0:  # the switch itself is the fresh engine's start, not a reset
-            return
-        # A reset at the last step too: the final checkpoint is then the one a longer run writes at that
-        # step, so resuming it with a larger total_steps continues exactly. (Its merge rounds s·B·A into a
-        # bf16 or int8 base like every merge; in fp32 it leaves the function unchanged.)
-        event = {}
-        if since % (cfg.merge_every or cfg.cycle_length) == 0:
-            event.update(merge_and_reinit(self.engine))
-        if since % cfg.cycle_length == 0 and self.engine.global_steps == self.engine.skipped_steps:
-            # fp16 overflows skipped every update since the switch: Adam has no moments yet, nothing to prune
-            event.update(reset=True, prune_skipped="no optimizer update since the switch (fp16 overflows)")
-        elif since % cfg.cycle_length == 0:
-            event.update(prune_optimizer_state(self.engine, lora_parameters(self.engine.module),
-                                               method=cfg.prune_method, ratio=cfg.prune_ratio,
-                                               seed=cfg.seed + self.step, joint=cfg.prune_joint))
-            event["reset"] = True
-        if event:
-            self._event({"event": "reset" if event.get("reset") else "merge", "step": self.step, **event})
+        if self.engine_phase == "lowrank":
+            event = reset_hook.after_step(self.engine, self.step, self.cfg, self.relora_start)
+            if event:
+                self._event(event)
 
     def evaluate(self, final: bool = False) -> dict:
         """Validation loss on the first eval_windows windows (final_eval_windows for the run's `final` one)."""
-        engine, start = self.engine, time.perf_counter()
+        start = time.perf_counter()
         windows = self.cfg.eval_windows
         if final and self.cfg.final_eval_windows is not None:
             windows = self.cfg.final_eval_windows
-        engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=engine.device)
-        with torch.no_grad():
-            for batch in eval_batches(self.val_data, self.cfg.micro_batch_size, self.rank, self.world,
-                                      num_windows=windows or None):
-                tokens = batch.shape[0] * (batch.shape[1] - 1)
-                if tokens == 0:  # past the end on this rank: a weightless forward keeps ZeRO-3's gathers matched
-                    batch = self.val_data[0][None]
-                batch = batch.to(engine.device)
-                total[0] += engine(batch, labels=batch).loss.double() * tokens
-                total[1] += tokens
-        engine.train()
-        dist.all_reduce(total)
-        val_loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        val_loss, tokens = validation_loss(self.engine, self.val_data, self.cfg.micro_batch_size, self.rank,
+                                           self.world, num_windows=windows or None)
         rec = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-               "val_tokens": int(total[1].item()), "eval_seconds": time.perf_counter() - start}
+               "val_tokens": tokens, "eval_seconds": time.perf_counter() - start}
         self.metrics.log(rec)
         self._print(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {rec['val_ppl']:.2f}")
         return rec

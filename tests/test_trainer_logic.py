@@ -10,23 +10,23 @@ import pytest
     (None, [6, 10], [6, 10]),
 ], ids=["merge_every=2", "merge_every=None"])
 def test_merge_every_and_cycle_length_place_merges_resets_and_prune_seeds(monkeypatch, merge_every, merges, resets):
-    """Trainer._after_step_events over steps 1-12 (warm start 2, cycle_length 4), merge and prune recorded by
-    stubs. Expected by hand from the config docs: merges every `merge_every` steps (default cycle_length) and
-    resets (merge + prune) every cycle_length steps, both counted from the switch to ReLoRA at step 2, none
-    at the switch itself: merges at 4, 6, 8, 10, 12 with merge_every 2, resets at 6 and 10. Each reset
+    """Trainer._after_step_events (relora_ds/reset_hook.py) over steps 1-12 (warm start 2, cycle_length 4),
+    merge and prune recorded by stubs. Expected by hand from the config docs: merges every `merge_every` steps
+    (default cycle_length) and resets (merge + prune) every cycle_length steps, both counted from the switch
+    to ReLoRA at step 2, none at the switch itself: merges at 4, 6, 8, 10, 12 with merge_every 2, resets at 6 and 10. Each reset
     prunes with its own seed, run seed + step (a `random` prune must not reuse one mask at every reset, and
     a resumed run must draw the one an uninterrupted run draws at that step)."""
     from types import SimpleNamespace
 
-    from relora_ds import trainer as trainer_mod
+    from relora_ds import reset_hook
     from relora_ds.train_config import TrainConfig
     from relora_ds.trainer import Trainer
 
     calls, events = [], []
-    monkeypatch.setattr(trainer_mod, "merge_and_reinit", lambda engine: calls.append(("merge", t.step)) or {"layers": 1})
-    monkeypatch.setattr(trainer_mod, "prune_optimizer_state",
+    monkeypatch.setattr(reset_hook, "merge_and_reinit", lambda engine: calls.append(("merge", t.step)) or {"layers": 1})
+    monkeypatch.setattr(reset_hook, "prune_optimizer_state",
                         lambda engine, params, **kw: calls.append(("prune", t.step, kw)) or {"exp_avg_sq": 0.5})
-    monkeypatch.setattr(trainer_mod, "lora_parameters", lambda module: ["lora params"])
+    monkeypatch.setattr(reset_hook, "lora_parameters", lambda module: ["lora params"])
     cfg = TrainConfig(cycle_length=4, merge_every=merge_every, restart_warmup_steps=2, total_steps=12,
                       warm_start_steps=2, warm_start_lr=1e-3, prune_method="random", prune_ratio=0.5, seed=5)
     t = SimpleNamespace(cfg=cfg, relora_start=2, _event=events.append,
@@ -197,15 +197,16 @@ def test_run_info_records_what_the_run_ran_on(tmp_path):
 
 
 def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(monkeypatch):
-    """Trainer.evaluate on a stub engine whose loss is a batch's mean of known per-window values: 10 windows
-    in micro-batches of 4 on 2 ranks (rank 0: windows 0-3 and 8-9, rank 1: 4-7 and an empty batch, which
-    still runs a weightless forward). The validation loss must be the plain mean of the 10 values, as one
+    """Trainer.evaluate (relora_ds/evaluate.py) on a stub engine whose loss is a batch's mean of known
+    per-window values: 10 windows in micro-batches of 4 on 2 ranks (rank 0: windows 0-3 and 8-9, rank 1: 4-7
+    and an empty batch, which still runs a weightless forward). The validation loss must be the plain mean of the 10 values, as one
     process over all windows would give; a mean of batch means (or a full weight for the short batch, or
     any weight for the empty one) gives another number."""
     from types import SimpleNamespace
 
     import torch
 
+    from relora_ds import evaluate
     from relora_ds import trainer as trainer_mod
 
     value = torch.tensor([float(i * i + 1) for i in range(10)])  # window i's "loss"
@@ -234,7 +235,7 @@ def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(mon
         else:
             reduced.append(t.clone())
 
-    monkeypatch.setattr(trainer_mod.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(evaluate.dist, "all_reduce", all_reduce)
     logged = []
     cfg = SimpleNamespace(micro_batch_size=4, eval_windows=10)
     for rank in (1, 0):

@@ -1,0 +1,29 @@
+"""Validation loss: the token-weighted mean over the first windows of the validation split, sharded over
+ranks, equal to what one process reading every window would compute."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .data import PackedTokens, eval_batches
+
+
+def validation_loss(engine, val_data: PackedTokens, micro_batch_size: int, rank: int, world: int,
+                    num_windows: int | None) -> tuple[float, int]:
+    """(mean loss per predicted token, predicted tokens) over the first `num_windows` windows (None: all);
+    every rank calls it. A rank whose share ran out runs a weightless forward on window 0, so that ZeRO-3's
+    parameter gathers stay matched across ranks."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # (sum of token losses, tokens)
+    with torch.no_grad():
+        for batch in eval_batches(val_data, micro_batch_size, rank, world, num_windows=num_windows):
+            tokens = batch.shape[0] * (batch.shape[1] - 1)
+            if tokens == 0:
+                batch = val_data[0][None]
+            batch = batch.to(engine.device)
+            total[0] += engine(batch, labels=batch).loss.double() * tokens
+            total[1] += tokens
+    engine.train()
+    dist.all_reduce(total)
+    loss = (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+    return loss, int(total[1].item())

@@ -3,6 +3,7 @@
 the parameters on NVMe train and reset bit for bit as with host offload, and a checkpoint of parameters on
 NVMe resumes exactly (tests/test_nvme_offload.py). The trainer still refuses the optimizer on NVMe, whose
 checkpoints DeepSpeed's loader does not restore (relora_ds/startup.py ``check_offload_on_device``).
+Also here: ``release_engine``, for an engine replaced by another in the same process (item 4).
 
 1. The optimizer offloaded to NVMe trains on wrong gradients without a word.
 
@@ -37,6 +38,14 @@ frozen parameter's partition (``_get_param_fragment_func``: ``param.ds_tensor``)
 placeholder: a scalar is saved, and the loaded values never reach the file (measured: a new engine loading
 the checkpoint had exactly the swapped MLP weights wrong, first loss 0.165 where the run had 0.091). The fix
 swaps each such partition in to save it, and writes each loaded one through the swapper into its file.
+
+4. A ZeRO-3 engine is never freed. Two module-level references keep its model, and through the model's
+hooks the engine with its optimizer, alive for the life of the process: the parameter offload pushes the
+model onto ``parameter_offload.FWD_MODULE_STACK`` when it is built and neither the forward nor ``destroy()``
+pops it, and ``PartitionedParameterCoordinator.__params_to_release`` is an ``lru_cache`` on the class keyed
+by (coordinator, submodule, step). Measured at the warm-start switch: the full-rank ZeRO-3 engine was still
+alive when the ReLoRA engine was built (ZeRO-1/2 engines were freed once no longer referenced).
+``release_engine`` drops both references (the cache only loses entries it recomputes).
 """
 from __future__ import annotations
 
@@ -155,3 +164,22 @@ def patch_deepspeed_nvme() -> bool:
             patched._relora_nvme = True
             setattr(DeepSpeedEngine, name, patched)
     return True
+
+
+def release_engine(engine) -> None:
+    """``engine.destroy()``, and drop the reference DeepSpeed itself keeps to a ZeRO-3 engine's model (item 4),
+    so that the engine's weights, fp32 masters, optimizer state and buffers are freed once the caller drops
+    its own references and cycles are collected (``gc.collect()``): destroy() frees no tensor."""
+    engine.destroy()
+    try:
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    except ImportError:
+        return
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if m is not engine.module]
+    # The lru_cache sits under DeepSpeed's NVTX wrapper (no functools.wraps): reach it through the closure.
+    fn = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    for f in (fn, *(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))):
+        if hasattr(f, "cache_clear"):
+            f.cache_clear()

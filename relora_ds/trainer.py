@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import gc
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from .flops import flops_per_token, peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engine_state import full_fp32_state_dict
 from .evaluate import validation_loss
-from .ds_patches import patch_deepspeed_nvme
+from .ds_patches import patch_deepspeed_nvme, release_engine
 from .hf import export_run, load_hf
 from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_line
 from .model import LlamaForCausalLM
@@ -239,12 +240,16 @@ class Trainer(CheckpointsMixin):
 
     def _switch_to_lowrank(self) -> None:
         """End of the warm start: full-rank weights (fp32 masters) into a fresh ReLoRA engine."""
-        state = full_fp32_state_dict(self.engine)
-        self.engine.destroy()
+        model = LlamaForCausalLM(self.model_config)
+        model.load_state_dict(full_fp32_state_dict(self.engine))
+        # The full-rank engine's weights, fp32 masters, Adam moments and gradient buffers go before the new
+        # engine is built: destroy() frees no tensor, and DeepSpeed's engine holds reference cycles.
+        release_engine(self.engine)
+        self.engine = None
+        gc.collect()
+        get_accelerator().empty_cache()
         if torch.cuda.is_available():  # peak_memory_mb from here on is the ReLoRA phase's own
             torch.cuda.reset_peak_memory_stats()
-        model = LlamaForCausalLM(self.model_config)
-        model.load_state_dict(state)
         self._build_engine(model, "lowrank")
         self._event({"event": "switch_to_relora", "step": self.step})
 

@@ -166,6 +166,21 @@ def test_stage0_checkpoint_exports(tmp_path, small_data_dir):
     export_equals_the_trainers(tmp_path / "run", tmp_path)
 
 
+def test_the_full_rank_engine_is_freed_before_the_relora_engine_is_built(tmp_path, small_data_dir):
+    """At the warm-start switch the full-rank engine (its weights, fp32 masters, Adam moments, gradient
+    buffers) must be gone before DeepSpeed builds the ReLoRA engine, or both sit in device memory at once:
+    engine.destroy() frees no tensor, DeepSpeed's engine holds reference cycles, and under ZeRO-3 two
+    module-level references of DeepSpeed keep it alive (relora_ds/ds_patches.py, item 4). Checked with weak
+    references at the second deepspeed.initialize, under ZeRO-3 (one process)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/dist/switch_worker.py"), str(tmp_path / "run"),
+                           str(small_data_dir), str(ROOT / "ds_configs/zero3.json")],
+                          env=launch_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("ALIVE_AT_BUILD"))
+    # first build: nothing before it; second (the switch): the full-rank engine and its optimizer, both gone
+    assert line == "ALIVE_AT_BUILD [[], [False, False]]", line
+
+
 def test_torchrun_launcher(tmp_path, small_data_dir):
     recipe, ds = write(tmp_path, small_data_dir, total_steps=4, warm_start_steps=0, cycle_length=2,
                         restart_warmup_steps=1, warmup_steps=1, eval_every=0)

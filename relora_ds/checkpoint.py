@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .distributed import on_rank_zero
 from .ds_config import engine_layout, zero_stage
 
 LATEST = "latest"
@@ -36,9 +37,12 @@ UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}
 
 
 def rng_state() -> dict:
+    """This rank's generators: python, numpy, torch's CPU one and, on CUDA, its own device's (the one its
+    dropout draws from). Not every visible GPU's: a resume may see fewer GPUs per node, or map ranks to
+    local devices differently."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()  # the current device's
     return state
 
 
@@ -46,8 +50,14 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state:  # saved before 2026-12-01: every visible device's; this rank's is its own device's
+        device = torch.cuda.current_device()
+        if device < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][device])
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -311,7 +321,10 @@ def make_universal(ckpt_dir: Path, tag: str) -> str:
     to load it by. The conversion is written beside the checkpoint and renamed into it when complete."""
     src = Path(ckpt_dir) / tag
     out = src / UNIVERSAL
-    if (dist.get_rank() if dist.is_initialized() else 0) == 0 and not out.is_dir():
+
+    def convert():
+        if out.is_dir():
+            return
         tmp = Path(ckpt_dir) / f".{tag}_{UNIVERSAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
@@ -323,8 +336,11 @@ def make_universal(ckpt_dir: Path, tag: str) -> str:
                                f"{proc.stderr[-3000:]}")
         _add_frozen_tensors(Path(ckpt_dir), tag, tmp / "zero")
         os.replace(tmp, out)
+
     if dist.is_initialized():
-        dist.barrier()
+        on_rank_zero(convert)  # a failed conversion stops every rank, not only rank 0
+    else:
+        convert()
     return f"{tag}/{UNIVERSAL}"
 
 

@@ -11,8 +11,10 @@ same layers in either model. This file knows nothing of DeepSpeed, Triton or ReL
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +25,21 @@ from torch import nn
 from .loss import linear_cross_entropy
 from .model_config import LlamaConfig
 
-_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+_NOT_INSTALLED = "flash-attn is not installed"
+
+
+@functools.cache
+def _flash_attn_problem() -> str | None:
+    """None when flash-attn imports; else why not. Tried once, at the first CUDA fp16/bf16 forward: a wheel
+    built for another torch is found by pip but fails to import (undefined symbols), and `auto` must then
+    fall back to SDPA instead of stopping the run."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return _NOT_INSTALLED
+    try:
+        importlib.import_module("flash_attn")
+    except Exception as e:  # ImportError, OSError from a mismatched CUDA/torch build, ...
+        return f"flash-attn is installed but does not import ({type(e).__name__}: {e})"
+    return None
 
 
 @dataclass
@@ -157,11 +173,20 @@ class Attention(nn.Module):
     def _use_flash(self, q: torch.Tensor) -> bool:
         if self.attn_implementation == "sdpa":
             return False
-        usable = _HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        if self.attn_implementation == "flash" and not usable:
-            raise ValueError("attn_implementation='flash' needs flash-attn installed and CUDA fp16/bf16 "
-                             f"inputs (installed={_HAS_FLASH_ATTN}, device={q.device}, dtype={q.dtype})")
-        return usable
+        on_gpu = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        problem = _flash_attn_problem() if on_gpu or self.attn_implementation == "flash" else None
+        if self.attn_implementation == "flash" and (problem or not on_gpu):
+            raise ValueError("attn_implementation='flash' needs flash-attn and CUDA fp16/bf16 inputs "
+                             f"({problem or 'flash-attn imports'}; device={q.device}, dtype={q.dtype})")
+        if problem and problem != _NOT_INSTALLED:  # installed but broken: say so, once
+            _warn_flash_fallback(problem)
+        return on_gpu and problem is None
+
+
+@functools.cache
+def _warn_flash_fallback(problem: str) -> None:
+    warnings.warn(f"attention runs on torch SDPA: {problem}; reinstall flash-attn for this torch, or set "
+                  "attn_implementation='sdpa' to silence this", RuntimeWarning, stacklevel=3)
 
 
 @functools.lru_cache(maxsize=4)

@@ -186,9 +186,8 @@ class Trainer(CheckpointsMixin):
             return Path(cfg.data_dir)
         vocab = cfg.vocab_size or BUILTIN_VOCAB_SIZE
         path = builtin_data_dir(vocab)
-        if self.rank == 0:  # one process tokenizes; the others wait and read
-            prepare_data(None, path, vocab_size=vocab, seq_len=cfg.seq_len, overwrite=True)  # relora_ds's own cache
-        dist.barrier()
+        # One process tokenizes (its error stops every rank); the others wait and read. relora_ds's own cache.
+        on_rank_zero(lambda: prepare_data(None, path, vocab_size=vocab, seq_len=cfg.seq_len, overwrite=True))
         if read_manifest_file(path) is None:  # another node, whose cache is not rank 0's
             raise ValueError(f"rank {self.rank} on {socket.gethostname()} cannot see the built-in corpus that rank 0 "
                              f"prepared in {path}: on several nodes set RELORA_DATA_CACHE to a directory all "
@@ -248,7 +247,7 @@ class Trainer(CheckpointsMixin):
         self.engine = None
         gc.collect()
         get_accelerator().empty_cache()
-        if torch.cuda.is_available():  # peak_memory_mb from here on is the ReLoRA phase's own
+        if torch.cuda.is_initialized():  # peak_memory_mb from here on is the ReLoRA phase's own
             torch.cuda.reset_peak_memory_stats()
         self._build_engine(model, "lowrank")
         self._event({"event": "switch_to_relora", "step": self.step})
@@ -362,8 +361,9 @@ class Trainer(CheckpointsMixin):
         stop = torch.tensor(float(self._stop_signal > 0), device=losses[0].device)
         flags = torch.stack([torch.stack(losses).mean(), stop])
         dist.all_reduce(flags)
-        mean = flags[0].item() / self.world
-        self._stop_agreed = flags[1].item() > 0
+        total, stop = flags.tolist()  # one device-to-host copy per step
+        mean = total / self.world
+        self._stop_agreed = stop > 0
         if not math.isfinite(mean):
             last = checkpoint.latest_tag(self.ckpt_dir)
             raise FloatingPointError(
@@ -407,7 +407,8 @@ class Trainer(CheckpointsMixin):
     def export(self, out_dir: Path) -> Path:
         """Merged Hugging Face LLaMA directory of the current weights (all ranks call; rank 0 writes)."""
         state = full_fp32_state_dict(self.engine)
-        if self.rank == 0:
+
+        def write():  # its error (a full disk, say) stops every rank instead of leaving them at a barrier
             model = LlamaForCausalLM(self.model_config)
             if self.engine_phase == "lowrank":
                 wrap(model, rank=self.cfg.rank, alpha=self.cfg.alpha, target_modules=self.cfg.target_modules,
@@ -417,7 +418,7 @@ class Trainer(CheckpointsMixin):
             self._print(f"exported the Hugging Face model to {out_dir}")
             for note in notes:
                 self._event({"event": "warning", "step": self.step, "message": f"export to {out_dir}: {note}"})
-        dist.barrier()
+        on_rank_zero(write)
         return out_dir
 
     def _event(self, rec: dict) -> None:

@@ -358,6 +358,41 @@ def test_rng_state_restores_every_generator():
     assert draw() == first
 
 
+def test_rng_state_keeps_only_this_ranks_cuda_generator(monkeypatch):
+    """On CUDA a rank saves and restores its own device's generator only: restoring every visible device's
+    (torch.cuda.set_rng_state_all) fails with an IndexError on a node that shows fewer GPUs than the one that
+    saved (8 x 1 GPU resumed as 4 x 2), and restores a never-advanced state when ranks map to other local
+    devices. A stand-in torch.cuda with per-device generator states (no GPU here); checkpoints saved before
+    held every device's list, of which the current device's entry is restored."""
+    import torch
+
+    from relora_ds import checkpoint
+
+    states = {0: torch.tensor([10]), 1: torch.tensor([11])}
+    current = {"device": 1}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[current["device"]].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda new, device="cuda": states.__setitem__(current["device"], new.clone()))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saves every device's state"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("restores every device's state"))
+
+    saved = checkpoint.rng_state()
+    assert saved["cuda_device"].tolist() == [11] and "cuda" not in saved
+    states[1] = torch.tensor([99])  # device 1's generator advanced
+    current["device"] = 0  # resumed on a node where this rank is on device 0
+    checkpoint.set_rng_state(saved)
+    assert states[0].tolist() == [11] and states[1].tolist() == [99]
+    old = {**saved, "cuda": [torch.tensor([20]), torch.tensor([21])]}
+    del old["cuda_device"]
+    current["device"] = 1
+    checkpoint.set_rng_state(old)  # the old format: the current device's entry
+    assert states[1].tolist() == [21] and states[0].tolist() == [11]
+    current["device"] = 3  # more devices than the saving node showed: nothing to restore, no IndexError
+    checkpoint.set_rng_state(old)
+
+
 def test_bf16_optimizer_masters_join_pieces_in_rank_number_order(tmp_path):
     """DeepSpeed's bf16 optimizer files of 12 ranks (rank_10 sorts before rank_2 by name): w (6x10) is split
     into 12 consecutive pieces of arange(60), one per rank, each after a 2-value piece of v in the rank's

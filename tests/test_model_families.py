@@ -396,3 +396,37 @@ def test_flash_attn_gets_the_window_as_its_documented_window_size(monkeypatch):
     full = LlamaForCausalLM(LlamaConfig(**SHAPE, model_type="mistral")).eval()
     full.load_state_dict(model.state_dict())
     assert not torch.allclose(_logits(full, x), sdpa, atol=1e-3)  # the stand-in honours the window
+
+
+def test_a_flash_attn_that_does_not_import_falls_back_to_sdpa_under_auto(monkeypatch):
+    """A flash-attn wheel built for another torch is found (find_spec) but fails to import. Under
+    attn_implementation='auto' a CUDA bf16 forward then runs on SDPA with one warning naming the import error,
+    instead of stopping the run at its first step; 'flash' refuses with the same reason. (No GPU here: a
+    stand-in query that says it is a CUDA bf16 tensor; the import fails as a None entry in sys.modules makes it.)"""
+    import importlib.util
+    import sys
+    import types
+    import warnings
+
+    import relora_ds.model as model_module
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    q = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
+    attention = {impl: LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation=impl)).model.layers[0].self_attn
+                 for impl in ("auto", "flash")}
+    model_module._flash_attn_problem.cache_clear()
+    model_module._warn_flash_fallback.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"SDPA: flash-attn is installed but does not import \(ModuleNotFoundError: import of flash_attn halted"):
+            assert attention["auto"]._use_flash(q) is False
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once: not at every layer and step
+            assert attention["auto"]._use_flash(q) is False
+        with pytest.raises(ValueError, match="attn_implementation='flash' needs flash-attn .*does not import"):
+            attention["flash"]._use_flash(q)
+    finally:  # the next test sees this machine's real flash-attn (or its absence)
+        model_module._flash_attn_problem.cache_clear()
+        model_module._warn_flash_fallback.cache_clear()

@@ -106,6 +106,21 @@ def node_rank(hosts: dict[str, int], me: str | None = None) -> int:
                      f"({', '.join(order)})")
 
 
+def check_visible_devices(slots: int, visible: str | None) -> None:
+    """The deepspeed launcher started from a hostfile ignores CUDA_VISIBLE_DEVICES and gives this node's
+    ranks GPUs 0..slots-1 (deepspeed/launcher/runner.py honours it only without a hostfile): where SLURM
+    gave the job other GPUs of a shared node (e.g. 4-7, no device cgroup), the ranks would run on another
+    job's GPUs."""
+    if not visible:
+        return
+    devices = [d.strip() for d in visible.split(",") if d.strip()]
+    if devices != [str(i) for i in range(slots)]:
+        raise ValueError(f"CUDA_VISIBLE_DEVICES={visible} on this node, but the deepspeed launcher gives its "
+                         f"{slots} rank(s) GPUs {','.join(map(str, range(slots)))} whatever it says: allocate "
+                         "whole nodes (sbatch --exclusive) or use launch/slurm/train.sbatch, where srun binds "
+                         "each rank to its own GPU")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -119,6 +134,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("node-rank", help="print this node's index in the hostfile")
     p.add_argument("hostfile")
     p.add_argument("--host", help="this node's name (default: $SLURMD_NODENAME, else the hostname)")
+    p.add_argument("--check-visible-devices", action="store_true",
+                   help="also refuse a CUDA_VISIBLE_DEVICES other than 0..slots-1 (ds_node.sh)")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "from-slurm":
@@ -135,7 +152,11 @@ def main(argv=None) -> int:
         elif args.cmd == "first-host":
             print(next(iter(read_hostfile(args.hostfile))))
         else:
-            print(node_rank(read_hostfile(args.hostfile), args.host))
+            hosts = read_hostfile(args.hostfile)
+            rank = node_rank(hosts, args.host)
+            if args.check_visible_devices:
+                check_visible_devices(list(hosts.values())[rank], os.environ.get("CUDA_VISIBLE_DEVICES"))
+            print(rank)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     return 0

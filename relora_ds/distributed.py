@@ -123,6 +123,26 @@ def max_over_ranks(value: float) -> float:
     return t.item()
 
 
+def agreement(value: str | None) -> tuple[bool, bool]:
+    """(whether some rank has no ``value``, whether the ranks' values differ), comparing a 56-bit hash of
+    each rank's string (a collective: every rank calls it); ``(value is None, False)`` without a process
+    group. Every rank gets the same answer, so every rank can stop on it."""
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value is None, False
+    h = 0 if value is None else 1 + int.from_bytes(hashlib.blake2b(value.encode(), digest_size=7).digest(), "little")
+    # One MAX all-reduce: of the missing flag, of h and of -h (the smallest h); equal hashes iff max == min.
+    t = torch.tensor([int(value is None), h, -h], dtype=torch.int64, device=get_accelerator().current_device_name())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    missing, largest, minus_smallest = t.tolist()
+    return bool(missing), largest != -minus_smallest
+
+
 def exit_process(code: int = 0) -> NoReturn:
     """End this process with ``code``: shut the process group down, then do what the interpreter's exit
     would (join non-daemon threads, run the ``atexit`` handlers, finalize MPI, flush stdout/stderr) and

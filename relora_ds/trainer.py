@@ -33,7 +33,8 @@ from tqdm import tqdm
 from . import checkpoint, reset_hook, run_info
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, load_manifest, prepare_data
 from .data.manifest import read_manifest_file
-from .distributed import init_distributed, max_over_ranks, on_rank_zero, pick_port_for_a_single_process
+from .distributed import agreement, init_distributed, max_over_ranks, on_rank_zero, \
+    pick_port_for_a_single_process
 from .flops import flops_per_token, peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engine_state import full_fp32_state_dict
@@ -183,15 +184,29 @@ class Trainer(CheckpointsMixin):
     def _prepare_data(self) -> Path:
         cfg = self.cfg
         if cfg.data_dir is not None:
-            return Path(cfg.data_dir)
-        vocab = cfg.vocab_size or BUILTIN_VOCAB_SIZE
-        path = builtin_data_dir(vocab)
-        # One process tokenizes (its error stops every rank); the others wait and read. relora_ds's own cache.
-        on_rank_zero(lambda: prepare_data(None, path, vocab_size=vocab, seq_len=cfg.seq_len, overwrite=True))
-        if read_manifest_file(path) is None:  # another node, whose cache is not rank 0's
-            raise ValueError(f"rank {self.rank} on {socket.gethostname()} cannot see the built-in corpus that rank 0 "
-                             f"prepared in {path}: on several nodes set RELORA_DATA_CACHE to a directory all "
-                             "nodes share, or prepare data once (launch/prepare_data.py) and pass --data-dir")
+            path = Path(cfg.data_dir)
+            what = f"data_dir {path}"
+            fix = "put it on a filesystem every node mounts, or give every node the same copy"
+        else:
+            vocab = cfg.vocab_size or BUILTIN_VOCAB_SIZE
+            path = builtin_data_dir(vocab)
+            # One process tokenizes (its error stops every rank); the others wait and read. relora_ds's cache.
+            on_rank_zero(lambda: prepare_data(None, path, vocab_size=vocab, seq_len=cfg.seq_len, overwrite=True))
+            what = f"the built-in corpus that rank 0 prepared in {path}"
+            fix = ("on several nodes set RELORA_DATA_CACHE to a directory all nodes share, or prepare data once "
+                   "(launch/prepare_data.py) and pass --data-dir")
+        # Each node reads its own view of `path`: a node-local cache or copy that is missing, or holds data of
+        # another recipe or tokenizer, must stop every rank, not train some ranks on other data.
+        manifest = read_manifest_file(path)
+        identity = None if manifest is None else json.dumps(
+            {k: manifest.get(k) for k in ("recipe", "tokenizer_sha256", "vocab_size", "splits")}, sort_keys=True)
+        missing, differ = agreement(identity)
+        if missing and self.world > 1:  # one process: load_manifest names what is wrong with the directory
+            who = f"rank {self.rank} on {socket.gethostname()}" if manifest is None else "another rank"
+            raise ValueError(f"{who} cannot see {what} (every rank stops): {fix}")
+        if differ:
+            raise ValueError(f"the ranks read different prepared data as {what} (its manifest, tokenizer or "
+                             f"token counts differ between nodes; every rank stops): {fix}")
         return path
 
     def _phase(self, step: int) -> str:

@@ -75,6 +75,15 @@ def test_ds_node_needs_the_rendezvous_and_its_own_line(tmp_path):
     env = _clean_env(MASTER_ADDR="n1", MASTER_PORT="29501", SLURMD_NODENAME="n9", PYTHON=sys.executable)
     proc = _run(ROOT / "launch/slurm/ds_node.sh", tmp_path / "hf", "launch/train.py", env=env)
     assert proc.returncode == 2 and "this node (n9" in proc.stderr and "is not in the hostfile (n1, n2)" in proc.stderr
+    # SLURM gave this job GPUs 4 and 5 of a shared node: the launcher would put the ranks on GPUs 0 and 1.
+    env.update(SLURMD_NODENAME="n2", CUDA_VISIBLE_DEVICES="4,5")
+    proc = _run(ROOT / "launch/slurm/ds_node.sh", tmp_path / "hf", "launch/train.py", env=env)
+    assert proc.returncode == 2 and "CUDA_VISIBLE_DEVICES=4,5 on this node" in proc.stderr, proc.stderr
+    assert "GPUs 0,1 whatever it says" in proc.stderr and "--exclusive" in proc.stderr
+    hostfile.check_visible_devices(2, "0,1")  # what the launcher uses anyway, or no restriction: accepted
+    hostfile.check_visible_devices(2, None)
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=0 on this node"):
+        hostfile.check_visible_devices(2, "0")
 
 
 def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):

@@ -172,12 +172,13 @@ def test_exit_process_finalizes_mpi(tmp_path):
 def test_an_error_on_rank_zero_stops_every_rank_and_max_over_ranks(tmp_path):
     """on_rank_zero: rank 0's work succeeds for all, or its error reaches every rank (rank 0 raises it, the
     others a RuntimeError naming it) instead of leaving them blocked at the next collective. max_over_ranks
-    gives every rank the largest value (peak memory is the busiest rank's)."""
+    gives every rank the largest value (peak memory is the busiest rank's); agreement tells every rank
+    whether some rank lacks a value and whether the ranks' values differ (each node's view of the data)."""
     worker = tmp_path / "worker.py"
     worker.write_text(f"""
 import json, sys
 import torch.distributed as dist
-from relora_ds.distributed import init_distributed, max_over_ranks, on_rank_zero, run_and_exit
+from relora_ds.distributed import agreement, init_distributed, max_over_ranks, on_rank_zero, run_and_exit
 
 def main():
     init_distributed()  # releases DeepSpeed's shared-memory segment (deepspeed.init_distributed leaks it)
@@ -198,6 +199,9 @@ def main():
     except Exception as e:  # bad input on rank 0: a ValueError (a clean "error:" line) on every rank
         out["refused"] = f"{{type(e).__name__}}: {{e}}"
     out["max"] = max_over_ranks([1234.5, 5678.25][dist.get_rank()])
+    r = dist.get_rank()
+    out["agreement"] = [agreement("same data"), agreement(["data A", "data B"][r]),
+                        agreement(["data A", None][r]), agreement(None)]
     dist.barrier()  # both ranks got here: nobody hangs
     with open(r"{tmp_path}/rank%d.json" % dist.get_rank(), "w") as f:
         json.dump(out, f)
@@ -214,3 +218,5 @@ run_and_exit(main)
     assert r0["refused"] == "ValueError: output_dir is in use"
     assert r1["refused"].startswith("ValueError: rank 0 failed in refuse")
     assert r0["max"] == r1["max"] == 5678.25  # rank 1's, on both
+    # agreement: (some rank has none, the ranks differ), the same answer on every rank
+    assert r0["agreement"] == r1["agreement"] == [[False, False], [False, True], [True, True], [True, False]]

@@ -415,12 +415,13 @@ def test_a_flash_attn_that_does_not_import_falls_back_to_sdpa_under_auto(monkeyp
                         lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     q = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
-    attention = {impl: LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation=impl)).model.layers[0].self_attn
-                 for impl in ("auto", "flash")}
+    attention = {impl: LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation=impl)).model.layers[0]
+                 .self_attn for impl in ("auto", "flash")}
     model_module._flash_attn_problem.cache_clear()
     model_module._warn_flash_fallback.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match=r"SDPA: flash-attn is installed but does not import \(ModuleNotFoundError: import of flash_attn halted"):
+        with pytest.warns(RuntimeWarning, match=r"SDPA: flash-attn is installed but does not import "
+                                                r"\(ModuleNotFoundError: import of flash_attn halted"):
             assert attention["auto"]._use_flash(q) is False
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # once: not at every layer and step

@@ -181,6 +181,35 @@ def test_the_full_rank_engine_is_freed_before_the_relora_engine_is_built(tmp_pat
     assert line == "ALIVE_AT_BUILD [[], [False, False]]", line
 
 
+@pytest.mark.parametrize("rank1_data", ["another recipe", "missing"])
+def test_ranks_that_see_different_or_no_data_all_stop(tmp_path, small_data_dir, rank1_data):
+    """Ranks on different nodes read their own view of the data directory. Where rank 1's copy holds data of
+    another recipe (a node-local cache from another run), training would silently feed the ranks different
+    data; where it is missing, rank 1 alone would stop and rank 0 wait at its next collective. Each rank runs
+    in its own directory with a relative data_dir: every rank must stop with the same reason."""
+    import shutil
+
+    for r in (0, 1):
+        (tmp_path / f"rank{r}").mkdir()
+    shutil.copytree(small_data_dir, tmp_path / "rank0" / "data")
+    if rank1_data == "another recipe":
+        shutil.copytree(small_data_dir, tmp_path / "rank1" / "data")
+        manifest = tmp_path / "rank1" / "data" / "manifest.json"
+        m = json.loads(manifest.read_text())
+        m["recipe"]["max_docs"] = 1499
+        manifest.write_text(json.dumps(m))
+    run_ranks(ROOT / "tests/dist/data_agreement_worker.py", "--base", str(tmp_path), timeout=300)
+    r0, r1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    if rank1_data == "missing":
+        assert r0 == "ValueError: another rank cannot see data_dir data (every rank stops): put it on a " \
+                     "filesystem every node mounts, or give every node the same copy", r0
+        assert r1.startswith("ValueError: rank 1 on ") and "cannot see data_dir data (every rank stops)" in r1, r1
+    else:
+        assert r0 == r1 == ("ValueError: the ranks read different prepared data as data_dir data (its manifest, "
+                            "tokenizer or token counts differ between nodes; every rank stops): put it on a "
+                            "filesystem every node mounts, or give every node the same copy"), (r0, r1)
+
+
 def test_torchrun_launcher(tmp_path, small_data_dir):
     recipe, ds = write(tmp_path, small_data_dir, total_steps=4, warm_start_steps=0, cycle_length=2,
                         restart_warmup_steps=1, warmup_steps=1, eval_every=0)

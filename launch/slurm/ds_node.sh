@@ -5,7 +5,8 @@
 #   srun --ntasks-per-node=1 launch/slurm/ds_node.sh HOSTFILE launch/train.py --config ... --deepspeed ...
 #
 # --node_rank is this node's line in the hostfile (launch/hostfile.py node-rank): the launcher gives node
-# i the slots of line i and numbers its ranks after those of lines 0..i-1.
+# i the slots of line i and numbers its ranks after those of lines 0..i-1, on GPUs 0..slots-1 (a
+# CUDA_VISIBLE_DEVICES naming other GPUs is refused: the launcher would not honour it).
 set -euo pipefail
 
 (( $# >= 2 )) || { echo "ds_node.sh: error: usage: ds_node.sh HOSTFILE SCRIPT [ARGS...]" >&2; exit 2; }
@@ -14,7 +15,7 @@ for v in MASTER_ADDR MASTER_PORT; do
 done
 hostfile=$1; shift
 PYTHON=${PYTHON:-python}
-node_rank=$("$PYTHON" launch/hostfile.py node-rank "$hostfile") || exit 2
+node_rank=$("$PYTHON" launch/hostfile.py node-rank --check-visible-devices "$hostfile") || exit 2
 
 # SLURM delivers a step signal to every process of the step. The launcher processes ignore USR1 (the
 # disposition is inherited; the trainer installs its own handler): its default action would kill the

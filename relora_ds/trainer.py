@@ -254,8 +254,12 @@ class Trainer(CheckpointsMixin):
 
     def _switch_to_lowrank(self) -> None:
         """End of the warm start: full-rank weights (fp32 masters) into a fresh ReLoRA engine."""
-        model = LlamaForCausalLM(self.model_config)
-        model.load_state_dict(full_fp32_state_dict(self.engine))
+        # Built on the meta device, the model takes the gathered fp32 tensors themselves: one full fp32 copy per
+        # rank in host memory, not two (7b: 27 GB, times the ranks of a node).
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.model_config)
+        model.load_state_dict(full_fp32_state_dict(self.engine), assign=True)
+        model.tie_weights()  # assign=True gave a tied lm_head a Parameter of its own
         # The full-rank engine's weights, fp32 masters, Adam moments and gradient buffers go before the new
         # engine is built: destroy() frees no tensor, and DeepSpeed's engine holds reference cycles.
         release_engine(self.engine)
@@ -421,7 +425,7 @@ class Trainer(CheckpointsMixin):
 
     def export(self, out_dir: Path) -> Path:
         """Merged Hugging Face LLaMA directory of the current weights (all ranks call; rank 0 writes)."""
-        state = full_fp32_state_dict(self.engine)
+        state = full_fp32_state_dict(self.engine, keep=self.rank == 0)  # every rank gathers; rank 0 writes
 
         def write():  # its error (a full disk, say) stops every rank instead of leaving them at a barrier
             model = LlamaForCausalLM(self.model_config)

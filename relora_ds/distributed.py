@@ -124,23 +124,16 @@ def max_over_ranks(value: float) -> float:
 
 
 def agreement(value: str | None) -> tuple[bool, bool]:
-    """(whether some rank has no ``value``, whether the ranks' values differ), comparing a 56-bit hash of
-    each rank's string (a collective: every rank calls it); ``(value is None, False)`` without a process
-    group. Every rank gets the same answer, so every rank can stop on it."""
+    """(whether some rank has no ``value``, whether the ranks' values differ), comparing a 48-bit hash of
+    each rank's string through max_over_ranks (a collective: every rank calls it); ``(value is None, False)``
+    without a process group. Every rank gets the same answer, so every rank can stop on it."""
     import hashlib
 
-    import torch
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value is None, False
-    h = 0 if value is None else 1 + int.from_bytes(hashlib.blake2b(value.encode(), digest_size=7).digest(), "little")
-    # One MAX all-reduce: of the missing flag, of h and of -h (the smallest h); equal hashes iff max == min.
-    t = torch.tensor([int(value is None), h, -h], dtype=torch.int64, device=get_accelerator().current_device_name())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    missing, largest, minus_smallest = t.tolist()
-    return bool(missing), largest != -minus_smallest
+    # 48 bits: exact in max_over_ranks' float64. Equal hashes iff the largest equals the smallest.
+    h = 0.0 if value is None else float(1 + int.from_bytes(hashlib.blake2b(value.encode(), digest_size=6).digest(),
+                                                           "little"))
+    missing = max_over_ranks(float(value is None)) > 0
+    return missing, max_over_ranks(h) != -max_over_ranks(-h)
 
 
 def exit_process(code: int = 0) -> NoReturn:

@@ -1,50 +1,9 @@
-"""The trainer's logic on stubs, no engine and no launcher: where merges, resets and prune seeds fall; what a
-resume does to the metrics log; what --overwrite clears. (Runs through DeepSpeed: tests/test_trainer.py.)"""
+"""The trainer's logic on stubs, no engine and no launcher: what a resume does to the metrics log, what
+--overwrite clears, start-up refusals (where merges and resets fall: test_reset_hook.py; the validation loss:
+test_evaluate.py). (Runs through DeepSpeed: tests/test_trainer.py.)"""
 import json
 
 import pytest
-
-
-@pytest.mark.parametrize("merge_every, merges, resets", [
-    (2, [4, 6, 8, 10, 12], [6, 10]),
-    (None, [6, 10], [6, 10]),
-], ids=["merge_every=2", "merge_every=None"])
-def test_merge_every_and_cycle_length_place_merges_resets_and_prune_seeds(monkeypatch, merge_every, merges, resets):
-    """Trainer._after_step_events (relora_ds/reset_hook.py) over steps 1-12 (warm start 2, cycle_length 4),
-    merge and prune recorded by stubs. Expected by hand from the config docs: merges every `merge_every` steps
-    (default cycle_length) and resets (merge + prune) every cycle_length steps, both counted from the switch
-    to ReLoRA at step 2, none at the switch itself: merges at 4, 6, 8, 10, 12 with merge_every 2, resets at 6 and 10. Each reset
-    prunes with its own seed, run seed + step (a `random` prune must not reuse one mask at every reset, and
-    a resumed run must draw the one an uninterrupted run draws at that step)."""
-    from types import SimpleNamespace
-
-    from relora_ds import reset_hook
-    from relora_ds.train_config import TrainConfig
-    from relora_ds.trainer import Trainer
-
-    calls, events = [], []
-    monkeypatch.setattr(reset_hook, "merge_and_reinit", lambda engine: calls.append(("merge", t.step)) or {"layers": 1})
-    monkeypatch.setattr(reset_hook, "prune_optimizer_state",
-                        lambda engine, params, **kw: calls.append(("prune", t.step, kw)) or {"exp_avg_sq": 0.5})
-    monkeypatch.setattr(reset_hook, "lora_parameters", lambda module: ["lora params"])
-    cfg = TrainConfig(cycle_length=4, merge_every=merge_every, restart_warmup_steps=2, total_steps=12,
-                      warm_start_steps=2, warm_start_lr=1e-3, prune_method="random", prune_ratio=0.5, seed=5)
-    t = SimpleNamespace(cfg=cfg, relora_start=2, _event=events.append,
-                        engine=SimpleNamespace(module=None, global_steps=0, skipped_steps=0))
-    for step in range(1, 13):  # as Trainer.train: step += 1, then the events; the switch precedes step 3's training
-        t.step, t.engine_phase = step, "full" if step <= 2 else "lowrank"
-        t.engine.global_steps = step - 2 if step > 2 else step  # the low-rank engine counts from the switch
-        Trainer._after_step_events(t)
-    assert [s for kind, s, *_ in calls if kind == "merge"] == merges
-    prunes = [(s, kw) for kind, s, *kw in calls if kind == "prune"]
-    assert [s for s, _ in prunes] == resets
-    assert [kw[0]["seed"] for _, kw in prunes] == [5 + s for s in resets]  # 11, 15: one seed per reset
-    assert all(kw[0]["method"] == "random" and kw[0]["ratio"] == 0.5 for _, kw in prunes)
-    # Every reset is also a merge, done before the prune (the new A's zeroed B and pruned moments go together).
-    for s in resets:
-        assert calls.index(("merge", s)) < next(i for i, c in enumerate(calls) if c[:2] == ("prune", s))
-    assert [(e["event"], e["step"]) for e in events] == sorted(
-        [("reset", s) for s in resets] + [("merge", s) for s in merges if s not in resets], key=lambda e: e[1])
 
 
 def test_resume_moves_metrics_of_steps_it_trains_again_aside(tmp_path):
@@ -194,68 +153,6 @@ def test_run_info_records_what_the_run_ran_on(tmp_path):
     run_info.append(tmp_path, {**env, "resume_step": 8})
     lines = [json.loads(l) for l in (tmp_path / "run_info.jsonl").read_text().splitlines()]
     assert [r["resume_step"] for r in lines] == [None, 8] and lines[0]["versions"] == env["versions"]
-
-
-def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(monkeypatch):
-    """Trainer.evaluate (relora_ds/evaluate.py) on a stub engine whose loss is a batch's mean of known
-    per-window values: 10 windows in micro-batches of 4 on 2 ranks (rank 0: windows 0-3 and 8-9, rank 1: 4-7
-    and an empty batch, which still runs a weightless forward). The validation loss must be the plain mean of the 10 values, as one
-    process over all windows would give; a mean of batch means (or a full weight for the short batch, or
-    any weight for the empty one) gives another number."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from relora_ds import evaluate
-    from relora_ds import trainer as trainer_mod
-
-    value = torch.tensor([float(i * i + 1) for i in range(10)])  # window i's "loss"
-    val_data = torch.zeros(10, 9, dtype=torch.long)
-    val_data[:, 0] = torch.arange(10)
-    seen = []
-
-    class Engine:
-        device = "cpu"
-
-        def eval(self):
-            pass
-
-        def train(self):
-            pass
-
-        def __call__(self, batch, labels):
-            seen.append(batch[:, 0].tolist())
-            return SimpleNamespace(loss=value[batch[:, 0]].mean())
-
-    reduced = []
-
-    def all_reduce(t):  # rank 1 runs first: rank 0's all-reduce adds its total
-        if reduced:
-            t += reduced.pop()
-        else:
-            reduced.append(t.clone())
-
-    monkeypatch.setattr(evaluate.dist, "all_reduce", all_reduce)
-    logged = []
-    cfg = SimpleNamespace(micro_batch_size=4, eval_windows=10)
-    for rank in (1, 0):
-        t = SimpleNamespace(engine=Engine(), val_data=val_data, cfg=cfg, rank=rank, world=2, step=7,
-                            metrics=SimpleNamespace(log=logged.append), _print=lambda msg: None)
-        rec = trainer_mod.Trainer.evaluate(t)
-    assert seen == [[4, 5, 6, 7], [0], [0, 1, 2, 3], [8, 9]]  # rank 1's empty batch ran window 0, weightless
-    assert rec["val_tokens"] == 10 * 8
-    assert rec["val_loss"] == pytest.approx(value.mean().item(), rel=1e-12)  # 29.5, by hand: (285 + 10) / 10
-    assert value.mean().item() == 29.5
-    # The run's last evaluation reads final_eval_windows (the reference's reads 100M tokens): the first 6
-    # windows, (0+1+4+9+16+25 + 6) / 6 = 61 / 6 by hand; the periodic ones keep eval_windows.
-    cfg.final_eval_windows = 6
-    for final, want in ((True, 61 / 6), (False, 29.5)):
-        seen.clear()
-        for rank in (1, 0):
-            t = SimpleNamespace(engine=Engine(), val_data=val_data, cfg=cfg, rank=rank, world=2, step=7,
-                                metrics=SimpleNamespace(log=logged.append), _print=lambda msg: None)
-            rec = trainer_mod.Trainer.evaluate(t, final=final)
-        assert rec["val_loss"] == pytest.approx(want, rel=1e-12), final
 
 
 def test_settings_without_effect_under_the_deepspeed_config_are_named(monkeypatch, tmp_path):

@@ -1,0 +1,65 @@
+"""The validation loss across ranks and ragged batches (relora_ds/evaluate.py through the trainer), on a stub
+engine."""
+import pytest
+
+
+def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(monkeypatch):
+    """Trainer.evaluate (relora_ds/evaluate.py) on a stub engine whose loss is a batch's mean of known
+    per-window values: 10 windows in micro-batches of 4 on 2 ranks (rank 0: windows 0-3 and 8-9, rank 1: 4-7
+    and an empty batch, which still runs a weightless forward). The validation loss must be the plain mean of the 10 values, as one
+    process over all windows would give; a mean of batch means (or a full weight for the short batch, or
+    any weight for the empty one) gives another number."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from relora_ds import evaluate
+    from relora_ds import trainer as trainer_mod
+
+    value = torch.tensor([float(i * i + 1) for i in range(10)])  # window i's "loss"
+    val_data = torch.zeros(10, 9, dtype=torch.long)
+    val_data[:, 0] = torch.arange(10)
+    seen = []
+
+    class Engine:
+        device = "cpu"
+
+        def eval(self):
+            pass
+
+        def train(self):
+            pass
+
+        def __call__(self, batch, labels):
+            seen.append(batch[:, 0].tolist())
+            return SimpleNamespace(loss=value[batch[:, 0]].mean())
+
+    reduced = []
+
+    def all_reduce(t):  # rank 1 runs first: rank 0's all-reduce adds its total
+        if reduced:
+            t += reduced.pop()
+        else:
+            reduced.append(t.clone())
+
+    monkeypatch.setattr(evaluate.dist, "all_reduce", all_reduce)
+    logged = []
+    cfg = SimpleNamespace(micro_batch_size=4, eval_windows=10)
+    for rank in (1, 0):
+        t = SimpleNamespace(engine=Engine(), val_data=val_data, cfg=cfg, rank=rank, world=2, step=7,
+                            metrics=SimpleNamespace(log=logged.append), _print=lambda msg: None)
+        rec = trainer_mod.Trainer.evaluate(t)
+    assert seen == [[4, 5, 6, 7], [0], [0, 1, 2, 3], [8, 9]]  # rank 1's empty batch ran window 0, weightless
+    assert rec["val_tokens"] == 10 * 8
+    assert rec["val_loss"] == pytest.approx(value.mean().item(), rel=1e-12)  # 29.5, by hand: (285 + 10) / 10
+    assert value.mean().item() == 29.5
+    # The run's last evaluation reads final_eval_windows (the reference's reads 100M tokens): the first 6
+    # windows, (0+1+4+9+16+25 + 6) / 6 = 61 / 6 by hand; the periodic ones keep eval_windows.
+    cfg.final_eval_windows = 6
+    for final, want in ((True, 61 / 6), (False, 29.5)):
+        seen.clear()
+        for rank in (1, 0):
+            t = SimpleNamespace(engine=Engine(), val_data=val_data, cfg=cfg, rank=rank, world=2, step=7,
+                                metrics=SimpleNamespace(log=logged.append), _print=lambda msg: None)
+            rec = trainer_mod.Trainer.evaluate(t, final=final)
+        assert rec["val_loss"] == pytest.approx(want, rel=1e-12), final

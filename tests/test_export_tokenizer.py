@@ -1,0 +1,173 @@
+"""The tokenizer an export carries: Hugging Face's AutoTokenizer on it encodes exactly as the SentencePiece
+model training used (the oracle), with the model's own special ids, and models transformers cannot
+reproduce are refused or exported without a tokenizer.json."""
+import json
+
+import pytest
+import torch
+import transformers
+
+import relora_ds
+from relora_ds import LlamaConfig, LlamaForCausalLM
+
+
+def _documents(data_dir, split):
+    """Each document of a prepared split as the token ids training saw (BOS text EOS, BOS/EOS removed)."""
+    import numpy as np
+
+    manifest = relora_ds.data.load_manifest(data_dir)
+    tokens = np.fromfile(manifest["splits"][split]["path"], dtype=manifest["dtype"])
+    starts, ends = np.flatnonzero(tokens == manifest["bos_id"]), np.flatnonzero(tokens == manifest["eos_id"])
+    return [tokens[b + 1:e].tolist() for b, e in zip(starts, ends)]
+
+
+def test_exported_tokenizer_encodes_exactly_as_training(tmp_path, small_data_dir):
+    """AutoTokenizer on the export reproduces the token ids of the prepared data (the oracle: what
+    SentencePiece wrote at prepare time) for every validation document and 300 training documents."""
+    import sentencepiece as spm
+
+    tok_path = relora_ds.data.load_manifest(small_data_dir)["tokenizer_path"]
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=512))
+    relora_ds.export_hf(model, tmp_path, tokenizer=tok_path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    sp = spm.SentencePieceProcessor(model_file=tok_path)
+    docs = _documents(small_data_dir, "validation") + _documents(small_data_dir, "train")[:300]
+    assert len(docs) > 300
+    for ids in docs:
+        text = sp.decode(ids)
+        assert tok(text)["input_ids"] == [1, *ids], text[:80]
+        assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    # Where transformers' own LLaMA conversion differs from SentencePiece: text starting with spaces.
+    # And "<s>" written in a text: text to SentencePiece, a special token to transformers by default.
+    for text in (" leading", "  two", " ", "a <s> b </s> c <unk>"):
+        assert tok(text)["input_ids"] == [1, *sp.encode(text)], text
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (sp.bos_id(), sp.eos_id()) == (tok.bos_token_id, tok.eos_token_id)
+    assert tok.model_max_length == model.config.max_position_embeddings
+    assert (tmp_path / "tokenizer.model").read_bytes() == open(tok_path, "rb").read()
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert hf.generation_config.eos_token_id == sp.eos_id()
+
+
+def _train_sp(tmp_path, name, vocab_size, **options):
+    import io
+
+    import sentencepiece as spm
+
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(200)]
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto, vocab_size=vocab_size,
+                                   minloglevel=2, **options)
+    path = tmp_path / f"{name}.model"
+    path.write_bytes(proto.getvalue())
+    return path
+
+
+def test_exported_tokenizer_other_sentencepiece_models(tmp_path):
+    # BPE without the dummy prefix: the normalizer follows the model's own spec.
+    path = _train_sp(tmp_path, "nodummy", 320, model_type="bpe", add_dummy_prefix=False, byte_fallback=True)
+    relora_ds.hf.save_hf_tokenizer(path, tmp_path / "nodummy", model_max_length=64)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "nodummy")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    for text in ("the lazy dog 42", " fox", "ünï"):
+        assert tok(text)["input_ids"] == [sp.bos_id(), *sp.encode(text)]
+    # A unigram model: transformers' LLaMA conversion cannot reproduce it, and the export says so.
+    path = _train_sp(tmp_path, "unigram", 60, model_type="unigram")
+    with pytest.raises(ValueError, match="encodes .* as .*SentencePiece as"):
+        relora_ds.hf.save_hf_tokenizer(path, tmp_path / "unigram", model_max_length=64)
+    assert not (tmp_path / "unigram").exists()
+
+
+def test_continued_pretraining_export_keeps_the_source_models_tokenizer_config_and_dtype(tmp_path, small_data_dir):
+    """An export of a run started from a Hugging Face model (`like`) carries the model's own tokenizer files
+    (added tokens, pad token, chat template), generation config (a list of EOS ids), config keys the export
+    does not write (pad_token_id, attention_dropout) and its dtype (bf16), instead of a fresh conversion of
+    the data's tokenizer with LLaMA's ids in fp32. Oracle: the source files and transformers' own logits of
+    the weights rounded to bf16."""
+    from relora_ds.hf import export_dtype
+
+    src = tmp_path / "src"
+    relora_ds.hf.save_hf_tokenizer(small_data_dir / "tokenizer.model", src, model_max_length=64)
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<|eot|>"]})
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}<|eot|>{% endfor %}"
+    tok.save_pretrained(src)
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=514)).eval()
+    relora_ds.export_hf(model, src, dtype=torch.bfloat16)
+    config = json.loads((src / "config.json").read_text())
+    config.update(pad_token_id=512, attention_dropout=0.1)
+    (src / "config.json").write_text(json.dumps(config))
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 513]}))
+
+    out = tmp_path / "out"
+    assert export_dtype(None, src) == torch.bfloat16 and export_dtype(None) == torch.float32
+    relora_ds.export_hf(model, out, dtype=export_dtype(None, src), tokenizer=small_data_dir / "tokenizer.model",
+                        like=src)
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    exported = transformers.AutoTokenizer.from_pretrained(out)
+    assert (len(exported), exported.pad_token, exported.convert_tokens_to_ids("<|eot|>")) == (514, "<pad>", 513)
+    assert exported.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi<|eot|>"
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["pad_token_id"], cfg["attention_dropout"], cfg["torch_dtype"]) == (512, 0.1, "bfloat16")
+    hf = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    assert hf.dtype == torch.bfloat16
+    x = torch.randint(0, 514, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits.float(), model.to(torch.bfloat16)(x).logits.float(), atol=2e-2,
+                                   rtol=0)
+    # Another tokenizer than the source's: the data's is converted, as without `like`.
+    relora_ds.export_hf(model, tmp_path / "other", tokenizer=_train_sp(tmp_path, "o", 320, model_type="bpe",
+                                                                       byte_fallback=True), like=src)
+    assert json.loads((tmp_path / "other" / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def test_export_takes_special_ids_from_the_tokenizer_not_llamas(tmp_path):
+    """A SentencePiece model whose BOS/EOS are 3 and 4 (not LLaMA's 1 and 2): config.json,
+    generation_config.json and the exported Hugging Face tokenizer carry the model's own ids (SentencePiece
+    is the oracle), and the tokenizer encodes as SentencePiece does."""
+    import sentencepiece as spm
+
+    path = _train_sp(tmp_path, "ids34", 320, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=3, eos_id=4,
+                     pad_id=-1)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    assert (sp.bos_id(), sp.eos_id()) == (3, 4)
+    out = tmp_path / "export"
+    relora_ds.export_hf(LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=320)), out, tokenizer=path)
+    cfg, gen = (json.loads((out / f).read_text()) for f in ("config.json", "generation_config.json"))
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (gen["bos_token_id"], gen["eos_token_id"]) == (3, 4)
+    assert (tok.bos_token_id, tok.eos_token_id) == (3, 4)
+    assert tok("the lazy dog 42")["input_ids"] == [3, *sp.encode("the lazy dog 42")]
+
+
+def test_export_of_a_tokenizer_without_bos(tmp_path):
+    """T5-style models have no BOS. A BPE one converts: the Hugging Face tokenizer adds no BOS and the
+    configs say bos_token_id None. A unigram one (T5's own kind) transformers cannot reproduce: with
+    hf_tokenizer=False (what the trainer and launch/export.py fall back to) the export still carries
+    tokenizer.model and the model's own EOS id, not LLaMA's 1/2 (SentencePiece is the oracle)."""
+    import sentencepiece as spm
+
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=320))
+    path = _train_sp(tmp_path, "nobos", 320, model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, unk_id=2,
+                     bos_id=-1)
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    relora_ds.export_hf(model, tmp_path / "bpe", tokenizer=path)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "bpe")
+    assert tok("the lazy dog 42")["input_ids"] == sp.encode("the lazy dog 42")
+    cfg = json.loads((tmp_path / "bpe" / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (None, 1)
+
+    path = _train_sp(tmp_path, "t5like", 60, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    with pytest.raises(ValueError, match="encodes .* as .*SentencePiece as"):
+        relora_ds.export_hf(model, tmp_path / "unigram", tokenizer=path)
+    relora_ds.export_hf(model, tmp_path / "unigram", tokenizer=path, hf_tokenizer=False)
+    out = tmp_path / "unigram"
+    assert (out / "tokenizer.model").read_bytes() == path.read_bytes() and not (out / "tokenizer.json").exists()
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((out / name).read_text())
+        assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (None, 1), name
+    assert transformers.LlamaForCausalLM.from_pretrained(out).config.eos_token_id == 1

@@ -70,12 +70,14 @@ class ReLoRALinear(nn.Module):
     int8 (frozen parameter ``weight_q``; buffers ``weight_scale`` and host ``weight_residual``; see
     relora_ds/quant.py). lora_A starts Kaiming-uniform and lora_B at zero, so a fresh layer computes
     exactly the base layer while B still receives a gradient at the first backward (the reference code
-    zeroed both, which leaves LoRA without gradient until the first restart).
+    zeroed both, which leaves LoRA without gradient until the first restart). ``init_base=False`` leaves the
+    base weight (and bias) for the caller to load, as ``wrap`` does.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, alpha: float | None = None,
                  dropout: float = 0.0, bias: bool = False, name: str = "", seed: int = 0,
-                 quantize: str | None = None, merge_residual: bool = False, device=None, dtype=None):
+                 quantize: str | None = None, merge_residual: bool = False, device=None, dtype=None,
+                 init_base: bool = True):
         super().__init__()
         check_layer_args(name, in_features, out_features, rank, alpha, dropout)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
@@ -106,14 +108,17 @@ class ReLoRALinear(nn.Module):
             self.register_buffer("merge_residual", torch.zeros(out_features, in_features, dtype=torch.bfloat16))
         else:
             self.merge_residual = None
-        # A standalone layer starts like nn.Linear (weight and bias); wrap() overwrites both with the model's.
-        nn.init.kaiming_uniform_(w0, a=math.sqrt(5))
-        if self.bias is not None:
-            with torch.no_grad():
-                bound = 1.0 / math.sqrt(in_features)
-                self.bias.uniform_(-bound, bound)
-        if self.quantize:
-            quant.load_weight_(self, w0)
+        if init_base:  # a standalone layer starts like nn.Linear (weight and bias) ...
+            nn.init.kaiming_uniform_(w0, a=math.sqrt(5))
+            if self.bias is not None:
+                with torch.no_grad():
+                    bound = 1.0 / math.sqrt(in_features)
+                    self.bias.uniform_(-bound, bound)
+            if self.quantize:
+                quant.load_weight_(self, w0)
+        # ... where wrap() (init_base=False) loads the model's: no throw-away draw over every base weight
+        # (about a minute of one core's time at 7b, repeated at the warm-start switch and the export), and
+        # the global RNG is left as it was. lora_A's draw uses its own generator either way.
         self.reset_lora(restart_index=0)
 
     @torch.no_grad()
@@ -293,7 +298,8 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     for name, linear in chosen:
         layer = ReLoRALinear(linear.in_features, linear.out_features, rank, alpha=alpha, dropout=dropout,
                              bias=linear.bias is not None, name=name, seed=seed, quantize=quantize,
-                             merge_residual=merge_residual, device=linear.weight.device, dtype=linear.weight.dtype)
+                             merge_residual=merge_residual, device=linear.weight.device, dtype=linear.weight.dtype,
+                             init_base=False)
         with torch.no_grad():
             layer.load_base_(linear.weight)
             if linear.bias is not None:

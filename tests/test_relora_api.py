@@ -97,6 +97,27 @@ def test_standalone_layer_with_bias_starts_like_nn_linear():
     assert layer.bias.abs().max() <= bound and layer.bias.abs().min() > 0 and layer.bias.std() > bound / 4
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_wrap_draws_nothing_from_the_global_rng_and_keeps_the_model(quantize):
+    """wrap loads each base weight into its new layer: it must not first draw a throw-away nn.Linear init
+    (found by a review: a random fill of every base weight, ~1 min of one core at 7b, at each wrap), so the
+    global generator is where it was, and the wrapped model computes the unwrapped one's logits (LoRA's
+    B = 0; int8: within its quantization error)."""
+    model = _tiny_llama(attention_bias=True).eval()
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        before = model(ids).logits
+    state = torch.get_rng_state()
+    relora_ds.wrap(model, rank=4, quantize=quantize)
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.no_grad():
+        after = model(ids).logits
+    if quantize:
+        assert (after - before).norm() / before.norm() < 2e-2
+    else:
+        assert torch.equal(after, before)
+
+
 def test_multihead_attention_out_proj_is_refused_other_linears_wrap():
     """nn.MultiheadAttention reads out_proj.weight itself: a ReLoRA layer there would never run."""
     enc = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)

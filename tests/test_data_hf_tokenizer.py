@@ -16,7 +16,7 @@ CRAFTED = ["  leading spaces and a trailing one ", "line\nbreaks\n\n and a\ttab"
 SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|endoftext|>")
 
 
-def _hf_tokenizer(out, *, adds_bos: bool, bos, eos, vocab_size=400):
+def _hf_tokenizer(out, *, adds_bos: bool, bos, eos, vocab_size=400, **special):
     """A byte-level BPE saved by transformers, as LLaMA-3 (`adds_bos`: its post-processor puts BOS first) or
     Qwen (no BOS) ship theirs."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -29,7 +29,7 @@ def _hf_tokenizer(out, *, adds_bos: bool, bos, eos, vocab_size=400):
     if adds_bos:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
                                                            special_tokens=[(bos, tok.token_to_id(bos))])
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos).save_pretrained(out)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, **special).save_pretrained(out)
     return out
 
 
@@ -38,8 +38,9 @@ def toks(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokenizers")
     return {"llama3": _hf_tokenizer(root / "llama3", adds_bos=True, bos="<|begin_of_text|>", eos="<|end_of_text|>"),
             "qwen": _hf_tokenizer(root / "qwen", adds_bos=False, bos=None, eos="<|endoftext|>"),
-            # GPT-2's bos_token is its EOS, and its encoding adds none: documents are `ids EOS`.
-            "gpt2": _hf_tokenizer(root / "gpt2", adds_bos=False, bos="<|endoftext|>", eos="<|endoftext|>")}
+            # GPT-2's bos_token (and unk_token) is its EOS, and its encoding adds none: documents are `ids EOS`.
+            "gpt2": _hf_tokenizer(root / "gpt2", adds_bos=False, bos="<|endoftext|>", eos="<|endoftext|>",
+                                  unk_token="<|endoftext|>")}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,8 @@ def test_prepared_tokens_are_transformers_encoding(tmp_path, toks, corpus, kind)
         out = prepare_data([str(path)], tmp_path / "data", tokenizer=str(toks[kind]), val_fraction=0.2, num_proc=2)
     m = load_manifest(out)
     assert m["warnings"]["documents_spelling_special_tokens"] == 1
+    # A byte-level BPE makes no <unk>; GPT-2's unk is its EOS, which the packing adds (it counted all 64 documents before).
+    assert m["warnings"]["unk_tokens"] == 0
     expected, hf = _expected_splits(toks[kind], plain, 0.2)
     assert m["bos_id"] == (hf.bos_token_id if kind == "llama3" else None) and m["eos_id"] == hf.eos_token_id
     assert m["vocab_size"] == len(hf) and m["tokenizer_path"].endswith("tokenizer.json") and m["dtype"] == "uint16"

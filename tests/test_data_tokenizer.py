@@ -36,11 +36,17 @@ def _capture_training_lines(monkeypatch):
 
 
 def test_training_lines_stop_after_the_character_budget():
-    """Whole documents are taken until their non-blank lines reach max_chars (hand-counted)."""
+    """Non-blank lines are taken until they reach max_chars, inside a document too (hand-counted)."""
     texts = ["a\nbb\n\n", "ccc", "dddd", "eeeee"]
-    assert list(training_lines(texts, 3)) == ["a", "bb"]  # 1 + 2 = 3 >= 3 after the first document
+    assert list(training_lines(texts, 3)) == ["a", "bb"]  # 1 + 2 = 3 >= 3
     assert list(training_lines(texts, 4)) == ["a", "bb", "ccc"]
     assert list(training_lines(texts, 10**6)) == ["a", "bb", "ccc", "dddd", "eeeee"]
+    # One big document (a book given as one .txt document) stops at the budget, not at its end ...
+    assert list(training_lines(["a\nbb\nccc\ndddd\n"], 2)) == ["a", "bb"]
+    # ... and so does one huge line, cut into pieces of MAX_TRAIN_LINE_BYTES // 4 characters: 3 of 100.
+    from relora_ds.data.tokenizer import MAX_TRAIN_LINE_BYTES
+    step = MAX_TRAIN_LINE_BYTES // 4
+    assert [len(p) for p in training_lines(["x" * (100 * step)], 2 * step + 1)] == [step] * 3
 
 
 def test_tokenizer_is_trained_on_the_training_split_only_and_within_its_budget(tmp_path, monkeypatch):
@@ -57,9 +63,9 @@ def test_tokenizer_is_trained_on_the_training_split_only_and_within_its_budget(t
     budget = 2000
     prepare_data([str(path)], tmp_path / "budget", vocab_size=300, val_fraction=0.2, tokenizer_train_chars=budget)
     lines, total = [], 0
-    for t in train_docs:  # plain re-implementation of the documented budget: whole documents up to ~N chars
-        lines += t.split("\n")
-        total += sum(len(x) for x in t.split("\n"))
+    for line in (x for t in train_docs for x in t.split("\n")):  # the documented budget: lines up to N chars
+        lines.append(line)
+        total += len(line)
         if total >= budget:
             break
     assert seen == lines and len(seen) < 2 * len(train_docs)
@@ -94,3 +100,15 @@ def test_a_tokenizer_without_eos_is_refused(tmp_path):
     assert spm.SentencePieceProcessor(model_file=str(model)).eos_id() == -1
     with pytest.raises(ValueError, match=r"has no EOS piece \(eos_id=-1\)"):
         load_tokenizer(model)
+
+
+def test_unk_count_leaves_out_the_packings_bos_and_eos():
+    """Hand-counted: documents [BOS 0 5 EOS], [], [BOS EOS], [BOS 0 0 EOS] hold 3 <unk> (id 0) from the text;
+    a tokenizer whose unk is its EOS (GPT-2, Pythia) or BOS gets none from the ids the packing added."""
+    from relora_ds.data.encode import _unk_count
+
+    values, lengths = np.array([1, 0, 5, 2, 1, 2, 1, 0, 0, 2]), np.array([4, 0, 2, 4])
+    assert _unk_count(values, lengths, 0, has_bos=True) == 3
+    assert _unk_count(values, lengths, 2, has_bos=True) == 0
+    assert _unk_count(values, lengths, 1, has_bos=True) == 0
+    assert _unk_count(values, lengths, 1, has_bos=False) == 3  # no BOS added: the 1s are the text's

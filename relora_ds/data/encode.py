@@ -104,7 +104,7 @@ def _write_part(corpus, encode, num_proc, seq_len, cache_file, files, counts, dt
             values = ids.flatten().to_numpy(zero_copy_only=False)
             is_val = table.column("validation").to_numpy(zero_copy_only=False)
             counts["empty_documents"] += int((lengths == 0).sum())
-            counts["unk_tokens"] += int((values == unk_id).sum())
+            counts["unk_tokens"] += _unk_count(values, lengths, unk_id, encode.tokenizer.bos_id is not None)
             counts["documents_spelling_special_tokens"] += int(pc.sum(table.column("spells_special")).as_py() or 0)
             token_is_val = np.repeat(is_val, lengths)
             for split, doc_mask, tok_mask in (("train", ~is_val, ~token_is_val),
@@ -121,3 +121,15 @@ def _write_part(corpus, encode, num_proc, seq_len, cache_file, files, counts, dt
     finally:
         if progress is not None:
             progress.close()
+
+
+def _unk_count(values: np.ndarray, lengths: np.ndarray, unk_id: int, has_bos: bool) -> int:
+    """<unk> ids the encoder produced in packed documents (``values``, ``lengths`` tokens each), not counting
+    the BOS/EOS the packing added: GPT-2 and Pythia tokenizers name one token unk, bos and eos
+    (``<|endoftext|>``), which is no <unk> from the text."""
+    is_unk = values == unk_id
+    ends = np.cumsum(lengths)[lengths > 0]
+    is_unk[ends - 1] = False
+    if has_bos:
+        is_unk[ends - lengths[lengths > 0]] = False
+    return int(is_unk.sum())

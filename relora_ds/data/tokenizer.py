@@ -32,18 +32,21 @@ _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+)
 
 
 def training_lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-    """Non-empty lines of `texts`, stopping after about `max_chars` characters. A line over
-    MAX_TRAIN_LINE_BYTES (which SentencePiece would skip: a corpus of only such lines left it nothing to
-    train on) is cut into pieces under that size, at the last space of each piece where there is one."""
+    """Non-empty lines of `texts`, stopping at the line (or piece) that reaches `max_chars` characters, also
+    inside a document: a whole book or dump given as one `.txt` document must not feed SentencePiece all of
+    itself. A line over MAX_TRAIN_LINE_BYTES (which SentencePiece would skip: a corpus of only such lines
+    left it nothing to train on) is cut into pieces under that size, at the last space of each piece where
+    there is one."""
     seen = 0
     for text in texts:
         for line in text.split("\n"):
-            if line.strip():
-                for piece in _pieces(line):
-                    yield piece
-                seen += len(line)
-        if seen >= max_chars:
-            return
+            if not line.strip():
+                continue
+            for piece in _pieces(line):
+                yield piece
+                seen += len(piece)
+                if seen >= max_chars:
+                    return
 
 
 def _pieces(line: str) -> Iterator[str]:

@@ -352,8 +352,12 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
     val_tokens = int(splits["validation"]["tokens"])
     val_windows = num_windows(val_tokens, seq)
     if cfg.eval_every and val_tokens == 0:
-        raise ValueError(f"the validation split of {data} is empty (0 tokens): prepare the data with a larger "
-                         "--val-fraction (launch/prepare_data.py), or set --eval-every 0 (no evaluation)")
+        docs = int(splits["train"].get("documents", 0))
+        more = (" or, as each document goes whole to one split, more and smaller documents (--txt-unit paragraph "
+                "for .txt files) or a validation corpus (--val-input)" if docs < 1000 else "")
+        raise ValueError(f"the validation split of {data} is empty (0 tokens, {docs:,} training documents): "
+                         f"prepare the data (launch/prepare_data.py) with a larger --val-fraction{more}, or set "
+                         "--eval-every 0 (no evaluation)")
     if cfg.eval_every and val_windows == 0:
         raise ValueError(f"the validation split of {data} holds {_tokens(val_tokens)}, fewer than one window of "
                          f"--seq-len {seq} needs (seq_len + 1 = {need:,} tokens): use a smaller --seq-len, prepare "

@@ -29,7 +29,8 @@ def _hf_tokenizer(out, *, adds_bos: bool, bos, eos, vocab_size=400, **special):
     if adds_bos:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
                                                            special_tokens=[(bos, tok.token_to_id(bos))])
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, **special).save_pretrained(out)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos,
+                                         **special).save_pretrained(out)
     return out
 
 
@@ -70,7 +71,8 @@ def test_prepared_tokens_are_transformers_encoding(tmp_path, toks, corpus, kind)
         out = prepare_data([str(path)], tmp_path / "data", tokenizer=str(toks[kind]), val_fraction=0.2, num_proc=2)
     m = load_manifest(out)
     assert m["warnings"]["documents_spelling_special_tokens"] == 1
-    # A byte-level BPE makes no <unk>; GPT-2's unk is its EOS, which the packing adds (it counted all 64 documents before).
+    # A byte-level BPE makes no <unk>; GPT-2's unk is its EOS, which the packing adds (all 64 documents
+    # counted one before).
     assert m["warnings"]["unk_tokens"] == 0
     expected, hf = _expected_splits(toks[kind], plain, 0.2)
     assert m["bos_id"] == (hf.bos_token_id if kind == "llama3" else None) and m["eos_id"] == hf.eos_token_id

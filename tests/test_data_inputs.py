@@ -287,6 +287,38 @@ def test_hub_validation_split_as_the_validation_corpus(tmp_path, monkeypatch):
     assert m["recipe"]["hf_split"] == "validation" and m["recipe"]["validation_corpus"]["hf_split"] == "other"
 
 
+def test_local_training_files_with_a_hub_validation_set_that_needs_a_config(tmp_path, monkeypatch):
+    """C4's usual set-up: local train shards and --val-input allenai/c4 --hf-config en (and the reverse).
+    hf_config and hf_revision go to the hub side (found by a review: both were refused as 'not local files');
+    with no hub side they are still refused."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, name, revision=None: type("Info", (), {"sha": "c0ffee"})())
+    asked, real_load = [], datasets.load_dataset
+
+    def fake_load(name, *args, **kw):
+        if name != "someone/c4":
+            return real_load(name, *args, **kw)
+        asked.append((args, kw["split"], kw["revision"]))
+        texts = [f"hub {kw['split']} text {i}" for i in range(7)]
+        return datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset()
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    local = write_jsonl(tmp_path / "train.jsonl", SENTENCES)
+    m = load_manifest(prepare_data([local], tmp_path / "a", vocab_size=300, val_inputs=["someone/c4"], hf_config="en",
+                                   hf_revision="v1"))
+    assert asked == [(("en",), "validation", "c0ffee")]
+    assert m["splits"]["train"]["documents"] == len(SENTENCES) and m["splits"]["validation"]["documents"] == 7
+    m = load_manifest(prepare_data(["someone/c4"], tmp_path / "b", vocab_size=300, val_inputs=[local], hf_config="en"))
+    assert asked[-1] == (("en",), "train", "c0ffee")
+    assert m["splits"]["train"]["documents"] == 7 and m["splits"]["validation"]["documents"] == len(SENTENCES)
+    with pytest.raises(ValueError, match="hf_config='en' only applies to a hub dataset input, not local files"):
+        prepare_data([local], tmp_path / "c", vocab_size=300, hf_config="en",
+                     val_inputs=[write_jsonl(tmp_path / "v.jsonl", SENTENCES[:9])])
+
+
 def test_a_file_named_twice_is_read_once(tmp_path):
     """The same file given as a path, again through another spelling and through its directory (a common
     `--input data/ data/a.jsonl` slip) is one corpus file, not a corpus counted two or three times."""
@@ -420,3 +452,17 @@ def test_out_dir_that_is_a_file_is_named(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match=r"out_dir '.*f' exists and is not a directory"):
         prepare_data([write_jsonl(tmp_path / "a.jsonl", SENTENCES)], tmp_path / "f", vocab_size=300)
+
+
+def test_one_txt_document_says_how_to_get_a_validation_split(tmp_path):
+    """A book as one .txt file is one document under txt_unit='document' (the default), and the hash split
+    sends it whole to one split: the warning names the fix (found by a review: it said only 'empty'), and
+    with txt_unit='paragraph' the same file fills both splits."""
+    path = tmp_path / "book.txt"
+    path.write_text("\n\n".join(SENTENCES), encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"the validation split is empty \(1 documents, val_fraction=0.05\).*"
+                                         r"txt_unit='paragraph' or 'line', --txt-unit, for .txt inputs"):
+        prepare_data([str(path)], tmp_path / "doc", vocab_size=300, val_fraction=0.05)
+    splits = load_manifest(prepare_data([str(path)], tmp_path / "par", vocab_size=300, val_fraction=0.05,
+                                        txt_unit="paragraph"))["splits"]
+    assert splits["validation"]["documents"] > 0 and splits["train"]["documents"] > 0

@@ -210,8 +210,8 @@ def test_tensorboard_keeps_each_step_once_after_a_resume(tmp_path):
     assert got == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0, 6: 106.0, 7: 107.0, 8: 108.0}
 
 
-def _splits(train, val):
-    return {"train": {"tokens": train}, "validation": {"tokens": val}}
+def _splits(train, val, train_documents=5_000):
+    return {"train": {"tokens": train, "documents": train_documents}, "validation": {"tokens": val}}
 
 
 def test_data_too_small_for_a_window_or_a_global_batch_is_named_with_its_numbers():
@@ -244,8 +244,15 @@ def test_data_too_small_for_a_window_or_a_global_batch_is_named_with_its_numbers
     enough = 8 * 2048 + 1
     with pytest.raises(ValueError) as e:
         check_data_use(cfg, 8, _splits(enough, 0), "data/x", 2)
-    assert str(e.value) == ("the validation split of data/x is empty (0 tokens): prepare the data with a larger "
-                            "--val-fraction (launch/prepare_data.py), or set --eval-every 0 (no evaluation)")
+    assert str(e.value) == ("the validation split of data/x is empty (0 tokens, 5,000 training documents): prepare "
+                            "the data (launch/prepare_data.py) with a larger --val-fraction, or set --eval-every 0 "
+                            "(no evaluation)")
+    with pytest.raises(ValueError) as e:  # one book as one .txt document: a larger --val-fraction cannot help
+        check_data_use(cfg, 8, _splits(enough, 0, train_documents=1), "data/x", 2)
+    assert str(e.value) == ("the validation split of data/x is empty (0 tokens, 1 training documents): prepare the "
+                            "data (launch/prepare_data.py) with a larger --val-fraction or, as each document goes "
+                            "whole to one split, more and smaller documents (--txt-unit paragraph for .txt files) or "
+                            "a validation corpus (--val-input), or set --eval-every 0 (no evaluation)")
     with pytest.raises(ValueError) as e:
         check_data_use(cfg, 8, _splits(enough, 1_989), "data/x", 2)
     assert str(e.value) == ("the validation split of data/x holds 1,989 tokens, fewer than one window of --seq-len "

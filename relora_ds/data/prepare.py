@@ -129,7 +129,7 @@ def _recipe(resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig, o
         tokenizer = {"train_bpe": {"vocab_size": cfg.vocab_size or DEFAULT_VOCAB_SIZE,
                                    "train_chars": cfg.tokenizer_train_chars}}
     hub = resolved[1] if resolved is not None else None
-    if hub is None and cfg.hf_revision is not None:
+    if hub is None and (resolved_val is None or resolved_val[1] is None) and cfg.hf_revision is not None:
         raise ValueError(f"hf_revision={cfg.hf_revision!r} only applies to a hub dataset input")
     commit = _current_commit(hub, cfg.hf_revision, out_dir) if hub is not None else None
     # Keys absent at their defaults: data prepared before they existed keeps its recipe (no re-prepare).
@@ -172,7 +172,8 @@ def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path, val_fraction:
     lines = list(training_lines(_texts(corpus.dataset, val_fraction), cfg.tokenizer_train_chars))
     if not lines and val_fraction > 0 and any(isinstance(t, str) and t.strip() for t in _texts(corpus.dataset, 0.0)):
         raise ValueError(f"the training split is empty: every document of the corpus hashes into validation at "
-                         f"val_fraction={val_fraction} (a corpus this small needs a smaller --val-fraction)")
+                         f"val_fraction={val_fraction} (a corpus this small needs a smaller --val-fraction, or more and "
+                         "smaller documents: --txt-unit paragraph or line for .txt inputs)")
     size = train_tokenizer(lines, dest / "tokenizer.model", vocab_size=cfg.vocab_size or DEFAULT_VOCAB_SIZE,
                            num_threads=cfg.num_proc)
     log.info("trained a %d-piece BPE tokenizer in %.1fs", size, time.perf_counter() - start)
@@ -300,11 +301,16 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
                    tok_tmp: Path, recipe: dict) -> dict:
     """Tokenizer, token files and manifest; returns the manifest. `resolved`: (inputs, val_inputs) resolved."""
     resolved, resolved_val = resolved
+    # hf_config goes to the hub side: local training files with a hub validation set (or the reverse) is
+    # C4's usual set-up. With no hub side the training corpus refuses it.
+    val_hub = resolved_val is not None and resolved_val[1] is not None
+    train_hub = resolved is not None and resolved[1] is not None
     corpus = load_corpus(resolved, work_dir=work_dir, hub_revision=recipe.get("hub_commit"),
-                         text_column=cfg.text_column, hf_config=cfg.hf_config, hf_split=cfg.hf_split,
-                         txt_unit=cfg.txt_unit, streaming=cfg.streaming, num_proc=cfg.num_proc)
+                         text_column=cfg.text_column, hf_config=cfg.hf_config if train_hub or not val_hub else None,
+                         hf_split=cfg.hf_split, txt_unit=cfg.txt_unit, streaming=cfg.streaming, num_proc=cfg.num_proc)
     val_corpus = None if resolved_val is None else load_corpus(
-        resolved_val, work_dir=work_dir / "validation", text_column=cfg.text_column, hf_config=cfg.hf_config,
+        resolved_val, work_dir=work_dir / "validation", text_column=cfg.text_column,
+        hf_config=cfg.hf_config if val_hub else None,
         hub_revision=recipe["validation_corpus"].get("hub_commit"),
         hf_split=cfg.hf_val_split or ("validation" if resolved_val[1] else "train"),
         txt_unit=cfg.txt_unit, streaming=cfg.streaming, num_proc=cfg.num_proc)
@@ -341,11 +347,16 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
                       f"special token of the tokenizer ({tok.special_example()}): they are encoded as text, as "
                       "training should see them; transformers' AutoTokenizer reads such text as the special token "
                       "unless called with split_special_tokens=True", DataWarning, stacklevel=3)
+    # The hash split sends each document whole to one split: a few big documents (a .txt file is one under
+    # txt_unit="document") leave one split empty, and a larger val_fraction only changes which one.
+    few = (f"; each document goes whole to one split, so split the text into more documents (txt_unit="
+           f"'paragraph' or 'line', --txt-unit, for .txt inputs) or give a validation corpus (--val-input)"
+           if total_docs * cfg.val_fraction < 10 else "")
     if splits["validation"]["documents"] == 0 and cfg.val_fraction > 0:
         warnings.warn(f"the validation split is empty ({total_docs} documents, val_fraction="
-                      f"{cfg.val_fraction}); evaluation will see no data", DataWarning, stacklevel=3)
+                      f"{cfg.val_fraction}); evaluation will see no data{few}", DataWarning, stacklevel=3)
     if splits["train"]["documents"] == 0:
-        raise ValueError(f"the training split is empty ({total_docs} documents, all in validation)")
+        raise ValueError(f"the training split is empty ({total_docs} documents, all in validation){few}")
 
     # Readers holding the old files keep their inodes; new readers see no manifest until it is complete.
     (out_dir / mf.MANIFEST).unlink(missing_ok=True)

@@ -195,6 +195,12 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
                          f"ZeRO stage {stages[1]}, whose loader needs ZeRO-partitioned optimizer files. Resume "
                          "it without ZeRO (a stage-0 --deepspeed config, or none), or export it "
                          "(launch/export.py) and start from it with --warm-start-from")
+    if stages == (0, 0) and layouts[0] != layouts[1]:
+        then, now = ({k: v for k, v in layout.items() if layouts[0][k] != layouts[1][k]} for layout in layouts)
+        raise ValueError(f"checkpoint {ckpt_dir / tag} was written without ZeRO with {then}; this run has {now}. "
+                         "A stage-0 checkpoint holds the optimizer's own state, which loads only into the same "
+                         "optimizer and precision: resume with the checkpoint's --deepspeed settings, or export "
+                         "it (launch/export.py) and start from it with --warm-start-from")
     if universal and stages[1] == 0:
         raise ValueError(f"checkpoint {ckpt_dir / tag} was written by {saved['world_size']} rank(s) with ZeRO "
                          f"stage {stages[0]}; this run has {world} rank(s) and ZeRO stage 0. Its sharded "

@@ -62,7 +62,9 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
                          "by the recipe (lr, warmup_steps, cycle_length, restart_warmup_steps, min_lr_ratio): "
                          "remove it")
     _refuse_unused_sections(ds, source)
-    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    # No optimizer section: torch's AdamW (FusedAdam needs a CUDA build of its op), but DeepSpeedCPUAdam for an
+    # offloaded optimizer, as the ds_configs/*offload* files choose (torch's AdamW on the host is far slower).
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {} if optimizer_offload(ds) else {"torch_adam": True}})
     params = opt.setdefault("params", {})
     twice += [f"optimizer.params.{k}" for k in _OPT_KEYS if k in params]
     if twice:
@@ -109,14 +111,27 @@ def zero_stage(ds: dict) -> int:
 
 
 def engine_layout(ds: dict) -> dict:
-    """What decides the files and optimizer state a checkpoint holds: ZeRO stage, weight precision and where
-    the optimizer runs (DeepSpeedCPUAdam when offloaded). Two configs with the same layout load each other's
-    checkpoints directly; others go through the universal checkpoint (checkpoint.plan_resume)."""
+    """What decides the files and optimizer state a checkpoint holds: ZeRO stage, weight precision, where
+    the optimizer runs and its class (torch's AdamW, FusedAdam and DeepSpeedCPUAdam keep other param-group
+    keys: loaded directly into another, the first step fails). Two configs with the same layout load each
+    other's checkpoints directly; others go through the universal checkpoint (checkpoint.plan_resume)."""
     zero = _zero_config(ds, "the DeepSpeed config")
     offload = zero.offload_optimizer.device if zero.offload_optimizer is not None else "none"
     precision = "bf16" if uses_bf16(ds) else "fp16" if uses_fp16(ds) else "fp32"
-    return {"zero_stage": zero.stage, "precision": precision, "offload_optimizer": str(getattr(offload, "value",
-                                                                                                 offload))}
+    return {"zero_stage": zero.stage, "precision": precision,
+            "offload_optimizer": str(getattr(offload, "value", offload)), "optimizer": adam_parameters(ds)[0].__name__}
+
+
+def optimizer_offload(ds: dict) -> str | None:
+    """Where an offloaded optimizer runs ("cpu", "nvme"), as DeepSpeed reads the section (also the legacy
+    ``cpu_offload`` flag); None when it is not offloaded."""
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return None
+    if zero.get("cpu_offload"):
+        return "cpu"
+    device = (zero.get("offload_optimizer") or {}).get("device")
+    return device if device in ("cpu", "nvme") else None
 
 
 def uses_fp16(ds: dict) -> bool:
@@ -237,6 +252,15 @@ def _refuse_unused_sections(ds: dict, source: str) -> None:
             raise ValueError(f"{source}: the {key!r} section has no effect here ({why}); remove it")
 
 
+def _as_int(value):
+    """A value as DeepSpeed's pydantic config reads an int field ("2" and 2.0 are 2), so that checks see the
+    ZeRO stage it will run; anything else as it is (the section's own validation names it)."""
+    try:
+        return int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else value
+    except (TypeError, ValueError):
+        return value
+
+
 # ----------------------------------------------------------------------------- key checks
 def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None:
     """Raise ValueError for a key the installed DeepSpeed would ignore or choke on, naming the likely
@@ -271,13 +295,13 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
     for key in zero if isinstance(zero, dict) else ():
         if key in removed_zero:
             raise ValueError(f"{source}: {removed_zero[key]}")
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    stage = _as_int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
     if stage in (2, 3) and zero.get("reduce_scatter", True) and (
             ds.get("prescale_gradients") or ds.get("gradient_predivide_factor", 1.0) != 1.0):
         raise ValueError(f"{source}: prescale_gradients and gradient_predivide_factor are not supported by "
                          f"DeepSpeed at ZeRO stage {stage} with reduce_scatter (its default): remove them, or "
                          "set zero_optimization.reduce_scatter to false")
-    if isinstance(zero, dict) and isinstance(stage, int) and stage < 3:
+    if isinstance(zero, dict) and stage < 3:
         param = zero.get("offload_param")
         if isinstance(param, dict) and param.get("device", "none") not in ("none", None):
             raise ValueError(f"{source}: zero_optimization.offload_param (device {param['device']!r}) acts only at "
@@ -425,10 +449,7 @@ def adam_parameters(ds: dict) -> tuple[type, list[str]]:
         ctor, passed = (torch.optim.AdamW if w_mode else torch.optim.Adam), {"foreach"}
         own.add("foreach")
     else:
-        zero = ds.get("zero_optimization", {})
-        offload = (zero.get("offload_optimizer") or {}).get("device") if isinstance(zero, dict) else None
-        offload = "cpu" if isinstance(zero, dict) and zero.get("cpu_offload") else offload
-        if offload in ("cpu", "nvme"):
+        if optimizer_offload(ds):
             ctor, passed = DeepSpeedCPUAdam, {"adamw_mode", "fp32_optimizer_states"}
         else:
             ctor, passed = FusedAdam, {"adam_w_mode"}

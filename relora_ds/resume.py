@@ -55,7 +55,8 @@ class CheckpointsMixin:
             def layout(world, lay):
                 place = "on the device" if lay["offload_optimizer"] == "none" else \
                     f"offloaded to {lay['offload_optimizer']}"
-                return f"{world} rank(s), ZeRO stage {lay['zero_stage']}, {lay['precision']}, optimizer {place}"
+                return (f"{world} rank(s), ZeRO stage {lay['zero_stage']}, {lay['precision']}, optimizer "
+                        f"{lay.get('optimizer', 'Adam')} {place}")
             then, now = self.resume_plan["layouts"]
             self._print(f"checkpoint {self.ckpt_dir / tag} was written with {layout(saved['world_size'], then)}, "
                         f"this run has {layout(self.world, now)}: loading it as a DeepSpeed universal checkpoint")
@@ -129,6 +130,11 @@ class CheckpointsMixin:
             group.update(lr=lr * fn(sched.last_epoch), betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                          weight_decay=cfg.weight_decay)
         sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+        # DeepSpeed's ZeRO-1/2, BF16 and FP16 optimizers clip with the value saved in the checkpoint
+        # (load_state_dict sets clip_grad from it), not the engine's config: a resume with --grad-clip would
+        # log the change and keep the old clip.
+        if hasattr(self.engine.optimizer, "clip_grad"):
+            self.engine.optimizer.clip_grad = cfg.grad_clip
         # Every other setting a resume may change (total_steps, cycle_length, batch sizes, clipping, ...) takes
         # effect through the new config; all of them are named once here.
         changed = {k: f"{saved.get(k)} -> {v}" for k, v in cfg.to_dict().items()

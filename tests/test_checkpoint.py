@@ -89,6 +89,38 @@ def test_plan_resume_loads_another_precision_or_optimizer_place_as_universal(tmp
         assert (plan["layouts"][0] != plan["layouts"][1]) is universal
 
 
+def test_plan_resume_loads_another_optimizer_class_as_universal_and_refuses_it_at_stage_0(tmp_path):
+    """torch's AdamW, FusedAdam and DeepSpeedCPUAdam keep other param-group keys: loaded directly into
+    another class, the first step failed (KeyError 'bias_correction', found by a review), so a change of
+    class goes through the universal checkpoint; a stage-0 checkpoint (the optimizer's own state_dict) cannot
+    move to another class or precision and is refused before any engine (it was a KeyError traceback)."""
+    from relora_ds import checkpoint
+
+    offload = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+    torch_adam = {"type": "AdamW", "params": {"torch_adam": True}}
+    _fake_checkpoint(tmp_path / "a", world=2, stage=2, sharded=True)
+    config = json.loads((tmp_path / "a" / "step_8" / "config.json").read_text())
+    config["deepspeed"] = {"zero_optimization": offload, "optimizer": torch_adam}
+    (tmp_path / "a" / "step_8" / "config.json").write_text(json.dumps(config))
+    kw = dict(model={"hidden_size": 64}, train=TRAIN, world=2, data_dir=tmp_path / "data", total_steps=12,
+              tokenizer_sha256="a" * 64)
+    same = checkpoint.plan_resume(tmp_path / "a", ds={"zero_optimization": offload, "optimizer": torch_adam}, **kw)
+    assert same["universal"] is False
+    plan = checkpoint.plan_resume(tmp_path / "a", ds={"zero_optimization": offload, "optimizer": {"type": "AdamW"}},
+                                  **kw)
+    assert plan["universal"] is True
+    assert (plan["layouts"][0]["optimizer"], plan["layouts"][1]["optimizer"]) == ("AdamW", "DeepSpeedCPUAdam")
+
+    _fake_checkpoint(tmp_path / "b", world=1, stage=0, sharded=False)
+    kw["world"] = 1
+    for ds, named in (({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "'precision': 'bf16'"),
+                      ({"zero_optimization": {"stage": 0}, "optimizer": torch_adam}, "'optimizer': 'AdamW'")):
+        with pytest.raises(ValueError, match=rf"written without ZeRO with .*; this run has .*{named}.*loads only "
+                                             r"into the same optimizer and precision"):
+            checkpoint.plan_resume(tmp_path / "b", ds=ds, **kw)
+    assert checkpoint.plan_resume(tmp_path / "b", ds={"zero_optimization": {"stage": 0}}, **kw)["universal"] is False
+
+
 def test_plan_resume_names_the_hf_model_a_run_started_from(tmp_path):
     from relora_ds import checkpoint
 

@@ -229,6 +229,20 @@ def test_completed_config_carries_every_recipe_value():
         assert ds["gradient_clipping"] == 0.5
 
 
+def test_without_an_optimizer_section_an_offloaded_optimizer_is_deepspeeds_cpu_adam():
+    """No optimizer section: torch's AdamW, except for an offloaded optimizer, which gets DeepSpeedCPUAdam as
+    ds_configs/zero*_offload.json choose (found by a review: torch's AdamW ran on the host without a word)."""
+    import torch
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    cfg = TrainConfig(**BASE)
+    for zero, ctor in (({"stage": 2}, torch.optim.AdamW),
+                       ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, DeepSpeedCPUAdam),
+                       ({"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}, DeepSpeedCPUAdam)):
+        ds = complete_ds_config({"zero_optimization": zero}, cfg, world_size=2)
+        assert adam_parameters(ds)[0] is ctor, zero
+
+
 @pytest.mark.parametrize("ds, key", [
     ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu"),
     ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95]}}}, "optimizer.params.betas"),
@@ -284,7 +298,10 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
             r"offload_optimizer \(device 'nvme'\) swaps to NVMe only at ZeRO stage 3; at stage 2 DeepSpeed keeps"),
            ({"zero_optimization": {"stage": 2}, "gradient_predivide_factor": 2.0},
             "gradient_predivide_factor are not supported by DeepSpeed at ZeRO stage 2 with reduce_scatter"),
-           ({"zero_optimization": {"stage": 3}, "prescale_gradients": True}, "at ZeRO stage 3 with reduce_scatter")]
+           ({"zero_optimization": {"stage": 3}, "prescale_gradients": True}, "at ZeRO stage 3 with reduce_scatter"),
+           # DeepSpeed reads "2" as stage 2 (found by a review: the checks compared the string and let it pass)
+           ({"zero_optimization": {"stage": "2", "offload_param": {"device": "cpu"}}},
+            r"offload_param \(device 'cpu'\) acts only at ZeRO stage 3, and this config is stage 2")]
     for ds, match in bad:
         with pytest.raises(ValueError, match=match):
             complete_ds_config(ds, TrainConfig(**BASE), world_size=2)

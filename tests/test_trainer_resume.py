@@ -65,6 +65,15 @@ def test_resume_applies_the_recipes_new_lr(tmp_path, small_data_dir):
     assert logged == pytest.approx(want, rel=1e-6) and max(want) > 0
     event = next(r for r in recs if r.get("event") == "resume_settings_changed")
     assert event["lr"] == "0.003 -> 0.001" and event["adam_beta2"] == "0.999 -> 0.95"
+    # The same resume with a tighter --grad-clip: DeepSpeed's ZeRO-2 optimizer took the clip saved in the
+    # checkpoint (found by a review: the losses equalled the clip-1.0 resume's at every step). Steps 7 and 8
+    # come before any update that can differ (step 7 trains at lr 0 after the reset at 6); then they differ.
+    rewind_to(tmp_path / "run", "step_6")
+    train1(tmp_path, small_data_dir, "--resume", "--lr", "1e-3", "--adam-beta2", "0.95", "--grad-clip", "0.001",
+           save_every=6, warm_start_lr=5e-4)
+    clipped, recs = read_losses(tmp_path / "run")
+    assert [clipped[s] == losses[s] for s in range(7, 13)] == [True, True, False, False, False, False]
+    assert next(r for r in recs if r.get("event") == "resume_settings_changed")["grad_clip"] == "1.0 -> 0.001"
 
 
 def test_resume_on_fewer_ranks_zero2(tmp_path, small_data_dir, uninterrupted):
@@ -142,16 +151,16 @@ def test_resume_into_an_offloaded_optimizer_and_another_precision(tmp_path, smal
     reference, _ = uninterrupted
     train2(tmp_path, small_data_dir, save_every=7)
     offload = tmp_path / "offload.json"
-    offload.write_text(json.dumps({**FP32_ZERO2, "zero_optimization": {
-        "stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    offload.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                                   "optimizer": {"type": "AdamW", "params": {}}}))  # DeepSpeedCPUAdam
     bf16 = tmp_path / "bf16.json"
     bf16.write_text(json.dumps({**FP32_ZERO2, "bf16": {"enabled": True}}))
     recipe, _ = write(tmp_path, small_data_dir, save_every=7)
-    for ds, what, tol in ((offload, "optimizer offloaded to cpu", 3e-6), (bf16, "bf16", 2e-3)):
+    for ds, what, tol in ((offload, "optimizer DeepSpeedCPUAdam offloaded to cpu", 3e-6), (bf16, "bf16", 2e-3)):
         rewind_to(tmp_path / "run", "step_7")
         proc = run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume")
         out = proc.stdout + proc.stderr
-        assert re.search(rf"written with 2 rank\(s\), ZeRO stage 2, fp32, optimizer on the device, this run has 2 "
+        assert re.search(rf"written with 2 rank\(s\), ZeRO stage 2, fp32, optimizer AdamW on the device, this run has 2 "
                          rf"rank\(s\), ZeRO stage 2, .*{what}.*: loading it as a DeepSpeed universal checkpoint", out)
         resumed, recs = read_losses(tmp_path / "run")
         assert sorted(resumed) == list(range(8, 13))

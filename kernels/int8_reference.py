@@ -5,7 +5,8 @@ Storage of a frozen weight W (out, in):
 - ``q`` int8 (out, in) in [-127, 127] and ``scale`` bf16 (out,): ``W ≈ q · scale[:, None]`` (per output
   channel, absmax: ``scale = bf16(max|W_row| / 127)``). A bf16 scale costs 2 bytes per row instead of 4, which
   keeps the frozen bytes ≤ 0.52× bf16 even at in_features = 64 (debug preset); the quantizer divides by the
-  *stored* scale, so its rounding changes the step by ≤ 2^-9 and the error bound stays ``scale / 2``.
+  *stored* scale, so its rounding changes the step by ≤ 2^-8 (relative) and the error bound stays
+  ``scale / 2``.
 - ``residual`` int8 (out, in), optional, kept in host memory: the next 8 bits, ``W ≈ (q + residual/254) ·
   scale``. It is the error-feedback term of a merge: a merge requantizes the 16-bit-accurate value, so the
   int8 weight stays one rounding away from the exact fp32-accumulated weight (see relora_ds/quant.py).

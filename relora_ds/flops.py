@@ -24,20 +24,28 @@ PEAK_BF16_TFLOPS = (("H100 NVL", 835.5), ("H200 NVL", 835.5), ("H100 PCIe", 756.
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per trained token of ``model`` (ours or a wrapped one) on the data's windows of
-    ``seq_len + 1`` tokens: the model runs all ``seq_len + 1`` positions and is trained on ``seq_len``
-    predictions, the tokens that tokens/s counts. Counts whole parameters under ZeRO-3, whose partitioned
+    ``seq_len + 1`` tokens: the model runs all ``seq_len + 1`` positions (the head only the ``seq_len``
+    predicted ones under the chunked loss) and is trained on ``seq_len`` predictions, the tokens that
+    tokens/s counts. Counts whole parameters under ZeRO-3, whose partitioned
     parameters are empty tensors (``ds_shape``, ``ds_numel``)."""
     cfg = model.config
     embed = model.model.embed_tokens.weight
     tied = model.lm_head.weight is embed
-    linear = 0
+    head_weight = model.lm_head.weight
+    linear = head = 0
     for p in model.parameters():
         if len(getattr(p, "ds_shape", p.shape)) != 2 or (p is embed and not tied):
             continue
-        linear += (6 if p.requires_grad else 4) * getattr(p, "ds_numel", p.numel())
+        cost = (6 if p.requires_grad else 4) * getattr(p, "ds_numel", p.numel())
+        if p is head_weight:
+            head += cost
+        else:
+            linear += cost
     positions = seq_len + 1
+    # The chunked loss (chunked_loss_enable) runs the head on the seq_len predicted positions only.
+    head_positions = seq_len if getattr(model, "loss_chunk_size", 0) else positions
     per_position = linear + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * positions
-    return per_position * positions / seq_len
+    return (per_position * positions + head * head_positions) / seq_len
 
 
 def peak_tflops(device_name: str | None) -> float | None:

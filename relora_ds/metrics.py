@@ -79,14 +79,15 @@ class MetricsLogger:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        scalars = {k: v for k, v in record.items()
+        # An event's numbers (a reset's pruned fractions, a checkpoint's seconds...) under the event's name:
+        # "reset/exp_avg", not an "exp_avg" chart beside the training curves.
+        prefix = f"{record['event']}/" if "event" in record else ""
+        scalars = {f"{prefix}{k}": v for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None and "step" in record:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, record["step"])
         if self._wandb is not None and "step" in record:
-            if "event" in record:  # a reset, merge, checkpoint...: its numbers under the event's name
-                scalars = {f"{record['event']}/{k}": v for k, v in scalars.items()}
             self._wandb.log({**scalars, "step": record["step"]})
 
     def preempting(self) -> None:
@@ -142,10 +143,15 @@ def progress_line(rec: dict, total_steps: int, elapsed_s: float, steps_done: int
     left = (total_steps - rec["step"]) * elapsed_s / max(steps_done, 1)
     hms = lambda s: str(datetime.timedelta(seconds=round(s)))  # noqa: E731
     parts = [f"step {rec['step']}/{total_steps}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.3e}",
-             f"{rec['tokens_per_s']:,.0f} tok/s", f"{rec['tflops_per_gpu']:.1f} TFLOP/s/GPU"]
+             f"{rec['tokens_per_s']:,.0f} tok/s", _tflops(rec["tflops_per_gpu"]) + " TFLOP/s/GPU"]
     if "mfu" in rec:
         parts.append(f"MFU {rec['mfu']:.1%}")
     if cycle:
         parts.append(f"cycle {cycle['cycle']} step {cycle['in_cycle']}")
     parts += [f"elapsed {hms(elapsed_s)}", f"left ~{hms(left)}"]
     return " | ".join(parts)
+
+
+def _tflops(value: float) -> str:
+    """101.2, or 0.0043 where one decimal would print a CPU's rate as 0.0."""
+    return f"{value:.1f}" if value >= 0.1 else f"{value:.2g}"

@@ -141,7 +141,7 @@ class TrainConfig:
     export_dtype: str | None = _f(None, "dtype of the exported weights; default: the Hugging Face model's own "
                                         "(hf_model / warm_start_from), else float32 (the fp32 master weights, "
                                         "lossless)", choices=("float32", "bfloat16", "float16"))
-    log_every: int = _f(1, "metrics line every N steps")
+    log_every: int = _f(1, "metrics line every N steps: the mean loss of its steps, the last one's lr and grad_norm")
     wandb_project: str | None = _f(None, "also log every metric and event to this Weights & Biases project (needs "
                                          "the wandb package; the run id is kept in output_dir, so a resumed or "
                                          "requeued job continues the same W&B run)")

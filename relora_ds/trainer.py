@@ -308,19 +308,24 @@ class Trainer(CheckpointsMixin):
         final = {}
         # Throughput counts training steps and their merges and resets, not evaluation, checkpoints or the
         # warm-start switch (each step ends in an all-reduce read on the host, so the clock sees the device).
-        train_s, step_last = 0.0, self.step
+        # A record covers the steps since the last one (log_every): their mean loss, as Megatron and the HF
+        # Trainer log; lr and grad_norm are its last step's. A window ends at the warm-start switch too, so
+        # that no record mixes the phases, and at a stop, so that no trained step goes unlogged.
+        train_s, step_last, loss_sum = 0.0, self.step, 0.0
         while self.step < self.total_steps:
             if self.engine_phase == "full" and self._phase(self.step) == "lowrank":
                 self._switch_to_lowrank()
             t0 = time.perf_counter()
-            loss = self._train_step()
+            loss_sum += self._train_step()
             self.step += 1
             self.tokens_seen += self.tokens_per_step
             self._after_step_events()
             train_s += time.perf_counter() - t0
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            if (self.step % cfg.log_every == 0 or self.step == self.total_steps or self._stop_agreed
+                    or (self.engine_phase == "full" and self._phase(self.step) == "lowrank")):
                 tok_s = (self.step - step_last) * self.tokens_per_step / train_s
-                train_s, step_last = 0.0, self.step
+                loss = loss_sum / (self.step - step_last)
+                train_s, step_last, loss_sum = 0.0, self.step, 0.0
                 grad_norm = self.grad_norm if self.grad_norm is not None else self.engine.get_global_grad_norm()
                 tflops = tok_s * self.flops_per_token / self.world / 1e12  # model TFLOP/s per rank
                 rec = {"step": self.step, "loss": loss, "lr": self.step_lr, "grad_norm": _float(grad_norm),

@@ -69,6 +69,19 @@ def test_a_head_tied_to_the_embedding_is_counted_once_as_a_matmul():
     assert flops_per_token(model, 33) == untied
 
 
+def test_the_chunked_loss_runs_the_head_on_the_predicted_positions_only():
+    """chunked_loss_enable: the head's product (and its gradients, made in the forward) covers the seq_len
+    predicted positions, not the window's seq_len + 1 (found by a review: counted one position too many)."""
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    plain = flops_per_token(model, 33)
+    model.chunked_loss_enable(16)
+    assert flops_per_token(model, 33) == pytest.approx(_counted_per_token(model, 2, 33), rel=1e-12)
+    assert plain - flops_per_token(model, 33) == pytest.approx(6 * 96 * 48 / 33, rel=1e-12)
+
+
 def test_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0

@@ -33,6 +33,8 @@ def test_progress_line_for_log_files():
     line = progress_line(rec, total_steps=100, elapsed_s=90.0, steps_done=30, cycle={"cycle": "2/5", "in_cycle": "7/10"})
     assert line == ("step 40/100 | loss 3.1416 | lr 1.000e-03 | 12,346 tok/s | 101.2 TFLOP/s/GPU | MFU 43.2% | "
                     "cycle 2/5 step 7/10 | elapsed 0:01:30 | left ~0:03:00")
+    cpu = progress_line({**rec, "tflops_per_gpu": 0.004321}, 100, 90.0, 30, {})  # a CPU's rate is not "0.0"
+    assert "| 0.0043 TFLOP/s/GPU |" in cpu
 
 
 @pytest.mark.parametrize("step, want", [

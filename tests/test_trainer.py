@@ -278,8 +278,9 @@ def test_fp16_skipped_steps_keep_the_lr_schedule_on_the_step(tmp_path, small_dat
     assert all(("prune_skipped" in r) == (scale_power == 40) for r in resets), resets
 
 
-def test_grad_norm_is_logged_without_zero_too(tmp_path, small_data_dir):
-    """Stage 0 (plain `python launch/train.py`) logs the same gradient norm as ZeRO-2 records (fp32, 1 rank)."""
+def test_grad_norm_is_logged_without_zero_too_and_a_record_covers_its_steps(tmp_path, small_data_dir):
+    """Stage 0 (plain `python launch/train.py`) logs the same gradient norm as ZeRO-2 records (fp32, 1 rank);
+    with log_every > 1 a record's loss is its steps' mean (found by a review: it was the last step's)."""
     stage0 = tmp_path / "stage0.json"
     stage0.write_text(json.dumps({"zero_optimization": {"stage": 0},
                                   "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
@@ -291,6 +292,16 @@ def test_grad_norm_is_logged_without_zero_too(tmp_path, small_data_dir):
         norms[name] = [r["grad_norm"] for r in recs if "loss" in r]
     assert all(n is not None and n > 0 for n in norms["zero0"]), norms
     assert norms["zero0"] == pytest.approx(norms["zero2"], rel=1e-4)
+    # log_every=3: a record holds the mean loss of its steps and its last step's grad_norm and lr; the window
+    # also ends at the warm-start switch (after step 2), so records at 2 (steps 1-2), 3 and 4 (the last).
+    each, each_recs = read_losses(tmp_path / "zero2" / "run")
+    (tmp_path / "every3").mkdir()
+    train1(tmp_path / "every3", small_data_dir, total_steps=4, eval_every=0, global_batch_size=4, log_every=3)
+    grouped, recs = read_losses(tmp_path / "every3" / "run")
+    assert grouped == {2: (each[1] + each[2]) / 2, 3: each[3], 4: each[4]}
+    by_step = {r["step"]: r for r in each_recs if "loss" in r}
+    assert [(r["grad_norm"], r["lr"], r["phase"]) for r in recs if "loss" in r] == \
+        [(by_step[s]["grad_norm"], by_step[s]["lr"], by_step[s]["phase"]) for s in (2, 3, 4)]
     # A new run in that output_dir is refused (it would mix the runs); --overwrite starts over there.
     proc = train1(tmp_path / "zero2", small_data_dir, check=False, total_steps=3, eval_every=0, global_batch_size=4)
     assert proc.returncode == 2 and "holds a run (latest, metrics.jsonl): pass --resume" in proc.stderr, proc.stderr

@@ -210,6 +210,23 @@ def test_tensorboard_keeps_each_step_once_after_a_resume(tmp_path):
     assert got == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0, 6: 106.0, 7: 107.0, 8: 108.0}
 
 
+def test_an_events_numbers_reach_tensorboard_under_its_name(tmp_path):
+    """A reset's pruned fractions are 'reset/exp_avg', as in W&B, not an 'exp_avg' chart that reads like an
+    Adam statistic (found by a review); a training record's own keys stay as they are."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from relora_ds.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, enabled=True)
+    logger.log({"step": 4, "loss": 2.5, "lr": 1e-3})
+    logger.log({"event": "reset", "step": 4, "exp_avg": 0.99, "exp_avg_sq": 0.98, "merged": True})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["loss", "lr", "reset/exp_avg", "reset/exp_avg_sq"]
+    assert events.Scalars("reset/exp_avg")[0].value == pytest.approx(0.99)
+
+
 def _splits(train, val, train_documents=5_000):
     return {"train": {"tokens": train, "documents": train_documents}, "validation": {"tokens": val}}
 

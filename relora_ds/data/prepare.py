@@ -349,8 +349,8 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
                       "unless called with split_special_tokens=True", DataWarning, stacklevel=3)
     # The hash split sends each document whole to one split: a few big documents (a .txt file is one under
     # txt_unit="document") leave one split empty, and a larger val_fraction only changes which one.
-    few = (f"; each document goes whole to one split, so split the text into more documents (txt_unit="
-           f"'paragraph' or 'line', --txt-unit, for .txt inputs) or give a validation corpus (--val-input)"
+    few = ("; each document goes whole to one split, so split the text into more documents (txt_unit="
+           "'paragraph' or 'line', --txt-unit, for .txt inputs) or give a validation corpus (--val-input)"
            if total_docs * cfg.val_fraction < 10 else "")
     if splits["validation"]["documents"] == 0 and cfg.val_fraction > 0:
         warnings.warn(f"the validation split is empty ({total_docs} documents, val_fraction="

@@ -36,7 +36,8 @@ from triton.runtime.jit import JITFunction
 from . import _runtime
 from .int8_reference import QMAX, RES_STEPS, int8_dequantize_reference, int8_lora_linear_reference, \
     int8_merge_reference_
-from .linear import _check_args, _check_triton_args, _fits_int32, lora_backward, lora_forward
+from .linear import (_check_args, _check_triton_args, _fits_int32, differentiable_backward, lora_backward,
+                     lora_forward)
 from .reference import check_dropout_p, dropout_keep_mask
 from .torch_linear import int8_lora_linear_torch
 
@@ -148,6 +149,7 @@ def dequant_launch(q, scale, dtype):
     if N and K:
         cfg = dict(BLOCK_N=32, BLOCK_K=32) if _runtime.interpreting() else dict(BLOCK_N=64, BLOCK_K=128)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
+        scale = scale.contiguous()  # the kernel reads it at offsets 0..N-1
         _runtime.for_current_mode(_dequant_kernel)[grid](q, scale, out, N, K, q.stride(0), q.stride(1),
                                                          out.stride(0), out.stride(1), **cfg)
     return out
@@ -193,9 +195,15 @@ def int8_merge_(q, scale, residual, lora_A, lora_B, s):
         return q
     A, B = lora_A.to(q.device), lora_B.to(q.device, lora_A.dtype)
     res_dev = residual.to(q.device) if residual is not None else None  # 1 B/param each way per merge
-    int8_merge_launch(q, scale, res_dev, A, B, s)
+    scale_c = scale.contiguous()  # the kernel reads and writes it at offsets 0..N-1
+    int8_merge_launch(q, scale_c, res_dev, A, B, s)
+    if scale_c.data_ptr() != scale.data_ptr():
+        scale.copy_(scale_c)
     if residual is not None and res_dev.data_ptr() != residual.data_ptr():
         residual.copy_(res_dev)
+    for t in (q, scale, residual):  # written by the kernel behind autograd's back (see merge.lora_merge_)
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
     return q
 
 
@@ -227,12 +235,17 @@ class Int8LoRALinearFunction(torch.autograd.Function):
         x2, s, q, w_scale, lora_A, lora_B, keep2 = ctx.saved_tensors
         need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
         dy2 = _runtime.within_int32(dy.reshape(-1, dy.shape[-1]))  # (M, out); 32-bit offsets: see forward
-        if ctx.in_gemm:
-            w, w_s = q, w_scale
+        if torch.is_grad_enabled():  # create_graph=True: see linear.differentiable_backward
+            w = int8_dequantize_reference(q, w_scale, dy.dtype)
+            dx2, da, db = differentiable_backward(dy2, x2, w, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p)
         else:
-            w, w_s = (dequant_launch(q, w_scale, dy.dtype) if need_x else None), None
-        dx2, da, db = lora_backward(dy2, x2, s, w, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p,
-                                    ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b, weight_scale=w_s)
+            if ctx.in_gemm:
+                w, w_s = q, w_scale
+            else:
+                w, w_s = (dequant_launch(q, w_scale, dy.dtype) if need_x else None), None
+            dx2, da, db = lora_backward(dy2, x2, s, w, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p,
+                                        ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b,
+                                        weight_scale=w_s)
         dx = dx2.reshape(ctx.x_shape) if dx2 is not None else None
         dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if (ctx.has_bias and need_bias) else None
         return (dx, None, None, (da if need_a else None), (db if need_b else None), dbias, None, None, None, None,

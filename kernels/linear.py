@@ -19,6 +19,8 @@ H100 numbers say otherwise. Deterministic mode always takes the split path (no a
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -150,6 +152,20 @@ def lora_backward(dy, x, s, weight, lora_A, lora_B, scale, keep=None, dropout_p=
     return dx, da, db
 
 
+def differentiable_backward(dy, x, weight, lora_A, lora_B, scale, keep=None, dropout_p=0.0):
+    """``lora_backward``'s (dx, dA, dB) in torch ops, for a backward with ``create_graph=True`` (a gradient
+    penalty, Hessian-vector products): Triton launches are invisible to autograd, so their gradients would
+    carry no graph and every second-order term through them would silently be zero. S is recomputed: the
+    forward's came from a launch too. ``weight``: the float weight (an int8 base dequantized)."""
+    xm = x if keep is None else x * keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
+    s = xm @ lora_A.t()
+    ds = (dy @ lora_B) * scale
+    dxm = ds @ lora_A
+    if keep is not None:
+        dxm = dxm * keep.to(dxm.dtype) * (1.0 / (1.0 - dropout_p))
+    return dy @ weight + dxm, ds.t() @ xm, (dy.t() @ s) * scale
+
+
 # ----------------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------------
@@ -171,8 +187,11 @@ class LoRALinearFunction(torch.autograd.Function):
         x2, s, weight, lora_A, lora_B, keep2 = ctx.saved_tensors
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dy2 = _runtime.within_int32(dy.reshape(-1, dy.shape[-1]))  # (M, out); 32-bit offsets: see forward
-        dx2, da, db = lora_backward(dy2, x2, s, weight, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p,
-                                    ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b)
+        if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
+            dx2, da, db = differentiable_backward(dy2, x2, weight, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p)
+        else:
+            dx2, da, db = lora_backward(dy2, x2, s, weight, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p,
+                                        ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b)
         dx = dx2.reshape(ctx.x_shape) if dx2 is not None else None
         # ReLoRA keeps W frozen; a trainable W still gets its gradient, through plain torch.
         dw = (dy2.t() @ x2) if need_w else None
@@ -186,6 +205,9 @@ def _check_args(x, weight, lora_A, lora_B, bias):
                          f"{tuple(lora_B.shape)}")
     d_out, d_in = weight.shape
     r = lora_A.shape[0]
+    if d_in == 0 or r == 0:
+        raise ValueError(f"weight (out, in) {tuple(weight.shape)} and lora_A (r, in) {tuple(lora_A.shape)} need "
+                         "in_features >= 1 and r >= 1")
     if x.dim() < 1 or x.shape[-1] != d_in:
         raise ValueError(f"x's last dimension must be weight's in_features={d_in}; got x of shape {tuple(x.shape)}")
     if lora_A.shape != (r, d_in) or lora_B.shape != (d_out, r):
@@ -209,7 +231,7 @@ def _check_triton_args(x, weight, lora_A, lora_B, bias):
 
 def _fits_int32(op, x, weight):
     """x, dX (the same shape), Y, dY (rows × out) and the weight within the kernels' 32-bit offsets."""
-    rows = x.numel() // x.shape[-1]
+    rows = math.prod(x.shape[:-1])
     return _runtime.fits_int32(op, x=_runtime.span(x), weight=_runtime.span(weight), y=rows * weight.shape[0],
                                dx=rows * x.shape[-1])
 

@@ -243,6 +243,10 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
             (b1_scale_mode, None if b1_scale is None else b1_scale.shape)
     else:
         assert b1_scale is None and b1_scale_mode == 0
+    # The kernels read the bias and the scales at offsets 0..n-1: a strided view (bias[::2]) or an expanded one
+    # would be read wrong.
+    bias = bias.contiguous() if bias is not None else None
+    b1_scale = b1_scale.contiguous() if b1_scale is not None else None
     device = a1.device
     out_dtype = out_dtype or a1.dtype
     if out is None:

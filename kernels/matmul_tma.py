@@ -166,6 +166,7 @@ def _autotuned_kernel():
 def launch(a1, b1, a2, b2, out, *, alpha=1.0, beta=1.0, bias=None, config=None):
     """``out = alpha * (a1 @ b1 + beta * a2 @ b2) (+ bias)``; the caller has checked :func:`eligible`."""
     _ensure_allocator()
+    bias = bias.contiguous() if bias is not None else None  # read at offsets 0..N-1
     M, K1 = a1.shape
     N = b1.shape[1]
     has_second = a2 is not None

@@ -91,4 +91,9 @@ def lora_merge_(weight, lora_A, lora_B, scale):
         if t.device != weight.device:
             raise ValueError(f"lora_merge_: {name} is on {t.device} but weight is on {weight.device}")
     _runtime.check_device(weight)
-    return merge_launch(weight, lora_A, lora_B, scale)
+    merge_launch(weight, lora_A, lora_B, scale)
+    # The kernel wrote W behind autograd's back: bump its version, so that a backward still holding the old W
+    # (a merge between micro-steps, in a hook) raises autograd's in-place error as the torch path does.
+    if not weight.is_inference():  # inference tensors keep no version
+        torch.autograd.graph.increment_version(weight)
+    return weight

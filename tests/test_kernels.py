@@ -173,6 +173,71 @@ def test_partial_gradients(kernels_on, device):
     assert rel_err(dw, dy.double().t() @ x.double()) <= t
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_matches_reference(kernels_on, device, dropout, int8):
+    """A gradient penalty (create_graph=True, then the gradient of loss + |dL/dx|^2): the backward's Triton
+    launches carry no graph, so every second-order term was silently zero (found by a review: |dA| 6.15
+    against the reference's 8.13); such a backward now runs in torch ops. Oracle: the float64 twin."""
+    x, w, a, b, bias, dy = make_inputs((3, 7), 24, 20, 4, True, torch.float32, device, seed=11)
+    q, w_scale, _ = rk.int8_quantize_reference(w)
+
+    def penalized(x, a, b, bias, dtype, generator):
+        leaves = [x, a, b, bias]
+        if int8:
+            y = (rk.int8_lora_linear if dtype == torch.float32 else rk.int8_lora_linear_reference)(
+                x, q, w_scale, a, b, 0.7, bias, dropout_p=dropout, generator=generator)
+        else:
+            fn = rk.lora_linear if dtype == torch.float32 else rk.lora_linear_reference
+            y = fn(x, w.to(dtype), a, b, 0.7, bias, dropout_p=dropout, generator=generator)
+        loss = (y * dy.to(dtype)).sum()
+        (gx,) = torch.autograd.grad(loss, [x], create_graph=True)
+        return torch.autograd.grad(loss + 0.1 * (gx ** 2).sum(), leaves)
+
+    got = penalized(x, a, b, bias, torch.float32, torch.Generator(device=device).manual_seed(3))
+    ref = [t.detach().double().requires_grad_() for t in (x, a, b, bias)]
+    want = penalized(*ref, torch.float64, torch.Generator(device=device).manual_seed(3))
+    errs = {n: rel_err(g, t) for n, g, t in zip(("dx", "dA", "dB", "dbias"), got, want)}
+    assert all(e <= tol(device, torch.float32) for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_bias_and_scales_are_read_by_their_strides(kernels_on, device):
+    """A bias or an int8 scale that is a strided view (bias[::2]) was read as if contiguous (found by a
+    review: y off by 4.0); against the float64 twin, and the int8 merge writes such a scale through its view."""
+    x, w, a, b, bias, dy = make_inputs((9,), 24, 20, 4, False, torch.float32, device, seed=13)
+    wide = torch.randn(40, device=device, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    got, want = run_both(x, w, a, b, wide[::2], dy, 0.7)
+    assert all(rel_err(g, t) <= tol(device, torch.float32) for g, t in zip(got, want))
+    q, scale, res = rk.int8_quantize_reference(w, residual=True)
+    strided = torch.stack([scale, torch.full_like(scale, 7.0)], 1)[:, 0]  # (20,), stride 2
+    assert rel_err(rk.int8_dequantize(q, strided, torch.float32),
+                   rk.int8_dequantize_reference(q, scale, torch.float32)) == 0
+    y = rk.int8_lora_linear(x, q, strided, a, b, 0.7)
+    assert rel_err(y, rk.int8_lora_linear_reference(x, q, scale, a, b, 0.7)) <= tol(device, torch.float32)
+    q2, res2, scale2 = q.clone(), res.clone(), scale.clone()
+    rk.int8_merge_(q, strided, res, a.detach(), b.detach(), 0.7)
+    rk.int8_merge_reference_(q2, scale2, res2, a.detach(), b.detach(), 0.7)
+    assert torch.equal(q, q2) and torch.equal(strided, scale2) and torch.equal(res, res2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_merge_while_a_backward_holds_the_weight_is_autograds_inplace_error(kernels_on, device):
+    """The Triton merges write behind autograd's back: without a version bump a backward after the merge
+    silently used the merged weight (found by a review); the torch path raises, and so must this one."""
+    x, w, a, b, bias, dy = make_inputs((9,), 24, 20, 4, False, torch.float32, device, seed=14)
+    y = rk.lora_linear(x, w, a, b, 0.7)
+    rk.lora_merge_(w, a.detach(), b.detach(), 0.7)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+    q, scale, res = rk.int8_quantize_reference(w, residual=True)
+    y = rk.int8_lora_linear(x, q, scale, a, b, 0.7)
+    rk.int8_merge_(q, scale, res, a.detach(), b.detach(), 0.7)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast_computes_in_autocast_dtype(kernels_on, device):
     """Under autocast, fp32 inputs/params run the kernels in the autocast dtype, like F.linear does."""

@@ -4,12 +4,13 @@
 """
 import os
 import sys
+import warnings
 
 import torch
 
 from relora_ds.distributed import run_and_exit
 from relora_ds.ds_config import load_ds_config
-from relora_ds.train_config import build_launch_parser, config_from_args, show_config_warnings_plainly
+from relora_ds.train_config import ConfigWarning, build_launch_parser, config_from_args, show_config_warnings_plainly
 from relora_ds.trainer import Trainer
 
 
@@ -24,6 +25,8 @@ def _error(e: Exception) -> None:
 
 def main(argv=None) -> int:
     show_config_warnings_plainly()
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # the recipe's warnings are every rank's: rank 0 says them
+        warnings.filterwarnings("ignore", category=ConfigWarning)
     parser = build_launch_parser(__doc__)
     args = parser.parse_args(argv)
     trainer, status = None, 1  # an exception leaves with 1 (run_and_exit)

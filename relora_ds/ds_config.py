@@ -75,6 +75,10 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
         raise ValueError(f"{source} sets optimizer.params.amsgrad, whose running max of exp_avg_sq would keep every "
                          "moment ReLoRA's reset prunes: remove it (mode='relora' runs Adam/AdamW without amsgrad)")
     low = [k for k, on in (("bf16", uses_bf16(ds)), ("fp16", uses_fp16(ds))) if on]
+    if cfg.merge_residual and cfg.mode == "relora" and not low:
+        warnings.warn("merge_residual=True is ignored: the weights are fp32 (no bf16/fp16 in the DeepSpeed "
+                      "config), so a merge leaves no rounding residual; its buffers still take 2 bytes per "
+                      "base parameter of host memory", ConfigWarning, stacklevel=2)
     stage = _zero_config(ds, source).stage
     if low and stage == 0 and cfg.mode != "full":
         # DeepSpeed then wraps the optimizer in its FP16 optimizer, whose fp32 masters and Adam moments
@@ -292,10 +296,16 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                          "need it (another number of ranks, ZeRO stage, precision or optimizer offload); with it "
                          "set here a plain resume fails: remove it")
     zero, removed_zero = ds.get("zero_optimization"), getattr(ds_cfg, "_REMOVED_ZERO_CONFIG_KEYS", {})
+    if zero is not None and not isinstance(zero, dict | bool):
+        raise ValueError(f"{source}: zero_optimization={zero!r} must be a section, e.g. "
+                         '"zero_optimization": {"stage": 2} (or DeepSpeed\'s legacy true/false)')
     for key in zero if isinstance(zero, dict) else ():
         if key in removed_zero:
             raise ValueError(f"{source}: {removed_zero[key]}")
     stage = _as_int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{source}: zero_optimization.stage={stage!r} is not a ZeRO stage: valid stages are 0, 1, "
+                         "2 and 3")
     if stage in (2, 3) and zero.get("reduce_scatter", True) and (
             ds.get("prescale_gradients") or ds.get("gradient_predivide_factor", 1.0) != 1.0):
         raise ValueError(f"{source}: prescale_gradients and gradient_predivide_factor are not supported by "

@@ -213,10 +213,15 @@ class TrainConfig:
             raise ValueError("give resume or overwrite, not both (resume continues the run in output_dir, "
                              "overwrite deletes it; the SLURM scripts always pass --resume: for a new run there, "
                              "give a new output_dir)")
-        if self.mode == "relora" and self.cycle_length and self.restart_warmup_steps > self.cycle_length:
-            warnings.warn(f"restart_warmup_steps={self.restart_warmup_steps} is longer than a cycle: each reset "
-                          f"re-warms over the whole cycle (cycle_length={self.cycle_length})", ConfigWarning,
-                          stacklevel=3)
+        if self.mode == "relora" and self.cycle_length == 1:
+            raise ValueError("cycle_length=1 resets at every step, and the step after a reset trains at lr 0: no "
+                             "low-rank step would train. Use a cycle of at least restart_warmup_steps + 1 steps "
+                             "(the paper: thousands)")
+        if self.mode == "relora" and self.cycle_length and self.restart_warmup_steps >= self.cycle_length:
+            warnings.warn(f"restart_warmup_steps={self.restart_warmup_steps} is not shorter than a cycle "
+                          f"(cycle_length={self.cycle_length}): the lr re-warms for the whole cycle and never "
+                          f"reaches the cosine (at most {(self.cycle_length - 1) / self.restart_warmup_steps:.0%} "
+                          "of it); use restart_warmup_steps < cycle_length", ConfigWarning, stacklevel=3)
         if self.warm_start_steps and self.mode == "full":
             raise ValueError(f"warm_start_steps={self.warm_start_steps} only makes sense with mode=relora or "
                              "lora: mode=full trains full-rank throughout; set warm_start_steps to 0 "
@@ -278,6 +283,12 @@ class TrainConfig:
             if self.prune_joint:
                 ignored.append(("prune_joint=True", "mode='lora' has no optimizer resets"))
 
+        if self.final_eval_windows is not None and not self.eval_every:
+            ignored.append((f"final_eval_windows={self.final_eval_windows}", "eval_every=0 runs no evaluation, "
+                            "the final one included"))
+        if self.export_dtype is not None and not self.export:
+            ignored.append((f"export_dtype={self.export_dtype!r}", "export=False writes no export (launch/export.py "
+                            "--dtype chooses one for a later export)"))
         if self.prune_method == "reset" and self.prune_ratio != TrainConfig.prune_ratio:
             ignored.append((f"prune_ratio={self.prune_ratio}", "prune_method='reset' zeroes the whole moments"))
         for setting, why in ignored:

@@ -76,16 +76,13 @@ class Trainer(CheckpointsMixin):
         self._signal_handlers = {}
         with self._warnings_on_rank_zero():  # rank 0's lock on output_dir, until close() or the process ends
             on_rank_zero(lambda: lock_output_dir(self.out))
-        self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
-                                     source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
+        with self._warnings_on_rank_zero():
+            self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
+                                         source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")
         with self._warnings_on_rank_zero():
             check_precision_on_device(self.ds, get_accelerator())
         check_offload_on_device(self.ds, get_accelerator(), cfg.quantize)
         self.fp16 = uses_fp16(self.ds)
-        if cfg.merge_residual and cfg.mode == "relora" and not (uses_bf16(self.ds) or self.fp16) and self.rank == 0:
-            warnings.warn("merge_residual=True is ignored: the weights are fp32 (no bf16/fp16 in the DeepSpeed "
-                          "config), so a merge leaves no rounding residual; its buffers still take 2 bytes per "
-                          "base parameter of host memory", ConfigWarning, stacklevel=2)
         # Without ZeRO and in fp32 DeepSpeed records no gradient norm: the trainer computes it (see below).
         self.own_grad_norm = zero_stage(self.ds) == 0 and not (uses_bf16(self.ds) or self.fp16)
         self.grad_norm = None

@@ -301,7 +301,12 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
            ({"zero_optimization": {"stage": 3}, "prescale_gradients": True}, "at ZeRO stage 3 with reduce_scatter"),
            # DeepSpeed reads "2" as stage 2 (found by a review: the checks compared the string and let it pass)
            ({"zero_optimization": {"stage": "2", "offload_param": {"device": "cpu"}}},
-            r"offload_param \(device 'cpu'\) acts only at ZeRO stage 3, and this config is stage 2")]
+            r"offload_param \(device 'cpu'\) acts only at ZeRO stage 3, and this config is stage 2"),
+           # found by a test-drive: each was a TypeError/AttributeError traceback
+           ({"zero_optimization": {"stage": "two"}}, r"zero_optimization.stage='two' is not a ZeRO stage: valid"),
+           ({"zero_optimization": {"stage": None}}, r"zero_optimization.stage=None is not a ZeRO stage"),
+           ({"zero_optimization": 2}, r"zero_optimization=2 must be a section, e.g. \"zero_optimization\": "
+                                      r"\{\"stage\": 2\}")]
     for ds, match in bad:
         with pytest.raises(ValueError, match=match):
             complete_ds_config(ds, TrainConfig(**BASE), world_size=2)

@@ -200,8 +200,12 @@ def test_settings_a_mode_does_not_use_are_named():
         "cycle_length=10 is ignored: mode='lora' has no merges or resets",
         "merge_every=5 is ignored: mode='lora' has no merges or resets",
         "prune_ratio=0.9 is ignored: mode='lora' has no optimizer resets"]
-    with pytest.warns(UserWarning, match=r"restart_warmup_steps=100 is longer than a cycle: .*cycle_length=10"):
+    with pytest.warns(UserWarning, match=r"restart_warmup_steps=100 is not shorter than a cycle \(cycle_length=10\): "
+                                         r"the lr .* never reaches the cosine \(at most 9% of it\)"):
         TrainConfig(**{**BASE, "restart_warmup_steps": 100})
+    # A reset every step: every low-rank step at lr 0 (found by a test-drive: it trained at 0 with a warning).
+    with pytest.raises(ValueError, match=r"cycle_length=1 resets at every step.*no low-rank step would train"):
+        TrainConfig(**{**BASE, "cycle_length": 1, "restart_warmup_steps": 1})
     with pytest.raises(ValueError, match="give resume or overwrite, not both"):
         TrainConfig(**BASE, resume=True, overwrite=True)
     for kw, match in (
@@ -212,7 +216,10 @@ def test_settings_a_mode_does_not_use_are_named():
             (dict(mode="lora", cycle_length=None, merge_residual=True), r"merge_residual=True is ignored: mode='lora' "
                                                                         "never merges"),
             (dict(mode="lora", cycle_length=None, prune_joint=True), r"prune_joint=True is ignored: mode='lora'"),
-            (dict(prune_method="reset", prune_ratio=0.5), r"prune_ratio=0.5 is ignored: prune_method='reset'")):
+            (dict(prune_method="reset", prune_ratio=0.5), r"prune_ratio=0.5 is ignored: prune_method='reset'"),
+            (dict(eval_every=0, final_eval_windows=100), r"final_eval_windows=100 is ignored: eval_every=0 runs no "
+                                                         "evaluation"),
+            (dict(export=False, export_dtype="bfloat16"), r"export_dtype='bfloat16' is ignored: export=False")):
         with pytest.warns(UserWarning, match=match):
             TrainConfig(**{**BASE, **kw})
     import warnings

@@ -14,6 +14,12 @@ def test_two_rank_run_leaves_no_shared_memory_behind(uninterrupted_run):
     assert uninterrupted_run["shm_left"] == []
 
 
+def test_the_recipes_warnings_are_said_once_not_per_rank(uninterrupted_run):
+    """RECIPE warms up at ReLoRA's lr without a warm_start_lr: one warning for the run, from rank 0 (found by a
+    test-drive: each rank printed each recipe warning)."""
+    assert uninterrupted_run["stderr"].count("warm start runs at ReLoRA's lr") == 1, uninterrupted_run["stderr"][-3000:]
+
+
 def test_two_rank_run_has_resets_eval_and_checkpoint(uninterrupted):
     losses, recs = uninterrupted
     assert sorted(losses) == list(range(1, 13))

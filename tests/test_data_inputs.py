@@ -466,3 +466,28 @@ def test_one_txt_document_says_how_to_get_a_validation_split(tmp_path):
     splits = load_manifest(prepare_data([str(path)], tmp_path / "par", vocab_size=300, val_fraction=0.05,
                                         txt_unit="paragraph"))["splits"]
     assert splits["validation"]["documents"] > 0 and splits["train"]["documents"] > 0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_files_with_other_columns_beside_the_text_are_read_together(tmp_path, streaming):
+    """A directory of JSON Lines / Parquet files whose metadata columns differ (a common dump): each file's
+    text column is read, in order. datasets reads one load as one schema: it refused the directory, naming
+    the first file (found by a test-drive), and when streaming failed later, inside tokenization. A file
+    without the text column is named."""
+    import datasets
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", SENTENCES[:40])
+    (corpus / "b.jsonl").write_text("".join(json.dumps({"id": i, "text": t, "url": "u"}) + "\n"
+                                            for i, t in enumerate(SENTENCES[40:80])))
+    datasets.Dataset.from_dict({"text": SENTENCES[80:100], "meta": list(range(20))}).to_parquet(corpus / "c.parquet")
+    datasets.Dataset.from_dict({"text": SENTENCES[100:]}).to_parquet(corpus / "d.parquet")
+    out = prepare_data([str(corpus)], tmp_path / "out", vocab_size=300, val_fraction=0.0, streaming=streaming)
+    sp = load_tokenizer(out / "tokenizer.model")
+    want = [i for t in SENTENCES for i in [sp.bos_id(), *sp.encode(t), sp.eos_id()]]
+    assert np.fromfile(out / "train.bin", dtype=load_manifest(out)["dtype"]).tolist() == want
+    (corpus / "e.jsonl").write_text(json.dumps({"content": "no text here", "id": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"text column 'text' not found in .*e\.jsonl; its columns are \['content', "
+                                         r"'id'\]"):
+        prepare_data([str(corpus)], tmp_path / "bad", vocab_size=300, val_fraction=0.0, streaming=streaming)

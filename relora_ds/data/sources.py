@@ -366,31 +366,66 @@ def load_corpus(
     files, invalid, lone = _repair_files(files, work_dir, num_proc)
 
     parts = []
-    # Consecutive files with the same builder are read together; order is the resolved order.
-    groups: list[tuple[str, list[str]]] = []
+    # Consecutive files with the same builder and columns are read together (datasets reads a group as one
+    # schema: JSON Lines or Parquet files with other metadata columns beside the text failed, or when
+    # streaming failed later, inside tokenization); order is the resolved order.
+    groups: list[tuple[tuple, list[str]]] = []
     for f in files:
-        b = builder_for(f)
-        if groups and groups[-1][0] == b:
+        key = (builder_for(f), _columns(f, builder_for(f)))
+        if groups and groups[-1][0] == key:
             groups[-1][1].append(f)
         else:
-            groups.append((b, [f]))
-    for builder, group in groups:
+            groups.append((key, [f]))
+    for (builder, _), group in groups:
         kwargs = {"sample_by": txt_unit} if builder == "text" else {}
-        origin = group[0] if len(group) == 1 else f"{len(group)} {builder} files ({group[0]}, ...)"
         try:
-            ds = datasets.load_dataset(builder, data_files=group, split="train", streaming=streaming,
-                                       cache_dir=str(work_dir / "hf-cache"), **kwargs)
-        except datasets.exceptions.DatasetGenerationError as e:
-            raise ValueError(f"could not read {origin}: {e.__cause__ or e}") from e
-        except StopIteration as e:  # datasets' JSON reader on a file with no records
-            raise ValueError(f"could not read {origin}: no records (an empty file?)") from e
-        column = "text" if builder == "text" else text_column
-        ds = _select_text(ds, column, origin)
-        if builder == "text" and txt_unit == "paragraph":
-            ds = ds.map(_split_paragraphs, batched=True)
-        parts.append(ds)
+            parts.append(_load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwargs))
+        except ValueError:
+            if len(group) == 1 or streaming:
+                raise
+            # A schema the first records did not show (a later record with more keys): file by file, so
+            # that each keeps its own columns and an unreadable one is named.
+            parts += [_load_group(builder, [f], text_column, txt_unit, streaming, work_dir, kwargs) for f in group]
     ds = _concatenate(parts)
     return Corpus(ds, f"{len(files)} local files", invalid, lone)
+
+
+def _load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwargs):
+    origin = group[0] if len(group) == 1 else f"{len(group)} {builder} files ({group[0]}, ...)"
+    try:
+        ds = datasets.load_dataset(builder, data_files=group, split="train", streaming=streaming,
+                                   cache_dir=str(work_dir / "hf-cache"), **kwargs)
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise ValueError(f"could not read {origin}: {e.__cause__ or e}") from e
+    except StopIteration as e:  # datasets' JSON reader on a file with no records
+        raise ValueError(f"could not read {origin}: no records (an empty file?)") from e
+    ds = _select_text(ds, "text" if builder == "text" else text_column, origin)
+    if builder == "text" and txt_unit == "paragraph":
+        ds = ds.map(_split_paragraphs, batched=True)
+    return ds
+
+
+def _columns(path: str, builder: str | None) -> tuple | None:
+    """A file's column names, sorted, read cheaply: a Parquet schema, or the keys of a JSON Lines file's first
+    record (what datasets infers its columns from); None where that cannot tell (a .json array, .txt)."""
+    import gzip
+    import json
+
+    import pyarrow.parquet as pq
+
+    try:
+        if builder == "parquet":
+            return tuple(sorted(pq.read_schema(path).names))
+        if builder != "json":
+            return None
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+            while line := f.readline(1 << 20):  # at most 1 MB: a .json array can be one huge line
+                if line.strip():
+                    record = json.loads(line)  # a cut line fails here: None
+                    return tuple(sorted(record)) if isinstance(record, dict) else None
+    except (OSError, ValueError, EOFError):  # unreadable here: the load names the problem
+        return None
+    return None
 
 
 def _load_hub(name: str, hf_config: str | None, text_column: str, revision: str | None,

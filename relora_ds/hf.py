@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -119,10 +120,24 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | 
         raise ValueError(f"export_hf expects a relora_ds.LlamaForCausalLM, got {type(model).__name__} "
                          "(for a Hugging Face model: relora_ds.unwrap(model).save_pretrained(dir))")
     out = Path(out_dir)
+    if like is not None and out.resolve() == Path(like).resolve():
+        raise ValueError(f"export_hf: {out} is the directory the model was loaded from; export to another one")
     out.mkdir(parents=True, exist_ok=True)
     special = {"bos_token_id": 1, "eos_token_id": 2}  # LLaMA's, and what relora_ds tokenizers use
     source = _source_config(like)
     keep_source_tokenizer = like is not None and _same_tokenizer(Path(like), tokenizer)
+    # An earlier export (or model) here: its weights (an old shard index would win over model.safetensors)
+    # and, when this export writes a tokenizer, its tokenizer files go first, so that no old tokenizer.json
+    # stays beside a new tokenizer.model. Tokenizer files an export without a tokenizer finds are named.
+    old = [name for name in TOKENIZER_FILES if (out / name).is_file()]
+    if keep_source_tokenizer or tokenizer is not None:
+        for name in old:
+            (out / name).unlink()
+    elif old:
+        warnings.warn(f"export_hf: {out} holds tokenizer files this export did not write ({', '.join(old)}); they "
+                      "stay beside the new weights: remove them unless they are this model's tokenizer", stacklevel=2)
+    for stale in (*out.glob("model*.safetensors"), *out.glob("pytorch_model*.bin"), *out.glob("*.index.json")):
+        stale.unlink()
     if keep_source_tokenizer:
         for name in TOKENIZER_FILES:
             if (Path(like) / name).is_file():

@@ -171,3 +171,30 @@ def test_export_of_a_tokenizer_without_bos(tmp_path):
         cfg = json.loads((out / name).read_text())
         assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (None, 1), name
     assert transformers.LlamaForCausalLM.from_pretrained(out).config.eos_token_id == 1
+
+
+def test_an_export_into_a_used_directory_leaves_no_old_weights_or_tokenizer_beside_it(tmp_path):
+    """An export into a directory holding an earlier export or a sharded model: its shards and index go (an
+    index would win over model.safetensors), and when this export writes a tokenizer, the old tokenizer files
+    go too (found by a test-drive: an old tokenizer.json stayed beside another tokenizer.model). An export
+    without a tokenizer keeps those there (weights put beside a tokenizer saved first) and names them; other
+    files are the user's. Exporting into the source model's own directory is refused."""
+    out = tmp_path / "export"
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=320))
+    relora_ds.export_hf(model, out, tokenizer=_train_sp(tmp_path, "old", 320, model_type="bpe", byte_fallback=True))
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer.model").is_file()
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "notes.txt"):
+        (out / name).write_text("old")
+    with pytest.warns(UserWarning, match=r"holds tokenizer files this export did not write \(tokenizer.model, "
+                                         r"tokenizer.json, tokenizer_config.json"):
+        relora_ds.export_hf(model, out)
+    assert not (out / "model.safetensors.index.json").exists() and not (out / "model-00001-of-00002.safetensors").exists()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    new = _train_sp(tmp_path, "new", 320, model_type="bpe", byte_fallback=True)
+    relora_ds.export_hf(model, out, tokenizer=new, hf_tokenizer=False)  # writes tokenizer.model only
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                    "notes.txt", "tokenizer.model"]
+    assert (out / "tokenizer.model").read_bytes() == new.read_bytes()
+    with pytest.raises(ValueError, match="is the directory the model was loaded from"):
+        relora_ds.export_hf(relora_ds.load_hf(out), out, like=out)

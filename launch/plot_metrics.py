@@ -27,6 +27,8 @@ def main(argv=None) -> Path:
     ap.add_argument("metrics", type=Path)
     ap.add_argument("-o", "--out", type=Path, help="PNG path (default: next to the metrics file)")
     args = ap.parse_args(argv)
+    if args.metrics.is_dir():  # a run's output_dir: its metrics.jsonl
+        args.metrics = args.metrics / "metrics.jsonl"
     if not args.metrics.is_file():
         ap.error(f"{args.metrics}: no such file")
     recs, cut = [], 0

@@ -204,8 +204,9 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
     if universal and stages[1] == 0:
         raise ValueError(f"checkpoint {ckpt_dir / tag} was written by {saved['world_size']} rank(s) with ZeRO "
                          f"stage {stages[0]}; this run has {world} rank(s) and ZeRO stage 0. Its sharded "
-                         "optimizer state can be loaded on another number of ranks only into a ZeRO-1/2/3 "
-                         f"engine: pass --deepspeed with a ZeRO stage (e.g. ds_configs/zero{stages[0] or 2}.json)")
+                         "optimizer state, loaded through DeepSpeed's universal checkpoint, goes only into a "
+                         f"ZeRO-1/2/3 engine: pass --deepspeed with a ZeRO stage (e.g. "
+                         f"ds_configs/zero{stages[0] or 2}.json)")
     return {"tag": tag, "saved": saved, "universal": universal, "stages": stages, "layouts": layouts,
             "rewind": rewind}
 

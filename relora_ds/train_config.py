@@ -322,7 +322,7 @@ def _coerce(name: str, value, tp):
             except ValueError:
                 raise ValueError(f"{name}={value!r} must be a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name}={value!r} must be a finite number")
+            raise ValueError(f"{name}={value!r} must be a {'whole' if tp is int else 'finite'} number")
         if tp is float:
             return float(value)
         if float(value) != int(value):

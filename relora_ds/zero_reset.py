@@ -187,7 +187,8 @@ def merge_and_reinit_engine(engine) -> dict:
             new_A = kaiming_uniform_A(tuple(A.shape), reinit_seed(layer.seed, layer.name, new_count)).to(A.device)
             set_full(A_param, new_A)
             set_full(B_param, torch.zeros_like(B))
-    return {"layers": len(layers), "merge_seconds": time.perf_counter() - start, "merge_comm_bytes": comm_bytes}
+    return {"layers": len(layers), "merge_seconds": time.perf_counter() - start,
+            "merge_comm_bytes": comm_bytes if _world_size() > 1 else 0}
 
 
 @torch.no_grad()
@@ -221,7 +222,7 @@ def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed
                 set_full(p, full[key], key)
             zeroed[key] += int(masks[key].sum())
     stats = {key: zeroed[key] / max(1, total) for key in MOMENT_KEYS}
-    stats.update(prune_seconds=time.perf_counter() - start, prune_comm_bytes=comm_bytes)
+    stats.update(prune_seconds=time.perf_counter() - start, prune_comm_bytes=comm_bytes if _world_size() > 1 else 0)
     return stats
 
 
@@ -255,3 +256,8 @@ def bf16_optimizer_masters(src: Path, shapes: dict) -> dict[str, torch.Tensor] |
                              f"module states' shape is {tuple(shapes.get(name, ()))}")
         out[name] = full.view(shapes[name]).clone()
     return out
+
+
+def _world_size() -> int:
+    """Ranks the gathers span: on one, the merge's and prune's collectives move no bytes (comm_bytes 0)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

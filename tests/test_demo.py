@@ -86,6 +86,7 @@ def test_plot_a_killed_runs_metrics_with_a_cut_last_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot_metrics.main([str(path), "-o", str(tmp_path / "missing" / "c.png")])
     assert "no directory" in capsys.readouterr().err
+    assert plot_metrics.main([str(tmp_path)]) == out  # a run's output_dir: its metrics.jsonl (a test-drive's try)
 
 
 def test_demo_help_prints_usage_and_launches_nothing():

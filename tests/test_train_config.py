@@ -307,7 +307,7 @@ def test_negative_grad_clip_is_refused():
 
 def test_a_bool_is_never_a_number(tmp_path):
     """YAML 1.1 reads `yes`/`on` as true: `micro_batch_size: yes` must not train with micro-batches of 1."""
-    with pytest.raises(ValueError, match="micro_batch_size=True must be a finite number"):
+    with pytest.raises(ValueError, match="micro_batch_size=True must be a whole number"):
         TrainConfig(**{**BASE, "micro_batch_size": True})
     recipe = tmp_path / "r.yaml"
     recipe.write_text("cycle_length: 10\ntotal_steps: 100\nlr: on\n")

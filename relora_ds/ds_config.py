@@ -62,9 +62,7 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
                          "by the recipe (lr, warmup_steps, cycle_length, restart_warmup_steps, min_lr_ratio): "
                          "remove it")
     _refuse_unused_sections(ds, source)
-    # No optimizer section: torch's AdamW (FusedAdam needs a CUDA build of its op), but DeepSpeedCPUAdam for an
-    # offloaded optimizer, as the ds_configs/*offload* files choose (torch's AdamW on the host is far slower).
-    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {} if optimizer_offload(ds) else {"torch_adam": True}})
+    opt = ds.setdefault("optimizer", default_optimizer(ds))
     params = opt.setdefault("params", {})
     twice += [f"optimizer.params.{k}" for k in _OPT_KEYS if k in params]
     if twice:
@@ -122,8 +120,17 @@ def engine_layout(ds: dict) -> dict:
     zero = _zero_config(ds, "the DeepSpeed config")
     offload = zero.offload_optimizer.device if zero.offload_optimizer is not None else "none"
     precision = "bf16" if uses_bf16(ds) else "fp16" if uses_fp16(ds) else "fp32"
+    completed = ds if "optimizer" in ds else {**ds, "optimizer": default_optimizer(ds)}  # as complete_ds_config
     return {"zero_stage": zero.stage, "precision": precision,
-            "offload_optimizer": str(getattr(offload, "value", offload)), "optimizer": adam_parameters(ds)[0].__name__}
+            "offload_optimizer": str(getattr(offload, "value", offload)),
+            "optimizer": adam_parameters(completed)[0].__name__}
+
+
+def default_optimizer(ds: dict) -> dict:
+    """The optimizer section of a JSON without one: torch's AdamW (FusedAdam needs a CUDA build of its op),
+    but DeepSpeedCPUAdam for an offloaded optimizer, as the ds_configs/*offload* files choose (torch's AdamW
+    on the host is far slower)."""
+    return {"type": "AdamW", "params": {} if optimizer_offload(ds) else {"torch_adam": True}}
 
 
 def optimizer_offload(ds: dict) -> str | None:

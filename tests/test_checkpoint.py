@@ -114,7 +114,7 @@ def test_plan_resume_loads_another_optimizer_class_as_universal_and_refuses_it_a
     _fake_checkpoint(tmp_path / "b", world=1, stage=0, sharded=False)
     kw["world"] = 1
     for ds, named in (({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "'precision': 'bf16'"),
-                      ({"zero_optimization": {"stage": 0}, "optimizer": torch_adam}, "'optimizer': 'AdamW'")):
+                      ({"zero_optimization": {"stage": 0}, "optimizer": {"type": "AdamW"}}, "'optimizer': 'FusedAdam'")):
         with pytest.raises(ValueError, match=rf"written without ZeRO with .*; this run has .*{named}.*loads only "
                                              r"into the same optimizer and precision"):
             checkpoint.plan_resume(tmp_path / "b", ds=ds, **kw)

@@ -5,30 +5,21 @@ The JSON holds the engine's own settings: ZeRO stage and offload, bf16/fp16, com
 decay, gradient clipping and the LR schedule come from the recipe; finding one of them in the JSON is an
 error naming both places, so no value is silently preferred over another.
 
-DeepSpeed ignores top-level keys it does not know (``"bf_16"`` trains in fp32) and reports a misspelt
-optimizer parameter as a TypeError from inside the optimizer's constructor, so every key is checked here
-against what the installed DeepSpeed reads, with the likely intended key named.
+Every key is checked against what the installed DeepSpeed reads (relora_ds/ds_schema.py), with the likely
+intended key named.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import functools
-import inspect
 import json
-import typing
 import warnings
 from pathlib import Path
 
+from .ds_schema import _bf16_section, adam_parameters, check_deepspeed_keys, optimizer_offload, uses_bf16, uses_fp16
 from .train_config import ConfigWarning, TrainConfig
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 _OPT_KEYS = ("lr", "betas", "eps", "weight_decay")
-# The optimizer section's own keys (deepspeed/runtime/config.py: TYPE, OPTIMIZER_PARAMS, LEGACY_FUSION).
-_OPTIMIZER_SECTION_KEYS = ("type", "params", "legacy_fusion")
-# ReLoRA's reset prunes Adam moments and the recipe's betas/eps are Adam's. DeepSpeed matches names in any case.
-_SUPPORTED_OPTIMIZERS = ("AdamW", "Adam")
 
 # Used when no --deepspeed file is given (plain `python launch/train.py`): ZeRO off, fp32.
 DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 0},
@@ -100,13 +91,6 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
     return ds
 
 
-def uses_bf16(ds: dict) -> bool:
-    """bf16 as DeepSpeed reads it (its config model: ``"enabled": "false"`` is False, not a true string)."""
-    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
-
-    return bool(DeepSpeedBF16Config(**_bf16_section(ds)).enabled)
-
-
 def zero_stage(ds: dict) -> int:
     """The ZeRO stage of a completed config (complete_ds_config turns the legacy boolean into a section)."""
     return int(ds.get("zero_optimization", {}).get("stage", 0))
@@ -131,24 +115,6 @@ def default_optimizer(ds: dict) -> dict:
     but DeepSpeedCPUAdam for an offloaded optimizer, as the ds_configs/*offload* files choose (torch's AdamW
     on the host is far slower)."""
     return {"type": "AdamW", "params": {} if optimizer_offload(ds) else {"torch_adam": True}}
-
-
-def optimizer_offload(ds: dict) -> str | None:
-    """Where an offloaded optimizer runs ("cpu", "nvme"), as DeepSpeed reads the section (also the legacy
-    ``cpu_offload`` flag); None when it is not offloaded."""
-    zero = ds.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        return None
-    if zero.get("cpu_offload"):
-        return "cpu"
-    device = (zero.get("offload_optimizer") or {}).get("device")
-    return device if device in ("cpu", "nvme") else None
-
-
-def uses_fp16(ds: dict) -> bool:
-    from deepspeed.runtime.precision_config import DeepSpeedFP16Config
-
-    return bool(DeepSpeedFP16Config(**ds.get("fp16", {})).enabled)
 
 
 def _refuse_auto(ds, source: str, path: str = "") -> None:
@@ -221,11 +187,6 @@ def _grad_accum_dtype(ds: dict, source: str) -> str | None:
                          f"valid values: {valid}") from None
 
 
-def _bf16_section(ds: dict) -> dict:
-    # deepspeed/runtime/precision_config.py get_bfloat16_config: "bf16", else the older "bfloat16".
-    return ds["bf16"] if ds.get("bf16") is not None else ds.get("bfloat16", {})
-
-
 def _zero_config(ds: dict, source: str):
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
@@ -262,225 +223,3 @@ def _refuse_unused_sections(ds: dict, source: str) -> None:
         if key in ds and on(ds[key]):
             raise ValueError(f"{source}: the {key!r} section has no effect here ({why}); remove it")
 
-
-def _as_int(value):
-    """A value as DeepSpeed's pydantic config reads an int field ("2" and 2.0 are 2), so that checks see the
-    ZeRO stage it will run; anything else as it is (the section's own validation names it)."""
-    try:
-        return int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else value
-    except (TypeError, ValueError):
-        return value
-
-
-# ----------------------------------------------------------------------------- key checks
-def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None:
-    """Raise ValueError for a key the installed DeepSpeed would ignore or choke on, naming the likely
-    intended one: top-level keys, the sections parsed by pydantic models (zero_optimization with its
-    offload sections, bf16, fp16, the tensorboard/wandb/csv_monitor/comet monitors), data_types, and
-    optimizer.params (the keys the Adam constructor DeepSpeed will call
-    accepts, plus DeepSpeed's own flags)."""
-    import deepspeed.runtime.config as ds_cfg
-    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    if not isinstance(ds, dict):
-        raise ValueError(f"{source} must be a JSON object, not {type(ds).__name__}")
-    removed = {**getattr(ds_cfg, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {})}
-    for key in ds:
-        if key in removed:
-            raise ValueError(f"{source}: {removed[key]}")
-        if key in {f.name for f in dataclasses.fields(TrainConfig)} - deepspeed_top_level_keys():
-            raise ValueError(f"{source}: {key!r} is not a DeepSpeed key but a recipe setting: set it in the "
-                             f"recipe (or --{key.replace('_', '-')}), not in the DeepSpeed JSON")
-        if key not in deepspeed_top_level_keys():
-            # DeepSpeed ignores unknown top-level keys: "bf_16" would train in fp32 without a word.
-            _unknown(f"{source}: top-level key", key, deepspeed_top_level_keys(), list_valid=False,
-                     hint=" (DeepSpeed would silently ignore it)")
-    if "bf16" in ds and "bfloat16" in ds:
-        raise ValueError(f"{source} has both 'bf16' and 'bfloat16' (DeepSpeed then reads only 'bf16'): keep 'bf16'")
-    if isinstance(ds.get("checkpoint"), dict) and "load_universal" in ds["checkpoint"]:
-        raise ValueError(f"{source}: checkpoint.load_universal is set by the trainer itself, for the resumes that "
-                         "need it (another number of ranks, ZeRO stage, precision or optimizer offload); with it "
-                         "set here a plain resume fails: remove it")
-    zero, removed_zero = ds.get("zero_optimization"), getattr(ds_cfg, "_REMOVED_ZERO_CONFIG_KEYS", {})
-    if zero is not None and not isinstance(zero, dict | bool):
-        raise ValueError(f"{source}: zero_optimization={zero!r} must be a section, e.g. "
-                         '"zero_optimization": {"stage": 2} (or DeepSpeed\'s legacy true/false)')
-    for key in zero if isinstance(zero, dict) else ():
-        if key in removed_zero:
-            raise ValueError(f"{source}: {removed_zero[key]}")
-    stage = _as_int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"{source}: zero_optimization.stage={stage!r} is not a ZeRO stage: valid stages are 0, 1, "
-                         "2 and 3")
-    if stage in (2, 3) and zero.get("reduce_scatter", True) and (
-            ds.get("prescale_gradients") or ds.get("gradient_predivide_factor", 1.0) != 1.0):
-        raise ValueError(f"{source}: prescale_gradients and gradient_predivide_factor are not supported by "
-                         f"DeepSpeed at ZeRO stage {stage} with reduce_scatter (its default): remove them, or "
-                         "set zero_optimization.reduce_scatter to false")
-    if isinstance(zero, dict) and stage < 3:
-        param = zero.get("offload_param")
-        if isinstance(param, dict) and param.get("device", "none") not in ("none", None):
-            raise ValueError(f"{source}: zero_optimization.offload_param (device {param['device']!r}) acts only at "
-                             f"ZeRO stage 3, and this config is stage {stage}: DeepSpeed would keep the parameters "
-                             "on the accelerator without a word. Use stage 3 (ds_configs/zero3_offload.json) or "
-                             "remove offload_param")
-        optimizer = zero.get("offload_optimizer")
-        if isinstance(optimizer, dict) and optimizer.get("device") == "nvme":
-            raise ValueError(f"{source}: zero_optimization.offload_optimizer (device 'nvme') swaps to NVMe only at "
-                             f"ZeRO stage 3; at stage {stage} DeepSpeed keeps the optimizer in host memory as with "
-                             "'cpu', without a word: use device 'cpu'")
-        only3 = sorted(k for k in zero if k.startswith("stage3_"))
-        if only3:
-            warnings.warn(f"{source}: {', '.join(only3)} act only at ZeRO stage 3; this config is stage {stage}, "
-                          "so DeepSpeed ignores them", ConfigWarning, stacklevel=2)
-    from deepspeed.monitor.config import CometConfig, CSVConfig, TensorBoardConfig, WandbConfig
-    from deepspeed.runtime.constants import GRAD_ACCUM_DTYPE
-
-    for section, model in (("zero_optimization", DeepSpeedZeroConfig), ("bf16", DeepSpeedBF16Config),
-                           ("bfloat16", DeepSpeedBF16Config), ("fp16", DeepSpeedFP16Config),
-                           ("tensorboard", TensorBoardConfig), ("wandb", WandbConfig), ("csv_monitor", CSVConfig),
-                           ("comet", CometConfig)):
-        if isinstance(ds.get(section), dict):
-            _check_model_keys(ds[section], model, f"{source}: {section}")
-    for key in ds.get("data_types", {}) if isinstance(ds.get("data_types"), dict) else ():
-        if key != GRAD_ACCUM_DTYPE:  # the one key DeepSpeed 0.19 reads there (and relora_ds relies on)
-            _unknown(f"{source}: data_types: key", key, {GRAD_ACCUM_DTYPE: None})
-    if isinstance(ds.get("aio"), dict):  # DeepSpeed's get_aio_config reads the keys of AIO_DEFAULT_DICT only
-        from deepspeed.runtime.swap_tensor.aio_config import AIO_DEFAULT_DICT
-
-        for key in ds["aio"]:
-            if key not in AIO_DEFAULT_DICT:
-                _unknown(f"{source}: aio: key", key, AIO_DEFAULT_DICT, hint=" (DeepSpeed would silently ignore it)")
-    _check_optimizer(ds, source)
-    if uses_bf16(ds) and uses_fp16(ds):  # after the sections' keys are checked: these parse them
-        raise ValueError(f"{source} enables both bf16 and fp16: enable one (bf16 on GPUs that have it)")
-
-
-@functools.lru_cache(maxsize=None)
-def deepspeed_top_level_keys() -> frozenset[str]:
-    """Every top-level key the installed DeepSpeed reads from its JSON.
-
-    DeepSpeed has no list of them: each of its parsers (``DeepSpeedConfig._initialize_params`` and the
-    section configs it builds) looks its own key up. So a minimal config is parsed through a dict that
-    records each key looked up, which follows the installed version. ``deepspeed.initialize`` itself also
-    reads the two mesh sizes."""
-    from collections.abc import KeysView
-
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from deepspeed.utils import logger
-
-    seen: set[str] = set()
-
-    class Recording(dict):
-        def get(self, key, default=None):
-            seen.add(key)
-            return super().get(key, default)
-
-        def __contains__(self, key):
-            seen.add(key)
-            return super().__contains__(key)
-
-        def __getitem__(self, key):
-            seen.add(key)
-            return super().__getitem__(key)
-
-        def keys(self):  # `key in d.keys()` goes through __contains__
-            return KeysView(self)
-
-    level = logger.level
-    logger.setLevel("WARNING")  # "Config mesh_device None world_size = 1"
-    try:
-        DeepSpeedConfig(Recording(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
-    finally:
-        logger.setLevel(level)
-    return frozenset(seen | {"sequence_parallel_size", "data_parallel_size"})
-
-
-def _check_model_keys(section: dict, model, where: str) -> None:
-    """Keys of ``section`` against a DeepSpeed pydantic config model: field names and their aliases
-    (``stage3_*``), recursing into sub-models such as offload_optimizer."""
-    fields = model.model_fields
-    known = {}
-    for name, f in fields.items():
-        known[name] = f
-        aliases = [f.alias, f.validation_alias]
-        aliases += list(getattr(f.validation_alias, "choices", []) or [])
-        known.update({a: f for a in aliases if isinstance(a, str)})
-    for key, value in section.items():
-        if key not in known:
-            _unknown(f"{where}: key", key, known)
-        sub = _config_model(known[key].annotation)
-        if sub is not None and isinstance(value, dict):
-            _check_model_keys(value, sub, f"{where}.{key}")
-
-
-def _config_model(annotation):
-    from pydantic import BaseModel
-
-    for tp in (annotation, *typing.get_args(annotation)):  # Optional[Model] -> Model
-        if inspect.isclass(tp) and issubclass(tp, BaseModel):
-            return tp
-    return None
-
-
-def _check_optimizer(ds: dict, source: str) -> None:
-    opt = ds.get("optimizer")
-    if opt is None:
-        return
-    if not isinstance(opt, dict):
-        raise ValueError(f"{source}: 'optimizer' must be an object like {DEFAULT_DS_CONFIG['optimizer']}")
-    for key in opt:
-        if key not in _OPTIMIZER_SECTION_KEYS:
-            _unknown(f"{source}: optimizer key", key, _OPTIMIZER_SECTION_KEYS)
-    kind = opt.get("type")
-    if not isinstance(kind, str) or kind.lower() not in [t.lower() for t in _SUPPORTED_OPTIMIZERS]:
-        raise ValueError(f"{source}: optimizer.type={kind!r} is not supported; valid types: "
-                         f"{list(_SUPPORTED_OPTIMIZERS)} (ReLoRA's reset prunes Adam moments and the recipe's "
-                         "adam_beta1/2 and adam_eps are Adam's)")
-    params = opt.get("params", {})
-    if not isinstance(params, dict):
-        raise ValueError(f"{source}: optimizer.params must be an object, not {params!r}")
-    ctor, valid = adam_parameters(ds)
-    for key in params:
-        if key not in valid:
-            _unknown(f"{source}: optimizer.params key", key, valid,
-                     hint=f" to {ctor.__module__}.{ctor.__name__}, which DeepSpeed builds for this config")
-
-
-def adam_parameters(ds: dict) -> tuple[type, list[str]]:
-    """The Adam class DeepSpeed 0.19 builds for this config and the optimizer.params keys it accepts.
-
-    ``DeepSpeedEngine._configure_basic_optimizer`` / ``get_optimizer_configuration``: DeepSpeed pops
-    ``adam_w_mode``, ``torch_adam`` and ``fp32_optimizer_states`` (and ``foreach`` with torch_adam) and passes
-    the rest to torch.optim.AdamW/Adam (``torch_adam``), DeepSpeedCPUAdam (optimizer offloaded to cpu or
-    nvme) or FusedAdam, together with a mode flag of its own, which params must then not repeat."""
-    import torch
-    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
-
-    opt = ds.get("optimizer", {})
-    params = opt.get("params", {})
-    own = {"torch_adam", "adam_w_mode", "fp32_optimizer_states"}
-    if params.get("torch_adam"):
-        w_mode = opt.get("type", "").lower() == "adamw" or params.get("adam_w_mode", True)
-        ctor, passed = (torch.optim.AdamW if w_mode else torch.optim.Adam), {"foreach"}
-        own.add("foreach")
-    else:
-        if optimizer_offload(ds):
-            ctor, passed = DeepSpeedCPUAdam, {"adamw_mode", "fp32_optimizer_states"}
-        else:
-            ctor, passed = FusedAdam, {"adam_w_mode"}
-    accepted = list(inspect.signature(ctor).parameters)[1:]  # [0] is the parameters (params / model_params)
-    return ctor, sorted(own | (set(accepted) - passed))
-
-
-def _unknown(what: str, key, known, hint: str = "", list_valid: bool = True) -> typing.NoReturn:
-    """ValueError naming the unknown key, the closest known one (difflib) and, unless the list is long and
-    a close match was found, all valid ones."""
-    close = difflib.get_close_matches(str(key), list(known), n=1)
-    msg = f"{what} {key!r} is unknown{hint}"
-    if close:
-        msg += f"; did you mean {close[0]!r}?"
-    if list_valid or not close:
-        msg += f"{'' if close else ';'} valid keys: {sorted(known)}"
-    raise ValueError(msg)

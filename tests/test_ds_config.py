@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from relora_ds.ds_config import (adam_parameters, check_deepspeed_keys, complete_ds_config,
-                                 deepspeed_top_level_keys, load_ds_config)
+from relora_ds.ds_config import complete_ds_config, load_ds_config
+from relora_ds.ds_schema import adam_parameters, check_deepspeed_keys, deepspeed_top_level_keys
 from relora_ds.train_config import TrainConfig
 
 BASE = dict(cycle_length=10, restart_warmup_steps=5, total_steps=100, micro_batch_size=2, global_batch_size=8)

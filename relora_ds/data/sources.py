@@ -12,7 +12,9 @@ and JSON file, the text-column check, and the corpus fingerprint used to make re
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
+import json
 import os
 import re
 import warnings
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 
 from relora_ds.data.builtin_corpus import builtin_documents, builtin_fingerprint
 from relora_ds.data.repair import repair_utf8
@@ -408,11 +411,6 @@ def _load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwar
 def _columns(path: str, builder: str | None) -> tuple | None:
     """A file's column names, sorted, read cheaply: a Parquet schema, or the keys of a JSON Lines file's first
     record (what datasets infers its columns from); None where that cannot tell (a .json array, .txt)."""
-    import gzip
-    import json
-
-    import pyarrow.parquet as pq
-
     try:
         if builder == "parquet":
             return tuple(sorted(pq.read_schema(path).names))

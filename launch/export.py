@@ -31,7 +31,8 @@ def main(argv=None) -> Path:
     tok = ap.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", type=Path, help="SentencePiece .model, Hugging Face tokenizer.json or a model "
                      "directory holding one (default: the run's data dir's)")
-    tok.add_argument("--no-tokenizer", action="store_true", help="write the model only")
+    tok.add_argument("--no-tokenizer", action="store_true", help="write the model only (its BOS/EOS ids from the "
+                     "run's data manifest where it is still there)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                     help="dtype of the exported weights (default: the run's export_dtype, else the dtype of the "
                          "Hugging Face model it started from, else float32)")
@@ -73,7 +74,8 @@ def main(argv=None) -> Path:
     if unexpected or [k for k in missing if not k.endswith("merge_count")]:
         ap.error(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
-        out, notes = export_run(model, args.out, run["train"], tokenizer, dtype=args.dtype)
+        out, notes = export_run(model, args.out, run["train"], tokenizer, dtype=args.dtype,
+                                token_ids=None if tokenizer else _run_token_ids(run))
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     print(f"exported {args.checkpoints / tag} to {out}")
@@ -86,6 +88,16 @@ def _run_tokenizer(run: dict, ap: argparse.ArgumentParser) -> Path:
     except (KeyError, OSError, ValueError) as e:
         ap.error(f"cannot find the run's tokenizer through its data dir {run.get('data_dir')!r} ({e}); "
                  "pass --tokenizer PATH, or --no-tokenizer")
+
+
+def _run_token_ids(run: dict) -> dict | None:
+    """--no-tokenizer: the BOS/EOS ids of the run's tokenizer from its data manifest (None where it is gone:
+    the export then says null)."""
+    try:
+        manifest = load_manifest(run["data_dir"])
+        return {"bos_token_id": manifest["bos_id"], "eos_token_id": manifest["eos_id"]}
+    except (KeyError, OSError, ValueError, TypeError):
+        return None
 
 
 if __name__ == "__main__":

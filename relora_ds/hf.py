@@ -16,7 +16,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .data.tokenizer import open_tokenizer, tokenizer_difference
 from .model import LlamaForCausalLM
@@ -98,92 +99,174 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-def export_hf(model: torch.nn.Module, out_dir: str | Path, dtype: torch.dtype | None = None,
+def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
               tokenizer: str | Path | None = None, *, hf_tokenizer: bool = True,
-              like: str | Path | None = None) -> Path:
+              like: str | Path | None = None, token_ids: dict | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` in the Hugging Face format of the model's model_type
     (LLaMA, Qwen2, Qwen3, Mistral); returns out_dir.
 
+    `model`: a relora_ds ``LlamaForCausalLM`` (wrapped or not), or the DeepSpeed engine training one: then
+    every rank calls (the weights are gathered: fp32 masters, ZeRO-3 partitions) and rank 0 writes.
+
     `tokenizer`: the tokenizer the model was trained with (a data dir's ``tokenizer.model`` or
     ``tokenizer.json``). Its BOS/EOS ids go into the configs and its files are copied; a SentencePiece model's
-    Hugging Face form is written too with `hf_tokenizer` (``save_hf_tokenizer``: a ValueError, before
-    anything is written, for a model transformers cannot reproduce exactly; ``hf_tokenizer=False`` then
-    exports without it).
+    Hugging Face form is written too with `hf_tokenizer` (``save_hf_tokenizer``: a ValueError for a model
+    transformers cannot reproduce exactly, the directory left as it was; ``hf_tokenizer=False`` then exports
+    without it).
 
     `like`: the Hugging Face directory the model was loaded from (continued pre-training). Its config's
     other keys (pad_token_id, dropout, ...) are kept, and where its tokenizer is `tokenizer` (or no
-    tokenizer is given) its tokenizer files and generation config are copied as they are: added tokens, pad
-    token and chat template stay the model's own.
+    tokenizer is given) its BOS/EOS ids, tokenizer files and generation config are taken as they are: added
+    tokens, pad token and chat template stay the model's own.
+
+    `token_ids`: ``{"bos_token_id", "eos_token_id"}`` for an export without `tokenizer` or `like` (say, from
+    the run's data manifest); without them the configs say null rather than guess.
+
+    Everything is written into a staging directory inside `out_dir` first and moved into place at the end:
+    an error on the way (a tokenizer refused, a full disk) leaves an earlier export there as it was.
     """
+    if _is_engine(model):
+        return _export_engine(model, out_dir, dtype, tokenizer, hf_tokenizer=hf_tokenizer, like=like,
+                              token_ids=token_ids)
     config = getattr(model, "config", None)
     if not isinstance(config, LlamaConfig):
-        raise ValueError(f"export_hf expects a relora_ds.LlamaForCausalLM, got {type(model).__name__} "
-                         "(for a Hugging Face model: relora_ds.unwrap(model).save_pretrained(dir))")
+        raise ValueError(f"export_hf expects a relora_ds.LlamaForCausalLM or a DeepSpeed engine training one, got "
+                         f"{type(model).__name__} (for a Hugging Face model: relora_ds.unwrap(model).save_pretrained(dir))")
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        raise ValueError("export_hf: this model's parameters are partitioned by DeepSpeed ZeRO-3 (each rank holds "
+                         "a slice, the module empty placeholders): pass the engine itself, export_hf(engine, out_dir), "
+                         "on every rank")
     out = Path(out_dir)
     if like is not None and out.resolve() == Path(like).resolve():
         raise ValueError(f"export_hf: {out} is the directory the model was loaded from; export to another one")
-    out.mkdir(parents=True, exist_ok=True)
-    special = {"bos_token_id": 1, "eos_token_id": 2}  # LLaMA's, and what relora_ds tokenizers use
     source = _source_config(like)
-    keep_source_tokenizer = like is not None and _same_tokenizer(Path(like), tokenizer)
-    # An earlier export (or model) here: its weights (an old shard index would win over model.safetensors)
-    # and, when this export writes a tokenizer, its tokenizer files go first, so that no old tokenizer.json
-    # stays beside a new tokenizer.model. Tokenizer files an export without a tokenizer finds are named.
+    # The source model's ids (and tokenizer files, where it has some) unless another tokenizer is given.
+    from_source = like is not None and (tokenizer is None or _same_tokenizer(Path(like), tokenizer))
+    source_files = [n for n in TOKENIZER_FILES if from_source and (Path(like) / n).is_file()]
+    if from_source:
+        special = {k: source[k] for k in ("bos_token_id", "eos_token_id") if k in source}
+    elif tokenizer is None:
+        special = {"bos_token_id": None, "eos_token_id": None, **(token_ids or {})}
+        if token_ids is None:
+            warnings.warn("export_hf without a tokenizer or token_ids: config.json says bos_token_id and "
+                          "eos_token_id null (transformers would otherwise assume LLaMA-2's 1 and 2); pass the "
+                          "training tokenizer, or token_ids", stacklevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
+    try:
+        if source_files:
+            for name in source_files:
+                shutil.copy(Path(like) / name, staging / name)
+        elif from_source:
+            pass  # the source has no tokenizer files: its ids alone
+        elif tokenizer is not None and Path(tokenizer).suffix == ".json":  # a Hugging Face tokenizer: as it is
+            tok = open_tokenizer(tokenizer)
+            tok.copy_to(staging)
+            special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+        elif tokenizer is not None and hf_tokenizer:
+            special = save_hf_tokenizer(tokenizer, staging, model_max_length=config.max_position_embeddings)
+        elif tokenizer is not None:
+            special = sentencepiece_special_ids(tokenizer)
+            shutil.copy(tokenizer, staging / "tokenizer.model")
+        state = merged_state_dict(model, dtype)
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        _readable_as_umask_allows(staging / "model.safetensors")
+        ours = hf_config_dict(config, state["model.embed_tokens.weight"].dtype, **special)
+        del state
+        for key in ("bos_token_id", "eos_token_id"):
+            if key not in special:  # the source's special ids as they are, absent ones absent
+                del ours[key]
+        if "dtype" in source:  # transformers 5's name for torch_dtype
+            ours["dtype"] = ours["torch_dtype"]
+        (staging / "config.json").write_text(json.dumps({**source, **ours}, indent=2))
+        generation = Path(like) / "generation_config.json" if from_source else None
+        if generation is not None and generation.is_file():
+            shutil.copy(generation, staging / "generation_config.json")
+        else:
+            (staging / "generation_config.json").write_text(json.dumps(special, indent=2))
+        _replace_export(out, staging, writes_tokenizer=tokenizer is not None or bool(source_files))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _replace_export(out: Path, staging: Path, writes_tokenizer: bool) -> None:
+    """Move the staged export into `out`. An earlier export's (or model's) weights go first (an old shard
+    index would win over model.safetensors), and, when this export writes a tokenizer, its tokenizer files
+    too, so that no old tokenizer.json stays beside a new tokenizer.model; tokenizer files an export without
+    a tokenizer finds are named. Other files are the user's."""
     old = [name for name in TOKENIZER_FILES if (out / name).is_file()]
-    if keep_source_tokenizer or tokenizer is not None:
+    if writes_tokenizer:
         for name in old:
             (out / name).unlink()
     elif old:
         warnings.warn(f"export_hf: {out} holds tokenizer files this export did not write ({', '.join(old)}); they "
-                      "stay beside the new weights: remove them unless they are this model's tokenizer", stacklevel=2)
+                      "stay beside the new weights: remove them unless they are this model's tokenizer", stacklevel=3)
     for stale in (*out.glob("model*.safetensors"), *out.glob("pytorch_model*.bin"), *out.glob("*.index.json")):
         stale.unlink()
-    if keep_source_tokenizer:
-        for name in TOKENIZER_FILES:
-            if (Path(like) / name).is_file():
-                shutil.copy(Path(like) / name, out / name)
-        special = {k: source[k] for k in ("bos_token_id", "eos_token_id") if k in source}
-    elif tokenizer is not None and Path(tokenizer).suffix == ".json":  # a Hugging Face tokenizer: as it is
-        tok = open_tokenizer(tokenizer)
-        tok.copy_to(out)
-        special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
-    elif tokenizer is not None and hf_tokenizer:
-        special = save_hf_tokenizer(tokenizer, out, model_max_length=config.max_position_embeddings)
-    elif tokenizer is not None:
-        special = sentencepiece_special_ids(tokenizer)
-        shutil.copy(tokenizer, out / "tokenizer.model")
-    state = merged_state_dict(model, dtype)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    _readable_as_umask_allows(out / "model.safetensors")
-    ours = hf_config_dict(config, state["model.embed_tokens.weight"].dtype, **special)
-    if keep_source_tokenizer:  # the source's special ids as they are, absent ones absent
-        for key in ("bos_token_id", "eos_token_id"):
-            if key not in source:
-                del ours[key]
-    if "dtype" in source:  # transformers 5's name for torch_dtype
-        ours["dtype"] = ours["torch_dtype"]
-    (out / "config.json").write_text(json.dumps({**source, **ours}, indent=2))
-    generation = Path(like) / "generation_config.json" if like is not None else None
-    if keep_source_tokenizer and generation.is_file():
-        shutil.copy(generation, out / "generation_config.json")
-    else:
-        (out / "generation_config.json").write_text(json.dumps(special, indent=2))
-    return out
+    for f in sorted(staging.iterdir()):
+        os.replace(f, out / f.name)
+
+
+def _is_engine(obj) -> bool:
+    """A DeepSpeed engine (wraps its model as .module), told apart without importing DeepSpeed."""
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(obj).__mro__)
+
+
+def model_from_engine(engine, keep: bool = True) -> LlamaForCausalLM | None:
+    """A host copy of the relora_ds model an engine trains, with its fp32 masters (ZeRO-3 partitions gathered)
+    and the same ReLoRA layers; every rank calls (the gathers), and ``keep=False`` ranks get None instead of
+    holding a full copy each."""
+    from .engine_state import full_fp32_state_dict
+    from .relora import wrap
+
+    module = engine.module
+    if not isinstance(getattr(module, "config", None), LlamaConfig):
+        raise ValueError(f"export_hf: the engine trains a {type(module).__name__}, not a relora_ds.LlamaForCausalLM")
+    state = full_fp32_state_dict(engine, keep=keep)
+    if not keep:
+        return None
+    layers = list(relora_layers(module))
+    with torch.device("meta"):  # then takes the gathered tensors themselves: no second full copy
+        model = LlamaForCausalLM(module.config)
+        if layers:
+            first = layers[0][1]
+            wrap(model, rank=first.rank, alpha=first.alpha, dropout=first.dropout, seed=first.seed,
+                 target_modules=[name for name, _ in layers], quantize=first.quantize,
+                 merge_residual=first.merge_residual is not None)
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()  # assign=True gave a tied lm_head a Parameter of its own
+    return model
+
+
+def _export_engine(engine, out_dir, dtype, tokenizer, **kw) -> Path:
+    import torch.distributed as dist
+
+    from .distributed import on_rank_zero
+
+    model = model_from_engine(engine, keep=dist.get_rank() == 0)
+
+    def write():
+        export_hf(model, out_dir, dtype, tokenizer, **kw)
+    on_rank_zero(write)
+    return Path(out_dir)
 
 
 def export_run(model: torch.nn.Module, out_dir: str | Path, train: dict, tokenizer: str | Path | None,
-               dtype: str | None = None) -> tuple[Path, list[str]]:
+               dtype: str | None = None, token_ids: dict | None = None) -> tuple[Path, list[str]]:
     """A run's export (the trainer's and launch/export.py's): ``export_hf`` like the Hugging Face model the
     run started from (`train`: its TrainConfig dict, hf_model / warm_start_from), in `dtype` (None: the
     run's export_dtype, else that model's, else float32). Where transformers cannot convert `tokenizer`
-    exactly, the export carries tokenizer.model alone. Returns (out_dir, warnings to show)."""
+    exactly, the export carries tokenizer.model alone. `token_ids`: BOS/EOS ids for an export without a
+    tokenizer (export_hf). Returns (out_dir, warnings to show)."""
     notes = []
     source = train.get("hf_model") or train.get("warm_start_from")
     if source and not (Path(source) / "config.json").is_file():
         notes.append(f"{source}, the Hugging Face model the run started from, is gone: its config keys, "
                      "tokenizer files and dtype are not carried over")
         source = None
-    kw = dict(dtype=export_dtype(dtype or train.get("export_dtype"), source), like=source, tokenizer=tokenizer)
+    kw = dict(dtype=export_dtype(dtype or train.get("export_dtype"), source), like=source, tokenizer=tokenizer,
+              token_ids=token_ids)
     try:
         return export_hf(model, out_dir, **kw), notes
     except ValueError as e:  # a tokenizer transformers cannot reproduce exactly (e.g. a unigram model)
@@ -326,6 +409,12 @@ def config_from_hf(hf: dict) -> LlamaConfig:
         raise ValueError(f"model_type={model_type!r} is not supported; valid: {', '.join(MODEL_TYPES)} (LLaMA-shaped "
                          "decoders; for another architecture use the Python API: relora_ds.wrap on transformers' "
                          "model)")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?") if isinstance(hf["quantization_config"], dict) \
+            else hf["quantization_config"]
+        raise ValueError(f"a quantized checkpoint (quantization_config, quant_method={method!r}) is not supported: "
+                         "start from its bf16/fp16/fp32 weights (relora_ds keeps the frozen base in int8 itself with "
+                         "--quantize int8)")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA's SwiGLU uses 'silu')")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # rope_parameters: transformers 5
@@ -375,12 +464,21 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCau
     else:
         raise ValueError(f"{path} has no model.safetensors(.index.json); convert .bin checkpoints to "
                          "safetensors first")
+    # Each tensor cast to `dtype` as it is read: the host holds the model once in `dtype` (4 bytes per
+    # parameter in fp32), not also the whole checkpoint in its own dtype beside it.
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(path / f)))
+        with safe_open(str(path / f), framework="pt") as reader:
+            for key in reader.keys():
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                tensor = reader.get_tensor(key)
+                if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                    raise ValueError(f"{path / f}: {key} is stored as {tensor.dtype}, a quantized checkpoint; "
+                                     "start from its bf16/fp16/fp32 weights")
+                state[key] = tensor.to(dtype)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign=True gave lm_head a Parameter of its own
-    return model.to(dtype)
+    return model

@@ -40,7 +40,7 @@ from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16,
 from .engine_state import full_fp32_state_dict
 from .evaluate import validation_loss
 from .ds_patches import patch_deepspeed_nvme, release_engine
-from .hf import export_run, load_hf
+from .hf import export_run, load_hf, model_from_engine
 from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_line
 from .model import LlamaForCausalLM
 from .relora import lora_parameters, wrap
@@ -427,14 +427,9 @@ class Trainer(CheckpointsMixin):
 
     def export(self, out_dir: Path) -> Path:
         """Merged Hugging Face LLaMA directory of the current weights (all ranks call; rank 0 writes)."""
-        state = full_fp32_state_dict(self.engine, keep=self.rank == 0)  # every rank gathers; rank 0 writes
+        model = model_from_engine(self.engine, keep=self.rank == 0)  # every rank gathers; rank 0 writes
 
         def write():  # its error (a full disk, say) stops every rank instead of leaving them at a barrier
-            model = LlamaForCausalLM(self.model_config)
-            if self.engine_phase == "lowrank":
-                wrap(model, rank=self.cfg.rank, alpha=self.cfg.alpha, target_modules=self.cfg.target_modules,
-                     quantize=self.cfg.quantize, merge_residual=self.cfg.merge_residual)
-            model.load_state_dict(state)
             _, notes = export_run(model, out_dir, self.cfg.to_dict(), self.tokenizer_path)
             self._print(f"exported the Hugging Face model to {out_dir}")
             for note in notes:

@@ -158,6 +158,10 @@ def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path
 
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("hf", "hf2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Without a tokenizer, the BOS/EOS ids are still the run's (from its data manifest), as the trainer's
+    # export with the tokenizer says them.
+    ids = lambda d: [json.loads((d / "config.json").read_text())[k] for k in ("bos_token_id", "eos_token_id")]  # noqa: E731
+    assert ids(tmp_path / "hf") == ids(demo_run / "hf") and None not in ids(tmp_path / "hf")
     (tmp_path / "afile").write_text("x")
     proc = export(run / "checkpoints", "--out", tmp_path / "afile")
     assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr

@@ -198,3 +198,43 @@ def test_an_export_into_a_used_directory_leaves_no_old_weights_or_tokenizer_besi
     assert (out / "tokenizer.model").read_bytes() == new.read_bytes()
     with pytest.raises(ValueError, match="is the directory the model was loaded from"):
         relora_ds.export_hf(relora_ds.load_hf(out), out, like=out)
+
+
+def test_special_ids_come_from_the_source_model_or_are_left_null(tmp_path):
+    """Without a tokenizer the export must not invent LLaMA-2's BOS/EOS (1, 2), which transformers' generate
+    would then stop on: a source model without tokenizer files gives its own ids and generation config (a
+    review found both overwritten with 1 and 2); token_ids give them; with neither the configs say null."""
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=320))
+    src = tmp_path / "src"
+    relora_ds.export_hf(model, src, token_ids={"bos_token_id": 250, "eos_token_id": 251})
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "eos_token_id": [251, 252], "pad_token_id": 253}))
+    generation = {"bos_token_id": 250, "eos_token_id": [251, 252], "do_sample": True, "temperature": 0.7}
+    (src / "generation_config.json").write_text(json.dumps(generation))
+    relora_ds.export_hf(model, tmp_path / "out", like=src)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (250, [251, 252], 253)
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == generation
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert hf.generation_config.eos_token_id == [251, 252] and hf.generation_config.do_sample
+    with pytest.warns(UserWarning, match="config.json says bos_token_id and eos_token_id null"):
+        relora_ds.export_hf(model, tmp_path / "bare")
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((tmp_path / "bare" / name).read_text())
+        assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (None, None), name
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "bare").eos_token_id is None
+
+
+def test_a_failed_export_leaves_the_earlier_export_as_it_was(tmp_path):
+    """The export is staged and moved into place at the end: a tokenizer transformers cannot reproduce (a
+    unigram model) refused halfway left config.json without weights or tokenizer before (a review's find);
+    now every file of the earlier export is still there, byte for byte, and no staging directory is left."""
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=320))
+    out = tmp_path / "export"
+    relora_ds.export_hf(model, out, tokenizer=_train_sp(tmp_path, "bpe", 320, model_type="bpe", byte_fallback=True))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"model.safetensors", "tokenizer.json", "tokenizer.model", "config.json"} <= set(before)
+    unigram = _train_sp(tmp_path, "uni", 60, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1)
+    with pytest.raises(ValueError, match="SentencePiece as"):
+        relora_ds.export_hf(LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=320)), out, tokenizer=unigram)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -101,6 +101,8 @@ def test_presets_match_paper_sizes_and_unknown_preset_is_an_error():
     ("hidden_act", "gelu", "hidden_act='gelu'"),
     ("model_type", "gemma", "model_type='gemma' is not supported; valid: llama, qwen2, qwen3, mistral"),
     ("head_dim", 15, "head_dim must be a positive even integer .*got 15"),
+    ("quantization_config", {"quant_method": "fp8", "weight_block_size": [128, 128]},
+     r"a quantized checkpoint \(quantization_config, quant_method='fp8'\) is not supported"),
 ])
 def test_hf_configs_we_cannot_reproduce_are_refused(field, value, match):
     """What the model here would not compute as transformers does is refused, naming what is valid (the
@@ -108,6 +110,27 @@ def test_hf_configs_we_cannot_reproduce_are_refused(field, value, match):
     hf = {**hf_config_dict(LlamaConfig.preset("debug"), torch.float32), field: value}
     with pytest.raises(ValueError, match=match):
         config_from_hf(hf)
+
+
+def test_load_hf_refuses_quantized_tensors_and_casts_each_tensor(tmp_path):
+    """A checkpoint holding int8/fp8 tensors (a quantizer's, its config stripped) is one clear error, not
+    torch's 'unexpected keys' traceback or a silent cast of fp8 codes; float tensors load in the asked dtype."""
+    from safetensors.torch import load_file, save_file
+
+    model = LlamaForCausalLM(LlamaConfig.preset("debug"))
+    relora_ds.export_hf(model, tmp_path / "ok", dtype=torch.bfloat16, token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    loaded = relora_ds.load_hf(tmp_path / "ok", dtype=torch.float32)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    for name, p in loaded.state_dict().items():
+        assert torch.equal(p, model.state_dict()[name].to(torch.bfloat16).float()), name
+    for bad in (torch.float8_e4m3fn, torch.int8):
+        (tmp_path / "q").mkdir(exist_ok=True)
+        (tmp_path / "q" / "config.json").write_bytes((tmp_path / "ok" / "config.json").read_bytes())
+        state = load_file(tmp_path / "ok" / "model.safetensors")
+        state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"].to(bad)
+        save_file(state, tmp_path / "q" / "model.safetensors")
+        with pytest.raises(ValueError, match=rf"up_proj.weight is stored as {bad}, a quantized checkpoint"):
+            relora_ds.load_hf(tmp_path / "q")
 
 
 def test_rope_frequencies_survive_a_cast_to_bf16():

@@ -72,6 +72,18 @@ def test_merge_writes_masters_keeps_outputs_and_ranks_agree(results, case):
     assert results[0][case]["base_hash"] == results[1][case]["base_hash"], "base weights diverged across ranks"
 
 
+@pytest.mark.parametrize("case", ["3t0:fp32", "2:bf16"])
+def test_export_of_an_engine_writes_the_masters_merged(results, case):
+    """relora_ds.export_hf(engine) on every rank: the file rank 0 writes holds each ReLoRA layer's gathered base
+    + scale * B @ A of the fp32 masters and every other parameter's fp32 master, exactly (oracle: DeepSpeed's
+    safe_get_full_fp32_param). A review found export_hf(engine) refused and export_hf(engine.module) under
+    ZeRO-3 writing a model of empty tensors without a word: the module is now refused there."""
+    for r in results:
+        res = r[case]
+        assert res["export_exact"] and res["export_delta_nonzero"]
+        assert res["module_export_refused"]
+
+
 def test_optimizer_steps_after_a_universal_load_are_separate_tensors():
     """After a universal load torch's Adam must get its own singleton-tensor ``step`` per state: DeepSpeed's
     ZeRO-3 load shares one tensor between sub-groups (each group then counts every step twice), and a

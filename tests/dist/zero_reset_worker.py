@@ -26,6 +26,7 @@ from relora_ds.relora import kaiming_uniform_A, reinit_seed
 from relora_ds.zero_reset import offloaded, relink_optimizer_fragments
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+EXPORT_CASES = ("3t0:fp32", "2:bf16")  # export_hf(engine): ZeRO-3 partitions; ZeRO-2 bf16 (masters, not copies)
 
 
 def sort_mask(t, ratio):
@@ -123,7 +124,38 @@ def random_prune_without_relink(engine, lora, seed=123, ratio=0.5):
     return res
 
 
-def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_second=False):
+def check_export(engine, export_dir):
+    """export_hf(engine) on every rank (rank 0 writes) against the weights DeepSpeed itself reports: each ReLoRA
+    layer's base (gathered) + scale * B_master @ A_master, the other parameters' fp32 masters. The module alone
+    (ZeRO-3: empty placeholders; a bf16 engine: bf16 copies, not the masters) is refused under ZeRO-3."""
+    from safetensors.torch import load_file
+
+    model = engine.module
+    res = {}
+    try:
+        relora_ds.export_hf(model, export_dir + "_module")
+        res["module_export_refused"] = not any(hasattr(p, "ds_id") for p in model.parameters())
+    except ValueError as e:
+        res["module_export_refused"] = "pass the engine itself" in str(e)
+    relora_ds.export_hf(engine, export_dir, token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    want = {}
+    for name, layer in relora_ds.relora_layers(model):
+        with deepspeed.zero.GatheredParameters([layer.weight], enabled=hasattr(layer.weight, "ds_id")):
+            base = layer.weight.detach().float().cpu().clone()
+        A, B = (safe_get_full_fp32_param(t).float().cpu() for t in (layer.lora_A, layer.lora_B))
+        want[f"{name}.weight"] = base + (B @ A) * layer.scale
+    lora_names = {f"{n}.weight" for n, _ in relora_ds.relora_layers(model)}
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_" not in name:
+            want[name] = safe_get_full_fp32_param(p).float().cpu()
+    got = load_file(os.path.join(export_dir, "model.safetensors"))
+    res["export_exact"] = all(torch.equal(got[k], v) for k, v in want.items() if k in got) and \
+        lora_names <= set(got) and "model.embed_tokens.weight" in got
+    res["export_delta_nonzero"] = all(bool((got[k] != 0).any()) for k in lora_names)
+    return res
+
+
+def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_second=False, export_dir=None):
     engine = build(stage, bf16, offload, persist0, lora_second=random_lora_second)
     model = engine.module
     lora = relora_ds.lora_parameters(model)
@@ -174,6 +206,9 @@ def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_secon
     masks = [sort_mask(b["exp_avg"], 0.95) for b in before]
     res["joint_prune_exact"] = all(torch.equal(safe_get_full_optimizer_state(p, k), b[k].masked_fill(m, 0.0))
                                    for p, b, m in zip(lora, before, masks) for k in b)
+
+    if export_dir is not None:
+        res.update(check_export(engine, export_dir))
 
     engine.eval()
     with torch.no_grad():
@@ -227,7 +262,9 @@ def main():
         stage, dtype = case.split(":")
         assert stage[1:] in ("", "off", "t0", "rnd"), case
         out[case] = run_case(int(stage[0]), dtype == "bf16", rank, offload=stage.endswith("off"),
-                             persist0=stage.endswith("t0"), random_lora_second=stage.endswith("rnd"))
+                             persist0=stage.endswith("t0"), random_lora_second=stage.endswith("rnd"),
+                             export_dir=os.path.join(args.out, f"export_{stage}_{dtype}")
+                             if case in EXPORT_CASES else None)
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)
     dist.barrier()

@@ -119,19 +119,24 @@ def test_term_to_the_batch_script_checkpoints_without_requeue(slurm, tmp_path):
     assert len(n) == 1 and (tmp_path / "run/checkpoints/latest").read_text() == f"step_{n[0]}" and n[0] < 60
 
 
-def test_deepspeed_launcher_variant(slurm, tmp_path):
+def test_deepspeed_launcher_variant_checkpoints_on_term(slurm, tmp_path):
+    """The deepspeed-launcher job, TERM sent to the batch script mid-run (as scancel or the time limit do): the
+    script forwards it to every process of the step, the launchers among them. A review found the node's
+    deepspeed runner, the step's top process, dying of that TERM at once, after which SLURM kills what is
+    left of the step: the ranks never saved. The runner now ignores TERM and waits for its ranks."""
     # Submitted as on a cluster without GPU gres: no --gpus-per-node anywhere (the script asks for none).
     job = _submit(slurm, tmp_path, "train_deepspeed.sbatch", "--ntasks-per-node=1", "--cpus-per-task=2",
-                  node=("--nodes=1",), GPUS_PER_NODE="2",
-                  TRAIN_ARGS=SHORT.replace("--total-steps 30", "--total-steps 10")
-                  .replace("--save-every 10", "--save-every 0") + " --no-export")
+                  node=("--nodes=1",), GPUS_PER_NODE="2", TRAIN_ARGS=LONGER + " --no-export")
+    _wait_for_step(slurm, job, tmp_path / "run", 5)
+    slurm.run("scancel", "--batch", "--signal=TERM", job)
     info = slurm.wait(job)
     log = _log(tmp_path, job)
     _assert_finished(info, log)
     assert (tmp_path / f"run/hostfile-{job}").read_text() == "localhost slots=2\n"
     assert re.search(r"master localhost:\d+", log)  # the start-up line names the rendezvous host
-    assert "2 rank(s), bf16=False, ZeRO stage 2, offload: none, 10 steps" in log
-    assert (tmp_path / "run/checkpoints/latest").read_text() == "step_10"
+    assert "2 rank(s), bf16=False, ZeRO stage 2, offload: none, 60 steps" in log
+    n = [r["step"] for r in _records(tmp_path / "run") if r.get("event") == "preempted"]
+    assert len(n) == 1 and (tmp_path / "run/checkpoints/latest").read_text() == f"step_{n[0]}" and n[0] < 60
 
 
 def test_bad_batch_arithmetic_stops_the_job_before_any_rank(slurm, tmp_path):

@@ -19,7 +19,11 @@ node_rank=$("$PYTHON" launch/hostfile.py node-rank --check-visible-devices "$hos
 
 # SLURM delivers a step signal to every process of the step. The launcher processes ignore USR1 (the
 # disposition is inherited; the trainer installs its own handler): its default action would kill the
-# launcher, end the step, and SLURM would then kill the ranks before their checkpoint is written.
-trap '' USR1
+# launcher, end the step, and SLURM would then kill the ranks before their checkpoint is written. The runner
+# (this task's top process) ignores TERM too and waits for its launcher: it has no TERM handler of its own
+# with --no_ssh, and died of it at once (the step over, the ranks killed unsaved). The launcher under it,
+# deepspeed.launcher.launch, installs its own TERM handler: it terminates the ranks, gives them 30 s, and
+# exits 1; train_deepspeed.sbatch therefore forwards its signals to the ranks as USR1.
+trap '' USR1 TERM
 exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --node_rank="$node_rank" \
     --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@"

@@ -50,6 +50,7 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
     batch = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
     paths = interleave or [None]
     times = {p: [] for p in paths}
+    losses = {}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for i in range(steps + 3):
@@ -65,6 +66,7 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
             sync()
             if i >= 3:  # warm-up: Triton compilation, allocator growth
                 times[path].append(time.perf_counter() - t0)
+            losses[path] = loss.detach()  # each path's own last loss (read after the timing)
     from relora_ds.flops import flops_per_token, peak_tflops
 
     per_token = flops_per_token(model, seq_len)
@@ -82,9 +84,10 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
                      "model_tflops": tflops, "mfu": tflops / peak if peak else float("nan"),
                      "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30
                                      if cuda and interleave is None else float("nan")),
-                     "loss": loss.item(),
+                     "loss": losses[path].item(),
                      "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
-                     "torch": torch.__version__, "triton": __import__("triton").__version__})
+                     "torch": torch.__version__, "triton": __import__("triton").__version__,
+                     "date": __import__("datetime").date.today().isoformat()})
     return rows if interleave else rows[0]
 
 
@@ -100,7 +103,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("bf16", "fp32"), help="weights and activations (default: bf16 on "
                     "cuda, fp32 on cpu)")
     ap.add_argument("--quantize", choices=("int8",), help="int8 frozen base (relora_ds.wrap(quantize='int8'))")
-    ap.add_argument("--loss-chunk-size", type=int, default=0, help="model.chunked_loss_enable(N); 0: full logits")
+    ap.add_argument("--loss-chunk-size", type=int, nargs="+", default=[0],
+                    help="model.chunked_loss_enable(N); 0: full logits; several: one run each")
     ap.add_argument("--activation-checkpointing", action="store_true", help="model.gradient_checkpointing_enable()")
     ap.add_argument("--paths", nargs="+", default=["reference", "torch", "torch_merged", "triton"],
                     choices=tuple(PATH_ENV))
@@ -112,10 +116,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank, args.device,
                              args.paths if args.interleave else None, args.dtype, args.quantize,
-                             args.loss_chunk_size, args.activation_checkpointing)))
+                             args.loss_chunk_size[0], args.activation_checkpointing)))
         return
     rows = []
-    for preset in args.presets:
+    for preset, chunk in ((p, c) for p in args.presets for c in args.loss_chunk_size):
         runs = [(args.paths, dict(os.environ))] if args.interleave else \
             [([p], {**os.environ, **PATH_ENV[p]}) for p in args.paths]
         for paths, env in runs:
@@ -123,7 +127,7 @@ def main() -> None:
                    str(args.seq_len), "--steps", str(args.steps), "--rank", str(args.rank), "--device", args.device,
                    "--paths", *paths] + (["--interleave"] if args.interleave else []) + \
                 (["--dtype", args.dtype] if args.dtype else []) + (["--quantize", args.quantize] if args.quantize else []) + \
-                ["--loss-chunk-size", str(args.loss_chunk_size)] + \
+                ["--loss-chunk-size", str(chunk)] + \
                 (["--activation-checkpointing"] if args.activation_checkpointing else [])
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode:
@@ -135,9 +139,9 @@ def main() -> None:
                 rows.append(r)
                 print(f"{preset:>5} {r['path']:>12}: {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:10.0f} tok/s "
                       f"{r['model_tflops']:7.3g} TFLOP/s (MFU {r['mfu']:.1%}) peak {r['peak_mem_gb']:.1f} GB "
-                      f"loss {r['loss']:.3f}", flush=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+                      f"loss {r['loss']:.3f}" + (f" loss chunk {chunk}" if chunk else ""), flush=True)
+            with open(args.out, "w") as f:  # after every run: a run cut at a time limit keeps the rows before it
+                json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ def one(preset: str, quantize: str | None, ds_path: str, micro_batch: int, seq_l
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
             "step_ms": 1000 * statistics.median(times), "loss": loss.item(),
             "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "deepspeed_version": deepspeed.__version__}
+            "deepspeed_version": deepspeed.__version__, "triton": __import__("triton").__version__,
+            "date": __import__("datetime").date.today().isoformat()}
 
 
 def main() -> int:

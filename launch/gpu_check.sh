@@ -8,11 +8,12 @@
 # the torch reference), whole training steps (e2e), the chunked loss (loss), the config sweep (tune).
 # Stage times (estimates): bench ~90 s, int8 ~60 s, tests ~170 s (cut at 150 s: the int8 cases and the
 # candidates' come first, then the kernel paths no GPU has compiled yet, the paths that passed before last),
-# e2e ~120 s, loss ~120 s, tune ~200 s.
+# e2e ~120 s, loss ~200 s (the chunked run first), tune ~200 s: at the default budget, loss and tune run
+# only when the stages before them finish early (name them to run them: `bash launch/gpu_check.sh loss tune`).
 # The benchmarks write each row the moment it is measured, so a stage cut at its limit keeps its rows.
 # A task lent a GPU gets 15 minutes of device time in all, machine start included, and one call may run
-# 600 s: with GPU_CHECK_BUDGET (seconds) each stage is cut to what is left and skipped once less than 45 s
-# remain. Each stage has its own time limit and a failing stage does not stop the next.
+# 600 s: with GPU_CHECK_BUDGET (seconds, default 540; 0: none) each stage is cut to what is left and
+# skipped once less than 45 s remain. Each stage has its own time limit and a failing stage does not stop the next.
 # `ds` (the 1b peak memory under a DeepSpeed engine, bf16 vs int8 base) needs the wheels of
 # scripts/gpu_wheels.sh: build them here, then name ".whl" in the device call's carry.
 # Results: the device tool returns at most 8 files from $OUT, so the stages write to a work folder that is
@@ -23,7 +24,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 FINAL_OUT="${OUT:-runs/gpu}"
 mkdir -p "$FINAL_OUT"
 OUT=$(mktemp -d)
-BUDGET=${GPU_CHECK_BUDGET:-0}
+BUDGET=${GPU_CHECK_BUDGET:-540}  # one device call may run 600 s; 0: no budget
 START=$SECONDS
 # The GPU image cannot pip-install (offline, no setuptools wheel): kernels/ goes on the path as relora_kernels.
 mkdir -p /tmp/pk && ln -sfn "$PWD/kernels" /tmp/pk/relora_kernels
@@ -41,6 +42,7 @@ pack() {  # everything so far into one file, and the stage list beside it
   tar -czf "$FINAL_OUT/gpu_check.tar.gz.tmp" -C "$OUT" . && mv "$FINAL_OUT/gpu_check.tar.gz.tmp" "$FINAL_OUT/gpu_check.tar.gz"
   cp "$OUT/stages.txt" "$FINAL_OUT/stages.txt" 2>/dev/null || true
 }
+trap 'pack; exit 143' TERM  # killed at the device call's limit: the stage then running keeps its rows
 
 run() {  # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, record the exit status and seconds
   local name=$1 limit=$2; shift 2
@@ -75,9 +77,9 @@ for st in "${stages[@]}"; do
              env -u RELORA_KERNELS $t tests/test_kernel_dispatch.py; a=$((a | $?))
              $t -k "cuda and not ($new)" tests/test_kernels.py  # the paths that passed on the H100 (2026-11-22)
              exit $((a | $?))' ;;
-    loss) for c in 0 1024; do  # the chunked loss: tokens/s and peak memory, with activation checkpointing
-            run "loss_chunk$c" 150 python3 launch/bench_e2e.py --presets 1b --paths auto --micro-batch 16 \
-              --activation-checkpointing --loss-chunk-size $c --steps 6 --out "$OUT/e2e_loss_chunk$c.json"; done ;;
+    loss) run loss 240 python3 launch/bench_e2e.py --presets 1b --paths auto --micro-batch 16 \
+            --activation-checkpointing --loss-chunk-size 1024 0 --steps 6 --out "$OUT/e2e_loss_chunk.json" ;;
+          # the chunked loss (first) and the full logits: tokens/s and peak memory, with activation checkpointing
     tune) run tune 260 python3 launch/tune_kernels.py --out "$OUT/tune_kernels.json" ;;
     ds)
       if ! python3 -c "import deepspeed" 2>/dev/null; then

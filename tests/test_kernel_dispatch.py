@@ -15,6 +15,17 @@ from relora_kernels import _runtime
 from kernel_utils import HAS_CUDA, SHAPES, _shape_id, make_inputs, rel_err
 
 
+def _triton_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+    return tuple(int(p) for p in version("triton").split(".")[:2])
+
+
+# The GPU image's Triton 3.6: its interpreter cannot take tensor-valued range() bounds (tensor.__index__
+# without squeeze; BENCHMARKS.md), which the kernels use. CI's newest Triton runs these.
+interpreter_3_7 = pytest.mark.skipif(_triton_version() < (3, 7), reason="Triton 3.6's interpreter cannot take "
+                                     "tensor-valued range() bounds, which the kernels use")
+
+
 def test_use_triton_modes(monkeypatch):
     cpu = torch.zeros(2)
     monkeypatch.delenv("RELORA_KERNELS", raising=False)
@@ -236,6 +247,7 @@ def test_argument_errors(monkeypatch):
         rk.int8_lora_linear(x, q, s, a.half(), b, 1.0)
 
 
+@interpreter_3_7
 def test_tensors_past_32_bit_offsets_never_reach_the_kernels(monkeypatch):
     """The kernels index with 32-bit offsets (Triton types integer arguments below 2**31 as i32), which would
     wrap silently past 2**31 elements. With the limit lowered to 100 elements: RELORA_KERNELS=triton refuses
@@ -304,10 +316,6 @@ def test_package_imports_without_triton_or_gpu():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
-def _triton_version() -> tuple[int, ...]:
-    from importlib.metadata import version
-    return tuple(int(p) for p in version("triton").split(".")[:2])
-
 
 def test_autotune_prunes_configs_that_overflow_shared_memory(monkeypatch):
     """Oracle: the shared memory Triton 3.6 allocated when these configs were compiled for sm_90 (ptxas,
@@ -339,8 +347,7 @@ def test_autotune_prunes_configs_that_overflow_shared_memory(monkeypatch):
     assert kept(matmul._prune, ptr, torch.float32, N=4096) == [(64, 64, 64, 4)]
 
 
-@pytest.mark.skipif(_triton_version() < (3, 7), reason="Triton 3.6's interpreter cannot take tensor-valued "
-                    "range() bounds (tensor.__index__ without squeeze; BENCHMARKS.md), which the kernels use")
+@interpreter_3_7
 def test_interpreter_enabled_after_kernels_were_imported():
     """The ordering other test files can cause: triton and our kernels imported with the interpreter off,
     TRITON_INTERPRET=1 set afterwards. The launch must still run interpreted."""
@@ -359,6 +366,7 @@ def test_interpreter_enabled_after_kernels_were_imported():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
+@interpreter_3_7
 def test_a_strided_gradient_past_32_bit_offsets_is_made_contiguous(monkeypatch):
     """The forward checks dY's size (rows x out); the gradient can arrive as a narrowed view whose strides
     reach further (torch.cat's backward). With the limit lowered to 100: a (10, 6) gradient inside a (10, 12)

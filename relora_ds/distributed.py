@@ -52,14 +52,20 @@ def release_shm_segment() -> Path | None:
 
 
 # Set by torchrun/deepspeed (RANK...), mpirun (OMPI_/PMI_/PMIX_/MV2_) or the user (MASTER_PORT).
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK",
-                  "MV2_COMM_WORLD_SIZE")
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 
-def pick_port_for_a_single_process() -> int | None:
-    """Plain ``python launch/train.py``, no launcher: set MASTER_PORT to a free port (and return it), so a
-    second single-process run on the machine does not fail on DeepSpeed's default 29500 (EADDRINUSE)."""
-    if any(k in os.environ for k in _LAUNCHER_VARS):
+def single_process_environment() -> int | None:
+    """Plain ``python launch/train.py``, no launcher (and not one of several SLURM tasks): the environment of
+    a one-rank world (RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR=127.0.0.1), so that DeepSpeed does not
+    try MPI discovery (mpi4py is an optional extra: a traceback without it), and a free MASTER_PORT unless one
+    is set, so that a second single-process run on the machine does not fail on DeepSpeed's default 29500
+    (EADDRINUSE). Returns the port it picked (None: a launcher's process, or the user's port)."""
+    if any(k in os.environ for k in _LAUNCHER_VARS) or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        return None
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" in os.environ:
         return None
     import socket
 
@@ -74,7 +80,15 @@ def init_distributed(**kwargs) -> None:
     """``deepspeed.init_distributed(**kwargs)``, then release the shared-memory segment it leaks on CPU."""
     import deepspeed
 
-    deepspeed.init_distributed(**kwargs)
+    try:
+        deepspeed.init_distributed(**kwargs)
+    except ModuleNotFoundError as e:  # DeepSpeed's MPI discovery, the only way left to it, needs mpi4py
+        if e.name != "mpi4py":
+            raise
+        raise ValueError("no launcher environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and "
+                         "mpi4py is not installed for DeepSpeed's MPI discovery: start the ranks with deepspeed, "
+                         "torchrun, srun through launch/slurm/rank_env.sh (or the sbatch scripts), or install "
+                         "mpi4py (pip install -e '.[mpi]') for mpirun/srun --mpi") from None
     release_shm_segment()
     from deepspeed.accelerator import get_accelerator
 

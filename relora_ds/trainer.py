@@ -34,7 +34,7 @@ from . import checkpoint, reset_hook, run_info
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, load_manifest, prepare_data
 from .data.manifest import read_manifest_file
 from .distributed import agreement, init_distributed, max_over_ranks, on_rank_zero, \
-    pick_port_for_a_single_process
+    single_process_environment
 from .flops import flops_per_token, peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engine_state import full_fp32_state_dict
@@ -63,7 +63,7 @@ class Trainer(CheckpointsMixin):
         apply_kernels_setting(cfg.kernels)
         check_kernels(cfg, torch.cuda.is_available())
         check_output_dir(cfg)
-        pick_port_for_a_single_process()
+        single_process_environment()
         # Under mpirun DeepSpeed discovers ranks through mpi4py and would take port 29500 whatever the
         # environment says; honour MASTER_PORT so that two MPI jobs can share a node.
         if os.environ.get("DEEPSPEED_TIMEOUT"):

@@ -303,7 +303,7 @@ def test_the_trainers_batches_form_whole_global_batches_per_optimizer_step(data_
     world, micro, global_batch, seq = 2, 2, 16, 128
     accum = global_batch // (micro * world)
     monkeypatch.setattr(trainer_mod, "init_distributed", lambda **kw: None)
-    monkeypatch.setattr(trainer_mod, "pick_port_for_a_single_process", lambda: None)
+    monkeypatch.setattr(trainer_mod, "single_process_environment", lambda: None)
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # the trainer's SIGTERM/SIGUSR1 handlers: not in pytest
     monkeypatch.setattr(trainer_mod.dist, "get_world_size", lambda group=None: world)
     # No process group here: rank 0's start-up work (logs) runs in the rank-0 Trainer, as on_rank_zero would.

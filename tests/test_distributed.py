@@ -66,26 +66,65 @@ def test_single_process_has_nothing_to_release():
     assert release_shm_segment() is None  # no process group: no collective, no error
 
 
-def test_a_single_process_without_a_launcher_gets_a_free_port(monkeypatch):
-    """Two plain `python launch/train.py` runs on one machine must not both take DeepSpeed's 29500."""
+def test_a_single_process_without_a_launcher_gets_a_free_port_and_a_one_rank_world(monkeypatch):
+    """Two plain `python launch/train.py` runs on one machine must not both take DeepSpeed's 29500, and such a
+    run gets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR, so DeepSpeed does not try MPI discovery (mpi4py)."""
     import socket
 
-    from relora_ds.distributed import _LAUNCHER_VARS, pick_port_for_a_single_process
+    from relora_ds.distributed import _LAUNCHER_VARS, single_process_environment
 
-    for var in _LAUNCHER_VARS:
-        monkeypatch.delenv(var, raising=False)
+    for var in (*_LAUNCHER_VARS, "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
+        monkeypatch.setenv(var, "x")  # recorded, so that what the function sets is undone after the test
+        monkeypatch.delenv(var)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        port = pick_port_for_a_single_process()
+        port = single_process_environment()
         assert port != busy.getsockname()[1] and os.environ["MASTER_PORT"] == str(port)
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # free
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")] == ["0", "1", "0", "127.0.0.1"]
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var)
     monkeypatch.setenv("MASTER_PORT", "29611")
-    assert pick_port_for_a_single_process() is None and os.environ["MASTER_PORT"] == "29611"  # a user's choice
-    monkeypatch.delenv("MASTER_PORT")
-    monkeypatch.setenv("RANK", "0")
-    assert pick_port_for_a_single_process() is None  # a launcher's process: its rendezvous decides
+    assert single_process_environment() is None and os.environ["MASTER_PORT"] == "29611"  # a user's choice
+    assert os.environ["WORLD_SIZE"] == "1"
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # one of several srun tasks: MPI discovery (or rank_env.sh) decides
+    assert single_process_environment() is None and "RANK" not in os.environ
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # an mpirun rank
+    assert single_process_environment() is None and "RANK" not in os.environ
+
+
+def test_without_mpi4py_a_single_process_starts_and_several_ranks_get_one_line(tmp_path):
+    """A review's find: plain `python launch/train.py` died in DeepSpeed's MPI discovery with a traceback
+    (No module named 'mpi4py', an optional extra). Now one process starts a 1-rank group without it; where MPI
+    discovery is the only way left (an srun task of several, no rank_env.sh), the error names the ways."""
+    code = ("import os, sys\nsys.modules['mpi4py'] = None  # not installed\n"
+            "from relora_ds.distributed import init_distributed, single_process_environment\n"
+            "single_process_environment()\n"
+            "try:\n"
+            "    init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get('MASTER_PORT', 29500)))\n"
+            "except ValueError as e:\n"
+            "    print('error:', e); sys.exit(2)\n"
+            "import torch.distributed as dist\nprint('world', dist.get_world_size(), dist.get_rank())\n")
+    from relora_ds.distributed import _LAUNCHER_VARS
+    import subprocess
+    import sys
+
+    from launch_utils import launch_env
+    env = {k: v for k, v in launch_env().items() if k not in (*_LAUNCHER_VARS, "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT", "SLURM_NTASKS")}
+    (tmp_path / "child.py").write_text(code)
+    run = lambda **extra: subprocess.run([sys.executable, str(tmp_path / "child.py")], env={**env, **extra},  # noqa
+                                         capture_output=True, text=True, timeout=120)
+    proc = run()
+    assert proc.returncode == 0 and "world 1 0" in proc.stdout, proc.stderr[-3000:]
+    proc = run(SLURM_NTASKS="2")
+    assert proc.returncode == 2 and "mpi4py is not installed for DeepSpeed's MPI discovery" in proc.stdout, \
+        proc.stdout + proc.stderr[-3000:]
 
 
 def _run_child(tmp_path, code: str):

@@ -169,7 +169,7 @@ def test_settings_without_effect_under_the_deepspeed_config_are_named(monkeypatc
         pass
 
     monkeypatch.setattr(trainer, "init_distributed", lambda **kw: None)
-    monkeypatch.setattr(trainer, "pick_port_for_a_single_process", lambda: None)
+    monkeypatch.setattr(trainer, "single_process_environment", lambda: None)
     monkeypatch.setattr(trainer.dist, "get_rank", lambda group=None: 0)
     monkeypatch.setattr(trainer.dist, "get_world_size", lambda group=None: 1)
     monkeypatch.setattr(trainer, "on_rank_zero", lambda fn: fn())

@@ -104,7 +104,7 @@ def in_process_trainer(monkeypatch, *, rank=0, world=1):
     from relora_ds import trainer as trainer_mod
 
     monkeypatch.setattr(trainer_mod, "init_distributed", lambda **kw: None)
-    monkeypatch.setattr(trainer_mod, "pick_port_for_a_single_process", lambda: None)
+    monkeypatch.setattr(trainer_mod, "single_process_environment", lambda: None)
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # the trainer's SIGTERM/SIGUSR1 handlers: not in pytest
     monkeypatch.setattr(trainer_mod.dist, "get_rank", lambda group=None: rank)
     monkeypatch.setattr(trainer_mod.dist, "get_world_size", lambda group=None: world)

@@ -33,9 +33,26 @@ def load_ds_config(path: str | Path | None) -> dict:
     if not path.is_file():
         raise ValueError(f"--deepspeed {path}: no such file (configs ship in ds_configs/)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise ValueError(f"--deepspeed {path}: invalid JSON: {e}") from None
+    except _DuplicateKey as e:
+        raise ValueError(f"--deepspeed {path}: key {e.args[0]!r} appears twice in one object (JSON readers keep "
+                         "the last silently); keep one") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: a key twice in one object is an error, not the last one silently."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str = "the DeepSpeed config") -> dict:

@@ -158,6 +158,11 @@ def check_output_dir(cfg: TrainConfig) -> None:
     the two (metrics appended, old checkpoints kept beside new ones): refuse, naming the ways out. With
     --overwrite, refuse an input of this run that lies inside what would be deleted."""
     out = Path(cfg.output_dir)
+    existing = next(p for p in (out, *out.parents) if p.exists())  # out itself, or what would hold it
+    if not existing.is_dir():
+        raise ValueError(f"output_dir {out}: {existing} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {out}: {existing} is not writable by this user; pick another --output-dir")
     found = [p.name for p in (out / "checkpoints" / "latest", out / "metrics.jsonl") if p.is_file()]
     if found and not cfg.resume and not cfg.overwrite:
         raise ValueError(f"output_dir {out} holds a run ({', '.join(found)}): pass --resume to continue it, "
@@ -180,11 +185,14 @@ def lock_output_dir(out: Path):
     file: the kernel drops the lock however the process ends). A second run there -- e.g. a ``--resume``
     while the first still trains -- would interleave its metrics and checkpoints with the first's, so it is
     refused, naming the holder. On a file system without ``flock`` (some NFS/Lustre mounts) a warning."""
-    out.mkdir(parents=True, exist_ok=True)
     path = (out / LOCK_FILE).resolve()
     if path in _HELD:
         return _HELD[path]
-    f = open(path, "a+")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:  # read-only or immutable (root passes os.access), a full disk, ...
+        raise ValueError(f"output_dir {out}: cannot create {path} ({e.strerror}); pick another --output-dir") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:

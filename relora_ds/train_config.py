@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import importlib.util
 import math
+import os
 import re
 import typing
 import warnings
@@ -24,6 +25,10 @@ from .model_config import PRESETS
 
 
 BUILTIN_VOCAB_SIZE = 2048
+# The built-in corpus's SentencePiece model: byte fallback (256 pieces) and <unk>, <s>, </s>.
+_MIN_BUILTIN_VOCAB = 259
+# Fields holding a path, whose leading "~" is expanded.
+_PATH_FIELDS = ("output_dir", "data_dir", "hf_model", "warm_start_from")
 
 
 class ConfigWarning(UserWarning):
@@ -156,6 +161,10 @@ class TrainConfig:
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        for name in _PATH_FIELDS:  # "~/runs/x" in a recipe or --output-dir=~/x (the shell expands no ~ there)
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
         self.validate()
 
     def validate(self) -> None:
@@ -247,8 +256,13 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name}={value} must be positive")
+        if self.vocab_size is not None and self.data_dir is None and 0 < self.vocab_size < _MIN_BUILTIN_VOCAB:
+            raise ValueError(f"vocab_size={self.vocab_size} is too small: the built-in corpus's tokenizer falls back "
+                             f"to bytes, which takes {_MIN_BUILTIN_VOCAB} pieces (256 bytes, <unk>, <s>, </s>) before "
+                             "any of its characters and merges; leave room for those (default "
+                             f"{BUILTIN_VOCAB_SIZE})")
         for name in ("warmup_steps", "restart_warmup_steps", "warm_start_steps", "weight_decay", "grad_clip",
-                     "eval_every", "save_every", "loss_chunk_size", "eval_windows", "final_eval_windows"):
+                     "eval_every", "save_every", "loss_chunk_size", "eval_windows", "final_eval_windows", "seed"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("dropout", "adam_beta1", "adam_beta2"):
@@ -397,6 +411,21 @@ def _cli_type(name: str, hint):
     return parse
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key twice in one mapping is an error (PyYAML keeps the last
+    silently: `lr: 0.5` appended to a recipe would win without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found the key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < YAML recipe < CLI flags. Unknown recipe keys are an error (a typo is never ignored)."""
     values: dict = {}
@@ -406,7 +435,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ValueError(f"--config {path}: no such file")
         try:
             with path.open(encoding="utf-8") as f:  # a file object: YAML's errors name the file
-                values = yaml.safe_load(f) or {}
+                values = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"--config {path}: not valid YAML: {e}") from None
         if not isinstance(values, dict):

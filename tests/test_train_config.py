@@ -257,6 +257,9 @@ def test_boundary_values_are_accepted():
     (dict(merge_every=0), "merge_every=0 must be a positive divisor of cycle_length=10"),
     (dict(min_lr_ratio=-0.1), r"min_lr_ratio=-0.1 must be in \[0, 1\]"),
     (dict(prune_ratio=-0.1), r"prune_ratio=-0.1 must be in \[0, 1\]"),
+    (dict(seed=-1), "seed=-1 must be >= 0"),  # was accepted, then failed every rank in the data sampler
+    (dict(vocab_size=10), r"vocab_size=10 is too small: the built-in corpus's tokenizer falls back to bytes, which "
+                          r"takes 259 pieces"),  # was accepted by preflight, then failed every rank
 ])
 def test_zero_and_negative_values_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -410,3 +413,44 @@ def test_a_hugging_face_start_records_no_preset(tmp_path):
     assert cfg.model is None and TrainConfig(**cfg.to_dict()).model is None  # a saved config reads back
     with pytest.raises(ValueError, match=r"model=None needs hf_model or warm_start_from .* debug, tiny, 60m"):
         TrainConfig(model=None, total_steps=100, cycle_length=10)
+
+
+def test_a_leading_tilde_in_a_path_is_expanded(tmp_path, monkeypatch):
+    """`--output-dir=~/runs/x` (no shell expands that ~) or `output_dir: ~/runs/x` in a recipe: the run went to
+    a directory literally named "~" in the working directory (a review's find)."""
+    import os
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = TrainConfig(**BASE, output_dir="~/runs/x", data_dir="~/data", warm_start_from="~/hf", warm_start_steps=0)
+    assert (cfg.output_dir, cfg.data_dir, cfg.warm_start_from) == tuple(
+        os.path.join(str(tmp_path), p) for p in ("runs/x", "data", "hf"))
+
+
+def test_an_output_dir_that_cannot_be_one_is_named(tmp_path):
+    """A file, or a path under a file, as output_dir was accepted by preflight and then a FileExistsError
+    traceback on every rank; an unwritable place, a PermissionError traceback."""
+    from relora_ds.startup import check_output_dir, lock_output_dir
+
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        with pytest.raises(ValueError, match=rf"output_dir {out}: {tmp_path / 'afile'} exists and is not a directory"):
+            check_output_dir(TrainConfig(**BASE, output_dir=str(out)))
+        with pytest.raises(ValueError, match=rf"output_dir {out}: cannot create"):
+            lock_output_dir(out)
+    check_output_dir(TrainConfig(**BASE, output_dir=str(tmp_path / "new" / "run")))  # to be created: fine
+
+
+def test_a_key_given_twice_in_a_recipe_or_deepspeed_json_is_named(tmp_path):
+    """YAML and JSON readers keep the last of two equal keys silently: `lr: 0.5` appended to a recipe, or a
+    second zero_optimization block, won without a word (a review's find)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 0.001\nrank: 8\nlr: 0.5\n")
+    with pytest.raises(ValueError, match=r"(?s)--config .*r.yaml: not valid YAML: .*found the key 'lr' twice.*line 3"):
+        config_from_args(argparse.Namespace(config=str(recipe)))
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}, "bf16": {"enabled": true}, "zero_optimization": {"stage": 3}}')
+    with pytest.raises(ValueError, match=r"ds.json: key 'zero_optimization' appears twice in one object"):
+        load_ds_config(ds)
+    ds.write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "stage": 3}}')
+    with pytest.raises(ValueError, match=r"key 'stage' appears twice"):
+        load_ds_config(ds)

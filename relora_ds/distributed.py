@@ -76,6 +76,28 @@ def single_process_environment() -> int | None:
     return port
 
 
+_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+
+
+def agree_on_master_port() -> str | None:
+    """Under mpirun with no RANK (DeepSpeed's MPI discovery ahead): every rank takes rank 0's MASTER_PORT.
+    DeepSpeed broadcasts rank 0's address but each rank passes its own environment's port, and mpirun does
+    not forward the environment to other nodes (Open MPI without -x): remote ranks used 29500 while rank 0
+    listened on the port set for the job. Returns the port set (None: not an MPI-discovered run)."""
+    if "RANK" in os.environ or not any(k in os.environ for k in _MPI_VARS):
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None  # init_distributed names the missing mpi4py
+    port = MPI.COMM_WORLD.bcast(os.environ.get("MASTER_PORT"), root=0)
+    if port is None:
+        os.environ.pop("MASTER_PORT", None)
+    else:
+        os.environ["MASTER_PORT"] = port
+    return port
+
+
 def init_distributed(**kwargs) -> None:
     """``deepspeed.init_distributed(**kwargs)``, then release the shared-memory segment it leaks on CPU."""
     import deepspeed

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from . import checkpoint, reset_hook, run_info
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, load_manifest, prepare_data
 from .data.manifest import read_manifest_file
-from .distributed import agreement, init_distributed, max_over_ranks, on_rank_zero, \
+from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
     single_process_environment
 from .flops import flops_per_token, peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
@@ -65,7 +65,8 @@ class Trainer(CheckpointsMixin):
         check_output_dir(cfg)
         single_process_environment()
         # Under mpirun DeepSpeed discovers ranks through mpi4py and would take port 29500 whatever the
-        # environment says; honour MASTER_PORT so that two MPI jobs can share a node.
+        # environment says; honour MASTER_PORT (rank 0's, on every rank) so that two MPI jobs can share a node.
+        agree_on_master_port()
         if os.environ.get("DEEPSPEED_TIMEOUT"):
             warnings.warn(f"DEEPSPEED_TIMEOUT={os.environ['DEEPSPEED_TIMEOUT']} is ignored: collective_timeout_min="
                           f"{cfg.collective_timeout_min} sets the collectives' timeout", ConfigWarning, stacklevel=2)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_utils import ROOT, launch_env
+from launch_utils import ROOT, free_port, launch_env
 
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -35,10 +35,15 @@ def test_mpirun_two_ranks(tmp_path):
     except ImportError as e:
         pytest.fail(f"mpi4py not importable ({e}): pip install -e '.[mpi]' or set RELORA_SKIP_MPI=1")
     env = {k: v for k, v in launch_env().items() if k not in DIST_VARS and not k.startswith(("SLURM_", "PMI_"))}
-    # DeepSpeed's MPI discovery sets MASTER_ADDR from rank 0's `hostname -I` and MASTER_PORT to 29500
-    # (init_distributed's distributed_port), whatever the environment says.
+    # DeepSpeed's MPI discovery sets MASTER_ADDR from rank 0's `hostname -I` and MASTER_PORT to
+    # init_distributed's distributed_port, which each rank read from its own environment: here each rank has
+    # another MASTER_PORT (as remote ranks have under an mpirun that does not forward the environment), and
+    # they must all take rank 0's (relora_ds.distributed.agree_on_master_port; rank 1 waited on its own).
     out = tmp_path / "run"
-    cmd = [*_mpirun(), "-np", "2", sys.executable, str(ROOT / "launch/train.py"),
+    port = free_port()
+    per_rank_port = f'MASTER_PORT=$(({port} + ${{PMI_RANK:-${{OMPI_COMM_WORLD_RANK:-0}}}})) exec "$0" "$@"'
+    cmd = [*_mpirun(), "-np", "2", "bash", "-c", per_rank_port, sys.executable, str(ROOT / "launch/train.py"),
+           "--collective-timeout-min", "2",
            "--config", str(ROOT / "launch/configs/tiny.yaml"), "--deepspeed", str(ROOT / "ds_configs/zero2_fp32.json"),
            "--total-steps", "12", "--warm-start-steps", "4", "--cycle-length", "4", "--restart-warmup-steps", "2",
            "--warmup-steps", "2", "--eval-every", "12", "--eval-windows", "16", "--micro-batch-size", "4",

@@ -113,12 +113,12 @@ def check_visible_devices(slots: int, visible: str | None) -> None:
     job's GPUs."""
     if not visible:
         return
-    devices = [d.strip() for d in visible.split(",") if d.strip()]
-    if devices != [str(i) for i in range(slots)]:
+    devices = {d.strip() for d in visible.split(",") if d.strip()}
+    if not {str(i) for i in range(slots)} <= devices:  # GPUs 0..slots-1 must be among this job's
         raise ValueError(f"CUDA_VISIBLE_DEVICES={visible} on this node, but the deepspeed launcher gives its "
                          f"{slots} rank(s) GPUs {','.join(map(str, range(slots)))} whatever it says: allocate "
-                         "whole nodes (sbatch --exclusive) or use launch/slurm/train.sbatch, where srun binds "
-                         "each rank to its own GPU")
+                         "whole nodes (sbatch --exclusive) or use launch/slurm/train.sbatch, where each rank "
+                         "takes the GPU of its local rank among those SLURM gave the job")
 
 
 def main(argv=None) -> int:
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("hostfile")
     p.add_argument("--host", help="this node's name (default: $SLURMD_NODENAME, else the hostname)")
     p.add_argument("--check-visible-devices", action="store_true",
-                   help="also refuse a CUDA_VISIBLE_DEVICES other than 0..slots-1 (ds_node.sh)")
+                   help="also refuse a CUDA_VISIBLE_DEVICES that lacks one of GPUs 0..slots-1 (ds_node.sh)")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "from-slurm":

@@ -2,13 +2,12 @@
 
     deepspeed --num_gpus 2 launch/train.py --config launch/configs/tiny.yaml --deepspeed ds_configs/zero2.json
 """
-import os
 import sys
 import warnings
 
 import torch
 
-from relora_ds.distributed import run_and_exit
+from relora_ds.distributed import launch_rank, run_and_exit
 from relora_ds.ds_config import load_ds_config
 from relora_ds.train_config import ConfigWarning, build_launch_parser, config_from_args, show_config_warnings_plainly
 from relora_ds.trainer import Trainer
@@ -17,15 +16,14 @@ from relora_ds.trainer import Trainer
 def _error(e: Exception) -> None:
     """One write per message (print's separate newline let two ranks' errors share a line), naming the rank
     when there are several (each rank reports what it hit)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = f"[rank {os.environ.get('RANK', '?')}] " if world > 1 else ""
-    sys.stderr.write(f"{rank}error: {e}\n")
+    rank, world = launch_rank()
+    sys.stderr.write(f"{f'[rank {rank}] ' if world > 1 else ''}error: {e}\n")
     sys.stderr.flush()
 
 
 def main(argv=None) -> int:
     show_config_warnings_plainly()
-    if int(os.environ.get("RANK", "0") or 0) != 0:  # the recipe's warnings are every rank's: rank 0 says them
+    if launch_rank()[0] != 0:  # the recipe's warnings are every rank's: rank 0 says them (mpirun sets no RANK)
         warnings.filterwarnings("ignore", category=ConfigWarning)
     parser = build_launch_parser(__doc__)
     args = parser.parse_args(argv)

@@ -79,6 +79,18 @@ def single_process_environment() -> int | None:
 _MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
 
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) as the launcher's environment says, before any process group exists: torchrun's and
+    deepspeed's RANK/WORLD_SIZE, else Open MPI's, MPICH's/PMIx's, MVAPICH's or SLURM's own; (0, 1) with none."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                        ("PMI_RANK", "PMI_SIZE"), ("PMIX_RANK", "PMIX_SIZE"),
+                        ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(rank, "").isdigit():
+            size = os.environ.get(world, "")
+            return int(os.environ[rank]), int(size) if size.isdigit() else 1
+    return 0, 1
+
+
 def agree_on_master_port() -> str | None:
     """Under mpirun with no RANK (DeepSpeed's MPI discovery ahead): every rank takes rank 0's MASTER_PORT.
     DeepSpeed broadcasts rank 0's address but each rank passes its own environment's port, and mpirun does
@@ -116,7 +128,13 @@ def init_distributed(**kwargs) -> None:
 
     accelerator = get_accelerator()
     if accelerator.device_name() == "cuda":  # this rank's GPU from the start: NCCL collectives before the engine
-        accelerator.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local, count = int(os.environ.get("LOCAL_RANK", 0)), accelerator.device_count()
+        if local >= count:
+            raise ValueError(f"LOCAL_RANK={local} but this process sees {count} GPU(s) (CUDA_VISIBLE_DEVICES="
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {count} rank(s) per "
+                             "node, each with all of the node's GPUs visible (under SLURM: --ntasks-per-node equal "
+                             "to --gpus-per-node, no --gpus-per-task or --gpu-bind)")
+        accelerator.set_device(local)
 
 
 def on_rank_zero(fn: Callable, *args) -> None:

@@ -144,6 +144,10 @@ def build_schedule(cfg: TrainConfig, total_steps: int):
                       f"total_steps={total_steps} - warm_start_steps={start}): no ReLoRA reset happens before the "
                       "last step, so this run trains as plain LoRA (set a smaller cycle_length, e.g. the paper's "
                       "~1/8 of the run, or mode lora)", ConfigWarning, stacklevel=2)
+    if cfg.mode != "full" and cfg.lowrank_schedule == "restart" and start and cfg.warmup_steps >= lowrank:
+        raise ValueError(f"warmup_steps={cfg.warmup_steps} must be below the low-rank phase's {lowrank} steps "
+                         f"(total_steps={total_steps} - warm_start_steps={start}): lowrank_schedule='restart' "
+                         "warms up again after the switch")
     try:
         for step in (0, start):
             schedule(step)

@@ -82,8 +82,12 @@ def test_ds_node_needs_the_rendezvous_and_its_own_line(tmp_path):
     assert "GPUs 0,1 whatever it says" in proc.stderr and "--exclusive" in proc.stderr
     hostfile.check_visible_devices(2, "0,1")  # what the launcher uses anyway, or no restriction: accepted
     hostfile.check_visible_devices(2, None)
+    hostfile.check_visible_devices(2, "0,1,2,3")  # a whole 4-GPU node, 2 slots used: GPUs 0,1 are the job's
+    hostfile.check_visible_devices(2, "1,0")
     with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=0 on this node"):
         hostfile.check_visible_devices(2, "0")
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=1,2,3 on this node"):
+        hostfile.check_visible_devices(2, "1,2,3")
 
 
 def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):

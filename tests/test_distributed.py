@@ -259,3 +259,54 @@ run_and_exit(main)
     assert r0["max"] == r1["max"] == 5678.25  # rank 1's, on both
     # agreement: (some rank has none, the ranks differ), the same answer on every rank
     assert r0["agreement"] == r1["agreement"] == [[False, False], [False, True], [True, True], [True, False]]
+
+
+def test_the_launch_rank_is_read_from_every_launchers_environment(monkeypatch):
+    """launch/train.py shows recipe warnings on rank 0 only and labels errors by rank before any process
+    group exists: under mpirun (no RANK) every rank said them, unlabeled (a review's find)."""
+    from relora_ds.distributed import launch_rank
+
+    names = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
+             "PMIX_RANK", "PMIX_SIZE", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
+    for var in names:
+        monkeypatch.delenv(var, raising=False)
+    assert launch_rank() == (0, 1)
+    for rank, size in (("SLURM_PROCID", "SLURM_NTASKS"), ("PMI_RANK", "PMI_SIZE"),
+                       ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("RANK", "WORLD_SIZE")):
+        monkeypatch.setenv(rank, "3")
+        monkeypatch.setenv(size, "4")
+        assert launch_rank() == (3, 4), rank
+        monkeypatch.setenv(rank, "1")  # the more specific launcher's variable wins over those set before
+        assert launch_rank() == (1, 4), rank
+
+
+def test_more_ranks_on_a_node_than_gpus_is_one_line(monkeypatch):
+    """LOCAL_RANK past the GPUs this process sees (a site's --gpus-per-task, --ntasks-per-node above the GPUs)
+    was a CUDA 'invalid device ordinal' traceback on each extra rank. DeepSpeed's CUDA accelerator stands in."""
+    import deepspeed
+    import deepspeed.accelerator
+
+    from relora_ds import distributed
+
+    chosen = []
+
+    class Cuda:
+        def device_name(self):
+            return "cuda"
+
+        def device_count(self):
+            return 2
+
+        def set_device(self, i):
+            chosen.append(i)
+
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
+    monkeypatch.setattr(distributed, "release_shm_segment", lambda: None)
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: Cuda())
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    distributed.init_distributed()
+    assert chosen == [1]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=2 but this process sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES=4,5\)"):
+        distributed.init_distributed()

@@ -176,3 +176,36 @@ def test_no_reset_inside_a_warm_start_longer_than_a_cycle():
     assert [jagged_cosine(s, start_step=start, **kw) for s in range(start)] == pytest.approx(cos, abs=1e-12)
     assert all(jagged_cosine(s, start_step=start, **kw) > 0 for s in range(600, start))  # never dropped to 0
     assert [jagged_cosine(s, start_step=start, **kw) for s in (5000, 5500, 6000)] == [0.0, 0.0, 0.0]
+
+
+def test_the_full_and_lora_baselines_schedules():
+    """The paper's baselines. mode=full: one cosine with warmup over the run. mode=lora: that cosine, dropped
+    to 0 only at the warm-start switch and re-warmed there, never at cycle_length (which mode=lora ignores).
+    Hand-written values (a mutation audit found both schedules untested: a lora run dropping to 0 every
+    cycle, a full run on the linear schedule, passed every test)."""
+    from relora_ds.startup import build_schedule
+    from relora_ds.train_config import ConfigWarning, TrainConfig
+
+    full = build_schedule(TrainConfig(mode="full", total_steps=100, warmup_steps=10, min_lr_ratio=0.1), 100)
+    assert [full(s) for s in range(100)] == pytest.approx(
+        [s / 10 if s < 10 else _cos_at(s, total=100, warmup=10) for s in range(100)], abs=1e-12)
+    with pytest.warns(ConfigWarning, match="cycle_length=4 is ignored"):
+        cfg = TrainConfig(mode="lora", total_steps=12, warmup_steps=1, warm_start_steps=2, restart_warmup_steps=2,
+                          min_lr_ratio=0.1, cycle_length=4)
+    lora = build_schedule(cfg, 12)
+    c = lambda s: _cos_at(s, total=12, warmup=1)  # noqa: E731
+    assert [lora(s) for s in range(12)] == pytest.approx(
+        [0.0, 1.0, 0.0, 0.5 * c(4), *(c(s) for s in range(4, 12))], abs=1e-12)
+
+
+def test_a_restarted_warmup_longer_than_the_low_rank_phase_names_that_phase():
+    """lowrank_schedule='restart' warms up again after the switch: a warmup_steps=750 of total_steps=800 with
+    a 100-step warm start was refused as 'must be in [0, total_steps=700)', a total the user never gave."""
+    from relora_ds.startup import build_schedule
+    from relora_ds.train_config import TrainConfig
+
+    cfg = TrainConfig(mode="relora", total_steps=800, warm_start_steps=100, warmup_steps=750, cycle_length=100,
+                      restart_warmup_steps=10, lowrank_schedule="restart")
+    with pytest.raises(ValueError, match=r"warmup_steps=750 must be below the low-rank phase's 700 steps "
+                                         r"\(total_steps=800 - warm_start_steps=100\)"):
+        build_schedule(cfg, 800)

@@ -64,7 +64,9 @@ srun_with_requeue() {
     # srun in the background: bash runs a trap only between commands, and `wait` returns when one arrives.
     # srun answers SIGTERM by SIGKILLing its tasks before they can checkpoint (tested: a TERM forwarded to
     # srun ends the job 137), so srun ignores TERM and _forward signals the ranks through scancel.
-    ( trap '' TERM; exec srun "$@" ) &
+    # --export=ALL: this script's variables (MASTER_ADDR/PORT, TORCH_EXTENSIONS_DIR, the venv's PATH) reach
+    # the tasks even where the site or the user submits with --export=NONE (srun would inherit that).
+    ( trap '' TERM; exec srun --export=ALL "$@" ) &
     srun_pid=$!
     wait "$srun_pid" || rc=$?
     while kill -0 "$srun_pid" 2>/dev/null; do  # woken by a trap: keep waiting while the ranks save

@@ -65,6 +65,7 @@ def test_random_prune_of_a_second_param_group_equals_the_single_process_oracle(r
 def test_merge_writes_masters_keeps_outputs_and_ranks_agree(results, case):
     for r in results:
         res = r[case]
+        assert res["merge_exact"], "merged W != W0 + scale * B_master @ A_master (fp32, rounded once)"
         assert res["masters_A_new_init"] and res["masters_B_zero"]
         assert res["no_resurrection"], "the next step restored pre-merge LoRA values (DeepSpeed #2424)"
         # Outputs unchanged up to W's dtype rounding (bf16 has 8 mantissa bits).

@@ -214,7 +214,20 @@ def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_secon
     with torch.no_grad():
         logits_before = engine(x).logits.float()
     old_A = [safe_get_full_fp32_param(l.lora_A).clone() for _, l in relora_ds.relora_layers(model)]
+    # The merge's oracle: W0 + scale * B_master @ A_master in fp32, rounded once to W's dtype (the bf16 module
+    # copies of A and B would give another W, and outputs closer to the pre-merge bf16 forward).
+    want_W = []
+    for _, l in relora_ds.relora_layers(model):
+        with deepspeed.zero.GatheredParameters([l.weight], enabled=hasattr(l.weight, "ds_id")):
+            W0 = l.weight.detach().cpu().clone()
+        A_m, B_m = (safe_get_full_fp32_param(t).float().cpu() for t in (l.lora_A, l.lora_B))
+        want_W.append((W0.float() + (B_m @ A_m) * l.scale).to(W0.dtype))
     relora_ds.merge_and_reinit(engine)
+    merged_ok = True
+    for (_, l), want in zip(relora_ds.relora_layers(model), want_W):
+        with deepspeed.zero.GatheredParameters([l.weight], enabled=hasattr(l.weight, "ds_id")):
+            merged_ok &= torch.equal(l.weight.detach().cpu(), want)
+    res["merge_exact"] = bool(merged_ok)
     with torch.no_grad():
         logits_after = engine(x).logits.float()
     res["merge_max_logit_diff"] = (logits_after - logits_before).abs().max().item()

@@ -21,16 +21,18 @@ def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(mon
     val_data[:, 0] = torch.arange(10)
     seen = []
 
-    class Engine:
+    class Engine:  # in training mode between evaluations, as the trainer keeps it; no dropout in eval
         device = "cpu"
+        training = True
 
         def eval(self):
-            pass
+            self.training = False
 
         def train(self):
-            pass
+            self.training = True
 
         def __call__(self, batch, labels):
+            assert not self.training and not torch.is_grad_enabled(), "a validation forward in training mode"
             seen.append(batch[:, 0].tolist())
             return SimpleNamespace(loss=value[batch[:, 0]].mean())
 
@@ -49,6 +51,7 @@ def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(mon
         t = SimpleNamespace(engine=Engine(), val_data=val_data, cfg=cfg, rank=rank, world=2, step=7,
                             metrics=SimpleNamespace(log=logged.append), _print=lambda msg: None)
         rec = trainer_mod.Trainer.evaluate(t)
+        assert t.engine.training  # back in training mode for the next step
     assert seen == [[4, 5, 6, 7], [0], [0, 1, 2, 3], [8, 9]]  # rank 1's empty batch ran window 0, weightless
     assert rec["val_tokens"] == 10 * 8
     assert rec["val_loss"] == pytest.approx(value.mean().item(), rel=1e-12)  # 29.5, by hand: (285 + 10) / 10

@@ -22,10 +22,12 @@ def test_merge_every_and_cycle_length_place_merges_resets_and_prune_seeds(monkey
     calls, events = [], []
     monkeypatch.setattr(reset_hook, "merge_and_reinit", lambda engine: calls.append(("merge", t.step)) or {"layers": 1})
     monkeypatch.setattr(reset_hook, "prune_optimizer_state",
-                        lambda engine, params, **kw: calls.append(("prune", t.step, kw)) or {"exp_avg_sq": 0.5})
+                        lambda engine, params, **kw: calls.append(("prune", t.step, {**kw, "params": params}))
+                        or {"exp_avg_sq": 0.5})
     monkeypatch.setattr(reset_hook, "lora_parameters", lambda module: ["lora params"])
     cfg = TrainConfig(cycle_length=4, merge_every=merge_every, restart_warmup_steps=2, total_steps=12,
-                      warm_start_steps=2, warm_start_lr=1e-3, prune_method="random", prune_ratio=0.5, seed=5)
+                      warm_start_steps=2, warm_start_lr=1e-3, prune_method="random", prune_ratio=0.5, seed=5,
+                      prune_joint=merge_every is None)  # each setting in one case
     t = SimpleNamespace(cfg=cfg, relora_start=2, _event=events.append,
                         engine=SimpleNamespace(module=None, global_steps=0, skipped_steps=0))
     for step in range(1, 13):  # as Trainer.train: step += 1, then the events; the switch precedes step 3's training
@@ -37,8 +39,26 @@ def test_merge_every_and_cycle_length_place_merges_resets_and_prune_seeds(monkey
     assert [s for s, _ in prunes] == resets
     assert [kw[0]["seed"] for _, kw in prunes] == [5 + s for s in resets]  # 11, 15: one seed per reset
     assert all(kw[0]["method"] == "random" and kw[0]["ratio"] == 0.5 for _, kw in prunes)
+    assert all(kw[0]["joint"] is cfg.prune_joint and kw[0]["params"] == ["lora params"] for _, kw in prunes)
     # Every reset is also a merge, done before the prune (the new A's zeroed B and pruned moments go together).
     for s in resets:
         assert calls.index(("merge", s)) < next(i for i, c in enumerate(calls) if c[:2] == ("prune", s))
     assert [(e["event"], e["step"]) for e in events] == sorted(
         [("reset", s) for s in resets] + [("merge", s) for s in merges if s not in resets], key=lambda e: e[1])
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_the_baselines_never_merge_or_reset(monkeypatch, mode):
+    """mode=lora (LoRA without restarts, the paper's baseline) and mode=full: no merge and no prune at any
+    step, cycle_length given or not (a mutation that merged in mode=lora passed every test)."""
+    from types import SimpleNamespace
+
+    from relora_ds import reset_hook
+    from relora_ds.train_config import TrainConfig
+
+    monkeypatch.setattr(reset_hook, "merge_and_reinit", lambda engine: pytest.fail("merged"))
+    monkeypatch.setattr(reset_hook, "prune_optimizer_state", lambda *a, **kw: pytest.fail("pruned"))
+    with pytest.warns(UserWarning, match="cycle_length=4 is ignored"):
+        cfg = TrainConfig(mode=mode, cycle_length=4, restart_warmup_steps=2, total_steps=12)
+    engine = SimpleNamespace(module=None, global_steps=0, skipped_steps=0)
+    assert all(reset_hook.after_step(engine, step, cfg, relora_start=0) is None for step in range(1, 13))

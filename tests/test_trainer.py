@@ -95,6 +95,12 @@ def test_two_ranks_match_one_rank_with_same_global_batch(tmp_path, small_data_di
     _check_tflops(two_recs, world=2)  # on CPU without peak_tflops: no mfu
     for step in two:  # same samples per step; only the reduction order differs (fp32)
         assert one[step] == pytest.approx(two[step], rel=2e-5, abs=2e-5), step
+    # The gradient of the global batch's mean loss, whatever the accumulation: a loss divided by the steps
+    # twice (1/4 of the gradient on one rank) moved the losses by only ~2e-4 within 12 steps.
+    norms = [{r["step"]: r["grad_norm"] for r in recs if r.get("grad_norm") is not None} for recs in (one_recs, two_recs)]
+    assert norms[0] and norms[0].keys() == norms[1].keys()
+    for step in norms[1]:
+        assert norms[0][step] == pytest.approx(norms[1][step], rel=1e-4), step
     # Validation covers the same 16 windows whatever the number of ranks and micro-batch size.
     val = [[(r["step"], r["val_loss"], r["val_tokens"]) for r in recs if "val_loss" in r] for recs in (one_recs, two_recs)]
     assert [v[2] for v in val[0]] == [v[2] for v in val[1]] == [16 * 32] * 2

@@ -400,3 +400,86 @@ def test_train_py_reports_a_refused_start_or_resume_in_one_line(tmp_path, monkey
     assert status == 2
     assert err == "error: checkpoint run/checkpoints/step_4 was trained on 40 windows of training data\n"
     assert closed == [("metrics", 2), "close"]
+
+
+@pytest.mark.parametrize("mode, settings", [
+    ("relora", dict(dropout=0.1, target_modules=["q_proj", "v_proj"], merge_residual=True, rank=4, alpha=8.0)),
+    ("relora", dict(quantize="int8", rank=2)),
+    ("lora", dict(rank=4)),
+    ("full", {}),
+])
+def test_the_engine_is_built_on_the_recipes_layers(tmp_path, monkeypatch, mode, settings):
+    """What deepspeed.initialize receives (captured in place of the engine): ReLoRA layers exactly on the
+    recipe's target_modules with its rank, alpha, dropout, quantize and merge_residual, LoRA tensors in the
+    first param group; mode=full wraps nothing. A mutation audit found a trainer wrapping with dropout=0 or
+    the default targets passing every test (runs compared with runs of the same trainer)."""
+    from relora_ds import relora_layers
+    from relora_ds.startup import unlock_output_dir
+    from relora_ds.train_config import TrainConfig
+    from trainer_utils import in_process_trainer, packed_data_dir
+
+    trainer_mod = in_process_trainer(monkeypatch)
+    captured = {}
+
+    class Built(Exception):
+        pass
+
+    def capture(model, model_parameters, config, lr_scheduler):
+        captured.update(model=model, groups=model_parameters)
+        raise Built
+    monkeypatch.setattr(trainer_mod.deepspeed, "initialize", capture)
+    data = packed_data_dir(tmp_path / "data", 4_000, 400)
+    cfg = TrainConfig(model="debug", seq_len=32, data_dir=str(data), output_dir=str(tmp_path / "run"),
+                      mode=mode, cycle_length=4 if mode == "relora" else None, restart_warmup_steps=2, warmup_steps=2,
+                      total_steps=12, micro_batch_size=4, global_batch_size=8, eval_every=0, export=False, **settings)
+    try:
+        t = trainer_mod.Trainer(cfg)
+        with pytest.raises(Built):
+            t.start()
+        t.close()
+    finally:
+        unlock_output_dir(tmp_path / "run")
+    model = captured["model"]
+    layers = dict(relora_layers(model))
+    if mode == "full":
+        assert not layers and len(captured["groups"]) == 1
+        return
+    where = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    targets = settings.get("target_modules", list(where))
+    assert set(layers) == {f"model.layers.{i}.{where[t]}.{t}" for i in range(model.config.num_hidden_layers)
+                           for t in targets}
+    for layer in layers.values():
+        assert (layer.rank, layer.alpha, layer.dropout) == (cfg.rank, cfg.alpha, cfg.dropout)
+        assert (layer.quantize, layer.merge_residual is not None) == (cfg.quantize, cfg.merge_residual)
+    lora = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    assert {id(p) for p in captured["groups"][0]["params"]} == lora
+
+
+def test_a_resume_puts_the_recipes_adam_settings_into_the_optimizer():
+    """After DeepSpeed restored the checkpoint's param groups (lr 3e-3, betas (0.9, 0.999), eps 1e-8, weight
+    decay 0), the recipe's lr, betas, eps and weight decay must be what Adam steps with: a mutation that
+    re-applied the lr alone passed every test (the resume test read the settings' change from config files)."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from relora_ds.resume import CheckpointsMixin
+    from relora_ds.train_config import TrainConfig
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([{"params": [p]}], lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = LambdaLR(opt, lambda step: 0.5)
+    cfg = TrainConfig(cycle_length=4, restart_warmup_steps=2, total_steps=12, lr=1e-3, adam_beta1=0.8,
+                      adam_beta2=0.95, adam_eps=1e-6, weight_decay=0.1, grad_clip=0.25)
+    events = []
+    t = SimpleNamespace(cfg=cfg, engine=SimpleNamespace(lr_scheduler=sched, optimizer=SimpleNamespace(clip_grad=1.0)),
+                        engine_phase="lowrank", _phase_lr=lambda phase: cfg.lr, world=1, ds={}, step=6,
+                        _event=events.append)
+    CheckpointsMixin._apply_optimizer_settings(t, {"train": {**cfg.to_dict(), "lr": 3e-3, "adam_beta2": 0.999},
+                                                   "world_size": 1, "deepspeed": {}})
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.5e-3, (0.8, 0.95), 1e-6, 0.1)
+    assert sched.base_lrs == [1e-3] and t.engine.optimizer.clip_grad == 0.25
+    assert events[0]["lr"] == "0.003 -> 0.001" and events[0]["adam_beta2"] == "0.999 -> 0.95"

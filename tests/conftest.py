@@ -84,7 +84,7 @@ def uninterrupted_run(tmp_path_factory, small_data_dir):
     tmp, port = tmp_path_factory.mktemp("uninterrupted"), free_port()
     proc = train2(tmp, small_data_dir, master_port=port, launcher=True)  # the README's command
     # DeepSpeed's CPU shm allreduce segments of this run (named after its MASTER_PORT) must all be gone.
-    return {"losses": read_losses(tmp / "run"), "shm_left": sorted(glob.glob(f"/dev/shm/*allreduce_buffer_*_{port}_*")),
+    return {"losses": read_losses(tmp / "run"), "run_dir": tmp / "run", "shm_left": sorted(glob.glob(f"/dev/shm/*allreduce_buffer_*_{port}_*")),
             "stderr": proc.stderr}
 
 

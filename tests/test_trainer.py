@@ -107,6 +107,33 @@ def test_two_ranks_match_one_rank_with_same_global_batch(tmp_path, small_data_di
     assert [v[1] for v in val[0]] == pytest.approx([v[1] for v in val[1]], rel=2e-5)
 
 
+def test_the_logged_validation_loss_is_the_checkpoints_on_the_validation_split(uninterrupted_run, small_data_dir):
+    """Oracle: the model rebuilt from the step-12 checkpoint's DeepSpeed files, its mean loss over the first 16
+    windows (eval_windows) of the validation split, equals the step-12 val_loss logged (the merge at 12 keeps
+    the function to fp32 rounding); the training split's windows give another number. A mutation evaluating
+    on the training split was caught only by the golden curve, which is re-recorded from the code itself."""
+    import torch
+
+    from relora_ds import LlamaConfig, LlamaForCausalLM, checkpoint, wrap
+    from relora_ds.data import PackedTokens
+
+    run = uninterrupted_run["run_dir"]
+    _, recs = uninterrupted_run["losses"]
+    saved = checkpoint.load_config(run / "checkpoints", "step_12")
+    model = LlamaForCausalLM(LlamaConfig(**saved["model"]))
+    wrap(model, rank=saved["train"]["rank"], alpha=saved["train"]["alpha"])
+    model.load_state_dict(checkpoint.full_state_dict(run / "checkpoints", "step_12"))
+    logged = next(r["val_loss"] for r in recs if r.get("step") == 12 and "val_loss" in r)
+
+    def mean_loss(split):
+        data = PackedTokens(small_data_dir, split, seq_len=32)
+        batch = torch.stack([data[i] for i in range(16)])  # equal windows: the token-weighted mean is this mean
+        with torch.no_grad():
+            return model.eval()(batch, labels=batch).loss.item()
+    assert mean_loss("validation") == pytest.approx(logged, rel=1e-5)
+    assert abs(mean_loss("train") - logged) > 1e-3
+
+
 def test_chunked_loss_under_zero3_matches_the_logits_run(tmp_path, small_data_dir, uninterrupted):
     """loss_chunk_size computes the loss inside lm_head's forward, where ZeRO-3 has gathered the weight;
     fp32 ZeRO-3 with 7-token chunks (straddling sequences) against the plain ZeRO-2 run: same losses,

@@ -238,3 +238,23 @@ def test_continued_pretraining_on_hugging_face_tokens_exports_the_models_tokeniz
                            str(tmp_path / "e2"), "--tokenizer", str(toks["qwen"])], capture_output=True, text=True,
                           env=launch_env())
     assert proc.returncode == 2 and "qwen/tokenizer.json is not the tokenizer" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_special_tokens_map_wins_over_tokenizer_config_as_in_transformers(tmp_path):
+    """tokenizer_config.json and special_tokens_map.json name different EOS tokens: the EOS id is the one
+    transformers' AutoTokenizer reports (the oracle; transformers 4.46 and 5 both take the map's). A mutation
+    audit found relora_ds taking the config's, so documents ended with another EOS than the model's."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from relora_ds.data.tokenizer import open_tokenizer
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<eot>": 3, "a": 4, "b": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    d = tmp_path / "tok"
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                          "eos_token": "<eot>", "unk_token": "<unk>"}))
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>", "unk_token": "<unk>"}))
+    want = transformers.AutoTokenizer.from_pretrained(d).eos_token_id
+    assert open_tokenizer(d / "tokenizer.json").eos_id == want

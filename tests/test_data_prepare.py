@@ -390,3 +390,47 @@ def test_a_token_file_whose_size_disagrees_with_the_manifest_is_refused(tmp_path
         PackedTokens(d, "train", seq_len=8)
     (d / "train.bin").write_bytes(raw)
     assert len(PackedTokens(d, "train", seq_len=8)) == 3
+
+
+DOCS_150 = [f"Line {i} of a short document about {w}.\nIts second line {i}." for i, w in
+            enumerate(["kings", "queens", "ghosts", "storms", "letters", "swords"] * 25)]
+
+
+def test_changing_txt_unit_on_prepared_data_is_another_recipe(tmp_path):
+    """.txt split into documents by txt_unit: the same out dir prepared again with another txt_unit must be
+    refused (or redone with overwrite), not taken as the data already there. Oracle: the document count of the
+    file, by hand (1 document of 150 lines; 150 documents)."""
+    from relora_ds.data import load_manifest, prepare_data
+    f = tmp_path / "a.txt"
+    f.write_text("\n".join(d.replace("\n", " ") for d in DOCS_150) + "\n")
+    out = tmp_path / "out"
+    prepare_data([str(f)], out, vocab_size=300, val_fraction=0.0)
+    assert load_manifest(out)["splits"]["train"]["documents"] == 1
+    with pytest.raises(ValueError, match="txt_unit"):
+        prepare_data([str(f)], out, vocab_size=300, val_fraction=0.0, txt_unit="line")
+    prepare_data([str(f)], out, vocab_size=300, val_fraction=0.0, txt_unit="line", overwrite=True)
+    assert load_manifest(out)["splits"]["train"]["documents"] == len(DOCS_150)
+
+
+def test_unk_tokens_of_a_tokenizer_without_byte_fallback_are_counted_and_warned(tmp_path):
+    """A tokenizer without byte fallback maps unseen characters to <unk>: the manifest counts them and a warning
+    names them. Oracle: SentencePiece's own encoding of each document, counting its unk id (a mutation audit
+    found no test of the unk id prepare hands to the counter)."""
+    import io
+
+    from relora_ds.data import load_manifest, prepare_data
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(DOCS_150 * 2), model_writer=proto, vocab_size=150,
+                                   model_type="bpe", byte_fallback=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    model = tmp_path / "t.model"
+    model.write_bytes(proto.getvalue())
+    docs = ["plain kings", "Ωμέγα and 漢字 letters", "queens ✓"]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    want = sum(sp.encode(d).count(sp.unk_id()) for d in docs)
+    assert want > 0
+    with pytest.warns(UserWarning, match=rf"{want} tokens are <unk>"):
+        out = prepare_data([str(corpus)], tmp_path / "out", tokenizer=str(model), val_fraction=0.0)
+    assert load_manifest(out)["warnings"]["unk_tokens"] == want

@@ -393,3 +393,26 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_with_the_fp32_config(monkeyp
         startup.check_precision_on_device(bf16, device("cuda"))
         monkeypatch.setattr(startup, "cpu_has_native_bf16", lambda: True)
         startup.check_precision_on_device(bf16, device("cpu"))
+
+
+def test_legacy_cpu_offload_flag_gets_deepspeeds_cpu_adam():
+    """DeepSpeed 0.19 still reads zero_optimization.cpu_offload (as offload_optimizer cpu): the default
+    optimizer must then be DeepSpeedCPUAdam, as for offload_optimizer. Oracle: DeepSpeed's own config model."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from relora_ds.ds_config import adam_parameters, complete_ds_config
+    from relora_ds.train_config import TrainConfig
+    zero = {"stage": 2, "cpu_offload": True}
+    assert str(getattr(DeepSpeedZeroConfig(**zero).offload_optimizer.device, "value",
+                       DeepSpeedZeroConfig(**zero).offload_optimizer.device)) == "cpu"
+    cfg = TrainConfig(cycle_length=10, restart_warmup_steps=5, total_steps=100, micro_batch_size=2, global_batch_size=8)
+    ds = complete_ds_config({"zero_optimization": zero}, cfg, world_size=2)
+    assert adam_parameters(ds)[0] is DeepSpeedCPUAdam
+
+
+def test_fp16_layout_is_not_fp32():
+    """Hand value: an fp16 config's layout says fp16 (a resume between fp16 and fp32 changes the layout)."""
+    from relora_ds.ds_config import engine_layout
+    assert engine_layout({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}})["precision"] == "fp16"
+    assert engine_layout({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}}) != \
+        engine_layout({"zero_optimization": {"stage": 1}})

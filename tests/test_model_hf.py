@@ -310,3 +310,27 @@ def test_tied_embeddings_load_as_one_parameter():
     model = LlamaForCausalLM(config_from_hf(hf))
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert sum(1 for _ in model.parameters()) == sum(1 for _ in LlamaForCausalLM(LlamaConfig.preset("debug")).parameters()) - 1
+
+
+def test_export_dtype_reads_transformers_5_dtype_key(tmp_path):
+    """transformers 5 writes "dtype" (not torch_dtype) in config.json: a bf16 source exports in bf16.
+    Oracle: what transformers' save_pretrained writes for a bf16 model."""
+    import transformers
+    from relora_ds.hf import export_dtype
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=2)
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    written = json.loads((tmp_path / "src" / "config.json").read_text())
+    name = written.get("dtype") or written.get("torch_dtype")
+    assert name == "bfloat16"
+    assert export_dtype(None, tmp_path / "src") == torch.bfloat16
+
+
+def test_mistral_config_without_sliding_window_gets_transformers_default():
+    """A Mistral config.json without sliding_window: transformers' MistralConfig default window (4096) applies."""
+    import transformers
+    from relora_ds.hf import config_from_hf
+    hf = {"model_type": "mistral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+          "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+    assert config_from_hf(hf).sliding_window == transformers.MistralConfig(**{k: v for k, v in hf.items()
+                                                                            if k != "model_type"}).sliding_window

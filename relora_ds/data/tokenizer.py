@@ -320,10 +320,11 @@ def _hf_backend(path: Path):
 
 def _hf_special_tokens(directory: Path) -> dict:
     """bos/eos/unk/pad token strings (None where unset) and add_bos_token (None where unset) of a Hugging
-    Face tokenizer directory: tokenizer_config.json over special_tokens_map.json, as transformers reads them
-    (a token may be written as ``{"content": ...}``)."""
+    Face tokenizer directory: special_tokens_map.json over tokenizer_config.json, as transformers reads them
+    (checked: where the two name different EOS tokens, AutoTokenizer takes the map's; a token may be written
+    as ``{"content": ...}``)."""
     found: dict = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (directory / name).is_file():
             try:
                 found.update(json.loads((directory / name).read_text(encoding="utf-8")))

@@ -2,7 +2,13 @@
 through a ReLoRA reset, against the same run with both in host memory (tests/dist/nvme_worker.py).
 
 Needs DeepSpeed's async_io op, i.e. libaio: scripts/test.sh installs libaio-dev. The first run compiles
-the op (~3 min on 2 cores, cached in TORCH_EXTENSIONS_DIR)."""
+the op (~3 min on 2 cores, cached in TORCH_EXTENSIONS_DIR).
+
+The `nvme` mode runs with relora_ds.patch_deepspeed_nvme (relora_ds/ds_patches.py). Without it, DeepSpeed
+0.19.8 reads the lm_head's gradient, at an offset that is no multiple of the I/O alignment, into a buffer
+O_DIRECT leaves unwritten: the second loss was > 0.5 above host offload's (a mode of the worker showed it
+until 2026-12-02, dropped for CI time; test_gradient_pieces_start_aligned_and_cover_each_gradient checks
+the fix's split)."""
 import json
 
 import pytest
@@ -103,14 +109,3 @@ def test_nvme_prefetch_queues_each_parameter_once(results):
         prefetch = r["nvme"]["prefetch"]
         assert prefetch["calls"] > 0 and prefetch["duplicates"] > 0
         assert len(r["nvme"]["losses"]) == 5
-
-
-def test_deepspeed_alone_swaps_gradients_wrong_which_the_fix_mends(results):
-    """DeepSpeed 0.19.8 as installed, optimizer on NVMe: the lm_head's gradient, at an offset that is not a
-    multiple of the I/O alignment, is read into a misaligned buffer, which O_DIRECT leaves unwritten; the
-    first step already differs from host offload. relora_ds.patch_deepspeed_nvme (relora_ds/ds_patches.py)
-    is what makes the `nvme` mode equal. Should a DeepSpeed release fix this, this test says so."""
-    for r in results:
-        assert r["unpatched"]["losses"][0] == r["cpu"]["losses"][0]  # same model, same batch
-        assert r["unpatched"]["losses"][1] > r["cpu"]["losses"][1] + 0.5
-        assert r["unpatched"]["masters"] != r["cpu"]["masters"]

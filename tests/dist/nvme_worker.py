@@ -3,9 +3,7 @@ NVMe files (ZeRO-Infinity) against the same run with both in host memory, throug
 
 Each mode trains the same model from the same seed: 3 steps, a reset (prune 90% of the LoRA moments, merge
 and re-initialize), 2 more steps, and records per rank the losses and digests of what each rank gathers:
-the fp32 masters, the LoRA moments and the frozen base weights. Modes, in this order (the fix is global to
-the process once installed):
-- "unpatched": the optimizer on NVMe (parameters in host memory), DeepSpeed as installed;
+the fp32 masters, the LoRA moments and the frozen base weights. Modes:
 - "cpu": optimizer and parameters in host memory (the oracle);
 - "nvme": optimizer and parameters on NVMe, with relora_ds.patch_deepspeed_nvme();
 - "params": the parameters on NVMe, the optimizer in host memory.
@@ -81,7 +79,7 @@ def build(mode: str, swap_dir: str):
     model = relora_ds.wrap(LlamaForCausalLM(cfg), rank=33, seed=11)
     nvme = {"device": "nvme", "nvme_path": swap_dir}
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "sub_group_size": 2 ** 18,  # several subgroups
-            "offload_optimizer": dict(nvme) if mode in ("nvme", "unpatched") else {"device": "cpu"},
+            "offload_optimizer": dict(nvme) if mode == "nvme" else {"device": "cpu"},
             "offload_param": dict(nvme, buffer_size=2 ** 21, buffer_count=8) if mode in ("nvme", "params")
             else {"device": "cpu"}}
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
@@ -158,7 +156,7 @@ def main():
     init_distributed()
     rank = dist.get_rank()
     out = {mode: run(mode, os.path.join(args.out, f"swap_{mode}"), rank)
-           for mode in ("unpatched", "cpu", "nvme", "params")}
+           for mode in ("cpu", "nvme", "params")}
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)
     dist.barrier()

@@ -21,7 +21,7 @@ setup(
         "datasets>=3.0",
         "sentencepiece>=0.2",
         "safetensors>=0.4",
-        "transformers>=4.45",  # the exported tokenizer (relora_ds/hf.py: save_hf_tokenizer)
+        "transformers>=4.45",  # the exported tokenizer (relora_ds/hf_tokenizer.py)
         "tqdm",
         "numpy",
         "pyyaml",

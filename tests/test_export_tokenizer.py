@@ -66,7 +66,7 @@ def _train_sp(tmp_path, name, vocab_size, **options):
 def test_exported_tokenizer_other_sentencepiece_models(tmp_path):
     # BPE without the dummy prefix: the normalizer follows the model's own spec.
     path = _train_sp(tmp_path, "nodummy", 320, model_type="bpe", add_dummy_prefix=False, byte_fallback=True)
-    relora_ds.hf.save_hf_tokenizer(path, tmp_path / "nodummy", model_max_length=64)
+    relora_ds.hf_tokenizer.save_hf_tokenizer(path, tmp_path / "nodummy", model_max_length=64)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "nodummy")
     import sentencepiece as spm
 
@@ -76,7 +76,7 @@ def test_exported_tokenizer_other_sentencepiece_models(tmp_path):
     # A unigram model: transformers' LLaMA conversion cannot reproduce it, and the export says so.
     path = _train_sp(tmp_path, "unigram", 60, model_type="unigram")
     with pytest.raises(ValueError, match="encodes .* as .*SentencePiece as"):
-        relora_ds.hf.save_hf_tokenizer(path, tmp_path / "unigram", model_max_length=64)
+        relora_ds.hf_tokenizer.save_hf_tokenizer(path, tmp_path / "unigram", model_max_length=64)
     assert not (tmp_path / "unigram").exists()
 
 
@@ -89,7 +89,7 @@ def test_continued_pretraining_export_keeps_the_source_models_tokenizer_config_a
     from relora_ds.hf import export_dtype
 
     src = tmp_path / "src"
-    relora_ds.hf.save_hf_tokenizer(small_data_dir / "tokenizer.model", src, model_max_length=64)
+    relora_ds.hf_tokenizer.save_hf_tokenizer(small_data_dir / "tokenizer.model", src, model_max_length=64)
     tok = transformers.AutoTokenizer.from_pretrained(src)
     tok.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<|eot|>"]})
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}<|eot|>{% endfor %}"

@@ -1,0 +1,85 @@
+"""A run's SentencePiece tokenizer in Hugging Face form, for an export (relora_ds/hf.py): converted, then
+checked to encode as SentencePiece did in training."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+
+# Checked by save_hf_tokenizer on every export: leading, repeated and trailing spaces, newlines, tabs,
+# digits, non-ASCII (byte fallback) and the empty string.
+_PROBES = ["Hello world", " leading space", "  two  spaces  ", "line\nbreak\n\n", "\tTab", "12345 3.14",
+           "naïve café, 漢字 ✓", "", " ", "text with <s>, </s> and <unk> written in it"]
+
+
+def sentencepiece_special_ids(sp_model: str | Path) -> dict:
+    """``{"bos_token_id", "eos_token_id"}`` of a SentencePiece model (BOS None where it has none, as T5's)."""
+    from .data.tokenizer import load_tokenizer
+
+    sp = load_tokenizer(sp_model)
+    return {"bos_token_id": sp.bos_id() if sp.bos_id() >= 0 else None, "eos_token_id": sp.eos_id()}
+
+
+def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_length: int,
+                      probes: list[str] | None = None) -> dict:
+    """Write `sp_model` (SentencePiece) as a Hugging Face fast tokenizer into `out_dir`; returns its
+    ``{"bos_token_id", "eos_token_id"}``.
+
+    transformers' LLaMA conversion gives the vocab and merges, but its pre-tokenizer (``Metaspace``,
+    prepend "first") does not prepend "▁" to text that already starts with a space, where SentencePiece's
+    dummy prefix always does: `` leading`` would encode differently from training. The normalizer is
+    therefore rebuilt from the model's own normalizer spec, and the result is checked against
+    SentencePiece on `probes` (ValueError naming the first text that differs). ``tokenizer.model`` is
+    copied too, for SentencePiece users.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Regex, decoders, normalizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from .data.tokenizer import load_tokenizer
+
+    sp_model, out = Path(sp_model), Path(out_dir)
+    sp = load_tokenizer(sp_model)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp_model.read_bytes())
+    spec = proto.normalizer_spec
+    if not spec.escape_whitespaces:
+        raise ValueError(f"{sp_model}: SentencePiece models without escape_whitespaces are not supported")
+    bos = [sp.bos_id()] if sp.bos_id() >= 0 else []  # T5's spiece.model has no BOS
+    pieces = {name: sp.id_to_piece(i) for name, i in
+              (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())) if i >= 0}
+    with tempfile.TemporaryDirectory() as tmp:  # transformers converts a directory holding tokenizer.model
+        shutil.copy(sp_model, Path(tmp) / "tokenizer.model")
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", **pieces}))
+        backend = AutoTokenizer.from_pretrained(tmp).backend_tokenizer
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:
+        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))
+    backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         *([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else [])])
+    # split_special_tokens: "<s>" written in a text is text, as SentencePiece encoded it in training.
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
+                                  add_bos_token=bool(bos), add_eos_token=False, split_special_tokens=True,
+                                  **pieces)
+    for text in _PROBES if probes is None else probes:
+        want = [*bos, *sp.encode(text)]
+        got = tok(text)["input_ids"]
+        if got != want:
+            raise ValueError(f"{sp_model}: the Hugging Face tokenizer encodes {text!r} as {got[:12]}, "
+                             f"SentencePiece as {want[:12]}: transformers cannot convert this model exactly "
+                             "(SentencePiece reads its tokenizer.model)")
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    # transformers 5 records its own class name (TokenizersBackend), which 4.x cannot load; the generic
+    # fast class loads tokenizer.json as written in both.
+    config_path = out / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                       "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    shutil.copy(sp_model, out / "tokenizer.model")
+    return {"bos_token_id": bos[0] if bos else None, "eos_token_id": sp.eos_id()}

@@ -51,8 +51,11 @@ def release_shm_segment() -> Path | None:
     return path
 
 
-# Set by torchrun/deepspeed (RANK...), mpirun (OMPI_/PMI_/PMIX_/MV2_) or the user (MASTER_PORT).
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+# (rank, world size) variables of torchrun/deepspeed, then of mpirun: Open MPI, MPICH/PMIx, MVAPICH.
+_RANK_VARS = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"),
+              ("PMIX_RANK", "PMIX_SIZE"), ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"))
+_LAUNCHER_VARS = tuple(v for pair in _RANK_VARS for v in pair)
+_MPI_VARS = _LAUNCHER_VARS[2:]
 
 
 def single_process_environment() -> int | None:
@@ -76,15 +79,10 @@ def single_process_environment() -> int | None:
     return port
 
 
-_MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
-
-
 def launch_rank() -> tuple[int, int]:
     """(rank, world size) as the launcher's environment says, before any process group exists: torchrun's and
     deepspeed's RANK/WORLD_SIZE, else Open MPI's, MPICH's/PMIx's, MVAPICH's or SLURM's own; (0, 1) with none."""
-    for rank, world in (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
-                        ("PMI_RANK", "PMI_SIZE"), ("PMIX_RANK", "PMIX_SIZE"),
-                        ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+    for rank, world in (*_RANK_VARS, ("SLURM_PROCID", "SLURM_NTASKS")):
         if os.environ.get(rank, "").isdigit():
             size = os.environ.get(world, "")
             return int(os.environ[rank]), int(size) if size.isdigit() else 1

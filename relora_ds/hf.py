@@ -155,11 +155,9 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
     try:
-        if source_files:
+        if from_source:  # its tokenizer files, if it has any
             for name in source_files:
                 shutil.copy(Path(like) / name, staging / name)
-        elif from_source:
-            pass  # the source has no tokenizer files: its ids alone
         elif tokenizer is not None and Path(tokenizer).suffix == ".json":  # a Hugging Face tokenizer: as it is
             tok = open_tokenizer(tokenizer)
             tok.copy_to(staging)

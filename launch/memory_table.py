@@ -42,8 +42,9 @@ full bf16 gradients, reduced only at the accumulation boundary):
 ZeRO-2 and 3 are DeepSpeed's estimate_zero2/zero3_model_states_mem_needs without their largest-layer working
 set (tests/test_memory_table.py; DeepSpeed has no ZeRO-1 estimate). Host RAM per GPU (shown with --offload
 or --quantize): those offloaded bytes, the int8 base's merge residual (1 byte per frozen parameter, whole on
-every rank: relora_ds/quant.py) and, at start-up, the model every rank builds in fp32 before DeepSpeed
-shards it (4 bytes per parameter of the full-rank model).
+every rank: relora_ds/quant.py) and the model every rank holds whole in fp32 (4 bytes per parameter of the
+full-rank model): at start-up under ZeRO-1/2, at the warm-start switch at every stage (ZeRO-3 builds a fresh
+model partitioned: relora_ds/zero_init.py).
 """
 from __future__ import annotations
 

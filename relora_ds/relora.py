@@ -6,6 +6,7 @@ Embeddings, norms and lm_head stay trainable full-rank (paper §3).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import numbers
@@ -74,6 +75,8 @@ class ReLoRALinear(nn.Module):
     base weight (and bias) for the caller to load, as ``wrap`` does.
     """
 
+    HOST_BUFFERS = (*quant.HOST_BUFFERS, "merge_residual")  # kept in host memory, never moved to the device
+
     def __init__(self, in_features: int, out_features: int, rank: int, *, alpha: float | None = None,
                  dropout: float = 0.0, bias: bool = False, name: str = "", seed: int = 0,
                  quantize: str | None = None, merge_residual: bool = False, device=None, dtype=None,
@@ -131,8 +134,7 @@ class ReLoRALinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The merge residuals (int8's, merge_residual) stay in host memory: .to(device)/.cuda()/.bfloat16() skip them.
-        host = {k: self._buffers.pop(k) for k in (*quant.HOST_BUFFERS, "merge_residual")
-                if self._buffers.get(k) is not None}
+        host = {k: self._buffers.pop(k) for k in self.HOST_BUFFERS if self._buffers.get(k) is not None}
         try:
             return super()._apply(fn, recurse)
         finally:
@@ -296,19 +298,32 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     _warn_unwrapped(model, chosen, target_modules)
     training = {name: linear.training for name, linear in chosen}
     for name, linear in chosen:
-        layer = ReLoRALinear(linear.in_features, linear.out_features, rank, alpha=alpha, dropout=dropout,
-                             bias=linear.bias is not None, name=name, seed=seed, quantize=quantize,
-                             merge_residual=merge_residual, device=linear.weight.device, dtype=linear.weight.dtype,
-                             init_base=False)
-        with torch.no_grad():
-            layer.load_base_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-                layer.bias.requires_grad_(linear.bias.requires_grad)
+        whole = [p for p in (linear.weight, linear.bias) if p is not None]
+        with _gathered(whole):
+            layer = ReLoRALinear(linear.in_features, linear.out_features, rank, alpha=alpha, dropout=dropout,
+                                 bias=linear.bias is not None, name=name, seed=seed, quantize=quantize,
+                                 merge_residual=merge_residual, device=linear.weight.device,
+                                 dtype=linear.weight.dtype, init_base=False)
+            with torch.no_grad():
+                layer.load_base_(linear.weight)
+                if linear.bias is not None:
+                    layer.bias.copy_(linear.bias)
+                    layer.bias.requires_grad_(linear.bias.requires_grad)
+        if hasattr(linear.weight, "ds_id"):  # partitioned like the layer it replaces before the next is built
+            linear.weight.convert_to_zero_parameters(param_list=list(layer.parameters()))
         layer.base_requires_grad = linear.weight.requires_grad  # restored by unwrap
         layer.train(training[name])  # an eval-mode model stays in eval mode (no LoRA dropout)
         _set_submodule(model, name, layer)
     return model
+
+
+def _gathered(params: list):
+    """DeepSpeed ZeRO-3 partitions (a model built under zero.Init), gathered whole for reading; other
+    tensors as they are (relora_ds needs no DeepSpeed for them)."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def _warn_unwrapped(model: nn.Module, chosen: list, target_modules) -> None:

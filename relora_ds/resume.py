@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .distributed import on_rank_zero
-from .model import LlamaForCausalLM
 from .relora import relora_layers
 from .train_config import ConfigWarning
 from .zero_reset import unshare_optimizer_steps
@@ -65,7 +64,7 @@ class CheckpointsMixin:
         # (the loop switches before step N's training).
         phase = self._phase(step - 1)
         self._build_engine(self._base_model() if phase == "full" or not self.cfg.warm_start_steps
-                           else LlamaForCausalLM(self.model_config), phase, load_universal=universal)
+                           else self._fresh_model(), phase, load_universal=universal)
         try:
             _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
         except (AssertionError, FileNotFoundError) as e:  # DeepSpeed asserts that its files exist

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
-from . import checkpoint, reset_hook, run_info
+from . import checkpoint, reset_hook, run_info, zero_init
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, load_manifest, prepare_data
 from .data.manifest import read_manifest_file
 from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
@@ -213,9 +213,16 @@ class Trainer(CheckpointsMixin):
     def _base_model(self) -> LlamaForCausalLM:
         src = self.cfg.hf_model or self.cfg.warm_start_from
         if src:
-            return load_hf(src)
+            return load_hf(src)  # whole on each rank: _build_engine partitions it under ZeRO-3
         torch.manual_seed(self.cfg.seed)
-        return LlamaForCausalLM(self.model_config)
+        return self._fresh_model()
+
+    def _fresh_model(self) -> LlamaForCausalLM:
+        """A randomly initialized model; under ZeRO-3 partitioned as it is built (relora_ds/zero_init.py)."""
+        if zero_init.partitions_at_build(self.ds, self.cfg.zero_init) and nvme_offloads(self.ds):
+            patch_deepspeed_nvme()  # zero.Init swaps the partitions out as it builds
+        with zero_init.building(self.ds, self.cfg.zero_init):
+            return LlamaForCausalLM(self.model_config)
 
     def _build_engine(self, model: LlamaForCausalLM, phase: str, load_universal: bool = False) -> None:
         cfg = self.cfg
@@ -226,6 +233,7 @@ class Trainer(CheckpointsMixin):
         if phase == "lowrank":
             wrap(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
                  seed=cfg.seed, quantize=cfg.quantize, merge_residual=cfg.merge_residual)
+        zero_init.partition_(model, self.ds, cfg.zero_init)  # whatever arrived whole (under ZeRO-3)
         lora = {id(p) for p in lora_parameters(model)}
         # LoRA and full-rank parameters in separate groups: the reset touches only the first.
         groups = [{"params": [p for p in model.parameters() if id(p) in lora]},
@@ -296,7 +304,9 @@ class Trainer(CheckpointsMixin):
         self._print(f"model: {self.model_config.num_hidden_layers} layers, {n_params:,} parameters"
                     f"{f' (+ {n_lora:,} LoRA)' if n_lora else ''}; "
                     f"{self.world} rank(s), bf16={uses_bf16(self.ds)}, ZeRO stage "
-                    f"{zero_stage(self.ds)}, offload: {offloaded(self.engine)}, {self.total_steps} steps, "
+                    f"{zero_stage(self.ds)}, offload: {offloaded(self.engine)}, "
+                    f"{'zero.Init, ' if zero_init.partitions_at_build(self.ds, cfg.zero_init) else ''}"
+                    f"{self.total_steps} steps, "
                     f"RELORA_KERNELS={relora_kernels.kernel_mode()}")
         # A terminal gets the bar; a log file (SLURM's .out) a plain line per metrics record instead.
         interactive = sys.stderr.isatty()

@@ -1,0 +1,81 @@
+"""2-rank worker for tests/test_zero_init.py: models built partitioned under ZeRO-3 (relora_ds/zero_init.py).
+
+Oracle: the same model built whole in one process from the same seed, cast to bf16 as DeepSpeed's engine
+casts it. Checked for a fresh tied model built under zero.Init, then wrapped (bf16 and int8 base), and for
+a whole wrapped model partitioned by ``partition_``: every parameter is partitioned (no rank keeps the whole
+tensor: its local data is empty and its partition 1/world of it), and the gathered values, int8 storage and
+buffers are bit for bit the oracle's.
+"""
+import math
+
+import deepspeed
+import torch
+
+import relora_ds
+from relora_ds import LlamaConfig, LlamaForCausalLM, zero_init
+from relora_ds.distributed import init_distributed, run_and_exit
+
+DS = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+      "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+CFG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=175, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, tie_word_embeddings=True)
+
+
+def whole(seed: int, quantize=None, wrapped=True) -> torch.nn.Module:
+    """The oracle: built whole, cast to bf16 (the engine's cast, which the int8 quantizer then sees)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(CFG).to(torch.bfloat16)
+    return relora_ds.wrap(model, rank=3, seed=11, quantize=quantize) if wrapped else model
+
+
+def check_partitioned(model, what: str) -> None:
+    world = torch.distributed.get_world_size()
+    for name, p in model.named_parameters():
+        assert hasattr(p, "ds_id"), f"{what}: {name} is not partitioned"
+        assert p.numel() == 0, f"{what}: {name} holds {p.numel()} elements outside a gather"
+        assert p.ds_tensor.numel() == math.ceil(p.ds_numel / world), f"{what}: {name} partition size"
+
+
+def check_equal(model, oracle, what: str) -> None:
+    names = [n for n, _ in model.named_parameters()]
+    assert names == [n for n, _ in oracle.named_parameters()], what
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, ref in oracle.named_parameters():
+            p = params[name]
+            assert p.dtype == ref.dtype and torch.equal(p, ref), f"{what}: {name} differs from the whole build"
+            assert p.requires_grad == ref.requires_grad, f"{what}: {name} requires_grad"
+    ref_buffers = dict(oracle.named_buffers())
+    for name, b in model.named_buffers():
+        assert b.dtype == ref_buffers[name].dtype and torch.equal(b, ref_buffers[name]), f"{what}: buffer {name}"
+    assert ref_buffers.keys() == dict(model.named_buffers()).keys(), what
+
+
+def main():
+    init_distributed()
+    torch.manual_seed(0)
+    with zero_init.building(DS):
+        model = LlamaForCausalLM(CFG)
+    check_partitioned(model, "zero.Init build")
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    check_equal(model, whole(0, wrapped=False), "zero.Init build")
+    for quantize in (None, "int8"):
+        torch.manual_seed(0)
+        with zero_init.building(DS):
+            model = LlamaForCausalLM(CFG)
+        relora_ds.wrap(model, rank=3, seed=11, quantize=quantize)  # swaps partitioned nn.Linear layers
+        check_partitioned(model, f"wrap quantize={quantize}")
+        check_equal(model, whole(0, quantize), f"wrap quantize={quantize}")
+    torch.manual_seed(1)
+    model = relora_ds.wrap(LlamaForCausalLM(CFG), rank=3, seed=11, quantize="int8")  # quantized from fp32
+    oracle = relora_ds.wrap(LlamaForCausalLM(CFG), rank=3, seed=11, quantize="int8")
+    oracle.load_state_dict(model.state_dict())
+    zero_init.partition_(model, DS)
+    check_partitioned(model, "partition_")
+    check_equal(model, oracle.to(torch.bfloat16), "partition_")
+    print(f"rank {torch.distributed.get_rank()}: zero_init checks passed", flush=True)
+
+
+if __name__ == "__main__":
+    run_and_exit(main)

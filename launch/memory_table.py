@@ -42,9 +42,9 @@ full bf16 gradients, reduced only at the accumulation boundary):
 ZeRO-2 and 3 are DeepSpeed's estimate_zero2/zero3_model_states_mem_needs without their largest-layer working
 set (tests/test_memory_table.py; DeepSpeed has no ZeRO-1 estimate). Host RAM per GPU (shown with --offload
 or --quantize): those offloaded bytes, the int8 base's merge residual (1 byte per frozen parameter, whole on
-every rank: relora_ds/quant.py) and the model every rank holds whole in fp32 (4 bytes per parameter of the
-full-rank model): at start-up under ZeRO-1/2, at the warm-start switch at every stage (ZeRO-3 builds a fresh
-model partitioned: relora_ds/zero_init.py).
+every rank: relora_ds/quant.py) and, at start-up and the warm-start switch, the model every rank holds whole
+in fp32 below ZeRO-3 (4 bytes per parameter of the full-rank model; ZeRO-3 builds it partitioned:
+relora_ds/zero_init.py).
 """
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def table(args) -> str:
     rows = ["| preset | params | LoRA params | ReLoRA trainable | states/GPU warm start Z0 / Z1 / Z2 / Z3 (GB) "
             "| states/GPU ReLoRA Z0 / Z2 / Z3 (GB) | activations per seq. full / ReLoRA (GB) "
             "| micro-batch warm start Z0 / Z1 / Z2 / Z3 | micro-batch ReLoRA Z0 / Z2 / Z3 |"
-            + (" host RAM/GPU start-up / warm start / ReLoRA (GB) |" if show_host else ""),
+            + (" host RAM/GPU start-up below Z3 / warm start / ReLoRA (GB) |" if show_host else ""),
             "|---|---|---|---|---|---|---|---|---|" + ("---|" if show_host else "")]
     for name in args.presets:
         cfg = LlamaConfig.preset(name, vocab_size=args.vocab_size)
@@ -229,7 +229,8 @@ def table(args) -> str:
         if show_host:
             z = max(ok)  # the offloaded bytes per GPU are the same at every stage that allows the offload
             residual = c["projections"] if args.quantize == "int8" else 0
-            host = (f" {4 * total / 1e9:.1f} / {host_state_bytes(total, (0, 0), z, args.gpus, offload) / 1e9:.1f}"
+            startup = 4 * total if min(ok) < 3 else 0  # ZeRO-3 builds it partitioned (relora_ds/zero_init.py)
+            host = (f" {startup / 1e9:.1f} / {host_state_bytes(total, (0, 0), z, args.gpus, offload) / 1e9:.1f}"
                     f" / {host_state_bytes(trainable_lr, frozen, z, args.gpus, offload, residual) / 1e9:.1f} |")
 
         rows.append(

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -371,13 +372,18 @@ def _sliding_window(hf: dict) -> dict:
     return {}
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A ``LlamaForCausalLM`` from a Hugging Face LLaMA, Qwen2, Qwen3 or Mistral directory (safetensors, single or
-    sharded). A tied model's lm_head is its embedding, whether the file stores lm_head.weight or not."""
+def load_hf_config(path: str | Path) -> LlamaConfig:
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
-    config = config_from_hf(json.loads((path / "config.json").read_text()))
+        raise ValueError(f"{path} has no config.json: not a Hugging Face model directory (LLaMA, Qwen2, Qwen3 or "
+                         "Mistral)")
+    return config_from_hf(json.loads((path / "config.json").read_text()))
+
+
+def hf_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor cast to ``dtype``) for each weight of a Hugging Face directory's safetensors, one at a
+    time (rotary tables skipped; a quantized checkpoint refused)."""
+    path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -386,9 +392,6 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCau
     else:
         raise ValueError(f"{path} has no model.safetensors(.index.json); convert .bin checkpoints to "
                          "safetensors first")
-    # Each tensor cast to `dtype` as it is read: the host holds the model once in `dtype` (4 bytes per
-    # parameter in fp32), not also the whole checkpoint in its own dtype beside it.
-    state: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(path / f), framework="pt") as reader:
             for key in reader.keys():
@@ -398,7 +401,16 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCau
                 if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                     raise ValueError(f"{path / f}: {key} is stored as {tensor.dtype}, a quantized checkpoint; "
                                      "start from its bf16/fp16/fp32 weights")
-                state[key] = tensor.to(dtype)
+                yield key, tensor.to(dtype)
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A ``LlamaForCausalLM`` from a Hugging Face LLaMA, Qwen2, Qwen3 or Mistral directory (safetensors, single or
+    sharded). A tied model's lm_head is its embedding, whether the file stores lm_head.weight or not."""
+    config = load_hf_config(path)
+    # Each tensor cast to `dtype` as it is read: the host holds the model once in `dtype` (4 bytes per
+    # parameter in fp32), not also the whole checkpoint in its own dtype beside it.
+    state = dict(hf_tensors(path, dtype))
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.load_state_dict(state, strict=True, assign=True)

@@ -6,7 +6,6 @@ import datetime
 import errno
 import fcntl
 import functools
-import json
 import math
 import os
 import socket
@@ -20,19 +19,12 @@ from .data import check_tokenizer_matches
 from .data.manifest import tokenizer_sha256, train_data_fingerprint
 from .data.tokenizer import tokenizer_difference
 from .data.packed import num_windows
-from .hf import config_from_hf
+from .hf import load_hf_config
 from .model import LlamaForCausalLM
 from .model_config import LlamaConfig
 from .relora import wrap
 from .schedule import cosine_with_warmup, jagged_cosine, restarted_at
 from .train_config import ConfigWarning, TrainConfig
-
-
-def load_hf_config(path: str | Path) -> LlamaConfig:
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
-        raise ValueError(f"{path}: no config.json (expected a Hugging Face LLaMA directory)")
-    return config_from_hf(json.loads(cfg_path.read_text()))
 
 
 def model_config_for(cfg: TrainConfig, vocab_size: int) -> LlamaConfig:

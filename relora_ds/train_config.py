@@ -119,10 +119,10 @@ class TrainConfig:
                                                "one more forward pass of compute")
     loss_chunk_size: int = _f(0, "compute the loss this many tokens at a time through lm_head, never holding "
                                  "the full (tokens x vocab) logits (e.g. 1024); 0: plain logits")
-    zero_init: bool = _f(True, "under ZeRO stage 3, build a fresh model partitioned (deepspeed.zero.Init) and "
-                               "partition one that arrives whole (hf_model, the warm-start switch) a parameter at a "
-                               "time: no GPU holds the whole model; false: DeepSpeed moves the whole model to each "
-                               "GPU and partitions it there, as at the other stages")
+    zero_init: bool = _f(True, "under ZeRO stage 3, build the model partitioned (deepspeed.zero.Init) and load "
+                               "hf_model's or the warm start's weights into it a tensor at a time: no rank holds "
+                               "the whole model; false: every rank builds it whole and DeepSpeed moves it to each "
+                               "GPU before partitioning it, as at the other stages")
     # Data
     data_dir: str | None = _f(None, "prepared data dir (launch/prepare_data.py); default: the built-in "
                                     "corpus, prepared on first use")

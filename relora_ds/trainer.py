@@ -40,10 +40,10 @@ from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16,
 from .engine_state import full_fp32_state_dict
 from .evaluate import validation_loss
 from .ds_patches import patch_deepspeed_nvme, release_engine
-from .hf import export_run, load_hf, model_from_engine
+from .hf import export_run, hf_tensors, load_hf, model_from_engine
 from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_line
 from .model import LlamaForCausalLM
-from .relora import lora_parameters, wrap
+from .relora import lora_parameters, relora_layers, wrap
 from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
     check_offload_on_device, check_output_dir, check_precision_on_device, lock_output_dir, nvme_offloads, \
@@ -210,18 +210,30 @@ class Trainer(CheckpointsMixin):
     def _phase(self, step: int) -> str:
         return "full" if self.cfg.mode == "full" or step < self.relora_start else "lowrank"
 
-    def _base_model(self) -> LlamaForCausalLM:
+    def _base_model(self, phase: str) -> LlamaForCausalLM:
+        """The model a run starts from: a Hugging Face directory's (hf_model, warm_start_from), else random
+        from the seed. Under ZeRO-3 built partitioned, and for the ReLoRA phase wrapped before a directory's
+        weights go in (an int8 base quantized from them, as from the whole model)."""
         src = self.cfg.hf_model or self.cfg.warm_start_from
-        if src:
-            return load_hf(src)  # whole on each rank: _build_engine partitions it under ZeRO-3
-        torch.manual_seed(self.cfg.seed)
-        return self._fresh_model()
+        if not src:
+            torch.manual_seed(self.cfg.seed)
+            return self._fresh_model()
+        if not zero_init.partitions_at_build(self.ds, self.cfg.zero_init):
+            return load_hf(src)
+        model = self._fresh_model(keep_rng=True)
+        if phase == "lowrank":
+            self._wrap(model)
+        tied = self.model_config.tie_word_embeddings  # lm_head is the embedding, stored or not
+        zero_init.load_(model, ((k, t) for k, t in hf_tensors(src) if not (tied and k == "lm_head.weight")), src)
+        return model
 
-    def _fresh_model(self) -> LlamaForCausalLM:
-        """A randomly initialized model; under ZeRO-3 partitioned as it is built (relora_ds/zero_init.py)."""
+    def _fresh_model(self, keep_rng: bool = False) -> LlamaForCausalLM:
+        """A randomly initialized model; under ZeRO-3 partitioned as it is built (relora_ds/zero_init.py).
+        ``keep_rng``: its init leaves the run's random streams (the LoRA dropout's) as they were."""
         if zero_init.partitions_at_build(self.ds, self.cfg.zero_init) and nvme_offloads(self.ds):
             patch_deepspeed_nvme()  # zero.Init swaps the partitions out as it builds
-        with zero_init.building(self.ds, self.cfg.zero_init):
+        cuda = [torch.cuda.current_device()] if keep_rng and torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda, enabled=keep_rng), zero_init.building(self.ds, self.cfg.zero_init):
             return LlamaForCausalLM(self.model_config)
 
     def _build_engine(self, model: LlamaForCausalLM, phase: str, load_universal: bool = False) -> None:
@@ -230,9 +242,8 @@ class Trainer(CheckpointsMixin):
             model.gradient_checkpointing_enable()
         if cfg.loss_chunk_size:
             model.chunked_loss_enable(cfg.loss_chunk_size)
-        if phase == "lowrank":
-            wrap(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
-                 seed=cfg.seed, quantize=cfg.quantize, merge_residual=cfg.merge_residual)
+        if phase == "lowrank" and not any(True for _ in relora_layers(model)):
+            self._wrap(model)
         zero_init.partition_(model, self.ds, cfg.zero_init)  # whatever arrived whole (under ZeRO-3)
         lora = {id(p) for p in lora_parameters(model)}
         # LoRA and full-rank parameters in separate groups: the reset touches only the first.
@@ -254,18 +265,30 @@ class Trainer(CheckpointsMixin):
         self.engine_phase = phase
         self.flops_per_token = flops_per_token(model, cfg.seq_len)  # the warm start's, then ReLoRA's
 
+    def _wrap(self, model: LlamaForCausalLM) -> None:
+        cfg = self.cfg
+        wrap(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
+             seed=cfg.seed, quantize=cfg.quantize, merge_residual=cfg.merge_residual)
+
     def _phase_lr(self, phase: str) -> float:
         cfg = self.cfg
         return cfg.warm_start_lr if phase == "full" and cfg.mode != "full" and cfg.warm_start_lr else cfg.lr
 
     def _switch_to_lowrank(self) -> None:
         """End of the warm start: full-rank weights (fp32 masters) into a fresh ReLoRA engine."""
-        # Built on the meta device, the model takes the gathered fp32 tensors themselves: one full fp32 copy per
-        # rank in host memory, not two (7b: 27 GB, times the ranks of a node).
-        with torch.device("meta"):
-            model = LlamaForCausalLM(self.model_config)
-        model.load_state_dict(full_fp32_state_dict(self.engine), assign=True)
-        model.tie_weights()  # assign=True gave a tied lm_head a Parameter of its own
+        if zero_init.partitions_at_build(self.ds, self.cfg.zero_init):
+            # ZeRO-3: a ReLoRA model built partitioned takes the masters one parameter at a time (each
+            # gathered in turn: no rank holds the whole model)
+            model = self._fresh_model(keep_rng=True)
+            self._wrap(model)
+            zero_init.load_(model, zero_init.engine_tensors(self.engine), "the full-rank engine")
+        else:
+            # Built on the meta device, the model takes the gathered fp32 tensors themselves: one full fp32
+            # copy per rank in host memory, not two (7b: 27 GB, times the ranks of a node).
+            with torch.device("meta"):
+                model = LlamaForCausalLM(self.model_config)
+            model.load_state_dict(full_fp32_state_dict(self.engine), assign=True)
+            model.tie_weights()  # assign=True gave a tied lm_head a Parameter of its own
         # The full-rank engine's weights, fp32 masters, Adam moments and gradient buffers go before the new
         # engine is built: destroy() frees no tensor, and DeepSpeed's engine holds reference cycles.
         release_engine(self.engine)
@@ -293,7 +316,7 @@ class Trainer(CheckpointsMixin):
         self._print("effective configuration:\n" + json.dumps(
             {k: v for k, v in self._run_config().items() if k != "environment"}, indent=2))  # that: run_info.jsonl
         if not (self.cfg.resume and self._resume()):
-            self._build_engine(self._base_model(), self._phase(0))
+            self._build_engine(self._base_model(self._phase(0)), self._phase(0))
 
     def train(self) -> dict:
         cfg = self.cfg

@@ -8,8 +8,11 @@ moment). Under ZeRO stage 3 the trainer instead
   every rank starts from the same weights (its ``apply(init_fn)`` runs on the gathered parameters);
 - lets ``relora_ds.wrap`` swap each partitioned ``nn.Linear`` for a ReLoRA layer one at a time (its
   base gathered, the new layer partitioned before the next is built);
-- partitions what arrives whole (a Hugging Face checkpoint, the warm-start switch's gathered weights) one
-  parameter at a time (`partition_`), cast first as the engine would have cast it.
+- partitions what arrives whole one parameter at a time (`partition_`), cast first as the engine would
+  have cast it;
+- builds the model a Hugging Face directory gives, or the ReLoRA model at the warm-start switch, partitioned
+  and fills it one tensor at a time (`load_`: from `relora_ds.hf.hf_tensors`, or the full-rank engine's fp32
+  masters, `engine_tensors`).
 
 On DeepSpeed's CPU accelerator the weights are bitwise those of the whole-model build (the tests' oracle).
 On a GPU, zero.Init creates the tensors on the device, so the initial weights come from the GPU's random
@@ -19,13 +22,16 @@ Hugging Face under zero.Init); ``zero_init: false`` in the recipe builds as the 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
+from deepspeed.utils import safe_get_full_fp32_param
+
 from .ds_config import uses_bf16, uses_fp16, zero_stage
-from .relora import ReLoRALinear
+from .relora import ReLoRALinear, relora_layers
 
 
 def partitions_at_build(ds: dict, enabled: bool = True) -> bool:
@@ -61,3 +67,44 @@ def partition_(model: torch.nn.Module, ds: dict, enabled: bool = True) -> torch.
             if buf is not None and name not in host and buf.device != device:
                 module._buffers[name] = buf.to(device)
     return model
+
+
+def engine_tensors(engine) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full fp32 tensor) for each parameter of ``engine``'s module, one at a time, gathered on every
+    rank in turn: a trainable parameter's fp32 master, a frozen one as it is. Every rank must read it all."""
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:  # frozen: no master
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                full = p.detach().float().clone()
+        yield name, full
+
+
+@torch.no_grad()
+def load_(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """Fill a partitioned model (wrapped or not) with the whole tensors ``tensors`` yields, one at a time:
+    each parameter gathered, written (rank 0's write kept), partitioned again. A ReLoRA layer's base takes
+    the tensor named by the linear it replaced (``….q_proj.weight``) through ``load_base_``: copied, or
+    quantized from it as ``wrap`` of the whole model quantizes; the LoRA factors keep their fresh init.
+    Every rank must call it with the same tensors (they gather)."""
+    bases = {f"{name}.weight": layer for name, layer in relora_layers(model)}
+    params = dict(model.named_parameters())
+    base_params = {f"{name[:-len('.weight')]}.{k}" for name in bases for k in ("weight", "weight_q")}
+    expected = {n for n in params if not n.endswith((".lora_A", ".lora_B")) and n not in base_params} | bases.keys()
+    loaded = set()
+    for name, full in tensors:
+        if name in bases:
+            layer = bases[name]
+            with deepspeed.zero.GatheredParameters([layer.weight_q if layer.quantize else layer.weight],
+                                                   modifier_rank=0):
+                layer.load_base_(full)
+        elif name in expected:
+            with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                params[name].copy_(full)
+        else:
+            raise ValueError(f"{source}: {name} is not a parameter of the model (its parameters: "
+                             f"{sorted(expected)[:4]} ...)")
+        loaded.add(name)
+    if expected - loaded:
+        raise ValueError(f"{source} lacks {len(expected - loaded)} of the model's parameters: "
+                         f"{sorted(expected - loaded)[:6]}")

@@ -1,5 +1,7 @@
 """ZeRO-3 models built partitioned (relora_ds/zero_init.py: deepspeed.zero.Init, ReLoRA layers swapped in
 partitioned, whole models partitioned one parameter at a time), against the whole-model build."""
+import pytest
+
 from launch_utils import ROOT, run_ranks
 from trainer_utils import read_losses, rewind_to, write
 
@@ -10,16 +12,20 @@ def test_models_built_partitioned_equal_the_whole_build():
     assert proc.stdout.count("zero_init checks passed") == 2, proc.stdout[-2000:]
 
 
-def test_zero3_run_built_partitioned_trains_and_resumes_as_the_whole_build(tmp_path, small_data_dir):
+@pytest.mark.parametrize("recipe", [{}, {"quantize": "int8", "dropout": 0.1}], ids=["bf16-base", "int8-base-dropout"])
+def test_zero3_run_built_partitioned_trains_and_resumes_as_the_whole_build(tmp_path, small_data_dir, recipe):
     """The tiny recipe under ZeRO-3 (bf16): built partitioned (the default) and built whole (zero_init:
-    false) give the same losses bit for bit, through the warm-start switch (a gathered model partitioned
-    again), resets, and a resume inside the ReLoRA phase (a fresh model built partitioned, then wrapped)."""
+    false) give the same losses bit for bit, through the warm-start switch (the ReLoRA model built
+    partitioned takes the fp32 masters a parameter at a time: the int8 base quantized from them, the LoRA
+    dropout's random stream untouched by the build), resets, and a resume inside the ReLoRA phase (a fresh
+    model built partitioned, then wrapped)."""
     zero3 = ROOT / "ds_configs/zero3.json"
     runs = {}
     for built in ("partitioned", "whole"):
         (tmp_path / built).mkdir()
-        recipe, _ = write(tmp_path / built, small_data_dir, save_every=4, zero_init=built == "partitioned")
-        proc = run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", zero3)
+        recipe_path, _ = write(tmp_path / built, small_data_dir, save_every=4, zero_init=built == "partitioned",
+                               **recipe)
+        proc = run_ranks(ROOT / "launch/train.py", "--config", recipe_path, "--deepspeed", zero3)
         assert ("ZeRO stage 3, offload: none, zero.Init," in proc.stdout) == (built == "partitioned"), proc.stdout
         runs[built] = read_losses(tmp_path / built / "run")[0]
     assert sorted(runs["whole"]) == list(range(1, 13))
@@ -29,3 +35,21 @@ def test_zero3_run_built_partitioned_trains_and_resumes_as_the_whole_build(tmp_p
               "--resume")
     resumed = read_losses(tmp_path / "partitioned" / "run")[0]
     assert resumed == {step: runs["whole"][step] for step in range(9, 13)}
+
+
+def test_zero3_hf_model_built_partitioned_equals_the_whole_load(tmp_path, small_data_dir):
+    """hf_model under ZeRO-3 straight into ReLoRA with an int8 base: the model built partitioned, wrapped, and
+    filled from the safetensors one tensor at a time (the int8 base quantized from the fp32 file, the
+    attention and MLP biases into their ReLoRA layers) trains the whole load's losses bit for bit."""
+    from test_model_families import _hf_dir
+
+    source = _hf_dir(tmp_path, "llama-bias-head_dim-linear")
+    runs = {}
+    for built in ("partitioned", "whole"):
+        (tmp_path / built).mkdir()
+        recipe, _ = write(tmp_path / built, small_data_dir, hf_model=source, warm_start_steps=0, quantize="int8",
+                          total_steps=6, eval_every=0, zero_init=built == "partitioned")
+        run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ROOT / "ds_configs/zero3.json")
+        runs[built] = read_losses(tmp_path / built / "run")[0]
+    assert sorted(runs["whole"]) == list(range(1, 7))
+    assert runs["partitioned"] == runs["whole"]

@@ -1,8 +1,9 @@
 """2-rank worker for tests/test_zero_init.py: models built partitioned under ZeRO-3 (relora_ds/zero_init.py).
 
 Oracle: the same model built whole in one process from the same seed, cast to bf16 as DeepSpeed's engine
-casts it. Checked for a fresh tied model built under zero.Init, then wrapped (bf16 and int8 base), and for
-a whole wrapped model partitioned by ``partition_``: every parameter is partitioned (no rank keeps the whole
+casts it. Checked for a fresh tied model built under zero.Init, then wrapped (bf16 and int8 base), for
+a whole wrapped model partitioned by ``partition_``, and (against its own weights before the wrap) for
+transformers' LLaMA built under zero.Init: every parameter is partitioned (no rank keeps the whole
 tensor: its local data is empty and its partition 1/world of it), and the gathered values, int8 storage and
 buffers are bit for bit the oracle's.
 """
@@ -74,7 +75,31 @@ def main():
     zero_init.partition_(model, DS)
     check_partitioned(model, "partition_")
     check_equal(model, oracle.to(torch.bfloat16), "partition_")
+    check_transformers_model()
     print(f"rank {torch.distributed.get_rank()}: zero_init checks passed", flush=True)
+
+
+def check_transformers_model() -> None:
+    """transformers' LLaMA built under zero.Init (as its from_pretrained does under ZeRO-3), then wrapped:
+    partitioned throughout, each base the layer's own weight, every other parameter unchanged."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cls = transformers.LlamaForCausalLM  # imported outside zero.Init: its patched constructors break the import
+    with zero_init.building(DS):
+        model = cls(config)
+    params = dict(model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        before = {n: p.detach().clone() for n, p in params.items()}
+    relora_ds.wrap(model, rank=3, seed=11)
+    check_partitioned(model, "transformers")
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() | {f"{n}.lora_{k}" for n, _ in relora_ds.relora_layers(model) for k in "AB"}
+    with deepspeed.zero.GatheredParameters(list(after.values())):
+        for name, value in before.items():
+            assert torch.equal(after[name], value), f"transformers: {name} changed in wrap"
+
 
 
 if __name__ == "__main__":

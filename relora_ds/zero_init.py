@@ -27,7 +27,6 @@ from collections.abc import Iterable, Iterator
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
-
 from deepspeed.utils import safe_get_full_fp32_param
 
 from .ds_config import uses_bf16, uses_fp16, zero_stage
@@ -93,6 +92,10 @@ def load_(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], s
     expected = {n for n in params if not n.endswith((".lora_A", ".lora_B")) and n not in base_params} | bases.keys()
     loaded = set()
     for name, full in tensors:
+        shape = (bases[name].out_features, bases[name].in_features) if name in bases else \
+            getattr(params.get(name), "ds_shape", None)
+        if shape is not None and tuple(full.shape) != tuple(shape):
+            raise ValueError(f"{source}: {name} has shape {tuple(full.shape)}, the model's is {tuple(shape)}")
         if name in bases:
             layer = bases[name]
             with deepspeed.zero.GatheredParameters([layer.weight_q if layer.quantize else layer.weight],

@@ -75,8 +75,25 @@ def main():
     zero_init.partition_(model, DS)
     check_partitioned(model, "partition_")
     check_equal(model, oracle.to(torch.bfloat16), "partition_")
+    check_load_refuses(model)
     check_transformers_model()
     print(f"rank {torch.distributed.get_rank()}: zero_init checks passed", flush=True)
+
+
+def check_load_refuses(model) -> None:
+    """zero_init.load_: a tensor of another shape, an unknown name and a missing parameter are errors naming
+    them (raised before any gather: every rank raises alike)."""
+    for tensors, message in (([("model.norm.weight", torch.ones(3))], "model.norm.weight has shape (3,), the "
+                              "model's is (64,)"),
+                             ([("model.layers.0.self_attn.q_proj.weight", torch.ones(64, 3))], "has shape (64, 3)"),
+                             ([("model.extra.weight", torch.ones(3))], "model.extra.weight is not a parameter"),
+                             ([], "lacks")):
+        try:
+            zero_init.load_(model, tensors, "the source")
+        except ValueError as e:
+            assert str(e).startswith("the source") and message in str(e), e
+        else:
+            raise AssertionError(f"load_ accepted {tensors}")
 
 
 def check_transformers_model() -> None:

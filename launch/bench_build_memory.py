@@ -19,13 +19,13 @@ import resource
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
 from relora_ds.distributed import run_and_exit
 from relora_ds.ds_config import zero_stage
 from relora_ds.train_config import build_launch_parser, config_from_args
-import relora_ds.trainer as trainer_module
 from relora_ds.trainer import Trainer
 
 
@@ -46,13 +46,13 @@ def main(argv=None) -> int:
     cfg.overwrite = True  # a benchmark's output_dir is scratch
     trainer = Trainer(cfg, args.deepspeed)
     rows = {}
-    initialize = trainer_module.deepspeed.initialize
+    initialize = deepspeed.initialize
 
     def built_then_initialize(*a, **kw):  # the peak of building the model, before DeepSpeed's engine
         rows["built" if "start" not in rows else "switch_built"] = _peaks()
         return initialize(*a, **kw)
 
-    trainer_module.deepspeed.initialize = built_then_initialize
+    deepspeed.initialize = built_then_initialize
     try:
         trainer.start()
         rows["start"] = _peaks()

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
-import gc
 import json
 import math
 import os
@@ -22,12 +20,10 @@ import time
 import warnings
 from pathlib import Path
 
-import deepspeed
 import relora_kernels
 from deepspeed.accelerator import get_accelerator
 import torch
 import torch.distributed as dist
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from . import checkpoint, reset_hook, run_info, zero_init
@@ -35,29 +31,22 @@ from .data import PackedTokens, ShardedBatches, builtin_data_dir, load_manifest,
 from .data.manifest import read_manifest_file
 from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
     single_process_environment
-from .flops import flops_per_token, peak_tflops
+from .flops import peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
-from .engine_state import full_fp32_state_dict
+from .engines import EnginesMixin
 from .evaluate import validation_loss
-from .ds_patches import patch_deepspeed_nvme, release_engine
-from .hf import export_run, hf_tensors, load_hf, model_from_engine
+from .hf import export_run, model_from_engine
 from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_line
-from .model import LlamaForCausalLM
-from .relora import lora_parameters, relora_layers, wrap
+from .relora import lora_parameters
 from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
-    check_offload_on_device, check_output_dir, check_precision_on_device, lock_output_dir, nvme_offloads, \
+    check_offload_on_device, check_output_dir, check_precision_on_device, lock_output_dir, \
     total_steps_for, train_data_record, unlock_output_dir
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import offloaded
 
 
-def _shifted(step: int, *, fn, offset: int) -> float:
-    """LambdaLR counts from the engine's creation; the schedule is a function of the global step."""
-    return fn(step + offset)
-
-
-class Trainer(CheckpointsMixin):
+class Trainer(EnginesMixin, CheckpointsMixin):
     def __init__(self, cfg: TrainConfig, ds_config_path: str | None = None):
         self.cfg = cfg
         apply_kernels_setting(cfg.kernels)
@@ -206,99 +195,6 @@ class Trainer(CheckpointsMixin):
             raise ValueError(f"the ranks read different prepared data as {what} (its manifest, tokenizer or "
                              f"token counts differ between nodes; every rank stops): {fix}")
         return path
-
-    def _phase(self, step: int) -> str:
-        return "full" if self.cfg.mode == "full" or step < self.relora_start else "lowrank"
-
-    def _base_model(self, phase: str) -> LlamaForCausalLM:
-        """The model a run starts from: a Hugging Face directory's (hf_model, warm_start_from), else random
-        from the seed. Under ZeRO-3 built partitioned, and for the ReLoRA phase wrapped before a directory's
-        weights go in (an int8 base quantized from them, as from the whole model)."""
-        src = self.cfg.hf_model or self.cfg.warm_start_from
-        if not src:
-            torch.manual_seed(self.cfg.seed)
-            return self._fresh_model()
-        if not zero_init.partitions_at_build(self.ds, self.cfg.zero_init):
-            return load_hf(src)
-        model = self._fresh_model(keep_rng=True)
-        if phase == "lowrank":
-            self._wrap(model)
-        tied = self.model_config.tie_word_embeddings  # lm_head is the embedding, stored or not
-        zero_init.load_(model, ((k, t) for k, t in hf_tensors(src) if not (tied and k == "lm_head.weight")), src)
-        return model
-
-    def _fresh_model(self, keep_rng: bool = False) -> LlamaForCausalLM:
-        """A randomly initialized model; under ZeRO-3 partitioned as it is built (relora_ds/zero_init.py).
-        ``keep_rng``: its init leaves the run's random streams (the LoRA dropout's) as they were."""
-        if zero_init.partitions_at_build(self.ds, self.cfg.zero_init) and nvme_offloads(self.ds):
-            patch_deepspeed_nvme()  # zero.Init swaps the partitions out as it builds
-        cuda = [torch.cuda.current_device()] if keep_rng and torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=cuda, enabled=keep_rng), zero_init.building(self.ds, self.cfg.zero_init):
-            return LlamaForCausalLM(self.model_config)
-
-    def _build_engine(self, model: LlamaForCausalLM, phase: str, load_universal: bool = False) -> None:
-        cfg = self.cfg
-        if cfg.activation_checkpointing:
-            model.gradient_checkpointing_enable()
-        if cfg.loss_chunk_size:
-            model.chunked_loss_enable(cfg.loss_chunk_size)
-        if phase == "lowrank" and not any(True for _ in relora_layers(model)):
-            self._wrap(model)
-        zero_init.partition_(model, self.ds, cfg.zero_init)  # whatever arrived whole (under ZeRO-3)
-        lora = {id(p) for p in lora_parameters(model)}
-        # LoRA and full-rank parameters in separate groups: the reset touches only the first.
-        groups = [{"params": [p for p in model.parameters() if id(p) in lora]},
-                  {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in lora]}]
-        groups = [g for g in groups if g["params"]]
-        offset = 0 if phase == "full" else self.relora_start
-        fn = functools.partial(_shifted, fn=self.schedule, offset=offset)
-        model.universal_checkpoint_info = checkpoint.UNIVERSAL_INFO  # lets ds_to_universal convert our checkpoints
-        ds = {**self.ds, "checkpoint": {**self.ds.get("checkpoint", {}), "load_universal": True}} \
-            if load_universal else self.ds
-        if self._phase_lr(phase) != cfg.lr:  # the warm start's own peak lr
-            ds = {**ds, "optimizer": {**ds["optimizer"], "params": {**ds["optimizer"]["params"],
-                                                                    "lr": self._phase_lr(phase)}}}
-        if nvme_offloads(ds):  # DeepSpeed 0.19.8's NVMe swapping: a crash at step 2, checkpoints that lose weights
-            patch_deepspeed_nvme()
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
-                                               lr_scheduler=lambda opt: LambdaLR(opt, fn))
-        self.engine_phase = phase
-        self.flops_per_token = flops_per_token(model, cfg.seq_len)  # the warm start's, then ReLoRA's
-
-    def _wrap(self, model: LlamaForCausalLM) -> None:
-        cfg = self.cfg
-        wrap(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
-             seed=cfg.seed, quantize=cfg.quantize, merge_residual=cfg.merge_residual)
-
-    def _phase_lr(self, phase: str) -> float:
-        cfg = self.cfg
-        return cfg.warm_start_lr if phase == "full" and cfg.mode != "full" and cfg.warm_start_lr else cfg.lr
-
-    def _switch_to_lowrank(self) -> None:
-        """End of the warm start: full-rank weights (fp32 masters) into a fresh ReLoRA engine."""
-        if zero_init.partitions_at_build(self.ds, self.cfg.zero_init):
-            # ZeRO-3: a ReLoRA model built partitioned takes the masters one parameter at a time (each
-            # gathered in turn: no rank holds the whole model)
-            model = self._fresh_model(keep_rng=True)
-            self._wrap(model)
-            zero_init.load_(model, zero_init.engine_tensors(self.engine), "the full-rank engine")
-        else:
-            # Built on the meta device, the model takes the gathered fp32 tensors themselves: one full fp32
-            # copy per rank in host memory, not two (7b: 27 GB, times the ranks of a node).
-            with torch.device("meta"):
-                model = LlamaForCausalLM(self.model_config)
-            model.load_state_dict(full_fp32_state_dict(self.engine), assign=True)
-            model.tie_weights()  # assign=True gave a tied lm_head a Parameter of its own
-        # The full-rank engine's weights, fp32 masters, Adam moments and gradient buffers go before the new
-        # engine is built: destroy() frees no tensor, and DeepSpeed's engine holds reference cycles.
-        release_engine(self.engine)
-        self.engine = None
-        gc.collect()
-        get_accelerator().empty_cache()
-        if torch.cuda.is_initialized():  # peak_memory_mb from here on is the ReLoRA phase's own
-            torch.cuda.reset_peak_memory_stats()
-        self._build_engine(model, "lowrank")
-        self._event({"event": "switch_to_relora", "step": self.step})
 
     def _run_config(self) -> dict:
         return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "deepspeed": self.ds,

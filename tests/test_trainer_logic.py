@@ -413,6 +413,8 @@ def test_the_engine_is_built_on_the_recipes_layers(tmp_path, monkeypatch, mode, 
     recipe's target_modules with its rank, alpha, dropout, quantize and merge_residual, LoRA tensors in the
     first param group; mode=full wraps nothing. A mutation audit found a trainer wrapping with dropout=0 or
     the default targets passing every test (runs compared with runs of the same trainer)."""
+    import deepspeed
+
     from relora_ds import relora_layers
     from relora_ds.startup import unlock_output_dir
     from relora_ds.train_config import TrainConfig
@@ -427,7 +429,7 @@ def test_the_engine_is_built_on_the_recipes_layers(tmp_path, monkeypatch, mode, 
     def capture(model, model_parameters, config, lr_scheduler):
         captured.update(model=model, groups=model_parameters)
         raise Built
-    monkeypatch.setattr(trainer_mod.deepspeed, "initialize", capture)
+    monkeypatch.setattr(deepspeed, "initialize", capture)
     data = packed_data_dir(tmp_path / "data", 4_000, 400)
     cfg = TrainConfig(model="debug", seq_len=32, data_dir=str(data), output_dir=str(tmp_path / "run"),
                       mode=mode, cycle_length=4 if mode == "relora" else None, restart_warmup_steps=2, warmup_steps=2,

@@ -101,6 +101,8 @@ def in_process_trainer(monkeypatch, *, rank=0, world=1):
     reached. Returns the trainer module. (Close each Trainer built: its output_dir lock.)"""
     import signal
 
+    import deepspeed
+
     from relora_ds import trainer as trainer_mod
 
     monkeypatch.setattr(trainer_mod, "init_distributed", lambda **kw: None)
@@ -112,5 +114,5 @@ def in_process_trainer(monkeypatch, *, rank=0, world=1):
 
     def no_engine(**kw):
         raise AssertionError("deepspeed.initialize reached: the check should have come before any engine")
-    monkeypatch.setattr(trainer_mod.deepspeed, "initialize", no_engine)
+    monkeypatch.setattr(deepspeed, "initialize", no_engine)
     return trainer_mod

@@ -1,0 +1,122 @@
+"""The trainer's models and DeepSpeed engines: the model a run starts from (a preset or a Hugging Face
+directory; under ZeRO-3 built partitioned, relora_ds/zero_init.py), the ReLoRA wrap, the engine with its
+parameter groups and LR schedule, and the warm-start switch from the full-rank engine to the ReLoRA one.
+A mixin of ``relora_ds.trainer.Trainer``, which owns the configuration, the data and the loop."""
+from __future__ import annotations
+
+import functools
+import gc
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from torch.optim.lr_scheduler import LambdaLR
+
+from . import checkpoint, zero_init
+from .ds_patches import patch_deepspeed_nvme, release_engine
+from .engine_state import full_fp32_state_dict
+from .flops import flops_per_token
+from .hf import hf_tensors, load_hf
+from .model import LlamaForCausalLM
+from .relora import lora_parameters, relora_layers, wrap
+from .startup import nvme_offloads
+
+
+def _shifted(step: int, *, fn, offset: int) -> float:
+    """LambdaLR counts from the engine's creation; the schedule is a function of the global step."""
+    return fn(step + offset)
+
+
+class EnginesMixin:
+    def _phase(self, step: int) -> str:
+        return "full" if self.cfg.mode == "full" or step < self.relora_start else "lowrank"
+
+    def _base_model(self, phase: str) -> LlamaForCausalLM:
+        """The model a run starts from: a Hugging Face directory's (hf_model, warm_start_from), else random
+        from the seed. Under ZeRO-3 built partitioned, and for the ReLoRA phase wrapped before a directory's
+        weights go in (an int8 base quantized from them, as from the whole model)."""
+        src = self.cfg.hf_model or self.cfg.warm_start_from
+        if not src:
+            torch.manual_seed(self.cfg.seed)
+            return self._fresh_model()
+        if not zero_init.partitions_at_build(self.ds, self.cfg.zero_init):
+            return load_hf(src)
+        model = self._fresh_model(keep_rng=True)
+        if phase == "lowrank":
+            self._wrap(model)
+        tied = self.model_config.tie_word_embeddings  # lm_head is the embedding, stored or not
+        zero_init.load_(model, ((k, t) for k, t in hf_tensors(src) if not (tied and k == "lm_head.weight")), src)
+        return model
+
+    def _fresh_model(self, keep_rng: bool = False) -> LlamaForCausalLM:
+        """A randomly initialized model; under ZeRO-3 partitioned as it is built (relora_ds/zero_init.py).
+        ``keep_rng``: its init leaves the run's random streams (the LoRA dropout's) as they were."""
+        if zero_init.partitions_at_build(self.ds, self.cfg.zero_init) and nvme_offloads(self.ds):
+            patch_deepspeed_nvme()  # zero.Init swaps the partitions out as it builds
+        cuda = [torch.cuda.current_device()] if keep_rng and torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda, enabled=keep_rng), zero_init.building(self.ds, self.cfg.zero_init):
+            return LlamaForCausalLM(self.model_config)
+
+    def _build_engine(self, model: LlamaForCausalLM, phase: str, load_universal: bool = False) -> None:
+        cfg = self.cfg
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+        if cfg.loss_chunk_size:
+            model.chunked_loss_enable(cfg.loss_chunk_size)
+        if phase == "lowrank" and not any(True for _ in relora_layers(model)):
+            self._wrap(model)
+        zero_init.partition_(model, self.ds, cfg.zero_init)  # whatever arrived whole (under ZeRO-3)
+        lora = {id(p) for p in lora_parameters(model)}
+        # LoRA and full-rank parameters in separate groups: the reset touches only the first.
+        groups = [{"params": [p for p in model.parameters() if id(p) in lora]},
+                  {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in lora]}]
+        groups = [g for g in groups if g["params"]]
+        offset = 0 if phase == "full" else self.relora_start
+        fn = functools.partial(_shifted, fn=self.schedule, offset=offset)
+        model.universal_checkpoint_info = checkpoint.UNIVERSAL_INFO  # lets ds_to_universal convert our checkpoints
+        ds = {**self.ds, "checkpoint": {**self.ds.get("checkpoint", {}), "load_universal": True}} \
+            if load_universal else self.ds
+        if self._phase_lr(phase) != cfg.lr:  # the warm start's own peak lr
+            ds = {**ds, "optimizer": {**ds["optimizer"], "params": {**ds["optimizer"]["params"],
+                                                                    "lr": self._phase_lr(phase)}}}
+        if nvme_offloads(ds):  # DeepSpeed 0.19.8's NVMe swapping: a crash at step 2, checkpoints that lose weights
+            patch_deepspeed_nvme()
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
+                                               lr_scheduler=lambda opt: LambdaLR(opt, fn))
+        self.engine_phase = phase
+        self.flops_per_token = flops_per_token(model, cfg.seq_len)  # the warm start's, then ReLoRA's
+
+    def _wrap(self, model: LlamaForCausalLM) -> None:
+        cfg = self.cfg
+        wrap(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
+             seed=cfg.seed, quantize=cfg.quantize, merge_residual=cfg.merge_residual)
+
+    def _phase_lr(self, phase: str) -> float:
+        cfg = self.cfg
+        return cfg.warm_start_lr if phase == "full" and cfg.mode != "full" and cfg.warm_start_lr else cfg.lr
+
+    def _switch_to_lowrank(self) -> None:
+        """End of the warm start: full-rank weights (fp32 masters) into a fresh ReLoRA engine."""
+        if zero_init.partitions_at_build(self.ds, self.cfg.zero_init):
+            # ZeRO-3: a ReLoRA model built partitioned takes the masters one parameter at a time (each
+            # gathered in turn: no rank holds the whole model)
+            model = self._fresh_model(keep_rng=True)
+            self._wrap(model)
+            zero_init.load_(model, zero_init.engine_tensors(self.engine), "the full-rank engine")
+        else:
+            # Built on the meta device, the model takes the gathered fp32 tensors themselves: one full fp32
+            # copy per rank in host memory, not two (7b: 27 GB, times the ranks of a node).
+            with torch.device("meta"):
+                model = LlamaForCausalLM(self.model_config)
+            model.load_state_dict(full_fp32_state_dict(self.engine), assign=True)
+            model.tie_weights()  # assign=True gave a tied lm_head a Parameter of its own
+        # The full-rank engine's weights, fp32 masters, Adam moments and gradient buffers go before the new
+        # engine is built: destroy() frees no tensor, and DeepSpeed's engine holds reference cycles.
+        release_engine(self.engine)
+        self.engine = None
+        gc.collect()
+        get_accelerator().empty_cache()
+        if torch.cuda.is_initialized():  # peak_memory_mb from here on is the ReLoRA phase's own
+            torch.cuda.reset_peak_memory_stats()
+        self._build_engine(model, "lowrank")
+        self._event({"event": "switch_to_relora", "step": self.step})

@@ -13,13 +13,12 @@ from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import checkpoint, zero_init
-from .ds_patches import patch_deepspeed_nvme, release_engine
+from .ds_patches import release_engine
 from .engine_state import full_fp32_state_dict
 from .flops import flops_per_token
 from .hf import hf_tensors, load_hf
 from .model import LlamaForCausalLM
 from .relora import lora_parameters, relora_layers, wrap
-from .startup import nvme_offloads
 
 
 def _shifted(step: int, *, fn, offset: int) -> float:
@@ -51,8 +50,6 @@ class EnginesMixin:
     def _fresh_model(self, keep_rng: bool = False) -> LlamaForCausalLM:
         """A randomly initialized model; under ZeRO-3 partitioned as it is built (relora_ds/zero_init.py).
         ``keep_rng``: its init leaves the run's random streams (the LoRA dropout's) as they were."""
-        if zero_init.partitions_at_build(self.ds, self.cfg.zero_init) and nvme_offloads(self.ds):
-            patch_deepspeed_nvme()  # zero.Init swaps the partitions out as it builds
         cuda = [torch.cuda.current_device()] if keep_rng and torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=cuda, enabled=keep_rng), zero_init.building(self.ds, self.cfg.zero_init):
             return LlamaForCausalLM(self.model_config)
@@ -79,8 +76,6 @@ class EnginesMixin:
         if self._phase_lr(phase) != cfg.lr:  # the warm start's own peak lr
             ds = {**ds, "optimizer": {**ds["optimizer"], "params": {**ds["optimizer"]["params"],
                                                                     "lr": self._phase_lr(phase)}}}
-        if nvme_offloads(ds):  # DeepSpeed 0.19.8's NVMe swapping: a crash at step 2, checkpoints that lose weights
-            patch_deepspeed_nvme()
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
                                                lr_scheduler=lambda opt: LambdaLR(opt, fn))
         self.engine_phase = phase

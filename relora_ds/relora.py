@@ -298,8 +298,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     _warn_unwrapped(model, chosen, target_modules)
     training = {name: linear.training for name, linear in chosen}
     for name, linear in chosen:
-        whole = [p for p in (linear.weight, linear.bias) if p is not None]
-        with _gathered(whole):
+        with _gathered([p for p in (linear.weight, linear.bias) if p is not None]):
             layer = ReLoRALinear(linear.in_features, linear.out_features, rank, alpha=alpha, dropout=dropout,
                                  bias=linear.bias is not None, name=name, seed=seed, quantize=quantize,
                                  merge_residual=merge_residual, device=linear.weight.device,

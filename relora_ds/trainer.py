@@ -34,13 +34,14 @@ from .distributed import agree_on_master_port, agreement, init_distributed, max_
 from .flops import peak_tflops
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engines import EnginesMixin
+from .ds_patches import patch_deepspeed_nvme
 from .evaluate import validation_loss
 from .hf import export_run, model_from_engine
 from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_line
 from .relora import lora_parameters
 from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
-    check_offload_on_device, check_output_dir, check_precision_on_device, lock_output_dir, \
+    check_offload_on_device, check_output_dir, check_precision_on_device, lock_output_dir, nvme_offloads, \
     total_steps_for, train_data_record, unlock_output_dir
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import offloaded
@@ -72,6 +73,8 @@ class Trainer(EnginesMixin, CheckpointsMixin):
         with self._warnings_on_rank_zero():
             check_precision_on_device(self.ds, get_accelerator())
         check_offload_on_device(self.ds, get_accelerator(), cfg.quantize)
+        if nvme_offloads(self.ds):  # DeepSpeed 0.19.8's NVMe swapping: a crash at step 2, checkpoints that
+            patch_deepspeed_nvme()  # lose weights; installed before any model is built (zero.Init swaps too)
         self.fp16 = uses_fp16(self.ds)
         # Without ZeRO and in fp32 DeepSpeed records no gradient norm: the trainer computes it (see below).
         self.own_grad_norm = zero_stage(self.ds) == 0 and not (uses_bf16(self.ds) or self.fp16)

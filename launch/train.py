@@ -2,14 +2,34 @@
 
     deepspeed --num_gpus 2 launch/train.py --config launch/configs/tiny.yaml --deepspeed ds_configs/zero2.json
 """
+import signal
 import sys
 import warnings
 
-import torch
+# SIGTERM/SIGUSR1 (SLURM's time-limit warning, preemption, scancel) from the first line on: until the
+# Trainer installs its own handler (the imports, data preparation, the process group, the model), a signal
+# is recorded here and the run stops before its first step (Trainer(early_stop=...)), logging the
+# "preempted" record after which the SLURM scripts requeue the job, instead of dying of TERM or dropping
+# USR1 (which the SLURM scripts ignore until Python runs): either way the job ended without a requeue.
+_early_stop = [0]
+
+
+def catch_early_stops() -> None:
+    def record(signum, frame):
+        _early_stop[0] = signum
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, record)
+
+
+if __name__ == "__main__":  # not when imported: a test process keeps its own handlers
+    catch_early_stops()
+
+import torch  # noqa: E402  (after the handlers: importing torch and DeepSpeed takes seconds)
 
 from relora_ds.distributed import launch_rank, run_and_exit
 from relora_ds.ds_config import load_ds_config
-from relora_ds.train_config import ConfigWarning, build_launch_parser, config_from_args, show_config_warnings_plainly
+from relora_ds.train_args import build_launch_parser, config_from_args
+from relora_ds.train_config import ConfigWarning, show_config_warnings_plainly
 from relora_ds.trainer import Trainer
 
 
@@ -32,7 +52,7 @@ def main(argv=None) -> int:
         try:
             cfg = config_from_args(args)
             load_ds_config(args.deepspeed)  # a wrong path or bad JSON before the process group starts
-            trainer = Trainer(cfg, args.deepspeed)
+            trainer = Trainer(cfg, args.deepspeed, early_stop=lambda: _early_stop[0])
             # The engine, or the checkpoint --resume loads into it: what it refuses is a one-line error too.
             trainer.start()
         except ValueError as e:

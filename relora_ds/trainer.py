@@ -19,6 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import relora_kernels
 from deepspeed.accelerator import get_accelerator
@@ -48,7 +49,11 @@ from .zero_reset import offloaded
 
 
 class Trainer(EnginesMixin, CheckpointsMixin):
-    def __init__(self, cfg: TrainConfig, ds_config_path: str | None = None):
+    def __init__(self, cfg: TrainConfig, ds_config_path: str | None = None,
+                 early_stop: Callable[[], int] | None = None):
+        """``early_stop``: returns the number of a stop signal (SIGTERM/SIGUSR1) the process got before this
+        Trainer installed its handler, else 0 (launch/train.py records them from its first line): the run
+        then stops before its first step."""
         self.cfg = cfg
         apply_kernels_setting(cfg.kernels)
         check_kernels(cfg, torch.cuda.is_available())
@@ -139,6 +144,7 @@ class Trainer(EnginesMixin, CheckpointsMixin):
         self._stop_signal = 0
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._signal_handlers[sig] = signal.signal(sig, self._request_stop)
+        self._stop_signal = self._stop_signal or (early_stop() if early_stop else 0)  # read once ours are in
 
     def close(self) -> None:
         """Release what the run holds in this process: the output_dir lock and the signal handlers (for a
@@ -242,6 +248,10 @@ class Trainer(EnginesMixin, CheckpointsMixin):
         # Trainer log; lr and grad_norm are its last step's. A window ends at the warm-start switch too, so
         # that no record mixes the phases, and at a stop, so that no trained step goes unlogged.
         train_s, step_last, loss_sum = 0.0, self.step, 0.0
+        # A signal during start-up (the checkpoint load, the engine): stop before training a step; nothing has
+        # changed since the checkpoint resumed from (or since nothing), so nothing is saved.
+        if self.step < self.total_steps and self._stop_agreed_before_training():
+            return self._stopped(bar, saved=False)
         while self.step < self.total_steps:
             if self.engine_phase == "full" and self._phase(self.step) == "lowrank":
                 self._switch_to_lowrank()
@@ -271,15 +281,9 @@ class Trainer(EnginesMixin, CheckpointsMixin):
             bar.update(1)
             if self._stop_agreed:  # the checkpoint first: SLURM's warning gives 120 s
                 self.save()
-                bar.close()
                 if self.step == self.total_steps and cfg.eval_every:  # the run's last, once its checkpoint is safe
                     self.evaluate(final=True)
-                self.metrics.preempting()
-                self._print(f"stopped by signal {self._stop_signal or 'on another rank'} after step "
-                            f"{self.step}; checkpoint saved, resume with --resume")
-                self.metrics.log({"event": "preempted", "step": self.step})
-                self.metrics.close()
-                return {"preempted": True, "step": self.step}
+                return self._stopped(bar, saved=True)
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                 final = self.evaluate(final=self.step == self.total_steps)
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
@@ -289,6 +293,27 @@ class Trainer(EnginesMixin, CheckpointsMixin):
             self.export(self.out / "hf")
         self.metrics.close()
         return final
+
+    def _stop_agreed_before_training(self) -> bool:
+        """Whether any rank got a stop signal during start-up (every rank learns it: one all-reduce)."""
+        stop = torch.tensor(float(self._stop_signal > 0), device=self.engine.device)
+        dist.all_reduce(stop)
+        return stop.item() > 0
+
+    def _stopped(self, bar, saved: bool) -> dict:
+        """End a run stopped by a signal: the "preempted" record (after which the SLURM scripts requeue)."""
+        bar.close()
+        self.metrics.preempting()
+        who = self._stop_signal or "on another rank"
+        if saved:
+            self._print(f"stopped by signal {who} after step {self.step}; checkpoint saved, resume with --resume")
+        else:
+            since = f"the checkpoint of step {self.step}" if self.step else "the start"
+            self._print(f"stopped by signal {who} during start-up, before training a step: nothing to save "
+                        f"(nothing trained since {since}); resume with --resume")
+        self.metrics.log({"event": "preempted", "step": self.step})
+        self.metrics.close()
+        return {"preempted": True, "step": self.step}
 
     def _train_step(self) -> float:
         engine, losses = self.engine, []

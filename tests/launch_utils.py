@@ -54,7 +54,9 @@ def run_ranks(script, *args, nprocs: int = 2, timeout: int = 600, cwd=ROOT, mast
                  for r in range(nprocs)]
         deadline, failed = time.monotonic() + timeout, None
         try:
-            while any(p.poll() is None for p in procs):
+            # Poll every rank each time: any() over a generator stopped at the first live rank, so a rank 1
+            # that died went unseen while rank 0 waited for it in a collective (until its 60-min timeout).
+            while [p.poll() for p in procs].count(None):
                 failed = failed or next((p for p in procs if p.returncode not in (None, 0)), None)
                 if failed is not None:
                     time.sleep(1.0)  # the launcher's poll interval: the other ranks may report too

@@ -381,7 +381,7 @@ def test_train_py_reports_a_refused_start_or_resume_in_one_line(tmp_path, monkey
     closed = []
 
     class Refused:
-        def __init__(self, cfg, ds_config_path):
+        def __init__(self, cfg, ds_config_path, early_stop=None):
             self.metrics = SimpleNamespace(close=lambda exit_code: closed.append(("metrics", exit_code)))
 
         def start(self):

@@ -1,8 +1,10 @@
-"""The trainer's resume on 2 CPU ranks (gloo): a crash while saving, new settings, fewer and more ranks,
-ZeRO-3 with int8 and with offload, DeepSpeed's bf16 optimizer, a finished run extended."""
+"""The trainer's resume on 2 CPU ranks (gloo): a crash while saving, a stop signal during start-up, new
+settings, fewer and more ranks, ZeRO-3 with int8 and with offload, DeepSpeed's bf16 optimizer, a finished run
+extended."""
 import json
 import os
 import re
+import textwrap
 
 import pytest
 
@@ -41,6 +43,35 @@ def test_crash_while_saving_then_exact_resume(tmp_path, small_data_dir, uninterr
         reference, _ = read_losses(ref_dir / "run")
     for step, loss in resumed.items():
         assert loss == reference[step], f"step {step}: resumed {loss!r} != uninterrupted {reference[step]!r}"
+
+
+def test_a_stop_signal_during_start_up_stops_every_rank_before_the_first_step(tmp_path, small_data_dir,
+                                                                               uninterrupted):
+    """USR1 reaching one rank before its Trainer exists (SLURM's warning can come while a big model loads;
+    before, the SLURM scripts had to drop it, or it killed the rank, and the job ended without a requeue):
+    launch/train.py records it, both ranks stop before step 1 with the "preempted" record the scripts requeue
+    on, exit 0 and save nothing; the requeued command (--resume) then trains the run exactly."""
+    wrapper = tmp_path / "signal_at_start.py"  # launch/train.py's own lines, with USR1 to rank 1 before main()
+    wrapper.write_text(textwrap.dedent(f"""
+        import os, runpy, signal
+        train = runpy.run_path({str(ROOT / "launch/train.py")!r}, run_name="train")  # as imported: no main()
+        train["catch_early_stops"]()  # what its __main__ does first
+        if os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGUSR1)
+        from relora_ds.distributed import run_and_exit
+        run_and_exit(train["main"])
+    """))
+    recipe, ds = write(tmp_path, small_data_dir)
+    proc = run_ranks(wrapper, "--config", recipe, "--deepspeed", ds)
+    assert ("stopped by signal on another rank during start-up, before training a step: nothing to save "
+            "(nothing trained since the start)") in proc.stdout + proc.stderr
+    _, recs = read_losses(tmp_path / "run")
+    assert [r for r in recs if "step" in r] == [{"event": "preempted", "step": 0}]
+    assert not list((tmp_path / "run").glob("checkpoints/step_*"))
+    train2(tmp_path, small_data_dir, "--resume")
+    resumed, recs = read_losses(tmp_path / "run")
+    assert resumed == uninterrupted[0]
+    assert recs[-1].get("event") != "preempted" and len([r for r in recs if r.get("event") == "preempted"]) == 1
 
 
 def test_resume_applies_the_recipes_new_lr(tmp_path, small_data_dir):

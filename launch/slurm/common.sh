@@ -93,7 +93,7 @@ _forward() {
     stop_signal=$1
     local as=${FORWARD_AS:-$1}
     say "got SIG$1: forwarding it to the ranks${FORWARD_AS:+ as SIG$as} (they finish the step, checkpoint and" \
-        "exit; ranks still starting up, before the trainer's handler, ignore it and no checkpoint follows)"
+        "exit; ranks still starting up stop before their first step, with nothing to save)"
     # To the tasks of the job's steps, not to srun (see above) nor to this script (no --batch). It fails,
     # harmlessly, when SLURM is already cancelling the job: then SLURM signals the ranks itself.
     scancel --signal="$as" "$SLURM_JOB_ID" 2>/dev/null || true

@@ -18,7 +18,7 @@ PYTHON=${PYTHON:-python}
 node_rank=$("$PYTHON" launch/hostfile.py node-rank --check-visible-devices "$hostfile") || exit 2
 
 # SLURM delivers a step signal to every process of the step. The launcher processes ignore USR1 (the
-# disposition is inherited; the trainer installs its own handler): its default action would kill the
+# disposition is inherited; launch/train.py installs its own handler first thing): its default action would kill the
 # launcher, end the step, and SLURM would then kill the ranks before their checkpoint is written. The runner
 # (this task's top process) ignores TERM too and waits for its launcher: it has no TERM handler of its own
 # with --no_ssh, and died of it at once (the step over, the ranks killed unsaved). The launcher under it,

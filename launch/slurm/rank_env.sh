@@ -21,7 +21,8 @@ fi
 (( $# )) || { echo "rank_env.sh: error: no command given" >&2; exit 2; }
 
 export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
-# A USR1 before the trainer installs its handler (imports, data preparation) would kill the rank, ending the
-# job without a checkpoint or requeue: ignore it until then (the disposition is inherited through exec).
+# A USR1 before Python runs launch/train.py's first lines (which record it: the run then stops before its
+# first step, and the job requeues) would kill the rank, ending the job without a requeue: ignore it until
+# then (the disposition is inherited through exec).
 trap '' USR1
 exec "$@"

@@ -63,8 +63,9 @@ class CheckpointsMixin:
         # The engine that wrote step_N trained step N-1: at N == warm_start_steps still the full-rank one
         # (the loop switches before step N's training).
         phase = self._phase(step - 1)
-        self._build_engine(self._base_model(phase) if phase == "full" or not self.cfg.warm_start_steps
-                           else self._fresh_model(), phase, load_universal=universal)
+        # The checkpoint holds every weight (frozen bases, int8 or not, and their residuals included): a fresh
+        # model takes them; an hf_model's weights are not read again (minutes at 7b, at every requeue).
+        self._build_engine(self._fresh_model(), phase, load_universal=universal)
         try:
             _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
         except (AssertionError, FileNotFoundError) as e:  # DeepSpeed asserts that its files exist

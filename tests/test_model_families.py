@@ -333,6 +333,28 @@ def test_trainer_on_a_tied_llama_resumes_bit_for_bit(tmp_path, small_data_dir, t
     assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
 
 
+def test_a_resume_reads_no_weights_from_the_hugging_face_directory(tmp_path, small_data_dir):
+    """Without a warm start the ReLoRA model is built at once from hf_model, int8 base included; a resume
+    takes every weight from its checkpoint, so it continues the run bit for bit with the directory's weights
+    gone (before, it read them again first: minutes at 7b, at every requeue); config.json still gives the
+    architecture."""
+    from trainer_utils import read_losses, rewind_to, train1
+
+    source = _hf_dir(tmp_path, "llama3.2-tied")
+    kw = dict(hf_model=source, warm_start_steps=0, quantize="int8", save_every=6)
+    train1(tmp_path, small_data_dir, **kw)
+    reference = read_losses(tmp_path / "run")[0]
+    rewind_to(tmp_path / "run", "step_6")
+    weights = list((tmp_path / "llama3.2-tied").glob("*.safetensors"))
+    assert weights
+    for path in weights:
+        path.write_bytes(b"not weights any more")
+    train1(tmp_path, small_data_dir, "--resume", **kw)
+    resumed = read_losses(tmp_path / "run")[0]
+    assert sorted(resumed) == list(range(7, 13))
+    assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
+
+
 def test_trainer_on_a_tied_llama_zero3_two_ranks_and_universal_resume(tmp_path, small_data_dir, tied_llama_run):
     """ZeRO-3 on two ranks (lm_head gathers the embedding's partitions for the loss) trains the one-rank run's
     losses up to reduction order; its step-7 checkpoint resumed on one rank goes through DeepSpeed's universal

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from relora_ds.distributed import run_and_exit
 from relora_ds.ds_config import zero_stage
-from relora_ds.train_config import build_launch_parser, config_from_args
+from relora_ds.train_args import build_launch_parser, config_from_args
 from relora_ds.trainer import Trainer
 
 

@@ -28,8 +28,8 @@ from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
 from relora_ds.startup import (apply_kernels_setting, build_schedule, check_data_use, check_kernels,
                                check_model_and_data, check_offload_on_device, check_output_dir,
                                check_precision_on_device, total_steps_for, train_data_record)
-from relora_ds.train_config import (BUILTIN_VOCAB_SIZE, build_launch_parser, config_from_args,
-                                   show_config_warnings_plainly)
+from relora_ds.train_args import build_launch_parser, config_from_args
+from relora_ds.train_config import BUILTIN_VOCAB_SIZE, show_config_warnings_plainly
 
 
 def main(argv=None) -> int:

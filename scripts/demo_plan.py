@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from relora_ds.train_config import build_launch_parser, config_from_args
+from relora_ds.train_args import build_launch_parser, config_from_args
 
 RECIPE = "launch/configs/tiny.yaml"
 

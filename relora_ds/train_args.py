@@ -1,0 +1,116 @@
+"""launch/train.py's command line: a YAML recipe (``--config``) and one flag per TrainConfig field, read into
+a TrainConfig (defaults < recipe < flags). launch/preflight.py and the benchmarks read the same flags."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+
+import yaml
+
+from .train_config import TrainConfig, bare_type, coerce_value
+
+
+def build_launch_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The parser of launch/train.py: the recipe's flags plus ``--deepspeed PATH`` and the launcher's
+    ``--local_rank``. launch/preflight.py extends it, so both read a command line identically."""
+    # allow_abbrev=False: --total-step must not silently mean --total-steps (nor a future flag's prefix)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    # Our own --deepspeed PATH: deepspeed.add_config_arguments would make it a boolean flag.
+    parser.add_argument("--deepspeed", metavar="PATH", help="DeepSpeed JSON (ds_configs/); default: ZeRO off, fp32")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
+    return build_parser(parser)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(allow_abbrev=False)
+    parser.add_argument("--config", help="YAML recipe; CLI flags override its values")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_ = f"{f.metadata['help']} (default: {default})"
+        tp = bare_type(hints[f.name])
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_)
+        else:
+            optional = type(None) in typing.get_args(hints[f.name])
+            choices = f.metadata.get("choices")
+            if choices:  # checked by TrainConfig.validate, so that 'none' can pass argparse
+                help_ += f"; one of {', '.join(choices)}"
+            if optional:
+                help_ += "; 'none' clears a value the recipe sets"
+            parser.add_argument(flag, dest=f.name, type=_cli_type(f.name, hints[f.name]), default=None, help=help_,
+                                metavar=f"{{{','.join(choices)}}}" if choices else None)
+    return parser
+
+
+_CLEAR = "__none__"  # a CLI `none` for an optional field: overrides the recipe's value with None
+
+
+def _cli_type(name: str, hint):
+    def parse(text: str):
+        if text.strip().lower() in ("none", "null") and type(None) in typing.get_args(hint):
+            return _CLEAR
+        try:
+            return coerce_value(name, text, hint)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    parse.__name__ = bare_type(hint).__name__  # argparse names the type in its error message
+    return parse
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key twice in one mapping is an error (PyYAML keeps the last
+    silently: `lr: 0.5` appended to a recipe would win without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found the key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < YAML recipe < CLI flags. Unknown recipe keys are an error (a typo is never ignored)."""
+    values: dict = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise ValueError(f"--config {path}: no such file")
+        try:
+            with path.open(encoding="utf-8") as f:  # a file object: YAML's errors name the file
+                values = yaml.load(f, Loader=_UniqueKeyLoader) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"--config {path}: a recipe is a mapping of keys to values (key: value lines), "
+                             f"not a {type(values).__name__}")
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+            hints = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+            raise ValueError(f"{path}: unknown keys {unknown}{f' ({hints})' if hints else ''}; valid keys: "
+                             f"{sorted(names)}")
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = None if v == _CLEAR else v
+    source = values.get("hf_model") or values.get("warm_start_from")
+    if getattr(args, "model", None) is not None and source:
+        raise ValueError(f"--model {args.model} contradicts {'hf_model' if values.get('hf_model') else 'warm_start_from'}"
+                         f"={source!r}, whose config.json decides the model: give one of the two")
+    if getattr(args, "resume", None) is False and values.get("resume_from") is not None:
+        raise ValueError(f"--no-resume contradicts resume_from={values['resume_from']!r}, which resumes: give one "
+                         "(--resume-from none clears a recipe's)")
+    return TrainConfig(**values)

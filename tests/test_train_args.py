@@ -1,0 +1,164 @@
+"""launch/train.py's command line (relora_ds/train_args.py): a YAML recipe plus CLI flags, read into a
+TrainConfig; what cannot be read is an error naming the file, the key or the flag."""
+import argparse
+
+import pytest
+
+from relora_ds.ds_config import load_ds_config
+from relora_ds.train_args import build_launch_parser, build_parser, config_from_args
+from relora_ds.train_config import ConfigWarning, TrainConfig
+
+BASE = dict(cycle_length=10, restart_warmup_steps=2, total_steps=100, micro_batch_size=2, global_batch_size=8)
+
+
+def test_yaml_recipe_with_cli_overrides_and_unknown_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_length: 10\ntotal_steps: 50\nlr: 0.01\n")
+    parser = build_parser(argparse.ArgumentParser())
+    cfg = config_from_args(parser.parse_args(["--config", str(recipe), "--lr", "0.02", "--target-modules", "q_proj"]))
+    assert (cfg.lr, cfg.total_steps, cfg.target_modules) == (0.02, 50, ["q_proj"])
+    recipe.write_text("cycle_lenght: 10\ntotal_steps: 50\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['cycle_lenght'\]"):
+        config_from_args(parser.parse_args(["--config", str(recipe)]))
+
+
+def test_yaml_recipe_choices_are_checked(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_length: 10\ntotal_steps: 50\nprune_method: l1\n")
+    parser = build_parser(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match="prune_method='l1' is not valid"):
+        config_from_args(parser.parse_args(["--config", str(recipe)]))
+
+
+def test_recipe_values_are_typed(tmp_path):
+    """YAML 1.1 reads `1e-3` (no dot) as a string: numbers come through as numbers; a quoted "no" is not
+    a bool and 2.5 sequences is not a micro-batch (errors naming the field, not tracebacks or silent truths)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nlr: 1e-3\nadam_eps: 1e-8\n")
+    cfg = config_from_args(build_parser().parse_args(["--config", str(recipe)]))
+    assert (cfg.lr, cfg.adam_eps) == (1e-3, 1e-8) and isinstance(cfg.lr, float)
+    for line, match in (('resume: "no"', r"resume='no' must be true or false"),
+                        ("micro_batch_size: 2.5", "micro_batch_size=2.5 must be a whole number"),
+                        ("mode: null", "mode=None: a value is required"),
+                        ("target_modules: q_proj", "must be a list of strings")):
+        recipe.write_text(f"cycle_length: 10\ntotal_steps: 100\n{line}\n")
+        with pytest.raises(ValueError, match=match):
+            config_from_args(build_parser().parse_args(["--config", str(recipe)]))
+
+
+def test_cli_none_clears_a_recipe_value(tmp_path):
+    """The paper recipes set total_steps; `--token-budget 2e9 --total-steps none` trains by tokens instead."""
+    from launch_utils import ROOT
+
+    args = ["--config", str(ROOT / "launch/configs/paper_60m.yaml"), "--total-steps", "none", "--token-budget", "2e9"]
+    cfg = config_from_args(build_parser().parse_args(args))
+    assert cfg.total_steps is None and cfg.token_budget == 2_000_000_000
+    with pytest.raises(ValueError, match="exactly one of total_steps and token_budget"):
+        config_from_args(build_parser().parse_args(args[:2] + ["--token-budget", "2e9"]))
+    # Fields with a fixed set of values take 'none' too, and a bad value is still an error naming them.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nquantize: int8\nkernels: torch\n")
+    cfg = config_from_args(build_parser().parse_args(["--config", str(recipe), "--quantize", "none", "--kernels", "none"]))
+    assert cfg.quantize is None and cfg.kernels is None
+    with pytest.raises(ValueError, match="quantize='int4' is not valid; valid values: 'int8'"):
+        config_from_args(build_parser().parse_args(["--config", str(recipe), "--quantize", "int4"]))
+    for bad in (["--total-steps", "inf"], ["--lr", "nan"]):
+        with pytest.raises(SystemExit):  # argparse: "... must be a finite number"
+            build_parser().parse_args(bad)
+
+
+def test_errors_name_the_flag_that_fixes_them(tmp_path):
+    """Each refusal says how to get a valid run: the flag to drop a recipe's value, the setting to change,
+    the recipe key probably meant; a CLI prefix is not taken for a flag."""
+    with pytest.raises(ValueError, match=r"warm_start_steps=100 only makes sense with mode=relora or lora: .*"
+                                         r"\(--warm-start-steps 0\)"):
+        TrainConfig(**{**BASE, "mode": "full", "cycle_length": None, "warm_start_steps": 100})
+    with pytest.raises(ValueError, match=r"--total-steps none drops a recipe's total_steps"):
+        TrainConfig(**BASE, token_budget=1000)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_lenght: 10\ntotal_steps: 50\nwarmup_step: 3\nzzz: 1\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['cycle_lenght', 'warmup_step', 'zzz'\] \('cycle_lenght': "
+                                         r"did you mean 'cycle_length'\?; 'warmup_step': did you mean 'warmup_steps'\?\)"):
+        config_from_args(build_parser().parse_args(["--config", str(recipe)]))
+    with pytest.raises(SystemExit):
+        build_launch_parser().parse_args(["--total-step", "30"])
+    from relora_ds.startup import build_schedule
+    cfg = TrainConfig(**{**BASE, "warm_start_steps": 4, "warmup_steps": 6, "cycle_length": 10})
+    with pytest.raises(ValueError, match=r"^warm_start_steps=4 must be 0 or at least warmup_steps=6: the first warmup"):
+        build_schedule(cfg, 100)
+    with pytest.warns(UserWarning, match=r"rank=8 is ignored: mode='full' has no LoRA layers"):
+        TrainConfig(**{**BASE, "mode": "full", "cycle_length": None, "rank": 8})
+
+
+def test_a_bool_is_never_a_number(tmp_path):
+    """YAML 1.1 reads `yes`/`on` as true: `micro_batch_size: yes` must not train with micro-batches of 1."""
+    with pytest.raises(ValueError, match="micro_batch_size=True must be a whole number"):
+        TrainConfig(**{**BASE, "micro_batch_size": True})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nlr: on\n")
+    with pytest.raises(ValueError, match="lr=True must be a finite number"):
+        config_from_args(build_parser().parse_args(["--config", str(recipe)]))
+
+
+def test_a_recipe_that_is_not_yaml_or_not_a_mapping_is_named(tmp_path):
+    parser = build_parser(argparse.ArgumentParser())
+    recipe = tmp_path / "r.yaml"
+    for text, match in (("lr: 0.01\n\tcycle_length: 10\n", r"(?s)r.yaml: not valid YAML: .*in \".*r.yaml\", line 2"),
+                        ("just a string\n", r"r.yaml: a recipe is a mapping of keys to values .*not a str"),
+                        ("- lr\n- rank\n", r"r.yaml: a recipe is a mapping .*not a list")):
+        recipe.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            config_from_args(parser.parse_args(["--config", str(recipe)]))
+
+
+def test_no_resume_with_resume_from_is_a_contradiction():
+    parser = build_parser(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match=r"--no-resume contradicts resume_from='step_10'"):
+        config_from_args(parser.parse_args(["--resume-from", "step_10", "--no-resume", "--cycle-length", "10",
+                                              "--total-steps", "100"]))
+    cfg = config_from_args(parser.parse_args(["--resume-from", "step_10", "--resume", "--cycle-length", "10",
+                                            "--total-steps", "100"]))
+    assert cfg.resume and cfg.resume_from == "step_10"
+
+
+def test_model_preset_with_a_hugging_face_start_is_a_contradiction():
+    parser = build_parser(argparse.ArgumentParser())
+    for flag in ("--hf-model", "--warm-start-from"):
+        with pytest.raises(ValueError, match=rf"--model 60m contradicts {flag[2:].replace('-', '_')}='/x/hf', whose "
+                                             r"config.json decides the model"):
+            config_from_args(parser.parse_args(["--model", "60m", flag, "/x/hf", "--total-steps", "100",
+                                                "--cycle-length", "10"]))
+
+
+def test_a_hugging_face_start_records_no_preset(tmp_path):
+    """With hf_model or warm_start_from the directory's config.json is the model: the config records model=None
+    (the effective configuration, run_info.jsonl and checkpoints said "tiny", the default), a recipe's preset
+    beside a CLI --hf-model is named as ignored, and model=None without such a directory is an error."""
+    parser = build_parser(argparse.ArgumentParser())
+    base = ["--total-steps", "100", "--cycle-length", "10"]
+    assert config_from_args(parser.parse_args(["--hf-model", "/x/hf", *base])).model is None
+    assert config_from_args(parser.parse_args(["--warm-start-from", "/x/hf", *base])).model is None
+    assert config_from_args(parser.parse_args(base)).model == "tiny"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: 130m\n")
+    with pytest.warns(ConfigWarning, match=r"model='130m' is ignored: hf_model='/x/hf' decides the model"):
+        cfg = config_from_args(parser.parse_args(["--config", str(recipe), "--hf-model", "/x/hf", *base]))
+    assert cfg.model is None and TrainConfig(**cfg.to_dict()).model is None  # a saved config reads back
+    with pytest.raises(ValueError, match=r"model=None needs hf_model or warm_start_from .* debug, tiny, 60m"):
+        TrainConfig(model=None, total_steps=100, cycle_length=10)
+
+
+def test_a_key_given_twice_in_a_recipe_or_deepspeed_json_is_named(tmp_path):
+    """YAML and JSON readers keep the last of two equal keys silently: `lr: 0.5` appended to a recipe, or a
+    second zero_optimization block, won without a word (a review's find)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 0.001\nrank: 8\nlr: 0.5\n")
+    with pytest.raises(ValueError, match=r"(?s)--config .*r.yaml: not valid YAML: .*found the key 'lr' twice.*line 3"):
+        config_from_args(argparse.Namespace(config=str(recipe)))
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}, "bf16": {"enabled": true}, "zero_optimization": {"stage": 3}}')
+    with pytest.raises(ValueError, match=r"ds.json: key 'zero_optimization' appears twice in one object"):
+        load_ds_config(ds)
+    ds.write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "stage": 3}}')
+    with pytest.raises(ValueError, match=r"key 'stage' appears twice"):
+        load_ds_config(ds)

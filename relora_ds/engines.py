@@ -34,9 +34,16 @@ class EnginesMixin:
         """The model a run starts from: a Hugging Face directory's (hf_model, warm_start_from), else random
         from the seed. Under ZeRO-3 built partitioned, and for the ReLoRA phase wrapped before a directory's
         weights go in (an int8 base quantized from them, as from the whole model)."""
+        # The seed: the random init's, and with a source directory still the LoRA dropout's stream.
+        torch.manual_seed(self.cfg.seed)
         src = self.cfg.hf_model or self.cfg.warm_start_from
         if not src:
-            torch.manual_seed(self.cfg.seed)
+            if phase == "lowrank" and self.cfg.quantize and zero_init.partitions_at_build(self.ds, self.cfg.zero_init):
+                # The int8 base quantized from the fp32 init, as the whole build's (wrapped before the engine's
+                # cast): built partitioned in fp32, wrapped, then cast.
+                model = self._fresh_model(fp32=True)
+                self._wrap(model)
+                return zero_init.cast_partitions_(model, self.ds)
             return self._fresh_model()
         if not zero_init.partitions_at_build(self.ds, self.cfg.zero_init):
             return load_hf(src)
@@ -47,11 +54,13 @@ class EnginesMixin:
         zero_init.load_(model, ((k, t) for k, t in hf_tensors(src) if not (tied and k == "lm_head.weight")), src)
         return model
 
-    def _fresh_model(self, keep_rng: bool = False) -> LlamaForCausalLM:
-        """A randomly initialized model; under ZeRO-3 partitioned as it is built (relora_ds/zero_init.py).
-        ``keep_rng``: its init leaves the run's random streams (the LoRA dropout's) as they were."""
+    def _fresh_model(self, keep_rng: bool = False, fp32: bool = False) -> LlamaForCausalLM:
+        """A randomly initialized model; under ZeRO-3 partitioned as it is built (relora_ds/zero_init.py), in
+        the config's dtype or with ``fp32`` in fp32. ``keep_rng``: its init leaves the run's random streams
+        (the LoRA dropout's) as they were."""
         cuda = [torch.cuda.current_device()] if keep_rng and torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=cuda, enabled=keep_rng), zero_init.building(self.ds, self.cfg.zero_init):
+        with torch.random.fork_rng(devices=cuda, enabled=keep_rng), \
+                zero_init.building(self.ds, self.cfg.zero_init, fp32=fp32):
             return LlamaForCausalLM(self.model_config)
 
     def _build_engine(self, model: LlamaForCausalLM, phase: str, load_universal: bool = False) -> None:

@@ -7,7 +7,9 @@ moment). Under ZeRO stage 3 the trainer instead
   in the config's dtype and partitioned as soon as that module exists; rank 0's values are broadcast, so
   every rank starts from the same weights (its ``apply(init_fn)`` runs on the gathered parameters);
 - lets ``relora_ds.wrap`` swap each partitioned ``nn.Linear`` for a ReLoRA layer one at a time (its
-  base gathered, the new layer partitioned before the next is built);
+  base gathered, the new layer partitioned before the next is built); a random model wrapped with an int8
+  base is built in fp32 and cast after the wrap (`cast_partitions_`), so that its base is quantized from
+  the fp32 init as the whole build's is;
 - partitions what arrives whole one parameter at a time (`partition_`), cast first as the engine would
   have cast it;
 - builds the model a Hugging Face directory gives, or the ReLoRA model at the warm-start switch, partitioned
@@ -37,11 +39,36 @@ def partitions_at_build(ds: dict, enabled: bool = True) -> bool:
     return enabled and zero_stage(ds) == 3
 
 
-def building(ds: dict, enabled: bool = True):
-    """Context in which a fresh model is built partitioned (ZeRO-3), else a no-op."""
+def building(ds: dict, enabled: bool = True, fp32: bool = False):
+    """Context in which a fresh model is built partitioned (ZeRO-3), else a no-op. Its parameters are created
+    in the config's dtype, or with ``fp32`` in fp32 (then `cast_partitions_` before the engine)."""
     if not partitions_at_build(ds, enabled):
         return contextlib.nullcontext()
+    if fp32:  # zero.Init's own dtype= is ignored where the accelerator lacks fp16 (0.19.8: `dtype or fp16 if
+        # supported else ...` parses as `(dtype or fp16) if ...`): a config without bf16/fp16 gives fp32
+        ds = {k: v for k, v in ds.items() if k not in ("bf16", "bfloat16", "fp16")}
     return deepspeed.zero.Init(config_dict_or_path=ds)
+
+
+def _config_dtype(ds: dict) -> torch.dtype:
+    return torch.bfloat16 if uses_bf16(ds) else torch.float16 if uses_fp16(ds) else torch.float32
+
+
+@torch.no_grad()
+def cast_partitions_(model: torch.nn.Module, ds: dict) -> torch.nn.Module:
+    """The engine's cast for a model built partitioned in fp32 (``building(ds, fp32=True)``): each
+    floating-point partition to the config's dtype, in place (DeepSpeed's attributes on it kept); the int8
+    base stays int8. The values are those of the whole model cast, then partitioned."""
+    dtype = _config_dtype(ds)
+    for p in model.parameters():
+        part = getattr(p, "ds_tensor", None)
+        if part is None or not part.is_floating_point() or part.dtype == dtype:
+            continue
+        pinned = part.device.type == "cpu" and part.is_pinned()
+        new = part.data.to(dtype)
+        part.data = new.pin_memory() if pinned else new  # an offloaded partition stays pinned
+        p.data = torch.empty(0, dtype=dtype, device=p.data.device)  # outside a gather: empty, of the new dtype
+    return model
 
 
 @torch.no_grad()
@@ -54,7 +81,7 @@ def partition_(model: torch.nn.Module, ds: dict, enabled: bool = True) -> torch.
         return model
     whole = [p for p in model.parameters() if not hasattr(p, "ds_id")]
     if whole:
-        dtype = torch.bfloat16 if uses_bf16(ds) else torch.float16 if uses_fp16(ds) else torch.float32
+        dtype = _config_dtype(ds)
         for p in whole:  # what the engine's cast does before it partitions; the int8 base stays int8
             if p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)

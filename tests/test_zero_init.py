@@ -1,5 +1,7 @@
 """ZeRO-3 models built partitioned (relora_ds/zero_init.py: deepspeed.zero.Init, ReLoRA layers swapped in
 partitioned, whole models partitioned one parameter at a time), against the whole-model build."""
+import pytest
+
 from launch_utils import ROOT, run_ranks
 from trainer_utils import read_losses, rewind_to, write
 
@@ -35,18 +37,22 @@ def test_zero3_run_built_partitioned_trains_and_resumes_as_the_whole_build(tmp_p
     assert resumed == {step: runs["whole"][step] for step in range(9, 13)}
 
 
-def test_zero3_hf_model_built_partitioned_equals_the_whole_load(tmp_path, small_data_dir):
-    """hf_model under ZeRO-3 straight into ReLoRA with an int8 base: the model built partitioned, wrapped, and
+@pytest.mark.parametrize("start", ["hf_model", "random"])
+def test_zero3_relora_model_at_once_built_partitioned_equals_the_whole_build(tmp_path, small_data_dir, start):
+    """Straight into ReLoRA (no warm start) under ZeRO-3 with an int8 base and LoRA dropout, built partitioned
+    and built whole train the same losses bit for bit. hf_model: the model built partitioned, wrapped, and
     filled from the safetensors one tensor at a time (the int8 base quantized from the fp32 file, the
-    attention and MLP biases into their ReLoRA layers) trains the whole load's losses bit for bit."""
+    attention and MLP biases into their ReLoRA layers). random: built partitioned in fp32, wrapped (the int8
+    base quantized from the fp32 init, as the whole build's), then cast. Both seed the dropout's stream (a
+    review found hf_model runs unseeded: each run drew other masks)."""
     from test_model_families import _hf_dir
 
-    source = _hf_dir(tmp_path, "llama-bias-head_dim-linear")
+    source = {"hf_model": _hf_dir(tmp_path, "llama-bias-head_dim-linear")} if start == "hf_model" else {}
     runs = {}
     for built in ("partitioned", "whole"):
         (tmp_path / built).mkdir()
-        recipe, _ = write(tmp_path / built, small_data_dir, hf_model=source, warm_start_steps=0, quantize="int8",
-                          total_steps=6, eval_every=0, zero_init=built == "partitioned")
+        recipe, _ = write(tmp_path / built, small_data_dir, **source, warm_start_steps=0, quantize="int8",
+                          dropout=0.1, total_steps=6, eval_every=0, zero_init=built == "partitioned")
         run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ROOT / "ds_configs/zero3.json")
         runs[built] = read_losses(tmp_path / built / "run")[0]
     assert sorted(runs["whole"]) == list(range(1, 7))

@@ -1,7 +1,7 @@
 """2-rank worker for tests/test_zero_init.py: models built partitioned under ZeRO-3 (relora_ds/zero_init.py).
 
-Oracle: the same model built whole in one process from the same seed, cast to bf16 as DeepSpeed's engine
-casts it. Checked for a fresh tied model built under zero.Init, then wrapped (bf16 and int8 base), for
+Oracle: the same model built whole in one process from the same seed (wrapped in fp32), cast to bf16 as
+DeepSpeed's engine casts it. Checked for a fresh tied model built under zero.Init, then wrapped (bf16 and int8 base), for
 a whole wrapped model partitioned by ``partition_``, and (against its own weights before the wrap) for
 transformers' LLaMA built under zero.Init: every parameter is partitioned (no rank keeps the whole
 tensor: its local data is empty and its partition 1/world of it), and the gathered values, int8 storage and
@@ -24,10 +24,15 @@ CFG = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=175, num_hid
 
 
 def whole(seed: int, quantize=None, wrapped=True) -> torch.nn.Module:
-    """The oracle: built whole, cast to bf16 (the engine's cast, which the int8 quantizer then sees)."""
+    """The oracle, in the trainer's order without ZeRO-3: built whole in fp32, wrapped (an int8 base
+    quantized from fp32), then its parameters cast to bf16 as DeepSpeed's engine casts them (not buffers)."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(CFG).to(torch.bfloat16)
-    return relora_ds.wrap(model, rank=3, seed=11, quantize=quantize) if wrapped else model
+    model = LlamaForCausalLM(CFG)
+    if wrapped:
+        relora_ds.wrap(model, rank=3, seed=11, quantize=quantize)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16) if p.is_floating_point() else p.data
+    return model
 
 
 def check_partitioned(model, what: str) -> None:
@@ -61,11 +66,15 @@ def main():
     check_partitioned(model, "zero.Init build")
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     check_equal(model, whole(0, wrapped=False), "zero.Init build")
+    # As the trainer builds a ReLoRA model at once: a bf16 base built in bf16; an int8 base built in fp32, so
+    # that it is quantized from the fp32 init, then cast (built in bf16 it was quantized from bf16-rounded
+    # weights: 9% of its int8 values and 30% of its scales differed from the whole build's).
     for quantize in (None, "int8"):
         torch.manual_seed(0)
-        with zero_init.building(DS):
+        with zero_init.building(DS, fp32=quantize is not None):
             model = LlamaForCausalLM(CFG)
         relora_ds.wrap(model, rank=3, seed=11, quantize=quantize)  # swaps partitioned nn.Linear layers
+        zero_init.cast_partitions_(model, DS)
         check_partitioned(model, f"wrap quantize={quantize}")
         check_equal(model, whole(0, quantize), f"wrap quantize={quantize}")
     torch.manual_seed(1)

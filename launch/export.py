@@ -73,9 +73,12 @@ def main(argv=None) -> Path:
     # merge_count buffers may be absent: they do not affect the exported weights.
     if unexpected or [k for k in missing if not k.endswith("merge_count")]:
         ap.error(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        out, notes = export_run(model, args.out, run["train"], tokenizer, dtype=args.dtype,
-                                token_ids=None if tokenizer else _run_token_ids(run))
+    try:
+        with torch.no_grad():
+            out, notes = export_run(model, args.out, run["train"], tokenizer, dtype=args.dtype,
+                                    token_ids=None if tokenizer else _run_token_ids(run))
+    except ValueError as e:  # e.g. --out is the Hugging Face directory the run started from
+        ap.error(str(e))
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     print(f"exported {args.checkpoints / tag} to {out}")

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .data.tokenizer import open_tokenizer, tokenizer_difference
-from .hf_tokenizer import save_hf_tokenizer, sentencepiece_special_ids
+from .hf_tokenizer import TokenizerNotConvertible, save_hf_tokenizer, sentencepiece_special_ids
 from .model import LlamaForCausalLM
 from .model_config import MODEL_TYPES, PER_LAYER_WINDOW, LlamaConfig
 from .relora import relora_layers
@@ -269,7 +269,7 @@ def export_run(model: torch.nn.Module, out_dir: str | Path, train: dict, tokeniz
               token_ids=token_ids)
     try:
         return export_hf(model, out_dir, **kw), notes
-    except ValueError as e:  # a tokenizer transformers cannot reproduce exactly (e.g. a unigram model)
+    except TokenizerNotConvertible as e:  # transformers cannot reproduce it exactly (e.g. a unigram model)
         notes.append(f"{e}; exported with tokenizer.model but without a Hugging Face tokenizer.json")
         return export_hf(model, out_dir, hf_tokenizer=False, **kw), notes
 
@@ -377,7 +377,11 @@ def load_hf_config(path: str | Path) -> LlamaConfig:
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory (LLaMA, Qwen2, Qwen3 or "
                          "Mistral)")
-    return config_from_hf(json.loads((path / "config.json").read_text()))
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    return config_from_hf(config)
 
 
 def hf_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:

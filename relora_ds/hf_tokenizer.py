@@ -14,6 +14,11 @@ _PROBES = ["Hello world", " leading space", "  two  spaces  ", "line\nbreak\n\n"
            "naïve café, 漢字 ✓", "", " ", "text with <s>, </s> and <unk> written in it"]
 
 
+class TokenizerNotConvertible(ValueError):
+    """A SentencePiece model transformers cannot reproduce exactly: an export then carries tokenizer.model
+    alone (``hf.export_run``)."""
+
+
 def sentencepiece_special_ids(sp_model: str | Path) -> dict:
     """``{"bos_token_id", "eos_token_id"}`` of a SentencePiece model (BOS None where it has none, as T5's)."""
     from .data.tokenizer import load_tokenizer
@@ -46,7 +51,8 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
     proto.ParseFromString(sp_model.read_bytes())
     spec = proto.normalizer_spec
     if not spec.escape_whitespaces:
-        raise ValueError(f"{sp_model}: SentencePiece models without escape_whitespaces are not supported")
+        raise TokenizerNotConvertible(f"{sp_model}: SentencePiece models without escape_whitespaces are not "
+                                      "supported")
     bos = [sp.bos_id()] if sp.bos_id() >= 0 else []  # T5's spiece.model has no BOS
     pieces = {name: sp.id_to_piece(i) for name, i in
               (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())) if i >= 0}
@@ -71,9 +77,10 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
         want = [*bos, *sp.encode(text)]
         got = tok(text)["input_ids"]
         if got != want:
-            raise ValueError(f"{sp_model}: the Hugging Face tokenizer encodes {text!r} as {got[:12]}, "
-                             f"SentencePiece as {want[:12]}: transformers cannot convert this model exactly "
-                             "(SentencePiece reads its tokenizer.model)")
+            raise TokenizerNotConvertible(
+                f"{sp_model}: the Hugging Face tokenizer encodes {text!r} as {got[:12]}, SentencePiece as "
+                f"{want[:12]}: transformers cannot convert this model exactly (SentencePiece reads its "
+                "tokenizer.model)")
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(out)
     # transformers 5 records its own class name (TokenizersBackend), which 4.x cannot load; the generic

@@ -170,6 +170,11 @@ def check_output_dir(cfg: TrainConfig) -> None:
             if src and out.resolve() in (Path(src).resolve(), *Path(src).resolve().parents):
                 raise ValueError(f"{name}={src} lies inside output_dir {out}, which --overwrite deletes: copy "
                                  "it elsewhere first, or pick another --output-dir")
+    for name in ("hf_model", "warm_start_from"):  # the export reads the source's config and tokenizer files
+        src = getattr(cfg, name)
+        if cfg.export and src and Path(src).resolve() == (out / "hf").resolve():
+            raise ValueError(f"{name}={src} is this run's export directory ({out / 'hf'}, written at its end with "
+                             "export: true): copy it elsewhere first, pick another --output-dir, or --no-export")
 
 
 LOCK_FILE = ".lock"

@@ -92,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 values = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"--config {path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--config {path}: not UTF-8 text ({e}); save the recipe as UTF-8") from None
         if not isinstance(values, dict):
             raise ValueError(f"--config {path}: a recipe is a mapping of keys to values (key: value lines), "
                              f"not a {type(values).__name__}")
@@ -107,7 +109,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if v is not None:
             values[f.name] = None if v == _CLEAR else v
     source = values.get("hf_model") or values.get("warm_start_from")
-    if getattr(args, "model", None) is not None and source:
+    if getattr(args, "model", None) not in (None, _CLEAR) and source:  # `--model none` clears a recipe's
         raise ValueError(f"--model {args.model} contradicts {'hf_model' if values.get('hf_model') else 'warm_start_from'}"
                          f"={source!r}, whose config.json decides the model: give one of the two")
     if getattr(args, "resume", None) is False and values.get("resume_from") is not None:

@@ -120,7 +120,10 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
                             (["--overwrite"], {"RELORA_KERNELS": "tritn"}, "RELORA_KERNELS='tritn'"),
                             ([], {}, "holds a run (metrics.jsonl): pass --resume to continue it, --overwrite"),
                             (["--overwrite", "--warm-start-from", str(tmp_path / "run" / "hf"), "--warm-start-steps",
-                              "0"], {}, "lies inside output_dir")):
+                              "0"], {}, "lies inside output_dir"),
+                            # a review's find: the run trained to its end, then its export failed (exit 1)
+                            (["--resume", "--hf-model", str(tmp_path / "run" / "hf"), "--warm-start-steps", "0"], {},
+                             f"hf_model={tmp_path / 'run' / 'hf'} is this run's export directory")):
         proc = _preflight("--world-size", "3", *args, *extra, env=_clean_env(**env))
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-500:])
     for ok in (["--resume"], ["--overwrite"]):

@@ -238,6 +238,13 @@ def test_continued_pretraining_on_hugging_face_tokens_exports_the_models_tokeniz
                            str(tmp_path / "e2"), "--tokenizer", str(toks["qwen"])], capture_output=True, text=True,
                           env=launch_env())
     assert proc.returncode == 2 and "qwen/tokenizer.json is not the tokenizer" in proc.stderr, proc.stderr[-2000:]
+    # --out the model the run started from: one error line (a review found two tracebacks and a retry that
+    # blamed the tokenizer), the source untouched
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(tmp_path / "run"), "--out",
+                           str(model)], capture_output=True, text=True, env=launch_env())
+    assert proc.returncode == 2 and "is the directory the model was loaded from" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and {p.name: p.read_bytes() for p in model.iterdir()} == before
 
 
 def test_special_tokens_map_wins_over_tokenizer_config_as_in_transformers(tmp_path):

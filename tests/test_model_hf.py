@@ -112,6 +112,16 @@ def test_hf_configs_we_cannot_reproduce_are_refused(field, value, match):
         config_from_hf(hf)
 
 
+def test_a_directory_without_a_readable_config_is_named(tmp_path):
+    from relora_ds.hf import load_hf_config
+
+    with pytest.raises(ValueError, match="has no config.json: not a Hugging Face model directory"):
+        load_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama",')  # cut short by a full disk
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/config.json is not valid JSON: Expecting"):
+        load_hf_config(tmp_path)
+
+
 def test_load_hf_refuses_quantized_tensors_and_casts_each_tensor(tmp_path):
     """A checkpoint holding int8/fp8 tensors (a quantizer's, its config stripped) is one clear error, not
     torch's 'unexpected keys' traceback or a silent cast of fp8 codes; float tensors load in the asked dtype."""

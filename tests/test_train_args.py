@@ -109,6 +109,9 @@ def test_a_recipe_that_is_not_yaml_or_not_a_mapping_is_named(tmp_path):
         recipe.write_text(text)
         with pytest.raises(ValueError, match=match):
             config_from_args(parser.parse_args(["--config", str(recipe)]))
+    recipe.write_bytes("lr: 0.01  # caf\u00e9\n".encode("latin-1"))  # an editor's Latin-1
+    with pytest.raises(ValueError, match=r"r.yaml: not UTF-8 text .*save the recipe as UTF-8"):
+        config_from_args(parser.parse_args(["--config", str(recipe)]))
 
 
 def test_no_resume_with_resume_from_is_a_contradiction():
@@ -128,6 +131,10 @@ def test_model_preset_with_a_hugging_face_start_is_a_contradiction():
                                              r"config.json decides the model"):
             config_from_args(parser.parse_args(["--model", "60m", flag, "/x/hf", "--total-steps", "100",
                                                 "--cycle-length", "10"]))
+        # `--model none` clears a recipe's preset (the help says so), which a Hugging Face start then replaces
+        cfg = config_from_args(parser.parse_args(["--model", "none", flag, "/x/hf", "--total-steps", "100",
+                                                  "--cycle-length", "10"]))
+        assert cfg.model is None and getattr(cfg, flag[2:].replace("-", "_")) == "/x/hf"
 
 
 def test_a_hugging_face_start_records_no_preset(tmp_path):

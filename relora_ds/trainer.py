@@ -246,7 +246,8 @@ class Trainer(EnginesMixin, CheckpointsMixin):
         # warm-start switch (each step ends in an all-reduce read on the host, so the clock sees the device).
         # A record covers the steps since the last one (log_every): their mean loss, as Megatron and the HF
         # Trainer log; lr and grad_norm are its last step's. A window ends at the warm-start switch too, so
-        # that no record mixes the phases, and at a stop, so that no trained step goes unlogged.
+        # that no record mixes the phases, at a stop, so that no trained step goes unlogged, and at each
+        # checkpoint, so that a run resumed from it logs the records the uninterrupted run logged.
         train_s, step_last, loss_sum = 0.0, self.step, 0.0
         # A signal during start-up (the checkpoint load, the engine): stop before training a step; nothing has
         # changed since the checkpoint resumed from (or since nothing), so nothing is saved.
@@ -261,7 +262,8 @@ class Trainer(EnginesMixin, CheckpointsMixin):
             self.tokens_seen += self.tokens_per_step
             self._after_step_events()
             train_s += time.perf_counter() - t0
-            if (self.step % cfg.log_every == 0 or self.step == self.total_steps or self._stop_agreed
+            save_due = (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps
+            if (self.step % cfg.log_every == 0 or save_due or self._stop_agreed
                     or (self.engine_phase == "full" and self._phase(self.step) == "lowrank")):
                 tok_s = (self.step - step_last) * self.tokens_per_step / train_s
                 loss = loss_sum / (self.step - step_last)
@@ -286,7 +288,7 @@ class Trainer(EnginesMixin, CheckpointsMixin):
                 return self._stopped(bar, saved=True)
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                 final = self.evaluate(final=self.step == self.total_steps)
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps:
+            if save_due:
                 self.save()
         bar.close()
         if cfg.export:

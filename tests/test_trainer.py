@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from launch_utils import ROOT, free_port, launch_env, run_ranks
-from trainer_utils import FP32_ZERO2, RECIPE, export_equals_the_trainers, read_losses, train1, write
+from trainer_utils import FP32_ZERO2, RECIPE, export_equals_the_trainers, read_losses, rewind_to, train1, write
 
 def test_two_rank_run_leaves_no_shared_memory_behind(uninterrupted_run):
     assert uninterrupted_run["shm_left"] == []
@@ -319,28 +319,35 @@ def test_fp16_skipped_steps_keep_the_lr_schedule_on_the_step(tmp_path, small_dat
 
 def test_grad_norm_is_logged_without_zero_too_and_a_record_covers_its_steps(tmp_path, small_data_dir):
     """Stage 0 (plain `python launch/train.py`) logs the same gradient norm as ZeRO-2 records (fp32, 1 rank);
-    with log_every > 1 a record's loss is its steps' mean (found by a review: it was the last step's)."""
+    with log_every > 1 a record's loss is its steps' mean (found by a review: it was the last step's), and a
+    run resumed from a checkpoint logs the records the uninterrupted run logged (a review found the steps
+    between the last record and the checkpoint in no record of the resumed run)."""
     stage0 = tmp_path / "stage0.json"
     stage0.write_text(json.dumps({"zero_optimization": {"stage": 0},
                                   "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
     norms = {}
     for name, ds in (("zero0", stage0), ("zero2", None)):
         (tmp_path / name).mkdir()
-        train1(tmp_path / name, small_data_dir, ds=ds, total_steps=4, eval_every=0, global_batch_size=4)
+        train1(tmp_path / name, small_data_dir, ds=ds, total_steps=6, eval_every=0, global_batch_size=4)
         _, recs = read_losses(tmp_path / name / "run")
         norms[name] = [r["grad_norm"] for r in recs if "loss" in r]
     assert all(n is not None and n > 0 for n in norms["zero0"]), norms
     assert norms["zero0"] == pytest.approx(norms["zero2"], rel=1e-4)
     # log_every=3: a record holds the mean loss of its steps and its last step's grad_norm and lr; the window
-    # also ends at the warm-start switch (after step 2), so records at 2 (steps 1-2), 3 and 4 (the last).
+    # also ends at the warm-start switch (after step 2) and at the checkpoint of step 4: records at 2 (steps
+    # 1-2), 3, 4 and 6 (steps 5-6, the last).
     each, each_recs = read_losses(tmp_path / "zero2" / "run")
     (tmp_path / "every3").mkdir()
-    train1(tmp_path / "every3", small_data_dir, total_steps=4, eval_every=0, global_batch_size=4, log_every=3)
+    kw = dict(total_steps=6, eval_every=0, global_batch_size=4, log_every=3, save_every=4)
+    train1(tmp_path / "every3", small_data_dir, **kw)
     grouped, recs = read_losses(tmp_path / "every3" / "run")
-    assert grouped == {2: (each[1] + each[2]) / 2, 3: each[3], 4: each[4]}
+    assert grouped == {2: (each[1] + each[2]) / 2, 3: each[3], 4: each[4], 6: (each[5] + each[6]) / 2}
     by_step = {r["step"]: r for r in each_recs if "loss" in r}
     assert [(r["grad_norm"], r["lr"], r["phase"]) for r in recs if "loss" in r] == \
-        [(by_step[s]["grad_norm"], by_step[s]["lr"], by_step[s]["phase"]) for s in (2, 3, 4)]
+        [(by_step[s]["grad_norm"], by_step[s]["lr"], by_step[s]["phase"]) for s in (2, 3, 4, 6)]
+    rewind_to(tmp_path / "every3" / "run", "step_4")
+    train1(tmp_path / "every3", small_data_dir, "--resume", **kw)
+    assert read_losses(tmp_path / "every3" / "run")[0] == {6: grouped[6]}
     # A new run in that output_dir is refused (it would mix the runs); --overwrite starts over there.
     proc = train1(tmp_path / "zero2", small_data_dir, check=False, total_steps=3, eval_every=0, global_batch_size=4)
     assert proc.returncode == 2 and "holds a run (latest, metrics.jsonl): pass --resume" in proc.stderr, proc.stderr
@@ -348,7 +355,7 @@ def test_grad_norm_is_logged_without_zero_too_and_a_record_covers_its_steps(tmp_
     proc = train1(tmp_path / "zero2", small_data_dir, "--overwrite", check=False, total_steps=2, eval_every=0,
                    global_batch_size=4)
     assert proc.returncode == 2 and "warm_start_steps=2 leaves no low-rank steps" in proc.stderr, proc.stderr
-    assert (tmp_path / "zero2/run/checkpoints/latest").read_text() == "step_4"
+    assert (tmp_path / "zero2/run/checkpoints/latest").read_text() == "step_6"
     train1(tmp_path / "zero2", small_data_dir, "--overwrite", total_steps=3, eval_every=0, global_batch_size=4)
     losses, _ = read_losses(tmp_path / "zero2" / "run")
     assert sorted(losses) == [1, 2, 3] and (tmp_path / "zero2/run/checkpoints/latest").read_text() == "step_3"

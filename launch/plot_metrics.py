@@ -25,12 +25,25 @@ def curves(recs: list[dict]) -> tuple[list[dict], list[dict], list[int]]:
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("metrics", type=Path)
-    ap.add_argument("-o", "--out", type=Path, help="PNG path (default: next to the metrics file)")
+    ap.add_argument("-o", "--out", type=Path, help="image path, PNG unless its suffix names another format "
+                    "(a directory: DIR/curves.png; default: curves.png next to the metrics file)")
     args = ap.parse_args(argv)
     if args.metrics.is_dir():  # a run's output_dir: its metrics.jsonl
         args.metrics = args.metrics / "metrics.jsonl"
     if not args.metrics.is_file():
         ap.error(f"{args.metrics}: no such file")
+    out = args.out or args.metrics.with_name("curves.png")
+    if out.is_dir():
+        out = out / "curves.png"
+    elif not out.suffix:
+        out = out.with_suffix(".png")  # what matplotlib would write: the path printed is the file written
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if out.suffix[1:].lower() not in formats:
+        ap.error(f"-o {out}: {out.suffix!r} is not an image format matplotlib writes; valid: "
+                 f"{', '.join('.' + f for f in sorted(formats))}")
+    if not out.parent.is_dir():
+        ap.error(f"-o {out}: no directory {out.parent}")
     recs, cut = [], 0
     for line in args.metrics.read_text().splitlines():
         if line.strip():
@@ -55,9 +68,6 @@ def main(argv=None) -> Path:
     ax1.legend()
     ax2.set_ylabel("learning rate")
     ax2.set_xlabel("optimizer step (dotted: ReLoRA switch and resets)")
-    out = args.out or args.metrics.with_name("curves.png")
-    if not out.parent.is_dir():
-        ap.error(f"-o {out}: no directory {out.parent}")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")

@@ -173,12 +173,14 @@ class TrainConfig:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise ValueError(f"{f.name}={value!r} is not valid; valid values: {', '.join(map(repr, choices))}")
+        if self.cycle_length is not None and self.cycle_length <= 0:
+            raise ValueError(f"cycle_length={self.cycle_length} must be positive")
         if self.mode == "relora" and not self.cycle_length:
             raise ValueError("mode=relora needs cycle_length (steps between optimizer resets, e.g. 5000); "
                              "use mode=lora for LoRA without restarts")
-        if self.cycle_length is not None and self.cycle_length <= 0:
-            raise ValueError(f"cycle_length={self.cycle_length} must be positive")
-        if self.merge_every is not None and (self.merge_every <= 0 or (self.cycle_length or 0) % self.merge_every):
+        if self.merge_every is not None and self.merge_every <= 0:
+            raise ValueError(f"merge_every={self.merge_every} must be positive")
+        if self.mode == "relora" and self.merge_every is not None and self.cycle_length % self.merge_every:
             raise ValueError(f"merge_every={self.merge_every} must be a positive divisor of cycle_length="
                              f"{self.cycle_length} (every reset is also a merge)")
         if (self.total_steps is None) == (self.token_budget is None):

@@ -87,6 +87,16 @@ def test_plot_a_killed_runs_metrics_with_a_cut_last_line(tmp_path, capsys):
         plot_metrics.main([str(path), "-o", str(tmp_path / "missing" / "c.png")])
     assert "no directory" in capsys.readouterr().err
     assert plot_metrics.main([str(tmp_path)]) == out  # a run's output_dir: its metrics.jsonl (a test-drive's try)
+    # -o: a directory gets curves.png in it, a name without suffix .png, and the path printed is the file
+    # written (a review found "wrote DIR" where matplotlib wrote DIR.png beside it)
+    (tmp_path / "plots").mkdir()
+    for arg, want in (("plots", "plots/curves.png"), ("noext", "noext.png"), ("c.svg", "c.svg")):
+        got = plot_metrics.main([str(path), "-o", str(tmp_path / arg)])
+        assert got == tmp_path / want and got.is_file() and f"wrote {got}" in capsys.readouterr().out, arg
+    assert not (tmp_path / "plots.png").exists()
+    with pytest.raises(SystemExit):
+        plot_metrics.main([str(path), "-o", str(tmp_path / "c.xyz")])
+    assert "'.xyz' is not an image format matplotlib writes; valid: " in capsys.readouterr().err
 
 
 def test_demo_help_prints_usage_and_launches_nothing():

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from relora_ds.data.builtin_corpus import builtin_documents, builtin_fingerprint
@@ -105,18 +106,36 @@ def _files_in(candidates: list[str], origin: str) -> list[str]:
 def _walk(root: Path, origin: str, exclude: tuple[Path, ...]) -> list[str]:
     """Every non-hidden path under directory `root` (hidden files counted in a warning), without the
     paths in `exclude` and what lies under them; a ``save_to_disk`` dataset's metadata files are not text."""
-    found, hidden = [], 0
+    found, hidden, caches = [], 0, 0
     for p in sorted(root.rglob("*")):
         if _excluded(p, exclude):
             continue
         if any(part.startswith(".") for part in p.relative_to(root).parts):  # .git, .ipynb_checkpoints
             hidden += p.is_file()
+        elif _is_save_to_disk_cache(p):
+            caches += 1
         elif not _is_save_to_disk_meta(p):
             found.append(str(p))
     if hidden:
         warnings.warn(f"input {origin!r}: skipped {hidden} hidden files (names or folders starting "
                       "with '.')", DataWarning, stacklevel=3)
+    if caches:
+        warnings.warn(f"input {origin!r}: skipped {caches} .arrow files of a save_to_disk dataset that its "
+                      "state.json does not list (caches a later .map() or .filter() wrote there, holding "
+                      "transformed copies of its rows)", DataWarning, stacklevel=3)
     return found
+
+
+def _is_save_to_disk_cache(p: Path) -> bool:
+    """An .arrow file beside a save_to_disk dataset's state.json that the state does not list as data."""
+    state = p.parent / "state.json"
+    if p.suffix != ".arrow" or not state.is_file():
+        return False
+    try:
+        listed = {d["filename"] for d in json.loads(state.read_text())["_data_files"]}
+    except (ValueError, KeyError, TypeError):  # not datasets' state.json: nothing to tell apart
+        return False
+    return p.name not in listed
 
 
 def _is_save_to_disk_meta(p: Path) -> bool:
@@ -292,7 +311,9 @@ _BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")
 
 def _split_paragraphs(batch: dict) -> dict:
     """Each of `batch`'s paragraphs split again at lines holding only whitespace; the separators go."""
-    return {"text": [p for text in batch["text"] for p in _BLANK_LINES.split(text) if p.strip()]}
+    # A third newline after a paragraph, or the file's last one, stays on a paragraph otherwise: the same
+    # paragraph would then hash differently (the split) and a duplicate could land in both splits.
+    return {"text": [p.strip("\n") for text in batch["text"] for p in _BLANK_LINES.split(text) if p.strip()]}
 
 
 def _same_text(batch: dict) -> dict:
@@ -366,7 +387,9 @@ def load_corpus(
     if text_column != "text" and all(builder_for(f) == "text" for f in files):
         warnings.warn(f"text_column={text_column!r} is ignored: .txt files have no columns", DataWarning,
                       stacklevel=2)
+    originals = files
     files, invalid, lone = _repair_files(files, work_dir, num_proc)
+    originals = dict(zip(files, originals, strict=True))  # repaired copy -> the file it repairs
 
     parts = []
     # Consecutive files with the same builder and columns are read together (datasets reads a group as one
@@ -374,7 +397,7 @@ def load_corpus(
     # streaming failed later, inside tokenization); order is the resolved order.
     groups: list[tuple[tuple, list[str]]] = []
     for f in files:
-        key = (builder_for(f), _columns(f, builder_for(f)))
+        key = (builder_for(f), _columns(f, builder_for(f), text_column))
         if groups and groups[-1][0] == key:
             groups[-1][1].append(f)
         else:
@@ -382,24 +405,28 @@ def load_corpus(
     for (builder, _), group in groups:
         kwargs = {"sample_by": txt_unit} if builder == "text" else {}
         try:
-            parts.append(_load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwargs))
+            parts.append(_load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwargs, originals))
         except ValueError:
             if len(group) == 1 or streaming:
                 raise
             # A schema the first records did not show (a later record with more keys): file by file, so
             # that each keeps its own columns and an unreadable one is named.
-            parts += [_load_group(builder, [f], text_column, txt_unit, streaming, work_dir, kwargs) for f in group]
+            parts += [_load_group(builder, [f], text_column, txt_unit, streaming, work_dir, kwargs, originals)
+                      for f in group]
     ds = _concatenate(parts)
     return Corpus(ds, f"{len(files)} local files", invalid, lone)
 
 
-def _load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwargs):
-    origin = group[0] if len(group) == 1 else f"{len(group)} {builder} files ({group[0]}, ...)"
+def _load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwargs, originals=None):
+    named = [(originals or {}).get(f, f) for f in group]  # a repaired copy is named by its original file
+    origin = named[0] if len(group) == 1 else f"{len(group)} {builder} files ({named[0]}, ...)"
     try:
         ds = datasets.load_dataset(builder, data_files=group, split="train", streaming=streaming,
                                    cache_dir=str(work_dir / "hf-cache"), **kwargs)
     except datasets.exceptions.DatasetGenerationError as e:
         raise ValueError(f"could not read {origin}: {e.__cause__ or e}") from e
+    except (pa.ArrowInvalid, OSError) as e:  # a corrupt Parquet or Arrow file: Arrow's message names none
+        raise ValueError(f"could not read {origin}: {type(e).__name__}: {e}") from e
     except StopIteration as e:  # datasets' JSON reader on a file with no records
         raise ValueError(f"could not read {origin}: no records (an empty file?)") from e
     ds = _select_text(ds, "text" if builder == "text" else text_column, origin)
@@ -408,19 +435,25 @@ def _load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwar
     return ds
 
 
-def _columns(path: str, builder: str | None) -> tuple | None:
-    """A file's column names, sorted, read cheaply: a Parquet schema, or the keys of a JSON Lines file's first
-    record (what datasets infers its columns from); None where that cannot tell (a .json array, .txt)."""
+def _columns(path: str, builder: str | None, text_column: str = "text") -> tuple | None:
+    """A file's column names, sorted, and its text column's type, read cheaply: a Parquet schema, or the
+    first record of a JSON Lines file (what datasets infers its columns from); None where that cannot tell
+    (a .json array, .txt). datasets casts each file of a group to the first one's types: a file whose text
+    column holds numbers, grouped after one of strings, would be read as the strings "0", "1", ..."""
     try:
         if builder == "parquet":
-            return tuple(sorted(pq.read_schema(path).names))
+            schema = pq.read_schema(path)
+            kind = str(schema.field(text_column).type) if text_column in schema.names else None
+            return (*sorted(schema.names), kind)
         if builder != "json":
             return None
         with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8", errors="replace") as f:
             while line := f.readline(1 << 20):  # at most 1 MB: a .json array can be one huge line
                 if line.strip():
                     record = json.loads(line)  # a cut line fails here: None
-                    return tuple(sorted(record)) if isinstance(record, dict) else None
+                    if not isinstance(record, dict):
+                        return None
+                    return (*sorted(record), type(record.get(text_column)).__name__)
     except (OSError, ValueError, EOFError):  # unreadable here: the load names the problem
         return None
     return None

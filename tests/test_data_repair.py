@@ -107,3 +107,14 @@ def test_a_byte_order_mark_does_not_start_the_first_document(tmp_path):
         assert (outs[0] / f"{split}.bin").read_bytes() == (outs[1] / f"{split}.bin").read_bytes()
     assert load_manifest(outs[1])["splits"]["train"]["documents"] + \
         load_manifest(outs[1])["splits"]["validation"]["documents"] == 100
+
+
+def test_an_unreadable_file_read_through_its_repaired_copy_is_named_by_its_own_path(tmp_path):
+    """A JSONL file with an invalid UTF-8 byte is read from a repaired copy in the output's work dir, which is
+    gone when the user reads the error: a cut-off last line must name the user's file (a review found the copy
+    named)."""
+    path = tmp_path / "broken.jsonl"
+    path.write_bytes("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES).encode() + b'{"text": "caf\xe9')
+    with pytest.warns(DataWarning), pytest.raises(ValueError, match=rf"could not read {path}: ") as err:
+        prepare_data([str(path)], tmp_path / "out", tokenizer=str(_tiny_tokenizer(tmp_path)))
+    assert "utf8-repaired" not in str(err.value)

@@ -108,6 +108,9 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     not refill), and the restart warmup does not keep that small (measured in ``moment_masks``).
     ``joint=True`` uses one mask, from exp_avg, for both moments.
 
+    ``seed`` draws the 'random' masks: pass a new one at each reset (the trainer passes seed + step), or
+    every reset zeroes the same entries.
+
     Accepts torch Adam/AdamW or a DeepSpeed engine (ZeRO-partitioned state, see zero_reset.py); both use
     ``moment_masks`` on whole tensors, so the results are identical.
     Returns ``{key: fraction of entries zeroed}`` over all given params (independent mode: exp_avg's

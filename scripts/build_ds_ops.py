@@ -7,21 +7,17 @@ trainer run with parameters on NVMe, 30 s once the op exists) hit its 600 s limi
 250 s alone (shm_comm 42 s, cpu_adam 67 s, pin_memory 32 s). Each build lands in TORCH_EXTENSIONS_DIR
 (scripts/setup_env.sh sets it per environment); a built op loads in a second.
 """
-import subprocess
 import sys
 import time
 
+from deepspeed.accelerator import get_accelerator
+
 OPS = ("ShareMemCommBuilder", "CPUAdamBuilder", "PinMemoryBuilder", "AsyncIOBuilder")
-# Two lanes at once: async_io compiles several files (ninja keeps both cores busy part of its time), the
-# others one or two files each (one core); one after another they left a core idle for most of ~6 min.
-LANES = (("AsyncIOBuilder",), ("ShareMemCommBuilder", "CPUAdamBuilder", "PinMemoryBuilder"))
 
 
-def build(names) -> int:
-    from deepspeed.accelerator import get_accelerator
-
+def main() -> int:
     accelerator = get_accelerator()
-    for name in names:
+    for name in OPS:
         builder = accelerator.create_op_builder(name)
         if builder is None or not builder.is_compatible(verbose=False):
             print(f"build_ds_ops: {name} is not buildable on DeepSpeed's {accelerator.device_name()} accelerator "
@@ -33,19 +29,5 @@ def build(names) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    unknown = sorted(set(argv) - set(OPS))
-    if unknown:
-        print(f"build_ds_ops: unknown ops {unknown}; valid: {list(OPS)}", file=sys.stderr)
-        return 2
-    if argv:
-        return build(argv)
-    start = time.perf_counter()
-    lanes = [subprocess.Popen([sys.executable, __file__, *lane]) for lane in LANES]  # separate processes: each
-    codes = [p.wait() for p in lanes]  # op's build directory and lock are its own
-    print(f"build_ds_ops: all ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
-    return max(codes)
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

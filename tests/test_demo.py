@@ -230,7 +230,7 @@ def test_train_py_closes_the_metrics_on_an_error_exit(monkeypatch):
     closed = []
 
     class StopsOnNaN:
-        def __init__(self, cfg, ds_config_path):
+        def __init__(self, cfg, ds_config_path, early_stop=None):
             self.metrics = type("Metrics", (), {"close": lambda _, exit_code=0: closed.append(exit_code)})()
 
         def start(self):  # the engine (built; nothing to refuse here)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from relora_ds.data import DataWarning, PackedTokens, load_manifest, load_tokenizer, prepare_data
-from relora_ds.data.sources import builder_for, load_corpus, resolve_inputs
+from relora_ds.data.inputs import builder_for, resolve_inputs
+from relora_ds.data.sources import load_corpus
 
 
 def write_jsonl(path, texts, column="text"):

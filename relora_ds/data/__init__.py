@@ -10,7 +10,7 @@ from relora_ds.data.packed import PackedTokens
 from relora_ds.data.encode import in_validation
 from relora_ds.data.prepare import PrepareConfig, prepare_data
 from relora_ds.data.sampler import ShardedBatches, epoch_order, eval_batches
-from relora_ds.data.sources import SUPPORTED_SUFFIXES, DataWarning
+from relora_ds.data.inputs import SUPPORTED_SUFFIXES, DataWarning
 from relora_ds.data.tokenizer import Tokenizer, check_tokenizer_matches, load_tokenizer, open_tokenizer
 
 __all__ = [

@@ -25,9 +25,8 @@ import tokenizers
 
 from relora_ds.data import manifest as mf
 from relora_ds.data.encode import MAP_BATCH, Encode, in_validation, tokenize_and_write
-from relora_ds.data.sources import (
-    TXT_UNITS, Corpus, DataWarning, corpus_fingerprint, hub_commit, load_corpus, resolve_inputs,
-)
+from relora_ds.data.inputs import DataWarning, corpus_fingerprint, hub_commit, resolve_inputs
+from relora_ds.data.sources import TXT_UNITS, Corpus, load_corpus
 from relora_ds.data.tokenizer import Tokenizer, open_tokenizer, resolve_tokenizer, train_tokenizer, training_lines
 
 log = logging.getLogger(__name__)

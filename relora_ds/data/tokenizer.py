@@ -21,7 +21,7 @@ import numpy as np
 import sentencepiece as spm
 
 from relora_ds.data import manifest as mf
-from relora_ds.data.sources import DataWarning
+from relora_ds.data.inputs import DataWarning
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 # SentencePiece skips longer training "sentences"; we feed lines, and a Wikipedia paragraph can exceed

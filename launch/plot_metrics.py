@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 
 def curves(recs: list[dict]) -> tuple[list[dict], list[dict], list[int]]:
@@ -37,8 +38,7 @@ def main(argv=None) -> Path:
         out = out / "curves.png"
     elif not out.suffix:
         out = out.with_suffix(".png")  # what matplotlib would write: the path printed is the file written
-    formats = plt.figure().canvas.get_supported_filetypes()
-    plt.close("all")
+    formats = FigureCanvasBase.get_supported_filetypes()
     if out.suffix[1:].lower() not in formats:
         ap.error(f"-o {out}: {out.suffix!r} is not an image format matplotlib writes; valid: "
                  f"{', '.join('.' + f for f in sorted(formats))}")

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint, reset_hook, run_info, zero_init
-from .data import PackedTokens, ShardedBatches, builtin_data_dir, load_manifest, prepare_data
+from .data import PackedTokens, ShardedBatches, builtin_data_dir, load_manifest
 from .data.manifest import read_manifest_file
 from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
     single_process_environment
@@ -184,6 +184,8 @@ class Trainer(EnginesMixin, CheckpointsMixin):
             what = f"data_dir {path}"
             fix = "put it on a filesystem every node mounts, or give every node the same copy"
         else:
+            from .data import prepare_data  # imports Hugging Face datasets: only the runs that prepare
+
             vocab = cfg.vocab_size or BUILTIN_VOCAB_SIZE
             path = builtin_data_dir(vocab)
             # One process tokenizes (its error stops every rank); the others wait and read. relora_ds's cache.

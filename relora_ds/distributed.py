@@ -109,8 +109,13 @@ def agree_on_master_port() -> str | None:
 
 
 def init_distributed(**kwargs) -> None:
-    """``deepspeed.init_distributed(**kwargs)``, then release the shared-memory segment it leaks on CPU."""
+    """``deepspeed.init_distributed(**kwargs)``, then release the shared-memory segment it leaks on CPU. Also
+    spares the rank DeepSpeed's import of torch's compiler (relora_ds/ds_patches.py, item 5)."""
     import deepspeed
+
+    from .ds_patches import import_muon_compiling_on_first_call
+
+    import_muon_compiling_on_first_call()
 
     try:
         deepspeed.init_distributed(**kwargs)

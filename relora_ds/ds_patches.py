@@ -46,8 +46,17 @@ pops it, and ``PartitionedParameterCoordinator.__params_to_release`` is an ``lru
 by (coordinator, submodule, step). Measured at the warm-start switch: the full-rank ZeRO-3 engine was still
 alive when the ReLoRA engine was built (ZeRO-1/2 engines were freed once no longer referenced).
 ``release_engine`` drops both references (the cache only loses entries it recomputes).
+
+5. Every rank imports torch's compiler (torch._inductor: ~2 s of CPU at start-up, where torch itself imports
+in 2.5 s; measured on this project's 2-core machine) for an optimizer it does not use: ZeRO's gradient
+reduction, ZeRO-3's and the bf16 optimizer's set-up import DeepSpeed's Muon optimizer to check whether the
+optimizer is one, and that module decorates three functions with ``torch.compile``, whose set-up imports the
+compiler at decoration, not at the first call. ``import_muon_compiling_on_first_call`` imports it once with
+those decorations deferred to each function's first call (which compiles exactly as before).
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -164,6 +173,37 @@ def patch_deepspeed_nvme() -> bool:
             patched._relora_nvme = True
             setattr(DeepSpeedEngine, name, patched)
     return True
+
+
+def import_muon_compiling_on_first_call() -> None:
+    """Item 5 (idempotent): import DeepSpeed's Muon optimizer with its ``torch.compile`` decorations made at
+    each decorated function's first call. Nothing where DeepSpeed is missing or the module is imported."""
+    import functools
+    import importlib.util
+
+    name = "deepspeed.runtime.zero.muon.original_muon"
+    if name in sys.modules or importlib.util.find_spec("deepspeed") is None:
+        return
+    compile_now = torch.compile
+
+    def compile_on_first_call(model=None, **kwargs):
+        if model is None:  # used as @torch.compile(...)
+            return lambda fn: compile_on_first_call(fn, **kwargs)
+        compiled = []
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            if not compiled:  # torch.compile is torch's own again once the import is done
+                compiled.append(torch.compile(model, **kwargs))
+            return compiled[0](*args, **kw)
+        return call
+
+    torch.compile = compile_on_first_call
+    try:
+        importlib.import_module(name)
+        importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
+    finally:
+        torch.compile = compile_now
 
 
 def release_engine(engine) -> None:

@@ -226,7 +226,12 @@ class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # On the meta device (shape checks, a model about to take loaded tensors) nothing is initialized: meta
+        # tensors hold no values, and torch's meta normal_ imports torch._dynamo (2.5 s). Elsewhere the
+        # embedding's own init runs as in torch (the random stream of every run stays as it was).
+        meta = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size) if meta else None)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -275,6 +280,8 @@ class LlamaForCausalLM(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.is_meta:
+            return  # no values to draw (see LlamaModel)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:

@@ -1,0 +1,49 @@
+"""What every rank imports at start-up: each second here is paid by every process of every run (and by
+every 2-rank test). The oracle is sys.modules of a fresh interpreter."""
+import subprocess
+import sys
+import textwrap
+
+from launch_utils import ROOT, launch_env
+
+
+def _run(code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=launch_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_the_trainer_imports_no_data_preparation():
+    """Hugging Face datasets (with pandas and pyarrow) is for preparing data; a training rank reads prepared
+    files. relora_ds.data still hands out prepare_data and in_validation, on first use."""
+    out = _run("""
+        import sys
+        import relora_ds.trainer
+        before = sorted(m for m in ("datasets", "pandas") if m in sys.modules)
+        from relora_ds.data import PrepareConfig, in_validation, prepare_data
+        print(before, "datasets" in sys.modules, prepare_data.__module__, in_validation.__module__)
+    """)
+    assert out == "[] True relora_ds.data.prepare relora_ds.data.encode"
+
+
+def test_deepspeeds_muon_module_compiles_on_first_call_not_at_import():
+    """DeepSpeed's ZeRO code imports its Muon optimizer on every rank, and that module's torch.compile
+    decorations imported torch's compiler (relora_ds/ds_patches.py, item 5). Imported through the patch, the
+    compiler stays unloaded, and a decorated function is compiled once, at its first call, from the
+    original function: its results are the undecorated function's."""
+    out = _run("""
+        import sys, torch
+        from relora_ds.ds_patches import import_muon_compiling_on_first_call
+        import_muon_compiling_on_first_call()
+        import_muon_compiling_on_first_call()  # idempotent
+        from deepspeed.runtime.zero.muon import original_muon as m
+        loaded = "torch._inductor.compile_fx" in sys.modules
+        compiled = []
+        torch.compile = lambda fn, **kw: compiled.append(fn) or fn  # stands in for the compiler
+        g = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+        first, second = m.zeropower_via_newtonschulz5(g, 5), m.zeropower_via_newtonschulz5(g, 5)
+        plain = m.zeropower_via_newtonschulz5.__wrapped__
+        print(loaded, len(compiled), compiled[0] is plain, torch.equal(first, plain(g, 5)), torch.equal(second, first))
+    """)
+    assert out == "False 1 True True True"

@@ -1,5 +1,5 @@
 """launch/slurm/*.sbatch on a real one-node SLURM (Debian's slurmctld/slurmd/munge, installed if missing):
-a 2-rank run, a USR1 checkpoint-requeue-resume, the deepspeed --hostfile --no_ssh variant, and jobs that
+a 2-rank USR1 checkpoint-requeue-resume-export, the deepspeed --hostfile --no_ssh variant, and jobs that
 must stop before any rank starts. Set RELORA_SKIP_SLURM=1 to skip (documented in README.md, "Running on a cluster");
 without it, a machine where SLURM cannot be installed or started fails here with the reason. The jobs train
 in fp32 (ds_configs/zero2_fp32.json): the subject is the launch, and bf16 on a CPU without native bf16 matmul
@@ -53,20 +53,6 @@ def _assert_finished(info, log):
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), f"{info}\n--- job log\n{log[-5000:]}"
 
 
-def test_srun_job_two_ranks_resets_checkpoint(slurm, tmp_path):
-    job = _submit(slurm, tmp_path, "train.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1")
-    info = slurm.wait(job)
-    log = _log(tmp_path, job)
-    _assert_finished(info, log)
-    assert f"train.sbatch: job {job} restart 0: 2 rank(s) on 1 node(s)" in log
-    assert "2 rank(s), bf16=False, ZeRO stage 2, offload: none, 30 steps" in log  # the trainer's own count of ranks
-    recs = _records(tmp_path / "run")
-    assert [r["step"] for r in recs if r.get("event") == "reset"] == [16, 24]
-    assert sorted(r["step"] for r in recs if "loss" in r) == list(range(1, 31))
-    assert (tmp_path / "run/checkpoints/latest").read_text() == "step_30"
-    assert (tmp_path / "run/hf/config.json").is_file()
-
-
 def _wait_for_step(slurm, job, run_dir: Path, step: int):
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -82,7 +68,9 @@ def _wait_for_step(slurm, job, run_dir: Path, step: int):
 LONGER = SHORT.replace("--total-steps 30", "--total-steps 60").replace("--save-every 10", "--save-every 100")
 
 
-def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
+def test_srun_job_checkpoints_on_usr1_requeues_resumes_and_exports(slurm, tmp_path):
+    """train.sbatch, 2 ranks by srun: USR1 past the switch to ReLoRA checkpoints, the job requeues and the
+    resumed run trains every step once through its resets, then exports."""
     job = _submit(slurm, tmp_path, "train.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1", TRAIN_ARGS=LONGER)
     _wait_for_step(slurm, job, tmp_path / "run", 10)  # past the switch to ReLoRA
     # What SLURM does 120 s before the time limit (--signal=B:USR1@120): USR1 to the batch script only.
@@ -91,6 +79,8 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     log = _log(tmp_path, job)
     _assert_finished(info, log)
     assert info["Restarts"] == "1", info
+    assert f"train.sbatch: job {job} restart 0: 2 rank(s) on 1 node(s)" in log
+    assert "2 rank(s), bf16=False, ZeRO stage 2, offload: none, 60 steps" in log  # the trainer's own count of ranks
     recs = _records(tmp_path / "run")
     stopped = [r["step"] for r in recs if r.get("event") == "preempted"]
     assert len(stopped) == 1 and 10 <= stopped[0] < 60, (stopped, log[-3000:])
@@ -103,6 +93,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert steps == list(range(1, 61)), steps  # every step once: nothing lost, nothing repeated
     assert [r["step"] for r in recs if r.get("event") == "reset"] == list(range(16, 61, 8))
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step_60"
+    assert (tmp_path / "run/hf/config.json").is_file()
 
 
 def test_term_to_the_batch_script_checkpoints_without_requeue(slurm, tmp_path):

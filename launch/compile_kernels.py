@@ -9,7 +9,9 @@ GPU backend rejects, a construct the installed Triton compiles differently. This
 launchers (relora_kernels' public functions: forward and backward, float and int8 bases, the merges, every
 mode switch) on CPU tensors, with Triton's active driver replaced by a stand-in for an H100/H200 (target
 ``cuda:90``, no device). Each launch is compiled through Triton's own argument specialization (``warmup``:
-compiled, never run); an autotuned launch compiles every config its prune keeps. Reported per compiled
+compiled, never run); an autotuned launch compiles every config its prune keeps (``--configs largest``: only
+the one with the largest pipeline, which checks each launch's code in a fraction of the time; the tests
+compile every GEMM config on its own). Reported per compiled
 kernel: the launch site, its config and the shared memory it needs against the limit (227 KB).
 
 What it does not check: numbers (the tests do, interpreted here and compiled on a GPU), speed, registers
@@ -62,11 +64,19 @@ class _HopperStandIn:
         return True
 
 
+def _pipeline_size(config) -> tuple:
+    """How much shared memory a GEMM config's pipeline asks for, relatively (stages x the A and B tiles)."""
+    kw = config.kwargs
+    return config.num_stages * (kw.get("BLOCK_M", 0) + kw.get("BLOCK_N", 0)) * kw.get("BLOCK_K", 0), config.num_warps
+
+
 @contextlib.contextmanager
-def compile_only_for_hopper(records: list):
+def compile_only_for_hopper(records: list, configs: str = "all"):
     """Inside: relora_kernels launches compile for sm_90 and append (kernel, config, shared bytes) to
-    ``records`` instead of running. Not thread-safe; restores everything on exit, errors included."""
+    ``records`` instead of running. ``configs="largest"``: an autotuned launch compiles only the config its
+    prune keeps with the largest pipeline. Not thread-safe; restores everything on exit, errors included."""
     import triton
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
     from triton.runtime.jit import JITFunction
 
@@ -78,6 +88,12 @@ def compile_only_for_hopper(records: list):
     patches = [(_runtime, "interpreting", lambda: False), (_runtime, "check_device", lambda tensor: None),
                (_runtime, "target_programs", lambda device: 2 * SM_COUNT),
                (_runtime, "shared_memory_limit", lambda: HOPPER_SHARED_MEMORY)]
+    if configs not in ("all", "largest"):
+        raise ValueError(f"configs={configs!r}: use 'all' or 'largest'")
+    if configs == "largest":
+        keep_all = Autotuner.prune_configs
+        patches.append((Autotuner, "prune_configs",
+                        lambda self, kwargs: [max(keep_all(self, kwargs), key=_pipeline_size)]))
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     previous_driver = getattr(driver, "_active", None)  # None: Triton creates its default when next asked
     real_run = JITFunction.run
@@ -148,14 +164,15 @@ def training_step_launches(mode: str, dtype: torch.dtype, shape: tuple[int, int,
             setattr(matmul_mod if k == "TMA_GEMM" else linear_mod, k, v)
 
 
-def compile_all(modes=DEFAULT_MODES, dtypes=(torch.bfloat16,), shapes=SHAPES) -> list[dict]:
-    """Compile every launch of ``modes`` × ``dtypes`` × ``shapes``; one row per distinct compiled kernel."""
+def compile_all(modes=DEFAULT_MODES, dtypes=(torch.bfloat16,), shapes=SHAPES, configs="all") -> list[dict]:
+    """Compile every launch of ``modes`` × ``dtypes`` × ``shapes``; one row per distinct compiled kernel.
+    ``configs``: as in :func:`compile_only_for_hopper`."""
     rows, seen = [], set()
     for dtype in dtypes:
         for mode in modes:
             for shape in shapes if mode != "merge" else shapes[:2]:
                 records: list[dict] = []
-                with compile_only_for_hopper(records):
+                with compile_only_for_hopper(records, configs):
                     training_step_launches(mode, dtype, shape)
                 for rec in records:
                     key = (dtype, rec["kernel"], json.dumps(rec["config"], sort_keys=True, default=str), rec["shared"])
@@ -172,13 +189,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16", "fp32"), default=["bf16"])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
     ap.add_argument("--all-modes", action="store_true", help="every mode switch (slower: more kernels)")
+    ap.add_argument("--configs", choices=("all", "largest"), default="all",
+                    help="of an autotuned launch: every config its prune keeps, or the largest pipeline only")
     ap.add_argument("--out", type=Path, help="rows as JSON")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "launch"))
     from bench_kernels import load_relora_kernels
     load_relora_kernels()  # also from a checkout that is not pip-installed (kernels/ as relora_kernels)
     dtypes = tuple({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d] for d in args.dtypes)
-    rows = compile_all(MODES if args.all_modes else tuple(args.modes), dtypes)
+    rows = compile_all(MODES if args.all_modes else tuple(args.modes), dtypes, configs=args.configs)
     import triton
     print(f"Triton {triton.__version__}, target cuda:90, shared-memory limit {HOPPER_SHARED_MEMORY} B")
     for r in rows:

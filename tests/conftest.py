@@ -20,9 +20,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    """On an xdist worker, torch and OpenMP get the worker's share of the cores: with torch's default (every
+    """DeepSpeed's op cache and compiler as scripts/setup_env.sh sets them (also for a pytest started without
+    it): ninja rebuilds an op whose build command changed, so every process must agree on CXX.
+
+    On an xdist worker, torch and OpenMP get the worker's share of the cores: with torch's default (every
     core) in each of 2 workers on 2 cores, OpenMP's spinning threads made in-process tests ~10x slower
     (tests/test_readme.py 5 s -> 53 s). Subprocesses inherit OMP_NUM_THREADS."""
+    import sys
+    from pathlib import Path
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    os.environ.setdefault("CXX", str(Path(__file__).resolve().parents[1] / "scripts" / "cxx_no_debug.sh"))
     workers = getattr(config, "workerinput", {}).get("workercount")
     if workers:
         import torch

@@ -51,8 +51,9 @@ alive when the ReLoRA engine was built (ZeRO-1/2 engines were freed once no long
 in 2.5 s; measured on this project's 2-core machine) for an optimizer it does not use: ZeRO's gradient
 reduction, ZeRO-3's and the bf16 optimizer's set-up import DeepSpeed's Muon optimizer to check whether the
 optimizer is one, and that module decorates three functions with ``torch.compile``, whose set-up imports the
-compiler at decoration, not at the first call. ``import_muon_compiling_on_first_call`` imports it once with
-those decorations deferred to each function's first call (which compiles exactly as before).
+compiler at decoration, not at the first call. ``import_muon_compiling_on_first_call`` (called by
+``relora_ds.distributed.init_distributed`` on every rank) imports it once with those decorations deferred
+to each function's first call (which compiles exactly as before).
 """
 from __future__ import annotations
 

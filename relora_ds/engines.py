@@ -13,7 +13,7 @@ from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import checkpoint, zero_init
-from .ds_patches import import_muon_compiling_on_first_call, release_engine
+from .ds_patches import release_engine
 from .engine_state import full_fp32_state_dict
 from .flops import flops_per_token
 from .hf import hf_tensors, load_hf
@@ -85,7 +85,6 @@ class EnginesMixin:
         if self._phase_lr(phase) != cfg.lr:  # the warm start's own peak lr
             ds = {**ds, "optimizer": {**ds["optimizer"], "params": {**ds["optimizer"]["params"],
                                                                     "lr": self._phase_lr(phase)}}}
-        import_muon_compiling_on_first_call()  # ~2 s less start-up per rank (relora_ds/ds_patches.py, item 5)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
                                                lr_scheduler=lambda opt: LambdaLR(opt, fn))
         self.engine_phase = phase

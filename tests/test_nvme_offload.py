@@ -80,8 +80,8 @@ def test_nvme_offload_trains_and_resets_exactly_as_host_offload(results):
 def test_parameters_on_nvme_train_reset_and_resume_from_a_checkpoint(results):
     """The layout the trainer accepts (ds_configs/zero3_nvme.json): parameters on NVMe, optimizer in host
     memory. Training and the reset equal host offload bit for bit, and a new engine loading the checkpoint
-    has every parameter as saved and continues the run exactly as host offload's does (the second loss to
-    bf16 rounding: after a load DeepSpeedCPUAdam computes beta^t with pow where the running one multiplied).
+    has every parameter as saved and continues the run exactly as host offload's does (its first update to
+    fp32's last bits: after a load DeepSpeedCPUAdam computes beta^t with pow where the running one multiplied).
     DeepSpeed alone saved and loaded the frozen partitions through their in-memory placeholders, not the swap
     files: the resumed engine had exactly the swapped MLP base weights wrong (first loss 0.165 where the run
     had 0.091); relora_ds/ds_patches.py reads and writes those through the swapper."""
@@ -96,7 +96,10 @@ def test_parameters_on_nvme_train_reset_and_resume_from_a_checkpoint(results):
         for run in (cpu, params):
             assert run["changed_by_load"] == []
             assert run["resumed"][0] == run["continued"][0]
-            assert run["resumed"][1] == pytest.approx(run["continued"][1], abs=2e-4)
+            # The update after the load, in the fp32 masters: measured <= 1.9e-6 relative per tensor (the lora_B,
+            # 3 updates from 0); with the moments zeroed after the load, 0.30. (Not the bf16 loss after it: the
+            # CPU's bf16 matmuls amplify those last bits, 3.8e-4 at loss 0.017 on an AVX512/AMX CPU.)
+            assert run["master_rel_err"] < 1e-5
         assert params["resumed"] == cpu["resumed"]
 
 

@@ -131,7 +131,9 @@ def run(mode: str, swap_dir: str, rank: int) -> dict:
         before = gathered(engine.module)
         ckpt = os.path.join(swap_dir, "ckpt")
         engine.save_checkpoint(ckpt, tag="t")
-        steps(2)
+        steps(1)
+        continued_masters = [safe_get_full_fp32_param(p).clone() for p in trainable]
+        steps(1)
         engine.destroy()
         engine, lora = build(mode, os.path.join(swap_dir, "again"))
         engine.load_checkpoint(ckpt, tag="t")
@@ -141,7 +143,12 @@ def run(mode: str, swap_dir: str, rank: int) -> dict:
                                        if not p.requires_grad and p.nvme_swapper is not None
                                        and p.nvme_swapper.swappable_tensor(numel=p.ds_tensor.ds_numel))
         continued, res["losses"] = res["losses"][-2:], res["losses"][:-2]
-        steps(2)
+        steps(1)
+        # The first update after the load, in fp32 (the bf16 loss after it amplifies its last-bit differences).
+        resumed_masters = [safe_get_full_fp32_param(p) for p in engine.module.parameters() if p.requires_grad]
+        res["master_rel_err"] = max(((a - b).norm() / b.norm()).item()
+                                    for a, b in zip(resumed_masters, continued_masters) if b.norm() > 0)
+        steps(1)
         res["continued"], res["resumed"] = continued, res["losses"][-2:]
         res["losses"] = res["losses"][:-2]
     engine.destroy()

@@ -1,8 +1,7 @@
 """Fixes for DeepSpeed 0.19.8's NVMe offload (ZeRO-Infinity): call ``patch_deepspeed_nvme()`` before
 ``deepspeed.initialize`` (the trainer does, for a config with anything on nvme). With them, the optimizer and
 the parameters on NVMe train and reset bit for bit as with host offload, and a checkpoint of parameters on
-NVMe resumes exactly (tests/test_nvme_offload.py). The trainer still refuses the optimizer on NVMe, whose
-checkpoints DeepSpeed's loader does not restore (relora_ds/startup.py ``check_offload_on_device``).
+NVMe, and of the optimizer on NVMe, resumes exactly (tests/test_nvme_offload.py).
 Also here: ``release_engine``, for an engine replaced by another in the same process (item 4).
 
 1. The optimizer offloaded to NVMe trains on wrong gradients without a word.
@@ -54,6 +53,19 @@ optimizer is one, and that module decorates three functions with ``torch.compile
 compiler at decoration, not at the first call. ``import_muon_compiling_on_first_call`` (called by
 ``relora_ds.distributed.init_distributed`` on every rank) imports it once with those decorations deferred
 to each function's first call (which compiles exactly as before).
+
+6. A checkpoint of the optimizer on NVMe resumes wrong. DeepSpeed saves the optimizer's swap files by copying
+the swap folder into the checkpoint, skips the ZeRO checkpoint files at load, and copies the files back under
+their old names, which are the sub-groups' ``ds_id``s: a counter over every parameter the process has
+partitioned, so an engine built after another (the trainer's ReLoRA engine, after the warm start's; a
+resume that builds only the ReLoRA engine) has other ids, and reads its own fresh files without a word. The
+sub-groups too small to swap (< 1 MiB a rank), the optimizer's step counts and hyperparameters and the loss
+scaler are not in those files at all (measured: every trainable parameter differed after the load, and the
+first loss was 2.57 where the run had 0.094). The fix makes the ZeRO checkpoint files complete, as with
+host offload: the optimizer's ``state_dict`` swaps each swapped sub-group in, one at a time, to copy its fp32
+partition and moments, and its load writes them back through the swapper; the engine neither copies the swap
+folder nor skips those files. The copies cost host memory for the optimizer's state while the checkpoint is
+written: small with ReLoRA, whose optimizer holds the LoRA factors, embeddings and norms.
 """
 from __future__ import annotations
 
@@ -155,6 +167,118 @@ def _load_writing_nvme(original):
     return load
 
 
+def _packed_index(optimizer) -> dict[int, int]:
+    """Sub-group id -> its index in the state dict of ZeRO-3's inner optimizer, which torch numbers over the
+    param groups' params in order, each group holding its sub-groups' fp32 partitions while DeepSpeed saves."""
+    optimizer._set_fp32_optimizer_param_groups()
+    try:
+        position = {id(p): k for k, p in enumerate(p for g in optimizer.optimizer.param_groups for p in g["params"])}
+    finally:
+        optimizer._clear_fp32_optimizer_param_groups()
+    return {i: position[id(flat)] for i, flat in enumerate(optimizer.fp32_partitioned_groups_flat)}
+
+
+def _state_dict_swapping_in(original):
+    """``DeepSpeedZeroOptimizer_Stage3._rigid_state_dict`` with each sub-group on NVMe swapped in, one at a
+    time, to copy its fp32 partition and optimizer state (swapped out they are empty placeholders)."""
+    def state_dict(self):
+        from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, OPTIMIZER_STATE_DICT
+
+        out = original(self)
+        if not getattr(self, "swap_optimizer", False):
+            return out
+        index, flats = _packed_index(self), list(out[FP32_FLAT_GROUPS])
+        for i, flat in enumerate(self.fp32_partitioned_groups_flat):
+            if not self._swappable_optimizer_subgroup(i):
+                continue
+            self._optimizer_states_and_gradient_swap_in(i)
+            try:
+                flats[i] = flat.detach().clone()
+                out[OPTIMIZER_STATE_DICT]["state"][index[i]] = {
+                    k: v.detach().clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state[flat].items()}
+            finally:
+                self._optimizer_states_and_gradient_swap_out(i)
+        out[FP32_FLAT_GROUPS] = flats
+        return out
+    return state_dict
+
+
+def _load_swapping_in(original):
+    """``DeepSpeedZeroOptimizer_Stage3._rigid_load_state_dict`` writing each sub-group on NVMe through the
+    swapper (swapped in, overwritten, its bf16 partition refreshed, swapped out), one at a time. DeepSpeed's
+    own, for a swapping optimizer, restored the in-memory tensors and purged the swapped state."""
+    def load(self, state_dict, load_optimizer_states=True):
+        from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT
+
+        if not getattr(self, "swap_optimizer", False):
+            return original(self, state_dict, load_optimizer_states=load_optimizer_states)
+        saved_groups = state_dict.get("ds_zero_partition_groups")
+        if saved_groups is not None and saved_groups != self._zero3_partition_group_metadata():
+            raise RuntimeError("this ZeRO-3 checkpoint's parameter placement differs from this engine's")
+        self.loss_scaler = state_dict[LOSS_SCALER]
+        self.dynamic_loss_scale = state_dict["dynamic_loss_scale"]
+        self.overflow = state_dict["overflow"]
+        saved, index = state_dict[OPTIMIZER_STATE_DICT], _packed_index(self)
+        if load_optimizer_states:
+            for group, saved_group in zip(self.optimizer.param_groups, saved["param_groups"], strict=True):
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+        self._partition_all_parameters()
+        timer_names = set()
+        for i, flat in enumerate(self.fp32_partitioned_groups_flat):
+            self._prepare_sub_group(i, timer_names)  # swaps a swapped sub-group's partition and state in
+            flat.data.copy_(state_dict[FP32_FLAT_GROUPS][i].data)
+            if load_optimizer_states:
+                state = self.optimizer.state[flat]
+                for key, value in saved["state"][index[i]].items():
+                    if torch.is_tensor(value) and torch.is_tensor(state.get(key)) and state[key].shape == value.shape:
+                        state[key].data.copy_(value.data)  # into the swap buffer it is written from
+                    else:
+                        state[key] = value
+            self._reassign_or_swap_out_partitioned_parameters(i)  # the bf16 partition from the fp32 one
+            self._release_sub_group(i, timer_names)
+        self._post_step(timer_names)
+    return load
+
+
+def _universal_load_swapping_in(original):
+    """``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3`` (a universal
+    checkpoint: another world size or config) for a swapping optimizer: DeepSpeed's copies each parameter's
+    fp32 and moments into the sub-groups' in-memory tensors, empty for a swapped one, then purges the swapped
+    state. Here they are read the same way into this rank's partition of each sub-group, and written through
+    the swapper as a checkpoint of this topology would be (``_load_swapping_in``)."""
+    def load(self, checkpoint_dir):
+        import os
+
+        from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT
+
+        if not getattr(self, "swap_optimizer", False):
+            return original(self, checkpoint_dir)
+        folder = os.path.join(checkpoint_dir, "zero")
+        saved = torch.load(os.path.join(folder, "optimizer_state.pt"), weights_only=False)
+        step = saved[OPTIMIZER_STATE_DICT]["state"][0]["step"]
+        index, flats, state = _packed_index(self), [], {}
+        for i, group in enumerate(self.fp16_groups):
+            parts = {}
+            for key in ("fp32", "exp_avg", "exp_avg_sq"):
+                flat = torch.zeros(self.fp16_partitioned_groups_flat_numel[i], dtype=torch.float32)
+                offset = 0
+                for param in group:
+                    part = self.load_hp_checkpoint_state(os.path.join(folder, self.param_names[param]), key,
+                                                         param=param)
+                    flat.narrow(0, offset, part.numel()).copy_(part.flatten())
+                    offset += part.numel()
+                parts[key] = flat
+            flats.append(parts.pop("fp32"))
+            state[index[i]] = {"step": step, **parts}
+        hyper = {k: v for k, v in saved[OPTIMIZER_STATE_DICT]["param_groups"][0].items() if k != "params"}
+        self._rigid_load_state_dict({  # DeepSpeed's takes every group's hyperparameters from the first
+            LOSS_SCALER: saved.get(LOSS_SCALER, self.loss_scaler),
+            "dynamic_loss_scale": saved.get("dynamic_loss_scale", self.dynamic_loss_scale),
+            "overflow": saved.get("overflow", self.overflow), FP32_FLAT_GROUPS: flats,
+            OPTIMIZER_STATE_DICT: {"state": state, "param_groups": [dict(hyper) for _ in self.optimizer.param_groups]}})
+    return load
+
+
 def patch_deepspeed_nvme() -> bool:
     """Install both fixes (idempotent); False where DeepSpeed is not installed."""
     try:
@@ -167,12 +291,21 @@ def patch_deepspeed_nvme() -> bool:
         _prefetch_nvme_param_partitions_once
     from deepspeed.runtime.engine import DeepSpeedEngine
 
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
     if not getattr(DeepSpeedEngine.load_module_state_dict, "_relora_nvme", False):
-        for name, wrap in (("_get_param_fragment_func", _fragment_reading_nvme),
-                           ("load_module_state_dict", _load_writing_nvme)):
-            patched = wrap(getattr(DeepSpeedEngine, name))
+        for cls, name, wrap in ((DeepSpeedEngine, "_get_param_fragment_func", _fragment_reading_nvme),
+                                (DeepSpeedEngine, "load_module_state_dict", _load_writing_nvme),
+                                (DeepSpeedZeroOptimizer_Stage3, "_rigid_state_dict", _state_dict_swapping_in),
+                                (DeepSpeedZeroOptimizer_Stage3, "_rigid_load_state_dict", _load_swapping_in),
+                                (DeepSpeedZeroOptimizer_Stage3, "load_hp_checkpoint_state_from_checkpoint_dir_stage3",
+                                 _universal_load_swapping_in)):
+            patched = wrap(getattr(cls, name))
             patched._relora_nvme = True
-            setattr(DeepSpeedEngine, name, patched)
+            setattr(cls, name, patched)
+        # Item 6: it gates the swap-folder copies in save_checkpoint and load_checkpoint, the skip of the ZeRO
+        # checkpoint files at load (and AutoEP's refusal, for the same missing state): those files are complete.
+        DeepSpeedEngine.zero_nvme_offload_optimizer = lambda self: False
     return True
 
 

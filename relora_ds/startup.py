@@ -280,10 +280,7 @@ def nvme_offloads(ds: dict) -> list[str]:
 
 def check_offload_on_device(ds: dict, accelerator, quantize: str | None = None) -> None:
     """NVMe offload (ZeRO-Infinity) on this machine, checked before any engine exists, where each of these
-    failed inside engine creation with a traceback on every rank, or trained and then resumed wrong:
-    - the optimizer on NVMe is refused: it trains (relora_ds.patch_deepspeed_nvme mends its gradients), but
-      DeepSpeed 0.19.8's loader then skips the zero checkpoint and restores only the swapped sub-groups'
-      files, so a resumed run does not continue (measured: first loss 6.245 where the run had 6.059);
+    failed inside engine creation with a traceback on every rank:
     - DeepSpeed's async_io op (libaio) must build, and each ``nvme_path`` be a writable directory;
     - on DeepSpeed's CPU accelerator parameters swap only in bf16 (0.19.8's ``zero.Init`` gives its parameter
       swapper bf16 there, whatever the model's dtype: an fp32 model then fails in its first matmul);
@@ -294,22 +291,19 @@ def check_offload_on_device(ds: dict, accelerator, quantize: str | None = None) 
     nvme = nvme_offloads(ds)
     if not nvme:
         return
-    if "offload_optimizer" in nvme:
-        raise ValueError("zero_optimization.offload_optimizer offloads to nvme, whose checkpoints DeepSpeed 0.19.8 "
-                         "does not restore: its loader skips the optimizer sub-groups kept in memory and restores only "
-                         "the swapped ones' files (measured: a resumed run's first loss 6.245 where the run had "
-                         "6.059). Keep the optimizer in host memory (\"device\": \"cpu\") and put the parameters "
-                         "on nvme: ds_configs/zero3_nvme.json")
     builder = accelerator.create_op_builder("AsyncIOBuilder")
     if builder is None or not builder.is_compatible(verbose=False):
-        raise ValueError("zero_optimization.offload_param offloads to nvme, which needs DeepSpeed's async_io op, and "
+        raise ValueError(f"zero_optimization.{nvme[0]} offloads to nvme, which needs DeepSpeed's async_io op, and "
                          "this machine cannot build it (libaio missing? `ds_report` lists async_io): install "
                          "libaio-dev, or offload to \"cpu\" (ds_configs/zero3_offload.json)")
-    path = ds["zero_optimization"]["offload_param"].get("nvme_path")
-    if not path or not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-        what = "is not set" if not path else f"{path!r} is not a writable directory on this machine"
-        raise ValueError(f"zero_optimization.offload_param.nvme_path {what}: set it to a directory on a local NVMe "
-                         "drive, present on every node (each rank writes its swap files under it)")
+    for key in nvme:
+        path = ds["zero_optimization"][key].get("nvme_path")
+        if not path or not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+            what = "is not set" if not path else f"{path!r} is not a writable directory on this machine"
+            raise ValueError(f"zero_optimization.{key}.nvme_path {what}: set it to a directory on a local NVMe "
+                             "drive, present on every node (each rank writes its swap files under it)")
+    if "offload_param" not in nvme:
+        return
     if quantize:
         raise ValueError(f"quantize={quantize!r} with zero_optimization.offload_param on nvme: DeepSpeed's parameter "
                          "swapper holds every partition in the model's dtype, not int8. Offload the parameters to "

@@ -153,21 +153,27 @@ def test_resume_on_more_ranks_zero3_int8(tmp_path, small_data_dir):
         proc.stderr[-3000:]
 
 
-def test_zero3_offload_resumes_exactly(tmp_path, small_data_dir):
+@pytest.mark.parametrize("optimizer_on", ["cpu", "nvme"])
+def test_zero3_offload_resumes_exactly(tmp_path, small_data_dir, optimizer_on):
     """ZeRO-3 with the optimizer and the parameters in host memory (the shipped zero3_offload.json, in fp32,
-    DeepSpeedCPUAdam): rewound to its checkpoint at step 7 (inside the restart warmup after the reset at 6,
-    pruned moments included) and resumed on 2 ranks and on 1, the run continues its own losses. Not bit for
-    bit: after a load DeepSpeedCPUAdam computes beta^t with pow where the running optimizer multiplied step
-    by step (deepspeed/ops/csrc/includes/cpu_adam.h, IncrementStep), so updates differ in their last bits
-    (seen: <= 1e-6 in fp32, the same for zero2_offload; bf16 rounding carries that to 7e-5). A lost or
-    unpruned moment, or a step count off by one, moves the losses by orders of magnitude more (without the
-    optimizer state: 4e-3)."""
+    DeepSpeedCPUAdam), and with the optimizer on NVMe: rewound to its checkpoint at step 7 (inside the restart
+    warmup after the reset at 6, pruned moments included) and resumed on 2 ranks and on 1, the run continues
+    its own losses. Not bit for bit: after a load DeepSpeedCPUAdam computes beta^t with pow where the running
+    optimizer multiplied step by step (deepspeed/ops/csrc/includes/cpu_adam.h, IncrementStep), so updates
+    differ in their last bits (seen: <= 1e-6 in fp32, the same for zero2_offload; bf16 rounding carries that
+    to 7e-5). A lost or unpruned moment, or a step count off by one, moves the losses by orders of magnitude
+    more (without the optimizer state: 4e-3). On NVMe DeepSpeed's own loader restored none of it here (this
+    model's sub-groups are below the 1 MiB swap threshold, so none was in its swap files): the resumed run's
+    first loss differed (relora_ds/ds_patches.py item 6; tests/test_nvme_offload.py swaps real ones)."""
     recipe, _ = write(tmp_path, small_data_dir, save_every=7)
+    shipped = json.loads((ROOT / "ds_configs/zero3_offload.json").read_text())
+    if optimizer_on == "nvme":
+        shipped["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": str(tmp_path)}
     ds = tmp_path / "zero3_offload_fp32.json"
-    ds.write_text(json.dumps({**json.loads((ROOT / "ds_configs/zero3_offload.json").read_text()),
-                              "bf16": {"enabled": False}}))
+    ds.write_text(json.dumps({**shipped, "bf16": {"enabled": False}}))
     run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
     reference, _ = read_losses(tmp_path / "run")
+    assert not list((tmp_path / "run").glob("checkpoints/*/offloaded_tensors"))  # the ZeRO files hold it all
     # On 2 ranks again, then on 1 (DeepSpeed's universal checkpoint re-partitions the offloaded states).
     for resume in (lambda: run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume"),
                    lambda: train1(tmp_path, small_data_dir, "--resume", ds=ds, save_every=7)):

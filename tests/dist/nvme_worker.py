@@ -7,8 +7,9 @@ the fp32 masters, the LoRA moments and the frozen base weights. Modes:
 - "cpu": optimizer and parameters in host memory (the oracle);
 - "nvme": optimizer and parameters on NVMe, with relora_ds.patch_deepspeed_nvme();
 - "params": the parameters on NVMe, the optimizer in host memory.
-"cpu" and "params" then save a checkpoint, take 2 more steps, and take the same 2 steps from a new engine
-that loads it: what the trainer's resume relies on.
+Each then saves a checkpoint, takes 2 more steps, and takes the same 2 steps from a new engine that loads it:
+what the trainer's resume relies on (the new engine's parameters have other ds_ids, the names of the
+optimizer's swap files, as in a resume whose ReLoRA engine was not built after a warm start's).
 Two layers: the last layer's parameters, used at the end of the forward and the start of the backward, are
 the ones DeepSpeed's NVMe prefetch queued twice. Sizes: DeepSpeed swaps only tensors of >= 1 MiB a rank (MIN_AIO_BYTES): hidden 1000, vocabulary 1048 and LoRA
 rank 33. The norms' 1000 / 2 ranks = 500 elements put the lm_head's gradient (524,000 a rank, swapped) at an
@@ -127,30 +128,30 @@ def run(mode: str, swap_dir: str, rank: int) -> dict:
     frozen = [p for p in model.parameters() if not p.requires_grad]
     with deepspeed.zero.GatheredParameters(frozen):
         res["base"] = digest(frozen)
-    if mode in ("params", "cpu"):  # a checkpoint, 2 steps on, and the same 2 steps from an engine that loads it
-        before = gathered(engine.module)
-        ckpt = os.path.join(swap_dir, "ckpt")
-        engine.save_checkpoint(ckpt, tag="t")
-        steps(1)
-        continued_masters = [safe_get_full_fp32_param(p).clone() for p in trainable]
-        steps(1)
-        engine.destroy()
-        engine, lora = build(mode, os.path.join(swap_dir, "again"))
-        engine.load_checkpoint(ckpt, tag="t")
-        after = gathered(engine.module)
-        res["changed_by_load"] = sorted(n for n in before if not torch.equal(before[n], after[n]))
-        res["swapped_frozen"] = sorted(n for n, p in engine.module.named_parameters()
-                                       if not p.requires_grad and p.nvme_swapper is not None
-                                       and p.nvme_swapper.swappable_tensor(numel=p.ds_tensor.ds_numel))
-        continued, res["losses"] = res["losses"][-2:], res["losses"][:-2]
-        steps(1)
-        # The first update after the load, in fp32 (the bf16 loss after it amplifies its last-bit differences).
-        resumed_masters = [safe_get_full_fp32_param(p) for p in engine.module.parameters() if p.requires_grad]
-        res["master_rel_err"] = max(((a - b).norm() / b.norm()).item()
-                                    for a, b in zip(resumed_masters, continued_masters) if b.norm() > 0)
-        steps(1)
-        res["continued"], res["resumed"] = continued, res["losses"][-2:]
-        res["losses"] = res["losses"][:-2]
+    # a checkpoint, 2 steps on, and the same 2 steps from an engine that loads it
+    before = gathered(engine.module)
+    ckpt = os.path.join(swap_dir, "ckpt")
+    engine.save_checkpoint(ckpt, tag="t")
+    steps(1)
+    continued_masters = [safe_get_full_fp32_param(p).clone() for p in trainable]
+    steps(1)
+    engine.destroy()
+    engine, lora = build(mode, os.path.join(swap_dir, "again"))
+    engine.load_checkpoint(ckpt, tag="t")
+    after = gathered(engine.module)
+    res["changed_by_load"] = sorted(n for n in before if not torch.equal(before[n], after[n]))
+    res["swapped_frozen"] = sorted(n for n, p in engine.module.named_parameters()
+                                   if not p.requires_grad and p.nvme_swapper is not None
+                                   and p.nvme_swapper.swappable_tensor(numel=p.ds_tensor.ds_numel))
+    continued, res["losses"] = res["losses"][-2:], res["losses"][:-2]
+    steps(1)
+    # The first update after the load, in fp32 (the bf16 loss after it amplifies its last-bit differences).
+    resumed_masters = [safe_get_full_fp32_param(p) for p in engine.module.parameters() if p.requires_grad]
+    res["master_rel_err"] = max(((a - b).norm() / b.norm()).item()
+                                for a, b in zip(resumed_masters, continued_masters) if b.norm() > 0)
+    steps(1)
+    res["continued"], res["resumed"] = continued, res["losses"][-2:]
+    res["losses"] = res["losses"][:-2]
     engine.destroy()
     return res
 

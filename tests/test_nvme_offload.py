@@ -90,6 +90,8 @@ def test_the_optimizer_on_nvme_resumes_from_a_checkpoint_as_host_offload_does(re
         assert nvme["changed_by_load"] == []
         assert nvme["resumed"] == cpu["resumed"] and nvme["resumed"][0] == nvme["continued"][0]
         assert nvme["master_rel_err"] < 1e-5
+        # Through DeepSpeed's universal checkpoint (another number of ranks): the masters and moments as saved.
+        assert nvme["universal_restores_optimizer"]
 
 
 def test_parameters_on_nvme_train_reset_and_resume_from_a_checkpoint(results):

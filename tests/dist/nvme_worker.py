@@ -9,7 +9,10 @@ the fp32 masters, the LoRA moments and the frozen base weights. Modes:
 - "params": the parameters on NVMe, the optimizer in host memory.
 Each then saves a checkpoint, takes 2 more steps, and takes the same 2 steps from a new engine that loads it:
 what the trainer's resume relies on (the new engine's parameters have other ds_ids, the names of the
-optimizer's swap files, as in a resume whose ReLoRA engine was not built after a warm start's).
+optimizer's swap files, as in a resume whose ReLoRA engine was not built after a warm start's). "nvme" also
+loads it converted to DeepSpeed's universal checkpoint (as a resume on another number of ranks does; without
+relora_ds's fix DeepSpeed copied into the swapped sub-groups' empty placeholders: "start (0) + length
+(16500) exceeds dimension size (0)").
 Two layers: the last layer's parameters, used at the end of the forward and the start of the backward, are
 the ones DeepSpeed's NVMe prefetch queued twice. Sizes: DeepSpeed swaps only tensors of >= 1 MiB a rank (MIN_AIO_BYTES): hidden 1000, vocabulary 1048 and LoRA
 rank 33. The norms' 1000 / 2 ranks = 500 elements put the lm_head's gradient (524,000 a rank, swapped) at an
@@ -19,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -29,6 +33,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM
+from relora_ds.checkpoint import make_universal
 from relora_ds.distributed import init_distributed, run_and_exit
 from relora_ds.zero_reset import offloaded
 
@@ -73,7 +78,7 @@ def gathered(module) -> dict:
     return out
 
 
-def build(mode: str, swap_dir: str):
+def build(mode: str, swap_dir: str, load_universal: bool = False):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1048, hidden_size=1000, intermediate_size=2751, num_hidden_layers=2,
                       num_attention_heads=4, max_position_embeddings=64)
@@ -84,7 +89,8 @@ def build(mode: str, swap_dir: str):
             "offload_param": dict(nvme, buffer_size=2 ** 21, buffer_count=8) if mode in ("nvme", "params")
             else {"device": "cpu"}}
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
-          "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+          "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+          "checkpoint": {"load_universal": load_universal}}
     lora = relora_ds.lora_parameters(model)
     others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[{"params": lora}, {"params": others}], config=ds)
@@ -132,6 +138,7 @@ def run(mode: str, swap_dir: str, rank: int) -> dict:
     before = gathered(engine.module)
     ckpt = os.path.join(swap_dir, "ckpt")
     engine.save_checkpoint(ckpt, tag="t")
+    saved = optimizer_digests(engine.module)
     steps(1)
     continued_masters = [safe_get_full_fp32_param(p).clone() for p in trainable]
     steps(1)
@@ -152,8 +159,20 @@ def run(mode: str, swap_dir: str, rank: int) -> dict:
     steps(1)
     res["continued"], res["resumed"] = continued, res["losses"][-2:]
     res["losses"] = res["losses"][:-2]
+    if mode == "nvme":  # the same checkpoint as DeepSpeed's universal one (what a resume on other ranks loads)
+        tag = make_universal(Path(ckpt), "t")
+        engine.destroy()
+        engine, _ = build(mode, os.path.join(swap_dir, "universal"), load_universal=True)
+        engine.load_checkpoint(ckpt, tag=tag)
+        res["universal_restores_optimizer"] = optimizer_digests(engine.module) == saved
     engine.destroy()
     return res
+
+
+def optimizer_digests(module) -> list[str]:
+    """Per trainable parameter: digests of its fp32 master and its two moments, gathered whole."""
+    return [digest([safe_get_full_fp32_param(p), *(safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq"))])
+            for p in module.parameters() if p.requires_grad]
 
 
 def main():

@@ -64,8 +64,10 @@ scaler are not in those files at all (measured: every trainable parameter differ
 first loss was 2.57 where the run had 0.094). The fix makes the ZeRO checkpoint files complete, as with
 host offload: the optimizer's ``state_dict`` swaps each swapped sub-group in, one at a time, to copy its fp32
 partition and moments, and its load writes them back through the swapper; the engine neither copies the swap
-folder nor skips those files. The copies cost host memory for the optimizer's state while the checkpoint is
-written: small with ReLoRA, whose optimizer holds the LoRA factors, embeddings and norms.
+folder nor skips those files. A universal checkpoint (a resume on another number of ranks) is read the same
+way (DeepSpeed's copied into the swapped sub-groups' empty placeholders: "start (0) + length (16500) exceeds
+dimension size (0)"). The copies cost host memory for the optimizer's state while the checkpoint is written:
+small with ReLoRA, whose optimizer holds the LoRA factors, embeddings and norms.
 """
 from __future__ import annotations
 

@@ -115,21 +115,47 @@ def test_resume_applies_the_recipes_new_lr(tmp_path, small_data_dir):
     assert next(r for r in recs if r.get("event") == "resume_settings_changed")["grad_clip"] == "1.0 -> 0.001"
 
 
-def test_resume_on_fewer_ranks_zero2(tmp_path, small_data_dir, uninterrupted):
-    """A 2-rank ZeRO-2 checkpoint (step 7: inside the restart warmup after the reset at 6) resumed on one
-    rank goes through DeepSpeed's universal checkpoint and continues the 2-rank run's losses: the sampler
-    re-shards the same global batches, and optimizer state, frozen base weights and merge counts carry over."""
+def test_a_zero2_checkpoint_resumes_on_fewer_ranks_offloaded_or_in_bf16(tmp_path, small_data_dir, uninterrupted):
+    """A 2-rank ZeRO-2 checkpoint (step 7: inside the restart warmup after the reset at 6), resumed:
+    - on one rank: through DeepSpeed's universal checkpoint it continues the 2-rank run's losses (the sampler
+      re-shards the same global batches; optimizer state, frozen base weights and merge counts carry over);
+    - on the same 2 ranks with the optimizer offloaded (DeepSpeedCPUAdam), or in bf16: DeepSpeed's own loader
+      crashed at the first step (KeyError 'bias_correction': torch AdamW's param groups) or named a missing
+      file (bf16 files are named bf16_zero_pp_rank_*). Such a change goes through the universal checkpoint,
+      is logged, and the run continues the uninterrupted one's losses: in fp32 to DeepSpeedCPUAdam's last
+      bits (test_zero3_offload_resumes_exactly), in bf16 to its rounding.
+    One run to checkpoint for all three (they shared its set-up as two tests, for CI time)."""
+    reference, _ = uninterrupted
     train2(tmp_path, small_data_dir, save_every=7)
     rewind_to(tmp_path / "run", "step_7")
     proc = train1(tmp_path, small_data_dir, "--resume", save_every=7)
     assert "loading it as a DeepSpeed universal checkpoint" in proc.stdout + proc.stderr
     assert (tmp_path / "run" / "checkpoints" / "step_7" / "universal" / "zero").is_dir()
     resumed, recs = read_losses(tmp_path / "run")
-    reference, _ = uninterrupted
     assert sorted(resumed) == list(range(8, 13))
     for step, loss in resumed.items():  # only the reduction order differs (fp32)
         assert loss == pytest.approx(reference[step], rel=2e-5, abs=2e-5), step
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
+
+    offload = tmp_path / "offload.json"
+    offload.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                                   "optimizer": {"type": "AdamW", "params": {}}}))  # DeepSpeedCPUAdam
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(json.dumps({**FP32_ZERO2, "bf16": {"enabled": True}}))
+    recipe, _ = write(tmp_path, small_data_dir, save_every=7)
+    for ds, what, tol in ((offload, "optimizer DeepSpeedCPUAdam offloaded to cpu", 3e-6), (bf16, "bf16", 2e-3)):
+        rewind_to(tmp_path / "run", "step_7")
+        proc = run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume")
+        out = proc.stdout + proc.stderr
+        assert re.search(rf"written with 2 rank\(s\), ZeRO stage 2, fp32, optimizer AdamW on the device, this run has 2 "
+                         rf"rank\(s\), ZeRO stage 2, .*{what}.*: loading it as a DeepSpeed universal checkpoint", out)
+        resumed, recs = read_losses(tmp_path / "run")
+        assert sorted(resumed) == list(range(8, 13))
+        for step, loss in resumed.items():
+            assert loss == pytest.approx(reference[step], rel=0, abs=tol), (what, step)
+        changed = next(r for r in recs if r.get("event") == "resume_settings_changed")
+        assert any(k.startswith("deepspeed.") for k in changed), changed
+        assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
 
 
 def test_resume_on_more_ranks_zero3_int8(tmp_path, small_data_dir):
@@ -184,35 +210,6 @@ def test_zero3_offload_resumes_exactly(tmp_path, small_data_dir, optimizer_on):
         assert resumed[8] == reference[8]  # the restored weights, before any update
         for step, loss in resumed.items():
             assert loss == pytest.approx(reference[step], rel=0, abs=3e-6), step
-        assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
-
-
-def test_resume_into_an_offloaded_optimizer_and_another_precision(tmp_path, small_data_dir, uninterrupted):
-    """A ZeRO-2 checkpoint resumed on the same 2 ranks with the optimizer offloaded (DeepSpeedCPUAdam), or in
-    bf16: DeepSpeed's own loader crashed at the first step (KeyError 'bias_correction': torch AdamW's param
-    groups) or named a missing file (bf16 files are named bf16_zero_pp_rank_*). Such a change goes through the
-    universal checkpoint, is logged, and the run continues the uninterrupted one's losses: in fp32 to
-    DeepSpeedCPUAdam's last bits (test_zero3_offload_resumes_exactly), in bf16 to its rounding."""
-    reference, _ = uninterrupted
-    train2(tmp_path, small_data_dir, save_every=7)
-    offload = tmp_path / "offload.json"
-    offload.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-                                   "optimizer": {"type": "AdamW", "params": {}}}))  # DeepSpeedCPUAdam
-    bf16 = tmp_path / "bf16.json"
-    bf16.write_text(json.dumps({**FP32_ZERO2, "bf16": {"enabled": True}}))
-    recipe, _ = write(tmp_path, small_data_dir, save_every=7)
-    for ds, what, tol in ((offload, "optimizer DeepSpeedCPUAdam offloaded to cpu", 3e-6), (bf16, "bf16", 2e-3)):
-        rewind_to(tmp_path / "run", "step_7")
-        proc = run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume")
-        out = proc.stdout + proc.stderr
-        assert re.search(rf"written with 2 rank\(s\), ZeRO stage 2, fp32, optimizer AdamW on the device, this run has 2 "
-                         rf"rank\(s\), ZeRO stage 2, .*{what}.*: loading it as a DeepSpeed universal checkpoint", out)
-        resumed, recs = read_losses(tmp_path / "run")
-        assert sorted(resumed) == list(range(8, 13))
-        for step, loss in resumed.items():
-            assert loss == pytest.approx(reference[step], rel=0, abs=tol), (what, step)
-        changed = next(r for r in recs if r.get("event") == "resume_settings_changed")
-        assert any(k.startswith("deepspeed.") for k in changed), changed
         assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
 
 

@@ -171,8 +171,8 @@ def run(mode: str, swap_dir: str, rank: int) -> dict:
 
 def optimizer_digests(module) -> list[str]:
     """Per trainable parameter: digests of its fp32 master and its two moments, gathered whole."""
-    return [digest([safe_get_full_fp32_param(p), *(safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq"))])
-            for p in module.parameters() if p.requires_grad]
+    return [digest([safe_get_full_fp32_param(p), safe_get_full_optimizer_state(p, "exp_avg"),
+                    safe_get_full_optimizer_state(p, "exp_avg_sq")]) for p in module.parameters() if p.requires_grad]
 
 
 def main():

@@ -1,0 +1,69 @@
+"""tokens_per_s (and the TFLOP/s derived from it) against a fake clock: the trainer's loop on stubs, where each
+training step, merge, evaluation, checkpoint and the warm-start switch takes a known time."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+
+def test_tokens_per_s_counts_the_training_steps_and_their_resets_only(tmp_path, monkeypatch):
+    """Oracle, by hand: a record's tokens_per_s is (its steps x global batch x seq_len) / the clock time of
+    those steps and of the resets inside them; the evaluations (7 s), the checkpoints (11 s) and the
+    warm-start switch (13 s) between them are not counted, and each record covers only its own steps."""
+    from relora_ds import trainer as trainer_mod
+    from relora_ds.metrics import MetricsLogger
+    from relora_ds.train_config import TrainConfig
+
+    now = [0.0]
+    monkeypatch.setattr(trainer_mod, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(trainer_mod, "offloaded", lambda engine: "none")
+    cfg = TrainConfig(mode="relora", warm_start_steps=2, cycle_length=4, restart_warmup_steps=1, warmup_steps=1,
+                      total_steps=12, log_every=3, eval_every=6, save_every=4, global_batch_size=8,
+                      micro_batch_size=4, seq_len=32, export=False, warm_start_lr=5e-4,
+                      output_dir=str(tmp_path))
+    t = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
+    step_s = {1: 0.5, 2: 0.5, 3: 0.25, 4: 0.25, 5: 0.25, 6: 0.25, 7: 1.0, 8: 1.0, 9: 1.0, 10: 1.0, 11: 2.0, 12: 2.0}
+    reset_s = 3.0  # at steps 6 and 10 (the warm start ends at 2, cycles of 4)
+
+    def train_step():
+        now[0] += step_s[t.step + 1]
+        t.step_lr = 1e-3
+        return 1.0
+
+    def after_step_events():
+        if t.step in (6, 10):
+            now[0] += reset_s
+
+    def switch_to_lowrank():
+        now[0] += 13.0
+        t.engine_phase = "lowrank"
+
+    def evaluate(final=False):
+        now[0] += 7.0
+        return {}
+
+    def save():
+        now[0] += 11.0
+
+    t.__dict__.update(
+        cfg=cfg, engine=SimpleNamespace(module=torch.nn.Linear(2, 2)), out=tmp_path, ds={}, world=2, rank=0,
+        model_config=SimpleNamespace(num_hidden_layers=2), total_steps=12, step=0, tokens_seen=0,
+        tokens_per_step=8 * 32, relora_start=2,
+        flops_per_token=1e9, peak_tflops=None, grad_norm=1.0, engine_phase="full", _stop_agreed=False,
+        metrics=MetricsLogger(tmp_path, enabled=True, resume_step=0),
+        _stop_agreed_before_training=lambda: False, _train_step=train_step, _after_step_events=after_step_events,
+        _switch_to_lowrank=switch_to_lowrank, evaluate=evaluate, save=save, _print=lambda msg: None)
+    t.train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "tokens_per_s" in r]
+    # Records end at log_every (3, 6, 9, 12), the warm-start switch (2) and the checkpoints (4, 8, 12).
+    windows = {2: (1, 2), 3: (3, 3), 4: (4, 4), 6: (5, 6), 8: (7, 8), 9: (9, 9), 12: (10, 12)}
+    assert [r["step"] for r in records] == sorted(windows)
+    for r in records:
+        first, last = windows[r["step"]]
+        steps = range(first, last + 1)
+        seconds = sum(step_s[s] for s in steps) + reset_s * sum(s in (6, 10) for s in steps)
+        want = len(steps) * 8 * 32 / seconds
+        assert r["tokens_per_s"] == pytest.approx(want, rel=1e-12), r
+        assert r["tflops_per_gpu"] == pytest.approx(want * 1e9 / 2 / 1e12, rel=1e-12)

@@ -70,11 +70,58 @@ def _pipeline_size(config) -> tuple:
     return config.num_stages * (kw.get("BLOCK_M", 0) + kw.get("BLOCK_N", 0)) * kw.get("BLOCK_K", 0), config.num_warps
 
 
+def _through_llir(*args):
+    """Triton's ``add_stages_inspection_hook``: the pipeline ends at LLVM IR, where ``make_llir`` has set the
+    kernel's shared memory; the PTX and cubin stages (35 of the 63 s that compiling every fp32 GEMM config
+    took on 2 cores) do not change it. Called without arguments for its part of the cache key, which keeps
+    these stand-ins apart from real compiles in Triton's caches."""
+    import re
+
+    if not args:
+        return "relora-through-llir", "relora_through_llir"
+    stages = args[1]
+
+    def no_ptx(src, metadata):
+        metadata["name"] = re.search(r"define [^@]*@([A-Za-z_][A-Za-z0-9_]*)\(", str(src)).group(1)
+        return ""
+    stages["ptx"] = no_ptx
+    stages["cubin"] = lambda src, metadata: b""
+
+
 @contextlib.contextmanager
-def compile_only_for_hopper(records: list, configs: str = "all"):
+def _pipeline_through(through: str):
+    if through not in ("cubin", "llir"):
+        raise ValueError(f"through={through!r}: use 'cubin' (a whole compile) or 'llir' (up to the shared-memory "
+                         "allocation)")
+    from triton import knobs
+
+    if through == "cubin":
+        yield
+        return
+    if not hasattr(knobs.runtime, "add_stages_inspection_hook"):
+        yield  # an older Triton: whole compiles, the same shared memory
+        return
+    previous, knobs.runtime.add_stages_inspection_hook = knobs.runtime.add_stages_inspection_hook, _through_llir
+    try:
+        yield
+    finally:
+        knobs.runtime.add_stages_inspection_hook = previous
+
+
+@contextlib.contextmanager
+def compile_only_for_hopper(records: list, configs: str = "all", through: str = "cubin"):
     """Inside: relora_kernels launches compile for sm_90 and append (kernel, config, shared bytes) to
     ``records`` instead of running. ``configs="largest"``: an autotuned launch compiles only the config its
-    prune keeps with the largest pipeline. Not thread-safe; restores everything on exit, errors included."""
+    prune keeps with the largest pipeline. ``through="llir"``: each compile stops once its shared memory is
+    known (no PTX, no cubin: it then says nothing of ptxas). Not thread-safe; restores everything on exit,
+    errors included."""
+    with _pipeline_through(through):
+        with _compile_only_for_hopper(records, configs) as triton:
+            yield triton
+
+
+@contextlib.contextmanager
+def _compile_only_for_hopper(records: list, configs: str):
     import triton
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver

@@ -44,21 +44,22 @@ def test_every_launch_of_a_training_step_compiles_and_fits():
 def test_config_prune_agrees_with_the_compiler(dtype, monkeypatch):
     """Each autotune config of the two GEMM kernels, compiled on its own: the prune's shared-memory estimate
     (``_runtime.pipeline_fits``) keeps exactly the ones the compiler fits in 227 KB. This also shows the
-    check can fail: in fp32 most TMA configs overflow."""
+    check can fail: in fp32 most TMA configs overflow. Each compile stops at LLVM IR, where the shared
+    memory is fixed (test_every_launch_of_a_training_step_compiles_and_fits compiles to cubins)."""
     from relora_kernels import _runtime, matmul, matmul_tma
     a1, b1, out = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype), torch.empty(512, 512, dtype=dtype)
     size = a1.element_size()
     verdicts = []
     for bm, bn, bk, w, s in matmul_tma._GPU_CONFIGS:
         records = []
-        with ck.compile_only_for_hopper(records):
+        with ck.compile_only_for_hopper(records, through="llir"):
             matmul_tma.launch(a1, b1, a1, b1, out, config=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                                                                num_warps=w, num_stages=s))
         fits = records[-1]["shared"] <= ck.HOPPER_SHARED_MEMORY
         verdicts.append(("tma", bm, bn, bk, s, fits))
     for bm, bn, w, s in matmul._GPU_CONFIGS:
         records = []
-        with ck.compile_only_for_hopper(records):
+        with ck.compile_only_for_hopper(records, through="llir"):
             matmul.concat_matmul(a1, b1, a1, b1, out=out, config=dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=matmul._GPU_BLOCK_K,
                                                                       GROUP_M=8, num_warps=w, num_stages=s))
         verdicts.append(("ptr", bm, bn, matmul._GPU_BLOCK_K, s, records[-1]["shared"] <= ck.HOPPER_SHARED_MEMORY))
@@ -78,13 +79,17 @@ def test_the_stand_in_is_gone_afterwards_even_after_an_error(monkeypatch):
     from relora_kernels import _runtime
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RELORA_KERNELS", "reference")
-    before = (JITFunction.run, _runtime.interpreting, _runtime.check_device)
+    from triton import knobs
+
+    before = (JITFunction.run, _runtime.interpreting, _runtime.check_device, knobs.runtime.add_stages_inspection_hook)
     with pytest.raises(RuntimeError, match="a launch failed"):
-        with ck.compile_only_for_hopper([]):
+        with ck.compile_only_for_hopper([], through="llir"):
             assert os.environ["RELORA_KERNELS"] == "triton" and "TRITON_INTERPRET" not in os.environ
+            assert knobs.runtime.add_stages_inspection_hook is ck._through_llir
             raise RuntimeError("a launch failed")
     assert os.environ["TRITON_INTERPRET"] == "1" and os.environ["RELORA_KERNELS"] == "reference"
-    assert (JITFunction.run, _runtime.interpreting, _runtime.check_device) == before
+    assert (JITFunction.run, _runtime.interpreting, _runtime.check_device,
+            knobs.runtime.add_stages_inspection_hook) == before
 
 
 def test_int8_merge_compiles_after_an_interpreted_import():

@@ -282,6 +282,7 @@ def check_offload_on_device(ds: dict, accelerator, quantize: str | None = None) 
     """NVMe offload (ZeRO-Infinity) on this machine, checked before any engine exists, where each of these
     failed inside engine creation with a traceback on every rank:
     - DeepSpeed's async_io op (libaio) must build, and each ``nvme_path`` be a writable directory;
+    - the optimizer's pipelined swapping (``pipeline_read``/``pipeline_write``) stopped at the first step;
     - on DeepSpeed's CPU accelerator parameters swap only in bf16 (0.19.8's ``zero.Init`` gives its parameter
       swapper bf16 there, whatever the model's dtype: an fp32 model then fails in its first matmul);
     - int8 base weights (``quantize``) cannot swap: the parameter swapper has one dtype, the model's, for
@@ -302,6 +303,14 @@ def check_offload_on_device(ds: dict, accelerator, quantize: str | None = None) 
             what = "is not set" if not path else f"{path!r} is not a writable directory on this machine"
             raise ValueError(f"zero_optimization.{key}.nvme_path {what}: set it to a directory on a local NVMe "
                              "drive, present on every node (each rank writes its swap files under it)")
+    optimizer = ds["zero_optimization"].get("offload_optimizer") or {}
+    pipelined = [k for k in ("pipeline_read", "pipeline_write") if optimizer.get(k) and "offload_optimizer" in nvme]
+    if pipelined:
+        raise ValueError(f"zero_optimization.offload_optimizer.{' and '.join(pipelined)}: DeepSpeed 0.19.8's "
+                         "pipelined optimizer swapping stopped at the first optimizer step here (2 CPU ranks: an "
+                         "assertion in its swap-buffer allocation; with more buffers, in its gradient swapper's "
+                         "wait), with or without relora_ds's NVMe fixes. Remove them: the optimizer swaps to nvme "
+                         "without the pipeline")
     if "offload_param" not in nvme:
         return
     if quantize:

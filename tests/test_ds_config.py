@@ -324,8 +324,8 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
 def test_nvme_offload_is_checked_before_any_engine(tmp_path):
     """Each of these failed inside engine creation on every rank: DeepSpeed's async_io op (libaio) missing
     (oracle: DeepSpeed's own builder), an nvme_path that is not a writable directory (the optimizer's or the
-    parameters'), and an fp32 model's
-    parameters on NVMe on DeepSpeed's CPU accelerator (0.19.8 gives the parameter swapper bf16 there: the
+    parameters'), the optimizer's pipelined swapping (DeepSpeed's stopped at the first optimizer step: an
+    assertion in its buffer allocation), an fp32 model's parameters on NVMe on DeepSpeed's CPU accelerator (0.19.8 gives the parameter swapper bf16 there: the
     first matmul failed with 'expected m1 and m2 to have the same dtype'), and int8 base weights on NVMe
     (the swapper's buffers have the model's dtype)."""
     from types import SimpleNamespace
@@ -353,6 +353,11 @@ def test_nvme_offload_is_checked_before_any_engine(tmp_path):
         check_offload_on_device(optimizer_nvme(), acc(aio=False))
     with pytest.raises(ValueError, match=r"offload_optimizer.nvme_path is not set: set it to a directory on a local"):
         check_offload_on_device(optimizer_nvme(None), acc())
+    pipelined = optimizer_nvme()
+    pipelined["zero_optimization"]["offload_optimizer"].update(pipeline_read=True, pipeline_write=True)
+    with pytest.raises(ValueError, match=r"offload_optimizer.pipeline_read and pipeline_write: DeepSpeed 0.19.8's "
+                                         r"pipelined optimizer swapping stopped at the first optimizer step"):
+        check_offload_on_device(pipelined, acc())
     with pytest.raises(ValueError, match=r"offload_param offloads to nvme, which needs DeepSpeed's async_io op"):
         check_offload_on_device(nvme(), acc(aio=False))
     (tmp_path / "a_file").write_text("")

@@ -217,6 +217,15 @@ def _load_swapping_in(original):
         saved_groups = state_dict.get("ds_zero_partition_groups")
         if saved_groups is not None and saved_groups != self._zero3_partition_group_metadata():
             raise RuntimeError("this ZeRO-3 checkpoint's parameter placement differs from this engine's")
+        saved_numel = [t.numel() for t in state_dict[FP32_FLAT_GROUPS]]
+        if saved_numel != list(self.fp16_partitioned_groups_flat_numel):
+            raise ValueError(
+                f"this rank's ZeRO checkpoint file holds fp32 partitions of {saved_numel} elements, this engine's "
+                f"optimizer sub-groups have {list(self.fp16_partitioned_groups_flat_numel)}: written by DeepSpeed's "
+                "own save of an optimizer on NVMe (the swapped sub-groups are then only in offloaded_tensors/, "
+                "under parameter ids a new process does not reproduce), or for another model or sub_group_size. "
+                "Resume from a checkpoint written with relora_ds's NVMe fixes, or with the settings it was "
+                "written with")
         self.loss_scaler = state_dict[LOSS_SCALER]
         self.dynamic_loss_scale = state_dict["dynamic_loss_scale"]
         self.overflow = state_dict["overflow"]

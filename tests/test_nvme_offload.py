@@ -48,6 +48,24 @@ def test_gradient_pieces_start_aligned_and_cover_each_gradient():
         assert all(p.untyped_storage().data_ptr() == g.untyped_storage().data_ptr() for _, p in mine)
 
 
+def test_a_checkpoint_from_deepspeeds_own_nvme_save_is_named_not_loaded():
+    """DeepSpeed's own save of an optimizer on NVMe leaves its swapped sub-groups out of the ZeRO files
+    (empty placeholders; the data went to offloaded_tensors/ under ds_ids that a new process renumbers): a
+    load with relora_ds's fix says so before it changes anything, instead of a size error half-way."""
+    from types import SimpleNamespace
+
+    import torch
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS
+
+    from relora_ds.ds_patches import _load_swapping_in
+
+    engine_optimizer = SimpleNamespace(swap_optimizer=True, fp16_partitioned_groups_flat_numel=[10, 4])
+    with pytest.raises(ValueError, match=r"holds fp32 partitions of \[0, 4\] elements, this engine's optimizer "
+                                         r"sub-groups have \[10, 4\]: written by DeepSpeed's own save"):
+        _load_swapping_in(None)(engine_optimizer, {FP32_FLAT_GROUPS: [torch.zeros(0), torch.zeros(4)]})
+    assert not hasattr(engine_optimizer, "loss_scaler")  # nothing restored before the refusal
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     from deepspeed.accelerator import get_accelerator

@@ -126,24 +126,39 @@ def measure_activations(cfg, rank, b, s, checkpointing, loss_chunk_size=0):
 
 # vocab 64: a layer's activations dominate the transient; vocab 8192: the logits do. (A middle vocab, 2048,
 # passed too; dropped to keep CI short: 4 cases of ~12 s.)
-@pytest.mark.parametrize("vocab", [64, 8192])
+VOCABS, B, S, RANK, CHUNK = (64, 8192), 4, 256, 16, 128
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """Every case of test_peak_activations_match_the_heap, measured in one fresh process: after hundreds of
+    tests the suite's heap is fragmented, and mallinfo2 (which walks malloc's free lists at every sample)
+    made each case 2-3x slower than alone (measured 29 s vs 11 s); one process for all 8 saves 7 start-ups.
+    The tiny preset's width on 2 of its 4 layers: the per-layer terms are the same, the compute half (bf16
+    matmuls take a slow fallback on a CPU without AVX512/AMX)."""
+    code = ("import json, sys; sys.path[:0] = sys.argv[1:3]\n"
+            "from test_memory_table import measure_activations, VOCABS, B, S, RANK, CHUNK\n"
+            "from relora_ds import LlamaConfig\nout = {}\n"
+            "for vocab in VOCABS:\n"
+            "    cfg = LlamaConfig.preset('tiny', attn_implementation='sdpa', vocab_size=vocab, num_hidden_layers=2)\n"
+            "    for ckpt in (False, True):\n"
+            "        for chunked in (False, True):\n"
+            "            out[f'{ckpt}-{chunked}-{vocab}'] = measure_activations(cfg, RANK, B, S, ckpt,\n"
+            "                                                                     CHUNK if chunked else 0)\n"
+            "print(json.dumps(out))")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "tests"), str(ROOT / "launch")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("chunked", [False, True], ids=["logits", "chunked"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_peak_activations_match_the_heap(checkpointing, chunked, vocab):
-    # The tiny preset's width on 2 of its 4 layers: the per-layer terms are the same, the compute half (bf16
-    # matmuls take a slow fallback on a CPU without AVX512/AMX, as CI's).
+def test_peak_activations_match_the_heap(measured, checkpointing, chunked, vocab):
     cfg = LlamaConfig.preset("tiny", attn_implementation="sdpa", vocab_size=vocab, num_hidden_layers=2)
-    b, s, rank, chunk = 4, 256, 16, 128
-    # In a fresh process: after hundreds of tests the suite's heap is fragmented, and mallinfo2 (which walks
-    # malloc's free lists at every sample) made each case 2-3x slower than alone (measured 29 s vs 11 s).
-    code = ("import json, sys; sys.path[:0] = sys.argv[1:3]\n"
-            "from test_memory_table import measure_activations\nfrom relora_ds import LlamaConfig\n"
-            f"cfg = LlamaConfig.preset('tiny', attn_implementation='sdpa', vocab_size={vocab}, num_hidden_layers=2)\n"
-            f"print(json.dumps(measure_activations(cfg, {rank}, {b}, {s}, {checkpointing}, {chunk if chunked else 0})))")
-    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "tests"), str(ROOT / "launch")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    kept, peak = json.loads(proc.stdout.splitlines()[-1])
+    b, s, rank = B, S, RANK
+    kept, peak = measured[f"{checkpointing}-{chunked}-{vocab}"]
     # Beyond the formula: graph nodes, RoPE tables, labels (< 0.5 MB here, per batch not per sequence).
     slack = 0.5e6
     weight_grad = 4 * cfg.vocab_size * cfg.hidden_size if chunked else 0

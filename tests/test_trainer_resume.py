@@ -181,21 +181,26 @@ def test_zero3_offload_resumes_exactly(tmp_path, small_data_dir, optimizer_on):
     optimizer multiplied step by step (deepspeed/ops/csrc/includes/cpu_adam.h, IncrementStep), so updates
     differ in their last bits (seen: <= 1e-6 in fp32, the same for zero2_offload; bf16 rounding carries that
     to 7e-5). A lost or unpruned moment, or a step count off by one, moves the losses by orders of magnitude
-    more (without the optimizer state: 4e-3). On NVMe DeepSpeed's own loader restored none of it here (this
-    model's sub-groups are below the 1 MiB swap threshold, so none was in its swap files): the resumed run's
-    first loss differed (relora_ds/ds_patches.py item 6; tests/test_nvme_offload.py swaps real ones)."""
-    recipe, _ = write(tmp_path, small_data_dir, save_every=7)
+    more (without the optimizer state: 4e-3). On NVMe (the tiny preset, whose embeddings and norms make a
+    sub-group above DeepSpeed's 1 MiB swap threshold; the LoRA factors' stays in memory) DeepSpeed's own
+    loader restored neither: the resumed run's first loss differed (relora_ds/ds_patches.py item 6)."""
+    model = "tiny" if optimizer_on == "nvme" else "debug"
+    recipe, _ = write(tmp_path, small_data_dir, save_every=7, model=model)
     shipped = json.loads((ROOT / "ds_configs/zero3_offload.json").read_text())
     if optimizer_on == "nvme":
-        shipped["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": str(tmp_path)}
+        shipped["zero_optimization"]["offload_optimizer"] = {"device": "nvme", "nvme_path": str(tmp_path / "swap")}
+        (tmp_path / "swap").mkdir()
     ds = tmp_path / "zero3_offload_fp32.json"
     ds.write_text(json.dumps({**shipped, "bf16": {"enabled": False}}))
     run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
     reference, _ = read_losses(tmp_path / "run")
     assert not list((tmp_path / "run").glob("checkpoints/*/offloaded_tensors"))  # the ZeRO files hold it all
+    if optimizer_on == "nvme":  # a sub-group's master and moments really lived in files
+        swapped = {p.name for p in (tmp_path / "swap").glob("zero_stage_3/optimizer/rank*/*.tensor.swp")}
+        assert any(n.startswith("exp_avg_sq-") for n in swapped), swapped
     # On 2 ranks again, then on 1 (DeepSpeed's universal checkpoint re-partitions the offloaded states).
     for resume in (lambda: run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume"),
-                   lambda: train1(tmp_path, small_data_dir, "--resume", ds=ds, save_every=7)):
+                   lambda: train1(tmp_path, small_data_dir, "--resume", ds=ds, save_every=7, model=model)):
         rewind_to(tmp_path / "run", "step_7")
         resume()
         resumed, recs = read_losses(tmp_path / "run")

@@ -291,7 +291,7 @@ def _universal_load_swapping_in(original):
 
 
 def patch_deepspeed_nvme() -> bool:
-    """Install both fixes (idempotent); False where DeepSpeed is not installed."""
+    """Install the NVMe fixes, items 1-3 and 6 (idempotent); False where DeepSpeed is not installed."""
     try:
         from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
@@ -301,7 +301,6 @@ def patch_deepspeed_nvme() -> bool:
     PartitionedParameterCoordinator._PartitionedParameterCoordinator__prefetch_nvme_param_partitions = \
         _prefetch_nvme_param_partitions_once
     from deepspeed.runtime.engine import DeepSpeedEngine
-
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
     if not getattr(DeepSpeedEngine.load_module_state_dict, "_relora_nvme", False):

@@ -303,8 +303,8 @@ def check_offload_on_device(ds: dict, accelerator, quantize: str | None = None) 
             what = "is not set" if not path else f"{path!r} is not a writable directory on this machine"
             raise ValueError(f"zero_optimization.{key}.nvme_path {what}: set it to a directory on a local NVMe "
                              "drive, present on every node (each rank writes its swap files under it)")
-    optimizer = ds["zero_optimization"].get("offload_optimizer") or {}
-    pipelined = [k for k in ("pipeline_read", "pipeline_write") if optimizer.get(k) and "offload_optimizer" in nvme]
+    optimizer = ds["zero_optimization"]["offload_optimizer"] if "offload_optimizer" in nvme else {}
+    pipelined = [k for k in ("pipeline_read", "pipeline_write") if optimizer.get(k)]
     if pipelined:
         raise ValueError(f"zero_optimization.offload_optimizer.{' and '.join(pipelined)}: DeepSpeed 0.19.8's "
                          "pipelined optimizer swapping stopped at the first optimizer step here (2 CPU ranks: an "

@@ -10,7 +10,8 @@ Environment variables (read at call time, never cached):
   must be set); ``torch`` runs the LoRA linear as BLAS calls only (merged-weight GEMMs or an epilogue
   chain, kernels/torch_linear.py) and every other op as its twin; ``reference`` forces the pure-torch
   twins (the specification).
-- ``RELORA_MERGED_WEIGHT=0|1``: the ``torch`` path's variant (default per device type, see torch_linear).
+- ``RELORA_MERGED_WEIGHT=0|1``: the ``torch`` path's variant, never / always merged-weight (default: on CPU
+  the one with fewer multiply-adds for each call's token count, torch_linear.use_merged_weight).
 - ``RELORA_DETERMINISTIC=1``: bitwise-reproducible backward (no atomics, fixed reduction order, one fixed
   launch configuration instead of autotuning). Also on when ``torch.use_deterministic_algorithms(True)``.
 - ``TRITON_INTERPRET=1``: Triton's own switch for its CPU interpreter.

@@ -22,6 +22,15 @@ rebuilt in backward, never saved). The two big products are then plain GEMMs wit
 side pass at all; S = X·Aᵀ is still computed (dB needs it). The low-rank term reaches Y through W_eff's
 rounding (in bf16: 2^-9 of |W| per element, the same as a merged bf16 model), not through an fp32
 accumulator as in the other paths.
+
+Which variant is cheaper depends on the token count M, so by default (:func:`use_merged_weight`) the merged one
+runs only where it does fewer multiply-adds. Both compute S = X·Aᵀ, and in training dS = dY·B, dA and dB;
+beyond those, the epilogue chain does the side products S·Bᵀ (M·out·r) and, in training, dS·A (M·in·r),
+and the merged variant builds W_eff (in·out·r) in forward and again in backward. So merged is cheaper when
+M·(in + out) >= 2·in·out in training (M at least the harmonic mean of in and out) and M >= in in a forward
+without autograd. Measured on CPU, layer alone, fwd+bwd (BENCHMARKS.md "Which variant, by token count";
+launch/bench_torch_linear.py): in fp32, native bf16 and fallback bf16 the crossover lies between 1 and 2
+times that M; at a quarter of it the merged variant took 1.04-1.87x the epilogue chain's time.
 """
 from __future__ import annotations
 
@@ -33,18 +42,41 @@ from .int8_reference import int8_dequantize_reference, int8_lora_linear_referenc
 from .reference import check_dropout_p, dropout_keep_mask, lora_linear_reference
 
 
-# The default of lora_linear_torch's merged_weight per device type, a measured choice (BENCHMARKS.md "The
-# torch path on CPU"); CUDA is not yet timed. RELORA_MERGED_WEIGHT=0/1 overrides it.
+# Device types on which lora_linear_torch may take the merged-weight variant (where it does fewer
+# multiply-adds: use_merged_weight), a measured choice (BENCHMARKS.md "The torch paths on CPU"); CUDA is not
+# yet timed. RELORA_MERGED_WEIGHT=0/1 overrides it: never / always.
 MERGED_WEIGHT = {"cpu": True}
 
 
-def merged_weight_default(device: torch.device) -> bool:
+def merged_weight_default(device: torch.device) -> bool | None:
+    """``RELORA_MERGED_WEIGHT`` when set (True: always merged, False: never); else None where the device type
+    may take the merged variant (the choice is then made per call by its cost), False where it may not."""
     env = os.environ.get("RELORA_MERGED_WEIGHT", "").strip().lower()
     if env:
         if env not in ("0", "1", "false", "true", "no", "yes", "off", "on"):
             raise ValueError(f"RELORA_MERGED_WEIGHT={env!r} is not valid; use 0 or 1")
         return env in ("1", "true", "yes", "on")
-    return MERGED_WEIGHT.get(device.type, False)
+    return None if MERGED_WEIGHT.get(device.type, False) else False
+
+
+def merged_is_cheaper(m: int, d_in: int, d_out: int, backward: bool) -> bool:
+    """Whether building W_eff = W + s·B·A (in·out·r multiply-adds, twice with a backward) costs no more than
+    the epilogue chain's side products (M·out·r, and M·in·r in backward); see the module docstring."""
+    return m * (d_in + d_out) >= 2 * d_in * d_out if backward else m >= d_in
+
+
+def use_merged_weight(x, weight_shape, merged_weight=None, *tensors) -> bool:
+    """The variant for one call: ``merged_weight`` if given, else ``RELORA_MERGED_WEIGHT``, else
+    :func:`merged_is_cheaper` on x's token count where :data:`MERGED_WEIGHT` allows it. ``tensors``: the
+    call's other inputs (whether autograd will run a backward)."""
+    if merged_weight is not None:
+        return bool(merged_weight)
+    default = merged_weight_default(x.device)
+    if default is not None:
+        return default
+    d_out, d_in = weight_shape
+    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+    return merged_is_cheaper(x.numel() // max(d_in, 1), d_in, d_out, backward)
 
 
 def _w_eff(weight, lora_A, lora_B, scale):
@@ -85,18 +117,24 @@ class MergedLoRALinearFunction(torch.autograd.Function):
 
 
 class MergedInt8LoRALinearFunction(torch.autograd.Function):
-    """The merged-weight layer on an int8 base: ``W_eff = q·scale + s·B·A`` (one dequantized buffer, built
-    in forward and again in backward; only the int8 weight is saved)."""
+    """The int8-base layer through BLAS: the dequantized weight ``q·scale`` is one buffer, built in forward
+    and again in backward (only the int8 weight is saved). ``merged``: ``s·B·A`` is added into that buffer
+    (the merged-weight variant); else the low-rank term rides on the side products ``S·Bᵀ`` and ``dS·A``,
+    added in place as the epilogue chain does (the cheaper one per :func:`merged_is_cheaper`)."""
 
     @staticmethod
-    def forward(ctx, x, q, w_scale, lora_A, lora_B, bias, scale):
+    def forward(ctx, x, q, w_scale, lora_A, lora_B, bias, scale, merged=True):
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)
         s = torch.mm(x2, lora_A.t())
-        w_eff = int8_dequantize_reference(q, w_scale, x.dtype).addmm_(lora_B, lora_A, alpha=scale)
-        y = torch.addmm(bias, x2, w_eff.t()) if bias is not None else torch.mm(x2, w_eff.t())
+        w = int8_dequantize_reference(q, w_scale, x.dtype)
+        if merged:
+            w.addmm_(lora_B, lora_A, alpha=scale)
+        y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
+        if not merged:
+            y.addmm_(s, lora_B.t(), alpha=scale)
         ctx.save_for_backward(x2, s, q, w_scale, lora_A, lora_B)
-        ctx.scale, ctx.x_shape, ctx.has_bias = scale, x.shape, bias is not None
+        ctx.scale, ctx.x_shape, ctx.has_bias, ctx.merged = scale, x.shape, bias is not None, merged
         return y.reshape(*x.shape[:-1], q.shape[0])
 
     @staticmethod
@@ -105,22 +143,27 @@ class MergedInt8LoRALinearFunction(torch.autograd.Function):
         need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = da = db = dbias = None
+        ds = torch.mm(dy2, lora_B).mul_(ctx.scale) if need_a or (need_x and not ctx.merged) else None
         if need_a:
-            da = torch.mm(torch.mm(dy2, lora_B).mul_(ctx.scale).t(), x2)
+            da = torch.mm(ds.t(), x2)
         if need_b:
             db = torch.mm(dy2.t(), s).mul_(ctx.scale)
         if need_x:
-            w_eff = int8_dequantize_reference(q, w_scale, dy.dtype).addmm_(lora_B, lora_A, alpha=ctx.scale)
-            dx = torch.mm(dy2, w_eff).reshape(ctx.x_shape)
+            w = int8_dequantize_reference(q, w_scale, dy.dtype)
+            if ctx.merged:
+                dx = torch.mm(dy2, w.addmm_(lora_B, lora_A, alpha=ctx.scale))
+            else:
+                dx = torch.mm(ds, lora_A).addmm_(dy2, w)
+            dx = dx.reshape(ctx.x_shape)
         if need_bias and ctx.has_bias:
             dbias = dy2.sum(0)
-        return dx, None, None, da, db, dbias, None
+        return dx, None, None, da, db, dbias, None, None
 
 
 def int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True,
-                           generator=None):
-    """The int8-base layer through BLAS only (merged weight); with a dropout mask drawn, or mixed dtypes,
-    the twin (``int8_lora_linear_reference``) runs instead."""
+                           generator=None, merged_weight=None):
+    """The int8-base layer through BLAS only (``merged_weight`` as in :func:`lora_linear_torch`); with a
+    dropout mask drawn, or mixed dtypes, the twin (``int8_lora_linear_reference``) runs instead."""
     p = check_dropout_p(dropout_p)
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
@@ -129,8 +172,9 @@ def int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias=None, drop
     same = len({t.dtype for t in (x, lora_A, lora_B, bias) if t is not None}) == 1
     if (training and p > 0.0) or not same:
         return int8_lora_linear_reference(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
+    merged = use_merged_weight(x, q.shape, merged_weight, lora_A, lora_B, bias)
     with torch.autocast(x.device.type, enabled=False):
-        return MergedInt8LoRALinearFunction.apply(x, q, w_scale, lora_A, lora_B, bias, float(scale))
+        return MergedInt8LoRALinearFunction.apply(x, q, w_scale, lora_A, lora_B, bias, float(scale), merged)
 
 
 class TorchLoRALinearFunction(torch.autograd.Function):
@@ -185,8 +229,9 @@ def lora_linear_torch(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0
 
     Tensors must share one dtype (under autocast they are cast to the autocast dtype first, as F.linear
     does); mixed dtypes or devices go to the reference twin, so they fail or work exactly as plain F.linear.
-    ``merged_weight`` (None: ``RELORA_MERGED_WEIGHT``, else :data:`MERGED_WEIGHT` for x's device type): the
-    merged-weight variant, used when no dropout mask is drawn.
+    ``merged_weight``: the merged-weight variant, used when no dropout mask is drawn (None: per
+    ``RELORA_MERGED_WEIGHT``, else where it is the cheaper one on a device type :data:`MERGED_WEIGHT` allows,
+    :func:`use_merged_weight`).
     """
     p = check_dropout_p(dropout_p)
     if torch.is_autocast_enabled(x.device.type):
@@ -198,8 +243,7 @@ def lora_linear_torch(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, p, training, generator)
     keep = dropout_keep_mask(x, p, generator) if (training and p > 0.0) else None  # bool: 1 B per element
     inv_keep = 1.0 / (1.0 - p) if keep is not None else 1.0
-    merged = merged_weight_default(x.device) if merged_weight is None else bool(merged_weight)
     with torch.autocast(x.device.type, enabled=False):
-        if merged and keep is None:
+        if keep is None and use_merged_weight(x, weight.shape, merged_weight, weight, lora_A, lora_B, bias):
             return MergedLoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, float(scale))
         return TorchLoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, float(scale), keep, inv_keep)

@@ -261,12 +261,19 @@ def test_frozen_bytes_at_most_052_of_bf16_for_every_preset():
         assert int8 <= 0.52 * bf16, (name, int8 / bf16)
 
 
+@pytest.mark.parametrize("merged", [None, "0", "1"], ids=["auto", "epilogue", "merged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_torch_path_matches_twin(monkeypatch, dtype):
-    """RELORA_KERNELS=torch (and auto on CPU): W_eff = q·scale + s·B·A GEMMs, every output and gradient
-    against the fp64 twin; under dropout the twin itself runs (bitwise)."""
+def test_int8_torch_path_matches_twin(monkeypatch, dtype, merged):
+    """RELORA_KERNELS=torch (and auto on CPU): GEMMs on the dequantized q·scale, with s·B·A added into it
+    (merged) or as side products (epilogue), every output and gradient against the fp64 twin; unforced, the
+    merged variant (here M = 111 tokens >= 2·48·40 / (48 + 40) = 43.6); under dropout the twin itself runs
+    (bitwise)."""
     from relora_kernels import torch_linear
     monkeypatch.setenv("RELORA_KERNELS", "torch")
+    if merged is None:
+        monkeypatch.delenv("RELORA_MERGED_WEIGHT", raising=False)
+    else:
+        monkeypatch.setenv("RELORA_MERGED_WEIGHT", merged)
     g = torch.Generator().manual_seed(4)
     M, K, N, R = 37, 48, 40, 4
     w = torch.randn(N, K, generator=g) * 0.1
@@ -279,10 +286,11 @@ def test_int8_torch_path_matches_twin(monkeypatch, dtype):
     dy = torch.randn(3, M, N, generator=g).to(dtype)
     calls = []
     real = torch_linear.MergedInt8LoRALinearFunction.apply
-    monkeypatch.setattr(torch_linear.MergedInt8LoRALinearFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(torch_linear.MergedInt8LoRALinearFunction, "apply",
+                        lambda *a: calls.append(a[-1]) or real(*a))  # its last argument: merged
     y = rk.int8_lora_linear(x, q, s, A, B, 0.5, bias)
     grads = torch.autograd.grad(y, (x, A, B, bias), dy)
-    assert calls == [1]
+    assert calls == [merged != "0"]
     leaves = [t.detach().double().requires_grad_() for t in (x, A, B, bias)]
     yr = rk.int8_lora_linear_reference(leaves[0], q, s, leaves[1], leaves[2], 0.5, leaves[3])
     grads_r = torch.autograd.grad(yr, leaves, dy.double())
@@ -290,7 +298,7 @@ def test_int8_torch_path_matches_twin(monkeypatch, dtype):
     assert rel(y, yr) < tol and all(rel(a, b) < tol for a, b in zip(grads, grads_r))
     gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
     y_drop = rk.int8_lora_linear(x, q, s, A, B, 0.5, bias, dropout_p=0.2, generator=gen())
-    assert calls == [1] and torch.equal(y_drop, rk.int8_lora_linear_reference(x, q, s, A, B, 0.5, bias, 0.2,
+    assert len(calls) == 1 and torch.equal(y_drop, rk.int8_lora_linear_reference(x, q, s, A, B, 0.5, bias, 0.2,
                                                                               True, gen()))
 
 

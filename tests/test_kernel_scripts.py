@@ -186,3 +186,28 @@ def test_bench_repeat_times_every_point_per_pass_and_reports_the_spread(tmp_path
     with pytest.raises(SystemExit):
         bench_kernels.parse_args(["--repeat", "0"])
     assert "--repeat must be >= 1" in capsys.readouterr().err
+
+
+def test_torch_linear_crossover_script(tmp_path, monkeypatch, capsys):
+    """launch/bench_torch_linear.py times both variants of the `torch` path at token counts set from the
+    layer's harmonic mean (64 x 96: 76.8, so M = 38 and 154), each call on the variant it names."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import bench_torch_linear
+    from relora_kernels import torch_linear
+
+    calls = []
+    for cls in (torch_linear.MergedLoRALinearFunction, torch_linear.TorchLoRALinearFunction):
+        monkeypatch.setattr(cls, "apply", (lambda real, name: lambda *a: calls.append(name) or real(*a))(
+            cls.apply, cls.__name__[:6]))
+    out = tmp_path / "x.json"
+    assert bench_torch_linear.main(["--shapes", "64x96x8", "--multiples", "0.5", "2", "--reps", "2",
+                                    "--out", str(out)]) == 0
+    rows = __import__("json").loads(out.read_text())
+    assert [(r["m"], r["d_in"], r["d_out"], r["rank"], r["dtype"]) for r in rows] == [(38, 64, 96, 8, "fp32"),
+                                                                                    (154, 64, 96, 8, "fp32")]
+    assert all(r["merged_over_epilogue"] == pytest.approx(r["merged_ms"] / r["epilogue_ms"], abs=2e-3) for r in rows)
+    assert calls == ["TorchL", "Merged"] * 3 * 2  # warm-up + 2 reps, alternating, per point
+    assert "merged/epi" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_torch_linear.main(["--shapes", "64x96"])
+    assert "is not IN x OUT x RANK" in capsys.readouterr().err

@@ -65,9 +65,9 @@ def merged_is_cheaper(m: int, d_in: int, d_out: int, backward: bool) -> bool:
     return m * (d_in + d_out) >= 2 * d_in * d_out if backward else m >= d_in
 
 
-def use_merged_weight(x, weight_shape, merged_weight=None, *tensors) -> bool:
-    """The variant for one call: ``merged_weight`` if given, else ``RELORA_MERGED_WEIGHT``, else
-    :func:`merged_is_cheaper` on x's token count where :data:`MERGED_WEIGHT` allows it. ``tensors``: the
+def use_merged_weight(x, weight_shape, merged_weight, others) -> bool:
+    """The variant for one call: ``merged_weight`` if not None, else ``RELORA_MERGED_WEIGHT``, else
+    :func:`merged_is_cheaper` on x's token count where :data:`MERGED_WEIGHT` allows it. ``others``: the
     call's other inputs (whether autograd will run a backward)."""
     if merged_weight is not None:
         return bool(merged_weight)
@@ -75,7 +75,7 @@ def use_merged_weight(x, weight_shape, merged_weight=None, *tensors) -> bool:
     if default is not None:
         return default
     d_out, d_in = weight_shape
-    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others))
     return merged_is_cheaper(x.numel() // max(d_in, 1), d_in, d_out, backward)
 
 
@@ -172,7 +172,7 @@ def int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias=None, drop
     same = len({t.dtype for t in (x, lora_A, lora_B, bias) if t is not None}) == 1
     if (training and p > 0.0) or not same:
         return int8_lora_linear_reference(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
-    merged = use_merged_weight(x, q.shape, merged_weight, lora_A, lora_B, bias)
+    merged = use_merged_weight(x, q.shape, merged_weight, (lora_A, lora_B, bias))
     with torch.autocast(x.device.type, enabled=False):
         return MergedInt8LoRALinearFunction.apply(x, q, w_scale, lora_A, lora_B, bias, float(scale), merged)
 
@@ -244,6 +244,6 @@ def lora_linear_torch(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0
     keep = dropout_keep_mask(x, p, generator) if (training and p > 0.0) else None  # bool: 1 B per element
     inv_keep = 1.0 / (1.0 - p) if keep is not None else 1.0
     with torch.autocast(x.device.type, enabled=False):
-        if keep is None and use_merged_weight(x, weight.shape, merged_weight, weight, lora_A, lora_B, bias):
+        if keep is None and use_merged_weight(x, weight.shape, merged_weight, (weight, lora_A, lora_B, bias)):
             return MergedLoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, float(scale))
         return TorchLoRALinearFunction.apply(x, weight, lora_A, lora_B, bias, float(scale), keep, inv_keep)

@@ -191,7 +191,7 @@ def test_bench_repeat_times_every_point_per_pass_and_reports_the_spread(tmp_path
 def test_torch_linear_crossover_script(tmp_path, monkeypatch, capsys):
     """launch/bench_torch_linear.py times both variants of the `torch` path at token counts set from the
     layer's harmonic mean (64 x 96: 76.8, so M = 38 and 154), each call on the variant it names."""
-    sys.path.insert(0, str(ROOT / "launch"))
+    monkeypatch.syspath_prepend(str(ROOT / "launch"))
     import bench_torch_linear
     from relora_kernels import torch_linear
 

@@ -83,20 +83,22 @@ def _heap_in_use():
     return m.uordblks + m.hblkhd
 
 
-def measure_activations(cfg, rank, b, s, checkpointing, loss_chunk_size=0):
-    """(bytes in use after the forward, peak bytes during backward), above the idle model with its grads.
+def measure_activations(cfg, rank, b, s, chunk_size):
+    """{(checkpointing, chunked): (bytes in use after the forward, peak bytes during backward)}, above the idle
+    model with its grads, for the four combinations on one model.
 
     The peak is sampled before and after every autograd node and every module call (the recomputed
     forward of checkpointing included), so it sees the state after each op's outputs exist. It does not
-    see inside one node: the chunked loss's per-chunk logits (tests/test_loss.py bounds those)."""
+    see inside one node: the chunked loss's per-chunk logits (tests/test_loss.py bounds those).
+    Before the first case: one plain pass allocates the gradients, and the chunked head alone runs once, since
+    the first pass at a shape keeps memory that later ones reuse (5 MB on a 27 MB case, measured with an
+    8-token warm-up; likely oneDNN's per-shape buffers, not traced), so every measured op runs at a shape seen
+    before; and one checkpointed pass on 8 tokens, whose first use imports torch's compiler stack (813
+    modules, 36 MB of heap, measured)."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     if rank:
         wrap(model, rank=rank)
-    if checkpointing:
-        model.gradient_checkpointing_enable()
-    if loss_chunk_size:
-        model.chunked_loss_enable(loss_chunk_size)
     ids = torch.randint(0, cfg.vocab_size, (b, s))
     peak = [0]
 
@@ -106,22 +108,34 @@ def measure_activations(cfg, rank, b, s, checkpointing, loss_chunk_size=0):
         m.register_forward_pre_hook(sample)
         m.register_forward_hook(sample)
     model(ids, labels=ids).loss.backward()  # gradients exist from here on: not activations
-    gc.collect()
-    base = _heap_in_use()
-    loss = model(ids, labels=ids).loss
-    kept = _heap_in_use() - base
-    seen, todo = set(), [loss.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        node.register_prehook(sample)
-        node.register_hook(sample)
-        todo.extend(f for f, _ in node.next_functions)
-    peak[0] = 0
-    loss.backward()
-    return kept, peak[0] - base
+    model.gradient_checkpointing_enable()
+    model(ids[:1, :8], labels=ids[:1, :8]).loss.backward()
+    h = torch.randn(b * (s - 1), cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    model.lm_head(h, targets=ids[:, 1:].reshape(-1), chunk_size=chunk_size).backward()
+    del h
+    out = {}
+    for chunked in (False, True):
+        model.chunked_loss_enable(chunk_size) if chunked else model.chunked_loss_disable()
+        for checkpointing in (False, True):
+            model.gradient_checkpointing_enable() if checkpointing else model.gradient_checkpointing_disable()
+            gc.collect()
+            base = _heap_in_use()
+            loss = model(ids, labels=ids).loss
+            kept = _heap_in_use() - base
+            seen, todo = set(), [loss.grad_fn]
+            while todo:
+                node = todo.pop()
+                if node is None or node in seen:
+                    continue
+                seen.add(node)
+                node.register_prehook(sample)
+                node.register_hook(sample)
+                todo.extend(f for f, _ in node.next_functions)
+            peak[0] = 0
+            loss.backward()
+            del loss, seen, todo, node
+            out[checkpointing, chunked] = (kept, peak[0] - base)
+    return out
 
 
 # vocab 64: a layer's activations dominate the transient; vocab 8192: the logits do. (A middle vocab, 2048,
@@ -133,18 +147,16 @@ VOCABS, B, S, RANK, CHUNK = (64, 8192), 4, 256, 16, 128
 def measured():
     """Every case of test_peak_activations_match_the_heap, measured in one fresh process: after hundreds of
     tests the suite's heap is fragmented, and mallinfo2 (which walks malloc's free lists at every sample)
-    made each case 2-3x slower than alone (measured 29 s vs 11 s); one process for all 8 saves 7 start-ups.
-    The tiny preset's width on 2 of its 4 layers: the per-layer terms are the same, the compute half (bf16
-    matmuls take a slow fallback on a CPU without AVX512/AMX)."""
+    made each case 2-3x slower than alone (measured 29 s vs 11 s). One model per vocab serves its 4 cases
+    (one warm-up pass, not 4). The tiny preset's width on 2 of its 4 layers: the per-layer terms are the same,
+    the compute half (bf16 matmuls take a slow fallback on a CPU without AVX512/AMX)."""
     code = ("import json, sys; sys.path[:0] = sys.argv[1:3]\n"
             "from test_memory_table import measure_activations, VOCABS, B, S, RANK, CHUNK\n"
             "from relora_ds import LlamaConfig\nout = {}\n"
             "for vocab in VOCABS:\n"
             "    cfg = LlamaConfig.preset('tiny', attn_implementation='sdpa', vocab_size=vocab, num_hidden_layers=2)\n"
-            "    for ckpt in (False, True):\n"
-            "        for chunked in (False, True):\n"
-            "            out[f'{ckpt}-{chunked}-{vocab}'] = measure_activations(cfg, RANK, B, S, ckpt,\n"
-            "                                                                     CHUNK if chunked else 0)\n"
+            "    for (ckpt, chunked), m in measure_activations(cfg, RANK, B, S, CHUNK).items():\n"
+            "        out[f'{ckpt}-{chunked}-{vocab}'] = m\n"
             "print(json.dumps(out))")
     proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "tests"), str(ROOT / "launch")], cwd=ROOT,
                           capture_output=True, text=True, timeout=1200)

@@ -84,11 +84,11 @@ def set_full(param: torch.Tensor, value: torch.Tensor, key: str | None = None) -
 
 
 def optimizer_state_ready(engine) -> bool:
-    """DeepSpeed links the per-tensor optimizer-state fragments lazily, after the first optimizer step."""
+    """Whether the engine's optimizer holds Adam moments: created by its first step or brought by a checkpoint
+    load. Read from the wrapped optimizer's own state (keyed by ZeRO-1/2's flat partitions, ZeRO-3's
+    sub-groups), not from DeepSpeed's "fragments linked" flag, which a load leaves unset."""
     opt = engine.optimizer
-    if hasattr(opt, "_hp_optimizer_states_linked"):  # ZeRO-1/2 and the BF16 optimizer
-        return bool(opt._hp_optimizer_states_linked)
-    inner = getattr(opt, "optimizer", opt)  # ZeRO-3 wraps the torch optimizer
+    inner = getattr(opt, "optimizer", opt)  # ZeRO and the BF16 optimizer wrap the torch optimizer
     return len(getattr(inner, "state", {})) > 0
 
 
@@ -97,11 +97,12 @@ def relink_optimizer_fragments(engine) -> None:
 
     DeepSpeed 0.19 links them lazily inside the per-group optimizer step and sets its "linked" flag after
     the first group, so with two or more param groups (ours: LoRA and full-rank) every later group keeps
-    empty fragments and ``safe_get_full_optimizer_state`` fails for it. Re-running DeepSpeed's own linker
-    once all groups have state is idempotent (it only builds views).
+    empty fragments and ``safe_get_full_optimizer_state`` fails for it; and a checkpoint load loads the
+    moments but links nothing until the next step (a reset right after a resume found no fragments).
+    Re-running DeepSpeed's own linker once the optimizer has state is idempotent (it only builds views).
     """
     opt = engine.optimizer
-    if getattr(opt, "_hp_optimizer_states_linked", False):
+    if hasattr(opt, "_hp_optimizer_states_linked") and optimizer_state_ready(engine):
         opt._hp_optimizer_states_linked = False
         opt._lazy_init_hp_params_optimizer_state()
 
@@ -201,8 +202,9 @@ def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed
                          "exp_avg_sq would keep every pruned entry; ReLoRA under DeepSpeed supports Adam/AdamW "
                          "without amsgrad (remove optimizer.params.amsgrad)")
     if not optimizer_state_ready(engine):
-        raise ValueError("prune_optimizer_state: the DeepSpeed optimizer has no state fragments yet; DeepSpeed "
-                         "creates them at the first optimizer step, so prune only after engine.step()")
+        raise ValueError("prune_optimizer_state: the DeepSpeed optimizer holds no Adam moments yet; DeepSpeed "
+                         "creates them at the first optimizer step (or loads them with a checkpoint), so prune "
+                         "only after engine.step() or engine.load_checkpoint()")
     relink_optimizer_fragments(engine)
     zeroed = dict.fromkeys(MOMENT_KEYS, 0)
     total = comm_bytes = 0

@@ -9,9 +9,10 @@ from launch_utils import ROOT, run_ranks
 # and the parameters on the host (ds_configs/zero3_offload.json), every parameter split; 3t0: ZeRO-3 with
 # stage3_param_persistence_threshold 0, every parameter split across the ranks (the plain ZeRO-3 cases keep
 # this model's tensors whole, all below the default threshold 1e5); 2rnd: ZeRO-2 with the LoRA tensors in the
-# second param group, pruned `random`ly first with nothing relinked before. ~3 s a case after the launch.
+# second param group, pruned `random`ly first with nothing relinked before; 1ld/2ld: the checks continue on a
+# fresh engine that loaded a checkpoint of the stepped one, pruned first thing. ~3 s a case after the launch.
 CASES = ["1:fp32", "2:fp32", "3:fp32", "1:bf16", "2:bf16", "3:bf16", "2off:fp32", "2off:bf16", "3t0:fp32",
-         "3t0:bf16", "3off:fp32", "3off:bf16", "2rnd:fp32"]
+         "3t0:bf16", "3off:fp32", "3off:bf16", "2rnd:fp32", "1ld:fp32", "2ld:bf16"]
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,20 @@ def test_random_prune_of_a_second_param_group_equals_the_single_process_oracle(r
         assert res["random_prune_single_process"], "ZeRO random pruning differs from the single-process path"
         assert res["random_kept_nonzero"] > 0.99  # the moments were live: a wrong mask cannot hide among zeros
         assert res["random_pruned_fraction"] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("case", ["1ld:fp32", "2ld:bf16"])
+def test_prune_right_after_a_checkpoint_load_equals_the_oracle(results, case):
+    """A reset right after a resume (the trainer's catch-up merge of an old final checkpoint; the Python API's
+    load then reset): ZeRO-1/2 load the Adam moments but link no per-tensor fragments until the next step, and
+    the prune refused such an engine ("no state fragments yet") until a review found it. Now it prunes the
+    loaded moments exactly as the sort-based single-process oracle prunes the moments the saved engine held."""
+    for r in results:
+        res = r[case]
+        assert res["ready_after_load"] and res["loaded_prune_error"] is None, res["loaded_prune_error"]
+        assert res["loaded_prune_exact"], "pruned loaded moments differ from the oracle on the saved ones"
+        assert res["loaded_prune_stats_exact"]
+        assert res["saved_moments_live"] > 0.99  # live moments: a wrong mask cannot hide among zeros
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -7,7 +7,9 @@ too, every one split across the ranks); "t0" (ZeRO-3) sets
 stage3_param_persistence_threshold 0, so that every parameter is really split across the ranks (the default
 threshold, 1e5, is above every tensor of this model, which then stays whole on each rank); "rnd" (ZeRO-1/2)
 puts the LoRA tensors in the second param group and first prunes them `random`ly without any relink by the
-test (see random_prune_without_relink), then runs the same checks as every case.
+test (see random_prune_without_relink), then runs the same checks as every case; "ld" (ZeRO-1/2) saves a
+checkpoint after the steps and continues on a fresh engine that loaded it, pruning first with nothing
+stepped or relinked since the load (see prune_right_after_load).
 """
 import argparse
 import hashlib
@@ -23,7 +25,7 @@ import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM
 from relora_ds.distributed import init_distributed, run_and_exit
 from relora_ds.relora import kaiming_uniform_A, reinit_seed
-from relora_ds.zero_reset import offloaded, relink_optimizer_fragments
+from relora_ds.zero_reset import offloaded, optimizer_state_ready, relink_optimizer_fragments
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 EXPORT_CASES = ("3t0:fp32", "2:bf16")  # export_hf(engine): ZeRO-3 partitions; ZeRO-2 bf16 (masters, not copies)
@@ -124,6 +126,40 @@ def random_prune_without_relink(engine, lora, seed=123, ratio=0.5):
     return res
 
 
+def prune_right_after_load(engine, stage, bf16, ckpt_dir, ratio=0.9):
+    """Save the stepped engine, load the checkpoint into a fresh one and prune there before anything steps
+    or relinks it (a reset right after a resume: DeepSpeed loads the moments but links no fragments until the
+    next step). Oracle: the sort-based mask on the moments the saved engine held, read before the save.
+    Returns the loaded engine, stepped once more so that the case's usual checks find live moments."""
+    lora = relora_ds.lora_parameters(engine.module)
+    relink_optimizer_fragments(engine)
+    saved = [{k: safe_get_full_optimizer_state(p, k).clone() for k in MOMENTS} for p in lora]
+    engine.save_checkpoint(ckpt_dir, tag="t")
+    engine.destroy()
+    engine = build(stage, bf16)
+    engine.load_checkpoint(ckpt_dir, tag="t")
+    lora = relora_ds.lora_parameters(engine.module)
+    res = {"ready_after_load": optimizer_state_ready(engine)}
+    try:
+        stats = relora_ds.prune_optimizer_state(engine, lora, "magnitude", ratio)
+        res["loaded_prune_error"] = None
+    except Exception as e:  # both ranks raise before any collective: the run goes on to report it
+        res["loaded_prune_error"] = f"{type(e).__name__}: {e}"
+        return engine, res
+    masks = [{"exp_avg_sq": sort_mask(b["exp_avg_sq"], ratio)} for b in saved]
+    for m, b in zip(masks, saved):
+        m["exp_avg"] = sort_mask(b["exp_avg"], ratio) | m["exp_avg_sq"]
+    res["loaded_prune_exact"] = all(
+        torch.equal(safe_get_full_optimizer_state(p, k), b[k].masked_fill(m[k], 0.0))
+        for p, b, m in zip(lora, saved, masks) for k in MOMENTS)
+    res["loaded_prune_stats_exact"] = all(
+        abs(stats[k] - sum(int(m[k].sum()) for m in masks) / sum(b[k].numel() for b in saved)) < 1e-12
+        for k in MOMENTS)
+    res["saved_moments_live"] = sum(int((b["exp_avg_sq"] != 0).sum()) for b in saved) / \
+        sum(b["exp_avg_sq"].numel() for b in saved)
+    return engine, res
+
+
 def check_export(engine, export_dir):
     """export_hf(engine) on every rank (rank 0 writes) against the weights DeepSpeed itself reports: each ReLoRA
     layer's base (gathered) + scale * B_master @ A_master, the other parameters' fp32 masters. The module alone
@@ -155,16 +191,14 @@ def check_export(engine, export_dir):
     return res
 
 
-def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_second=False, export_dir=None):
+def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_second=False, export_dir=None,
+             reload_dir=None):
     engine = build(stage, bf16, offload, persist0, lora_second=random_lora_second)
-    model = engine.module
-    lora = relora_ds.lora_parameters(model)
-    others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     res = {"offloaded": offloaded(engine)}
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randint(0, 256, (2, 17), generator=g).to(engine.device)
     try:
-        relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.9)
+        relora_ds.prune_optimizer_state(engine, relora_ds.lora_parameters(engine.module), "magnitude", 0.9)
         res["refuses_before_first_step"] = False
     except ValueError as e:
         res["refuses_before_first_step"] = "first optimizer step" in str(e)
@@ -172,6 +206,14 @@ def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_secon
         loss = engine(x, labels=x).loss
         engine.backward(loss)
         engine.step()
+    if reload_dir is not None:
+        engine, loaded = prune_right_after_load(engine, stage, bf16, reload_dir)
+        res.update(loaded)
+        engine.backward(engine(x, labels=x).loss)
+        engine.step()
+    model = engine.module
+    lora = relora_ds.lora_parameters(model)
+    others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     # A tensor that straddles the partition boundary (ZeRO-1/2): this rank holds part, not all, of it.
     res["straddles"] = sum(1 for p in lora if getattr(p, "_hp_mapping", None) is not None
                            and 0 < p._hp_mapping.lp_fragment_address.numel < p.numel())
@@ -273,11 +315,12 @@ def main():
     out = {}
     for case in args.cases.split(","):
         stage, dtype = case.split(":")
-        assert stage[1:] in ("", "off", "t0", "rnd"), case
+        assert stage[1:] in ("", "off", "t0", "rnd", "ld"), case
         out[case] = run_case(int(stage[0]), dtype == "bf16", rank, offload=stage.endswith("off"),
                              persist0=stage.endswith("t0"), random_lora_second=stage.endswith("rnd"),
                              export_dir=os.path.join(args.out, f"export_{stage}_{dtype}")
-                             if case in EXPORT_CASES else None)
+                             if case in EXPORT_CASES else None,
+                             reload_dir=os.path.join(args.out, f"ckpt_{stage}_{dtype}") if stage.endswith("ld") else None)
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)
     dist.barrier()

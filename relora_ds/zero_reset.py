@@ -142,8 +142,8 @@ def check_engine_supported(engine, what: str) -> None:
                          f"the same state as stage 0), or disable {low[0]} (fp32)")
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+def _rank(group=None) -> int:
+    return dist.get_rank(group) if dist.is_initialized() else 0
 
 
 @torch.no_grad()
@@ -169,11 +169,14 @@ def merge_and_reinit_engine(engine) -> dict:
 
             base = layer.weight_q if layer.quantize else layer.weight
             gathered = [base, A_param, B_param]  # the merge reads A and B and writes W; a bias is not touched
+            # modifier_rank counts within each parameter's data-parallel group (DeepSpeed broadcasts from that
+            # group's rank 0), which is the world only without model parallelism
+            modifier = _rank(A_param.ds_process_group) == 0
             with deepspeed.zero.GatheredParameters(gathered, modifier_rank=0):
                 # int8 or merge_residual: every rank, for its own residual (and scale) buffers
-                if layer.quantize or layer.merge_residual is not None or _rank() == 0:
+                if layer.quantize or layer.merge_residual is not None or modifier:
                     layer.merge_(A, B)
-                if _rank() == 0:
+                if modifier:
                     layer.merge_count.fill_(new_count)
                     layer.reset_lora(new_count)
             comm_bytes += base.ds_numel * base.element_size()
@@ -201,6 +204,13 @@ def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed
         raise ValueError("prune_optimizer_state: the engine's optimizer runs amsgrad, whose running max of "
                          "exp_avg_sq would keep every pruned entry; ReLoRA under DeepSpeed supports Adam/AdamW "
                          "without amsgrad (remove optimizer.params.amsgrad)")
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if not all("betas" in g and "eps" in g and not g.get("use_muon") for g in engine.optimizer.param_groups):
+        # checked here, on every rank alike: a missing moment found later fails only on the ranks holding a
+        # piece of the tensor, while the others wait in the gather's all-reduce
+        raise ValueError(f"prune_optimizer_state: the engine's optimizer ({type(inner).__name__}) keeps no Adam "
+                         "moments (exp_avg, exp_avg_sq) in every param group; ReLoRA under DeepSpeed supports "
+                         "Adam/AdamW (optimizer.type Adam or AdamW, or a torch Adam/AdamW client optimizer)")
     if not optimizer_state_ready(engine):
         raise ValueError("prune_optimizer_state: the DeepSpeed optimizer holds no Adam moments yet; DeepSpeed "
                          "creates them at the first optimizer step (or loads them with a checkpoint), so prune "

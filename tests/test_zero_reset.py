@@ -76,6 +76,14 @@ def test_prune_right_after_a_checkpoint_load_equals_the_oracle(results, case):
         assert res["saved_moments_live"] > 0.99  # live moments: a wrong mask cannot hide among zeros
 
 
+def test_prune_refuses_an_optimizer_without_adam_moments_on_every_rank(results):
+    """ZeRO-2 with an SGD client optimizer: both ranks get the same clear error before any collective (a
+    review found the ranks holding a piece of a tensor raising inside the gather while the others waited)."""
+    for r in results:
+        assert r["non_adam"]["non_adam_error"] is not None
+        assert "optimizer (SGD) keeps no Adam moments (exp_avg, exp_avg_sq)" in r["non_adam"]["non_adam_error"]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_merge_writes_masters_keeps_outputs_and_ranks_agree(results, case):
     for r in results:

@@ -160,6 +160,29 @@ def prune_right_after_load(engine, stage, bf16, ckpt_dir, ratio=0.9):
     return engine, res
 
 
+def non_adam_refusal():
+    """ZeRO-2 with an SGD client optimizer (momentum, no exp_avg/exp_avg_sq): the prune must refuse on every
+    rank before its first collective; a moment found missing inside the gather raised only on the ranks holding
+    a piece of the tensor while the others waited in the all-reduce (a review found it)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=175, num_hidden_layers=1,
+                      num_attention_heads=4, max_position_embeddings=64)
+    model = relora_ds.wrap(LlamaForCausalLM(cfg), rank=3, seed=11)
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2, momentum=0.9)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=sgd, config={
+        "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True})
+    x = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(5))
+    engine.backward(engine(x, labels=x).loss)
+    engine.step()
+    try:
+        relora_ds.prune_optimizer_state(engine, relora_ds.lora_parameters(engine.module), "magnitude", 0.9)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    engine.destroy()
+    return {"non_adam_error": error}
+
+
 def check_export(engine, export_dir):
     """export_hf(engine) on every rank (rank 0 writes) against the weights DeepSpeed itself reports: each ReLoRA
     layer's base (gathered) + scale * B_master @ A_master, the other parameters' fp32 masters. The module alone
@@ -321,6 +344,7 @@ def main():
                              export_dir=os.path.join(args.out, f"export_{stage}_{dtype}")
                              if case in EXPORT_CASES else None,
                              reload_dir=os.path.join(args.out, f"ckpt_{stage}_{dtype}") if stage.endswith("ld") else None)
+    out["non_adam"] = non_adam_refusal()
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(out, f, indent=1)
     dist.barrier()

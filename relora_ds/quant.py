@@ -77,7 +77,15 @@ def init_storage(layer: nn.Module, out_features: int, in_features: int, device=N
     layer.weight_q = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
                                   requires_grad=False)
     layer.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.bfloat16, device=device))
-    layer.register_buffer("weight_residual", torch.zeros(out_features, in_features, dtype=torch.int8))
+    layer.register_buffer("weight_residual", torch.zeros(out_features, in_features, dtype=torch.int8,
+                                                         device=host_device(device)))
+
+
+def host_device(device=None) -> torch.device:
+    """Where a layer's host buffer (a merge residual) is made: the CPU, whatever the layer's device or the
+    default device (``torch.device("cuda")`` as a context), except on meta, where nothing is held yet."""
+    meta = (torch.device(device) if device is not None else torch.empty(0).device).type == "meta"
+    return torch.device("meta" if meta else "cpu")
 
 
 @torch.no_grad()

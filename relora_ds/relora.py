@@ -37,7 +37,7 @@ def kaiming_uniform_A(shape: tuple[int, int], seed: int) -> torch.Tensor:
     """Kaiming-uniform(a=√5) in fp32 on the CPU from a seeded generator (bound 1/√in_features, the same
     init as nn.Linear and PEFT's lora_A); CPU so that every device type draws identical numbers."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    out = torch.empty(shape, dtype=torch.float32)
+    out = torch.empty(shape, dtype=torch.float32, device="cpu")  # also under another default device
     return nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=g)
 
 
@@ -108,7 +108,8 @@ class ReLoRALinear(nn.Module):
                                  "carries its own error-feedback residual (relora_ds/quant.py)")
             # What the last merge's rounding into a bf16/fp16 weight dropped, added back at the next merge
             # (error feedback), in bf16 in host memory: 2 bytes per base parameter, never on the GPU.
-            self.register_buffer("merge_residual", torch.zeros(out_features, in_features, dtype=torch.bfloat16))
+            self.register_buffer("merge_residual", torch.zeros(out_features, in_features, dtype=torch.bfloat16,
+                                                               device=quant.host_device(device)))
         else:
             self.merge_residual = None
         if init_base:  # a standalone layer starts like nn.Linear (weight and bias) ...
@@ -135,6 +136,10 @@ class ReLoRALinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # The merge residuals (int8's, merge_residual) stay in host memory: .to(device)/.cuda()/.bfloat16() skip them.
         host = {k: self._buffers.pop(k) for k in self.HOST_BUFFERS if self._buffers.get(k) is not None}
+        # An int8 base's per-channel scale moves with weight_q but keeps its dtype: .half() (DeepSpeed's fp16
+        # engine does it) would round scales below 6e-5 and zero rows below 3e-8; .float() would store what
+        # the merge, which writes bf16 scales, no longer matches.
+        scale = self._buffers.pop("weight_scale") if self.quantize else None
         try:
             return super()._apply(fn, recurse)
         finally:
@@ -143,10 +148,16 @@ class ReLoRALinear(nn.Module):
             if not self.lora_A.is_meta:
                 host = {k: torch.zeros_like(v, device="cpu") if v.is_meta else v for k, v in host.items()}
             self._buffers.update(host)
+            if scale is not None:
+                device = self.weight_q.device
+                self._buffers["weight_scale"] = (torch.ones_like(scale, device=device)
+                                                 if scale.is_meta and device.type != "meta" else scale.to(device))
 
     @torch.no_grad()
     def reset_lora(self, restart_index: int) -> None:
         """A ← Kaiming-uniform from the (seed, name, restart) generator; B ← 0."""
+        if self.lora_A.is_meta:  # built on meta: nothing to draw into (to_empty + a load fills it)
+            return
         A = kaiming_uniform_A((self.rank, self.in_features), reinit_seed(self.seed, self.name, restart_index))
         self.lora_A.copy_(A.to(self.lora_A.dtype))
         self.lora_B.zero_()

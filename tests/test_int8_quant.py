@@ -374,6 +374,48 @@ def test_stochastic_rounding_is_unbiased_and_grows_like_sqrt_k():
     assert r == pytest.approx([math.sqrt(1 + 2 * k) for k in range(1, 17)], rel=0.05)
 
 
+@pytest.mark.parametrize("cast", ["half", "float", "to_fp16", "double"])
+def test_dtype_casts_keep_the_int8_scales_and_the_weight(cast):
+    """model.half() (what DeepSpeed's fp16 engine does), .float(), .to(dtype) cast every float buffer: the
+    int8 base's per-channel scales must stay bf16, or a row whose scale fp16 cannot hold changes (below 6e-5
+    rounded, below 3e-8 zero: a review measured rows of std 1e-6 and 1e-7 lost entirely). Oracle: the
+    dequantized weight before the cast, bitwise."""
+    torch.manual_seed(0)
+    layer = relora_ds.ReLoRALinear(64, 8, 4, quantize="int8")
+    row_std = torch.tensor([1e-1, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7])
+    layer.load_base_(torch.randn(8, 64) * row_std[:, None])
+    before, scale = layer.base_weight().clone(), layer.weight_scale.clone()
+    {"half": layer.half, "float": layer.float, "double": layer.double,
+     "to_fp16": lambda: layer.to(torch.float16)}[cast]()
+    assert layer.weight_scale.dtype == torch.bfloat16 and torch.equal(layer.weight_scale, scale)
+    assert layer.weight_q.dtype == torch.int8 and layer.weight_residual.dtype == torch.int8
+    assert torch.equal(layer.base_weight(), before) and (before[7] != 0).any()
+    # the layer still runs and merges in the new dtype
+    x = torch.randn(3, 64, dtype=layer.lora_A.dtype)
+    assert layer(x).dtype == x.dtype
+    layer.merge_(layer.lora_A.detach().float(), layer.lora_B.detach().float())
+    assert layer.weight_scale.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kw", [dict(quantize="int8"), dict(merge_residual=True), {}])
+def test_a_layer_built_on_meta_and_host_buffers_under_another_default_device(kw):
+    """ReLoRALinear(..., device="meta") with its default init_base: an int8 layer crashed copying the meta
+    weight's quantization into a CPU residual (a review found it). Host residuals follow meta, else the CPU,
+    and to_empty makes them real host tensors; lora_A's draw is a CPU tensor under any default device
+    (oracle: the same seeded draw outside the context)."""
+    from relora_ds.relora import kaiming_uniform_A
+
+    layer = relora_ds.ReLoRALinear(64, 8, 4, device="meta", **kw)
+    assert all(t.is_meta for t in layer.parameters())
+    assert all(b.is_meta for n, b in layer.named_buffers() if n.endswith("residual"))
+    layer.to_empty(device="cpu")
+    assert all(b.device.type == "cpu" for b in layer.buffers())
+    with torch.device("meta"):
+        drawn = kaiming_uniform_A((4, 64), seed=7)
+    assert drawn.device.type == "cpu" and torch.equal(drawn, kaiming_uniform_A((4, 64), seed=7))
+    assert drawn.abs().max() > 0
+
+
 @pytest.mark.parametrize("kw", [dict(quantize="int8"), dict(merge_residual=True)])
 def test_a_meta_built_model_materialized_with_to_empty_loads_its_host_residuals(kw):
     """Build on meta, to_empty, load_state_dict (the usual large-model load): the host residual buffers

@@ -53,6 +53,9 @@ def _zero3_set_full(param: torch.Tensor, value: torch.Tensor, key: str | None) -
     DeepSpeed's ``set_full_hp_param`` narrows ``value`` at ``partition_numel · rank``, which runs past the
     end on the last (padded) partition; pad the value to ``partition_numel · world`` first.
     """
+    if value.numel() != param.ds_numel:  # DeepSpeed's own set-full asserts this; a short value would zero-fill
+        raise ValueError(f"ZeRO-3 set-full: {value.numel()} values for a parameter of {param.ds_numel} "
+                         f"(shape {tuple(param.ds_shape)})")
     opt = param._z3_optimizer
     part, group_idx = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
     world = opt._get_param_partition_world_size(param)

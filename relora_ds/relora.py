@@ -128,6 +128,12 @@ class ReLoRALinear(nn.Module):
     @torch.no_grad()
     def load_base_(self, weight: torch.Tensor) -> None:
         """Set the frozen base from a float weight (out, in): copied, or quantized with ``quantize``."""
+        want = (self.out_features, self.in_features)
+        if tuple(weight.shape) != want or not weight.is_floating_point():
+            # copy_ would broadcast a (in,) or (1, in) tensor; an int8 weight_q would be quantized as numbers
+            raise ValueError(f"load_base_ of layer {self.name or '<unnamed>'}: expected a float weight of shape "
+                             f"{want}, got {weight.dtype} {tuple(weight.shape)} (an int8 layer's stored weight "
+                             "moves with load_state_dict, not load_base_)")
         if self.quantize:
             quant.load_weight_(self, weight)
         else:

@@ -6,6 +6,7 @@ compiled on CUDA when a GPU is present (the "cuda" params; the only skips here).
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -396,6 +397,21 @@ def test_dtype_casts_keep_the_int8_scales_and_the_weight(cast):
     assert layer(x).dtype == x.dtype
     layer.merge_(layer.lora_A.detach().float(), layer.lora_B.detach().float())
     assert layer.weight_scale.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("quantize", ["int8", None])
+def test_load_base_refuses_a_wrong_shape_or_an_integer_weight(quantize):
+    """copy_ broadcast a (in,) weight over every row, and an int8 weight_q was quantized as if its codes were
+    weights (a review found it): both are named, the layer unchanged."""
+    layer = relora_ds.ReLoRALinear(16, 4, 2, quantize=quantize)
+    before = layer.base_weight().clone()
+    for bad, what in ((torch.randn(16), "torch.float32 (16,)"), (torch.randn(16, 4), "torch.float32 (16, 4)"),
+                      (torch.zeros(4, 16, dtype=torch.int8), "torch.int8 (4, 16)")):
+        with pytest.raises(ValueError, match=re.escape(f"expected a float weight of shape (4, 16), got {what}")):
+            layer.load_base_(bad)
+    assert torch.equal(layer.base_weight(), before)
+    layer.load_base_(torch.randn(4, 16, dtype=torch.float64))  # any float dtype is a weight
+    assert not torch.equal(layer.base_weight(), before)
 
 
 @pytest.mark.parametrize("kw", [dict(quantize="int8"), dict(merge_residual=True), {}])

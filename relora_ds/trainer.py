@@ -253,7 +253,7 @@ class Trainer(EnginesMixin, CheckpointsMixin):
         train_s, step_last, loss_sum = 0.0, self.step, 0.0
         # A signal during start-up (the checkpoint load, the engine): stop before training a step; nothing has
         # changed since the checkpoint resumed from (or since nothing), so nothing is saved.
-        if self.step < self.total_steps and self._stop_agreed_before_training():
+        if self.step < self.total_steps and self._stop_agreed_now():
             return self._stopped(bar, saved=False)
         while self.step < self.total_steps:
             if self.engine_phase == "full" and self._phase(self.step) == "lowrank":
@@ -288,18 +288,24 @@ class Trainer(EnginesMixin, CheckpointsMixin):
                 if self.step == self.total_steps and cfg.eval_every:  # the run's last, once its checkpoint is safe
                     self.evaluate(final=True)
                 return self._stopped(bar, saved=True)
+            if save_due:  # before the evaluation (the final one may read ~100M tokens): a kill there loses no step
+                self.save()
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
                 final = self.evaluate(final=self.step == self.total_steps)
-            if save_due:
-                self.save()
+                if self.step < self.total_steps and self._stop_agreed_now():
+                    # a signal that came during the evaluation: stop here, not after one more step and save
+                    if not save_due:
+                        self.save()
+                    return self._stopped(bar, saved=True)
         bar.close()
         if cfg.export:
             self.export(self.out / "hf")
         self.metrics.close()
         return final
 
-    def _stop_agreed_before_training(self) -> bool:
-        """Whether any rank got a stop signal during start-up (every rank learns it: one all-reduce)."""
+    def _stop_agreed_now(self) -> bool:
+        """Whether any rank got a stop signal (during start-up, or an evaluation): every rank learns it from
+        one all-reduce (the steps carry the same flag in their loss all-reduce)."""
         stop = torch.tensor(float(self._stop_signal > 0), device=self.engine.device)
         dist.all_reduce(stop)
         return stop.item() > 0

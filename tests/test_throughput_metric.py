@@ -52,7 +52,7 @@ def test_tokens_per_s_counts_the_training_steps_and_their_resets_only(tmp_path, 
         tokens_per_step=8 * 32, relora_start=2,
         flops_per_token=1e9, peak_tflops=None, grad_norm=1.0, engine_phase="full", _stop_agreed=False,
         metrics=MetricsLogger(tmp_path, enabled=True, resume_step=0),
-        _stop_agreed_before_training=lambda: False, _train_step=train_step, _after_step_events=after_step_events,
+        _stop_agreed_now=lambda: False, _train_step=train_step, _after_step_events=after_step_events,
         _switch_to_lowrank=switch_to_lowrank, evaluate=evaluate, save=save, _print=lambda msg: None)
     t.train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -67,3 +67,51 @@ def test_tokens_per_s_counts_the_training_steps_and_their_resets_only(tmp_path, 
         want = len(steps) * 8 * 32 / seconds
         assert r["tokens_per_s"] == pytest.approx(want, rel=1e-12), r
         assert r["tflops_per_gpu"] == pytest.approx(want * 1e9 / 2 / 1e12, rel=1e-12)
+
+
+@pytest.mark.parametrize("save_every", [4, 6], ids=["save-due-there", "save-not-due"])
+def test_a_stop_signal_during_an_evaluation_stops_there_with_a_checkpoint(tmp_path, monkeypatch, save_every):
+    """From a review: the stop flag was read only in the next step's all-reduce, so a signal that arrived during
+    an evaluation (SLURM's 120 s warning; the final one reads up to ~100M tokens in the paper recipes) got one
+    more step and a second save, and the final checkpoint came after the final evaluation. Oracle, by hand:
+    with eval_every 4 and a signal during the step-4 evaluation, the run trains 4 steps, saves step 4 once
+    (before the evaluation when a save is due there), and ends with the "preempted" record."""
+    from relora_ds import trainer as trainer_mod
+    from relora_ds.metrics import MetricsLogger
+    from relora_ds.train_config import TrainConfig
+
+    monkeypatch.setattr(trainer_mod, "offloaded", lambda engine: "none")
+    cfg = TrainConfig(mode="relora", warm_start_steps=2, cycle_length=4, restart_warmup_steps=1, warmup_steps=1,
+                      total_steps=12, log_every=3, eval_every=4, save_every=save_every, global_batch_size=8,
+                      micro_batch_size=4, seq_len=32, export=False, warm_start_lr=5e-4, output_dir=str(tmp_path))
+    t = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
+    calls = []
+
+    def train_step():
+        calls.append(f"step {t.step + 1}")
+        t.step_lr = 1e-3
+        return 1.0
+
+    def evaluate(final=False):
+        calls.append(f"eval {t.step}")
+        if t.step == 4:
+            t._stop_signal = 10  # SIGUSR1 arrives while the evaluation runs
+        return {}
+
+    def switch_to_lowrank():
+        t.engine_phase = "lowrank"
+
+    t.__dict__.update(
+        cfg=cfg, engine=SimpleNamespace(module=torch.nn.Linear(2, 2)), out=tmp_path, ds={}, world=2, rank=0,
+        model_config=SimpleNamespace(num_hidden_layers=2), total_steps=12, step=0, tokens_seen=0,
+        tokens_per_step=8 * 32, relora_start=2, flops_per_token=1e9, peak_tflops=None, grad_norm=1.0,
+        engine_phase="full", _stop_agreed=False, _stop_signal=0,
+        metrics=MetricsLogger(tmp_path, enabled=True, resume_step=0),
+        _stop_agreed_now=lambda: t._stop_signal > 0, _train_step=train_step, _after_step_events=lambda: None,
+        _switch_to_lowrank=switch_to_lowrank, evaluate=evaluate, save=lambda: calls.append(f"save {t.step}"),
+        _print=lambda msg: None)
+    assert t.train() == {"preempted": True, "step": 4}
+    steps = ["step 1", "step 2", "step 3", "step 4"]
+    assert calls == steps + (["save 4", "eval 4"] if save_every == 4 else ["eval 4", "save 4"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["event"] == "preempted" and records[-1]["step"] == 4

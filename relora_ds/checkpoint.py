@@ -108,10 +108,17 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
 
 
 def _prune_old(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    tags = sorted((p for p in ckpt_dir.glob("step_*") if p.is_dir()), key=lambda p: tag_step(p.name))
-    for old in tags[:-keep_last] if keep_last > 0 else []:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
+    """The newest ``keep_last`` complete checkpoints by step stay, and ``keep`` (the one just saved). A folder
+    without config.json is a save that crashed, which no resume can load: it takes no place among them and
+    goes too (only when pruning at all, keep_last > 0)."""
+    if keep_last <= 0:
+        return
+    folders = [p for p in ckpt_dir.glob("step_*") if p.is_dir()]
+    complete = sorted((p for p in folders if (p / "config.json").is_file() or p.name == keep),
+                      key=lambda p: tag_step(p.name))
+    stale = [p for p in folders if p not in complete]
+    for old in stale + [p for p in complete[:-keep_last] if p.name != keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # Settings a resume cannot change: they decide the saved module structure, the phase and reset positions,

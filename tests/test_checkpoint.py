@@ -56,6 +56,7 @@ def test_keep_last_deletes_the_oldest_by_step_number_and_spares_the_kept_tag(tmp
 
     for s in (2, 4, 10, 12):
         (tmp_path / f"step_{s}").mkdir()
+        (tmp_path / f"step_{s}" / "config.json").write_text("{}")
     (tmp_path / "latest").write_text("step_12")
     checkpoint._prune_old(tmp_path, keep_last=0, keep="step_12")
     assert {p.name for p in tmp_path.iterdir()} == {"step_2", "step_4", "step_10", "step_12", "latest"}
@@ -63,6 +64,24 @@ def test_keep_last_deletes_the_oldest_by_step_number_and_spares_the_kept_tag(tmp
     assert {p.name for p in tmp_path.iterdir()} == {"step_4", "step_10", "step_12", "latest"}
     checkpoint._prune_old(tmp_path, keep_last=1, keep="step_4")
     assert {p.name for p in tmp_path.iterdir()} == {"step_4", "step_12", "latest"}
+
+
+def test_keep_last_does_not_count_a_save_that_crashed(tmp_path):
+    """From a review: a folder a crashed save left (no config.json; no resume can load it) above the latest
+    took one of the keep_last places, so a complete checkpoint went instead (after a resume with another
+    save_every, the crashed step is never saved again). Oracle, by hand: keep_last 2 after saving step_250
+    keeps step_200 and step_250; the stale step_300 goes."""
+    from relora_ds import checkpoint
+
+    for s in (100, 200, 250, 300):
+        (tmp_path / f"step_{s}").mkdir()
+        if s != 300:
+            (tmp_path / f"step_{s}" / "config.json").write_text("{}")
+    (tmp_path / "step_300" / "mp_rank_00_model_states.pt").write_text("partial")
+    (tmp_path / "latest").write_text("step_250")
+    checkpoint._prune_old(tmp_path, keep_last=2, keep="step_250")
+    assert {p.name for p in tmp_path.iterdir()} == {"step_200", "step_250", "latest"}
+    assert checkpoint.complete_tags(tmp_path) == ["step_200", "step_250"]
 
 
 def test_rng_state_restores_every_generator():

@@ -51,6 +51,27 @@ def _env_flag(name: str) -> bool:
     return value in _TRUE
 
 
+def merged_weight_env() -> bool | None:
+    """``RELORA_MERGED_WEIGHT``: True (always the merged-weight variant), False (never), None when unset."""
+    value = os.environ.get("RELORA_MERGED_WEIGHT", "").strip().lower()
+    if not value:
+        return None
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"RELORA_MERGED_WEIGHT={value!r} is not valid; use one of {', '.join(_TRUE)} "
+                         f"or {', '.join(_FALSE[:-1])}")
+    return value in _TRUE
+
+
+def check_environment() -> None:
+    """Parse every switch the kernels read now, so that a bad value fails at start-up: each is otherwise read
+    only by the call that needs it (RELORA_DETERMINISTIC by the Triton path, RELORA_MERGED_WEIGHT where the
+    merged variant may run: a typo surfaced at the first evaluation, or never)."""
+    kernel_mode()
+    merged_weight_env()
+    for name in ("RELORA_DETERMINISTIC", "RELORA_KERNELS_POISON"):
+        _env_flag(name)
+
+
 def kernel_mode() -> str:
     """The value of ``RELORA_KERNELS`` (``auto`` when unset)."""
     mode = os.environ.get("RELORA_KERNELS", "auto").strip().lower() or "auto"

@@ -34,10 +34,9 @@ times that M; at a quarter of it the merged variant took 1.04-1.87x the epilogue
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ._runtime import merged_weight_env
 from .int8_reference import int8_dequantize_reference, int8_lora_linear_reference
 from .reference import check_dropout_p, dropout_keep_mask, lora_linear_reference
 
@@ -51,11 +50,9 @@ MERGED_WEIGHT = {"cpu": True}
 def merged_weight_default(device: torch.device) -> bool | None:
     """``RELORA_MERGED_WEIGHT`` when set (True: always merged, False: never); else None where the device type
     may take the merged variant (the choice is then made per call by its cost), False where it may not."""
-    env = os.environ.get("RELORA_MERGED_WEIGHT", "").strip().lower()
-    if env:
-        if env not in ("0", "1", "false", "true", "no", "yes", "off", "on"):
-            raise ValueError(f"RELORA_MERGED_WEIGHT={env!r} is not valid; use 0 or 1")
-        return env in ("1", "true", "yes", "on")
+    env = merged_weight_env()
+    if env is not None:
+        return env
     return None if MERGED_WEIGHT.get(device.type, False) else False
 
 

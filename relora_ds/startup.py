@@ -227,9 +227,10 @@ def unlock_output_dir(out: Path) -> None:
 
 def apply_kernels_setting(kernels: str | None) -> None:
     """``--kernels`` / the recipe's ``kernels`` becomes RELORA_KERNELS, which relora_kernels reads at every
-    call. Both given and different is an error naming both: no value is silently preferred."""
+    call. Both given and different is an error naming both: no value is silently preferred. Every kernel
+    switch in the environment is parsed here: an invalid one fails before any rank starts work."""
+    relora_kernels.check_environment()
     if kernels is None:
-        relora_kernels.kernel_mode()  # an invalid RELORA_KERNELS fails here, before any rank starts work
         return
     env = os.environ.get("RELORA_KERNELS", "").strip().lower()
     if env and env != kernels:

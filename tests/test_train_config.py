@@ -114,6 +114,22 @@ def test_kernels_setting_sets_the_env_and_refuses_a_conflict(monkeypatch):
         apply_kernels_setting(None)
 
 
+@pytest.mark.parametrize("name", ["RELORA_DETERMINISTIC", "RELORA_MERGED_WEIGHT", "RELORA_KERNELS_POISON"])
+def test_every_kernel_switch_is_checked_at_start_up(monkeypatch, name):
+    """From a review: RELORA_DETERMINISTIC was read only by the Triton path (a typo on CPU, or on a GPU under
+    `auto`, went unnoticed) and RELORA_MERGED_WEIGHT only where the merged variant may run (with LoRA dropout:
+    at the first evaluation). Both fail at start-up now, with the valid values; valid ones pass."""
+    from relora_ds.startup import apply_kernels_setting
+    monkeypatch.delenv("RELORA_KERNELS", raising=False)
+    monkeypatch.setenv(name, "bogus")
+    with pytest.raises(ValueError, match=f"{name}='bogus' is not valid; use one of 1, true, yes, on or 0, false"):
+        apply_kernels_setting(None)
+    with pytest.raises(ValueError, match=f"{name}='bogus' is not valid"):
+        apply_kernels_setting("reference")
+    monkeypatch.setenv(name, "off")
+    apply_kernels_setting(None)
+
+
 def test_warm_start_lr_without_a_warm_start_is_named_not_fatal():
     """tiny.yaml sets warm_start_lr; `--mode full --warm-start-steps 0` (the full-rank baseline of
     BENCHMARKS.md) must still run, and say the setting is ignored."""

@@ -288,6 +288,18 @@ def test_validation_input_that_is_also_training_input_is_refused(tmp_path):
     assert not (tmp_path / "out" / "train.bin").exists()
 
 
+@pytest.mark.parametrize("splits", [dict(hf_val_split="train"), dict(hf_split="validation")])
+def test_a_hub_split_that_is_both_training_and_validation_input_is_refused(tmp_path, splits):
+    """From a review: the overlap check compared local files only, so `--input allenai/c4 --val-input
+    allenai/c4` with one split on both sides prepared silently, and perplexity was measured on training data.
+    Named before anything is read (no network here); another split on one side is the valid form."""
+    with pytest.raises(ValueError, match=r"hub dataset 'allenai/c4', split '(train|validation)', is both the "
+                                         r"training input and --val-input"):
+        prepare_data("allenai/c4", tmp_path / "out", vocab_size=300, val_inputs=["allenai/c4"], hf_config="en",
+                     **splits)
+    assert not (tmp_path / "out" / "train.bin").exists()
+
+
 def test_streaming_mix_of_parquet_large_strings_jsonl_and_txt(tmp_path):
     """Streaming (chosen by itself for corpora over RAM/4) reads the same documents, in the same order,
     as the in-memory path from parquet (large_string), JSON lines and text files together."""

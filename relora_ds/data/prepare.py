@@ -229,6 +229,11 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
                 raise ValueError(f"{len(both)} files are both training input and --val-input, so validation would "
                                  f"be trained on: {both[:5]}{' ...' if len(both) > 5 else ''}; leave them out of "
                                  "one of the two (e.g. a narrower glob for --input)")
+        val_split = cfg.hf_val_split or "validation"
+        if resolved and resolved_val and resolved[1] and resolved[1] == resolved_val[1] and cfg.hf_split == val_split:
+            raise ValueError(f"hub dataset {resolved[1]!r}, split {val_split!r}, is both the training input and "
+                             "--val-input, so validation would be trained on; read another split for one of the two "
+                             "(hf_split / hf_val_split, e.g. hf_val_split 'validation')")
         recipe = _recipe(resolved, cfg, out_dir, resolved_val)
         old = mf.read_manifest_file(out_dir)
         if old is not None and old.get("recipe") == recipe and mf.files_intact(out_dir, old):

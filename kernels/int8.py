@@ -225,19 +225,21 @@ class Int8LoRALinearFunction(torch.autograd.Function):
         else:
             w = dequant_launch(q, w_scale, x.dtype)  # scratch, freed on return
             y2, s = lora_forward(x2, w, lora_A, lora_B, scale, bias, keep2, dropout_p, deterministic=deterministic)
-        ctx.save_for_backward(x2, s, q, w_scale, lora_A, lora_B, keep2)
+        ctx.save_for_backward(x, s, q, w_scale, lora_A, lora_B, keep2)  # x itself: see differentiable_backward
         ctx.scale, ctx.dropout_p, ctx.deterministic, ctx.in_gemm = scale, dropout_p, deterministic, in_gemm
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         return y2.reshape(*x.shape[:-1], q.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, s, q, w_scale, lora_A, lora_B, keep2 = ctx.saved_tensors
+        x, s, q, w_scale, lora_A, lora_B, keep2 = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
         need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
         dy2 = _runtime.within_int32(dy.reshape(-1, dy.shape[-1]))  # (M, out); 32-bit offsets: see forward
-        if torch.is_grad_enabled():  # create_graph=True: see linear.differentiable_backward
+        if torch.is_grad_enabled():  # create_graph=True: see reference.differentiable_backward
             w = int8_dequantize_reference(q, w_scale, dy.dtype)
-            dx2, da, db = differentiable_backward(dy2, x2, w, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p)
+            dx2, da, db = differentiable_backward(dy2, x2, w, lora_A, lora_B, ctx.scale, keep2,
+                                                  1.0 / (1.0 - ctx.dropout_p))
         else:
             if ctx.in_gemm:
                 w, w_s = q, w_scale

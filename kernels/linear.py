@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import _runtime
 from .matmul import MASK_A1, MASK_B1, MASK_OUT2, concat_matmul
-from .reference import check_dropout_p, dropout_keep_mask, lora_linear_reference
+from .reference import check_dropout_p, differentiable_backward, dropout_keep_mask, lora_linear_reference
 from .torch_linear import lora_linear_torch
 
 # Non-deterministic backward: dS and dB from one read of dY (fp32 atomics for dB) when True; two GEMMs
@@ -152,20 +152,6 @@ def lora_backward(dy, x, s, weight, lora_A, lora_B, scale, keep=None, dropout_p=
     return dx, da, db
 
 
-def differentiable_backward(dy, x, weight, lora_A, lora_B, scale, keep=None, dropout_p=0.0):
-    """``lora_backward``'s (dx, dA, dB) in torch ops, for a backward with ``create_graph=True`` (a gradient
-    penalty, Hessian-vector products): Triton launches are invisible to autograd, so their gradients would
-    carry no graph and every second-order term through them would silently be zero. S is recomputed: the
-    forward's came from a launch too. ``weight``: the float weight (an int8 base dequantized)."""
-    xm = x if keep is None else x * keep.to(x.dtype) * (1.0 / (1.0 - dropout_p))
-    s = xm @ lora_A.t()
-    ds = (dy @ lora_B) * scale
-    dxm = ds @ lora_A
-    if keep is not None:
-        dxm = dxm * keep.to(dxm.dtype) * (1.0 / (1.0 - dropout_p))
-    return dy @ weight + dxm, ds.t() @ xm, (dy.t() @ s) * scale
-
-
 # ----------------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------------
@@ -177,18 +163,20 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, d_in)  # (M, in), M = prod(leading dims)
         keep2 = keep.reshape(-1, d_in).view(torch.uint8) if keep is not None else None
         y2, s = lora_forward(x2, weight, lora_A, lora_B, scale, bias, keep2, dropout_p, deterministic=deterministic)
-        ctx.save_for_backward(x2, s, weight, lora_A, lora_B, keep2)
+        ctx.save_for_backward(x, s, weight, lora_A, lora_B, keep2)  # x itself: see differentiable_backward
         ctx.scale, ctx.dropout_p, ctx.deterministic = scale, dropout_p, deterministic
         ctx.x_shape, ctx.bias_dtype = x.shape, (bias.dtype if bias is not None else None)
         return y2.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, s, weight, lora_A, lora_B, keep2 = ctx.saved_tensors
+        x, s, weight, lora_A, lora_B, keep2 = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dy2 = _runtime.within_int32(dy.reshape(-1, dy.shape[-1]))  # (M, out); 32-bit offsets: see forward
         if torch.is_grad_enabled():  # create_graph=True: gradients autograd can differentiate again
-            dx2, da, db = differentiable_backward(dy2, x2, weight, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p)
+            dx2, da, db = differentiable_backward(dy2, x2, weight, lora_A, lora_B, ctx.scale, keep2,
+                                                  1.0 / (1.0 - ctx.dropout_p))
         else:
             dx2, da, db = lora_backward(dy2, x2, s, weight, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p,
                                         ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b)

@@ -46,6 +46,21 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.T
     return F.linear(x, weight, bias) + scale * F.linear(F.linear(xd, lora_A), lora_B)
 
 
+def differentiable_backward(dy, x, weight, lora_A, lora_B, scale, keep=None, keep_scale=1.0):
+    """(dx, dA, dB) of ``y = x·Wᵀ + s·((x⊙keep)·keep_scale)·Aᵀ·Bᵀ`` for x, dy (M, ·), in torch ops: what the
+    custom autograd Functions return under ``create_graph=True`` (a gradient penalty, Hessian-vector
+    products), where their launches and in-place BLAS epilogues would carry no graph and every second-order
+    term through them would silently be zero. ``x`` must be the Function's own input (or a view of it), not
+    a copy made in forward; S is recomputed. ``weight``: the float weight (an int8 base dequantized)."""
+    xm = x if keep is None else x * keep.to(x.dtype) * keep_scale
+    s = xm @ lora_A.t()
+    ds = (dy @ lora_B) * scale
+    dxm = ds @ lora_A
+    if keep is not None:
+        dxm = dxm * keep.to(dxm.dtype) * keep_scale
+    return dy @ weight + dxm, ds.t() @ xm, (dy.t() @ s) * scale
+
+
 @torch.no_grad()
 def lora_merge_reference_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                           scale: float) -> torch.Tensor:

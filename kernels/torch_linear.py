@@ -38,7 +38,7 @@ import torch
 
 from ._runtime import merged_weight_env
 from .int8_reference import int8_dequantize_reference, int8_lora_linear_reference
-from .reference import check_dropout_p, dropout_keep_mask, lora_linear_reference
+from .reference import check_dropout_p, differentiable_backward, dropout_keep_mask, lora_linear_reference
 
 
 # Device types on which lora_linear_torch may take the merged-weight variant (where it does fewer
@@ -90,21 +90,25 @@ class MergedLoRALinearFunction(torch.autograd.Function):
         s = torch.mm(x2, lora_A.t())
         w_eff = _w_eff(weight, lora_A, lora_B, scale)
         y = torch.addmm(bias, x2, w_eff.t()) if bias is not None else torch.mm(x2, w_eff.t())
-        ctx.save_for_backward(x2, s, weight, lora_A, lora_B)
+        ctx.save_for_backward(x, s, weight, lora_A, lora_B)  # x itself: see reference.differentiable_backward
         ctx.scale, ctx.x_shape, ctx.has_bias = scale, x.shape, bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, s, weight, lora_A, lora_B = ctx.saved_tensors
+        x, s, weight, lora_A, lora_B = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = da = db = dbias = None
-        if need_a:
+        if torch.is_grad_enabled():  # create_graph=True: the in-place epilogues below would carry no graph
+            dx, da, db = differentiable_backward(dy2, x2, weight, lora_A, lora_B, ctx.scale)
+            dx = dx.reshape(ctx.x_shape)
+        elif need_a:
             da = torch.mm(torch.mm(dy2, lora_B).mul_(ctx.scale).t(), x2)
-        if need_b:
+        if need_b and db is None:
             db = torch.mm(dy2.t(), s).mul_(ctx.scale)
-        if need_x:
+        if need_x and dx is None:
             dx = torch.mm(dy2, _w_eff(weight, lora_A, lora_B, ctx.scale)).reshape(ctx.x_shape)
         if need_w:
             dw = torch.mm(dy2.t(), x2)
@@ -130,16 +134,22 @@ class MergedInt8LoRALinearFunction(torch.autograd.Function):
         y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
         if not merged:
             y.addmm_(s, lora_B.t(), alpha=scale)
-        ctx.save_for_backward(x2, s, q, w_scale, lora_A, lora_B)
+        ctx.save_for_backward(x, s, q, w_scale, lora_A, lora_B)  # x itself: see reference.differentiable_backward
         ctx.scale, ctx.x_shape, ctx.has_bias, ctx.merged = scale, x.shape, bias is not None, merged
         return y.reshape(*x.shape[:-1], q.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, s, q, w_scale, lora_A, lora_B = ctx.saved_tensors
+        x, s, q, w_scale, lora_A, lora_B = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
         need_x, _, _, need_a, need_b, need_bias = ctx.needs_input_grad[:6]
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = da = db = dbias = None
+        dbias = dy2.sum(0) if need_bias and ctx.has_bias else None
+        if torch.is_grad_enabled():  # create_graph=True: the in-place epilogues below would carry no graph
+            w = int8_dequantize_reference(q, w_scale, dy.dtype)
+            dx, da, db = differentiable_backward(dy2, x2, w, lora_A, lora_B, ctx.scale)
+            return dx.reshape(ctx.x_shape), None, None, da, db, dbias, None, None
+        dx = da = db = None
         ds = torch.mm(dy2, lora_B).mul_(ctx.scale) if need_a or (need_x and not ctx.merged) else None
         if need_a:
             da = torch.mm(ds.t(), x2)
@@ -152,8 +162,6 @@ class MergedInt8LoRALinearFunction(torch.autograd.Function):
             else:
                 dx = torch.mm(ds, lora_A).addmm_(dy2, w)
             dx = dx.reshape(ctx.x_shape)
-        if need_bias and ctx.has_bias:
-            dbias = dy2.sum(0)
         return dx, None, None, da, db, dbias, None, None
 
 
@@ -189,16 +197,22 @@ class TorchLoRALinearFunction(torch.autograd.Function):
         y = torch.addmm(bias, s, lora_B.t(), alpha=scale) if bias is not None else \
             torch.mm(s, lora_B.t()).mul_(scale)
         y.addmm_(x2, weight.t())
-        ctx.save_for_backward(x2, s, weight, lora_A, lora_B, keep2)
+        ctx.save_for_backward(x, s, weight, lora_A, lora_B, keep2)  # x itself: see reference.differentiable_backward
         ctx.scale, ctx.inv_keep, ctx.x_shape, ctx.has_bias = scale, inv_keep, x.shape, bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, s, weight, lora_A, lora_B, keep2 = ctx.saved_tensors
+        x, s, weight, lora_A, lora_B, keep2 = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = da = db = dw = dbias = None
+        if torch.is_grad_enabled():  # create_graph=True: the in-place epilogues below would carry no graph
+            dx, da, db = differentiable_backward(dy2, x2, weight, lora_A, lora_B, ctx.scale, keep2,
+                                                 ctx.inv_keep if keep2 is not None else 1.0)
+            dx = dx.reshape(ctx.x_shape)
+            need_x = need_a = need_b = False
         ds = torch.mm(dy2, lora_B).mul_(ctx.scale) if (need_x or need_a) else None
         if need_b:
             db = torch.mm(dy2.t(), s).mul_(ctx.scale)

@@ -177,9 +177,11 @@ def test_partial_gradients(kernels_on, device):
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("device", DEVICES)
 def test_double_backward_matches_reference(kernels_on, device, dropout, int8):
-    """A gradient penalty (create_graph=True, then the gradient of loss + |dL/dx|^2): the backward's Triton
-    launches carry no graph, so every second-order term was silently zero (found by a review: |dA| 6.15
-    against the reference's 8.13); such a backward now runs in torch ops. Oracle: the float64 twin."""
+    """A gradient penalty (create_graph=True, then the gradient of loss + |dL/dx|^2 + |dL/dA|^2 + |dL/dB|^2):
+    the backward's Triton launches carry no graph, so every second-order term was silently zero (found by a
+    review: |dA| 6.15 against the reference's 8.13); such a backward now runs in torch ops, on the saved input
+    x itself (a later review: a reshape of x made in forward cut every term through x). Oracle: the float64
+    twin."""
     x, w, a, b, bias, dy = make_inputs((3, 7), 24, 20, 4, True, torch.float32, device, seed=11)
     q, w_scale, _ = rk.int8_quantize_reference(w)
 
@@ -192,8 +194,8 @@ def test_double_backward_matches_reference(kernels_on, device, dropout, int8):
             fn = rk.lora_linear if dtype == torch.float32 else rk.lora_linear_reference
             y = fn(x, w.to(dtype), a, b, 0.7, bias, dropout_p=dropout, generator=generator)
         loss = (y * dy.to(dtype)).sum()
-        (gx,) = torch.autograd.grad(loss, [x], create_graph=True)
-        return torch.autograd.grad(loss + 0.1 * (gx ** 2).sum(), leaves)
+        firsts = torch.autograd.grad(loss, [x, a, b], create_graph=True)
+        return torch.autograd.grad(loss + 0.1 * sum((g ** 2).sum() for g in firsts), leaves)
 
     got = penalized(x, a, b, bias, torch.float32, torch.Generator(device=device).manual_seed(3))
     ref = [t.detach().double().requires_grad_() for t in (x, a, b, bias)]

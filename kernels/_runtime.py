@@ -80,6 +80,12 @@ def kernel_mode() -> str:
     return mode
 
 
+def interpret_env() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter, read as Triton reads it (1, true, yes,
+    on, y), without importing triton."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE + ("y",)
+
+
 def interpreting() -> bool:
     """Whether Triton would run kernels through its CPU interpreter right now."""
     try:
@@ -89,7 +95,7 @@ def interpreting() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:  # Triton >= 3.4: honours both the env var and `knobs.runtime.interpret = True`
         return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE + ("y",)  # Triton's own reading
+    return interpret_env()
 
 
 @functools.lru_cache(maxsize=None)

@@ -243,7 +243,7 @@ def check_kernels(cfg: TrainConfig, cuda: bool) -> None:
     """RELORA_KERNELS=triton on a machine without CUDA (and without Triton's interpreter) would fail only
     at the first ReLoRA layer, after the whole warm start: fail now."""
     if cfg.mode != "full" and relora_kernels.kernel_mode() == "triton" and not cuda \
-            and os.environ.get("TRITON_INTERPRET") != "1":
+            and not relora_kernels.interpret_env():
         raise ValueError("kernels=triton (recipe, --kernels or RELORA_KERNELS) needs CUDA tensors, and this run "
                          "has no GPU (or set TRITON_INTERPRET=1 for Triton's CPU interpreter, for tests): use "
                          "kernels auto, torch or reference")

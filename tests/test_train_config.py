@@ -321,3 +321,25 @@ def test_an_output_dir_that_cannot_be_one_is_named(tmp_path):
     check_output_dir(TrainConfig(**BASE, output_dir=str(tmp_path / "new" / "run")))  # to be created: fine
 
 
+
+
+@pytest.mark.parametrize("interpret, refused", [(None, True), ("0", True), ("1", False), ("true", False),
+                                                ("yes", False)])
+def test_triton_kernels_without_cuda_need_the_interpreter_as_triton_reads_its_switch(monkeypatch, interpret,
+                                                                                     refused):
+    """kernels=triton on a machine without CUDA is refused at start-up unless TRITON_INTERPRET asks for
+    Triton's CPU interpreter; the check read only "1", and refused `true`/`yes`, which Triton honours (found
+    by a review)."""
+    from relora_ds.startup import check_kernels
+    from relora_ds.train_config import TrainConfig
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    if interpret is None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    else:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    if refused:
+        with pytest.raises(ValueError, match=r"kernels=triton \(recipe, --kernels or RELORA_KERNELS\) needs CUDA"):
+            check_kernels(TrainConfig(mode="lora", total_steps=10), cuda=False)
+    else:
+        check_kernels(TrainConfig(mode="lora", total_steps=10), cuda=False)
+    check_kernels(TrainConfig(mode="lora", total_steps=10), cuda=True)  # with a GPU: no interpreter needed

@@ -100,20 +100,18 @@ class MergedLoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dw = da = db = dbias = None
+        dw = torch.mm(dy2.t(), x2) if need_w else None
+        dbias = dy2.sum(0) if need_bias and ctx.has_bias else None
         if torch.is_grad_enabled():  # create_graph=True: the in-place epilogues below would carry no graph
             dx, da, db = differentiable_backward(dy2, x2, weight, lora_A, lora_B, ctx.scale)
-            dx = dx.reshape(ctx.x_shape)
-        elif need_a:
+            return dx.reshape(ctx.x_shape), dw, da, db, dbias, None
+        dx = da = db = None
+        if need_a:
             da = torch.mm(torch.mm(dy2, lora_B).mul_(ctx.scale).t(), x2)
-        if need_b and db is None:
+        if need_b:
             db = torch.mm(dy2.t(), s).mul_(ctx.scale)
-        if need_x and dx is None:
+        if need_x:
             dx = torch.mm(dy2, _w_eff(weight, lora_A, lora_B, ctx.scale)).reshape(ctx.x_shape)
-        if need_w:
-            dw = torch.mm(dy2.t(), x2)
-        if need_bias and ctx.has_bias:
-            dbias = dy2.sum(0)
         return dx, dw, da, db, dbias, None
 
 
@@ -207,12 +205,13 @@ class TorchLoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = da = db = dw = dbias = None
+        dw = torch.mm(dy2.t(), x2) if need_w else None
+        dbias = dy2.sum(0) if need_bias and ctx.has_bias else None
         if torch.is_grad_enabled():  # create_graph=True: the in-place epilogues below would carry no graph
             dx, da, db = differentiable_backward(dy2, x2, weight, lora_A, lora_B, ctx.scale, keep2,
                                                  ctx.inv_keep if keep2 is not None else 1.0)
-            dx = dx.reshape(ctx.x_shape)
-            need_x = need_a = need_b = False
+            return dx.reshape(ctx.x_shape), dw, da, db, dbias, None, None, None
+        dx = da = db = None
         ds = torch.mm(dy2, lora_B).mul_(ctx.scale) if (need_x or need_a) else None
         if need_b:
             db = torch.mm(dy2.t(), s).mul_(ctx.scale)
@@ -227,10 +226,6 @@ class TorchLoRALinearFunction(torch.autograd.Function):
                 dx.mul_(keep2).mul_(ctx.inv_keep)
             dx.addmm_(dy2, weight)
             dx = dx.reshape(ctx.x_shape)
-        if need_w:
-            dw = torch.mm(dy2.t(), x2)
-        if need_bias and ctx.has_bias:
-            dbias = dy2.sum(0)
         return dx, dw, da, db, dbias, None, None, None
 
 

@@ -395,9 +395,10 @@ def test_a_strided_gradient_past_32_bit_offsets_is_made_contiguous(monkeypatch):
     assert _runtime.span(dy) == 114 and _runtime.within_int32(dy).is_contiguous()
     assert _runtime.within_int32(wide[:5, :6]) is not None and _runtime.span(wide[:5, :6]) == 54
     assert _runtime.within_int32(wide[:5, :6]).data_ptr() == wide.data_ptr()  # within the limit: no copy
+    from relora_kernels import linear  # imported here: the package loads its kernel modules on first use
     seen = []
-    real = rk.linear.lora_backward
-    monkeypatch.setattr(rk.linear, "lora_backward", lambda dy2, *args, **kw: seen.append(dy2) or real(dy2, *args, **kw))
+    real = linear.lora_backward
+    monkeypatch.setattr(linear, "lora_backward", lambda dy2, *args, **kw: seen.append(dy2) or real(dy2, *args, **kw))
     got = torch.autograd.grad(rk.lora_linear(x, w, a, b, 0.5, bias), (x, a, b, bias), dy)
     want = torch.autograd.grad(rk.lora_linear_reference(x, w, a, b, 0.5, bias), (x, a, b, bias), dy)
     assert seen and seen[0].is_contiguous() and _runtime.span(seen[0]) == 60

@@ -205,6 +205,17 @@ def deterministic_mode(deterministic: bool | None = None) -> bool:
     return _env_flag("RELORA_DETERMINISTIC") or torch.are_deterministic_algorithms_enabled()
 
 
+def autocast_inputs(device_type: str, *tensors):
+    """The tensors as autocast would hand them to ``F.linear`` on ``device_type``: when autocast is on, each
+    floating tensor other than float64 is cast to the autocast dtype (float64 and None pass unchanged, so an
+    all-float64 call stays float64 and a float64/float32 mix fails as in F.linear); otherwise all unchanged."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dt = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty`` for kernel outputs; NaN-filled under ``RELORA_KERNELS_POISON=1`` (tests)."""
     out = torch.empty(shape, dtype=dtype, device=device)

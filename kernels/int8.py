@@ -273,10 +273,7 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
         return int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
     if path == "reference":
         return int8_lora_linear_reference(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, lora_A, lora_B = x.to(dt), lora_A.to(dt), lora_B.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    x, lora_A, lora_B, bias = _runtime.autocast_inputs(x.device.type, x, lora_A, lora_B, bias)
     _check_triton_args(x, None, lora_A, lora_B, bias)
     for name, t in (("q", q), ("w_scale", w_scale)):
         if t.device != x.device:

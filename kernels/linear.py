@@ -243,12 +243,9 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, trai
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, p, training, generator)
     if path == "torch":
         return lora_linear_torch(x, weight, lora_A, lora_B, scale, bias, p, training, generator)
-    if torch.is_autocast_enabled(x.device.type):
-        # What F.linear does under autocast: compute in the autocast dtype (the casts are differentiable,
-        # so fp32 masters still get fp32 grads). The kernels themselves never see autocast.
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weight, lora_A, lora_B = x.to(dt), weight.to(dt), lora_A.to(dt), lora_B.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    # What F.linear does under autocast: compute in the autocast dtype (the casts are differentiable,
+    # so fp32 masters still get fp32 grads). The kernels themselves never see autocast.
+    x, weight, lora_A, lora_B, bias = _runtime.autocast_inputs(x.device.type, x, weight, lora_A, lora_B, bias)
     _check_triton_args(x, weight, lora_A, lora_B, bias)
     _runtime.check_device(x)
     keep = dropout_keep_mask(x, p, generator) if (training and p > 0.0) else None

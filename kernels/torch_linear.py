@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import merged_weight_env
+from ._runtime import autocast_inputs, merged_weight_env
 from .int8_reference import int8_dequantize_reference, int8_lora_linear_reference
 from .reference import check_dropout_p, differentiable_backward, dropout_keep_mask, lora_linear_reference
 
@@ -168,10 +168,7 @@ def int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias=None, drop
     """The int8-base layer through BLAS only (``merged_weight`` as in :func:`lora_linear_torch`); with a
     dropout mask drawn, or mixed dtypes, the twin (``int8_lora_linear_reference``) runs instead."""
     p = check_dropout_p(dropout_p)
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, lora_A, lora_B = x.to(dt), lora_A.to(dt), lora_B.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    x, lora_A, lora_B, bias = autocast_inputs(x.device.type, x, lora_A, lora_B, bias)
     same = len({t.dtype for t in (x, lora_A, lora_B, bias) if t is not None}) == 1
     if (training and p > 0.0) or not same:
         return int8_lora_linear_reference(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
@@ -233,17 +230,14 @@ def lora_linear_torch(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0
                       merged_weight=None):
     """``x @ W.T (+ b) + scale * dropout(x) @ A.T @ B.T`` through BLAS with fused epilogues; autograd-aware.
 
-    Tensors must share one dtype (under autocast they are cast to the autocast dtype first, as F.linear
-    does); mixed dtypes or devices go to the reference twin, so they fail or work exactly as plain F.linear.
+    Tensors must share one dtype (under autocast they are cast first as F.linear's would be,
+    :func:`autocast_inputs`); mixed dtypes or devices go to the reference twin, so they fail or work exactly as plain F.linear.
     ``merged_weight``: the merged-weight variant, used when no dropout mask is drawn (None: per
     ``RELORA_MERGED_WEIGHT``, else where it is the cheaper one on a device type :data:`MERGED_WEIGHT` allows,
     :func:`use_merged_weight`).
     """
     p = check_dropout_p(dropout_p)
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, weight, lora_A, lora_B = x.to(dt), weight.to(dt), lora_A.to(dt), lora_B.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    x, weight, lora_A, lora_B, bias = autocast_inputs(x.device.type, x, weight, lora_A, lora_B, bias)
     tensors = [t for t in (x, weight, lora_A, lora_B, bias) if t is not None]
     if len({t.dtype for t in tensors}) > 1 or len({t.device for t in tensors}) > 1:
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, p, training, generator)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import relora_kernels
+
 IGNORE_INDEX = -100
 
 
@@ -101,9 +103,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"expected hidden (N, d), weight (V, d), targets (N,); got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    hidden, weight = relora_kernels.autocast_inputs(device_type, hidden, weight)
     with torch.autocast(device_type, enabled=False):
         if not torch.is_grad_enabled():  # evaluation: the loss alone (ctx.needs_input_grad ignores no_grad)
             return _chunked(hidden, weight, targets, chunk_size, False, False)[0]

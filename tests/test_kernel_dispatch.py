@@ -232,6 +232,34 @@ def test_torch_path_autocast_and_partial_grads(monkeypatch):
         rk.lora_linear(x.double(), w, a, b, 0.5, bias)
 
 
+@pytest.mark.parametrize("mode", ["torch", "reference"])
+def test_float64_under_autocast_stays_float64_as_in_f_linear(monkeypatch, mode):
+    """Autocast leaves float64 tensors alone (F.linear keeps an all-float64 call in float64 and refuses a
+    float64/float32 mix); the layer's paths and the chunked loss's GEMMs do the same, not cast to bf16."""
+    from relora_ds.loss import linear_cross_entropy
+    monkeypatch.setenv("RELORA_KERNELS", mode)
+    x, w, a, b, bias, dy = make_inputs((6, 5), 16, 12, 4, True, torch.float64, "cpu", seed=3)
+    want = rk.lora_linear_reference(x, w, a, b, 0.5, bias)
+    q, sc, _ = rk.int8_quantize_reference(w)
+    want8 = rk.int8_lora_linear_reference(x, q, sc, a, b, 0.5, bias)
+    h, v = x.reshape(-1, 16), torch.randn(20, 16, dtype=torch.float64)
+    t = torch.randint(0, 20, (30,))
+    want_loss = F.cross_entropy(F.linear(h, v), t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.linear(x, w).dtype == torch.float64  # the behaviour matched
+        y = rk.lora_linear(x, w, a, b, 0.5, bias)
+        y8 = rk.int8_lora_linear(x, q, sc, a, b, 0.5, bias)
+        loss = linear_cross_entropy(h, v, t, 7)
+        with pytest.raises(RuntimeError, match="dtype"):
+            rk.lora_linear(x, w.float(), a.float(), b.float(), 0.5, bias.float())
+    assert y.dtype == y8.dtype == torch.float64
+    assert rel_err(y, want) < 1e-12 and rel_err(y8, want8) < 1e-12
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)  # the loss sums in fp32; bf16 GEMMs: 1e-3
+    # float32 inputs are still cast (the casts' gradients reach the float32 tensors in float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rk.lora_linear(x.float(), w.float(), a.float(), b.float(), 0.5, bias.float()).dtype == torch.bfloat16
+
+
 def test_deterministic_mode_sources(monkeypatch):
     monkeypatch.delenv("RELORA_DETERMINISTIC", raising=False)
     assert rk.deterministic_mode() is False and rk.deterministic_mode(True) is True

@@ -286,6 +286,13 @@ class TrainConfig:
             for name, default in (("prune_method", TrainConfig.prune_method), ("prune_ratio", TrainConfig.prune_ratio)):
                 if getattr(self, name) != default:
                     ignored.append((f"{name}={getattr(self, name)!r}", f"mode={self.mode!r} has no optimizer resets"))
+        ramps = self.mode == "relora" or (self.mode == "lora" and self.warm_start_steps
+                                           and self.lowrank_schedule == "continue")
+        if self.restart_warmup_steps != TrainConfig.restart_warmup_steps and not ramps:
+            ignored.append((f"restart_warmup_steps={self.restart_warmup_steps}",
+                            f"mode={self.mode!r} has no resets" + (
+                                " (mode='lora' re-warms only at the switch after an in-run warm start, with "
+                                "lowrank_schedule='continue')" if self.mode == "lora" else "")))
         if self.mode == "full":
             for name, default in (("rank", TrainConfig.rank), ("alpha", TrainConfig.alpha),
                                   ("target_modules", _FIELD_DEFAULTS["target_modules"]), ("dropout", 0.0),

@@ -161,7 +161,9 @@ def test_settings_a_mode_does_not_use_are_named():
     assert sorted(str(r.message) for r in record) == [
         "cycle_length=10 is ignored: mode='lora' has no merges or resets",
         "merge_every=3 is ignored: mode='lora' has no merges or resets",
-        "prune_ratio=0.9 is ignored: mode='lora' has no optimizer resets"]
+        "prune_ratio=0.9 is ignored: mode='lora' has no optimizer resets",
+        "restart_warmup_steps=2 is ignored: mode='lora' has no resets (mode='lora' re-warms only at the switch "
+        "after an in-run warm start, with lowrank_schedule='continue')"]
     with pytest.warns(UserWarning, match=r"restart_warmup_steps=100 is not shorter than a cycle \(cycle_length=10\): "
                                          r"the lr .* never reaches the cosine \(at most 9% of it\)"):
         TrainConfig(**{**BASE, "restart_warmup_steps": 100})
@@ -181,7 +183,13 @@ def test_settings_a_mode_does_not_use_are_named():
             (dict(prune_method="reset", prune_ratio=0.5), r"prune_ratio=0.5 is ignored: prune_method='reset'"),
             (dict(eval_every=0, final_eval_windows=100), r"final_eval_windows=100 is ignored: eval_every=0 runs no "
                                                          "evaluation"),
-            (dict(export=False, export_dtype="bfloat16"), r"export_dtype='bfloat16' is ignored: export=False")):
+            (dict(export=False, export_dtype="bfloat16"), r"export_dtype='bfloat16' is ignored: export=False"),
+            (dict(mode="full", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='full' has no "
+                                                        "resets"),
+            (dict(mode="lora", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='lora' has no "
+                                                        r"resets \(mode='lora' re-warms only at the switch"),
+            (dict(mode="lora", restart_warmup_steps=5, warm_start_steps=5, warm_start_lr=1e-3,
+                  lowrank_schedule="restart"), r"restart_warmup_steps=5 is ignored: mode='lora'")):
         with pytest.warns(UserWarning, match=match):
             TrainConfig(**{**BASE, **kw})
     import warnings
@@ -190,7 +198,9 @@ def test_settings_a_mode_does_not_use_are_named():
         warnings.simplefilter("error")
         for kw in (dict(lowrank_schedule="restart", warm_start_steps=5, warm_start_lr=1e-3), dict(dropout=0.1),
                    dict(prune_joint=True), dict(merge_residual=True), dict(prune_method="reset"),
-                   dict(prune_method="random", prune_ratio=0.5)):
+                   dict(prune_method="random", prune_ratio=0.5), dict(restart_warmup_steps=5),
+                   dict(mode="lora", cycle_length=None, restart_warmup_steps=5, warm_start_steps=5,
+                        warm_start_lr=1e-3)):
             TrainConfig(**{**BASE, **kw})
 
 

@@ -90,6 +90,24 @@ def test_rank_shards_are_disjoint_and_cover_each_epoch(drop_last):
     assert epochs[0] != epochs[1]  # each epoch reshuffles
 
 
+def test_without_drop_last_the_tail_is_completed_to_a_whole_step_of_distinct_samples():
+    """drop_last=False: the epoch's last optimizer step is filled from the start of the same epoch's order, so
+    no step mixes two epochs and none holds a sample twice (it did: the wrap filled one micro-step, then the
+    next epoch's order, which can hold the same sample, filled the rest of the step)."""
+    n, world, micro, accum = 103, 2, 3, 4  # steps of 24 samples: 4 whole steps and a tail of 7
+    ranks = [ShardedBatches(Windows(n), micro, rank=r, world_size=world, seed=3, drop_last=False,
+                            accumulation_steps=accum) for r in range(world)]
+    assert ranks[0].steps_per_epoch == 5 * accum
+    for epoch in range(3):
+        seen = []
+        for _ in range(5):
+            step = [i for _ in range(accum) for r in ranks for i in ids(next(r))]
+            assert len(set(step)) == len(step) == 24
+            seen += step
+        assert set(seen) == set(range(n)) and len(seen) - n == 5 * 24 - n  # covered; the tail's 17 repeat
+        assert all(r.epoch == epoch for r in ranks)
+
+
 def _optimizer_steps(n, global_batch, world, micro, steps, seed=5):
     """Sorted sample ids of each optimizer step, global_batch = accumulation x world x micro."""
     accum = global_batch // (world * micro)

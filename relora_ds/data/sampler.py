@@ -5,11 +5,12 @@ together: micro-step ``k`` of an epoch covers the global slice ``[k*W*B, (k+1)*W
 (``W`` ranks, ``B`` micro-batch size), and rank ``r`` takes its ``r``-th block of ``B``. So
 
 - the ranks' shards of an epoch are disjoint, and together they cover it (but for a tail smaller than
-  one optimizer step's ``G*W*B`` samples, dropped with ``drop_last=True``, or filled from the epoch's
-  start otherwise);
+  one optimizer step's ``G*W*B`` samples, dropped with ``drop_last=True``, or completed to a whole step
+  from the start of the same epoch's order otherwise);
 - the set of samples in an optimizer step depends only on the global batch ``G*W*B``, not on how it is
-  split into accumulation steps ``G``, ranks ``W`` and micro-batches ``B`` (the epoch's tail is cut in
-  whole optimizer steps, so no step straddles two epochs);
+  split into accumulation steps ``G``, ranks ``W`` and micro-batches ``B`` (the epoch's tail is cut or
+  completed in whole optimizer steps, so no step straddles two epochs, and no sample is in a step twice
+  unless the step is larger than the dataset);
 - the whole state is (epoch, global position), the same on every rank.
 
 Changing the world size (or micro-batch size) on resume re-shards by global sample index: the new ranks
@@ -109,9 +110,8 @@ class ShardedBatches:
     @property
     def steps_per_epoch(self) -> int:
         """Micro-steps per epoch (the same on every rank)."""
-        if self.drop_last:
-            return self.num_samples // self.step_samples * (self.step_samples // self.global_batch)
-        return -(-self.num_samples // self.global_batch)
+        steps = self.num_samples // self.step_samples if self.drop_last else -(-self.num_samples // self.step_samples)
+        return steps * (self.step_samples // self.global_batch)
 
     def _epoch_order(self) -> np.ndarray:
         if self._order is None or self._order[0] != self.epoch:
@@ -124,14 +124,17 @@ class ShardedBatches:
     def __next__(self) -> torch.Tensor:
         n, g, step = self.num_samples, self.global_batch, self.step_samples
         at_step_start = (self.position - self.step_offset) % step == 0
-        if self.position >= n or (self.drop_last and (self.position + g > n or
-                                                      (at_step_start and self.position + step > n))):
+        if self.drop_last:
+            epoch_done = self.position + g > n or (at_step_start and self.position + step > n)
+        else:  # the tail step is completed from the order's start: the next epoch begins with a step
+            epoch_done = self.position >= n and at_step_start
+        if epoch_done:
             self.epoch += 1
             self.position = 0
             self.step_offset = 0
         order = self._epoch_order()
         start = self.position + self.rank * self.micro_batch_size
-        # Without drop_last, the epoch's last global batch wraps to the start of the same order.
+        # Without drop_last, the epoch's last optimizer step wraps to the start of the same order.
         indices = order[np.arange(start, start + self.micro_batch_size) % n]
         self.position += g
         self.samples_consumed += g

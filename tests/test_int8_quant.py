@@ -1,4 +1,5 @@
-"""int8 frozen base weights: error bounds, drift-free merges, kernels vs twins, the layer, export, bad input.
+"""int8 frozen base weights: error bounds, drift-free merges, kernels vs twins (the layer, the model, export and
+bad input: tests/test_int8_layer.py).
 
 Kernels run under Triton's interpreter on CPU (``kernels_on`` fixture, as in tests/test_kernels.py) and
 compiled on CUDA when a GPU is present (the "cuda" params; the only skips here).
@@ -6,16 +7,13 @@ compiled on CUDA when a GPU is present (the "cuda" params; the only skips here).
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
-from torch import nn
 
 import relora_ds
 import relora_kernels as rk
-from relora_ds import LlamaConfig, LlamaForCausalLM, quant
-from relora_ds.hf import load_hf
+from relora_ds import quant
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -165,104 +163,6 @@ def test_reference_linear_saves_only_int8():
     assert torch.allclose(x.grad, torch.ones(5, 64) @ rk.int8_dequantize_reference(q, s))
 
 
-# ------------------------------------------------------------------------------------------ layer/model
-def tiny_model():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig.preset("debug"))
-
-
-def test_wrap_int8_storage_and_forward_close_to_float():
-    model, ref = tiny_model(), tiny_model()
-    relora_ds.wrap(model, rank=4, quantize="int8")
-    relora_ds.wrap(ref, rank=4)
-    layer = model.model.layers[0].self_attn.q_proj
-    assert layer.weight is None and layer.weight_q.dtype == torch.int8
-    # weight_q: a frozen parameter (ZeRO-3 partitions it; no optimizer group takes it), never trainable
-    q_params = [p for n, p in model.named_parameters() if n.endswith("weight_q")]
-    assert len(q_params) == 14 and not any(p.requires_grad for p in q_params)
-    assert all(n.endswith(("weight_scale", "weight_residual", "merge_count")) or "rotary" in n
-               for n, _ in model.named_buffers())
-    assert "quantize='int8'" in repr(layer)
-    x = torch.randint(0, 512, (2, 16))
-    assert rel(model(x).logits, ref(x).logits) < 0.02
-    model.bfloat16()  # the residual stays int8 on the host, q stays int8; scales stay bf16
-    assert layer.weight_q.dtype == torch.int8 and layer.weight_residual.dtype == torch.int8
-    assert layer.weight_residual.device.type == "cpu"
-
-
-def test_state_dict_roundtrip_exact_and_export(tmp_path):
-    model = relora_ds.wrap(tiny_model(), rank=4, quantize="int8")
-    with torch.no_grad():
-        for _, layer in relora_ds.relora_layers(model):
-            layer.lora_B.normal_(0, 0.02)
-    relora_ds.merge_and_reinit(model)
-    with torch.no_grad():
-        for _, layer in relora_ds.relora_layers(model):
-            layer.lora_B.normal_(0, 0.02)
-    state = model.state_dict()
-    other = relora_ds.wrap(LlamaForCausalLM(LlamaConfig.preset("debug")), rank=4, quantize="int8")
-    other.load_state_dict(state)
-    assert all(torch.equal(a, other.state_dict()[k]) for k, a in state.items())
-    x = torch.randint(0, 512, (2, 16))
-    want = model(x).logits
-    relora_ds.export_hf(model, tmp_path / "hf")
-    loaded = load_hf(tmp_path / "hf")
-    keys = set(loaded.state_dict())
-    assert not any("weight_q" in k or "residual" in k or "scale" in k or "lora" in k for k in keys)
-    assert torch.allclose(loaded(x).logits, want, atol=1e-4, rtol=1e-4)
-    unwrapped = relora_ds.unwrap(model)
-    assert torch.allclose(unwrapped(x).logits, want, atol=1e-4, rtol=1e-4)
-
-
-# ------------------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("bad", ["int4", "INT8", 8, "fp8"])
-def test_bad_quantize_value(bad):
-    with pytest.raises(ValueError, match="valid values: None, 'int8'"):
-        relora_ds.wrap(tiny_model(), rank=4, quantize=bad)
-
-
-class Linear8bitLt(nn.Linear):  # stands in for bitsandbytes' class (checked by module name)
-    pass
-
-
-Linear8bitLt.__module__ = "bitsandbytes.nn.modules"
-
-
-@pytest.mark.parametrize("kind", ["class", "int8_weight", "quant_state"])
-def test_already_quantized_layers_refused(kind):
-    model = tiny_model()
-    attn = model.model.layers[0].self_attn
-    if kind == "class":
-        attn.q_proj = Linear8bitLt(64, 64, bias=False)
-    elif kind == "int8_weight":
-        attn.q_proj.weight = nn.Parameter(torch.zeros(64, 64, dtype=torch.int8), requires_grad=False)
-    else:
-        attn.q_proj.weight.quant_state = object()
-    with pytest.raises(ValueError, match="q_proj' is already quantized"):
-        relora_ds.wrap(model, rank=4, quantize="int8")
-
-
-def test_train_config_quantize_validation():
-    from relora_ds.train_config import TrainConfig
-
-    assert TrainConfig(cycle_length=10, total_steps=10, quantize="int8").quantize == "int8"
-    with pytest.raises(ValueError, match="valid values"):
-        TrainConfig(cycle_length=10, total_steps=10, quantize="int4")
-    with pytest.raises(ValueError, match="mode=full"):
-        TrainConfig(mode="full", total_steps=10, quantize="int8")
-
-
-def test_frozen_bytes_at_most_052_of_bf16_for_every_preset():
-    for name in relora_ds.PRESETS:
-        cfg = LlamaConfig.preset(name)
-        with torch.device("meta"):
-            model = relora_ds.wrap(LlamaForCausalLM(cfg), rank=8)
-        shapes = [(l.out_features, l.in_features) for _, l in relora_ds.relora_layers(model)]
-        int8 = sum(quant.device_bytes(o, i, "int8") for o, i in shapes)
-        bf16 = sum(quant.device_bytes(o, i, None) for o, i in shapes)
-        assert int8 <= 0.52 * bf16, (name, int8 / bf16)
-
-
 @pytest.mark.parametrize("merged", [None, "0", "1"], ids=["auto", "epilogue", "merged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_torch_path_matches_twin(monkeypatch, dtype, merged):
@@ -304,48 +204,12 @@ def test_int8_torch_path_matches_twin(monkeypatch, dtype, merged):
                                                                               True, gen()))
 
 
-def _absmax_by_hand(w):
-    """Per-row absmax int8 with a bf16 scale, rounding half up, and the residual's next 8 bits (254 per step)."""
-    scale = (w.abs().amax(1) / 127).to(torch.bfloat16).float()
-    v = w / scale[:, None]
-    q = torch.floor(v + 0.5).clamp(-127, 127)
-    return q, scale, torch.floor((v - q) * 254 + 0.5).clamp(-127, 127)
-
-
-def test_int8_layer_load_keeps_the_initial_rounding_error_for_its_merges():
-    """load_base_ stores W0's own rounding error in the residual, so merged weights track W0 + Σ s·B·A (the
-    true weight, in fp64 here) within one rounding, not the int8 rounding of W0 plus one more per merge."""
-    g = torch.Generator().manual_seed(5)
-    W0 = torch.randn(48, 96, generator=g) * 0.02
-    layer = relora_ds.ReLoRALinear(96, 48, 4, quantize="int8")
-    layer.load_base_(W0)
-    q, scale, res = _absmax_by_hand(W0)
-    assert torch.equal(layer.weight_q.float(), q) and torch.equal(layer.weight_scale.float(), scale)
-    assert torch.equal(layer.weight_residual.float(), res)
-    exact = W0.double()
-    for _ in range(4):
-        with torch.no_grad():
-            layer.lora_B.normal_(0, 0.05, generator=g)
-        exact += layer.scale * (layer.lora_B.double() @ layer.lora_A.double())
-        layer.merge_()
-        q1, s1, _ = _absmax_by_hand(exact.float())
-        assert rel(layer.base_weight(), exact) <= 1.05 * rel(q1 * s1[:, None], exact)
-
-
 def test_quantizer_rounds_ties_half_up_like_the_kernels():
     # absmax 127/128 makes the bf16 scale exactly 2^-7, so these are exact ties in units of the step
     w = torch.tensor([[127.0, 0.5, 2.5, -0.5, -1.5, -2.5]]) / 128
     q, s, _ = rk.int8_quantize_reference(w)
     assert s.item() == 2.0 ** -7
     assert q.tolist() == [[127, 1, 3, 0, -1, -2]]
-
-
-def test_device_bytes_are_the_int8_layers_device_tensors():
-    assert quant.device_bytes(40, 96, None) == 2 * 40 * 96
-    assert quant.device_bytes(40, 96, "int8") == 40 * 96 + 2 * 40  # int8 weight + one bf16 scale per row
-    layer = relora_ds.ReLoRALinear(96, 40, 4, quantize="int8")
-    on_device = sum(t.numel() * t.element_size() for t in (layer.weight_q, layer.weight_scale))
-    assert quant.device_bytes(40, 96, "int8") == on_device
 
 
 def test_dequantize_to_fp16_is_the_fp32_product_rounded_once():
@@ -374,92 +238,3 @@ def test_stochastic_rounding_is_unbiased_and_grows_like_sqrt_k():
     err = quant.merge_drift(W0, ups, mechanisms=("stochastic",), seed=0)
     r = [e / o for e, o in zip(err["stochastic"], err["one_shot"])]
     assert r == pytest.approx([math.sqrt(1 + 2 * k) for k in range(1, 17)], rel=0.05)
-
-
-@pytest.mark.parametrize("cast", ["half", "float", "to_fp16", "double"])
-def test_dtype_casts_keep_the_int8_scales_and_the_weight(cast):
-    """model.half() (what DeepSpeed's fp16 engine does), .float(), .to(dtype) cast every float buffer: the
-    int8 base's per-channel scales must stay bf16, or a row whose scale fp16 cannot hold changes (below 6e-5
-    rounded, below 3e-8 zero: a review measured rows of std 1e-6 and 1e-7 lost entirely). Oracle: the
-    dequantized weight before the cast, bitwise."""
-    torch.manual_seed(0)
-    layer = relora_ds.ReLoRALinear(64, 8, 4, quantize="int8")
-    row_std = torch.tensor([1e-1, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7])
-    layer.load_base_(torch.randn(8, 64) * row_std[:, None])
-    before, scale = layer.base_weight().clone(), layer.weight_scale.clone()
-    {"half": layer.half, "float": layer.float, "double": layer.double,
-     "to_fp16": lambda: layer.to(torch.float16)}[cast]()
-    assert layer.weight_scale.dtype == torch.bfloat16 and torch.equal(layer.weight_scale, scale)
-    assert layer.weight_q.dtype == torch.int8 and layer.weight_residual.dtype == torch.int8
-    assert torch.equal(layer.base_weight(), before) and (before[7] != 0).any()
-    # the layer still runs and merges in the new dtype
-    x = torch.randn(3, 64, dtype=layer.lora_A.dtype)
-    assert layer(x).dtype == x.dtype
-    layer.merge_(layer.lora_A.detach().float(), layer.lora_B.detach().float())
-    assert layer.weight_scale.dtype == torch.bfloat16
-
-
-@pytest.mark.parametrize("quantize", ["int8", None])
-def test_load_base_refuses_a_wrong_shape_or_an_integer_weight(quantize):
-    """copy_ broadcast a (in,) weight over every row, and an int8 weight_q was quantized as if its codes were
-    weights (a review found it): both are named, the layer unchanged."""
-    layer = relora_ds.ReLoRALinear(16, 4, 2, quantize=quantize)
-    before = layer.base_weight().clone()
-    for bad, what in ((torch.randn(16), "torch.float32 (16,)"), (torch.randn(16, 4), "torch.float32 (16, 4)"),
-                      (torch.zeros(4, 16, dtype=torch.int8), "torch.int8 (4, 16)")):
-        with pytest.raises(ValueError, match=re.escape(f"expected a float weight of shape (4, 16), got {what}")):
-            layer.load_base_(bad)
-    assert torch.equal(layer.base_weight(), before)
-    layer.load_base_(torch.randn(4, 16, dtype=torch.float64))  # any float dtype is a weight
-    assert not torch.equal(layer.base_weight(), before)
-
-
-@pytest.mark.parametrize("kw", [dict(quantize="int8"), dict(merge_residual=True), {}])
-def test_a_layer_built_on_meta_and_host_buffers_under_another_default_device(kw):
-    """ReLoRALinear(..., device="meta") with its default init_base: an int8 layer crashed copying the meta
-    weight's quantization into a CPU residual (a review found it). Host residuals follow meta, else the CPU,
-    and to_empty makes them real host tensors; lora_A's draw is a CPU tensor under any default device
-    (oracle: the same seeded draw outside the context)."""
-    from relora_ds.relora import kaiming_uniform_A
-
-    layer = relora_ds.ReLoRALinear(64, 8, 4, device="meta", **kw)
-    assert all(t.is_meta for t in layer.parameters())
-    assert all(b.is_meta for n, b in layer.named_buffers() if n.endswith("residual"))
-    layer.to_empty(device="cpu")
-    assert all(b.device.type == "cpu" for b in layer.buffers())
-    with torch.device("meta"):
-        drawn = kaiming_uniform_A((4, 64), seed=7)
-    assert drawn.device.type == "cpu" and torch.equal(drawn, kaiming_uniform_A((4, 64), seed=7))
-    assert drawn.abs().max() > 0
-
-
-@pytest.mark.parametrize("kw", [dict(quantize="int8"), dict(merge_residual=True)])
-def test_a_meta_built_model_materialized_with_to_empty_loads_its_host_residuals(kw):
-    """Build on meta, to_empty, load_state_dict (the usual large-model load): the host residual buffers
-    become real host tensors and take the checkpoint's values, so the next merge equals the source model's."""
-    import relora_ds
-    from relora_ds import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    dtype = torch.float32 if kw.get("quantize") else torch.bfloat16  # a float base rounds only in bf16
-    src = relora_ds.wrap(LlamaForCausalLM(LlamaConfig.preset("debug")).to(dtype), rank=4, **kw)
-    with torch.no_grad():
-        for _, layer in relora_ds.relora_layers(src):
-            layer.lora_B.normal_(std=0.02)
-    relora_ds.merge_and_reinit(src)  # a non-zero residual to carry over
-    with torch.device("meta"):
-        dst = relora_ds.wrap(LlamaForCausalLM(LlamaConfig.preset("debug")).to(dtype), rank=4, **kw)
-    dst.to_empty(device="cpu")
-    dst.load_state_dict(src.state_dict())
-    name = "weight_residual" if kw.get("quantize") else "merge_residual"
-    for (_, a), (_, b) in zip(relora_ds.relora_layers(src), relora_ds.relora_layers(dst)):
-        assert getattr(b, name).device.type == "cpu"
-        assert torch.equal(getattr(a, name), getattr(b, name)) and getattr(a, name).abs().sum() > 0
-    with torch.no_grad():
-        for (_, a), (_, b) in zip(relora_ds.relora_layers(src), relora_ds.relora_layers(dst)):
-            a.lora_B.normal_(std=0.02)
-            b.lora_B.copy_(a.lora_B)
-    relora_ds.merge_and_reinit(src)
-    relora_ds.merge_and_reinit(dst)
-    for k, v in src.state_dict().items():
-        assert torch.equal(v, dst.state_dict()[k]), k

@@ -77,6 +77,10 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
         raise ValueError(f"{source} sets {twice}, which the recipe also sets (micro_batch_size, "
                          "global_batch_size, lr, adam_beta1/2, adam_eps, weight_decay, grad_clip): remove them "
                          "from the JSON so that each value has one home")
+    if str(opt.get("type")).lower() == "adam" and "adam_w_mode" not in params and cfg.weight_decay:
+        raise ValueError(f"{source}: optimizer.type 'Adam' builds AdamW in DeepSpeed (decoupled weight decay) unless "
+                         f"optimizer.params.adam_w_mode is false, and weight_decay={cfg.weight_decay}: write type "
+                         "'AdamW' for decoupled decay, or add \"adam_w_mode\": false for Adam's L2 weight decay")
     if params.get("amsgrad") and cfg.mode == "relora":
         raise ValueError(f"{source} sets optimizer.params.amsgrad, whose running max of exp_avg_sq would keep every "
                          "moment ReLoRA's reset prunes: remove it (mode='relora' runs Adam/AdamW without amsgrad)")

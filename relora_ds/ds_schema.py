@@ -19,6 +19,12 @@ from .train_config import ConfigWarning, TrainConfig
 _OPTIMIZER_SECTION_KEYS = ("type", "params", "legacy_fusion")
 # ReLoRA's reset prunes Adam moments and the recipe's betas/eps are Adam's. DeepSpeed matches names in any case.
 _SUPPORTED_OPTIMIZERS = ("AdamW", "Adam")
+# Sections DeepSpeed parses as objects ({"enabled": true, ...}): a bare true or null fails inside it.
+_OBJECT_SECTIONS = ("bf16", "bfloat16", "fp16", "optimizer", "data_types", "aio", "tensorboard", "wandb",
+                    "csv_monitor", "comet", "checkpoint", "activation_checkpointing", "flops_profiler",
+                    "comms_logger")
+# Keys deepspeed.initialize reads for a device mesh (sequence parallelism): this trainer shards data over all ranks.
+_MESH_KEYS = ("sequence_parallel_size", "data_parallel_size")
 
 
 def uses_bf16(ds: dict) -> bool:
@@ -77,6 +83,13 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
     for key in ds:
         if key in removed:
             raise ValueError(f"{source}: {removed[key]}")
+        if key in _MESH_KEYS:
+            raise ValueError(f"{source}: {key!r} sets a DeepSpeed device mesh for sequence parallelism, which this "
+                             "trainer does not have: it is data-parallel over every rank (the sampler shards the "
+                             "data over all of them). Remove it")
+        if key in _OBJECT_SECTIONS and not isinstance(ds[key], dict):
+            raise ValueError(f"{source}: {key!r} must be an object, not {ds[key]!r} (e.g. "
+                             f"{_SECTION_EXAMPLES.get(key, '{...}')}); leave the key out for DeepSpeed's default")
         if key in {f.name for f in dataclasses.fields(TrainConfig)} - deepspeed_top_level_keys():
             raise ValueError(f"{source}: {key!r} is not a DeepSpeed key but a recipe setting: set it in the "
                              f"recipe (or --{key.replace('_', '-')}), not in the DeepSpeed JSON")
@@ -91,7 +104,7 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                          "need it (another number of ranks, ZeRO stage, precision or optimizer offload); with it "
                          "set here a plain resume fails: remove it")
     zero, removed_zero = ds.get("zero_optimization"), getattr(ds_cfg, "_REMOVED_ZERO_CONFIG_KEYS", {})
-    if zero is not None and not isinstance(zero, dict | bool):
+    if "zero_optimization" in ds and not isinstance(zero, dict | bool):
         raise ValueError(f"{source}: zero_optimization={zero!r} must be a section, e.g. "
                          '"zero_optimization": {"stage": 2} (or DeepSpeed\'s legacy true/false)')
     for key in zero if isinstance(zero, dict) else ():
@@ -114,6 +127,12 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                              "on the accelerator without a word. Use stage 3 (ds_configs/zero3_offload.json) or "
                              "remove offload_param")
         optimizer = zero.get("offload_optimizer")
+        if stage == 0 and (zero.get("cpu_offload") or (isinstance(optimizer, dict)
+                                                       and optimizer.get("device", "none") not in ("none", None))):
+            raise ValueError(f"{source}: an offloaded optimizer (zero_optimization.offload_optimizer / cpu_offload) "
+                             "needs ZeRO stage 1 or higher: at stage 0 DeepSpeed builds its CPU Adam for parameters "
+                             "that stay on the accelerator (it fails at the first step on a GPU). Use stage 1 or 2 "
+                             "(ds_configs/zero2_offload.json), or remove the offload")
         if isinstance(optimizer, dict) and optimizer.get("device") == "nvme":
             raise ValueError(f"{source}: zero_optimization.offload_optimizer (device 'nvme') swaps to NVMe only at "
                              f"ZeRO stage 3; at stage {stage} DeepSpeed keeps the optimizer in host memory as with "
@@ -182,7 +201,12 @@ def deepspeed_top_level_keys() -> frozenset[str]:
         DeepSpeedConfig(Recording(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
     finally:
         logger.setLevel(level)
-    return frozenset(seen | {"sequence_parallel_size", "data_parallel_size"})
+    return frozenset(seen | set(_MESH_KEYS))
+
+
+_SECTION_EXAMPLES = {"bf16": '{"enabled": true}', "bfloat16": '{"enabled": true}', "fp16": '{"enabled": true}',
+                     "optimizer": '{"type": "AdamW", "params": {"torch_adam": true}}',
+                     "data_types": '{"grad_accum_dtype": "fp32"}'}
 
 
 def _check_model_keys(section: dict, model, where: str) -> None:
@@ -230,6 +254,10 @@ def _check_optimizer(ds: dict, source: str) -> None:
     params = opt.get("params", {})
     if not isinstance(params, dict):
         raise ValueError(f"{source}: optimizer.params must be an object, not {params!r}")
+    if kind.lower() == "adamw" and "adam_w_mode" in params and not params["adam_w_mode"]:
+        raise ValueError(f"{source}: optimizer.type 'AdamW' with params.adam_w_mode false: DeepSpeed ignores "
+                         "adam_w_mode for type AdamW (decoupled weight decay either way). For Adam with L2 weight "
+                         "decay write type 'Adam' with adam_w_mode false; else remove adam_w_mode")
     ctor, valid = adam_parameters(ds)
     for key in params:
         if key not in valid:

@@ -306,10 +306,29 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
            ({"zero_optimization": {"stage": "two"}}, r"zero_optimization.stage='two' is not a ZeRO stage: valid"),
            ({"zero_optimization": {"stage": None}}, r"zero_optimization.stage=None is not a ZeRO stage"),
            ({"zero_optimization": 2}, r"zero_optimization=2 must be a section, e.g. \"zero_optimization\": "
-                                      r"\{\"stage\": 2\}")]
+                                      r"\{\"stage\": 2\}"),
+           # found by a review: sequence_parallel_size broke DeepSpeed's batch arithmetic, data_parallel_size
+           # alone did nothing; offload at stage 0 built CPU Adam for accelerator parameters; a bare true or
+           # null section was a TypeError/AttributeError traceback; AdamW ignores adam_w_mode false
+           ({"sequence_parallel_size": 2}, r"'sequence_parallel_size' sets a DeepSpeed device mesh .* data-parallel"),
+           ({"data_parallel_size": 8}, r"'data_parallel_size' sets a DeepSpeed device mesh"),
+           ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}},
+            r"an offloaded optimizer .* needs ZeRO stage 1 or higher"),
+           ({"zero_optimization": {"stage": 0, "cpu_offload": True}}, r"needs ZeRO stage 1 or higher"),
+           ({"bf16": True}, r"'bf16' must be an object, not True \(e.g. \{\"enabled\": true\}\)"),
+           ({"fp16": None}, r"'fp16' must be an object, not None"),
+           ({"optimizer": None}, r"'optimizer' must be an object, not None \(e.g. \{\"type\": \"AdamW\""),
+           ({"data_types": None}, r"'data_types' must be an object"),
+           ({"zero_optimization": None}, r"zero_optimization=None must be a section"),
+           ({"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "adam_w_mode": False}}},
+            r"optimizer.type 'AdamW' with params.adam_w_mode false: DeepSpeed ignores adam_w_mode")]
     for ds, match in bad:
         with pytest.raises(ValueError, match=match):
             complete_ds_config(ds, TrainConfig(**BASE), world_size=2)
+    with pytest.raises(ValueError, match=r"optimizer.type 'Adam' builds AdamW in DeepSpeed .* unless "
+                                         r"optimizer.params.adam_w_mode is false, and weight_decay=0.1"):
+        complete_ds_config({"optimizer": {"type": "Adam", "params": {"torch_adam": True}}},
+                           TrainConfig(**BASE, weight_decay=0.1), world_size=2)
     with pytest.warns(ConfigWarning, match=r"stage3_param_persistence_threshold act only at ZeRO stage 3; this "
                                            r"config is stage 2"):
         complete_ds_config({"zero_optimization": {"stage": 2, "stage3_param_persistence_threshold": 0}},
@@ -319,6 +338,11 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
         complete_ds_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                                   "offload_param": {"device": "cpu"}},
                             "checkpoint": {"tag_validation": "Warn"}}, TrainConfig(**BASE), world_size=2)
+        for params in ({"torch_adam": True, "adam_w_mode": False}, {"torch_adam": True, "adam_w_mode": True}):
+            complete_ds_config({"optimizer": {"type": "Adam", "params": params}},
+                               TrainConfig(**BASE, weight_decay=0.1), world_size=2)
+        complete_ds_config({"optimizer": {"type": "Adam", "params": {"torch_adam": True}}},
+                           TrainConfig(**BASE), world_size=2)  # no weight decay: Adam and AdamW are one
 
 
 def test_nvme_offload_is_checked_before_any_engine(tmp_path):

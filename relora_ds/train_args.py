@@ -98,6 +98,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ValueError(f"--config {path}: a recipe is a mapping of keys to values (key: value lines), "
                              f"not a {type(values).__name__}")
         names = {f.name for f in dataclasses.fields(TrainConfig)}
+        not_names = [k for k in values if not isinstance(k, str)]
+        if not_names:  # YAML 1.1 reads on/off/yes/no as booleans, 1 as a number
+            raise ValueError(f"--config {path}: keys must be setting names, got {not_names} (YAML reads on, off, yes, "
+                             f"no, true and false as booleans and digits as numbers); valid keys: {sorted(names)}")
         unknown = sorted(set(values) - names)
         if unknown:
             close = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
@@ -112,7 +116,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if getattr(args, "model", None) not in (None, _CLEAR) and source:  # `--model none` clears a recipe's
         raise ValueError(f"--model {args.model} contradicts {'hf_model' if values.get('hf_model') else 'warm_start_from'}"
                          f"={source!r}, whose config.json decides the model: give one of the two")
-    if getattr(args, "resume", None) is False and values.get("resume_from") is not None:
-        raise ValueError(f"--no-resume contradicts resume_from={values['resume_from']!r}, which resumes: give one "
+    if values.get("resume") is False and values.get("resume_from") is not None:
+        which = "--no-resume" if getattr(args, "resume", None) is False else "the recipe's resume: false"
+        raise ValueError(f"{which} contradicts resume_from={values['resume_from']!r}, which resumes: give one "
                          "(--resume-from none clears a recipe's)")
     return TrainConfig(**values)

@@ -340,15 +340,19 @@ def coerce_value(name: str, value, tp):
         raise ValueError(f"{name}={value!r} must be true or false")
     if tp in (int, float):
         if isinstance(value, str):
+            text = value
             try:
-                value = float(value)
+                value = int(text) if tp is int else float(text)  # int first: exact past 2**53
             except ValueError:
-                raise ValueError(f"{name}={value!r} must be a number") from None
+                try:
+                    value = float(text)
+                except ValueError:
+                    raise ValueError(f"{name}={text!r} must be a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name}={value!r} must be a {'whole' if tp is int else 'finite'} number")
         if tp is float:
             return float(value)
-        if float(value) != int(value):
+        if isinstance(value, float) and not value.is_integer():
             raise ValueError(f"{name}={value!r} must be a whole number")
         return int(value)
     if typing.get_origin(tp) is list:

@@ -37,6 +37,13 @@ def test_recipe_values_are_typed(tmp_path):
     recipe.write_text("cycle_length: 10\ntotal_steps: 100\nlr: 1e-3\nadam_eps: 1e-8\n")
     cfg = config_from_args(build_parser().parse_args(["--config", str(recipe)]))
     assert (cfg.lr, cfg.adam_eps) == (1e-3, 1e-8) and isinstance(cfg.lr, float)
+    # Whole numbers stay exact past 2**53 (they went through float: 9007199254740993 became ...992 on the command
+    # line and was refused as not whole in a recipe)
+    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nseed: '9007199254740993'\n")
+    assert config_from_args(build_parser().parse_args(["--config", str(recipe)])).seed == 9007199254740993
+    assert config_from_args(build_parser().parse_args(["--config", str(recipe), "--seed", "9007199254740995"])
+                            ).seed == 9007199254740995
+    assert config_from_args(build_parser().parse_args(["--config", str(recipe), "--seed", "1e3"])).seed == 1000
     for line, match in (('resume: "no"', r"resume='no' must be true or false"),
                         ("micro_batch_size: 2.5", "micro_batch_size=2.5 must be a whole number"),
                         ("mode: null", "mode=None: a value is required"),
@@ -105,7 +112,10 @@ def test_a_recipe_that_is_not_yaml_or_not_a_mapping_is_named(tmp_path):
     recipe = tmp_path / "r.yaml"
     for text, match in (("lr: 0.01\n\tcycle_length: 10\n", r"(?s)r.yaml: not valid YAML: .*in \".*r.yaml\", line 2"),
                         ("just a string\n", r"r.yaml: a recipe is a mapping of keys to values .*not a str"),
-                        ("- lr\n- rank\n", r"r.yaml: a recipe is a mapping .*not a list")):
+                        ("- lr\n- rank\n", r"r.yaml: a recipe is a mapping .*not a list"),
+                        # YAML 1.1's `on` is True; keys 1 and 'foo' could not even be sorted (TypeError tracebacks)
+                        ("on: 3\n", r"r.yaml: keys must be setting names, got \[True\] \(YAML reads on, off"),
+                        ("1: 2\nfoo: 3\n", r"r.yaml: keys must be setting names, got \[1\]")):
         recipe.write_text(text)
         with pytest.raises(ValueError, match=match):
             config_from_args(parser.parse_args(["--config", str(recipe)]))
@@ -114,11 +124,16 @@ def test_a_recipe_that_is_not_yaml_or_not_a_mapping_is_named(tmp_path):
         config_from_args(parser.parse_args(["--config", str(recipe)]))
 
 
-def test_no_resume_with_resume_from_is_a_contradiction():
+def test_no_resume_with_resume_from_is_a_contradiction(tmp_path):
     parser = build_parser(argparse.ArgumentParser())
     with pytest.raises(ValueError, match=r"--no-resume contradicts resume_from='step_10'"):
         config_from_args(parser.parse_args(["--resume-from", "step_10", "--no-resume", "--cycle-length", "10",
                                               "--total-steps", "100"]))
+    recipe = tmp_path / "r.yaml"  # the same in a recipe (resume_from used to win silently)
+    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nresume: false\nresume_from: step_10\n")
+    with pytest.raises(ValueError, match=r"the recipe's resume: false contradicts resume_from='step_10'"):
+        config_from_args(parser.parse_args(["--config", str(recipe)]))
+    assert config_from_args(parser.parse_args(["--config", str(recipe), "--resume"])).resume_from == "step_10"
     cfg = config_from_args(parser.parse_args(["--resume-from", "step_10", "--resume", "--cycle-length", "10",
                                             "--total-steps", "100"]))
     assert cfg.resume and cfg.resume_from == "step_10"

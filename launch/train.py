@@ -28,7 +28,7 @@ import torch  # noqa: E402  (after the handlers: importing torch and DeepSpeed t
 
 from relora_ds.distributed import launch_rank, run_and_exit
 from relora_ds.ds_config import load_ds_config
-from relora_ds.train_args import build_launch_parser, config_from_args
+from relora_ds.train_args import build_launch_parser, check_local_rank_arg, config_from_args
 from relora_ds.train_config import ConfigWarning, show_config_warnings_plainly
 from relora_ds.trainer import Trainer
 
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     try:
         try:
             cfg = config_from_args(args)
+            check_local_rank_arg(args.local_rank)
             load_ds_config(args.deepspeed)  # a wrong path or bad JSON before the process group starts
             trainer = Trainer(cfg, args.deepspeed, early_stop=lambda: _early_stop[0])
             # The engine, or the checkpoint --resume loads into it: what it refuses is a one-line error too.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import typing
 from pathlib import Path
 
@@ -121,3 +122,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ValueError(f"{which} contradicts resume_from={values['resume_from']!r}, which resumes: give one "
                          "(--resume-from none clears a recipe's)")
     return TrainConfig(**values)
+
+
+def check_local_rank_arg(local_rank: int) -> None:
+    """``--local_rank`` is the deepspeed launcher's, which also sets ``LOCAL_RANK``, the variable the trainer
+    reads (every launcher sets it): a value that disagrees with it, or given without it, would be ignored."""
+    if local_rank < 0:
+        return
+    env = os.environ.get("LOCAL_RANK")
+    if env != str(local_rank):
+        raise ValueError(f"--local_rank {local_rank} but LOCAL_RANK={env if env is not None else 'unset'}: the trainer "
+                         "reads LOCAL_RANK, which launchers set (deepspeed passes both); started by hand, one process "
+                         "is rank 0 on the first visible GPU: choose the GPU with CUDA_VISIBLE_DEVICES instead")

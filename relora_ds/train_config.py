@@ -306,9 +306,13 @@ class TrainConfig:
             if self.prune_joint:
                 ignored.append(("prune_joint=True", "mode='lora' has no optimizer resets"))
 
-        if self.final_eval_windows is not None and not self.eval_every:
-            ignored.append((f"final_eval_windows={self.final_eval_windows}", "eval_every=0 runs no evaluation, "
-                            "the final one included"))
+        for name in ("eval_windows", "final_eval_windows"):
+            if getattr(self, name) != getattr(TrainConfig, name) and not self.eval_every:
+                ignored.append((f"{name}={getattr(self, name)}", "eval_every=0 runs no evaluation, the final one "
+                                "included"))
+        if self.mode == "full" and self.kernels is not None:
+            ignored.append((f"kernels={self.kernels!r}", "mode='full' has no LoRA layers or merges (the kernels' "
+                            "only users)"))
         if self.export_dtype is not None and not self.export:
             ignored.append((f"export_dtype={self.export_dtype!r}", "export=False writes no export (launch/export.py "
                             "--dtype chooses one for a later export)"))

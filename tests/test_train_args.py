@@ -184,3 +184,19 @@ def test_a_key_given_twice_in_a_recipe_or_deepspeed_json_is_named(tmp_path):
     ds.write_text('{"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "stage": 3}}')
     with pytest.raises(ValueError, match=r"key 'stage' appears twice"):
         load_ds_config(ds)
+
+
+def test_a_local_rank_argument_the_trainer_would_ignore_is_an_error(monkeypatch):
+    """--local_rank was parsed and never read (the trainer reads LOCAL_RANK): under plain python `--local_rank 3`
+    ran as local rank 0 without a word (a review's find). The deepspeed launcher passes both, equal."""
+    from relora_ds.train_args import check_local_rank_arg
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    check_local_rank_arg(-1)  # not given
+    with pytest.raises(ValueError, match=r"--local_rank 3 but LOCAL_RANK=unset: .*CUDA_VISIBLE_DEVICES"):
+        check_local_rank_arg(3)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match=r"--local_rank 3 but LOCAL_RANK=0"):
+        check_local_rank_arg(3)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    check_local_rank_arg(3)

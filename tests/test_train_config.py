@@ -184,6 +184,8 @@ def test_settings_a_mode_does_not_use_are_named():
             (dict(eval_every=0, final_eval_windows=100), r"final_eval_windows=100 is ignored: eval_every=0 runs no "
                                                          "evaluation"),
             (dict(export=False, export_dtype="bfloat16"), r"export_dtype='bfloat16' is ignored: export=False"),
+            (dict(eval_every=0, eval_windows=64), r"eval_windows=64 is ignored: eval_every=0 runs no evaluation"),
+            (dict(mode="full", kernels="torch"), r"kernels='torch' is ignored: mode='full' has no LoRA layers"),
             (dict(mode="full", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='full' has no "
                                                         "resets"),
             (dict(mode="lora", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='lora' has no "

@@ -66,6 +66,7 @@ class CheckpointsMixin:
         # The checkpoint holds every weight (frozen bases, int8 or not, and their residuals included): a fresh
         # model takes them; an hf_model's weights are not read again (minutes at 7b, at every requeue).
         self._build_engine(self._fresh_model(), phase, load_universal=universal)
+        built = self._optimizer_as_built()  # from this run's config, before the checkpoint overwrites it
         try:
             _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
         except (AssertionError, FileNotFoundError) as e:  # DeepSpeed asserts that its files exist
@@ -93,7 +94,7 @@ class CheckpointsMixin:
         self.load_state_dict(client)
         if "tokens_seen" not in client:  # written before the counter: its steps at its own batch
             self.tokens_seen = self.step * saved["train"]["global_batch_size"] * saved["train"]["seq_len"]
-        self._apply_optimizer_settings(saved)
+        self._apply_optimizer_settings(saved, built)
         self._catch_up_missed_merge(client)
         if saved["world_size"] == self.world:
             checkpoint.load_rng(self.ckpt_dir, tag)
@@ -117,12 +118,41 @@ class CheckpointsMixin:
         if int(layer.merge_count) == since // every - 1:
             self._after_step_events()
 
-    def _apply_optimizer_settings(self, checkpoint_config: dict) -> None:
+    # Param-group settings the recipe re-applies after a load (_apply_optimizer_settings) or that are not settings.
+    _REAPPLIED = frozenset({"params", "lr", "initial_lr", "betas", "eps", "weight_decay", "step"})
+
+    def _optimizer_as_built(self) -> dict:
+        """What this run's config built, before a checkpoint load overwrites it: each param group's settings
+        and the fp16 loss scaler (DeepSpeed restores both from the checkpoint)."""
+        opt = self.engine.optimizer
+        return {"groups": [{k: v for k, v in g.items() if k not in self._REAPPLIED}
+                           for g in self.engine.lr_scheduler.optimizer.param_groups],
+                "loss_scaler": getattr(opt, "loss_scaler", None)}
+
+    def _apply_optimizer_settings(self, checkpoint_config: dict, built: dict | None = None) -> None:
         """The recipe's lr, betas, eps and weight decay, not the checkpoint's: DeepSpeed restores the param
         groups and LambdaLR's base lrs, so resuming with e.g. a lower lr after a divergence would
         otherwise silently keep the old one. Logs every setting that differs from the checkpoint's (its
-        config.json, `checkpoint_config`), DeepSpeed config entries and the number of ranks included."""
+        config.json, `checkpoint_config`), DeepSpeed config entries and the number of ranks included.
+
+        `built` (:meth:`_optimizer_as_built`): a changed fp16 section takes effect (DeepSpeed restores the
+        checkpoint's loss scaler: its scale carries over where both are dynamic), and any other optimizer.params
+        change that the restored param groups would undo (amsgrad, foreach, ...) is an error."""
         cfg, saved = self.cfg, checkpoint_config["train"]
+        groups = self.engine.lr_scheduler.optimizer.param_groups
+        if built is not None:
+            # (a key the restored groups lack -- a checkpoint of another torch or Adam class -- is not compared)
+            undone = {k: (g[k], v) for b, g in zip(built["groups"], groups) for k, v in b.items()
+                      if k in g and g[k] != v}
+            if undone:
+                raise ValueError("the DeepSpeed config's optimizer.params change what the checkpoint's optimizer "
+                                 "restores and keeps: " + ", ".join(f"{k}: checkpoint {old!r}, now {new!r}"
+                                                                   for k, (old, new) in undone.items())
+                                 + "; resume with the checkpoint's values, or start a new run from its export "
+                                 "(launch/export.py, then --warm-start-from)")
+            then_fp16 = checkpoint_config.get("deepspeed", self.ds).get("fp16")
+            if built["loss_scaler"] is not None and then_fp16 != self.ds.get("fp16"):
+                self._use_built_loss_scaler(built["loss_scaler"])
         lr = self._phase_lr(self.engine_phase)
         sched = self.engine.lr_scheduler
         sched.base_lrs = [lr] * len(sched.base_lrs)
@@ -147,6 +177,18 @@ class CheckpointsMixin:
                         if then.get(k) != now.get(k)})
         if changed:
             self._event({"event": "resume_settings_changed", "step": self.step, **changed})
+
+    def _use_built_loss_scaler(self, fresh) -> None:
+        """The loss scaler of this run's fp16 section instead of the checkpoint's; a dynamic scale keeps the
+        value (and overflow history) it reached, within the new minimum."""
+        opt = self.engine.optimizer
+        restored = opt.loss_scaler
+        if getattr(fresh, "dynamic", False) and getattr(restored, "dynamic", False):
+            fresh.cur_scale = max(restored.cur_scale, fresh.min_scale)
+            fresh.cur_iter, fresh.last_overflow_iter = restored.cur_iter, restored.last_overflow_iter
+        opt.loss_scaler = fresh
+        if hasattr(opt, "dynamic_loss_scale"):
+            opt.dynamic_loss_scale = fresh.dynamic
 
     def _rewind(self) -> None:
         """--resume-from: the checkpoints after it move aside (the metrics after it move aside in MetricsLogger).

@@ -334,3 +334,60 @@ def test_a_resume_puts_the_recipes_adam_settings_into_the_optimizer():
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.5e-3, (0.8, 0.95), 1e-6, 0.1)
     assert sched.base_lrs == [1e-3] and t.engine.optimizer.clip_grad == 0.25
     assert events[0]["lr"] == "0.003 -> 0.001" and events[0]["adam_beta2"] == "0.999 -> 0.95"
+
+
+def test_a_resume_refuses_adam_params_the_checkpoint_would_undo_and_takes_the_new_loss_scaler():
+    """DeepSpeed restores the checkpoint's param groups and fp16 loss scaler. A changed optimizer.params key
+    (amsgrad, here) was logged as changed and silently undone; a changed fp16 section (a static scale, a new
+    window or minimum) too: both found by reviews, on real resumes. Oracles: DeepSpeed's own scaler classes."""
+    from types import SimpleNamespace
+
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from relora_ds.resume import CheckpointsMixin
+    from relora_ds.train_config import TrainConfig
+
+    cfg = TrainConfig(cycle_length=4, restart_warmup_steps=2, total_steps=12)
+
+    def resumed(restored_scaler, new_fp16, old_fp16, built_scaler, amsgrad_now=False):
+        p = torch.nn.Parameter(torch.zeros(3))
+        opt = torch.optim.AdamW([{"params": [p]}], amsgrad=amsgrad_now)  # as this run's config builds it
+        sched = LambdaLR(opt, lambda step: 1.0)
+        engine = SimpleNamespace(lr_scheduler=sched, optimizer=SimpleNamespace(
+            clip_grad=1.0, loss_scaler=built_scaler, dynamic_loss_scale=built_scaler.dynamic))
+        t = SimpleNamespace(cfg=cfg, engine=engine, engine_phase="lowrank", _phase_lr=lambda phase: cfg.lr, world=1,
+                            ds={"fp16": new_fp16}, step=6, _event=lambda rec: None)
+        t._optimizer_as_built = lambda: CheckpointsMixin._optimizer_as_built(t)
+        t._use_built_loss_scaler = lambda fresh: CheckpointsMixin._use_built_loss_scaler(t, fresh)
+        t._REAPPLIED = CheckpointsMixin._REAPPLIED
+        built = t._optimizer_as_built()
+        opt.param_groups[0]["amsgrad"] = False  # what load_checkpoint restores
+        engine.optimizer.loss_scaler, engine.optimizer.dynamic_loss_scale = restored_scaler, restored_scaler.dynamic
+        CheckpointsMixin._apply_optimizer_settings(t, {"train": cfg.to_dict(), "world_size": 1,
+                                                       "deepspeed": {"fp16": old_fp16}}, built)
+        return engine.optimizer
+
+    def dynamic(scale, **kw):
+        s = DynamicLossScaler(init_scale=2.0 ** 16, scale_window=kw.get("window", 1000), min_scale=kw.get("min", 1),
+                              delayed_shift=2, consecutive_hysteresis=False, raise_error_at_min_scale=True,
+                              dtype=torch.float16)
+        s.cur_scale, s.cur_iter, s.last_overflow_iter = scale, 6, 3
+        return s
+
+    old = {"enabled": True, "loss_scale": 0}
+    # to a static scale: the new one, not the checkpoint's dynamic scaler
+    opt = resumed(dynamic(256.0), {"enabled": True, "loss_scale": 64}, old, LossScaler(scale=64))
+    assert isinstance(opt.loss_scaler, LossScaler) and opt.loss_scaler.cur_scale == 64 and not opt.dynamic_loss_scale
+    # dynamic to dynamic with a new window and minimum: those apply, the scale reached carries over
+    opt = resumed(dynamic(256.0), {**old, "loss_scale_window": 5, "min_loss_scale": 32}, old,
+                  dynamic(2.0 ** 16, window=5, min=32))
+    s = opt.loss_scaler
+    assert (s.scale_window, s.min_scale, s.cur_scale, s.cur_iter, s.last_overflow_iter) == (5, 32, 256.0, 6, 3)
+    # an unchanged fp16 section: the checkpoint's scaler as it was (an exact resume)
+    restored = dynamic(256.0)
+    assert resumed(restored, old, old, dynamic(2.0 ** 16)).loss_scaler is restored
+    with pytest.raises(ValueError, match=r"optimizer.params change what the checkpoint's optimizer restores and keeps: "
+                                         r"amsgrad: checkpoint False, now True"):
+        resumed(restored, old, old, dynamic(2.0 ** 16), amsgrad_now=True)

@@ -20,6 +20,7 @@ import random
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,12 +94,14 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
         dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()  # every rank's files are written: only now does config.json mark the folder complete
     if rank == 0:
-        (ckpt_dir / tag / "config.json").write_text(json.dumps(config, indent=2))
+        tmp = ckpt_dir / tag / ".config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, ckpt_dir / tag / "config.json")
     if os.environ.get("RELORA_TEST_CRASH_IN_SAVE") == str(step):
         os._exit(17)  # tests: die after the files, before `latest` moves (a crash mid-save)
-    if dist.is_initialized():
-        dist.barrier()
     if rank == 0:
         _write_latest(ckpt_dir, tag)
         _prune_old(ckpt_dir, keep_last, keep=tag)
@@ -108,15 +111,18 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
 
 
 def _prune_old(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    """The newest ``keep_last`` complete checkpoints by step stay, and ``keep`` (the one just saved). A folder
+    """The newest ``keep_last`` complete checkpoints by step up to ``keep`` (the one just saved) stay. A folder
     without config.json is a save that crashed, which no resume can load: it takes no place among them and
-    goes too (only when pruning at all, keep_last > 0)."""
+    goes too (only when pruning at all, keep_last > 0). A complete one past ``keep`` (a run that died after
+    writing it but before moving ``latest``, resumed from an earlier one) is neither counted nor deleted: this
+    run replaces it when it saves that step, and ``--resume-from`` can load it meanwhile."""
     if keep_last <= 0:
         return
     folders = [p for p in ckpt_dir.glob("step_*") if p.is_dir()]
     complete = sorted((p for p in folders if (p / "config.json").is_file() or p.name == keep),
                       key=lambda p: tag_step(p.name))
     stale = [p for p in folders if p not in complete]
+    complete = [p for p in complete if tag_step(p.name) <= tag_step(keep)]
     for old in stale + [p for p in complete[:-keep_last] if p.name != keep]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -319,10 +325,14 @@ def load_config(ckpt_dir: Path, tag: str) -> dict:
 
 
 def load_rng(ckpt_dir: Path, tag: str) -> None:
+    """This rank's RNG state as saved (same world size); a missing file is named, not passed over."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     path = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
     if path.is_file():
         set_rng_state(torch.load(path, weights_only=False))
+    else:
+        warnings.warn(f"{path} is missing: rank {rank} resumes without its saved RNG state (its LoRA dropout masks "
+                      "differ from an uninterrupted run's)", RuntimeWarning, stacklevel=2)
 
 
 def is_sharded(ckpt_dir: Path, tag: str) -> bool:

@@ -62,8 +62,8 @@ def test_keep_last_deletes_the_oldest_by_step_number_and_spares_the_kept_tag(tmp
     assert {p.name for p in tmp_path.iterdir()} == {"step_2", "step_4", "step_10", "step_12", "latest"}
     checkpoint._prune_old(tmp_path, keep_last=3, keep="step_12")
     assert {p.name for p in tmp_path.iterdir()} == {"step_4", "step_10", "step_12", "latest"}
-    checkpoint._prune_old(tmp_path, keep_last=1, keep="step_4")
-    assert {p.name for p in tmp_path.iterdir()} == {"step_4", "step_12", "latest"}
+    checkpoint._prune_old(tmp_path, keep_last=1, keep="step_4")  # complete ones past the saved tag: left
+    assert {p.name for p in tmp_path.iterdir()} == {"step_4", "step_10", "step_12", "latest"}
 
 
 def test_keep_last_does_not_count_a_save_that_crashed(tmp_path):
@@ -82,6 +82,59 @@ def test_keep_last_does_not_count_a_save_that_crashed(tmp_path):
     checkpoint._prune_old(tmp_path, keep_last=2, keep="step_250")
     assert {p.name for p in tmp_path.iterdir()} == {"step_200", "step_250", "latest"}
     assert checkpoint.complete_tags(tmp_path) == ["step_200", "step_250"]
+
+
+def test_keep_last_neither_counts_nor_deletes_a_complete_checkpoint_past_the_saved_one(tmp_path):
+    """A review's case: a run died after writing step_300 complete but before moving `latest` (250), and the
+    resumed run saved step_250 again. step_300 took a keep_last place, so step_200 went. Oracle, by hand:
+    keep_last 2 keeps step_200 and step_250, and leaves step_300 (loadable by --resume-from; replaced when
+    the run saves step 300)."""
+    from relora_ds import checkpoint
+
+    for s in (100, 200, 250, 300):
+        (tmp_path / f"step_{s}").mkdir()
+        (tmp_path / f"step_{s}" / "config.json").write_text("{}")
+    (tmp_path / "latest").write_text("step_250")
+    checkpoint._prune_old(tmp_path, keep_last=2, keep="step_250")
+    assert {p.name for p in tmp_path.iterdir()} == {"step_200", "step_250", "step_300", "latest"}
+
+
+def test_config_json_marks_a_checkpoint_complete_only_after_every_ranks_files(tmp_path, monkeypatch):
+    """config.json is what makes a folder a complete checkpoint (_prune_old, complete_tags): rank 0 wrote it
+    right after its own files, while other ranks could still be writing theirs (a review's find; a kill
+    then left a 'complete' folder without rank 1's RNG state). Now a barrier comes first. Rank 0 of a
+    stand-in 2-rank group records the order."""
+    import json
+    from pathlib import Path
+
+    from relora_ds import checkpoint
+
+    order = []
+    monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(checkpoint.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(checkpoint.dist, "barrier", lambda: order.append("barrier"))
+
+    class Engine:
+        def save_checkpoint(self, path, tag, client_state, save_latest):
+            (tmp_path / tag).mkdir()
+            order.append("engine")
+
+    real_save = checkpoint.torch.save
+    monkeypatch.setattr(checkpoint.torch, "save", lambda obj, f: (real_save(obj, f), order.append("rng")))
+    real_replace = checkpoint.os.replace
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (real_replace(a, b), order.append(Path(b).name)))
+    checkpoint.save(Engine(), tmp_path, 5, {}, {"x": 1}, keep_last=0)
+    assert order[order.index("rng") + 1] == "barrier" and order.index("config.json") > order.index("rng") + 1
+    assert order.index("latest") > order.index("config.json")
+    assert json.loads((tmp_path / "step_5" / "config.json").read_text()) == {"x": 1}
+
+
+def test_a_missing_rng_file_is_named_on_resume(tmp_path):
+    from relora_ds import checkpoint
+
+    (tmp_path / "step_5").mkdir()
+    with pytest.warns(RuntimeWarning, match=r"rng_rank0.pt is missing: rank 0 resumes without its saved RNG state"):
+        checkpoint.load_rng(tmp_path, "step_5")
 
 
 def test_rng_state_restores_every_generator():

@@ -64,7 +64,7 @@ def single_process_environment() -> int | None:
     try MPI discovery (mpi4py is an optional extra: a traceback without it), and a free MASTER_PORT unless one
     is set, so that a second single-process run on the machine does not fail on DeepSpeed's default 29500
     (EADDRINUSE). Returns the port it picked (None: a launcher's process, or the user's port)."""
-    if any(k in os.environ for k in _LAUNCHER_VARS) or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+    if launched_ranks() is not None:
         return None
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -79,10 +79,33 @@ def single_process_environment() -> int | None:
     return port
 
 
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def launched_ranks() -> int | None:
+    """How many processes a launcher started together, None for a process started alone: RANK/WORLD_SIZE
+    (torchrun, deepspeed; any size), an MPI launcher's world size when above 1 (Slurm's pmi2/pmix plugins
+    give a one-task step PMI variables too), PMIx's rank without a size (the Slurm step's task count, else
+    unknown: 0), and a Slurm step of several tasks (``SLURM_STEP_NUM_TASKS``; ``SLURM_NTASKS`` is set in the
+    salloc/sbatch shell as well, where plain ``python`` is one process)."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return _int_env("WORLD_SIZE") or 0
+    for size in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if (_int_env(size) or 0) > 1:
+            return _int_env(size)
+    step = _int_env("SLURM_STEP_NUM_TASKS") or 1
+    if "PMIX_RANK" in os.environ and "SLURM_STEP_NUM_TASKS" not in os.environ:
+        return 0  # PMIx outside Slurm (prterun): the size is the MPI library's to say
+    return step if step > 1 else None
+
+
 def launch_rank() -> tuple[int, int]:
     """(rank, world size) as the launcher's environment says, before any process group exists: torchrun's and
-    deepspeed's RANK/WORLD_SIZE, else Open MPI's, MPICH's/PMIx's, MVAPICH's or SLURM's own; (0, 1) with none."""
-    for rank, world in (*_RANK_VARS, ("SLURM_PROCID", "SLURM_NTASKS")):
+    deepspeed's RANK/WORLD_SIZE, else Open MPI's, MPICH's/PMIx's, MVAPICH's or SLURM's own (a step's tasks);
+    (0, 1) with none."""
+    for rank, world in (*_RANK_VARS, ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")):
         if os.environ.get(rank, "").isdigit():
             size = os.environ.get(world, "")
             return int(os.environ[rank]), int(size) if size.isdigit() else 1
@@ -112,11 +135,16 @@ def init_distributed(**kwargs) -> None:
     """``deepspeed.init_distributed(**kwargs)``, then release the shared-memory segment it leaks on CPU. Also
     spares the rank DeepSpeed's import of torch's compiler (relora_ds/ds_patches.py, item 5)."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     from .ds_patches import import_muon_compiling_on_first_call
 
     import_muon_compiling_on_first_call()
-
+    accelerator = get_accelerator()
+    # Before DeepSpeed's init, which passes device_id=cuda:LOCAL_RANK to torch (its own, less helpful error).
+    if accelerator.device_name() == "cuda" and "LOCAL_RANK" in os.environ:
+        _check_local_rank(int(os.environ["LOCAL_RANK"]), accelerator.device_count())
+    launched = launched_ranks()
     try:
         deepspeed.init_distributed(**kwargs)
     except ModuleNotFoundError as e:  # DeepSpeed's MPI discovery, the only way left to it, needs mpi4py
@@ -127,17 +155,28 @@ def init_distributed(**kwargs) -> None:
                          "torchrun, srun through launch/slurm/rank_env.sh (or the sbatch scripts), or install "
                          "mpi4py (pip install -e '.[mpi]') for mpirun/srun --mpi") from None
     release_shm_segment()
-    from deepspeed.accelerator import get_accelerator
+    import torch.distributed as dist
 
-    accelerator = get_accelerator()
+    world = dist.get_world_size() if dist.is_initialized() else None
+    if launched and world is not None and world != launched:
+        # srun without launch/slurm/rank_env.sh or an MPI plugin that mpi4py's MPI speaks: each task's MPI
+        # discovery found a world of itself, and each would train alone (or clash on MASTER_PORT).
+        raise ValueError(f"the launcher started {launched} processes but this one joined a world of {world}: the "
+                         "ranks did not find each other. Under srun start them through launch/slurm/rank_env.sh "
+                         "(or the sbatch scripts), or give srun the MPI plugin of the MPI mpi4py loads "
+                         "(srun --mpi=pmix / pmi2); under mpirun use the mpirun of that MPI")
     if accelerator.device_name() == "cuda":  # this rank's GPU from the start: NCCL collectives before the engine
-        local, count = int(os.environ.get("LOCAL_RANK", 0)), accelerator.device_count()
-        if local >= count:
-            raise ValueError(f"LOCAL_RANK={local} but this process sees {count} GPU(s) (CUDA_VISIBLE_DEVICES="
-                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {count} rank(s) per "
-                             "node, each with all of the node's GPUs visible (under SLURM: --ntasks-per-node equal "
-                             "to --gpus-per-node, no --gpus-per-task or --gpu-bind)")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        _check_local_rank(local, accelerator.device_count())
         accelerator.set_device(local)
+
+
+def _check_local_rank(local: int, count: int) -> None:
+    if local >= count:
+        raise ValueError(f"LOCAL_RANK={local} but this process sees {count} GPU(s) (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {count} rank(s) per "
+                         "node, each with all of the node's GPUs visible (under SLURM: --ntasks-per-node equal "
+                         "to --gpus-per-node, no --gpus-per-task or --gpu-bind)")
 
 
 def on_rank_zero(fn: Callable, *args) -> None:

@@ -73,7 +73,7 @@ def test_a_single_process_without_a_launcher_gets_a_free_port_and_a_one_rank_wor
 
     from relora_ds.distributed import _LAUNCHER_VARS, single_process_environment
 
-    for var in (*_LAUNCHER_VARS, "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
+    for var in (*_LAUNCHER_VARS, "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.setenv(var, "x")  # recorded, so that what the function sets is undone after the test
         monkeypatch.delenv(var)
     with socket.socket() as busy:
@@ -91,10 +91,24 @@ def test_a_single_process_without_a_launcher_gets_a_free_port_and_a_one_rank_wor
     assert os.environ["WORLD_SIZE"] == "1"
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var)
-    monkeypatch.setenv("SLURM_NTASKS", "2")  # one of several srun tasks: MPI discovery (or rank_env.sh) decides
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")  # one of several srun tasks: MPI discovery (or rank_env.sh)
     assert single_process_environment() is None and "RANK" not in os.environ
-    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # an mpirun rank
+    assert single_process_environment() is None and "RANK" not in os.environ
+    # One process after all (found by a review: each needed mpi4py): python in a salloc/sbatch shell of 2 tasks
+    # (SLURM_NTASKS is the allocation's), and a one-task srun step whose pmi2/pmix plugin sets PMI variables.
+    for one in (dict(SLURM_NTASKS="2"), dict(PMI_RANK="0", PMI_SIZE="1", SLURM_STEP_NUM_TASKS="1"),
+                dict(PMIX_RANK="0", SLURM_STEP_NUM_TASKS="1"), dict(OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="1")):
+        for var in (*_LAUNCHER_VARS, "LOCAL_RANK", "MASTER_ADDR", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+            monkeypatch.delenv(var, raising=False)
+        for k, v in one.items():
+            monkeypatch.setenv(k, v)
+        single_process_environment()
+        assert os.environ.get("WORLD_SIZE") == "1" and os.environ.get("RANK") == "0", one
+    for var in (*_LAUNCHER_VARS, "LOCAL_RANK", "MASTER_ADDR", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PMIX_RANK", "0")  # PMIx outside Slurm: the MPI library knows the size, not us
     assert single_process_environment() is None and "RANK" not in os.environ
 
 
@@ -116,15 +130,21 @@ def test_without_mpi4py_a_single_process_starts_and_several_ranks_get_one_line(t
 
     from launch_utils import launch_env
     env = {k: v for k, v in launch_env().items() if k not in (*_LAUNCHER_VARS, "LOCAL_RANK", "MASTER_ADDR",
-                                                               "MASTER_PORT", "SLURM_NTASKS")}
+                                                               "MASTER_PORT", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS")}
     (tmp_path / "child.py").write_text(code)
     run = lambda **extra: subprocess.run([sys.executable, str(tmp_path / "child.py")], env={**env, **extra},  # noqa
                                          capture_output=True, text=True, timeout=120)
     proc = run()
     assert proc.returncode == 0 and "world 1 0" in proc.stdout, proc.stderr[-3000:]
-    proc = run(SLURM_NTASKS="2")
+    proc = run(SLURM_STEP_NUM_TASKS="2")
     assert proc.returncode == 2 and "mpi4py is not installed for DeepSpeed's MPI discovery" in proc.stdout, \
         proc.stdout + proc.stderr[-3000:]
+    # With mpi4py, a task of a 2-task srun step that no MPI plugin connects (srun --mpi=none, no rank_env.sh)
+    # is MPI's singleton: a world of 1 that trained alone (a review's find, on a local Slurm). Now an error.
+    (tmp_path / "child.py").write_text(code.replace("sys.modules['mpi4py'] = None  # not installed\n", ""))
+    proc = run(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1")
+    assert proc.returncode == 2 and "the launcher started 2 processes but this one joined a world of 1" in \
+        proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
 def _run_child(tmp_path, code: str):
@@ -267,11 +287,12 @@ def test_the_launch_rank_is_read_from_every_launchers_environment(monkeypatch):
     from relora_ds.distributed import launch_rank
 
     names = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE",
-             "PMIX_RANK", "PMIX_SIZE", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
+             "PMIX_RANK", "PMIX_SIZE", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "SLURM_PROCID",
+             "SLURM_STEP_NUM_TASKS")
     for var in names:
         monkeypatch.delenv(var, raising=False)
     assert launch_rank() == (0, 1)
-    for rank, size in (("SLURM_PROCID", "SLURM_NTASKS"), ("PMI_RANK", "PMI_SIZE"),
+    for rank, size in (("SLURM_PROCID", "SLURM_STEP_NUM_TASKS"), ("PMI_RANK", "PMI_SIZE"),
                        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("RANK", "WORLD_SIZE")):
         monkeypatch.setenv(rank, "3")
         monkeypatch.setenv(size, "4")
@@ -300,13 +321,16 @@ def test_more_ranks_on_a_node_than_gpus_is_one_line(monkeypatch):
         def set_device(self, i):
             chosen.append(i)
 
-    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
+    inits = []
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: inits.append(kw))
     monkeypatch.setattr(distributed, "release_shm_segment", lambda: None)
     monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: Cuda())
     monkeypatch.setenv("LOCAL_RANK", "1")
     distributed.init_distributed()
-    assert chosen == [1]
+    assert chosen == [1] and len(inits) == 1
     monkeypatch.setenv("LOCAL_RANK", "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     with pytest.raises(ValueError, match=r"LOCAL_RANK=2 but this process sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES=4,5\)"):
         distributed.init_distributed()
+    # before DeepSpeed's init, which hands torch device_id=cuda:LOCAL_RANK (torch's own error first otherwise)
+    assert len(inits) == 1

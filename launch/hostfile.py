@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--host", help="this node's name (default: $SLURMD_NODENAME, else the hostname)")
     p.add_argument("--check-visible-devices", action="store_true",
                    help="also refuse a CUDA_VISIBLE_DEVICES that lacks one of GPUs 0..slots-1 (ds_node.sh)")
+    p.add_argument("--with-slots", action="store_true", help="print 'INDEX SLOTS': also this node's slots")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "from-slurm":
@@ -154,9 +155,10 @@ def main(argv=None) -> int:
         else:
             hosts = read_hostfile(args.hostfile)
             rank = node_rank(hosts, args.host)
+            slots = list(hosts.values())[rank]
             if args.check_visible_devices:
-                check_visible_devices(list(hosts.values())[rank], os.environ.get("CUDA_VISIBLE_DEVICES"))
-            print(rank)
+                check_visible_devices(slots, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            print(f"{rank} {slots}" if args.with_slots else rank)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     return 0

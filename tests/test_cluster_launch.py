@@ -90,6 +90,23 @@ def test_ds_node_needs_the_rendezvous_and_its_own_line(tmp_path):
         hostfile.check_visible_devices(2, "1,2,3")
 
 
+def test_ds_node_divides_the_node_cpus_by_its_own_slots(tmp_path):
+    """train_deepspeed.sbatch divided --cpus-per-task by the mean slots per node: with a hostfile of 8 and 2
+    slots, the 8-rank node ran 8 x 12 threads on 64 CPUs (a review's find). A stand-in for python prints the
+    threads the launcher would get."""
+    (tmp_path / "hf").write_text("n1 slots=8\nn2 slots=2\n")
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ]; then echo "OMP=$OMP_NUM_THREADS"; exit 0; fi\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    for node, cpus, user, want in (("n1", "64", None, "OMP=8"), ("n2", "64", None, "OMP=32"),
+                                   ("n1", "4", None, "OMP=1"), ("n1", None, "5", "OMP=5")):
+        env = _clean_env(MASTER_ADDR="n1", MASTER_PORT="29501", SLURMD_NODENAME=node, PYTHON=str(fake),
+                         **({"DS_NODE_CPUS": cpus} if cpus else {}), **({"OMP_NUM_THREADS": user} if user else {}))
+        proc = _run(ROOT / "launch/slurm/ds_node.sh", tmp_path / "hf", "launch/train.py", env=env)
+        assert proc.returncode == 0 and proc.stdout.strip() == want, (node, cpus, user, proc.stdout, proc.stderr)
+
+
 def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
     args = ["--config", "launch/configs/tiny.yaml", "--deepspeed", "ds_configs/zero2.json", "--micro-batch-size",
             "4", "--global-batch-size", "24", "--output-dir", str(tmp_path / "run")]

@@ -15,7 +15,12 @@ for v in MASTER_ADDR MASTER_PORT; do
 done
 hostfile=$1; shift
 PYTHON=${PYTHON:-python}
-node_rank=$("$PYTHON" launch/hostfile.py node-rank --check-visible-devices "$hostfile") || exit 2
+line=$("$PYTHON" launch/hostfile.py node-rank --check-visible-devices --with-slots "$hostfile") || exit 2
+read -r node_rank slots <<< "$line"
+# train_deepspeed.sbatch's CPUs per node task, shared by this node's ranks (unless OMP_NUM_THREADS was given)
+if [[ -n "${DS_NODE_CPUS:-}" ]]; then
+    export OMP_NUM_THREADS=$(( DS_NODE_CPUS / slots > 0 ? DS_NODE_CPUS / slots : 1 ))
+fi
 
 # SLURM delivers a step signal to every process of the step. The launcher processes ignore USR1 (the
 # disposition is inherited; launch/train.py installs its own handler first thing): its default action would kill the

@@ -338,6 +338,9 @@ def config_from_hf(hf: dict) -> LlamaConfig:
         raise ValueError(f"a quantized checkpoint (quantization_config, quant_method={method!r}) is not supported: "
                          "start from its bf16/fp16/fp32 weights (relora_ds keeps the frozen base in int8 itself with "
                          "--quantize int8)")
+    if float(hf.get("attention_dropout") or 0.0) != 0.0:  # transformers drops attention probabilities in training
+        raise ValueError(f"attention_dropout={hf['attention_dropout']} is not supported (this model has no attention "
+                         "dropout, so training would differ from transformers'); set it to 0.0 in config.json")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA's SwiGLU uses 'silu')")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # rope_parameters: transformers 5
@@ -363,6 +366,9 @@ def _sliding_window(hf: dict) -> dict:
     layer_types, else the layers from max_window_layers on, as Qwen2Config derives them)."""
     if hf.get("model_type") == "mistral":  # MistralForCausalLM ignores layer_types, as here
         return {"sliding_window": hf.get("sliding_window", 4096)}
+    if hf.get("model_type") in PER_LAYER_WINDOW and hf.get("use_sliding_window") and "sliding_window" in hf \
+            and hf["sliding_window"] is None:  # Qwen2Config then makes every layer full attention
+        return {}
     if hf.get("model_type") in PER_LAYER_WINDOW and hf.get("use_sliding_window"):
         layers = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else
                                            "full_attention" for i in range(hf.get("num_hidden_layers", 0))]

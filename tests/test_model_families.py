@@ -230,6 +230,11 @@ def test_qwen2_window_layers_map_both_ways():
     assert (one.sliding_window, one.layer_types) == (32, ["full_attention", "sliding_attention"])
     every = config_from_hf({**qwen, "max_window_layers": 0})
     assert (every.sliding_window, every.layer_types) == (32, None)
+    # a null window: Qwen2Config makes every layer full attention (was refused, asking for the window's length)
+    assert config_from_hf({**qwen, "max_window_layers": 1, "sliding_window": None}).sliding_window is None
+    assert transformers.Qwen2Config(**{**{k: v for k, v in qwen.items() if k != "architectures"},
+                                       "max_window_layers": 1, "sliding_window": None}).layer_types == \
+        ["full_attention"] * 2
     explicit = config_from_hf({**qwen, "layer_types": ["sliding_attention", "full_attention"]})
     assert explicit.layer_types == ["sliding_attention", "full_attention"]
     for config, max_window_layers in ((one, 1), (every, 0), (explicit, 2)):

@@ -14,11 +14,13 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from . import checkpoint, zero_init
 from .ds_patches import release_engine
+from .ds_schema import uses_bf16, uses_fp16
 from .engine_state import full_fp32_state_dict
 from .flops import flops_per_token
 from .hf import hf_tensors, load_hf
 from .model import LlamaForCausalLM
 from .relora import lora_parameters, relora_layers, wrap
+from .zero_reset import set_full
 
 
 def _shifted(step: int, *, fn, offset: int) -> float:
@@ -100,13 +102,22 @@ class EnginesMixin:
         return cfg.warm_start_lr if phase == "full" and cfg.mode != "full" and cfg.warm_start_lr else cfg.lr
 
     def _switch_to_lowrank(self) -> None:
-        """End of the warm start: full-rank weights (fp32 masters) into a fresh ReLoRA engine."""
+        """End of the warm start: full-rank weights (fp32 masters) into a fresh ReLoRA engine. The parameters
+        that stay trainable (embeddings, norms, head, biases) keep their fp32 masters: deepspeed.initialize
+        would build them from the model's bf16/fp16 copies, rounding away every update below that precision."""
         if zero_init.partitions_at_build(self.ds, self.cfg.zero_init):
             # ZeRO-3: a ReLoRA model built partitioned takes the masters one parameter at a time (each
             # gathered in turn: no rank holds the whole model)
             model = self._fresh_model(keep_rng=True)
             self._wrap(model)
-            zero_init.load_(model, zero_init.engine_tensors(self.engine), "the full-rank engine")
+            trainable, masters = _full_rank_trainable(model), {}
+
+            def tensors():
+                for name, full in zero_init.engine_tensors(self.engine):
+                    if name in trainable:
+                        masters[name] = full
+                    yield name, full
+            zero_init.load_(model, tensors(), "the full-rank engine")
         else:
             # Built on the meta device, the model takes the gathered fp32 tensors themselves: one full fp32
             # copy per rank in host memory, not two (7b: 27 GB, times the ranks of a node).
@@ -114,6 +125,9 @@ class EnginesMixin:
                 model = LlamaForCausalLM(self.model_config)
             model.load_state_dict(full_fp32_state_dict(self.engine), assign=True)
             model.tie_weights()  # assign=True gave a tied lm_head a Parameter of its own
+            self._wrap(model)
+            trainable = _full_rank_trainable(model)
+            masters = {n: p.detach() for n, p in model.named_parameters() if n in trainable}
         # The full-rank engine's weights, fp32 masters, Adam moments and gradient buffers go before the new
         # engine is built: destroy() frees no tensor, and DeepSpeed's engine holds reference cycles.
         release_engine(self.engine)
@@ -123,4 +137,15 @@ class EnginesMixin:
         if torch.cuda.is_initialized():  # peak_memory_mb from here on is the ReLoRA phase's own
             torch.cuda.reset_peak_memory_stats()
         self._build_engine(model, "lowrank")
+        if uses_bf16(self.ds) or uses_fp16(self.ds):  # separate fp32 masters, built from the 16-bit copies
+            for name, p in self.engine.module.named_parameters():
+                if name in masters:
+                    set_full(p, masters[name])
+        masters.clear()
         self._event({"event": "switch_to_relora", "step": self.step})
+
+
+def _full_rank_trainable(model) -> set[str]:
+    """Names of the parameters a wrapped model trains full-rank (all but the LoRA factors and frozen bases)."""
+    lora = {id(p) for p in lora_parameters(model)}
+    return {n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora}

@@ -1,12 +1,18 @@
 """One process: a debug-preset run through the warm-start switch, checking that the full-rank engine (and its
-optimizer) is gone when DeepSpeed builds the ReLoRA engine, so the two never hold device memory together.
-argv: output_dir, data_dir, DeepSpeed JSON."""
+optimizer) is gone when DeepSpeed builds the ReLoRA engine, so the two never hold device memory together, and
+that the parameters trained full-rank on both sides keep their fp32 masters across it (not the bf16 copies'
+rounding). argv: output_dir, data_dir, DeepSpeed JSON."""
 import gc
 import sys
 import weakref
 
 import deepspeed
 
+import torch
+
+from relora_ds import engines
+from relora_ds.engine_state import full_fp32_state_dict
+from relora_ds.relora import lora_parameters
 from relora_ds.train_config import TrainConfig
 from relora_ds.trainer import Trainer
 
@@ -24,6 +30,19 @@ def initialize(**kw):
 
 
 deepspeed.initialize = initialize
+masters = {}
+real_switch = engines.EnginesMixin._switch_to_lowrank
+
+
+def switch(self):
+    masters["before"] = full_fp32_state_dict(self.engine)
+    real_switch(self)
+    lora = {id(p) for p in lora_parameters(self.engine.module)}
+    full_rank = {n for n, p in self.engine.module.named_parameters() if p.requires_grad and id(p) not in lora}
+    masters["after"] = {n: t for n, t in full_fp32_state_dict(self.engine).items() if n in full_rank}
+
+
+engines.EnginesMixin._switch_to_lowrank = switch
 cfg = TrainConfig(model="debug", rank=8, total_steps=4, warm_start_steps=2, cycle_length=2, restart_warmup_steps=1,
                   warmup_steps=1, micro_batch_size=2, global_batch_size=2, seq_len=32, eval_every=0, save_every=0,
                   export=False, output_dir=out, data_dir=data_dir)
@@ -31,3 +50,6 @@ trainer = Trainer(cfg, ds_json)
 trainer.train()
 trainer.close()
 print("ALIVE_AT_BUILD", alive_at_build)
+before, after = masters["before"], masters["after"]
+print("MASTERS_KEPT", sorted(after) != [] and all(torch.equal(before[n], t) for n, t in after.items()),
+      "ROUNDED_DIFFERS", any(not torch.equal(before[n], before[n].bfloat16().float()) for n in after))

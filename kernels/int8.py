@@ -177,18 +177,38 @@ def int8_merge_launch(q, scale, residual, lora_A, lora_B, s):
 
 def int8_dequantize(q, scale, dtype=torch.bfloat16):
     """Dispatching dequantize: the Triton kernel on CUDA, the torch twin elsewhere."""
+    _check_int8_base("int8_dequantize", q, scale)
     if _runtime.use_triton(torch.empty(0, dtype=dtype, device=q.device)):  # dispatch on the output dtype
         return dequant_launch(q, scale, dtype)
     return int8_dequantize_reference(q, scale, dtype)
+
+
+def _check_int8_base(op: str, q, scale, residual=None) -> None:
+    """q int8 (out, in), scale (out,), residual int8 like q: the kernels index them by q's shape (a shorter
+    scale or residual was read and written past its end), and write each element once (no shared memory)."""
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"{op}: q must be a 2-D int8 tensor (out, in); got {q.dtype} {tuple(q.shape)}")
+    if scale.shape != (q.shape[0],):
+        raise ValueError(f"{op}: scale must have shape ({q.shape[0]},), one per row of q; got {tuple(scale.shape)}")
+    if residual is not None and (residual.shape != q.shape or residual.dtype != torch.int8):
+        raise ValueError(f"{op}: residual must be int8 of q's shape {tuple(q.shape)}; got {residual.dtype} "
+                         f"{tuple(residual.shape)}")
+    for name, t in (("q", q), ("scale", scale), ("residual", residual)):
+        if t is not None and t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"{op}: {name} has elements that share memory (an expand()ed view?); pass a tensor "
+                             "that owns each element")
 
 
 @torch.no_grad()
 def int8_merge_(q, scale, residual, lora_A, lora_B, s):
     """``(q, scale, residual) ← quantize(dequantize(...) + s·B·A)`` in place; residual may live on the host
     (it is staged through q's device for the kernel) or be None (naive requantization). Returns q."""
-    if lora_A.shape[1] != q.shape[1] or lora_B.shape != (q.shape[0], lora_A.shape[0]):
+    _check_int8_base("int8_merge_", q, scale, residual)
+    if lora_A.dim() != 2 or lora_A.shape[1] != q.shape[1] or lora_B.shape != (q.shape[0], lora_A.shape[0]):
         raise ValueError(f"int8_merge_: expected lora_A (r, {q.shape[1]}) and lora_B ({q.shape[0]}, r); "
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+    if lora_A.dtype != lora_B.dtype:  # as lora_merge_: the kernel would round B to A's dtype
+        raise ValueError(f"int8_merge_: lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
     if not (_runtime.use_triton(lora_A.to(q.device) if lora_A.device != q.device else lora_A)
             and _runtime.fits_int32("int8_merge_", q=_runtime.span(q))):
         int8_merge_reference_(q, scale, residual, lora_A, lora_B, s)

@@ -193,9 +193,9 @@ def _check_args(x, weight, lora_A, lora_B, bias):
                          f"{tuple(lora_B.shape)}")
     d_out, d_in = weight.shape
     r = lora_A.shape[0]
-    if d_in == 0 or r == 0:
+    if d_in == 0 or r == 0 or d_out == 0:
         raise ValueError(f"weight (out, in) {tuple(weight.shape)} and lora_A (r, in) {tuple(lora_A.shape)} need "
-                         "in_features >= 1 and r >= 1")
+                         "in_features >= 1, out_features >= 1 and r >= 1")
     if x.dim() < 1 or x.shape[-1] != d_in:
         raise ValueError(f"x's last dimension must be weight's in_features={d_in}; got x of shape {tuple(x.shape)}")
     if lora_A.shape != (r, d_in) or lora_B.shape != (d_out, r):

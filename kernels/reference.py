@@ -64,7 +64,9 @@ def differentiable_backward(dy, x, weight, lora_A, lora_B, scale, keep=None, kee
 @torch.no_grad()
 def lora_merge_reference_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                           scale: float) -> torch.Tensor:
-    """In place ``W += scale * B @ A``, accumulated in fp32 and rounded once to W's dtype."""
-    delta = lora_B.float() @ lora_A.float()  # (out, in)
-    weight.copy_(weight.float().add_(delta, alpha=float(scale)))
+    """In place ``W += scale * B @ A``, accumulated in fp32 (float64 for a float64 W) and rounded once to W's
+    dtype."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    delta = lora_B.to(acc) @ lora_A.to(acc)  # (out, in)
+    weight.copy_(weight.to(acc).add_(delta, alpha=float(scale)))
     return weight

@@ -156,6 +156,46 @@ def test_argument_errors(monkeypatch):
         rk.int8_lora_linear(x, q, s, a.half(), b, 1.0)
 
 
+@pytest.mark.parametrize("mode", ["triton", "torch", "reference"])
+def test_merge_and_layer_arguments_the_kernels_would_misuse(monkeypatch, mode):
+    """Found by a review under the interpreter: int8_merge_ read and wrote a scale or residual shorter than q
+    past its end (heap corruption on CPU), rounded lora_B to lora_A's dtype, and merged into expand()ed
+    storage (each program writing the same memory); lora_merge_ too; out_features 0 failed in backward. Each
+    is now a ValueError naming it, on every path (the twins failed differently or not at all)."""
+    monkeypatch.setenv("RELORA_KERNELS", mode)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w, a, b, bias, _ = make_inputs((4,), 8, 6, 2, True, torch.float32, "cpu", seed=0)
+    q, s, res = rk.int8_quantize_reference(w, residual=True)
+    q0, s0, res0 = q.clone(), s.clone(), res.clone()
+    for args, match in (((q, s[:3], res), r"int8_merge_: scale must have shape \(6,\), one per row of q; got \(3,\)"),
+                        ((q, s, res[:3]), r"residual must be int8 of q's shape \(6, 8\); got torch.int8 \(3, 8\)"),
+                        ((q.float(), s, res), r"q must be a 2-D int8 tensor"),
+                        ((q[:1].expand(6, 8), s, res), r"q has elements that share memory")):
+        with pytest.raises(ValueError, match=match):
+            rk.int8_merge_(*args, a, b, 0.5)
+    with pytest.raises(ValueError, match=r"lora_A \(torch.bfloat16\) and lora_B \(torch.float32\) must share"):
+        rk.int8_merge_(q, s, res, a.bfloat16(), b, 0.5)
+    with pytest.raises(ValueError, match=r"int8_dequantize: scale must have shape \(6,\)"):
+        rk.int8_dequantize(q, s[:3], torch.float32)
+    assert torch.equal(q, q0) and torch.equal(s, s0) and torch.equal(res, res0)  # nothing written
+    base = torch.randn(1, 8)
+    with pytest.raises(ValueError, match="lora_merge_: weight has elements that share memory"):
+        rk.lora_merge_(base.expand(6, 8), a, b, 0.5)
+    with pytest.raises(ValueError, match="need in_features >= 1, out_features >= 1 and r >= 1"):
+        rk.lora_linear(x, w[:0], a, b[:0], 1.0)
+
+
+def test_a_float64_merge_accumulates_in_float64():
+    """The twin (the CPU path) sent a float64 W through float32: 1.7e-7 error, and W changed at scale 0."""
+    g = torch.Generator().manual_seed(0)
+    w, a, b = (torch.randn(*sh, generator=g, dtype=torch.float64) for sh in ((16, 16), (4, 16), (16, 4)))
+    w0 = w.clone()
+    rk.lora_merge_(w, a, b, 0.0)
+    assert torch.equal(w, w0)
+    rk.lora_merge_(w, a, b, 0.5)
+    assert (w - (w0 + 0.5 * b @ a)).abs().max().item() < 1e-14
+
+
 @interpreter_3_7
 def test_tensors_past_32_bit_offsets_never_reach_the_kernels(monkeypatch):
     """The kernels index with 32-bit offsets (Triton types integer arguments below 2**31 as i32), which would

@@ -361,7 +361,15 @@ def _warn_unwrapped(model: nn.Module, chosen: list, target_modules) -> None:
 def unwrap(model: nn.Module) -> nn.Module:
     """Merge every ReLoRA layer and put back a plain ``nn.Linear``, trainable as it was before `wrap`
     (trainable for layers built directly), in the layer's train/eval mode and the base weight's dtype
-    (an int8 base: the LoRA factors' dtype); returns the model."""
+    (an int8 base: the LoRA factors' dtype); returns the model. Not for a model a DeepSpeed engine trains
+    (its values are ZeRO-3 shards or 16-bit copies of the fp32 masters): ``relora_ds.hf.model_from_engine``
+    gives a host copy to unwrap, or ``relora_ds.export_hf(engine, dir)`` writes the merged model."""
+    if any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__) or any(
+            hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for _, layer in relora_layers(model)
+            for p in (layer.lora_A, layer.lora_B)):
+        raise ValueError("unwrap: the model's parameters are managed by a DeepSpeed engine (ZeRO-3 shards, or "
+                         "16-bit copies of its fp32 masters); unwrap relora_ds.hf.model_from_engine(engine), a host "
+                         "copy with the masters, or export with relora_ds.export_hf(engine, out_dir)")
     for name, layer in list(relora_layers(model)):
         dtype = layer.lora_A.dtype if layer.quantize else layer.weight.dtype
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,

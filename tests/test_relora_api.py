@@ -186,6 +186,12 @@ def test_merge_and_prune_refuse_zero_managed_parameters_outside_the_engine(attr)
     opt = torch.optim.AdamW(relora_ds.lora_parameters(model))
     with pytest.raises(ValueError, match=r"managed by a DeepSpeed ZeRO engine"):
         relora_ds.prune_optimizer_state(opt, relora_ds.lora_parameters(model))
+    # unwrap too (a review's find: under ZeRO-3 it failed on the empty shards, and with whole parameters it
+    # merged the bf16 copies instead of the fp32 masters), with the ways that work named
+    with pytest.raises(ValueError, match=r"unwrap: the model's parameters are managed by a DeepSpeed engine .*"
+                                         r"model_from_engine\(engine\)"):
+        relora_ds.unwrap(model)
+    assert any(True for _ in relora_ds.relora_layers(model))  # left wrapped
 
 
 def test_engine_at_stage_0_with_bf16_is_refused_before_any_change():

@@ -216,6 +216,13 @@ def autocast_inputs(device_type: str, *tensors):
                  for t in tensors)
 
 
+def check_owns_elements(op: str, name: str, t: torch.Tensor | None) -> None:
+    """A kernel writes each element of ``t`` once: refuse storage where elements share memory (expand())."""
+    if t is not None and t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+        raise ValueError(f"{op}: {name} has elements that share memory (an expand()ed view?); pass a tensor that "
+                         "owns each element")
+
+
 def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.empty`` for kernel outputs; NaN-filled under ``RELORA_KERNELS_POISON=1`` (tests)."""
     out = torch.empty(shape, dtype=dtype, device=device)

@@ -194,9 +194,7 @@ def _check_int8_base(op: str, q, scale, residual=None) -> None:
         raise ValueError(f"{op}: residual must be int8 of q's shape {tuple(q.shape)}; got {residual.dtype} "
                          f"{tuple(residual.shape)}")
     for name, t in (("q", q), ("scale", scale), ("residual", residual)):
-        if t is not None and t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
-            raise ValueError(f"{op}: {name} has elements that share memory (an expand()ed view?); pass a tensor "
-                             "that owns each element")
+        _runtime.check_owns_elements(op, name, t)
 
 
 @torch.no_grad()

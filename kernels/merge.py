@@ -81,9 +81,7 @@ def lora_merge_(weight, lora_A, lora_B, scale):
     if lora_A.shape[1] != weight.shape[1] or lora_B.shape != (weight.shape[0], lora_A.shape[0]):
         raise ValueError(f"lora_merge_: expected lora_A (r, {weight.shape[1]}) and lora_B ({weight.shape[0]}, r); "
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    if weight.numel() > 1 and torch._debug_has_internal_overlap(weight) == 1:  # every path: torch's copy_ refuses
-        raise ValueError("lora_merge_: weight has elements that share memory (an expand()ed view?); merge into a "
-                         "tensor that owns each element")
+    _runtime.check_owns_elements("lora_merge_", "weight", weight)  # every path (torch's copy_ refuses it too)
     if not (_runtime.use_triton(weight) and _runtime.fits_int32("lora_merge_", weight=_runtime.span(weight))):
         return lora_merge_reference_(weight, lora_A, lora_B, scale)
     if lora_A.dtype != lora_B.dtype:

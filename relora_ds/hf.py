@@ -366,15 +366,13 @@ def _sliding_window(hf: dict) -> dict:
     layer_types, else the layers from max_window_layers on, as Qwen2Config derives them)."""
     if hf.get("model_type") == "mistral":  # MistralForCausalLM ignores layer_types, as here
         return {"sliding_window": hf.get("sliding_window", 4096)}
-    if hf.get("model_type") in PER_LAYER_WINDOW and hf.get("use_sliding_window") and "sliding_window" in hf \
-            and hf["sliding_window"] is None:  # Qwen2Config then makes every layer full attention
-        return {}
-    if hf.get("model_type") in PER_LAYER_WINDOW and hf.get("use_sliding_window"):
+    window = hf.get("sliding_window", 4096)  # null: Qwen2Config makes every layer full attention
+    if hf.get("model_type") in PER_LAYER_WINDOW and hf.get("use_sliding_window") and window is not None:
         layers = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else
                                            "full_attention" for i in range(hf.get("num_hidden_layers", 0))]
         if "sliding_attention" in layers:
             every = all(t == "sliding_attention" for t in layers)
-            return {"sliding_window": hf.get("sliding_window", 4096), "layer_types": None if every else layers}
+            return {"sliding_window": window, "layer_types": None if every else layers}
     return {}
 
 

@@ -17,4 +17,4 @@ python scripts/build_ds_ops.py
 # Two workers, a whole test file each, heaviest first (tests/conftest.py; --no-loadscope-reorder keeps that
 # order, xdist would sort files by test count): on 2 cores a 2-rank run leaves a core idle ~35% of the time
 # (start-up, gloo waits), and in-process tests run beside it. RELORA_TEST_WORKERS=0: one process.
-python -m pytest -q -rs -n "${RELORA_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder tests "$@"
+python -m pytest -q -rs --durations=30 -n "${RELORA_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder tests "$@"

@@ -43,14 +43,27 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and two candidates per op (CPU interpreter)")
     ap.add_argument("--sections", nargs="+", default=["breakdown", "sweep"], choices=("breakdown", "sweep"))
     ap.add_argument("--ops", nargs="+", default=list(LOW_RANK_OPS), choices=LOW_RANK_OPS, help="ops to sweep")
-    ap.add_argument("--M", type=int, default=16384)
-    ap.add_argument("--shapes", nargs="+", type=shape_arg, default=[(2048, 2048), (4096, 4096)], help="d_in x d_out")
-    ap.add_argument("--sweep-shapes", nargs="+", type=shape_arg, default=[(2048, 2048)],
-                    help="the shapes the sweep runs at (~110 compiled candidates per shape)")
-    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--M", type=int, default=None, help="tokens (16384; --smoke: 96)")
+    ap.add_argument("--shapes", nargs="+", type=shape_arg, default=None,
+                    help="d_in x d_out of the breakdown (2048x2048 4096x4096; --smoke: 48x40)")
+    ap.add_argument("--sweep-shapes", nargs="+", type=shape_arg, default=None,
+                    help="the shapes the sweep runs at (~110 compiled candidates per shape; 2048x2048; --smoke: 48x40)")
+    ap.add_argument("--rank", type=int, default=None, help="LoRA rank (128; --smoke: 8)")
     ap.add_argument("--rep", type=int, default=60, help="do_bench milliseconds of repeats per timing")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tune_kernels.json")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    # --smoke changes the defaults only: sizes given explicitly are honoured.
+    small = args.smoke
+    args.M = args.M if args.M is not None else (96 if small else 16384)
+    args.rank = args.rank if args.rank is not None else (8 if small else 128)
+    args.shapes = args.shapes or ([(48, 40)] if small else [(2048, 2048), (4096, 4096)])
+    args.sweep_shapes = args.sweep_shapes or ([(48, 40)] if small else [(2048, 2048)])
+    if args.M < 1 or args.rank < 1:
+        ap.error(f"--M and --rank must be >= 1, got --M {args.M} --rank {args.rank}")
+    for d_in, d_out in {*args.shapes, *args.sweep_shapes}:
+        if args.rank > min(d_in, d_out):
+            ap.error(f"--rank {args.rank} exceeds the layer {d_in}x{d_out}: a LoRA rank must be <= min(d_in, d_out)")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -140,11 +153,17 @@ def make_ops(M, d_in, d_out, r, dtype, device):
     e = x.element_size()
     w_merge = w.clone()
 
-    def merge_kernel(cfg):
+    # Checked from a fresh W; timed without the reset (a copy of W would double the bytes timed), at a scale
+    # far below W's ulp, so W keeps its values while every byte is still read and written (as bench_kernels).
+    def merge_kernel(cfg, timed=False):
+        if timed:
+            return merge_launch(w_merge, a, b, 1e-6, config=cfg)
         w_merge.copy_(w)
         return merge_launch(w_merge, a, b, scale, config=cfg)
 
-    def merge_torch():
+    def merge_torch(timed=False):
+        if timed:
+            return w_merge.add_(1e-6 * b @ a)
         w_merge.copy_(w)
         return w_merge.add_(scale * b @ a)
 
@@ -197,10 +216,8 @@ def main(argv=None):
     import triton
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    shapes = list(args.shapes)
     M, r = args.M, args.rank
-    if args.smoke:
-        M, r, shapes = 96, 8, [(48, 40)]
+    shapes = list(dict.fromkeys([*args.shapes, *args.sweep_shapes]))  # each shape's tensors built once
     meta = dict(dtype=str(dtype).replace("torch.", ""), torch=torch.__version__, triton=triton.__version__,
                 device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu (triton interpreter)",
                 date=datetime.date.today().isoformat(), M=M, r=r)
@@ -212,7 +229,8 @@ def main(argv=None):
         copy_ms = bench(ops["_copy"][1], args.device, args.rep)[0]
         copy_gbps = ops["_copy"][2] / copy_ms / 1e6
 
-        def time_row(section, op, provider, fn, nbytes, cfg=None, want=None):
+        def time_row(section, op, provider, fn, nbytes, cfg=None, want=None, timed=None):
+            """Checks ``fn()`` against ``want()``, then times ``timed`` (default ``fn``)."""
             row = dict(section=section, op=op, provider=provider, d_in=d_in, d_out=d_out,
                        config="" if cfg is None else " ".join(f"{k}={v}" for k, v in cfg.items()), **meta)
             try:
@@ -220,7 +238,7 @@ def main(argv=None):
                 if err == err and err > tol:
                     row.update(status=f"wrong (rel err {err:.1e})", ms=float("nan"), err=err)
                     return rows.append(row)
-                ms = bench(fn, args.device, args.rep)[0]
+                ms = bench(timed or fn, args.device, args.rep)[0]
             except Exception as exc:  # noqa: BLE001  a config over the shared-memory limit etc.
                 row.update(status=f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}",
                            ms=float("nan"), err=float("nan"))
@@ -230,19 +248,23 @@ def main(argv=None):
                        floor_ms=floor, copy_gbps=copy_gbps)
             rows.append(row)
 
-        if "breakdown" in args.sections:
+        if "breakdown" in args.sections and (d_in, d_out) in args.shapes:
             for op in ("S", "Y", "Y_tma", "dSdB", "dS", "dB", "dA", "dX", "dX_tma", "merge"):
                 kernel, ref, nbytes = ops[op]
                 if op in ("dB", "dA"):
                     time_row("breakdown", op, "atomic", lambda k=kernel: k(None), nbytes, want=ref)
                     time_row("breakdown", op, "det", lambda k=kernel: k(None, det=True), nbytes, want=ref)
+                elif op == "merge":
+                    time_row("breakdown", op, "kernel", lambda: kernel(None), nbytes, want=ref,
+                             timed=lambda: kernel(None, timed=True))
                 else:
                     time_row("breakdown", op, "kernel", lambda k=kernel: k(None), nbytes, want=ref)
-                time_row("breakdown", op, "torch", ref, nbytes)
+                time_row("breakdown", op, "torch", ref, nbytes,
+                         timed=(lambda: ref(timed=True)) if op == "merge" else None)
             for op in ("_cublas_Y", "_cublas_dX"):
                 time_row("breakdown", op, "torch", ops[op][1], 0)
 
-        if "sweep" in args.sections and (args.smoke or (d_in, d_out) in args.sweep_shapes):
+        if "sweep" in args.sections and (d_in, d_out) in args.sweep_shapes:
             cands = {"S": gemm_candidates(r, args.smoke), "dS": gemm_candidates(r, args.smoke),
                      "dB": reduce_candidates(args.smoke), "dA": reduce_candidates(args.smoke),
                      "dSdB": ds_db_candidates(r, args.smoke), "merge": merge_candidates(r, args.smoke),
@@ -256,7 +278,8 @@ def main(argv=None):
                                          status="skipped: over shared memory (predicted)", ms=float("nan"),
                                          err=float("nan")))
                         continue
-                    time_row("sweep", op, "kernel", lambda k=kernel, c=cfg: k(c), nbytes, cfg=cfg, want=ref)
+                    time_row("sweep", op, "kernel", lambda k=kernel, c=cfg: k(c), nbytes, cfg=cfg, want=ref,
+                             timed=(lambda k=kernel, c=cfg: k(c, timed=True)) if op == "merge" else None)
 
     print_summary(rows)
     print(f"\n{len(rows)} rows -> {args.out}")

@@ -71,11 +71,16 @@ def test_tune_script_smoke(tmp_path):
     """launch/tune_kernels.py: every launch of the breakdown and every sweep candidate runs and matches torch
     (its own check, recorded per row); a candidate that computes wrong values is reported, never timed."""
     out = tmp_path / "tune.json"
+    # Sizes given with --smoke are honoured (it sets the defaults), the sweep runs at its own shapes.
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "tune_kernels.py"), "--device", "cpu", "--smoke",
+                           "--M", "80", "--rank", "4", "--shapes", "40x24", "--sweep-shapes", "24x40",
                            "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     import json
     rows = json.loads(out.read_text())
+    assert {(r["M"], r["r"]) for r in rows} == {(80, 4)}
+    assert {(r["d_in"], r["d_out"]) for r in rows if r["section"] == "breakdown"} == {(40, 24)}
+    assert {(r["d_in"], r["d_out"]) for r in rows if r["section"] == "sweep"} == {(24, 40)}
     kernel_rows = [r for r in rows if r["provider"] != "torch"]
     assert {r["op"] for r in kernel_rows if r["section"] == "breakdown"} == {"S", "Y", "Y_tma", "dSdB", "dS", "dB",
                                                                              "dA", "dX", "dX_tma", "merge"}
@@ -89,6 +94,19 @@ def test_tune_script_smoke(tmp_path):
     import tune_kernels
     assert tune_kernels.max_rel_err(torch.ones(3), lambda: torch.ones(3)) == 0.0
     assert tune_kernels.max_rel_err(torch.zeros(3), lambda: torch.ones(3)) == 1.0
+
+
+def test_tune_script_arguments():
+    """--smoke sets small defaults; a rank above a layer's width is refused at parse time."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import tune_kernels
+    args = tune_kernels.parse_args(["--device", "cpu", "--smoke"])
+    assert (args.M, args.rank, args.shapes, args.sweep_shapes) == (96, 8, [(48, 40)], [(48, 40)])
+    args = tune_kernels.parse_args([])
+    assert (args.M, args.rank, args.shapes, args.sweep_shapes) == (16384, 128, [(2048, 2048), (4096, 4096)],
+                                                                   [(2048, 2048)])
+    with pytest.raises(SystemExit):
+        tune_kernels.parse_args(["--shapes", "64x32", "--rank", "128"])
 
 
 def test_tune_sweep_skips_the_candidates_that_cannot_fit(monkeypatch):

@@ -82,8 +82,8 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
                      "micro_batch": micro_batch, "seq_len": seq_len,
                      "rank": rank, "step_ms": 1000 * t, "tokens_per_s": micro_batch * seq_len / t,
                      "model_tflops": tflops, "mfu": tflops / peak if peak else float("nan"),
-                     "peak_mem_gb": (torch.cuda.max_memory_allocated() / 2**30
-                                     if cuda and interleave is None else float("nan")),
+                     "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                      if cuda and interleave is None else float("nan")),
                      "loss": losses[path].item(),
                      "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
                      "torch": torch.__version__, "triton": __import__("triton").__version__,
@@ -106,8 +106,9 @@ def main() -> None:
     ap.add_argument("--loss-chunk-size", type=int, nargs="+", default=[0],
                     help="model.chunked_loss_enable(N); 0: full logits; several: one run each")
     ap.add_argument("--activation-checkpointing", action="store_true", help="model.gradient_checkpointing_enable()")
-    ap.add_argument("--paths", nargs="+", default=["reference", "torch", "torch_merged", "triton"],
-                    choices=tuple(PATH_ENV))
+    ap.add_argument("--paths", nargs="+", default=None, choices=tuple(PATH_ENV),
+                    help="default: reference torch torch_merged triton (on cpu without triton, which runs there "
+                    "only under TRITON_INTERPRET=1)")
     ap.add_argument("--interleave", action="store_true",
                     help="one process per preset, paths alternating step by step (no per-path peak memory)")
     ap.add_argument("--out", default="bench_e2e.json")
@@ -118,7 +119,22 @@ def main() -> None:
                              args.paths if args.interleave else None, args.dtype, args.quantize,
                              args.loss_chunk_size[0], args.activation_checkpointing)))
         return
-    rows = []
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_e2e.py: no CUDA GPU here; `--device cpu` times the CPU paths (fp32).", file=sys.stderr)
+        raise SystemExit(2)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if args.paths is None:
+        args.paths = ["reference", "torch", "torch_merged"] + (["triton"] if args.device == "cuda" or interpreted else [])
+    elif args.device == "cpu" and "triton" in args.paths and not interpreted:
+        ap.error("--paths triton on --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter; not a speed "
+                 "number); valid CPU paths: reference torch torch_merged auto")
+    for flag in ("micro_batch", "seq_len", "rank", "steps"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    rows, failed = [], []
+    with open(args.out, "w") as f:  # no stale rows of an earlier run survive a run that fails
+        json.dump(rows, f)
     for preset, chunk in ((p, c) for p in args.presets for c in args.loss_chunk_size):
         runs = [(args.paths, dict(os.environ))] if args.interleave else \
             [([p], {**os.environ, **PATH_ENV[p]}) for p in args.paths]
@@ -132,16 +148,20 @@ def main() -> None:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)
+                failed.append(f"{preset} {' '.join(paths)}" + (f" loss chunk {chunk}" if chunk else ""))
                 continue
             got = json.loads(proc.stdout.strip().splitlines()[-1])
             for r in (got if isinstance(got, list) else [got]):
                 r["path"] = paths[0] if not args.interleave else r["path"]
                 rows.append(r)
                 print(f"{preset:>5} {r['path']:>12}: {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:10.0f} tok/s "
-                      f"{r['model_tflops']:7.3g} TFLOP/s (MFU {r['mfu']:.1%}) peak {r['peak_mem_gb']:.1f} GB "
+                      f"{r['model_tflops']:7.3g} TFLOP/s (MFU {r['mfu']:.1%}) peak {r['peak_mem_gib']:.1f} GiB "
                       f"loss {r['loss']:.3f}" + (f" loss chunk {chunk}" if chunk else ""), flush=True)
             with open(args.out, "w") as f:  # after every run: a run cut at a time limit keeps the rows before it
                 json.dump(rows, f, indent=1)
+    if failed:
+        print(f"bench_e2e.py: {len(failed)} run(s) failed (errors above): {'; '.join(failed)}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

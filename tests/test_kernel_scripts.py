@@ -229,3 +229,24 @@ def test_torch_linear_crossover_script(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench_torch_linear.main(["--shapes", "64x96"])
     assert "is not IN x OUT x RANK" in capsys.readouterr().err
+
+
+def test_bench_e2e_fails_loudly_and_leaves_no_stale_rows(tmp_path):
+    """launch/bench_e2e.py on CPU: a run that fails (rank 128 > the debug preset's width) makes the command
+    fail and empties --out (rows of an earlier invocation must not pass for this one's); a good run's row
+    holds its own settings and a finite loss near ln(vocab) for an untrained model."""
+    import json
+    out = tmp_path / "e2e.json"
+    out.write_text('[{"stale": true}]')
+    cmd = [sys.executable, str(ROOT / "launch" / "bench_e2e.py"), "--device", "cpu", "--presets", "debug",
+           "--micro-batch", "1", "--seq-len", "16", "--steps", "1", "--paths", "reference", "--out", str(out)]
+    bad = subprocess.run(cmd + ["--rank", "128"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 1 and "1 run(s) failed" in bad.stderr and "debug reference" in bad.stderr, bad.stderr
+    assert json.loads(out.read_text()) == []
+    good = subprocess.run(cmd + ["--rank", "4"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert good.returncode == 0, good.stderr
+    (row,) = json.loads(out.read_text())
+    assert (row["preset"], row["path"], row["rank"], row["seq_len"]) == ("debug", "reference", 4, 16)
+    import math
+    vocab = __import__("relora_ds").LlamaConfig.preset("debug").vocab_size
+    assert abs(row["loss"] - math.log(vocab)) < 1.0 and row["tokens_per_s"] > 0

@@ -85,8 +85,10 @@ def print_kernel_summary(rows):
                 i = get.get((prov, mode))
                 if b and i:
                     print(f"{d_in}x{d_out} {mode}: bf16 {b:.3f} ms, {prov} {i:.3f} ms, speed ratio {b / i:.3f}")
-        print(f"{d_in}x{d_out} dequant {get[('dequant', '-')]:.3f} ms, merge bf16 {get[('merge_bf16', '-')]:.3f} "
-              f"ms, merge int8 (+host residual round trip) {get[('merge_int8', '-')]:.3f} ms")
+        ms = {op: (f"{get[(op, '-')]:.3f} ms" if (op, "-") in get else "failed")  # kernel_rows went on
+              for op in ("dequant", "merge_bf16", "merge_int8")}
+        print(f"{d_in}x{d_out} dequant {ms['dequant']}, merge bf16 {ms['merge_bf16']}, "
+              f"merge int8 (+host residual round trip) {ms['merge_int8']}")
 
 
 def drift_rows(n=512, rank=32, merges=20, rel_norm=0.02):
@@ -188,7 +190,8 @@ def train_memory_rows(preset, batch, seq, rank, device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sections", nargs="+", default=["kernels", "train_memory", "drift", "error", "memory"])
+    sections = ("kernels", "train_memory", "drift", "error", "memory")
+    ap.add_argument("--sections", nargs="+", default=list(sections), choices=sections)
     ap.add_argument("--M", type=int, default=16384)
     ap.add_argument("--shapes", nargs="+", type=shape_arg, default=[(2048, 2048), (4096, 4096), (2048, 5461)])
     ap.add_argument("--rank", type=int, default=128)
@@ -211,8 +214,11 @@ def main(argv=None):
             spin_up("cuda", 1.0)  # clocks up before the first timing
             kernel_rows(args.M, list(args.shapes), args.rank, "cuda", rows)
             print_kernel_summary(rows)
-    if "train_memory" in args.sections and args.device == "cuda":
-        rows += train_memory_rows(args.train_preset, args.train_batch, args.train_seq, args.rank, "cuda")
+    if "train_memory" in args.sections:
+        if args.device != "cuda":
+            print("train_memory: skipped (needs CUDA: it measures GPU memory)")
+        else:
+            rows += train_memory_rows(args.train_preset, args.train_batch, args.train_seq, args.rank, "cuda")
     if "drift" in args.sections:
         rows += drift_rows()
     if "error" in args.sections:

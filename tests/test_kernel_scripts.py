@@ -250,3 +250,19 @@ def test_bench_e2e_fails_loudly_and_leaves_no_stale_rows(tmp_path):
     import math
     vocab = __import__("relora_ds").LlamaConfig.preset("debug").vocab_size
     assert abs(row["loss"] - math.log(vocab)) < 1.0 and row["tokens_per_s"] > 0
+
+
+def test_bench_int8_summary_survives_a_failed_timing(capsys):
+    """launch/bench_int8.py goes on past a failed timing (kernel_rows); its summary then says "failed" for the
+    missing row instead of ending the GPU call before the drift and memory sections. A misspelt section is
+    refused (it ran nothing and exited 0)."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import bench_int8
+    rows = [dict(provider=p, mode=m, d_in=64, d_out=32, ms=ms) for p, m, ms in
+            (("bf16", "fwd", 1.0), ("int8_scratch", "fwd", 2.0), ("merge_bf16", "-", 0.5))]
+    bench_int8.print_kernel_summary(rows)
+    out = capsys.readouterr().out
+    assert "64x32 fwd: bf16 1.000 ms, int8_scratch 2.000 ms, speed ratio 0.500" in out
+    assert "dequant failed, merge bf16 0.500 ms, merge int8 (+host residual round trip) failed" in out
+    with pytest.raises(SystemExit):
+        bench_int8.main(["--device", "cpu", "--sections", "memroy"])

@@ -125,7 +125,8 @@ def main() -> None:
         raise SystemExit(2)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if args.paths is None:
-        args.paths = ["reference", "torch", "torch_merged"] + (["triton"] if args.device == "cuda" or interpreted else [])
+        args.paths = ["reference", "torch", "torch_merged"] + (["triton"] if args.device == "cuda" or interpreted
+                                                                else [])
     elif args.device == "cpu" and "triton" in args.paths and not interpreted:
         ap.error("--paths triton on --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter; not a speed "
                  "number); valid CPU paths: reference torch torch_merged auto")

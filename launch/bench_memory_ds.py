@@ -4,10 +4,10 @@ One process (world size 1) per base, each in a fresh interpreter so the allocato
 the preset, wrap it (``quantize=None`` or ``"int8"``), ``deepspeed.initialize`` with the given JSON completed
 by the trainer's own code (relora_ds.ds_config), then warm-up steps, a ReLoRA reset (merge + 99% prune)
 and timed steps on random tokens. Reports the model's device bytes after initialize, the peak over the
-whole run and the median step time.
+training steps after it (warm-up, the reset, the timed steps; not the model build) and the median step time.
 
     python launch/bench_memory_ds.py --preset 1b --deepspeed ds_configs/zero2.json    # on a GPU
-    python launch/bench_memory_ds.py --device cpu --preset debug --steps 2             # smoke run (CPU)
+    python launch/bench_memory_ds.py --device cpu --preset debug --rank 8 --steps 2    # smoke run (CPU)
 
 On the GPU image (no DeepSpeed there) carry the wheels of scripts/gpu_wheels.sh; launch/gpu_check.sh's
 ``ds`` stage installs them and runs this script.
@@ -25,6 +25,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def check_preset_rank(preset: str, rank: int) -> None:
+    """Raises wrap's ValueError for a rank the preset's layers cannot take (or an unknown preset): the model
+    built on the meta device, no memory."""
+    import torch
+
+    import relora_ds
+    with torch.device("meta"):
+        model = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset(preset))
+    relora_ds.wrap(model, rank=rank)
 
 
 def one(preset: str, quantize: str | None, ds_path: str, micro_batch: int, seq_len: int, rank: int, steps: int,
@@ -92,6 +103,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_memory_ds.json")
     ap.add_argument("--one", choices=("bf16", "int8"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if not args.one:  # the preset/rank errors wrap would raise in each child, as one parse error, up front
+        try:
+            check_preset_rank(args.preset, args.rank)
+        except ValueError as exc:
+            ap.error(str(exc))
     if args.one:
         print(json.dumps(one(args.preset, None if args.one == "bf16" else "int8", args.deepspeed, args.micro_batch,
                              args.seq_len, args.rank, args.steps, args.device)))

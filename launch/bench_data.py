@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -44,7 +46,10 @@ def bench_tokenize(out_dir: Path, vocab_size: int | None, num_proc: int, tokeniz
             "prepare_seconds_incl_tokenizer_training": round(total, 2)}
 
 
-def _time(fn, steps: int, repeats: int = 5) -> float:
+REPEATS = 5
+
+
+def _time(fn, steps: int, repeats: int = REPEATS) -> float:
     """Seconds for `steps` calls: the best of `repeats` runs (the machine is shared; the best run is
     the one least disturbed by other processes)."""
     fn()  # first touch of the memmap pages and the epoch permutation
@@ -72,6 +77,10 @@ def bench_batches(data_dir: Path, seq_len: int, micro_batch_size: int, steps: in
     fd = os.open(ds.path, os.O_RDONLY)
 
     def cold():  # every batch read from storage: evict this file's pages from the page cache first
+        # The kernel keeps a page cached while a process maps it: unmap this process's pages of the memmap
+        # (MADV_DONTNEED on a read-only file mapping drops the page-table entries, not the data), then drop
+        # the file's pages from the cache. The rows' major page faults show whether storage was read.
+        tokens._mmap.madvise(mmap.MADV_DONTNEED)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         return next(sampler)
 
@@ -79,11 +88,14 @@ def bench_batches(data_dir: Path, seq_len: int, micro_batch_size: int, steps: in
     for name, fn in [("ShardedBatches (fancy-index gather)", lambda: next(sampler)),
                      ("a slice copy per row", row_slices),
                      ("ShardedBatches, file evicted from page cache before each batch", cold)]:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         seconds = _time(fn, steps)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
         results.append({"what": f"batch assembly: {name}", "seq_len": seq_len,
                         "micro_batch_size": micro_batch_size, "steps": steps,
                         "tokens_per_s": round(steps * micro_batch_size * seq_len / seconds),
-                        "us_per_batch": round(1e6 * seconds / steps, 1)})
+                        "us_per_batch": round(1e6 * seconds / steps, 1),
+                        "major_faults_per_batch": round(faults / (REPEATS * steps + 1), 2)})
     return results
 
 
@@ -105,6 +117,9 @@ def main() -> None:
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=1000, help="batches per timed run (best of 5)")
     args = p.parse_args()
+    for flag in ("num_proc", "seq_len", "micro_batch_size", "steps"):  # before minutes of tokenizing
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     torch.set_num_threads(1)
     env = {"device": f"{_cpu_name()}, 1 thread", "python":
            platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,

@@ -9,7 +9,8 @@ once the model is built (before ``deepspeed.initialize``: "built", "switch_built
 exists ("start", "switch"); no training step runs.
 
     deepspeed --num_gpus 8 launch/bench_build_memory.py --model 7b --warm-start-steps 1 --cycle-length 100 \\
-        --total-steps 2 --deepspeed ds_configs/zero3.json --output-dir /tmp/bench_build [--no-zero-init]
+        --total-steps 2 --warmup-steps 1 --restart-warmup-steps 1 --deepspeed ds_configs/zero3.json \\
+        --output-dir /tmp/bench_build [--no-zero-init]
 
 On this repository's CPU machine (DS_ACCELERATOR=cpu, gloo) the device is the host: RSS is the number.
 """
@@ -42,9 +43,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     del args.out
-    cfg = config_from_args(args)
-    cfg.overwrite = True  # a benchmark's output_dir is scratch
-    trainer = Trainer(cfg, args.deepspeed)
+    try:  # what launch/train.py reports as one error line (exit 2) is one here too
+        cfg = config_from_args(args)
+        cfg.overwrite = True  # a benchmark's output_dir is scratch
+        trainer = Trainer(cfg, args.deepspeed)
+    except ValueError as exc:
+        parser.error(str(exc))
     rows = {}
     initialize = deepspeed.initialize
 
@@ -54,7 +58,11 @@ def main(argv=None) -> int:
 
     deepspeed.initialize = built_then_initialize
     try:
-        trainer.start()
+        try:
+            trainer.start()
+        except ValueError as exc:
+            print(f"bench_build_memory.py: error: {exc}", file=sys.stderr)
+            return 2
         rows["start"] = _peaks()
         if trainer.engine_phase == "full" and cfg.mode != "full":
             trainer._switch_to_lowrank()

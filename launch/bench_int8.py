@@ -31,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
-from bench_kernels import RowSink, bench, peak_mb, shape_arg, spin_up  # noqa: E402
+from bench_kernels import RowSink, bench, peak_mib, shape_arg, spin_up  # noqa: E402
 
 import relora_kernels as rk  # noqa: E402
 from relora_ds import PRESETS, LlamaConfig, LlamaForCausalLM, quant, relora_layers, wrap  # noqa: E402
@@ -60,7 +60,7 @@ def kernel_rows(M, shapes, r, device, rows):
                     print(f"{name} {mode} {d_in}x{d_out} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                     continue
                 rows.append(dict(op="linear", provider=name, mode=mode, M=M, d_in=d_in, d_out=d_out, r=r,
-                                 ms=med, p20=p20, p80=p80, peak_mb=peak_mb(fn, device)))
+                                 ms=med, p20=p20, p80=p80, peak_mib=peak_mib(fn, device)))
         Af, Bf = A.detach().float(), B.detach().float()
         Wm, qm, sm = W.clone(), q.clone(), s.clone()
         for name, fn in (("dequant", lambda: rk.int8_dequantize(q, s, torch.bfloat16)),
@@ -72,7 +72,7 @@ def kernel_rows(M, shapes, r, device, rows):
                 print(f"{name} {d_in}x{d_out} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             rows.append(dict(op=name, provider=name, mode="-", M=0, d_in=d_in, d_out=d_out, r=r, ms=med,
-                             p20=p20, p80=p80, peak_mb=float("nan")))
+                             p20=p20, p80=p80, peak_mib=float("nan")))
     return rows
 
 

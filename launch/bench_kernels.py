@@ -59,14 +59,25 @@ def shape_arg(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def positive_int(text: str) -> int:
+    """argparse type for a count or size that must be >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cuda: real timings; cpu: Triton-interpreter smoke run with tiny shapes")
     ap.add_argument("--quick", action="store_true", help="only the target points (or tiny shapes on cpu)")
-    ap.add_argument("--M", type=int, nargs="+", help="token counts (default: 4096 8192 16384)")
+    ap.add_argument("--M", type=positive_int, nargs="+", help="token counts (default: 4096 8192 16384)")
     ap.add_argument("--shapes", nargs="+", type=shape_arg, help="d_in x d_out pairs, e.g. 4096x4096 2048x5461")
-    ap.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks (default: 64 128 256)")
+    ap.add_argument("--ranks", type=positive_int, nargs="+", help="LoRA ranks (default: 64 128 256)")
     ap.add_argument("--providers", nargs="+", default=list(LINEAR_PROVIDERS), choices=LINEAR_PROVIDERS)
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--ops", nargs="+", default=["linear", "merge"], choices=("linear", "merge"))
@@ -74,7 +85,7 @@ def parse_args(argv=None):
                     help="default bf16 on cuda, fp32 on cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_kernels.csv",
                     help="rows are appended here (.csv) or written as a list (.json)")
-    ap.add_argument("--repeat", type=int, default=1,
+    ap.add_argument("--repeat", type=positive_int, default=1,
                     help="time the whole grid this many times, one pass after the other (rows carry `repeat`); "
                          "the table shows the median over passes and their spread: a difference between "
                          "providers smaller than that spread is noise")
@@ -147,7 +158,7 @@ def bench(fn, device, rep=200, warmup=100):
     return statistics.median(times), times[0], times[-1]
 
 
-def peak_mb(fn, device):
+def peak_mib(fn, device):
     if device != "cuda":
         return float("nan")
     import torch
@@ -224,7 +235,8 @@ def run_linear(provider, M, d_in, d_out, r, dtype, device, elem, modes, emit):
         ms, p20, p80 = bench(fns[mode], device)
         flops, nbytes = linear_work(provider, mode, M, d_in, d_out, r, elem)
         emit(op="linear", provider=provider, mode=mode, M=M, d_in=d_in, d_out=d_out, r=r, ms=ms, ms_p20=p20,
-             ms_p80=p80, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6, peak_mb=peak_mb(fns[mode], device),
+             ms_p80=p80, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6,
+             peak_mib=peak_mib(fns[mode], device),
              max_rel_err=err)
 
 
@@ -234,7 +246,7 @@ def linear_work(provider, mode, M, K, N, r, elem):
     fwd_f = 2 * M * N * K + (2 * M * r * (K + N) if lora else 0)
     fwd_b = elem * (M * K + N * K + M * N) + (elem * (r * (K + N) + M * r) if lora else 0)
     if provider == "full":
-        bwd_f, bwd_b = 4 * M * N * K, elem * (M * N + N * K + M * K) * 2
+        bwd_f, bwd_b = 4 * M * N * K, elem * (M * N + 2 * M * K + 2 * N * K)  # dY, X, W in; dX, dW out
     elif provider == "frozen":
         bwd_f, bwd_b = 2 * M * N * K, elem * (M * N + N * K + M * K)
     else:  # dX = [dY|dS][W;A], dS, dB, dA
@@ -319,8 +331,9 @@ def run_grid(args, Ms, shapes, ranks, dtype, device, elem, emit, failures):
                     ms, p20, p80 = bench(fn, device)
                     nbytes = 2 * d_out * d_in * elem  # W read once and written once (copy: src + dst)
                     emit(op="merge", provider=provider, mode="inplace", M=0, d_in=d_in, d_out=d_out, r=r,
-                         ms=ms, ms_p20=p20, ms_p80=p80, tflops=2 * d_out * d_in * r / ms / 1e9,
-                         gbps=nbytes / ms / 1e6, peak_mb=float("nan"), max_rel_err=float("nan"))
+                         ms=ms, ms_p20=p20, ms_p80=p80,  # the copy row computes nothing
+                         tflops=float("nan") if provider == "copy" else 2 * d_out * d_in * r / ms / 1e9,
+                         gbps=nbytes / ms / 1e6, peak_mib=float("nan"), max_rel_err=float("nan"))
     if "linear" in args.ops:
         for M in Ms:
             for d_in, d_out in shapes:

@@ -12,7 +12,7 @@ mode switch) on CPU tensors, with Triton's active driver replaced by a stand-in 
 compiled, never run); an autotuned launch compiles every config its prune keeps (``--configs largest``: only
 the one with the largest pipeline, which checks each launch's code in a fraction of the time; the tests
 compile every GEMM config on its own). Reported per compiled
-kernel: the launch site, its config and the shared memory it needs against the limit (227 KB).
+kernel: the launch site, its config and the shared memory it needs against the limit (227 KiB).
 
 What it does not check: numbers (the tests do, interpreted here and compiled on a GPU), speed, registers
 and spills (known only when a driver loads the kernel).
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     for r in rows:
         cfg = " ".join(f"{k}={v}" for k, v in r["config"].items() if k.startswith(("BLOCK", "num_")))
         print(f"{r['mode']:13} {r['dtype']:9} {'x'.join(map(str, r['shape'])):18} {r['kernel']:28} "
-              f"{r['shared'] / 1024:6.1f} KB {'ok' if r['fits'] else 'OVER THE LIMIT'}  {cfg}")
+              f"{r['shared'] / 1024:6.1f} KiB {'ok' if r['fits'] else 'OVER THE LIMIT'}  {cfg}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1, default=str))

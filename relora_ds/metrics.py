@@ -12,7 +12,7 @@ import torch
 
 def peak_memory_mb() -> float:
     """Peak accelerator memory on CUDA, else this process's peak RSS (also on a GPU host whose run uses
-    DeepSpeed's CPU accelerator: CUDA is then never initialized)."""
+    DeepSpeed's CPU accelerator: CUDA is then never initialized), in MiB (2**20 bytes)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

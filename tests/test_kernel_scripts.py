@@ -266,3 +266,17 @@ def test_bench_int8_summary_survives_a_failed_timing(capsys):
     assert "dequant failed, merge bf16 0.500 ms, merge int8 (+host residual round trip) failed" in out
     with pytest.raises(SystemExit):
         bench_int8.main(["--device", "cpu", "--sections", "memroy"])
+
+
+def test_bench_kernels_bytes_and_arguments():
+    """launch/bench_kernels.py's GB/s rows: the fewest bytes each pass moves, hand-counted at M=2, K=3, N=5
+    (MN=10, MK=6, NK=15): a full-rank backward reads dY, X, W and writes dX, dW (dY was counted twice);
+    the frozen backward reads dY, W and writes dX. Non-positive sizes are parse errors."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import bench_kernels
+    assert bench_kernels.linear_work("full", "bwd", 2, 3, 5, 1, 2) == (4 * 30, 2 * (10 + 6 + 15 + 6 + 15))
+    assert bench_kernels.linear_work("frozen", "bwd", 2, 3, 5, 1, 2) == (2 * 30, 2 * (10 + 15 + 6))
+    assert bench_kernels.linear_work("full", "fwd", 2, 3, 5, 1, 2) == (2 * 30, 2 * (6 + 15 + 10))
+    for bad in (["--ranks", "0"], ["--M", "-4"], ["--repeat", "x"]):
+        with pytest.raises(SystemExit):
+            bench_kernels.parse_args(["--device", "cpu", *bad])

@@ -153,18 +153,17 @@ def activation_phases(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpoi
 
 def activation_peak_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, micro_batch: int,
                           checkpointing: bool = False, loss_chunk_size: int = 0) -> int:
-    """Peak activation bytes of one micro-batch, reached in backward (or, chunked loss, in its forward)."""
+    """Peak activation bytes of one micro-batch, reached in backward (or, chunked loss, in its forward). A
+    chunk holds at most the micro-batch's tokens (relora_ds/loss.py slices them)."""
+    chunk = min(loss_chunk_size, micro_batch * seq_len)
     return max(micro_batch * per_seq + fixed
-               for per_seq, fixed in activation_phases(cfg, seq_len, rank, checkpointing, loss_chunk_size))
+               for per_seq, fixed in activation_phases(cfg, seq_len, rank, checkpointing, chunk))
 
 
-def max_micro_batch(budget: float, states: float, phases: list[tuple[int, int]]) -> int:
-    return max(0, min(int((budget - states - fixed) // per_seq) for per_seq, fixed in phases))
-
-
-def fitting_divisor(limit: int, per_rank_batch: int) -> int:
-    """Largest micro-batch <= limit dividing the per-rank batch (so the batch arithmetic holds); 0 if none."""
-    return max((d for d in range(1, min(limit, per_rank_batch) + 1) if per_rank_batch % d == 0), default=0)
+def largest_fitting_micro_batch(per_rank_batch: int, fits) -> int:
+    """Largest micro-batch dividing the per-rank batch (the trainer's batch arithmetic) for which
+    ``fits(micro_batch)``; 0 if none."""
+    return max((d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0 and fits(d)), default=0)
 
 
 def batch_split_error(global_batch: int, gpus: int) -> str | None:
@@ -186,8 +185,12 @@ def table(args) -> str:
     error = batch_split_error(args.global_batch_size, args.gpus)
     if error:
         raise ValueError(error)
-    budget = args.memory_gb * 1e9 - (args.reserve_gb * GIB if args.reserve_gb is not None
-                                     else 0.1 * args.memory_gb * 1e9 + 2 * GIB)
+    reserve = args.reserve_gb * GIB if args.reserve_gb is not None else 0.1 * args.memory_gb * 1e9 + 2 * GIB
+    budget = args.memory_gb * 1e9 - reserve
+    if budget <= 0:
+        raise ValueError(f"--memory-gb {args.memory_gb:g} leaves nothing usable after the reserve of "
+                         f"{reserve / GIB:.1f} GiB (default 10% + 2 GiB); give a larger --memory-gb or a "
+                         f"smaller --reserve-gb")
     per_rank = args.global_batch_size // args.gpus
     head = (f"{args.gpus} GPUs x {args.memory_gb:g} GB (usable {budget / 1e9:.1f} GB each), r={args.rank}, "
             f"seq {args.seq_len}, vocab {args.vocab_size}, bf16 + fp32 Adam, activation checkpointing "
@@ -216,11 +219,12 @@ def table(args) -> str:
         act_full = activation_phases(cfg, args.seq_len, None, args.activation_checkpointing, args.loss_chunk_size)
         act_low = activation_phases(cfg, args.seq_len, args.rank, args.activation_checkpointing, args.loss_chunk_size)
 
-        def mb(states, act):
+        def mb(states, rank):
             if states is None:
                 return "n/a"
-            fit = max_micro_batch(budget, states, act)
-            return str(fitting_divisor(fit, per_rank)) if fit else "-"
+            fit = largest_fitting_micro_batch(per_rank, lambda m: states + activation_peak_bytes(
+                cfg, args.seq_len, rank, m, args.activation_checkpointing, args.loss_chunk_size) <= budget)
+            return str(fit) if fit else "-"
 
         def gb(states):
             return "n/a" if states is None else f"{states / 1e9:.1f}"
@@ -238,8 +242,8 @@ def table(args) -> str:
             f"| {' / '.join(gb(full[z]) for z in range(4))} "
             f"| {' / '.join(gb(low[z]) for z in (0, 2, 3))} "
             f"| {max(p for p, _ in act_full) / 1e9:.2f} / {max(p for p, _ in act_low) / 1e9:.2f} "
-            f"| {' / '.join(mb(full[z], act_full) for z in range(4))} "
-            f"| {' / '.join(mb(low[z], act_low) for z in (0, 2, 3))} |{host}")
+            f"| {' / '.join(mb(full[z], None) for z in range(4))} "
+            f"| {' / '.join(mb(low[z], args.rank) for z in (0, 2, 3))} |{host}")
     return head + "\n".join(rows) + "\n"
 
 
@@ -297,7 +301,11 @@ def main(argv=None) -> int:
     error = batch_split_error(args.global_batch_size, args.gpus)
     if error:
         parser.error(error)
-    print(table(args), end="")
+    try:
+        text = table(args)
+    except ValueError as e:
+        parser.error(str(e))
+    print(text, end="")
     return 0
 
 

@@ -215,6 +215,7 @@ def _table(capsys, *argv) -> dict[str, dict[str, str]]:
     (["--gpus", "7"], "--global-batch-size 1152 is not divisible by --gpus 7, so no micro-batch can be used "
                       r"\(.*\): use 6 or 8 GPUs, or a global batch of 1148 or 1155"),
     (["--gpus", "5", "--global-batch-size", "3"], "use 3 GPUs, or a global batch of 5"),
+    (["--memory-gb", "2"], r"--memory-gb 2 leaves nothing usable after the reserve of 2.2 GiB"),
 ])
 def test_bad_gpu_counts_are_named(capsys, argv, error):
     """--gpus 0 used to divide by zero; --gpus 7 printed "= 0 that fits" and micro-batches no run can use."""
@@ -350,3 +351,16 @@ def test_bad_reserve_and_rank_are_named_and_presets_may_be_comma_separated(capsy
     assert memory_table.main(["--presets", "60m,130m"]) == 0
     rows = [line.split("|")[1].strip() for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["60m", "130m"]
+
+
+def test_a_loss_chunk_holds_at_most_the_micro_batchs_tokens(capsys):
+    """relora_ds/loss.py slices the micro-batch's B*s tokens: a chunk larger than that costs what the whole
+    micro-batch costs. At 1b (seq 512), a chunk of 100,000 tokens and one of 48 x 512 = 24,576 fit the same
+    micro-batches (the table charged 6 c V for the full 100,000 and printed 36 for 48)."""
+    cfg = LlamaConfig.preset("1b", vocab_size=32000)
+    assert memory_table.activation_peak_bytes(cfg, 512, 128, 48, False, 100_000) == \
+        memory_table.activation_peak_bytes(cfg, 512, 128, 48, False, 48 * 512)
+    assert memory_table.activation_peak_bytes(cfg, 512, 128, 1, False, 100_000) == \
+        memory_table.activation_peak_bytes(cfg, 512, 128, 1, False, 512)
+    big, exact = (_table(capsys, "--presets", "1b", "--loss-chunk-size", str(c))["1b"] for c in (100_000, 24_576))
+    assert big == exact and big["micro-batch ReLoRA Z0 / Z2 / Z3"] == "48 / 48 / 48"

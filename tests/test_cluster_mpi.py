@@ -20,7 +20,8 @@ def _mpirun() -> list[str]:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     exe = shutil.which("mpirun", path=path)
     if exe is None:
-        pytest.fail("mpirun not found: pip install -e '.[mpi]' (mpi4py and the mpich wheel) or set RELORA_SKIP_MPI=1")
+        pytest.fail("mpirun not found: pip install -e '.[mpich]' (mpi4py and the mpich wheel; '.[mpi]' is mpi4py "
+                    "alone, for a machine's own MPI) or set RELORA_SKIP_MPI=1")
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
     # Open MPI refuses root without these flags; MPICH's hydra needs none.
     extra = ["--allow-run-as-root", "--oversubscribe"] if "Open MPI" in version and os.geteuid() == 0 else []

@@ -1,4 +1,8 @@
-"""Rank-0 metrics: one JSON object per line in metrics.jsonl, the same scalars to TensorBoard."""
+"""Rank-0 metrics: one JSON object per line in metrics.jsonl, the same scalars to TensorBoard.
+
+metrics.jsonl is strict JSON: a non-finite number (a skipped step's gradient norm) is written as null, which
+every JSON reader takes (Python's json would write NaN/Infinity, which jq, JavaScript and strict parsers
+refuse); TensorBoard and W&B get the value itself."""
 from __future__ import annotations
 
 import datetime
@@ -8,6 +12,17 @@ import resource
 from pathlib import Path
 
 import torch
+
+
+def _json_finite(value):
+    """``value`` with every non-finite float (also in nested dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_finite(v) for v in value]
+    return value
 
 
 def peak_memory_mb() -> float:
@@ -77,8 +92,9 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
+        line = json.dumps(_json_finite(record), allow_nan=False)
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(line + "\n")
         # An event's numbers (a reset's pruned fractions, a checkpoint's seconds...) under the event's name:
         # "reset/exp_avg", not an "exp_avg" chart beside the training curves.
         prefix = f"{record['event']}/" if "event" in record else ""

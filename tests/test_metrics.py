@@ -50,3 +50,20 @@ def test_cycle_position_of_the_step_just_done(step, want):
     from relora_ds.metrics import cycle_position
 
     assert cycle_position(step, relora_start=100, cycle_length=100, total_steps=350) == want
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    """A skipped step's gradient norm is inf (DeepSpeed's): metrics.jsonl holds null there, not Python's
+    Infinity/NaN, which jq, JavaScript and strict parsers refuse; finite values and nested ones are kept."""
+    import json
+    import math
+
+    logger = MetricsLogger(tmp_path, enabled=True)
+    logger.log({"step": 1, "loss": 2.5, "grad_norm": math.inf, "nested": {"a": [1.0, math.nan]}, "n": 3})
+    logger.close()
+    line = (tmp_path / "metrics.jsonl").read_text().splitlines()[0]
+
+    def refuse(name):
+        raise ValueError(name)
+    assert json.loads(line, parse_constant=refuse) == {"step": 1, "loss": 2.5, "grad_norm": None,
+                                                      "nested": {"a": [1.0, None]}, "n": 3}

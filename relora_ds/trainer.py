@@ -333,9 +333,14 @@ class Trainer(EnginesMixin, CheckpointsMixin):
             batch = next(self.batches).to(engine.device)
             loss = engine(batch, labels=batch).loss
             engine.backward(loss)
+            skip = False
             if micro == gas - 1 and self.own_grad_norm:
                 self.grad_norm = self._grad_norm_before_step()
-            engine.step()
+                # Without ZeRO, DeepSpeed applies an update whatever the gradients hold (ZeRO and its 16-bit
+                # optimizers skip a non-finite norm): skip it as they do, through DeepSpeed's overflow path.
+                skip = self.grad_norm is not None and not math.isfinite(self.grad_norm)
+            with _update_skipped(engine.optimizer) if skip else contextlib.nullcontext():
+                engine.step()
             losses.append(loss.detach().float())
         if not engine.was_step_applied():
             # An fp16 overflow (or a non-finite gradient norm under ZeRO/bf16): DeepSpeed skips the update and
@@ -415,6 +420,22 @@ class Trainer(EnginesMixin, CheckpointsMixin):
     def _print(self, msg: str) -> None:
         if self.rank == 0:
             tqdm.write(msg)
+
+
+@contextlib.contextmanager
+def _update_skipped(optimizer):
+    """Inside, ``engine.step()`` at ZeRO stage 0 skips the update as for an fp16 overflow: the optimizer's
+    step does nothing and its ``overflow`` flag tells the engine (skipped_steps + 1, scheduler held,
+    was_step_applied() False); the gradients are cleared as after any step."""
+    saved = {k: optimizer.__dict__[k] for k in ("step", "overflow") if k in optimizer.__dict__}
+    optimizer.step = lambda *args, **kwargs: None
+    optimizer.overflow = True
+    try:
+        yield
+    finally:
+        for k in ("step", "overflow"):
+            optimizer.__dict__.pop(k, None)
+        optimizer.__dict__.update(saved)
 
 
 def _float(x) -> float | None:

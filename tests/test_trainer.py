@@ -1,6 +1,7 @@
 """End-to-end trainer runs on 2 CPU ranks (gloo): resets, the golden curve, 1-rank equivalence, every ZeRO
 stage and offload, export, launchers, TFLOP/s. Resuming is in tests/test_trainer_resume.py."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -320,6 +321,52 @@ def test_fp16_skipped_steps_keep_the_lr_schedule_on_the_step(tmp_path, small_dat
     resets = [r for r in recs if r.get("event") == "reset"]
     assert [r["step"] for r in resets] == [6, 10]
     assert all(("prune_skipped" in r) == (scale_power == 40) for r in resets), resets
+
+
+def test_a_non_finite_gradient_skips_the_update_without_zero_too(tmp_path, small_data_dir):
+    """Stage 0 (plain `python launch/train.py`, fp32): DeepSpeed applies any update there, so an inf gradient
+    (injected into step 2's backward; the loss stays finite) wrote NaN into every weight, a NaN checkpoint
+    and, at the last step, exit 0 (found by a review). Now the step is skipped as ZeRO skips it: weights
+    after step 2 equal those after step 1, the schedule stays on the step, training goes on."""
+    import torch
+    stage0 = tmp_path / "stage0.json"
+    stage0.write_text(json.dumps({"zero_optimization": {"stage": 0},
+                                  "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    recipe, _ = write(tmp_path, small_data_dir, total_steps=4, eval_every=0, global_batch_size=4, save_every=1)
+    wrapper = ("import sys, runpy, torch\nfrom relora_ds import model as M\ncalls = [0]\n"
+               "orig = M.LlamaModel.forward\n"
+               "def forward(self, *a, **kw):\n"
+               "    h = orig(self, *a, **kw)\n"
+               "    if torch.is_grad_enabled() and self.training:\n"
+               "        calls[0] += 1\n"
+               "        if calls[0] == 2:\n"
+               "            h.register_hook(lambda g: g * float('inf'))\n"
+               "    return h\n"
+               "M.LlamaModel.forward = forward\n"
+               "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", wrapper, str(ROOT / "launch/train.py"), "--config", str(recipe),
+                           "--deepspeed", str(stage0)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    losses, recs = read_losses(tmp_path / "run")
+    assert [(r["step"], r["reason"]) for r in recs if r.get("event") == "step_skipped"] == \
+        [(2, "non-finite gradient norm")]
+    assert [r["grad_norm"] is None for r in recs if "loss" in r] == [False, True, False, False]
+    from relora_ds.schedule import jagged_cosine
+    want = [3e-3 * jagged_cosine(s - 1, total_steps=4, warmup_steps=2, cycle_length=4, restart_warmup_steps=2,
+                                 start_step=2) for s in range(1, 5)]
+    assert [r["lr"] for r in recs if "loss" in r] == pytest.approx(want, rel=1e-6, abs=1e-12)
+
+    def weights(tag):
+        states = torch.load(tmp_path / "run/checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)
+        return states["module"]
+    w1, w2, w4 = weights("step_1"), weights("step_2"), weights("step_4")  # step 3: lr 0 after the switch
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped update
+    assert all(torch.isfinite(v).all() for v in w4.values())
+    assert not torch.equal(w2["model.embed_tokens.weight"], w4["model.embed_tokens.weight"])  # training went on
+    assert all(math.isfinite(v) for v in losses.values())
 
 
 def test_grad_norm_is_logged_without_zero_too_and_a_record_covers_its_steps(tmp_path, small_data_dir):

@@ -239,3 +239,45 @@ def test_a_meta_built_model_materialized_with_to_empty_loads_its_host_residuals(
     relora_ds.merge_and_reinit(dst)
     for k, v in src.state_dict().items():
         assert torch.equal(v, dst.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("amp", ["fp32", "autocast_bf16", "bf16_x_fp32_masters"])
+@pytest.mark.parametrize("mode", ["reference", "torch", "triton"])
+def test_int8_layer_computes_the_float_formula_on_its_dequantized_base(monkeypatch, mode, amp):
+    """An int8 layer with a bias and nonzero LoRA factors, on each path (Triton interpreted), against
+    y = x·Ŵᵀ + bias + s·(x·Aᵀ)·Bᵀ in fp64 on the dequantized base Ŵ, with every gradient. A review found the
+    int8 bias and int8 autocast unchecked (dropping the bias, or the autocast cast, passed every test: the
+    biases of a fresh Hugging Face model are zero). Under autocast the output is bf16 and the parameters'
+    gradients keep their fp32 dtype, as for F.linear; bf16 activations with fp32 masters (what a bf16
+    model's ReLoRA layers see) run too."""
+    import torch.nn.functional as F
+
+    monkeypatch.setenv("RELORA_KERNELS", mode)
+    if mode == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(5)
+    layer = relora_ds.ReLoRALinear(40, 24, rank=4, bias=True, quantize="int8", name="l").eval()
+    with torch.no_grad():
+        layer.load_base_(torch.randn(24, 40, generator=g) * 0.2)
+        layer.bias.copy_(torch.randn(24, generator=g))
+        layer.lora_A.copy_(torch.randn(4, 40, generator=g) * 0.3)
+        layer.lora_B.copy_(torch.randn(24, 4, generator=g) * 0.3)
+    x = torch.randn(3, 7, 40, generator=g)
+    dy = torch.randn(3, 7, 24, generator=g)
+    params = (layer.lora_A, layer.lora_B, layer.bias)
+
+    xd = x.double().requires_grad_()
+    a, b, bias = (p.detach().double().requires_grad_() for p in params)
+    want = F.linear(xd, layer.base_weight().double(), bias) + layer.scale * (xd @ a.t()) @ b.t()
+    want_grads = torch.autograd.grad(want, (xd, a, b, bias), dy.double())
+
+    xin = (x.bfloat16() if amp == "bf16_x_fp32_masters" else x).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp != "fp32"):
+        y = layer(xin)
+    grads = torch.autograd.grad(y, (xin, *params), dy.to(y.dtype))
+    low = amp != "fp32"
+    assert y.dtype == (torch.bfloat16 if low else torch.float32)
+    assert [t.dtype for t in grads] == [xin.dtype] + [torch.float32] * 3
+    bound = 2e-2 if low else 1e-5
+    for name, got, ref in zip(("y", "dx", "dA", "dB", "dbias"), (y, *grads), (want, *want_grads)):
+        assert rel(got, ref) < bound, (name, rel(got, ref))

@@ -175,10 +175,11 @@ class ReLoRALinear(nn.Module):
         return self.weight.to(_acc_dtype(self.weight.dtype))
 
     def delta_weight(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> torch.Tensor:
-        """scale · B·A in fp32; A and B default to this layer's (pass fp32 masters under DeepSpeed)."""
+        """scale · B·A in fp32 (fp64 when the factors or a float base are fp64); A and B default to this
+        layer's (pass fp32 masters under DeepSpeed)."""
         A = self.lora_A if A is None else A
         B = self.lora_B if B is None else B
-        acc = _acc_dtype(A.dtype)
+        acc = _acc_dtype(A.dtype if self.quantize else torch.promote_types(A.dtype, self.weight.dtype))
         return (B.to(acc) @ A.to(acc)) * self.scale
 
     @torch.no_grad()

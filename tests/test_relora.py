@@ -373,3 +373,40 @@ def test_rank_may_equal_the_smaller_dimension():
     assert layer.lora_A.shape == (6, 8) and layer.lora_B.shape == (6, 6) and layer.scale == 1.0
     with pytest.raises(ValueError, match="rank=7"):
         ReLoRALinear(8, 6, rank=7)
+
+
+@pytest.mark.parametrize("masters", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_layer_merge_on_the_triton_path(monkeypatch, dtype, masters):
+    """ReLoRALinear.merge_ on the Triton path (interpreted; what `auto` runs for every float-base merge on
+    CUDA, ZeRO's fp32 masters passed as A and B): the kernel runs (spied), with the layer's scale, and W
+    becomes round(W + s·B·A) with fp32 accumulation; an fp64 layer stays on the torch merge, in fp64 also
+    with fp32 masters (it computed their product in fp32). A review found this branch never ran in a CPU
+    test (passing alpha for scale went unnoticed)."""
+    import relora_kernels.merge as kmerge
+
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launched = []
+    real = kmerge.merge_launch
+    monkeypatch.setattr(kmerge, "merge_launch", lambda *a, **kw: launched.append(a) or real(*a, **kw))
+    g = torch.Generator().manual_seed(2)
+    layer = ReLoRALinear(70, 45, rank=5, alpha=16, name="l", dtype=dtype)  # scale 3.2: alpha would be 16
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(45, 70, generator=g))
+        layer.lora_B.copy_(torch.randn(45, 5, generator=g) * 0.1)
+    A, B = layer.lora_A.detach().float().clone(), layer.lora_B.detach().float().clone()
+    exact = layer.weight.double() + layer.scale * B.double() @ A.double()
+    w0 = layer.weight.detach().clone()
+    layer.merge_(A, B) if masters else layer.merge_()
+    assert len(launched) == (0 if dtype == torch.float64 else 1)
+    got = layer.weight.detach().double()
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, exact, rtol=1e-12, atol=0)
+        return
+    # fp32 accumulation (the rank-5 dot and the add: at most (r + 2) fp32 roundings of |W| + s·|B|·|A|), then
+    # one rounding to W's dtype (1 ulp); a wrong scale (alpha for alpha/r) moves W by ~1e-1.
+    bound = torch.finfo(dtype).eps * exact.abs() + 7 * torch.finfo(torch.float32).eps * (
+        w0.double().abs() + layer.scale * B.double().abs() @ A.double().abs())
+    assert ((got - exact).abs() <= bound).all()
+    assert not torch.equal(layer.weight, w0)

@@ -59,6 +59,8 @@ def test_wrap_checks_every_layer_before_swapping_any():
     (dict(rank=4.0), r"rank=4.0 must be an integer \(got float\)"),
     (dict(rank=True), r"rank=True must be an integer \(got bool\)"),
     (dict(dropout="0.1"), r"dropout='0.1' must be in \[0, 1\)"),
+    (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),  # every input dropped: a NaN at the first forward
+    (dict(dropout=-0.1), r"dropout=-0.1 must be in \[0, 1\)"),
 ])
 def test_wrap_refuses_bad_rank_alpha_dropout(kw, match):
     model = _tiny_llama()
@@ -91,8 +93,12 @@ def test_unwrap_keeps_the_base_dtype_when_lora_masters_are_fp32():
 
 
 def test_standalone_layer_with_bias_starts_like_nn_linear():
-    torch.manual_seed(0)
+    """A layer built directly draws nn.Linear's weight and bias: the same values from the same seed."""
+    torch.manual_seed(3)
     layer = ReLoRALinear(100, 30, rank=4, bias=True)
+    torch.manual_seed(3)
+    plain = nn.Linear(100, 30)
+    assert torch.equal(layer.weight, plain.weight) and torch.equal(layer.bias, plain.bias)
     bound = 1 / math.sqrt(100)
     assert layer.bias.abs().max() <= bound and layer.bias.abs().min() > 0 and layer.bias.std() > bound / 4
 

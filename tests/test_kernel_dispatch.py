@@ -90,7 +90,7 @@ def test_auto_mode_on_cpu_takes_the_blas_chain(monkeypatch):
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
-@pytest.mark.parametrize("mode", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("mode", ["reference", "torch", pytest.param("triton", marks=interpreter_3_7)])
 def test_dropout_zeroes_p_and_rescales_the_rest_by_one_over_one_minus_p(monkeypatch, mode, quantize):
     """Dropout p=0.1 on 2e5 inputs (2e4 under the interpreter), for the twin's ``lora_dropout`` and for a
     ReLoRALinear layer, float or int8 base, on each path (the Triton one interpreted; the layer's global RNG,

@@ -158,6 +158,12 @@ def test_settings_that_do_not_apply_are_errors(tmp_path):
         prepare_data([path], tmp_path / "out", hf_config="en")
     with pytest.raises(ValueError, match=r"val_fraction=1.5 must be in \[0, 1\)"):
         prepare_data([path], tmp_path / "out", val_fraction=1.5)
+    # The built-in corpus (no inputs) took these, did nothing with them and recorded them in its recipe.
+    for kw in (dict(hf_split="test"), dict(text_column="body"), dict(txt_unit="line"), dict(hf_config="en")):
+        (key, value), = kw.items()
+        with pytest.raises(ValueError, match=rf"{key}={value!r}: only for given inputs .* built-in corpus"):
+            prepare_data(None, tmp_path / "builtin", vocab_size=300, **kw)
+        assert not (tmp_path / "builtin" / "manifest.json").exists()
     with pytest.raises(ValueError, match="txt_unit='page' is not one of"):
         prepare_data([path], tmp_path / "out", txt_unit="page")
     with pytest.raises(TypeError):

@@ -173,8 +173,16 @@ def load_corpus(
     if txt_unit not in TXT_UNITS:
         raise ValueError(f"txt_unit={txt_unit!r} is not one of {TXT_UNITS}")
     if resolved is None:
-        if hf_config is not None:
-            raise ValueError(f"hf_config={hf_config!r} only applies to a hub dataset input")
+        # The built-in corpus is documents of text: options about other inputs would do nothing (yet be
+        # recorded in the manifest's recipe, so that a later run with the defaults is refused).
+        given = {k: v for k, v, default in (("hf_config", hf_config, None), ("hf_split", hf_split, "train"),
+                                            ("hub_revision", hub_revision, None),
+                                            ("text_column", text_column, "text"),
+                                            ("txt_unit", txt_unit, "document")) if v != default}
+        if given:
+            raise ValueError(f"{', '.join(f'{k}={v!r}' for k, v in given.items())}: only for given inputs (a hub "
+                             f"dataset, files); the built-in corpus (no inputs) takes none of hf_config, "
+                             f"hf_split, hub_revision, text_column, txt_unit")
         docs = builtin_documents()
         ds = datasets.Dataset.from_dict({"text": [d["text"] for d in docs]})
         if streaming:  # 10 MB fit in memory; streaming it only exercises the streaming path

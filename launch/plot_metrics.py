@@ -4,6 +4,7 @@
 """
 import argparse
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -26,9 +27,13 @@ def curves(recs: list[dict]) -> tuple[list[dict], list[dict], list[int]]:
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("metrics", type=Path)
-    ap.add_argument("-o", "--out", type=Path, help="image path, PNG unless its suffix names another format "
-                    "(a directory: DIR/curves.png; default: curves.png next to the metrics file)")
+    ap.add_argument("-o", "--out", help="image path, PNG unless its suffix names another format "
+                    "(a directory, or a path ending in /, created if missing: DIR/curves.png; default: curves.png "
+                    "next to the metrics file)")
     args = ap.parse_args(argv)
+    if args.out is not None and args.out.endswith(("/", os.sep)):  # Path() would drop the slash: DIR.png
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    args.out = Path(args.out) if args.out is not None else None
     if args.metrics.is_dir():  # a run's output_dir: its metrics.jsonl
         args.metrics = args.metrics / "metrics.jsonl"
     if not args.metrics.is_file():

@@ -94,6 +94,9 @@ def test_plot_a_killed_runs_metrics_with_a_cut_last_line(tmp_path, capsys):
         got = plot_metrics.main([str(path), "-o", str(tmp_path / arg)])
         assert got == tmp_path / want and got.is_file() and f"wrote {got}" in capsys.readouterr().out, arg
     assert not (tmp_path / "plots.png").exists()
+    # A new directory named with a trailing slash is created, not written as new.png beside it.
+    got = plot_metrics.main([str(path), "-o", str(tmp_path / "new") + "/"])
+    assert got == tmp_path / "new" / "curves.png" and got.is_file() and not (tmp_path / "new.png").exists()
     with pytest.raises(SystemExit):
         plot_metrics.main([str(path), "-o", str(tmp_path / "c.xyz")])
     assert "'.xyz' is not an image format matplotlib writes; valid: " in capsys.readouterr().err

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--multiples", nargs="+", type=float, default=[0.25, 0.5, 1, 2, 4],
                     help="token counts as multiples of the layer's harmonic mean 2·in·out/(in+out)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -67,9 +67,15 @@ def main(argv=None) -> int:
         parts = spec.lower().split("x")
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
             ap.error(f"--shapes: {spec!r} is not IN x OUT x RANK with positive whole numbers, e.g. 512x1376x128")
-        shapes.append(tuple(map(int, parts)))
+        d_in, d_out, rank = map(int, parts)
+        if rank > min(d_in, d_out):
+            ap.error(f"--shapes: {spec!r} has rank {rank} > min(IN, OUT) = {min(d_in, d_out)}, which no ReLoRA "
+                     f"layer takes")
+        shapes.append((d_in, d_out, rank))
     if args.reps < 1 or any(f <= 0 for f in args.multiples):
         ap.error("--reps must be >= 1 and every --multiples value > 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False); use --device cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     meta = {"dtype": args.dtype, "device": args.device, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or

@@ -85,7 +85,7 @@ def parse_args(argv=None):
                     help="default bf16 on cuda, fp32 on cpu")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_kernels.csv",
                     help="rows are appended here (.csv) or written as a list (.json)")
-    ap.add_argument("--repeat", type=positive_int, default=1,
+    ap.add_argument("--repeat", type=int, default=1,
                     help="time the whole grid this many times, one pass after the other (rows carry `repeat`); "
                          "the table shows the median over passes and their spread: a difference between "
                          "providers smaller than that spread is noise")

@@ -7,10 +7,11 @@ finished writing, so a crash while saving leaves it pointing at the previous com
 
 Resuming on another number of ranks: a checkpoint whose optimizer state is sharded (ZeRO, or DeepSpeed's
 bf16 optimizer) is converted once by DeepSpeed's ``ds_to_universal`` into ``step_<N>/universal/`` and
-loaded with ``load_universal``. DeepSpeed restores the trainable parameters, their optimizer state and the
-scheduler from it, but not frozen parameters or buffers (the ReLoRA base weights, int8 weights and buffers, merge
-counts): the conversion adds any the converter leaves out (ZeRO-3's) and ``restore_frozen_from_universal``
-copies them in.
+loaded with ``load_universal``; a fp32 checkpoint without ZeRO, resumed under ZeRO, is written in the same
+layout by relora_ds (ds_to_universal reads only ZeRO's files). DeepSpeed restores the trainable parameters,
+their optimizer state and the scheduler from it, but not frozen parameters or buffers (the ReLoRA base weights,
+int8 weights and buffers, merge counts): the conversion adds any the converter leaves out (ZeRO-3's) and
+``restore_frozen_from_universal`` copies them in.
 """
 from __future__ import annotations
 
@@ -195,19 +196,25 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
     # checkpoint, which DeepSpeed loads into ZeRO-1/2/3 engines only.
     # So does a change of weight precision or of the optimizer's place (offloaded: DeepSpeedCPUAdam, whose
     # param groups and file names differ): DeepSpeed's own loader fails on those, at the first step.
+    # A checkpoint without ZeRO goes into a ZeRO engine the same way: relora_ds writes its whole optimizer
+    # state in the universal layout itself (make_universal), for ZeRO-1/2 and ZeRO-3 alike.
     stages = (zero_stage(saved["deepspeed"]), zero_stage(ds))
     layouts = (engine_layout(saved["deepspeed"]), engine_layout(ds))
-    universal = (saved["world_size"] != world or layouts[0] != layouts[1]) and is_sharded(ckpt_dir, tag)
-    if universal and stages[0] != stages[1] and 3 in stages:
+    unsharded_into_zero = stages[0] == 0 and stages[1] != 0
+    universal = unsharded_into_zero or \
+        (saved["world_size"] != world or layouts[0] != layouts[1]) and is_sharded(ckpt_dir, tag)
+    if universal and stages[0] != stages[1] and 3 in stages and not unsharded_into_zero:
         raise ValueError(f"checkpoint {ckpt_dir / tag} was written with ZeRO stage {stages[0]}, this run uses "
                          f"stage {stages[1]}: DeepSpeed 0.19's universal checkpoint cannot move a checkpoint "
                          f"between ZeRO-3 and ZeRO-1/2. Resume with a ZeRO-{stages[0]} config (any number of "
                          "ranks), or export it (launch/export.py) and start from it with --warm-start-from")
-    if stages[0] == 0 and stages[1] != 0:
-        raise ValueError(f"checkpoint {ckpt_dir / tag} was written without ZeRO (stage 0); this run uses "
-                         f"ZeRO stage {stages[1]}, whose loader needs ZeRO-partitioned optimizer files. Resume "
-                         "it without ZeRO (a stage-0 --deepspeed config, or none), or export it "
-                         "(launch/export.py) and start from it with --warm-start-from")
+    if unsharded_into_zero and layouts[0]["precision"] != "fp32":
+        raise ValueError(f"checkpoint {ckpt_dir / tag} was written without ZeRO (stage 0) in "
+                         f"{layouts[0]['precision']}; this run uses ZeRO stage {stages[1]}. DeepSpeed's "
+                         f"{layouts[0]['precision']} optimizer at stage 0 keeps its fp32 masters and Adam moments in "
+                         "its own layout, which relora_ds converts only from fp32 runs. Resume it without ZeRO (its "
+                         "own --deepspeed config), or export it (launch/export.py) and start from it with "
+                         "--warm-start-from")
     if stages == (0, 0) and layouts[0] != layouts[1]:
         then, now = ({k: v for k, v in layout.items() if layouts[0][k] != layouts[1][k]} for layout in layouts)
         raise ValueError(f"checkpoint {ckpt_dir / tag} was written without ZeRO with {then}; this run has {now}. "
@@ -340,9 +347,11 @@ def is_sharded(ckpt_dir: Path, tag: str) -> bool:
     return any((Path(ckpt_dir) / tag).glob("*zero_pp_rank_*_optim_states.pt"))
 
 
-def make_universal(ckpt_dir: Path, tag: str) -> str:
+def make_universal(ckpt_dir: Path, tag: str, param_groups: list[list[str]] | None = None) -> str:
     """Convert ``<tag>`` for any number of ranks (once; rank 0 converts, every rank waits) and return the tag
-    to load it by. The conversion is written beside the checkpoint and renamed into it when complete."""
+    to load it by. The conversion is written beside the checkpoint and renamed into it when complete.
+    ``param_groups``: for a checkpoint without ZeRO, the parameter names in each optimizer param group of the
+    engine that wrote it (its optimizer state names parameters only by their position there)."""
     src = Path(ckpt_dir) / tag
     out = src / UNIVERSAL
 
@@ -351,13 +360,11 @@ def make_universal(ckpt_dir: Path, tag: str) -> str:
             return
         tmp = Path(ckpt_dir) / f".{tag}_{UNIVERSAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                               str(src), "--output_folder", str(tmp)], capture_output=True, text=True)
-        if proc.returncode != 0 or not (tmp / "zero").is_dir():
-            hint = (" (written before relora_ds recorded universal_checkpoint_info: resume it with its own "
-                    "number of ranks)") if "universal_checkpoint_info" in proc.stderr else ""
-            raise RuntimeError(f"converting {src} with deepspeed.checkpoint.ds_to_universal failed{hint}:\n"
-                               f"{proc.stderr[-3000:]}")
+        if is_sharded(ckpt_dir, tag):
+            _ds_to_universal(src, tmp)
+        else:
+            assert param_groups is not None, "a checkpoint without ZeRO converts only with its param groups' names"
+            _unsharded_to_universal(src, tmp, param_groups)
         _add_frozen_tensors(Path(ckpt_dir), tag, tmp / "zero")
         os.replace(tmp, out)
 
@@ -366,6 +373,64 @@ def make_universal(ckpt_dir: Path, tag: str) -> str:
     else:
         convert()
     return f"{tag}/{UNIVERSAL}"
+
+
+def _ds_to_universal(src: Path, out: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(src), "--output_folder", str(out)], capture_output=True, text=True)
+    if proc.returncode != 0 or not (out / "zero").is_dir():
+        hint = (" (written before relora_ds recorded universal_checkpoint_info: resume it with its own "
+                "number of ranks)") if "universal_checkpoint_info" in proc.stderr else ""
+        raise RuntimeError(f"converting {src} with deepspeed.checkpoint.ds_to_universal failed{hint}:\n"
+                           f"{proc.stderr[-3000:]}")
+
+
+def _unsharded_to_universal(src: Path, out: Path, param_groups: list[list[str]]) -> None:
+    """Write a checkpoint without ZeRO (fp32: its parameters are the masters, and its torch optimizer's state
+    lies whole in the module states file) in the layout ds_to_universal writes, which DeepSpeed's universal
+    load reads into ZeRO-1/2 and ZeRO-3 engines alike: ``zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt`` per
+    trainable parameter and ``zero/optimizer_state.pt`` with the param groups, in both the ZeRO-1/2 and the
+    ZeRO-3 loader's form; and the module states without the optimizer, under both loaders' file names.
+    ZeRO keeps one Adam step per param group; torch's AdamW one per parameter, equal within a group whenever
+    every parameter had a gradient at every step (checked)."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM
+
+    states = torch.load(src / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    optimizer, module = states.pop("optimizer"), states["module"]
+    saved = [len(g["params"]) for g in optimizer["param_groups"]]
+    if saved != [len(names) for names in param_groups]:
+        raise ValueError(f"checkpoint {src}: its optimizer's param groups hold {saved} parameters, this run's model "
+                         f"{[len(names) for names in param_groups]}: not a checkpoint of this model and phase")
+    zero = out / "zero"
+    groups, steps = [], []
+    for names, group in zip(param_groups, optimizer["param_groups"]):
+        group_steps = {float(optimizer["state"][i]["step"]) for i in group["params"] if i in optimizer["state"]}
+        if len(group_steps) > 1:
+            raise ValueError(f"checkpoint {src}: the Adam step counts within one param group differ "
+                             f"({sorted(group_steps)}), which a ZeRO optimizer (one count per group) cannot hold")
+        step = torch.tensor(group_steps.pop() if group_steps else 0.0)
+        for name, index in zip(names, group["params"]):
+            weight = module[name]
+            # A parameter that never had a gradient has no state: zero moments, as Adam starts them.
+            state = optimizer["state"].get(index) or {"exp_avg": torch.zeros_like(weight),
+                                                       "exp_avg_sq": torch.zeros_like(weight)}
+            if state["exp_avg"].shape != weight.shape:
+                raise ValueError(f"checkpoint {src}: the optimizer state at {name}'s place has shape "
+                                 f"{tuple(state['exp_avg'].shape)}, the parameter {tuple(weight.shape)}")
+            (zero / name).mkdir(parents=True)
+            for key, value in (("fp32", weight), ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])):
+                torch.save({PARAM: value.float().contiguous()}, zero / name / f"{key}.pt")
+            torch.save(step.clone(), zero / name / "step.pt")
+        groups.append({k: v for k, v in group.items() if k != "params"})
+        steps.append(step)
+    # The ZeRO-3 loader takes one step and the first group's settings for every group (the trainer
+    # re-applies its settings on resume; zero_reset.unshare_optimizer_steps gives each group its own counter).
+    assert all(torch.equal(s, steps[0]) for s in steps), f"the param groups' Adam steps differ: {steps}"
+    torch.save({"ds_version": states.get("ds_version"), "param_groups": groups,
+                OPTIMIZER_STATE_DICT: {"state": {0: {"step": steps[0].clone()}}, "param_groups": groups}},
+               zero / "optimizer_state.pt")
+    torch.save(states, out / "mp_rank_00_model_states.pt")
+    os.link(out / "mp_rank_00_model_states.pt", out / "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def full_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -74,11 +74,7 @@ class EnginesMixin:
         if phase == "lowrank" and not any(True for _ in relora_layers(model)):
             self._wrap(model)
         zero_init.partition_(model, self.ds, cfg.zero_init)  # whatever arrived whole (under ZeRO-3)
-        lora = {id(p) for p in lora_parameters(model)}
-        # LoRA and full-rank parameters in separate groups: the reset touches only the first.
-        groups = [{"params": [p for p in model.parameters() if id(p) in lora]},
-                  {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in lora]}]
-        groups = [g for g in groups if g["params"]]
+        groups = [{"params": [p for _, p in group]} for group in param_groups(model)]
         offset = 0 if phase == "full" else self.relora_start
         fn = functools.partial(_shifted, fn=self.schedule, offset=offset)
         model.universal_checkpoint_info = checkpoint.UNIVERSAL_INFO  # lets ds_to_universal convert our checkpoints
@@ -91,6 +87,16 @@ class EnginesMixin:
                                                lr_scheduler=lambda opt: LambdaLR(opt, fn))
         self.engine_phase = phase
         self.flops_per_token = flops_per_token(model, cfg.seq_len)  # the warm start's, then ReLoRA's
+
+    def _param_group_names(self, phase: str) -> list[list[str]]:
+        """The parameter names in each optimizer param group of a ``phase`` engine, from the model built on the
+        meta device (no memory, no init, the random streams untouched): a checkpoint without ZeRO keys its
+        optimizer state by position in these groups (checkpoint.make_universal)."""
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.model_config)
+            if phase == "lowrank":
+                self._wrap(model)
+        return [[name for name, _ in group] for group in param_groups(model)]
 
     def _wrap(self, model: LlamaForCausalLM) -> None:
         cfg = self.cfg
@@ -143,6 +149,16 @@ class EnginesMixin:
                     set_full(p, masters[name])
         masters.clear()
         self._event({"event": "switch_to_relora", "step": self.step})
+
+
+def param_groups(model) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """The engine's param groups as (name, parameter) in model order: the LoRA factors, then the parameters
+    trained full-rank, in separate groups because the reset touches only the first (an empty one left out)."""
+    lora = {id(p) for p in lora_parameters(model)}
+    named = list(model.named_parameters())
+    groups = [[(n, p) for n, p in named if id(p) in lora],
+              [(n, p) for n, p in named if p.requires_grad and id(p) not in lora]]
+    return [g for g in groups if g]
 
 
 def _full_rank_trainable(model) -> set[str]:

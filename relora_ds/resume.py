@@ -49,6 +49,9 @@ class CheckpointsMixin:
             return False
         tag, saved, universal = (self.resume_plan[k] for k in ("tag", "saved", "universal"))
         step = checkpoint.tag_step(tag)
+        # The engine that wrote step_N trained step N-1: at N == warm_start_steps still the full-rank one
+        # (the loop switches before step N's training).
+        phase = self._phase(step - 1)
         load_tag = tag
         if universal:
             def layout(world, lay):
@@ -59,10 +62,8 @@ class CheckpointsMixin:
             then, now = self.resume_plan["layouts"]
             self._print(f"checkpoint {self.ckpt_dir / tag} was written with {layout(saved['world_size'], then)}, "
                         f"this run has {layout(self.world, now)}: loading it as a DeepSpeed universal checkpoint")
-            load_tag = checkpoint.make_universal(self.ckpt_dir, tag)
-        # The engine that wrote step_N trained step N-1: at N == warm_start_steps still the full-rank one
-        # (the loop switches before step N's training).
-        phase = self._phase(step - 1)
+            groups = None if checkpoint.is_sharded(self.ckpt_dir, tag) else self._param_group_names(phase)
+            load_tag = checkpoint.make_universal(self.ckpt_dir, tag, groups)
         # The checkpoint holds every weight (frozen bases, int8 or not, and their residuals included): a fresh
         # model takes them; an hf_model's weights are not read again (minutes at 7b, at every requeue).
         self._build_engine(self._fresh_model(), phase, load_universal=universal)

@@ -32,7 +32,8 @@ def _fake_checkpoint(ckpt_dir, *, world, stage, sharded, model=None, sha="a" * 6
     ((2, 0, False), (1, 0), {"universal": False}),                # unsharded: any ranks, no conversion
     ((2, 3, True), (2, 2), "between ZeRO-3 and ZeRO-1/2"),
     ((2, 2, True), (2, 3), "between ZeRO-3 and ZeRO-1/2"),
-    ((1, 0, False), (1, 2), "written without ZeRO"),
+    ((1, 0, False), (2, 2), {"universal": True}),                 # no ZeRO -> ZeRO: relora_ds writes it universal
+    ((2, 0, False), (1, 3), {"universal": True}),                 # ... into ZeRO-3 too
     ((2, 2, True), (1, 0), "only into a ZeRO-1/2/3 engine"),
 ])
 def test_plan_resume_decides_how_to_load_or_says_why_not(tmp_path, saved, now, expect):
@@ -109,6 +110,21 @@ def test_plan_resume_loads_another_optimizer_class_as_universal_and_refuses_it_a
                                              r"into the same optimizer and precision"):
             checkpoint.plan_resume(tmp_path / "b", ds=ds, **kw)
     assert checkpoint.plan_resume(tmp_path / "b", ds={"zero_optimization": {"stage": 0}}, **kw)["universal"] is False
+
+
+def test_plan_resume_takes_a_checkpoint_without_zero_into_zero_in_fp32_only(tmp_path):
+    """A stage-0 run in bf16 (mode full) kept its fp32 masters and moments in DeepSpeed's bf16 optimizer's own
+    layout, which the conversion does not read: refused before any engine, naming the ways out."""
+    from relora_ds import checkpoint
+
+    _fake_checkpoint(tmp_path, world=1, stage=0, sharded=False)
+    config = json.loads((tmp_path / "step_8" / "config.json").read_text())
+    config["deepspeed"]["bf16"] = {"enabled": True}
+    (tmp_path / "step_8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"written without ZeRO \(stage 0\) in bf16; this run uses ZeRO stage 2\. .*"
+                                         r"converts only from fp32 runs\. Resume it without ZeRO .*--warm-start-from"):
+        checkpoint.plan_resume(tmp_path, model={"hidden_size": 64}, train=TRAIN, world=2, data_dir=tmp_path / "data",
+                               ds={"zero_optimization": {"stage": 2}}, total_steps=12, tokenizer_sha256="a" * 64)
 
 
 def test_plan_resume_names_the_hf_model_a_run_started_from(tmp_path):

@@ -1,6 +1,6 @@
 """The trainer's resume on 2 CPU ranks (gloo): a crash while saving, a stop signal during start-up, new
-settings, fewer and more ranks, ZeRO-3 with int8 and with offload, DeepSpeed's bf16 optimizer, a finished run
-extended."""
+settings, fewer and more ranks, ZeRO-3 with int8 and with offload, DeepSpeed's bf16 optimizer, a run without
+ZeRO resumed under ZeRO, a finished run extended."""
 import json
 import os
 import re
@@ -233,6 +233,38 @@ def test_bf16_optimizer_checkpoint_exports_and_resumes_on_fewer_ranks(tmp_path, 
     for step, loss in resumed.items():  # bf16 weights, another reduction order: close, not equal
         assert loss == pytest.approx(two_ranks[step], rel=2e-3), step
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
+
+
+def test_a_checkpoint_without_zero_resumes_under_zero2(tmp_path, small_data_dir, uninterrupted):
+    """One rank without ZeRO (stage 0, fp32, torch's AdamW: the whole optimizer state in the module states
+    file, which DeepSpeed's ZeRO loaders and ds_to_universal cannot read), resumed at ZeRO-2: relora_ds writes
+    the checkpoint in the universal layout, and the run continues the uninterrupted 2-rank ZeRO-2 run's
+    losses. From step 6 (ReLoRA, right after the reset at 6: merged bases, pruned moments, the LoRA and
+    full-rank param groups) on 2 ranks, and from step 2 (the warm start's full-rank engine, one group) on one.
+    Only the reduction order differs (seen: 1.6e-7 relative at most, one step in five or ten; the same into
+    ZeRO-1 and ZeRO-3); a lost moment or step count moves them by 1e-3 and more."""
+    reference, _ = uninterrupted
+    stage0 = tmp_path / "stage0.json"
+    stage0.write_text(json.dumps({"zero_optimization": {"stage": 0},
+                                  "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
+    overrides = dict(save_every=2, keep_last=6)  # step_2 stays for the second resume
+    train1(tmp_path, small_data_dir, ds=stage0, **overrides)
+    for tag, ranks, resume in (("step_6", 2, train2), ("step_2", 1, train1)):
+        rewind_to(tmp_path / "run", tag)
+        proc = resume(tmp_path, small_data_dir, "--resume", **overrides)
+        assert (f"was written with 1 rank(s), ZeRO stage 0, fp32, optimizer AdamW on the device, this run has {ranks} "
+                "rank(s), ZeRO stage 2, fp32, optimizer AdamW on the device: loading it as a DeepSpeed universal "
+                "checkpoint") in proc.stdout + proc.stderr
+        assert (tmp_path / "run" / "checkpoints" / tag / "universal" / "zero").is_dir()
+        resumed, recs = read_losses(tmp_path / "run")
+        start = int(tag.split("_")[1])
+        assert sorted(resumed) == list(range(start + 1, 13))
+        for step, loss in resumed.items():
+            assert loss == pytest.approx(reference[step], rel=2e-5, abs=0), (tag, step)
+        changed = next(r for r in recs if r.get("event") == "resume_settings_changed")
+        assert changed["deepspeed.zero_optimization.stage"] == "0 -> 2", changed
+        assert changed.get("world_size") == ("1 -> 2" if ranks == 2 else None), changed
+        assert [r["step"] for r in recs if r.get("event") == "reset"] == [s for s in (6, 10) if s > start]
 
 
 def test_a_finished_run_extended_with_resume_keeps_its_last_reset(tmp_path, small_data_dir):

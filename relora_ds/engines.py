@@ -12,7 +12,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
-from . import checkpoint, zero_init
+from . import universal, zero_init
 from .ds_patches import release_engine
 from .ds_schema import uses_bf16, uses_fp16
 from .engine_state import full_fp32_state_dict
@@ -77,7 +77,7 @@ class EnginesMixin:
         groups = [{"params": [p for _, p in group]} for group in param_groups(model)]
         offset = 0 if phase == "full" else self.relora_start
         fn = functools.partial(_shifted, fn=self.schedule, offset=offset)
-        model.universal_checkpoint_info = checkpoint.UNIVERSAL_INFO  # lets ds_to_universal convert our checkpoints
+        model.universal_checkpoint_info = universal.UNIVERSAL_INFO  # lets ds_to_universal convert our checkpoints
         ds = {**self.ds, "checkpoint": {**self.ds.get("checkpoint", {}), "load_universal": True}} \
             if load_universal else self.ds
         if self._phase_lr(phase) != cfg.lr:  # the warm start's own peak lr
@@ -91,7 +91,7 @@ class EnginesMixin:
     def _param_group_names(self, phase: str) -> list[list[str]]:
         """The parameter names in each optimizer param group of a ``phase`` engine, from the model built on the
         meta device (no memory, no init, the random streams untouched): a checkpoint without ZeRO keys its
-        optimizer state by position in these groups (checkpoint.make_universal)."""
+        optimizer state by position in these groups (universal.make_universal)."""
         with torch.device("meta"):
             model = LlamaForCausalLM(self.model_config)
             if phase == "lowrank":

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import checkpoint
+from . import checkpoint, universal
 from .distributed import on_rank_zero
 from .relora import relora_layers
 from .train_config import ConfigWarning
@@ -47,13 +47,13 @@ class CheckpointsMixin:
                 warnings.warn(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0 (expected at a "
                               "job's first start; otherwise check --output-dir)", ConfigWarning, stacklevel=2)
             return False
-        tag, saved, universal = (self.resume_plan[k] for k in ("tag", "saved", "universal"))
+        tag, saved, as_universal = (self.resume_plan[k] for k in ("tag", "saved", "universal"))
         step = checkpoint.tag_step(tag)
         # The engine that wrote step_N trained step N-1: at N == warm_start_steps still the full-rank one
         # (the loop switches before step N's training).
         phase = self._phase(step - 1)
         load_tag = tag
-        if universal:
+        if as_universal:
             def layout(world, lay):
                 place = "on the device" if lay["offload_optimizer"] == "none" else \
                     f"offloaded to {lay['offload_optimizer']}"
@@ -63,10 +63,10 @@ class CheckpointsMixin:
             self._print(f"checkpoint {self.ckpt_dir / tag} was written with {layout(saved['world_size'], then)}, "
                         f"this run has {layout(self.world, now)}: loading it as a DeepSpeed universal checkpoint")
             groups = None if checkpoint.is_sharded(self.ckpt_dir, tag) else self._param_group_names(phase)
-            load_tag = checkpoint.make_universal(self.ckpt_dir, tag, groups)
+            load_tag = universal.make_universal(self.ckpt_dir, tag, groups)
         # The checkpoint holds every weight (frozen bases, int8 or not, and their residuals included): a fresh
         # model takes them; an hf_model's weights are not read again (minutes at 7b, at every requeue).
-        self._build_engine(self._fresh_model(), phase, load_universal=universal)
+        self._build_engine(self._fresh_model(), phase, load_universal=as_universal)
         built = self._optimizer_as_built()  # from this run's config, before the checkpoint overwrites it
         try:
             _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
@@ -79,8 +79,8 @@ class CheckpointsMixin:
         if client.get("phase", phase) != phase:
             raise RuntimeError(f"{self.ckpt_dir / tag} was written in the {client['phase']!r} phase, "
                                f"expected {phase!r}")
-        if universal:
-            checkpoint.restore_frozen_from_universal(self.engine.module, self.ckpt_dir / load_tag)
+        if as_universal:
+            universal.restore_frozen_from_universal(self.engine.module, self.ckpt_dir / load_tag)
             unshare_optimizer_steps(self.engine)
         # A checkpoint that records its data was checked before any engine (checkpoint.check_same_data); an older
         # one only here, by its sampler's window count.

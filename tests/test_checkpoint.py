@@ -5,13 +5,13 @@ import pytest
 
 
 def test_a_checkpoint_the_converter_cannot_read_is_a_clear_error(tmp_path):
-    from relora_ds import checkpoint
+    from relora_ds import checkpoint, universal
 
     (tmp_path / "step_5").mkdir()
     (tmp_path / "step_5" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
     assert checkpoint.is_sharded(tmp_path, "step_5")
     with pytest.raises(RuntimeError, match=r"converting .*step_5 with deepspeed.checkpoint.ds_to_universal failed"):
-        checkpoint.make_universal(tmp_path, "step_5")
+        universal.make_universal(tmp_path, "step_5")
     assert not (tmp_path / "step_5" / "universal").exists()  # nothing half-written is left to be loaded
 
 

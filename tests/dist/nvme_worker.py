@@ -33,7 +33,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM
-from relora_ds.checkpoint import make_universal
+from relora_ds.universal import make_universal
 from relora_ds.distributed import init_distributed, run_and_exit
 from relora_ds.zero_reset import offloaded
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cli_types import positive_int
+
 try:
     from relora_ds.data import PackedTokens, ShardedBatches, load_manifest, prepare_data
 except ImportError:  # run from a checkout without `pip install -e .`
@@ -112,14 +114,11 @@ def main() -> None:
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--vocab-size", type=int, default=None, help="of the BPE trained on the corpus (32000)")
     tok.add_argument("--tokenizer", default=None, help="an existing SentencePiece .model, tokenizer.json or model dir")
-    p.add_argument("--num-proc", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=1000, help="batches per timed run (best of 5)")
+    p.add_argument("--num-proc", type=positive_int, default=1)
+    p.add_argument("--seq-len", type=positive_int, default=1024)
+    p.add_argument("--micro-batch-size", type=positive_int, default=8)
+    p.add_argument("--steps", type=positive_int, default=1000, help="batches per timed run (best of 5)")
     args = p.parse_args()
-    for flag in ("num_proc", "seq_len", "micro_batch_size", "steps"):  # before minutes of tokenizing
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     torch.set_num_threads(1)
     env = {"device": f"{_cpu_name()}, 1 thread", "python":
            platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,

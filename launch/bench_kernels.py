@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from cli_types import positive_int
+
 ROOT = Path(__file__).resolve().parents[1]
 FULL_M = (4096, 8192, 16384)
 FULL_SHAPES = ((2048, 2048), (4096, 4096), (2048, 5461), (5461, 2048))
@@ -57,17 +59,6 @@ def shape_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape; expected D_INxD_OUT with positive integers, "
                                          "e.g. 4096x4096 or 2048x5461")
     return int(parts[0]), int(parts[1])
-
-
-def positive_int(text: str) -> int:
-    """argparse type for a count or size that must be >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
 
 
 def parse_args(argv=None):

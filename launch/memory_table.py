@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cli_types import positive_float, positive_int
 from relora_ds import LlamaConfig
 
 PRESETS = ("60m", "130m", "250m", "350m", "1b", "3b", "7b")
@@ -245,20 +246,6 @@ def table(args) -> str:
             f"| {' / '.join(mb(full[z], None) for z in range(4))} "
             f"| {' / '.join(mb(low[z], args.rank) for z in (0, 2, 3))} |{host}")
     return head + "\n".join(rows) + "\n"
-
-
-def positive_int(text: str) -> int:
-    value = int(text)  # argparse turns a ValueError into "invalid positive_int value: 'x'"
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 from bench_kernels import RowSink, bench, load_relora_kernels, shape_arg, spin_up  # noqa: E402
+from cli_types import positive_int  # noqa: E402
 
 LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge", "Y_tma")
 
@@ -43,12 +44,12 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and two candidates per op (CPU interpreter)")
     ap.add_argument("--sections", nargs="+", default=["breakdown", "sweep"], choices=("breakdown", "sweep"))
     ap.add_argument("--ops", nargs="+", default=list(LOW_RANK_OPS), choices=LOW_RANK_OPS, help="ops to sweep")
-    ap.add_argument("--M", type=int, default=None, help="tokens (16384; --smoke: 96)")
+    ap.add_argument("--M", type=positive_int, default=None, help="tokens (16384; --smoke: 96)")
     ap.add_argument("--shapes", nargs="+", type=shape_arg, default=None,
                     help="d_in x d_out of the breakdown (2048x2048 4096x4096; --smoke: 48x40)")
     ap.add_argument("--sweep-shapes", nargs="+", type=shape_arg, default=None,
                     help="the shapes the sweep runs at (~110 compiled candidates per shape; 2048x2048; --smoke: 48x40)")
-    ap.add_argument("--rank", type=int, default=None, help="LoRA rank (128; --smoke: 8)")
+    ap.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (128; --smoke: 8)")
     ap.add_argument("--rep", type=int, default=60, help="do_bench milliseconds of repeats per timing")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tune_kernels.json")
     args = ap.parse_args(argv)
@@ -58,8 +59,6 @@ def parse_args(argv=None):
     args.rank = args.rank if args.rank is not None else (8 if small else 128)
     args.shapes = args.shapes or ([(48, 40)] if small else [(2048, 2048), (4096, 4096)])
     args.sweep_shapes = args.sweep_shapes or ([(48, 40)] if small else [(2048, 2048)])
-    if args.M < 1 or args.rank < 1:
-        ap.error(f"--M and --rank must be >= 1, got --M {args.M} --rank {args.rank}")
     for d_in, d_out in {*args.shapes, *args.sweep_shapes}:
         if args.rank > min(d_in, d_out):
             ap.error(f"--rank {args.rank} exceeds the layer {d_in}x{d_out}: a LoRA rank must be <= min(d_in, d_out)")

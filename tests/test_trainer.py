@@ -1,7 +1,7 @@
 """End-to-end trainer runs on 2 CPU ranks (gloo): resets, the golden curve, 1-rank equivalence, every ZeRO
-stage and offload, export, launchers, TFLOP/s. Resuming is in tests/test_trainer_resume.py."""
+stage and offload, export, launchers, TFLOP/s. Resuming is in tests/test_trainer_resume.py; skipped steps and
+the logged gradient norm in tests/test_trainer_steps.py."""
 import json
-import math
 import os
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from launch_utils import ROOT, free_port, launch_env, run_ranks
-from trainer_utils import FP32_ZERO2, RECIPE, export_equals_the_trainers, read_losses, rewind_to, train1, write
+from trainer_utils import FP32_ZERO2, RECIPE, export_equals_the_trainers, read_losses, train1, write
 
 def test_two_rank_run_leaves_no_shared_memory_behind(uninterrupted_run):
     assert uninterrupted_run["shm_left"] == []
@@ -286,132 +286,6 @@ def test_bad_lora_setting_fails_before_the_warm_start(tmp_path, small_data_dir, 
     assert message in proc.stderr
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert not metrics.exists() or '"loss"' not in metrics.read_text()  # no training step ran
-
-
-@pytest.mark.parametrize("scale_power", [20, 40])
-def test_fp16_skipped_steps_keep_the_lr_schedule_on_the_step(tmp_path, small_data_dir, scale_power):
-    """An fp16 overflow makes DeepSpeed skip the update and not advance its scheduler; the trainer still
-    counts the step (resets come from its counter), so it must advance the schedule itself: else the lr
-    is no longer 0 at the resets. A loss scale of 2^20 overflows the first steps for real (DeepSpeed's own
-    overflow path; this CPU's fp16 support flag is forced on, as DeepSpeed's CPU accelerator reports none);
-    2^40 overflows every step, so the resets find no Adam moments to prune."""
-    ds = {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True, "initial_scale_power": scale_power,
-                                                      "hysteresis": 1},
-          "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
-    (tmp_path / "fp16.json").write_text(json.dumps(ds))
-    recipe, _ = write(tmp_path, small_data_dir, eval_every=0, global_batch_size=4)
-    wrapper = ("import sys, runpy\nfrom deepspeed.accelerator import get_accelerator\n"
-               "type(get_accelerator()).is_fp16_supported = lambda self: True\n"
-               "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
-    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-c", wrapper, str(ROOT / "launch/train.py"), "--config", str(recipe),
-                           "--deepspeed", str(tmp_path / "fp16.json")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _, recs = read_losses(tmp_path / "run")
-    skipped = [r["step"] for r in recs if r.get("event") == "step_skipped"]
-    assert len(skipped) >= 2 and skipped == sorted(skipped), skipped  # 2^20 -> fits after a few halvings, per engine
-    from relora_ds.schedule import jagged_cosine
-
-    logged = [r["lr"] for r in recs if "loss" in r]
-    want = [3e-3 * jagged_cosine(s - 1, total_steps=12, warmup_steps=2, cycle_length=4, restart_warmup_steps=2,
-                                 start_step=2) for s in range(1, 13)]
-    assert logged == pytest.approx(want, rel=1e-6, abs=1e-12)  # 0 at the switch (3) and the resets (7, 11)
-    resets = [r for r in recs if r.get("event") == "reset"]
-    assert [r["step"] for r in resets] == [6, 10]
-    assert all(("prune_skipped" in r) == (scale_power == 40) for r in resets), resets
-
-
-def test_a_non_finite_gradient_skips_the_update_without_zero_too(tmp_path, small_data_dir):
-    """Stage 0 (plain `python launch/train.py`, fp32): DeepSpeed applies any update there, so an inf gradient
-    (injected into step 2's backward; the loss stays finite) wrote NaN into every weight, a NaN checkpoint
-    and, at the last step, exit 0 (found by a review). Now the step is skipped as ZeRO skips it: weights
-    after step 2 equal those after step 1, the schedule stays on the step, training goes on."""
-    import torch
-    stage0 = tmp_path / "stage0.json"
-    stage0.write_text(json.dumps({"zero_optimization": {"stage": 0},
-                                  "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
-    recipe, _ = write(tmp_path, small_data_dir, total_steps=4, eval_every=0, global_batch_size=4, save_every=1)
-    wrapper = ("import sys, runpy, torch\nfrom relora_ds import model as M\ncalls = [0]\n"
-               "orig = M.LlamaModel.forward\n"
-               "def forward(self, *a, **kw):\n"
-               "    h = orig(self, *a, **kw)\n"
-               "    if torch.is_grad_enabled() and self.training:\n"
-               "        calls[0] += 1\n"
-               "        if calls[0] == 2:\n"
-               "            h.register_hook(lambda g: g * float('inf'))\n"
-               "    return h\n"
-               "M.LlamaModel.forward = forward\n"
-               "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
-    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-c", wrapper, str(ROOT / "launch/train.py"), "--config", str(recipe),
-                           "--deepspeed", str(stage0)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    losses, recs = read_losses(tmp_path / "run")
-    assert [(r["step"], r["reason"]) for r in recs if r.get("event") == "step_skipped"] == \
-        [(2, "non-finite gradient norm")]
-    assert [r["grad_norm"] is None for r in recs if "loss" in r] == [False, True, False, False]
-    from relora_ds.schedule import jagged_cosine
-    want = [3e-3 * jagged_cosine(s - 1, total_steps=4, warmup_steps=2, cycle_length=4, restart_warmup_steps=2,
-                                 start_step=2) for s in range(1, 5)]
-    assert [r["lr"] for r in recs if "loss" in r] == pytest.approx(want, rel=1e-6, abs=1e-12)
-
-    def weights(tag):
-        states = torch.load(tmp_path / "run/checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)
-        return states["module"]
-    w1, w2, w4 = weights("step_1"), weights("step_2"), weights("step_4")  # step 3: lr 0 after the switch
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped update
-    assert all(torch.isfinite(v).all() for v in w4.values())
-    assert not torch.equal(w2["model.embed_tokens.weight"], w4["model.embed_tokens.weight"])  # training went on
-    assert all(math.isfinite(v) for v in losses.values())
-
-
-def test_grad_norm_is_logged_without_zero_too_and_a_record_covers_its_steps(tmp_path, small_data_dir):
-    """Stage 0 (plain `python launch/train.py`) logs the same gradient norm as ZeRO-2 records (fp32, 1 rank);
-    with log_every > 1 a record's loss is its steps' mean (found by a review: it was the last step's), and a
-    run resumed from a checkpoint logs the records the uninterrupted run logged (a review found the steps
-    between the last record and the checkpoint in no record of the resumed run)."""
-    stage0 = tmp_path / "stage0.json"
-    stage0.write_text(json.dumps({"zero_optimization": {"stage": 0},
-                                  "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
-    norms = {}
-    for name, ds in (("zero0", stage0), ("zero2", None)):
-        (tmp_path / name).mkdir()
-        train1(tmp_path / name, small_data_dir, ds=ds, total_steps=6, eval_every=0, global_batch_size=4)
-        _, recs = read_losses(tmp_path / name / "run")
-        norms[name] = [r["grad_norm"] for r in recs if "loss" in r]
-    assert all(n is not None and n > 0 for n in norms["zero0"]), norms
-    assert norms["zero0"] == pytest.approx(norms["zero2"], rel=1e-4)
-    # log_every=3: a record holds the mean loss of its steps and its last step's grad_norm and lr; the window
-    # also ends at the warm-start switch (after step 2) and at the checkpoint of step 4: records at 2 (steps
-    # 1-2), 3, 4 and 6 (steps 5-6, the last).
-    each, each_recs = read_losses(tmp_path / "zero2" / "run")
-    (tmp_path / "every3").mkdir()
-    kw = dict(total_steps=6, eval_every=0, global_batch_size=4, log_every=3, save_every=4)
-    train1(tmp_path / "every3", small_data_dir, **kw)
-    grouped, recs = read_losses(tmp_path / "every3" / "run")
-    assert grouped == {2: (each[1] + each[2]) / 2, 3: each[3], 4: each[4], 6: (each[5] + each[6]) / 2}
-    by_step = {r["step"]: r for r in each_recs if "loss" in r}
-    assert [(r["grad_norm"], r["lr"], r["phase"]) for r in recs if "loss" in r] == \
-        [(by_step[s]["grad_norm"], by_step[s]["lr"], by_step[s]["phase"]) for s in (2, 3, 4, 6)]
-    rewind_to(tmp_path / "every3" / "run", "step_4")
-    train1(tmp_path / "every3", small_data_dir, "--resume", **kw)
-    assert read_losses(tmp_path / "every3" / "run")[0] == {6: grouped[6]}
-    # A new run in that output_dir is refused (it would mix the runs); --overwrite starts over there.
-    proc = train1(tmp_path / "zero2", small_data_dir, check=False, total_steps=3, eval_every=0, global_batch_size=4)
-    assert proc.returncode == 2 and "holds a run (latest, metrics.jsonl): pass --resume" in proc.stderr, proc.stderr
-    # --overwrite deletes only once every check passed: a refused run leaves the old one alone.
-    proc = train1(tmp_path / "zero2", small_data_dir, "--overwrite", check=False, total_steps=2, eval_every=0,
-                   global_batch_size=4)
-    assert proc.returncode == 2 and "warm_start_steps=2 leaves no low-rank steps" in proc.stderr, proc.stderr
-    assert (tmp_path / "zero2/run/checkpoints/latest").read_text() == "step_6"
-    train1(tmp_path / "zero2", small_data_dir, "--overwrite", total_steps=3, eval_every=0, global_batch_size=4)
-    losses, _ = read_losses(tmp_path / "zero2" / "run")
-    assert sorted(losses) == [1, 2, 3] and (tmp_path / "zero2/run/checkpoints/latest").read_text() == "step_3"
-    assert sorted(p.name for p in (tmp_path / "zero2/run/checkpoints").glob("step_*")) == ["step_3"]
 
 
 def test_a_second_run_in_a_busy_output_dir_is_refused(tmp_path, small_data_dir):

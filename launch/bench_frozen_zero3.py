@@ -2,9 +2,10 @@
 
     deepspeed --num_gpus 2 launch/bench_frozen_zero3.py --presets tiny 60m 130m      # CPU: DS_ACCELERATOR=cpu
 
-Builds each preset (bf16, vocab 32000), wraps it (--rank; default 128, 32 for tiny and debug), starts a ZeRO-3 engine from
-ds_configs/zero3.json and sums what each rank holds of the frozen projection weights: its shard of every
-base weight (bf16 ``weight`` or int8 ``weight_q``), plus the int8 scales (buffers, on every rank).
+Builds each preset (bf16, vocab 32000), wraps it (--rank; default 128, 32 for tiny and debug), starts a
+ZeRO-3 engine from ds_configs/zero3.json and sums what each rank holds of the frozen projection weights: its
+shard of every base weight (bf16 ``weight`` or int8 ``weight_q``), plus the int8 scales (buffers, on every
+rank).
 """
 import argparse
 import json
@@ -17,7 +18,7 @@ import relora_ds
 from relora_ds.distributed import init_distributed, run_and_exit
 from relora_ds.ds_config import complete_ds_config, load_ds_config
 from relora_ds.train_config import TrainConfig
-from bench_memory_ds import check_preset_rank  # noqa: E402  (launch/ is the script's directory)
+from bench_memory_ds import check_preset_rank  # launch/, the script's directory
 
 
 def frozen_bytes(engine, quantize) -> tuple[int, int]:

@@ -103,15 +103,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_memory_ds.json")
     ap.add_argument("--one", choices=("bf16", "int8"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if not args.one:  # the preset/rank errors wrap would raise in each child, as one parse error, up front
-        try:
-            check_preset_rank(args.preset, args.rank)
-        except ValueError as exc:
-            ap.error(str(exc))
     if args.one:
         print(json.dumps(one(args.preset, None if args.one == "bf16" else "int8", args.deepspeed, args.micro_batch,
                              args.seq_len, args.rank, args.steps, args.device)))
         return 0
+    try:  # the preset/rank errors wrap would raise in each child, as one parse error, up front
+        check_preset_rank(args.preset, args.rank)
+    except ValueError as exc:
+        ap.error(str(exc))
     rows = []
     for base in args.bases:
         with socket.socket() as s:

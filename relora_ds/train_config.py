@@ -124,6 +124,9 @@ class TrainConfig:
                                     "corpus, prepared on first use")
     vocab_size: int | None = _f(None, f"SentencePiece vocab size when preparing the built-in corpus (default "
                                       f"{BUILTIN_VOCAB_SIZE}); with data_dir the data's tokenizer decides")
+    data_prefetch: int = _f(2, "micro-batches each rank reads ahead on background threads while a step trains "
+                               "(reading shuffled windows waits on storage until the page cache holds the data); "
+                               "0: read each when the step needs it. The batches are the same either way")
     # Evaluation, checkpoints, logging
     eval_every: int = _f(100, "validation perplexity every N steps (and at the end); 0 disables")
     eval_windows: int = _f(10240, "validation windows (sequences) per evaluation: the first N of the split, "
@@ -264,7 +267,8 @@ class TrainConfig:
                              "any of its characters and merges; leave room for those (default "
                              f"{BUILTIN_VOCAB_SIZE})")
         for name in ("warmup_steps", "restart_warmup_steps", "warm_start_steps", "weight_decay", "grad_clip",
-                     "eval_every", "save_every", "loss_chunk_size", "eval_windows", "final_eval_windows", "seed"):
+                     "eval_every", "save_every", "loss_chunk_size", "eval_windows", "final_eval_windows", "seed",
+                     "data_prefetch"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         for name in ("dropout", "adam_beta1", "adam_beta2"):

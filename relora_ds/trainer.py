@@ -104,16 +104,18 @@ class Trainer(EnginesMixin, CheckpointsMixin):
         self.schedule = build_schedule(cfg, self.total_steps)
         with self._warnings_on_rank_zero():  # a split too small for a window or a global batch: named here
             check_data_use(cfg, self.total_steps, manifest["splits"], str(self.data_dir), self.world)
-        self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len)
+        self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len, access="random")
         self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)
         # What each checkpoint records of the training data, and --resume compares (checkpoint.plan_resume).
         self.data_info = train_data_record(manifest, cfg.seq_len)
+        on_cuda = torch.cuda.is_available() and get_accelerator().device_name() == "cuda"
+        # On a GPU, batches in page-locked memory: their copies to the device do not stall the host.
         self.batches = ShardedBatches(self.train_data, cfg.micro_batch_size, rank=self.rank,
                                       world_size=self.world, seed=cfg.seed,
-                                      accumulation_steps=cfg.global_batch_size // (cfg.micro_batch_size * self.world))
+                                      accumulation_steps=cfg.global_batch_size // (cfg.micro_batch_size * self.world),
+                                      prefetch=cfg.data_prefetch, pin_memory=on_cuda)
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
         # MFU's denominator: the recipe's peak_tflops, else the table's bf16 peak of this GPU when in bf16.
-        on_cuda = torch.cuda.is_available() and get_accelerator().device_name() == "cuda"
         self.peak_tflops = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name())
                                                if on_cuda and uses_bf16(self.ds) else None)
         self.resume_plan = None if not cfg.resume else checkpoint.plan_resume(
@@ -226,6 +228,12 @@ class Trainer(EnginesMixin, CheckpointsMixin):
             self._build_engine(self._base_model(self._phase(0)), self._phase(0))
 
     def train(self) -> dict:
+        try:
+            return self._train()
+        finally:
+            self.batches.close()  # the read-ahead threads
+
+    def _train(self) -> dict:
         cfg = self.cfg
         self.start()
         numel = lambda ps: sum(getattr(p, "ds_numel", p.numel()) for p in ps)  # noqa: E731  ZeRO-3: whole
@@ -330,7 +338,7 @@ class Trainer(EnginesMixin, CheckpointsMixin):
         self.step_lr = engine.get_lr()[0]  # the lr this step trains with (engine.step() advances the scheduler)
         gas = engine.gradient_accumulation_steps()
         for micro in range(gas):
-            batch = next(self.batches).to(engine.device)
+            batch = next(self.batches).to(engine.device, non_blocking=True)
             loss = engine(batch, labels=batch).loss
             engine.backward(loss)
             skip = False

@@ -15,11 +15,18 @@ together: micro-step ``k`` of an epoch covers the global slice ``[k*W*B, (k+1)*W
 
 Changing the world size (or micro-batch size) on resume re-shards by global sample index: the new ranks
 continue the same epoch order from the same global position, so no sample is skipped or repeated.
+
+With ``prefetch=N`` background threads read the next N micro-batches while the current step trains (the
+reads of shuffled windows not in the page cache wait on storage); the batches, their order and the state
+are those of ``prefetch=0``: the state counts only batches handed out.
 """
 from __future__ import annotations
 
+import collections
+import copy
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -47,10 +54,11 @@ def _size(dataset) -> str:
     return f"{f'the {split} split: ' if split else ''}{tokens:,} tokens at seq_len={seq_len}"
 
 
-def _batch(dataset, indices: np.ndarray) -> torch.Tensor:
-    if hasattr(dataset, "get_batch"):
-        return dataset.get_batch(indices)
-    return torch.stack([dataset[int(i)] for i in indices])
+def _batch(dataset, indices: np.ndarray, pin_memory: bool = False) -> torch.Tensor:
+    batch = dataset.get_batch(indices) if hasattr(dataset, "get_batch") else torch.stack([dataset[int(i)]
+                                                                                          for i in indices])
+    # Page-locked, a batch's copy to the GPU can be asynchronous (.to(device, non_blocking=True)).
+    return batch.pin_memory() if pin_memory else batch
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -66,15 +74,23 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class ShardedBatches:
-    """Infinite iterator of this rank's micro-batches, LongTensor (micro_batch_size, seq_len + 1)."""
+    """Infinite iterator of this rank's micro-batches, LongTensor (micro_batch_size, seq_len + 1).
+
+    `prefetch`: micro-batches read ahead by as many background threads (0: each is read when asked for).
+    `pin_memory`: hand out batches in page-locked memory (needs an accelerator), for asynchronous copies.
+    Call :meth:`close` to stop the threads (they also end with the process).
+    """
 
     def __init__(self, dataset, micro_batch_size: int, *, rank: int, world_size: int, seed: int,
-                 drop_last: bool = True, accumulation_steps: int = 1):
+                 drop_last: bool = True, accumulation_steps: int = 1, prefetch: int = 0, pin_memory: bool = False):
         _check_shard(micro_batch_size, rank, world_size)
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r} must be a non-negative int")
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps={accumulation_steps!r} must be a positive int")
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+            raise ValueError(f"prefetch={prefetch!r} must be a non-negative int (micro-batches read ahead; "
+                             "0 reads each when it is asked for)")
         self.num_samples = len(dataset)
         if self.num_samples == 0:
             size = _size(dataset)
@@ -101,7 +117,13 @@ class ShardedBatches:
         self.step_offset = 0
         # Samples consumed by all ranks together since the start of training, across epochs.
         self.samples_consumed = 0
-        self._order: tuple[int, np.ndarray] | None = None
+        # Epoch orders by epoch (the current one, and the next while prefetching crosses into it), shared with
+        # the read-ahead cursor.
+        self._orders: dict[int, np.ndarray] = {}
+        self.prefetch, self.pin_memory = prefetch, pin_memory
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: ShardedBatches | None = None  # a copy of this sampler's position, `prefetch` batches on
+        self._pending: collections.deque[Future] = collections.deque()
 
     @property
     def global_batch(self) -> int:
@@ -114,14 +136,30 @@ class ShardedBatches:
         return steps * (self.step_samples // self.global_batch)
 
     def _epoch_order(self) -> np.ndarray:
-        if self._order is None or self._order[0] != self.epoch:
-            self._order = (self.epoch, epoch_order(self.num_samples, self.seed, self.epoch))
-        return self._order[1]
+        if self.epoch not in self._orders:
+            for old in [e for e in self._orders if e < self.epoch - 1]:  # the cursor ahead may be one epoch on
+                del self._orders[old]
+            self._orders[self.epoch] = epoch_order(self.num_samples, self.seed, self.epoch)
+        return self._orders[self.epoch]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
 
     def __next__(self) -> torch.Tensor:
+        if not self.prefetch:
+            return _batch(self.dataset, self._advance(), self.pin_memory)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="relora_ds-prefetch")
+        if self._ahead is None:  # (re)start reading ahead from this sampler's position
+            self._ahead = copy.copy(self)
+            self._ahead.prefetch, self._ahead._pending = 0, collections.deque()
+        while len(self._pending) <= self.prefetch:  # this batch, and `prefetch` more after it
+            self._pending.append(self._pool.submit(_batch, self.dataset, self._ahead._advance(), self.pin_memory))
+        self._advance()  # the same walk as the cursor ahead: this sampler's state counts handed-out batches
+        return self._pending.popleft().result()  # a read's error is raised here
+
+    def _advance(self) -> np.ndarray:
+        """Move to the next micro-batch: this rank's window indices of it."""
         n, g, step = self.num_samples, self.global_batch, self.step_samples
         at_step_start = (self.position - self.step_offset) % step == 0
         if self.drop_last:
@@ -138,7 +176,20 @@ class ShardedBatches:
         indices = order[np.arange(start, start + self.micro_batch_size) % n]
         self.position += g
         self.samples_consumed += g
-        return _batch(self.dataset, indices)
+        return indices
+
+    def _drop_read_ahead(self) -> None:
+        for future in self._pending:
+            future.cancel()  # one already reading finishes; its batch is dropped
+        self._pending.clear()
+        self._ahead = None
+
+    def close(self) -> None:
+        """Stop the read-ahead threads (waiting for a read in progress); a later batch starts them again."""
+        self._drop_read_ahead()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def state_dict(self) -> dict:
         """Plain ints and bools (JSON- and pickle-safe), identical on every rank."""
@@ -161,6 +212,7 @@ class ShardedBatches:
             log.warning("resuming with world_size=%d, micro_batch_size=%d (checkpoint: %d, %d): re-sharding "
                         "epoch %d from global sample %d", self.world_size, self.micro_batch_size,
                         state["world_size"], state["micro_batch_size"], state["epoch"], state["position"])
+        self._drop_read_ahead()
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self.samples_consumed = int(state["samples_consumed"])

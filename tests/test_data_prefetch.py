@@ -1,0 +1,143 @@
+"""Reading ahead: ShardedBatches(prefetch=N) hands out the batches and state of prefetch=0, reads them before
+they are asked for, raises a read's error at its batch, and stops its threads; PackedTokens' access modes."""
+from __future__ import annotations
+
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from relora_ds.data import PackedTokens, ShardedBatches, load_manifest, prepare_data
+
+SEQ = 32
+
+
+class Windows:
+    """Window i is [i]; records the indices each get_batch was asked for, and fails on `bad`."""
+
+    def __init__(self, n, bad=None):
+        self.n, self.bad, self.asked = n, bad, []
+        self.lock = threading.Lock()
+        self.reads = threading.Semaphore(0)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.tensor([i], dtype=torch.long)
+
+    def get_batch(self, indices):
+        with self.lock:
+            self.asked.append([int(i) for i in indices])
+        self.reads.release()
+        if self.bad is not None and self.bad in indices:
+            raise OSError(f"cannot read window {self.bad}")
+        return torch.tensor(np.asarray(indices, dtype=np.int64)[:, None])
+
+
+def ids(batch):
+    return batch[:, 0].tolist()
+
+
+@pytest.mark.parametrize("drop_last,world,accum,prefetch", [(True, 1, 1, 1), (True, 2, 2, 3), (False, 2, 3, 2),
+                                                             (True, 1, 1, 40)])
+def test_prefetch_hands_out_the_batches_and_state_of_no_prefetch(drop_last, world, accum, prefetch):
+    """Over three epochs of 23 windows (a tail dropped or completed), for each rank: prefetch=40 reads
+    ahead across two epoch boundaries."""
+    for rank in range(world):
+        plain = ShardedBatches(Windows(23), 2, rank=rank, world_size=world, seed=5, drop_last=drop_last,
+                               accumulation_steps=accum)
+        ahead = ShardedBatches(Windows(23), 2, rank=rank, world_size=world, seed=5, drop_last=drop_last,
+                               accumulation_steps=accum, prefetch=prefetch)
+        for _ in range(3 * plain.steps_per_epoch + 1):
+            assert ids(next(ahead)) == ids(next(plain))
+            assert ahead.state_dict() == plain.state_dict()
+        assert plain.epoch == 3
+        ahead.close()
+
+
+def test_a_resume_drops_what_was_read_ahead():
+    """load_state_dict while batches are read ahead: the batches continue from the loaded state."""
+    reference = ShardedBatches(Windows(40), 4, rank=0, world_size=1, seed=2)
+    batches = [ids(next(reference)) for _ in range(12)]
+    ahead = ShardedBatches(Windows(40), 4, rank=0, world_size=1, seed=2, prefetch=3)
+    for _ in range(7):
+        next(ahead)
+    saved = ShardedBatches(Windows(40), 4, rank=0, world_size=1, seed=2)
+    for _ in range(4):
+        next(saved)
+    ahead.load_state_dict(saved.state_dict())  # back to batch 4, with batches 7.. read ahead
+    assert [ids(next(ahead)) for _ in range(8)] == batches[4:12]
+    ahead.close()
+
+
+def test_batches_are_read_before_they_are_asked_for():
+    data = Windows(100)
+    batches = ShardedBatches(data, 4, rank=0, world_size=1, seed=0, prefetch=2)
+    first = ids(next(batches))
+    for _ in range(3):  # the first batch and the two after it, read without another next()
+        assert data.reads.acquire(timeout=30)
+    with data.lock:
+        assert data.asked[0] == first and len(data.asked) == 3
+    reference = ShardedBatches(Windows(100), 4, rank=0, world_size=1, seed=0)
+    next(reference)
+    assert sorted(map(tuple, data.asked[1:])) == sorted(tuple(ids(next(reference))) for _ in range(2))
+    batches.close()
+
+
+def test_a_failed_read_is_raised_at_its_batch():
+    order = [ids(b) for b, _ in zip(ShardedBatches(Windows(40), 4, rank=0, world_size=1, seed=1), range(10))]
+    bad = order[5][0]  # the first window of the sixth batch
+    batches = ShardedBatches(Windows(40, bad=bad), 4, rank=0, world_size=1, seed=1, prefetch=3)
+    assert [ids(next(batches)) for _ in range(5)] == order[:5]  # read ahead, the failing read waits its turn
+    with pytest.raises(OSError, match=f"cannot read window {bad}"):
+        next(batches)
+    batches.close()
+
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("relora_ds-prefetch")]
+
+
+def test_close_stops_the_threads_and_a_later_batch_starts_them():
+    before = len(_prefetch_threads())
+    reference = ShardedBatches(Windows(40), 4, rank=0, world_size=1, seed=3)
+    batches = ShardedBatches(Windows(40), 4, rank=0, world_size=1, seed=3, prefetch=2)
+    assert ids(next(batches)) == ids(next(reference))
+    assert len(_prefetch_threads()) > before
+    batches.close()
+    assert len(_prefetch_threads()) == before
+    assert ids(next(batches)) == ids(next(reference))  # on from where it was
+    batches.close()
+
+
+@pytest.mark.parametrize("prefetch", [-1, 1.5, True, "2"])
+def test_prefetch_must_be_a_non_negative_int(prefetch):
+    with pytest.raises(ValueError, match=f"prefetch={prefetch!r} must be a non-negative int"):
+        ShardedBatches(Windows(40), 4, rank=0, world_size=1, seed=3, prefetch=prefetch)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepare_data(None, tmp_path_factory.mktemp("data"), vocab_size=500, max_docs=100, val_fraction=0.05)
+
+
+def test_every_access_mode_reads_the_same_windows_and_pickles(data_dir):
+    m = load_manifest(data_dir)
+    tokens = np.fromfile(m["splits"]["train"]["path"], dtype=m["dtype"]).astype(np.int64)
+    idx = np.array([3, 0, 41, 7])
+    expected = np.stack([tokens[i * SEQ:i * SEQ + SEQ + 1] for i in idx])
+    for access in ("random", "normal", "sequential"):
+        ds = PackedTokens(data_dir, "train", seq_len=SEQ, access=access)
+        np.testing.assert_array_equal(ds.get_batch(idx).numpy(), expected)
+        copy = pickle.loads(pickle.dumps(ds))
+        assert copy.access == access
+        np.testing.assert_array_equal(copy.get_batch(idx).numpy(), expected)
+        assert not ds.tokens.flags.writeable
+
+
+def test_an_unknown_access_mode_is_refused(data_dir):
+    with pytest.raises(ValueError, match=r"access='shuffled' is not one of \['normal', 'random', 'sequential'\]"):
+        PackedTokens(data_dir, "train", seq_len=SEQ, access="shuffled")

@@ -141,3 +141,19 @@ def test_every_access_mode_reads_the_same_windows_and_pickles(data_dir):
 def test_an_unknown_access_mode_is_refused(data_dir):
     with pytest.raises(ValueError, match=r"access='shuffled' is not one of \['normal', 'random', 'sequential'\]"):
         PackedTokens(data_dir, "train", seq_len=SEQ, access="shuffled")
+
+
+def test_pinning_threads_take_the_device_of_the_thread_that_starts_them(monkeypatch):
+    """Each rank pins on its own GPU: a read-ahead thread left on the default device would create a CUDA
+    context on GPU 0 for every rank of the node. (Faked: this machine has no accelerator to pin with.)"""
+    current = threading.local()
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: getattr(current, "device", 0))
+    monkeypatch.setattr(torch.accelerator, "set_device_index", lambda i: setattr(current, "device", i))
+    pinned_on = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned_on.append(getattr(current, "device", 0)) or t)
+    torch.accelerator.set_device_index(3)  # this rank's GPU
+    reference = ShardedBatches(Windows(40), 4, rank=0, world_size=1, seed=4)
+    batches = ShardedBatches(Windows(40), 4, rank=0, world_size=1, seed=4, prefetch=2, pin_memory=True)
+    assert [ids(next(batches)) for _ in range(5)] == [ids(next(reference)) for _ in range(5)]
+    batches.close()
+    assert len(pinned_on) >= 5 and set(pinned_on) == {3}

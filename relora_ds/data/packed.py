@@ -19,8 +19,8 @@ from relora_ds.data.manifest import load_manifest
 
 # How the split's pages are read from storage (madvise). The default read-around fetches ~128 KiB or more
 # around each page fault: for shuffled training windows of a few KiB that is mostly wasted, and reading
-# windows evicted from the page cache was 5.6x slower with it (launch/bench_data.py: 3.9 vs 0.70 ms per
-# 8 x 1025 batch on this project's CPU VM).
+# windows evicted from the page cache was 9x slower with it at 8 x 1025 and 4.7x at 64 x 257
+# (launch/bench_data.py on this project's CPU VM; BENCHMARKS.md).
 _MADVISE = {"random": "MADV_RANDOM", "normal": "MADV_NORMAL", "sequential": "MADV_SEQUENTIAL"}
 
 

@@ -149,7 +149,12 @@ class ShardedBatches:
         if not self.prefetch:
             return _batch(self.dataset, self._advance(), self.pin_memory)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="relora_ds-prefetch")
+            # A new thread's current device is the first GPU: pinning there would make every rank of a node
+            # create a CUDA context on GPU 0. The threads take this thread's device, as DataLoader's pinning does.
+            device = torch.accelerator.current_device_index() if self.pin_memory else None
+            self._pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="relora_ds-prefetch",
+                                            initializer=None if device is None else torch.accelerator.set_device_index,
+                                            initargs=() if device is None else (device,))
         if self._ahead is None:  # (re)start reading ahead from this sampler's position
             self._ahead = copy.copy(self)
             self._ahead.prefetch, self._ahead._pending = 0, collections.deque()

@@ -145,6 +145,7 @@ def init_distributed(**kwargs) -> None:
     if accelerator.device_name() == "cuda" and "LOCAL_RANK" in os.environ:
         _check_local_rank(int(os.environ["LOCAL_RANK"]), accelerator.device_count())
     launched = launched_ranks()
+    _check_launcher_env()
     try:
         deepspeed.init_distributed(**kwargs)
     except ModuleNotFoundError as e:  # DeepSpeed's MPI discovery, the only way left to it, needs mpi4py
@@ -169,6 +170,34 @@ def init_distributed(**kwargs) -> None:
         local = int(os.environ.get("LOCAL_RANK", 0))
         _check_local_rank(local, accelerator.device_count())
         accelerator.set_device(local)
+    if world is not None and kwargs.get("timeout") is not None:
+        _timed_world_clone(world, kwargs["timeout"])
+
+
+def _timed_world_clone(world: int, timeout) -> None:
+    """DeepSpeed runs ZeRO's collectives (gradient reduce-scatter, parameter all-gathers, safe_get_full_*) on a
+    clone of the world group, made by ``dist.new_group(ranks)`` with torch's default timeout (NCCL 10 min,
+    gloo 30), not the one given to init_distributed: make that clone now, with the run's timeout."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if getattr(groups, "_WORLD_GROUP", "missing") is None:  # not cloned yet (a DeepSpeed that keeps no clone: skip)
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(world)), timeout=timeout)
+
+
+def _check_launcher_env() -> None:
+    """DeepSpeed takes the launcher's environment only when all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    MASTER_PORT are set; otherwise it runs MPI discovery, which with mpi4py installed overwrites RANK and
+    WORLD_SIZE with a world of one. Name what a launcher that sets some of them (Kubeflow's PyTorchJob without
+    torchrun: no LOCAL_RANK) left out."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    given = [n for n in names if n in os.environ]
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and len(given) < len(names):
+        missing = [n for n in names if n not in os.environ]
+        raise ValueError(f"the launcher set {', '.join(given)} but not {', '.join(missing)}: DeepSpeed needs all of "
+                         f"{', '.join(names)} (else it falls back to MPI discovery). Set "
+                         f"{' and '.join(missing)} (LOCAL_RANK: this process's index on its node, e.g. "
+                         "SLURM_LOCALID), or start the ranks with deepspeed or torchrun, which set them all")
 
 
 def _check_local_rank(local: int, count: int) -> None:

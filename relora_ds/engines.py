@@ -88,6 +88,21 @@ class EnginesMixin:
         self.engine_phase = phase
         self.flops_per_token = flops_per_token(model, cfg.seq_len)  # the warm start's, then ReLoRA's
 
+    def _source_masters(self) -> None:
+        """A run starting from hf_model or warm_start_from stored in fp32 (an export's default) gives the trained
+        parameters the source's fp32 values as masters: under bf16/fp16 deepspeed.initialize builds them from
+        the model's 16-bit copies, rounding every value (relative error up to 2^-9 in bf16), as the in-run
+        warm start's switch keeps its own (_switch_to_lowrank). Every rank reads the source, in the same order
+        (ZeRO-3: each writes its own slice)."""
+        src = self.cfg.hf_model or self.cfg.warm_start_from
+        if not src or not (uses_bf16(self.ds) or uses_fp16(self.ds)):
+            return
+        lora = {id(p) for p in lora_parameters(self.engine.module)}
+        trained = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad and id(p) not in lora}
+        for name, tensor in hf_tensors(src, dtype=None):
+            if name in trained and tensor.dtype in (torch.float32, torch.float64):
+                set_full(trained[name], tensor.float())
+
     def _param_group_names(self, phase: str) -> list[list[str]]:
         """The parameter names in each optimizer param group of a ``phase`` engine, from the model built on the
         meta device (no memory, no init, the random streams untouched): a checkpoint without ZeRO keys its
@@ -117,11 +132,14 @@ class EnginesMixin:
             model = self._fresh_model(keep_rng=True)
             self._wrap(model)
             trainable, masters = _full_rank_trainable(model), {}
+            separate_masters = uses_bf16(self.ds) or uses_fp16(self.ds)
 
             def tensors():
                 for name, full in zero_init.engine_tensors(self.engine):
-                    if name in trainable:
-                        masters[name] = full
+                    if separate_masters and name in trainable:
+                        # In host memory: gathered on the GPU (even with offload_param), the embeddings' and
+                        # head's fp32 copies would hold GBs there while the new engine is built (8b: ~4 GB).
+                        masters[name] = full.cpu()
                     yield name, full
             zero_init.load_(model, tensors(), "the full-rank engine")
         else:

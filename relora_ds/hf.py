@@ -388,9 +388,9 @@ def load_hf_config(path: str | Path) -> LlamaConfig:
     return config_from_hf(config)
 
 
-def hf_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor cast to ``dtype``) for each weight of a Hugging Face directory's safetensors, one at a
-    time (rotary tables skipped; a quantized checkpoint refused)."""
+def hf_tensors(path: str | Path, dtype: torch.dtype | None = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor cast to ``dtype``; None: as stored) for each weight of a Hugging Face directory's
+    safetensors, one at a time (rotary tables skipped; a quantized checkpoint refused)."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -409,7 +409,7 @@ def hf_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> Iterator
                 if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
                     raise ValueError(f"{path / f}: {key} is stored as {tensor.dtype}, a quantized checkpoint; "
                                      "start from its bf16/fp16/fp32 weights")
-                yield key, tensor.to(dtype)
+                yield key, tensor if dtype is None else tensor.to(dtype)
 
 
 def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:

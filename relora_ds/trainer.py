@@ -226,6 +226,7 @@ class Trainer(EnginesMixin, CheckpointsMixin):
             {k: v for k, v in self._run_config().items() if k != "environment"}, indent=2))  # that: run_info.jsonl
         if not (self.cfg.resume and self._resume()):
             self._build_engine(self._base_model(self._phase(0)), self._phase(0))
+            self._source_masters()
 
     def train(self) -> dict:
         try:

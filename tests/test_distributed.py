@@ -334,3 +334,46 @@ def test_more_ranks_on_a_node_than_gpus_is_one_line(monkeypatch):
         distributed.init_distributed()
     # before DeepSpeed's init, which hands torch device_id=cuda:LOCAL_RANK (torch's own error first otherwise)
     assert len(inits) == 1
+
+
+_TIMEOUT_CHECK = """
+import datetime, json, sys
+import torch
+from deepspeed.utils import groups
+from relora_ds.distributed import init_distributed, run_and_exit
+
+def main():
+    init_distributed(timeout=datetime.timedelta(minutes=47))
+    dp = groups._get_data_parallel_group()  # the group ZeRO reduces gradients and gathers parameters on
+    print(json.dumps({"dp": dp._get_backend(torch.device("cpu")).options._timeout.total_seconds()}))
+
+run_and_exit(main)
+"""
+
+
+def test_zeros_collectives_wait_the_runs_timeout():
+    """DeepSpeed cloned the world group for ZeRO with torch's default timeout (gloo 30 min, NCCL 10), not the
+    run's collective_timeout_min (found by a review: a straggler past 10 min killed an NCCL run)."""
+    import subprocess
+    import sys
+
+    from launch_utils import launch_env
+    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", _TIMEOUT_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"dp": 47 * 60}
+
+
+def test_a_launcher_that_sets_rank_and_world_size_but_not_local_rank_is_named(monkeypatch):
+    """Kubeflow's PyTorchJob without torchrun: DeepSpeed's MPI discovery would have replaced RANK/WORLD_SIZE
+    with a world of one and blamed srun and mpirun."""
+    from relora_ds.distributed import init_distributed
+
+    for var, value in dict(RANK="1", WORLD_SIZE="4", MASTER_ADDR="10.0.0.1", MASTER_PORT="29500").items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(ValueError, match=r"the launcher set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT but not "
+                                         r"LOCAL_RANK: DeepSpeed needs all of"):
+        init_distributed()

@@ -224,6 +224,8 @@ def test_the_full_rank_engine_is_freed_before_the_relora_engine_is_built(tmp_pat
     assert line == "ALIVE_AT_BUILD [[], [False, False]]", line
     # kept, where rounding to bf16 would have changed them
     assert "MASTERS_KEPT True ROUNDED_DIFFERS True" in proc.stdout, proc.stdout[-2000:]
+    # and the run's first masters are its fp32 source's (hf_model), not their bf16 rounding (a review's find)
+    assert "SOURCE_MASTERS True SOURCE_ROUNDED_DIFFERS True" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.parametrize("rank1_data", ["another recipe", "missing"])

@@ -1,7 +1,8 @@
 """One process: a debug-preset run through the warm-start switch, checking that the full-rank engine (and its
 optimizer) is gone when DeepSpeed builds the ReLoRA engine, so the two never hold device memory together, and
 that the parameters trained full-rank on both sides keep their fp32 masters across it (not the bf16 copies'
-rounding). argv: output_dir, data_dir, DeepSpeed JSON."""
+rounding). The run starts from an fp32 Hugging Face directory (hf_model), whose values its masters must start
+from. argv: output_dir, data_dir, DeepSpeed JSON."""
 import gc
 import sys
 import weakref
@@ -12,6 +13,9 @@ import torch
 
 from relora_ds import engines
 from relora_ds.engine_state import full_fp32_state_dict
+from relora_ds.hf import export_hf, hf_tensors
+from relora_ds.model import LlamaForCausalLM
+from relora_ds.model_config import LlamaConfig
 from relora_ds.relora import lora_parameters
 from relora_ds.train_config import TrainConfig
 from relora_ds.trainer import Trainer
@@ -43,7 +47,19 @@ def switch(self):
 
 
 engines.EnginesMixin._switch_to_lowrank = switch
-cfg = TrainConfig(model="debug", rank=8, total_steps=4, warm_start_steps=2, cycle_length=2, restart_warmup_steps=1,
+real_source_masters = engines.EnginesMixin._source_masters
+
+
+def source_masters(self):
+    real_source_masters(self)
+    masters["start"] = full_fp32_state_dict(self.engine)
+
+
+engines.EnginesMixin._source_masters = source_masters
+source = f"{out}-source"
+torch.manual_seed(1)
+export_hf(LlamaForCausalLM(LlamaConfig.preset("debug")), source, dtype=torch.float32, token_ids={"bos_token_id": 1, "eos_token_id": 2})
+cfg = TrainConfig(hf_model=source, rank=8, total_steps=4, warm_start_steps=2, cycle_length=2, restart_warmup_steps=1,
                   warmup_steps=1, micro_batch_size=2, global_batch_size=2, seq_len=32, eval_every=0, save_every=0,
                   export=False, output_dir=out, data_dir=data_dir)
 trainer = Trainer(cfg, ds_json)
@@ -51,5 +67,9 @@ trainer.train()
 trainer.close()
 print("ALIVE_AT_BUILD", alive_at_build)
 before, after = masters["before"], masters["after"]
+stored = dict(hf_tensors(source))
+print("SOURCE_MASTERS", sorted(masters["start"]) == sorted(stored) and all(
+    torch.equal(stored[n], t) for n, t in masters["start"].items()),
+    "SOURCE_ROUNDED_DIFFERS", any(not torch.equal(t, t.bfloat16().float()) for t in stored.values()))
 print("MASTERS_KEPT", sorted(after) != [] and all(torch.equal(before[n], t) for n, t in after.items()),
       "ROUNDED_DIFFERS", any(not torch.equal(before[n], before[n].bfloat16().float()) for n in after))

@@ -72,6 +72,7 @@ small with ReLoRA, whose optimizer holds the LoRA factors, embeddings and norms.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 
@@ -297,12 +298,21 @@ def patch_deepspeed_nvme() -> bool:
         from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
     except ImportError:  # no DeepSpeed: nothing to patch
         return False
-    OptimizerSwapper._adjust_for_misaligned_lengths = _aligned_gradient_pieces
-    PartitionedParameterCoordinator._PartitionedParameterCoordinator__prefetch_nvme_param_partitions = \
-        _prefetch_nvme_param_partitions_once
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
+    # Each fix replaces a DeepSpeed 0.19.8 method: where a version has renamed one, assigning would still
+    # succeed and the bug it fixes (wrong gradients, lost weights) come back silently.
+    _require_targets([(OptimizerSwapper, "_adjust_for_misaligned_lengths"),
+                      (PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__prefetch_nvme_param_partitions"),
+                      (DeepSpeedEngine, "_get_param_fragment_func"), (DeepSpeedEngine, "load_module_state_dict"),
+                      (DeepSpeedEngine, "zero_nvme_offload_optimizer"),
+                      (DeepSpeedZeroOptimizer_Stage3, "_rigid_state_dict"),
+                      (DeepSpeedZeroOptimizer_Stage3, "_rigid_load_state_dict"),
+                      (DeepSpeedZeroOptimizer_Stage3, "load_hp_checkpoint_state_from_checkpoint_dir_stage3")])
+    OptimizerSwapper._adjust_for_misaligned_lengths = _aligned_gradient_pieces
+    PartitionedParameterCoordinator._PartitionedParameterCoordinator__prefetch_nvme_param_partitions = \
+        _prefetch_nvme_param_partitions_once
     if not getattr(DeepSpeedEngine.load_module_state_dict, "_relora_nvme", False):
         for cls, name, wrap in ((DeepSpeedEngine, "_get_param_fragment_func", _fragment_reading_nvme),
                                 (DeepSpeedEngine, "load_module_state_dict", _load_writing_nvme),
@@ -319,6 +329,18 @@ def patch_deepspeed_nvme() -> bool:
     return True
 
 
+def _require_targets(targets: list[tuple[type, str]]) -> None:
+    """Refuse to patch a DeepSpeed that lacks a method these fixes replace (another version than 0.19.8)."""
+    import deepspeed
+
+    missing = [f"{cls.__name__}.{name}" for cls, name in targets if not hasattr(cls, name)]
+    if missing:
+        raise RuntimeError(f"DeepSpeed {deepspeed.__version__} has no {', '.join(missing)}: relora_ds's NVMe-offload "
+                           "fixes (relora_ds/ds_patches.py) replace these methods of DeepSpeed 0.19.8, and without "
+                           "them NVMe offload gives wrong gradients and checkpoints that lose weights. Install "
+                           "deepspeed==0.19.8, or offload to the CPU instead of NVMe")
+
+
 def import_muon_compiling_on_first_call() -> None:
     """Item 5 (idempotent): import DeepSpeed's Muon optimizer with its ``torch.compile`` decorations made at
     each decorated function's first call. Nothing where DeepSpeed is missing or the module is imported."""
@@ -327,6 +349,8 @@ def import_muon_compiling_on_first_call() -> None:
 
     name = "deepspeed.runtime.zero.muon.original_muon"
     if name in sys.modules or importlib.util.find_spec("deepspeed") is None:
+        return
+    if importlib.util.find_spec("deepspeed.runtime.zero.muon") is None:  # a DeepSpeed without Muon: nothing compiles
         return
     compile_now = torch.compile
 
@@ -364,6 +388,14 @@ def release_engine(engine) -> None:
     stack[:] = [m for m in stack if m is not engine.module]
     # The lru_cache sits under DeepSpeed's NVTX wrapper (no functools.wraps): reach it through the closure.
     fn = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
-    for f in (fn, *(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))):
-        if hasattr(f, "cache_clear"):
-            f.cache_clear()
+    caches = [f for f in (fn, *(c.cell_contents for c in (getattr(fn, "__closure__", None) or ())))
+              if hasattr(f, "cache_clear")]
+    for f in caches:
+        f.cache_clear()
+    if not caches and engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        warnings.warn(f"DeepSpeed {deepspeed.__version__}: found no cache of PartitionedParameterCoordinator."
+                      "__params_to_release to clear (relora_ds/ds_patches.py, item 4, written for 0.19.8): a "
+                      "released ZeRO-3 engine may stay in memory until the process ends", RuntimeWarning,
+                      stacklevel=2)

@@ -119,8 +119,15 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
         raise ValueError(f"{source}: prescale_gradients and gradient_predivide_factor are not supported by "
                          f"DeepSpeed at ZeRO stage {stage} with reduce_scatter (its default): remove them, or "
                          "set zero_optimization.reduce_scatter to false")
+    if isinstance(zero, dict) and zero.get("zenflow") not in (None, False, {}):
+        raise ValueError(f"{source}: zero_optimization.zenflow is not supported: ZenFlow's optimizer (ZenFlowCPUAdam) "
+                         "updates only selected columns each step and keeps state of its own, which ReLoRA's merges "
+                         "and optimizer resets do not reach; remove zenflow (offload_optimizer alone trains with "
+                         "DeepSpeedCPUAdam)")
     if isinstance(zero, dict) and stage < 3:
         param = zero.get("offload_param")
+        if zero.get("cpu_offload_param"):  # DeepSpeed's legacy spelling of offload_param: {"device": "cpu"}
+            param = {"device": "cpu (cpu_offload_param)"}
         if isinstance(param, dict) and param.get("device", "none") not in ("none", None):
             raise ValueError(f"{source}: zero_optimization.offload_param (device {param['device']!r}) acts only at "
                              f"ZeRO stage 3, and this config is stage {stage}: DeepSpeed would keep the parameters "
@@ -137,7 +144,8 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
             raise ValueError(f"{source}: zero_optimization.offload_optimizer (device 'nvme') swaps to NVMe only at "
                              f"ZeRO stage 3; at stage {stage} DeepSpeed keeps the optimizer in host memory as with "
                              "'cpu', without a word: use device 'cpu'")
-        only3 = sorted(k for k in zero if k.startswith("stage3_"))
+        # stage3_* keys, and the same settings by their field names (DeepSpeed reads either spelling)
+        only3 = sorted(k for k in zero if k.startswith("stage3_") or k in _stage3_field_names())
         if only3:
             warnings.warn(f"{source}: {', '.join(only3)} act only at ZeRO stage 3; this config is stage {stage}, "
                           "so DeepSpeed ignores them", ConfigWarning, stacklevel=2)
@@ -151,8 +159,11 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
         if isinstance(ds.get(section), dict):
             _check_model_keys(ds[section], model, f"{source}: {section}")
     for key in ds.get("data_types", {}) if isinstance(ds.get("data_types"), dict) else ():
-        if key != GRAD_ACCUM_DTYPE:  # the one key DeepSpeed 0.19 reads there (and relora_ds relies on)
-            _unknown(f"{source}: data_types: key", key, {GRAD_ACCUM_DTYPE: None})
+        if key in _UNSUPPORTED_DATA_TYPES:
+            raise ValueError(f"{source}: data_types.{key} is not supported: {_UNSUPPORTED_DATA_TYPES[key]}. Set the "
+                             "training precision with the bf16 or fp16 section; data_types takes grad_accum_dtype")
+        if key != GRAD_ACCUM_DTYPE:  # the one key of data_types relora_ds supports
+            _unknown(f"{source}: data_types: key", key, {GRAD_ACCUM_DTYPE: None, **_UNSUPPORTED_DATA_TYPES})
     if isinstance(ds.get("aio"), dict):  # DeepSpeed's get_aio_config reads the keys of AIO_DEFAULT_DICT only
         from deepspeed.runtime.swap_tensor.aio_config import AIO_DEFAULT_DICT
 
@@ -162,6 +173,26 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
     _check_optimizer(ds, source)
     if uses_bf16(ds) and uses_fp16(ds):  # after the sections' keys are checked: these parse them
         raise ValueError(f"{source} enables both bf16 and fp16: enable one (bf16 on GPUs that have it)")
+
+
+# data_types keys DeepSpeed 0.19.8 reads, which relora_ds refuses, with the reason.
+_UNSUPPORTED_DATA_TYPES = {
+    "param_dtype": "it casts the model's parameters to a dtype of its own, apart from the bf16/fp16 section that "
+                   "the trainer's masters, merges and checkpoint conversions follow",
+    "buffer_dtype": "it casts the model's buffers, among them an int8 base's weights and scales (quantize=int8) "
+                    "and the bf16 merge residuals",
+    "keep_in_fp32_modules": "it keeps chosen buffers in fp32, which the int8 base and the merge residuals must not be",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _stage3_field_names() -> frozenset[str]:
+    """zero_optimization settings read only at stage 3, by the field names of their stage3_* aliases
+    (prefetch_bucket_size, max_live_parameters, ...)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return frozenset(name for name, field in DeepSpeedZeroConfig.model_fields.items()
+                     if field.alias and field.alias.startswith("stage3_"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -263,6 +294,11 @@ def _check_optimizer(ds: dict, source: str) -> None:
         if key not in valid:
             _unknown(f"{source}: optimizer.params key", key, valid,
                      hint=f" to {ctor.__module__}.{ctor.__name__}, which DeepSpeed builds for this config")
+    if params.get("torch_adam") and optimizer_offload(ds):
+        warnings.warn(f"{source}: optimizer.params.torch_adam with an offloaded optimizer: DeepSpeed steps "
+                      f"torch.optim.{ctor.__name__} on the host instead of its vectorized DeepSpeedCPUAdam, several "
+                      "times slower per step; remove torch_adam (ds_configs/zero2_offload.json has none)",
+                      ConfigWarning, stacklevel=3)
 
 
 def adam_parameters(ds: dict) -> tuple[type, list[str]]:

@@ -321,7 +321,18 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
            ({"data_types": None}, r"'data_types' must be an object"),
            ({"zero_optimization": None}, r"zero_optimization=None must be a section"),
            ({"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "adam_w_mode": False}}},
-            r"optimizer.type 'AdamW' with params.adam_w_mode false: DeepSpeed ignores adam_w_mode")]
+            r"optimizer.type 'AdamW' with params.adam_w_mode false: DeepSpeed ignores adam_w_mode"),
+           # found by a review of the DeepSpeed integration: DeepSpeed maps the legacy flag to offload_param and
+           # ignores it below stage 3; ZenFlow builds an optimizer the resets do not reach; DeepSpeed reads these
+           # data_types and would cast the int8 base's buffers (they were refused as unknown keys)
+           ({"zero_optimization": {"stage": 2, "cpu_offload_param": True}},
+            r"offload_param \(device 'cpu \(cpu_offload_param\)'\) acts only at ZeRO stage 3"),
+           ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "zenflow": {"topk_ratio": 0.1}}},
+            r"zero_optimization.zenflow is not supported: ZenFlow's optimizer \(ZenFlowCPUAdam\)"),
+           ({"data_types": {"buffer_dtype": "bf16"}}, r"data_types.buffer_dtype is not supported: it casts the "
+                                                      r"model's buffers, among them an int8 base's"),
+           ({"data_types": {"param_dtype": "bf16"}}, r"data_types.param_dtype is not supported"),
+           ({"data_types": {"keep_in_fp32_modules": ["norm"]}}, r"data_types.keep_in_fp32_modules is not supported")]
     for ds, match in bad:
         with pytest.raises(ValueError, match=match):
             complete_ds_config(ds, TrainConfig(**BASE), world_size=2)
@@ -332,6 +343,14 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
     with pytest.warns(ConfigWarning, match=r"stage3_param_persistence_threshold act only at ZeRO stage 3; this "
                                            r"config is stage 2"):
         complete_ds_config({"zero_optimization": {"stage": 2, "stage3_param_persistence_threshold": 0}},
+                           TrainConfig(**BASE), world_size=2)
+    with pytest.warns(ConfigWarning, match=r"max_live_parameters, prefetch_bucket_size act only at ZeRO stage 3"):
+        complete_ds_config({"zero_optimization": {"stage": 1, "prefetch_bucket_size": 10, "max_live_parameters": 5}},
+                           TrainConfig(**BASE), world_size=2)  # the same settings without their stage3_ prefix
+    with pytest.warns(ConfigWarning, match=r"torch_adam with an offloaded optimizer: DeepSpeed steps "
+                                           r"torch.optim.AdamW on the host instead of its vectorized DeepSpeedCPUAdam"):
+        complete_ds_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                            "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}},
                            TrainConfig(**BASE), world_size=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -48,6 +48,38 @@ def test_gradient_pieces_start_aligned_and_cover_each_gradient():
         assert all(p.untyped_storage().data_ptr() == g.untyped_storage().data_ptr() for _, p in mine)
 
 
+def test_the_fixes_refuse_a_deepspeed_without_the_methods_they_replace(monkeypatch):
+    """Where another DeepSpeed version renamed a method a fix replaces, assigning the fix would succeed, nothing
+    would call it, and the bug would come back silently (a review's find): refused, naming the method, before
+    any fix is installed."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
+
+    from relora_ds.ds_patches import patch_deepspeed_nvme
+
+    loader = DeepSpeedEngine.load_module_state_dict
+    monkeypatch.delattr(OptimizerSwapper, "_adjust_for_misaligned_lengths")
+    with pytest.raises(RuntimeError, match=r"DeepSpeed \S+ has no OptimizerSwapper._adjust_for_misaligned_lengths: "
+                                           r"relora_ds's NVMe-offload fixes"):
+        patch_deepspeed_nvme()
+    assert DeepSpeedEngine.load_module_state_dict is loader and not hasattr(OptimizerSwapper,
+                                                                            "_adjust_for_misaligned_lengths")
+
+
+def test_releasing_a_zero3_engine_warns_where_deepspeeds_cache_is_not_found(monkeypatch):
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    from relora_ds.ds_patches import release_engine
+
+    monkeypatch.setattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release",
+                        lambda self, *a: None)  # a version without the lru_cache 0.19.8 keeps the model in
+    engine = SimpleNamespace(destroy=lambda: None, module=object(), zero_optimization_stage=lambda: 3)
+    with pytest.warns(RuntimeWarning, match="found no cache of PartitionedParameterCoordinator.__params_to_release"):
+        release_engine(engine)
+
+
 def test_a_checkpoint_from_deepspeeds_own_nvme_save_is_named_not_loaded():
     """DeepSpeed's own save of an optimizer on NVMe leaves its swapped sub-groups out of the ZeRO files
     (empty placeholders; the data went to offloaded_tensors/ under ds_ids that a new process renumbers): a

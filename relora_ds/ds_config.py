@@ -70,6 +70,7 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
                          "by the recipe (lr, warmup_steps, cycle_length, restart_warmup_steps, min_lr_ratio): "
                          "remove it")
     _refuse_unused_sections(ds, source)
+    _refuse_int8_breaking_zero3(ds, cfg.quantize, source)
     opt = ds.setdefault("optimizer", default_optimizer(ds))
     params = opt.setdefault("params", {})
     twice += [f"optimizer.params.{k}" for k in _OPT_KEYS if k in params]
@@ -136,6 +137,28 @@ def default_optimizer(ds: dict) -> dict:
     but DeepSpeedCPUAdam for an offloaded optimizer, as the ds_configs/*offload* files choose (torch's AdamW
     on the host is far slower)."""
     return {"type": "AdamW", "params": {} if optimizer_offload(ds) else {"torch_adam": True}}
+
+
+# ZeRO-3 settings an int8 base does not survive, with the reason (DeepSpeed 0.19.8).
+_INT8_BREAKING_ZERO3 = {
+    "use_all_reduce_for_fetch_params": "its fetch gathers a layer's parameters (the int8 base with the bf16 LoRA "
+                                       "factors) into one flat buffer of a single dtype: the first forward fails",
+    "zero_quantized_weights": "it re-quantizes every partition through fp16 and casts the gathered values back to "
+                              "the parameter's dtype, which for the int8 base truncates them",
+    "zero_quantized_nontrainable_weights": "it re-quantizes the frozen partitions (the int8 base among them) through "
+                                           "fp16 and casts the gathered values back to int8, truncating them",
+}
+
+
+def _refuse_int8_breaking_zero3(ds: dict, quantize: str | None, source: str) -> None:
+    zero = ds.get("zero_optimization")
+    if not quantize or not isinstance(zero, dict):
+        return
+    for key, why in _INT8_BREAKING_ZERO3.items():
+        for spelling in (key, f"stage3_{key}"):
+            if zero.get(spelling):
+                raise ValueError(f"{source}: zero_optimization.{spelling} with quantize={quantize!r}: {why}. Remove "
+                                 f"it, or train without quantize")
 
 
 def _refuse_auto(ds, source: str, path: str = "") -> None:

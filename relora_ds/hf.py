@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -388,9 +388,11 @@ def load_hf_config(path: str | Path) -> LlamaConfig:
     return config_from_hf(config)
 
 
-def hf_tensors(path: str | Path, dtype: torch.dtype | None = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors(path: str | Path, dtype: torch.dtype | None = torch.float32,
+               names: Collection[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor cast to ``dtype``; None: as stored) for each weight of a Hugging Face directory's
-    safetensors, one at a time (rotary tables skipped; a quantized checkpoint refused)."""
+    safetensors (only those in `names` where given: the others are not read), one at a time (rotary tables
+    skipped; a quantized checkpoint refused)."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -403,7 +405,7 @@ def hf_tensors(path: str | Path, dtype: torch.dtype | None = torch.float32) -> I
     for f in files:
         with safe_open(str(path / f), framework="pt") as reader:
             for key in reader.keys():
-                if key.endswith("rotary_emb.inv_freq"):
+                if key.endswith("rotary_emb.inv_freq") or (names is not None and key not in names):
                     continue
                 tensor = reader.get_tensor(key)
                 if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):

@@ -63,12 +63,29 @@ def foreign_quantization(linear: nn.Module) -> str | None:
     return None
 
 
-def check_not_quantized(name: str, linear: nn.Module) -> None:
+def foreign_quantized_module(module: nn.Module) -> str | None:
+    """Why a module that is not an ``nn.Linear`` (GPTQ's, AWQ's, HQQ's layers) is a quantized linear layer of
+    another library; None when it does not look like one."""
+    mod = type(module).__module__ or ""
+    if any(mod == p or mod.startswith(p + ".") for p in _FOREIGN_QUANT):
+        return f"its class {mod}.{type(module).__name__} is a quantized linear layer"
+    if hasattr(module, "qweight"):
+        return f"{type(module).__name__} carries quantization state ('qweight')"
+    return None
+
+
+def already_quantized_error(names: str, reason: str, quantize: str | None) -> ValueError:
+    ours = ("relora_ds quantizes from the float weight itself" if quantize else
+            "ReLoRA trains low-rank factors over a float base, which it merges into")
+    return ValueError(f"layer {names} is already quantized by another library ({reason}); {ours}. Load the model "
+                      "in bf16/fp32 (without load_in_8bit/4bit or another quantization library)"
+                      f"{' and pass' if quantize else '; for an 8-bit base pass'} quantize='int8'.")
+
+
+def check_not_quantized(name: str, linear: nn.Module, quantize: str | None = "int8") -> None:
     reason = foreign_quantization(linear)
     if reason is not None:
-        raise ValueError(f"quantize='int8': layer {name!r} is already quantized ({reason}); relora_ds "
-                         "quantizes from the float weight itself. Load the model in bf16/fp32 (without "
-                         "load_in_8bit/4bit or another quantization library) and pass quantize='int8'.")
+        raise already_quantized_error(repr(name), reason, quantize)
 
 
 # ----------------------------------------------------------------------------------------------- layer

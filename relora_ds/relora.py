@@ -256,6 +256,11 @@ def target_linears(model: nn.Module, target_modules: Iterable[str] | None = None
     others = sorted({f"{n} ({type(m).__name__})" for n, m in model.named_modules()
                      if n and not isinstance(m, nn.Linear) and _matches(n, targets) and
                      isinstance(getattr(m, "weight", None), torch.Tensor)})
+    quantized = sorted((n, why) for n, m in model.named_modules() if n and not isinstance(m, nn.Linear)
+                       and _matches(n, targets) and (why := quant.foreign_quantized_module(m)))
+    if quantized:  # GPTQ/AWQ/HQQ layers are no nn.Linear: say what they are, not "matched nothing"
+        names = ", ".join(repr(n) for n, _ in quantized[:4]) + (" ..." if len(quantized) > 4 else "")
+        raise quant.already_quantized_error(names, quantized[0][1], None)
     not_linear = (f"; these modules match by name but are not nn.Linear, which is all ReLoRA wraps: "
                   f"{others[:8]}{' ...' if len(others) > 8 else ''}") if others else ""
     if not chosen:
@@ -307,8 +312,8 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     # Every check before the first swap: a bad setting must not leave the model half wrapped.
     for name, linear in chosen:
         check_layer_args(name, linear.in_features, linear.out_features, rank, alpha, dropout)
+        quant.check_not_quantized(name, linear, quantize)  # a bitsandbytes base cannot take merges either
         if quantize:
-            quant.check_not_quantized(name, linear)
             if linear.weight.is_meta and torch.get_default_device().type != "meta":
                 raise ValueError(f"quantize='int8': layer {name!r} is on the meta device (no values to quantize); "
                                  "load the weights first, or call wrap inside the same `with "

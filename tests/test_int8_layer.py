@@ -81,18 +81,36 @@ class Linear8bitLt(nn.Linear):  # stands in for bitsandbytes' class (checked by 
 Linear8bitLt.__module__ = "bitsandbytes.nn.modules"
 
 
-@pytest.mark.parametrize("kind", ["class", "int8_weight", "quant_state"])
-def test_already_quantized_layers_refused(kind):
+class QuantLinear(nn.Module):  # stands in for auto_gptq's: no nn.Linear, packed weights in a qweight buffer
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer("qweight", torch.zeros(n // 8, n, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("quantize", ["int8", None])
+@pytest.mark.parametrize("kind", ["class", "int8_weight", "quant_state", "gptq"])
+def test_already_quantized_layers_refused(kind, quantize):
+    """With quantize=None too (a review's find: an int8 weight failed in ReLoRALinear's constructor with
+    torch's "Only Tensors of floating point ... can require gradients"), and for GPTQ/AWQ-style layers, which
+    are no nn.Linear (they were "matched no nn.Linear layer", quantization unmentioned)."""
     model = tiny_model()
     attn = model.model.layers[0].self_attn
     if kind == "class":
         attn.q_proj = Linear8bitLt(64, 64, bias=False)
     elif kind == "int8_weight":
         attn.q_proj.weight = nn.Parameter(torch.zeros(64, 64, dtype=torch.int8), requires_grad=False)
-    else:
+    elif kind == "quant_state":
         attn.q_proj.weight.quant_state = object()
-    with pytest.raises(ValueError, match="q_proj' is already quantized"):
-        relora_ds.wrap(model, rank=4, quantize="int8")
+    else:
+        for layer in model.model.layers:
+            layer.self_attn.q_proj = QuantLinear(64)
+    if kind == "gptq":  # found before any layer is chosen: the message cannot know `quantize`
+        match = r"q_proj'.* is already quantized by another library \(QuantLinear carries quantization state"
+    else:
+        match = (r"q_proj' is already quantized by another library \(.*\); .*"
+                 + ("and pass quantize='int8'" if quantize else "for an 8-bit base pass quantize='int8'"))
+    with pytest.raises(ValueError, match=match):
+        relora_ds.wrap(model, rank=4, quantize=quantize)
 
 
 def test_train_config_quantize_validation():

@@ -53,7 +53,8 @@ def test_tokens_per_s_counts_the_training_steps_and_their_resets_only(tmp_path, 
         flops_per_token=1e9, peak_tflops=None, grad_norm=1.0, engine_phase="full", _stop_agreed=False,
         metrics=MetricsLogger(tmp_path, enabled=True, resume_step=0),
         _stop_agreed_now=lambda: False, _train_step=train_step, _after_step_events=after_step_events,
-        _switch_to_lowrank=switch_to_lowrank, evaluate=evaluate, save=save, _print=lambda msg: None)
+        _switch_to_lowrank=switch_to_lowrank, evaluate=evaluate, save=save, _print=lambda msg: None,
+        batches=SimpleNamespace(close=lambda: None))
     t.train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "tokens_per_s" in r]
@@ -109,7 +110,7 @@ def test_a_stop_signal_during_an_evaluation_stops_there_with_a_checkpoint(tmp_pa
         metrics=MetricsLogger(tmp_path, enabled=True, resume_step=0),
         _stop_agreed_now=lambda: t._stop_signal > 0, _train_step=train_step, _after_step_events=lambda: None,
         _switch_to_lowrank=switch_to_lowrank, evaluate=evaluate, save=lambda: calls.append(f"save {t.step}"),
-        _print=lambda msg: None)
+        _print=lambda msg: None, batches=SimpleNamespace(close=lambda: None))
     assert t.train() == {"preempted": True, "step": 4}
     steps = ["step 1", "step 2", "step 3", "step 4"]
     assert calls == steps + (["save 4", "eval 4"] if save_every == 4 else ["eval 4", "save 4"])

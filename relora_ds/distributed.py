@@ -194,10 +194,10 @@ def _check_launcher_env() -> None:
     given = [n for n in names if n in os.environ]
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and len(given) < len(names):
         missing = [n for n in names if n not in os.environ]
+        hint = " (LOCAL_RANK: this process's index on its node, e.g. SLURM_LOCALID)" if "LOCAL_RANK" in missing else ""
         raise ValueError(f"the launcher set {', '.join(given)} but not {', '.join(missing)}: DeepSpeed needs all of "
-                         f"{', '.join(names)} (else it falls back to MPI discovery). Set "
-                         f"{' and '.join(missing)} (LOCAL_RANK: this process's index on its node, e.g. "
-                         "SLURM_LOCALID), or start the ranks with deepspeed or torchrun, which set them all")
+                         f"{', '.join(names)} (else it falls back to MPI discovery). Set {' and '.join(missing)}{hint}, "
+                         "or start the ranks with deepspeed or torchrun, which set them all")
 
 
 def _check_local_rank(local: int, count: int) -> None:

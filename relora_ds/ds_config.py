@@ -15,7 +15,7 @@ import json
 import warnings
 from pathlib import Path
 
-from .ds_schema import _bf16_section, adam_parameters, check_deepspeed_keys, optimizer_offload, uses_bf16, uses_fp16
+from .ds_schema import _as_int, _bf16_section, adam_parameters, check_deepspeed_keys, optimizer_offload, uses_bf16, uses_fp16
 from .train_config import ConfigWarning, TrainConfig
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -152,8 +152,8 @@ _INT8_BREAKING_ZERO3 = {
 
 def _refuse_int8_breaking_zero3(ds: dict, quantize: str | None, source: str) -> None:
     zero = ds.get("zero_optimization")
-    if not quantize or not isinstance(zero, dict):
-        return
+    if not quantize or not isinstance(zero, dict) or _as_int(zero.get("stage", 0)) != 3:
+        return  # below stage 3 DeepSpeed reads none of them
     for key, why in _INT8_BREAKING_ZERO3.items():
         for spelling in (key, f"stage3_{key}"):
             if zero.get(spelling):

@@ -119,7 +119,7 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
         raise ValueError(f"{source}: prescale_gradients and gradient_predivide_factor are not supported by "
                          f"DeepSpeed at ZeRO stage {stage} with reduce_scatter (its default): remove them, or "
                          "set zero_optimization.reduce_scatter to false")
-    if isinstance(zero, dict) and zero.get("zenflow") not in (None, False, {}):
+    if isinstance(zero, dict) and zero.get("zenflow") is not None:  # {} too: DeepSpeed fills in its defaults
         raise ValueError(f"{source}: zero_optimization.zenflow is not supported: ZenFlow's optimizer (ZenFlowCPUAdam) "
                          "updates only selected columns each step and keeps state of its own, which ReLoRA's merges "
                          "and optimizer resets do not reach; remove zenflow (offload_optimizer alone trains with "
@@ -177,11 +177,12 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
 
 # data_types keys DeepSpeed 0.19.8 reads, which relora_ds refuses, with the reason.
 _UNSUPPORTED_DATA_TYPES = {
-    "param_dtype": "it casts the model's parameters to a dtype of its own, apart from the bf16/fp16 section that "
-                   "the trainer's masters, merges and checkpoint conversions follow",
-    "buffer_dtype": "it casts the model's buffers, among them an int8 base's weights and scales (quantize=int8) "
-                    "and the bf16 merge residuals",
-    "keep_in_fp32_modules": "it keeps chosen buffers in fp32, which the int8 base and the merge residuals must not be",
+    "param_dtype": "DeepSpeed requires it to equal the bf16/fp16 section's dtype, which alone sets the precision "
+                   "here",
+    "buffer_dtype": "it casts the model's floating-point buffers, among them the bf16 scales of an int8 base "
+                    "(quantize=int8) and the bf16 merge residuals, which must keep their dtype",
+    "keep_in_fp32_modules": "it keeps chosen floating-point buffers in fp32, which an int8 base's bf16 scales and the "
+                            "bf16 merge residuals must not be",
 }
 
 

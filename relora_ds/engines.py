@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import warnings
 
 import deepspeed
 import torch
@@ -96,6 +97,13 @@ class EnginesMixin:
         (ZeRO-3: each writes its own slice)."""
         src = self.cfg.hf_model or self.cfg.warm_start_from
         if not src or not (uses_bf16(self.ds) or uses_fp16(self.ds)):
+            return
+        if self.engine.zero_optimization_stage() == 0:
+            if self.rank == 0:  # DeepSpeed's stage-0 16-bit optimizers (mode=full only) take no set-full
+                warnings.warn(f"ZeRO stage 0 with bf16/fp16: the fp32 masters start from {src}'s weights rounded to "
+                              "16 bits (DeepSpeed's stage-0 16-bit optimizer cannot be given them); ZeRO stage 1 "
+                              "takes the source's fp32 values, with the same memory on one rank", RuntimeWarning,
+                              stacklevel=2)
             return
         lora = {id(p) for p in lora_parameters(self.engine.module)}
         trained = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad and id(p) not in lora}

@@ -238,7 +238,8 @@ def _matches(name: str, targets: Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def target_linears(model: nn.Module, target_modules: Iterable[str] | None = None) -> list[tuple[str, nn.Linear]]:
+def target_linears(model: nn.Module, target_modules: Iterable[str] | None = None,
+                   quantize: str | None = None) -> list[tuple[str, nn.Linear]]:
     """(name, nn.Linear) that ``target_modules`` selects (None: the attention and MLP projections).
 
     An error when nothing matches, and when an explicitly given entry matches nothing although others do
@@ -260,7 +261,7 @@ def target_linears(model: nn.Module, target_modules: Iterable[str] | None = None
                        and _matches(n, targets) and (why := quant.foreign_quantized_module(m)))
     if quantized:  # GPTQ/AWQ/HQQ layers are no nn.Linear: say what they are, not "matched nothing"
         names = ", ".join(repr(n) for n, _ in quantized[:4]) + (" ..." if len(quantized) > 4 else "")
-        raise quant.already_quantized_error(names, quantized[0][1], None)
+        raise quant.already_quantized_error(names, quantized[0][1], quantize)
     not_linear = (f"; these modules match by name but are not nn.Linear, which is all ReLoRA wraps: "
                   f"{others[:8]}{' ...' if len(others) > 8 else ''}") if others else ""
     if not chosen:
@@ -308,7 +309,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     if any(True for _ in relora_layers(model)):
         raise ValueError("model already contains ReLoRALinear layers; wrap() it only once "
                          "(use relora_ds.unwrap(model) first to start over)")
-    chosen = target_linears(model, target_modules)
+    chosen = target_linears(model, target_modules, quantize)
     # Every check before the first swap: a bad setting must not leave the model half wrapped.
     for name, linear in chosen:
         check_layer_args(name, linear.in_features, linear.out_features, rank, alpha, dropout)

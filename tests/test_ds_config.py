@@ -8,12 +8,13 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
 from relora_ds.ds_config import complete_ds_config, load_ds_config
 from relora_ds.ds_schema import adam_parameters, check_deepspeed_keys, deepspeed_top_level_keys
-from relora_ds.train_config import TrainConfig
+from relora_ds.train_config import ConfigWarning, TrainConfig
 
 BASE = dict(cycle_length=10, restart_warmup_steps=5, total_steps=100, micro_batch_size=2, global_batch_size=8)
 # bf16 weights, fp32 gradient accumulation, ZeRO-1: DeepSpeed's BF16_Optimizer
@@ -329,8 +330,10 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
             r"offload_param \(device 'cpu \(cpu_offload_param\)'\) acts only at ZeRO stage 3"),
            ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "zenflow": {"topk_ratio": 0.1}}},
             r"zero_optimization.zenflow is not supported: ZenFlow's optimizer \(ZenFlowCPUAdam\)"),
+           ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "zenflow": {}}},
+            r"zero_optimization.zenflow is not supported"),  # DeepSpeed fills in its defaults
            ({"data_types": {"buffer_dtype": "bf16"}}, r"data_types.buffer_dtype is not supported: it casts the "
-                                                      r"model's buffers, among them an int8 base's"),
+                                                      r"model's floating-point buffers, among them the bf16 scales"),
            ({"data_types": {"param_dtype": "bf16"}}, r"data_types.param_dtype is not supported"),
            ({"data_types": {"keep_in_fp32_modules": ["norm"]}}, r"data_types.keep_in_fp32_modules is not supported")]
     for ds, match in bad:
@@ -480,3 +483,7 @@ def test_zero3_settings_that_break_an_int8_base_are_refused_with_it(key):
     with pytest.raises(ValueError, match=rf"zero_optimization.{key} with quantize='int8': "):
         complete_ds_config(ds, TrainConfig(**BASE, quantize="int8"), world_size=2)
     complete_ds_config(ds, TrainConfig(**BASE), world_size=2)
+    stage2 = {**ds, "zero_optimization": {**ds["zero_optimization"], "stage": 2}}  # DeepSpeed reads none there
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)  # the stage-3 names below stage 3
+        complete_ds_config(stage2, TrainConfig(**BASE, quantize="int8"), world_size=2)

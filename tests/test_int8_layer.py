@@ -104,11 +104,9 @@ def test_already_quantized_layers_refused(kind, quantize):
     else:
         for layer in model.model.layers:
             layer.self_attn.q_proj = QuantLinear(64)
-    if kind == "gptq":  # found before any layer is chosen: the message cannot know `quantize`
-        match = r"q_proj'.* is already quantized by another library \(QuantLinear carries quantization state"
-    else:
-        match = (r"q_proj' is already quantized by another library \(.*\); .*"
-                 + ("and pass quantize='int8'" if quantize else "for an 8-bit base pass quantize='int8'"))
+    match = (r"q_proj'.* is already quantized by another library \(QuantLinear carries quantization state.*"
+             if kind == "gptq" else r"q_proj' is already quantized by another library \(.*\); .*")
+    match += "and pass quantize='int8'" if quantize else "for an 8-bit base pass quantize='int8'"
     with pytest.raises(ValueError, match=match):
         relora_ds.wrap(model, rank=4, quantize=quantize)
 

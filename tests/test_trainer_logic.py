@@ -391,3 +391,19 @@ def test_a_resume_refuses_adam_params_the_checkpoint_would_undo_and_takes_the_ne
     with pytest.raises(ValueError, match=r"optimizer.params change what the checkpoint's optimizer restores and keeps: "
                                          r"amsgrad: checkpoint False, now True"):
         resumed(restored, old, old, dynamic(2.0 ** 16), amsgrad_now=True)
+
+
+def test_an_fp32_source_at_stage_0_in_16_bits_is_named_not_silently_rounded(tmp_path):
+    """DeepSpeed's stage-0 16-bit optimizer (mode=full) takes no set-full: the fp32 masters of an fp32 hf_model
+    start rounded to 16 bits, which the run says (a review's find: it claimed the source's values). Stubbed:
+    no engine is built, and no source file is read."""
+    from types import SimpleNamespace
+
+    from relora_ds.engines import EnginesMixin
+
+    fake = SimpleNamespace(cfg=SimpleNamespace(hf_model=str(tmp_path / "src"), warm_start_from=None),
+                           ds={"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, rank=0,
+                           engine=SimpleNamespace(zero_optimization_stage=lambda: 0))
+    with pytest.warns(RuntimeWarning, match=r"ZeRO stage 0 with bf16/fp16: the fp32 masters start from .*src's "
+                                            r"weights rounded to 16 bits"):
+        EnginesMixin._source_masters(fake)

@@ -1,7 +1,8 @@
 """relora_ds: ReLoRA pre-training on DeepSpeed ZeRO with Triton kernels.
 
 The Triton kernels live in ``kernels/`` and install as ``relora_kernels`` (never as a top-level
-``kernels`` module: Hugging Face transformers probes for its own ``kernels`` package).
+``kernels`` module: transformers >= 5.25 requires and imports Hugging Face's own ``kernels`` package; where
+the repository root is on sys.path, kernels/__init__.py hands that name over to it).
 """
 from setuptools import find_packages, setup
 

@@ -23,11 +23,40 @@ submodule binds its name on the package, which would shadow a same-named functio
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
 
-from ._runtime import autocast_inputs, check_environment, deterministic_mode, interpret_env, interpreting, kernel_mode, use_triton
-from .int8_reference import (int8_dequantize_reference, int8_lora_linear_reference, int8_merge_reference_,
-                             int8_quantize_reference)
-from .reference import lora_linear_reference, lora_merge_reference_
+
+def _huggingface_kernels() -> bool:
+    """This folder imported as ``kernels`` (the repository root on sys.path: ``python -m pytest`` or
+    ``python -c`` run there) would shadow Hugging Face's ``kernels`` package, which transformers >= 5.25
+    requires and imports: put that package in its place where it is installed (True); else this folder stays
+    ``kernels``, as before (False). Nothing of relora_kernels is then imported under that name."""
+    root = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = [p for p in sys.path if os.path.realpath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None or spec.loader is None or os.path.realpath(spec.origin or "") == os.path.realpath(__file__):
+        return False
+    this = sys.modules["kernels"]
+    module = sys.modules["kernels"] = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules["kernels"] = this
+        raise
+    return True  # the import statement returns sys.modules["kernels"]: Hugging Face's
+
+
+if __name__ == "kernels" and _huggingface_kernels():
+    pass
+else:
+    from ._runtime import (autocast_inputs, check_environment, deterministic_mode, interpret_env, interpreting,
+                           kernel_mode, use_triton)
+    from .int8_reference import (int8_dequantize_reference, int8_lora_linear_reference, int8_merge_reference_,
+                                 int8_quantize_reference)
+    from .reference import lora_linear_reference, lora_merge_reference_
 
 _LAZY = {
     "lora_linear": "linear",

@@ -47,3 +47,23 @@ def test_deepspeeds_muon_module_compiles_on_first_call_not_at_import():
         print(loaded, len(compiled), compiled[0] is plain, torch.equal(first, plain(g, 5)), torch.equal(second, first))
     """)
     assert out == "False 1 True True True"
+
+
+def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels_package(tmp_path):
+    """From the repository root (on sys.path for `python -m pytest` and `python -c`), `import kernels` found
+    this project's kernels/ folder: transformers >= 5.25 requires Hugging Face's `kernels` package and imports
+    it, and every `import transformers` there failed (CI, 2026-12-03). The folder hands the name over to the
+    installed package (here a stand-in on PYTHONPATH); relora_kernels is unaffected."""
+    import os
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("HUGGING_FACE = True\n")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        import kernels, relora_kernels
+        print(sys.path[0] in ("", "."), getattr(kernels, "HUGGING_FACE", False),
+              relora_kernels.lora_linear_reference.__module__)
+    """)], cwd=ROOT, env={**launch_env(), "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True", "relora_kernels.reference"]
+    assert os.path.isdir(ROOT / "kernels")  # the folder the issue names, still there

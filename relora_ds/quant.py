@@ -45,11 +45,18 @@ def check_quantize(quantize) -> str | None:
     return quantize
 
 
+def _foreign_class(module: nn.Module) -> str | None:
+    """Why ``module``'s class is a quantization library's layer (None when it comes from none of them)."""
+    mod = type(module).__module__ or ""
+    if any(mod == p or mod.startswith(p + ".") for p in _FOREIGN_QUANT):
+        return f"its class {mod}.{type(module).__name__} is a quantized linear layer"
+    return None
+
+
 def foreign_quantization(linear: nn.Module) -> str | None:
     """Why ``linear`` looks already quantized by another library (None when it is a plain float linear)."""
-    mod = type(linear).__module__ or ""
-    if any(mod == p or mod.startswith(p + ".") for p in _FOREIGN_QUANT) and type(linear) is not nn.Linear:
-        return f"its class {mod}.{type(linear).__name__} is a quantized linear layer"
+    if type(linear) is not nn.Linear and (why := _foreign_class(linear)):
+        return why
     w = getattr(linear, "weight", None)
     if w is None:
         return "it has no weight"
@@ -66,9 +73,8 @@ def foreign_quantization(linear: nn.Module) -> str | None:
 def foreign_quantized_module(module: nn.Module) -> str | None:
     """Why a module that is not an ``nn.Linear`` (GPTQ's, AWQ's, HQQ's layers) is a quantized linear layer of
     another library; None when it does not look like one."""
-    mod = type(module).__module__ or ""
-    if any(mod == p or mod.startswith(p + ".") for p in _FOREIGN_QUANT):
-        return f"its class {mod}.{type(module).__name__} is a quantized linear layer"
+    if why := _foreign_class(module):
+        return why
     if hasattr(module, "qweight"):
         return f"{type(module).__name__} carries quantization state ('qweight')"
     return None

@@ -1,5 +1,5 @@
 """The training loop: a DeepSpeed engine around our LLaMA, ReLoRA's merges and resets, eval (checkpoints and
-resume: relora_ds/resume.py).
+resume: relora_ds/resume.py; the engines: relora_ds/engines.py; one optimizer step: relora_ds/steps.py).
 
 Phases: an optional full-rank warm start, then the low-rank phase (``relora`` with merges and optimizer
 resets, or ``lora`` without); ``full`` trains full-rank throughout. The switch builds a new engine with a
@@ -44,11 +44,12 @@ from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
     check_offload_on_device, check_output_dir, check_precision_on_device, lock_output_dir, nvme_offloads, \
     total_steps_for, train_data_record, unlock_output_dir
+from .steps import StepsMixin
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import offloaded
 
 
-class Trainer(EnginesMixin, CheckpointsMixin):
+class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
     def __init__(self, cfg: TrainConfig, ds_config_path: str | None = None,
                  early_stop: Callable[[], int] | None = None):
         """``early_stop``: returns the number of a stop signal (SIGTERM/SIGUSR1) the process got before this
@@ -334,53 +335,6 @@ class Trainer(EnginesMixin, CheckpointsMixin):
         self.metrics.close()
         return {"preempted": True, "step": self.step}
 
-    def _train_step(self) -> float:
-        engine, losses = self.engine, []
-        self.step_lr = engine.get_lr()[0]  # the lr this step trains with (engine.step() advances the scheduler)
-        gas = engine.gradient_accumulation_steps()
-        for micro in range(gas):
-            batch = next(self.batches).to(engine.device, non_blocking=True)
-            loss = engine(batch, labels=batch).loss
-            engine.backward(loss)
-            skip = False
-            if micro == gas - 1 and self.own_grad_norm:
-                self.grad_norm = self._grad_norm_before_step()
-                # Without ZeRO, DeepSpeed applies an update whatever the gradients hold (ZeRO and its 16-bit
-                # optimizers skip a non-finite norm): skip it as they do, through DeepSpeed's overflow path.
-                skip = self.grad_norm is not None and not math.isfinite(self.grad_norm)
-            with _update_skipped(engine.optimizer) if skip else contextlib.nullcontext():
-                engine.step()
-            losses.append(loss.detach().float())
-        if not engine.was_step_applied():
-            # An fp16 overflow (or a non-finite gradient norm under ZeRO/bf16): DeepSpeed skips the update and
-            # does not advance the scheduler, but the step counts (resets come from self.step): keep the
-            # schedule on the step, so the lr is 0 at resets.
-            engine.lr_scheduler.step()
-            reason = "fp16 overflow: loss scale lowered" if self.fp16 else "non-finite gradient norm"
-            self._event({"event": "step_skipped", "step": self.step + 1, "reason": reason,
-                         "loss_scale": float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale")
-                         else None})
-        # One all-reduce carries the loss and whether any rank was asked to stop.
-        stop = torch.tensor(float(self._stop_signal > 0), device=losses[0].device)
-        flags = torch.stack([torch.stack(losses).mean(), stop])
-        dist.all_reduce(flags)
-        total, stop = flags.tolist()  # one device-to-host copy per step
-        mean = total / self.world
-        self._stop_agreed = stop > 0
-        if not math.isfinite(mean):
-            last = checkpoint.latest_tag(self.ckpt_dir)
-            raise FloatingPointError(
-                f"non-finite loss ({mean}) at step {self.step + 1}; stopping. Last good checkpoint: "
-                f"{self.ckpt_dir / last if last else 'none'} (kept; resume with --resume, e.g. with a lower lr)")
-        return mean
-
-    def _grad_norm_before_step(self) -> float | None:
-        """Without ZeRO (stage 0, fp32) DeepSpeed clips with torch but records no norm: compute it from the
-        reduced gradients (whole on every rank there). ZeRO and DeepSpeed's FP16/BF16 optimizers record the
-        (unscaled) norm themselves (get_global_grad_norm)."""
-        norms = [p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.stack(norms).norm()) if norms else None
-
     def _cycle_position(self) -> dict:
         """{"cycle": k/of, "in_cycle": j/length} of the step just done; empty outside ReLoRA's cycles."""
         if self.cfg.mode != "relora":
@@ -429,22 +383,6 @@ class Trainer(EnginesMixin, CheckpointsMixin):
     def _print(self, msg: str) -> None:
         if self.rank == 0:
             tqdm.write(msg)
-
-
-@contextlib.contextmanager
-def _update_skipped(optimizer):
-    """Inside, ``engine.step()`` at ZeRO stage 0 skips the update as for an fp16 overflow: the optimizer's
-    step does nothing and its ``overflow`` flag tells the engine (skipped_steps + 1, scheduler held,
-    was_step_applied() False); the gradients are cleared as after any step."""
-    saved = {k: optimizer.__dict__[k] for k in ("step", "overflow") if k in optimizer.__dict__}
-    optimizer.step = lambda *args, **kwargs: None
-    optimizer.overflow = True
-    try:
-        yield
-    finally:
-        for k in ("step", "overflow"):
-            optimizer.__dict__.pop(k, None)
-        optimizer.__dict__.update(saved)
 
 
 def _float(x) -> float | None:

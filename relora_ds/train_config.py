@@ -126,7 +126,8 @@ class TrainConfig:
                                       f"{BUILTIN_VOCAB_SIZE}); with data_dir the data's tokenizer decides")
     data_prefetch: int = _f(2, "micro-batches each rank reads ahead on background threads while a step trains "
                                "(reading shuffled windows waits on storage until the page cache holds the data); "
-                               "0: read each when the step needs it. The batches are the same either way")
+                               "0: read each when the step needs it. Evaluation reads its batches ahead likewise. "
+                               "The batches are the same either way")
     # Evaluation, checkpoints, logging
     eval_every: int = _f(100, "validation perplexity every N steps (and at the end); 0 disables")
     eval_windows: int = _f(10240, "validation windows (sequences) per evaluation: the first N of the split, "

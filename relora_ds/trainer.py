@@ -109,7 +109,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)
         # What each checkpoint records of the training data, and --resume compares (checkpoint.plan_resume).
         self.data_info = train_data_record(manifest, cfg.seq_len)
-        on_cuda = torch.cuda.is_available() and get_accelerator().device_name() == "cuda"
+        on_cuda = self.pin_batches = torch.cuda.is_available() and get_accelerator().device_name() == "cuda"
         # On a GPU, batches in page-locked memory: their copies to the device do not stall the host.
         self.batches = ShardedBatches(self.train_data, cfg.micro_batch_size, rank=self.rank,
                                       world_size=self.world, seed=cfg.seed,
@@ -354,7 +354,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         if final and self.cfg.final_eval_windows is not None:
             windows = self.cfg.final_eval_windows
         val_loss, tokens = validation_loss(self.engine, self.val_data, self.cfg.micro_batch_size, self.rank,
-                                           self.world, num_windows=windows or None)
+                                           self.world, num_windows=windows or None, prefetch=self.cfg.data_prefetch,
+                                           pin_memory=self.pin_batches)
         rec = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                "val_tokens": tokens, "eval_seconds": time.perf_counter() - start}
         self.metrics.log(rec)

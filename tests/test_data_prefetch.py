@@ -1,5 +1,6 @@
 """Reading ahead: ShardedBatches(prefetch=N) hands out the batches and state of prefetch=0, reads them before
-they are asked for, raises a read's error at its batch, and stops its threads; PackedTokens' access modes."""
+they are asked for, raises a read's error at its batch, and stops its threads; eval_batches(prefetch=N) the
+same for the validation split; PackedTokens' access modes."""
 from __future__ import annotations
 
 import pickle
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from relora_ds.data import PackedTokens, ShardedBatches, load_manifest, prepare_data
+from relora_ds.data import PackedTokens, ShardedBatches, eval_batches, load_manifest, prepare_data
 
 SEQ = 32
 
@@ -97,8 +98,8 @@ def test_a_failed_read_is_raised_at_its_batch():
     batches.close()
 
 
-def _prefetch_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("relora_ds-prefetch")]
+def _prefetch_threads(prefix="relora_ds-prefetch"):
+    return [t for t in threading.enumerate() if t.name.startswith(prefix)]
 
 
 def test_close_stops_the_threads_and_a_later_batch_starts_them():
@@ -157,3 +158,45 @@ def test_pinning_threads_take_the_device_of_the_thread_that_starts_them(monkeypa
     assert [ids(next(batches)) for _ in range(5)] == [ids(next(reference)) for _ in range(5)]
     batches.close()
     assert len(pinned_on) >= 5 and set(pinned_on) == {3}
+
+
+@pytest.mark.parametrize("world,micro,num,prefetch", [(1, 4, None, 1), (2, 4, 10, 3), (3, 2, 23, 2), (2, 5, 7, 20)])
+def test_eval_read_ahead_yields_the_batches_of_no_read_ahead(world, micro, num, prefetch):
+    """Every rank's batches, the short last one and the empty ones past the end included, in order."""
+    empty = 0
+    for rank in range(world):
+        want = [ids(b) for b in eval_batches(Windows(25), micro, rank, world, num_windows=num)]
+        got = list(eval_batches(Windows(25), micro, rank, world, num_windows=num, prefetch=prefetch))
+        assert [ids(b) for b in got] == want and all(b.dtype == torch.long and b.ndim == 2 for b in got)
+        empty += want.count([])
+    assert empty == (num == 10)  # 10 windows on 2 ranks of 4: rank 1's last batch is empty (0 rows)
+    assert _prefetch_threads("relora_ds-eval") == []  # exhausted: its threads are gone
+
+
+def test_eval_batches_are_read_before_they_are_asked_for_and_an_early_exit_stops_the_threads():
+    data = Windows(100)
+    batches = eval_batches(data, 4, 0, 1, prefetch=3)
+    assert ids(next(batches)) == [0, 1, 2, 3]
+    for _ in range(4):  # the first batch and the three after it, read without another next()
+        assert data.reads.acquire(timeout=30)
+    with data.lock:
+        assert sorted(data.asked) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert _prefetch_threads("relora_ds-eval")
+    batches.close()  # a loop left early (an exception in the forward): the threads stop
+    assert _prefetch_threads("relora_ds-eval") == []
+    with data.lock:
+        assert len(data.asked) == 4  # nothing read after the loop was left, not the rest of the split
+
+
+def test_an_eval_read_error_is_raised_at_its_batch():
+    batches = eval_batches(Windows(40, bad=13), 4, 0, 1, prefetch=4)
+    assert [ids(next(batches)) for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    with pytest.raises(OSError, match="cannot read window 13"):
+        next(batches)
+    assert _prefetch_threads("relora_ds-eval") == []
+
+
+@pytest.mark.parametrize("prefetch", [-1, 1.5, True, "2"])
+def test_eval_prefetch_must_be_a_non_negative_int(prefetch):
+    with pytest.raises(ValueError, match=f"prefetch={prefetch!r} must be a non-negative int"):
+        next(eval_batches(Windows(40), 4, 0, 1, prefetch=prefetch))

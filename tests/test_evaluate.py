@@ -3,12 +3,14 @@ engine."""
 import pytest
 
 
-def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(monkeypatch):
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(monkeypatch, prefetch):
     """Trainer.evaluate (relora_ds/evaluate.py) on a stub engine whose loss is a batch's mean of known
     per-window values: 10 windows in micro-batches of 4 on 2 ranks (rank 0: windows 0-3 and 8-9, rank 1: 4-7
     and an empty batch, which still runs a weightless forward). The validation loss must be the plain mean of the 10 values, as one
     process over all windows would give; a mean of batch means (or a full weight for the short batch, or
     any weight for the empty one) gives another number."""
+    import threading
     from types import SimpleNamespace
 
     import torch
@@ -17,8 +19,19 @@ def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(mon
     from relora_ds import trainer as trainer_mod
 
     value = torch.tensor([float(i * i + 1) for i in range(10)])  # window i's "loss"
-    val_data = torch.zeros(10, 9, dtype=torch.long)
-    val_data[:, 0] = torch.arange(10)
+    windows = torch.zeros(10, 9, dtype=torch.long)
+    windows[:, 0] = torch.arange(10)
+    read_by = set()  # the threads that read windows: the trainer's data_prefetch reaches the evaluation
+
+    class Windows:
+        def __len__(self):
+            return len(windows)
+
+        def __getitem__(self, i):
+            read_by.add(threading.current_thread().name.startswith("relora_ds-eval-prefetch"))
+            return windows[i]
+
+    val_data = Windows()
     seen = []
 
     class Engine:  # in training mode between evaluations, as the trainer keeps it; no dropout in eval
@@ -46,14 +59,15 @@ def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(mon
 
     monkeypatch.setattr(evaluate.dist, "all_reduce", all_reduce)
     logged = []
-    cfg = SimpleNamespace(micro_batch_size=4, eval_windows=10)
+    cfg = SimpleNamespace(micro_batch_size=4, eval_windows=10, data_prefetch=prefetch)  # batches read ahead or not
     for rank in (1, 0):
         t = SimpleNamespace(engine=Engine(), val_data=val_data, cfg=cfg, rank=rank, world=2, step=7,
-                            metrics=SimpleNamespace(log=logged.append), _print=lambda msg: None)
+                            pin_batches=False, metrics=SimpleNamespace(log=logged.append), _print=lambda msg: None)
         rec = trainer_mod.Trainer.evaluate(t)
         assert t.engine.training  # back in training mode for the next step
     assert seen == [[4, 5, 6, 7], [0], [0, 1, 2, 3], [8, 9]]  # rank 1's empty batch ran window 0, weightless
     assert rec["val_tokens"] == 10 * 8
+    assert (True in read_by) == bool(prefetch)  # (the empty batch's stand-in window is read in the step)
     assert rec["val_loss"] == pytest.approx(value.mean().item(), rel=1e-12)  # 29.5, by hand: (285 + 10) / 10
     assert value.mean().item() == 29.5
     # The run's last evaluation reads final_eval_windows (the reference's reads 100M tokens): the first 6
@@ -63,6 +77,7 @@ def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(mon
         seen.clear()
         for rank in (1, 0):
             t = SimpleNamespace(engine=Engine(), val_data=val_data, cfg=cfg, rank=rank, world=2, step=7,
-                                metrics=SimpleNamespace(log=logged.append), _print=lambda msg: None)
+                                pin_batches=False, metrics=SimpleNamespace(log=logged.append),
+                                _print=lambda msg: None)
             rec = trainer_mod.Trainer.evaluate(t, final=final)
         assert rec["val_loss"] == pytest.approx(want, rel=1e-12), final

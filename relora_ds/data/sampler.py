@@ -61,6 +61,22 @@ def _batch(dataset, indices: np.ndarray, pin_memory: bool = False) -> torch.Tens
     return batch.pin_memory() if pin_memory else batch
 
 
+def _check_prefetch(prefetch) -> None:
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise ValueError(f"prefetch={prefetch!r} must be a non-negative int (micro-batches read ahead; "
+                         "0 reads each when it is asked for)")
+
+
+def _reader_pool(threads: int, pin_memory: bool, name: str) -> ThreadPoolExecutor:
+    """Threads that read (and pin) batches. A new thread's current device is the first GPU: pinning there
+    would make every rank of a node create a CUDA context on GPU 0. The threads take this thread's device, as
+    DataLoader's pinning does."""
+    device = torch.accelerator.current_device_index() if pin_memory else None
+    return ThreadPoolExecutor(threads, thread_name_prefix=name,
+                              initializer=None if device is None else torch.accelerator.set_device_index,
+                              initargs=() if device is None else (device,))
+
+
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     """The sample order of one epoch: a permutation of range(num_samples), a pure function of its args.
 
@@ -88,9 +104,7 @@ class ShardedBatches:
             raise ValueError(f"seed={seed!r} must be a non-negative int")
         if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps={accumulation_steps!r} must be a positive int")
-        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
-            raise ValueError(f"prefetch={prefetch!r} must be a non-negative int (micro-batches read ahead; "
-                             "0 reads each when it is asked for)")
+        _check_prefetch(prefetch)
         self.num_samples = len(dataset)
         if self.num_samples == 0:
             size = _size(dataset)
@@ -149,12 +163,7 @@ class ShardedBatches:
         if not self.prefetch:
             return _batch(self.dataset, self._advance(), self.pin_memory)
         if self._pool is None:
-            # A new thread's current device is the first GPU: pinning there would make every rank of a node
-            # create a CUDA context on GPU 0. The threads take this thread's device, as DataLoader's pinning does.
-            device = torch.accelerator.current_device_index() if self.pin_memory else None
-            self._pool = ThreadPoolExecutor(self.prefetch, thread_name_prefix="relora_ds-prefetch",
-                                            initializer=None if device is None else torch.accelerator.set_device_index,
-                                            initargs=() if device is None else (device,))
+            self._pool = _reader_pool(self.prefetch, self.pin_memory, "relora_ds-prefetch")
         if self._ahead is None:  # (re)start reading ahead from this sampler's position
             self._ahead = copy.copy(self)
             self._ahead.prefetch, self._ahead._pending = 0, collections.deque()
@@ -226,7 +235,8 @@ class ShardedBatches:
 
 
 def eval_batches(dataset, micro_batch_size: int, rank: int, world_size: int,
-                 num_windows: int | None = None) -> Iterator[torch.Tensor]:
+                 num_windows: int | None = None, *, prefetch: int = 0,
+                 pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """This rank's share of windows ``[0, N)`` of `dataset`, unshuffled: LongTensors (rows, seq_len + 1).
 
     ``N = min(num_windows, len(dataset))`` (all windows when `num_windows` is None), so the evaluated set
@@ -234,16 +244,38 @@ def eval_batches(dataset, micro_batch_size: int, rank: int, world_size: int,
     ``[k*W*B, (k+1)*W*B)`` and rank ``r`` its ``r``-th block of ``B`` of them, clipped to ``N``: the last
     micro-step's batches are shorter, and empty (0 rows) on ranks past the end. Every rank yields the same
     number of batches, so collectives inside the forward (ZeRO-3 gathers) stay matched.
+
+    `prefetch` and `pin_memory` as for :class:`ShardedBatches`: the next `prefetch` batches are read by
+    background threads while the current one is evaluated; the batches are the same. The threads stop when
+    the generator is exhausted or closed (a loop left early), dropping reads not yet started.
     """
     _check_shard(micro_batch_size, rank, world_size)
+    _check_prefetch(prefetch)
     if num_windows is not None and (not isinstance(num_windows, int) or num_windows < 1):
         raise ValueError(f"num_windows={num_windows!r} must be a positive int or None")
     n = len(dataset) if num_windows is None else min(num_windows, len(dataset))
     g = micro_batch_size * world_size
-    for k in range(-(-n // g)):
-        start = min(n, k * g + rank * micro_batch_size)
-        stop = min(n, start + micro_batch_size)
+    starts = (min(n, k * g + rank * micro_batch_size) for k in range(-(-n // g)))
+    blocks = ((start, min(n, start + micro_batch_size)) for start in starts)
+    width = dataset[0].shape[-1]
+
+    def read(start: int, stop: int) -> torch.Tensor:
         if stop > start:
-            yield _batch(dataset, np.arange(start, stop))
-        else:
-            yield torch.empty((0, dataset[0].shape[-1]), dtype=torch.long)
+            return _batch(dataset, np.arange(start, stop), pin_memory)
+        return torch.empty((0, width), dtype=torch.long)
+
+    if not prefetch:
+        for block in blocks:
+            yield read(*block)
+        return
+    pool = _reader_pool(prefetch, pin_memory, "relora_ds-eval-prefetch")
+    pending: collections.deque[Future] = collections.deque()
+    try:
+        for block in blocks:
+            pending.append(pool.submit(read, *block))
+            if len(pending) > prefetch:  # this batch, and `prefetch` more after it, are being read
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -89,6 +89,19 @@ class MetricsLogger:
             tmp.replace(self.path)
         return len(later)
 
+    def logged(self, step: int, key: str) -> bool:
+        """Whether metrics.jsonl holds a record of `step` with `key` (False where this logger is disabled)."""
+        if not self.enabled or not self.path.is_file():
+            return False
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut by a crash mid-write
+                continue
+            if isinstance(rec, dict) and rec.get("step") == step and key in rec:
+                return True
+        return False
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return

@@ -258,13 +258,18 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         # warm-start switch (each step ends in an all-reduce read on the host, so the clock sees the device).
         # A record covers the steps since the last one (log_every): their mean loss, as Megatron and the HF
         # Trainer log; lr and grad_norm are its last step's. A window ends at the warm-start switch too, so
-        # that no record mixes the phases, at a stop, so that no trained step goes unlogged, and at each
-        # checkpoint, so that a run resumed from it logs the records the uninterrupted run logged.
+        # that no record mixes the phases, at a stop and at each evaluation (a stop may come during one), so
+        # that no trained step goes unlogged, and at each checkpoint, so that a run resumed from it logs the
+        # records the uninterrupted run logged.
         train_s, step_last, loss_sum = 0.0, self.step, 0.0
         # A signal during start-up (the checkpoint load, the engine): stop before training a step; nothing has
         # changed since the checkpoint resumed from (or since nothing), so nothing is saved.
         if self.step < self.total_steps and self._stop_agreed_now():
             return self._stopped(bar, saved=False)
+        if self._evaluation_owed():  # the run resumed from was killed during the evaluation of this step
+            final = self.evaluate(final=self.step == self.total_steps)
+            if self.step < self.total_steps and self._stop_agreed_now():
+                return self._stopped(bar, saved=False)
         while self.step < self.total_steps:
             if self.engine_phase == "full" and self._phase(self.step) == "lowrank":
                 self._switch_to_lowrank()
@@ -275,7 +280,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             self._after_step_events()
             train_s += time.perf_counter() - t0
             save_due = (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps
-            if (self.step % cfg.log_every == 0 or save_due or self._stop_agreed
+            eval_due = self._evaluation_due(self.step)
+            if (self.step % cfg.log_every == 0 or save_due or eval_due or self._stop_agreed
                     or (self.engine_phase == "full" and self._phase(self.step) == "lowrank")):
                 tok_s = (self.step - step_last) * self.tokens_per_step / train_s
                 loss = loss_sum / (self.step - step_last)
@@ -300,7 +306,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
                 return self._stopped(bar, saved=True)
             if save_due:  # before the evaluation (the final one may read ~100M tokens): a kill there loses no step
                 self.save()
-            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+            if eval_due:
                 final = self.evaluate(final=self.step == self.total_steps)
                 if self.step < self.total_steps and self._stop_agreed_now():
                     # a signal that came during the evaluation: stop here, not after one more step and save
@@ -313,12 +319,30 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self.metrics.close()
         return final
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank: every rank learns it from one all-reduce."""
+        flags = torch.tensor(float(flag), device=self.engine.device)
+        dist.all_reduce(flags)
+        return flags.item() > 0
+
     def _stop_agreed_now(self) -> bool:
-        """Whether any rank got a stop signal (during start-up, or an evaluation): every rank learns it from
-        one all-reduce (the steps carry the same flag in their loss all-reduce)."""
-        stop = torch.tensor(float(self._stop_signal > 0), device=self.engine.device)
-        dist.all_reduce(stop)
-        return stop.item() > 0
+        """Whether any rank got a stop signal (during start-up, or an evaluation); the steps carry the same
+        flag in their loss all-reduce."""
+        return self._any_rank(self._stop_signal > 0)
+
+    def _evaluation_due(self, step: int) -> bool:
+        """Whether the validation loss is measured after `step` (eval_every, and the run's last step)."""
+        return bool(self.cfg.eval_every) and (step % self.cfg.eval_every == 0 or step == self.total_steps)
+
+    def _evaluation_owed(self) -> bool:
+        """Whether this run resumed from a checkpoint whose step was due an evaluation that metrics.jsonl
+        lacks: a stop signal left it to this run, or the job was killed during it (an evaluation runs after
+        its step's checkpoint is saved; the final one may read ~100M tokens). Resumed at total_steps, the run
+        would otherwise end without its final validation loss. Rank 0 reads the log; every rank learns the
+        answer."""
+        if self.step == 0 or not self._evaluation_due(self.step):
+            return False
+        return self._any_rank(self.rank == 0 and not self.metrics.logged(self.step, "val_loss"))
 
     def _stopped(self, bar, saved: bool) -> dict:
         """End a run stopped by a signal: the "preempted" record (after which the SLURM scripts requeue)."""

@@ -116,3 +116,58 @@ def test_a_stop_signal_during_an_evaluation_stops_there_with_a_checkpoint(tmp_pa
     assert calls == steps + (["save 4", "eval 4"] if save_every == 4 else ["eval 4", "save 4"])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["event"] == "preempted" and records[-1]["step"] == 4
+    # Every trained step is in a record (a review: with no save due at 4, step 4 was in none, and the run
+    # resumed from step 4 logged a step-6 record of steps 5-6 where the uninterrupted run's covers 4-6).
+    # Windows end at the switch (2), log_every (3) and the evaluation (4).
+    assert [r["step"] for r in records if "loss" in r] == [2, 3, 4]
+
+
+@pytest.mark.parametrize("resume_step,logged,owed", [(12, False, True), (12, True, False), (8, False, True),
+                                                     (8, True, False), (6, False, False)])
+def test_a_resumed_run_evaluates_the_step_its_previous_run_was_killed_evaluating(tmp_path, monkeypatch,
+                                                                                resume_step, logged, owed):
+    """From a review: evaluations run after their step's checkpoint, so a run killed during one (the final one
+    reads up to ~100M tokens) resumes past it, and resumed at total_steps it ended with no final validation
+    loss. Oracle, by hand: resumed at a step due an evaluation (8: eval_every 4; 12: the last) whose val_loss
+    metrics.jsonl lacks, the run evaluates it first, once, as the final one at 12; not where it is logged, nor
+    at a step not due one (6)."""
+    from relora_ds import trainer as trainer_mod
+    from relora_ds.metrics import MetricsLogger
+    from relora_ds.train_config import TrainConfig
+
+    monkeypatch.setattr(trainer_mod, "offloaded", lambda engine: "none")
+    cfg = TrainConfig(mode="relora", warm_start_steps=2, cycle_length=4, restart_warmup_steps=1, warmup_steps=1,
+                      total_steps=12, log_every=1, eval_every=4, save_every=2, global_batch_size=8,
+                      micro_batch_size=4, seq_len=32, export=False, warm_start_lr=5e-4, output_dir=str(tmp_path))
+    previous = [{"step": s, "loss": 1.0} for s in range(1, resume_step + 1)]
+    previous += [{"step": s, "val_loss": 2.0} for s in range(4, resume_step + logged, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in previous) + '{"step": 1')
+    t = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
+    calls = []
+
+    def train_step():
+        calls.append(f"step {t.step + 1}")
+        t.step_lr = 1e-3
+        return 1.0
+
+    def evaluate(final=False):
+        calls.append(f"eval {t.step}{' final' if final else ''}")
+        return {"val_loss": 2.0, "step": t.step}
+
+    t.__dict__.update(
+        cfg=cfg, engine=SimpleNamespace(module=torch.nn.Linear(2, 2)), out=tmp_path, ds={}, world=1, rank=0,
+        model_config=SimpleNamespace(num_hidden_layers=2), total_steps=12, step=resume_step, tokens_seen=0,
+        tokens_per_step=8 * 32, relora_start=2, flops_per_token=1e9, peak_tflops=None, grad_norm=1.0,
+        engine_phase="lowrank", _stop_agreed=False, _stop_signal=0,
+        metrics=MetricsLogger(tmp_path, enabled=True, resume_step=resume_step), _any_rank=lambda flag: flag,
+        _train_step=train_step, _after_step_events=lambda: None, _switch_to_lowrank=None, evaluate=evaluate,
+        save=lambda: calls.append(f"save {t.step}"), _print=lambda msg: None,
+        batches=SimpleNamespace(close=lambda: None))
+    result = t.train()
+    first = [f"eval {resume_step}{' final' if resume_step == 12 else ''}"] if owed else []
+    trained = []
+    for s in range(resume_step + 1, 13):
+        trained += [f"step {s}"] + ([f"save {s}"] if s % 2 == 0 else []) + ([f"eval {s}{' final' if s == 12 else ''}"]
+                                                                             if s % 4 == 0 else [])
+    assert calls == first + trained
+    assert result == ({"val_loss": 2.0, "step": 12} if owed or resume_step < 12 else {})

@@ -87,11 +87,15 @@ def test_resume_applies_the_recipes_new_lr(tmp_path, small_data_dir):
     assert [r["lr"] for r in recs if "loss" in r][:6] == pytest.approx(
         [(5e-4 if s <= 2 else 3e-3) * jagged_cosine(s - 1, **kw) for s in range(1, 7)], rel=1e-6)
     assert [r["lr"] for r in recs if "loss" in r][1] > 0
+    first_val = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
     rewind_to(tmp_path / "run", "step_6")
     train1(tmp_path, small_data_dir, "--resume", "--lr", "1e-3", "--adam-beta2", "0.95", save_every=6,
             warm_start_lr=5e-4)
     losses, recs = read_losses(tmp_path / "run")
     assert sorted(losses) == list(range(7, 13))
+    # The log lost the step-6 evaluation, which runs after step 6's checkpoint (as a job killed during it
+    # would): the resumed run evaluates step 6 first, on the weights of that checkpoint.
+    assert [r["val_loss"] for r in recs if r.get("step") == 6 and "val_loss" in r] == [first_val[6]]
     logged = [r["lr"] for r in recs if "loss" in r]
     want = [1e-3 * jagged_cosine(s - 1, **kw) for s in range(7, 13)]
     assert logged == pytest.approx(want, rel=1e-6) and max(want) > 0
@@ -106,6 +110,16 @@ def test_resume_applies_the_recipes_new_lr(tmp_path, small_data_dir):
     clipped, recs = read_losses(tmp_path / "run")
     assert [clipped[s] == losses[s] for s in range(7, 13)] == [True, True, False, False, False, False]
     assert next(r for r in recs if r.get("event") == "resume_settings_changed")["grad_clip"] == "1.0 -> 0.001"
+    # Killed during its final evaluation (after the final checkpoint): resumed at step 12, nothing is left to
+    # train, and the run still logs the final validation loss, that of the step-12 checkpoint.
+    final_val = [r for r in recs if r.get("step") == 12 and "val_loss" in r]
+    assert len(final_val) == 1
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in recs if not (r.get("step") == 12 and "val_loss" in r)))
+    train1(tmp_path, small_data_dir, "--resume", "--lr", "1e-3", "--adam-beta2", "0.95", "--grad-clip", "0.001",
+           save_every=6, warm_start_lr=5e-4)
+    _, recs = read_losses(tmp_path / "run")
+    assert [r["val_loss"] for r in recs if r.get("step") == 12 and "val_loss" in r] == [final_val[0]["val_loss"]]
 
 
 def test_a_zero2_checkpoint_resumes_on_fewer_ranks_offloaded_or_in_bf16(tmp_path, small_data_dir, uninterrupted):

@@ -157,8 +157,9 @@ class TrainConfig:
     collective_timeout_min: int = _f(60, "minutes a rank waits in a collective before the job fails; DeepSpeed's "
                                          "10 can end a job while rank 0 alone converts a checkpoint for another "
                                          "world size or exports a large model")
-    peak_tflops: float | None = _f(None, "per-GPU peak TFLOP/s for the mfu metric (default: the dense bf16 peak of "
-                                          "A100, H100, H200 and H800 when training in bf16; no mfu elsewhere)")
+    peak_tflops: float | None = _f(None, "per-GPU peak TFLOP/s for the mfu metric (default: the dense bf16/fp16 "
+                                          "peak of A100, A800, H100, H200, H800 and L40S when training in bf16 or "
+                                          "fp16; no mfu elsewhere)")
     seed: int = _f(0, "seed for init, data order and LoRA re-inits")
 
     def __post_init__(self) -> None:

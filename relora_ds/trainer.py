@@ -32,7 +32,7 @@ from .data import PackedTokens, ShardedBatches, builtin_data_dir, load_manifest
 from .data.manifest import read_manifest_file
 from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
     single_process_environment
-from .flops import peak_tflops
+from .flops import mfu_peak
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engines import EnginesMixin
 from .ds_patches import patch_deepspeed_nvme
@@ -116,9 +116,11 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
                                       accumulation_steps=cfg.global_batch_size // (cfg.micro_batch_size * self.world),
                                       prefetch=cfg.data_prefetch, pin_memory=on_cuda)
         self.tokens_per_step = cfg.global_batch_size * cfg.seq_len
-        # MFU's denominator: the recipe's peak_tflops, else the table's bf16 peak of this GPU when in bf16.
-        self.peak_tflops = cfg.peak_tflops or (peak_tflops(torch.cuda.get_device_name())
-                                               if on_cuda and uses_bf16(self.ds) else None)
+        # MFU's denominator: the recipe's peak_tflops, else the table's dense bf16/fp16 peak of this GPU when
+        # training in bf16/fp16 (fp32 has none).
+        self.peak_tflops = cfg.peak_tflops or (
+            mfu_peak(torch.cuda.get_device_name(), half=uses_bf16(self.ds) or self.fp16, warn=self.rank == 0)
+            if on_cuda else None)
         self.resume_plan = None if not cfg.resume else checkpoint.plan_resume(
             self.ckpt_dir, model=self.model_config.to_dict(), train=cfg.to_dict(), ds=self.ds, world=self.world,
             data_dir=self.data_dir, tokenizer_sha256=self.tokenizer_sha256, data=self.data_info,

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM
-from relora_ds.flops import flops_per_token, peak_tflops
+from relora_ds.flops import flops_per_token, mfu_peak, peak_tflops
 
 
 def _counted_per_token(model, batch, seq_len):
@@ -82,10 +82,45 @@ def test_the_chunked_loss_runs_the_head_on_the_predicted_positions_only():
     assert plain - flops_per_token(model, 33) == pytest.approx(6 * 96 * 48 / 33, rel=1e-12)
 
 
+@pytest.mark.parametrize("model_type,window,layer_types", [("mistral", 16, None), ("mistral", 40, None),
+                                                            ("qwen2", 16, ["full_attention", "sliding_attention"])])
+def test_a_sliding_window_layer_is_credited_the_keys_it_attends(monkeypatch, model_type, window, layer_types):
+    """A layer whose queries attend at most `window` keys: its attention products count min(T, window) keys,
+    not T. The oracle: FlopCounterMode counts the products the reference path runs (the whole T x T scores,
+    the window being a mask), less by hand the 12 h·d·(T - window) per position of each sliding layer."""
+    monkeypatch.setenv("RELORA_KERNELS", "reference")
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=128, model_type=model_type,
+                      sliding_window=window, layer_types=layer_types)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    T, sliding = 34, 2 if layer_types is None else 1
+    masked_out = 12 * 48 * max(0, T - window) * sliding * T / 33
+    assert flops_per_token(model, 33) == pytest.approx(_counted_per_token(model, 2, 33) - masked_out, rel=1e-12)
+    relora_ds.wrap(model, rank=4)
+    assert flops_per_token(model, 33) == pytest.approx(_counted_per_token(model, 2, 33) - masked_out, rel=1e-12)
+
+
 def test_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops("NVIDIA H100 NVL") == peak_tflops("NVIDIA H200 NVL") == 835.5
     assert peak_tflops("NVIDIA H200") == 989.4
-    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 == peak_tflops("NVIDIA A800-SXM4-80GB")
+    assert peak_tflops("NVIDIA L40S") == 362.05
     assert peak_tflops("NVIDIA L4") is None and peak_tflops(None) is None
+
+
+def test_mfu_peak_in_half_precision_only_and_a_gpu_the_table_lacks_is_named():
+    import warnings
+
+    from relora_ds.train_config import ConfigWarning
+
+    assert mfu_peak("NVIDIA H100 80GB HBM3", half=True) == 989.4  # bf16 or fp16: the same dense peak
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mfu_peak("NVIDIA H100 80GB HBM3", half=False) is None  # fp32: no mfu, and nothing to warn of
+        assert mfu_peak("NVIDIA L4", half=True, warn=False) is None  # another rank: rank 0 says it
+    with pytest.warns(ConfigWarning, match="no mfu column: the peak TFLOP/s of 'NVIDIA L4' is not in .*give "
+                                           "peak_tflops"):
+        assert mfu_peak("NVIDIA L4", half=True) is None

@@ -85,19 +85,30 @@ def main(argv=None) -> Path:
     return out
 
 
+def _run_data_dir(run: dict) -> Path:
+    """The run's data dir. Checkpoints written before 2026-12-03 record it as typed: a relative path is then
+    taken from the directory the run started in (run_info's cwd, where recorded), else from this one."""
+    data_dir = Path(run["data_dir"])
+    cwd = (run.get("environment") or {}).get("cwd")
+    return data_dir if data_dir.is_absolute() or not cwd else Path(cwd) / data_dir
+
+
 def _run_tokenizer(run: dict, ap: argparse.ArgumentParser) -> Path:
     try:
-        return Path(load_manifest(run["data_dir"])["tokenizer_path"])
+        return Path(load_manifest(_run_data_dir(run))["tokenizer_path"])
     except (KeyError, OSError, ValueError) as e:
-        ap.error(f"cannot find the run's tokenizer through its data dir {run.get('data_dir')!r} ({e}); "
-                 "pass --tokenizer PATH, or --no-tokenizer")
+        where = "" if Path(run.get("data_dir") or "/").is_absolute() else f", from {Path.cwd()}"
+        gone = "data_dir" in run and not (_run_data_dir(run) / "manifest.json").is_file()
+        ap.error(f"cannot find the run's tokenizer through its data dir {run.get('data_dir')!r}{where} "
+                 f"({'no prepared data (manifest.json) there' if gone else str(e).rstrip()}); pass --tokenizer PATH "
+                 "(the data dir's tokenizer.model or tokenizer.json), or --no-tokenizer")
 
 
 def _run_token_ids(run: dict) -> dict | None:
     """--no-tokenizer: the BOS/EOS ids of the run's tokenizer from its data manifest (None where it is gone:
     the export then says null)."""
     try:
-        manifest = load_manifest(run["data_dir"])
+        manifest = load_manifest(_run_data_dir(run))
         return {"bos_token_id": manifest["bos_id"], "eos_token_id": manifest["eos_id"]}
     except (KeyError, OSError, ValueError, TypeError):
         return None

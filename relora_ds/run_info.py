@@ -58,6 +58,7 @@ def environment(world_size: int) -> dict:
     return {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
+        "cwd": os.getcwd(),  # what relative paths in argv were relative to
         "git": _git(Path(__file__).resolve().parents[1]),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in PACKAGES},

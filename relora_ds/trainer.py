@@ -185,7 +185,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
     def _prepare_data(self) -> Path:
         cfg = self.cfg
         if cfg.data_dir is not None:
-            path = Path(cfg.data_dir)
+            path = Path(os.path.abspath(cfg.data_dir))  # checkpoints record it: launch/export.py runs from anywhere
             what = f"data_dir {path}"
             fix = "put it on a filesystem every node mounts, or give every node the same copy"
         else:

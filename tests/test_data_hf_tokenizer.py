@@ -209,6 +209,7 @@ def test_continued_pretraining_on_hugging_face_tokens_exports_the_models_tokeniz
     """launch/train.py --hf-model on data prepared with the model's tokenizer.json, through a ReLoRA reset:
     the export carries the model's tokenizer files, and launch/export.py finds the run's tokenizer.json
     through its data dir (an export without `like` copies it too)."""
+    import os
     import subprocess
     import sys
 
@@ -218,8 +219,11 @@ def test_continued_pretraining_on_hugging_face_tokens_exports_the_models_tokeniz
     path, docs = corpus
     data = prepare_data([str(path)], tmp_path / "data", tokenizer=str(toks["llama3"]), val_fraction=0.1)
     model = _model_dir(tmp_path / "model", toks["llama3"])
-    train1(tmp_path, data, hf_model=str(model), total_steps=8, warm_start_steps=0, cycle_length=4,
-           eval_every=8, save_every=8, export=True)
+    # The data dir given relative to the trainer's directory (ROOT), as typed on a command line: checkpoints
+    # record it absolute, and launch/export.py below runs from another directory.
+    train1(tmp_path, os.path.relpath(data, ROOT), hf_model=str(model), total_steps=8, warm_start_steps=0,
+           cycle_length=4, eval_every=8, save_every=8, export=True)
+    assert json.loads((tmp_path / "run/checkpoints/step_8/config.json").read_text())["data_dir"] == str(data)
     losses, recs = read_losses(tmp_path / "run")
     assert len(losses) == 8 and [r["step"] for r in recs if r.get("event") == "reset"] == [4, 8]
     hf = tmp_path / "run" / "hf"
@@ -227,7 +231,7 @@ def test_continued_pretraining_on_hugging_face_tokens_exports_the_models_tokeniz
         assert (hf / name).read_bytes() == (model / name).read_bytes(), name
     assert json.loads((hf / "config.json").read_text())["eos_token_id"] == open_tokenizer(model).eos_id
     proc = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(tmp_path / "run"), "--out",
-                           str(tmp_path / "exported")], capture_output=True, text=True, env=launch_env())
+                           str(tmp_path / "exported")], capture_output=True, text=True, env=launch_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     relora_ds.export_hf(relora_ds.load_hf(tmp_path / "exported"), tmp_path / "plain", tokenizer=data / "tokenizer.json")
     theirs = transformers.AutoTokenizer.from_pretrained(toks["llama3"])

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,7 +163,7 @@ def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path
     run = tmp_path / "run"
     shutil.copytree(demo_run / "checkpoints", run / "checkpoints")
     export = lambda *a: subprocess.run([sys.executable, str(ROOT / "launch/export.py"), *map(str, a)],  # noqa: E731
-                                       capture_output=True, text=True, env=launch_env())
+                                       capture_output=True, text=True, env=launch_env(), cwd=ROOT)
     proc = export(run, "--tag", "step_50", "--out", tmp_path / "hf", "--no-tokenizer")
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = export(run / "checkpoints" / "step_50", "--out", tmp_path / "hf2", "--no-tokenizer")  # one checkpoint's dir
@@ -175,6 +176,23 @@ def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path
     # export with the tokenizer says them.
     ids = lambda d: [json.loads((d / "config.json").read_text())[k] for k in ("bos_token_id", "eos_token_id")]  # noqa: E731
     assert ids(tmp_path / "hf") == ids(demo_run / "hf") and None not in ids(tmp_path / "hf")
+    # A run started elsewhere with a relative data dir (checkpoints before 2026-12-03 recorded it as typed;
+    # now the trainer records it absolute): taken from the run's recorded cwd, not the exporter's.
+    cfg_file = run / "checkpoints" / "step_50" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    data_dir = Path(cfg["data_dir"])
+    assert data_dir.is_absolute()
+    cfg["data_dir"], cfg["environment"]["cwd"] = str(data_dir.relative_to(data_dir.parent.parent)), str(data_dir.parent.parent)
+    cfg_file.write_text(json.dumps(cfg))
+    proc = export(run, "--tag", "step_50", "--out", tmp_path / "hf3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "hf3" / "tokenizer.json").read_text() == (demo_run / "hf" / "tokenizer.json").read_text()
+    del cfg["environment"]["cwd"]  # an older run_info: the path is read from here, and the error says so
+    cfg_file.write_text(json.dumps(cfg))
+    proc = export(run, "--tag", "step_50", "--out", tmp_path / "hf4")
+    assert proc.returncode == 2 and f"data dir {cfg['data_dir']!r}, from {ROOT}" in proc.stderr, proc.stderr
+    assert "no prepared data (manifest.json) there); pass --tokenizer PATH" in proc.stderr
+    cfg_file.write_text(json.dumps({**cfg, "data_dir": str(data_dir)}))
     (tmp_path / "afile").write_text("x")
     proc = export(run / "checkpoints", "--out", tmp_path / "afile")
     assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr

@@ -145,9 +145,10 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         if self.metrics.rewound:
             self._print(f"resuming from step {resume_step}: the {self.metrics.rewound} metrics records the previous "
                         f"run logged after it moved to {self.out / MetricsLogger.REWOUND}")
-        # SIGTERM/SIGUSR1 (SLURM preemption or time limit): finish the step, checkpoint, exit cleanly.
-        self._stop_signal = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        # SIGTERM/SIGUSR1 (SLURM preemption or time limit) and a first Ctrl-C (SIGINT): finish the step,
+        # checkpoint, exit cleanly. A second Ctrl-C aborts at once, without saving.
+        self._stop_signal, self._interrupted = 0, False
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._signal_handlers[sig] = signal.signal(sig, self._request_stop)
         self._stop_signal = self._stop_signal or (early_stop() if early_stop else 0)  # read once ours are in
 
@@ -179,7 +180,15 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         on_rank_zero(clear)
 
     def _request_stop(self, signum, frame) -> None:
-        self._stop_signal = signum
+        if signum == signal.SIGINT:
+            if self._interrupted:  # Ctrl-C twice: abort now, as Python's own handler does
+                raise KeyboardInterrupt
+            self._interrupted = True
+            if self.rank == 0:  # a terminal's Ctrl-C reaches every rank of the node
+                sys.stderr.write("interrupted: finishing the step, saving a checkpoint, then stopping (resume with "
+                                 "--resume); Ctrl-C again to abort without saving\n")
+        # The first signal names the stop (the deepspeed launcher TERMs its ranks after the terminal's SIGINT).
+        self._stop_signal = self._stop_signal or signum
 
     # ---------------------------------------------------------------- setup
     def _prepare_data(self) -> Path:

@@ -75,6 +75,48 @@ def test_a_stop_signal_during_start_up_stops_every_rank_before_the_first_step(tm
     assert recs[-1].get("event") != "preempted" and len([r for r in recs if r.get("event") == "preempted"]) == 1
 
 
+def test_ctrl_c_finishes_the_step_saves_and_stops_a_second_aborts(tmp_path, small_data_dir, capsys):
+    """A user's Ctrl-C (found by a user-journey review: a KeyboardInterrupt traceback, and every step since the
+    last checkpoint lost). The first SIGINT stops the run as SIGTERM does: the step finishes, a checkpoint of
+    it is saved, the "preempted" record, exit 0 (a plain one-process run here; under the deepspeed launcher
+    every rank gets the terminal's SIGINT). A second SIGINT raises KeyboardInterrupt at once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from launch_utils import free_port, launch_env
+    recipe, ds = write(tmp_path, small_data_dir, total_steps=200, eval_every=0, save_every=0)
+    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch/train.py"), "--config", str(recipe), "--deepspeed",
+                             str(ds)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.is_file() and '"step": 3,' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "interrupted: finishing the step, saving a checkpoint" in err and "KeyboardInterrupt" not in err
+    _, recs = read_losses(tmp_path / "run")
+    n = recs[-1]["step"]
+    assert recs[-1] == {"event": "preempted", "step": n} and 3 <= n < 200
+    assert max(r["step"] for r in recs if "loss" in r) == n  # no step trained after the signal's step
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"step_{n}"
+    assert f"stopped by signal {int(signal.SIGINT)} after step {n}; checkpoint saved" in out + err
+
+    from relora_ds.trainer import Trainer
+    t = Trainer.__new__(Trainer)
+    t.rank, t._stop_signal, t._interrupted = 0, 0, False
+    t._request_stop(signal.SIGINT, None)
+    assert t._stop_signal == signal.SIGINT and "Ctrl-C again to abort without saving" in capsys.readouterr().err
+    t._request_stop(signal.SIGTERM, None)  # the deepspeed launcher's TERM after the terminal's SIGINT
+    assert t._stop_signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        t._request_stop(signal.SIGINT, None)
+
+
 def test_resume_applies_the_recipes_new_lr(tmp_path, small_data_dir):
     """Resuming with another lr (the advice after a divergence) trains with it: DeepSpeed restores the old
     one into the param groups and LambdaLR unless the trainer re-applies the recipe's."""

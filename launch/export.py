@@ -21,10 +21,11 @@ from relora_ds.data import load_manifest
 from relora_ds.data.manifest import tokenizer_sha256
 from relora_ds.data.tokenizer import resolve_tokenizer
 from relora_ds.hf import export_run
+from relora_ds.train_args import ArgumentParser
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("checkpoints", type=Path, help="the run's checkpoints/ directory")
     ap.add_argument("--tag", help="checkpoint tag, e.g. step_400 (default: latest)")
     ap.add_argument("--out", type=Path, required=True, help="output Hugging Face directory")

@@ -23,11 +23,12 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from relora_ds.data import PrepareConfig, prepare_data
+from relora_ds.train_args import ArgumentParser  # noqa: E402  (argparse with hints for misspelled flags)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {f.name: f.default for f in dataclasses.fields(PrepareConfig)}
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--input", nargs="+", default=None,
                    help="files, directories, globs (.txt/.jsonl/.json[.gz], .parquet) or one hub dataset "
                         "name; default: the built-in corpus (Wikipedia summaries + Shakespeare)")
@@ -38,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tok.add_argument("--vocab-size", type=int, default=None, help="vocab of the BPE tokenizer to train (32000)")
     p.add_argument("--seq-len", type=int, default=None, help="report windows per split for this length")
     p.add_argument("--text-column", default=defaults["text_column"])
-    p.add_argument("--num-proc", type=int, default=defaults["num_proc"])
+    p.add_argument("--num-proc", type=int, default=defaults["num_proc"],
+                   help="tokenizer processes (threads when streaming); the output does not depend on it (default: 1)")
     p.add_argument("--hf-config", default=None, help="config of a hub dataset (e.g. 'en' for allenai/c4)")
     p.add_argument("--hf-revision", default=None, help="branch, tag or commit of a hub dataset (default: its "
                    "default branch); the resolved commit is recorded in the manifest")
@@ -50,13 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-split", default=defaults["hf_split"], help="split of a hub dataset --input")
     p.add_argument("--hf-val-split", default=None, help="split of a hub dataset --val-input (default: validation)")
     stream = p.add_mutually_exclusive_group()
-    stream.add_argument("--streaming", dest="streaming", action="store_true", default=None)
-    stream.add_argument("--no-streaming", dest="streaming", action="store_false")
+    stream.add_argument("--streaming", dest="streaming", action="store_true", default=None,
+                        help="read the corpus with datasets' streaming (default: for hub datasets and corpora "
+                             "larger than a quarter of RAM)")
+    stream.add_argument("--no-streaming", dest="streaming", action="store_false", help="never stream")
     p.add_argument("--txt-unit", choices=["document", "paragraph", "line"], default=defaults["txt_unit"],
                    help="one document per .txt file, per paragraph (text between blank lines; a line of only "
                         "spaces or tabs is blank), or per line")
     p.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
-    p.add_argument("--tokenizer-train-chars", type=int, default=defaults["tokenizer_train_chars"])
+    p.add_argument("--tokenizer-train-chars", type=int, default=defaults["tokenizer_train_chars"],
+                   help="characters of the training documents the BPE tokenizer learns from (default: 100M)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace data --out holds from another recipe (runs trained on it cannot resume after)")
     return p.parse_args(argv)

@@ -14,12 +14,34 @@ import yaml
 from .train_config import TrainConfig, bare_type, coerce_value
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a hint for each unrecognized flag: the recipe key spelled as a flag (``--total_steps``
+    for ``--total-steps``) or the closest flag (``--totl-steps``), as the recipe's YAML keys get."""
+
+    def error(self, message: str):
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            hints = []
+            for arg in message[len(prefix):].split():
+                name = arg.split("=", 1)[0]
+                if not name.startswith("--"):
+                    continue
+                dashed = "--" + name[2:].replace("_", "-")
+                match = [dashed] if dashed in flags else difflib.get_close_matches(dashed, flags, n=1, cutoff=0.75)
+                if match:
+                    hints.append(f"{name}: did you mean {match[0]}?")
+            if hints:
+                message += f" ({'; '.join(hints)})"
+        super().error(message)
+
+
 def build_launch_parser(description: str | None = None) -> argparse.ArgumentParser:
     """The parser of launch/train.py: the recipe's flags plus ``--deepspeed PATH`` and the launcher's
     ``--local_rank``. launch/preflight.py extends it, so both read a command line identically."""
     # allow_abbrev=False: --total-step must not silently mean --total-steps (nor a future flag's prefix)
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     # Our own --deepspeed PATH: deepspeed.add_config_arguments would make it a boolean flag.
     parser.add_argument("--deepspeed", metavar="PATH", help="DeepSpeed JSON (ds_configs/); default: ZeRO off, fp32")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -27,7 +49,7 @@ def build_launch_parser(description: str | None = None) -> argparse.ArgumentPars
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(allow_abbrev=False)
+    parser = parser or ArgumentParser(allow_abbrev=False)
     parser.add_argument("--config", help="YAML recipe; CLI flags override its values")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):

@@ -200,3 +200,18 @@ def test_a_local_rank_argument_the_trainer_would_ignore_is_an_error(monkeypatch)
         check_local_rank_arg(3)
     monkeypatch.setenv("LOCAL_RANK", "3")
     check_local_rank_arg(3)
+
+
+def test_a_misspelled_flag_is_named_with_the_flag_meant(capsys):
+    """The recipe's key spelled as a flag (underscores) and a typo get a hint, as a recipe's YAML typo does;
+    a flag like nothing gets none (found by a user-journey review: "unrecognized arguments" alone)."""
+    from relora_ds.train_args import build_launch_parser
+
+    parser = build_launch_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--totl-steps", "10", "--total_steps=5", "--quux", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert err.rstrip().endswith("error: unrecognized arguments: --totl-steps 10 --total_steps=5 --quux 1 "
+                                 "(--totl-steps: did you mean --total-steps?; --total_steps: did you mean "
+                                 "--total-steps?)"), err

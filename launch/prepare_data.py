@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "Face tokenizer.json (its tokenizer_config.json beside it) or a model directory holding one")
     tok.add_argument("--vocab-size", type=int, default=None, help="vocab of the BPE tokenizer to train (32000)")
     p.add_argument("--seq-len", type=int, default=None, help="report windows per split for this length")
-    p.add_argument("--text-column", default=defaults["text_column"])
+    p.add_argument("--text-column", nargs="+", default=[defaults["text_column"]],
+                   help="column holding the text in JSON/Parquet/hub inputs; several: each file takes the first "
+                        "it has, e.g. --text-column text content (default: text)")
     p.add_argument("--num-proc", type=int, default=defaults["num_proc"],
                    help="tokenizer processes (threads when streaming); the output does not depend on it (default: 1)")
     p.add_argument("--hf-config", default=None, help="config of a hub dataset (e.g. 'en' for allenai/c4)")
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     inputs, out = args.pop("input"), args.pop("out")
+    if len(args["text_column"]) == 1:  # one column: a str, as recipes have recorded it
+        args["text_column"] = args["text_column"][0]
     try:
         prepare_data(inputs, out, **args)
     except ValueError as e:

@@ -72,6 +72,35 @@ def test_missing_text_column_lists_the_columns(tmp_path):
     prepare_data([path], tmp_path / "out", vocab_size=300, text_column="content")
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_files_with_differently_named_text_columns_are_read_together(tmp_path, streaming):
+    """text_column=[...]: each file takes the first name it has (found by a user-journey review: one name for
+    every file, so a corpus of two schemas needed its files rewritten). Every document of both files is
+    trained on: the same documents as one file of the texts under one name; none found is an error naming
+    them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", SENTENCES[:60])
+    (d / "b.jsonl").write_text("".join(json.dumps({"content": t, "meta": i}) + "\n" for i, t in enumerate(SENTENCES[60:90])))
+    pq.write_table(pa.table({"body": SENTENCES[90:], "text": ["not this"] * 30}), d / "c.parquet")
+    with pytest.raises(ValueError, match=r"text column 'text' not found in .*b\.jsonl.*\['content', 'meta'\]"):
+        prepare_data([str(d)], tmp_path / "out", vocab_size=300, streaming=streaming)
+    kw = dict(vocab_size=300, val_fraction=0.0, streaming=streaming)
+    out = prepare_data([str(d)], tmp_path / "out", text_column=["body", "text", "content"], **kw)
+    one = prepare_data([write_jsonl(tmp_path / "one.jsonl", SENTENCES[:60] + SENTENCES[60:90] + SENTENCES[90:])],
+                       tmp_path / "one", **kw)
+    m, m1 = load_manifest(out), load_manifest(one)
+    assert m["splits"]["train"]["documents"] == len(SENTENCES) and m["recipe"]["text_column"] == ["body", "text",
+                                                                                                     "content"]
+    tokens = lambda m: sorted(np.fromfile(m["splits"]["train"]["path"], dtype=m["dtype"]).tolist())  # noqa: E731
+    assert m["tokenizer_sha256"] == m1["tokenizer_sha256"] and tokens(m) == tokens(m1)
+    with pytest.raises(ValueError, match=r"none of the text columns \['body', 'title'\] found in .*a\.jsonl"):
+        prepare_data([str(d)], tmp_path / "out2", text_column=["body", "title"], **kw)
+
+
 def test_non_string_text_column_is_an_error(tmp_path):
     """A numeric column used to be read as no text at all ("empty corpus: no non-empty line ...")."""
     path = tmp_path / "c.jsonl"

@@ -47,8 +47,9 @@ class PrepareConfig:
     """Vocabulary of the trained tokenizer (None: 32000). With `tokenizer`: None or its exact size."""
     seq_len: int | None = None
     """Only reported (windows per split, documents longer than a window): the files do not depend on it."""
-    text_column: str = "text"
-    """Column holding the text in JSON/Parquet/hub corpora (``.txt`` files have none)."""
+    text_column: str | list[str] = "text"
+    """Column holding the text in JSON/Parquet/hub corpora (``.txt`` files have none); a list: each file (or
+    the hub dataset) takes the first of them it has."""
     num_proc: int = 1
     """Tokenizer processes (``datasets.map``) or threads (streaming); the output does not depend on it."""
     hf_config: str | None = None
@@ -97,8 +98,11 @@ class PrepareConfig:
                              "there are no val_inputs")
         if self.txt_unit not in TXT_UNITS:
             raise ValueError(f"txt_unit={self.txt_unit!r} is not one of {TXT_UNITS}")
-        if not self.text_column:
-            raise ValueError("text_column is empty")
+        names = [self.text_column] if isinstance(self.text_column, str) else self.text_column
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(f"text_column={self.text_column!r} must be a column name or a non-empty list of them")
+        if not isinstance(self.text_column, str):  # JSON-safe in the manifest's recipe
+            object.__setattr__(self, "text_column", list(self.text_column))
         if self.tokenizer_train_chars < 1:
             raise ValueError(f"tokenizer_train_chars={self.tokenizer_train_chars!r} must be positive")
 

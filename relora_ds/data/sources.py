@@ -86,21 +86,33 @@ def _repair_files(files: list[str], work_dir: Path, num_proc: int
     return [replaced.get(f, f) for f in files], invalid, lone
 
 
-def _select_text(ds, text_column: str, origin: str):
-    """`ds` reduced to one column named "text"; a clear error when `text_column` is missing or holds no text."""
+def _text_column_of(columns, text_column: str | list[str]) -> str | None:
+    """The text column of a file with `columns`: `text_column`, or the first of a list that it has."""
+    names = [text_column] if isinstance(text_column, str) else text_column
+    return next((name for name in names if name in columns), None)
+
+
+def _select_text(ds, text_column: str | list[str], origin: str):
+    """`ds` reduced to one column named "text"; a clear error when `text_column` (each of a list) is missing
+    or holds no text."""
     if ds.features is not None:
         kinds = {name: f.dtype if isinstance(f, datasets.Value) else type(f).__name__
                  for name, f in ds.features.items()}
     else:  # streaming JSON learns its columns from the first record
         first = next(iter(ds), None)
         if first is None:
-            kinds = {text_column: "string"}  # no records: the empty-corpus check reports it
+            kinds = {_text_column_of([], text_column) or "text": "string"}  # no records: the empty-corpus check
         else:
             kinds = {name: "string" if value is None or isinstance(value, str) else type(value).__name__
                      for name, value in first.items()}
-    if text_column not in kinds:
-        raise ValueError(f"text column {text_column!r} not found in {origin}; its columns are {list(kinds)} "
-                         f"(choose one with --text-column)")
+    wanted, text_column = text_column, _text_column_of(kinds, text_column)
+    if text_column is None:
+        several = not isinstance(wanted, str)
+        raise ValueError(f"{'none of the text columns' if several else 'text column'} "
+                         f"{wanted if several else repr(wanted)} {'' if several else 'not '}found in {origin}; its "
+                         f"columns are {list(kinds)} "
+                         f"(choose {'them' if several else 'one'} with --text-column; several names: each file "
+                         f"takes the first it has)")
     if kinds[text_column] not in _STRING_DTYPES:
         # Otherwise every value is skipped as a non-text and the corpus looks empty.
         strings = [name for name, kind in kinds.items() if kind in _STRING_DTYPES]
@@ -160,7 +172,7 @@ def load_corpus(
     *,
     work_dir: Path,
     hub_revision: str | None = None,
-    text_column: str = "text",
+    text_column: str | list[str] = "text",
     hf_config: str | None = None,
     txt_unit: str = "document",
     streaming: bool | None = None,
@@ -198,7 +210,7 @@ def load_corpus(
         raise ValueError(f"hf_config={hf_config!r} only applies to a hub dataset input, not local files")
     if streaming is None:
         streaming = _default_streaming(files)
-    if text_column != "text" and all(builder_for(f) == "text" for f in files):
+    if text_column not in ("text", ["text"]) and all(builder_for(f) == "text" for f in files):
         warnings.warn(f"text_column={text_column!r} is ignored: .txt files have no columns", DataWarning,
                       stacklevel=2)
     originals = files
@@ -249,7 +261,7 @@ def _load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwar
     return ds
 
 
-def _columns(path: str, builder: str | None, text_column: str = "text") -> tuple | None:
+def _columns(path: str, builder: str | None, text_column: str | list[str] = "text") -> tuple | None:
     """A file's column names, sorted, and its text column's type, read cheaply: a Parquet schema, or the
     first record of a JSON Lines file (what datasets infers its columns from); None where that cannot tell
     (a .json array, .txt). datasets casts each file of a group to the first one's types: a file whose text
@@ -257,7 +269,8 @@ def _columns(path: str, builder: str | None, text_column: str = "text") -> tuple
     try:
         if builder == "parquet":
             schema = pq.read_schema(path)
-            kind = str(schema.field(text_column).type) if text_column in schema.names else None
+            column = _text_column_of(schema.names, text_column)
+            kind = str(schema.field(column).type) if column is not None else None
             return (*sorted(schema.names), kind)
         if builder != "json":
             return None
@@ -267,13 +280,13 @@ def _columns(path: str, builder: str | None, text_column: str = "text") -> tuple
                     record = json.loads(line)  # a cut line fails here: None
                     if not isinstance(record, dict):
                         return None
-                    return (*sorted(record), type(record.get(text_column)).__name__)
+                    return (*sorted(record), type(record.get(_text_column_of(record, text_column))).__name__)
     except (OSError, ValueError, EOFError):  # unreadable here: the load names the problem
         return None
     return None
 
 
-def _load_hub(name: str, hf_config: str | None, text_column: str, revision: str | None,
+def _load_hub(name: str, hf_config: str | None, text_column: str | list[str], revision: str | None,
               split: str = "train") -> Corpus:
     try:
         # Streaming: the paper's C4 is hundreds of GB; nothing is downloaded ahead of tokenization.

@@ -24,6 +24,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from relora_ds.data import PrepareConfig, prepare_data
 from relora_ds.train_args import ArgumentParser  # noqa: E402  (argparse with hints for misspelled flags)
+from relora_ds.train_config import show_config_warnings_plainly  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    show_config_warnings_plainly()  # DataWarnings as one "warning: ..." line
     args = vars(parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     inputs, out = args.pop("input"), args.pop("out")

@@ -376,8 +376,22 @@ def _sliding_window(hf: dict) -> dict:
     return {}
 
 
+def _not_a_relora_ds_run(path: Path) -> None:
+    """Refuse a relora_ds run directory or training checkpoint given as a Hugging Face model, naming what to
+    pass instead."""
+    if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
+        export = path / "hf"
+        raise ValueError(f"{path} is a relora_ds run directory, not a Hugging Face model: pass its export "
+                         f"{export}" + ("" if (export / "config.json").is_file() else
+                                       f" (not there: python launch/export.py {path} --out {export})"))
+    if any(path.glob("*model_states.pt")) or (path / "latest").is_file():
+        raise ValueError(f"{path} is a relora_ds (DeepSpeed) training checkpoint, not a Hugging Face model: "
+                         f"export it (python launch/export.py {path} --out DIR) and pass DIR")
+
+
 def load_hf_config(path: str | Path) -> LlamaConfig:
     path = Path(path)
+    _not_a_relora_ds_run(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} has no config.json: not a Hugging Face model directory (LLaMA, Qwen2, Qwen3 or "
                          "Mistral)")

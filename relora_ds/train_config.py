@@ -27,18 +27,23 @@ _MIN_BUILTIN_VOCAB = 259
 _PATH_FIELDS = ("output_dir", "data_dir", "hf_model", "warm_start_from")
 
 
-class ConfigWarning(UserWarning):
+class PlainWarning(UserWarning):
+    """A warning about the user's input that the launch scripts print as one ``warning: ...`` line."""
+
+
+class ConfigWarning(PlainWarning):
     """A setting that is ignored, capped or likely a mistake; the run goes on. The launch scripts print
     these as one ``warning: ...`` line (``show_config_warnings_plainly``)."""
 
 
 def show_config_warnings_plainly() -> None:
-    """Print ConfigWarnings as ``warning: <message>``, without a source location (it would point into the
-    dataclass machinery, not at the recipe); other warnings keep Python's format."""
+    """Print ConfigWarnings and DataWarnings (PlainWarning) as ``warning: <message>``, without a source
+    location (it would point into the dataclass machinery or the data pipeline, not at the recipe or the
+    input); other warnings keep Python's format."""
     default = warnings.formatwarning
 
     def fmt(message, category, filename, lineno, line=None):
-        if issubclass(category, ConfigWarning):
+        if issubclass(category, PlainWarning):
             return f"warning: {message}\n"
         return default(message, category, filename, lineno, line)
 

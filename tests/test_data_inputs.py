@@ -25,6 +25,13 @@ def test_missing_path_names_the_path(tmp_path):
     missing = str(tmp_path / "no_such_dir" / "data.jsonl")
     with pytest.raises(ValueError, match=f"input path '{missing}' does not exist"):
         prepare_data([missing], tmp_path / "out", vocab_size=300)
+    # The failed first prepare leaves no --out directory holding only its lock file (a user-journey review);
+    # a directory that was there stays.
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError, match="does not exist"):
+        prepare_data([missing], tmp_path / "mine", vocab_size=300)
+    assert (tmp_path / "mine").is_dir()
     with pytest.raises(ValueError, match="matches no files"):
         prepare_data([str(tmp_path / "c4-train.*.json.gz")], tmp_path / "out", vocab_size=300)
 

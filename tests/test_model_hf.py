@@ -124,6 +124,32 @@ def test_a_directory_without_a_readable_config_is_named(tmp_path):
         load_hf_config(tmp_path)
 
 
+def test_a_relora_ds_run_or_checkpoint_given_as_a_hugging_face_model_is_named(tmp_path):
+    """--hf-model / --warm-start-from given a run directory or a training checkpoint (found by a user-journey
+    review: "convert .bin checkpoints to safetensors", or "not a Hugging Face model directory"): the error
+    names what it is and what to pass."""
+    from relora_ds.hf import load_hf_config
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_40").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    (run / "checkpoints" / "latest").write_text("step_40")
+    (run / "checkpoints" / "step_40" / "config.json").write_text('{"train": {}, "model": {}}')
+    (run / "checkpoints" / "step_40" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"^{run} is a relora_ds run directory, not a Hugging Face model: pass "
+                                         rf"its export {run}/hf \(not there: python launch/export.py {run} --out "
+                                         rf"{run}/hf\)$"):
+        load_hf_config(run)
+    for ckpt in (run / "checkpoints", run / "checkpoints" / "step_40"):
+        with pytest.raises(ValueError, match=rf"^{ckpt} is a relora_ds \(DeepSpeed\) training checkpoint, not a "
+                                             rf"Hugging Face model: export it \(python launch/export.py {ckpt} "):
+            load_hf_config(ckpt)
+    (run / "hf").mkdir()
+    (run / "hf" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"pass its export {run}/hf$"):
+        load_hf_config(run)
+
+
 def test_load_hf_refuses_quantized_tensors_and_casts_each_tensor(tmp_path):
     """A checkpoint holding int8/fp8 tensors (a quantizer's, its config stripped) is one clear error, not
     torch's 'unexpected keys' traceback or a silent cast of fp8 codes; float tensors load in the asked dtype."""

@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from relora_ds.data.builtin_corpus import builtin_fingerprint
+from relora_ds.train_config import PlainWarning
 
 
 # name suffix -> datasets builder. Parquet has its own internal compression, so no ".parquet.gz".
@@ -28,7 +29,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
-class DataWarning(UserWarning):
+class DataWarning(PlainWarning):
     """Input that was repaired or skipped; always carries a count and, where it applies, a file name."""
 
 

@@ -8,6 +8,7 @@ manifest; relora_ds/data/encode.py tokenizes the documents into the split files.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -218,7 +219,20 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory: give a directory (new or "
                          "holding prepared data) for --out")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare_locked(inputs, out_dir, cfg, overwrite)
+    except BaseException:
+        # A failed first prepare (a bad input, a typo) leaves no directory behind holding only its lock file.
+        if created and {p.name for p in out_dir.iterdir()} <= {".prepare.lock"}:
+            (out_dir / ".prepare.lock").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # another process may have started preparing there meanwhile
+                out_dir.rmdir()
+        raise
+
+
+def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig, overwrite: bool) -> Path:
     with open(out_dir / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         # Resolved once: resolving warns about each skipped file, and the fingerprint and the loading

@@ -15,7 +15,6 @@ import importlib
 import importlib.util
 import math
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +41,21 @@ def _flash_attn_problem() -> str | None:
     return None
 
 
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor | None  # (B, T, V); None when a chunked loss was computed instead
-    loss: torch.Tensor | None = None
+class CausalLMOutput(dict):
+    """``logits`` (B, T, V; None when a chunked loss was computed instead) and ``loss`` (None without labels):
+    a dict with attribute access, as Hugging Face's ModelOutput, so that ZeRO-3's backward hooks find its
+    tensors (a dataclass made DeepSpeed warn that they "may not get triggered properly")."""
+
+    def __init__(self, logits: torch.Tensor | None, loss: torch.Tensor | None = None):
+        super().__init__(logits=logits, loss=loss)
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        return self["logits"]
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        return self["loss"]
 
 
 class LMHead(nn.Linear):

@@ -61,11 +61,20 @@ def test_empty_corpus_is_an_error(tmp_path, contents):
 
 
 def test_blank_documents_are_counted(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", SENTENCES[:50] + ["", "   ", "\n"] + SENTENCES[50:])
-    with pytest.warns(DataWarning, match="skipped 3 empty or blank documents"):
-        out = prepare_data([path], tmp_path / "out", vocab_size=300)
+    """Blank texts, and records whose text is null or absent (counted apart: found by a user-journey review,
+    a wrong text column looked like blank documents)."""
+    path = tmp_path / "c.jsonl"
+    records = ([{"text": t} for t in SENTENCES[:50] + ["", "   ", "\n"]] + [{"text": None}, {"title": "no text"}]
+               + [{"text": t} for t in SENTENCES[50:]])
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.warns(DataWarning) as caught:
+        out = prepare_data([str(path)], tmp_path / "out", vocab_size=300)
+    said = [str(w.message) for w in caught]
+    assert any("skipped 3 empty or blank documents" in m for m in said), said
+    assert any("skipped 2 records of" in m and "whose text column is null or absent (text_column='text'" in m
+               for m in said), said
     m = load_manifest(out)
-    assert m["warnings"]["empty_documents"] == 3
+    assert m["warnings"]["empty_documents"] == 3 and m["warnings"]["records_without_text"] == 2
     assert sum(s["documents"] for s in m["splits"].values()) == len(SENTENCES)
 
 

@@ -53,11 +53,13 @@ class Encode:
             "ids": [next(encoded) if k else empty for k in keep],
             "validation": np.array([in_validation(t, self.val_fraction) for t in texts], dtype=bool),
             "spells_special": np.array(self.tokenizer.spells_special_token(texts), dtype=bool),
+            "no_text": np.array([text is None for text in batch["text"]], dtype=bool),
         }
 
 
 _TOKENIZED = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
-                                "validation": datasets.Value("bool"), "spells_special": datasets.Value("bool")})
+                                "validation": datasets.Value("bool"), "spells_special": datasets.Value("bool"),
+                                "no_text": datasets.Value("bool")})  # the text column null or absent
 
 
 def _tokenized(corpus: Corpus, encode: Encode, num_proc: int, cache_file: Path):
@@ -79,9 +81,10 @@ def tokenize_and_write(parts: list[tuple[Corpus, Encode]], out_dir: Path, work_d
                        unk_id: int, *, num_proc: int, seq_len: int | None) -> dict:
     """Tokenize each (corpus, encoder) in turn and append each document to ``out_dir/.{split}.bin.tmp``;
     returns the counts (tokens and documents per split, documents longer than `seq_len` + 1 tokens, empty
-    documents, <unk> tokens, documents spelling a special token). `work_dir` holds datasets' cache files."""
+    documents, records without a text, <unk> tokens, documents spelling a special token). `work_dir` holds datasets' cache files."""
     counts = {"splits": {s: {"tokens": 0, "documents": 0, "longer_than_seq_len": 0} for s in mf.SPLITS},
-              "empty_documents": 0, "unk_tokens": 0, "documents_spelling_special_tokens": 0}
+              "empty_documents": 0, "records_without_text": 0, "unk_tokens": 0,
+              "documents_spelling_special_tokens": 0}
     files = {s: open(out_dir / f".{s}.bin.tmp", "wb") for s in mf.SPLITS}
     try:
         for i, (corpus, encode) in enumerate(parts):
@@ -103,7 +106,9 @@ def _write_part(corpus, encode, num_proc, seq_len, cache_file, files, counts, dt
             lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
             values = ids.flatten().to_numpy(zero_copy_only=False)
             is_val = table.column("validation").to_numpy(zero_copy_only=False)
-            counts["empty_documents"] += int((lengths == 0).sum())
+            no_text = table.column("no_text").to_numpy(zero_copy_only=False)
+            counts["records_without_text"] += int(no_text.sum())
+            counts["empty_documents"] += int(((lengths == 0) & ~no_text).sum())
             counts["unk_tokens"] += _unk_count(values, lengths, unk_id, encode.tokenizer.bos_id is not None)
             counts["documents_spelling_special_tokens"] += int(pc.sum(table.column("spells_special")).as_py() or 0)
             token_is_val = np.repeat(is_val, lengths)

@@ -361,6 +361,10 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
     if counts["empty_documents"]:
         warnings.warn(f"skipped {counts['empty_documents']} empty or blank documents in {corpus.description}",
                       DataWarning, stacklevel=3)
+    if counts["records_without_text"]:
+        warnings.warn(f"skipped {counts['records_without_text']} records of {corpus.description} whose text column "
+                      f"is null or absent (text_column={cfg.text_column!r}: a record of another schema?)",
+                      DataWarning, stacklevel=3)
     if counts["unk_tokens"]:
         warnings.warn(f"{counts['unk_tokens']} tokens are <unk>: the tokenizer has no byte fallback for "
                       f"some characters of {corpus.description}", DataWarning, stacklevel=3)
@@ -405,6 +409,7 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
                      "lone_surrogate_escapes": {**corpus.lone_surrogates,
                                                 **(val_corpus.lone_surrogates if val_corpus else {})},
                      "empty_documents": counts["empty_documents"],
+                     "records_without_text": counts["records_without_text"],
                      "unk_tokens": counts["unk_tokens"],
                      "documents_spelling_special_tokens": counts["documents_spelling_special_tokens"]},
         "stats": {"tokenize_seconds": round(seconds, 3), "tokens_per_second": round(total_tokens / seconds),

@@ -87,8 +87,8 @@ def main(argv=None) -> Path:
 
 
 def _run_data_dir(run: dict) -> Path:
-    """The run's data dir. Checkpoints written before 2026-12-03 record it as typed: a relative path is then
-    taken from the directory the run started in (run_info's cwd, where recorded), else from this one."""
+    """The run's data dir (absolute since 2026-12-03). A relative one is taken from the directory the run
+    started in (run_info's cwd, where recorded), else from this one."""
     data_dir = Path(run["data_dir"])
     cwd = (run.get("environment") or {}).get("cwd")
     return data_dir if data_dir.is_absolute() or not cwd else Path(cwd) / data_dir
@@ -98,7 +98,8 @@ def _run_tokenizer(run: dict, ap: argparse.ArgumentParser) -> Path:
     try:
         return Path(load_manifest(_run_data_dir(run))["tokenizer_path"])
     except (KeyError, OSError, ValueError) as e:
-        where = "" if Path(run.get("data_dir") or "/").is_absolute() else f", from {Path.cwd()}"
+        cwd = (run.get("environment") or {}).get("cwd")
+        where = "" if Path(run.get("data_dir") or "/").is_absolute() else f", from {cwd or Path.cwd()}"
         gone = "data_dir" in run and not (_run_data_dir(run) / "manifest.json").is_file()
         ap.error(f"cannot find the run's tokenizer through its data dir {run.get('data_dir')!r}{where} "
                  f"({'no prepared data (manifest.json) there' if gone else str(e).rstrip()}); pass --tokenizer PATH "

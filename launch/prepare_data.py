@@ -75,8 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     inputs, out = args.pop("input"), args.pop("out")
-    if len(args["text_column"]) == 1:  # one column: a str, as recipes have recorded it
-        args["text_column"] = args["text_column"][0]
     try:
         prepare_data(inputs, out, **args)
     except ValueError as e:

@@ -378,7 +378,13 @@ def _sliding_window(hf: dict) -> dict:
 
 def _not_a_relora_ds_run(path: Path) -> None:
     """Refuse a relora_ds run directory or training checkpoint given as a Hugging Face model, naming what to
-    pass instead."""
+    pass instead. A directory whose config.json names a model_type is a model (a Hugging Face Trainer's
+    checkpoint-N/ under DeepSpeed holds DeepSpeed's `latest` beside it)."""
+    try:
+        if "model_type" in json.loads((path / "config.json").read_text()):
+            return
+    except (OSError, ValueError, TypeError):  # absent or unreadable: named by the caller if no check below applies
+        pass
     if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file():
         export = path / "hf"
         raise ValueError(f"{path} is a relora_ds run directory, not a Hugging Face model: pass its export "

@@ -184,9 +184,9 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             if self._interrupted:  # Ctrl-C twice: abort now, as Python's own handler does
                 raise KeyboardInterrupt
             self._interrupted = True
-            if self.rank == 0:  # a terminal's Ctrl-C reaches every rank of the node
-                sys.stderr.write("interrupted: finishing the step, saving a checkpoint, then stopping (resume with "
-                                 "--resume); Ctrl-C again to abort without saving\n")
+            if self.rank == 0:  # a terminal's Ctrl-C reaches every rank of the node; os.write: no buffered
+                os.write(2, b"interrupted: finishing the step, saving a checkpoint, then stopping (resume with "
+                            b"--resume); Ctrl-C again to abort without saving\n")  # stream to re-enter
         # The first signal names the stop (the deepspeed launcher TERMs its ranks after the terminal's SIGINT).
         self._stop_signal = self._stop_signal or signum
 
@@ -194,7 +194,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
     def _prepare_data(self) -> Path:
         cfg = self.cfg
         if cfg.data_dir is not None:
-            path = Path(os.path.abspath(cfg.data_dir))  # checkpoints record it: launch/export.py runs from anywhere
+            path = Path(cfg.data_dir)
             what = f"data_dir {path}"
             fix = "put it on a filesystem every node mounts, or give every node the same copy"
         else:
@@ -219,7 +219,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         if differ:
             raise ValueError(f"the ranks read different prepared data as {what} (its manifest, tokenizer or "
                              f"token counts differ between nodes; every rank stops): {fix}")
-        return path
+        return Path(os.path.abspath(path))  # checkpoints record it: launch/export.py runs from anywhere
 
     def _run_config(self) -> dict:
         return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "deepspeed": self.ds,

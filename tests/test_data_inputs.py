@@ -36,6 +36,44 @@ def test_missing_path_names_the_path(tmp_path):
         prepare_data([str(tmp_path / "c4-train.*.json.gz")], tmp_path / "out", vocab_size=300)
 
 
+def test_a_prepare_waiting_on_a_failing_first_one_prepares(tmp_path, monkeypatch):
+    """Two prepares of one new --out (a shared data cache): the first fails while the second waits on its lock.
+    The first removes the directory it created (holding only the lock); the second must then prepare, not fail
+    in a directory that is gone (a review: FileNotFoundError .work)."""
+    import threading
+    import time
+
+    from relora_ds.data import prepare as prepare_mod
+
+    resolve, locked = prepare_mod.resolve_inputs, threading.Event()
+
+    def slow_failing_first(inputs, exclude=()):
+        if threading.current_thread().name == "first":
+            locked.set()
+            time.sleep(1.0)  # the second is waiting on the lock by now
+            raise ValueError("the first prepare's bad input")
+        return resolve(inputs, exclude=exclude)
+
+    monkeypatch.setattr(prepare_mod, "resolve_inputs", slow_failing_first)
+    out, results = tmp_path / "cache" / "out", {}
+
+    def run(name, inputs):
+        try:
+            results[name] = prepare_data(inputs, out, vocab_size=300)
+        except ValueError as e:
+            results[name] = e
+
+    first = threading.Thread(target=run, args=("first", [str(tmp_path / "bad.jsonl")]), name="first")
+    first.start()
+    assert locked.wait(60)
+    second = threading.Thread(target=run, args=("second", [write_jsonl(tmp_path / "c.jsonl", SENTENCES)]),
+                              name="second")
+    second.start()
+    first.join(120), second.join(120)
+    assert str(results["first"]) == "the first prepare's bad input"
+    assert results["second"] == out and load_manifest(out)["splits"]["train"]["documents"] > 0
+
+
 def test_unsupported_extension_lists_the_supported_ones(tmp_path):
     doc = tmp_path / "corpus.docx"
     doc.write_bytes(b"PK\x03\x04")
@@ -100,14 +138,17 @@ def test_files_with_differently_named_text_columns_are_read_together(tmp_path, s
     d = tmp_path / "mixed"
     d.mkdir()
     write_jsonl(d / "a.jsonl", SENTENCES[:60])
-    (d / "b.jsonl").write_text("".join(json.dumps({"content": t, "meta": i}) + "\n" for i, t in enumerate(SENTENCES[60:90])))
-    pq.write_table(pa.table({"body": SENTENCES[90:], "text": ["not this"] * 30}), d / "c.parquet")
+    (d / "b.jsonl").write_text("".join(json.dumps({"content": t, "meta": i}) + "\n"
+                                       for i, t in enumerate(SENTENCES[60:90])))
+    pq.write_table(pa.table({"body": SENTENCES[90:100], "text": ["not this"] * 10}), d / "c.parquet")
+    # .json arrays, whose columns are not read ahead: streamed, they were one group (a review: KeyError 'text').
+    (d / "d.json").write_text(json.dumps([{"content": t} for t in SENTENCES[100:110]]))
+    (d / "e.json").write_text(json.dumps([{"text": t} for t in SENTENCES[110:]]))
     with pytest.raises(ValueError, match=r"text column 'text' not found in .*b\.jsonl.*\['content', 'meta'\]"):
         prepare_data([str(d)], tmp_path / "out", vocab_size=300, streaming=streaming)
     kw = dict(vocab_size=300, val_fraction=0.0, streaming=streaming)
     out = prepare_data([str(d)], tmp_path / "out", text_column=["body", "text", "content"], **kw)
-    one = prepare_data([write_jsonl(tmp_path / "one.jsonl", SENTENCES[:60] + SENTENCES[60:90] + SENTENCES[90:])],
-                       tmp_path / "one", **kw)
+    one = prepare_data([write_jsonl(tmp_path / "one.jsonl", SENTENCES)], tmp_path / "one", **kw)
     m, m1 = load_manifest(out), load_manifest(one)
     assert m["splits"]["train"]["documents"] == len(SENTENCES) and m["recipe"]["text_column"] == ["body", "text",
                                                                                                      "content"]
@@ -115,6 +156,11 @@ def test_files_with_differently_named_text_columns_are_read_together(tmp_path, s
     assert m["tokenizer_sha256"] == m1["tokenizer_sha256"] and tokens(m) == tokens(m1)
     with pytest.raises(ValueError, match=r"none of the text columns \['body', 'title'\] found in .*a\.jsonl"):
         prepare_data([str(d)], tmp_path / "out2", text_column=["body", "title"], **kw)
+    # One name in a list is that name: the same recipe as the str (data prepared with it is not "another").
+    path = write_jsonl(tmp_path / "plain.jsonl", SENTENCES)
+    assert load_manifest(prepare_data([path], tmp_path / "p", text_column=["text"], **kw))["recipe"]["text_column"] \
+        == "text"
+    prepare_data([path], tmp_path / "p", text_column="text", **kw)
 
 
 def test_non_string_text_column_is_an_error(tmp_path):

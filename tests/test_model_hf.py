@@ -148,6 +148,14 @@ def test_a_relora_ds_run_or_checkpoint_given_as_a_hugging_face_model_is_named(tm
     (run / "hf" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=rf"pass its export {run}/hf$"):
         load_hf_config(run)
+    # A Hugging Face Trainer's checkpoint under DeepSpeed (its `latest` and global_step*/ beside the model) is
+    # a model: read as one (a review found it refused).
+    hf_ckpt = tmp_path / "checkpoint-500"
+    (hf_ckpt / "global_step500").mkdir(parents=True)
+    (hf_ckpt / "latest").write_text("global_step500")
+    (hf_ckpt / "global_step500" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (hf_ckpt / "config.json").write_text(json.dumps(hf_config_dict(LlamaConfig.preset("debug"), torch.float32)))
+    assert load_hf_config(hf_ckpt) == LlamaConfig.preset("debug")
 
 
 def test_load_hf_refuses_quantized_tensors_and_casts_each_tensor(tmp_path):

@@ -75,7 +75,7 @@ def test_a_stop_signal_during_start_up_stops_every_rank_before_the_first_step(tm
     assert recs[-1].get("event") != "preempted" and len([r for r in recs if r.get("event") == "preempted"]) == 1
 
 
-def test_ctrl_c_finishes_the_step_saves_and_stops_a_second_aborts(tmp_path, small_data_dir, capsys):
+def test_ctrl_c_finishes_the_step_saves_and_stops_a_second_aborts(tmp_path, small_data_dir, capfd):
     """A user's Ctrl-C (found by a user-journey review: a KeyboardInterrupt traceback, and every step since the
     last checkpoint lost). The first SIGINT stops the run as SIGTERM does: the step finishes, a checkpoint of
     it is saved, the "preempted" record, exit 0 (a plain one-process run here; under the deepspeed launcher
@@ -110,7 +110,7 @@ def test_ctrl_c_finishes_the_step_saves_and_stops_a_second_aborts(tmp_path, smal
     t = Trainer.__new__(Trainer)
     t.rank, t._stop_signal, t._interrupted = 0, 0, False
     t._request_stop(signal.SIGINT, None)
-    assert t._stop_signal == signal.SIGINT and "Ctrl-C again to abort without saving" in capsys.readouterr().err
+    assert t._stop_signal == signal.SIGINT and "Ctrl-C again to abort without saving" in capfd.readouterr().err
     t._request_stop(signal.SIGTERM, None)  # the deepspeed launcher's TERM after the terminal's SIGINT
     assert t._stop_signal == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):

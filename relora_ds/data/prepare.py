@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -102,8 +103,8 @@ class PrepareConfig:
         names = [self.text_column] if isinstance(self.text_column, str) else self.text_column
         if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
             raise ValueError(f"text_column={self.text_column!r} must be a column name or a non-empty list of them")
-        if not isinstance(self.text_column, str):  # JSON-safe in the manifest's recipe
-            object.__setattr__(self, "text_column", list(self.text_column))
+        if not isinstance(self.text_column, str):  # one name: a str, as recipes recorded it; JSON-safe list
+            object.__setattr__(self, "text_column", names[0] if len(names) == 1 else list(names))
         if self.tokenizer_train_chars < 1:
             raise ValueError(f"tokenizer_train_chars={self.tokenizer_train_chars!r} must be positive")
 
@@ -219,57 +220,74 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory: give a directory (new or "
                          "holding prepared data) for --out")
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        return _prepare_locked(inputs, out_dir, cfg, overwrite)
-    except BaseException:
-        # A failed first prepare (a bad input, a typo) leaves no directory behind holding only its lock file.
-        if created and {p.name for p in out_dir.iterdir()} <= {".prepare.lock"}:
-            (out_dir / ".prepare.lock").unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # another process may have started preparing there meanwhile
-                out_dir.rmdir()
-        raise
+    created, lock = _lock_out_dir(out_dir)
+    with lock:
+        try:
+            return _prepare_locked(inputs, out_dir, cfg, overwrite)
+        except BaseException:
+            # A failed first prepare (a bad input, a typo) leaves no directory behind holding only its lock file;
+            # removed while locked: a process waiting on the lock finds it gone and starts over (_lock_out_dir).
+            if created and {p.name for p in out_dir.iterdir()} <= {".prepare.lock"}:
+                (out_dir / ".prepare.lock").unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
+            raise
+
+
+def _lock_out_dir(out_dir: Path):
+    """(whether this call created `out_dir`, the open lock file, held). Processes preparing the same
+    directory serialize on it; one whose lock file was removed while it waited (a failed first prepare
+    cleaned up) locks a new one."""
+    created = False
+    while True:
+        created |= not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / ".prepare.lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.fstat(lock.fileno()).st_ino == os.stat(out_dir / ".prepare.lock").st_ino:
+                return created, lock
+        except FileNotFoundError:
+            pass
+        lock.close()
 
 
 def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig, overwrite: bool) -> Path:
-    with open(out_dir / ".prepare.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        # Resolved once: resolving warns about each skipped file, and the fingerprint and the loading
-        # must see the same files. Inputs may lie in out_dir: only what prepare writes there is left out.
-        own = [out_dir / name for name in (mf.MANIFEST, *_TOKENIZER_NAMES, ".work", ".tokenizer.tmp",
-                                           ".prepare.lock", *(f"{s}.bin" for s in mf.SPLITS))]
-        resolved = resolve_inputs(inputs, exclude=own) if inputs is not None else None
-        resolved_val = resolve_inputs(list(cfg.val_inputs), exclude=own) if cfg.val_inputs else None
-        if resolved and resolved_val:
-            both = sorted(set(resolved[0]) & set(resolved_val[0]))
-            if both:
-                raise ValueError(f"{len(both)} files are both training input and --val-input, so validation would "
-                                 f"be trained on: {both[:5]}{' ...' if len(both) > 5 else ''}; leave them out of "
-                                 "one of the two (e.g. a narrower glob for --input)")
-        val_split = cfg.hf_val_split or "validation"
-        if resolved and resolved_val and resolved[1] and resolved[1] == resolved_val[1] and cfg.hf_split == val_split:
-            raise ValueError(f"hub dataset {resolved[1]!r}, split {val_split!r}, is both the training input and "
-                             "--val-input, so validation would be trained on; read another split for one of the two "
-                             "(hf_split / hf_val_split, e.g. hf_val_split 'validation')")
-        recipe = _recipe(resolved, cfg, out_dir, resolved_val)
-        old = mf.read_manifest_file(out_dir)
-        if old is not None and old.get("recipe") == recipe and mf.files_intact(out_dir, old):
-            log.info("%s is up to date (manifest matches); nothing to do", out_dir)
-            _report_windows(old, cfg.seq_len)
-            return out_dir
-        if old is not None and mf.files_intact(out_dir, old) and not overwrite:
-            raise ValueError(f"{out_dir} holds data prepared from another recipe ({_recipe_diff(old.get('recipe', {}), recipe)}); "
-                             "runs trained on it could not resume once it is replaced. Pass --overwrite to "
-                             "re-prepare it, or another --out"
-                             + (f" (or --hf-revision {old['recipe']['hub_commit']} to keep the commit this data "
-                                "was read at)" if old.get("recipe", {}).get("hub_commit") not in
-                                (None, recipe.get("hub_commit")) else ""))
-        if old is not None:
-            log.warning("%s holds data from a different recipe or is incomplete; re-preparing", out_dir)
-        manifest = _prepare(inputs, (resolved, resolved_val), cfg, out_dir, recipe)
-        _report_windows(manifest, cfg.seq_len)
+    # Resolved once: resolving warns about each skipped file, and the fingerprint and the loading
+    # must see the same files. Inputs may lie in out_dir: only what prepare writes there is left out.
+    own = [out_dir / name for name in (mf.MANIFEST, *_TOKENIZER_NAMES, ".work", ".tokenizer.tmp",
+                                       ".prepare.lock", *(f"{s}.bin" for s in mf.SPLITS))]
+    resolved = resolve_inputs(inputs, exclude=own) if inputs is not None else None
+    resolved_val = resolve_inputs(list(cfg.val_inputs), exclude=own) if cfg.val_inputs else None
+    if resolved and resolved_val:
+        both = sorted(set(resolved[0]) & set(resolved_val[0]))
+        if both:
+            raise ValueError(f"{len(both)} files are both training input and --val-input, so validation would "
+                             f"be trained on: {both[:5]}{' ...' if len(both) > 5 else ''}; leave them out of "
+                             "one of the two (e.g. a narrower glob for --input)")
+    val_split = cfg.hf_val_split or "validation"
+    if resolved and resolved_val and resolved[1] and resolved[1] == resolved_val[1] and cfg.hf_split == val_split:
+        raise ValueError(f"hub dataset {resolved[1]!r}, split {val_split!r}, is both the training input and "
+                         "--val-input, so validation would be trained on; read another split for one of the two "
+                         "(hf_split / hf_val_split, e.g. hf_val_split 'validation')")
+    recipe = _recipe(resolved, cfg, out_dir, resolved_val)
+    old = mf.read_manifest_file(out_dir)
+    if old is not None and old.get("recipe") == recipe and mf.files_intact(out_dir, old):
+        log.info("%s is up to date (manifest matches); nothing to do", out_dir)
+        _report_windows(old, cfg.seq_len)
         return out_dir
+    if old is not None and mf.files_intact(out_dir, old) and not overwrite:
+        raise ValueError(f"{out_dir} holds data prepared from another recipe ({_recipe_diff(old.get('recipe', {}), recipe)}); "
+                         "runs trained on it could not resume once it is replaced. Pass --overwrite to "
+                         "re-prepare it, or another --out"
+                         + (f" (or --hf-revision {old['recipe']['hub_commit']} to keep the commit this data "
+                            "was read at)" if old.get("recipe", {}).get("hub_commit") not in
+                            (None, recipe.get("hub_commit")) else ""))
+    if old is not None:
+        log.warning("%s holds data from a different recipe or is incomplete; re-preparing", out_dir)
+    manifest = _prepare(inputs, (resolved, resolved_val), cfg, out_dir, recipe)
+    _report_windows(manifest, cfg.seq_len)
+    return out_dir
 
 
 _ABSENT = object()

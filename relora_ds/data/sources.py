@@ -224,7 +224,10 @@ def load_corpus(
     groups: list[tuple[tuple, list[str]]] = []
     for f in files:
         key = (builder_for(f), _columns(f, builder_for(f), text_column))
-        if groups and groups[-1][0] == key:
+        # Streaming cannot re-read a group file by file when a later file's columns differ (below): files whose
+        # columns are not read cheaply (a .json array) are read one by one, each by its own text column.
+        alone = streaming and key[0] == "json" and key[1] is None
+        if groups and groups[-1][0] == key and not alone:
             groups[-1][1].append(f)
         else:
             groups.append((key, [f]))

@@ -188,22 +188,18 @@ def uses_bf16_optimizer(ds: dict, source: str = "the DeepSpeed config") -> bool:
 
 
 def _accumulate_bf16_optimizer_grads_once(ds: dict, source: str) -> None:
-    """DeepSpeed 0.19.8's BF16_Optimizer adds the *running* bf16 gradient into its fp32 buffer after every
-    micro-step (``backward_epilogue`` -> ``update_hp_grads(clear_lp_grads=False)``), so over k micro-steps
-    micro-batch i is counted k - i times: gradient = sum_i (k - i) g_i / k instead of sum_i g_i / k.
-    ``immediate_grad_update`` moves each micro-step's gradient into the fp32 buffer and frees the bf16 one,
-    which counts every micro-batch once (tests/test_ds_config.py compares k=4 with k=1)."""
+    """DeepSpeed 0.19.8's BF16_Optimizer, without ``immediate_grad_update``, adds the bf16 gradient into its
+    fp32 buffer after every micro-step and relies on the engine's backward prologue to zero the bf16 one
+    first. That prologue runs from hooks DeepSpeed puts on the tensors of the model's output; while our
+    CausalLMOutput was a dataclass (until 2026-12-03) DeepSpeed saw none, the prologue never ran, and micro-batch
+    i of k was counted k - i times. ``immediate_grad_update`` (set here unless the config says otherwise)
+    moves each micro-step's gradient into the fp32 buffer and frees the bf16 one at once: correct either way,
+    and no bf16 gradient is kept between micro-steps (tests/test_ds_config.py compares k=4 with k=1, both
+    ways)."""
     _check_grad_accum_dtype(ds, source)
     if ds["gradient_accumulation_steps"] == 1 or not uses_bf16_optimizer(ds, source):
         return
-    bf16 = _bf16_section(ds)
-    if bf16.get("immediate_grad_update", True) is not True:
-        raise ValueError(f"{source} sets bf16.immediate_grad_update={bf16['immediate_grad_update']!r} with "
-                         "data_types.grad_accum_dtype='fp32' at ZeRO stage 1 and gradient_accumulation_steps="
-                         f"{ds['gradient_accumulation_steps']}: DeepSpeed's BF16_Optimizer then adds micro-batch i "
-                         "of k into the gradient k - i times. Set it to true (or leave it out), or drop "
-                         "grad_accum_dtype, or use one micro-step per optimizer step")
-    bf16["immediate_grad_update"] = True
+    _bf16_section(ds).setdefault("immediate_grad_update", True)
 
 
 def _check_grad_accum_dtype(ds: dict, source: str) -> None:

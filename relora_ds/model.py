@@ -43,8 +43,10 @@ def _flash_attn_problem() -> str | None:
 
 class CausalLMOutput(dict):
     """``logits`` (B, T, V; None when a chunked loss was computed instead) and ``loss`` (None without labels):
-    a dict with attribute access, as Hugging Face's ModelOutput, so that ZeRO-3's backward hooks find its
-    tensors (a dataclass made DeepSpeed warn that they "may not get triggered properly")."""
+    a dict with attribute access, as Hugging Face's ModelOutput, so that DeepSpeed finds its tensors. It hooks
+    them to run the engine's backward prologue (which zeroes the BF16 optimizer's bf16 gradient between
+    micro-steps) and ZeRO-3's backward hooks; a dataclass hid them (ZeRO-3 warned they "may not get triggered
+    properly")."""
 
     def __init__(self, logits: torch.Tensor | None, loss: torch.Tensor | None = None):
         super().__init__(logits=logits, loss=loss)

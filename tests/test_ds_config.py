@@ -115,10 +115,9 @@ def test_bf16_optimizer_gets_immediate_grad_update_under_accumulation():
     ]
     for src, world in untouched:
         assert "immediate_grad_update" not in complete_ds_config(src, TrainConfig(**full), world)["bf16"], src
-    with pytest.raises(ValueError, match=r"immediate_grad_update=False .*gradient_accumulation_steps=2: "
-                                         r"DeepSpeed's BF16_Optimizer then adds micro-batch i of k"):
-        complete_ds_config({**BF16_FP32_ACCUM, "bf16": {"enabled": True, "immediate_grad_update": False}},
-                           TrainConfig(**full), world_size=2)
+    explicit = complete_ds_config({**BF16_FP32_ACCUM, "bf16": {"enabled": True, "immediate_grad_update": False}},
+                                  TrainConfig(**full), world_size=2)
+    assert explicit["bf16"]["immediate_grad_update"] is False  # the config's own choice is kept (correct too)
     with pytest.raises(ValueError, match=r"grad_accum_dtype='fp32' with bf16 weights at ZeRO stage 0, which "
                                          r"DeepSpeed does not support"):
         complete_ds_config({**BF16_FP32_ACCUM, "zero_optimization": {"stage": 0}}, TrainConfig(**full), 2)
@@ -134,8 +133,10 @@ def test_bf16_optimizer_gets_immediate_grad_update_under_accumulation():
 
 def test_bf16_optimizer_accumulates_like_one_big_micro_batch(tmp_path):
     """One rank, bf16 + fp32 accumulation at ZeRO-1: 4 micro-batches of 1 give the update 1 micro-batch of 4
-    gives. Adam with eps=1 makes the first update ~ -lr * gradient, so the update compares the gradients.
-    DeepSpeed's default (immediate_grad_update=False) weights the micro-batches 4, 3, 2, 1."""
+    gives, with immediate_grad_update (relora_ds's default) and without it (DeepSpeed's). Adam with eps=1
+    makes the first update ~ -lr * gradient, so the update compares the gradients. Without it, while the
+    model's output was a dataclass, DeepSpeed's backward prologue (run from hooks on the output's tensors)
+    never zeroed the bf16 gradient between micro-steps: micro-batches weighted 4, 3, 2, 1 (rel. 0.5+)."""
     import torch
     from launch_utils import ROOT, free_port, launch_env
 
@@ -152,8 +153,7 @@ def test_bf16_optimizer_accumulates_like_one_big_micro_batch(tmp_path):
 
     assert u["gas1"].norm() > 0
     assert rel("gas4", "gas1") < 0.02, rel("gas4", "gas1")
-    # Fails once DeepSpeed counts each micro-batch once by itself: then the rewrite is no longer needed.
-    assert rel("gas4_deepspeed_default", "gas1") > 0.5, rel("gas4_deepspeed_default", "gas1")
+    assert rel("gas4_deepspeed_default", "gas1") < 0.02, rel("gas4_deepspeed_default", "gas1")
 
 
 def _bf16_accumulation_worker(out: str) -> None:
@@ -174,7 +174,7 @@ def _bf16_accumulation_worker(out: str) -> None:
                           adam_eps=1.0, grad_clip=0.0)
         ds = complete_ds_config(BF16_FP32_ACCUM, cfg, world_size=1)
         if name == "gas4_deepspeed_default":
-            ds["bf16"]["immediate_grad_update"] = False  # bypass the rewrite: DeepSpeed's default
+            ds["bf16"]["immediate_grad_update"] = False  # DeepSpeed's default
         torch.manual_seed(0)
         model = LlamaForCausalLM(model_cfg)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)

@@ -7,12 +7,26 @@ import pytest
 import torch
 
 
+def _stub(t, tmp_path, cfg, *, world=2, step=0, engine_phase="full", **overrides):
+    """Fill the Trainer `t` (made without __init__) with what its loop reads: a 12-step run of 8 x 32 tokens per
+    step, metrics logged to tmp_path (resumed at `step`); `overrides`: the stubbed steps, evaluation, save..."""
+    from relora_ds.metrics import MetricsLogger
+
+    t.__dict__.update(
+        cfg=cfg, engine=SimpleNamespace(module=torch.nn.Linear(2, 2)), out=tmp_path, ds={}, world=world, rank=0,
+        model_config=SimpleNamespace(num_hidden_layers=2), total_steps=12, step=step, tokens_seen=0,
+        tokens_per_step=8 * 32, relora_start=2, flops_per_token=1e9, peak_tflops=None, grad_norm=1.0,
+        engine_phase=engine_phase, _stop_agreed=False, _stop_signal=0,
+        metrics=MetricsLogger(tmp_path, enabled=True, resume_step=step), _after_step_events=lambda: None,
+        _print=lambda msg: None, batches=SimpleNamespace(close=lambda: None))
+    t.__dict__.update(overrides)
+
+
 def test_tokens_per_s_counts_the_training_steps_and_their_resets_only(tmp_path, monkeypatch):
     """Oracle, by hand: a record's tokens_per_s is (its steps x global batch x seq_len) / the clock time of
     those steps and of the resets inside them; the evaluations (7 s), the checkpoints (11 s) and the
     warm-start switch (13 s) between them are not counted, and each record covers only its own steps."""
     from relora_ds import trainer as trainer_mod
-    from relora_ds.metrics import MetricsLogger
     from relora_ds.train_config import TrainConfig
 
     now = [0.0]
@@ -46,15 +60,8 @@ def test_tokens_per_s_counts_the_training_steps_and_their_resets_only(tmp_path, 
     def save():
         now[0] += 11.0
 
-    t.__dict__.update(
-        cfg=cfg, engine=SimpleNamespace(module=torch.nn.Linear(2, 2)), out=tmp_path, ds={}, world=2, rank=0,
-        model_config=SimpleNamespace(num_hidden_layers=2), total_steps=12, step=0, tokens_seen=0,
-        tokens_per_step=8 * 32, relora_start=2,
-        flops_per_token=1e9, peak_tflops=None, grad_norm=1.0, engine_phase="full", _stop_agreed=False,
-        metrics=MetricsLogger(tmp_path, enabled=True, resume_step=0),
-        _stop_agreed_now=lambda: False, _train_step=train_step, _after_step_events=after_step_events,
-        _switch_to_lowrank=switch_to_lowrank, evaluate=evaluate, save=save, _print=lambda msg: None,
-        batches=SimpleNamespace(close=lambda: None))
+    _stub(t, tmp_path, cfg, _stop_agreed_now=lambda: False, _train_step=train_step,
+          _after_step_events=after_step_events, _switch_to_lowrank=switch_to_lowrank, evaluate=evaluate, save=save)
     t.train()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "tokens_per_s" in r]
@@ -78,7 +85,6 @@ def test_a_stop_signal_during_an_evaluation_stops_there_with_a_checkpoint(tmp_pa
     with eval_every 4 and a signal during the step-4 evaluation, the run trains 4 steps, saves step 4 once
     (before the evaluation when a save is due there), and ends with the "preempted" record."""
     from relora_ds import trainer as trainer_mod
-    from relora_ds.metrics import MetricsLogger
     from relora_ds.train_config import TrainConfig
 
     monkeypatch.setattr(trainer_mod, "offloaded", lambda engine: "none")
@@ -102,15 +108,8 @@ def test_a_stop_signal_during_an_evaluation_stops_there_with_a_checkpoint(tmp_pa
     def switch_to_lowrank():
         t.engine_phase = "lowrank"
 
-    t.__dict__.update(
-        cfg=cfg, engine=SimpleNamespace(module=torch.nn.Linear(2, 2)), out=tmp_path, ds={}, world=2, rank=0,
-        model_config=SimpleNamespace(num_hidden_layers=2), total_steps=12, step=0, tokens_seen=0,
-        tokens_per_step=8 * 32, relora_start=2, flops_per_token=1e9, peak_tflops=None, grad_norm=1.0,
-        engine_phase="full", _stop_agreed=False, _stop_signal=0,
-        metrics=MetricsLogger(tmp_path, enabled=True, resume_step=0),
-        _stop_agreed_now=lambda: t._stop_signal > 0, _train_step=train_step, _after_step_events=lambda: None,
-        _switch_to_lowrank=switch_to_lowrank, evaluate=evaluate, save=lambda: calls.append(f"save {t.step}"),
-        _print=lambda msg: None, batches=SimpleNamespace(close=lambda: None))
+    _stub(t, tmp_path, cfg, _stop_agreed_now=lambda: t._stop_signal > 0, _train_step=train_step,
+          _switch_to_lowrank=switch_to_lowrank, evaluate=evaluate, save=lambda: calls.append(f"save {t.step}"))
     assert t.train() == {"preempted": True, "step": 4}
     steps = ["step 1", "step 2", "step 3", "step 4"]
     assert calls == steps + (["save 4", "eval 4"] if save_every == 4 else ["eval 4", "save 4"])
@@ -132,7 +131,6 @@ def test_a_resumed_run_evaluates_the_step_its_previous_run_was_killed_evaluating
     metrics.jsonl lacks, the run evaluates it first, once, as the final one at 12; not where it is logged, nor
     at a step not due one (6)."""
     from relora_ds import trainer as trainer_mod
-    from relora_ds.metrics import MetricsLogger
     from relora_ds.train_config import TrainConfig
 
     monkeypatch.setattr(trainer_mod, "offloaded", lambda engine: "none")
@@ -154,15 +152,9 @@ def test_a_resumed_run_evaluates_the_step_its_previous_run_was_killed_evaluating
         calls.append(f"eval {t.step}{' final' if final else ''}")
         return {"val_loss": 2.0, "step": t.step}
 
-    t.__dict__.update(
-        cfg=cfg, engine=SimpleNamespace(module=torch.nn.Linear(2, 2)), out=tmp_path, ds={}, world=1, rank=0,
-        model_config=SimpleNamespace(num_hidden_layers=2), total_steps=12, step=resume_step, tokens_seen=0,
-        tokens_per_step=8 * 32, relora_start=2, flops_per_token=1e9, peak_tflops=None, grad_norm=1.0,
-        engine_phase="lowrank", _stop_agreed=False, _stop_signal=0,
-        metrics=MetricsLogger(tmp_path, enabled=True, resume_step=resume_step), _any_rank=lambda flag: flag,
-        _train_step=train_step, _after_step_events=lambda: None, _switch_to_lowrank=None, evaluate=evaluate,
-        save=lambda: calls.append(f"save {t.step}"), _print=lambda msg: None,
-        batches=SimpleNamespace(close=lambda: None))
+    _stub(t, tmp_path, cfg, world=1, step=resume_step, engine_phase="lowrank", _any_rank=lambda flag: flag,
+          _train_step=train_step, _switch_to_lowrank=None, evaluate=evaluate,
+          save=lambda: calls.append(f"save {t.step}"))
     result = t.train()
     first = [f"eval {resume_step}{' final' if resume_step == 12 else ''}"] if owed else []
     trained = []

@@ -50,6 +50,29 @@ def show_config_warnings_plainly() -> None:
     warnings.formatwarning = fmt
 
 
+class _Problems:
+    """The problems found in a configuration, raised together: one ValueError, a line each."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.fields: set[str] = set()
+
+    def add(self, message: str, *fields: str) -> None:
+        self.messages.append(message)
+        self.fields.update(fields)
+
+    def ok(self, *fields: str) -> bool:
+        """No problem found yet with any of these fields (a check that reads a field skips a bad one)."""
+        return not self.fields.intersection(fields)
+
+    def raise_if_any(self) -> None:
+        if len(self.messages) == 1:
+            raise ValueError(self.messages[0])
+        if self.messages:
+            raise ValueError(f"{len(self.messages)} problems with the settings:\n" +
+                             "\n".join(f"  - {m}" for m in self.messages))
+
+
 def _f(default, help: str, **kw):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
@@ -169,8 +192,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
+        problems = _Problems()
         for f in dataclasses.fields(self):
-            setattr(self, f.name, coerce_value(f.name, getattr(self, f.name), hints[f.name]))
+            try:
+                setattr(self, f.name, coerce_value(f.name, getattr(self, f.name), hints[f.name]))
+            except ValueError as e:
+                problems.add(str(e), f.name)
+        problems.raise_if_any()  # the checks below compare values of their fields' types
         for name in _PATH_FIELDS:  # "~/runs/x" in a recipe or --output-dir=~/x (the shell expands no ~ there)
             value = getattr(self, name)
             if isinstance(value, str) and value.startswith("~"):
@@ -178,111 +206,117 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Every problem of the settings in one ValueError (a line each), so a recipe is fixed in one round;
+        the ConfigWarnings only when there is none (a warning about a value that is an error is noise)."""
+        problems = _Problems()
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always", ConfigWarning)
+            self._check(problems)
+        problems.raise_if_any()
+        for w in warned:  # re-issued under the caller's filters (rank > 0 ignores ConfigWarnings)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def _check(self, problems: _Problems) -> None:
+        bad = problems.add
         # The CLI enforces `choices` through argparse; a recipe (YAML) or a direct construction gets the same check.
         for f in dataclasses.fields(self):
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:
-                raise ValueError(f"{f.name}={value!r} is not valid; valid values: {', '.join(map(repr, choices))}")
-        if self.cycle_length is not None and self.cycle_length <= 0:
-            raise ValueError(f"cycle_length={self.cycle_length} must be positive")
-        if self.mode == "relora" and not self.cycle_length:
-            raise ValueError("mode=relora needs cycle_length (steps between optimizer resets, e.g. 5000); "
-                             "use mode=lora for LoRA without restarts")
-        if self.merge_every is not None and self.merge_every <= 0:
-            raise ValueError(f"merge_every={self.merge_every} must be positive")
-        if self.mode == "relora" and self.merge_every is not None and self.cycle_length % self.merge_every:
-            raise ValueError(f"merge_every={self.merge_every} must be a positive divisor of cycle_length="
-                             f"{self.cycle_length} (every reset is also a merge)")
+                optional = " (or none, the default)" if f.default is None else ""
+                bad(f"{f.name}={value!r} is not valid; valid values: {', '.join(map(repr, choices))}{optional}",
+                    f.name)
+        for f in dataclasses.fields(self):  # nan passes every comparison below, and inf none usefully
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f"{f.name}={value} must be a finite number", f.name)
+        for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank", "lr", "alpha", "adam_eps",
+                     "vocab_size", "keep_last", "log_every", "total_steps", "token_budget", "peak_tflops",
+                     "collective_timeout_min", "cycle_length", "merge_every", "warm_start_lr"):
+            value = getattr(self, name)
+            if value is not None and problems.ok(name) and value <= 0:
+                bad(f"{name}={value} must be positive", name)
+        for name in ("warmup_steps", "restart_warmup_steps", "warm_start_steps", "weight_decay", "grad_clip",
+                     "eval_every", "save_every", "loss_chunk_size", "eval_windows", "final_eval_windows", "seed",
+                     "data_prefetch"):
+            if problems.ok(name) and (getattr(self, name) or 0) < 0:
+                bad(f"{name}={getattr(self, name)} must be >= 0", name)
+        for name in ("dropout", "adam_beta1", "adam_beta2"):
+            if problems.ok(name) and not 0.0 <= getattr(self, name) < 1.0:
+                bad(f"{name}={getattr(self, name)} must be in [0, 1)", name)
+        for name in ("prune_ratio", "min_lr_ratio"):
+            if problems.ok(name) and not 0.0 <= getattr(self, name) <= 1.0:
+                bad(f"{name}={getattr(self, name)} must be in [0, 1]", name)
+        if self.vocab_size is not None and self.data_dir is None and 0 < self.vocab_size < _MIN_BUILTIN_VOCAB:
+            bad(f"vocab_size={self.vocab_size} is too small: the built-in corpus's tokenizer falls back to bytes, "
+                f"which takes {_MIN_BUILTIN_VOCAB} pieces (256 bytes, <unk>, <s>, </s>) before any of its characters "
+                f"and merges; leave room for those (default {BUILTIN_VOCAB_SIZE})", "vocab_size")
+
+        relora = self.mode == "relora"
+        if relora and not self.cycle_length and problems.ok("cycle_length"):
+            bad("mode=relora needs cycle_length (steps between optimizer resets, e.g. 5000); use mode=lora for LoRA "
+                "without restarts", "cycle_length")
+        cycle = self.cycle_length if relora and problems.ok("cycle_length") else None
+        if cycle and self.merge_every is not None and problems.ok("merge_every") and cycle % self.merge_every:
+            bad(f"merge_every={self.merge_every} must be a positive divisor of cycle_length={cycle} (every reset is "
+                "also a merge)", "merge_every")
+        if cycle == 1:
+            bad("cycle_length=1 resets at every step, and the step after a reset trains at lr 0: no low-rank step "
+                "would train. Use a cycle of at least restart_warmup_steps + 1 steps (the paper: thousands)",
+                "cycle_length")
+        elif cycle and problems.ok("restart_warmup_steps") and self.restart_warmup_steps >= cycle:
+            warnings.warn(f"restart_warmup_steps={self.restart_warmup_steps} is not shorter than a cycle "
+                          f"(cycle_length={cycle}): the lr re-warms for the whole cycle and never reaches the cosine "
+                          f"(at most {(cycle - 1) / self.restart_warmup_steps:.0%} of it); use restart_warmup_steps "
+                          "< cycle_length", ConfigWarning)
         if (self.total_steps is None) == (self.token_budget is None):
-            raise ValueError("give exactly one of total_steps and token_budget "
-                             f"(got total_steps={self.total_steps}, token_budget={self.token_budget}); on the "
-                             "command line, --total-steps none drops a recipe's total_steps")
-        if not 0.0 <= self.prune_ratio <= 1.0:
-            raise ValueError(f"prune_ratio={self.prune_ratio} must be in [0, 1]")
+            bad("give exactly one of total_steps and token_budget (got total_steps="
+                f"{self.total_steps}, token_budget={self.token_budget}); on the command line, --total-steps none "
+                "drops a recipe's total_steps", "total_steps", "token_budget")
         if self.warm_start_steps and self.warm_start_from:
-            raise ValueError("give warm_start_steps or warm_start_from, not both")
+            bad("give warm_start_steps or warm_start_from, not both", "warm_start_steps", "warm_start_from")
         if self.hf_model and self.warm_start_from:
-            raise ValueError(f"give hf_model or warm_start_from, not both (each names the Hugging Face directory the "
-                             f"run starts from; got hf_model={self.hf_model!r}, "
-                             f"warm_start_from={self.warm_start_from!r})")
+            bad(f"give hf_model or warm_start_from, not both (each names the Hugging Face directory the run starts "
+                f"from; got hf_model={self.hf_model!r}, warm_start_from={self.warm_start_from!r})",
+                "hf_model", "warm_start_from")
         source = self.hf_model or self.warm_start_from
         if source and self.model is not None:  # the directory's config.json is the model; the field records None
             if self.model != TrainConfig.model:
                 warnings.warn(f"model={self.model!r} is ignored: {'hf_model' if self.hf_model else 'warm_start_from'}"
-                              f"={source!r} decides the model (its config.json)", ConfigWarning, stacklevel=3)
+                              f"={source!r} decides the model (its config.json)", ConfigWarning)
             self.model = None
         if not source and self.model is None:
-            raise ValueError("model=None needs hf_model or warm_start_from (a Hugging Face directory); else give a "
-                             f"preset: {', '.join(PRESETS)}")
-        if self.warm_start_lr is not None and self.warm_start_lr <= 0:
-            raise ValueError(f"warm_start_lr={self.warm_start_lr} must be positive")
-        if self.warm_start_lr is not None and not self.warm_start_steps:  # (mode=full with steps: an error below)
+            bad("model=None needs hf_model or warm_start_from (a Hugging Face directory); else give a preset: "
+                f"{', '.join(PRESETS)}", "model")
+        if self.warm_start_steps and self.mode == "full":
+            bad(f"warm_start_steps={self.warm_start_steps} only makes sense with mode=relora or lora: mode=full "
+                "trains full-rank throughout; set warm_start_steps to 0 (--warm-start-steps 0)", "warm_start_steps")
+        if self.warm_start_lr is not None and not self.warm_start_steps and problems.ok("warm_start_lr"):
             # e.g. a recipe's warm start overridden by --warm-start-steps 0 or --mode full: say so, go on
             warnings.warn(f"warm_start_lr={self.warm_start_lr} is ignored: this run has no full-rank warm start "
-                          f"(warm_start_steps={self.warm_start_steps}, mode={self.mode!r})", ConfigWarning,
-                          stacklevel=3)
+                          f"(warm_start_steps={self.warm_start_steps}, mode={self.mode!r})", ConfigWarning)
         if self.warm_start_steps and self.mode != "full" and self.warm_start_lr is None:
             warnings.warn(f"the full-rank warm start runs at ReLoRA's lr={self.lr}: the paper's ReLoRA lr is 2x the "
                           "full-rank one, and a warm start at the full-rank lr measured better (BENCHMARKS.md); set "
-                          "warm_start_lr (e.g. lr / 2)", ConfigWarning, stacklevel=3)
+                          "warm_start_lr (e.g. lr / 2)", ConfigWarning)
         if self.resume_from is not None:
-            if not re.fullmatch(r"step_\d+", self.resume_from):
-                raise ValueError(f"resume_from={self.resume_from!r} is not a checkpoint tag: give one of the form "
-                                 "step_N (the folders in output_dir/checkpoints)")
-            self.resume = True
+            if re.fullmatch(r"step_\d+", self.resume_from):
+                self.resume = True
+            else:
+                bad(f"resume_from={self.resume_from!r} is not a checkpoint tag: give one of the form step_N (the "
+                    "folders in output_dir/checkpoints)", "resume_from")
         if self.resume and self.overwrite:
-            raise ValueError("give resume or overwrite, not both (resume continues the run in output_dir, "
-                             "overwrite deletes it; the SLURM scripts always pass --resume: for a new run there, "
-                             "give a new output_dir)")
-        if self.mode == "relora" and self.cycle_length == 1:
-            raise ValueError("cycle_length=1 resets at every step, and the step after a reset trains at lr 0: no "
-                             "low-rank step would train. Use a cycle of at least restart_warmup_steps + 1 steps "
-                             "(the paper: thousands)")
-        if self.mode == "relora" and self.cycle_length and self.restart_warmup_steps >= self.cycle_length:
-            warnings.warn(f"restart_warmup_steps={self.restart_warmup_steps} is not shorter than a cycle "
-                          f"(cycle_length={self.cycle_length}): the lr re-warms for the whole cycle and never "
-                          f"reaches the cosine (at most {(self.cycle_length - 1) / self.restart_warmup_steps:.0%} "
-                          "of it); use restart_warmup_steps < cycle_length", ConfigWarning, stacklevel=3)
-        if self.warm_start_steps and self.mode == "full":
-            raise ValueError(f"warm_start_steps={self.warm_start_steps} only makes sense with mode=relora or "
-                             "lora: mode=full trains full-rank throughout; set warm_start_steps to 0 "
-                             "(--warm-start-steps 0)")
-        self._warn_ignored()
+            bad("give resume or overwrite, not both (resume continues the run in output_dir, overwrite deletes it; "
+                "the SLURM scripts always pass --resume: for a new run there, give a new output_dir)",
+                "resume", "overwrite")
         if self.wandb_project is not None and importlib.util.find_spec("wandb") is None:
-            raise ValueError(f"wandb_project={self.wandb_project!r} needs the wandb package, which is not installed "
-                             "(pip install wandb), or leave wandb_project unset")
-        if self.quantize not in (None, "int8"):
-            raise ValueError(f"quantize={self.quantize!r} is not supported; valid values: None, 'int8'")
-        if self.merge_residual and self.quantize:
-            raise ValueError("merge_residual is for float bases: quantize=int8 already merges with its own "
-                             "error-feedback residual")
-        if self.quantize and self.mode == "full":
-            raise ValueError("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full")
-        for f in dataclasses.fields(self):  # nan passes every comparison below, and inf none usefully
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{f.name}={value} must be a finite number")
-        for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank", "lr", "alpha", "adam_eps",
-                     "vocab_size", "keep_last", "log_every", "total_steps", "token_budget", "peak_tflops",
-                     "collective_timeout_min"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}={value} must be positive")
-        if self.vocab_size is not None and self.data_dir is None and 0 < self.vocab_size < _MIN_BUILTIN_VOCAB:
-            raise ValueError(f"vocab_size={self.vocab_size} is too small: the built-in corpus's tokenizer falls back "
-                             f"to bytes, which takes {_MIN_BUILTIN_VOCAB} pieces (256 bytes, <unk>, <s>, </s>) before "
-                             "any of its characters and merges; leave room for those (default "
-                             f"{BUILTIN_VOCAB_SIZE})")
-        for name in ("warmup_steps", "restart_warmup_steps", "warm_start_steps", "weight_decay", "grad_clip",
-                     "eval_every", "save_every", "loss_chunk_size", "eval_windows", "final_eval_windows", "seed",
-                     "data_prefetch"):
-            if (getattr(self, name) or 0) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("dropout", "adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+            bad(f"wandb_project={self.wandb_project!r} needs the wandb package, which is not installed (pip install "
+                "wandb), or leave wandb_project unset", "wandb_project")
+        if self.merge_residual and self.quantize == "int8":
+            bad("merge_residual is for float bases: quantize=int8 already merges with its own error-feedback "
+                "residual", "merge_residual")
+        if self.quantize == "int8" and self.mode == "full":
+            bad("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full", "quantize")
+        self._warn_ignored()
 
     def _warn_ignored(self) -> None:
         """A ConfigWarning for each setting this run's mode or other settings leave without effect."""
@@ -330,7 +364,7 @@ class TrainConfig:
         if self.prune_method == "reset" and self.prune_ratio != TrainConfig.prune_ratio:
             ignored.append((f"prune_ratio={self.prune_ratio}", "prune_method='reset' zeroes the whole moments"))
         for setting, why in ignored:
-            warnings.warn(f"{setting} is ignored: {why}", ConfigWarning, stacklevel=4)
+            warnings.warn(f"{setting} is ignored: {why}", ConfigWarning)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,5 +1,6 @@
 """Bad run configurations fail before any training step, with messages naming what is wrong."""
 import json
+import warnings
 
 import pytest
 
@@ -68,6 +69,33 @@ def test_batch_arithmetic():
 def test_invalid_train_configs(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{**BASE, **kw})
+
+
+def test_every_problem_of_a_configuration_is_named_at_once():
+    """A recipe with several mistakes fails once, naming each (not one per attempt); a check that reads a wrong
+    value is skipped, not reported as a second consequence of it; warnings wait until the settings are valid."""
+    with warnings.catch_warnings(record=True) as warned, pytest.raises(ValueError) as e:
+        warnings.simplefilter("always")
+        TrainConfig(**{**BASE, "lr": -1.0, "quantize": "int4", "merge_every": 0, "prune_ratio": 2.0,
+                       "cycle_length": 10, "restart_warmup_steps": 50, "mode": "relora", "resume_from": "x"})
+    lines = str(e.value).splitlines()
+    assert lines[0] == "5 problems with the settings:"
+    assert sorted(lines[1:]) == sorted([
+        "  - quantize='int4' is not valid; valid values: 'int8' (or none, the default)",
+        "  - lr=-1.0 must be positive",
+        "  - merge_every=0 must be positive",  # and not also "must be a positive divisor of cycle_length=10"
+        "  - prune_ratio=2.0 must be in [0, 1]",
+        "  - resume_from='x' is not a checkpoint tag: give one of the form step_N (the folders in "
+        "output_dir/checkpoints)",
+    ])
+    assert [str(w.message) for w in warned] == []  # not restart_warmup_steps >= cycle_length's warning
+    # Values of the wrong type are named together too (before the checks that compare them).
+    with pytest.raises(ValueError, match=r"^2 problems with the settings:\n  - rank='x' must be a number\n"
+                                         r"  - total_steps=1.5 must be a whole number$"):
+        TrainConfig(**{**BASE, "rank": "x", "total_steps": 1.5})
+    # The same settings without the errors warn as before.
+    with pytest.warns(UserWarning, match="restart_warmup_steps=50 is not shorter than a cycle"):
+        TrainConfig(**{**BASE, "restart_warmup_steps": 50})
 
 
 @pytest.mark.parametrize("low", ["bf16", "fp16"])

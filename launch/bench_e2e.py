@@ -145,9 +145,9 @@ def main() -> None:
                 (["--dtype", args.dtype] if args.dtype else []) + (["--quantize", args.quantize] if args.quantize else []) + \
                 ["--loss-chunk-size", str(chunk)] + \
                 (["--activation-checkpointing"] if args.activation_checkpointing else [])
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            # stdout is the row; stderr streams through, so a run killed at a time limit still shows its progress
+            proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
             if proc.returncode:
-                print(proc.stderr[-3000:], file=sys.stderr)
                 failed.append(f"{preset} {' '.join(paths)}" + (f" loss chunk {chunk}" if chunk else ""))
                 continue
             got = json.loads(proc.stdout.strip().splitlines()[-1])

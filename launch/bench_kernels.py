@@ -319,7 +319,11 @@ def run_grid(args, Ms, shapes, ranks, dtype, device, elem, emit, failures):
         for d_in, d_out in shapes:
             for r in ranks:
                 for provider, fn in merge_setups(d_out, d_in, r, dtype, device).items():
-                    ms, p20, p80 = bench(fn, device)
+                    try:
+                        ms, p20, p80 = bench(fn, device)
+                    except Exception as exc:  # noqa: BLE001  as for the layers: the layer rows still come
+                        _failed(failures, provider, 0, d_in, d_out, r, exc)
+                        continue
                     nbytes = 2 * d_out * d_in * elem  # W read once and written once (copy: src + dst)
                     emit(op="merge", provider=provider, mode="inplace", M=0, d_in=d_in, d_out=d_out, r=r,
                          ms=ms, ms_p20=p20, ms_p80=p80,  # the copy row computes nothing
@@ -333,9 +337,14 @@ def run_grid(args, Ms, shapes, ranks, dtype, device, elem, emit, failures):
                         try:  # one provider failing (a config over the shared-memory limit...) must not end
                             run_linear(provider, M, d_in, d_out, r, dtype, device, elem, args.modes, emit)
                         except Exception as exc:  # noqa: BLE001  the scarce GPU call goes on
-                            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-                            print(f"provider {provider} failed at M={M} {d_in}x{d_out} r={r}: {msg}", file=sys.stderr)
-                            failures.append(dict(provider=provider, M=M, d_in=d_in, d_out=d_out, r=r, error=msg))
+                            _failed(failures, provider, M, d_in, d_out, r, exc)
+
+
+def _failed(failures, provider, M, d_in, d_out, r, exc):
+    """Name a failed timing on stderr at once and keep it for the summary (M=0: a merge)."""
+    msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    print(f"provider {provider} failed at M={M} {d_in}x{d_out} r={r}: {msg}", file=sys.stderr)
+    failures.append(dict(provider=provider, M=M, d_in=d_in, d_out=d_out, r=r, error=msg))
 
 
 def summarize(rows):

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One prepared device call for the open GPU work of the kernels and int8 issues (see BENCHMARKS.md).
 #   GPU_CHECK_BUDGET=540 bash launch/gpu_check.sh [stage ...]
-#   stages: env bench int8 tests e2e loss tune ds (default: all but ds, in that order)
+#   stages: env bench tma int8 e2e tests loss tune ds (default: all but ds, in that order)
 # The default order is what the open targets need first: layer and merge throughput with the prepared
-# candidates (bench), the int8 ratio (int8), compiled correctness (tests, 150 s at most: the int8 and kernel
-# cases, one line per test, no stop at the first failure; bench also records each fused row's error against
-# the torch reference), whole training steps (e2e), the chunked loss (loss), the config sweep (tune).
-# Stage times (estimates): bench ~90 s, int8 ~60 s, tests ~170 s (cut at 150 s: the int8 cases and the
-# candidates' come first, then the kernel paths no GPU has compiled yet, the paths that passed before last),
-# e2e ~120 s, loss ~200 s (the chunked run first), tune ~200 s: at the default budget, loss and tune run
-# only when the stages before them finish early (name them to run them: `bash launch/gpu_check.sh loss tune`).
+# candidates (bench), the TMA candidates in their own process (tma: never run on a GPU; a fault there, sticky for
+# its process, must not cost the other rows), the int8 ratio (int8), whole training steps (e2e: 1b first),
+# compiled correctness (tests: launch/gpu_tests.sh, one pytest process per group, the never-compiled and cheap
+# groups first, TMA last; bench also records each fused row's error against the torch reference), the chunked
+# loss (loss), the config sweep (tune).
+# Stage limits: bench 120 s, tma 90 s, int8 90 s, e2e 180 s, tests 150 s (estimates on 2026-12-03: bench ~90 s,
+# tma ~40 s, int8 ~60 s, e2e ~150 s, tests ~250 s whole), loss 240 s, tune 260 s: at the default budget the
+# tests stage is cut (its order says what is lost), and loss and tune run only when the stages before them finish
+# early (name them to run them: `bash launch/gpu_check.sh loss tune`).
 # The benchmarks write each row the moment it is measured, so a stage cut at its limit keeps its rows.
 # A task lent a GPU gets 15 minutes of device time in all, machine start included, and one call may run
 # 600 s: with GPU_CHECK_BUDGET (seconds, default 540; 0: none) each stage is cut to what is left and
@@ -32,8 +34,8 @@ export PYTHONPATH="/tmp/pk:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export RELORA_KERNELS=triton
 export PYTHONUNBUFFERED=1  # a stage killed at its limit still leaves its output in the log
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env bench int8 tests e2e loss tune)
-valid=" env bench int8 e2e tests loss tune ds "
+[ ${#stages[@]} -eq 0 ] && stages=(env bench tma int8 e2e tests loss tune)
+valid=" env bench tma int8 e2e tests loss tune ds "
 for st in "${stages[@]}"; do  # a typo must not burn a device call
   [[ "$valid" == *" $st "* ]] || { echo "unknown stage $st (valid:$valid)" >&2; exit 2; }
 done
@@ -66,17 +68,14 @@ run() {  # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, record the exit status
 for st in "${stages[@]}"; do
   case $st in
     env) run env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
-    bench) run bench 150 python3 launch/bench_kernels.py --quick --repeat 2 --out "$OUT/bench_kernels.csv" ;;
-    int8) run int8 120 python3 launch/bench_int8.py --sections kernels --out "$OUT/bench_int8.json" ;;
-    e2e) run e2e 240 python3 launch/bench_e2e.py --presets 350m 1b --paths reference torch torch_merged triton \
+    bench) run bench 120 python3 launch/bench_kernels.py --quick --repeat 2 --out "$OUT/bench_kernels.csv" \
+             --providers full frozen peft torch_fused fused fused_splitdb fused_det fused_blas_lr ;;
+    tma) run tma 90 python3 launch/bench_kernels.py --quick --ops linear --out "$OUT/bench_kernels_tma.csv" \
+           --providers full peft fused fused_tma fused_tma_blas_lr ;;  # the baselines again, for its own ratios
+    int8) run int8 90 python3 launch/bench_int8.py --sections kernels --out "$OUT/bench_int8.json" ;;
+    e2e) run e2e 180 python3 launch/bench_e2e.py --presets 1b 350m --paths reference torch torch_merged triton \
            --interleave --steps 6 --out "$OUT/e2e.json" ;;  # one model per preset, paths alternating
-    tests) run tests 150 bash -c 'new="tma or blas_lr or merge or tiny_training or deterministic or autocast"
-             t="python3 -m pytest -v --tb=line -p no:cacheprovider"
-             $t -k cuda tests/test_int8_quant.py; a=$?  # never compiled on a GPU before: int8, TMA, cuBLAS-r, merge
-             $t -k "cuda and ($new)" tests/test_kernels.py; a=$((a | $?))
-             env -u RELORA_KERNELS $t tests/test_kernel_dispatch.py; a=$((a | $?))
-             $t -k "cuda and not ($new)" tests/test_kernels.py  # the paths that passed on the H100 (2026-11-22)
-             exit $((a | $?))' ;;
+    tests) run tests 150 bash launch/gpu_tests.sh ;;
     loss) run loss 240 python3 launch/bench_e2e.py --presets 1b --paths auto --micro-batch 16 \
             --activation-checkpointing --loss-chunk-size 1024 0 --steps 6 --out "$OUT/e2e_loss_chunk.json" ;;
           # the chunked loss (first) and the full logits: tokens/s and peak memory, with activation checkpointing

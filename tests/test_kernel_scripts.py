@@ -134,8 +134,29 @@ def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     proc = subprocess.run(["bash", str(script), "benhc"], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
-    assert proc.returncode == 2 and "(valid: env bench int8 e2e tests loss tune ds )" in proc.stderr
+    assert proc.returncode == 2 and "(valid: env bench tma int8 e2e tests loss tune ds )" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_gpu_tests_groups_hold_every_cuda_case_once():
+    """launch/gpu_tests.sh splits the compiled kernel tests into ordered groups (a run cut at its limit loses the
+    last ones): together they must hold every CUDA case of tests/test_kernels.py, none twice, and the int8 and
+    dispatch files."""
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "gpu_tests.sh"), "--collect-only", "-qq"],  # -v -qq: ids
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    got = [line for line in proc.stdout.splitlines() if "::" in line]
+    kernels = [t for t in got if t.startswith("tests/test_kernels.py::")]
+    want = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-k", "cuda", "tests/test_kernels.py"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300).stdout
+    want = [line for line in want.splitlines() if "::" in line]
+    assert len(want) > 100 and sorted(kernels) == sorted(want)  # each once
+    assert any(t.startswith("tests/test_int8_quant.py::") for t in got)
+    assert any(t.startswith("tests/test_kernel_dispatch.py::") for t in got)
+    order = [t.split("::")[1].split("[")[0] for t in kernels]
+    assert order.index("test_lora_merge_matches_reference") < order.index("test_lora_linear_matches_reference")
+    assert "-tma]" in kernels[-1] or "tma" in order[-1]  # TMA last
 
 
 def test_gpu_check_returns_few_files_and_keeps_to_its_budget(tmp_path):
@@ -172,12 +193,24 @@ def test_bench_goes_on_when_a_provider_fails(tmp_path, monkeypatch, capsys):
             raise RuntimeError("OutOfResources: shared memory, Required: 262144, Hardware limit: 232448")
         return real(provider, *a, **k)
     monkeypatch.setattr(bench_kernels, "linear_setup", setup)
+    real_merges = bench_kernels.merge_setups
+
+    def merges(*a, **k):  # a merge failing, which runs first, must not end the layers' timings either
+        fns = real_merges(*a, **k)
+
+        def fail():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return {**fns, "merge": fail}
+    monkeypatch.setattr(bench_kernels, "merge_setups", merges)
     out = tmp_path / "b.csv"
-    rc = bench_kernels.main(["--device", "cpu", "--quick", "--providers", "fused_tma", "full", "--ops", "linear",
-                             "--modes", "fwd", "--out", str(out)])
-    assert rc == 1 and "provider fused_tma failed" in capsys.readouterr().err
+    rc = bench_kernels.main(["--device", "cpu", "--quick", "--providers", "fused_tma", "full", "--ops", "merge",
+                             "linear", "--modes", "fwd", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "provider fused_tma failed" in err and "provider merge failed at M=0" in err
     import csv
-    assert [r["provider"] for r in csv.DictReader(out.open())] == ["full"]
+    rows = [(r["op"], r["provider"]) for r in csv.DictReader(out.open())]
+    assert ("linear", "full") in rows and ("merge", "merge") not in rows and ("merge", "merge_fp32ab") in rows
+    assert not any(p == "fused_tma" for _, p in rows)
 
 
 def test_bench_repeat_times_every_point_per_pass_and_reports_the_spread(tmp_path, monkeypatch, capsys):

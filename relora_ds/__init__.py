@@ -13,3 +13,13 @@ __all__ = [
     "cosine_with_warmup", "export_hf", "jagged_cosine", "linear_with_warmup", "load_hf", "lora_parameters",
     "merge_and_reinit", "patch_deepspeed_nvme", "prune_optimizer_state", "relora_layers", "unwrap", "wrap",
 ]
+
+
+def __getattr__(name: str):
+    """``relora_ds.hf_trainer`` imports on first use (it imports transformers' Trainer, which nothing else
+    here needs)."""
+    if name == "hf_trainer":
+        import importlib
+
+        return importlib.import_module(".hf_trainer", __name__)
+    raise AttributeError(f"module 'relora_ds' has no attribute {name!r}")

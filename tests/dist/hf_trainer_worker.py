@@ -1,0 +1,88 @@
+"""Hugging Face Trainer runs with ReLoRA (relora_ds.hf_trainer) for tests/test_hf_trainer.py: in-process
+(``run``) or one rank of a 2-rank DeepSpeed job (``python hf_trainer_worker.py --out DIR --stage N``, started by
+tests/launch_utils.run_ranks). Same model, data order and settings everywhere; the data is read in order (no
+shuffling), so rank r of k takes every k-th micro-batch and a k-rank step sees one process's batch of k times
+the micro-batch."""
+import argparse
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+from torch.utils.data import Dataset, SequentialSampler
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import relora_ds
+from relora_ds.hf_trainer import enable_relora
+
+SEQ, VOCAB, SAMPLES = 17, 96, 64
+RELORA = dict(cycle_length=3, restart_warmup_steps=1, min_lr_ratio=0.1)
+HP = dict(learning_rate=2e-2, warmup_steps=1, max_steps=7, weight_decay=0.0, max_grad_norm=1.0, seed=5,
+          adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
+
+
+class Windows(Dataset):
+    def __len__(self):
+        return SAMPLES
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, VOCAB, (SEQ,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "labels": ids}
+
+
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
+    return relora_ds.wrap(LlamaForCausalLM(cfg), rank=4, seed=3)
+
+
+class InOrder(Trainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+def arguments(out_dir, batch) -> dict:
+    return dict(output_dir=str(out_dir), per_device_train_batch_size=batch, logging_steps=1, report_to=[],
+                save_strategy="no", use_cpu=True, optim="adamw_torch", disable_tqdm=True, **HP)
+
+
+def run(out_dir, batch, deepspeed=None, relora=True, **overrides):
+    """Train; returns (trainer, callback or None)."""
+    args = TrainingArguments(**{**arguments(out_dir, batch), "deepspeed": deepspeed, **overrides})
+    trainer = InOrder(model=model(), args=args, train_dataset=Windows())
+    callback = enable_relora(trainer, **RELORA) if relora else None
+    trainer.train()
+    return trainer, callback
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--stage", type=int, default=2)
+    ap.add_argument("--local_rank", type=int, default=-1)
+    a = ap.parse_args()
+    ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+          "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+          "zero_optimization": {"stage": a.stage, **({"stage3_param_persistence_threshold": 0} if a.stage == 3
+                                                     else {})},  # ZeRO-3: every weight partitioned
+          "bf16": {"enabled": False}}
+    trainer, callback = run(a.out, batch=2, deepspeed=ds)
+    engine = trainer.model_wrapped
+    assert type(engine).__name__ == "DeepSpeedEngine", type(engine)
+    params = list(engine.module.parameters())
+    if a.stage == 3:
+        assert all(p.numel() == 0 for p in params), "ZeRO-3 left a weight whole"
+    with deepspeed.zero.GatheredParameters(params, enabled=a.stage == 3):  # every rank takes part
+        state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    if int(os.environ["RANK"]) == 0:
+        torch.save(state, os.path.join(a.out, "state.pt"))
+        with open(os.path.join(a.out, "run.json"), "w") as f:
+            json.dump({"events": [{k: e[k] for k in ("step", "event")} for e in callback.events],
+                       "log": trainer.state.log_history}, f)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""ReLoRA inside Hugging Face's Trainer (relora_ds/hf_trainer.py): against a hand-written loop over the
+package's own API (the oracle), and a 2-rank DeepSpeed ZeRO-2 Trainer run against a one-process one."""
+import json
+import sys
+
+import pytest
+import torch
+
+import relora_ds
+from launch_utils import ROOT, run_ranks
+
+sys.path.insert(0, str(ROOT / "tests" / "dist"))
+import hf_trainer_worker as w  # noqa: E402
+
+
+def hand_loop(batch):
+    """What the Trainer run must do, written out with relora_ds's API: AdamW, the jagged cosine, clipping,
+    and after every third step a merge, re-init and prune (seed = args.seed + step)."""
+    model = w.model()
+    data = w.Windows()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=w.HP["learning_rate"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = relora_ds.build_scheduler(opt, "jagged_cosine", total_steps=w.HP["max_steps"],
+                                      warmup_steps=w.HP["warmup_steps"], **w.RELORA)
+    losses, lrs = [], []
+    for step in range(1, w.HP["max_steps"] + 1):
+        ids = torch.stack([data[i]["input_ids"] for i in range((step - 1) * batch, step * batch)])
+        lrs.append(sched.get_last_lr()[0])
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(params, w.HP["max_grad_norm"])
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if step % w.RELORA["cycle_length"] == 0:
+            relora_ds.merge_and_reinit(model)
+            relora_ds.prune_optimizer_state(opt, relora_ds.lora_parameters(model), seed=w.HP["seed"] + step)
+    return model, losses, lrs
+
+
+def logged(trainer_log, key):
+    return [r[key] for r in trainer_log if key in r and "train_runtime" not in r]
+
+
+def assert_same_weights(got: dict, want: dict, rtol):
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].shape == want[k].shape, (k, got[k].shape)
+        err = (got[k].double() - want[k].double()).norm() / max(want[k].double().norm(), 1e-12)
+        assert err <= rtol, (k, float(err))
+
+
+def test_trainer_resets_as_the_hand_written_loop(tmp_path):
+    trainer, callback = w.run(tmp_path, batch=4)
+    oracle, losses, lrs = hand_loop(batch=4)
+    assert [(e["step"], e["event"]) for e in callback.events] == [(3, "reset"), (6, "reset")]
+    assert logged(trainer.state.log_history, "loss") == pytest.approx(losses, rel=1e-4, abs=1e-4)
+    # The jagged cosine: 0 at the first step and at the step after each reset, the cosine elsewhere.
+    assert logged(trainer.state.log_history, "learning_rate") == pytest.approx(lrs, rel=1e-6)
+    assert lrs[0] == lrs[3] == lrs[6] == 0.0 and min(lrs[1], lrs[4]) > 0
+    assert_same_weights(trainer.model.state_dict(), oracle.state_dict(), rtol=1e-5)
+    # Each layer merged twice (its merge_count buffer), and the LoRA moments were pruned.
+    for _, layer in relora_ds.relora_layers(trainer.model):
+        assert int(layer.merge_count) == 2
+    # Without the resets the run ends elsewhere: the comparison above sees them.
+    plain, _ = w.run(tmp_path / "plain", batch=4, relora=False, lr_scheduler_type="constant")
+    moved = [(plain.model.state_dict()[k] - oracle.state_dict()[k]).abs().max() for k in oracle.state_dict()]
+    assert max(moved) > 1e-3
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_zero_trainer_equals_one_process(tmp_path, stage):
+    """DeepSpeed ZeRO-2 under the Trainer (HF's AdamW inside DeepSpeed's partitioned optimizer): the merge and
+    prune run on the engine; two ranks of micro-batch 2 end where one process with batch 4 ends."""
+    run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--stage", stage, timeout=600)
+    got = json.loads((tmp_path / "run.json").read_text())
+    assert [(e["step"], e["event"]) for e in got["events"]] == [(3, "reset"), (6, "reset")]
+    trainer, _ = w.run(tmp_path / "one", batch=4)
+    want = logged(trainer.state.log_history, "loss")
+    assert logged(got["log"], "loss") == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert_same_weights(torch.load(tmp_path / "state.pt"), trainer.model.state_dict(), rtol=1e-4)
+
+
+def test_a_resumed_trainer_run_ends_where_the_uninterrupted_one_ends(tmp_path):
+    """A Trainer checkpoint after the first reset (step 4) resumed to step 7: the second reset happens at step 6
+    again, with the same re-initialized factors (merge_count is a saved buffer), schedule and moments."""
+    whole, _ = w.run(tmp_path, batch=4, save_strategy="steps", save_steps=4)
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+    args = TrainingArguments(**w.arguments(tmp_path / "resumed", batch=4))
+    resumed = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+    callback = enable_relora(resumed, **w.RELORA)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert [(e["step"], e["event"]) for e in callback.events] == [(6, "reset")]
+    assert_same_weights(resumed.model.state_dict(), whole.model.state_dict(), rtol=1e-6)
+
+
+def test_misuse_is_named(tmp_path):
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2)
+    plain = relora_ds.unwrap(w.model())
+    with pytest.raises(ValueError, match="no ReLoRA layers; call relora_ds.wrap"):
+        enable_relora(w.InOrder(model=plain, args=args, train_dataset=w.Windows()), cycle_length=3)
+    trainer = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+    for bad, match in ((dict(cycle_length=0), "cycle_length=0 must be a positive"),
+                       (dict(cycle_length=4, merge_every=3), "merge_every=3 must divide cycle_length=4"),
+                       (dict(cycle_length=4, restart_warmup_steps=5), r"restart_warmup_steps=5 must be in \[0, "),
+                       (dict(cycle_length=200, prune_ratio=2.0), "ratio")):
+        with pytest.raises(ValueError, match=match):
+            enable_relora(trainer, **bad)
+    enable_relora(trainer, cycle_length=3, restart_warmup_steps=1)
+    with pytest.raises(ValueError, match="already a ReLoRA run"):
+        enable_relora(trainer, cycle_length=3, restart_warmup_steps=1)
+    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+          "scheduler": {"type": "WarmupLR"}}
+    ds_args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2, deepspeed=ds)
+    with pytest.raises(ValueError, match="'scheduler' section"):
+        enable_relora(w.InOrder(model=w.model(), args=ds_args, train_dataset=w.Windows()), cycle_length=3,
+                      restart_warmup_steps=1)

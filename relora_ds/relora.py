@@ -146,9 +146,16 @@ class ReLoRALinear(nn.Module):
         # engine does it) would round scales below 6e-5 and zero rows below 3e-8; .float() would store what
         # the merge, which writes bf16 scales, no longer matches.
         scale = self._buffers.pop("weight_scale") if self.quantize else None
+        was_meta = self.lora_A.is_meta
         try:
             return super()._apply(fn, recurse)
         finally:
+            if was_meta and not self.lora_A.is_meta:
+                # to_empty after a meta build: the factors and merge_count hold uninitialized memory (NaN, 1e35,
+                # any count), and a load of the base model's weights alone would leave them so. Start them as a
+                # fresh layer does (A Kaiming, B 0, no merge yet); a load of a wrapped model's state overwrites.
+                self.merge_count.zero_()
+                self.reset_lora(restart_index=0)
             # Off the meta device (to_empty after a meta build): host buffers become real, zero, host tensors
             # (a residual of zero), which load_state_dict then fills; on meta they could hold nothing.
             if not self.lora_A.is_meta:

@@ -1,6 +1,7 @@
 """relora_ds.wrap / unwrap / merge_and_reinit / prune_optimizer_state on the models and optimizers a user
 brings: Hugging Face architectures, eval mode, mixed dtypes, bad settings, DeepSpeed objects passed in the
 wrong place (found by a test-drive, 2026-12-01). The layer and the conversion themselves: test_relora.py."""
+import copy
 import math
 
 import pytest
@@ -223,3 +224,26 @@ def test_engine_at_stage_0_with_bf16_is_refused_before_any_change():
             call(Engine(model, bf16=True))
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
     assert relora_ds.merge_and_reinit(Engine(model, bf16=False))["layers"] == 7  # fp32 stage 0: the model is the master
+
+
+def test_a_model_wrapped_on_meta_then_loaded_with_base_weights_starts_as_a_fresh_wrap():
+    """The FSDP/torchtitan-style load: build and wrap under torch.device("meta"), to_empty, load the base
+    model's weights (no LoRA keys: strict=False). The factors and merge_count were uninitialized memory (NaN
+    logits, a random merge count; a library user's review found it); they now start as a wrap on real weights
+    does (oracle: that wrap): same A, B = 0, no merge, same logits as the unwrapped model."""
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM as HFLlama
+
+    cfg = HFConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+    torch.manual_seed(0)
+    base = HFLlama(cfg)
+    want = relora_ds.wrap(copy.deepcopy(base), rank=4, seed=3)
+    with torch.device("meta"):
+        model = relora_ds.wrap(HFLlama(cfg), rank=4, seed=3)
+    model.to_empty(device="cpu")
+    missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert missing and all(k.endswith(("lora_A", "lora_B", "merge_count")) or "rotary" in k for k in missing)
+    model.model.rotary_emb.inv_freq.copy_(base.model.rotary_emb.inv_freq)  # a non-persistent buffer
+    for k, v in want.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    x = torch.randint(0, 64, (2, 9))
+    assert torch.equal(model(x).logits, base(x).logits)

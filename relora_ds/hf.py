@@ -213,29 +213,44 @@ def _is_engine(obj) -> bool:
     return any(c.__name__ == "DeepSpeedEngine" for c in type(obj).__mro__)
 
 
-def model_from_engine(engine, keep: bool = True) -> LlamaForCausalLM | None:
-    """A host copy of the relora_ds model an engine trains, with its fp32 masters (ZeRO-3 partitions gathered)
-    and the same ReLoRA layers; every rank calls (the gathers), and ``keep=False`` ranks get None instead of
-    holding a full copy each."""
+def model_from_engine(engine, keep: bool = True) -> torch.nn.Module | None:
+    """A host copy of the model an engine trains (a relora_ds LlamaForCausalLM or a transformers model), with
+    its fp32 masters (ZeRO-3 partitions gathered) and the same ReLoRA layers; every rank calls (the gathers),
+    and ``keep=False`` ranks get None instead of holding a full copy each. A transformers model's copy is
+    saved with ``relora_ds.unwrap(copy).save_pretrained(dir)`` (merged, plain nn.Linear layers)."""
     from .engine_state import full_fp32_state_dict
     from .relora import wrap
 
     module = engine.module
-    if not isinstance(getattr(module, "config", None), LlamaConfig):
-        raise ValueError(f"export_hf: the engine trains a {type(module).__name__}, not a relora_ds.LlamaForCausalLM")
+    ours = isinstance(getattr(module, "config", None), LlamaConfig)
+    if not ours and not hasattr(getattr(module, "config", None), "to_dict"):
+        raise ValueError(f"model_from_engine: the engine trains a {type(module).__module__}.{type(module).__name__}, "
+                         "neither relora_ds's LlamaForCausalLM nor a transformers model (built from its config); "
+                         "take relora_ds.engine_state.full_fp32_state_dict(engine) into a model of your own")
     state = full_fp32_state_dict(engine, keep=keep)
     if not keep:
         return None
     layers = list(relora_layers(module))
     with torch.device("meta"):  # then takes the gathered tensors themselves: no second full copy
-        model = LlamaForCausalLM(module.config)
+        model = LlamaForCausalLM(module.config) if ours else type(module)(module.config)
         if layers:
             first = layers[0][1]
             wrap(model, rank=first.rank, alpha=first.alpha, dropout=first.dropout, seed=first.seed,
                  target_modules=[name for name, _ in layers], quantize=first.quantize,
                  merge_residual=first.merge_residual is not None)
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(state, assign=True, strict=ours)
     model.tie_weights()  # assign=True gave a tied lm_head a Parameter of its own
+    # What no state dict holds (a transformers model's non-persistent buffers: the rotary inv_freq): the
+    # engine's own, in the dtype a fresh model has (DeepSpeed's bf16 cast rounded them: recomputed ones may
+    # differ in the last bits; an export does not save them).
+    own = dict(module.named_buffers())
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = own[name].detach().to("cpu", buf.dtype).clone()
+    still = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still:
+        raise ValueError(f"model_from_engine: {len(still)} tensors of the copy found no value ({still[:3]}, ...)")
     return model
 
 
@@ -244,10 +259,21 @@ def _export_engine(engine, out_dir, dtype, tokenizer, **kw) -> Path:
 
     from .distributed import on_rank_zero
 
+    ours = isinstance(getattr(engine.module, "config", None), LlamaConfig)
+    given = [k for k, v in (("tokenizer", tokenizer), *kw.items()) if v is not None and k != "hf_tokenizer"]
+    if not ours and given:  # before the gathers, on every rank alike
+        raise ValueError(f"export_hf: {', '.join(given)} apply to relora_ds's own model; this engine trains a "
+                         f"transformers {type(engine.module).__name__}, written with its own save_pretrained (save "
+                         "its tokenizer with the tokenizer's save_pretrained)")
     model = model_from_engine(engine, keep=dist.get_rank() == 0)
 
     def write():
-        export_hf(model, out_dir, dtype, tokenizer, **kw)
+        if ours:
+            export_hf(model, out_dir, dtype, tokenizer, **kw)
+        else:  # merged, plain nn.Linear layers, in the dtype asked for (default: the fp32 masters)
+            from .relora import unwrap
+
+            unwrap(model).to(dtype or torch.float32).save_pretrained(out_dir)
     on_rank_zero(write)
     return Path(out_dir)
 

@@ -117,6 +117,13 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     fraction is at least ``ratio``, since it includes exp_avg_sq's mask).
     """
     check_prune_args(method, ratio)
+    if isinstance(optimizer, torch.nn.Module) and not hasattr(optimizer, "zero_optimization_stage"):
+        raise ValueError(f"prune_optimizer_state: the first argument is the model ({type(optimizer).__name__}); pass "
+                         "the optimizer (or the DeepSpeed engine), then the LoRA parameters: "
+                         "prune_optimizer_state(opt, relora_ds.lora_parameters(model))")
+    if isinstance(params, torch.nn.Module):
+        raise ValueError(f"prune_optimizer_state: params is a module ({type(params).__name__}); pass its LoRA "
+                         "parameters, relora_ds.lora_parameters(model) (the other parameters' moments are kept)")
     params = list(params)
     if hasattr(optimizer, "zero_optimization_stage"):
         from .zero_reset import prune_engine_optimizer_state  # the one path that touches DeepSpeed internals
@@ -155,5 +162,6 @@ def _no_moments(optimizer, i: int, p: torch.Tensor, state: dict) -> str:
         return f"{where} has no optimizer state: ReLoRA prunes Adam/AdamW moments, and {name} keeps none"
     if any(len(st) for st in optimizer.state.values()):
         return (f"{where} has no optimizer state although other parameters do: is it in this optimizer's param "
-                "groups, and did it get a gradient?")
+                "groups, and did it get a gradient? (An optimizer built before relora_ds.wrap holds the replaced "
+                "layers' old weights, not the LoRA factors: build it after wrap.)")
     return f"{where} has no Adam moments yet: prune after the first optimizer step"

@@ -33,6 +33,12 @@ def reinit_seed(run_seed: int, layer_name: str, restart_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _seed_name(name: str) -> str:
+    """The layer name its draws are seeded by: without torch.compile's ``_orig_mod.`` (a compiled model wrapped,
+    or a wrap compiled, draw the same A, so a run resumed with or without compile continues alike)."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def kaiming_uniform_A(shape: tuple[int, int], seed: int) -> torch.Tensor:
     """Kaiming-uniform(a=√5) in fp32 on the CPU from a seeded generator (bound 1/√in_features, the same
     init as nn.Linear and PEFT's lora_A); CPU so that every device type draws identical numbers."""
@@ -313,6 +319,13 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     add it back at the next merge, so frequent small merges are not lost (float bases only).
     """
     quant.check_quantize(quantize)
+    # (_hp_mapping: ZeRO-1/2's link to the fp32 master; None once that engine is destroyed, e.g. at the switch
+    # after a full-rank warm start, when the model is free to wrap)
+    if type(model).__name__ == "DeepSpeedEngine" or any(getattr(p, "_hp_mapping", None) is not None
+                                                        for p in model.parameters()):
+        raise ValueError("wrap: the model is already in a DeepSpeed engine (deepspeed.initialize built its optimizer "
+                         "and ZeRO partitions from the parameters it had, so LoRA factors added now would never "
+                         "train); call relora_ds.wrap(model, ...) before deepspeed.initialize")
     if any(True for _ in relora_layers(model)):
         raise ValueError("model already contains ReLoRALinear layers; wrap() it only once "
                          "(use relora_ds.unwrap(model) first to start over)")
@@ -331,7 +344,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     for name, linear in chosen:
         with _gathered([p for p in (linear.weight, linear.bias) if p is not None]):
             layer = ReLoRALinear(linear.in_features, linear.out_features, rank, alpha=alpha, dropout=dropout,
-                                 bias=linear.bias is not None, name=name, seed=seed, quantize=quantize,
+                                 bias=linear.bias is not None, name=_seed_name(name), seed=seed, quantize=quantize,
                                  merge_residual=merge_residual, device=linear.weight.device,
                                  dtype=linear.weight.dtype, init_base=False)
             with torch.no_grad():

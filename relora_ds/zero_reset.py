@@ -139,10 +139,28 @@ def check_engine_supported(engine, what: str) -> None:
     keyed by its own copies, out of the merge's and the prune's reach (ds_config.py refuses it for the
     trainer; this is the same refusal for the Python API), checked before anything is changed."""
     low = [n for n, on in (("bf16", engine.bfloat16_enabled()), ("fp16", engine.fp16_enabled())) if on]
-    if low and engine.zero_optimization_stage() == 0:
+    stage = engine.zero_optimization_stage()
+    if low and stage == 0:
         raise ValueError(f"{what}: the engine runs {low[0]} with ZeRO stage 0, whose fp32 masters and Adam moments "
                          "ReLoRA's merge and prune cannot reach: use ZeRO stage 1 or higher (on one rank it holds "
                          f"the same state as stage 0), or disable {low[0]} (fp32)")
+    # A model wrapped after deepspeed.initialize: its LoRA factors are in no optimizer group and no ZeRO
+    # partition (they would never train, and the merge would read the model copies as masters).
+    if stage == 0:
+        managed = {id(q) for g in getattr(engine.optimizer, "param_groups", []) for q in g["params"]}
+        outside = [n for n, q in engine.module.named_parameters() if n.endswith(LORA_SUFFIXES) and id(q) not in managed]
+    else:  # ZeRO-1/2 link each of its weights to the master (_hp_mapping, None where another rank holds it);
+        # ZeRO-3 gives each its optimizer (a weight partitioned by a late wrap has a ds_id, not that)
+        linked = (lambda q: hasattr(q, "_z3_optimizer")) if stage == 3 else (lambda q: hasattr(q, "_hp_mapping"))
+        outside = [n for n, q in engine.module.named_parameters() if n.endswith(LORA_SUFFIXES) and not linked(q)]
+    if outside:
+        raise ValueError(f"{what}: {len(outside)} LoRA parameters ({outside[0]}, ...) are not in the engine's "
+                         f"optimizer{'' if stage == 0 else f' (ZeRO stage {stage} holds no master of them)'}: the "
+                         "model was wrapped after deepspeed.initialize, so they never train. Call relora_ds.wrap"
+                         "(model, ...) before deepspeed.initialize (and before building a client optimizer)")
+
+
+LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 
 def _rank(group=None) -> int:

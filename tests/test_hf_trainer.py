@@ -80,6 +80,16 @@ def test_two_rank_zero_trainer_equals_one_process(tmp_path, stage):
     want = logged(trainer.state.log_history, "loss")
     assert logged(got["log"], "loss") == pytest.approx(want, rel=1e-4, abs=1e-4)
     assert_same_weights(torch.load(tmp_path / "state.pt"), trainer.model.state_dict(), rtol=1e-4)
+    # export_hf(engine) of a transformers model (model_from_engine, unwrap, save_pretrained): a plain
+    # transformers checkpoint whose logits are the trained model's.
+    from transformers import LlamaForCausalLM
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    assert not any("lora" in k for k in exported.state_dict())
+    x = torch.stack([w.Windows()[i]["input_ids"] for i in range(3)])
+    with torch.no_grad():
+        want = trainer.model.eval()(input_ids=x).logits
+        got = exported.eval()(input_ids=x).logits
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max(), float((got - want).abs().max())
 
 
 def test_a_resumed_trainer_run_ends_where_the_uninterrupted_one_ends(tmp_path):

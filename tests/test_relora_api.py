@@ -206,6 +206,7 @@ def test_engine_at_stage_0_with_bf16_is_refused_before_any_change():
     class Engine:  # the engine surface the check reads
         def __init__(self, module, bf16):
             self.module, self.bf16 = module, bf16
+            self.optimizer = torch.optim.AdamW(relora_ds.lora_parameters(module))  # fp32 stage 0: the torch one
 
         def zero_optimization_stage(self):
             return 0
@@ -247,3 +248,49 @@ def test_a_model_wrapped_on_meta_then_loaded_with_base_weights_starts_as_a_fresh
         assert torch.equal(model.state_dict()[k], v), k
     x = torch.randint(0, 64, (2, 9))
     assert torch.equal(model(x).logits, base(x).logits)
+
+
+def test_wrapping_after_deepspeed_initialize_is_refused_at_once_or_at_the_first_reset(tmp_path):
+    """A library user's review: wrap() after deepspeed.initialize was accepted and the LoRA factors, in no
+    optimizer group or ZeRO partition, never trained (B stayed 0); the merge then said OK and the prune failed
+    with a bare KeyError. wrap(engine) and wrap of an engine-managed ZeRO-1/2 model are refused now, and a
+    reset on an engine whose LoRA factors it does not manage (stage 0, or a ZeRO-3 module wrapped late) names
+    the order. One process of its own (DeepSpeed's process group), ZeRO stages 0, 2 and 3 in turn."""
+    import subprocess
+    import sys
+
+    from launch_utils import ROOT, free_port, launch_env
+    env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/dist/late_wrap_worker.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("stage")]
+    assert lines == ["stage 0: wrap(engine) refused", "stage 0: merge refused", "stage 0: prune refused",
+                     "stage 2: wrap(engine) refused", "stage 2: wrap(engine.module) refused",
+                     "stage 3: wrap(engine) refused", "stage 3: merge refused", "stage 3: prune refused"]
+
+
+def test_prune_names_a_model_or_module_passed_in_the_wrong_place():
+    model = relora_ds.wrap(_tiny_llama(), rank=4)
+    opt = torch.optim.AdamW(relora_ds.lora_parameters(model))
+    with pytest.raises(ValueError, match=r"first argument is the model \(LlamaForCausalLM\); pass the optimizer"):
+        relora_ds.prune_optimizer_state(model, relora_ds.lora_parameters(model))
+    with pytest.raises(ValueError, match=r"params is a module .*relora_ds.lora_parameters\(model\)"):
+        relora_ds.prune_optimizer_state(opt, model)
+
+
+def test_a_compiled_model_draws_the_factors_an_uncompiled_one_draws():
+    """torch.compile's wrapper puts ``_orig_mod.`` in every module name, which seeds lora_A's draws: wrapping
+    a compiled model drew other factors than the same model uncompiled (so a run resumed with or without
+    compile re-initialized differently at its next merge). Names are seeded without it (oracle: the plain wrap)."""
+    plain = relora_ds.wrap(_tiny_llama(), rank=4, seed=2)
+    compiled = torch.compile(_tiny_llama())
+    relora_ds.wrap(compiled, rank=4, seed=2)
+    for (n1, a), (n2, b) in zip(relora_ds.relora_layers(plain), relora_ds.relora_layers(compiled)):
+        assert n2 == "_orig_mod." + n1 and b.name == a.name == n1
+        assert torch.equal(a.lora_A, b.lora_A)
+    relora_ds.merge_and_reinit(plain)
+    relora_ds.merge_and_reinit(compiled)
+    for (_, a), (_, b) in zip(relora_ds.relora_layers(plain), relora_ds.relora_layers(compiled)):
+        assert torch.equal(a.lora_A, b.lora_A)

@@ -76,6 +76,7 @@ def main():
         assert all(p.numel() == 0 for p in params), "ZeRO-3 left a weight whole"
     with deepspeed.zero.GatheredParameters(params, enabled=a.stage == 3):  # every rank takes part
         state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    relora_ds.export_hf(engine, os.path.join(a.out, "hf"))  # every rank: the gathers; rank 0 writes
     if int(os.environ["RANK"]) == 0:
         torch.save(state, os.path.join(a.out, "state.pt"))
         with open(os.path.join(a.out, "run.json"), "w") as f:

@@ -1,0 +1,49 @@
+"""One process (tests/test_relora_api.py): relora_ds.wrap called after deepspeed.initialize, at ZeRO stages 0, 2
+and 3, must be refused with the order to follow; prints one line per refusal seen."""
+import re
+
+import deepspeed
+import transformers
+
+import relora_ds
+from relora_ds.distributed import init_distributed, run_and_exit
+
+ORDER = "before deepspeed.initialize"
+
+
+def refused(what, call, pattern):
+    try:
+        call()
+    except ValueError as e:
+        assert re.search(pattern, str(e), re.S) and ORDER in str(e), str(e)
+        print(what, "refused", flush=True)
+        return
+    raise AssertionError(f"{what} was accepted")
+
+
+def main():
+    init_distributed()
+    for stage in (0, 2, 3):
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2)
+        model = transformers.LlamaForCausalLM(cfg)
+        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        refused(f"stage {stage}: wrap(engine)", lambda: relora_ds.wrap(engine, rank=4), "already in a DeepSpeed engine")
+        if stage == 2:  # ZeRO-1/2 link every weight to its master: the module is refused too
+            refused(f"stage {stage}: wrap(engine.module)", lambda: relora_ds.wrap(engine.module, rank=4),
+                    "already in a DeepSpeed engine")
+        else:  # no such link at stage 0 or 3 (ZeRO-3 weights look like zero.Init's): the first reset refuses
+            relora_ds.wrap(engine.module, rank=4)
+            lora = relora_ds.lora_parameters(engine.module)
+            refused(f"stage {stage}: merge", lambda: relora_ds.merge_and_reinit(engine),
+                    r"LoRA parameters .* are not in the engine's optimizer")
+            refused(f"stage {stage}: prune", lambda: relora_ds.prune_optimizer_state(engine, lora),
+                    r"LoRA parameters .* are not in the engine's optimizer")
+        engine.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    run_and_exit(main)

@@ -383,6 +383,20 @@ def _warn_unwrapped(model: nn.Module, chosen: list, target_modules) -> None:
                       f"{len(left)} other nn.Linear layers full-rank and trainable: {left[:6]}"
                       f"{' ...' if len(left) > 6 else ''}; pass target_modules to choose them explicitly",
                       stacklevel=3)
+    # Weights that are not nn.Linear at all: a mixture of experts' fused expert tensors (transformers 5 keeps
+    # each layer's experts as 3-D gate_up_proj / down_proj parameters), GPT-2's Conv1D. wrap() converts only
+    # nn.Linear, so these train full-rank, usually most of the model.
+    plain = (nn.Linear, nn.Embedding, ReLoRALinear)
+    other = [(f"{mn}.{pn}" if mn else pn, p) for mn, m in model.named_modules()
+             if not isinstance(m, plain) and m is not out_emb
+             for pn, p in m.named_parameters(recurse=False) if p.requires_grad and p.dim() >= 2]
+    if other:
+        names = [f"{n} {tuple(p.shape)}" for n, p in other]
+        total = sum(p.numel() for _, p in other)
+        warnings.warn(f"relora_ds.wrap: {len(other)} trainable weights that are not nn.Linear layers stay "
+                      f"full-rank ({total:,} parameters): {names[:4]}{' ...' if len(names) > 4 else ''}; wrap converts "
+                      "only nn.Linear (a mixture of experts' fused 3-D expert weights, GPT-2's Conv1D are not)",
+                      stacklevel=3)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

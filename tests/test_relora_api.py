@@ -294,3 +294,19 @@ def test_a_compiled_model_draws_the_factors_an_uncompiled_one_draws():
     relora_ds.merge_and_reinit(compiled)
     for (_, a), (_, b) in zip(relora_ds.relora_layers(plain), relora_ds.relora_layers(compiled)):
         assert torch.equal(a.lora_A, b.lora_A)
+
+
+def test_mixture_of_experts_weights_left_full_rank_are_named():
+    """transformers 5 keeps a Mixtral layer's experts as fused 3-D parameters, not nn.Linear: wrap() with the
+    default targets converted only attention and said nothing while most weights stayed full-rank (a library
+    user's review). They are named now, with their count; a dense LLaMA gets no such warning."""
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"3 trainable weights that are not nn.Linear layers stay full-rank "
+                                         r"\(18,560 parameters\): .*experts.gate_up_proj \(4, 96, 32\)"):
+        relora_ds.wrap(transformers.MixtralForCausalLM(cfg), rank=4)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        relora_ds.wrap(_tiny_llama(), rank=4)

@@ -6,6 +6,7 @@ mechanism by which ReLoRA trains a high-rank network through low-rank updates.
 from __future__ import annotations
 
 import time
+import warnings
 
 from torch import nn
 
@@ -41,6 +42,13 @@ def merge_and_reinit(model: nn.Module) -> dict:
     if not layers:
         raise ValueError("merge_and_reinit: the model has no ReLoRALinear layers (call relora_ds.wrap first)")
     check_not_engine_managed(layers[0][1].lora_A, "merge_and_reinit")
+    pending = [name for name, layer in layers for p in (layer.lora_A, layer.lora_B)
+               if p.grad is not None and bool(p.grad.any())]
+    if pending:
+        warnings.warn(f"merge_and_reinit: {len(pending)} LoRA gradients are still pending (layer {pending[0]}, ...): "
+                      "the next optimizer step would apply the old factors' gradients to the new ones (B would not "
+                      "start at 0). Merge after optimizer.step() and zero_grad(), not between backward and step or "
+                      "within a gradient accumulation", stacklevel=2)
     for _, layer in layers:
         layer.merge_()
         layer.merge_count += 1

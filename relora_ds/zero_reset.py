@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -172,6 +173,11 @@ def merge_and_reinit_engine(engine) -> dict:
     """``W += s·B·A`` from the fp32 masters, then A ← seeded Kaiming and B ← 0 in masters and model copies."""
     start = time.perf_counter()
     check_engine_supported(engine, "merge_and_reinit")
+    gas = engine.gradient_accumulation_steps()
+    if engine.micro_steps % gas:
+        warnings.warn(f"merge_and_reinit: the engine is inside a gradient accumulation ({engine.micro_steps % gas} "
+                      f"of {gas} micro-steps done): their gradients of the old factors would be applied to the new "
+                      "ones. Merge after engine.step() has stepped the optimizer", stacklevel=3)
     layers = list(relora_layers(engine.module))
     if not layers:
         raise ValueError("merge_and_reinit: the engine's model has no ReLoRALinear layers")

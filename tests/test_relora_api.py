@@ -207,6 +207,10 @@ def test_engine_at_stage_0_with_bf16_is_refused_before_any_change():
         def __init__(self, module, bf16):
             self.module, self.bf16 = module, bf16
             self.optimizer = torch.optim.AdamW(relora_ds.lora_parameters(module))  # fp32 stage 0: the torch one
+            self.micro_steps = 0
+
+        def gradient_accumulation_steps(self):
+            return 1
 
         def zero_optimization_stage(self):
             return 0
@@ -269,6 +273,7 @@ def test_wrapping_after_deepspeed_initialize_is_refused_at_once_or_at_the_first_
     assert lines == ["stage 0: wrap(engine) refused", "stage 0: merge refused", "stage 0: prune refused",
                      "stage 2: wrap(engine) refused", "stage 2: wrap(engine.module) refused",
                      "stage 3: wrap(engine) refused", "stage 3: merge refused", "stage 3: prune refused"]
+    assert "accumulation: merge warned" in proc.stdout  # a merge inside a gradient accumulation is named
 
 
 def test_prune_names_a_model_or_module_passed_in_the_wrong_place():
@@ -310,3 +315,22 @@ def test_mixture_of_experts_weights_left_full_rank_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         relora_ds.wrap(_tiny_llama(), rank=4)
+
+
+def test_a_merge_with_gradients_pending_is_named():
+    """Merging between backward and step (or inside a gradient accumulation) hands the old factors' gradients
+    to the new ones: B is no longer 0 after the next step (a library user's review: |B| 0.0064, silently)."""
+    model = relora_ds.wrap(_tiny_llama(), rank=4)
+    opt = torch.optim.AdamW(relora_ds.lora_parameters(model), lr=1e-2)
+    x = torch.randint(0, 128, (2, 9))
+    model(x, labels=x).loss.backward()
+    with pytest.warns(UserWarning, match=r"LoRA gradients are still pending .*Merge after optimizer.step\(\) and "
+                                         r"zero_grad\(\)"):
+        relora_ds.merge_and_reinit(model)
+    opt.step()
+    opt.zero_grad()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        relora_ds.merge_and_reinit(model)  # after step and zero_grad: silent
+    assert all(layer.lora_B.abs().sum() == 0 for _, layer in relora_ds.relora_layers(model))

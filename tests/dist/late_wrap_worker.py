@@ -1,8 +1,10 @@
 """One process (tests/test_relora_api.py): relora_ds.wrap called after deepspeed.initialize, at ZeRO stages 0, 2
 and 3, must be refused with the order to follow; prints one line per refusal seen."""
 import re
+import warnings
 
 import deepspeed
+import torch
 import transformers
 
 import relora_ds
@@ -42,6 +44,20 @@ def main():
             refused(f"stage {stage}: prune", lambda: relora_ds.prune_optimizer_state(engine, lora),
                     r"LoRA parameters .* are not in the engine's optimizer")
         engine.destroy()
+    # Wrapped in the right order, but merged inside a gradient accumulation (1 of 2 micro-steps done): named.
+    model = relora_ds.wrap(transformers.LlamaForCausalLM(cfg), rank=4)
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 2},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    x = torch.randint(0, 128, (1, 9))
+    engine.backward(engine(x, labels=x).loss)
+    engine.step()  # not a boundary: no optimizer step
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        relora_ds.merge_and_reinit(engine)
+    assert any("inside a gradient accumulation (1 of 2 micro-steps done)" in str(w.message) for w in seen), seen
+    print("accumulation: merge warned", flush=True)
+    engine.destroy()
     return 0
 
 

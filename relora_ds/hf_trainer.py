@@ -12,7 +12,9 @@ partitions of the moments, exactly as ``launch/train.py`` does (``relora_ds/rese
 ``args.learning_rate``, the first warmup ``args.warmup_steps`` (or ``warmup_ratio``); ``lr_scheduler_type`` is
 replaced. Steps count from the Trainer's ``global_step`` (optimizer steps), so a run resumed from a Trainer
 checkpoint merges and resets at the steps the uninterrupted run does (``merge_count`` is a saved buffer, and
-the schedule is a function of the step).
+the scheduler's step count is saved with the checkpoint). With fp16 loss scaling, a step skipped for an
+overflow does not step the scheduler while global_step still counts it, so each later re-warm-up starts that
+many steps after its reset: train in bf16 (launch/train.py keeps the schedule on the step instead).
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"enable_relora: min_lr_ratio={min_lr_ratio} must be in [0, 1]")
     check_prune_args(prune_method, prune_ratio)
+    if any(isinstance(cb, ReLoRACallback) for cb in trainer.callback_handler.callbacks):
+        raise ValueError("enable_relora: this trainer is already a ReLoRA run (each reset would run twice)")
     if trainer.lr_scheduler is not None:
         raise ValueError("enable_relora: the trainer already has its lr scheduler (built by train(), or passed as "
                          "optimizers=(..., scheduler)); call enable_relora on a Trainer built without one, before "
@@ -62,8 +66,6 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
     if ds is not None and "scheduler" in ds.config:
         raise ValueError("enable_relora: the DeepSpeed config has a 'scheduler' section, which would replace "
                          "ReLoRA's jagged cosine (the lr re-warms after each reset): remove it")
-    if any(isinstance(cb, ReLoRACallback) for cb in trainer.callback_handler.callbacks):
-        raise ValueError("enable_relora: this trainer is already a ReLoRA run (each reset would run twice)")
 
     def create_scheduler(num_training_steps: int, optimizer=None):
         """Trainer.create_scheduler with the jagged cosine. DeepSpeed with its own optimizer section asks a copy
@@ -71,11 +73,13 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
         schedule = dict(total_steps=num_training_steps, cycle_length=cycle_length,
                         warmup_steps=trainer.args.get_warmup_steps(num_training_steps),
                         restart_warmup_steps=restart_warmup_steps, min_lr_ratio=min_lr_ratio)
-        if optimizer is not None:
-            return build_scheduler(optimizer, "jagged_cosine", **schedule)
-        if trainer.lr_scheduler is None:
-            trainer.lr_scheduler = build_scheduler(trainer.optimizer, "jagged_cosine", **schedule)
+        if trainer.lr_scheduler is None:  # transformers' contract (4.x passes its own optimizer here)
+            trainer.lr_scheduler = build_scheduler(optimizer if optimizer is not None else trainer.optimizer,
+                                                   "jagged_cosine", **schedule)
             trainer._created_lr_scheduler = True
+            return trainer.lr_scheduler
+        if optimizer is not None:  # DeepSpeed's optimizer section: a schedule for that optimizer, asked of a copy
+            return build_scheduler(optimizer, "jagged_cosine", **schedule)
         return trainer.lr_scheduler
 
     trainer.create_scheduler = create_scheduler
@@ -93,6 +97,14 @@ class ReLoRACallback(TrainerCallback):
         self.cycle_length, self.merge_every = cycle_length, merge_every or cycle_length
         self.prune_method, self.prune_ratio, self.prune_joint = prune_method, prune_ratio, prune_joint
         self.events: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """What the first merge would refuse (bf16 at ZeRO stage 0, LoRA factors outside the engine's optimizer),
+        refused before the first step rather than cycle_length steps in."""
+        if self.trainer.is_deepspeed_enabled:
+            from .zero_reset import check_engine_supported
+
+            check_engine_supported(self.trainer.model_wrapped, "enable_relora")
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step

@@ -6,7 +6,6 @@ mechanism by which ReLoRA trains a high-rank network through low-rank updates.
 from __future__ import annotations
 
 import time
-import warnings
 
 from torch import nn
 
@@ -42,15 +41,11 @@ def merge_and_reinit(model: nn.Module) -> dict:
     if not layers:
         raise ValueError("merge_and_reinit: the model has no ReLoRALinear layers (call relora_ds.wrap first)")
     check_not_engine_managed(layers[0][1].lora_A, "merge_and_reinit")
-    pending = [name for name, layer in layers for p in (layer.lora_A, layer.lora_B)
-               if p.grad is not None and bool(p.grad.any())]
-    if pending:
-        warnings.warn(f"merge_and_reinit: {len(pending)} LoRA gradients are still pending (layer {pending[0]}, ...): "
-                      "the next optimizer step would apply the old factors' gradients to the new ones (B would not "
-                      "start at 0). Merge after optimizer.step() and zero_grad(), not between backward and step or "
-                      "within a gradient accumulation", stacklevel=2)
     for _, layer in layers:
         layer.merge_()
         layer.merge_count += 1
         layer.reset_lora(restart_index=int(layer.merge_count))
+        # Gradients of the old factors mean nothing for the new ones: a merge between backward and step would
+        # otherwise hand them to the next step (B would not start at 0). None: the optimizer skips them.
+        layer.lora_A.grad = layer.lora_B.grad = None
     return {"layers": len(layers), "merge_seconds": time.perf_counter() - start}

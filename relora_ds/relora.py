@@ -178,7 +178,13 @@ class ReLoRALinear(nn.Module):
         if self.lora_A.is_meta:  # built on meta: nothing to draw into (to_empty + a load fills it)
             return
         A = kaiming_uniform_A((self.rank, self.in_features), reinit_seed(self.seed, self.name, restart_index))
-        self.lora_A.copy_(A.to(self.lora_A.dtype))
+        A = A.to(self.lora_A.dtype)
+        mesh = getattr(self.lora_A, "device_mesh", None)
+        if mesh is not None:  # an FSDP2 (fully_shard) DTensor: this rank's shard of the draw every rank makes
+            from torch.distributed.tensor import distribute_tensor
+
+            A = distribute_tensor(A.to(self.lora_A.device), mesh, self.lora_A.placements, src_data_rank=None)
+        self.lora_A.copy_(A)
         self.lora_B.zero_()
 
     def base_weight(self) -> torch.Tensor:

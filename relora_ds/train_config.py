@@ -208,15 +208,13 @@ class TrainConfig:
     def validate(self) -> None:
         """Every problem of the settings in one ValueError (a line each), so a recipe is fixed in one round;
         the ConfigWarnings only when there is none (a warning about a value that is an error is noise)."""
-        problems = _Problems()
-        with warnings.catch_warnings(record=True) as warned:
-            warnings.simplefilter("always", ConfigWarning)
-            self._check(problems)
+        problems, warned = _Problems(), []
+        self._check(problems, warned)
         problems.raise_if_any()
-        for w in warned:  # re-issued under the caller's filters (rank > 0 ignores ConfigWarnings)
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for message in warned:
+            warnings.warn(message, ConfigWarning, stacklevel=3)
 
-    def _check(self, problems: _Problems) -> None:
+    def _check(self, problems: _Problems, warned: list[str]) -> None:
         bad = problems.add
         # The CLI enforces `choices` through argparse; a recipe (YAML) or a direct construction gets the same check.
         for f in dataclasses.fields(self):
@@ -264,15 +262,15 @@ class TrainConfig:
                 "would train. Use a cycle of at least restart_warmup_steps + 1 steps (the paper: thousands)",
                 "cycle_length")
         elif cycle and problems.ok("restart_warmup_steps") and self.restart_warmup_steps >= cycle:
-            warnings.warn(f"restart_warmup_steps={self.restart_warmup_steps} is not shorter than a cycle "
+            warned.append(f"restart_warmup_steps={self.restart_warmup_steps} is not shorter than a cycle "
                           f"(cycle_length={cycle}): the lr re-warms for the whole cycle and never reaches the cosine "
                           f"(at most {(cycle - 1) / self.restart_warmup_steps:.0%} of it); use restart_warmup_steps "
-                          "< cycle_length", ConfigWarning)
+                          "< cycle_length")
         if (self.total_steps is None) == (self.token_budget is None):
             bad("give exactly one of total_steps and token_budget (got total_steps="
                 f"{self.total_steps}, token_budget={self.token_budget}); on the command line, --total-steps none "
                 "drops a recipe's total_steps", "total_steps", "token_budget")
-        if self.warm_start_steps and self.warm_start_from:
+        if self.warm_start_steps and self.warm_start_from and problems.ok("warm_start_steps"):
             bad("give warm_start_steps or warm_start_from, not both", "warm_start_steps", "warm_start_from")
         if self.hf_model and self.warm_start_from:
             bad(f"give hf_model or warm_start_from, not both (each names the Hugging Face directory the run starts "
@@ -281,23 +279,23 @@ class TrainConfig:
         source = self.hf_model or self.warm_start_from
         if source and self.model is not None:  # the directory's config.json is the model; the field records None
             if self.model != TrainConfig.model:
-                warnings.warn(f"model={self.model!r} is ignored: {'hf_model' if self.hf_model else 'warm_start_from'}"
-                              f"={source!r} decides the model (its config.json)", ConfigWarning)
+                warned.append(f"model={self.model!r} is ignored: {'hf_model' if self.hf_model else 'warm_start_from'}"
+                              f"={source!r} decides the model (its config.json)")
             self.model = None
         if not source and self.model is None:
             bad("model=None needs hf_model or warm_start_from (a Hugging Face directory); else give a preset: "
                 f"{', '.join(PRESETS)}", "model")
-        if self.warm_start_steps and self.mode == "full":
+        if self.warm_start_steps and self.mode == "full" and problems.ok("warm_start_steps"):
             bad(f"warm_start_steps={self.warm_start_steps} only makes sense with mode=relora or lora: mode=full "
                 "trains full-rank throughout; set warm_start_steps to 0 (--warm-start-steps 0)", "warm_start_steps")
         if self.warm_start_lr is not None and not self.warm_start_steps and problems.ok("warm_start_lr"):
             # e.g. a recipe's warm start overridden by --warm-start-steps 0 or --mode full: say so, go on
-            warnings.warn(f"warm_start_lr={self.warm_start_lr} is ignored: this run has no full-rank warm start "
-                          f"(warm_start_steps={self.warm_start_steps}, mode={self.mode!r})", ConfigWarning)
+            warned.append(f"warm_start_lr={self.warm_start_lr} is ignored: this run has no full-rank warm start "
+                          f"(warm_start_steps={self.warm_start_steps}, mode={self.mode!r})")
         if self.warm_start_steps and self.mode != "full" and self.warm_start_lr is None:
-            warnings.warn(f"the full-rank warm start runs at ReLoRA's lr={self.lr}: the paper's ReLoRA lr is 2x the "
+            warned.append(f"the full-rank warm start runs at ReLoRA's lr={self.lr}: the paper's ReLoRA lr is 2x the "
                           "full-rank one, and a warm start at the full-rank lr measured better (BENCHMARKS.md); set "
-                          "warm_start_lr (e.g. lr / 2)", ConfigWarning)
+                          "warm_start_lr (e.g. lr / 2)")
         if self.resume_from is not None:
             if re.fullmatch(r"step_\d+", self.resume_from):
                 self.resume = True
@@ -316,9 +314,9 @@ class TrainConfig:
                 "residual", "merge_residual")
         if self.quantize == "int8" and self.mode == "full":
             bad("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full", "quantize")
-        self._warn_ignored()
+        self._warn_ignored(warned)
 
-    def _warn_ignored(self) -> None:
+    def _warn_ignored(self, warned: list[str]) -> None:
         """A ConfigWarning for each setting this run's mode or other settings leave without effect."""
         ignored = []
         if self.lowrank_schedule == "restart" and not (self.warm_start_steps and self.mode != "full"):
@@ -364,7 +362,7 @@ class TrainConfig:
         if self.prune_method == "reset" and self.prune_ratio != TrainConfig.prune_ratio:
             ignored.append((f"prune_ratio={self.prune_ratio}", "prune_method='reset' zeroes the whole moments"))
         for setting, why in ignored:
-            warnings.warn(f"{setting} is ignored: {why}", ConfigWarning)
+            warned.append(f"{setting} is ignored: {why}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

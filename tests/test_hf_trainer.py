@@ -123,8 +123,19 @@ def test_misuse_is_named(tmp_path):
         with pytest.raises(ValueError, match=match):
             enable_relora(trainer, **bad)
     enable_relora(trainer, cycle_length=3, restart_warmup_steps=1)
+    # transformers 4.x's create_optimizer_and_scheduler passes its optimizer: the schedule still becomes the
+    # trainer's (the Trainer then steps trainer.lr_scheduler), and is the jagged cosine.
+    trainer.create_optimizer()
+    sched = trainer.create_scheduler(num_training_steps=7, optimizer=trainer.optimizer)
+    assert trainer.lr_scheduler is sched and sched.lr_lambdas[0].func is relora_ds.jagged_cosine
     with pytest.raises(ValueError, match="already a ReLoRA run"):
         enable_relora(trainer, cycle_length=3, restart_warmup_steps=1)
+    model = w.model()
+    opt = torch.optim.AdamW(model.parameters())
+    own = w.InOrder(model=model, args=args, train_dataset=w.Windows(),
+                    optimizers=(opt, torch.optim.lr_scheduler.ConstantLR(opt)))
+    with pytest.raises(ValueError, match="already has its lr scheduler"):
+        enable_relora(own, cycle_length=3, restart_warmup_steps=1)
     ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
           "scheduler": {"type": "WarmupLR"}}
     ds_args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2, deepspeed=ds)

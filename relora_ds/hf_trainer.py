@@ -102,9 +102,13 @@ class ReLoRACallback(TrainerCallback):
         """What the first merge would refuse (bf16 at ZeRO stage 0, LoRA factors outside the engine's optimizer),
         refused before the first step rather than cycle_length steps in."""
         if self.trainer.is_deepspeed_enabled:
+            from .distributed import release_shm_segment
             from .zero_reset import check_engine_supported
 
             check_engine_supported(self.trainer.model_wrapped, "enable_relora")
+            # DeepSpeed's CPU accelerator leaves a 64 MB /dev/shm segment per rank behind every run
+            # (relora_ds.distributed); unlinked now (every rank is here: it is collective), the mapping stays.
+            release_shm_segment()
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step

@@ -71,8 +71,10 @@ def test_trainer_resets_as_the_hand_written_loop(tmp_path):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_rank_zero_trainer_equals_one_process(tmp_path, stage):
-    """DeepSpeed ZeRO-2 under the Trainer (HF's AdamW inside DeepSpeed's partitioned optimizer): the merge and
-    prune run on the engine; two ranks of micro-batch 2 end where one process with batch 4 ends."""
+    """DeepSpeed ZeRO-2 under the Trainer (HF's AdamW inside DeepSpeed's partitioned optimizer) and ZeRO-3 with
+    DeepSpeed's own optimizer section (transformers then asks a copy of the trainer for that optimizer's
+    schedule): the merge and prune run on the engine; two ranks of micro-batch 2 end where one process with
+    batch 4 ends (a schedule other than the jagged cosine would not)."""
     run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--stage", stage, timeout=600)
     got = json.loads((tmp_path / "run.json").read_text())
     assert [(e["step"], e["event"]) for e in got["events"]] == [(3, "reset"), (6, "reset")]

@@ -68,6 +68,9 @@ def main():
           "zero_optimization": {"stage": a.stage, **({"stage3_param_persistence_threshold": 0} if a.stage == 3
                                                      else {})},  # ZeRO-3: every weight partitioned
           "bf16": {"enabled": False}}
+    if a.stage == 3:  # DeepSpeed's own optimizer section: transformers then asks for the schedule of that optimizer
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                      "weight_decay": "auto", "torch_adam": True}}
     trainer, callback = run(a.out, batch=2, deepspeed=ds)
     engine = trainer.model_wrapped
     assert type(engine).__name__ == "DeepSpeedEngine", type(engine)

@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import math
 import numbers
+import re
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -257,36 +259,88 @@ def _matches(name: str, targets: Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def target_linears(model: nn.Module, target_modules: Iterable[str] | None = None,
-                   quantize: str | None = None) -> list[tuple[str, nn.Linear]]:
-    """(name, nn.Linear) that ``target_modules`` selects (None: the attention and MLP projections).
+def _conv1d_class() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2, GPT, DistilGPT-2...: ``y = x·W + b`` with W stored (in, out)), when
+    transformers is loaded; a model holding one has imported it, so no import here."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A layer ReLoRA converts: ``nn.Linear``, or transformers' ``Conv1D`` (the same map, weight transposed)."""
+    conv1d = _conv1d_class()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D (from attributes: a ZeRO-3 weight is empty)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.nx, module.nf
+
+
+def _output_layer(model: nn.Module) -> nn.Module | None:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out if isinstance(out, nn.Module) else None
+
+
+def _select(model: nn.Module, linears: list, target_modules) -> list:
+    """The linear layers a regular expression (PEFT: a string is matched against the full module name)
+    or ``"all-linear"`` (every linear layer but the output layer) selects."""
+    if target_modules == "all-linear":
+        out = _output_layer(model)
+        return [(n, m) for n, m in linears if m is not out and type(m).__name__ != "LMHead"
+                and not (out is None and n.rpartition(".")[2] == "lm_head")]
+    try:
+        pattern = re.compile(target_modules)
+    except re.error as e:
+        raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression ({e}); a string is "
+                         "matched against full module names (PEFT semantics), 'all-linear' selects every linear "
+                         "layer but the output layer, and a list selects names or dotted suffixes") from None
+    return [(n, m) for n, m in linears if pattern.fullmatch(n)]
+
+
+def target_linears(model: nn.Module, target_modules: Iterable[str] | str | None = None,
+                   quantize: str | None = None) -> list[tuple[str, nn.Module]]:
+    """(name, layer) that ``target_modules`` selects among the model's ``nn.Linear`` and transformers'
+    ``Conv1D`` layers. None: the attention and MLP projections of LLaMA-style models; a list: module names or
+    dotted suffixes; a string: a regular expression the full module name must match, or ``"all-linear"``
+    (every linear layer but the output layer), both as in PEFT.
 
     An error when nothing matches, and when an explicitly given entry matches nothing although others do
     (a typo next to valid names must not silently leave a projection full-rank). The trainer calls this
     before its full-rank warm start, so a bad name fails in seconds, not at the switch to ReLoRA.
     """
-    targets = tuple(DEFAULT_TARGET_MODULES if target_modules is None else target_modules)
-    if isinstance(target_modules, str) or not targets:
-        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    pattern = isinstance(target_modules, str)
+    targets = (target_modules,) if pattern else tuple(DEFAULT_TARGET_MODULES if target_modules is None
+                                                       else target_modules)
+    if not targets or any(not isinstance(t, str) or not t for t in targets):
+        raise ValueError(f"target_modules must be a non-empty list of module names, a regular expression or "
+                         f"'all-linear', got {target_modules!r}")
+    linears = [(n, m) for n, m in model.named_modules() if n and _is_linear(m)]
     leaves = sorted({n.rpartition(".")[2] for n, _ in linears})
-    chosen = [(n, m) for n, m in linears if _matches(n, targets)]
-    # Modules a target names that are not nn.Linear (transformers' Conv1D in GPT-2, a fused 3-D expert
-    # weight...): say so, rather than "matched nothing".
+    chosen = _select(model, linears, target_modules) if pattern else [(n, m) for n, m in linears
+                                                                     if _matches(n, targets)]
+    # Modules a target names that are not linear layers (a fused 3-D expert weight, a custom projection...):
+    # say so, rather than "matched nothing".
+    named = ((lambda n: re.fullmatch(target_modules, n)) if pattern and target_modules != "all-linear"
+             else (lambda n: not pattern and _matches(n, targets)))
     others = sorted({f"{n} ({type(m).__name__})" for n, m in model.named_modules()
-                     if n and not isinstance(m, nn.Linear) and _matches(n, targets) and
+                     if n and not _is_linear(m) and named(n) and
                      isinstance(getattr(m, "weight", None), torch.Tensor)})
     quantized = sorted((n, why) for n, m in model.named_modules() if n and not isinstance(m, nn.Linear)
-                       and _matches(n, targets) and (why := quant.foreign_quantized_module(m)))
+                       and (named(n) or target_modules == "all-linear")
+                       and (why := quant.foreign_quantized_module(m)))
     if quantized:  # GPTQ/AWQ/HQQ layers are no nn.Linear: say what they are, not "matched nothing"
         names = ", ".join(repr(n) for n, _ in quantized[:4]) + (" ..." if len(quantized) > 4 else "")
         raise quant.already_quantized_error(names, quantized[0][1], quantize)
-    not_linear = (f"; these modules match by name but are not nn.Linear, which is all ReLoRA wraps: "
-                  f"{others[:8]}{' ...' if len(others) > 8 else ''}") if others else ""
+    not_linear = (f"; these modules match by name but are neither nn.Linear nor transformers' Conv1D, which is "
+                  f"all ReLoRA wraps: {others[:8]}{' ...' if len(others) > 8 else ''}") if others else ""
     if not chosen:
-        raise ValueError(f"target_modules={list(targets)} matched no nn.Linear layer; linear layer names in this "
-                         f"model end in: {leaves}{not_linear}")
-    unmatched = [t for t in targets if not any(_matches(n, (t,)) for n, _ in linears)]
+        how = ("" if pattern else
+               "; target_modules='all-linear' selects every linear layer but the output layer")
+        raise ValueError(f"target_modules={target_modules if pattern else list(targets)!r} matched no nn.Linear "
+                         f"layer; linear layer names in this model end in: {leaves}{not_linear}{how}")
+    unmatched = [] if pattern else [t for t in targets if not any(_matches(n, (t,)) for n, _ in linears)]
     if unmatched and target_modules is not None:
         raise ValueError(f"target_modules {unmatched} matched no nn.Linear layer (the others did); linear layer "
                          f"names in this model end in: {leaves}{not_linear}")
@@ -312,12 +366,16 @@ def target_linears(model: nn.Module, target_modules: Iterable[str] | None = None
 
 
 def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout: float = 0.0,
-         target_modules: Iterable[str] | None = None, seed: int = 0, quantize: str | None = None,
+         target_modules: Iterable[str] | str | None = None, seed: int = 0, quantize: str | None = None,
          merge_residual: bool = False) -> nn.Module:
-    """Replace targeted ``nn.Linear`` layers by ``ReLoRALinear`` in place and return the model.
+    """Replace targeted ``nn.Linear`` layers (and transformers' ``Conv1D``, GPT-2's) by ``ReLoRALinear`` in
+    place and return the model.
 
     ``target_modules``: module names or dotted suffixes (PEFT style), default all attention and MLP
-    projections. The base weight is copied into the new layer (in int8 when quantized) and frozen; every
+    projections of LLaMA-style models; a string is a regular expression matched against full module names,
+    ``"all-linear"`` every linear layer but the output layer (both as in PEFT). A ``Conv1D``'s (in, out)
+    weight is stored transposed, as ``nn.Linear``'s (out, in); `unwrap` puts a ``Conv1D`` back.
+    The base weight is copied into the new layer (in int8 when quantized) and frozen; every
     other parameter, a linear's bias included, keeps its ``requires_grad`` (ReLoRA trains it full-rank). Tied weights and relora_ds's ``lm_head`` are refused.
     ``seed`` seeds lora_A's draws (see `reinit_seed`).
     ``quantize``: None (base kept in its dtype) or ``"int8"`` (per-channel int8, relora_ds/quant.py).
@@ -338,7 +396,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     chosen = target_linears(model, target_modules, quantize)
     # Every check before the first swap: a bad setting must not leave the model half wrapped.
     for name, linear in chosen:
-        check_layer_args(name, linear.in_features, linear.out_features, rank, alpha, dropout)
+        check_layer_args(name, *_features(linear), rank, alpha, dropout)
         quant.check_not_quantized(name, linear, quantize)  # a bitsandbytes base cannot take merges either
         if quantize:
             if linear.weight.is_meta and torch.get_default_device().type != "meta":
@@ -348,19 +406,21 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     _warn_unwrapped(model, chosen, target_modules)
     training = {name: linear.training for name, linear in chosen}
     for name, linear in chosen:
+        conv1d = not isinstance(linear, nn.Linear)
         with _gathered([p for p in (linear.weight, linear.bias) if p is not None]):
-            layer = ReLoRALinear(linear.in_features, linear.out_features, rank, alpha=alpha, dropout=dropout,
+            layer = ReLoRALinear(*_features(linear), rank, alpha=alpha, dropout=dropout,
                                  bias=linear.bias is not None, name=_seed_name(name), seed=seed, quantize=quantize,
                                  merge_residual=merge_residual, device=linear.weight.device,
                                  dtype=linear.weight.dtype, init_base=False)
             with torch.no_grad():
-                layer.load_base_(linear.weight)
+                layer.load_base_(linear.weight.T if conv1d else linear.weight)
                 if linear.bias is not None:
                     layer.bias.copy_(linear.bias)
                     layer.bias.requires_grad_(linear.bias.requires_grad)
         if hasattr(linear.weight, "ds_id"):  # partitioned like the layer it replaces before the next is built
             linear.weight.convert_to_zero_parameters(param_list=list(layer.parameters()))
         layer.base_requires_grad = linear.weight.requires_grad  # restored by unwrap
+        layer.base_type = type(linear) if conv1d else nn.Linear  # what unwrap puts back
         layer.train(training[name])  # an eval-mode model stays in eval mode (no LoRA dropout)
         _set_submodule(model, name, layer)
     return model
@@ -376,39 +436,39 @@ def _gathered(params: list):
 
 
 def _warn_unwrapped(model: nn.Module, chosen: list, target_modules) -> None:
-    """With the default targets, name the other nn.Linear layers that stay full-rank trainable (a fused
-    ``qkv_proj`` of an architecture the defaults do not know...); the output embedding is meant to."""
-    if target_modules is not None:
+    """With the default targets, name the other linear layers that stay full-rank trainable (a fused
+    ``qkv_proj`` of an architecture the defaults do not know...); the output embedding is meant to. With the
+    default targets or 'all-linear', name the trainable weights that are no linear layer at all."""
+    if target_modules is not None and target_modules != "all-linear":
         return
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb = _output_layer(model)
     picked = {id(m) for _, m in chosen}
-    left = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in picked
+    left = [n for n, m in model.named_modules() if _is_linear(m) and id(m) not in picked
             and m is not out_emb and type(m).__name__ != "LMHead" and n.rpartition(".")[2] != "lm_head"]
-    if left:
+    if left and target_modules is None:
         warnings.warn(f"relora_ds.wrap: the default target_modules {list(DEFAULT_TARGET_MODULES)} leave "
-                      f"{len(left)} other nn.Linear layers full-rank and trainable: {left[:6]}"
-                      f"{' ...' if len(left) > 6 else ''}; pass target_modules to choose them explicitly",
-                      stacklevel=3)
-    # Weights that are not nn.Linear at all: a mixture of experts' fused expert tensors (transformers 5 keeps
-    # each layer's experts as 3-D gate_up_proj / down_proj parameters), GPT-2's Conv1D. wrap() converts only
-    # nn.Linear, so these train full-rank, usually most of the model.
-    plain = (nn.Linear, nn.Embedding, ReLoRALinear)
+                      f"{len(left)} other linear layers full-rank and trainable: {left[:6]}"
+                      f"{' ...' if len(left) > 6 else ''}; pass target_modules to choose them explicitly "
+                      "('all-linear': every linear layer but the output layer)", stacklevel=3)
+    # Weights in no linear layer at all: a mixture of experts' fused expert tensors (transformers 5 keeps each
+    # layer's experts as 3-D gate_up_proj / down_proj parameters). wrap() converts only nn.Linear and
+    # Conv1D, so these train full-rank, usually most of the model.
     other = [(f"{mn}.{pn}" if mn else pn, p) for mn, m in model.named_modules()
-             if not isinstance(m, plain) and m is not out_emb
+             if not (_is_linear(m) or isinstance(m, (nn.Embedding, ReLoRALinear))) and m is not out_emb
              for pn, p in m.named_parameters(recurse=False) if p.requires_grad and p.dim() >= 2]
     if other:
         names = [f"{n} {tuple(p.shape)}" for n, p in other]
         total = sum(p.numel() for _, p in other)
-        warnings.warn(f"relora_ds.wrap: {len(other)} trainable weights that are not nn.Linear layers stay "
+        warnings.warn(f"relora_ds.wrap: {len(other)} trainable weights that are not in linear layers stay "
                       f"full-rank ({total:,} parameters): {names[:4]}{' ...' if len(names) > 4 else ''}; wrap converts "
-                      "only nn.Linear (a mixture of experts' fused 3-D expert weights, GPT-2's Conv1D are not)",
-                      stacklevel=3)
+                      "only nn.Linear and transformers' Conv1D (a mixture of experts' fused 3-D expert weights are "
+                      "neither)", stacklevel=3)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Merge every ReLoRA layer and put back a plain ``nn.Linear``, trainable as it was before `wrap`
-    (trainable for layers built directly), in the layer's train/eval mode and the base weight's dtype
-    (an int8 base: the LoRA factors' dtype); returns the model. Not for a model a DeepSpeed engine trains
+    """Merge every ReLoRA layer and put back a plain ``nn.Linear`` (a ``Conv1D`` where `wrap` found one),
+    trainable as it was before `wrap` (trainable for layers built directly), in the layer's train/eval mode
+    and the base weight's dtype (an int8 base: the LoRA factors' dtype); returns the model. Not for a model a DeepSpeed engine trains
     (its values are ZeRO-3 shards or 16-bit copies of the fp32 masters): ``relora_ds.hf.model_from_engine``
     gives a host copy to unwrap, or ``relora_ds.export_hf(engine, dir)`` writes the merged model."""
     if any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__) or any(
@@ -419,11 +479,17 @@ def unwrap(model: nn.Module) -> nn.Module:
                          "copy with the masters, or export with relora_ds.export_hf(engine, out_dir)")
     for name, layer in list(relora_layers(model)):
         dtype = layer.lora_A.dtype if layer.quantize else layer.weight.dtype
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.lora_A.device, dtype=dtype)
+        base_type = getattr(layer, "base_type", nn.Linear)
+        with torch.device("meta"):  # no throw-away init (nor a draw from the global RNG): filled below
+            if base_type is nn.Linear:
+                linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
+            else:  # transformers' Conv1D(nf, nx): weight (in, out), always a bias
+                linear = base_type(layer.out_features, layer.in_features).to(dtype)
+        linear = linear.to_empty(device=layer.lora_A.device)
         linear.train(layer.training)
         with torch.no_grad():
-            linear.weight.copy_(layer.base_weight() + layer.delta_weight())
+            merged = layer.base_weight() + layer.delta_weight()
+            linear.weight.copy_(merged if base_type is nn.Linear else merged.T)
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias)
                 linear.bias.requires_grad_(layer.bias.requires_grad)

@@ -15,8 +15,9 @@ from relora_ds import ReLoRALinear
 
 def _tiny_llama(**kw):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, **kw)
+    cfg = transformers.LlamaConfig(**{**dict(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
+                                      **kw})
     return transformers.LlamaForCausalLM(cfg)
 
 
@@ -154,19 +155,107 @@ def test_default_targets_cover_phi3_fused_projections():
 def test_default_targets_name_the_linears_they_leave_full_rank():
     model = _tiny_llama()
     model.model.layers[0].mlp.router = nn.Linear(64, 4)  # a layer the default names do not know
-    with pytest.warns(UserWarning, match=r"leave 1 other nn.Linear layers full-rank and trainable: "
+    with pytest.warns(UserWarning, match=r"leave 1 other linear layers full-rank and trainable: "
                                          r"\['model.layers.0.mlp.router'\]"):
         relora_ds.wrap(model, rank=4)
     assert len(list(relora_ds.relora_layers(model))) == 7  # lm_head is meant to stay: not named
 
 
 def test_targets_that_name_non_linear_modules_say_what_they_are():
-    """GPT-2's projections are transformers' Conv1D: the error names them and their type."""
-    cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=4, n_positions=16)
-    model = transformers.GPT2LMHeadModel(cfg)
-    with pytest.raises(ValueError, match=r"match by name but are not nn.Linear.*'transformer.h.0.attn.c_attn "
-                                         r"\(Conv1D\)'"):
-        relora_ds.wrap(model, rank=4, target_modules=["c_attn", "c_fc"])
+    """A target naming a module that is no linear layer (here an nn.Conv1d): the error names it and its type."""
+    model = _tiny_llama()
+    model.model.layers[0].mlp.up_proj = nn.Conv1d(64, 128, 1)
+    with pytest.raises(ValueError, match=r"match by name but are neither nn.Linear nor transformers' Conv1D.*"
+                                         r"'model.layers.0.mlp.up_proj \(Conv1d\)'"):
+        relora_ds.wrap(model, rank=4, target_modules=["q_proj", "up_proj"])
+
+
+def _tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _as_conv1d_model(wrapped, original):
+    """The oracle: GPT-2 with plain Conv1D layers holding each ReLoRA layer's base + s·B·A (dequantized for an
+    int8 base), transposed by hand into Conv1D's (in, out) layout."""
+    oracle = copy.deepcopy(original)
+    with torch.no_grad():
+        for name, layer in relora_ds.relora_layers(wrapped):
+            conv = oracle.get_submodule(name)
+            conv.weight.copy_((layer.base_weight() + layer.delta_weight()).T)
+            conv.bias.copy_(layer.bias)
+    return oracle
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_gpt2_conv1d_layers_wrap_merge_and_unwrap_to_conv1d(tmp_path, quantize):
+    """GPT-2's projections are transformers' Conv1D (y = x·W + b, W stored (in, out)). The oracle is GPT-2 with
+    Conv1D layers: a wrapped model computes what Conv1D layers holding base + s·B·A compute, a merge keeps
+    the function (within int8's rounding for an int8 base), and unwrap gives Conv1D layers back, so
+    save_pretrained writes a checkpoint GPT-2 loads (no transposed or missing weight)."""
+    from transformers.pytorch_utils import Conv1D
+    model = _tiny_gpt2()
+    original = copy.deepcopy(model)
+    x = torch.randint(0, 128, (2, 12))
+    relora_ds.wrap(model, rank=4, target_modules="all-linear", quantize=quantize)
+    names = [n for n, _ in relora_ds.relora_layers(model)]
+    assert names == [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                          "mlp.c_proj")]
+    with torch.no_grad():
+        if quantize is None:  # B = 0: exactly the model it was
+            assert torch.equal(model(x).logits, original(x).logits)
+        for _, layer in relora_ds.relora_layers(model):
+            layer.lora_B.normal_(std=0.1)
+        before = model(x).logits
+        torch.testing.assert_close(before, _as_conv1d_model(model, original)(x).logits, rtol=1e-5, atol=1e-5)
+        deltas = {n: layer.base_weight() + layer.delta_weight() for n, layer in relora_ds.relora_layers(model)}
+    relora_ds.merge_and_reinit(model)
+    with torch.no_grad():
+        for name, layer in relora_ds.relora_layers(model):  # W += s·B·A in the (out, in) layout
+            err = (layer.base_weight() - deltas[name]).norm() / deltas[name].norm()
+            assert err <= (1e-6 if quantize is None else 1e-2), (name, float(err))
+        torch.testing.assert_close(model(x).logits, _as_conv1d_model(model, original)(x).logits, rtol=1e-5,
+                                   atol=1e-5)
+        for _, layer in relora_ds.relora_layers(model):
+            layer.lora_B.normal_(std=0.1)
+        before = model(x).logits
+    rng = torch.get_rng_state()
+    relora_ds.unwrap(model)
+    assert torch.equal(torch.get_rng_state(), rng)  # unwrap draws no throw-away init
+    assert all(type(model.get_submodule(n)) is Conv1D for n in names)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.state_dict().keys() == original.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_regex_and_all_linear_targets_select_as_peft_does():
+    """PEFT's string forms: a regular expression the full module name must match, and 'all-linear' (every
+    linear layer but the output layer). A list keeps the names-or-suffixes meaning."""
+    model = relora_ds.wrap(_tiny_llama(num_hidden_layers=2), rank=4, target_modules=r".*\.1\.self_attn\.(q|v)_proj")
+    assert [n for n, _ in relora_ds.relora_layers(model)] == ["model.layers.1.self_attn.q_proj",
+                                                              "model.layers.1.self_attn.v_proj"]
+    model = relora_ds.wrap(_tiny_llama(), rank=4, target_modules="all-linear")
+    assert sorted(n.rsplit(".", 1)[1] for n, _ in relora_ds.relora_layers(model)) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert type(model.lm_head) is nn.Linear  # the output layer stays full-rank
+    ours = relora_ds.wrap(relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("tiny")), rank=4,
+                          target_modules="all-linear")  # relora_ds's own lm_head (LMHead) is left out too
+    assert len(list(relora_ds.relora_layers(ours))) == 7 * ours.config.num_hidden_layers
+    with pytest.raises(ValueError, match=r"target_modules='q_proj' matched no nn.Linear layer; linear layer names "
+                                         r"in this model end in: \['down_proj'"):
+        relora_ds.wrap(_tiny_llama(), rank=4, target_modules="q_proj")  # a string is a full-name pattern
+    with pytest.raises(ValueError, match=r"target_modules='\(q' is not a valid regular expression .*'all-linear'"):
+        relora_ds.wrap(_tiny_llama(), rank=4, target_modules="(q")
+    with pytest.raises(ValueError, match=r"target_modules must be a non-empty list .*got \[''\]"):
+        relora_ds.wrap(_tiny_llama(), rank=4, target_modules=[""])
+    with pytest.raises(ValueError, match=r"matched no nn.Linear layer.*target_modules='all-linear' selects every"):
+        relora_ds.wrap(_tiny_gpt2(), rank=4)  # the LLaMA-style defaults name none of GPT-2's layers
 
 
 def test_wrap_int8_of_a_meta_model_outside_its_context_is_named():
@@ -308,7 +397,7 @@ def test_mixture_of_experts_weights_left_full_rank_are_named():
     cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match=r"3 trainable weights that are not nn.Linear layers stay full-rank "
+    with pytest.warns(UserWarning, match=r"3 trainable weights that are not in linear layers stay full-rank "
                                          r"\(18,560 parameters\): .*experts.gate_up_proj \(4, 96, 32\)"):
         relora_ds.wrap(transformers.MixtralForCausalLM(cfg), rank=4)
     import warnings

@@ -11,12 +11,12 @@ import sys
 import deepspeed
 import torch
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 import relora_ds
 from relora_ds.hf_trainer import enable_relora
 
-SEQ, VOCAB, SAMPLES = 17, 96, 64
+SEQ, VOCAB, SAMPLES, HIDDEN = 17, 96, 64, 48
 RELORA = dict(cycle_length=3, restart_warmup_steps=1, min_lr_ratio=0.1)
 HP = dict(learning_rate=2e-2, warmup_steps=1, max_steps=7, weight_decay=0.0, max_grad_norm=1.0, seed=5,
           adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8)
@@ -31,9 +31,19 @@ class Windows(Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def model():
+def model(kind="llama"):
+    """A tiny transformers LLaMA, or a GPT-2 (its projections are transformers' Conv1D, weight (in, out);
+    'all-linear' selects them all), wrapped."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+    if kind == "gpt2":  # no dropout: the hand-written loop draws no dropout masks
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=SEQ, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        gpt2 = GPT2LMHeadModel(cfg)
+        # transformers 5.25's GPT-2 leaves loss_type None, and the Trainer then divides the summed loss by the
+        # count of all labels, not of the shifted ones (x 16/17 here): name the loss it computes anyway.
+        gpt2.loss_type = "ForCausalLM"
+        return relora_ds.wrap(gpt2, rank=4, seed=3, target_modules="all-linear")
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=80, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
     return relora_ds.wrap(LlamaForCausalLM(cfg), rank=4, seed=3)
 
@@ -48,10 +58,10 @@ def arguments(out_dir, batch) -> dict:
                 save_strategy="no", use_cpu=True, optim="adamw_torch", disable_tqdm=True, **HP)
 
 
-def run(out_dir, batch, deepspeed=None, relora=True, **overrides):
+def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", **overrides):
     """Train; returns (trainer, callback or None)."""
     args = TrainingArguments(**{**arguments(out_dir, batch), "deepspeed": deepspeed, **overrides})
-    trainer = InOrder(model=model(), args=args, train_dataset=Windows())
+    trainer = InOrder(model=model(kind), args=args, train_dataset=Windows())
     callback = enable_relora(trainer, **RELORA) if relora else None
     trainer.train()
     return trainer, callback
@@ -61,6 +71,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--stage", type=int, default=2)
+    ap.add_argument("--model", choices=["llama", "gpt2"], default="llama")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
@@ -71,7 +82,7 @@ def main():
     if a.stage == 3:  # DeepSpeed's own optimizer section: transformers then asks for the schedule of that optimizer
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                                       "weight_decay": "auto", "torch_adam": True}}
-    trainer, callback = run(a.out, batch=2, deepspeed=ds)
+    trainer, callback = run(a.out, batch=2, deepspeed=ds, kind=a.model)
     engine = trainer.model_wrapped
     assert type(engine).__name__ == "DeepSpeedEngine", type(engine)
     params = list(engine.module.parameters())

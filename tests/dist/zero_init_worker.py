@@ -3,7 +3,7 @@
 Oracle: the same model built whole in one process from the same seed (wrapped in fp32), cast to bf16 as
 DeepSpeed's engine casts it. Checked for a fresh tied model built under zero.Init, then wrapped (bf16 and int8 base), for
 a whole wrapped model partitioned by ``partition_``, and (against its own weights before the wrap) for
-transformers' LLaMA built under zero.Init: every parameter is partitioned (no rank keeps the whole
+transformers' LLaMA and GPT-2 (Conv1D layers) built under zero.Init: every parameter is partitioned (no rank keeps the whole
 tensor: its local data is empty and its partition 1/world of it), and the gathered values, int8 storage and
 buffers are bit for bit the oracle's.
 """
@@ -85,7 +85,8 @@ def main():
     check_partitioned(model, "partition_")
     check_equal(model, oracle.to(torch.bfloat16), "partition_")
     check_load_refuses(model)
-    check_transformers_model()
+    check_transformers_model("llama")
+    check_transformers_model("gpt2")
     print(f"rank {torch.distributed.get_rank()}: zero_init checks passed", flush=True)
 
 
@@ -105,27 +106,36 @@ def check_load_refuses(model) -> None:
             raise AssertionError(f"load_ accepted {tensors}")
 
 
-def check_transformers_model() -> None:
-    """transformers' LLaMA built under zero.Init (as its from_pretrained does under ZeRO-3), then wrapped:
-    partitioned throughout, each base the layer's own weight, every other parameter unchanged."""
+def check_transformers_model(kind: str) -> None:
+    """transformers' LLaMA, or GPT-2 (Conv1D projections, weight (in, out)), built under zero.Init (as its
+    from_pretrained does under ZeRO-3), then wrapped: partitioned throughout, each base the layer's own weight
+    (a Conv1D's transposed), every other parameter unchanged."""
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    cls = transformers.LlamaForCausalLM  # imported outside zero.Init: its patched constructors break the import
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        cls, targets = transformers.GPT2LMHeadModel, "all-linear"
+    else:
+        config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        cls, targets = transformers.LlamaForCausalLM, None
+    # (cls taken outside zero.Init: its patched constructors break the import)
     with zero_init.building(DS):
         model = cls(config)
     params = dict(model.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values())):
         before = {n: p.detach().clone() for n, p in params.items()}
-    relora_ds.wrap(model, rank=3, seed=11)
-    check_partitioned(model, "transformers")
+    relora_ds.wrap(model, rank=3, seed=11, target_modules=targets)
+    check_partitioned(model, kind)
+    layers = [n for n, _ in relora_ds.relora_layers(model)]
+    assert len(layers) == 2 * (4 if kind == "gpt2" else 7), layers
     after = dict(model.named_parameters())
-    assert after.keys() == before.keys() | {f"{n}.lora_{k}" for n, _ in relora_ds.relora_layers(model) for k in "AB"}
+    assert after.keys() == before.keys() | {f"{n}.lora_{k}" for n in layers for k in "AB"}
+    transposed = {f"{n}.weight" for n in layers} if kind == "gpt2" else set()
     with deepspeed.zero.GatheredParameters(list(after.values())):
         for name, value in before.items():
-            assert torch.equal(after[name], value), f"transformers: {name} changed in wrap"
-
+            want = value.T if name in transposed else value
+            assert torch.equal(after[name], want), f"{kind}: {name} changed in wrap"
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from torch import nn
 
 import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM, ReLoRALinear
-from relora_ds.relora import DEFAULT_TARGET_MODULES
+from relora_ds.targets import DEFAULT_TARGET_MODULES
 
 
 def _debug_model(seed=0):
@@ -81,7 +81,7 @@ def test_target_modules_by_suffix_and_errors():
     with pytest.raises(ValueError, match="'lm_head', relora_ds's output layer"):
         relora_ds.wrap(_debug_model(), rank=4, target_modules=["q_proj", "lm_head"])
     with pytest.raises(ValueError, match="'lm_head', relora_ds's output layer"):  # the trainer's start-up check
-        relora_ds.relora.target_linears(_debug_model(), ["q_proj", "lm_head"])
+        relora_ds.targets.target_linears(_debug_model(), ["q_proj", "lm_head"])
     tied = _hf_model()
     tied.lm_head.weight = tied.model.embed_tokens.weight
     with pytest.raises(ValueError, match=r"'lm_head', whose weight is tied to \['model.embed_tokens.weight'\]"):

@@ -217,7 +217,7 @@ def model_from_engine(engine, keep: bool = True) -> torch.nn.Module | None:
     """A host copy of the model an engine trains (a relora_ds LlamaForCausalLM or a transformers model), with
     its fp32 masters (ZeRO-3 partitions gathered) and the same ReLoRA layers; every rank calls (the gathers),
     and ``keep=False`` ranks get None instead of holding a full copy each. A transformers model's copy is
-    saved with ``relora_ds.unwrap(copy).save_pretrained(dir)`` (merged, plain nn.Linear layers)."""
+    saved with ``relora_ds.unwrap(copy).save_pretrained(dir)`` (merged, plain nn.Linear or Conv1D layers)."""
     from .engine_state import full_fp32_state_dict
     from .relora import wrap
 
@@ -270,7 +270,7 @@ def _export_engine(engine, out_dir, dtype, tokenizer, **kw) -> Path:
     def write():
         if ours:
             export_hf(model, out_dir, dtype, tokenizer, **kw)
-        else:  # merged, plain nn.Linear layers, in the dtype asked for (default: the fp32 masters)
+        else:  # merged, plain nn.Linear (Conv1D) layers, in the dtype asked for (default: the fp32 masters)
             from .relora import unwrap
 
             unwrap(model).to(dtype or torch.float32).save_pretrained(out_dir)

@@ -29,12 +29,6 @@ def reinit_seed(run_seed: int, layer_name: str, restart_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _seed_name(name: str) -> str:
-    """The layer name its draws are seeded by: without torch.compile's ``_orig_mod.`` (a compiled model wrapped,
-    or a wrap compiled, draw the same A, so a run resumed with or without compile continues alike)."""
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
-
-
 def kaiming_uniform_A(shape: tuple[int, int], seed: int) -> torch.Tensor:
     """Kaiming-uniform(a=√5) in fp32 on the CPU from a seeded generator (bound 1/√in_features, the same
     init as nn.Linear and PEFT's lora_A); CPU so that every device type draws identical numbers."""
@@ -78,6 +72,8 @@ class ReLoRALinear(nn.Module):
     """
 
     HOST_BUFFERS = (*quant.HOST_BUFFERS, "merge_residual")  # kept in host memory, never moved to the device
+    # The layer `wrap` replaced, which `unwrap` puts back: nn.Linear, or transformers' Conv1D (weight (in, out)).
+    base_type: type = nn.Linear
 
     def __init__(self, in_features: int, out_features: int, rank: int, *, alpha: float | None = None,
                  dropout: float = 0.0, bias: bool = False, name: str = "", seed: int = 0,
@@ -140,6 +136,26 @@ class ReLoRALinear(nn.Module):
             quant.load_weight_(self, weight)
         else:
             self.weight.copy_(weight)
+
+    def from_replaced_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight as the replaced layer stores it (a Conv1D's (in, out)) in this layer's (out, in)."""
+        return weight if self.base_type is nn.Linear else weight.T
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # The replaced layer's own state (the base model's checkpoint, loaded into a model wrapped on the meta
+        # device and materialized): its weight is this layer's base, transposed from a Conv1D's layout and
+        # quantized for an int8 base. A wrapped layer's state always holds lora_A; LoRA factors and counters
+        # then keep their fresh start (missing keys, as for any partial load).
+        key = prefix + "weight"
+        if key in state_dict and prefix + "lora_A" not in state_dict:
+            weight = self.from_replaced_layout(state_dict.pop(key))
+            if self.quantize and weight.is_floating_point() and weight.dim() == 2:
+                q, scale, residual = relora_kernels.int8_quantize_reference(weight, residual=True)
+                state_dict.update({prefix + "weight_q": q, prefix + "weight_scale": scale,
+                                   prefix + "weight_residual": residual})
+            else:
+                state_dict[key] = weight
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _apply(self, fn, recurse=True):
         # The merge residuals (int8's, merge_residual) stay in host memory: .to(device)/.cuda()/.bfloat16() skip them.
@@ -292,7 +308,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
         conv1d = not isinstance(linear, nn.Linear)
         with _gathered([p for p in (linear.weight, linear.bias) if p is not None]):
             layer = ReLoRALinear(*targets.features(linear), rank, alpha=alpha, dropout=dropout,
-                                 bias=linear.bias is not None, name=_seed_name(name), seed=seed, quantize=quantize,
+                                 bias=linear.bias is not None, name=targets.plain_name(name), seed=seed, quantize=quantize,
                                  merge_residual=merge_residual, device=linear.weight.device,
                                  dtype=linear.weight.dtype, init_base=False)
             with torch.no_grad():
@@ -303,7 +319,8 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
         if hasattr(linear.weight, "ds_id"):  # partitioned like the layer it replaces before the next is built
             linear.weight.convert_to_zero_parameters(param_list=list(layer.parameters()))
         layer.base_requires_grad = linear.weight.requires_grad  # restored by unwrap
-        layer.base_type = type(linear) if conv1d else nn.Linear  # what unwrap puts back
+        if conv1d:
+            layer.base_type = type(linear)  # what unwrap puts back
         layer.train(training[name])  # an eval-mode model stays in eval mode (no LoRA dropout)
         _set_submodule(model, name, layer)
     return model
@@ -332,7 +349,7 @@ def unwrap(model: nn.Module) -> nn.Module:
                          "copy with the masters, or export with relora_ds.export_hf(engine, out_dir)")
     for name, layer in list(relora_layers(model)):
         dtype = layer.lora_A.dtype if layer.quantize else layer.weight.dtype
-        base_type = getattr(layer, "base_type", nn.Linear)
+        base_type = layer.base_type
         with torch.device("meta"):  # no throw-away init (nor a draw from the global RNG): filled below
             if base_type is nn.Linear:
                 linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
@@ -342,7 +359,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         linear.train(layer.training)
         with torch.no_grad():
             merged = layer.base_weight() + layer.delta_weight()
-            linear.weight.copy_(merged if base_type is nn.Linear else merged.T)
+            linear.weight.copy_(merged if base_type is nn.Linear else merged.T)  # back to the replaced layout
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias)
                 linear.bias.requires_grad_(layer.bias.requires_grad)

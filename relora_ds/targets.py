@@ -20,6 +20,18 @@ from . import quant
 # LLaMA-family names, and Phi-3's fused qkv_proj / gate_up_proj (a model uses whichever it has).
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
                           "gate_up_proj")
+# Output heads 'all-linear' leaves out where the model does not name its output layer
+# (get_output_embeddings): the LM head, and PEFT's sequence-classification head names.
+HEAD_NAMES = ("lm_head", "score", "classifier")
+_LINEAR = "linear layer (nn.Linear or transformers' Conv1D)"
+
+
+def plain_name(name: str) -> str:
+    """A module name without torch.compile's ``_orig_mod.``: targets match, and draws are seeded by, the name
+    the uncompiled model has."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def _matches(name: str, targets: Iterable[str]) -> bool:
     # PEFT semantics: a target matches the full module name or its trailing dotted suffix.
     return any(name == t or name.endswith("." + t) for t in targets)
@@ -49,20 +61,66 @@ def _output_layer(model: nn.Module) -> nn.Module | None:
     return out if isinstance(out, nn.Module) else None
 
 
+def _is_output_layer(model: nn.Module, name: str, module: nn.Module) -> bool:
+    out = _output_layer(model)
+    return module is out or type(module).__name__ == "LMHead" or (
+        out is None and name.rpartition(".")[2] in HEAD_NAMES)
+
+
+def _unwrappable(model: nn.Module, linears: list) -> dict[str, str]:
+    """{name: why} for the linear layers a ReLoRA layer cannot replace."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    mha = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+           if isinstance(m, nn.MultiheadAttention)}
+    why = {}
+    for name, layer in linears:
+        shared = [o for o in owners.get(id(layer.weight), []) if o != f"{name}.weight"]
+        if name in mha:
+            why[name] = ("nn.MultiheadAttention reads its out_proj's weight directly and never calls the module, so a "
+                         "ReLoRA layer there would never run")
+        elif type(layer).__name__ == "LMHead":
+            why[name] = ("relora_ds's output layer: ReLoRA trains it full-rank (as embeddings and norms), and its "
+                         "chunked loss needs the plain layer")
+        elif shared:
+            why[name] = f"its weight is tied to {shared}: a ReLoRA layer would untie it silently"
+    return why
+
+
+def _all_linear(target_modules) -> bool:
+    return isinstance(target_modules, str) and target_modules.lower() == "all-linear"  # PEFT's spelling check
+
+
 def _select(model: nn.Module, linears: list, target_modules) -> list:
-    """The linear layers a regular expression (PEFT: a string is matched against the full module name)
-    or ``"all-linear"`` (every linear layer but the output layer) selects."""
-    if target_modules == "all-linear":
-        out = _output_layer(model)
-        return [(n, m) for n, m in linears if m is not out and type(m).__name__ != "LMHead"
-                and not (out is None and n.rpartition(".")[2] == "lm_head")]
+    """The linear layers a regular expression (PEFT: a string is matched against the full module name, here
+    without torch.compile's ``_orig_mod.``) or ``"all-linear"`` (every linear layer but the output layer, and
+    but those no ReLoRA layer can replace: tied, nn.MultiheadAttention's out_proj) selects."""
+    if _all_linear(target_modules):
+        skip = _unwrappable(model, linears)
+        return [(n, m) for n, m in linears if n not in skip and not _is_output_layer(model, n, m)]
     try:
         pattern = re.compile(target_modules)
     except re.error as e:
         raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression ({e}); a string is "
                          "matched against full module names (PEFT semantics), 'all-linear' selects every linear "
                          "layer but the output layer, and a list selects names or dotted suffixes") from None
-    return [(n, m) for n, m in linears if pattern.fullmatch(n)]
+    return [(n, m) for n, m in linears if pattern.fullmatch(plain_name(n))]
+
+
+def _no_match_hint(target_modules, targets: tuple, linears: list) -> str:
+    """What to write instead, for a selection that matched nothing."""
+    examples = [plain_name(n) for n, _ in linears[:3]]
+    if isinstance(target_modules, str):
+        leaf = {n.rpartition(".")[2] for n, _ in linears} & {target_modules}
+        regex = "r'.*\\." + target_modules + "'"
+        return (f"; a string is a regular expression the full module name must match (e.g. {examples})"
+                + (f": for every {target_modules!r} layer pass [{target_modules!r}] or {regex}" if leaf else "")
+                + "; 'all-linear' selects every linear layer but the output layer")
+    hint = "; target_modules='all-linear' selects every linear layer but the output layer"
+    if any(re.search(r"[*+?^$\[\]()|\\]", t) for t in targets):
+        hint += "; list entries are names or dotted suffixes, a regular expression is passed as one string"
+    return hint
 
 
 def target_linears(model: nn.Module, target_modules: Iterable[str] | str | None = None,
@@ -88,13 +146,17 @@ def target_linears(model: nn.Module, target_modules: Iterable[str] | str | None 
                                                                      if _matches(n, targets)]
     # Modules a target names that are not linear layers (a fused 3-D expert weight, a custom projection...):
     # say so, rather than "matched nothing".
-    named = ((lambda n: re.fullmatch(target_modules, n)) if pattern and target_modules != "all-linear"
-             else (lambda n: not pattern and _matches(n, targets)))
+    if _all_linear(target_modules):
+        named = lambda n: False  # noqa: E731
+    elif pattern:
+        named = lambda n: re.fullmatch(target_modules, plain_name(n))  # noqa: E731
+    else:
+        named = lambda n: _matches(n, targets)  # noqa: E731
     others = sorted({f"{n} ({type(m).__name__})" for n, m in model.named_modules()
                      if n and not is_linear(m) and named(n) and
                      isinstance(getattr(m, "weight", None), torch.Tensor)})
     quantized = sorted((n, why) for n, m in model.named_modules() if n and not isinstance(m, nn.Linear)
-                       and (named(n) or target_modules == "all-linear")
+                       and (named(n) or _all_linear(target_modules))
                        and (why := quant.foreign_quantized_module(m)))
     if quantized:  # GPTQ/AWQ/HQQ layers are no nn.Linear: say what they are, not "matched nothing"
         names = ", ".join(repr(n) for n, _ in quantized[:4]) + (" ..." if len(quantized) > 4 else "")
@@ -102,60 +164,57 @@ def target_linears(model: nn.Module, target_modules: Iterable[str] | str | None 
     not_linear = (f"; these modules match by name but are neither nn.Linear nor transformers' Conv1D, which is "
                   f"all ReLoRA wraps: {others[:8]}{' ...' if len(others) > 8 else ''}") if others else ""
     if not chosen:
-        how = ("" if pattern else
-               "; target_modules='all-linear' selects every linear layer but the output layer")
-        raise ValueError(f"target_modules={target_modules if pattern else list(targets)!r} matched no nn.Linear "
-                         f"layer; linear layer names in this model end in: {leaves}{not_linear}{how}")
+        raise ValueError(f"target_modules={target_modules if pattern else list(targets)!r} matched no {_LINEAR}; "
+                         f"linear layer names in this model end in: {leaves}{not_linear}"
+                         f"{_no_match_hint(target_modules, targets, linears)}")
     unmatched = [] if pattern else [t for t in targets if not any(_matches(n, (t,)) for n, _ in linears)]
     if unmatched and target_modules is not None:
-        raise ValueError(f"target_modules {unmatched} matched no nn.Linear layer (the others did); linear layer "
-                         f"names in this model end in: {leaves}{not_linear}")
-    chosen_names = {name for name, _ in chosen}
-    bypassed = [f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
-                if isinstance(m, nn.MultiheadAttention) and (f"{n}.out_proj" if n else "out_proj") in chosen_names]
-    if bypassed:
-        raise ValueError(f"target_modules selects {bypassed}: nn.MultiheadAttention reads its out_proj's weight "
-                         "directly and never calls the module, so a ReLoRA layer there would never run; "
-                         "leave it out of target_modules")
-    owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(pname)
-    for name, linear in chosen:
-        if type(linear).__name__ == "LMHead":
-            raise ValueError(f"target_modules selects {name!r}, relora_ds's output layer: ReLoRA trains it "
-                             "full-rank (as embeddings and norms), and its chunked loss needs the plain layer")
-        shared = [o for o in owners[id(linear.weight)] if o != f"{name}.weight"]
-        if shared:
-            raise ValueError(f"target_modules selects {name!r}, whose weight is tied to {shared}: a ReLoRA layer "
-                             "would untie it silently; leave it out of target_modules")
+        raise ValueError(f"target_modules {unmatched} matched no {_LINEAR}, the other entries did; linear "
+                         f"layer names in this model end in: {leaves}{not_linear}")
+    refused = _unwrappable(model, chosen)
+    if refused:
+        name, why = next(iter(refused.items()))
+        more = f" (and {len(refused) - 1} more: {sorted(refused)[:4]})" if len(refused) > 1 else ""
+        raise ValueError(f"target_modules selects {name!r}{more}, which no ReLoRA layer can replace: {why}; leave it "
+                         "out of target_modules")
     return chosen
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
 
 
 def warn_unwrapped(model: nn.Module, chosen: list, target_modules) -> None:
     """With the default targets, name the other linear layers that stay full-rank trainable (a fused
-    ``qkv_proj`` of an architecture the defaults do not know...); the output embedding is meant to. With the
-    default targets or 'all-linear', name the trainable weights that are no linear layer at all."""
-    if target_modules is not None and target_modules != "all-linear":
+    ``qkv_proj`` of an architecture the defaults do not know...); the output layer is meant to. With the
+    default targets or 'all-linear', name the trainable weights no ReLoRA layer takes (in no linear layer,
+    or in one it cannot replace)."""
+    if target_modules is not None and not _all_linear(target_modules):
         return
     out_emb = _output_layer(model)
+    linears = [(n, m) for n, m in model.named_modules() if n and is_linear(m)]
     picked = {id(m) for _, m in chosen}
-    left = [n for n, m in model.named_modules() if is_linear(m) and id(m) not in picked
-            and m is not out_emb and type(m).__name__ != "LMHead" and n.rpartition(".")[2] != "lm_head"]
+    cannot = _unwrappable(model, linears)
+    left = [n for n, m in linears if id(m) not in picked and n not in cannot and not _is_output_layer(model, n, m)]
     if left and target_modules is None:
         warnings.warn(f"relora_ds.wrap: the default target_modules {list(DEFAULT_TARGET_MODULES)} leave "
-                      f"{len(left)} other linear layers full-rank and trainable: {left[:6]}"
+                      f"{_count(len(left), 'other linear layer')} full-rank and trainable: {left[:6]}"
                       f"{' ...' if len(left) > 6 else ''}; pass target_modules to choose them explicitly "
                       "('all-linear': every linear layer but the output layer)", stacklevel=3)
     # Weights in no linear layer at all: a mixture of experts' fused expert tensors (transformers 5 keeps each
-    # layer's experts as 3-D gate_up_proj / down_proj parameters). wrap() converts only nn.Linear and
-    # Conv1D, so these train full-rank, usually most of the model.
+    # layer's experts as 3-D gate_up_proj / down_proj parameters), nn.MultiheadAttention's in_proj_weight; and
+    # in a linear layer no ReLoRA layer can replace (its out_proj). They train full-rank, MoE experts most of
+    # the model.
     other = [(f"{mn}.{pn}" if mn else pn, p) for mn, m in model.named_modules()
              if not (is_linear(m) or isinstance(m, nn.Embedding)) and m is not out_emb
              for pn, p in m.named_parameters(recurse=False) if p.requires_grad and p.dim() >= 2]
+    other += [(f"{n}.weight", m.weight) for n, m in linears if n in cannot and "MultiheadAttention" in cannot[n]
+              and m.weight.requires_grad]
     if other:
         names = [f"{n} {tuple(p.shape)}" for n, p in other]
         total = sum(p.numel() for _, p in other)
-        warnings.warn(f"relora_ds.wrap: {len(other)} trainable weights that are not in linear layers stay "
+        warnings.warn(f"relora_ds.wrap: {_count(len(other), 'trainable weight')} no ReLoRA layer takes stay "
                       f"full-rank ({total:,} parameters): {names[:4]}{' ...' if len(names) > 4 else ''}; wrap converts "
-                      "only nn.Linear and transformers' Conv1D (a mixture of experts' fused 3-D expert weights are "
-                      "neither)", stacklevel=3)
+                      "only nn.Linear and transformers' Conv1D layers (a mixture of experts' fused 3-D expert "
+                      "weights, nn.MultiheadAttention's projections are neither or cannot be replaced)",
+                      stacklevel=3)

@@ -119,15 +119,18 @@ def load_(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], s
     expected = {n for n in params if not n.endswith((".lora_A", ".lora_B")) and n not in base_params} | bases.keys()
     loaded = set()
     for name, full in tensors:
-        shape = (bases[name].out_features, bases[name].in_features) if name in bases else \
-            getattr(params.get(name), "ds_shape", None)
+        if name in bases:  # a base as the layer it replaced stored it: (out, in), a Conv1D's (in, out)
+            layer = bases[name]
+            shape = layer.from_replaced_layout(torch.empty(layer.out_features, layer.in_features, device="meta")).shape
+        else:
+            shape = getattr(params.get(name), "ds_shape", None)
         if shape is not None and tuple(full.shape) != tuple(shape):
             raise ValueError(f"{source}: {name} has shape {tuple(full.shape)}, the model's is {tuple(shape)}")
         if name in bases:
             layer = bases[name]
             with deepspeed.zero.GatheredParameters([layer.weight_q if layer.quantize else layer.weight],
                                                    modifier_rank=0):
-                layer.load_base_(full)
+                layer.load_base_(layer.from_replaced_layout(full))
         elif name in expected:
             with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
                 params[name].copy_(full)

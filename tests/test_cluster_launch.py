@@ -124,7 +124,7 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
     # What would otherwise fail every rank after start-up: preset, data dir, target_modules, rank, HF directory.
     for extra, msg in ((["--model", "13b"], "unknown model preset '13b'"),
                        (["--data-dir", "/nonexistent"], "'/nonexistent' is not a prepared data dir"),
-                       (["--target-modules", "q_proj", "v_prj"], "target_modules ['v_prj'] matched no nn.Linear"),
+                       (["--target-modules", "q_proj", "v_prj"], "target_modules ['v_prj'] matched no linear layer"),
                        (["--rank", "512"], "rank=512 must be in [1, min(in_features=256, out_features=256)]"),
                        (["--hf-model", str(ROOT / "launch")], "no config.json")):
         proc = _preflight("--world-size", "3", *args, *extra)

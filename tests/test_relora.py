@@ -67,10 +67,10 @@ def test_target_modules_by_suffix_and_errors():
     assert names == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
     with pytest.raises(ValueError, match="only once"):
         relora_ds.wrap(model)
-    with pytest.raises(ValueError, match=r"matched no nn.Linear.*'q_proj'"):
+    with pytest.raises(ValueError, match=r"matched no linear layer.*'q_proj'"):
         relora_ds.wrap(_debug_model(), target_modules=["query"])
     # A typo next to valid names is an error too: it would silently leave v_proj a plain full-rank linear.
-    with pytest.raises(ValueError, match=r"target_modules \['v_prj'\] matched no nn.Linear layer .*'v_proj'"):
+    with pytest.raises(ValueError, match=r"target_modules \['v_prj'\] matched no linear layer .*'v_proj'"):
         relora_ds.wrap(_debug_model(), target_modules=["q_proj", "v_prj"])
     with pytest.raises(ValueError, match=r"layer model.layers.0.self_attn.q_proj: rank=65"):
         relora_ds.wrap(_debug_model(), rank=65)
@@ -78,13 +78,14 @@ def test_target_modules_by_suffix_and_errors():
         relora_ds.wrap(_debug_model(), rank=0)
     # Our output layer trains full-rank (and its chunked loss needs the plain layer); a tied weight would
     # silently untie (an HF model with tie_word_embeddings: updates to the embedding would miss lm_head).
-    with pytest.raises(ValueError, match="'lm_head', relora_ds's output layer"):
+    refused = "'lm_head', which no ReLoRA layer can replace: relora_ds's output layer"
+    with pytest.raises(ValueError, match=refused):
         relora_ds.wrap(_debug_model(), rank=4, target_modules=["q_proj", "lm_head"])
-    with pytest.raises(ValueError, match="'lm_head', relora_ds's output layer"):  # the trainer's start-up check
+    with pytest.raises(ValueError, match=refused):  # the trainer's start-up check
         relora_ds.targets.target_linears(_debug_model(), ["q_proj", "lm_head"])
     tied = _hf_model()
     tied.lm_head.weight = tied.model.embed_tokens.weight
-    with pytest.raises(ValueError, match=r"'lm_head', whose weight is tied to \['model.embed_tokens.weight'\]"):
+    with pytest.raises(ValueError, match=r"'lm_head', which no ReLoRA layer can replace: its weight is tied to \['model.embed_tokens.weight'\]"):
         relora_ds.wrap(tied, rank=4, target_modules=["lm_head"])
 
 
@@ -364,7 +365,7 @@ def test_target_suffix_matches_whole_dotted_components_only():
     assert type(model.mlp.gate_up_proj) is nn.Linear and type(model.mlp.qkv_proj) is nn.Linear
     other = nn.Module()
     other.mlp = _Phi3LikeMLP()
-    with pytest.raises(ValueError, match="matched no nn.Linear"):
+    with pytest.raises(ValueError, match="matched no linear layer"):
         relora_ds.wrap(other, rank=2, target_modules=["proj"])  # a partial name selects nothing
 
 

@@ -273,8 +273,9 @@ def test_torchrun_launcher(tmp_path, small_data_dir):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (["--target-modules", "q_proj", "v_prj"], "target_modules ['v_prj'] matched no nn.Linear layer (the others "
-                                               "did); linear layer names in this model end in: ['down_proj', "),
+    (["--target-modules", "q_proj", "v_prj"], "target_modules ['v_prj'] matched no linear layer (nn.Linear or "
+                                               "transformers' Conv1D), the other entries did; linear layer names in "
+                                               "this model end in: ['down_proj', "),
     (["--rank", "100"], "layer model.layers.0.self_attn.q_proj: rank=100 must be in [1, min(in_features=64"),
 ], ids=["target_modules", "rank"])
 def test_bad_lora_setting_fails_before_the_warm_start(tmp_path, small_data_dir, bad, message):

@@ -136,6 +136,14 @@ def check_transformers_model(kind: str) -> None:
         for name, value in before.items():
             want = value.T if name in transposed else value
             assert torch.equal(after[name], want), f"{kind}: {name} changed in wrap"
+    # zero_init.load_ (a checkpoint into the partitioned, wrapped model) takes each base as the replaced layer
+    # stores it: a Conv1D's (in, out), transposed into the layer.
+    checkpoint = {n: v + 1 for n, v in before.items()}
+    zero_init.load_(model, checkpoint.items(), kind)
+    with deepspeed.zero.GatheredParameters(list(after.values())):
+        for name, value in checkpoint.items():
+            want = value.T if name in transposed else value
+            assert torch.equal(after[name], want), f"{kind}: {name} loaded wrong by zero_init.load_"
 
 
 if __name__ == "__main__":

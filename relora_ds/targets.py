@@ -140,6 +140,12 @@ def target_linears(model: nn.Module, target_modules: Iterable[str] | str | None 
     if not targets or any(not isinstance(t, str) or not t for t in targets):
         raise ValueError(f"target_modules must be a non-empty list of module names, a regular expression or "
                          f"'all-linear', got {target_modules!r}")
+    peft = sorted(n for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"
+                  and hasattr(m, "base_layer"))
+    if peft:
+        raise ValueError(f"the model holds PEFT adapter layers ({len(peft)}, e.g. {peft[0]!r}): ReLoRA brings its own "
+                         "low-rank factors and merges them into the base weights every cycle; wrap the model without "
+                         "PEFT (peft_model.merge_and_unload() keeps what PEFT trained)")
     linears = [(n, m) for n, m in model.named_modules() if n and is_linear(m)]
     leaves = sorted({n.rpartition(".")[2] for n, _ in linears})
     chosen = _select(model, linears, target_modules) if pattern else [(n, m) for n, m in linears

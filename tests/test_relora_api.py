@@ -316,6 +316,20 @@ def test_a_regex_matches_the_names_of_the_uncompiled_model():
                                                                  "_orig_mod.transformer.h.1.attn.c_attn"]
 
 
+def test_a_peft_model_is_refused_with_the_way_out():
+    """A PEFT LoRA model: the default targets wrapped the projections PEFT left alone beside its adapters (with a
+    warning listing PEFT's lora_A/lora_B as linear layers), 'all-linear' would wrap those adapters."""
+    import peft  # a dev dependency (setup.py)
+    model = peft.get_peft_model(_tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for targets in (None, "all-linear", ["k_proj"]):
+        with pytest.raises(ValueError, match=r"holds PEFT adapter layers \(2, e.g. 'base_model.model.model.layers.0."
+                                             r"self_attn.q_proj'\).*merge_and_unload\(\)"):
+            relora_ds.wrap(model, rank=4, target_modules=targets)
+    assert not any(True for _ in relora_ds.relora_layers(model))
+    plain = model.merge_and_unload()
+    assert len(list(relora_ds.relora_layers(relora_ds.wrap(plain, rank=4)))) == 7
+
+
 def test_regex_and_all_linear_targets_select_as_peft_does():
     """PEFT's string forms: a regular expression the full module name must match, and 'all-linear' (every
     linear layer but the output layer). A list keeps the names-or-suffixes meaning."""

@@ -85,10 +85,15 @@ def test_two_rank_zero_trainer_equals_one_process(tmp_path, stage, kind):
     """DeepSpeed ZeRO-2 under the Trainer (HF's AdamW inside DeepSpeed's partitioned optimizer) and ZeRO-3 with
     DeepSpeed's own optimizer section (transformers then asks a copy of the trainer for that optimizer's
     schedule): the merge and prune run on the engine; two ranks of micro-batch 2 end where one process with
-    batch 4 ends (a schedule other than the jagged cosine would not). GPT-2: its Conv1D projections, exported
-    as Conv1D again."""
+    batch 4 ends (a schedule other than the jagged cosine would not). At ZeRO-3 the model comes from
+    from_pretrained, built partitioned (zero.Init) and wrapped so, as a model too large for one GPU is.
+    GPT-2: its Conv1D projections, exported as Conv1D again."""
+    source = []
+    if stage == 3:
+        w.plain(kind).save_pretrained(tmp_path / "source")
+        source = ["--source", tmp_path / "source"]
     run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--stage", stage, "--model", kind,
-              timeout=600)
+              *source, timeout=600)
     got = json.loads((tmp_path / "run.json").read_text())
     assert [(e["step"], e["event"]) for e in got["events"]] == [(3, "reset"), (6, "reset")]
     trainer, _ = w.run(tmp_path / "one", batch=4, kind=kind)

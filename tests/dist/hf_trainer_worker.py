@@ -11,7 +11,9 @@ import sys
 import deepspeed
 import torch
 from torch.utils.data import Dataset, SequentialSampler
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer,
+                          TrainingArguments)
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 import relora_ds
 from relora_ds.hf_trainer import enable_relora
@@ -31,21 +33,34 @@ class Windows(Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def model(kind="llama"):
-    """A tiny transformers LLaMA, or a GPT-2 (its projections are transformers' Conv1D, weight (in, out);
-    'all-linear' selects them all), wrapped."""
+def plain(kind="llama"):
+    """A tiny transformers LLaMA, or a GPT-2 (its projections are transformers' Conv1D, weight (in, out))."""
     torch.manual_seed(0)
     if kind == "gpt2":  # no dropout: the hand-written loop draws no dropout masks
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=SEQ, resid_pdrop=0.0,
                          embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-        gpt2 = GPT2LMHeadModel(cfg)
-        # transformers 5.25's GPT-2 leaves loss_type None, and the Trainer then divides the summed loss by the
-        # count of all labels, not of the shifted ones (x 16/17 here): name the loss it computes anyway.
-        gpt2.loss_type = "ForCausalLM"
-        return relora_ds.wrap(gpt2, rank=4, seed=3, target_modules="all-linear")
+        return GPT2LMHeadModel(cfg)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=80, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ)
-    return relora_ds.wrap(LlamaForCausalLM(cfg), rank=4, seed=3)
+    return LlamaForCausalLM(cfg)
+
+
+def model(kind="llama", source=None):
+    """``plain(kind)`` wrapped ('all-linear' for GPT-2), or the model saved in ``source`` loaded and wrapped:
+    under a ZeRO-3 TrainingArguments, from_pretrained builds it partitioned (deepspeed.zero.Init), the way a
+    model too large for one GPU is loaded, and wrap converts the partitioned layers."""
+    if source is None:
+        base = plain(kind)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(source)
+        if is_deepspeed_zero3_enabled():
+            assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in base.parameters()), "not built partitioned"
+    if kind == "gpt2":
+        # transformers 5.25's GPT-2 leaves loss_type None, and the Trainer then divides the summed loss by the
+        # count of all labels, not of the shifted ones (x 16/17 here): name the loss it computes anyway.
+        base.loss_type = "ForCausalLM"
+        return relora_ds.wrap(base, rank=4, seed=3, target_modules="all-linear")
+    return relora_ds.wrap(base, rank=4, seed=3)
 
 
 class InOrder(Trainer):
@@ -58,10 +73,14 @@ def arguments(out_dir, batch) -> dict:
                 save_strategy="no", use_cpu=True, optim="adamw_torch", disable_tqdm=True, **HP)
 
 
-def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", **overrides):
+def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", source=None, **overrides):
     """Train; returns (trainer, callback or None)."""
     args = TrainingArguments(**{**arguments(out_dir, batch), "deepspeed": deepspeed, **overrides})
-    trainer = InOrder(model=model(kind), args=args, train_dataset=Windows())
+    if source is not None and deepspeed is not None:
+        # zero.Init (inside from_pretrained) needs the process group, which the Trainer would start only later
+        import deepspeed as ds
+        ds.init_distributed()
+    trainer = InOrder(model=model(kind, source), args=args, train_dataset=Windows())
     callback = enable_relora(trainer, **RELORA) if relora else None
     trainer.train()
     return trainer, callback
@@ -72,6 +91,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--stage", type=int, default=2)
     ap.add_argument("--model", choices=["llama", "gpt2"], default="llama")
+    ap.add_argument("--source", help="a saved plain(model): loaded with from_pretrained (at ZeRO-3: partitioned)")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
@@ -82,7 +102,7 @@ def main():
     if a.stage == 3:  # DeepSpeed's own optimizer section: transformers then asks for the schedule of that optimizer
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                                       "weight_decay": "auto", "torch_adam": True}}
-    trainer, callback = run(a.out, batch=2, deepspeed=ds, kind=a.model)
+    trainer, callback = run(a.out, batch=2, deepspeed=ds, kind=a.model, source=a.source)
     engine = trainer.model_wrapped
     assert type(engine).__name__ == "DeepSpeedEngine", type(engine)
     params = list(engine.module.parameters())

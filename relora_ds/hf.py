@@ -74,16 +74,19 @@ def _qwen_window(config: LlamaConfig) -> dict:
 
 
 def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Plain LLaMA state dict: every ReLoRA layer's weight = base + scale·B·A (fp32 sum, cast once). A tied
-    model's lm_head.weight is left out, as transformers saves it (safetensors refuses a tensor under two
-    names, and loading ties it back)."""
+    """The plain model's state dict (ours, or a transformers model's): every ReLoRA layer's weight = base +
+    scale·B·A (fp32 sum, cast once to ``dtype``, default the weight's as `unwrap` keeps it, and in the replaced
+    layer's layout). A tied model's lm_head.weight is left out, as transformers saves it (safetensors refuses
+    a tensor under two names, and loading ties it back)."""
     merged: dict[str, torch.Tensor] = {}
     layer_names = set()
     for name, layer in relora_layers(model):
         layer_names.add(name)
-        with torch.no_grad():
+        if dtype is None:
+            merged[f"{name}.weight"] = layer.merged_weight()
+        else:  # cast once from the fp32 sum
             w = layer.base_weight() + layer.delta_weight().to(layer.lora_A.device)
-        merged[f"{name}.weight"] = w.to(dtype or layer.lora_A.dtype)
+            merged[f"{name}.weight"] = layer.from_replaced_layout(w).to(dtype)  # a transpose: its own inverse
         if layer.bias is not None:
             merged[f"{name}.bias"] = layer.bias.detach().to(dtype or layer.bias.dtype)
     for key, t in model.state_dict().items():

@@ -6,26 +6,32 @@ ReLoRA layers merge and re-initialize; every ``cycle_length``-th step also prune
     trainer = Trainer(model=model, args=TrainingArguments(..., deepspeed="ds_configs/zero2.json"), ...)
     relora_ds.hf_trainer.enable_relora(trainer, cycle_length=5000, restart_warmup_steps=100)
     trainer.train()
+    trainer.save_model("out")   # the merged model, plain layers: from_pretrained loads it
 
 Under DeepSpeed the merge and prune run on the engine (``trainer.model_wrapped``): its fp32 masters and ZeRO
 partitions of the moments, exactly as ``launch/train.py`` does (``relora_ds/reset_hook.py``). The peak lr is
-``args.learning_rate``, the first warmup ``args.warmup_steps`` (or ``warmup_ratio``); ``lr_scheduler_type`` is
-replaced. Steps count from the Trainer's ``global_step`` (optimizer steps), so a run resumed from a Trainer
-checkpoint merges and resets at the steps the uninterrupted run does (``merge_count`` is a saved buffer, and
-the scheduler's step count is saved with the checkpoint). With fp16 loss scaling, a step skipped for an
-overflow does not step the scheduler while global_step still counts it, so each later re-warm-up starts that
-many steps after its reset: train in bf16 (launch/train.py keeps the schedule on the step instead).
+``args.learning_rate``, the first warmup ``args.warmup_steps`` (a float below 1: that fraction of the run, as
+transformers 5 reads it); ``lr_scheduler_type`` is replaced. Steps count from the Trainer's ``global_step``
+(optimizer steps), and the lr is kept on it: a run resumed from a Trainer checkpoint merges, resets and
+re-warms at the steps the uninterrupted run does (``merge_count`` is a saved buffer), also from a checkpoint
+without scheduler state, and an fp16 step skipped for an overflow does not shift the later re-warm-ups.
+``trainer.save_model`` writes the merged model (what ``from_pretrained`` loads), Trainer checkpoints the
+wrapped state (what a resume needs).
 """
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 
+import torch
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 
 from .merge import merge_and_reinit
-from .prune import check_prune_args, prune_optimizer_state
+from .prune import MOMENT_KEYS, check_prune_args, prune_optimizer_state
 from .relora import lora_parameters, relora_layers
-from .schedule import build_scheduler
+from .schedule import build_scheduler, jagged_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +68,7 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
         raise ValueError("enable_relora: the trainer already has its lr scheduler (built by train(), or passed as "
                          "optimizers=(..., scheduler)); call enable_relora on a Trainer built without one, before "
                          "train()")
-    ds = getattr(trainer.args, "hf_deepspeed_config", None)
-    if ds is not None and "scheduler" in ds.config:
+    if "scheduler" in _deepspeed_config(trainer):
         raise ValueError("enable_relora: the DeepSpeed config has a 'scheduler' section, which would replace "
                          "ReLoRA's jagged cosine (the lr re-warms after each reset): remove it")
 
@@ -83,9 +88,86 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
         return trainer.lr_scheduler
 
     trainer.create_scheduler = create_scheduler
+    _save_merged_models(trainer)
     callback = ReLoRACallback(trainer, cycle_length, merge_every, prune_method, prune_ratio, prune_joint)
     trainer.add_callback(callback)
     return callback
+
+
+def _deepspeed_config(trainer: Trainer) -> dict:
+    """The DeepSpeed config the trainer runs with: given as ``deepspeed=`` in its arguments, or through
+    accelerate's config (``accelerate launch --use_deepspeed``); {} without DeepSpeed."""
+    ds = getattr(trainer.args, "hf_deepspeed_config", None)
+    if ds is None:
+        plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+        ds = getattr(plugin, "hf_ds_config", None)
+    return getattr(ds, "config", None) or {}
+
+
+def _save_merged_models(trainer: Trainer) -> None:
+    """``trainer.save_model`` (and ``push_to_hub``) write the merged model, plain layers that ``from_pretrained``
+    loads; a save of the wrapped state would load with the base weights alone (s·B·A dropped, an int8 base
+    not loaded at all) and only a load report saying so. Checkpoints (``_save_checkpoint``) keep the wrapped
+    state a resume needs."""
+    save_model, save_checkpoint = trainer.save_model, trainer._save_checkpoint
+    in_checkpoint = []
+
+    def checkpoint(*args, **kwargs):
+        in_checkpoint.append(True)
+        try:
+            return save_checkpoint(*args, **kwargs)
+        finally:
+            in_checkpoint.pop()
+
+    def save_merged(output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if in_checkpoint:
+            return save_model(output_dir, _internal_call=_internal_call)
+        output_dir = output_dir or trainer.args.output_dir
+        if trainer.is_deepspeed_enabled:  # every rank: the fp32 masters and ZeRO-3 partitions are gathered
+            from .hf import export_hf
+
+            export_hf(trainer.model_wrapped, output_dir)
+        else:
+            from .hf import merged_state_dict
+
+            model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+            model.save_pretrained(output_dir, state_dict=merged_state_dict(model),
+                                  is_main_process=trainer.args.should_save)
+        if trainer.args.should_save:  # what Trainer._save writes beside the model
+            if trainer.processing_class is not None:
+                trainer.processing_class.save_pretrained(output_dir)
+            torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
+        if trainer.args.push_to_hub and not _internal_call:
+            trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)
+
+    trainer._save_checkpoint, trainer.save_model = checkpoint, save_merged
+
+
+def jagged_scheduler(trainer: Trainer) -> LambdaLR | None:
+    """The jagged-cosine LambdaLR the run steps (the engine's under DeepSpeed; inside accelerate's wrapper),
+    or None when another scheduler is in use."""
+    sched = trainer.model_wrapped.lr_scheduler if trainer.is_deepspeed_enabled else None
+    sched = trainer.lr_scheduler if sched is None else sched  # the engine steps its own, when it has one
+    while sched is not None and not isinstance(sched, LambdaLR) and hasattr(sched, "scheduler"):
+        sched = sched.scheduler
+    if isinstance(sched, LambdaLR) and getattr(sched.lr_lambdas[0], "func", None) is jagged_cosine:
+        return sched
+    return None
+
+
+def _set_step(sched: LambdaLR, step: int) -> None:
+    """Put the schedule at ``step`` (the lr of every param group as LambdaLR computes it there)."""
+    sched.last_epoch = step
+    for group, lr_lambda, base in zip(sched.optimizer.param_groups, sched.lr_lambdas, sched.base_lrs):
+        group["lr"] = base * lr_lambda(step)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+
+
+def _innermost_optimizer(optimizer):
+    """The torch optimizer holding the state inside accelerate's and DeepSpeed's wrappers."""
+    while hasattr(optimizer, "optimizer") and optimizer.optimizer is not optimizer:
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 class ReLoRACallback(TrainerCallback):
@@ -97,21 +179,59 @@ class ReLoRACallback(TrainerCallback):
         self.cycle_length, self.merge_every = cycle_length, merge_every or cycle_length
         self.prune_method, self.prune_ratio, self.prune_joint = prune_method, prune_ratio, prune_joint
         self.events: list[dict] = []
+        self.scheduler: LambdaLR | None = None  # found at train begin
+        self.moments_checked = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         """What the first merge would refuse (bf16 at ZeRO stage 0, LoRA factors outside the engine's optimizer),
-        refused before the first step rather than cycle_length steps in."""
-        if self.trainer.is_deepspeed_enabled:
+        refused before the first step rather than cycle_length steps in; a scheduler other than the jagged
+        cosine; and the schedule put at global_step (a checkpoint without scheduler state restarted it)."""
+        trainer = self.trainer
+        if trainer.is_deepspeed_enabled:
             from .distributed import release_shm_segment
             from .zero_reset import check_engine_supported
 
-            check_engine_supported(self.trainer.model_wrapped, "enable_relora")
+            if trainer.model_wrapped.optimizer is None:
+                raise ValueError("enable_relora: the DeepSpeed engine has no optimizer: it is the inference engine "
+                                 "transformers builds for evaluate()/predict() before train() under ZeRO-3; build "
+                                 "the Trainer anew, or evaluate after training")
+            check_engine_supported(trainer.model_wrapped, "enable_relora")
             # DeepSpeed's CPU accelerator leaves a 64 MB /dev/shm segment per rank behind every run
             # (relora_ds.distributed); unlinked now (every rank is here: it is collective), the mapping stays.
             release_shm_segment()
+        self.scheduler = jagged_scheduler(trainer)
+        if self.scheduler is None:
+            found = (trainer.model_wrapped.lr_scheduler if trainer.is_deepspeed_enabled else None) or trainer.lr_scheduler
+            raise ValueError(f"enable_relora: the run steps a {type(found).__name__}, not ReLoRA's jagged cosine "
+                             "(a 'scheduler' section in a DeepSpeed config given through accelerate?): remove it")
+        self.moments_checked = False
+        if self.scheduler.last_epoch != state.global_step:  # resumed from a checkpoint without scheduler state
+            warnings.warn(f"enable_relora: resumed at step {state.global_step} with the schedule at step "
+                          f"{self.scheduler.last_epoch} (a checkpoint without scheduler state, e.g. save_only_model="
+                          f"True): the jagged cosine continues at step {state.global_step}; optimizer moments the "
+                          "checkpoint lacks start from zero", stacklevel=2)
+            _set_step(self.scheduler, state.global_step)
+
+    def _check_moments(self) -> None:
+        """After the first optimizer step: the optimizer keeps Adam moments, which every reset prunes (an
+        Adafactor, SGD or 8-bit optimizer would otherwise fail at the first reset, cycle_length steps in)."""
+        self.moments_checked = True
+        trainer = self.trainer
+        optimizer = _innermost_optimizer(trainer.model_wrapped.optimizer if trainer.is_deepspeed_enabled
+                                         else trainer.optimizer)
+        states = [st for st in optimizer.state.values() if st]
+        if states and not any(all(k in st for k in MOMENT_KEYS) for st in states):
+            raise ValueError(f"enable_relora: the optimizer ({type(optimizer).__name__}) keeps {sorted(states[0])}, not "
+                             f"the Adam moments {list(MOMENT_KEYS)} that ReLoRA prunes at each reset: use an Adam/"
+                             "AdamW optimizer (optim='adamw_torch', 'adamw_torch_fused', or DeepSpeed's AdamW)")
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
+        if not self.moments_checked:
+            self._check_moments()
+        if self.scheduler is not None and self.scheduler.last_epoch != step:  # an fp16 step skipped for an
+            # overflow did not step the schedule
+            _set_step(self.scheduler, step)
         if step % self.merge_every:
             return
         trainer = self.trainer

@@ -214,6 +214,14 @@ class ReLoRALinear(nn.Module):
         return (B.to(acc) @ A.to(acc)) * self.scale
 
     @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """base + scale·B·A as the replaced layer stores its weight (a Conv1D's (in, out)), in the base weight's
+        dtype (an int8 base: the LoRA factors'): what `unwrap` puts back; the layer is not changed."""
+        dtype = self.lora_A.dtype if self.quantize else self.weight.dtype
+        merged = (self.base_weight() + self.delta_weight().to(self.lora_A.device)).to(dtype)
+        return merged if self.base_type is nn.Linear else merged.T
+
+    @torch.no_grad()
     def merge_(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> None:
         """W += scale · B·A, accumulated in fp32 (fp64 for fp64 W) and cast once to W's dtype.
 
@@ -358,8 +366,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         linear = linear.to_empty(device=layer.lora_A.device)
         linear.train(layer.training)
         with torch.no_grad():
-            merged = layer.base_weight() + layer.delta_weight()
-            linear.weight.copy_(merged if base_type is nn.Linear else merged.T)  # back to the replaced layout
+            linear.weight.copy_(layer.merged_weight())
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias)
                 linear.bias.requires_grad_(layer.bias.requires_grad)

@@ -174,10 +174,14 @@ def merge_and_reinit_engine(engine) -> dict:
     start = time.perf_counter()
     check_engine_supported(engine, "merge_and_reinit")
     gas = engine.gradient_accumulation_steps()
-    if engine.micro_steps % gas:
-        warnings.warn(f"merge_and_reinit: the engine is inside a gradient accumulation ({engine.micro_steps % gas} "
-                      f"of {gas} micro-steps done): their gradients of the old factors would be applied to the new "
-                      "ones. Merge after engine.step() has stepped the optimizer", stacklevel=3)
+    # accelerate (the HF Trainer) sets the boundary at each backward and calls engine.step() only there, so
+    # micro_steps counts optimizer steps; a driver of its own leaves it None and steps every micro-batch.
+    boundary = getattr(engine, "_is_gradient_accumulation_boundary", None)
+    if (boundary is False) if boundary is not None else engine.micro_steps % gas:
+        done = f"{engine.micro_steps % gas} of {gas} micro-steps done" if boundary is None else f"of {gas} micro-steps"
+        warnings.warn(f"merge_and_reinit: the engine is inside a gradient accumulation ({done}): their gradients "
+                      "of the old factors would be applied to the new ones. Merge after engine.step() has stepped "
+                      "the optimizer", stacklevel=3)
     layers = list(relora_layers(engine.module))
     if not layers:
         raise ValueError("merge_and_reinit: the engine's model has no ReLoRALinear layers")

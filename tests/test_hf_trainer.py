@@ -87,13 +87,16 @@ def test_two_rank_zero_trainer_equals_one_process(tmp_path, stage, kind):
     schedule): the merge and prune run on the engine; two ranks of micro-batch 2 end where one process with
     batch 4 ends (a schedule other than the jagged cosine would not). At ZeRO-3 the model comes from
     from_pretrained, built partitioned (zero.Init) and wrapped so, as a model too large for one GPU is.
-    GPT-2: its Conv1D projections, exported as Conv1D again."""
-    source = []
+    GPT-2: its Conv1D projections, exported as Conv1D again, and two micro-batches of 1 per step (gradient
+    accumulation). trainer.save_model writes the merged model, which transformers loads."""
+    extra = []
     if stage == 3:
         w.plain(kind).save_pretrained(tmp_path / "source")
-        source = ["--source", tmp_path / "source"]
+        extra = ["--source", tmp_path / "source"]
+    if kind == "gpt2":  # micro-batch 1, two per step: the merges after accumulation boundaries warn nothing
+        extra = ["--grad-accum", 2]
     run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--stage", stage, "--model", kind,
-              *source, timeout=600)
+              *extra, timeout=600)
     got = json.loads((tmp_path / "run.json").read_text())
     assert [(e["step"], e["event"]) for e in got["events"]] == [(3, "reset"), (6, "reset")]
     trainer, _ = w.run(tmp_path / "one", batch=4, kind=kind)
@@ -101,8 +104,8 @@ def test_two_rank_zero_trainer_equals_one_process(tmp_path, stage, kind):
     assert logged(got["log"], "loss") == pytest.approx(want, rel=1e-4, abs=1e-4)
     assert_same_weights(*(without_key_bias(sd, kind) for sd in (torch.load(tmp_path / "state.pt"),
                                                                  trainer.model.state_dict())), rtol=1e-4)
-    # export_hf(engine) of a transformers model (model_from_engine, unwrap, save_pretrained): a plain
-    # transformers checkpoint whose logits are the trained model's.
+    # trainer.save_model under DeepSpeed (export_hf(engine): model_from_engine, unwrap, save_pretrained): a
+    # plain transformers checkpoint whose logits are the trained model's.
     from transformers import AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert type(exported) is type(trainer.model)
@@ -158,9 +161,89 @@ def test_misuse_is_named(tmp_path):
                     optimizers=(opt, torch.optim.lr_scheduler.ConstantLR(opt)))
     with pytest.raises(ValueError, match="already has its lr scheduler"):
         enable_relora(own, cycle_length=3, restart_warmup_steps=1)
-    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
-          "scheduler": {"type": "WarmupLR"}}
-    ds_args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2, deepspeed=ds)
-    with pytest.raises(ValueError, match="'scheduler' section"):
-        enable_relora(w.InOrder(model=w.model(), args=ds_args, train_dataset=w.Windows()), cycle_length=3,
-                      restart_warmup_steps=1)
+    # A scheduler that takes the jagged cosine's place after enable_relora is refused before the first step.
+    late = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+    enable_relora(late, cycle_length=3, restart_warmup_steps=1)
+    late.create_optimizer()
+    late.lr_scheduler = torch.optim.lr_scheduler.ConstantLR(late.optimizer)
+    with pytest.raises(ValueError, match="the run steps a ConstantLR, not ReLoRA's jagged cosine"):
+        late.train()
+    assert late.state.global_step == 0
+
+
+@pytest.mark.parametrize("kind, quantize", [("llama", None), ("gpt2", "int8")])
+def test_save_model_writes_the_merged_model_and_checkpoints_the_wrapped_state(tmp_path, kind, quantize):
+    """trainer.save_model wrote the wrapped state, which from_pretrained loaded without s·B·A (an int8 base: not
+    at all), saying so only in a load report (a review: logits off by 0.33 / 1.1). It now writes the merged
+    model; the Trainer's checkpoints keep the wrapped state a resume needs. 5 steps: B != 0 at the end."""
+    from transformers import AutoModelForCausalLM
+    trainer, _ = w.run(tmp_path, batch=4, kind=kind, quantize=quantize, max_steps=5, save_strategy="steps",
+                       save_steps=5)
+    trainer.save_model(tmp_path / "final")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    assert not any("lora" in k or "weight_q" in k for k in loaded.state_dict())
+    x = torch.stack([w.Windows()[i]["input_ids"] for i in range(3)])
+    with torch.no_grad():
+        want = trainer.model.eval()(input_ids=x).logits
+        assert any(layer.lora_B.abs().max() > 0 for _, layer in relora_ds.relora_layers(trainer.model))
+        torch.testing.assert_close(loaded(input_ids=x).logits, want, rtol=1e-5, atol=1e-5)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "checkpoint-5" / "model.safetensors"), "pt") as f:
+        assert any(k.endswith("lora_A") for k in f.keys())
+
+
+def test_the_lr_stays_on_the_step_when_the_scheduler_missed_one(tmp_path):
+    """A step whose scheduler step did not run (what an fp16 overflow skip does: the optimizer step is skipped,
+    global_step still counts it) shifted every later re-warm-up by one; a resume from a checkpoint without
+    scheduler state (save_only_model=True) restarted the schedule at 0 (a review: the reset at step 6 came at
+    the peak lr). The schedule is now put back on global_step; the lr of every step equals the plain run's."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+    whole, _ = w.run(tmp_path / "whole", batch=4)
+    want = logged(whole.state.log_history, "learning_rate")
+
+    class SkipOneSchedulerStep(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 1:  # the second step: its scheduler step does not happen
+                sched = skipped.lr_scheduler
+                sched.step = lambda *a, **k: setattr(sched, "step", type(sched).step.__get__(sched))
+
+    args = TrainingArguments(**w.arguments(tmp_path / "skip", batch=4))
+    skipped = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows(), callbacks=[SkipOneSchedulerStep()])
+    enable_relora(skipped, **w.RELORA)
+    skipped.train()
+    assert logged(skipped.state.log_history, "learning_rate")[2:] == pytest.approx(want[2:], rel=1e-6)
+
+    w.run(tmp_path / "only_model", batch=4, save_strategy="steps", save_steps=4, save_only_model=True)
+    args = TrainingArguments(**w.arguments(tmp_path / "resumed", batch=4))
+    resumed = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+    callback = enable_relora(resumed, **w.RELORA)
+    with pytest.warns(UserWarning, match="resumed at step 4 with the schedule at step 0"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "only_model" / "checkpoint-4"))
+    assert [(e["step"], e["event"]) for e in callback.events] == [(6, "reset")]
+    # (steps 1-4 logged by the first run, in the checkpoint's trainer state)
+    assert logged(resumed.state.log_history, "learning_rate") == pytest.approx(want, rel=1e-6)
+
+
+def test_an_optimizer_without_adam_moments_is_refused_after_the_first_step(tmp_path):
+    """SGD, Adafactor, RMSprop keep no Adam moments to prune: the first reset failed, cycle_length steps in
+    (5000 in the paper) and after its merge. Now the first step ends the run, before any merge."""
+    with pytest.raises(ValueError, match=r"the optimizer \(SGD\) keeps \['momentum_buffer'\], not the Adam "
+                                         r"moments"):
+        w.run(tmp_path, batch=4, optim="sgd", optim_args="momentum=0.9")
+
+
+def test_a_deepspeed_config_with_a_scheduler_is_refused(tmp_path):
+    """A DeepSpeed config's 'scheduler' section would replace the jagged cosine: refused when given as
+    deepspeed=, and when given through accelerate (accelerate launch --use_deepspeed), where it replaced it
+    silently (a review: lr 0.02 through both resets). Each in a process of its own: accelerate's state, once
+    DeepSpeed's, stays so for every later Trainer of the process."""
+    config = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "zero_optimization":
+              {"stage": 2}, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    for via in ("accelerate", "deepspeed="):
+        proc = run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--refuse-config",
+                         tmp_path / "ds.json", "--via", via, nprocs=1, timeout=300)
+        assert f"{via} refused: enable_relora: the DeepSpeed config has a 'scheduler' section" in proc.stdout, \
+            proc.stdout

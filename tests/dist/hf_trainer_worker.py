@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import deepspeed
 import torch
@@ -45,7 +46,7 @@ def plain(kind="llama"):
     return LlamaForCausalLM(cfg)
 
 
-def model(kind="llama", source=None):
+def model(kind="llama", source=None, quantize=None):
     """``plain(kind)`` wrapped ('all-linear' for GPT-2), or the model saved in ``source`` loaded and wrapped:
     under a ZeRO-3 TrainingArguments, from_pretrained builds it partitioned (deepspeed.zero.Init), the way a
     model too large for one GPU is loaded, and wrap converts the partitioned layers."""
@@ -59,8 +60,8 @@ def model(kind="llama", source=None):
         # transformers 5.25's GPT-2 leaves loss_type None, and the Trainer then divides the summed loss by the
         # count of all labels, not of the shifted ones (x 16/17 here): name the loss it computes anyway.
         base.loss_type = "ForCausalLM"
-        return relora_ds.wrap(base, rank=4, seed=3, target_modules="all-linear")
-    return relora_ds.wrap(base, rank=4, seed=3)
+        return relora_ds.wrap(base, rank=4, seed=3, target_modules="all-linear", quantize=quantize)
+    return relora_ds.wrap(base, rank=4, seed=3, quantize=quantize)
 
 
 class InOrder(Trainer):
@@ -73,14 +74,14 @@ def arguments(out_dir, batch) -> dict:
                 save_strategy="no", use_cpu=True, optim="adamw_torch", disable_tqdm=True, **HP)
 
 
-def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", source=None, **overrides):
+def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", source=None, quantize=None, **overrides):
     """Train; returns (trainer, callback or None)."""
     args = TrainingArguments(**{**arguments(out_dir, batch), "deepspeed": deepspeed, **overrides})
     if source is not None and deepspeed is not None:
         # zero.Init (inside from_pretrained) needs the process group, which the Trainer would start only later
         import deepspeed as ds
         ds.init_distributed()
-    trainer = InOrder(model=model(kind, source), args=args, train_dataset=Windows())
+    trainer = InOrder(model=model(kind, source, quantize), args=args, train_dataset=Windows())
     callback = enable_relora(trainer, **RELORA) if relora else None
     trainer.train()
     return trainer, callback
@@ -92,8 +93,14 @@ def main():
     ap.add_argument("--stage", type=int, default=2)
     ap.add_argument("--model", choices=["llama", "gpt2"], default="llama")
     ap.add_argument("--source", help="a saved plain(model): loaded with from_pretrained (at ZeRO-3: partitioned)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (batch 2 / this)")
+    ap.add_argument("--refuse-config", help="only check that enable_relora refuses this DeepSpeed config")
+    ap.add_argument("--via", choices=["deepspeed=", "accelerate"], help="--refuse-config given as deepspeed= or "
+                                                                       "through accelerate's environment")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
+    if a.refuse_config:
+        return check_scheduler_refused(a.out, a.refuse_config, a.via)
     ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
           "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
           "zero_optimization": {"stage": a.stage, **({"stage3_param_persistence_threshold": 0} if a.stage == 3
@@ -102,7 +109,13 @@ def main():
     if a.stage == 3:  # DeepSpeed's own optimizer section: transformers then asks for the schedule of that optimizer
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                                       "weight_decay": "auto", "torch_adam": True}}
-    trainer, callback = run(a.out, batch=2, deepspeed=ds, kind=a.model, source=a.source)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer, callback = run(a.out, batch=2 // a.grad_accum, deepspeed=ds, kind=a.model, source=a.source,
+                                gradient_accumulation_steps=a.grad_accum)
+    # accelerate steps the engine only at accumulation boundaries: the merges after them are not inside one
+    wrong = [str(x.message) for x in seen if "inside a gradient accumulation" in str(x.message)]
+    assert not wrong, wrong
     engine = trainer.model_wrapped
     assert type(engine).__name__ == "DeepSpeedEngine", type(engine)
     params = list(engine.module.parameters())
@@ -110,13 +123,28 @@ def main():
         assert all(p.numel() == 0 for p in params), "ZeRO-3 left a weight whole"
     with deepspeed.zero.GatheredParameters(params, enabled=a.stage == 3):  # every rank takes part
         state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-    relora_ds.export_hf(engine, os.path.join(a.out, "hf"))  # every rank: the gathers; rank 0 writes
+    trainer.save_model(os.path.join(a.out, "hf"))  # the merged model: export_hf(engine) on every rank
     if int(os.environ["RANK"]) == 0:
         torch.save(state, os.path.join(a.out, "state.pt"))
         with open(os.path.join(a.out, "run.json"), "w") as f:
             json.dump({"events": [{k: e[k] for k in ("step", "event")} for e in callback.events],
                        "log": trainer.state.log_history}, f)
     sys.stdout.flush()
+
+
+def check_scheduler_refused(out_dir: str, config: str, via: str) -> None:
+    """enable_relora refuses a DeepSpeed config with a 'scheduler' section, handed to the Trainer as deepspeed=
+    or through the environment (`accelerate launch --use_deepspeed --deepspeed_config_file FILE`)."""
+    if via == "accelerate":
+        os.environ.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_CONFIG_FILE=config)
+    args = TrainingArguments(**arguments(out_dir, 2), deepspeed=config if via == "deepspeed=" else None)
+    assert (getattr(args, "hf_deepspeed_config", None) is None) == (via == "accelerate")
+    trainer = InOrder(model=model(), args=args, train_dataset=Windows())
+    assert trainer.is_deepspeed_enabled
+    try:
+        enable_relora(trainer, **RELORA)
+    except ValueError as e:
+        print(f"{via} refused: {e}", flush=True)
 
 
 if __name__ == "__main__":

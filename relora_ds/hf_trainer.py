@@ -126,7 +126,10 @@ def _save_merged_models(trainer: Trainer) -> None:
         if trainer.is_deepspeed_enabled:  # every rank: the fp32 masters and ZeRO-3 partitions are gathered
             from .hf import export_hf
 
-            export_hf(trainer.model_wrapped, output_dir)
+            # in the dtype the engine trains the model in (a bf16 run: 2 bytes a weight, as transformers saves it)
+            module = trainer.model_wrapped.module
+            dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
+            export_hf(trainer.model_wrapped, output_dir, dtype=dtype)
         else:
             from .hf import merged_state_dict
 

@@ -244,8 +244,7 @@ class ReLoRACallback(TrainerCallback):
             if engine is not None:
                 target, params = engine, lora_parameters(engine.module)
             else:  # accelerate's AcceleratedOptimizer around the torch one
-                target, params = getattr(trainer.optimizer, "optimizer", trainer.optimizer), \
-                    lora_parameters(trainer.model)
+                target, params = _innermost_optimizer(trainer.optimizer), lora_parameters(trainer.model)
             # Each reset its own seed (a 'random' prune must not reuse a mask; a resumed run draws the same).
             event.update(prune_optimizer_state(target, params, method=self.prune_method, ratio=self.prune_ratio,
                                                seed=args.seed + step, joint=self.prune_joint), reset=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from . import sharded
 from .data.tokenizer import open_tokenizer, tokenizer_difference
 from .hf_load import CONFIG_KEYS, config_from_hf, hf_tensors, load_hf, load_hf_config
 from .hf_tokenizer import TokenizerNotConvertible, save_hf_tokenizer, sentencepiece_special_ids
@@ -78,6 +79,7 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     scale·B·A (fp32 sum, cast once to ``dtype``, default the weight's as `unwrap` keeps it, and in the replaced
     layer's layout). A tied model's lm_head.weight is left out, as transformers saves it (safetensors refuses
     a tensor under two names, and loading ties it back)."""
+    sharded.check_not_sharded(model.parameters(), "merged_state_dict (export_hf, the Trainer's save_model)")
     merged: dict[str, torch.Tensor] = {}
     layer_names = set()
     for name, layer in relora_layers(model):

@@ -26,6 +26,18 @@ def check_not_engine_managed(param, what: str) -> None:
                          "that the fp32 masters and Adam moments are the ones changed")
 
 
+def check_not_fsdp1(model: nn.Module) -> None:
+    """Refuse a model inside torch's FSDP1 wrapper: outside its forward a layer's parameters are flat-shard
+    views (empty, or 1-D slices), which no merge can read as matrices; FSDP2's DTensors are supported."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError("merge_and_reinit: the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat "
+                         "parameter shards no merge can read as matrices; shard it with FSDP2 instead "
+                         "(torch.distributed.fsdp.fully_shard, on each decoder layer then the model), or train it "
+                         "with a DeepSpeed engine")
+
+
 def merge_and_reinit(model: nn.Module) -> dict:
     """Merge every ReLoRA layer of ``model`` (or of a DeepSpeed engine) and re-initialize its LoRA factors.
 
@@ -41,6 +53,7 @@ def merge_and_reinit(model: nn.Module) -> dict:
     if not layers:
         raise ValueError("merge_and_reinit: the model has no ReLoRALinear layers (call relora_ds.wrap first)")
     check_not_engine_managed(layers[0][1].lora_A, "merge_and_reinit")
+    check_not_fsdp1(model)
     for _, layer in layers:
         layer.merge_()
         layer.merge_count += 1

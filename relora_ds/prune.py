@@ -10,6 +10,8 @@ from collections.abc import Iterable
 
 import torch
 
+from . import sharded
+
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 METHODS = ("magnitude", "random", "reset")
 
@@ -111,8 +113,9 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     ``seed`` draws the 'random' masks: pass a new one at each reset (the trainer passes seed + step), or
     every reset zeroes the same entries.
 
-    Accepts torch Adam/AdamW or a DeepSpeed engine (ZeRO-partitioned state, see zero_reset.py); both use
-    ``moment_masks`` on whole tensors, so the results are identical.
+    Accepts torch Adam/AdamW (also with FSDP2's sharded DTensor state) or a DeepSpeed engine
+    (ZeRO-partitioned state, see zero_reset.py); all use ``moment_masks`` on whole tensors, so the results
+    are identical.
     Returns ``{key: fraction of entries zeroed}`` over all given params (independent mode: exp_avg's
     fraction is at least ``ratio``, since it includes exp_avg_sq's mask).
     """
@@ -142,12 +145,14 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
         if not all(k in state for k in MOMENT_KEYS):
             raise ValueError(_no_moments(optimizer, i, p, state))
         total += p.numel()
-        masks = moment_masks({k: state[k] for k in MOMENT_KEYS}, method, ratio, seed + 1000003 * i, joint)
+        # FSDP2's moments are DTensors: the masks of the whole tensors (gathered), each rank zeroing its shard
+        masks = moment_masks({k: sharded.whole(state[k]) for k in MOMENT_KEYS}, method, ratio,
+                             seed + 1000003 * i, joint)
         for key in MOMENT_KEYS:
-            state[key].masked_fill_(masks[key], 0.0)
+            state[key].masked_fill_(sharded.shard_of(state[key], masks[key]), 0.0)
             zeroed[key] += int(masks[key].sum())
         if "max_exp_avg_sq" in state:  # amsgrad: its running max would otherwise keep the pruned entries
-            state["max_exp_avg_sq"].masked_fill_(masks["exp_avg_sq"], 0.0)
+            state["max_exp_avg_sq"].masked_fill_(sharded.shard_of(state["max_exp_avg_sq"], masks["exp_avg_sq"]), 0.0)
     return {key: zeroed[key] / max(1, total) for key in MOMENT_KEYS}
 
 

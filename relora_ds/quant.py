@@ -126,11 +126,13 @@ def dequantized(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.T
 
 
 @torch.no_grad()
-def merge_(layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
+def merge_(layer: nn.Module, A: torch.Tensor, B: torch.Tensor, q: torch.Tensor | None = None) -> None:
     """``(q, scale, residual) ← quantize(dequantize(q, scale, residual) + s·B·A)``: one Triton pass on CUDA
     (residual staged host→device→host), the fp32 torch twin elsewhere; deterministic, so identical on every
-    data-parallel rank given identical A and B (the gathered fp32 masters)."""
-    relora_kernels.int8_merge_(layer.weight_q, layer.weight_scale, layer.weight_residual, A, B, layer.scale)
+    data-parallel rank given identical A and B (the gathered fp32 masters). ``q``: the layer's weight_q
+    (default), or the whole of it gathered from FSDP2's shards."""
+    q = layer.weight_q if q is None else q
+    relora_kernels.int8_merge_(q, layer.weight_scale, layer.weight_residual, A, B, layer.scale)
 
 
 def device_bytes(out_features: int, in_features: int, quantize: str | None) -> int:

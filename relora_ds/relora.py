@@ -16,7 +16,7 @@ import relora_kernels
 import torch
 from torch import nn
 
-from . import quant, targets
+from . import quant, sharded, targets
 
 # The reference implementation trains r=128 with lora_alpha=32 (scale 0.25); we keep its alpha.
 DEFAULT_ALPHA = 32.0
@@ -191,12 +191,7 @@ class ReLoRALinear(nn.Module):
             return
         A = kaiming_uniform_A((self.rank, self.in_features), reinit_seed(self.seed, self.name, restart_index))
         A = A.to(self.lora_A.dtype)
-        mesh = getattr(self.lora_A, "device_mesh", None)
-        if mesh is not None:  # an FSDP2 (fully_shard) DTensor: this rank's shard of the draw every rank makes
-            from torch.distributed.tensor import distribute_tensor
-
-            A = distribute_tensor(A.to(self.lora_A.device), mesh, self.lora_A.placements, src_data_rank=None)
-        self.lora_A.copy_(A)
+        sharded.keep_shard_(self.lora_A, A)  # FSDP2 (DTensor): this rank's shard of the draw every rank makes
         self.lora_B.zero_()
 
     def base_weight(self) -> torch.Tensor:
@@ -228,23 +223,36 @@ class ReLoRALinear(nn.Module):
         On CUDA this is the one-pass Triton merge kernel (no atomics, so every rank computes the same bits).
         An int8 base is requantized with error feedback (relora_ds/quant.py), so merges do not drift; so is a
         float base with ``merge_residual`` (the torch path: merges are rare next to training steps).
+        A layer sharded by FSDP2 (DTensors) merges the whole weight, gathered, as one process would, and each
+        rank keeps its shard (relora_ds/sharded.py).
         """
+        A = self.lora_A if A is None else A
+        B = self.lora_B if B is None else B
+        base = self.weight_q if self.quantize else self.weight
+        if not any(map(sharded.is_sharded, (base, A, B))):
+            self._merge_into(base, A, B)
+            return
+        full = sharded.whole(base)
+        self._merge_into(full, sharded.whole(A), sharded.whole(B))
+        sharded.keep_shard_(base, full)
+
+    def _merge_into(self, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
+        """The merge into ``base`` (this layer's weight, or weight_q for an int8 base, or the whole of either)."""
         if self.quantize:
-            quant.merge_(self, self.lora_A if A is None else A, self.lora_B if B is None else B)
+            quant.merge_(self, A, B, q=base)
             return
-        A = self.lora_A if A is None else A.to(self.weight.device)
-        B = self.lora_B if B is None else B.to(self.weight.device)
+        A, B = A.to(base.device), B.to(base.device)
+        if self.merge_residual is None and base.dtype != torch.float64 and relora_kernels.use_triton(base):
+            relora_kernels.lora_merge_(base, A, B, self.scale)
+            return
+        acc = _acc_dtype(torch.promote_types(A.dtype, base.dtype))
+        delta = (B.to(acc) @ A.to(acc)) * self.scale
         if self.merge_residual is not None:  # error feedback: W + residual + s·B·A, rounded once, remainder kept
-            exact = self.base_weight() + self.merge_residual.to(self.weight.device, torch.float32) + \
-                self.delta_weight(A, B)
-            self.weight.copy_(exact.to(self.weight.dtype))
-            self.merge_residual.copy_((exact - self.weight.float()).to(torch.bfloat16).cpu())
+            exact = base.to(_acc_dtype(base.dtype)) + self.merge_residual.to(base.device, torch.float32) + delta
+            base.copy_(exact.to(base.dtype))
+            self.merge_residual.copy_((exact - base.float()).to(torch.bfloat16).cpu())
             return
-        if self.weight.dtype != torch.float64 and relora_kernels.use_triton(self.weight):
-            relora_kernels.lora_merge_(self.weight, A, B, self.scale)
-            return
-        merged = self.base_weight() + self.delta_weight(A, B)
-        self.weight.copy_(merged.to(self.weight.dtype))
+        base.copy_((base.to(_acc_dtype(base.dtype)) + delta).to(base.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Dispatches itself: fused Triton kernels on CUDA, the torch twin elsewhere (RELORA_KERNELS forces).
@@ -355,6 +363,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         raise ValueError("unwrap: the model's parameters are managed by a DeepSpeed engine (ZeRO-3 shards, or "
                          "16-bit copies of its fp32 masters); unwrap relora_ds.hf.model_from_engine(engine), a host "
                          "copy with the masters, or export with relora_ds.export_hf(engine, out_dir)")
+    sharded.check_not_sharded((layer.lora_A for _, layer in relora_layers(model)), "unwrap")
     for name, layer in list(relora_layers(model)):
         dtype = layer.lora_A.dtype if layer.quantize else layer.weight.dtype
         base_type = layer.base_type

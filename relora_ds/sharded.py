@@ -1,0 +1,45 @@
+"""Tensors sharded by torch's FSDP2 (`fully_shard`: parameters and their Adam moments are DTensors).
+
+A merge and a prune are computed as one process would compute them: on the whole tensor (`whole`, a
+collective every rank calls, one tensor at a time), then each rank keeps its own shard (`keep_shard_`, no
+communication: the whole is identical on every rank). The same rule as the DeepSpeed path (zero_reset.py).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def is_sharded(t) -> bool:
+    """A DTensor (FSDP2's sharded parameter or optimizer state)."""
+    return hasattr(t, "device_mesh") and hasattr(t, "placements")
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (gathered from a DTensor's shards); a plain tensor as it is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def shard_of(like: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``full`` (the same on every rank) as a DTensor laid out as ``like``; no
+    communication. A plain ``like``: ``full`` itself."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def keep_shard_(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """dst ← full (in place; a DTensor ``dst`` takes this rank's shard of it)."""
+    dst.copy_(shard_of(dst, full))
+
+
+def check_not_sharded(tensors, what: str) -> None:
+    """Refuse what needs a whole model in one process (unwrap, an export) on an FSDP2-sharded one."""
+    if any(map(is_sharded, tensors)):
+        raise ValueError(
+            f"{what}: the model is sharded by FSDP2 (DTensor parameters); gather it first, on every rank: "
+            "sd = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+            "full_state_dict=True, cpu_offload=True)), then on rank 0 build and relora_ds.wrap the same model "
+            f"unsharded, load_state_dict(sd), and call {what} on it")

@@ -1,0 +1,129 @@
+"""tests/test_fsdp.py, on 2 CPU ranks (gloo), a model sharded by FSDP2 (fully_shard: parameters and Adam moments
+are DTensors):
+
+- ``meta``: built and wrapped on meta, sharded, then materialized with to_empty: every rank's LoRA factors are
+  its shard of the fresh wrap's.
+- ``reset``: a ReLoRA reset (merge_and_reinit, prune_optimizer_state) against one process holding the same
+  whole state (gathered after a few steps of sharded training): every weight, buffer and moment bit-identical
+  after the reset, and the next loss the same. Cases: a float base with magnitude pruning, an int8 base with
+  random pruning and amsgrad, a merge residual with joint pruning; gate/up have 47 rows, sharded unevenly.
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import relora_ds
+from relora_ds.sharded import whole
+
+CASES = [({}, "magnitude", {}), ({"quantize": "int8"}, "random", {"amsgrad": True}),
+         ({"merge_residual": True}, "magnitude", {"joint": True})]
+
+
+def tiny(wrap_kw):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=47, num_hidden_layers=2,
+                      num_attention_heads=4)
+    torch.manual_seed(0)
+    return relora_ds.wrap(LlamaForCausalLM(cfg), rank=4, seed=3, **wrap_kw)
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def run_case(wrap_kw, method, extra, mesh, batch):
+    amsgrad = extra.get("amsgrad", False)
+    model = tiny(wrap_kw)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.AdamW(trainable(model), lr=1e-2, amsgrad=amsgrad)
+    mine = batch.chunk(dist.get_world_size())[dist.get_rank()]
+    for _ in range(3):
+        model(mine, labels=mine).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    # The oracle: one process holding the gathered whole state.
+    ref = tiny(wrap_kw)
+    ref.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+    ref_opt = torch.optim.AdamW(trainable(ref), lr=1e-2, amsgrad=amsgrad)
+    for p, q in zip(trainable(model), trainable(ref), strict=True):
+        ref_opt.state[q] = {k: whole(v).clone() for k, v in opt.state[p].items()}
+
+    prune = dict(method=method, ratio=0.9, seed=5, joint=extra.get("joint", False))
+    assert relora_ds.merge_and_reinit(model)["layers"] == relora_ds.merge_and_reinit(ref)["layers"] == 14
+    got = relora_ds.prune_optimizer_state(opt, relora_ds.lora_parameters(model), **prune)
+    want = relora_ds.prune_optimizer_state(ref_opt, relora_ds.lora_parameters(ref), **prune)
+    assert got == want, (got, want)
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    ref_state = ref.state_dict()
+    assert state.keys() == ref_state.keys()
+    for key, t in ref_state.items():
+        assert torch.equal(state[key], t), f"{wrap_kw} {key}: max diff {(state[key].float() - t.float()).abs().max()}"
+    named = dict(model.named_parameters())
+    for (name, q) in ref.named_parameters():
+        if q.requires_grad:
+            for k, v in ref_opt.state[q].items():
+                assert torch.equal(whole(opt.state[named[name]][k]), v), f"{wrap_kw} {name} {k}"
+
+    # Sharded training goes on from the merged shards: the next loss is the whole model's.
+    loss = model(batch, labels=batch).loss
+    ref_loss = ref(batch, labels=batch).loss
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0), (loss.item(), ref_loss.item())
+
+    for call in (lambda: relora_ds.unwrap(model), lambda: relora_ds.hf.merged_state_dict(model)):
+        try:
+            call()
+        except ValueError as e:
+            assert "sharded by FSDP2" in str(e) and "get_model_state_dict" in str(e), e
+        else:
+            raise AssertionError("a sharded model was unwrapped or exported")
+    print(f"rank {dist.get_rank()}: {wrap_kw} {method} ok", flush=True)
+
+
+def meta_materialization(mesh):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+    with torch.device("meta"):
+        model = relora_ds.wrap(LlamaForCausalLM(cfg), rank=4, seed=3)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    want = dict(relora_ds.relora_layers(relora_ds.wrap(LlamaForCausalLM(cfg), rank=4, seed=3)))
+    for name, layer in relora_ds.relora_layers(model):
+        assert type(layer.lora_A).__name__ == "DTensor"
+        assert torch.equal(layer.lora_A.full_tensor(), want[name].lora_A), name
+        assert layer.lora_B.full_tensor().abs().sum() == 0 and int(layer.merge_count) == 0, name
+    print(f"rank {dist.get_rank()}: fsdp2 meta ok", flush=True)
+
+
+def main():
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    if sys.argv[-1] == "meta":
+        meta_materialization(mesh)
+        return 0
+    torch.manual_seed(1)
+    batch = torch.randint(0, 64, (2 * dist.get_world_size(), 17))
+    for case in CASES:
+        run_case(*case, mesh, batch)
+    print(f"rank {dist.get_rank()}: fsdp2 relora ok", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    # torch 2.13 + gloo: a process that used FSDP2 (fully_shard) aborts at interpreter teardown ("terminate called
+    # without an active exception") in ~5% of runs, ~25% after destroy_process_group (measured: a 2-layer
+    # Sequential, 40 runs each); os._exit skips that teardown, and every check has passed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

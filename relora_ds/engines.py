@@ -72,6 +72,8 @@ class EnginesMixin:
             model.gradient_checkpointing_enable()
         if cfg.loss_chunk_size:
             model.chunked_loss_enable(cfg.loss_chunk_size)
+        if cfg.document_masking:
+            model.document_masking_enable(self.eos_id)
         if phase == "lowrank" and not any(True for _ in relora_layers(model)):
             self._wrap(model)
         zero_init.partition_(model, self.ds, cfg.zero_init)  # whatever arrived whole (under ZeRO-3)

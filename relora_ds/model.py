@@ -155,7 +155,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qk_norm = config.qk_norm
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -164,7 +165,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self._use_flash(q):
+        if documents is None and self._use_flash(q):
             from flash_attn import flash_attn_func  # (B, T, H, hd) layout, handles GQA itself
 
             # window_size (left, right), flash-attn >= 2.3: keys i - left .. i + right, so left = window - 1.
@@ -174,7 +175,10 @@ class Attention(nn.Module):
             if self.n_kv_heads != self.n_heads:
                 rep = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            if self.sliding_window is not None and T > self.sliding_window:
+            if documents is not None:  # (B, 1, T, T): within each document (and window), causal
+                mask = _document_mask(documents, self.sliding_window)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            elif self.sliding_window is not None and T > self.sliding_window:
                 mask = _sliding_window_mask(T, self.sliding_window, q.device)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             else:  # within the window every query sees its whole prefix
@@ -209,6 +213,22 @@ def _sliding_window_mask(T: int, window: int, device: torch.device) -> torch.Ten
     return (distance >= 0) & (distance < window)
 
 
+def document_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, T) int: the document of each token of a packed window, counted from 0 at its start; a document
+    ends with its EOS (the EOS is its last token), so the token after an EOS starts the next one."""
+    eos = (input_ids == eos_token_id).to(torch.int32)
+    return torch.cumsum(eos, dim=1) - eos
+
+
+def _document_mask(documents: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(B, 1, T, T) bool, True where query i may attend key j: j <= i, both in one document (and within the
+    sliding window, when there is one)."""
+    i = torch.arange(documents.shape[1], device=documents.device)
+    distance = i[:, None] - i[None, :]
+    allowed = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
+    return (allowed & (documents[:, :, None] == documents[:, None, :]))[:, None]
+
+
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -229,8 +249,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, documents=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -248,17 +268,20 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.gradient_checkpointing = False
+        self.document_eos: int | None = None  # LlamaForCausalLM.document_masking_enable
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        # RoPE is relative (q_i·k_j depends on i - j only), so a document inside a window needs no position reset.
         cos, sin = self.rotary_emb(input_ids.shape[1], x.device, x.dtype)
+        documents = None if self.document_eos is None else document_ids(input_ids, self.document_eos)
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # Only the layer's input is kept; its activations are recomputed in backward (the RNG state
                 # is restored, so a LoRA dropout mask is drawn identically both times).
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, documents)
         return self.norm(x)
 
 
@@ -325,6 +348,23 @@ class LlamaForCausalLM(nn.Module):
 
     def chunked_loss_disable(self) -> None:
         self.loss_chunk_size = 0
+
+    def document_masking_enable(self, eos_token_id: int) -> None:
+        """Attention within each document of a packed window: a token attends only to the earlier tokens of
+        its own document, which ends at its EOS (``eos_token_id``), so each document of a window gets the
+        logits it gets alone (RoPE is relative: no position reset is needed). Runs on torch SDPA with a
+        (batch, 1, T, T) mask (flash-attn's causal kernel has no such mask). The loss is unchanged: an EOS still
+        predicts the next document's first token (BOS, where the tokenizer has one)."""
+        if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int) or \
+                not 0 <= eos_token_id < self.config.vocab_size:
+            raise ValueError(f"eos_token_id must be a token id in [0, {self.config.vocab_size}), got {eos_token_id!r}")
+        if self.config.attn_implementation == "flash":
+            raise ValueError("document masking runs on torch SDPA (flash-attn's causal kernel takes no document "
+                             "mask); use attn_implementation 'auto' or 'sdpa'")
+        self.model.document_eos = eos_token_id
+
+    def document_masking_disable(self) -> None:
+        self.model.document_eos = None
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer in backward instead of keeping its activations (Hugging Face's name)."""

@@ -99,6 +99,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         with self._warnings_on_rank_zero():
             self.model_config, manifest = check_model_and_data(cfg, self.data_dir, manifest_vocab)
         self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
+        self.eos_id = manifest["eos_id"]  # where a document ends (--document-masking)
         self.total_steps = total_steps_for(cfg, checkpoint.resume_progress(self.ckpt_dir, cfg.resume_from)
                                            if cfg.resume and cfg.token_budget else None)
         self.relora_start = cfg.warm_start_steps

@@ -79,7 +79,7 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     scale·B·A (fp32 sum, cast once to ``dtype``, default the weight's as `unwrap` keeps it, and in the replaced
     layer's layout). A tied model's lm_head.weight is left out, as transformers saves it (safetensors refuses
     a tensor under two names, and loading ties it back)."""
-    sharded.check_not_sharded(model.parameters(), "merged_state_dict (export_hf, the Trainer's save_model)")
+    sharded.check_not_sharded(model, "merged_state_dict (export_hf, the Trainer's save_model)")
     merged: dict[str, torch.Tensor] = {}
     layer_names = set()
     for name, layer in relora_layers(model):

@@ -9,6 +9,7 @@ import time
 
 from torch import nn
 
+from . import sharded
 from .relora import relora_layers
 
 
@@ -49,6 +50,7 @@ def merge_and_reinit(model: nn.Module) -> dict:
 
         return merge_and_reinit_engine(model)
     start = time.perf_counter()
+    sharded.reshard_(model)  # FSDP2: merge into its shards, not into whole copies it never writes back
     layers = list(relora_layers(model))
     if not layers:
         raise ValueError("merge_and_reinit: the model has no ReLoRALinear layers (call relora_ds.wrap first)")

@@ -165,6 +165,10 @@ def _no_moments(optimizer, i: int, p: torch.Tensor, state: dict) -> str:
                 f"prunes Adam/AdamW moments, and {name} keeps none")
     if "betas" not in getattr(optimizer, "defaults", {"betas": None}):
         return f"{where} has no optimizer state: ReLoRA prunes Adam/AdamW moments, and {name} keeps none"
+    if not sharded.is_sharded(p) and any(sharded.is_sharded(q) for g in optimizer.param_groups for q in g["params"]):
+        return (f"{where} is a whole tensor, but the optimizer holds FSDP2's shards (DTensors): the model's FSDP2 "
+                "modules are unsharded (after a forward with reshard_after_forward=False, or at the root); take "
+                "the parameters after relora_ds.merge_and_reinit(model), which reshards, or after model.reshard()")
     if any(len(st) for st in optimizer.state.values()):
         return (f"{where} has no optimizer state although other parameters do: is it in this optimizer's param "
                 "groups, and did it get a gradient? (An optimizer built before relora_ds.wrap holds the replaced "

@@ -255,6 +255,11 @@ class ReLoRALinear(nn.Module):
         base.copy_((base.to(_acc_dtype(base.dtype)) + delta).to(base.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for key in self.HOST_BUFFERS:
+            buf = self._buffers.get(key)
+            if buf is not None and buf.device.type not in ("cpu", "meta"):
+                # FSDP2's fully_shard moved it (buf.data = buf.to(device), past _apply): back to the host
+                buf.data = buf.data.cpu()
         # Dispatches itself: fused Triton kernels on CUDA, the torch twin elsewhere (RELORA_KERNELS forces).
         if self.quantize:
             return relora_kernels.int8_lora_linear(x, self.weight_q, self.weight_scale, self.lora_A, self.lora_B,
@@ -363,7 +368,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         raise ValueError("unwrap: the model's parameters are managed by a DeepSpeed engine (ZeRO-3 shards, or "
                          "16-bit copies of its fp32 masters); unwrap relora_ds.hf.model_from_engine(engine), a host "
                          "copy with the masters, or export with relora_ds.export_hf(engine, out_dir)")
-    sharded.check_not_sharded((layer.lora_A for _, layer in relora_layers(model)), "unwrap")
+    sharded.check_not_sharded(model, "unwrap")
     for name, layer in list(relora_layers(model)):
         dtype = layer.lora_A.dtype if layer.quantize else layer.weight.dtype
         base_type = layer.base_type

@@ -35,9 +35,25 @@ def keep_shard_(dst: torch.Tensor, full: torch.Tensor) -> None:
     dst.copy_(shard_of(dst, full))
 
 
-def check_not_sharded(tensors, what: str) -> None:
+def fsdp2_modules(model: torch.nn.Module) -> list:
+    """The modules of ``model`` that FSDP2's ``fully_shard`` manages."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard_(model: torch.nn.Module) -> None:
+    """Put FSDP2's sharded parameters back in the model. After a forward that did not reshard
+    (``reshard_after_forward=False``, or the root module, which FSDP2 never reshards after its forward) the
+    layers hold FSDP2's whole copies, which it never writes back: a merge into them would be lost (and the
+    optimizer's parameters are the shards). Dropping the copies loses nothing: the next forward gathers."""
+    for module in fsdp2_modules(model):
+        module.reshard()
+
+
+def check_not_sharded(model: torch.nn.Module, what: str) -> None:
     """Refuse what needs a whole model in one process (unwrap, an export) on an FSDP2-sharded one."""
-    if any(map(is_sharded, tensors)):
+    if fsdp2_modules(model) or any(map(is_sharded, model.parameters())):
         raise ValueError(
             f"{what}: the model is sharded by FSDP2 (DTensor parameters); gather it first, on every rank: "
             "sd = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("

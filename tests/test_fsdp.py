@@ -1,4 +1,6 @@
 """ReLoRA on a model sharded by torch's FSDP2 (`fully_shard`) through the Python API (2 CPU ranks, gloo), and FSDP1 refused."""
+import pytest
+import torch
 from launch_utils import ROOT, run_ranks
 
 
@@ -25,8 +27,6 @@ def test_fsdp1_is_refused_at_the_merge_before_any_change():
     1-D slices with True), not the matrices a merge reads: refused before any change, naming FSDP2. FSDP1
     cannot be built without an accelerator ("FSDP needs a non-CPU accelerator device"), so a bare instance of
     its class wraps the model here."""
-    import pytest
-    import torch
     from torch import nn
     from torch.distributed.fsdp import FullyShardedDataParallel
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -42,3 +42,12 @@ def test_fsdp1_is_refused_at_the_merge_before_any_change():
     with pytest.raises(ValueError, match=r"wrapped in FSDP1 \(FullyShardedDataParallel\).*fully_shard"):
         relora_ds.merge_and_reinit(wrapper)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (launch/gpu_tests.sh)")
+def test_fsdp2_on_cuda_keeps_the_merge_residuals_on_the_host():
+    """fully_shard moves buffers with .data = (past ReLoRALinear._apply), so an int8 base's and merge_residual's
+    residuals went to the GPU whole on every rank (a review found it reading FSDP2's code): the first forward
+    puts them back, and the merge (Triton on CUDA) matches the unsharded model merged on the CPU."""
+    proc = run_ranks(ROOT / "tests/dist/fsdp2_worker.py", "cuda", nprocs=1, timeout=300)
+    assert "fsdp2 cuda host buffers ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -6,7 +6,10 @@ are DTensors):
 - ``reset``: a ReLoRA reset (merge_and_reinit, prune_optimizer_state) against one process holding the same
   whole state (gathered after a few steps of sharded training): every weight, buffer and moment bit-identical
   after the reset, and the next loss the same. Cases: a float base with magnitude pruning, an int8 base with
-  random pruning and amsgrad, a merge residual with joint pruning; gate/up have 47 rows, sharded unevenly.
+  random pruning and amsgrad, a merge residual with joint pruning; an evaluation forward before each reset, with
+  FSDP2 resharding after it or not (whole copies then: a merge into them was lost); gate/up have 47 rows,
+  sharded unevenly.
+- ``cuda`` (a GPU): the merge residuals that fully_shard moves to the GPU go back to the host.
 """
 import os
 import sys
@@ -19,10 +22,14 @@ from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import relora_ds
+from relora_ds import sharded
 from relora_ds.sharded import whole
 
-CASES = [({}, "magnitude", {}), ({"quantize": "int8"}, "random", {"amsgrad": True}),
-         ({"merge_residual": True}, "magnitude", {"joint": True})]
+# layout: fully_shard on each decoder layer then the model ("layers"), the same without resharding after a
+# forward ("no_reshard"), or on the model alone ("root", which FSDP2 never reshards after its forward).
+CASES = [({}, "magnitude", {"layout": "layers"}),
+         ({"quantize": "int8"}, "random", {"amsgrad": True, "layout": "no_reshard"}),
+         ({"merge_residual": True}, "magnitude", {"joint": True, "layout": "root"})]
 
 
 def tiny(wrap_kw):
@@ -39,9 +46,12 @@ def trainable(model):
 def run_case(wrap_kw, method, extra, mesh, batch):
     amsgrad = extra.get("amsgrad", False)
     model = tiny(wrap_kw)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    layout = extra["layout"]
+    kw = {"reshard_after_forward": False} if layout == "no_reshard" else {}  # else FSDP2's default
+    if layout != "root":
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
     opt = torch.optim.AdamW(trainable(model), lr=1e-2, amsgrad=amsgrad)
     mine = batch.chunk(dist.get_world_size())[dist.get_rank()]
     for _ in range(3):
@@ -57,6 +67,15 @@ def run_case(wrap_kw, method, extra, mesh, batch):
         ref_opt.state[q] = {k: whole(v).clone() for k, v in opt.state[p].items()}
 
     prune = dict(method=method, ratio=0.9, seed=5, joint=extra.get("joint", False))
+    with torch.no_grad():  # an evaluation before the reset: the layers may now hold FSDP2's whole copies
+        model(mine)
+    if layout != "layers":  # whole copies, not the optimizer's shards: named (the merge reshards first)
+        try:
+            relora_ds.prune_optimizer_state(opt, relora_ds.lora_parameters(model), **prune)
+        except ValueError as e:
+            assert "FSDP2's shards" in str(e) and "merge_and_reinit" in str(e), e
+        else:
+            raise AssertionError(f"{layout}: a prune of FSDP2's whole copies was not refused")
     assert relora_ds.merge_and_reinit(model)["layers"] == relora_ds.merge_and_reinit(ref)["layers"] == 14
     got = relora_ds.prune_optimizer_state(opt, relora_ds.lora_parameters(model), **prune)
     want = relora_ds.prune_optimizer_state(ref_opt, relora_ds.lora_parameters(ref), **prune)
@@ -105,10 +124,51 @@ def meta_materialization(mesh):
     print(f"rank {dist.get_rank()}: fsdp2 meta ok", flush=True)
 
 
+def host_buffers_on_cuda():
+    """fully_shard moves every buffer to the GPU with ``buf.data = ...`` (past ReLoRALinear._apply): the merge
+    residuals (an int8 base's, merge_residual's) went to the GPU whole on every rank; the layers' first forward
+    puts them back on the host, and a merge keeps them there (oracle: the unsharded model, merged on the CPU)."""
+    mesh = init_device_mesh("cuda", (dist.get_world_size(),))
+    x = torch.randint(0, 64, (2, 9), device="cuda")
+    for kw, key in (({"quantize": "int8"}, "weight_residual"), ({"merge_residual": True}, "merge_residual")):
+        ref = tiny(kw)
+        model = tiny(kw)
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        layers = [layer for _, layer in relora_ds.relora_layers(model)]
+        assert all(getattr(layer, key).is_cuda for layer in layers), "fully_shard no longer moves buffers"
+        model(x)
+        assert all(getattr(layer, key).device.type == "cpu" for layer in layers), key
+        sharded.reshard_(model)
+        with torch.no_grad():
+            for _, layer in relora_ds.relora_layers(ref):
+                layer.lora_B.normal_(generator=torch.Generator().manual_seed(7))
+            for (_, layer), (_, mine) in zip(relora_ds.relora_layers(ref), relora_ds.relora_layers(model)):
+                mine.lora_B.copy_(sharded.shard_of(mine.lora_B, layer.lora_B))
+        relora_ds.merge_and_reinit(model)
+        relora_ds.merge_and_reinit(ref)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        for k, t in ref.state_dict().items():
+            if k.endswith("weight_residual"):  # follows weight_q's rounding (a 1-step flip wraps it): q checked
+                continue
+            if t.dtype == torch.int8:  # the Triton requantization against the torch twin: within one step
+                assert (state[k].int() - t.int()).abs().max() <= 1, k
+            else:
+                torch.testing.assert_close(state[k].float(), t.float(), rtol=1e-5, atol=1e-6, msg=k)
+        assert all(getattr(layer, key).device.type == "cpu" for layer in layers), key
+    print(f"rank {dist.get_rank()}: fsdp2 cuda host buffers ok", flush=True)
+
+
 def main():
-    dist.init_process_group("gloo")
+    mode = sys.argv[-1]
+    dist.init_process_group("nccl" if mode == "cuda" else "gloo")
+    if mode == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        host_buffers_on_cuda()
+        return 0
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    if sys.argv[-1] == "meta":
+    if mode == "meta":
         meta_materialization(mesh)
         return 0
     torch.manual_seed(1)

@@ -132,3 +132,20 @@ def test_the_trainer_masks_documents_in_training_and_validation(tmp_path, small_
         plain = model(batch, labels=batch).loss.item()
     assert masked == pytest.approx(logged, rel=1e-5)
     assert abs(plain - logged) > 1e-3
+
+
+def test_data_whose_bos_is_its_eos_is_refused_for_document_masking(tmp_path, small_data_dir):
+    """One id for BOS and EOS (OPT-style tokenizers): each document's BOS would end a document of one token
+    (a review found the boundaries silently wrong). Refused at start-up, naming the reason."""
+    import json
+    import shutil
+
+    from trainer_utils import train1
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data_dir, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["bos_id"] = manifest["eos_id"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    proc = train1(tmp_path, data, check=False, document_masking=True, total_steps=2)
+    assert proc.returncode != 0 and "one id" in proc.stderr and "BOS and EOS" in proc.stderr, proc.stderr[-2000:]

@@ -156,7 +156,9 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                document_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """document_mask: None, or the additive (B, 1, T, T) mask of document masking for this layer's window
+        (LlamaModel builds one per window and forward, shared by the layers)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -165,7 +167,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if documents is None and self._use_flash(q):
+        if document_mask is None and self._use_flash(q):
             from flash_attn import flash_attn_func  # (B, T, H, hd) layout, handles GQA itself
 
             # window_size (left, right), flash-attn >= 2.3: keys i - left .. i + right, so left = window - 1.
@@ -175,9 +177,8 @@ class Attention(nn.Module):
             if self.n_kv_heads != self.n_heads:
                 rep = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            if documents is not None:  # (B, 1, T, T): within each document (and window), causal
-                mask = _document_mask(documents, self.sliding_window)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if document_mask is not None:  # within each document (and window), causal
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask.to(q.dtype))  # no-op unless autocast
             elif self.sliding_window is not None and T > self.sliding_window:
                 mask = _sliding_window_mask(T, self.sliding_window, q.device)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -220,13 +221,17 @@ def document_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return torch.cumsum(eos, dim=1) - eos
 
 
-def _document_mask(documents: torch.Tensor, window: int | None) -> torch.Tensor:
-    """(B, 1, T, T) bool, True where query i may attend key j: j <= i, both in one document (and within the
-    sliding window, when there is one)."""
+def _document_mask(documents: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T, T) additive mask in ``dtype``: 0 where query i may attend key j (j <= i, both in one document,
+    and within the sliding window when there is one), -inf elsewhere. Additive and in the activations' dtype, it
+    is what SDPA adds to the scores as given: a bool mask would be converted to this inside every call, and
+    each layer would save its own converted copy for backward (4·B·T² bytes a layer in fp32)."""
     i = torch.arange(documents.shape[1], device=documents.device)
     distance = i[:, None] - i[None, :]
     allowed = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
-    return (allowed & (documents[:, :, None] == documents[:, None, :]))[:, None]
+    allowed = (allowed & (documents[:, :, None] == documents[:, None, :]))[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=documents.device)
+    return mask.masked_fill_(~allowed, float("-inf"))  # the diagonal is always allowed: no row is all -inf
 
 
 class MLP(nn.Module):
@@ -249,8 +254,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, documents=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, documents)
+    def forward(self, x, cos, sin, document_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -274,14 +279,19 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         # RoPE is relative (q_i·k_j depends on i - j only), so a document inside a window needs no position reset.
         cos, sin = self.rotary_emb(input_ids.shape[1], x.device, x.dtype)
-        documents = None if self.document_eos is None else document_ids(input_ids, self.document_eos)
+        masks = {}  # document masking: one mask per sliding window, built once and shared by its layers
+        if self.document_eos is not None:
+            documents = document_ids(input_ids, self.document_eos)
+            for window in dict.fromkeys(layer.self_attn.sliding_window for layer in self.layers):
+                masks[window] = _document_mask(documents, window, x.dtype)
         for layer in self.layers:
+            mask = masks.get(layer.self_attn.sliding_window)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # Only the layer's input is kept; its activations are recomputed in backward (the RNG state
                 # is restored, so a LoRA dropout mask is drawn identically both times).
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, documents)
+                x = layer(x, cos, sin, mask)
         return self.norm(x)
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint, reset_hook, run_info, zero_init
 from .data import PackedTokens, ShardedBatches, builtin_data_dir, load_manifest
-from .data.manifest import read_manifest_file
+from .data.manifest import document_ends_problem, read_manifest_file
 from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
     single_process_environment
 from .flops import mfu_peak
@@ -100,11 +100,9 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             self.model_config, manifest = check_model_and_data(cfg, self.data_dir, manifest_vocab)
         self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
         self.eos_id = manifest["eos_id"]  # where a document ends (--document-masking)
-        if cfg.document_masking and manifest.get("bos_id") == self.eos_id:
-            raise ValueError(f"document_masking: the data's tokenizer uses one id ({self.eos_id}) for BOS and EOS, "
-                             "so an EOS cannot tell where a document ends (each BOS would be a document of its own); "
-                             "train without --document-masking, or prepare the data with a tokenizer whose EOS is "
-                             "its own token")
+        if cfg.document_masking and (problem := document_ends_problem(manifest)):
+            raise ValueError(f"document_masking: {problem}; train without --document-masking, or prepare the data "
+                             "with a tokenizer whose EOS is its own token")
         self.total_steps = total_steps_for(cfg, checkpoint.resume_progress(self.ckpt_dir, cfg.resume_from)
                                            if cfg.resume and cfg.token_budget else None)
         self.relora_start = cfg.warm_start_steps

@@ -1,5 +1,7 @@
 """Document masking (model.document_masking_enable / --document-masking): inside a packed window each document
 attends only to itself. Oracle: each document run alone through the same model (positions from 0)."""
+import re
+
 import pytest
 import torch
 
@@ -25,8 +27,10 @@ def _documents(lengths, seed):
 
 
 def _alone_and_packed(model, rows):
-    """(logits of each document run alone, logits of the packed windows at the same positions)."""
+    """(logits of each document run alone, logits of the packed windows at the same positions). The documents
+    run alone without document masking (plain causal attention: an oracle independent of the masks)."""
     packed = model(torch.stack([torch.cat(docs) for docs in rows])).logits
+    eos, model.model.document_eos = model.model.document_eos, None
     alone, at = [], []
     for b, docs in enumerate(rows):
         start = 0
@@ -34,11 +38,14 @@ def _alone_and_packed(model, rows):
             alone.append(model(doc[None]).logits[0])
             at.append(packed[b, start:start + len(doc)])
             start += len(doc)
+    model.model.document_eos = eos
     return torch.cat(alone), torch.cat(at)
 
 
-@pytest.mark.parametrize("kw", [{}, {"num_key_value_heads": 2}, {"model_type": "mistral", "sliding_window": 5}],
-                         ids=["mha", "gqa", "window"])
+@pytest.mark.parametrize("kw", [{}, {"num_key_value_heads": 2}, {"model_type": "mistral", "sliding_window": 5},
+                                {"model_type": "qwen2", "sliding_window": 5,
+                                 "layer_types": ["full_attention", "sliding_attention"]}],
+                         ids=["mha", "gqa", "window", "window_on_one_layer"])
 def test_each_document_of_a_window_gets_the_logits_it_gets_alone(kw):
     """Two windows with their documents at different places (a mask per row); GQA; a sliding window shorter
     than the documents (mask = window and document). Without masking the later documents' logits differ:
@@ -51,6 +58,37 @@ def test_each_document_of_a_window_gets_the_logits_it_gets_alone(kw):
     alone, packed = _alone_and_packed(model, rows)
     # RoPE's cos/sin are fp32: a document at another position differs by their rounding (~1e-8 here)
     torch.testing.assert_close(packed, alone, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_one_mask_per_window_is_built_and_shared_by_the_layers(checkpointing):
+    """Backward keeps one (B, 1, T, T) mask per distinct window, whatever the depth: a mask built in each layer
+    (or a bool mask SDPA converts in each call) kept one per layer, 4·B·T² bytes each in fp32. Four layers, two
+    windows (Qwen2 layer types): two masks."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                      num_attention_heads=4, model_type="qwen2", sliding_window=5,
+                      layer_types=["full_attention", "sliding_attention"] * 2)
+    model = LlamaForCausalLM(cfg)
+    model.document_masking_enable(EOS)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    ids = torch.stack([torch.cat(_documents([7, 11, 9], seed=1)), torch.cat(_documents([12, 4, 11], seed=2))])
+    T = ids.shape[1]
+    masks = {}
+    def pack(t):  # the storages of every (B, 1, T, T) tensor autograd keeps, and their values
+        if t.shape == (2, 1, T, T):
+            masks[t.untyped_storage().data_ptr()] = t.detach().clone()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids).loss.backward()
+    assert len(masks) == 2
+    kept = sorted(((m == 0).sum().item() for m in masks.values()))
+    allowed = relora_ds.model.document_ids(ids, EOS)
+    same = allowed[:, :, None] == allowed[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    window = causal & ~torch.ones(T, T, dtype=torch.bool).tril(-5)
+    assert kept == sorted([(same & causal).sum().item(), (same & window).sum().item()])
 
 
 def test_masked_training_step_matches_per_document_training_and_activation_checkpointing():
@@ -149,3 +187,17 @@ def test_data_whose_bos_is_its_eos_is_refused_for_document_masking(tmp_path, sma
     (data / "manifest.json").write_text(json.dumps(manifest))
     proc = train1(tmp_path, data, check=False, document_masking=True, total_steps=2)
     assert proc.returncode != 0 and "one id" in proc.stderr and "BOS and EOS" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("manifest, problem", [
+    ({"bos_id": 1, "eos_id": 2, "unk_id": 0, "warnings": {"unk_tokens": 5}}, None),
+    ({"bos_id": None, "eos_id": 2, "unk_id": 2, "warnings": {"unk_tokens": 0}}, None),  # GPT-2: unk only named
+    ({"bos_id": 2, "eos_id": 2, "unk_id": 0, "warnings": {"unk_tokens": 0}}, r"one id \(2\) for BOS and EOS"),
+    ({"bos_id": None, "eos_id": 2, "unk_id": 2, "warnings": {"unk_tokens": 7}},
+     r"one id \(2\) for <unk> and EOS, and its text holds 7 unknown pieces"),
+], ids=["own_eos", "unk_named_eos_none_produced", "bos_is_eos", "unk_is_eos_and_produced"])
+def test_data_whose_eos_ids_are_not_only_document_ends_is_named(manifest, problem):
+    from relora_ds.data.manifest import document_ends_problem
+
+    found = document_ends_problem(manifest)
+    assert found is None if problem is None else re.search(problem, found), found

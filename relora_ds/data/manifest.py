@@ -122,3 +122,19 @@ def files_intact(data_dir: Path, manifest: dict) -> bool:
             return False
     tokenizer = data_dir / manifest["tokenizer_path"]
     return tokenizer.is_file() and tokenizer_sha256(tokenizer) == manifest["tokenizer_sha256"]
+
+
+def document_ends_problem(manifest: dict) -> str | None:
+    """Why EOS ids do not mark exactly the ends of the documents of this data (document masking cuts windows
+    at them), or None where they do. One id for BOS and EOS (OPT-style tokenizers) ends a one-token document at
+    every BOS; an ``<unk>`` that is the EOS ends one at every unknown piece the text produced. A tokenizer that
+    only names its EOS unk (GPT-2's byte-level BPE: every text encodes without unknown pieces) is fine."""
+    eos = manifest["eos_id"]
+    if manifest.get("bos_id") == eos:
+        return (f"the data's tokenizer uses one id ({eos}) for BOS and EOS, so an EOS cannot tell where a document "
+                "ends (each BOS would be a document of its own)")
+    unk_tokens = manifest.get("warnings", {}).get("unk_tokens", 0)
+    if manifest.get("unk_id") == eos and unk_tokens:
+        return (f"the data's tokenizer uses one id ({eos}) for <unk> and EOS, and its text holds {unk_tokens:,} "
+                "unknown pieces, each of which would end a document")
+    return None

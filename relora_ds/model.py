@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .documents import Documents
 from .loss import linear_cross_entropy
 from .model_config import LlamaConfig
 
@@ -156,9 +157,8 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """document_mask: None, or the additive (B, 1, T, T) mask of document masking for this layer's window
-        (LlamaModel builds one per window and forward, shared by the layers)."""
+                documents: Documents | None = None) -> torch.Tensor:
+        """documents: None, or the batch's documents under document masking (attention within each)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -167,18 +167,27 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if document_mask is None and self._use_flash(q):
-            from flash_attn import flash_attn_func  # (B, T, H, hd) layout, handles GQA itself
+        if self._use_flash(q):
+            import flash_attn  # (B, T, H, hd) layout, handles GQA itself
 
             # window_size (left, right), flash-attn >= 2.3: keys i - left .. i + right, so left = window - 1.
             window = {} if self.sliding_window is None else {"window_size": (self.sliding_window - 1, 0)}
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, **window)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if documents is None:
+                y = flash_attn.flash_attn_func(q, k, v, causal=True, **window)
+            else:  # every document of the batch one sequence of the variable-length kernel
+                cu_seqlens, max_seqlen = documents.varlen()
+                y = flash_attn.flash_attn_varlen_func(
+                    q.reshape(B * T, self.n_heads, self.head_dim), k.reshape(B * T, self.n_kv_heads, self.head_dim),
+                    v.reshape(B * T, self.n_kv_heads, self.head_dim), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                    causal=True, **window).view(B, T, self.n_heads, self.head_dim)
         else:
             if self.n_kv_heads != self.n_heads:
                 rep = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            if document_mask is not None:  # within each document (and window), causal
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask.to(q.dtype))  # no-op unless autocast
+            if documents is not None:  # within each document (and window), causal: one mask shared by the layers
+                mask = documents.mask(self.sliding_window, q.dtype)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             elif self.sliding_window is not None and T > self.sliding_window:
                 mask = _sliding_window_mask(T, self.sliding_window, q.device)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -214,26 +223,6 @@ def _sliding_window_mask(T: int, window: int, device: torch.device) -> torch.Ten
     return (distance >= 0) & (distance < window)
 
 
-def document_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """(B, T) int: the document of each token of a packed window, counted from 0 at its start; a document
-    ends with its EOS (the EOS is its last token), so the token after an EOS starts the next one."""
-    eos = (input_ids == eos_token_id).to(torch.int32)
-    return torch.cumsum(eos, dim=1) - eos
-
-
-def _document_mask(documents: torch.Tensor, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, T, T) additive mask in ``dtype``: 0 where query i may attend key j (j <= i, both in one document,
-    and within the sliding window when there is one), -inf elsewhere. Additive and in the activations' dtype, it
-    is what SDPA adds to the scores as given: a bool mask would be converted to this inside every call, and
-    each layer would save its own converted copy for backward (4·B·T² bytes a layer in fp32)."""
-    i = torch.arange(documents.shape[1], device=documents.device)
-    distance = i[:, None] - i[None, :]
-    allowed = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
-    allowed = (allowed & (documents[:, :, None] == documents[:, None, :]))[:, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=documents.device)
-    return mask.masked_fill_(~allowed, float("-inf"))  # the diagonal is always allowed: no row is all -inf
-
-
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -254,8 +243,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, document_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_mask)
+    def forward(self, x, cos, sin, documents=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, documents)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -279,19 +268,15 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         # RoPE is relative (q_i·k_j depends on i - j only), so a document inside a window needs no position reset.
         cos, sin = self.rotary_emb(input_ids.shape[1], x.device, x.dtype)
-        masks = {}  # document masking: one mask per sliding window, built once and shared by its layers
-        if self.document_eos is not None:
-            documents = document_ids(input_ids, self.document_eos)
-            for window in dict.fromkeys(layer.self_attn.sliding_window for layer in self.layers):
-                masks[window] = _document_mask(documents, window, x.dtype)
+        # Document masking: its masks (or flash-attn's sequence lengths) are built once, shared by the layers.
+        documents = None if self.document_eos is None else Documents(input_ids, self.document_eos)
         for layer in self.layers:
-            mask = masks.get(layer.self_attn.sliding_window)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # Only the layer's input is kept; its activations are recomputed in backward (the RNG state
                 # is restored, so a LoRA dropout mask is drawn identically both times).
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, documents)
         return self.norm(x)
 
 
@@ -362,15 +347,13 @@ class LlamaForCausalLM(nn.Module):
     def document_masking_enable(self, eos_token_id: int) -> None:
         """Attention within each document of a packed window: a token attends only to the earlier tokens of
         its own document, which ends at its EOS (``eos_token_id``), so each document of a window gets the
-        logits it gets alone (RoPE is relative: no position reset is needed). Runs on torch SDPA with a
-        (batch, 1, T, T) mask (flash-attn's causal kernel has no such mask). The loss is unchanged: an EOS still
-        predicts the next document's first token (BOS, where the tokenizer has one)."""
+        logits it gets alone (RoPE is relative: no position reset is needed). Runs on flash-attn's
+        variable-length kernel where flash-attn runs (each document of the batch one sequence), else on torch
+        SDPA with a (batch, 1, T, T) mask. The loss is unchanged: an EOS still predicts the next document's first
+        token (BOS, where the tokenizer has one)."""
         if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int) or \
                 not 0 <= eos_token_id < self.config.vocab_size:
             raise ValueError(f"eos_token_id must be a token id in [0, {self.config.vocab_size}), got {eos_token_id!r}")
-        if self.config.attn_implementation == "flash":
-            raise ValueError("document masking runs on torch SDPA (flash-attn's causal kernel takes no document "
-                             "mask); use attn_implementation 'auto' or 'sdpa'")
         self.model.document_eos = eos_token_id
 
     def document_masking_disable(self) -> None:

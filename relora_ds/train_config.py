@@ -144,8 +144,9 @@ class TrainConfig:
     loss_chunk_size: int = _f(0, "compute the loss this many tokens at a time through lm_head, never holding "
                                  "the full (tokens x vocab) logits (e.g. 1024); 0: plain logits")
     document_masking: bool = _f(False, "attention within each document of a packed window (a document ends at "
-                                         "its EOS): no token attends to an earlier document; torch SDPA with a "
-                                         "(batch, 1, seq_len, seq_len) mask, also when flash-attn is installed")
+                                         "its EOS): no token attends to an earlier document; flash-attn's varlen "
+                                         "kernel where flash-attn runs, else torch SDPA with a (batch, 1, "
+                                         "seq_len, seq_len) mask")
     zero_init: bool = _f(True, "under ZeRO stage 3, build the model partitioned (deepspeed.zero.Init) and load "
                                "hf_model's or the warm start's weights into it a tensor at a time: no rank holds "
                                "the whole model; false: every rank builds it whole and DeepSpeed moves it to each "

@@ -61,10 +61,13 @@ def test_each_document_of_a_window_gets_the_logits_it_gets_alone(kw):
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_one_mask_per_window_is_built_and_shared_by_the_layers(checkpointing):
-    """Backward keeps one (B, 1, T, T) mask per distinct window, whatever the depth: a mask built in each layer
-    (or a bool mask SDPA converts in each call) kept one per layer, 4·B·T² bytes each in fp32. Four layers, two
-    windows (Qwen2 layer types): two masks."""
+def test_one_mask_per_window_is_built_and_shared_by_the_layers(checkpointing, monkeypatch):
+    """Attention gets one (B, 1, T, T) mask per distinct window, whatever the depth, also when checkpointing
+    recomputes the layers in backward, and backward keeps only those: a mask built in each layer (or a bool mask
+    SDPA converts in each call) was kept once per layer, 4·B·T² bytes each in fp32. Four layers, two windows
+    (Qwen2 layer types): two masks, their allowed entries counted by hand."""
+    import torch.nn.functional as F
+
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                       num_attention_heads=4, model_type="qwen2", sliding_window=5,
@@ -75,20 +78,29 @@ def test_one_mask_per_window_is_built_and_shared_by_the_layers(checkpointing):
         model.gradient_checkpointing_enable()
     ids = torch.stack([torch.cat(_documents([7, 11, 9], seed=1)), torch.cat(_documents([12, 4, 11], seed=2))])
     T = ids.shape[1]
-    masks = {}
-    def pack(t):  # the storages of every (B, 1, T, T) tensor autograd keeps, and their values
+    given, kept = {}, {}  # by storage; the tensors are held, so no address is reused
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kw):
+        given[attn_mask.untyped_storage().data_ptr()] = attn_mask
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    def pack(t):
         if t.shape == (2, 1, T, T):
-            masks[t.untyped_storage().data_ptr()] = t.detach().clone()
+            kept[t.untyped_storage().data_ptr()] = t
         return t
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(ids, labels=ids).loss.backward()
-    assert len(masks) == 2
-    kept = sorted(((m == 0).sum().item() for m in masks.values()))
-    allowed = relora_ds.model.document_ids(ids, EOS)
-    same = allowed[:, :, None] == allowed[:, None, :]
+    assert len(given) == 2
+    if not checkpointing:  # (checkpointing keeps no activations; its recomputation is not seen by these hooks)
+        assert kept.keys() == given.keys()
+    allowed = sorted((m == 0).sum().item() for m in given.values())
+    documents = relora_ds.documents.document_ids(ids, EOS)
+    same = documents[:, :, None] == documents[:, None, :]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     window = causal & ~torch.ones(T, T, dtype=torch.bool).tril(-5)
-    assert kept == sorted([(same & causal).sum().item(), (same & window).sum().item()])
+    assert allowed == sorted([(same & causal).sum().item(), (same & window).sum().item()])
 
 
 def test_masked_training_step_matches_per_document_training_and_activation_checkpointing():
@@ -138,9 +150,62 @@ def test_bad_eos_ids_are_named(eos, match):
         _model().document_masking_enable(eos)
 
 
-def test_flash_attention_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match=r"document masking runs on torch SDPA.*use attn_implementation 'auto' or 'sdpa'"):
-        _model(attn_implementation="flash").document_masking_enable(EOS)
+def test_flash_attn_varlen_gets_each_document_as_a_sequence():
+    """flash-attn's variable-length kernel takes the batch flattened to (B·T) tokens and cu_seqlens, where each
+    sequence starts; a document cut by a window's end is its own sequence in each row. Hand-computed: rows
+    [5 5 EOS 7 7] and [8 EOS 9 9 9] hold documents of 3, 2 | 2, 3 tokens."""
+    from relora_ds.documents import Documents
+
+    ids = torch.tensor([[5, 5, EOS, 7, 7], [8, EOS, 9, 9, 9]])
+    cu_seqlens, max_seqlen = Documents(ids, EOS).varlen()
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 3, 5, 7, 10] and max_seqlen == 3
+    # a row that ends with its EOS, and a row with no EOS (one document); the same ids in both rows
+    cu_seqlens, max_seqlen = Documents(torch.tensor([[5, EOS, 7, EOS], [5, 5, 5, 5], [6, 6, 6, 6]]), EOS).varlen()
+    assert cu_seqlens.tolist() == [0, 2, 4, 8, 12] and max_seqlen == 4
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_key_value_heads": 2}, {"model_type": "mistral", "sliding_window": 5}],
+                         ids=["mha", "gqa", "window"])
+def test_document_masking_through_flash_attn_varlen_gives_each_document_its_alone_logits(kw, monkeypatch):
+    """Where flash-attn runs (CUDA; stood in for here) document masking goes through flash_attn_varlen_func. A
+    stand-in implementing its documented rule (per sequence of cu_seqlens: causal, keys i-left .. i+right, GQA;
+    (total, H, hd) layout) gives each document the logits it gets alone on plain SDPA without masking."""
+    import sys
+    import types
+
+    import relora_ds.model as model_module
+
+    calls = []
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False,
+                               window_size=(-1, -1)):
+        assert torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32 and causal
+        starts = cu_seqlens_q.tolist()
+        assert max_seqlen_q == max_seqlen_k == max(b - a for a, b in zip(starts, starts[1:]))
+        rep = q.shape[1] // k.shape[1]
+        out = torch.full_like(q, float("nan"))
+        for a, b in zip(starts, starts[1:]):
+            qs, ks, vs = q[a:b], k[a:b].repeat_interleave(rep, 1), v[a:b].repeat_interleave(rep, 1)
+            i, j = torch.arange(b - a)[:, None], torch.arange(b - a)[None, :]
+            left = b - a if window_size[0] < 0 else window_size[0]
+            allowed = (j <= i) & (j >= i - left)
+            scores = torch.einsum("ihd,jhd->hij", qs, ks) / q.shape[-1] ** 0.5
+            probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+            out[a:b] = torch.einsum("hij,jhd->ihd", probs, vs)
+        calls.append(len(starts) - 1)
+        return out
+
+    model = _model(**kw)
+    rows = [_documents([7, 11, 9], seed=1), _documents([12, 4, 11], seed=2)]
+    alone, _ = _alone_and_packed(model, rows)  # on SDPA, unmasked documents run alone
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=flash_attn_varlen_func))
+    monkeypatch.setattr(model_module.Attention, "_use_flash", lambda self, q: True)
+    model.document_masking_enable(EOS)
+    packed = model(torch.stack([torch.cat(docs) for docs in rows])).logits
+    assert calls == [6, 6]  # both layers, six documents each
+    at = torch.cat([packed[b, start - len(doc):start] for b, docs in enumerate(rows)
+                    for doc, start in zip(docs, torch.tensor([len(d) for d in docs]).cumsum(0).tolist())])
+    torch.testing.assert_close(at, alone, rtol=1e-6, atol=1e-6)
 
 
 def test_the_trainer_masks_documents_in_training_and_validation(tmp_path, small_data_dir):

@@ -28,7 +28,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
 
-from .merge import merge_and_reinit
+from .merge import check_not_fsdp1, merge_and_reinit
 from .prune import MOMENT_KEYS, check_prune_args, prune_optimizer_state
 from .relora import lora_parameters, relora_layers
 from .schedule import build_scheduler, jagged_cosine
@@ -186,8 +186,8 @@ class ReLoRACallback(TrainerCallback):
         self.moments_checked = False
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """What the first merge would refuse (bf16 at ZeRO stage 0, LoRA factors outside the engine's optimizer),
-        refused before the first step rather than cycle_length steps in; a scheduler other than the jagged
+        """What the first merge would refuse (bf16 at ZeRO stage 0, LoRA factors outside the engine's optimizer,
+        FSDP1), refused before the first step rather than cycle_length steps in; a scheduler other than the jagged
         cosine; and the schedule put at global_step (a checkpoint without scheduler state restarted it)."""
         trainer = self.trainer
         if trainer.is_deepspeed_enabled:
@@ -202,6 +202,8 @@ class ReLoRACallback(TrainerCallback):
             # DeepSpeed's CPU accelerator leaves a 64 MB /dev/shm segment per rank behind every run
             # (relora_ds.distributed); unlinked now (every rank is here: it is collective), the mapping stays.
             release_shm_segment()
+        else:  # accelerate's FSDP1 (fsdp_version 1, its default): refused now, not at the first merge
+            check_not_fsdp1(trainer.model_wrapped, "enable_relora")
         self.scheduler = jagged_scheduler(trainer)
         if self.scheduler is None:
             found = (trainer.model_wrapped.lr_scheduler if trainer.is_deepspeed_enabled else None) or trainer.lr_scheduler

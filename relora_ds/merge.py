@@ -27,13 +27,13 @@ def check_not_engine_managed(param, what: str) -> None:
                          "that the fp32 masters and Adam moments are the ones changed")
 
 
-def check_not_fsdp1(model: nn.Module) -> None:
+def check_not_fsdp1(model: nn.Module, what: str = "merge_and_reinit") -> None:
     """Refuse a model inside torch's FSDP1 wrapper: outside its forward a layer's parameters are flat-shard
     views (empty, or 1-D slices), which no merge can read as matrices; FSDP2's DTensors are supported."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        raise ValueError("merge_and_reinit: the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat "
+        raise ValueError(f"{what}: the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat "
                          "parameter shards no merge can read as matrices; shard it with FSDP2 instead "
                          "(torch.distributed.fsdp.fully_shard, on each decoder layer then the model), or train it "
                          "with a DeepSpeed engine")

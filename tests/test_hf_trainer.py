@@ -171,6 +171,28 @@ def test_misuse_is_named(tmp_path):
     assert late.state.global_step == 0
 
 
+def test_accelerates_fsdp1_is_refused_before_the_first_step(tmp_path):
+    """A Trainer under accelerate's FSDP1 (fsdp_version 1, its default; GPU only, so a bare instance of its class
+    wraps the model here, as in tests/test_fsdp.py) is refused when training begins, naming FSDP2, rather than
+    at the first merge cycle_length steps in; the weights are untouched."""
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2)
+    trainer = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+    callback = enable_relora(trainer, cycle_length=3, restart_warmup_steps=1)
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(wrapper)
+    wrapper._modules["_fsdp_wrapped_module"] = trainer.model
+    trainer.model_wrapped = wrapper
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"enable_relora: the model is wrapped in FSDP1.*fully_shard"):
+        callback.on_train_begin(args, trainer.state, trainer.control)
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
 @pytest.mark.parametrize("kind, quantize", [("llama", None), ("gpt2", "int8")])
 def test_save_model_writes_the_merged_model_and_checkpoints_the_wrapped_state(tmp_path, kind, quantize):
     """trainer.save_model wrote the wrapped state, which from_pretrained loaded without s·B·A (an int8 base: not

@@ -25,18 +25,39 @@ def document_mask(documents: torch.Tensor, window: int | None, dtype: torch.dtyp
     distance = i[:, None] - i[None, :]
     allowed = (distance >= 0) if window is None else (distance >= 0) & (distance < window)
     allowed = (allowed & (documents[:, :, None] == documents[:, None, :]))[:, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=documents.device)
+    # Rows padded to a multiple of 8 elements: CUDA's memory-efficient SDPA copies a mask whose strides are not
+    # (a window of seq_len+1 tokens never is), in every layer, and keeps each copy for backward.
+    B, T = documents.shape
+    mask = torch.zeros(B, 1, T, -(-T // 8) * 8, dtype=dtype, device=documents.device)[..., :T]
     return mask.masked_fill_(~allowed, float("-inf"))  # the diagonal is always allowed: no row is all -inf
 
 
+def sdpa_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA computes in for activations like ``x``: autocast's where it is on (q and k leave RoPE in
+    fp32 under autocast, and SDPA casts q, k, v and the mask), else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class Documents:
-    """The documents of one batch of packed windows, and what attention needs of them, each built at its first
-    use and shared by every layer (also through activation checkpointing's recomputation)."""
+    """The documents of one batch of packed windows, and what attention needs of them, shared by every layer
+    (also through activation checkpointing's recomputation). ``LlamaModel`` builds what its layers will ask for
+    before the first layer (`prepare`): nothing is built inside a checkpointed region, which torch.compile
+    would refuse as a side effect; anything else asked for is built at its first use."""
 
     def __init__(self, input_ids: torch.Tensor, eos_token_id: int):
         self.ids = document_ids(input_ids, eos_token_id)  # (B, T)
         self._masks: dict[tuple, torch.Tensor] = {}
         self._varlen: tuple[torch.Tensor, int] | None = None
+
+    def prepare(self, windows, dtype: torch.dtype, flash: bool) -> "Documents":
+        """Build flash-attn's sequence lengths (``flash``), else the mask of each window length in ``dtype``."""
+        if flash:
+            self.varlen()
+        else:
+            for window in windows:
+                self.mask(window, dtype)
+        return self
 
     def mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
         """The SDPA mask of `document_mask` for this window and dtype."""

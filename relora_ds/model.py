@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .documents import Documents
+from .documents import Documents, sdpa_dtype
 from .loss import linear_cross_entropy
 from .model_config import LlamaConfig
 
@@ -186,7 +186,7 @@ class Attention(nn.Module):
                 rep = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
             if documents is not None:  # within each document (and window), causal: one mask shared by the layers
-                mask = documents.mask(self.sliding_window, q.dtype)
+                mask = documents.mask(self.sliding_window, sdpa_dtype(q))
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             elif self.sliding_window is not None and T > self.sliding_window:
                 mask = _sliding_window_mask(T, self.sliding_window, q.device)
@@ -197,6 +197,7 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
 
     def _use_flash(self, q: torch.Tensor) -> bool:
+        """Whether attention of queries like ``q`` (its device and dtype) runs on flash-attn."""
         if self.attn_implementation == "sdpa":
             return False
         on_gpu = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
@@ -269,7 +270,15 @@ class LlamaModel(nn.Module):
         # RoPE is relative (q_i·k_j depends on i - j only), so a document inside a window needs no position reset.
         cos, sin = self.rotary_emb(input_ids.shape[1], x.device, x.dtype)
         # Document masking: its masks (or flash-attn's sequence lengths) are built once, shared by the layers.
-        documents = None if self.document_eos is None else Documents(input_ids, self.document_eos)
+        documents = None
+        if self.document_eos is not None:
+            # q leaves RoPE in x's dtype, promoted with autocast's where it is on (fp32 from fp32 embeddings)
+            device = x.device.type
+            q_dtype = torch.promote_types(torch.get_autocast_dtype(device), x.dtype) \
+                if torch.is_autocast_enabled(device) else x.dtype
+            documents = Documents(input_ids, self.document_eos).prepare(
+                dict.fromkeys(layer.self_attn.sliding_window for layer in self.layers), sdpa_dtype(x),
+                flash=self.layers[0].self_attn._use_flash(x.new_empty(0, dtype=q_dtype)))
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # Only the layer's input is kept; its activations are recomputed in backward (the RNG state

@@ -76,8 +76,10 @@ def main(argv=None) -> Path:
         ap.error(f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     try:
         with torch.no_grad():
+            # Checkpoints since 2026-12-04 record the sampler: a run from the export reads on in the data.
+            progress = run.get("progress") if "sampler" in run.get("progress", {}) else None
             out, notes = export_run(model, args.out, run["train"], tokenizer, dtype=args.dtype,
-                                    token_ids=None if tokenizer else _run_token_ids(run))
+                                    token_ids=None if tokenizer else _run_token_ids(run), progress=progress)
     except ValueError as e:  # e.g. --out is the Hugging Face directory the run started from
         ap.error(str(e))
     for note in notes:

@@ -284,12 +284,24 @@ def _export_engine(engine, out_dir, dtype, tokenizer, **kw) -> Path:
 
 
 def export_run(model: torch.nn.Module, out_dir: str | Path, train: dict, tokenizer: str | Path | None,
-               dtype: str | None = None, token_ids: dict | None = None) -> tuple[Path, list[str]]:
+               dtype: str | None = None, token_ids: dict | None = None,
+               progress: dict | None = None) -> tuple[Path, list[str]]:
     """A run's export (the trainer's and launch/export.py's): ``export_hf`` like the Hugging Face model the
     run started from (`train`: its TrainConfig dict, hf_model / warm_start_from), in `dtype` (None: the
     run's export_dtype, else that model's, else float32). Where transformers cannot convert `tokenizer`
     exactly, the export carries tokenizer.model alone. `token_ids`: BOS/EOS ids for an export without a
-    tokenizer (export_hf). Returns (out_dir, warnings to show)."""
+    tokenizer (export_hf). `progress` (the trainer's ``progress()``: step, tokens, sampler state, seed and
+    data) goes to PROGRESS_FILE, where a run started from the export reads on in the data. Returns
+    (out_dir, warnings to show)."""
+    out, notes = _export_run(model, out_dir, train, tokenizer, dtype, token_ids)
+    if progress is not None:
+        (out / PROGRESS_FILE).write_text(json.dumps(progress, indent=1) + "\n")
+    else:  # not one left by an earlier export into this directory
+        (out / PROGRESS_FILE).unlink(missing_ok=True)
+    return out, notes
+
+
+def _export_run(model, out_dir, train, tokenizer, dtype, token_ids) -> tuple[Path, list[str]]:
     notes = []
     source = train.get("hf_model") or train.get("warm_start_from")
     if source and not (Path(source) / "config.json").is_file():
@@ -303,6 +315,10 @@ def export_run(model: torch.nn.Module, out_dir: str | Path, train: dict, tokeniz
     except TokenizerNotConvertible as e:  # transformers cannot reproduce it exactly (e.g. a unigram model)
         notes.append(f"{e}; exported with tokenizer.model but without a Hugging Face tokenizer.json")
         return export_hf(model, out_dir, hf_tokenizer=False, **kw), notes
+
+
+# Written next to an export of a run: how far its training got in which data (export_run).
+PROGRESS_FILE = "relora_ds_progress.json"
 
 
 def export_dtype(name: str | None, source: str | Path | None = None) -> torch.dtype:

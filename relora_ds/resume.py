@@ -5,6 +5,7 @@ the recipe's optimizer settings, catch up a merge that older code skipped). A mi
 atomic ``latest``, what a resume may change, universal conversion) is in ``relora_ds/checkpoint.py``."""
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from . import checkpoint, universal
 from .distributed import on_rank_zero
+from .hf import PROGRESS_FILE
 from .relora import relora_layers
 from .train_config import ConfigWarning
 from .zero_reset import unshare_optimizer_steps
@@ -27,6 +29,45 @@ class CheckpointsMixin:
                 "sampler": self.batches.state_dict(), "world_size": self.world, "step_events_done": True,
                 "tokens_seen": self.tokens_seen}
 
+    def progress(self) -> dict:
+        """How far training got, in each checkpoint's config.json and each export's relora_ds_progress.json
+        (a run continuing from the export reads on after the data it trained on: --warm-start-data)."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.batches.state_dict(),
+                "seed": self.cfg.seed, "data": self.data_info}
+
+    def _continue_warm_start_data(self) -> None:
+        """--warm-start-from DIR, --warm-start-data continue: the sampler reads on after the windows the warm start
+        trained on (DIR's PROGRESS_FILE: its sampler state, seed and data), so that the ReLoRA phase sees new
+        data as the same steps of an in-run warm start do. Where that cannot be done, a warning says why."""
+        source = Path(self.cfg.warm_start_from)
+        path = source / PROGRESS_FILE
+        restart = "; --warm-start-data restart silences this"
+        if not path.is_file():
+            warnings.warn(f"{source} has no {PROGRESS_FILE} (an export of another tool, or of a checkpoint saved "
+                          "before checkpoints recorded their sampler): where its training stopped in the data is "
+                          "unknown, so this run reads the data from its beginning, first the windows the warm start "
+                          f"may have trained on{restart}", ConfigWarning, stacklevel=2)
+            return
+        progress = json.loads(path.read_text())
+        if progress.get("data") != self.data_info:
+            self._print(f"warm start {source} trained on other data (or another seq_len): this run reads its "
+                        "data from the beginning")
+            return
+        if progress.get("seed") != self.cfg.seed:
+            warnings.warn(f"{source} trained on this data in the order of seed {progress.get('seed')}, and this "
+                          f"run's seed {self.cfg.seed} orders it anew: it re-reads windows the warm start trained "
+                          f"on; give --seed {progress.get('seed')} to read on after them{restart}", ConfigWarning,
+                          stacklevel=2)
+            return
+        self.batches.load_state_dict(progress["sampler"])
+        sampler = progress["sampler"]
+        self._print(f"warm start {source} trained on {sampler['samples_consumed']:,} windows of this data "
+                    f"({progress.get('tokens_seen', 0):,} tokens in {progress.get('step')} steps): this run reads "
+                    f"on after them (epoch {sampler['epoch']}, window {sampler['position']:,} of its order)")
+        self.metrics.log({"event": "warm_start_data", "step": 0, "warm_start_step": progress.get("step"),
+                          "samples_consumed": sampler["samples_consumed"], "epoch": sampler["epoch"],
+                          "position": sampler["position"]})
+
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))  # checkpoints before the counter: see _resume
@@ -35,7 +76,7 @@ class CheckpointsMixin:
     def save(self) -> Path:
         start = time.perf_counter()
         path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(),
-                               {**self._run_config(), "progress": {"step": self.step, "tokens_seen": self.tokens_seen}},
+                               {**self._run_config(), "progress": self.progress()},
                                self.cfg.keep_last)
         self.metrics.log({"event": "checkpoint", "step": self.step, "path": str(path),
                           "save_seconds": time.perf_counter() - start})

@@ -124,6 +124,11 @@ class TrainConfig:
                                choices=("continue", "restart"))
     warm_start_from: str | None = _f(None, "Hugging Face directory of a full-rank warm start (e.g. an "
                                            "export of another run); the ReLoRA run starts from it")
+    warm_start_data: str = _f("continue", "with warm_start_from, where the data starts: continue (after the "
+                                          "windows the warm start trained on, read from the export's "
+                                          "relora_ds_progress.json, where it is the same data and seed) or "
+                                          "restart (at the data's beginning, as the reference's second run)",
+                              choices=("continue", "restart"))
     # Optimization
     lr: float = _f(1e-3, "peak learning rate (the paper uses 2x the full-rank lr for ReLoRA)")
     min_lr_ratio: float = _f(0.1, "final LR as a fraction of the peak (cosine floor)")
@@ -326,6 +331,9 @@ class TrainConfig:
         if self.lowrank_schedule == "restart" and not (self.warm_start_steps and self.mode != "full"):
             ignored.append(("lowrank_schedule='restart'", "it restarts the schedule after an in-run warm start, "
                             f"and this run has none (warm_start_steps={self.warm_start_steps}, mode={self.mode!r})"))
+        if self.warm_start_data != "continue" and not self.warm_start_from:
+            ignored.append((f"warm_start_data={self.warm_start_data!r}", "it says where the data starts after a "
+                            "warm_start_from export, and this run has none"))
         if self.mode != "relora":  # e.g. a ReLoRA recipe run with --mode lora or full: each setting it gives
             for name in ("cycle_length", "merge_every"):
                 if getattr(self, name) is not None:

@@ -149,6 +149,9 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         if self.metrics.rewound:
             self._print(f"resuming from step {resume_step}: the {self.metrics.rewound} metrics records the previous "
                         f"run logged after it moved to {self.out / MetricsLogger.REWOUND}")
+        if cfg.warm_start_from and cfg.warm_start_data == "continue" and self.resume_plan is None:
+            with self._warnings_on_rank_zero():
+                self._continue_warm_start_data()
         # SIGTERM/SIGUSR1 (SLURM preemption or time limit) and a first Ctrl-C (SIGINT): finish the step,
         # checkpoint, exit cleanly. A second Ctrl-C aborts at once, without saving.
         self._stop_signal, self._interrupted = 0, False
@@ -406,7 +409,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         model = model_from_engine(self.engine, keep=self.rank == 0)  # every rank gathers; rank 0 writes
 
         def write():  # its error (a full disk, say) stops every rank instead of leaving them at a barrier
-            _, notes = export_run(model, out_dir, self.cfg.to_dict(), self.tokenizer_path)
+            _, notes = export_run(model, out_dir, self.cfg.to_dict(), self.tokenizer_path, progress=self.progress())
             self._print(f"exported the Hugging Face model to {out_dir}")
             for note in notes:
                 self._event({"event": "warning", "step": self.step, "message": f"export to {out_dir}: {note}"})

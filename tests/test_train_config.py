@@ -202,6 +202,7 @@ def test_settings_a_mode_does_not_use_are_named():
         TrainConfig(**BASE, resume=True, overwrite=True)
     for kw, match in (
             (dict(lowrank_schedule="restart"), r"lowrank_schedule='restart' is ignored: .*\(warm_start_steps=0"),
+            (dict(warm_start_data="restart"), r"warm_start_data='restart' is ignored: .*warm_start_from export"),
             (dict(mode="full", dropout=0.1), r"dropout=0.1 is ignored: mode='full' has no LoRA layers"),
             (dict(mode="full", prune_joint=True), r"prune_joint=True is ignored: mode='full'"),
             (dict(mode="full", merge_residual=True), r"merge_residual=True is ignored: mode='full'"),

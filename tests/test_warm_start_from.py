@@ -1,0 +1,88 @@
+"""The reference's two runs: a full-rank run exported, then a ReLoRA run from the export (--warm-start-from). The
+ReLoRA run reads on in the data after the windows the warm start trained on (--warm-start-data continue), as the
+steps after an in-run warm start do; it re-read them from the start before. Oracle: the sampler itself, drawn
+for the steps of both runs in one process."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from launch_utils import ROOT, launch_env
+from trainer_utils import RECIPE, read_losses, train1
+
+from relora_ds import checkpoint
+from relora_ds.data import PackedTokens, ShardedBatches
+from relora_ds.hf import PROGRESS_FILE
+
+MICRO, GLOBAL = RECIPE["micro_batch_size"], RECIPE["global_batch_size"]
+
+
+def _sampler_after(data_dir, steps, seed=0):
+    """The state of the training sampler of one rank after `steps` optimizer steps from the data's start."""
+    batches = ShardedBatches(PackedTokens(data_dir, "train", seq_len=RECIPE["seq_len"], access="random"), MICRO,
+                             rank=0, world_size=1, seed=seed, accumulation_steps=GLOBAL // MICRO)
+    for _ in range(steps * GLOBAL // MICRO):
+        next(batches)
+    return batches.state_dict()
+
+
+def _final_sampler(run_dir):
+    tag = checkpoint.latest_tag(run_dir / "checkpoints")
+    return checkpoint.load_config(run_dir / "checkpoints", tag)["progress"]["sampler"]
+
+
+@pytest.fixture(scope="module")
+def warm_start(tmp_path_factory, small_data_dir):
+    """A 3-step full-rank run, exported at its end."""
+    tmp = tmp_path_factory.mktemp("warm")
+    train1(tmp, small_data_dir, mode="full", warm_start_steps=0, cycle_length=None, total_steps=3, export=True,
+           eval_every=0)
+    return tmp / "run"
+
+
+def test_the_relora_run_reads_on_after_the_warm_starts_data(tmp_path, small_data_dir, warm_start):
+    """The export records the warm start's sampler; the ReLoRA run from it ends where one sampler drawn for
+    both runs' 3 + 4 steps ends (not where 4 steps from the start end), and logs where it began. An export
+    of the checkpoint by launch/export.py records the same."""
+    hf = warm_start / "hf"
+    progress = json.loads((hf / PROGRESS_FILE).read_text())
+    assert progress["sampler"] == _sampler_after(small_data_dir, 3) and progress["step"] == 3
+    proc = train1(tmp_path, small_data_dir, warm_start_from=str(hf), warm_start_steps=0, total_steps=4,
+                  eval_every=0)
+    assert "this run reads on after them" in proc.stdout, proc.stdout[-2000:]
+    assert _final_sampler(tmp_path / "run") == _sampler_after(small_data_dir, 3 + 4)
+    assert _final_sampler(tmp_path / "run") != _sampler_after(small_data_dir, 4)
+    _, recs = read_losses(tmp_path / "run")
+    event = next(r for r in recs if r.get("event") == "warm_start_data")
+    assert event["samples_consumed"] == 3 * GLOBAL and event["warm_start_step"] == 3
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(warm_start / "checkpoints"), "--out",
+                    str(out)], check=True, env=launch_env(), capture_output=True)
+    assert json.loads((out / PROGRESS_FILE).read_text()) == progress
+
+
+@pytest.mark.parametrize("case", ["restart", "other_seed", "no_progress_file"])
+def test_where_it_cannot_or_should_not_read_on_it_starts_at_the_beginning(tmp_path, small_data_dir, warm_start,
+                                                                         case):
+    """--warm-start-data restart (the reference's second run) starts at the data's beginning silently; another
+    seed (another order: the warm start's windows come again) and an export without the progress file (where
+    the warm start stopped is unknown) do too, with a warning that says so and what to do."""
+    hf = tmp_path / "hf"
+    shutil.copytree(warm_start / "hf", hf)
+    overrides = dict(warm_start_from=str(hf), warm_start_steps=0, total_steps=3, warmup_steps=1, cycle_length=2,
+                     restart_warmup_steps=1, eval_every=0)
+    if case == "restart":
+        overrides["warm_start_data"] = "restart"
+    elif case == "other_seed":
+        overrides["seed"] = 5
+    else:
+        (hf / PROGRESS_FILE).unlink()
+    proc = train1(tmp_path, small_data_dir, **overrides)
+    assert _final_sampler(tmp_path / "run") == _sampler_after(small_data_dir, 3, seed=overrides.get("seed", 0))
+    warning = {"restart": None, "other_seed": "in the order of seed 0, and this run's seed 5 orders it anew",
+               "no_progress_file": f"has no {PROGRESS_FILE}"}[case]
+    if warning is None:
+        assert "warm_start_data" not in proc.stderr and "reads on" not in proc.stdout
+    else:
+        assert warning in proc.stderr, proc.stderr[-2000:]

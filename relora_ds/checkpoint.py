@@ -71,8 +71,10 @@ def tag_step(tag: str) -> int:
     return int(number)
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, keep_last: int) -> Path:
-    """Every rank calls this. Returns the checkpoint directory."""
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, keep_last: int,
+         protect: tuple[str, ...] = ()) -> Path:
+    """Every rank calls this. Returns the checkpoint directory. Pruning to ``keep_last`` spares the tags in
+    ``protect`` (and does not count them)."""
     ckpt_dir = Path(ckpt_dir)
     tag = f"step_{step}"
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -94,25 +96,26 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
         os._exit(17)  # tests: die after the files, before `latest` moves (a crash mid-save)
     if rank == 0:
         _write_latest(ckpt_dir, tag)
-        _prune_old(ckpt_dir, keep_last, keep=tag)
+        _prune_old(ckpt_dir, keep_last, keep=tag, protect=protect)
     if dist.is_initialized():
         dist.barrier()
     return ckpt_dir / tag
 
 
-def _prune_old(ckpt_dir: Path, keep_last: int, keep: str) -> None:
+def _prune_old(ckpt_dir: Path, keep_last: int, keep: str, protect: tuple[str, ...] = ()) -> None:
     """The newest ``keep_last`` complete checkpoints by step up to ``keep`` (the one just saved) stay. A folder
     without config.json is a save that crashed, which no resume can load: it takes no place among them and
     goes too (only when pruning at all, keep_last > 0). A complete one past ``keep`` (a run that died after
     writing it but before moving ``latest``, resumed from an earlier one) is neither counted nor deleted: this
-    run replaces it when it saves that step, and ``--resume-from`` can load it meanwhile."""
+    run replaces it when it saves that step, and ``--resume-from`` can load it meanwhile. Complete ones named
+    in ``protect`` (the warm start's last step) are neither counted nor deleted."""
     if keep_last <= 0:
         return
     folders = [p for p in ckpt_dir.glob("step_*") if p.is_dir()]
     complete = sorted((p for p in folders if (p / "config.json").is_file() or p.name == keep),
                       key=lambda p: tag_step(p.name))
     stale = [p for p in folders if p not in complete]
-    complete = [p for p in complete if tag_step(p.name) <= tag_step(keep)]
+    complete = [p for p in complete if tag_step(p.name) <= tag_step(keep) and p.name not in protect]
     for old in stale + [p for p in complete[:-keep_last] if p.name != keep]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -35,6 +35,13 @@ class CheckpointsMixin:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.batches.state_dict(),
                 "seed": self.cfg.seed, "data": self.data_info}
 
+    def _warm_start_save_due(self) -> bool:
+        """--keep-warm-start: the last step of an in-run warm start is checkpointed (the switch comes next)."""
+        return bool(self.cfg.keep_warm_start and self.relora_start and self.step == self.relora_start)
+
+    def _protected_checkpoints(self) -> tuple[str, ...]:
+        return (f"step_{self.relora_start}",) if self.cfg.keep_warm_start and self.relora_start else ()
+
     def _continue_warm_start_data(self) -> None:
         """--warm-start-from DIR, --warm-start-data continue: the sampler reads on after the windows the warm start
         trained on (DIR's PROGRESS_FILE: its sampler state, seed and data), so that the ReLoRA phase sees new
@@ -77,7 +84,7 @@ class CheckpointsMixin:
         start = time.perf_counter()
         path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(),
                                {**self._run_config(), "progress": self.progress()},
-                               self.cfg.keep_last)
+                               self.cfg.keep_last, protect=self._protected_checkpoints())
         self.metrics.log({"event": "checkpoint", "step": self.step, "path": str(path),
                           "save_seconds": time.perf_counter() - start})
         return path

@@ -174,6 +174,9 @@ class TrainConfig:
                                               "eval_windows; 0: the whole split")
     save_every: int = _f(0, "checkpoint every N steps (and at the end); 0: only at the end")
     keep_last: int = _f(3, "checkpoints to keep (older ones are deleted)")
+    keep_warm_start: bool = _f(True, "checkpoint the last full-rank step of an in-run warm start (step "
+                                     "warm_start_steps) and keep it past keep_last: where ablations start "
+                                     "(launch/export.py it for --warm-start-from)")
     output_dir: str = _f("runs/default", "where checkpoints, metrics.jsonl, TensorBoard logs and the "
                                          "Hugging Face export go")
     resume: bool = _f(False, "continue from the latest checkpoint in output_dir")

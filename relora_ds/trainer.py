@@ -297,7 +297,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             self.tokens_seen += self.tokens_per_step
             self._after_step_events()
             train_s += time.perf_counter() - t0
-            save_due = (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps
+            save_due = (cfg.save_every and self.step % cfg.save_every == 0) or self.step == self.total_steps \
+                or self._warm_start_save_due()
             eval_due = self._evaluation_due(self.step)
             if (self.step % cfg.log_every == 0 or save_due or eval_due or self._stop_agreed
                     or (self.engine_phase == "full" and self._phase(self.step) == "lowrank")):

@@ -86,3 +86,23 @@ def test_where_it_cannot_or_should_not_read_on_it_starts_at_the_beginning(tmp_pa
         assert "warm_start_data" not in proc.stderr and "reads on" not in proc.stdout
     else:
         assert warning in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_in_run_warm_starts_last_step_is_checkpointed_and_kept(tmp_path, small_data_dir):
+    """--keep-warm-start (the default): step warm_start_steps is checkpointed although save_every does not land
+    on it, and keep_last=1 spares it (before, keep_last deleted it, and paper_60m never saved it at all). It
+    holds the full-rank model (no LoRA factors) and the sampler after 2 steps; launch/export.py of it gives a
+    --warm-start-from directory whose data position is that step's. --no-keep-warm-start saves only the
+    save_every and final steps."""
+    train1(tmp_path, small_data_dir, save_every=5, keep_last=1, total_steps=12, keep_warm_start=True)  # warm start 2
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_12", "step_2"]
+    assert not any(".lora_A" in k for k in checkpoint.full_state_dict(ckpts, "step_2"))
+    assert any(".lora_A" in k for k in checkpoint.full_state_dict(ckpts, "step_12"))
+    saved = checkpoint.load_config(ckpts, "step_2")["progress"]
+    assert saved["step"] == 2 and saved["sampler"] == _sampler_after(small_data_dir, 2)
+    other = tmp_path / "other"
+    other.mkdir()
+    train1(other, small_data_dir, "--no-keep-warm-start", save_every=5, keep_last=1, total_steps=12,
+           keep_warm_start=True)  # the flag overrides the recipe
+    assert sorted(p.name for p in (other / "run" / "checkpoints").glob("step_*")) == ["step_12"]

@@ -13,7 +13,8 @@ FP32_ZERO2 = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", 
 # warm start 2 steps, resets at steps 6 and 10 (cycle 4), 2-step restart warmups.
 RECIPE = dict(model="debug", seq_len=32, mode="relora", rank=4, alpha=8, warm_start_steps=2, cycle_length=4,
               restart_warmup_steps=2, warmup_steps=2, total_steps=12, lr=3e-3, micro_batch_size=4,
-              global_batch_size=8, eval_every=6, eval_windows=16, save_every=0, keep_last=5, export=False)
+              global_batch_size=8, eval_every=6, eval_windows=16, save_every=0, keep_last=5, export=False,
+              keep_warm_start=False)  # (its extra checkpoint: tests/test_warm_start_from.py)
 
 
 def write(tmp_path, data_dir, **overrides):

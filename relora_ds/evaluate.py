@@ -1,5 +1,5 @@
-"""Validation loss: the token-weighted mean over the first windows of the validation split, sharded over
-ranks, equal to what one process reading every window would compute."""
+"""Validation loss: the token-weighted mean over windows spread evenly over the validation split, sharded
+over ranks, equal to what one process reading every one of them would compute."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +10,8 @@ from .data import PackedTokens, eval_batches
 
 def validation_loss(engine, val_data: PackedTokens, micro_batch_size: int, rank: int, world: int,
                     num_windows: int | None, *, prefetch: int = 0, pin_memory: bool = False) -> tuple[float, int]:
-    """(mean loss per predicted token, predicted tokens) over the first `num_windows` windows (None: all);
+    """(mean loss per predicted token, predicted tokens) over `num_windows` windows spread evenly over
+    `val_data` (None: all; :func:`relora_ds.data.eval_batches`);
     every rank calls it. A rank whose share ran out runs a weightless forward on window 0, so that ZeRO-3's
     parameter gathers stay matched across ranks. `prefetch`/`pin_memory`: batches read ahead on background
     threads, page-locked for asynchronous copies (:func:`relora_ds.data.eval_batches`)."""

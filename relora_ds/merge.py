@@ -10,7 +10,7 @@ import time
 from torch import nn
 
 from . import sharded
-from .relora import relora_layers
+from .relora import relora_layers, update_stats
 
 
 def _is_deepspeed_engine(obj) -> bool:
@@ -43,7 +43,8 @@ def merge_and_reinit(model: nn.Module) -> dict:
     """Merge every ReLoRA layer of ``model`` (or of a DeepSpeed engine) and re-initialize its LoRA factors.
 
     The new lora_A comes from a generator seeded by (run seed, layer name, merge count), so every rank
-    draws the same A without communication. Returns ``{"layers": n, "merge_seconds": t}``.
+    draws the same A without communication. Returns ``{"layers": n, "merge_seconds": t}`` and what the merge
+    added (``relora.update_stats``: ``update_norm_mean``, ``update_rel_mean``, ``update_rel_max``).
     """
     if _is_deepspeed_engine(model):
         from .zero_reset import merge_and_reinit_engine  # only this path touches DeepSpeed
@@ -56,11 +57,13 @@ def merge_and_reinit(model: nn.Module) -> dict:
         raise ValueError("merge_and_reinit: the model has no ReLoRALinear layers (call relora_ds.wrap first)")
     check_not_engine_managed(layers[0][1].lora_A, "merge_and_reinit")
     check_not_fsdp1(model)
+    norms = []
     for _, layer in layers:
         layer.merge_()
+        norms.append(layer.last_update_norms)
         layer.merge_count += 1
         layer.reset_lora(restart_index=int(layer.merge_count))
         # Gradients of the old factors mean nothing for the new ones: a merge between backward and step would
         # otherwise hand them to the next step (B would not start at 0). None: the optimizer skips them.
         layer.lora_A.grad = layer.lora_B.grad = None
-    return {"layers": len(layers), "merge_seconds": time.perf_counter() - start}
+    return {"layers": len(layers), "merge_seconds": time.perf_counter() - start, **update_stats(norms)}

@@ -167,7 +167,7 @@ class TrainConfig:
                                "The batches are the same either way")
     # Evaluation, checkpoints, logging
     eval_every: int = _f(100, "validation perplexity every N steps (and at the end); 0 disables")
-    eval_windows: int = _f(10240, "validation windows (sequences) per evaluation: the first N of the split, "
+    eval_windows: int = _f(10240, "validation windows (sequences) per evaluation: N spread evenly over the split, "
                                          "the same set on any number of ranks; default 10240; 0: the whole split")
     final_eval_windows: int | None = _f(None, "validation windows of the run's last evaluation, the number "
                                               "it reports (the reference's reads 100M tokens); default: "

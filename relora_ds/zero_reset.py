@@ -27,7 +27,7 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
 from .prune import MOMENT_KEYS, moment_masks
-from .relora import relora_layers
+from .relora import relora_layers, update_stats
 
 
 def offloaded(engine) -> str:
@@ -185,8 +185,9 @@ def merge_and_reinit_engine(engine) -> dict:
     layers = list(relora_layers(engine.module))
     if not layers:
         raise ValueError("merge_and_reinit: the engine's model has no ReLoRALinear layers")
-    comm_bytes = 0
+    comm_bytes, norms = 0, []
     for _, layer in layers:
+        layer.last_update_norms = None
         A_param, B_param = layer.lora_A, layer.lora_B
         partitioned = _is_partitioned(A_param)
         if partitioned:
@@ -222,8 +223,11 @@ def merge_and_reinit_engine(engine) -> dict:
             new_A = kaiming_uniform_A(tuple(A.shape), reinit_seed(layer.seed, layer.name, new_count)).to(A.device)
             set_full(A_param, new_A)
             set_full(B_param, torch.zeros_like(B))
+        if layer.last_update_norms is not None:  # (ZeRO-3: on the ranks that merged, rank 0 among them)
+            norms.append(layer.last_update_norms)
     return {"layers": len(layers), "merge_seconds": time.perf_counter() - start,
-            "merge_comm_bytes": comm_bytes if _world_size() > 1 else 0}
+            "merge_comm_bytes": comm_bytes if _world_size() > 1 else 0,
+            **(update_stats(norms) if len(norms) == len(layers) else {})}
 
 
 @torch.no_grad()

@@ -298,11 +298,15 @@ def test_eval_batches_are_disjoint_equal_in_count_and_unshuffled(ds):
 
 @pytest.mark.parametrize("world, micro", [(1, 4), (2, 3), (3, 8), (4, 1), (5, 7)])
 def test_eval_windows_do_not_depend_on_world_or_micro_batch(world, micro):
-    """The evaluated set is windows [0, N) whatever the sharding, even with more ranks x micro-batch than N."""
-    for n, num in ((50, 20), (50, None), (10, 64)):
+    """The evaluated set is the same N windows spread evenly over the split whatever the sharding, even with
+    more ranks x micro-batch than N: 20 of 50 are windows 0, 2, 5, 7, 10, ... (j * 50 // 20, by hand), so a
+    subset samples the whole split (its documents are in corpus order: the first 20 windows are its first
+    sources only)."""
+    for n, num, want in ((50, 20, [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27, 30, 32, 35, 37, 40, 42, 45, 47]),
+                         (50, None, list(range(50))), (10, 64, list(range(10))), (7, 3, [0, 2, 4])):
         shards = [[ids(b) for b in eval_batches(Windows(n), micro, r, world, num_windows=num)] for r in range(world)]
         assert len({len(s) for s in shards}) == 1
-        assert sorted(i for s in shards for b in s for i in b) == list(range(min(n, num or n)))
+        assert sorted(i for s in shards for b in s for i in b) == want
 
 
 def test_the_trainers_batches_form_whole_global_batches_per_optimizer_step(data_dir, tmp_path, monkeypatch):

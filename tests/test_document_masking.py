@@ -254,7 +254,7 @@ def test_the_trainer_masks_documents_in_training_and_validation(tmp_path, small_
     wrap(model, rank=saved["train"]["rank"], alpha=saved["train"]["alpha"])
     model.load_state_dict(checkpoint.full_state_dict(run / "checkpoints", "step_6"))
     data = PackedTokens(small_data_dir, "validation", seq_len=32)
-    batch = torch.stack([data[i] for i in range(16)])  # eval_windows: 16 equal windows
+    batch = torch.stack([data[j * len(data) // 16] for j in range(16)])  # eval_windows: 16 spread evenly
     model.document_masking_enable(load_manifest(small_data_dir)["eos_id"])
     with torch.no_grad():
         masked = model.eval()(batch, labels=batch).loss.item()

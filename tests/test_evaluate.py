@@ -70,10 +70,11 @@ def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(mon
     assert (True in read_by) == bool(prefetch)  # (the empty batch's stand-in window is read in the step)
     assert rec["val_loss"] == pytest.approx(value.mean().item(), rel=1e-12)  # 29.5, by hand: (285 + 10) / 10
     assert value.mean().item() == 29.5
-    # The run's last evaluation reads final_eval_windows (the reference's reads 100M tokens): the first 6
-    # windows, (0+1+4+9+16+25 + 6) / 6 = 61 / 6 by hand; the periodic ones keep eval_windows.
+    # The run's last evaluation reads final_eval_windows (the reference's reads 100M tokens): 6 windows spread
+    # over the 10, j * 10 // 6 = 0, 1, 3, 5, 6, 8: (1 + 2 + 10 + 26 + 37 + 65) / 6 = 141 / 6 by hand; the
+    # periodic ones keep eval_windows.
     cfg.final_eval_windows = 6
-    for final, want in ((True, 61 / 6), (False, 29.5)):
+    for final, want in ((True, 141 / 6), (False, 29.5)):
         seen.clear()
         for rank in (1, 0):
             t = SimpleNamespace(engine=Engine(), val_data=val_data, cfg=cfg, rank=rank, world=2, step=7,

@@ -106,11 +106,16 @@ def test_two_ranks_match_one_rank_with_same_global_batch(tmp_path, small_data_di
     val = [[(r["step"], r["val_loss"], r["val_tokens"]) for r in recs if "val_loss" in r] for recs in (one_recs, two_recs)]
     assert [v[2] for v in val[0]] == [v[2] for v in val[1]] == [16 * 32] * 2
     assert [v[1] for v in val[0]] == pytest.approx([v[1] for v in val[1]], rel=2e-5)
+    # What each merge added (from the gathered fp32 factors on 2 ranks): the one rank's numbers.
+    keys = ("update_norm_mean", "update_rel_mean", "update_rel_max")
+    stats = [[[r[k] for k in keys] for r in recs if r.get("event") == "reset"] for recs in (one_recs, two_recs)]
+    assert len(stats[1]) == 2 and all(0 < mean <= top < 1 for _, mean, top in stats[1])
+    assert stats[0] == [pytest.approx(row, rel=1e-3) for row in stats[1]]
 
 
 def test_the_logged_validation_loss_is_the_checkpoints_on_the_validation_split(uninterrupted_run, small_data_dir):
-    """Oracle: the model rebuilt from the step-12 checkpoint's DeepSpeed files, its mean loss over the first 16
-    windows (eval_windows) of the validation split, equals the step-12 val_loss logged (the merge at 12 keeps
+    """Oracle: the model rebuilt from the step-12 checkpoint's DeepSpeed files, its mean loss over the 16
+    windows (eval_windows) spread evenly over the validation split, equals the step-12 val_loss logged (the merge at 12 keeps
     the function to fp32 rounding); the training split's windows give another number. A mutation evaluating
     on the training split was caught only by the golden curve, which is re-recorded from the code itself."""
     import torch
@@ -128,7 +133,9 @@ def test_the_logged_validation_loss_is_the_checkpoints_on_the_validation_split(u
 
     def mean_loss(split):
         data = PackedTokens(small_data_dir, split, seq_len=32)
-        batch = torch.stack([data[i] for i in range(16)])  # equal windows: the token-weighted mean is this mean
+        # eval_windows=16 windows spread evenly over the split (j * len // 16); equal windows: the token-weighted
+        # mean is this mean
+        batch = torch.stack([data[j * len(data) // 16] for j in range(16)])
         with torch.no_grad():
             return model.eval()(batch, labels=batch).loss.item()
     assert mean_loss("validation") == pytest.approx(logged, rel=1e-5)
@@ -183,6 +190,8 @@ def test_other_zero_stages_train_through_switch_and_resets_then_export(tmp_path,
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [6, 10]
     assert all(abs(r["exp_avg_sq"] - 0.99) < 2e-3 and r["exp_avg"] >= r["exp_avg_sq"]
                for r in recs if r.get("event") == "reset")
+    # ZeRO-3 merges on the ranks that modify the gathered weight: rank 0, which logs, records what it added.
+    assert all(0 < r["update_rel_mean"] <= r["update_rel_max"] < 1 for r in recs if r.get("event") == "reset")
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "run" / "hf")
     from relora_ds.data import PackedTokens
 

@@ -237,13 +237,15 @@ class ShardedBatches:
 def eval_batches(dataset, micro_batch_size: int, rank: int, world_size: int,
                  num_windows: int | None = None, *, prefetch: int = 0,
                  pin_memory: bool = False) -> Iterator[torch.Tensor]:
-    """This rank's share of windows ``[0, N)`` of `dataset`, unshuffled: LongTensors (rows, seq_len + 1).
+    """This rank's share of ``N`` windows of `dataset` spread evenly over it: LongTensors (rows, seq_len + 1).
 
-    ``N = min(num_windows, len(dataset))`` (all windows when `num_windows` is None), so the evaluated set
-    does not depend on the world size or micro-batch size. Micro-step ``k`` covers windows
-    ``[k*W*B, (k+1)*W*B)`` and rank ``r`` its ``r``-th block of ``B`` of them, clipped to ``N``: the last
-    micro-step's batches are shorter, and empty (0 rows) on ranks past the end. Every rank yields the same
-    number of batches, so collectives inside the forward (ZeRO-3 gathers) stay matched.
+    ``N = min(num_windows, len(dataset))`` (all windows when `num_windows` is None); the evaluated windows are
+    ``j * len(dataset) // N`` for ``j`` in ``[0, N)``, in that order, so a subset samples the whole split (its
+    documents are in corpus order: the first windows alone would be its first source) and does not depend on
+    the world size or micro-batch size. Micro-step ``k`` covers ``j`` in ``[k*W*B, (k+1)*W*B)`` and rank ``r``
+    its ``r``-th block of ``B`` of them, clipped to ``N``: the last micro-step's batches are shorter, and empty
+    (0 rows) on ranks past the end. Every rank yields the same number of batches, so collectives inside the
+    forward (ZeRO-3 gathers) stay matched.
 
     `prefetch` and `pin_memory` as for :class:`ShardedBatches`: the next `prefetch` batches are read by
     background threads while the current one is evaluated; the batches are the same. The threads stop when
@@ -261,7 +263,7 @@ def eval_batches(dataset, micro_batch_size: int, rank: int, world_size: int,
 
     def read(start: int, stop: int) -> torch.Tensor:
         if stop > start:
-            return _batch(dataset, np.arange(start, stop), pin_memory)
+            return _batch(dataset, np.arange(start, stop, dtype=np.int64) * len(dataset) // n, pin_memory)
         return torch.empty((0, width), dtype=torch.long)
 
     if not prefetch:

@@ -10,7 +10,8 @@ import time
 from torch import nn
 
 from . import sharded
-from .relora import relora_layers, update_stats
+from .merge_stats import update_stats
+from .relora import relora_layers
 
 
 def _is_deepspeed_engine(obj) -> bool:

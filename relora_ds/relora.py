@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import quant, sharded, targets
+from .merge_stats import update_norms
 
 # The reference implementation trains r=128 with lora_alpha=32 (scale 0.25); we keep its alpha.
 DEFAULT_ALPHA = 32.0
@@ -238,7 +239,7 @@ class ReLoRALinear(nn.Module):
 
     def _merge_into(self, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
         """The merge into ``base`` (this layer's weight, or weight_q for an int8 base, or the whole of either)."""
-        self.last_update_norms = _update_norms(self, base, A, B)
+        self.last_update_norms = update_norms(self, base, A, B)
         if self.quantize:
             quant.merge_(self, A, B, q=base)
             return
@@ -272,32 +273,6 @@ class ReLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"scale={self.scale:g}, dropout={self.dropout}, bias={self.bias is not None}"
                 + (f", quantize={self.quantize!r}" if self.quantize else ""))
-
-
-@torch.no_grad()
-def _update_norms(layer: ReLoRALinear, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> tuple[float, float]:
-    """(‖s·B·A‖_F, ‖W‖_F) of a merge about to happen: the first from the two r×r Gram matrices
-    (‖BA‖² = Σ (BᵀB) ⊙ (AAᵀ), no out×in product), the second a few rows at a time (an int8 base dequantized so),
-    both in float64 (float32 on a device without it)."""
-    acc = torch.float32 if base.device.type == "mps" else torch.float64
-    A, B = A.detach().to(base.device, acc), B.detach().to(base.device, acc)
-    delta = layer.scale * ((B.T @ B) * (A @ A.T)).sum().clamp_min(0).sqrt()
-    scale = sharded.whole(layer.weight_scale).to(base.device, acc)[:, None] if layer.quantize else None
-    squares = torch.zeros((), dtype=acc, device=base.device)
-    for start in range(0, base.shape[0], 1024):
-        rows = base[start:start + 1024].to(acc)
-        squares += (rows if scale is None else rows * scale[start:start + 1024]).square().sum()
-    return delta.item(), squares.sqrt().item()
-
-
-def update_stats(norms: list[tuple[float, float]]) -> dict:
-    """A merge's record of what it added over its layers: the mean ‖s·B·A‖_F, and the mean and largest
-    ‖s·B·A‖_F / ‖W‖_F ({} without layers)."""
-    if not norms:
-        return {}
-    ratios = [delta / weight if weight > 0 else float("inf") for delta, weight in norms]
-    return {"update_norm_mean": sum(d for d, _ in norms) / len(norms), "update_rel_mean": sum(ratios) / len(ratios),
-            "update_rel_max": max(ratios)}
 
 
 def relora_layers(model: nn.Module) -> Iterator[tuple[str, ReLoRALinear]]:

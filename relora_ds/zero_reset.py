@@ -27,7 +27,8 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
 from .prune import MOMENT_KEYS, moment_masks
-from .relora import relora_layers, update_stats
+from .merge_stats import update_stats
+from .relora import relora_layers
 
 
 def offloaded(engine) -> str:

@@ -108,7 +108,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
               tokenizer: str | Path | None = None, *, hf_tokenizer: bool = True,
-              like: str | Path | None = None, token_ids: dict | None = None) -> Path:
+              like: str | Path | None = None, token_ids: dict | None = None, progress: dict | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` in the Hugging Face format of the model's model_type
     (LLaMA, Qwen2, Qwen3, Mistral); returns out_dir.
 
@@ -129,12 +129,16 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
     `token_ids`: ``{"bos_token_id", "eos_token_id"}`` for an export without `tokenizer` or `like` (say, from
     the run's data manifest); without them the configs say null rather than guess.
 
+    `progress`: how far the training of these weights got in its data (a run's ``progress()``), written as
+    PROGRESS_FILE, where a run started from the export reads on (--warm-start-data); without it an earlier
+    export's file goes, so that none describes other weights.
+
     Everything is written into a staging directory inside `out_dir` first and moved into place at the end:
     an error on the way (a tokenizer refused, a full disk) leaves an earlier export there as it was.
     """
     if _is_engine(model):
         return _export_engine(model, out_dir, dtype, tokenizer, hf_tokenizer=hf_tokenizer, like=like,
-                              token_ids=token_ids)
+                              token_ids=token_ids, progress=progress)
     config = getattr(model, "config", None)
     if not isinstance(config, LlamaConfig):
         raise ValueError(f"export_hf expects a relora_ds.LlamaForCausalLM or a DeepSpeed engine training one, got "
@@ -189,6 +193,8 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
             shutil.copy(generation, staging / "generation_config.json")
         else:
             (staging / "generation_config.json").write_text(json.dumps(special, indent=2))
+        if progress is not None:
+            (staging / PROGRESS_FILE).write_text(json.dumps(progress, indent=1) + "\n")
         _replace_export(out, staging, writes_tokenizer=tokenizer is not None or bool(source_files))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -209,6 +215,7 @@ def _replace_export(out: Path, staging: Path, writes_tokenizer: bool) -> None:
                       "stay beside the new weights: remove them unless they are this model's tokenizer", stacklevel=3)
     for stale in (*out.glob("model*.safetensors"), *out.glob("pytorch_model*.bin"), *out.glob("*.index.json")):
         stale.unlink()
+    (out / PROGRESS_FILE).unlink(missing_ok=True)  # an earlier export's: it described other weights
     for f in sorted(staging.iterdir()):
         os.replace(f, out / f.name)
 
@@ -279,6 +286,7 @@ def _export_engine(engine, out_dir, dtype, tokenizer, **kw) -> Path:
             from .relora import unwrap
 
             unwrap(model).to(dtype or torch.float32).save_pretrained(out_dir)
+            (Path(out_dir) / PROGRESS_FILE).unlink(missing_ok=True)  # an earlier export's: other weights
     on_rank_zero(write)
     return Path(out_dir)
 
@@ -293,15 +301,6 @@ def export_run(model: torch.nn.Module, out_dir: str | Path, train: dict, tokeniz
     tokenizer (export_hf). `progress` (the trainer's ``progress()``: step, tokens, sampler state, seed and
     data) goes to PROGRESS_FILE, where a run started from the export reads on in the data. Returns
     (out_dir, warnings to show)."""
-    out, notes = _export_run(model, out_dir, train, tokenizer, dtype, token_ids)
-    if progress is not None:
-        (out / PROGRESS_FILE).write_text(json.dumps(progress, indent=1) + "\n")
-    else:  # not one left by an earlier export into this directory
-        (out / PROGRESS_FILE).unlink(missing_ok=True)
-    return out, notes
-
-
-def _export_run(model, out_dir, train, tokenizer, dtype, token_ids) -> tuple[Path, list[str]]:
     notes = []
     source = train.get("hf_model") or train.get("warm_start_from")
     if source and not (Path(source) / "config.json").is_file():
@@ -309,7 +308,7 @@ def _export_run(model, out_dir, train, tokenizer, dtype, token_ids) -> tuple[Pat
                      "tokenizer files and dtype are not carried over")
         source = None
     kw = dict(dtype=export_dtype(dtype or train.get("export_dtype"), source), like=source, tokenizer=tokenizer,
-              token_ids=token_ids)
+              token_ids=token_ids, progress=progress)
     try:
         return export_hf(model, out_dir, **kw), notes
     except TokenizerNotConvertible as e:  # transformers cannot reproduce it exactly (e.g. a unigram model)

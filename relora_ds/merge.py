@@ -45,7 +45,7 @@ def merge_and_reinit(model: nn.Module) -> dict:
 
     The new lora_A comes from a generator seeded by (run seed, layer name, merge count), so every rank
     draws the same A without communication. Returns ``{"layers": n, "merge_seconds": t}`` and what the merge
-    added (``relora.update_stats``: ``update_norm_mean``, ``update_rel_mean``, ``update_rel_max``).
+    added (``merge_stats.update_stats``: ``update_norm_mean``, ``update_rel_mean``, ``update_rel_max``).
     """
     if _is_deepspeed_engine(model):
         from .zero_reset import merge_and_reinit_engine  # only this path touches DeepSpeed

@@ -56,9 +56,15 @@ class CheckpointsMixin:
                           f"may have trained on{restart}", ConfigWarning, stacklevel=2)
             return
         progress = json.loads(path.read_text())
-        if progress.get("data") != self.data_info:
-            self._print(f"warm start {source} trained on other data (or another seq_len): this run reads its "
-                        "data from the beginning")
+        data = progress.get("data") or {}
+        if data.get("fingerprint") != self.data_info["fingerprint"]:
+            self._print(f"warm start {source} trained on other data: this run reads its data from the beginning")
+            return
+        if data != self.data_info:  # the same tokens cut into windows of another length
+            warnings.warn(f"{source} trained on this data in windows of another seq_len ({data.get('train_windows')} "
+                          f"windows, this run {self.data_info['train_windows']}): its windows cannot be skipped in "
+                          f"this run's order, which starts at the beginning and re-reads its tokens{restart}",
+                          ConfigWarning, stacklevel=2)
             return
         if progress.get("seed") != self.cfg.seed:
             warnings.warn(f"{source} trained on this data in the order of seed {progress.get('seed')}, and this "
@@ -71,9 +77,10 @@ class CheckpointsMixin:
         self._print(f"warm start {source} trained on {sampler['samples_consumed']:,} windows of this data "
                     f"({progress.get('tokens_seen', 0):,} tokens in {progress.get('step')} steps): this run reads "
                     f"on after them (epoch {sampler['epoch']}, window {sampler['position']:,} of its order)")
-        self.metrics.log({"event": "warm_start_data", "step": 0, "warm_start_step": progress.get("step"),
-                          "samples_consumed": sampler["samples_consumed"], "epoch": sampler["epoch"],
-                          "position": sampler["position"]})
+        if not self.metrics.logged(0, "warm_start_step"):  # (a --resume before the first checkpoint logged it)
+            self.metrics.log({"event": "warm_start_data", "step": 0, "warm_start_step": progress.get("step"),
+                              "samples_consumed": sampler["samples_consumed"], "epoch": sampler["epoch"],
+                              "position": sampler["position"]})
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])

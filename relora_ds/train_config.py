@@ -123,10 +123,12 @@ class TrainConfig:
                                            "and a jagged cosine over the remaining steps)",
                                choices=("continue", "restart"))
     warm_start_from: str | None = _f(None, "Hugging Face directory of a full-rank warm start (e.g. an "
-                                           "export of another run); the ReLoRA run starts from it")
+                                           "export of another run); the ReLoRA run starts from it, and reads on "
+                                           "in the data after the warm start's windows (see warm_start_data)")
     warm_start_data: str = _f("continue", "with warm_start_from, where the data starts: continue (after the "
                                           "windows the warm start trained on, read from the export's "
-                                          "relora_ds_progress.json, where it is the same data and seed) or "
+                                          "relora_ds_progress.json, where it is the same data, seq_len and "
+                                          "seed; else from the beginning, with a warning where windows repeat) or "
                                           "restart (at the data's beginning, as the reference's second run)",
                               choices=("continue", "restart"))
     # Optimization
@@ -173,7 +175,8 @@ class TrainConfig:
                                               "it reports (the reference's reads 100M tokens); default: "
                                               "eval_windows; 0: the whole split")
     save_every: int = _f(0, "checkpoint every N steps (and at the end); 0: only at the end")
-    keep_last: int = _f(3, "checkpoints to keep (older ones are deleted)")
+    keep_last: int = _f(3, "checkpoints to keep (older ones are deleted; the warm start's is spared, see "
+                           "keep_warm_start)")
     keep_warm_start: bool = _f(True, "checkpoint the last full-rank step of an in-run warm start (step "
                                      "warm_start_steps) and keep it past keep_last: where ablations start "
                                      "(launch/export.py it for --warm-start-from)")

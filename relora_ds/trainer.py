@@ -391,7 +391,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
                 self._event(event)
 
     def evaluate(self, final: bool = False) -> dict:
-        """Validation loss on the first eval_windows windows (final_eval_windows for the run's `final` one)."""
+        """Validation loss on eval_windows windows spread over the split (final_eval_windows for the run's `final`
+        one)."""
         start = time.perf_counter()
         windows = self.cfg.eval_windows
         if final and self.cfg.final_eval_windows is not None:

@@ -18,9 +18,9 @@ from relora_ds.hf import PROGRESS_FILE
 MICRO, GLOBAL = RECIPE["micro_batch_size"], RECIPE["global_batch_size"]
 
 
-def _sampler_after(data_dir, steps, seed=0):
+def _sampler_after(data_dir, steps, seed=0, seq_len=RECIPE["seq_len"]):
     """The state of the training sampler of one rank after `steps` optimizer steps from the data's start."""
-    batches = ShardedBatches(PackedTokens(data_dir, "train", seq_len=RECIPE["seq_len"], access="random"), MICRO,
+    batches = ShardedBatches(PackedTokens(data_dir, "train", seq_len=seq_len, access="random"), MICRO,
                              rank=0, world_size=1, seed=seed, accumulation_steps=GLOBAL // MICRO)
     for _ in range(steps * GLOBAL // MICRO):
         next(batches)
@@ -62,7 +62,7 @@ def test_the_relora_run_reads_on_after_the_warm_starts_data(tmp_path, small_data
     assert json.loads((out / PROGRESS_FILE).read_text()) == progress
 
 
-@pytest.mark.parametrize("case", ["restart", "other_seed", "no_progress_file"])
+@pytest.mark.parametrize("case", ["restart", "other_seed", "other_seq_len", "no_progress_file"])
 def test_where_it_cannot_or_should_not_read_on_it_starts_at_the_beginning(tmp_path, small_data_dir, warm_start,
                                                                          case):
     """--warm-start-data restart (the reference's second run) starts at the data's beginning silently; another
@@ -76,11 +76,15 @@ def test_where_it_cannot_or_should_not_read_on_it_starts_at_the_beginning(tmp_pa
         overrides["warm_start_data"] = "restart"
     elif case == "other_seed":
         overrides["seed"] = 5
+    elif case == "other_seq_len":
+        overrides["seq_len"] = 16
     else:
         (hf / PROGRESS_FILE).unlink()
     proc = train1(tmp_path, small_data_dir, **overrides)
-    assert _final_sampler(tmp_path / "run") == _sampler_after(small_data_dir, 3, seed=overrides.get("seed", 0))
+    assert _final_sampler(tmp_path / "run") == _sampler_after(small_data_dir, 3, seed=overrides.get("seed", 0),
+                                                              seq_len=overrides.get("seq_len", RECIPE["seq_len"]))
     warning = {"restart": None, "other_seed": "in the order of seed 0, and this run's seed 5 orders it anew",
+               "other_seq_len": "trained on this data in windows of another seq_len",
                "no_progress_file": f"has no {PROGRESS_FILE}"}[case]
     if warning is None:
         assert "warm_start_data" not in proc.stderr and "reads on" not in proc.stdout
@@ -106,3 +110,34 @@ def test_the_in_run_warm_starts_last_step_is_checkpointed_and_kept(tmp_path, sma
     train1(other, small_data_dir, "--no-keep-warm-start", save_every=5, keep_last=1, total_steps=12,
            keep_warm_start=True)  # the flag overrides the recipe
     assert sorted(p.name for p in (other / "run" / "checkpoints").glob("step_*")) == ["step_12"]
+
+
+def test_an_export_replaces_or_removes_an_earlier_exports_progress_file(tmp_path):
+    """export_hf writes the progress it is given with the weights (staged, moved in together), and without one
+    removes an earlier export's file, which described other weights (a review found it left beside them: a
+    run from the directory would have skipped windows by it)."""
+    import torch
+
+    from relora_ds import LlamaConfig, LlamaForCausalLM, export_hf
+
+    out = tmp_path / "hf"
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=64))
+    export_hf(model, out, token_ids={"bos_token_id": 1, "eos_token_id": 2}, progress={"step": 7})
+    assert json.loads((out / PROGRESS_FILE).read_text()) == {"step": 7}
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    export_hf(model, out, token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    assert not (out / PROGRESS_FILE).exists() and (out / "model.safetensors").is_file()
+
+
+def test_a_resume_before_the_first_checkpoint_logs_the_data_position_once(tmp_path, small_data_dir, warm_start):
+    """A job requeued before its first save (--resume, no checkpoint: it starts again at step 0) reads on from
+    the export again, and its metrics keep one warm_start_data record (a review found two)."""
+    kw = dict(warm_start_from=str(warm_start / "hf"), warm_start_steps=0, total_steps=3, warmup_steps=1,
+              cycle_length=2, restart_warmup_steps=1, eval_every=0)
+    train1(tmp_path, small_data_dir, **kw)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # as if killed before its first checkpoint
+    train1(tmp_path, small_data_dir, "--resume", **kw)
+    _, recs = read_losses(tmp_path / "run")
+    assert [r["event"] for r in recs if r.get("event") == "warm_start_data"] == ["warm_start_data"]
+    assert _final_sampler(tmp_path / "run") == _sampler_after(small_data_dir, 3 + 3)

@@ -1,0 +1,80 @@
+"""launch/update_rank.py: the rank of what training changed between two exports (the paper's Fig. 4 claim:
+ReLoRA's merges of rank r add up to a rank above r). Oracle: K merges of random rank-r factors through
+relora_ds's own merge give an update of rank K·r in every ReLoRA layer, and none elsewhere (by hand)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from launch_utils import ROOT, launch_env
+
+import relora_ds
+from relora_ds import LlamaConfig, LlamaForCausalLM
+from relora_ds.relora import relora_layers
+
+sys.path.insert(0, str(ROOT / "launch"))
+import update_rank  # noqa: E402
+
+IDS = {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def _merged_k_times(tmp_path, k, rank=2):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    model = relora_ds.wrap(LlamaForCausalLM(cfg).double(), rank=rank, alpha=2 * rank)
+    relora_ds.export_hf(model, tmp_path / "a", token_ids=IDS, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(k):  # a "trained" B in each cycle, merged, then A re-drawn and B = 0
+        for _, layer in relora_layers(model):
+            with torch.no_grad():
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=torch.float64) * 0.1)
+        relora_ds.merge_and_reinit(model)
+    relora_ds.export_hf(model, tmp_path / "b", token_ids=IDS, dtype=torch.float64)
+    return model
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_k_merges_of_rank_r_are_an_update_of_rank_k_times_r(tmp_path, k):
+    model = _merged_k_times(tmp_path, k)
+    layers = {f"{name}.weight" for name, _ in relora_layers(model)}
+    assert set(update_rank.compare(tmp_path / "a", tmp_path / "b")) == layers  # matrices; no embeddings, lm_head
+    per_layer = update_rank.compare(tmp_path / "a", tmp_path / "b", everything=True)
+    assert set(per_layer) == layers | {"model.embed_tokens.weight", "lm_head.weight"}
+    for name, rec in per_layer.items():
+        if name in layers:
+            assert rec["rank"] == 2 * k, name
+            assert 1 <= rec["effective_rank"] <= 2 * k + 1e-9
+            assert rec["rel_norm"] > 0
+        else:  # not trained by the merges
+            assert rec == {"rank": 0, "effective_rank": 0.0, "rel_norm": 0.0, "shape": rec["shape"]}
+    kinds = update_rank.by_kind(update_rank.compare(tmp_path / "a", tmp_path / "b"))
+    assert kinds["q_proj"]["layers"] == 2 and kinds["down_proj"]["rank"] == 2 * k
+
+
+def test_the_update_rank_numbers_are_the_singular_values_by_hand():
+    """delta = diag(4, 2, 0.01) padded: rank 2 at the 1% threshold (0.01 < 0.04), 3 at 0.1%; effective rank
+    exp(H(4/6.01, 2/6.01, 0.01/6.01)); rel_norm |delta| / |base| = sqrt(20.0001) / 10 with |base| = 10."""
+    delta = torch.zeros(5, 4, dtype=torch.float64)
+    delta[0, 0], delta[1, 1], delta[2, 2] = 4, 2, 0.01
+    base = torch.zeros(5, 4, dtype=torch.float64)
+    base[0, 0] = 10
+    p = torch.tensor([4, 2, 0.01], dtype=torch.float64) / 6.01
+    rec = update_rank.update_rank(delta, base)
+    assert rec["rank"] == 2 and update_rank.update_rank(delta, base, threshold=0.001)["rank"] == 3
+    assert rec["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-12)
+    assert rec["rel_norm"] == pytest.approx(20.0001 ** 0.5 / 10, rel=1e-12)
+
+
+def test_the_command_prints_each_kind_and_writes_json(tmp_path):
+    _merged_k_times(tmp_path, 2)
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/update_rank.py"), str(tmp_path / "a"),
+                           str(tmp_path / "b"), "--json", str(tmp_path / "r.json")], env=launch_env(),
+                          capture_output=True, text=True, check=True)
+    q = next(line.split() for line in proc.stdout.splitlines() if line.startswith("q_proj"))
+    assert q[1] == "32x32" and float(q[2]) == 4.0
+    saved = json.loads((tmp_path / "r.json").read_text())["matrices"]
+    assert saved["model.layers.0.mlp.up_proj.weight"]["rank"] == 4
+    bad = subprocess.run([sys.executable, str(ROOT / "launch/update_rank.py"), str(tmp_path / "a"),
+                          str(tmp_path / "nothing")], env=launch_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not a directory" in bad.stderr

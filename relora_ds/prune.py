@@ -86,6 +86,30 @@ def moment_masks(moments: dict, method: str, ratio: float, seed: int, joint: boo
     return masks
 
 
+class PruneTally:
+    """What a prune zeroed over its tensors: per moment the share of entries and the share of its L1 mass
+    (Σ|m| zeroed / Σ|m|; magnitude pruning zeroes 99% of the entries but less of the mass)."""
+
+    def __init__(self):
+        self.total = 0
+        self.zeroed = dict.fromkeys(MOMENT_KEYS, 0)
+        self.mass = {key: [0.0, 0.0] for key in MOMENT_KEYS}  # (zeroed, all)
+
+    @torch.no_grad()
+    def add(self, moments: dict, masks: dict, numel: int) -> None:
+        """Before the masks are applied: `moments` and `masks` whole tensors."""
+        self.total += numel
+        for key in MOMENT_KEYS:
+            size = moments[key].abs()
+            self.zeroed[key] += int(masks[key].sum())
+            self.mass[key][0] += float((size * masks[key]).sum(dtype=torch.float64))
+            self.mass[key][1] += float(size.sum(dtype=torch.float64))
+
+    def stats(self) -> dict:
+        return {**{key: self.zeroed[key] / max(1, self.total) for key in MOMENT_KEYS},
+                **{f"{key}_mass": zeroed / mass if mass > 0 else 0.0 for key, (zeroed, mass) in self.mass.items()}}
+
+
 def prune_mask(t: torch.Tensor, method: str, ratio: float, seed: int = 0) -> torch.Tensor:
     if method == "magnitude":
         return magnitude_prune_mask(t, ratio)
@@ -117,7 +141,8 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     (ZeRO-partitioned state, see zero_reset.py); all use ``moment_masks`` on whole tensors, so the results
     are identical.
     Returns ``{key: fraction of entries zeroed}`` over all given params (independent mode: exp_avg's
-    fraction is at least ``ratio``, since it includes exp_avg_sq's mask).
+    fraction is at least ``ratio``, since it includes exp_avg_sq's mask), and ``{key}_mass``: the share of
+    each moment's L1 mass zeroed (``PruneTally``).
     """
     check_prune_args(method, ratio)
     if isinstance(optimizer, torch.nn.Module) and not hasattr(optimizer, "zero_optimization_stage"):
@@ -138,22 +163,20 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     if type(optimizer).__module__.startswith("deepspeed.runtime"):  # ZeRO / bf16 / fp16 optimizer wrappers
         raise ValueError(f"prune_optimizer_state: got DeepSpeed's {type(optimizer).__name__}; pass the engine "
                          "itself (relora_ds.prune_optimizer_state(engine, ...)), whose moments ZeRO partitions")
-    zeroed = dict.fromkeys(MOMENT_KEYS, 0)
-    total = 0
+    tally = PruneTally()
     for i, p in enumerate(params):
         state = optimizer.state.get(p, {})
         if not all(k in state for k in MOMENT_KEYS):
             raise ValueError(_no_moments(optimizer, i, p, state))
-        total += p.numel()
         # FSDP2's moments are DTensors: the masks of the whole tensors (gathered), each rank zeroing its shard
-        masks = moment_masks({k: sharded.whole(state[k]) for k in MOMENT_KEYS}, method, ratio,
-                             seed + 1000003 * i, joint)
+        whole = {k: sharded.whole(state[k]) for k in MOMENT_KEYS}
+        masks = moment_masks(whole, method, ratio, seed + 1000003 * i, joint)
+        tally.add(whole, masks, p.numel())
         for key in MOMENT_KEYS:
             state[key].masked_fill_(sharded.shard_of(state[key], masks[key]), 0.0)
-            zeroed[key] += int(masks[key].sum())
         if "max_exp_avg_sq" in state:  # amsgrad: its running max would otherwise keep the pruned entries
             state["max_exp_avg_sq"].masked_fill_(sharded.shard_of(state["max_exp_avg_sq"], masks["exp_avg_sq"]), 0.0)
-    return {key: zeroed[key] / max(1, total) for key in MOMENT_KEYS}
+    return tally.stats()
 
 
 def _no_moments(optimizer, i: int, p: torch.Tensor, state: dict) -> str:

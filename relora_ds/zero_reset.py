@@ -26,7 +26,7 @@ import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
-from .prune import MOMENT_KEYS, moment_masks
+from .prune import MOMENT_KEYS, PruneTally, moment_masks
 from .merge_stats import update_stats
 from .relora import relora_layers
 
@@ -252,10 +252,8 @@ def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed
                          "creates them at the first optimizer step (or loads them with a checkpoint), so prune "
                          "only after engine.step() or engine.load_checkpoint()")
     relink_optimizer_fragments(engine)
-    zeroed = dict.fromkeys(MOMENT_KEYS, 0)
-    total = comm_bytes = 0
+    tally, comm_bytes = PruneTally(), 0
     for i, p in enumerate(params):
-        total += p.ds_numel if _is_zero3(p) else p.numel()
         full = {}
         for key in MOMENT_KEYS:
             if _is_partitioned(p):
@@ -264,12 +262,12 @@ def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed
             else:  # ZeRO stage 0 keeps plain torch optimizer state
                 full[key] = engine.optimizer.state[p][key]
         masks = moment_masks(full, method, ratio, seed + 1000003 * i, joint)
+        tally.add(full, masks, p.ds_numel if _is_zero3(p) else p.numel())
         for key in MOMENT_KEYS:
             full[key].masked_fill_(masks[key], 0.0)
             if _is_partitioned(p):
                 set_full(p, full[key], key)
-            zeroed[key] += int(masks[key].sum())
-    stats = {key: zeroed[key] / max(1, total) for key in MOMENT_KEYS}
+    stats = tally.stats()
     stats.update(prune_seconds=time.perf_counter() - start, prune_comm_bytes=comm_bytes if _world_size() > 1 else 0)
     return stats
 

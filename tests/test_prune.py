@@ -84,6 +84,13 @@ def test_prune_optimizer_state_magnitude_only_given_params():
     n = a.numel() + b.numel()
     assert stats["exp_avg_sq"] == pytest.approx((round(0.9 * a.numel()) + round(0.9 * b.numel())) / n)
     assert stats["exp_avg"] == pytest.approx(zeroed_m / n)
+    # The share of each moment's L1 mass zeroed: what the pruned entries held, from the state before and after.
+    for key in ("exp_avg", "exp_avg_sq"):
+        held = sum(before[id(p)][key].abs().sum().item() for p in (a, b))
+        kept = sum(opt.state[p][key].abs().sum().item() for p in (a, b))
+        assert stats[f"{key}_mass"] == pytest.approx((held - kept) / held, rel=1e-5)
+    # magnitude pruning: 90% of the entries are the smallest, so less than 90% of the mass
+    assert 0 < stats["exp_avg_sq_mass"] < stats["exp_avg_sq"]
 
 
 @pytest.mark.parametrize("method", ["magnitude", "random"])
@@ -103,7 +110,7 @@ def test_independent_prune_leaves_no_momentum_without_second_moment(method):
         zeroed["exp_avg"] += int((m_mask | v_mask).sum())
         zeroed["exp_avg_sq"] += int(v_mask.sum())
     n = a.numel() + b.numel()
-    assert stats == {k: pytest.approx(zeroed[k] / n) for k in zeroed}  # the fractions truly zeroed
+    assert {k: stats[k] for k in zeroed} == {k: pytest.approx(zeroed[k] / n) for k in zeroed}  # truly zeroed
     assert stats["exp_avg_sq"] == pytest.approx((round(0.9 * a.numel()) + round(0.9 * b.numel())) / n)
     assert stats["exp_avg"] > stats["exp_avg_sq"]
 
@@ -135,7 +142,7 @@ def test_random_and_reset_modes():
     assert torch.equal(m1, m2) and int(m1.sum()) == 30
     assert not torch.equal(m1, random_prune_mask((100,), 0.3, seed=2))
     stats = relora_ds.prune_optimizer_state(opt, [b], method="reset")
-    assert stats == {"exp_avg": 1.0, "exp_avg_sq": 1.0}
+    assert stats == {"exp_avg": 1.0, "exp_avg_sq": 1.0, "exp_avg_mass": 1.0, "exp_avg_sq_mass": 1.0}
     assert torch.count_nonzero(opt.state[b]["exp_avg"]) == 0
 
 
@@ -217,9 +224,11 @@ def _opt():
 def test_ratio_one_zeroes_everything_and_ratio_zero_nothing(method):
     opt, a = _opt()
     before = {k: opt.state[a][k].clone() for k in ("exp_avg", "exp_avg_sq")}
-    assert relora_ds.prune_optimizer_state(opt, [a], method, ratio=0.0) == {"exp_avg": 0.0, "exp_avg_sq": 0.0}
+    assert relora_ds.prune_optimizer_state(opt, [a], method, ratio=0.0) == \
+        {"exp_avg": 0.0, "exp_avg_sq": 0.0, "exp_avg_mass": 0.0, "exp_avg_sq_mass": 0.0}
     assert all(torch.equal(opt.state[a][k], before[k]) for k in before)
-    assert relora_ds.prune_optimizer_state(opt, [a], method, ratio=1.0) == {"exp_avg": 1.0, "exp_avg_sq": 1.0}
+    assert relora_ds.prune_optimizer_state(opt, [a], method, ratio=1.0) == \
+        {"exp_avg": 1.0, "exp_avg_sq": 1.0, "exp_avg_mass": 1.0, "exp_avg_sq_mass": 1.0}
     assert all(torch.count_nonzero(opt.state[a][k]) == 0 for k in before)
 
 

@@ -90,7 +90,8 @@ def test_a_stop_signal_during_an_evaluation_stops_there_with_a_checkpoint(tmp_pa
     monkeypatch.setattr(trainer_mod, "offloaded", lambda engine: "none")
     cfg = TrainConfig(mode="relora", warm_start_steps=2, cycle_length=4, restart_warmup_steps=1, warmup_steps=1,
                       total_steps=12, log_every=3, eval_every=4, save_every=save_every, global_batch_size=8,
-                      micro_batch_size=4, seq_len=32, export=False, warm_start_lr=5e-4, output_dir=str(tmp_path))
+                      micro_batch_size=4, seq_len=32, export=False, warm_start_lr=5e-4, output_dir=str(tmp_path),
+                      keep_warm_start=False)  # (else step 2 is saved too)
     t = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
     calls = []
 

@@ -106,10 +106,12 @@ def test_two_ranks_match_one_rank_with_same_global_batch(tmp_path, small_data_di
     val = [[(r["step"], r["val_loss"], r["val_tokens"]) for r in recs if "val_loss" in r] for recs in (one_recs, two_recs)]
     assert [v[2] for v in val[0]] == [v[2] for v in val[1]] == [16 * 32] * 2
     assert [v[1] for v in val[0]] == pytest.approx([v[1] for v in val[1]], rel=2e-5)
-    # What each merge added (from the gathered fp32 factors on 2 ranks): the one rank's numbers.
-    keys = ("update_norm_mean", "update_rel_mean", "update_rel_max")
+    # What each merge added (from the gathered fp32 factors on 2 ranks), and the share of each moment's L1
+    # mass its prune zeroed (below the 99% of the entries: the largest stay): the one rank's numbers.
+    keys = ("update_norm_mean", "update_rel_mean", "update_rel_max", "exp_avg_mass", "exp_avg_sq_mass")
     stats = [[[r[k] for k in keys] for r in recs if r.get("event") == "reset"] for recs in (one_recs, two_recs)]
-    assert len(stats[1]) == 2 and all(0 < mean <= top < 1 for _, mean, top in stats[1])
+    assert len(stats[1]) == 2 and all(0 < mean <= top < 1 for _, mean, top, _, _ in stats[1])
+    assert all(0 < m_mass < 1 and 0 < v_mass < 0.99 for *_, m_mass, v_mass in stats[1])
     assert stats[0] == [pytest.approx(row, rel=1e-3) for row in stats[1]]
 
 

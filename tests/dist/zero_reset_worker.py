@@ -261,6 +261,10 @@ def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_secon
                              for a, b, m in zip(after, before, masks) for k in b)
     numel = sum(b["exp_avg"].numel() for b in before)
     res["expected_stats"] = {k: sum(int(m[k].sum()) for m in masks) / numel for k in ("exp_avg", "exp_avg_sq")}
+    for k in ("exp_avg", "exp_avg_sq"):  # the share of each moment's L1 mass the masks zero
+        res["expected_stats"][f"{k}_mass"] = sum(float((b[k].abs() * m[k]).sum(dtype=torch.float64))
+                                                 for b, m in zip(before, masks)) / \
+            sum(float(b[k].abs().sum(dtype=torch.float64)) for b in before)
     res["others_untouched"] = all(torch.equal(safe_get_full_optimizer_state(p, "exp_avg"), o)
                                   for p, o in zip(others, others_before))
     res["stats"] = {k: v for k, v in stats.items() if k.startswith("exp")}

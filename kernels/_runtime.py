@@ -11,7 +11,8 @@ Environment variables (read at call time, never cached):
   chain, kernels/torch_linear.py) and every other op as its twin; ``reference`` forces the pure-torch
   twins (the specification).
 - ``RELORA_MERGED_WEIGHT=0|1``: the ``torch`` path's variant, never / always merged-weight (default: on CPU
-  the one with fewer multiply-adds for each call's token count, torch_linear.use_merged_weight).
+  the one with fewer multiply-adds for each call's token count, torch_linear.use_merged_weight; on CUDA the
+  epilogue chain).
 - ``RELORA_DETERMINISTIC=1``: bitwise-reproducible backward (no atomics, fixed reduction order, one fixed
   launch configuration instead of autotuning). Also on when ``torch.use_deterministic_algorithms(True)``.
 - ``TRITON_INTERPRET=1``: Triton's own switch for its CPU interpreter.
@@ -135,9 +136,10 @@ def use_triton(tensor: torch.Tensor, op: str | None = None) -> bool:
 
 
 # The non-Triton path `auto` takes for the LoRA linear, per device type. CPU, 2026-11-30 (BENCHMARKS.md
-# "The torch paths on CPU"): whole training steps 1.04-1.13x the twin's speed.
-# CUDA: not yet timed on a GPU (launch/bench_kernels.py provider `torch_fused`), so it stays the twin there.
-AUTO_LINEAR_TORCH_PATH = {"cpu": "torch"}
+# "The torch paths on CPU"): whole training steps 1.04-1.13x the twin's speed. CUDA, H200, bf16, 2026-12-04
+# (BENCHMARKS.md "H200"): the layer's fwd+bwd at M=16384, r=128 1.16x (d=2048) and 1.11x (d=4096) the
+# twin's speed, whole training steps 1.05x (350m) and 1.01x (1b); the fused Triton layer 0.57x / 0.95x.
+AUTO_LINEAR_TORCH_PATH = {"cpu": "torch", "cuda": "torch"}
 
 
 def linear_path(tensor: torch.Tensor) -> str:

@@ -52,16 +52,22 @@ def test_use_triton_modes(monkeypatch):
         assert rk.use_triton(cpu.cuda(), op="linear") is True
 
 
-def test_auto_on_cuda_keeps_the_linear_on_the_twin_and_the_merge_on_triton(monkeypatch):
-    """What README/BENCHMARKS state from the H100 measurements, checked without a GPU (a CUDA stand-in): under
-    auto the LoRA linear takes the twin (cuBLAS; the fused kernel measured slower per training step), the
-    merge and the other ops Triton; bf16/fp16/fp32 only."""
+def test_auto_on_cuda_takes_the_blas_chain_for_the_linear_and_triton_for_the_merge(monkeypatch):
+    """What README/BENCHMARKS state from the H100/H200 measurements, checked without a GPU (a CUDA stand-in):
+    under auto the LoRA linear takes the `torch` path's epilogue chain (cuBLAS; faster than the twin, and the
+    fused kernel measured slower per training step), never its merged-weight variant; the merge and the other
+    ops Triton; bf16/fp16/fp32 only."""
+    from relora_kernels import torch_linear
+
     from types import SimpleNamespace
 
     monkeypatch.delenv("RELORA_KERNELS", raising=False)
     monkeypatch.setattr(_runtime, "_triton_installed", lambda: True)
     cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda"))
-    assert _runtime.use_triton(cuda, op="linear") is False and _runtime.linear_path(cuda) == "reference"
+    monkeypatch.delenv("RELORA_MERGED_WEIGHT", raising=False)
+    assert _runtime.use_triton(cuda, op="linear") is False and _runtime.linear_path(cuda) == "torch"
+    assert torch_linear.merged_weight_default(cuda.device) is False
+    assert torch_linear.merged_weight_default(torch.device("cpu")) is None  # per call, by its cost
     assert _runtime.use_triton(cuda) is True  # lora_merge_, int8_merge_, dequantization
     assert _runtime.use_triton(SimpleNamespace(is_cuda=True, dtype=torch.float64, device=torch.device("cuda"))) is False
 
@@ -84,9 +90,9 @@ def test_auto_mode_on_cpu_takes_the_blas_chain(monkeypatch):
     assert _runtime.linear_path(cpu) == "torch" and rk.use_triton(cpu) is False
     monkeypatch.setenv("RELORA_KERNELS", "reference")
     assert _runtime.linear_path(cpu) == "reference"
-    if HAS_CUDA:  # not yet timed on a GPU: the twin there (AUTO_LINEAR_TORCH_PATH)
+    if HAS_CUDA:  # the H200's choice (2026-12-04; a stand-in above without a GPU)
         monkeypatch.delenv("RELORA_KERNELS", raising=False)
-        assert _runtime.linear_path(cpu.cuda()) == "reference"
+        assert _runtime.linear_path(cpu.cuda()) == "torch"
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])

@@ -200,7 +200,7 @@ def main(argv=None):
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_int8.json")
     args = ap.parse_args(argv)
-    if args.device == "cuda":  # the rows time the Triton kernels: under "auto" the int8 layer takes its torch twin
+    if args.device == "cuda":  # the rows time the Triton kernels: under "auto" the int8 layer takes the torch path
         os.environ["RELORA_KERNELS"] = "triton"
     import triton
 

@@ -262,7 +262,8 @@ class ReLoRALinear(nn.Module):
             if buf is not None and buf.device.type not in ("cpu", "meta"):
                 # FSDP2's fully_shard moved it (buf.data = buf.to(device), past _apply): back to the host
                 buf.data = buf.data.cpu()
-        # Dispatches itself: fused Triton kernels on CUDA, the torch twin elsewhere (RELORA_KERNELS forces).
+        # Dispatches itself (relora_kernels._runtime: under auto the cuBLAS chain for the layer, Triton for merges on
+        # CUDA; RELORA_KERNELS forces a path).
         if self.quantize:
             return relora_kernels.int8_lora_linear(x, self.weight_q, self.weight_scale, self.lora_A, self.lora_B,
                                                    self.scale, self.bias, self.dropout, self.training)

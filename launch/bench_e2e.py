@@ -4,7 +4,8 @@
 
 Each (preset, path) runs in its own process with the path's environment (--paths, PATH_ENV below: reference |
 torch (BLAS chain with fused epilogues) | torch_merged (merged-weight GEMMs, kernels/torch_linear.py) |
-triton | auto), or with --interleave all paths alternate step by step in one process; bf16 weights and
+triton | triton_tma_blas_lr (TMA GEMMs, cuBLAS rank-r products) | auto), or with --interleave all paths
+alternate step by step in one process; bf16 weights and
 activations, r=128, fused torch AdamW over the trainable parameters; median over timed steps after warm-up.
 No DeepSpeed: this isolates the layer kernels' effect on a whole model.
 """
@@ -19,22 +20,43 @@ import time
 from cli_types import positive_int
 
 
-# What each --paths name sets in the environment (read by relora_kernels at call time).
+# What each --paths name sets in the environment (read by relora_kernels at call time); a variable another
+# path sets and this one does not is unset for it (interleaved, `auto` after `torch_merged` would otherwise
+# run merged).
 PATH_ENV = {"reference": {"RELORA_KERNELS": "reference"},
             "torch": {"RELORA_KERNELS": "torch", "RELORA_MERGED_WEIGHT": "0"},
             "torch_merged": {"RELORA_KERNELS": "torch", "RELORA_MERGED_WEIGHT": "1"},
             "triton": {"RELORA_KERNELS": "triton"},
+            "triton_tma_blas_lr": {"RELORA_KERNELS": "triton"},
             "auto": {"RELORA_KERNELS": "auto"}}
+# Module switches of the Triton path (bench_kernels.py's providers): the TMA-descriptor GEMMs with the rank-r
+# products on cuBLAS, the best fused variant at d=4096 on the H200 (BENCHMARKS.md). Off for every other path.
+PATH_SWITCHES = {"triton_tma_blas_lr": {("matmul", "TMA_GEMM"): True, ("linear", "LOWRANK_BLAS"): True}}
+
+
+def use_path(path: str) -> None:
+    """Set ``path``'s environment and Triton module switches for the next calls (see PATH_ENV)."""
+    import importlib
+
+    for key in {k for env in PATH_ENV.values() for k in env}:
+        os.environ.pop(key, None)
+    os.environ.update(PATH_ENV[path])
+    for module, name in {k for switches in PATH_SWITCHES.values() for k in switches}:
+        mod = importlib.import_module(f"relora_kernels.{module}")
+        setattr(mod, name, PATH_SWITCHES.get(path, {}).get((module, name), False))
 
 
 def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, device: str = "cuda",
         interleave: list[str] | None = None, dtype: str | None = None, quantize: str | None = None,
-        loss_chunk_size: int = 0, activation_checkpointing: bool = False) -> dict | list[dict]:
-    """Time ``steps`` training steps after 3 warm-up steps. ``interleave``: alternate these paths step by
-    step on one model and batch (cancels a shared machine's drift); returns one row per path."""
+        loss_chunk_size: int = 0, activation_checkpointing: bool = False, path: str | None = None) -> dict | list[dict]:
+    """Time ``steps`` training steps after 3 warm-up steps on ``path`` (None: the environment as it is).
+    ``interleave``: alternate these paths step by step on one model and batch (cancels a shared machine's
+    drift); returns one row per path."""
     import torch
 
     import relora_ds
+    if path is not None:
+        use_path(path)
 
     torch.manual_seed(0)
     cuda = device == "cuda"
@@ -58,7 +80,7 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
     for i in range(steps + 3):
         for path in paths:
             if path is not None:
-                os.environ.update(PATH_ENV[path])
+                use_path(path)
             sync()
             t0 = time.perf_counter()
             loss = model(batch, labels=batch).loss
@@ -73,11 +95,11 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
 
     per_token = flops_per_token(model, seq_len)
     peak = peak_tflops(torch.cuda.get_device_name()) if cuda and dt == torch.bfloat16 else None
-    rows = []
+    rows, one_path = [], path
     for path, ts in times.items():
         t = statistics.median(ts)
         tflops = micro_batch * seq_len * per_token / t / 1e12
-        rows.append({"preset": preset, "path": path or os.environ.get("RELORA_KERNELS", "auto"),
+        rows.append({"preset": preset, "path": path or one_path or os.environ.get("RELORA_KERNELS", "auto"),
                      "interleaved": interleave is not None, "dtype": str(dt).replace("torch.", ""),
                      "base": quantize or "float", "loss_chunk_size": loss_chunk_size,
                      "activation_checkpointing": activation_checkpointing,
@@ -119,7 +141,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank, args.device,
                              args.paths if args.interleave else None, args.dtype, args.quantize,
-                             args.loss_chunk_size[0], args.activation_checkpointing)))
+                             args.loss_chunk_size[0], args.activation_checkpointing,
+                             None if args.interleave or not args.paths else args.paths[0])))
         return
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -129,8 +152,8 @@ def main() -> None:
     if args.paths is None:
         args.paths = ["reference", "torch", "torch_merged"] + (["triton"] if args.device == "cuda" or interpreted
                                                                 else [])
-    elif args.device == "cpu" and "triton" in args.paths and not interpreted:
-        ap.error("--paths triton on --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter; not a speed "
+    elif args.device == "cpu" and {"triton", "triton_tma_blas_lr"} & set(args.paths) and not interpreted:
+        ap.error("--paths triton/triton_tma_blas_lr on --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter; not a speed "
                  "number); valid CPU paths: reference torch torch_merged auto")
     rows, failed = [], []
     with open(args.out, "w") as f:  # no stale rows of an earlier run survive a run that fails

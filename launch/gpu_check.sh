@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # One prepared device call for the open GPU work of the kernels and int8 issues (see BENCHMARKS.md).
 #   GPU_CHECK_BUDGET=540 bash launch/gpu_check.sh [stage ...]
-#   stages: env bench tma int8 e2e tests loss tune ds (default: all but ds, in that order)
-# The default order is what the open targets need first: layer and merge throughput with the prepared
-# candidates (bench), the TMA candidates in their own process (tma: never run on a GPU; a fault there, sticky for
-# its process, must not cost the other rows), the int8 ratio (int8), whole training steps (e2e: 1b first),
-# compiled correctness (tests: launch/gpu_tests.sh, one pytest process per group, the never-compiled and cheap
-# groups first, TMA last; bench also records each fused row's error against the torch reference), the chunked
-# loss (loss), the config sweep (tune).
+#   stages: env tune e2e tests bench tma int8 loss ds (default: all but ds, in that order)
+# The default order is what the open targets need first after the H200 run of 2026-12-04 (which ran bench, tma,
+# int8, e2e, ds and most of tests): where the fused layer's time goes at d=2048 and the launch-config sweep
+# with the merge (tune: tune_kernels.py), whole training steps with the best fused variant at d=4096 (e2e:
+# TMA GEMMs + cuBLAS rank-r, beside the twin, the torch chain and the default Triton path; 1b first), the
+# compiled cases not yet seen on a GPU (tests: launch/gpu_tests.sh, one pytest process per group), then the
+# layer throughput again (bench, and the TMA candidates in their own process: tma), the int8 ratio (int8) and
+# the chunked loss (loss).
 # Stage limits: bench 120 s, tma 90 s, int8 90 s, e2e 180 s, tests 150 s (measured on an H200 on 2026-12-04:
 # bench 67 s, tma 34 s, int8 71 s, e2e 116 s, ds 50 s; tests cut at 150 s and 2 more minutes covered 5 of its 7
-# groups: ~400 s whole), loss 240 s, tune 260 s: at the default budget the
-# tests stage is cut (its order says what is lost), and loss and tune run only when the stages before them finish
-# early (name them to run them: `bash launch/gpu_check.sh loss tune`).
+# groups: ~400 s whole), loss 240 s, tune 260 s (not yet run): at the default budget tune and e2e leave ~100 s
+# for tests, which is cut (its group order says what is lost), and the stages after it run only when those
+# before them finish early (name them to run them: `bash launch/gpu_check.sh bench tma`).
 # The benchmarks write each row the moment it is measured, so a stage cut at its limit keeps its rows.
 # A task lent a GPU gets 15 minutes of device time in all, machine start included, and one call may run
 # 600 s: with GPU_CHECK_BUDGET (seconds, default 540; 0: none) each stage is cut to what is left and
@@ -35,8 +36,8 @@ export PYTHONPATH="/tmp/pk:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export RELORA_KERNELS=triton
 export PYTHONUNBUFFERED=1  # a stage killed at its limit still leaves its output in the log
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env bench tma int8 e2e tests loss tune)
-valid=" env bench tma int8 e2e tests loss tune ds "
+[ ${#stages[@]} -eq 0 ] && stages=(env tune e2e tests bench tma int8 loss)
+valid=" env tune e2e tests bench tma int8 loss ds "
 for st in "${stages[@]}"; do  # a typo must not burn a device call
   [[ "$valid" == *" $st "* ]] || { echo "unknown stage $st (valid:$valid)" >&2; exit 2; }
 done
@@ -74,7 +75,7 @@ for st in "${stages[@]}"; do
     tma) run tma 90 python3 launch/bench_kernels.py --quick --ops linear --out "$OUT/bench_kernels_tma.csv" \
            --providers full peft fused fused_tma fused_tma_blas_lr ;;  # the baselines again, for its own ratios
     int8) run int8 90 python3 launch/bench_int8.py --sections kernels --out "$OUT/bench_int8.json" ;;
-    e2e) run e2e 180 python3 launch/bench_e2e.py --presets 1b 350m --paths reference torch torch_merged triton \
+    e2e) run e2e 180 python3 launch/bench_e2e.py --presets 1b 350m --paths reference torch triton triton_tma_blas_lr \
            --interleave --steps 6 --out "$OUT/e2e.json" ;;  # one model per preset, paths alternating
     tests) run tests 150 bash launch/gpu_tests.sh ;;
     loss) run loss 240 python3 launch/bench_e2e.py --presets 1b --paths auto --micro-batch 16 \

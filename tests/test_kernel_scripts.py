@@ -134,7 +134,7 @@ def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     proc = subprocess.run(["bash", str(script), "benhc"], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
-    assert proc.returncode == 2 and "(valid: env bench tma int8 e2e tests loss tune ds )" in proc.stderr
+    assert proc.returncode == 2 and "(valid: env tune e2e tests bench tma int8 loss ds )" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
@@ -292,6 +292,28 @@ def test_bench_e2e_fails_loudly_and_leaves_no_stale_rows(tmp_path):
     import math
     vocab = __import__("relora_ds").LlamaConfig.preset("debug").vocab_size
     assert abs(row["loss"] - math.log(vocab)) < 1.0 and row["tokens_per_s"] > 0
+
+
+def test_bench_e2e_paths_set_only_their_own_switches(monkeypatch):
+    """Interleaved paths share one process: each must set its whole environment and Triton module switches,
+    so `auto` after `torch_merged` does not run merged (RELORA_MERGED_WEIGHT left at 1), and the TMA/cuBLAS
+    rank-r switches of `triton_tma_blas_lr` are off again for `triton`."""
+    monkeypatch.syspath_prepend(str(ROOT / "launch"))
+    import bench_e2e
+    from relora_kernels import linear, matmul
+
+    for var in ("RELORA_KERNELS", "RELORA_MERGED_WEIGHT"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test, like the switches below
+    monkeypatch.setattr(matmul, "TMA_GEMM", matmul.TMA_GEMM)
+    monkeypatch.setattr(linear, "LOWRANK_BLAS", linear.LOWRANK_BLAS)
+    bench_e2e.use_path("torch_merged")
+    assert (os.environ["RELORA_KERNELS"], os.environ["RELORA_MERGED_WEIGHT"]) == ("torch", "1")
+    bench_e2e.use_path("auto")
+    assert os.environ["RELORA_KERNELS"] == "auto" and "RELORA_MERGED_WEIGHT" not in os.environ
+    bench_e2e.use_path("triton_tma_blas_lr")
+    assert os.environ["RELORA_KERNELS"] == "triton" and matmul.TMA_GEMM is True and linear.LOWRANK_BLAS is True
+    bench_e2e.use_path("triton")
+    assert os.environ["RELORA_KERNELS"] == "triton" and matmul.TMA_GEMM is False and linear.LOWRANK_BLAS is False
 
 
 def test_bench_int8_summary_survives_a_failed_timing(capsys):

@@ -106,7 +106,7 @@ def _triton_installed() -> bool:
 
 # Ops that `auto` keeps on the torch path even on CUDA, because their Triton kernel measured slower.
 # H100, bf16, 2026-11-22 (BENCHMARKS.md "Kernels"): a whole training step with the fused LoRA linear ran at
-# 0.58x (350m) and 0.79x (1b) the tokens/s of the torch path (cuBLAS chain), although the layer alone
+# 0.58x (350m) and 0.79x (1b) the tokens/s of the twin (cuBLAS), although the layer alone
 # reached 0.86x of a full-rank linear at d=4096. RELORA_KERNELS=triton still forces the kernel.
 AUTO_TORCH_OPS = frozenset({"linear"})
 
@@ -138,7 +138,8 @@ def use_triton(tensor: torch.Tensor, op: str | None = None) -> bool:
 # The non-Triton path `auto` takes for the LoRA linear, per device type. CPU, 2026-11-30 (BENCHMARKS.md
 # "The torch paths on CPU"): whole training steps 1.04-1.13x the twin's speed. CUDA, H200, bf16, 2026-12-04
 # (BENCHMARKS.md "H200"): the layer's fwd+bwd at M=16384, r=128 1.16x (d=2048) and 1.11x (d=4096) the
-# twin's speed, whole training steps 1.05x (350m) and 1.01x (1b); the fused Triton layer 0.57x / 0.95x.
+# twin's speed, whole training steps 1.05x (350m) and 1.01x (1b); whole steps with the fused Triton layer
+# 0.57x / 0.95x.
 AUTO_LINEAR_TORCH_PATH = {"cpu": "torch", "cuda": "torch"}
 
 

@@ -289,7 +289,7 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
     path = _runtime.linear_path(x)  # the same choice as lora_linear, AUTO_TORCH_OPS included
     if path == "triton" and not _fits_int32("int8_lora_linear", x, q):
         path = "torch"
-    if path == "torch":  # RELORA_KERNELS=torch, or auto on CPU: BLAS on the dequantized weight
+    if path == "torch":  # RELORA_KERNELS=torch, or auto (CPU and CUDA): BLAS on the dequantized weight
         return int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
     if path == "reference":
         return int8_lora_linear_reference(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)

@@ -43,7 +43,7 @@ from .reference import check_dropout_p, differentiable_backward, dropout_keep_ma
 
 # Device types on which lora_linear_torch may take the merged-weight variant (where it does fewer
 # multiply-adds: use_merged_weight), a measured choice (BENCHMARKS.md "The torch paths on CPU"). Not CUDA:
-# on the H200 (2026-12-04, whole steps, interleaved) it was 2.6% faster than the epilogue chain at 1b and
+# on the H200 (2026-12-04, whole steps, interleaved) it was 2.7% faster than the epilogue chain at 1b and
 # 1.1% slower at 350m, and in bf16 it rounds the low-rank term into W_eff's bf16 grid (BENCHMARKS.md "H200").
 # RELORA_MERGED_WEIGHT=0/1 overrides it: never / always.
 MERGED_WEIGHT = {"cpu": True}

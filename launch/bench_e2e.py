@@ -55,6 +55,7 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
     import torch
 
     import relora_ds
+    one_path = path
     if path is not None:
         use_path(path)
 
@@ -95,7 +96,7 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
 
     per_token = flops_per_token(model, seq_len)
     peak = peak_tflops(torch.cuda.get_device_name()) if cuda and dt == torch.bfloat16 else None
-    rows, one_path = [], path
+    rows = []
     for path, ts in times.items():
         t = statistics.median(ts)
         tflops = micro_batch * seq_len * per_token / t / 1e12

@@ -10,8 +10,9 @@
 # layer throughput again (bench, and the TMA candidates in their own process: tma), the int8 ratio (int8) and
 # the chunked loss (loss).
 # Stage limits: bench 120 s, tma 90 s, int8 90 s, e2e 180 s, tests 150 s (measured on an H200 on 2026-12-04:
-# bench 67 s, tma 34 s, int8 71 s, e2e 116 s, ds 50 s; tests cut at 150 s and 2 more minutes covered 5 of its 7
-# groups: ~400 s whole), loss 240 s, tune 260 s (not yet run): at the default budget tune and e2e leave ~100 s
+# bench 67 s, tma 34 s, int8 71 s, e2e 116 s, ds 50 s; tests cut at 150 s after 4 of its 7 groups, and 2 more
+# minutes covered parts of the other 3: ~400 s whole), loss 240 s, tune 260 s (not yet run): at the default
+# budget tune and e2e leave ~100 s
 # for tests, which is cut (its group order says what is lost), and the stages after it run only when those
 # before them finish early (name them to run them: `bash launch/gpu_check.sh bench tma`).
 # The benchmarks write each row the moment it is measured, so a stage cut at its limit keeps its rows.

@@ -7,7 +7,8 @@ Public API (each op has a pure-torch twin that is its specification and the CPU 
 - ``lora_merge_(weight, lora_A, lora_B, scale)`` -- in-place ``W += scale * B @ A``; twin
   ``lora_merge_reference_``.
 - ``lora_linear_torch(...)`` -- the same layer as BLAS calls only: GEMMs on the merged weight ``W + s·B·A``
-  or an epilogue chain (module ``torch_linear``; ``RELORA_KERNELS=torch``, and ``auto`` on CPU and, epilogue chain only, on CUDA).
+  or an epilogue chain (module ``torch_linear``; ``RELORA_KERNELS=torch``, and ``auto`` on CPU and, epilogue
+  chain only, on CUDA).
 - ``use_triton(tensor) -> bool`` -- the dispatch decision (env ``RELORA_KERNELS=auto|triton|torch|reference``).
 - ``deterministic_mode(flag=None) -> bool`` -- env ``RELORA_DETERMINISTIC=1``.
 - int8 frozen base (``int8``): ``int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, ...)``,

@@ -5,8 +5,8 @@
 Each (preset, path) runs in its own process with the path's environment (--paths, PATH_ENV below: reference |
 torch (BLAS chain with fused epilogues) | torch_merged (merged-weight GEMMs, kernels/torch_linear.py) |
 triton | triton_tma_blas_lr (TMA GEMMs, cuBLAS rank-r products) | auto), or with --interleave all paths
-alternate step by step in one process; bf16 weights and
-activations, r=128, fused torch AdamW over the trainable parameters; median over timed steps after warm-up.
+alternate step by step in one process; bf16 weights and activations, r=128, fused torch AdamW over the
+trainable parameters; median over timed steps after warm-up.
 No DeepSpeed: this isolates the layer kernels' effect on a whole model.
 """
 import argparse
@@ -48,7 +48,8 @@ def use_path(path: str) -> None:
 
 def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, device: str = "cuda",
         interleave: list[str] | None = None, dtype: str | None = None, quantize: str | None = None,
-        loss_chunk_size: int = 0, activation_checkpointing: bool = False, path: str | None = None) -> dict | list[dict]:
+        loss_chunk_size: int = 0, activation_checkpointing: bool = False,
+        path: str | None = None) -> dict | list[dict]:
     """Time ``steps`` training steps after 3 warm-up steps on ``path`` (None: the environment as it is).
     ``interleave``: alternate these paths step by step on one model and batch (cancels a shared machine's
     drift); returns one row per path."""
@@ -154,8 +155,8 @@ def main() -> None:
         args.paths = ["reference", "torch", "torch_merged"] + (["triton"] if args.device == "cuda" or interpreted
                                                                 else [])
     elif args.device == "cpu" and {"triton", "triton_tma_blas_lr"} & set(args.paths) and not interpreted:
-        ap.error("--paths triton/triton_tma_blas_lr on --device cpu needs TRITON_INTERPRET=1 (Triton's interpreter; not a speed "
-                 "number); valid CPU paths: reference torch torch_merged auto")
+        ap.error("--paths triton/triton_tma_blas_lr on --device cpu needs TRITON_INTERPRET=1 (Triton's "
+                 "interpreter; not a speed number); valid CPU paths: reference torch torch_merged auto")
     rows, failed = [], []
     with open(args.out, "w") as f:  # no stale rows of an earlier run survive a run that fails
         json.dump(rows, f)

@@ -150,7 +150,7 @@ def dequant_launch(q, scale, dtype):
     out = _runtime.new_empty((N, K), dtype, q.device)
     if N and K:
         cfg = dict(BLOCK_N=32, BLOCK_K=32) if _runtime.interpreting() else dict(BLOCK_N=64, BLOCK_K=128)
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
+        grid = (_runtime.cdiv(N, cfg["BLOCK_N"]), _runtime.cdiv(K, cfg["BLOCK_K"]))
         scale = scale.contiguous()  # the kernel reads it at offsets 0..N-1
         _runtime.for_current_mode(_dequant_kernel)[grid](q, scale, out, N, K, q.stride(0), q.stride(1),
                                                          out.stride(0), out.stride(1), **cfg)
@@ -163,13 +163,13 @@ def int8_merge_launch(q, scale, residual, lora_A, lora_B, s):
     R = lora_A.shape[0]
     if N == 0 or K == 0:
         return q
-    br = max(16, min(64, triton.next_power_of_2(max(R, 1))))
+    br = max(16, min(64, _runtime.next_power_of_2(max(R, 1))))
     if _runtime.interpreting():
         cfg = dict(BLOCK_N=16, BLOCK_K=32, BLOCK_R=16, num_warps=4)
     else:  # untuned lead; 32 rows per program (4096 rows: 128 programs, about one wave on an H100)
         cfg = dict(BLOCK_N=32, BLOCK_K=128, BLOCK_R=br, num_warps=8, num_stages=2)
     res = residual if residual is not None else q  # dummy pointer when HAS_RES is False
-    _runtime.for_current_mode(_int8_merge_kernel)[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+    _runtime.for_current_mode(_int8_merge_kernel)[(_runtime.cdiv(N, cfg["BLOCK_N"]),)](
         q, res, scale, lora_A, lora_B, N, K, R, q.stride(0), q.stride(1), res.stride(0), res.stride(1),
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), float(s),
         HAS_RES=residual is not None, UPCAST=_runtime.upcast_for_interpreter(lora_A.dtype),

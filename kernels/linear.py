@@ -91,7 +91,7 @@ def fused_ds_db(dy, lora_B, s, scale, db_dtype=None, config=None):
     ds = _runtime.new_empty((M, R), dy.dtype, dy.device)
     db32 = torch.zeros((N, R), dtype=torch.float32, device=dy.device)  # atomics need a zeroed fp32 target
     if M > 0 and R > 0:
-        br = min(128, max(16, triton.next_power_of_2(R)))
+        br = min(128, max(16, _runtime.next_power_of_2(R)))
         if config is not None:
             cfg = dict(config)
         elif _runtime.interpreting():
@@ -101,7 +101,7 @@ def fused_ds_db(dy, lora_B, s, scale, db_dtype=None, config=None):
             # (OutOfResources, seen 2026-11-22): 2 stages fit (192 KB).
             stages = 2 if dy.element_size() >= 4 and br >= 128 else 3
             cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_R=br, num_warps=8, num_stages=stages)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(R, cfg["BLOCK_R"]))
+        grid = (_runtime.cdiv(M, cfg["BLOCK_M"]), _runtime.cdiv(R, cfg["BLOCK_R"]))
         _runtime.for_current_mode(_ds_db_kernel)[grid](
             dy, lora_B, s, ds, db32, M, N, R,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),

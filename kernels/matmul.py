@@ -172,7 +172,7 @@ def _fixed_gpu_config(M: int, N: int) -> dict:
     """One shape-derived config: used when autotuning must not run (deterministic mode, split/atomic
     outputs that benchmarking would corrupt) and for the small rank-r products."""
     bm = 128 if M >= 128 else 64
-    bn = 128 if N > 64 else max(16, triton.next_power_of_2(N))
+    bn = 128 if N > 64 else max(16, _runtime.next_power_of_2(N))
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=_GPU_BLOCK_K, GROUP_M=8,
                 num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
 
@@ -180,7 +180,7 @@ def _fixed_gpu_config(M: int, N: int) -> dict:
 def _prune(configs, named_args, **kwargs):
     """No BLOCK_N much wider than N; none whose pipeline overflows shared memory (fp32: three of them)."""
     n, in_bytes = named_args["N"], named_args["a1_ptr"].element_size()
-    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
+    keep = [c for c in configs if c.kwargs["BLOCK_N"] <= max(64, _runtime.next_power_of_2(n))
             and _runtime.pipeline_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                        c.num_stages, in_bytes)]
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
@@ -204,8 +204,8 @@ def _autotuned_kernel():
 
 
 def _split_count(M: int, N: int, K1: int, cfg: dict, device: torch.device) -> int:
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    k_blocks = triton.cdiv(K1, cfg["BLOCK_K"])
+    tiles = _runtime.cdiv(M, cfg["BLOCK_M"]) * _runtime.cdiv(N, cfg["BLOCK_N"])
+    k_blocks = _runtime.cdiv(K1, cfg["BLOCK_K"])
     # Leave each split >= 4 K-blocks of work (GPU) so the pipeline has something to overlap.
     min_blocks = 1 if device.type == "cpu" else 4
     return max(1, min(_runtime.target_programs(device) // tiles, k_blocks // min_blocks, 32))
@@ -277,8 +277,8 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
         cfg = None  # autotune
     split = (forced_split or _split_count(M, N, K1, cfg, device)) if reduce_k else 1
     block_k = cfg["BLOCK_K"] if cfg else _GPU_BLOCK_K
-    k1_per_split = triton.cdiv(triton.cdiv(K1, split), block_k) * block_k
-    split = triton.cdiv(K1, k1_per_split)
+    k1_per_split = _runtime.cdiv(_runtime.cdiv(K1, split), block_k) * block_k
+    split = _runtime.cdiv(K1, k1_per_split)
 
     atomic = split > 1 and not deterministic
     if split == 1:
@@ -309,11 +309,12 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
                  DOT_PRECISION=_runtime.dot_precision(a1.dtype))
     if cfg is None:
         kernel = _autotuned_kernel()
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
+        grid = lambda meta: (_runtime.cdiv(M, meta["BLOCK_M"]) * _runtime.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
+                             1)
         kernel[grid](*args, **flags)
     else:
         kernel = _runtime.for_current_mode(_concat_k_matmul_kernel)
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+        grid = (_runtime.cdiv(M, cfg["BLOCK_M"]) * _runtime.cdiv(N, cfg["BLOCK_N"]), split)
         kernel[grid](*args, **flags, **cfg)
 
     if split > 1:
@@ -332,5 +333,5 @@ def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     assert partials.is_contiguous() and out.is_contiguous() and partials[0].numel() == numel
     block = 1024
     kernel = _runtime.for_current_mode(_sum_splits_kernel)
-    kernel[(triton.cdiv(numel, block),)](partials, out, numel, SPLIT=split, BLOCK=block, num_warps=4)
+    kernel[(_runtime.cdiv(numel, block),)](partials, out, numel, SPLIT=split, BLOCK=block, num_warps=4)
     return out

@@ -182,9 +182,10 @@ def launch(a1, b1, a2, b2, out, *, alpha=1.0, beta=1.0, bias=None, config=None):
                  NUM_PROGRAMS=nprog)
     cfg = config or (dict(_INTERP_CONFIG) if _runtime.interpreting() else None)
     if cfg is None:
-        grid = lambda meta: (min(nprog, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa
+        grid = lambda meta: (min(nprog, _runtime.cdiv(M, meta["BLOCK_M"])  # noqa: E731
+                                 * _runtime.cdiv(N, meta["BLOCK_N"])),)
         _autotuned_kernel()[grid](*args, **flags)
     else:
-        grid = (min(nprog, triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])),)
+        grid = (min(nprog, _runtime.cdiv(M, cfg["BLOCK_M"]) * _runtime.cdiv(N, cfg["BLOCK_N"])),)
         _runtime.for_current_mode(_concat_k_matmul_tma_kernel)[grid](*args, **flags, **cfg)
     return out

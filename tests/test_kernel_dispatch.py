@@ -364,3 +364,38 @@ def test_lora_dropout_keeps_one_minus_p_and_rescales():
     assert torch.allclose(y[y != 0], torch.tensor(1 / 0.7))
     ref = torch.nn.functional.dropout(x, 0.3, training=True)  # torch's own, as a second oracle
     assert abs(kept - (ref != 0).float().mean().item()) < 0.01
+
+
+@interpreter_3_7
+def test_launchers_do_their_grid_arithmetic_in_plain_python(monkeypatch):
+    """Since Triton 3.5 ``triton.cdiv`` / ``triton.next_power_of_2`` are ConstexprFunctions costing ~2 µs per
+    host call; one fused fwd+bwd made 26 of them, a third of its Python overhead (BENCHMARKS.md, "Host
+    overhead"). The launchers use _runtime's integer twins: equal to Triton's, and no launch calls Triton's."""
+    import triton
+    for n in range(0, 4200):
+        assert _runtime.next_power_of_2(n) == triton.next_power_of_2(n), n
+    for a in range(0, 300):
+        for b in (1, 2, 3, 7, 16, 64, 128, 129):
+            assert _runtime.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a launcher called Triton's host-side cdiv / next_power_of_2")
+    monkeypatch.setattr(triton, "cdiv", refuse)
+    monkeypatch.setattr(triton, "next_power_of_2", refuse)
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w, a, b, bias, dy = make_inputs((2, 9), 24, 20, 4, True, torch.float32, "cpu", seed=3)
+    for det in (False, True):  # the fused dS+dB kernel, and the split reductions with fixed-order sums
+        y = rk.lora_linear(x, w, a, b, 0.5, bias, deterministic=det)
+        torch.autograd.grad(y, [x, a, b], dy)
+    rk.lora_merge_(w.detach().clone(), a.detach(), b.detach(), 0.5)
+
+
+def test_merge_products_in_fp32_only_where_the_result_keeps_fp32():
+    """fp32 factors into a 16-bit W (training's merge) take 3xTF32 tensor-core products: 'ieee' ran as fp32
+    FMAs at 17% of copy bandwidth on the H200. Into an fp32 W they stay exact fp32."""
+    from relora_kernels.merge import merge_dot_precision
+    assert merge_dot_precision(torch.bfloat16, torch.float32) == "tf32x3"
+    assert merge_dot_precision(torch.float16, torch.float32) == "tf32x3"
+    assert merge_dot_precision(torch.float32, torch.float32) == "ieee"
+    assert merge_dot_precision(torch.bfloat16, torch.bfloat16) == "tf32"

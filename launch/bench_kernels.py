@@ -14,7 +14,7 @@ Providers for the linear layer (bf16, y = x W^T + s x A^T B^T):
   fused_blas_lr  fused concat-K GEMMs on Triton, the rank-r products on cuBLAS (linear.LOWRANK_BLAS)
   fused_tma_blas_lr  both of the above
 Merge: ``merge`` (relora_kernels.lora_merge_, factors in W's dtype), ``merge_fp32ab`` (the same with fp32
-factors, as training merges DeepSpeed's fp32 masters: exact fp32 products, no tensor cores) vs ``torch``
+factors, as training merges DeepSpeed's fp32 masters: 3xTF32 products into a 16-bit W) vs ``torch``
 (W.add_(s * B @ A)) vs ``copy`` (W2.copy_(W), the HBM ceiling). Merges run before the layer rows, so a run
 cut at its time limit still has them. Timings: median of triton.testing.do_bench (CUDA events), p20/p80 kept in the rows.
 
@@ -149,6 +149,28 @@ def bench(fn, device, rep=200, warmup=100):
     return statistics.median(times), times[0], times[-1]
 
 
+def host_ms(fn, device, calls=None):
+    """Host (CPU) milliseconds to issue one call of ``fn``. On CUDA a sleep kernel holds the GPU meanwhile,
+    so no launch waits for the GPU and the time is Python, autograd and launch overhead alone: an op whose
+    ``host_ms`` comes near its event-timed ``ms`` is launch-bound, and do_bench's number is then the CPU's.
+    (The H200 run of 2026-12-04 timed the fused layer's fwd+bwd at d=2048 at 1.34 ms against 0.38 + 0.63
+    ms for fwd and bwd timed apart.) 20 calls of ~10 launches stay far below CUDA's queue of pending
+    launches, past which a launch would block. On CPU (the interpreter) one call: the column then only
+    shows the script runs."""
+    calls = calls or (20 if device == "cuda" else 1)
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU cycles: longer than the 20 calls take to issue
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    dt = time.perf_counter() - t0
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return dt / calls * 1e3
+
+
 def peak_mib(fn, device):
     if device != "cuda":
         return float("nan")
@@ -226,7 +248,7 @@ def run_linear(provider, M, d_in, d_out, r, dtype, device, elem, modes, emit):
         ms, p20, p80 = bench(fns[mode], device)
         flops, nbytes = linear_work(provider, mode, M, d_in, d_out, r, elem)
         emit(op="linear", provider=provider, mode=mode, M=M, d_in=d_in, d_out=d_out, r=r, ms=ms, ms_p20=p20,
-             ms_p80=p80, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6,
+             ms_p80=p80, tflops=flops / ms / 1e9, gbps=nbytes / ms / 1e6, host_ms=host_ms(fns[mode], device),
              peak_mib=peak_mib(fns[mode], device),
              max_rel_err=err)
 
@@ -362,6 +384,7 @@ def summarize(rows):
             med = statistics.median(ms)
             out[key][prov] = {**reps[0], "ms": med, "tflops": statistics.median(x["tflops"] for x in reps),
                               "gbps": statistics.median(x["gbps"] for x in reps),
+                              "host_ms": statistics.median(x.get("host_ms", float("nan")) for x in reps),
                               "spread": (max(ms) - min(ms)) / med if med > 0 else 0.0, "passes": len(reps)}
     return out
 
@@ -369,7 +392,7 @@ def summarize(rows):
 def print_table(rows):
     by_key = summarize(rows)
     hdr = (f"{'op':6} {'mode':8} {'M':>6} {'d_in':>5} {'d_out':>5} {'r':>4} {'provider':13} {'ms':>9} "
-           f"{'spread':>7} {'TFLOP/s':>8} {'GB/s':>8}  ratios")
+           f"{'spread':>7} {'host ms':>8} {'TFLOP/s':>8} {'GB/s':>8}  ratios")
     print(hdr)
     print("-" * len(hdr))
     for k, group in by_key.items():
@@ -383,7 +406,8 @@ def print_table(rows):
             if r["op"] == "merge" and prov != "copy" and "copy" in group:
                 ratios = f"{100 * r['gbps'] / group['copy']['gbps']:.0f}% of copy GB/s"
             print(f"{r['op']:6} {r['mode']:8} {r['M']:>6} {r['d_in']:>5} {r['d_out']:>5} {r['r']:>4} {prov:13} "
-                  f"{r['ms']:>9.4f} {100 * r['spread']:>6.1f}% {r['tflops']:>8.1f} {r['gbps']:>8.1f}  {ratios}")
+                  f"{r['ms']:>9.4f} {100 * r['spread']:>6.1f}% {r.get('host_ms', float('nan')):>8.4f} "
+                  f"{r['tflops']:>8.1f} {r['gbps']:>8.1f}  {ratios}")
 
 
 class RowSink(list):

@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # One prepared device call for the open GPU work of the kernels and int8 issues (see BENCHMARKS.md).
 #   GPU_CHECK_BUDGET=540 bash launch/gpu_check.sh [stage ...]
-#   stages: env tune e2e tests bench tma int8 loss ds (default: all but ds, in that order)
+#   stages: env tune e2e tests bench host tma int8 loss ds (default: env bench host tune tests e2e tma int8 loss)
 # The default order is what the open targets need first after the H200 run of 2026-12-04 (which ran bench, tma,
-# int8, e2e, ds and most of tests): where the fused layer's time goes at d=2048 and the launch-config sweep
-# with the merge (tune: tune_kernels.py), whole training steps with the best fused variant at d=4096 (e2e:
-# TMA GEMMs + cuBLAS rank-r, beside the twin, the torch chain and the default Triton path; 1b first), the
-# compiled cases not yet seen on a GPU (tests: launch/gpu_tests.sh, one pytest process per group), then the
-# layer throughput again (bench, and the TMA candidates in their own process: tma), the int8 ratio (int8) and
-# the chunked loss (loss).
+# int8, e2e, ds and most of tests): the layer throughput again with each timing's host time beside it (bench:
+# is the fused layer launch-bound at d=2048? its fwd+bwd read 1.34 ms against 0.38 + 0.63 ms timed apart; it
+# also repeats the one-pass 0.749 at d=4096 and times the merge with 3xTF32 products for fp32 factors), the
+# host time of one fwd+bwd against its GPU time at 350m's layer and at d=2048, with a cProfile of where the
+# fused path's host time goes (host: launch/bench_host_overhead.py, ~20 s each after bench compiled), where
+# the fused layer's time goes launch by launch and the launch-config sweep with the merges (tune:
+# tune_kernels.py), the compiled cases not yet seen on a GPU (tests: launch/gpu_tests.sh, one pytest process
+# per group), whole training steps with the best fused variant at d=4096 (e2e: TMA GEMMs + cuBLAS rank-r,
+# beside the twin, the torch chain and the default Triton path; 1b first), then the TMA candidates in their
+# own process (tma), the int8 ratio (int8) and the chunked loss (loss).
 # Stage limits: bench 120 s, tma 90 s, int8 90 s, e2e 180 s, tests 150 s (measured on an H200 on 2026-12-04:
 # bench 67 s, tma 34 s, int8 71 s, e2e 116 s, ds 50 s; tests cut at 150 s after 4 of its 7 groups, and 2 more
-# minutes covered parts of the other 3: ~400 s whole), loss 240 s, tune 260 s (not yet run): at the default
-# budget tune and e2e leave ~100 s
-# for tests, which is cut (its group order says what is lost), and the stages after it run only when those
-# before them finish early (name them to run them: `bash launch/gpu_check.sh bench tma`).
+# minutes covered parts of the other 3: ~400 s whole), loss 240 s, host 90 s, tune 200 s (neither run yet; the
+# sweep is cut there, the breakdown runs first): at the default budget env, bench, host, tune and tests leave
+# e2e 0-60 s, so it and the stages after it run only when those before them finish early: name them in a
+# second call (`bash launch/gpu_check.sh e2e tma int8`).
 # The benchmarks write each row the moment it is measured, so a stage cut at its limit keeps its rows.
 # A task lent a GPU gets 15 minutes of device time in all, machine start included, and one call may run
 # 600 s: with GPU_CHECK_BUDGET (seconds, default 540; 0: none) each stage is cut to what is left and
@@ -37,8 +41,8 @@ export PYTHONPATH="/tmp/pk:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export RELORA_KERNELS=triton
 export PYTHONUNBUFFERED=1  # a stage killed at its limit still leaves its output in the log
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env tune e2e tests bench tma int8 loss)
-valid=" env tune e2e tests bench tma int8 loss ds "
+[ ${#stages[@]} -eq 0 ] && stages=(env bench host tune tests e2e tma int8 loss)
+valid=" env tune e2e tests bench host tma int8 loss ds "
 for st in "${stages[@]}"; do  # a typo must not burn a device call
   [[ "$valid" == *" $st "* ]] || { echo "unknown stage $st (valid:$valid)" >&2; exit 2; }
 done
@@ -82,7 +86,9 @@ for st in "${stages[@]}"; do
     loss) run loss 240 python3 launch/bench_e2e.py --presets 1b --paths auto --micro-batch 16 \
             --activation-checkpointing --loss-chunk-size 1024 0 --steps 6 --out "$OUT/e2e_loss_chunk.json" ;;
           # the chunked loss (first) and the full logits: tokens/s and peak memory, with activation checkpointing
-    tune) run tune 260 python3 launch/tune_kernels.py --out "$OUT/tune_kernels.json" ;;
+    host) run host 90 bash -c "python3 launch/bench_host_overhead.py --device cuda --out $OUT/host_overhead.json \
+            && python3 launch/bench_host_overhead.py --device cuda --M 16384 --d 2048 --out $OUT/host_overhead.json" ;;
+    tune) run tune 200 python3 launch/tune_kernels.py --out "$OUT/tune_kernels.json" ;;
     ds)
       if ! python3 -c "import deepspeed" 2>/dev/null; then
         [ -d .whl ] || { echo "ds: no .whl/ (run scripts/gpu_wheels.sh here and carry .whl)" | tee -a "$OUT/stages.txt"; pack; continue; }

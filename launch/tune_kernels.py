@@ -8,7 +8,7 @@ full-rank linear; the fwd+bwd totals do not say which launch is slow. This scrip
                S     = X @ A.T                 dS    = s·dY @ B
                Y     = [X|S] @ [W|s·B].T       dB    = s·dY.T @ S       (split over tokens: atomic / det)
                dSdB  = fused dS and dB         dA    = dS.T @ X         (split over tokens: atomic / det)
-               dX    = [dY|dS] @ [W;A]         merge = W += s·B @ A
+               dX    = [dY|dS] @ [W;A]         merge = W += s·B @ A    (merge32: fp32 factors)
                Y_tma, dX_tma: Y and dX on the persistent TMA-descriptor kernel (kernels/matmul_tma.py)
   sweep      candidate launch configs for the low-rank ops and the merge (their launchers take
              ``config=``); every candidate is checked against the torch result before it is timed, and
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "launch"))
 from bench_kernels import RowSink, bench, load_relora_kernels, shape_arg, spin_up  # noqa: E402
 from cli_types import positive_int  # noqa: E402
 
-LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge", "Y_tma")
+LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge", "merge32", "Y_tma")
 
 
 def parse_args(argv=None):
@@ -111,13 +111,24 @@ def tma_candidates(smoke):
             for (bm, bn), bk, st in itertools.product(((128, 256), (256, 128), (128, 128)), (64,), (3, 4))]
 
 
-def merge_candidates(r, smoke):
+def merge_candidates(r, smoke, fp32_factors=False):
+    """W tiles from 32x128 to 128x256: a bigger tile re-reads B and A (from L2) less per byte of W, at
+    (BN + BK)·r / (2·BN·BK) bytes of factors per byte of W moved (1.5 for 64x128 at r=128, 0.75 for
+    128x256). fp32 factors (training's merge into a 16-bit W): fewer tiles, each with the 3xTF32 products
+    the launcher picks and with exact fp32 ones."""
     if smoke:
-        return [dict(BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, num_warps=4, num_stages=1),
-                dict(BLOCK_N=16, BLOCK_K=64, BLOCK_R=32, num_warps=4, num_stages=1)]
-    br = min(128, max(16, 1 << (r - 1).bit_length()))
-    return [dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=w, num_stages=st)
-            for bn, bk, w, st in itertools.product((32, 64), (128, 256), (4, 8), (1, 2))]
+        out = [dict(BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, num_warps=4, num_stages=1),
+               dict(BLOCK_N=16, BLOCK_K=64, BLOCK_R=32, num_warps=4, num_stages=1)]
+    elif fp32_factors:
+        out = [dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, num_warps=8, num_stages=st)
+               for (bn, bk), st in itertools.product(((64, 128), (128, 128), (128, 256)), (1, 2))]
+    else:
+        br = min(64, max(16, 1 << (r - 1).bit_length()))
+        out = [dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=w, num_stages=st)
+               for bn, bk, w, st in itertools.product((32, 64, 128), (128, 256), (4, 8), (1, 2))]
+    if fp32_factors:
+        out = [dict(c, DOT_PRECISION=p) for p in ("tf32x3", "ieee") for c in out]
+    return out
 
 
 def gemm_fits(op, cfg, dtype) -> bool:
@@ -151,20 +162,21 @@ def make_ops(M, d_in, d_out, r, dtype, device):
     scale = 2.0
     e = x.element_size()
     w_merge = w.clone()
+    a32, b32 = a.float(), b.float()
 
     # Checked from a fresh W; timed without the reset (a copy of W would double the bytes timed), at a scale
     # far below W's ulp, so W keeps its values while every byte is still read and written (as bench_kernels).
-    def merge_kernel(cfg, timed=False):
+    def merge_kernel(cfg, timed=False, fa=a, fb=b):
         if timed:
-            return merge_launch(w_merge, a, b, 1e-6, config=cfg)
+            return merge_launch(w_merge, fa, fb, 1e-6, config=cfg)
         w_merge.copy_(w)
-        return merge_launch(w_merge, a, b, scale, config=cfg)
+        return merge_launch(w_merge, fa, fb, scale, config=cfg)
 
-    def merge_torch(timed=False):
+    def merge_torch(timed=False, fa=a, fb=b):  # fp32 factors: the product in fp32, one rounding into W
         if timed:
-            return w_merge.add_(1e-6 * b @ a)
+            return w_merge.add_(1e-6 * fb @ fa)
         w_merge.copy_(w)
-        return w_merge.add_(scale * b @ a)
+        return w_merge.copy_(w_merge.float() + scale * (fb @ fa))
 
     return {
         "S": (lambda cfg: concat_matmul(x, a.t(), config=cfg), lambda: x @ a.t(), e * (M * d_in + M * r)),
@@ -187,6 +199,8 @@ def make_ops(M, d_in, d_out, r, dtype, device):
         "dX_tma": (lambda cfg: matmul_tma.launch(dy, w, ds, a, torch.empty_like(x), config=cfg),
                    lambda: dy @ w + ds @ a, e * (M * d_out + M * d_in + M * r)),
         "merge": (merge_kernel, merge_torch, 2 * e * d_out * d_in),
+        "merge32": (lambda cfg, timed=False: merge_kernel(cfg, timed, a32, b32),
+                    lambda timed=False: merge_torch(timed, a32, b32), 2 * e * d_out * d_in),
         "_cublas_Y": (None, lambda: x @ w.t(), 0),   # the big GEMMs without the low-rank term: cuBLAS floor
         "_cublas_dX": (None, lambda: dy @ w, 0),
         "_copy": (None, lambda: w_merge.copy_(w), 2 * e * d_out * d_in),
@@ -248,18 +262,18 @@ def main(argv=None):
             rows.append(row)
 
         if "breakdown" in args.sections and (d_in, d_out) in args.shapes:
-            for op in ("S", "Y", "Y_tma", "dSdB", "dS", "dB", "dA", "dX", "dX_tma", "merge"):
+            for op in ("S", "Y", "Y_tma", "dSdB", "dS", "dB", "dA", "dX", "dX_tma", "merge", "merge32"):
                 kernel, ref, nbytes = ops[op]
                 if op in ("dB", "dA"):
                     time_row("breakdown", op, "atomic", lambda k=kernel: k(None), nbytes, want=ref)
                     time_row("breakdown", op, "det", lambda k=kernel: k(None, det=True), nbytes, want=ref)
-                elif op == "merge":
-                    time_row("breakdown", op, "kernel", lambda: kernel(None), nbytes, want=ref,
-                             timed=lambda: kernel(None, timed=True))
+                elif op in ("merge", "merge32"):
+                    time_row("breakdown", op, "kernel", lambda k=kernel: k(None), nbytes, want=ref,
+                             timed=lambda k=kernel: k(None, timed=True))
                 else:
                     time_row("breakdown", op, "kernel", lambda k=kernel: k(None), nbytes, want=ref)
                 time_row("breakdown", op, "torch", ref, nbytes,
-                         timed=(lambda: ref(timed=True)) if op == "merge" else None)
+                         timed=(lambda f=ref: f(timed=True)) if op in ("merge", "merge32") else None)
             for op in ("_cublas_Y", "_cublas_dX"):
                 time_row("breakdown", op, "torch", ops[op][1], 0)
 
@@ -267,6 +281,7 @@ def main(argv=None):
             cands = {"S": gemm_candidates(r, args.smoke), "dS": gemm_candidates(r, args.smoke),
                      "dB": reduce_candidates(args.smoke), "dA": reduce_candidates(args.smoke),
                      "dSdB": ds_db_candidates(r, args.smoke), "merge": merge_candidates(r, args.smoke),
+                     "merge32": merge_candidates(r, args.smoke, fp32_factors=True),
                      "Y_tma": tma_candidates(args.smoke)}
             for op in args.ops:
                 kernel, ref, nbytes = ops[op]
@@ -278,7 +293,7 @@ def main(argv=None):
                                          err=float("nan")))
                         continue
                     time_row("sweep", op, "kernel", lambda k=kernel, c=cfg: k(c), nbytes, cfg=cfg, want=ref,
-                             timed=(lambda k=kernel, c=cfg: k(c, timed=True)) if op == "merge" else None)
+                             timed=(lambda k=kernel, c=cfg: k(c, timed=True)) if op in ("merge", "merge32") else None)
 
     print_summary(rows)
     print(f"\n{len(rows)} rows -> {args.out}")

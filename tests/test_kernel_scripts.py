@@ -32,6 +32,7 @@ def test_bench_script_smoke(tmp_path):
     assert {"op", "provider", "mode", "M", "d_in", "d_out", "r", "dtype", "device", "torch", "triton", "date",
             "ms"} <= set(rows[0])
     assert all(float(r["max_rel_err"]) < 1e-4 for r in rows if "fused" in r["provider"])
+    assert all(float(r["host_ms"]) > 0 for r in rows if r["op"] == "linear")  # the launch-bound check's column
     if not HAS_CUDA:
         proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_kernels.py"), "--out",
                                str(tmp_path / "x.csv")], capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -83,9 +84,13 @@ def test_tune_script_smoke(tmp_path):
     assert {(r["d_in"], r["d_out"]) for r in rows if r["section"] == "sweep"} == {(24, 40)}
     kernel_rows = [r for r in rows if r["provider"] != "torch"]
     assert {r["op"] for r in kernel_rows if r["section"] == "breakdown"} == {"S", "Y", "Y_tma", "dSdB", "dS", "dB",
-                                                                             "dA", "dX", "dX_tma", "merge"}
+                                                                             "dA", "dX", "dX_tma", "merge",
+                                                                             "merge32"}
     assert {r["op"] for r in kernel_rows if r["section"] == "sweep"} == {"S", "dS", "dB", "dA", "dSdB", "merge",
-                                                                         "Y_tma"}
+                                                                         "merge32", "Y_tma"}
+    # fp32 factors: each tile with both product precisions (the launcher's choice, and exact fp32).
+    assert {r["config"].split("DOT_PRECISION=")[1] for r in kernel_rows if r["op"] == "merge32"
+            and r["section"] == "sweep"} == {"tf32x3", "ieee"}
     assert all(r["status"] == "ok" and r["err"] < 1e-4 for r in kernel_rows), [r for r in kernel_rows
                                                                                if r["status"] != "ok"]
     assert "sweep merge  best" in proc.stdout
@@ -134,7 +139,7 @@ def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     proc = subprocess.run(["bash", str(script), "benhc"], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
-    assert proc.returncode == 2 and "(valid: env tune e2e tests bench tma int8 loss ds )" in proc.stderr
+    assert proc.returncode == 2 and "(valid: env tune e2e tests bench host tma int8 loss ds )" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
@@ -347,3 +352,17 @@ def test_bench_kernels_bytes_and_arguments():
     for bad in (["--ranks", "0"], ["--M", "-4"], ["--repeat", "x"]):
         with pytest.raises(SystemExit):
             bench_kernels.parse_args(["--device", "cpu", *bad])
+
+
+def test_host_overhead_script_counts_the_fused_layers_launches(tmp_path):
+    """launch/bench_host_overhead.py runs and counts the Triton launches of one fused fwd+bwd: five by hand
+    (S and Y forward; fused dS+dB, dA and dX backward), each replaced by a no-op."""
+    import json
+    out = tmp_path / "host.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_host_overhead.py"), "--calls", "3",
+                           "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["provider"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"fused", "torch", "peft"}
+    assert rows["fused"]["triton_launches"] == 5 and all(r["us"] > 0 for r in rows.values())

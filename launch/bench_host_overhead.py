@@ -1,0 +1,177 @@
+"""Host (CPU) time of one LoRA linear fwd+bwd: what a launch-bound step pays, GPU work aside.
+
+Small layers (350m: d=1024, 4,096 tokens per micro-batch) finish their GPU work in tens of microseconds,
+so the Python, autograd and launch code around the kernels decides the step time. The fused Triton path
+ran whole 350m steps at 0.57x the twin's tokens/s on the H200 (BENCHMARKS.md). Paths timed:
+
+  fused       relora_kernels.lora_linear on the Triton path
+  torch       the BLAS chain (kernels/torch_linear.py)
+  peft        PEFT-style unfused LoRA in torch autograd
+
+``--device cpu`` (default; any machine): tiny tensors, and every Triton launch of ``fused`` replaced by a
+counting no-op (no kernel runs, no interpreter): our wrappers, checks, allocations and autograd, without
+Triton's own launch cost. ``torch`` and ``peft`` make their real (tiny) CPU BLAS calls.
+
+``--device cuda``: the real launches at a layer of ``--M`` x ``--d`` (default 350m's 4096 x 1024, r=128).
+Each path's host time per call is measured while a sleep kernel holds the GPU (no launch waits for it),
+beside its event-timed GPU time (``gpu_us``): host_us >= gpu_us means the layer is launch-bound. Then a
+cProfile of the fused path's calls (GPU held the same way) prints where its host time goes, per function.
+
+Numbers: best of --repeats batches of --calls calls, in microseconds per fwd+bwd.
+
+    python launch/bench_host_overhead.py                    # CPU, launches stubbed
+    python launch/bench_host_overhead.py --device cuda      # GPU: host vs GPU time, and the profile
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+from cli_types import positive_int  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--calls", type=positive_int, default=None,
+                    help="fwd+bwd calls per timed batch (cpu 500; cuda 30: their launches must fit CUDA's queue)")
+    ap.add_argument("--repeats", type=positive_int, default=9, help="batches; the best one is reported")
+    ap.add_argument("--M", type=positive_int, default=4096, help="tokens (cuda only; cpu uses 64)")
+    ap.add_argument("--d", type=positive_int, default=1024, help="d_in = d_out (cuda only; cpu uses 64)")
+    ap.add_argument("--rank", type=positive_int, default=128, help="LoRA rank (cuda only; cpu uses 16)")
+    ap.add_argument("--out", type=Path, default=None, help="append the rows here (.csv or .json)")
+    args = ap.parse_args(argv)
+    args.calls = args.calls or (30 if args.device == "cuda" else 500)
+    if args.device == "cpu":
+        args.M, args.d, args.rank = 64, 64, 16
+    return args
+
+
+class _Launches:
+    """Stands in for a Triton kernel object: ``kernel[grid](*args, **meta)`` counts the launch, runs nothing."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.count += 1
+        return launch
+
+
+def stub_launches():
+    """Replace every Triton launch of the fused path by a counting no-op; returns the counter."""
+    from relora_kernels import _runtime, matmul
+    launches = _Launches()
+    _runtime.for_current_mode = lambda kernel: launches
+    matmul._autotuned_kernel = lambda: launches
+    return launches
+
+
+def hold_gpu(device):
+    """On CUDA, queue ~0.2 s of sleep so that the calls issued next never wait for the GPU."""
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda._sleep(400_000_000)
+
+
+def best_us(fn, calls, repeats, device):
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        hold_gpu(device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+    return min(times)
+
+
+def gpu_us(fn, device):
+    if device != "cuda":
+        return float("nan")
+    import triton
+    return triton.testing.do_bench(fn, warmup=25, rep=100) * 1e3
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ["RELORA_KERNELS"] = "triton"
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors may take the Triton path; the stubs run nothing
+    import torch
+    import torch.nn.functional as F
+    import triton
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda needs a CUDA GPU (none found)", file=sys.stderr)
+        return 2
+
+    from bench_kernels import RowSink, load_relora_kernels
+    load_relora_kernels()
+    import relora_kernels as rk
+    from relora_kernels.torch_linear import lora_linear_torch
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+        launches = stub_launches()
+    M, d, r, scale, dev = args.M, args.d, args.rank, 2.0, args.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    g = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *s, std=1.0: torch.randn(*s, generator=g, device=dev, dtype=dtype) * std  # noqa: E731
+    x = rnd(M, d).requires_grad_()
+    w = rnd(d, d, std=d ** -0.5)
+    a = rnd(r, d, std=d ** -0.5).requires_grad_()
+    b = rnd(d, r, std=r ** -0.5).requires_grad_()
+    dy = rnd(M, d)
+    paths = {
+        "fused": lambda: torch.autograd.grad(rk.lora_linear(x, w, a, b, scale), [x, a, b], dy),
+        "torch": lambda: torch.autograd.grad(lora_linear_torch(x, w, a, b, scale), [x, a, b], dy),
+        "peft": lambda: torch.autograd.grad(F.linear(x, w) + scale * F.linear(F.linear(x, a), b), [x, a, b], dy),
+    }
+    per_call = None
+    if dev == "cpu":
+        launches.count = 0
+        paths["fused"]()
+        per_call = launches.count
+    meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (launches stubbed)",
+                torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0], M=M, d=d, r=r)
+    rows = RowSink(args.out, meta) if args.out else []
+    print(f"host time per LoRA linear fwd+bwd on {meta['device']} (best of {args.repeats} x {args.calls} calls, "
+          f"M={M} d={d} r={r}):")
+    for name, fn in paths.items():
+        host = best_us(fn, args.calls, args.repeats, dev)
+        gpu = gpu_us(fn, dev)
+        extra = f", {per_call} Triton launches stubbed" if per_call is not None and name == "fused" else ""
+        gpu_text = f"  gpu {gpu:8.1f} us{'  LAUNCH-BOUND' if host >= gpu else ''}" if gpu == gpu else ""
+        print(f"  {name:6} host {host:8.1f} us{gpu_text}{extra}")
+        rows.append(dict(op="host_overhead", provider=name, us=host, gpu_us=gpu,
+                         triton_launches=per_call if per_call is not None and name == "fused" else ""))
+    if dev == "cuda":  # where the fused path's host time goes
+        fn = paths["fused"]
+        profiler = cProfile.Profile()
+        hold_gpu(dev)
+        profiler.enable()
+        for _ in range(args.calls):
+            fn()
+        profiler.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        print(f"\ncProfile of {args.calls} fused fwd+bwd calls (tottime first):\n{text.getvalue()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

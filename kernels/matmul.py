@@ -186,7 +186,7 @@ def _prune(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
 
 
-_AUTOTUNED = {}
+_AUTOTUNED = {}  # "k": the autotuned kernel; ("chosen", ...autotune key): the config it chose for that key
 
 
 def _autotuned_kernel():
@@ -308,10 +308,22 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
                  EVEN_K2=(K2 % block_k == 0), UPCAST=_runtime.upcast_for_interpreter(a1.dtype),
                  DOT_PRECISION=_runtime.dot_precision(a1.dtype))
     if cfg is None:
-        kernel = _autotuned_kernel()
-        grid = lambda meta: (_runtime.cdiv(M, meta["BLOCK_M"]) * _runtime.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
-                             1)
-        kernel[grid](*args, **flags)
+        # The autotuner's own key (its `key` names and every tensor's dtype), computed from the few values it
+        # reads. triton's Autotuner.run rebuilds that key from all 36 arguments on every launch (Triton 3.9:
+        # a filter quadratic in their number, ~25 us per launch here); once a key is tuned, the launch goes
+        # straight to the kernel with the config the autotuner chose for it.
+        key = ("chosen", M, N, K1, K2, b1.stride(0), b2.stride(0) if has_second else 0, has_second,
+               flags["MASK_MODE"], b1_scale_mode, *(t.dtype for t in args[:8]))
+        chosen = _AUTOTUNED.get(key)
+        if chosen is None:
+            tuner = _autotuned_kernel()
+            grid = lambda meta: (_runtime.cdiv(M, meta["BLOCK_M"]) * _runtime.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
+                                 1)
+            tuner[grid](*args, **flags)
+            _AUTOTUNED[key] = tuner.best_config.all_kwargs()
+        else:
+            grid = (_runtime.cdiv(M, chosen["BLOCK_M"]) * _runtime.cdiv(N, chosen["BLOCK_N"]), 1)
+            _runtime.for_current_mode(_concat_k_matmul_kernel)[grid](*args, **flags, **chosen)
     else:
         kernel = _runtime.for_current_mode(_concat_k_matmul_kernel)
         grid = (_runtime.cdiv(M, cfg["BLOCK_M"]) * _runtime.cdiv(N, cfg["BLOCK_N"]), split)

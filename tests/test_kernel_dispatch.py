@@ -369,8 +369,9 @@ def test_lora_dropout_keeps_one_minus_p_and_rescales():
 @interpreter_3_7
 def test_launchers_do_their_grid_arithmetic_in_plain_python(monkeypatch):
     """Since Triton 3.5 ``triton.cdiv`` / ``triton.next_power_of_2`` are ConstexprFunctions costing ~2 µs per
-    host call; one fused fwd+bwd made 26 of them, a third of its Python overhead (BENCHMARKS.md, "Host
-    overhead"). The launchers use _runtime's integer twins: equal to Triton's, and no launch calls Triton's."""
+    host call; one fused fwd+bwd made 26 of them, a quarter of its Python overhead (BENCHMARKS.md, "Host
+    overhead of the fused layer"). The launchers use _runtime's integer twins: equal to Triton's, and no launch
+    calls Triton's."""
     import triton
     for n in range(0, 4200):
         assert _runtime.next_power_of_2(n) == triton.next_power_of_2(n), n
@@ -399,3 +400,44 @@ def test_merge_products_in_fp32_only_where_the_result_keeps_fp32():
     assert merge_dot_precision(torch.float16, torch.float32) == "tf32x3"
     assert merge_dot_precision(torch.float32, torch.float32) == "ieee"
     assert merge_dot_precision(torch.bfloat16, torch.bfloat16) == "tf32"
+
+
+def test_an_autotuned_key_then_launches_straight_with_the_config_chosen_for_it(monkeypatch):
+    """triton's Autotuner.run rebuilds its key from all 36 arguments on every launch (~15-20 µs each on this
+    CPU, Triton 3.9); concat_matmul asks it once per key (its key fields and every tensor's dtype) and then
+    launches the kernel itself with ``best_config.all_kwargs()``, as the autotuner would have."""
+    from relora_kernels import matmul
+    calls = []
+    chosen = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_ctas=1, num_stages=3)
+
+    class Tuner:
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*args, **flags):
+                calls.append(("tuner", grid(chosen), flags["HAS_SECOND"]))
+                Tuner.best_config = type("Config", (), {"all_kwargs": lambda self: dict(chosen)})()
+            return run
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                calls.append(("direct", grid, {k: kwargs[k] for k in chosen}, kwargs["HAS_SECOND"]))
+            return run
+
+    monkeypatch.setattr(matmul, "_AUTOTUNED", {})
+    monkeypatch.setattr(matmul, "_autotuned_kernel", Tuner)
+    monkeypatch.setattr(_runtime, "for_current_mode", lambda kernel: Kernel())
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
+    x, w = torch.randn(200, 96), torch.randn(80, 96)
+    dy = torch.randn(200, 80)
+    s, b = torch.randn(200, 8), torch.randn(80, 8)
+    grid = (-(-200 // 64) * -(-80 // 32), 1)
+    matmul.concat_matmul(x, w.t())            # Y = X·Wᵀ: tuned
+    matmul.concat_matmul(x, w.t())            # the same key: straight to the kernel
+    matmul.concat_matmul(dy, w)               # dX = dY·W: W read the other way, its own key
+    matmul.concat_matmul(x, w.t(), s, b.t())  # with the low-rank term: its own key
+    matmul.concat_matmul(x.bfloat16(), w.t().bfloat16())  # another dtype: its own key
+    matmul.concat_matmul(dy, w)
+    assert calls == [("tuner", grid, False), ("direct", grid, chosen, False), ("tuner", (-(-200 // 64) * 3, 1), False),
+                     ("tuner", grid, True), ("tuner", grid, False), ("direct", (-(-200 // 64) * 3, 1), chosen, False)]

@@ -356,7 +356,7 @@ def test_bench_kernels_bytes_and_arguments():
 
 def test_host_overhead_script_counts_the_fused_layers_launches(tmp_path):
     """launch/bench_host_overhead.py runs and counts the Triton launches of one fused fwd+bwd: five by hand
-    (S and Y forward; fused dS+dB, dA and dX backward), each replaced by a no-op."""
+    (S and Y forward; fused dS+dB, dA and dX backward), each replaced by a no-op, in both CPU modes."""
     import json
     out = tmp_path / "host.json"
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_host_overhead.py"), "--calls", "3",
@@ -366,3 +366,12 @@ def test_host_overhead_script_counts_the_fused_layers_launches(tmp_path):
     rows = {r["provider"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"fused", "torch", "peft"}
     assert rows["fused"]["triton_launches"] == 5 and all(r["us"] > 0 for r in rows.values())
+    # Through Triton's own launch path (kernels compiled for a Hopper stand-in, the driver call counted):
+    # the same five launches reach the driver.
+    out = tmp_path / "host_triton.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_host_overhead.py"), "--through-triton",
+                           "--calls", "2", "--repeats", "1", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["provider"] == "fused" and row["triton_launches"] == 5 and row["us"] > 0

@@ -366,18 +366,31 @@ def test_lora_dropout_keeps_one_minus_p_and_rescales():
     assert abs(kept - (ref != 0).float().mean().item()) < 0.01
 
 
-@interpreter_3_7
-def test_launchers_do_their_grid_arithmetic_in_plain_python(monkeypatch):
+def test_grid_arithmetic_twins_equal_tritons():
     """Since Triton 3.5 ``triton.cdiv`` / ``triton.next_power_of_2`` are ConstexprFunctions costing ~2 µs per
     host call; one fused fwd+bwd made 26 of them, a quarter of its Python overhead (BENCHMARKS.md, "Host
-    overhead of the fused layer"). The launchers use _runtime's integer twins: equal to Triton's, and no launch
-    calls Triton's."""
+    overhead of the fused layer"). The launchers use _runtime's integer twins, which must equal Triton's."""
     import triton
     for n in range(0, 4200):
         assert _runtime.next_power_of_2(n) == triton.next_power_of_2(n), n
     for a in range(0, 300):
         for b in (1, 2, 3, 7, 16, 64, 128, 129):
             assert _runtime.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+@interpreter_3_7
+def test_no_launcher_calls_tritons_host_helpers(monkeypatch):
+    """No kernel module's source calls ``triton.cdiv`` / ``triton.next_power_of_2`` (this covers the
+    compiled-only branches: autotuned grids, the fixed GPU configs, TMA, int8), and the launches of a fused
+    fwd+bwd (default and deterministic) and a merge, run under the interpreter with both replaced by a
+    function that raises, complete."""
+    import inspect
+
+    import triton
+    from relora_kernels import int8, linear, matmul, matmul_tma, merge
+    for module in (int8, linear, matmul, matmul_tma, merge, _runtime):
+        src = inspect.getsource(module)
+        assert "triton.cdiv(" not in src and "triton.next_power_of_2(" not in src, module.__name__
 
     def refuse(*args, **kwargs):
         raise AssertionError("a launcher called Triton's host-side cdiv / next_power_of_2")
@@ -392,31 +405,52 @@ def test_launchers_do_their_grid_arithmetic_in_plain_python(monkeypatch):
     rk.lora_merge_(w.detach().clone(), a.detach(), b.detach(), 0.5)
 
 
-def test_merge_products_in_fp32_only_where_the_result_keeps_fp32():
+@pytest.mark.parametrize("wdtype,ldtype,want", [(torch.bfloat16, torch.float32, "tf32x3"),
+                                                 (torch.float16, torch.float32, "tf32x3"),
+                                                 (torch.float32, torch.float32, "ieee"),
+                                                 (torch.bfloat16, torch.bfloat16, "tf32")], ids=str)
+def test_merge_products_in_fp32_only_where_the_result_keeps_fp32(monkeypatch, wdtype, ldtype, want):
     """fp32 factors into a 16-bit W (training's merge) take 3xTF32 tensor-core products: 'ieee' ran as fp32
-    FMAs at 17% of copy bandwidth on the H200. Into an fp32 W they stay exact fp32."""
-    from relora_kernels.merge import merge_dot_precision
-    assert merge_dot_precision(torch.bfloat16, torch.float32) == "tf32x3"
-    assert merge_dot_precision(torch.float16, torch.float32) == "tf32x3"
-    assert merge_dot_precision(torch.float32, torch.float32) == "ieee"
-    assert merge_dot_precision(torch.bfloat16, torch.bfloat16) == "tf32"
+    FMAs at 17% of copy bandwidth on the H200. Into an fp32 W they stay exact fp32. The launch receives the
+    choice, and a tuning config's DOT_PRECISION overrides it."""
+    from relora_kernels import merge
+    got = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: got.append(kwargs["DOT_PRECISION"])
+    monkeypatch.setattr(_runtime, "for_current_mode", lambda kernel: Kernel())
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
+    w, a, b = torch.zeros(40, 24, dtype=wdtype), torch.ones(4, 24, dtype=ldtype), torch.ones(40, 4, dtype=ldtype)
+    assert merge.merge_dot_precision(wdtype, ldtype) == want
+    merge.merge_launch(w, a, b, 0.5)
+    merge.merge_launch(w, a, b, 0.5, config=dict(BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, num_warps=4,
+                                                 DOT_PRECISION="ieee"))
+    assert got == [want, "ieee"]
 
 
 def test_an_autotuned_key_then_launches_straight_with_the_config_chosen_for_it(monkeypatch):
-    """triton's Autotuner.run rebuilds its key from all 36 arguments on every launch (~15-20 µs each on this
-    CPU, Triton 3.9); concat_matmul asks it once per key (its key fields and every tensor's dtype) and then
-    launches the kernel itself with ``best_config.all_kwargs()``, as the autotuner would have."""
+    """triton's Autotuner.run rebuilds its key from all 37 arguments on every launch (~15-20 µs each on this
+    CPU, Triton 3.9); concat_matmul asks it once per key and then launches the kernel itself with the config
+    the autotuner holds for that key, as the autotuner would have. The key is Triton's (its `key` names'
+    values, then str(dtype) of each of the 8 tensor arguments), written out by hand here; the real
+    autotuner's agreement is checked in tests/test_kernels_compile.py."""
     from relora_kernels import matmul
-    calls = []
+    calls, asked = [], []
     chosen = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_ctas=1, num_stages=3)
+    config = type("Config", (), {"all_kwargs": lambda self: dict(chosen)})()
+
+    class Cache(dict):
+        def get(self, key, default=None):
+            asked.append(key)
+            return config
 
     class Tuner:
-        best_config = None
+        cache = Cache()
 
         def __getitem__(self, grid):
             def run(*args, **flags):
                 calls.append(("tuner", grid(chosen), flags["HAS_SECOND"]))
-                Tuner.best_config = type("Config", (), {"all_kwargs": lambda self: dict(chosen)})()
             return run
 
     class Kernel:
@@ -429,15 +463,22 @@ def test_an_autotuned_key_then_launches_straight_with_the_config_chosen_for_it(m
     monkeypatch.setattr(matmul, "_autotuned_kernel", Tuner)
     monkeypatch.setattr(_runtime, "for_current_mode", lambda kernel: Kernel())
     monkeypatch.setattr(_runtime, "interpreting", lambda: False)
-    x, w = torch.randn(200, 96), torch.randn(80, 96)
-    dy = torch.randn(200, 80)
+    x, w, sq = torch.randn(200, 96), torch.randn(80, 96), torch.randn(96, 96)
     s, b = torch.randn(200, 8), torch.randn(80, 8)
     grid = (-(-200 // 64) * -(-80 // 32), 1)
+    grid_sq = (-(-200 // 64) * -(-96 // 32), 1)
     matmul.concat_matmul(x, w.t())            # Y = X·Wᵀ: tuned
     matmul.concat_matmul(x, w.t())            # the same key: straight to the kernel
-    matmul.concat_matmul(dy, w)               # dX = dY·W: W read the other way, its own key
+    matmul.concat_matmul(x, sq.t())           # a square W read as Wᵀ (Y) ...
+    matmul.concat_matmul(x, sq)               # ... and as W (dX): the same M, N, K; only the stride differs
     matmul.concat_matmul(x, w.t(), s, b.t())  # with the low-rank term: its own key
     matmul.concat_matmul(x.bfloat16(), w.t().bfloat16())  # another dtype: its own key
-    matmul.concat_matmul(dy, w)
-    assert calls == [("tuner", grid, False), ("direct", grid, chosen, False), ("tuner", (-(-200 // 64) * 3, 1), False),
-                     ("tuner", grid, True), ("tuner", grid, False), ("direct", (-(-200 // 64) * 3, 1), chosen, False)]
+    matmul.concat_matmul(x, sq)
+    assert calls == [("tuner", grid, False), ("direct", grid, chosen, False), ("tuner", grid_sq, False),
+                     ("tuner", grid_sq, False), ("tuner", grid, True), ("tuner", grid, False),
+                     ("direct", grid_sq, chosen, False)]
+    f32, b16 = ("torch.float32",) * 8, ("torch.bfloat16",) * 8
+    # (M, N, K1, K2, stride_b1k, stride_b2k, HAS_SECOND, MASK_MODE, B1_SCALE, dtype of each tensor argument)
+    assert asked == [(200, 80, 96, 0, 1, 0, False, 0, 0, *f32), (200, 96, 96, 0, 1, 0, False, 0, 0, *f32),
+                     (200, 96, 96, 0, 96, 0, False, 0, 0, *f32), (200, 80, 96, 8, 1, 1, True, 0, 0, *f32),
+                     (200, 80, 96, 0, 1, 0, False, 0, 0, *b16)]

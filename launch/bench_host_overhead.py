@@ -16,7 +16,8 @@ Triton's own launch cost. ``torch`` and ``peft`` make their real (tiny) CPU BLAS
 the autotuned launch): every launch also goes through Triton's own host-side path (autotuner, argument
 binding and specialization, cache lookup, launch metadata), the kernels compiled for a Hopper stand-in as
 launch/compile_kernels.py does (up to LLVM IR, the autotuner keeping one config), and only the final driver
-call replaced by a counting no-op: everything but the C launcher and cuLaunchKernel.
+call replaced by a counting no-op: everything but the C launcher, cuLaunchKernel and the driver's device and
+stream queries (constants in the stand-in).
 
 ``--device cuda``: the real launches at a layer of ``--M`` x ``--d`` (default 350m's 4096 x 1024, r=128).
 Each path's host time per call is measured while a sleep kernel holds the GPU (no launch waits for it),
@@ -97,16 +98,25 @@ def triton_launch_path_on_cpu(launches):
     from triton.compiler.compiler import CompiledKernel
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
 
     from relora_kernels import _runtime, matmul, matmul_tma
+    if _runtime.interpreting():  # the kernels would run interpreted, and no launch would reach the driver
+        raise RuntimeError("unset TRITON_INTERPRET for the Triton launch path")
 
     def count(*args, **kwargs):
         launches.count += 1
+    compiled, real_run = set(), JITFunction.run
+
+    def run(self, *args, **kwargs):  # remembers each kernel whose caches get stand-in compiles
+        compiled.add(self)
+        return real_run(self, *args, **kwargs)
     keep_all = Autotuner.prune_configs
     patches = [(CompiledKernel, "run", property(lambda self: count)),
                (CompiledKernel, "_init_handles", lambda self: None),  # no binary to load, no device to ask
+               (JITFunction, "run", run),
                (Autotuner, "prune_configs", lambda self, kw: [max(keep_all(self, kw), key=_pipeline_size)]),
-               (_runtime, "interpreting", lambda: False), (_runtime, "check_device", lambda tensor: None),
+               (_runtime, "check_device", lambda tensor: None),  # CPU tensors, compiled kernels
                (_runtime, "target_programs", lambda device: 2 * SM_COUNT),
                (_runtime, "shared_memory_limit", lambda: HOPPER_SHARED_MEMORY)]
     saved = [(obj, name, obj.__dict__[name]) for obj, name, _ in patches]
@@ -121,6 +131,9 @@ def triton_launch_path_on_cpu(launches):
         for obj, name, value in saved:
             setattr(obj, name, value)
         driver.set_active(previous_driver)
+        # The stand-in's compiles (no binary: they stop at LLVM IR) must never serve a real launch later.
+        for fn in compiled:
+            getattr(fn, "device_caches", {}).clear()
         matmul._AUTOTUNED.clear()
         matmul_tma._AUTOTUNED.clear()
 
@@ -161,6 +174,8 @@ def main(argv=None):
     os.environ["RELORA_KERNELS"] = "triton"
     if args.device == "cpu" and not args.through_triton:
         os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors may take the Triton path; the stubs run nothing
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels (the launch path to time)
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda needs a CUDA GPU (none found)", file=sys.stderr)

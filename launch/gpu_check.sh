@@ -14,7 +14,7 @@
 # beside the twin, the torch chain and the default Triton path; 1b first), then the TMA candidates in their
 # own process (tma), the int8 ratio (int8) and the chunked loss (loss).
 # Stage limits: bench 120 s, tma 90 s, int8 90 s, e2e 180 s, tests 150 s (measured on an H200 on 2026-12-04:
-# bench 67 s, tma 34 s, int8 71 s, e2e 116 s, ds 50 s; tests cut at 150 s after 4 of its 7 groups, and 2 more
+# bench 67 s (before its host_ms column: ~0.1 s more per layer row, ~15 s), tma 34 s, int8 71 s, e2e 116 s, ds 50 s; tests cut at 150 s after 4 of its 7 groups, and 2 more
 # minutes covered parts of the other 3: ~400 s whole), loss 240 s, host 90 s, tune 200 s (neither run yet; the
 # sweep is cut there, the breakdown runs first): at the default budget env, bench, host, tune and tests leave
 # e2e 0-60 s, so it and the stages after it run only when those before them finish early: name them in a
@@ -86,8 +86,8 @@ for st in "${stages[@]}"; do
     loss) run loss 240 python3 launch/bench_e2e.py --presets 1b --paths auto --micro-batch 16 \
             --activation-checkpointing --loss-chunk-size 1024 0 --steps 6 --out "$OUT/e2e_loss_chunk.json" ;;
           # the chunked loss (first) and the full logits: tokens/s and peak memory, with activation checkpointing
-    host) run host 90 bash -c "python3 launch/bench_host_overhead.py --device cuda --out $OUT/host_overhead.json \
-            && python3 launch/bench_host_overhead.py --device cuda --M 16384 --d 2048 --out $OUT/host_overhead.json" ;;
+    host) run host 90 bash -c 'python3 launch/bench_host_overhead.py --device cuda --out "$1/host_overhead.json"; \
+            python3 launch/bench_host_overhead.py --device cuda --M 16384 --d 2048 --out "$1/host_overhead.json"' _ "$OUT" ;;
     tune) run tune 200 python3 launch/tune_kernels.py --out "$OUT/tune_kernels.json" ;;
     ds)
       if ! python3 -c "import deepspeed" 2>/dev/null; then

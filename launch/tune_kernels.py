@@ -119,11 +119,12 @@ def merge_candidates(r, smoke, fp32_factors=False):
     if smoke:
         out = [dict(BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, num_warps=4, num_stages=1),
                dict(BLOCK_N=16, BLOCK_K=64, BLOCK_R=32, num_warps=4, num_stages=1)]
-    elif fp32_factors:
-        out = [dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=32, num_warps=8, num_stages=st)
+    elif fp32_factors:  # the launcher's default (64x128, BLOCK_R 64 at r >= 64, 8 warps, 2 stages) among them
+        br = min(64, max(16, 1 << (r - 1).bit_length()))
+        out = [dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=8, num_stages=st)
                for (bn, bk), st in itertools.product(((64, 128), (128, 128), (128, 256)), (1, 2))]
     else:
-        br = min(64, max(16, 1 << (r - 1).bit_length()))
+        br = min(128, max(16, 1 << (r - 1).bit_length()))
         out = [dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br, num_warps=w, num_stages=st)
                for bn, bk, w, st in itertools.product((32, 64, 128), (128, 256), (4, 8), (1, 2))]
     if fp32_factors:

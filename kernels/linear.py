@@ -49,7 +49,12 @@ def _ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R,
                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program per (row-tile, r-tile): dS[rows] = s·dY[rows] @ B over all of N in registers, and the
-    row-tile's share of dB = s·dY[rows].T @ S[rows] added per N-tile with fp32 atomics."""
+    row-tile's share of dB = s·dY[rows].T @ S[rows] added per N-tile with fp32 atomics.
+
+    Each program walks the N-tiles starting at its own (pid_m-th) one: programs that start together then add
+    into different rows of dB instead of all into the same 64 x r block at once (the H200 run of 2026-12-04
+    had 128 programs walking N in lockstep at M=16384). A sum in another order: the same values up to fp32
+    rounding, and atomics never fixed the order anyway."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,8 +67,12 @@ def _ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R,
     if UPCAST:
         s_tile = s_tile.to(tl.float32)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    first = pid_m % tl.maximum(num_n, 1)  # N = 0: no tile to walk, dS stays 0
+    for i in range(0, num_n):
+        tile_n = first + i
+        tile_n = tl.where(tile_n >= num_n, tile_n - num_n, tile_n)  # (first + i) mod num_n, first < num_n
+        offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)

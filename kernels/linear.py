@@ -51,10 +51,11 @@ def _ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R,
     """One program per (row-tile, r-tile): dS[rows] = s·dY[rows] @ B over all of N in registers, and the
     row-tile's share of dB = s·dY[rows].T @ S[rows] added per N-tile with fp32 atomics.
 
-    Each program walks the N-tiles starting at its own (pid_m-th) one: programs that start together then add
-    into different rows of dB instead of all into the same 64 x r block at once (the H200 run of 2026-12-04
-    had 128 programs walking N in lockstep at M=16384). A sum in another order: the same values up to fp32
-    rounding, and atomics never fixed the order anyway."""
+    Each program walks the N-tiles starting at tile pid_m mod num_n, so programs in flight together add into
+    different BLOCK_N x BLOCK_R blocks of dB (at most ceil(programs / num_n) per block; before, all of them:
+    128 at M=16384 on the H200 of 2026-12-04, walking N in lockstep). dB: the same partials, added in another
+    order (atomics never fixed it). dS: still one fixed order per program (deterministic run to run), but it
+    depends on the row tile, so identical rows in different tiles may differ in the last fp32 bits."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -68,7 +69,7 @@ def _ds_db_kernel(dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr, M, N, R,
         s_tile = s_tile.to(tl.float32)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     num_n = (N + BLOCK_N - 1) // BLOCK_N
-    first = pid_m % tl.maximum(num_n, 1)  # N = 0: no tile to walk, dS stays 0
+    first = pid_m % tl.maximum(num_n, 1)  # max(., 1): no % 0 when N = 0 (no tile to walk, dS stays 0)
     for i in range(0, num_n):
         tile_n = first + i
         tile_n = tl.where(tile_n >= num_n, tile_n - num_n, tile_n)  # (first + i) mod num_n, first < num_n

@@ -45,15 +45,27 @@ def _xdist_worker(session) -> bool:
     return hasattr(session.config, "workerinput")  # pytest-xdist: the controller checks, after every worker
 
 
+# Set by the outermost pytest session; a pytest a test starts (launch/gpu_tests.sh --collect-only, ...)
+# inherits it and is nested.
+_OUTER = "RELORA_TESTS_OUTER_SESSION"
+_nested = False
+
+
 def pytest_sessionstart(session):
-    if not _xdist_worker(session):
+    global _nested
+    _nested = _OUTER in os.environ
+    os.environ.setdefault(_OUTER, str(os.getpid()))
+    if not _xdist_worker(session) and not _nested:
         _shm_before.update(glob.glob(_SHM))
 
 
 def pytest_sessionfinish(session, exitstatus):
     """Every multi-rank run must release DeepSpeed's 64 MB shared-memory segments (relora_ds.distributed
-    .init_distributed does): one left by this session fails it, naming the files (their port names the run)."""
-    if _xdist_worker(session):
+    .init_distributed does): one left by this session fails it, naming the files (their port names the run).
+    Checked by the outermost session only: a nested pytest (one a test starts) would also see the segments
+    of multi-rank tests running meanwhile in another xdist worker, and fail on them (seen once in CI,
+    2026-12-04: launch/gpu_tests.sh --collect-only exited 1)."""
+    if _xdist_worker(session) or _nested:
         return
     left = sorted(set(glob.glob(_SHM)) - _shm_before)
     if left:

@@ -39,11 +39,11 @@ import io
 import os
 import pstats
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
+from bench_common import hold_gpu, host_ms  # noqa: E402
 from cli_types import positive_int  # noqa: E402
 
 
@@ -138,28 +138,11 @@ def triton_launch_path_on_cpu(launches):
         matmul_tma._AUTOTUNED.clear()
 
 
-def hold_gpu(device):
-    """On CUDA, queue ~0.2 s of sleep so that the calls issued next never wait for the GPU."""
-    if device == "cuda":
-        import torch
-        torch.cuda.synchronize()
-        torch.cuda._sleep(400_000_000)
-
-
 def best_us(fn, calls, repeats, device):
+    """Best of ``repeats`` batches of ``calls`` calls (bench_common.host_ms: the GPU held meanwhile), in µs."""
     for _ in range(5):
         fn()
-    times = []
-    for _ in range(repeats):
-        hold_gpu(device)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    if device == "cuda":
-        import torch
-        torch.cuda.synchronize()
-    return min(times)
+    return min(host_ms(fn, device, calls) for _ in range(repeats)) * 1e3
 
 
 def gpu_us(fn, device):
@@ -180,7 +163,7 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda needs a CUDA GPU (none found)", file=sys.stderr)
         return 2
-    from bench_kernels import load_relora_kernels
+    from bench_common import load_relora_kernels
     load_relora_kernels()
     with contextlib.ExitStack() as stack:
         launches = None
@@ -224,7 +207,7 @@ def measure(args, paths, launches):
     import torch
     import triton
 
-    from bench_kernels import RowSink
+    from bench_common import RowSink
     dev, M, d, r = args.device, args.M, args.d, args.rank
     per_call = None
     if launches is not None:  # the first call also compiles (--through-triton)
@@ -249,7 +232,7 @@ def measure(args, paths, launches):
     if dev == "cuda":  # where the fused path's host time goes
         fn = paths["fused"]
         profiler = cProfile.Profile()
-        hold_gpu(dev)
+        hold_gpu(dev, 400_000_000)
         profiler.enable()
         for _ in range(args.calls):
             fn()

@@ -17,7 +17,7 @@ Sections (``--sections``, default all that the device supports):
 
     python launch/bench_int8.py                   # on a GPU: everything
     python launch/bench_int8.py --device cpu      # drift, error, memory (kernel timings need CUDA)
-Rows are appended to --out (CSV or .json) as they are made, through bench_kernels.RowSink.
+Rows are appended to --out (CSV or .json) as they are made, through bench_common.RowSink.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
-from bench_kernels import RowSink, bench, peak_mib, shape_arg, spin_up  # noqa: E402
+from bench_common import RowSink, bench, peak_mib, shape_arg, spin_up  # noqa: E402
 
 import relora_kernels as rk  # noqa: E402
 from relora_ds import PRESETS, LlamaConfig, LlamaForCausalLM, quant, relora_layers, wrap  # noqa: E402

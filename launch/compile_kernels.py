@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="rows as JSON")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "launch"))
-    from bench_kernels import load_relora_kernels
+    from bench_common import load_relora_kernels
     load_relora_kernels()  # also from a checkout that is not pip-installed (kernels/ as relora_kernels)
     dtypes = tuple({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d] for d in args.dtypes)
     rows = compile_all(MODES if args.all_modes else tuple(args.modes), dtypes, configs=args.configs)

@@ -18,7 +18,7 @@ full-rank linear; the fwd+bwd totals do not say which launch is slow. This scrip
     python launch/tune_kernels.py --sections breakdown --shapes 2048x2048
     python launch/tune_kernels.py --device cpu --smoke        # interpreter: proves the script runs
 
-Rows go to --out (.json or .csv, via bench_kernels.RowSink, each as it is measured); the best config per (op, shape) is printed.
+Rows go to --out (.json or .csv, via bench_common.RowSink, each as it is measured); the best config per (op, shape) is printed.
 A winner becomes the launcher's built-in config only after it beats the current one in bench_kernels.py.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
-from bench_kernels import RowSink, bench, load_relora_kernels, shape_arg, spin_up  # noqa: E402
+from bench_common import RowSink, bench, load_relora_kernels, shape_arg, spin_up  # noqa: E402
 from cli_types import positive_int  # noqa: E402
 
 LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge", "merge32", "Y_tma")

@@ -46,7 +46,7 @@ def test_row_sink_keeps_every_column_and_what_the_file_held(tmp_path):
     import csv
     import json
     sys.path.insert(0, str(ROOT / "launch"))
-    from bench_kernels import RowSink
+    from bench_common import RowSink
 
     for name in ("rows.csv", "rows.json"):
         path = tmp_path / name

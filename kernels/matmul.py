@@ -26,6 +26,8 @@ output with ``tl.atomic_add`` (``atomic=True``: faster, not bitwise reproducible
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -213,7 +215,6 @@ def _chosen_config(tuner, triton_key: tuple):
     `key` names' values, then ``str(dtype)`` of every tensor argument; Triton 3.6 to 3.9)."""
     config = tuner.cache.get(triton_key)
     if config is None:
-        import warnings
         warnings.warn(f"relora_kernels: triton's autotuner holds no config under {triton_key} (its key format "
                       "changed?); using its last choice", AutotuneKeyWarning, stacklevel=3)
         config = tuner.best_config

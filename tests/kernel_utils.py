@@ -15,6 +15,21 @@ import relora_kernels as rk
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
+
+
+def _triton_version() -> tuple[int, ...]:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return tuple(int(p) for p in version("triton").split(".")[:2])
+    except PackageNotFoundError:
+        return (0, 0)
+
+
+# The GPU image's Triton 3.6: its interpreter cannot take tensor-valued range() bounds (tensor.__index__
+# without squeeze; BENCHMARKS.md), which the kernels use. CI's newest Triton runs these.
+interpreter_3_7 = pytest.mark.skipif(_triton_version() < (3, 7), reason="Triton 3.6's interpreter cannot take "
+                                     "tensor-valued range() bounds, which the kernels use")
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not HAS_CUDA, reason="needs a CUDA GPU: the kernels then run compiled (bf16/fp16/fp32)"))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

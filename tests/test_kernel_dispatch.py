@@ -12,18 +12,7 @@ import torch.nn.functional as F
 
 import relora_kernels as rk
 from relora_kernels import _runtime
-from kernel_utils import HAS_CUDA, make_inputs
-
-
-def _triton_version() -> tuple[int, ...]:
-    from importlib.metadata import version
-    return tuple(int(p) for p in version("triton").split(".")[:2])
-
-
-# The GPU image's Triton 3.6: its interpreter cannot take tensor-valued range() bounds (tensor.__index__
-# without squeeze; BENCHMARKS.md), which the kernels use. CI's newest Triton runs these.
-interpreter_3_7 = pytest.mark.skipif(_triton_version() < (3, 7), reason="Triton 3.6's interpreter cannot take "
-                                     "tensor-valued range() bounds, which the kernels use")
+from kernel_utils import HAS_CUDA, interpreter_3_7, make_inputs
 
 
 def test_use_triton_modes(monkeypatch):
@@ -278,36 +267,6 @@ def test_package_imports_without_triton_or_gpu():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
-def test_autotune_prunes_configs_that_overflow_shared_memory(monkeypatch):
-    """Oracle: the shared memory Triton 3.6 allocated when these configs were compiled for sm_90 (ptxas,
-    2026-11-30): TMA kernel fp32 321-449 KB except 128x128x32 (160 KB), bf16 161-225 KB; pointer kernel
-    fp32 128x128/s4, 128x256/s3 and 256x128/s3 over 227 KB, every bf16 config under it."""
-    import triton
-    from relora_kernels import matmul, matmul_tma
-    monkeypatch.setattr(_runtime, "shared_memory_limit", lambda: _runtime.HOPPER_SHARED_MEMORY)
-
-    def tma_configs():
-        return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-                for bm, bn, bk, w, s in matmul_tma._GPU_CONFIGS]
-
-    def kept(prune, configs, dtype, **extra):
-        t = torch.empty(1, dtype=dtype)
-        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages)
-                for c in prune(configs, dict(a1_ptr=t, c_ptr=t, **extra))]
-
-    assert kept(matmul_tma._prune, tma_configs(), torch.float32) == [(128, 128, 32, 3)]
-    assert len(kept(matmul_tma._prune, tma_configs(), torch.bfloat16)) == len(matmul_tma._GPU_CONFIGS)
-    ptr = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=matmul._GPU_BLOCK_K, GROUP_M=8), num_warps=w,
-                         num_stages=s) for bm, bn, w, s in matmul._GPU_CONFIGS]
-    fp32 = kept(matmul._prune, ptr, torch.float32, N=4096)
-    assert {(128, 128, 64, 4), (128, 256, 64, 3), (256, 128, 64, 3)}.isdisjoint(fp32)
-    assert len(fp32) == len(ptr) - 3
-    assert len(kept(matmul._prune, ptr, torch.bfloat16, N=4096)) == len(ptr)
-    # With a GPU whose limit fits none, the smallest config is still tried (Triton reports it if it fails).
-    monkeypatch.setattr(_runtime, "shared_memory_limit", lambda: 1024)
-    assert kept(matmul._prune, ptr, torch.float32, N=4096) == [(64, 64, 64, 4)]
-
-
 @interpreter_3_7
 def test_interpreter_enabled_after_kernels_were_imported():
     """The ordering other test files can cause: triton and our kernels imported with the interpreter off,
@@ -364,121 +323,3 @@ def test_lora_dropout_keeps_one_minus_p_and_rescales():
     assert torch.allclose(y[y != 0], torch.tensor(1 / 0.7))
     ref = torch.nn.functional.dropout(x, 0.3, training=True)  # torch's own, as a second oracle
     assert abs(kept - (ref != 0).float().mean().item()) < 0.01
-
-
-def test_grid_arithmetic_twins_equal_tritons():
-    """Since Triton 3.5 ``triton.cdiv`` / ``triton.next_power_of_2`` are ConstexprFunctions costing ~2 µs per
-    host call; one fused fwd+bwd made 26 of them, a quarter of its Python overhead (BENCHMARKS.md, "Host
-    overhead of the fused layer"). The launchers use _runtime's integer twins, which must equal Triton's."""
-    import triton
-    for n in range(0, 4200):
-        assert _runtime.next_power_of_2(n) == triton.next_power_of_2(n), n
-    for a in range(0, 300):
-        for b in (1, 2, 3, 7, 16, 64, 128, 129):
-            assert _runtime.cdiv(a, b) == triton.cdiv(a, b), (a, b)
-
-
-@interpreter_3_7
-def test_no_launcher_calls_tritons_host_helpers(monkeypatch):
-    """No kernel module's source calls ``triton.cdiv`` / ``triton.next_power_of_2`` (this covers the
-    compiled-only branches: autotuned grids, the fixed GPU configs, TMA, int8), and the launches of a fused
-    fwd+bwd (default and deterministic) and a merge, run under the interpreter with both replaced by a
-    function that raises, complete."""
-    import inspect
-
-    import triton
-    from relora_kernels import int8, linear, matmul, matmul_tma, merge
-    for module in (int8, linear, matmul, matmul_tma, merge, _runtime):
-        src = inspect.getsource(module)
-        assert "triton.cdiv(" not in src and "triton.next_power_of_2(" not in src, module.__name__
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a launcher called Triton's host-side cdiv / next_power_of_2")
-    monkeypatch.setattr(triton, "cdiv", refuse)
-    monkeypatch.setattr(triton, "next_power_of_2", refuse)
-    monkeypatch.setenv("RELORA_KERNELS", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x, w, a, b, bias, dy = make_inputs((2, 9), 24, 20, 4, True, torch.float32, "cpu", seed=3)
-    for det in (False, True):  # the fused dS+dB kernel, and the split reductions with fixed-order sums
-        y = rk.lora_linear(x, w, a, b, 0.5, bias, deterministic=det)
-        torch.autograd.grad(y, [x, a, b], dy)
-    rk.lora_merge_(w.detach().clone(), a.detach(), b.detach(), 0.5)
-
-
-@pytest.mark.parametrize("wdtype,ldtype,want", [(torch.bfloat16, torch.float32, "tf32x3"),
-                                                 (torch.float16, torch.float32, "tf32x3"),
-                                                 (torch.float32, torch.float32, "ieee"),
-                                                 (torch.bfloat16, torch.bfloat16, "tf32")], ids=str)
-def test_merge_products_in_fp32_only_where_the_result_keeps_fp32(monkeypatch, wdtype, ldtype, want):
-    """fp32 factors into a 16-bit W (training's merge) take 3xTF32 tensor-core products: 'ieee' ran as fp32
-    FMAs at 17% of copy bandwidth on the H200. Into an fp32 W they stay exact fp32. The launch receives the
-    choice, and a tuning config's DOT_PRECISION overrides it."""
-    from relora_kernels import merge
-    got = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: got.append(kwargs["DOT_PRECISION"])
-    monkeypatch.setattr(_runtime, "for_current_mode", lambda kernel: Kernel())
-    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
-    w, a, b = torch.zeros(40, 24, dtype=wdtype), torch.ones(4, 24, dtype=ldtype), torch.ones(40, 4, dtype=ldtype)
-    assert merge.merge_dot_precision(wdtype, ldtype) == want
-    merge.merge_launch(w, a, b, 0.5)
-    merge.merge_launch(w, a, b, 0.5, config=dict(BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, num_warps=4,
-                                                 DOT_PRECISION="ieee"))
-    assert got == [want, "ieee"]
-
-
-def test_an_autotuned_key_then_launches_straight_with_the_config_chosen_for_it(monkeypatch):
-    """triton's Autotuner.run rebuilds its key from all 37 arguments on every launch (~15-20 µs each on this
-    CPU, Triton 3.9); concat_matmul asks it once per key and then launches the kernel itself with the config
-    the autotuner holds for that key, as the autotuner would have. The key is Triton's (its `key` names'
-    values, then str(dtype) of each of the 8 tensor arguments), written out by hand here; the real
-    autotuner's agreement is checked in tests/test_kernels_compile.py."""
-    from relora_kernels import matmul
-    calls, asked = [], []
-    chosen = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, GROUP_M=8, num_warps=4, num_ctas=1, num_stages=3)
-    config = type("Config", (), {"all_kwargs": lambda self: dict(chosen)})()
-
-    class Cache(dict):
-        def get(self, key, default=None):
-            asked.append(key)
-            return config
-
-    class Tuner:
-        cache = Cache()
-
-        def __getitem__(self, grid):
-            def run(*args, **flags):
-                calls.append(("tuner", grid(chosen), flags["HAS_SECOND"]))
-            return run
-
-    class Kernel:
-        def __getitem__(self, grid):
-            def run(*args, **kwargs):
-                calls.append(("direct", grid, {k: kwargs[k] for k in chosen}, kwargs["HAS_SECOND"]))
-            return run
-
-    monkeypatch.setattr(matmul, "_AUTOTUNED", {})
-    monkeypatch.setattr(matmul, "_autotuned_kernel", Tuner)
-    monkeypatch.setattr(_runtime, "for_current_mode", lambda kernel: Kernel())
-    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
-    x, w, sq = torch.randn(200, 96), torch.randn(80, 96), torch.randn(96, 96)
-    s, b = torch.randn(200, 8), torch.randn(80, 8)
-    grid = (-(-200 // 64) * -(-80 // 32), 1)
-    grid_sq = (-(-200 // 64) * -(-96 // 32), 1)
-    matmul.concat_matmul(x, w.t())            # Y = X·Wᵀ: tuned
-    matmul.concat_matmul(x, w.t())            # the same key: straight to the kernel
-    matmul.concat_matmul(x, sq.t())           # a square W read as Wᵀ (Y) ...
-    matmul.concat_matmul(x, sq)               # ... and as W (dX): the same M, N, K; only the stride differs
-    matmul.concat_matmul(x, w.t(), s, b.t())  # with the low-rank term: its own key
-    matmul.concat_matmul(x.bfloat16(), w.t().bfloat16())  # another dtype: its own key
-    matmul.concat_matmul(x, sq)
-    assert calls == [("tuner", grid, False), ("direct", grid, chosen, False), ("tuner", grid_sq, False),
-                     ("tuner", grid_sq, False), ("tuner", grid, True), ("tuner", grid, False),
-                     ("direct", grid_sq, chosen, False)]
-    f32, b16 = ("torch.float32",) * 8, ("torch.bfloat16",) * 8
-    # (M, N, K1, K2, stride_b1k, stride_b2k, HAS_SECOND, MASK_MODE, B1_SCALE, dtype of each tensor argument)
-    assert asked == [(200, 80, 96, 0, 1, 0, False, 0, 0, *f32), (200, 96, 96, 0, 1, 0, False, 0, 0, *f32),
-                     (200, 96, 96, 0, 96, 0, False, 0, 0, *f32), (200, 80, 96, 8, 1, 1, True, 0, 0, *f32),
-                     (200, 80, 96, 0, 1, 0, False, 0, 0, *b16)]

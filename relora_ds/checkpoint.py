@@ -122,6 +122,10 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str, protect: tuple[str, ..
 
 # Settings a resume cannot change: they decide the saved module structure, the phase and reset positions,
 # or the data order.
+# The param-group kinds of the engines (relora_ds.engines.GROUP_KINDS; a phase leaves an empty one out): a
+# checkpoint of another layout holds its optimizer state in other groups, which DeepSpeed cannot load.
+OPTIMIZER_GROUPS = ("lora", "matrices", "vectors")
+
 FIXED_ON_RESUME = ("seq_len", "rank", "alpha", "target_modules", "quantize", "warm_start_steps", "seed",
                    "lowrank_schedule", "merge_residual")
 # What a checkpoint written before a setting existed ran with.
@@ -163,6 +167,13 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
                          f"{total_steps}: resume with total_steps of at least {tag_step(tag)} (equal: nothing left "
                          "to train), or go back to an earlier checkpoint with --resume-from step_N")
     saved = load_config(ckpt_dir, tag)
+    if saved.get("optimizer_groups") != list(OPTIMIZER_GROUPS):
+        raise ValueError(f"checkpoint {ckpt_dir / tag} was written by relora_ds before 2026-12-04, whose optimizer "
+                         "kept the norms and biases in one param group with the embeddings and head; this version "
+                         "keeps them in a group of their own (no weight decay on them unless "
+                         "--decay-norms-and-biases), so DeepSpeed cannot load its optimizer state. Resume it with the "
+                         "relora_ds version that wrote it, or start a new run from its export (launch/export.py, "
+                         "then --warm-start-from)")
     before = {**DEFAULTS_OF_OLDER_CHECKPOINTS, **saved["train"]}
     fixed = {k: (train[k], before[k]) for k in FIXED_ON_RESUME if k in before and before[k] != train[k]}
     if (train["mode"] == "full") != (saved["train"].get("mode", train["mode"]) == "full"):

@@ -13,7 +13,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 
-from . import universal, zero_init
+from . import checkpoint, universal, zero_init
 from .ds_patches import release_engine
 from .ds_schema import uses_bf16, uses_fp16
 from .engine_state import full_fp32_state_dict
@@ -77,7 +77,7 @@ class EnginesMixin:
         if phase == "lowrank" and not any(True for _ in relora_layers(model)):
             self._wrap(model)
         zero_init.partition_(model, self.ds, cfg.zero_init)  # whatever arrived whole (under ZeRO-3)
-        groups = [{"params": [p for _, p in group]} for group in param_groups(model)]
+        groups = optimizer_groups(model, cfg)
         offset = 0 if phase == "full" else self.relora_start
         fn = functools.partial(_shifted, fn=self.schedule, offset=offset)
         model.universal_checkpoint_info = universal.UNIVERSAL_INFO  # lets ds_to_universal convert our checkpoints
@@ -121,7 +121,11 @@ class EnginesMixin:
             model = LlamaForCausalLM(self.model_config)
             if phase == "lowrank":
                 self._wrap(model)
-        return [[name for name, _ in group] for group in param_groups(model)]
+        return [[name for name, _ in group] for _, group in param_groups(model)]
+
+    def _group_kinds(self) -> list[str]:
+        """The kind of each param group of the engine (GROUP_KINDS), in its order."""
+        return [kind for kind, _ in param_groups(self.engine.module)]
 
     def _wrap(self, model: LlamaForCausalLM) -> None:
         cfg = self.cfg
@@ -179,14 +183,35 @@ class EnginesMixin:
         self._event({"event": "switch_to_relora", "step": self.step})
 
 
-def param_groups(model) -> list[list[tuple[str, torch.nn.Parameter]]]:
-    """The engine's param groups as (name, parameter) in model order: the LoRA factors, then the parameters
-    trained full-rank, in separate groups because the reset touches only the first (an empty one left out)."""
+# The engine's param groups, in this order (an empty one left out): the LoRA factors (the reset prunes their
+# moments and no others), the matrices trained full-rank (embeddings, head, and in a full-rank run every
+# linear) and the vectors trained full-rank (norms' gains, biases), which take no weight decay by default.
+GROUP_KINDS = checkpoint.OPTIMIZER_GROUPS  # each checkpoint records them (checkpoint.plan_resume checks)
+
+
+def param_groups(model) -> list[tuple[str, list[tuple[str, torch.nn.Parameter]]]]:
+    """The engine's param groups as ``(kind, [(name, parameter), ...])`` (kinds: GROUP_KINDS), parameters in
+    model order. Under ZeRO-3 a partitioned parameter is flat; its ``ds_shape`` decides matrix or vector."""
     lora = {id(p) for p in lora_parameters(model)}
-    named = list(model.named_parameters())
-    groups = [[(n, p) for n, p in named if id(p) in lora],
-              [(n, p) for n, p in named if p.requires_grad and id(p) not in lora]]
-    return [g for g in groups if g]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    vector = lambda p: len(getattr(p, "ds_shape", p.shape)) < 2  # noqa: E731
+    groups = [("lora", [(n, p) for n, p in named if id(p) in lora]),
+              ("matrices", [(n, p) for n, p in named if id(p) not in lora and not vector(p)]),
+              ("vectors", [(n, p) for n, p in named if id(p) not in lora and vector(p)])]
+    return [(kind, group) for kind, group in groups if group]
+
+
+def group_weight_decay(kind: str, cfg) -> float:
+    """A param group's weight decay: the recipe's, but none on the norms and biases unless
+    ``decay_norms_and_biases`` (the reference code decays every trainable parameter)."""
+    return cfg.weight_decay if kind != "vectors" or cfg.decay_norms_and_biases else 0.0
+
+
+def optimizer_groups(model, cfg) -> list[dict]:
+    """What deepspeed.initialize takes as ``model_parameters``: param_groups(model) with each group's weight
+    decay (the DeepSpeed config's optimizer weight_decay, the recipe's, is the default the groups override)."""
+    return [{"params": [p for _, p in group], "weight_decay": group_weight_decay(kind, cfg)}
+            for kind, group in param_groups(model)]
 
 
 def _full_rank_trainable(model) -> set[str]:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from . import checkpoint, universal
 from .distributed import on_rank_zero
+from .engines import group_weight_decay
 from .hf import PROGRESS_FILE
 from .relora import relora_layers
 from .train_config import ConfigWarning
@@ -212,9 +213,13 @@ class CheckpointsMixin:
         lr = self._phase_lr(self.engine_phase)
         sched = self.engine.lr_scheduler
         sched.base_lrs = [lr] * len(sched.base_lrs)
-        for group, fn in zip(sched.optimizer.param_groups, sched.lr_lambdas):
+        kinds = self._group_kinds()
+        if len(kinds) != len(sched.optimizer.param_groups):
+            raise RuntimeError(f"the engine's optimizer has {len(sched.optimizer.param_groups)} param groups, its "
+                               f"model {len(kinds)} ({kinds})")
+        for group, fn, kind in zip(sched.optimizer.param_groups, sched.lr_lambdas, kinds):
             group.update(lr=lr * fn(sched.last_epoch), betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                         weight_decay=cfg.weight_decay)
+                         weight_decay=group_weight_decay(kind, cfg))
         sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
         # DeepSpeed's ZeRO-1/2, BF16 and FP16 optimizers clip with the value saved in the checkpoint
         # (load_state_dict sets clip_grad from it), not the engine's config: a resume with --grad-clip would

@@ -137,7 +137,11 @@ class TrainConfig:
     warmup_steps: int = _f(100, "initial linear LR warmup")
     total_steps: int | None = _f(None, "optimizer steps to train (or give token_budget)")
     token_budget: int | None = _f(None, "training tokens; sets total_steps = ceil(budget / tokens per step)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
+    weight_decay: float = _f(0.0, "AdamW weight decay, on the LoRA factors and the matrices trained full-rank "
+                                  "(embeddings, head; every linear in a full-rank run)")
+    decay_norms_and_biases: bool = _f(False, "weight decay on the norms' gains and the biases too, as the "
+                                             "reference code decays every trainable parameter; default: none "
+                                             "on these vectors (as Megatron-LM, nanoGPT, Hugging Face's Trainer)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")

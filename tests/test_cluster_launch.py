@@ -158,7 +158,8 @@ def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path, m
     (ckpt / "latest").write_text("step_8")
     (ckpt / "step_8" / "config.json").write_text(json.dumps(
         {"model": {}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}}, "tokenizer_sha256": None,
-         "train": {"mode": "relora", "rank": 16}}))  # tiny.yaml trains rank 32
+         "train": {"mode": "relora", "rank": 16}, "optimizer_groups": ["lora", "matrices", "vectors"]}))
+    # (tiny.yaml trains rank 32)
     proc = _preflight("--world-size", "2", *args, "--resume")
     assert proc.returncode == 2 and "settings a resume cannot change, field (now, checkpoint): {'rank': (32, 16)}" \
         in proc.stderr, proc.stderr[-800:]
@@ -213,7 +214,7 @@ def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_
         (ckpt / "step_4" / "config.json").write_text(json.dumps(
             {"model": model, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 0}},
              "tokenizer_sha256": load_manifest(data)["tokenizer_sha256"], "data": data_record,
-             "train": {"mode": "relora", "rank": 4, "seq_len": 32}}))
+             "train": {"mode": "relora", "rank": 4, "seq_len": 32}, "optimizer_groups": ["lora", "matrices", "vectors"]}))
     saved({"fingerprint": "0" * 64, "train_tokens": 3_000, "train_windows": 93})
     proc = _preflight(*preflight, "--global-batch-size", "64", "--resume")
     assert proc.returncode == 2

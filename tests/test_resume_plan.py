@@ -19,6 +19,7 @@ def _fake_checkpoint(ckpt_dir, *, world, stage, sharded, model=None, sha="a" * 6
     (tag / "config.json").write_text(json.dumps({"model": model or {"hidden_size": 64}, "world_size": world,
                                                  "deepspeed": {"zero_optimization": {"stage": stage}},
                                                  "tokenizer_sha256": sha, "train": train or TRAIN,
+                                                 "optimizer_groups": ["lora", "matrices", "vectors"],
                                                  **({"data": data} if data else {})}))
     if sharded:
         (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
@@ -61,6 +62,29 @@ def test_plan_resume_refuses_another_model_or_tokenizer(tmp_path):
         checkpoint.plan_resume(tmp_path, model={"hidden_size": 128}, tokenizer_sha256="a" * 64, **kw)
     with pytest.raises(ValueError, match=r"tokenizer sha256 aaaaaaaaaaaa\.\.\., but .*data uses bbbbbbbbbbbb"):
         checkpoint.plan_resume(tmp_path, model={"hidden_size": 64}, tokenizer_sha256="b" * 64, **kw)
+
+
+def test_plan_resume_refuses_a_checkpoint_of_the_older_param_group_layout(tmp_path):
+    """Before 2026-12-04 the engines had one param group fewer (the norms and biases shared the embeddings'
+    group); such a checkpoint's optimizer state does not fit this version's groups, and DeepSpeed's loader
+    would fail inside load_checkpoint: refused before any engine, with the way out. The current layout,
+    written by the trainer itself (Trainer._run_config: relora_ds.engines.GROUP_KINDS), loads."""
+    import json
+
+    from relora_ds import checkpoint
+    from relora_ds.engines import GROUP_KINDS
+
+    _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
+    kw = dict(model={"hidden_size": 64}, train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2,
+              data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
+    config = tmp_path / "step_8" / "config.json"
+    saved = json.loads(config.read_text())
+    assert saved["optimizer_groups"] == list(GROUP_KINDS) == ["lora", "matrices", "vectors"]
+    assert checkpoint.plan_resume(tmp_path, **kw)["tag"] == "step_8"
+    config.write_text(json.dumps({k: v for k, v in saved.items() if k != "optimizer_groups"}))
+    with pytest.raises(ValueError, match=r"step_8 was written by relora_ds before 2026-12-04, whose optimizer kept the "
+                                         r"norms and biases in one param group .*start a new run from its export"):
+        checkpoint.plan_resume(tmp_path, **kw)
 
 
 def test_plan_resume_loads_another_precision_or_optimizer_place_as_universal(tmp_path):
@@ -266,7 +290,7 @@ def _tag(ckpt_dir, step, train=TRAIN):
     (ckpt_dir / f"step_{step}").mkdir(exist_ok=True)
     (ckpt_dir / f"step_{step}" / "config.json").write_text(json.dumps(
         {"model": {"hidden_size": 64}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}},
-         "tokenizer_sha256": "a" * 64, "train": train}))
+         "tokenizer_sha256": "a" * 64, "train": train, "optimizer_groups": ["lora", "matrices", "vectors"]}))
 
 
 def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
@@ -301,10 +325,7 @@ def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
     assert checkpoint.latest_tag(tmp_path) == "step_4" and checkpoint.complete_tags(tmp_path) == ["step_4"]
     assert checkpoint.plan_resume(tmp_path, train=back, **kw) == {**plan, "rewind": []}  # nothing left to move
     # The rewound run saves step_8 (its config records resume_from): the same command continues from it.
-    (tmp_path / "step_8").mkdir()
-    (tmp_path / "step_8" / "config.json").write_text(json.dumps(
-        {"model": {"hidden_size": 64}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}},
-         "tokenizer_sha256": "a" * 64, "train": back}))
+    _tag(tmp_path, 8, train=back)
     (tmp_path / "latest").write_text("step_8")
     plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
     assert plan["tag"] == "step_8" and plan["rewind"] == []

@@ -282,7 +282,8 @@ def test_the_engine_is_built_on_the_recipes_layers(tmp_path, monkeypatch, mode, 
     data = packed_data_dir(tmp_path / "data", 4_000, 400)
     cfg = TrainConfig(model="debug", seq_len=32, data_dir=str(data), output_dir=str(tmp_path / "run"),
                       mode=mode, cycle_length=4 if mode == "relora" else None, restart_warmup_steps=2, warmup_steps=2,
-                      total_steps=12, micro_batch_size=4, global_batch_size=8, eval_every=0, export=False, **settings)
+                      total_steps=12, micro_batch_size=4, global_batch_size=8, eval_every=0, export=False,
+                      weight_decay=0.05, **settings)
     try:
         t = trainer_mod.Trainer(cfg)
         with pytest.raises(Built):
@@ -292,9 +293,21 @@ def test_the_engine_is_built_on_the_recipes_layers(tmp_path, monkeypatch, mode, 
         unlock_output_dir(tmp_path / "run")
     model = captured["model"]
     layers = dict(relora_layers(model))
+    # The full-rank trained parameters: the embedding, the head and every linear no ReLoRA layer wraps in the
+    # matrices' group; the norms in the vectors' group, without weight decay.
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = [sorted(names[id(p)] for p in g["params"]) for g in captured["groups"]]
+    norms = sorted(n for n, _ in model.named_parameters() if n.endswith("norm.weight"))
+    assert got[-1] == norms and {n for n in norms if "layers" not in n} == {"model.norm.weight"}
+    assert [g["weight_decay"] for g in captured["groups"]] == [0.05] * (len(got) - 1) + [0.0]
     if mode == "full":
-        assert not layers and len(captured["groups"]) == 1
+        assert not layers and len(captured["groups"]) == 2
+        assert got[0] == sorted(n for n, p in model.named_parameters() if n not in norms)
         return
+    lora_names = {names[id(p)] for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    assert got[1] == sorted(n for n, p in model.named_parameters()
+                            if p.requires_grad and n not in lora_names and n not in norms)
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(got[1])  # and the linears no target wraps
     where = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
     targets = settings.get("target_modules", list(where))
@@ -310,7 +323,8 @@ def test_the_engine_is_built_on_the_recipes_layers(tmp_path, monkeypatch, mode, 
 def test_a_resume_puts_the_recipes_adam_settings_into_the_optimizer():
     """After DeepSpeed restored the checkpoint's param groups (lr 3e-3, betas (0.9, 0.999), eps 1e-8, weight
     decay 0), the recipe's lr, betas, eps and weight decay must be what Adam steps with: a mutation that
-    re-applied the lr alone passed every test (the resume test read the settings' change from config files)."""
+    re-applied the lr alone passed every test (the resume test read the settings' change from config files).
+    The norms' and biases' group (the third) takes no weight decay unless decay_norms_and_biases."""
     from types import SimpleNamespace
 
     import torch
@@ -319,21 +333,24 @@ def test_a_resume_puts_the_recipes_adam_settings_into_the_optimizer():
     from relora_ds.resume import CheckpointsMixin
     from relora_ds.train_config import TrainConfig
 
-    p = torch.nn.Parameter(torch.zeros(3))
-    opt = torch.optim.AdamW([{"params": [p]}], lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(3))]} for _ in range(3)]
+    opt = torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = LambdaLR(opt, lambda step: 0.5)
-    cfg = TrainConfig(cycle_length=4, restart_warmup_steps=2, total_steps=12, lr=1e-3, adam_beta1=0.8,
-                      adam_beta2=0.95, adam_eps=1e-6, weight_decay=0.1, grad_clip=0.25)
-    events = []
-    t = SimpleNamespace(cfg=cfg, engine=SimpleNamespace(lr_scheduler=sched, optimizer=SimpleNamespace(clip_grad=1.0)),
-                        engine_phase="lowrank", _phase_lr=lambda phase: cfg.lr, world=1, ds={}, step=6,
-                        _event=events.append)
-    CheckpointsMixin._apply_optimizer_settings(t, {"train": {**cfg.to_dict(), "lr": 3e-3, "adam_beta2": 0.999},
-                                                   "world_size": 1, "deepspeed": {}})
-    group = opt.param_groups[0]
-    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.5e-3, (0.8, 0.95), 1e-6, 0.1)
-    assert sched.base_lrs == [1e-3] and t.engine.optimizer.clip_grad == 0.25
-    assert events[0]["lr"] == "0.003 -> 0.001" and events[0]["adam_beta2"] == "0.999 -> 0.95"
+    for decay_vectors in (False, True):
+        cfg = TrainConfig(cycle_length=4, restart_warmup_steps=2, total_steps=12, lr=1e-3, adam_beta1=0.8,
+                          adam_beta2=0.95, adam_eps=1e-6, weight_decay=0.1, grad_clip=0.25,
+                          decay_norms_and_biases=decay_vectors)
+        events = []
+        t = SimpleNamespace(cfg=cfg, engine=SimpleNamespace(lr_scheduler=sched, optimizer=SimpleNamespace(clip_grad=1.0)),
+                            engine_phase="lowrank", _phase_lr=lambda phase: cfg.lr, world=1, ds={}, step=6,
+                            _event=events.append, _group_kinds=lambda: ["lora", "matrices", "vectors"])
+        CheckpointsMixin._apply_optimizer_settings(t, {"train": {**cfg.to_dict(), "lr": 3e-3, "adam_beta2": 0.999},
+                                                       "world_size": 1, "deepspeed": {}})
+        for group, decay in zip(opt.param_groups, (0.1, 0.1, 0.1 if decay_vectors else 0.0)):
+            assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.5e-3, (0.8, 0.95), 1e-6,
+                                                                                          decay)
+        assert sched.base_lrs == [1e-3] * 3 and t.engine.optimizer.clip_grad == 0.25
+        assert events[0]["lr"] == "0.003 -> 0.001" and events[0]["adam_beta2"] == "0.999 -> 0.95"
 
 
 def test_a_resume_refuses_adam_params_the_checkpoint_would_undo_and_takes_the_new_loss_scaler():
@@ -358,7 +375,7 @@ def test_a_resume_refuses_adam_params_the_checkpoint_would_undo_and_takes_the_ne
         engine = SimpleNamespace(lr_scheduler=sched, optimizer=SimpleNamespace(
             clip_grad=1.0, loss_scaler=built_scaler, dynamic_loss_scale=built_scaler.dynamic))
         t = SimpleNamespace(cfg=cfg, engine=engine, engine_phase="lowrank", _phase_lr=lambda phase: cfg.lr, world=1,
-                            ds={"fp16": new_fp16}, step=6, _event=lambda rec: None)
+                            ds={"fp16": new_fp16}, step=6, _event=lambda rec: None, _group_kinds=lambda: ["lora"])
         t._optimizer_as_built = lambda: CheckpointsMixin._optimizer_as_built(t)
         t._use_built_loss_scaler = lambda fresh: CheckpointsMixin._use_built_loss_scaler(t, fresh)
         t._REAPPLIED = CheckpointsMixin._REAPPLIED

@@ -1,13 +1,18 @@
-"""Peak device memory of ReLoRA training under a DeepSpeed engine: bf16 base vs int8 base.
+"""Peak device memory and step time under a DeepSpeed engine: full-rank training vs ReLoRA with a bf16 base
+vs ReLoRA with an int8 base (the paper's claim: ReLoRA takes less memory per GPU and steps faster than
+full-rank training of the same model).
 
 One process (world size 1) per base, each in a fresh interpreter so the allocator's peak is its own: build
-the preset, wrap it (``quantize=None`` or ``"int8"``), ``deepspeed.initialize`` with the given JSON completed
-by the trainer's own code (relora_ds.ds_config), then warm-up steps, a ReLoRA reset (merge + 99% prune)
-and timed steps on random tokens. Reports the model's device bytes after initialize, the peak over the
-training steps after it (warm-up, the reset, the timed steps; not the model build) and the median step time.
+the preset, for ``bf16``/``int8`` wrap it (``quantize=None`` or ``"int8"``; ``full`` trains every weight),
+``deepspeed.initialize`` with the given JSON completed by the trainer's own code (relora_ds.ds_config) and
+the trainer's param groups (relora_ds.engines.optimizer_groups), then warm-up steps, for ReLoRA a reset
+(merge + 99% prune), and timed steps on random tokens. Reports the trainable parameters, the model's device
+bytes after initialize, the peak over the training steps after it (warm-up, the reset, the timed steps; not
+the model build) and the median step time.
 
     python launch/bench_memory_ds.py --preset 1b --deepspeed ds_configs/zero2.json    # on a GPU
     python launch/bench_memory_ds.py --device cpu --preset debug --rank 8 --steps 2    # smoke run (CPU)
+    python launch/bench_memory_ds.py --bases full bf16   # full-rank vs ReLoRA only
 
 On the GPU image (no DeepSpeed there) carry the wheels of scripts/gpu_wheels.sh; launch/gpu_check.sh's
 ``ds`` stage installs them and runs this script.
@@ -38,7 +43,10 @@ def check_preset_rank(preset: str, rank: int) -> None:
     relora_ds.wrap(model, rank=rank)
 
 
-def one(preset: str, quantize: str | None, ds_path: str, micro_batch: int, seq_len: int, rank: int, steps: int,
+BASES = ("full", "bf16", "int8")  # full-rank training; ReLoRA on a bf16 base; ReLoRA on an int8 base
+
+
+def one(preset: str, base: str, ds_path: str, micro_batch: int, seq_len: int, rank: int, steps: int,
         device: str) -> dict:
     import deepspeed
     import torch
@@ -46,10 +54,12 @@ def one(preset: str, quantize: str | None, ds_path: str, micro_batch: int, seq_l
     import relora_ds
     from relora_ds.distributed import init_distributed
     from relora_ds.ds_config import complete_ds_config, load_ds_config
+    from relora_ds.engines import optimizer_groups
     from relora_ds.train_config import TrainConfig
 
-    cuda = device == "cuda"
-    cfg = TrainConfig(model=preset, mode="relora", rank=rank, cycle_length=1000, micro_batch_size=micro_batch,
+    cuda, lowrank, quantize = device == "cuda", base != "full", "int8" if base == "int8" else None
+    cfg = TrainConfig(model=preset, mode="relora" if lowrank else "full", rank=rank,
+                      cycle_length=1000 if lowrank else None, micro_batch_size=micro_batch,
                       global_batch_size=micro_batch, seq_len=seq_len, total_steps=steps + 4, quantize=quantize)
     ds = complete_ds_config(load_ds_config(ds_path), cfg, world_size=1, source=ds_path)
     init_distributed(dist_backend="nccl" if cuda else "gloo")
@@ -57,11 +67,11 @@ def one(preset: str, quantize: str | None, ds_path: str, micro_batch: int, seq_l
     model_cfg = relora_ds.LlamaConfig.preset(preset, max_position_embeddings=seq_len + 1)
     with torch.device(device):
         model = relora_ds.LlamaForCausalLM(model_cfg)
-    relora_ds.wrap(model, rank=rank, quantize=quantize)
+    if lowrank:
+        relora_ds.wrap(model, rank=rank, quantize=quantize)
     lora = relora_ds.lora_parameters(model)
-    others = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[{"params": lora}, {"params": others}],
-                                      config=ds)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model, cfg), config=ds)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     after_init = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
     if cuda:
@@ -77,10 +87,10 @@ def one(preset: str, quantize: str | None, ds_path: str, micro_batch: int, seq_l
         sync()
         if i >= 3:
             times.append(time.perf_counter() - t0)
-        if i == 1:  # a reset inside the measured window: merge (gathers, int8 requantize) and prune
+        if i == 1 and lowrank:  # a reset inside the measured window: merge (gathers, int8 requantize), prune
             relora_ds.merge_and_reinit(engine)
             relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.99)
-    return {"preset": preset, "base": quantize or "bf16", "deepspeed": ds_path,
+    return {"preset": preset, "base": base, "trainable_params": trainable, "deepspeed": ds_path,
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "micro_batch": micro_batch,
             "seq_len": seq_len, "rank": rank, "after_init_gib": after_init,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
@@ -94,18 +104,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="1b")
     ap.add_argument("--deepspeed", default=str(ROOT / "ds_configs" / "zero2.json"))
-    ap.add_argument("--bases", nargs="+", default=["bf16", "int8"], choices=("bf16", "int8"))
+    ap.add_argument("--bases", nargs="+", default=list(BASES), choices=BASES,
+                    help="full: full-rank training; bf16/int8: ReLoRA on that base (default: all three)")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_memory_ds.json")
-    ap.add_argument("--one", choices=("bf16", "int8"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=BASES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.preset, None if args.one == "bf16" else "int8", args.deepspeed, args.micro_batch,
-                             args.seq_len, args.rank, args.steps, args.device)))
+        print(json.dumps(one(args.preset, args.one, args.deepspeed, args.micro_batch, args.seq_len, args.rank,
+                             args.steps, args.device)))
         return 0
     try:  # the preset/rank errors wrap would raise in each child, as one parse error, up front
         check_preset_rank(args.preset, args.rank)
@@ -132,8 +143,9 @@ def main() -> int:
             continue  # the other base's row is still measured and kept
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{row['preset']} {row['base']:>5} ZeRO-{row['zero_stage']}: after initialize {row['after_init_gib']:.2f} "
-              f"GiB, peak {row['peak_gib']:.2f} GiB, step {row['step_ms']:.1f} ms, loss {row['loss']:.3f}", flush=True)
+        print(f"{row['preset']} {row['base']:>5} ZeRO-{row['zero_stage']}: {row['trainable_params'] / 1e6:.1f}M trained, "
+              f"after initialize {row['after_init_gib']:.2f} GiB, peak {row['peak_gib']:.2f} GiB, step "
+              f"{row['step_ms']:.1f} ms, loss {row['loss']:.3f}", flush=True)
         args.out.write_text(json.dumps(rows, indent=1))  # after each base: a call cut at its limit keeps it
     if failed:
         print(f"bench_memory_ds.py: the {' and '.join(failed)} base run(s) failed (errors above)", file=sys.stderr)

@@ -23,8 +23,9 @@
 # A task lent a GPU gets 15 minutes of device time in all, machine start included, and one call may run
 # 600 s: with GPU_CHECK_BUDGET (seconds, default 540; 0: none) each stage is cut to what is left and
 # skipped once less than 45 s remain. Each stage has its own time limit and a failing stage does not stop the next.
-# `ds` (the 1b peak memory under a DeepSpeed engine, bf16 vs int8 base; 150 s, took 50 s on 2026-12-04) needs the wheels of
-# scripts/gpu_wheels.sh: build them here, then name ".whl" in the device call's carry.
+# `ds` (the 1b peak memory and step time under a DeepSpeed engine: full-rank training, then ReLoRA on a bf16 and
+# an int8 base, the paper's memory and speed claim; 200 s: the two ReLoRA bases took 50 s on 2026-12-04) needs
+# the wheels of scripts/gpu_wheels.sh: build them here, then name ".whl" in the device call's carry.
 # Results: the device tool returns at most 8 files from $OUT, so the stages write to a work folder that is
 # packed into $OUT/gpu_check.tar.gz after every stage (a call killed at its limit still returns the stages
 # done); $OUT/stages.txt lists each stage's exit status and time. Default $OUT: runs/gpu.
@@ -95,6 +96,7 @@ for st in "${stages[@]}"; do
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
         export PYTHONPATH="/tmp/site:$PYTHONPATH"
       fi
-      run ds 150 env RELORA_KERNELS=auto python3 launch/bench_memory_ds.py --preset 1b --deepspeed ds_configs/zero2.json --out "$OUT/memory_ds.json" ;;
+      run ds 200 env RELORA_KERNELS=auto python3 launch/bench_memory_ds.py --preset 1b --deepspeed ds_configs/zero2.json \
+        --bases full bf16 int8 --out "$OUT/memory_ds.json" ;;
   esac
 done

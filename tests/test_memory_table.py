@@ -364,3 +364,35 @@ def test_a_loss_chunk_holds_at_most_the_micro_batchs_tokens(capsys):
         memory_table.activation_peak_bytes(cfg, 512, 128, 1, False, 512)
     big, exact = (_table(capsys, "--presets", "1b", "--loss-chunk-size", str(c))["1b"] for c in (100_000, 24_576))
     assert big == exact and big["micro-batch ReLoRA Z0 / Z2 / Z3"] == "48 / 48 / 48"
+
+
+def test_bench_memory_ds_runs_full_rank_and_relora_and_counts_their_trained_parameters(tmp_path):
+    """launch/bench_memory_ds.py (the measured side of the paper's memory and speed claims: full-rank training
+    vs ReLoRA under a DeepSpeed engine), smoke run on CPU: one engine per base in its own process, the
+    trained parameters counted by hand from the debug preset (full rank: every weight; ReLoRA: embeddings,
+    head, norms and the factors of the 7 projections per layer), every step's loss finite."""
+    import math
+    import os
+
+    from launch_utils import launch_env
+
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/bench_memory_ds.py"), "--device", "cpu", "--preset",
+                           "debug", "--rank", "4", "--steps", "1", "--micro-batch", "2", "--seq-len", "16",
+                           "--deepspeed", str(ROOT / "ds_configs/zero2_fp32.json"), "--bases", "full", "bf16",
+                           "--out", str(out)], env={**launch_env(), **os.environ}, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {row["base"]: row for row in json.loads(out.read_text())}
+    cfg = LlamaConfig.preset("debug")
+    h, i, L, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # (in, out): q k v o gate up down
+    head = 0 if cfg.tie_word_embeddings else v * h
+    norms = (2 * L + 1) * h
+    full = v * h + head + norms + L * sum(a * b for a, b in shapes)
+    lora = L * sum(4 * (a + b) for a, b in shapes)
+    assert rows["full"]["trainable_params"] == full
+    assert rows["bf16"]["trainable_params"] == v * h + head + norms + lora
+    assert all(math.isfinite(row["loss"]) and row["step_ms"] > 0 for row in rows.values())
+    assert "debug  full ZeRO-2" in proc.stdout and "debug  bf16 ZeRO-2" in proc.stdout

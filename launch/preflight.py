@@ -23,6 +23,7 @@ from pathlib import Path
 
 from relora_ds import checkpoint
 from relora_ds.data import builtin_data_dir, load_manifest
+from relora_ds.data.mixture import check_members, is_mixture
 from relora_ds.data.manifest import read_manifest_file
 from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
 from relora_ds.startup import (apply_kernels_setting, build_schedule, check_data_use, check_kernels,
@@ -71,6 +72,8 @@ def _check(argv) -> str:
         # The built-in corpus may not be prepared yet: then its size, tokenizer and fingerprint are not checked.
         manifest = read_manifest_file(data_dir)
         if manifest is not None:  # a split too small for a window or a global batch at this world size
+            if is_mixture(manifest):  # its members still hold the data it was made of
+                check_members(data_dir, manifest)
             check_data_use(cfg, total_steps, manifest["splits"], str(data_dir), args.world_size)
         if cfg.resume:  # as the trainer plans it
             cfg.vocab_size = vocab

@@ -6,6 +6,8 @@ r"""Tokenize a corpus once into a data dir that training reads by random access.
     python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --out data/c4-llama3 --tokenizer Meta-Llama-3-8B
     python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --val-input 'c4/en/c4-validation.*.json.gz' \
         --out data/c4   # C4's own validation set (the paper's numbers), not a hash split of the training files
+    python launch/prepare_data.py --mix data/c4:0.8 data/code:0.2 --out data/c4-code   # a weighted mixture
+        # of prepared dirs (one tokenizer among them): no tokens copied; train with --data-dir data/c4-code
 
 Re-running with the same inputs and options is a no-op; data from other inputs or options is replaced only
 with --overwrite. See relora_ds.data.prepare.PrepareConfig.
@@ -33,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", nargs="+", default=None,
                    help="files, directories, globs (.txt/.jsonl/.json[.gz], .parquet) or one hub dataset "
                         "name; default: the built-in corpus (Wikipedia summaries + Shakespeare)")
+    p.add_argument("--mix", nargs="+", default=None, metavar="DIR:WEIGHT",
+                   help="write a mixture of these prepared data dirs (at least two, one tokenizer) instead of "
+                        "tokenizing: training reads their windows in the weights' proportions (relora_ds.data."
+                        "mixture); takes only --out and --overwrite")
     p.add_argument("--out", required=True, help="data dir to write")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", default=None, help="existing tokenizer to use: a SentencePiece .model, a Hugging "
@@ -74,8 +80,19 @@ def main(argv: list[str] | None = None) -> None:
     show_config_warnings_plainly()  # DataWarnings as one "warning: ..." line
     args = vars(parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    inputs, out = args.pop("input"), args.pop("out")
+    inputs, out, mix = args.pop("input"), args.pop("out"), args.pop("mix")
     try:
+        if mix is not None:
+            defaults = vars(parse_args(["--out", out]))
+            other = sorted(f"--{k.replace('_', '-')}" for k, v in args.items()
+                           if k != "overwrite" and v != defaults.get(k)) + (["--input"] if inputs else [])
+            if other:
+                raise ValueError(f"--mix combines prepared data dirs and takes only --out and --overwrite; also "
+                                 f"given: {', '.join(other)} (prepare each member with those first)")
+            from relora_ds.data.mixture import make_mixture, parse_member
+            make_mixture([parse_member(m) for m in mix], out, overwrite=args["overwrite"])
+            logging.info("wrote the mixture %s of %s", out, ", ".join(mix))
+            return
         prepare_data(inputs, out, **args)
     except ValueError as e:
         sys.exit(f"error: {e}")

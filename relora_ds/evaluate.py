@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .data import PackedTokens, eval_batches
+from .data import MixedWindows, PackedTokens, eval_batches
 
 
-def validation_loss(engine, val_data: PackedTokens, micro_batch_size: int, rank: int, world: int,
+def validation_loss(engine, val_data: PackedTokens | MixedWindows, micro_batch_size: int, rank: int, world: int,
                     num_windows: int | None, *, prefetch: int = 0, pin_memory: bool = False) -> tuple[float, int]:
     """(mean loss per predicted token, predicted tokens) over `num_windows` windows spread evenly over
     `val_data` (None: all; :func:`relora_ds.data.eval_batches`);

@@ -18,6 +18,7 @@ import torch
 from .data import check_tokenizer_matches
 from .data.manifest import tokenizer_sha256, train_data_fingerprint
 from .data.tokenizer import tokenizer_difference
+from .data.mixture import split_windows
 from .data.packed import num_windows
 from .hf import load_hf_config
 from .model import LlamaForCausalLM
@@ -329,9 +330,9 @@ def train_data_record(manifest: dict, seq_len: int) -> dict:
     (:func:`relora_ds.checkpoint.check_same_data`): the manifest's fingerprint of the training split
     (:func:`relora_ds.data.manifest.train_data_fingerprint`, no token file read), its tokens, and its windows
     at ``seq_len``."""
-    tokens = int(manifest["splits"]["train"]["tokens"])
-    return {"fingerprint": train_data_fingerprint(manifest), "train_tokens": tokens,
-            "train_windows": num_windows(tokens, seq_len)}
+    train = manifest["splits"]["train"]
+    return {"fingerprint": train_data_fingerprint(manifest), "train_tokens": int(train["tokens"]),
+            "train_windows": split_windows(train, seq_len)}
 
 
 def _tokens(n: int) -> str:
@@ -346,8 +347,16 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
     over, or fewer validation windows than asked for, is a named warning (e.g. a paper recipe left on the
     built-in demo corpus)."""
     seq, need = cfg.seq_len, cfg.seq_len + 1
+    for split in ("train", "validation") if cfg.eval_every else ("train",):  # a mixture's members, each
+        short = [f"{m['path']} ({_tokens(m['tokens'])})" for m in splits[split].get("members", [])
+                 if num_windows(m["tokens"], seq) == 0]
+        if short:
+            raise ValueError(f"mixture {data}: the {split} split of member(s) {', '.join(short)} holds fewer tokens "
+                             f"than one window of --seq-len {seq} needs (seq_len + 1 = {need:,}): use a smaller "
+                             "--seq-len, or make the mixture without them (launch/prepare_data.py --mix)"
+                             + ("" if split == "train" else ", or set --eval-every 0 (no evaluation)"))
     train_tokens = int(splits["train"]["tokens"])
-    train_windows = num_windows(train_tokens, seq)
+    train_windows = split_windows(splits["train"], seq)
     if train_windows == 0:
         raise ValueError(f"the training split of {data} holds {_tokens(train_tokens)}, fewer than one window of "
                          f"--seq-len {seq} needs (seq_len + 1 = {need:,} tokens): use a smaller --seq-len, or "
@@ -363,7 +372,7 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
                          f"{cfg.global_batch_size}: use {smaller}, a smaller --seq-len (more windows from the same "
                          "tokens), or prepare more data (launch/prepare_data.py)")
     val_tokens = int(splits["validation"]["tokens"])
-    val_windows = num_windows(val_tokens, seq)
+    val_windows = split_windows(splits["validation"], seq)
     if cfg.eval_every and val_tokens == 0:
         docs = int(splits["train"].get("documents", 0))
         more = (" or, as each document goes whole to one split, more and smaller documents (--txt-unit paragraph "

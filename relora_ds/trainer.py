@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint, reset_hook, run_info, zero_init
-from .data import PackedTokens, ShardedBatches, builtin_data_dir, load_manifest
+from .data import ShardedBatches, builtin_data_dir, load_manifest, open_split
 from .data.manifest import document_ends_problem, read_manifest_file
 from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
     single_process_environment
@@ -109,8 +109,9 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self.schedule = build_schedule(cfg, self.total_steps)
         with self._warnings_on_rank_zero():  # a split too small for a window or a global batch: named here
             check_data_use(cfg, self.total_steps, manifest["splits"], str(self.data_dir), self.world)
-        self.train_data = PackedTokens(self.data_dir, "train", seq_len=cfg.seq_len, access="random")
-        self.val_data = PackedTokens(self.data_dir, "validation", seq_len=cfg.seq_len)
+        # A prepared dir, or a mixture of several (relora_ds.data.mixture: the seed draws its members' shuffles)
+        self.train_data = open_split(self.data_dir, "train", seq_len=cfg.seq_len, access="random", seed=cfg.seed)
+        self.val_data = open_split(self.data_dir, "validation", seq_len=cfg.seq_len) if cfg.eval_every else None
         # What each checkpoint records of the training data, and --resume compares (checkpoint.plan_resume).
         self.data_info = train_data_record(manifest, cfg.seq_len)
         on_cuda = self.pin_batches = torch.cuda.is_available() and get_accelerator().device_name() == "cuda"

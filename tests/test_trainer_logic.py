@@ -145,7 +145,7 @@ def test_the_trainer_names_a_training_split_too_small_before_reading_it(tmp_path
     from trainer_utils import in_process_trainer, packed_data_dir
 
     trainer_mod = in_process_trainer(monkeypatch, world=2)
-    for name in ("PackedTokens", "ShardedBatches"):
+    for name in ("open_split", "ShardedBatches"):
         monkeypatch.setattr(trainer_mod, name, lambda *a, name=name, **kw: pytest.fail(f"{name} built before the check"))
     data = packed_data_dir(tmp_path / "data", train_tokens, 4_000)
     cfg = TrainConfig(model="debug", seq_len=2048, data_dir=str(data), output_dir=str(tmp_path / "run"), rank=4,

@@ -12,15 +12,16 @@ starts without them.
 import importlib
 
 from relora_ds.data.manifest import builtin_data_dir, load_manifest
+from relora_ds.data.mixture import MixedWindows, make_mixture, open_split
 from relora_ds.data.packed import PackedTokens
 from relora_ds.data.sampler import ShardedBatches, epoch_order, eval_batches
 from relora_ds.data.inputs import SUPPORTED_SUFFIXES, DataWarning
 from relora_ds.data.tokenizer import Tokenizer, check_tokenizer_matches, load_tokenizer, open_tokenizer
 
 __all__ = [
-    "DataWarning", "PackedTokens", "PrepareConfig", "SUPPORTED_SUFFIXES", "ShardedBatches", "Tokenizer",
+    "DataWarning", "MixedWindows", "PackedTokens", "PrepareConfig", "SUPPORTED_SUFFIXES", "ShardedBatches", "Tokenizer",
     "builtin_data_dir", "check_tokenizer_matches", "epoch_order", "eval_batches", "in_validation",
-    "load_manifest", "load_tokenizer", "open_tokenizer", "prepare_data",
+    "load_manifest", "load_tokenizer", "make_mixture", "open_split", "open_tokenizer", "prepare_data",
 ]
 
 _ON_FIRST_USE = {"PrepareConfig": "prepare", "prepare_data": "prepare", "in_validation": "encode"}

@@ -94,7 +94,8 @@ def load_manifest(data_dir: str | Path) -> dict:
                          f"reads {FORMAT!r}; re-run prepare_data")
     manifest["tokenizer_path"] = str((data_dir / manifest["tokenizer_path"]).resolve())
     for split in manifest["splits"].values():
-        split["path"] = str((data_dir / split["path"]).resolve())
+        if "path" in split:  # a mixture's splits are its members' (relora_ds.data.mixture)
+            split["path"] = str((data_dir / split["path"]).resolve())
     return manifest
 
 
@@ -117,6 +118,8 @@ def files_intact(data_dir: Path, manifest: dict) -> bool:
     """Whether the token files a stored manifest names have the right sizes and the tokenizer its hash."""
     itemsize = 2 if manifest["dtype"] == "uint16" else 4
     for split in manifest["splits"].values():
+        if "path" not in split:  # a mixture's: its members' files (checked when it is opened)
+            continue
         path = data_dir / split["path"]
         if not path.is_file() or path.stat().st_size != split["tokens"] * itemsize:
             return False

@@ -46,6 +46,9 @@ class PackedTokens:
             raise ValueError(f"split={split!r} is not in {str(data_dir)!r}; its splits are "
                              f"{sorted(manifest['splits'])}")
         info = manifest["splits"][split]
+        if "path" not in info:
+            raise ValueError(f"{str(data_dir)!r} is a mixture of prepared data dirs, not one: open it with "
+                             "relora_ds.data.open_split, which reads its members")
         self.path = Path(info["path"])
         self.dtype = np.dtype(manifest["dtype"])
         self.num_tokens = int(info["tokens"])

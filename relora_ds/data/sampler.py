@@ -159,16 +159,24 @@ class ShardedBatches:
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
 
+    def _epoch_dataset(self):
+        """What this epoch's indices index: the dataset, or for a mixture its view of the epoch (each epoch
+        takes other windows of the members it reads less than once per epoch; relora_ds.data.mixture)."""
+        view = getattr(self.dataset, "epoch_view", None)
+        return self.dataset if view is None else view(self.epoch)
+
     def __next__(self) -> torch.Tensor:
         if not self.prefetch:
-            return _batch(self.dataset, self._advance(), self.pin_memory)
+            indices = self._advance()
+            return _batch(self._epoch_dataset(), indices, self.pin_memory)
         if self._pool is None:
             self._pool = _reader_pool(self.prefetch, self.pin_memory, "relora_ds-prefetch")
         if self._ahead is None:  # (re)start reading ahead from this sampler's position
             self._ahead = copy.copy(self)
             self._ahead.prefetch, self._ahead._pending = 0, collections.deque()
         while len(self._pending) <= self.prefetch:  # this batch, and `prefetch` more after it
-            self._pending.append(self._pool.submit(_batch, self.dataset, self._ahead._advance(), self.pin_memory))
+            indices = self._ahead._advance()
+            self._pending.append(self._pool.submit(_batch, self._ahead._epoch_dataset(), indices, self.pin_memory))
         self._advance()  # the same walk as the cursor ahead: this sampler's state counts handed-out batches
         return self._pending.popleft().result()  # a read's error is raised here
 

@@ -1,0 +1,265 @@
+"""Weighted mixtures of prepared data dirs (Megatron-LM's blended datasets, at the level of training windows).
+
+A mixture dir (``launch/prepare_data.py --mix DIR:WEIGHT DIR:WEIGHT ... --out MIX``) holds no tokens: its
+manifest names its members (prepared data dirs, one tokenizer among them), their weights and the fingerprint
+each member's training split had, and a copy of their tokenizer. Training on it (``--data-dir MIX``) reads
+windows of every member in the weights' proportions; its validation split mixes the members' validation
+splits in the same proportions.
+
+One epoch of a mixture holds as many windows as its members together (``N``, at the run's seq_len); member
+``i`` fills ``q_i`` of them, ``w_i · N`` rounded by largest remainder, so weights proportional to the members'
+sizes read each window once per epoch, as one prepared dir of all of them would. A member with a larger share
+is read more than once per epoch (every window ``floor(q_i / n_i)`` or one more times), one with a smaller
+share walks on through its windows from epoch to epoch: epoch ``e`` takes its windows ``e·q_i .. (e+1)·q_i - 1``
+of an endless stream of shuffles of all its ``n_i`` windows (shuffle ``c`` drawn from ``(seed, i, c)``), so over
+the epochs it covers every window before repeating one. The sampler (:class:`relora_ds.data.ShardedBatches`)
+shuffles the epoch's ``N`` positions as for one dir: ranks, resume and re-sharding work unchanged; the
+mapping from (epoch, position) to a member's window is a pure function of the members' sizes, the weights and
+the seed, so an exact resume stays exact.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from relora_ds.data import manifest as mf
+from relora_ds.data.packed import PackedTokens, num_windows
+
+KIND = "mixture"
+
+
+def parse_member(spec: str) -> tuple[str, float]:
+    """``"DIR:WEIGHT"`` -> (DIR, WEIGHT); the weight is the text after the last colon, a finite number > 0."""
+    path, sep, weight = str(spec).rpartition(":")
+    try:
+        value = float(weight) if sep and path else math.nan
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"mixture member {spec!r} is not DIR:WEIGHT with a weight > 0 (e.g. data/c4:0.8)")
+    return path, value
+
+
+def is_mixture(manifest: dict) -> bool:
+    return manifest.get("kind") == KIND
+
+
+def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
+    """Integers summing to ``total`` in the proportions ``shares`` (which sum to 1): floors, then one more for
+    the largest fractional parts (ties: the earlier member)."""
+    exact = shares * total
+    counts = np.floor(exact).astype(np.int64)
+    left = total - int(counts.sum())
+    order = sorted(range(len(shares)), key=lambda i: (-(exact[i] - counts[i]), i))
+    counts[order[:left]] += 1
+    return counts
+
+
+def member_dirs(data_dir: str | Path, manifest: dict) -> list[Path]:
+    """The members' directories (stored relative to the mixture dir, or absolute)."""
+    return [(Path(data_dir) / m["path"]).resolve() for m in manifest["members"]]
+
+
+def make_mixture(members: Sequence[tuple[str | Path, float]], out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the mixture dir ``out_dir`` of ``members`` ((data dir, weight), at least two); returns it. A no-op
+    when it already holds this mixture of these members as they are now; another mixture or prepared data
+    there is replaced only with ``overwrite``."""
+    out_dir = Path(out_dir)
+    if len(members) < 2:
+        raise ValueError(f"a mixture needs at least two members (DIR:WEIGHT), got {len(members)}")
+    dirs = [Path(d).resolve() for d, _ in members]
+    if len(set(dirs)) < len(dirs):
+        raise ValueError(f"a mixture names a data dir twice: {[str(d) for d in dirs]}; give each once, with the "
+                         "sum of its weights")
+    if out_dir.resolve() in dirs:
+        raise ValueError(f"--out {out_dir} is one of the mixture's members: write the mixture to a dir of its own")
+    weights = np.array([float(w) for _, w in members])
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"mixture weights must be finite and > 0, got {weights.tolist()}")
+    manifests = []
+    for d in dirs:
+        if not (d / mf.MANIFEST).is_file():
+            raise ValueError(f"mixture member {d} is not a prepared data dir (no {mf.MANIFEST}); prepare it first "
+                             "with python launch/prepare_data.py --input ... --out DIR")
+        m = mf.load_manifest(d)
+        if is_mixture(m):
+            raise ValueError(f"mixture member {d} is itself a mixture: name its members, with their weights "
+                             "multiplied out, instead")
+        manifests.append(m)
+    keys = ("tokenizer_sha256", "vocab_size", "dtype", "bos_id", "eos_id", "pad_id", "unk_id")
+    differ = [k for k in keys if len({repr(m.get(k)) for m in manifests}) > 1]
+    if differ:
+        listing = "; ".join(f"{d}: " + ", ".join(f"{k}={str(m.get(k))[:12]}" for k in differ)
+                            for d, m in zip(dirs, manifests))
+        raise ValueError(f"the mixture's members were tokenized differently ({', '.join(differ)} differ: {listing}): "
+                         "training reads one tokenizer's ids; prepare every member with the same --tokenizer "
+                         "(e.g. the first member's tokenizer file)")
+    shares = weights / weights.sum()
+    recorded = [{"path": os.path.relpath(d, out_dir.resolve()), "weight": float(w),
+                 "fingerprint": mf.train_data_fingerprint(m),
+                 "splits": {s: {k: int(m["splits"][s].get(k, 0)) for k in ("tokens", "documents")} for s in mf.SPLITS}}
+                for d, w, m in zip(dirs, shares, manifests)]
+    recipe = {"mixture": [{"fingerprint": r["fingerprint"], "weight": r["weight"]} for r in recorded]}
+    old = mf.read_manifest_file(out_dir)
+    if old is not None and old.get("recipe") == recipe and mf.files_intact(out_dir, old):
+        return out_dir
+    if old is not None and not overwrite:
+        raise ValueError(f"{out_dir} holds {'another mixture' if is_mixture(old) else 'prepared data'}; runs trained "
+                         "on it could not resume once it is replaced. Pass --overwrite to replace it, or another --out")
+    first, tok = dirs[0], Path(manifests[0]["tokenizer_path"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / mf.MANIFEST).unlink(missing_ok=True)
+    for name in ("tokenizer.model", *mf.HF_TOKENIZER_FILES, *(f"{s}.bin" for s in mf.SPLITS)):
+        (out_dir / name).unlink(missing_ok=True)  # another recipe's tokenizer and token files
+    names = [tok.name] if tok.suffix != ".json" else [n for n in mf.HF_TOKENIZER_FILES if (first / n).is_file()]
+    for name in names:
+        shutil.copyfile(tok.parent / name, out_dir / name)
+    base = manifests[0]
+    manifest = {
+        "format": mf.FORMAT, "kind": KIND, "recipe": recipe,
+        **{k: base.get(k) for k in ("vocab_size", "bos_id", "eos_id", "pad_id", "unk_id", "dtype")},
+        "tokenizer_path": tok.name, "tokenizer_sha256": base["tokenizer_sha256"],
+        "members": recorded,
+        "splits": {s: {"tokens": sum(r["splits"][s]["tokens"] for r in recorded),
+                       "documents": sum(r["splits"][s]["documents"] for r in recorded),
+                       "members": [{"path": r["path"], "tokens": r["splits"][s]["tokens"]} for r in recorded]}
+                   for s in mf.SPLITS},
+        "corpus": {"description": "mixture of " + ", ".join(f"{r['path']} ({r['weight']:.3g})" for r in recorded)},
+        # What the members' own manifests warned of (counted there): document masking reads unk_tokens.
+        "warnings": {"unk_tokens": sum(int(m.get("warnings", {}).get("unk_tokens", 0)) for m in manifests)},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    mf.write_manifest(out_dir, manifest)
+    return out_dir
+
+
+def check_members(data_dir: str | Path, manifest: dict) -> list[Path]:
+    """The members' directories, each checked to hold the training data the mixture was made of (its
+    fingerprint) and its tokenizer; a member prepared again since is a ValueError naming the fix."""
+    dirs = member_dirs(data_dir, manifest)
+    for d, m in zip(dirs, manifest["members"]):
+        if not (d / mf.MANIFEST).is_file():
+            raise ValueError(f"mixture {data_dir}: its member {m['path']} ({d}) is not a prepared data dir (moved or "
+                             "deleted?); the mixture stores its members' paths relative to itself: keep them where "
+                             "they were, or make the mixture again (launch/prepare_data.py --mix)")
+        now = mf.load_manifest(d)
+        if mf.train_data_fingerprint(now) != m["fingerprint"] or now["tokenizer_sha256"] != manifest["tokenizer_sha256"]:
+            raise ValueError(f"mixture {data_dir}: its member {d} was prepared again since the mixture was made (its "
+                             "training data or tokenizer changed): make the mixture again (launch/prepare_data.py "
+                             "--mix ... --overwrite); a run trained on the old mixture cannot resume on it")
+    return dirs
+
+
+def split_windows(split: dict, seq_len: int) -> int:
+    """Windows of a manifest's split entry at ``seq_len``: a mixture's are its members' (each cut on its own)."""
+    if "members" in split:
+        return sum(num_windows(m["tokens"], seq_len) for m in split["members"])
+    return num_windows(split["tokens"], seq_len)
+
+
+def open_split(data_dir: str | Path, split: str = "train", *, seq_len: int, access: str = "normal",
+               seed: int = 0):
+    """The windows of ``split`` of a prepared dir (:class:`PackedTokens`) or of a mixture dir
+    (:class:`MixedWindows`, ``seed`` drawing its members' shuffles)."""
+    manifest = mf.load_manifest(data_dir)
+    if not is_mixture(manifest):
+        return PackedTokens(data_dir, split, seq_len=seq_len, access=access)
+    dirs = check_members(data_dir, manifest)
+    sources = [PackedTokens(d, split, seq_len=seq_len, access=access) for d in dirs]
+    return MixedWindows(sources, [m["weight"] for m in manifest["members"]], seed=seed,
+                        names=[m["path"] for m in manifest["members"]])
+
+
+class MixedWindows:
+    """``len(ds)`` windows of ``seq_len + 1`` token ids drawn from ``sources`` in the proportions ``weights``
+    (see the module docstring). Positions index epoch 0; :meth:`epoch_view` gives epoch ``e``'s (the sampler
+    asks for it). ``ds[i]``/``get_batch`` read like :class:`PackedTokens`'."""
+
+    def __init__(self, sources: Sequence, weights: Sequence[float], *, seed: int = 0,
+                 names: Sequence[str] | None = None):
+        names = list(names) if names is not None else [f"member {i}" for i in range(len(sources))]
+        if len(sources) != len(weights) or len(names) != len(sources) or not sources:
+            raise ValueError(f"{len(sources)} sources, {len(weights)} weights and {len(names)} names")
+        seq_lens = {getattr(s, "seq_len", None) for s in sources}
+        if len(seq_lens) != 1:
+            raise ValueError(f"the mixture's sources have windows of different seq_len: {sorted(map(str, seq_lens))}")
+        self.sizes = np.array([len(s) for s in sources], dtype=np.int64)
+        empty = [n for n, size in zip(names, self.sizes) if size == 0]
+        split = getattr(sources[0], "split", None)
+        self.seq_len, self.split = seq_lens.pop(), split
+        if empty:
+            raise ValueError(f"mixture member(s) {empty} hold no window of seq_len={self.seq_len} in their "
+                             f"{split or ''} split: use a smaller seq_len, or leave them out of the mixture")
+        w = np.array([float(x) for x in weights])
+        if not all(math.isfinite(x) and x > 0 for x in w):
+            raise ValueError(f"mixture weights must be finite and > 0, got {w.tolist()}")
+        self.shares = w / w.sum()
+        self.length = int(self.sizes.sum())
+        self.quotas = _largest_remainder(self.shares, self.length)
+        starved = [f"{n} (weight {s:.3g})" for n, s, q in zip(names, self.shares, self.quotas) if q == 0]
+        if starved:
+            raise ValueError(f"mixture member(s) {starved} get no window of the {self.length:,} in an epoch of the "
+                             f"mixture at seq_len={self.seq_len}: raise their weights, or leave them out")
+        self.bounds = np.cumsum(self.quotas)
+        self.starts = self.bounds - self.quotas
+        self.sources, self.names, self.seed, self.epoch = list(sources), names, int(seed), 0
+        self.num_tokens = sum(int(getattr(s, "num_tokens", 0)) for s in sources)
+        self._shuffles: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def epoch_view(self, epoch: int) -> "MixedWindows":
+        """The same mixture with positions indexing epoch ``epoch`` (sharing the members and shuffles)."""
+        if epoch == self.epoch:
+            return self
+        view = object.__new__(MixedWindows)
+        view.__dict__.update(self.__dict__)
+        view.epoch = int(epoch)
+        return view
+
+    def _shuffle(self, member: int, cycle: int) -> np.ndarray:
+        key = (member, cycle)
+        order = self._shuffles.get(key)
+        if order is None:
+            if len(self._shuffles) >= 16:  # an epoch touches one or two cycles per member
+                self._shuffles.clear()
+            size = int(self.sizes[member])
+            order = np.arange(size, dtype=np.uint32 if size < 2**32 else np.int64)
+            np.random.default_rng([self.seed, member, cycle, 0x6D6978]).shuffle(order)
+            self._shuffles[key] = order
+        return order
+
+    def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        """(member, window within that member) of each position of this view's epoch."""
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if pos.size and (pos.min() < 0 or pos.max() >= self.length):
+            bad = pos[(pos < 0) | (pos >= self.length)][0]
+            raise IndexError(f"window {bad} out of range for {self.length} windows (a mixture, seq_len={self.seq_len})")
+        member = np.searchsorted(self.bounds, pos, side="right")
+        stream = self.epoch * self.quotas[member] + (pos - self.starts[member])
+        cycle, within = np.divmod(stream, self.sizes[member])
+        window = np.empty_like(pos)
+        for m, c in set(zip(member.tolist(), cycle.tolist())):
+            rows = (member == m) & (cycle == c)
+            window[rows] = self._shuffle(m, c)[within[rows]]
+        return member, window
+
+    def get_batch(self, indices) -> torch.Tensor:
+        """Windows at positions ``indices`` of this view's epoch, stacked: LongTensor (len(indices), seq_len + 1)."""
+        member, window = self.locate(indices)
+        out = torch.empty((member.size, self.seq_len + 1), dtype=torch.long)
+        for m in np.unique(member).tolist():
+            rows = np.nonzero(member == m)[0]
+            out[torch.from_numpy(rows)] = self.sources[m].get_batch(window[rows])
+        return out
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.get_batch([int(i)])[0]

@@ -1,0 +1,218 @@
+"""Weighted mixtures of prepared data dirs (relora_ds.data.mixture): the windows an epoch takes from each
+member (counted against the weights by hand), the walk of a down-weighted member through all its windows over
+epochs, the sampler on a mixture (shards, prefetch and exact resume against the uninterrupted order), the
+mixture dir (its windows are its members' tokens), the refusals, and a training run on one."""
+import collections
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from trainer_utils import packed_data_dir
+
+
+class Windows:
+    """A stand-in source: window i of source s is the row [s, i, i, ...] (so a read says where it came from)."""
+
+    def __init__(self, source, size, seq_len=3):
+        self.source, self.size, self.seq_len = source, size, seq_len
+
+    def __len__(self):
+        return self.size
+
+    def get_batch(self, idx):
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        out = idx[:, None].repeat(1, self.seq_len + 1)
+        out[:, 0] = self.source
+        return out
+
+
+def reads(ds, positions):
+    rows = ds.get_batch(positions)
+    return [(int(r[0]), int(r[1])) for r in rows]
+
+
+def test_an_epoch_takes_each_member_in_its_weights_share():
+    from relora_ds.data.mixture import MixedWindows
+
+    mix = MixedWindows([Windows(0, 10), Windows(1, 30)], [1.0, 1.0], seed=3)
+    assert len(mix) == 40 and mix.quotas.tolist() == [20, 20]  # N = 10 + 30, shares 1/2 each
+    for epoch in range(3):
+        got = collections.Counter(reads(mix.epoch_view(epoch), range(40)))
+        small = {w: c for (s, w), c in got.items() if s == 0}
+        big = {w: c for (s, w), c in got.items() if s == 1}
+        assert small == {w: 2 for w in range(10)}  # up-weighted 2x: every window twice per epoch
+        assert sum(big.values()) == 20 and set(big.values()) <= {1, 2}
+    # The down-weighted member walks on: epochs 0-2 take 60 = 2 x 30 of its windows, each exactly twice.
+    walk = collections.Counter(w for e in range(3) for s, w in reads(mix.epoch_view(e), range(40)) if s == 1)
+    assert walk == {w: 2 for w in range(30)}
+    # and epoch 0 alone (20 of 30) takes 20 distinct windows: a shuffle, not the member's first 20 in order
+    first = [w for s, w in reads(mix, range(40)) if s == 1]
+    assert len(set(first)) == 20 and sorted(first) != list(range(20))
+
+
+def test_weights_proportional_to_sizes_read_each_window_once_and_rounding_is_largest_remainder():
+    from relora_ds.data.mixture import MixedWindows
+
+    mix = MixedWindows([Windows(0, 7), Windows(1, 5), Windows(2, 1)], [7, 5, 1])
+    assert sorted(reads(mix.epoch_view(4), range(13))) == [(0, w) for w in range(7)] + [(1, w) for w in range(5)] \
+        + [(2, 0)]
+    # 0.5 / 0.3 / 0.2 of N = 11: 5.5, 3.3, 2.2 -> floors 5, 3, 2 and the one left to the largest remainder (.5)
+    assert MixedWindows([Windows(0, 4), Windows(1, 4), Windows(2, 3)], [5, 3, 2]).quotas.tolist() == [6, 3, 2]
+
+
+def test_the_mixture_is_a_pure_function_of_sizes_weights_and_seed():
+    from relora_ds.data.mixture import MixedWindows
+
+    def make(seed):
+        return MixedWindows([Windows(0, 50), Windows(1, 80)], [0.3, 0.7], seed=seed)
+    a, b, c = make(1), make(1), make(2)
+    for epoch in (0, 5):
+        assert reads(a.epoch_view(epoch), range(130)) == reads(b.epoch_view(epoch), range(130))
+    assert reads(a.epoch_view(5), range(130)) != reads(c.epoch_view(5), range(130))
+
+
+def test_the_sampler_on_a_mixture_shards_prefetches_and_resumes_exactly():
+    """2 ranks x 3 micro-batches of 4 per step, across epoch boundaries: the ranks' batches together are each
+    epoch's mixture (its multiset: the positions' shuffle changes the order only); a sampler read with
+    prefetch, and one resumed from a state_dict mid-epoch and after a boundary, give the uninterrupted batches."""
+    from relora_ds.data import ShardedBatches
+    from relora_ds.data.mixture import MixedWindows
+
+    mix = MixedWindows([Windows(0, 9), Windows(1, 40)], [0.5, 0.5], seed=7)  # N = 49: 48 per epoch, 2 steps
+    kw = dict(rank=0, world_size=2, seed=11, accumulation_steps=3)
+
+    def run(rank, n, prefetch=0, state=None):
+        s = ShardedBatches(mix, 4, **{**kw, "rank": rank}, prefetch=prefetch)
+        if state is not None:
+            s.load_state_dict(state)
+        out = [reads_rows(next(s)) for _ in range(n)]
+        st = s.state_dict()
+        s.close()
+        return out, st
+
+    def reads_rows(batch):
+        return [(int(r[0]), int(r[1])) for r in batch]
+
+    ranks = [run(r, 12)[0] for r in range(2)]
+    for epoch in range(2):  # 6 micro-batches per epoch and rank
+        got = collections.Counter(w for r in range(2) for b in ranks[r][6 * epoch:6 * epoch + 6] for w in b)
+        order = np.random.default_rng([11, epoch]).permutation(49)[:48]  # the sampler's epoch order, tail cut
+        assert got == collections.Counter(reads(mix.epoch_view(epoch), order))
+    assert run(0, 12, prefetch=3)[0] == ranks[0]
+    for k in (3, 6, 9):  # checkpoints come at step boundaries (3 micro-batches): mid-epoch 0, at the boundary, epoch 1
+        _, state = run(0, k)
+        assert run(0, 12 - k, state=state)[0] == ranks[0][k:]
+
+
+def _member(tmp_path, name, train, val, corpus):
+    return packed_data_dir(tmp_path / name, train, val, corpus=corpus)
+
+
+def test_a_mixture_dir_reads_its_members_tokens_and_is_refused_when_a_member_changes(tmp_path):
+    from relora_ds.data import PackedTokens, load_manifest, make_mixture, open_split
+    from relora_ds.data.mixture import MixedWindows, parse_member
+
+    a = _member(tmp_path, "a", 3_300, 330, "corpus-a")
+    b = _member(tmp_path, "b", 1_700, 170, "corpus-b")
+    mix = make_mixture([parse_member(f"{a}:3"), parse_member(f"{b}:1")], tmp_path / "mix")
+    manifest = load_manifest(mix)
+    assert manifest["kind"] == "mixture" and [m["weight"] for m in manifest["members"]] == [0.75, 0.25]
+    assert manifest["splits"]["train"]["tokens"] == 5_000 and manifest["tokenizer_sha256"] == \
+        load_manifest(a)["tokenizer_sha256"] and (mix / "tokenizer.model").read_bytes() == b"stand-in"
+    train = open_split(mix, "train", seq_len=32, seed=5)
+    assert isinstance(train, MixedWindows) and len(train) == 3_299 // 32 + 1_699 // 32 == 156
+    own = [PackedTokens(d, "train", seq_len=32) for d in (a, b)]
+    members, windows = train.locate(range(len(train)))
+    got = train.get_batch(range(len(train)))
+    for i in range(len(train)):  # every window is the member's own window, token for token
+        assert torch.equal(got[i], own[members[i]][int(windows[i])])
+    assert np.bincount(members).tolist() == train.quotas.tolist() == [117, 39]  # 0.75 x 156
+    with pytest.raises(ValueError, match="is a mixture of prepared data dirs, not one: open it with"):
+        PackedTokens(mix, "train", seq_len=32)
+    assert make_mixture([(a, 3), (b, 1)], tmp_path / "mix") == tmp_path / "mix"  # the same again: a no-op
+    with pytest.raises(ValueError, match="holds another mixture; runs trained on it could not resume"):
+        make_mixture([(a, 1), (b, 1)], tmp_path / "mix")
+    packed_data_dir(b, 1_800, 170, corpus="corpus-b2")  # member b prepared again
+    with pytest.raises(ValueError, match=rf"its member {b} was prepared again since the mixture was made"):
+        open_split(mix, "train", seq_len=32)
+    with pytest.raises(ValueError, match=r"member\(s\) \['b'\] hold no window of seq_len=2048 in their train"):
+        MixedWindows([PackedTokens(a, "train", seq_len=2048), PackedTokens(b, "train", seq_len=2048)], [1, 1],
+                     names=["a", "b"])
+
+
+@pytest.mark.parametrize("members, error", [
+    (["A:1"], "a mixture needs at least two members"),
+    (["A:1", "A:2"], "names a data dir twice"),
+    (["A:1", "C:1"], "were tokenized differently .*tokenizer_sha256"),
+    (["A:1", "MISSING:1"], "is not a prepared data dir"),
+    (["A:1", "MIX:1"], "is itself a mixture"),
+])
+def test_bad_mixtures_are_named(tmp_path, members, error):
+    from relora_ds.data import make_mixture
+    from relora_ds.data.mixture import parse_member
+
+    dirs = {"A": _member(tmp_path, "a", 500, 100, "corpus-a"), "B": _member(tmp_path, "b", 500, 100, "corpus-b"),
+            "MISSING": tmp_path / "missing"}
+    dirs["C"] = _member(tmp_path, "c", 500, 100, "corpus-c")
+    (dirs["C"] / "tokenizer.model").write_bytes(b"another")
+    manifest = json.loads((dirs["C"] / "manifest.json").read_text())
+    (dirs["C"] / "manifest.json").write_text(json.dumps({**manifest, "tokenizer_sha256": "f" * 64}))
+    dirs["MIX"] = make_mixture([(dirs["A"], 1), (dirs["B"], 1)], tmp_path / "mix")
+    with pytest.raises(ValueError, match=error):
+        make_mixture([parse_member(f"{dirs[m.split(':')[0]]}:{m.split(':')[1]}") for m in members], tmp_path / "out")
+
+
+@pytest.mark.parametrize("spec", ["data/c4", "data/c4:0", "data/c4:-1", "data/c4:nan", "data/c4:x", ":1"])
+def test_a_member_spec_without_a_positive_weight_is_named(spec):
+    from relora_ds.data.mixture import parse_member
+
+    with pytest.raises(ValueError, match=r"is not DIR:WEIGHT with a weight > 0 \(e.g. data/c4:0.8\)"):
+        parse_member(spec)
+    assert parse_member("/x/y:z/c4:2.5") == ("/x/y:z/c4", 2.5)
+
+
+def test_prepare_data_mix_command_writes_the_mixture_and_refuses_tokenizing_options(tmp_path):
+    import subprocess
+    import sys
+
+    from launch_utils import ROOT, launch_env
+
+    a = _member(tmp_path, "a", 500, 100, "corpus-a")
+    b = _member(tmp_path, "b", 500, 100, "corpus-b")
+    cmd = [sys.executable, str(ROOT / "launch/prepare_data.py"), "--mix", f"{a}:2", f"{b}:1", "--out",
+           str(tmp_path / "mix")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [m["path"] for m in json.loads((tmp_path / "mix" / "manifest.json").read_text())["members"]] == \
+        ["../a", "../b"]
+    proc = subprocess.run(cmd + ["--vocab-size", "64"], capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    assert proc.returncode != 0 and "--mix combines prepared data dirs and takes only --out and --overwrite; also " \
+        "given: --vocab-size" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_training_on_a_mixture_runs_resumes_and_checks_its_members(tmp_path):
+    """launch/train.py on a mixture dir (1 rank): it trains and evaluates on the mixture, an interrupted run
+    resumed from its checkpoint logs the uninterrupted run's losses, and a member too short for a window at
+    the run's seq_len is named before any engine."""
+    from relora_ds.data import make_mixture
+    from trainer_utils import read_losses, rewind_to, train1
+
+    a = _member(tmp_path, "a", 3_000, 400, "corpus-a")
+    b = _member(tmp_path, "b", 1_000, 400, "corpus-b")
+    mix = make_mixture([(a, 0.5), (b, 0.5)], tmp_path / "mix")
+    full = tmp_path / "full"
+    full.mkdir()
+    train1(full, mix, total_steps=8, eval_every=4, save_every=4)
+    losses, recs = read_losses(full / "run")
+    assert sorted(losses) == list(range(1, 9)) and [r["step"] for r in recs if "val_loss" in r] == [4, 8]
+    rewind_to(full / "run", "step_4")  # as if the job had died after its checkpoint at step 4
+    train1(full, mix, "--resume", total_steps=8, eval_every=4, save_every=4)
+    resumed, _ = read_losses(full / "run")
+    assert resumed == pytest.approx({s: losses[s] for s in range(5, 9)}, rel=1e-6)
+    short = tmp_path / "short"
+    short.mkdir()
+    proc = train1(short, mix, check=False, seq_len=1024, micro_batch_size=1, global_batch_size=1)
+    assert proc.returncode == 2 and "the train split of member(s) ../b (1,000 tokens) holds fewer tokens than " \
+        "one window of --seq-len 1024" in proc.stderr, proc.stderr[-2000:]

@@ -163,8 +163,9 @@ class TrainConfig:
                                "the whole model; false: every rank builds it whole and DeepSpeed moves it to each "
                                "GPU before partitioning it, as at the other stages")
     # Data
-    data_dir: str | None = _f(None, "prepared data dir (launch/prepare_data.py); default: the built-in "
-                                    "corpus, prepared on first use")
+    data_dir: str | None = _f(None, "prepared data dir (launch/prepare_data.py), or a weighted mixture of "
+                                    "several (prepare_data.py --mix); default: the built-in corpus, prepared "
+                                    "on first use")
     vocab_size: int | None = _f(None, f"SentencePiece vocab size when preparing the built-in corpus (default "
                                       f"{BUILTIN_VOCAB_SIZE}); with data_dir the data's tokenizer decides")
     data_prefetch: int = _f(2, "micro-batches each rank reads ahead on background threads while a step trains "

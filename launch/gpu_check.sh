@@ -23,8 +23,8 @@
 # A task lent a GPU gets 15 minutes of device time in all, machine start included, and one call may run
 # 600 s: with GPU_CHECK_BUDGET (seconds, default 540; 0: none) each stage is cut to what is left and
 # skipped once less than 45 s remain. Each stage has its own time limit and a failing stage does not stop the next.
-# `ds` (the 1b peak memory and step time under a DeepSpeed engine: full-rank training, then ReLoRA on a bf16 and
-# an int8 base, the paper's memory and speed claim; 200 s: the two ReLoRA bases took 50 s on 2026-12-04) needs
+# `ds` (the 1b peak memory and step time under a DeepSpeed engine: ReLoRA on a bf16 and an int8 base, then
+# full-rank training, the paper's memory and speed claim; 200 s: the two ReLoRA bases took 50 s on 2026-12-04) needs
 # the wheels of scripts/gpu_wheels.sh: build them here, then name ".whl" in the device call's carry.
 # Results: the device tool returns at most 8 files from $OUT, so the stages write to a work folder that is
 # packed into $OUT/gpu_check.tar.gz after every stage (a call killed at its limit still returns the stages
@@ -97,6 +97,6 @@ for st in "${stages[@]}"; do
         export PYTHONPATH="/tmp/site:$PYTHONPATH"
       fi
       run ds 200 env RELORA_KERNELS=auto python3 launch/bench_memory_ds.py --preset 1b --deepspeed ds_configs/zero2.json \
-        --bases full bf16 int8 --out "$OUT/memory_ds.json" ;;
+        --bases bf16 int8 full --out "$OUT/memory_ds.json" ;;  # full last: a cut keeps the ReLoRA rows
   esac
 done

@@ -120,12 +120,12 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str, protect: tuple[str, ..
         shutil.rmtree(old, ignore_errors=True)
 
 
-# Settings a resume cannot change: they decide the saved module structure, the phase and reset positions,
-# or the data order.
 # The param-group kinds of the engines (relora_ds.engines.GROUP_KINDS; a phase leaves an empty one out): a
 # checkpoint of another layout holds its optimizer state in other groups, which DeepSpeed cannot load.
 OPTIMIZER_GROUPS = ("lora", "matrices", "vectors")
 
+# Settings a resume cannot change: they decide the saved module structure, the phase and reset positions,
+# or the data order.
 FIXED_ON_RESUME = ("seq_len", "rank", "alpha", "target_modules", "quantize", "warm_start_steps", "seed",
                    "lowrank_schedule", "merge_residual")
 # What a checkpoint written before a setting existed ran with.

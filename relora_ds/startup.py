@@ -18,7 +18,7 @@ import torch
 from .data import check_tokenizer_matches
 from .data.manifest import tokenizer_sha256, train_data_fingerprint
 from .data.tokenizer import tokenizer_difference
-from .data.mixture import split_windows
+from .data.mixture import split_windows, starved_members
 from .data.packed import num_windows
 from .hf import load_hf_config
 from .model import LlamaForCausalLM
@@ -350,11 +350,15 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
     for split in ("train", "validation") if cfg.eval_every else ("train",):  # a mixture's members, each
         short = [f"{m['path']} ({_tokens(m['tokens'])})" for m in splits[split].get("members", [])
                  if num_windows(m["tokens"], seq) == 0]
+        no_eval = "" if split == "train" else ", or set --eval-every 0 (no evaluation)"
         if short:
             raise ValueError(f"mixture {data}: the {split} split of member(s) {', '.join(short)} holds fewer tokens "
                              f"than one window of --seq-len {seq} needs (seq_len + 1 = {need:,}): use a smaller "
-                             "--seq-len, or make the mixture without them (launch/prepare_data.py --mix)"
-                             + ("" if split == "train" else ", or set --eval-every 0 (no evaluation)"))
+                             f"--seq-len, or make the mixture without them (launch/prepare_data.py --mix){no_eval}")
+        if starved := starved_members(splits[split], seq):
+            raise ValueError(f"mixture {data}: in its {split} split, member(s) {', '.join(starved)} get no window of "
+                             f"the {split_windows(splits[split], seq):,} of an epoch at --seq-len {seq}: make the "
+                             f"mixture with larger weights for them, or without them{no_eval}")
     train_tokens = int(splits["train"]["tokens"])
     train_windows = split_windows(splits["train"], seq)
     if train_windows == 0:

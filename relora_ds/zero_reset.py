@@ -116,8 +116,9 @@ def unshare_optimizer_steps(engine) -> int:
     """Give every optimizer state its own ``step`` tensor; returns how many were shared.
 
     DeepSpeed 0.19's ZeRO-3 universal-checkpoint load stores one ``step`` tensor object in the state of
-    every sub-group. torch's Adam increments ``step`` in place, so with two param groups (ours: LoRA and
-    full-rank) the second group counts every step twice and its bias correction drifts (seen as a 2e-5
+    every sub-group. torch's Adam increments ``step`` in place, so with several param groups (ours: LoRA,
+    full-rank matrices, norms and biases) each group after the first counts every step again and its bias
+    correction drifts (seen as a 2e-5
     difference in the full-rank weights after one step). A checkpoint of an offloaded optimizer
     (DeepSpeedCPUAdam) holds ``step`` as an int, which torch's Adam refuses ("state_steps argument must
     contain a list of singleton tensors"): it becomes a float32 tensor, as torch's own load_state_dict makes it."""

@@ -52,6 +52,26 @@ def test_an_epoch_takes_each_member_in_its_weights_share():
     assert len(set(first)) == 20 and sorted(first) != list(range(20))
 
 
+def test_an_up_weighted_member_reads_each_window_floor_or_ceil_times_in_every_epoch():
+    """q/n not whole (12 positions for 10 windows): each epoch reads every window once or twice, two of them
+    twice (a review found a stream carried across epochs leaving windows unread in an epoch); the epochs'
+    extra windows differ. The mixture also pickles (a DataLoader's workers) and reads the same after."""
+    import pickle
+
+    from relora_ds.data.mixture import MixedWindows
+
+    mix = MixedWindows([Windows(0, 10), Windows(1, 14)], [12, 12], seed=1)
+    assert mix.quotas.tolist() == [12, 12]
+    extra = []
+    for epoch in range(4):
+        got = collections.Counter(w for s, w in reads(mix.epoch_view(epoch), range(24)) if s == 0)
+        assert sorted(got) == list(range(10)) and sorted(got.values()) == [1] * 8 + [2] * 2, (epoch, got)
+        extra.append(sorted(w for w, c in got.items() if c == 2))
+    assert len({tuple(e) for e in extra}) > 1
+    copy = pickle.loads(pickle.dumps(mix))
+    assert reads(copy.epoch_view(3), range(24)) == reads(mix.epoch_view(3), range(24))
+
+
 def test_weights_proportional_to_sizes_read_each_window_once_and_rounding_is_largest_remainder():
     from relora_ds.data.mixture import MixedWindows
 
@@ -140,6 +160,51 @@ def test_a_mixture_dir_reads_its_members_tokens_and_is_refused_when_a_member_cha
     with pytest.raises(ValueError, match=r"member\(s\) \['b'\] hold no window of seq_len=2048 in their train"):
         MixedWindows([PackedTokens(a, "train", seq_len=2048), PackedTokens(b, "train", seq_len=2048)], [1, 1],
                      names=["a", "b"])
+
+
+def test_a_moved_member_is_named_and_the_mixture_made_again_reads_the_same_windows(tmp_path):
+    """The mixture stores its members' paths relative to itself: a member moved away is named; making the
+    mixture again with its new place (same data, same weights) needs no --overwrite and reads the very windows
+    it read before, so a run trained on it resumes (a review found the re-make was a silent no-op)."""
+    import shutil
+
+    from relora_ds.data import load_manifest, make_mixture, open_split
+
+    a = _member(tmp_path, "a", 900, 200, "corpus-a")
+    b = _member(tmp_path, "b", 600, 200, "corpus-b")
+    mix = make_mixture([(a, 2), (b, 1)], tmp_path / "mix")
+    before = open_split(mix, "train", seq_len=16, seed=3).epoch_view(2).get_batch(range(91))
+    (tmp_path / "moved").mkdir()
+    shutil.move(b, tmp_path / "moved" / "b")
+    with pytest.raises(ValueError, match=r"its member ../b \(.*\) is not a prepared data dir \(moved or deleted\?\)"):
+        open_split(mix, "train", seq_len=16)
+    make_mixture([(a, 2), (tmp_path / "moved" / "b", 1)], tmp_path / "mix")
+    assert [m["path"] for m in load_manifest(mix)["members"]] == ["../a", "../moved/b"]
+    assert torch.equal(open_split(mix, "train", seq_len=16, seed=3).epoch_view(2).get_batch(range(91)), before)
+
+
+def test_data_use_names_a_mixture_member_its_weight_starves_or_too_short_for_a_window():
+    """startup.check_data_use on a mixture's manifest splits (before any window is opened): a member whose
+    weight rounds to no window of an epoch, and one shorter than a window at seq_len, are named with the fix."""
+    from relora_ds.startup import check_data_use
+    from relora_ds.train_config import TrainConfig
+
+    cfg = TrainConfig(model="debug", seq_len=32, cycle_length=4, total_steps=8, micro_batch_size=1,
+                      global_batch_size=2, eval_every=4)
+
+    def splits(train_b, val_b, weight_b):
+        return {name: {"tokens": big + small, "documents": 2,
+                       "members": [{"path": "../a", "tokens": big, "weight": 1 - weight_b},
+                                   {"path": "../b", "tokens": small, "weight": weight_b}]}
+                for name, big, small in (("train", 33_000, train_b), ("validation", 3_300, val_b))}
+
+    check_data_use(cfg, 8, splits(3_300, 330, 0.1), "mix", 1)  # 0.1 of 1,134 and of 113 windows: fine
+    with pytest.raises(ValueError, match=r"mixture mix: in its validation split, member\(s\) ../b \(weight 0.004\) "
+                                         r"get no window of the 113 of an epoch at --seq-len 32: .*--eval-every 0"):
+        check_data_use(cfg, 8, splits(3_300, 330, 0.004), "mix", 1)  # 0.45 of 113 rounds to 0
+    with pytest.raises(ValueError, match=r"mixture mix: the train split of member\(s\) ../b \(20 tokens\) holds "
+                                         r"fewer tokens than one window of --seq-len 32"):
+        check_data_use(cfg, 8, splits(20, 330, 0.1), "mix", 1)
 
 
 @pytest.mark.parametrize("members, error", [

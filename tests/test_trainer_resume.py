@@ -210,7 +210,7 @@ def test_a_zero2_checkpoint_resumes_on_fewer_ranks_offloaded_or_in_bf16(tmp_path
 def test_resume_on_more_ranks_zero3_int8(tmp_path, small_data_dir):
     """The other direction and the other partitioning: 1-rank ZeRO-3 with an int8 base (buffers and error
     residuals, which DeepSpeed's converter leaves out under ZeRO-3) resumed on 2 ranks. Also catches
-    DeepSpeed's ZeRO-3 universal load sharing one Adam step counter between our two param groups."""
+    DeepSpeed's ZeRO-3 universal load sharing one Adam step counter between our param groups."""
     ds = tmp_path / "zero3.json"  # every parameter partitioned, the int8 weights included
     ds.write_text(json.dumps({**FP32_ZERO2, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     train1(tmp_path, small_data_dir, ds=ds, save_every=7, quantize="int8")

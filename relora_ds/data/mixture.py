@@ -6,22 +6,25 @@ each member's training split had, and a copy of their tokenizer. Training on it 
 windows of every member in the weights' proportions; its validation split mixes the members' validation
 splits in the same proportions.
 
-One epoch of a mixture holds as many windows as its members together (``N``, at the run's seq_len); member
-``i`` fills ``q_i`` of them, ``w_i · N`` rounded by largest remainder, so weights proportional to the members'
-sizes read each window once per epoch, as one prepared dir of all of them would. A member with a larger share
-is read more than once per epoch (every window ``floor(q_i / n_i)`` or one more times), one with a smaller
-share walks on through its windows from epoch to epoch: epoch ``e`` takes its windows ``e·q_i .. (e+1)·q_i - 1``
-of an endless stream of shuffles of all its ``n_i`` windows (shuffle ``c`` drawn from ``(seed, i, c)``), so over
-the epochs it covers every window before repeating one. The sampler (:class:`relora_ds.data.ShardedBatches`)
-shuffles the epoch's ``N`` positions as for one dir: ranks, resume and re-sharding work unchanged; the
-mapping from (epoch, position) to a member's window is a pure function of the members' sizes, the weights and
-the seed, so an exact resume stays exact.
+One epoch of a mixture holds as many windows as its members together (``N``, counted in windows at the run's
+seq_len); member ``i`` (``n_i`` windows) fills ``q_i`` of them, ``w_i · N`` rounded by largest remainder, so
+weights proportional to the members' window counts read each window once per epoch, as one prepared dir of all
+of them would. A member with a larger share (``q_i >= n_i``) is read ``floor(q_i / n_i)`` whole shuffles per
+epoch and ``q_i mod n_i`` windows of one more: each of its windows ``floor`` or ``ceil(q_i / n_i)`` times in
+every epoch. One with a smaller share walks on through its windows from epoch to epoch: epoch ``e`` takes
+windows ``e·q_i .. (e+1)·q_i - 1`` of an endless stream of shuffles of all its windows, so over the epochs it
+covers every window before repeating one. The sampler (:class:`relora_ds.data.ShardedBatches`) shuffles the
+epoch's ``N`` positions as for one dir: ranks, resume and re-sharding work unchanged; the mapping from
+(epoch, position) to a member's window is a pure function of the members' window counts, the weights and the
+seed (each shuffle drawn from them), so an exact resume stays exact. Each epoch's mapping is built once, as
+one array of ``N`` window ids (the size of the sampler's own epoch order), and shared by the reading threads.
 """
 from __future__ import annotations
 
 import math
 import os
 import shutil
+import threading
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -108,9 +111,12 @@ def make_mixture(members: Sequence[tuple[str | Path, float]], out_dir: str | Pat
                 for d, w, m in zip(dirs, shares, manifests)]
     recipe = {"mixture": [{"fingerprint": r["fingerprint"], "weight": r["weight"]} for r in recorded]}
     old = mf.read_manifest_file(out_dir)
-    if old is not None and old.get("recipe") == recipe and mf.files_intact(out_dir, old):
-        return out_dir
-    if old is not None and not overwrite:
+    if old is not None and old.get("recipe") == recipe:
+        # The same members' data and weights: runs trained on it resume on it whatever else is rewritten (a
+        # member moved, named here at its new place; a tokenizer copy lost).
+        if mf.files_intact(out_dir, old) and old.get("members") == recorded:
+            return out_dir
+    elif old is not None and not overwrite:
         raise ValueError(f"{out_dir} holds {'another mixture' if is_mixture(old) else 'prepared data'}; runs trained "
                          "on it could not resume once it is replaced. Pass --overwrite to replace it, or another --out")
     first, tok = dirs[0], Path(manifests[0]["tokenizer_path"])
@@ -129,7 +135,8 @@ def make_mixture(members: Sequence[tuple[str | Path, float]], out_dir: str | Pat
         "members": recorded,
         "splits": {s: {"tokens": sum(r["splits"][s]["tokens"] for r in recorded),
                        "documents": sum(r["splits"][s]["documents"] for r in recorded),
-                       "members": [{"path": r["path"], "tokens": r["splits"][s]["tokens"]} for r in recorded]}
+                       "members": [{"path": r["path"], "tokens": r["splits"][s]["tokens"], "weight": r["weight"]}
+                                   for r in recorded]}
                    for s in mf.SPLITS},
         "corpus": {"description": "mixture of " + ", ".join(f"{r['path']} ({r['weight']:.3g})" for r in recorded)},
         # What the members' own manifests warned of (counted there): document masking reads unk_tokens.
@@ -150,11 +157,26 @@ def check_members(data_dir: str | Path, manifest: dict) -> list[Path]:
                              "deleted?); the mixture stores its members' paths relative to itself: keep them where "
                              "they were, or make the mixture again (launch/prepare_data.py --mix)")
         now = mf.load_manifest(d)
-        if mf.train_data_fingerprint(now) != m["fingerprint"] or now["tokenizer_sha256"] != manifest["tokenizer_sha256"]:
+        counts = {s: {k: int(now["splits"][s].get(k, 0)) for k in ("tokens", "documents")} for s in mf.SPLITS}
+        if (mf.train_data_fingerprint(now) != m["fingerprint"] or counts != m["splits"]
+                or now["tokenizer_sha256"] != manifest["tokenizer_sha256"]):
             raise ValueError(f"mixture {data_dir}: its member {d} was prepared again since the mixture was made (its "
-                             "training data or tokenizer changed): make the mixture again (launch/prepare_data.py "
-                             "--mix ... --overwrite); a run trained on the old mixture cannot resume on it")
+                             "training or validation data or its tokenizer changed): make the mixture again "
+                             "(launch/prepare_data.py --mix ... --overwrite); a run trained on the old mixture "
+                             "cannot resume on it")
     return dirs
+
+
+def starved_members(split: dict, seq_len: int) -> list[str]:
+    """The members of a mixture's split entry that hold windows at ``seq_len`` but whose weight gives them no
+    position of an epoch (``w_i · N`` rounds to 0); [] for a plain split."""
+    members = split.get("members", [])
+    sizes = [num_windows(m["tokens"], seq_len) for m in members]
+    if not members or not all(sizes):
+        return []
+    shares = np.array([m["weight"] for m in members], dtype=float)
+    quotas = _largest_remainder(shares / shares.sum(), sum(sizes))
+    return [f"{m['path']} (weight {m['weight']:.3g})" for m, q in zip(members, quotas) if q == 0]
 
 
 def split_windows(split: dict, seq_len: int) -> int:
@@ -207,11 +229,13 @@ class MixedWindows:
         if starved:
             raise ValueError(f"mixture member(s) {starved} get no window of the {self.length:,} in an epoch of the "
                              f"mixture at seq_len={self.seq_len}: raise their weights, or leave them out")
-        self.bounds = np.cumsum(self.quotas)
-        self.starts = self.bounds - self.quotas
         self.sources, self.names, self.seed, self.epoch = list(sources), names, int(seed), 0
         self.num_tokens = sum(int(getattr(s, "num_tokens", 0)) for s in sources)
-        self._shuffles: dict[tuple[int, int], np.ndarray] = {}
+        self.offsets = np.cumsum(self.sizes) - self.sizes  # member i's windows are ids offsets[i] + w
+        # Epoch -> the id of the window at each position (shared by the views and the reading threads; built
+        # once under the lock; the newest two epochs' are kept).
+        self._tables: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self.length
@@ -225,17 +249,41 @@ class MixedWindows:
         view.epoch = int(epoch)
         return view
 
-    def _shuffle(self, member: int, cycle: int) -> np.ndarray:
-        key = (member, cycle)
-        order = self._shuffles.get(key)
-        if order is None:
-            if len(self._shuffles) >= 16:  # an epoch touches one or two cycles per member
-                self._shuffles.clear()
-            size = int(self.sizes[member])
-            order = np.arange(size, dtype=np.uint32 if size < 2**32 else np.int64)
-            np.random.default_rng([self.seed, member, cycle, 0x6D6978]).shuffle(order)
-            self._shuffles[key] = order
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tables": {}, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def _shuffle(self, member: int, key: tuple[int, ...]) -> np.ndarray:
+        size = int(self.sizes[member])
+        order = np.arange(size, dtype=np.uint32 if size < 2**32 else np.int64)
+        np.random.default_rng([self.seed, member, *key, 0x6D6978]).shuffle(order)
         return order
+
+    def _member_windows(self, member: int, epoch: int) -> np.ndarray:
+        """The windows member ``member`` fills its ``q`` positions of ``epoch`` with, in position order."""
+        q, n = int(self.quotas[member]), int(self.sizes[member])
+        if q >= n:  # whole shuffles of this epoch, and part of one more
+            parts = [self._shuffle(member, (1, epoch, c)) for c in range(-(-q // n))]
+            return np.concatenate(parts)[:q]
+        first, last = epoch * q, (epoch + 1) * q  # a slice of the member's endless stream of shuffles
+        parts = [self._shuffle(member, (0, c)) for c in range(first // n, (last - 1) // n + 1)]
+        return np.concatenate(parts)[first - first // n * n:][:q]
+
+    def _table(self) -> np.ndarray:
+        table = self._tables.get(self.epoch)
+        if table is None:
+            with self._lock:
+                table = self._tables.get(self.epoch)
+                if table is None:
+                    dtype = np.uint32 if self.length < 2**32 else np.int64
+                    table = np.concatenate([self.offsets[m] + self._member_windows(m, self.epoch)
+                                            for m in range(len(self.sources))]).astype(dtype)
+                    for old in [e for e in self._tables if e < self.epoch - 1]:  # a read of the epoch
+                        del self._tables[old]  # before may still be running in another thread
+                    self._tables[self.epoch] = table
+        return table
 
     def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:
         """(member, window within that member) of each position of this view's epoch."""
@@ -243,14 +291,9 @@ class MixedWindows:
         if pos.size and (pos.min() < 0 or pos.max() >= self.length):
             bad = pos[(pos < 0) | (pos >= self.length)][0]
             raise IndexError(f"window {bad} out of range for {self.length} windows (a mixture, seq_len={self.seq_len})")
-        member = np.searchsorted(self.bounds, pos, side="right")
-        stream = self.epoch * self.quotas[member] + (pos - self.starts[member])
-        cycle, within = np.divmod(stream, self.sizes[member])
-        window = np.empty_like(pos)
-        for m, c in set(zip(member.tolist(), cycle.tolist())):
-            rows = (member == m) & (cycle == c)
-            window[rows] = self._shuffle(m, c)[within[rows]]
-        return member, window
+        ids = self._table()[pos].astype(np.int64)
+        member = np.searchsorted(self.offsets, ids, side="right") - 1
+        return member, ids - self.offsets[member]
 
     def get_batch(self, indices) -> torch.Tensor:
         """Windows at positions ``indices`` of this view's epoch, stacked: LongTensor (len(indices), seq_len + 1)."""

@@ -148,4 +148,8 @@ def check_scheduler_refused(out_dir: str, config: str, via: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from relora_ds.distributed import run_and_exit
+
+    # No interpreter teardown: there gloo's threads can abort a finished rank ("terminate called without an
+    # active exception", exit -6; seen in CI after the run had written every result).
+    run_and_exit(main)

@@ -12,6 +12,7 @@ import deepspeed
 import torch
 
 from relora_ds import engines
+from relora_ds.distributed import exit_process
 from relora_ds.engine_state import full_fp32_state_dict
 from relora_ds.hf import export_hf, hf_tensors
 from relora_ds.model import LlamaForCausalLM
@@ -73,3 +74,5 @@ print("SOURCE_MASTERS", sorted(masters["start"]) == sorted(stored) and all(
     "SOURCE_ROUNDED_DIFFERS", any(not torch.equal(t, t.bfloat16().float()) for t in stored.values()))
 print("MASTERS_KEPT", sorted(after) != [] and all(torch.equal(before[n], t) for n, t in after.items()),
       "ROUNDED_DIFFERS", any(not torch.equal(before[n], before[n].bfloat16().float()) for n in after))
+sys.stdout.flush()
+exit_process(0)  # no interpreter teardown, where gloo's threads can abort a finished process (exit -6)

@@ -36,7 +36,7 @@ from .flops import mfu_peak
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
 from .engines import GROUP_KINDS, EnginesMixin
 from .ds_patches import patch_deepspeed_nvme
-from .evaluate import validation_loss
+from .evaluate import validation_losses
 from .hf import export_run, model_from_engine
 from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_line
 from .relora import lora_parameters
@@ -398,13 +398,15 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         windows = self.cfg.eval_windows
         if final and self.cfg.final_eval_windows is not None:
             windows = self.cfg.final_eval_windows
-        val_loss, tokens = validation_loss(self.engine, self.val_data, self.cfg.micro_batch_size, self.rank,
-                                           self.world, num_windows=windows or None, prefetch=self.cfg.data_prefetch,
-                                           pin_memory=self.pin_batches)
+        val_loss, tokens, members = validation_losses(
+            self.engine, self.val_data, self.cfg.micro_batch_size, self.rank, self.world,
+            num_windows=windows or None, prefetch=self.cfg.data_prefetch, pin_memory=self.pin_batches)
         rec = {"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-               "val_tokens": tokens, "eval_seconds": time.perf_counter() - start}
+               "val_tokens": tokens, **{f"val_loss/{label}": loss for label, loss in members.items()},
+               "eval_seconds": time.perf_counter() - start}
         self.metrics.log(rec)
-        self._print(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {rec['val_ppl']:.2f}")
+        each = "".join(f"; {label} {loss:.4f}" for label, loss in members.items())  # a mixture's members
+        self._print(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {rec['val_ppl']:.2f}{each}")
         return rec
 
     def export(self, out_dir: Path) -> Path:

@@ -258,9 +258,9 @@ def test_prepare_data_mix_command_writes_the_mixture_and_refuses_tokenizing_opti
 
 
 def test_training_on_a_mixture_runs_resumes_and_checks_its_members(tmp_path):
-    """launch/train.py on a mixture dir (1 rank): it trains and evaluates on the mixture, an interrupted run
-    resumed from its checkpoint logs the uninterrupted run's losses, and a member too short for a window at
-    the run's seq_len is named before any engine."""
+    """launch/train.py on a mixture dir (1 rank): it trains and evaluates on the mixture (and on each member),
+    an interrupted run resumed from its checkpoint logs the uninterrupted run's losses, and a member too
+    short for a window at the run's seq_len is named before any engine."""
     from relora_ds.data import make_mixture
     from trainer_utils import read_losses, rewind_to, train1
 
@@ -272,6 +272,9 @@ def test_training_on_a_mixture_runs_resumes_and_checks_its_members(tmp_path):
     train1(full, mix, total_steps=8, eval_every=4, save_every=4)
     losses, recs = read_losses(full / "run")
     assert sorted(losses) == list(range(1, 9)) and [r["step"] for r in recs if "val_loss" in r] == [4, 8]
+    evals = [r for r in recs if "val_loss" in r]  # and each member's own validation loss
+    assert all(min(r["val_loss/a"], r["val_loss/b"]) <= r["val_loss"] <= max(r["val_loss/a"], r["val_loss/b"])
+               for r in evals)
     rewind_to(full / "run", "step_4")  # as if the job had died after its checkpoint at step 4
     train1(full, mix, "--resume", total_steps=8, eval_every=4, save_every=4)
     resumed, _ = read_losses(full / "run")

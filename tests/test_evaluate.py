@@ -82,3 +82,75 @@ def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(mon
                                 _print=lambda msg: None)
             rec = trainer_mod.Trainer.evaluate(t, final=final)
         assert rec["val_loss"] == pytest.approx(want, rel=1e-12), final
+
+
+def test_a_mixtures_evaluation_reports_each_members_loss_over_its_windows(monkeypatch):
+    """On a mixture (relora_ds.data.MixedWindows) Trainer.evaluate logs val_loss (all evaluated windows, each
+    once) and val_loss/<member> (the member's windows among them, each once, as often as the mixture holds
+    it): 2 stub ranks, micro-batches of 2, a stub engine whose loss is the batch's mean of known per-window
+    values. Oracle: those values averaged by hand over the windows the mixture maps the spread positions to."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from relora_ds import evaluate
+    from relora_ds import trainer as trainer_mod
+    from relora_ds.data.mixture import MixedWindows
+
+    def value(source, window):
+        return float(10 * source + window * window + 1)
+
+    class Source:
+        def __init__(self, source, size):
+            self.source, self.size, self.seq_len = source, size, 4
+
+        def __len__(self):
+            return self.size
+
+        def get_batch(self, idx):
+            idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+            out = idx[:, None].repeat(1, 5)
+            out[:, 0] = self.source
+            return out
+
+        def __getitem__(self, i):
+            return self.get_batch([i])[0]
+
+    mix = MixedWindows([Source(0, 4), Source(1, 6)], [1, 1], seed=2, names=["../data/c4", "../data/code"])
+
+    class Engine:
+        device = "cpu"
+
+        def eval(self):
+            pass
+
+        def train(self):
+            pass
+
+        def __call__(self, batch, labels):
+            return SimpleNamespace(loss=torch.tensor([value(int(r[0]), int(r[1])) for r in batch]).mean())
+
+    reduced = []
+
+    def all_reduce(t):
+        if reduced:
+            t += reduced.pop()
+        else:
+            reduced.append(t.clone())
+    monkeypatch.setattr(evaluate.dist, "all_reduce", all_reduce)
+    for windows in (None, 7):
+        cfg = SimpleNamespace(micro_batch_size=2, eval_windows=windows, data_prefetch=0, final_eval_windows=None)
+        logged = []
+        for rank in (1, 0):
+            t = SimpleNamespace(engine=Engine(), val_data=mix, cfg=cfg, rank=rank, world=2, step=3, pin_batches=False,
+                                metrics=SimpleNamespace(log=logged.append), _print=lambda msg: None)
+            rec = trainer_mod.Trainer.evaluate(t)
+        n = windows or 10
+        member, window = mix.locate(np.arange(n) * 10 // n)
+        values = [value(int(s), int(w)) for s, w in zip(member, window)]
+        by_member = {label: [v for s, v in zip(member, values) if s == m] for m, label in enumerate(("c4", "code"))}
+        assert rec["val_loss"] == pytest.approx(sum(values) / n, rel=1e-12)
+        assert {k: v for k, v in rec.items() if k.startswith("val_loss/")} == pytest.approx(
+            {f"val_loss/{k}": sum(v) / len(v) for k, v in by_member.items()}, rel=1e-12)
+        assert rec["val_tokens"] == n * 4 and all(len(v) > 0 for v in by_member.values())

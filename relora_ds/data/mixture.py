@@ -230,6 +230,8 @@ class MixedWindows:
             raise ValueError(f"mixture member(s) {starved} get no window of the {self.length:,} in an epoch of the "
                              f"mixture at seq_len={self.seq_len}: raise their weights, or leave them out")
         self.sources, self.names, self.seed, self.epoch = list(sources), names, int(seed), 0
+        short = [Path(n).name or n for n in names]  # what metrics call each member: its dir's name if unique
+        self.labels = short if len(set(short)) == len(short) else names
         self.num_tokens = sum(int(getattr(s, "num_tokens", 0)) for s in sources)
         self.offsets = np.cumsum(self.sizes) - self.sizes  # member i's windows are ids offsets[i] + w
         # Epoch -> the id of the window at each position (shared by the views and the reading threads; built

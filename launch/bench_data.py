@@ -31,10 +31,10 @@ import torch
 from cli_types import positive_float, positive_int
 
 try:
-    from relora_ds.data import PackedTokens, ShardedBatches, load_manifest, prepare_data
+    from relora_ds.data import MixedWindows, PackedTokens, ShardedBatches, load_manifest, prepare_data
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from relora_ds.data import PackedTokens, ShardedBatches, load_manifest, prepare_data
+    from relora_ds.data import MixedWindows, PackedTokens, ShardedBatches, load_manifest, prepare_data
 
 
 def bench_tokenize(out_dir: Path, vocab_size: int | None, num_proc: int, tokenizer: str | None = None) -> dict:
@@ -112,7 +112,12 @@ def bench_batches(data_dir: Path, seq_len: int, micro_batch_size: int, steps: in
             return next(batches)
         return fn
 
+    # A mixture (relora_ds.data.mixture) of two members, here the same token file twice at 0.7 / 0.3: the
+    # epoch's position -> window table lookup and one gather per member on top of the plain read.
+    mix = MixedWindows([ds, _open(data_dir, seq_len, "random")], [0.7, 0.3], seed=0)
+    mixed = ShardedBatches(mix, micro_batch_size, rank=0, world_size=1, seed=0)
     rows = [("ShardedBatches (fancy-index gather)", lambda: next(sampler)),
+            ("ShardedBatches over a 2-member mixture (0.7 / 0.3)", lambda: next(mixed)),
             ("a slice copy per row", row_slices),
             ("ShardedBatches, file evicted from page cache before each batch (access='random', as trained)",
              cold("random")),

@@ -65,6 +65,11 @@ def main(argv=None) -> Path:
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8, label="train loss")
     if val:
         ax1.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+        # a mixture's members, each its own validation loss (relora_ds.evaluate: val_loss/<member>)
+        for key in sorted({k for r in val for k in r if k.startswith("val_loss/")}):
+            have = [r for r in val if key in r]
+            ax1.plot([r["step"] for r in have], [r[key] for r in have], ".--", lw=0.8,
+                     label=f"validation loss, {key.split('/', 1)[1]}")
     ax2.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
     for step in resets:
         for ax in (ax1, ax2):

@@ -225,6 +225,31 @@ def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_
     assert proc.returncode == 0, proc.stderr[-800:]
 
 
+def test_preflight_checks_a_mixtures_members(tmp_path):
+    """On a mixture dir (prepare_data.py --mix), preflight refuses what the trainer refuses: a member too
+    short for one window at --seq-len, and a member prepared again since the mixture was made; the mixture as
+    made passes. The trainer's own messages."""
+    from relora_ds.data import make_mixture
+    from trainer_utils import packed_data_dir
+
+    a = packed_data_dir(tmp_path / "a", 4_000, 1_000, corpus="corpus-a")
+    b = packed_data_dir(tmp_path / "b", 2_000, 1_000, corpus="corpus-b")
+    mix = make_mixture([(a, 2), (b, 1)], tmp_path / "mix")
+    settings = dict(model="debug", rank=4, cycle_length=4, restart_warmup_steps=2, warmup_steps=2,
+                    warm_start_steps=0, total_steps=8, micro_batch_size=4, global_batch_size=8, eval_every=4)
+    args = ["--world-size", "2", *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items()],
+            "--data-dir", mix, "--output-dir", tmp_path / "run"]
+    assert _preflight(*args, "--seq-len", "32").returncode == 0
+    proc = _preflight(*args, "--seq-len", "1024")
+    assert proc.returncode == 2 and (f"error: mixture {mix}: the validation split of member(s) ../a (1,000 tokens), "
+                                     "../b (1,000 tokens) holds fewer tokens than one window of --seq-len 1024") \
+        in proc.stderr, proc.stderr[-800:]
+    packed_data_dir(b, 2_100, 1_000, corpus="corpus-b2")
+    proc = _preflight(*args, "--seq-len", "32")
+    assert proc.returncode == 2 and f"its member {b} was prepared again since the mixture was made" in proc.stderr, \
+        proc.stderr[-800:]
+
+
 def test_hostfile_parse_errors():
     assert hostfile.parse_hostfile("# nodes\nn1 slots=8\n\nn2 slots=4  # half\n") == {"n1": 8, "n2": 4}
     for text, msg in [("n1 slots=8\nn1 slots=8\n", "hostfile:2: host 'n1' is listed twice"),

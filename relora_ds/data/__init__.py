@@ -2,7 +2,9 @@
 Hugging Face tokenizer.json) -> packed token files -> sharded, resumable batches.
 
 ``prepare_data`` tokenizes once into a data dir (``launch/prepare_data.py`` is its command line);
-training reads fixed windows from it with ``PackedTokens`` and ``ShardedBatches``. Nothing here
+training reads fixed windows from it with ``PackedTokens`` and ``ShardedBatches``. ``make_mixture`` writes a
+weighted mixture of prepared dirs (``prepare_data.py --mix``), whose windows ``MixedWindows`` reads;
+``open_split`` opens either kind. Nothing here
 imports ``torch.distributed`` or DeepSpeed: the caller passes its rank and world size.
 
 Preparing imports Hugging Face ``datasets`` (with pandas and pyarrow, ~1.5 s); training only reads prepared

@@ -16,6 +16,9 @@ together: micro-step ``k`` of an epoch covers the global slice ``[k*W*B, (k+1)*W
 Changing the world size (or micro-batch size) on resume re-shards by global sample index: the new ranks
 continue the same epoch order from the same global position, so no sample is skipped or repeated.
 
+A dataset with an ``epoch_view(epoch)`` method (a mixture of data dirs, relora_ds.data.mixture) is read
+through that epoch's view: its positions may name other windows in each epoch. Nothing else changes.
+
 With ``prefetch=N`` background threads read the next N micro-batches while the current step trains (the
 reads of shuffled windows not in the page cache wait on storage); the batches, their order and the state
 are those of ``prefetch=0``: the state counts only batches handed out.

@@ -71,6 +71,8 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
     if "scheduler" in _deepspeed_config(trainer):
         raise ValueError("enable_relora: the DeepSpeed config has a 'scheduler' section, which would replace "
                          "ReLoRA's jagged cosine (the lr re-warms after each reset): remove it")
+    if (message := _one_group_decay(_deepspeed_config(trainer), trainer.args.weight_decay)) is not None:
+        warnings.warn(message, UserWarning, stacklevel=2)
 
     def create_scheduler(num_training_steps: int, optimizer=None):
         """Trainer.create_scheduler with the jagged cosine. DeepSpeed with its own optimizer section asks a copy
@@ -92,6 +94,24 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
     callback = ReLoRACallback(trainer, cycle_length, merge_every, prune_method, prune_ratio, prune_joint)
     trainer.add_callback(callback)
     return callback
+
+
+def _one_group_decay(ds_config: dict, weight_decay: float) -> str | None:
+    """The warning for a DeepSpeed config whose optimizer section makes transformers hand DeepSpeed every
+    trainable parameter in one group (transformers 5's deepspeed_optim_sched: ``DummyOptim(params)``), so that a
+    weight decay above 0 ("auto": the Trainer's ``weight_decay``) decays the norms and biases too, which the
+    Trainer's own optimizer spares; None otherwise."""
+    section = ds_config.get("optimizer")
+    if not isinstance(section, dict):
+        return None
+    decay = (section.get("params") or {}).get("weight_decay")
+    decay = weight_decay if decay == "auto" else decay
+    if not isinstance(decay, (int, float)) or decay <= 0:
+        return None
+    return (f"enable_relora: the DeepSpeed config has an 'optimizer' section, so transformers hands DeepSpeed all "
+            f"trainable parameters as one group and weight_decay={decay} decays the norms' gains and biases too "
+            "(the Trainer's own AdamW spares them, as relora_ds's trainer does); to spare them, remove the "
+            "'optimizer' section (the Trainer then builds its AdamW with its decay groups) or set weight_decay 0")
 
 
 def _deepspeed_config(trainer: Trainer) -> dict:

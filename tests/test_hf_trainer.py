@@ -171,6 +171,32 @@ def test_misuse_is_named(tmp_path):
     assert late.state.global_step == 0
 
 
+def test_one_group_weight_decay_under_a_deepspeed_optimizer_section_is_named(tmp_path, monkeypatch):
+    """A DeepSpeed optimizer section makes transformers pass DeepSpeed every trainable parameter in one group
+    (DummyOptim), so a weight decay > 0 decays the norms too; enable_relora says so once, naming the fix. No
+    warning without the section, without decay, or with an explicit 0 in it."""
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from relora_ds import hf_trainer
+    from relora_ds.hf_trainer import _one_group_decay
+
+    auto = {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}}
+    assert "weight_decay=0.1 decays the norms' gains and biases too" in _one_group_decay(auto, 0.1)
+    assert "weight_decay=0.05" in _one_group_decay({"optimizer": {"params": {"weight_decay": 0.05}}}, 0.0)
+    for ds, decay in ((auto, 0.0), ({}, 0.1), ({"optimizer": {"params": {"weight_decay": 0}}}, 0.1),
+                      ({"optimizer": {"type": "AdamW"}}, 0.1)):
+        assert _one_group_decay(ds, decay) is None, (ds, decay)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2, weight_decay=0.1)
+    monkeypatch.setattr(hf_trainer, "_deepspeed_config", lambda trainer: auto)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        hf_trainer.enable_relora(w.InOrder(model=w.model(), args=args, train_dataset=w.Windows()), cycle_length=3,
+                                 restart_warmup_steps=1)
+    assert [str(x.message) for x in seen if "one group" in str(x.message)] == [_one_group_decay(auto, 0.1)]
+
+
 def test_accelerates_fsdp1_is_refused_before_the_first_step(tmp_path):
     """A Trainer under accelerate's FSDP1 (fsdp_version 1, its default; GPU only, so a bare instance of its class
     wraps the model here, as in tests/test_fsdp.py) is refused when training begins, naming FSDP2, rather than

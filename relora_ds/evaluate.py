@@ -64,7 +64,8 @@ def validation_losses(engine, val_data: PackedTokens | MixedWindows, micro_batch
                 _loss_sums(engine, part, micro_batch_size, rank, world, None if mixture else num_windows,
                            prefetch, pin_memory, total[2 * i:2 * i + 2])
     engine.train()
-    dist.all_reduce(total)
+    if world > 1 or dist.is_initialized():  # (launch/evaluate.py: one process, no process group)
+        dist.all_reduce(total)
     sums, tokens = total[0::2], total[1::2]
     loss = (sums.sum() / tokens.sum()).item() if tokens.sum() > 0 else float("nan")
     members = {label: (s / t).item() for label, s, t in zip(val_data.labels, sums, tokens) if t > 0} if mixture else {}

@@ -154,3 +154,59 @@ def test_a_mixtures_evaluation_reports_each_members_loss_over_its_windows(monkey
         assert {k: v for k, v in rec.items() if k.startswith("val_loss/")} == pytest.approx(
             {f"val_loss/{k}": sum(v) / len(v) for k, v in by_member.items()}, rel=1e-12)
         assert rec["val_tokens"] == n * 4 and all(len(v) > 0 for v in by_member.values())
+
+
+def test_evaluate_script_equals_transformers_on_a_data_dir_and_a_mixture(tmp_path):
+    """launch/evaluate.py on an exported model: its loss (the token-weighted mean over the windows spread over
+    the validation split) against transformers' own LlamaForCausalLM computing each window's loss from the
+    same directory; on a mixture each member's loss too, and a data dir the model cannot embed is refused."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+
+    from launch_utils import ROOT, launch_env
+    from relora_ds import LlamaConfig, LlamaForCausalLM
+    from relora_ds.data import PackedTokens, make_mixture, open_split
+    from relora_ds.hf import export_hf
+    from trainer_utils import packed_data_dir
+
+    torch.manual_seed(0)
+    export_hf(LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=512)), tmp_path / "hf", dtype=torch.float32,
+              token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    a = packed_data_dir(tmp_path / "a", 2_000, 1_200, corpus="corpus-a")
+    b = packed_data_dir(tmp_path / "b", 2_000, 700, corpus="corpus-b")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+
+    def by_hand(data_dir, positions):
+        val = PackedTokens(data_dir, "validation", seq_len=32)
+        with torch.no_grad():
+            return [hf(w[None], labels=w[None]).loss.item() for w in val.get_batch(positions)]
+
+    def run(data_dir, *extra):
+        proc = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), str(tmp_path / "hf"), "--data-dir",
+                               str(data_dir), "--seq-len", "32", "--micro-batch-size", "3", *extra],
+                              capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+        return proc, (json.loads(proc.stdout.splitlines()[-1]) if proc.returncode == 0 else None)
+
+    proc, got = run(a, "--windows", "10")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = by_hand(a, [j * 37 // 10 for j in range(10)])  # 1,199 // 32 = 37 windows, 10 spread over them
+    assert got["windows"] == 10 and got["tokens"] == 10 * 32
+    assert got["loss"] == pytest.approx(sum(want) / 10, rel=1e-5)
+    mix = make_mixture([(a, 1), (b, 1)], tmp_path / "mix")
+    proc, got = run(mix)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # 37 + 21 = 58 windows, equal weights: 29 positions each (a: 29 of its 37; b: its 21, and 8 of them again)
+    mixed = open_split(mix, "validation", seq_len=32)
+    assert mixed.quotas.tolist() == [29, 29]
+    member, window = mixed.locate(range(len(mixed)))
+    per = {name: by_hand(d, window[member == m]) for m, (name, d) in enumerate((("a", a), ("b", b)))}
+    assert got["loss/a"] == pytest.approx(sum(per["a"]) / len(per["a"]), rel=1e-5)
+    assert got["loss/b"] == pytest.approx(sum(per["b"]) / len(per["b"]), rel=1e-5)
+    assert got["loss"] == pytest.approx(sum(per["a"] + per["b"]) / len(mixed), rel=1e-5)
+    big = packed_data_dir(tmp_path / "big", 2_000, 700, vocab=1024, corpus="corpus-c")
+    proc, _ = run(big)
+    assert proc.returncode == 2 and "tokenizer has 1024 ids" in proc.stderr and "embeds 512" in proc.stderr

@@ -1,0 +1,114 @@
+"""Validation loss and perplexity of a Hugging Face model directory (a run's export, or any LLaMA, Qwen2, Qwen3
+or Mistral model relora_ds loads) on a prepared data dir or a mixture of them: the windows the trainer's
+evaluation reads (``--windows N`` spread evenly over the split, as ``eval_windows``), one process.
+
+    python launch/evaluate.py runs/tiny/hf --data-dir ~/.cache/relora_ds/builtin-vocab2048 --seq-len 256
+    python launch/evaluate.py runs/c4/hf --data-dir data/c4 --seq-len 1024 --windows 10240 --out eval.json
+
+Compare models only on one tokenizer's data (perplexity is per token): the model's tokenizer must be the one
+the data was prepared with (checked where the model directory holds one). On a mixture the output has each
+member's loss too. Prints one JSON line (and writes it to ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "launch"))
+from cli_types import positive_int  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Model:
+    """What relora_ds.evaluate.validation_losses calls: ``(batch, labels) -> .loss`` on ``device``."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model, device
+
+    def eval(self):
+        self.model.eval()
+
+    def train(self):
+        self.model.eval()  # one evaluation: stays in eval mode
+
+    def __call__(self, batch, labels):
+        return self.model(batch, labels=labels)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path, help="Hugging Face model directory (e.g. RUN/hf, a run's export)")
+    ap.add_argument("--data-dir", type=Path, required=True, help="prepared data dir or mixture dir")
+    ap.add_argument("--seq-len", type=positive_int, required=True, help="tokens per window (the run's seq_len)")
+    ap.add_argument("--split", choices=("validation", "train"), default="validation")
+    ap.add_argument("--windows", type=positive_int, default=None,
+                    help="windows spread evenly over the split (default: all of them)")
+    ap.add_argument("--micro-batch-size", type=positive_int, default=8)
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                    help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    return ap.parse_args(argv)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    from relora_ds.data import load_manifest, open_split
+    from relora_ds.evaluate import validation_losses
+    from relora_ds.hf_load import load_hf, load_hf_config
+    from relora_ds.startup import check_model_tokenizer
+
+    if not (args.model / "config.json").is_file():
+        raise ValueError(f"{args.model} is not a Hugging Face model directory (no config.json)")
+    manifest = load_manifest(args.data_dir)
+    check_model_tokenizer(args.model, manifest, args.data_dir)
+    config = load_hf_config(args.model)
+    if config.vocab_size < manifest["vocab_size"]:
+        raise ValueError(f"{args.data_dir}'s tokenizer has {manifest['vocab_size']} ids, {args.model} embeds "
+                         f"{config.vocab_size}: not the model's data")
+    if args.seq_len + 1 > config.max_position_embeddings:
+        warnings.warn(f"--seq-len {args.seq_len} windows are {args.seq_len + 1} tokens, past {args.model}'s "
+                      f"max_position_embeddings {config.max_position_embeddings}", UserWarning, stacklevel=2)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    data = open_split(args.data_dir, args.split, seq_len=args.seq_len)
+    if len(data) == 0:
+        raise ValueError(f"the {args.split} split of {args.data_dir} holds no window of --seq-len {args.seq_len} "
+                         "(seq_len + 1 tokens): use a smaller --seq-len")
+    model = load_hf(args.model, dtype=dtype).to(device)
+    start = time.perf_counter()
+    loss, tokens, members = validation_losses(_Model(model, device), data, args.micro_batch_size, 0, 1,
+                                              args.windows)
+    return {"model": str(args.model), "data_dir": str(args.data_dir), "split": args.split, "seq_len": args.seq_len,
+            "windows": min(args.windows or len(data), len(data)), "tokens": tokens, "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)), **{f"loss/{k}": v for k, v in members.items()},
+            "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        result = evaluate(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    line = json.dumps(result)
+    print(line)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,7 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("model", type=Path, help="Hugging Face model directory (e.g. RUN/hf, a run's export)")
     ap.add_argument("--data-dir", type=Path, required=True, help="prepared data dir or mixture dir")
     ap.add_argument("--seq-len", type=positive_int, required=True, help="tokens per window (the run's seq_len)")
-    ap.add_argument("--split", choices=("validation", "train"), default="validation")
+    ap.add_argument("--split", choices=("validation", "train"), default="validation",
+                    help="the split to read (on a mixture the windows its epoch 0 maps at seed 0, as the "
+                         "trainer's validation; a run's training split used its own seed)")
     ap.add_argument("--windows", type=positive_int, default=None,
                     help="windows spread evenly over the split (default: all of them)")
     ap.add_argument("--micro-batch-size", type=positive_int, default=8)
@@ -70,14 +72,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     if not (args.model / "config.json").is_file():
         raise ValueError(f"{args.model} is not a Hugging Face model directory (no config.json)")
     manifest = load_manifest(args.data_dir)
-    check_model_tokenizer(args.model, manifest, args.data_dir)
+    own_tokenizer = check_model_tokenizer(args.model, manifest, args.data_dir)
     config = load_hf_config(args.model)
     if config.vocab_size < manifest["vocab_size"]:
+        what = ("the model directory is inconsistent: its own tokenizer (the data's) has more ids than its "
+                "embedding" if own_tokenizer else "not the model's data")
         raise ValueError(f"{args.data_dir}'s tokenizer has {manifest['vocab_size']} ids, {args.model} embeds "
-                         f"{config.vocab_size}: not the model's data")
-    if args.seq_len + 1 > config.max_position_embeddings:
-        warnings.warn(f"--seq-len {args.seq_len} windows are {args.seq_len + 1} tokens, past {args.model}'s "
-                      f"max_position_embeddings {config.max_position_embeddings}", UserWarning, stacklevel=2)
+                         f"{config.vocab_size}: {what}")
+    if args.seq_len > config.max_position_embeddings:  # (a window's last position predicts nothing scored)
+        warnings.warn(f"--seq-len {args.seq_len} is longer than {args.model}'s max_position_embeddings "
+                      f"{config.max_position_embeddings}: positions it was not built for", UserWarning, stacklevel=2)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     data = open_split(args.data_dir, args.split, seq_len=args.seq_len)

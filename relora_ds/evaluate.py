@@ -50,6 +50,8 @@ def validation_losses(engine, val_data: PackedTokens | MixedWindows, micro_batch
     evaluated ones ({label: loss}; {} for one data dir): the mixture's windows are evaluated member by member
     (every rank the same members, in the same order), so the mixed loss is the token-weighted mean of the
     members' over the same windows."""
+    if num_windows is not None and (not isinstance(num_windows, int) or num_windows < 1):
+        raise ValueError(f"num_windows={num_windows!r} must be a positive int or None")
     engine.eval()
     mixture = isinstance(val_data, MixedWindows)
     parts = [val_data] if not mixture else []

@@ -3,7 +3,7 @@ DeepSpeed: the schedule becomes the jagged cosine, and after every ``merge_every
 ReLoRA layers merge and re-initialize; every ``cycle_length``-th step also prunes their Adam moments (a reset).
 
     model = relora_ds.wrap(AutoModelForCausalLM.from_config(config), rank=128)
-    trainer = Trainer(model=model, args=TrainingArguments(..., deepspeed="ds_configs/zero2.json"), ...)
+    trainer = Trainer(model=model, args=TrainingArguments(..., deepspeed="my_zero2.json"), ...)  # see below
     relora_ds.hf_trainer.enable_relora(trainer, cycle_length=5000, restart_warmup_steps=100)
     trainer.train()
     trainer.save_model("out")   # the merged model, plain layers: from_pretrained loads it
@@ -17,6 +17,13 @@ re-warms at the steps the uninterrupted run does (``merge_count`` is a saved buf
 without scheduler state, and an fp16 step skipped for an overflow does not shift the later re-warm-ups.
 ``trainer.save_model`` writes the merged model (what ``from_pretrained`` loads), Trainer checkpoints the
 wrapped state (what a resume needs).
+
+The DeepSpeed config: best without an ``optimizer`` section (the Trainer builds its AdamW, norms and biases
+without weight decay, and DeepSpeed runs it), e.g. ``{"zero_optimization": {"stage": 2}, "bf16": {"enabled":
+"auto"}, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "gradient_clipping":
+"auto"}``. An ``optimizer`` section must set ``lr`` and ``weight_decay`` (``"auto"``: the Trainer's); without
+them DeepSpeed would run its optimizer's defaults (refused). relora_ds's own ``ds_configs/*.json`` are for
+``launch/train.py``, which fills their optimizer from the recipe.
 """
 from __future__ import annotations
 
@@ -71,6 +78,14 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
     if "scheduler" in _deepspeed_config(trainer):
         raise ValueError("enable_relora: the DeepSpeed config has a 'scheduler' section, which would replace "
                          "ReLoRA's jagged cosine (the lr re-warms after each reset): remove it")
+    section = _deepspeed_config(trainer).get("optimizer")
+    missing = [k for k in ("lr", "weight_decay") if k not in ((section or {}).get("params") or {})]
+    if isinstance(section, dict) and missing:
+        raise ValueError(f"enable_relora: the DeepSpeed config's 'optimizer' section sets no {' and '.join(missing)}, "
+                         "so DeepSpeed would take its optimizer's defaults (torch's AdamW: lr 1e-3, weight_decay "
+                         "0.01 on every parameter) instead of TrainingArguments' learning_rate and weight_decay. "
+                         "Remove the 'optimizer' section (the Trainer then builds its AdamW, with its decay groups, "
+                         "and DeepSpeed runs it), or set them to \"auto\" in its params (the Trainer fills them)")
     if (message := _one_group_decay(_deepspeed_config(trainer), trainer.args.weight_decay)) is not None:
         warnings.warn(message, UserWarning, stacklevel=2)
 

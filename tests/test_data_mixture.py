@@ -68,6 +68,7 @@ def test_an_up_weighted_member_reads_each_window_floor_or_ceil_times_in_every_ep
         assert sorted(got) == list(range(10)) and sorted(got.values()) == [1] * 8 + [2] * 2, (epoch, got)
         extra.append(sorted(w for w, c in got.items() if c == 2))
     assert len({tuple(e) for e in extra}) > 1
+    assert sorted(mix._tables) == [2, 3]  # each epoch's table built once, the newest two kept (memory)
     copy = pickle.loads(pickle.dumps(mix))
     assert reads(copy.epoch_view(3), range(24)) == reads(mix.epoch_view(3), range(24))
 

@@ -174,7 +174,8 @@ def test_misuse_is_named(tmp_path):
 def test_one_group_weight_decay_under_a_deepspeed_optimizer_section_is_named(tmp_path, monkeypatch):
     """A DeepSpeed optimizer section makes transformers pass DeepSpeed every trainable parameter in one group
     (DummyOptim), so a weight decay > 0 decays the norms too; enable_relora says so once, naming the fix. No
-    warning without the section, without decay, or with an explicit 0 in it."""
+    warning without the section, without decay, or with an explicit 0 in it. A section without lr or
+    weight_decay is refused (a review found DeepSpeed then running torch AdamW's defaults)."""
     import warnings
 
     from transformers import TrainingArguments
@@ -185,16 +186,31 @@ def test_one_group_weight_decay_under_a_deepspeed_optimizer_section_is_named(tmp
     auto = {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}}
     assert "weight_decay=0.1 decays the norms' gains and biases too" in _one_group_decay(auto, 0.1)
     assert "weight_decay=0.05" in _one_group_decay({"optimizer": {"params": {"weight_decay": 0.05}}}, 0.0)
-    for ds, decay in ((auto, 0.0), ({}, 0.1), ({"optimizer": {"params": {"weight_decay": 0}}}, 0.1),
-                      ({"optimizer": {"type": "AdamW"}}, 0.1)):
+    for ds, decay in ((auto, 0.0), ({}, 0.1), ({"optimizer": {"params": {"weight_decay": 0}}}, 0.1)):
         assert _one_group_decay(ds, decay) is None, (ds, decay)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2, weight_decay=0.1)
-    monkeypatch.setattr(hf_trainer, "_deepspeed_config", lambda trainer: auto)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        hf_trainer.enable_relora(w.InOrder(model=w.model(), args=args, train_dataset=w.Windows()), cycle_length=3,
-                                 restart_warmup_steps=1)
-    assert [str(x.message) for x in seen if "one group" in str(x.message)] == [_one_group_decay(auto, 0.1)]
+    config = {}
+    monkeypatch.setattr(hf_trainer, "_deepspeed_config", lambda trainer: config)
+
+    def enable():
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            hf_trainer.enable_relora(w.InOrder(model=w.model(), args=args, train_dataset=w.Windows()), cycle_length=3,
+                                     restart_warmup_steps=1)
+        return [str(x.message) for x in seen if "one group" in str(x.message)]
+    config.update(auto)
+    assert enable() == [_one_group_decay(auto, 0.1)]
+    # An optimizer section without lr or weight_decay (relora_ds's own ds_configs/*.json, for launch/train.py):
+    # DeepSpeed would run torch AdamW's lr 1e-3 and weight decay 0.01 on everything, whatever the arguments say.
+    config.update(optimizer={"type": "AdamW", "params": {"torch_adam": True}})
+    with pytest.raises(ValueError, match=r"'optimizer' section sets no lr and weight_decay, so DeepSpeed would take "
+                                         r"its optimizer's defaults .*Remove the 'optimizer' section"):
+        enable()
+    config.update(optimizer={"type": "AdamW", "params": {"lr": "auto"}})
+    with pytest.raises(ValueError, match="sets no weight_decay,"):
+        enable()
+    config.clear()  # no optimizer section: the Trainer's own AdamW, nothing to say
+    assert enable() == []
 
 
 def test_accelerates_fsdp1_is_refused_before_the_first_step(tmp_path):

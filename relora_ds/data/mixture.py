@@ -278,13 +278,18 @@ class MixedWindows:
         if table is None:
             with self._lock:
                 table = self._tables.get(self.epoch)
-                if table is None:
-                    dtype = np.uint32 if self.length < 2**32 else np.int64
-                    table = np.concatenate([self.offsets[m] + self._member_windows(m, self.epoch)
-                                            for m in range(len(self.sources))]).astype(dtype)
-                    for old in [e for e in self._tables if e < self.epoch - 1]:  # a read of the epoch
-                        del self._tables[old]  # before may still be running in another thread
+                if table is None:  # filled in place: no int64 copies of the whole table on the way
+                    dtype = np.dtype(np.uint32 if self.length < 2**32 else np.int64)
+                    table = np.empty(self.length, dtype=dtype)
+                    for m, (lo, q) in enumerate(zip(self.quotas.cumsum() - self.quotas, self.quotas)):
+                        part = table[lo:lo + q]
+                        part[:] = self._member_windows(m, self.epoch)
+                        part += dtype.type(self.offsets[m])
                     self._tables[self.epoch] = table
+                    # the newest two epochs (a read of the one before may still run in another thread) and this
+                    for old in sorted(self._tables)[:-2]:
+                        if old != self.epoch:
+                            del self._tables[old]
         return table
 
     def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:

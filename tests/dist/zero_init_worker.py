@@ -15,6 +15,7 @@ import torch
 import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM, zero_init
 from relora_ds.distributed import init_distributed, run_and_exit
+from relora_ds.engines import param_groups
 
 DS = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -33,6 +34,10 @@ def whole(seed: int, quantize=None, wrapped=True) -> torch.nn.Module:
     for p in model.parameters():
         p.data = p.data.to(torch.bfloat16) if p.is_floating_point() else p.data
     return model
+
+
+def group_names(model) -> list:
+    return [(kind, [n for n, _ in group]) for kind, group in param_groups(model)]
 
 
 def check_partitioned(model, what: str) -> None:
@@ -76,7 +81,12 @@ def main():
         relora_ds.wrap(model, rank=3, seed=11, quantize=quantize)  # swaps partitioned nn.Linear layers
         zero_init.cast_partitions_(model, DS)
         check_partitioned(model, f"wrap quantize={quantize}")
-        check_equal(model, whole(0, quantize), f"wrap quantize={quantize}")
+        oracle = whole(0, quantize)
+        check_equal(model, oracle, f"wrap quantize={quantize}")
+        # The engine's param groups (weight decay spares the vectors): a partitioned parameter is flat and
+        # empty outside a gather, and its ds_shape must sort it as the whole build's shape does.
+        assert group_names(model) == group_names(oracle), (group_names(model), group_names(oracle))
+        assert [kind for kind, _ in group_names(model)] == ["lora", "matrices", "vectors"]
     torch.manual_seed(1)
     model = relora_ds.wrap(LlamaForCausalLM(CFG), rank=3, seed=11, quantize="int8")  # quantized from fp32
     oracle = relora_ds.wrap(LlamaForCausalLM(CFG), rank=3, seed=11, quantize="int8")

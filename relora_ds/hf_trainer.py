@@ -75,10 +75,11 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
         raise ValueError("enable_relora: the trainer already has its lr scheduler (built by train(), or passed as "
                          "optimizers=(..., scheduler)); call enable_relora on a Trainer built without one, before "
                          "train()")
-    if "scheduler" in _deepspeed_config(trainer):
+    ds_config = _deepspeed_config(trainer)
+    if "scheduler" in ds_config:
         raise ValueError("enable_relora: the DeepSpeed config has a 'scheduler' section, which would replace "
                          "ReLoRA's jagged cosine (the lr re-warms after each reset): remove it")
-    section = _deepspeed_config(trainer).get("optimizer")
+    section = ds_config.get("optimizer")
     missing = [k for k in ("lr", "weight_decay") if k not in ((section or {}).get("params") or {})]
     if isinstance(section, dict) and missing:
         raise ValueError(f"enable_relora: the DeepSpeed config's 'optimizer' section sets no {' and '.join(missing)}, "
@@ -86,7 +87,7 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
                          "0.01 on every parameter) instead of TrainingArguments' learning_rate and weight_decay. "
                          "Remove the 'optimizer' section (the Trainer then builds its AdamW, with its decay groups, "
                          "and DeepSpeed runs it), or set them to \"auto\" in its params (the Trainer fills them)")
-    if (message := _one_group_decay(_deepspeed_config(trainer), trainer.args.weight_decay)) is not None:
+    if (message := _one_group_decay(ds_config, trainer.args.weight_decay)) is not None:
         warnings.warn(message, UserWarning, stacklevel=2)
 
     def create_scheduler(num_training_steps: int, optimizer=None):

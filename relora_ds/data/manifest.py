@@ -40,6 +40,7 @@ def file_sha256(path: str | Path) -> str:
 # A Hugging Face tokenizer is these files (those present): tokenizer.json holds the vocabulary and rules, the
 # other two name its special tokens (which one ends a document).
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.model", *HF_TOKENIZER_FILES)  # what a data dir's tokenizer may be
 
 
 def tokenizer_sha256(path: str | Path) -> str:

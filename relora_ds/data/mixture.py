@@ -65,6 +65,11 @@ def _largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
+def _split_counts(manifest: dict) -> dict:
+    """Tokens and documents of each split: what a mixture records of a member, and checks again."""
+    return {s: {k: int(manifest["splits"][s].get(k, 0)) for k in ("tokens", "documents")} for s in mf.SPLITS}
+
+
 def member_dirs(data_dir: str | Path, manifest: dict) -> list[Path]:
     """The members' directories (stored relative to the mixture dir, or absolute)."""
     return [(Path(data_dir) / m["path"]).resolve() for m in manifest["members"]]
@@ -107,7 +112,7 @@ def make_mixture(members: Sequence[tuple[str | Path, float]], out_dir: str | Pat
     shares = weights / weights.sum()
     recorded = [{"path": os.path.relpath(d, out_dir.resolve()), "weight": float(w),
                  "fingerprint": mf.train_data_fingerprint(m),
-                 "splits": {s: {k: int(m["splits"][s].get(k, 0)) for k in ("tokens", "documents")} for s in mf.SPLITS}}
+                 "splits": _split_counts(m)}
                 for d, w, m in zip(dirs, shares, manifests)]
     recipe = {"mixture": [{"fingerprint": r["fingerprint"], "weight": r["weight"]} for r in recorded]}
     old = mf.read_manifest_file(out_dir)
@@ -122,7 +127,7 @@ def make_mixture(members: Sequence[tuple[str | Path, float]], out_dir: str | Pat
     first, tok = dirs[0], Path(manifests[0]["tokenizer_path"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / mf.MANIFEST).unlink(missing_ok=True)
-    for name in ("tokenizer.model", *mf.HF_TOKENIZER_FILES, *(f"{s}.bin" for s in mf.SPLITS)):
+    for name in (*mf.TOKENIZER_FILES, *(f"{s}.bin" for s in mf.SPLITS)):
         (out_dir / name).unlink(missing_ok=True)  # another recipe's tokenizer and token files
     names = [tok.name] if tok.suffix != ".json" else [n for n in mf.HF_TOKENIZER_FILES if (first / n).is_file()]
     for name in names:
@@ -157,8 +162,7 @@ def check_members(data_dir: str | Path, manifest: dict) -> list[Path]:
                              "deleted?); the mixture stores its members' paths relative to itself: keep them where "
                              "they were, or make the mixture again (launch/prepare_data.py --mix)")
         now = mf.load_manifest(d)
-        counts = {s: {k: int(now["splits"][s].get(k, 0)) for k in ("tokens", "documents")} for s in mf.SPLITS}
-        if (mf.train_data_fingerprint(now) != m["fingerprint"] or counts != m["splits"]
+        if (mf.train_data_fingerprint(now) != m["fingerprint"] or _split_counts(now) != m["splits"]
                 or now["tokenizer_sha256"] != manifest["tokenizer_sha256"]):
             raise ValueError(f"mixture {data_dir}: its member {d} was prepared again since the mixture was made (its "
                              "training or validation data or its tokenizer changed): make the mixture again "

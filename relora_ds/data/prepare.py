@@ -34,7 +34,6 @@ from relora_ds.data.tokenizer import Tokenizer, open_tokenizer, resolve_tokenize
 log = logging.getLogger(__name__)
 
 DEFAULT_VOCAB_SIZE = 32000
-_TOKENIZER_NAMES = ("tokenizer.model", *mf.HF_TOKENIZER_FILES)  # what a data dir's tokenizer may be
 
 
 @dataclass(frozen=True)
@@ -255,7 +254,7 @@ def _lock_out_dir(out_dir: Path):
 def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig, overwrite: bool) -> Path:
     # Resolved once: resolving warns about each skipped file, and the fingerprint and the loading
     # must see the same files. Inputs may lie in out_dir: only what prepare writes there is left out.
-    own = [out_dir / name for name in (mf.MANIFEST, *_TOKENIZER_NAMES, ".work", ".tokenizer.tmp",
+    own = [out_dir / name for name in (mf.MANIFEST, *mf.TOKENIZER_FILES, ".work", ".tokenizer.tmp",
                                        ".prepare.lock", *(f"{s}.bin" for s in mf.SPLITS))]
     resolved = resolve_inputs(inputs, exclude=own) if inputs is not None else None
     resolved_val = resolve_inputs(list(cfg.val_inputs), exclude=own) if cfg.val_inputs else None
@@ -404,7 +403,7 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
 
     # Readers holding the old files keep their inodes; new readers see no manifest until it is complete.
     (out_dir / mf.MANIFEST).unlink(missing_ok=True)
-    for name in _TOKENIZER_NAMES:  # another recipe's tokenizer, possibly of the other kind
+    for name in mf.TOKENIZER_FILES:  # another recipe's tokenizer, possibly of the other kind
         (out_dir / name).unlink(missing_ok=True)
     for f in tok.files:
         f.replace(out_dir / f.name)

@@ -293,6 +293,13 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
         return int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
     if path == "reference":
         return int8_lora_linear_reference(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)
+    return _int8_lora_linear_triton(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator, deterministic,
+                                    in_gemm)
+
+
+@torch.compiler.disable  # as relora_kernels.linear's Triton path: torch.compile breaks the graph around it
+def _int8_lora_linear_triton(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator, deterministic,
+                             in_gemm):
     x, lora_A, lora_B, bias = _runtime.autocast_inputs(x.device.type, x, lora_A, lora_B, bias)
     _check_triton_args(x, None, lora_A, lora_B, bias)
     for name, t in (("q", q), ("w_scale", w_scale)):

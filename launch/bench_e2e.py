@@ -49,7 +49,7 @@ def use_path(path: str) -> None:
 def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, device: str = "cuda",
         interleave: list[str] | None = None, dtype: str | None = None, quantize: str | None = None,
         loss_chunk_size: int = 0, activation_checkpointing: bool = False,
-        path: str | None = None) -> dict | list[dict]:
+        path: str | None = None, compile_layers: bool = False) -> dict | list[dict]:
     """Time ``steps`` training steps after 3 warm-up steps on ``path`` (None: the environment as it is).
     ``interleave``: alternate these paths step by step on one model and batch (cancels a shared machine's
     drift); returns one row per path."""
@@ -71,6 +71,8 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
         model.chunked_loss_enable(loss_chunk_size)
     if activation_checkpointing:
         model.gradient_checkpointing_enable()
+    if compile_layers:
+        model.compile_layers()  # compiled in the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     batch = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
@@ -104,7 +106,7 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
         rows.append({"preset": preset, "path": path or one_path or os.environ.get("RELORA_KERNELS", "auto"),
                      "interleaved": interleave is not None, "dtype": str(dt).replace("torch.", ""),
                      "base": quantize or "float", "loss_chunk_size": loss_chunk_size,
-                     "activation_checkpointing": activation_checkpointing,
+                     "activation_checkpointing": activation_checkpointing, "compile": compile_layers,
                      "micro_batch": micro_batch, "seq_len": seq_len,
                      "rank": rank, "step_ms": 1000 * t, "tokens_per_s": micro_batch * seq_len / t,
                      "model_tflops": tflops, "mfu": tflops / peak if peak else float("nan"),
@@ -132,6 +134,8 @@ def main() -> None:
     ap.add_argument("--loss-chunk-size", type=int, nargs="+", default=[0],
                     help="model.chunked_loss_enable(N); 0: full logits; several: one run each")
     ap.add_argument("--activation-checkpointing", action="store_true", help="model.gradient_checkpointing_enable()")
+    ap.add_argument("--compile", action="store_true", help="model.compile_layers() (torch.compile of each decoder "
+                    "layer, the trainer's --compile), compiled during the warm-up steps")
     ap.add_argument("--paths", nargs="+", default=None, choices=tuple(PATH_ENV),
                     help="default: reference torch torch_merged triton (on cpu without triton, which runs there "
                     "only under TRITON_INTERPRET=1)")
@@ -144,7 +148,7 @@ def main() -> None:
         print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank, args.device,
                              args.paths if args.interleave else None, args.dtype, args.quantize,
                              args.loss_chunk_size[0], args.activation_checkpointing,
-                             None if args.interleave or not args.paths else args.paths[0])))
+                             None if args.interleave or not args.paths else args.paths[0], args.compile)))
         return
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -169,7 +173,8 @@ def main() -> None:
                    "--paths", *paths] + (["--interleave"] if args.interleave else []) + \
                 (["--dtype", args.dtype] if args.dtype else []) + (["--quantize", args.quantize] if args.quantize else []) + \
                 ["--loss-chunk-size", str(chunk)] + \
-                (["--activation-checkpointing"] if args.activation_checkpointing else [])
+                (["--activation-checkpointing"] if args.activation_checkpointing else []) + \
+                (["--compile"] if args.compile else [])
             # stdout is the row; stderr streams through, so a run killed at a time limit still shows its progress
             proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
             if proc.returncode:
@@ -181,7 +186,8 @@ def main() -> None:
                 rows.append(r)
                 print(f"{preset:>5} {r['path']:>12}: {r['step_ms']:8.1f} ms/step {r['tokens_per_s']:10.0f} tok/s "
                       f"{r['model_tflops']:7.3g} TFLOP/s (MFU {r['mfu']:.1%}) peak {r['peak_mem_gib']:.1f} GiB "
-                      f"loss {r['loss']:.3f}" + (f" loss chunk {chunk}" if chunk else ""), flush=True)
+                      f"loss {r['loss']:.3f}" + (f" loss chunk {chunk}" if chunk else "") +
+                      (" compiled" if args.compile else ""), flush=True)
             with open(args.out, "w") as f:  # after every run: a run cut at a time limit keeps the rows before it
                 json.dump(rows, f, indent=1)
     if failed:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device call for the open GPU work of the kernels and int8 issues (see BENCHMARKS.md).
 #   GPU_CHECK_BUDGET=540 bash launch/gpu_check.sh [stage ...]
-#   stages: env tune e2e tests bench host tma int8 loss ds (default: env bench host tune tests e2e tma int8 loss)
+#   stages: env tune e2e tests bench host tma int8 loss ds compile (default: env bench host tune tests e2e tma int8 loss)
 # The default order is what the open targets need first after the H200 run of 2026-12-04 (which ran bench, tma,
 # int8, e2e, ds and most of tests): the layer throughput again with each timing's host time beside it (bench:
 # is the fused layer launch-bound at d=2048? its fwd+bwd read 1.34 ms against 0.38 + 0.63 ms timed apart; it
@@ -23,6 +23,8 @@
 # A task lent a GPU gets 15 minutes of device time in all, machine start included, and one call may run
 # 600 s: with GPU_CHECK_BUDGET (seconds, default 540; 0: none) each stage is cut to what is left and
 # skipped once less than 45 s remain. Each stage has its own time limit and a failing stage does not stop the next.
+# `compile` (not run yet; 240 s: two processes per preset, the compiled ones compile in their warm-up steps)
+# times whole 350m and 1b steps on the default path eager and with the trainer's --compile.
 # `ds` (the 1b peak memory and step time under a DeepSpeed engine: ReLoRA on a bf16 and an int8 base, then
 # full-rank training, the paper's memory and speed claim; 200 s: the two ReLoRA bases took 50 s on 2026-12-04) needs
 # the wheels of scripts/gpu_wheels.sh: build them here, then name ".whl" in the device call's carry.
@@ -43,7 +45,7 @@ export RELORA_KERNELS=triton
 export PYTHONUNBUFFERED=1  # a stage killed at its limit still leaves its output in the log
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(env bench host tune tests e2e tma int8 loss)
-valid=" env tune e2e tests bench host tma int8 loss ds "
+valid=" env tune e2e tests bench host tma int8 loss ds compile "
 for st in "${stages[@]}"; do  # a typo must not burn a device call
   [[ "$valid" == *" $st "* ]] || { echo "unknown stage $st (valid:$valid)" >&2; exit 2; }
 done
@@ -84,6 +86,9 @@ for st in "${stages[@]}"; do
     e2e) run e2e 180 python3 launch/bench_e2e.py --presets 1b 350m --paths reference torch triton triton_tma_blas_lr \
            --interleave --steps 6 --out "$OUT/e2e.json" ;;  # one model per preset, paths alternating
     tests) run tests 150 bash launch/gpu_tests.sh ;;
+    compile) run compile 240 bash -c 'for c in "" --compile; do python3 launch/bench_e2e.py --presets 350m 1b \
+               --paths auto --steps 6 $c --out "$1/e2e_compile${c:+d}.json"; done' _ "$OUT" ;;
+             # whole steps eager, then with each decoder layer compiled (--compile; not yet measured on a GPU)
     loss) run loss 240 python3 launch/bench_e2e.py --presets 1b --paths auto --micro-batch 16 \
             --activation-checkpointing --loss-chunk-size 1024 0 --steps 6 --out "$OUT/e2e_loss_chunk.json" ;;
           # the chunked loss (first) and the full logits: tokens/s and peak memory, with activation checkpointing

@@ -247,7 +247,8 @@ _UNUSED_SECTIONS = (
      "the model recomputes with torch.utils.checkpoint, not DeepSpeed's checkpointing: use the recipe's "
      "activation_checkpointing (--activation-checkpointing)"),
     ("compile", lambda sec: isinstance(sec, dict) and bool(sec.get("deepcompile")),
-     "the trainer never calls engine.compile()"),
+     "the trainer never calls engine.compile(): use the recipe's compile (--compile), torch.compile of each "
+     "decoder layer"),
     ("comms_logger", lambda sec: isinstance(sec, dict) and bool(sec.get("enabled")),
      "the trainer never prints DeepSpeed's communication summary"),
     *((m, lambda sec: isinstance(sec, dict) and bool(sec.get("enabled")), _MONITOR_WHY)

@@ -77,6 +77,8 @@ class EnginesMixin:
         if phase == "lowrank" and not any(True for _ in relora_layers(model)):
             self._wrap(model)
         zero_init.partition_(model, self.ds, cfg.zero_init)  # whatever arrived whole (under ZeRO-3)
+        if cfg.compile:
+            model.compile_layers()
         groups = optimizer_groups(model, cfg)
         offset = 0 if phase == "full" else self.relora_start
         fn = functools.partial(_shifted, fn=self.schedule, offset=offset)

@@ -375,6 +375,15 @@ class LlamaForCausalLM(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing = False
 
+    def compile_layers(self, **kwargs) -> None:
+        """``torch.compile`` each decoder layer in place (``nn.Module.compile``, as torchtitan compiles its blocks):
+        the layers share one graph (recompiled only for what differs between them, such as a sliding window),
+        which fuses the norms, RoPE and the MLP's activation. Parameter names, the state dict and the ReLoRA
+        resets are unchanged: a merge writes the weights in place and the graphs read them as inputs. ``kwargs``
+        go to ``torch.compile``. The embedding, the final norm and the loss stay eager."""
+        for layer in self.model.layers:
+            layer.compile(**kwargs)
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import relora_kernels
 import torch
 
+from .compiling import compile_problem
 from .data import check_tokenizer_matches
 from .data.manifest import tokenizer_sha256, train_data_fingerprint
 from .data.tokenizer import tokenizer_difference
@@ -248,6 +249,13 @@ def check_kernels(cfg: TrainConfig, cuda: bool) -> None:
         raise ValueError("kernels=triton (recipe, --kernels or RELORA_KERNELS) needs CUDA tensors, and this run "
                          "has no GPU (or set TRITON_INTERPRET=1 for Triton's CPU interpreter, for tests): use "
                          "kernels auto, torch or reference")
+
+
+def check_compile(cfg: TrainConfig, cuda: bool) -> None:
+    """--compile where torch.compile cannot build code would fail at the first step, after the data and the
+    engine: fail now."""
+    if cfg.compile and (problem := compile_problem(cuda)):
+        raise ValueError(f"compile: {problem}; or train without --compile")
 
 
 def check_precision_on_device(ds: dict, accelerator) -> None:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from . import checkpoint, reset_hook, run_info, zero_init
 from .data import ShardedBatches, builtin_data_dir, load_manifest, open_split
 from .data.manifest import document_ends_problem, read_manifest_file
+from .compiling import compile_stats
 from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
     single_process_environment
 from .flops import mfu_peak
@@ -41,9 +42,9 @@ from .hf import export_run, model_from_engine
 from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_line
 from .relora import lora_parameters
 from .resume import CheckpointsMixin
-from .startup import apply_kernels_setting, build_schedule, check_data_use, check_kernels, check_model_and_data, \
-    check_offload_on_device, check_output_dir, check_precision_on_device, lock_output_dir, nvme_offloads, \
-    total_steps_for, train_data_record, unlock_output_dir
+from .startup import apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels, \
+    check_model_and_data, check_offload_on_device, check_output_dir, check_precision_on_device, lock_output_dir, \
+    nvme_offloads, total_steps_for, train_data_record, unlock_output_dir
 from .steps import StepsMixin
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import offloaded
@@ -58,6 +59,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self.cfg = cfg
         apply_kernels_setting(cfg.kernels)
         check_kernels(cfg, torch.cuda.is_available())
+        check_compile(cfg, torch.cuda.is_available())
         check_output_dir(cfg)
         single_process_environment()
         # Under mpirun DeepSpeed discovers ranks through mpi4py and would take port 29500 whatever the
@@ -85,6 +87,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         # Without ZeRO and in fp32 DeepSpeed records no gradient norm: the trainer computes it (see below).
         self.own_grad_norm = zero_stage(self.ds) == 0 and not (uses_bf16(self.ds) or self.fp16)
         self.grad_norm = None
+        self._compiled_phase = None  # the engine phase whose compile was last reported (--compile)
         self.ckpt_dir = self.out / "checkpoints"
         self.data_dir = self._prepare_data()
         manifest_vocab = load_manifest(self.data_dir)["vocab_size"]
@@ -294,6 +297,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
                 self._switch_to_lowrank()
             t0 = time.perf_counter()
             loss_sum += self._train_step()
+            if cfg.compile and self._compiled_phase != self.engine_phase:
+                self._report_compile()
             self.step += 1
             self.tokens_seen += self.tokens_per_step
             self._after_step_events()
@@ -420,6 +425,21 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
                 self._event({"event": "warning", "step": self.step, "message": f"export to {out_dir}: {note}"})
         on_rank_zero(write)
         return out_dir
+
+    def _report_compile(self) -> None:
+        """After the first step of each engine (--compile): a ``compiled`` event with the graphs torch.compile
+        made of the decoder layers and what broke them, and a warning when something did."""
+        self._compiled_phase = self.engine_phase
+        stats = compile_stats()
+        self._event({"event": "compiled", "step": self.step + 1, "phase": self.engine_phase, **stats})
+        if stats["graph_breaks"] and self.rank == 0:
+            why = "; ".join(f"{n}x {reason}" for reason, n in stats["break_reasons"].items())
+            hint = (" Under ZeRO-3 DeepSpeed gathers each layer's weights in hooks torch.compile does not trace "
+                    "(a break at each), as with RELORA_KERNELS=triton at each LoRA layer (the Triton kernels run "
+                    "as compiled code of their own)." if zero_stage(self.ds) == 3 or
+                    relora_kernels.kernel_mode() == "triton" else "")
+            warnings.warn(f"compile: torch.compile broke the decoder layers' graphs {stats['graph_breaks']} times "
+                          f"({why}); those parts run eagerly.{hint}", RuntimeWarning, stacklevel=2)
 
     def _event(self, rec: dict) -> None:
         self.metrics.log(rec)

@@ -11,7 +11,7 @@ _shm_before: set[str] = set()
 # `pytest --durations` on 2 cores, 2026-12-01); one started last would run alone at the end.
 _HEAVY_FIRST = ("test_trainer_resume.py", "test_nvme_offload.py", "test_cluster_slurm.py", "test_trainer.py",
                 "test_trainer_steps.py",
-                "test_demo.py", "test_memory_table.py", "test_model_families_trainer.py", "test_int8_trainer.py",
+                "test_demo.py", "test_memory_table.py", "test_model_families_trainer.py", "test_int8_trainer.py", "test_compile.py",
                 "test_zero_reset.py", "test_distributed.py", "test_kernel_scripts.py", "test_int8_zero.py")
 
 

@@ -50,7 +50,7 @@ def test_a_recipe_value_in_the_json_is_an_error_not_overwritten(ds, key):
 
 @pytest.mark.parametrize("section, value, why", [
     ("activation_checkpointing", {"partition_activations": True}, "--activation-checkpointing"),
-    ("compile", {"deepcompile": True}, "never calls engine.compile"),
+    ("compile", {"deepcompile": True}, "never calls engine.compile(): use the recipe's compile (--compile)"),
     ("comms_logger", {"enabled": True}, "communication summary"),
     ("tensorboard", {"enabled": True, "output_path": "tb"}, "output_dir/metrics.jsonl and output_dir/tensorboard"),
     ("wandb", {"enabled": True, "project": "p"}, "restarts its sample axis at the warm-start switch"),

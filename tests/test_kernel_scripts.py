@@ -139,7 +139,7 @@ def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     proc = subprocess.run(["bash", str(script), "benhc"], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
-    assert proc.returncode == 2 and "(valid: env tune e2e tests bench host tma int8 loss ds )" in proc.stderr
+    assert proc.returncode == 2 and "(valid: env tune e2e tests bench host tma int8 loss ds compile )" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
@@ -298,7 +298,12 @@ def test_bench_e2e_fails_loudly_and_leaves_no_stale_rows(tmp_path):
     assert (row["preset"], row["path"], row["rank"], row["seq_len"]) == ("debug", "reference", 4, 16)
     import math
     vocab = __import__("relora_ds").LlamaConfig.preset("debug").vocab_size
-    assert abs(row["loss"] - math.log(vocab)) < 1.0 and row["tokens_per_s"] > 0
+    assert abs(row["loss"] - math.log(vocab)) < 1.0 and row["tokens_per_s"] > 0 and row["compile"] is False
+    # --compile: the same steps with each decoder layer compiled (in the warm-up steps), the same loss
+    compiled = subprocess.run(cmd + ["--rank", "4", "--compile"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert compiled.returncode == 0, compiled.stderr
+    (crow,) = json.loads(out.read_text())
+    assert crow["compile"] is True and abs(crow["loss"] - row["loss"]) < 1e-5 * row["loss"], (row, crow)
 
 
 def test_bench_e2e_paths_set_only_their_own_switches(monkeypatch):

@@ -1,0 +1,37 @@
+"""``--compile`` (LlamaForCausalLM.compile_layers): the start-up check that torch.compile can build code on
+this machine, and what it compiled, read from torch.compile's own counters after the first step of each
+engine, so a run's log says how many graphs its layers became and what broke them (a graph break runs that
+part of the layer eagerly, and is easy to miss)."""
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+
+
+def compile_problem(cuda: bool) -> str | None:
+    """Why torch.compile's default backend (inductor) cannot build code here, or None: on a GPU it writes
+    Triton kernels, on the CPU C++ that a C++ compiler builds."""
+    if cuda:
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile on a GPU generates Triton kernels, and triton is not installed"
+        return None
+    from torch._inductor import cpp_builder
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except Exception as e:  # torch._inductor.exc.InvalidCxxCompiler
+        return (f"torch.compile on the CPU builds C++, and no C++ compiler works here ({e}); install g++ "
+                "or clang++, or set CXX to one")
+    return None
+
+
+def compile_stats() -> dict:
+    """``{"graphs": n, "graph_breaks": n, "break_reasons": {reason: count}}`` for this process so far; a
+    reason is the first line of torch's message (its most frequent five)."""
+    from torch._dynamo.utils import counters
+
+    reasons = Counter()
+    for reason, n in counters["graph_break"].items():
+        reasons[str(reason).strip().splitlines()[0]] += n
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": sum(reasons.values()),
+            "break_reasons": dict(reasons.most_common(5))}

@@ -80,6 +80,28 @@ def test_trainer_resets_as_the_hand_written_loop(tmp_path, kind):
     assert max(moved) > 1e-3
 
 
+def test_a_compiled_trainer_resets_as_the_hand_written_loop(tmp_path):
+    """TrainingArguments(torch_compile=True): accelerate compiles the wrapped model; the merges and resets write
+    its weights in place, so the run is still the hand-written loop's (eager), compiled as one graph with no
+    break, and save_model writes the merged plain model."""
+    import transformers
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    trainer, callback = w.run(tmp_path, batch=4, kind="llama", torch_compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters["graph_break"])
+    oracle, losses, _ = hand_loop(batch=4, kind="llama")
+    assert [(e["step"], e["event"]) for e in callback.events] == [(3, "reset"), (6, "reset")]
+    assert logged(trainer.state.log_history, "loss") == pytest.approx(losses, rel=1e-5, abs=1e-5)
+    assert_same_weights(trainer.model.state_dict(), oracle.state_dict(), rtol=1e-5)
+    trainer.save_model(tmp_path / "merged")
+    saved = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    want = relora_ds.unwrap(oracle).state_dict()
+    assert_same_weights({k: v for k, v in saved.items() if k in want}, want, rtol=1e-5)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("stage, kind", [(2, "llama"), (3, "llama"), (2, "gpt2")])
 def test_two_rank_zero_trainer_equals_one_process(tmp_path, stage, kind):
     """DeepSpeed ZeRO-2 under the Trainer (HF's AdamW inside DeepSpeed's partitioned optimizer) and ZeRO-3 with

@@ -154,7 +154,8 @@ def test_compile_needs_a_working_compiler(monkeypatch):
 def _run(tmp_path, data_dir, ds, compile_):
     out = tmp_path / ("compiled" if compile_ else "eager")
     out.mkdir()
-    recipe, fp32_zero2 = write(out, data_dir, compile=compile_)
+    zero3 = dict(activation_checkpointing=True, quantize="int8") if ds == "zero3" else {}
+    recipe, fp32_zero2 = write(out, data_dir, compile=compile_, **zero3)
     proc = run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed",
                      fp32_zero2 if ds == "zero2_fp32" else ROOT / f"ds_configs/{ds}.json")
     losses, recs = read_losses(out / "run")
@@ -164,14 +165,14 @@ def _run(tmp_path, data_dir, ds, compile_):
 @pytest.mark.parametrize("ds", ["zero2_fp32", "zero3"])
 def test_compiled_trainer_run_matches_the_eager_run(tmp_path, small_data_dir, ds):
     """2 ranks, warm start, switch to ReLoRA, two resets: the compiled run's losses are the eager run's (fp32
-    ZeRO-2: reordered sums; bf16 ZeRO-3: within bf16 rounding), and each engine's first step reports what was
-    compiled: under ZeRO-2 one graph for the layers of each phase and no break; under ZeRO-3 DeepSpeed's
-    gather hooks break each layer's graph, with a warning that says so."""
+    ZeRO-2: reordered sums; bf16 ZeRO-3 with activation checkpointing and an int8 base: within bf16 rounding),
+    and each engine's first step reports what was compiled: under ZeRO-2 one graph for the layers of each phase
+    and no break; under ZeRO-3 DeepSpeed's gather hooks break each layer's graph, with a warning that says so."""
     eager, none, _ = _run(tmp_path, small_data_dir, ds, False)
     assert none == []
     compiled, events, stderr = _run(tmp_path, small_data_dir, ds, True)
     assert eager.keys() == compiled.keys() and len(eager) == 12
-    tol = 1e-5 if ds == "zero2_fp32" else 2e-3
+    tol = 1e-5 if ds == "zero2_fp32" else 5e-4  # measured: 2.5e-5 at ZeRO-3
     assert all(abs(eager[s] - compiled[s]) <= tol * eager[s] for s in eager), (eager, compiled)
     assert [(e["step"], e["phase"]) for e in events] == [(1, "full"), (3, "lowrank")]
     if ds == "zero2_fp32":

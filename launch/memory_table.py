@@ -122,38 +122,55 @@ def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> 
     return 24 * s * h + 8 * s * i + (14 * s * rank if rank else 0)
 
 
-def kept_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool = False,
+def recomputed_layers(cfg: LlamaConfig, checkpointing: bool | int) -> int:
+    """How many decoder layers recompute: all (True), none (False), or the first ``checkpointing`` of them
+    (the trainer's activation_checkpointing_layers)."""
+    if checkpointing is True:
+        return cfg.num_hidden_layers
+    return min(int(checkpointing or 0), cfg.num_hidden_layers)
+
+
+def kept_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool | int = False,
                           chunked_loss: bool = False) -> int:
     """Activation bytes alive between forward and backward, per sequence (the chunked loss's per
-    micro-batch weight gradient not included: see activation_peak_bytes)."""
+    micro-batch weight gradient not included: see activation_peak_bytes). ``checkpointing``: see
+    recomputed_layers; a recomputed layer keeps only its input."""
     s, h, V = seq_len, cfg.hidden_size, cfg.vocab_size
-    per_layer = 2 * s * h if checkpointing else layer_activation_bytes(cfg, seq_len, rank)
+    n = recomputed_layers(cfg, checkpointing)
+    layers = n * 2 * s * h + (cfg.num_hidden_layers - n) * layer_activation_bytes(cfg, seq_len, rank)
     head = 2 * s * h if chunked_loss else 4 * s * V  # the hidden-state gradient, or the fp32 log-probs
-    return cfg.num_hidden_layers * per_layer + 8 * s * h + head
+    return layers + 8 * s * h + head
 
 
-def activation_phases(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool = False,
+def activation_phases(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool | int = False,
                       loss_chunk_size: int = 0) -> list[tuple[int, int]]:
     """(bytes per sequence, bytes per micro-batch) at each candidate peak (rank=None: no LoRA branch).
 
     Start of backward: everything kept plus the logits' 8 s V of transients; with the chunked loss instead
     2 s h per sequence, and per micro-batch the fp32 weight gradient 4 V h plus the larger of one chunk's
     logits in the forward (6 c V) and the gradient's cast to the weight dtype in the backward (2 V h).
-    With checkpointing, also the recompute of a layer: the layers' inputs, one layer's activations and
-    8 s h of gradients in flight (the loss's buffers are freed by then)."""
+    Where a layer keeps its activations, also the backward of the last such layer: everything kept but the
+    loss's buffers, plus 8 s h of that layer's gradients in flight. With checkpointing, also the recompute of
+    a layer: the recomputed layers' inputs, one layer's activations and 8 s h of gradients in flight (the
+    loss's buffers, and the activations of the later layers that kept theirs, are freed by then: backward
+    reaches the first layers last)."""
     s, h, V = seq_len, cfg.hidden_size, cfg.vocab_size
     kept = kept_activation_bytes(cfg, seq_len, rank, checkpointing, bool(loss_chunk_size))
     if loss_chunk_size:
         phases = [(kept + 2 * s * h, 4 * V * h + max(6 * loss_chunk_size * V, 2 * V * h))]
     else:
         phases = [(kept + 8 * s * V, 0)]
-    if checkpointing:
-        phases.append((cfg.num_hidden_layers * 2 * s * h + layer_activation_bytes(cfg, seq_len, rank) + 8 * s * h, 0))
+    n = recomputed_layers(cfg, checkpointing)
+    if n < cfg.num_hidden_layers:  # the backward of the last layer that kept its activations: the loss's
+        head = 2 * s * h if loss_chunk_size else 4 * s * V  # buffers freed, 8 s h of its gradients in flight
+        phases.append((kept - head + 8 * s * h, 0))
+    if n:
+        phases.append((n * 2 * s * h + layer_activation_bytes(cfg, seq_len, rank) + 8 * s * h, 0))
     return phases
 
 
 def activation_peak_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, micro_batch: int,
-                          checkpointing: bool = False, loss_chunk_size: int = 0) -> int:
+                          checkpointing: bool | int = False, loss_chunk_size: int = 0) -> int:
     """Peak activation bytes of one micro-batch, reached in backward (or, chunked loss, in its forward). A
     chunk holds at most the micro-batch's tokens (relora_ds/loss.py slices them)."""
     chunk = min(loss_chunk_size, micro_batch * seq_len)
@@ -193,9 +210,12 @@ def table(args) -> str:
                          f"{reserve / GIB:.1f} GiB (default 10% + 2 GiB); give a larger --memory-gb or a "
                          f"smaller --reserve-gb")
     per_rank = args.global_batch_size // args.gpus
+    # what recomputes: every layer (True), none (False), or the first N (memory_table.recomputed_layers)
+    ckpt = (args.activation_checkpointing_layers or True) if args.activation_checkpointing else False
+    ckpt_text = "off" if not ckpt else "on" if ckpt is True else f"on (first {ckpt} layers)"
     head = (f"{args.gpus} GPUs x {args.memory_gb:g} GB (usable {budget / 1e9:.1f} GB each), r={args.rank}, "
             f"seq {args.seq_len}, vocab {args.vocab_size}, bf16 + fp32 Adam, activation checkpointing "
-            f"{'on' if args.activation_checkpointing else 'off'}, base {args.quantize or 'bf16'}, loss "
+            f"{ckpt_text}, base {args.quantize or 'bf16'}, loss "
             f"{f'chunked by {args.loss_chunk_size} tokens' if args.loss_chunk_size else 'on full logits'}; micro-batch = largest divisor of "
             f"global {args.global_batch_size} / {args.gpus} GPUs = {per_rank} that fits\n\n")
     offload = args.offload
@@ -217,14 +237,14 @@ def table(args) -> str:
         ok = OFFLOAD_STAGES[offload]
         full = {z: state_bytes(total, (0, 0), z, args.gpus, offload) if z in ok else None for z in range(4)}
         low = {z: state_bytes(trainable_lr, frozen, z, args.gpus, offload) if z in ok else None for z in (0, 2, 3)}
-        act_full = activation_phases(cfg, args.seq_len, None, args.activation_checkpointing, args.loss_chunk_size)
-        act_low = activation_phases(cfg, args.seq_len, args.rank, args.activation_checkpointing, args.loss_chunk_size)
+        act_full = activation_phases(cfg, args.seq_len, None, ckpt, args.loss_chunk_size)
+        act_low = activation_phases(cfg, args.seq_len, args.rank, ckpt, args.loss_chunk_size)
 
         def mb(states, rank):
             if states is None:
                 return "n/a"
             fit = largest_fitting_micro_batch(per_rank, lambda m: states + activation_peak_bytes(
-                cfg, args.seq_len, rank, m, args.activation_checkpointing, args.loss_chunk_size) <= budget)
+                cfg, args.seq_len, rank, m, ckpt, args.loss_chunk_size) <= budget)
             return str(fit) if fit else "-"
 
         def gb(states):
@@ -262,6 +282,9 @@ def main(argv=None) -> int:
     parser.add_argument("--global-batch-size", type=positive_int, default=1152, help="the recipe's global batch")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="the trainer's --activation-checkpointing: layers keep only their inputs")
+    parser.add_argument("--activation-checkpointing-layers", type=positive_int, default=None,
+                        help="with --activation-checkpointing: only the first N decoder layers recompute (the "
+                             "trainer's --activation-checkpointing-layers; a preset with fewer: all of its layers)")
     parser.add_argument("--quantize", choices=("int8",), help="the trainer's --quantize: int8 frozen base weights")
     parser.add_argument("--offload", choices=tuple(OFFLOAD_STAGES), default="none",
                         help="what the DeepSpeed config offloads to host memory (ds_configs/zero2_offload.json: "
@@ -269,6 +292,8 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-chunk-size", type=int, default=0,
                         help="the trainer's --loss-chunk-size: the loss without full logits (0: off)")
     args = parser.parse_args(argv)
+    if args.activation_checkpointing_layers and not args.activation_checkpointing:
+        parser.error("--activation-checkpointing-layers needs --activation-checkpointing")
     if args.loss_chunk_size < 0:
         parser.exit(2, f"error: --loss-chunk-size must be >= 0 (0: off), got {args.loss_chunk_size}\n")
     args.presets = [n for item in args.presets for n in item.split(",") if n]

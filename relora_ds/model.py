@@ -263,6 +263,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.gradient_checkpointing = False
+        self.checkpoint_layers = config.num_hidden_layers  # the first this many recompute (gradient_checkpointing)
         self.document_eos: int | None = None  # LlamaForCausalLM.document_masking_enable
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -279,8 +280,8 @@ class LlamaModel(nn.Module):
             documents = Documents(input_ids, self.document_eos).prepare(
                 dict.fromkeys(layer.self_attn.sliding_window for layer in self.layers), sdpa_dtype(x),
                 flash=self.layers[0].self_attn._use_flash(x.new_empty(0, dtype=q_dtype)))
-        for layer in self.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and torch.is_grad_enabled() and i < self.checkpoint_layers:
                 # Only the layer's input is kept; its activations are recomputed in backward (the RNG state
                 # is restored, so a LoRA dropout mask is drawn identically both times).
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False)
@@ -368,9 +369,17 @@ class LlamaForCausalLM(nn.Module):
     def document_masking_disable(self) -> None:
         self.model.document_eos = None
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each decoder layer in backward instead of keeping its activations (Hugging Face's name)."""
+    def gradient_checkpointing_enable(self, num_layers: int | None = None) -> None:
+        """Recompute each decoder layer in backward instead of keeping its activations (Hugging Face's name);
+        ``num_layers``: only the first ``num_layers`` of them (Megatron-LM's ``--recompute-num-layers``), the
+        later ones keep theirs."""
+        n = self.config.num_hidden_layers
+        if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
+                                       or not 1 <= num_layers <= n):
+            raise ValueError(f"num_layers must be a number of decoder layers from 1 to {n} (or None: all), "
+                             f"got {num_layers!r}")
         self.model.gradient_checkpointing = True
+        self.model.checkpoint_layers = n if num_layers is None else num_layers
 
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing = False

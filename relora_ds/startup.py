@@ -64,6 +64,11 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
         warnings.warn(f"seq_len={cfg.seq_len} is longer than the max_position_embeddings="
                       f"{model_config.max_position_embeddings} of the model in {source}: it trains on positions "
                       "it was not built for (the export keeps the model's own limit)", ConfigWarning, stacklevel=3)
+    layers = cfg.activation_checkpointing_layers
+    if cfg.activation_checkpointing and layers is not None and layers > model_config.num_hidden_layers:
+        raise ValueError(f"activation_checkpointing_layers={layers} is more than the model's "
+                         f"{model_config.num_hidden_layers} decoder layers; give at most "
+                         f"{model_config.num_hidden_layers}, or leave it unset to recompute every layer")
     if cfg.mode != "full":
         with torch.device("meta"):
             wrap(LlamaForCausalLM(model_config), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,

@@ -152,6 +152,11 @@ class TrainConfig:
     activation_checkpointing: bool = _f(False, "recompute each decoder layer's activations in backward: keeps "
                                                "only the layers' inputs (far less activation memory) for about "
                                                "one more forward pass of compute")
+    activation_checkpointing_layers: int | None = _f(None, "with activation_checkpointing: recompute only the "
+                                                           "first N decoder layers and keep the later layers' "
+                                                           "activations (as Megatron-LM's --recompute-num-layers), "
+                                                           "for a micro-batch between what no checkpointing and "
+                                                           "checkpointing every layer fit; default: every layer")
     loss_chunk_size: int = _f(0, "compute the loss this many tokens at a time through lm_head, never holding "
                                  "the full (tokens x vocab) logits (e.g. 1024); 0: plain logits")
     document_masking: bool = _f(False, "attention within each document of a packed window (a document ends at "
@@ -252,7 +257,8 @@ class TrainConfig:
                 bad(f"{f.name}={value} must be a finite number", f.name)
         for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank", "lr", "alpha", "adam_eps",
                      "vocab_size", "keep_last", "log_every", "total_steps", "token_budget", "peak_tflops",
-                     "collective_timeout_min", "cycle_length", "merge_every", "warm_start_lr"):
+                     "collective_timeout_min", "cycle_length", "merge_every", "warm_start_lr",
+                     "activation_checkpointing_layers"):
             value = getattr(self, name)
             if value is not None and problems.ok(name) and value <= 0:
                 bad(f"{name}={value} must be positive", name)
@@ -375,6 +381,9 @@ class TrainConfig:
             if self.prune_joint:
                 ignored.append(("prune_joint=True", "mode='lora' has no optimizer resets"))
 
+        if self.activation_checkpointing_layers is not None and not self.activation_checkpointing:
+            ignored.append((f"activation_checkpointing_layers={self.activation_checkpointing_layers}",
+                            "activation_checkpointing is off (--activation-checkpointing turns it on)"))
         for name in ("eval_windows", "final_eval_windows"):
             if getattr(self, name) != getattr(TrainConfig, name) and not self.eval_every:
                 ignored.append((f"{name}={getattr(self, name)}", "eval_every=0 runs no evaluation, the final one "

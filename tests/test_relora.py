@@ -264,11 +264,12 @@ def test_same_outputs_as_peft_lora_with_the_same_factors():
         assert (ours(x).logits - base(x).logits).abs().max() > 1e-3  # the LoRA path really contributed
 
 
+@pytest.mark.parametrize("num_layers", [None, 1])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_activation_checkpointing_same_loss_and_grads_with_recompute(monkeypatch, dropout):
+def test_activation_checkpointing_same_loss_and_grads_with_recompute(monkeypatch, dropout, num_layers):
     """gradient_checkpointing_enable(): each decoder layer runs again in backward (recompute), and loss and
     every gradient equal the plain run's (oracle: the same model without checkpointing), LoRA dropout
-    included (the RNG state is restored for the recompute)."""
+    included (the RNG state is restored for the recompute). num_layers=1: only the first layer runs again."""
     from relora_ds.model import DecoderLayer
     calls = []
     real = DecoderLayer.forward
@@ -281,13 +282,13 @@ def test_activation_checkpointing_same_loss_and_grads_with_recompute(monkeypatch
             for _, layer in relora_ds.relora_layers(model):
                 layer.lora_B.normal_(0, 0.05)  # a live low-rank branch (B = 0 would hide dropout)
         if ckpt:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(num_layers=num_layers)
         calls.clear()
         torch.manual_seed(123)  # the same dropout masks in both runs
         loss = model(batch, labels=batch).loss
         loss.backward()
         n_layers = model.config.num_hidden_layers
-        assert len(calls) == (2 * n_layers if ckpt else n_layers)
+        assert n_layers > 1 and len(calls) == n_layers + ((num_layers or n_layers) if ckpt else 0)
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = results
     assert torch.equal(l0, l1) and g0.keys() == g1.keys() and len(g0) > 0
@@ -297,6 +298,15 @@ def test_activation_checkpointing_same_loss_and_grads_with_recompute(monkeypatch
         calls.clear()
         model(batch)
         assert len(calls) == model.config.num_hidden_layers
+
+
+def test_activation_checkpointing_layers_are_checked():
+    model = _debug_model()
+    n = model.config.num_hidden_layers
+    for bad in (0, n + 1, True, 1.5):
+        with pytest.raises(ValueError, match=rf"num_layers must be a number of decoder layers from 1 to {n} \(or "
+                                             rf"None: all\), got {bad!r}"):
+            model.gradient_checkpointing_enable(num_layers=bad)
 
 
 def test_merge_residual_keeps_frequent_small_bf16_merges():

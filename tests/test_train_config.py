@@ -61,6 +61,8 @@ def test_batch_arithmetic():
     (dict(lr=float("inf")), "lr=inf must be a finite number"),
     (dict(grad_clip=float("nan")), "grad_clip=nan must be a finite number"),
     (dict(total_steps=0), "total_steps=0 must be positive"),
+    (dict(activation_checkpointing=True, activation_checkpointing_layers=0),
+     "activation_checkpointing_layers=0 must be positive"),
     (dict(warmup_steps=-5), "warmup_steps=-5 must be >= 0"),
     (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
     (dict(adam_beta2=1.5), r"adam_beta2=1.5 must be in \[0, 1\)"),
@@ -215,6 +217,8 @@ def test_settings_a_mode_does_not_use_are_named():
             (dict(export=False, export_dtype="bfloat16"), r"export_dtype='bfloat16' is ignored: export=False"),
             (dict(eval_every=0, eval_windows=64), r"eval_windows=64 is ignored: eval_every=0 runs no evaluation"),
             (dict(mode="full", kernels="torch"), r"kernels='torch' is ignored: mode='full' has no LoRA layers"),
+            (dict(activation_checkpointing_layers=2), r"activation_checkpointing_layers=2 is ignored: "
+                                                      r"activation_checkpointing is off \(--activation-checkpointing"),
             (dict(mode="full", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='full' has no "
                                                         "resets"),
             (dict(mode="lora", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='lora' has no "
@@ -229,6 +233,7 @@ def test_settings_a_mode_does_not_use_are_named():
         warnings.simplefilter("error")
         for kw in (dict(lowrank_schedule="restart", warm_start_steps=5, warm_start_lr=1e-3), dict(dropout=0.1),
                    dict(prune_joint=True), dict(merge_residual=True), dict(prune_method="reset"),
+                   dict(activation_checkpointing=True, activation_checkpointing_layers=2),
                    dict(prune_method="random", prune_ratio=0.5), dict(restart_warmup_steps=5),
                    dict(mode="lora", cycle_length=None, restart_warmup_steps=5, warm_start_steps=5,
                         warm_start_lr=1e-3)):
@@ -385,3 +390,19 @@ def test_triton_kernels_without_cuda_need_the_interpreter_as_triton_reads_its_sw
     else:
         check_kernels(TrainConfig(mode="lora", total_steps=10), cuda=False)
     check_kernels(TrainConfig(mode="lora", total_steps=10), cuda=True)  # with a GPU: no interpreter needed
+
+
+def test_activation_checkpointing_layers_past_the_models_layers_fail_at_start_up():
+    """More layers to recompute than the model has: named at start-up with the model's count (the model is
+    known only there: a preset or a Hugging Face directory)."""
+    from relora_ds.model_config import LlamaConfig
+    from relora_ds.startup import check_model_and_data
+
+    layers = LlamaConfig.preset("debug").num_hidden_layers
+    cfg = TrainConfig(**{**BASE, "model": "debug", "rank": 4, "activation_checkpointing": True,
+                         "activation_checkpointing_layers": layers})
+    check_model_and_data(cfg, None, 512)
+    cfg.activation_checkpointing_layers = layers + 1
+    with pytest.raises(ValueError, match=rf"activation_checkpointing_layers={layers + 1} is more than the model's "
+                                         rf"{layers} decoder layers; give at most {layers}, or leave it unset"):
+        check_model_and_data(cfg, None, 512)

@@ -5,6 +5,7 @@ part of the layer eagerly, and is easy to miss)."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections import Counter
 
 
@@ -26,12 +27,16 @@ def compile_problem(cuda: bool) -> str | None:
 
 
 def compile_stats() -> dict:
-    """``{"graphs": n, "graph_breaks": n, "break_reasons": {reason: count}}`` for this process so far; a
-    reason is the first line of torch's message (its most frequent five)."""
+    """``{"graphs": n, "graph_breaks": n, "break_reasons": {reason: count}, "recompile_limit_hits": n}`` for
+    this process so far (since the last ``torch._dynamo.reset()``, which the trainer calls at the warm-start
+    switch); a reason is the first line of torch's message (its most frequent five). A recompile-limit hit means
+    that a compiled function runs eagerly from then on, which torch reports only as a log line."""
     from torch._dynamo.utils import counters
 
     reasons = Counter()
     for reason, n in counters["graph_break"].items():
         reasons[str(reason).strip().splitlines()[0]] += n
+    limit_hits = sum(n for reason, n in counters["unimplemented"].items()
+                     if re.search(r"recompile.limit|cache.size.limit", str(reason), re.IGNORECASE))
     return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": sum(reasons.values()),
-            "break_reasons": dict(reasons.most_common(5))}
+            "break_reasons": dict(reasons.most_common(5)), "recompile_limit_hits": limit_hits}

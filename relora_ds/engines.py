@@ -172,6 +172,10 @@ class EnginesMixin:
         # engine is built: destroy() frees no tensor, and DeepSpeed's engine holds reference cycles.
         release_engine(self.engine)
         self.engine = None
+        if self.cfg.compile:  # the full-rank layers' graphs go too: they would hold cache entries the ReLoRA
+            torch._dynamo.reset()  # layers' share (one code object), toward torch's recompile limit; the
+            torch._dynamo.utils.counters.clear()  # `compiled` events count the ReLoRA phase's own
+            self._compile_reported = None
         gc.collect()
         get_accelerator().empty_cache()
         if torch.cuda.is_initialized():  # peak_memory_mb from here on is the ReLoRA phase's own

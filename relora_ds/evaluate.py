@@ -3,6 +3,8 @@ over ranks, equal to what one process reading every one of them would compute. O
 also each member's own loss over its windows among them, from the same forward passes."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -36,7 +38,11 @@ def _loss_sums(engine, dataset, micro_batch_size: int, rank: int, world: int, nu
         if tokens == 0:
             batch = dataset[0][None]
         batch = batch.to(engine.device, non_blocking=True)
-        total[0] += engine(batch, labels=batch).loss.double() * tokens
+        # A short batch (a rank's last, or the weightless one) runs compiled layers (--compile) eagerly: each
+        # batch size would be one more compile and cache entry for at most one batch per evaluation.
+        with contextlib.nullcontext() if batch.shape[0] == micro_batch_size else \
+                torch.compiler.set_stance("force_eager"):
+            total[0] += engine(batch, labels=batch).loss.double() * tokens
         total[1] += tokens
 
 

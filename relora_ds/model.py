@@ -389,7 +389,15 @@ class LlamaForCausalLM(nn.Module):
         the layers share one graph (recompiled only for what differs between them, such as a sliding window),
         which fuses the norms, RoPE and the MLP's activation. Parameter names, the state dict and the ReLoRA
         resets are unchanged: a merge writes the weights in place and the graphs read them as inputs. ``kwargs``
-        go to ``torch.compile``. The embedding, the final norm and the loss stay eager."""
+        go to ``torch.compile``. The embedding, the final norm and the loss stay eager. Raises torch's recompile
+        limit (process-wide) to 4 entries per kind of layer where it is lower."""
+        # Each kind of layer (a sliding window or not) takes a cache entry for training and one for evaluation (no
+        # grad) in the layers' shared code object; torch's default limit of 8 entries, past which it runs the code
+        # eagerly without a word (relora_ds.compiling.compile_stats counts it), is raised to leave room for 4 each.
+        kinds = len({layer.self_attn.sliding_window for layer in self.model.layers})
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), 4 * kinds))
         for layer in self.model.layers:
             layer.compile(**kwargs)
 

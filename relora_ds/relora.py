@@ -260,8 +260,7 @@ class ReLoRALinear(nn.Module):
         for key in self.HOST_BUFFERS:
             buf = self._buffers.get(key)
             if buf is not None and buf.device.type not in ("cpu", "meta"):
-                # FSDP2's fully_shard moved it (buf.data = buf.to(device), past _apply): back to the host
-                buf.data = buf.data.cpu()
+                _to_host(buf)  # FSDP2's fully_shard moved it (buf.data = buf.to(device), past _apply)
         # Dispatches itself (relora_kernels._runtime: under auto the cuBLAS chain for the layer, Triton for merges on
         # CUDA; RELORA_KERNELS forces a path).
         if self.quantize:
@@ -274,6 +273,12 @@ class ReLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"scale={self.scale:g}, dropout={self.dropout}, bias={self.bias is not None}"
                 + (f", quantize={self.quantize!r}" if self.quantize else ""))
+
+
+@torch.compiler.disable  # a compiled layer (compile_layers) traces the device check above, and calls this eagerly:
+def _to_host(buf: torch.Tensor) -> None:  # torch.compile cannot trace a .data assignment across devices
+    """Moves a host buffer that FSDP2 moved to the GPU back to the host, in place (the same buffer object)."""
+    buf.data = buf.data.cpu()
 
 
 def relora_layers(model: nn.Module) -> Iterator[tuple[str, ReLoRALinear]]:

@@ -87,7 +87,9 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         # Without ZeRO and in fp32 DeepSpeed records no gradient norm: the trainer computes it (see below).
         self.own_grad_norm = zero_stage(self.ds) == 0 and not (uses_bf16(self.ds) or self.fp16)
         self.grad_norm = None
-        self._compiled_phase = None  # the engine phase whose compile was last reported (--compile)
+        # --compile: the phases whose first step and first evaluation were reported, and the last report
+        self._compile_reports: set[tuple[str, str]] = set()
+        self._compile_reported = None
         self.ckpt_dir = self.out / "checkpoints"
         self.data_dir = self._prepare_data()
         manifest_vocab = load_manifest(self.data_dir)["vocab_size"]
@@ -297,8 +299,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
                 self._switch_to_lowrank()
             t0 = time.perf_counter()
             loss_sum += self._train_step()
-            if cfg.compile and self._compiled_phase != self.engine_phase:
-                self._report_compile()
+            if cfg.compile and (self.engine_phase, "step") not in self._compile_reports:
+                self._report_compile("step", self.step + 1)
             self.step += 1
             self.tokens_seen += self.tokens_per_step
             self._after_step_events()
@@ -412,6 +414,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self.metrics.log(rec)
         each = "".join(f"; {label} {loss:.4f}" for label, loss in members.items())  # a mixture's members
         self._print(f"step {self.step}: validation loss {val_loss:.4f}, perplexity {rec['val_ppl']:.2f}{each}")
+        if self.cfg.compile and (self.engine_phase, "evaluation") not in self._compile_reports:
+            self._report_compile("evaluation", self.step)
         return rec
 
     def export(self, out_dir: Path) -> Path:
@@ -426,20 +430,27 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         on_rank_zero(write)
         return out_dir
 
-    def _report_compile(self) -> None:
-        """After the first step of each engine (--compile): a ``compiled`` event with the graphs torch.compile
-        made of the decoder layers and what broke them, and a warning when something did."""
-        self._compiled_phase = self.engine_phase
-        stats = compile_stats()
-        self._event({"event": "compiled", "step": self.step + 1, "phase": self.engine_phase, **stats})
-        if stats["graph_breaks"] and self.rank == 0:
+    def _report_compile(self, after: str, step: int) -> None:
+        """After the first step and the first evaluation of each phase (--compile): a ``compiled`` event with
+        what torch.compile made of the decoder layers so far in the phase (compile_stats), and a warning for
+        each new graph break or recompile-limit hit (past which a layer runs eagerly)."""
+        self._compile_reports.add((self.engine_phase, after))
+        stats, last = compile_stats(), self._compile_reported or {"graph_breaks": 0, "recompile_limit_hits": 0}
+        self._compile_reported = stats
+        self._event({"event": "compiled", "step": step, "phase": self.engine_phase, "after": after, **stats})
+        if self.rank != 0:
+            return
+        if stats["graph_breaks"] > last["graph_breaks"]:
             why = "; ".join(f"{n}x {reason}" for reason, n in stats["break_reasons"].items())
-            hint = (" Under ZeRO-3 DeepSpeed gathers each layer's weights in hooks torch.compile does not trace "
-                    "(a break at each), as with RELORA_KERNELS=triton at each LoRA layer (the Triton kernels run "
-                    "as compiled code of their own)." if zero_stage(self.ds) == 3 or
-                    relora_kernels.kernel_mode() == "triton" else "")
+            hint = (" With RELORA_KERNELS=triton the Triton kernels run outside the graph (a break at each LoRA "
+                    "layer); kernels auto takes the BLAS path, which compiles whole."
+                    if relora_kernels.kernel_mode() == "triton" else "")
             warnings.warn(f"compile: torch.compile broke the decoder layers' graphs {stats['graph_breaks']} times "
                           f"({why}); those parts run eagerly.{hint}", RuntimeWarning, stacklevel=2)
+        if stats["recompile_limit_hits"] > last["recompile_limit_hits"]:
+            warnings.warn(f"compile: torch.compile reached its recompile limit {stats['recompile_limit_hits']} "
+                          "times: the code it stopped on runs eagerly from then on (TORCH_LOGS=recompiles says "
+                          "why it recompiled)", RuntimeWarning, stacklevel=2)
 
     def _event(self, rec: dict) -> None:
         self.metrics.log(rec)

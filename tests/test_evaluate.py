@@ -59,7 +59,7 @@ def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(mon
 
     monkeypatch.setattr(evaluate.dist, "all_reduce", all_reduce)
     logged = []
-    cfg = SimpleNamespace(micro_batch_size=4, eval_windows=10, data_prefetch=prefetch)  # batches read ahead or not
+    cfg = SimpleNamespace(micro_batch_size=4, eval_windows=10, data_prefetch=prefetch, compile=False)  # read ahead or not
     for rank in (1, 0):
         t = SimpleNamespace(engine=Engine(), val_data=val_data, cfg=cfg, rank=rank, world=2, step=7,
                             pin_batches=False, metrics=SimpleNamespace(log=logged.append), _print=lambda msg: None)
@@ -146,7 +146,8 @@ def test_a_mixtures_evaluation_reports_each_members_loss_over_its_windows(monkey
     # all 10; 7 spread; 1 (only member c4 is read: code's losses are absent, not NaN, and rank 1's share is
     # empty, a weightless forward)
     for windows in (None, 7, 1):
-        cfg = SimpleNamespace(micro_batch_size=2, eval_windows=windows, data_prefetch=0, final_eval_windows=None)
+        cfg = SimpleNamespace(micro_batch_size=2, eval_windows=windows, data_prefetch=0, final_eval_windows=None,
+                              compile=False)
         logged, calls = [], []
         for rank in (1, 0):
             t = SimpleNamespace(engine=Engine(), val_data=mix, cfg=cfg, rank=rank, world=2, step=3, pin_batches=False,

@@ -51,3 +51,12 @@ def test_fsdp2_on_cuda_keeps_the_merge_residuals_on_the_host():
     puts them back, and the merge (Triton on CUDA) matches the unsharded model merged on the CPU."""
     proc = run_ranks(ROOT / "tests/dist/fsdp2_worker.py", "cuda", nprocs=1, timeout=300)
     assert "fsdp2 cuda host buffers ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (launch/gpu_tests.sh)")
+def test_fsdp2_on_cuda_moves_the_residuals_back_inside_compiled_layers():
+    """compile_layers (--compile's) with FSDP2: the move back to the host runs eagerly from the compiled layer
+    (a .data assignment across devices fails to trace: seen on CPU with a meta stand-in), and the logits are the
+    uncompiled sharded model's."""
+    proc = run_ranks(ROOT / "tests/dist/fsdp2_worker.py", "cuda_compiled", nprocs=1, timeout=300)
+    assert "fsdp2 cuda compiled host buffers ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

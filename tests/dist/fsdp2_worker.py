@@ -180,12 +180,33 @@ def host_buffers_on_cuda():
     print(f"rank {dist.get_rank()}: fsdp2 cuda host buffers ok", flush=True)
 
 
+def host_buffers_on_cuda_compiled():
+    """The same move back to the host inside compiled layers (compile_layers before fully_shard, as torchtitan
+    orders them): the device check is traced, the move itself runs eagerly (torch.compile cannot trace a .data
+    assignment across devices), and the compiled model's output is the uncompiled one's."""
+    mesh = init_device_mesh("cuda", (dist.get_world_size(),))
+    x = torch.randint(0, 64, (2, 9), device="cuda")
+    ref, model = tiny({"merge_residual": True}), tiny({"merge_residual": True})
+    model.compile_layers()
+    for m in (ref, model):
+        for layer in m.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+    layers = [layer for _, layer in relora_ds.relora_layers(model)]
+    assert all(layer.merge_residual.is_cuda for layer in layers), "fully_shard no longer moves buffers"
+    with torch.no_grad():
+        want, got = ref(x).logits, model(x).logits
+    assert all(layer.merge_residual.device.type == "cpu" for layer in layers)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    print(f"rank {dist.get_rank()}: fsdp2 cuda compiled host buffers ok", flush=True)
+
+
 def main():
     mode = sys.argv[-1]
-    dist.init_process_group("nccl" if mode == "cuda" else "gloo")
-    if mode == "cuda":
+    dist.init_process_group("nccl" if mode.startswith("cuda") else "gloo")
+    if mode.startswith("cuda"):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        host_buffers_on_cuda()
+        host_buffers_on_cuda_compiled() if mode == "cuda_compiled" else host_buffers_on_cuda()
         return 0
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     if mode == "meta":

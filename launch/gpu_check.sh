@@ -23,7 +23,7 @@
 # A task lent a GPU gets 15 minutes of device time in all, machine start included, and one call may run
 # 600 s: with GPU_CHECK_BUDGET (seconds, default 540; 0: none) each stage is cut to what is left and
 # skipped once less than 45 s remain. Each stage has its own time limit and a failing stage does not stop the next.
-# `compile` (not run yet; 240 s: two processes per preset, the compiled ones compile in their warm-up steps)
+# `compile` (not run yet; 300 s: two processes per preset, the compiled ones compile in their warm-up steps)
 # times whole 350m and 1b steps on the default path eager and with the trainer's --compile.
 # `ds` (the 1b peak memory and step time under a DeepSpeed engine: ReLoRA on a bf16 and an int8 base, then
 # full-rank training, the paper's memory and speed claim; 200 s: the two ReLoRA bases took 50 s on 2026-12-04) needs
@@ -86,7 +86,7 @@ for st in "${stages[@]}"; do
     e2e) run e2e 180 python3 launch/bench_e2e.py --presets 1b 350m --paths reference torch triton triton_tma_blas_lr \
            --interleave --steps 6 --out "$OUT/e2e.json" ;;  # one model per preset, paths alternating
     tests) run tests 150 bash launch/gpu_tests.sh ;;
-    compile) run compile 240 bash -c 'for c in "" --compile; do python3 launch/bench_e2e.py --presets 350m 1b \
+    compile) run compile 300 bash -c 'for c in "" --compile; do python3 launch/bench_e2e.py --presets 350m 1b \
                --paths auto --steps 6 $c --out "$1/e2e_compile${c:+d}.json"; done' _ "$OUT" ;;
              # whole steps eager, then with each decoder layer compiled (--compile; not yet measured on a GPU)
     loss) run loss 240 python3 launch/bench_e2e.py --presets 1b --paths auto --micro-batch 16 \

@@ -53,8 +53,8 @@ def _huggingface_kernels() -> bool:
 if __name__ == "kernels" and _huggingface_kernels():
     pass
 else:
-    from ._runtime import (autocast_inputs, check_environment, deterministic_mode, interpret_env, interpreting,
-                           kernel_mode, use_triton)
+    from ._runtime import (autocast_inputs, check_environment, deterministic_mode, eager_under_compile,
+                           interpret_env, interpreting, kernel_mode, use_triton)
     from .int8_reference import (int8_dequantize_reference, int8_lora_linear_reference, int8_merge_reference_,
                                  int8_quantize_reference)
     from .reference import lora_linear_reference, lora_merge_reference_
@@ -75,7 +75,7 @@ _LAZY = {
 }
 
 __all__ = ["lora_linear", "lora_linear_reference", "lora_linear_torch", "lora_merge_", "lora_merge_reference_", "use_triton",
-           "autocast_inputs", "check_environment", "deterministic_mode", "interpret_env", "interpreting", "kernel_mode", "LoRALinearFunction", "lora_forward",
+           "autocast_inputs", "check_environment", "deterministic_mode", "eager_under_compile", "interpret_env", "interpreting", "kernel_mode", "LoRALinearFunction", "lora_forward",
            "lora_backward", "merge_launch", "concat_matmul", "int8_lora_linear", "int8_dequantize", "int8_merge_",
            "Int8LoRALinearFunction", "int8_lora_linear_reference", "int8_dequantize_reference",
            "int8_merge_reference_", "int8_quantize_reference"]

@@ -87,6 +87,22 @@ def interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE + ("y",)
 
 
+def eager_under_compile(fn):
+    """``fn`` that torch.compile does not trace: it runs eagerly, a graph break around it (the Triton launchers,
+    and host-side moves a compiled graph cannot express). ``torch.compiler.disable`` wraps it at its first
+    call, not here: that decorator imports torch._dynamo (~3 s of every process's start-up, measured on CPU),
+    which nothing else at import needs. Under compile the first call then breaks the graph at the wrapping
+    too, and runs ``fn`` eagerly all the same."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+    return call
+
+
 def interpreting() -> bool:
     """Whether Triton would run kernels through its CPU interpreter right now."""
     try:

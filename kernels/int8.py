@@ -297,7 +297,7 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
                                     in_gemm)
 
 
-@torch.compiler.disable  # as relora_kernels.linear's Triton path: torch.compile breaks the graph around it
+@_runtime.eager_under_compile  # as relora_kernels.linear's Triton path: torch.compile breaks the graph around it
 def _int8_lora_linear_triton(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator, deterministic,
                              in_gemm):
     x, lora_A, lora_B, bias = _runtime.autocast_inputs(x.device.type, x, lora_A, lora_B, bias)

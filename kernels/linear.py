@@ -258,7 +258,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, trai
 
 # torch.compile (--compile, LlamaForCausalLM.compile_layers) does not trace the launchers: the graph breaks around
 # the kernels, which run as they do eagerly (the torch and reference paths above trace into the graph).
-@torch.compiler.disable
+@_runtime.eager_under_compile
 def _lora_linear_triton(x, weight, lora_A, lora_B, scale, bias, p, training, generator, deterministic):
     # What F.linear does under autocast: compute in the autocast dtype (the casts are differentiable,
     # so fp32 masters still get fp32 grads). The kernels themselves never see autocast.

@@ -212,7 +212,7 @@ def table(args) -> str:
     per_rank = args.global_batch_size // args.gpus
     # what recomputes: every layer (True), none (False), or the first N (memory_table.recomputed_layers)
     ckpt = (args.activation_checkpointing_layers or True) if args.activation_checkpointing else False
-    ckpt_text = "off" if not ckpt else "on" if ckpt is True else f"on (first {ckpt} layers)"
+    ckpt_text = "off" if not ckpt else "on" if ckpt is True else f"on (at most the first {ckpt} layers)"
     head = (f"{args.gpus} GPUs x {args.memory_gb:g} GB (usable {budget / 1e9:.1f} GB each), r={args.rank}, "
             f"seq {args.seq_len}, vocab {args.vocab_size}, bf16 + fp32 Adam, activation checkpointing "
             f"{ckpt_text}, base {args.quantize or 'bf16'}, loss "

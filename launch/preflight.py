@@ -26,7 +26,7 @@ from relora_ds.data import builtin_data_dir, load_manifest
 from relora_ds.data.mixture import check_members, is_mixture
 from relora_ds.data.manifest import read_manifest_file
 from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
-from relora_ds.startup import (apply_kernels_setting, build_schedule, check_data_use, check_kernels,
+from relora_ds.startup import (apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels,
                                check_model_and_data, check_offload_on_device, check_output_dir,
                                check_precision_on_device, total_steps_for, train_data_record)
 from relora_ds.train_args import build_launch_parser, config_from_args
@@ -66,6 +66,7 @@ def _check(argv) -> str:
         apply_kernels_setting(cfg.kernels)
         if os.environ.get("DS_ACCELERATOR"):  # what the ranks will run on (see above)
             check_kernels(cfg, os.environ["DS_ACCELERATOR"] == "cuda")
+            check_compile(cfg, os.environ["DS_ACCELERATOR"] == "cuda")
             from deepspeed.accelerator import get_accelerator
             check_precision_on_device(ds, get_accelerator())
             check_offload_on_device(ds, get_accelerator(), cfg.quantize)

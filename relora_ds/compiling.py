@@ -16,9 +16,9 @@ def compile_problem(cuda: bool) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "torch.compile on a GPU generates Triton kernels, and triton is not installed"
         return None
-    from torch._inductor import cpp_builder
-
     try:
+        from torch._inductor import cpp_builder
+
         cpp_builder.get_cpp_compiler()
     except Exception as e:  # torch._inductor.exc.InvalidCxxCompiler
         return (f"torch.compile on the CPU builds C++, and no C++ compiler works here ({e}); install g++ "
@@ -40,3 +40,24 @@ def compile_stats() -> dict:
                      if re.search(r"recompile.limit|cache.size.limit", str(reason), re.IGNORECASE))
     return {"graphs": int(counters["stats"]["unique_graphs"]), "graph_breaks": sum(reasons.values()),
             "break_reasons": dict(reasons.most_common(5)), "recompile_limit_hits": limit_hits}
+
+
+def cache_entries(model) -> int | None:
+    """The most cache entries torch.compile holds for one decoder-layer class's forward (the layers share its
+    code object): each is a graph for a kind of layer in a mode (training, evaluation), and past torch's
+    recompile limit of them a call that matches none runs eagerly. None where this torch cannot say (a private
+    API, torch._dynamo.eval_frame._debug_get_cache_entry_list)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:
+        return None
+    classes = {type(layer) for layer in model.model.layers}
+    return max(len(_debug_get_cache_entry_list(cls.forward.__code__)) for cls in classes)
+
+
+def recompile_limit() -> int:
+    """torch's recompile limit (``cache_size_limit`` before torch 2.7)."""
+    import torch
+
+    config = torch._dynamo.config
+    return getattr(config, "recompile_limit", None) or config.cache_size_limit

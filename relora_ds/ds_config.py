@@ -95,7 +95,7 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
         raise ValueError(f"{source} uses ZeRO stage 3, which compile (--compile) does not support: DeepSpeed gathers "
                          "each layer's weights in module hooks that torch.compile traces and recompiles for every "
                          "submodule, so torch's recompile limit is reached in the first step and the layers run "
-                         "eagerly after the wait (seen on CPU, 2026-12-04); use ZeRO stage 1 or 2 "
+                         "eagerly after the wait; use ZeRO stage 1 or 2 "
                          "(ds_configs/zero2.json, or its offload variant), or train without --compile")
     if low and stage == 0 and cfg.mode != "full":
         # DeepSpeed then wraps the optimizer in its FP16 optimizer, whose fp32 masters and Adam moments

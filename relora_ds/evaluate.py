@@ -12,6 +12,9 @@ import torch.distributed as dist
 from .data import MixedWindows, PackedTokens, eval_batches
 
 
+_SET_STANCE = hasattr(torch.compiler, "set_stance")  # torch >= 2.6; before it a short batch compiles its own graph
+
+
 class _Selected:
     """Windows ``indices`` of ``dataset``, in that order, as a dataset of their own."""
 
@@ -40,7 +43,7 @@ def _loss_sums(engine, dataset, micro_batch_size: int, rank: int, world: int, nu
         batch = batch.to(engine.device, non_blocking=True)
         # A short batch (a rank's last, or the weightless one) runs compiled layers (--compile) eagerly: each
         # batch size would be one more compile and cache entry for at most one batch per evaluation.
-        with contextlib.nullcontext() if batch.shape[0] == micro_batch_size else \
+        with contextlib.nullcontext() if batch.shape[0] == micro_batch_size or not _SET_STANCE else \
                 torch.compiler.set_stance("force_eager"):
             total[0] += engine(batch, labels=batch).loss.double() * tokens
         total[1] += tokens

@@ -396,7 +396,7 @@ class LlamaForCausalLM(nn.Module):
         # eagerly without a word (relora_ds.compiling.compile_stats counts it), is raised to leave room for 4 each.
         kinds = len({layer.self_attn.sliding_window for layer in self.model.layers})
         config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
         setattr(config, limit, max(getattr(config, limit), 4 * kinds))
         for layer in self.model.layers:
             layer.compile(**kwargs)

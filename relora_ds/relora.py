@@ -275,8 +275,8 @@ class ReLoRALinear(nn.Module):
                 + (f", quantize={self.quantize!r}" if self.quantize else ""))
 
 
-@torch.compiler.disable  # a compiled layer (compile_layers) traces the device check above, and calls this eagerly:
-def _to_host(buf: torch.Tensor) -> None:  # torch.compile cannot trace a .data assignment across devices
+@relora_kernels.eager_under_compile  # a compiled layer (compile_layers) traces the device check above and calls
+def _to_host(buf: torch.Tensor) -> None:  # this eagerly: torch.compile cannot trace a .data assignment across devices
     """Moves a host buffer that FSDP2 moved to the GPU back to the host, in place (the same buffer object)."""
     buf.data = buf.data.cpu()
 

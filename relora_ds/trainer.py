@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import checkpoint, reset_hook, run_info, zero_init
 from .data import ShardedBatches, builtin_data_dir, load_manifest, open_split
 from .data.manifest import document_ends_problem, read_manifest_file
-from .compiling import compile_stats
+from .compiling import cache_entries, compile_stats, recompile_limit
 from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
     single_process_environment
 from .flops import mfu_peak
@@ -437,7 +437,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self._compile_reports.add((self.engine_phase, after))
         stats, last = compile_stats(), self._compile_reported or {"graph_breaks": 0, "recompile_limit_hits": 0}
         self._compile_reported = stats
-        self._event({"event": "compiled", "step": step, "phase": self.engine_phase, "after": after, **stats})
+        self._event({"event": "compiled", "step": step, "phase": self.engine_phase, "after": after, **stats,
+                     "cache_entries": cache_entries(self.engine.module), "recompile_limit": recompile_limit()})
         if self.rank != 0:
             return
         if stats["graph_breaks"] > last["graph_breaks"]:

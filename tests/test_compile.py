@@ -146,7 +146,7 @@ def test_compiled_layers_on_the_triton_path_break_around_the_kernels(fresh_dynam
     assert any("disable" in reason for reason in stats["break_reasons"]), stats
 
 
-def test_compile_needs_a_working_compiler(monkeypatch):
+def test_compile_needs_a_working_compiler():
     """--compile on a CPU without a C++ compiler fails at start-up, naming the fix, not at the first step."""
     import torch._inductor.config as inductor_config
 
@@ -156,10 +156,12 @@ def test_compile_needs_a_working_compiler(monkeypatch):
 
     cfg = SimpleNamespace(compile=True)  # what check_compile reads of a TrainConfig
     check_compile(cfg, cuda=False)  # this machine's compiler
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/nonexistent/c++"))
-    with pytest.raises(ValueError, match=r"compile: torch.compile on the CPU builds C\+\+.*set CXX.*without --compile"):
-        check_compile(cfg, cuda=False)
-    check_compile(SimpleNamespace(compile=False), cuda=False)  # not asked for: not checked
+    with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/c++")}):
+        with pytest.raises(ValueError, match=r"compile: torch.compile on the CPU builds C\+\+.*set CXX.*without "
+                                             r"--compile"):
+            check_compile(cfg, cuda=False)
+        check_compile(SimpleNamespace(compile=False), cuda=False)  # not asked for: not checked
+    check_compile(cfg, cuda=False)  # the compiler is back
 
 
 class _Engine:
@@ -215,19 +217,52 @@ def test_evaluations_and_the_switch_stay_within_the_recompile_limit(fresh_dynamo
     phase(low)
 
 
-def test_compile_stats_count_recompile_limit_hits(fresh_dynamo, monkeypatch):
+def test_compile_stats_count_recompile_limit_hits(fresh_dynamo):
     """Past torch's recompile limit a compiled function runs eagerly, which torch says only in a log line:
     compile_stats counts it (the trainer warns)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     model = _model()
-    model.compile_layers(backend="eager")  # raises the limit to 4 entries per kind of layer
-    assert torch._dynamo.config.recompile_limit == 4
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    batch = _batch(model.config.vocab_size)
-    _step(model, batch)
-    with torch.no_grad():  # another grad mode: a second entry, over the limit of 1
-        model(batch)
-    assert compile_stats()["recompile_limit_hits"] == 1
+    with torch._dynamo.config.patch(recompile_limit=1):  # (monkeypatch would delete the option at its undo)
+        model.compile_layers(backend="eager")  # raises the limit to 4 entries per kind of layer
+        assert torch._dynamo.config.recompile_limit == 4
+        torch._dynamo.config.recompile_limit = 1
+        batch = _batch(model.config.vocab_size)
+        _step(model, batch)
+        with torch.no_grad():  # another grad mode: a second entry, over the limit of 1
+            model(batch)
+        assert compile_stats()["recompile_limit_hits"] == 1
+    assert torch._dynamo.config.recompile_limit == 8
+
+
+def test_compile_reports_warn_on_new_breaks_and_limit_hits(monkeypatch, recwarn):
+    """Trainer._report_compile (a stub trainer; compile_stats given): an event per report, a warning only for
+    graph breaks or recompile-limit hits that are new since the last report, the Triton hint where it applies."""
+    import relora_ds.trainer as trainer_mod
+
+    events = []
+    stub = trainer_mod.Trainer.__new__(trainer_mod.Trainer)
+    stub.engine_phase, stub.rank, stub._compile_reports, stub._compile_reported = "lowrank", 0, set(), None
+    stub.engine = type("E", (), {"module": _model()})()
+    stub._event = events.append
+    stats = iter([dict(graphs=1, graph_breaks=0, break_reasons={}, recompile_limit_hits=0),
+                  dict(graphs=3, graph_breaks=2, break_reasons={"Skip calling `torch.compiler.disable()`d": 2},
+                       recompile_limit_hits=0),
+                  dict(graphs=3, graph_breaks=2, break_reasons={"Skip calling `torch.compiler.disable()`d": 2},
+                       recompile_limit_hits=1)])
+    monkeypatch.setattr(trainer_mod, "compile_stats", lambda: next(stats))
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    stub._report_compile("step", 1)
+    assert not recwarn.list
+    stub._report_compile("evaluation", 2)
+    (w,) = recwarn.list
+    assert "broke the decoder layers' graphs 2 times (2x Skip calling" in str(w.message)
+    assert "With RELORA_KERNELS=triton the Triton kernels run outside the graph" in str(w.message)
+    recwarn.clear()
+    stub._report_compile("evaluation", 3)  # the same breaks: no warning again; a limit hit: one
+    (w,) = recwarn.list
+    assert "reached its recompile limit 1 times" in str(w.message)
+    assert [(e["step"], e["after"], e["graphs"]) for e in events] == [(1, "step", 1), (2, "evaluation", 3),
+                                                                     (3, "evaluation", 3)]
+    assert stub._compile_reports == {("lowrank", "step"), ("lowrank", "evaluation")}
 
 
 def test_compile_is_refused_under_zero3():
@@ -268,8 +303,9 @@ def test_compiled_trainer_run_matches_the_eager_run(tmp_path, small_data_dir):
     assert all(abs(eager[s] - compiled[s]) <= 1e-5 * eager[s] for s in eager), (eager, compiled)
     val = [[r["val_loss"] for r in rs if "val_loss" in r] for rs in (eager_recs, recs)]
     assert len(val[0]) == 2 and all(abs(a - b) <= 1e-5 * a for a, b in zip(*val)), val
-    events = [(e["step"], e["phase"], e["after"], e["graphs"], e["graph_breaks"], e["recompile_limit_hits"])
-              for e in recs if e.get("event") == "compiled"]
-    assert events == [(1, "full", "step", 1, 0, 0), (3, "lowrank", "step", 1, 0, 0),
-                      (6, "lowrank", "evaluation", 2, 0, 0)], events
+    events = [(e["step"], e["phase"], e["after"], e["graphs"], e["graph_breaks"], e["recompile_limit_hits"],
+               e["cache_entries"]) for e in recs if e.get("event") == "compiled"]
+    # cache entries of the layers' forward: the switch dropped the full-rank phase's (else 2, then 3)
+    assert events == [(1, "full", "step", 1, 0, 0, 1), (3, "lowrank", "step", 1, 0, 0, 1),
+                      (6, "lowrank", "evaluation", 2, 0, 0, 2)], events
     assert "compile:" not in stderr

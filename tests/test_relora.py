@@ -273,7 +273,7 @@ def test_activation_checkpointing_same_loss_and_grads_with_recompute(monkeypatch
     from relora_ds.model import DecoderLayer
     calls = []
     real = DecoderLayer.forward
-    monkeypatch.setattr(DecoderLayer, "forward", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(DecoderLayer, "forward", lambda self, *a: calls.append(self) or real(self, *a))
     batch = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
     results = []
     for ckpt in (False, True):
@@ -288,7 +288,9 @@ def test_activation_checkpointing_same_loss_and_grads_with_recompute(monkeypatch
         loss = model(batch, labels=batch).loss
         loss.backward()
         n_layers = model.config.num_hidden_layers
-        assert n_layers > 1 and len(calls) == n_layers + ((num_layers or n_layers) if ckpt else 0)
+        order = [list(model.model.layers).index(layer) for layer in calls]  # the forward's, then backward's recomputes
+        recomputed = list(reversed(range(num_layers or n_layers))) if ckpt else []
+        assert n_layers > 1 and order == list(range(n_layers)) + recomputed, order
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = results
     assert torch.equal(l0, l1) and g0.keys() == g1.keys() and len(g0) > 0

@@ -67,3 +67,15 @@ def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels_package(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["True", "True", "relora_kernels.reference"]
     assert os.path.isdir(ROOT / "kernels")  # the folder the issue names, still there
+
+
+def test_the_trainer_does_not_import_torchs_compiler_stack():
+    """torch._dynamo takes ~3 s to import (measured on CPU): the layers' torch.compiler.disable wrappers (the Triton
+    paths, the FSDP2 host-buffer move) are made at their first call, so a run without --compile never loads it."""
+    out = _run("""
+        import sys
+        import relora_ds, relora_ds.trainer, relora_ds.evaluate, relora_kernels
+        from relora_kernels import linear, int8
+        print(sorted(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules))
+    """)
+    assert out == "[]"

@@ -181,13 +181,17 @@ def host_buffers_on_cuda():
 
 
 def host_buffers_on_cuda_compiled():
-    """The same move back to the host inside compiled layers (compile_layers before fully_shard, as torchtitan
-    orders them): the device check is traced, the move itself runs eagerly (torch.compile cannot trace a .data
+    """The same move back to the host inside compiled layers (each layer compiled before fully_shard, as
+    torchtitan orders them): the device check is traced, the move itself runs eagerly (torch.compile cannot trace a .data
     assignment across devices), and the compiled model's output is the uncompiled one's."""
     mesh = init_device_mesh("cuda", (dist.get_world_size(),))
     x = torch.randint(0, 64, (2, 9), device="cuda")
+    from relora_ds.compiling import compile_stats
+
     ref, model = tiny({"merge_residual": True}), tiny({"merge_residual": True})
-    model.compile_layers()
+    for layer in model.model.layers:  # transformers' model: what compile_layers does to relora_ds's
+        layer.compile()
+    torch._dynamo.utils.counters.clear()
     for m in (ref, model):
         for layer in m.model.layers:
             fully_shard(layer, mesh=mesh)
@@ -197,6 +201,7 @@ def host_buffers_on_cuda_compiled():
     with torch.no_grad():
         want, got = ref(x).logits, model(x).logits
     assert all(layer.merge_residual.device.type == "cpu" for layer in layers)
+    assert compile_stats()["graphs"] > 0  # the layers did run compiled
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     print(f"rank {dist.get_rank()}: fsdp2 cuda compiled host buffers ok", flush=True)
 

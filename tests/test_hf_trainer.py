@@ -89,7 +89,8 @@ def test_a_compiled_trainer_resets_as_the_hand_written_loop(tmp_path):
 
     torch._dynamo.reset()
     counters.clear()
-    trainer, callback = w.run(tmp_path, batch=4, kind="llama", torch_compile=True)
+    # AOTAutograd's graphs without inductor's code generation: what accelerate and the merges do is the same
+    trainer, callback = w.run(tmp_path, batch=4, kind="llama", torch_compile=True, torch_compile_backend="aot_eager")
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
     oracle, losses, _ = hand_loop(batch=4, kind="llama")
     assert [(e["step"], e["event"]) for e in callback.events] == [(3, "reset"), (6, "reset")]

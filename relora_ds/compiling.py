@@ -55,9 +55,37 @@ def cache_entries(model) -> int | None:
     return max(len(_debug_get_cache_entry_list(cls.forward.__code__)) for cls in classes)
 
 
+def _limit_option(config) -> str:
+    return "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+
+
 def recompile_limit() -> int:
     """torch's recompile limit (``cache_size_limit`` before torch 2.7)."""
     import torch
 
+    return getattr(torch._dynamo.config, _limit_option(torch._dynamo.config))
+
+
+def raise_recompile_limit(entries: int) -> None:
+    """torch's recompile limit (process-wide) to ``entries`` where it is lower."""
+    import torch
+
     config = torch._dynamo.config
-    return getattr(config, "recompile_limit", None) or config.cache_size_limit
+    setattr(config, _limit_option(config), max(getattr(config, _limit_option(config)), entries))
+
+
+def compile_warnings(stats: dict, last: dict | None, triton: bool) -> list[str]:
+    """The warnings for what ``stats`` (compile_stats) adds to the ``last`` report: new graph breaks (with the
+    Triton kernels' hint where ``triton``), new recompile-limit hits."""
+    last = last or {"graph_breaks": 0, "recompile_limit_hits": 0}
+    out = []
+    if stats["graph_breaks"] > last["graph_breaks"]:
+        why = "; ".join(f"{n}x {reason}" for reason, n in stats["break_reasons"].items())
+        hint = (" With RELORA_KERNELS=triton the Triton kernels run outside the graph (a break at each LoRA "
+                "layer); kernels auto takes the BLAS path, which compiles whole." if triton else "")
+        out.append(f"compile: torch.compile broke the decoder layers' graphs {stats['graph_breaks']} times "
+                   f"({why}); those parts run eagerly.{hint}")
+    if stats["recompile_limit_hits"] > last["recompile_limit_hits"]:
+        out.append(f"compile: torch.compile reached its recompile limit {stats['recompile_limit_hits']} times: the "
+                   "code it stopped on runs eagerly from then on (TORCH_LOGS=recompiles says why it recompiled)")
+    return out

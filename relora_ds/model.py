@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .compiling import raise_recompile_limit
 from .documents import Documents, sdpa_dtype
 from .loss import linear_cross_entropy
 from .model_config import LlamaConfig
@@ -394,10 +395,7 @@ class LlamaForCausalLM(nn.Module):
         # Each kind of layer (a sliding window or not) takes a cache entry for training and one for evaluation (no
         # grad) in the layers' shared code object; torch's default limit of 8 entries, past which it runs the code
         # eagerly without a word (relora_ds.compiling.compile_stats counts it), is raised to leave room for 4 each.
-        kinds = len({layer.self_attn.sliding_window for layer in self.model.layers})
-        config = torch._dynamo.config
-        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-        setattr(config, limit, max(getattr(config, limit), 4 * kinds))
+        raise_recompile_limit(4 * len({layer.self_attn.sliding_window for layer in self.model.layers}))
         for layer in self.model.layers:
             layer.compile(**kwargs)
 

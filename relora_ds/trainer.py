@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import checkpoint, reset_hook, run_info, zero_init
 from .data import ShardedBatches, builtin_data_dir, load_manifest, open_split
 from .data.manifest import document_ends_problem, read_manifest_file
-from .compiling import cache_entries, compile_stats, recompile_limit
+from .compiling import cache_entries, compile_stats, compile_warnings, recompile_limit
 from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
     single_process_environment
 from .flops import mfu_peak
@@ -435,23 +435,13 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         what torch.compile made of the decoder layers so far in the phase (compile_stats), and a warning for
         each new graph break or recompile-limit hit (past which a layer runs eagerly)."""
         self._compile_reports.add((self.engine_phase, after))
-        stats, last = compile_stats(), self._compile_reported or {"graph_breaks": 0, "recompile_limit_hits": 0}
+        stats, last = compile_stats(), self._compile_reported
         self._compile_reported = stats
         self._event({"event": "compiled", "step": step, "phase": self.engine_phase, "after": after, **stats,
                      "cache_entries": cache_entries(self.engine.module), "recompile_limit": recompile_limit()})
-        if self.rank != 0:
-            return
-        if stats["graph_breaks"] > last["graph_breaks"]:
-            why = "; ".join(f"{n}x {reason}" for reason, n in stats["break_reasons"].items())
-            hint = (" With RELORA_KERNELS=triton the Triton kernels run outside the graph (a break at each LoRA "
-                    "layer); kernels auto takes the BLAS path, which compiles whole."
-                    if relora_kernels.kernel_mode() == "triton" else "")
-            warnings.warn(f"compile: torch.compile broke the decoder layers' graphs {stats['graph_breaks']} times "
-                          f"({why}); those parts run eagerly.{hint}", RuntimeWarning, stacklevel=2)
-        if stats["recompile_limit_hits"] > last["recompile_limit_hits"]:
-            warnings.warn(f"compile: torch.compile reached its recompile limit {stats['recompile_limit_hits']} "
-                          "times: the code it stopped on runs eagerly from then on (TORCH_LOGS=recompiles says "
-                          "why it recompiled)", RuntimeWarning, stacklevel=2)
+        if self.rank == 0:
+            for message in compile_warnings(stats, last, relora_kernels.kernel_mode() == "triton"):
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _event(self, rec: dict) -> None:
         self.metrics.log(rec)

@@ -26,6 +26,9 @@ def test_collectives_wait_the_configured_time(monkeypatch, tmp_path):
         raise Stop
 
     monkeypatch.setattr(trainer, "init_distributed", fake_init)
+    # (its RANK/WORLD_SIZE/LOCAL_RANK would stay in this process's environment: a later Hugging Face Trainer
+    # then wrapped its model in DDP, whose forward breaks a torch.compile graph)
+    monkeypatch.setattr(trainer, "single_process_environment", lambda: None)
     for kw, minutes in (({}, 60), ({"collective_timeout_min": 180}, 180)):
         cfg = TrainConfig(cycle_length=4, total_steps=8, output_dir=str(tmp_path / "run"), **kw)
         with pytest.raises(Stop):

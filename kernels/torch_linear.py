@@ -6,11 +6,11 @@ activations. With M tokens, the reference (PEFT-style autograd) moves these M x 
     forward   Y0 = X W^T, L = S B^T, s·L, Y0 + s·L                      4 writes, 3 reads
     backward  s·dY, dX0 = dY W, dXl = dS A, dX0 + dXl                   3 writes, 3 reads (+ dY reads)
 
-This path computes ``C = b + s·S B^T`` and then ``C += X W^T`` in place (BLAS beta=1: C is read once in
-the GEMM epilogue), and ``dX = dS A``, then ``dX += dY W`` in place; the scale lands on the rank-r tensors
-(dS, dB), never on an M x out one:
+This path computes ``C = b + S B^T`` and then ``Y = s·C + X W^T`` (BLAS beta: C is read once in the GEMM
+epilogue; with a bias the scale is addmm's alpha on C instead), and ``dX = dS A``, then ``dX += dY W`` in
+place; the scale lands on the rank-r tensors (dS, dB) or an epilogue, never on a pass over an M x out one:
 
-    forward   C, then C += X W^T                                         2 writes, 1 read
+    forward   C, then Y = s·C + X W^T                                    2 writes, 1 read
     backward  T = dS A, then T += dY W                                   2 writes, 1 read
 
 Saved for backward: X, S (M x r) and the dropout keep-mask (1 B per element) instead of the reference's
@@ -82,6 +82,16 @@ def _w_eff(weight, lora_A, lora_B, scale):
     return torch.addmm(weight, lora_B, lora_A, alpha=scale)
 
 
+def _side_then_base(s, lora_B, x2, weight, bias, scale):
+    """``Y = (b + s·S Bᵀ) + X Wᵀ``: first ``C = b + s·S Bᵀ`` (bias broadcast by addmm), then ``Y = C + X Wᵀ``
+    with C read once in the GEMM's epilogue (BLAS beta; without a bias the scale rides on beta, no pass of its
+    own). Out of place: selective activation checkpointing (relora_ds/checkpointing.py) keeps the big product's
+    output as made and recomputes C, and a tensor it keeps must not be written afterwards."""
+    if bias is not None:
+        return torch.addmm(torch.addmm(bias, s, lora_B.t(), alpha=scale), x2, weight.t())
+    return torch.addmm(torch.mm(s, lora_B.t()), x2, weight.t(), beta=scale)
+
+
 class MergedLoRALinearFunction(torch.autograd.Function):
     """``X·(W + s·B·A)ᵀ + b`` with W frozen (no dropout): two plain GEMMs and rank-r side products."""
 
@@ -131,9 +141,10 @@ class MergedInt8LoRALinearFunction(torch.autograd.Function):
         w = int8_dequantize_reference(q, w_scale, x.dtype)
         if merged:
             w.addmm_(lora_B, lora_A, alpha=scale)
-        y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
-        if not merged:
-            y.addmm_(s, lora_B.t(), alpha=scale)
+        if merged:
+            y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
+        else:
+            y = _side_then_base(s, lora_B, x2, w, bias, scale)
         ctx.save_for_backward(x, s, q, w_scale, lora_A, lora_B)  # x itself: see reference.differentiable_backward
         ctx.scale, ctx.x_shape, ctx.has_bias, ctx.merged = scale, x.shape, bias is not None, merged
         return y.reshape(*x.shape[:-1], q.shape[0])
@@ -189,11 +200,8 @@ class TorchLoRALinearFunction(torch.autograd.Function):
         xd = x2 if keep2 is None else x2 * keep2  # the masked copy lives only inside forward
         s = torch.mm(xd, lora_A.t())
         if keep2 is not None:
-            s.mul_(inv_keep)
-        # C = b + s·S B^T (bias broadcast by addmm), then C += X W^T in place: one epilogue read of C.
-        y = torch.addmm(bias, s, lora_B.t(), alpha=scale) if bias is not None else \
-            torch.mm(s, lora_B.t()).mul_(scale)
-        y.addmm_(x2, weight.t())
+            s = s * inv_keep  # M x r; out of place, as every product here (see _side_then_base)
+        y = _side_then_base(s, lora_B, x2, weight, bias, scale)
         ctx.save_for_backward(x, s, weight, lora_A, lora_B, keep2)  # x itself: see reference.differentiable_backward
         ctx.scale, ctx.inv_keep, ctx.x_shape, ctx.has_bias = scale, inv_keep, x.shape, bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -22,9 +22,19 @@ from relora_ds/model.py's autograd graph. Kept for backward after the forward:
       LoRA:      x A^T (s x r, bf16) kept for each of the 7 adapted projections: 7 x 2 s r
     final norm 8 s h, fp32 log-probs 4 s V
     with activation checkpointing (--activation-checkpointing), each layer keeps only its input: 2 s h
+    selective (--activation-checkpointing-policy selective, relora_ds/checkpointing.py): the input and the
+    outputs of its matmuls and attention: 14 s h + 4 s i [+ 14 s r]
+      input 2 s h; q, k, v (before RoPE) 6 s h; SDPA output 2 s h; o_proj and down_proj outputs 4 s h;
+      gate and up outputs 4 s i; x A^T of the 7 projections 14 s r (attention's logsumexp, 4 s heads, is
+      left out here as in the other cases)
 The peak comes in backward, at its start or (checkpointing) while a layer is recomputed:
     plain:          kept + 8 s V   (bf16 logits 2, their bf16 gradient 2, the fp32 log-prob gradient 4)
     checkpointing:  max(kept + 8 s V, L 2 s h + one layer's 24 s h + 8 s i [+ 14 s r] + 8 s h of gradients)
+    selective:      max(kept + 8 s V, L (14 s h + 4 s i [+ 14 s r]) + 12 s h + 4 s i + 8 s h of gradients):
+                    a recomputed layer adds what it saves for backward beyond what it kept (both RMSNorms'
+                    16 s h, q and k after RoPE 4 s h, SiLU(gate) and down_proj's input 4 s i) and frees the
+                    kept outputs its backward does not use once the recompute has read them (q and k before
+                    RoPE, o_proj's and down_proj's outputs: 8 s h)
 With the chunked loss (--loss-chunk-size c, relora_ds/loss.py) no logits are kept: 4 s V becomes the
 hidden-state gradient 2 s h, 8 s V becomes 2 s h, and each micro-batch holds 4 V h (the fp32 head-weight
 gradient) plus the larger of one chunk's logits 6 c V (forward) and the gradient's bf16 copy 2 V h.
@@ -122,6 +132,13 @@ def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> 
     return 24 * s * h + 8 * s * i + (14 * s * rank if rank else 0)
 
 
+def selective_layer_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> int:
+    """Bytes a layer recomputed under the selective policy keeps per sequence: its input and the outputs of
+    its matmuls and fused attention (relora_ds/checkpointing.py)."""
+    s, h, i = seq_len, cfg.hidden_size, cfg.intermediate_size
+    return 14 * s * h + 4 * s * i + (14 * s * rank if rank else 0)
+
+
 def recomputed_layers(cfg: LlamaConfig, checkpointing: bool | int) -> int:
     """How many decoder layers recompute: all (True), none (False), or the first ``checkpointing`` of them
     (the trainer's activation_checkpointing_layers)."""
@@ -131,19 +148,21 @@ def recomputed_layers(cfg: LlamaConfig, checkpointing: bool | int) -> int:
 
 
 def kept_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool | int = False,
-                          chunked_loss: bool = False) -> int:
+                          chunked_loss: bool = False, policy: str = "full") -> int:
     """Activation bytes alive between forward and backward, per sequence (the chunked loss's per
     micro-batch weight gradient not included: see activation_peak_bytes). ``checkpointing``: see
-    recomputed_layers; a recomputed layer keeps only its input."""
+    recomputed_layers; a recomputed layer keeps only its input (``policy`` "full") or also its matmul and
+    attention outputs ("selective")."""
     s, h, V = seq_len, cfg.hidden_size, cfg.vocab_size
     n = recomputed_layers(cfg, checkpointing)
-    layers = n * 2 * s * h + (cfg.num_hidden_layers - n) * layer_activation_bytes(cfg, seq_len, rank)
+    recomputed = selective_layer_bytes(cfg, seq_len, rank) if policy == "selective" else 2 * s * h
+    layers = n * recomputed + (cfg.num_hidden_layers - n) * layer_activation_bytes(cfg, seq_len, rank)
     head = 2 * s * h if chunked_loss else 4 * s * V  # the hidden-state gradient, or the fp32 log-probs
     return layers + 8 * s * h + head
 
 
 def activation_phases(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool | int = False,
-                      loss_chunk_size: int = 0) -> list[tuple[int, int]]:
+                      loss_chunk_size: int = 0, policy: str = "full") -> list[tuple[int, int]]:
     """(bytes per sequence, bytes per micro-batch) at each candidate peak (rank=None: no LoRA branch).
 
     Start of backward: everything kept plus the logits' 8 s V of transients; with the chunked loss instead
@@ -151,11 +170,12 @@ def activation_phases(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpoi
     logits in the forward (6 c V) and the gradient's cast to the weight dtype in the backward (2 V h).
     Where a layer keeps its activations, also the backward of the last such layer: everything kept but the
     loss's buffers, plus 8 s h of that layer's gradients in flight. With checkpointing, also the recompute of
-    a layer: the recomputed layers' inputs, one layer's activations and 8 s h of gradients in flight (the
-    loss's buffers, and the activations of the later layers that kept theirs, are freed by then: backward
-    reaches the first layers last)."""
-    s, h, V = seq_len, cfg.hidden_size, cfg.vocab_size
-    kept = kept_activation_bytes(cfg, seq_len, rank, checkpointing, bool(loss_chunk_size))
+    a layer: what the recomputed layers keep, one layer's activations beyond what it kept (all of them under
+    the full policy; under the selective one 12 s h + 4 s i net, see the module's docstring) and 8 s h
+    of gradients in flight (the loss's buffers, and the activations of the later layers that kept theirs, are
+    freed by then: backward reaches the first layers last)."""
+    s, h, V, i = seq_len, cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    kept = kept_activation_bytes(cfg, seq_len, rank, checkpointing, bool(loss_chunk_size), policy)
     if loss_chunk_size:
         phases = [(kept + 2 * s * h, 4 * V * h + max(6 * loss_chunk_size * V, 2 * V * h))]
     else:
@@ -164,18 +184,20 @@ def activation_phases(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpoi
     if n < cfg.num_hidden_layers:  # the backward of the last layer that kept its activations: the loss's
         head = 2 * s * h if loss_chunk_size else 4 * s * V  # buffers freed, 8 s h of its gradients in flight
         phases.append((kept - head + 8 * s * h, 0))
-    if n:
+    if n and policy == "selective":
+        phases.append((n * selective_layer_bytes(cfg, seq_len, rank) + 12 * s * h + 4 * s * i + 8 * s * h, 0))
+    elif n:
         phases.append((n * 2 * s * h + layer_activation_bytes(cfg, seq_len, rank) + 8 * s * h, 0))
     return phases
 
 
 def activation_peak_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, micro_batch: int,
-                          checkpointing: bool | int = False, loss_chunk_size: int = 0) -> int:
+                          checkpointing: bool | int = False, loss_chunk_size: int = 0, policy: str = "full") -> int:
     """Peak activation bytes of one micro-batch, reached in backward (or, chunked loss, in its forward). A
     chunk holds at most the micro-batch's tokens (relora_ds/loss.py slices them)."""
     chunk = min(loss_chunk_size, micro_batch * seq_len)
     return max(micro_batch * per_seq + fixed
-               for per_seq, fixed in activation_phases(cfg, seq_len, rank, checkpointing, chunk))
+               for per_seq, fixed in activation_phases(cfg, seq_len, rank, checkpointing, chunk, policy))
 
 
 def largest_fitting_micro_batch(per_rank_batch: int, fits) -> int:
@@ -212,7 +234,9 @@ def table(args) -> str:
     per_rank = args.global_batch_size // args.gpus
     # what recomputes: every layer (True), none (False), or the first N (memory_table.recomputed_layers)
     ckpt = (args.activation_checkpointing_layers or True) if args.activation_checkpointing else False
-    ckpt_text = "off" if not ckpt else "on" if ckpt is True else f"on (at most the first {ckpt} layers)"
+    policy = args.activation_checkpointing_policy
+    ckpt_text = "off" if not ckpt else ("on" if ckpt is True else f"on (at most the first {ckpt} layers)") + \
+        (", selective" if policy == "selective" else "")
     head = (f"{args.gpus} GPUs x {args.memory_gb:g} GB (usable {budget / 1e9:.1f} GB each), r={args.rank}, "
             f"seq {args.seq_len}, vocab {args.vocab_size}, bf16 + fp32 Adam, activation checkpointing "
             f"{ckpt_text}, base {args.quantize or 'bf16'}, loss "
@@ -237,14 +261,14 @@ def table(args) -> str:
         ok = OFFLOAD_STAGES[offload]
         full = {z: state_bytes(total, (0, 0), z, args.gpus, offload) if z in ok else None for z in range(4)}
         low = {z: state_bytes(trainable_lr, frozen, z, args.gpus, offload) if z in ok else None for z in (0, 2, 3)}
-        act_full = activation_phases(cfg, args.seq_len, None, ckpt, args.loss_chunk_size)
-        act_low = activation_phases(cfg, args.seq_len, args.rank, ckpt, args.loss_chunk_size)
+        act_full = activation_phases(cfg, args.seq_len, None, ckpt, args.loss_chunk_size, policy)
+        act_low = activation_phases(cfg, args.seq_len, args.rank, ckpt, args.loss_chunk_size, policy)
 
         def mb(states, rank):
             if states is None:
                 return "n/a"
             fit = largest_fitting_micro_batch(per_rank, lambda m: states + activation_peak_bytes(
-                cfg, args.seq_len, rank, m, ckpt, args.loss_chunk_size) <= budget)
+                cfg, args.seq_len, rank, m, ckpt, args.loss_chunk_size, policy) <= budget)
             return str(fit) if fit else "-"
 
         def gb(states):
@@ -285,6 +309,9 @@ def main(argv=None) -> int:
     parser.add_argument("--activation-checkpointing-layers", type=positive_int, default=None,
                         help="with --activation-checkpointing: only the first N decoder layers recompute (the "
                              "trainer's --activation-checkpointing-layers; a preset with fewer: all of its layers)")
+    parser.add_argument("--activation-checkpointing-policy", choices=("full", "selective"), default="full",
+                        help="with --activation-checkpointing: the trainer's --activation-checkpointing-policy "
+                             "(selective: recomputed layers also keep their matmul and attention outputs)")
     parser.add_argument("--quantize", choices=("int8",), help="the trainer's --quantize: int8 frozen base weights")
     parser.add_argument("--offload", choices=tuple(OFFLOAD_STAGES), default="none",
                         help="what the DeepSpeed config offloads to host memory (ds_configs/zero2_offload.json: "
@@ -294,6 +321,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.activation_checkpointing_layers and not args.activation_checkpointing:
         parser.error("--activation-checkpointing-layers needs --activation-checkpointing")
+    if args.activation_checkpointing_policy != "full" and not args.activation_checkpointing:
+        parser.error("--activation-checkpointing-policy needs --activation-checkpointing")
     if args.loss_chunk_size < 0:
         parser.exit(2, f"error: --loss-chunk-size must be >= 0 (0: off), got {args.loss_chunk_size}\n")
     args.presets = [n for item in args.presets for n in item.split(",") if n]

@@ -69,7 +69,8 @@ class EnginesMixin:
     def _build_engine(self, model: LlamaForCausalLM, phase: str, load_universal: bool = False) -> None:
         cfg = self.cfg
         if cfg.activation_checkpointing:
-            model.gradient_checkpointing_enable(num_layers=cfg.activation_checkpointing_layers)
+            model.gradient_checkpointing_enable(num_layers=cfg.activation_checkpointing_layers,
+                                                policy=cfg.activation_checkpointing_policy)
         if cfg.loss_chunk_size:
             model.chunked_loss_enable(cfg.loss_chunk_size)
         if cfg.document_masking:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from . import checkpointing
 from .compiling import raise_recompile_limit
 from .documents import Documents, sdpa_dtype
 from .loss import linear_cross_entropy
@@ -250,6 +251,15 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _selective_checkpoint(layer, x, cos, sin, documents, rank: int):
+    """``layer(x, cos, sin, documents)`` under selective checkpointing (relora_ds/checkpointing.py). Compiled
+    (``LlamaForCausalLM.compile_layers``), the checkpoint is inside the graph, as torchtitan composes them: the
+    policy then marks the traced ops and the partitioner keeps or recomputes them. Compiled layers called
+    from an eager checkpoint would run kernels the policy cannot see, and recompute whole."""
+    return torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False,
+                                             context_fn=functools.partial(checkpointing.selective_contexts, rank=rank))
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -265,6 +275,8 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.gradient_checkpointing = False
         self.checkpoint_layers = config.num_hidden_layers  # the first this many recompute (gradient_checkpointing)
+        self.checkpoint_policy = "full"  # or "selective": relora_ds/checkpointing.py
+        self.compiled_selective = None  # compile_layers: _selective_checkpoint compiled (torch.compile)
         self.document_eos: int | None = None  # LlamaForCausalLM.document_masking_enable
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -281,11 +293,17 @@ class LlamaModel(nn.Module):
             documents = Documents(input_ids, self.document_eos).prepare(
                 dict.fromkeys(layer.self_attn.sliding_window for layer in self.layers), sdpa_dtype(x),
                 flash=self.layers[0].self_attn._use_flash(x.new_empty(0, dtype=q_dtype)))
+        # selective checkpointing recomputes the products over a LoRA rank (the warm start has none)
+        rank = checkpointing.lora_rank(self.layers) if self.checkpoint_policy == "selective" else 0
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled() and i < self.checkpoint_layers:
-                # Only the layer's input is kept; its activations are recomputed in backward (the RNG state
-                # is restored, so a LoRA dropout mask is drawn identically both times).
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False)
+                # Only the layer's input is kept (selective: also its matmul and attention outputs); its other
+                # activations are recomputed in backward (the RNG state is restored, so a LoRA dropout mask is
+                # drawn identically both times).
+                if self.checkpoint_policy == "selective":
+                    x = (self.compiled_selective or _selective_checkpoint)(layer, x, cos, sin, documents, rank)
+                else:
+                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, documents)
         return self.norm(x)
@@ -370,17 +388,24 @@ class LlamaForCausalLM(nn.Module):
     def document_masking_disable(self) -> None:
         self.model.document_eos = None
 
-    def gradient_checkpointing_enable(self, num_layers: int | None = None) -> None:
+    def gradient_checkpointing_enable(self, num_layers: int | None = None, policy: str = "full") -> None:
         """Recompute each decoder layer in backward instead of keeping its activations (Hugging Face's name);
         ``num_layers``: only the first ``num_layers`` of them (Megatron-LM's ``--recompute-num-layers``), the
-        later ones keep theirs."""
+        later ones keep theirs. ``policy``: "full" keeps only a layer's input; "selective" also keeps its
+        matmul and attention outputs and recomputes the cheap rest (relora_ds/checkpointing.py)."""
         n = self.config.num_hidden_layers
         if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
                                        or not 1 <= num_layers <= n):
             raise ValueError(f"num_layers must be a number of decoder layers from 1 to {n} (or None: all), "
                              f"got {num_layers!r}")
+        checkpointing.check_policy(policy)
+        if policy == "selective" and not checkpointing.selective_available():
+            raise RuntimeError(f"selective activation checkpointing needs torch >= 2.4 "
+                               f"(torch.utils.checkpoint.create_selective_checkpoint_contexts); this is torch "
+                               f"{torch.__version__}: upgrade torch or use policy='full'")
         self.model.gradient_checkpointing = True
         self.model.checkpoint_layers = n if num_layers is None else num_layers
+        self.model.checkpoint_policy = policy
 
     def gradient_checkpointing_disable(self) -> None:
         self.model.gradient_checkpointing = False
@@ -398,6 +423,9 @@ class LlamaForCausalLM(nn.Module):
         raise_recompile_limit(4 * len({layer.self_attn.sliding_window for layer in self.model.layers}))
         for layer in self.model.layers:
             layer.compile(**kwargs)
+        # Training steps under selective checkpointing run the checkpoint and the layer as one compiled function
+        # (its own code object: the same number of cache entries as the layers' training ones).
+        self.model.compiled_selective = torch.compile(_selective_checkpoint, **kwargs)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -157,6 +157,13 @@ class TrainConfig:
                                                            "activations (as Megatron-LM's --recompute-num-layers), "
                                                            "for a micro-batch between what no checkpointing and "
                                                            "checkpointing every layer fit; default: every layer")
+    activation_checkpointing_policy: str = _f("full", "with activation_checkpointing: 'full' keeps only a recomputed "
+                                                      "layer's input; 'selective' also keeps its matmul and "
+                                                      "attention outputs (about half the layer's activations) "
+                                                      "and recomputes only the cheap ops (norms, RoPE, SiLU, "
+                                                      "residual adds, LoRA dropout, the rank-r products): "
+                                                      "torchtitan's op-level selective checkpointing",
+                                              choices=("full", "selective"))
     loss_chunk_size: int = _f(0, "compute the loss this many tokens at a time through lm_head, never holding "
                                  "the full (tokens x vocab) logits (e.g. 1024); 0: plain logits")
     document_masking: bool = _f(False, "attention within each document of a packed window (a document ends at "
@@ -383,6 +390,9 @@ class TrainConfig:
 
         if self.activation_checkpointing_layers is not None and not self.activation_checkpointing:
             ignored.append((f"activation_checkpointing_layers={self.activation_checkpointing_layers}",
+                            "activation_checkpointing is off (--activation-checkpointing turns it on)"))
+        if self.activation_checkpointing_policy != "full" and not self.activation_checkpointing:
+            ignored.append((f"activation_checkpointing_policy={self.activation_checkpointing_policy!r}",
                             "activation_checkpointing is off (--activation-checkpointing turns it on)"))
         for name in ("eval_windows", "final_eval_windows"):
             if getattr(self, name) != getattr(TrainConfig, name) and not self.eval_every:

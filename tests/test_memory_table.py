@@ -85,8 +85,8 @@ def _heap_in_use():
 
 def measure_activations(cfg, rank, b, s, chunk_size):
     """{(checkpointing, chunked): (bytes in use after the forward, peak bytes during backward)}, above the idle
-    model with its grads, for the four combinations on one model, and checkpointing only the first layer
-    ("first_layer") on the full logits.
+    model with its grads, for the four combinations on one model, and on the full logits: checkpointing only the
+    first layer ("first_layer"), and the selective policy on every layer and on the first one only.
 
     The peak is sampled before and after every autograd node and every module call (the recomputed
     forward of checkpointing included), so it sees the state after each op's outputs exist. It does not
@@ -118,12 +118,13 @@ def measure_activations(cfg, rank, b, s, chunk_size):
     for chunked in (False, True):
         model.chunked_loss_enable(chunk_size) if chunked else model.chunked_loss_disable()
         for checkpointing in CHECKPOINTING:
-            if chunked and checkpointing == "first_layer":
+            if chunked and checkpointing not in ("none", "all"):
                 continue
             if checkpointing == "none":
                 model.gradient_checkpointing_disable()
             else:
-                model.gradient_checkpointing_enable(num_layers=1 if checkpointing == "first_layer" else None)
+                model.gradient_checkpointing_enable(num_layers=1 if checkpointing.endswith("first_layer") else None,
+                                                    policy="selective" if "selective" in checkpointing else "full")
             gc.collect()
             base = _heap_in_use()
             loss = model(ids, labels=ids).loss
@@ -147,8 +148,9 @@ def measure_activations(cfg, rank, b, s, chunk_size):
 # vocab 64: a layer's activations dominate the transient; vocab 8192: the logits do. (A middle vocab, 2048,
 # passed too; dropped to keep CI short: 4 cases of ~12 s.)
 VOCABS, B, S, RANK, CHUNK = (64, 8192), 4, 256, 16, 128
-# which layers recompute, and what memory_table takes for it (recomputed_layers)
-CHECKPOINTING = {"none": False, "all": True, "first_layer": 1}
+# which layers recompute and how, and what memory_table takes for it (recomputed_layers, policy)
+CHECKPOINTING = {"none": (False, "full"), "all": (True, "full"), "first_layer": (1, "full"),
+                 "selective": (True, "selective"), "selective_first_layer": (1, "selective")}
 
 
 @pytest.fixture(scope="module")
@@ -174,28 +176,35 @@ def measured():
 
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("checkpointing, chunked", [("none", False), ("all", False), ("first_layer", False),
+                                                    ("selective", False), ("selective_first_layer", False),
                                                     ("none", True), ("all", True)])
 def test_peak_activations_match_the_heap(measured, checkpointing, chunked, vocab):
     cfg = LlamaConfig.preset("tiny", attn_implementation="sdpa", vocab_size=vocab, num_hidden_layers=2)
     b, s, rank = B, S, RANK
-    label, checkpointing = checkpointing, CHECKPOINTING[checkpointing]
+    label, (checkpointing, policy) = checkpointing, CHECKPOINTING[checkpointing]
     kept, peak = measured[f"{label}-{chunked}-{vocab}"]
     # Beyond the formula: graph nodes, RoPE tables, labels (< 0.5 MB here, per batch not per sequence).
     slack = 0.5e6
     weight_grad = 4 * cfg.vocab_size * cfg.hidden_size if chunked else 0
-    assert kept == pytest.approx(b * memory_table.kept_activation_bytes(cfg, s, rank, checkpointing, chunked)
+    assert kept == pytest.approx(b * memory_table.kept_activation_bytes(cfg, s, rank, checkpointing, chunked, policy)
                                  + weight_grad, rel=0.03, abs=slack)
     # The chunked loss's per-chunk logits (6 c V) live inside one autograd node, where the sampling cannot see
     # (tests/test_loss.py bounds them); with a 1-token chunk the formula leaves them out and keeps the rest.
-    want = memory_table.activation_peak_bytes(cfg, s, rank, b, checkpointing, 1 if chunked else 0)
+    want = memory_table.activation_peak_bytes(cfg, s, rank, b, checkpointing, 1 if chunked else 0, policy)
     # Measured 0.95-1.02x the formula: backward's own gradient buffers come and go around these terms
     # (README.md, "Sizing micro-batch and ZeRO stage", quotes this tolerance).
     assert peak == pytest.approx(want, rel=0.07, abs=slack)
     if label == "all" and not chunked and vocab == 64:  # what it saves is real: the layers' activations are gone
         assert peak < 0.6 * memory_table.activation_peak_bytes(cfg, s, rank, b)
+    kept_none, kept_all = (measured[f"{c}-False-{vocab}"][0] for c in ("none", "all"))
     if label == "first_layer":  # one of the two layers: between none and all, and not at either end
-        kept_none, kept_all = (measured[f"{c}-False-{vocab}"][0] for c in ("none", "all"))
         assert kept_all + 0.3 * (kept_none - kept_all) < kept < kept_none - 0.3 * (kept_none - kept_all)
+    if label == "selective":  # the layers keep about half of what they keep without checkpointing
+        assert kept_all + 0.3 * (kept_none - kept_all) < kept < kept_none - 0.3 * (kept_none - kept_all)
+        if vocab == 64:  # and the peak, while a layer recomputes, is still well below no checkpointing's
+            assert peak < 0.85 * measured[f"none-False-{vocab}"][1]
+    if label == "selective_first_layer":  # between selective everywhere and no checkpointing
+        assert measured[f"selective-False-{vocab}"][0] < kept < kept_none
     if chunked and vocab == 8192:  # and the logits' share is gone
         assert peak < 0.5 * memory_table.activation_peak_bytes(cfg, s, rank, b, checkpointing)
 

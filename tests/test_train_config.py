@@ -55,6 +55,8 @@ def test_batch_arithmetic():
     (dict(prune_method="l1"), "prune_method='l1' is not valid; valid values: 'magnitude', 'random', 'reset'"),
     (dict(mode="qlora"), "mode='qlora' is not valid; valid values: 'relora', 'lora', 'full'"),
     (dict(kernels="fast"), "kernels='fast' is not valid; valid values: 'auto', 'triton', 'torch', 'reference'"),
+    (dict(activation_checkpointing=True, activation_checkpointing_policy="op"),
+     "activation_checkpointing_policy='op' is not valid; valid values: 'full', 'selective'"),
     # numbers that used to pass validation and fail later (a torch error at the first step, a TypeError)
     (dict(lr=-1.0), "lr=-1.0 must be positive"),
     (dict(alpha=float("nan")), "alpha=nan must be a finite number"),  # nan passes every comparison
@@ -219,6 +221,8 @@ def test_settings_a_mode_does_not_use_are_named():
             (dict(mode="full", kernels="torch"), r"kernels='torch' is ignored: mode='full' has no LoRA layers"),
             (dict(activation_checkpointing_layers=2), r"activation_checkpointing_layers=2 is ignored: "
                                                       r"activation_checkpointing is off \(--activation-checkpointing"),
+            (dict(activation_checkpointing_policy="selective"), r"activation_checkpointing_policy='selective' is "
+                                                                r"ignored: activation_checkpointing is off"),
             (dict(mode="full", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='full' has no "
                                                         "resets"),
             (dict(mode="lora", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='lora' has no "
@@ -234,6 +238,7 @@ def test_settings_a_mode_does_not_use_are_named():
         for kw in (dict(lowrank_schedule="restart", warm_start_steps=5, warm_start_lr=1e-3), dict(dropout=0.1),
                    dict(prune_joint=True), dict(merge_residual=True), dict(prune_method="reset"),
                    dict(activation_checkpointing=True, activation_checkpointing_layers=2),
+                   dict(activation_checkpointing=True, activation_checkpointing_policy="selective"),
                    dict(prune_method="random", prune_ratio=0.5), dict(restart_warmup_steps=5),
                    dict(mode="lora", cycle_length=None, restart_warmup_steps=5, warm_start_steps=5,
                         warm_start_lr=1e-3)):

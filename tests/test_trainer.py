@@ -169,13 +169,15 @@ def test_other_zero_stages_train_through_switch_and_resets_then_export(tmp_path,
     NVMe (bf16, the shipped configs; zero3_nvme.json with its nvme_path set to a folder here; this model's
     tensors are below DeepSpeed's 1 MiB swap threshold: tests/test_nvme_offload.py swaps real ones):
     warm-start switch (gathering full-rank weights from
-    the partitions), two resets, and an export that loads in transformers. The ZeRO-3 run also recomputes
-    activations (activation_checkpointing: ZeRO-3 must re-gather each layer's weights for the recompute)
-    and keeps bf16 merge residuals (every rank merges the gathered weight, for its own residual buffer)."""
+    the partitions), two resets, and an export that loads in transformers. The ZeRO-3 runs also recompute
+    activations (activation_checkpointing: ZeRO-3 must re-gather each layer's weights for the recompute; the
+    plain ZeRO-3 run under the selective policy, whose recompute replays the gathers among the ops it does not
+    keep) and keep bf16 merge residuals (every rank merges the gathered weight, for its own residual buffer)."""
     import transformers
 
     zero3 = stage.startswith("3")
-    recipe, _ = write(tmp_path, small_data_dir, export=True, activation_checkpointing=zero3, merge_residual=zero3)
+    recipe, _ = write(tmp_path, small_data_dir, export=True, activation_checkpointing=zero3, merge_residual=zero3,
+                      activation_checkpointing_policy="selective" if stage == "3" else "full")
     ds = ROOT / f"ds_configs/zero{stage}.json"
     if stage == "3_nvme":
         shipped = json.loads(ds.read_text())

@@ -257,7 +257,8 @@ def test_train_py_reports_a_refused_start_or_resume_in_one_line(tmp_path, monkey
 @pytest.mark.parametrize("mode, settings", [
     ("relora", dict(dropout=0.1, target_modules=["q_proj", "v_proj"], merge_residual=True, rank=4, alpha=8.0)),
     ("relora", dict(quantize="int8", rank=2)),
-    ("relora", dict(rank=4, activation_checkpointing=True, activation_checkpointing_layers=1, compile=True)),
+    ("relora", dict(rank=4, activation_checkpointing=True, activation_checkpointing_layers=1, compile=True,
+                    activation_checkpointing_policy="selective")),
     ("lora", dict(rank=4)),
     ("full", {}),
 ])
@@ -300,6 +301,8 @@ def test_the_engine_is_built_on_the_recipes_layers(tmp_path, monkeypatch, mode, 
     # activation_checkpointing(_layers) and compile reach the model: which layers recompute, which are compiled
     assert model.model.gradient_checkpointing == cfg.activation_checkpointing
     assert model.model.checkpoint_layers == (cfg.activation_checkpointing_layers or model.config.num_hidden_layers)
+    assert model.model.checkpoint_policy == cfg.activation_checkpointing_policy
+    assert (model.model.compiled_selective is not None) == cfg.compile
     assert [layer._compiled_call_impl is not None for layer in model.model.layers] == \
         [cfg.compile] * model.config.num_hidden_layers
     # The full-rank trained parameters: the embedding, the head and every linear no ReLoRA layer wraps in the

@@ -1,0 +1,86 @@
+"""Selective activation checkpointing: a recomputed decoder layer keeps its GEMM and attention outputs.
+
+Full checkpointing (``--activation-checkpointing``) keeps only each layer's input and runs the whole layer
+again in backward: every GEMM twice. The selective policy (``--activation-checkpointing-policy selective``;
+torchtitan's op-level "selective AC", Korthikanti et al. 2022's idea at op granularity) keeps, during the
+forward, the outputs of
+
+- the big matmuls (``aten.mm``/``aten.addmm``): the seven projections' ``X Wᵀ`` and ``X Aᵀ``, the
+  full-rank layers' products in the warm start, and the merged weight's products;
+- attention: torch SDPA's fused kernels (flash, memory-efficient, cuDNN, CPU flash) and flash-attn's
+  (when it is installed and registers its ops with torch, flash-attn >= 2.7);
+
+and recomputes the rest in backward: RMSNorm, RoPE, SiLU and the gating product, the residual adds, the
+LoRA dropout mask, and the rank-r products (``S Bᵀ``, ``s·B A``), whose contraction over r is the smallest
+dimension of the product, so recomputing them costs ``r/in`` of the big GEMM's. What backward recomputes
+is thus a small fraction of a forward, against a whole one with full checkpointing; what a layer keeps is
+about half of what it keeps without checkpointing (``launch/memory_table.py`` has the per-layer bytes).
+
+Mechanism: torch's ``create_selective_checkpoint_contexts`` (torch >= 2.4) as ``checkpoint``'s
+``context_fn``. It sees torch ops only: the Triton layer path's kernels (``RELORA_KERNELS=triton``) are not
+torch ops, so their GEMMs recompute as under full checkpointing; the BLAS path (``auto``'s default on CPU
+and CUDA) and the reference are torch ops throughout. A kept output must not be written in place afterwards
+(torch checks it and raises): the layer paths compute their outputs out of place (kernels/torch_linear.py).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+POLICIES = ("full", "selective")
+
+_MATMULS = ("aten::mm", "aten::addmm")
+# Fused attention kernels, by schema name (no import of flash_attn needed): their outputs (and the logsumexp
+# backward needs) are kept. torch's math attention is a composite of bmm and softmax; it recomputes.
+_ATTENTION = ("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
+              "aten::_scaled_dot_product_cudnn_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_fused_attention_overrideable",
+              "flash_attn::_flash_attn_forward", "flash_attn::_flash_attn_varlen_forward")
+
+
+def keeps(func, args, rank: int = 0) -> bool:
+    """Whether the selective policy keeps ``func``'s output: an out-of-place matmul ``(m, k) @ (k, n)`` whose
+    contraction k is above ``rank`` (the largest LoRA rank of the model, 0 without LoRA: a product over k <=
+    rank is a rank-r one, cheap to recompute), or fused attention."""
+    schema = func._schema
+    if schema.is_mutable:  # an in-place or out= op: its output is a tensor something else owns
+        return False
+    if schema.name in _ATTENTION:
+        return True
+    if schema.name in _MATMULS:
+        return args[-2].shape[1] > rank  # mm(a, b), addmm(bias, a, b): k = a's columns
+    return False
+
+
+def _selective_policy(ctx, func, *args, rank, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy.MUST_SAVE if keeps(func, args, rank) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_contexts(rank: int = 0):
+    """``checkpoint(..., context_fn=functools.partial(selective_contexts, rank=r))``: the forward's and the
+    recompute's contexts, for a model whose largest LoRA rank is ``r`` (0: none)."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    return create_selective_checkpoint_contexts(functools.partial(_selective_policy, rank=rank))
+
+
+def lora_rank(module: torch.nn.Module) -> int:
+    """The largest LoRA rank among ``module``'s adapted layers (their ``lora_A``, r x in); 0 if none."""
+    return max((m.lora_A.shape[0] for m in module.modules() if isinstance(getattr(m, "lora_A", None), torch.Tensor)),
+               default=0)
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"activation checkpointing policy {policy!r} is not valid; valid policies: "
+                         f"{', '.join(map(repr, POLICIES))} (full: recompute each layer whole; selective: keep its "
+                         "matmul and attention outputs, recompute the rest)")
+    return policy
+
+
+@functools.lru_cache(maxsize=None)
+def selective_available() -> bool:
+    """torch >= 2.4 has ``create_selective_checkpoint_contexts``."""
+    import torch.utils.checkpoint as ckpt
+    return hasattr(ckpt, "create_selective_checkpoint_contexts")

@@ -1,0 +1,157 @@
+"""Selective activation checkpointing (relora_ds/checkpointing.py, --activation-checkpointing-policy selective).
+
+Oracles: the same model without checkpointing (loss and every gradient), and what backward runs: under the
+selective policy the recompute runs no big GEMM (only the rank-r products), so backward's big GEMMs are
+exactly those of a backward without checkpointing, while full checkpointing runs the forward's again. What it
+keeps in memory is checked against the heap in tests/test_memory_table.py, and compiled in tests/test_compile.py.
+"""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import relora_ds
+from relora_ds import checkpointing
+
+QWEN2 = relora_ds.LlamaConfig(  # biases on q/k/v (F.linear's addmm in the warm start), GQA
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, model_type="qwen2")
+
+
+class _GemmLog(TorchDispatchMode):
+    """(op, contraction k) of every mm/addmm dispatched, in place or not."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in ("aten::mm", "aten::addmm"):
+            self.calls[func._schema.name, args[-2].shape[1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model(config=None, rank=4, **wrap_kw):
+    torch.manual_seed(0)
+    model = relora_ds.LlamaForCausalLM(config or relora_ds.LlamaConfig.preset("debug"))
+    if rank:
+        relora_ds.wrap(model, rank=rank, **wrap_kw)
+        with torch.no_grad():  # a live low-rank branch (B = 0 would hide lora_A's gradient and the dropout)
+            for _, layer in relora_ds.relora_layers(model):
+                layer.lora_B.normal_(0, 0.05)
+    return model
+
+
+def _run(model, policy, batch, documents=None):
+    """Loss, gradients and the backward's GEMMs, with ``policy`` (None: no checkpointing)."""
+    if policy:
+        model.gradient_checkpointing_enable(policy=policy)
+    if documents is not None:
+        model.document_masking_enable(documents)
+    torch.manual_seed(123)  # the same LoRA dropout masks in every run
+    loss = model(batch, labels=batch).loss
+    with _GemmLog() as log:
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, log.calls
+
+
+@pytest.mark.parametrize("case", ["torch_path", "epilogue_chain_dropout", "reference", "int8", "full_rank_qwen2",
+                                  "qwen2_documents"])
+def test_selective_same_loss_and_grads_and_no_big_gemm_recomputed(monkeypatch, case):
+    """Against no checkpointing on the same model: loss and every gradient equal (the kept outputs are the very
+    tensors the forward made; what recomputes is deterministic, the dropout mask redrawn from the restored RNG).
+    Backward's GEMMs: under selective the only ones beyond a plain backward's are over k <= rank (the rank-r
+    products recomputed); under full, the forward's big ones as well. Cases: the BLAS path as CPU runs it
+    (merged weight), its epilogue chain with LoRA dropout (RELORA_MERGED_WEIGHT=0), the PEFT-style reference,
+    an int8 base, and the full-rank warm start (no LoRA: every GEMM kept) of a Qwen2 (q/k/v biases), also with
+    document masking (SDPA's masked kernel)."""
+    rank, config, wrap_kw, documents = 4, None, {}, None
+    if case == "epilogue_chain_dropout":
+        monkeypatch.setenv("RELORA_MERGED_WEIGHT", "0")
+        wrap_kw = dict(dropout=0.2)
+    elif case == "reference":
+        monkeypatch.setenv("RELORA_KERNELS", "reference")
+    elif case == "int8":
+        wrap_kw = dict(quantize="int8")
+    elif case.endswith("qwen2") or case == "qwen2_documents":
+        rank, config = 0, QWEN2
+        documents = 2 if case == "qwen2_documents" else None
+    batch = torch.randint(3, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+    batch[0, 9] = batch[1, 20] = 2  # document ends (used only with document masking)
+    plain = _run(_model(config, rank, **wrap_kw), None, batch, documents)
+    selective = _run(_model(config, rank, **wrap_kw), "selective", batch, documents)
+    full = _run(_model(config, rank, **wrap_kw), "full", batch, documents)
+    for got in (selective, full):
+        assert torch.equal(plain[0], got[0])
+        assert plain[1].keys() == got[1].keys() and len(plain[1]) > 0
+        for n in plain[1]:
+            torch.testing.assert_close(got[1][n], plain[1][n], rtol=1e-5, atol=1e-7, msg=n)
+    extra = {key: n - plain[2][key] for key, n in selective[2].items() if n != plain[2][key]}
+    assert all(k <= rank for (_, k) in extra), extra  # only rank-r products recompute
+    assert (len(extra) > 0) == (rank > 0)  # with LoRA they do (S Bᵀ, or the merged weight's B A)
+    big = sum(n for (_, k), n in (full[2] - plain[2]).items() if k > rank)
+    # full recomputes the forward's big GEMMs: 2 layers x 6 projections at least (the recompute stops once it
+    # has what backward needs, before down_proj, whose output only the residual add reads)
+    assert big >= 2 * 6
+
+
+@pytest.mark.parametrize("num_layers", [1, None])
+def test_selective_recomputes_the_first_layers_only(num_layers):
+    """With num_layers=1 only the first layer recomputes (its norms, hence RMSNorm's rsqrt, run again in
+    backward), the other keeps all its activations: 2 RMSNorms per recomputed layer."""
+    model = _model()
+    model.gradient_checkpointing_enable(num_layers=num_layers, policy="selective")
+    assert model.model.checkpoint_policy == "selective"
+    batch = torch.randint(3, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    loss = model(batch, labels=batch).loss
+
+    class Rsqrt(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Rsqrt.n += func._schema.name == "aten::rsqrt"
+            return func(*args, **(kwargs or {}))
+    with Rsqrt():
+        loss.backward()
+    assert Rsqrt.n == 2 * (num_layers or model.config.num_hidden_layers)
+
+
+def test_the_policy_keeps_big_matmuls_and_fused_attention_only():
+    """Hand-picked ops: a projection's product (k = in) is kept at any token count, a rank-r one (k <= rank)
+    is not, nor an in-place or out= product, nor the element-wise ops; SDPA's fused kernel is kept."""
+    x, w, a, b = torch.randn(300, 64), torch.randn(96, 64), torch.randn(4, 64), torch.randn(96, 4)
+    s = x @ a.t()
+    aten = torch.ops.aten
+    assert checkpointing.keeps(aten.mm.default, (x, w.t()), rank=4)  # X Wᵀ: 300 tokens, k = 64
+    assert checkpointing.keeps(aten.mm.default, (x, a.t()), rank=4)  # X Aᵀ: k = 64, the small S kept
+    assert checkpointing.keeps(aten.addmm.default, (torch.zeros(96), x, w.t()), rank=4)
+    assert not checkpointing.keeps(aten.mm.default, (s, b.t()), rank=4)  # S Bᵀ: k = r
+    assert not checkpointing.keeps(aten.addmm.default, (w, b, a), rank=4)  # W + s B A: k = r
+    assert checkpointing.keeps(aten.mm.default, (s, b.t()), rank=0)  # no LoRA: every product kept
+    assert not checkpointing.keeps(aten.addmm_.default, (torch.zeros(300, 96), x, w.t()), rank=4)  # in place
+    assert not checkpointing.keeps(aten.mm.out, (x, w.t()), rank=4)  # out=
+    for op in (aten.silu.default, aten.mul.Tensor, aten.rsqrt.default, aten.bmm.default):
+        assert not checkpointing.keeps(op, (x, x), rank=4)
+    assert checkpointing.keeps(aten._scaled_dot_product_flash_attention_for_cpu.default, (x, x, x), rank=4)
+    assert checkpointing.keeps(aten._scaled_dot_product_efficient_attention.default, (x, x, x), rank=4)
+
+
+def test_lora_rank_is_the_largest_adapted_rank():
+    assert checkpointing.lora_rank(_model(rank=0)) == 0
+    model = _model(rank=4)
+    assert checkpointing.lora_rank(model) == 4
+    name, layer = next(iter(relora_ds.relora_layers(model)))
+    layer.lora_A = torch.nn.Parameter(torch.zeros(6, layer.lora_A.shape[1]))  # one layer of another rank
+    assert checkpointing.lora_rank(model) == 6
+
+
+def test_bad_policy_is_named():
+    model = _model()
+    with pytest.raises(ValueError, match=r"activation checkpointing policy 'some' is not valid; valid policies: "
+                                         r"'full', 'selective'"):
+        model.gradient_checkpointing_enable(policy="some")
+    assert not model.model.gradient_checkpointing  # nothing half-enabled

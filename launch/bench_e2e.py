@@ -48,11 +48,12 @@ def use_path(path: str) -> None:
 
 def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, device: str = "cuda",
         interleave: list[str] | None = None, dtype: str | None = None, quantize: str | None = None,
-        loss_chunk_size: int = 0, activation_checkpointing: bool = False,
+        loss_chunk_size: int = 0, activation_checkpointing: bool | str = False,
         path: str | None = None, compile_layers: bool = False) -> dict | list[dict]:
     """Time ``steps`` training steps after 3 warm-up steps on ``path`` (None: the environment as it is).
     ``interleave``: alternate these paths step by step on one model and batch (cancels a shared machine's
-    drift); returns one row per path."""
+    drift); returns one row per path. ``activation_checkpointing``: False, True or "full" (every layer recomputed
+    whole), "selective" (the policy of relora_ds/checkpointing.py)."""
     import torch
 
     import relora_ds
@@ -70,7 +71,7 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
     if loss_chunk_size:
         model.chunked_loss_enable(loss_chunk_size)
     if activation_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(policy="full" if activation_checkpointing is True else activation_checkpointing)
     if compile_layers:
         model.compile_layers()  # compiled in the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
@@ -134,6 +135,8 @@ def main() -> None:
     ap.add_argument("--loss-chunk-size", type=int, nargs="+", default=[0],
                     help="model.chunked_loss_enable(N); 0: full logits; several: one run each")
     ap.add_argument("--activation-checkpointing", action="store_true", help="model.gradient_checkpointing_enable()")
+    ap.add_argument("--activation-checkpointing-policy", choices=("full", "selective"), default="full",
+                    help="with --activation-checkpointing: gradient_checkpointing_enable(policy=...)")
     ap.add_argument("--compile", action="store_true", help="model.compile_layers() (torch.compile of each decoder "
                     "layer, the trainer's --compile), compiled during the warm-up steps")
     ap.add_argument("--paths", nargs="+", default=None, choices=tuple(PATH_ENV),
@@ -147,7 +150,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank, args.device,
                              args.paths if args.interleave else None, args.dtype, args.quantize,
-                             args.loss_chunk_size[0], args.activation_checkpointing,
+                             args.loss_chunk_size[0],
+                             args.activation_checkpointing and args.activation_checkpointing_policy,
                              None if args.interleave or not args.paths else args.paths[0], args.compile)))
         return
     import torch
@@ -173,7 +177,8 @@ def main() -> None:
                    "--paths", *paths] + (["--interleave"] if args.interleave else []) + \
                 (["--dtype", args.dtype] if args.dtype else []) + (["--quantize", args.quantize] if args.quantize else []) + \
                 ["--loss-chunk-size", str(chunk)] + \
-                (["--activation-checkpointing"] if args.activation_checkpointing else []) + \
+                (["--activation-checkpointing", "--activation-checkpointing-policy",
+                  args.activation_checkpointing_policy] if args.activation_checkpointing else []) + \
                 (["--compile"] if args.compile else [])
             # stdout is the row; stderr streams through, so a run killed at a time limit still shows its progress
             proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)

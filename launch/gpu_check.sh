@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device call for the open GPU work of the kernels and int8 issues (see BENCHMARKS.md).
 #   GPU_CHECK_BUDGET=540 bash launch/gpu_check.sh [stage ...]
-#   stages: env tune e2e tests bench host tma int8 loss ds compile (default: env bench host tune tests e2e tma int8 loss)
+#   stages: env tune e2e tests bench host tma int8 loss ds compile ckpt (default: env bench host tune tests e2e tma int8 loss)
 # The default order is what the open targets need first after the H200 run of 2026-12-04 (which ran bench, tma,
 # int8, e2e, ds and most of tests): the layer throughput again with each timing's host time beside it (bench:
 # is the fused layer launch-bound at d=2048? its fwd+bwd read 1.34 ms against 0.38 + 0.63 ms timed apart; it
@@ -92,6 +92,11 @@ for st in "${stages[@]}"; do
     loss) run loss 240 python3 launch/bench_e2e.py --presets 1b --paths auto --micro-batch 16 \
             --activation-checkpointing --loss-chunk-size 1024 0 --steps 6 --out "$OUT/e2e_loss_chunk.json" ;;
           # the chunked loss (first) and the full logits: tokens/s and peak memory, with activation checkpointing
+    ckpt) run ckpt 240 bash -c 'for p in full selective; do python3 launch/bench_e2e.py --presets 1b --paths auto \
+            --micro-batch 16 --activation-checkpointing --activation-checkpointing-policy $p --steps 6 \
+            --out "$1/e2e_ckpt_$p.json"; done; python3 launch/bench_e2e.py --presets 1b --paths auto --micro-batch 16 \
+            --steps 6 --out "$1/e2e_ckpt_none.json"' _ "$OUT" ;;
+          # activation checkpointing full vs selective vs none at 1b: step time and peak memory (not yet measured)
     host) run host 90 bash -c 'python3 launch/bench_host_overhead.py --device cuda --out "$1/host_overhead.json"; \
             python3 launch/bench_host_overhead.py --device cuda --M 16384 --d 2048 --out "$1/host_overhead.json"' _ "$OUT" ;;
     tune) run tune 200 python3 launch/tune_kernels.py --out "$OUT/tune_kernels.json" ;;

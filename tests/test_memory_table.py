@@ -286,6 +286,7 @@ def test_readme_sizing_tables_are_the_scripts_output(capsys):
             tables.append(current)
             current = []
     options = [[], ["--gpus", "16"], ["--activation-checkpointing"],
+               ["--activation-checkpointing", "--activation-checkpointing-policy", "selective"],
                ["--activation-checkpointing", "--loss-chunk-size", "1024"]]
     assert len(tables) == len(options)
     for table, argv in zip(tables, options):

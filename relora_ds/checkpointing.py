@@ -84,3 +84,13 @@ def selective_available() -> bool:
     """torch >= 2.4 has ``create_selective_checkpoint_contexts``."""
     import torch.utils.checkpoint as ckpt
     return hasattr(ckpt, "create_selective_checkpoint_contexts")
+
+
+def hf_checkpointing_kwargs(model: torch.nn.Module) -> dict:
+    """The selective policy for a Hugging Face transformers model (the FSDP2 and HF Trainer paths):
+    ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=hf_checkpointing_kwargs(model))``
+    (transformers passes them to ``torch.utils.checkpoint.checkpoint`` around each decoder layer). Call it
+    after ``relora_ds.wrap``: the rank-r products are told apart by the model's largest LoRA rank."""
+    if not selective_available():
+        raise RuntimeError(f"selective activation checkpointing needs torch >= 2.4; this is torch {torch.__version__}")
+    return {"use_reentrant": False, "context_fn": functools.partial(selective_contexts, rank=lora_rank(model))}

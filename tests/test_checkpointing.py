@@ -172,3 +172,38 @@ def test_selective_on_the_triton_path(kernels_on, monkeypatch, lowrank_blas):
     assert torch.equal(plain[0], selective[0]) and plain[1].keys() == selective[1].keys()
     for n in plain[1]:
         torch.testing.assert_close(selective[1][n], plain[1][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_the_policy_on_a_transformers_model_through_its_checkpointing_kwargs():
+    """hf_checkpointing_kwargs: transformers' own gradient checkpointing of a ReLoRA-wrapped LlamaForCausalLM
+    with the selective policy. Oracle: the same model without checkpointing (loss and gradients equal); its
+    backward runs beyond a plain one's only the 7 rank-r products per layer, while transformers' default
+    (full) runs the forward's big GEMMs again."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, attn_implementation="sdpa")
+
+    def run(selective):
+        torch.manual_seed(0)
+        model = relora_ds.wrap(transformers.LlamaForCausalLM(cfg), rank=4)
+        with torch.no_grad():
+            for _, layer in relora_ds.relora_layers(model):
+                layer.lora_B.normal_(0, 0.05)
+        model.train()
+        if selective is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing.hf_checkpointing_kwargs(
+                model) if selective else {"use_reentrant": False})
+        batch = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+        loss = model(batch, labels=batch).loss
+        with _GemmLog() as log:
+            loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, log.calls
+
+    plain, selective, full = run(None), run(True), run(False)
+    assert torch.equal(plain[0], selective[0]) and plain[1].keys() == selective[1].keys()
+    for n in plain[1]:
+        torch.testing.assert_close(selective[1][n], plain[1][n], rtol=1e-5, atol=1e-7, msg=n)
+    extra = selective[2] - plain[2]
+    assert all(k == 4 for _, k in extra) and sum(extra.values()) == 2 * 7, extra
+    assert sum(n for (_, k), n in (full[2] - plain[2]).items() if k > 4) >= 2 * 6

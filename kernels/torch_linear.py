@@ -6,12 +6,15 @@ activations. With M tokens, the reference (PEFT-style autograd) moves these M x 
     forward   Y0 = X W^T, L = S B^T, s·L, Y0 + s·L                      4 writes, 3 reads
     backward  s·dY, dX0 = dY W, dXl = dS A, dX0 + dXl                   3 writes, 3 reads (+ dY reads)
 
-This path computes ``C = b + S B^T`` and then ``Y = s·C + X W^T`` (BLAS beta: C is read once in the GEMM
-epilogue; with a bias the scale is addmm's alpha on C instead), and ``dX = dS A``, then ``dX += dY W`` in
-place; the scale lands on the rank-r tensors (dS, dB) or an epilogue, never on a pass over an M x out one:
+This path computes ``C = b + s·S B^T`` and then ``C += X W^T`` in place (BLAS beta=1: C is read once in
+the GEMM epilogue), and ``dX = dS A``, then ``dX += dY W`` in place; the scale lands on the rank-r tensors
+(dS, dB), never on an M x out one:
 
-    forward   C, then Y = s·C + X W^T                                    2 writes, 1 read
+    forward   C, then C += X W^T                                         2 writes, 1 read
     backward  T = dS A, then T += dY W                                   2 writes, 1 read
+
+Under a Python dispatch mode (selective activation checkpointing keeps product outputs, which must not be
+written afterwards) or while torch.compile traces, the forward runs out of place instead (_side_then_base).
 
 Saved for backward: X, S (M x r) and the dropout keep-mask (1 B per element) instead of the reference's
 X, dropout(X) and X A^T. Used by ``RELORA_KERNELS=auto`` wherever Triton is not (see ``_runtime``).
@@ -35,6 +38,7 @@ times that M; at a quarter of it the merged variant took 1.04-1.87x the epilogue
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._runtime import autocast_inputs, merged_weight_env
 from .int8_reference import int8_dequantize_reference, int8_lora_linear_reference
@@ -82,14 +86,24 @@ def _w_eff(weight, lora_A, lora_B, scale):
     return torch.addmm(weight, lora_B, lora_A, alpha=scale)
 
 
+def _out_of_place() -> bool:
+    """Whether a Python dispatch mode is active (selective activation checkpointing's, relora_ds/checkpointing.py)
+    or torch.compile is tracing: then no product's output is written after it is made."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None  # this order: traceable
+
+
 def _side_then_base(s, lora_B, x2, weight, bias, scale):
-    """``Y = (b + s·S Bᵀ) + X Wᵀ``: first ``C = b + s·S Bᵀ`` (bias broadcast by addmm), then ``Y = C + X Wᵀ``
-    with C read once in the GEMM's epilogue (BLAS beta; without a bias the scale rides on beta, no pass of its
-    own). Out of place: selective activation checkpointing (relora_ds/checkpointing.py) keeps the big product's
-    output as made and recomputes C, and a tensor it keeps must not be written afterwards."""
-    if bias is not None:
-        return torch.addmm(torch.addmm(bias, s, lora_B.t(), alpha=scale), x2, weight.t())
-    return torch.addmm(torch.mm(s, lora_B.t()), x2, weight.t(), beta=scale)
+    """``Y = b + s·S Bᵀ + X Wᵀ``: ``C = b + s·S Bᵀ`` (bias broadcast by addmm), then ``C += X Wᵀ`` in place
+    (BLAS beta=1: C read once in the GEMM's epilogue). Under selective activation checkpointing, which keeps
+    the big product's output as made (a kept tensor must not be written afterwards), out of place instead:
+    ``Y = C + X Wᵀ`` into a new buffer, ``C = S Bᵀ`` unscaled and the scale on beta where there is no bias.
+    addmm first copies C into Y there: with a bias one more M x out read and write than in place."""
+    if _out_of_place():
+        if bias is not None:
+            return torch.addmm(torch.addmm(bias, s, lora_B.t(), alpha=scale), x2, weight.t())
+        return torch.addmm(torch.mm(s, lora_B.t()), x2, weight.t(), beta=scale)
+    y = torch.addmm(bias, s, lora_B.t(), alpha=scale) if bias is not None else torch.mm(s, lora_B.t()).mul_(scale)
+    return y.addmm_(x2, weight.t())
 
 
 class MergedLoRALinearFunction(torch.autograd.Function):
@@ -139,9 +153,8 @@ class MergedInt8LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, d_in)
         s = torch.mm(x2, lora_A.t())
         w = int8_dequantize_reference(q, w_scale, x.dtype)
-        if merged:
+        if merged:  # w is this call's own dequantized buffer: writing it is safe under selective checkpointing
             w.addmm_(lora_B, lora_A, alpha=scale)
-        if merged:
             y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
         else:
             y = _side_then_base(s, lora_B, x2, w, bias, scale)
@@ -200,7 +213,7 @@ class TorchLoRALinearFunction(torch.autograd.Function):
         xd = x2 if keep2 is None else x2 * keep2  # the masked copy lives only inside forward
         s = torch.mm(xd, lora_A.t())
         if keep2 is not None:
-            s = s * inv_keep  # M x r; out of place, as every product here (see _side_then_base)
+            s = s * inv_keep  # M x r, out of place: S may be kept by selective checkpointing (_side_then_base)
         y = _side_then_base(s, lora_B, x2, weight, bias, scale)
         ctx.save_for_backward(x, s, weight, lora_A, lora_B, keep2)  # x itself: see reference.differentiable_backward
         ctx.scale, ctx.inv_keep, ctx.x_shape, ctx.has_bias = scale, inv_keep, x.shape, bias is not None

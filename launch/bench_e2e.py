@@ -147,6 +147,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench_e2e.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.activation_checkpointing_policy != "full" and not args.activation_checkpointing:
+        ap.error("--activation-checkpointing-policy needs --activation-checkpointing")
     if args.one:
         print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank, args.device,
                              args.paths if args.interleave else None, args.dtype, args.quantize,

@@ -20,7 +20,9 @@ Mechanism: torch's ``create_selective_checkpoint_contexts`` (torch >= 2.4) as ``
 ``context_fn``. It sees torch ops only: the Triton layer path's kernels (``RELORA_KERNELS=triton``) are not
 torch ops, so their GEMMs recompute as under full checkpointing; the BLAS path (``auto``'s default on CPU
 and CUDA) and the reference are torch ops throughout. A kept output must not be written in place afterwards
-(torch checks it and raises): the layer paths compute their outputs out of place (kernels/torch_linear.py).
+(torch checks it and raises where the write goes through the tensor or a view of it, not through every alias:
+see check_linear): the BLAS layer path computes its outputs out of place under a dispatch mode
+(kernels/torch_linear.py).
 """
 from __future__ import annotations
 
@@ -66,9 +68,29 @@ def selective_contexts(rank: int = 0):
 
 
 def lora_rank(module: torch.nn.Module) -> int:
-    """The largest LoRA rank among ``module``'s adapted layers (their ``lora_A``, r x in); 0 if none."""
-    return max((m.lora_A.shape[0] for m in module.modules() if isinstance(getattr(m, "lora_A", None), torch.Tensor)),
-               default=0)
+    """The largest LoRA rank among ``module``'s adapted layers (their ``rank``, else ``lora_A``'s rows: its
+    whole shape under ZeRO-3, whose partitioned tensors are empty outside a gather); 0 if none."""
+    ranks = [m.rank if isinstance(getattr(m, "rank", None), int) else getattr(m.lora_A, "ds_shape", m.lora_A.shape)[0]
+             for m in module.modules() if isinstance(getattr(m, "lora_A", None), torch.Tensor)]
+    return max(ranks, default=0)
+
+
+def check_linear(module: torch.nn.Module) -> None:
+    """Refuse a replaced ``torch.nn.functional.linear`` where ``module`` has biases. DeepSpeed's ZeRO-3
+    (``memory_efficient_linear``, on by default; the trainer turns it off for this policy) replaces it for the
+    rest of the process with a version that adds the bias in place into its matmul's output: the output the
+    policy keeps, through a view torch's mutation check does not see, so the recompute would add the bias
+    twice."""
+    if torch.nn.functional.linear is torch._C._nn.linear:
+        return
+    biased = next((name for name, m in module.named_modules() if isinstance(getattr(m, "bias", None), torch.Tensor)),
+                  None)
+    if biased is not None:
+        raise RuntimeError(f"selective activation checkpointing: torch.nn.functional.linear has been replaced "
+                           f"(by DeepSpeed's ZeRO-3 memory_efficient_linear?) and {biased} has a bias, which that "
+                           "version adds in place into the matmul output the policy keeps (wrong gradients); set "
+                           "zero_optimization.memory_efficient_linear to false before DeepSpeed builds the model, "
+                           "or use the full policy")
 
 
 def check_policy(policy: str) -> str:
@@ -93,4 +115,5 @@ def hf_checkpointing_kwargs(model: torch.nn.Module) -> dict:
     after ``relora_ds.wrap``: the rank-r products are told apart by the model's largest LoRA rank."""
     if not selective_available():
         raise RuntimeError(f"selective activation checkpointing needs torch >= 2.4; this is torch {torch.__version__}")
+    check_linear(model)
     return {"use_reentrant": False, "context_fn": functools.partial(selective_contexts, rank=lora_rank(model))}

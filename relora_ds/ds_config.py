@@ -97,6 +97,15 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
                          "submodule, so torch's recompile limit is reached in the first step and the layers run "
                          "eagerly after the wait; use ZeRO stage 1 or 2 "
                          "(ds_configs/zero2.json, or its offload variant), or train without --compile")
+    if stage == 3 and cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "selective":
+        zero = ds["zero_optimization"]
+        if zero.get("memory_efficient_linear") not in (None, False):
+            raise ValueError(f"{source} sets zero_optimization.memory_efficient_linear, which replaces "
+                             "torch.nn.functional.linear with DeepSpeed's version that adds a bias in place into "
+                             "its matmul's output; the selective checkpointing policy keeps that output, so its "
+                             "recompute would add the bias twice (wrong gradients): remove the key (the trainer "
+                             "then turns it off) or use --activation-checkpointing-policy full")
+        zero["memory_efficient_linear"] = False
     if low and stage == 0 and cfg.mode != "full":
         # DeepSpeed then wraps the optimizer in its FP16 optimizer, whose fp32 masters and Adam moments
         # (keyed by those masters) the ReLoRA merge and prune cannot reach (relora_ds/zero_reset.py).

@@ -294,7 +294,10 @@ class LlamaModel(nn.Module):
                 dict.fromkeys(layer.self_attn.sliding_window for layer in self.layers), sdpa_dtype(x),
                 flash=self.layers[0].self_attn._use_flash(x.new_empty(0, dtype=q_dtype)))
         # selective checkpointing recomputes the products over a LoRA rank (the warm start has none)
-        rank = checkpointing.lora_rank(self.layers) if self.checkpoint_policy == "selective" else 0
+        rank = 0
+        if self.gradient_checkpointing and self.checkpoint_policy == "selective" and torch.is_grad_enabled():
+            checkpointing.check_linear(self.layers)
+            rank = checkpointing.lora_rank(self.layers)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled() and i < self.checkpoint_layers:
                 # Only the layer's input is kept (selective: also its matmul and attention outputs); its other

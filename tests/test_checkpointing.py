@@ -37,6 +37,10 @@ class _GemmLog(TorchDispatchMode):
 def _model(config=None, rank=4, **wrap_kw):
     torch.manual_seed(0)
     model = relora_ds.LlamaForCausalLM(config or relora_ds.LlamaConfig.preset("debug"))
+    with torch.no_grad():  # biases (QWEN2's q/k/v) are zeros at init: a bias added twice would not show
+        for m in model.modules():
+            if isinstance(getattr(m, "bias", None), torch.Tensor):
+                m.bias.normal_(0, 0.5)
     if rank:
         relora_ds.wrap(model, rank=rank, **wrap_kw)
         with torch.no_grad():  # a live low-rank branch (B = 0 would hide lora_A's gradient and the dropout)
@@ -145,7 +149,7 @@ def test_lora_rank_is_the_largest_adapted_rank():
     model = _model(rank=4)
     assert checkpointing.lora_rank(model) == 4
     name, layer = next(iter(relora_ds.relora_layers(model)))
-    layer.lora_A = torch.nn.Parameter(torch.zeros(6, layer.lora_A.shape[1]))  # one layer of another rank
+    layer.rank, layer.lora_A = 6, torch.nn.Parameter(torch.zeros(6, layer.lora_A.shape[1]))  # another rank
     assert checkpointing.lora_rank(model) == 6
 
 
@@ -207,3 +211,36 @@ def test_the_policy_on_a_transformers_model_through_its_checkpointing_kwargs():
     extra = selective[2] - plain[2]
     assert all(k == 4 for _, k in extra) and sum(extra.values()) == 2 * 7, extra
     assert sum(n for (_, k), n in (full[2] - plain[2]).items() if k > 4) >= 2 * 6
+
+
+def test_a_replaced_linear_that_adds_the_bias_in_place_is_refused(monkeypatch):
+    """DeepSpeed's ZeRO-3 F.linear (memory_efficient_linear) computes x @ Wᵀ then adds the bias in place, into
+    the matmul output the policy keeps, through the _unsafe_view torch's mutation check does not follow: the
+    recompute adds the bias twice. Shown here (the check bypassed: other gradients than without checkpointing,
+    the oracle), then refused by the model; without biases that linear is harmless (same gradients)."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    batch = torch.randint(3, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    plain = _run(_model(QWEN2, rank=0), None, batch)
+    with pytest.raises(RuntimeError, match=r"torch.nn.functional.linear has been replaced \(by DeepSpeed's ZeRO-3 "
+                                           r"memory_efficient_linear\?\) and \S*self_attn.q_proj has a bias"):
+        _run(_model(QWEN2, rank=0), "selective", batch)
+    with pytest.raises(RuntimeError, match="has a bias"):
+        checkpointing.hf_checkpointing_kwargs(_model(QWEN2, rank=0))
+    with monkeypatch.context() as m:
+        m.setattr(checkpointing, "check_linear", lambda module: None)
+        unchecked = _run(_model(QWEN2, rank=0), "selective", batch)
+    assert max((plain[1][n] - unchecked[1][n]).abs().max().item() for n in plain[1]) > 1e-2
+    no_bias = relora_ds.LlamaConfig(**{**QWEN2.to_dict(), "model_type": "llama", "qkv_bias": False})
+    want, got = _run(_model(no_bias, rank=0), None, batch), _run(_model(no_bias, rank=0), "selective", batch)
+    for n in want[1]:
+        torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_lora_rank_of_a_partitioned_layer():
+    """Under ZeRO-3 a partitioned lora_A is empty outside a gather: the rank comes from the layer itself."""
+    model = _model(rank=4)
+    for _, layer in relora_ds.relora_layers(model):
+        layer.lora_A.data = torch.empty(0)
+    assert checkpointing.lora_rank(model) == 4

@@ -235,3 +235,24 @@ def test_zero3_settings_that_break_an_int8_base_are_refused_with_it(key):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)  # the stage-3 names below stage 3
         complete_ds_config(stage2, TrainConfig(**BASE, quantize="int8"), world_size=2)
+
+
+def test_selective_checkpointing_turns_deepspeeds_linear_off_under_zero3():
+    """DeepSpeed's memory_efficient_linear (ZeRO-3, on by default) replaces F.linear with a version that adds a
+    bias in place into the matmul output the selective policy keeps (tests/test_checkpointing.py shows the
+    wrong gradients): the trainer turns it off for that policy, and refuses a config that sets it."""
+    cfg = TrainConfig(**{**BASE, "activation_checkpointing": True, "activation_checkpointing_policy": "selective"})
+    out = complete_ds_config({"zero_optimization": {"stage": 3}}, cfg, world_size=1)
+    assert out["zero_optimization"]["memory_efficient_linear"] is False
+    for value in (True, "true"):
+        with pytest.raises(ValueError, match=r"sets zero_optimization.memory_efficient_linear, which replaces "
+                                             r"torch.nn.functional.linear .* --activation-checkpointing-policy full"):
+            complete_ds_config({"zero_optimization": {"stage": 3, "memory_efficient_linear": value}}, cfg, 1)
+    explicit_off = {"zero_optimization": {"stage": 3, "memory_efficient_linear": False}}
+    assert complete_ds_config(explicit_off, cfg, 1)["zero_optimization"]["memory_efficient_linear"] is False
+    # other stages, and the full policy, are left as they were
+    assert "memory_efficient_linear" not in complete_ds_config({"zero_optimization": {"stage": 2}}, cfg,
+                                                               1)["zero_optimization"]
+    full = TrainConfig(**{**BASE, "activation_checkpointing": True})
+    assert "memory_efficient_linear" not in complete_ds_config({"zero_optimization": {"stage": 3}}, full,
+                                                               1)["zero_optimization"]

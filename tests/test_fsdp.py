@@ -22,6 +22,14 @@ def test_fsdp2_reset_is_the_one_process_reset_of_the_gathered_state():
     assert proc.stdout.count("fsdp2 relora ok") == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def test_fsdp2_layers_under_the_selective_checkpointing_policy():
+    """relora_ds.checkpointing.hf_checkpointing_kwargs on a transformers model sharded per layer by FSDP2 (2
+    ranks; its all-gathers inside the checkpointed region, LoRA dropout on): the same loss and gathered
+    gradients as the same sharded model without checkpointing."""
+    proc = run_ranks(ROOT / "tests/dist/fsdp2_worker.py", "selective", timeout=300)
+    assert proc.stdout.count("fsdp2 selective ok") == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def test_fsdp1_is_refused_at_the_merge_before_any_change():
     """FSDP1's layers hold views into flat shards outside its forward (empty tensors with use_orig_params=False,
     1-D slices with True), not the matrices a merge reads: refused before any change, naming FSDP2. FSDP1

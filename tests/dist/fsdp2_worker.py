@@ -9,6 +9,8 @@ are DTensors):
   random pruning and amsgrad, a merge residual with joint pruning; an evaluation forward before each reset, with
   FSDP2 resharding after it or not (whole copies then: a merge into them was lost); gate/up have 47 rows,
   sharded unevenly.
+- ``selective``: transformers' checkpointing with the selective policy on the sharded layers, against the
+  same sharded model without checkpointing.
 - ``cuda`` (a GPU): the merge residuals that fully_shard moves to the GPU go back to the host.
 """
 import os
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import relora_ds
@@ -206,6 +209,47 @@ def host_buffers_on_cuda_compiled():
     print(f"rank {dist.get_rank()}: fsdp2 cuda compiled host buffers ok", flush=True)
 
 
+class RsqrtCount(TorchDispatchMode):
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func._schema.name == "aten::rsqrt"
+        return func(*args, **(kwargs or {}))
+
+
+def selective_checkpointing(mesh, batch):
+    """transformers' gradient checkpointing with relora_ds's selective policy
+    (checkpointing.hf_checkpointing_kwargs) on the layers of a model sharded by FSDP2, whose all-gathers then
+    run inside the checkpointed region (and its recompute). Oracle: the same sharded model without
+    checkpointing, the same step: loss and every gathered gradient equal."""
+    from relora_ds import checkpointing
+
+    mine = batch.chunk(dist.get_world_size())[dist.get_rank()]
+    results = []
+    for selective in (False, True):
+        model = tiny({"dropout": 0.1})
+        with torch.no_grad():  # a live low-rank branch
+            for _, layer in relora_ds.relora_layers(model):
+                layer.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+        model.train()
+        if selective:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing.hf_checkpointing_kwargs(model))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        torch.manual_seed(11)  # the same LoRA dropout masks in both
+        loss = model(mine, labels=mine).loss
+        with RsqrtCount() as count:  # RMSNorm's rsqrt runs again in backward only where the layers recompute
+            loss.backward()
+        assert count.n == (2 * len(model.model.layers) if selective else 0), count.n
+        results.append((loss.detach(), {n: whole(p.grad) for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys() and len(g0) > 0, (l0, l1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+    print(f"rank {dist.get_rank()}: fsdp2 selective ok", flush=True)
+
+
 def main():
     mode = sys.argv[-1]
     dist.init_process_group("nccl" if mode.startswith("cuda") else "gloo")
@@ -219,6 +263,9 @@ def main():
         return 0
     torch.manual_seed(1)
     batch = torch.randint(0, 64, (2 * dist.get_world_size(), 17))
+    if mode == "selective":
+        selective_checkpointing(mesh, batch)
+        return 0
     for case in CASES:
         if "quantize" in case[0] and not INT8_FSDP2:
             refuses_int8(tiny(case[0]), mesh)

@@ -155,9 +155,9 @@ class MergedInt8LoRALinearFunction(torch.autograd.Function):
         w = int8_dequantize_reference(q, w_scale, x.dtype)
         if merged:  # w is this call's own dequantized buffer: writing it is safe under selective checkpointing
             w.addmm_(lora_B, lora_A, alpha=scale)
-            y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
-        else:
-            y = _side_then_base(s, lora_B, x2, w, bias, scale)
+        y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
+        if not merged:  # Y += s·S Bᵀ; out of place under selective checkpointing, which keeps X Wᵀ (_side_then_base)
+            y = torch.addmm(y, s, lora_B.t(), alpha=scale) if _out_of_place() else y.addmm_(s, lora_B.t(), alpha=scale)
         ctx.save_for_backward(x, s, q, w_scale, lora_A, lora_B)  # x itself: see reference.differentiable_backward
         ctx.scale, ctx.x_shape, ctx.has_bias, ctx.merged = scale, x.shape, bias is not None, merged
         return y.reshape(*x.shape[:-1], q.shape[0])

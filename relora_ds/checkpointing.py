@@ -60,10 +60,15 @@ def _selective_policy(ctx, func, *args, rank, **kwargs):
     return CheckpointPolicy.MUST_SAVE if keeps(func, args, rank) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def selective_contexts(rank: int = 0):
-    """``checkpoint(..., context_fn=functools.partial(selective_contexts, rank=r))``: the forward's and the
-    recompute's contexts, for a model whose largest LoRA rank is ``r`` (0: none)."""
+def selective_contexts(rank: int = 0, biased: str | None = None):
+    """``checkpoint(..., context_fn=functools.partial(selective_contexts, rank=r, biased=name))``: the forward's
+    and the recompute's contexts, for a model whose largest LoRA rank is ``r`` (0: none). ``biased``: a
+    module of the model that may pass a bias to ``F.linear`` (:func:`biased_linear`), checked against a replaced
+    ``F.linear`` at every checkpointed call (:func:`check_linear`: DeepSpeed replaces it as late as
+    ``deepspeed.initialize``)."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    if biased is not None:
+        check_linear(biased)
     return create_selective_checkpoint_contexts(functools.partial(_selective_policy, rank=rank))
 
 
@@ -75,22 +80,28 @@ def lora_rank(module: torch.nn.Module) -> int:
     return max(ranks, default=0)
 
 
-def check_linear(module: torch.nn.Module) -> None:
-    """Refuse a replaced ``torch.nn.functional.linear`` where ``module`` has biases. DeepSpeed's ZeRO-3
-    (``memory_efficient_linear``, on by default; the trainer turns it off for this policy) replaces it for the
-    rest of the process with a version that adds the bias in place into its matmul's output: the output the
-    policy keeps, through a view torch's mutation check does not see, so the recompute would add the bias
-    twice."""
-    if torch.nn.functional.linear is torch._C._nn.linear:
+def biased_linear(module: torch.nn.Module) -> str | None:
+    """The name of a layer of ``module`` that may call ``F.linear`` with a bias (an ``nn.Linear``, or a ReLoRA
+    layer, whose reference path does), or None."""
+    return next((name or type(m).__name__ for name, m in module.named_modules()
+                 if isinstance(getattr(m, "bias", None), torch.Tensor)
+                 and (isinstance(m, torch.nn.Linear) or hasattr(m, "lora_A"))), None)
+
+
+def check_linear(biased: str | None) -> None:
+    """Refuse a replaced ``torch.nn.functional.linear`` where a layer (``biased``, see :func:`biased_linear`)
+    may pass it a bias. DeepSpeed's ZeRO-3 (``memory_efficient_linear``, on by default; the trainer turns it
+    off for this policy) replaces it for the rest of the process, at ``zero.Init`` or ``deepspeed.initialize``,
+    with a version that adds the bias in place into its matmul's output: the output the policy keeps, through
+    a view torch's mutation check does not see, so the recompute would add the bias twice."""
+    if biased is None or torch.nn.functional.linear is torch._C._nn.linear:
         return
-    biased = next((name for name, m in module.named_modules() if isinstance(getattr(m, "bias", None), torch.Tensor)),
-                  None)
-    if biased is not None:
-        raise RuntimeError(f"selective activation checkpointing: torch.nn.functional.linear has been replaced "
-                           f"(by DeepSpeed's ZeRO-3 memory_efficient_linear?) and {biased} has a bias, which that "
-                           "version adds in place into the matmul output the policy keeps (wrong gradients); set "
-                           "zero_optimization.memory_efficient_linear to false before DeepSpeed builds the model, "
-                           "or use the full policy")
+    raise RuntimeError(f"selective activation checkpointing: torch.nn.functional.linear has been replaced (by "
+                       f"DeepSpeed's ZeRO-3 memory_efficient_linear?) and {biased} has a bias, which that version "
+                       "adds in place into the matmul output the policy keeps (wrong gradients); set "
+                       "zero_optimization.memory_efficient_linear to false in the DeepSpeed config (DeepSpeed never "
+                       "undoes the replacement: in a process where an earlier engine made it, restore "
+                       "torch.nn.functional.linear = torch._C._nn.linear), or use the full policy")
 
 
 def check_policy(policy: str) -> str:
@@ -110,10 +121,14 @@ def selective_available() -> bool:
 
 def hf_checkpointing_kwargs(model: torch.nn.Module) -> dict:
     """The selective policy for a Hugging Face transformers model (the FSDP2 and HF Trainer paths):
-    ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=hf_checkpointing_kwargs(model))``
-    (transformers passes them to ``torch.utils.checkpoint.checkpoint`` around each decoder layer). Call it
-    after ``relora_ds.wrap``: the rank-r products are told apart by the model's largest LoRA rank."""
+    ``model.activation_checkpointing_enable(activation_checkpointing_kwargs=hf_checkpointing_kwargs(model))``
+    (``gradient_checkpointing_enable(gradient_checkpointing_kwargs=...)`` before transformers 5.x; they go to
+    ``torch.utils.checkpoint.checkpoint`` around each decoder layer). Call it after ``relora_ds.wrap``: the
+    rank-r products are told apart by the model's largest LoRA rank. A replaced ``F.linear`` is refused at
+    each checkpointed call (:func:`check_linear`)."""
     if not selective_available():
         raise RuntimeError(f"selective activation checkpointing needs torch >= 2.4; this is torch {torch.__version__}")
-    check_linear(model)
-    return {"use_reentrant": False, "context_fn": functools.partial(selective_contexts, rank=lora_rank(model))}
+    biased = biased_linear(model)
+    check_linear(biased)
+    return {"use_reentrant": False,
+            "context_fn": functools.partial(selective_contexts, rank=lora_rank(model), biased=biased)}

@@ -55,6 +55,16 @@ def _unique_keys(pairs: list) -> dict:
     return out
 
 
+def _as_bool(value):
+    """``value`` as DeepSpeed's config model reads a bool (pydantic's lax parsing: "false", 0, "off", ...);
+    None where it would refuse it."""
+    import pydantic
+    try:
+        return pydantic.TypeAdapter(bool).validate_python(value)
+    except pydantic.ValidationError:
+        return None
+
+
 def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str = "the DeepSpeed config") -> dict:
     """A copy of ``ds`` with batch sizes, optimizer hyperparameters and clipping from ``cfg``."""
     ds = copy.deepcopy(ds)
@@ -99,7 +109,7 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
                          "(ds_configs/zero2.json, or its offload variant), or train without --compile")
     if stage == 3 and cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "selective":
         zero = ds["zero_optimization"]
-        if zero.get("memory_efficient_linear") not in (None, False):
+        if "memory_efficient_linear" in zero and _as_bool(zero["memory_efficient_linear"]) is not False:
             raise ValueError(f"{source} sets zero_optimization.memory_efficient_linear, which replaces "
                              "torch.nn.functional.linear with DeepSpeed's version that adds a bias in place into "
                              "its matmul's output; the selective checkpointing policy keeps that output, so its "

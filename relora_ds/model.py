@@ -251,13 +251,14 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _selective_checkpoint(layer, x, cos, sin, documents, rank: int):
+def _selective_checkpoint(layer, x, cos, sin, documents, rank: int, biased: str | None):
     """``layer(x, cos, sin, documents)`` under selective checkpointing (relora_ds/checkpointing.py). Compiled
     (``LlamaForCausalLM.compile_layers``), the checkpoint is inside the graph, as torchtitan composes them: the
     policy then marks the traced ops and the partitioner keeps or recomputes them. Compiled layers called
     from an eager checkpoint would run kernels the policy cannot see, and recompute whole."""
     return torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False,
-                                             context_fn=functools.partial(checkpointing.selective_contexts, rank=rank))
+                                             context_fn=functools.partial(checkpointing.selective_contexts, rank=rank,
+                                                                          biased=biased))
 
 
 class LlamaModel(nn.Module):
@@ -294,17 +295,17 @@ class LlamaModel(nn.Module):
                 dict.fromkeys(layer.self_attn.sliding_window for layer in self.layers), sdpa_dtype(x),
                 flash=self.layers[0].self_attn._use_flash(x.new_empty(0, dtype=q_dtype)))
         # selective checkpointing recomputes the products over a LoRA rank (the warm start has none)
-        rank = 0
+        rank, biased = 0, None
         if self.gradient_checkpointing and self.checkpoint_policy == "selective" and torch.is_grad_enabled():
-            checkpointing.check_linear(self.layers)
-            rank = checkpointing.lora_rank(self.layers)
+            rank, biased = checkpointing.lora_rank(self.layers), checkpointing.biased_linear(self.layers)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled() and i < self.checkpoint_layers:
                 # Only the layer's input is kept (selective: also its matmul and attention outputs); its other
                 # activations are recomputed in backward (the RNG state is restored, so a LoRA dropout mask is
                 # drawn identically both times).
                 if self.checkpoint_policy == "selective":
-                    x = (self.compiled_selective or _selective_checkpoint)(layer, x, cos, sin, documents, rank)
+                    x = (self.compiled_selective or _selective_checkpoint)(layer, x, cos, sin, documents, rank,
+                                                                           biased)
                 else:
                     x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False)
             else:

@@ -34,6 +34,16 @@ class _GemmLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _hf_enable(model, kwargs):
+    """transformers' checkpointing with ``kwargs`` (activation_checkpointing_enable from 5.x, whose
+    gradient_checkpointing_enable is a deprecated alias)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _model(config=None, rank=4, **wrap_kw):
     torch.manual_seed(0)
     model = relora_ds.LlamaForCausalLM(config or relora_ds.LlamaConfig.preset("debug"))
@@ -196,8 +206,7 @@ def test_the_policy_on_a_transformers_model_through_its_checkpointing_kwargs():
                 layer.lora_B.normal_(0, 0.05)
         model.train()
         if selective is not None:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing.hf_checkpointing_kwargs(
-                model) if selective else {"use_reentrant": False})
+            _hf_enable(model, checkpointing.hf_checkpointing_kwargs(model) if selective else {"use_reentrant": False})
         batch = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
         loss = model(batch, labels=batch).loss
         with _GemmLog() as log:
@@ -244,3 +253,57 @@ def test_lora_rank_of_a_partitioned_layer():
     for _, layer in relora_ds.relora_layers(model):
         layer.lora_A.data = torch.empty(0)
     assert checkpointing.lora_rank(model) == 4
+
+
+@pytest.mark.parametrize("base", ["float", "int8"])
+def test_the_blas_path_stays_in_place_unless_a_dispatch_mode_is_active(base):
+    """kernels/torch_linear.py keeps its measured in-place epilogue (Y += …: aten::addmm_) by default, and runs
+    out of place only under a dispatch mode, as the selective policy's (it keeps X Wᵀ, which must then not be
+    written). Seen through torch's profiler, which adds no mode; the values are the same either way."""
+    import contextlib
+
+    from relora_kernels.int8_reference import int8_quantize_reference
+    from relora_kernels.torch_linear import int8_lora_linear_torch, lora_linear_torch
+
+    g = torch.Generator().manual_seed(0)
+    x, w, a, b, bias = (torch.randn(*shape, generator=g) for shape in ((3, 5, 16), (24, 16), (4, 16), (24, 4), (24,)))
+
+    def forward(mode):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with mode or contextlib.nullcontext():
+                if base == "int8":
+                    q, scale = int8_quantize_reference(w)[:2]
+                    y = int8_lora_linear_torch(x, q, scale, a, b, 2.0, bias, merged_weight=False)
+                else:
+                    y = lora_linear_torch(x, w, a, b, 2.0, bias, merged_weight=False)
+        return y, {e.name for e in prof.events()}
+
+    (y0, plain), (y1, moded) = forward(None), forward(_GemmLog())
+    assert "aten::addmm_" in plain
+    assert "aten::addmm_" not in moded and "aten::addmm" in moded
+    torch.testing.assert_close(y1, y0, rtol=1e-6, atol=1e-6)
+
+
+def test_a_linear_replaced_after_the_kwargs_are_built_is_refused_at_the_forward(monkeypatch):
+    """The HF Trainer order: the policy's kwargs are built on the wrapped model, then deepspeed.initialize
+    (ZeRO-3) replaces F.linear. The check runs again at each checkpointed call: a transformers Qwen2 adapted on
+    its MLP only (q/k/v stay biased nn.Linear) is refused at its first forward. Layer norms' biases do not count
+    (they never reach F.linear): no refusal for a model whose only biased layers are not linears."""
+    import transformers
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    cfg = transformers.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = relora_ds.wrap(transformers.Qwen2ForCausalLM(cfg), rank=4, target_modules=["gate_proj", "up_proj",
+                                                                                       "down_proj"])
+    model.train()
+    kwargs = checkpointing.hf_checkpointing_kwargs(model)  # F.linear still torch's own here
+    _hf_enable(model, kwargs)
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    batch = torch.randint(0, 256, (2, 9))
+    with pytest.raises(RuntimeError, match=r"\S*self_attn.q_proj has a bias"):
+        model(batch, labels=batch)
+    norm_only = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8, bias=False))
+    assert checkpointing.biased_linear(norm_only) is None
+    assert checkpointing.biased_linear(torch.nn.Sequential(torch.nn.Linear(8, 8))) == "0"

@@ -248,8 +248,9 @@ def test_selective_checkpointing_turns_deepspeeds_linear_off_under_zero3():
         with pytest.raises(ValueError, match=r"sets zero_optimization.memory_efficient_linear, which replaces "
                                              r"torch.nn.functional.linear .* --activation-checkpointing-policy full"):
             complete_ds_config({"zero_optimization": {"stage": 3, "memory_efficient_linear": value}}, cfg, 1)
-    explicit_off = {"zero_optimization": {"stage": 3, "memory_efficient_linear": False}}
-    assert complete_ds_config(explicit_off, cfg, 1)["zero_optimization"]["memory_efficient_linear"] is False
+    for off in (False, "false", 0):  # as DeepSpeed's config model reads a bool
+        explicit_off = {"zero_optimization": {"stage": 3, "memory_efficient_linear": off}}
+        assert complete_ds_config(explicit_off, cfg, 1)["zero_optimization"]["memory_efficient_linear"] is False
     # other stages, and the full policy, are left as they were
     assert "memory_efficient_linear" not in complete_ds_config({"zero_optimization": {"stage": 2}}, cfg,
                                                                1)["zero_optimization"]

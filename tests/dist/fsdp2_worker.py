@@ -232,8 +232,12 @@ def selective_checkpointing(mesh, batch):
             for _, layer in relora_ds.relora_layers(model):
                 layer.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
         model.train()
-        if selective:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing.hf_checkpointing_kwargs(model))
+        if selective:  # activation_checkpointing_enable from transformers 5.x (gradient_checkpointing_ before)
+            kwargs = checkpointing.hf_checkpointing_kwargs(model)
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)

@@ -16,7 +16,7 @@ dimension of the product, so recomputing them costs ``r/in`` of the big GEMM's. 
 is thus a small fraction of a forward, against a whole one with full checkpointing; what a layer keeps is
 about half of what it keeps without checkpointing (``launch/memory_table.py`` has the per-layer bytes).
 
-Mechanism: torch's ``create_selective_checkpoint_contexts`` (torch >= 2.4) as ``checkpoint``'s
+Mechanism: torch's ``create_selective_checkpoint_contexts`` (public since torch 2.4, setup.py's floor) as ``checkpoint``'s
 ``context_fn``. It sees torch ops only: the Triton layer path's kernels (``RELORA_KERNELS=triton``) are not
 torch ops, so their GEMMs recompute as under full checkpointing; the BLAS path (``auto``'s default on CPU
 and CUDA) and the reference are torch ops throughout. A kept output must not be written in place afterwards
@@ -112,13 +112,6 @@ def check_policy(policy: str) -> str:
     return policy
 
 
-@functools.lru_cache(maxsize=None)
-def selective_available() -> bool:
-    """torch >= 2.4 has ``create_selective_checkpoint_contexts``."""
-    import torch.utils.checkpoint as ckpt
-    return hasattr(ckpt, "create_selective_checkpoint_contexts")
-
-
 def hf_checkpointing_kwargs(model: torch.nn.Module) -> dict:
     """The selective policy for a Hugging Face transformers model (the FSDP2 and HF Trainer paths):
     ``model.activation_checkpointing_enable(activation_checkpointing_kwargs=hf_checkpointing_kwargs(model))``
@@ -126,8 +119,6 @@ def hf_checkpointing_kwargs(model: torch.nn.Module) -> dict:
     ``torch.utils.checkpoint.checkpoint`` around each decoder layer). Call it after ``relora_ds.wrap``: the
     rank-r products are told apart by the model's largest LoRA rank. A replaced ``F.linear`` is refused at
     each checkpointed call (:func:`check_linear`)."""
-    if not selective_available():
-        raise RuntimeError(f"selective activation checkpointing needs torch >= 2.4; this is torch {torch.__version__}")
     biased = biased_linear(model)
     check_linear(biased)
     return {"use_reentrant": False,

@@ -403,10 +403,6 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"num_layers must be a number of decoder layers from 1 to {n} (or None: all), "
                              f"got {num_layers!r}")
         checkpointing.check_policy(policy)
-        if policy == "selective" and not checkpointing.selective_available():
-            raise RuntimeError(f"selective activation checkpointing needs torch >= 2.4 "
-                               f"(torch.utils.checkpoint.create_selective_checkpoint_contexts); this is torch "
-                               f"{torch.__version__}: upgrade torch or use policy='full'")
         self.model.gradient_checkpointing = True
         self.model.checkpoint_layers = n if num_layers is None else num_layers
         self.model.checkpoint_policy = policy

@@ -15,7 +15,6 @@ from pathlib import Path
 import relora_kernels
 import torch
 
-from . import checkpointing
 from .compiling import compile_problem
 from .data import check_tokenizer_matches
 from .data.manifest import tokenizer_sha256, train_data_fingerprint
@@ -70,11 +69,6 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
         raise ValueError(f"activation_checkpointing_layers={layers} is more than the model's "
                          f"{model_config.num_hidden_layers} decoder layers; give at most "
                          f"{model_config.num_hidden_layers}, or leave it unset to recompute every layer")
-    if cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "selective" and \
-            not checkpointing.selective_available():
-        raise ValueError(f"activation_checkpointing_policy='selective' needs torch >= 2.4 "
-                         f"(torch.utils.checkpoint.create_selective_checkpoint_contexts); this is torch "
-                         f"{torch.__version__}: upgrade torch, or use the 'full' policy")
     if cfg.mode != "full":
         with torch.device("meta"):
             wrap(LlamaForCausalLM(model_config), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,

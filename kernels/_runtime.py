@@ -37,6 +37,7 @@ import os
 import warnings
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 VALID_MODES = ("auto", "triton", "torch", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -88,10 +89,10 @@ def interpret_env() -> bool:
 
 
 def eager_under_compile(fn):
-    """``fn`` that torch.compile does not trace: it runs eagerly, a graph break around it (the Triton launchers,
-    and host-side moves a compiled graph cannot express). ``torch.compiler.disable`` wraps it at its first
-    call, not here: that decorator imports torch._dynamo (~3 s of every process's start-up, measured on CPU),
-    which nothing else at import needs. Under compile the first call then breaks the graph at the wrapping
+    """``fn`` that torch.compile does not trace: it runs eagerly, a graph break around it (host-side moves a
+    compiled graph cannot express: relora_ds/relora.py's FSDP2 host buffers). ``torch.compiler.disable``
+    wraps it at its first call, not here: that decorator imports torch._dynamo (~3 s of every process's
+    start-up, measured on CPU), which nothing else at import needs. Under compile the first call then breaks the graph at the wrapping
     too, and runs ``fn`` eagerly all the same."""
     disabled = []
 
@@ -103,6 +104,24 @@ def eager_under_compile(fn):
     return call
 
 
+def traced() -> bool:
+    """Whether torch.compile is tracing or a Python dispatch mode is active (selective activation
+    checkpointing's, relora_ds/checkpointing.py; FakeTensorMode; FlopCounterMode): then the Triton layer path
+    launches through its registered torch ops (linear.FORWARD_OP, BACKWARD_OP), which such tracers see as one
+    op each, and the BLAS path (torch_linear) writes no product's output after it is made. Otherwise both run
+    as plain Python calls (a registered op's dispatch costs ~40 µs per layer per step, measured on CPU)."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None  # this order: traceable
+
+
+def _constant_under_compile(fn):
+    """Marks ``fn`` as torch.compiler.assume_constant_result does (Dynamo calls it once while tracing and puts
+    the result in the graph as a constant, no graph break) without that function's import of torch._dynamo
+    (~3 s, which nothing else at import needs). For process-wide facts only: nothing guards the constant."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile  # Triton's knobs read the environment through a C extension Dynamo cannot trace
 def interpreting() -> bool:
     """Whether Triton would run kernels through its CPU interpreter right now."""
     try:
@@ -115,9 +134,14 @@ def interpreting() -> bool:
     return interpret_env()
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_INSTALLED: list[bool] = []  # memo (an lru_cache wrapper would hide the marker below from Dynamo)
+
+
+@_constant_under_compile
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    if not _TRITON_INSTALLED:
+        _TRITON_INSTALLED.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_INSTALLED[0]
 
 
 # Ops that `auto` keeps on the torch path even on CUDA, because their Triton kernel measured slower.

@@ -36,8 +36,7 @@ from triton.runtime.jit import JITFunction
 from . import _runtime
 from .int8_reference import QMAX, RES_STEPS, int8_dequantize_reference, int8_lora_linear_reference, \
     int8_merge_reference_
-from .linear import (_check_args, _check_triton_args, _fits_int32, differentiable_backward, lora_backward,
-                     lora_forward)
+from .linear import _check_args, _check_triton_args, _fits_int32, differentiable_backward, run_backward, run_forward
 from .reference import check_dropout_p, dropout_keep_mask
 from .torch_linear import int8_lora_linear_torch
 
@@ -239,12 +238,7 @@ class Int8LoRALinearFunction(torch.autograd.Function):
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)  # (M, in)
         keep2 = keep.reshape(-1, d_in).view(torch.uint8) if keep is not None else None
-        if in_gemm:
-            y2, s = lora_forward(x2, q, lora_A, lora_B, scale, bias, keep2, dropout_p, weight_scale=w_scale,
-                                 deterministic=deterministic)
-        else:
-            w = dequant_launch(q, w_scale, x.dtype)  # scratch, freed on return
-            y2, s = lora_forward(x2, w, lora_A, lora_B, scale, bias, keep2, dropout_p, deterministic=deterministic)
+        y2, s = run_forward(x2, q, lora_A, lora_B, bias, w_scale, keep2, scale, dropout_p, deterministic, in_gemm)
         ctx.save_for_backward(x, s, q, w_scale, lora_A, lora_B, keep2)  # x itself: see differentiable_backward
         ctx.scale, ctx.dropout_p, ctx.deterministic, ctx.in_gemm = scale, dropout_p, deterministic, in_gemm
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
@@ -261,13 +255,8 @@ class Int8LoRALinearFunction(torch.autograd.Function):
             dx2, da, db = differentiable_backward(dy2, x2, w, lora_A, lora_B, ctx.scale, keep2,
                                                   1.0 / (1.0 - ctx.dropout_p))
         else:
-            if ctx.in_gemm:
-                w, w_s = q, w_scale
-            else:
-                w, w_s = (dequant_launch(q, w_scale, dy.dtype) if need_x else None), None
-            dx2, da, db = lora_backward(dy2, x2, s, w, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p,
-                                        ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b,
-                                        weight_scale=w_s)
+            dx2, da, db = run_backward(dy2, x2, s, q, w_scale, lora_A, lora_B, keep2, ctx.scale, ctx.dropout_p,
+                                       ctx.deterministic, ctx.in_gemm, need_dx=need_x, need_lora=need_a or need_b)
         dx = dx2.reshape(ctx.x_shape) if dx2 is not None else None
         dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if (ctx.has_bias and need_bias) else None
         return (dx, None, None, (da if need_a else None), (db if need_b else None), dbias, None, None, None, None,
@@ -297,7 +286,6 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
                                     in_gemm)
 
 
-@_runtime.eager_under_compile  # as relora_kernels.linear's Triton path: torch.compile breaks the graph around it
 def _int8_lora_linear_triton(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator, deterministic,
                              in_gemm):
     x, lora_A, lora_B, bias = _runtime.autocast_inputs(x.device.type, x, lora_A, lora_B, bias)

@@ -163,6 +163,81 @@ def lora_backward(dy, x, s, weight, lora_A, lora_B, scale, keep=None, dropout_p=
 
 
 # ----------------------------------------------------------------------------------------------------
+# The layer's launches, as plain calls and as registered torch ops
+# ----------------------------------------------------------------------------------------------------
+def layer_forward(x2, weight, lora_A, lora_B, bias, weight_scale, keep2, scale, dropout_p, deterministic, in_gemm):
+    """One forward's launches: (y2 (M, out), s (M, r)). ``weight_scale`` given: ``weight`` is int8,
+    dequantized inside the GEMM tiles (``in_gemm``) or to a scratch buffer freed on return."""
+    if weight_scale is not None and not in_gemm:
+        from .int8 import dequant_launch  # kernels/int8.py imports this module
+        weight, weight_scale = dequant_launch(weight, weight_scale, x2.dtype), None
+    return lora_forward(x2, weight, lora_A, lora_B, scale, bias, keep2, dropout_p, weight_scale=weight_scale,
+                        deterministic=deterministic)
+
+
+def layer_backward(dy2, x2, s, weight, weight_scale, lora_A, lora_B, keep2, scale, dropout_p, deterministic, in_gemm,
+                   need_dx, need_lora):
+    """One backward's launches: (dx2 or None, dA or None, dB or None); ``weight_scale`` as in layer_forward."""
+    if weight_scale is not None and not in_gemm:
+        from .int8 import dequant_launch
+        weight, weight_scale = (dequant_launch(weight, weight_scale, dy2.dtype) if need_dx else None), None
+    return lora_backward(dy2, x2, s, weight, lora_A, lora_B, scale, keep2, dropout_p, deterministic, need_dx=need_dx,
+                         need_lora=need_lora, weight_scale=weight_scale)
+
+
+# The same launches as torch ops (torch.library.custom_op), for tracers that must see one op, not the launchers'
+# Python (_runtime.traced): torch.compile puts each in its graph as an opaque call (no graph break, the layer
+# stays one graph); selective activation checkpointing keeps the forward's outputs (relora_ds/checkpointing.py);
+# FakeTensorMode gets the shapes below without launching. Outputs never alias inputs; a gradient not asked for
+# is an empty tensor (an op returns no None).
+FORWARD_OP = torch.library.custom_op(
+    "relora_kernels::lora_linear_forward", layer_forward, mutates_args=(),
+    schema="(Tensor x2, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, Tensor? weight_scale, "
+           "Tensor? keep2, float scale, float dropout_p, bool deterministic, bool in_gemm) -> (Tensor, Tensor)")
+
+
+def _backward_op(dy2, x2, s, weight, weight_scale, lora_A, lora_B, keep2, scale, dropout_p, deterministic, in_gemm,
+                 need_dx, need_lora):
+    grads = layer_backward(dy2, x2, s, weight, weight_scale, lora_A, lora_B, keep2, scale, dropout_p, deterministic,
+                           in_gemm, need_dx, need_lora)
+    return tuple(g if g is not None else dy2.new_empty(0) for g in grads)
+
+
+BACKWARD_OP = torch.library.custom_op(
+    "relora_kernels::lora_linear_backward", _backward_op, mutates_args=(),
+    schema="(Tensor dy2, Tensor x2, Tensor s, Tensor weight, Tensor? weight_scale, Tensor lora_A, Tensor lora_B, "
+           "Tensor? keep2, float scale, float dropout_p, bool deterministic, bool in_gemm, bool need_dx, "
+           "bool need_lora) -> (Tensor, Tensor, Tensor)")
+
+
+@FORWARD_OP.register_fake
+def _forward_fake(x2, weight, lora_A, lora_B, bias, weight_scale, keep2, scale, dropout_p, deterministic, in_gemm):
+    return x2.new_empty(x2.shape[0], weight.shape[0]), x2.new_empty(x2.shape[0], lora_A.shape[0])
+
+
+@BACKWARD_OP.register_fake
+def _backward_fake(dy2, x2, s, weight, weight_scale, lora_A, lora_B, keep2, scale, dropout_p, deterministic, in_gemm,
+                   need_dx, need_lora):
+    dx = dy2.new_empty(x2.shape) if need_dx else dy2.new_empty(0)
+    if not need_lora:
+        return dx, dy2.new_empty(0), dy2.new_empty(0)
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def run_forward(*args):
+    """layer_forward, through its op when traced (_runtime.traced)."""
+    return (FORWARD_OP if _runtime.traced() else layer_forward)(*args)
+
+
+def run_backward(*args, need_dx, need_lora):
+    """layer_backward, through its op when traced; None for a gradient not asked for either way."""
+    if not _runtime.traced():
+        return layer_backward(*args, need_dx, need_lora)
+    dx, da, db = BACKWARD_OP(*args, need_dx, need_lora)
+    return (dx if need_dx else None), (da if need_lora else None), (db if need_lora else None)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------------
 class LoRALinearFunction(torch.autograd.Function):
@@ -172,7 +247,7 @@ class LoRALinearFunction(torch.autograd.Function):
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)  # (M, in), M = prod(leading dims)
         keep2 = keep.reshape(-1, d_in).view(torch.uint8) if keep is not None else None
-        y2, s = lora_forward(x2, weight, lora_A, lora_B, scale, bias, keep2, dropout_p, deterministic=deterministic)
+        y2, s = run_forward(x2, weight, lora_A, lora_B, bias, None, keep2, scale, dropout_p, deterministic, False)
         ctx.save_for_backward(x, s, weight, lora_A, lora_B, keep2)  # x itself: see differentiable_backward
         ctx.scale, ctx.dropout_p, ctx.deterministic = scale, dropout_p, deterministic
         ctx.x_shape, ctx.bias_dtype = x.shape, (bias.dtype if bias is not None else None)
@@ -188,8 +263,8 @@ class LoRALinearFunction(torch.autograd.Function):
             dx2, da, db = differentiable_backward(dy2, x2, weight, lora_A, lora_B, ctx.scale, keep2,
                                                   1.0 / (1.0 - ctx.dropout_p))
         else:
-            dx2, da, db = lora_backward(dy2, x2, s, weight, lora_A, lora_B, ctx.scale, keep2, ctx.dropout_p,
-                                        ctx.deterministic, need_dx=need_x, need_lora=need_a or need_b)
+            dx2, da, db = run_backward(dy2, x2, s, weight, None, lora_A, lora_B, keep2, ctx.scale, ctx.dropout_p,
+                                       ctx.deterministic, False, need_dx=need_x, need_lora=need_a or need_b)
         dx = dx2.reshape(ctx.x_shape) if dx2 is not None else None
         # ReLoRA keeps W frozen; a trainable W still gets its gradient, through plain torch.
         dw = (dy2.t() @ x2) if need_w else None
@@ -256,9 +331,8 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, trai
     return _lora_linear_triton(x, weight, lora_A, lora_B, scale, bias, p, training, generator, deterministic)
 
 
-# torch.compile (--compile, LlamaForCausalLM.compile_layers) does not trace the launchers: the graph breaks around
-# the kernels, which run as they do eagerly (the torch and reference paths above trace into the graph).
-@_runtime.eager_under_compile
+# Traced by torch.compile (--compile, LlamaForCausalLM.compile_layers) down to the two registered ops: no graph
+# break, and the launchers inside them run as they do eagerly.
 def _lora_linear_triton(x, weight, lora_A, lora_B, scale, bias, p, training, generator, deterministic):
     # What F.linear does under autocast: compute in the autocast dtype (the casts are differentiable,
     # so fp32 masters still get fp32 grads). The kernels themselves never see autocast.

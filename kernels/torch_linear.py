@@ -38,9 +38,8 @@ times that M; at a quarter of it the merged variant took 1.04-1.87x the epilogue
 from __future__ import annotations
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ._runtime import autocast_inputs, merged_weight_env
+from ._runtime import autocast_inputs, merged_weight_env, traced
 from .int8_reference import int8_dequantize_reference, int8_lora_linear_reference
 from .reference import check_dropout_p, differentiable_backward, dropout_keep_mask, lora_linear_reference
 
@@ -86,19 +85,13 @@ def _w_eff(weight, lora_A, lora_B, scale):
     return torch.addmm(weight, lora_B, lora_A, alpha=scale)
 
 
-def _out_of_place() -> bool:
-    """Whether a Python dispatch mode is active (selective activation checkpointing's, relora_ds/checkpointing.py)
-    or torch.compile is tracing: then no product's output is written after it is made."""
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None  # this order: traceable
-
-
 def _side_then_base(s, lora_B, x2, weight, bias, scale):
     """``Y = b + s·S Bᵀ + X Wᵀ``: ``C = b + s·S Bᵀ`` (bias broadcast by addmm), then ``C += X Wᵀ`` in place
     (BLAS beta=1: C read once in the GEMM's epilogue). Under selective activation checkpointing, which keeps
     the big product's output as made (a kept tensor must not be written afterwards), out of place instead:
     ``Y = C + X Wᵀ`` into a new buffer, ``C = S Bᵀ`` unscaled and the scale on beta where there is no bias.
     addmm first copies C into Y there: with a bias one more M x out read and write than in place."""
-    if _out_of_place():
+    if traced():
         if bias is not None:
             return torch.addmm(torch.addmm(bias, s, lora_B.t(), alpha=scale), x2, weight.t())
         return torch.addmm(torch.mm(s, lora_B.t()), x2, weight.t(), beta=scale)
@@ -157,7 +150,7 @@ class MergedInt8LoRALinearFunction(torch.autograd.Function):
             w.addmm_(lora_B, lora_A, alpha=scale)
         y = torch.addmm(bias, x2, w.t()) if bias is not None else torch.mm(x2, w.t())
         if not merged:  # Y += s·S Bᵀ; out of place under selective checkpointing, which keeps X Wᵀ (_side_then_base)
-            y = torch.addmm(y, s, lora_B.t(), alpha=scale) if _out_of_place() else y.addmm_(s, lora_B.t(), alpha=scale)
+            y = torch.addmm(y, s, lora_B.t(), alpha=scale) if traced() else y.addmm_(s, lora_B.t(), alpha=scale)
         ctx.save_for_backward(x, s, q, w_scale, lora_A, lora_B)  # x itself: see reference.differentiable_backward
         ctx.scale, ctx.x_shape, ctx.has_bias, ctx.merged = scale, x.shape, bias is not None, merged
         return y.reshape(*x.shape[:-1], q.shape[0])

@@ -6,7 +6,8 @@
 #   1. the layer against the twin (fused, split dB, deterministic; its large shapes r=256 and 1024x1024x2048 r=64
 #   not yet run there), 2. the cuBLAS low-rank candidate, 3. TMA (the slowest to compile: five configs per GEMM),
 #   4. FSDP2's host buffers (1 rank, NCCL); then the groups that passed there: 5. int8, 6. the cheap cases
-#   (merge, deterministic, autocast, double backward, strides, the tiny training run), 7. dispatch.
+#   (merge, deterministic, autocast, double backward, strides, the tiny training run); 7. the layer's registered
+#   ops (opcheck; new since that run), 8. dispatch.
 # Arguments go to every pytest call (tests/test_kernel_scripts.py checks with --collect-only that the groups
 # hold every CUDA case of tests/test_kernels.py exactly once). Exit status: nonzero if any group failed.
 set -uo pipefail
@@ -23,5 +24,6 @@ status=0
 "${t[@]}" -k cuda tests/test_fsdp.py "$@" || status=1
 "${t[@]}" -k cuda tests/test_int8_quant.py "$@" || status=1
 "${t[@]}" -k "cuda and ($first)" tests/test_kernels.py "$@" || status=1
+"${t[@]}" -k cuda tests/test_kernel_ops.py "$@" || status=1
 env -u RELORA_KERNELS "${t[@]}" tests/test_kernel_dispatch.py "$@" || status=1
 exit $status

@@ -77,17 +77,15 @@ def raise_recompile_limit(entries: int) -> None:
     setattr(config, _limit_option(config), max(getattr(config, _limit_option(config)), entries))
 
 
-def compile_warnings(stats: dict, last: dict | None, triton: bool) -> list[str]:
-    """The warnings for what ``stats`` (compile_stats) adds to the ``last`` report: new graph breaks (with the
-    Triton kernels' hint where ``triton``), new recompile-limit hits."""
+def compile_warnings(stats: dict, last: dict | None) -> list[str]:
+    """The warnings for what ``stats`` (compile_stats) adds to the ``last`` report: new graph breaks, new
+    recompile-limit hits."""
     last = last or {"graph_breaks": 0, "recompile_limit_hits": 0}
     out = []
     if stats["graph_breaks"] > last["graph_breaks"]:
         why = "; ".join(f"{n}x {reason}" for reason, n in stats["break_reasons"].items())
-        hint = (" With RELORA_KERNELS=triton the Triton kernels run outside the graph (a break at each LoRA "
-                "layer); kernels auto takes the BLAS path, which compiles whole." if triton else "")
         out.append(f"compile: torch.compile broke the decoder layers' graphs {stats['graph_breaks']} times "
-                   f"({why}); those parts run eagerly.{hint}")
+                   f"({why}); those parts run eagerly.")
     if stats["recompile_limit_hits"] > last["recompile_limit_hits"]:
         out.append(f"compile: torch.compile reached its recompile limit {stats['recompile_limit_hits']} times: the "
                    "code it stopped on runs eagerly from then on (TORCH_LOGS=recompiles says why it recompiled)")

@@ -440,7 +440,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self._event({"event": "compiled", "step": step, "phase": self.engine_phase, "after": after, **stats,
                      "cache_entries": cache_entries(self.engine.module), "recompile_limit": recompile_limit()})
         if self.rank == 0:
-            for message in compile_warnings(stats, last, relora_kernels.kernel_mode() == "triton"):
+            for message in compile_warnings(stats, last):
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _event(self, rec: dict) -> None:

@@ -6,6 +6,7 @@ dropout mask). Under the interpreter, bf16 dots are upcast to fp32 (its bf16 ``t
 """
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,19 @@ def run_both(x, w, a, b, bias, dy, scale, dropout_seed=None, **kw):
 
 
 NAMES = ["y", "dx", "dA", "dB", "dbias"]
+
+
+def count_layer_launches(monkeypatch) -> collections.Counter:
+    """Counts, from now on, the Triton layer path's forward and backward launches (relora_kernels.linear's
+    ``lora_forward`` / ``lora_backward``, whichever calls them: the plain call or a registered op's body)."""
+    from relora_kernels import linear
+    calls = collections.Counter()
+    for name in ("lora_forward", "lora_backward"):
+        def counted(*args, _real=getattr(linear, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(linear, name, counted)
+    return calls
 
 
 def _shape_id(s):

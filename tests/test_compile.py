@@ -134,18 +134,34 @@ def test_compiled_dropout_matches_the_eager_masks_and_survives_activation_checkp
     assert abs(eager[0].item() - run(2, False, compiled=False)[0].item()) > 1e-4  # the masks matter
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_compiled_layers_on_the_triton_path_break_around_the_kernels(fresh_dynamo, kernels_on, quantize):
-    """RELORA_KERNELS=triton (Triton's interpreter here), float and int8 bases: the launchers run outside the graph
-    (a graph break at each LoRA layer, torch.compiler.disable), with the eager model's loss and gradients."""
+@pytest.mark.parametrize("quantize,backend,policy", [(None, "inductor", None), ("int8", "aot_eager", "selective")])
+def test_compiled_layers_on_the_triton_path_call_the_kernels_as_ops(fresh_dynamo, kernels_on, monkeypatch, quantize,
+                                                                     backend, policy):
+    """RELORA_KERNELS=triton (Triton's interpreter here), float and int8 bases: traced, the layer launches through
+    its two registered ops (relora_kernels.linear.FORWARD_OP, BACKWARD_OP), so a decoder layer stays one graph with
+    no break, and the compiled model has the eager model's loss and gradients. The ops run inside the compiled
+    code: one forward and one backward launch per LoRA layer and step, also under the selective policy (its
+    forward kept, not recomputed: with the checkpoint inside the compiled function, inductor's partitioner
+    applies the policy to the op). inductor for the float base (its generated code calls the ops), AOTAutograd's
+    graphs for the int8 one."""
+    from kernel_utils import count_layer_launches
+
     eager = _model(quantize=quantize)
+    if policy:
+        eager.gradient_checkpointing_enable(policy=policy)
     compiled = copy.deepcopy(eager)
-    compiled.compile_layers(backend="aot_eager")  # the breaks are Dynamo's: no inductor build needed
+    compiled.compile_layers(backend=backend)
     batch = _batch(eager.config.vocab_size)
-    _close(_step(eager, batch), _step(compiled, batch), 2e-5)
+    want = _step(eager, batch)
+    calls = count_layer_launches(monkeypatch)
+    _close(want, _step(compiled, batch), 2e-5)
     stats = compile_stats()
-    assert stats["graphs"] >= 2 and stats["graph_breaks"] > 0, stats
-    assert any("disable" in reason for reason in stats["break_reasons"]), stats
+    assert stats["graphs"] == 1 and stats["graph_breaks"] == 0, stats
+    layers = len(list(relora_ds.relora.relora_layers(compiled)))
+    assert calls == {"lora_forward": layers, "lora_backward": layers}, calls  # the compiling step
+    calls.clear()
+    _close(want, _step(compiled, batch), 2e-5)
+    assert calls == {"lora_forward": layers, "lora_backward": layers}, calls  # the compiled code alone
 
 
 def test_compile_needs_a_working_compiler():
@@ -237,7 +253,7 @@ def test_compile_stats_count_recompile_limit_hits(fresh_dynamo):
 
 def test_compile_reports_warn_on_new_breaks_and_limit_hits(monkeypatch, recwarn):
     """Trainer._report_compile (a stub trainer; compile_stats given): an event per report, a warning only for
-    graph breaks or recompile-limit hits that are new since the last report, the Triton hint where it applies."""
+    graph breaks or recompile-limit hits that are new since the last report."""
     import relora_ds.trainer as trainer_mod
 
     events = []
@@ -251,13 +267,11 @@ def test_compile_reports_warn_on_new_breaks_and_limit_hits(monkeypatch, recwarn)
                   dict(graphs=3, graph_breaks=2, break_reasons={"Skip calling `torch.compiler.disable()`d": 2},
                        recompile_limit_hits=1)])
     monkeypatch.setattr(trainer_mod, "compile_stats", lambda: next(stats))
-    monkeypatch.setenv("RELORA_KERNELS", "triton")
     stub._report_compile("step", 1)
     assert not recwarn.list
     stub._report_compile("evaluation", 2)
     (w,) = recwarn.list
     assert "broke the decoder layers' graphs 2 times (2x Skip calling" in str(w.message)
-    assert "With RELORA_KERNELS=triton the Triton kernels run outside the graph" in str(w.message)
     recwarn.clear()
     stub._report_compile("evaluation", 3)  # the same breaks: no warning again; a limit hit: one
     (w,) = recwarn.list

@@ -70,8 +70,9 @@ def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels_package(tmp_pa
 
 
 def test_the_trainer_does_not_import_torchs_compiler_stack():
-    """torch._dynamo takes ~3 s to import (measured on CPU): the layers' torch.compiler.disable wrappers (the Triton
-    paths, the FSDP2 host-buffer move) are made at their first call, so a run without --compile never loads it."""
+    """torch._dynamo takes ~3 s to import (measured on CPU): the layers' torch.compiler.disable wrapper (the FSDP2
+    host-buffer move) is made at its first call, and registering the Triton path's ops (relora_kernels.linear)
+    needs none of it, so a run without --compile never loads it."""
     out = _run("""
         import sys
         import relora_ds, relora_ds.trainer, relora_ds.evaluate, relora_kernels

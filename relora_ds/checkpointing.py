@@ -9,6 +9,8 @@ forward, the outputs of
   full-rank layers' products in the warm start, and the merged weight's products;
 - attention: torch SDPA's fused kernels (flash, memory-efficient, cuDNN, CPU flash) and flash-attn's
   (when it is installed and registers its ops with torch, flash-attn >= 2.7);
+- the Triton layer path's forward (``RELORA_KERNELS=triton``), which launches through a registered torch op
+  under the policy's dispatch mode (relora_kernels.linear.FORWARD_OP): its ``Y`` and ``S = X Aᵀ``;
 
 and recomputes the rest in backward: RMSNorm, RoPE, SiLU and the gating product, the residual adds, the
 LoRA dropout mask, and the rank-r products (``S Bᵀ``, ``s·B A``), whose contraction over r is the smallest
@@ -17,12 +19,11 @@ is thus a small fraction of a forward, against a whole one with full checkpointi
 about half of what it keeps without checkpointing (``launch/memory_table.py`` has the per-layer bytes).
 
 Mechanism: torch's ``create_selective_checkpoint_contexts`` (public since torch 2.4, setup.py's floor) as ``checkpoint``'s
-``context_fn``. It sees torch ops only: the Triton layer path's kernels (``RELORA_KERNELS=triton``) are not
-torch ops, so their GEMMs recompute as under full checkpointing; the BLAS path (``auto``'s default on CPU
-and CUDA) and the reference are torch ops throughout. A kept output must not be written in place afterwards
-(torch checks it and raises where the write goes through the tensor or a view of it, not through every alias:
-see check_linear): the BLAS layer path computes its outputs out of place under a dispatch mode
-(kernels/torch_linear.py).
+``context_fn``. It sees torch ops only: the BLAS path (``auto``'s default on CPU and CUDA) and the reference
+are torch ops throughout, and the Triton path's launches are inside its two registered ops. A kept output
+must not be written in place afterwards (torch checks it and raises where the write goes through the tensor
+or a view of it, not through every alias: see check_linear): the BLAS layer path computes its outputs out of
+place under a dispatch mode (kernels/torch_linear.py).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ import torch
 POLICIES = ("full", "selective")
 
 _MATMULS = ("aten::mm", "aten::addmm")
+# The Triton layer path's forward (kernels/linear.py): Y = X Wᵀ + s·S Bᵀ (+ b) and S, one op.
+_LORA_LAYERS = ("relora_kernels::lora_linear_forward",)
 # Fused attention kernels, by schema name (no import of flash_attn needed): their outputs (and the logsumexp
 # backward needs) are kept. torch's math attention is a composite of bmm and softmax; it recomputes.
 _ATTENTION = ("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_efficient_attention",
@@ -44,11 +47,11 @@ _ATTENTION = ("aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_pr
 def keeps(func, args, rank: int = 0) -> bool:
     """Whether the selective policy keeps ``func``'s output: an out-of-place matmul ``(m, k) @ (k, n)`` whose
     contraction k is above ``rank`` (the largest LoRA rank of the model, 0 without LoRA: a product over k <=
-    rank is a rank-r one, cheap to recompute), or fused attention."""
+    rank is a rank-r one, cheap to recompute), fused attention, or the Triton LoRA layer's forward."""
     schema = func._schema
     if schema.is_mutable:  # an in-place or out= op: its output is a tensor something else owns
         return False
-    if schema.name in _ATTENTION:
+    if schema.name in _ATTENTION or schema.name in _LORA_LAYERS:
         return True
     if schema.name in _MATMULS:
         return args[-2].shape[1] > rank  # mm(a, b), addmm(bias, a, b): k = a's columns

@@ -394,11 +394,6 @@ class TrainConfig:
         if self.activation_checkpointing_policy != "full" and not self.activation_checkpointing:
             ignored.append((f"activation_checkpointing_policy={self.activation_checkpointing_policy!r}",
                             "activation_checkpointing is off (--activation-checkpointing turns it on)"))
-        elif self.activation_checkpointing_policy == "selective" and self.kernels == "triton" and self.mode != "full":
-            warned.append("activation_checkpointing_policy='selective' with kernels='triton': the Triton kernels are "
-                          "not torch ops the policy sees, so the ReLoRA layers' GEMMs recompute as under 'full' "
-                          "(attention's outputs are still kept, and the warm start's products); kernels='auto' runs "
-                          "the BLAS path, whose products it keeps")
         for name in ("eval_windows", "final_eval_windows"):
             if getattr(self, name) != getattr(TrainConfig, name) and not self.eval_every:
                 ignored.append((f"{name}={getattr(self, name)}", "eval_every=0 runs no evaluation, the final one "

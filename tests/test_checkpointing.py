@@ -174,18 +174,24 @@ def test_bad_policy_is_named():
 @pytest.mark.parametrize("lowrank_blas", [True, False])
 def test_selective_on_the_triton_path(kernels_on, monkeypatch, lowrank_blas):
     """RELORA_KERNELS=triton (the interpreter here; float base, LoRA dropout 0 so that S = X·Aᵀ may go to
-    cuBLAS's torch.mm): the kernels are not torch ops, so the policy sees only that mm, keeps it, and the
-    kernels recompute. Same loss and gradients as without checkpointing, whether S comes from torch.mm (kept:
-    the kernel must read the kept S, never write it) or from a kernel (LOWRANK_BLAS off)."""
+    cuBLAS's torch.mm): under the policy's dispatch mode the layer launches through its registered forward op,
+    whose outputs (Y and S) the policy keeps, so backward launches no forward again; full checkpointing does,
+    once per layer. Same loss and gradients as without checkpointing, whether S comes from torch.mm (inside
+    the op) or from a kernel (LOWRANK_BLAS off)."""
+    from kernel_utils import count_layer_launches
     from relora_kernels import linear
 
     monkeypatch.setattr(linear, "LOWRANK_BLAS", lowrank_blas)
     batch = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     plain = _run(_model(), None, batch)
-    selective = _run(_model(), "selective", batch)
-    assert torch.equal(plain[0], selective[0]) and plain[1].keys() == selective[1].keys()
-    for n in plain[1]:
-        torch.testing.assert_close(selective[1][n], plain[1][n], rtol=1e-5, atol=1e-7, msg=n)
+    layers = len(list(relora_ds.relora_layers(_model())))
+    for policy, forwards in (("selective", layers), ("full", 2 * layers)):
+        calls = count_layer_launches(monkeypatch)
+        got = _run(_model(), policy, batch)
+        assert calls == {"lora_forward": forwards, "lora_backward": layers}, (policy, calls)
+        assert torch.equal(plain[0], got[0]) and plain[1].keys() == got[1].keys()
+        for n in plain[1]:
+            torch.testing.assert_close(got[1][n], plain[1][n], rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_the_policy_on_a_transformers_model_through_its_checkpointing_kwargs():

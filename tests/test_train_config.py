@@ -223,9 +223,6 @@ def test_settings_a_mode_does_not_use_are_named():
                                                       r"activation_checkpointing is off \(--activation-checkpointing"),
             (dict(activation_checkpointing_policy="selective"), r"activation_checkpointing_policy='selective' is "
                                                                 r"ignored: activation_checkpointing is off"),
-            (dict(activation_checkpointing=True, activation_checkpointing_policy="selective", kernels="triton"),
-             r"activation_checkpointing_policy='selective' with kernels='triton': the Triton kernels are not torch "
-             r"ops the policy sees"),
             (dict(mode="full", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='full' has no "
                                                         "resets"),
             (dict(mode="lora", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='lora' has no "

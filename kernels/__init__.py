@@ -16,6 +16,11 @@ Public API (each op has a pure-torch twin that is its specification and the CPU 
   ``int8_lora_linear_reference``, ``int8_dequantize_reference``, ``int8_merge_reference_`` and the quantizer
   ``int8_quantize_reference`` (module ``int8_reference``).
 
+Traced (torch.compile, a Python dispatch mode such as selective activation checkpointing's or FakeTensorMode), the
+Triton layer path launches through two registered torch ops, ``relora_kernels::lora_linear_forward`` and
+``relora_kernels::lora_linear_backward`` (module ``linear``: ``FORWARD_OP``, ``BACKWARD_OP``), registered when that
+module is first used.
+
 Importing this package imports neither triton nor any GPU driver: the kernel modules load on first use
 (PEP 562 ``__getattr__``), so the package imports on CPU-only machines and costs nothing until used.
 Module names (``linear``, ``merge``, ``matmul``, ``torch_linear``) differ from the function names on purpose: importing a

@@ -116,14 +116,18 @@ def traced() -> bool:
 def _constant_under_compile(fn):
     """Marks ``fn`` as torch.compiler.assume_constant_result does (Dynamo calls it once while tracing and puts
     the result in the graph as a constant, no graph break) without that function's import of torch._dynamo
-    (~3 s, which nothing else at import needs). For process-wide facts only: nothing guards the constant."""
+    (~3 s, which nothing else at import needs). Nothing guards the constant: for facts fixed per process, or
+    whose staleness costs no more than an error message (interpreting: see there)."""
     fn._dynamo_marked_constant = True
     return fn
 
 
 @_constant_under_compile  # Triton's knobs read the environment through a C extension Dynamo cannot trace
 def interpreting() -> bool:
-    """Whether Triton would run kernels through its CPU interpreter right now."""
+    """Whether Triton would run kernels through its CPU interpreter right now. A compiled graph keeps the value
+    it was traced with: traced code reads it only in check_device's CPU-tensor check (the launchers, inside
+    the registered ops, read it at each launch), so a switch after the compile costs at most that check's
+    clear error in favour of Triton's own."""
     try:
         import triton
     except ImportError:

@@ -238,7 +238,8 @@ class Int8LoRALinearFunction(torch.autograd.Function):
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)  # (M, in)
         keep2 = keep.reshape(-1, d_in).view(torch.uint8) if keep is not None else None
-        y2, s = run_forward(x2, q, lora_A, lora_B, bias, w_scale, keep2, scale, dropout_p, deterministic, in_gemm)
+        y2, s = run_forward(x2, q, lora_A, lora_B, bias=bias, weight_scale=w_scale, keep2=keep2, scale=scale,
+                            dropout_p=dropout_p, deterministic=deterministic, in_gemm=in_gemm)
         ctx.save_for_backward(x, s, q, w_scale, lora_A, lora_B, keep2)  # x itself: see differentiable_backward
         ctx.scale, ctx.dropout_p, ctx.deterministic, ctx.in_gemm = scale, dropout_p, deterministic, in_gemm
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
@@ -255,8 +256,9 @@ class Int8LoRALinearFunction(torch.autograd.Function):
             dx2, da, db = differentiable_backward(dy2, x2, w, lora_A, lora_B, ctx.scale, keep2,
                                                   1.0 / (1.0 - ctx.dropout_p))
         else:
-            dx2, da, db = run_backward(dy2, x2, s, q, w_scale, lora_A, lora_B, keep2, ctx.scale, ctx.dropout_p,
-                                       ctx.deterministic, ctx.in_gemm, need_dx=need_x, need_lora=need_a or need_b)
+            dx2, da, db = run_backward(dy2, x2, s, q, lora_A, lora_B, weight_scale=w_scale, keep2=keep2,
+                                       scale=ctx.scale, dropout_p=ctx.dropout_p, deterministic=ctx.deterministic,
+                                       in_gemm=ctx.in_gemm, need_dx=need_x, need_lora=need_a or need_b)
         dx = dx2.reshape(ctx.x_shape) if dx2 is not None else None
         dbias = dy2.sum(0, dtype=torch.float32).to(dy.dtype) if (ctx.has_bias and need_bias) else None
         return (dx, None, None, (da if need_a else None), (db if need_b else None), dbias, None, None, None, None,

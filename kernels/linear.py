@@ -178,6 +178,8 @@ def layer_forward(x2, weight, lora_A, lora_B, bias, weight_scale, keep2, scale, 
 def layer_backward(dy2, x2, s, weight, weight_scale, lora_A, lora_B, keep2, scale, dropout_p, deterministic, in_gemm,
                    need_dx, need_lora):
     """One backward's launches: (dx2 or None, dA or None, dB or None); ``weight_scale`` as in layer_forward."""
+    if not (need_dx or need_lora):  # only a bias (or a trainable W) wants a gradient: nothing to launch
+        return None, None, None
     if weight_scale is not None and not in_gemm:
         from .int8 import dequant_launch
         weight, weight_scale = (dequant_launch(weight, weight_scale, dy2.dtype) if need_dx else None), None
@@ -188,7 +190,7 @@ def layer_backward(dy2, x2, s, weight, weight_scale, lora_A, lora_B, keep2, scal
 # The same launches as torch ops (torch.library.custom_op), for tracers that must see one op, not the launchers'
 # Python (_runtime.traced): torch.compile puts each in its graph as an opaque call (no graph break, the layer
 # stays one graph); selective activation checkpointing keeps the forward's outputs (relora_ds/checkpointing.py);
-# FakeTensorMode gets the shapes below without launching. Outputs never alias inputs; a gradient not asked for
+# FakeTensorMode gets the shapes below without launching; FlopCounterMode counts them (below). Outputs never alias inputs; a gradient not asked for
 # is an empty tensor (an op returns no None).
 FORWARD_OP = torch.library.custom_op(
     "relora_kernels::lora_linear_forward", layer_forward, mutates_args=(),
@@ -224,16 +226,49 @@ def _backward_fake(dy2, x2, s, weight, weight_scale, lora_A, lora_B, keep2, scal
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
-def run_forward(*args):
+# FlopCounterMode counts these ops by the formulas below (the GEMMs' 2·m·n·k, as torch counts aten.mm), the same
+# count as the twin's matmuls (tests/test_kernel_ops.py). Registered with the ops, when this module is first imported
+# (the first Triton-path call): a FlopCounterMode made before that copies torch's registry without them.
+def _forward_flops(x2, weight, lora_A, *args, **kwargs):
+    (m, k), n, r = x2, weight[0], lora_A[0]
+    return 2 * m * k * n + 2 * m * k * r + 2 * m * r * n  # X·Wᵀ, S = X·Aᵀ, S·Bᵀ
+
+
+def _backward_flops(dy2, x2, s, weight, weight_scale, lora_A, lora_B, keep2, scale, dropout_p, deterministic, in_gemm,
+                    need_dx, need_lora, **kwargs):
+    (m, n), k, r = dy2, x2[1], lora_A[0]
+    if not (need_dx or need_lora):
+        return 0
+    return (2 * m * n * r  # dS = s·dY·B
+            + (2 * m * n * k + 2 * m * r * k if need_dx else 0)  # dX = dY·W + dS·A
+            + (2 * m * n * r + 2 * m * r * k if need_lora else 0))  # dB = s·dYᵀ·S, dA = dSᵀ·X
+
+
+def _register_flop_formulas():
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+    for op, formula in ((torch.ops.relora_kernels.lora_linear_forward, _forward_flops),
+                        (torch.ops.relora_kernels.lora_linear_backward, _backward_flops)):
+        if op not in flop_registry:  # this file imported again under another package name (kernels/__init__.py)
+            register_flop_formula(op)(formula)
+
+
+_register_flop_formulas()
+
+
+def run_forward(x2, weight, lora_A, lora_B, *, bias, weight_scale, keep2, scale, dropout_p, deterministic, in_gemm):
     """layer_forward, through its op when traced (_runtime.traced)."""
-    return (FORWARD_OP if _runtime.traced() else layer_forward)(*args)
+    return (FORWARD_OP if _runtime.traced() else layer_forward)(x2, weight, lora_A, lora_B, bias, weight_scale, keep2,
+                                                               scale, dropout_p, deterministic, in_gemm)
 
 
-def run_backward(*args, need_dx, need_lora):
+def run_backward(dy2, x2, s, weight, lora_A, lora_B, *, weight_scale, keep2, scale, dropout_p, deterministic, in_gemm,
+                 need_dx, need_lora):
     """layer_backward, through its op when traced; None for a gradient not asked for either way."""
+    args = (dy2, x2, s, weight, weight_scale, lora_A, lora_B, keep2, scale, dropout_p, deterministic, in_gemm, need_dx,
+            need_lora)
     if not _runtime.traced():
-        return layer_backward(*args, need_dx, need_lora)
-    dx, da, db = BACKWARD_OP(*args, need_dx, need_lora)
+        return layer_backward(*args)
+    dx, da, db = BACKWARD_OP(*args)
     return (dx if need_dx else None), (da if need_lora else None), (db if need_lora else None)
 
 
@@ -247,7 +282,8 @@ class LoRALinearFunction(torch.autograd.Function):
         d_in = x.shape[-1]
         x2 = x.reshape(-1, d_in)  # (M, in), M = prod(leading dims)
         keep2 = keep.reshape(-1, d_in).view(torch.uint8) if keep is not None else None
-        y2, s = run_forward(x2, weight, lora_A, lora_B, bias, None, keep2, scale, dropout_p, deterministic, False)
+        y2, s = run_forward(x2, weight, lora_A, lora_B, bias=bias, weight_scale=None, keep2=keep2, scale=scale,
+                            dropout_p=dropout_p, deterministic=deterministic, in_gemm=False)
         ctx.save_for_backward(x, s, weight, lora_A, lora_B, keep2)  # x itself: see differentiable_backward
         ctx.scale, ctx.dropout_p, ctx.deterministic = scale, dropout_p, deterministic
         ctx.x_shape, ctx.bias_dtype = x.shape, (bias.dtype if bias is not None else None)
@@ -263,8 +299,9 @@ class LoRALinearFunction(torch.autograd.Function):
             dx2, da, db = differentiable_backward(dy2, x2, weight, lora_A, lora_B, ctx.scale, keep2,
                                                   1.0 / (1.0 - ctx.dropout_p))
         else:
-            dx2, da, db = run_backward(dy2, x2, s, weight, None, lora_A, lora_B, keep2, ctx.scale, ctx.dropout_p,
-                                       ctx.deterministic, False, need_dx=need_x, need_lora=need_a or need_b)
+            dx2, da, db = run_backward(dy2, x2, s, weight, lora_A, lora_B, weight_scale=None, keep2=keep2,
+                                       scale=ctx.scale, dropout_p=ctx.dropout_p, deterministic=ctx.deterministic,
+                                       in_gemm=False, need_dx=need_x, need_lora=need_a or need_b)
         dx = dx2.reshape(ctx.x_shape) if dx2 is not None else None
         # ReLoRA keeps W frozen; a trainable W still gets its gradient, through plain torch.
         dw = (dy2.t() @ x2) if need_w else None

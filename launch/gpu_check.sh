@@ -86,10 +86,11 @@ for st in "${stages[@]}"; do
     e2e) run e2e 180 python3 launch/bench_e2e.py --presets 1b 350m --paths reference torch triton triton_tma_blas_lr \
            --interleave --steps 6 --out "$OUT/e2e.json" ;;  # one model per preset, paths alternating
     tests) run tests 150 bash launch/gpu_tests.sh ;;
-    compile) run compile 300 bash -c 'for c in "" --compile; do python3 launch/bench_e2e.py --presets 350m 1b \
-               --paths auto triton --steps 6 $c --out "$1/e2e_compile${c:+d}.json"; done' _ "$OUT" ;;
+    compile) run compile 420 bash -c 'for c in "" --compile; do python3 launch/bench_e2e.py --presets 350m 1b \
+               --paths auto --steps 6 $c --out "$1/e2e_compile${c:+d}.json"; python3 launch/bench_e2e.py \
+               --presets 1b --paths triton --steps 6 $c --out "$1/e2e_compile_triton${c:+d}.json"; done' _ "$OUT" ;;
              # whole steps eager, then with each decoder layer compiled (--compile; not yet measured on a GPU;
-             # the Triton path's kernels are ops in the compiled graph)
+             # the Triton path at 1b only: its kernels are ops in the compiled graph, autotuned in the warm-up)
     loss) run loss 240 python3 launch/bench_e2e.py --presets 1b --paths auto --micro-batch 16 \
             --activation-checkpointing --loss-chunk-size 1024 0 --steps 6 --out "$OUT/e2e_loss_chunk.json" ;;
           # the chunked loss (first) and the full logits: tokens/s and peak memory, with activation checkpointing

@@ -161,7 +161,8 @@ class TrainConfig:
                                                       "layer's input; 'selective' also keeps its matmul and "
                                                       "attention outputs (about half the layer's activations) "
                                                       "and recomputes only the cheap ops (norms, RoPE, SiLU, "
-                                                      "residual adds, LoRA dropout, the rank-r products): "
+                                                      "residual adds, LoRA dropout, the rank-r products; "
+                                                      "the Triton layer path keeps its whole forward): "
                                                       "torchtitan's op-level selective checkpointing",
                                               choices=("full", "selective"))
     loss_chunk_size: int = _f(0, "compute the loss this many tokens at a time through lm_head, never holding "

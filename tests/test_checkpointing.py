@@ -171,23 +171,25 @@ def test_bad_policy_is_named():
     assert not model.model.gradient_checkpointing  # nothing half-enabled
 
 
-@pytest.mark.parametrize("lowrank_blas", [True, False])
-def test_selective_on_the_triton_path(kernels_on, monkeypatch, lowrank_blas):
-    """RELORA_KERNELS=triton (the interpreter here; float base, LoRA dropout 0 so that S = X·Aᵀ may go to
-    cuBLAS's torch.mm): under the policy's dispatch mode the layer launches through its registered forward op,
-    whose outputs (Y and S) the policy keeps, so backward launches no forward again; full checkpointing does,
-    once per layer. Same loss and gradients as without checkpointing, whether S comes from torch.mm (inside
-    the op) or from a kernel (LOWRANK_BLAS off)."""
+@pytest.mark.parametrize("lowrank_blas,dropout", [(True, 0.0), (False, 0.0), (False, 0.2)])
+def test_selective_on_the_triton_path(kernels_on, monkeypatch, lowrank_blas, dropout):
+    """RELORA_KERNELS=triton (the interpreter here; float base): under the policy's dispatch mode the layer
+    launches through its registered forward op, whose outputs (Y and S) the policy keeps, so backward launches
+    no forward again; full checkpointing does, once per layer. Same loss and gradients as without
+    checkpointing, whether S comes from torch.mm inside the op (LOWRANK_BLAS, without dropout) or from a
+    kernel, and with LoRA dropout (the kept S and the recomputed keep-mask must agree). _run's backward runs
+    under a dispatch mode (its GEMM log), so every backward here, the reference's too, goes through the
+    backward op."""
     from kernel_utils import count_layer_launches
     from relora_kernels import linear
 
     monkeypatch.setattr(linear, "LOWRANK_BLAS", lowrank_blas)
     batch = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
-    plain = _run(_model(), None, batch)
+    plain = _run(_model(dropout=dropout), None, batch)
     layers = len(list(relora_ds.relora_layers(_model())))
     for policy, forwards in (("selective", layers), ("full", 2 * layers)):
         calls = count_layer_launches(monkeypatch)
-        got = _run(_model(), policy, batch)
+        got = _run(_model(dropout=dropout), policy, batch)
         assert calls == {"lora_forward": forwards, "lora_backward": layers}, (policy, calls)
         assert torch.equal(plain[0], got[0]) and plain[1].keys() == got[1].keys()
         for n in plain[1]:

@@ -1,10 +1,11 @@
 """The Triton layer path's two registered torch ops (relora_kernels.linear.FORWARD_OP / BACKWARD_OP), which it
-launches through when traced (torch.compile, a Python dispatch mode: _runtime.traced). The opcheck and bitwise
+launches through when traced (torch.compile, a Python dispatch mode: _runtime.traced). The opcheck and backward
 cases run compiled on a GPU too (launch/gpu_tests.sh).
 
 Oracles: torch.library.opcheck (the schema, the fake implementations' shapes, dtypes and strides against the
-real outputs, no aliasing, AOTAutograd with dynamic shapes), the plain calls the ops wrap (bitwise), and what
-runs: no launch under FakeTensorMode, no op dispatch on the plain eager path. Under Triton's interpreter here
+real outputs, no aliasing, AOTAutograd with dynamic shapes), the plain calls the backward op wraps, the twin's
+matmuls for FlopCounterMode's count, and what runs: no launch under FakeTensorMode, no op dispatch on the plain
+eager path. Under Triton's interpreter here
 (tests/conftest.py's kernels_on); compiled and selectively checkpointed models: tests/test_compile.py and
 tests/test_checkpointing.py.
 """
@@ -32,7 +33,7 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _op_args(device, base, bias, dropout, in_gemm=False, seed=0):
+def _op_args(device, base, bias, dropout, in_gemm=False, deterministic=True, seed=0):
     """(forward args, backward args but the two need flags): the layer's launch arguments, M=37 rows."""
     from relora_kernels.int8_reference import int8_quantize_reference
     x, w, a, b, bias_t, dy = (t.detach() if t is not None else None
@@ -41,47 +42,59 @@ def _op_args(device, base, bias, dropout, in_gemm=False, seed=0):
     if base == "int8":
         w, w_scale = int8_quantize_reference(w)[:2]
         w_scale = w_scale.float()
-        if bias_t is not None:
-            bias_t = bias_t.float()
     keep = ((torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1)) >= 0.25).view(torch.uint8)
             .to(device) if dropout else None)
     p = 0.25 if dropout else 0.0
-    fwd = (x, w, a, b, bias_t, w_scale, keep, 1.5, p, True, in_gemm)
+    fwd = (x, w, a, b, bias_t, w_scale, keep, 1.5, p, deterministic, in_gemm)
     s = linear.layer_forward(*fwd)[1]
-    bwd = (dy, x, s, w, w_scale, a, b, keep, 1.5, p, True, in_gemm)
+    bwd = (dy, x, s, w, w_scale, a, b, keep, 1.5, p, deterministic, in_gemm)
     return fwd, bwd
 
 
-CASES = [("float", True, True, False), ("float", False, False, False), ("int8", True, False, False),
-         ("int8", False, True, True)]
+# (base, bias, dropout mask, in-GEMM dequantization, deterministic, LOWRANK_BLAS): each backward branch of
+# linear.lora_backward (fixed-order split, fused dS/dB with atomics, cuBLAS rank-r products) and both int8 ones.
+CASES = [("float", True, True, False, True, False), ("float", False, False, False, False, False),
+         ("float", True, False, False, False, True), ("int8", True, False, False, True, False),
+         ("int8", False, True, True, False, False)]
+NEEDS = ((True, True), (True, False), (False, True), (False, False))
 
 
-@pytest.mark.parametrize("base,bias,dropout,in_gemm", CASES)
+@pytest.mark.parametrize("base,bias,dropout,in_gemm,deterministic,lowrank_blas", CASES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_ops_pass_opcheck(kernels_on, device, base, bias, dropout, in_gemm):
+def test_the_ops_pass_opcheck(kernels_on, monkeypatch, device, base, bias, dropout, in_gemm, deterministic,
+                              lowrank_blas):
     """torch.library.opcheck on both ops: float and int8 bases (scratch and in-GEMM dequantization), with and
-    without bias and dropout mask; the backward with every gradient, with dX only and with dA, dB only (the
-    gradient not asked for is an empty tensor, in the fake too)."""
-    fwd, bwd = _op_args(device, base, bias, dropout, in_gemm)
+    without bias and dropout mask, each backward branch; the backward with every need-flag pair (a gradient not
+    asked for is an empty tensor, in the fake too)."""
+    monkeypatch.setattr(linear, "LOWRANK_BLAS", lowrank_blas)
+    fwd, bwd = _op_args(device, base, bias, dropout, in_gemm, deterministic)
     torch.library.opcheck(linear.FORWARD_OP, fwd)
-    for need_dx, need_lora in ((True, True), (True, False), (False, True)):
+    for need_dx, need_lora in NEEDS:
         torch.library.opcheck(linear.BACKWARD_OP, (*bwd, need_dx, need_lora))
 
 
-@pytest.mark.parametrize("base,bias,dropout,in_gemm", CASES)
+@pytest.mark.parametrize("base,bias,dropout,in_gemm,deterministic,lowrank_blas", CASES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_the_ops_compute_what_the_plain_calls_do(kernels_on, device, base, bias, dropout, in_gemm):
-    """Bitwise the plain launches' outputs (deterministic mode), and None where a gradient was not asked for."""
-    fwd, bwd = _op_args(device, base, bias, dropout, in_gemm)
-    for got, want in zip(linear.FORWARD_OP(*fwd), linear.layer_forward(*fwd)):
-        assert torch.equal(got, want)
-    for need_dx, need_lora in ((True, True), (True, False), (False, True)):
-        with _Ops():
-            got = linear.run_backward(*bwd, need_dx=need_dx, need_lora=need_lora)
+def test_the_backward_op_computes_what_the_plain_call_does(kernels_on, monkeypatch, device, base, bias, dropout,
+                                                           in_gemm, deterministic, lowrank_blas):
+    """run_backward under a dispatch mode (through the op) against the plain launches: None exactly where a
+    gradient was not asked for, the rest bitwise in deterministic mode (atomics elsewhere: to fp32 rounding)."""
+    monkeypatch.setattr(linear, "LOWRANK_BLAS", lowrank_blas)
+    fwd, bwd = _op_args(device, base, bias, dropout, in_gemm, deterministic)
+    dy, x, s, w, w_scale, a, b, keep, scale, p, det, in_gemm = bwd
+    for need_dx, need_lora in NEEDS:
+        with _Ops() as ops:
+            got = linear.run_backward(dy, x, s, w, a, b, weight_scale=w_scale, keep2=keep, scale=scale, dropout_p=p,
+                                      deterministic=det, in_gemm=in_gemm, need_dx=need_dx, need_lora=need_lora)
+        assert "relora_kernels::lora_linear_backward" in ops.names
         want = linear.layer_backward(*bwd, need_dx, need_lora)
-        for g, w in zip(got, want):
-            assert (g is None) == (w is None) and (w is None or torch.equal(g, w))
-        assert (got[0] is None) != need_dx and (got[1] is None) != need_lora
+        assert [g is None for g in got] == [not need_dx, not need_lora, not need_lora]
+        for g, w_ in zip(got, want):
+            assert (g is None) == (w_ is None)
+            if g is not None and deterministic:
+                assert torch.equal(g, w_)
+            elif g is not None:
+                torch.testing.assert_close(g, w_, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("base", ["float", "int8"])
@@ -117,3 +130,36 @@ def test_the_plain_eager_path_dispatches_no_op(kernels_on):
         y.backward(dy)
     mine = [n for n in ops.names if n.startswith("relora_kernels")]
     assert mine == ["relora_kernels::lora_linear_forward", "relora_kernels::lora_linear_backward"]
+
+
+@pytest.mark.parametrize("base", ["float", "int8"])
+def test_flop_counter_counts_the_ops_as_the_twins_matmuls(kernels_on, base):
+    """torch.utils.flop_counter.FlopCounterMode (a dispatch mode: the layer runs through its ops) counts the
+    registered formulas: forward and forward+backward equal the count of the twin's matmuls, which torch counts
+    op by op (x of 2×9 tokens, bias and dropout on)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from relora_kernels.int8_reference import int8_quantize_reference
+    x, w, a, b, bias, dy = make_inputs((2, 9), 48, 40, 5, True, torch.float32, "cpu", 0)
+    q, w_scale = int8_quantize_reference(w)[:2]
+    w_scale = w_scale.float()
+
+    def flops(fn):
+        counts = []
+        for backward in (False, True):
+            with FlopCounterMode(display=False) as counter:
+                y = fn(x, a, b, bias)
+                if backward:
+                    y.backward(dy)
+            counts.append(counter.get_total_flops())
+        return counts
+
+    if base == "int8":
+        got = flops(lambda *t: rk.int8_lora_linear(t[0], q, w_scale, *t[1:3], 1.5, t[3], dropout_p=0.1))
+        want = flops(lambda *t: rk.int8_lora_linear_reference(t[0], q, w_scale, *t[1:3], 1.5, t[3], dropout_p=0.1))
+    else:
+        got = flops(lambda *t: rk.lora_linear(t[0], w, *t[1:3], 1.5, t[3], dropout_p=0.1))
+        want = flops(lambda *t: rk.lora_linear_reference(t[0], w, *t[1:3], 1.5, t[3], dropout_p=0.1))
+    m, k, n, r = 18, 48, 40, 5
+    assert want[0] == 2 * m * (k * n + k * r + r * n)  # the hand count of the forward's three products
+    assert got == want and want[1] > want[0], (got, want)

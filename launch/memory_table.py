@@ -221,16 +221,67 @@ def batch_split_error(global_batch: int, gpus: int) -> str | None:
             f"or a global batch of {batches}")
 
 
+def usable_bytes(memory_gb: float, reserve_gb: float | None = None, flag: str = "--memory-gb") -> float:
+    """What a GPU of ``memory_gb`` GB leaves for model states and activations after the reserve (GiB; default
+    10% + 2 GiB) for the CUDA context, NCCL and DeepSpeed buffers and fragmentation."""
+    reserve = reserve_gb * GIB if reserve_gb is not None else 0.1 * memory_gb * 1e9 + 2 * GIB
+    budget = memory_gb * 1e9 - reserve
+    if budget <= 0:
+        raise ValueError(f"{flag} {memory_gb:g} leaves nothing usable after the reserve of {reserve / GIB:.1f} GiB "
+                         f"(default 10% + 2 GiB); give a larger {flag}" + (" or a smaller --reserve-gb"
+                                                                         if flag == "--memory-gb" else ""))
+    return budget
+
+
+def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int) -> list[dict] | str:
+    """Per-GPU memory of a training run (launch/preflight.py), phase by phase: a dict per phase (``phase``,
+    ``states`` and ``activations`` bytes at the run's micro-batch, ``fits(micro_batch, budget)``), or why it
+    is not estimated. Parameters are counted on a meta-device copy of the run's model, built and wrapped as
+    the trainer builds it (any target_modules, tied embeddings, biases, int8 base); states and activations
+    follow this module's model (its docstring), which counts the LoRA activations of all seven projections."""
+    import torch
+
+    from relora_ds import LlamaForCausalLM, wrap
+    from relora_ds.ds_schema import optimizer_offload, uses_bf16, uses_fp16
+
+    if not (uses_bf16(ds) or uses_fp16(ds)):
+        return "fp32 training (the memory model counts bf16/fp16 weights and activations)"
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    offload = "none"
+    if optimizer_offload(ds):
+        param = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none")
+        offload = "optimizer+parameters" if param in ("cpu", "nvme") else "optimizer"
+    ckpt = (cfg.activation_checkpointing_layers or True) if cfg.activation_checkpointing else False
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config)
+        total = sum(p.numel() for p in model.parameters())
+        if cfg.mode != "full":
+            wrap(model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules, quantize=cfg.quantize)
+    phases = []
+    if cfg.mode == "full" or cfg.warm_start_steps > 0:  # not with warm_start_from (a trained warm start, loaded)
+        phases.append(("full-rank" if cfg.mode == "full" else "warm start", None, total, (0, 0)))
+    if cfg.mode != "full":
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() * (1 if p.dtype == torch.int8 else 2) for p in model.parameters() if not p.requires_grad)
+        scales = sum(2 * b.numel() for name, b in model.named_buffers() if name.endswith("weight_scale"))
+        phases.append(("ReLoRA" if cfg.mode == "relora" else "LoRA", cfg.rank, trainable, (frozen, scales)))
+    out = []
+    for name, rank, trainable, frozen in phases:
+        states = state_bytes(trainable, frozen, stage, world_size, offload)
+
+        def activations(micro_batch, rank=rank):
+            return activation_peak_bytes(model_config, cfg.seq_len, rank, micro_batch, ckpt, cfg.loss_chunk_size,
+                                         cfg.activation_checkpointing_policy)
+        out.append({"phase": name, "states": states, "activations": activations(cfg.micro_batch_size),
+                    "fits": lambda m, budget, states=states, activations=activations: states + activations(m) <= budget})
+    return out
+
+
 def table(args) -> str:
     error = batch_split_error(args.global_batch_size, args.gpus)
     if error:
         raise ValueError(error)
-    reserve = args.reserve_gb * GIB if args.reserve_gb is not None else 0.1 * args.memory_gb * 1e9 + 2 * GIB
-    budget = args.memory_gb * 1e9 - reserve
-    if budget <= 0:
-        raise ValueError(f"--memory-gb {args.memory_gb:g} leaves nothing usable after the reserve of "
-                         f"{reserve / GIB:.1f} GiB (default 10% + 2 GiB); give a larger --memory-gb or a "
-                         f"smaller --reserve-gb")
+    budget = usable_bytes(args.memory_gb, args.reserve_gb)
     per_rank = args.global_batch_size // args.gpus
     # what recomputes: every layer (True), none (False), or the first N (memory_table.recomputed_layers)
     ckpt = (args.activation_checkpointing_layers or True) if args.activation_checkpointing else False

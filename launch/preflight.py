@@ -13,7 +13,10 @@ this world size (and validation that cannot run), an output_dir holding another 
 another model, tokenizer or training data, a ZeRO stage or world-size change DeepSpeed cannot make). With DS_ACCELERATOR set (as
 scripts/setup_env.sh does), what the ranks will run on is known here too: kernels=triton without CUDA and
 fp16 on DeepSpeed's CPU accelerator are refused; without it the launching node may lack the compute nodes'
-GPUs, so those two are left to the ranks. Prints a summary on stderr and the resolved output directory on stdout (the sbatch scripts read it to
+GPUs, so those two are left to the ranks. It prints the estimated peak memory per GPU of each phase (warm
+start, ReLoRA; launch/memory_table.py's model on the run's own model, counted on a meta-device copy) and, with
+--gpu-memory-gb, refuses a run that exceeds it, naming the largest micro_batch_size that fits; without it, a
+GPU on this node is compared with, as a warning only. Prints a summary on stderr and the resolved output directory on stdout (the sbatch scripts read it to
 find metrics.jsonl); exit 2 on error.
 """
 import contextlib
@@ -46,9 +49,15 @@ def _check(argv) -> str:
     show_config_warnings_plainly()
     parser = build_launch_parser(__doc__)  # exactly launch/train.py's flags, plus the world size
     parser.add_argument("--world-size", type=int, required=True, help="ranks the launcher will start")
+    parser.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="memory per GPU (GB, 1e9 bytes): refuse a run whose estimated peak per GPU exceeds it "
+                             "less a reserve of 10%% + 2 GiB (launch/memory_table.py's model); without it the "
+                             "estimate is printed, and compared with this node's first GPU where it has one")
     args = parser.parse_args(argv)
     if args.world_size < 1:
         parser.exit(2, f"error: --world-size must be >= 1, got {args.world_size}\n")
+    if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
+        parser.exit(2, f"error: --gpu-memory-gb must be > 0, got {args.gpu_memory_gb:g}\n")
     try:
         cfg = config_from_args(args)
         check_output_dir(cfg)
@@ -83,6 +92,7 @@ def _check(argv) -> str:
                                    tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None,
                                    total_steps=total_steps,
                                    data=train_data_record(manifest, cfg.seq_len) if manifest else None)
+        memory = memory_summary(model_config, cfg, ds, args.world_size, args.gpu_memory_gb)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     stage = zero_stage(ds)
@@ -90,7 +100,53 @@ def _check(argv) -> str:
           f"{ds['gradient_accumulation_steps']} accumulation step(s) = global_batch_size {cfg.global_batch_size}; "
           f"model {cfg.hf_model or cfg.warm_start_from or cfg.model}, ZeRO stage {stage}, {total_steps} steps, data "
           f"{cfg.data_dir or 'the built-in demo corpus'}, output_dir {cfg.output_dir}", file=sys.stderr)
+    print(f"preflight: {memory}", file=sys.stderr)
     return cfg.output_dir
+
+
+def _local_gpu_gb() -> float | None:
+    """This node's first GPU's memory (GB), or None (no GPU here: the launching node may have none)."""
+    import torch
+    return torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
+
+
+def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: float | None) -> str:
+    """The estimated peak memory per GPU of each phase of the run, as a line. Over ``gpu_memory_gb`` (less
+    the reserve) a ValueError naming the largest micro_batch_size that fits; over the memory of this node's
+    GPU (no ``gpu_memory_gb`` given) a warning line only: the launching node's GPU may not be the ranks'."""
+    import memory_table as mt
+
+    phases = mt.run_phases(model_config, cfg, ds, world_size)
+    if isinstance(phases, str):
+        unchecked = "; warning: --gpu-memory-gb is not checked" if gpu_memory_gb is not None else ""
+        return f"memory per GPU not estimated: {phases}{unchecked}"
+    def size(b):
+        return f"{b / 1e9:.1f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
+
+    parts = [f"{p['phase']} {size(p['states'] + p['activations'])} (states {size(p['states'])} + activations "
+             f"{size(p['activations'])})" for p in phases]
+    line = (f"estimated peak memory per GPU at micro_batch_size {cfg.micro_batch_size}: {', '.join(parts)} "
+            "(launch/memory_table.py's model, without the CUDA context and buffers)")
+    memory_gb, given = (gpu_memory_gb, True) if gpu_memory_gb is not None else (_local_gpu_gb(), False)
+    if memory_gb is None:
+        return line
+    flag = "--gpu-memory-gb" if given else "this node's GPU of"
+    budget = mt.usable_bytes(memory_gb, flag=flag)
+    over = [p for p in phases if not p["fits"](cfg.micro_batch_size, budget)]
+    if not over:
+        return f"{line}; fits {flag} {memory_gb:g} ({budget / 1e9:.1f} GB usable)"
+    per_rank = cfg.global_batch_size // world_size
+    fitting = mt.largest_fitting_micro_batch(per_rank, lambda m: all(p["fits"](m, budget) for p in phases))
+    names = " and ".join(p["phase"] for p in over)
+    advice = (f"the largest micro_batch_size that fits is {fitting} (a divisor of global_batch_size "
+              f"{cfg.global_batch_size} / {world_size} ranks; gradient accumulation keeps the global batch)"
+              if fitting else "no micro_batch_size fits")
+    message = (f"{line}: the {names} phase{'s exceed' if len(over) > 1 else ' exceeds'} {flag} {memory_gb:g} ({budget / 1e9:.1f} GB usable after a "
+               f"reserve of 10% + 2 GiB); {advice}, or turn on --activation-checkpointing or --loss-chunk-size, or "
+               "use a higher ZeRO stage or more GPUs")
+    if given:
+        raise ValueError(message)
+    return f"warning: {message}"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ batch arithmetic), the per-task environment, hostfiles."""
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -145,6 +146,44 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-500:])
     for ok in (["--resume"], ["--overwrite"]):
         assert _preflight("--world-size", "3", *args, *ok).returncode == 0
+
+
+def test_preflight_estimates_memory_per_gpu_and_refuses_a_micro_batch_over_gpu_memory_gb(tmp_path, monkeypatch):
+    """The paper's 1b recipe on 8 ranks (ZeRO-2): the estimate line for both phases; with --gpu-memory-gb too
+    small for its micro-batch, exit 2 naming the largest micro_batch_size that fits, which then passes while
+    the next larger divisor of the per-rank batch does not (the oracle: memory_table's own fits); fp32 is
+    not estimated, and --gpu-memory-gb then says it was not checked."""
+    import memory_table as mt
+
+    args = ["--config", "launch/configs/paper_1b.yaml", "--deepspeed", "ds_configs/zero2.json", "--output-dir",
+            tmp_path / "run"]
+    proc = _preflight("--world-size", "8", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"estimated peak memory per GPU at micro_batch_size 24: warm start [\d.]+ GB \(states "
+                     r"[\d.]+ GB \+ activations [\d.]+ GB\), ReLoRA [\d.]+ GB", proc.stderr), proc.stderr[-2000:]
+    proc = _preflight("--world-size", "8", *args, "--gpu-memory-gb", "40")
+    fit = re.search(r"the largest micro_batch_size that fits is (\d+) \(a divisor of global_batch_size 1152 / 8 "
+                    r"ranks", proc.stderr)
+    assert proc.returncode == 2 and fit and "phases exceed --gpu-memory-gb 40 (33.9 GB usable" in proc.stderr, proc.stderr
+    fit = int(fit.group(1))
+    assert 1 <= fit < 24 and 144 % fit == 0
+    ok = _preflight("--world-size", "8", *args, "--gpu-memory-gb", "40", "--micro-batch-size", fit)
+    assert ok.returncode == 0 and "fits --gpu-memory-gb 40 (33.9 GB usable)" in ok.stderr, ok.stderr[-2000:]
+    bigger = min(d for d in range(fit + 1, 145) if 144 % d == 0)
+    assert _preflight("--world-size", "8", *args, "--gpu-memory-gb", "40", "--micro-batch-size", bigger).returncode == 2
+    assert mt.usable_bytes(40) == pytest.approx(33.9e9, rel=2e-3)
+    fp32 = tmp_path / "fp32.json"
+    fp32.write_text('{"zero_optimization": {"stage": 2}, "bf16": {"enabled": false}}')
+    proc = _preflight("--world-size", "8", *args[:2], "--deepspeed", fp32, *args[4:], "--gpu-memory-gb", "40")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "memory per GPU not estimated: fp32 training" in proc.stderr
+    assert "--gpu-memory-gb is not checked" in proc.stderr
+    assert _preflight("--world-size", "8", *args, "--gpu-memory-gb", "0").returncode == 2
+    import preflight  # without --gpu-memory-gb, a GPU on the launching node is compared with: a warning only
+    monkeypatch.setattr(preflight, "_local_gpu_gb", lambda: 40.0)
+    proc = _preflight("--world-size", "8", *args)
+    assert proc.returncode == 0 and "warning: estimated peak memory" in proc.stderr
+    assert "phases exceed this node's GPU of 40 (33.9 GB usable" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path, monkeypatch):

@@ -438,3 +438,53 @@ def test_bench_memory_ds_runs_full_rank_and_relora_and_counts_their_trained_para
     assert rows["bf16"]["trainable_params"] == v * h + head + norms + lora
     assert all(math.isfinite(row["loss"]) and row["step_ms"] > 0 for row in rows.values())
     assert "debug  full ZeRO-2" in proc.stdout and "debug  bf16 ZeRO-2" in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["relora_warm_start_int8_subset", "full", "lora_from_warm_start_offload"])
+def test_run_phases_count_the_runs_own_model(case):
+    """memory_table.run_phases (launch/preflight.py's estimate): parameters counted on a real model built and
+    wrapped as the run asks (the oracle: its parameters and buffers on CPU, in bf16 as the engine holds them;
+    target_modules a subset, tied embeddings, an int8 base), the states by ZeRO's bytes per parameter by hand,
+    the phases the run has, and the activations of the run's micro-batch, checkpointing and chunked loss."""
+    from relora_ds.train_config import TrainConfig
+
+    model_config = LlamaConfig.preset("tiny", vocab_size=512, tie_word_embeddings=True)
+    base = dict(model="tiny", total_steps=100, rank=8, micro_batch_size=3, seq_len=64)
+    cfg, ds, n = {
+        "relora_warm_start_int8_subset": lambda: (
+            TrainConfig(**base, cycle_length=50, restart_warmup_steps=10, warm_start_steps=10, warm_start_lr=5e-4,
+                        quantize="int8", target_modules=["q_proj", "down_proj"], activation_checkpointing=True,
+                        activation_checkpointing_policy="selective"),
+            {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, 2),
+        "full": lambda: (TrainConfig(**{**base, "rank": 128}, mode="full", loss_chunk_size=32),
+                         {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}, 4),
+        "lora_from_warm_start_offload": lambda: (
+            TrainConfig(**base, mode="lora", warm_start_from="/x"),
+            {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+            2)}[case]()
+    phases = memory_table.run_phases(model_config, cfg, ds, n)
+
+    model = LlamaForCausalLM(model_config).to(torch.bfloat16)
+    total = sum(p.numel() for p in model.parameters())  # tied: the head is the embedding
+    assert total == model.num_parameters() < memory_table.param_counts(model_config, 8)["other"] + \
+        memory_table.param_counts(model_config, 8)["projections"]
+    if cfg.mode != "full":
+        wrap(model, rank=8, target_modules=cfg.target_modules, quantize=cfg.quantize)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(t.untyped_storage().nbytes() for n_, t in [*model.named_parameters(), *model.named_buffers()]
+                 if not t.requires_grad and n_.endswith((".weight", ".weight_q", ".weight_scale")))  # no host residual
+    ckpt = cfg.activation_checkpointing
+    if case == "relora_warm_start_int8_subset":  # ZeRO-2 over 2: bf16 weight and grad 2 + 2, fp32 master, m, v 12 / N
+        want = [("warm start", 2 * total + 14 * total / n, None), ("ReLoRA", 2 * trainable + 14 * trainable / n + frozen, 8)]
+    elif case == "full":  # ZeRO-3 over 4: all 16 bytes per parameter partitioned
+        want = [("full-rank", 16 * total / n, None)]
+    else:  # the warm start is loaded, not trained; the optimizer offloaded: the bf16 weight and grad stay (ZeRO-2)
+        want = [("LoRA", 2 * trainable + frozen, 8)]
+    assert [p["phase"] for p in phases] == [name for name, _, _ in want]
+    for p, (name, states, rank) in zip(phases, want):
+        assert p["states"] == pytest.approx(states, rel=1e-12), name
+        assert p["activations"] == memory_table.activation_peak_bytes(
+            model_config, 64, rank, 3, ckpt, cfg.loss_chunk_size, cfg.activation_checkpointing_policy)
+        assert p["fits"](3, p["states"] + p["activations"]) and not p["fits"](3, p["states"] + p["activations"] - 1)
+    assert memory_table.run_phases(model_config, cfg, {"zero_optimization": {"stage": 2}}, n) == \
+        "fp32 training (the memory model counts bf16/fp16 weights and activations)"

@@ -20,6 +20,10 @@ from relora_ds/model.py's autograd graph. Kept for backward after the forward:
                  view of it: SDPA returns (B, T, H, hd) memory)
       MLP:       RMSNorm 8 s h; gate output, SiLU(gate), up output, down_proj input: 4 x 2 s i
       LoRA:      x A^T (s x r, bf16) kept for each of the 7 adapted projections: 7 x 2 s r
+      Qwen3's q/k norms (qk_norm): 6 s (heads + kv heads) head_dim
+      LoRA dropout (launch/preflight.py's estimate; the table assumes none): each adapted projection's
+      keep-mask of its input, 1 byte per element (6 s h + s i), 3 with the twin (reference path, and an int8
+      base's BLAS path under dropout, which falls back to it: the dropped-out bf16 copy and the mask)
     final norm 8 s h, fp32 log-probs 4 s V
     with activation checkpointing (--activation-checkpointing), each layer keeps only its input: 2 s h
     selective (--activation-checkpointing-policy selective, relora_ds/checkpointing.py): the input and the
@@ -99,10 +103,13 @@ def _check_offload(stage: int, offload: str) -> None:
                          f"got stage {stage}")
 
 
-def state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n: int, offload: str = "none") -> float:
+def state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n: int, offload: str = "none",
+                fp32_grads: bool = False) -> float:
     """Per-GPU model-state bytes at a ZeRO stage over n ranks: trainable parameters' weights, grads, fp32
     masters and Adam m and v, plus the frozen weights (``frozen_bytes``: its parameters are partitioned by
-    ZeRO-3 only, its buffers never). With ``offload`` only what stays on the GPU (module docstring)."""
+    ZeRO-3 only, its buffers never). With ``offload`` only what stays on the GPU (module docstring).
+    ``fp32_grads``: DeepSpeed's BF16_Optimizer (ZeRO-1 with ``data_types.grad_accum_dtype`` fp32,
+    relora_ds.ds_config.uses_bf16_optimizer) also keeps a whole fp32 gradient buffer, 4 T more."""
     _check_offload(stage, offload)
     params, buffers = frozen
     if offload == "optimizer+parameters":
@@ -110,8 +117,8 @@ def state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n: int,
     if offload == "optimizer":
         t = {1: 4 * trainable, 2: 2 * trainable, 3: 2 * trainable / n}[stage]
     else:
-        t = {0: 16 * trainable, 1: 4 * trainable + 12 * trainable / n, 2: 2 * trainable + 14 * trainable / n,
-             3: 16 * trainable / n}[stage]
+        t = {0: 16 * trainable, 1: (8 if fp32_grads else 4) * trainable + 12 * trainable / n,
+             2: 2 * trainable + 14 * trainable / n, 3: 16 * trainable / n}[stage]
     return t + params / (n if stage == 3 else 1) + buffers
 
 
@@ -126,10 +133,20 @@ def host_state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n:
     return offloaded + residual
 
 
-def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> int:
-    """Bytes one decoder layer keeps for backward per sequence (rank=None: no LoRA branch)."""
+def qk_norm_bytes(cfg: LlamaConfig, seq_len: int) -> int:
+    """Bytes per sequence Qwen3's per-head q and k RMSNorms (``qk_norm``) keep in a layer: 6 per element of q
+    and k (fp32 input copy 4, normalized 2; their scaled output goes to RoPE, which keeps cos and sin, not
+    it); 0 without them."""
+    if not getattr(cfg, "qk_norm", False):
+        return 0
+    return 6 * seq_len * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
+
+
+def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, extra: int = 0) -> int:
+    """Bytes one decoder layer keeps for backward per sequence (rank=None: no LoRA branch); ``extra``: more
+    bytes per sequence a layer keeps (the LoRA dropout's masks, :func:`run_phases`)."""
     s, h, i = seq_len, cfg.hidden_size, cfg.intermediate_size
-    return 24 * s * h + 8 * s * i + (14 * s * rank if rank else 0)
+    return 24 * s * h + 8 * s * i + (14 * s * rank if rank else 0) + qk_norm_bytes(cfg, seq_len) + extra
 
 
 def selective_layer_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> int:
@@ -148,7 +165,7 @@ def recomputed_layers(cfg: LlamaConfig, checkpointing: bool | int) -> int:
 
 
 def kept_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool | int = False,
-                          chunked_loss: bool = False, policy: str = "full") -> int:
+                          chunked_loss: bool = False, policy: str = "full", extra: int = 0) -> int:
     """Activation bytes alive between forward and backward, per sequence (the chunked loss's per
     micro-batch weight gradient not included: see activation_peak_bytes). ``checkpointing``: see
     recomputed_layers; a recomputed layer keeps only its input (``policy`` "full") or also its matmul and
@@ -156,13 +173,13 @@ def kept_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, chec
     s, h, V = seq_len, cfg.hidden_size, cfg.vocab_size
     n = recomputed_layers(cfg, checkpointing)
     recomputed = selective_layer_bytes(cfg, seq_len, rank) if policy == "selective" else 2 * s * h
-    layers = n * recomputed + (cfg.num_hidden_layers - n) * layer_activation_bytes(cfg, seq_len, rank)
+    layers = n * recomputed + (cfg.num_hidden_layers - n) * layer_activation_bytes(cfg, seq_len, rank, extra)
     head = 2 * s * h if chunked_loss else 4 * s * V  # the hidden-state gradient, or the fp32 log-probs
     return layers + 8 * s * h + head
 
 
 def activation_phases(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpointing: bool | int = False,
-                      loss_chunk_size: int = 0, policy: str = "full") -> list[tuple[int, int]]:
+                      loss_chunk_size: int = 0, policy: str = "full", extra: int = 0) -> list[tuple[int, int]]:
     """(bytes per sequence, bytes per micro-batch) at each candidate peak (rank=None: no LoRA branch).
 
     Start of backward: everything kept plus the logits' 8 s V of transients; with the chunked loss instead
@@ -175,7 +192,7 @@ def activation_phases(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpoi
     of gradients in flight (the loss's buffers, and the activations of the later layers that kept theirs, are
     freed by then: backward reaches the first layers last)."""
     s, h, V, i = seq_len, cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
-    kept = kept_activation_bytes(cfg, seq_len, rank, checkpointing, bool(loss_chunk_size), policy)
+    kept = kept_activation_bytes(cfg, seq_len, rank, checkpointing, bool(loss_chunk_size), policy, extra)
     if loss_chunk_size:
         phases = [(kept + 2 * s * h, 4 * V * h + max(6 * loss_chunk_size * V, 2 * V * h))]
     else:
@@ -184,20 +201,22 @@ def activation_phases(cfg: LlamaConfig, seq_len: int, rank: int | None, checkpoi
     if n < cfg.num_hidden_layers:  # the backward of the last layer that kept its activations: the loss's
         head = 2 * s * h if loss_chunk_size else 4 * s * V  # buffers freed, 8 s h of its gradients in flight
         phases.append((kept - head + 8 * s * h, 0))
-    if n and policy == "selective":
-        phases.append((n * selective_layer_bytes(cfg, seq_len, rank) + 12 * s * h + 4 * s * i + 8 * s * h, 0))
+    if n and policy == "selective":  # the recompute also redraws the dropout masks and redoes the q/k norms
+        phases.append((n * selective_layer_bytes(cfg, seq_len, rank) + 12 * s * h + 4 * s * i + 8 * s * h
+                       + qk_norm_bytes(cfg, seq_len) + extra, 0))
     elif n:
-        phases.append((n * 2 * s * h + layer_activation_bytes(cfg, seq_len, rank) + 8 * s * h, 0))
+        phases.append((n * 2 * s * h + layer_activation_bytes(cfg, seq_len, rank, extra) + 8 * s * h, 0))
     return phases
 
 
 def activation_peak_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, micro_batch: int,
-                          checkpointing: bool | int = False, loss_chunk_size: int = 0, policy: str = "full") -> int:
+                          checkpointing: bool | int = False, loss_chunk_size: int = 0, policy: str = "full",
+                          extra: int = 0) -> int:
     """Peak activation bytes of one micro-batch, reached in backward (or, chunked loss, in its forward). A
     chunk holds at most the micro-batch's tokens (relora_ds/loss.py slices them)."""
     chunk = min(loss_chunk_size, micro_batch * seq_len)
     return max(micro_batch * per_seq + fixed
-               for per_seq, fixed in activation_phases(cfg, seq_len, rank, checkpointing, chunk, policy))
+               for per_seq, fixed in activation_phases(cfg, seq_len, rank, checkpointing, chunk, policy, extra))
 
 
 def largest_fitting_micro_batch(per_rank_batch: int, fits) -> int:
@@ -238,19 +257,21 @@ def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int) -> lis
     ``states`` and ``activations`` bytes at the run's micro-batch, ``fits(micro_batch, budget)``), or why it
     is not estimated. Parameters are counted on a meta-device copy of the run's model, built and wrapped as
     the trainer builds it (any target_modules, tied embeddings, biases, int8 base); states and activations
-    follow this module's model (its docstring), which counts the LoRA activations of all seven projections."""
+    follow this module's model (its docstring), which counts the LoRA activations of all seven projections,
+    and adds the LoRA dropout's masks of the projections the run adapts."""
     import torch
 
-    from relora_ds import LlamaForCausalLM, wrap
-    from relora_ds.ds_schema import optimizer_offload, uses_bf16, uses_fp16
+    from relora_ds import LlamaForCausalLM, relora_layers, wrap
+    from relora_ds.ds_config import _zero_config, uses_bf16_optimizer
+    from relora_ds.ds_schema import uses_bf16, uses_fp16
 
     if not (uses_bf16(ds) or uses_fp16(ds)):
         return "fp32 training (the memory model counts bf16/fp16 weights and activations)"
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
-    offload = "none"
-    if optimizer_offload(ds):
-        param = (ds["zero_optimization"].get("offload_param") or {}).get("device", "none")
-        offload = "optimizer+parameters" if param in ("cpu", "nvme") else "optimizer"
+    zero = _zero_config(ds, "the DeepSpeed config")  # as DeepSpeed reads it: legacy spellings mapped
+    devices = [getattr(part, "device", None) for part in (zero.offload_optimizer, zero.offload_param)]
+    on_host = [str(getattr(d, "value", d)) in ("cpu", "nvme") for d in devices]  # a str or an enum by version
+    offload = "optimizer+parameters" if all(on_host) else "optimizer" if on_host[0] else "none"
+    fp32_grads = uses_bf16_optimizer(ds)
     ckpt = (cfg.activation_checkpointing_layers or True) if cfg.activation_checkpointing else False
     with torch.device("meta"):
         model = LlamaForCausalLM(model_config)
@@ -259,19 +280,22 @@ def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int) -> lis
             wrap(model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules, quantize=cfg.quantize)
     phases = []
     if cfg.mode == "full" or cfg.warm_start_steps > 0:  # not with warm_start_from (a trained warm start, loaded)
-        phases.append(("full-rank" if cfg.mode == "full" else "warm start", None, total, (0, 0)))
+        phases.append(("full-rank" if cfg.mode == "full" else "warm start", None, total, (0, 0), 0))
     if cfg.mode != "full":
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() * (1 if p.dtype == torch.int8 else 2) for p in model.parameters() if not p.requires_grad)
         scales = sum(2 * b.numel() for name, b in model.named_buffers() if name.endswith("weight_scale"))
-        phases.append(("ReLoRA" if cfg.mode == "relora" else "LoRA", cfg.rank, trainable, (frozen, scales)))
+        twin = cfg.kernels == "reference" or (cfg.quantize is not None and cfg.kernels != "triton")
+        masks = (3 if twin else 1) * cfg.seq_len * sum(layer.in_features for _, layer in relora_layers(model)) \
+            // model_config.num_hidden_layers if cfg.dropout > 0 else 0
+        phases.append(("ReLoRA" if cfg.mode == "relora" else "LoRA", cfg.rank, trainable, (frozen, scales), masks))
     out = []
-    for name, rank, trainable, frozen in phases:
-        states = state_bytes(trainable, frozen, stage, world_size, offload)
+    for name, rank, trainable, frozen, masks in phases:
+        states = state_bytes(trainable, frozen, zero.stage, world_size, offload, fp32_grads)
 
-        def activations(micro_batch, rank=rank):
+        def activations(micro_batch, rank=rank, masks=masks):
             return activation_peak_bytes(model_config, cfg.seq_len, rank, micro_batch, ckpt, cfg.loss_chunk_size,
-                                         cfg.activation_checkpointing_policy)
+                                         cfg.activation_checkpointing_policy, masks)
         out.append({"phase": name, "states": states, "activations": activations(cfg.micro_batch_size),
                     "fits": lambda m, budget, states=states, activations=activations: states + activations(m) <= budget})
     return out

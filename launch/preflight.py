@@ -105,9 +105,38 @@ def _check(argv) -> str:
 
 
 def _local_gpu_gb() -> float | None:
-    """This node's first GPU's memory (GB), or None (no GPU here: the launching node may have none)."""
-    import torch
-    return torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
+    """This node's first GPU's memory (GB) from nvidia-smi (no CUDA context in this process), or None: no
+    NVIDIA GPU or driver here (the launching node may have none), or DS_ACCELERATOR=cpu."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits", "--id=0"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        return float(out.split()[0]) * 2**20 / 1e9  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _advice(cfg, stage: int, low_rank: bool) -> str:
+    """What else would lower the peak, among what the run does not do yet."""
+    steps = []
+    if not cfg.activation_checkpointing:
+        steps.append("--activation-checkpointing (selective or full)")
+    elif cfg.activation_checkpointing_policy == "selective" or cfg.activation_checkpointing_layers:
+        steps.append("--activation-checkpointing-policy full on every layer")
+    if not cfg.loss_chunk_size:
+        steps.append("--loss-chunk-size 1024")
+    if stage < 3:
+        steps.append("a higher ZeRO stage")
+    if low_rank and not cfg.quantize:
+        steps.append("--quantize int8")
+    steps.append("optimizer offload (ds_configs/zero2_offload.json, zero3_offload.json)")
+    steps.append("more GPUs")
+    return ", ".join(steps)
 
 
 def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: float | None) -> str:
@@ -131,7 +160,12 @@ def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: 
     if memory_gb is None:
         return line
     flag = "--gpu-memory-gb" if given else "this node's GPU of"
-    budget = mt.usable_bytes(memory_gb, flag=flag)
+    try:
+        budget = mt.usable_bytes(memory_gb, flag=flag)
+    except ValueError as e:
+        if given:
+            raise
+        return f"{line}; warning: not compared with this node's GPU ({e})"
     over = [p for p in phases if not p["fits"](cfg.micro_batch_size, budget)]
     if not over:
         return f"{line}; fits {flag} {memory_gb:g} ({budget / 1e9:.1f} GB usable)"
@@ -141,9 +175,10 @@ def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: 
     advice = (f"the largest micro_batch_size that fits is {fitting} (a divisor of global_batch_size "
               f"{cfg.global_batch_size} / {world_size} ranks; gradient accumulation keeps the global batch)"
               if fitting else "no micro_batch_size fits")
-    message = (f"{line}: the {names} phase{'s exceed' if len(over) > 1 else ' exceeds'} {flag} {memory_gb:g} ({budget / 1e9:.1f} GB usable after a "
-               f"reserve of 10% + 2 GiB); {advice}, or turn on --activation-checkpointing or --loss-chunk-size, or "
-               "use a higher ZeRO stage or more GPUs")
+    low_rank = any(p["phase"] in ("ReLoRA", "LoRA") for p in over)
+    message = (f"{line}: the {names} phase{'s exceed' if len(over) > 1 else ' exceeds'} {flag} {memory_gb:g} "
+               f"({budget / 1e9:.1f} GB usable after a reserve of 10% + 2 GiB); {advice}; other ways down: "
+               f"{_advice(cfg, zero_stage(ds), low_rank)}")
     if given:
         raise ValueError(message)
     return f"warning: {message}"

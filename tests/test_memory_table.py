@@ -49,11 +49,27 @@ def test_frozen_bytes_match_the_wrapped_model(quantize):
 @pytest.mark.parametrize("rank", [None, 16])
 def test_kept_activations_match_saved_tensors(rank):
     """What autograd saves in the forward (one count per storage) equals the formula's kept part."""
+    _check_kept(LlamaConfig.preset("tiny", attn_implementation="sdpa"), rank)
+
+
+@pytest.mark.parametrize("variant", ["dropout", "dropout_int8", "qk_norm"])
+def test_kept_dropout_masks_and_qk_norms_match_saved_tensors(variant):
+    """The terms launch/preflight.py's estimate adds (memory_table.run_phases): the LoRA dropout's keep-masks,
+    1 byte per element of each adapted projection's input on the BLAS path, 3 where an int8 base under dropout
+    falls back to the twin (its dropped-out bf16 copy too); and Qwen3's q/k norms (qk_norm_bytes)."""
+    cfg = LlamaConfig.preset("tiny", attn_implementation="sdpa", **(
+        dict(model_type="qwen3", qk_norm=True) if variant == "qk_norm" else {}))
+    per_byte = 3 if variant == "dropout_int8" else 1
+    masks = per_byte * 128 * (6 * cfg.hidden_size + cfg.intermediate_size) if variant != "qk_norm" else 0
+    _check_kept(cfg, 16, extra=masks, dropout=0.1 if masks else 0.0,
+                quantize="int8" if variant == "dropout_int8" else None)
+
+
+def _check_kept(cfg, rank, extra=0, **wrap_kw):
     torch.manual_seed(0)
-    cfg = LlamaConfig.preset("tiny", attn_implementation="sdpa")
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     if rank:
-        wrap(model, rank=rank)
+        wrap(model, rank=rank, **wrap_kw)
     b, s = 2, 128
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
@@ -66,7 +82,8 @@ def test_kept_activations_match_saved_tensors(rank):
     ids = torch.randint(0, cfg.vocab_size, (b, s))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(ids, labels=ids)
-    assert sum(saved.values()) == pytest.approx(b * memory_table.kept_activation_bytes(cfg, s, rank), rel=0.01)
+    assert sum(saved.values()) == pytest.approx(b * memory_table.kept_activation_bytes(cfg, s, rank, extra=extra),
+                                                rel=0.01)
 
 
 class _MallInfo2(ctypes.Structure):
@@ -440,7 +457,8 @@ def test_bench_memory_ds_runs_full_rank_and_relora_and_counts_their_trained_para
     assert "debug  full ZeRO-2" in proc.stdout and "debug  bf16 ZeRO-2" in proc.stdout
 
 
-@pytest.mark.parametrize("case", ["relora_warm_start_int8_subset", "full", "lora_from_warm_start_offload"])
+@pytest.mark.parametrize("case", ["relora_warm_start_int8_subset", "full", "lora_from_warm_start_offload",
+                                  "relora_zero1_bf16_optimizer"])
 def test_run_phases_count_the_runs_own_model(case):
     """memory_table.run_phases (launch/preflight.py's estimate): parameters counted on a real model built and
     wrapped as the run asks (the oracle: its parameters and buffers on CPU, in bf16 as the engine holds them;
@@ -454,14 +472,18 @@ def test_run_phases_count_the_runs_own_model(case):
         "relora_warm_start_int8_subset": lambda: (
             TrainConfig(**base, cycle_length=50, restart_warmup_steps=10, warm_start_steps=10, warm_start_lr=5e-4,
                         quantize="int8", target_modules=["q_proj", "down_proj"], activation_checkpointing=True,
-                        activation_checkpointing_policy="selective"),
+                        activation_checkpointing_policy="selective", dropout=0.1),
             {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, 2),
         "full": lambda: (TrainConfig(**{**base, "rank": 128}, mode="full", loss_chunk_size=32),
                          {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}, 4),
         "lora_from_warm_start_offload": lambda: (
             TrainConfig(**base, mode="lora", warm_start_from="/x"),
             {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
-            2)}[case]()
+            2),
+        "relora_zero1_bf16_optimizer": lambda: (  # DeepSpeed's BF16_Optimizer: a whole fp32 gradient buffer too
+            TrainConfig(**base, cycle_length=50, restart_warmup_steps=10, dropout=0.1),
+            {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
+             "gradient_accumulation_steps": 1}, 4)}[case]()
     phases = memory_table.run_phases(model_config, cfg, ds, n)
 
     model = LlamaForCausalLM(model_config).to(torch.bfloat16)
@@ -478,13 +500,26 @@ def test_run_phases_count_the_runs_own_model(case):
         want = [("warm start", 2 * total + 14 * total / n, None), ("ReLoRA", 2 * trainable + 14 * trainable / n + frozen, 8)]
     elif case == "full":  # ZeRO-3 over 4: all 16 bytes per parameter partitioned
         want = [("full-rank", 16 * total / n, None)]
-    else:  # the warm start is loaded, not trained; the optimizer offloaded: the bf16 weight and grad stay (ZeRO-2)
-        want = [("LoRA", 2 * trainable + frozen, 8)]
+    elif case == "lora_from_warm_start_offload":  # the warm start is loaded; the optimizer offloaded: the bf16
+        want = [("LoRA", 2 * trainable + frozen, 8)]  # weight and grad stay (ZeRO-2)
+    else:  # ZeRO-1 over 4: bf16 weight and grad 2 + 2, the fp32 gradient buffer 4, master, m, v 12 / N
+        want = [("ReLoRA", 8 * trainable + 12 * trainable / n + frozen, 8)]
+    # LoRA dropout: a keep-mask of each adapted projection's input, 1 byte per element (3 with an int8 base on
+    # the default path, which falls back to the twin under dropout): q_proj's h and down_proj's i, or all seven
+    h, i = model_config.hidden_size, model_config.intermediate_size
+    masks = {"relora_warm_start_int8_subset": 3 * 64 * (h + i), "relora_zero1_bf16_optimizer": 64 * (6 * h + i)}
+    masks = masks.get(case, 0)
     assert [p["phase"] for p in phases] == [name for name, _, _ in want]
     for p, (name, states, rank) in zip(phases, want):
         assert p["states"] == pytest.approx(states, rel=1e-12), name
         assert p["activations"] == memory_table.activation_peak_bytes(
-            model_config, 64, rank, 3, ckpt, cfg.loss_chunk_size, cfg.activation_checkpointing_policy)
+            model_config, 64, rank, 3, ckpt, cfg.loss_chunk_size, cfg.activation_checkpointing_policy,
+            masks if rank else 0)
         assert p["fits"](3, p["states"] + p["activations"]) and not p["fits"](3, p["states"] + p["activations"] - 1)
     assert memory_table.run_phases(model_config, cfg, {"zero_optimization": {"stage": 2}}, n) == \
         "fp32 training (the memory model counts bf16/fp16 weights and activations)"
+    if case == "full":  # ZeRO-3 offloading optimizer and parameters, in DeepSpeed's legacy spelling too: no states
+        for zero in ({"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "nvme", "nvme_path": "/x"}},
+                     {"cpu_offload": True, "cpu_offload_param": True}):
+            ds3 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, **zero}}
+            assert [p["states"] for p in memory_table.run_phases(model_config, cfg, ds3, n)] == [0], zero

@@ -6,6 +6,7 @@
 #   DS_CONFIG     DeepSpeed JSON (default ds_configs/zero2.json)
 #   OUTPUT_DIR    run directory; default: the recipe's output_dir
 #   TRAIN_ARGS    more launch/train.py flags, split on spaces
+#   GPU_MEMORY_GB preflight's --gpu-memory-gb: refuse a run whose estimated peak memory per GPU exceeds it
 #   PYTHON        interpreter with relora_ds installed (default: python on PATH)
 #   MASTER_PORT   rendezvous port on the first node (default: 20000 + job id mod 10000, below Linux's ephemeral ports 32768-60999)
 #   TORCH_EXTENSIONS_DIR  DeepSpeed's JIT-compiled ops (default: per job, node-local /tmp)
@@ -39,7 +40,9 @@ prepare_training() {
     [[ -z "${OUTPUT_DIR:-}" ]] || train_args+=(--output-dir "$OUTPUT_DIR")
     read -r -a extra <<< "${TRAIN_ARGS:-}"
     train_args+=(${extra[@]+"${extra[@]}"})  # (an empty array under set -u fails on bash < 4.4)
-    out_dir=$("$PYTHON" launch/preflight.py --world-size "$world" "${train_args[@]}") || exit 2
+    # GPU_MEMORY_GB (preflight only): refuse a run whose estimated peak memory per GPU exceeds it
+    out_dir=$("$PYTHON" launch/preflight.py --world-size "$world" ${GPU_MEMORY_GB:+--gpu-memory-gb "$GPU_MEMORY_GB"} \
+              "${train_args[@]}") || exit 2
 
     # awk reads the whole list (head would close the pipe early: scontrol's SIGPIPE fails pipefail on huge jobs)
     MASTER_ADDR=${master:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')}

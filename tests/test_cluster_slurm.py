@@ -142,6 +142,14 @@ def test_bad_batch_arithmetic_stops_the_job_before_any_rank(slurm, tmp_path):
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), info
     assert "global_batch_size=12 is not divisible by micro_batch_size=4 x world_size=2" in log
     assert "rank(s), bf16" not in log and not (tmp_path / "run").exists()
+    # GPU_MEMORY_GB reaches preflight only (launch/train.py has no such flag): 1 GB leaves nothing after the reserve
+    job = _submit(slurm, tmp_path, "train.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1",
+                  DS_CONFIG="ds_configs/zero2.json", GPU_MEMORY_GB="1")
+    info = slurm.wait(job)
+    log = _log(tmp_path, job)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), info
+    assert "--gpu-memory-gb 1 leaves nothing usable after the reserve" in log, log[-3000:]
+    assert "rank(s), bf16" not in log and not (tmp_path / "run").exists()
 
 
 def test_hostfile_naming_a_host_outside_the_job_is_an_error(slurm, tmp_path):

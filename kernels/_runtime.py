@@ -92,8 +92,8 @@ def eager_under_compile(fn):
     """``fn`` that torch.compile does not trace: it runs eagerly, a graph break around it (host-side moves a
     compiled graph cannot express: relora_ds/relora.py's FSDP2 host buffers). ``torch.compiler.disable``
     wraps it at its first call, not here: that decorator imports torch._dynamo (~3 s of every process's
-    start-up, measured on CPU), which nothing else at import needs. Under compile the first call then breaks the graph at the wrapping
-    too, and runs ``fn`` eagerly all the same."""
+    start-up, measured on CPU), which nothing else at import needs. Under compile the first call then breaks
+    the graph at the wrapping too, and runs ``fn`` eagerly all the same."""
     disabled = []
 
     @functools.wraps(fn)

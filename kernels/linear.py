@@ -190,8 +190,8 @@ def layer_backward(dy2, x2, s, weight, weight_scale, lora_A, lora_B, keep2, scal
 # The same launches as torch ops (torch.library.custom_op), for tracers that must see one op, not the launchers'
 # Python (_runtime.traced): torch.compile puts each in its graph as an opaque call (no graph break, the layer
 # stays one graph); selective activation checkpointing keeps the forward's outputs (relora_ds/checkpointing.py);
-# FakeTensorMode gets the shapes below without launching; FlopCounterMode counts them (below). Outputs never alias inputs; a gradient not asked for
-# is an empty tensor (an op returns no None).
+# FakeTensorMode gets the shapes below without launching; FlopCounterMode counts them (below). Outputs never
+# alias inputs; a gradient not asked for is an empty tensor (an op returns no None).
 FORWARD_OP = torch.library.custom_op(
     "relora_kernels::lora_linear_forward", layer_forward, mutates_args=(),
     schema="(Tensor x2, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, Tensor? weight_scale, "

@@ -164,7 +164,8 @@ def test_preflight_estimates_memory_per_gpu_and_refuses_a_micro_batch_over_gpu_m
     proc = _preflight("--world-size", "8", *args, "--gpu-memory-gb", "40")
     fit = re.search(r"the largest micro_batch_size that fits is (\d+) \(a divisor of global_batch_size 1152 / 8 "
                     r"ranks", proc.stderr)
-    assert proc.returncode == 2 and fit and "phases exceed --gpu-memory-gb 40 (33.9 GB usable" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and fit, proc.stderr
+    assert "phases exceed --gpu-memory-gb 40 (33.9 GB usable" in proc.stderr, proc.stderr
     fit = int(fit.group(1))
     assert 1 <= fit < 24 and 144 % fit == 0
     ok = _preflight("--world-size", "8", *args, "--gpu-memory-gb", "40", "--micro-batch-size", fit)

@@ -142,8 +142,8 @@ def test_compiled_layers_on_the_triton_path_call_the_kernels_as_ops(fresh_dynamo
     no break, and the compiled model has the eager model's loss and gradients. The ops run inside the compiled
     code: one forward and one backward launch per LoRA layer and step, also under the selective policy (its
     forward kept, not recomputed: with the checkpoint inside the compiled function, AOTAutograd's min-cut
-    partitioner, aot_eager's and inductor's, applies the policy to the op). inductor for the float base (its generated code calls the ops), AOTAutograd's
-    graphs for the int8 one."""
+    partitioner, aot_eager's and inductor's, applies the policy to the op). inductor for the float base (its
+    generated code calls the ops), AOTAutograd's graphs for the int8 one."""
     from kernel_utils import count_layer_launches
 
     eager = _model(quantize=quantize)

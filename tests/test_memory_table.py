@@ -497,7 +497,8 @@ def test_run_phases_count_the_runs_own_model(case):
                  if not t.requires_grad and n_.endswith((".weight", ".weight_q", ".weight_scale")))  # no host residual
     ckpt = cfg.activation_checkpointing
     if case == "relora_warm_start_int8_subset":  # ZeRO-2 over 2: bf16 weight and grad 2 + 2, fp32 master, m, v 12 / N
-        want = [("warm start", 2 * total + 14 * total / n, None), ("ReLoRA", 2 * trainable + 14 * trainable / n + frozen, 8)]
+        want = [("warm start", 2 * total + 14 * total / n, None),
+                ("ReLoRA", 2 * trainable + 14 * trainable / n + frozen, 8)]
     elif case == "full":  # ZeRO-3 over 4: all 16 bytes per parameter partitioned
         want = [("full-rank", 16 * total / n, None)]
     elif case == "lora_from_warm_start_offload":  # the warm start is loaded; the optimizer offloaded: the bf16

@@ -121,8 +121,9 @@ def _local_gpu_gb() -> float | None:
         return None
 
 
-def _advice(cfg, stage: int, low_rank: bool) -> str:
+def _advice(cfg, ds: dict, low_rank: bool) -> str:
     """What else would lower the peak, among what the run does not do yet."""
+    from relora_ds.ds_schema import optimizer_offload
     steps = []
     if not cfg.activation_checkpointing:
         steps.append("--activation-checkpointing (selective or full)")
@@ -130,11 +131,12 @@ def _advice(cfg, stage: int, low_rank: bool) -> str:
         steps.append("--activation-checkpointing-policy full on every layer")
     if not cfg.loss_chunk_size:
         steps.append("--loss-chunk-size 1024")
-    if stage < 3:
+    if zero_stage(ds) < 3:
         steps.append("a higher ZeRO stage")
     if low_rank and not cfg.quantize:
         steps.append("--quantize int8")
-    steps.append("optimizer offload (ds_configs/zero2_offload.json, zero3_offload.json)")
+    if not optimizer_offload(ds):
+        steps.append("optimizer offload (ds_configs/zero2_offload.json, zero3_offload.json)")
     steps.append("more GPUs")
     return ", ".join(steps)
 
@@ -149,6 +151,7 @@ def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: 
     if isinstance(phases, str):
         unchecked = "; warning: --gpu-memory-gb is not checked" if gpu_memory_gb is not None else ""
         return f"memory per GPU not estimated: {phases}{unchecked}"
+
     def size(b):
         return f"{b / 1e9:.1f} GB" if b >= 1e8 else f"{b / 1e6:.1f} MB"
 
@@ -178,7 +181,7 @@ def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: 
     low_rank = any(p["phase"] in ("ReLoRA", "LoRA") for p in over)
     message = (f"{line}: the {names} phase{'s exceed' if len(over) > 1 else ' exceeds'} {flag} {memory_gb:g} "
                f"({budget / 1e9:.1f} GB usable after a reserve of 10% + 2 GiB); {advice}; other ways down: "
-               f"{_advice(cfg, zero_stage(ds), low_rank)}")
+               f"{_advice(cfg, ds, low_rank)}")
     if given:
         raise ValueError(message)
     return f"warning: {message}"

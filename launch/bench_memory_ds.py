@@ -8,7 +8,8 @@ the preset, for ``bf16``/``int8`` wrap it (``quantize=None`` or ``"int8"``; ``fu
 the trainer's param groups (relora_ds.engines.optimizer_groups), then warm-up steps, for ReLoRA a reset
 (merge + 99% prune), and timed steps on random tokens. Reports the trainable parameters, the model's device
 bytes after initialize, the peak over the training steps after it (warm-up, the reset, the timed steps; not
-the model build) and the median step time.
+the model build) beside launch/preflight.py's estimate of it (``estimated_peak_gib``), and the median step
+time.
 
     python launch/bench_memory_ds.py --preset 1b --deepspeed ds_configs/zero2.json    # on a GPU
     python launch/bench_memory_ds.py --device cpu --preset debug --rank 8 --steps 2    # smoke run (CPU)
@@ -44,6 +45,20 @@ def check_preset_rank(preset: str, rank: int) -> None:
 
 
 BASES = ("full", "bf16", "int8")  # full-rank training; ReLoRA on a bf16 base; ReLoRA on an int8 base
+
+
+def estimated_peak_gib(model_cfg, cfg, ds: dict) -> float | None:
+    """launch/preflight.py's estimate of the peak per GPU (launch/memory_table.py: states + activations of the
+    run's one phase, world size 1), for the row beside the measured peak; None where it is not estimated
+    (fp32)."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import memory_table
+
+    phases = memory_table.run_phases(model_cfg, cfg, ds, 1)
+    if isinstance(phases, str):
+        return None
+    (phase,) = phases  # no warm start here: mode full, or ReLoRA from the start
+    return (phase["states"] + phase["activations"]) / 2**30
 
 
 def one(preset: str, base: str, ds_path: str, micro_batch: int, seq_len: int, rank: int, steps: int,
@@ -94,6 +109,7 @@ def one(preset: str, base: str, ds_path: str, micro_batch: int, seq_len: int, ra
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "micro_batch": micro_batch,
             "seq_len": seq_len, "rank": rank, "after_init_gib": after_init,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+            "estimated_peak_gib": estimated_peak_gib(model_cfg, cfg, ds),
             "step_ms": 1000 * statistics.median(times), "loss": loss.item(),
             "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "deepspeed_version": deepspeed.__version__, "triton": __import__("triton").__version__,
@@ -144,7 +160,8 @@ def main() -> int:
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"{row['preset']} {row['base']:>5} ZeRO-{row['zero_stage']}: {row['trainable_params'] / 1e6:.1f}M trained, "
-              f"after initialize {row['after_init_gib']:.2f} GiB, peak {row['peak_gib']:.2f} GiB, step "
+              f"after initialize {row['after_init_gib']:.2f} GiB, peak {row['peak_gib']:.2f} GiB (estimated "
+              f"{row['estimated_peak_gib'] or float('nan'):.2f}), step "
               f"{row['step_ms']:.1f} ms, loss {row['loss']:.3f}", flush=True)
         args.out.write_text(json.dumps(rows, indent=1))  # after each base: a call cut at its limit keeps it
     if failed:

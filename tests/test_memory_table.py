@@ -455,6 +455,29 @@ def test_bench_memory_ds_runs_full_rank_and_relora_and_counts_their_trained_para
     assert rows["bf16"]["trainable_params"] == v * h + head + norms + lora
     assert all(math.isfinite(row["loss"]) and row["step_ms"] > 0 for row in rows.values())
     assert "debug  full ZeRO-2" in proc.stdout and "debug  bf16 ZeRO-2" in proc.stdout
+    assert all(row["estimated_peak_gib"] is None for row in rows.values())  # fp32: not estimated
+
+
+@pytest.mark.parametrize("base", ["full", "int8"])
+def test_bench_memory_ds_rows_carry_preflights_estimate(base):
+    """The GPU row's estimate beside its measured peak (launch/bench_memory_ds.py): memory_table.run_phases on
+    the script's own run (world size 1, bf16 ZeRO-2), its one phase's states + activations."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import bench_memory_ds
+
+    from relora_ds.ds_config import complete_ds_config, load_ds_config
+    from relora_ds.train_config import TrainConfig
+
+    lowrank = base != "full"
+    cfg = TrainConfig(model="debug", mode="relora" if lowrank else "full", rank=4, cycle_length=1000 if lowrank else None,
+                      micro_batch_size=2, global_batch_size=2, seq_len=16, total_steps=5,
+                      quantize="int8" if lowrank else None)
+    ds = complete_ds_config(load_ds_config(ROOT / "ds_configs/zero2.json"), cfg, world_size=1)
+    model_cfg = LlamaConfig.preset("debug", max_position_embeddings=17)
+    (phase,) = memory_table.run_phases(model_cfg, cfg, ds, 1)
+    assert phase["phase"] == ("ReLoRA" if lowrank else "full-rank")
+    got = bench_memory_ds.estimated_peak_gib(model_cfg, cfg, ds)
+    assert got == (phase["states"] + phase["activations"]) / 2**30 > 0
 
 
 @pytest.mark.parametrize("case", ["relora_warm_start_int8_subset", "full", "lora_from_warm_start_offload",

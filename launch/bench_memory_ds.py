@@ -51,8 +51,7 @@ def estimated_peak_gib(model_cfg, cfg, ds: dict) -> float | None:
     """launch/preflight.py's estimate of the peak per GPU (launch/memory_table.py: states + activations of the
     run's one phase, world size 1), for the row beside the measured peak; None where it is not estimated
     (fp32)."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    import memory_table
+    import memory_table  # beside this script (its folder is on sys.path when it runs)
 
     phases = memory_table.run_phases(model_cfg, cfg, ds, 1)
     if isinstance(phases, str):

@@ -1,0 +1,139 @@
+"""A training run's memory per GPU: launch/preflight.py's estimate (memory_table.run_phases, on the run's own
+model and DeepSpeed config) and launch/bench_memory_ds.py, which measures it under a DeepSpeed engine and
+records the estimate beside the measured peak. The formulas themselves: tests/test_memory_table.py."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from launch_utils import ROOT
+from relora_ds import LlamaConfig, LlamaForCausalLM, wrap
+
+sys.path.insert(0, str(ROOT / "launch"))
+import memory_table  # noqa: E402
+
+
+def test_bench_memory_ds_runs_full_rank_and_relora_and_counts_their_trained_parameters(tmp_path):
+    """launch/bench_memory_ds.py (the measured side of the paper's memory and speed claims: full-rank training
+    vs ReLoRA under a DeepSpeed engine), smoke run on CPU: one engine per base in its own process, the
+    trained parameters counted by hand from the debug preset (full rank: every weight; ReLoRA: embeddings,
+    head, norms and the factors of the 7 projections per layer), every step's loss finite."""
+    import math
+    import os
+
+    from launch_utils import launch_env
+
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/bench_memory_ds.py"), "--device", "cpu", "--preset",
+                           "debug", "--rank", "4", "--steps", "1", "--micro-batch", "2", "--seq-len", "16",
+                           "--deepspeed", str(ROOT / "ds_configs/zero2_fp32.json"), "--bases", "full", "bf16",
+                           "--out", str(out)], env={**launch_env(), **os.environ}, capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {row["base"]: row for row in json.loads(out.read_text())}
+    cfg = LlamaConfig.preset("debug")
+    h, i, L, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]  # (in, out): q k v o gate up down
+    head = 0 if cfg.tie_word_embeddings else v * h
+    norms = (2 * L + 1) * h
+    full = v * h + head + norms + L * sum(a * b for a, b in shapes)
+    lora = L * sum(4 * (a + b) for a, b in shapes)
+    assert rows["full"]["trainable_params"] == full
+    assert rows["bf16"]["trainable_params"] == v * h + head + norms + lora
+    assert all(math.isfinite(row["loss"]) and row["step_ms"] > 0 for row in rows.values())
+    assert "debug  full ZeRO-2" in proc.stdout and "debug  bf16 ZeRO-2" in proc.stdout
+    assert all(row["estimated_peak_gib"] is None for row in rows.values())  # fp32: not estimated
+
+
+@pytest.mark.parametrize("base", ["full", "int8"])
+def test_bench_memory_ds_rows_carry_preflights_estimate(base):
+    """The GPU row's estimate beside its measured peak (launch/bench_memory_ds.py): memory_table.run_phases on
+    the script's own run (world size 1, bf16 ZeRO-2), its one phase's states + activations."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import bench_memory_ds
+
+    from relora_ds.ds_config import complete_ds_config, load_ds_config
+    from relora_ds.train_config import TrainConfig
+
+    lowrank = base != "full"
+    cfg = TrainConfig(model="debug", mode="relora" if lowrank else "full", rank=4, cycle_length=1000 if lowrank else None,
+                      micro_batch_size=2, global_batch_size=2, seq_len=16, total_steps=5,
+                      quantize="int8" if lowrank else None)
+    ds = complete_ds_config(load_ds_config(ROOT / "ds_configs/zero2.json"), cfg, world_size=1)
+    model_cfg = LlamaConfig.preset("debug", max_position_embeddings=17)
+    (phase,) = memory_table.run_phases(model_cfg, cfg, ds, 1)
+    assert phase["phase"] == ("ReLoRA" if lowrank else "full-rank")
+    got = bench_memory_ds.estimated_peak_gib(model_cfg, cfg, ds)
+    assert got == (phase["states"] + phase["activations"]) / 2**30 > 0
+
+
+@pytest.mark.parametrize("case", ["relora_warm_start_int8_subset", "full", "lora_from_warm_start_offload",
+                                  "relora_zero1_bf16_optimizer"])
+def test_run_phases_count_the_runs_own_model(case):
+    """memory_table.run_phases (launch/preflight.py's estimate): parameters counted on a real model built and
+    wrapped as the run asks (the oracle: its parameters and buffers on CPU, in bf16 as the engine holds them;
+    target_modules a subset, tied embeddings, an int8 base), the states by ZeRO's bytes per parameter by hand,
+    the phases the run has, and the activations of the run's micro-batch, checkpointing and chunked loss."""
+    from relora_ds.train_config import TrainConfig
+
+    model_config = LlamaConfig.preset("tiny", vocab_size=512, tie_word_embeddings=True)
+    base = dict(model="tiny", total_steps=100, rank=8, micro_batch_size=3, seq_len=64)
+    cfg, ds, n = {
+        "relora_warm_start_int8_subset": lambda: (
+            TrainConfig(**base, cycle_length=50, restart_warmup_steps=10, warm_start_steps=10, warm_start_lr=5e-4,
+                        quantize="int8", target_modules=["q_proj", "down_proj"], activation_checkpointing=True,
+                        activation_checkpointing_policy="selective", dropout=0.1),
+            {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, 2),
+        "full": lambda: (TrainConfig(**{**base, "rank": 128}, mode="full", loss_chunk_size=32),
+                         {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}}, 4),
+        "lora_from_warm_start_offload": lambda: (
+            TrainConfig(**base, mode="lora", warm_start_from="/x"),
+            {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+            2),
+        "relora_zero1_bf16_optimizer": lambda: (  # DeepSpeed's BF16_Optimizer: a whole fp32 gradient buffer too
+            TrainConfig(**base, cycle_length=50, restart_warmup_steps=10, dropout=0.1),
+            {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
+             "gradient_accumulation_steps": 1}, 4)}[case]()
+    phases = memory_table.run_phases(model_config, cfg, ds, n)
+
+    model = LlamaForCausalLM(model_config).to(torch.bfloat16)
+    total = sum(p.numel() for p in model.parameters())  # tied: the head is the embedding
+    assert total == model.num_parameters() < memory_table.param_counts(model_config, 8)["other"] + \
+        memory_table.param_counts(model_config, 8)["projections"]
+    if cfg.mode != "full":
+        wrap(model, rank=8, target_modules=cfg.target_modules, quantize=cfg.quantize)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(t.untyped_storage().nbytes() for n_, t in [*model.named_parameters(), *model.named_buffers()]
+                 if not t.requires_grad and n_.endswith((".weight", ".weight_q", ".weight_scale")))  # no host residual
+    ckpt = cfg.activation_checkpointing
+    if case == "relora_warm_start_int8_subset":  # ZeRO-2 over 2: bf16 weight and grad 2 + 2, fp32 master, m, v 12 / N
+        want = [("warm start", 2 * total + 14 * total / n, None),
+                ("ReLoRA", 2 * trainable + 14 * trainable / n + frozen, 8)]
+    elif case == "full":  # ZeRO-3 over 4: all 16 bytes per parameter partitioned
+        want = [("full-rank", 16 * total / n, None)]
+    elif case == "lora_from_warm_start_offload":  # the warm start is loaded; the optimizer offloaded: the bf16
+        want = [("LoRA", 2 * trainable + frozen, 8)]  # weight and grad stay (ZeRO-2)
+    else:  # ZeRO-1 over 4: bf16 weight and grad 2 + 2, the fp32 gradient buffer 4, master, m, v 12 / N
+        want = [("ReLoRA", 8 * trainable + 12 * trainable / n + frozen, 8)]
+    # LoRA dropout: a keep-mask of each adapted projection's input, 1 byte per element (3 with an int8 base on
+    # the default path, which falls back to the twin under dropout): q_proj's h and down_proj's i, or all seven
+    h, i = model_config.hidden_size, model_config.intermediate_size
+    masks = {"relora_warm_start_int8_subset": 3 * 64 * (h + i), "relora_zero1_bf16_optimizer": 64 * (6 * h + i)}
+    masks = masks.get(case, 0)
+    assert [p["phase"] for p in phases] == [name for name, _, _ in want]
+    for p, (name, states, rank) in zip(phases, want):
+        assert p["states"] == pytest.approx(states, rel=1e-12), name
+        assert p["activations"] == memory_table.activation_peak_bytes(
+            model_config, 64, rank, 3, ckpt, cfg.loss_chunk_size, cfg.activation_checkpointing_policy,
+            masks if rank else 0)
+        assert p["fits"](3, p["states"] + p["activations"]) and not p["fits"](3, p["states"] + p["activations"] - 1)
+    assert memory_table.run_phases(model_config, cfg, {"zero_optimization": {"stage": 2}}, n) == \
+        "fp32 training (the memory model counts bf16/fp16 weights and activations)"
+    if case == "full":  # ZeRO-3 offloading optimizer and parameters, in DeepSpeed's legacy spelling too: no states
+        for zero in ({"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "nvme", "nvme_path": "/x"}},
+                     {"cpu_offload": True, "cpu_offload_param": True}):
+            ds3 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, **zero}}
+            assert [p["states"] for p in memory_table.run_phases(model_config, cfg, ds3, n)] == [0], zero

@@ -43,18 +43,15 @@ def compile_stats() -> dict:
 
 
 def cache_entries(model) -> int | None:
-    """The most cache entries torch.compile holds for one decoder-layer class's forward (the layers share its
-    code object), or for the selective checkpoint's function that training steps run the layers through under
-    that policy: each is a graph for a kind of layer in a mode (training, evaluation), and past torch's
-    recompile limit of them a call that matches none runs eagerly. None where this torch cannot say (a private
-    API, torch._dynamo.eval_frame._debug_get_cache_entry_list)."""
+    """The most cache entries torch.compile holds for the decoder layers' forward (the layers share its code
+    object): each is a graph for a kind of layer in a mode (training, under selective checkpointing or not;
+    evaluation), and past torch's recompile limit of them a call that matches none runs eagerly. None where
+    this torch cannot say (a private API, torch._dynamo.eval_frame._debug_get_cache_entry_list)."""
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     except ImportError:
         return None
-    from .model import _selective_checkpoint  # training's code object under selective checkpointing
-
-    codes = {type(layer).forward.__code__ for layer in model.model.layers} | {_selective_checkpoint.__code__}
+    codes = {type(layer).forward.__code__ for layer in model.model.layers}
     return max(len(_debug_get_cache_entry_list(code)) for code in codes)
 
 

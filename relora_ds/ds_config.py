@@ -101,12 +101,6 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
                       "config), so a merge leaves no rounding residual; its buffers still take 2 bytes per "
                       "base parameter of host memory", ConfigWarning, stacklevel=2)
     stage = _zero_config(ds, source).stage
-    if cfg.compile and stage == 3:
-        raise ValueError(f"{source} uses ZeRO stage 3, which compile (--compile) does not support: DeepSpeed gathers "
-                         "each layer's weights in module hooks that torch.compile traces and recompiles for every "
-                         "submodule, so torch's recompile limit is reached in the first step and the layers run "
-                         "eagerly after the wait; use ZeRO stage 1 or 2 "
-                         "(ds_configs/zero2.json, or its offload variant), or train without --compile")
     if stage == 3 and cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "selective":
         zero = ds["zero_optimization"]
         if "memory_efficient_linear" in zero and _as_bool(zero["memory_efficient_linear"]) is not False:

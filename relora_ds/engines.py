@@ -11,9 +11,11 @@ import warnings
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import set_z3_leaf_module
 from torch.optim.lr_scheduler import LambdaLR
 
 from . import checkpoint, universal, zero_init
+from .ds_config import zero_stage
 from .ds_patches import release_engine
 from .ds_schema import uses_bf16, uses_fp16
 from .engine_state import full_fp32_state_dict
@@ -80,6 +82,12 @@ class EnginesMixin:
         zero_init.partition_(model, self.ds, cfg.zero_init)  # whatever arrived whole (under ZeRO-3)
         if cfg.compile:
             model.compile_layers()
+            if zero_stage(self.ds) == 3:
+                # ZeRO-3 gathers each decoder layer's weights in the layer's own hooks, around its compiled
+                # forward, and none inside it (a leaf module; its submodules' hooks would break the graph at
+                # every linear layer): one gather of the layer's weights, as FSDP's per-block wrapping.
+                for layer in model.model.layers:
+                    set_z3_leaf_module(layer, True)
         groups = optimizer_groups(model, cfg)
         offset = 0 if phase == "full" else self.relora_start
         fn = functools.partial(_shifted, fn=self.schedule, offset=offset)

@@ -246,19 +246,23 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, documents=None):
+    def forward(self, x, cos, sin, documents=None, selective: tuple[int, str | None] | None = None):
+        """The layer; with ``selective=(rank, biased)`` under selective checkpointing
+        (relora_ds/checkpointing.py, whose ``lora_rank`` and ``biased_linear`` give the two). Compiled
+        (``LlamaForCausalLM.compile_layers`` compiles this method), the checkpoint is inside the graph, as
+        torchtitan composes them: the policy then marks the traced ops and the partitioner keeps or recomputes
+        them (compiled kernels called from an eager checkpoint would be hidden from the policy and recompute
+        whole). The module's hooks, such as ZeRO-3's parameter gathers, run around this method."""
+        if selective is None:
+            return self._block(x, cos, sin, documents)
+        rank, biased = selective
+        return torch.utils.checkpoint.checkpoint(self._block, x, cos, sin, documents, use_reentrant=False,
+                                                 context_fn=functools.partial(checkpointing.selective_contexts,
+                                                                              rank=rank, biased=biased))
+
+    def _block(self, x, cos, sin, documents):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, documents)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def _selective_checkpoint(layer, x, cos, sin, documents, rank: int, biased: str | None):
-    """``layer(x, cos, sin, documents)`` under selective checkpointing (relora_ds/checkpointing.py). Compiled
-    (``LlamaForCausalLM.compile_layers``), the checkpoint is inside the graph, as torchtitan composes them: the
-    policy then marks the traced ops and the partitioner keeps or recomputes them. Compiled layers called
-    from an eager checkpoint would run kernels the policy cannot see, and recompute whole."""
-    return torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False,
-                                             context_fn=functools.partial(checkpointing.selective_contexts, rank=rank,
-                                                                          biased=biased))
 
 
 class LlamaModel(nn.Module):
@@ -277,7 +281,6 @@ class LlamaModel(nn.Module):
         self.gradient_checkpointing = False
         self.checkpoint_layers = config.num_hidden_layers  # the first this many recompute (gradient_checkpointing)
         self.checkpoint_policy = "full"  # or "selective": relora_ds/checkpointing.py
-        self.compiled_selective = None  # compile_layers: _selective_checkpoint compiled (torch.compile)
         self.document_eos: int | None = None  # LlamaForCausalLM.document_masking_enable
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -295,17 +298,16 @@ class LlamaModel(nn.Module):
                 dict.fromkeys(layer.self_attn.sliding_window for layer in self.layers), sdpa_dtype(x),
                 flash=self.layers[0].self_attn._use_flash(x.new_empty(0, dtype=q_dtype)))
         # selective checkpointing recomputes the products over a LoRA rank (the warm start has none)
-        rank, biased = 0, None
+        selective = None
         if self.gradient_checkpointing and self.checkpoint_policy == "selective" and torch.is_grad_enabled():
-            rank, biased = checkpointing.lora_rank(self.layers), checkpointing.biased_linear(self.layers)
+            selective = checkpointing.lora_rank(self.layers), checkpointing.biased_linear(self.layers)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled() and i < self.checkpoint_layers:
                 # Only the layer's input is kept (selective: also its matmul and attention outputs); its other
                 # activations are recomputed in backward (the RNG state is restored, so a LoRA dropout mask is
                 # drawn identically both times).
-                if self.checkpoint_policy == "selective":
-                    x = (self.compiled_selective or _selective_checkpoint)(layer, x, cos, sin, documents, rank,
-                                                                           biased)
+                if selective is not None:
+                    x = layer(x, cos, sin, documents, selective=selective)
                 else:
                     x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, documents, use_reentrant=False)
             else:
@@ -411,21 +413,24 @@ class LlamaForCausalLM(nn.Module):
         self.model.gradient_checkpointing = False
 
     def compile_layers(self, **kwargs) -> None:
-        """``torch.compile`` each decoder layer in place (``nn.Module.compile``, as torchtitan compiles its blocks):
-        the layers share one graph (recompiled only for what differs between them, such as a sliding window),
-        which fuses the norms, RoPE and the MLP's activation. Parameter names, the state dict and the ReLoRA
-        resets are unchanged: a merge writes the weights in place and the graphs read them as inputs. ``kwargs``
-        go to ``torch.compile``. The embedding, the final norm and the loss stay eager. Raises torch's recompile
-        limit (process-wide) to 4 entries per kind of layer where it is lower."""
-        # Each kind of layer (a sliding window or not) takes a cache entry for training and one for evaluation (no
-        # grad) in the layers' shared code object; torch's default limit of 8 entries, past which it runs the code
-        # eagerly without a word (relora_ds.compiling.compile_stats counts it), is raised to leave room for 4 each.
+        """``torch.compile`` each decoder layer's ``forward`` in place, as torchtitan compiles its blocks: the
+        layers share one graph (recompiled only for what differs between them, such as a sliding window), which
+        fuses the norms, RoPE and the MLP's activation; under selective checkpointing the checkpoint is inside
+        it (DecoderLayer.forward). The layers' module hooks stay outside the graph, eager: ZeRO-3's parameter
+        gathers (the trainer makes each layer one gather, relora_ds/engines.py) are disabled for torch.compile
+        and would break it at every linear layer. Parameter names, the state dict and the ReLoRA resets are
+        unchanged: a merge writes the weights in place and the graphs read them as inputs. ``kwargs`` go to
+        ``torch.compile``. The embedding, the final norm and the loss stay eager. Raises torch's recompile limit
+        (process-wide) to 4 entries per kind of layer where it is lower."""
+        # Each kind of layer (a sliding window or not) takes cache entries in the layers' shared code object for
+        # training (plain, or selective checkpointing) and evaluation (no grad); torch's default limit of 8
+        # entries, past which it runs the code eagerly without a word (relora_ds.compiling.compile_stats counts
+        # it), is raised to leave room for 4 each.
         raise_recompile_limit(4 * len({layer.self_attn.sliding_window for layer in self.model.layers}))
+        if any("forward" in vars(layer) for layer in self.model.layers):
+            raise RuntimeError("compile_layers: the decoder layers are compiled already")
         for layer in self.model.layers:
-            layer.compile(**kwargs)
-        # Training steps under selective checkpointing run the checkpoint and the layer as one compiled function
-        # (its own code object: the same number of cache entries as the layers' training ones).
-        self.model.compiled_selective = torch.compile(_selective_checkpoint, **kwargs)
+            layer.forward = torch.compile(layer.forward, **kwargs)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -173,7 +173,8 @@ class TrainConfig:
                                          "seq_len, seq_len) mask")
     compile: bool = _f(False, "torch.compile each decoder layer (one graph the layers share, as torchtitan): "
                               "fuses the norms, RoPE and the MLP's activation; the first step of each phase and "
-                              "the first evaluation wait for the compile; ZeRO stage 0-2 (refused under ZeRO-3)")
+                              "the first evaluation wait for the compile; under ZeRO-3 each layer's weights are "
+                              "gathered at once, around its compiled forward")
     zero_init: bool = _f(True, "under ZeRO stage 3, build the model partitioned (deepspeed.zero.Init) and load "
                                "hf_model's or the warm start's weights into it a tensor at a time: no rank holds "
                                "the whole model; false: every rank builds it whole and DeepSpeed moves it to each "

@@ -1,6 +1,7 @@
 """--compile / LlamaForCausalLM.compile_layers: torch.compile of each decoder layer, against the eager model
 (the oracle) in one process, and whole 2-rank trainer runs against the same runs eager."""
 import copy
+import json
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 import relora_ds
 from launch_utils import ROOT, run_ranks
 from relora_ds.compiling import compile_stats
-from trainer_utils import read_losses, write
+from trainer_utils import FP32_ZERO2, read_losses, write
 
 
 # Qwen3 with GQA, per-head q/k norms, attention biases, head_dim 24 and a 16-token window on every second layer:
@@ -281,55 +282,46 @@ def test_compile_reports_warn_on_new_breaks_and_limit_hits(monkeypatch, recwarn)
     assert stub._compile_reports == {("lowrank", "step"), ("lowrank", "evaluation")}
 
 
-def test_compile_is_refused_under_zero3():
-    """ZeRO-3's gather hooks are traced and recompiled per submodule (the recompile limit is reached in the first
-    step, and the layers then run eagerly): refused before any rank starts, naming what works."""
-    from relora_ds.ds_config import complete_ds_config
-    from relora_ds.train_config import TrainConfig
-
-    base = dict(cycle_length=10, restart_warmup_steps=2, total_steps=100, micro_batch_size=2, global_batch_size=8)
-    for stage in (1, 2):
-        complete_ds_config({"zero_optimization": {"stage": stage}}, TrainConfig(**base, compile=True), world_size=2)
-    with pytest.raises(ValueError, match=r"uses ZeRO stage 3, which compile \(--compile\) does not support: .*"
-                                         r"recompile limit .* use ZeRO stage 1 or 2"):
-        complete_ds_config({"zero_optimization": {"stage": 3}}, TrainConfig(**base, compile=True), world_size=2)
-    complete_ds_config({"zero_optimization": {"stage": 3}}, TrainConfig(**base), world_size=2)
-
-
-def _run(tmp_path, data_dir, compile_):
-    out = tmp_path / ("compiled" if compile_ else "eager")
+def _run(tmp_path, data_dir, compile_, stage=2, policy="full"):
+    out = tmp_path / (f"compiled_zero{stage}" if compile_ else "eager")
     out.mkdir()
     # 13 evaluation windows on 2 ranks of 4 rows: short last batches, evaluated eagerly
-    recipe, fp32_zero2 = write(out, data_dir, compile=compile_, activation_checkpointing=True, quantize="int8",
-                               eval_windows=13)
-    proc = run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", fp32_zero2)
+    recipe, ds = write(out, data_dir, compile=compile_, activation_checkpointing=True,
+                       activation_checkpointing_policy=policy, quantize="int8", eval_windows=13)
+    if stage != 2:
+        ds.write_text(json.dumps({**FP32_ZERO2, "zero_optimization": {"stage": stage}}))
+    proc = run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds)
     losses, recs = read_losses(out / "run")
     return losses, recs, proc.stderr
 
 
-def test_compiled_trainer_run_matches_the_eager_run(tmp_path, small_data_dir):
-    """2 ranks under ZeRO-2 (fp32), activation checkpointing, an int8 base: warm start, switch to ReLoRA, two
-    resets, evaluations with short last batches. The compiled run's losses and validation losses are the eager
-    run's (reordered sums only), and it reports what was compiled: after the first step of each phase one
-    graph for the layers, after the first evaluation one more (no grad), no break, no recompile-limit hit."""
+def test_compiled_trainer_runs_match_the_eager_run(tmp_path, small_data_dir):
+    """2 ranks, fp32, an int8 base: warm start, switch to ReLoRA, two resets, evaluations with short last
+    batches. Compiled under ZeRO-2 with full activation checkpointing, and under ZeRO-3 with the selective
+    policy (each layer's weights gathered by its hooks around the compiled forward, the checkpoint inside
+    it), the losses and validation losses are the eager ZeRO-2 run's (reordered sums only), and each run
+    reports what was compiled: after the first step of each phase one graph for the layers, after the first
+    evaluation one more (no grad), no break, no recompile-limit hit."""
     eager, eager_recs, _ = _run(tmp_path, small_data_dir, False)
     assert not any(r.get("event") == "compiled" for r in eager_recs)
-    compiled, recs, stderr = _run(tmp_path, small_data_dir, True)
-    assert eager.keys() == compiled.keys() and len(eager) == 12
-    assert all(abs(eager[s] - compiled[s]) <= 1e-5 * eager[s] for s in eager), (eager, compiled)
-    val = [[r["val_loss"] for r in rs if "val_loss" in r] for rs in (eager_recs, recs)]
-    assert len(val[0]) == 2 and all(abs(a - b) <= 1e-5 * a for a, b in zip(*val)), val
-    events = [(e["step"], e["phase"], e["after"], e["graphs"], e["graph_breaks"], e["recompile_limit_hits"],
-               e["cache_entries"]) for e in recs if e.get("event") == "compiled"]
-    # cache entries of the layers' forward: the switch dropped the full-rank phase's (else 2, then 3)
-    assert events == [(1, "full", "step", 1, 0, 0, 1), (3, "lowrank", "step", 1, 0, 0, 1),
-                      (6, "lowrank", "evaluation", 2, 0, 0, 2)], events
-    assert "compile:" not in stderr
+    assert len(eager) == 12
+    for stage, policy in ((2, "full"), (3, "selective")):
+        compiled, recs, stderr = _run(tmp_path, small_data_dir, True, stage, policy)
+        assert eager.keys() == compiled.keys()
+        assert all(abs(eager[s] - compiled[s]) <= 1e-5 * eager[s] for s in eager), (stage, eager, compiled)
+        val = [[r["val_loss"] for r in rs if "val_loss" in r] for rs in (eager_recs, recs)]
+        assert len(val[0]) == 2 and all(abs(a - b) <= 1e-5 * a for a, b in zip(*val)), (stage, val)
+        events = [(e["step"], e["phase"], e["after"], e["graphs"], e["graph_breaks"], e["recompile_limit_hits"],
+                   e["cache_entries"]) for e in recs if e.get("event") == "compiled"]
+        # cache entries of the layers' forward: the switch dropped the full-rank phase's (else 2, then 3)
+        assert events == [(1, "full", "step", 1, 0, 0, 1), (3, "lowrank", "step", 1, 0, 0, 1),
+                          (6, "lowrank", "evaluation", 2, 0, 0, 2)], (stage, events)
+        assert "compile:" not in stderr, stage
 
 
 def test_compiled_selective_checkpointing_keeps_what_the_policy_keeps(fresh_dynamo):
     """--compile with the selective policy: the checkpoint runs inside the compiled function
-    (model._selective_checkpoint, torchtitan's composition), so inductor's partitioner applies the policy to
+    (DecoderLayer.forward, torchtitan's composition), so inductor's partitioner applies the policy to
     the traced ops. Oracles: the eager model under the same policy (loss and gradients; one graph, no break,
     one cache entry), and the heap after the forward (CPU, tests/test_memory_table.py's measure): the compiled
     layers keep about what the eager selective ones keep, far more than full checkpointing's inputs (a

@@ -252,13 +252,13 @@ def usable_bytes(memory_gb: float, reserve_gb: float | None = None, flag: str = 
     return budget
 
 
-def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int) -> list[dict] | str:
+def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int, start_step: int = 0) -> list[dict] | str:
     """Per-GPU memory of a training run (launch/preflight.py), phase by phase: a dict per phase (``phase``,
     ``states`` and ``activations`` bytes at the run's micro-batch, ``fits(micro_batch, budget)``), or why it
-    is not estimated. Parameters are counted on a meta-device copy of the run's model, built and wrapped as
+    is not estimated. A run resumed at ``start_step`` past its warm start has the ReLoRA phase only. Parameters are counted on a meta-device copy of the run's model, built and wrapped as
     the trainer builds it (any target_modules, tied embeddings, biases, int8 base); states and activations
     follow this module's model (its docstring), which counts the LoRA activations of all seven projections,
-    and adds the LoRA dropout's masks of the projections the run adapts."""
+    and adds the LoRA dropout's masks of the projections the run adapts and document masking's SDPA masks."""
     import torch
 
     from relora_ds import LlamaForCausalLM, relora_layers, wrap
@@ -279,7 +279,7 @@ def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int) -> lis
         if cfg.mode != "full":
             wrap(model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules, quantize=cfg.quantize)
     phases = []
-    if cfg.mode == "full" or cfg.warm_start_steps > 0:  # not with warm_start_from (a trained warm start, loaded)
+    if cfg.mode == "full" or start_step < cfg.warm_start_steps:  # none with warm_start_from (a trained one, loaded)
         phases.append(("full-rank" if cfg.mode == "full" else "warm start", None, total, (0, 0), 0))
     if cfg.mode != "full":
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -289,13 +289,20 @@ def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int) -> lis
         masks = (3 if twin else 1) * cfg.seq_len * sum(layer.in_features for _, layer in relora_layers(model)) \
             // model_config.num_hidden_layers if cfg.dropout > 0 else 0
         phases.append(("ReLoRA" if cfg.mode == "relora" else "LoRA", cfg.rank, trainable, (frozen, scales), masks))
+    # Document masking under SDPA: an additive (B, 1, T, T) mask in the activations' dtype per sliding-window
+    # length, rows padded to 8 (relora_ds/documents.py), alive through the step; flash-attn's path builds none
+    # ("auto" may take it on the ranks: counted, an upper bound).
+    T = cfg.seq_len + 1  # a packed window, its last token a label only
+    windows = {layer.self_attn.sliding_window for layer in model.model.layers}
+    document_mask = len(windows) * T * -(-T // 8) * 8 * 2 \
+        if cfg.document_masking and model_config.attn_implementation != "flash" else 0
     out = []
     for name, rank, trainable, frozen, masks in phases:
         states = state_bytes(trainable, frozen, zero.stage, world_size, offload, fp32_grads)
 
         def activations(micro_batch, rank=rank, masks=masks):
             return activation_peak_bytes(model_config, cfg.seq_len, rank, micro_batch, ckpt, cfg.loss_chunk_size,
-                                         cfg.activation_checkpointing_policy, masks)
+                                         cfg.activation_checkpointing_policy, masks) + micro_batch * document_mask
         out.append({"phase": name, "states": states, "activations": activations(cfg.micro_batch_size),
                     "fits": lambda m, budget, states=states, activations=activations: states + activations(m) <= budget})
     return out

@@ -13,7 +13,7 @@ this world size (and validation that cannot run), an output_dir holding another 
 another model, tokenizer or training data, a ZeRO stage or world-size change DeepSpeed cannot make). With DS_ACCELERATOR set (as
 scripts/setup_env.sh does), what the ranks will run on is known here too: kernels=triton without CUDA and
 fp16 on DeepSpeed's CPU accelerator are refused; without it the launching node may lack the compute nodes'
-GPUs, so those two are left to the ranks. It prints the estimated peak memory per GPU of each phase (warm
+GPUs, so those two are left to the ranks. It prints the estimated peak memory per GPU of each phase left (warm
 start, ReLoRA; launch/memory_table.py's model on the run's own model, counted on a meta-device copy) and, with
 --gpu-memory-gb, refuses a run that exceeds it, naming the largest micro_batch_size that fits; without it, a
 GPU on this node is compared with, as a warning only. Prints a summary on stderr and the resolved output directory on stdout (the sbatch scripts read it to
@@ -68,9 +68,9 @@ def _check(argv) -> str:
         data_dir = Path(cfg.data_dir) if cfg.data_dir else builtin_data_dir(vocab)
         prepared = cfg.data_dir or read_manifest_file(data_dir) is not None
         model_config, _ = check_model_and_data(cfg, data_dir if prepared else None, vocab)
-        total_steps = total_steps_for(cfg, checkpoint.resume_progress(Path(cfg.output_dir) / "checkpoints",
-                                                                      cfg.resume_from)
-                                      if cfg.resume and cfg.token_budget else None)
+        progress = checkpoint.resume_progress(Path(cfg.output_dir) / "checkpoints", cfg.resume_from) \
+            if cfg.resume else None
+        total_steps = total_steps_for(cfg, progress if cfg.token_budget else None)
         build_schedule(cfg, total_steps)
         apply_kernels_setting(cfg.kernels)
         if os.environ.get("DS_ACCELERATOR"):  # what the ranks will run on (see above)
@@ -92,7 +92,8 @@ def _check(argv) -> str:
                                    tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None,
                                    total_steps=total_steps,
                                    data=train_data_record(manifest, cfg.seq_len) if manifest else None)
-        memory = memory_summary(model_config, cfg, ds, args.world_size, args.gpu_memory_gb)
+        memory = memory_summary(model_config, cfg, ds, args.world_size, args.gpu_memory_gb,
+                                progress["step"] if progress else 0)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
     stage = zero_stage(ds)
@@ -141,13 +142,15 @@ def _advice(cfg, ds: dict, low_rank: bool) -> str:
     return ", ".join(steps)
 
 
-def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: float | None) -> str:
-    """The estimated peak memory per GPU of each phase of the run, as a line. Over ``gpu_memory_gb`` (less
+def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: float | None,
+                   start_step: int = 0) -> str:
+    """The estimated peak memory per GPU of each phase the run has left from ``start_step`` (a resume's), as a
+    line. Over ``gpu_memory_gb`` (less
     the reserve) a ValueError naming the largest micro_batch_size that fits; over the memory of this node's
     GPU (no ``gpu_memory_gb`` given) a warning line only: the launching node's GPU may not be the ranks'."""
     import memory_table as mt
 
-    phases = mt.run_phases(model_config, cfg, ds, world_size)
+    phases = mt.run_phases(model_config, cfg, ds, world_size, start_step)
     if isinstance(phases, str):
         unchecked = "; warning: --gpu-memory-gb is not checked" if gpu_memory_gb is not None else ""
         return f"memory per GPU not estimated: {phases}{unchecked}"

@@ -198,7 +198,8 @@ def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path, m
     (ckpt / "latest").write_text("step_8")
     (ckpt / "step_8" / "config.json").write_text(json.dumps(
         {"model": {}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}}, "tokenizer_sha256": None,
-         "train": {"mode": "relora", "rank": 16}, "optimizer_groups": ["lora", "matrices", "vectors"]}))
+         "train": {"mode": "relora", "rank": 16}, "optimizer_groups": ["lora", "matrices", "vectors"],
+         "progress": {"step": 8, "tokens_seen": 8 * 64 * 256}}))
     # (tiny.yaml trains rank 32)
     proc = _preflight("--world-size", "2", *args, "--resume")
     assert proc.returncode == 2 and "settings a resume cannot change, field (now, checkpoint): {'rank': (32, 16)}" \
@@ -236,7 +237,8 @@ def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_
                     warm_start_steps=0, total_steps=8, micro_batch_size=8, eval_every=0)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()] + ["--data-dir", data, "--output-dir",
                                                                               tmp_path / "run"]
-    preflight = ["--world-size", "2", *args]
+    (tmp_path / "bf16.json").write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}))
+    preflight = ["--world-size", "2", *args, "--deepspeed", tmp_path / "bf16.json"]
     proc = _preflight(*preflight, "--global-batch-size", "64")
     assert proc.returncode == 0, proc.stderr[-800:]
     proc = _preflight(*preflight, "--global-batch-size", "128")
@@ -252,9 +254,10 @@ def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_
 
     def saved(data_record):
         (ckpt / "step_4" / "config.json").write_text(json.dumps(
-            {"model": model, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 0}},
+            {"model": model, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}},
              "tokenizer_sha256": load_manifest(data)["tokenizer_sha256"], "data": data_record,
-             "train": {"mode": "relora", "rank": 4, "seq_len": 32}, "optimizer_groups": ["lora", "matrices", "vectors"]}))
+             "train": {"mode": "relora", "rank": 4, "seq_len": 32}, "optimizer_groups": ["lora", "matrices", "vectors"],
+             "progress": {"step": 4, "tokens_seen": 4 * 64 * 32}}))
     saved({"fingerprint": "0" * 64, "train_tokens": 3_000, "train_windows": 93})
     proc = _preflight(*preflight, "--global-batch-size", "64", "--resume")
     assert proc.returncode == 2
@@ -263,6 +266,13 @@ def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_
     saved(record)
     proc = _preflight(*preflight, "--global-batch-size", "64", "--resume")
     assert proc.returncode == 0, proc.stderr[-800:]
+    # the memory estimate covers the phases left: a resume at step 4 is past a 2-step warm start
+    fresh = _preflight(*preflight, "--global-batch-size", "64", "--warm-start-steps", "2", "--output-dir",
+                       tmp_path / "fresh")
+    resumed = _preflight(*preflight, "--global-batch-size", "64", "--warm-start-steps", "2", "--resume")
+    assert fresh.returncode == resumed.returncode == 0, fresh.stderr[-800:] + resumed.stderr[-800:]
+    assert re.search(r"micro_batch_size 8: warm start [^,]*, ReLoRA ", fresh.stderr), fresh.stderr[-800:]
+    assert re.search(r"micro_batch_size 8: ReLoRA ", resumed.stderr), resumed.stderr[-800:]
 
 
 def test_preflight_checks_a_mixtures_members(tmp_path):

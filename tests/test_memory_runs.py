@@ -124,6 +124,10 @@ def test_run_phases_count_the_runs_own_model(case):
     masks = {"relora_warm_start_int8_subset": 3 * 64 * (h + i), "relora_zero1_bf16_optimizer": 64 * (6 * h + i)}
     masks = masks.get(case, 0)
     assert [p["phase"] for p in phases] == [name for name, _, _ in want]
+    if case == "relora_warm_start_int8_subset":  # resumed: at step 9 the warm start has a step left, at 10 none
+        assert [p["phase"] for p in memory_table.run_phases(model_config, cfg, ds, n, start_step=9)] == \
+            ["warm start", "ReLoRA"]
+        assert [p["phase"] for p in memory_table.run_phases(model_config, cfg, ds, n, start_step=10)] == ["ReLoRA"]
     for p, (name, states, rank) in zip(phases, want):
         assert p["states"] == pytest.approx(states, rel=1e-12), name
         assert p["activations"] == memory_table.activation_peak_bytes(
@@ -137,3 +141,29 @@ def test_run_phases_count_the_runs_own_model(case):
                      {"cpu_offload": True, "cpu_offload_param": True}):
             ds3 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, **zero}}
             assert [p["states"] for p in memory_table.run_phases(model_config, cfg, ds3, n)] == [0], zero
+
+
+def test_run_phases_count_document_masking_sdpa_masks():
+    """Document masking under SDPA holds an additive mask per sliding-window length for the step: run_phases
+    adds exactly the bytes of the masks relora_ds.documents builds for a micro-batch of packed windows (the
+    oracle: their storage), and none where the model is set to flash-attn (which builds no mask)."""
+    from relora_ds.documents import Documents
+    from relora_ds.train_config import TrainConfig
+
+    windowed = dict(vocab_size=512, model_type="qwen3", sliding_window=16,
+                    layer_types=["full_attention", "sliding_attention"] * 2,
+                    num_hidden_layers=4)
+    ds = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+    base = dict(model="tiny", total_steps=100, rank=8, micro_batch_size=3, seq_len=61, cycle_length=50,
+                restart_warmup_steps=10)
+    ids = torch.randint(3, 512, (3, 62))
+    documents = Documents(ids, eos_token_id=2).prepare({None, 16}, torch.bfloat16, flash=False)
+    want = sum(m.untyped_storage().nbytes() for m in documents._masks.values())
+    assert want == 2 * 3 * 62 * 64 * 2  # two windows; rows padded to 64
+    for attn, extra in (("auto", want), ("flash", 0)):
+        model_config = LlamaConfig.preset("tiny", attn_implementation=attn, **windowed)
+        plain, masked = (memory_table.run_phases(model_config, TrainConfig(**base, document_masking=on), ds, 2)
+                         for on in (False, True))
+        assert [p["phase"] for p in masked] == ["ReLoRA"]
+        assert masked[0]["activations"] - plain[0]["activations"] == extra, attn
+        assert masked[0]["states"] == plain[0]["states"]

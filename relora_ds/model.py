@@ -14,6 +14,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import types
 import warnings
 
 import torch
@@ -429,8 +430,10 @@ class LlamaForCausalLM(nn.Module):
         raise_recompile_limit(4 * len({layer.self_attn.sliding_window for layer in self.model.layers}))
         if any("forward" in vars(layer) for layer in self.model.layers):
             raise RuntimeError("compile_layers: the decoder layers are compiled already")
+        # One compiled function bound to each layer: a deep copy of the model rebinds it to the copy's layers.
+        compiled = torch.compile(DecoderLayer.forward, **kwargs)
         for layer in self.model.layers:
-            layer.forward = torch.compile(layer.forward, **kwargs)
+            layer.forward = types.MethodType(compiled, layer)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -95,6 +95,15 @@ def test_compiled_layers_match_the_eager_model_through_a_reset(fresh_dynamo, var
                     layer.lora_B.normal_(0, 0.02, generator=torch.Generator().manual_seed(step))
     after = _frozen(compiled)
     assert after.keys() == before.keys() and all(not torch.equal(before[n], t) for n, t in after.items())
+    if variant == "plain":  # a deep copy's compiled layers run the copy's weights, not the original's
+        twin, eager_twin = copy.deepcopy(compiled), copy.deepcopy(eager)
+        with torch.no_grad():
+            for model in (twin, eager_twin):
+                for _, layer in relora_ds.relora.relora_layers(model):
+                    layer.lora_B.mul_(3)
+        _close(_step(eager_twin, batch), _step(twin, batch), 2e-5)
+        _close(_step(eager, batch), _step(compiled, batch), 2e-5)
+        assert compile_stats()["graphs"] == 1
 
 
 def _frozen(model):

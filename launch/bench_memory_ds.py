@@ -14,6 +14,7 @@ time.
     python launch/bench_memory_ds.py --preset 1b --deepspeed ds_configs/zero2.json    # on a GPU
     python launch/bench_memory_ds.py --device cpu --preset debug --rank 8 --steps 2    # smoke run (CPU)
     python launch/bench_memory_ds.py --bases full bf16   # full-rank vs ReLoRA only
+    python launch/bench_memory_ds.py --deepspeed ds_configs/zero3.json --bases bf16 --compile   # --compile's
 
 On the GPU image (no DeepSpeed there) carry the wheels of scripts/gpu_wheels.sh; launch/gpu_check.sh's
 ``ds`` stage installs them and runs this script.
@@ -61,20 +62,21 @@ def estimated_peak_gib(model_cfg, cfg, ds: dict) -> float | None:
 
 
 def one(preset: str, base: str, ds_path: str, micro_batch: int, seq_len: int, rank: int, steps: int,
-        device: str) -> dict:
+        device: str, compile_: bool = False) -> dict:
     import deepspeed
     import torch
 
     import relora_ds
     from relora_ds.distributed import init_distributed
     from relora_ds.ds_config import complete_ds_config, load_ds_config
-    from relora_ds.engines import optimizer_groups
+    from relora_ds.engines import compile_for_engine, optimizer_groups
     from relora_ds.train_config import TrainConfig
 
     cuda, lowrank, quantize = device == "cuda", base != "full", "int8" if base == "int8" else None
     cfg = TrainConfig(model=preset, mode="relora" if lowrank else "full", rank=rank,
                       cycle_length=1000 if lowrank else None, micro_batch_size=micro_batch,
-                      global_batch_size=micro_batch, seq_len=seq_len, total_steps=steps + 4, quantize=quantize)
+                      global_batch_size=micro_batch, seq_len=seq_len, total_steps=steps + 4, quantize=quantize,
+                      compile=compile_)
     ds = complete_ds_config(load_ds_config(ds_path), cfg, world_size=1, source=ds_path)
     init_distributed(dist_backend="nccl" if cuda else "gloo")
     torch.manual_seed(0)
@@ -85,6 +87,8 @@ def one(preset: str, base: str, ds_path: str, micro_batch: int, seq_len: int, ra
         relora_ds.wrap(model, rank=rank, quantize=quantize)
     lora = relora_ds.lora_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if compile_:  # as the trainer's --compile (compiled in the warm-up steps)
+        compile_for_engine(model, ds)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model, cfg), config=ds)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     after_init = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
@@ -104,7 +108,12 @@ def one(preset: str, base: str, ds_path: str, micro_batch: int, seq_len: int, ra
         if i == 1 and lowrank:  # a reset inside the measured window: merge (gathers, int8 requantize), prune
             relora_ds.merge_and_reinit(engine)
             relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.99)
-    return {"preset": preset, "base": base, "trainable_params": trainable, "deepspeed": ds_path,
+    compiled = {}
+    if compile_:
+        from relora_ds.compiling import compile_stats
+        compiled = {k: v for k, v in compile_stats().items() if k in ("graphs", "graph_breaks")}
+    return {"preset": preset, "base": base, "compile": compile_, **compiled, "trainable_params": trainable,
+            "deepspeed": ds_path,
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "micro_batch": micro_batch,
             "seq_len": seq_len, "rank": rank, "after_init_gib": after_init,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
@@ -127,11 +136,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_memory_ds.json")
+    ap.add_argument("--compile", action="store_true", help="the trainer's --compile: each decoder layer compiled "
+                    "(under ZeRO-3 each gathered whole around its graph), in the warm-up steps")
     ap.add_argument("--one", choices=BASES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.preset, args.one, args.deepspeed, args.micro_batch, args.seq_len, args.rank,
-                             args.steps, args.device)))
+                             args.steps, args.device, args.compile)))
         return 0
     try:  # the preset/rank errors wrap would raise in each child, as one parse error, up front
         check_preset_rank(args.preset, args.rank)
@@ -150,7 +161,7 @@ def main() -> int:
             env.setdefault("DS_ACCELERATOR", "cpu")
         cmd = [sys.executable, __file__, "--one", base, "--preset", args.preset, "--deepspeed", args.deepspeed,
                "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len), "--rank", str(args.rank),
-               "--steps", str(args.steps), "--device", args.device]
+               "--steps", str(args.steps), "--device", args.device, *(["--compile"] if args.compile else [])]
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)  # stderr streams through
         if proc.returncode:
             print(proc.stdout[-2000:], file=sys.stderr)
@@ -158,7 +169,8 @@ def main() -> int:
             continue  # the other base's row is still measured and kept
         row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"{row['preset']} {row['base']:>5} ZeRO-{row['zero_stage']}: {row['trainable_params'] / 1e6:.1f}M trained, "
+        print(f"{row['preset']} {row['base']:>5} ZeRO-{row['zero_stage']}{' compiled' if args.compile else ''}: "
+              f"{row['trainable_params'] / 1e6:.1f}M trained, "
               f"after initialize {row['after_init_gib']:.2f} GiB, peak {row['peak_gib']:.2f} GiB (estimated "
               f"{row['estimated_peak_gib'] or float('nan'):.2f}), step "
               f"{row['step_ms']:.1f} ms, loss {row['loss']:.3f}", flush=True)

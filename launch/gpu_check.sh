@@ -27,7 +27,8 @@
 # times whole 350m and 1b steps on the default path eager and with the trainer's --compile.
 # `ds` (the 1b peak memory and step time under a DeepSpeed engine: ReLoRA on a bf16 and an int8 base, then
 # full-rank training, the paper's memory and speed claim; 200 s: the two ReLoRA bases took 50 s on 2026-12-04) needs
-# the wheels of scripts/gpu_wheels.sh: build them here, then name ".whl" in the device call's carry.
+# the wheels of scripts/gpu_wheels.sh: build them here, then name ".whl" in the device call's carry. It then
+# times ReLoRA (bf16 base) under ZeRO-3 eagerly and with --compile (ds_zero3, 240 s; not run yet).
 # Results: the device tool returns at most 8 files from $OUT, so the stages write to a work folder that is
 # packed into $OUT/gpu_check.tar.gz after every stage (a call killed at its limit still returns the stages
 # done); $OUT/stages.txt lists each stage's exit status and time. Default $OUT: runs/gpu.
@@ -45,7 +46,7 @@ export RELORA_KERNELS=triton
 export PYTHONUNBUFFERED=1  # a stage killed at its limit still leaves its output in the log
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(env bench host tune tests e2e tma int8 loss)
-valid=" env tune e2e tests bench host tma int8 loss ds compile "
+valid=" env tune e2e tests bench host tma int8 loss ds compile ckpt "
 for st in "${stages[@]}"; do  # a typo must not burn a device call
   [[ "$valid" == *" $st "* ]] || { echo "unknown stage $st (valid:$valid)" >&2; exit 2; }
 done
@@ -109,6 +110,10 @@ for st in "${stages[@]}"; do
         export PYTHONPATH="/tmp/site:$PYTHONPATH"
       fi
       run ds 200 env RELORA_KERNELS=auto python3 launch/bench_memory_ds.py --preset 1b --deepspeed ds_configs/zero2.json \
-        --bases bf16 int8 full --out "$OUT/memory_ds.json" ;;  # full last: a cut keeps the ReLoRA rows
+        --bases bf16 int8 full --out "$OUT/memory_ds.json"  # full last: a cut keeps the ReLoRA rows
+      # ZeRO-3 eager, then --compile (each layer gathered whole around its graph; not yet run on a GPU)
+      run ds_zero3 240 env RELORA_KERNELS=auto bash -c 'for c in "" --compile; do python3 launch/bench_memory_ds.py \
+        --preset 1b --deepspeed ds_configs/zero3.json --bases bf16 $c --out "$1/memory_ds_zero3${c:+_compiled}.json"; \
+        done' _ "$OUT" ;;
   esac
 done

@@ -31,6 +31,17 @@ def _shifted(step: int, *, fn, offset: int) -> float:
     return fn(step + offset)
 
 
+def compile_for_engine(model: LlamaForCausalLM, ds: dict) -> None:
+    """--compile of a model about to go into ``deepspeed.initialize`` with the completed config ``ds``: its
+    decoder layers compiled (``compile_layers``); under ZeRO-3 each layer a leaf module, whose own hooks gather
+    its weights around its compiled forward, and none inside it (its submodules' hooks would break the graph
+    at every linear layer): one gather per layer, as FSDP wraps each block."""
+    model.compile_layers()
+    if zero_stage(ds) == 3:
+        for layer in model.model.layers:
+            set_z3_leaf_module(layer, True)
+
+
 class EnginesMixin:
     def _phase(self, step: int) -> str:
         return "full" if self.cfg.mode == "full" or step < self.relora_start else "lowrank"
@@ -81,13 +92,7 @@ class EnginesMixin:
             self._wrap(model)
         zero_init.partition_(model, self.ds, cfg.zero_init)  # whatever arrived whole (under ZeRO-3)
         if cfg.compile:
-            model.compile_layers()
-            if zero_stage(self.ds) == 3:
-                # ZeRO-3 gathers each decoder layer's weights in the layer's own hooks, around its compiled
-                # forward, and none inside it (a leaf module; its submodules' hooks would break the graph at
-                # every linear layer): one gather of the layer's weights, as FSDP's per-block wrapping.
-                for layer in model.model.layers:
-                    set_z3_leaf_module(layer, True)
+            compile_for_engine(model, self.ds)
         groups = optimizer_groups(model, cfg)
         offset = 0 if phase == "full" else self.relora_start
         fn = functools.partial(_shifted, fn=self.schedule, offset=offset)

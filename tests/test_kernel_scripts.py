@@ -134,12 +134,19 @@ def test_tune_sweep_skips_the_candidates_that_cannot_fit(monkeypatch):
 
 def test_gpu_check_script_parses_and_names_its_stages(tmp_path):
     """launch/gpu_check.sh is run only on a lent GPU: here, at least, it must parse, and a wrong stage name
-    must fail at once with the valid ones (a typo must not burn a device call)."""
+    must fail at once with the valid ones (a typo must not burn a device call), which are exactly the stages
+    its header names and its case statement runs (ckpt was run but not accepted, found on 2026-12-05)."""
     script = ROOT / "launch" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     proc = subprocess.run(["bash", str(script), "benhc"], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
-    assert proc.returncode == 2 and "(valid: env tune e2e tests bench host tma int8 loss ds compile )" in proc.stderr
+    valid = re.search(r"\(valid: ([a-z0-9 ]+) \)", proc.stderr)
+    assert proc.returncode == 2 and valid, proc.stderr
+    text = script.read_text()
+    arms = re.findall(r"^ +([a-z0-9]+)\) ", text + " ", re.MULTILINE) + re.findall(r"^ +([a-z0-9]+)\)$", text,
+                                                                                   re.MULTILINE)
+    header = re.search(r"^#   stages: ([a-z0-9 ]+) \(default", text, re.MULTILINE).group(1).split()
+    assert sorted(valid.group(1).split()) == sorted(arms) == sorted(header) and "ckpt" in arms
     assert not any(tmp_path.iterdir())  # nothing ran
 
 

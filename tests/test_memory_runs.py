@@ -46,6 +46,18 @@ def test_bench_memory_ds_runs_full_rank_and_relora_and_counts_their_trained_para
     assert all(math.isfinite(row["loss"]) and row["step_ms"] > 0 for row in rows.values())
     assert "debug  full ZeRO-2" in proc.stdout and "debug  bf16 ZeRO-2" in proc.stdout
     assert all(row["estimated_peak_gib"] is None for row in rows.values())  # fp32: not estimated
+    # --compile under ZeRO-3 (the trainer's compile_for_engine): the layers in one graph, gathered around it
+    zero3 = tmp_path / "zero3_fp32.json"
+    zero3.write_text(json.dumps({**json.loads((ROOT / "ds_configs/zero2_fp32.json").read_text()),
+                                 "zero_optimization": {"stage": 3}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/bench_memory_ds.py"), "--device", "cpu", "--preset",
+                           "debug", "--rank", "4", "--steps", "1", "--micro-batch", "2", "--seq-len", "16",
+                           "--deepspeed", str(zero3), "--bases", "bf16", "--compile", "--out", str(out)],
+                          env={**launch_env(), **os.environ}, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert (row["compile"], row["zero_stage"], row["graphs"], row["graph_breaks"]) == (True, 3, 1, 0), row
+    assert math.isfinite(row["loss"]) and "debug  bf16 ZeRO-3 compiled" in proc.stdout
 
 
 @pytest.mark.parametrize("base", ["full", "int8"])

@@ -110,8 +110,9 @@ def one(preset: str, base: str, ds_path: str, micro_batch: int, seq_len: int, ra
             relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.99)
     compiled = {}
     if compile_:
-        from relora_ds.compiling import compile_stats
-        compiled = {k: v for k, v in compile_stats().items() if k in ("graphs", "graph_breaks")}
+        from relora_ds.compiling import cache_entries, compile_stats
+        compiled = {k: v for k, v in compile_stats().items() if k != "break_reasons"}  # a limit hit: eager
+        compiled["cache_entries"] = cache_entries(engine.module)
     return {"preset": preset, "base": base, "compile": compile_, **compiled, "trainable_params": trainable,
             "deepspeed": ds_path,
             "zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "micro_batch": micro_batch,

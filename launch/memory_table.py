@@ -255,7 +255,9 @@ def usable_bytes(memory_gb: float, reserve_gb: float | None = None, flag: str = 
 def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int, start_step: int = 0) -> list[dict] | str:
     """Per-GPU memory of a training run (launch/preflight.py), phase by phase: a dict per phase (``phase``,
     ``states`` and ``activations`` bytes at the run's micro-batch, ``fits(micro_batch, budget)``), or why it
-    is not estimated. A run resumed at ``start_step`` past its warm start has the ReLoRA phase only. Parameters are counted on a meta-device copy of the run's model, built and wrapped as
+    is not estimated. A run resumed at ``start_step`` past its warm start has the ReLoRA phase only; resumed from
+    the warm start's last checkpoint (``start_step == warm_start_steps``) it first holds the full-rank engine's
+    states, without a step. Parameters are counted on a meta-device copy of the run's model, built and wrapped as
     the trainer builds it (any target_modules, tied embeddings, biases, int8 base); states and activations
     follow this module's model (its docstring), which counts the LoRA activations of all seven projections,
     and adds the LoRA dropout's masks of the projections the run adapts and document masking's SDPA masks."""
@@ -278,9 +280,13 @@ def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int, start_
         total = sum(p.numel() for p in model.parameters())
         if cfg.mode != "full":
             wrap(model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules, quantize=cfg.quantize)
-    phases = []
-    if cfg.mode == "full" or start_step < cfg.warm_start_steps:  # none with warm_start_from (a trained one, loaded)
-        phases.append(("full-rank" if cfg.mode == "full" else "warm start", None, total, (0, 0), 0))
+    phases = []  # (name, rank, trained parameters, frozen bytes, dropout masks, trains)
+    if cfg.mode == "full":
+        phases.append(("full-rank", None, total, (0, 0), 0, True))
+    elif 0 < cfg.warm_start_steps and start_step <= cfg.warm_start_steps:  # none with warm_start_from (loaded)
+        # A resume from the warm start's last checkpoint loads the full-rank engine and switches before a step.
+        phases.append(("warm start" if start_step < cfg.warm_start_steps else "warm start (loaded, no step)", None,
+                       total, (0, 0), 0, start_step < cfg.warm_start_steps))
     if cfg.mode != "full":
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = sum(p.numel() * (1 if p.dtype == torch.int8 else 2) for p in model.parameters() if not p.requires_grad)
@@ -288,7 +294,8 @@ def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int, start_
         twin = cfg.kernels == "reference" or (cfg.quantize is not None and cfg.kernels != "triton")
         masks = (3 if twin else 1) * cfg.seq_len * sum(layer.in_features for _, layer in relora_layers(model)) \
             // model_config.num_hidden_layers if cfg.dropout > 0 else 0
-        phases.append(("ReLoRA" if cfg.mode == "relora" else "LoRA", cfg.rank, trainable, (frozen, scales), masks))
+        phases.append(("ReLoRA" if cfg.mode == "relora" else "LoRA", cfg.rank, trainable, (frozen, scales), masks,
+                       True))
     # Document masking under SDPA: an additive (B, 1, T, T) mask in the activations' dtype per sliding-window
     # length, rows padded to 8 (relora_ds/documents.py), alive through the step; flash-attn's path builds none
     # ("auto" may take it on the ranks: counted, an upper bound).
@@ -297,10 +304,12 @@ def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int, start_
     document_mask = len(windows) * T * -(-T // 8) * 8 * 2 \
         if cfg.document_masking and model_config.attn_implementation != "flash" else 0
     out = []
-    for name, rank, trainable, frozen, masks in phases:
+    for name, rank, trainable, frozen, masks, trains in phases:
         states = state_bytes(trainable, frozen, zero.stage, world_size, offload, fp32_grads)
 
-        def activations(micro_batch, rank=rank, masks=masks):
+        def activations(micro_batch, rank=rank, masks=masks, trains=trains):
+            if not trains:
+                return 0
             return activation_peak_bytes(model_config, cfg.seq_len, rank, micro_batch, ckpt, cfg.loss_chunk_size,
                                          cfg.activation_checkpointing_policy, masks) + micro_batch * document_mask
         out.append({"phase": name, "states": states, "activations": activations(cfg.micro_batch_size),

@@ -30,8 +30,8 @@ from relora_ds.data.mixture import check_members, is_mixture
 from relora_ds.data.manifest import read_manifest_file
 from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
 from relora_ds.startup import (apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels,
-                               check_model_and_data, check_offload_on_device, check_output_dir,
-                               check_precision_on_device, total_steps_for, train_data_record)
+                               check_model_and_data, check_nvme_layer_buffers, check_offload_on_device,
+                               check_output_dir, check_precision_on_device, total_steps_for, train_data_record)
 from relora_ds.train_args import build_launch_parser, config_from_args
 from relora_ds.train_config import BUILTIN_VOCAB_SIZE, show_config_warnings_plainly
 
@@ -68,6 +68,7 @@ def _check(argv) -> str:
         data_dir = Path(cfg.data_dir) if cfg.data_dir else builtin_data_dir(vocab)
         prepared = cfg.data_dir or read_manifest_file(data_dir) is not None
         model_config, _ = check_model_and_data(cfg, data_dir if prepared else None, vocab)
+        check_nvme_layer_buffers(cfg, ds, model_config, args.world_size)
         progress = checkpoint.resume_progress(Path(cfg.output_dir) / "checkpoints", cfg.resume_from) \
             if cfg.resume else None
         total_steps = total_steps_for(cfg, progress if cfg.token_budget else None)

@@ -110,6 +110,7 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
                              "recompute would add the bias twice (wrong gradients): remove the key (the trainer "
                              "then turns it off) or use --activation-checkpointing-policy full")
         zero["memory_efficient_linear"] = False
+    _release_nvme_parameters_after_use(ds, stage, source)
     if low and stage == 0 and cfg.mode != "full":
         # DeepSpeed then wraps the optimizer in its FP16 optimizer, whose fp32 masters and Adam moments
         # (keyed by those masters) the ReLoRA merge and prune cannot reach (relora_ds/zero_reset.py).
@@ -130,6 +131,28 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
     _accumulate_bf16_optimizer_grads_once(ds, source)
     ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's
     return ds
+
+
+def _release_nvme_parameters_after_use(ds: dict, stage: int, source: str) -> None:
+    """ZeRO-3 with the parameters on NVMe: each partition swapped in holds one of ``offload_param.buffer_count``
+    swap buffers (DeepSpeed's default 5) until it is released, and DeepSpeed keeps a gathered parameter that
+    is used again within ``stage3_max_reuse_distance`` elements (default 1e9: the whole step of a model under
+    1B parameters, forward into backward). A ReLoRA run's frozen weights then stayed swapped in until the
+    buffers ran out in the second step's forward (measured: 130m on 1 rank, ds_configs/zero3_nvme.json,
+    ``AssertionError: Not enough buffers 0 for swapping 1``; full-rank training did not hit it). Unset, it is
+    0 here: each parameter goes back to its swap file after use. A value above 0 is kept, with a warning."""
+    zero = ds.get("zero_optimization")
+    if stage != 3 or not isinstance(zero, dict) or (zero.get("offload_param") or {}).get("device") != "nvme":
+        return
+    keys = [k for k in ("stage3_max_reuse_distance", "max_reuse_distance") if k in zero]
+    if not keys:
+        zero["stage3_max_reuse_distance"] = 0
+    elif zero[keys[0]] != 0:
+        warnings.warn(f"{source} sets zero_optimization.{keys[0]}={zero[keys[0]]} with the parameters on nvme: "
+                      "a parameter used again within that many elements keeps its swap buffer, and DeepSpeed "
+                      "stops the step (\"Not enough buffers\") once they outnumber offload_param.buffer_count; "
+                      "remove the key (the trainer then sets 0: released after each use)", ConfigWarning,
+                      stacklevel=3)
 
 
 def zero_stage(ds: dict) -> int:

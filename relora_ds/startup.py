@@ -338,6 +338,35 @@ def check_offload_on_device(ds: dict, accelerator, quantize: str | None = None) 
                          "bf16, or offload the parameters to \"cpu\"")
 
 
+def check_nvme_layer_buffers(cfg: TrainConfig, ds: dict, model_config: LlamaConfig, world_size: int) -> None:
+    """--compile under ZeRO-3 gathers each decoder layer's weights at once (relora_ds.engines.compile_for_engine),
+    so with the parameters on NVMe every partition of the layer that DeepSpeed swaps (at least
+    max(1 MiB, aio.block_size) a rank, above the persistence threshold) takes a swap buffer at the same time:
+    more of them than ``offload_param.buffer_count`` stopped the first step (measured: 130m on 1 rank, 7 swapped
+    weights a layer, ``AssertionError: Not enough buffers 5 for swapping 7``). Counted on a meta-device copy of
+    the run's model, wrapped as the trainer wraps it."""
+    from .ds_config import _zero_config, uses_bf16, uses_fp16, zero_stage
+
+    if not (cfg.compile and zero_stage(ds) == 3 and "offload_param" in nvme_offloads(ds)):
+        return
+    zero = _zero_config(ds, "the DeepSpeed config")
+    min_bytes = max(2**20, int((ds.get("aio") or {}).get("block_size", 2**20)))
+    element = 2 if uses_bf16(ds) or uses_fp16(ds) else 4
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config)
+        if cfg.mode != "full":
+            wrap(model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules)
+    swapped = max(sum(1 for p in layer.parameters() if p.numel() > zero.param_persistence_threshold
+                      and -(-p.numel() // world_size) * element >= min_bytes) for layer in model.model.layers)
+    buffers = zero.offload_param.buffer_count
+    if swapped > buffers:
+        raise ValueError(f"--compile under ZeRO-3 gathers a decoder layer's weights at once, and with the parameters "
+                         f"on nvme {swapped} of them swap in together on each of {world_size} rank(s), more than "
+                         f"zero_optimization.offload_param.buffer_count={buffers}: set buffer_count to at least "
+                         f"{swapped} (each buffer holds buffer_size elements of pinned host memory), offload the "
+                         "parameters to \"cpu\", or train without --compile")
+
+
 def train_data_record(manifest: dict, seq_len: int) -> dict:
     """What each checkpoint records of its training data and ``--resume`` compares before any engine exists
     (:func:`relora_ds.checkpoint.check_same_data`): the manifest's fingerprint of the training split

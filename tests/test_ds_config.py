@@ -13,7 +13,7 @@ import pytest
 
 from relora_ds.ds_config import complete_ds_config, load_ds_config
 from relora_ds.ds_schema import adam_parameters, check_deepspeed_keys, deepspeed_top_level_keys
-from relora_ds.train_config import TrainConfig
+from relora_ds.train_config import ConfigWarning, TrainConfig
 
 BASE = dict(cycle_length=10, restart_warmup_steps=5, total_steps=100, micro_batch_size=2, global_batch_size=8)
 # bf16 weights, fp32 gradient accumulation, ZeRO-1: DeepSpeed's BF16_Optimizer
@@ -269,3 +269,37 @@ def test_fp16_layout_is_not_fp32():
     assert engine_layout({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}})["precision"] == "fp16"
     assert engine_layout({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}}) != \
         engine_layout({"zero_optimization": {"stage": 1}})
+
+
+def test_parameters_on_nvme_are_released_after_use_and_compiled_layers_need_their_swap_buffers(tmp_path):
+    """ZeRO-3 with the parameters on nvme (tests/test_nvme_offload.py runs both failures): complete_ds_config
+    sets stage3_max_reuse_distance 0 where it is unset (DeepSpeed's 1e9 kept a ReLoRA step's frozen weights
+    swapped in until the buffers ran out), keeps a value given, with a warning; and --compile's leaf layers
+    need a swap buffer per swapped weight of a layer. Hand count for the 130m preset in bf16 (hidden 768, MLP
+    2048): on 1 rank all 7 projections are >= 1 MiB; on 2 ranks q/k/v/o hold 768*768/2*2 bytes < 1 MiB and
+    only the 3 MLP weights swap; with aio.block_size 4 MiB none does."""
+    import relora_ds
+    from launch_utils import ROOT
+    from relora_ds.startup import check_nvme_layer_buffers
+
+    shipped = json.loads((ROOT / "ds_configs" / "zero3_nvme.json").read_text())
+    cfg = TrainConfig(model="130m", rank=8, cycle_length=10, restart_warmup_steps=2, total_steps=100,
+                      micro_batch_size=2, global_batch_size=4, compile=True)
+    ds = complete_ds_config(shipped, cfg, world_size=2)
+    assert ds["zero_optimization"]["stage3_max_reuse_distance"] == 0
+    assert "stage3_max_reuse_distance" not in shipped["zero_optimization"]  # the file itself is untouched
+    given = {**shipped, "zero_optimization": {**shipped["zero_optimization"], "stage3_max_reuse_distance": 10**8}}
+    with pytest.warns(ConfigWarning, match=r"stage3_max_reuse_distance=100000000 with the parameters on nvme"):
+        assert complete_ds_config(given, cfg, world_size=2)["zero_optimization"]["stage3_max_reuse_distance"] == 10**8
+    cpu = {**shipped, "zero_optimization": {**shipped["zero_optimization"], "offload_param": {"device": "cpu"}}}
+    assert "stage3_max_reuse_distance" not in complete_ds_config(cpu, cfg, world_size=2)["zero_optimization"]
+
+    model_config = relora_ds.LlamaConfig.preset("130m", vocab_size=512)
+    check_nvme_layer_buffers(cfg, ds, model_config, 2)  # 3 swapped, 5 buffers
+    with pytest.raises(ValueError, match=r"nvme 7 of them swap in together on each of 1 rank\(s\), more than "
+                                         r"zero_optimization.offload_param.buffer_count=5: set buffer_count to at "
+                                         r"least 7"):
+        check_nvme_layer_buffers(cfg, ds, model_config, 1)
+    big_blocks = {**ds, "aio": {**ds["aio"], "block_size": 4 * 2**20}}
+    check_nvme_layer_buffers(cfg, big_blocks, model_config, 1)
+    check_nvme_layer_buffers(TrainConfig(**{**cfg.to_dict(), "compile": False}), ds, model_config, 1)  # eager: per linear

@@ -56,7 +56,8 @@ def test_bench_memory_ds_runs_full_rank_and_relora_and_counts_their_trained_para
                           env={**launch_env(), **os.environ}, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())
-    assert (row["compile"], row["zero_stage"], row["graphs"], row["graph_breaks"]) == (True, 3, 1, 0), row
+    assert (row["compile"], row["zero_stage"], row["graphs"], row["graph_breaks"], row["recompile_limit_hits"],
+            row["cache_entries"]) == (True, 3, 1, 0, 0, 1), row
     assert math.isfinite(row["loss"]) and "debug  bf16 ZeRO-3 compiled" in proc.stdout
 
 
@@ -136,10 +137,16 @@ def test_run_phases_count_the_runs_own_model(case):
     masks = {"relora_warm_start_int8_subset": 3 * 64 * (h + i), "relora_zero1_bf16_optimizer": 64 * (6 * h + i)}
     masks = masks.get(case, 0)
     assert [p["phase"] for p in phases] == [name for name, _, _ in want]
-    if case == "relora_warm_start_int8_subset":  # resumed: at step 9 the warm start has a step left, at 10 none
-        assert [p["phase"] for p in memory_table.run_phases(model_config, cfg, ds, n, start_step=9)] == \
-            ["warm start", "ReLoRA"]
-        assert [p["phase"] for p in memory_table.run_phases(model_config, cfg, ds, n, start_step=10)] == ["ReLoRA"]
+    if case == "relora_warm_start_int8_subset":
+        # resumed at step 9 the warm start has a step left; from step_10 (its last checkpoint) the full-rank
+        # engine is loaded and switched before a step (relora_ds/resume.py): its states, no activations; at 11
+        # ReLoRA only
+        resumed = {s: memory_table.run_phases(model_config, cfg, ds, n, start_step=s) for s in (9, 10, 11)}
+        assert [p["phase"] for p in resumed[9]] == ["warm start", "ReLoRA"]
+        assert [(p["phase"], p["activations"]) for p in resumed[10]] == [
+            ("warm start (loaded, no step)", 0), ("ReLoRA", phases[1]["activations"])]
+        assert resumed[10][0]["states"] == phases[0]["states"]
+        assert [p["phase"] for p in resumed[11]] == ["ReLoRA"]
     for p, (name, states, rank) in zip(phases, want):
         assert p["states"] == pytest.approx(states, rel=1e-12), name
         assert p["activations"] == memory_table.activation_peak_bytes(

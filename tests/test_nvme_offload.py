@@ -179,3 +179,27 @@ def test_nvme_prefetch_queues_each_parameter_once(results):
         prefetch = r["nvme"]["prefetch"]
         assert prefetch["calls"] > 0 and prefetch["duplicates"] > 0
         assert len(r["nvme"]["losses"]) == 5
+
+
+def test_nvme_swap_buffers_last_a_relora_step():
+    """The parameters on NVMe with ds_configs/zero3_nvme.json's 5 swap buffers, a ReLoRA model as wide as 130m
+    (7 swapped weights a layer), 1 rank (tests/dist/nvme_layers_worker.py, one process per mode). Oracle:
+    DeepSpeed's own buffer accounting, which asserts when a swap-in finds too few free buffers.
+    - As the trainer completes the config (stage3_max_reuse_distance 0): 3 steps train.
+    - With DeepSpeed's default reuse distance put back, the frozen weights stay swapped in for their reuse in
+      backward, and the second step's forward runs out of buffers: the setting is what makes it train.
+    - --compile's leaf layers swap a whole layer in at once: 5 buffers fail on exactly the 7 weights
+      check_nvme_layer_buffers counts (it refuses that config, naming 7), and 7 buffers train, with the eager
+      run's losses (bf16)."""
+    out = {}
+    for args in (["eager"], ["eager_retain"], ["compiled", "5"], ["compiled", "7"]):
+        proc = run_ranks(ROOT / "tests/dist/nvme_layers_worker.py", *args, nprocs=1, timeout=300)
+        (line,) = [line for line in proc.stdout.splitlines() if line.startswith("swap ")]
+        out[" ".join(args)] = line
+    assert out["eager"].startswith("swap ok") and out["eager"].endswith("refused: None"), out
+    assert out["eager_retain"].startswith("swap failed: Not enough buffers 0 for swapping 1"), out
+    assert out["compiled 5"].startswith("swap failed: Not enough buffers 5 for swapping 7"), out
+    assert "7 of them swap in together" in out["compiled 5"] and "buffer_count to at least 7" in out["compiled 5"]
+    assert out["compiled 7"].startswith("swap ok") and out["compiled 7"].endswith("refused: None"), out
+    eager, compiled = (json.loads(out[k].split("swap ok ")[1].split(" |")[0]) for k in ("eager", "compiled 7"))
+    assert eager[-1] < eager[0] - 1 and compiled == pytest.approx(eager, rel=1e-2), (eager, compiled)

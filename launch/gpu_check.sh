@@ -23,8 +23,9 @@
 # A task lent a GPU gets 15 minutes of device time in all, machine start included, and one call may run
 # 600 s: with GPU_CHECK_BUDGET (seconds, default 540; 0: none) each stage is cut to what is left and
 # skipped once less than 45 s remain. Each stage has its own time limit and a failing stage does not stop the next.
-# `compile` (not run yet; 300 s: two processes per preset, the compiled ones compile in their warm-up steps)
-# times whole 350m and 1b steps on the default path eager and with the trainer's --compile.
+# `compile` (not run yet; 420 s: six processes, 350m and 1b on the default path and 1b on the Triton path, each
+# eager and with the trainer's --compile, compiled in their warm-up steps) times whole steps.
+# `ckpt` (not run yet; 240 s) times 1b steps under full and selective checkpointing and without.
 # `ds` (the 1b peak memory and step time under a DeepSpeed engine: ReLoRA on a bf16 and an int8 base, then
 # full-rank training, the paper's memory and speed claim; 200 s: the two ReLoRA bases took 50 s on 2026-12-04) needs
 # the wheels of scripts/gpu_wheels.sh: build them here, then name ".whl" in the device call's carry. It then

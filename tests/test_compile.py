@@ -292,7 +292,7 @@ def test_compile_reports_warn_on_new_breaks_and_limit_hits(monkeypatch, recwarn)
 
 
 def _run(tmp_path, data_dir, compile_, stage=2, policy="full"):
-    out = tmp_path / (f"compiled_zero{stage}" if compile_ else "eager")
+    out = tmp_path / (f"compiled_zero{stage}_{policy}" if compile_ else "eager")
     out.mkdir()
     # 13 evaluation windows on 2 ranks of 4 rows: short last batches, evaluated eagerly
     recipe, ds = write(out, data_dir, compile=compile_, activation_checkpointing=True,
@@ -306,15 +306,15 @@ def _run(tmp_path, data_dir, compile_, stage=2, policy="full"):
 
 def test_compiled_trainer_runs_match_the_eager_run(tmp_path, small_data_dir):
     """2 ranks, fp32, an int8 base: warm start, switch to ReLoRA, two resets, evaluations with short last
-    batches. Compiled under ZeRO-2 with full activation checkpointing, and under ZeRO-3 with the selective
-    policy (each layer's weights gathered by its hooks around the compiled forward, the checkpoint inside
-    it), the losses and validation losses are the eager ZeRO-2 run's (reordered sums only), and each run
+    batches. Compiled under ZeRO-2 with full activation checkpointing, and under ZeRO-3 (each layer's weights
+    gathered by its hooks around the compiled forward) with the selective policy (the checkpoint inside the
+    graph) and with full checkpointing (DeepSpeed's memory_efficient_linear traced in the graph), the losses and validation losses are the eager ZeRO-2 run's (reordered sums only), and each run
     reports what was compiled: after the first step of each phase one graph for the layers, after the first
     evaluation one more (no grad), no break, no recompile-limit hit."""
     eager, eager_recs, _ = _run(tmp_path, small_data_dir, False)
     assert not any(r.get("event") == "compiled" for r in eager_recs)
     assert len(eager) == 12
-    for stage, policy in ((2, "full"), (3, "selective")):
+    for stage, policy in ((2, "full"), (3, "selective"), (3, "full")):
         compiled, recs, stderr = _run(tmp_path, small_data_dir, True, stage, policy)
         assert eager.keys() == compiled.keys()
         assert all(abs(eager[s] - compiled[s]) <= 1e-5 * eager[s] for s in eager), (stage, eager, compiled)

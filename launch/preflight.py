@@ -30,7 +30,7 @@ from relora_ds.data.mixture import check_members, is_mixture
 from relora_ds.data.manifest import read_manifest_file
 from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
 from relora_ds.startup import (apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels,
-                               check_model_and_data, check_nvme_layer_buffers, check_offload_on_device,
+                               check_model_and_data, check_nvme_swap_buffers, check_offload_on_device,
                                check_output_dir, check_precision_on_device, total_steps_for, train_data_record)
 from relora_ds.train_args import build_launch_parser, config_from_args
 from relora_ds.train_config import BUILTIN_VOCAB_SIZE, show_config_warnings_plainly
@@ -68,7 +68,7 @@ def _check(argv) -> str:
         data_dir = Path(cfg.data_dir) if cfg.data_dir else builtin_data_dir(vocab)
         prepared = cfg.data_dir or read_manifest_file(data_dir) is not None
         model_config, _ = check_model_and_data(cfg, data_dir if prepared else None, vocab)
-        check_nvme_layer_buffers(cfg, ds, model_config, args.world_size)
+        check_nvme_swap_buffers(cfg, ds, model_config, args.world_size)
         progress = checkpoint.resume_progress(Path(cfg.output_dir) / "checkpoints", cfg.resume_from) \
             if cfg.resume else None
         total_steps = total_steps_for(cfg, progress if cfg.token_budget else None)
@@ -123,15 +123,17 @@ def _local_gpu_gb() -> float | None:
         return None
 
 
-def _advice(cfg, ds: dict, low_rank: bool) -> str:
-    """What else would lower the peak, among what the run does not do yet."""
+def _advice(cfg, ds: dict, low_rank: bool, states_only: bool = False) -> str:
+    """What else would lower the peak, among what the run does not do yet (``states_only``: of the states)."""
     from relora_ds.ds_schema import optimizer_offload
     steps = []
-    if not cfg.activation_checkpointing:
+    if states_only:
+        pass
+    elif not cfg.activation_checkpointing:
         steps.append("--activation-checkpointing (selective or full)")
     elif cfg.activation_checkpointing_policy == "selective" or cfg.activation_checkpointing_layers:
         steps.append("--activation-checkpointing-policy full on every layer")
-    if not cfg.loss_chunk_size:
+    if not cfg.loss_chunk_size and not states_only:
         steps.append("--loss-chunk-size 1024")
     if zero_stage(ds) < 3:
         steps.append("a higher ZeRO stage")
@@ -179,13 +181,15 @@ def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: 
     per_rank = cfg.global_batch_size // world_size
     fitting = mt.largest_fitting_micro_batch(per_rank, lambda m: all(p["fits"](m, budget) for p in phases))
     names = " and ".join(p["phase"] for p in over)
+    states_only = all(p["activations"] == 0 for p in over)  # a phase loaded and left without a step
     advice = (f"the largest micro_batch_size that fits is {fitting} (a divisor of global_batch_size "
               f"{cfg.global_batch_size} / {world_size} ranks; gradient accumulation keeps the global batch)"
-              if fitting else "no micro_batch_size fits")
+              if fitting else "no micro_batch_size helps: the phase holds its states only" if states_only
+              else "no micro_batch_size fits")
     low_rank = any(p["phase"] in ("ReLoRA", "LoRA") for p in over)
     message = (f"{line}: the {names} phase{'s exceed' if len(over) > 1 else ' exceeds'} {flag} {memory_gb:g} "
                f"({budget / 1e9:.1f} GB usable after a reserve of 10% + 2 GiB); {advice}; other ways down: "
-               f"{_advice(cfg, ds, low_rank)}")
+               f"{_advice(cfg, ds, low_rank, states_only)}")
     if given:
         raise ValueError(message)
     return f"warning: {message}"

@@ -31,12 +31,12 @@ def _shifted(step: int, *, fn, offset: int) -> float:
     return fn(step + offset)
 
 
-def compile_for_engine(model: LlamaForCausalLM, ds: dict) -> None:
+def compile_for_engine(model: LlamaForCausalLM, ds: dict, **kwargs) -> None:
     """--compile of a model about to go into ``deepspeed.initialize`` with the completed config ``ds``: its
     decoder layers compiled (``compile_layers``); under ZeRO-3 each layer a leaf module, whose own hooks gather
     its weights around its compiled forward, and none inside it (its submodules' hooks would break the graph
-    at every linear layer): one gather per layer, as FSDP wraps each block."""
-    model.compile_layers()
+    at every linear layer): one gather per layer, as FSDP wraps each block. ``kwargs`` go to torch.compile."""
+    model.compile_layers(**kwargs)
     if zero_stage(ds) == 3:
         for layer in model.model.layers:
             set_z3_leaf_module(layer, True)

@@ -338,16 +338,20 @@ def check_offload_on_device(ds: dict, accelerator, quantize: str | None = None) 
                          "bf16, or offload the parameters to \"cpu\"")
 
 
-def check_nvme_layer_buffers(cfg: TrainConfig, ds: dict, model_config: LlamaConfig, world_size: int) -> None:
-    """--compile under ZeRO-3 gathers each decoder layer's weights at once (relora_ds.engines.compile_for_engine),
-    so with the parameters on NVMe every partition of the layer that DeepSpeed swaps (at least
-    max(1 MiB, aio.block_size) a rank, above the persistence threshold) takes a swap buffer at the same time:
-    more of them than ``offload_param.buffer_count`` stopped the first step (measured: 130m on 1 rank, 7 swapped
-    weights a layer, ``AssertionError: Not enough buffers 5 for swapping 7``). Counted on a meta-device copy of
-    the run's model, wrapped as the trainer wraps it."""
+def check_nvme_swap_buffers(cfg: TrainConfig, ds: dict, model_config: LlamaConfig, world_size: int) -> None:
+    """ZeRO-3 with the parameters on NVMe: DeepSpeed swaps each partition of at least max(1 MiB, aio.block_size)
+    a rank, and each one swapped in holds one of ``offload_param.buffer_count`` swap buffers. Refused before
+    any engine, counted on a meta-device copy of the run's model wrapped as the trainer wraps it:
+    - a parameter both persistent (at most ``stage3_param_persistence_threshold`` elements: never released)
+      and swapped: DeepSpeed gathers every persistent parameter at once after each step, and they keep their
+      buffers (measured: 130m's width, 2 layers, 1 rank, threshold 1e6: ``Not enough buffers 5 for swapping
+      8`` in the first step, eagerly);
+    - with --compile, a decoder layer whose swapped weights outnumber the buffers: its gather
+      (relora_ds.engines.compile_for_engine) swaps them in together (measured: 130m on 1 rank, 7 a layer,
+      ``Not enough buffers 5 for swapping 7`` in the first step)."""
     from .ds_config import _zero_config, uses_bf16, uses_fp16, zero_stage
 
-    if not (cfg.compile and zero_stage(ds) == 3 and "offload_param" in nvme_offloads(ds)):
+    if zero_stage(ds) != 3 or "offload_param" not in nvme_offloads(ds):
         return
     zero = _zero_config(ds, "the DeepSpeed config")
     min_bytes = max(2**20, int((ds.get("aio") or {}).get("block_size", 2**20)))
@@ -356,14 +360,27 @@ def check_nvme_layer_buffers(cfg: TrainConfig, ds: dict, model_config: LlamaConf
         model = LlamaForCausalLM(model_config)
         if cfg.mode != "full":
             wrap(model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules)
-    swapped = max(sum(1 for p in layer.parameters() if p.numel() > zero.param_persistence_threshold
-                      and -(-p.numel() // world_size) * element >= min_bytes) for layer in model.model.layers)
-    buffers = zero.offload_param.buffer_count
-    if swapped > buffers:
+
+    def swapped(p):
+        return -(-p.numel() // world_size) * element >= min_bytes
+    threshold, buffers = zero.param_persistence_threshold, zero.offload_param.buffer_count
+    persistent = [name for name, p in model.named_parameters() if swapped(p) and p.numel() <= threshold]
+    if persistent:
+        most = (-(-min_bytes // element) - 1) * world_size  # the largest parameter that does not swap
+        raise ValueError(f"zero_optimization.stage3_param_persistence_threshold={threshold:g} keeps {len(persistent)} "
+                         f"parameters gathered for good that DeepSpeed also swaps to nvme (>= {min_bytes:,} bytes a "
+                         f"rank on {world_size} rank(s); e.g. {persistent[0]}): it swaps them all in at once after "
+                         f"each step and they keep their buffers, more than buffer_count={buffers} leaves for the "
+                         f"rest. Set it to at most {most:,} (ds_configs/zero3_nvme.json: 1e4), or offload the "
+                         "parameters to \"cpu\"")
+    if not cfg.compile:
+        return
+    per_layer = max(sum(map(swapped, layer.parameters())) for layer in model.model.layers)
+    if per_layer > buffers:
         raise ValueError(f"--compile under ZeRO-3 gathers a decoder layer's weights at once, and with the parameters "
-                         f"on nvme {swapped} of them swap in together on each of {world_size} rank(s), more than "
+                         f"on nvme {per_layer} of them swap in together on each of {world_size} rank(s), more than "
                          f"zero_optimization.offload_param.buffer_count={buffers}: set buffer_count to at least "
-                         f"{swapped} (each buffer holds buffer_size elements of pinned host memory), offload the "
+                         f"{per_layer} (each buffer holds buffer_size elements of pinned host memory), offload the "
                          "parameters to \"cpu\", or train without --compile")
 
 

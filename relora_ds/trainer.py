@@ -43,7 +43,7 @@ from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_lin
 from .relora import lora_parameters
 from .resume import CheckpointsMixin
 from .startup import apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels, \
-    check_model_and_data, check_nvme_layer_buffers, check_offload_on_device, check_output_dir, \
+    check_model_and_data, check_nvme_swap_buffers, check_offload_on_device, check_output_dir, \
     check_precision_on_device, lock_output_dir, nvme_offloads, total_steps_for, train_data_record, unlock_output_dir
 from .steps import StepsMixin
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
@@ -103,7 +103,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         cfg.vocab_size = manifest_vocab  # the effective config records what the run uses
         with self._warnings_on_rank_zero():
             self.model_config, manifest = check_model_and_data(cfg, self.data_dir, manifest_vocab)
-        check_nvme_layer_buffers(cfg, self.ds, self.model_config, self.world)
+        check_nvme_swap_buffers(cfg, self.ds, self.model_config, self.world)
         self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
         self.eos_id = manifest["eos_id"]  # where a document ends (--document-masking)
         if cfg.document_masking and (problem := document_ends_problem(manifest)):

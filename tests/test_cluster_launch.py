@@ -273,6 +273,11 @@ def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_
     assert fresh.returncode == resumed.returncode == 0, fresh.stderr[-800:] + resumed.stderr[-800:]
     assert re.search(r"micro_batch_size 8: warm start [^,]*, ReLoRA ", fresh.stderr), fresh.stderr[-800:]
     assert re.search(r"micro_batch_size 8: ReLoRA ", resumed.stderr), resumed.stderr[-800:]
+    # resumed from the warm start's last checkpoint (step_4 of a 4-step one): its full-rank states come first
+    boundary = _preflight(*preflight, "--global-batch-size", "64", "--warm-start-steps", "4", "--resume")
+    assert boundary.returncode == 0, boundary.stderr[-800:]
+    assert re.search(r"micro_batch_size 8: warm start \(loaded, no step\) [^,]* \(states [^,]*\+ activations "
+                     r"0\.0 MB\), ReLoRA ", boundary.stderr), boundary.stderr[-800:]
 
 
 def test_preflight_checks_a_mixtures_members(tmp_path):

@@ -277,10 +277,11 @@ def test_parameters_on_nvme_are_released_after_use_and_compiled_layers_need_thei
     swapped in until the buffers ran out), keeps a value given, with a warning; and --compile's leaf layers
     need a swap buffer per swapped weight of a layer. Hand count for the 130m preset in bf16 (hidden 768, MLP
     2048): on 1 rank all 7 projections are >= 1 MiB; on 2 ranks q/k/v/o hold 768*768/2*2 bytes < 1 MiB and
-    only the 3 MLP weights swap; with aio.block_size 4 MiB none does."""
+    only the 3 MLP weights swap; with aio.block_size 4 MiB none does. A parameter both persistent and swapped
+    is refused in any mode."""
     import relora_ds
     from launch_utils import ROOT
-    from relora_ds.startup import check_nvme_layer_buffers
+    from relora_ds.startup import check_nvme_swap_buffers
 
     shipped = json.loads((ROOT / "ds_configs" / "zero3_nvme.json").read_text())
     cfg = TrainConfig(model="130m", rank=8, cycle_length=10, restart_warmup_steps=2, total_steps=100,
@@ -295,11 +296,25 @@ def test_parameters_on_nvme_are_released_after_use_and_compiled_layers_need_thei
     assert "stage3_max_reuse_distance" not in complete_ds_config(cpu, cfg, world_size=2)["zero_optimization"]
 
     model_config = relora_ds.LlamaConfig.preset("130m", vocab_size=512)
-    check_nvme_layer_buffers(cfg, ds, model_config, 2)  # 3 swapped, 5 buffers
-    with pytest.raises(ValueError, match=r"nvme 7 of them swap in together on each of 1 rank\(s\), more than "
-                                         r"zero_optimization.offload_param.buffer_count=5: set buffer_count to at "
-                                         r"least 7"):
-        check_nvme_layer_buffers(cfg, ds, model_config, 1)
-    big_blocks = {**ds, "aio": {**ds["aio"], "block_size": 4 * 2**20}}
-    check_nvme_layer_buffers(cfg, big_blocks, model_config, 1)
-    check_nvme_layer_buffers(TrainConfig(**{**cfg.to_dict(), "compile": False}), ds, model_config, 1)  # eager: per linear
+
+    def buffers(n, **aio):
+        zero = {**ds["zero_optimization"], "offload_param": {**ds["zero_optimization"]["offload_param"],
+                                                             "buffer_count": n}}
+        return {**ds, "zero_optimization": zero, "aio": {**ds["aio"], **aio}}
+    for world, swapped in ((1, 7), (2, 3)):
+        check_nvme_swap_buffers(cfg, buffers(swapped), model_config, world)
+        with pytest.raises(ValueError, match=rf"nvme {swapped} of them swap in together on each of {world} rank\(s\), "
+                                             rf"more than zero_optimization.offload_param.buffer_count={swapped - 1}: "
+                                             rf"set buffer_count to at least {swapped}"):
+            check_nvme_swap_buffers(cfg, buffers(swapped - 1), model_config, world)
+    check_nvme_swap_buffers(cfg, buffers(0, block_size=4 * 2**20), model_config, 1)
+    check_nvme_swap_buffers(TrainConfig(**{**cfg.to_dict(), "compile": False}), buffers(0), model_config, 1)  # eager
+    # A persistence threshold of 1e6: on 1 rank q/k/v/o (589,824 elements, 1.18 MB) are persistent and swapped,
+    # 48 in 130m's 12 layers; on 2 ranks their halves stay under 1 MiB and nothing is both.
+    sticky = {**ds, "zero_optimization": {**ds["zero_optimization"], "stage3_param_persistence_threshold": 10**6}}
+    with pytest.raises(ValueError, match=r"stage3_param_persistence_threshold=1e\+06 keeps 48 parameters gathered "
+                                         r"for good that DeepSpeed also swaps to nvme \(>= 1,048,576 bytes a rank on 1 "
+                                         r"rank\(s\); e.g. model.layers.0.self_attn.q_proj.weight\).*at most 524,287"):
+        check_nvme_swap_buffers(TrainConfig(**{**cfg.to_dict(), "compile": False}), sticky, model_config, 1)
+    check_nvme_swap_buffers(cfg, {**sticky, "zero_optimization": {**sticky["zero_optimization"], "offload_param": {
+        **sticky["zero_optimization"]["offload_param"], "buffer_count": 3}}}, model_config, 2)

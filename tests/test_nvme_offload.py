@@ -11,6 +11,7 @@ O_DIRECT leaves unwritten: the second loss was > 0.5 above host offload's (a mod
 until 2026-12-02, dropped for CI time; test_gradient_pieces_start_aligned_and_cover_each_gradient checks
 the fix's split)."""
 import json
+import re
 
 import pytest
 
@@ -181,7 +182,7 @@ def test_nvme_prefetch_queues_each_parameter_once(results):
         assert len(r["nvme"]["losses"]) == 5
 
 
-def test_nvme_swap_buffers_last_a_relora_step():
+def test_nvme_swap_buffers_last_a_relora_step(tmp_path):
     """The parameters on NVMe with ds_configs/zero3_nvme.json's 5 swap buffers, a ReLoRA model as wide as 130m
     (7 swapped weights a layer), 1 rank (tests/dist/nvme_layers_worker.py, one process per mode). Oracle:
     DeepSpeed's own buffer accounting, which asserts when a swap-in finds too few free buffers.
@@ -189,11 +190,15 @@ def test_nvme_swap_buffers_last_a_relora_step():
     - With DeepSpeed's default reuse distance put back, the frozen weights stay swapped in for their reuse in
       backward, and the second step's forward runs out of buffers: the setting is what makes it train.
     - --compile's leaf layers swap a whole layer in at once: 5 buffers fail on exactly the 7 weights
-      check_nvme_layer_buffers counts (it refuses that config, naming 7), and 7 buffers train, with the eager
-      run's losses (bf16)."""
+      check_nvme_swap_buffers counts (it refuses that config, naming 7), and 7 buffers train, with the eager
+      run's losses (bf16), also with full activation checkpointing (each layer gathered again in backward).
+    - A persistence threshold of 1e6 elements makes 10 swapped weights persistent (q/k/v/o, the embedding and
+      the head): the check refuses it, counting those 10, and DeepSpeed fails asking for 8 of them at once.
+    The embedding and the head swap too (vocabulary 1024)."""
     out = {}
-    for args in (["eager"], ["eager_retain"], ["compiled", "5"], ["compiled", "7"]):
-        proc = run_ranks(ROOT / "tests/dist/nvme_layers_worker.py", *args, nprocs=1, timeout=300)
+    for args in (["eager"], ["eager_retain"], ["compiled", "5"], ["compiled", "7"], ["compiled_checkpointed", "7"],
+                 ["persistent"]):
+        proc = run_ranks(ROOT / "tests/dist/nvme_layers_worker.py", tmp_path, *args, nprocs=1, timeout=300)
         (line,) = [line for line in proc.stdout.splitlines() if line.startswith("swap ")]
         out[" ".join(args)] = line
     assert out["eager"].startswith("swap ok") and out["eager"].endswith("refused: None"), out
@@ -201,5 +206,10 @@ def test_nvme_swap_buffers_last_a_relora_step():
     assert out["compiled 5"].startswith("swap failed: Not enough buffers 5 for swapping 7"), out
     assert "7 of them swap in together" in out["compiled 5"] and "buffer_count to at least 7" in out["compiled 5"]
     assert out["compiled 7"].startswith("swap ok") and out["compiled 7"].endswith("refused: None"), out
-    eager, compiled = (json.loads(out[k].split("swap ok ")[1].split(" |")[0]) for k in ("eager", "compiled 7"))
-    assert eager[-1] < eager[0] - 1 and compiled == pytest.approx(eager, rel=1e-2), (eager, compiled)
+    eager, *compiled = (json.loads(out[k].split("swap ok ")[1].split(" |")[0])
+                        for k in ("eager", "compiled 7", "compiled_checkpointed 7"))
+    assert eager[-1] < eager[0] - 1 and compiled == [pytest.approx(eager, rel=1e-2)] * 2, (eager, compiled)
+    counted = re.search(r"keeps (\d+) parameters gathered for good", out["persistent"])
+    failed = re.match(r"swap failed: Not enough buffers (\d+) for swapping (\d+)", out["persistent"])
+    assert counted and failed, out["persistent"]
+    assert int(failed.group(1)) < int(failed.group(2)) <= int(counted.group(1)) == 10, out["persistent"]

@@ -127,14 +127,13 @@ def _advice(cfg, ds: dict, low_rank: bool, states_only: bool = False) -> str:
     """What else would lower the peak, among what the run does not do yet (``states_only``: of the states)."""
     from relora_ds.ds_schema import optimizer_offload
     steps = []
-    if states_only:
-        pass
-    elif not cfg.activation_checkpointing:
-        steps.append("--activation-checkpointing (selective or full)")
-    elif cfg.activation_checkpointing_policy == "selective" or cfg.activation_checkpointing_layers:
-        steps.append("--activation-checkpointing-policy full on every layer")
-    if not cfg.loss_chunk_size and not states_only:
-        steps.append("--loss-chunk-size 1024")
+    if not states_only:
+        if not cfg.activation_checkpointing:
+            steps.append("--activation-checkpointing (selective or full)")
+        elif cfg.activation_checkpointing_policy == "selective" or cfg.activation_checkpointing_layers:
+            steps.append("--activation-checkpointing-policy full on every layer")
+        if not cfg.loss_chunk_size:
+            steps.append("--loss-chunk-size 1024")
     if zero_stage(ds) < 3:
         steps.append("a higher ZeRO stage")
     if low_rank and not cfg.quantize:
@@ -148,9 +147,9 @@ def _advice(cfg, ds: dict, low_rank: bool, states_only: bool = False) -> str:
 def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: float | None,
                    start_step: int = 0) -> str:
     """The estimated peak memory per GPU of each phase the run has left from ``start_step`` (a resume's), as a
-    line. Over ``gpu_memory_gb`` (less
-    the reserve) a ValueError naming the largest micro_batch_size that fits; over the memory of this node's
-    GPU (no ``gpu_memory_gb`` given) a warning line only: the launching node's GPU may not be the ranks'."""
+    line. Over ``gpu_memory_gb`` (less the reserve) a ValueError naming the largest micro_batch_size that fits;
+    over the memory of this node's GPU (no ``gpu_memory_gb`` given) a warning line only: the launching node's
+    GPU may not be the ranks'."""
     import memory_table as mt
 
     phases = mt.run_phases(model_config, cfg, ds, world_size, start_step)

@@ -138,10 +138,10 @@ def _release_nvme_parameters_after_use(ds: dict, stage: int, source: str) -> Non
     swap buffers (DeepSpeed's default 5) until it is released, and DeepSpeed keeps a gathered parameter that
     is used again within ``stage3_max_reuse_distance`` elements (default 1e9, counted over the modules between
     the two uses: most of a step's weights below ~0.5B parameters, forward into backward, and the later
-    layers' above). A ReLoRA run's frozen weights then stayed swapped in until the
-    buffers ran out in the second step's forward (measured: 130m on 1 rank, ds_configs/zero3_nvme.json,
-    ``AssertionError: Not enough buffers 0 for swapping 1``; full-rank training did not hit it). Unset, it is
-    0 here: each parameter goes back to its swap file after use. A value above 0 is kept, with a warning."""
+    layers' above). A ReLoRA run's frozen weights then stayed swapped in until the buffers ran out in the
+    second step's forward (measured: 130m on 1 rank, ds_configs/zero3_nvme.json, ``AssertionError: Not enough
+    buffers 0 for swapping 1``; full-rank training did not hit it). Unset, it is 0 here: each parameter goes
+    back to its swap file after use. A value above 0 is kept, with a warning."""
     zero = ds.get("zero_optimization")
     if stage != 3 or not isinstance(zero, dict) or (zero.get("offload_param") or {}).get("device") != "nvme":
         return

@@ -370,9 +370,9 @@ def check_nvme_swap_buffers(cfg: TrainConfig, ds: dict, model_config: LlamaConfi
         raise ValueError(f"zero_optimization.stage3_param_persistence_threshold={threshold:g} keeps {len(persistent)} "
                          f"parameters gathered for good that DeepSpeed also swaps to nvme (>= {min_bytes:,} bytes a "
                          f"rank on {world_size} rank(s); e.g. {persistent[0]}): it swaps them all in at once after "
-                         f"each step and they keep their buffers, more than buffer_count={buffers} leaves for the "
-                         f"rest. Set it to at most {most:,} (ds_configs/zero3_nvme.json: 1e4), or offload the "
-                         "parameters to \"cpu\"")
+                         f"each step and they keep their swap buffers (buffer_count={buffers}), which the other "
+                         f"parameters then lack. Set it to at most {most:,} (ds_configs/zero3_nvme.json: 1e4), or "
+                         "offload the parameters to \"cpu\"")
     if not cfg.compile:
         return
     per_layer = max(sum(map(swapped, layer.parameters())) for layer in model.model.layers)

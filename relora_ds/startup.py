@@ -70,11 +70,19 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
                          f"{model_config.num_hidden_layers} decoder layers; give at most "
                          f"{model_config.num_hidden_layers}, or leave it unset to recompute every layer")
     if cfg.mode != "full":
-        with torch.device("meta"):
-            wrap(LlamaForCausalLM(model_config), rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
-                 target_modules=cfg.target_modules, seed=cfg.seed, quantize=cfg.quantize,
-                 merge_residual=cfg.merge_residual)
+        meta_model(cfg, model_config)
     return model_config, manifest
+
+
+def meta_model(cfg: TrainConfig, model_config: LlamaConfig) -> LlamaForCausalLM:
+    """The run's model on the meta device (no memory, no init), wrapped as the trainer wraps it for its
+    low-rank phase (mode relora/lora): what the start-up checks validate and count."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(model_config)
+        if cfg.mode != "full":
+            wrap(model, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=cfg.target_modules,
+                 seed=cfg.seed, quantize=cfg.quantize, merge_residual=cfg.merge_residual)
+    return model
 
 
 def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Path) -> bool:
@@ -356,10 +364,7 @@ def check_nvme_swap_buffers(cfg: TrainConfig, ds: dict, model_config: LlamaConfi
     zero = _zero_config(ds, "the DeepSpeed config")
     min_bytes = max(2**20, int((ds.get("aio") or {}).get("block_size", 2**20)))
     element = 2 if uses_bf16(ds) or uses_fp16(ds) else 4
-    with torch.device("meta"):
-        model = LlamaForCausalLM(model_config)
-        if cfg.mode != "full":
-            wrap(model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules)
+    model = meta_model(cfg, model_config)
 
     def swapped(p):
         return -(-p.numel() // world_size) * element >= min_bytes

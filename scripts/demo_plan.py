@@ -33,7 +33,7 @@ def ds_config(argv: list[str]) -> str:
         return args.deepspeed
     import torch
 
-    from relora_ds.startup import cpu_has_native_bf16
+    from relora_ds.ds_machine import cpu_has_native_bf16
     if torch.cuda.is_available() or cpu_has_native_bf16():
         return "ds_configs/zero2.json"
     print(f"demo: this machine has no GPU and its CPU no native bf16 matmul (PyTorch sees "

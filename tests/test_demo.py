@@ -311,10 +311,10 @@ def test_demo_plan_trains_fp32_on_a_cpu_without_native_bf16(monkeypatch, capsys,
     sys.path.insert(0, str(ROOT / "scripts"))
     import demo_plan
 
-    from relora_ds import startup
+    from relora_ds import ds_machine
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(startup, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(ds_machine, "cpu_has_native_bf16", lambda: native_bf16)
     assert demo_plan.ds_config(["--total-steps", "200"]) == ("ds_configs/zero2.json" if native_bf16
                                                              else "ds_configs/zero2_fp32.json")
     assert ("trains in fp32" in capsys.readouterr().err) == (not native_bf16)

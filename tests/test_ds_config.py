@@ -231,21 +231,21 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_with_the_fp32_config(monkeyp
 
     from launch_utils import ROOT
 
-    from relora_ds import startup
+    from relora_ds import ds_machine
 
     fp32 = load_ds_config(ROOT / "ds_configs/zero2_fp32.json")
     bf16 = load_ds_config(ROOT / "ds_configs/zero2.json")
     assert bf16["bf16"] == {"enabled": True} and fp32 == {**bf16, "bf16": {"enabled": False}}
     device = lambda name: SimpleNamespace(device_name=lambda: name, is_fp16_supported=lambda: False)  # noqa: E731
-    monkeypatch.setattr(startup, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(ds_machine, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match=r"no native bf16 matmul .* ds_configs/zero2_fp32\.json"):
-        startup.check_precision_on_device(bf16, device("cpu"))
+        ds_machine.check_precision_on_device(bf16, device("cpu"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        startup.check_precision_on_device(fp32, device("cpu"))
-        startup.check_precision_on_device(bf16, device("cuda"))
-        monkeypatch.setattr(startup, "cpu_has_native_bf16", lambda: True)
-        startup.check_precision_on_device(bf16, device("cpu"))
+        ds_machine.check_precision_on_device(fp32, device("cpu"))
+        ds_machine.check_precision_on_device(bf16, device("cuda"))
+        monkeypatch.setattr(ds_machine, "cpu_has_native_bf16", lambda: True)
+        ds_machine.check_precision_on_device(bf16, device("cpu"))
 
 
 def test_legacy_cpu_offload_flag_gets_deepspeeds_cpu_adam():
@@ -281,7 +281,7 @@ def test_parameters_on_nvme_are_released_after_use_and_compiled_layers_need_thei
     is refused in any mode."""
     import relora_ds
     from launch_utils import ROOT
-    from relora_ds.startup import check_nvme_swap_buffers
+    from relora_ds.ds_machine import check_nvme_swap_buffers
 
     shipped = json.loads((ROOT / "ds_configs" / "zero3_nvme.json").read_text())
     cfg = TrainConfig(model="130m", rank=8, cycle_length=10, restart_warmup_steps=2, total_steps=100,

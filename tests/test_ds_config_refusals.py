@@ -173,7 +173,7 @@ def test_nvme_offload_is_checked_before_any_engine(tmp_path):
 
     from deepspeed.accelerator import get_accelerator
 
-    from relora_ds.startup import check_offload_on_device
+    from relora_ds.ds_machine import check_offload_on_device
 
     acc = lambda device="cuda", aio=True: SimpleNamespace(  # noqa: E731
         device_name=lambda: device,

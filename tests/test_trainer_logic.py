@@ -64,8 +64,8 @@ def test_settings_without_effect_under_the_deepspeed_config_are_named(monkeypatc
     monkeypatch.setattr(trainer.dist, "get_world_size", lambda group=None: 1)
     monkeypatch.setattr(trainer, "on_rank_zero", lambda fn: fn())
     monkeypatch.setattr(trainer.Trainer, "_prepare_data", lambda self: (_ for _ in ()).throw(Stop()))
-    from relora_ds import startup  # a CPU's lack of native bf16 is another warning (tests/test_ds_config.py)
-    monkeypatch.setattr(startup, "cpu_has_native_bf16", lambda: True)
+    from relora_ds import ds_machine  # a CPU's lack of native bf16 is another warning (tests/test_ds_config.py)
+    monkeypatch.setattr(ds_machine, "cpu_has_native_bf16", lambda: True)
     bf16 = tmp_path / "bf16.json"
     bf16.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
     cfg = dict(cycle_length=4, restart_warmup_steps=2, warmup_steps=2, total_steps=8, merge_residual=True)

@@ -7,11 +7,11 @@ the losses, or ``swap failed`` with DeepSpeed's assertion:
 - ``eager``: as the trainer runs it (stage3_max_reuse_distance 0, set by complete_ds_config);
 - ``eager_retain``: DeepSpeed's default reuse distance (1e9) put back;
 - ``compiled BUFFERS``: --compile's leaf layers (relora_ds.engines.compile_for_engine) with buffer_count BUFFERS,
-  bypassing relora_ds.startup.check_nvme_swap_buffers, which the line also reports;
+  bypassing relora_ds.ds_machine.check_nvme_swap_buffers, which the line also reports;
 - ``compiled_checkpointed BUFFERS``: the same with full activation checkpointing (the recompute gathers each
   layer again in backward);
 - ``persistent``: eager with stage3_param_persistence_threshold 1e6, which makes weights that swap persistent
-  too (relora_ds.startup.check_nvme_swap_buffers refuses it).
+  too (relora_ds.ds_machine.check_nvme_swap_buffers refuses it).
 The swap files go under SWAP_DIR.
 """
 import argparse
@@ -27,7 +27,7 @@ from relora_ds.distributed import init_distributed, run_and_exit
 from relora_ds.ds_config import complete_ds_config
 from relora_ds.ds_patches import patch_deepspeed_nvme
 from relora_ds.engines import compile_for_engine, optimizer_groups
-from relora_ds.startup import check_nvme_swap_buffers
+from relora_ds.ds_machine import check_nvme_swap_buffers
 from relora_ds.train_config import TrainConfig
 from relora_ds.zero_init import building
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import functools
 import math
+import typing
 
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+if typing.TYPE_CHECKING:  # torch is imported on first use: relora_ds.train_config checks a recipe with this module
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from .train_config import TrainConfig
 
 
 def _check(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> None:
@@ -81,8 +85,67 @@ SCHEDULES = {"jagged_cosine": jagged_cosine, "cosine": cosine_with_warmup, "line
 
 def build_scheduler(optimizer: Optimizer, name: str = "jagged_cosine", **kwargs) -> LambdaLR:
     """``LambdaLR`` over one of SCHEDULES with its keyword arguments bound (validated right away)."""
+    from torch.optim.lr_scheduler import LambdaLR
+
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid: {sorted(SCHEDULES)}")
     fn = functools.partial(SCHEDULES[name], **kwargs)
     fn(0)  # raise ValueError on a bad combination now, not at the first step
     return LambdaLR(optimizer, fn)
+
+
+def total_steps_for(cfg: TrainConfig, progress: dict | None = None) -> int:
+    """The run's optimizer steps: total_steps, or the steps of token_budget at this run's global batch; a
+    resumed token-budget run (``progress``: the checkpoint's ``{"step", "tokens_seen"}``,
+    checkpoint.resume_progress) trains what is left of the budget at this run's batch, which may differ from
+    the checkpoint's."""
+    if cfg.total_steps:
+        return cfg.total_steps
+    per_step = cfg.global_batch_size * cfg.seq_len
+    if progress is None:
+        return math.ceil(cfg.token_budget / per_step)
+    return int(progress["step"]) + math.ceil(max(0, cfg.token_budget - int(progress["tokens_seen"])) / per_step)
+
+
+def schedule_problems(*, total_steps: int, warm_start_steps: int, warmup_steps: int, mode: str,
+                      cycle_length: int | None, lowrank_schedule: str) -> tuple[list[tuple], list[str]]:
+    """A run's schedule settings against each other, as the trainer's schedule (relora_ds.startup.build_schedule)
+    will call the functions above: ``(problems, warnings)``, every problem at once, each ``(message, the
+    settings it names)`` with the change that fixes it. The settings' own ranges are checked before this."""
+    total, start, warmup = total_steps, warm_start_steps, warmup_steps
+    problems, warned = [], []
+    if mode != "full" and start >= total:
+        problems.append((f"warm_start_steps={start} leaves no low-rank steps of total_steps={total}: lower "
+                         "warm_start_steps (--warm-start-steps) or raise total_steps (--total-steps)",
+                         ("warm_start_steps", "total_steps")))
+    if warmup >= total:
+        problems.append((f"warmup_steps={warmup} must be below total_steps={total}: lower warmup_steps "
+                         "(--warmup-steps) or raise total_steps", ("warmup_steps", "total_steps")))
+    if mode == "full" or problems:  # below: the warmup against the phases, once both fit the run
+        return problems, warned
+    lowrank = total - start
+    cycle = cycle_length if mode == "relora" else total  # lora: one "cycle" spanning the run
+    if lowrank_schedule == "restart" and start:  # the low-rank phase warms up again, over its own steps
+        if warmup >= lowrank:
+            problems.append((f"warmup_steps={warmup} must be below the low-rank phase's {lowrank} steps "
+                             f"(total_steps={total} - warm_start_steps={start}): lowrank_schedule='restart' "
+                             "warms up again after the switch; lower warmup_steps or warm_start_steps, or raise "
+                             "total_steps", ("warmup_steps",)))
+        elif warmup > cycle:
+            problems.append((f"warmup_steps={warmup} is longer than a cycle (cycle_length={cycle}): "
+                             "lowrank_schedule='restart' warms up again after the switch, and the first reset "
+                             "would interrupt that warmup; lower warmup_steps or raise cycle_length",
+                             ("warmup_steps",)))
+    elif start == 0 and warmup > cycle:
+        problems.append((f"warmup_steps={warmup} is longer than a cycle (cycle_length={cycle}): the first reset "
+                         "would interrupt the warmup; lower warmup_steps or raise cycle_length", ("warmup_steps",)))
+    elif 0 < start < warmup:
+        problems.append((f"warm_start_steps={start} must be 0 or at least warmup_steps={warmup}: the first "
+                         "warmup must end before the switch to the low-rank phase; raise warm_start_steps or "
+                         "lower warmup_steps", ("warm_start_steps", "warmup_steps")))
+    if mode == "relora" and cycle >= lowrank:
+        warned.append(f"cycle_length={cycle} is not shorter than the low-rank phase ({lowrank} steps: total_steps="
+                      f"{total} - warm_start_steps={start}): no ReLoRA reset happens before the last step, so this "
+                      "run trains as plain LoRA (set a smaller cycle_length, e.g. the paper's ~1/8 of the run, or "
+                      "mode lora)")
+    return problems, warned

@@ -6,7 +6,6 @@ import datetime
 import errno
 import fcntl
 import functools
-import math
 import os
 import socket
 import warnings
@@ -113,24 +112,11 @@ def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Pa
     return True
 
 
-def total_steps_for(cfg: TrainConfig, progress: dict | None = None) -> int:
-    """total_steps, or the steps of token_budget at this run's global batch; a resumed token-budget run
-    (``progress``: the checkpoint's ``{"step", "tokens_seen"}``, checkpoint.resume_progress) trains what is
-    left of the budget at this run's batch, which may differ from the checkpoint's."""
-    if cfg.total_steps:
-        return cfg.total_steps
-    per_step = cfg.global_batch_size * cfg.seq_len
-    if progress is None:
-        return math.ceil(cfg.token_budget / per_step)
-    return int(progress["step"]) + math.ceil(max(0, cfg.token_budget - int(progress["tokens_seen"])) / per_step)
-
-
 def build_schedule(cfg: TrainConfig, total_steps: int):
-    """The run's LR multiplier as a function of the global step (0-based), checked at both phases' first
-    steps: a bad combination is a ValueError here, before any engine exists."""
+    """The run's LR multiplier as a function of the global step (0-based): a bad combination of the schedule
+    settings is a ValueError here (all of them, TrainConfig.check_schedule), before any engine exists."""
+    cfg.check_schedule(total_steps)
     start = cfg.warm_start_steps
-    if start >= total_steps:
-        raise ValueError(f"warm_start_steps={start} leaves no low-rank steps of total_steps={total_steps}")
     kw = dict(total_steps=total_steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
     if cfg.mode == "full":
         schedule = functools.partial(cosine_with_warmup, **kw)
@@ -145,22 +131,8 @@ def build_schedule(cfg: TrainConfig, total_steps: int):
                                          second=functools.partial(jagged, total_steps=total_steps - start))
         else:
             schedule = functools.partial(jagged, start_step=start)
-    lowrank = total_steps - start
-    if cfg.mode == "relora" and cfg.cycle_length >= lowrank:
-        warnings.warn(f"cycle_length={cfg.cycle_length} is not shorter than the low-rank phase ({lowrank} steps: "
-                      f"total_steps={total_steps} - warm_start_steps={start}): no ReLoRA reset happens before the "
-                      "last step, so this run trains as plain LoRA (set a smaller cycle_length, e.g. the paper's "
-                      "~1/8 of the run, or mode lora)", ConfigWarning, stacklevel=2)
-    if cfg.mode != "full" and cfg.lowrank_schedule == "restart" and start and cfg.warmup_steps >= lowrank:
-        raise ValueError(f"warmup_steps={cfg.warmup_steps} must be below the low-rank phase's {lowrank} steps "
-                         f"(total_steps={total_steps} - warm_start_steps={start}): lowrank_schedule='restart' "
-                         "warms up again after the switch")
-    try:
-        for step in (0, start):
-            schedule(step)
-    except ValueError as e:  # the schedule's own names for two recipe settings
-        raise ValueError(str(e).replace("start_step=", "warm_start_steps=").replace(
-            "(the warm start's length) ", "")) from None
+    for step in (0, start):  # the functions' own checks, which check_schedule has named in recipe terms
+        schedule(step)
     return schedule
 
 

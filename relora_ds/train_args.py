@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from .schedule import total_steps_for
 from .train_config import TrainConfig, bare_type, coerce_value
 
 
@@ -143,7 +144,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         which = "--no-resume" if getattr(args, "resume", None) is False else "the recipe's resume: false"
         raise ValueError(f"{which} contradicts resume_from={values['resume_from']!r}, which resumes: give one "
                          "(--resume-from none clears a recipe's)")
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    if not (cfg.resume and cfg.token_budget):  # before any process group (a resumed budget's rest: its checkpoint's)
+        cfg.check_schedule(total_steps_for(cfg), warn=False)  # its warnings: once, from the trainer's build_schedule
+    return cfg
 
 
 def check_local_rank_arg(local_rank: int) -> None:

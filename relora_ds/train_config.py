@@ -354,6 +354,22 @@ class TrainConfig:
             bad("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full", "quantize")
         self._warn_ignored(warned)
 
+    def check_schedule(self, total_steps: int, warn: bool = True) -> None:
+        """The LR schedule's settings against each other and ``total_steps`` (given, or token_budget's at the
+        run's batch): every problem in one ValueError, each naming the change that fixes it, then (``warn``)
+        the ConfigWarnings. Not part of construction, which allows a partial TrainConfig (e.g. for a memory
+        estimate); the launch scripts check a recipe's right after it (train_args.config_from_args)."""
+        from .schedule import schedule_problems
+        found, warned = schedule_problems(
+            total_steps=total_steps, warm_start_steps=self.warm_start_steps, warmup_steps=self.warmup_steps,
+            mode=self.mode, cycle_length=self.cycle_length, lowrank_schedule=self.lowrank_schedule)
+        problems = _Problems()
+        for message, fields in found:
+            problems.add(message, *fields)
+        problems.raise_if_any()
+        for message in warned if warn else ():
+            warnings.warn(message, ConfigWarning, stacklevel=3)
+
     def _warn_ignored(self, warned: list[str]) -> None:
         """A ConfigWarning for each setting this run's mode or other settings leave without effect."""
         ignored = []

@@ -209,3 +209,76 @@ def test_a_restarted_warmup_longer_than_the_low_rank_phase_names_that_phase():
     with pytest.raises(ValueError, match=r"warmup_steps=750 must be below the low-rank phase's 700 steps "
                                          r"\(total_steps=800 - warm_start_steps=100\)"):
         build_schedule(cfg, 800)
+
+
+def test_schedule_problems_are_exactly_what_the_schedule_functions_refuse(monkeypatch):
+    """schedule_problems (what the launch scripts check right after reading a recipe, all at once) against the
+    oracle, the schedule functions themselves, built as the trainer builds them (startup.build_schedule with
+    the up-front check switched off): over a grid of settings in every mode, a combination is named exactly
+    when the functions refuse it; and a warm start as long as the run, which the functions accept (the run
+    would train no low-rank step), is named."""
+    import dataclasses
+    import itertools
+
+    from relora_ds.schedule import schedule_problems
+    from relora_ds.startup import build_schedule
+    from relora_ds.train_config import TrainConfig
+
+    monkeypatch.setattr(TrainConfig, "check_schedule", lambda self, total_steps, warn=True: None)
+    base = TrainConfig(total_steps=100, cycle_length=10, warmup_steps=5, restart_warmup_steps=2)
+    named = refused = 0
+    grid = itertools.product(("relora", "lora", "full"), ("continue", "restart"), (30, 40), (0, 5, 12, 30, 45),
+                             (0, 3, 5, 12, 29, 30, 35, 60), (4, 12, 29, 100))
+    for mode, lowrank_schedule, total, start, warmup, cycle in grid:
+        if mode == "full" and start:  # TrainConfig's own refusal: a warm start needs a low-rank phase
+            continue
+        settings = dict(mode=mode, lowrank_schedule=lowrank_schedule, total_steps=total, warm_start_steps=start,
+                        warmup_steps=warmup, cycle_length=cycle)
+        problems, _ = schedule_problems(**settings)
+        cfg = dataclasses.replace(base)  # then the settings as they are, unchecked
+        for name, value in settings.items():
+            setattr(cfg, name, value)
+        try:
+            build_schedule(cfg, total)
+            refuses = False
+        except ValueError:
+            refuses = True
+        if mode != "full" and start >= total:
+            assert [m for m, _ in problems][0].startswith(f"warm_start_steps={start} leaves no low-rank steps of "
+                                                          f"total_steps={total}: lower warm_start_steps"), settings
+        else:
+            assert bool(problems) == refuses, (settings, problems)
+        named += bool(problems)
+        refused += refuses
+    assert 100 < refused < named  # the grid holds both kinds, and the warm starts as long as the run
+
+
+def test_a_recipes_schedule_problems_are_named_together_before_the_run_starts(tmp_path):
+    """The launch scripts' reading of a recipe (train_args.config_from_args) names every schedule problem in
+    one error, each with the settings to change: launch/train.py's tiny recipe (a 100-step warm start) run
+    for 40 steps with a 60-step warmup used to fail with the first of the two, after its process group and
+    DeepSpeed's ops had started. A recipe whose schedule is right reads as before."""
+    from launch_utils import ROOT
+
+    from relora_ds.train_args import build_launch_parser, config_from_args
+
+    parser = build_launch_parser()
+    tiny = ["--config", str(ROOT / "launch/configs/tiny.yaml"), "--output-dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError) as e:
+        config_from_args(parser.parse_args([*tiny, "--total-steps", "40", "--warmup-steps", "60"]))
+    assert str(e.value).splitlines() == [
+        "2 problems with the settings:",
+        "  - warm_start_steps=100 leaves no low-rank steps of total_steps=40: lower warm_start_steps "
+        "(--warm-start-steps) or raise total_steps (--total-steps)",
+        "  - warmup_steps=60 must be below total_steps=40: lower warmup_steps (--warmup-steps) or raise total_steps"]
+    with pytest.raises(ValueError, match=r"^warmup_steps=150 is longer than a cycle \(cycle_length=100\): the first "
+                                         r"reset would interrupt the warmup; lower warmup_steps or raise cycle_length$"):
+        config_from_args(parser.parse_args([*tiny, "--warm-start-steps", "0", "--warmup-steps", "150"]))
+    assert config_from_args(parser.parse_args([*tiny, "--total-steps", "200"])).total_steps == 200
+    # A token budget's steps at the recipe's batch (16 x 128 tokens): 40 steps, the same two problems.
+    budget = [*tiny, "--total-steps", "none", "--token-budget", str(40 * 16 * 128), "--warmup-steps", "60"]
+    with pytest.raises(ValueError, match=r"^2 problems with the settings:\n  - warm_start_steps=100 leaves no "
+                                         r"low-rank steps of total_steps=40"):
+        config_from_args(parser.parse_args(budget))
+    # Resumed, a budget's steps depend on its checkpoint: the trainer and preflight check them at start-up.
+    assert config_from_args(parser.parse_args([*budget, "--resume"])).token_budget == 40 * 16 * 128

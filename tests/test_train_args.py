@@ -13,7 +13,7 @@ BASE = dict(cycle_length=10, restart_warmup_steps=2, total_steps=100, micro_batc
 
 def test_yaml_recipe_with_cli_overrides_and_unknown_key(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("cycle_length: 10\ntotal_steps: 50\nlr: 0.01\n")
+    recipe.write_text("cycle_length: 10\nwarmup_steps: 5\ntotal_steps: 50\nlr: 0.01\n")
     parser = build_parser(argparse.ArgumentParser())
     cfg = config_from_args(parser.parse_args(["--config", str(recipe), "--lr", "0.02", "--target-modules", "q_proj"]))
     assert (cfg.lr, cfg.total_steps, cfg.target_modules) == (0.02, 50, ["q_proj"])
@@ -24,7 +24,7 @@ def test_yaml_recipe_with_cli_overrides_and_unknown_key(tmp_path):
 
 def test_yaml_recipe_choices_are_checked(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("cycle_length: 10\ntotal_steps: 50\nprune_method: l1\n")
+    recipe.write_text("cycle_length: 10\nwarmup_steps: 5\ntotal_steps: 50\nprune_method: l1\n")
     parser = build_parser(argparse.ArgumentParser())
     with pytest.raises(ValueError, match="prune_method='l1' is not valid"):
         config_from_args(parser.parse_args(["--config", str(recipe)]))
@@ -34,12 +34,12 @@ def test_recipe_values_are_typed(tmp_path):
     """YAML 1.1 reads `1e-3` (no dot) as a string: numbers come through as numbers; a quoted "no" is not
     a bool and 2.5 sequences is not a micro-batch (errors naming the field, not tracebacks or silent truths)."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nlr: 1e-3\nadam_eps: 1e-8\n")
+    recipe.write_text("cycle_length: 10\nwarmup_steps: 5\ntotal_steps: 100\nlr: 1e-3\nadam_eps: 1e-8\n")
     cfg = config_from_args(build_parser().parse_args(["--config", str(recipe)]))
     assert (cfg.lr, cfg.adam_eps) == (1e-3, 1e-8) and isinstance(cfg.lr, float)
     # Whole numbers stay exact past 2**53 (they went through float: 9007199254740993 became ...992 on the command
     # line and was refused as not whole in a recipe)
-    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nseed: '9007199254740993'\n")
+    recipe.write_text("cycle_length: 10\nwarmup_steps: 5\ntotal_steps: 100\nseed: '9007199254740993'\n")
     assert config_from_args(build_parser().parse_args(["--config", str(recipe)])).seed == 9007199254740993
     assert config_from_args(build_parser().parse_args(["--config", str(recipe), "--seed", "9007199254740995"])
                             ).seed == 9007199254740995
@@ -48,7 +48,7 @@ def test_recipe_values_are_typed(tmp_path):
                         ("micro_batch_size: 2.5", "micro_batch_size=2.5 must be a whole number"),
                         ("mode: null", "mode=None: a value is required"),
                         ("target_modules: q_proj", "must be a list of strings")):
-        recipe.write_text(f"cycle_length: 10\ntotal_steps: 100\n{line}\n")
+        recipe.write_text(f"cycle_length: 10\nwarmup_steps: 5\ntotal_steps: 100\n{line}\n")
         with pytest.raises(ValueError, match=match):
             config_from_args(build_parser().parse_args(["--config", str(recipe)]))
 
@@ -64,7 +64,7 @@ def test_cli_none_clears_a_recipe_value(tmp_path):
         config_from_args(build_parser().parse_args(args[:2] + ["--token-budget", "2e9"]))
     # Fields with a fixed set of values take 'none' too, and a bad value is still an error naming them.
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nquantize: int8\nkernels: torch\n")
+    recipe.write_text("cycle_length: 10\nwarmup_steps: 5\ntotal_steps: 100\nquantize: int8\nkernels: torch\n")
     cfg = config_from_args(build_parser().parse_args(["--config", str(recipe), "--quantize", "none", "--kernels", "none"]))
     assert cfg.quantize is None and cfg.kernels is None
     with pytest.raises(ValueError, match="quantize='int4' is not valid; valid values: 'int8'"):
@@ -102,7 +102,7 @@ def test_a_bool_is_never_a_number(tmp_path):
     with pytest.raises(ValueError, match="micro_batch_size=True must be a whole number"):
         TrainConfig(**{**BASE, "micro_batch_size": True})
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nlr: on\n")
+    recipe.write_text("cycle_length: 10\nwarmup_steps: 5\ntotal_steps: 100\nlr: on\n")
     with pytest.raises(ValueError, match="lr=True must be a finite number"):
         config_from_args(build_parser().parse_args(["--config", str(recipe)]))
 
@@ -130,12 +130,12 @@ def test_no_resume_with_resume_from_is_a_contradiction(tmp_path):
         config_from_args(parser.parse_args(["--resume-from", "step_10", "--no-resume", "--cycle-length", "10",
                                               "--total-steps", "100"]))
     recipe = tmp_path / "r.yaml"  # the same in a recipe (resume_from used to win silently)
-    recipe.write_text("cycle_length: 10\ntotal_steps: 100\nresume: false\nresume_from: step_10\n")
+    recipe.write_text("cycle_length: 10\nwarmup_steps: 5\ntotal_steps: 100\nresume: false\nresume_from: step_10\n")
     with pytest.raises(ValueError, match=r"the recipe's resume: false contradicts resume_from='step_10'"):
         config_from_args(parser.parse_args(["--config", str(recipe)]))
     assert config_from_args(parser.parse_args(["--config", str(recipe), "--resume"])).resume_from == "step_10"
     cfg = config_from_args(parser.parse_args(["--resume-from", "step_10", "--resume", "--cycle-length", "10",
-                                            "--total-steps", "100"]))
+                                              "--warmup-steps", "5", "--total-steps", "100"]))
     assert cfg.resume and cfg.resume_from == "step_10"
 
 
@@ -145,10 +145,10 @@ def test_model_preset_with_a_hugging_face_start_is_a_contradiction():
         with pytest.raises(ValueError, match=rf"--model 60m contradicts {flag[2:].replace('-', '_')}='/x/hf', whose "
                                              r"config.json decides the model"):
             config_from_args(parser.parse_args(["--model", "60m", flag, "/x/hf", "--total-steps", "100",
-                                                "--cycle-length", "10"]))
+                                                "--cycle-length", "10", "--warmup-steps", "5"]))
         # `--model none` clears a recipe's preset (the help says so), which a Hugging Face start then replaces
         cfg = config_from_args(parser.parse_args(["--model", "none", flag, "/x/hf", "--total-steps", "100",
-                                                  "--cycle-length", "10"]))
+                                                  "--cycle-length", "10", "--warmup-steps", "5"]))
         assert cfg.model is None and getattr(cfg, flag[2:].replace("-", "_")) == "/x/hf"
 
 
@@ -157,7 +157,7 @@ def test_a_hugging_face_start_records_no_preset(tmp_path):
     (the effective configuration, run_info.jsonl and checkpoints said "tiny", the default), a recipe's preset
     beside a CLI --hf-model is named as ignored, and model=None without such a directory is an error."""
     parser = build_parser(argparse.ArgumentParser())
-    base = ["--total-steps", "100", "--cycle-length", "10"]
+    base = ["--total-steps", "100", "--cycle-length", "10", "--warmup-steps", "5"]
     assert config_from_args(parser.parse_args(["--hf-model", "/x/hf", *base])).model is None
     assert config_from_args(parser.parse_args(["--warm-start-from", "/x/hf", *base])).model is None
     assert config_from_args(parser.parse_args(base)).model == "tiny"

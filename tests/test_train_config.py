@@ -248,7 +248,8 @@ def test_settings_a_mode_does_not_use_are_named():
 def test_resume_from_implies_resume():
     cfg = TrainConfig(**BASE, resume_from="step_200")
     assert cfg.resume and cfg.resume_from == "step_200"
-    args = build_parser().parse_args(["--total-steps", "20", "--cycle-length", "10", "--resume-from", "step_20"])
+    args = build_parser().parse_args(["--total-steps", "20", "--cycle-length", "10", "--warmup-steps", "5",
+                                      "--resume-from", "step_20"])
     cfg = config_from_args(args)
     assert cfg.resume and cfg.resume_from == "step_20"
 
@@ -283,7 +284,7 @@ def test_zero_and_negative_values_are_named(kw, match):
 def test_token_budget_sets_total_steps_rounded_up():
     """total_steps = ceil(token_budget / (global_batch_size x seq_len)): 8 sequences of 4 predicted tokens
     (windows of 5) are 32 tokens per optimizer step."""
-    from relora_ds.startup import total_steps_for
+    from relora_ds.schedule import total_steps_for
 
     kw = {**BASE, "total_steps": None, "seq_len": 4}
     assert total_steps_for(TrainConfig(**kw, token_budget=320)) == 10
@@ -312,7 +313,7 @@ def test_a_resumed_token_budget_trains_what_is_left_at_the_new_batch(tmp_path):
     import json
 
     from relora_ds import checkpoint
-    from relora_ds.startup import total_steps_for
+    from relora_ds.schedule import total_steps_for
 
     cfg = TrainConfig(**{**BASE, "total_steps": None, "token_budget": 20480, "seq_len": 64,
                          "global_batch_size": 32, "micro_batch_size": 4})

@@ -18,7 +18,7 @@ from .compiling import compile_problem
 from .data import check_tokenizer_matches
 from .data.manifest import tokenizer_sha256, train_data_fingerprint
 from .data.tokenizer import tokenizer_difference
-from .data.mixture import split_windows, starved_members
+from .data.mixture import split_windows, starved_members, unevaluated_members
 from .data.packed import num_windows
 from .hf import load_hf_config
 from .model import LlamaForCausalLM
@@ -314,7 +314,13 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
                       "set data_dir to a larger prepared corpus (launch/prepare_data.py)", ConfigWarning,
                       stacklevel=2)
     for name in ("eval_windows", "final_eval_windows"):
+        which = "each" if name == "eval_windows" else "the final"
         if cfg.eval_every and (getattr(cfg, name) or 0) > val_windows:
             warnings.warn(f"{name}={getattr(cfg, name)} but the validation split of {data} holds {val_windows} "
-                          f"windows: {'each' if name == 'eval_windows' else 'the final'} evaluation uses all "
-                          f"{val_windows}", ConfigWarning, stacklevel=2)
+                          f"windows: {which} evaluation uses all {val_windows}", ConfigWarning, stacklevel=2)
+        missed, enough = unevaluated_members(splits["validation"], seq, getattr(cfg, name) or 0)
+        if cfg.eval_every and missed:
+            warnings.warn(f"{name}={getattr(cfg, name)} windows spread over the {val_windows:,} of mixture {data}'s "
+                          f"validation split include none of member(s) {', '.join(missed)}: {which} evaluation "
+                          f"logs no val_loss/<member> for them (their windows are a small part of the mixture); "
+                          f"set {name} to at least {enough:,}, or 0 (every window)", ConfigWarning, stacklevel=2)

@@ -4,6 +4,7 @@ epochs, the sampler on a mixture (shards, prefetch and exact resume against the 
 mixture dir (its windows are its members' tokens), the refusals, and a training run on one."""
 import collections
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -186,9 +187,10 @@ def test_a_moved_member_is_named_and_the_mixture_made_again_reads_the_same_windo
 
 def test_data_use_names_a_mixture_member_its_weight_starves_or_too_short_for_a_window():
     """startup.check_data_use on a mixture's manifest splits (before any window is opened): a member whose
-    weight rounds to no window of an epoch, and one shorter than a window at seq_len, are named with the fix."""
+    weight rounds to no window of an epoch, and one shorter than a window at seq_len, are named with the fix;
+    an evaluation too small to read a member is a warning naming an eval_windows that does."""
     from relora_ds.startup import check_data_use
-    from relora_ds.train_config import TrainConfig
+    from relora_ds.train_config import ConfigWarning, TrainConfig
 
     cfg = TrainConfig(model="debug", seq_len=32, cycle_length=4, total_steps=8, micro_batch_size=1,
                       global_batch_size=2, eval_every=4)
@@ -206,6 +208,40 @@ def test_data_use_names_a_mixture_member_its_weight_starves_or_too_short_for_a_w
     with pytest.raises(ValueError, match=r"mixture mix: the train split of member\(s\) ../b \(20 tokens\) holds "
                                          r"fewer tokens than one window of --seq-len 32"):
         check_data_use(cfg, 8, splits(20, 330, 0.1), "mix", 1)
+    # An evaluation of 8 windows spread over the validation split's 113 reads none of b's last 11 (a review's
+    # find: its val_loss/b was silently absent); 11 windows reach it.
+    few = TrainConfig(**{**cfg.to_dict(), "eval_windows": 8})
+    with pytest.warns(ConfigWarning, match=r"^eval_windows=8 windows spread over the 113 of mixture mix's validation "
+                                           r"split include none of member\(s\) ../b \(weight 0.1\): each evaluation "
+                                           r"logs no val_loss/<member> for them .* at least 11, or 0 \(every window\)$"):
+        check_data_use(few, 8, splits(3_300, 330, 0.1), "mix", 1)
+    enough = TrainConfig(**{**cfg.to_dict(), "eval_windows": 11})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_data_use(enough, 8, splits(3_300, 330, 0.1), "mix", 1)
+
+
+def test_the_members_an_evaluation_leaves_out_are_those_it_reads_no_window_of():
+    """unevaluated_members (from the manifest, at start-up) against the oracle, the windows an evaluation reads:
+    MixedWindows.locate of the positions relora_ds.evaluate spreads over the split, for every window count
+    over a grid of member sizes and weights; and the eval_windows it suggests reads every member."""
+    from relora_ds.data.mixture import MixedWindows, unevaluated_members
+
+    seq, named = 3, 0
+    for sizes, weights in (((100, 10), (0.9, 0.1)), ((50, 50, 50), (0.7, 0.2, 0.1)), ((7, 300), (0.02, 0.98)),
+                           ((40, 40), (1, 1)), ((9, 5, 30), (0.3, 0.05, 0.65))):
+        mix = MixedWindows([Windows(i, n, seq) for i, n in enumerate(sizes)], weights)
+        split = {"members": [{"path": f"m{i}", "tokens": n * seq + 1, "weight": w}
+                             for i, (n, w) in enumerate(zip(sizes, weights))]}
+        total = len(mix)
+        for n in range(1, total + 2):
+            read = set(mix.locate(np.arange(min(n, total)) * total // min(n, total))[0].tolist())
+            missed, enough = unevaluated_members(split, seq, n)
+            assert missed == [f"m{i} (weight {w:.3g})" for i, w in enumerate(weights) if i not in read], (sizes, n)
+            if missed:
+                named += 1
+                assert set(mix.locate(np.arange(enough) * total // enough)[0].tolist()) == set(range(len(sizes)))
+    assert named > 20
 
 
 @pytest.mark.parametrize("members, error", [

@@ -183,6 +183,28 @@ def starved_members(split: dict, seq_len: int) -> list[str]:
     return [f"{m['path']} (weight {m['weight']:.3g})" for m, q in zip(members, quotas) if q == 0]
 
 
+def unevaluated_members(split: dict, seq_len: int, windows: int) -> tuple[list[str], int]:
+    """(the members of a mixture's validation split entry that get none of the ``windows`` an evaluation
+    spreads evenly over the split, an eval_windows that gives every member some), from the manifest: the
+    selection relora_ds.evaluate makes. An epoch's positions hold the members in blocks of their quotas, and
+    position ``k·L // n`` (k < n) falls in the block ``[lo, lo + q)`` for ``ceil((lo + q)·n / L) -
+    ceil(lo·n / L)`` values of k, at least one once ``n >= L / q``. ([], 0) for a plain split, a starved
+    member (starved_members) or an evaluation of every window."""
+    members = split.get("members", [])
+    sizes = [num_windows(m["tokens"], seq_len) for m in members]
+    total = sum(sizes)
+    if not members or not all(sizes) or not windows or windows >= total:
+        return [], 0
+    shares = np.array([m["weight"] for m in members], dtype=float)
+    quotas = _largest_remainder(shares / shares.sum(), total)
+    if not quotas.all():
+        return [], 0
+    lo = np.cumsum(quotas) - quotas
+    counts = -(-(lo + quotas) * windows // total) + (-lo * windows // total)
+    missed = [f"{m['path']} (weight {m['weight']:.3g})" for m, c in zip(members, counts) if c == 0]
+    return missed, (-(-total // int(quotas.min())) if missed else 0)
+
+
 def split_windows(split: dict, seq_len: int) -> int:
     """Windows of a manifest's split entry at ``seq_len``: a mixture's are its members' (each cut on its own)."""
     if "members" in split:

@@ -21,7 +21,8 @@ from relora_ds/model.py's autograd graph. Kept for backward after the forward:
       MLP:       RMSNorm 8 s h; gate output, SiLU(gate), up output, down_proj input: 4 x 2 s i
       LoRA:      x A^T (s x r, bf16) kept for each of the 7 adapted projections: 7 x 2 s r
       Qwen3's q/k norms (qk_norm): 6 s (heads + kv heads) head_dim
-      LoRA dropout (launch/preflight.py's estimate; the table assumes none): each adapted projection's
+      LoRA dropout (--dropout, default 0.1 as in the paper recipes; launch/preflight.py's estimate, from the
+      run's own layers): each adapted projection's
       keep-mask of its input, 1 byte per element (6 s h + s i), 3 with the twin (reference path, and an int8
       base's BLAS path under dropout, which falls back to it: the dropped-out bf16 copy and the mask)
     final norm 8 s h, fp32 log-probs 4 s V
@@ -147,6 +148,13 @@ def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, ext
     bytes per sequence a layer keeps (the LoRA dropout's masks, :func:`run_phases`)."""
     s, h, i = seq_len, cfg.hidden_size, cfg.intermediate_size
     return 24 * s * h + 8 * s * i + (14 * s * rank if rank else 0) + qk_norm_bytes(cfg, seq_len) + extra
+
+
+def dropout_mask_bytes(cfg: LlamaConfig, seq_len: int, twin: bool = False) -> int:
+    """Bytes per sequence the LoRA dropout's keep-masks add to a layer that adapts all seven projections:
+    1 byte per element of each one's input (6 s h + s i), 3 where the torch twin runs (the dropped-out bf16
+    copy too: the reference path, and an int8 base's BLAS path under dropout)."""
+    return (3 if twin else 1) * seq_len * (6 * cfg.hidden_size + cfg.intermediate_size)
 
 
 def selective_layer_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None) -> int:
@@ -326,11 +334,12 @@ def table(args) -> str:
     # what recomputes: every layer (True), none (False), or the first N (memory_table.recomputed_layers)
     ckpt = (args.activation_checkpointing_layers or True) if args.activation_checkpointing else False
     policy = args.activation_checkpointing_policy
+    dropout_text = f"LoRA dropout {args.dropout:g} (keep-masks counted)" if args.dropout else "no LoRA dropout"
     ckpt_text = "off" if not ckpt else ("on" if ckpt is True else f"on (at most the first {ckpt} layers)") + \
         (", selective" if policy == "selective" else "")
     head = (f"{args.gpus} GPUs x {args.memory_gb:g} GB (usable {budget / 1e9:.1f} GB each), r={args.rank}, "
-            f"seq {args.seq_len}, vocab {args.vocab_size}, bf16 + fp32 Adam, activation checkpointing "
-            f"{ckpt_text}, base {args.quantize or 'bf16'}, loss "
+            f"seq {args.seq_len}, vocab {args.vocab_size}, bf16 + fp32 Adam, {dropout_text}, activation "
+            f"checkpointing {ckpt_text}, base {args.quantize or 'bf16'}, loss "
             f"{f'chunked by {args.loss_chunk_size} tokens' if args.loss_chunk_size else 'on full logits'}; micro-batch = largest divisor of "
             f"global {args.global_batch_size} / {args.gpus} GPUs = {per_rank} that fits\n\n")
     offload = args.offload
@@ -353,13 +362,15 @@ def table(args) -> str:
         full = {z: state_bytes(total, (0, 0), z, args.gpus, offload) if z in ok else None for z in range(4)}
         low = {z: state_bytes(trainable_lr, frozen, z, args.gpus, offload) if z in ok else None for z in (0, 2, 3)}
         act_full = activation_phases(cfg, args.seq_len, None, ckpt, args.loss_chunk_size, policy)
-        act_low = activation_phases(cfg, args.seq_len, args.rank, ckpt, args.loss_chunk_size, policy)
+        # an int8 base under dropout runs the twin on the kernels' default path (run_phases)
+        masks = dropout_mask_bytes(cfg, args.seq_len, twin=args.quantize is not None) if args.dropout else 0
+        act_low = activation_phases(cfg, args.seq_len, args.rank, ckpt, args.loss_chunk_size, policy, masks)
 
         def mb(states, rank):
             if states is None:
                 return "n/a"
             fit = largest_fitting_micro_batch(per_rank, lambda m: states + activation_peak_bytes(
-                cfg, args.seq_len, rank, m, ckpt, args.loss_chunk_size, policy) <= budget)
+                cfg, args.seq_len, rank, m, ckpt, args.loss_chunk_size, policy, masks if rank else 0) <= budget)
             return str(fit) if fit else "-"
 
         def gb(states):
@@ -403,6 +414,9 @@ def main(argv=None) -> int:
     parser.add_argument("--activation-checkpointing-policy", choices=("full", "selective"), default="full",
                         help="with --activation-checkpointing: the trainer's --activation-checkpointing-policy "
                              "(selective: recomputed layers also keep their matmul and attention outputs)")
+    parser.add_argument("--dropout", type=float, default=0.1,
+                        help="the trainer's --dropout (LoRA dropout; default 0.1, the paper recipes'): its "
+                             "keep-masks add to the ReLoRA phase's activations; 0: none")
     parser.add_argument("--quantize", choices=("int8",), help="the trainer's --quantize: int8 frozen base weights")
     parser.add_argument("--offload", choices=tuple(OFFLOAD_STAGES), default="none",
                         help="what the DeepSpeed config offloads to host memory (ds_configs/zero2_offload.json: "
@@ -414,6 +428,8 @@ def main(argv=None) -> int:
         parser.error("--activation-checkpointing-layers needs --activation-checkpointing")
     if args.activation_checkpointing_policy != "full" and not args.activation_checkpointing:
         parser.error("--activation-checkpointing-policy needs --activation-checkpointing")
+    if not 0 <= args.dropout < 1:
+        parser.exit(2, f"error: --dropout must be in [0, 1) (0: none), got {args.dropout:g}\n")
     if args.loss_chunk_size < 0:
         parser.exit(2, f"error: --loss-chunk-size must be >= 0 (0: off), got {args.loss_chunk_size}\n")
     args.presets = [n for item in args.presets for n in item.split(",") if n]

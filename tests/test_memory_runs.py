@@ -186,3 +186,27 @@ def test_run_phases_count_document_masking_sdpa_masks():
         assert [p["phase"] for p in masked] == ["ReLoRA"]
         assert masked[0]["activations"] - plain[0]["activations"] == extra, attn
         assert masked[0]["states"] == plain[0]["states"]
+
+
+@pytest.mark.parametrize("recipe", ["paper_250m", "paper_350m", "paper_1b"])
+def test_the_readme_tables_micro_batches_are_those_preflight_allows_for_the_paper_recipes(capsys, recipe):
+    """The sizing table (memory_table.py, defaults: the 250m-1b recipes' r, seq_len, vocab, batch and dropout)
+    against preflight's estimate for the recipe itself (run_phases on its model, DeepSpeed config and 8
+    ranks): the largest micro-batch each phase fits in an 80 GB GPU at ZeRO-2 is the table's. A review found
+    the table's 1b ReLoRA cell (48, counted without the recipe's dropout masks) refused by preflight (36)."""
+    from relora_ds.ds_config import complete_ds_config, load_ds_config
+    from relora_ds.train_args import build_launch_parser, config_from_args
+
+    cfg = config_from_args(build_launch_parser().parse_args(["--config", str(ROOT / f"launch/configs/{recipe}.yaml")]))
+    model_config = LlamaConfig.preset(cfg.model, vocab_size=cfg.vocab_size)
+    ds = complete_ds_config(load_ds_config(ROOT / "ds_configs/zero2.json"), cfg, 8)
+    phases = {p["phase"]: p for p in memory_table.run_phases(model_config, cfg, ds, 8)}
+    assert set(phases) == {"warm start", "ReLoRA"}
+    budget, per_rank = memory_table.usable_bytes(80.0), cfg.global_batch_size // 8
+    assert memory_table.main(["--presets", cfg.model]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    row = dict(zip(*([c.strip() for c in line.strip("|").split("|")] for line in (lines[0], lines[1]))))
+    for phase, column, z2 in (("warm start", "micro-batch warm start Z0 / Z1 / Z2 / Z3", 2),
+                              ("ReLoRA", "micro-batch ReLoRA Z0 / Z2 / Z3", 1)):
+        fits = memory_table.largest_fitting_micro_batch(per_rank, lambda m: phases[phase]["fits"](m, budget))
+        assert row[column].split(" / ")[z2] == str(fits), (recipe, phase, row[column], fits)

@@ -101,6 +101,24 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     return {k: v.contiguous().cpu() for k, v in merged.items()}
 
 
+def merge_record(model) -> dict | None:
+    """What the ReLoRA layers of ``model`` folded into its weights (PROGRESS_FILE's ``relora``, which
+    launch/update_rank.py reads): the layers' ``kinds`` (their names' last part), ``merges`` (the most any
+    layer made), ``live`` (a factor B not zero: the
+    export adds one more rank-``rank`` term), the frozen base's ``base_dtype`` (each merge into a bf16/fp16
+    or int8 base rounds the whole matrix) and ``merge_residual`` (error feedback: the roundings do not add
+    up; an int8 base always has it). None for a model without ReLoRA layers."""
+    named = list(relora_layers(model))
+    layers = [layer for _, layer in named]
+    if not layers:
+        return None
+    return {"kinds": sorted({name.rpartition(".")[2] for name, _ in named}),  # q_proj, ...: which weights
+            "rank": max(layer.rank for layer in layers), "merges": max(int(layer.merge_count) for layer in layers),
+            "live": any(bool(layer.lora_B.detach().ne(0).any()) for layer in layers),
+            "base_dtype": "int8" if layers[0].quantize else str(layers[0].weight.dtype).removeprefix("torch."),
+            "merge_residual": any(layer.merge_residual is not None for layer in layers)}
+
+
 # A Hugging Face model directory's tokenizer: what `export_hf(like=...)` carries over.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
@@ -130,8 +148,9 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
     the run's data manifest); without them the configs say null rather than guess.
 
     `progress`: how far the training of these weights got in its data (a run's ``progress()``), written as
-    PROGRESS_FILE, where a run started from the export reads on (--warm-start-data); without it an earlier
-    export's file goes, so that none describes other weights.
+    PROGRESS_FILE, where a run started from the export reads on (--warm-start-data), with what its ReLoRA
+    layers merged (``merge_record``: launch/update_rank.py); without it an earlier export's file goes, so
+    that none describes other weights.
 
     Everything is written into a staging directory inside `out_dir` first and moved into place at the end:
     an error on the way (a tokenizer refused, a full disk) leaves an earlier export there as it was.
@@ -194,7 +213,8 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
         else:
             (staging / "generation_config.json").write_text(json.dumps(special, indent=2))
         if progress is not None:
-            (staging / PROGRESS_FILE).write_text(json.dumps(progress, indent=1) + "\n")
+            record = {**progress, **({"relora": merges} if (merges := merge_record(model)) else {})}
+            (staging / PROGRESS_FILE).write_text(json.dumps(record, indent=1) + "\n")
         _replace_export(out, staging, writes_tokenizer=tokenizer is not None or bool(source_files))
     finally:
         shutil.rmtree(staging, ignore_errors=True)

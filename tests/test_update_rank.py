@@ -78,3 +78,76 @@ def test_the_command_prints_each_kind_and_writes_json(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "launch/update_rank.py"), str(tmp_path / "a"),
                           str(tmp_path / "nothing")], env=launch_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "is not a directory" in bad.stderr
+
+
+def _merged_into(tmp_path, base, k=3, rank=4, rel=0.02):
+    """k merges of random rank-r updates, each ``rel`` of the weight's norm, into a model whose ReLoRA base is
+    ``base`` (float64, bfloat16, bfloat16 with --merge-residual, int8); exported with a run's progress record
+    before and after, as the trainer and launch/export.py write them."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    dtype = torch.float64 if base == "float64" else torch.bfloat16
+    model = relora_ds.wrap(LlamaForCausalLM(cfg).to(dtype), rank=rank, alpha=2 * rank,
+                           quantize="int8" if base == "int8" else None, merge_residual=base == "residual")
+    out = torch.float64 if base == "float64" else torch.float32  # the trainer's default export: the fp32 masters
+    relora_ds.export_hf(model, tmp_path / "a", token_ids=IDS, dtype=out, progress={"step": 0})
+    g = torch.Generator().manual_seed(1)
+    for _ in range(k):
+        for _, layer in relora_layers(model):
+            with torch.no_grad():
+                B = torch.randn(layer.lora_B.shape, generator=g, dtype=torch.float64)
+                B *= rel * layer.base_weight().double().norm() / (layer.scale * (B @ layer.lora_A.double())).norm()
+                layer.lora_B.copy_(B)
+        relora_ds.merge_and_reinit(model)
+    relora_ds.export_hf(model, tmp_path / "b", token_ids=IDS, dtype=out, progress={"step": k})
+    return model
+
+
+@pytest.mark.parametrize("base", ["bfloat16", "residual", "int8"])
+def test_a_rounding_base_is_told_apart_from_what_the_merges_add(tmp_path, base):
+    """Each merge into a bf16 (or int8) base rounds the whole matrix: 3 merges of rank 4, each 2% of the
+    weight, count far above their bound of 12 at the 1% cut (a review measured 239 of 256 after 4 merges of
+    rank 32 on a bf16 run and took it for the update's rank). The exports' merge records give the bound, and
+    'above rounding' (the cut and the roundings' modelled largest singular value) counts 12 in every layer:
+    the oracle is the same merges into a float64 base, whose update has rank 12 at the cut."""
+    _merged_into(tmp_path / "exact", "float64")
+    exact = update_rank.compare(tmp_path / "exact" / "a", tmp_path / "exact" / "b")
+    assert {(r["rank"], r["above_rounding"], r["bound"]) for r in exact.values()} == {(12, 12, 12)}
+    model = _merged_into(tmp_path, base)
+    record = json.loads((tmp_path / "b" / "relora_ds_progress.json").read_text())["relora"]
+    assert record == {"kinds": sorted({name.rpartition(".")[2] for name, _ in relora_layers(model)}), "rank": 4,
+                      "merges": 3, "live": False, "base_dtype": "int8" if base == "int8" else "bfloat16",
+                      "merge_residual": base == "residual"}
+    per_layer = update_rank.compare(tmp_path / "a", tmp_path / "b")
+    assert len(per_layer) == 14
+    for name, rec in per_layer.items():
+        assert rec["rank"] > 30 and rec["bound"] == 12 and rec["above_rounding"] == 12, (name, rec)
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/update_rank.py"), str(tmp_path / "a"),
+                           str(tmp_path / "b")], env=launch_env(), capture_output=True, text=True, check=True)
+    assert "warning: 14 matrices" in proc.stderr and "rank above the 12 the merges" in proc.stderr, proc.stderr
+    q = next(line.split() for line in proc.stdout.splitlines() if line.startswith("q_proj"))
+    assert q[5:] == ["12", "12.0"]
+
+
+def test_live_factors_and_a_full_rank_start_count_in_the_bound(tmp_path):
+    """The bound counts each rank-r term between the exports: the merges since A, and B's live factors (its
+    export adds s·B·A); A from a model without ReLoRA layers (the warm start's export) has none. Exports
+    without a run's record (export_hf with no progress) get no bound, and the command says why."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+    model = LlamaForCausalLM(cfg).double()
+    relora_ds.export_hf(model, tmp_path / "a", token_ids=IDS, dtype=torch.float64, progress={"step": 0})
+    relora_ds.wrap(model, rank=2, alpha=4)
+    for _ in range(2):
+        for _, layer in relora_layers(model):
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
+        relora_ds.merge_and_reinit(model)
+    for _, layer in relora_layers(model):
+        torch.nn.init.normal_(layer.lora_B, std=0.1)  # live: trained since the last merge
+    relora_ds.export_hf(model, tmp_path / "b", token_ids=IDS, dtype=torch.float64, progress={"step": 3})
+    assert {(r["rank"], r["bound"]) for r in update_rank.compare(tmp_path / "a", tmp_path / "b").values()} == {(6, 6)}
+    relora_ds.export_hf(model, tmp_path / "c", token_ids=IDS, dtype=torch.float64)  # no progress: no record
+    assert all("bound" not in r for r in update_rank.compare(tmp_path / "a", tmp_path / "c").values())
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/update_rank.py"), str(tmp_path / "a"),
+                           str(tmp_path / "c")], env=launch_env(), capture_output=True, text=True, check=True)
+    assert f"note: {tmp_path / 'c'} has no relora_ds_progress.json" in proc.stderr

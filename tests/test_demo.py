@@ -258,7 +258,7 @@ def test_train_py_closes_the_metrics_on_an_error_exit(monkeypatch):
             closed.append("released")
 
     monkeypatch.setattr(train_py, "Trainer", StopsOnNaN)
-    assert train_py.main(["--model", "debug", "--cycle-length", "4", "--total-steps", "8"]) == 3
+    assert train_py.main(["--model", "debug", "--cycle-length", "4", "--total-steps", "8", "--warmup-steps", "2"]) == 3
     assert closed == [3, "released"]  # with the exit status (W&B marks the run failed), then the lock
 
 

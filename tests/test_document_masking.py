@@ -277,7 +277,7 @@ def test_data_whose_bos_is_its_eos_is_refused_for_document_masking(tmp_path, sma
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["bos_id"] = manifest["eos_id"]
     (data / "manifest.json").write_text(json.dumps(manifest))
-    proc = train1(tmp_path, data, check=False, document_masking=True, total_steps=2)
+    proc = train1(tmp_path, data, check=False, document_masking=True, total_steps=4)
     assert proc.returncode != 0 and "one id" in proc.stderr and "BOS and EOS" in proc.stderr, proc.stderr[-2000:]
 
 

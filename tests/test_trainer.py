@@ -298,7 +298,7 @@ def test_bad_lora_setting_fails_before_the_warm_start(tmp_path, small_data_dir, 
            "MASTER_ADDR": "127.0.0.1"}
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--model", "debug", "--data-dir",
                            str(small_data_dir), "--cycle-length", "4", "--warm-start-steps", "2", "--total-steps", "8",
-                           *bad, "--output-dir", str(tmp_path / "run")],
+                           "--warmup-steps", "2", *bad, "--output-dir", str(tmp_path / "run")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
@@ -351,7 +351,8 @@ def test_a_wrong_deepspeed_path_fails_before_the_process_group(tmp_path):
     env = {**launch_env(), "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
            "MASTER_ADDR": "127.0.0.1"}
     proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--model", "debug", "--cycle-length", "4",
-                           "--restart-warmup-steps", "2", "--total-steps", "8", "--output-dir", str(tmp_path / "run"),
+                           "--restart-warmup-steps", "2", "--total-steps", "8", "--warmup-steps", "2",
+                           "--output-dir", str(tmp_path / "run"),
                            "--deepspeed", str(tmp_path / "zero2.jsn")], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2

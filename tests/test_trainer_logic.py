@@ -247,7 +247,7 @@ def test_train_py_reports_a_refused_start_or_resume_in_one_line(tmp_path, monkey
 
     monkeypatch.setattr(train_py, "Trainer", Refused)
     status = train_py.main(["--model", "debug", "--cycle-length", "4", "--restart-warmup-steps", "2", "--total-steps",
-                            "8", "--output-dir", str(tmp_path / "run")])
+                            "8", "--warmup-steps", "2", "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert status == 2
     assert err == "error: checkpoint run/checkpoints/step_4 was trained on 40 windows of training data\n"

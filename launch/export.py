@@ -20,7 +20,8 @@ from relora_ds.checkpoint import full_state_dict, latest_tag, load_config
 from relora_ds.data import load_manifest
 from relora_ds.data.manifest import tokenizer_sha256
 from relora_ds.data.tokenizer import resolve_tokenizer
-from relora_ds.hf import export_run
+from relora_ds.hf import export_run, merge_record
+from relora_ds.relora import relora_layers
 from relora_ds.train_args import ArgumentParser
 
 
@@ -78,6 +79,12 @@ def main(argv=None) -> Path:
         with torch.no_grad():
             # Checkpoints since 2026-12-04 record the sampler: a run from the export reads on in the data.
             progress = run.get("progress") if "sampler" in run.get("progress", {}) else None
+            layers = [name for name, _ in relora_layers(model)]
+            if progress is not None and layers:  # what its merges were (launch/update_rank.py), with the base's
+                saved = state.get(f"{layers[0]}.weight")  # dtype as saved (this copy holds it in fp32); a
+                base = None if saved is None else str(saved.dtype).removeprefix("torch.")  # None: int8's own
+                known = any(k.endswith("merge_count") for k in state)  # older checkpoints: unknown
+                progress = {**progress, "relora": merge_record(model, base) if known else None}
             out, notes = export_run(model, args.out, run["train"], tokenizer, dtype=args.dtype,
                                     token_ids=None if tokenizer else _run_token_ids(run), progress=progress)
     except ValueError as e:  # e.g. --out is the Hugging Face directory the run started from

@@ -11,15 +11,16 @@ the number of singular values above ``--threshold`` of the largest (``rank``), t
 exp(H(σ/Σσ)) (Roy & Vetterli), and ‖ΔW‖_F / ‖W_A‖_F. Singular values in float64 on the CPU, one matrix at a
 time.
 
-Rounding. Each merge into a bf16/fp16 (or int8) base rounds the whole matrix: a full-rank change of about
-2^-9 of each weight, which the 1% cut counts as rank where ‖ΔW‖/‖W‖ is small (a review measured rank 239 of
+Rounding. Each merge into a bf16/fp16 (or int8) base rounds the whole matrix: a full-rank change of up to
+2^-8 of each weight, which the 1% cut counts as rank where ‖ΔW‖/‖W‖ is small (a review measured rank 239 of
 a 256x688 matrix after 4 merges of rank 32). Where both exports are a run's (their relora_ds_progress.json
-records the merges, the rank and the base's dtype: relora_ds.hf.merge_record), it also prints the most
-rank the merges can add (``bound``: rank x the rank-r terms between A and B) and ``above rounding``: the
-singular values above both the cut and the largest singular value of the roundings' sum, modelled as
-independent errors uniform over each weight's rounding step (1.1·√(R·mean(step²)/12)·(√m + √n), R roundings:
-one per merge, or 2 with error feedback, --merge-residual or an int8 base). A rank above the bound is
-rounding, and is said so.
+records the layers' merges, rank and base dtype: relora_ds.hf.merge_record), it also prints the most rank
+the merges can add (``bound``: rank x the rank-r terms between A and B) and ``above rounding``: the singular
+values above both the cut and the edge of the roundings' spectrum, (√m + √n)·√(Σ R·mean(step²)/4) over R
+roundings of each kind (one per merge, or 2 with error feedback, --merge-residual or an int8 base; and each
+export's own cast to bf16): each moves a weight by at most half its rounding step (a bound; uniform errors
+would give a third of that variance), taken as independent from weight to weight. A rank above the bound
+is rounding, and is said so.
 """
 from __future__ import annotations
 
@@ -71,51 +72,68 @@ def update_rank(delta: torch.Tensor, base: torch.Tensor, threshold: float = 0.01
 
 def _merges(directory: Path) -> dict | None:
     """The export's merge record (relora_ds.hf.merge_record, in its relora_ds_progress.json); {} for a run's
-    export of a model without ReLoRA layers (the full-rank warm start); None for any other directory."""
+    export of a model without ReLoRA layers (the full-rank warm start); None where unknown (another tool's
+    export, or a checkpoint saved before merge counts were)."""
     path = directory / "relora_ds_progress.json"
     if not path.is_file():
         return None
-    return json.loads(path.read_text()).get("relora", {})
+    progress = json.loads(path.read_text())
+    return progress.get("relora", {}) if progress.get("relora", {}) is not None else None
 
 
-def rounding_step(w: torch.Tensor, base_dtype: str) -> torch.Tensor:
-    """Each weight's rounding step (the spacing of representable values there) in a ``base_dtype`` base: a
-    bf16/fp16 ulp (2^(e - 7), 2^(e - 10)), or an int8 base's row scale, absmax/127 (relora_ds.quant)."""
-    if base_dtype == "int8":
+LOW = ("bfloat16", "float16", "int8")  # bases a merge rounds
+
+
+def rounding_step(w: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Each weight's rounding step (the spacing of representable values there) in ``dtype``: a bf16/fp16
+    ulp (2^(e - 7), 2^(e - 10)), or an int8 base's row scale, absmax/127 (relora_ds.quant)."""
+    if dtype == "int8":
         return (w.abs().amax(dim=1, keepdim=True) / 127).expand_as(w)
-    mantissa = {"bfloat16": 7, "float16": 10}[base_dtype]
+    mantissa = {"bfloat16": 7, "float16": 10}[dtype]
     exponent = torch.floor(torch.log2(w.abs().clamp_min(torch.finfo(torch.float32).tiny)))
     return torch.exp2(exponent - mantissa)
 
 
+def _export_dtype(directory: Path) -> str | None:
+    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+    return config.get("dtype") or config.get("torch_dtype")
+
+
 def rounding_plan(a: Path, b: Path) -> dict | None:
-    """From the two exports' merge records: {bound: the most rank the merges between them can add, rounds:
-    the independent roundings in B - A, base_dtype}; rounds 0 for a float32 base. None where either is not
-    a run's export (no record: nothing known)."""
+    """From the two exports' merge records: {bound: the most rank the merges between them can add, roundings:
+    [(how many, dtype)] of the independent roundings in B - A, ...}. None where either export's merges are not
+    known. The roundings: one per merge into a bf16/fp16 base, or with error feedback (merge_residual, an
+    int8 base) B's one and A's; and each export's own cast to bf16/fp16, unless it held nothing to round (its
+    base in that dtype, no live factors)."""
     ra, rb = _merges(a), _merges(b)
     if ra is None or rb is None or not rb:
         return None
     between = rb["merges"] - ra.get("merges", 0)
+    if between < 0:
+        raise ValueError(f"{a} records {ra['merges']} merges and {b} {rb['merges']}: the first export is the later "
+                         "one; give the earlier export first")
     terms = between + rb["live"] + ra.get("live", False)  # each a product of rank-r factors
-    rank = max(rb["rank"], ra.get("rank", 0))
-    dtype = rb["base_dtype"]
-    if dtype not in ("bfloat16", "float16", "int8"):
-        rounds = 0
-    elif rb["merge_residual"] or dtype == "int8":  # error feedback: B's one rounding less A's
-        rounds = 1 + (ra.get("base_dtype") in ("bfloat16", "float16", "int8"))
-    else:
-        rounds = between
-    return {"bound": rank * terms, "rounds": rounds, "base_dtype": dtype, "kinds": set(rb["kinds"])}
+    base = rb["base_dtype"]
+    roundings = []
+    if base in LOW:
+        feedback = rb["merge_residual"] or base == "int8"  # B's one rounding less A's
+        roundings.append((1 + (ra.get("base_dtype") in LOW) if feedback else between, base))
+    for directory, record in ((a, ra), (b, rb)):
+        cast = _export_dtype(directory)
+        if cast in ("bfloat16", "float16") and not (record.get("base_dtype") == cast and not record.get("live")):
+            roundings.append((1, cast))
+    return {"bound": max(rb["rank"], ra.get("rank", 0)) * terms, "roundings": [r for r in roundings if r[0]],
+            "base_dtype": base, "merge_residual": rb["merge_residual"], "layers": set(rb["layers"])}
 
 
 def plan_note(a: Path, b: Path) -> str | None:
     """Why no bound or rounding floor is printed, where that is not plain; None otherwise."""
     ra, rb = _merges(a), _merges(b)
     if ra is None or rb is None:
-        missing = a if ra is None else b
-        return (f"{missing} has no relora_ds_progress.json (not an export of a relora_ds run, or made by "
-                "export_hf without progress): the merges and their rounding are not known, and 'rank' may count "
-                "the rounding of a bf16 base at each merge")
+        unknown = a if ra is None else b
+        return (f"{unknown}'s merges are not known (no relora_ds_progress.json with them: not a relora_ds run's "
+                "export, one made by export_hf without progress, or of a checkpoint from before merge counts): "
+                "'rank' may count the rounding of a bf16 base at each merge")
     return None
 
 
@@ -133,10 +151,10 @@ def compare(a: Path, b: Path, threshold: float = 0.01, everything: bool = False)
         if wa.shape != wb.shape:
             raise ValueError(f"{name} is {tuple(wa.shape)} in {a} but {tuple(wb.shape)} in {b}: not the same model")
         floor = None
-        if plan is not None and _kind(name) in plan["kinds"]:  # a ReLoRA layer's (others train full-rank)
-            step2 = rounding_step(wb, plan["base_dtype"]).pow(2).mean() if plan["rounds"] else 0.0
-            # the spectrum's edge, and 10% for its finite-size fluctuation (Tracy-Widom: ~n^(-2/3), 6% at n=64)
-            floor = 1.1 * float((plan["rounds"] * step2 / 12) ** 0.5 * (wa.shape[0] ** 0.5 + wa.shape[1] ** 0.5))
+        if plan is not None and name.removesuffix(".weight") in plan["layers"]:  # a ReLoRA layer (others: full rank)
+            # each rounding moves a weight by at most half its step: the spectrum's edge at that variance
+            variance = sum(n * rounding_step(wb, dtype).pow(2).mean() / 4 for n, dtype in plan["roundings"])
+            floor = float(variance) ** 0.5 * (wa.shape[0] ** 0.5 + wa.shape[1] ** 0.5)
         out[name] = update_rank(wb - wa, wa, threshold, floor)
         if floor is not None:
             out[name]["bound"] = plan["bound"]
@@ -156,11 +174,11 @@ def by_kind(per_layer: dict[str, dict]) -> dict[str, dict]:
     for name, rec in per_layer.items():
         groups[_kind(name)].append(rec)
     out = {}
-    for kind, recs in groups.items():
+    for kind, recs in groups.items():  # a kind's bound and rounding: where all its layers are ReLoRA layers
         out[kind] = {"layers": len(recs), "shape": recs[0]["shape"],
                      **{key: sum(r[key] for r in recs) / len(recs) for key in
-                        ("rank", "effective_rank", "rel_norm", "above_rounding") if key in recs[0]}}
-        if "bound" in recs[0]:
+                        ("rank", "effective_rank", "rel_norm", "above_rounding") if all(key in r for r in recs)}}
+        if all("bound" in r for r in recs):
             out[kind]["bound"] = recs[0]["bound"]
     return out
 
@@ -197,10 +215,11 @@ def main(argv=None) -> dict:
     over = sorted(name for name, rec in per_layer.items() if rec["rank"] > rec.get("bound", float("inf")))
     if over:
         plan = rounding_plan(args.a, args.b)
+        once = plan["base_dtype"] in ("bfloat16", "float16") and not plan["merge_residual"]
         print(f"warning: {len(over)} matrices (e.g. {over[0]}) have a rank above the {plan['bound']} the merges "
-              f"between the exports can add (rank-r terms x r): the excess is the {plan['base_dtype']} base's "
-              "rounding at each merge, full-rank and larger than the 1% cut where |dW|/|W| is small. 'above "
-              "rounding' counts past it; a run with --merge-residual (bf16) rounds once in all", file=sys.stderr)
+              f"between the exports can add (rank-r terms x r): the excess is rounding ({plan['base_dtype']} base, "
+              "exports), full-rank and above the cut where |dW|/|W| is small. 'above rounding' counts past it"
+              + ("; a run with --merge-residual rounds once in all" if once else ""), file=sys.stderr)
     elif plan_note(args.a, args.b):
         print(f"note: {plan_note(args.a, args.b)}", file=sys.stderr)
     if args.json:

@@ -101,22 +101,37 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) 
     return {k: v.contiguous().cpu() for k, v in merged.items()}
 
 
-def merge_record(model) -> dict | None:
+def merge_record(model, base_dtype: str | None = None) -> dict | None:
     """What the ReLoRA layers of ``model`` folded into its weights (PROGRESS_FILE's ``relora``, which
-    launch/update_rank.py reads): the layers' ``kinds`` (their names' last part), ``merges`` (the most any
-    layer made), ``live`` (a factor B not zero: the
-    export adds one more rank-``rank`` term), the frozen base's ``base_dtype`` (each merge into a bf16/fp16
-    or int8 base rounds the whole matrix) and ``merge_residual`` (error feedback: the roundings do not add
-    up; an int8 base always has it). None for a model without ReLoRA layers."""
+    launch/update_rank.py reads): the ReLoRA ``layers`` (names), ``rank``, ``merges`` (the most any layer
+    made), ``live`` (a factor B not zero: the export adds one more rank-``rank`` term), the frozen base's
+    ``base_dtype`` (each merge into a bf16/fp16 or int8 base rounds the whole matrix; ``base_dtype`` gives
+    it for a copy built for export, which holds a bf16 base in fp32) and ``merge_residual`` (error feedback:
+    the roundings do not add up; an int8 base always has it). None for a model without ReLoRA layers."""
     named = list(relora_layers(model))
-    layers = [layer for _, layer in named]
-    if not layers:
+    if not named:
         return None
-    return {"kinds": sorted({name.rpartition(".")[2] for name, _ in named}),  # q_proj, ...: which weights
-            "rank": max(layer.rank for layer in layers), "merges": max(int(layer.merge_count) for layer in layers),
+    layers = [layer for _, layer in named]
+    return {"layers": sorted(name for name, _ in named), "rank": max(layer.rank for layer in layers),
+            "merges": max(int(layer.merge_count) for layer in layers),
             "live": any(bool(layer.lora_B.detach().ne(0).any()) for layer in layers),
-            "base_dtype": "int8" if layers[0].quantize else str(layers[0].weight.dtype).removeprefix("torch."),
+            "base_dtype": "int8" if layers[0].quantize else base_dtype or frozen_dtype(model),
             "merge_residual": any(layer.merge_residual is not None for layer in layers)}
+
+
+def with_merge_record(progress: dict, copy, module) -> dict:
+    """``progress`` with the merge record of ``copy`` (model_from_engine's, which holds a bf16 base in fp32)
+    in the base dtype of ``module`` (the engine's model); as it is for a model without ReLoRA layers."""
+    base = frozen_dtype(module)
+    return {**progress, "relora": merge_record(copy, base)} if base else progress
+
+
+def frozen_dtype(model) -> str | None:
+    """The dtype the ReLoRA layers of ``model`` keep their frozen base in ("int8": quantized); None: none."""
+    layer = next((layer for _, layer in relora_layers(model)), None)
+    if layer is None:
+        return None
+    return "int8" if layer.quantize else str(layer.weight.dtype).removeprefix("torch.")
 
 
 # A Hugging Face model directory's tokenizer: what `export_hf(like=...)` carries over.
@@ -149,8 +164,8 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
 
     `progress`: how far the training of these weights got in its data (a run's ``progress()``), written as
     PROGRESS_FILE, where a run started from the export reads on (--warm-start-data), with what its ReLoRA
-    layers merged (``merge_record``: launch/update_rank.py); without it an earlier export's file goes, so
-    that none describes other weights.
+    layers merged (``merge_record``, unless `progress` has a ``relora`` entry, None where unknown:
+    launch/update_rank.py); without it an earlier export's file goes, so that none describes other weights.
 
     Everything is written into a staging directory inside `out_dir` first and moved into place at the end:
     an error on the way (a tokenizer refused, a full disk) leaves an earlier export there as it was.
@@ -212,8 +227,10 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
             shutil.copy(generation, staging / "generation_config.json")
         else:
             (staging / "generation_config.json").write_text(json.dumps(special, indent=2))
-        if progress is not None:
-            record = {**progress, **({"relora": merges} if (merges := merge_record(model)) else {})}
+        if progress is not None:  # with what the ReLoRA layers merged, unless the caller knows it better
+            record = progress if "relora" in progress else {**progress, "relora": merge_record(model)}
+            if "relora" not in progress and record["relora"] is None:  # no ReLoRA layers (a full-rank model)
+                del record["relora"]
             (staging / PROGRESS_FILE).write_text(json.dumps(record, indent=1) + "\n")
         _replace_export(out, staging, writes_tokenizer=tokenizer is not None or bool(source_files))
     finally:
@@ -301,6 +318,8 @@ def _export_engine(engine, out_dir, dtype, tokenizer, **kw) -> Path:
 
     def write():
         if ours:
+            if kw.get("progress") is not None and "relora" not in kw["progress"]:
+                kw["progress"] = with_merge_record(kw["progress"], model, engine.module)
             export_hf(model, out_dir, dtype, tokenizer, **kw)
         else:  # merged, plain nn.Linear (Conv1D) layers, in the dtype asked for (default: the fp32 masters)
             from .relora import unwrap

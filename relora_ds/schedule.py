@@ -10,10 +10,10 @@ import functools
 import math
 import typing
 
-if typing.TYPE_CHECKING:  # torch is imported on first use: relora_ds.train_config checks a recipe with this module
-    from torch.optim import Optimizer
-    from torch.optim.lr_scheduler import LambdaLR
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
+if typing.TYPE_CHECKING:
     from .train_config import TrainConfig
 
 
@@ -85,8 +85,6 @@ SCHEDULES = {"jagged_cosine": jagged_cosine, "cosine": cosine_with_warmup, "line
 
 def build_scheduler(optimizer: Optimizer, name: str = "jagged_cosine", **kwargs) -> LambdaLR:
     """``LambdaLR`` over one of SCHEDULES with its keyword arguments bound (validated right away)."""
-    from torch.optim.lr_scheduler import LambdaLR
-
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid: {sorted(SCHEDULES)}")
     fn = functools.partial(SCHEDULES[name], **kwargs)

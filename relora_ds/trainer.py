@@ -38,7 +38,7 @@ from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16,
 from .engines import GROUP_KINDS, EnginesMixin
 from .ds_patches import patch_deepspeed_nvme
 from .evaluate import validation_losses
-from .hf import export_run, model_from_engine
+from .hf import export_run, model_from_engine, with_merge_record
 from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_line
 from .relora import lora_parameters
 from .resume import CheckpointsMixin
@@ -425,7 +425,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         model = model_from_engine(self.engine, keep=self.rank == 0)  # every rank gathers; rank 0 writes
 
         def write():  # its error (a full disk, say) stops every rank instead of leaving them at a barrier
-            _, notes = export_run(model, out_dir, self.cfg.to_dict(), self.tokenizer_path, progress=self.progress())
+            progress = with_merge_record(self.progress(), model, self.engine.module)
+            _, notes = export_run(model, out_dir, self.cfg.to_dict(), self.tokenizer_path, progress=progress)
             self._print(f"exported the Hugging Face model to {out_dir}")
             for note in notes:
                 self._event({"event": "warning", "step": self.step, "message": f"export to {out_dir}: {note}"})

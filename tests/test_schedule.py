@@ -215,8 +215,8 @@ def test_schedule_problems_are_exactly_what_the_schedule_functions_refuse(monkey
     """schedule_problems (what the launch scripts check right after reading a recipe, all at once) against the
     oracle, the schedule functions themselves, built as the trainer builds them (startup.build_schedule with
     the up-front check switched off): over a grid of settings in every mode, a combination is named exactly
-    when the functions refuse it; and a warm start as long as the run, which the functions accept (the run
-    would train no low-rank step), is named."""
+    when the functions refuse it; and a warm start as long as the run is named first (the functions accept
+    it where the low-rank phase continues the schedule, and the run would train no low-rank step)."""
     import dataclasses
     import itertools
 

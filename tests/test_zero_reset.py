@@ -101,11 +101,13 @@ def test_export_of_an_engine_writes_the_masters_merged(results, case):
     """relora_ds.export_hf(engine) on every rank: the file rank 0 writes holds each ReLoRA layer's gathered base
     + scale * B @ A of the fp32 masters and every other parameter's fp32 master, exactly (oracle: DeepSpeed's
     safe_get_full_fp32_param). A review found export_hf(engine) refused and export_hf(engine.module) under
-    ZeRO-3 writing a model of empty tensors without a word: the module is now refused there."""
+    ZeRO-3 writing a model of empty tensors without a word: the module is now refused there. Its merge record
+    (relora_ds_progress.json) names the engine's base dtype (a review found the fp32 copy's recorded)."""
     for r in results:
         res = r[case]
         assert res["export_exact"] and res["export_delta_nonzero"]
         assert res["module_export_refused"]
+        assert res["export_record"]["base_dtype"] == ("bfloat16" if case.endswith("bf16") else "float32"), res
 
 
 def test_optimizer_steps_after_a_universal_load_are_separate_tensors():

@@ -186,7 +186,8 @@ def non_adam_refusal():
 def check_export(engine, export_dir):
     """export_hf(engine) on every rank (rank 0 writes) against the weights DeepSpeed itself reports: each ReLoRA
     layer's base (gathered) + scale * B_master @ A_master, the other parameters' fp32 masters. The module alone
-    (ZeRO-3: empty placeholders; a bf16 engine: bf16 copies, not the masters) is refused under ZeRO-3."""
+    (ZeRO-3: empty placeholders; a bf16 engine: bf16 copies, not the masters) is refused under ZeRO-3. The
+    export's merge record (launch/update_rank.py) names the engine's base dtype, not the fp32 copy's."""
     from safetensors.torch import load_file
 
     model = engine.module
@@ -196,7 +197,10 @@ def check_export(engine, export_dir):
         res["module_export_refused"] = not any(hasattr(p, "ds_id") for p in model.parameters())
     except ValueError as e:
         res["module_export_refused"] = "pass the engine itself" in str(e)
-    relora_ds.export_hf(engine, export_dir, token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    relora_ds.export_hf(engine, export_dir, token_ids={"bos_token_id": 1, "eos_token_id": 2}, progress={"step": 3})
+    with open(os.path.join(export_dir, "relora_ds_progress.json")) as f:  # rank 0's file, read by every rank
+        record = json.load(f)["relora"]
+    res["export_record"] = {k: record[k] for k in ("base_dtype", "merges", "rank")}
     want = {}
     for name, layer in relora_ds.relora_layers(model):
         with deepspeed.zero.GatheredParameters([layer.weight], enabled=hasattr(layer.weight, "ds_id")):

@@ -171,16 +171,26 @@ def check_members(data_dir: str | Path, manifest: dict) -> list[Path]:
     return dirs
 
 
-def starved_members(split: dict, seq_len: int) -> list[str]:
-    """The members of a mixture's split entry that hold windows at ``seq_len`` but whose weight gives them no
-    position of an epoch (``w_i · N`` rounds to 0); [] for a plain split."""
+def _manifest_quotas(split: dict, seq_len: int) -> np.ndarray | None:
+    """Each member's positions in an epoch of a mixture's split entry at ``seq_len`` (MixedWindows.quotas,
+    from the manifest); None for a plain split or a member without a window."""
     members = split.get("members", [])
     sizes = [num_windows(m["tokens"], seq_len) for m in members]
     if not members or not all(sizes):
-        return []
+        return None
     shares = np.array([m["weight"] for m in members], dtype=float)
-    quotas = _largest_remainder(shares / shares.sum(), sum(sizes))
-    return [f"{m['path']} (weight {m['weight']:.3g})" for m, q in zip(members, quotas) if q == 0]
+    return _largest_remainder(shares / shares.sum(), sum(sizes))
+
+
+def _label(member: dict) -> str:
+    return f"{member['path']} (weight {member['weight']:.3g})"
+
+
+def starved_members(split: dict, seq_len: int) -> list[str]:
+    """The members of a mixture's split entry that hold windows at ``seq_len`` but whose weight gives them no
+    position of an epoch (``w_i · N`` rounds to 0); [] for a plain split."""
+    quotas = _manifest_quotas(split, seq_len)
+    return [] if quotas is None else [_label(m) for m, q in zip(split["members"], quotas) if q == 0]
 
 
 def unevaluated_members(split: dict, seq_len: int, windows: int) -> tuple[list[str], int]:
@@ -190,18 +200,12 @@ def unevaluated_members(split: dict, seq_len: int, windows: int) -> tuple[list[s
     position ``k·L // n`` (k < n) falls in the block ``[lo, lo + q)`` for ``ceil((lo + q)·n / L) -
     ceil(lo·n / L)`` values of k, at least one once ``n >= L / q``. ([], 0) for a plain split, a starved
     member (starved_members) or an evaluation of every window."""
-    members = split.get("members", [])
-    sizes = [num_windows(m["tokens"], seq_len) for m in members]
-    total = sum(sizes)
-    if not members or not all(sizes) or not windows or windows >= total:
+    quotas = _manifest_quotas(split, seq_len)
+    if quotas is None or not quotas.all() or not windows or windows >= quotas.sum():
         return [], 0
-    shares = np.array([m["weight"] for m in members], dtype=float)
-    quotas = _largest_remainder(shares / shares.sum(), total)
-    if not quotas.all():
-        return [], 0
-    lo = np.cumsum(quotas) - quotas
+    total, lo = int(quotas.sum()), np.cumsum(quotas) - quotas
     counts = -(-(lo + quotas) * windows // total) + (-lo * windows // total)
-    missed = [f"{m['path']} (weight {m['weight']:.3g})" for m, c in zip(members, counts) if c == 0]
+    missed = [_label(m) for m, c in zip(split["members"], counts) if c == 0]
     return missed, (-(-total // int(quotas.min())) if missed else 0)
 
 

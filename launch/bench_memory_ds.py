@@ -49,12 +49,12 @@ BASES = ("full", "bf16", "int8")  # full-rank training; ReLoRA on a bf16 base; R
 
 
 def estimated_peak_gib(model_cfg, cfg, ds: dict) -> float | None:
-    """launch/preflight.py's estimate of the peak per GPU (launch/memory_table.py: states + activations of the
+    """launch/preflight.py's estimate of the peak per GPU (relora_ds/memory.py: states + activations of the
     run's one phase, world size 1), for the row beside the measured peak; None where it is not estimated
     (fp32)."""
-    import memory_table  # beside this script (its folder is on sys.path when it runs)
+    from relora_ds import memory
 
-    phases = memory_table.run_phases(model_cfg, cfg, ds, 1)
+    phases = memory.run_phases(model_cfg, cfg, ds, 1)
     if isinstance(phases, str):
         return None
     (phase,) = phases  # no warm start here: mode full, or ReLoRA from the start

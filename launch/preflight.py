@@ -14,7 +14,7 @@ another model, tokenizer or training data, a ZeRO stage or world-size change Dee
 scripts/setup_env.sh does), what the ranks will run on is known here too: kernels=triton without CUDA and
 fp16 on DeepSpeed's CPU accelerator are refused; without it the launching node may lack the compute nodes'
 GPUs, so those two are left to the ranks. It prints the estimated peak memory per GPU of each phase left (warm
-start, ReLoRA; launch/memory_table.py's model on the run's own model, counted on a meta-device copy) and, with
+start, ReLoRA; relora_ds/memory.py's model on the run's own model, counted on a meta-device copy) and, with
 --gpu-memory-gb, refuses a run that exceeds it, naming the largest micro_batch_size that fits; without it, a
 GPU on this node is compared with, as a warning only. Prints a summary on stderr and the resolved output directory on stdout (the sbatch scripts read it to
 find metrics.jsonl); exit 2 on error.
@@ -52,7 +52,7 @@ def _check(argv) -> str:
     parser.add_argument("--world-size", type=int, required=True, help="ranks the launcher will start")
     parser.add_argument("--gpu-memory-gb", type=float, default=None,
                         help="memory per GPU (GB, 1e9 bytes): refuse a run whose estimated peak per GPU exceeds it "
-                             "less a reserve of 10%% + 2 GiB (launch/memory_table.py's model); without it the "
+                             "less a reserve of 10%% + 2 GiB (relora_ds/memory.py's model); without it the "
                              "estimate is printed, and compared with this node's first GPU where it has one")
     args = parser.parse_args(argv)
     if args.world_size < 1:
@@ -151,9 +151,9 @@ def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: 
     line. Over ``gpu_memory_gb`` (less the reserve) a ValueError naming the largest micro_batch_size that fits;
     over the memory of this node's GPU (no ``gpu_memory_gb`` given) a warning line only: the launching node's
     GPU may not be the ranks'."""
-    import memory_table as mt
+    from relora_ds import memory
 
-    phases = mt.run_phases(model_config, cfg, ds, world_size, start_step)
+    phases = memory.run_phases(model_config, cfg, ds, world_size, start_step)
     if isinstance(phases, str):
         unchecked = "; warning: --gpu-memory-gb is not checked" if gpu_memory_gb is not None else ""
         return f"memory per GPU not estimated: {phases}{unchecked}"
@@ -164,13 +164,13 @@ def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: 
     parts = [f"{p['phase']} {size(p['states'] + p['activations'])} (states {size(p['states'])} + activations "
              f"{size(p['activations'])})" for p in phases]
     line = (f"estimated peak memory per GPU at micro_batch_size {cfg.micro_batch_size}: {', '.join(parts)} "
-            "(launch/memory_table.py's model, without the CUDA context and buffers)")
+            "(relora_ds/memory.py's model, without the CUDA context and buffers)")
     memory_gb, given = (gpu_memory_gb, True) if gpu_memory_gb is not None else (_local_gpu_gb(), False)
     if memory_gb is None:
         return line
     flag = "--gpu-memory-gb" if given else "this node's GPU of"
     try:
-        budget = mt.usable_bytes(memory_gb, flag=flag)
+        budget = memory.usable_bytes(memory_gb, flag=flag)
     except ValueError as e:
         if given:
             raise
@@ -179,7 +179,7 @@ def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: 
     if not over:
         return f"{line}; fits {flag} {memory_gb:g} ({budget / 1e9:.1f} GB usable)"
     per_rank = cfg.global_batch_size // world_size
-    fitting = mt.largest_fitting_micro_batch(per_rank, lambda m: all(p["fits"](m, budget) for p in phases))
+    fitting = memory.largest_fitting_micro_batch(per_rank, lambda m: all(p["fits"](m, budget) for p in phases))
     names = " and ".join(p["phase"] for p in over)
     states_only = all(p["activations"] == 0 for p in over)  # a phase loaded and left without a step
     advice = (f"the largest micro_batch_size that fits is {fitting} (a divisor of global_batch_size "

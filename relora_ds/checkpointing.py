@@ -16,7 +16,7 @@ and recomputes the rest in backward: RMSNorm, RoPE, SiLU and the gating product,
 LoRA dropout mask, and the rank-r products (``S Bᵀ``, ``s·B A``), whose contraction over r is the smallest
 dimension of the product, so recomputing them costs ``r/in`` of the big GEMM's. What backward recomputes
 is thus a small fraction of a forward, against a whole one with full checkpointing; what a layer keeps is
-about half of what it keeps without checkpointing (``launch/memory_table.py`` has the per-layer bytes).
+about half of what it keeps without checkpointing (``relora_ds/memory.py`` has the per-layer bytes).
 
 Mechanism: torch's ``create_selective_checkpoint_contexts`` (public since torch 2.4, setup.py's floor) as ``checkpoint``'s
 ``context_fn``. It sees torch ops only: the BLAS path (``auto``'s default on CPU and CUDA) and the reference

@@ -2,7 +2,7 @@
 
 The plain path keeps 4 s V bytes of fp32 log-probs per sequence for backward and adds 8 s V of logits and
 logit gradients at its start: with activation checkpointing these are most of the activation memory
-(launch/memory_table.py). Here the tokens go through the head in chunks: each chunk's logits are made,
+(relora_ds/memory.py). Here the tokens go through the head in chunks: each chunk's logits are made,
 reduced to its loss, turned into the gradients of the hidden states and of the head weight, and freed,
 all in the forward (the approach of Liger-Kernel's fused linear cross-entropy, in plain torch). Backward
 only scales the stored gradients. Kept for backward: the hidden-state gradient (the hidden states' size)

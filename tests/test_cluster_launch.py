@@ -151,9 +151,9 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
 def test_preflight_estimates_memory_per_gpu_and_refuses_a_micro_batch_over_gpu_memory_gb(tmp_path, monkeypatch):
     """The paper's 1b recipe on 8 ranks (ZeRO-2): the estimate line for both phases; with --gpu-memory-gb too
     small for its micro-batch, exit 2 naming the largest micro_batch_size that fits, which then passes while
-    the next larger divisor of the per-rank batch does not (the oracle: memory_table's own fits); fp32 is
+    the next larger divisor of the per-rank batch does not (the oracle: relora_ds.memory's own fits); fp32 is
     not estimated, and --gpu-memory-gb then says it was not checked."""
-    import memory_table as mt
+    from relora_ds import memory as mt
 
     args = ["--config", "launch/configs/paper_1b.yaml", "--deepspeed", "ds_configs/zero2.json", "--output-dir",
             tmp_path / "run"]

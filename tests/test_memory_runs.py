@@ -1,4 +1,4 @@
-"""A training run's memory per GPU: launch/preflight.py's estimate (memory_table.run_phases, on the run's own
+"""A training run's memory per GPU: launch/preflight.py's estimate (relora_ds.memory.run_phases, on the run's own
 model and DeepSpeed config) and launch/bench_memory_ds.py, which measures it under a DeepSpeed engine and
 records the estimate beside the measured peak. The formulas themselves: tests/test_memory_table.py."""
 import json
@@ -13,6 +13,7 @@ from relora_ds import LlamaConfig, LlamaForCausalLM, wrap
 
 sys.path.insert(0, str(ROOT / "launch"))
 import memory_table  # noqa: E402
+from relora_ds import memory  # noqa: E402
 
 
 def test_bench_memory_ds_runs_full_rank_and_relora_and_counts_their_trained_parameters(tmp_path):
@@ -63,7 +64,7 @@ def test_bench_memory_ds_runs_full_rank_and_relora_and_counts_their_trained_para
 
 @pytest.mark.parametrize("base", ["full", "int8"])
 def test_bench_memory_ds_rows_carry_preflights_estimate(base):
-    """The GPU row's estimate beside its measured peak (launch/bench_memory_ds.py): memory_table.run_phases on
+    """The GPU row's estimate beside its measured peak (launch/bench_memory_ds.py): memory.run_phases on
     the script's own run (world size 1, bf16 ZeRO-2), its one phase's states + activations."""
     sys.path.insert(0, str(ROOT / "launch"))
     import bench_memory_ds
@@ -77,7 +78,7 @@ def test_bench_memory_ds_rows_carry_preflights_estimate(base):
                       quantize="int8" if lowrank else None)
     ds = complete_ds_config(load_ds_config(ROOT / "ds_configs/zero2.json"), cfg, world_size=1)
     model_cfg = LlamaConfig.preset("debug", max_position_embeddings=17)
-    (phase,) = memory_table.run_phases(model_cfg, cfg, ds, 1)
+    (phase,) = memory.run_phases(model_cfg, cfg, ds, 1)
     assert phase["phase"] == ("ReLoRA" if lowrank else "full-rank")
     got = bench_memory_ds.estimated_peak_gib(model_cfg, cfg, ds)
     assert got == (phase["states"] + phase["activations"]) / 2**30 > 0
@@ -86,7 +87,7 @@ def test_bench_memory_ds_rows_carry_preflights_estimate(base):
 @pytest.mark.parametrize("case", ["relora_warm_start_int8_subset", "full", "lora_from_warm_start_offload",
                                   "relora_zero1_bf16_optimizer"])
 def test_run_phases_count_the_runs_own_model(case):
-    """memory_table.run_phases (launch/preflight.py's estimate): parameters counted on a real model built and
+    """memory.run_phases (launch/preflight.py's estimate): parameters counted on a real model built and
     wrapped as the run asks (the oracle: its parameters and buffers on CPU, in bf16 as the engine holds them;
     target_modules a subset, tied embeddings, an int8 base), the states by ZeRO's bytes per parameter by hand,
     the phases the run has, and the activations of the run's micro-batch, checkpointing and chunked loss."""
@@ -110,12 +111,12 @@ def test_run_phases_count_the_runs_own_model(case):
             TrainConfig(**base, cycle_length=50, restart_warmup_steps=10, dropout=0.1),
             {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
              "gradient_accumulation_steps": 1}, 4)}[case]()
-    phases = memory_table.run_phases(model_config, cfg, ds, n)
+    phases = memory.run_phases(model_config, cfg, ds, n)
 
     model = LlamaForCausalLM(model_config).to(torch.bfloat16)
     total = sum(p.numel() for p in model.parameters())  # tied: the head is the embedding
-    assert total == model.num_parameters() < memory_table.param_counts(model_config, 8)["other"] + \
-        memory_table.param_counts(model_config, 8)["projections"]
+    assert total == model.num_parameters() < memory.param_counts(model_config, 8)["other"] + \
+        memory.param_counts(model_config, 8)["projections"]
     if cfg.mode != "full":
         wrap(model, rank=8, target_modules=cfg.target_modules, quantize=cfg.quantize)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -141,7 +142,7 @@ def test_run_phases_count_the_runs_own_model(case):
         # resumed at step 9 the warm start has a step left; from step_10 (its last checkpoint) the full-rank
         # engine is loaded and switched before a step (relora_ds/resume.py): its states, no activations; at 11
         # ReLoRA only
-        resumed = {s: memory_table.run_phases(model_config, cfg, ds, n, start_step=s) for s in (9, 10, 11)}
+        resumed = {s: memory.run_phases(model_config, cfg, ds, n, start_step=s) for s in (9, 10, 11)}
         assert [p["phase"] for p in resumed[9]] == ["warm start", "ReLoRA"]
         assert [(p["phase"], p["activations"]) for p in resumed[10]] == [
             ("warm start (loaded, no step)", 0), ("ReLoRA", phases[1]["activations"])]
@@ -149,17 +150,17 @@ def test_run_phases_count_the_runs_own_model(case):
         assert [p["phase"] for p in resumed[11]] == ["ReLoRA"]
     for p, (name, states, rank) in zip(phases, want):
         assert p["states"] == pytest.approx(states, rel=1e-12), name
-        assert p["activations"] == memory_table.activation_peak_bytes(
+        assert p["activations"] == memory.activation_peak_bytes(
             model_config, 64, rank, 3, ckpt, cfg.loss_chunk_size, cfg.activation_checkpointing_policy,
             masks if rank else 0)
         assert p["fits"](3, p["states"] + p["activations"]) and not p["fits"](3, p["states"] + p["activations"] - 1)
-    assert memory_table.run_phases(model_config, cfg, {"zero_optimization": {"stage": 2}}, n) == \
+    assert memory.run_phases(model_config, cfg, {"zero_optimization": {"stage": 2}}, n) == \
         "fp32 training (the memory model counts bf16/fp16 weights and activations)"
     if case == "full":  # ZeRO-3 offloading optimizer and parameters, in DeepSpeed's legacy spelling too: no states
         for zero in ({"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "nvme", "nvme_path": "/x"}},
                      {"cpu_offload": True, "cpu_offload_param": True}):
             ds3 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, **zero}}
-            assert [p["states"] for p in memory_table.run_phases(model_config, cfg, ds3, n)] == [0], zero
+            assert [p["states"] for p in memory.run_phases(model_config, cfg, ds3, n)] == [0], zero
 
 
 def test_run_phases_count_document_masking_sdpa_masks():
@@ -181,7 +182,7 @@ def test_run_phases_count_document_masking_sdpa_masks():
     assert want == 2 * 3 * 62 * 64 * 2  # two windows; rows padded to 64
     for attn, extra in (("auto", want), ("flash", 0)):
         model_config = LlamaConfig.preset("tiny", attn_implementation=attn, **windowed)
-        plain, masked = (memory_table.run_phases(model_config, TrainConfig(**base, document_masking=on), ds, 2)
+        plain, masked = (memory.run_phases(model_config, TrainConfig(**base, document_masking=on), ds, 2)
                          for on in (False, True))
         assert [p["phase"] for p in masked] == ["ReLoRA"]
         assert masked[0]["activations"] - plain[0]["activations"] == extra, attn
@@ -200,13 +201,13 @@ def test_the_readme_tables_micro_batches_are_those_preflight_allows_for_the_pape
     cfg = config_from_args(build_launch_parser().parse_args(["--config", str(ROOT / f"launch/configs/{recipe}.yaml")]))
     model_config = LlamaConfig.preset(cfg.model, vocab_size=cfg.vocab_size)
     ds = complete_ds_config(load_ds_config(ROOT / "ds_configs/zero2.json"), cfg, 8)
-    phases = {p["phase"]: p for p in memory_table.run_phases(model_config, cfg, ds, 8)}
+    phases = {p["phase"]: p for p in memory.run_phases(model_config, cfg, ds, 8)}
     assert set(phases) == {"warm start", "ReLoRA"}
-    budget, per_rank = memory_table.usable_bytes(80.0), cfg.global_batch_size // 8
+    budget, per_rank = memory.usable_bytes(80.0), cfg.global_batch_size // 8
     assert memory_table.main(["--presets", cfg.model]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     row = dict(zip(*([c.strip() for c in line.strip("|").split("|")] for line in (lines[0], lines[1]))))
     for phase, column, z2 in (("warm start", "micro-batch warm start Z0 / Z1 / Z2 / Z3", 2),
                               ("ReLoRA", "micro-batch ReLoRA Z0 / Z2 / Z3", 1)):
-        fits = memory_table.largest_fitting_micro_batch(per_rank, lambda m: phases[phase]["fits"](m, budget))
+        fits = memory.largest_fitting_micro_batch(per_rank, lambda m: phases[phase]["fits"](m, budget))
         assert row[column].split(" / ")[z2] == str(fits), (recipe, phase, row[column], fits)

@@ -1,4 +1,4 @@
-"""launch/memory_table.py's formulas against the model: parameter counts against the module, the kept
+"""relora_ds/memory.py's formulas (launch/memory_table.py prints them) against the model: parameter counts against the module, the kept
 activations against autograd's saved tensors, and the peak activation memory (with and without activation
 checkpointing) against the heap actually in use on CPU; the offloaded states against DeepSpeed's own estimators."""
 import ctypes
@@ -16,6 +16,7 @@ from relora_ds import LlamaConfig, LlamaForCausalLM, lora_parameters, wrap
 
 sys.path.insert(0, str(ROOT / "launch"))
 import memory_table  # noqa: E402
+from relora_ds import memory  # noqa: E402
 
 
 def test_memory_table_parameter_counts_match_the_model():
@@ -23,7 +24,7 @@ def test_memory_table_parameter_counts_match_the_model():
         cfg = LlamaConfig.preset(name)
         with torch.device("meta"):
             model = LlamaForCausalLM(cfg)
-        c = memory_table.param_counts(cfg, rank)
+        c = memory.param_counts(cfg, rank)
         assert c["projections"] + c["other"] == model.num_parameters()
         with torch.device("meta"):
             wrap(model, rank=rank)
@@ -42,7 +43,7 @@ def test_frozen_bytes_match_the_wrapped_model(quantize):
 
     # (parameters, which ZeRO-3 partitions; buffers, which it does not)
     want = (held(model.named_parameters()), held(model.named_buffers()))
-    assert memory_table.frozen_bytes(memory_table.param_counts(cfg, 8), quantize) == want
+    assert memory.frozen_bytes(memory.param_counts(cfg, 8), quantize) == want
     assert want[0] > 0 and (want[1] > 0) == (quantize == "int8")
 
 
@@ -54,7 +55,7 @@ def test_kept_activations_match_saved_tensors(rank):
 
 @pytest.mark.parametrize("variant", ["dropout", "dropout_int8", "qk_norm"])
 def test_kept_dropout_masks_and_qk_norms_match_saved_tensors(variant):
-    """The terms launch/preflight.py's estimate adds (memory_table.run_phases): the LoRA dropout's keep-masks,
+    """The terms launch/preflight.py's estimate adds (memory.run_phases): the LoRA dropout's keep-masks,
     1 byte per element of each adapted projection's input on the BLAS path, 3 where an int8 base under dropout
     falls back to the twin (its dropped-out bf16 copy too); and Qwen3's q/k norms (qk_norm_bytes)."""
     cfg = LlamaConfig.preset("tiny", attn_implementation="sdpa", **(
@@ -82,7 +83,7 @@ def _check_kept(cfg, rank, extra=0, **wrap_kw):
     ids = torch.randint(0, cfg.vocab_size, (b, s))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(ids, labels=ids)
-    assert sum(saved.values()) == pytest.approx(b * memory_table.kept_activation_bytes(cfg, s, rank, extra=extra),
+    assert sum(saved.values()) == pytest.approx(b * memory.kept_activation_bytes(cfg, s, rank, extra=extra),
                                                 rel=0.01)
 
 
@@ -165,7 +166,7 @@ def measure_activations(cfg, rank, b, s, chunk_size):
 # vocab 64: a layer's activations dominate the transient; vocab 8192: the logits do. (A middle vocab, 2048,
 # passed too; dropped to keep CI short: 4 cases of ~12 s.)
 VOCABS, B, S, RANK, CHUNK = (64, 8192), 4, 256, 16, 128
-# which layers recompute and how, and what memory_table takes for it (recomputed_layers, policy)
+# which layers recompute and how, and what relora_ds.memory takes for it (recomputed_layers, policy)
 CHECKPOINTING = {"none": (False, "full"), "all": (True, "full"), "first_layer": (1, "full"),
                  "selective": (True, "selective"), "selective_first_layer": (1, "selective")}
 
@@ -203,16 +204,16 @@ def test_peak_activations_match_the_heap(measured, checkpointing, chunked, vocab
     # Beyond the formula: graph nodes, RoPE tables, labels (< 0.5 MB here, per batch not per sequence).
     slack = 0.5e6
     weight_grad = 4 * cfg.vocab_size * cfg.hidden_size if chunked else 0
-    assert kept == pytest.approx(b * memory_table.kept_activation_bytes(cfg, s, rank, checkpointing, chunked, policy)
+    assert kept == pytest.approx(b * memory.kept_activation_bytes(cfg, s, rank, checkpointing, chunked, policy)
                                  + weight_grad, rel=0.03, abs=slack)
     # The chunked loss's per-chunk logits (6 c V) live inside one autograd node, where the sampling cannot see
     # (tests/test_loss.py bounds them); with a 1-token chunk the formula leaves them out and keeps the rest.
-    want = memory_table.activation_peak_bytes(cfg, s, rank, b, checkpointing, 1 if chunked else 0, policy)
+    want = memory.activation_peak_bytes(cfg, s, rank, b, checkpointing, 1 if chunked else 0, policy)
     # Measured 0.95-1.02x the formula: backward's own gradient buffers come and go around these terms
     # (README.md, "Sizing micro-batch and ZeRO stage", quotes this tolerance).
     assert peak == pytest.approx(want, rel=0.07, abs=slack)
     if label == "all" and not chunked and vocab == 64:  # what it saves is real: the layers' activations are gone
-        assert peak < 0.6 * memory_table.activation_peak_bytes(cfg, s, rank, b)
+        assert peak < 0.6 * memory.activation_peak_bytes(cfg, s, rank, b)
     kept_none, kept_all = (measured[f"{c}-False-{vocab}"][0] for c in ("none", "all"))
     if label == "first_layer":  # one of the two layers: between none and all, and not at either end
         assert kept_all + 0.3 * (kept_none - kept_all) < kept < kept_none - 0.3 * (kept_none - kept_all)
@@ -223,7 +224,7 @@ def test_peak_activations_match_the_heap(measured, checkpointing, chunked, vocab
     if label == "selective_first_layer":  # between selective everywhere and no checkpointing
         assert measured[f"selective-False-{vocab}"][0] < kept < kept_none
     if chunked and vocab == 8192:  # and the logits' share is gone
-        assert peak < 0.5 * memory_table.activation_peak_bytes(cfg, s, rank, b, checkpointing)
+        assert peak < 0.5 * memory.activation_peak_bytes(cfg, s, rank, b, checkpointing)
 
 
 def test_memory_table_prints_every_preset():
@@ -274,21 +275,21 @@ def test_micro_batches_are_the_largest_fitting_divisors(capsys, gpus, dropout):
     table's 1b micro-batch of 48 refused by preflight for paper_1b.yaml, which the masks make 36)."""
     rows = _table(capsys, "--gpus", str(gpus), *(["--dropout", dropout] if dropout else []))
     per_rank = 1152 // gpus
-    budget = 80e9 - (0.1 * 80e9 + 2 * memory_table.GIB)
+    budget = 80e9 - (0.1 * 80e9 + 2 * memory.GIB)
     for name, row in rows.items():
         cfg = LlamaConfig.preset(name, vocab_size=32000)
-        c = memory_table.param_counts(cfg, 128)
+        c = memory.param_counts(cfg, 128)
         for phase, stages, trainable, frozen, rank in (
                 ("warm start", range(4), c["projections"] + c["other"], (0, 0), None),
-                ("ReLoRA", (0, 2, 3), c["lora"] + c["other"], memory_table.frozen_bytes(c, None), 128)):
+                ("ReLoRA", (0, 2, 3), c["lora"] + c["other"], memory.frozen_bytes(c, None), 128)):
             cells = row[f"micro-batch {phase} {' / '.join(f'Z{z}' for z in stages)}"].split(" / ")
             for z, cell in zip(stages, cells):
-                states = memory_table.state_bytes(trainable, frozen, z, gpus)
+                states = memory.state_bytes(trainable, frozen, z, gpus)
 
                 masks = 512 * (6 * cfg.hidden_size + cfg.intermediate_size) if rank and not dropout else 0
 
                 def fits(mb):
-                    return states + memory_table.activation_peak_bytes(cfg, 512, rank, mb, extra=masks) <= budget
+                    return states + memory.activation_peak_bytes(cfg, 512, rank, mb, extra=masks) <= budget
                 usable = [d for d in range(1, per_rank + 1) if per_rank % d == 0 and fits(d)]
                 assert cell == (str(max(usable)) if usable else "-"), (name, phase, z, cell, usable)
     if gpus == 16:
@@ -330,25 +331,25 @@ def test_offloaded_states_match_deepspeeds_own_estimates(gpus):
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     cfg = LlamaConfig.preset("1b", vocab_size=32000)
-    c = memory_table.param_counts(cfg, 128)
+    c = memory.param_counts(cfg, 128)
     T = c["projections"] + c["other"]
     largest = cfg.vocab_size * cfg.hidden_size  # the embedding (and the head) is this model's largest layer
     _, gpu = estimate_zero2_model_states_mem_needs(T, gpus, 1, cpu_offload=True)
-    assert memory_table.state_bytes(T, (0, 0), 2, gpus, "optimizer") == gpu
+    assert memory.state_bytes(T, (0, 0), 2, gpus, "optimizer") == gpu
     for params, offload in ((False, "optimizer"), (True, "optimizer+parameters")):
         host, gpu, working = estimate_zero3_model_states_mem_needs(T, largest, gpus, 1, cpu_offload=True,
                                                                    cpu_offload_params=params, zero_init=True)
         assert working == 4 * largest
-        assert memory_table.state_bytes(T, (0, 0), 3, gpus, offload) == pytest.approx(gpu - working, abs=1)
-        assert gpus * memory_table.host_state_bytes(T, (0, 0), 3, gpus, offload) == pytest.approx(host / 1.5,
+        assert memory.state_bytes(T, (0, 0), 3, gpus, offload) == pytest.approx(gpu - working, abs=1)
+        assert gpus * memory.host_state_bytes(T, (0, 0), 3, gpus, offload) == pytest.approx(host / 1.5,
                                                                                                      rel=1e-12)
     # Frozen weights (the ReLoRA base): kept on the GPU (partitioned at ZeRO-3) unless the parameters are
     # offloaded; int8's per-row scales are buffers, which stay on the GPU in every case.
-    frozen = memory_table.frozen_bytes(c, "int8")
-    assert memory_table.state_bytes(0, frozen, 2, gpus, "optimizer") == frozen[0] + frozen[1]
-    assert memory_table.state_bytes(0, frozen, 3, gpus, "optimizer") == frozen[0] / gpus + frozen[1]
-    assert memory_table.state_bytes(0, frozen, 3, gpus, "optimizer+parameters") == frozen[1]
-    assert memory_table.host_state_bytes(0, frozen, 3, gpus, "optimizer+parameters") == frozen[0] / gpus
+    frozen = memory.frozen_bytes(c, "int8")
+    assert memory.state_bytes(0, frozen, 2, gpus, "optimizer") == frozen[0] + frozen[1]
+    assert memory.state_bytes(0, frozen, 3, gpus, "optimizer") == frozen[0] / gpus + frozen[1]
+    assert memory.state_bytes(0, frozen, 3, gpus, "optimizer+parameters") == frozen[1]
+    assert memory.host_state_bytes(0, frozen, 3, gpus, "optimizer+parameters") == frozen[0] / gpus
 
 
 @pytest.mark.parametrize("stage, offload, error", [
@@ -358,13 +359,13 @@ def test_offloaded_states_match_deepspeeds_own_estimates(gpus):
 ])
 def test_offload_at_a_stage_deepspeed_refuses_is_an_error(stage, offload, error):
     with pytest.raises(ValueError, match=error):
-        memory_table.state_bytes(1000, (0, 0), stage, 8, offload)
+        memory.state_bytes(1000, (0, 0), stage, 8, offload)
 
 
 def test_offload_table_cells(capsys):
     """The --offload table: n/a where DeepSpeed cannot offload, the GPU-side states elsewhere, and the host
     column (start-up fp32 model below ZeRO-3, offloaded warm-start and ReLoRA states), hand-computed for 1b on 8 GPUs."""
-    c = memory_table.param_counts(LlamaConfig.preset("1b", vocab_size=32000), 128)
+    c = memory.param_counts(LlamaConfig.preset("1b", vocab_size=32000), 128)
     T, t = c["projections"] + c["other"], c["lora"] + c["other"]
     F = 2 * c["projections"]  # the bf16 base
     row = _table(capsys, "--offload", "optimizer", "--presets", "1b")["1b"]
@@ -404,10 +405,10 @@ def test_a_loss_chunk_holds_at_most_the_micro_batchs_tokens(capsys):
     micro-batch costs. At 1b (seq 512, no LoRA dropout), a chunk of 100,000 tokens and one of 48 x 512 = 24,576
     fit the same micro-batches (the table charged 6 c V for the full 100,000 and printed 36 for 48)."""
     cfg = LlamaConfig.preset("1b", vocab_size=32000)
-    assert memory_table.activation_peak_bytes(cfg, 512, 128, 48, False, 100_000) == \
-        memory_table.activation_peak_bytes(cfg, 512, 128, 48, False, 48 * 512)
-    assert memory_table.activation_peak_bytes(cfg, 512, 128, 1, False, 100_000) == \
-        memory_table.activation_peak_bytes(cfg, 512, 128, 1, False, 512)
+    assert memory.activation_peak_bytes(cfg, 512, 128, 48, False, 100_000) == \
+        memory.activation_peak_bytes(cfg, 512, 128, 48, False, 48 * 512)
+    assert memory.activation_peak_bytes(cfg, 512, 128, 1, False, 100_000) == \
+        memory.activation_peak_bytes(cfg, 512, 128, 1, False, 512)
     big, exact = (_table(capsys, "--presets", "1b", "--dropout", "0", "--loss-chunk-size", str(c))["1b"]
                   for c in (100_000, 24_576))
     assert big == exact and big["micro-batch ReLoRA Z0 / Z2 / Z3"] == "48 / 48 / 48"

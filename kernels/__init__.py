@@ -12,7 +12,8 @@ Public API (each op has a pure-torch twin that is its specification and the CPU 
 - ``use_triton(tensor) -> bool`` -- the dispatch decision (env ``RELORA_KERNELS=auto|triton|torch|reference``).
 - ``deterministic_mode(flag=None) -> bool`` -- env ``RELORA_DETERMINISTIC=1``.
 - int8 frozen base (``int8``): ``int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, ...)``,
-  ``int8_dequantize(q, scale, dtype)``, ``int8_merge_(q, scale, residual, lora_A, lora_B, scale)``; twins
+  ``int8_dequantize(q, scale, dtype=float32, residual=None)``,
+  ``int8_merge_(q, scale, residual, lora_A, lora_B, s)`` (returns the three tensors it updates); twins
   ``int8_lora_linear_reference``, ``int8_dequantize_reference``, ``int8_merge_reference_`` and the quantizer
   ``int8_quantize_reference`` (module ``int8_reference``).
 

@@ -37,7 +37,7 @@ from . import _runtime
 from .int8_reference import QMAX, RES_STEPS, int8_dequantize_reference, int8_lora_linear_reference, \
     int8_merge_reference_
 from .linear import _check_args, _check_triton_args, _fits_int32, differentiable_backward, run_backward, run_forward
-from .reference import check_dropout_p, dropout_keep_mask
+from .reference import check_dropout_p, check_scale, dropout_keep_mask
 from .torch_linear import int8_lora_linear_torch
 
 # False: dequantize to a scratch buffer, then the bf16 kernels; True: dequantize inside the GEMM tiles.
@@ -176,12 +176,15 @@ def int8_merge_launch(q, scale, residual, lora_A, lora_B, s):
     return q
 
 
-def int8_dequantize(q, scale, dtype=torch.bfloat16):
-    """Dispatching dequantize: the Triton kernel on CUDA, the torch twin elsewhere."""
-    _check_int8_base("int8_dequantize", q, scale)
-    if _runtime.use_triton(torch.empty(0, dtype=dtype, device=q.device)):  # dispatch on the output dtype
+def int8_dequantize(q, scale, dtype=torch.float32, residual=None):
+    """``q · scale`` (or ``(q + residual/254) · scale``) as ``dtype``, as its twin
+    :func:`int8_dequantize_reference`: the Triton kernel on CUDA (without a residual, which lives on the
+    host), the twin elsewhere."""
+    _check_int8_base("int8_dequantize", q, scale, residual)
+    if (residual is None and _runtime.use_triton(torch.empty(0, dtype=dtype, device=q.device))  # the output dtype
+            and _runtime.fits_int32("int8_dequantize", q=_runtime.span(q))):
         return dequant_launch(q, scale, dtype)
-    return int8_dequantize_reference(q, scale, dtype)
+    return int8_dequantize_reference(q, scale, dtype, residual)
 
 
 def _check_int8_base(op: str, q, scale, residual=None) -> None:
@@ -194,6 +197,11 @@ def _check_int8_base(op: str, q, scale, residual=None) -> None:
     if residual is not None and (residual.shape != q.shape or residual.dtype != torch.int8):
         raise ValueError(f"{op}: residual must be int8 of q's shape {tuple(q.shape)}; got {residual.dtype} "
                          f"{tuple(residual.shape)}")
+    if scale.device != q.device:  # the kernels read it beside q (the residual may live on the host)
+        raise ValueError(f"{op}: scale is on {scale.device} but q is on {q.device}; move it to q's device")
+    if not scale.is_floating_point():
+        raise ValueError(f"{op}: scale must be floating point (bf16, as int8_quantize_reference makes it); "
+                         f"got {scale.dtype}")
     for name, t in (("q", q), ("scale", scale), ("residual", residual)):
         _runtime.check_owns_elements(op, name, t)
 
@@ -201,7 +209,8 @@ def _check_int8_base(op: str, q, scale, residual=None) -> None:
 @torch.no_grad()
 def int8_merge_(q, scale, residual, lora_A, lora_B, s):
     """``(q, scale, residual) ← quantize(dequantize(...) + s·B·A)`` in place; residual may live on the host
-    (it is staged through q's device for the kernel) or be None (naive requantization). Returns q."""
+    (it is staged through q's device for the kernel) or be None (naive requantization). Returns
+    ``(q, scale, residual)``, as its twin :func:`int8_merge_reference_`."""
     _check_int8_base("int8_merge_", q, scale, residual)
     if lora_A.dim() != 2 or lora_A.shape[1] != q.shape[1] or lora_B.shape != (q.shape[0], lora_A.shape[0]):
         raise ValueError(f"int8_merge_: expected lora_A (r, {q.shape[1]}) and lora_B ({q.shape[0]}, r); "
@@ -210,8 +219,7 @@ def int8_merge_(q, scale, residual, lora_A, lora_B, s):
         raise ValueError(f"int8_merge_: lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
     if not (_runtime.use_triton(lora_A.to(q.device) if lora_A.device != q.device else lora_A)
             and _runtime.fits_int32("int8_merge_", q=_runtime.span(q))):
-        int8_merge_reference_(q, scale, residual, lora_A, lora_B, s)
-        return q
+        return int8_merge_reference_(q, scale, residual, lora_A, lora_B, s)
     A, B = lora_A.to(q.device), lora_B.to(q.device, lora_A.dtype)
     res_dev = residual.to(q.device) if residual is not None else None  # 1 B/param each way per merge
     scale_c = scale.contiguous()  # the kernel reads and writes it at offsets 0..N-1
@@ -223,7 +231,7 @@ def int8_merge_(q, scale, residual, lora_A, lora_B, s):
     for t in (q, scale, residual):  # written by the kernel behind autograd's back (see merge.lora_merge_)
         if t is not None and not t.is_inference():
             torch.autograd.graph.increment_version(t)
-    return q
+    return q, scale, residual
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,6 +284,7 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
         raise ValueError(f"int8_lora_linear: expected int8 q (out, in) and scale (out,); got {q.dtype} "
                          f"{tuple(q.shape)} and {tuple(w_scale.shape)}")
     _check_args(x, q, lora_A, lora_B, bias)
+    check_scale(scale, "int8_lora_linear")
     p = check_dropout_p(dropout_p)
     path = _runtime.linear_path(x)  # the same choice as lora_linear, AUTO_TORCH_OPS included
     if path == "triton" and not _fits_int32("int8_lora_linear", x, q):

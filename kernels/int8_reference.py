@@ -37,6 +37,9 @@ def int8_scale(w32: torch.Tensor) -> torch.Tensor:
 
 def int8_quantize_reference(w: torch.Tensor, residual: bool = False):
     """W (out, in) float -> (q int8, scale bf16 (out,), residual int8 or None)."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"int8_quantize_reference: expected a 2-D floating-point weight (out, in); got {w.dtype} "
+                         f"{tuple(w.shape)}")
     w32 = w.detach().to(torch.float32)
     scale = int8_scale(w32)
     v = w32 / scale.float()[:, None]

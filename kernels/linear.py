@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import _runtime
 from .matmul import MASK_A1, MASK_B1, MASK_OUT2, concat_matmul
-from .reference import check_dropout_p, differentiable_backward, dropout_keep_mask, lora_linear_reference
+from .reference import check_dropout_p, check_scale, differentiable_backward, dropout_keep_mask, lora_linear_reference
 from .torch_linear import lora_linear_torch
 
 # Non-deterministic backward: dS and dB from one read of dY (fp32 atomics for dB) when True; two GEMMs
@@ -357,6 +357,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, trai
     ``RELORA_DETERMINISTIC`` / ``torch.are_deterministic_algorithms_enabled()``.
     """
     _check_args(x, weight, lora_A, lora_B, bias)
+    check_scale(scale, "lora_linear")
     p = check_dropout_p(dropout_p)
     path = _runtime.linear_path(x)
     if path == "triton" and not _fits_int32("lora_linear", x, weight):

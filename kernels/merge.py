@@ -97,16 +97,23 @@ def lora_merge_(weight, lora_A, lora_B, scale):
     if lora_A.shape[1] != weight.shape[1] or lora_B.shape != (weight.shape[0], lora_A.shape[0]):
         raise ValueError(f"lora_merge_: expected lora_A (r, {weight.shape[1]}) and lora_B ({weight.shape[0]}, r); "
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    _runtime.check_owns_elements("lora_merge_", "weight", weight)  # every path (torch's copy_ refuses it too)
-    if not (_runtime.use_triton(weight) and _runtime.fits_int32("lora_merge_", weight=_runtime.span(weight))):
-        return lora_merge_reference_(weight, lora_A, lora_B, scale)
-    if lora_A.dtype != lora_B.dtype:
+    # Checked on every path, so that a call that runs on the CPU's twin runs on a GPU's kernel too.
+    _runtime.check_owns_elements("lora_merge_", "weight", weight)  # torch's copy_ refuses it too
+    if not (weight.is_floating_point() and lora_A.is_floating_point()):
+        raise ValueError(f"lora_merge_: weight and the LoRA factors must be floating point; got weight "
+                         f"{weight.dtype}, lora_A {lora_A.dtype}")
+    if lora_A.dtype != lora_B.dtype:  # the kernel would round B to A's dtype
         raise ValueError(f"lora_merge_: lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
-    if lora_A.dtype not in _runtime.SUPPORTED_DTYPES:
-        raise ValueError(f"lora_merge_: lora dtype {lora_A.dtype} not supported by the kernel")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if t.device != weight.device:
-            raise ValueError(f"lora_merge_: {name} is on {t.device} but weight is on {weight.device}")
+            raise ValueError(f"lora_merge_: {name} is on {t.device} but weight is on {weight.device}; move it to "
+                             "weight's device")
+    if lora_A.dtype not in _runtime.SUPPORTED_DTYPES and _runtime.kernel_mode() == "triton":
+        raise ValueError(f"lora_merge_: lora dtype {lora_A.dtype} is not supported by the kernel; use one of "
+                         f"{_runtime.SUPPORTED_DTYPES} (float64 factors: RELORA_KERNELS=auto or reference)")
+    if not (_runtime.use_triton(weight) and lora_A.dtype in _runtime.SUPPORTED_DTYPES
+            and _runtime.fits_int32("lora_merge_", weight=_runtime.span(weight))):
+        return lora_merge_reference_(weight, lora_A, lora_B, scale)
     _runtime.check_device(weight)
     merge_launch(weight, lora_A, lora_B, scale)
     # The kernel wrote W behind autograd's back: bump its version, so that a backward still holding the old W

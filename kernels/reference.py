@@ -20,6 +20,17 @@ def check_dropout_p(dropout_p: float) -> float:
     return p
 
 
+def check_scale(scale, op: str) -> None:
+    """The LoRA scale is a constant of the layer: the Triton and BLAS paths take it as a float, so a tensor
+    that requires grad would get no gradient there (the twin would give it one); refused on every path."""
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(f"{op}: scale must be a number or a one-element tensor; got shape {tuple(scale.shape)}")
+        if scale.requires_grad:
+            raise ValueError(f"{op}: scale is a tensor that requires grad, but the kernels take it as a constant "
+                             "(no gradient reaches it on the Triton and BLAS paths); pass a float or scale.detach()")
+
+
 def dropout_keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Boolean keep-mask shaped like ``x``: True with probability ``1 - p``.
 

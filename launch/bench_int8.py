@@ -191,7 +191,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     sections = ("kernels", "train_memory", "drift", "error", "memory")
-    ap.add_argument("--sections", nargs="+", default=list(sections), choices=sections)
+    ap.add_argument("--sections", nargs="+", default=None, choices=sections,
+                    help="default: all the device supports (kernels and train_memory need CUDA)")
     ap.add_argument("--M", type=int, default=16384)
     ap.add_argument("--shapes", nargs="+", type=shape_arg, default=[(2048, 2048), (4096, 4096), (2048, 5461)])
     ap.add_argument("--rank", type=int, default=128)
@@ -200,6 +201,17 @@ def main(argv=None):
     ap.add_argument("--train-seq", type=int, default=512)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_int8.json")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_int8.py --device cuda needs a CUDA GPU (none found); on CPU use --device cpu (sections drift, "
+              "error, memory)", file=sys.stderr)
+        return 2
+    cuda_only = [s for s in args.sections or () if s in ("kernels", "train_memory")]
+    if args.device != "cuda" and cuda_only:
+        print(f"bench_int8.py: section(s) {', '.join(cuda_only)} need --device cuda (a GPU); on CPU use drift, "
+              "error, memory", file=sys.stderr)
+        return 2
+    if args.sections is None:
+        args.sections = list(sections) if args.device == "cuda" else ["drift", "error", "memory"]
     if args.device == "cuda":  # the rows time the Triton kernels: under "auto" the int8 layer takes the torch path
         os.environ["RELORA_KERNELS"] = "triton"
     import triton
@@ -208,17 +220,11 @@ def main(argv=None):
                  triton=triton.__version__, date=datetime.date.today().isoformat())
     rows = RowSink(args.out, stamp)
     if "kernels" in args.sections:
-        if args.device != "cuda":
-            print("kernels: skipped (needs CUDA; under the interpreter timings mean nothing)")
-        else:
-            spin_up("cuda", 1.0)  # clocks up before the first timing
-            kernel_rows(args.M, list(args.shapes), args.rank, "cuda", rows)
-            print_kernel_summary(rows)
+        spin_up("cuda", 1.0)  # clocks up before the first timing
+        kernel_rows(args.M, list(args.shapes), args.rank, "cuda", rows)
+        print_kernel_summary(rows)
     if "train_memory" in args.sections:
-        if args.device != "cuda":
-            print("train_memory: skipped (needs CUDA: it measures GPU memory)")
-        else:
-            rows += train_memory_rows(args.train_preset, args.train_batch, args.train_seq, args.rank, "cuda")
+        rows += train_memory_rows(args.train_preset, args.train_batch, args.train_seq, args.rank, "cuda")
     if "drift" in args.sections:
         rows += drift_rows()
     if "error" in args.sections:

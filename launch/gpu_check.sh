@@ -22,7 +22,8 @@
 # The benchmarks write each row the moment it is measured, so a stage cut at its limit keeps its rows.
 # A task lent a GPU gets 15 minutes of device time in all, machine start included, and one call may run
 # 600 s: with GPU_CHECK_BUDGET (seconds, default 540; 0: none) each stage is cut to what is left and
-# skipped once less than 45 s remain. Each stage has its own time limit and a failing stage does not stop the next.
+# skipped once less than 45 s remain. Each stage has its own time limit and a failing stage does not stop the next
+# (but a failed env does: no usable GPU); the script exits 1 when any stage failed.
 # `compile` (not run yet; 420 s: six processes, 350m and 1b on the default path and 1b on the Triton path, each
 # eager and with the trainer's --compile, compiled in their warm-up steps) times whole steps.
 # `ckpt` (not run yet; 240 s) times 1b steps under full and selective checkpointing and without.
@@ -58,6 +59,7 @@ pack() {  # everything so far into one file, and the stage list beside it
 }
 trap 'pack; exit 143' TERM  # killed at the device call's limit: the stage then running keeps its rows
 
+failed=()  # the stages that exited nonzero: the script then exits 1, after running the others
 run() {  # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, record the exit status and seconds
   local name=$1 limit=$2; shift 2
   if (( BUDGET > 0 )); then
@@ -72,6 +74,7 @@ run() {  # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, record the exit status
   local t0=$SECONDS
   timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1  # -k: a rank stuck in a CUDA sync ignores TERM
   local rc=$?
+  (( rc != 0 )) && failed+=("$name")
   echo "$name rc=$rc ${limit}s-limit took=$((SECONDS - t0))s" | tee -a "$OUT/stages.txt"
   tail -n 25 "$OUT/$name.log"
   pack
@@ -79,12 +82,18 @@ run() {  # run NAME LIMIT_S CMD...: log to $OUT/NAME.log, record the exit status
 
 for st in "${stages[@]}"; do
   case $st in
-    env) run env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"' ;;
+    env) run env 60 bash -c 'nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"'
+       if [[ " ${failed[*]} " == *" env "* ]]; then  # no usable GPU: every later stage would fail the same way
+         echo "stopped: env failed (no GPU, or torch/triton do not import), so the other stages were not run" \
+           | tee -a "$OUT/stages.txt"
+         pack
+         exit 1
+       fi ;;
     bench) run bench 120 python3 launch/bench_kernels.py --quick --repeat 2 --out "$OUT/bench_kernels.csv" \
              --providers full frozen peft torch_fused fused fused_splitdb fused_det fused_blas_lr ;;
     tma) run tma 90 python3 launch/bench_kernels.py --quick --ops linear --out "$OUT/bench_kernels_tma.csv" \
            --providers full peft fused fused_tma fused_tma_blas_lr ;;  # the baselines again, for its own ratios
-    int8) run int8 90 python3 launch/bench_int8.py --sections kernels --out "$OUT/bench_int8.json" ;;
+    int8) run int8 90 python3 launch/bench_int8.py --device cuda --sections kernels --out "$OUT/bench_int8.json" ;;
     e2e) run e2e 180 python3 launch/bench_e2e.py --presets 1b 350m --paths reference torch triton triton_tma_blas_lr \
            --interleave --steps 6 --out "$OUT/e2e.json" ;;  # one model per preset, paths alternating
     tests) run tests 150 bash launch/gpu_tests.sh ;;
@@ -118,3 +127,7 @@ for st in "${stages[@]}"; do
         done' _ "$OUT" ;;
   esac
 done
+if (( ${#failed[@]} )); then
+  echo "failed stages: ${failed[*]} (their logs: \$OUT/gpu_check.tar.gz)" >&2
+  exit 1
+fi

@@ -16,7 +16,7 @@ full-rank linear; the fwd+bwd totals do not say which launch is slow. This scrip
 
     python launch/tune_kernels.py                             # CUDA: M=16384, d=2048 and 4096, r=128
     python launch/tune_kernels.py --sections breakdown --shapes 2048x2048
-    python launch/tune_kernels.py --device cpu --smoke        # interpreter: proves the script runs
+    python launch/tune_kernels.py --device cpu                # interpreter (implies --smoke): the script runs
 
 Rows go to --out (.json or .csv, via bench_common.RowSink, each as it is measured); the best config per (op, shape) is printed.
 A winner becomes the launcher's built-in config only after it beats the current one in bench_kernels.py.
@@ -41,7 +41,9 @@ LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge", "merge32", "Y_tma")
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes and two candidates per op (CPU interpreter)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes and two candidates per op (implied by --device cpu: the interpreter would take "
+                         "hours over the GPU sizes)")
     ap.add_argument("--sections", nargs="+", default=["breakdown", "sweep"], choices=("breakdown", "sweep"))
     ap.add_argument("--ops", nargs="+", default=list(LOW_RANK_OPS), choices=LOW_RANK_OPS, help="ops to sweep")
     ap.add_argument("--M", type=positive_int, default=None, help="tokens (16384; --smoke: 96)")
@@ -53,8 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--rep", type=int, default=60, help="do_bench milliseconds of repeats per timing")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tune_kernels.json")
     args = ap.parse_args(argv)
-    # --smoke changes the defaults only: sizes given explicitly are honoured.
-    small = args.smoke
+    # --smoke changes the defaults only: sizes given explicitly are honoured. On CPU (the interpreter) always.
+    args.smoke = small = args.smoke or args.device == "cpu"
     args.M = args.M if args.M is not None else (96 if small else 16384)
     args.rank = args.rank if args.rank is not None else (8 if small else 128)
     args.shapes = args.shapes or ([(48, 40)] if small else [(2048, 2048), (4096, 4096)])

@@ -49,17 +49,17 @@ gather buffers and transient fp32 gradient partitions; the reserve (usable_bytes
 `--reserve-gb`) covers them.
 
 Offload (memory_table.py's `--offload`; a run's DeepSpeed config, as ds_configs/zero2_offload.json and
-zero3_offload.json; the names the trainer's start-up line prints). The GPU keeps the bf16 weights of the trainable parameters (and at ZeRO-1 their
-full bf16 gradients, reduced only at the accumulation boundary):
+zero3_offload.json; the names the trainer's start-up line prints). The GPU keeps the bf16 weights of the
+trainable parameters (and at ZeRO-1 their full bf16 gradients, reduced only at the accumulation boundary):
     optimizer (ZeRO 1-3): 4 T (ZeRO 1), 2 T (ZeRO 2) or 2 T/N (ZeRO 3); fp32 master, grad partition, m, v:
         16 T/N to host
     optimizer+parameters (ZeRO 3 only): 0; the bf16 partitions 2 T/N and the frozen ones go to host as well
 ZeRO-2 and 3 are DeepSpeed's estimate_zero2/zero3_model_states_mem_needs without their largest-layer working
 set (tests/test_memory_table.py; DeepSpeed has no ZeRO-1 estimate). Host RAM per GPU (memory_table.py shows
-it with --offload or --quantize): those offloaded bytes, the int8 base's merge residual (1 byte per frozen parameter, whole on
-every rank: relora_ds/quant.py) and, at start-up and the warm-start switch, the model every rank holds whole
-in fp32 below ZeRO-3 (4 bytes per parameter of the full-rank model; ZeRO-3 builds it partitioned:
-relora_ds/zero_init.py).
+it with --offload or --quantize): those offloaded bytes, the int8 base's merge residual (1 byte per frozen
+parameter, whole on every rank: relora_ds/quant.py) and, at start-up and the warm-start switch, the model
+every rank holds whole in fp32 below ZeRO-3 (4 bytes per parameter of the full-rank model; ZeRO-3 builds it
+partitioned: relora_ds/zero_init.py).
 """
 from __future__ import annotations
 

@@ -51,6 +51,20 @@ def test_zero_rows_and_fp64_input():
     assert torch.equal(rk.int8_dequantize_reference(q, s)[0], torch.zeros(8))
 
 
+def test_an_int8_base_refuses_a_non_finite_weight():
+    """A NaN or Inf in a weight loaded into an int8 base made its row's scale NaN and its int8 values
+    meaningless (a user trial, 2026-12-05): refused, counted, the layer's storage left as it was."""
+    layer = relora_ds.ReLoRALinear(8, 4, 2, quantize="int8", name="q_proj")
+    before = layer.weight_q.clone()
+    w = torch.randn(4, 8)
+    w[1, 2], w[3, 0] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="int8 base of layer q_proj got a weight with 2 non-finite values"):
+        layer.load_base_(w)
+    assert torch.equal(layer.weight_q, before)
+    layer.load_base_(w.nan_to_num(posinf=1.0))  # finite: loads
+    assert not torch.equal(layer.weight_q, before)
+
+
 # ------------------------------------------------------------------------------------------ drift
 def test_merges_do_not_drift():
     W0, ups = quant.realistic_updates(256, 256, 8, 20, seed=1)

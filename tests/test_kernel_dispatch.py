@@ -179,6 +179,27 @@ def test_merge_and_layer_arguments_the_kernels_would_misuse(monkeypatch, mode):
         rk.int8_merge_(q, s, res, a.bfloat16(), b, 0.5)
     with pytest.raises(ValueError, match=r"int8_dequantize: scale must have shape \(6,\)"):
         rk.int8_dequantize(q, s[:3], torch.float32)
+    # A scale off q's device failed inside the interpreter (or at the GPU launch); on every path now.
+    for op, call in (("int8_dequantize", lambda: rk.int8_dequantize(q, s.to("meta"))),
+                     ("int8_merge_", lambda: rk.int8_merge_(q, s.to("meta"), res, a, b, 0.5))):
+        with pytest.raises(ValueError, match=f"{op}: scale is on meta but q is on cpu"):
+            call()
+    # lora_merge_ checked these on the Triton path only: a merge that ran on CPU failed on a GPU.
+    w0 = w.clone()
+    for args, match in (((w, a.bfloat16(), b), r"lora_A \(torch.bfloat16\) and lora_B \(torch.float32\) must share"),
+                        ((w.long(), a, b), "weight and the LoRA factors must be floating point"),
+                        ((w, a.to("meta"), b), "lora_A is on meta but weight is on cpu")):
+        with pytest.raises(ValueError, match=match):
+            rk.lora_merge_(*args, 0.5)
+    assert torch.equal(w, w0)
+    with pytest.raises(ValueError, match=r"expected a 2-D floating-point weight \(out, in\); got torch.int64"):
+        rk.int8_quantize_reference(w.long())
+    # The kernels take the LoRA scale as a constant: a scale that requires grad got none there (the twin's did).
+    for fn, base in ((rk.lora_linear, w), (rk.int8_lora_linear, None)):
+        weights = (base,) if base is not None else (q, s)
+        with pytest.raises(ValueError, match="scale is a tensor that requires grad"):
+            fn(x, *weights, a, b, torch.tensor(0.5, requires_grad=True))
+        fn(x, *weights, a, b, torch.tensor(0.5))  # a constant tensor is fine
     assert torch.equal(q, q0) and torch.equal(s, s0) and torch.equal(res, res0)  # nothing written
     base = torch.randn(1, 8)
     with pytest.raises(ValueError, match="lora_merge_: weight has elements that share memory"):
@@ -219,6 +240,8 @@ def test_tensors_past_32_bit_offsets_never_reach_the_kernels(monkeypatch):
         rk.lora_merge_(big, a.detach(), torch.randn(13, 2), 1.0)
     with pytest.raises(ValueError, match="int8_merge_: q spans 104"):
         rk.int8_merge_(*rk.int8_quantize_reference(big, residual=True), a.detach(), torch.randn(13, 2), 1.0)
+    with pytest.raises(ValueError, match="int8_dequantize: q spans 104"):  # it launched (a user trial, 2026-12-05)
+        rk.int8_dequantize(*rk.int8_quantize_reference(big)[:2])
     assert torch.allclose(rk.lora_linear(x[:12], w, a, b, 1.0, bias),  # 96 elements: the kernel runs
                           rk.lora_linear_reference(x[:12], w, a, b, 1.0, bias), rtol=1e-5, atol=1e-5)
 
@@ -323,3 +346,22 @@ def test_lora_dropout_keeps_one_minus_p_and_rescales():
     assert torch.allclose(y[y != 0], torch.tensor(1 / 0.7))
     ref = torch.nn.functional.dropout(x, 0.3, training=True)  # torch's own, as a second oracle
     assert abs(kept - (ref != 0).float().mean().item()) < 0.01
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch", "reference"])
+def test_int8_dispatchers_take_and_return_what_their_twins_do(monkeypatch, mode):
+    """int8_dequantize defaulted to bf16 where its twin gives fp32 and took no residual; int8_merge_ returned q
+    where its twin returns (q, scale, residual) (a user trial, 2026-12-05). Now the same defaults, arguments
+    and returns on every path, and the same values."""
+    monkeypatch.setenv("RELORA_KERNELS", mode)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(3)
+    w, a, b = torch.randn(6, 8, generator=g), torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)
+    q, s, res = rk.int8_quantize_reference(w, residual=True)
+    got, want = rk.int8_dequantize(q, s), rk.int8_dequantize_reference(q, s)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(rk.int8_dequantize(q, s, residual=res), rk.int8_dequantize_reference(q, s, residual=res))
+    twin = [t.clone() for t in (q, s, res)]
+    out = rk.int8_merge_(q, s, res, a, b, 0.5)
+    assert len(out) == 3 and all(o is t for o, t in zip(out, (q, s, res)))
+    assert all(torch.equal(o, t) for o, t in zip(out, rk.int8_merge_reference_(*twin, a, b, 0.5)))

@@ -102,11 +102,15 @@ def test_tune_script_smoke(tmp_path):
 
 
 def test_tune_script_arguments():
-    """--smoke sets small defaults; a rank above a layer's width is refused at parse time."""
+    """--smoke sets small defaults, and --device cpu implies it (the interpreter ran the GPU sizes for hours,
+    found by a user trial on 2026-12-05); a rank above a layer's width is refused at parse time."""
     sys.path.insert(0, str(ROOT / "launch"))
     import tune_kernels
-    args = tune_kernels.parse_args(["--device", "cpu", "--smoke"])
-    assert (args.M, args.rank, args.shapes, args.sweep_shapes) == (96, 8, [(48, 40)], [(48, 40)])
+    for argv in (["--device", "cpu", "--smoke"], ["--device", "cpu"]):
+        args = tune_kernels.parse_args(argv)
+        assert (args.M, args.rank, args.shapes, args.sweep_shapes, args.smoke) == (96, 8, [(48, 40)], [(48, 40)],
+                                                                                   True)
+    assert tune_kernels.parse_args(["--device", "cpu", "--M", "64"]).M == 64  # given sizes are honoured
     args = tune_kernels.parse_args([])
     assert (args.M, args.rank, args.shapes, args.sweep_shapes) == (16384, 128, [(2048, 2048), (4096, 4096)],
                                                                    [(2048, 2048)])
@@ -185,7 +189,8 @@ def test_gpu_tests_groups_hold_every_cuda_case_once():
 def test_gpu_check_returns_few_files_and_keeps_to_its_budget(tmp_path):
     """The device tool returns at most 8 files from $OUT: every stage's logs and results travel in one
     tarball (re-packed after each stage) beside stages.txt. A stage the budget cannot fit is skipped, named.
-    Here, on CPU, `env` fails (no nvidia-smi), which must not stop the script."""
+    Here, on CPU, `env` fails (no nvidia-smi): the script then stops, exit 1, without running the later stages
+    (each would fail the same way); a stage that fails exits the script 1 after the others have run."""
     import tarfile
 
     script = ROOT / "launch" / "gpu_check.sh"
@@ -196,9 +201,11 @@ def test_gpu_check_returns_few_files_and_keeps_to_its_budget(tmp_path):
     stages = (tmp_path / "stages.txt").read_text().splitlines()
     assert [re.sub(r"\d+s of", "Ns of", line) for line in stages] == \
         [f"{st} skipped: Ns of GPU_CHECK_BUDGET=40s left" for st in ("env", "tests")]  # N: 40, or 39 after a slow pack
-    proc = subprocess.run(["bash", str(script), "env"], capture_output=True, text=True,
+    proc = subprocess.run(["bash", str(script), "env", "tests"], capture_output=True, text=True,
                           env={**os.environ, "OUT": str(tmp_path)}, timeout=120)
-    assert proc.returncode == 0 and (tmp_path / "stages.txt").read_text().startswith("env rc=")
+    stages = (tmp_path / "stages.txt").read_text().splitlines()
+    assert proc.returncode == 1 and len(stages) == 2 and stages[0].startswith("env rc=") and \
+        stages[1].startswith("stopped: env failed"), (proc.returncode, stages)
     with tarfile.open(tmp_path / "gpu_check.tar.gz") as tar:
         assert {"./env.log", "./stages.txt"} <= set(tar.getnames())
 
@@ -339,7 +346,8 @@ def test_bench_e2e_paths_set_only_their_own_switches(monkeypatch):
 def test_bench_int8_summary_survives_a_failed_timing(capsys):
     """launch/bench_int8.py goes on past a failed timing (kernel_rows); its summary then says "failed" for the
     missing row instead of ending the GPU call before the drift and memory sections. A misspelt section is
-    refused (it ran nothing and exited 0)."""
+    refused (it ran nothing and exited 0), and so are the CUDA sections without a GPU (they were skipped with
+    exit 0, which gpu_check.sh recorded as a passing int8 stage)."""
     sys.path.insert(0, str(ROOT / "launch"))
     import bench_int8
     rows = [dict(provider=p, mode=m, d_in=64, d_out=32, ms=ms) for p, m, ms in
@@ -350,6 +358,12 @@ def test_bench_int8_summary_survives_a_failed_timing(capsys):
     assert "dequant failed, merge bf16 0.500 ms, merge int8 (+host residual round trip) failed" in out
     with pytest.raises(SystemExit):
         bench_int8.main(["--device", "cpu", "--sections", "memroy"])
+    capsys.readouterr()
+    assert bench_int8.main(["--device", "cpu", "--sections", "kernels", "memory"]) == 2
+    assert "section(s) kernels need --device cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench_int8.main(["--device", "cuda", "--sections", "drift"]) == 2
+        assert "needs a CUDA GPU (none found)" in capsys.readouterr().err
 
 
 def test_bench_kernels_bytes_and_arguments():

@@ -90,3 +90,19 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
                                        "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     shutil.copy(sp_model, out / "tokenizer.model")
     return {"bos_token_id": bos[0] if bos else None, "eos_token_id": sp.eos_id()}
+
+
+def converted_difference(sp_model: str | Path, tokenizer_json: str | Path) -> str | None:
+    """None where a SentencePiece ``tokenizer.model`` and a ``tokenizer.json`` give the same ids: the former
+    converted as an export converts it (:func:`save_hf_tokenizer`) equals the latter (its JSON content, BOS
+    and EOS: data.tokenizer.tokenizer_difference); else how they differ. A model saved by relora_ds and
+    re-saved by transformers keeps only the tokenizer.json, while its data was prepared from the .model."""
+    from .data.tokenizer import tokenizer_difference
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            save_hf_tokenizer(sp_model, tmp, model_max_length=2048)  # the length is tokenizer_config's only
+        except TokenizerNotConvertible as e:
+            return f"{Path(sp_model).name} has no exact tokenizer.json to compare ({e})"
+        difference = tokenizer_difference(Path(tmp) / "tokenizer.json", tokenizer_json)
+    return None if difference is None else f"{Path(sp_model).name} converted to a tokenizer.json has {difference}"

@@ -88,16 +88,24 @@ def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Pa
     """A Hugging Face model must train on token ids from its own tokenizer: compare its tokenizer (the file
     of the kind the data was prepared with: ``tokenizer.model`` or ``tokenizer.json``) with the data's. Equal
     vocab sizes prove nothing (prepare_data trains its own 32000-piece BPE by default, LLaMA has 32000).
+    Where the model holds only the other kind (a relora_ds export re-saved by transformers keeps only its
+    tokenizer.json), the .model converted as an export converts it must equal the json.
     Returns whether the data's tokenizer is the model's (False: the model holds none, with a warning)."""
+    from .hf_tokenizer import converted_difference
+
     data_tokenizer = Path(manifest["tokenizer_path"])
     own = Path(source) / data_tokenizer.name
     if not own.is_file():
-        others = [n for n in ("tokenizer.model", "tokenizer.json") if (Path(source) / n).is_file()]
-        if others:
-            raise ValueError(f"{data_dir} was prepared with a {data_tokenizer.name}, {source} holds only "
-                             f"{' and '.join(others)}: another tokenizer, whose token ids mean other pieces. "
-                             f"Prepare the data with the model's own tokenizer (launch/prepare_data.py --tokenizer "
-                             f"{source})")
+        other = Path(source) / ("tokenizer.model" if data_tokenizer.suffix == ".json" else "tokenizer.json")
+        if other.is_file():
+            sp_model, as_json = (other, data_tokenizer) if other.suffix == ".model" else (data_tokenizer, other)
+            difference = converted_difference(sp_model, as_json)
+            if difference is None:
+                return True
+            raise ValueError(f"{data_dir} was prepared with a {data_tokenizer.name}, {source} holds only a "
+                             f"{other.name}, and they are different tokenizers ({difference}): the model's token "
+                             f"ids would mean other pieces. Prepare the data with the model's own tokenizer "
+                             f"(launch/prepare_data.py --tokenizer {source})")
         warnings.warn(f"{source} has no tokenizer.model or tokenizer.json, so relora_ds cannot check that "
                       f"{data_dir} was tokenized with this model's tokenizer; if it was not, every token id means "
                       "another piece to the model (prepare the data with launch/prepare_data.py --tokenizer "

@@ -2,6 +2,7 @@
 import json
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -265,7 +266,8 @@ def test_rmsnorm_is_transformers_bitwise_in_bf16():
 
 def test_a_model_trains_only_on_data_of_its_own_tokenizer(tmp_path, small_data_dir):
     """--hf-model / --warm-start-from with a data dir: the model's tokenizer.model must be the data's (same
-    vocab size proves nothing); a model directory without one is named as unverifiable."""
+    vocab size proves nothing), or its tokenizer.json where it holds only that kind (compared through the
+    .model converted as the export converts it); a model directory without one is named as unverifiable."""
     from relora_ds.data import prepare_data
     from relora_ds.startup import check_model_and_data
     from relora_ds.train_config import TrainConfig
@@ -279,13 +281,30 @@ def test_a_model_trains_only_on_data_of_its_own_tokenizer(tmp_path, small_data_d
         with pytest.raises(ValueError, match=r"hf/tokenizer.model \(sha256 .*\) is not the tokenizer .*other was "
                                              r"prepared with .*prepare_data.py --tokenizer .*hf$"):
             check_model_and_data(cfg, other, 512)
-    (tmp_path / "hf" / "tokenizer.model").unlink()
-    cfg = TrainConfig(hf_model=str(tmp_path / "hf"), mode="lora", rank=4, total_steps=10)
-    # A tokenizer of the other kind (here the model's tokenizer.json, the data's tokenizer.model) is another one.
-    with pytest.raises(ValueError, match=r"other was prepared with a tokenizer.model, .*hf holds only "
-                                         r"tokenizer.json: another tokenizer.* --tokenizer .*hf\)"):
+    # A model re-saved by transformers keeps only its tokenizer.json: the data's tokenizer.model converted as
+    # the export converts it must equal it (it was refused as "another tokenizer", a user trial on 2026-12-05).
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "resaved")
+    assert sorted(p.name for p in (tmp_path / "resaved").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "hf" / name, tmp_path / "resaved" / name)
+    cfg = TrainConfig(hf_model=str(tmp_path / "resaved"), mode="lora", rank=4, total_steps=10)
+    assert check_model_and_data(cfg, small_data_dir, 512)[0].vocab_size == 512
+    with pytest.raises(ValueError, match=r"other was prepared with a tokenizer.model, .*resaved holds only a "
+                                         r"tokenizer.json, and they are different tokenizers \(tokenizer.model "
+                                         r"converted to a tokenizer.json has other pieces\).* --tokenizer .*resaved\)"):
         check_model_and_data(cfg, other, 512)
+    # The other way round: data prepared with the tokenizer.json, a model holding only a tokenizer.model.
+    by_json = prepare_data(None, tmp_path / "by_json", tokenizer=str(tmp_path / "resaved"), max_docs=300)
+    assert json.loads((by_json / "manifest.json").read_text())["tokenizer_path"].endswith("tokenizer.json")
     (tmp_path / "hf" / "tokenizer.json").unlink()
+    cfg = TrainConfig(hf_model=str(tmp_path / "hf"), mode="lora", rank=4, total_steps=10)
+    assert check_model_and_data(cfg, by_json, 512)[0].vocab_size == 512
+    shutil.copy(other / "tokenizer.model", tmp_path / "hf" / "tokenizer.model")
+    with pytest.raises(ValueError, match=r"by_json was prepared with a tokenizer.json, .*hf holds only a "
+                                         r"tokenizer.model, and they are different tokenizers"):
+        check_model_and_data(cfg, by_json, 512)
+    (tmp_path / "hf" / "tokenizer.model").unlink()
     with pytest.warns(UserWarning, match=r"has no tokenizer.model or tokenizer.json, so relora_ds cannot check that "
                                          r".*other was tokenized with this model's tokenizer"):
         check_model_and_data(cfg, other, 512)

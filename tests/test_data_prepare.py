@@ -19,6 +19,7 @@ from relora_ds.data import (
     PackedTokens, check_tokenizer_matches, in_validation, load_manifest, load_tokenizer, prepare_data,
 )
 from relora_ds.data.builtin_corpus import builtin_documents, play_scenes
+from test_data_inputs import write_jsonl
 
 TINY_VOCAB = 1000
 
@@ -359,11 +360,25 @@ def test_a_separate_validation_corpus(tmp_path):
         prepare_data([str(train)], tmp_path / "x", val_inputs="v.jsonl")
     with pytest.raises(ValueError, match="hf_split='validation' only applies to a hub dataset input"):
         prepare_data([str(train)], tmp_path / "x", vocab_size=300, hf_split="validation")
-    with pytest.raises(ValueError, match="hf_split='test' only applies to a hub dataset input"):
-        prepare_data([str(train)], tmp_path / "x", vocab_size=300, val_inputs=[str(val)], hf_val_split="test")
     with pytest.raises(ValueError, match="hf_val_split='test' is the split of a hub dataset in val_inputs; there are "
                                          "no val_inputs"):
         prepare_data([str(train)], tmp_path / "x", hf_val_split="test")
+
+
+def test_hf_val_split_with_local_validation_files_is_named_before_reading_the_corpus(tmp_path, monkeypatch):
+    """--hf-val-split with local --val-input files: refused naming --hf-val-split (a user trial got "hf_split='test'
+    only applies to a hub dataset input", an option not given, after reading the whole training corpus). Oracle:
+    load_corpus is never called (the corpus is not read) and no out dir is left behind."""
+    from relora_ds.data import prepare
+
+    train = write_jsonl(tmp_path / "a.jsonl", [f"train doc {i}" for i in range(50)])
+    val = write_jsonl(tmp_path / "b.jsonl", [f"held out {i}" for i in range(5)])
+    monkeypatch.setattr(prepare, "load_corpus", lambda *a, **k: pytest.fail("read the corpus before refusing"))
+    with pytest.raises(ValueError, match=r"^hf_val_split='test' \(--hf-val-split\) picks the split of a hub dataset "
+                                         r"given as --val-input, but --val-input here is 1 local files, which have "
+                                         r"no splits: leave --hf-val-split out"):
+        prepare_data([train], tmp_path / "x", vocab_size=300, val_inputs=[val], hf_val_split="test")
+    assert not (tmp_path / "x").exists()
 
 
 def test_the_refusal_names_each_recipe_difference():

@@ -258,6 +258,11 @@ def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig,
                                        ".prepare.lock", *(f"{s}.bin" for s in mf.SPLITS))]
     resolved = resolve_inputs(inputs, exclude=own) if inputs is not None else None
     resolved_val = resolve_inputs(list(cfg.val_inputs), exclude=own) if cfg.val_inputs else None
+    if cfg.hf_val_split is not None and resolved_val is not None and resolved_val[1] is None:
+        # Checked here, not when the validation files are read: that comes after the whole training corpus.
+        raise ValueError(f"hf_val_split={cfg.hf_val_split!r} (--hf-val-split) picks the split of a hub dataset "
+                         f"given as --val-input, but --val-input here is {len(resolved_val[0])} local files, "
+                         "which have no splits: leave --hf-val-split out, or give a hub dataset name as --val-input")
     if resolved and resolved_val:
         both = sorted(set(resolved[0]) & set(resolved_val[0]))
         if both:

@@ -288,6 +288,44 @@ def test_validation_input_that_is_also_training_input_is_refused(tmp_path):
     assert not (tmp_path / "out" / "train.bin").exists()
 
 
+def test_warnings_about_a_validation_corpus_name_it(tmp_path):
+    """With --val-input, blank documents are counted per corpus and the warning names the one holding them; an
+    empty validation split says its corpus holds no text, without val_fraction advice (val_fraction is unused
+    there). A user trial got "skipped 1 empty or blank documents in 2 local files" (the training files) and
+    "give a validation corpus (--val-input)" although one was given. Oracle: the blank documents written into
+    each file, counted by hand."""
+    tok = str(_tiny_tokenizer(tmp_path))
+    train = [str(tmp_path / "f0.txt"), str(tmp_path / "f1.txt")]
+    (tmp_path / "f0.txt").write_text("\n".join(SENTENCES[:60]))
+    (tmp_path / "f1.txt").write_text("\n".join(SENTENCES[60:]))
+    (tmp_path / "blank.txt").write_text("  \n\n \t \n")
+    with pytest.warns(DataWarning) as caught:
+        out = prepare_data(train, tmp_path / "dvb", tokenizer=tok, val_inputs=[str(tmp_path / "blank.txt")])
+    said = [str(w.message) for w in caught]
+    val = "the validation corpus (--val-input: 1 local files)"
+    assert said == [f"skipped 1 empty or blank documents in {val}",
+                    f"the validation split is empty: {val} holds no non-blank document; evaluation will see no data"]
+    m = load_manifest(out)
+    assert (m["splits"]["train"]["documents"], m["splits"]["validation"]["documents"]) == (2, 0)
+    assert m["warnings"]["empty_documents"] == 1
+
+    # Blank documents on both sides: each count with its own corpus; the manifest holds their sum.
+    a = write_jsonl(tmp_path / "a.jsonl", SENTENCES[:50] + ["", "  "] + SENTENCES[50:])
+    b = write_jsonl(tmp_path / "b.jsonl", SENTENCES[:10] + ["\n"])
+    with pytest.warns(DataWarning) as caught:
+        out = prepare_data([a], tmp_path / "both", tokenizer=tok, val_inputs=[b])
+    assert [str(w.message) for w in caught] == ["skipped 2 empty or blank documents in the training corpus (1 local "
+                                                "files)", f"skipped 1 empty or blank documents in {val}"]
+    m = load_manifest(out)
+    assert m["warnings"]["empty_documents"] == 3
+    assert (m["splits"]["train"]["documents"], m["splits"]["validation"]["documents"]) == (len(SENTENCES), 10)
+    with pytest.raises(ValueError, match=r"^the training split is empty: the training corpus \(1 local files\) holds "
+                                         r"no non-blank document$"), \
+            pytest.warns(DataWarning, match=r"skipped 1 empty or blank documents in the training corpus"):
+        prepare_data([str(tmp_path / "blank.txt")], tmp_path / "no_train", tokenizer=tok,
+                     val_inputs=[write_jsonl(tmp_path / "c.jsonl", SENTENCES[:10])])
+
+
 @pytest.mark.parametrize("splits", [dict(hf_val_split="train"), dict(hf_split="validation")])
 def test_a_hub_split_that_is_both_training_and_validation_input_is_refused(tmp_path, splits):
     """From a review: the overlap check compared local files only, so `--input allenai/c4 --val-input

@@ -184,6 +184,25 @@ def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path, val_fraction:
     return open_tokenizer(dest)
 
 
+def _warn_counts(counts: dict, what: str, text_column, tok: Tokenizer) -> None:
+    """The counted warnings of one corpus's tokenization (`counts`: tokenize_and_write's); `what` names it."""
+    if counts["empty_documents"]:
+        warnings.warn(f"skipped {counts['empty_documents']} empty or blank documents in {what}",
+                      DataWarning, stacklevel=4)
+    if counts["records_without_text"]:
+        warnings.warn(f"skipped {counts['records_without_text']} records of {what} whose text column "
+                      f"is null or absent (text_column={text_column!r}: a record of another schema?)",
+                      DataWarning, stacklevel=4)
+    if counts["unk_tokens"]:
+        warnings.warn(f"{counts['unk_tokens']} tokens are <unk>: the tokenizer has no byte fallback for "
+                      f"some characters of {what}", DataWarning, stacklevel=4)
+    if counts["documents_spelling_special_tokens"]:
+        warnings.warn(f"{counts['documents_spelling_special_tokens']} documents of {what} spell a "
+                      f"special token of the tokenizer ({tok.special_example()}): they are encoded as text, as "
+                      "training should see them; transformers' AutoTokenizer reads such text as the special token "
+                      "unless called with split_special_tokens=True", DataWarning, stacklevel=4)
+
+
 def _report_windows(manifest: dict, seq_len: int | None) -> None:
     if not seq_len:
         return
@@ -367,44 +386,49 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
     tok = _get_tokenizer(corpus, cfg, tok_tmp, train_fraction)
     vocab_size = tok.vocab_size
     dtype = mf.token_dtype(vocab_size)
+    unk_id = -1 if tok.unk_id is None else tok.unk_id
     start = time.perf_counter()
-    parts = [(corpus, Encode(tok, train_fraction, cfg.num_proc))]
-    if val_corpus is not None:  # a fraction of 1: every document of it validates
-        parts.append((val_corpus, Encode(tok, 1.0, cfg.num_proc)))
-    counts = tokenize_and_write(parts, out_dir, work_dir, dtype, -1 if tok.unk_id is None else tok.unk_id,
-                                num_proc=cfg.num_proc, seq_len=cfg.seq_len)
+    counts = tokenize_and_write([(corpus, Encode(tok, train_fraction, cfg.num_proc))], out_dir, work_dir, dtype,
+                                unk_id, num_proc=cfg.num_proc, seq_len=cfg.seq_len)
+    named = [(counts, corpus.description if val_corpus is None else f"the training corpus ({corpus.description})")]
+    if val_corpus is not None:
+        # Tokenized apart (a fraction of 1: every document of it validates), so that its counts, and the warnings
+        # that name a corpus, are its own; its split file replaces the training corpus's empty one.
+        val_dir = work_dir / "validation"
+        val_dir.mkdir(parents=True, exist_ok=True)
+        val_counts = tokenize_and_write([(val_corpus, Encode(tok, 1.0, cfg.num_proc))], val_dir, val_dir, dtype,
+                                        unk_id, num_proc=cfg.num_proc, seq_len=cfg.seq_len)
+        assert counts["splits"]["validation"]["tokens"] == val_counts["splits"]["train"]["tokens"] == 0
+        (val_dir / ".validation.bin.tmp").replace(out_dir / ".validation.bin.tmp")
+        named.append((val_counts, f"the validation corpus (--val-input: {val_corpus.description})"))
     seconds = time.perf_counter() - start
 
-    splits = counts["splits"]
+    splits = {s: {k: sum(c["splits"][s][k] for c, _ in named) for k in counts["splits"][s]} for s in mf.SPLITS}
+    total = {k: sum(c[k] for c, _ in named) for k in counts if k != "splits"}
     total_tokens = sum(s["tokens"] for s in splits.values())
     total_docs = sum(s["documents"] for s in splits.values())
     if total_docs == 0:
-        raise ValueError(f"empty corpus: {corpus.description} holds no non-blank document")
-    if counts["empty_documents"]:
-        warnings.warn(f"skipped {counts['empty_documents']} empty or blank documents in {corpus.description}",
-                      DataWarning, stacklevel=3)
-    if counts["records_without_text"]:
-        warnings.warn(f"skipped {counts['records_without_text']} records of {corpus.description} whose text column "
-                      f"is null or absent (text_column={cfg.text_column!r}: a record of another schema?)",
-                      DataWarning, stacklevel=3)
-    if counts["unk_tokens"]:
-        warnings.warn(f"{counts['unk_tokens']} tokens are <unk>: the tokenizer has no byte fallback for "
-                      f"some characters of {corpus.description}", DataWarning, stacklevel=3)
-    if counts["documents_spelling_special_tokens"]:
-        warnings.warn(f"{counts['documents_spelling_special_tokens']} documents of {corpus.description} spell a "
-                      f"special token of the tokenizer ({tok.special_example()}): they are encoded as text, as "
-                      "training should see them; transformers' AutoTokenizer reads such text as the special token "
-                      "unless called with split_special_tokens=True", DataWarning, stacklevel=3)
-    # The hash split sends each document whole to one split: a few big documents (a .txt file is one under
-    # txt_unit="document") leave one split empty, and a larger val_fraction only changes which one.
-    few = ("; each document goes whole to one split, so split the text into more documents (txt_unit="
-           "'paragraph' or 'line', --txt-unit, for .txt inputs) or give a validation corpus (--val-input)"
-           if total_docs * cfg.val_fraction < 10 else "")
-    if splits["validation"]["documents"] == 0 and cfg.val_fraction > 0:
-        warnings.warn(f"the validation split is empty ({total_docs} documents, val_fraction="
-                      f"{cfg.val_fraction}); evaluation will see no data{few}", DataWarning, stacklevel=3)
-    if splits["train"]["documents"] == 0:
-        raise ValueError(f"the training split is empty ({total_docs} documents, all in validation){few}")
+        raise ValueError(f"empty corpus: {' and '.join(what for _, what in named)} "
+                         f"{'holds' if len(named) == 1 else 'hold'} no non-blank document")
+    for part_counts, what in named:
+        _warn_counts(part_counts, what, cfg.text_column, tok)
+    if val_corpus is not None:  # val_fraction is not used: the given corpus is the whole validation split
+        if splits["train"]["documents"] == 0:
+            raise ValueError(f"the training split is empty: {named[0][1]} holds no non-blank document")
+        if splits["validation"]["documents"] == 0:
+            warnings.warn(f"the validation split is empty: {named[1][1]} holds no non-blank document; evaluation "
+                          "will see no data", DataWarning, stacklevel=3)
+    else:
+        # The hash split sends each document whole to one split: a few big documents (a .txt file is one under
+        # txt_unit="document") leave one split empty, and a larger val_fraction only changes which one.
+        few = ("; each document goes whole to one split, so split the text into more documents (txt_unit="
+               "'paragraph' or 'line', --txt-unit, for .txt inputs) or give a validation corpus (--val-input)"
+               if total_docs * cfg.val_fraction < 10 else "")
+        if splits["validation"]["documents"] == 0 and cfg.val_fraction > 0:
+            warnings.warn(f"the validation split is empty ({total_docs} documents, val_fraction="
+                          f"{cfg.val_fraction}); evaluation will see no data{few}", DataWarning, stacklevel=3)
+        if splits["train"]["documents"] == 0:
+            raise ValueError(f"the training split is empty ({total_docs} documents, all in validation){few}")
 
     # Readers holding the old files keep their inodes; new readers see no manifest until it is complete.
     (out_dir / mf.MANIFEST).unlink(missing_ok=True)
@@ -430,10 +454,7 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
         "warnings": {"invalid_utf8_bytes": {**corpus.invalid_utf8, **(val_corpus.invalid_utf8 if val_corpus else {})},
                      "lone_surrogate_escapes": {**corpus.lone_surrogates,
                                                 **(val_corpus.lone_surrogates if val_corpus else {})},
-                     "empty_documents": counts["empty_documents"],
-                     "records_without_text": counts["records_without_text"],
-                     "unk_tokens": counts["unk_tokens"],
-                     "documents_spelling_special_tokens": counts["documents_spelling_special_tokens"]},
+                     **total},
         "stats": {"tokenize_seconds": round(seconds, 3), "tokens_per_second": round(total_tokens / seconds),
                   "num_proc": cfg.num_proc},
         "versions": {"sentencepiece": spm.__version__, "tokenizers": tokenizers.__version__,

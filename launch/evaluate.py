@@ -6,8 +6,11 @@ evaluation reads (``--windows N`` spread evenly over the split, as ``eval_window
     python launch/evaluate.py runs/c4/hf --data-dir data/c4 --seq-len 1024 --windows 10240 --out eval.json
 
 Compare models only on one tokenizer's data (perplexity is per token): the model's tokenizer must be the one
-the data was prepared with (checked where the model directory holds one). On a mixture the output has each
-member's loss too. Prints one JSON line (and writes it to ``--out``).
+the data was prepared with (checked where the model directory holds one). On a mixture each member's windows
+are read on their own (``--windows`` shared out by the weights, at least one each): the output has each
+member's loss, what that dir alone gives, and the mixture's, the members' weighted by the mixture's weights.
+A run trained with --document-masking is evaluated with it (its export records it; ``--document-masking``
+overrides). Prints one JSON line (and writes it to ``--out``).
 """
 from __future__ import annotations
 
@@ -51,10 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data-dir", type=Path, required=True, help="prepared data dir or mixture dir")
     ap.add_argument("--seq-len", type=positive_int, required=True, help="tokens per window (the run's seq_len)")
     ap.add_argument("--split", choices=("validation", "train"), default="validation",
-                    help="the split to read (on a mixture the windows its epoch 0 maps at seed 0, as the "
-                         "trainer's validation; a run's training split used its own seed)")
+                    help="the split to read (on a mixture each member's own)")
     ap.add_argument("--windows", type=positive_int, default=None,
-                    help="windows spread evenly over the split (default: all of them)")
+                    help="windows spread evenly over the split (default: all of them); on a mixture shared out "
+                         "by the weights, at least one per member")
+    ap.add_argument("--document-masking", choices=("auto", "on", "off"), default="auto",
+                    help="attention within each document, as the trainer's --document-masking (auto: as the "
+                         "export's run trained, from its relora_ds_progress.json; off where it records nothing)")
     ap.add_argument("--micro-batch-size", type=positive_int, default=8)
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -64,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    from relora_ds.data import load_manifest, open_split
+    from relora_ds.data import load_manifest, open_eval_split
+    from relora_ds.data.manifest import document_ends_problem
+    from relora_ds.hf import PROGRESS_FILE
     from relora_ds.evaluate import validation_losses
     from relora_ds.hf_load import load_hf, load_hf_config
     from relora_ds.startup import check_model_tokenizer
@@ -84,18 +92,25 @@ def evaluate(args: argparse.Namespace) -> dict:
                       f"{config.max_position_embeddings}: positions it was not built for", UserWarning, stacklevel=2)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    data = open_split(args.data_dir, args.split, seq_len=args.seq_len)
+    data = open_eval_split(args.data_dir, args.split, seq_len=args.seq_len)
     if len(data) == 0:
         raise ValueError(f"the {args.split} split of {args.data_dir} holds no window of --seq-len {args.seq_len} "
                          "(seq_len + 1 tokens): use a smaller --seq-len")
+    masking = args.document_masking == "on"
+    if args.document_masking == "auto" and (args.model / PROGRESS_FILE).is_file():
+        masking = bool(json.loads((args.model / PROGRESS_FILE).read_text()).get("document_masking"))
+    if masking and (problem := document_ends_problem(manifest)):
+        raise ValueError(f"document masking: {problem}; evaluate with --document-masking off")
     model = load_hf(args.model, dtype=dtype).to(device)
+    if masking:
+        model.document_masking_enable(int(manifest["eos_id"]))
     start = time.perf_counter()
     loss, tokens, members = validation_losses(_Model(model, device), data, args.micro_batch_size, 0, 1,
                                               args.windows)
     return {"model": str(args.model), "data_dir": str(args.data_dir), "split": args.split, "seq_len": args.seq_len,
-            "windows": min(args.windows or len(data), len(data)), "tokens": tokens, "loss": loss,
+            "windows": tokens // args.seq_len, "tokens": tokens, "loss": loss,
             "ppl": math.exp(min(loss, 50.0)), **{f"loss/{k}": v for k, v in members.items()},
-            "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "document_masking": masking, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "seconds": round(time.perf_counter() - start, 2)}
 
 

@@ -79,6 +79,8 @@ def main(argv=None) -> Path:
         with torch.no_grad():
             # Checkpoints since 2026-12-04 record the sampler: a run from the export reads on in the data.
             progress = run.get("progress") if "sampler" in run.get("progress", {}) else None
+            if progress is not None:  # recorded in progress since 2026-12-05, in the run's config always
+                progress = {**progress, "document_masking": bool(run["train"].get("document_masking"))}
             layers = [name for name, _ in relora_layers(model)]
             if progress is not None and layers:  # what its merges were (launch/update_rank.py), with the base's
                 saved = state.get(f"{layers[0]}.weight")  # dtype as saved (this copy holds it in fp32); a

@@ -1,34 +1,19 @@
 """Validation loss: the token-weighted mean over windows spread evenly over the validation split, sharded
 over ranks, equal to what one process reading every one of them would compute. On a mixture of data dirs
-also each member's own loss over its windows among them, from the same forward passes."""
+each member's own loss, over windows spread evenly over its own validation split (as for that dir alone),
+and the mixture's: the members' losses weighted by the mixture's weights."""
 from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import MixedWindows, PackedTokens, eval_batches
+from .data import MemberSplits, PackedTokens, eval_batches
+from .data.mixture import evaluation_windows
 
 
 _SET_STANCE = hasattr(torch.compiler, "set_stance")  # torch >= 2.6; before it a short batch compiles its own graph
-
-
-class _Selected:
-    """Windows ``indices`` of ``dataset``, in that order, as a dataset of their own."""
-
-    def __init__(self, dataset, indices: np.ndarray):
-        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def get_batch(self, idx) -> torch.Tensor:
-        return self.dataset.get_batch(self.indices[np.asarray(idx, dtype=np.int64)])
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.get_batch([int(i)])[0]
 
 
 def _loss_sums(engine, dataset, micro_batch_size: int, rank: int, world: int, num_windows: int | None,
@@ -49,35 +34,36 @@ def _loss_sums(engine, dataset, micro_batch_size: int, rank: int, world: int, nu
         total[1] += tokens
 
 
-def validation_losses(engine, val_data: PackedTokens | MixedWindows, micro_batch_size: int, rank: int, world: int,
+def validation_losses(engine, val_data: PackedTokens | MemberSplits, micro_batch_size: int, rank: int, world: int,
                       num_windows: int | None, *, prefetch: int = 0,
                       pin_memory: bool = False) -> tuple[float, int, dict[str, float]]:
     """(mean loss per predicted token, predicted tokens, {member: its loss}) over `num_windows` windows spread
     evenly over `val_data` (None: all; :func:`relora_ds.data.eval_batches`); every rank calls it.
     `prefetch`/`pin_memory`: batches read ahead on background threads, page-locked for asynchronous copies.
-    On a mixture (:class:`relora_ds.data.MixedWindows`) also each member's loss over its windows among the
-    evaluated ones ({label: loss}; {} for one data dir): the mixture's windows are evaluated member by member
-    (every rank the same members, in the same order), so the mixed loss is the token-weighted mean of the
-    members' over the same windows."""
+    On a mixture (:class:`relora_ds.data.MemberSplits`, from ``open_eval_split``) each member's windows are
+    read on their own, every rank the same members in the same order: ``evaluation_windows`` of them (the
+    `num_windows` shared out by the weights, at least one per member) spread evenly over the member's split,
+    so a member's loss ({label: loss}; {} for one data dir) is what that dir alone gives with as many
+    windows; the mixture's loss is the members' weighted by the mixture's weights."""
     if num_windows is not None and (not isinstance(num_windows, int) or num_windows < 1):
         raise ValueError(f"num_windows={num_windows!r} must be a positive int or None")
     engine.eval()
-    mixture = isinstance(val_data, MixedWindows)
-    parts = [val_data] if not mixture else []
+    mixture = isinstance(val_data, MemberSplits)
     if mixture:
-        n = len(val_data) if num_windows is None else min(num_windows, len(val_data))
-        member, window = val_data.locate(np.arange(n, dtype=np.int64) * len(val_data) // n)
-        parts = [_Selected(val_data.sources[m], window[member == m]) for m in range(len(val_data.sources))]
+        parts = list(zip(val_data.sources, evaluation_windows(val_data.shares, val_data.sizes, num_windows).tolist()))
+    else:
+        parts = [(val_data, num_windows)]
     total = torch.zeros(2 * len(parts), dtype=torch.float64, device=engine.device)  # per part: (loss sum, tokens)
     with torch.no_grad():
-        for i, part in enumerate(parts):
-            if len(part):  # the same on every rank: the selection does not depend on the rank
-                _loss_sums(engine, part, micro_batch_size, rank, world, None if mixture else num_windows,
-                           prefetch, pin_memory, total[2 * i:2 * i + 2])
+        for i, (part, n) in enumerate(parts):
+            _loss_sums(engine, part, micro_batch_size, rank, world, n, prefetch, pin_memory, total[2 * i:2 * i + 2])
     engine.train()
     if world > 1 or dist.is_initialized():  # (launch/evaluate.py: one process, no process group)
         dist.all_reduce(total)
     sums, tokens = total[0::2], total[1::2]
-    loss = (sums.sum() / tokens.sum()).item() if tokens.sum() > 0 else float("nan")
-    members = {label: (s / t).item() for label, s, t in zip(val_data.labels, sums, tokens) if t > 0} if mixture else {}
+    if not mixture:
+        loss = (sums.sum() / tokens.sum()).item() if tokens.sum() > 0 else float("nan")
+        return loss, int(tokens.sum().item()), {}
+    members = {label: (s / t).item() for label, s, t in zip(val_data.labels, sums, tokens)}
+    loss = float(sum(share * value for share, value in zip(val_data.shares.tolist(), members.values())))
     return loss, int(tokens.sum().item()), members

@@ -32,9 +32,10 @@ class CheckpointsMixin:
 
     def progress(self) -> dict:
         """How far training got, in each checkpoint's config.json and each export's relora_ds_progress.json
-        (a run continuing from the export reads on after the data it trained on: --warm-start-data)."""
+        (a run continuing from the export reads on after the data it trained on: --warm-start-data), and whether
+        it attended within documents (launch/evaluate.py evaluates as it trained)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.batches.state_dict(),
-                "seed": self.cfg.seed, "data": self.data_info}
+                "seed": self.cfg.seed, "data": self.data_info, "document_masking": bool(self.cfg.document_masking)}
 
     def _warm_start_save_due(self) -> bool:
         """--keep-warm-start: the last step of an in-run warm start is checkpointed (the switch comes next)."""

@@ -18,7 +18,7 @@ from .compiling import compile_problem
 from .data import check_tokenizer_matches
 from .data.manifest import tokenizer_sha256, train_data_fingerprint
 from .data.tokenizer import tokenizer_difference
-from .data.mixture import split_windows, starved_members, unevaluated_members
+from .data.mixture import split_windows, starved_members
 from .data.packed import num_windows
 from .hf import load_hf_config
 from .model import LlamaForCausalLM
@@ -273,18 +273,22 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
     over, or fewer validation windows than asked for, is a named warning (e.g. a paper recipe left on the
     built-in demo corpus)."""
     seq, need = cfg.seq_len, cfg.seq_len + 1
-    for split in ("train", "validation") if cfg.eval_every else ("train",):  # a mixture's members, each
-        short = [f"{m['path']} ({_tokens(m['tokens'])})" for m in splits[split].get("members", [])
-                 if num_windows(m["tokens"], seq) == 0]
-        no_eval = "" if split == "train" else ", or set --eval-every 0 (no evaluation)"
-        if short:
-            raise ValueError(f"mixture {data}: the {split} split of member(s) {', '.join(short)} holds fewer tokens "
-                             f"than one window of --seq-len {seq} needs (seq_len + 1 = {need:,}): use a smaller "
-                             f"--seq-len, or make the mixture without them (launch/prepare_data.py --mix){no_eval}")
-        if starved := starved_members(splits[split], seq):
-            raise ValueError(f"mixture {data}: in its {split} split, member(s) {', '.join(starved)} get no window of "
-                             f"the {split_windows(splits[split], seq):,} of an epoch at --seq-len {seq}: make the "
-                             f"mixture with larger weights for them, or without them{no_eval}")
+    short = {split: [f"{m['path']} ({_tokens(m['tokens'])})" for m in splits[split].get("members", [])
+                     if num_windows(m["tokens"], seq) == 0] for split in ("train", "validation")}
+    if short["train"]:  # a mixture's members, each
+        raise ValueError(f"mixture {data}: the train split of member(s) {', '.join(short['train'])} holds fewer "
+                         f"tokens than one window of --seq-len {seq} needs (seq_len + 1 = {need:,}): use a smaller "
+                         "--seq-len, or make the mixture without them (launch/prepare_data.py --mix)")
+    if starved := starved_members(splits["train"], seq):
+        raise ValueError(f"mixture {data}: in its train split, member(s) {', '.join(starved)} get no window of "
+                         f"the {split_windows(splits['train'], seq):,} of an epoch at --seq-len {seq}: make the "
+                         "mixture with larger weights for them, or without them")
+    if cfg.eval_every and short["validation"] and split_windows(splits["validation"], seq):
+        warnings.warn(f"mixture {data}: the validation split of member(s) {', '.join(short['validation'])} holds "
+                      f"fewer tokens than one window of --seq-len {seq} needs (seq_len + 1 = {need:,}), so evaluation "
+                      "leaves them out: val_loss is the mixture of the other members (their weights renormalized); "
+                      "prepare them with a larger --val-fraction (launch/prepare_data.py) to evaluate them too",
+                      ConfigWarning, stacklevel=2)
     train_tokens = int(splits["train"]["tokens"])
     train_windows = split_windows(splits["train"], seq)
     if train_windows == 0:
@@ -310,6 +314,11 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
         raise ValueError(f"the validation split of {data} is empty (0 tokens, {docs:,} training documents): "
                          f"prepare the data (launch/prepare_data.py) with a larger --val-fraction{more}, or set "
                          "--eval-every 0 (no evaluation)")
+    if cfg.eval_every and val_windows == 0 and short["validation"]:
+        raise ValueError(f"mixture {data}: the validation split of every member holds fewer tokens than one window "
+                         f"of --seq-len {seq} needs (seq_len + 1 = {need:,}): {', '.join(short['validation'])}; use a "
+                         "smaller --seq-len, prepare them with a larger --val-fraction (launch/prepare_data.py), or "
+                         "set --eval-every 0 (no evaluation)")
     if cfg.eval_every and val_windows == 0:
         raise ValueError(f"the validation split of {data} holds {_tokens(val_tokens)}, fewer than one window of "
                          f"--seq-len {seq} needs (seq_len + 1 = {need:,} tokens): use a smaller --seq-len, prepare "
@@ -326,9 +335,3 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
         if cfg.eval_every and (getattr(cfg, name) or 0) > val_windows:
             warnings.warn(f"{name}={getattr(cfg, name)} but the validation split of {data} holds {val_windows} "
                           f"windows: {which} evaluation uses all {val_windows}", ConfigWarning, stacklevel=2)
-        missed, enough = unevaluated_members(splits["validation"], seq, getattr(cfg, name) or 0)
-        if cfg.eval_every and missed:
-            warnings.warn(f"{name}={getattr(cfg, name)} windows spread over the {val_windows:,} of mixture {data}'s "
-                          f"validation split include none of member(s) {', '.join(missed)}: {which} evaluation "
-                          f"logs no val_loss/<member> for them (their windows are a small part of the mixture); "
-                          f"set {name} to at least {enough:,}, or 0 (every window)", ConfigWarning, stacklevel=2)

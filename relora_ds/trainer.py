@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint, reset_hook, run_info, zero_init
-from .data import ShardedBatches, builtin_data_dir, load_manifest, open_split
+from .data import DataWarning, ShardedBatches, builtin_data_dir, load_manifest, open_eval_split, open_split
 from .data.manifest import document_ends_problem, read_manifest_file
 from .compiling import cache_entries, compile_stats, compile_warnings, recompile_limit
 from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
@@ -118,7 +118,9 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             check_data_use(cfg, self.total_steps, manifest["splits"], str(self.data_dir), self.world)
         # A prepared dir, or a mixture of several (relora_ds.data.mixture: the seed draws its members' shuffles)
         self.train_data = open_split(self.data_dir, "train", seq_len=cfg.seq_len, access="random", seed=cfg.seed)
-        self.val_data = open_split(self.data_dir, "validation", seq_len=cfg.seq_len) if cfg.eval_every else None
+        with warnings.catch_warnings():  # a mixture member left out of evaluation: check_data_use named it
+            warnings.simplefilter("ignore", DataWarning)
+            self.val_data = open_eval_split(self.data_dir, seq_len=cfg.seq_len) if cfg.eval_every else None
         # What each checkpoint records of the training data, and --resume compares (checkpoint.plan_resume).
         self.data_info = train_data_record(manifest, cfg.seq_len)
         on_cuda = self.pin_batches = torch.cuda.is_available() and get_accelerator().device_name() == "cuda"

@@ -281,13 +281,13 @@ def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_
 
 
 def test_preflight_checks_a_mixtures_members(tmp_path):
-    """On a mixture dir (prepare_data.py --mix), preflight refuses what the trainer refuses: a member too
-    short for one window at --seq-len, and a member prepared again since the mixture was made; the mixture as
+    """On a mixture dir (prepare_data.py --mix), preflight refuses what the trainer refuses: validation splits
+    all too short for one window at --seq-len, and a member prepared again since the mixture was made; the mixture as
     made passes. The trainer's own messages."""
     from relora_ds.data import make_mixture
     from trainer_utils import packed_data_dir
 
-    a = packed_data_dir(tmp_path / "a", 4_000, 1_000, corpus="corpus-a")
+    a = packed_data_dir(tmp_path / "a", 20_000, 1_000, corpus="corpus-a")  # 19 training windows at 1024
     b = packed_data_dir(tmp_path / "b", 2_000, 1_000, corpus="corpus-b")
     mix = make_mixture([(a, 2), (b, 1)], tmp_path / "mix")
     settings = dict(model="debug", rank=4, cycle_length=4, restart_warmup_steps=2, warmup_steps=2,
@@ -296,9 +296,9 @@ def test_preflight_checks_a_mixtures_members(tmp_path):
             "--data-dir", mix, "--output-dir", tmp_path / "run"]
     assert _preflight(*args, "--seq-len", "32").returncode == 0
     proc = _preflight(*args, "--seq-len", "1024")
-    assert proc.returncode == 2 and (f"error: mixture {mix}: the validation split of member(s) ../a (1,000 tokens), "
-                                     "../b (1,000 tokens) holds fewer tokens than one window of --seq-len 1024") \
-        in proc.stderr, proc.stderr[-800:]
+    assert proc.returncode == 2 and (f"error: mixture {mix}: the validation split of every member holds fewer tokens "
+                                     "than one window of --seq-len 1024 needs (seq_len + 1 = 1,025): ../a (1,000 "
+                                     "tokens), ../b (1,000 tokens)") in proc.stderr, proc.stderr[-800:]
     packed_data_dir(b, 2_100, 1_000, corpus="corpus-b2")
     proc = _preflight(*args, "--seq-len", "32")
     assert proc.returncode == 2 and f"its member {b} was prepared again since the mixture was made" in proc.stderr, \

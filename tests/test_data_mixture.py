@@ -186,14 +186,16 @@ def test_a_moved_member_is_named_and_the_mixture_made_again_reads_the_same_windo
 
 
 def test_data_use_names_a_mixture_member_its_weight_starves_or_too_short_for_a_window():
-    """startup.check_data_use on a mixture's manifest splits (before any window is opened): a member whose
-    weight rounds to no window of an epoch, and one shorter than a window at seq_len, are named with the fix;
-    an evaluation too small to read a member is a warning naming an eval_windows that does."""
+    """startup.check_data_use on a mixture's manifest splits (before any window is opened): a training member
+    whose weight rounds to no window of an epoch, and one shorter than a window at seq_len, are errors naming
+    the fix; a validation member shorter than a window is a warning that evaluation leaves it out (it made
+    the whole run impossible, a user trial found on 2026-12-05), and its weight does not matter there (each
+    member's windows are evaluated on their own)."""
     from relora_ds.startup import check_data_use
     from relora_ds.train_config import ConfigWarning, TrainConfig
 
     cfg = TrainConfig(model="debug", seq_len=32, cycle_length=4, total_steps=8, micro_batch_size=1,
-                      global_batch_size=2, eval_every=4)
+                      global_batch_size=2, eval_every=4, eval_windows=8)
 
     def splits(train_b, val_b, weight_b):
         return {name: {"tokens": big + small, "documents": 2,
@@ -201,47 +203,41 @@ def test_data_use_names_a_mixture_member_its_weight_starves_or_too_short_for_a_w
                                    {"path": "../b", "tokens": small, "weight": weight_b}]}
                 for name, big, small in (("train", 33_000, train_b), ("validation", 3_300, val_b))}
 
-    check_data_use(cfg, 8, splits(3_300, 330, 0.1), "mix", 1)  # 0.1 of 1,134 and of 113 windows: fine
-    with pytest.raises(ValueError, match=r"mixture mix: in its validation split, member\(s\) ../b \(weight 0.004\) "
-                                         r"get no window of the 113 of an epoch at --seq-len 32: .*--eval-every 0"):
-        check_data_use(cfg, 8, splits(3_300, 330, 0.004), "mix", 1)  # 0.45 of 113 rounds to 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_data_use(cfg, 8, splits(3_300, 330, 0.1), "mix", 1)  # 0.1 of 1,134 windows; 8 evaluated reach b
+        check_data_use(cfg, 8, splits(33_000, 330, 0.004), "mix", 1)  # 0.45 of 113 validation windows: fine now
+    with pytest.raises(ValueError, match=r"mixture mix: in its train split, member\(s\) ../b \(weight 0.0001\) "
+                                         r"get no window of the 2,062 of an epoch at --seq-len 32"):
+        check_data_use(cfg, 8, splits(33_000, 330, 0.0001), "mix", 1)
     with pytest.raises(ValueError, match=r"mixture mix: the train split of member\(s\) ../b \(20 tokens\) holds "
                                          r"fewer tokens than one window of --seq-len 32"):
         check_data_use(cfg, 8, splits(20, 330, 0.1), "mix", 1)
-    # An evaluation of 8 windows spread over the validation split's 113 reads none of b's last 11 (a review's
-    # find: its val_loss/b was silently absent); 11 windows reach it.
-    few = TrainConfig(**{**cfg.to_dict(), "eval_windows": 8})
-    with pytest.warns(ConfigWarning, match=r"^eval_windows=8 windows spread over the 113 of mixture mix's validation "
-                                           r"split include none of member\(s\) ../b \(weight 0.1\): each evaluation "
-                                           r"logs no val_loss/<member> for them .* at least 11, or 0 \(every window\)$"):
-        check_data_use(few, 8, splits(3_300, 330, 0.1), "mix", 1)
-    enough = TrainConfig(**{**cfg.to_dict(), "eval_windows": 11})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        check_data_use(enough, 8, splits(3_300, 330, 0.1), "mix", 1)
+    with pytest.warns(ConfigWarning, match=r"^mixture mix: the validation split of member\(s\) ../b \(0 tokens\) "
+                                           r"holds fewer tokens than one window .* evaluation leaves them out"):
+        check_data_use(cfg, 8, splits(3_300, 0, 0.1), "mix", 1)
 
 
-def test_the_members_an_evaluation_leaves_out_are_those_it_reads_no_window_of():
-    """unevaluated_members (from the manifest, at start-up) against the oracle, the windows an evaluation reads:
-    MixedWindows.locate of the positions relora_ds.evaluate spreads over the split, for every window count
-    over a grid of member sizes and weights; and the eval_windows it suggests reads every member."""
-    from relora_ds.data.mixture import MixedWindows, unevaluated_members
+def test_an_evaluation_of_a_mixture_leaves_out_a_member_without_validation_windows(tmp_path):
+    """open_eval_split: a member whose validation split holds no window is left out with a warning naming it,
+    the others' weights renormalized; no member with one is an error. Training on the mixture still reads every
+    member (open_split)."""
+    from relora_ds.data import DataWarning, MemberSplits, make_mixture, open_eval_split, open_split
+    from trainer_utils import packed_data_dir
 
-    seq, named = 3, 0
-    for sizes, weights in (((100, 10), (0.9, 0.1)), ((50, 50, 50), (0.7, 0.2, 0.1)), ((7, 300), (0.02, 0.98)),
-                           ((40, 40), (1, 1)), ((9, 5, 30), (0.3, 0.05, 0.65))):
-        mix = MixedWindows([Windows(i, n, seq) for i, n in enumerate(sizes)], weights)
-        split = {"members": [{"path": f"m{i}", "tokens": n * seq + 1, "weight": w}
-                             for i, (n, w) in enumerate(zip(sizes, weights))]}
-        total = len(mix)
-        for n in range(1, total + 2):
-            read = set(mix.locate(np.arange(min(n, total)) * total // min(n, total))[0].tolist())
-            missed, enough = unevaluated_members(split, seq, n)
-            assert missed == [f"m{i} (weight {w:.3g})" for i, w in enumerate(weights) if i not in read], (sizes, n)
-            if missed:
-                named += 1
-                assert set(mix.locate(np.arange(enough) * total // enough)[0].tolist()) == set(range(len(sizes)))
-    assert named > 20
+    a = packed_data_dir(tmp_path / "a", 2_000, 400, corpus="corpus-a")
+    b = packed_data_dir(tmp_path / "b", 2_000, 0, corpus="corpus-b")
+    c = packed_data_dir(tmp_path / "c", 2_000, 200, corpus="corpus-c")
+    mix = make_mixture([(a, 2), (b, 1), (c, 1)], tmp_path / "mix")
+    with pytest.warns(DataWarning, match=r"member\(s\) \.\./b \(0 tokens\) hold no window of seq_len=16 in their "
+                                         r"validation split, so evaluation leaves them out"):
+        val = open_eval_split(mix, seq_len=16)
+    assert isinstance(val, MemberSplits) and val.labels == ["a", "c"]
+    assert val.shares.tolist() == pytest.approx([2 / 3, 1 / 3]) and val.sizes.tolist() == [399 // 16, 199 // 16]
+    assert len(open_split(mix, "train", seq_len=16).sources) == 3
+    none = make_mixture([(b, 1), (packed_data_dir(tmp_path / "d", 2_000, 10, corpus="corpus-d"), 1)], tmp_path / "m2")
+    with pytest.raises(ValueError, match=r"no member's validation split holds a window of seq_len=16"):
+        open_eval_split(none, seq_len=16)
 
 
 @pytest.mark.parametrize("members, error", [

@@ -262,6 +262,22 @@ def test_the_trainer_masks_documents_in_training_and_validation(tmp_path, small_
         plain = model(batch, labels=batch).loss.item()
     assert masked == pytest.approx(logged, rel=1e-5)
     assert abs(plain - logged) > 1e-3
+    # Its export (launch/export.py, the checkpoint's path; the trainer's records the same progress) records the
+    # masking, and launch/evaluate.py evaluates as the run did (it evaluated unmasked before).
+    import json
+    import subprocess
+    import sys
+
+    from launch_utils import ROOT, launch_env
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(run / "checkpoints"), "--out",
+                           str(tmp_path / "hf")], capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "hf" / "relora_ds_progress.json").read_text())["document_masking"] is True
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), str(tmp_path / "hf"), "--data-dir",
+                           str(small_data_dir), "--seq-len", "32", "--windows", "16", "--dtype", "float32"],
+                          capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["loss"] == pytest.approx(logged, rel=1e-4)
 
 
 def test_data_whose_bos_is_its_eos_is_refused_for_document_masking(tmp_path, small_data_dir):

@@ -84,11 +84,14 @@ def test_evaluation_weights_each_window_once_across_ragged_batches_and_ranks(mon
         assert rec["val_loss"] == pytest.approx(want, rel=1e-12), final
 
 
-def test_a_mixtures_evaluation_reports_each_members_loss_over_its_windows(monkeypatch):
-    """On a mixture (relora_ds.data.MixedWindows) Trainer.evaluate logs val_loss (all evaluated windows, each
-    once) and val_loss/<member> (the member's windows among them, each once, as often as the mixture holds
-    it): 2 stub ranks, micro-batches of 2, a stub engine whose loss is the batch's mean of known per-window
-    values. Oracle: those values averaged by hand over the windows the mixture maps the spread positions to."""
+def test_a_mixtures_evaluation_reads_each_member_on_its_own_and_weights_their_losses(monkeypatch):
+    """On a mixture (relora_ds.data.MemberSplits) Trainer.evaluate logs val_loss/<member> over windows spread
+    evenly over the member's own split, as that dir alone would be evaluated, and val_loss, the members'
+    losses weighted by the mixture's weights (it was the epoch-0 mixture's windows: some members' windows
+    read several times, others' partly, a user trial found on 2026-12-05). 2 stub ranks, micro-batches of 2,
+    a stub engine whose loss is the batch's mean of known per-window values; sizes 4 and 6, weights 3:1.
+    Oracle, by hand: windows None reads 4 and 6; 7 shares out 5.25/1.75 -> 5/2 (largest remainder), capped
+    at member 0's 4; 1 -> 1/0, at least one each -> 1/1."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -96,7 +99,7 @@ def test_a_mixtures_evaluation_reports_each_members_loss_over_its_windows(monkey
 
     from relora_ds import evaluate
     from relora_ds import trainer as trainer_mod
-    from relora_ds.data.mixture import MixedWindows
+    from relora_ds.data.mixture import MemberSplits
 
     def value(source, window):
         return float(10 * source + window * window + 1)
@@ -117,7 +120,7 @@ def test_a_mixtures_evaluation_reports_each_members_loss_over_its_windows(monkey
         def __getitem__(self, i):
             return self.get_batch([i])[0]
 
-    mix = MixedWindows([Source(0, 4), Source(1, 6)], [1, 1], seed=2, names=["../data/c4", "../data/code"])
+    mix = MemberSplits([Source(0, 4), Source(1, 6)], [3, 1], names=["../data/c4", "../data/code"])
 
     class Engine:
         device = "cpu"
@@ -143,9 +146,7 @@ def test_a_mixtures_evaluation_reports_each_members_loss_over_its_windows(monkey
         else:
             reduced.append(t.clone())
     monkeypatch.setattr(evaluate.dist, "all_reduce", all_reduce)
-    # all 10; 7 spread; 1 (only member c4 is read: code's losses are absent, not NaN, and rank 1's share is
-    # empty, a weightless forward)
-    for windows in (None, 7, 1):
+    for windows, counts in ((None, (4, 6)), (7, (4, 2)), (1, (1, 1))):
         cfg = SimpleNamespace(micro_batch_size=2, eval_windows=windows, data_prefetch=0, final_eval_windows=None,
                               compile=False)
         logged, calls = [], []
@@ -155,21 +156,19 @@ def test_a_mixtures_evaluation_reports_each_members_loss_over_its_windows(monkey
             rec = trainer_mod.Trainer.evaluate(t)
             calls.append(t.engine.calls)
         assert calls[0] == calls[1] > 0, (windows, calls)
-        n = windows or 10
-        member, window = mix.locate(np.arange(n) * 10 // n)
-        values = [value(int(s), int(w)) for s, w in zip(member, window)]
-        by_member = {label: [v for s, v in zip(member, values) if s == m] for m, label in enumerate(("c4", "code"))}
-        assert rec["val_loss"] == pytest.approx(sum(values) / n, rel=1e-12)
+        member = {label: np.mean([value(m, j * size // n) for j in range(n)])  # spread as eval_batches spreads
+                  for m, (label, size, n) in enumerate(zip(("c4", "code"), (4, 6), counts))}
         assert {k: v for k, v in rec.items() if k.startswith("val_loss/")} == pytest.approx(
-            {f"val_loss/{k}": sum(v) / len(v) for k, v in by_member.items() if v}, rel=1e-12)
-        assert rec["val_tokens"] == n * 4
-        assert (windows == 1) == (not by_member["code"])
+            {f"val_loss/{k}": v for k, v in member.items()}, rel=1e-12)
+        assert rec["val_loss"] == pytest.approx(0.75 * member["c4"] + 0.25 * member["code"], rel=1e-12)
+        assert rec["val_tokens"] == sum(counts) * 4
 
 
 def test_evaluate_script_equals_transformers_on_a_data_dir_and_a_mixture(tmp_path):
     """launch/evaluate.py on an exported model: its loss (the token-weighted mean over the windows spread over
     the validation split) against transformers' own LlamaForCausalLM computing each window's loss from the
-    same directory; on a mixture each member's loss too, and a data dir the model cannot embed is refused."""
+    same directory; on a mixture each member's loss over its own windows and the weighted mixture, and a data
+    dir the model cannot embed is refused."""
     import json
     import subprocess
     import sys
@@ -179,7 +178,7 @@ def test_evaluate_script_equals_transformers_on_a_data_dir_and_a_mixture(tmp_pat
 
     from launch_utils import ROOT, launch_env
     from relora_ds import LlamaConfig, LlamaForCausalLM
-    from relora_ds.data import PackedTokens, make_mixture, open_split
+    from relora_ds.data import PackedTokens, make_mixture
     from relora_ds.hf import export_hf
     from trainer_utils import packed_data_dir
 
@@ -206,17 +205,77 @@ def test_evaluate_script_equals_transformers_on_a_data_dir_and_a_mixture(tmp_pat
     want = by_hand(a, [j * 37 // 10 for j in range(10)])  # 1,199 // 32 = 37 windows, 10 spread over them
     assert got["windows"] == 10 and got["tokens"] == 10 * 32
     assert got["loss"] == pytest.approx(sum(want) / 10, rel=1e-5)
-    mix = make_mixture([(a, 1), (b, 1)], tmp_path / "mix")
-    proc, got = run(mix)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    # 37 + 21 = 58 windows, equal weights: 29 positions each (a: 29 of its 37; b: its 21, and 8 of them again)
-    mixed = open_split(mix, "validation", seq_len=32)
-    assert mixed.quotas.tolist() == [29, 29]
-    member, window = mixed.locate(range(len(mixed)))
-    per = {name: by_hand(d, window[member == m]) for m, (name, d) in enumerate((("a", a), ("b", b)))}
-    assert got["loss/a"] == pytest.approx(sum(per["a"]) / len(per["a"]), rel=1e-5)
-    assert got["loss/b"] == pytest.approx(sum(per["b"]) / len(per["b"]), rel=1e-5)
-    assert got["loss"] == pytest.approx(sum(per["a"] + per["b"]) / len(mixed), rel=1e-5)
+    # A mixture: each member's loss over its own windows, what the dir alone gives (a: 37 windows, b: 21), and
+    # the mixture's the members' weighted 3:1; --windows 10 shares out 7.5/2.5 -> 8/2, spread over each member.
+    mix = make_mixture([(a, 3), (b, 1)], tmp_path / "mix")
+    alone = {name: by_hand(d, range(n)) for name, d, n in (("a", a, 37), ("b", b, 21))}
+    for extra, counts in (((), {"a": 37, "b": 21}), (("--windows", "10"), {"a": 8, "b": 2})):
+        proc, got = run(mix, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        per = {name: [alone[name][j * len(alone[name]) // n] for j in range(n)] for name, n in counts.items()}
+        assert got["loss/a"] == pytest.approx(sum(per["a"]) / len(per["a"]), rel=1e-5)
+        assert got["loss/b"] == pytest.approx(sum(per["b"]) / len(per["b"]), rel=1e-5)
+        assert got["loss"] == pytest.approx(0.75 * got["loss/a"] + 0.25 * got["loss/b"], rel=1e-12)
+        assert got["windows"] == sum(counts.values()) and got["tokens"] == 32 * got["windows"]
+    proc, got_a = run(a)
+    assert got_a["loss"] == pytest.approx(sum(alone["a"]) / 37, rel=1e-5)
     big = packed_data_dir(tmp_path / "big", 2_000, 700, vocab=1024, corpus="corpus-c")
     proc, _ = run(big)
     assert proc.returncode == 2 and "tokenizer has 1024 ids" in proc.stderr and "embeds 512" in proc.stderr
+
+
+def test_evaluate_script_masks_documents_as_the_run_trained(tmp_path):
+    """A run trained with --document-masking records it in its export (relora_ds_progress.json), and
+    launch/evaluate.py then attends within documents (auto; --document-masking on/off overrides): it used to
+    evaluate such a run unmasked, so its loss was not the run's val_loss (a user trial, 2026-12-05). Oracle:
+    transformers' LlamaForCausalLM run on each document of a window alone (RoPE is relative: alone, a document
+    gets the logits the mask gives it inside the window), the window's loss over those logits."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+    import transformers
+
+    from launch_utils import ROOT, launch_env
+    from relora_ds import LlamaConfig, LlamaForCausalLM
+    from relora_ds.hf import PROGRESS_FILE, export_hf
+    from trainer_utils import packed_data_dir
+
+    torch.manual_seed(0)
+    export_hf(LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=512)), tmp_path / "hf", dtype=torch.float32,
+              token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    data = packed_data_dir(tmp_path / "d", 2_000, 4 * 32 + 1)
+    tokens = np.fromfile(data / "validation.bin", dtype=np.uint16)
+    tokens[tokens == 2] = 3
+    tokens[[5, 11, 40, 41, 70, 99, 100, 120]] = 2  # documents of 1 to 29 tokens, some across two windows
+    tokens.tofile(data / "validation.bin")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+
+    def by_hand(masked):
+        losses = []
+        with torch.no_grad():
+            for k in range(4):
+                w = torch.from_numpy(tokens[k * 32:k * 32 + 33].astype(np.int64))
+                ends = (torch.nonzero(w == 2).flatten() + 1).tolist() if masked else []
+                cuts = [0, *[e for e in ends if e < 33], 33]
+                logits = torch.cat([hf(w[lo:hi][None]).logits[0] for lo, hi in zip(cuts, cuts[1:]) if hi > lo])
+                losses.append(torch.nn.functional.cross_entropy(logits[:-1], w[1:]).item())
+        return sum(losses) / 4
+
+    def run(*extra):
+        proc = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), str(tmp_path / "hf"), "--data-dir",
+                               str(data), "--seq-len", "32", *extra], capture_output=True, text=True,
+                              env=launch_env(), cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.splitlines()[-1])
+
+    plain, masked = by_hand(False), by_hand(True)
+    assert abs(plain - masked) > 1e-3  # the mask matters on this data
+    got = run()  # an export without the record (another tool's): unmasked
+    assert not got["document_masking"] and got["loss"] == pytest.approx(plain, rel=1e-5)
+    (tmp_path / "hf" / PROGRESS_FILE).write_text(json.dumps({"document_masking": True}))
+    got = run()
+    assert got["document_masking"] and got["loss"] == pytest.approx(masked, rel=1e-5)
+    assert run("--document-masking", "off")["loss"] == pytest.approx(plain, rel=1e-5)

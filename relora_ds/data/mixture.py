@@ -3,8 +3,9 @@
 A mixture dir (``launch/prepare_data.py --mix DIR:WEIGHT DIR:WEIGHT ... --out MIX``) holds no tokens: its
 manifest names its members (prepared data dirs, one tokenizer among them), their weights and the fingerprint
 each member's training split had, and a copy of their tokenizer. Training on it (``--data-dir MIX``) reads
-windows of every member in the weights' proportions; its validation split mixes the members' validation
-splits in the same proportions.
+windows of every member in the weights' proportions. Its evaluation (:class:`MemberSplits`) reads each member's
+own validation windows, spread evenly over them as for one prepared dir, and weights the members' losses by
+the mixture's weights.
 
 One epoch of a mixture holds as many windows as its members together (``N``, counted in windows at the run's
 seq_len); member ``i`` (``n_i`` windows) fills ``q_i`` of them, ``w_i · N`` rounded by largest remainder, so
@@ -25,6 +26,7 @@ import math
 import os
 import shutil
 import threading
+import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 
 from relora_ds.data import manifest as mf
+from relora_ds.data.inputs import DataWarning
 from relora_ds.data.packed import PackedTokens, num_windows
 
 KIND = "mixture"
@@ -193,20 +196,15 @@ def starved_members(split: dict, seq_len: int) -> list[str]:
     return [] if quotas is None else [_label(m) for m, q in zip(split["members"], quotas) if q == 0]
 
 
-def unevaluated_members(split: dict, seq_len: int, windows: int) -> tuple[list[str], int]:
-    """(the members of a mixture's validation split entry that get none of the ``windows`` an evaluation
-    spreads evenly over the split, an eval_windows that gives every member some), from the manifest: the
-    selection relora_ds.evaluate makes. An epoch's positions hold the members in blocks of their quotas, and
-    position ``k·L // n`` (k < n) falls in the block ``[lo, lo + q)`` for ``ceil((lo + q)·n / L) -
-    ceil(lo·n / L)`` values of k, at least one once ``n >= L / q``. ([], 0) for a plain split, a starved
-    member (starved_members) or an evaluation of every window."""
-    quotas = _manifest_quotas(split, seq_len)
-    if quotas is None or not quotas.all() or not windows or windows >= quotas.sum():
-        return [], 0
-    total, lo = int(quotas.sum()), np.cumsum(quotas) - quotas
-    counts = -(-(lo + quotas) * windows // total) + (-lo * windows // total)
-    missed = [_label(m) for m, c in zip(split["members"], counts) if c == 0]
-    return missed, (-(-total // int(quotas.min())) if missed else 0)
+def evaluation_windows(shares, sizes, windows: int | None) -> np.ndarray:
+    """How many windows an evaluation reads of each member of a mixture (``sizes``: their windows): all of
+    them (``windows`` None), else ``windows`` shared out in the weights' proportions (largest remainder), at
+    least one per member, so that every member's loss is measured, and at most its own count."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if windows is None:
+        return sizes.copy()
+    shares = np.asarray(shares, dtype=float)
+    return np.minimum(np.maximum(_largest_remainder(shares / shares.sum(), int(windows)), 1), sizes)
 
 
 def split_windows(split: dict, seq_len: int) -> int:
@@ -214,6 +212,53 @@ def split_windows(split: dict, seq_len: int) -> int:
     if "members" in split:
         return sum(num_windows(m["tokens"], seq_len) for m in split["members"])
     return num_windows(split["tokens"], seq_len)
+
+
+def open_eval_split(data_dir: str | Path, split: str = "validation", *, seq_len: int):
+    """What an evaluation reads of ``split``: a prepared dir's windows (:class:`PackedTokens`), or a mixture's
+    members' own (:class:`MemberSplits`). A member without a window at ``seq_len`` in the split (an empty
+    validation split, or one shorter than a window) is left out with a DataWarning, the others' weights
+    renormalized; a ValueError where no member has one."""
+    manifest = mf.load_manifest(data_dir)
+    if not is_mixture(manifest):
+        return PackedTokens(data_dir, split, seq_len=seq_len)
+    members = [(m, PackedTokens(d, split, seq_len=seq_len)) for d, m in zip(check_members(data_dir, manifest),
+                                                                             manifest["members"])]
+    kept = [(m, s) for m, s in members if len(s)]
+    left_out = [f"{m['path']} ({m['splits'][split]['tokens']:,} tokens)" for m, s in members if not len(s)]
+    if not kept:
+        raise ValueError(f"mixture {data_dir}: no member's {split} split holds a window of seq_len={seq_len} "
+                         f"(seq_len + 1 tokens): {', '.join(left_out)}; use a smaller seq_len, or prepare the "
+                         "members with a larger --val-fraction (launch/prepare_data.py)")
+    if left_out:
+        warnings.warn(f"mixture {data_dir}: member(s) {', '.join(left_out)} hold no window of seq_len={seq_len} "
+                      f"in their {split} split, so evaluation leaves them out: its loss is the mixture of the other "
+                      "members (their weights renormalized)", DataWarning, stacklevel=2)
+    return MemberSplits([s for _, s in kept], [m["weight"] for m, _ in kept], [m["path"] for m, _ in kept])
+
+
+def member_labels(names: Sequence[str]) -> list[str]:
+    """What metrics call each member: its dir's name where those are unique, else its path as given."""
+    short = [Path(n).name or n for n in names]
+    return short if len(set(short)) == len(short) else list(names)
+
+
+class MemberSplits:
+    """A mixture's split as an evaluation reads it: each member's own windows (``sources``) and its share of
+    the weights (``shares``); relora_ds.evaluate reads ``evaluation_windows`` of each member, spread over its
+    windows as for one prepared dir, and weights the members' losses by ``shares``."""
+
+    def __init__(self, sources: Sequence, weights: Sequence[float], names: Sequence[str]):
+        if not len(sources) == len(weights) == len(names) or not sources:
+            raise ValueError(f"{len(sources)} sources, {len(weights)} weights and {len(names)} names")
+        w = np.array([float(x) for x in weights])
+        self.sources, self.shares, self.names = list(sources), w / w.sum(), list(names)
+        self.labels = member_labels(self.names)
+        self.sizes = np.array([len(s) for s in sources], dtype=np.int64)
+        self.seq_len = sources[0].seq_len
+
+    def __len__(self) -> int:
+        return int(self.sizes.sum())
 
 
 def open_split(data_dir: str | Path, split: str = "train", *, seq_len: int, access: str = "normal",
@@ -260,8 +305,7 @@ class MixedWindows:
             raise ValueError(f"mixture member(s) {starved} get no window of the {self.length:,} in an epoch of the "
                              f"mixture at seq_len={self.seq_len}: raise their weights, or leave them out")
         self.sources, self.names, self.seed, self.epoch = list(sources), names, int(seed), 0
-        short = [Path(n).name or n for n in names]  # what metrics call each member: its dir's name if unique
-        self.labels = short if len(set(short)) == len(short) else names
+        self.labels = member_labels(names)
         self.num_tokens = sum(int(getattr(s, "num_tokens", 0)) for s in sources)
         self.offsets = np.cumsum(self.sizes) - self.sizes  # member i's windows are ids offsets[i] + w
         # Epoch -> the id of the window at each position (shared by the views and the reading threads; built

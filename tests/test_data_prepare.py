@@ -7,6 +7,7 @@ import json
 import os
 import re
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import sentencepiece as spm
 
 from relora_ds.data import (
-    PackedTokens, check_tokenizer_matches, in_validation, load_manifest, load_tokenizer, prepare_data,
+    DataWarning, PackedTokens, check_tokenizer_matches, in_validation, load_manifest, load_tokenizer, prepare_data,
 )
 from relora_ds.data.builtin_corpus import builtin_documents, play_scenes
 from test_data_inputs import write_jsonl
@@ -449,3 +450,72 @@ def test_unk_tokens_of_a_tokenizer_without_byte_fallback_are_counted_and_warned(
     with pytest.warns(UserWarning, match=rf"{want} tokens are <unk>"):
         out = prepare_data([str(corpus)], tmp_path / "out", tokenizer=str(model), val_fraction=0.0)
     assert load_manifest(out)["warnings"]["unk_tokens"] == want
+
+
+def test_options_that_change_nothing_are_ignored_with_a_warning_and_not_recorded(tmp_path):
+    """txt_unit without a .txt input and text_column with .txt inputs alone do nothing: a user trial found them
+    recorded in the recipe, so the same command without them was refused ("another recipe (txt_unit ...)")
+    over byte-identical files, and the data's fingerprint changed (a checkpoint could not resume after
+    --overwrite). Oracle: the same inputs prepared without the option (its files, recipe and fingerprint)."""
+    from relora_ds.data.manifest import train_data_fingerprint
+
+    jsonl = write_jsonl(tmp_path / "c.jsonl", DOCS_150)
+    txt = tmp_path / "c.txt"
+    txt.write_text("\n".join(d.replace("\n", " ") for d in DOCS_150) + "\n")
+    for inputs, option, why, base in (([jsonl], dict(txt_unit="line"), "no input is a .txt file", {}),
+                                      ([str(txt)], dict(text_column="body"), ".txt files have no columns",
+                                       dict(txt_unit="line"))):
+        (name, value), = option.items()
+        ref = prepare_data(inputs, tmp_path / f"ref_{name}", vocab_size=300, val_fraction=0.1, **base)
+        with pytest.warns(DataWarning, match=rf"^{name}={value!r} is ignored: {re.escape(why)}"):
+            out = prepare_data(inputs, tmp_path / f"with_{name}", vocab_size=300, val_fraction=0.1, **base, **option)
+        assert load_manifest(ref)["splits"]["validation"]["documents"] > 0
+        for split in ("train", "validation"):
+            assert (out / f"{split}.bin").read_bytes() == (ref / f"{split}.bin").read_bytes()
+        assert load_manifest(out)["recipe"] == load_manifest(ref)["recipe"]
+        assert train_data_fingerprint(load_manifest(out)) == train_data_fingerprint(load_manifest(ref))
+        mtimes = [(d / "manifest.json").stat().st_mtime_ns for d in (out, ref)]
+        prepare_data(inputs, out, vocab_size=300, val_fraction=0.1, **base)  # one recipe: no-ops, no refusal
+        with pytest.warns(DataWarning, match=f"{name}={value!r} is ignored"):
+            prepare_data(inputs, ref, vocab_size=300, val_fraction=0.1, **base, **option)
+        assert [(d / "manifest.json").stat().st_mtime_ns for d in (out, ref)] == mtimes
+
+
+def test_an_option_only_the_validation_corpus_uses_is_recorded(tmp_path):
+    """txt_unit with .jsonl training input and a .txt --val-input (text_column with .txt training input and a
+    .jsonl one) applies to the validation corpus: kept in the recipe, no warning. Oracle: the validation
+    file's lines (its records), counted by hand."""
+    train_jsonl = write_jsonl(tmp_path / "t.jsonl", DOCS_150)
+    val_txt = tmp_path / "v.txt"
+    val_txt.write_text("\n".join(f"held out line {i}" for i in range(12)) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        out = prepare_data([train_jsonl], tmp_path / "a", vocab_size=300, val_inputs=[str(val_txt)], txt_unit="line")
+        m = load_manifest(out)
+        assert m["recipe"]["txt_unit"] == "line" and m["splits"]["validation"]["documents"] == 12
+        train_txt = tmp_path / "t.txt"
+        train_txt.write_text("\n\n".join(DOCS_150))
+        val_jsonl = write_jsonl(tmp_path / "v.jsonl", [f"held out {i}" for i in range(7)], column="body")
+        out = prepare_data([str(train_txt)], tmp_path / "b", vocab_size=300, val_inputs=[val_jsonl],
+                           text_column="body")
+        m = load_manifest(out)
+        assert m["recipe"]["text_column"] == "body" and m["splits"]["validation"]["documents"] == 7
+
+
+def test_data_prepared_with_an_option_that_changed_nothing_stays_up_to_date(tmp_path):
+    """A dir prepared before such options were left out of the recipe holds them as given (txt_unit 'line' with
+    .jsonl input): the same data, so re-running with or without the option (or with --overwrite) is a no-op
+    that keeps its manifest, and with it the fingerprint its checkpoints recorded. Oracle: the manifest's bytes
+    before and after."""
+    jsonl = write_jsonl(tmp_path / "c.jsonl", DOCS_150)
+    out = prepare_data([jsonl], tmp_path / "old", vocab_size=300)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["recipe"]["txt_unit"] = "line"  # what the code before recorded for --txt-unit line
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = (out / "manifest.json").read_bytes()
+    prepare_data([jsonl], out, vocab_size=300)
+    with pytest.warns(DataWarning, match="txt_unit='line' is ignored"):
+        prepare_data([jsonl], out, vocab_size=300, txt_unit="line", overwrite=True)
+    assert (out / "manifest.json").read_bytes() == before
+    with pytest.raises(ValueError, match=r"another recipe \(max_docs: null -> 5; txt_unit: \"line\" -> \"document\"\)"):
+        prepare_data([jsonl], out, vocab_size=300, max_docs=5)  # another recipe: every difference is named

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import tokenizers
 
 from relora_ds.data import manifest as mf
 from relora_ds.data.encode import MAP_BATCH, Encode, in_validation, tokenize_and_write
-from relora_ds.data.inputs import DataWarning, corpus_fingerprint, hub_commit, resolve_inputs
+from relora_ds.data.inputs import DataWarning, builder_for, corpus_fingerprint, hub_commit, resolve_inputs
 from relora_ds.data.sources import TXT_UNITS, Corpus, load_corpus
 from relora_ds.data.tokenizer import Tokenizer, open_tokenizer, resolve_tokenizer, train_tokenizer, training_lines
 
@@ -293,9 +293,11 @@ def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig,
         raise ValueError(f"hub dataset {resolved[1]!r}, split {val_split!r}, is both the training input and "
                          "--val-input, so validation would be trained on; read another split for one of the two "
                          "(hf_split / hf_val_split, e.g. hf_val_split 'validation')")
+    inapplicable = _inapplicable_options(resolved, resolved_val)
+    cfg = _at_defaults(cfg, inapplicable)
     recipe = _recipe(resolved, cfg, out_dir, resolved_val)
     old = mf.read_manifest_file(out_dir)
-    if old is not None and old.get("recipe") == recipe and mf.files_intact(out_dir, old):
+    if old is not None and _same_recipe(old.get("recipe"), recipe, inapplicable) and mf.files_intact(out_dir, old):
         log.info("%s is up to date (manifest matches); nothing to do", out_dir)
         _report_windows(old, cfg.seq_len)
         return out_dir
@@ -311,6 +313,45 @@ def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig,
     manifest = _prepare(inputs, (resolved, resolved_val), cfg, out_dir, recipe)
     _report_windows(manifest, cfg.seq_len)
     return out_dir
+
+
+_IGNORED_BECAUSE = {"txt_unit": "no input is a .txt file (it says what one document of a .txt file is)",
+                    "text_column": ".txt files have no columns"}
+
+
+def _inapplicable_options(resolved: tuple[list[str], str | None] | None,
+                          resolved_val: tuple[list[str], str | None] | None) -> dict[str, object]:
+    """The options that cannot change these inputs' documents (training and validation), with their defaults:
+    txt_unit without a .txt file, text_column with .txt files alone. None for the built-in corpus, which
+    refuses both (load_corpus)."""
+    if resolved is None:
+        return {}
+    sides = [r for r in (resolved, resolved_val) if r is not None]
+    builders = {builder_for(f) for files, _ in sides for f in files}
+    defaults = {}
+    if "text" not in builders:
+        defaults["txt_unit"] = PrepareConfig.txt_unit
+    if builders == {"text"} and not any(hub for _, hub in sides):
+        defaults["text_column"] = PrepareConfig.text_column
+    return defaults
+
+
+def _at_defaults(cfg: PrepareConfig, inapplicable: dict[str, object]) -> PrepareConfig:
+    """`cfg` with the `inapplicable` options at their defaults, each one given warned about. Recorded as given,
+    an identical re-run without it was another recipe (refused), and the data's fingerprint changed with it, so
+    checkpoints could not resume on the same bytes."""
+    for name, default in inapplicable.items():
+        if getattr(cfg, name) != default:
+            warnings.warn(f"{name}={getattr(cfg, name)!r} is ignored: {_IGNORED_BECAUSE[name]}", DataWarning,
+                          stacklevel=4)
+    return replace(cfg, **inapplicable)
+
+
+def _same_recipe(old: dict | None, new: dict, inapplicable: dict[str, object]) -> bool:
+    """Whether a manifest's recipe `old` is `new`, the `inapplicable` options aside: data prepared before they
+    were recorded at their defaults holds them as given (txt_unit 'line' with .jsonl files alone), and is the
+    same data when the rest, the input files' fingerprint included, is the same."""
+    return old is not None and {**old, **{k: new[k] for k in inapplicable if k in old}} == new
 
 
 _ABSENT = object()

@@ -210,9 +210,6 @@ def load_corpus(
         raise ValueError(f"hf_config={hf_config!r} only applies to a hub dataset input, not local files")
     if streaming is None:
         streaming = _default_streaming(files)
-    if text_column not in ("text", ["text"]) and all(builder_for(f) == "text" for f in files):
-        warnings.warn(f"text_column={text_column!r} is ignored: .txt files have no columns", DataWarning,
-                      stacklevel=2)
     originals = files
     files, invalid, lone = _repair_files(files, work_dir, num_proc)
     originals = dict(zip(files, originals, strict=True))  # repaired copy -> the file it repairs

@@ -8,6 +8,7 @@ import fcntl
 import functools
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def lock_output_dir(out: Path):
         if e.errno not in (errno.EAGAIN, errno.EACCES):  # EWOULDBLOCK is EAGAIN on Linux
             warnings.warn(f"cannot lock output_dir {out} ({e.strerror}): nothing stops a second run from "
                           "writing there while this one runs", ConfigWarning, stacklevel=2)
-            return f
+            return _write_holder(path, f)  # unlocked, but the other ranks still read it
         f.seek(0)
         holder = f.read().strip() or "holder unknown"
         f.close()
@@ -204,13 +205,49 @@ def lock_output_dir(out: Path):
                          "its rank 0, stops every rank after a checkpoint; SIGTERM to the `deepspeed` command "
                          "alone leaves the ranks running), or pick another --output-dir. If that process is "
                          f"gone (its node crashed, on NFS), delete {path}") from None
+    return _write_holder(path, f)
+
+
+def _write_holder(path: Path, f):
+    """Who holds the lock file ``f`` at ``path``: this host, pid and time (named to a second run, and read by
+    every rank: check_shared_output_dir)."""
     f.seek(0)
     f.truncate()
     f.write(f"host {socket.gethostname()}, pid {os.getpid()}, "
             f"since {datetime.datetime.now().isoformat(timespec='seconds')}\n")
     f.flush()
+    os.fsync(f.fileno())  # to the server of a network file system, where the other nodes read it
     _HELD[path] = f
     return f
+
+
+def check_shared_output_dir(out: Path, rank: int, world: int, tries: int = 16, pause_s: float = 2.0) -> None:
+    """Every rank must see the ``output_dir`` rank 0 locked: each rank writes its checkpoint shards there, and
+    a resume plans from what rank 0 wrote (``latest``, config.json) and loads every shard. On node-local disks
+    the ranks of other nodes would find no checkpoint, start from step 0 while rank 0 resumes, and fail later
+    in a mismatched collective. Compares what each rank reads of rank 0's lock file (host, pid, start time)
+    through ``agreement``, up to ``tries`` times ``pause_s`` apart (a network file system may show a new file
+    late; the same count on every rank, so the collectives match); then a ValueError on every rank."""
+    from .distributed import agreement
+
+    if world == 1:
+        return
+    for attempt in range(tries):
+        try:
+            text = (out / LOCK_FILE).read_text() or None
+        except OSError:
+            text = None
+        missing, differ = agreement(text)
+        if not (missing or differ):
+            return
+        if attempt + 1 < tries:
+            time.sleep(pause_s)
+    who = (f"rank {rank} on {socket.gethostname()} cannot see rank 0's {LOCK_FILE} there" if text is None else
+           f"another rank cannot see rank 0's {LOCK_FILE} there, or reads another")
+    raise ValueError(f"output_dir {out} is not one directory shared by every rank ({who}; waited "
+                     f"{tries * pause_s:g} s; every rank stops): each rank writes its checkpoint shards there and a "
+                     "resume reads them all back. Put --output-dir on a file system every node mounts (NFS, "
+                     "Lustre, ...) at the same path")
 
 
 def unlock_output_dir(out: Path) -> None:

@@ -44,7 +44,8 @@ from .relora import lora_parameters
 from .resume import CheckpointsMixin
 from .ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device, nvme_offloads
 from .startup import apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels, \
-    check_model_and_data, check_output_dir, lock_output_dir, train_data_record, unlock_output_dir
+    check_model_and_data, check_output_dir, check_shared_output_dir, lock_output_dir, train_data_record, \
+    unlock_output_dir
 from .schedule import total_steps_for
 from .steps import StepsMixin
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
@@ -76,6 +77,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self._signal_handlers = {}
         with self._warnings_on_rank_zero():  # rank 0's lock on output_dir, until close() or the process ends
             on_rank_zero(lambda: lock_output_dir(self.out))
+        check_shared_output_dir(self.out, self.rank, self.world)  # node-local disks: every rank stops here
         with self._warnings_on_rank_zero():
             self.ds = complete_ds_config(load_ds_config(ds_config_path), cfg, self.world,
                                          source=f"--deepspeed {ds_config_path}" if ds_config_path else "default")

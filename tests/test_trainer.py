@@ -243,17 +243,31 @@ def test_the_full_rank_engine_is_freed_before_the_relora_engine_is_built(tmp_pat
     assert "SOURCE_MASTERS True SOURCE_ROUNDED_DIFFERS True" in proc.stdout, proc.stdout[-2000:]
 
 
-@pytest.mark.parametrize("rank1_data", ["another recipe", "missing"])
+@pytest.mark.parametrize("rank1_data", ["another recipe", "missing", "same, output_dir not shared"])
 def test_ranks_that_see_different_or_no_data_all_stop(tmp_path, small_data_dir, rank1_data):
     """Ranks on different nodes read their own view of the data directory. Where rank 1's copy holds data of
     another recipe (a node-local cache from another run), training would silently feed the ranks different
     data; where it is missing, rank 1 alone would stop and rank 0 wait at its next collective. Each rank runs
-    in its own directory with a relative data_dir: every rank must stop with the same reason."""
+    in its own directory with a relative data_dir: every rank must stop with the same reason. So with an
+    output_dir on node-local disks (relative here): rank 1 found no checkpoint and started from step 0 while
+    rank 0 resumed, then failed in a mismatched collective naming nothing (a user trial, 2026-12-05)."""
     import shutil
 
     for r in (0, 1):
         (tmp_path / f"rank{r}").mkdir()
     shutil.copytree(small_data_dir, tmp_path / "rank0" / "data")
+    if rank1_data.startswith("same"):
+        shutil.copytree(small_data_dir, tmp_path / "rank1" / "data")
+        run_ranks(ROOT / "tests/dist/data_agreement_worker.py", "--base", str(tmp_path), "--local-output", timeout=300)
+        r0, r1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+        tail = ("; waited 0.6 s; every rank stops): each rank writes its checkpoint shards there and a resume reads "
+                "them all back. Put --output-dir on a file system every node mounts (NFS, Lustre, ...) at the same "
+                "path")
+        assert r0 == ("ValueError: output_dir run is not one directory shared by every rank (another rank cannot "
+                      "see rank 0's .lock there, or reads another" + tail), r0
+        assert r1.startswith("ValueError: output_dir run is not one directory shared by every rank (rank 1 on ") \
+            and r1.endswith("cannot see rank 0's .lock there" + tail), r1
+        return
     if rank1_data == "another recipe":
         shutil.copytree(small_data_dir, tmp_path / "rank1" / "data")
         manifest = tmp_path / "rank1" / "data" / "manifest.json"

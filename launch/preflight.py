@@ -22,6 +22,7 @@ find metrics.jsonl); exit 2 on error.
 import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from relora_ds import checkpoint
@@ -32,9 +33,9 @@ from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
 from relora_ds.ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device
 from relora_ds.schedule import total_steps_for
 from relora_ds.startup import (apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels,
-                               check_model_and_data, check_output_dir, train_data_record)
+                               check_model_and_data, check_output_dir, train_data_record, unused_vocab_size)
 from relora_ds.train_args import build_launch_parser, config_from_args
-from relora_ds.train_config import BUILTIN_VOCAB_SIZE, show_config_warnings_plainly
+from relora_ds.train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, show_config_warnings_plainly
 
 
 def main(argv=None) -> int:
@@ -65,6 +66,8 @@ def _check(argv) -> str:
         ds = complete_ds_config(load_ds_config(args.deepspeed), cfg, args.world_size,
                                 source=f"--deepspeed {args.deepspeed}" if args.deepspeed else "default")
         vocab = load_manifest(cfg.data_dir)["vocab_size"] if cfg.data_dir else cfg.vocab_size or BUILTIN_VOCAB_SIZE
+        if unused := unused_vocab_size(cfg, vocab):
+            warnings.warn(unused, ConfigWarning, stacklevel=1)
         # The built-in corpus is checked as the trainer will once it is prepared (the ranks prepare it).
         data_dir = Path(cfg.data_dir) if cfg.data_dir else builtin_data_dir(vocab)
         prepared = cfg.data_dir or read_manifest_file(data_dir) is not None

@@ -121,6 +121,20 @@ def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Pa
     return True
 
 
+def unused_vocab_size(cfg: TrainConfig, data_vocab: int) -> str | None:
+    """Why the recipe's ``vocab_size`` does not size the model (a Hugging Face model brings its own, a data
+    dir's tokenizer sets it), or None where it does or is unset: the trainer and preflight warn with it."""
+    if cfg.vocab_size in (None, data_vocab):
+        return None
+    source = cfg.hf_model or cfg.warm_start_from
+    if source:
+        return f"vocab_size={cfg.vocab_size} is not used: the model in {source} brings its own vocabulary"
+    if cfg.data_dir is not None:
+        return (f"vocab_size={cfg.vocab_size} is not used: the tokenizer of data_dir {cfg.data_dir} has "
+                f"{data_vocab} pieces, which the model takes")
+    return None
+
+
 def build_schedule(cfg: TrainConfig, total_steps: int):
     """The run's LR multiplier as a function of the global step (0-based): a bad combination of the schedule
     settings is a ValueError here (all of them, TrainConfig.check_schedule), before any engine exists."""

@@ -45,7 +45,7 @@ from .resume import CheckpointsMixin
 from .ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device, nvme_offloads
 from .startup import apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels, \
     check_model_and_data, check_output_dir, check_shared_output_dir, lock_output_dir, train_data_record, \
-    unlock_output_dir
+    unlock_output_dir, unused_vocab_size
 from .schedule import total_steps_for
 from .steps import StepsMixin
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
@@ -96,13 +96,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self.ckpt_dir = self.out / "checkpoints"
         self.data_dir = self._prepare_data()
         manifest_vocab = load_manifest(self.data_dir)["vocab_size"]
-        source = cfg.hf_model or cfg.warm_start_from
-        if source and cfg.vocab_size not in (None, manifest_vocab) and self.rank == 0:
-            warnings.warn(f"vocab_size={cfg.vocab_size} is not used: the model in {source} brings its own "
-                          "vocabulary", ConfigWarning, stacklevel=2)
-        elif cfg.data_dir is not None and cfg.vocab_size not in (None, manifest_vocab) and self.rank == 0:
-            warnings.warn(f"vocab_size={cfg.vocab_size} is not used: the tokenizer of data_dir {cfg.data_dir} has "
-                          f"{manifest_vocab} pieces, which the model takes", ConfigWarning, stacklevel=2)
+        if self.rank == 0 and (unused := unused_vocab_size(cfg, manifest_vocab)):
+            warnings.warn(unused, ConfigWarning, stacklevel=2)
         cfg.vocab_size = manifest_vocab  # the effective config records what the run uses
         with self._warnings_on_rank_zero():
             self.model_config, manifest = check_model_and_data(cfg, self.data_dir, manifest_vocab)

@@ -241,6 +241,11 @@ def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_
     preflight = ["--world-size", "2", *args, "--deepspeed", tmp_path / "bf16.json"]
     proc = _preflight(*preflight, "--global-batch-size", "64")
     assert proc.returncode == 0, proc.stderr[-800:]
+    # a vocab_size the data's tokenizer overrides: the trainer's warning (preflight said nothing, a user trial)
+    from relora_ds.train_config import ConfigWarning
+    with pytest.warns(ConfigWarning, match=f"vocab_size=4096 is not used: the tokenizer of data_dir {data} has 512 "
+                                           "pieces, which the model takes"):
+        assert _preflight(*preflight, "--global-batch-size", "64", "--vocab-size", "4096").returncode == 0
     proc = _preflight(*preflight, "--global-batch-size", "128")
     assert proc.returncode == 2
     assert (f"error: the training split of {data} holds 124 windows of --seq-len 32 (4,000 tokens), fewer than one "

@@ -495,6 +495,7 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
         "warnings": {"invalid_utf8_bytes": {**corpus.invalid_utf8, **(val_corpus.invalid_utf8 if val_corpus else {})},
                      "lone_surrogate_escapes": {**corpus.lone_surrogates,
                                                 **(val_corpus.lone_surrogates if val_corpus else {})},
+                     "empty_files": corpus.empty_files + (val_corpus.empty_files if val_corpus else []),
                      **total},
         "stats": {"tokenize_seconds": round(seconds, 3), "tokens_per_second": round(total_tokens / seconds),
                   "num_proc": cfg.num_proc},

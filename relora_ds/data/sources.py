@@ -45,6 +45,8 @@ class Corpus:
     """file -> number of invalid UTF-8 bytes replaced by U+FFFD."""
     lone_surrogates: dict[str, int] = field(default_factory=dict)
     """JSON file -> number of lone surrogate escapes replaced by ``\\ufffd``."""
+    empty_files: list[str] = field(default_factory=list)
+    """Files holding no record, skipped."""
 
     @property
     def streaming(self) -> bool:
@@ -213,6 +215,16 @@ def load_corpus(
     originals = files
     files, invalid, lone = _repair_files(files, work_dir, num_proc)
     originals = dict(zip(files, originals, strict=True))  # repaired copy -> the file it repairs
+    # Empty shards are common in real corpora: skipped, not the whole prepare failed (datasets fails on one).
+    empty = [originals[f] for f in files if _holds_no_records(f, builder_for(f))]
+    shown = f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}"
+    if len(empty) == len(files):
+        raise ValueError(f"empty corpus: {'the' if len(files) == 1 else 'all'} {len(files)} input files hold no "
+                         f"records: {shown}")
+    if empty:
+        warnings.warn(f"skipped {len(empty)} empty input files (no records): {shown}", DataWarning, stacklevel=2)
+    description = f"{len(files)} local files" + (f" ({len(empty)} empty)" if empty else "")
+    files = [f for f in files if originals[f] not in set(empty)]
 
     parts = []
     # Consecutive files with the same builder and columns are read together (datasets reads a group as one
@@ -240,7 +252,7 @@ def load_corpus(
             parts += [_load_group(builder, [f], text_column, txt_unit, streaming, work_dir, kwargs, originals)
                       for f in group]
     ds = _concatenate(parts)
-    return Corpus(ds, f"{len(files)} local files", invalid, lone)
+    return Corpus(ds, description, invalid, lone, empty)
 
 
 def _load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwargs, originals=None):
@@ -259,6 +271,27 @@ def _load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwar
     if builder == "text" and txt_unit == "paragraph":
         ds = ds.map(_split_paragraphs, batched=True)
     return ds
+
+
+def _holds_no_records(path: str, builder: str | None) -> bool:
+    """Whether a file holds no record: no byte of text (.txt; a blank one is a blank document), nothing but
+    whitespace or an empty array (.jsonl, .json), no row (.parquet, .arrow). datasets fails on such a file
+    ("no records", Arrow's "BatchSize must be greater than 0"). Unreadable here: False (the load names why)."""
+    try:
+        if builder == "parquet":
+            return pq.read_metadata(path).num_rows == 0
+        if builder == "arrow":  # datasets writes Arrow streams; reading one memory-mapped copies nothing
+            with pa.memory_map(path) as source:
+                return all(batch.num_rows == 0 for batch in pa.ipc.open_stream(source))
+        with (gzip.open if path.lower().endswith(".gz") else open)(path, "rb") as f:
+            if builder == "text":
+                return not f.read(1)
+            seen = b""
+            while len(seen) <= 2 and (chunk := f.read(1 << 16)):
+                seen += b"".join(chunk.split())
+            return seen in (b"", b"[]")
+    except (OSError, EOFError, ValueError, pa.ArrowException):
+        return False
 
 
 def _columns(path: str, builder: str | None, text_column: str | list[str] = "text") -> tuple | None:

@@ -385,12 +385,12 @@ def test_hf_val_split_with_local_validation_files_is_named_before_reading_the_co
 def test_the_refusal_names_each_recipe_difference():
     """_recipe_diff, as the refusal to replace prepared data prints it: a key one side lacks is "absent" (not
     the same as null), nested keys are dotted, and long values are cut around where they differ."""
-    from relora_ds.data.prepare import _recipe_diff
+    from relora_ds.data.recipe import recipe_diff
 
-    assert _recipe_diff({"a": 1, "hf_split": None}, {"a": 1}) == "hf_split: null -> absent"
-    assert _recipe_diff({"max_docs": None, "v": 1}, {"max_docs": 50, "v": 2}) == "max_docs: null -> 50; v: 1 -> 2"
+    assert recipe_diff({"a": 1, "hf_split": None}, {"a": 1}) == "hf_split: null -> absent"
+    assert recipe_diff({"max_docs": None, "v": 1}, {"max_docs": 50, "v": 2}) == "max_docs: null -> 50; v: 1 -> 2"
     long = "/data/tokenizers/shared-by-the-team/2026/november/"
-    assert _recipe_diff({"tok": {"given": long + "v1.model"}}, {"tok": {"given": long + "v2.model"}}) == (
+    assert recipe_diff({"tok": {"given": long + "v1.model"}}, {"tok": {"given": long + "v2.model"}}) == (
         'tok.given: ...team/2026/november/v1.model" -> ...team/2026/november/v2.model"')
 
 

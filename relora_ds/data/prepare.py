@@ -3,20 +3,20 @@
 Every document becomes ``BOS ids EOS`` (``ids EOS`` with a tokenizer without BOS, such as T5's); the
 documents of a split are concatenated in corpus order into one flat file of ids (packing: training
 windows cross document boundaries, the EOS (and BOS) marks them, and nothing is padded or truncated).
-This file decides whether to prepare (the recipe and its manifest), gets the tokenizer and writes the
-manifest; relora_ds/data/encode.py tokenizes the documents into the split files.
+This file decides whether to prepare (the manifest's recipe against this one: relora_ds/data/recipe.py),
+gets the tokenizer and writes the manifest; relora_ds/data/encode.py tokenizes the documents into the split
+files.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,133 +27,13 @@ import tokenizers
 
 from relora_ds.data import manifest as mf
 from relora_ds.data.encode import MAP_BATCH, Encode, in_validation, tokenize_and_write
-from relora_ds.data.inputs import DataWarning, builder_for, corpus_fingerprint, hub_commit, resolve_inputs
-from relora_ds.data.sources import TXT_UNITS, Corpus, load_corpus
-from relora_ds.data.tokenizer import Tokenizer, open_tokenizer, resolve_tokenizer, train_tokenizer, training_lines
+from relora_ds.data.inputs import DataWarning, resolve_inputs
+from relora_ds.data.sources import Corpus, load_corpus
+from relora_ds.data.tokenizer import Tokenizer, open_tokenizer, train_tokenizer, training_lines
+from relora_ds.data.recipe import (DEFAULT_VOCAB_SIZE, PrepareConfig, at_defaults, inapplicable_options, recipe_diff,
+                                   recipe_of, same_recipe)
 
 log = logging.getLogger(__name__)
-
-DEFAULT_VOCAB_SIZE = 32000
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """How to turn a corpus into a prepared data dir (everything but the inputs and the dir)."""
-
-    tokenizer: str | None = None
-    """An existing tokenizer to use: a SentencePiece ``.model``, a Hugging Face ``tokenizer.json`` (with its
-    tokenizer_config.json beside it) or a model directory holding either; None trains a SentencePiece BPE on
-    the corpus's training split."""
-    vocab_size: int | None = None
-    """Vocabulary of the trained tokenizer (None: 32000). With `tokenizer`: None or its exact size."""
-    seq_len: int | None = None
-    """Only reported (windows per split, documents longer than a window): the files do not depend on it."""
-    text_column: str | list[str] = "text"
-    """Column holding the text in JSON/Parquet/hub corpora (``.txt`` files have none); a list: each file (or
-    the hub dataset) takes the first of them it has."""
-    num_proc: int = 1
-    """Tokenizer processes (``datasets.map``) or threads (streaming); the output does not depend on it."""
-    hf_config: str | None = None
-    """Config name of a hub dataset input (``en`` for ``allenai/c4``)."""
-    hf_revision: str | None = None
-    """Branch, tag or commit of a hub dataset input (None: its default branch); the commit it resolves to is
-    recorded, and the data is re-prepared when it moves."""
-    val_fraction: float = 0.01
-    """Share of documents in the validation split, chosen by a hash of each document's text."""
-    val_inputs: tuple[str, ...] | None = None
-    """A separate corpus for the validation split (files, directories, globs or a hub dataset name, read
-    with the same text_column, hf_config, hf_revision and txt_unit), e.g. C4's own validation set, which the
-    paper reports; every document of the inputs then trains (val_fraction is not used). None: the hash split."""
-    hf_split: str = "train"
-    """Split of a hub dataset input."""
-    hf_val_split: str | None = None
-    """Split of a hub dataset in val_inputs (None: "validation")."""
-    streaming: bool | None = None
-    """Read the corpus with ``datasets`` streaming; None: for hub datasets and corpora > RAM/4."""
-    txt_unit: str = "document"
-    """What one document is in a ``.txt`` file: the whole "document", a "paragraph" or a "line"."""
-    max_docs: int | None = None
-    """Use only the first N documents of the inputs (smoke tests; val_inputs are read whole); None: all."""
-    tokenizer_train_chars: int = 100_000_000
-    """Train the tokenizer on the first ~N characters of the training split (about 100 MB of text)."""
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "max_docs"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a positive int or None")
-        if not isinstance(self.num_proc, int) or self.num_proc < 1:
-            raise ValueError(f"num_proc={self.num_proc!r} must be a positive int")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction={self.val_fraction!r} must be in [0, 1)")
-        if self.val_inputs is not None:
-            if isinstance(self.val_inputs, (str, Path)) or not self.val_inputs:
-                raise ValueError(f"val_inputs={self.val_inputs!r} must be a non-empty list of files, directories, "
-                                 "globs or one hub dataset name")
-            object.__setattr__(self, "val_inputs", tuple(str(v) for v in self.val_inputs))
-            if self.val_fraction != PrepareConfig.val_fraction:
-                raise ValueError(f"val_fraction={self.val_fraction} splits the inputs, val_inputs gives the "
-                                 "validation split: give one of the two")
-        if self.hf_val_split is not None and self.val_inputs is None:
-            raise ValueError(f"hf_val_split={self.hf_val_split!r} is the split of a hub dataset in val_inputs; "
-                             "there are no val_inputs")
-        if self.txt_unit not in TXT_UNITS:
-            raise ValueError(f"txt_unit={self.txt_unit!r} is not one of {TXT_UNITS}")
-        names = [self.text_column] if isinstance(self.text_column, str) else self.text_column
-        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
-            raise ValueError(f"text_column={self.text_column!r} must be a column name or a non-empty list of them")
-        if not isinstance(self.text_column, str):  # one name: a str, as recipes recorded it; JSON-safe list
-            object.__setattr__(self, "text_column", names[0] if len(names) == 1 else list(names))
-        if self.tokenizer_train_chars < 1:
-            raise ValueError(f"tokenizer_train_chars={self.tokenizer_train_chars!r} must be positive")
-
-
-def _current_commit(hub: str, revision: str | None, out_dir: Path, validation: bool = False) -> str:
-    """The hub dataset's commit now; offline, the one `out_dir` was prepared at (with a warning), so that
-    re-running on prepared data stays a no-op without network. `validation`: of the val_inputs dataset."""
-    try:
-        return hub_commit(hub, revision)
-    except ValueError:
-        recipe = (mf.read_manifest_file(out_dir) or {}).get("recipe", {})
-        prepared = (recipe.get("validation_corpus", {}) if validation else recipe).get("hub_commit")
-        if prepared is None:
-            raise
-        warnings.warn(f"cannot reach the hub to check whether {hub!r} moved; keeping the data prepared at "
-                      f"commit {prepared}", DataWarning, stacklevel=4)
-        return prepared
-
-
-def _recipe(resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig, out_dir: Path,
-            resolved_val: tuple[list[str], str | None] | None = None) -> dict:
-    """Everything that decides the bytes of the token files, and nothing else: not num_proc, streaming
-    or seq_len, nor how the inputs were spelled (the fingerprint covers the resolved files)."""
-    if cfg.tokenizer is not None:
-        tokenizer = {"given": mf.tokenizer_sha256(resolve_tokenizer(cfg.tokenizer))}
-    else:
-        tokenizer = {"train_bpe": {"vocab_size": cfg.vocab_size or DEFAULT_VOCAB_SIZE,
-                                   "train_chars": cfg.tokenizer_train_chars}}
-    hub = resolved[1] if resolved is not None else None
-    if hub is None and (resolved_val is None or resolved_val[1] is None) and cfg.hf_revision is not None:
-        raise ValueError(f"hf_revision={cfg.hf_revision!r} only applies to a hub dataset input")
-    commit = _current_commit(hub, cfg.hf_revision, out_dir) if hub is not None else None
-    # Keys absent at their defaults: data prepared before they existed keeps its recipe (no re-prepare).
-    val = {}
-    if resolved_val is not None:
-        val_hub = resolved_val[1]
-        val_commit = _current_commit(val_hub, cfg.hf_revision, out_dir, validation=True) if val_hub else None
-        val = {"validation_corpus": {
-            "fingerprint": corpus_fingerprint(resolved_val, cfg.hf_config, hub_revision=val_commit),
-            **({"hub_commit": val_commit, "hf_split": cfg.hf_val_split or "validation"} if val_commit else {})}}
-    return {
-        "corpus_fingerprint": corpus_fingerprint(resolved, cfg.hf_config, hub_revision=commit),
-        **({"hub_commit": commit} if commit else {}),  # absent for local corpora: their recipes are unchanged
-        **({"hf_split": cfg.hf_split} if cfg.hf_split != "train" else {}),
-        **val,
-        "tokenizer": tokenizer,
-        "text_column": cfg.text_column, "hf_config": cfg.hf_config, "txt_unit": cfg.txt_unit,
-        "val_fraction": cfg.val_fraction, "max_docs": cfg.max_docs,
-    }
-
 
 def _texts(ds, val_fraction: float):
     """Training-split texts of a (possibly streaming) "text" dataset, in corpus order."""
@@ -293,16 +173,16 @@ def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig,
         raise ValueError(f"hub dataset {resolved[1]!r}, split {val_split!r}, is both the training input and "
                          "--val-input, so validation would be trained on; read another split for one of the two "
                          "(hf_split / hf_val_split, e.g. hf_val_split 'validation')")
-    inapplicable = _inapplicable_options(resolved, resolved_val)
-    cfg = _at_defaults(cfg, inapplicable)
-    recipe = _recipe(resolved, cfg, out_dir, resolved_val)
+    inapplicable = inapplicable_options(resolved, resolved_val)
+    cfg = at_defaults(cfg, inapplicable)
+    recipe = recipe_of(resolved, cfg, out_dir, resolved_val)
     old = mf.read_manifest_file(out_dir)
-    if old is not None and _same_recipe(old.get("recipe"), recipe, inapplicable) and mf.files_intact(out_dir, old):
+    if old is not None and same_recipe(old.get("recipe"), recipe, inapplicable) and mf.files_intact(out_dir, old):
         log.info("%s is up to date (manifest matches); nothing to do", out_dir)
         _report_windows(old, cfg.seq_len)
         return out_dir
     if old is not None and mf.files_intact(out_dir, old) and not overwrite:
-        raise ValueError(f"{out_dir} holds data prepared from another recipe ({_recipe_diff(old.get('recipe', {}), recipe)}); "
+        raise ValueError(f"{out_dir} holds data prepared from another recipe ({recipe_diff(old.get('recipe', {}), recipe)}); "
                          "runs trained on it could not resume once it is replaced. Pass --overwrite to "
                          "re-prepare it, or another --out"
                          + (f" (or --hf-revision {old['recipe']['hub_commit']} to keep the commit this data "
@@ -313,74 +193,6 @@ def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig,
     manifest = _prepare(inputs, (resolved, resolved_val), cfg, out_dir, recipe)
     _report_windows(manifest, cfg.seq_len)
     return out_dir
-
-
-_IGNORED_BECAUSE = {"txt_unit": "no input is a .txt file (it says what one document of a .txt file is)",
-                    "text_column": ".txt files have no columns"}
-
-
-def _inapplicable_options(resolved: tuple[list[str], str | None] | None,
-                          resolved_val: tuple[list[str], str | None] | None) -> dict[str, object]:
-    """The options that cannot change these inputs' documents (training and validation), with their defaults:
-    txt_unit without a .txt file, text_column with .txt files alone. None for the built-in corpus, which
-    refuses both (load_corpus)."""
-    if resolved is None:
-        return {}
-    sides = [r for r in (resolved, resolved_val) if r is not None]
-    builders = {builder_for(f) for files, _ in sides for f in files}
-    defaults = {}
-    if "text" not in builders:
-        defaults["txt_unit"] = PrepareConfig.txt_unit
-    if builders == {"text"} and not any(hub for _, hub in sides):
-        defaults["text_column"] = PrepareConfig.text_column
-    return defaults
-
-
-def _at_defaults(cfg: PrepareConfig, inapplicable: dict[str, object]) -> PrepareConfig:
-    """`cfg` with the `inapplicable` options at their defaults, each one given warned about. Recorded as given,
-    an identical re-run without it was another recipe (refused), and the data's fingerprint changed with it, so
-    checkpoints could not resume on the same bytes."""
-    for name, default in inapplicable.items():
-        if getattr(cfg, name) != default:
-            warnings.warn(f"{name}={getattr(cfg, name)!r} is ignored: {_IGNORED_BECAUSE[name]}", DataWarning,
-                          stacklevel=4)
-    return replace(cfg, **inapplicable)
-
-
-def _same_recipe(old: dict | None, new: dict, inapplicable: dict[str, object]) -> bool:
-    """Whether a manifest's recipe `old` is `new`, the `inapplicable` options aside: data prepared before they
-    were recorded at their defaults holds them as given (txt_unit 'line' with .jsonl files alone), and is the
-    same data when the rest, the input files' fingerprint included, is the same."""
-    return old is not None and {**old, **{k: new[k] for k in inapplicable if k in old}} == new
-
-
-_ABSENT = object()
-
-
-def _recipe_diff(old: dict, new: dict, prefix: str = "") -> str:
-    """The recipe keys that differ, as ``key: old -> new`` (nested keys dotted; a key only one side has is
-    "absent"; long values shown around where they first differ)."""
-    parts = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            parts.append(_recipe_diff(a, b, f"{prefix}{key}."))
-        else:
-            ta, tb = ("absent" if v is _ABSENT else json.dumps(v) for v in (a, b))
-            parts.append(f"{prefix}{key}: {' -> '.join(_around_first_difference(ta, tb))}")
-    return "; ".join(parts)
-
-
-def _around_first_difference(a: str, b: str, width: int = 40) -> tuple[str, str]:
-    """``a`` and ``b`` cut to about ``width`` characters each, keeping where they first differ in view."""
-    if max(len(a), len(b)) <= width:
-        return a, b
-    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    start = max(0, first - width // 2)
-    return tuple(("..." if start else "") + t[start:start + width] + ("..." if len(t) > start + width else "")
-                 for t in (a, b))
 
 
 def _prepare(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig, out_dir: Path, recipe: dict) -> dict:

@@ -1,13 +1,18 @@
 """launch/slurm/*.sbatch on a real one-node SLURM (Debian's slurmctld/slurmd/munge, installed if missing):
 a 2-rank USR1 checkpoint-requeue-resume-export, the deepspeed --hostfile --no_ssh variant, and jobs that
-must stop before any rank starts. Set RELORA_SKIP_SLURM=1 to skip (documented in README.md, "Running on a cluster");
-without it, a machine where SLURM cannot be installed or started fails here with the reason. The jobs train
-in fp32 (ds_configs/zero2_fp32.json): the subject is the launch, and bf16 on a CPU without native bf16 matmul
-made these jobs several times slower (bf16 training is tested in test_trainer*.py and test_int8_zero.py)."""
+must stop before any rank starts. Set RELORA_SKIP_SLURM=1 to skip these (documented in README.md, "Running on
+a cluster"); without it, a machine where SLURM cannot be installed or started fails here with the reason. The
+jobs train in fp32 (ds_configs/zero2_fp32.json): the subject is the launch, and bf16 on a CPU without native
+bf16 matmul made these jobs several times slower (bf16 training is tested in test_trainer*.py and
+test_int8_zero.py). Then (FakeJob, no cluster, seconds) the same scripts run by bash under stand-in
+srun/scontrol/scancel, for what their arguments, messages and exit statuses show."""
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,6 +119,7 @@ def test_term_to_the_batch_script_checkpoints_without_requeue(slurm, tmp_path):
     assert len(n) == 1 and (tmp_path / "run/checkpoints/latest").read_text() == f"step_{n[0]}" and n[0] < 60
 
 
+
 def test_deepspeed_launcher_variant_checkpoints_on_term(slurm, tmp_path):
     """The deepspeed-launcher job, TERM sent to the batch script mid-run (as scancel or the time limit do): the
     script forwards it to every process of the step, the launchers among them. A review found the node's
@@ -161,3 +167,145 @@ def test_hostfile_naming_a_host_outside_the_job_is_an_error(slurm, tmp_path):
     log = _log(tmp_path, job)
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), info
     assert f"unknown host(s) gpu-node-7: not nodes of SLURM job {job} (its nodes: localhost)" in log
+
+
+# --- The same scripts under stand-in srun/scontrol/scancel (no cluster, seconds each): what reaches preflight and
+# srun, exit statuses and messages, and the requeue decision around signals. A user trial's finds.
+
+_JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "4",
+        "SLURM_CPUS_PER_TASK": "2", "SLURM_SUBMIT_DIR": str(ROOT)}
+
+# The rank a stand-in srun starts with FAKE_RANK=1: on USR1/TERM it does what the trainer does (the "preempted"
+# record last in metrics.jsonl, exit 0). Python, not bash: srun runs with TERM ignored, which bash cannot trap.
+_RANK = """import os, signal, sys, time
+def stop(signum, frame):
+    open(os.path.join(sys.argv[1], "metrics.jsonl"), "a").write('{"event": "preempted", "step": 7}\\n')
+    os._exit(0)
+signal.signal(signal.SIGUSR1, stop), signal.signal(signal.SIGTERM, stop)
+with open(sys.argv[2] + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])  # whole when it appears (the test waits for it, scancel reads it)
+time.sleep(60)
+sys.exit(1)
+"""
+
+_FAKES = {
+    # records its argv (NUL-separated); with FAKE_RANK=1 becomes one rank, else exits 0 (the ranks trained)
+    "srun": """printf '%s\\0' "$@" > "$FAKE_SLURM/srun.argv"
+[[ -n "${FAKE_RANK:-}" ]] || exit 0
+exec "$REAL_PYTHON" "$FAKE_SLURM/rank.py" "$OUTPUT_DIR" "$FAKE_SLURM/rank.pid"
+""",
+    "scontrol": """echo "scontrol $*" >> "$FAKE_SLURM/calls"
+if [[ "$1" == show ]]; then
+    [[ -z "${FAKE_SCONTROL_ERROR:-}" ]] || { echo "scontrol: error: $FAKE_SCONTROL_ERROR" >&2; exit 1; }
+    printf 'n1\\nn2\\n'
+fi
+""",
+    # the signal to the job's steps: here, to the one rank
+    "scancel": """echo "scancel $*" >> "$FAKE_SLURM/calls"
+kill -s "${1#--signal=}" "$(cat "$FAKE_SLURM/rank.pid")"
+""",
+    # PYTHON: preflight records its argv and prints OUTPUT_DIR (with FAKE_PREFLIGHT_WAIT=1 it first waits for
+    # the file preflight.release, so a test can signal the script meanwhile); hostfile.py etc. run for real
+    "python": """if [[ "$1" == launch/preflight.py ]]; then
+    printf '%s\\0' "$@" > "$FAKE_SLURM/preflight.argv"
+    if [[ -n "${FAKE_PREFLIGHT_WAIT:-}" ]]; then
+        touch "$FAKE_SLURM/preflight.started"
+        until [[ -e "$FAKE_SLURM/preflight.release" ]]; do sleep 0.05; done
+    fi
+    echo "$OUTPUT_DIR"
+    exit 0
+fi
+exec "$REAL_PYTHON" "$@"
+""",
+}
+
+
+class FakeJob:
+    """An sbatch script run by bash as SLURM would run it (job 4242 on nodes n1, n2), with the stand-ins first on
+    PATH; what they were given is kept for the test to read."""
+
+    def __init__(self, tmp_path: Path, script: str, **variables):
+        root = Path(tempfile.mkdtemp(dir=tmp_path))  # one per job: a test may run several
+        self.dir = root / "fake_slurm"
+        bin_dir = self.dir / "bin"
+        bin_dir.mkdir(parents=True)
+        for name, body in _FAKES.items():
+            (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body)
+            (bin_dir / name).chmod(0o755)
+        (self.dir / "rank.py").write_text(_RANK)
+        self.run_dir = root / "run"
+        self.run_dir.mkdir()
+        env = {k: v for k, v in launch_env().items()
+               if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                          "MASTER_PORT", "REQUEUE_SIGNALS")}
+        env.update(_JOB, PATH=f"{bin_dir}:{env['PATH']}", FAKE_SLURM=str(self.dir), REAL_PYTHON=sys.executable,
+                   PYTHON=str(bin_dir / "python"), RECIPE="launch/configs/tiny.yaml", OUTPUT_DIR=str(self.run_dir),
+                   TORCH_EXTENSIONS_DIR=str(root / "ext"))
+        env.update(variables)
+        self.proc = subprocess.Popen(["bash", str(ROOT / "launch/slurm" / script)], cwd=ROOT, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for(self, name: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not (self.dir / name).exists():
+            assert self.proc.poll() is None, f"the script exited {self.proc.returncode} before {name}: " \
+                                             f"{self.proc.communicate()}"
+            assert time.monotonic() < deadline, f"no {name} after {timeout} s"
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = 120) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def argv(self, which: str) -> list[str] | None:
+        """What the stand-in srun or preflight ("srun", "preflight") was given; None if it never ran."""
+        f = self.dir / f"{which}.argv"
+        return f.read_text().split("\0")[:-1] if f.exists() else None
+
+    def calls(self) -> list[str]:
+        f = self.dir / "calls"
+        return f.read_text().splitlines() if f.exists() else []
+
+
+def _fake_job(tmp_path, script="train.sbatch", **variables) -> tuple[FakeJob, int, str, str]:
+    return (job := FakeJob(tmp_path, script, **variables)), *job.finish()
+
+
+def _after(argv: list[str], marker: str) -> list[str]:
+    return argv[argv.index(marker) + 1:]
+
+
+def test_train_args_and_launcher_args_over_several_lines_reach_preflight_and_srun_whole(tmp_path):
+    """A TRAIN_ARGS value over two lines lost everything after the first newline (`read -a` reads one line):
+    --lr and --data-dir were dropped and the job trained on the built-in corpus. Any whitespace separates
+    words; quotes stay literal characters, as before (README: split on whitespace, no quoting)."""
+    train_args = "--micro-batch-size 4 --global-batch-size 192\n  --lr 0.0001\t--data-dir /shared/c4\n"
+    job, rc, out, err = _fake_job(tmp_path, TRAIN_ARGS=train_args)
+    assert rc == 0, (out, err)
+    want = ["--config", "launch/configs/tiny.yaml", "--deepspeed", "ds_configs/zero2.json", "--resume",
+            "--output-dir", str(job.run_dir), "--micro-batch-size", "4", "--global-batch-size", "192",
+            "--lr", "0.0001", "--data-dir", "/shared/c4"]
+    assert job.argv("preflight") == ["launch/preflight.py", "--world-size", "4", *want]
+    assert _after(job.argv("srun"), "launch/train.py") == want
+    assert job.argv("srun")[:5] == ["--export=ALL", "--label", "--kill-on-bad-exit=1", "--cpus-per-task=2",
+                                    "launch/slurm/rank_env.sh"]
+    job, rc, out, err = _fake_job(tmp_path, "train_deepspeed.sbatch", GPUS_PER_NODE="2",
+                                  TRAIN_ARGS="--lr 0.0001\n--total-steps 9 '--seed 3'",
+                                  DS_LAUNCHER_ARGS="--bind_cores_to_rank\n  --enable_each_rank_log logs\n")
+    assert rc == 0, (out, err)
+    hostfile = job.run_dir / "hostfile-4242"
+    assert hostfile.read_text() == "n1 slots=2\nn2 slots=2\n"
+    assert _after(job.argv("srun"), "launch/slurm/ds_node.sh") == [
+        str(hostfile), "--bind_cores_to_rank", "--enable_each_rank_log", "logs", "launch/train.py",
+        *want[:5], "--output-dir", str(job.run_dir), "--lr", "0.0001", "--total-steps", "9", "'--seed", "3'"]
+    assert job.argv("preflight")[:3] == ["launch/preflight.py", "--world-size", "4"]
+
+
+def test_a_data_dir_on_the_second_line_of_train_args_is_checked_by_preflight(tmp_path):
+    """The trial's own command, with the real preflight: the --data-dir on TRAIN_ARGS's second line reaches it
+    and stops the job (exit 2) before srun; it used to be dropped and the job trained on the built-in corpus."""
+    job, rc, out, err = _fake_job(tmp_path, PYTHON=sys.executable, TRAIN_ARGS=(
+        "--micro-batch-size 4 --global-batch-size 192\n  --lr 0.0001 --data-dir /nonexistent/c4"))
+    assert rc == 2 and "'/nonexistent/c4' is not a prepared data dir" in err, (out, err[-2000:])
+    assert job.argv("srun") is None

@@ -5,7 +5,7 @@
 #   RECIPE        YAML recipe (default launch/configs/paper_250m.yaml)
 #   DS_CONFIG     DeepSpeed JSON (default ds_configs/zero2.json)
 #   OUTPUT_DIR    run directory; default: the recipe's output_dir
-#   TRAIN_ARGS    more launch/train.py flags, split on spaces
+#   TRAIN_ARGS    more launch/train.py flags, split on whitespace (newlines too); quotes are not interpreted
 #   GPU_MEMORY_GB preflight's --gpu-memory-gb: refuse a run whose estimated peak memory per GPU exceeds it
 #   PYTHON        interpreter with relora_ds installed (default: python on PATH)
 #   MASTER_PORT   rendezvous port on the first node (default: 20000 + job id mod 10000, below Linux's ephemeral ports 32768-60999)
@@ -38,7 +38,8 @@ prepare_training() {
     train_args=(--config "${RECIPE:-launch/configs/paper_250m.yaml}" --deepspeed "${DS_CONFIG:-ds_configs/zero2.json}"
                 --resume)
     [[ -z "${OUTPUT_DIR:-}" ]] || train_args+=(--output-dir "$OUTPUT_DIR")
-    read -r -a extra <<< "${TRAIN_ARGS:-}"
+    # -d '': the whole value (a plain `read` stopped at its first newline, dropping the flags after it)
+    read -r -d '' -a extra <<< "${TRAIN_ARGS:-}" || true
     train_args+=(${extra[@]+"${extra[@]}"})  # (an empty array under set -u fails on bash < 4.4)
     # GPU_MEMORY_GB (preflight only): refuse a run whose estimated peak memory per GPU exceeds it
     out_dir=$("$PYTHON" launch/preflight.py --world-size "$world" ${GPU_MEMORY_GB:+--gpu-memory-gb "$GPU_MEMORY_GB"} \

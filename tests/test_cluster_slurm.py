@@ -309,3 +309,41 @@ def test_a_data_dir_on_the_second_line_of_train_args_is_checked_by_preflight(tmp
         "--micro-batch-size 4 --global-batch-size 192\n  --lr 0.0001 --data-dir /nonexistent/c4"))
     assert rc == 2 and "'/nonexistent/c4' is not a prepared data dir" in err, (out, err[-2000:])
     assert job.argv("srun") is None
+
+
+def _signal_mid_run(tmp_path, sig, script="train.sbatch", **variables):
+    job = FakeJob(tmp_path, script, FAKE_RANK="1", **variables)
+    job.wait_for("rank.pid")  # the rank runs: srun_with_requeue's traps are set
+    job.proc.send_signal(sig)
+    return (job, *job.finish())
+
+
+@pytest.mark.parametrize("spelling", ["SIGUSR1 SIGTERM", "USR1,TERM", " usr1 ,\tSigTerm ", "TERM"])
+def test_requeue_signals_in_any_common_spelling_requeue_after_a_term_checkpoint(tmp_path, spelling):
+    """REQUEUE_SIGNALS="SIGUSR1 SIGTERM" or "USR1,TERM" matched no signal: after the TERM checkpoint the job
+    said 'not requeueing' and ended COMPLETED, never to resume."""
+    job, rc, out, err = _signal_mid_run(tmp_path, signal.SIGTERM, REQUEUE_SIGNALS=spelling)
+    assert rc == 0, (out, err)
+    assert job.calls()[-2:] == ["scancel --signal=TERM 4242", "scontrol requeue 4242"], (job.calls(), out)
+    assert "train.sbatch: checkpoint saved after SIGTERM; requeueing job 4242" in out
+
+
+def test_default_requeue_signals_do_not_requeue_after_term_and_name_the_list(tmp_path):
+    job, rc, out, err = _signal_mid_run(tmp_path, signal.SIGTERM, "train_deepspeed.sbatch", GPUS_PER_NODE="2")
+    assert rc == 0, (out, err)
+    assert "scancel --signal=USR1 4242" in job.calls() and "scontrol requeue 4242" not in job.calls()
+    assert "checkpoint saved after SIGTERM; not requeueing (REQUEUE_SIGNALS=USR1)" in out
+    job, rc, out, err = _signal_mid_run(tmp_path, signal.SIGUSR1, REQUEUE_SIGNALS="sigusr1")
+    assert rc == 0 and job.calls()[-1] == "scontrol requeue 4242", (job.calls(), out, err)
+
+
+@pytest.mark.parametrize("value, word", [("USR2", "USR2"), ("SIGUSR1 SIGKILL", "SIGKILL"), ("USR1;TERM", "USR1;TERM"),
+                                         ("15", "15")])
+def test_an_unknown_requeue_signal_stops_the_job_before_preflight_and_srun(tmp_path, value, word):
+    job, rc, out, err = _fake_job(tmp_path, REQUEUE_SIGNALS=value)
+    assert rc == 2, (out, err)
+    assert (f"train.sbatch: error: REQUEUE_SIGNALS=\"{value}\": '{word}' is not a signal the job can requeue on; "
+            "valid: USR1, TERM") in err
+    assert job.argv("preflight") is None and job.argv("srun") is None
+    job, rc, out, err = _fake_job(tmp_path, REQUEUE_SIGNALS=" , ")
+    assert rc == 2 and "REQUEUE_SIGNALS=\" , \" names no signal; valid: USR1, TERM" in err, err

@@ -10,7 +10,8 @@
 #   PYTHON        interpreter with relora_ds installed (default: python on PATH)
 #   MASTER_PORT   rendezvous port on the first node (default: 20000 + job id mod 10000, below Linux's ephemeral ports 32768-60999)
 #   TORCH_EXTENSIONS_DIR  DeepSpeed's JIT-compiled ops (default: per job, node-local /tmp)
-#   REQUEUE_SIGNALS  signals after whose checkpoint the job requeues itself (default: USR1)
+#   REQUEUE_SIGNALS  signals after whose checkpoint the job requeues itself: USR1, TERM or both (default: USR1;
+#                    "SIGUSR1 SIGTERM", "usr1,term" are the same; anything else stops the job before it starts)
 
 SCRIPT=${SCRIPT:-launch/slurm}  # set by the sourcing script, prefixes its messages
 say() { echo "$SCRIPT: $*"; }
@@ -18,6 +19,7 @@ die() { echo "$SCRIPT: error: $*" >&2; exit 2; }
 
 # Missing SLURM variables mean the script was run outside sbatch (or with too few options): stop here.
 require_slurm_job() {
+    parse_requeue_signals
     local v missing=()
     for v in SLURM_JOB_ID SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_NTASKS "$@"; do
         [[ -n "${!v:-}" ]] || missing+=("$v")
@@ -56,11 +58,30 @@ prepare_training() {
          "($SLURM_JOB_NODELIST), master $MASTER_ADDR:$MASTER_PORT, output $out_dir"
 }
 
+# requeue_signals: REQUEUE_SIGNALS as "USR1", "TERM" or "USR1 TERM". Commas or spaces separate, case and a SIG
+# prefix do not matter; anything else is an error, since a spelling that matched nothing silently disabled
+# the requeue ("SIGUSR1 SIGTERM": the job ended COMPLETED after its checkpoint and never resumed).
+parse_requeue_signals() {
+    local raw=${REQUEUE_SIGNALS:-USR1} word sig words=()
+    requeue_signals=""
+    read -r -d '' -a words <<< "${raw//,/ }" || true
+    for word in ${words[@]+"${words[@]}"}; do
+        sig=${word^^}
+        sig=${sig#SIG}
+        [[ "$sig" == USR1 || "$sig" == TERM ]] \
+            || die "REQUEUE_SIGNALS=\"$raw\": '$word' is not a signal the job can requeue on; valid: USR1, TERM" \
+                   "(e.g. REQUEUE_SIGNALS=\"USR1 TERM\")"
+        [[ " $requeue_signals " == *" $sig "* ]] || requeue_signals="${requeue_signals:+$requeue_signals }$sig"
+    done
+    [[ -n "$requeue_signals" ]] || die "REQUEUE_SIGNALS=\"$raw\" names no signal; valid: USR1, TERM"
+}
+
 # Run `srun ARGS...` and wait for it, forwarding USR1/TERM to it. When a forwarded signal made the ranks
 # checkpoint and exit cleanly (the trainer's last metrics line is its "preempted" event), requeue the job
 # if the signal is in REQUEUE_SIGNALS. Exits with srun's status.
 srun_with_requeue() {
     local rc=0 late=0
+    [[ -n "${requeue_signals:-}" ]] || parse_requeue_signals
     stop_signal=""
     srun_pid=""
     trap '_forward USR1' USR1
@@ -83,11 +104,11 @@ srun_with_requeue() {
 
     if [[ -n "$stop_signal" && $rc -eq 0 ]] \
         && tail -n 1 "$out_dir/metrics.jsonl" 2>/dev/null | grep -q '"preempted"'; then
-        if [[ " ${REQUEUE_SIGNALS:-USR1} " == *" $stop_signal "* ]]; then
+        if [[ " $requeue_signals " == *" $stop_signal "* ]]; then
             say "checkpoint saved after SIG$stop_signal; requeueing job $SLURM_JOB_ID"
             scontrol requeue "$SLURM_JOB_ID"  # ends this script; the job restarts with --resume
         else
-            say "checkpoint saved after SIG$stop_signal; not requeueing (REQUEUE_SIGNALS=${REQUEUE_SIGNALS:-USR1})"
+            say "checkpoint saved after SIG$stop_signal; not requeueing (REQUEUE_SIGNALS=$requeue_signals)"
         fi
     fi
     exit "$rc"

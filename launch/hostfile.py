@@ -58,10 +58,13 @@ def slurm_nodes() -> list[str] | None:
     if not nodelist:
         return None
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True)
-    except (OSError, subprocess.CalledProcessError) as e:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    except OSError as e:
         raise ValueError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with scontrol: {e}") from None
+    if out.returncode != 0:  # its stderr says why (the controller unreachable, a malformed list, ...)
+        said = out.stderr.strip() or "(nothing on stderr)"
+        raise ValueError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r}: scontrol show hostnames exited "
+                         f"{out.returncode}: {said}")
     return out.stdout.split()
 
 

@@ -351,6 +351,23 @@ def test_hostfile_node_rank_and_from_slurm_outside_a_job(tmp_path):
     assert proc.returncode == 2 and "SLURM_JOB_NODELIST is not set" in proc.stderr
 
 
+
+def test_hostfile_names_scontrols_own_error_when_it_cannot_expand_the_nodelist(tmp_path):
+    """A user trial's find: only "Command '[...scontrol...]' returned non-zero exit status 1" was reported;
+    scontrol's stderr, which says why, was captured and dropped."""
+    import stat
+    (tmp_path / "scontrol").write_text("#!/usr/bin/env bash\necho 'scontrol: error: Invalid node name specified' >&2\n"
+                                       "exit 1\n")
+    (tmp_path / "scontrol").chmod(stat.S_IRWXU)
+    env = _clean_env(PATH=f"{tmp_path}:{os.environ['PATH']}", SLURM_JOB_ID="42", SLURM_JOB_NODELIST="n[1-")
+    proc = _run(sys.executable, "launch/hostfile.py", "from-slurm", "--slots", "8", env=env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("error: cannot expand SLURM_JOB_NODELIST='n[1-': scontrol show hostnames exited 1: "
+                           "scontrol: error: Invalid node name specified\n")
+    (tmp_path / "hf").write_text("n1 slots=8\n")
+    proc = _run(sys.executable, "launch/hostfile.py", "check", tmp_path / "hf", env=env)
+    assert proc.returncode == 2 and "exited 1: scontrol: error: Invalid node name specified" in proc.stderr
+
 def test_slurm_start_up_line_names_the_master_the_ranks_get(tmp_path):
     """common.sh's prepare_training: MASTER_ADDR is the allocation's first node, or the host it is given
     (train_deepspeed.sbatch passes a HOSTFILE's first host), and the start-up line names that one."""

@@ -347,3 +347,22 @@ def test_an_unknown_requeue_signal_stops_the_job_before_preflight_and_srun(tmp_p
     assert job.argv("preflight") is None and job.argv("srun") is None
     job, rc, out, err = _fake_job(tmp_path, REQUEUE_SIGNALS=" , ")
     assert rc == 2 and "REQUEUE_SIGNALS=\" , \" names no signal; valid: USR1, TERM" in err, err
+
+
+def test_scontrol_failing_to_expand_the_nodelist_is_named_with_its_own_error(tmp_path):
+    """Its stderr was dropped (hostfile.py: only 'returned non-zero exit status 1'), and common.sh's own error
+    could never print: the failing assignment ended the script under set -e first (exit 1)."""
+    broken = "Unable to contact slurm controller (connect failure)"
+    job, rc, out, err = _fake_job(tmp_path, FAKE_SCONTROL_ERROR=broken)
+    assert rc == 2, (out, err)
+    assert f"scontrol: error: {broken}" in err
+    assert "train.sbatch: error: could not expand SLURM_JOB_NODELIST=n[1-2] with scontrol" in err
+    assert job.argv("srun") is None
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("n1 slots=2\nn2 slots=2\n")
+    job, rc, out, err = _fake_job(tmp_path, "train_deepspeed.sbatch", HOSTFILE=str(hostfile),
+                                  FAKE_SCONTROL_ERROR=broken)
+    assert rc == 2, (out, err)
+    assert (f"error: cannot expand SLURM_JOB_NODELIST='n[1-2]': scontrol show hostnames exited 1: scontrol: "
+            f"error: {broken}") in err
+    assert job.argv("preflight") is None and job.argv("srun") is None

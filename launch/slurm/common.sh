@@ -48,7 +48,12 @@ prepare_training() {
               "${train_args[@]}") || exit 2
 
     # awk reads the whole list (head would close the pipe early: scontrol's SIGPIPE fails pipefail on huge jobs)
-    MASTER_ADDR=${master:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')}
+    # `|| die`: under set -e a failing scontrol in a plain assignment ended the script (exit 1) before this message
+    MASTER_ADDR=$master
+    if [[ -z "$MASTER_ADDR" ]]; then
+        MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1') \
+            || die "could not expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST with scontrol (its error above)"
+    fi
     [[ -n "$MASTER_ADDR" ]] || die "could not expand SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST with scontrol"
     export MASTER_ADDR
     export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}

@@ -120,6 +120,29 @@ def test_term_to_the_batch_script_checkpoints_without_requeue(slurm, tmp_path):
 
 
 
+def test_usr1_during_start_up_requeues_the_job_before_any_rank_starts(slurm, tmp_path):
+    """USR1 to the batch script while preflight runs (before srun_with_requeue's traps): it killed the script
+    (138) and the job ended without a requeue. Now the job requeues itself without starting the ranks, and the
+    restart trains. PYTHON is a wrapper that sends the signal from preflight on the first start."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"""#!/usr/bin/env bash
+if [[ "$1" == launch/preflight.py && "${{SLURM_RESTART_COUNT:-0}}" == 0 ]]; then
+    scancel --batch --signal=USR1 "$SLURM_JOB_ID" && sleep 1
+fi
+exec {sys.executable} "$@"
+""")
+    wrapper.chmod(0o755)
+    job = _submit(slurm, tmp_path, "train.sbatch", "--ntasks-per-node=1", "--cpus-per-task=1", PYTHON=str(wrapper),
+                  TRAIN_ARGS=SHORT + " --no-export")
+    info = slurm.wait(job)
+    log = _log(tmp_path, job)
+    _assert_finished(info, log)
+    assert info["Restarts"] == "1", info
+    assert f"train.sbatch: got SIGUSR1 before the ranks started: not starting them; requeueing job {job}" in log
+    assert f"job {job} restart 1: 1 rank(s)" in log
+    assert log.count("1 rank(s), bf16=False") == 1, log[-3000:]  # the trainer's start-up line: the restart's only
+    assert [r["step"] for r in _records(tmp_path / "run") if "loss" in r] == list(range(1, 31))
+
 def test_deepspeed_launcher_variant_checkpoints_on_term(slurm, tmp_path):
     """The deepspeed-launcher job, TERM sent to the batch script mid-run (as scancel or the time limit do): the
     script forwards it to every process of the step, the launchers among them. A review found the node's
@@ -347,6 +370,38 @@ def test_an_unknown_requeue_signal_stops_the_job_before_preflight_and_srun(tmp_p
     assert job.argv("preflight") is None and job.argv("srun") is None
     job, rc, out, err = _fake_job(tmp_path, REQUEUE_SIGNALS=" , ")
     assert rc == 2 and "REQUEUE_SIGNALS=\" , \" names no signal; valid: USR1, TERM" in err, err
+
+
+def _signal_during_preflight(tmp_path, sig, script="train.sbatch", **variables):
+    job = FakeJob(tmp_path, script, FAKE_PREFLIGHT_WAIT="1", **variables)
+    job.wait_for("preflight.started")
+    job.proc.send_signal(sig)
+    (job.dir / "preflight.release").touch()
+    return (job, *job.finish())
+
+
+def test_a_requeue_signal_before_the_ranks_start_requeues_without_starting_them(tmp_path):
+    """A USR1 (or TERM) reaching the batch script during start-up, before srun_with_requeue's traps, killed it
+    (rc 138/143): no checkpoint, no requeue. Now the script requeues the job at once (nothing trained yet to
+    save) or, for a signal it does not requeue on, exits 128 + its number; srun never starts."""
+    job, rc, out, err = _signal_during_preflight(tmp_path, signal.SIGUSR1)
+    assert rc == 0, (out, err)
+    assert "train.sbatch: got SIGUSR1 before the ranks started: not starting them; requeueing job 4242" in out
+    assert job.calls()[-1] == "scontrol requeue 4242" and job.argv("srun") is None
+    job, rc, out, err = _signal_during_preflight(tmp_path, signal.SIGTERM, "train_deepspeed.sbatch",
+                                                 GPUS_PER_NODE="2", REQUEUE_SIGNALS="SIGUSR1,SIGTERM")
+    assert rc == 0 and job.calls()[-1] == "scontrol requeue 4242" and job.argv("srun") is None, (out, err)
+    assert "train_deepspeed.sbatch: got SIGTERM before the ranks started" in out
+
+
+def test_a_term_before_the_ranks_start_ends_the_job_143_without_requeue(tmp_path):
+    job, rc, out, err = _signal_during_preflight(tmp_path, signal.SIGTERM)
+    assert rc == 143, (out, err)
+    assert ("train.sbatch: got SIGTERM before the ranks started: not starting them; not requeueing "
+            "(REQUEUE_SIGNALS=USR1); exit 143") in out
+    assert "scontrol requeue 4242" not in job.calls() and job.argv("srun") is None
+    job, rc, out, err = _signal_during_preflight(tmp_path, signal.SIGUSR1, REQUEUE_SIGNALS="TERM")
+    assert rc == 138 and "got SIGUSR1 before the ranks started" in out and job.argv("srun") is None, (out, err)
 
 
 def test_scontrol_failing_to_expand_the_nodelist_is_named_with_its_own_error(tmp_path):

@@ -18,7 +18,12 @@ say() { echo "$SCRIPT: $*"; }
 die() { echo "$SCRIPT: error: $*" >&2; exit 2; }
 
 # Missing SLURM variables mean the script was run outside sbatch (or with too few options): stop here.
+# First of all, USR1/TERM are caught until srun_with_requeue forwards them: uncaught, one during start-up
+# (preflight takes seconds; a preemption's TERM, --signal=B:USR1 on a short job) killed the script (138/143)
+# with nothing saved and no requeue.
 require_slurm_job() {
+    trap '_signal_before_ranks USR1' USR1
+    trap '_signal_before_ranks TERM' TERM
     parse_requeue_signals
     local v missing=()
     for v in SLURM_JOB_ID SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_NTASKS "$@"; do
@@ -79,6 +84,23 @@ parse_requeue_signals() {
         [[ " $requeue_signals " == *" $sig "* ]] || requeue_signals="${requeue_signals:+$requeue_signals }$sig"
     done
     [[ -n "$requeue_signals" ]] || die "REQUEUE_SIGNALS=\"$raw\" names no signal; valid: USR1, TERM"
+}
+
+# require_slurm_job's trap until srun_with_requeue's: with no rank started there is nothing to forward or
+# checkpoint, so stop now (training would start and ignore the signal): requeue for a signal in
+# REQUEUE_SIGNALS (the job starts again with --resume), else exit 128 + the signal's number.
+_signal_before_ranks() {
+    local status=$((128 + $(kill -l "$1")))
+    trap '' USR1 TERM  # one answer: SLURM's TERM that ends a requeued or cancelled job comes next
+    if [[ " ${requeue_signals:-USR1} " == *" $1 "* && -n "${SLURM_JOB_ID:-}" ]]; then
+        say "got SIG$1 before the ranks started: not starting them; requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID" && exit 0  # ends this script; the job restarts with --resume
+        say "scontrol requeue $SLURM_JOB_ID failed (its error above): the job ends here"
+    else
+        say "got SIG$1 before the ranks started: not starting them; not requeueing" \
+            "(REQUEUE_SIGNALS=${requeue_signals:-USR1}); exit $status"
+    fi
+    exit "$status"
 }
 
 # Run `srun ARGS...` and wait for it, forwarding USR1/TERM to it. When a forwarded signal made the ranks

@@ -63,9 +63,18 @@ def single_process_environment() -> int | None:
     a one-rank world (RANK=0, WORLD_SIZE=1, LOCAL_RANK=0, MASTER_ADDR=127.0.0.1), so that DeepSpeed does not
     try MPI discovery (mpi4py is an optional extra: a traceback without it), and a free MASTER_PORT unless one
     is set, so that a second single-process run on the machine does not fail on DeepSpeed's default 29500
-    (EADDRINUSE). Returns the port it picked (None: a launcher's process, or the user's port)."""
+    (EADDRINUSE). Returns the port it picked (None: a launcher's process, or the user's port).
+
+    A LOCAL_RANK other than 0 is an error, as ``--local_rank`` is in the same case (train_args.check_local_rank_arg):
+    it was replaced by 0 without a word, so ``LOCAL_RANK=3 python launch/train.py`` ran on the first GPU."""
     if launched_ranks() is not None:
         return None
+    local = os.environ.get("LOCAL_RANK", "")
+    if local not in ("", "0"):
+        raise ValueError(f"LOCAL_RANK={local} but no launcher started this process (no RANK/WORLD_SIZE): started by "
+                         "hand, one process is rank 0 on the first visible GPU; choose the GPU with "
+                         "CUDA_VISIBLE_DEVICES instead, or start the ranks with a launcher (deepspeed, torchrun, srun "
+                         "through launch/slurm/rank_env.sh), which sets RANK, WORLD_SIZE and LOCAL_RANK together")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" in os.environ:

@@ -112,6 +112,45 @@ def test_a_single_process_without_a_launcher_gets_a_free_port_and_a_one_rank_wor
     assert single_process_environment() is None and "RANK" not in os.environ
 
 
+
+def test_local_rank_without_a_launcher_is_refused_as_the_local_rank_flag_is(monkeypatch, tmp_path):
+    """`LOCAL_RANK=3 python launch/train.py` (one process, no launcher) ran as local rank 0 without a word:
+    single_process_environment overwrote the variable, where `--local_rank 3` in the same case is an error
+    (train_args.check_local_rank_arg; a user trial's find). The variable is refused the same way, naming it and
+    CUDA_VISIBLE_DEVICES; 0, what such a process is, is accepted, and a launcher's LOCAL_RANK is its own."""
+    import subprocess
+    import sys
+
+    from launch_utils import launch_env
+    from relora_ds.distributed import _LAUNCHER_VARS, single_process_environment
+
+    cleared = (*_LAUNCHER_VARS, "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS")
+    for var in cleared:
+        monkeypatch.setenv(var, "x")  # recorded, so that what the function sets is undone after the test
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("MASTER_PORT", "29611")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(ValueError, match=r"^LOCAL_RANK=3 but no launcher started this process \(no RANK/WORLD_SIZE\): "
+                                         r"started by hand, one process is rank 0 on the first visible GPU; choose "
+                                         r"the GPU with CUDA_VISIBLE_DEVICES instead"):
+        single_process_environment()
+    assert "RANK" not in os.environ and os.environ["LOCAL_RANK"] == "3"
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    single_process_environment()
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")] == ["0", "1", "0"]
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert single_process_environment() is None and os.environ["LOCAL_RANK"] == "3"  # the launcher's
+    # The command line: one line and exit 2 before any process group, as for --local_rank.
+    env = {k: v for k, v in launch_env().items() if k not in cleared}
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", "launch/configs/tiny.yaml", "--output-dir",
+                           str(tmp_path / "run")], cwd=ROOT, env={**env, "LOCAL_RANK": "3"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "error: LOCAL_RANK=3 but no launcher started this process" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+
 def test_without_mpi4py_a_single_process_starts_and_several_ranks_get_one_line(tmp_path):
     """A review's find: plain `python launch/train.py` died in DeepSpeed's MPI discovery with a traceback
     (No module named 'mpi4py', an optional extra). Now one process starts a 1-rank group without it; where MPI

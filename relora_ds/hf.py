@@ -74,31 +74,40 @@ def _qwen_window(config: LlamaConfig) -> dict:
             "max_window_layers": first if suffix else config.num_hidden_layers}
 
 
-def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None,
+                      keep: bool = True) -> dict[str, torch.Tensor]:
     """The plain model's state dict (ours, or a transformers model's): every ReLoRA layer's weight = base +
     scale·B·A (fp32 sum, cast once to ``dtype``, default the weight's as `unwrap` keeps it, and in the replaced
     layer's layout). A tied model's lm_head.weight is left out, as transformers saves it (safetensors refuses
-    a tensor under two names, and loading ties it back)."""
-    sharded.check_not_sharded(model, "merged_state_dict (export_hf, the Trainer's save_model)")
+    a tensor under two names, and loading ties it back). A model sharded by FSDP2 is gathered a tensor at a
+    time (a collective: every rank calls this); a rank with ``keep`` False drops what it gathers and gets {}
+    (the Trainer's save_model: only the saving rank holds the whole model)."""
+    gathered = bool(sharded.fsdp2_modules(model)) or any(map(sharded.is_sharded, model.parameters()))
+    if not keep and not gathered:
+        return {}
+    sharded.reshard_(model)  # FSDP2's whole copies after a forward that did not reshard may be stale
     merged: dict[str, torch.Tensor] = {}
     layer_names = set()
     for name, layer in relora_layers(model):
         layer_names.add(name)
-        if dtype is None:
-            merged[f"{name}.weight"] = layer.merged_weight()
-        else:  # cast once from the fp32 sum
-            w = layer.base_weight() + layer.delta_weight().to(layer.lora_A.device)
-            merged[f"{name}.weight"] = layer.from_replaced_layout(w).to(dtype)  # a transpose: its own inverse
-        if layer.bias is not None:
-            merged[f"{name}.bias"] = layer.bias.detach().to(dtype or layer.bias.dtype)
+        weight = layer.merged_weight(dtype)
+        bias = None if layer.bias is None else sharded.whole(layer.bias).detach().to(dtype or layer.bias.dtype)
+        if keep:
+            merged[f"{name}.weight"] = weight.contiguous().cpu()  # each on the host at once: one whole
+            if bias is not None:  # tensor at a time on the device
+                merged[f"{name}.bias"] = bias.contiguous().cpu()
     for key, t in model.state_dict().items():
         owner = key.rpartition(".")[0]
         if owner in layer_names:
             continue  # weight/bias written above; lora_A/B, merge_count and quantization buffers dropped
-        merged[key] = t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        del merged["lm_head.weight"]
-    return {k: v.contiguous().cpu() for k, v in merged.items()}
+        t = sharded.whole(t).detach()
+        if keep:
+            merged[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().cpu()
+    if not keep:
+        return {}
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):  # (BERT's tied head has another
+        merged.pop("lm_head.weight", None)  # name: transformers' save_pretrained drops the tied copy itself)
+    return merged
 
 
 def merge_record(model, base_dtype: str | None = None) -> dict | None:

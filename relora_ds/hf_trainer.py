@@ -63,6 +63,9 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
     if merge_every is not None and cycle_length % merge_every:
         raise ValueError(f"enable_relora: merge_every={merge_every} must divide cycle_length={cycle_length} "
                          "(every reset is also a merge)")
+    if isinstance(restart_warmup_steps, bool) or not isinstance(restart_warmup_steps, int):
+        raise ValueError(f"enable_relora: restart_warmup_steps={restart_warmup_steps!r} must be a whole number of "
+                         "optimizer steps")
     if not 0 <= restart_warmup_steps <= cycle_length:
         raise ValueError(f"enable_relora: restart_warmup_steps={restart_warmup_steps} must be in [0, cycle_length="
                          f"{cycle_length}]")
@@ -97,6 +100,10 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
                         warmup_steps=trainer.args.get_warmup_steps(num_training_steps),
                         restart_warmup_steps=restart_warmup_steps, min_lr_ratio=min_lr_ratio)
         if trainer.lr_scheduler is None:  # transformers' contract (4.x passes its own optimizer here)
+            if cycle_length >= num_training_steps:
+                warnings.warn(f"enable_relora: cycle_length={cycle_length} but the run is {num_training_steps} "
+                              "optimizer steps: no reset happens before its last step (LoRA, not ReLoRA); use a "
+                              "cycle_length below it", UserWarning, stacklevel=3)
             trainer.lr_scheduler = build_scheduler(optimizer if optimizer is not None else trainer.optimizer,
                                                    "jagged_cosine", **schedule)
             trainer._created_lr_scheduler = True
@@ -170,8 +177,10 @@ def _save_merged_models(trainer: Trainer) -> None:
             from .hf import merged_state_dict
 
             model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
-            model.save_pretrained(output_dir, state_dict=merged_state_dict(model),
-                                  is_main_process=trainer.args.should_save)
+            # every rank: an FSDP2-sharded model is gathered (a collective); the saving rank keeps and writes it
+            state = merged_state_dict(model, keep=trainer.args.should_save)
+            if trainer.args.should_save:
+                model.save_pretrained(output_dir, state_dict=state)
         if trainer.args.should_save:  # what Trainer._save writes beside the model
             if trainer.processing_class is not None:
                 trainer.processing_class.save_pretrained(output_dir)
@@ -240,6 +249,16 @@ class ReLoRACallback(TrainerCallback):
             release_shm_segment()
         else:  # accelerate's FSDP1 (fsdp_version 1, its default): refused now, not at the first merge
             check_not_fsdp1(trainer.model_wrapped, "enable_relora")
+            # An optimizer built before wrap (optimizers=(opt, None)) never trains the factors: a whole cycle of
+            # plain training before the first reset refused it.
+            held = {id(p) for g in _innermost_optimizer(trainer.optimizer).param_groups for p in g["params"]}
+            outside = [f"{name}.{kind}" for name, layer in relora_layers(trainer.model) for p, kind in
+                       ((layer.lora_A, "lora_A"), (layer.lora_B, "lora_B")) if id(p) not in held]
+            if outside:
+                raise ValueError(f"enable_relora: {len(outside)} LoRA parameters ({outside[0]}, ...) are not "
+                                 "in the Trainer's optimizer: an optimizer built before relora_ds.wrap (passed as "
+                                 "optimizers=(opt, None)) would never train them; wrap the model first, then build "
+                                 "the optimizer, or let the Trainer build it")
         self.scheduler = jagged_scheduler(trainer)
         if self.scheduler is None:
             found = (trainer.model_wrapped.lr_scheduler if trainer.is_deepspeed_enabled else None) or trainer.lr_scheduler
@@ -254,17 +273,27 @@ class ReLoRACallback(TrainerCallback):
             _set_step(self.scheduler, state.global_step)
 
     def _check_moments(self) -> None:
-        """After the first optimizer step: the optimizer keeps Adam moments, which every reset prunes (an
-        Adafactor, SGD or 8-bit optimizer would otherwise fail at the first reset, cycle_length steps in)."""
-        self.moments_checked = True
+        """After the first applied optimizer step: the optimizer keeps Adam moments of the LoRA factors, which
+        every reset prunes (an Adafactor, SGD or 8-bit optimizer would otherwise fail at the first reset,
+        cycle_length steps in, after its merge). A step skipped for an fp16 overflow made no state: the next
+        one is checked."""
         trainer = self.trainer
-        optimizer = _innermost_optimizer(trainer.model_wrapped.optimizer if trainer.is_deepspeed_enabled
-                                         else trainer.optimizer)
-        states = [st for st in optimizer.state.values() if st]
-        if states and not any(all(k in st for k in MOMENT_KEYS) for st in states):
-            raise ValueError(f"enable_relora: the optimizer ({type(optimizer).__name__}) keeps {sorted(states[0])}, not "
-                             f"the Adam moments {list(MOMENT_KEYS)} that ReLoRA prunes at each reset: use an Adam/"
-                             "AdamW optimizer (optim='adamw_torch', 'adamw_torch_fused', or DeepSpeed's AdamW)")
+        engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
+        skipped = not engine.was_step_applied() if engine is not None else \
+            bool(getattr(trainer.accelerator, "optimizer_step_was_skipped", False))
+        if skipped:
+            return
+        self.moments_checked = True
+        optimizer = _innermost_optimizer(engine.optimizer if engine is not None else trainer.optimizer)
+        # DeepSpeed keeps its state by flat partitions; the torch optimizer by parameter: the factors' own
+        states = list(optimizer.state.values()) if engine is not None else \
+            [optimizer.state.get(p, {}) for p in lora_parameters(trainer.model)]
+        if not any(all(k in st for k in MOMENT_KEYS) for st in states):
+            kept = next((sorted(st) for st in states if st), None)
+            raise ValueError(f"enable_relora: after its first step the optimizer ({type(optimizer).__name__}) keeps "
+                             f"{kept or 'no state'} for the LoRA factors, not the Adam moments {list(MOMENT_KEYS)} "
+                             "that ReLoRA prunes at each reset: use an Adam/AdamW optimizer (optim='adamw_torch', "
+                             "'adamw_torch_fused', or DeepSpeed's AdamW)")
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step

@@ -125,9 +125,10 @@ def load_weight_(layer: nn.Module, weight: torch.Tensor) -> None:
     layer.weight_residual.copy_(residual)
 
 
-def dequantized(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The int8 weight the forward uses, as ``dtype`` (the residual is merge bookkeeping only)."""
-    return relora_kernels.int8_dequantize_reference(layer.weight_q, layer.weight_scale, dtype)
+def dequantized(layer: nn.Module, dtype: torch.dtype = torch.float32, q: torch.Tensor | None = None) -> torch.Tensor:
+    """The int8 weight the forward uses, as ``dtype`` (the residual is merge bookkeeping only); ``q``: the
+    layer's weight_q (default), or the whole of it gathered from FSDP2's shards."""
+    return relora_kernels.int8_dequantize_reference(layer.weight_q if q is None else q, layer.weight_scale, dtype)
 
 
 @torch.no_grad()

@@ -210,12 +210,19 @@ class ReLoRALinear(nn.Module):
         return (B.to(acc) @ A.to(acc)) * self.scale
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """base + scale·B·A as the replaced layer stores its weight (a Conv1D's (in, out)), in the base weight's
-        dtype (an int8 base: the LoRA factors'): what `unwrap` puts back; the layer is not changed."""
-        dtype = self.lora_A.dtype if self.quantize else self.weight.dtype
-        merged = (self.base_weight() + self.delta_weight().to(self.lora_A.device)).to(dtype)
-        return merged if self.base_type is nn.Linear else merged.T
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """base + scale·B·A as the replaced layer stores its weight (a Conv1D's (in, out)), summed in fp32 and
+        cast once to ``dtype`` (default: the base weight's; an int8 base: the LoRA factors'): what `unwrap` puts
+        back; the layer is not changed. A layer sharded by FSDP2 gathers its tensors (a collective: every rank
+        calls it)."""
+        A, B = sharded.whole(self.lora_A), sharded.whole(self.lora_B)
+        if self.quantize:
+            base = quant.dequantized(self, q=sharded.whole(self.weight_q))
+        else:
+            weight = sharded.whole(self.weight)
+            base = weight.to(_acc_dtype(weight.dtype))
+        dtype = dtype or (A.dtype if self.quantize else self.weight.dtype)
+        return self.from_replaced_layout((base + self.delta_weight(A, B).to(A.device)).to(dtype))
 
     @torch.no_grad()
     def merge_(self, A: torch.Tensor | None = None, B: torch.Tensor | None = None) -> None:

@@ -17,7 +17,8 @@ def test_fsdp2_reset_is_the_one_process_reset_of_the_gathered_state():
     the same whole state: bit-identical weights, buffers and moments, the same next loss. Before: magnitude
     masks were computed per shard (other entries zeroed than one process zeroes, a different count per
     rank), random pruning, an int8 base's merge and a merge residual failed (mixed torch.Tensor and
-    DTensor); unwrap and export of a sharded model are refused naming the gather to do first."""
+    DTensor); unwrap of a sharded model is refused naming the gather to do first, and its merged state dict
+    (export, the HF Trainer's save_model) is gathered a tensor at a time: rank 0's is the one process's."""
     proc = run_ranks(ROOT / "tests/dist/fsdp2_worker.py", "reset", timeout=300)
     assert proc.stdout.count("fsdp2 relora ok") == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -167,6 +167,7 @@ def test_misuse_is_named(tmp_path):
     for bad, match in ((dict(cycle_length=0), "cycle_length=0 must be a positive"),
                        (dict(cycle_length=4, merge_every=3), "merge_every=3 must divide cycle_length=4"),
                        (dict(cycle_length=4, restart_warmup_steps=5), r"restart_warmup_steps=5 must be in \[0, "),
+                       (dict(cycle_length=4, restart_warmup_steps=1.5), "restart_warmup_steps=1.5 must be a whole"),
                        (dict(cycle_length=200, prune_ratio=2.0), "ratio")):
         with pytest.raises(ValueError, match=match):
             enable_relora(trainer, **bad)
@@ -176,6 +177,12 @@ def test_misuse_is_named(tmp_path):
     trainer.create_optimizer()
     sched = trainer.create_scheduler(num_training_steps=7, optimizer=trainer.optimizer)
     assert trainer.lr_scheduler is sched and sched.lr_lambdas[0].func is relora_ds.jagged_cosine
+    # a cycle as long as the run: no reset, said (it was silent, a user trial)
+    short = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+    enable_relora(short, cycle_length=3, restart_warmup_steps=1)
+    short.create_optimizer()
+    with pytest.warns(UserWarning, match="cycle_length=3 but the run is 3 optimizer steps: no reset happens before"):
+        short.create_scheduler(num_training_steps=3)
     with pytest.raises(ValueError, match="already a ReLoRA run"):
         enable_relora(trainer, cycle_length=3, restart_warmup_steps=1)
     model = w.model()
@@ -315,10 +322,41 @@ def test_the_lr_stays_on_the_step_when_the_scheduler_missed_one(tmp_path):
 
 def test_an_optimizer_without_adam_moments_is_refused_after_the_first_step(tmp_path):
     """SGD, Adafactor, RMSprop keep no Adam moments to prune: the first reset failed, cycle_length steps in
-    (5000 in the paper) and after its merge. Now the first step ends the run, before any merge."""
-    with pytest.raises(ValueError, match=r"the optimizer \(SGD\) keeps \['momentum_buffer'\], not the Adam "
-                                         r"moments"):
-        w.run(tmp_path, batch=4, optim="sgd", optim_args="momentum=0.9")
+    (5000 in the paper) and after its merge. Now the first step ends the run, before any merge; so does SGD
+    without momentum, which keeps no state at all (it passed the check, a user trial found on 2026-12-05)."""
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+
+    for optim_args, kept in (("momentum=0.9", r"\['momentum_buffer'\]"), ("momentum=0.0", "no state")):
+        args = TrainingArguments(**{**w.arguments(tmp_path / optim_args, 4), "optim": "sgd",
+                                    "optim_args": optim_args})
+        trainer = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+        enable_relora(trainer, **w.RELORA)
+        with pytest.raises(ValueError, match=rf"after its first step the optimizer \(SGD\) keeps {kept} for the "
+                                             r"LoRA factors, not the Adam moments"):
+            trainer.train()
+        assert trainer.state.global_step == 1
+        assert all(int(layer.merge_count) == 0 for _, layer in relora_ds.relora_layers(trainer.model))
+
+
+def test_an_optimizer_built_before_the_wrap_is_refused_before_the_first_step(tmp_path):
+    """optimizers=(opt, None) with opt built on the plain model's parameters: the LoRA factors are in no
+    group, so they never trained, and the first reset (cycle_length steps in) refused it (a user trial)."""
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+
+    plain = w.plain()
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    model = relora_ds.wrap(plain, rank=4)
+    trainer = w.InOrder(model=model, args=TrainingArguments(**w.arguments(tmp_path, 4)), train_dataset=w.Windows(),
+                        optimizers=(opt, None))
+    enable_relora(trainer, **w.RELORA)
+    with pytest.raises(ValueError, match=r"enable_relora: \d+ LoRA parameters \(model\.layers\.0\.self_attn\.q_proj"
+                                         r"\.lora_A, \.\.\.\) are not in the Trainer's optimizer"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_a_deepspeed_config_with_a_scheduler_is_refused(tmp_path):
@@ -334,3 +372,26 @@ def test_a_deepspeed_config_with_a_scheduler_is_refused(tmp_path):
                          tmp_path / "ds.json", "--via", via, nprocs=1, timeout=300)
         assert f"{via} refused: enable_relora: the DeepSpeed config has a 'scheduler' section" in proc.stdout, \
             proc.stdout
+
+
+def test_a_tied_model_whose_head_is_not_lm_head_saves_merged(tmp_path):
+    """merged_state_dict (the Trainer's save_model under enable_relora) deleted "lm_head.weight" from any tied
+    model: BERT's tied head, cls.predictions.decoder, made it a KeyError at the end of training (a user trial,
+    2026-12-05). The saved model reloads in transformers with the wrapped model's logits."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from relora_ds.hf import merged_state_dict
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                     max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = relora_ds.wrap(BertForMaskedLM(cfg), rank=4, target_modules="all-linear").eval()
+    with torch.no_grad():
+        for _, layer in relora_ds.relora_layers(model):
+            layer.lora_B.normal_(0, 0.1)
+    x = torch.randint(0, 50, (2, 9))
+    model.save_pretrained(tmp_path / "bert", state_dict=merged_state_dict(model))
+    loaded = BertForMaskedLM.from_pretrained(tmp_path / "bert").eval()
+    assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight  # still tied
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)

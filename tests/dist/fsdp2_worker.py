@@ -3,12 +3,12 @@ are DTensors):
 
 - ``meta``: built and wrapped on meta, sharded, then materialized with to_empty: every rank's LoRA factors are
   its shard of the fresh wrap's.
-- ``reset``: a ReLoRA reset (merge_and_reinit, prune_optimizer_state) against one process holding the same
-  whole state (gathered after a few steps of sharded training): every weight, buffer and moment bit-identical
-  after the reset, and the next loss the same. Cases: a float base with magnitude pruning, an int8 base with
-  random pruning and amsgrad, a merge residual with joint pruning; an evaluation forward before each reset, with
-  FSDP2 resharding after it or not (whole copies then: a merge into them was lost); gate/up have 47 rows,
-  sharded unevenly.
+- ``reset``: a ReLoRA reset (merge_and_reinit, prune_optimizer_state) against one process holding the same whole
+  state (gathered after a few steps of sharded training): every weight, buffer and moment bit-identical after the
+  reset, and the next loss the same; the merged state dict, gathered, the one process's. Cases: a float base with
+  magnitude pruning, an int8 base with random pruning and amsgrad, a merge residual with joint pruning; an
+  evaluation forward before each reset, with FSDP2 resharding after it or not (whole copies then: a merge into them
+  was lost); gate/up have 47 rows, sharded unevenly.
 - ``selective``: transformers' checkpointing with the selective policy on the sharded layers, against the
   same sharded model without checkpointing.
 - ``cuda`` (a GPU): the merge residuals that fully_shard moves to the GPU go back to the host.
@@ -118,13 +118,20 @@ def run_case(wrap_kw, method, extra, mesh, batch):
     ref_loss = ref(batch, labels=batch).loss
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0), (loss.item(), ref_loss.item())
 
-    for call in (lambda: relora_ds.unwrap(model), lambda: relora_ds.hf.merged_state_dict(model)):
-        try:
-            call()
-        except ValueError as e:
-            assert "sharded by FSDP2" in str(e) and "get_model_state_dict" in str(e), e
-        else:
-            raise AssertionError("a sharded model was unwrapped or exported")
+    try:
+        relora_ds.unwrap(model)
+    except ValueError as e:
+        assert "sharded by FSDP2" in str(e) and "get_model_state_dict" in str(e), e
+    else:
+        raise AssertionError("a sharded model was unwrapped")
+    # The merged model (the HF Trainer's save_model, export_hf), gathered a tensor at a time: rank 0's is the
+    # one process's; it was refused (a user trial, 2026-12-05: save_model failed at the end of training).
+    merged = relora_ds.hf.merged_state_dict(model, keep=dist.get_rank() == 0)
+    if dist.get_rank() == 0:
+        want = relora_ds.hf.merged_state_dict(ref)
+        assert merged.keys() == want.keys() and all(torch.equal(merged[k], t) for k, t in want.items()), wrap_kw
+    else:
+        assert merged == {}
     print(f"rank {dist.get_rank()}: {wrap_kw} {method} ok", flush=True)
 
 

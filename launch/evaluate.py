@@ -98,7 +98,12 @@ def evaluate(args: argparse.Namespace) -> dict:
                          "(seq_len + 1 tokens): use a smaller --seq-len")
     masking = args.document_masking == "on"
     if args.document_masking == "auto" and (args.model / PROGRESS_FILE).is_file():
-        masking = bool(json.loads((args.model / PROGRESS_FILE).read_text()).get("document_masking"))
+        progress = json.loads((args.model / PROGRESS_FILE).read_text())
+        masking = bool(progress.get("document_masking"))
+        if "document_masking" not in progress:
+            warnings.warn(f"{args.model / PROGRESS_FILE} predates the record of --document-masking (2026-12-05): "
+                          "evaluated without it; pass --document-masking on if the run trained with it",
+                          UserWarning, stacklevel=2)
     if masking and (problem := document_ends_problem(manifest)):
         raise ValueError(f"document masking: {problem}; evaluate with --document-masking off")
     model = load_hf(args.model, dtype=dtype).to(device)

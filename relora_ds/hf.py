@@ -190,6 +190,9 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
         raise ValueError("export_hf: this model's parameters are partitioned by DeepSpeed ZeRO-3 (each rank holds "
                          "a slice, the module empty placeholders): pass the engine itself, export_hf(engine, out_dir), "
                          "on every rank")
+    # One process writes the export; merged_state_dict would gather a sharded model, a collective the other
+    # ranks do not join (a hang where the caller is rank 0 alone, each rank writing out_dir where every rank is).
+    sharded.check_not_sharded(model, "export_hf")
     out = Path(out_dir)
     if like is not None and out.resolve() == Path(like).resolve():
         raise ValueError(f"export_hf: {out} is the directory the model was loaded from; export to another one")

@@ -272,25 +272,24 @@ class ReLoRACallback(TrainerCallback):
                           "checkpoint lacks start from zero", stacklevel=2)
             _set_step(self.scheduler, state.global_step)
 
-    def _check_moments(self) -> None:
-        """After the first applied optimizer step: the optimizer keeps Adam moments of the LoRA factors, which
-        every reset prunes (an Adafactor, SGD or 8-bit optimizer would otherwise fail at the first reset,
-        cycle_length steps in, after its merge). A step skipped for an fp16 overflow made no state: the next
-        one is checked."""
+    def _check_moments(self, merging: bool) -> None:
+        """After each optimizer step until it holds them: the optimizer keeps Adam moments of the LoRA factors,
+        which every reset prunes (an Adafactor, SGD or 8-bit optimizer would otherwise fail at the first reset,
+        cycle_length steps in, after its merge). Other state is refused at once; no state at all (the first
+        steps of an fp16 run, skipped for overflows; or an SGD without momentum) at the latest before the
+        first merge."""
         trainer = self.trainer
         engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
-        skipped = not engine.was_step_applied() if engine is not None else \
-            bool(getattr(trainer.accelerator, "optimizer_step_was_skipped", False))
-        if skipped:
-            return
-        self.moments_checked = True
         optimizer = _innermost_optimizer(engine.optimizer if engine is not None else trainer.optimizer)
         # DeepSpeed keeps its state by flat partitions; the torch optimizer by parameter: the factors' own
         states = list(optimizer.state.values()) if engine is not None else \
             [optimizer.state.get(p, {}) for p in lora_parameters(trainer.model)]
-        if not any(all(k in st for k in MOMENT_KEYS) for st in states):
-            kept = next((sorted(st) for st in states if st), None)
-            raise ValueError(f"enable_relora: after its first step the optimizer ({type(optimizer).__name__}) keeps "
+        if any(all(k in st for k in MOMENT_KEYS) for st in states):
+            self.moments_checked = True
+            return
+        kept = next((sorted(st) for st in states if st), None)
+        if kept is not None or merging:
+            raise ValueError(f"enable_relora: the optimizer ({type(optimizer).__name__}) keeps "
                              f"{kept or 'no state'} for the LoRA factors, not the Adam moments {list(MOMENT_KEYS)} "
                              "that ReLoRA prunes at each reset: use an Adam/AdamW optimizer (optim='adamw_torch', "
                              "'adamw_torch_fused', or DeepSpeed's AdamW)")
@@ -298,7 +297,7 @@ class ReLoRACallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if not self.moments_checked:
-            self._check_moments()
+            self._check_moments(merging=step % self.merge_every == 0)
         if self.scheduler is not None and self.scheduler.last_epoch != step:  # an fp16 step skipped for an
             # overflow did not step the schedule
             _set_step(self.scheduler, step)

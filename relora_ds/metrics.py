@@ -116,7 +116,7 @@ class MetricsLogger:
         if self._tb is not None and "step" in record:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, record["step"])
-        if self._wandb is not None and "step" in record:
+        if self._wandb is not None and "step" in record and scalars:  # (an event without numbers: no empty row)
             self._wandb.log({**scalars, "step": record["step"]})
 
     def preempting(self) -> None:

@@ -113,13 +113,21 @@ def host_device(device=None) -> torch.device:
 
 
 @torch.no_grad()
-def load_weight_(layer: nn.Module, weight: torch.Tensor) -> None:
-    """Quantize a float weight (out, in) into the layer's buffers (the residual keeps the initial error)."""
+def quantized_base(layer: nn.Module, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weight_q, weight_scale, weight_residual) of a float weight (out, in) for ``layer``'s int8 base (the
+    residual keeps the initial error), on both ways a base arrives (load_base_, a state-dict load). A NaN or
+    Inf would make its row's scale NaN and its int8 values meaningless: refused, counted."""
     if weight.device.type != "meta" and not (finite := torch.isfinite(weight)).all():
         raise ValueError(f"the int8 base of layer {layer.name or '<unnamed>'} got a weight with "
                          f"{int((~finite).sum())} non-finite values (NaN/Inf), which no per-row int8 scale can hold: "
                          "check the checkpoint it came from")
-    q, scale, residual = relora_kernels.int8_quantize_reference(weight.to(layer.weight_q.device), residual=True)
+    return relora_kernels.int8_quantize_reference(weight, residual=True)
+
+
+@torch.no_grad()
+def load_weight_(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Quantize a float weight (out, in) into the layer's buffers (:func:`quantized_base`)."""
+    q, scale, residual = quantized_base(layer, weight.to(layer.weight_q.device))
     layer.weight_q.copy_(q)
     layer.weight_scale.copy_(scale)
     layer.weight_residual.copy_(residual)

@@ -151,7 +151,7 @@ class ReLoRALinear(nn.Module):
         if key in state_dict and prefix + "lora_A" not in state_dict:
             weight = self.from_replaced_layout(state_dict.pop(key))
             if self.quantize and weight.is_floating_point() and weight.dim() == 2:
-                q, scale, residual = relora_kernels.int8_quantize_reference(weight, residual=True)
+                q, scale, residual = quant.quantized_base(self, weight)
                 state_dict.update({prefix + "weight_q": q, prefix + "weight_scale": scale,
                                    prefix + "weight_residual": residual})
             else:

@@ -76,9 +76,10 @@ class CheckpointsMixin:
             return
         self.batches.load_state_dict(progress["sampler"])
         sampler = progress["sampler"]
-        self._print(f"warm start {source} trained on {sampler['samples_consumed']:,} windows of this data "
-                    f"({progress.get('tokens_seen', 0):,} tokens in {progress.get('step')} steps): this run reads "
-                    f"on after them (epoch {sampler['epoch']}, window {sampler['position']:,} of its order)")
+        self._print(f"warm start {source} has read {sampler['samples_consumed']:,} windows of this data (its "
+                    f"sampler: any warm start it read on from included; its own run {progress.get('tokens_seen', 0):,} "
+                    f"tokens in {progress.get('step')} steps): this run reads on after them (epoch {sampler['epoch']}, "
+                    f"window {sampler['position']:,} of its order)")
         if not self.metrics.logged(0, "warm_start_step"):  # (a --resume before the first checkpoint logged it)
             self.metrics.log({"event": "warm_start_data", "step": 0, "warm_start_step": progress.get("step"),
                               "samples_consumed": sampler["samples_consumed"], "epoch": sampler["epoch"],

@@ -19,7 +19,7 @@ from .compiling import compile_problem
 from .data import check_tokenizer_matches
 from .data.manifest import tokenizer_sha256, train_data_fingerprint
 from .data.tokenizer import tokenizer_difference
-from .data.mixture import split_windows, starved_members
+from .data.mixture import evaluation_windows, split_windows, starved_members
 from .data.packed import num_windows
 from .hf import load_hf_config
 from .model import LlamaForCausalLM
@@ -235,19 +235,21 @@ def _write_holder(path: Path, f):
     return f
 
 
-def check_shared_output_dir(out: Path, rank: int, world: int, tries: int = 16, pause_s: float = 2.0) -> None:
+def check_shared_output_dir(out: Path, rank: int, world: int, tries: int = 31, pause_s: float = 3.0) -> None:
     """Every rank must see the ``output_dir`` rank 0 locked: each rank writes its checkpoint shards there, and
     a resume plans from what rank 0 wrote (``latest``, config.json) and loads every shard. On node-local disks
     the ranks of other nodes would find no checkpoint, start from step 0 while rank 0 resumes, and fail later
     in a mismatched collective. Compares what each rank reads of rank 0's lock file (host, pid, start time)
-    through ``agreement``, up to ``tries`` times ``pause_s`` apart (a network file system may show a new file
-    late; the same count on every rank, so the collectives match); then a ValueError on every rank."""
+    through ``agreement``, up to ``tries`` times ``pause_s`` apart (90 s: an NFS client may cache a lookup of
+    the directory before rank 0 made it, for up to a minute; each try lists the parent, which revalidates it;
+    the same count on every rank, so the collectives match); then a ValueError on every rank."""
     from .distributed import agreement
 
     if world == 1:
         return
     for attempt in range(tries):
         try:
+            os.listdir(out.parent)  # (an NFS directory's attributes, and what it holds, looked up afresh)
             text = (out / LOCK_FILE).read_text() or None
         except OSError:
             text = None
@@ -259,7 +261,7 @@ def check_shared_output_dir(out: Path, rank: int, world: int, tries: int = 16, p
     who = (f"rank {rank} on {socket.gethostname()} cannot see rank 0's {LOCK_FILE} there" if text is None else
            f"another rank cannot see rank 0's {LOCK_FILE} there, or reads another")
     raise ValueError(f"output_dir {out} is not one directory shared by every rank ({who}; waited "
-                     f"{tries * pause_s:g} s; every rank stops): each rank writes its checkpoint shards there and a "
+                     f"{(tries - 1) * pause_s:g} s; every rank stops): each rank writes its checkpoint shards there and a "
                      "resume reads them all back. Put --output-dir on a file system every node mounts (NFS, "
                      "Lustre, ...) at the same path")
 
@@ -267,7 +269,9 @@ def check_shared_output_dir(out: Path, rank: int, world: int, tries: int = 16, p
 def unlock_output_dir(out: Path) -> None:
     """Release this process's lock on ``output_dir`` (none held: nothing to do)."""
     f = _HELD.pop((Path(out) / LOCK_FILE).resolve(), None)
-    if f is not None:
+    if f is not None:  # the holder's line goes first: a pid left there would name a run that is gone
+        f.seek(0)
+        f.truncate()
         f.close()  # closing the file drops the flock
 
 
@@ -381,8 +385,20 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
                       f"{cfg.global_batch_size} sequences, {train_windows} windows of {need} tokens): "
                       "set data_dir to a larger prepared corpus (launch/prepare_data.py)", ConfigWarning,
                       stacklevel=2)
+    members = [m for m in splits["validation"].get("members", []) if num_windows(m["tokens"], seq)]
     for name in ("eval_windows", "final_eval_windows"):
-        which = "each" if name == "eval_windows" else "the final"
-        if cfg.eval_every and (getattr(cfg, name) or 0) > val_windows:
-            warnings.warn(f"{name}={getattr(cfg, name)} but the validation split of {data} holds {val_windows} "
-                          f"windows: {which} evaluation uses all {val_windows}", ConfigWarning, stacklevel=2)
+        which, n = ("each" if name == "eval_windows" else "the final"), getattr(cfg, name) or 0
+        if not (cfg.eval_every and n):
+            continue
+        if members:  # a mixture: n shared out by the weights, each member read at most whole (evaluation_windows)
+            sizes, shares = [num_windows(m["tokens"], seq) for m in members], [m["weight"] for m in members]
+            counts, asked = evaluation_windows(shares, sizes, n), evaluation_windows(shares, [n] * len(sizes), n)
+            short = [f"{m['path']} ({size:,} windows for its share of {want:,})"
+                     for m, size, want, got in zip(members, sizes, asked, counts) if got < want]
+            if short:
+                warnings.warn(f"{name}={n} shared out by the weights of mixture {data} asks more windows of member(s) "
+                              f"{', '.join(short)} than their validation splits hold: {which} evaluation reads all "
+                              f"of theirs, {int(counts.sum()):,} windows in all", ConfigWarning, stacklevel=2)
+        elif n > val_windows:
+            warnings.warn(f"{name}={n} but the validation split of {data} holds {val_windows} windows: {which} "
+                          f"evaluation uses all {val_windows}", ConfigWarning, stacklevel=2)

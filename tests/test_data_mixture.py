@@ -216,6 +216,17 @@ def test_data_use_names_a_mixture_member_its_weight_starves_or_too_short_for_a_w
     with pytest.warns(ConfigWarning, match=r"^mixture mix: the validation split of member\(s\) ../b \(0 tokens\) "
                                            r"holds fewer tokens than one window .* evaluation leaves them out"):
         check_data_use(cfg, 8, splits(3_300, 0, 0.1), "mix", 1)
+    # eval_windows shared out 0.9/0.1 over members of 103 and 10 windows: 100 fits (90/10); 120 asks 108/12, and
+    # the evaluation reads all 103 + 10 (it said "uses all 113", a review found: b read 10, not its share 12)
+    fits = TrainConfig(**{**cfg.to_dict(), "eval_windows": 100})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_data_use(fits, 8, splits(3_300, 330, 0.1), "mix", 1)
+    with pytest.warns(ConfigWarning, match=r"^eval_windows=120 shared out by the weights of mixture mix asks more "
+                                           r"windows of member\(s\) ../a \(103 windows for its share of 108\), ../b "
+                                           r"\(10 windows for its share of 12\) than their validation splits hold: "
+                                           r"each evaluation reads all of theirs, 113 windows in all$"):
+        check_data_use(TrainConfig(**{**cfg.to_dict(), "eval_windows": 120}), 8, splits(3_300, 330, 0.1), "mix", 1)
 
 
 def test_an_evaluation_of_a_mixture_leaves_out_a_member_without_validation_windows(tmp_path):

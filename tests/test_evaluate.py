@@ -275,6 +275,11 @@ def test_evaluate_script_masks_documents_as_the_run_trained(tmp_path):
     assert abs(plain - masked) > 1e-3  # the mask matters on this data
     got = run()  # an export without the record (another tool's): unmasked
     assert not got["document_masking"] and got["loss"] == pytest.approx(plain, rel=1e-5)
+    (tmp_path / "hf" / PROGRESS_FILE).write_text(json.dumps({"step": 4}))  # an export from before the record
+    proc = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), str(tmp_path / "hf"), "--data-dir",
+                           str(data), "--seq-len", "32"], capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    assert proc.returncode == 0 and "predates the record of --document-masking" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["loss"] == pytest.approx(plain, rel=1e-5)
     (tmp_path / "hf" / PROGRESS_FILE).write_text(json.dumps({"document_masking": True}))
     got = run()
     assert got["document_masking"] and got["loss"] == pytest.approx(masked, rel=1e-5)

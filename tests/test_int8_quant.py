@@ -53,13 +53,16 @@ def test_zero_rows_and_fp64_input():
 
 def test_an_int8_base_refuses_a_non_finite_weight():
     """A NaN or Inf in a weight loaded into an int8 base made its row's scale NaN and its int8 values
-    meaningless (a user trial, 2026-12-05): refused, counted, the layer's storage left as it was."""
+    meaningless (a user trial, 2026-12-05): refused, counted, the layer's storage left as it was; by load_base_
+    and by a state-dict load of the base model's weights (a review found that path unchecked)."""
     layer = relora_ds.ReLoRALinear(8, 4, 2, quantize="int8", name="q_proj")
     before = layer.weight_q.clone()
     w = torch.randn(4, 8)
     w[1, 2], w[3, 0] = float("nan"), float("inf")
     with pytest.raises(ValueError, match="int8 base of layer q_proj got a weight with 2 non-finite values"):
         layer.load_base_(w)
+    with pytest.raises(ValueError, match="int8 base of layer q_proj got a weight with 2 non-finite values"):
+        layer.load_state_dict({"weight": w}, strict=False)  # the base model's checkpoint into a wrapped model
     assert torch.equal(layer.weight_q, before)
     layer.load_base_(w.nan_to_num(posinf=1.0))  # finite: loads
     assert not torch.equal(layer.weight_q, before)

@@ -260,7 +260,7 @@ def test_ranks_that_see_different_or_no_data_all_stop(tmp_path, small_data_dir, 
         shutil.copytree(small_data_dir, tmp_path / "rank1" / "data")
         run_ranks(ROOT / "tests/dist/data_agreement_worker.py", "--base", str(tmp_path), "--local-output", timeout=300)
         r0, r1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
-        tail = ("; waited 0.6 s; every rank stops): each rank writes its checkpoint shards there and a resume reads "
+        tail = ("; waited 0.4 s; every rank stops): each rank writes its checkpoint shards there and a resume reads "
                 "them all back. Put --output-dir on a file system every node mounts (NFS, Lustre, ...) at the same "
                 "path")
         assert r0 == ("ValueError: output_dir run is not one directory shared by every rank (another rank cannot "
@@ -346,6 +346,7 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(tmp_path, small_data_dir):
         holder.wait(timeout=60)
     proc = train1(tmp_path, small_data_dir, "--resume", total_steps=4)  # the holder is gone: the lock with it
     assert (run / "metrics.jsonl").exists()
+    assert (run / ".lock").read_text() == ""  # the run ended: its pid is not left there (it was, a user trial)
     assert f"warning: --resume: no checkpoint in {run / 'checkpoints'}; starting from step 0" in proc.stderr
     # In one process (a notebook: a second Trainer on the same directory) the lock is this process's own,
     # and Trainer.close() / unlock_output_dir lets another process take it.

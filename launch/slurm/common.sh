@@ -51,6 +51,9 @@ prepare_training() {
     # GPU_MEMORY_GB (preflight only): refuse a run whose estimated peak memory per GPU exceeds it
     out_dir=$("$PYTHON" launch/preflight.py --world-size "$world" ${GPU_MEMORY_GB:+--gpu-memory-gb "$GPU_MEMORY_GB"} \
               "${train_args[@]}") || exit 2
+    # Made here, before any rank looks: a node that looked up a missing output_dir may cache its absence on NFS
+    # for up to a minute (the trainer checks that every rank sees rank 0's lock file there)
+    mkdir -p "$out_dir"
 
     # awk reads the whole list (head would close the pipe early: scontrol's SIGPIPE fails pipefail on huge jobs)
     # `|| die`: under set -e a failing scontrol in a plain assignment ended the script (exit 1) before this message

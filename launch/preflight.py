@@ -31,9 +31,10 @@ from relora_ds.data.mixture import check_members, is_mixture
 from relora_ds.data.manifest import read_manifest_file
 from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
 from relora_ds.ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device
+from relora_ds.output_dir import check_output_dir
 from relora_ds.schedule import total_steps_for
 from relora_ds.startup import (apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels,
-                               check_model_and_data, check_output_dir, train_data_record, unused_vocab_size)
+                               check_model_and_data, train_data_record, unused_vocab_size)
 from relora_ds.train_args import build_launch_parser, config_from_args
 from relora_ds.train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, show_config_warnings_plainly
 

@@ -43,9 +43,9 @@ from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_lin
 from .relora import lora_parameters
 from .resume import CheckpointsMixin
 from .ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device, nvme_offloads
+from .output_dir import check_output_dir, check_shared_output_dir, lock_output_dir, unlock_output_dir
 from .startup import apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels, \
-    check_model_and_data, check_output_dir, check_shared_output_dir, lock_output_dir, train_data_record, \
-    unlock_output_dir, unused_vocab_size
+    check_model_and_data, train_data_record, unused_vocab_size
 from .schedule import total_steps_for
 from .steps import StepsMixin
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig

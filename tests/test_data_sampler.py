@@ -330,6 +330,8 @@ def test_the_trainers_batches_form_whole_global_batches_per_optimizer_step(data_
     monkeypatch.setattr(trainer_mod.dist, "get_world_size", lambda group=None: world)
     # No process group here: rank 0's start-up work (logs) runs in the rank-0 Trainer, as on_rank_zero would.
     monkeypatch.setattr(trainer_mod, "on_rank_zero", lambda fn: fn() if trainer_mod.dist.get_rank() == 0 else None)
+    # built one after another: no rank 0 holds the lock while rank 1 checks it (2 real ranks: tests/test_trainer.py)
+    monkeypatch.setattr(trainer_mod, "check_shared_output_dir", lambda out, rank, world: None)
     readers = []
     for rank in range(world):
         monkeypatch.setattr(trainer_mod.dist, "get_rank", lambda group=None, rank=rank: rank)

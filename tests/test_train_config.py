@@ -363,7 +363,7 @@ def test_a_leading_tilde_in_a_path_is_expanded(tmp_path, monkeypatch):
 def test_an_output_dir_that_cannot_be_one_is_named(tmp_path):
     """A file, or a path under a file, as output_dir was accepted by preflight and then a FileExistsError
     traceback on every rank; an unwritable place, a PermissionError traceback."""
-    from relora_ds.startup import check_output_dir, lock_output_dir
+    from relora_ds.output_dir import check_output_dir, lock_output_dir
 
     (tmp_path / "afile").write_text("x")
     for out in (tmp_path / "afile", tmp_path / "afile" / "run"):

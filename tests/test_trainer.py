@@ -324,11 +324,11 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(tmp_path, small_data_dir):
     """Rank 0 holds an exclusive lock on output_dir while it runs: a second run there (a --resume while the
     first still trains, e.g. after SIGTERM reached only the `deepspeed` runner) is refused before it writes
     anything, naming the holder; the lock goes with its process, so a run after it starts normally."""
-    from relora_ds.startup import lock_output_dir
+    from relora_ds.output_dir import lock_output_dir
 
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
-                               "from relora_ds.startup import lock_output_dir\n"
+                               "from relora_ds.output_dir import lock_output_dir\n"
                                f"f = lock_output_dir(Path({str(run)!r}))\nprint('locked', flush=True)\n"
                                "sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=launch_env())
@@ -350,11 +350,11 @@ def test_a_second_run_in_a_busy_output_dir_is_refused(tmp_path, small_data_dir):
     assert f"warning: --resume: no checkpoint in {run / 'checkpoints'}; starting from step 0" in proc.stderr
     # In one process (a notebook: a second Trainer on the same directory) the lock is this process's own,
     # and Trainer.close() / unlock_output_dir lets another process take it.
-    from relora_ds.startup import unlock_output_dir
+    from relora_ds.output_dir import unlock_output_dir
     mine = lock_output_dir(run)
     assert lock_output_dir(run) is mine
     unlock_output_dir(run)
-    other = subprocess.run([sys.executable, "-c", "from pathlib import Path\nfrom relora_ds.startup import "
+    other = subprocess.run([sys.executable, "-c", "from pathlib import Path\nfrom relora_ds.output_dir import "
                             f"lock_output_dir\nlock_output_dir(Path({str(run)!r}))"], env=launch_env(),
                            capture_output=True, text=True, timeout=120)
     assert other.returncode == 0, other.stderr

@@ -52,7 +52,7 @@ def test_settings_without_effect_under_the_deepspeed_config_are_named(monkeypatc
     import warnings
 
     from relora_ds import trainer
-    from relora_ds.startup import unlock_output_dir
+    from relora_ds.output_dir import unlock_output_dir
     from relora_ds.train_config import ConfigWarning, TrainConfig
 
     class Stop(Exception):
@@ -143,7 +143,7 @@ def test_the_trainer_names_a_training_split_too_small_before_reading_it(tmp_path
     """Trainer.__init__ on 2 (stubbed) ranks: a data dir too small for --seq-len 2048 or --global-batch-size 8
     is refused naming the dir, before the windows are opened, the sampler is built or any engine exists (the
     sampler's own error knows no data dir or flag)."""
-    from relora_ds.startup import unlock_output_dir
+    from relora_ds.output_dir import unlock_output_dir
     from relora_ds.train_config import TrainConfig
     from trainer_utils import in_process_trainer, packed_data_dir
 
@@ -166,7 +166,7 @@ def test_resume_on_data_prepared_again_is_refused_before_any_engine(tmp_path, mo
     corpus -- is refused in Trainer.__init__ naming both, before any engine is built (DeepSpeed's initialize
     fails this test). Unchanged data resumes; a checkpoint written before the record existed is not checked."""
     from relora_ds.data.manifest import load_manifest, train_data_fingerprint
-    from relora_ds.startup import unlock_output_dir
+    from relora_ds.output_dir import unlock_output_dir
     from relora_ds.train_config import TrainConfig
     from trainer_utils import in_process_trainer, packed_data_dir
 
@@ -270,7 +270,7 @@ def test_the_engine_is_built_on_the_recipes_layers(tmp_path, monkeypatch, mode, 
     import deepspeed
 
     from relora_ds import relora_layers
-    from relora_ds.startup import unlock_output_dir
+    from relora_ds.output_dir import unlock_output_dir
     from relora_ds.train_config import TrainConfig
     from trainer_utils import in_process_trainer, packed_data_dir
 

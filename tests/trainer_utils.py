@@ -112,6 +112,9 @@ def in_process_trainer(monkeypatch, *, rank=0, world=1):
     monkeypatch.setattr(trainer_mod.dist, "get_rank", lambda group=None: rank)
     monkeypatch.setattr(trainer_mod.dist, "get_world_size", lambda group=None: world)
     monkeypatch.setattr(trainer_mod, "on_rank_zero", lambda fn: fn() if rank == 0 else None)
+    # The ranks are built one after another here, so no rank 0 holds the lock while another checks it
+    # (tests/test_trainer.py runs that check on 2 real ranks).
+    monkeypatch.setattr(trainer_mod, "check_shared_output_dir", lambda out, rank, world: None)
 
     def no_engine(**kw):
         raise AssertionError("deepspeed.initialize reached: the check should have come before any engine")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from relora_ds.distributed import run_and_exit
-from relora_ds.startup import check_shared_output_dir
+from relora_ds.output_dir import check_shared_output_dir
 from relora_ds.train_config import TrainConfig
 from relora_ds.trainer import Trainer
 

@@ -1,0 +1,141 @@
+"""A prepared dir's recipe (relora_ds/data/recipe.py): a re-run with the same one is a no-op, another is refused
+naming each difference (or re-prepared with --overwrite), and options that change nothing are not recorded."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import warnings
+
+import pytest
+
+from relora_ds.data import DataWarning, load_manifest, prepare_data
+from test_data_inputs import write_jsonl
+from test_data_prepare import DOCS_150
+
+
+def test_rerun_is_a_noop_and_changes_re_prepare(tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}: " + "words " * (i % 17)}) + "\n"
+                              for i in range(300)))
+    out = tmp_path / "out"
+    prepare_data([str(corpus)], out, vocab_size=300)
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")}
+    start = time.perf_counter()
+    prepare_data([str(corpus)], out, vocab_size=300, num_proc=2, seq_len=8)  # neither changes the data
+    assert time.perf_counter() - start < 2.0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")} == files
+
+    # A different recipe replaces complete data only when asked: runs trained on it could not resume.
+    with pytest.raises(ValueError, match=r"holds data prepared from another recipe \(val_fraction: 0.01 -> 0.2\); "
+                                         r"runs trained on it could not resume .* Pass --overwrite"):
+        prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if not p.name.startswith(".")} == files
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2, overwrite=True)
+    assert load_manifest(out)["splits"]["validation"]["documents"] > 30
+    sha = load_manifest(out)["tokenizer_sha256"]
+    os.utime(corpus)  # the corpus was rewritten
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"another recipe \(corpus_fingerprint: "):
+        prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2)
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.2, overwrite=True)
+    assert (out / "manifest.json").stat().st_mtime_ns != mtime
+    assert load_manifest(out)["tokenizer_sha256"] == sha  # same text, same tokenizer
+
+
+def test_the_refusal_names_each_recipe_difference():
+    """recipe_diff, as the refusal to replace prepared data prints it: a key one side lacks is "absent" (not
+    the same as null), nested keys are dotted, and long values are cut around where they differ."""
+    from relora_ds.data.recipe import recipe_diff
+
+    assert recipe_diff({"a": 1, "hf_split": None}, {"a": 1}) == "hf_split: null -> absent"
+    assert recipe_diff({"max_docs": None, "v": 1}, {"max_docs": 50, "v": 2}) == "max_docs: null -> 50; v: 1 -> 2"
+    long = "/data/tokenizers/shared-by-the-team/2026/november/"
+    assert recipe_diff({"tok": {"given": long + "v1.model"}}, {"tok": {"given": long + "v2.model"}}) == (
+        'tok.given: ...team/2026/november/v1.model" -> ...team/2026/november/v2.model"')
+
+
+def test_changing_txt_unit_on_prepared_data_is_another_recipe(tmp_path):
+    """.txt split into documents by txt_unit: the same out dir prepared again with another txt_unit must be
+    refused (or redone with overwrite), not taken as the data already there. Oracle: the document count of the
+    file, by hand (1 document of 150 lines; 150 documents)."""
+    from relora_ds.data import load_manifest, prepare_data
+    f = tmp_path / "a.txt"
+    f.write_text("\n".join(d.replace("\n", " ") for d in DOCS_150) + "\n")
+    out = tmp_path / "out"
+    prepare_data([str(f)], out, vocab_size=300, val_fraction=0.0)
+    assert load_manifest(out)["splits"]["train"]["documents"] == 1
+    with pytest.raises(ValueError, match="txt_unit"):
+        prepare_data([str(f)], out, vocab_size=300, val_fraction=0.0, txt_unit="line")
+    prepare_data([str(f)], out, vocab_size=300, val_fraction=0.0, txt_unit="line", overwrite=True)
+    assert load_manifest(out)["splits"]["train"]["documents"] == len(DOCS_150)
+
+
+def test_options_that_change_nothing_are_ignored_with_a_warning_and_not_recorded(tmp_path):
+    """txt_unit without a .txt input and text_column with .txt inputs alone do nothing: a user trial found them
+    recorded in the recipe, so the same command without them was refused ("another recipe (txt_unit ...)")
+    over byte-identical files, and the data's fingerprint changed (a checkpoint could not resume after
+    --overwrite). Oracle: the same inputs prepared without the option (its files, recipe and fingerprint)."""
+    from relora_ds.data.manifest import train_data_fingerprint
+
+    jsonl = write_jsonl(tmp_path / "c.jsonl", DOCS_150)
+    txt = tmp_path / "c.txt"
+    txt.write_text("\n".join(d.replace("\n", " ") for d in DOCS_150) + "\n")
+    for inputs, option, why, base in (([jsonl], dict(txt_unit="line"), "no input is a .txt file", {}),
+                                      ([str(txt)], dict(text_column="body"), ".txt files have no columns",
+                                       dict(txt_unit="line"))):
+        (name, value), = option.items()
+        ref = prepare_data(inputs, tmp_path / f"ref_{name}", vocab_size=300, val_fraction=0.1, **base)
+        with pytest.warns(DataWarning, match=rf"^{name}={value!r} is ignored: {re.escape(why)}"):
+            out = prepare_data(inputs, tmp_path / f"with_{name}", vocab_size=300, val_fraction=0.1, **base, **option)
+        assert load_manifest(ref)["splits"]["validation"]["documents"] > 0
+        for split in ("train", "validation"):
+            assert (out / f"{split}.bin").read_bytes() == (ref / f"{split}.bin").read_bytes()
+        assert load_manifest(out)["recipe"] == load_manifest(ref)["recipe"]
+        assert train_data_fingerprint(load_manifest(out)) == train_data_fingerprint(load_manifest(ref))
+        mtimes = [(d / "manifest.json").stat().st_mtime_ns for d in (out, ref)]
+        prepare_data(inputs, out, vocab_size=300, val_fraction=0.1, **base)  # one recipe: no-ops, no refusal
+        with pytest.warns(DataWarning, match=f"{name}={value!r} is ignored"):
+            prepare_data(inputs, ref, vocab_size=300, val_fraction=0.1, **base, **option)
+        assert [(d / "manifest.json").stat().st_mtime_ns for d in (out, ref)] == mtimes
+
+
+def test_an_option_only_the_validation_corpus_uses_is_recorded(tmp_path):
+    """txt_unit with .jsonl training input and a .txt --val-input (text_column with .txt training input and a
+    .jsonl one) applies to the validation corpus: kept in the recipe, no warning. Oracle: the validation
+    file's lines (its records), counted by hand."""
+    train_jsonl = write_jsonl(tmp_path / "t.jsonl", DOCS_150)
+    val_txt = tmp_path / "v.txt"
+    val_txt.write_text("\n".join(f"held out line {i}" for i in range(12)) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        out = prepare_data([train_jsonl], tmp_path / "a", vocab_size=300, val_inputs=[str(val_txt)], txt_unit="line")
+        m = load_manifest(out)
+        assert m["recipe"]["txt_unit"] == "line" and m["splits"]["validation"]["documents"] == 12
+        train_txt = tmp_path / "t.txt"
+        train_txt.write_text("\n\n".join(DOCS_150))
+        val_jsonl = write_jsonl(tmp_path / "v.jsonl", [f"held out {i}" for i in range(7)], column="body")
+        out = prepare_data([str(train_txt)], tmp_path / "b", vocab_size=300, val_inputs=[val_jsonl],
+                           text_column="body")
+        m = load_manifest(out)
+        assert m["recipe"]["text_column"] == "body" and m["splits"]["validation"]["documents"] == 7
+
+
+def test_data_prepared_with_an_option_that_changed_nothing_stays_up_to_date(tmp_path):
+    """A dir prepared before such options were left out of the recipe holds them as given (txt_unit 'line' with
+    .jsonl input): the same data, so re-running with or without the option (or with --overwrite) is a no-op
+    that keeps its manifest, and with it the fingerprint its checkpoints recorded. Oracle: the manifest's bytes
+    before and after."""
+    jsonl = write_jsonl(tmp_path / "c.jsonl", DOCS_150)
+    out = prepare_data([jsonl], tmp_path / "old", vocab_size=300)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["recipe"]["txt_unit"] = "line"  # what the code before recorded for --txt-unit line
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = (out / "manifest.json").read_bytes()
+    prepare_data([jsonl], out, vocab_size=300)
+    with pytest.warns(DataWarning, match="txt_unit='line' is ignored"):
+        prepare_data([jsonl], out, vocab_size=300, txt_unit="line", overwrite=True)
+    assert (out / "manifest.json").read_bytes() == before
+    with pytest.raises(ValueError, match=r"another recipe \(max_docs: null -> 5; txt_unit: \"line\" -> \"document\"\)"):
+        prepare_data([jsonl], out, vocab_size=300, max_docs=5)  # another recipe: every difference is named

@@ -78,22 +78,25 @@ def _tokenized(corpus: Corpus, encode: Encode, num_proc: int, cache_file: Path):
 
 
 def tokenize_and_write(parts: list[tuple[Corpus, Encode]], out_dir: Path, work_dir: Path, dtype: str,
-                       unk_id: int, *, num_proc: int, seq_len: int | None) -> dict:
+                       unk_id: int, *, num_proc: int, seq_len: int | None) -> list[dict]:
     """Tokenize each (corpus, encoder) in turn and append each document to ``out_dir/.{split}.bin.tmp``;
-    returns the counts (tokens and documents per split, documents longer than `seq_len` + 1 tokens, empty
-    documents, records without a text, <unk> tokens, documents spelling a special token). `work_dir` holds datasets' cache files."""
-    counts = {"splits": {s: {"tokens": 0, "documents": 0, "longer_than_seq_len": 0} for s in mf.SPLITS},
-              "empty_documents": 0, "records_without_text": 0, "unk_tokens": 0,
-              "documents_spelling_special_tokens": 0}
+    returns each part's counts (tokens and documents per split, documents longer than `seq_len` + 1 tokens,
+    empty documents, records without a text, <unk> tokens, documents spelling a special token), so that a
+    warning can name the corpus it is about. `work_dir` holds datasets' cache files."""
+    all_counts = []
     files = {s: open(out_dir / f".{s}.bin.tmp", "wb") for s in mf.SPLITS}
     try:
         for i, (corpus, encode) in enumerate(parts):
+            counts = {"splits": {s: {"tokens": 0, "documents": 0, "longer_than_seq_len": 0} for s in mf.SPLITS},
+                      "empty_documents": 0, "records_without_text": 0, "unk_tokens": 0,
+                      "documents_spelling_special_tokens": 0}
             _write_part(corpus, encode, num_proc, seq_len, work_dir / f"tokenized{i}.arrow", files, counts,
                         dtype, unk_id)
+            all_counts.append(counts)
     finally:
         for f in files.values():
             f.close()
-    return counts
+    return all_counts
 
 
 def _write_part(corpus, encode, num_proc, seq_len, cache_file, files, counts, dtype, unk_id) -> None:

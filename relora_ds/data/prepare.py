@@ -241,23 +241,17 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
     dtype = mf.token_dtype(vocab_size)
     unk_id = -1 if tok.unk_id is None else tok.unk_id
     start = time.perf_counter()
-    counts = tokenize_and_write([(corpus, Encode(tok, train_fraction, cfg.num_proc))], out_dir, work_dir, dtype,
-                                unk_id, num_proc=cfg.num_proc, seq_len=cfg.seq_len)
-    named = [(counts, corpus.description if val_corpus is None else f"the training corpus ({corpus.description})")]
-    if val_corpus is not None:
-        # Tokenized apart (a fraction of 1: every document of it validates), so that its counts, and the warnings
-        # that name a corpus, are its own; its split file replaces the training corpus's empty one.
-        val_dir = work_dir / "validation"
-        val_dir.mkdir(parents=True, exist_ok=True)
-        val_counts = tokenize_and_write([(val_corpus, Encode(tok, 1.0, cfg.num_proc))], val_dir, val_dir, dtype,
-                                        unk_id, num_proc=cfg.num_proc, seq_len=cfg.seq_len)
-        assert counts["splits"]["validation"]["tokens"] == val_counts["splits"]["train"]["tokens"] == 0
-        (val_dir / ".validation.bin.tmp").replace(out_dir / ".validation.bin.tmp")
-        named.append((val_counts, f"the validation corpus (--val-input: {val_corpus.description})"))
+    parts = [(corpus, Encode(tok, train_fraction, cfg.num_proc))]
+    names = [corpus.description if val_corpus is None else f"the training corpus ({corpus.description})"]
+    if val_corpus is not None:  # a fraction of 1: every document of it validates
+        parts.append((val_corpus, Encode(tok, 1.0, cfg.num_proc)))
+        names.append(f"the validation corpus (--val-input: {val_corpus.description})")
+    counts = tokenize_and_write(parts, out_dir, work_dir, dtype, unk_id, num_proc=cfg.num_proc, seq_len=cfg.seq_len)
+    named = list(zip(counts, names))  # each corpus's counts: the warnings name the corpus they are about
     seconds = time.perf_counter() - start
 
-    splits = {s: {k: sum(c["splits"][s][k] for c, _ in named) for k in counts["splits"][s]} for s in mf.SPLITS}
-    total = {k: sum(c[k] for c, _ in named) for k in counts if k != "splits"}
+    splits = {s: {k: sum(c["splits"][s][k] for c in counts) for k in counts[0]["splits"][s]} for s in mf.SPLITS}
+    total = {k: sum(c[k] for c in counts) for k in counts[0] if k != "splits"}
     total_tokens = sum(s["tokens"] for s in splits.values())
     total_docs = sum(s["documents"] for s in splits.values())
     if total_docs == 0:

@@ -217,6 +217,7 @@ def load_corpus(
     originals = dict(zip(files, originals, strict=True))  # repaired copy -> the file it repairs
     # Empty shards are common in real corpora: skipped, not the whole prepare failed (datasets fails on one).
     empty = [originals[f] for f in files if _holds_no_records(f, builder_for(f))]
+    skipped = set(empty)
     shown = f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}"
     if len(empty) == len(files):
         raise ValueError(f"empty corpus: {'the' if len(files) == 1 else 'all'} {len(files)} input files hold no "
@@ -224,7 +225,7 @@ def load_corpus(
     if empty:
         warnings.warn(f"skipped {len(empty)} empty input files (no records): {shown}", DataWarning, stacklevel=2)
     description = f"{len(files)} local files" + (f" ({len(empty)} empty)" if empty else "")
-    files = [f for f in files if originals[f] not in set(empty)]
+    files = [f for f in files if originals[f] not in skipped]
 
     parts = []
     # Consecutive files with the same builder and columns are read together (datasets reads a group as one

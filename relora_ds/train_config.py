@@ -113,7 +113,8 @@ class TrainConfig:
                                    "variable, else auto", choices=("auto", "triton", "torch", "reference"))
     prune_joint: bool = _f(False, "one mask, from |exp_avg|, for both Adam moments; default: each moment by its own "
                                   "magnitudes (the paper), with exp_avg also zeroed where exp_avg_sq is (an entry "
-                                  "keeping momentum without its second moment would move by lr*m/eps)")
+                                  "keeping momentum without its second moment would move by lr*m/eps); random "
+                                  "pruning always draws one mask for both")
     warm_start_steps: int = _f(0, "full-rank steps before switching to ReLoRA in the same run")
     warm_start_lr: float | None = _f(None, "peak lr of the full-rank warm start (the paper's ReLoRA lr is 2x "
                                            "the full-rank one); default: lr")
@@ -129,7 +130,7 @@ class TrainConfig:
                                           "windows the warm start trained on, read from the export's "
                                           "relora_ds_progress.json, where it is the same data, seq_len and "
                                           "seed; else from the beginning, with a warning where windows repeat) or "
-                                          "restart (at the data's beginning, as the reference's second run)",
+                                          "restart (at the data's beginning: the warm start's windows come again)",
                               choices=("continue", "restart"))
     # Optimization
     lr: float = _f(1e-3, "peak learning rate (the paper uses 2x the full-rank lr for ReLoRA)")

@@ -65,7 +65,7 @@ def test_the_relora_run_reads_on_after_the_warm_starts_data(tmp_path, small_data
 @pytest.mark.parametrize("case", ["restart", "other_seed", "other_seq_len", "no_progress_file"])
 def test_where_it_cannot_or_should_not_read_on_it_starts_at_the_beginning(tmp_path, small_data_dir, warm_start,
                                                                          case):
-    """--warm-start-data restart (the reference's second run) starts at the data's beginning silently; another
+    """--warm-start-data restart starts at the data's beginning silently; another
     seed (another order: the warm start's windows come again) and an export without the progress file (where
     the warm start stopped is unknown) do too, with a warning that says so and what to do."""
     hf = tmp_path / "hf"

@@ -47,7 +47,7 @@ def test_prune_equals_single_process_oracle(results, case):
 
 def test_random_prune_of_a_second_param_group_equals_the_single_process_oracle(results):
     """`random` pruning under ZeRO-2 draws each tensor's masks from its own documented seed (run seed +
-    1000003·index + moment) exactly as one process does, and relinks DeepSpeed's optimizer-state fragments
+    1000003·index, one mask for both moments) exactly as one process does, and relinks DeepSpeed's optimizer-state fragments
     itself: the LoRA tensors sit in the second param group, whose fragments DeepSpeed 0.19 leaves empty, and
     nothing relinked them before (oracles in tests/dist/zero_reset_worker.py: random_prune_without_relink).
     Without that relink the prune fails on a rank holding an unlinked fragment while the other waits in a

@@ -71,9 +71,9 @@ def random_prune_without_relink(engine, lora, seed=123, ratio=0.5):
     DeepSpeed 0.19 links optimizer-state fragments once, after the first group's first step, so the second
     group's fragments are empty here and the prune must relink them itself.
 
-    Oracle: the documented per-tensor draw written out by hand: tensor i (in the order given) moment j
-    (exp_avg 0, exp_avg_sq 1) zeroes the first round(ratio * n) entries of torch.randperm(n) from a CPU
-    generator seeded seed + 1000003 * i + j, and exp_avg is also zeroed where exp_avg_sq is; applied to the
+    Oracle: the documented per-tensor draw written out by hand: tensor i (in the order given)
+    zeroes, in both moments, the first round(ratio * n) entries of torch.randperm(n) from a CPU generator
+    seeded seed + 1000003 * i (one mask for both moments); applied to the
     gathered pre-prune moments. Also the single-process path: relora_ds.prune_optimizer_state on a plain torch
     AdamW holding the same moments. The pre-prune moments are read through the test's own relink afterwards,
     by putting back a snapshot of the flat optimizer state (ZeRO-1/2: state of the flat fp32 partitions)."""
@@ -100,15 +100,12 @@ def random_prune_without_relink(engine, lora, seed=123, ratio=0.5):
             st[k].copy_(pr[k])
     exact = True
     for i, (a, b) in enumerate(zip(after, before)):
-        masks = {}
-        for j, k in enumerate(MOMENTS):
-            n = b[k].numel()
-            g = torch.Generator(device="cpu").manual_seed(seed + 1000003 * i + j)
-            m = torch.zeros(n, dtype=torch.bool)
-            m[torch.randperm(n, generator=g)[:int(round(ratio * n))]] = True
-            masks[k] = m.view(b[k].shape)
-        masks["exp_avg"] = masks["exp_avg"] | masks["exp_avg_sq"]
-        exact &= all(torch.equal(a[k].cpu(), b[k].cpu().masked_fill(masks[k], 0.0)) for k in MOMENTS)
+        n = b["exp_avg"].numel()
+        g = torch.Generator(device="cpu").manual_seed(seed + 1000003 * i)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.randperm(n, generator=g)[:int(round(ratio * n))]] = True
+        mask = mask.view(b["exp_avg"].shape)
+        exact &= all(torch.equal(a[k].cpu(), b[k].cpu().masked_fill(mask, 0.0)) for k in MOMENTS)
     res["random_prune_exact"] = bool(exact)
     # The single-process path on the same moments (what the trainer does without DeepSpeed).
     params = [torch.nn.Parameter(torch.zeros(b["exp_avg"].shape)) for b in before]

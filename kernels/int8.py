@@ -89,8 +89,8 @@ def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
         v = tl.load(q_ptr + offs_n[:, None] * stride_qn + offs_k[None, :] * stride_qk, mask=mask,
                     other=0).to(tl.float32)
         if HAS_RES:
-            v += tl.load(r_ptr + offs_n[:, None] * stride_rn + offs_k[None, :] * stride_rk, mask=mask,
-                         other=0).to(tl.float32) / _RES_STEPS
+            v += tl.div_rn(tl.load(r_ptr + offs_n[:, None] * stride_rn + offs_k[None, :] * stride_rk, mask=mask,
+                                   other=0).to(tl.float32), _RES_STEPS)
         acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
         for r0 in range(0, R, BLOCK_R):
             r_ok = (r0 + rr) < R
@@ -108,7 +108,9 @@ def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
         rowmax = tl.maximum(rowmax, tl.reduce(tl.where(mask, tl.abs(w), 0.0), 1, _max_combine))
     # bf16 round-to-nearest-even of rowmax/127 by bit arithmetic: identical compiled and interpreted (the
     # interpreter's fp32->bf16 cast truncates) and identical to torch's .to(torch.bfloat16).
-    bits = (rowmax / _QMAX).to(tl.int32, bitcast=True)
+    # tl.div_rn, here and below: IEEE division, as the twin's. A plain `/` compiles to div.full.f32 (up to
+    # 2 ulp off), so the scale at ties, q at .5 and the residual (x254) could differ from the twin on a GPU.
+    bits = tl.div_rn(rowmax, _QMAX).to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     s_new = bits.to(tl.float32, bitcast=True)
     s_new = tl.where(s_new == 0.0, 1.0, s_new)
@@ -119,7 +121,7 @@ def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
         r_ptrs = r_ptr + offs_n[:, None] * stride_rn + offs_k[None, :] * stride_rk
         v = tl.load(q_ptrs, mask=mask, other=0).to(tl.float32)
         if HAS_RES:
-            v += tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) / _RES_STEPS
+            v += tl.div_rn(tl.load(r_ptrs, mask=mask, other=0).to(tl.float32), _RES_STEPS)
         acc = tl.full((BLOCK_N, BLOCK_K), 0.0, tl.float32)
         for r0 in range(0, R, BLOCK_R):
             r_ok = (r0 + rr) < R
@@ -131,7 +133,7 @@ def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(b, a, acc, input_precision=DOT_PRECISION)
-        vn = (v * s_old[:, None] + scale * acc) / s_new[:, None]
+        vn = tl.div_rn(v * s_old[:, None] + scale * acc, s_new[:, None])
         qn = tl.minimum(tl.maximum(tl.floor(vn + 0.5), -_QMAX), _QMAX)
         tl.store(q_ptrs, qn.to(tl.int8), mask=mask)
         if HAS_RES:

@@ -12,7 +12,8 @@ Storage of a frozen weight W (out, in):
   int8 weight stays one rounding away from the exact fp32-accumulated weight (see relora_ds/quant.py).
 
 Rounding is ``floor(v + 0.5)`` (half up) in both the twin and the Triton kernels, and the bf16 scale
-rounding is round-to-nearest-even in both, so kernel and twin differ only where the fp32 products do.
+rounding is round-to-nearest-even in both, and the kernels divide as IEEE does (``tl.div_rn``; a plain `/`
+compiles to an approximate division on a GPU), so kernel and twin differ only where the fp32 products do.
 """
 from __future__ import annotations
 

@@ -109,19 +109,19 @@ def _pipeline_through(through: str):
 
 
 @contextlib.contextmanager
-def compile_only_for_hopper(records: list, configs: str = "all", through: str = "cubin"):
+def compile_only_for_hopper(records: list, configs: str = "all", through: str = "cubin", ptx: bool = False):
     """Inside: relora_kernels launches compile for sm_90 and append (kernel, config, shared bytes) to
     ``records`` instead of running. ``configs="largest"``: an autotuned launch compiles only the config its
     prune keeps with the largest pipeline. ``through="llir"``: each compile stops once its shared memory is
-    known (no PTX, no cubin: it then says nothing of ptxas). Not thread-safe; restores everything on exit,
-    errors included."""
+    known (no PTX, no cubin: it then says nothing of ptxas). ``ptx``: each record also holds the kernel's PTX
+    (``through="cubin"``). Not thread-safe; restores everything on exit, errors included."""
     with _pipeline_through(through):
-        with _compile_only_for_hopper(records, configs) as triton:
+        with _compile_only_for_hopper(records, configs, ptx) as triton:
             yield triton
 
 
 @contextlib.contextmanager
-def _compile_only_for_hopper(records: list, configs: str):
+def _compile_only_for_hopper(records: list, configs: str, ptx: bool = False):
     import triton
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.driver import driver
@@ -150,7 +150,8 @@ def _compile_only_for_hopper(records: list, configs: str):
         compiled.append(self)
         kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
         config = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
-        records.append(dict(kernel=self.fn.__name__, config=config, shared=kernel.metadata.shared))
+        records.append(dict(kernel=self.fn.__name__, config=config, shared=kernel.metadata.shared,
+                            **({"ptx": kernel.asm.get("ptx", "")} if ptx else {})))
         return kernel
 
     try:

@@ -122,3 +122,18 @@ def test_int8_merge_compiles_after_an_interpreted_import():
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "['_int8_merge_kernel']"
+
+
+def test_int8_merge_divides_as_the_twin_does():
+    """The int8 merge's divisions (scale = rowmax/127, value/scale, residual/254) must be IEEE (div.rn.f32) as the
+    twin's torch divisions are: a plain `/` compiles to div.full.f32, up to 2 ulp off, so on a GPU the scale at
+    ties, q at .5 and the residual could differ from the twin where the CPU interpreter never shows it. The
+    oracle is the compiled PTX."""
+    import relora_kernels as rk
+
+    q, s, res = rk.int8_quantize_reference(torch.randn(64, 256), residual=True)
+    records = []
+    with ck.compile_only_for_hopper(records, ptx=True):
+        rk.int8_merge_(q, s, res, torch.randn(8, 256), torch.randn(64, 8), 0.5)
+    (ptx,) = [r["ptx"] for r in records if r["kernel"] == "_int8_merge_kernel"]
+    assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx.f32" not in ptx

@@ -290,6 +290,29 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def autotune_bucket(m: int) -> int:
+    """The token count an autotuned GEMM is tuned for: ``m`` rounded up to a power of two. Tuning per exact
+    ``m`` would benchmark every config again (~1 s per GEMM on Triton 3.6) for each new batch shape -- a last
+    partial batch, evaluation, dynamic padding -- and grow the cache without bound."""
+    return next_power_of_2(m)
+
+
+class AutotuneKeyWarning(RuntimeWarning):
+    """The autotuner holds no config under the key a launcher computed for it (a Triton whose autotune key
+    is built differently): its last choice is used instead. tests/test_kernels_compile.py makes this an error."""
+
+
+def chosen_config(tuner, triton_key: tuple):
+    """The config ``tuner`` chose for ``triton_key``, written as its Autotuner.run writes its cache keys (the
+    `key` names' values, then ``str(dtype)`` of every tensor argument; Triton 3.6 to 3.9)."""
+    config = tuner.cache.get(triton_key)
+    if config is None:
+        warnings.warn(f"relora_kernels: triton's autotuner holds no config under {triton_key} (its key format "
+                      "changed?); using its last choice", AutotuneKeyWarning, stacklevel=3)
+        config = tuner.best_config
+    return config
+
+
 _WRAPPED: dict = {}
 
 

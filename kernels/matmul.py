@@ -26,7 +26,6 @@ output with ``tl.atomic_add`` (``atomic=True``: faster, not bitwise reproducible
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 import triton
@@ -205,22 +204,6 @@ def _autotuned_kernel():
     return _AUTOTUNED["k"]
 
 
-class AutotuneKeyWarning(RuntimeWarning):
-    """The autotuner holds no config under the key concat_matmul computed for it (a Triton whose autotune key
-    is built differently): its last choice is used instead. tests/test_kernels_compile.py makes this an error."""
-
-
-def _chosen_config(tuner, triton_key: tuple):
-    """The config ``tuner`` chose for ``triton_key``, written as its Autotuner.run writes its cache keys (the
-    `key` names' values, then ``str(dtype)`` of every tensor argument; Triton 3.6 to 3.9)."""
-    config = tuner.cache.get(triton_key)
-    if config is None:
-        warnings.warn(f"relora_kernels: triton's autotuner holds no config under {triton_key} (its key format "
-                      "changed?); using its last choice", AutotuneKeyWarning, stacklevel=3)
-        config = tuner.best_config
-    return config
-
-
 def _split_count(M: int, N: int, K1: int, cfg: dict, device: torch.device) -> int:
     tiles = _runtime.cdiv(M, cfg["BLOCK_M"]) * _runtime.cdiv(N, cfg["BLOCK_N"])
     k_blocks = _runtime.cdiv(K1, cfg["BLOCK_K"])
@@ -328,17 +311,18 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
     if cfg is None:
         # triton's Autotuner.run rebuilds its key from all 37 arguments on every launch (a filter quadratic in
         # their number: ~15-20 us per launch on this repository's CPU with Triton 3.9; 3.6 runs the same
-        # code). Ours is built from the few values that key reads; once the autotuner has tuned a key, the
-        # launch goes straight to the kernel with the config it chose for that key.
-        key = ("chosen", M, N, K1, K2, b1.stride(0), b2.stride(0) if has_second else 0, has_second,
-               flags["MASK_MODE"], b1_scale_mode, *(t.dtype for t in args[:8]))
+        # code). Ours is built from the few values that key reads, with M (the tokens) bucketed: once the
+        # autotuner has tuned a bucket, a launch goes straight to the kernel with the config it chose there.
+        key = ("chosen", _runtime.autotune_bucket(M), N, K1, K2, b1.stride(0), b2.stride(0) if has_second else 0,
+               has_second, flags["MASK_MODE"], b1_scale_mode, *(t.dtype for t in args[:8]))
         chosen = _AUTOTUNED.get(key)
         if chosen is None:
             tuner = _autotuned_kernel()
             grid = lambda meta: (_runtime.cdiv(M, meta["BLOCK_M"]) * _runtime.cdiv(N, meta["BLOCK_N"]),  # noqa: E731
                                  1)
             tuner[grid](*args, **flags)
-            _AUTOTUNED[key] = _chosen_config(tuner, key[1:10] + tuple(str(dt) for dt in key[10:])).all_kwargs()
+            triton_key = (M, *key[2:10], *(str(dt) for dt in key[10:]))
+            _AUTOTUNED[key] = _runtime.chosen_config(tuner, triton_key).all_kwargs()
         else:
             grid = (_runtime.cdiv(M, chosen["BLOCK_M"]) * _runtime.cdiv(N, chosen["BLOCK_N"]), 1)
             _runtime.for_current_mode(_concat_k_matmul_kernel)[grid](*args, **flags, **chosen)

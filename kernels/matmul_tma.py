@@ -147,7 +147,7 @@ def _prune(configs, named_args, **kwargs):
     return keep or configs[-1:]
 
 
-_AUTOTUNED = {}
+_AUTOTUNED = {}  # "k": the autotuned kernel; ("chosen", ...): the config it chose for that key, M bucketed
 
 
 def _autotuned_kernel():
@@ -182,10 +182,18 @@ def launch(a1, b1, a2, b2, out, *, alpha=1.0, beta=1.0, bias=None, config=None):
                  NUM_PROGRAMS=nprog)
     cfg = config or (dict(_INTERP_CONFIG) if _runtime.interpreting() else None)
     if cfg is None:
-        grid = lambda meta: (min(nprog, _runtime.cdiv(M, meta["BLOCK_M"])  # noqa: E731
-                                 * _runtime.cdiv(N, meta["BLOCK_N"])),)
-        _autotuned_kernel()[grid](*args, **flags)
-    else:
-        grid = (min(nprog, _runtime.cdiv(M, cfg["BLOCK_M"]) * _runtime.cdiv(N, cfg["BLOCK_N"])),)
-        _runtime.for_current_mode(_concat_k_matmul_tma_kernel)[grid](*args, **flags, **cfg)
+        # Tuned once per bucket of M (_runtime.autotune_bucket), as concat_matmul's pointer kernel is.
+        key = ("chosen", _runtime.autotune_bucket(M), N, K1, K2, b1_kmajor, b2_kmajor, has_second,
+               *(t.dtype for t in args[:6]))
+        cfg = _AUTOTUNED.get(key)
+        if cfg is None:
+            grid = lambda meta: (min(nprog, _runtime.cdiv(M, meta["BLOCK_M"])  # noqa: E731
+                                     * _runtime.cdiv(N, meta["BLOCK_N"])),)
+            tuner = _autotuned_kernel()
+            tuner[grid](*args, **flags)
+            triton_key = (M, *key[2:8], *(str(dt) for dt in key[8:]))
+            _AUTOTUNED[key] = _runtime.chosen_config(tuner, triton_key).all_kwargs()
+            return out
+    grid = (min(nprog, _runtime.cdiv(M, cfg["BLOCK_M"]) * _runtime.cdiv(N, cfg["BLOCK_N"])),)
+    _runtime.for_current_mode(_concat_k_matmul_tma_kernel)[grid](*args, **flags, **cfg)
     return out

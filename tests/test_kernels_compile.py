@@ -21,7 +21,7 @@ import compile_kernels as ck  # noqa: E402
 pytest.importorskip("triton.backends.nvidia", reason="this Triton build has no NVIDIA backend to compile for")
 
 
-@pytest.mark.filterwarnings("error::relora_kernels.matmul.AutotuneKeyWarning")  # our autotune key = Triton's
+@pytest.mark.filterwarnings("error::relora_kernels._runtime.AutotuneKeyWarning")  # our autotune key = Triton's
 def test_every_launch_of_a_training_step_compiles_and_fits():
     """bf16 (training's dtype): the default fused layer, the TMA and in-GEMM int8 candidates, the int8 base
     through scratch, the merges; fp32 through the TMA kernel (every one of its configs overflowed once).
@@ -137,3 +137,22 @@ def test_int8_merge_divides_as_the_twin_does():
         rk.int8_merge_(q, s, res, torch.randn(8, 256), torch.randn(64, 8), 0.5)
     (ptx,) = [r["ptx"] for r in records if r["kernel"] == "_int8_merge_kernel"]
     assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx.f32" not in ptx
+
+
+def test_autotuned_gemms_tune_once_per_power_of_two_of_tokens():
+    """The autotuned GEMMs (pointer and TMA kernels) benchmark their configs once per bucket of M, the token
+    count rounded up to a power of two (_runtime.autotune_bucket), not for every new M: ~1 s per GEMM on
+    Triton 3.6 for each last partial batch, evaluation batch or padded length, with a cache growing without
+    bound. The oracle is Triton's own autotuner cache: which M it was asked to tune."""
+    from relora_kernels import matmul, matmul_tma
+
+    tuned = {}
+    with ck.compile_only_for_hopper([], configs="largest", through="llir"):
+        b1 = torch.randn(128, 128, dtype=torch.bfloat16)
+        for m in (256, 255, 200, 129, 300, 512):
+            a1 = torch.randn(m, 128, dtype=torch.bfloat16)
+            matmul.concat_matmul(a1, b1)
+            matmul_tma.launch(a1, b1, None, None, torch.empty(m, 128, dtype=torch.bfloat16))
+        for name, mod in (("pointer", matmul), ("tma", matmul_tma)):
+            tuned[name] = sorted(key[0] for key in mod._AUTOTUNED["k"].cache)
+    assert tuned == {"pointer": [256, 300], "tma": [256, 300]}, tuned

@@ -313,6 +313,31 @@ def chosen_config(tuner, triton_key: tuple):
     return config
 
 
+_FITTED_STAGES: dict = {}  # (kernel, config, dtype, device) -> the num_stages that fit the device
+
+
+def launch_fixed(kernel, grid, args, kwargs: dict, cfg: dict, dtype, device) -> None:
+    """Launch ``kernel[grid](*args, **kwargs, **cfg)`` with a fixed (untuned) GPU config, dropping pipeline
+    stages while it overflows the device's shared memory. The fixed configs are sized for Hopper (227 KB);
+    an A100 (163 KB) or a smaller part raises ``OutOfResources`` at the first launch, before anything runs,
+    and how much a config needs moves between Triton versions (_ds_db_kernel fp32: 160 KB on 3.9, 224 KB on
+    3.6), so it is asked of the compiler rather than estimated. What fitted is remembered per process."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (kernel.fn if hasattr(kernel, "fn") else kernel, tuple(sorted(cfg.items())), dtype, device)
+    stages = _FITTED_STAGES.get(key, cfg["num_stages"])
+    while True:
+        try:
+            kernel[grid](*args, **kwargs, **{**cfg, "num_stages": stages})
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            continue
+        _FITTED_STAGES[key] = stages
+        return
+
+
 _WRAPPED: dict = {}
 
 

@@ -108,15 +108,20 @@ def fused_ds_db(dy, lora_B, s, scale, db_dtype=None, config=None):
             cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_R=min(br, 32), num_warps=4)
         else:  # untuned lead: 128 rows halves the atomic bytes of 64 rows; 8 warps for the two dots
             # fp32 with BLOCK_R=128 and 3 stages needs 256 KB of shared memory, over the H100's 227 KB
-            # (OutOfResources, seen 2026-11-22): 2 stages fit (192 KB).
+            # (OutOfResources, seen 2026-11-22): 2 stages fit (192 KB). A device with less shared memory
+            # than Hopper's: launch_fixed drops stages until it fits.
             stages = 2 if dy.element_size() >= 4 and br >= 128 else 3
             cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_R=br, num_warps=8, num_stages=stages)
         grid = (_runtime.cdiv(M, cfg["BLOCK_M"]), _runtime.cdiv(R, cfg["BLOCK_R"]))
-        _runtime.for_current_mode(_ds_db_kernel)[grid](
-            dy, lora_B, s, ds, db32, M, N, R,
-            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
-            ds.stride(0), ds.stride(1), db32.stride(0), db32.stride(1), float(scale),
-            UPCAST=_runtime.upcast_for_interpreter(dy.dtype), DOT_PRECISION=_runtime.dot_precision(dy.dtype), **cfg)
+        kernel = _runtime.for_current_mode(_ds_db_kernel)
+        args = (dy, lora_B, s, ds, db32, M, N, R,
+                dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
+                ds.stride(0), ds.stride(1), db32.stride(0), db32.stride(1), float(scale))
+        flags = dict(UPCAST=_runtime.upcast_for_interpreter(dy.dtype), DOT_PRECISION=_runtime.dot_precision(dy.dtype))
+        if config is None and not _runtime.interpreting():
+            _runtime.launch_fixed(kernel, grid, args, flags, cfg, dy.dtype, dy.device)
+        else:
+            kernel[grid](*args, **flags, **cfg)
     db_dtype = db_dtype or lora_B.dtype
     return ds, (db32 if db_dtype == torch.float32 else db32.to(db_dtype))
 

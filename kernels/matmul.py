@@ -329,7 +329,10 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
     else:
         kernel = _runtime.for_current_mode(_concat_k_matmul_kernel)
         grid = (_runtime.cdiv(M, cfg["BLOCK_M"]) * _runtime.cdiv(N, cfg["BLOCK_N"]), split)
-        kernel[grid](*args, **flags, **cfg)
+        if config is None and not interp:
+            _runtime.launch_fixed(kernel, grid, args, flags, cfg, a1.dtype, device)
+        else:
+            kernel[grid](*args, **flags, **cfg)
 
     if split > 1:
         if atomic:

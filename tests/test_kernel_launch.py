@@ -157,3 +157,43 @@ def test_an_autotuned_key_then_launches_straight_with_the_config_chosen_for_it(m
     assert asked == [(200, 80, 96, 0, 1, 0, False, 0, 0, *f32), (200, 96, 96, 0, 1, 0, False, 0, 0, *f32),
                      (200, 96, 96, 0, 96, 0, False, 0, 0, *f32), (200, 80, 96, 8, 1, 1, True, 0, 0, *f32),
                      (200, 80, 96, 0, 1, 0, False, 0, 0, *b16)]
+
+
+def test_fixed_configs_drop_pipeline_stages_until_the_device_fits_them(monkeypatch):
+    """The fixed (untuned) GPU configs are sized for Hopper's 227 KB of shared memory; on a device with less
+    (an A100: 163 KB) Triton raises OutOfResources at the first launch, before anything runs. The launchers
+    then drop pipeline stages until the compiler fits one, remember it, and re-raise when one stage does
+    not fit. Oracle: a stand-in kernel that refuses more than `fits` stages, as Triton's launcher does, and
+    records what it was launched with."""
+    from triton.runtime.errors import OutOfResources
+
+    from relora_kernels import linear, matmul
+
+    class Device:
+        fits = 1
+
+        def __init__(self, name):
+            self.name, self.launches = name, []
+
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kwargs):
+                self.launches.append(num_stages)
+                if num_stages > Device.fits:
+                    raise OutOfResources(num_stages * 80_000, 166_912, "shared memory")
+            return launch
+
+    kernels = {}
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(_runtime, "target_programs", lambda device: 8)
+    monkeypatch.setattr(_runtime, "for_current_mode", lambda k: kernels.setdefault(k.fn.__name__, Device(k.fn.__name__)))
+    monkeypatch.setattr(_runtime, "_FITTED_STAGES", {})
+    x, w, dy, b = (torch.randn(*s) for s in ((256, 96), (96, 128), (256, 128), (128, 128)))
+    for _ in range(2):
+        matmul.concat_matmul(x, w, deterministic=True)  # the fixed config: 3 stages
+        linear.fused_ds_db(dy, b, torch.randn(256, 128), 0.5)  # fp32, BLOCK_R=128: 2 stages
+    assert kernels["_concat_k_matmul_kernel"].launches == [3, 2, 1, 1]  # then straight to what fitted
+    assert kernels["_ds_db_kernel"].launches == [2, 1, 1]
+    Device.fits = 0  # not even one stage: Triton's own error, not a silent skip
+    monkeypatch.setattr(_runtime, "_FITTED_STAGES", {})
+    with pytest.raises(OutOfResources):
+        matmul.concat_matmul(x, w, deterministic=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,13 +55,36 @@ def make_universal(ckpt_dir: Path, tag: str, param_groups: list[list[str]] | Non
     return f"{tag}/{UNIVERSAL}"
 
 
+# Python code that runs module argv[1] with the rest of argv, ignoring the stop signals a run turns into
+# "finish, save, exit 0" (trainer.py). SLURM's `scancel --signal` reaches every process of the job step and a
+# terminal's Ctrl-C the whole foreground group: a converter dying of it failed the resume, with no "preempted"
+# record for the SLURM scripts to requeue on, where the trainer notes the signal and stops after the load.
+# Ignored signals stay ignored in the converter's worker processes (fork and exec keep SIG_IGN).
+_SHIELDED = ("import runpy, signal, sys\n"
+             "for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):\n"
+             "    signal.signal(s, signal.SIG_IGN)\n"
+             "module = sys.argv.pop(1)\n"
+             "runpy.run_module(module, run_name='__main__', alter_sys=True)\n")
+
+
+def run_module_shielded(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m module *args`` in a child that ignores SIGTERM, SIGUSR1 and SIGINT; output captured. A
+    second Ctrl-C (KeyboardInterrupt here) still ends it: subprocess.run kills the child on the way out."""
+    return subprocess.run([sys.executable, "-c", _SHIELDED, module, *args], capture_output=True, text=True)
+
+
 def _ds_to_universal(src: Path, out: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                           str(src), "--output_folder", str(out)], capture_output=True, text=True)
+    proc = run_module_shielded("deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+                               "--output_folder", str(out))
     if proc.returncode != 0 or not (out / "zero").is_dir():
         hint = (" (written before relora_ds recorded universal_checkpoint_info: resume it with its own "
                 "number of ranks)") if "universal_checkpoint_info" in proc.stderr else ""
-        raise RuntimeError(f"converting {src} with deepspeed.checkpoint.ds_to_universal failed{hint}:\n"
+        how = f"exit status {proc.returncode}"
+        if proc.returncode < 0:
+            how = f"killed by signal {-proc.returncode}"
+            if -proc.returncode in {s.value for s in signal.Signals}:
+                how = f"killed by {signal.Signals(-proc.returncode).name}"
+        raise RuntimeError(f"converting {src} with deepspeed.checkpoint.ds_to_universal failed ({how}){hint}:\n"
                            f"{proc.stderr[-3000:]}")
 
 

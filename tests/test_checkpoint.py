@@ -10,9 +10,60 @@ def test_a_checkpoint_the_converter_cannot_read_is_a_clear_error(tmp_path):
     (tmp_path / "step_5").mkdir()
     (tmp_path / "step_5" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
     assert checkpoint.is_sharded(tmp_path, "step_5")
-    with pytest.raises(RuntimeError, match=r"converting .*step_5 with deepspeed.checkpoint.ds_to_universal failed"):
+    with pytest.raises(RuntimeError, match=r"converting .*step_5 with deepspeed.checkpoint.ds_to_universal failed "
+                                           r"\(exit status 1\)"):
         universal.make_universal(tmp_path, "step_5")
     assert not (tmp_path / "step_5" / "universal").exists()  # nothing half-written is left to be loaded
+
+
+def test_the_converter_outlives_the_stop_signals_a_run_stops_cleanly_on(tmp_path, monkeypatch):
+    """SLURM's `scancel --signal` reaches every process of the job step, a terminal's Ctrl-C the foreground
+    group: the checkpoint converter (minutes at scale) ran in the trainer's group and died of USR1, failing
+    the resume with no "preempted" record to requeue on. It now ignores TERM, USR1 and INT, as do the workers
+    it forks, and finishes while the trainer notes the signal. Oracle: the signals are delivered to the child
+    and to its forked worker, whose default action would kill them, and both complete; a SIGKILL is named."""
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from relora_ds import universal
+
+    (tmp_path / "slow_module.py").write_text(
+        "import multiprocessing as mp, os, sys, time\n"
+        "def work(d):\n"
+        "    open(os.path.join(d, 'worker.pid'), 'w').write(str(os.getpid()))\n"
+        "    while not os.path.exists(os.path.join(d, 'go')):\n"
+        "        time.sleep(0.05)\n"
+        "    return 7\n"
+        "if __name__ == '__main__':\n"
+        "    d = sys.argv[1]\n"
+        "    open(os.path.join(d, 'child.pid'), 'w').write(str(os.getpid()))\n"
+        "    with mp.get_context('fork').Pool(1) as pool:\n"
+        "        print(pool.apply(work, (d,)), sys.argv[1:])\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(proc=universal.run_module_shielded(
+        "slow_module", str(tmp_path), "x")))
+    thread.start()
+    pids = [tmp_path / "child.pid", tmp_path / "worker.pid"]
+    deadline = time.time() + 60
+    while not all(p.exists() and p.read_text() for p in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    for pid in (int(p.read_text()) for p in pids):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            os.kill(pid, sig)
+    time.sleep(0.3)
+    (tmp_path / "go").touch()
+    thread.join(60)
+    assert result["proc"].returncode == 0, result["proc"].stderr
+    assert result["proc"].stdout.strip() == f"7 [{str(tmp_path)!r}, 'x']"
+
+    monkeypatch.setattr(universal, "run_module_shielded",
+                        lambda *a: subprocess.CompletedProcess(a, -signal.SIGKILL, "", "partial output"))
+    with pytest.raises(RuntimeError, match=r"ds_to_universal failed \(killed by SIGKILL\):\npartial output"):
+        universal._ds_to_universal(tmp_path / "step_5", tmp_path / "out")
 
 
 def test_a_checkpoint_missing_its_last_merge_gets_it_once_on_resume():

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -266,13 +267,27 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
 def check_complete(ckpt_dir: Path, tag: str) -> None:
     """The checkpoint a resume will load has its folder and config.json (a folder deleted by hand while
     ``latest`` still names it is named here, not by a FileNotFoundError; files DeepSpeed misses are named
-    where it loads them, resume.py)."""
+    where it loads them, resume.py), its config.json is JSON, and no file of it is cut short: every ``.pt``
+    file ends in the record a torch.save zip archive ends with (read from each file's end). A truncated shard
+    (a disk that filled, a node lost mid-write, a copy interrupted) otherwise failed inside DeepSpeed's load
+    on the rank reading it, with torch's "failed finding central directory" naming no file, while the other
+    ranks went on. Every rank checks before any engine exists, so all stop with the same message."""
     folder = Path(ckpt_dir) / tag
-    missing = ("its folder" if not folder.is_dir() else "config.json" if not (folder / "config.json").is_file()
-               else None)
-    if missing:
+    problem = ("lacks its folder" if not folder.is_dir() else
+               "lacks config.json" if not (folder / "config.json").is_file() else None)
+    if problem is None:
+        try:
+            json.loads((folder / "config.json").read_text())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            problem = f"has a damaged config.json ({e})"
+    if problem is None:
+        cut = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.pt") if not zipfile.is_zipfile(p))
+        if cut:
+            problem = (f"has {len(cut)} damaged file(s), cut short or not written by torch.save: "
+                       f"{', '.join(cut[:5])}{' ...' if len(cut) > 5 else ''}")
+    if problem:
         others = [t for t in complete_tags(ckpt_dir) if t != tag]
-        raise ValueError(f"checkpoint {folder} (the one to resume from) lacks {missing}; complete checkpoints in "
+        raise ValueError(f"checkpoint {folder} (the one to resume from) {problem}; complete checkpoints in "
                          f"{ckpt_dir}: {others or 'none'}" + (": resume from one with --resume-from step_N" if others
                                                              else ": start over with --overwrite"))
 

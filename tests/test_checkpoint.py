@@ -266,16 +266,35 @@ def test_bf16_optimizer_masters_join_pieces_in_rank_number_order(tmp_path):
 
 
 def test_a_checkpoint_deleted_or_incomplete_under_latest_is_named(tmp_path):
-    """`latest` names a folder deleted by hand, or one without DeepSpeed's model states: a clear error naming
-    the complete checkpoints there, not a FileNotFoundError/AssertionError from the loader."""
+    """`latest` names a folder deleted by hand, or one without DeepSpeed's model states, or one with a shard cut
+    short (a full disk, a node lost mid-write) or a damaged config.json: a clear error naming the file and the
+    complete checkpoints there, not a FileNotFoundError/AssertionError from the loader or torch's "failed
+    finding central directory" on one rank while the others went on."""
     import json as _json
+
+    import torch
 
     from relora_ds import checkpoint as ck
     ckpts = tmp_path / "checkpoints"
     for step in (5, 10):
         (ckpts / f"step_{step}").mkdir(parents=True)
         (ckpts / f"step_{step}" / "config.json").write_text(_json.dumps({"train": {}}))
-        (ckpts / f"step_{step}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        torch.save({"module": {"w": torch.randn(64, 64)}}, ckpts / f"step_{step}" / "mp_rank_00_model_states.pt")
+        (ckpts / f"step_{step}" / "universal" / "zero" / "w").mkdir(parents=True)
+        torch.save(torch.randn(64, 64), ckpts / f"step_{step}" / "universal" / "zero" / "w" / "fp32.pt")
+    shard = ckpts / "step_10" / "universal" / "zero" / "w" / "fp32.pt"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"step_10 \(the one to resume from\) has 1 damaged file\(s\), cut short or "
+                                         r"not written by torch.save: universal/zero/w/fp32.pt; complete checkpoints "
+                                         r"in .*: \['step_5'\]: resume from one with --resume-from"):
+        ck.check_complete(ckpts, "step_10")
+    shard.write_bytes(whole)
+    ck.check_complete(ckpts, "step_10")  # whole again: no error
+    (ckpts / "step_10" / "config.json").write_text('{"train": {')
+    with pytest.raises(ValueError, match=r"step_10 \(the one to resume from\) has a damaged config.json \(Expecting"):
+        ck.check_complete(ckpts, "step_10")
+    (ckpts / "step_10" / "config.json").write_text(_json.dumps({"train": {}}))
     (ckpts / "latest").write_text("step_12")
     with pytest.raises(ValueError, match=r"step_12 \(the one to resume from\) lacks its folder; complete checkpoints "
                                          r"in .*: \['step_5', 'step_10'\]: resume from one with --resume-from"):

@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 
 TRAIN = {"mode": "relora", "seq_len": 32, "rank": 4, "alpha": 8.0, "target_modules": ["q_proj"], "quantize": None,
@@ -22,7 +23,7 @@ def _fake_checkpoint(ckpt_dir, *, world, stage, sharded, model=None, sha="a" * 6
                                                  "optimizer_groups": ["lora", "matrices", "vectors"],
                                                  **({"data": data} if data else {})}))
     if sharded:
-        (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+        torch.save({}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")  # a whole file (check_complete reads it)
 
 
 @pytest.mark.parametrize("saved, now, expect", [

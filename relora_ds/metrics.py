@@ -153,16 +153,18 @@ def _start_wandb(output_dir: Path, project: str, run_config: dict | None):
     return run
 
 
-def cycle_position(step: int, relora_start: int, cycle_length: int, total_steps: int) -> dict:
+def cycle_position(step: int, cycle_start: int, cycle_length: int, total_steps: int, cycles_before: int = 0) -> dict:
     """Where step `step` (1-based, just done) lies among ReLoRA's cycles, for the progress bar:
     {"cycle": "k/of", "in_cycle": "j/cycle_length"}, the reset closing cycle k at j == cycle_length; empty
-    in the warm start. A last cycle cut short by total_steps counts as one."""
-    since = step - relora_start
+    in the warm start. A last cycle cut short by total_steps counts as one. The cycles count from
+    `cycle_start` (the switch to ReLoRA, or the reset a resume with another cycle_length re-counted from), after
+    `cycles_before` cycles."""
+    since = step - cycle_start
     if since <= 0:
         return {}
-    cycles = math.ceil((total_steps - relora_start) / cycle_length)
+    cycles = cycles_before + math.ceil((total_steps - cycle_start) / cycle_length)
     k, j = divmod(since - 1, cycle_length)
-    return {"cycle": f"{k + 1}/{cycles}", "in_cycle": f"{j + 1}/{cycle_length}"}
+    return {"cycle": f"{cycles_before + k + 1}/{cycles}", "in_cycle": f"{j + 1}/{cycle_length}"}
 
 
 def progress_line(rec: dict, total_steps: int, elapsed_s: float, steps_done: int, cycle: dict) -> str:

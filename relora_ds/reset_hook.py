@@ -12,16 +12,18 @@ from .prune import prune_optimizer_state
 from .relora import lora_parameters
 
 
-def after_step(engine, step: int, cfg, relora_start: int) -> dict | None:
+def after_step(engine, step: int, cfg, cycle_start: int) -> dict | None:
     """The merge or reset due after global step `step` (already counted), done on `engine`; returns its
-    record for the metrics log (``{"event": "merge" | "reset", "step": step, ...}``) or None.
+    record for the metrics log (``{"event": "merge" | "reset", "step": step, ...}``) or None. `cycle_start`:
+    the step the cycles count from, the switch to ReLoRA or, after a resume that changed cycle_length, the
+    checkpoint's last reset (schedule.cycle_anchor).
 
     `cfg`: the TrainConfig (mode, cycle_length, merge_every, prune_method, prune_ratio, prune_joint, seed).
     Called on the low-rank engine only. A reset happens at the last step too: the final checkpoint is then
     the one a longer run writes at that step, so resuming it with a larger total_steps continues exactly
     (its merge rounds s·B·A into a bf16 or int8 base like every merge; in fp32 the function is unchanged).
     """
-    since = step - relora_start
+    since = step - cycle_start
     if cfg.mode != "relora" or since <= 0:
         return None
     event = {}

@@ -18,6 +18,8 @@ from .distributed import on_rank_zero
 from .engines import group_weight_decay
 from .hf import PROGRESS_FILE
 from .relora import relora_layers
+from .schedule import cycle_anchor
+from .startup import build_schedule
 from .train_config import ConfigWarning
 from .zero_reset import unshare_optimizer_steps
 
@@ -35,7 +37,27 @@ class CheckpointsMixin:
         (a run continuing from the export reads on after the data it trained on: --warm-start-data), and whether
         it attended within documents (launch/evaluate.py evaluates as it trained)."""
         return {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.batches.state_dict(),
-                "seed": self.cfg.seed, "data": self.data_info, "document_masking": bool(self.cfg.document_masking)}
+                "seed": self.cfg.seed, "data": self.data_info, "document_masking": bool(self.cfg.document_masking),
+                "cycle_start": self.cycle_start, "cycles_before": self.cycles_before}
+
+    def _resume_cycles(self, plan: dict) -> None:
+        """Where this run's cycles count from (schedule.cycle_anchor), from the checkpoint's config.json: a
+        changed cycle_length counts from the checkpoint's last reset, so the next one comes a whole new cycle
+        after it, with the lr's restart warmup after the last one intact. The schedule is rebuilt on it."""
+        saved = plan["saved"]
+        progress = saved.get("progress") or {}
+        step = checkpoint.tag_step(plan["tag"])
+        before = saved["train"].get("cycle_length") if saved["train"].get("mode") == "relora" else None
+        self.cycle_start, self.cycles_before = cycle_anchor(
+            step, relora_start=self.relora_start, cycle_length=self.cfg.cycle_length if self.cfg.mode == "relora"
+            else None, saved_cycle_length=before, saved_start=progress.get("cycle_start"),
+            saved_before=progress.get("cycles_before", 0))
+        if self.cycle_start != self.relora_start:
+            self.schedule = build_schedule(self.cfg, self.total_steps, self.cycle_start)
+        if self.cycle_start != progress.get("cycle_start", self.relora_start):
+            self._print(f"cycle_length {before} -> {self.cfg.cycle_length}: cycles now count from the reset at step "
+                        f"{self.cycle_start}, the checkpoint's last; the next reset is at step "
+                        f"{self.cycle_start + self.cfg.cycle_length}")
 
     def _warm_start_save_due(self) -> bool:
         """--keep-warm-start: the last step of an in-run warm start is checkpointed (the switch comes next)."""

@@ -74,6 +74,22 @@ def jagged_cosine(step: int, *, total_steps: int, warmup_steps: int, cycle_lengt
     return cosine(step)
 
 
+def cycle_anchor(step: int, *, relora_start: int, cycle_length: int | None, saved_cycle_length: int | None,
+                 saved_start: int | None = None, saved_before: int = 0) -> tuple[int, int]:
+    """Where the cycles of a run resumed at ``step`` count from: ``(start, cycles_before)``, the step of
+    the reset its cycles of ``cycle_length`` start at and how many cycles ended there. The checkpoint's
+    cycles (``saved_cycle_length``) started at ``saved_start`` (None: the switch to ReLoRA,
+    ``relora_start``) with ``saved_before`` cycles before them. With the same length nothing moves; with
+    another, the new length counts from the checkpoint's last reset at or before ``step``. Counted from the
+    switch instead, the next reset could come at once, without the restart warmup after the one just done
+    (cycle 10 -> 15 at step 21: lr 1.3e-3 at the step after a 99% prune, and the next reset 4 steps on)."""
+    start = relora_start if saved_start is None else saved_start
+    if not cycle_length or not saved_cycle_length or saved_cycle_length == cycle_length or step <= start:
+        return start, saved_before
+    done = (step - start) // saved_cycle_length
+    return start + done * saved_cycle_length, saved_before + done
+
+
 def restarted_at(step: int, *, start_step: int, first, second) -> float:
     """``first(step)`` before ``start_step``, then ``second`` counted from 0 there: the reference
     implementation's two runs (a full-rank warm start, then a ReLoRA run whose own schedule starts over)."""

@@ -130,11 +130,13 @@ def unused_vocab_size(cfg: TrainConfig, data_vocab: int) -> str | None:
     return None
 
 
-def build_schedule(cfg: TrainConfig, total_steps: int):
+def build_schedule(cfg: TrainConfig, total_steps: int, cycle_start: int | None = None):
     """The run's LR multiplier as a function of the global step (0-based): a bad combination of the schedule
-    settings is a ValueError here (all of them, TrainConfig.check_schedule), before any engine exists."""
+    settings is a ValueError here (all of them, TrainConfig.check_schedule), before any engine exists.
+    ``cycle_start``: the reset the cycles count from (schedule.cycle_anchor; default: the switch to ReLoRA)."""
     cfg.check_schedule(total_steps)
     start = cfg.warm_start_steps
+    anchor = start if cycle_start is None else cycle_start
     kw = dict(total_steps=total_steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
     if cfg.mode == "full":
         schedule = functools.partial(cosine_with_warmup, **kw)
@@ -146,9 +148,10 @@ def build_schedule(cfg: TrainConfig, total_steps: int):
         if cfg.lowrank_schedule == "restart" and start:
             schedule = functools.partial(restarted_at, start_step=start,
                                          first=functools.partial(cosine_with_warmup, **kw),
-                                         second=functools.partial(jagged, total_steps=total_steps - start))
+                                         second=functools.partial(jagged, total_steps=total_steps - start,
+                                                                  start_step=anchor - start))
         else:
-            schedule = functools.partial(jagged, start_step=start)
+            schedule = functools.partial(jagged, start_step=anchor)
     for step in (0, start):  # the functions' own checks, which check_schedule has named in recipe terms
         schedule(step)
     return schedule

@@ -109,7 +109,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
                              "with a tokenizer whose EOS is its own token")
         self.total_steps = total_steps_for(cfg, checkpoint.resume_progress(self.ckpt_dir, cfg.resume_from)
                                            if cfg.resume and cfg.token_budget else None)
-        self.relora_start = cfg.warm_start_steps
+        self.relora_start = self.cycle_start = cfg.warm_start_steps
+        self.cycles_before = 0
         self.schedule = build_schedule(cfg, self.total_steps)
         with self._warnings_on_rank_zero():  # a split too small for a window or a global batch: named here
             check_data_use(cfg, self.total_steps, manifest["splits"], str(self.data_dir), self.world)
@@ -136,6 +137,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             self.ckpt_dir, model=self.model_config.to_dict(), train=cfg.to_dict(), ds=self.ds, world=self.world,
             data_dir=self.data_dir, tokenizer_sha256=self.tokenizer_sha256, data=self.data_info,
             total_steps=self.total_steps)
+        if self.resume_plan is not None:
+            self._resume_cycles(self.resume_plan)
         if cfg.overwrite:  # only now that every check has passed: a refused run deletes nothing
             self._clear_output_dir()
         if cfg.resume_from:
@@ -391,11 +394,11 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         """{"cycle": k/of, "in_cycle": j/length} of the step just done; empty outside ReLoRA's cycles."""
         if self.cfg.mode != "relora":
             return {}
-        return cycle_position(self.step, self.relora_start, self.cfg.cycle_length, self.total_steps)
+        return cycle_position(self.step, self.cycle_start, self.cfg.cycle_length, self.total_steps, self.cycles_before)
 
     def _after_step_events(self) -> None:
         if self.engine_phase == "lowrank":
-            event = reset_hook.after_step(self.engine, self.step, self.cfg, self.relora_start)
+            event = reset_hook.after_step(self.engine, self.step, self.cfg, self.cycle_start)
             if event:
                 self._event(event)
 

@@ -49,7 +49,7 @@ def test_cycle_position_of_the_step_just_done(step, want):
     count showed it as cycle 2's step 0, clamped to 1/1 at a run's last reset)."""
     from relora_ds.metrics import cycle_position
 
-    assert cycle_position(step, relora_start=100, cycle_length=100, total_steps=350) == want
+    assert cycle_position(step, cycle_start=100, cycle_length=100, total_steps=350) == want
 
 
 def test_metrics_jsonl_is_strict_json(tmp_path):

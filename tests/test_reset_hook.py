@@ -28,7 +28,7 @@ def test_merge_every_and_cycle_length_place_merges_resets_and_prune_seeds(monkey
     cfg = TrainConfig(cycle_length=4, merge_every=merge_every, restart_warmup_steps=2, total_steps=12,
                       warm_start_steps=2, warm_start_lr=1e-3, prune_method="random", prune_ratio=0.5, seed=5,
                       prune_joint=merge_every is None)  # each setting in one case
-    t = SimpleNamespace(cfg=cfg, relora_start=2, _event=events.append,
+    t = SimpleNamespace(cfg=cfg, relora_start=2, cycle_start=2, _event=events.append,
                         engine=SimpleNamespace(module=None, global_steps=0, skipped_steps=0))
     for step in range(1, 13):  # as Trainer.train: step += 1, then the events; the switch precedes step 3's training
         t.step, t.engine_phase = step, "full" if step <= 2 else "lowrank"
@@ -61,4 +61,4 @@ def test_the_baselines_never_merge_or_reset(monkeypatch, mode):
     with pytest.warns(UserWarning, match="cycle_length=4 is ignored"):
         cfg = TrainConfig(mode=mode, cycle_length=4, restart_warmup_steps=2, total_steps=12)
     engine = SimpleNamespace(module=None, global_steps=0, skipped_steps=0)
-    assert all(reset_hook.after_step(engine, step, cfg, relora_start=0) is None for step in range(1, 13))
+    assert all(reset_hook.after_step(engine, step, cfg, cycle_start=0) is None for step in range(1, 13))

@@ -282,3 +282,45 @@ def test_a_recipes_schedule_problems_are_named_together_before_the_run_starts(tm
         config_from_args(parser.parse_args(budget))
     # Resumed, a budget's steps depend on its checkpoint: the trainer and preflight check them at start-up.
     assert config_from_args(parser.parse_args([*budget, "--resume"])).token_budget == 40 * 16 * 128
+
+
+def test_a_changed_cycle_length_counts_from_the_checkpoints_last_reset():
+    """Resumed with another cycle_length, the cycles count from the checkpoint's last reset (hand-computed),
+    after the cycles done before it; counted from the switch instead, the trial's 10 -> 15 at step 21 (switch
+    at 10, a reset at 20) trained step 21 at the cosine's full lr right after a 99% prune and reset again at 25."""
+    from relora_ds.schedule import cycle_anchor
+
+    at = dict(relora_start=10, saved_cycle_length=10)
+    assert cycle_anchor(21, cycle_length=15, **at) == (20, 1)
+    assert cycle_anchor(20, cycle_length=15, **at) == (20, 1)  # resumed on the reset's own step
+    assert cycle_anchor(29, cycle_length=5, **at) == (20, 1)
+    assert cycle_anchor(21, cycle_length=10, **at) == (10, 0)  # unchanged: nothing moves
+    assert cycle_anchor(8, cycle_length=15, **at) == (10, 0)  # still in the warm start
+    assert cycle_anchor(21, cycle_length=None, **at) == (10, 0)  # mode lora: no cycles
+    # Changed again: from where the previous change left them (cycle 15 from step 20, 1 cycle before).
+    assert cycle_anchor(40, cycle_length=10, relora_start=10, saved_cycle_length=15, saved_start=20,
+                        saved_before=1) == (35, 2)
+    assert cycle_anchor(40, cycle_length=15, relora_start=10, saved_cycle_length=15, saved_start=20,
+                        saved_before=1) == (20, 1)
+
+
+@pytest.mark.parametrize("lowrank_schedule", ["continue", "restart"])
+def test_the_schedule_restarts_from_the_cycle_anchor(lowrank_schedule):
+    """build_schedule(cycle_start=1000) for a run whose cycles of 300 count from the reset at 1000: the lr drops
+    to 0 there and every 300 steps after, ramping for 10; `continue` ramps back onto the run's one cosine,
+    `restart` onto the low-rank phase's own (the reference's second run: 1500 steps from the switch at 500)."""
+    from relora_ds.startup import build_schedule
+    from relora_ds.train_config import TrainConfig
+
+    cfg = TrainConfig(mode="relora", total_steps=2000, warmup_steps=50, warm_start_steps=500, cycle_length=300,
+                      restart_warmup_steps=10, min_lr_ratio=0.1, lowrank_schedule=lowrank_schedule)
+    sched = build_schedule(cfg, 2000, cycle_start=1000)
+    if lowrank_schedule == "continue":
+        cos = lambda s: _cos_at(s, total=2000, warmup=50)  # noqa: E731
+    else:
+        cos = lambda s: _cos_at(s - 500, total=1500, warmup=50)  # noqa: E731
+    for reset in (1000, 1300, 1600, 1900):
+        assert sched(reset) == 0.0
+        assert sched(reset + 5) == pytest.approx(0.5 * cos(reset + 10))
+        assert sched(reset + 10) == pytest.approx(cos(reset + 10))
+    assert sched(1150) == pytest.approx(cos(1150)) and sched(1200) == pytest.approx(cos(1200))

@@ -15,7 +15,8 @@ def _stub(t, tmp_path, cfg, *, world=2, step=0, engine_phase="full", **overrides
     t.__dict__.update(
         cfg=cfg, engine=SimpleNamespace(module=torch.nn.Linear(2, 2)), out=tmp_path, ds={}, world=world, rank=0,
         model_config=SimpleNamespace(num_hidden_layers=2), total_steps=12, step=step, tokens_seen=0,
-        tokens_per_step=8 * 32, relora_start=2, flops_per_token=1e9, peak_tflops=None, grad_norm=1.0,
+        tokens_per_step=8 * 32, relora_start=2, cycle_start=2, cycles_before=0, flops_per_token=1e9,
+        peak_tflops=None, grad_norm=1.0,
         engine_phase=engine_phase, _stop_agreed=False, _stop_signal=0,
         metrics=MetricsLogger(tmp_path, enabled=True, resume_step=step), _after_step_events=lambda: None,
         _print=lambda msg: None, batches=SimpleNamespace(close=lambda: None))

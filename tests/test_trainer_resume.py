@@ -164,6 +164,34 @@ def test_resume_applies_the_recipes_new_lr(tmp_path, small_data_dir):
     assert [r["val_loss"] for r in recs if r.get("step") == 12 and "val_loss" in r] == [final_val[0]["val_loss"]]
 
 
+def test_a_changed_cycle_length_counts_from_the_checkpoints_last_reset(tmp_path, small_data_dir):
+    """Resumed at step 8 (resets at 6 and 10 with cycle 4) with cycle_length 3: the cycles count from the reset
+    at 6, so the next resets are at 9 and 12 and the lr follows the jagged cosine anchored there (hand-written
+    below). Counted from the switch at 2, as before, they came at 11 only, and the lr skipped the restart
+    warmup a trial saw (full lr right after a 99% prune). Extended again with the same 3, the run keeps that
+    anchor, which the checkpoint records: a reset at 15."""
+    from relora_ds.schedule import jagged_cosine
+
+    train1(tmp_path, small_data_dir, save_every=4)
+    rewind_to(tmp_path / "run", "step_8")
+    proc = train1(tmp_path, small_data_dir, "--resume", "--cycle-length", "3", save_every=4)
+    assert ("cycle_length 4 -> 3: cycles now count from the reset at step 6, the checkpoint's last; the next reset "
+            "is at step 9") in proc.stdout + proc.stderr
+    losses, recs = read_losses(tmp_path / "run")
+    assert sorted(losses) == [9, 10, 11, 12]
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [9, 12]
+    kw = dict(total_steps=12, warmup_steps=2, cycle_length=3, restart_warmup_steps=2, start_step=6)
+    want = [3e-3 * jagged_cosine(s - 1, **kw) for s in range(9, 13)]
+    assert [r["lr"] for r in recs if "loss" in r] == pytest.approx(want, rel=1e-6)
+    assert want[1] == 0 and 0 < want[2] < want[3]  # the restart warmup after the reset at 9
+    progress = json.loads((tmp_path / "run/checkpoints/step_12/config.json").read_text())["progress"]
+    assert (progress["cycle_start"], progress["cycles_before"]) == (6, 1)
+    proc = train1(tmp_path, small_data_dir, "--resume", "--cycle-length", "3", "--total-steps", "15", save_every=4)
+    assert "cycles now count" not in proc.stdout + proc.stderr
+    _, recs = read_losses(tmp_path / "run")
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [9, 12, 15]
+
+
 def test_a_zero2_checkpoint_resumes_on_fewer_ranks_offloaded_or_in_bf16(tmp_path, small_data_dir, uninterrupted):
     """A 2-rank ZeRO-2 checkpoint (step 7: inside the restart warmup after the reset at 6), resumed:
     - on one rank: through DeepSpeed's universal checkpoint it continues the 2-rank run's losses (the sampler

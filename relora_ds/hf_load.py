@@ -5,6 +5,7 @@ transformers does), the safetensors read a tensor at a time. Public through ``re
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
@@ -40,7 +41,14 @@ def config_from_hf(hf: dict) -> LlamaConfig:
                          "dropout, so training would differ from transformers'); set it to 0.0 in config.json")
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA's SwiGLU uses 'silu')")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # rope_parameters: transformers 5
+    # transformers 5 writes rope_parameters, 4.x rope_scaling; given both, transformers 5 reads rope_scaling
+    # (its convert_rope_params_to_dict) and takes the theta from it, else from a top-level rope_theta, not
+    # from rope_parameters. Read as it does: another choice would be another RoPE, silently.
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if hf.get("rope_scaling") and hf.get("rope_parameters") and hf["rope_parameters"] != hf["rope_scaling"]:
+        warnings.warn(f"config.json holds both rope_scaling {hf['rope_scaling']} and rope_parameters "
+                      f"{hf['rope_parameters']}: rope_scaling is used, as transformers does (its rope_theta, else "
+                      "the top-level one); delete the one you do not mean", UserWarning, stacklevel=2)
     if any(isinstance(v, dict) for v in rope.values()):
         raise ValueError(f"per-layer-type RoPE parameters {sorted(rope)} are not supported (one RoPE for every layer)")
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))

@@ -347,3 +347,25 @@ def test_a_flash_attn_that_does_not_import_falls_back_to_sdpa_under_auto(monkeyp
     finally:  # the next test sees this machine's real flash-attn (or its absence)
         model_module._flash_attn_problem.cache_clear()
         model_module._warn_flash_fallback.cache_clear()
+
+
+def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(tmp_path):
+    """A transformers-5 config (rope_parameters: default RoPE at theta 1e6) to which someone added a 4.x-style
+    rope_scaling (linear, factor 4) to extend the context: transformers builds its model from rope_scaling, with
+    the theta from it or the top-level one (10000 here), not rope_parameters'; ours took rope_parameters and
+    trained, evaluated and exported another RoPE without a word (a user trial: logits up to 10 apart). Oracle:
+    transformers' from_pretrained of the same directory. The two disagreeing is warned of."""
+    _transformers_model("qwen2-tied").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rope_parameters"]["rope_theta"] == 1e6 and "rope_scaling" not in config
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert theirs.config.rope_parameters["rope_type"] == "linear"
+    with pytest.warns(UserWarning, match=r"holds both rope_scaling .* and rope_parameters .*: rope_scaling is used, "
+                                         r"as transformers does"):
+        ours = relora_ds.load_hf(tmp_path).eval()
+    x = torch.randint(0, SHAPE["vocab_size"], (2, 48))
+    torch.testing.assert_close(_logits(ours, x), _logits(theirs, x), atol=1e-5, rtol=0)
+    assert (ours.config.rope_theta, ours.config.rope_scaling) == (theirs.config.rope_parameters["rope_theta"],
+                                                                   {"rope_type": "linear", "factor": 4.0})

@@ -39,8 +39,9 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     if float(hf.get("attention_dropout") or 0.0) != 0.0:  # transformers drops attention probabilities in training
         raise ValueError(f"attention_dropout={hf['attention_dropout']} is not supported (this model has no attention "
                          "dropout, so training would differ from transformers'); set it to 0.0 in config.json")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA's SwiGLU uses 'silu')")
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # transformers' ACT2FN maps both to SiLU
+        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (LLaMA's SwiGLU uses 'silu', also "
+                         "spelled 'swish')")
     # transformers 5 writes rope_parameters, 4.x rope_scaling; given both, transformers 5 reads rope_scaling
     # (its convert_rope_params_to_dict) and takes the theta from it, else from a top-level rope_theta, not
     # from rope_parameters. Read as it does: another choice would be another RoPE, silently.

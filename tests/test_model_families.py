@@ -24,9 +24,11 @@ FAMILIES = {
     # LLaMA-3.2-1B/3B: tied embeddings and llama3 RoPE at theta 500000.
     "llama3.2-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True, rope_theta=500000.0,
                                                      rope_scaling=LLAMA3)),
-    # Every LLaMA option at once: q/k/v/o and MLP biases, heads 24 wide (not 64 / 4), linear RoPE (pre-4.37 "type").
+    # Every LLaMA option at once: q/k/v/o and MLP biases, heads 24 wide (not 64 / 4), linear RoPE (pre-4.37 "type"),
+    # SiLU spelled "swish" (transformers' ACT2FN maps it to SiLU; a trial found it refused).
     "llama-bias-head_dim-linear": (transformers.LlamaConfig, dict(attention_bias=True, mlp_bias=True, head_dim=24,
-                                                                  rope_scaling={"type": "linear", "factor": 4.0})),
+                                                                  rope_scaling={"type": "linear", "factor": 4.0},
+                                                                  hidden_act="swish")),
     # Qwen2/2.5 small: q/k/v biases (no o_proj bias), tied, theta 1e6, use_sliding_window false.
     "qwen2-tied": (transformers.Qwen2Config, dict(tie_word_embeddings=True, rope_theta=1e6)),
     # Qwen2 with a 16-token window on its second layer only, shorter than the test's 48-token sequences.

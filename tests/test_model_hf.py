@@ -101,7 +101,7 @@ def test_presets_match_paper_sizes_and_unknown_preset_is_an_error():
     ("partial_rotary_factor", 0.5, "partial_rotary_factor=0.5 is not supported"),
     # transformers applies it in training: ours has none (a review's find: the value was dropped silently)
     ("attention_dropout", 0.5, r"attention_dropout=0.5 is not supported \(this model has no attention dropout"),
-    ("hidden_act", "gelu", "hidden_act='gelu'"),
+    ("hidden_act", "gelu", r"hidden_act=.gelu. is not supported \(LLaMA.s SwiGLU uses .silu., also spelled .swish.\)"),
     ("model_type", "gemma", "model_type='gemma' is not supported; valid: llama, qwen2, qwen3, mistral"),
     ("head_dim", 15, "head_dim must be a positive even integer .*got 15"),
     ("quantization_config", {"quant_method": "fp8", "weight_block_size": [128, 128]},

@@ -4,7 +4,8 @@ The CPU interpreter (tests/test_kernels.py) runs the kernels' arithmetic but not
 pipeline overflows shared memory, or code the GPU backend rejects, shows up only on a GPU, at the first
 launch. launch/compile_kernels.py drives the real launchers with Triton's driver replaced by a stand-in for
 an H100/H200 and compiles each launch (Triton's own argument specialization; nothing runs). The oracle is
-the compiler: it must accept every launch, and the shared memory it allocates must fit the device.
+the compiler: it must accept every launch, and the shared memory it allocates must fit the device. Once with
+the installed Triton, once with the GPU machine image's (3.6).
 """
 from __future__ import annotations
 
@@ -41,6 +42,42 @@ def test_every_launch_of_a_training_step_compiles_and_fits():
     over = [(r["mode"], r["dtype"], r["kernel"], r["config"], r["shared"]) for r in rows if not r["fits"]]
     assert not over, over
     assert any(r["dtype"] == "float32" and r["kernel"] == "_concat_k_matmul_tma_kernel" for r in rows)
+
+
+GPU_IMAGE_TRITON = "3.6.0"  # the lent GPU machine's image (../shared/FACTS.md); CI installs the newest
+
+
+def _gpu_image_triton() -> Path:
+    """The GPU image's Triton installed once beside this environment (pip --target: its wheel, ptxas
+    included; pip takes it from this machine's disk), to be put first on PYTHONPATH."""
+    dest = Path(sys.prefix) / f"triton-{GPU_IMAGE_TRITON}"
+    if not (dest / ".complete").is_file():
+        import shutil
+        import subprocess
+
+        shutil.rmtree(dest, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(dest),
+                        f"triton=={GPU_IMAGE_TRITON}"], check=True, capture_output=True, timeout=900)
+        (dest / ".complete").touch()
+    return dest
+
+
+def test_every_launch_compiles_under_the_gpu_images_triton(tmp_path):
+    """The same launches, every mode switch, bf16 and fp32, compiled by the Triton of the GPU machine's image
+    (3.6) rather than CI's: a version's compiler allocates other shared memory (_ds_db_kernel in fp32: 160 KiB
+    on 3.9, 224 KiB on 3.6, 3 KiB under the limit), accepts other code and keys its autotuner's cache its own
+    way (an AutotuneKeyWarning is an error here too). Oracle: that compiler; every launch must fit."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_gpu_image_triton()), os.environ.get("PYTHONPATH", "")]),
+           "TRITON_CACHE_DIR": str(tmp_path / "triton_cache")}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-W", "error::relora_kernels._runtime.AutotuneKeyWarning",
+                           str(Path(ck.__file__)), "--configs", "largest", "--all-modes", "--dtypes", "bf16", "fp32"],
+                          capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stdout.startswith(f"Triton {GPU_IMAGE_TRITON}, target cuda:90"), proc.stdout[:300]
+    assert "kernels compiled, 0 over the shared-memory limit" in proc.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -118,6 +118,9 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str, protect: tuple[str, ..
     stale = [p for p in folders if p not in complete]
     complete = [p for p in complete if tag_step(p.name) <= tag_step(keep) and p.name not in protect]
     for old in stale + [p for p in complete[:-keep_last] if p.name != keep]:
+        # config.json first: a deletion cut short (the job killed) leaves a folder no resume takes for
+        # complete, which the next prune removes, not one that still says complete with shards gone.
+        (old / "config.json").unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
 
 

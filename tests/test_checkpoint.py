@@ -117,6 +117,28 @@ def test_keep_last_deletes_the_oldest_by_step_number_and_spares_the_kept_tag(tmp
     assert {p.name for p in tmp_path.iterdir()} == {"step_4", "step_10", "step_12", "latest"}
 
 
+def test_a_deletion_cut_short_leaves_no_folder_that_says_complete(tmp_path, monkeypatch):
+    """_prune_old removes an old checkpoint's config.json before its shards: killed mid-deletion (here the
+    deletion stops after one file, as a SIGKILL would leave it), the folder is one no resume takes for
+    complete (complete_tags), which the next prune removes; config.json last would leave one that says
+    complete with its shards gone."""
+    from relora_ds import checkpoint
+
+    for s in (2, 4):
+        (tmp_path / f"step_{s}").mkdir()
+        (tmp_path / f"step_{s}" / "mp_rank_00_model_states.pt").write_bytes(b"shard")
+        (tmp_path / f"step_{s}" / "config.json").write_text("{}")
+
+    def killed_after_one_file(path, ignore_errors=False):
+        (path / "mp_rank_00_model_states.pt").unlink(missing_ok=True)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_after_one_file)
+    checkpoint._prune_old(tmp_path, keep_last=1, keep="step_4")
+    assert checkpoint.complete_tags(tmp_path) == ["step_4"]
+    monkeypatch.undo()
+    checkpoint._prune_old(tmp_path, keep_last=1, keep="step_4")
+    assert {p.name for p in tmp_path.iterdir()} == {"step_4"}
+
+
 def test_keep_last_does_not_count_a_save_that_crashed(tmp_path):
     """From a review: a folder a crashed save left (no config.json; no resume can load it) above the latest
     took one of the keep_last places, so a complete checkpoint went instead (after a resume with another

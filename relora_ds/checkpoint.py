@@ -85,8 +85,15 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
         shutil.rmtree(ckpt_dir / tag)
     if dist.is_initialized():
         dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+    except (OSError, RuntimeError) as e:  # a full disk reads "basic_ios::clear: iostream error" from torch
+        free = shutil.disk_usage(ckpt_dir).free
+        raise RuntimeError(f"rank {rank}: saving checkpoint {ckpt_dir / tag} failed ({type(e).__name__}: {e}); "
+                           f"its file system has {free / 2**20:,.0f} MiB free{' (full?)' if free < 2**30 else ''}. "
+                           f"`latest` still names the last complete checkpoint ({latest_tag(ckpt_dir)}), which "
+                           "--resume loads") from e
     if dist.is_initialized():
         dist.barrier()  # every rank's files are written: only now does config.json mark the folder complete
     if rank == 0:

@@ -327,3 +327,25 @@ def test_a_checkpoint_deleted_or_incomplete_under_latest_is_named(tmp_path):
                                          r"in .*: \['step_5'\]"):
         ck.resume_progress(ckpts, None)
     ck.check_complete(ckpts, "step_5")  # complete: no error
+
+
+def test_a_save_that_fails_names_the_free_space_and_what_resume_loads(tmp_path, monkeypatch):
+    """A full disk fails torch.save with "basic_ios::clear: iostream error", naming neither the file system nor
+    what is left: the error names the checkpoint, the free space (here a stand-in file system with 5 MiB free)
+    and the checkpoint `latest` still names."""
+    from types import SimpleNamespace
+
+    from relora_ds import checkpoint
+
+    (tmp_path / "step_2").mkdir()
+    (tmp_path / "latest").write_text("step_2")
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 256 vs 128; "
+                           "basic_ios::clear: iostream error")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(free=5 * 2**20))
+    with pytest.raises(RuntimeError, match=r"rank 0: saving checkpoint .*step_4 failed \(RuntimeError: .*iostream "
+                                           r"error\); its file system has 5 MiB free \(full\?\). `latest` still "
+                                           r"names the last complete checkpoint \(step_2\), which --resume loads"):
+        checkpoint.save(SimpleNamespace(save_checkpoint=full), tmp_path, 4, {}, {}, keep_last=0)
+    assert (tmp_path / "latest").read_text() == "step_2"

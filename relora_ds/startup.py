@@ -28,7 +28,15 @@ def model_config_for(cfg: TrainConfig, vocab_size: int) -> LlamaConfig:
     """The run's model: a Hugging Face directory's (hf_model / warm_start_from), else the preset."""
     source = cfg.hf_model or cfg.warm_start_from
     if source:
-        return load_hf_config(source)
+        try:
+            return load_hf_config(source)
+        except ValueError as e:
+            if cfg.resume and not Path(source).exists():  # the checkpoint holds the weights, not the shape
+                flag = "--hf-model" if cfg.hf_model else "--warm-start-from"
+                raise ValueError(f"{e}. A resumed run reads its model's architecture and tokenizer from {flag} "
+                                 f"{source} as its first start did (the checkpoint holds the weights): restore "
+                                 "that directory") from None
+            raise
     return LlamaConfig.preset(cfg.model, vocab_size=vocab_size, max_position_embeddings=cfg.seq_len + 1)
 
 

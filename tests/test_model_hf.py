@@ -125,6 +125,23 @@ def test_a_directory_without_a_readable_config_is_named(tmp_path):
         load_hf_config(tmp_path)
 
 
+def test_a_resume_whose_hf_model_directory_is_gone_says_what_it_reads_there(tmp_path):
+    """--resume of a --hf-model run whose model directory was deleted (the checkpoint holds the weights, so it
+    looks needless): the error says the resume reads the architecture and tokenizer there, as the first start
+    did. A first start without it keeps the plain error."""
+    from relora_ds.startup import model_config_for
+    from relora_ds.train_config import TrainConfig
+
+    gone = tmp_path / "qwen"
+    with pytest.raises(ValueError, match=rf"^{gone} has no config.json: not a Hugging Face model directory .*\. A "
+                                         rf"resumed run reads its model's architecture and tokenizer from --hf-model "
+                                         rf"{gone} as its first start did \(the checkpoint holds the weights\): "
+                                         r"restore that directory$"):
+        model_config_for(TrainConfig(hf_model=str(gone), resume=True, cycle_length=4, total_steps=8), 512)
+    with pytest.raises(ValueError, match=r"has no config.json: not a Hugging Face model directory \([^)]*\)$"):
+        model_config_for(TrainConfig(hf_model=str(gone), cycle_length=4, total_steps=8), 512)
+
+
 def test_a_relora_ds_run_or_checkpoint_given_as_a_hugging_face_model_is_named(tmp_path):
     """--hf-model / --warm-start-from given a run directory or a training checkpoint (found by a user-journey
     review: "convert .bin checkpoints to safetensors", or "not a Hugging Face model directory"): the error

@@ -178,7 +178,12 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
 
     Everything is written into a staging directory inside `out_dir` first and moved into place at the end:
     an error on the way (a tokenizer refused, a full disk) leaves an earlier export there as it was.
+
+    `dtype`: of the written weights; None: the dtype `like` was stored in (its config's torch_dtype, as the
+    trainer's export does), else the model's own (fp32 masters under an engine).
     """
+    if dtype is None and like is not None:
+        dtype = export_dtype(None, like)
     if _is_engine(model):
         return _export_engine(model, out_dir, dtype, tokenizer, hf_tokenizer=hf_tokenizer, like=like,
                               token_ids=token_ids, progress=progress)

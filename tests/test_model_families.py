@@ -371,3 +371,17 @@ def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(tm
     torch.testing.assert_close(_logits(ours, x), _logits(theirs, x), atol=1e-5, rtol=0)
     assert (ours.config.rope_theta, ours.config.rope_scaling) == (theirs.config.rope_parameters["rope_theta"],
                                                                    {"rope_type": "linear", "factor": 4.0})
+
+
+def test_an_export_like_its_source_keeps_the_sources_dtype(tmp_path):
+    """export_hf(model, out, like=src) without a dtype writes the dtype src was stored in, as the trainer's export
+    does (a trial found the Python API writing float32 for a bf16 source: twice its size); an explicit dtype
+    still wins. Oracle: the safetensors' dtypes and what transformers reads from the config."""
+    theirs = _transformers_model("qwen2-tied").to(torch.bfloat16)
+    theirs.save_pretrained(tmp_path / "src")
+    model = relora_ds.load_hf(tmp_path / "src")
+    relora_ds.export_hf(model, tmp_path / "like", like=tmp_path / "src")
+    relora_ds.export_hf(model, tmp_path / "fp32", torch.float32, like=tmp_path / "src")
+    for out, want in (("like", torch.bfloat16), ("fp32", torch.float32)):
+        assert {t.dtype for t in load_file(str(tmp_path / out / "model.safetensors")).values()} == {want}
+        assert transformers.AutoConfig.from_pretrained(tmp_path / out).dtype == want

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .distributed import on_rank_zero
 from .ds_config import engine_layout, zero_stage
 
 LATEST = "latest"
@@ -127,7 +128,10 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str, protect: tuple[str, ..
     for old in stale + [p for p in complete[:-keep_last] if p.name != keep]:
         # config.json first: a deletion cut short (the job killed) leaves a folder no resume takes for
         # complete, which the next prune removes, not one that still says complete with shards gone.
-        (old / "config.json").unlink(missing_ok=True)
+        try:
+            (old / "config.json").unlink(missing_ok=True)
+        except OSError:  # a folder made read-only to keep it: left, as rmtree leaves what it cannot delete
+            continue
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -274,14 +278,15 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=tag_step)
 
 
-def check_complete(ckpt_dir: Path, tag: str) -> None:
+def check_complete(ckpt_dir: Path, tag: str, files: bool = True) -> None:
     """The checkpoint a resume will load has its folder and config.json (a folder deleted by hand while
     ``latest`` still names it is named here, not by a FileNotFoundError; files DeepSpeed misses are named
-    where it loads them, resume.py), its config.json is JSON, and no file of it is cut short: every ``.pt``
-    file ends in the record a torch.save zip archive ends with (read from each file's end). A truncated shard
-    (a disk that filled, a node lost mid-write, a copy interrupted) otherwise failed inside DeepSpeed's load
-    on the rank reading it, with torch's "failed finding central directory" naming no file, while the other
-    ranks went on. Every rank checks before any engine exists, so all stop with the same message."""
+    where it loads them, resume.py), its config.json is JSON, and (``files``) no file of it is cut short
+    (:func:`cut_short`). A truncated shard (a disk that filled, a node lost mid-write, a copy interrupted)
+    otherwise failed inside DeepSpeed's load on the rank reading it, with torch's "failed finding central
+    directory" naming no file, while the other ranks went on. Every rank calls this before any engine exists;
+    under a process group rank 0 alone reads the files' ends (W ranks reading W ranks' shards each would be
+    W² opens on a shared file system) and its verdict stops every rank."""
     folder = Path(ckpt_dir) / tag
     problem = ("lacks its folder" if not folder.is_dir() else
                "lacks config.json" if not (folder / "config.json").is_file() else None)
@@ -290,16 +295,36 @@ def check_complete(ckpt_dir: Path, tag: str) -> None:
             json.loads((folder / "config.json").read_text())
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             problem = f"has a damaged config.json ({e})"
-    if problem is None:
-        cut = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.pt") if not zipfile.is_zipfile(p))
-        if cut:
-            problem = (f"has {len(cut)} damaged file(s), cut short or not written by torch.save: "
-                       f"{', '.join(cut[:5])}{' ...' if len(cut) > 5 else ''}")
     if problem:
-        others = [t for t in complete_tags(ckpt_dir) if t != tag]
-        raise ValueError(f"checkpoint {folder} (the one to resume from) {problem}; complete checkpoints in "
-                         f"{ckpt_dir}: {others or 'none'}" + (": resume from one with --resume-from step_N" if others
-                                                             else ": start over with --overwrite"))
+        _refuse(ckpt_dir, tag, problem)
+    if files:
+        def check_files():
+            cut = cut_short(folder)
+            if cut:
+                _refuse(ckpt_dir, tag, f"has {len(cut)} damaged file(s), cut short: "
+                                       f"{', '.join(cut[:5])}{' ...' if len(cut) > 5 else ''}")
+        on_rank_zero(check_files) if dist.is_initialized() else check_files()
+
+
+def cut_short(folder: Path) -> list[str]:
+    """The ``.pt`` files under ``folder`` (relative names) whose write was cut short: empty, or a torch.save zip
+    archive (it starts with "PK") without the record a zip ends with, read from each file's end. A file in
+    torch's legacy format (DeepSpeed's ``checkpoint_serialization: false``: a pickle, no end record to check)
+    passes."""
+    cut = []
+    for path in sorted(folder.rglob("*.pt")):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not head or (head == b"PK" and not zipfile.is_zipfile(path)):
+            cut.append(str(path.relative_to(folder)))
+    return cut
+
+
+def _refuse(ckpt_dir: Path, tag: str, problem: str) -> None:
+    others = [t for t in complete_tags(ckpt_dir) if t != tag]
+    raise ValueError(f"checkpoint {Path(ckpt_dir) / tag} (the one to resume from) {problem}; complete checkpoints "
+                     f"in {ckpt_dir}: {others or 'none'}" + (": resume from one with --resume-from step_N" if others
+                                                            else ": start over with --overwrite"))
 
 
 def resume_progress(ckpt_dir: Path, resume_from: str | None) -> dict | None:
@@ -313,7 +338,7 @@ def resume_progress(ckpt_dir: Path, resume_from: str | None) -> dict | None:
         tag, _ = _resume_point(ckpt_dir, resume_from, tag)
     if tag is None:
         return None
-    check_complete(ckpt_dir, tag)
+    check_complete(ckpt_dir, tag, files=False)  # plan_resume reads the files' ends
     saved = load_config(ckpt_dir, tag)
     step = tag_step(tag)
     return saved.get("progress") or {

@@ -179,8 +179,9 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
     Everything is written into a staging directory inside `out_dir` first and moved into place at the end:
     an error on the way (a tokenizer refused, a full disk) leaves an earlier export there as it was.
 
-    `dtype`: of the written weights; None: the dtype `like` was stored in (its config's torch_dtype, as the
-    trainer's export does), else the model's own (fp32 masters under an engine).
+    `dtype`: of the written weights; None: with `like`, the dtype it was stored in (its config's torch_dtype
+    or dtype; float32 where it names none or "auto"), as the trainer's export does; without, the model's own
+    (fp32 masters under an engine).
     """
     if dtype is None and like is not None:
         dtype = export_dtype(None, like)

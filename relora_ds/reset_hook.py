@@ -2,8 +2,10 @@
 ``merge_every`` steps, and at each cycle's end also prune the LoRA parameters' Adam moments (a "reset").
 
 Both count from the switch to ReLoRA (the end of the warm start), never at the switch itself: the fresh
-engine built there is the first cycle's start. Which steps merge and which reset depends on the step and the
-config alone (so a resumed run does what an uninterrupted one does); the trainer logs the record returned.
+engine built there is the first cycle's start; after a resume that changed cycle_length, from the
+checkpoint's last reset (schedule.cycle_anchor, recorded in each checkpoint). Which steps merge and which
+reset depends on the step, the config and that anchor alone (so a resumed run does what an uninterrupted one
+does); the trainer logs the record returned.
 """
 from __future__ import annotations
 

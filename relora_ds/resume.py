@@ -53,7 +53,9 @@ class CheckpointsMixin:
             else None, saved_cycle_length=before, saved_start=progress.get("cycle_start"),
             saved_before=progress.get("cycles_before", 0))
         if self.cycle_start != self.relora_start:
-            self.schedule = build_schedule(self.cfg, self.total_steps, self.cycle_start)
+            with warnings.catch_warnings():  # the settings' warnings came from the first build, once
+                warnings.simplefilter("ignore")
+                self.schedule = build_schedule(self.cfg, self.total_steps, self.cycle_start)
         if self.cycle_start != progress.get("cycle_start", self.relora_start):
             self._print(f"cycle_length {before} -> {self.cfg.cycle_length}: cycles now count from the reset at step "
                         f"{self.cycle_start}, the checkpoint's last; the next reset is at step "
@@ -190,6 +192,11 @@ class CheckpointsMixin:
         checkpoints without ``step_events_done``: the merge count cannot tell once cycle_length changes."""
         if client.get("step_events_done"):
             return
+        if self.cycle_start != self.relora_start:  # moved by this resume's new cycle_length (_resume_cycles)
+            raise ValueError(f"the checkpoint of step {self.step} was written before relora_ds recorded whether "
+                             "its step's merge and reset were done (before 2026-11-30), and this resume changes "
+                             "cycle_length, which it cannot tell them from then: resume it with its own cycle_length "
+                             "first (--total-steps one step further), then change it")
         cfg = self.cfg
         since = self.step - self.relora_start
         every = cfg.merge_every or cfg.cycle_length

@@ -45,12 +45,15 @@ def linear_with_warmup(step: int, *, total_steps: int, warmup_steps: int, min_lr
 
 
 def jagged_cosine(step: int, *, total_steps: int, warmup_steps: int, cycle_length: int,
-                  restart_warmup_steps: int, min_lr_ratio: float = 0.1, start_step: int = 0) -> float:
+                  restart_warmup_steps: int, min_lr_ratio: float = 0.1, start_step: int = 0,
+                  cycle_start: int | None = None) -> float:
     """LR multiplier of ReLoRA's jagged cosine at optimizer step ``step`` (0-based, as LambdaLR counts).
 
     Resets happen at ``start_step + k·cycle_length`` for k ≥ 1, and also at ``start_step`` itself when it
     is > 0 (the switch from a full-rank warm start to ReLoRA starts a fresh optimizer). At a reset step
     the multiplier is 0 and ramps linearly to the global cosine's value at the end of the ramp.
+    ``cycle_start``: a reset at or after ``start_step`` the cycles count from instead (a resume that changed
+    cycle_length: schedule.cycle_anchor); steps before it are past and follow the plain cosine here.
     """
     _check(total_steps, warmup_steps, min_lr_ratio)
     if cycle_length <= 0:
@@ -65,11 +68,11 @@ def jagged_cosine(step: int, *, total_steps: int, warmup_steps: int, cycle_lengt
                          f"{warmup_steps}: the first warmup must end before the switch to the low-rank phase")
     cosine = functools.partial(cosine_with_warmup, total_steps=total_steps, warmup_steps=warmup_steps,
                                min_lr_ratio=min_lr_ratio)
-    if step < warmup_steps or step < start_step:
+    anchor = start_step if cycle_start is None else cycle_start
+    if step < warmup_steps or step < start_step or step < anchor:
         return cosine(step)
-    since_start = step - start_step
-    cycle, in_cycle = divmod(since_start, cycle_length)
-    if (cycle > 0 or start_step > 0) and in_cycle < restart_warmup_steps:
+    cycle, in_cycle = divmod(step - anchor, cycle_length)
+    if (cycle > 0 or anchor > 0) and in_cycle < restart_warmup_steps:
         return in_cycle / restart_warmup_steps * cosine(step - in_cycle + restart_warmup_steps)
     return cosine(step)
 

@@ -157,9 +157,9 @@ def build_schedule(cfg: TrainConfig, total_steps: int, cycle_start: int | None =
             schedule = functools.partial(restarted_at, start_step=start,
                                          first=functools.partial(cosine_with_warmup, **kw),
                                          second=functools.partial(jagged, total_steps=total_steps - start,
-                                                                  start_step=anchor - start))
+                                                                  cycle_start=anchor - start))
         else:
-            schedule = functools.partial(jagged, start_step=anchor)
+            schedule = functools.partial(jagged, start_step=start, cycle_start=anchor)
     for step in (0, start):  # the functions' own checks, which check_schedule has named in recipe terms
         schedule(step)
     return schedule

@@ -59,18 +59,35 @@ def make_universal(ckpt_dir: Path, tag: str, param_groups: list[list[str]] | Non
 # "finish, save, exit 0" (trainer.py). SLURM's `scancel --signal` reaches every process of the job step and a
 # terminal's Ctrl-C the whole foreground group: a converter dying of it failed the resume, with no "preempted"
 # record for the SLURM scripts to requeue on, where the trainer notes the signal and stops after the load.
-# Ignored signals stay ignored in the converter's worker processes (fork and exec keep SIG_IGN).
-_SHIELDED = ("import runpy, signal, sys\n"
+# Ignored signals stay ignored in the converter's worker processes (fork and exec keep SIG_IGN). The converter
+# leads its own process group, which it kills, workers included, once the trainer that started it is gone (a
+# worker outliving its converter would block for ever on the work queue).
+_SHIELDED = ("import os, runpy, signal, sys, threading, time\n"
              "for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):\n"
              "    signal.signal(s, signal.SIG_IGN)\n"
+             "parent = os.getppid()\n"
+             "def watch():\n"
+             "    while os.getppid() == parent:\n"
+             "        time.sleep(0.5)\n"
+             "    os.killpg(0, signal.SIGKILL)\n"
+             "threading.Thread(target=watch, daemon=True).start()\n"
              "module = sys.argv.pop(1)\n"
              "runpy.run_module(module, run_name='__main__', alter_sys=True)\n")
 
 
 def run_module_shielded(module: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -m module *args`` in a child that ignores SIGTERM, SIGUSR1 and SIGINT; output captured. A
-    second Ctrl-C (KeyboardInterrupt here) still ends it: subprocess.run kills the child on the way out."""
-    return subprocess.run([sys.executable, "-c", _SHIELDED, module, *args], capture_output=True, text=True)
+    """``python -m module *args`` in a child that ignores SIGTERM, SIGUSR1 and SIGINT, in a process group of
+    its own; output captured. An error here (a second Ctrl-C: KeyboardInterrupt) kills that group, the
+    child's workers too; so does the child itself once this process is gone (killed by the OOM killer)."""
+    proc = subprocess.Popen([sys.executable, "-c", _SHIELDED, module, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _ds_to_universal(src: Path, out: Path) -> None:

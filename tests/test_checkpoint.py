@@ -25,8 +25,10 @@ def test_the_converter_outlives_the_stop_signals_a_run_stops_cleanly_on(tmp_path
     import os
     import signal
     import subprocess
+    import sys
     import threading
     import time
+    from pathlib import Path
 
     from relora_ds import universal
 
@@ -60,6 +62,31 @@ def test_the_converter_outlives_the_stop_signals_a_run_stops_cleanly_on(tmp_path
     assert result["proc"].returncode == 0, result["proc"].stderr
     assert result["proc"].stdout.strip() == f"7 [{str(tmp_path)!r}, 'x']"
 
+    # The trainer killed outright (the OOM killer) while its converter works: the converter, in a process group
+    # of its own, kills that group, its worker included (which would otherwise block for ever on its queue).
+    run = tmp_path / "second"
+    run.mkdir()
+    for p in pids:
+        p.unlink()
+    trainer = subprocess.Popen([sys.executable, "-c", "import sys; from relora_ds import universal; "
+                                f"universal.run_module_shielded('slow_module', {str(run)!r})"], env=os.environ)
+    pids = [run / "child.pid", run / "worker.pid"]
+    deadline = time.time() + 60
+    while not all(p.exists() and p.read_text() for p in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    trainer.kill()
+    trainer.wait()
+
+    def alive(pid):  # a zombie (killed, not yet reaped by whoever inherited it) is dead
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    deadline = time.time() + 20
+    while any(alive(int(p.read_text())) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(int(p.read_text())) for p in pids)
+
     monkeypatch.setattr(universal, "run_module_shielded",
                         lambda *a: subprocess.CompletedProcess(a, -signal.SIGKILL, "", "partial output"))
     with pytest.raises(RuntimeError, match=r"ds_to_universal failed \(killed by SIGKILL\):\npartial output"):
@@ -79,7 +106,8 @@ def test_a_checkpoint_missing_its_last_merge_gets_it_once_on_resume():
     relora_ds.wrap(model, rank=4)
     calls = []
     cfg = TrainConfig(cycle_length=4, restart_warmup_steps=2, total_steps=20, warm_start_steps=2, warm_start_lr=1e-3)
-    t = SimpleNamespace(cfg=cfg, relora_start=2, engine_phase="lowrank", engine=SimpleNamespace(module=model),
+    t = SimpleNamespace(cfg=cfg, relora_start=2, cycle_start=2, engine_phase="lowrank",
+                        engine=SimpleNamespace(module=model),
                         _after_step_events=lambda: calls.append(t.step))
     for step, merges, want in ((10, 1, [10]), (10, 2, []), (9, 1, []), (6, 0, [6]), (6, 1, []), (2, 0, [])):
         for _, layer in relora_ds.relora_layers(model):
@@ -88,15 +116,17 @@ def test_a_checkpoint_missing_its_last_merge_gets_it_once_on_resume():
         Trainer._catch_up_missed_merge(t, {})  # a checkpoint from before step_events_done
         assert calls == want, (step, merges)
     # What the merge count cannot tell: the cycle halved on resume (4 -> 2) on the step-6 checkpoint, whose
-    # reset (the first, at cycle 4) is done. Today's checkpoints say so, and nothing is merged again.
+    # reset (the first, at cycle 4) is done. Today's checkpoints say so, and nothing is merged again; an old
+    # one is refused (its cycles now count from 6, schedule.cycle_anchor, which assumes that reset done).
     t.cfg = TrainConfig(cycle_length=2, restart_warmup_steps=2, total_steps=20, warm_start_steps=2, warm_start_lr=1e-3)
     for _, layer in relora_ds.relora_layers(model):
         layer.merge_count.fill_(1)
-    t.step = 6
-    for client, want in (({}, [6]), ({"step_events_done": True}, [])):  # the heuristic alone would merge again
-        calls[:] = []
-        Trainer._catch_up_missed_merge(t, client)
-        assert calls == want, client
+    t.step, t.cycle_start, calls[:] = 6, 6, []
+    Trainer._catch_up_missed_merge(t, {"step_events_done": True})
+    assert calls == []
+    with pytest.raises(ValueError, match=r"step 6 was written before relora_ds recorded whether its step's merge "
+                                         r"and reset were done .* resume it with its own cycle_length first"):
+        Trainer._catch_up_missed_merge(t, {})
 
 
 def test_keep_last_deletes_the_oldest_by_step_number_and_spares_the_kept_tag(tmp_path):
@@ -307,12 +337,17 @@ def test_a_checkpoint_deleted_or_incomplete_under_latest_is_named(tmp_path):
     shard = ckpts / "step_10" / "universal" / "zero" / "w" / "fp32.pt"
     whole = shard.read_bytes()
     shard.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(ValueError, match=r"step_10 \(the one to resume from\) has 1 damaged file\(s\), cut short or "
-                                         r"not written by torch.save: universal/zero/w/fp32.pt; complete checkpoints "
+    with pytest.raises(ValueError, match=r"step_10 \(the one to resume from\) has 1 damaged file\(s\), cut short: "
+                                         r"universal/zero/w/fp32.pt; complete checkpoints "
                                          r"in .*: \['step_5'\]: resume from one with --resume-from"):
         ck.check_complete(ckpts, "step_10")
+    shard.write_bytes(b"")
+    assert ck.cut_short(ckpts / "step_10") == ["universal/zero/w/fp32.pt"]
     shard.write_bytes(whole)
     ck.check_complete(ckpts, "step_10")  # whole again: no error
+    # DeepSpeed's "checkpoint_serialization": false writes torch's legacy format (a pickle, no zip): it passes
+    torch.save(torch.randn(64, 64), shard, _use_new_zipfile_serialization=False)
+    ck.check_complete(ckpts, "step_10")
     (ckpts / "step_10" / "config.json").write_text('{"train": {')
     with pytest.raises(ValueError, match=r"step_10 \(the one to resume from\) has a damaged config.json \(Expecting"):
         ck.check_complete(ckpts, "step_10")

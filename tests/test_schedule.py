@@ -324,3 +324,16 @@ def test_the_schedule_restarts_from_the_cycle_anchor(lowrank_schedule):
         assert sched(reset + 5) == pytest.approx(0.5 * cos(reset + 10))
         assert sched(reset + 10) == pytest.approx(cos(reset + 10))
     assert sched(1150) == pytest.approx(cos(1150)) and sched(1200) == pytest.approx(cos(1200))
+
+
+def test_an_anchor_before_a_longer_warmup_is_no_warm_start():
+    """No warm start, cycles of 10 resumed at step 15 with cycles of 20 and warmup_steps raised to 12: the anchor
+    (the reset at 10) lies before the warmup's end, which the warm start's length may not; the schedule builds
+    (a review found a crash blaming a warm start the run does not have) and resets at 30 and 50."""
+    from relora_ds.startup import build_schedule
+    from relora_ds.train_config import TrainConfig
+
+    cfg = TrainConfig(mode="relora", total_steps=100, warmup_steps=12, cycle_length=20, restart_warmup_steps=5)
+    sched = build_schedule(cfg, 100, cycle_start=10)
+    assert sched(30) == sched(50) == 0.0 and sched(40) == pytest.approx(_cos_at(40, total=100, warmup=12))
+    assert sched(32) == pytest.approx(2 / 5 * _cos_at(35, total=100, warmup=12))

@@ -2,6 +2,7 @@
 settings, fewer and more ranks, ZeRO-3 with int8 and with offload, DeepSpeed's bf16 optimizer, a run without
 ZeRO resumed under ZeRO, a finished run extended."""
 import json
+import math
 import os
 import re
 import textwrap
@@ -166,12 +167,10 @@ def test_resume_applies_the_recipes_new_lr(tmp_path, small_data_dir):
 
 def test_a_changed_cycle_length_counts_from_the_checkpoints_last_reset(tmp_path, small_data_dir):
     """Resumed at step 8 (resets at 6 and 10 with cycle 4) with cycle_length 3: the cycles count from the reset
-    at 6, so the next resets are at 9 and 12 and the lr follows the jagged cosine anchored there (hand-written
-    below). Counted from the switch at 2, as before, they came at 11 only, and the lr skipped the restart
-    warmup a trial saw (full lr right after a 99% prune). Extended again with the same 3, the run keeps that
-    anchor, which the checkpoint records: a reset at 15."""
-    from relora_ds.schedule import jagged_cosine
-
+    at 6, so the next resets are at 9 and 12 and the lr follows the jagged cosine anchored there (written out
+    by hand below). Counted from the switch at 2, as before, they came at 11 only, and the lr skipped the
+    restart warmup a trial saw (full lr right after a 99% prune). Extended again with the same 3, the run keeps
+    that anchor, which the checkpoint records: a reset at 15."""
     train1(tmp_path, small_data_dir, save_every=4)
     rewind_to(tmp_path / "run", "step_8")
     proc = train1(tmp_path, small_data_dir, "--resume", "--cycle-length", "3", save_every=4)
@@ -180,10 +179,11 @@ def test_a_changed_cycle_length_counts_from_the_checkpoints_last_reset(tmp_path,
     losses, recs = read_losses(tmp_path / "run")
     assert sorted(losses) == [9, 10, 11, 12]
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [9, 12]
-    kw = dict(total_steps=12, warmup_steps=2, cycle_length=3, restart_warmup_steps=2, start_step=6)
-    want = [3e-3 * jagged_cosine(s - 1, **kw) for s in range(9, 13)]
-    assert [r["lr"] for r in recs if "loss" in r] == pytest.approx(want, rel=1e-6)
-    assert want[1] == 0 and 0 < want[2] < want[3]  # the restart warmup after the reset at 9
+    # By hand: LambdaLR's step i = logged step - 1; the run's cosine from 1 to 0.1 over steps 2..12; cycles of 3
+    # from the reset at 6, so i = 9 (the step after the reset at 9) is 0 and i = 10 half-way up the 2-step ramp.
+    cos = lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * (i - 2) / 10))  # noqa: E731
+    want = [3e-3 * cos(8), 0.0, 3e-3 * 0.5 * cos(11), 3e-3 * cos(11)]
+    assert [r["lr"] for r in recs if "loss" in r] == pytest.approx(want, rel=1e-6, abs=1e-12)
     progress = json.loads((tmp_path / "run/checkpoints/step_12/config.json").read_text())["progress"]
     assert (progress["cycle_start"], progress["cycles_before"]) == (6, 1)
     proc = train1(tmp_path, small_data_dir, "--resume", "--cycle-length", "3", "--total-steps", "15", save_every=4)

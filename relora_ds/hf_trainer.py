@@ -27,6 +27,7 @@ them DeepSpeed would run its optimizer's defaults (refused). relora_ds's own ``d
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -38,7 +39,7 @@ from transformers import Trainer, TrainerCallback
 from .merge import check_not_fsdp1, merge_and_reinit
 from .prune import MOMENT_KEYS, check_prune_args, prune_optimizer_state
 from .relora import lora_parameters, relora_layers
-from .schedule import build_scheduler, jagged_cosine
+from .schedule import build_scheduler, cycle_anchor, jagged_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +105,12 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
                 warnings.warn(f"enable_relora: cycle_length={cycle_length} but the run is {num_training_steps} "
                               "optimizer steps: no reset happens before its last step (LoRA, not ReLoRA); use a "
                               "cycle_length below it", UserWarning, stacklevel=3)
-            trainer.lr_scheduler = build_scheduler(optimizer if optimizer is not None else trainer.optimizer,
-                                                   "jagged_cosine", **schedule)
+            trainer.lr_scheduler = _record_cycles(build_scheduler(
+                optimizer if optimizer is not None else trainer.optimizer, "jagged_cosine", **schedule))
             trainer._created_lr_scheduler = True
             return trainer.lr_scheduler
         if optimizer is not None:  # DeepSpeed's optimizer section: a schedule for that optimizer, asked of a copy
-            return build_scheduler(optimizer, "jagged_cosine", **schedule)
+            return _record_cycles(build_scheduler(optimizer, "jagged_cosine", **schedule))
         return trainer.lr_scheduler
 
     trainer.create_scheduler = create_scheduler
@@ -203,6 +204,17 @@ def jagged_scheduler(trainer: Trainer) -> LambdaLR | None:
     return None
 
 
+def _record_cycles(sched: LambdaLR, cycle_start: int = 0, cycles_before: int = 0) -> LambdaLR:
+    """Note on each lr function where its cycles count from, as an attribute: LambdaLR's state_dict keeps a
+    callable's ``__dict__`` (not a partial's bound arguments), so the Trainer's and DeepSpeed's checkpoints
+    carry it and their load puts the checkpoint's back, which ReLoRACallback.on_train_begin reads when a
+    resume changes cycle_length (schedule.cycle_anchor)."""
+    for fn in sched.lr_lambdas:
+        fn.relora_cycles = {"cycle_length": fn.keywords["cycle_length"], "cycle_start": cycle_start,
+                            "cycles_before": cycles_before}
+    return sched
+
+
 def _set_step(sched: LambdaLR, step: int) -> None:
     """Put the schedule at ``step`` (the lr of every param group as LambdaLR computes it there)."""
     sched.last_epoch = step
@@ -229,6 +241,7 @@ class ReLoRACallback(TrainerCallback):
         self.events: list[dict] = []
         self.scheduler: LambdaLR | None = None  # found at train begin
         self.moments_checked = False
+        self.cycle_start = 0  # where cycles count from: a resume that changed cycle_length moves it
 
     def on_train_begin(self, args, state, control, **kwargs):
         """What the first merge would refuse (bf16 at ZeRO stage 0, LoRA factors outside the engine's optimizer,
@@ -271,6 +284,27 @@ class ReLoRACallback(TrainerCallback):
                           f"True): the jagged cosine continues at step {state.global_step}; optimizer moments the "
                           "checkpoint lacks start from zero", stacklevel=2)
             _set_step(self.scheduler, state.global_step)
+        self._anchor_cycles(state.global_step)
+
+    def _anchor_cycles(self, step: int) -> None:
+        """Resumed with another cycle_length than the checkpoint's (its scheduler state records it): the cycles
+        count from the checkpoint's last reset, in the schedule and here, so the next reset comes one new cycle
+        after it, not at once or at full lr (schedule.cycle_anchor, as relora_ds's own trainer)."""
+        sched = self.scheduler
+        record = getattr(sched.lr_lambdas[0], "relora_cycles", None) or {}
+        start, before = cycle_anchor(step, relora_start=0, cycle_length=self.cycle_length,
+                                     saved_cycle_length=record.get("cycle_length"),
+                                     saved_start=record.get("cycle_start"), saved_before=record.get("cycles_before", 0))
+        self.cycle_start = start
+        if start != (sched.lr_lambdas[0].keywords.get("cycle_start") or 0):
+            sched.lr_lambdas = [functools.partial(jagged_cosine, **{**fn.keywords, "cycle_start": start})
+                                for fn in sched.lr_lambdas]
+            _record_cycles(sched, start, before)
+            _set_step(sched, step)
+        if start != record.get("cycle_start", 0):
+            logger.warning("relora_ds: cycle_length %s -> %s: cycles now count from the reset at step %d, the "
+                           "checkpoint's last; the next reset is at step %d", record.get("cycle_length"),
+                           self.cycle_length, start, start + self.cycle_length)
 
     def _check_moments(self, merging: bool) -> None:
         """After each optimizer step until it holds them: the optimizer keeps Adam moments of the LoRA factors,
@@ -296,17 +330,18 @@ class ReLoRACallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
+        since = step - self.cycle_start
         if not self.moments_checked:
-            self._check_moments(merging=step % self.merge_every == 0)
+            self._check_moments(merging=since > 0 and since % self.merge_every == 0)
         if self.scheduler is not None and self.scheduler.last_epoch != step:  # an fp16 step skipped for an
             # overflow did not step the schedule
             _set_step(self.scheduler, step)
-        if step % self.merge_every:
+        if since <= 0 or since % self.merge_every:
             return
         trainer = self.trainer
         engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
         event = {"step": step, **merge_and_reinit(engine if engine is not None else trainer.model)}
-        if step % self.cycle_length == 0:
+        if since % self.cycle_length == 0:
             if engine is not None:
                 target, params = engine, lora_parameters(engine.module)
             else:  # accelerate's AcceleratedOptimizer around the torch one

@@ -1,6 +1,7 @@
 """ReLoRA inside Hugging Face's Trainer (relora_ds/hf_trainer.py): against a hand-written loop over the
 package's own API (the oracle), and a 2-rank DeepSpeed ZeRO-2 Trainer run against a one-process one."""
 import json
+import math
 import sys
 
 import pytest
@@ -284,6 +285,28 @@ def test_save_model_writes_the_merged_model_and_checkpoints_the_wrapped_state(tm
     from safetensors import safe_open
     with safe_open(str(tmp_path / "checkpoint-5" / "model.safetensors"), "pt") as f:
         assert any(k.endswith("lora_A") for k in f.keys())
+
+
+def test_a_resume_with_another_cycle_length_counts_from_the_checkpoints_last_reset(tmp_path):
+    """The checkpoint of step 4 (cycles of 3: a reset at 3) resumed with cycle_length 2: the cycles count from the
+    reset at 3, so the resets come at 5 and 7 and the schedule drops to 0 after each (hand-computed below);
+    counted from step 0 they came at 6 only (at a lr the cycles of 3 had set). The scheduler's state, which the
+    Trainer checkpoints, records where they count from for the next resume."""
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+    w.run(tmp_path, batch=4, save_strategy="steps", save_steps=4)
+    args = TrainingArguments(**w.arguments(tmp_path / "resumed", batch=4))
+    resumed = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+    callback = enable_relora(resumed, **{**w.RELORA, "cycle_length": 2})
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert [(e["step"], e["event"]) for e in callback.events] == [(5, "reset"), (7, "reset")]
+    fn = callback.scheduler.lr_lambdas[0]
+    # LambdaLR's step i trains global step i + 1; the cosine from 1 to 0.1 over steps 1..7 (warmup 1)
+    cos = lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * (i - 1) / 6))  # noqa: E731
+    assert [fn(i) for i in (4, 5, 6)] == pytest.approx([cos(4), 0.0, cos(6)], abs=1e-12)
+    assert callback.scheduler.state_dict()["lr_lambdas"][0]["relora_cycles"] == {
+        "cycle_length": 2, "cycle_start": 3, "cycles_before": 1}
 
 
 def test_the_lr_stays_on_the_step_when_the_scheduler_missed_one(tmp_path):

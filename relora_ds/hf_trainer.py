@@ -257,6 +257,11 @@ class ReLoRACallback(TrainerCallback):
                                  "transformers builds for evaluate()/predict() before train() under ZeRO-3; build "
                                  "the Trainer anew, or evaluate after training")
             check_engine_supported(trainer.model_wrapped, "enable_relora")
+            if trainer.model_wrapped.zero_optimization_stage() == 3:
+                # A resume's load leaves parameters gathered (those below the persistence threshold): the first
+                # forward then gathers fewer than its recompute, whose op counts selective activation
+                # checkpointing requires to match ("c10d._allgather_base_ ... not found in storage").
+                trainer.model_wrapped.empty_partition_cache()
             # DeepSpeed's CPU accelerator leaves a 64 MB /dev/shm segment per rank behind every run
             # (relora_ds.distributed); unlinked now (every rank is here: it is collective), the mapping stays.
             release_shm_segment()

@@ -74,16 +74,22 @@ def arguments(out_dir, batch) -> dict:
                 save_strategy="no", use_cpu=True, optim="adamw_torch", disable_tqdm=True, **HP)
 
 
-def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", source=None, quantize=None, **overrides):
-    """Train; returns (trainer, callback or None)."""
+def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", source=None, quantize=None, selective=False,
+        resume=None, **overrides):
+    """Train (from the checkpoint directory ``resume``, where given); returns (trainer, callback or None).
+    ``selective``: the model recomputes its layers under relora_ds's selective checkpointing policy."""
     args = TrainingArguments(**{**arguments(out_dir, batch), "deepspeed": deepspeed, **overrides})
     if source is not None and deepspeed is not None:
         # zero.Init (inside from_pretrained) needs the process group, which the Trainer would start only later
         import deepspeed as ds
         ds.init_distributed()
-    trainer = InOrder(model=model(kind, source, quantize), args=args, train_dataset=Windows())
+    net = model(kind, source, quantize)
+    if selective:
+        from relora_ds.checkpointing import hf_checkpointing_kwargs
+        net.activation_checkpointing_enable(activation_checkpointing_kwargs=hf_checkpointing_kwargs(net))
+    trainer = InOrder(model=net, args=args, train_dataset=Windows())
     callback = enable_relora(trainer, **RELORA) if relora else None
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer, callback
 
 
@@ -97,29 +103,37 @@ def main():
     ap.add_argument("--refuse-config", help="only check that enable_relora refuses this DeepSpeed config")
     ap.add_argument("--via", choices=["deepspeed=", "accelerate"], help="--refuse-config given as deepspeed= or "
                                                                        "through accelerate's environment")
+    ap.add_argument("--selective", action="store_true", help="relora_ds's selective activation checkpointing")
+    ap.add_argument("--save-steps", type=int, help="a Trainer checkpoint every N steps")
+    ap.add_argument("--resume", help="a Trainer checkpoint directory to resume from")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     if a.refuse_config:
         return check_scheduler_refused(a.out, a.refuse_config, a.via)
     ds = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
           "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-          "zero_optimization": {"stage": a.stage, **({"stage3_param_persistence_threshold": 0} if a.stage == 3
-                                                     else {})},  # ZeRO-3: every weight partitioned
+          # ZeRO-3: every weight partitioned, or (--selective) DeepSpeed's default: the small ones persist
+          "zero_optimization": {"stage": a.stage, **({"stage3_param_persistence_threshold": 0}
+                                                     if a.stage == 3 and not a.selective else {}),
+                                # the selective policy keeps matmul outputs a replaced F.linear would add into
+                                **({"memory_efficient_linear": False} if a.selective else {})},
           "bf16": {"enabled": False}}
     if a.stage == 3:  # DeepSpeed's own optimizer section: transformers then asks for the schedule of that optimizer
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                                       "weight_decay": "auto", "torch_adam": True}}
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
+        saving = dict(save_strategy="steps", save_steps=a.save_steps) if a.save_steps else {}
         trainer, callback = run(a.out, batch=2 // a.grad_accum, deepspeed=ds, kind=a.model, source=a.source,
-                                gradient_accumulation_steps=a.grad_accum)
+                                gradient_accumulation_steps=a.grad_accum, selective=a.selective, resume=a.resume,
+                                **saving)
     # accelerate steps the engine only at accumulation boundaries: the merges after them are not inside one
     wrong = [str(x.message) for x in seen if "inside a gradient accumulation" in str(x.message)]
     assert not wrong, wrong
     engine = trainer.model_wrapped
     assert type(engine).__name__ == "DeepSpeedEngine", type(engine)
     params = list(engine.module.parameters())
-    if a.stage == 3:
+    if a.stage == 3 and not a.selective:
         assert all(p.numel() == 0 for p in params), "ZeRO-3 left a weight whole"
     with deepspeed.zero.GatheredParameters(params, enabled=a.stage == 3):  # every rank takes part
         state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}

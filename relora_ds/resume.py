@@ -180,10 +180,11 @@ class CheckpointsMixin:
         self._apply_optimizer_settings(saved, built)
         self._catch_up_missed_merge(client)
         if self.engine.zero_optimization_stage() == 3:
-            # DeepSpeed's ZeRO-3 load leaves the trainable parameters gathered (53 of the tiny preset's): the
-            # first forward then gathers fewer than its recompute does in backward, whose op counts selective
-            # activation checkpointing requires to match ("aten.slice.Tensor invocation index 17 encountered
-            # during backward but not found in storage"). Partitioned again, every step gathers alike.
+            # DeepSpeed's ZeRO-3 load leaves the persisting parameters (below stage3_param_persistence_threshold:
+            # the tiny preset's 53 norms and LoRA factors) gathered: the first forward then gathers fewer than
+            # its recompute does in backward, whose op counts selective activation checkpointing requires to
+            # match ("aten.slice.Tensor invocation index 17 encountered during backward but not found in
+            # storage"). Partitioned again, every step gathers alike.
             self.engine.empty_partition_cache()
         if saved["world_size"] == self.world:
             checkpoint.load_rng(self.ckpt_dir, tag)

@@ -9,7 +9,8 @@ _shm_before: set[str] = set()
 # scripts/test.sh runs the suite on pytest-xdist workers, a whole file per worker (--dist loadfile: a file's
 # module fixtures are built once). Files are handed out in collection order, so the longest go first (by
 # `pytest --durations` on 2 cores, 2026-12-01); one started last would run alone at the end.
-_HEAVY_FIRST = ("test_trainer_resume.py", "test_nvme_offload.py", "test_cluster_slurm.py", "test_trainer.py",
+_HEAVY_FIRST = ("test_trainer_resume.py", "test_trainer_resume_layouts.py", "test_nvme_offload.py",
+                "test_cluster_slurm.py", "test_trainer.py",
                 "test_trainer_steps.py",
                 "test_demo.py", "test_memory_table.py", "test_model_families_trainer.py", "test_int8_trainer.py", "test_compile.py",
                 "test_zero_reset.py", "test_distributed.py", "test_kernel_scripts.py", "test_int8_zero.py")
@@ -96,7 +97,7 @@ def kernels_on(monkeypatch, request):
 
 
 # One uninterrupted 2-rank run of trainer_utils.RECIPE, the reference of tests/test_trainer.py and
-# tests/test_trainer_resume.py (session-scoped: trained once for both).
+# tests/test_trainer_resume*.py (session-scoped: trained once per worker).
 @pytest.fixture(scope="session")
 def uninterrupted_run(tmp_path_factory, small_data_dir):
     from launch_utils import free_port

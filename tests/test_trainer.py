@@ -1,5 +1,5 @@
 """End-to-end trainer runs on 2 CPU ranks (gloo): resets, the golden curve, 1-rank equivalence, every ZeRO
-stage and offload, export, launchers, TFLOP/s. Resuming is in tests/test_trainer_resume.py; skipped steps and
+stage and offload, export, launchers, TFLOP/s. Resuming is in tests/test_trainer_resume*.py; skipped steps and
 the logged gradient norm in tests/test_trainer_steps.py."""
 import json
 import os

@@ -26,7 +26,6 @@ output with ``tl.atomic_add`` (``atomic=True``: faster, not bitwise reproducible
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -292,10 +292,19 @@ _UNUSED_SECTIONS = (
     ("compile", lambda sec: isinstance(sec, dict) and bool(sec.get("deepcompile")),
      "the trainer never calls engine.compile(): use the recipe's compile (--compile), torch.compile of each "
      "decoder layer"),
-    ("comms_logger", lambda sec: isinstance(sec, dict) and bool(sec.get("enabled")),
+    # Pydantic sections: DeepSpeed reads "enabled": "false" as false, and so does _as_bool.
+    ("comms_logger", lambda sec: isinstance(sec, dict) and _as_bool(sec.get("enabled", False)) is not False,
      "the trainer never prints DeepSpeed's communication summary"),
-    *((m, lambda sec: isinstance(sec, dict) and bool(sec.get("enabled")), _MONITOR_WHY)
+    *((m, lambda sec: isinstance(sec, dict) and _as_bool(sec.get("enabled", False)) is not False, _MONITOR_WHY)
       for m in ("tensorboard", "wandb", "csv_monitor", "comet")),
+    # Read by truthiness (get_scalar_param): anything but an empty section or "enabled": false is refused.
+    ("data_efficiency", lambda sec: bool(sec) and not (isinstance(sec, dict) and sec.get("enabled") is False),
+     "curriculum learning and data routing act only through DeepSpeed's own dataloader (deepspeed_io) and "
+     "model conversions, which the trainer does not use: its batches come from relora_ds.data"),
+    ("torch_autocast", lambda sec: bool(sec) and not (isinstance(sec, dict) and sec.get("enabled") is False),
+     "the ReLoRA layers' Triton kernels do not autocast (under it they would run in fp32), and the memory "
+     "estimate, the MFU and the gradient norm read the precision from the bf16/fp16 sections: use "
+     "\"bf16\": {\"enabled\": true} (fp32 masters in the optimizer, as ds_configs/zero2.json)"),
     ("flops_profiler", lambda sec: isinstance(sec, dict) and bool(sec.get("enabled")),
      "its timers expect DeepSpeed's own forward/backward calls and stop the first backward here with "
      "'AssertionError: timer is not started'; relora_ds logs tflops_per_gpu and mfu per step itself"),

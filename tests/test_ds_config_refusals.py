@@ -56,6 +56,10 @@ def test_a_recipe_value_in_the_json_is_an_error_not_overwritten(ds, key):
     ("wandb", {"enabled": True, "project": "p"}, "restarts its sample axis at the warm-start switch"),
     ("csv_monitor", {"enabled": True}, "DeepSpeed's monitor sees only its own lr"),
     ("flops_profiler", {"enabled": True}, "AssertionError: timer is not started"),
+    # found by a user trial: accepted, and the batches (and losses) were those of a run without them
+    ("data_efficiency", {"enabled": True, "data_sampling": {"enabled": True, "curriculum_learning": {
+        "enabled": True, "data_cluster_path": "/tmp/none", "curriculum_metrics": {}}}}, "deepspeed_io"),
+    ("torch_autocast", {"enabled": True, "dtype": "bfloat16"}, "Triton kernels do not autocast"),
 ])
 def test_sections_this_trainer_would_leave_without_effect_are_refused(section, value, why):
     """DeepSpeed accepts them, and here they would do nothing or log a fragment: an error, not silence;
@@ -64,6 +68,24 @@ def test_sections_this_trainer_would_leave_without_effect_are_refused(section, v
         complete_ds_config({section: value}, TrainConfig(**BASE), world_size=2)
     off = {"activation_checkpointing": {}, "compile": {"deepcompile": False}}.get(section, {**value, "enabled": False})
     complete_ds_config({section: off}, TrainConfig(**BASE), world_size=2)
+
+
+def test_strings_for_booleans_are_read_as_deepspeed_reads_them():
+    """From a user trial. Pydantic sections (the monitors, comms_logger) read "enabled": "false" as false:
+    accepted, as DeepSpeed accepts them. Sections DeepSpeed reads by truthiness (data_efficiency,
+    torch_autocast, the Adam mode flags) would take the string "false" as true: refused, as is a misspelt
+    key in a section that could act."""
+    for section in ("tensorboard", "wandb", "csv_monitor", "comms_logger"):
+        complete_ds_config({section: {"enabled": "false"}}, TrainConfig(**BASE), world_size=2)
+    for section, value in (("data_efficiency", {"enabeld": True}), ("data_efficiency", {"enabled": "false"}),
+                           ("torch_autocast", {"enable": True}), ("torch_autocast", {"enabled": "false"})):
+        with pytest.raises(ValueError, match=rf"the '{section}' section has no effect here"):
+            complete_ds_config({section: value}, TrainConfig(**BASE), world_size=2)
+    for key in ("adam_w_mode", "torch_adam", "fp32_optimizer_states"):
+        ds = {"optimizer": {"type": "Adam", "params": {"torch_adam": True, key: "false"}}}
+        with pytest.raises(ValueError, match=rf"optimizer.params.{key}='false' must be true or false \(a JSON "
+                                             r"boolean\); DeepSpeed reads it by truthiness"):
+            complete_ds_config(ds, TrainConfig(**BASE, weight_decay=0.1), world_size=2)
 
 
 def test_amsgrad_is_refused_for_relora():

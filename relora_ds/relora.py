@@ -186,14 +186,20 @@ class ReLoRALinear(nn.Module):
                                                  if scale.is_meta and device.type != "meta" else scale.to(device))
 
     @torch.no_grad()
-    def reset_lora(self, restart_index: int) -> None:
-        """A ← Kaiming-uniform from the (seed, name, restart) generator; B ← 0."""
+    def reset_lora(self, restart_index: int, A: torch.Tensor | None = None) -> None:
+        """A ← Kaiming-uniform from the (seed, name, restart) generator (``A``: that draw, made already by
+        the caller); B ← 0."""
         if self.lora_A.is_meta:  # built on meta: nothing to draw into (to_empty + a load fills it)
             return
-        A = kaiming_uniform_A((self.rank, self.in_features), reinit_seed(self.seed, self.name, restart_index))
+        if A is None:
+            A = self.draw_A(restart_index)
         A = A.to(self.lora_A.dtype)
         sharded.keep_shard_(self.lora_A, A)  # FSDP2 (DTensor): this rank's shard of the draw every rank makes
         self.lora_B.zero_()
+
+    def draw_A(self, restart_index: int) -> torch.Tensor:
+        """The fp32 (CPU) Kaiming-uniform draw of ``lora_A`` for this restart, the same on every rank."""
+        return kaiming_uniform_A((self.rank, self.in_features), reinit_seed(self.seed, self.name, restart_index))
 
     def base_weight(self) -> torch.Tensor:
         """The effective frozen weight in at least fp32 (dequantized when the base is stored in int8)."""

@@ -198,6 +198,7 @@ def merge_and_reinit_engine(engine) -> dict:
         else:  # ZeRO stage 0 in fp32: the model copy is the master
             A, B = A_param.detach().float(), B_param.detach().float()
         new_count = int(layer.merge_count) + 1
+        new_A = layer.draw_A(new_count)  # one draw: the module's copy and (under ZeRO) the fp32 master
         if _is_zero3(A_param):
             import deepspeed
 
@@ -212,18 +213,15 @@ def merge_and_reinit_engine(engine) -> dict:
                     layer.merge_(A, B)
                 if modifier:
                     layer.merge_count.fill_(new_count)
-                    layer.reset_lora(new_count)
+                    layer.reset_lora(new_count, new_A)
             comm_bytes += base.ds_numel * base.element_size()
             layer.merge_count.fill_(new_count)  # buffers are not partitioned: keep every rank's counter
         else:
             layer.merge_(A, B)
             layer.merge_count.fill_(new_count)
-            layer.reset_lora(new_count)
+            layer.reset_lora(new_count, new_A)
         if partitioned:
-            from .relora import kaiming_uniform_A, reinit_seed
-
-            new_A = kaiming_uniform_A(tuple(A.shape), reinit_seed(layer.seed, layer.name, new_count)).to(A.device)
-            set_full(A_param, new_A)
+            set_full(A_param, new_A.to(A.device))
             set_full(B_param, torch.zeros_like(B))
         if layer.last_update_norms is not None:  # (ZeRO-3: on the ranks that merged, rank 0 among them)
             norms.append(layer.last_update_norms)

@@ -4,6 +4,7 @@ apart from blank documents. (Other bad input: test_data_inputs.py.)"""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -132,3 +133,29 @@ def test_files_with_other_columns_beside_the_text_are_read_together(tmp_path, st
     with pytest.raises(ValueError, match=r"text column 'text' not found in .*e\.jsonl; its columns are \['content', "
                                          r"'id'\]"):
         prepare_data([str(corpus)], tmp_path / "bad", vocab_size=300, val_fraction=0.0, streaming=streaming)
+
+
+def test_a_group_read_again_file_by_file_logs_no_failure(tmp_path):
+    """Two saved datasets with other column names in one folder: datasets reads them as one group, fails
+    (and logs "Failed to read file ... CastError"), and they are read again file by file, every document
+    kept. The log named a file that was then read (a user trial took it for a dropped file): no longer
+    printed."""
+    import datasets
+
+    corpus = tmp_path / "corpus"
+    datasets.Dataset.from_dict({"text": SENTENCES[:50]}).save_to_disk(str(corpus / "a"))
+    datasets.Dataset.from_dict({"body": SENTENCES[50:], "n": list(range(len(SENTENCES) - 50))}).save_to_disk(
+        str(corpus / "b"))
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    datasets_logger = logging.getLogger("datasets")  # its own handler (stderr at import), not propagated
+    datasets_logger.addHandler(handler)
+    try:
+        out = prepare_data([str(corpus)], tmp_path / "out", vocab_size=300, val_fraction=0.0,
+                           text_column=["text", "body"])
+    finally:
+        datasets_logger.removeHandler(handler)
+    assert not [m for m in logged if "Failed to read file" in m], logged
+    assert load_manifest(out)["splits"]["train"]["documents"] == len(SENTENCES)
+    assert datasets.logging.get_verbosity() != datasets.logging.CRITICAL  # restored

@@ -152,8 +152,14 @@ def test_bad_hugging_face_tokenizers_are_named(tmp_path, toks, corpus):
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(toks["qwen"] / "tokenizer.json", bare / "tokenizer.json")  # no tokenizer_config.json
-    with pytest.raises(ValueError, match=r"bare names no eos_token .* documents are packed as \[BOS\] text EOS"):
+    with pytest.raises(ValueError, match=r"bare names no eos_token .* documents are packed as \[BOS\] text EOS, .* token. "
+                                         r"Give the model directory .* or write one there with eos_token set"):
         prepare_data([str(path)], tmp_path / "d1", tokenizer=str(bare / "tokenizer.json"))
+    # found by a user trial: with a tokenizer_config.json that lacks eos_token, the advice was to give one
+    (bare / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}))
+    with pytest.raises(ValueError, match=r"bare names no eos_token .* Set eos_token in its tokenizer_config.json "
+                                         r"to one of the tokenizer's tokens"):
+        prepare_data([str(path)], tmp_path / "d1", tokenizer=str(bare))
     (bare / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(ValueError, match=r"eos_token '</s>' is not a token of tokenizer.json"):
         prepare_data([str(path)], tmp_path / "d2", tokenizer=str(bare))

@@ -12,6 +12,7 @@ read as one schema, and the text-column check.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -243,8 +244,13 @@ def load_corpus(
             groups.append((key, [f]))
     for (builder, _), group in groups:
         kwargs = {"sample_by": txt_unit} if builder == "text" else {}
+        retry = len(group) > 1 and not streaming
         try:
-            parts.append(_load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwargs, originals))
+            # datasets logs "Failed to read file ..." before raising; a failure here is retried file by file
+            # below (a file it cannot read is named there), so the log would only alarm
+            with _datasets_quiet() if retry else contextlib.nullcontext():
+                parts.append(_load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwargs,
+                                         originals))
         except ValueError:
             if len(group) == 1 or streaming:
                 raise
@@ -254,6 +260,16 @@ def load_corpus(
                       for f in group]
     ds = _concatenate(parts)
     return Corpus(ds, description, invalid, lone, empty)
+
+
+@contextlib.contextmanager
+def _datasets_quiet():
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
 
 
 def _load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwargs, originals=None):

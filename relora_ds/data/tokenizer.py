@@ -269,8 +269,11 @@ def open_tokenizer(path: str | Path) -> Tokenizer:
     if eos is None:
         raise ValueError(f"{path.parent} names no eos_token (tokenizer_config.json or special_tokens_map.json): "
                          "documents are packed as [BOS] text EOS, so the tokenizer needs an end-of-document token. "
-                         "Give the model directory (or the tokenizer.json inside it) that holds its "
-                         "tokenizer_config.json")
+                         + ("Set eos_token in its tokenizer_config.json to one of the tokenizer's tokens (e.g. "
+                            "\"</s>\" or \"<|endoftext|>\", as its vocabulary spells it)"
+                            if (path.parent / "tokenizer_config.json").is_file() else
+                            "Give the model directory (or the tokenizer.json inside it) that holds its "
+                            "tokenizer_config.json, or write one there with eos_token set"))
     bos = token_id("bos_token")
     # tokenizer.json's post-processor decides, as in transformers 5 (its TokenizersBackend ignores the
     # config's add_bos_token, which 4.x's LlamaTokenizerFast applied): where the two disagree, say so.

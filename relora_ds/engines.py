@@ -105,7 +105,15 @@ class EnginesMixin:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
                                                lr_scheduler=lambda opt: LambdaLR(opt, fn))
         self.engine_phase = phase
+        self._seed_dropout()
         self.flops_per_token = flops_per_token(model, cfg.seq_len)  # the warm start's, then ReLoRA's
+
+    def _seed_dropout(self) -> None:
+        """From here the global generators feed only the LoRA dropout (the init above drew the same numbers on
+        every rank): each data-parallel rank its own stream, so W ranks draw the masks of one process with
+        W× the micro-batches, not one mask W times. Seeded from the step, so that a resume on another
+        number of ranks (relora_ds/resume.py) seeds as a start at its step does."""
+        torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
 
     def _source_masters(self) -> None:
         """A run starting from hf_model or warm_start_from stored in fp32 (an export's default) gives the trained

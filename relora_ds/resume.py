@@ -189,7 +189,7 @@ class CheckpointsMixin:
         if saved["world_size"] == self.world:
             checkpoint.load_rng(self.ckpt_dir, tag)
         else:  # per-rank RNG streams do not map onto other ranks (only LoRA dropout draws from them)
-            torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
+            self._seed_dropout()
         self._print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
         return True
 

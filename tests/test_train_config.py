@@ -272,6 +272,8 @@ def test_boundary_values_are_accepted():
     (dict(min_lr_ratio=-0.1), r"min_lr_ratio=-0.1 must be in \[0, 1\]"),
     (dict(prune_ratio=-0.1), r"prune_ratio=-0.1 must be in \[0, 1\]"),
     (dict(seed=-1), "seed=-1 must be >= 0"),  # was accepted, then failed every rank in the data sampler
+    # a user trial: 2**64 started, then failed after the engine with "Overflow when unpacking long long"
+    (dict(seed=2**64), r"seed=18446744073709551616 must be below 2\*\*62"),
     (dict(data_prefetch=-1), "data_prefetch=-1 must be >= 0"),
     (dict(vocab_size=10), r"vocab_size=10 is too small: the built-in corpus's tokenizer falls back to bytes, which "
                           r"takes 259 pieces"),  # was accepted by preflight, then failed every rank

@@ -133,3 +133,17 @@ def test_grad_norm_is_logged_without_zero_too_and_a_record_covers_its_steps(tmp_
     losses, _ = read_losses(tmp_path / "zero2" / "run")
     assert sorted(losses) == [1, 2, 3] and (tmp_path / "zero2/run/checkpoints/latest").read_text() == "step_3"
     assert sorted(p.name for p in (tmp_path / "zero2/run/checkpoints").glob("step_*")) == ["step_3"]
+
+
+def test_each_rank_draws_its_own_lora_dropout_masks(tmp_path, small_data_dir):
+    """From a user trial: every data-parallel rank drew the same LoRA dropout masks (one seed on every rank),
+    so W ranks regularized as one mask applied W times, while a resume on another number of ranks seeded
+    per rank. Each rank's stream now starts at seed + rank (step 0): its first mask is that generator's,
+    and the ranks' masks differ."""
+    from launch_utils import run_ranks
+
+    proc = run_ranks(ROOT / "tests/dist/dropout_worker.py", tmp_path / "run", small_data_dir, timeout=600)
+    lines = sorted(line.split() for line in proc.stdout.splitlines() if line.startswith("RANK "))
+    assert [line[:4] for line in lines] == [["RANK", "0", "AS_SEEDED", "True"], ["RANK", "1", "AS_SEEDED", "True"]], \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert lines[0][5] != lines[1][5] and lines[0][6:] == lines[1][6:], lines  # other masks, same shape

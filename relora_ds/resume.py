@@ -10,7 +10,6 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from . import checkpoint, universal

@@ -4,7 +4,7 @@ Memory-bound: W (out x in) moves twice, A and B (rank r) are re-read per tile fr
 a (BLOCK_N x BLOCK_K) tile of W, issues its load first, computes the rank-r product for the tile in
 BLOCK_R chunks, and writes ``round(fp32(W) + s * acc)``: the same single rounding as the reference.
 No atomics and a fixed reduction order, so every data-parallel rank gets bit-identical weights (DeepSpeed
-never re-broadcasts frozen weights, see FACTS.md).
+never re-broadcasts frozen weights: they are in no optimizer group).
 """
 from __future__ import annotations
 

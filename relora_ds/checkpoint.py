@@ -135,7 +135,7 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str, protect: tuple[str, ..
         shutil.rmtree(old, ignore_errors=True)
 
 
-# The param-group kinds of the engines (relora_ds.engines.GROUP_KINDS; a phase leaves an empty one out): a
+# The param-group kinds of the engines (relora_ds.engines.param_groups; a phase leaves an empty one out): a
 # checkpoint of another layout holds its optimizer state in other groups, which DeepSpeed cannot load.
 OPTIMIZER_GROUPS = ("lora", "matrices", "vectors")
 

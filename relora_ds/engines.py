@@ -14,7 +14,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import set_z3_leaf_module
 from torch.optim.lr_scheduler import LambdaLR
 
-from . import checkpoint, universal, zero_init
+from . import universal, zero_init
 from .ds_config import zero_stage
 from .ds_patches import release_engine
 from .ds_schema import uses_bf16, uses_fp16
@@ -50,7 +50,7 @@ class EnginesMixin:
         """The model a run starts from: a Hugging Face directory's (hf_model, warm_start_from), else random
         from the seed. Under ZeRO-3 built partitioned, and for the ReLoRA phase wrapped before a directory's
         weights go in (an int8 base quantized from them, as from the whole model)."""
-        # The seed: the random init's, and with a source directory still the LoRA dropout's stream.
+        # The random init's seed, the same on every rank (the LoRA dropout's streams: _seed_dropout).
         torch.manual_seed(self.cfg.seed)
         src = self.cfg.hf_model or self.cfg.warm_start_from
         if not src:
@@ -63,20 +63,18 @@ class EnginesMixin:
             return self._fresh_model()
         if not zero_init.partitions_at_build(self.ds, self.cfg.zero_init):
             return load_hf(src)
-        model = self._fresh_model(keep_rng=True)
+        model = self._fresh_model()
         if phase == "lowrank":
             self._wrap(model)
         tied = self.model_config.tie_word_embeddings  # lm_head is the embedding, stored or not
         zero_init.load_(model, ((k, t) for k, t in hf_tensors(src) if not (tied and k == "lm_head.weight")), src)
         return model
 
-    def _fresh_model(self, keep_rng: bool = False, fp32: bool = False) -> LlamaForCausalLM:
+    def _fresh_model(self, fp32: bool = False) -> LlamaForCausalLM:
         """A randomly initialized model; under ZeRO-3 partitioned as it is built (relora_ds/zero_init.py), in
-        the config's dtype or with ``fp32`` in fp32. ``keep_rng``: its init leaves the run's random streams
-        (the LoRA dropout's) as they were."""
-        cuda = [torch.cuda.current_device()] if keep_rng and torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=cuda, enabled=keep_rng), \
-                zero_init.building(self.ds, self.cfg.zero_init, fp32=fp32):
+        the config's dtype or with ``fp32`` in fp32. (The LoRA dropout's stream is seeded after the engine is
+        built: ``_seed_dropout``.)"""
+        with zero_init.building(self.ds, self.cfg.zero_init, fp32=fp32):
             return LlamaForCausalLM(self.model_config)
 
     def _build_engine(self, model: LlamaForCausalLM, phase: str, load_universal: bool = False) -> None:
@@ -148,7 +146,7 @@ class EnginesMixin:
         return [[name for name, _ in group] for _, group in param_groups(model)]
 
     def _group_kinds(self) -> list[str]:
-        """The kind of each param group of the engine (GROUP_KINDS), in its order."""
+        """The kind of each param group of the engine (checkpoint.OPTIMIZER_GROUPS), in its order."""
         return [kind for kind, _ in param_groups(self.engine.module)]
 
     def _wrap(self, model: LlamaForCausalLM) -> None:
@@ -167,7 +165,7 @@ class EnginesMixin:
         if zero_init.partitions_at_build(self.ds, self.cfg.zero_init):
             # ZeRO-3: a ReLoRA model built partitioned takes the masters one parameter at a time (each
             # gathered in turn: no rank holds the whole model)
-            model = self._fresh_model(keep_rng=True)
+            model = self._fresh_model()
             self._wrap(model)
             trainable, masters = _full_rank_trainable(model), {}
             separate_masters = uses_bf16(self.ds) or uses_fp16(self.ds)
@@ -211,14 +209,14 @@ class EnginesMixin:
         self._event({"event": "switch_to_relora", "step": self.step})
 
 
-# The engine's param groups, in this order (an empty one left out): the LoRA factors (the reset prunes their
-# moments and no others), the matrices trained full-rank (embeddings, head, and in a full-rank run every
-# linear) and the vectors trained full-rank (norms' gains, biases), which take no weight decay by default.
-GROUP_KINDS = checkpoint.OPTIMIZER_GROUPS  # each checkpoint records them (checkpoint.plan_resume checks)
+# The engine's param groups (checkpoint.OPTIMIZER_GROUPS, which each checkpoint records), in this order (an
+# empty one left out): the LoRA factors (the reset prunes their moments and no others), the matrices trained
+# full-rank (embeddings, head, and in a full-rank run every linear) and the vectors trained full-rank (norms'
+# gains, biases), which take no weight decay by default.
 
 
 def param_groups(model) -> list[tuple[str, list[tuple[str, torch.nn.Parameter]]]]:
-    """The engine's param groups as ``(kind, [(name, parameter), ...])`` (kinds: GROUP_KINDS), parameters in
+    """The engine's param groups as ``(kind, [(name, parameter), ...])`` (kinds: checkpoint.OPTIMIZER_GROUPS), parameters in
     model order. Under ZeRO-3 a partitioned parameter is flat; its ``ds_shape`` decides matrix or vector."""
     lora = {id(p) for p in lora_parameters(model)}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

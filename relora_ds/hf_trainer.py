@@ -39,6 +39,7 @@ from transformers import Trainer, TrainerCallback
 from .merge import check_not_fsdp1, merge_and_reinit
 from .prune import MOMENT_KEYS, check_prune_args, prune_optimizer_state
 from .relora import lora_parameters, relora_layers
+from .reset_hook import events_due
 from .schedule import build_scheduler, cycle_anchor, jagged_cosine
 
 logger = logging.getLogger(__name__)
@@ -335,18 +336,18 @@ class ReLoRACallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
-        since = step - self.cycle_start
+        merge, reset = events_due(step - self.cycle_start, self.cycle_length, self.merge_every)
         if not self.moments_checked:
-            self._check_moments(merging=since > 0 and since % self.merge_every == 0)
+            self._check_moments(merging=merge)
         if self.scheduler is not None and self.scheduler.last_epoch != step:  # an fp16 step skipped for an
             # overflow did not step the schedule
             _set_step(self.scheduler, step)
-        if since <= 0 or since % self.merge_every:
+        if not merge:
             return
         trainer = self.trainer
         engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
         event = {"step": step, **merge_and_reinit(engine if engine is not None else trainer.model)}
-        if since % self.cycle_length == 0:
+        if reset:
             if engine is not None:
                 target, params = engine, lora_parameters(engine.module)
             else:  # accelerate's AcceleratedOptimizer around the torch one

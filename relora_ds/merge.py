@@ -11,11 +11,7 @@ from torch import nn
 
 from . import sharded
 from .merge_stats import update_stats
-from .relora import relora_layers
-
-
-def _is_deepspeed_engine(obj) -> bool:
-    return type(obj).__name__ == "DeepSpeedEngine" or hasattr(obj, "zero_optimization_stage")
+from .relora import is_deepspeed_engine, relora_layers
 
 
 def check_not_engine_managed(param, what: str) -> None:
@@ -45,9 +41,11 @@ def merge_and_reinit(model: nn.Module) -> dict:
 
     The new lora_A comes from a generator seeded by (run seed, layer name, merge count), so every rank
     draws the same A without communication. Returns ``{"layers": n, "merge_seconds": t}`` and what the merge
-    added (``merge_stats.update_stats``: ``update_norm_mean``, ``update_rel_mean``, ``update_rel_max``).
+    added (``merge_stats.update_stats``: ``update_norm_mean``, ``update_rel_mean``, ``update_rel_max``); for
+    an engine also ``merge_comm_bytes`` (the bytes its gathers moved, 0 on one rank), and under ZeRO-3 the
+    update statistics only on the ranks that merged every layer (rank 0 among them).
     """
-    if _is_deepspeed_engine(model):
+    if is_deepspeed_engine(model):
         from .zero_reset import merge_and_reinit_engine  # only this path touches DeepSpeed
 
         return merge_and_reinit_engine(model)

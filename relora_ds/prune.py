@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 
 from . import sharded
+from .relora import is_deepspeed_engine
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 METHODS = ("magnitude", "random", "reset")
@@ -147,10 +148,11 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     are identical.
     Returns ``{key: fraction of entries zeroed}`` over all given params (independent mode: exp_avg's
     fraction is at least ``ratio``, since it includes exp_avg_sq's mask), and ``{key}_mass``: the share of
-    each moment's L1 mass zeroed (``PruneTally``).
+    each moment's L1 mass zeroed (``PruneTally``); for an engine also ``prune_seconds`` and
+    ``prune_comm_bytes`` (the bytes its gathers moved, 0 on one rank).
     """
     check_prune_args(method, ratio)
-    if isinstance(optimizer, torch.nn.Module) and not hasattr(optimizer, "zero_optimization_stage"):
+    if isinstance(optimizer, torch.nn.Module) and not is_deepspeed_engine(optimizer):
         raise ValueError(f"prune_optimizer_state: the first argument is the model ({type(optimizer).__name__}); pass "
                          "the optimizer (or the DeepSpeed engine), then the LoRA parameters: "
                          "prune_optimizer_state(opt, relora_ds.lora_parameters(model))")
@@ -158,7 +160,7 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
         raise ValueError(f"prune_optimizer_state: params is a module ({type(params).__name__}); pass its LoRA "
                          "parameters, relora_ds.lora_parameters(model) (the other parameters' moments are kept)")
     params = list(params)
-    if hasattr(optimizer, "zero_optimization_stage"):
+    if is_deepspeed_engine(optimizer):
         from .zero_reset import prune_engine_optimizer_state  # the one path that touches DeepSpeed internals
 
         return prune_engine_optimizer_state(optimizer, params, method, ratio, seed, joint)

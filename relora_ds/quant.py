@@ -15,7 +15,7 @@ Storage (``wrap(model, quantize="int8")``): each targeted layer's frozen W (out,
 
 Merge without drift (``W_q ← quantize(dequantize(W_q) + s·B·A)``): requantizing the int8 weight alone
 rounds at every merge and drifts (measured: 1.41× the one-shot error after 1 merge, 4.57× after 20).
-We carry the rounding residual (error feedback) and, as FACTS.md found necessary, the residual includes
+We carry the rounding residual (error feedback), and the residual includes
 the *initial* quantization error W0 − q(W0): the merge requantizes the 16-bit-accurate value
 ``(q + residual/254)·scale + s·B·A``, so after k merges the int8 weight is one absmax rounding of a value
 within ~k·scale/508 of the exact fp32-accumulated weight. Measured ratio to the one-shot error: 1.000–1.001

@@ -30,6 +30,12 @@ def reinit_seed(run_seed: int, layer_name: str, restart_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def is_deepspeed_engine(obj) -> bool:
+    """A DeepSpeed engine (``DeepSpeedEngine`` or a subclass: the pipeline and hybrid engines), told apart
+    without importing DeepSpeed."""
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(obj).__mro__) or hasattr(obj, "zero_optimization_stage")
+
+
 def kaiming_uniform_A(shape: tuple[int, int], seed: int) -> torch.Tensor:
     """Kaiming-uniform(a=√5) in fp32 on the CPU from a seeded generator (bound 1/√in_features, the same
     init as nn.Linear and PEFT's lora_A); CPU so that every device type draws identical numbers."""
@@ -326,8 +332,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     quant.check_quantize(quantize)
     # (_hp_mapping: ZeRO-1/2's link to the fp32 master; None once that engine is destroyed, e.g. at the switch
     # after a full-rank warm start, when the model is free to wrap)
-    if type(model).__name__ == "DeepSpeedEngine" or any(getattr(p, "_hp_mapping", None) is not None
-                                                        for p in model.parameters()):
+    if is_deepspeed_engine(model) or any(getattr(p, "_hp_mapping", None) is not None for p in model.parameters()):
         raise ValueError("wrap: the model is already in a DeepSpeed engine (deepspeed.initialize built its optimizer "
                          "and ZeRO partitions from the parameters it had, so LoRA factors added now would never "
                          "train); call relora_ds.wrap(model, ...) before deepspeed.initialize")
@@ -383,7 +388,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     and the base weight's dtype (an int8 base: the LoRA factors' dtype); returns the model. Not for a model a DeepSpeed engine trains
     (its values are ZeRO-3 shards or 16-bit copies of the fp32 masters): ``relora_ds.hf.model_from_engine``
     gives a host copy to unwrap, or ``relora_ds.export_hf(engine, dir)`` writes the merged model."""
-    if any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__) or any(
+    if is_deepspeed_engine(model) or any(
             hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for _, layer in relora_layers(model)
             for p in (layer.lora_A, layer.lora_B)):
         raise ValueError("unwrap: the model's parameters are managed by a DeepSpeed engine (ZeRO-3 shards, or "

@@ -14,6 +14,15 @@ from .prune import prune_optimizer_state
 from .relora import lora_parameters
 
 
+def events_due(since: int, cycle_length: int, merge_every: int | None) -> tuple[bool, bool]:
+    """``(merge, reset)`` due ``since`` steps after the cycles' anchor (the switch, or the checkpoint's last
+    reset): a merge every ``merge_every`` steps (default: at each cycle's end), a reset (a merge and a prune)
+    at each cycle's end; nothing at the anchor itself."""
+    if since <= 0:
+        return False, False
+    return since % (merge_every or cycle_length) == 0, since % cycle_length == 0
+
+
 def after_step(engine, step: int, cfg, cycle_start: int) -> dict | None:
     """The merge or reset due after global step `step` (already counted), done on `engine`; returns its
     record for the metrics log (``{"event": "merge" | "reset", "step": step, ...}``) or None. `cycle_start`:
@@ -25,16 +34,16 @@ def after_step(engine, step: int, cfg, cycle_start: int) -> dict | None:
     the one a longer run writes at that step, so resuming it with a larger total_steps continues exactly
     (its merge rounds s·B·A into a bf16 or int8 base like every merge; in fp32 the function is unchanged).
     """
-    since = step - cycle_start
-    if cfg.mode != "relora" or since <= 0:
+    if cfg.mode != "relora":
         return None
+    merge, reset = events_due(step - cycle_start, cfg.cycle_length, cfg.merge_every)
     event = {}
-    if since % (cfg.merge_every or cfg.cycle_length) == 0:
+    if merge:
         event.update(merge_and_reinit(engine))
-    if since % cfg.cycle_length == 0 and engine.global_steps == engine.skipped_steps:
+    if reset and engine.global_steps == engine.skipped_steps:
         # fp16 overflows skipped every update since the switch: Adam has no moments yet, nothing to prune
         event.update(reset=True, prune_skipped="no optimizer update since the switch (fp16 overflows)")
-    elif since % cfg.cycle_length == 0:
+    elif reset:
         # Each reset its own seed (a `random` prune must not reuse one mask; a resumed run draws the same).
         event.update(prune_optimizer_state(engine, lora_parameters(engine.module), method=cfg.prune_method,
                                            ratio=cfg.prune_ratio, seed=cfg.seed + step, joint=cfg.prune_joint))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from . import checkpoint, universal
+from . import checkpoint, reset_hook, universal
 from .distributed import on_rank_zero
 from .engines import group_weight_decay
 from .hf import PROGRESS_FILE
@@ -205,9 +205,10 @@ class CheckpointsMixin:
                              "first (--total-steps one step further), then change it")
         cfg = self.cfg
         since = self.step - self.relora_start
-        every = cfg.merge_every or cfg.cycle_length
-        if cfg.mode != "relora" or self.engine_phase != "lowrank" or since <= 0 or since % every:
+        merge, _ = reset_hook.events_due(since, cfg.cycle_length, cfg.merge_every)
+        if cfg.mode != "relora" or self.engine_phase != "lowrank" or not merge:
             return
+        every = cfg.merge_every or cfg.cycle_length
         layer = next(layer for _, layer in relora_layers(self.engine.module))
         if int(layer.merge_count) == since // every - 1:
             self._after_step_events()

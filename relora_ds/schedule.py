@@ -51,7 +51,8 @@ def jagged_cosine(step: int, *, total_steps: int, warmup_steps: int, cycle_lengt
 
     Resets happen at ``start_step + k·cycle_length`` for k ≥ 1, and also at ``start_step`` itself when it
     is > 0 (the switch from a full-rank warm start to ReLoRA starts a fresh optimizer). At a reset step
-    the multiplier is 0 and ramps linearly to the global cosine's value at the end of the ramp.
+    the multiplier is 0 and ramps linearly to the global cosine's value at the end of the ramp (with
+    ``restart_warmup_steps`` 0: no ramp, the plain cosine).
     ``cycle_start``: a reset at or after ``start_step`` the cycles count from instead (a resume that changed
     cycle_length: schedule.cycle_anchor); steps before it are past and follow the plain cosine here.
     """

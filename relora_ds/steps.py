@@ -33,7 +33,7 @@ class StepsMixin:
         if not engine.was_step_applied():
             # An fp16 overflow (or a non-finite gradient norm under ZeRO/bf16): DeepSpeed skips the update and
             # does not advance the scheduler, but the step counts (resets come from self.step): keep the
-            # schedule on the step, so the lr is 0 at resets.
+            # schedule on the step (a reset's lr stays the schedule's: 0 with a restart warmup).
             engine.lr_scheduler.step()
             reason = "fp16 overflow: loss scale lowered" if self.fp16 else "non-finite gradient norm"
             self._event({"event": "step_skipped", "step": self.step + 1, "reason": reason,

@@ -35,7 +35,7 @@ from .distributed import agree_on_master_port, agreement, init_distributed, max_
     single_process_environment
 from .flops import mfu_peak
 from .ds_config import complete_ds_config, load_ds_config, uses_bf16, uses_fp16, zero_stage
-from .engines import GROUP_KINDS, EnginesMixin
+from .engines import EnginesMixin
 from .ds_patches import patch_deepspeed_nvme
 from .evaluate import validation_losses
 from .hf import export_run, model_from_engine, with_merge_record
@@ -241,7 +241,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
     def _run_config(self) -> dict:
         return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "deepspeed": self.ds,
                 "world_size": self.world, "data_dir": str(self.data_dir), "tokenizer_sha256": self.tokenizer_sha256,
-                "data": self.data_info, "optimizer_groups": list(GROUP_KINDS), "environment": self.environment}
+                "data": self.data_info, "optimizer_groups": list(checkpoint.OPTIMIZER_GROUPS), "environment": self.environment}
 
     # ---------------------------------------------------------------- loop
     def start(self) -> None:

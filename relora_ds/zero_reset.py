@@ -1,7 +1,9 @@
 """ReLoRA's reset under DeepSpeed ZeRO 1/2/3: merge into the frozen base and prune sharded Adam moments.
 
-The one file that touches DeepSpeed internals (fp32 master partitions, fragment mappings); everything
-else talks to the engine through its public API. Facts it relies on (DeepSpeed 0.19, see shared FACTS):
+The one file that reads and writes ZeRO's fp32 master partitions and optimizer-state fragments. (Other
+DeepSpeed internals are touched in one place each: a skipped stage-0 update in steps.py, the clip and loss
+scaler restored on resume in resume.py, the engine's release in ds_patches.py, the ZeRO world group in
+distributed.py, the universal checkpoint in universal.py.) Facts it relies on (DeepSpeed 0.19.8's sources):
 - Frozen base weights are in no optimizer group and have no fp32 master: a merge is an in-place edit
   that must be bit-identical on every rank, so it is computed from identical inputs (the gathered fp32
   masters of A and B) with the same ops everywhere. ZeRO-3 gathers W with GatheredParameters; an int8
@@ -33,7 +35,7 @@ from .relora import relora_layers
 
 def offloaded(engine) -> str:
     """What the engine's ZeRO optimizer really moved to the host, from its own flags (not the JSON):
-    "optimizer", "optimizer+parameters" or "none"."""
+    "optimizer", "parameters", "optimizer+parameters" or "none"."""
     opt = engine.optimizer
     parts = [name for name, flag in (
         ("optimizer", getattr(opt, "offload_optimizer", False) or getattr(opt, "cpu_offload", False)),  # ZeRO-3, 1/2
@@ -138,9 +140,10 @@ def unshare_optimizer_steps(engine) -> int:
 
 
 def check_engine_supported(engine, what: str) -> None:
-    """ZeRO stage 0 with bf16/fp16: DeepSpeed's FP16 optimizer keeps the fp32 masters and Adam moments
-    keyed by its own copies, out of the merge's and the prune's reach (ds_config.py refuses it for the
-    trainer; this is the same refusal for the Python API), checked before anything is changed."""
+    """Refusals checked before anything is changed: ZeRO stage 0 with bf16/fp16 (DeepSpeed's FP16 optimizer
+    keeps the fp32 masters and Adam moments keyed by its own copies, out of the merge's and the prune's reach;
+    ds_config.py refuses it for the trainer, this is the same refusal for the Python API), and LoRA factors in
+    no optimizer group at any stage (a model wrapped after deepspeed.initialize)."""
     low = [n for n, on in (("bf16", engine.bfloat16_enabled()), ("fp16", engine.fp16_enabled())) if on]
     stage = engine.zero_optimization_stage()
     if low and stage == 0:
@@ -212,7 +215,6 @@ def merge_and_reinit_engine(engine) -> dict:
                 if layer.quantize or layer.merge_residual is not None or modifier:
                     layer.merge_(A, B)
                 if modifier:
-                    layer.merge_count.fill_(new_count)
                     layer.reset_lora(new_count, new_A)
             comm_bytes += base.ds_numel * base.element_size()
             layer.merge_count.fill_(new_count)  # buffers are not partitioned: keep every rank's counter

@@ -242,6 +242,23 @@ def test_prune_names_a_model_or_module_passed_in_the_wrong_place():
         relora_ds.prune_optimizer_state(opt, model)
 
 
+def test_deepspeeds_engine_subclasses_are_engines_everywhere():
+    """wrap checked the class name DeepSpeedEngine and unwrap its subclasses too (a review): the hybrid and
+    pipeline engines (DeepSpeed's own subclasses, built here without their __init__) are refused by wrap and
+    unwrap, as the engine is."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.hybrid_engine import DeepSpeedHybridEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    for cls in (DeepSpeedEngine, DeepSpeedHybridEngine, PipelineEngine):
+        engine = cls.__new__(cls)
+        nn.Module.__init__(engine)
+        with pytest.raises(ValueError, match=r"wrap: the model is already in a DeepSpeed engine"):
+            relora_ds.wrap(engine, rank=4)
+        with pytest.raises(ValueError, match=r"unwrap: the model's parameters are managed by a DeepSpeed engine"):
+            relora_ds.unwrap(engine)
+
+
 def test_a_compiled_model_draws_the_factors_an_uncompiled_one_draws():
     """torch.compile's wrapper puts ``_orig_mod.`` in every module name, which seeds lora_A's draws: wrapping
     a compiled model drew other factors than the same model uncompiled (so a run resumed with or without

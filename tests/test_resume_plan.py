@@ -69,18 +69,17 @@ def test_plan_resume_refuses_a_checkpoint_of_the_older_param_group_layout(tmp_pa
     """Before 2026-12-04 the engines had one param group fewer (the norms and biases shared the embeddings'
     group); such a checkpoint's optimizer state does not fit this version's groups, and DeepSpeed's loader
     would fail inside load_checkpoint: refused before any engine, with the way out. The current layout,
-    written by the trainer itself (Trainer._run_config: relora_ds.engines.GROUP_KINDS), loads."""
+    written by the trainer itself (Trainer._run_config), loads."""
     import json
 
     from relora_ds import checkpoint
-    from relora_ds.engines import GROUP_KINDS
 
     _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
     kw = dict(model={"hidden_size": 64}, train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2,
               data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
     config = tmp_path / "step_8" / "config.json"
     saved = json.loads(config.read_text())
-    assert saved["optimizer_groups"] == list(GROUP_KINDS) == ["lora", "matrices", "vectors"]
+    assert saved["optimizer_groups"] == list(checkpoint.OPTIMIZER_GROUPS) == ["lora", "matrices", "vectors"]
     assert checkpoint.plan_resume(tmp_path, **kw)["tag"] == "step_8"
     config.write_text(json.dumps({k: v for k, v in saved.items() if k != "optimizer_groups"}))
     with pytest.raises(ValueError, match=r"step_8 was written by relora_ds before 2026-12-04, whose optimizer kept the "

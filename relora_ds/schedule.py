@@ -126,19 +126,23 @@ def total_steps_for(cfg: TrainConfig, progress: dict | None = None) -> int:
 
 
 def schedule_problems(*, total_steps: int, warm_start_steps: int, warmup_steps: int, mode: str,
-                      cycle_length: int | None, lowrank_schedule: str) -> tuple[list[tuple], list[str]]:
+                      cycle_length: int | None, lowrank_schedule: str, merge_every: int | None = None,
+                      token_budget: int | None = None) -> tuple[list[tuple], list[str]]:
     """A run's schedule settings against each other, as the trainer's schedule (relora_ds.startup.build_schedule)
     will call the functions above: ``(problems, warnings)``, every problem at once, each ``(message, the
     settings it names)`` with the change that fixes it. The settings' own ranges are checked before this."""
     total, start, warmup = total_steps, warm_start_steps, warmup_steps
     problems, warned = [], []
+    # total_steps from token_budget: say so, and name the setting the user gave
+    total_is = f"total_steps={total}" + (f" (token_budget={token_budget}'s)" if token_budget else "")
+    raise_total = "raise token_budget (--token-budget)" if token_budget else "raise total_steps (--total-steps)"
     if mode != "full" and start >= total:
-        problems.append((f"warm_start_steps={start} leaves no low-rank steps of total_steps={total}: lower "
-                         "warm_start_steps (--warm-start-steps) or raise total_steps (--total-steps)",
+        problems.append((f"warm_start_steps={start} leaves no low-rank steps of {total_is}: lower "
+                         f"warm_start_steps (--warm-start-steps) or {raise_total}",
                          ("warm_start_steps", "total_steps")))
     if warmup >= total:
-        problems.append((f"warmup_steps={warmup} must be below total_steps={total}: lower warmup_steps "
-                         "(--warmup-steps) or raise total_steps", ("warmup_steps", "total_steps")))
+        problems.append((f"warmup_steps={warmup} must be below {total_is}: lower warmup_steps "
+                         f"(--warmup-steps) or {raise_total}", ("warmup_steps", "total_steps")))
     if mode == "full" or problems:  # below: the warmup against the phases, once both fit the run
         return problems, warned
     lowrank = total - start
@@ -161,7 +165,12 @@ def schedule_problems(*, total_steps: int, warm_start_steps: int, warmup_steps: 
         problems.append((f"warm_start_steps={start} must be 0 or at least warmup_steps={warmup}: the first "
                          "warmup must end before the switch to the low-rank phase; raise warm_start_steps or "
                          "lower warmup_steps", ("warm_start_steps", "warmup_steps")))
-    if mode == "relora" and cycle >= lowrank:
+    if mode == "relora" and cycle >= lowrank and merge_every and merge_every < lowrank:
+        warned.append(f"cycle_length={cycle} is not shorter than the low-rank phase ({lowrank} steps: total_steps="
+                      f"{total} - warm_start_steps={start}): no reset happens before the last step, so the merges "
+                      f"every merge_every={merge_every} steps are never followed by an optimizer prune or a restart "
+                      "warmup (set a smaller cycle_length, e.g. the paper's ~1/8 of the run)")
+    elif mode == "relora" and cycle >= lowrank:
         warned.append(f"cycle_length={cycle} is not shorter than the low-rank phase ({lowrank} steps: total_steps="
                       f"{total} - warm_start_steps={start}): no ReLoRA reset happens before the last step, so this "
                       "run trains as plain LoRA (set a smaller cycle_length, e.g. the paper's ~1/8 of the run, or "

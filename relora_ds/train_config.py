@@ -300,15 +300,18 @@ class TrainConfig:
         if cycle and self.merge_every is not None and problems.ok("merge_every") and cycle % self.merge_every:
             bad(f"merge_every={self.merge_every} must be a positive divisor of cycle_length={cycle} (every reset is "
                 "also a merge)", "merge_every")
-        if cycle == 1:
-            bad("cycle_length=1 resets at every step, and the step after a reset trains at lr 0: no low-rank step "
-                "would train. Use a cycle of at least restart_warmup_steps + 1 steps (the paper: thousands)",
-                "cycle_length")
+        if cycle == 1 and problems.ok("restart_warmup_steps") and self.restart_warmup_steps:
+            bad(f"cycle_length=1 resets at every step, and with restart_warmup_steps={self.restart_warmup_steps} "
+                "the step after a reset trains at lr 0: no low-rank step would train. Use a cycle of at least "
+                "restart_warmup_steps + 1 steps (the paper: thousands)", "cycle_length")
+        elif cycle == 1:
+            warned.append("cycle_length=1 resets at every step: the LoRA factors' Adam moments are pruned after "
+                          "every update (the paper resets every few thousand steps)")
         elif cycle and problems.ok("restart_warmup_steps") and self.restart_warmup_steps >= cycle:
             warned.append(f"restart_warmup_steps={self.restart_warmup_steps} is not shorter than a cycle "
-                          f"(cycle_length={cycle}): the lr re-warms for the whole cycle and never reaches the cosine "
-                          f"(at most {(cycle - 1) / self.restart_warmup_steps:.0%} of it); use restart_warmup_steps "
-                          "< cycle_length")
+                          f"(cycle_length={cycle}): the ramp is cut to the cycle's {cycle} steps, so the lr re-warms "
+                          f"for the whole cycle and never reaches the cosine (at most {(cycle - 1) / cycle:.0%} of "
+                          "it); use restart_warmup_steps < cycle_length")
         if (self.total_steps is None) == (self.token_budget is None):
             bad("give exactly one of total_steps and token_budget (got total_steps="
                 f"{self.total_steps}, token_budget={self.token_budget}); on the command line, --total-steps none "
@@ -367,7 +370,8 @@ class TrainConfig:
         from .schedule import schedule_problems
         found, warned = schedule_problems(
             total_steps=total_steps, warm_start_steps=self.warm_start_steps, warmup_steps=self.warmup_steps,
-            mode=self.mode, cycle_length=self.cycle_length, lowrank_schedule=self.lowrank_schedule)
+            mode=self.mode, cycle_length=self.cycle_length, lowrank_schedule=self.lowrank_schedule,
+            merge_every=self.merge_every, token_budget=None if self.total_steps else self.token_budget)
         problems = _Problems()
         for message, fields in found:
             problems.add(message, *fields)
@@ -410,6 +414,9 @@ class TrainConfig:
                                 "2 bytes per base parameter of host memory)"))
             if self.prune_joint:
                 ignored.append(("prune_joint=True", "mode='lora' has no optimizer resets"))
+        if self.mode == "relora" and self.prune_joint and self.prune_method != "magnitude":
+            ignored.append(("prune_joint=True", f"prune_method={self.prune_method!r} draws no magnitude masks "
+                            "(random pruning always uses one mask for both moments)"))
 
         if self.activation_checkpointing_layers is not None and not self.activation_checkpointing:
             ignored.append((f"activation_checkpointing_layers={self.activation_checkpointing_layers}",

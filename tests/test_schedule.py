@@ -270,7 +270,13 @@ def test_a_recipes_schedule_problems_are_named_together_before_the_run_starts(tm
         "2 problems with the settings:",
         "  - warm_start_steps=100 leaves no low-rank steps of total_steps=40: lower warm_start_steps "
         "(--warm-start-steps) or raise total_steps (--total-steps)",
-        "  - warmup_steps=60 must be below total_steps=40: lower warmup_steps (--warmup-steps) or raise total_steps"]
+        "  - warmup_steps=60 must be below total_steps=40: lower warmup_steps (--warmup-steps) or raise total_steps "
+        "(--total-steps)"]
+    # total_steps from token_budget (a user trial: the error named only total_steps, which was never given)
+    with pytest.raises(ValueError, match=r"warmup_steps=5 must be below total_steps=1 \(token_budget=100's\): lower "
+                                         r"warmup_steps \(--warmup-steps\) or raise token_budget \(--token-budget\)"):
+        config_from_args(parser.parse_args([*tiny, "--total-steps", "none", "--token-budget", "100",
+                                            "--warmup-steps", "5", "--warm-start-steps", "0"]))
     with pytest.raises(ValueError, match=r"^warmup_steps=150 is longer than a cycle \(cycle_length=100\): the first "
                                          r"reset would interrupt the warmup; lower warmup_steps or raise cycle_length$"):
         config_from_args(parser.parse_args([*tiny, "--warm-start-steps", "0", "--warmup-steps", "150"]))

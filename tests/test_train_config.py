@@ -196,12 +196,21 @@ def test_settings_a_mode_does_not_use_are_named():
         "prune_ratio=0.9 is ignored: mode='lora' has no optimizer resets",
         "restart_warmup_steps=2 is ignored: mode='lora' has no resets (mode='lora' re-warms only at the switch "
         "after an in-run warm start, with lowrank_schedule='continue')"]
+    # The schedule cuts the ramp to the cycle (startup.build_schedule): 9 of 10 steps up at most (a user trial
+    # found the warning dividing by the 100 steps given: "at most 9%")
     with pytest.warns(UserWarning, match=r"restart_warmup_steps=100 is not shorter than a cycle \(cycle_length=10\): "
-                                         r"the lr .* never reaches the cosine \(at most 9% of it\)"):
+                                         r"the ramp is cut to the cycle's 10 steps.* never reaches the cosine \(at "
+                                         r"most 90% of it\)"):
         TrainConfig(**{**BASE, "restart_warmup_steps": 100})
     # A reset every step: every low-rank step at lr 0 (found by a test-drive: it trained at 0 with a warning).
     with pytest.raises(ValueError, match=r"cycle_length=1 resets at every step.*no low-rank step would train"):
         TrainConfig(**{**BASE, "cycle_length": 1, "restart_warmup_steps": 1})
+    # Without a restart warmup every step trains (a user trial: it was refused for a reason that did not hold)
+    with pytest.warns(UserWarning, match=r"cycle_length=1 resets at every step: the LoRA factors' Adam moments are "
+                                         r"pruned after every update"):
+        TrainConfig(**{**BASE, "cycle_length": 1, "restart_warmup_steps": 0})
+    with pytest.warns(UserWarning, match=r"prune_joint=True is ignored: prune_method='random' draws no magnitude"):
+        TrainConfig(**{**BASE, "prune_joint": True, "prune_method": "random"})
     with pytest.raises(ValueError, match="give resume or overwrite, not both"):
         TrainConfig(**BASE, resume=True, overwrite=True)
     for kw, match in (
@@ -345,6 +354,10 @@ def test_a_reset_interval_longer_than_the_low_rank_phase_is_named():
     with pytest.warns(ConfigWarning, match=r"cycle_length=20 is not shorter than the low-rank phase \(20 steps: "
                                            r"total_steps=30 - warm_start_steps=10\): no ReLoRA reset happens"):
         build_schedule(TrainConfig(**{**kw, "cycle_length": 20}), 30)
+    # with online merges it is not plain LoRA (a user trial: the warning advised mode lora, which drops them)
+    with pytest.warns(ConfigWarning, match=r"no reset happens before the last step, so the merges every "
+                                           r"merge_every=5 steps are never followed by an optimizer prune"):
+        build_schedule(TrainConfig(**{**kw, "cycle_length": 20, "merge_every": 5}), 30)
     with w.catch_warnings():
         w.simplefilter("error")
         build_schedule(TrainConfig(**{**kw, "cycle_length": 19}), 30)  # one reset at step 29: no warning

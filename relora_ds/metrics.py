@@ -42,8 +42,9 @@ class MetricsLogger:
 
     REWOUND = "metrics.rewound.jsonl"
     # Events logged with step N after step N's checkpoint (the warm-start switch runs at the start of step
-    # N + 1): a run resumed from that checkpoint logs them again, so the earlier record is rewound too.
-    AFTER_CHECKPOINT_EVENTS = ("switch_to_relora",)
+    # N + 1; a resumed start's settings changes, logged at its resume step): a run resumed from that
+    # checkpoint logs them again (its own), so the earlier record is rewound too.
+    AFTER_CHECKPOINT_EVENTS = ("switch_to_relora", "resume_settings_changed")
 
     WANDB_ID = "wandb_run_id"
 

@@ -24,6 +24,18 @@ def test_resume_rewinds_later_steps_and_the_switch_logged_after_the_checkpoint(t
     assert logger.rewound == 4
 
 
+def test_a_rewound_starts_settings_record_moves_aside_with_its_steps(tmp_path):
+    """A start resumed at step N logs its settings changes at step N; a later resume from step N (a rewind, or
+    a requeue after a stop during start-up) logs its own, so the earlier record moves aside (a user trial saw
+    two records at step 60, one of them the abandoned run's)."""
+    recs = [{"step": 60, "loss": 1.9}, {"step": 60, "event": "checkpoint"},
+            {"step": 60, "event": "resume_settings_changed", "total_steps": "60 -> 80"}, {"step": 61, "loss": 1.8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    MetricsLogger(tmp_path, enabled=True, resume_step=60).close()
+    assert [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == recs[:2]
+    assert [json.loads(l) for l in (tmp_path / MetricsLogger.REWOUND).read_text().splitlines()] == recs[2:]
+
+
 def test_progress_line_for_log_files():
     """Without a terminal (a SLURM .out file) each metrics record becomes one plain line; the time left is
     the remaining steps at this process's pace so far (hand-computed: 90 s for 30 steps, 60 left -> 180 s)."""

@@ -253,7 +253,9 @@ class ReLoRACallback(TrainerCallback):
             from .distributed import release_shm_segment
             from .zero_reset import check_engine_supported
 
-            if trainer.model_wrapped.optimizer is None:
+            # transformers' inference engine: no optimizer, or (transformers 5, ZeRO-3) DeepSpeed's parameter
+            # offload object in its place, which has no param groups
+            if not hasattr(trainer.model_wrapped.optimizer, "param_groups"):
                 raise ValueError("enable_relora: the DeepSpeed engine has no optimizer: it is the inference engine "
                                  "transformers builds for evaluate()/predict() before train() under ZeRO-3; build "
                                  "the Trainer anew, or evaluate after training")

@@ -282,6 +282,27 @@ def test_accelerates_fsdp1_is_refused_before_the_first_step(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+def test_transformers_inference_engine_is_named_not_blamed_on_a_late_wrap(tmp_path):
+    """evaluate() before train() under ZeRO-3: transformers builds an inference engine, whose optimizer is
+    DeepSpeed's parameter offload object in transformers 5 (a user trial: the message then blamed a wrap after
+    deepspeed.initialize, which had not happened). Its real class, built without __init__, stands in."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2)
+    trainer = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+    callback = enable_relora(trainer, cycle_length=3, restart_warmup_steps=1)
+    for optimizer in (None, DeepSpeedZeRoOffload.__new__(DeepSpeedZeRoOffload)):
+        trainer.is_deepspeed_enabled = True
+        trainer.model_wrapped = SimpleNamespace(optimizer=optimizer, module=trainer.model)
+        with pytest.raises(ValueError, match=r"enable_relora: the DeepSpeed engine has no optimizer: it is the "
+                                             r"inference engine transformers builds for evaluate\(\)"):
+            callback.on_train_begin(args, trainer.state, trainer.control)
+
+
 @pytest.mark.parametrize("kind, quantize", [("llama", None), ("gpt2", "int8")])
 def test_save_model_writes_the_merged_model_and_checkpoints_the_wrapped_state(tmp_path, kind, quantize):
     """trainer.save_model wrote the wrapped state, which from_pretrained loaded without s·B·A (an int8 base: not

@@ -384,15 +384,17 @@ def load_config(ckpt_dir: Path, tag: str) -> dict:
     return json.loads((Path(ckpt_dir) / tag / "config.json").read_text())
 
 
-def load_rng(ckpt_dir: Path, tag: str) -> None:
-    """This rank's RNG state as saved (same world size); a missing file is named, not passed over."""
+def load_rng(ckpt_dir: Path, tag: str) -> bool:
+    """This rank's RNG state as saved (same world size); whether it was there: a missing file is named, not
+    passed over."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     path = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
     if path.is_file():
         set_rng_state(torch.load(path, weights_only=False))
-    else:
-        warnings.warn(f"{path} is missing: rank {rank} resumes without its saved RNG state (its LoRA dropout masks "
-                      "differ from an uninterrupted run's)", RuntimeWarning, stacklevel=2)
+        return True
+    warnings.warn(f"{path} is missing: rank {rank} resumes without its saved RNG state (its LoRA dropout masks "
+                  "differ from an uninterrupted run's)", RuntimeWarning, stacklevel=2)
+    return False
 
 
 def is_sharded(ckpt_dir: Path, tag: str) -> bool:

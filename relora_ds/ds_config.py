@@ -65,6 +65,12 @@ def _as_bool(value):
         return None
 
 
+def _off(value) -> bool:
+    """``enabled`` switched off unambiguously for a section DeepSpeed reads by truthiness: false or 0 (a
+    string such as "false" it would read as on)."""
+    return isinstance(value, (bool, int)) and not value
+
+
 def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str = "the DeepSpeed config") -> dict:
     """A copy of ``ds`` with batch sizes, optimizer hyperparameters and clipping from ``cfg``."""
     ds = copy.deepcopy(ds)
@@ -297,11 +303,12 @@ _UNUSED_SECTIONS = (
      "the trainer never prints DeepSpeed's communication summary"),
     *((m, lambda sec: isinstance(sec, dict) and _as_bool(sec.get("enabled", False)) is not False, _MONITOR_WHY)
       for m in ("tensorboard", "wandb", "csv_monitor", "comet")),
-    # Read by truthiness (get_scalar_param): anything but an empty section or "enabled": false is refused.
-    ("data_efficiency", lambda sec: bool(sec) and not (isinstance(sec, dict) and sec.get("enabled") is False),
+    # Read by truthiness (get_scalar_param): anything but an empty section or "enabled": false (or 0) is refused,
+    # a misspelt key included.
+    ("data_efficiency", lambda sec: bool(sec) and not (isinstance(sec, dict) and _off(sec.get("enabled"))),
      "curriculum learning and data routing act only through DeepSpeed's own dataloader (deepspeed_io) and "
      "model conversions, which the trainer does not use: its batches come from relora_ds.data"),
-    ("torch_autocast", lambda sec: bool(sec) and not (isinstance(sec, dict) and sec.get("enabled") is False),
+    ("torch_autocast", lambda sec: bool(sec) and not (isinstance(sec, dict) and _off(sec.get("enabled"))),
      "the ReLoRA layers' Triton kernels do not autocast (under it they would run in fp32), and the memory "
      "estimate, the MFU and the gradient norm read the precision from the bf16/fp16 sections: use "
      "\"bf16\": {\"enabled\": true} (fp32 masters in the optimizer, as ds_configs/zero2.json)"),

@@ -287,10 +287,11 @@ def _check_optimizer(ds: dict, source: str) -> None:
     if not isinstance(params, dict):
         raise ValueError(f"{source}: optimizer.params must be an object, not {params!r}")
     for key in ("adam_w_mode", "torch_adam", "fp32_optimizer_states"):
-        if key in params and not isinstance(params[key], bool):
+        if key in params and not isinstance(params[key], (bool, int)):
             # DeepSpeed reads these with Python truthiness: the string "false" would pick AdamW / torch's Adam.
             raise ValueError(f"{source}: optimizer.params.{key}={params[key]!r} must be true or false (a JSON "
-                             "boolean); DeepSpeed reads it by truthiness, so a string such as \"false\" counts as true")
+                             "boolean, or 0/1); DeepSpeed reads it by truthiness, so a string such as \"false\" "
+                             "counts as true")
     if kind.lower() == "adamw" and "adam_w_mode" in params and not params["adam_w_mode"]:
         raise ValueError(f"{source}: optimizer.type 'AdamW' with params.adam_w_mode false: DeepSpeed ignores "
                          "adam_w_mode for type AdamW (decoupled weight decay either way). For Adam with L2 weight "

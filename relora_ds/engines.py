@@ -22,7 +22,7 @@ from .engine_state import full_fp32_state_dict
 from .flops import flops_per_token
 from .hf import hf_tensors, load_hf
 from .model import LlamaForCausalLM
-from .relora import lora_parameters, relora_layers, wrap
+from .relora import dropout_seed, lora_parameters, relora_layers, wrap
 from .zero_reset import set_full
 
 
@@ -111,7 +111,7 @@ class EnginesMixin:
         every rank): each data-parallel rank its own stream, so W ranks draw the masks of one process with
         W× the micro-batches, not one mask W times. Seeded from the step, so that a resume on another
         number of ranks (relora_ds/resume.py) seeds as a start at its step does."""
-        torch.manual_seed(self.cfg.seed + 1_000_003 * self.step + self.rank)
+        torch.manual_seed(dropout_seed(self.cfg.seed, self.step, self.rank))
 
     def _source_masters(self) -> None:
         """A run starting from hf_model or warm_start_from stored in fp32 (an export's default) gives the trained

@@ -24,7 +24,7 @@ from .hf_load import CONFIG_KEYS, config_from_hf, hf_tensors, load_hf, load_hf_c
 from .hf_tokenizer import TokenizerNotConvertible, save_hf_tokenizer, sentencepiece_special_ids
 from .model import LlamaForCausalLM
 from .model_config import LlamaConfig
-from .relora import relora_layers
+from .relora import is_deepspeed_engine, relora_layers
 
 # relora_ds.hf: export (here) and load (hf_load.py) under one name.
 __all__ = ["TOKENIZER_FILES", "config_from_hf", "export_dtype", "export_hf", "export_run", "hf_config_dict",
@@ -185,7 +185,7 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
     """
     if dtype is None and like is not None:
         dtype = export_dtype(None, like)
-    if _is_engine(model):
+    if is_deepspeed_engine(model):
         return _export_engine(model, out_dir, dtype, tokenizer, hf_tokenizer=hf_tokenizer, like=like,
                               token_ids=token_ids, progress=progress)
     config = getattr(model, "config", None)
@@ -273,11 +273,6 @@ def _replace_export(out: Path, staging: Path, writes_tokenizer: bool) -> None:
     (out / PROGRESS_FILE).unlink(missing_ok=True)  # an earlier export's: it described other weights
     for f in sorted(staging.iterdir()):
         os.replace(f, out / f.name)
-
-
-def _is_engine(obj) -> bool:
-    """A DeepSpeed engine (wraps its model as .module), told apart without importing DeepSpeed."""
-    return any(c.__name__ == "DeepSpeedEngine" for c in type(obj).__mro__)
 
 
 def model_from_engine(engine, keep: bool = True) -> torch.nn.Module | None:

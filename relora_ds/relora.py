@@ -30,6 +30,13 @@ def reinit_seed(run_seed: int, layer_name: str, restart_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def dropout_seed(run_seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed of the LoRA dropout stream of ``rank`` from ``step`` on: hashed, so that it is neither the
+    init's stream (``run_seed``) nor another rank's or another run seed's."""
+    digest = hashlib.sha256(f"{run_seed}/dropout/{step}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def is_deepspeed_engine(obj) -> bool:
     """A DeepSpeed engine (``DeepSpeedEngine`` or a subclass: the pipeline and hybrid engines), told apart
     without importing DeepSpeed."""

@@ -185,9 +185,14 @@ class CheckpointsMixin:
             # match ("aten.slice.Tensor invocation index 17 encountered during backward but not found in
             # storage"). Partitioned again, every step gathers alike.
             self.engine.empty_partition_cache()
-        if saved["world_size"] == self.world:
-            checkpoint.load_rng(self.ckpt_dir, tag)
-        else:  # per-rank RNG streams do not map onto other ranks (only LoRA dropout draws from them)
+        if saved.get("dropout_streams") is None and self.cfg.dropout and self.engine_phase == "lowrank":
+            # written before each rank had its own stream: every rank's saved state is the same
+            self._seed_dropout()
+            self._print(f"checkpoint {self.ckpt_dir / tag} was written when every rank drew the same LoRA dropout "
+                        "masks: from here each rank draws its own (README, 'Checkpoints and resume')")
+        elif saved["world_size"] != self.world or not checkpoint.load_rng(self.ckpt_dir, tag):
+            # per-rank RNG streams do not map onto other ranks (only LoRA dropout draws from them); a missing
+            # state file: the stream a start at this step gets, not step 0's again
             self._seed_dropout()
         self._print(f"resumed from {self.ckpt_dir / tag} at step {self.step}")
         return True

@@ -226,8 +226,8 @@ class TrainConfig:
     peak_tflops: float | None = _f(None, "per-GPU peak TFLOP/s for the mfu metric (default: the dense bf16/fp16 "
                                           "peak of A100, A800, H100, H200, H800 and L40S when training in bf16 or "
                                           "fp16; no mfu elsewhere)")
-    seed: int = _f(0, "seed for init, data order, LoRA re-inits, the LoRA dropout streams (seed + 1,000,003 × "
-                      "step + rank) and random pruning's masks")
+    seed: int = _f(0, "seed for init, data order, LoRA re-inits, each rank's LoRA dropout stream and random "
+                      "pruning's masks")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
@@ -279,8 +279,8 @@ class TrainConfig:
             if problems.ok(name) and (getattr(self, name) or 0) < 0:
                 bad(f"{name}={getattr(self, name)} must be >= 0", name)
         if problems.ok("seed") and self.seed >= 2**62:  # torch's generators take < 2**64, with the offsets added
-            bad(f"seed={self.seed} must be below 2**62 = {2**62} (the LoRA dropout and random-prune seeds add "
-                "offsets to it, and torch's generators take seeds below 2**64)", "seed")
+            bad(f"seed={self.seed} must be below 2**62 = {2**62} (random pruning's seeds add offsets to it, and "
+                "torch's generators take seeds below 2**64)", "seed")
         for name in ("dropout", "adam_beta1", "adam_beta2"):
             if problems.ok(name) and not 0.0 <= getattr(self, name) < 1.0:
                 bad(f"{name}={getattr(self, name)} must be in [0, 1)", name)
@@ -415,8 +415,9 @@ class TrainConfig:
             if self.prune_joint:
                 ignored.append(("prune_joint=True", "mode='lora' has no optimizer resets"))
         if self.mode == "relora" and self.prune_joint and self.prune_method != "magnitude":
-            ignored.append(("prune_joint=True", f"prune_method={self.prune_method!r} draws no magnitude masks "
-                            "(random pruning always uses one mask for both moments)"))
+            ignored.append(("prune_joint=True", f"prune_method={self.prune_method!r} draws no magnitude masks"
+                            + (" (random pruning always uses one mask for both moments)"
+                               if self.prune_method == "random" else " (a reset zeroes both moments whole)")))
 
         if self.activation_checkpointing_layers is not None and not self.activation_checkpointing:
             ignored.append((f"activation_checkpointing_layers={self.activation_checkpointing_layers}",

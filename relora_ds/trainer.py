@@ -52,6 +52,11 @@ from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import offloaded
 
 
+# How each rank's LoRA dropout stream is seeded (engines._seed_dropout); checkpoints record it. Those without it
+# (before 2026-12-05) hold the same RNG state on every rank: a resume seeds them anew (resume.py).
+DROPOUT_STREAMS = "per_rank"
+
+
 class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
     def __init__(self, cfg: TrainConfig, ds_config_path: str | None = None,
                  early_stop: Callable[[], int] | None = None):
@@ -241,7 +246,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
     def _run_config(self) -> dict:
         return {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "deepspeed": self.ds,
                 "world_size": self.world, "data_dir": str(self.data_dir), "tokenizer_sha256": self.tokenizer_sha256,
-                "data": self.data_info, "optimizer_groups": list(checkpoint.OPTIMIZER_GROUPS), "environment": self.environment}
+                "data": self.data_info, "optimizer_groups": list(checkpoint.OPTIMIZER_GROUPS),
+                "dropout_streams": DROPOUT_STREAMS, "environment": self.environment}
 
     # ---------------------------------------------------------------- loop
     def start(self) -> None:

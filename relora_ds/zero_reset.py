@@ -1,9 +1,8 @@
 """ReLoRA's reset under DeepSpeed ZeRO 1/2/3: merge into the frozen base and prune sharded Adam moments.
 
-The one file that reads and writes ZeRO's fp32 master partitions and optimizer-state fragments. (Other
-DeepSpeed internals are touched in one place each: a skipped stage-0 update in steps.py, the clip and loss
-scaler restored on resume in resume.py, the engine's release in ds_patches.py, the ZeRO world group in
-distributed.py, the universal checkpoint in universal.py.) Facts it relies on (DeepSpeed 0.19.8's sources):
+The one file that reads and writes ZeRO's fp32 master partitions and optimizer-state fragments (the other
+places that reach into DeepSpeed, each for one thing: README, "Layout"). Facts it relies on (DeepSpeed
+0.19.8's sources):
 - Frozen base weights are in no optimizer group and have no fp32 master: a merge is an in-place edit
   that must be bit-identical on every rank, so it is computed from identical inputs (the gathered fp32
   masters of A and B) with the same ops everywhere. ZeRO-3 gathers W with GatheredParameters; an int8

@@ -237,7 +237,7 @@ def test_a_missing_rng_file_is_named_on_resume(tmp_path):
 
     (tmp_path / "step_5").mkdir()
     with pytest.warns(RuntimeWarning, match=r"rng_rank0.pt is missing: rank 0 resumes without its saved RNG state"):
-        checkpoint.load_rng(tmp_path, "step_5")
+        assert checkpoint.load_rng(tmp_path, "step_5") is False  # the caller seeds the stream of that step
 
 
 def test_rng_state_restores_every_generator():

@@ -84,8 +84,14 @@ def test_strings_for_booleans_are_read_as_deepspeed_reads_them():
     for key in ("adam_w_mode", "torch_adam", "fp32_optimizer_states"):
         ds = {"optimizer": {"type": "Adam", "params": {"torch_adam": True, key: "false"}}}
         with pytest.raises(ValueError, match=rf"optimizer.params.{key}='false' must be true or false \(a JSON "
-                                             r"boolean\); DeepSpeed reads it by truthiness"):
+                                             r"boolean, or 0/1\); DeepSpeed reads it by truthiness"):
             complete_ds_config(ds, TrainConfig(**BASE, weight_decay=0.1), world_size=2)
+    # what DeepSpeed reads as off passes: 0 for the flags, false or 0 for the sections
+    complete_ds_config({"optimizer": {"type": "Adam", "params": {"torch_adam": 1, "adam_w_mode": 0}}},
+                       TrainConfig(**BASE, weight_decay=0.1), world_size=2)
+    for section in ("data_efficiency", "torch_autocast"):
+        for off in (False, 0):
+            complete_ds_config({section: {"enabled": off}}, TrainConfig(**BASE), world_size=2)
 
 
 def test_amsgrad_is_refused_for_relora():

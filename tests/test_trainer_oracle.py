@@ -136,7 +136,7 @@ def replay(run_dir, data_dir, mutate: str = ""):
         steps.append((sum(losses) / gas, lr))
         step = t + 1
         if step > c["warm_start_steps"] and (step - c["warm_start_steps"]) % c["cycle_length"] == 0 \
-                and step < c["total_steps"] and mutate != "no reset":
+                and mutate != "no reset":  # (the last step resets too when a cycle ends there)
             restarts += 1
             layers = [mod for mod in model.modules() if isinstance(mod, LoRA)]
             for layer in layers:

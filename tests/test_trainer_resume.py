@@ -275,6 +275,26 @@ def test_a_resumed_run_draws_the_dropout_masks_the_uninterrupted_one_draws(tmp_p
     assert sorted(resumed) == [5, 6, 7, 8]
     for step, loss in resumed.items():
         assert loss == uninterrupted[step], f"step {step}: resumed {loss!r} != uninterrupted {uninterrupted[step]!r}"
+    # Without the rank's saved state the stream is the one a start at step 4 gets (it had been step 0's again,
+    # a review's find), and a checkpoint from before each rank had its own stream (its config.json without
+    # "dropout_streams": every rank saved the same state) is seeded the same way, said at start-up. Both runs
+    # draw the same masks, not the uninterrupted run's.
+    import json
+
+    ckpt = run / "checkpoints" / "step_4"
+    state = (ckpt / "rng_rank0.pt").read_bytes()
+    (ckpt / "rng_rank0.pt").unlink()
+    rewind_to(run, "step_4")
+    train1(tmp_path, small_data_dir, "--resume", **overrides)
+    without_state, _ = read_losses(run)
+    (ckpt / "rng_rank0.pt").write_bytes(state)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "dropout_streams"}))
+    rewind_to(run, "step_4")
+    old = train1(tmp_path, small_data_dir, "--resume", **overrides)
+    assert "was written when every rank drew the same LoRA dropout masks" in old.stdout + old.stderr
+    old_losses, _ = read_losses(run)
+    assert without_state == old_losses and without_state[5] != uninterrupted[5], (without_state, uninterrupted)
 
 
 def test_resume_on_data_prepared_again_is_one_error_line(tmp_path):

@@ -138,8 +138,8 @@ def test_grad_norm_is_logged_without_zero_too_and_a_record_covers_its_steps(tmp_
 def test_each_rank_draws_its_own_lora_dropout_masks(tmp_path, small_data_dir):
     """From a user trial: every data-parallel rank drew the same LoRA dropout masks (one seed on every rank),
     so W ranks regularized as one mask applied W times, while a resume on another number of ranks seeded
-    per rank. Each rank's stream now starts at seed + rank (step 0): its first mask is that generator's,
-    and the ranks' masks differ."""
+    per rank. Each rank's stream now starts from a hash of (seed, step 0, rank): its first mask is that
+    generator's, and the ranks' masks differ."""
     from launch_utils import run_ranks
 
     proc = run_ranks(ROOT / "tests/dist/dropout_worker.py", tmp_path / "run", small_data_dir, timeout=600)

@@ -1,7 +1,8 @@
 """2-rank worker for tests/test_trainer_steps.py: the LoRA dropout masks each rank draws. A run straight into
 the ReLoRA phase (no warm start) with dropout 0.1; the first keep-mask each rank draws is compared with the
-mask drawn from a generator seeded ``seed + rank`` (the documented stream of a start at step 0), and its hash
-is printed, so the test can see that the ranks' masks differ. argv: output_dir, data_dir."""
+mask drawn from a generator seeded as the README documents for a start at step 0 (sha256 of
+"seed/dropout/step/rank", its first 8 bytes little-endian, 63 bits), and its hash is printed, so the test can
+see that the ranks' masks differ. argv: output_dir, data_dir."""
 import hashlib
 import sys
 
@@ -22,8 +23,9 @@ real = torch_linear.dropout_keep_mask
 
 def recording(x, p, generator=None):
     if not first:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SEED + dist.get_rank())
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            digest = hashlib.sha256(f"{SEED}/dropout/0/{dist.get_rank()}".encode()).digest()
+            torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
             want = real(x, p, generator)
         keep = real(x, p, generator)
         first.append((keep, torch.equal(keep, want)))

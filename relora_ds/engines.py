@@ -213,8 +213,6 @@ class EnginesMixin:
 # empty one left out): the LoRA factors (the reset prunes their moments and no others), the matrices trained
 # full-rank (embeddings, head, and in a full-rank run every linear) and the vectors trained full-rank (norms'
 # gains, biases), which take no weight decay by default.
-
-
 def param_groups(model) -> list[tuple[str, list[tuple[str, torch.nn.Parameter]]]]:
     """The engine's param groups as ``(kind, [(name, parameter), ...])`` (kinds: checkpoint.OPTIMIZER_GROUPS), parameters in
     model order. Under ZeRO-3 a partitioned parameter is flat; its ``ds_shape`` decides matrix or vector."""

@@ -56,7 +56,7 @@ def lock_output_dir(out: Path):
     if path in _HELD:
         return _HELD[path]
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.resolve().mkdir(parents=True, exist_ok=True)  # a symlink to a folder not made yet: its target
         f = open(path, "a+")
     except OSError as e:  # read-only or immutable (root passes os.access), a full disk, ...
         raise ValueError(f"output_dir {out}: cannot create {path} ({e.strerror}); pick another --output-dir") from None

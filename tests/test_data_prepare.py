@@ -109,6 +109,20 @@ def test_concurrent_callers_serialize_and_the_later_one_finds_the_work_done(tmp_
     assert caplog.text.count("prepared ") == 1 and caplog.text.count("is up to date") == 1
 
 
+def test_an_out_dir_that_cannot_be_made_is_one_error(tmp_path):
+    """A path under a file (or a read-only mount: a user trial got an OSError traceback there) is a ValueError
+    naming it, which launch/prepare_data.py prints as one line; a symlink to a folder not made yet is made."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Now is the winter of our discontent " * 40)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"data dir .*afile/out: cannot create it or its lock file \(Not a "
+                                         r"directory\); pick a writable directory"):
+        prepare_data([str(corpus)], tmp_path / "afile" / "out", vocab_size=300, val_fraction=0.0)
+    (tmp_path / "link").symlink_to(tmp_path / "later" / "data")
+    prepare_data([str(corpus)], tmp_path / "link", vocab_size=300, val_fraction=0.0)
+    assert load_manifest(tmp_path / "later" / "data")["splits"]["train"]["documents"] == 1
+
+
 def test_outputs_do_not_depend_on_num_proc_or_streaming(tmp_path):
     for i in range(3):
         with gzip.open(tmp_path / f"c4-train.{i:05d}-of-00003.json.gz", "wt", encoding="utf-8") as f:

@@ -387,6 +387,16 @@ def test_an_output_dir_that_cannot_be_one_is_named(tmp_path):
         with pytest.raises(ValueError, match=rf"output_dir {out}: cannot create"):
             lock_output_dir(out)
     check_output_dir(TrainConfig(**BASE, output_dir=str(tmp_path / "new" / "run")))  # to be created: fine
+    # A symlink to a folder not made yet is made as a plain path is (a user trial: "cannot create .lock (File
+    # exists)", the link itself being what existed)
+    from relora_ds.output_dir import LOCK_FILE, unlock_output_dir
+
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "later" / "run")
+    check_output_dir(TrainConfig(**BASE, output_dir=str(link)))
+    lock_output_dir(link)
+    assert (tmp_path / "later" / "run" / LOCK_FILE).is_file()
+    unlock_output_dir(link)
 
 
 

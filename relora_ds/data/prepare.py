@@ -139,8 +139,12 @@ def _lock_out_dir(out_dir: Path):
     created = False
     while True:
         created |= not out_dir.exists()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / ".prepare.lock", "a")
+        try:
+            out_dir.resolve().mkdir(parents=True, exist_ok=True)
+            lock = open(out_dir / ".prepare.lock", "a")
+        except OSError as e:  # read-only, a file on the path, a full disk, ...
+            raise ValueError(f"data dir {out_dir}: cannot create it or its lock file ({e.strerror}); pick a "
+                             "writable directory (prepare_data.py --out, --data-dir)") from None
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if os.fstat(lock.fileno()).st_ino == os.stat(out_dir / ".prepare.lock").st_ino:

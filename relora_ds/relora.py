@@ -23,18 +23,22 @@ from .merge_stats import update_norms
 DEFAULT_ALPHA = 32.0
 
 
+def _hashed_seed(*parts) -> int:
+    """A 63-bit seed: sha256 of the parts joined by "/", its first 8 bytes little-endian."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def reinit_seed(run_seed: int, layer_name: str, restart_index: int) -> int:
     """A 63-bit seed from (run seed, layer name, restart index): every data-parallel rank derives the same
     lora_A without communication, and a resumed run redraws exactly what an uninterrupted one would."""
-    digest = hashlib.sha256(f"{run_seed}/{layer_name}/{restart_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return _hashed_seed(run_seed, layer_name, restart_index)
 
 
 def dropout_seed(run_seed: int, step: int, rank: int) -> int:
     """A 63-bit seed of the LoRA dropout stream of ``rank`` from ``step`` on: hashed, so that it is neither the
     init's stream (``run_seed``) nor another rank's or another run seed's."""
-    digest = hashlib.sha256(f"{run_seed}/dropout/{step}/{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return _hashed_seed(run_seed, "dropout", step, rank)
 
 
 def is_deepspeed_engine(obj) -> bool:

@@ -165,14 +165,13 @@ def schedule_problems(*, total_steps: int, warm_start_steps: int, warmup_steps: 
         problems.append((f"warm_start_steps={start} must be 0 or at least warmup_steps={warmup}: the first "
                          "warmup must end before the switch to the low-rank phase; raise warm_start_steps or "
                          "lower warmup_steps", ("warm_start_steps", "warmup_steps")))
-    if mode == "relora" and cycle >= lowrank and merge_every and merge_every < lowrank:
-        warned.append(f"cycle_length={cycle} is not shorter than the low-rank phase ({lowrank} steps: total_steps="
-                      f"{total} - warm_start_steps={start}): no reset happens before the last step, so the merges "
-                      f"every merge_every={merge_every} steps are never followed by an optimizer prune or a restart "
-                      "warmup (set a smaller cycle_length, e.g. the paper's ~1/8 of the run)")
-    elif mode == "relora" and cycle >= lowrank:
-        warned.append(f"cycle_length={cycle} is not shorter than the low-rank phase ({lowrank} steps: total_steps="
-                      f"{total} - warm_start_steps={start}): no ReLoRA reset happens before the last step, so this "
-                      "run trains as plain LoRA (set a smaller cycle_length, e.g. the paper's ~1/8 of the run, or "
-                      "mode lora)")
+    if mode == "relora" and cycle >= lowrank:
+        longer = (f"cycle_length={cycle} is not shorter than the low-rank phase ({lowrank} steps: total_steps="
+                  f"{total} - warm_start_steps={start}): ")
+        warned.append(longer + (f"no reset happens before the last step, so the merges every merge_every="
+                                f"{merge_every} steps are never followed by an optimizer prune or a restart warmup "
+                                "(set a smaller cycle_length, e.g. the paper's ~1/8 of the run)"
+                                if merge_every and merge_every < lowrank else
+                                "no ReLoRA reset happens before the last step, so this run trains as plain LoRA (set "
+                                "a smaller cycle_length, e.g. the paper's ~1/8 of the run, or mode lora)"))
     return problems, warned

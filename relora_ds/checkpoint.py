@@ -3,13 +3,16 @@
 Layout: ``<output_dir>/checkpoints/step_<N>/`` (DeepSpeed's files, ``config.json`` with the run and model
 configs, ``rng_rank<r>.pt`` per rank) and ``<output_dir>/checkpoints/latest`` holding the tag of the last
 *complete* checkpoint. ``latest`` is written to a temporary file and renamed only after every rank has
-finished writing, so a crash while saving leaves it pointing at the previous complete checkpoint.
+finished writing and flushed its files to stable storage (fsync), so a crash while saving, or a power loss
+after it, leaves it pointing at a checkpoint whose files are all there.
 
 What a resume may change and how it loads (``plan_resume``); the conversion to DeepSpeed's universal
 checkpoint, for another number of ranks or another engine layout, is in ``relora_ds/universal.py``.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -58,11 +61,65 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def fsync_path(path: Path) -> None:
+    """Flush ``path`` to stable storage: a file's data, or a directory's entries (the names of the files in it;
+    a file system that cannot sync a directory, EINVAL, keeps them by its own rules)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (e.errno == errno.EINVAL and Path(path).is_dir()):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under the folder ``path``, then the folders' entries, deepest first, ``path`` last
+    (the caller flushes ``path``'s own entry in its parent, after a rename into place)."""
+    for item in sorted(Path(path).rglob("*"), reverse=True):  # "a/b" sorts after "a": a folder's files first
+        fsync_path(item)
+    fsync_path(path)
+
+
+def _replace_durably(text: str, path: Path) -> None:
+    """Write ``text`` to ``path`` through a temporary file, flushed before the rename and the rename after: a
+    crash or a power loss leaves the old file or the new, never an empty or half one."""
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
 def _write_latest(ckpt_dir: Path, tag: str) -> None:
     """Point ``latest`` at ``tag`` atomically (a rename): a crash leaves the old or the new, never half."""
-    tmp = Path(ckpt_dir) / f".{LATEST}.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, Path(ckpt_dir) / LATEST)
+    _replace_durably(tag, Path(ckpt_dir) / LATEST)
+
+
+@contextlib.contextmanager
+def _recording_writes(engine, written: list[Path]):
+    """Append to ``written`` each file ``engine.save_checkpoint`` writes through its checkpoint engine (this
+    rank's model states and optimizer shard), so that this rank flushes exactly its own: another node's listing
+    of a shared directory can miss a file just made (NFS caches lookups)."""
+    writer = getattr(engine, "checkpoint_engine", None)
+    if writer is None:
+        yield
+        return
+    save, own = writer.save, "save" in getattr(writer, "__dict__", {})
+
+    def recording_save(state_dict, path, *args, **kwargs):
+        written.append(Path(path))
+        return save(state_dict, path, *args, **kwargs)
+
+    writer.save = recording_save
+    try:
+        yield
+    finally:
+        if own:
+            writer.save = save
+        else:
+            del writer.save  # the class's method again
 
 
 def tag_step(tag: str) -> int:
@@ -86,9 +143,14 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
         shutil.rmtree(ckpt_dir / tag)
     if dist.is_initialized():
         dist.barrier()
+    written = []
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
+        with _recording_writes(engine, written):
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        written.append(ckpt_dir / tag / f"rng_rank{rank}.pt")
+        torch.save(rng_state(), written[-1])
+        for path in written:  # on disk before any rank marks the folder complete or deletes an older one
+            fsync_path(path)
     except (OSError, RuntimeError) as e:  # a full disk reads "basic_ios::clear: iostream error" from torch
         free = shutil.disk_usage(ckpt_dir).free
         raise RuntimeError(f"rank {rank}: saving checkpoint {ckpt_dir / tag} failed ({type(e).__name__}: {e}); "
@@ -98,9 +160,11 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
     if dist.is_initialized():
         dist.barrier()  # every rank's files are written: only now does config.json mark the folder complete
     if rank == 0:
-        tmp = ckpt_dir / tag / ".config.json.tmp"
-        tmp.write_text(json.dumps(config, indent=2))
-        os.replace(tmp, ckpt_dir / tag / "config.json")
+        # Rank 0 flushes what else is in the folder (DeepSpeed's recovery scripts) and its entries, and the
+        # folder's own entry in ckpt_dir; the files flushed already cost a system call each.
+        fsync_tree(ckpt_dir / tag)
+        fsync_path(ckpt_dir)
+        _replace_durably(json.dumps(config, indent=2), ckpt_dir / tag / "config.json")
     if os.environ.get("RELORA_TEST_CRASH_IN_SAVE") == str(step):
         os._exit(17)  # tests: die after the files, before `latest` moves (a crash mid-save)
     if rank == 0:

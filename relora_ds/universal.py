@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import full_state_dict, is_sharded
+from .checkpoint import fsync_path, fsync_tree, full_state_dict, is_sharded
 from .distributed import on_rank_zero
 
 UNIVERSAL = "universal"
@@ -46,7 +46,9 @@ def make_universal(ckpt_dir: Path, tag: str, param_groups: list[list[str]] | Non
             assert param_groups is not None, "a checkpoint without ZeRO converts only with its param groups' names"
             _unsharded_to_universal(src, tmp, param_groups)
         _add_frozen_tensors(Path(ckpt_dir), tag, tmp / "zero")
+        fsync_tree(tmp)  # on disk before the rename says complete: a resume loads what is there
         os.replace(tmp, out)
+        fsync_path(src)
 
     if dist.is_initialized():
         on_rank_zero(convert)  # a failed conversion stops every rank, not only rank 0

@@ -57,6 +57,24 @@ def check_offload_on_device(ds: dict, accelerator, quantize: str | None = None) 
     nvme = nvme_offloads(ds)
     if not nvme:
         return
+    # What no machine can run first, then what this machine lacks (a user need not install libaio to learn
+    # that the combination is refused anyway).
+    optimizer = ds["zero_optimization"]["offload_optimizer"] if "offload_optimizer" in nvme else {}
+    pipelined = [k for k in ("pipeline_read", "pipeline_write") if optimizer.get(k)]
+    if pipelined:
+        raise ValueError(f"zero_optimization.offload_optimizer.{' and '.join(pipelined)}: DeepSpeed 0.19.8's "
+                         "pipelined optimizer swapping stopped at the first optimizer step here (2 CPU ranks: an "
+                         "assertion in its swap-buffer allocation; with more buffers, in its gradient swapper's "
+                         "wait), with or without relora_ds's NVMe fixes. Remove them: the optimizer swaps to nvme "
+                         "without the pipeline")
+    if "offload_param" in nvme and quantize:
+        raise ValueError(f"quantize={quantize!r} with zero_optimization.offload_param on nvme: DeepSpeed's parameter "
+                         "swapper holds every partition in the model's dtype, not int8. Offload the parameters to "
+                         "\"cpu\" (ds_configs/zero3_offload.json) or train without quantize")
+    if "offload_param" in nvme and accelerator.device_name() == "cpu" and not uses_bf16(ds):
+        raise ValueError("zero_optimization.offload_param offloads to nvme on DeepSpeed's CPU accelerator, where "
+                         "DeepSpeed 0.19.8 swaps parameters only in bf16, and this config trains in fp32: enable "
+                         "bf16, or offload the parameters to \"cpu\"")
     builder = accelerator.create_op_builder("AsyncIOBuilder")
     if builder is None or not builder.is_compatible(verbose=False):
         raise ValueError(f"zero_optimization.{nvme[0]} offloads to nvme, which needs DeepSpeed's async_io op, and "
@@ -68,24 +86,6 @@ def check_offload_on_device(ds: dict, accelerator, quantize: str | None = None) 
             what = "is not set" if not path else f"{path!r} is not a writable directory on this machine"
             raise ValueError(f"zero_optimization.{key}.nvme_path {what}: set it to a directory on a local NVMe "
                              "drive, present on every node (each rank writes its swap files under it)")
-    optimizer = ds["zero_optimization"]["offload_optimizer"] if "offload_optimizer" in nvme else {}
-    pipelined = [k for k in ("pipeline_read", "pipeline_write") if optimizer.get(k)]
-    if pipelined:
-        raise ValueError(f"zero_optimization.offload_optimizer.{' and '.join(pipelined)}: DeepSpeed 0.19.8's "
-                         "pipelined optimizer swapping stopped at the first optimizer step here (2 CPU ranks: an "
-                         "assertion in its swap-buffer allocation; with more buffers, in its gradient swapper's "
-                         "wait), with or without relora_ds's NVMe fixes. Remove them: the optimizer swaps to nvme "
-                         "without the pipeline")
-    if "offload_param" not in nvme:
-        return
-    if quantize:
-        raise ValueError(f"quantize={quantize!r} with zero_optimization.offload_param on nvme: DeepSpeed's parameter "
-                         "swapper holds every partition in the model's dtype, not int8. Offload the parameters to "
-                         "\"cpu\" (ds_configs/zero3_offload.json) or train without quantize")
-    if accelerator.device_name() == "cpu" and not uses_bf16(ds):
-        raise ValueError("zero_optimization.offload_param offloads to nvme on DeepSpeed's CPU accelerator, where "
-                         "DeepSpeed 0.19.8 swaps parameters only in bf16, and this config trains in fp32: enable "
-                         "bf16, or offload the parameters to \"cpu\"")
 
 
 def check_nvme_swap_buffers(cfg: TrainConfig, ds: dict, model_config: LlamaConfig, world_size: int) -> None:

@@ -241,6 +241,14 @@ def test_nvme_offload_is_checked_before_any_engine(tmp_path):
                                          r"parameter swapper holds every partition in the model's dtype"):
         check_offload_on_device(nvme(), acc(), "int8")
     check_offload_on_device({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, acc(), "int8")
+    # What no machine runs is named before what this one lacks (an int8 trial installed nothing to learn it).
+    with pytest.raises(ValueError, match=r"quantize='int8' with zero_optimization.offload_param on nvme"):
+        check_offload_on_device(nvme(None), acc(aio=False), "int8")
+    with pytest.raises(ValueError, match=r"CPU accelerator, where DeepSpeed 0.19.8 swaps parameters only in bf16"):
+        check_offload_on_device(nvme(None, bf16=False), acc("cpu", aio=False))
+    pipelined["zero_optimization"]["offload_optimizer"]["nvme_path"] = None
+    with pytest.raises(ValueError, match=r"offload_optimizer.pipeline_read and pipeline_write: DeepSpeed 0.19.8's"):
+        check_offload_on_device(pipelined, acc(aio=False))
     real = get_accelerator().create_op_builder("AsyncIOBuilder")  # scripts/test.sh installs libaio-dev
     assert real is not None and real.is_compatible(verbose=False), "install libaio-dev"
     check_offload_on_device(nvme(), get_accelerator())

@@ -6,12 +6,11 @@ import os
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
-import transformers
 
 from relora_ds import checkpoint
 from relora_ds.distributed import init_distributed, run_and_exit
+from tiny_engine import tiny_engine, tiny_llama  # tests/dist, this script's folder
 
 
 def main():
@@ -31,12 +30,7 @@ def main():
             events.append(("barrier", None))
     checkpoint.dist = Dist()
     for stage in (1, 3):
-        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=2)
-        model = transformers.LlamaForCausalLM(cfg)
-        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        engine = tiny_engine(tiny_llama(), stage)
         x = torch.randint(0, 128, (1, 9))
         engine.backward(engine(x, labels=x).loss)
         engine.step()

@@ -3,12 +3,11 @@ and 3, must be refused with the order to follow; prints one line per refusal see
 import re
 import warnings
 
-import deepspeed
 import torch
-import transformers
 
 import relora_ds
 from relora_ds.distributed import init_distributed, run_and_exit
+from tiny_engine import tiny_engine, tiny_llama  # tests/dist, this script's folder
 
 ORDER = "before deepspeed.initialize"
 
@@ -26,12 +25,7 @@ def refused(what, call, pattern):
 def main():
     init_distributed()
     for stage in (0, 2, 3):
-        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=2)
-        model = transformers.LlamaForCausalLM(cfg)
-        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+        engine = tiny_engine(tiny_llama(), stage)
         refused(f"stage {stage}: wrap(engine)", lambda: relora_ds.wrap(engine, rank=4), "already in a DeepSpeed engine")
         if stage == 2:  # ZeRO-1/2 link every weight to its master: the module is refused too
             refused(f"stage {stage}: wrap(engine.module)", lambda: relora_ds.wrap(engine.module, rank=4),
@@ -45,10 +39,7 @@ def main():
                     r"LoRA parameters .* are not in the engine's optimizer")
         engine.destroy()
     # Wrapped in the right order, but merged inside a gradient accumulation (1 of 2 micro-steps done): named.
-    model = relora_ds.wrap(transformers.LlamaForCausalLM(cfg), rank=4)
-    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 2},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    engine = tiny_engine(relora_ds.wrap(tiny_llama(), rank=4), 2, accumulation=2)
     x = torch.randint(0, 128, (1, 9))
     engine.backward(engine(x, labels=x).loss)
     engine.step()  # not a boundary: no optimizer step

@@ -182,6 +182,8 @@ def test_keep_last_does_not_count_a_save_that_crashed(tmp_path):
             (tmp_path / f"step_{s}" / "config.json").write_text("{}")
     (tmp_path / "step_300" / "mp_rank_00_model_states.pt").write_text("partial")
     (tmp_path / "latest").write_text("step_250")
+    checkpoint._prune_old(tmp_path, keep_last=0, keep="step_250")  # 0 keeps everything, the crashed one too
+    assert {p.name for p in tmp_path.iterdir()} == {"step_100", "step_200", "step_250", "step_300", "latest"}
     checkpoint._prune_old(tmp_path, keep_last=2, keep="step_250")
     assert {p.name for p in tmp_path.iterdir()} == {"step_200", "step_250", "latest"}
     assert checkpoint.complete_tags(tmp_path) == ["step_200", "step_250"]

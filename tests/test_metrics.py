@@ -79,3 +79,22 @@ def test_metrics_jsonl_is_strict_json(tmp_path):
         raise ValueError(name)
     assert json.loads(line, parse_constant=refuse) == {"step": 1, "loss": 2.5, "grad_norm": None,
                                                       "nested": {"a": [1.0, None]}, "n": 3}
+
+
+def test_tensorboard_after_a_resume_keeps_the_checkpoint_step_and_replaces_the_later_ones(tmp_path):
+    """A resume from step 3 of a run that logged steps 1-5: TensorBoard drops the old 4 and 5 (purge_step,
+    as metrics.jsonl moves them aside) but keeps 3, the checkpoint's own step (a purge from 3 lost it on
+    every resume: a mutation no test saw). Read back with TensorBoard's own EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, enabled=True)
+    for step in range(1, 6):
+        logger.log({"step": step, "loss": float(step)})
+    logger.close()
+    logger = MetricsLogger(tmp_path, enabled=True, resume_step=3)
+    for step in (4, 5):
+        logger.log({"step": step, "loss": 10.0 + step})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]

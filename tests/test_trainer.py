@@ -196,6 +196,14 @@ def test_other_zero_stages_train_through_switch_and_resets_then_export(tmp_path,
                for r in recs if r.get("event") == "reset")
     # ZeRO-3 merges on the ranks that modify the gathered weight: rank 0, which logs, records what it added.
     assert all(0 < r["update_rel_mean"] <= r["update_rel_max"] < 1 for r in recs if r.get("event") == "reset")
+    if zero3:  # every rank's merge residual followed (each rank saves its own buffers; rank 0's alone merged
+        # the weight: a mutation merging there only went unseen), and the merges left something in them
+        import torch
+        states = [torch.load(tmp_path / f"run/checkpoints/step_12/zero_pp_rank_{r}_mp_rank_00_model_states.pt",
+                             map_location="cpu", weights_only=False)["module"] for r in range(2)]
+        residuals = [k for k in states[0] if k.endswith(".merge_residual")]
+        assert len(residuals) == 14 and all(states[0][k].abs().max() > 0 for k in residuals)
+        assert all(torch.equal(states[0][k], states[1][k]) for k in residuals)
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "run" / "hf")
     from relora_ds.data import PackedTokens
 

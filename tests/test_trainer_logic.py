@@ -412,6 +412,9 @@ def test_a_resume_refuses_adam_params_the_checkpoint_would_undo_and_takes_the_ne
                   dynamic(2.0 ** 16, window=5, min=32))
     s = opt.loss_scaler
     assert (s.scale_window, s.min_scale, s.cur_scale, s.cur_iter, s.last_overflow_iter) == (5, 32, 256.0, 6, 3)
+    # a new minimum above the scale reached: the scale rises to it (a mutation keeping 16 went unseen)
+    opt = resumed(dynamic(16.0), {**old, "min_loss_scale": 32}, old, dynamic(2.0 ** 16, min=32))
+    assert (opt.loss_scaler.min_scale, opt.loss_scaler.cur_scale) == (32, 32)
     # an unchanged fp16 section: the checkpoint's scaler as it was (an exact resume)
     restored = dynamic(256.0)
     assert resumed(restored, old, old, dynamic(2.0 ** 16)).loss_scaler is restored

@@ -190,6 +190,8 @@ def test_a_changed_cycle_length_counts_from_the_checkpoints_last_reset(tmp_path,
     assert "cycles now count" not in proc.stdout + proc.stderr
     _, recs = read_losses(tmp_path / "run")
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [9, 12, 15]
+    progress = json.loads((tmp_path / "run/checkpoints/step_15/config.json").read_text())["progress"]
+    assert (progress["cycle_start"], progress["cycles_before"]) == (6, 1)  # carried over, not counted anew
 
 
 def test_a_finished_run_extended_with_resume_keeps_its_last_reset(tmp_path, small_data_dir):

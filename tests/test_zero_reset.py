@@ -128,6 +128,10 @@ def test_optimizer_steps_after_a_universal_load_are_separate_tensors():
     opt.state[b] = {"step": shared, "exp_avg": torch.full((2,), 0.1), "exp_avg_sq": torch.full((2,), 0.01)}
     engine = SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))
     assert unshare_optimizer_steps(engine) == 1
+    assert opt.state[a]["step"] is not opt.state[b]["step"] and float(opt.state[b]["step"]) == 5.0
+    opt.state[a]["step"] += 1  # each counts its own steps now (a mutation not cloning went unseen here)
+    assert float(opt.state[b]["step"]) == 5.0
+    opt.state[a]["step"] -= 1
     opt.state[b]["step"] = 5  # as DeepSpeedCPUAdam saves it
     unshare_optimizer_steps(engine)
     assert torch.is_tensor(opt.state[b]["step"]) and opt.state[b]["step"].dtype == torch.float32

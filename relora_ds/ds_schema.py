@@ -103,6 +103,7 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
         raise ValueError(f"{source}: checkpoint.load_universal is set by the trainer itself, for the resumes that "
                          "need it (another number of ranks, ZeRO stage, precision or optimizer offload); with it "
                          "set here a plain resume fails: remove it")
+    _refuse_other_checkpoint_writers(ds, source)
     zero, removed_zero = ds.get("zero_optimization"), getattr(ds_cfg, "_REMOVED_ZERO_CONFIG_KEYS", {})
     if "zero_optimization" in ds and not isinstance(zero, dict | bool):
         raise ValueError(f"{source}: zero_optimization={zero!r} must be a section, e.g. "
@@ -184,6 +185,30 @@ _UNSUPPORTED_DATA_TYPES = {
     "keep_in_fp32_modules": "it keeps chosen floating-point buffers in fp32, which an int8 base's bf16 scales and the "
                             "bf16 merge residuals must not be",
 }
+
+
+def _refuse_other_checkpoint_writers(ds: dict, source: str) -> None:
+    """A checkpoint is complete for the trainer (relora_ds/checkpoint.py) when engine.save_checkpoint has
+    returned on every rank, each rank's files are flushed and rank 0 then writes config.json, moves `latest`
+    and deletes older checkpoints. DeepSpeed's other writers break that: the decoupled writer and the
+    DataStates engine write in the background after save_checkpoint returns; the writer section (fast,
+    python) failed here (0.19.8: KeyError 'CROSS_SIZE', a variable of DeepSpeed's launcher); node-local
+    storage has each node's first rank write the same model-states file, on the shared output_dir the
+    trainer requires (check_shared_output_dir)."""
+    ckpt = ds.get("checkpoint") if isinstance(ds.get("checkpoint"), dict) else {}
+    why = ("the trainer marks a checkpoint complete (config.json, `latest`) and deletes older ones once DeepSpeed's "
+           "save_checkpoint returns with every file written, through torch.save")
+    if ckpt.get("writer") is not None:
+        raise ValueError(f"{source}: checkpoint.writer selects DeepSpeed's fast, python or decoupled checkpoint "
+                         "writers (0.19.8 failed with them here, KeyError 'CROSS_SIZE', a variable of its own "
+                         f"launcher; the decoupled one writes after save_checkpoint returns), but {why}: remove it")
+    if ckpt.get("use_node_local_storage"):
+        raise ValueError(f"{source}: checkpoint.use_node_local_storage has the first rank of each node write the "
+                         "same model-states file, and the trainer's output_dir is shared by every node (each rank "
+                         "reads every shard on resume): remove it")
+    if "datastates_ckpt" in ds and ds["datastates_ckpt"] is not False:
+        raise ValueError(f"{source}: datastates_ckpt switches on DeepSpeed's DataStates engine, which writes after "
+                         f"save_checkpoint returns (DeepSpeed reads anything but false as on), but {why}: remove it")
 
 
 @functools.lru_cache(maxsize=None)

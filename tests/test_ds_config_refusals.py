@@ -293,3 +293,29 @@ def test_selective_checkpointing_turns_deepspeeds_linear_off_under_zero3():
     full = TrainConfig(**{**BASE, "activation_checkpointing": True})
     assert "memory_efficient_linear" not in complete_ds_config({"zero_optimization": {"stage": 3}}, full,
                                                                1)["zero_optimization"]
+
+
+def test_checkpoint_writers_that_break_the_trainers_save_are_refused():
+    """The trainer takes a checkpoint for complete (config.json, `latest`, older ones deleted) once
+    save_checkpoint has returned on every rank. DeepSpeed's decoupled writer and DataStates engine write after
+    that; its writer section failed here at the start (KeyError 'CROSS_SIZE'); node-local storage writes one
+    model-states file from each node into the shared output_dir. Each was accepted without a word. The oracle for
+    "on": DeepSpeed's own parsing of the same sections; what it reads as off is accepted."""
+    from deepspeed.datastates.config import DeepSpeedDataStatesConfig
+    from deepspeed.runtime.model_checkpointing.config import get_checkpoint_config
+
+    for writer in ({"type": "fast"}, {"decoupled": True}, {}):
+        assert get_checkpoint_config({"checkpoint": {"writer": writer}})["writer"] is not None  # DeepSpeed builds another writer
+        with pytest.raises(ValueError, match=r"checkpoint.writer selects DeepSpeed's fast, python or decoupled "
+                                             r"checkpoint writers .* remove it"):
+            complete_ds_config({"checkpoint": {"writer": writer}}, TrainConfig(**BASE), world_size=2)
+    with pytest.raises(ValueError, match=r"checkpoint.use_node_local_storage has the first rank of each node write"):
+        complete_ds_config({"checkpoint": {"use_node_local_storage": True}}, TrainConfig(**BASE), world_size=2)
+    for value in ({}, None, True, {"x": 1}):
+        assert DeepSpeedDataStatesConfig({"datastates_ckpt": value}).enabled
+        with pytest.raises(ValueError, match=r"datastates_ckpt switches on DeepSpeed's DataStates engine"):
+            complete_ds_config({"datastates_ckpt": value}, TrainConfig(**BASE), world_size=2)
+    assert not DeepSpeedDataStatesConfig({"datastates_ckpt": False}).enabled
+    assert get_checkpoint_config({"checkpoint": {"writer": None}})["writer"] is None
+    complete_ds_config({"checkpoint": {"writer": None, "use_node_local_storage": False}, "datastates_ckpt": False},
+                       TrainConfig(**BASE), world_size=2)

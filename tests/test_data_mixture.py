@@ -156,6 +156,9 @@ def test_a_mixture_dir_reads_its_members_tokens_and_is_refused_when_a_member_cha
     assert make_mixture([(a, 3), (b, 1)], tmp_path / "mix") == tmp_path / "mix"  # the same again: a no-op
     with pytest.raises(ValueError, match="holds another mixture; runs trained on it could not resume"):
         make_mixture([(a, 1), (b, 1)], tmp_path / "mix")
+    packed_data_dir(b, 1_700, 200, corpus="corpus-b")  # only b's validation split prepared again: the training
+    with pytest.raises(ValueError, match=rf"its member {b} was prepared again since the mixture was made"):
+        open_split(mix, "validation", seq_len=32)  # fingerprint is unchanged, the split counts are not
     packed_data_dir(b, 1_800, 170, corpus="corpus-b2")  # member b prepared again
     with pytest.raises(ValueError, match=rf"its member {b} was prepared again since the mixture was made"):
         open_split(mix, "train", seq_len=32)
@@ -328,3 +331,25 @@ def test_training_on_a_mixture_runs_resumes_and_checks_its_members(tmp_path):
     proc = train1(short, mix, check=False, seq_len=1024, micro_batch_size=1, global_batch_size=1)
     assert proc.returncode == 2 and "the train split of member(s) ../b (1,000 tokens) holds fewer tokens than " \
         "one window of --seq-len 1024" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_equal_members_shuffle_apart_and_the_mixture_counts_every_members_unknown_pieces(tmp_path):
+    """Two members of one size still take their windows in different orders (each member's shuffle seeds on its
+    index: without it their orders were one, a mutation no test saw), and a mixture's manifest sums its
+    members' unknown-piece counts, which document masking reads (a mutation keeping the first one's went
+    unseen)."""
+    from relora_ds.data import load_manifest, make_mixture
+    from relora_ds.data.manifest import write_manifest
+    from relora_ds.data.mixture import MixedWindows
+
+    mixed = MixedWindows([Windows(0, 40), Windows(1, 40)], [0.5, 0.5], seed=3)
+    taken = collections.defaultdict(list)
+    for source, window in reads(mixed.epoch_view(0), range(80)):
+        taken[source].append(window)
+    assert sorted(taken[0]) == sorted(taken[1]) == list(range(40)) and taken[0] != taken[1]
+    a = _member(tmp_path, "a", 3_300, 330, "corpus-a")
+    b = _member(tmp_path, "b", 1_700, 170, "corpus-b")
+    manifest = load_manifest(b)
+    write_manifest(b, {**manifest, "warnings": {"unk_tokens": 5}})
+    mix = make_mixture([(a, 1), (b, 1)], tmp_path / "mix")
+    assert load_manifest(mix)["warnings"] == {"unk_tokens": 5}

@@ -283,6 +283,7 @@ def test_boundary_values_are_accepted():
     (dict(seed=-1), "seed=-1 must be >= 0"),  # was accepted, then failed every rank in the data sampler
     # a user trial: 2**64 started, then failed after the engine with "Overflow when unpacking long long"
     (dict(seed=2**64), r"seed=18446744073709551616 must be below 2\*\*62"),
+    (dict(seed=2**62), r"seed=4611686018427387904 must be below 2\*\*62"),  # the bound itself
     (dict(data_prefetch=-1), "data_prefetch=-1 must be >= 0"),
     (dict(vocab_size=10), r"vocab_size=10 is too small: the built-in corpus's tokenizer falls back to bytes, which "
                           r"takes 259 pieces"),  # was accepted by preflight, then failed every rank
@@ -437,3 +438,18 @@ def test_activation_checkpointing_layers_past_the_models_layers_fail_at_start_up
     with pytest.raises(ValueError, match=rf"activation_checkpointing_layers={layers + 1} is more than the model's "
                                          rf"{layers} decoder layers; give at most {layers}, or leave it unset"):
         check_model_and_data(cfg, None, 512)
+
+
+def test_the_edges_of_the_seed_vocab_and_restart_warmup_checks():
+    """Mutations a trial ran that no test saw: the largest seed is 2**62 - 1 (its refusal above); a vocab
+    below the built-in tokenizer's byte fallback is fine with a prepared data_dir (its own tokenizer); a restart
+    warmup as long as the cycle is warned, as a longer one is."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert TrainConfig(**{**BASE, "seed": 2**62 - 1}).seed == 2**62 - 1
+        assert TrainConfig(**{**BASE, "vocab_size": 10, "data_dir": "/data/prepared"}).vocab_size == 10
+    cycle = BASE["cycle_length"]
+    with pytest.warns(UserWarning, match=rf"restart_warmup_steps={cycle} is not shorter than a cycle"):
+        TrainConfig(**{**BASE, "restart_warmup_steps": cycle})

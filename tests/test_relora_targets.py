@@ -258,3 +258,28 @@ def test_mixture_of_experts_weights_left_full_rank_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         relora_ds.wrap(_tiny_llama(), rank=4)
+
+
+def test_a_name_target_matches_whole_name_parts_and_all_linear_spares_only_the_models_own_head():
+    """Mutations a trial ran that no test saw: a target matches a whole dotted part, so 'up_proj' is not Phi-3's
+    gate_up_proj (PEFT's suffix rule); and a model that names its output layer (get_output_embeddings) has an
+    inner linear named like a head ('classifier') wrapped by 'all-linear' (the names stand in for the output
+    layer only in a model that names none)."""
+    cfg = transformers.Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"target_modules \['up_proj'\] matched no linear layer .* the other "
+                                         r"entries did; linear layer names in this model end in: .*'gate_up_proj'"):
+        relora_ds.wrap(transformers.Phi3ForCausalLM(cfg), rank=4, target_modules=["up_proj", "o_proj"])
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.ModuleDict({"classifier": nn.Linear(8, 8), "mix": nn.Linear(8, 8)})
+            self.head = nn.Linear(8, 3)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    model = relora_ds.wrap(Tagger(), rank=2, target_modules="all-linear")
+    assert sorted(n for n, _ in relora_ds.relora_layers(model)) == ["block.classifier", "block.mix"]
+    assert type(model.head) is nn.Linear

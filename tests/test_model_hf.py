@@ -416,3 +416,52 @@ def test_mistral_config_without_sliding_window_gets_transformers_default():
           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
     assert config_from_hf(hf).sliding_window == transformers.MistralConfig(**{k: v for k, v in hf.items()
                                                                             if k != "model_type"}).sliding_window
+
+
+def test_load_hf_reads_every_shard_the_untied_default_and_transformers_rope_theta(tmp_path):
+    """Mutations a trial ran that no test saw, each against transformers' logits from the same directory: a
+    sharded checkpoint (every model of 7B and up) is read shard by shard, all of them; a config.json without
+    tie_word_embeddings loads untied, transformers' LLaMA default; a config holding rope_theta both at the top
+    and in rope_parameters takes the one transformers takes."""
+    torch.manual_seed(2)
+    cfg = LlamaConfig.preset("debug")
+    hf = transformers.LlamaForCausalLM(_hf_config(cfg)).eval()
+    x = torch.randint(0, cfg.vocab_size, (2, 19))
+
+    def same_logits(path):
+        theirs = transformers.LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        ours = relora_ds.load_hf(path).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-4, rtol=0)
+        return ours, theirs
+
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3
+    same_logits(tmp_path / "sharded")
+
+    hf.save_pretrained(tmp_path / "untied")
+    config = json.loads((tmp_path / "untied" / "config.json").read_text())
+    assert config.pop("tie_word_embeddings") is False
+    (tmp_path / "untied" / "config.json").write_text(json.dumps(config))
+    ours, _ = same_logits(tmp_path / "untied")
+    assert not ours.config.tie_word_embeddings
+
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
+    config["rope_theta"] = 80_000.0
+    shutil.copytree(tmp_path / "untied", tmp_path / "theta")
+    (tmp_path / "theta" / "config.json").write_text(json.dumps(config))
+    ours, theirs = same_logits(tmp_path / "theta")
+    assert ours.config.rope_theta == 500.0
+
+
+def test_export_in_bf16_casts_the_biases_too(tmp_path):
+    """A bf16 export of a model with attention and MLP biases: every tensor is bf16, the biases too (a mutation
+    keeping their fp32 went unseen: the bf16 export test's model has none)."""
+    from safetensors.torch import load_file
+
+    model = relora_ds.wrap(LlamaForCausalLM(LlamaConfig.preset("debug", attention_bias=True, mlp_bias=True)), rank=4)
+    relora_ds.export_hf(model, tmp_path, dtype=torch.bfloat16)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.bias" in state and "model.layers.0.mlp.down_proj.bias" in state
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}

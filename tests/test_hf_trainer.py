@@ -456,3 +456,28 @@ def test_a_tied_model_whose_head_is_not_lm_head_saves_merged(tmp_path):
     assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight  # still tied
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_callback_takes_a_fractional_warmup_the_lr_floor_and_a_seed_per_reset(tmp_path, monkeypatch):
+    """Mutations a trial ran that no test saw (the other runs use the defaults): warmup_steps=0.3 is a fraction
+    of the run (TrainingArguments.get_warmup_steps: ceil(0.3 x 7) = 3 steps), min_lr_ratio=0.5 is the cosine's
+    floor, and a 'random' prune draws each reset's masks from seed + step (the same seed would reuse a mask).
+    The lr oracle: the jagged cosine over those settings, written out by hand."""
+    import relora_ds.hf_trainer as hf_trainer
+
+    seeds = []
+    real = hf_trainer.prune_optimizer_state
+    monkeypatch.setattr(hf_trainer, "prune_optimizer_state",
+                        lambda *a, **kw: (seeds.append(kw["seed"]), real(*a, **kw))[1])
+    trainer, callback = w.run(tmp_path, batch=4, warmup_steps=0.3,
+                              relora_kw=dict(min_lr_ratio=0.5, prune_method="random"))
+    assert [(e["step"], e["event"]) for e in callback.events] == [(3, "reset"), (6, "reset")]
+    assert seeds == [w.HP["seed"] + 3, w.HP["seed"] + 6]
+
+    def lr(step):  # 0-based scheduler step: warmup 3, then a cosine to 0.5 over steps 3..7, re-warmed 1 step
+        cosine = 0.5 + 0.25 * (1 + math.cos(math.pi * (step - 3) / 4))
+        if step < 3:
+            return step / 3
+        return 0.0 if step in (3, 6) else cosine
+    lrs = logged(trainer.state.log_history, "learning_rate")
+    assert lrs == pytest.approx([w.HP["learning_rate"] * lr(i) for i in range(7)], rel=1e-6, abs=1e-12)

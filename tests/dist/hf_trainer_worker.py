@@ -75,9 +75,10 @@ def arguments(out_dir, batch) -> dict:
 
 
 def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", source=None, quantize=None, selective=False,
-        resume=None, **overrides):
+        resume=None, relora_kw=None, **overrides):
     """Train (from the checkpoint directory ``resume``, where given); returns (trainer, callback or None).
-    ``selective``: the model recomputes its layers under relora_ds's selective checkpointing policy."""
+    ``selective``: the model recomputes its layers under relora_ds's selective checkpointing policy;
+    ``relora_kw``: enable_relora's arguments over RELORA."""
     args = TrainingArguments(**{**arguments(out_dir, batch), "deepspeed": deepspeed, **overrides})
     if source is not None and deepspeed is not None:
         # zero.Init (inside from_pretrained) needs the process group, which the Trainer would start only later
@@ -88,7 +89,7 @@ def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", source=None, 
         from relora_ds.checkpointing import hf_checkpointing_kwargs
         net.activation_checkpointing_enable(activation_checkpointing_kwargs=hf_checkpointing_kwargs(net))
     trainer = InOrder(model=net, args=args, train_dataset=Windows())
-    callback = enable_relora(trainer, **RELORA) if relora else None
+    callback = enable_relora(trainer, **{**RELORA, **(relora_kw or {})}) if relora else None
     trainer.train(resume_from_checkpoint=resume)
     return trainer, callback
 

@@ -481,3 +481,22 @@ def test_the_callback_takes_a_fractional_warmup_the_lr_floor_and_a_seed_per_rese
         return 0.0 if step in (3, 6) else cosine
     lrs = logged(trainer.state.log_history, "learning_rate")
     assert lrs == pytest.approx([w.HP["learning_rate"] * lr(i) for i in range(7)], rel=1e-6, abs=1e-12)
+
+
+def test_save_model_of_a_bf16_deepspeed_run_writes_bf16(tmp_path):
+    """trainer.save_model under a bf16 DeepSpeed engine writes the merged model in bf16, as transformers saves a
+    bf16 model (2 bytes a weight; a mutation passing no dtype wrote fp32 masters, twice the size, and no test
+    trained in bf16 under DeepSpeed). One rank, ZeRO-2; the export loads in transformers as bf16 and holds the
+    engine's weights: the last step follows the reset at step 6 at lr 0, so B = 0 and each merged weight is
+    the fp32 master rounded once, which is the engine's own bf16 copy."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--bf16", nprocs=1, timeout=600)
+    state = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert {t.dtype for t in state.values()} == {torch.bfloat16} and not any("lora" in k for k in state)
+    trained = torch.load(tmp_path / "state.pt")
+    for name in ("model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"):
+        assert not trained[f"{name}.lora_B"].any() and trained[f"{name}.lora_A"].any()
+        assert torch.equal(state[f"{name}.weight"], trained[f"{name}.weight"])
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype="auto").dtype == torch.bfloat16

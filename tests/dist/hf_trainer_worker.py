@@ -107,6 +107,7 @@ def main():
     ap.add_argument("--selective", action="store_true", help="relora_ds's selective activation checkpointing")
     ap.add_argument("--save-steps", type=int, help="a Trainer checkpoint every N steps")
     ap.add_argument("--resume", help="a Trainer checkpoint directory to resume from")
+    ap.add_argument("--bf16", action="store_true", help="train in bf16 (DeepSpeed's bf16 section)")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     if a.refuse_config:
@@ -118,13 +119,15 @@ def main():
                                                      if a.stage == 3 and not a.selective else {}),
                                 # the selective policy keeps matmul outputs a replaced F.linear would add into
                                 **({"memory_efficient_linear": False} if a.selective else {})},
-          "bf16": {"enabled": False}}
+          "bf16": {"enabled": "auto" if a.bf16 else False}}
     if a.stage == 3:  # DeepSpeed's own optimizer section: transformers then asks for the schedule of that optimizer
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                                       "weight_decay": "auto", "torch_adam": True}}
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         saving = dict(save_strategy="steps", save_steps=a.save_steps) if a.save_steps else {}
+        if a.bf16:
+            saving["bf16"] = True
         trainer, callback = run(a.out, batch=2 // a.grad_accum, deepspeed=ds, kind=a.model, source=a.source,
                                 gradient_accumulation_steps=a.grad_accum, selective=a.selective, resume=a.resume,
                                 **saving)

@@ -140,7 +140,25 @@ def test_merge_kernel_matches_twin(kernels_on, device, with_residual, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merge_kernel_rounds_a_scale_on_a_tie_to_even(kernels_on, device):
+    """The merged rows' rowmax/127 lands exactly half-way between two bf16 values: 1.00390625 (between 1 and
+    1.0078125) rounds down to the even 1.0, 1.01171875 up to the even 1.015625, as torch's cast rounds (a
+    mutation rounding half up went unseen: random weights never hit a tie)."""
+    q, s = torch.zeros(2, 4, dtype=torch.int8), torch.ones(2, dtype=torch.bfloat16)
+    A = torch.tensor([[127 * 1.00390625, 0, 0, 0], [0, 127 * 1.01171875, 0, 0]])
+    B = torch.eye(2)
+    want = (torch.tensor([127 * 1.00390625, 127 * 1.01171875]) / 127).to(torch.bfloat16)
+    assert want.tolist() == [1.0, 1.015625]
+    got = [q.clone().to(device), s.clone().to(device)]
+    rk.int8_merge_(*got, None, A.to(device), B.to(device), 1.0)
+    assert torch.equal(got[1].cpu(), want)
+    ref = [q.clone(), s.clone()]
+    rk.int8_merge_reference_(*ref, None, A, B, 1.0)
+    assert torch.equal(ref[1], want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("in_gemm", [False, True], ids=["scratch", "in_gemm"])
 @pytest.mark.parametrize("shape", [(33, 40, 70, 8, 0.0), (50, 97, 19, 3, 0.25)], ids=["plain", "dropout"])
 def test_int8_linear_kernel_matches_twin(kernels_on, device, dtype, in_gemm, shape):

@@ -108,6 +108,17 @@ def test_torch_path_autocast_and_partial_grads(monkeypatch):
     yr = rk.lora_linear_reference(x.double(), w.double(), ar, b.double(), 0.5, bias.double())
     dar, = torch.autograd.grad(yr, (ar,), dy.double())
     assert rel_err(da, dar) < 2e-2
+    # x alone on an int8 base through the epilogue chain (not the merged weight): dX needs dS = s·dY·B though
+    # A needs no gradient (a mutation computing dS only for dA failed here with a TypeError)
+    monkeypatch.setenv("RELORA_MERGED_WEIGHT", "0")
+    q, q_scale, _ = rk.int8_quantize_reference(w)
+    y = rk.int8_lora_linear(x, q, q_scale, a.detach(), b.detach(), 0.5, bias.detach())
+    (dx,) = torch.autograd.grad(y, (x,), dy)
+    xr = x.detach().double().requires_grad_()
+    yr = rk.int8_lora_linear_reference(xr, q, q_scale, a.double(), b.double(), 0.5, bias.double())
+    (dxr,) = torch.autograd.grad(yr, (xr,), dy.double())
+    assert rel_err(dx, dxr) < 1e-5
+    monkeypatch.delenv("RELORA_MERGED_WEIGHT")
     # Mixed dtypes outside autocast: the twin's behaviour (torch's own F.linear dtype error), as before.
     with pytest.raises(RuntimeError, match="dtype"):
         rk.lora_linear(x.double(), w, a, b, 0.5, bias)

@@ -66,6 +66,27 @@ def test_tma_gemm_runs_where_eligible_and_falls_back_elsewhere(kernels_on, devic
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_tma_launch_computes_alpha_beta_and_bias(kernels_on, device):
+    """``out = alpha·(a1·b1 + beta·a2·b2) + bias``, every term (the training path sends alpha = the LoRA scale
+    through it for dS when only dX is needed; a mutation dropping alpha went unseen). Oracle: float64 torch."""
+    from relora_kernels import matmul_tma
+    g = torch.Generator().manual_seed(4)
+    a1, b1, a2, b2 = (torch.randn(*s, generator=g).to(device) for s in ((48, 32), (32, 16), (48, 8), (8, 16)))
+    bias = torch.randn(16, generator=g).to(device)
+    out = matmul_tma.launch(a1, b1, a2, b2, torch.full((48, 16), float("nan"), device=device), alpha=0.5,
+                            beta=0.3, bias=bias)
+    d = [t.double() for t in (a1, b1, a2, b2, bias)]
+    assert rel_err(out, 0.5 * (d[0] @ d[1] + 0.3 * d[2] @ d[3]) + d[4]) <= tol(device, torch.float32)
+
+
+def test_poisoned_kernel_outputs_start_as_nan(kernels_on):
+    """RELORA_KERNELS_POISON=1 (every kernel test's kernels_on) fills each new kernel output with NaN, so an
+    element no program writes shows as NaN (a mutation switching it off went unseen)."""
+    from relora_kernels import _runtime
+    assert _runtime.new_empty((3, 5), torch.float32, torch.device("cpu")).isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_tma_launch_sets_its_allocator_in_every_thread(kernels_on, device):
     """Triton keeps the allocator of device-side descriptors per thread (a ContextVar) and autograd runs
     CUDA backward passes on worker threads: a launch from a thread other than the first launcher's must
@@ -168,6 +189,13 @@ def test_partial_gradients(kernels_on, device):
     y = rk.lora_linear(x.detach(), w, a, b, 0.9)
     da, db = torch.autograd.grad(y, [a, b], dy)
     assert rel_err(da, want[2]) <= t and rel_err(db, want[3]) <= t
+    # B alone (A frozen, x a leaf without grad), on the float and the int8 base: dB needs S = X·Aᵀ though
+    # A needs no gradient (a mutation computing the LoRA grads only for A left B without one)
+    q, q_scale, _ = rk.int8_quantize_reference(w)
+    for y in (rk.lora_linear(x.detach(), w, a.detach(), b, 0.9),
+              rk.int8_lora_linear(x.detach(), q, q_scale, a.detach(), b, 0.9)):
+        (db,) = torch.autograd.grad(y, [b], dy)
+        assert rel_err(db, want[3]) <= t
     w_train = w.clone().requires_grad_()
     (dw,) = torch.autograd.grad(rk.lora_linear(x, w_train, a, b, 0.9, bias), [w_train], dy)
     assert rel_err(dw, dy.double().t() @ x.double()) <= t
@@ -263,7 +291,8 @@ def test_autocast_computes_in_autocast_dtype(kernels_on, device):
 @pytest.mark.parametrize("lora_dtype", ["same", "fp32"])
 @pytest.mark.parametrize("wdtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(70, 45, 5), (33, 96, 1), (64, 64, 16)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(70, 45, 5), (33, 96, 1), (64, 64, 16), (40, 50, 40)],
+                         ids=lambda s: "x".join(map(str, s)))  # r=40: more than one block of r (16 interpreted)
 def test_lora_merge_matches_reference(kernels_on, device, wdtype, lora_dtype, shape):
     d_out, d_in, r = shape
     g = torch.Generator().manual_seed(d_out * r)

@@ -63,12 +63,12 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 def fsync_path(path: Path) -> None:
     """Flush ``path`` to stable storage: a file's data, or a directory's entries (the names of the files in it;
-    a file system that cannot sync a directory, EINVAL, keeps them by its own rules)."""
+    a file system that cannot sync a directory, EINVAL or ENOTSUP, keeps them by its own rules)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError as e:
-        if not (e.errno == errno.EINVAL and Path(path).is_dir()):
+        if not (e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS) and Path(path).is_dir()):
             raise
     finally:
         os.close(fd)
@@ -101,7 +101,9 @@ def _write_latest(ckpt_dir: Path, tag: str) -> None:
 def _recording_writes(engine, written: list[Path]):
     """Append to ``written`` each file ``engine.save_checkpoint`` writes through its checkpoint engine (this
     rank's model states and optimizer shard), so that this rank flushes exactly its own: another node's listing
-    of a shared directory can miss a file just made (NFS caches lookups)."""
+    of a shared directory can miss a file just made (NFS caches lookups). Every path given to the engine's
+    save is a file written by the time save_checkpoint returns with DeepSpeed's torch.save engine, the only
+    one the DeepSpeed config may select (ds_schema refuses the writers that write later or not at all)."""
     writer = getattr(engine, "checkpoint_engine", None)
     if writer is None:
         yield

@@ -191,17 +191,19 @@ def _refuse_other_checkpoint_writers(ds: dict, source: str) -> None:
     """A checkpoint is complete for the trainer (relora_ds/checkpoint.py) when engine.save_checkpoint has
     returned on every rank, each rank's files are flushed and rank 0 then writes config.json, moves `latest`
     and deletes older checkpoints. DeepSpeed's other writers break that: the decoupled writer and the
-    DataStates engine write in the background after save_checkpoint returns; the writer section (fast,
-    python) failed here (0.19.8: KeyError 'CROSS_SIZE', a variable of DeepSpeed's launcher); node-local
+    DataStates engine write in the background after save_checkpoint returns; the mock writer writes nothing,
+    the fast one nothing on a rank it gives no writer, and each failed without DeepSpeed's own launcher
+    (0.19.8: KeyError 'CROSS_SIZE', a variable that launcher sets); node-local
     storage has each node's first rank write the same model-states file, on the shared output_dir the
     trainer requires (check_shared_output_dir)."""
     ckpt = ds.get("checkpoint") if isinstance(ds.get("checkpoint"), dict) else {}
     why = ("the trainer marks a checkpoint complete (config.json, `latest`) and deletes older ones once DeepSpeed's "
            "save_checkpoint returns with every file written, through torch.save")
     if ckpt.get("writer") is not None:
-        raise ValueError(f"{source}: checkpoint.writer selects DeepSpeed's fast, python or decoupled checkpoint "
-                         "writers (0.19.8 failed with them here, KeyError 'CROSS_SIZE', a variable of its own "
-                         f"launcher; the decoupled one writes after save_checkpoint returns), but {why}: remove it")
+        raise ValueError(f"{source}: checkpoint.writer selects DeepSpeed's fast, python, mock or decoupled checkpoint "
+                         "writers (the decoupled one writes after save_checkpoint returns; mock writes nothing; the "
+                         "fast one writes nothing on a rank it gives no writer; 0.19.8 failed with them without its "
+                         f"own launcher, KeyError 'CROSS_SIZE'), but {why}: remove it")
     if ckpt.get("use_node_local_storage"):
         raise ValueError(f"{source}: checkpoint.use_node_local_storage has the first rank of each node write the "
                          "same model-states file, and the trainer's output_dir is shared by every node (each rank "

@@ -304,9 +304,10 @@ def test_checkpoint_writers_that_break_the_trainers_save_are_refused():
     from deepspeed.datastates.config import DeepSpeedDataStatesConfig
     from deepspeed.runtime.model_checkpointing.config import get_checkpoint_config
 
-    for writer in ({"type": "fast"}, {"decoupled": True}, {}):
-        assert get_checkpoint_config({"checkpoint": {"writer": writer}})["writer"] is not None  # DeepSpeed builds another writer
-        with pytest.raises(ValueError, match=r"checkpoint.writer selects DeepSpeed's fast, python or decoupled "
+    for writer in ({"type": "fast"}, {"type": "mock"}, {"decoupled": True}, {}):
+        # DeepSpeed builds another writer for each
+        assert get_checkpoint_config({"checkpoint": {"writer": writer}})["writer"] is not None
+        with pytest.raises(ValueError, match=r"checkpoint.writer selects DeepSpeed's fast, python, mock or decoupled "
                                              r"checkpoint writers .* remove it"):
             complete_ds_config({"checkpoint": {"writer": writer}}, TrainConfig(**BASE), world_size=2)
     with pytest.raises(ValueError, match=r"checkpoint.use_node_local_storage has the first rank of each node write"):

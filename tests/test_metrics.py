@@ -81,12 +81,17 @@ def test_metrics_jsonl_is_strict_json(tmp_path):
                                                       "nested": {"a": [1.0, None]}, "n": 3}
 
 
-def test_tensorboard_after_a_resume_keeps_the_checkpoint_step_and_replaces_the_later_ones(tmp_path):
+def test_tensorboard_after_a_resume_keeps_the_checkpoint_step_and_replaces_the_later_ones(tmp_path, monkeypatch):
     """A resume from step 3 of a run that logged steps 1-5: TensorBoard drops the old 4 and 5 (purge_step,
     as metrics.jsonl moves them aside) but keeps 3, the checkpoint's own step (a purge from 3 lost it on
     every resume: a mutation no test saw). Read back with TensorBoard's own EventAccumulator."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer import event_file_writer
 
+    # Both event files are named in the same second; their last part is a per-process counter, which readers
+    # sort as text ("10" before "9"): counted from 0 here, as in a fresh run's process, not after whatever
+    # writers this test process made before.
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
     logger = MetricsLogger(tmp_path, enabled=True)
     for step in range(1, 6):
         logger.log({"step": step, "loss": float(step)})

@@ -12,7 +12,6 @@ checkpoint, for another number of ranks or another engine layout, is in ``relora
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import random
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .distributed import on_rank_zero
+from .durable import fsync_path, fsync_tree, replace_durably
 from .ds_config import engine_layout, zero_stage
 
 LATEST = "latest"
@@ -61,40 +61,9 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def fsync_path(path: Path) -> None:
-    """Flush ``path`` to stable storage: a file's data, or a directory's entries (the names of the files in it;
-    a file system that cannot sync a directory, EINVAL or ENOTSUP, keeps them by its own rules)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if not (e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS) and Path(path).is_dir()):
-            raise
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """Flush every file under the folder ``path``, then the folders' entries, deepest first, ``path`` last
-    (the caller flushes ``path``'s own entry in its parent, after a rename into place)."""
-    for item in sorted(Path(path).rglob("*"), reverse=True):  # "a/b" sorts after "a": a folder's files first
-        fsync_path(item)
-    fsync_path(path)
-
-
-def _replace_durably(text: str, path: Path) -> None:
-    """Write ``text`` to ``path`` through a temporary file, flushed before the rename and the rename after: a
-    crash or a power loss leaves the old file or the new, never an empty or half one."""
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 def _write_latest(ckpt_dir: Path, tag: str) -> None:
     """Point ``latest`` at ``tag`` atomically (a rename): a crash leaves the old or the new, never half."""
-    _replace_durably(tag, Path(ckpt_dir) / LATEST)
+    replace_durably(tag, Path(ckpt_dir) / LATEST)
 
 
 @contextlib.contextmanager
@@ -166,7 +135,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
         # folder's own entry in ckpt_dir; the files flushed already cost a system call each.
         fsync_tree(ckpt_dir / tag)
         fsync_path(ckpt_dir)
-        _replace_durably(json.dumps(config, indent=2), ckpt_dir / tag / "config.json")
+        replace_durably(json.dumps(config, indent=2), ckpt_dir / tag / "config.json")
     if os.environ.get("RELORA_TEST_CRASH_IN_SAVE") == str(step):
         os._exit(17)  # tests: die after the files, before `latest` moves (a crash mid-save)
     if rank == 0:

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import fsync_path, fsync_tree, full_state_dict, is_sharded
+from .checkpoint import full_state_dict, is_sharded
+from .durable import fsync_path, fsync_tree
 from .distributed import on_rank_zero
 
 UNIVERSAL = "universal"

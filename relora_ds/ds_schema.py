@@ -193,9 +193,9 @@ def _refuse_other_checkpoint_writers(ds: dict, source: str) -> None:
     and deletes older checkpoints. DeepSpeed's other writers break that: the decoupled writer and the
     DataStates engine write in the background after save_checkpoint returns; the mock writer writes nothing,
     the fast one nothing on a rank it gives no writer, and each failed without DeepSpeed's own launcher
-    (0.19.8: KeyError 'CROSS_SIZE', a variable that launcher sets); node-local
-    storage has each node's first rank write the same model-states file, on the shared output_dir the
-    trainer requires (check_shared_output_dir)."""
+    (0.19.8: KeyError 'CROSS_SIZE', a variable that launcher sets); node-local storage has each node's first
+    rank write the same model-states file, on the shared output_dir the trainer requires
+    (check_shared_output_dir)."""
     ckpt = ds.get("checkpoint") if isinstance(ds.get("checkpoint"), dict) else {}
     why = ("the trainer marks a checkpoint complete (config.json, `latest`) and deletes older ones once DeepSpeed's "
            "save_checkpoint returns with every file written, through torch.save")

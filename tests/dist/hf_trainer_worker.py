@@ -126,11 +126,9 @@ def main():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         saving = dict(save_strategy="steps", save_steps=a.save_steps) if a.save_steps else {}
-        if a.bf16:
-            saving["bf16"] = True
         trainer, callback = run(a.out, batch=2 // a.grad_accum, deepspeed=ds, kind=a.model, source=a.source,
                                 gradient_accumulation_steps=a.grad_accum, selective=a.selective, resume=a.resume,
-                                **saving)
+                                bf16=a.bf16, **saving)
     # accelerate steps the engine only at accumulation boundaries: the merges after them are not inside one
     wrong = [str(x.message) for x in seen if "inside a gradient accumulation" in str(x.message)]
     assert not wrong, wrong

@@ -1,5 +1,6 @@
 """Writes that survive a crash or a power loss: a file's data or a directory's entries flushed to stable
-storage (fsync), and a small file replaced through a flushed temporary one (checkpoint.py, universal.py)."""
+storage (fsync), and a small file replaced through a flushed temporary one: checkpoints and their universal
+conversion, metrics.jsonl up to each checkpoint (metrics.py), an export before its renames (hf.py)."""
 from __future__ import annotations
 
 import errno

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from . import sharded
 from .data.tokenizer import open_tokenizer, tokenizer_difference
+from .durable import fsync_path, fsync_tree
 from .hf_load import CONFIG_KEYS, config_from_hf, hf_tensors, load_hf, load_hf_config
 from .hf_tokenizer import TokenizerNotConvertible, save_hf_tokenizer, sentencepiece_special_ids
 from .model import LlamaForCausalLM
@@ -271,8 +272,10 @@ def _replace_export(out: Path, staging: Path, writes_tokenizer: bool) -> None:
     for stale in (*out.glob("model*.safetensors"), *out.glob("pytorch_model*.bin"), *out.glob("*.index.json")):
         stale.unlink()
     (out / PROGRESS_FILE).unlink(missing_ok=True)  # an earlier export's: it described other weights
+    fsync_tree(staging)  # on disk before a rename shows it: a power loss leaves no empty model.safetensors
     for f in sorted(staging.iterdir()):
         os.replace(f, out / f.name)
+    fsync_path(out)
 
 
 def model_from_engine(engine, keep: bool = True) -> torch.nn.Module | None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .durable import fsync_path, fsync_tree, replace_durably
+
 
 def _json_finite(value):
     """``value`` with every non-finite float (also in nested dicts and lists) replaced by None."""
@@ -82,13 +84,25 @@ class MetricsLogger:
             redone = isinstance(rec_step, int) and (
                 rec_step > step or (rec_step == step and rec.get("event") in self.AFTER_CHECKPOINT_EVENTS))
             (later if redone else keep).append(line)
-        if later:
-            with (self.path.parent / self.REWOUND).open("a") as f:
+        if later:  # the moved records on disk before metrics.jsonl loses them, whatever stops this start
+            rewound = self.path.parent / self.REWOUND
+            with rewound.open("a") as f:
                 f.writelines(later)
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(keep))
-            tmp.replace(self.path)
+            fsync_path(rewound)
+            replace_durably("".join(keep), self.path)
         return len(later)
+
+    def sync(self) -> None:
+        """Flush what was logged so far to stable storage (before a checkpoint is called complete): a run
+        resumed from that checkpoint after a power loss or a node crash finds every record up to its step,
+        and rewinds only the later ones, instead of a gap no later start fills."""
+        if not self.enabled:
+            return
+        if self.path.is_file():
+            fsync_path(self.path)
+        if self._tb is not None:
+            self._tb.flush()
+            fsync_tree(Path(self._tb.log_dir))
 
     def logged(self, step: int, key: str) -> bool:
         """Whether metrics.jsonl holds a record of `step` with `key` (False where this logger is disabled)."""

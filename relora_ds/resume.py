@@ -115,6 +115,7 @@ class CheckpointsMixin:
 
     def save(self) -> Path:
         start = time.perf_counter()
+        self.metrics.sync()  # the records up to this step on disk before the checkpoint that resumes after them
         path = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(),
                                {**self._run_config(), "progress": self.progress()},
                                self.cfg.keep_last, protect=self._protected_checkpoints())

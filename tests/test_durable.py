@@ -104,3 +104,84 @@ def test_a_universal_conversion_is_on_disk_before_its_rename_says_complete(tmp_p
     for path in before:  # each file and folder before the folder holding it (its entry names it)
         assert before.index(path) < before.index(path.parent) if path != tmp else before[-1] == tmp
     assert events[rename + 1:] == [("fsync", root / "step_2")]
+
+
+def _record_fsyncs(monkeypatch, events):
+    from pathlib import Path
+
+    from relora_ds import durable
+    real = durable.os.fsync
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: (real(fd), events.append(
+        ("fsync", Path(durable.os.readlink(f"/proc/self/fd/{fd}"))))))
+
+
+def test_metrics_up_to_a_checkpoint_are_on_disk_before_the_checkpoint_is_saved(tmp_path, monkeypatch):
+    """metrics.jsonl was left in the page cache: after a power loss, a run resumed from the checkpoint at step N
+    found the records before N missing, a gap no later start fills (it rewinds only the later ones). The
+    trainer's save now flushes metrics.jsonl and TensorBoard's events before checkpoint.save runs."""
+    from types import SimpleNamespace
+
+    from relora_ds import resume
+    from relora_ds.metrics import MetricsLogger
+
+    events = []
+    _record_fsyncs(monkeypatch, events)
+    metrics = MetricsLogger(tmp_path, enabled=True)
+    metrics.log({"step": 1, "loss": 3.5})
+    monkeypatch.setattr(resume.checkpoint, "save", lambda *a, **k: events.append(("checkpoint.save", a[2])) or
+                        tmp_path / "checkpoints" / "step_2")
+    trainer = SimpleNamespace(engine=None, ckpt_dir=tmp_path / "checkpoints", step=2, metrics=metrics,
+                              state_dict=dict, _run_config=dict, progress=dict, cfg=SimpleNamespace(keep_last=1),
+                              _protected_checkpoints=tuple)
+    resume.CheckpointsMixin.save(trainer)
+    save = events.index(("checkpoint.save", 2))
+    flushed = {path for _, path in events[:save]}
+    tb_files = {p.resolve() for p in (tmp_path / "tensorboard").rglob("events.out.tfevents.*")}
+    assert (tmp_path / "metrics.jsonl").resolve() in flushed and tb_files and tb_files <= flushed, events
+    metrics.close()
+
+
+def test_a_rewind_keeps_the_moved_records_on_disk_before_metrics_jsonl_loses_them(tmp_path, monkeypatch):
+    """A resume moves the records after its step to metrics.rewound.jsonl: that file is flushed first, then
+    metrics.jsonl is replaced through a flushed temporary file and its folder flushed, so a crash at any point
+    leaves each record in one of the two files."""
+    import json
+    import os
+
+    from relora_ds.metrics import MetricsLogger
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    events = []
+    _record_fsyncs(monkeypatch, events)
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", b))))
+    logger = MetricsLogger(tmp_path, enabled=True, resume_step=2)
+    root = tmp_path.resolve()
+    assert events[:4] == [("fsync", root / "metrics.rewound.jsonl"), ("fsync", root / ".metrics.jsonl.tmp"),
+                          ("replace", tmp_path / "metrics.jsonl"), ("fsync", root)]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.rewound.jsonl").read_text().splitlines()] == [3]
+    logger.close()
+
+
+def test_an_export_is_on_disk_before_its_files_are_renamed_into_place(tmp_path, monkeypatch):
+    """export_hf stages the export and renames each file into the output folder: a power loss after a rename of
+    data still in the page cache could leave an empty or partial model.safetensors under its final name. Every
+    staged file is flushed before the first rename, the output folder's entries after the last."""
+    import os
+
+    import relora_ds
+    from relora_ds import hf
+
+    events = []
+    _record_fsyncs(monkeypatch, events)
+    real_replace = hf.os.replace
+    monkeypatch.setattr(hf.os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", b))))
+    model = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug", vocab_size=64))
+    relora_ds.export_hf(model, tmp_path / "hf", token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    renamed = [path for kind, path in events if kind == "replace"]
+    first = events.index(("replace", renamed[0]))
+    before = [path for kind, path in events[:first] if kind == "fsync"]
+    assert sorted(p.name for p in renamed) == sorted(os.listdir(tmp_path / "hf"))
+    assert {p.name for p in renamed} <= {p.name for p in before}
+    assert events[-1] == ("fsync", (tmp_path / "hf").resolve()) and events[-2][0] == "replace"

@@ -117,10 +117,11 @@ def _tiny_tokenizer(tmp_path):
     return out / "tokenizer.model"
 
 
-def test_documents_longer_than_seq_len_are_split_never_truncated(tmp_path):
+def test_documents_longer_than_seq_len_are_split_never_truncated(tmp_path, caplog):
     long_doc = " ".join(f"w{i}" for i in range(3000))
     path = write_jsonl(tmp_path / "c.jsonl", [long_doc] + SENTENCES[:5])
-    out = prepare_data([path], tmp_path / "out", vocab_size=300, val_fraction=0.0, seq_len=16)
+    with caplog.at_level("INFO", logger="relora_ds"):
+        out = prepare_data([path], tmp_path / "out", vocab_size=300, val_fraction=0.0, seq_len=16)
     m = load_manifest(out)
     tokens = np.fromfile(m["splits"]["train"]["path"], dtype=m["dtype"]).astype(np.int64)
     ds = PackedTokens(out, "train", seq_len=16)
@@ -132,6 +133,11 @@ def test_documents_longer_than_seq_len_are_split_never_truncated(tmp_path):
     sp = load_tokenizer(m["tokenizer_path"])
     doc_len = len(sp.encode(long_doc)) + 2
     assert doc_len > 10 * 16 and doc_len <= 1 + 16 * len(ds)
+    # Documents spanning several windows (BOS + pieces + EOS > seq_len + 1), counted by the tokenizer itself:
+    # in prepare's closing log line.
+    spanning = sum(len(sp.encode(doc)) + 2 > 17 for doc in [long_doc] + SENTENCES[:5])
+    assert spanning >= 2
+    assert f"; {spanning} documents span several windows of seq_len=16" in caplog.text
 
 
 def test_vocab_size_too_large_is_capped_with_a_warning_and_too_small_is_an_error(tmp_path):

@@ -33,7 +33,7 @@ def replace_durably(text: str, path: Path) -> None:
     """Write ``text`` to ``path`` through a temporary file, flushed before the rename and the rename after: a
     crash or a power loss leaves the old file or the new, never an empty or half one."""
     tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)

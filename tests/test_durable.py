@@ -185,3 +185,32 @@ def test_an_export_is_on_disk_before_its_files_are_renamed_into_place(tmp_path, 
     assert sorted(p.name for p in renamed) == sorted(os.listdir(tmp_path / "hf"))
     assert {p.name for p in renamed} <= {p.name for p in before}
     assert events[-1] == ("fsync", (tmp_path / "hf").resolve()) and events[-2][0] == "replace"
+
+
+def test_a_prepared_data_dir_is_on_disk_before_its_manifest_calls_it_complete(tmp_path, monkeypatch):
+    """A prepared dir with a manifest is complete: the token files and the tokenizer are flushed before their
+    renames, the manifest through a flushed temporary file, the folder's entries after (a power loss right
+    after prepare_data could otherwise leave a manifest naming a train.bin of zeros, the size it says)."""
+    import json
+    import os
+
+    from relora_ds.data import load_manifest, prepare_data
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Line {i} of a small corpus about item {i * 7}."}) + "\n"
+                              for i in range(40)))
+    events = []
+    _record_fsyncs(monkeypatch, events)
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", os.fspath(b)))))
+    out = (tmp_path / "out").resolve()
+    prepare_data([corpus], out, vocab_size=300, val_fraction=0.2)
+    m = load_manifest(out)
+    kept = {os.path.basename(m["tokenizer_path"]), "train.bin", "validation.bin"}
+    replaced = [os.path.basename(b) for kind, b in events if kind == "replace"]
+    assert kept <= set(replaced) and replaced[-1] == "manifest.json", replaced
+    first = next(i for i, (kind, b) in enumerate(events) if kind == "replace" and os.path.basename(b) in kept)
+    flushed = {p.name for kind, p in events[:first] if kind == "fsync"}
+    assert {".train.bin.tmp", ".validation.bin.tmp", os.path.basename(m["tokenizer_path"])} <= flushed, events
+    manifest = events.index(("replace", os.fspath(out / "manifest.json")))
+    assert events[manifest - 1] == ("fsync", out / ".manifest.json.tmp") and events[manifest + 1] == ("fsync", out)

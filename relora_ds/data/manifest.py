@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from relora_ds.durable import replace_durably
+
 MANIFEST = "manifest.json"
 FORMAT = "relora_ds.packed_tokens/1"
 SPLITS = ("train", "validation")
@@ -72,9 +74,8 @@ def read_manifest_file(data_dir: str | Path) -> dict | None:
 
 
 def write_manifest(data_dir: Path, manifest: dict) -> None:
-    tmp = data_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, data_dir / MANIFEST)
+    """Through a flushed temporary file, the folder flushed after the rename (the files it names are first)."""
+    replace_durably(json.dumps(manifest, indent=2, sort_keys=True) + "\n", data_dir / MANIFEST)
 
 
 def load_manifest(data_dir: str | Path) -> dict:

@@ -32,6 +32,7 @@ from relora_ds.data.sources import Corpus, load_corpus
 from relora_ds.data.tokenizer import Tokenizer, open_tokenizer, train_tokenizer, training_lines
 from relora_ds.data.recipe import (DEFAULT_VOCAB_SIZE, PrepareConfig, at_defaults, inapplicable_options, recipe_diff,
                                    recipe_of, same_recipe)
+from relora_ds.durable import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,10 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
         if splits["train"]["documents"] == 0:
             raise ValueError(f"the training split is empty ({total_docs} documents, all in validation){few}")
 
+    # On disk before any rename shows them, so the manifest (written durably, last) never names a token file
+    # a power loss could still empty or cut short.
+    for f in [*tok.files, *(out_dir / f".{split}.bin.tmp" for split in mf.SPLITS)]:
+        fsync_path(f)
     # Readers holding the old files keep their inodes; new readers see no manifest until it is complete.
     (out_dir / mf.MANIFEST).unlink(missing_ok=True)
     for name in mf.TOKENIZER_FILES:  # another recipe's tokenizer, possibly of the other kind

@@ -92,8 +92,8 @@ def check_nvme_swap_buffers(cfg: TrainConfig, ds: dict, model_config: LlamaConfi
     """ZeRO-3 with the parameters on NVMe: DeepSpeed swaps each partition of at least max(1 MiB, aio.block_size)
     a rank, and each one swapped in holds one of ``offload_param.buffer_count`` swap buffers. Refused before
     any engine, counted on a meta-device copy of the run's model wrapped as the trainer wraps it:
-    - a parameter both persistent (at most ``stage3_param_persistence_threshold`` elements: never released)
-      and swapped: DeepSpeed gathers every persistent parameter at once after each step, and they keep their
+    - a parameter both persistent (at most ``stage3_param_persistence_threshold`` elements while the persistent
+      ones sum to at most ``stage3_model_persistence_threshold``: never released) and swapped: DeepSpeed gathers every persistent parameter at once after each step, and they keep their
       buffers (measured: 130m's width, 2 layers, 1 rank, threshold 1e6: ``Not enough buffers 5 for swapping
       8`` in the first step, eagerly);
     - with --compile, a decoder layer whose swapped weights outnumber the buffers: its gather
@@ -111,7 +111,12 @@ def check_nvme_swap_buffers(cfg: TrainConfig, ds: dict, model_config: LlamaConfi
     def swapped(p):
         return -(-p.numel() // world_size) * element >= min_bytes
     threshold, buffers = zero.param_persistence_threshold, zero.offload_param.buffer_count
-    persistent = [name for name, p in model.named_parameters() if swapped(p) and p.numel() <= threshold]
+    persistent, kept = [], 0  # as DeepSpeed's mark_persistent_parameters picks them, in the module's order:
+    for name, p in model.named_parameters():  # each up to the threshold while their sum stays in the model's
+        if p.numel() <= threshold and kept + p.numel() <= zero.model_persistence_threshold:
+            kept += p.numel()
+            if swapped(p):
+                persistent.append(name)
     if persistent:
         most = (-(-min_bytes // element) - 1) * world_size  # the largest parameter that does not swap
         raise ValueError(f"zero_optimization.stage3_param_persistence_threshold={threshold:g} keeps {len(persistent)} "

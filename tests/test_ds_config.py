@@ -318,3 +318,52 @@ def test_parameters_on_nvme_are_released_after_use_and_compiled_layers_need_thei
         check_nvme_swap_buffers(TrainConfig(**{**cfg.to_dict(), "compile": False}), sticky, model_config, 1)
     check_nvme_swap_buffers(cfg, {**sticky, "zero_optimization": {**sticky["zero_optimization"], "offload_param": {
         **sticky["zero_optimization"]["offload_param"], "buffer_count": 3}}}, model_config, 2)
+
+
+def test_the_nvme_persistence_refusal_counts_what_deepspeed_keeps_and_swaps(monkeypatch):
+    """The parameters refused as both persistent and swapped are those DeepSpeed's own mark_persistent_parameters
+    keeps (up to stage3_param_persistence_threshold elements each, while their sum stays within
+    stage3_model_persistence_threshold, in the module's order: a capped model threshold keeps fewer) and its
+    swapper swaps (at least max(1 MiB, aio.block_size) bytes a rank). Both bounds inclusive, as DeepSpeed's:
+    130m's q/k/v/o hold 589,824 elements, 1,179,648 bf16 bytes on 1 rank."""
+    import re
+    from types import SimpleNamespace
+
+    import relora_ds
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from launch_utils import ROOT
+    from relora_ds.ds_machine import check_nvme_swap_buffers
+    from relora_ds.startup import meta_model
+
+    cfg = TrainConfig(model="130m", rank=8, cycle_length=10, restart_warmup_steps=2, total_steps=100,
+                      micro_batch_size=2, global_batch_size=4)
+    shipped = json.loads((ROOT / "ds_configs" / "zero3_nvme.json").read_text())
+    model_config = relora_ds.LlamaConfig.preset("130m", vocab_size=512)
+    oracle_model = meta_model(cfg, model_config)
+    monkeypatch.setattr(parameter_offload, "print_rank_0", lambda *a, **k: None)  # (asks a process group's rank)
+    for p in oracle_model.parameters():
+        p.ds_numel = p.numel()
+
+    def refused(threshold, model_threshold, block_size):
+        ds = complete_ds_config(shipped, cfg, world_size=1)
+        ds["zero_optimization"].update(stage3_param_persistence_threshold=threshold,
+                                       stage3_model_persistence_threshold=model_threshold)
+        ds["aio"] = {**ds["aio"], "block_size": block_size}
+        try:
+            check_nvme_swap_buffers(cfg, ds, model_config, 1)
+        except ValueError as e:
+            return int(re.search(r"keeps (\d+) parameters", str(e))[1])
+        return 0
+
+    def deepspeed_keeps(threshold, model_threshold, block_size):
+        kept = DeepSpeedZeRoOffload.mark_persistent_parameters(SimpleNamespace(module=oracle_model), threshold,
+                                                               model_threshold)
+        return sum(p.numel() * 2 >= max(2**20, block_size) for p in kept)
+
+    q = 768 * 768
+    cases = [(q, 2**62, 2 * q), (q - 1, 2**62, 2 * q), (q, 2**62, 2 * q + 1), (10**6, 2**62, 2**20),
+             (10**6, 10 * q, 2**20), (10**6, 0, 2**20)]
+    got = [refused(*case) for case in cases]
+    assert got == [deepspeed_keeps(*case) for case in cases]
+    assert got[0] == 48 and got[1:3] == [0, 0] and 0 < got[4] < got[3] == 48 and got[5] == 0, got

@@ -16,6 +16,52 @@ def test_a_checkpoint_the_converter_cannot_read_is_a_clear_error(tmp_path):
     assert not (tmp_path / "step_5" / "universal").exists()  # nothing half-written is left to be loaded
 
 
+
+def test_a_second_resume_loads_the_conversion_it_finds_and_an_empty_one_is_an_error(tmp_path, monkeypatch):
+    """A checkpoint converted for another layout once is loaded as it is by a second resume from it (after a crash
+    before the next save, say): converting again would fail renaming onto the existing universal/ folder. A
+    converter that exits 0 but writes no zero/ folder is an error, not a conversion."""
+    import subprocess
+
+    from relora_ds import universal
+
+    calls = []
+
+    def convert(src, out):
+        calls.append(out)
+        (out / "zero" / "w").mkdir(parents=True)
+        (out / "zero" / "w" / "fp32.pt").write_bytes(b"w")
+    monkeypatch.setattr(universal, "is_sharded", lambda ckpt_dir, tag: True)
+    monkeypatch.setattr(universal, "_ds_to_universal", convert)
+    monkeypatch.setattr(universal, "_add_frozen_tensors", lambda ckpt_dir, tag, zero: None)
+    (tmp_path / "step_2").mkdir()
+    assert universal.make_universal(tmp_path, "step_2") == universal.make_universal(tmp_path, "step_2") == \
+        "step_2/universal"
+    assert len(calls) == 1 and (tmp_path / "step_2" / "universal" / "zero" / "w" / "fp32.pt").read_bytes() == b"w"
+
+    monkeypatch.undo()
+    monkeypatch.setattr(universal, "run_module_shielded", lambda *a: subprocess.CompletedProcess(a, 0, "", ""))
+    with pytest.raises(RuntimeError, match=r"ds_to_universal failed \(exit status 0\)"):
+        universal._ds_to_universal(tmp_path / "step_2", tmp_path / "out")
+
+
+def test_a_checkpoint_without_zero_whose_adam_steps_differ_in_a_group_is_refused(tmp_path):
+    """A ZeRO optimizer holds one step count per param group: an fp32 checkpoint without ZeRO (torch's Adam, a
+    count per parameter) whose counts differ within a group is refused, not loaded with one of them (set.pop:
+    any) and every other parameter's bias correction wrong."""
+    import torch
+
+    from relora_ds import universal
+
+    def state(step):
+        return {"step": torch.tensor(float(step)), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
+    (tmp_path / "src").mkdir()
+    torch.save({"module": {"a": torch.zeros(3), "b": torch.zeros(3)},
+                "optimizer": {"state": {0: state(3), 1: state(5)}, "param_groups": [{"params": [0, 1], "lr": 1e-3}]}},
+               tmp_path / "src" / "mp_rank_00_model_states.pt")
+    with pytest.raises(ValueError, match=r"the Adam step counts within one param group differ \(\[3.0, 5.0\]\)"):
+        universal._unsharded_to_universal(tmp_path / "src", tmp_path / "out", [["a", "b"]])
+
 def test_the_converter_outlives_the_stop_signals_a_run_stops_cleanly_on(tmp_path, monkeypatch):
     """SLURM's `scancel --signal` reaches every process of the job step, a terminal's Ctrl-C the foreground
     group: the checkpoint converter (minutes at scale) ran in the trainer's group and died of USR1, failing

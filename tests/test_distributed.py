@@ -267,6 +267,23 @@ def test_exit_process_finalizes_mpi(tmp_path):
     assert proc.stdout == "initialized True size 1\nfinalized True\n"
 
 
+
+def test_a_failing_shutdown_step_makes_a_zero_status_one():
+    """MPI_Finalize (or the process group's destruction) failing after the work is done is printed and the rank
+    exits 1, so the launcher or SLURM does not count the job a success."""
+    import subprocess
+    import sys
+
+    code = ("import sys, types\n"
+            "def boom():\n"
+            "    raise RuntimeError('finalize failed')\n"
+            "sys.modules['mpi4py.MPI'] = types.SimpleNamespace(Is_initialized=lambda: True, "
+            "Is_finalized=lambda: False, Finalize=boom)\n"
+            "from relora_ds.distributed import exit_process\n"
+            "exit_process(0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "RuntimeError: finalize failed" in proc.stderr, proc.stderr[-2000:]
+
 def test_an_error_on_rank_zero_stops_every_rank_and_max_over_ranks(tmp_path):
     """on_rank_zero: rank 0's work succeeds for all, or its error reaches every rank (rank 0 raises it, the
     others a RuntimeError naming it) instead of leaving them blocked at the next collective. max_over_ranks

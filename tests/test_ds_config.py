@@ -367,3 +367,19 @@ def test_the_nvme_persistence_refusal_counts_what_deepspeed_keeps_and_swaps(monk
     got = [refused(*case) for case in cases]
     assert got == [deepspeed_keeps(*case) for case in cases]
     assert got[0] == 48 and got[1:3] == [0, 0] and 0 < got[4] < got[3] == 48 and got[5] == 0, got
+
+
+
+def test_a_config_without_a_zero_stage_is_deepspeeds_stage_0_and_deepspeed_prints_nothing_of_its_own():
+    """No zero_optimization section, or one without `stage`, is what DeepSpeed reads as stage 0 (its own config
+    model is the oracle): the trainer then logs its own gradient norm and plans a resume for stage 0.
+    steps_per_print is set past the run's end: DeepSpeed's own loss/lr lines (every 10 steps by default) would
+    interleave with the trainer's."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from relora_ds.ds_config import zero_stage
+
+    assert zero_stage({}) == zero_stage({"zero_optimization": {}}) == DeepSpeedZeroConfig().stage == 0
+    cfg = TrainConfig(**BASE)
+    assert complete_ds_config({"zero_optimization": {"stage": 2}}, cfg, world_size=2)["steps_per_print"] > \
+        cfg.total_steps

@@ -201,6 +201,7 @@ def test_nvme_offload_is_checked_before_any_engine(tmp_path):
 
     from deepspeed.accelerator import get_accelerator
 
+    from relora_ds import ds_machine
     from relora_ds.ds_machine import check_offload_on_device
 
     acc = lambda device="cuda", aio=True: SimpleNamespace(  # noqa: E731
@@ -234,6 +235,11 @@ def test_nvme_offload_is_checked_before_any_engine(tmp_path):
                        (str(tmp_path / "a_file"), "is not a writable directory")):
         with pytest.raises(ValueError, match=rf"offload_param.nvme_path .*{what}.*local NVMe"):
             check_offload_on_device(nvme(path), acc())
+    # A read-only directory (chmod does not stop root, who runs CI: os.access answers instead).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ds_machine.os, "access", lambda path, mode: not mode & ds_machine.os.W_OK)
+        with pytest.raises(ValueError, match=r"offload_param.nvme_path .*is not a writable directory"):
+            check_offload_on_device(nvme(str(tmp_path)), acc())
     with pytest.raises(ValueError, match=r"CPU accelerator, where DeepSpeed 0.19.8 swaps parameters only in bf16, "
                                          r"and this config trains in fp32: enable bf16, or offload the parameters"):
         check_offload_on_device(nvme(bf16=False), acc("cpu"))

@@ -97,6 +97,12 @@ def test_a_checkpoint_from_deepspeeds_own_nvme_save_is_named_not_loaded():
                                          r"sub-groups have \[10, 4\]: written by DeepSpeed's own save"):
         _load_swapping_in(None)(engine_optimizer, {FP32_FLAT_GROUPS: [torch.zeros(0), torch.zeros(4)]})
     assert not hasattr(engine_optimizer, "loss_scaler")  # nothing restored before the refusal
+    # A checkpoint whose ranks held other sub-groups of parameters, even of the same sizes, is not loaded into
+    # this engine's.
+    placed = SimpleNamespace(swap_optimizer=True, _zero3_partition_group_metadata=lambda: [[0, 1], [2]])
+    with pytest.raises(RuntimeError, match=r"parameter placement differs from this engine's"):
+        _load_swapping_in(None)(placed, {"ds_zero_partition_groups": [[1, 0], [2]]})
+    assert not hasattr(placed, "loss_scaler")
 
 
 @pytest.fixture(scope="module")

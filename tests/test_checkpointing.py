@@ -315,3 +315,11 @@ def test_a_linear_replaced_after_the_kwargs_are_built_is_refused_at_the_forward(
     norm_only = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8, bias=False))
     assert checkpointing.biased_linear(norm_only) is None
     assert checkpointing.biased_linear(torch.nn.Sequential(torch.nn.Linear(8, 8))) == "0"
+    # Every linear of relora_ds's Qwen2 wrapped: its biased q/k/v are ReLoRA layers (no nn.Linear is left),
+    # whose reference path passes F.linear the bias too; a model without biases is not refused.
+    wrapped = _model(QWEN2, rank=4)
+    assert not any(isinstance(m, torch.nn.Linear) for m in wrapped.model.modules())
+    assert checkpointing.biased_linear(wrapped) == "model.layers.0.self_attn.q_proj"
+    with pytest.raises(RuntimeError, match=r"model.layers.0.self_attn.q_proj has a bias"):
+        checkpointing.hf_checkpointing_kwargs(wrapped)
+    checkpointing.hf_checkpointing_kwargs(_model(rank=4))

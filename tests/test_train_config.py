@@ -398,6 +398,25 @@ def test_an_output_dir_that_cannot_be_one_is_named(tmp_path):
     lock_output_dir(link)
     assert (tmp_path / "later" / "run" / LOCK_FILE).is_file()
     unlock_output_dir(link)
+    # Unwritable (root, who runs CI, is never refused by chmod: os.access answers instead).
+    from relora_ds import output_dir
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(output_dir.os, "access", lambda path, mode: False)
+        with pytest.raises(ValueError, match=rf"output_dir {tmp_path / 'new'}: {tmp_path} is not writable by this user"):
+            check_output_dir(TrainConfig(**BASE, output_dir=str(tmp_path / "new")))
+
+
+def test_overwrite_refuses_to_delete_the_runs_own_prepared_data(tmp_path):
+    """--overwrite deletes output_dir: a data_dir prepared inside it (output_dir/data, a common layout) is the
+    run's input and is refused, as a warm-start source inside it is; beside it, accepted."""
+    from relora_ds.output_dir import check_output_dir
+
+    out = tmp_path / "run"
+    for inside in (out / "data", out):
+        with pytest.raises(ValueError, match=rf"data_dir={inside} lies inside output_dir {out}, which --overwrite"):
+            check_output_dir(TrainConfig(**BASE, output_dir=str(out), data_dir=str(inside), overwrite=True))
+    check_output_dir(TrainConfig(**BASE, output_dir=str(out), data_dir=str(tmp_path / "data"), overwrite=True))
+    check_output_dir(TrainConfig(**BASE, output_dir=str(out), data_dir=str(out / "data")))  # nothing deleted
 
 
 

@@ -55,43 +55,49 @@ def test_a_non_finite_gradient_skips_the_update_without_zero_too(tmp_path, small
     """Stage 0 (plain `python launch/train.py`, fp32): DeepSpeed applies any update there, so an inf gradient
     (injected into step 2's backward; the loss stays finite) wrote NaN into every weight, a NaN checkpoint
     and, at the last step, exit 0 (found by a review). Now the step is skipped as ZeRO skips it: weights
-    after step 2 equal those after step 1, the schedule stays on the step, training goes on."""
+    after step 2 equal those after step 1, the schedule stays on the step, training goes on. Injected again at
+    step 4, in the low-rank engine that trains on: the skip is undone after its step (a skip left in place
+    skipped every later update), steps 5 and 6 update the weights."""
     import torch
     stage0 = tmp_path / "stage0.json"
     stage0.write_text(json.dumps({"zero_optimization": {"stage": 0},
                                   "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}))
-    recipe, _ = write(tmp_path, small_data_dir, total_steps=4, eval_every=0, global_batch_size=4, save_every=1)
+    recipe, _ = write(tmp_path, small_data_dir, total_steps=6, eval_every=0, global_batch_size=4, save_every=1,
+                      keep_last=6)
     _train1_patched(tmp_path, "import torch\nfrom relora_ds import model as M\ncalls = [0]\n"
                     "orig = M.LlamaModel.forward\n"
                     "def forward(self, *a, **kw):\n"
                     "    h = orig(self, *a, **kw)\n"
                     "    if torch.is_grad_enabled() and self.training:\n"
                     "        calls[0] += 1\n"
-                    "        if calls[0] == 2:\n"
+                    "        if calls[0] in (2, 4):\n"
                     "            h.register_hook(lambda g: g * float('inf'))\n"
                     "    return h\n"
                     "M.LlamaModel.forward = forward", recipe, stage0)
     losses, recs = read_losses(tmp_path / "run")
     assert [(r["step"], r["reason"]) for r in recs if r.get("event") == "step_skipped"] == \
-        [(2, "non-finite gradient norm")]
-    assert [r["grad_norm"] is None for r in recs if "loss" in r] == [False, True, False, False]
+        [(2, "non-finite gradient norm"), (4, "non-finite gradient norm")]
+    assert [r["grad_norm"] is None for r in recs if "loss" in r] == [False, True, False, True, False, False]
     from relora_ds.schedule import jagged_cosine
-    want = [3e-3 * jagged_cosine(s - 1, total_steps=4, warmup_steps=2, cycle_length=4, restart_warmup_steps=2,
-                                 start_step=2) for s in range(1, 5)]
+    want = [3e-3 * jagged_cosine(s - 1, total_steps=6, warmup_steps=2, cycle_length=4, restart_warmup_steps=2,
+                                 start_step=2) for s in range(1, 7)]
     assert [r["lr"] for r in recs if "loss" in r] == pytest.approx(want, rel=1e-6, abs=1e-12)
 
     def weights(tag):
         states = torch.load(tmp_path / "run/checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)
         return states["module"]
-    w1, w2, w4 = weights("step_1"), weights("step_2"), weights("step_4")  # step 3: lr 0 after the switch
-    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped update
-    assert all(torch.isfinite(v).all() for v in w4.values())
-    assert not torch.equal(w2["model.embed_tokens.weight"], w4["model.embed_tokens.weight"])  # training went on
+    w = {s: weights(f"step_{s}") for s in range(1, 7)}  # step 3: lr 0 after the switch
+    assert all(torch.equal(w[1][k], w[2][k]) for k in w[1])  # the skipped updates
+    assert all(torch.equal(w[3][k], w[4][k]) for k in w[3])
+    assert all(torch.isfinite(v).all() for v in w[6].values())
+    for a, b in ((4, 5), (5, 6)):  # training went on (step 3 trained at lr 0)
+        assert not torch.equal(w[a]["model.embed_tokens.weight"], w[b]["model.embed_tokens.weight"]), (a, b)
     assert all(math.isfinite(v) for v in losses.values())
 
 
 def test_grad_norm_is_logged_without_zero_too_and_a_record_covers_its_steps(tmp_path, small_data_dir):
-    """Stage 0 (plain `python launch/train.py`) logs the same gradient norm as ZeRO-2 records (fp32, 1 rank);
+    """Stage 0 (plain `python launch/train.py`) logs the same gradient norm as ZeRO-2 records (fp32, 1 rank,
+    two micro-batches a step: the norm of the accumulated gradient, after the last);
     with log_every > 1 a record's loss is its steps' mean (found by a review: it was the last step's), and a
     run resumed from a checkpoint logs the records the uninterrupted run logged (a review found the steps
     between the last record and the checkpoint in no record of the resumed run)."""
@@ -101,7 +107,7 @@ def test_grad_norm_is_logged_without_zero_too_and_a_record_covers_its_steps(tmp_
     norms = {}
     for name, ds in (("zero0", stage0), ("zero2", None)):
         (tmp_path / name).mkdir()
-        train1(tmp_path / name, small_data_dir, ds=ds, total_steps=6, eval_every=0, global_batch_size=4)
+        train1(tmp_path / name, small_data_dir, ds=ds, total_steps=6, eval_every=0, global_batch_size=8)
         _, recs = read_losses(tmp_path / name / "run")
         norms[name] = [r["grad_norm"] for r in recs if "loss" in r]
     assert all(n is not None and n > 0 for n in norms["zero0"]), norms
@@ -111,7 +117,7 @@ def test_grad_norm_is_logged_without_zero_too_and_a_record_covers_its_steps(tmp_
     # 1-2), 3, 4 and 6 (steps 5-6, the last).
     each, each_recs = read_losses(tmp_path / "zero2" / "run")
     (tmp_path / "every3").mkdir()
-    kw = dict(total_steps=6, eval_every=0, global_batch_size=4, log_every=3, save_every=4)
+    kw = dict(total_steps=6, eval_every=0, global_batch_size=8, log_every=3, save_every=4)
     train1(tmp_path / "every3", small_data_dir, **kw)
     grouped, recs = read_losses(tmp_path / "every3" / "run")
     assert grouped == {2: (each[1] + each[2]) / 2, 3: each[3], 4: each[4], 6: (each[5] + each[6]) / 2}

@@ -190,6 +190,31 @@ def test_compile_needs_a_working_compiler():
             check_compile(cfg, cuda=False)
         check_compile(SimpleNamespace(compile=False), cuda=False)  # not asked for: not checked
     check_compile(cfg, cuda=False)  # the compiler is back
+    # On a GPU inductor writes Triton: its package is what is asked for.
+    import importlib.util
+
+    from relora_ds.compiling import compile_problem
+    assert compile_problem(cuda=True) is None  # triton is installed here (CI's interpreter tests)
+    real = importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+        assert compile_problem(cuda=True) == ("torch.compile on a GPU generates Triton kernels, and triton is not "
+                                              "installed")
+
+
+def test_the_recompile_limit_is_only_ever_raised():
+    """compile_layers asks for a recompile limit of its entries: raised where torch's is lower, never lowered
+    (the limit is process-wide: other compiled code of the user's keeps its own setting)."""
+    from relora_ds.compiling import raise_recompile_limit, recompile_limit
+
+    before = recompile_limit()
+    try:
+        raise_recompile_limit(1)
+        assert recompile_limit() == before
+        raise_recompile_limit(before + 5)
+        assert recompile_limit() == before + 5
+    finally:
+        torch._dynamo.config.recompile_limit = before
 
 
 class _Engine:

@@ -75,12 +75,29 @@ def test_no_logits_beyond_one_chunk_are_ever_made(monkeypatch):
     assert rows == [16] * 6 + [4]
 
 
-def test_eval_gives_the_same_loss_without_gradients():
+def test_eval_gives_the_same_loss_without_gradients(monkeypatch):
+    """Under no_grad (evaluation) no chunk computes a gradient (the softmax and two GEMMs a chunk, for nothing)."""
+    from relora_ds import loss as loss_mod
+
+    needs, real = [], loss_mod._chunk_loss_and_grads
+    monkeypatch.setattr(loss_mod, "_chunk_loss_and_grads", lambda *a: needs.append(a[4:6]) or real(*a))
     h, w, y = _inputs()
     with torch.no_grad():
         loss = linear_cross_entropy(h, w, y, 10)
-    assert not loss.requires_grad
+    assert not loss.requires_grad and needs == [(False, False)] * 4
     assert loss.item() == pytest.approx(_plain(h, w, y, torch.float64)[0].item(), rel=1e-6)
+
+
+def test_bf16_keeps_bf16_gradients_for_backward():
+    """What forward keeps for backward in bf16: the hidden-state gradient in bf16 (the hidden states' size, not
+    twice it in fp32) and the head-weight gradient summed in fp32; backward hands both back in bf16."""
+    h, w, y = _inputs(n=64, dtype=torch.bfloat16)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        loss = linear_cross_entropy(h, w, y, 16)
+    assert sorted(kept) == sorted([((64, 24), torch.bfloat16), ((53, 24), torch.float32)])
+    loss.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.bfloat16
 
 
 def test_autocast_runs_the_gemms_in_the_autocast_dtype():
@@ -124,13 +141,16 @@ def test_model_chunked_loss_same_loss_and_gradients():
     assert model(ids).logits.shape == (3, 33, cfg.vocab_size)  # without labels: logits as before
 
 
-def test_fp16_under_a_loss_scale_matches_the_plain_path():
+@pytest.mark.parametrize("h_scale", [1.0, 1e-3])
+def test_fp16_under_a_loss_scale_matches_the_plain_path(h_scale):
     """DeepSpeed's fp16 engine backpropagates loss * 2^16. The chunked loss makes its gradients before that
     scale exists: in fp16 they underflowed (dW 17% off) and 2^16 itself overflowed to inf (dh NaN). Against
-    an fp32 reference, the chunked fp16 gradients must be at least as good as the plain fp16 path's."""
+    an fp32 reference, the chunked fp16 gradients must be at least as good as the plain fp16 path's; also with
+    small hidden states, whose head-weight gradient (1e-8 to 1e-7 an entry, about fp16's smallest subnormal)
+    underflows unless scaled first."""
     torch.manual_seed(0)
     N, d, V = 4096, 32, 3000
-    h0, W0 = torch.randn(N, d).half(), (torch.randn(V, d) * 0.02).half()
+    h0, W0 = (torch.randn(N, d) * h_scale).half(), (torch.randn(V, d) * 0.02).half()
     y = torch.randint(0, V, (N,))
     h, W = h0.float().requires_grad_(), W0.float().requires_grad_()
     F.cross_entropy(F.linear(h, W), y).backward()

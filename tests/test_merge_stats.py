@@ -10,9 +10,10 @@ from relora_ds.quant import dequantized
 from relora_ds.relora import relora_layers
 
 
-def _model(quantize=None, dtype=torch.float32):
+def _model(quantize=None, dtype=torch.float32, intermediate_size=48):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=2,
+                      num_attention_heads=4)
     model = relora_ds.wrap(LlamaForCausalLM(cfg).to(dtype), rank=4, alpha=8, quantize=quantize)
     g = torch.Generator().manual_seed(1)
     for _, layer in relora_layers(model):  # trained factors: B away from 0, each layer its own size
@@ -21,9 +22,12 @@ def _model(quantize=None, dtype=torch.float32):
     return model
 
 
-@pytest.mark.parametrize("quantize, dtype", [(None, torch.float32), (None, torch.bfloat16), ("int8", torch.float32)])
-def test_each_merge_records_the_update_norm_and_its_size_relative_to_the_weight(quantize, dtype):
-    model = _model(quantize, dtype)
+@pytest.mark.parametrize("quantize, dtype, intermediate_size", [
+    (None, torch.float32, 48), (None, torch.bfloat16, 48), ("int8", torch.float32, 48),
+    # gate/up of 2,500 rows: ‖W‖ summed over three chunks of rows (1024, 1024, 452), the int8 scales' too
+    (None, torch.float32, 2500), ("int8", torch.float32, 2500)])
+def test_each_merge_records_the_update_norm_and_its_size_relative_to_the_weight(quantize, dtype, intermediate_size):
+    model = _model(quantize, dtype, intermediate_size)
     deltas, ratios = [], []
     for _, layer in relora_layers(model):
         W = dequantized(layer) if quantize else layer.weight

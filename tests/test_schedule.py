@@ -343,3 +343,24 @@ def test_an_anchor_before_a_longer_warmup_is_no_warm_start():
     sched = build_schedule(cfg, 100, cycle_start=10)
     assert sched(30) == sched(50) == 0.0 and sched(40) == pytest.approx(_cos_at(40, total=100, warmup=12))
     assert sched(32) == pytest.approx(2 / 5 * _cos_at(35, total=100, warmup=12))
+
+
+def test_a_restart_warmup_longer_than_the_cycle_is_cut_to_the_cycle():
+    """restart_warmup_steps >= cycle_length is accepted with a warning (the ramp is cut to the cycle), and a
+    lora run's one cycle is the run: the default 100-step re-warmup in a 40-step lora run. The schedule is the
+    jagged cosine with the re-warmup equal to the cycle, written out here (the function itself refuses a
+    longer one)."""
+    import warnings
+
+    from relora_ds.startup import build_schedule
+    from relora_ds.train_config import TrainConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the settings' own warnings: tested in test_train_config.py
+        cfg = TrainConfig(mode="relora", total_steps=40, warmup_steps=4, cycle_length=10, restart_warmup_steps=12)
+        lora = TrainConfig(mode="lora", total_steps=40, warmup_steps=4)
+    assert lora.restart_warmup_steps > 40
+    for c, cycle in ((cfg, 10), (lora, 40)):
+        want = [jagged_cosine(s, total_steps=40, warmup_steps=4, cycle_length=cycle, restart_warmup_steps=cycle)
+                for s in range(40)]
+        assert [build_schedule(c, 40)(s) for s in range(40)] == pytest.approx(want, abs=1e-12)

@@ -406,6 +406,28 @@ def test_an_output_dir_that_cannot_be_one_is_named(tmp_path):
             check_output_dir(TrainConfig(**BASE, output_dir=str(tmp_path / "new")))
 
 
+
+def test_a_rank_reading_another_lock_file_is_not_sharing_the_output_dir(tmp_path, monkeypatch):
+    """Every rank reads rank 0's lock file: a rank on a node-local disk holding a stale .lock of a crashed run
+    (it reads one, another) is refused as one that reads none is, after every try; ranks that all read the same
+    one pass at once. The ranks' comparison (a collective) stands in: its answers are (missing, differ)."""
+    from relora_ds import distributed
+    from relora_ds.output_dir import LOCK_FILE, check_shared_output_dir
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).write_text("host n1, pid 7, since 2026-12-05T10:00:00\n")
+    asked = []
+    for answer, refused in (((False, True), True), ((True, False), True), ((False, False), False)):
+        asked.clear()
+        monkeypatch.setattr(distributed, "agreement", lambda text: asked.append(text) or answer)
+        if refused:
+            with pytest.raises(ValueError, match=r"is not one directory shared by every rank \(another rank cannot "
+                                                 r"see rank 0's .lock there, or reads another; waited 0 s"):
+                check_shared_output_dir(tmp_path / "run", 0, 2, tries=3, pause_s=0)
+        else:
+            check_shared_output_dir(tmp_path / "run", 0, 2, tries=3, pause_s=0)
+        assert asked == ["host n1, pid 7, since 2026-12-05T10:00:00\n"] * (3 if refused else 1)
+
 def test_overwrite_refuses_to_delete_the_runs_own_prepared_data(tmp_path):
     """--overwrite deletes output_dir: a data_dir prepared inside it (output_dir/data, a common layout) is the
     run's input and is refused, as a warm-start source inside it is; beside it, accepted."""

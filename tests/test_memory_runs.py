@@ -85,7 +85,7 @@ def test_bench_memory_ds_rows_carry_preflights_estimate(base):
 
 
 @pytest.mark.parametrize("case", ["relora_warm_start_int8_subset", "full", "lora_from_warm_start_offload",
-                                  "relora_zero1_bf16_optimizer"])
+                                  "relora_zero1_bf16_optimizer", "relora_int8_triton_dropout"])
 def test_run_phases_count_the_runs_own_model(case):
     """memory.run_phases (launch/preflight.py's estimate): parameters counted on a real model built and
     wrapped as the run asks (the oracle: its parameters and buffers on CPU, in bf16 as the engine holds them;
@@ -110,7 +110,11 @@ def test_run_phases_count_the_runs_own_model(case):
         "relora_zero1_bf16_optimizer": lambda: (  # DeepSpeed's BF16_Optimizer: a whole fp32 gradient buffer too
             TrainConfig(**base, cycle_length=50, restart_warmup_steps=10, dropout=0.1),
             {"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "fp32"},
-             "gradient_accumulation_steps": 1}, 4)}[case]()
+             "gradient_accumulation_steps": 1}, 4),
+        "relora_int8_triton_dropout": lambda: (  # the Triton kernels apply an int8 base's dropout themselves
+            TrainConfig(**base, cycle_length=50, restart_warmup_steps=10, quantize="int8", kernels="triton",
+                        dropout=0.1),
+            {"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, 2)}[case]()
     phases = memory.run_phases(model_config, cfg, ds, n)
 
     model = LlamaForCausalLM(model_config).to(torch.bfloat16)
@@ -130,12 +134,16 @@ def test_run_phases_count_the_runs_own_model(case):
         want = [("full-rank", 16 * total / n, None)]
     elif case == "lora_from_warm_start_offload":  # the warm start is loaded; the optimizer offloaded: the bf16
         want = [("LoRA", 2 * trainable + frozen, 8)]  # weight and grad stay (ZeRO-2)
+    elif case == "relora_int8_triton_dropout":  # ZeRO-2 over 2
+        want = [("ReLoRA", 2 * trainable + 14 * trainable / n + frozen, 8)]
     else:  # ZeRO-1 over 4: bf16 weight and grad 2 + 2, the fp32 gradient buffer 4, master, m, v 12 / N
         want = [("ReLoRA", 8 * trainable + 12 * trainable / n + frozen, 8)]
     # LoRA dropout: a keep-mask of each adapted projection's input, 1 byte per element (3 with an int8 base on
-    # the default path, which falls back to the twin under dropout): q_proj's h and down_proj's i, or all seven
+    # the default path, which falls back to the twin under dropout; 1 with the Triton kernels): q_proj's h and
+    # down_proj's i, or all seven
     h, i = model_config.hidden_size, model_config.intermediate_size
-    masks = {"relora_warm_start_int8_subset": 3 * 64 * (h + i), "relora_zero1_bf16_optimizer": 64 * (6 * h + i)}
+    masks = {"relora_warm_start_int8_subset": 3 * 64 * (h + i), "relora_zero1_bf16_optimizer": 64 * (6 * h + i),
+             "relora_int8_triton_dropout": 64 * (6 * h + i)}
     masks = masks.get(case, 0)
     assert [p["phase"] for p in phases] == [name for name, _, _ in want]
     if case == "relora_warm_start_int8_subset":

@@ -432,3 +432,15 @@ def test_recomputing_some_layers_sizes_micro_batches_between_none_and_all(capsys
     with pytest.raises(SystemExit):
         memory_table.main(["--activation-checkpointing-layers", "12"])
     assert "--activation-checkpointing-layers needs --activation-checkpointing" in capsys.readouterr().err
+
+
+def test_an_int8_base_under_dropout_counts_the_twins_masks(capsys):
+    """--quantize int8 with the default dropout (0.1): an int8 base under dropout runs the torch twin on the
+    kernels' default path (memory.run_phases), whose masks are 3 bytes per input element, not 1: the ReLoRA
+    activations cell (1b, 512 tokens: 0.43 GB apart) is activation_phases with those masks."""
+    cfg = LlamaConfig.preset("1b", vocab_size=32000)
+    want = {twin: max(p for p, _ in memory.activation_phases(
+        cfg, 512, 128, extra=memory.dropout_mask_bytes(cfg, 512, twin=twin))) / 1e9 for twin in (False, True)}
+    assert want[True] - want[False] > 0.4
+    row = _table(capsys, "--presets", "1b", "--quantize", "int8")["1b"]
+    assert row["activations per seq. full / ReLoRA (GB)"].split(" / ")[1] == f"{want[True]:.2f}"

@@ -494,3 +494,28 @@ def test_the_edges_of_the_seed_vocab_and_restart_warmup_checks():
     cycle = BASE["cycle_length"]
     with pytest.warns(UserWarning, match=rf"restart_warmup_steps={cycle} is not shorter than a cycle"):
         TrainConfig(**{**BASE, "restart_warmup_steps": cycle})
+
+
+def test_data_read_many_times_over_and_fewer_validation_windows_than_asked_are_warned():
+    """startup.check_data_use on a prepared dir's token counts: 100 training windows of 33 tokens (3,201 tokens),
+    8 sequences a step: 50 steps read them 4.0 times (fine), 51 steps 4.1 times (warned, with the numbers); 10
+    validation windows: eval_windows 10 reads them all, 11 is warned that evaluation uses all 10."""
+    from relora_ds.startup import check_data_use
+    from relora_ds.train_config import ConfigWarning
+
+    splits = {"train": {"tokens": 32 * 100 + 1}, "validation": {"tokens": 32 * 10 + 1}}
+
+    def warned(total_steps, eval_windows):
+        cfg = TrainConfig(**{**BASE, "seq_len": 32, "global_batch_size": 8, "eval_every": 10,
+                             "eval_windows": eval_windows, "total_steps": total_steps})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            check_data_use(cfg, total_steps, splits, "data", 1)
+        return [str(w.message) for w in caught if issubclass(w.category, ConfigWarning)]
+
+    assert warned(50, 10) == []
+    assert warned(51, 10) == ["this run reads the training data of data 4.1 times (51 steps x 8 sequences, 100 "
+                              "windows of 33 tokens): set data_dir to a larger prepared corpus "
+                              "(launch/prepare_data.py)"]
+    assert warned(50, 11) == ["eval_windows=11 but the validation split of data holds 10 windows: each evaluation "
+                              "uses all 10"]

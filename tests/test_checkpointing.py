@@ -251,6 +251,7 @@ def test_a_replaced_linear_that_adds_the_bias_in_place_is_refused(monkeypatch):
     assert max((plain[1][n] - unchecked[1][n]).abs().max().item() for n in plain[1]) > 1e-2
     no_bias = relora_ds.LlamaConfig(**{**QWEN2.to_dict(), "model_type": "llama", "qkv_bias": False})
     want, got = _run(_model(no_bias, rank=0), None, batch), _run(_model(no_bias, rank=0), "selective", batch)
+    checkpointing.hf_checkpointing_kwargs(_model(no_bias, rank=4))  # not refused either
     for n in want[1]:
         torch.testing.assert_close(got[1][n], want[1][n], rtol=1e-5, atol=1e-7, msg=n)
 

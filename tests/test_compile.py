@@ -393,3 +393,18 @@ def test_compiled_selective_checkpointing_keeps_what_the_policy_keeps(fresh_dyna
     got = kept(compiled)
     assert 2 * eager["full"] < got <= 1.05 * eager["selective"], (got, eager)
     assert got < 0.8 * eager["none"], (got, eager)
+
+
+def test_compile_stats_name_the_five_most_frequent_break_reasons(fresh_dynamo):
+    """A graph break's reason is the first line of torch's message (reasons differing below it are one), and the
+    report keeps the five most frequent, with every break counted in graph_breaks. torch's counters filled by
+    hand: 6 reasons, one of them in two multi-line variants."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for reason, n in (("a\ndetail 1", 5), ("a\ndetail 2", 2), ("b", 6), ("c", 4), ("d", 3), ("e", 2), ("f", 1)):
+        counters["graph_break"][reason] += n
+    stats = compile_stats()
+    assert stats["graph_breaks"] == 23
+    assert stats["break_reasons"] == {"a": 7, "b": 6, "c": 4, "d": 3, "e": 2}
+    counters.clear()

@@ -170,6 +170,7 @@ def test_evaluate_script_equals_transformers_on_a_data_dir_and_a_mixture(tmp_pat
     same directory; on a mixture each member's loss over its own windows and the weighted mixture, and a data
     dir the model cannot embed is refused."""
     import json
+    import math
     import subprocess
     import sys
 
@@ -205,6 +206,7 @@ def test_evaluate_script_equals_transformers_on_a_data_dir_and_a_mixture(tmp_pat
     want = by_hand(a, [j * 37 // 10 for j in range(10)])  # 1,199 // 32 = 37 windows, 10 spread over them
     assert got["windows"] == 10 and got["tokens"] == 10 * 32
     assert got["loss"] == pytest.approx(sum(want) / 10, rel=1e-5)
+    assert got["loss"] > 5 and got["ppl"] == pytest.approx(math.exp(got["loss"]), rel=1e-12)  # ~ln 512: untrained
     # A mixture: each member's loss over its own windows, what the dir alone gives (a: 37 windows, b: 21), and
     # the mixture's the members' weighted 3:1; --windows 10 shares out 7.5/2.5 -> 8/2, spread over each member.
     mix = make_mixture([(a, 3), (b, 1)], tmp_path / "mix")
@@ -219,6 +221,12 @@ def test_evaluate_script_equals_transformers_on_a_data_dir_and_a_mixture(tmp_pat
         assert got["windows"] == sum(counts.values()) and got["tokens"] == 32 * got["windows"]
     proc, got_a = run(a)
     assert got_a["loss"] == pytest.approx(sum(alone["a"]) / 37, rel=1e-5)
+    proc, _ = run(a, "--windows", "0")
+    assert proc.returncode == 2 and "--windows: must be a positive whole number, got 0" in proc.stderr, proc.stderr
+    from relora_ds.evaluate import validation_losses
+    for bad in (0, -1, 2.0):  # the API's own check, before any engine call
+        with pytest.raises(ValueError, match=rf"num_windows={bad!r} must be a positive int or None"):
+            validation_losses(None, None, 3, 0, 1, bad)
     big = packed_data_dir(tmp_path / "big", 2_000, 700, vocab=1024, corpus="corpus-c")
     proc, _ = run(big)
     assert proc.returncode == 2 and "tokenizer has 1024 ids" in proc.stderr and "embeds 512" in proc.stderr

@@ -187,6 +187,54 @@ def test_preflight_estimates_memory_per_gpu_and_refuses_a_micro_batch_over_gpu_m
     assert "phases exceed this node's GPU of 40 (33.9 GB usable" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_preflight_suggests_a_micro_batch_dividing_the_per_rank_batch(tmp_path):
+    """The suggested largest micro_batch_size that fits divides global_batch_size / world_size, the trainer's
+    batch arithmetic, not the global batch: the 1b recipe (global batch 1152) on 3 ranks has 384 samples per
+    rank, whose divisors (2^7 x 3) miss 1152's 9 and 18. Oracle: the suggestion divides 384 by hand, preflight
+    passes it, and refuses the next larger divisor of 384 (the recipe's 24) over --gpu-memory-gb 40 (a mutation
+    trial found the per-rank division untested: on 8 ranks 144's divisors below 24 are all of 1152's too)."""
+    args = ["--config", "launch/configs/paper_1b.yaml", "--deepspeed", "ds_configs/zero2.json", "--output-dir",
+            tmp_path / "run", "--gpu-memory-gb", "40"]
+    proc = _preflight("--world-size", "3", *args)
+    fit = re.search(r"the largest micro_batch_size that fits is (\d+) \(a divisor of global_batch_size 1152 / 3 "
+                    r"ranks", proc.stderr)
+    assert proc.returncode == 2 and fit, proc.stderr[-2000:]
+    fit = int(fit.group(1))
+    assert 384 % fit == 0 and fit < 24, fit
+    ok = _preflight("--world-size", "3", *args, "--micro-batch-size", fit)
+    assert ok.returncode == 0 and "fits --gpu-memory-gb 40" in ok.stderr, ok.stderr[-2000:]
+    bigger = min(d for d in range(fit + 1, 385) if 384 % d == 0)
+    assert _preflight("--world-size", "3", *args, "--micro-batch-size", bigger).returncode == 2
+
+
+def test_preflight_reads_this_nodes_gpu_memory_from_nvidia_smi_and_refuses_world_size_0(tmp_path, monkeypatch):
+    """_local_gpu_gb: a fake nvidia-smi on PATH printing 81559 (MiB, an H100's memory.total) gives 81559 x 2^20
+    bytes = 85.52 GB (hand-computed); with DS_ACCELERATOR=cpu the ranks use no GPU and nvidia-smi is not asked
+    (None); without nvidia-smi, None. --world-size 0 is exit 2 with preflight's own message (a mutation trial
+    found these untested)."""
+    import preflight
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    smi = bindir / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'asked'}\necho 81559\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert preflight._local_gpu_gb() is None and not (tmp_path / "asked").exists()
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    assert preflight._local_gpu_gb() == pytest.approx(85.52, abs=0.005)
+    assert (tmp_path / "asked").read_text().split() == ["--query-gpu=memory.total", "--format=csv,noheader,nounits",
+                                                        "--id=0"]
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert preflight._local_gpu_gb() == pytest.approx(85.52, abs=0.005)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert preflight._local_gpu_gb() is None
+    monkeypatch.undo()
+    proc = _preflight("--world-size", "0", "--config", "launch/configs/tiny.yaml", "--output-dir", tmp_path / "run")
+    assert proc.returncode == 2 and "error: --world-size must be >= 1, got 0" in proc.stderr, proc.stderr[-800:]
+
+
 def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path, monkeypatch):
     """--resume of a checkpoint the run cannot load, and (with DS_ACCELERATOR naming the ranks' accelerator)
     kernels=triton without CUDA and fp16 on DeepSpeed's CPU accelerator: the trainer refuses each on every
@@ -218,6 +266,37 @@ def test_preflight_refuses_what_the_trainer_would_refuse_at_start_up(tmp_path, m
         # Without DS_ACCELERATOR the launching node may not be a compute node: left to the ranks.
         env = {k: v for k, v in _clean_env().items() if k != "DS_ACCELERATOR"}
         assert _preflight("--world-size", "2", *other, *extra, env=env).returncode == 0
+
+
+def test_preflight_counts_a_resumed_token_budget_runs_steps_from_the_checkpoints_tokens(tmp_path):
+    """A resumed token_budget run trains what is left of the budget at this run's global batch, counted from
+    the tokens the checkpoint has seen (the trainer's schedule.total_steps_for with its progress); preflight's
+    summary names that step count. The fake checkpoint of the test above, with this run's model so the resume
+    plan passes: step 8 at global batch 32 (8 x 32 x 128 = 32,768 tokens seen); budget 43,008 tokens at tiny's
+    global batch 16 x seq_len 128 = 2,048 tokens per step: by hand 8 + (43,008 - 32,768) / 2,048 = 13 steps
+    (a fresh count would be 43,008 / 2,048 = 21; a mutation trial found the progress passed in untested)."""
+    import json
+
+    from relora_ds.startup import model_config_for
+    from relora_ds.train_config import TrainConfig
+
+    model = model_config_for(TrainConfig(model="tiny", seq_len=128, total_steps=10, cycle_length=4,
+                                         restart_warmup_steps=1), 2048).to_dict()
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "step_8").mkdir(parents=True)
+    (ckpt / "latest").write_text("step_8")
+    (ckpt / "step_8" / "config.json").write_text(json.dumps(
+        {"model": model, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}}, "tokenizer_sha256": None,
+         "train": {"mode": "relora", "rank": 32}, "optimizer_groups": ["lora", "matrices", "vectors"],
+         "progress": {"step": 8, "tokens_seen": 8 * 32 * 128}}))
+    args = ["--config", "launch/configs/tiny.yaml", "--output-dir", str(tmp_path / "run"), "--total-steps", "none",
+            "--token-budget", "43008", "--warm-start-steps", "2", "--warmup-steps", "1", "--cycle-length", "4",
+            "--restart-warmup-steps", "1", "--save-every", "4"]
+    proc = _preflight("--world-size", "2", *args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert ", 13 steps, data" in proc.stderr, proc.stderr[-800:]
+    fresh = _preflight("--world-size", "2", *args[:2], "--output-dir", str(tmp_path / "fresh"), *args[4:])
+    assert fresh.returncode == 0 and ", 21 steps, data" in fresh.stderr, fresh.stderr[-800:]
 
 
 def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_path):
@@ -350,6 +429,21 @@ def test_hostfile_node_rank_and_from_slurm_outside_a_job(tmp_path):
     proc = _run(sys.executable, "launch/hostfile.py", "from-slurm", "--slots", "8")
     assert proc.returncode == 2 and "SLURM_JOB_NODELIST is not set" in proc.stderr
 
+
+
+def test_hostfile_node_rank_falls_back_to_the_short_hostname(monkeypatch):
+    """Outside a SLURM step (no SLURMD_NODENAME) a node whose hostname is fully qualified, n2.cluster, is found
+    in a hostfile of short names by its short name: n2 is the second line, node rank 1 (by hand); the full name
+    itself is taken too, and a node in neither form is named in the error (a mutation trial found the
+    short-name fallback untested)."""
+    monkeypatch.delenv("SLURMD_NODENAME", raising=False)
+    monkeypatch.setattr(hostfile.socket, "gethostname", lambda: "n2.cluster")
+    assert hostfile.node_rank({"n1": 8, "n2": 8}) == 1
+    assert hostfile.node_rank({"n1.cluster": 8, "n2.cluster": 8}) == 1
+    with pytest.raises(ValueError, match=r"this node \(n2.cluster / n2\) is not in the hostfile \(n1, n3\)"):
+        hostfile.node_rank({"n1": 8, "n3": 8})
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")  # SLURM's node name comes first
+    assert hostfile.node_rank({"n1": 8, "n2": 8}) == 0
 
 
 def test_hostfile_names_scontrols_own_error_when_it_cannot_expand_the_nodelist(tmp_path):

@@ -421,3 +421,22 @@ def test_scontrol_failing_to_expand_the_nodelist_is_named_with_its_own_error(tmp
     assert (f"error: cannot expand SLURM_JOB_NODELIST='n[1-2]': scontrol show hostnames exited 1: scontrol: "
             f"error: {broken}") in err
     assert job.argv("preflight") is None and job.argv("srun") is None
+
+
+def test_rank_env_ignores_usr1_until_the_command_runs_and_needs_a_command():
+    """launch/slurm/rank_env.sh execs the rank's command with USR1 ignored (the disposition survives exec):
+    a USR1 a shell command sends itself ($$: the process rank_env.sh became) leaves it running to print
+    "alive", where the same command run directly is killed by it (the oracle: the default disposition). With
+    the SLURM variables set and no command, exit 2 naming "no command given" (a mutation trial found both
+    untested)."""
+    env = {k: v for k, v in launch_env().items() if not k.startswith("SLURM_")}
+    env.update(SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NTASKS="4", MASTER_ADDR="n1", MASTER_PORT="29501")
+    command = ["sh", "-c", "kill -USR1 $$; echo alive"]
+    direct = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert direct.returncode == -signal.SIGUSR1 and direct.stdout == ""
+    proc = subprocess.run([str(ROOT / "launch/slurm/rank_env.sh"), *command], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "alive\n", (proc.returncode, proc.stderr)
+    proc = subprocess.run([str(ROOT / "launch/slurm/rank_env.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr == "rank_env.sh: error: no command given\n", proc.stderr

@@ -205,6 +205,38 @@ def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path
     assert proc.returncode == 2 and "cannot read" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_export_refuses_a_tokenizer_the_run_was_not_trained_with(demo_run, tmp_path):
+    """launch/export.py --tokenizer with another SentencePiece model than the run's is refused (exit 2, naming
+    "is not the tokenizer" and the sha256 the checkpoint recorded), and writes nothing; the run's own tokenizer
+    given the same way is taken. Oracle: the sha256 of the data dir's tokenizer.model, computed here with
+    hashlib, is what the checkpoint's config.json records (a mutation trial found the check untested)."""
+    import hashlib
+    import io
+
+    import sentencepiece as spm
+
+    from relora_ds.data import load_manifest
+
+    cfg = json.loads((demo_run / "checkpoints" / "step_50" / "config.json").read_text())
+    own = Path(load_manifest(cfg["data_dir"])["tokenizer_path"])
+    assert cfg["tokenizer_sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
+    proto = io.BytesIO()
+    lines = [f"line {i}: the quick brown fox {i * 7}" for i in range(200)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto, vocab_size=100, minloglevel=2)
+    other = tmp_path / "other.model"
+    other.write_bytes(proto.getvalue())
+    export = lambda *a: subprocess.run([sys.executable, str(ROOT / "launch/export.py"), *map(str, a)],  # noqa: E731
+                                       capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    proc = export(demo_run / "checkpoints", "--tag", "step_50", "--out", tmp_path / "hf", "--tokenizer", other)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{other} is not the tokenizer" in proc.stderr
+    assert f"(sha256 {cfg['tokenizer_sha256'][:12]}...)" in proc.stderr
+    assert not (tmp_path / "hf").exists()
+    proc = export(demo_run / "checkpoints", "--tag", "step_50", "--out", tmp_path / "hf", "--tokenizer", own)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == own.read_bytes()
+
+
 def test_nan_loss_stops_and_names_the_last_good_checkpoint(tmp_path):
     proc = _python_train("--model", "debug", "--seq-len", "32", "--cycle-length", "4", "--warm-start-steps", "2",
                          "--restart-warmup-steps", "2", "--warmup-steps", "1", "--total-steps", "12",

@@ -121,6 +121,35 @@ def test_run_info_records_what_the_run_ran_on(tmp_path):
     assert [r["resume_step"] for r in lines] == [None, 8] and lines[0]["versions"] == env["versions"]
 
 
+def test_run_info_git_names_the_commit_and_dirtiness_of_a_checkouts_top_only(tmp_path):
+    """run_info._git on a fresh `git init` repository: its HEAD (git's own rev-parse) and dirty False when
+    clean, untracked files not counted; dirty True once a tracked file is modified; None for a subdirectory
+    that is not the repository's top level (relora_ds installed inside another repository) and outside git
+    (a mutation trial found dirty and the top-level check untested)."""
+    import subprocess
+
+    from relora_ds import run_info
+
+    repo = tmp_path / "repo"
+    (repo / "sub").mkdir(parents=True)
+
+    def git(*a):
+        return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "sub" / "f.txt").write_text("one\n")
+    git("add", "sub/f.txt")
+    git("commit", "-q", "-m", "first")
+    (repo / "untracked.txt").write_text("x\n")
+    assert run_info._git(repo) == {"commit": git("rev-parse", "HEAD"), "dirty": False}
+    (repo / "sub" / "f.txt").write_text("two\n")
+    assert run_info._git(repo) == {"commit": git("rev-parse", "HEAD"), "dirty": True}
+    assert run_info._git(repo / "sub") is None
+    (tmp_path / "plain").mkdir()
+    assert run_info._git(tmp_path / "plain") is None
+
+
 def test_tensorboard_keeps_each_step_once_after_a_resume(tmp_path):
     """A run logged steps 1-8 and died after its step-5 checkpoint; the resumed run logs 6-8 anew. Read back
     with TensorBoard's own reader: every step once, 1-5 from the first run (5 included), 6-8 the new values."""

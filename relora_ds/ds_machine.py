@@ -93,9 +93,10 @@ def check_nvme_swap_buffers(cfg: TrainConfig, ds: dict, model_config: LlamaConfi
     a rank, and each one swapped in holds one of ``offload_param.buffer_count`` swap buffers. Refused before
     any engine, counted on a meta-device copy of the run's model wrapped as the trainer wraps it:
     - a parameter both persistent (at most ``stage3_param_persistence_threshold`` elements while the persistent
-      ones sum to at most ``stage3_model_persistence_threshold``: never released) and swapped: DeepSpeed gathers every persistent parameter at once after each step, and they keep their
-      buffers (measured: 130m's width, 2 layers, 1 rank, threshold 1e6: ``Not enough buffers 5 for swapping
-      8`` in the first step, eagerly);
+      ones sum to at most ``stage3_model_persistence_threshold``: never released) and swapped: DeepSpeed
+      gathers every persistent parameter at once after each step, and they keep their buffers (measured:
+      130m's width, 2 layers, 1 rank, threshold 1e6: ``Not enough buffers 5 for swapping 8`` in the first
+      step, eagerly);
     - with --compile, a decoder layer whose swapped weights outnumber the buffers: its gather
       (relora_ds.engines.compile_for_engine) swaps them in together (measured: 130m on 1 rank, 7 a layer,
       ``Not enough buffers 5 for swapping 7`` in the first step)."""
@@ -123,8 +124,9 @@ def check_nvme_swap_buffers(cfg: TrainConfig, ds: dict, model_config: LlamaConfi
                          f"parameters gathered for good that DeepSpeed also swaps to nvme (>= {min_bytes:,} bytes a "
                          f"rank on {world_size} rank(s); e.g. {persistent[0]}): it swaps them all in at once after "
                          f"each step and they keep their swap buffers (buffer_count={buffers}), which the other "
-                         f"parameters then lack. Set it to at most {most:,} (ds_configs/zero3_nvme.json: 1e4), or "
-                         "offload the parameters to \"cpu\"")
+                         f"parameters then lack. Set it to at most {most:,} (ds_configs/zero3_nvme.json: 1e4; "
+                         "stage3_model_persistence_threshold caps their sum, in the module's order), or offload the "
+                         "parameters to \"cpu\"")
     if not cfg.compile:
         return
     per_layer = max(sum(map(swapped, layer.parameters())) for layer in model.model.layers)

@@ -261,7 +261,9 @@ def _replace_export(out: Path, staging: Path, writes_tokenizer: bool) -> None:
     """Move the staged export into `out`. An earlier export's (or model's) weights go first (an old shard
     index would win over model.safetensors), and, when this export writes a tokenizer, its tokenizer files
     too, so that no old tokenizer.json stays beside a new tokenizer.model; tokenizer files an export without
-    a tokenizer finds are named. Other files are the user's."""
+    a tokenizer finds are named. Other files are the user's. The staged files are flushed to disk first (a
+    power loss leaves no empty model.safetensors under its name), before anything of the old export goes."""
+    fsync_tree(staging)
     old = [name for name in TOKENIZER_FILES if (out / name).is_file()]
     if writes_tokenizer:
         for name in old:
@@ -272,7 +274,6 @@ def _replace_export(out: Path, staging: Path, writes_tokenizer: bool) -> None:
     for stale in (*out.glob("model*.safetensors"), *out.glob("pytorch_model*.bin"), *out.glob("*.index.json")):
         stale.unlink()
     (out / PROGRESS_FILE).unlink(missing_ok=True)  # an earlier export's: it described other weights
-    fsync_tree(staging)  # on disk before a rename shows it: a power loss leaves no empty model.safetensors
     for f in sorted(staging.iterdir()):
         os.replace(f, out / f.name)
     fsync_path(out)

@@ -132,10 +132,10 @@ def host_state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n:
 def qk_norm_bytes(cfg: LlamaConfig, seq_len: int) -> int:
     """Bytes per sequence Qwen3's per-head q and k RMSNorms (``qk_norm``) keep in a layer: 6 per element of q
     and k (fp32 input copy 4, normalized 2; their scaled output goes to RoPE, which keeps cos and sin, not
-    it); 0 without them."""
+    it) and 4 per head of each token (the fp32 reciprocal RMS); 0 without them."""
     if not getattr(cfg, "qk_norm", False):
         return 0
-    return 6 * seq_len * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim
+    return seq_len * (cfg.num_attention_heads + cfg.num_key_value_heads) * (6 * cfg.head_dim + 4)
 
 
 def layer_activation_bytes(cfg: LlamaConfig, seq_len: int, rank: int | None, extra: int = 0) -> int:

@@ -89,13 +89,14 @@ class MetricsLogger:
             with rewound.open("a") as f:
                 f.writelines(later)
             fsync_path(rewound)
+            fsync_path(self.path.parent)  # (its entry, where this start made the file)
             replace_durably("".join(keep), self.path)
         return len(later)
 
     def sync(self) -> None:
-        """Flush what was logged so far to stable storage (before a checkpoint is called complete): a run
-        resumed from that checkpoint after a power loss or a node crash finds every record up to its step,
-        and rewinds only the later ones, instead of a gap no later start fills."""
+        """Flush what was logged so far to stable storage (before a checkpoint is saved): a run resumed from
+        that checkpoint after a power loss or a node crash finds every record logged before the save (the
+        save's own ``checkpoint`` record is flushed with the next one), instead of a gap no later start fills."""
         if not self.enabled:
             return
         if self.path.is_file():
@@ -103,6 +104,7 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.flush()
             fsync_tree(Path(self._tb.log_dir))
+        fsync_path(self.path.parent)  # their entries, where this run made them
 
     def logged(self, step: int, key: str) -> bool:
         """Whether metrics.jsonl holds a record of `step` with `key` (False where this logger is disabled)."""

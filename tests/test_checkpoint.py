@@ -16,7 +16,6 @@ def test_a_checkpoint_the_converter_cannot_read_is_a_clear_error(tmp_path):
     assert not (tmp_path / "step_5" / "universal").exists()  # nothing half-written is left to be loaded
 
 
-
 def test_a_second_resume_loads_the_conversion_it_finds_and_an_empty_one_is_an_error(tmp_path, monkeypatch):
     """A checkpoint converted for another layout once is loaded as it is by a second resume from it (after a crash
     before the next save, say): converting again would fail renaming onto the existing universal/ folder. A
@@ -61,6 +60,7 @@ def test_a_checkpoint_without_zero_whose_adam_steps_differ_in_a_group_is_refused
                tmp_path / "src" / "mp_rank_00_model_states.pt")
     with pytest.raises(ValueError, match=r"the Adam step counts within one param group differ \(\[3.0, 5.0\]\)"):
         universal._unsharded_to_universal(tmp_path / "src", tmp_path / "out", [["a", "b"]])
+
 
 def test_the_converter_outlives_the_stop_signals_a_run_stops_cleanly_on(tmp_path, monkeypatch):
     """SLURM's `scancel --signal` reaches every process of the job step, a terminal's Ctrl-C the foreground

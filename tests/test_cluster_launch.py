@@ -430,7 +430,6 @@ def test_hostfile_node_rank_and_from_slurm_outside_a_job(tmp_path):
     assert proc.returncode == 2 and "SLURM_JOB_NODELIST is not set" in proc.stderr
 
 
-
 def test_hostfile_node_rank_falls_back_to_the_short_hostname(monkeypatch):
     """Outside a SLURM step (no SLURMD_NODENAME) a node whose hostname is fully qualified, n2.cluster, is found
     in a hostfile of short names by its short name: n2 is the second line, node rank 1 (by hand); the full name
@@ -461,6 +460,7 @@ def test_hostfile_names_scontrols_own_error_when_it_cannot_expand_the_nodelist(t
     (tmp_path / "hf").write_text("n1 slots=8\n")
     proc = _run(sys.executable, "launch/hostfile.py", "check", tmp_path / "hf", env=env)
     assert proc.returncode == 2 and "exited 1: scontrol: error: Invalid node name specified" in proc.stderr
+
 
 def test_slurm_start_up_line_names_the_master_the_ranks_get(tmp_path):
     """common.sh's prepare_training: MASTER_ADDR is the allocation's first node, or the host it is given

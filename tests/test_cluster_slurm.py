@@ -119,7 +119,6 @@ def test_term_to_the_batch_script_checkpoints_without_requeue(slurm, tmp_path):
     assert len(n) == 1 and (tmp_path / "run/checkpoints/latest").read_text() == f"step_{n[0]}" and n[0] < 60
 
 
-
 def test_usr1_during_start_up_requeues_the_job_before_any_rank_starts(slurm, tmp_path):
     """USR1 to the batch script while preflight runs (before srun_with_requeue's traps): it killed the script
     (138) and the job ended without a requeue. Now the job requeues itself without starting the ranks, and the
@@ -142,6 +141,7 @@ exec {sys.executable} "$@"
     assert f"job {job} restart 1: 1 rank(s)" in log
     assert log.count("1 rank(s), bf16=False") == 1, log[-3000:]  # the trainer's start-up line: the restart's only
     assert [r["step"] for r in _records(tmp_path / "run") if "loss" in r] == list(range(1, 31))
+
 
 def test_deepspeed_launcher_variant_checkpoints_on_term(slurm, tmp_path):
     """The deepspeed-launcher job, TERM sent to the batch script mid-run (as scancel or the time limit do): the
@@ -432,10 +432,11 @@ def test_rank_env_ignores_usr1_until_the_command_runs_and_needs_a_command():
     env = {k: v for k, v in launch_env().items() if not k.startswith("SLURM_")}
     env.update(SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NTASKS="4", MASTER_ADDR="n1", MASTER_PORT="29501")
     command = ["sh", "-c", "kill -USR1 $$; echo alive"]
-    direct = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    default = dict(preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_DFL))  # whatever pytest inherited
+    direct = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, **default)
     assert direct.returncode == -signal.SIGUSR1 and direct.stdout == ""
     proc = subprocess.run([str(ROOT / "launch/slurm/rank_env.sh"), *command], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, **default)
     assert proc.returncode == 0 and proc.stdout == "alive\n", (proc.returncode, proc.stderr)
     proc = subprocess.run([str(ROOT / "launch/slurm/rank_env.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)

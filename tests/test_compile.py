@@ -205,16 +205,16 @@ def test_compile_needs_a_working_compiler():
 def test_the_recompile_limit_is_only_ever_raised():
     """compile_layers asks for a recompile limit of its entries: raised where torch's is lower, never lowered
     (the limit is process-wide: other compiled code of the user's keeps its own setting)."""
-    from relora_ds.compiling import raise_recompile_limit, recompile_limit
+    from relora_ds.compiling import _limit_option, raise_recompile_limit, recompile_limit
 
-    before = recompile_limit()
+    before, option = recompile_limit(), _limit_option(torch._dynamo.config)
     try:
         raise_recompile_limit(1)
         assert recompile_limit() == before
         raise_recompile_limit(before + 5)
         assert recompile_limit() == before + 5
     finally:
-        torch._dynamo.config.recompile_limit = before
+        setattr(torch._dynamo.config, option, before)
 
 
 class _Engine:

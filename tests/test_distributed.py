@@ -112,7 +112,6 @@ def test_a_single_process_without_a_launcher_gets_a_free_port_and_a_one_rank_wor
     assert single_process_environment() is None and "RANK" not in os.environ
 
 
-
 def test_local_rank_without_a_launcher_is_refused_as_the_local_rank_flag_is(monkeypatch, tmp_path):
     """`LOCAL_RANK=3 python launch/train.py` (one process, no launcher) ran as local rank 0 without a word:
     single_process_environment overwrote the variable, where `--local_rank 3` in the same case is an error
@@ -150,6 +149,7 @@ def test_local_rank_without_a_launcher_is_refused_as_the_local_rank_flag_is(monk
     assert proc.returncode == 2 and "error: LOCAL_RANK=3 but no launcher started this process" in proc.stderr, \
         proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+
 
 def test_without_mpi4py_a_single_process_starts_and_several_ranks_get_one_line(tmp_path):
     """A review's find: plain `python launch/train.py` died in DeepSpeed's MPI discovery with a traceback
@@ -267,7 +267,6 @@ def test_exit_process_finalizes_mpi(tmp_path):
     assert proc.stdout == "initialized True size 1\nfinalized True\n"
 
 
-
 def test_a_failing_shutdown_step_makes_a_zero_status_one():
     """MPI_Finalize (or the process group's destruction) failing after the work is done is printed and the rank
     exits 1, so the launcher or SLURM does not count the job a success."""
@@ -284,6 +283,7 @@ def test_a_failing_shutdown_step_makes_a_zero_status_one():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "RuntimeError: finalize failed" in proc.stderr, proc.stderr[-2000:]
 
+
 def test_an_error_on_rank_zero_stops_every_rank_and_max_over_ranks(tmp_path):
     """on_rank_zero: rank 0's work succeeds for all, or its error reaches every rank (rank 0 raises it, the
     others a RuntimeError naming it) instead of leaving them blocked at the next collective. max_over_ranks
@@ -294,6 +294,7 @@ def test_an_error_on_rank_zero_stops_every_rank_and_max_over_ranks(tmp_path):
 import json, sys
 import torch.distributed as dist
 from relora_ds.distributed import agreement, init_distributed, max_over_ranks, on_rank_zero, run_and_exit
+
 
 def main():
     init_distributed()  # releases DeepSpeed's shared-memory segment (deepspeed.init_distributed leaks it)
@@ -397,6 +398,7 @@ import datetime, json, sys
 import torch
 from deepspeed.utils import groups
 from relora_ds.distributed import init_distributed, run_and_exit
+
 
 def main():
     init_distributed(timeout=datetime.timedelta(minutes=47))

@@ -330,6 +330,8 @@ def test_the_nvme_persistence_refusal_counts_what_deepspeed_keeps_and_swaps(monk
     from types import SimpleNamespace
 
     import relora_ds
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import AsyncPartitionedParameterSwapper
+    from deepspeed.runtime.swap_tensor.utils import MIN_AIO_BYTES
     from deepspeed.runtime.zero import parameter_offload
     from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
     from launch_utils import ROOT
@@ -359,7 +361,8 @@ def test_the_nvme_persistence_refusal_counts_what_deepspeed_keeps_and_swaps(monk
     def deepspeed_keeps(threshold, model_threshold, block_size):
         kept = DeepSpeedZeRoOffload.mark_persistent_parameters(SimpleNamespace(module=oracle_model), threshold,
                                                                model_threshold)
-        return sum(p.numel() * 2 >= max(2**20, block_size) for p in kept)
+        swapper = SimpleNamespace(min_aio_bytes=max(MIN_AIO_BYTES, block_size), swap_element_size=2)  # as its init
+        return sum(AsyncPartitionedParameterSwapper.swappable_tensor(swapper, numel=p.numel()) for p in kept)
 
     q = 768 * 768
     cases = [(q, 2**62, 2 * q), (q - 1, 2**62, 2 * q), (q, 2**62, 2 * q + 1), (10**6, 2**62, 2**20),
@@ -367,7 +370,6 @@ def test_the_nvme_persistence_refusal_counts_what_deepspeed_keeps_and_swaps(monk
     got = [refused(*case) for case in cases]
     assert got == [deepspeed_keeps(*case) for case in cases]
     assert got[0] == 48 and got[1:3] == [0, 0] and 0 < got[4] < got[3] == 48 and got[5] == 0, got
-
 
 
 def test_a_config_without_a_zero_stage_is_deepspeeds_stage_0_and_deepspeed_prints_nothing_of_its_own():

@@ -35,8 +35,6 @@ def test_values_deepspeed_would_drop_or_read_differently():
         check_deepspeed_keys({"tensorboard": {"enabled": True, "output": "tb"}})
 
 
-
-
 @pytest.mark.parametrize("ds, key", [
     ({"train_micro_batch_size_per_gpu": 4}, "train_micro_batch_size_per_gpu"),
     ({"optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95]}}}, "optimizer.params.betas"),
@@ -101,8 +99,6 @@ def test_amsgrad_is_refused_for_relora():
         complete_ds_config(json.loads(json.dumps(ds)), TrainConfig(**BASE), world_size=1)
     full = complete_ds_config(json.loads(json.dumps(ds)), TrainConfig(**BASE, mode="full"), world_size=1)
     assert full["optimizer"]["params"]["amsgrad"] is True  # no resets in a full-rank run: allowed
-
-
 
 
 def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
@@ -258,8 +254,6 @@ def test_nvme_offload_is_checked_before_any_engine(tmp_path):
     real = get_accelerator().create_op_builder("AsyncIOBuilder")  # scripts/test.sh installs libaio-dev
     assert real is not None and real.is_compatible(verbose=False), "install libaio-dev"
     check_offload_on_device(nvme(), get_accelerator())
-
-
 
 
 @pytest.mark.parametrize("key", ["use_all_reduce_for_fetch_params", "stage3_use_all_reduce_for_fetch_params",

@@ -142,9 +142,9 @@ def test_metrics_up_to_a_checkpoint_are_on_disk_before_the_checkpoint_is_saved(t
 
 
 def test_a_rewind_keeps_the_moved_records_on_disk_before_metrics_jsonl_loses_them(tmp_path, monkeypatch):
-    """A resume moves the records after its step to metrics.rewound.jsonl: that file is flushed first, then
-    metrics.jsonl is replaced through a flushed temporary file and its folder flushed, so a crash at any point
-    leaves each record in one of the two files."""
+    """A resume moves the records after its step to metrics.rewound.jsonl: that file and its folder entry are
+    flushed first, then metrics.jsonl is replaced through a flushed temporary file and its folder flushed, so a
+    crash at any point leaves each record in one of the two files."""
     import json
     import os
 
@@ -157,8 +157,9 @@ def test_a_rewind_keeps_the_moved_records_on_disk_before_metrics_jsonl_loses_the
     monkeypatch.setattr(os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", b))))
     logger = MetricsLogger(tmp_path, enabled=True, resume_step=2)
     root = tmp_path.resolve()
-    assert events[:4] == [("fsync", root / "metrics.rewound.jsonl"), ("fsync", root / ".metrics.jsonl.tmp"),
-                          ("replace", tmp_path / "metrics.jsonl"), ("fsync", root)]
+    assert events[:5] == [("fsync", root / "metrics.rewound.jsonl"), ("fsync", root),
+                          ("fsync", root / ".metrics.jsonl.tmp"), ("replace", tmp_path / "metrics.jsonl"),
+                          ("fsync", root)]
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.rewound.jsonl").read_text().splitlines()] == [3]
     logger.close()
@@ -167,20 +168,26 @@ def test_a_rewind_keeps_the_moved_records_on_disk_before_metrics_jsonl_loses_the
 def test_an_export_is_on_disk_before_its_files_are_renamed_into_place(tmp_path, monkeypatch):
     """export_hf stages the export and renames each file into the output folder: a power loss after a rename of
     data still in the page cache could leave an empty or partial model.safetensors under its final name. Every
-    staged file is flushed before the first rename, the output folder's entries after the last."""
+    staged file is flushed before an earlier export's weights are deleted (a flush of gigabytes takes a while:
+    a crash in it leaves the old export whole) and before the first rename, the output folder's entries after
+    the last."""
     import os
 
     import relora_ds
-    from relora_ds import hf
 
     events = []
     _record_fsyncs(monkeypatch, events)
-    real_replace = hf.os.replace
-    monkeypatch.setattr(hf.os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", b))))
+    real_replace, real_unlink = os.replace, os.unlink
+    monkeypatch.setattr(os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", b))))
+    monkeypatch.setattr(os, "unlink", lambda a, **k: (real_unlink(a, **k), events.append(("unlink", a))))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"an earlier export")
     model = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug", vocab_size=64))
     relora_ds.export_hf(model, tmp_path / "hf", token_ids={"bos_token_id": 1, "eos_token_id": 2})
     renamed = [path for kind, path in events if kind == "replace"]
-    first = events.index(("replace", renamed[0]))
+    first = min(i for i, (kind, path) in enumerate(events) if kind == "replace" or
+                (kind == "unlink" and os.path.dirname(path) == str(tmp_path / "hf")))
+    assert events[first] == ("unlink", tmp_path / "hf" / "model.safetensors"), events
     before = [path for kind, path in events[:first] if kind == "fsync"]
     assert sorted(p.name for p in renamed) == sorted(os.listdir(tmp_path / "hf"))
     assert {p.name for p in renamed} <= {p.name for p in before}
@@ -189,7 +196,7 @@ def test_an_export_is_on_disk_before_its_files_are_renamed_into_place(tmp_path, 
 
 def test_a_prepared_data_dir_is_on_disk_before_its_manifest_calls_it_complete(tmp_path, monkeypatch):
     """A prepared dir with a manifest is complete: the token files and the tokenizer are flushed before their
-    renames, the manifest through a flushed temporary file, the folder's entries after (a power loss right
+    renames, the renames before the manifest, written through a flushed temporary file, the folder's entries after (a power loss right
     after prepare_data could otherwise leave a manifest naming a train.bin of zeros, the size it says)."""
     import json
     import os
@@ -214,3 +221,5 @@ def test_a_prepared_data_dir_is_on_disk_before_its_manifest_calls_it_complete(tm
     assert {".train.bin.tmp", ".validation.bin.tmp", os.path.basename(m["tokenizer_path"])} <= flushed, events
     manifest = events.index(("replace", os.fspath(out / "manifest.json")))
     assert events[manifest - 1] == ("fsync", out / ".manifest.json.tmp") and events[manifest + 1] == ("fsync", out)
+    last_bin = max(i for i, (kind, b) in enumerate(events) if kind == "replace" and b.endswith(".bin"))
+    assert ("fsync", out) in events[last_bin:manifest - 1]  # the renames' entries before the manifest names them

@@ -43,7 +43,6 @@ def test_wrap_int8_storage_and_forward_close_to_float():
     assert layer.weight_residual.device.type == "cpu"
 
 
-
 def test_the_gathered_state_of_an_int8_base_stays_int8():
     """full_fp32_state_dict (the warm-start switch, the export) keeps the int8 base as int8, not as float32 at 4x
     its size in host memory (28 GB instead of 7 for a 7B base), exactly the model's codes; the float parameters
@@ -60,6 +59,7 @@ def test_the_gathered_state_of_an_int8_base_stays_int8():
     assert all(state[n].dtype == torch.float32 for n, p in model.named_parameters() if p.is_floating_point())
     buffers = {n: b for n, b in model.named_buffers() if n.endswith(("weight_scale", "weight_residual"))}
     assert len(buffers) == 28 and all(state[n].dtype == b.dtype and torch.equal(state[n], b) for n, b in buffers.items())
+
 
 def test_state_dict_roundtrip_exact_and_export(tmp_path):
     model = relora_ds.wrap(tiny_model(), rank=4, quantize="int8")

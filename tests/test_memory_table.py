@@ -66,6 +66,32 @@ def test_kept_dropout_masks_and_qk_norms_match_saved_tensors(variant):
                 quantize="int8" if variant == "dropout_int8" else None)
 
 
+def test_qk_norms_of_grouped_query_attention_keep_q_and_k_at_their_own_head_counts():
+    """Qwen3's q/k norms with fewer key/value heads than query heads (tiny with 2 kv heads of its 4): what
+    autograd saves with them minus the same LLaMA without them is qk_norm_bytes per layer, counting k's norm
+    over the kv heads (the saved tensors are the oracle, exactly: 6 bytes an element and the 4-byte reciprocal
+    RMS of each head's row; counting 2 x the query heads is a third more)."""
+    def saved_bytes(qk_norm):
+        cfg = LlamaConfig.preset("tiny", attn_implementation="sdpa", num_key_value_heads=2,
+                                 **(dict(model_type="qwen3", qk_norm=True) if qk_norm else {}))
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        ids = torch.randint(0, cfg.vocab_size, (2, 128))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids)
+        return sum(saved.values()), cfg
+    (with_norms, cfg), (without, _) = saved_bytes(True), saved_bytes(False)
+    assert cfg.num_key_value_heads < cfg.num_attention_heads
+    assert with_norms - without == 2 * cfg.num_hidden_layers * memory.qk_norm_bytes(cfg, 128)
+
+
 def _check_kept(cfg, rank, extra=0, **wrap_kw):
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)

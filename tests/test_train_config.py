@@ -175,6 +175,23 @@ def test_warm_start_lr_without_a_warm_start_is_named_not_fatal():
         TrainConfig(**BASE, warm_start_steps=5, warm_start_lr=-1)
 
 
+def test_a_resumed_runs_schedule_is_checked_at_parse_time_unless_a_token_budget_counts_its_steps():
+    """config_from_args checks the schedule before any process group, also for --resume (its total_steps are
+    this run's): a warm start as long as the run is refused there. A resumed token_budget run's step count
+    needs its checkpoint's tokens (the trainer checks it then), so parsing does not refuse it."""
+    from launch_utils import ROOT
+
+    tiny = ["--config", str(ROOT / "launch/configs/tiny.yaml"), "--warm-start-steps", "50"]
+    for resume in ([], ["--resume"]):
+        with pytest.raises(ValueError, match=r"warm_start_steps=50 leaves no low-rank steps of total_steps=50"):
+            config_from_args(build_parser().parse_args([*tiny, "--total-steps", "50", *resume]))
+    budget = [*tiny, "--total-steps", "none", "--token-budget", "16384"]  # 8 steps of 16 x 128 tokens
+    with pytest.raises(ValueError, match=r"warm_start_steps=50 leaves no low-rank steps"):
+        config_from_args(build_parser().parse_args(budget))
+    cfg = config_from_args(build_parser().parse_args([*budget, "--resume"]))
+    assert cfg.resume and cfg.token_budget == 16384
+
+
 def test_a_warm_start_without_its_own_lr_is_named():
     """The full-rank warm start at ReLoRA's (2x) lr measured worse (BENCHMARKS.md): say so, go on."""
     with pytest.warns(UserWarning, match=r"the full-rank warm start runs at ReLoRA's lr=0.002.*set warm_start_lr"):
@@ -406,7 +423,6 @@ def test_an_output_dir_that_cannot_be_one_is_named(tmp_path):
             check_output_dir(TrainConfig(**BASE, output_dir=str(tmp_path / "new")))
 
 
-
 def test_a_rank_reading_another_lock_file_is_not_sharing_the_output_dir(tmp_path, monkeypatch):
     """Every rank reads rank 0's lock file: a rank on a node-local disk holding a stale .lock of a crashed run
     (it reads one, another) is refused as one that reads none is, after every try; ranks that all read the same
@@ -428,6 +444,7 @@ def test_a_rank_reading_another_lock_file_is_not_sharing_the_output_dir(tmp_path
             check_shared_output_dir(tmp_path / "run", 0, 2, tries=3, pause_s=0)
         assert asked == ["host n1, pid 7, since 2026-12-05T10:00:00\n"] * (3 if refused else 1)
 
+
 def test_overwrite_refuses_to_delete_the_runs_own_prepared_data(tmp_path):
     """--overwrite deletes output_dir: a data_dir prepared inside it (output_dir/data, a common layout) is the
     run's input and is refused, as a warm-start source inside it is; beside it, accepted."""
@@ -439,8 +456,6 @@ def test_overwrite_refuses_to_delete_the_runs_own_prepared_data(tmp_path):
             check_output_dir(TrainConfig(**BASE, output_dir=str(out), data_dir=str(inside), overwrite=True))
     check_output_dir(TrainConfig(**BASE, output_dir=str(out), data_dir=str(tmp_path / "data"), overwrite=True))
     check_output_dir(TrainConfig(**BASE, output_dir=str(out), data_dir=str(out / "data")))  # nothing deleted
-
-
 
 
 @pytest.mark.parametrize("interpret, refused", [(None, True), ("0", True), ("1", False), ("true", False),

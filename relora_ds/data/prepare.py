@@ -295,6 +295,7 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
     tok_path = out_dir / tok.path.name
     for split in mf.SPLITS:
         (out_dir / f".{split}.bin.tmp").replace(out_dir / f"{split}.bin")
+    fsync_path(out_dir)  # the renames on disk before the manifest names their files
     manifest = {
         "format": mf.FORMAT,
         "recipe": recipe,

@@ -74,30 +74,19 @@ def test_qk_norms_of_grouped_query_attention_keep_q_and_k_at_their_own_head_coun
     def saved_bytes(qk_norm):
         cfg = LlamaConfig.preset("tiny", attn_implementation="sdpa", num_key_value_heads=2,
                                  **(dict(model_type="qwen3", qk_norm=True) if qk_norm else {}))
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        ids = torch.randint(0, cfg.vocab_size, (2, 128))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(ids, labels=ids)
-        return sum(saved.values()), cfg
+        return _saved_bytes(cfg, 0, 2, 128), cfg
     (with_norms, cfg), (without, _) = saved_bytes(True), saved_bytes(False)
     assert cfg.num_key_value_heads < cfg.num_attention_heads
     assert with_norms - without == 2 * cfg.num_hidden_layers * memory.qk_norm_bytes(cfg, 128)
 
 
-def _check_kept(cfg, rank, extra=0, **wrap_kw):
+def _saved_bytes(cfg, rank, b, s, **wrap_kw):
+    """Bytes of the tensors autograd saves in a bf16 forward of b sequences of s tokens (one count per storage;
+    the parameters not counted)."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     if rank:
         wrap(model, rank=rank, **wrap_kw)
-    b, s = 2, 128
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
 
@@ -109,8 +98,12 @@ def _check_kept(cfg, rank, extra=0, **wrap_kw):
     ids = torch.randint(0, cfg.vocab_size, (b, s))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(ids, labels=ids)
-    assert sum(saved.values()) == pytest.approx(b * memory.kept_activation_bytes(cfg, s, rank, extra=extra),
-                                                rel=0.01)
+    return sum(saved.values())
+
+
+def _check_kept(cfg, rank, extra=0, **wrap_kw):
+    assert _saved_bytes(cfg, rank, 2, 128, **wrap_kw) == pytest.approx(
+        2 * memory.kept_activation_bytes(cfg, 128, rank, extra=extra), rel=0.01)
 
 
 class _MallInfo2(ctypes.Structure):

@@ -172,6 +172,21 @@ def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path
 
     a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("hf", "hf2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A checkpoint from before the merge_count buffers (their keys taken out of its model states) exports the
+    # same weights, its merge record unknown rather than refused.
+    shutil.copytree(run / "checkpoints" / "step_50", tmp_path / "older" / "step_50")
+    for f in (tmp_path / "older" / "step_50").glob("*model_states.pt"):
+        states = torch.load(f, weights_only=False)
+        dropped = [k for k in states["module"] if k.endswith("merge_count")]
+        assert dropped or "zero_pp_rank" in f.name, f.name
+        states["module"] = {k: v for k, v in states["module"].items() if k not in dropped}
+        torch.save(states, f)
+    proc = export(tmp_path / "older" / "step_50", "--out", tmp_path / "hf_older", "--no-tokenizer")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    c = load_file(tmp_path / "hf_older" / "model.safetensors")
+    assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
+    assert json.loads((tmp_path / "hf_older" / "relora_ds_progress.json").read_text())["relora"] is None
+    assert json.loads((tmp_path / "hf" / "relora_ds_progress.json").read_text())["relora"] is not None
     # Without a tokenizer, the BOS/EOS ids are still the run's (from its data manifest), as the trainer's
     # export with the tokenizer says them.
     ids = lambda d: [json.loads((d / "config.json").read_text())[k] for k in ("bos_token_id", "eos_token_id")]  # noqa: E731

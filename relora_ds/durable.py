@@ -1,6 +1,7 @@
 """Writes that survive a crash or a power loss: a file's data or a directory's entries flushed to stable
 storage (fsync), and a small file replaced through a flushed temporary one: checkpoints and their universal
-conversion, metrics.jsonl up to each checkpoint (metrics.py), an export before its renames (hf.py)."""
+conversion, metrics.jsonl up to each checkpoint (metrics.py), an export before its renames (hf.py), a prepared
+data dir before its manifest (data/prepare.py)."""
 from __future__ import annotations
 
 import errno

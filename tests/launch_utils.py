@@ -26,6 +26,21 @@ def launch_env() -> dict:
     return env
 
 
+
+def clean_env(**extra) -> dict:
+    """This process's environment without a launcher's or SLURM's variables (a run here is nobody's rank),
+    with ``extra`` set."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                      "MASTER_PORT")}
+    return {**env, **extra}
+
+
+def run_tool(*cmd, env=None) -> subprocess.CompletedProcess:
+    """``cmd`` from the repository root, in ``env`` (default clean_env()), its output captured."""
+    return subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env or clean_env(), capture_output=True, text=True,
+                          timeout=120)
+
 def _check(cmd, proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"

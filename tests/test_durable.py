@@ -1,6 +1,24 @@
 """Checkpoints on stable storage (relora_ds/durable.py, used by checkpoint.save and the universal conversion):
-every file flushed before config.json or `latest` names it, each rank its own, the renames flushed too."""
+every file flushed before config.json or `latest` names it, each rank its own, the renames flushed too; and
+metrics, exports and prepared data dirs before what relies on them."""
 import pytest
+
+
+def _recorded(monkeypatch, unlink: bool = False) -> list:
+    """The calls of os.fsync (by the path its descriptor names), os.replace (by its target) and, with
+    ``unlink``, os.unlink from here on, in order, as ("fsync" | "replace" | "unlink", Path)."""
+    import os
+    from pathlib import Path
+
+    events = []
+    real = {name: getattr(os, name) for name in ("fsync", "replace", "unlink")}
+    monkeypatch.setattr(os, "fsync", lambda fd: (real["fsync"](fd), events.append(
+        ("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))))
+    monkeypatch.setattr(os, "replace", lambda a, b, **k: (real["replace"](a, b, **k), events.append(
+        ("replace", Path(b)))))
+    if unlink:
+        monkeypatch.setattr(os, "unlink", lambda a, **k: (real["unlink"](a, **k), events.append(("unlink", Path(a)))))
+    return events
 
 
 def test_a_checkpoint_is_on_disk_before_config_json_or_latest_name_it(tmp_path):
@@ -37,10 +55,7 @@ def test_only_a_ranks_own_files_are_flushed_before_the_barrier_and_the_writer_is
 
     from relora_ds import checkpoint
 
-    flushed = []
-    real_fsync = checkpoint.os.fsync
-    monkeypatch.setattr(checkpoint.os, "fsync",
-                        lambda fd: (real_fsync(fd), flushed.append(Path(checkpoint.os.readlink(f"/proc/self/fd/{fd}")))))
+    events = _recorded(monkeypatch)
     monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(checkpoint.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(checkpoint.dist, "barrier", lambda: None)
@@ -61,6 +76,7 @@ def test_only_a_ranks_own_files_are_flushed_before_the_barrier_and_the_writer_is
     engine = Engine()
     checkpoint.save(engine, tmp_path, 3, {}, {}, keep_last=0)
     tag = (tmp_path / "step_3").resolve()
+    flushed = [path for kind, path in events if kind == "fsync"]
     assert flushed == [tag / "mine_model.pt", tag / "mine_optim.pt", tag / "rng_rank1.pt"]
     assert "save" not in vars(engine.checkpoint_engine)
 
@@ -76,15 +92,9 @@ def test_a_universal_conversion_is_on_disk_before_its_rename_says_complete(tmp_p
     """The universal conversion is renamed into the checkpoint when complete, and a later resume loads a
     `universal/` folder it finds without converting again: each of its files is flushed before the rename,
     the checkpoint's entry for it after. The converter stands in (it writes two nested files)."""
-    from pathlib import Path
+    from relora_ds import universal
 
-    from relora_ds import checkpoint, universal
-
-    events = []
-    real_fsync, real_replace = checkpoint.os.fsync, universal.os.replace
-    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (real_fsync(fd), events.append(
-        ("fsync", Path(checkpoint.os.readlink(f"/proc/self/fd/{fd}"))))))
-    monkeypatch.setattr(universal.os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", b))))
+    events = _recorded(monkeypatch)
 
     def convert(src, out):
         (out / "zero" / "w").mkdir(parents=True)
@@ -106,15 +116,6 @@ def test_a_universal_conversion_is_on_disk_before_its_rename_says_complete(tmp_p
     assert events[rename + 1:] == [("fsync", root / "step_2")]
 
 
-def _record_fsyncs(monkeypatch, events):
-    from pathlib import Path
-
-    from relora_ds import durable
-    real = durable.os.fsync
-    monkeypatch.setattr(durable.os, "fsync", lambda fd: (real(fd), events.append(
-        ("fsync", Path(durable.os.readlink(f"/proc/self/fd/{fd}"))))))
-
-
 def test_metrics_up_to_a_checkpoint_are_on_disk_before_the_checkpoint_is_saved(tmp_path, monkeypatch):
     """metrics.jsonl was left in the page cache: after a power loss, a run resumed from the checkpoint at step N
     found the records before N missing, a gap no later start fills (it rewinds only the later ones). The
@@ -124,8 +125,7 @@ def test_metrics_up_to_a_checkpoint_are_on_disk_before_the_checkpoint_is_saved(t
     from relora_ds import resume
     from relora_ds.metrics import MetricsLogger
 
-    events = []
-    _record_fsyncs(monkeypatch, events)
+    events = _recorded(monkeypatch)
     metrics = MetricsLogger(tmp_path, enabled=True)
     metrics.log({"step": 1, "loss": 3.5})
     monkeypatch.setattr(resume.checkpoint, "save", lambda *a, **k: events.append(("checkpoint.save", a[2])) or
@@ -146,15 +146,11 @@ def test_a_rewind_keeps_the_moved_records_on_disk_before_metrics_jsonl_loses_the
     flushed first, then metrics.jsonl is replaced through a flushed temporary file and its folder flushed, so a
     crash at any point leaves each record in one of the two files."""
     import json
-    import os
 
     from relora_ds.metrics import MetricsLogger
 
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
-    events = []
-    _record_fsyncs(monkeypatch, events)
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", b))))
+    events = _recorded(monkeypatch)
     logger = MetricsLogger(tmp_path, enabled=True, resume_step=2)
     root = tmp_path.resolve()
     assert events[:5] == [("fsync", root / "metrics.rewound.jsonl"), ("fsync", root),
@@ -175,11 +171,7 @@ def test_an_export_is_on_disk_before_its_files_are_renamed_into_place(tmp_path, 
 
     import relora_ds
 
-    events = []
-    _record_fsyncs(monkeypatch, events)
-    real_replace, real_unlink = os.replace, os.unlink
-    monkeypatch.setattr(os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", b))))
-    monkeypatch.setattr(os, "unlink", lambda a, **k: (real_unlink(a, **k), events.append(("unlink", a))))
+    events = _recorded(monkeypatch, unlink=True)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"an earlier export")
     model = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug", vocab_size=64))
@@ -196,8 +188,9 @@ def test_an_export_is_on_disk_before_its_files_are_renamed_into_place(tmp_path, 
 
 def test_a_prepared_data_dir_is_on_disk_before_its_manifest_calls_it_complete(tmp_path, monkeypatch):
     """A prepared dir with a manifest is complete: the token files and the tokenizer are flushed before their
-    renames, the renames before the manifest, written through a flushed temporary file, the folder's entries after (a power loss right
-    after prepare_data could otherwise leave a manifest naming a train.bin of zeros, the size it says)."""
+    renames, the renames before the manifest, written through a flushed temporary file, the folder's entries
+    after (a power loss right after prepare_data could otherwise leave a manifest naming a train.bin of zeros,
+    the size it says)."""
     import json
     import os
 
@@ -206,10 +199,7 @@ def test_a_prepared_data_dir_is_on_disk_before_its_manifest_calls_it_complete(tm
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"Line {i} of a small corpus about item {i * 7}."}) + "\n"
                               for i in range(40)))
-    events = []
-    _record_fsyncs(monkeypatch, events)
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", os.fspath(b)))))
+    events = _recorded(monkeypatch)
     out = (tmp_path / "out").resolve()
     prepare_data([corpus], out, vocab_size=300, val_fraction=0.2)
     m = load_manifest(out)
@@ -219,7 +209,7 @@ def test_a_prepared_data_dir_is_on_disk_before_its_manifest_calls_it_complete(tm
     first = next(i for i, (kind, b) in enumerate(events) if kind == "replace" and os.path.basename(b) in kept)
     flushed = {p.name for kind, p in events[:first] if kind == "fsync"}
     assert {".train.bin.tmp", ".validation.bin.tmp", os.path.basename(m["tokenizer_path"])} <= flushed, events
-    manifest = events.index(("replace", os.fspath(out / "manifest.json")))
+    manifest = events.index(("replace", out / "manifest.json"))
     assert events[manifest - 1] == ("fsync", out / ".manifest.json.tmp") and events[manifest + 1] == ("fsync", out)
-    last_bin = max(i for i, (kind, b) in enumerate(events) if kind == "replace" and b.endswith(".bin"))
+    last_bin = max(i for i, (kind, b) in enumerate(events) if kind == "replace" and b.suffix == ".bin")
     assert ("fsync", out) in events[last_bin:manifest - 1]  # the renames' entries before the manifest names them

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -255,6 +256,9 @@ def test_preflight_checks_the_training_data_size_and_a_resume_on_other_data(tmp_
     with pytest.warns(ConfigWarning, match=f"vocab_size=4096 is not used: the tokenizer of data_dir {data} has 512 "
                                            "pieces, which the model takes"):
         assert _preflight(*preflight, "--global-batch-size", "64", "--vocab-size", "4096").returncode == 0
+    with warnings.catch_warnings():  # the data's own vocabulary given: nothing to warn about
+        warnings.filterwarnings("error", "vocab_size", ConfigWarning)
+        assert _preflight(*preflight, "--global-batch-size", "64", "--vocab-size", "512").returncode == 0
     proc = _preflight(*preflight, "--global-batch-size", "128")
     assert proc.returncode == 2
     assert (f"error: the training split of {data} holds 124 windows of --seq-len 32 (4,000 tokens), fewer than one "

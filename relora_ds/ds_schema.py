@@ -170,7 +170,9 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
 
         for key in ds["aio"]:
             if key not in AIO_DEFAULT_DICT:
-                _unknown(f"{source}: aio: key", key, AIO_DEFAULT_DICT, hint=" (DeepSpeed would silently ignore it)")
+                renamed = "; DeepSpeed 0.15 renamed it 'intra_op_parallelism'" if key == "thread_count" else ""
+                _unknown(f"{source}: aio: key", key, AIO_DEFAULT_DICT,
+                         hint=f" (DeepSpeed would silently ignore it{renamed})")
     _check_optimizer(ds, source)
     if uses_bf16(ds) and uses_fp16(ds):  # after the sections' keys are checked: these parse them
         raise ValueError(f"{source} enables both bf16 and fp16: enable one (bf16 on GPUs that have it)")

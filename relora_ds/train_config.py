@@ -171,7 +171,8 @@ class TrainConfig:
     document_masking: bool = _f(False, "attention within each document of a packed window (a document ends at "
                                          "its EOS): no token attends to an earlier document; flash-attn's varlen "
                                          "kernel where flash-attn runs, else torch SDPA with a (batch, 1, "
-                                         "seq_len, seq_len) mask")
+                                         "seq_len+1, seq_len+1) mask (the model reads windows of seq_len+1 "
+                                         "tokens)")
     compile: bool = _f(False, "torch.compile each decoder layer (one graph the layers share, as torchtitan): "
                               "fuses the norms, RoPE and the MLP's activation; the first step of each phase and "
                               "the first evaluation wait for the compile; under ZeRO-3 each layer's weights are "

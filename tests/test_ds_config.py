@@ -30,7 +30,10 @@ BF16_FP32_ACCUM = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype":
      r"zero_optimization.offload_optimizer: key 'devise' is unknown; did you mean 'device'\?.* 'nvme_path'"),
     ({"bf16": {"enabled": True, "immediate_grad_updates": True}}, r"did you mean 'immediate_grad_update'\?"),
     ({"aio": {"thread_count": 2}},  # the name before DeepSpeed 0.15; 0.19's get_aio_config ignores it
-     r"aio: key 'thread_count' is unknown \(DeepSpeed would silently ignore it\); valid keys: .*'intra_op_parallelism'"),
+     r"aio: key 'thread_count' is unknown \(DeepSpeed would silently ignore it; DeepSpeed 0.15 renamed it "
+     r"'intra_op_parallelism'\); valid keys: .*'intra_op_parallelism'"),
+    ({"aio": {"block_sise": 2}}, r"aio: key 'block_sise' is unknown \(DeepSpeed would silently ignore it\); did you "
+                                 r"mean 'block_size'\?"),
     ({"fp16": {"enable": True}}, r"fp16: key 'enable' is unknown; did you mean 'enabled'\?"),
     ({"no_such_setting": 1}, r"top-level key 'no_such_setting' is unknown .*; valid keys: \[.*'zero_optimization'"),
     ({"seed": 1}, r"'seed' is not a DeepSpeed key but a recipe setting: set it in the recipe \(or --seed\)"),

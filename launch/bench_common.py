@@ -1,7 +1,7 @@
 """What the benchmark scripts share: the kernel package's loader, GPU timing (clocks up, CUDA-event medians,
 host issue time, peak memory), the ``D_INxD_OUT`` argument and the rows sink that writes each result the moment
 it is measured (a run cut at its time limit keeps what it measured). Used by bench_kernels.py, bench_int8.py,
-tune_kernels.py, bench_host_overhead.py and compile_kernels.py."""
+bench_merge_rounding.py, tune_kernels.py, bench_host_overhead.py and compile_kernels.py."""
 from __future__ import annotations
 
 import argparse

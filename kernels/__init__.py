@@ -1,6 +1,8 @@
 """relora_kernels: fused Triton kernels for ReLoRA's low-rank linear layer and merge.
 
-Public API (each op has a pure-torch twin that is its specification and the CPU path):
+Public API (each op has a pure-torch twin that is its specification: the path of merges and dequantization
+wherever Triton does not run, and of the layer under ``RELORA_KERNELS=reference``; ``auto`` runs the layer on
+the BLAS path below instead, on CPU and on CUDA):
 
 - ``lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True, generator=None,
   *, deterministic=None)`` -- autograd-aware, dispatches itself; twin ``lora_linear_reference``.
@@ -9,8 +11,11 @@ Public API (each op has a pure-torch twin that is its specification and the CPU 
 - ``lora_linear_torch(...)`` -- the same layer as BLAS calls only: GEMMs on the merged weight ``W + s·B·A``
   or an epilogue chain (module ``torch_linear``; ``RELORA_KERNELS=torch``, and ``auto`` on CPU and, epilogue
   chain only, on CUDA).
-- ``use_triton(tensor) -> bool`` -- the dispatch decision (env ``RELORA_KERNELS=auto|triton|torch|reference``).
-- ``deterministic_mode(flag=None) -> bool`` -- env ``RELORA_DETERMINISTIC=1``.
+- ``use_triton(tensor, op=None) -> bool`` -- whether ``op`` runs Triton for ``tensor`` (env
+  ``RELORA_KERNELS=auto|triton|torch|reference``; the layer asks with ``op="linear"``, which ``auto`` keeps on
+  the BLAS path: ``AUTO_TORCH_OPS``).
+- ``deterministic_mode(deterministic=None) -> bool`` -- the argument, else env ``RELORA_DETERMINISTIC=1``, else
+  torch's deterministic switch.
 - int8 frozen base (``int8``): ``int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, ...)``,
   ``int8_dequantize(q, scale, dtype=float32, residual=None)``,
   ``int8_merge_(q, scale, residual, lora_A, lora_B, s)`` (returns the three tensors it updates); twins

@@ -158,10 +158,10 @@ AUTO_TORCH_OPS = frozenset({"linear"})
 def use_triton(tensor: torch.Tensor, op: str | None = None) -> bool:
     """Whether ``op`` should take the Triton path for ``tensor`` (the layer input).
 
-    ``auto``: Triton on CUDA tensors of dtype fp32/fp16/bf16, except for the ops in ``AUTO_TORCH_OPS``;
-    the torch reference elsewhere.
+    ``auto``: Triton on CUDA tensors of dtype fp32/fp16/bf16, except for the ops in ``AUTO_TORCH_OPS``
+    (those and every CPU tensor take the torch paths: linear_path).
     ``triton``: always Triton; raises if it cannot run (CPU tensors without the interpreter, a dtype the
-    kernels do not handle, Triton not installed). ``reference``: never.
+    kernels do not handle, Triton not installed). ``reference`` and ``torch``: never.
     """
     mode = kernel_mode()
     if mode in ("reference", "torch"):

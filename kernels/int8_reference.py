@@ -1,4 +1,6 @@
-"""Pure-torch twins of the int8 base-weight kernels: the specification, and the CPU path.
+"""Pure-torch twins of the int8 base-weight kernels: the specification, and the path of dequantization and
+merges wherever Triton does not run (the int8 layer itself under ``RELORA_KERNELS=reference``; ``auto`` and
+``torch`` run it on the BLAS path of torch_linear.py).
 
 Storage of a frozen weight W (out, in):
 

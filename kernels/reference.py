@@ -1,4 +1,6 @@
-"""Pure-torch twins of the kernels: the specification, and the path on CPU (or wherever Triton is off).
+"""Pure-torch twins of the kernels: the specification, and the path of a merge wherever Triton does not run
+(the layer's forward and backward take it under ``RELORA_KERNELS=reference``; ``auto`` and ``torch`` run the
+layer on the BLAS path of torch_linear.py).
 
 ``lora_linear_reference(x, W, A, B, s, b)`` is exactly
 ``F.linear(x, W, b) + s * F.linear(F.linear(dropout(x), A), B)``, autograd included.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 # The Hugging Face architectures this decoder reproduces exactly. They differ only in what their configs
@@ -37,7 +38,8 @@ class LlamaConfig:
     num_key_value_heads: int | None = None
     """Key/value heads (grouped-query attention); None means equal to num_attention_heads."""
     max_position_embeddings: int = 512
-    """Longest sequence the model is trained for (the paper uses 512); rotary tables grow on demand."""
+    """Longest sequence the model is trained for (the paper uses 512); RoPE is computed per call, so longer
+    inputs run too."""
     rms_norm_eps: float = 1e-6
     """Epsilon inside RMSNorm."""
     rope_theta: float = 10000.0
@@ -80,14 +82,18 @@ class LlamaConfig:
             self.num_key_value_heads = self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
-            if int(getattr(self, name)) <= 0:
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("rms_norm_eps", "rope_theta"):  # a negative eps makes RMSNorm's rsqrt NaN, silently
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got {value!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                                  f"{self.num_attention_heads}; set head_dim to give the heads' width explicitly")
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if int(self.head_dim) <= 0 or self.head_dim % 2:
+        if not _is_int(self.head_dim) or self.head_dim <= 0 or self.head_dim % 2:
             raise ValueError(f"LlamaConfig.head_dim must be a positive even integer (RoPE rotates pairs), "
                              f"got {self.head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -103,7 +109,7 @@ class LlamaConfig:
             self.qk_norm = self.model_type == "qwen3"
         self._check_expressible()
         self.rope_scaling = _checked_rope_scaling(self.rope_scaling)
-        if self.sliding_window is not None and int(self.sliding_window) <= 0:
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window <= 0):
             raise ValueError(f"sliding_window must be a positive number of tokens or None, got {self.sliding_window!r}")
         self._check_layer_types()
 
@@ -200,3 +206,8 @@ def _checked_rope_scaling(scaling: dict | None) -> dict | None:
     if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ValueError(f"rope_scaling {scaling}: high_freq_factor must be above low_freq_factor")
     return scaling
+
+
+def _is_int(value) -> bool:
+    """A whole number as a Python or NumPy integer (JSON's 64 passes; 64.0, "64" and True do not)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -274,6 +274,28 @@ def test_configs_the_export_could_not_express_are_refused(overrides, match):
         LlamaConfig(**{**SHAPE, **overrides})
 
 
+@pytest.mark.parametrize("overrides, match", [
+    (dict(hidden_size=64.5), r"LlamaConfig.hidden_size must be a positive integer, got 64.5"),  # was: "not divisible"
+    (dict(num_hidden_layers=2.7), r"num_hidden_layers must be a positive integer, got 2.7"),  # was: a TypeError later
+    (dict(hidden_size="64"), r"hidden_size must be a positive integer, got '64'"),
+    (dict(num_hidden_layers=True), r"num_hidden_layers must be a positive integer, got True"),
+    (dict(vocab_size=0), r"vocab_size must be a positive integer, got 0"),
+    (dict(head_dim=16.0), r"head_dim must be a positive even integer \(RoPE rotates pairs\), got 16.0"),
+    (dict(rms_norm_eps=-1e-6), r"rms_norm_eps must be a positive finite number, got -1e-06"),  # was: NaN losses
+    (dict(rms_norm_eps=0), r"rms_norm_eps must be a positive finite number, got 0"),
+    (dict(rope_theta=0.0), r"rope_theta must be a positive finite number, got 0.0"),
+    (dict(rope_theta=float("inf")), r"rope_theta must be a positive finite number, got inf"),
+    (dict(model_type="mistral", sliding_window=8.5), r"sliding_window must be a positive number of tokens or None"),
+])
+def test_sizes_must_be_whole_numbers_and_eps_and_theta_positive(overrides, match):
+    """What no model can be built from is refused by the config, naming the field (a float size went on to a
+    misleading divisibility error or a TypeError in the build, a negative eps to NaN losses)."""
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig(**{**SHAPE, **overrides})
+    import numpy as np
+    assert LlamaConfig(**{**SHAPE, "num_hidden_layers": np.int64(2), "rope_theta": 500_000}).num_hidden_layers == 2
+
+
 # The trainer (launch/train.py) on --hf-model: trainer_utils' recipe (a 2-step full-rank warm start, ReLoRA
 # resets at steps 6 and 10) from tiny transformers-made tied checkpoints, on the built-in corpus's 512-token
 # vocabulary (the checkpoints hold no tokenizer, which the trainer only warns about).

@@ -156,7 +156,9 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
     (LLaMA, Qwen2, Qwen3, Mistral); returns out_dir.
 
     `model`: a relora_ds ``LlamaForCausalLM`` (wrapped or not), or the DeepSpeed engine training one: then
-    every rank calls (the weights are gathered: fp32 masters, ZeRO-3 partitions) and rank 0 writes.
+    every rank calls (the weights are gathered: fp32 masters, ZeRO-3 partitions) and rank 0 writes. An engine
+    training a transformers model (the HF Trainer path, hf_trainer.save_merged) is written merged by its own
+    ``save_pretrained``; `tokenizer`, `like`, `token_ids` and `progress` are refused for it.
 
     `tokenizer`: the tokenizer the model was trained with (a data dir's ``tokenizer.model`` or
     ``tokenizer.json``). Its BOS/EOS ids go into the configs and its files are copied; a SentencePiece model's

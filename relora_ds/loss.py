@@ -97,8 +97,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
     Gradients reach ``hidden`` and ``weight`` as with the plain path. Under autocast the GEMMs run in the
     autocast dtype, as ``F.linear`` would. With no valid target the loss is 0 (the plain path gives NaN)."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"expected hidden (N, d), weight (V, d), targets (N,); got {tuple(hidden.shape)}, "
                          f"{tuple(weight.shape)}, {tuple(targets.shape)}")

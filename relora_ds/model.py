@@ -372,8 +372,9 @@ class LlamaForCausalLM(nn.Module):
 
     def chunked_loss_enable(self, chunk_size: int = 1024) -> None:
         """With labels, compute the loss ``chunk_size`` tokens at a time without the full logits (the output's
-        ``logits`` is then None). Same loss and gradients as the plain path up to rounding."""
-        if not isinstance(chunk_size, int) or chunk_size < 1:
+        ``logits`` is then None). Same loss and gradients as the plain path up to rounding, except where no
+        label is scored (all ignored): loss 0 here, NaN there (relora_ds/loss.py)."""
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
         self.loss_chunk_size = chunk_size
 

@@ -6,6 +6,7 @@ process holding the whole tensor would do.
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -20,8 +21,8 @@ METHODS = ("magnitude", "random", "reset")
 def check_prune_args(method: str, ratio: float) -> None:
     if method not in METHODS:
         raise ValueError(f"prune method {method!r} is not valid; valid methods: {list(METHODS)}")
-    if not 0.0 <= float(ratio) <= 1.0:
-        raise ValueError(f"prune ratio={ratio} must be in [0, 1]")
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"prune ratio={ratio!r} must be a number in [0, 1]")
 
 
 def num_pruned(numel: int, ratio: float) -> int:
@@ -67,7 +68,7 @@ def moment_masks(moments: dict, method: str, ratio: float, seed: int, joint: boo
     - independent (``joint=False``, the paper), 'magnitude': each moment is pruned by its own values, then
       exp_avg is also zeroed wherever exp_avg_sq is. exp_avg_sq's mask is the paper's; exp_avg's is its own
       mask united with exp_avg_sq's, so slightly more than ``ratio`` of exp_avg is zeroed (the two masks
-      mostly coincide: 0.2-0.7% of exp_avg kept at ratio 0.99, measured).
+      mostly coincide: 0.11-0.26% of exp_avg kept at ratio 0.99 at the demo's resets, BENCHMARKS.md).
     - 'random': one mask (the first moment's seed) for both, ``joint`` or not. Values play no part, so two
       draws differ only in the guard's cost: uniting two independent masks would keep (1 - ratio)^2 of
       exp_avg (0.01% at 0.99) instead of 1 - ratio. Each moment keeps exactly 1 - ratio, as in the paper.
@@ -147,7 +148,8 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     (ZeRO-partitioned state, see zero_reset.py); all use ``moment_masks`` on whole tensors, so the results
     are identical.
     Returns ``{key: fraction of entries zeroed}`` over all given params (independent mode: exp_avg's
-    fraction is at least ``ratio``, since it includes exp_avg_sq's mask), and ``{key}_mass``: the share of
+    fraction is at least exp_avg_sq's, since it includes exp_avg_sq's mask; each tensor prunes
+    round(ratio·numel) entries, so a fraction may sit just below ``ratio`` on small tensors), and ``{key}_mass``: the share of
     each moment's L1 mass zeroed (``PruneTally``); for an engine also ``prune_seconds`` and
     ``prune_comm_bytes`` (the bytes its gathers moved, 0 on one rank).
     """

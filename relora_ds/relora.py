@@ -252,13 +252,20 @@ class ReLoRALinear(nn.Module):
         """W += scale · B·A, accumulated in fp32 (fp64 for fp64 W) and cast once to W's dtype.
 
         On CUDA this is the one-pass Triton merge kernel (no atomics, so every rank computes the same bits).
-        An int8 base is requantized with error feedback (relora_ds/quant.py), so merges do not drift; so is a
-        float base with ``merge_residual`` (the torch path: merges are rare next to training steps).
+        An int8 base is requantized with error feedback (relora_ds/quant.py), so merges do not drift beyond the
+        residual's own rounding (at most scale/508 per element and merge; 1000 independent merges: 1.008× the
+        one-shot error, launch/bench_merge_rounding.py); so is a float base with ``merge_residual`` (the torch
+        path: merges are rare next to training steps).
         A layer sharded by FSDP2 (DTensors) merges the whole weight, gathered, as one process would, and each
         rank keeps its shard (relora_ds/sharded.py).
         """
         A = self.lora_A if A is None else A
         B = self.lora_B if B is None else B
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != self.in_features or B.shape != (self.out_features,
+                                                                                       A.shape[0]):
+            raise ValueError(f"merge_: expected A (r, {self.in_features}) and B ({self.out_features}, r) for this "
+                             f"{self.out_features}x{self.in_features} layer; got A {tuple(A.shape)} and B "
+                             f"{tuple(B.shape)}")
         base = self.weight_q if self.quantize else self.weight
         if not any(map(sharded.is_sharded, (base, A, B))):
             self._merge_into(base, A, B)

@@ -111,7 +111,7 @@ def test_autocast_runs_the_gemms_in_the_autocast_dtype():
     assert gh.dtype == torch.float32 and gw.dtype == torch.float32
 
 
-@pytest.mark.parametrize("bad", [0, -4])
+@pytest.mark.parametrize("bad", [0, -4, True, 8.0])
 def test_bad_chunk_size_is_an_error(bad):
     h, w, y = _inputs()
     with pytest.raises(ValueError, match="chunk_size must be a positive"):

@@ -205,8 +205,10 @@ def test_first_step_after_reset_keeps_lora_A_small():
 
 def test_bad_arguments():
     opt, a, _, _ = _adam_state()
-    with pytest.raises(ValueError, match=r"ratio=1.5 must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"ratio=1.5 must be a number in \[0, 1\]"):
         relora_ds.prune_optimizer_state(opt, [a], ratio=1.5)
+    with pytest.raises(ValueError, match=r"ratio='0.5' must be a number in \[0, 1\]"):  # was: a TypeError in round
+        relora_ds.prune_optimizer_state(opt, [a], ratio="0.5")
     with pytest.raises(ValueError, match="valid methods"):
         relora_ds.prune_optimizer_state(opt, [a], method="l1")
     fresh = torch.nn.Parameter(torch.randn(3))

@@ -3,6 +3,7 @@ brings: Hugging Face architectures, eval mode, mixed dtypes, bad settings, DeepS
 wrong place (found by a test-drive, 2026-12-01). The layer and the conversion themselves: test_relora.py."""
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -296,3 +297,22 @@ def test_a_merge_drops_the_old_factors_gradients():
         warnings.simplefilter("error")
         relora_ds.merge_and_reinit(model)
 
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_merging_factors_of_the_wrong_shape_names_the_expected_shapes_and_changes_nothing(quantize):
+    """ReLoRALinear.merge_(A, B) with factors of another layer's shape: a clear error naming the shapes this
+    layer takes (it was a broadcasting RuntimeError from the merge statistics), the weights untouched; factors
+    of another rank than the layer's merge as their product says."""
+    layer = relora_ds.ReLoRALinear(16, 12, 4, quantize=quantize)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for A, B in ((torch.randn(5, 16), torch.randn(12, 4)), (torch.randn(4, 12), torch.randn(12, 4)),
+                 (torch.randn(4, 16), torch.randn(16, 4)), (torch.randn(16), torch.randn(12, 1))):
+        with pytest.raises(ValueError, match=rf"merge_: expected A \(r, 16\) and B \(12, r\) for this 12x16 layer; "
+                                             rf"got A {re.escape(str(tuple(A.shape)))} and B"):
+            layer.merge_(A, B)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+    A, B = torch.randn(2, 16), torch.randn(12, 2) * 0.1  # rank 2 into a rank-4 layer
+    want = layer.base_weight().float() + layer.scale * (B @ A)
+    layer.merge_(A, B)
+    assert (layer.base_weight().float() - want).norm() <= 0.01 * want.norm()

@@ -55,8 +55,8 @@ def main() -> None:
             torch.manual_seed(0)
             model = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset(preset, vocab_size=32000))
             relora_ds.wrap(model.to(torch.bfloat16), rank=ranks[preset], quantize=quantize)
-            cfg = TrainConfig(cycle_length=10, total_steps=10, micro_batch_size=1,
-                              global_batch_size=dist.get_world_size())
+            cfg = TrainConfig(cycle_length=10, restart_warmup_steps=2, total_steps=10, micro_batch_size=1,
+                              global_batch_size=dist.get_world_size())  # batch arithmetic only: no schedule runs
             ds = complete_ds_config(load_ds_config(args.deepspeed), cfg, dist.get_world_size())
             engine, *_ = deepspeed.initialize(model=model, config=ds,
                                               model_parameters=[p for p in model.parameters() if p.requires_grad])

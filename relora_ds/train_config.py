@@ -25,6 +25,7 @@ BUILTIN_VOCAB_SIZE = 2048
 _MIN_BUILTIN_VOCAB = 259
 # Fields holding a path, whose leading "~" is expanded.
 _PATH_FIELDS = ("output_dir", "data_dir", "hf_model", "warm_start_from")
+ALL_LINEAR = "all-linear"  # target_modules: every linear layer but the output layer (PEFT's spelling)
 
 
 class PlainWarning(UserWarning):
@@ -94,7 +95,8 @@ class TrainConfig:
     alpha: float = _f(32.0, "LoRA alpha; scale = alpha / rank")
     dropout: float = _f(0.0, "LoRA dropout on the input of the low-rank path")
     target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                   "module names or suffixes to convert to ReLoRA layers")
+                                   "module names or suffixes to convert to ReLoRA layers, or all-linear (every "
+                                   "linear layer but the output layer, PEFT's spelling)")
     quantize: str | None = _f(None, "store the frozen base of ReLoRA layers in int8 (per-channel scales, "
                                     "drift-free merges; relora_ds/quant.py); default: the model dtype",
                               choices=("int8",))
@@ -233,7 +235,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
         problems = _Problems()
+        if self.target_modules in (ALL_LINEAR, [ALL_LINEAR]):  # a recipe's string, or the command line's list
+            self.target_modules = ALL_LINEAR  # wrap's own spelling of it (relora_ds/targets.py)
         for f in dataclasses.fields(self):
+            if f.name == "target_modules" and self.target_modules == ALL_LINEAR:
+                continue
             try:
                 setattr(self, f.name, coerce_value(f.name, getattr(self, f.name), hints[f.name]))
             except ValueError as e:

@@ -22,6 +22,29 @@ def test_yaml_recipe_with_cli_overrides_and_unknown_key(tmp_path):
         config_from_args(parser.parse_args(["--config", str(recipe)]))
 
 
+def test_all_linear_targets_from_the_command_line_and_a_recipe(tmp_path):
+    """target_modules all-linear (PEFT's spelling, which the no-match error suggests) from --target-modules
+    (a one-element list) or a recipe's string: the trainer's start-up check and wrap take every linear layer but
+    the output layer, here the seven default kinds (it was a suffix matching nothing, or a type error)."""
+    import relora_ds
+    from relora_ds.startup import check_model_and_data
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: debug\nrank: 4\ncycle_length: 10\nrestart_warmup_steps: 2\nwarmup_steps: 5\ntotal_steps: 50\n"
+                      "target_modules: all-linear\n")
+    parser = build_parser(argparse.ArgumentParser())
+    for argv in (["--config", str(recipe)], ["--config", str(recipe), "--target-modules", "all-linear"]):
+        cfg = config_from_args(parser.parse_args(argv))
+        assert cfg.target_modules == "all-linear", argv
+        check_model_and_data(cfg, None, 64)
+        model = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug", vocab_size=64))
+        names = [n for n, _ in relora_ds.relora_layers(relora_ds.wrap(model, rank=2, target_modules=cfg.target_modules))]
+        assert len(names) == 7 * 2 and not any("lm_head" in n for n in names), names
+    default = TrainConfig(**BASE).target_modules
+    assert config_from_args(parser.parse_args(["--config", str(recipe), "--target-modules", *default])
+                            ).target_modules == default
+
+
 def test_yaml_recipe_choices_are_checked(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("cycle_length: 10\nwarmup_steps: 5\ntotal_steps: 50\nprune_method: l1\n")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
+from cli_types import DefaultsHelpFormatter, positive_int  # noqa: E402
 COLLECTIVES = ("all_reduce", "reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_reduce_coalesced")
 
 
@@ -45,10 +46,11 @@ def count_collectives(stats: collections.Counter, counting: list) -> None:
         setattr(comm, name, counted)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--micro-batches", type=int, default=2, help="micro-batches per rank per step")
-    parser.add_argument("--steps", type=int, default=4, help="ReLoRA-phase steps counted")
+def main() -> int:
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--micro-batches", type=positive_int, default=2, help="micro-batches per rank per step")
+    parser.add_argument("--steps", type=positive_int, default=4, help="ReLoRA-phase steps counted")
     # (ZeRO-3's gathers go through deepspeed.comm's internal helpers, which this count does not see)
     parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench_comm"),
@@ -77,16 +79,19 @@ def main() -> None:
     ds["zero_optimization"]["stage"] = args.stage
     (out / f"zero{args.stage}.json").write_text(json.dumps(ds))
     micro = 4
-    train.main(["--config", str(ROOT / "launch/configs/tiny.yaml"), "--deepspeed", f"{out}/zero{args.stage}.json",
+    rc = train.main(["--config", str(ROOT / "launch/configs/tiny.yaml"), "--deepspeed", f"{out}/zero{args.stage}.json",
                 "--micro-batch-size", str(micro), "--global-batch-size", str(micro * args.micro_batches * world),
                 "--total-steps", str(warm + 1 + args.steps), "--warm-start-steps", str(warm), "--warmup-steps", "2",
                 "--cycle-length", "1000", "--eval-every", "0", "--save-every", "0", "--no-export",
                 "--output-dir", f"{out}/run{args.stage}", "--overwrite", *extra])
+    if rc:  # the trainer said why; no counts of a run that did not happen
+        return rc
     if rank == 0:
         per_step = {k: round(v / args.steps, 3) for k, v in sorted(stats.items())}
         print(f"ZeRO-{args.stage}, {world} ranks x {args.micro_batches} micro-batches, per optimizer step "
               f"(rank 0's collectives): {per_step}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

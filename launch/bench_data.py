@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli_types import positive_float, positive_int
+from cli_types import DefaultsHelpFormatter, positive_float, positive_int
 
 try:
     from relora_ds.data import MixedWindows, PackedTokens, ShardedBatches, load_manifest, prepare_data
@@ -172,7 +172,8 @@ def _cpu_name() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                formatter_class=DefaultsHelpFormatter)
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--vocab-size", type=int, default=None, help="of the BPE trained on the corpus (32000)")
     tok.add_argument("--tokenizer", default=None, help="an existing SentencePiece .model, tokenizer.json or model dir")

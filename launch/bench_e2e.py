@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from cli_types import positive_int
+from cli_types import DefaultsHelpFormatter, positive_int
 
 
 # What each --paths name sets in the environment (read by relora_kernels at call time); a variable another
@@ -121,7 +121,8 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["350m", "1b"])
     ap.add_argument("--micro-batch", type=positive_int, default=8)
     ap.add_argument("--seq-len", type=positive_int, default=512)

@@ -19,6 +19,7 @@ from relora_ds.distributed import init_distributed, run_and_exit
 from relora_ds.ds_config import complete_ds_config, load_ds_config
 from relora_ds.train_config import TrainConfig
 from bench_memory_ds import check_preset_rank  # launch/, the script's directory
+from cli_types import DefaultsHelpFormatter, positive_int
 
 
 def frozen_bytes(engine, quantize) -> tuple[int, int]:
@@ -36,10 +37,11 @@ def frozen_bytes(engine, quantize) -> tuple[int, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["tiny", "60m"])
     ap.add_argument("--deepspeed", default="ds_configs/zero3.json")
-    ap.add_argument("--rank", type=int, default=None, help="LoRA rank (default 128; 32 for tiny and debug)")
+    ap.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (default 128; 32 for tiny and debug)")
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     ranks = {p: args.rank or (32 if p in ("tiny", "debug") else 128) for p in args.presets}

@@ -44,11 +44,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 from bench_common import hold_gpu, host_ms  # noqa: E402
-from cli_types import positive_int  # noqa: E402
+from cli_types import DefaultsHelpFormatter, positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--calls", type=positive_int, default=None,
                     help="fwd+bwd calls per timed batch (cpu 500; cuda 30: their launches must fit CUDA's queue)")

@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 from bench_common import RowSink, bench, peak_mib, shape_arg, spin_up  # noqa: E402
+from cli_types import DefaultsHelpFormatter  # noqa: E402
 
 import relora_kernels as rk  # noqa: E402
 from relora_ds import PRESETS, LlamaConfig, LlamaForCausalLM, quant, relora_layers, wrap  # noqa: E402
@@ -188,7 +189,8 @@ def train_memory_rows(preset, batch, seq, rank, device):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     sections = ("kernels", "train_memory", "drift", "error", "memory")
     ap.add_argument("--sections", nargs="+", default=None, choices=sections,

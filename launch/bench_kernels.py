@@ -38,7 +38,7 @@ from pathlib import Path
 
 from bench_common import (RowSink, bench, host_ms, load_relora_kernels, peak_mib, shape_arg,
                           spin_up)
-from cli_types import positive_int
+from cli_types import DefaultsHelpFormatter, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_M = (4096, 8192, 16384)
@@ -52,7 +52,8 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cuda: real timings; cpu: Triton-interpreter smoke run with tiny shapes")
     ap.add_argument("--quick", action="store_true", help="only the target points (or tiny shapes on cpu)")

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+from cli_types import DefaultsHelpFormatter, positive_int  # noqa: E402
 
 
 def check_preset_rank(preset: str, rank: int) -> None:
@@ -126,15 +128,16 @@ def one(preset: str, base: str, ds_path: str, micro_batch: int, seq_len: int, ra
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--preset", default="1b")
     ap.add_argument("--deepspeed", default=str(ROOT / "ds_configs" / "zero2.json"))
     ap.add_argument("--bases", nargs="+", default=list(BASES), choices=BASES,
                     help="full: full-rank training; bf16/int8: ReLoRA on that base (default: all three)")
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--rank", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--micro-batch", type=positive_int, default=8, help="default: 8")
+    ap.add_argument("--seq-len", type=positive_int, default=512, help="default: 512")
+    ap.add_argument("--rank", type=positive_int, default=128, help="default: 128")
+    ap.add_argument("--steps", type=positive_int, default=5, help="timed steps, after 3 warm-up steps (default: 5)")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_memory_ds.json")
     ap.add_argument("--compile", action="store_true", help="the trainer's --compile: each decoder layer compiled "

@@ -50,7 +50,7 @@ def time_point(m: int, d_in: int, d_out: int, rank: int, dtype, reps: int, devic
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["512x512x128", "256x688x32", "512x1376x128", "1000x2751x33"],
                     help="layers as IN x OUT x RANK, e.g. 512x1376x128")
     ap.add_argument("--multiples", nargs="+", type=float, default=[0.25, 0.5, 1, 2, 4],

@@ -14,3 +14,16 @@ def positive_float(text: str) -> float:
     if not value > 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; each option's help ends with its default, unless the default is None or
+    False (nothing to say) or the help already names one."""
+
+    def _get_help_string(self, action):
+        help_ = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and default is not False and default != argparse.SUPPRESS
+                and "default" not in help_):
+            help_ += " (default: %(default)s)"
+        return help_

@@ -29,6 +29,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+from cli_types import DefaultsHelpFormatter  # noqa: E402
+
 HOPPER_SHARED_MEMORY = 232448  # bytes per block, opt-in, H100/H200 (= relora_kernels._runtime's)
 SM_COUNT = 132
 MODES = ("fused", "splitdb", "det", "tma", "blas_lr", "dropout", "int8_scratch", "int8_gemm", "merge")
@@ -233,7 +236,8 @@ def compile_all(modes=DEFAULT_MODES, dtypes=(torch.bfloat16,), shapes=SHAPES, co
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16", "fp32"), default=["bf16"])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
     ap.add_argument("--all-modes", action="store_true", help="every mode switch (slower: more kernels)")

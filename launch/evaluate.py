@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
-from cli_types import positive_int  # noqa: E402
+from cli_types import DefaultsHelpFormatter, positive_int  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +49,8 @@ class _Model:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("model", type=Path, help="Hugging Face model directory (e.g. RUN/hf, a run's export)")
     ap.add_argument("--data-dir", type=Path, required=True, help="prepared data dir or mixture dir")
     ap.add_argument("--seq-len", type=positive_int, required=True, help="tokens per window (the run's seq_len)")
@@ -61,12 +62,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--document-masking", choices=("auto", "on", "off"), default="auto",
                     help="attention within each document, as the trainer's --document-masking (auto: as the "
                          "export's run trained, from its relora_ds_progress.json; off where it records nothing)")
-    ap.add_argument("--micro-batch-size", type=positive_int, default=8)
-    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--micro-batch-size", type=positive_int, default=8, help="windows per forward (default: 8)")
+    ap.add_argument("--device", type=_device, default=None,
+                    help="a torch device: cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     return ap.parse_args(argv)
+
+
+def _device(text: str) -> torch.device:
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -90,7 +99,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if args.seq_len > config.max_position_embeddings:  # (a window's last position predicts nothing scored)
         warnings.warn(f"--seq-len {args.seq_len} is longer than {args.model}'s max_position_embeddings "
                       f"{config.max_position_embeddings}: positions it was not built for", UserWarning, stacklevel=2)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     data = open_eval_split(args.data_dir, args.split, seq_len=args.seq_len)
     if len(data) == 0:

@@ -1,4 +1,5 @@
-"""Export any training checkpoint to a merged Hugging Face LLaMA directory (offline, CPU, any world size).
+"""Export any training checkpoint to a merged Hugging Face directory of its model's family (LLaMA, Qwen2, Qwen3,
+Mistral; offline, CPU, any world size).
 
     python launch/export.py runs/tiny/checkpoints [--tag step_400] --out runs/tiny/hf-step400
     python launch/export.py runs/tiny/checkpoints/step_400 --out runs/tiny/hf-step400   # the same
@@ -23,10 +24,11 @@ from relora_ds.data.tokenizer import resolve_tokenizer
 from relora_ds.hf import export_run, merge_record
 from relora_ds.relora import relora_layers
 from relora_ds.train_args import ArgumentParser
+from cli_types import DefaultsHelpFormatter  # launch/, the script's directory
 
 
 def main(argv=None) -> Path:
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ap = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter, allow_abbrev=False)
     ap.add_argument("checkpoints", type=Path, help="the run's checkpoints/ directory")
     ap.add_argument("--tag", help="checkpoint tag, e.g. step_400 (default: latest)")
     ap.add_argument("--out", type=Path, required=True, help="output Hugging Face directory")

@@ -2,7 +2,7 @@
 
     python launch/hostfile.py from-slurm --slots 8 > hostfile   # "node slots=8" per node of the job
     python launch/hostfile.py check hostfile                    # every host known, slots valid; prints the world size
-    python launch/hostfile.py node-rank hostfile                # this node's line number (for --no_ssh --node_rank)
+    python launch/hostfile.py node-rank hostfile                # this node's 0-based position among the host lines (--no_ssh --node_rank)
 
 A host is *known* when it is a node of the current SLURM job (inside one) or else when its name resolves.
 The deepspeed launcher itself only warns about a missing hostfile and then trains on the local node
@@ -18,6 +18,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from cli_types import DefaultsHelpFormatter  # launch/, the script's directory
 
 # DeepSpeed's format (deepspeed/launcher/runner.py: _parse_hostfile), but a line must hold nothing else.
 _LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
@@ -125,7 +127,8 @@ def check_visible_devices(slots: int, visible: str | None) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("from-slurm", help="print a hostfile for the current SLURM job")
     p.add_argument("--slots", type=int, required=True, help="ranks per node (GPUs per node)")
@@ -134,7 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--all-nodes", action="store_true", help="inside a SLURM job: every node must be listed")
     p = sub.add_parser("first-host", help="print the hostfile's first host (where the deepspeed launcher puts rank 0)")
     p.add_argument("hostfile")
-    p = sub.add_parser("node-rank", help="print this node's index in the hostfile")
+    p = sub.add_parser("node-rank", help="print this node's 0-based position among the hostfile's host lines (comments and "
+                                                "blank lines not counted)")
     p.add_argument("hostfile")
     p.add_argument("--host", help="this node's name (default: $SLURMD_NODENAME, else the hostname)")
     p.add_argument("--check-visible-devices", action="store_true",

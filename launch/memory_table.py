@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli_types import positive_float, positive_int
+from cli_types import DefaultsHelpFormatter, positive_float, positive_int
 from relora_ds import LlamaConfig
 from relora_ds import memory
 from relora_ds.memory import (OFFLOAD_STAGES, activation_peak_bytes, activation_phases, dropout_mask_bytes,
@@ -105,7 +105,8 @@ def table(args) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=f"{__doc__}\n{memory.__doc__}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=f"{__doc__}\n{memory.__doc__}",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=list(PRESETS),
                         help="model presets (relora_ds.PRESETS), space- or comma-separated")
     parser.add_argument("--gpus", type=positive_int, default=8, help="data-parallel ranks sharing ZeRO states")
@@ -113,8 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reserve-gb", type=float, default=None,
                         help="GiB kept free for context, buffers, fragmentation (default: 10%% + 2 GiB)")
     parser.add_argument("--rank", type=positive_int, default=128, help="LoRA rank r")
-    parser.add_argument("--seq-len", type=positive_int, default=512)
-    parser.add_argument("--vocab-size", type=positive_int, default=32000)
+    parser.add_argument("--seq-len", type=positive_int, default=512, help="tokens per sequence")
+    parser.add_argument("--vocab-size", type=positive_int, default=32000, help="the embedding's rows")
     parser.add_argument("--global-batch-size", type=positive_int, default=1152, help="the recipe's global batch")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="the trainer's --activation-checkpointing: layers keep only their inputs")

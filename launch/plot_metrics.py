@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
+from cli_types import DefaultsHelpFormatter  # noqa: E402  (launch/, the script's directory)
+
 
 def curves(recs: list[dict]) -> tuple[list[dict], list[dict], list[int]]:
     """(training records, validation records, switch/reset steps), one per step in step order. A resumed
@@ -25,7 +27,8 @@ def curves(recs: list[dict]) -> tuple[list[dict], list[dict], list[int]]:
 
 
 def main(argv=None) -> Path:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("metrics", type=Path)
     ap.add_argument("-o", "--out", help="image path, PNG unless its suffix names another format "
                     "(a directory, or a path ending in /, created if missing: DIR/curves.png; default: curves.png "

@@ -27,11 +27,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
     from relora_ds.data import PrepareConfig, prepare_data
 from relora_ds.train_args import ArgumentParser  # noqa: E402  (argparse with hints for misspelled flags)
 from relora_ds.train_config import show_config_warnings_plainly  # noqa: E402
+from cli_types import DefaultsHelpFormatter  # noqa: E402  (launch/, the script's directory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {f.name: f.default for f in dataclasses.fields(PrepareConfig)}
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--input", nargs="+", default=None,
                    help="files, directories, globs (.txt/.jsonl/.json[.gz], .parquet) or one hub dataset "
                         "name; default: the built-in corpus (Wikipedia summaries + Shakespeare)")
@@ -62,9 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-val-split", default=None, help="split of a hub dataset --val-input (default: validation)")
     stream = p.add_mutually_exclusive_group()
     stream.add_argument("--streaming", dest="streaming", action="store_true", default=None,
-                        help="read the corpus with datasets' streaming (default: for hub datasets and corpora "
-                             "larger than a quarter of RAM)")
-    stream.add_argument("--no-streaming", dest="streaming", action="store_false", help="never stream")
+                        help="read local files with datasets' streaming (default: for corpora larger than a quarter "
+                             "of RAM; hub datasets always stream)")
+    stream.add_argument("--no-streaming", dest="streaming", action="store_false",
+                        help="never stream local files (hub datasets always stream)")
     p.add_argument("--txt-unit", choices=["document", "paragraph", "line"], default=defaults["txt_unit"],
                    help="one document per .txt file, per paragraph (text between blank lines; a line of only "
                         "spaces or tabs is blank), or per line")

@@ -33,13 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 from bench_common import RowSink, bench, load_relora_kernels, shape_arg, spin_up  # noqa: E402
-from cli_types import positive_int  # noqa: E402
+from cli_types import DefaultsHelpFormatter, positive_int  # noqa: E402
 
 LOW_RANK_OPS = ("S", "dS", "dB", "dA", "dSdB", "merge", "merge32", "Y_tma")
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes and two candidates per op (implied by --device cpu: the interpreter would take "
@@ -52,7 +53,8 @@ def parse_args(argv=None):
     ap.add_argument("--sweep-shapes", nargs="+", type=shape_arg, default=None,
                     help="the shapes the sweep runs at (~110 compiled candidates per shape; 2048x2048; --smoke: 48x40)")
     ap.add_argument("--rank", type=positive_int, default=None, help="LoRA rank (128; --smoke: 8)")
-    ap.add_argument("--rep", type=int, default=60, help="do_bench milliseconds of repeats per timing")
+    ap.add_argument("--rep", type=positive_int, default=60,
+                    help="do_bench milliseconds of repeats per timing (default: 60; CPU: 3 runs, --rep unused)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "tune_kernels.json")
     args = ap.parse_args(argv)
     # --smoke changes the defaults only: sizes given explicitly are honoured. On CPU (the interpreter) always.

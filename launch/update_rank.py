@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from cli_types import DefaultsHelpFormatter  # launch/, the script's directory
+
 EMBEDDINGS = re.compile(r"(embed_tokens|lm_head|wte|wpe)\.weight$")
 
 
@@ -106,6 +108,9 @@ def rounding_plan(a: Path, b: Path) -> dict | None:
     int8 base) B's one and A's; and each export's own cast to bf16/fp16, unless it held nothing to round (its
     base in that dtype, no live factors)."""
     ra, rb = _merges(a), _merges(b)
+    if ra and rb == {}:  # B has no ReLoRA layers, A has: B is the warm start, which comes first
+        raise ValueError(f"{a} has ReLoRA layers and {b} none (a full-rank warm start's export): the first export "
+                         "is the later one; give the earlier export first")
     if ra is None or rb is None or not rb:
         return None
     between = rb["merges"] - ra.get("merges", 0)
@@ -184,7 +189,8 @@ def by_kind(per_layer: dict[str, dict]) -> dict[str, dict]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                 formatter_class=DefaultsHelpFormatter)
     ap.add_argument("a", type=Path, help="the earlier Hugging Face directory (e.g. the warm start's export)")
     ap.add_argument("b", type=Path, help="the later one")
     ap.add_argument("--threshold", type=float, default=0.01,
@@ -223,6 +229,7 @@ def main(argv=None) -> dict:
     elif plan_note(args.a, args.b):
         print(f"note: {plan_note(args.a, args.b)}", file=sys.stderr)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"a": str(args.a), "b": str(args.b), "threshold": args.threshold,
                                          "matrices": per_layer}, indent=1) + "\n")
     return per_layer

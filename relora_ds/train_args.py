@@ -56,7 +56,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        help_ = f"{f.metadata['help']} (default: {default})"
+        help_ = f.metadata["help"]
+        if default is not None or "default" not in help_:  # a None default the text explains is not repeated
+            help_ += f" (default: {default})"
         tp = bare_type(hints[f.name])
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)

@@ -86,7 +86,8 @@ class TrainConfig:
     model: str | None = _f("tiny", "model preset (debug, tiny, 60m, 130m, 250m, 350m, 1b, 3b, 7b); recorded as "
                                    "None where hf_model or warm_start_from gives the model")
     hf_model: str | None = _f(None, "Hugging Face LLaMA, Qwen2, Qwen3 or Mistral directory to start from (continued "
-                                    "pre-training); replaces --model")
+                                    "pre-training); the model is its config.json: a recipe's model is ignored, --model with it "
+                                    "is an error")
     seq_len: int = _f(256, "tokens per training sequence (windows of seq_len+1 tokens are read)")
     # ReLoRA
     mode: str = _f("relora", "relora (merges + resets), lora (no restarts: the paper's baseline) or full",
@@ -111,8 +112,8 @@ class TrainConfig:
                            choices=("magnitude", "random", "reset"))
     prune_ratio: float = _f(0.99, "fraction of each LoRA Adam moment zeroed at a reset")
     kernels: str | None = _f(None, "ReLoRA layer and merge implementation (relora_kernels): auto, triton, torch or "
-                                   "reference; sets RELORA_KERNELS for the run; default: that environment "
-                                   "variable, else auto", choices=("auto", "triton", "torch", "reference"))
+                                   "reference; sets RELORA_KERNELS for the run (a different RELORA_KERNELS in the "
+                                   "environment is an error); default: that environment variable, else auto", choices=("auto", "triton", "torch", "reference"))
     prune_joint: bool = _f(False, "one mask, from |exp_avg|, for both Adam moments; default: each moment by its own "
                                   "magnitudes (the paper), with exp_avg also zeroed where exp_avg_sq is (an entry "
                                   "keeping momentum without its second moment would move by lr*m/eps); random "
@@ -215,7 +216,8 @@ class TrainConfig:
                                        "repeating the command continues from the rewound run's own checkpoints")
     overwrite: bool = _f(False, "start a new run in an output_dir that holds one, deleting its checkpoints, "
                                 "metrics, TensorBoard logs and export (without it, or --resume, that is an error)")
-    export: bool = _f(True, "export the final model to output_dir/hf (Hugging Face LLaMA format)")
+    export: bool = _f(True, "export the final model to output_dir/hf (the Hugging Face format of the model's "
+                               "family: LLaMA, Qwen2, Qwen3 or Mistral)")
     export_dtype: str | None = _f(None, "dtype of the exported weights; default: the Hugging Face model's own "
                                         "(hf_model / warm_start_from), else float32 (the fp32 master weights, "
                                         "lossless)", choices=("float32", "bfloat16", "float16"))

@@ -429,7 +429,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         return rec
 
     def export(self, out_dir: Path) -> Path:
-        """Merged Hugging Face LLaMA directory of the current weights (all ranks call; rank 0 writes)."""
+        """Merged Hugging Face directory (the model's family) of the current weights (all ranks call; rank 0 writes)."""
         model = model_from_engine(self.engine, keep=self.rank == 0)  # every rank gathers; rank 0 writes
 
         def write():  # its error (a full disk, say) stops every rank instead of leaving them at a barrier

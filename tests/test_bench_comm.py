@@ -24,3 +24,19 @@ def test_zero2_all_reduces_every_micro_batch_and_zero1_once_a_step(tmp_path):
     trainable_mb = 4 * sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     assert _per_step(tmp_path, 2, 2)["all_reduce MB"] == pytest.approx(2 * trainable_mb, rel=1e-3)
     assert _per_step(tmp_path, 1, 2)["all_reduce MB"] == pytest.approx(trainable_mb, rel=1e-3)
+
+
+def test_a_trainer_error_fails_the_script_without_counts(tmp_path):
+    """A run the trainer refuses (here an extra trainer flag, --lr -1) exits non-zero and prints no counts (it
+    printed an empty dict and exited 0); a bad count of its own is an argparse error."""
+    import subprocess
+    import sys
+
+    from launch_utils import clean_env
+
+    script = str(ROOT / "launch/bench_comm.py")
+    for argv, error in ((["--lr", "-1"], "error: lr=-1.0 must be positive"),
+                        (["--micro-batches", "0"], "argument --micro-batches: must be a positive whole number, got 0")):
+        proc = subprocess.run([sys.executable, script, "--stage", "1", "--steps", "1", "--out", str(tmp_path), *argv],
+                              capture_output=True, text=True, env=clean_env(), timeout=300)
+        assert proc.returncode == 2 and error in proc.stderr and "ZeRO-1" not in proc.stdout, proc.stderr[-500:]

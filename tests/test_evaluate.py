@@ -292,3 +292,25 @@ def test_evaluate_script_masks_documents_as_the_run_trained(tmp_path):
     got = run()
     assert got["document_masking"] and got["loss"] == pytest.approx(masked, rel=1e-5)
     assert run("--document-masking", "off")["loss"] == pytest.approx(plain, rel=1e-5)
+
+
+def test_evaluate_script_names_a_bad_device_and_takes_no_abbreviated_flags(capsys):
+    """--device foo was torch's RuntimeError traceback; --seq 8 was taken as --seq-len (the trainer, export and
+    prepare_data take no abbreviations either)."""
+    import sys
+
+    import pytest
+    import torch
+
+    from launch_utils import ROOT
+    sys.path.insert(0, str(ROOT / "launch"))
+    import evaluate as script
+
+    base = ["run/hf", "--data-dir", "data", "--seq-len", "8"]
+    assert script.parse_args([*base, "--device", "cpu"]).device == torch.device("cpu")
+    for argv, error in (([*base, "--device", "foo"], "argument --device: 'foo' is not a torch device"),
+                        (["run/hf", "--data-dir", "data", "--seq", "8"], "the following arguments are required: "
+                                                                         "--seq-len")):
+        with pytest.raises(SystemExit):
+            script.parse_args(argv)
+        assert error in capsys.readouterr().err

@@ -69,11 +69,11 @@ def test_the_update_rank_numbers_are_the_singular_values_by_hand():
 def test_the_command_prints_each_kind_and_writes_json(tmp_path):
     _merged_k_times(tmp_path, 2)
     proc = subprocess.run([sys.executable, str(ROOT / "launch/update_rank.py"), str(tmp_path / "a"),
-                           str(tmp_path / "b"), "--json", str(tmp_path / "r.json")], env=launch_env(),
-                          capture_output=True, text=True, check=True)
+                           str(tmp_path / "b"), "--json", str(tmp_path / "new" / "r.json")], env=launch_env(),
+                          capture_output=True, text=True, check=True)  # its folder made (it was a traceback)
     q = next(line.split() for line in proc.stdout.splitlines() if line.startswith("q_proj"))
     assert q[1] == "32x32" and float(q[2]) == 4.0
-    saved = json.loads((tmp_path / "r.json").read_text())["matrices"]
+    saved = json.loads((tmp_path / "new" / "r.json").read_text())["matrices"]
     assert saved["model.layers.0.mlp.up_proj.weight"]["rank"] == 4
     bad = subprocess.run([sys.executable, str(ROOT / "launch/update_rank.py"), str(tmp_path / "a"),
                           str(tmp_path / "nothing")], env=launch_env(), capture_output=True, text=True)
@@ -182,6 +182,10 @@ def test_a_runs_exports_record_its_bf16_base_and_merges(tmp_path, small_data_dir
     assert sum(v["above_rounding"] for v in relora.values()) >= 6 * 14, relora
     with pytest.raises(ValueError, match=r"records 2 merges and .*step_6 1: the first export is the later one"):
         update_rank.compare(run / "hf", tmp_path / "step_6")
+    # the warm start's export second (it has no merge record to compare: the comparison went on, unbounded)
+    with pytest.raises(ValueError, match=r"has ReLoRA layers and .*step_2 none \(a full-rank warm start's export\): "
+                                         r"the first export is the later one"):
+        update_rank.compare(run / "hf", tmp_path / "step_2")
 
 
 def test_only_the_relora_layers_get_a_bound(tmp_path):

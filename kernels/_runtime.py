@@ -91,7 +91,7 @@ def interpret_env() -> bool:
 def eager_under_compile(fn):
     """``fn`` that torch.compile does not trace: it runs eagerly, a graph break around it (host-side moves a
     compiled graph cannot express: relora_ds/relora.py's FSDP2 host buffers). ``torch.compiler.disable``
-    wraps it at its first call, not here: that decorator imports torch._dynamo (~3 s of every process's
+    wraps it at its first call, not here: that decorator imports torch._dynamo (1.3-2.6 s of every process's
     start-up, measured on CPU), which nothing else at import needs. Under compile the first call then breaks
     the graph at the wrapping too, and runs ``fn`` eagerly all the same."""
     disabled = []
@@ -116,8 +116,9 @@ def traced() -> bool:
 def _constant_under_compile(fn):
     """Marks ``fn`` as torch.compiler.assume_constant_result does (Dynamo calls it once while tracing and puts
     the result in the graph as a constant, no graph break) without that function's import of torch._dynamo
-    (~3 s, which nothing else at import needs). Nothing guards the constant: for facts fixed per process, or
-    whose staleness costs no more than an error message (interpreting: see there)."""
+    (1.3-2.6 s by machine, BENCHMARKS.md "Rank start-up"; nothing else at import needs it). Nothing guards
+    the constant: for facts fixed per process, or whose staleness costs no more than an error message
+    (interpreting: see there)."""
     fn._dynamo_marked_constant = True
     return fn
 
@@ -150,8 +151,9 @@ def _triton_installed() -> bool:
 
 # Ops that `auto` keeps on the torch path even on CUDA, because their Triton kernel measured slower.
 # H100, bf16, 2026-11-22 (BENCHMARKS.md "Kernels"): a whole training step with the fused LoRA linear ran at
-# 0.58x (350m) and 0.79x (1b) the tokens/s of the twin (cuBLAS), although the layer alone
-# reached 0.86x of a full-rank linear at d=4096. RELORA_KERNELS=triton still forces the kernel.
+# 0.58x (350m) and 0.79x (1b) the tokens/s of the twin (cuBLAS), although the layer alone (its deterministic
+# variant; the default fused one 1.00x) reached 0.86x of a full-rank linear at d=4096. H200, 2026-12-04: whole
+# steps 0.57x / 0.95x, the best layer variant 0.749x at d=4096. RELORA_KERNELS=triton still forces the kernel.
 AUTO_TORCH_OPS = frozenset({"linear"})
 
 

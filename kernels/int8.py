@@ -16,8 +16,9 @@ launch/bench_int8.py):
 
 Measured (H100, bf16, M=16384, r=128, launch/bench_int8.py, scratch): fused fwd+bwd speed vs the bf16 base
 0.967–0.974 at 4096², 0.989 at 2048×5461, 0.76–0.94 at 2048² (1.3 ms calls, noisy between runs); dequant
-22 µs at 4096². The in-GEMM path is tested against the twins (interpreter, and compiled on a GPU) but has
-not been timed on a GPU yet, so the scratch path stays the default.
+22 µs at 4096². The in-GEMM path is tested against the twins (interpreter, and compiled on a GPU); timed on
+an H200 (2026-12-04, BENCHMARKS.md "int8 base weights") it ran at 0.95× / 0.79× / 0.70× the bf16 base at
+2048² / 2048×5461 / 4096², against 1.07× / 0.99× / 1.03× for scratch, so the scratch path stays the default.
 
 - ``_int8_merge_kernel``: ``(q, scale, residual) ← quantize(dequantize(q, scale, residual) + s·B·A)``. The
   new absmax scale needs the whole new row, so each program owns BLOCK_N full rows and walks K twice:

@@ -12,10 +12,11 @@ Saved for backward: X, S (and the dropout keep-mask as uint8). Backward (W froze
 
 Bytes that decide the dB design (bf16, M tokens, BM rows per program): the fused kernel adds its partial
 dB (out x r fp32) once per row-tile, (M/BM)·out·r·4 B of atomics; the unfused dB re-reads dY, M·out·2 B.
-At BM=128 the atomics move 2x the bytes of a dY re-read -- the fused path wins only if L2 absorbs them.
-Both paths are kept and benchmarked (``launch/bench_kernels.py``: providers ``fused`` and
-``fused_splitdb``, which differ only in :data:`FUSE_DS_DB`); the default is the paper's fused one until
-H100 numbers say otherwise. Deterministic mode always takes the split path (no atomics).
+At BM=128 and r=128 the atomics move 2x the bytes of a dY re-read (r/64 in general) -- the fused path wins
+only if L2 absorbs them. Both paths are kept and benchmarked (``launch/bench_kernels.py``: providers ``fused``
+and ``fused_splitdb``, which differ only in :data:`FUSE_DS_DB`); the default is the fused one (the H100 and
+H200 measurements, FUSE_DS_DB below, show no gain beyond the runs' spread). Deterministic mode always takes
+the split path (no atomics).
 """
 from __future__ import annotations
 
@@ -31,14 +32,17 @@ from .reference import check_dropout_p, check_scale, differentiable_backward, dr
 from .torch_linear import lora_linear_torch
 
 # Non-deterministic backward: dS and dB from one read of dY (fp32 atomics for dB) when True; two GEMMs
-# (dB split over tokens, partials summed with atomics) when False. A measured decision still to make.
+# (dB split over tokens, partials summed with atomics) when False. Measured fwd+bwd at M=16384, r=128: split
+# 2.126 against 2.447 ms at d=4096 on the H100, 2.123 against 2.130 on the H200 (BENCHMARKS.md): kept fused
+# until a repeated run shows a gain beyond the spread.
 FUSE_DS_DB = True
 
 # True: the rank-r products (S = X·Aᵀ, dS = s·dY·B, dB = s·dYᵀ·S, dA = dSᵀ·X) go to cuBLAS (torch.mm),
 # and only the two big concatenated-K products stay on Triton. The H100 run of 2026-11-22 put the fused
 # layer's rank-r work at ~0.2–0.45 ms where its bytes need ~0.05 ms; cuBLAS runs skinny GEMMs near the
 # memory floor. Used without dropout and outside deterministic mode (there the masked / fixed-order Triton
-# kernels run). Off until a GPU measurement says it is faster (launch/bench_kernels.py: ``fused_blas_lr``).
+# kernels run). Off: on the H200 (2026-12-04, ``fused_blas_lr``) it was 1-3% faster (fwd+bwd 1.297 against
+# 1.341 ms at d=2048, 2.114 against 2.130 at d=4096), within that run's spread; with TMA the best variant there.
 LOWRANK_BLAS = False
 
 
@@ -108,7 +112,8 @@ def fused_ds_db(dy, lora_B, s, scale, db_dtype=None, config=None):
             cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_R=min(br, 32), num_warps=4)
         else:  # untuned lead: 128 rows halves the atomic bytes of 64 rows; 8 warps for the two dots
             # fp32 with BLOCK_R=128 and 3 stages needs 256 KB of shared memory, over the H100's 227 KB
-            # (OutOfResources, seen 2026-11-22): 2 stages fit (192 KB). A device with less shared memory
+            # (OutOfResources, seen 2026-11-22): 2 stages fit (compiled: 224 KiB on Triton 3.6, 160 KiB on
+            # 3.9; tests/test_kernels_compile.py). A device with less shared memory
             # than Hopper's: launch_fixed drops stages until it fits.
             stages = 2 if dy.element_size() >= 4 and br >= 128 else 3
             cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_R=br, num_warps=8, num_stages=stages)

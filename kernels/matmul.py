@@ -35,8 +35,8 @@ from . import _runtime
 MASK_NONE, MASK_A1, MASK_B1, MASK_OUT2 = 0, 1, 2, 3  # which operand the uint8 keep-mask multiplies
 
 # True: products that TMA can read (kernels/matmul_tma.py: eligible) take the persistent TMA-descriptor
-# kernel instead of the pointer kernel below. Off until a GPU measurement says it is faster
-# (launch/bench_kernels.py provider ``fused_tma``); tests run both.
+# kernel instead of the pointer kernel below. Off: on the H200 (2026-12-04, provider ``fused_tma``) faster at
+# d=4096 and slower at d=2048 (kernels/matmul_tma.py); tests run both.
 TMA_GEMM = False
 
 
@@ -161,8 +161,8 @@ def _sum_splits_kernel(p_ptr, out_ptr, numel, SPLIT: tl.constexpr, BLOCK: tl.con
 # Interpreter: one config (multi-config autotune calls the GPU benchmarker). 32x32x16 keeps the CPU tests
 # fast while awkward test shapes still span several tiles and a ragged last K block.
 _INTERP_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=1)
-# GPU: BLOCK_K is 64 in every config so the launcher knows EVEN_K before tuning. Hopper leads (HOPPER.md,
-# not yet measured here): 128x128x64 tiles, 8 warps, 3-4 stages of software pipelining.
+# GPU: BLOCK_K is 64 in every config so the launcher knows EVEN_K before tuning. Hopper leads (the GPU
+# machine's notes, not yet measured here): 128x128x64 tiles, 8 warps, 3-4 stages of software pipelining.
 _GPU_BLOCK_K = 64
 _GPU_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3),
                 (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)

@@ -2,13 +2,15 @@
 
     C = alpha * ([A1 | A2] @ [B1 ; beta·B2]) (+ bias)
 
-Why a second kernel: the pointer-based GEMM measured ~75% of cuBLAS on an H100 at d=2048 (BENCHMARKS.md),
+Why a second kernel: the pointer-based layer's forward ran at ~65% of cuBLAS's speed on an H100 at d=2048
+(0.277 against 0.180 ms, S = X·Aᵀ included; BENCHMARKS.md),
 and the two big products of the fused LoRA layer (the forward's ``[X|S]·[W|s·B]ᵀ`` and dX's
 ``[dY|dS]·[W;A]``) are most of its time. On Hopper, Triton GEMMs reach cuBLAS speed with TMA loads
 (``tl.make_tensor_descriptor``: bulk async copies, out-of-bounds tiles zero-filled, stores clipped, so no
-masks) and persistent programs (one per SM, walking the tiles in grouped order). Which one is faster is
-for the GPU benchmark to say (``launch/bench_kernels.py`` provider ``fused_tma``); this kernel is used
-only when :data:`relora_kernels.matmul.TMA_GEMM` is on.
+masks) and persistent programs (one per SM, walking the tiles in grouped order). On the H200 (2026-12-04,
+``launch/bench_kernels.py`` provider ``fused_tma``) it was the faster at d=4096 (fwd+bwd 2.026 against 2.130
+ms) and the slower at d=2048 (1.711 against 1.341 ms); this kernel is used only when
+:data:`relora_kernels.matmul.TMA_GEMM` is on.
 
 Scope: row-major A1/A2, B1/B2 either row-major (K, N) or "K-major" (stored (N, K): W in the forward),
 no dropout mask and no int8 weight (those stay on the pointer kernel), every stride except the last

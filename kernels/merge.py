@@ -89,8 +89,9 @@ def merge_dot_precision(weight_dtype: torch.dtype, lora_dtype: torch.dtype) -> s
 def lora_merge_(weight, lora_A, lora_B, scale):
     """In place ``weight += scale * lora_B @ lora_A`` (fp32 accumulation, one rounding). Returns weight.
 
-    weight (out, in) fp32/bf16/fp16; lora_A (r, in) and lora_B (out, r) of one dtype. Triton on CUDA under ``RELORA_KERNELS``
-    auto or triton (and on CPU under triton with TRITON_INTERPRET=1), else :func:`lora_merge_reference_`.
+    weight (out, in) fp32/bf16/fp16; lora_A (r, in) and lora_B (out, r) of one dtype. Triton on CUDA under
+    ``RELORA_KERNELS`` auto or triton (and on CPU under triton with TRITON_INTERPRET=1), else
+    :func:`lora_merge_reference_`.
     """
     if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
         raise ValueError("weight, lora_A, lora_B must be 2-D")

@@ -23,7 +23,7 @@ Merged-weight variant (``merged_weight=True``, no dropout): ``Y = X·W_effᵀ + 
 ``W_eff = W + s·B·A`` built per call (out × in, one read of W and one write, rounded once to W's dtype;
 rebuilt in backward, never saved). The two big products are then plain GEMMs with no M x out / M x in
 side pass at all; S = X·Aᵀ is still computed (dB needs it). The low-rank term reaches Y through W_eff's
-rounding (in bf16: 2^-9 of |W| per element, the same as a merged bf16 model), not through an fp32
+rounding (in bf16: up to 2^-8 of |W| per element, the same as a merged bf16 model), not through an fp32
 accumulator as in the other paths.
 
 Which variant is cheaper depends on the token count M, so by default (:func:`use_merged_weight`) the merged one

@@ -14,8 +14,8 @@
 # beside the twin, the torch chain and the default Triton path; 1b first), then the TMA candidates in their
 # own process (tma), the int8 ratio (int8) and the chunked loss (loss).
 # Stage limits: bench 120 s, tma 90 s, int8 90 s, e2e 180 s, tests 150 s (measured on an H200 on 2026-12-04:
-# bench 67 s (before its host_ms column: ~0.1 s more per layer row, ~15 s), tma 34 s, int8 71 s, e2e 116 s, ds 50 s; tests cut at 150 s after 4 of its 7 groups, and 2 more
-# minutes covered parts of the other 3: ~400 s whole), loss 240 s, host 90 s, tune 200 s (neither run yet; the
+# bench 67 s (before its host_ms column: ~0.1 s more per layer row, ~15 s), tma 34 s, int8 71 s, e2e 116 s, ds 50 s; tests cut at 150 s, and a second call
+# of 2 minutes ran more of the CUDA kernel tests), loss 240 s, host 90 s, tune 200 s (neither run yet; the
 # sweep is cut there, the breakdown runs first): at the default budget env, bench, host, tune and tests leave
 # e2e 0-60 s, so it and the stages after it run only when those before them finish early: name them in a
 # second call (`bash launch/gpu_check.sh e2e tma int8`).

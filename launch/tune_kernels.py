@@ -1,7 +1,8 @@
 """Where the fused LoRA linear spends its time, and which launch configs make each piece faster.
 
-The H100 run of 2026-11-22 (BENCHMARKS.md) left the fused layer at 0.86x (d=4096) and 1.60x (d=2048) of a
-full-rank linear; the fwd+bwd totals do not say which launch is slow. This script times each launch alone:
+The H100 run of 2026-11-22 (BENCHMARKS.md) left the fused layer at 0.86x (d=4096, deterministic variant) and
+1.60x (d=2048, default fused) of a full-rank linear, the H200 run of 2026-12-04 the default fused at 0.815x and
+2.26x; the fwd+bwd totals do not say which launch is slow. This script times each launch alone:
 
   breakdown  every launch of the fused forward and backward, next to the cuBLAS product computing the
              same values (``torch``) and the op's memory floor (its bytes at the measured copy bandwidth):

@@ -265,7 +265,7 @@ class ReLoRACallback(TrainerCallback):
                 # forward then gathers fewer than its recompute, whose op counts selective activation
                 # checkpointing requires to match ("c10d._allgather_base_ ... not found in storage").
                 trainer.model_wrapped.empty_partition_cache()
-            # DeepSpeed's CPU accelerator leaves a 64 MB /dev/shm segment per rank behind every run
+            # DeepSpeed's CPU accelerator leaves a 66 MiB /dev/shm segment per rank behind every run
             # (relora_ds.distributed); unlinked now (every rank is here: it is collective), the mapping stays.
             release_shm_segment()
         else:  # accelerate's FSDP1 (fsdp_version 1, its default): refused now, not at the first merge

@@ -67,19 +67,19 @@ def moment_masks(moments: dict, method: str, ratio: float, seed: int, joint: boo
 
     - independent (``joint=False``, the paper), 'magnitude': each moment is pruned by its own values, then
       exp_avg is also zeroed wherever exp_avg_sq is. exp_avg_sq's mask is the paper's; exp_avg's is its own
-      mask united with exp_avg_sq's, so slightly more than ``ratio`` of exp_avg is zeroed (the two masks
-      mostly coincide: 0.11-0.26% of exp_avg kept at ratio 0.99 at the demo's resets, BENCHMARKS.md).
+      mask united with exp_avg_sq's, so more than ``ratio`` of exp_avg is zeroed (the two kept sets overlap
+      little: exp_avg keeps 0.11-0.26% instead of 1% at ratio 0.99 at the demo's resets, BENCHMARKS.md).
     - 'random': one mask (the first moment's seed) for both, ``joint`` or not. Values play no part, so two
       draws differ only in the guard's cost: uniting two independent masks would keep (1 - ratio)^2 of
       exp_avg (0.01% at 0.99) instead of 1 - ratio. Each moment keeps exactly 1 - ratio, as in the paper.
     - ``joint``: one mask, from exp_avg, for both.
 
     Why the guard: right after a reset B = 0, so lora_A's gradient is exactly 0 and a zeroed exp_avg_sq
-    stays 0; an entry keeping exp_avg then moves by ~lr·m/eps per step. Measured without the guard (tiny
-    model, ZeRO-2 on 2 CPU ranks, peak lr 1e-3, 99% magnitude pruning): max|A| 0.125 -> 19.8 and global
-    grad norm 2.1 -> 35.7 at the first step after a reset with a 2-step restart warmup (lr 2e-4; clipping
-    then shrank every other parameter's step ~17x); 0.125 -> 0.885 and grad norm +30-50% with a 20-step
-    warmup (lr 1e-5). The restart warmup does not prevent it. tests/test_prune.py reproduces it.
+    stays 0; an entry keeping exp_avg then moves by ~lr·m/eps per step. Measured without the guard
+    (BENCHMARKS.md "Optimizer-state pruning"): one step at lr 2e-4 after a reset moved max|A| 0.125 -> 21.3
+    and the next gradient norm 1.29 -> 15.2 (debug preset, one process: tests/test_prune.py); on 2 ZeRO-2
+    ranks with a 2-step restart warmup the global norm went 2.1 -> 35.7 (clipping then shrank every other
+    parameter's step ~17x). The restart warmup does not prevent it.
     """
     masks = {}
     for j, key in enumerate(MOMENT_KEYS):
@@ -149,8 +149,8 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     are identical.
     Returns ``{key: fraction of entries zeroed}`` over all given params (independent mode: exp_avg's
     fraction is at least exp_avg_sq's, since it includes exp_avg_sq's mask; each tensor prunes
-    round(ratio·numel) entries, so a fraction may sit just below ``ratio`` on small tensors), and ``{key}_mass``: the share of
-    each moment's L1 mass zeroed (``PruneTally``); for an engine also ``prune_seconds`` and
+    round(ratio·numel) entries, so a fraction may sit just below ``ratio`` on small tensors), and
+    ``{key}_mass``: the share of each moment's L1 mass zeroed (``PruneTally``); for an engine also ``prune_seconds`` and
     ``prune_comm_bytes`` (the bytes its gathers moved, 0 on one rank).
     """
     check_prune_args(method, ratio)

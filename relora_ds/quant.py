@@ -19,9 +19,9 @@ We carry the rounding residual (error feedback), and the residual includes
 the *initial* quantization error W0 − q(W0): the merge requantizes the 16-bit-accurate value
 ``(q + residual/254)·scale + s·B·A``, so after k merges the int8 weight is one absmax rounding of a value
 within (k+1)·scale/508 of the exact fp32-accumulated weight (the initial residual rounds too). Measured
-ratio to the one-shot error: 1.000–1.001 for k = 1…20 (``merge_drift`` below; tests/test_int8_quant.py; BENCHMARKS.md "int8 base weights"),
-1.008 after 1000 independent merges, 1.7–4.0 after 1000 merges of one update repeated, where the residual's
-roundings add up (launch/bench_merge_rounding.py).
+ratio to the one-shot error: 1.000–1.001 for k = 1…20 (``merge_drift`` below; tests/test_int8_quant.py;
+BENCHMARKS.md "int8 base weights"), 1.008 after 1000 independent merges, 1.7–4.0 after 1000 merges of one
+update repeated, where the residual's roundings add up (launch/bench_merge_rounding.py).
 Alternatives measured with the same function: stochastic rounding (unbiased, but error grows like √k),
 an fp32 master in host memory (exact, 4 B/param of host memory instead of 1 B/param). The residual is a
 buffer, so it is in every checkpoint (resume stays exact); it is computed identically on every rank (under

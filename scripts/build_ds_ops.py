@@ -4,7 +4,7 @@ pinned memory, and async_io for NVMe offload when libaio is installed), with the
 scripts/test.sh runs this before pytest. Otherwise the first test to need an op builds it inside a 2-rank
 run, beside the other pytest-xdist worker's tests: on 2 fresh cores the first run needing async_io (a
 trainer run with parameters on NVMe, 30 s once the op exists) hit its 600 s limit, where async_io builds in
-250 s alone (shm_comm 42 s, cpu_adam 67 s, pin_memory 32 s). Each build lands in TORCH_EXTENSIONS_DIR
+250 s alone (cpu_adam 66 s, shm_comm ~60 s: BENCHMARKS.md "Rank start-up"). Each build lands in TORCH_EXTENSIONS_DIR
 (scripts/setup_env.sh sets it per environment); a built op loads in a second.
 """
 import sys

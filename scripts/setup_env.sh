@@ -41,7 +41,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 # Each environment gets its own DeepSpeed op cache: a different ninja on PATH rebuilds a shared one.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
-# DeepSpeed builds its ops with -g; without the debug info they build ~1.6x faster (scripts/cxx_no_debug.sh).
+# DeepSpeed builds its ops with -g; without the debug info they build ~1.3x faster in all (562 -> 428 s on
+# 2 cores; BENCHMARKS.md "Rank start-up"; scripts/cxx_no_debug.sh).
 # Set with the op cache above: a build command that changes (another CXX) makes ninja rebuild the ops.
 if [ -z "${CXX:-}" ]; then
   export CXX="$ROOT/scripts/cxx_no_debug.sh"

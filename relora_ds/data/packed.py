@@ -100,7 +100,7 @@ class PackedTokens:
             bad = idx[(idx < 0) | (idx >= self._num_windows)][0]
             raise IndexError(f"window {bad} out of range for {self._num_windows} windows "
                              f"({self.split}, seq_len={self.seq_len})")
-        # One fancy-index gather: 3.3x faster than a slice copy per row at 64 x 257 and as fast at
-        # 8 x 1025 (launch/bench_data.py, one core).
+        # One fancy-index gather: 3.3x faster than a slice copy per row at 64 x 257, 9% slower at 8 x 1025
+        # (launch/bench_data.py, one core, 2026-11-22; BENCHMARKS.md "Batch assembly": both far above need).
         offsets = idx[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # (B, seq_len + 1)
         return torch.from_numpy(self.tokens[offsets].astype(np.int64))

@@ -3,7 +3,8 @@
 On the CPU accelerator, when every rank is on one node, DeepSpeed (0.19.8) builds its shared-memory
 allreduce at init: rank i creates ``/dev/shm/deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{i}``
 (66 MiB: two 1 MiB and two 32 MiB buffers) and maps every other rank's segment. Nothing ever unlinks them
-(``shared_close`` is never called), so each run leaves world_size segments behind in RAM; 318 of them filled 21 GB of a 24 GB machine.
+(``shared_close`` is never called), so each run leaves world_size segments behind in RAM; 318 of them filled
+21 GB of a 24 GB machine.
 
 Once every rank has mapped every segment (a barrier after init), the names are no longer needed: each rank
 unlinks its own. The mappings stay valid, the kernel frees the memory when the last rank exits, and nothing

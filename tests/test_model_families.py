@@ -204,6 +204,7 @@ def test_sliding_window_past_its_length_equals_transformers_forward_and_backward
     torch.testing.assert_close(losses[0][1], losses[1][1], atol=1e-6, rtol=1e-4)
     windowed = _logits(ours, x)
     agree = (windowed - _logits(theirs, x)).abs().max().item()  # ours vs transformers: rounding only
+    assert agree <= 1e-5, agree  # the logits equal transformers' (the first 16 positions and past the window)
     controls = [{"sliding_window": None, "layer_types": None}]  # full causal attention
     if family != "mistral-window":
         controls.append({"layer_types": None})  # the window on every layer

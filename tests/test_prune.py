@@ -1,4 +1,6 @@
 """Optimizer-state pruning against a sort-based oracle."""
+import math
+
 import pytest
 import torch
 
@@ -60,12 +62,21 @@ def _noisy_moments(opt, params, seed=9):
     return out
 
 
+def _randperm_mask(shape, ratio, seed):
+    """The documented random mask, written out: the first round(ratio·n) of a CPU randperm seeded with ``seed``
+    (the 2-rank oracle in tests/dist/zero_reset_worker.py is the same)."""
+    n = math.prod(shape)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(seed))[:int(round(ratio * n))]] = True
+    return mask.view(shape)
+
+
 def _own_masks(moments, method, ratio, seed, i):
     """Each moment's own mask, as the paper computes it by magnitude; random: the one mask both moments share,
     seeded as prune_optimizer_state derives it for the i-th tensor."""
     if method == "magnitude":
         return [_oracle_mask(moments[k], ratio) for k in ("exp_avg", "exp_avg_sq")]
-    return [random_prune_mask(moments["exp_avg"].shape, ratio, seed=seed + 1000003 * i)] * 2
+    return [_randperm_mask(moments["exp_avg"].shape, ratio, seed=seed + 1000003 * i)] * 2
 
 
 def test_prune_optimizer_state_magnitude_only_given_params():
@@ -136,8 +147,8 @@ def test_random_and_reset_modes():
     stats = relora_ds.prune_optimizer_state(opt, [a], method="random", ratio=0.75, seed=3)
     # One mask for both moments (two draws and the exp_avg guard would keep only 0.25² of exp_avg): each
     # moment keeps exactly round(0.25·n) entries, at the same places.
-    mask = random_prune_mask(a.shape, 0.75, seed=3)
-    assert int(mask.sum()) == round(0.75 * a.numel())
+    mask = _randperm_mask(a.shape, 0.75, seed=3)
+    assert torch.equal(random_prune_mask(a.shape, 0.75, seed=3), mask) and int(mask.sum()) == round(0.75 * a.numel())
     for key in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(opt.state[a][key], before[key].masked_fill(mask, 0.0))
     assert stats["exp_avg"] == stats["exp_avg_sq"] == pytest.approx(round(0.75 * a.numel()) / a.numel())

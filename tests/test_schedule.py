@@ -118,6 +118,10 @@ def test_trainer_schedule_after_a_warm_start_matches_the_reference(lowrank_sched
         want = [jagged_cosine(s, total_steps=2000, warmup_steps=50, cycle_length=500, restart_warmup_steps=10,
                               start_step=500) for s in range(500, 2000)]
         assert sched(510) == pytest.approx(_cos_at(510, total=2000, warmup=50))  # back on the run's cosine
+        # by hand, not through jagged_cosine: halfway up the ramp after the reset at 1000, half the cosine where
+        # the ramp ends; past the ramp, the run's own cosine
+        assert sched(1005) == pytest.approx(0.5 * _cos_at(1010, total=2000, warmup=50))
+        assert sched(1200) == pytest.approx(_cos_at(1200, total=2000, warmup=50))
     assert [sched(s) for s in range(500, 2000)] == pytest.approx(want, abs=1e-12)
     assert sched(500) == sched(1000) == sched(1500) == 0.0  # the switch and both resets
     no_warm = TrainConfig(mode="relora", total_steps=2000, warmup_steps=50, cycle_length=500, restart_warmup_steps=10,

@@ -9,7 +9,7 @@ process replays it with the two ranks' micro-batches as accumulation steps.
 Measured (2026-12-05): losses within 1.2e-7, the lr exactly, final weights within 1.8e-6 (relative Frobenius
 error per tensor; the largest a lora_B one update after the last reset). A LoRA scale doubled, no resets, or
 exp_avg kept where exp_avg_sq is pruned move the final weights by 0.52, 69 and 3.1, the losses by 2e-3 to
-7e-3."""
+7e-3. The recipe has no weight decay (its default 0): the loop's decay groups are tests/test_weight_decay.py's."""
 from __future__ import annotations
 
 import hashlib
@@ -180,7 +180,7 @@ def test_the_trainer_is_the_paper_loop_written_out(uninterrupted_run, small_data
         assert logged[step]["loss"] == pytest.approx(loss, rel=2e-6), step
     theirs = trained_state(run_dir)
     errors = relative_errors(mine, theirs)
-    assert max(errors.values()) < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert max(errors.values()) < 1e-5, sorted(errors.items(), key=lambda kv: -kv[1])[:5]  # seen: 1.8e-6
     counts = {n: int(t) for n, t in theirs.items() if n.endswith(".merge_count")}
     assert len(counts) == 7 * 2 and set(counts.values()) == {2}, counts  # 7 projections x 2 layers, 2 resets
 

@@ -19,7 +19,7 @@ def test_a_zero2_checkpoint_resumes_on_fewer_ranks_offloaded_or_in_bf16(tmp_path
       crashed at the first step (KeyError 'bias_correction': torch AdamW's param groups) or named a missing
       file (bf16 files are named bf16_zero_pp_rank_*). Such a change goes through the universal checkpoint,
       is logged, and the run continues the uninterrupted one's losses: in fp32 to DeepSpeedCPUAdam's last
-      bits (test_zero3_offload_resumes_exactly), in bf16 to its rounding.
+      bits (test_zero3_offload_resumes_to_cpu_adams_last_bits), in bf16 to its rounding.
     One run to checkpoint for all three (they shared its set-up as two tests, for CI time)."""
     reference, _ = uninterrupted
     train2(tmp_path, small_data_dir, save_every=7)
@@ -29,8 +29,8 @@ def test_a_zero2_checkpoint_resumes_on_fewer_ranks_offloaded_or_in_bf16(tmp_path
     assert (tmp_path / "run" / "checkpoints" / "step_7" / "universal" / "zero").is_dir()
     resumed, recs = read_losses(tmp_path / "run")
     assert sorted(resumed) == list(range(8, 13))
-    for step, loss in resumed.items():  # only the reduction order differs (fp32)
-        assert loss == pytest.approx(reference[step], rel=2e-5, abs=2e-5), step
+    for step, loss in resumed.items():  # only the reduction order differs (fp32; seen: equal)
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=0), step
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
 
     offload = tmp_path / "offload.json"
@@ -39,7 +39,7 @@ def test_a_zero2_checkpoint_resumes_on_fewer_ranks_offloaded_or_in_bf16(tmp_path
     bf16 = tmp_path / "bf16.json"
     bf16.write_text(json.dumps({**FP32_ZERO2, "bf16": {"enabled": True}}))
     recipe, _ = write(tmp_path, small_data_dir, save_every=7)
-    for ds, what, tol in ((offload, "optimizer DeepSpeedCPUAdam offloaded to cpu", 3e-6), (bf16, "bf16", 2e-3)):
+    for ds, what, tol in ((offload, "optimizer DeepSpeedCPUAdam offloaded to cpu", 3e-6), (bf16, "bf16", 1e-3)):
         rewind_to(tmp_path / "run", "step_7")
         proc = run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume")
         out = proc.stdout + proc.stderr
@@ -67,8 +67,8 @@ def test_resume_on_more_ranks_zero3_int8(tmp_path, small_data_dir):
     run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume")
     resumed, _ = read_losses(tmp_path / "run")
     assert sorted(resumed) == list(range(8, 13))
-    for step, loss in resumed.items():
-        assert loss == pytest.approx(reference[step], rel=2e-5, abs=2e-5), step
+    for step, loss in resumed.items():  # fp32, another reduction order (seen: equal)
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=0), step
     # Moving between ZeRO-3 and ZeRO-1/2 is what DeepSpeed's universal load cannot do: a clean error first.
     proc = train1(tmp_path, small_data_dir, "--resume", check=False, save_every=7, quantize="int8")
     assert proc.returncode == 2 and "cannot move a checkpoint between ZeRO-3 and ZeRO-1/2" in proc.stderr, \
@@ -94,7 +94,7 @@ def test_zero3_with_selective_checkpointing_resumes_exactly(tmp_path, small_data
 
 
 @pytest.mark.parametrize("optimizer_on", ["cpu", "nvme"])
-def test_zero3_offload_resumes_exactly(tmp_path, small_data_dir, optimizer_on):
+def test_zero3_offload_resumes_to_cpu_adams_last_bits(tmp_path, small_data_dir, optimizer_on):
     """ZeRO-3 with the optimizer and the parameters in host memory (the shipped zero3_offload.json, in fp32,
     DeepSpeedCPUAdam), and with the optimizer on NVMe: rewound to its checkpoint at step 7 (inside the restart
     warmup after the reset at 6, pruned moments included) and resumed on 2 ranks and on 1, the run continues
@@ -153,8 +153,8 @@ def test_bf16_optimizer_checkpoint_exports_and_resumes_on_fewer_ranks(tmp_path, 
     assert "loading it as a DeepSpeed universal checkpoint" in proc.stdout + proc.stderr
     resumed, recs = read_losses(run)
     assert sorted(resumed) == list(range(8, 13))
-    for step, loss in resumed.items():  # bf16 weights, another reduction order: close, not equal
-        assert loss == pytest.approx(two_ranks[step], rel=2e-3), step
+    for step, loss in resumed.items():  # bf16 weights, another reduction order: close, not equal (seen: 8.6e-5;
+        assert loss == pytest.approx(two_ranks[step], abs=5e-4), step  # the optimizer state lost: 4e-3)
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [10]
 
 
@@ -183,7 +183,7 @@ def test_a_checkpoint_without_zero_resumes_under_zero2(tmp_path, small_data_dir,
         start = int(tag.split("_")[1])
         assert sorted(resumed) == list(range(start + 1, 13))
         for step, loss in resumed.items():
-            assert loss == pytest.approx(reference[step], rel=2e-5, abs=0), (tag, step)
+            assert loss == pytest.approx(reference[step], rel=1e-6, abs=0), (tag, step)
         changed = next(r for r in recs if r.get("event") == "resume_settings_changed")
         assert changed["deepspeed.zero_optimization.stage"] == "0 -> 2", changed
         assert changed.get("world_size") == ("1 -> 2" if ranks == 2 else None), changed

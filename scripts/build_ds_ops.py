@@ -4,8 +4,9 @@ pinned memory, and async_io for NVMe offload when libaio is installed), with the
 scripts/test.sh runs this before pytest. Otherwise the first test to need an op builds it inside a 2-rank
 run, beside the other pytest-xdist worker's tests: on 2 fresh cores the first run needing async_io (a
 trainer run with parameters on NVMe, 30 s once the op exists) hit its 600 s limit, where async_io builds in
-250 s alone (cpu_adam 66 s, shm_comm ~60 s: BENCHMARKS.md "Rank start-up"). Each build lands in TORCH_EXTENSIONS_DIR
-(scripts/setup_env.sh sets it per environment); a built op loads in a second.
+250 s alone (cpu_adam 42-66 s, shm_comm 42-60 s, pin_memory 30 s by host: BENCHMARKS.md "Rank start-up").
+Each build lands in TORCH_EXTENSIONS_DIR (scripts/setup_env.sh sets it per environment); a built op loads in
+a second.
 """
 import sys
 import time

@@ -2,7 +2,7 @@
 
     python launch/hostfile.py from-slurm --slots 8 > hostfile   # "node slots=8" per node of the job
     python launch/hostfile.py check hostfile                    # every host known, slots valid; prints the world size
-    python launch/hostfile.py node-rank hostfile                # this node's 0-based position among the host lines (--no_ssh --node_rank)
+    python launch/hostfile.py node-rank hostfile                # this node's 0-based host line (--no_ssh --node_rank)
 
 A host is *known* when it is a node of the current SLURM job (inside one) or else when its name resolves.
 The deepspeed launcher itself only warns about a missing hostfile and then trains on the local node
@@ -130,15 +130,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
                                      formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("from-slurm", help="print a hostfile for the current SLURM job")
+    common = dict(allow_abbrev=False, formatter_class=DefaultsHelpFormatter)  # not inherited by subcommands
+    p = sub.add_parser("from-slurm", **common, help="print a hostfile for the current SLURM job")
     p.add_argument("--slots", type=int, required=True, help="ranks per node (GPUs per node)")
-    p = sub.add_parser("check", help="validate a hostfile; print its total slots (the world size)")
+    p = sub.add_parser("check", **common, help="validate a hostfile; print its total slots (the world size)")
     p.add_argument("hostfile")
     p.add_argument("--all-nodes", action="store_true", help="inside a SLURM job: every node must be listed")
-    p = sub.add_parser("first-host", help="print the hostfile's first host (where the deepspeed launcher puts rank 0)")
+    p = sub.add_parser("first-host", **common,
+                       help="print the hostfile's first host (where the deepspeed launcher puts rank 0)")
     p.add_argument("hostfile")
-    p = sub.add_parser("node-rank", help="print this node's 0-based position among the hostfile's host lines (comments and "
-                                                "blank lines not counted)")
+    p = sub.add_parser("node-rank", **common, help="print this node's 0-based position among the hostfile's host "
+                                                   "lines (comments and blank lines not counted)")
     p.add_argument("hostfile")
     p.add_argument("--host", help="this node's name (default: $SLURMD_NODENAME, else the hostname)")
     p.add_argument("--check-visible-devices", action="store_true",

@@ -83,6 +83,12 @@ def _merges(directory: Path) -> dict | None:
     return progress.get("relora", {}) if progress.get("relora", {}) is not None else None
 
 
+def _step(directory: Path) -> int | None:
+    """The training step the export holds (its relora_ds_progress.json), or None where unknown."""
+    path = directory / "relora_ds_progress.json"
+    return json.loads(path.read_text()).get("step") if path.is_file() else None
+
+
 LOW = ("bfloat16", "float16", "int8")  # bases a merge rounds
 
 
@@ -108,9 +114,10 @@ def rounding_plan(a: Path, b: Path) -> dict | None:
     int8 base) B's one and A's; and each export's own cast to bf16/fp16, unless it held nothing to round (its
     base in that dtype, no live factors)."""
     ra, rb = _merges(a), _merges(b)
-    if ra and rb == {}:  # B has no ReLoRA layers, A has: B is the warm start, which comes first
-        raise ValueError(f"{a} has ReLoRA layers and {b} none (a full-rank warm start's export): the first export "
-                         "is the later one; give the earlier export first")
+    sa, sb = _step(a), _step(b)
+    if ra and rb == {} and sa is not None and sb is not None and sb < sa:  # B: the warm start, before A's ReLoRA
+        raise ValueError(f"{a} has ReLoRA layers and {b} none (a full-rank export of step {sb}, before {a}'s step "
+                         f"{sa}): the first export is the later one; give the earlier export first")
     if ra is None or rb is None or not rb:
         return None
     between = rb["merges"] - ra.get("merges", 0)

@@ -84,10 +84,12 @@ class LlamaConfig:
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+            setattr(self, name, int(getattr(self, name)))  # a NumPy integer as Python's (config.json writes it)
         for name in ("rms_norm_eps", "rope_theta"):  # a negative eps makes RMSNorm's rsqrt NaN, silently
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
                 raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got {value!r}")
+            setattr(self, name, float(value))
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="

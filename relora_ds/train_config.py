@@ -237,7 +237,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
         problems = _Problems()
-        if self.target_modules in (ALL_LINEAR, [ALL_LINEAR]):  # a recipe's string, or the command line's list
+        spelled = self.target_modules[0] if isinstance(self.target_modules, list) and len(self.target_modules) == 1 \
+            else self.target_modules
+        if isinstance(spelled, str) and spelled.lower() == ALL_LINEAR:  # a recipe's string, the command line's list
             self.target_modules = ALL_LINEAR  # wrap's own spelling of it (relora_ds/targets.py)
         for f in dataclasses.fields(self):
             if f.name == "target_modules" and self.target_modules == ALL_LINEAR:

@@ -114,6 +114,16 @@ def test_hostfile_node_rank_and_from_slurm_outside_a_job(tmp_path):
     assert proc.returncode == 2 and "SLURM_JOB_NODELIST is not set" in proc.stderr
 
 
+def test_hostfile_subcommands_take_no_abbreviated_flags(tmp_path, capsys):
+    """--ho was read as node-rank's --host (argparse's sub-parsers abbreviate unless told not to)."""
+    hf = tmp_path / "hostfile"
+    hf.write_text("n1 slots=2\nn2 slots=2\n")
+    assert hostfile.main(["node-rank", str(hf), "--host", "n2"]) == 0 and capsys.readouterr().out.strip() == "1"
+    with pytest.raises(SystemExit):
+        hostfile.main(["node-rank", str(hf), "--ho", "n2"])
+    assert "unrecognized arguments: --ho" in capsys.readouterr().err
+
+
 def test_hostfile_node_rank_falls_back_to_the_short_hostname(monkeypatch):
     """Outside a SLURM step (no SLURMD_NODENAME) a node whose hostname is fully qualified, n2.cluster, is found
     in a hostfile of short names by its short name: n2 is the second line, node rank 1 (by hand); the full name

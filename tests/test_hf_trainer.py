@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 
 import relora_ds
 from launch_utils import ROOT, run_ranks
@@ -40,6 +41,10 @@ def hand_loop(batch, kind="llama"):
     return model, losses, lrs, opt
 
 
+# transformers 4.x logs the loss rounded to 4 decimals (5.x logs it whole): up to 5e-5 off the hand loop's
+LOSS_ABS = 6e-5 if int(transformers.__version__.split(".")[0]) < 5 else 1e-5
+
+
 def logged(trainer_log, key):
     return [r[key] for r in trainer_log if key in r and "train_runtime" not in r]
 
@@ -67,7 +72,7 @@ def test_trainer_resets_as_the_hand_written_loop(tmp_path, kind):
     trainer, callback = w.run(tmp_path, batch=4, kind=kind)
     oracle, losses, lrs, opt = hand_loop(batch=4, kind=kind)
     assert [(e["step"], e["event"]) for e in callback.events] == [(3, "reset"), (6, "reset")]
-    assert logged(trainer.state.log_history, "loss") == pytest.approx(losses, rel=1e-5, abs=1e-5)
+    assert logged(trainer.state.log_history, "loss") == pytest.approx(losses, rel=1e-5, abs=LOSS_ABS)
     # The jagged cosine: 0 at the first step and at the step after each reset, the cosine elsewhere.
     assert logged(trainer.state.log_history, "learning_rate") == pytest.approx(lrs, rel=1e-6)
     assert lrs[0] == lrs[3] == lrs[6] == 0.0 and min(lrs[1], lrs[4]) > 0
@@ -92,7 +97,6 @@ def test_a_compiled_trainer_resets_as_the_hand_written_loop(tmp_path):
     """TrainingArguments(torch_compile=True): accelerate compiles the wrapped model; the merges and resets write
     its weights in place, so the run is still the hand-written loop's (eager), compiled as one graph with no
     break, and save_model writes the merged plain model."""
-    import transformers
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -102,7 +106,7 @@ def test_a_compiled_trainer_resets_as_the_hand_written_loop(tmp_path):
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters["graph_break"])
     oracle, losses, _, _ = hand_loop(batch=4, kind="llama")
     assert [(e["step"], e["event"]) for e in callback.events] == [(3, "reset"), (6, "reset")]
-    assert logged(trainer.state.log_history, "loss") == pytest.approx(losses, rel=1e-5, abs=1e-5)
+    assert logged(trainer.state.log_history, "loss") == pytest.approx(losses, rel=1e-5, abs=LOSS_ABS)
     assert_same_weights(trainer.model.state_dict(), oracle.state_dict(), rtol=1e-5)
     trainer.save_model(tmp_path / "merged")
     saved = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").state_dict()

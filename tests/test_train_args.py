@@ -33,7 +33,7 @@ def test_all_linear_targets_from_the_command_line_and_a_recipe(tmp_path):
     recipe.write_text("model: debug\nrank: 4\ncycle_length: 10\nrestart_warmup_steps: 2\nwarmup_steps: 5\ntotal_steps: 50\n"
                       "target_modules: all-linear\n")
     parser = build_parser(argparse.ArgumentParser())
-    for argv in (["--config", str(recipe)], ["--config", str(recipe), "--target-modules", "all-linear"]):
+    for argv in (["--config", str(recipe)], ["--config", str(recipe), "--target-modules", "All-Linear"]):
         cfg = config_from_args(parser.parse_args(argv))
         assert cfg.target_modules == "all-linear", argv
         check_model_and_data(cfg, None, 64)

@@ -39,7 +39,7 @@ def test_a_zero2_checkpoint_resumes_on_fewer_ranks_offloaded_or_in_bf16(tmp_path
     bf16 = tmp_path / "bf16.json"
     bf16.write_text(json.dumps({**FP32_ZERO2, "bf16": {"enabled": True}}))
     recipe, _ = write(tmp_path, small_data_dir, save_every=7)
-    for ds, what, tol in ((offload, "optimizer DeepSpeedCPUAdam offloaded to cpu", 3e-6), (bf16, "bf16", 1e-3)):
+    for ds, what, tol in ((offload, "optimizer DeepSpeedCPUAdam offloaded to cpu", 3e-6), (bf16, "bf16", 1e-3)):  # seen: 2.6e-4 bf16
         rewind_to(tmp_path / "run", "step_7")
         proc = run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, "--resume")
         out = proc.stdout + proc.stderr
@@ -183,7 +183,7 @@ def test_a_checkpoint_without_zero_resumes_under_zero2(tmp_path, small_data_dir,
         start = int(tag.split("_")[1])
         assert sorted(resumed) == list(range(start + 1, 13))
         for step, loss in resumed.items():
-            assert loss == pytest.approx(reference[step], rel=1e-6, abs=0), (tag, step)
+            assert loss == pytest.approx(reference[step], rel=5e-6, abs=0), (tag, step)  # seen: 1.6e-7
         changed = next(r for r in recs if r.get("event") == "resume_settings_changed")
         assert changed["deepspeed.zero_optimization.stage"] == "0 -> 2", changed
         assert changed.get("world_size") == ("1 -> 2" if ranks == 2 else None), changed

@@ -4,9 +4,10 @@
 #
 #   srun --ntasks-per-node=1 launch/slurm/ds_node.sh HOSTFILE launch/train.py --config ... --deepspeed ...
 #
-# --node_rank is this node's line in the hostfile (launch/hostfile.py node-rank): the launcher gives node
-# i the slots of line i and numbers its ranks after those of lines 0..i-1, on GPUs 0..slots-1 (a
-# CUDA_VISIBLE_DEVICES naming other GPUs is refused: the launcher would not honour it).
+# --node_rank is this node's 0-based position among the hostfile's host lines (launch/hostfile.py
+# node-rank): the launcher gives node i the slots of host line i and numbers its ranks after those of
+# lines 0..i-1, on GPUs 0..slots-1 (a CUDA_VISIBLE_DEVICES naming other GPUs is refused: the launcher
+# would not honour it).
 set -euo pipefail
 
 (( $# >= 2 )) || { echo "ds_node.sh: error: usage: ds_node.sh HOSTFILE SCRIPT [ARGS...]" >&2; exit 2; }

@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 
 from .schedule import total_steps_for
-from .train_config import TrainConfig, bare_type, coerce_value
+from .config_values import bare_type, coerce_value
+from .train_config import TrainConfig
 
 
 class ArgumentParser(argparse.ArgumentParser):

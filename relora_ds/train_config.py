@@ -17,6 +17,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 
+from .config_values import coerce_value
 from .model_config import PRESETS
 
 
@@ -457,50 +458,3 @@ class TrainConfig:
 
 _FIELD_DEFAULTS = {f.name: f.default_factory() for f in dataclasses.fields(TrainConfig)
                    if f.default_factory is not dataclasses.MISSING}
-
-
-def coerce_value(name: str, value, tp):
-    """`value` as the field's type, or a ValueError naming the field. YAML 1.1 reads ``1e-3`` (no dot) as a
-    string, so numeric strings become numbers; a bool is never a number, a float never an int."""
-    optional = type(None) in typing.get_args(tp)
-    tp = bare_type(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{name}=None: a value is required")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{name}={value!r} must be true or false")
-    if tp in (int, float):
-        if isinstance(value, str):
-            text = value
-            try:
-                value = int(text) if tp is int else float(text)  # int first: exact past 2**53
-            except ValueError:
-                try:
-                    value = float(text)
-                except ValueError:
-                    raise ValueError(f"{name}={text!r} must be a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name}={value!r} must be a {'whole' if tp is int else 'finite'} number")
-        if tp is float:
-            return float(value)
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{name}={value!r} must be a whole number")
-        return int(value)
-    if typing.get_origin(tp) is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{name}={value!r} must be a list of strings")
-        return value
-    if not isinstance(value, tp):
-        raise ValueError(f"{name}={value!r} must be a {tp.__name__}")
-    return value
-
-
-def bare_type(tp):
-    """``X | None`` -> X; anything else unchanged (``list[str]`` stays a list type)."""
-    args = typing.get_args(tp)
-    if type(None) in args:
-        return next(a for a in args if a is not type(None))
-    return tp

@@ -72,21 +72,26 @@ def update_rank(delta: torch.Tensor, base: torch.Tensor, threshold: float = 0.01
             "shape": list(delta.shape), **rounding}
 
 
+def _progress(directory: Path) -> dict | None:
+    """The export's relora_ds_progress.json (its step, merge record, ...), or None where it has none (another
+    tool's export)."""
+    path = directory / "relora_ds_progress.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _merges(directory: Path) -> dict | None:
     """The export's merge record (relora_ds.hf.merge_record, in its relora_ds_progress.json); {} for a run's
     export of a model without ReLoRA layers (the full-rank warm start); None where unknown (another tool's
     export, or a checkpoint saved before merge counts were)."""
-    path = directory / "relora_ds_progress.json"
-    if not path.is_file():
+    progress = _progress(directory)
+    if progress is None:
         return None
-    progress = json.loads(path.read_text())
     return progress.get("relora", {}) if progress.get("relora", {}) is not None else None
 
 
 def _step(directory: Path) -> int | None:
-    """The training step the export holds (its relora_ds_progress.json), or None where unknown."""
-    path = directory / "relora_ds_progress.json"
-    return json.loads(path.read_text()).get("step") if path.is_file() else None
+    """The training step the export holds, or None where unknown."""
+    return (_progress(directory) or {}).get("step")
 
 
 LOW = ("bfloat16", "float16", "int8")  # bases a merge rounds

@@ -79,11 +79,12 @@ def main() -> int:
     ds["zero_optimization"]["stage"] = args.stage
     (out / f"zero{args.stage}.json").write_text(json.dumps(ds))
     micro = 4
-    rc = train.main(["--config", str(ROOT / "launch/configs/tiny.yaml"), "--deepspeed", f"{out}/zero{args.stage}.json",
-                "--micro-batch-size", str(micro), "--global-batch-size", str(micro * args.micro_batches * world),
-                "--total-steps", str(warm + 1 + args.steps), "--warm-start-steps", str(warm), "--warmup-steps", "2",
-                "--cycle-length", "1000", "--eval-every", "0", "--save-every", "0", "--no-export",
-                "--output-dir", f"{out}/run{args.stage}", "--overwrite", *extra])
+    rc = train.main([
+        "--config", str(ROOT / "launch/configs/tiny.yaml"), "--deepspeed", f"{out}/zero{args.stage}.json",
+        "--micro-batch-size", str(micro), "--global-batch-size", str(micro * args.micro_batches * world),
+        "--total-steps", str(warm + 1 + args.steps), "--warm-start-steps", str(warm), "--warmup-steps", "2",
+        "--cycle-length", "1000", "--eval-every", "0", "--save-every", "0", "--no-export",
+        "--output-dir", f"{out}/run{args.stage}", "--overwrite", *extra])
     if rc:  # the trainer said why; no counts of a run that did not happen
         return rc
     if rank == 0:

@@ -25,13 +25,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from relora_ds import checkpoint
 from relora_ds.data import builtin_data_dir, load_manifest
 from relora_ds.data.mixture import check_members, is_mixture
 from relora_ds.data.manifest import read_manifest_file
 from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
 from relora_ds.ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device
 from relora_ds.output_dir import check_output_dir
+from relora_ds.resume_plan import plan_resume, resume_progress
 from relora_ds.schedule import total_steps_for
 from relora_ds.startup import (apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels,
                                check_model_and_data, train_data_record, unused_vocab_size)
@@ -74,7 +74,7 @@ def _check(argv) -> str:
         prepared = cfg.data_dir or read_manifest_file(data_dir) is not None
         model_config, _ = check_model_and_data(cfg, data_dir if prepared else None, vocab)
         check_nvme_swap_buffers(cfg, ds, model_config, args.world_size)
-        progress = checkpoint.resume_progress(Path(cfg.output_dir) / "checkpoints", cfg.resume_from) \
+        progress = resume_progress(Path(cfg.output_dir) / "checkpoints", cfg.resume_from) \
             if cfg.resume else None
         total_steps = total_steps_for(cfg, progress if cfg.token_budget else None)
         build_schedule(cfg, total_steps)
@@ -93,7 +93,7 @@ def _check(argv) -> str:
             check_data_use(cfg, total_steps, manifest["splits"], str(data_dir), args.world_size)
         if cfg.resume:  # as the trainer plans it
             cfg.vocab_size = vocab
-            checkpoint.plan_resume(Path(cfg.output_dir) / "checkpoints", model=model_config.to_dict(),
+            plan_resume(Path(cfg.output_dir) / "checkpoints", model=model_config.to_dict(),
                                    train=cfg.to_dict(), ds=ds, world=args.world_size, data_dir=data_dir,
                                    tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None,
                                    total_steps=total_steps,

@@ -171,7 +171,7 @@ def engine_layout(ds: dict) -> dict:
     """What decides the files and optimizer state a checkpoint holds: ZeRO stage, weight precision, where
     the optimizer runs and its class (torch's AdamW, FusedAdam and DeepSpeedCPUAdam keep other param-group
     keys: loaded directly into another, the first step fails). Two configs with the same layout load each
-    other's checkpoints directly; others go through the universal checkpoint (checkpoint.plan_resume)."""
+    other's checkpoints directly; others go through the universal checkpoint (resume_plan.plan_resume)."""
     zero = _zero_config(ds, "the DeepSpeed config")
     offload = zero.offload_optimizer.device if zero.offload_optimizer is not None else "none"
     precision = "bf16" if uses_bf16(ds) else "fp16" if uses_fp16(ds) else "fp32"

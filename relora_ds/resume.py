@@ -164,7 +164,7 @@ class CheckpointsMixin:
         if as_universal:
             universal.restore_frozen_from_universal(self.engine.module, self.ckpt_dir / load_tag)
             unshare_optimizer_steps(self.engine)
-        # A checkpoint that records its data was checked before any engine (checkpoint.check_same_data); an older
+        # A checkpoint that records its data was checked before any engine (resume_plan.check_same_data); an older
         # one only here, by its sampler's window count.
         saved_windows = client["sampler"].get("num_samples")
         if saved_windows is not None and saved_windows != self.batches.num_samples:

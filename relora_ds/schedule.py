@@ -115,7 +115,7 @@ def build_scheduler(optimizer: Optimizer, name: str = "jagged_cosine", **kwargs)
 def total_steps_for(cfg: TrainConfig, progress: dict | None = None) -> int:
     """The run's optimizer steps: total_steps, or the steps of token_budget at this run's global batch; a
     resumed token-budget run (``progress``: the checkpoint's ``{"step", "tokens_seen"}``,
-    checkpoint.resume_progress) trains what is left of the budget at this run's batch, which may differ from
+    resume_plan.resume_progress) trains what is left of the budget at this run's batch, which may differ from
     the checkpoint's."""
     if cfg.total_steps:
         return cfg.total_steps

@@ -198,7 +198,7 @@ def check_compile(cfg: TrainConfig, cuda: bool) -> None:
 
 def train_data_record(manifest: dict, seq_len: int) -> dict:
     """What each checkpoint records of its training data and ``--resume`` compares before any engine exists
-    (:func:`relora_ds.checkpoint.check_same_data`): the manifest's fingerprint of the training split
+    (:func:`relora_ds.resume_plan.check_same_data`): the manifest's fingerprint of the training split
     (:func:`relora_ds.data.manifest.train_data_fingerprint`, no token file read), its tokens, and its windows
     at ``seq_len``."""
     train = manifest["splits"]["train"]

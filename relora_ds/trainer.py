@@ -44,6 +44,7 @@ from .relora import lora_parameters
 from .resume import CheckpointsMixin
 from .ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device, nvme_offloads
 from .output_dir import check_output_dir, check_shared_output_dir, lock_output_dir, unlock_output_dir
+from .resume_plan import plan_resume, resume_progress
 from .startup import apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels, \
     check_model_and_data, train_data_record, unused_vocab_size
 from .schedule import total_steps_for
@@ -112,7 +113,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         if cfg.document_masking and (problem := document_ends_problem(manifest)):
             raise ValueError(f"document_masking: {problem}; train without --document-masking, or prepare the data "
                              "with a tokenizer whose EOS is its own token")
-        self.total_steps = total_steps_for(cfg, checkpoint.resume_progress(self.ckpt_dir, cfg.resume_from)
+        self.total_steps = total_steps_for(cfg, resume_progress(self.ckpt_dir, cfg.resume_from)
                                            if cfg.resume and cfg.token_budget else None)
         self.relora_start = self.cycle_start = cfg.warm_start_steps
         self.cycles_before = 0
@@ -124,7 +125,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         with warnings.catch_warnings():  # a mixture member left out of evaluation: check_data_use named it
             warnings.simplefilter("ignore", DataWarning)
             self.val_data = open_eval_split(self.data_dir, seq_len=cfg.seq_len) if cfg.eval_every else None
-        # What each checkpoint records of the training data, and --resume compares (checkpoint.plan_resume).
+        # What each checkpoint records of the training data, and --resume compares (plan_resume).
         self.data_info = train_data_record(manifest, cfg.seq_len)
         on_cuda = self.pin_batches = torch.cuda.is_available() and get_accelerator().device_name() == "cuda"
         # On a GPU, batches in page-locked memory: their copies to the device do not stall the host.
@@ -138,7 +139,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self.peak_tflops = cfg.peak_tflops or (
             mfu_peak(torch.cuda.get_device_name(), half=uses_bf16(self.ds) or self.fp16, warn=self.rank == 0)
             if on_cuda else None)
-        self.resume_plan = None if not cfg.resume else checkpoint.plan_resume(
+        self.resume_plan = None if not cfg.resume else plan_resume(
             self.ckpt_dir, model=self.model_config.to_dict(), train=cfg.to_dict(), ds=self.ds, world=self.world,
             data_dir=self.data_dir, tokenizer_sha256=self.tokenizer_sha256, data=self.data_info,
             total_steps=self.total_steps)

@@ -375,6 +375,7 @@ def test_a_checkpoint_deleted_or_incomplete_under_latest_is_named(tmp_path):
     import torch
 
     from relora_ds import checkpoint as ck
+    from relora_ds.resume_plan import resume_progress
     ckpts = tmp_path / "checkpoints"
     for step in (5, 10):
         (ckpts / f"step_{step}").mkdir(parents=True)
@@ -408,7 +409,7 @@ def test_a_checkpoint_deleted_or_incomplete_under_latest_is_named(tmp_path):
     (ckpts / "step_10" / "config.json").unlink()
     with pytest.raises(ValueError, match=r"step_10 \(the one to resume from\) lacks config.json; complete checkpoints "
                                          r"in .*: \['step_5'\]"):
-        ck.resume_progress(ckpts, None)
+        resume_progress(ckpts, None)
     ck.check_complete(ckpts, "step_5")  # complete: no error
 
 

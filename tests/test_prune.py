@@ -163,7 +163,8 @@ def test_random_and_reset_modes():
 def _reset_then_step(prune):
     """Debug-preset ReLoRA model, AdamW lr 1e-3 for 5 steps, merge_and_reinit, ``prune(opt, lora)``, one
     step at lr 2e-4 (a restart warmup's first step), then one more backward. Returns (max|lora_A| after
-    the re-init, after the step, the global grad norm before the reset, at the backward after the step)."""
+    the re-init, the most any entry of lora_A moved in the step, the global grad norm before the reset, at
+    the backward after the step)."""
     torch.manual_seed(0)
     model = relora_ds.wrap(relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug")), rank=4, seed=3)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -182,13 +183,14 @@ def _reset_then_step(prune):
     relora_ds.merge_and_reinit(model)
     lora_A = [layer.lora_A for _, layer in relora_ds.relora_layers(model)]
     max_A_init = max(float(a.detach().abs().max()) for a in lora_A)
+    at_init = [a.detach().clone() for a in lora_A]
     prune(opt, relora_ds.lora_parameters(model))
     for group in opt.param_groups:
         group["lr"] = 2e-4
     backward(batches[5])
     opt.step()
-    max_A = max(float(a.detach().abs().max()) for a in lora_A)
-    return max_A_init, max_A, norm_before, backward(batches[6])
+    moved = max(float((a.detach() - a0).abs().max()) for a, a0 in zip(lora_A, at_init))
+    return max_A_init, moved, norm_before, backward(batches[6])
 
 
 @torch.no_grad()
@@ -203,15 +205,17 @@ def test_first_step_after_reset_keeps_lora_A_small():
     """Right after a reset B = 0, so lora_A's gradient is exactly 0 and a zeroed exp_avg_sq stays 0: an
     entry that kept exp_avg would move by ~lr·m/eps. With the paper's masks alone (``_prune_unguarded``)
     78 entries do, and one step at lr 2e-4 takes max|lora_A| from 0.125 to ~21 and the next grad norm from
-    ~1.3 to ~15 (measured); prune_optimizer_state zeroes exp_avg there too and A stays at its re-init."""
+    ~1.3 to ~15 (measured); prune_optimizer_state zeroes exp_avg there too and A stays at its re-init: an
+    entry keeping both moments moves by an Adam step, about lr (|m̂|/√v̂ ≤ 1 for a steady gradient; 1.6e-4
+    measured), bounded here by 2·lr."""
     def guarded(opt, lora):
         relora_ds.prune_optimizer_state(opt, lora, "magnitude", 0.99)
 
-    max_A_init, max_A, norm_before, norm_after = _reset_then_step(guarded)
-    assert max_A <= 2 * max_A_init, (max_A_init, max_A)
-    assert norm_after <= 2 * norm_before, (norm_before, norm_after)
-    max_A_init, max_A, norm_before, norm_after = _reset_then_step(_prune_unguarded)
-    assert max_A > 20 * max_A_init and norm_after > 5 * norm_before, "the hazard the guard exists for"
+    max_A_init, moved, norm_before, norm_after = _reset_then_step(guarded)
+    assert moved <= 2 * 2e-4, (max_A_init, moved)
+    assert norm_after <= 1.1 * norm_before, (norm_before, norm_after)  # 1.29 -> 1.33 measured
+    max_A_init, moved, norm_before, norm_after = _reset_then_step(_prune_unguarded)
+    assert moved > 20 * max_A_init and norm_after > 5 * norm_before, "the hazard the guard exists for"
 
 
 def test_bad_arguments():

@@ -1,4 +1,4 @@
-"""checkpoint.plan_resume without an engine, on fabricated checkpoint folders: what --resume would load (directly
+"""resume_plan.plan_resume without an engine, on fabricated checkpoint folders: what --resume would load (directly
 or through the universal checkpoint), what it refuses and why (another model, tokenizer, data, fixed
 setting, layout), and --resume-from's rewind."""
 import json
@@ -39,30 +39,30 @@ def _fake_checkpoint(ckpt_dir, *, world, stage, sharded, model=None, sha="a" * 6
     ((2, 2, True), (1, 0), "only into a ZeRO-1/2/3 engine"),
 ])
 def test_plan_resume_decides_how_to_load_or_says_why_not(tmp_path, saved, now, expect):
-    from relora_ds import checkpoint
+    from relora_ds import resume_plan
 
     _fake_checkpoint(tmp_path, world=saved[0], stage=saved[1], sharded=saved[2])
     kw = dict(model={"hidden_size": 64}, train=TRAIN, ds={"zero_optimization": {"stage": now[1]}}, world=now[0],
               data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
     if isinstance(expect, str):
         with pytest.raises(ValueError, match=expect):
-            checkpoint.plan_resume(tmp_path, **kw)
+            resume_plan.plan_resume(tmp_path, **kw)
     else:
-        plan = checkpoint.plan_resume(tmp_path, **kw)
+        plan = resume_plan.plan_resume(tmp_path, **kw)
         assert plan["tag"] == "step_8" and plan["universal"] == expect["universal"]
         assert plan["stages"] == (saved[1], now[1])
 
 
 def test_plan_resume_refuses_another_model_or_tokenizer(tmp_path):
-    from relora_ds import checkpoint
+    from relora_ds import resume_plan
 
     kw = dict(train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2, data_dir=tmp_path / "data", total_steps=12)
-    assert checkpoint.plan_resume(tmp_path, model={}, tokenizer_sha256="a" * 64, **kw) is None  # nothing saved
+    assert resume_plan.plan_resume(tmp_path, model={}, tokenizer_sha256="a" * 64, **kw) is None  # nothing saved
     _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
     with pytest.raises(ValueError, match=r"another model: field \(now, checkpoint\): \{'hidden_size': \(128, 64\)\}"):
-        checkpoint.plan_resume(tmp_path, model={"hidden_size": 128}, tokenizer_sha256="a" * 64, **kw)
+        resume_plan.plan_resume(tmp_path, model={"hidden_size": 128}, tokenizer_sha256="a" * 64, **kw)
     with pytest.raises(ValueError, match=r"tokenizer sha256 aaaaaaaaaaaa\.\.\., but .*data uses bbbbbbbbbbbb"):
-        checkpoint.plan_resume(tmp_path, model={"hidden_size": 64}, tokenizer_sha256="b" * 64, **kw)
+        resume_plan.plan_resume(tmp_path, model={"hidden_size": 64}, tokenizer_sha256="b" * 64, **kw)
 
 
 def test_plan_resume_refuses_a_checkpoint_of_the_older_param_group_layout(tmp_path):
@@ -72,7 +72,7 @@ def test_plan_resume_refuses_a_checkpoint_of_the_older_param_group_layout(tmp_pa
     written by the trainer itself (Trainer._run_config), loads."""
     import json
 
-    from relora_ds import checkpoint
+    from relora_ds import checkpoint, resume_plan
 
     _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
     kw = dict(model={"hidden_size": 64}, train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2,
@@ -80,18 +80,18 @@ def test_plan_resume_refuses_a_checkpoint_of_the_older_param_group_layout(tmp_pa
     config = tmp_path / "step_8" / "config.json"
     saved = json.loads(config.read_text())
     assert saved["optimizer_groups"] == list(checkpoint.OPTIMIZER_GROUPS) == ["lora", "matrices", "vectors"]
-    assert checkpoint.plan_resume(tmp_path, **kw)["tag"] == "step_8"
+    assert resume_plan.plan_resume(tmp_path, **kw)["tag"] == "step_8"
     config.write_text(json.dumps({k: v for k, v in saved.items() if k != "optimizer_groups"}))
     with pytest.raises(ValueError, match=r"step_8 was written by relora_ds before 2026-12-04, whose optimizer kept the "
                                          r"norms and biases in one param group .*start a new run from its export"):
-        checkpoint.plan_resume(tmp_path, **kw)
+        resume_plan.plan_resume(tmp_path, **kw)
 
 
 def test_plan_resume_loads_another_precision_or_optimizer_place_as_universal(tmp_path):
     """Same ranks and stage, but bf16 instead of fp32 or the optimizer offloaded: DeepSpeed's own loader
     fails on those (other file names, DeepSpeedCPUAdam's param groups), so they go through the universal
     checkpoint too; the plan says which layouts differ."""
-    from relora_ds import checkpoint
+    from relora_ds import resume_plan
 
     _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
     kw = dict(model={"hidden_size": 64}, train=TRAIN, world=2, data_dir=tmp_path / "data", total_steps=12,
@@ -99,7 +99,7 @@ def test_plan_resume_loads_another_precision_or_optimizer_place_as_universal(tmp
     for ds, universal in (({"zero_optimization": {"stage": 2}}, False),
                           ({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}, True),
                           ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, True)):
-        plan = checkpoint.plan_resume(tmp_path, ds=ds, **kw)
+        plan = resume_plan.plan_resume(tmp_path, ds=ds, **kw)
         assert plan["universal"] is universal, ds
         assert (plan["layouts"][0] != plan["layouts"][1]) is universal
 
@@ -109,7 +109,7 @@ def test_plan_resume_loads_another_optimizer_class_as_universal_and_refuses_it_a
     another class, the first step failed (KeyError 'bias_correction', found by a review), so a change of
     class goes through the universal checkpoint; a stage-0 checkpoint (the optimizer's own state_dict) cannot
     move to another class or precision and is refused before any engine (it was a KeyError traceback)."""
-    from relora_ds import checkpoint
+    from relora_ds import resume_plan
 
     offload = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
     torch_adam = {"type": "AdamW", "params": {"torch_adam": True}}
@@ -119,9 +119,9 @@ def test_plan_resume_loads_another_optimizer_class_as_universal_and_refuses_it_a
     (tmp_path / "a" / "step_8" / "config.json").write_text(json.dumps(config))
     kw = dict(model={"hidden_size": 64}, train=TRAIN, world=2, data_dir=tmp_path / "data", total_steps=12,
               tokenizer_sha256="a" * 64)
-    same = checkpoint.plan_resume(tmp_path / "a", ds={"zero_optimization": offload, "optimizer": torch_adam}, **kw)
+    same = resume_plan.plan_resume(tmp_path / "a", ds={"zero_optimization": offload, "optimizer": torch_adam}, **kw)
     assert same["universal"] is False
-    plan = checkpoint.plan_resume(tmp_path / "a", ds={"zero_optimization": offload, "optimizer": {"type": "AdamW"}},
+    plan = resume_plan.plan_resume(tmp_path / "a", ds={"zero_optimization": offload, "optimizer": {"type": "AdamW"}},
                                   **kw)
     assert plan["universal"] is True
     assert (plan["layouts"][0]["optimizer"], plan["layouts"][1]["optimizer"]) == ("AdamW", "DeepSpeedCPUAdam")
@@ -132,14 +132,14 @@ def test_plan_resume_loads_another_optimizer_class_as_universal_and_refuses_it_a
                       ({"zero_optimization": {"stage": 0}, "optimizer": {"type": "AdamW"}}, "'optimizer': 'FusedAdam'")):
         with pytest.raises(ValueError, match=rf"written without ZeRO with .*; this run has .*{named}.*loads only "
                                              r"into the same optimizer and precision"):
-            checkpoint.plan_resume(tmp_path / "b", ds=ds, **kw)
-    assert checkpoint.plan_resume(tmp_path / "b", ds={"zero_optimization": {"stage": 0}}, **kw)["universal"] is False
+            resume_plan.plan_resume(tmp_path / "b", ds=ds, **kw)
+    assert resume_plan.plan_resume(tmp_path / "b", ds={"zero_optimization": {"stage": 0}}, **kw)["universal"] is False
 
 
 def test_plan_resume_takes_a_checkpoint_without_zero_into_zero_in_fp32_only(tmp_path):
     """A stage-0 run in bf16 (mode full) kept its fp32 masters and moments in DeepSpeed's bf16 optimizer's own
     layout, which the conversion does not read: refused before any engine, naming the ways out."""
-    from relora_ds import checkpoint
+    from relora_ds import resume_plan
 
     _fake_checkpoint(tmp_path, world=1, stage=0, sharded=False)
     config = json.loads((tmp_path / "step_8" / "config.json").read_text())
@@ -147,17 +147,17 @@ def test_plan_resume_takes_a_checkpoint_without_zero_into_zero_in_fp32_only(tmp_
     (tmp_path / "step_8" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"written without ZeRO \(stage 0\) in bf16; this run uses ZeRO stage 2\. .*"
                                          r"converts only from fp32 runs\. Resume it without ZeRO .*--warm-start-from"):
-        checkpoint.plan_resume(tmp_path, model={"hidden_size": 64}, train=TRAIN, world=2, data_dir=tmp_path / "data",
+        resume_plan.plan_resume(tmp_path, model={"hidden_size": 64}, train=TRAIN, world=2, data_dir=tmp_path / "data",
                                ds={"zero_optimization": {"stage": 2}}, total_steps=12, tokenizer_sha256="a" * 64)
 
 
 def test_plan_resume_names_the_hf_model_a_run_started_from(tmp_path):
-    from relora_ds import checkpoint
+    from relora_ds import resume_plan
 
     _fake_checkpoint(tmp_path, world=1, stage=2, sharded=True, train={**TRAIN, "hf_model": "/models/llama"})
     with pytest.raises(ValueError, match=r"another model: .*; its run started from --hf-model /models/llama: pass "
                                          r"that again"):
-        checkpoint.plan_resume(tmp_path, model={"hidden_size": 128}, train=TRAIN, ds={"zero_optimization": {"stage": 2}},
+        resume_plan.plan_resume(tmp_path, model={"hidden_size": 128}, train=TRAIN, ds={"zero_optimization": {"stage": 2}},
                                world=1, data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
 
 
@@ -165,7 +165,7 @@ def test_plan_resume_takes_checkpoints_written_before_the_model_families(tmp_pat
     """A checkpoint whose model config has only the fields LlamaConfig had before head_dim, the biases, tied
     embeddings, rope_scaling, sliding_window and model_type (the debug preset as saved then) is today's debug
     preset; the same shape tied is another model."""
-    from relora_ds import LlamaConfig, checkpoint
+    from relora_ds import LlamaConfig, resume_plan
 
     now = LlamaConfig.preset("debug").to_dict()
     then = {k: now[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -174,36 +174,36 @@ def test_plan_resume_takes_checkpoints_written_before_the_model_families(tmp_pat
     _fake_checkpoint(tmp_path, world=1, stage=2, sharded=True, model=then)
     kw = dict(train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=1, data_dir=tmp_path / "data",
               total_steps=12, tokenizer_sha256="a" * 64)
-    assert checkpoint.plan_resume(tmp_path, model=now, **kw)["tag"] == "step_8"
+    assert resume_plan.plan_resume(tmp_path, model=now, **kw)["tag"] == "step_8"
     with pytest.raises(ValueError, match=r"another model: field \(now, checkpoint\): \{'tie_word_embeddings': \(True, False\)\}"):
-        checkpoint.plan_resume(tmp_path, model=LlamaConfig.preset("debug", tie_word_embeddings=True).to_dict(), **kw)
+        resume_plan.plan_resume(tmp_path, model=LlamaConfig.preset("debug", tie_word_embeddings=True).to_dict(), **kw)
 
 
 def test_plan_resume_refuses_other_training_data(tmp_path):
     """The checkpoint's recorded training data against the data dir's now (fingerprint and windows at the run's
     seq_len): any difference is refused, naming both sizes; a checkpoint without the record, or a caller that
     knows no data yet (data=None), is not checked."""
-    from relora_ds import checkpoint
+    from relora_ds import resume_plan
 
     was = {"fingerprint": "f" * 64, "train_tokens": 4_000, "train_windows": 124}
     _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True, data=was)
     kw = dict(model={"hidden_size": 64}, train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2,
               data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
-    assert checkpoint.plan_resume(tmp_path, data=dict(was), **kw)["tag"] == "step_8"
-    assert checkpoint.plan_resume(tmp_path, data=None, **kw)["tag"] == "step_8"
+    assert resume_plan.plan_resume(tmp_path, data=dict(was), **kw)["tag"] == "step_8"
+    assert resume_plan.plan_resume(tmp_path, data=None, **kw)["tag"] == "step_8"
     with pytest.raises(ValueError, match=re.escape(
             f"checkpoint {tmp_path / 'step_8'} was trained on other data than {tmp_path / 'data'} holds now: its "
             "training split had 4,000 tokens, 124 windows of seq_len 32, now 3,000 tokens, 93 windows (data "
             "fingerprint ffffffffffff... vs 000000000000...")):
-        checkpoint.plan_resume(tmp_path, data={"fingerprint": "0" * 64, "train_tokens": 3_000, "train_windows": 93}, **kw)
+        resume_plan.plan_resume(tmp_path, data={"fingerprint": "0" * 64, "train_tokens": 3_000, "train_windows": 93}, **kw)
     with pytest.raises(ValueError, match="; the same size, but prepared from other inputs or options"):
-        checkpoint.plan_resume(tmp_path, data={**was, "fingerprint": "0" * 64}, **kw)
+        resume_plan.plan_resume(tmp_path, data={**was, "fingerprint": "0" * 64}, **kw)
     # The tokenizer is named first: another tokenizer is other data, but that is the plainer reason.
     with pytest.raises(ValueError, match="tokenizer sha256"):
-        checkpoint.plan_resume(tmp_path, data={**was, "fingerprint": "0" * 64}, **{**kw, "tokenizer_sha256": "b" * 64})
+        resume_plan.plan_resume(tmp_path, data={**was, "fingerprint": "0" * 64}, **{**kw, "tokenizer_sha256": "b" * 64})
     (tmp_path / "old").mkdir()
     _fake_checkpoint(tmp_path / "old", world=2, stage=2, sharded=True)  # written before the record existed
-    assert checkpoint.plan_resume(tmp_path / "old", data={**was, "fingerprint": "0" * 64}, **kw)["tag"] == "step_8"
+    assert resume_plan.plan_resume(tmp_path / "old", data={**was, "fingerprint": "0" * 64}, **kw)["tag"] == "step_8"
 
 
 def test_the_training_data_fingerprint_follows_what_decides_the_training_tokens():
@@ -235,7 +235,7 @@ def test_the_training_data_fingerprint_follows_what_decides_the_training_tokens(
     assert len({train_data_fingerprint(x) for x in other} | {fp}) == len(other) + 1
 
 
-# One changed value for every field of checkpoint.FIXED_ON_RESUME (TRAIN holds the checkpoint's): written out
+# One changed value for every field of resume_plan.FIXED_ON_RESUME (TRAIN holds the checkpoint's): written out
 # here, not read from FIXED_ON_RESUME, so that a field dropped from it fails its case, and a field added to it
 # fails test_every_fixed_field_has_a_refusal_case until it gets one.
 FIXED_CHANGES = {"seq_len": 64, "rank": 8, "alpha": 16.0, "target_modules": ["v_proj"], "quantize": "int8",
@@ -243,9 +243,9 @@ FIXED_CHANGES = {"seq_len": 64, "rank": 8, "alpha": 16.0, "target_modules": ["v_
 
 
 def test_every_fixed_field_has_a_refusal_case():
-    from relora_ds import checkpoint
+    from relora_ds import resume_plan
 
-    assert set(FIXED_CHANGES) == set(checkpoint.FIXED_ON_RESUME)
+    assert set(FIXED_CHANGES) == set(resume_plan.FIXED_ON_RESUME)
     assert all(FIXED_CHANGES[k] != TRAIN[k] for k in FIXED_CHANGES)
 
 
@@ -254,36 +254,36 @@ def test_every_fixed_field_has_a_refusal_case():
     ({"mode": "full"}, "'mode': ('full', 'relora')"),
 ], ids=[*FIXED_CHANGES, "mode"])
 def test_plan_resume_refuses_settings_that_shape_the_checkpoint(tmp_path, change, named):
-    from relora_ds import checkpoint
+    from relora_ds import resume_plan
 
     _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
     kw = dict(model={"hidden_size": 64}, ds={"zero_optimization": {"stage": 2}}, world=2,
               data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
     with pytest.raises(ValueError, match=r"settings a resume cannot change, field \(now, checkpoint\): .*" +
                        re.escape(named)):
-        checkpoint.plan_resume(tmp_path, train={**TRAIN, **change}, **kw)
+        resume_plan.plan_resume(tmp_path, train={**TRAIN, **change}, **kw)
     for free in ({"lr": 5e-4}, {"mode": "lora"}):  # an lr (after a divergence), or no more resets: allowed
-        assert checkpoint.plan_resume(tmp_path, train={**TRAIN, **free}, **kw)["tag"] == "step_8"
+        assert resume_plan.plan_resume(tmp_path, train={**TRAIN, **free}, **kw)["tag"] == "step_8"
     # A checkpoint from before lowrank_schedule existed ran `continue`: a recipe now saying `restart` (the
     # paper recipes) must not silently reshape the lr of a run in flight.
     (tmp_path / "old").mkdir()
     _fake_checkpoint(tmp_path / "old", world=2, stage=2, sharded=True,
                      train={k: v for k, v in TRAIN.items() if k != "lowrank_schedule"})
-    assert checkpoint.plan_resume(tmp_path / "old", train=TRAIN, **kw)["tag"] == "step_8"
+    assert resume_plan.plan_resume(tmp_path / "old", train=TRAIN, **kw)["tag"] == "step_8"
     with pytest.raises(ValueError, match=r"'lowrank_schedule': \('restart', 'continue'\)"):
-        checkpoint.plan_resume(tmp_path / "old", train={**TRAIN, "lowrank_schedule": "restart"}, **kw)
+        resume_plan.plan_resume(tmp_path / "old", train={**TRAIN, "lowrank_schedule": "restart"}, **kw)
 
 
 def test_a_checkpoint_past_total_steps_is_refused(tmp_path):
-    from relora_ds import checkpoint
+    from relora_ds import resume_plan
 
     _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
     kw = dict(model={"hidden_size": 64}, train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2,
               data_dir=tmp_path / "data", tokenizer_sha256="a" * 64)
-    assert checkpoint.plan_resume(tmp_path, total_steps=8, **kw)["tag"] == "step_8"  # equal: nothing to train
+    assert resume_plan.plan_resume(tmp_path, total_steps=8, **kw)["tag"] == "step_8"  # equal: nothing to train
     with pytest.raises(ValueError, match=r"step_8 is at step 8, past this run's total_steps=7: resume with "
                                          r"total_steps of at least 8"):
-        checkpoint.plan_resume(tmp_path, total_steps=7, **kw)
+        resume_plan.plan_resume(tmp_path, total_steps=7, **kw)
 
 
 def _tag(ckpt_dir, step, train=TRAIN):
@@ -297,7 +297,7 @@ def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
     """plan_resume with resume_from: that tag, and the later ones to move aside; once a checkpoint of the rewound
     run exists (its config names the same resume_from), the latest again (a requeued job). rewind() moves them
     under rewound/ (a second rewind past the same step keeps both) and points latest at the tag."""
-    from relora_ds import checkpoint
+    from relora_ds import checkpoint, resume_plan
 
     for step in (4, 8, 12):
         _tag(tmp_path, step)
@@ -307,40 +307,40 @@ def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
     kw = dict(model={"hidden_size": 64}, ds={"zero_optimization": {"stage": 2}}, world=2,
               data_dir=tmp_path / "data", tokenizer_sha256="a" * 64, total_steps=12)
     back = {**TRAIN, "resume_from": "step_4"}
-    plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
+    plan = resume_plan.plan_resume(tmp_path, train=back, **kw)
     assert plan["tag"] == "step_4" and plan["rewind"] == ["step_8", "step_12", "step_14", "step_16"]
     for bad in ("step_6", "step_14"):
         with pytest.raises(ValueError, match=rf"--resume-from {bad}: no complete checkpoint .*{bad}; there: "
                                              r"\['step_4', 'step_8', 'step_12'\]"):
-            checkpoint.plan_resume(tmp_path, train={**TRAIN, "resume_from": bad}, **kw)
+            resume_plan.plan_resume(tmp_path, train={**TRAIN, "resume_from": bad}, **kw)
     # A crash after the first move: latest already names step_4, and the next --resume-from moves the rest.
     checkpoint.rewind(tmp_path, "step_4", plan["rewind"][:1])
     assert checkpoint.latest_tag(tmp_path) == "step_4"
-    assert checkpoint.plan_resume(tmp_path, train=TRAIN, **kw)["tag"] == "step_4"  # a plain --resume loads it
-    plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
+    assert resume_plan.plan_resume(tmp_path, train=TRAIN, **kw)["tag"] == "step_4"  # a plain --resume loads it
+    plan = resume_plan.plan_resume(tmp_path, train=back, **kw)
     assert plan["tag"] == "step_4" and plan["rewind"] == ["step_12", "step_14", "step_16"]
     moved = checkpoint.rewind(tmp_path, "step_4", plan["rewind"])
     assert [p.relative_to(tmp_path).as_posix() for p in moved] == ["rewound/step_12", "rewound/step_14",
                                                                     "rewound/step_16"]
     assert checkpoint.latest_tag(tmp_path) == "step_4" and checkpoint.complete_tags(tmp_path) == ["step_4"]
-    assert checkpoint.plan_resume(tmp_path, train=back, **kw) == {**plan, "rewind": []}  # nothing left to move
+    assert resume_plan.plan_resume(tmp_path, train=back, **kw) == {**plan, "rewind": []}  # nothing left to move
     # The rewound run saves step_8 (its config records resume_from): the same command continues from it.
     _tag(tmp_path, 8, train=back)
     (tmp_path / "latest").write_text("step_8")
-    plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
+    plan = resume_plan.plan_resume(tmp_path, train=back, **kw)
     assert plan["tag"] == "step_8" and plan["rewind"] == []
     shutil.copytree(tmp_path / "step_4", tmp_path / "kept_4")  # keep_last deleted the rewind point: still so
     shutil.rmtree(tmp_path / "step_4")
-    assert checkpoint.plan_resume(tmp_path, train=back, **kw) == plan
+    assert resume_plan.plan_resume(tmp_path, train=back, **kw) == plan
     (tmp_path / "kept_4").rename(tmp_path / "step_4")
     # Going back to step_4 again with another command (a plain run's config, e.g. a new resume_from) moves
     # the new step_8 beside the old one.
-    again = checkpoint.plan_resume(tmp_path, train={**TRAIN, "resume_from": "step_8"}, **kw)
+    again = resume_plan.plan_resume(tmp_path, train={**TRAIN, "resume_from": "step_8"}, **kw)
     assert again["tag"] == "step_8" and again["rewind"] == []
     (tmp_path / "step_8" / "config.json").write_text(json.dumps(
         {"model": {"hidden_size": 64}, "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2}},
          "tokenizer_sha256": "a" * 64, "train": TRAIN}))
-    plan = checkpoint.plan_resume(tmp_path, train=back, **kw)
+    plan = resume_plan.plan_resume(tmp_path, train=back, **kw)
     assert plan["tag"] == "step_4" and plan["rewind"] == ["step_8"]
     checkpoint.rewind(tmp_path, "step_4", plan["rewind"])
     assert sorted(p.name for p in (tmp_path / "rewound").iterdir()) == ["step_12", "step_14", "step_16", "step_8",

@@ -341,7 +341,7 @@ def test_a_resumed_token_budget_trains_what_is_left_at_the_new_batch(tmp_path):
     steps at its own batch."""
     import json
 
-    from relora_ds import checkpoint
+    from relora_ds.resume_plan import resume_progress
     from relora_ds.schedule import total_steps_for
 
     cfg = TrainConfig(**{**BASE, "total_steps": None, "token_budget": 20480, "seq_len": 64,
@@ -355,10 +355,10 @@ def test_a_resumed_token_budget_trains_what_is_left_at_the_new_batch(tmp_path):
     (ckpts / "latest").write_text("step_10")
     saved = {"train": {"global_batch_size": 16, "seq_len": 64}}
     (ckpts / "step_10" / "config.json").write_text(json.dumps(saved))
-    assert checkpoint.resume_progress(ckpts, None) == {"step": 10, "tokens_seen": 10240}
+    assert resume_progress(ckpts, None) == {"step": 10, "tokens_seen": 10240}
     (ckpts / "step_10" / "config.json").write_text(json.dumps({**saved, "progress": {"step": 10, "tokens_seen": 9000}}))
-    assert checkpoint.resume_progress(ckpts, "step_10") == {"step": 10, "tokens_seen": 9000}
-    assert checkpoint.resume_progress(tmp_path / "none", None) is None
+    assert resume_progress(ckpts, "step_10") == {"step": 10, "tokens_seen": 9000}
+    assert resume_progress(tmp_path / "none", None) is None
 
 
 def test_a_reset_interval_longer_than_the_low_rank_phase_is_named():

@@ -33,10 +33,11 @@ from cli_types import DefaultsHelpFormatter  # noqa: E402  (launch/, the script'
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = {f.name: f.default for f in dataclasses.fields(PrepareConfig)}
     p = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument("--input", nargs="+", default=None,
+    p.add_argument("--input", nargs="+", action="extend", default=None,
                    help="files, directories, globs (.txt/.jsonl/.json[.gz], .parquet) or one hub dataset "
-                        "name; default: the built-in corpus (Wikipedia summaries + Shakespeare)")
-    p.add_argument("--mix", nargs="+", default=None, metavar="DIR:WEIGHT",
+                        "name (given twice: both lists); default: the built-in corpus (Wikipedia summaries + "
+                        "Shakespeare)")
+    p.add_argument("--mix", nargs="+", action="extend", default=None, metavar="DIR:WEIGHT",
                    help="write a mixture of these prepared data dirs (at least two, one tokenizer) instead of "
                         "tokenizing: training reads their windows in the weights' proportions (relora_ds.data."
                         "mixture); takes only --out and --overwrite")
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "default branch); the resolved commit is recorded in the manifest")
     p.add_argument("--val-fraction", type=float, default=defaults["val_fraction"],
                    help="share of the input documents in the validation split (a hash of each text)")
-    p.add_argument("--val-input", dest="val_inputs", nargs="+", default=None,
+    p.add_argument("--val-input", dest="val_inputs", nargs="+", action="extend", default=None,
                    help="a separate validation corpus (files, directories, globs or one hub dataset name); every "
                         "--input document then trains")
     p.add_argument("--hf-split", default=defaults["hf_split"], help="split of a hub dataset --input")

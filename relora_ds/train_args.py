@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import sys
 import typing
 from pathlib import Path
 
@@ -18,7 +19,53 @@ from .train_config import TrainConfig
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a hint for each unrecognized flag: the recipe key spelled as a flag (``--total_steps``
-    for ``--total-steps``) or the closest flag (``--totl-steps``), as the recipe's YAML keys get."""
+    for ``--total-steps``) or the closest flag (``--totl-steps``), as the recipe's YAML keys get; and an
+    option given twice with different values is an error (argparse keeps the last one silently:
+    ``--input a --input b`` read only b, ``--target-modules q_proj --target-modules v_proj`` only v_proj).
+    The same value twice passes (a wrapper script's own ``--resume`` or ``--config`` repeated by its user)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        self._refuse_repeats(args)
+        return super().parse_known_args(args, namespace)
+
+    def _refuse_repeats(self, args: list[str]) -> None:
+        given: dict[str, list[tuple[str, object]]] = {}  # dest -> (as written, what it sets) per occurrence
+        i = 0
+        while i < len(args) and args[i] != "--":
+            name, eq, inline = args[i].partition("=")
+            action = self._option_string_actions.get(name) if args[i].startswith("-") else None
+            i += 1
+            if action is None or isinstance(action, (argparse._HelpAction, argparse._AppendAction,
+                                                     argparse._CountAction)):  # help; a flag meant to repeat
+                continue
+            if action.nargs == 0:  # a switch: what it sets (--no-x: False)
+                values = not name.startswith("--no-") if isinstance(action, argparse.BooleanOptionalAction) \
+                    else action.const
+            elif eq:
+                values = (inline,)
+            else:
+                taken = 1 if action.nargs in (None, 1, "?") else len(args)
+                values = []
+                while i < len(args) and len(values) < taken and not self._is_option(args[i]):
+                    values.append(args[i])
+                    i += 1
+                values = tuple(values)
+            given.setdefault(action.dest, []).append((" ".join([name, *values]) if isinstance(values, tuple)
+                                                      else name, values))
+        for dest, seen in given.items():
+            if len({values for _, values in seen}) > 1:
+                action = next(a for a in self._actions if a.dest == dest)
+                hint = (f"; a list takes all its values after one flag, e.g. {action.option_strings[0]} a b"
+                        if action.nargs in ("+", "*") else "")
+                self.error(f"{' and '.join(written for written, _ in seen)}: the same option given "
+                           f"{len(seen)} times with different values, of which only the last would count: give "
+                           f"it once{hint}")
+
+    def _is_option(self, arg: str) -> bool:
+        """An argument that starts another option rather than being a value (``-1`` is a value)."""
+        return arg == "--" or arg.startswith("--") or (arg.startswith("-") and arg.partition("=")[0] in
+                                                       self._option_string_actions)
 
     def error(self, message: str):
         prefix = "unrecognized arguments: "

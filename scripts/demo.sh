@@ -23,7 +23,8 @@ PLAN="$(python scripts/demo_plan.py "$@")"
 OUT="$(sed -n 1p <<< "$PLAN")"
 read -r -a FRESH <<< "$(sed -n 2p <<< "$PLAN")"
 DS_CONFIG="$(sed -n 3p <<< "$PLAN")"  # zero2.json (bf16), or zero2_fp32.json on a CPU without native bf16
-deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --config launch/configs/tiny.yaml \
+RECIPE="$(sed -n 4p <<< "$PLAN")"  # tiny.yaml, or the user's --config (given twice with one value: allowed)
+deepspeed --num_gpus "$NPROC" --master_port "$PORT" launch/train.py --config "$RECIPE" \
   --deepspeed "$DS_CONFIG" ${FRESH[@]+"${FRESH[@]}"} "$@"
 python launch/plot_metrics.py "$OUT/metrics.jsonl"
 echo "outputs in $OUT: metrics.jsonl, curves.png, tensorboard/, checkpoints/, hf/ (Hugging Face export)"

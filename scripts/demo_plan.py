@@ -3,7 +3,8 @@ the demo should start over in it (no --resume/--resume-from, no --overwrite/--no
 a run elsewhere, named by --output-dir or by another --config, is never deleted without an explicit
 --overwrite), then the DeepSpeed config: the one given by --deepspeed, else ds_configs/zero2.json (bf16), or
 ds_configs/zero2_fp32.json on a machine without a GPU whose CPU has no native bf16 matmul (there PyTorch's
-bf16 fallback made the demo 12x slower than fp32: 370 vs 4,500 tokens/s on 2 cores)."""
+bf16 fallback made the demo 12x slower than fp32: 370 vs 4,500 tokens/s on 2 cores), then the recipe: the
+one given by --config, else the demo's tiny.yaml (a flag given twice with different values is an error)."""
 import sys
 import warnings
 from pathlib import Path
@@ -13,14 +14,19 @@ from relora_ds.train_args import build_launch_parser, config_from_args
 RECIPE = "launch/configs/tiny.yaml"
 
 
-def plan(argv: list[str], recipe: str = RECIPE) -> tuple[str, list[str]]:
-    """(output_dir, the flags demo.sh adds) for ``launch/train.py --config recipe *argv``."""
+def recipe(argv: list[str]) -> str:
+    """The recipe demo.sh passes: the user's --config, else the demo's own."""
+    return build_launch_parser().parse_known_args(argv)[0].config or RECIPE
+
+
+def plan(argv: list[str]) -> tuple[str, list[str]]:
+    """(output_dir, the flags demo.sh adds) for ``launch/train.py --config recipe(argv) *argv``."""
     parser = build_launch_parser()
-    args, _ = parser.parse_known_args(["--config", recipe, *argv])  # unknown flags: train.py names them
+    args, _ = parser.parse_known_args(["--config", recipe(argv), *argv])  # unknown flags: train.py names them
     with warnings.catch_warnings():  # train.py warns about the recipe; once is enough
         warnings.simplefilter("ignore")
         cfg = config_from_args(args)
-    own = _output_dir(recipe)  # the demo's own runs/tiny: the only run it may start over without being told
+    own = _output_dir(RECIPE)  # the demo's own runs/tiny: the only run it may start over without being told
     mine = Path(cfg.output_dir).resolve() == own
     extra = ["--overwrite"] if mine and not cfg.resume and args.overwrite is None else []
     return cfg.output_dir, extra
@@ -42,11 +48,11 @@ def ds_config(argv: list[str]) -> str:
     return "ds_configs/zero2_fp32.json"
 
 
-def _output_dir(recipe: str) -> Path:
+def _output_dir(path: str) -> Path:
     parser = build_launch_parser()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Path(config_from_args(parser.parse_args(["--config", recipe])).output_dir).resolve()
+        return Path(config_from_args(parser.parse_args(["--config", path])).output_dir).resolve()
 
 
 if __name__ == "__main__":
@@ -57,3 +63,4 @@ if __name__ == "__main__":
     print(out)
     print(" ".join(extra))
     print(ds_config(sys.argv[1:]))
+    print(recipe(sys.argv[1:]))

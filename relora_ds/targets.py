@@ -119,7 +119,9 @@ def _no_match_hint(target_modules, targets: tuple, linears: list) -> str:
                 + "; 'all-linear' selects every linear layer but the output layer")
     hint = "; target_modules='all-linear' selects every linear layer but the output layer"
     if any(re.search(r"[*+?^$\[\]()|\\]", t) for t in targets):
-        hint += "; list entries are names or dotted suffixes, a regular expression is passed as one string"
+        hint += ("; list entries are names or dotted suffixes, a regular expression is passed as one string (in a "
+                 "recipe: target_modules: '.*(q|v)_proj', not a list; the command line's --target-modules takes "
+                 "names)")
     return hint
 
 

@@ -98,7 +98,9 @@ class TrainConfig:
     dropout: float = _f(0.0, "LoRA dropout on the input of the low-rank path")
     target_modules: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                    "module names or suffixes to convert to ReLoRA layers, or all-linear (every "
-                                   "linear layer but the output layer, PEFT's spelling)")
+                                   "linear layer but the output layer, PEFT's spelling); a recipe may also give "
+                                   "one string, a regular expression the full module name must match (PEFT's "
+                                   "meaning of a string)")
     quantize: str | None = _f(None, "store the frozen base of ReLoRA layers in int8 (per-channel scales, "
                                     "drift-free merges; relora_ds/quant.py); default: the model dtype",
                               choices=("int8",))
@@ -242,8 +244,15 @@ class TrainConfig:
             else self.target_modules
         if isinstance(spelled, str) and spelled.lower() == ALL_LINEAR:  # a recipe's string, the command line's list
             self.target_modules = ALL_LINEAR  # wrap's own spelling of it (relora_ds/targets.py)
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:  # a recipe's regex
+            try:
+                re.compile(self.target_modules)
+            except re.error as e:
+                problems.add(f"target_modules={self.target_modules!r} is not a valid regular expression ({e}); a "
+                             "string is matched against full module names, a list holds names or dotted suffixes",
+                             "target_modules")
         for f in dataclasses.fields(self):
-            if f.name == "target_modules" and self.target_modules == ALL_LINEAR:
+            if f.name == "target_modules" and isinstance(self.target_modules, str):
                 continue
             try:
                 setattr(self, f.name, coerce_value(f.name, getattr(self, f.name), hints[f.name]))

@@ -45,6 +45,35 @@ def test_all_linear_targets_from_the_command_line_and_a_recipe(tmp_path):
                             ).target_modules == default
 
 
+def test_a_recipes_regex_targets_select_as_peft_does(tmp_path):
+    """A recipe's string target_modules is a regular expression the full module name must match (PEFT's
+    meaning; the no-match error suggests one, and it was a type error): the start-up check and wrap take the
+    q and v projections of each layer; an invalid pattern is an error naming it; the command line's
+    --target-modules stays a list of names (overriding the recipe's pattern)."""
+    import relora_ds
+    from relora_ds.startup import check_model_and_data
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: debug\nrank: 4\ncycle_length: 10\nrestart_warmup_steps: 2\nwarmup_steps: 5\n"
+                      "total_steps: 50\ntarget_modules: '.*(q|v)_proj'\n")
+    parser = build_parser(argparse.ArgumentParser())
+    cfg = config_from_args(parser.parse_args(["--config", str(recipe)]))
+    assert cfg.target_modules == ".*(q|v)_proj"
+    check_model_and_data(cfg, None, 64)
+    model = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug", vocab_size=64))
+    names = [n for n, _ in relora_ds.relora_layers(relora_ds.wrap(model, rank=2, target_modules=cfg.target_modules))]
+    assert names == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"], names
+    assert config_from_args(parser.parse_args(["--config", str(recipe), "--target-modules", "o_proj"])
+                            ).target_modules == ["o_proj"]
+    recipe.write_text(recipe.read_text().replace(".*(q|v)_proj", "q_proj"))  # a name as a string: a pattern
+    with pytest.raises(ValueError, match=r"matched no linear layer.*for every 'q_proj' layer pass \['q_proj'\]"):
+        check_model_and_data(config_from_args(parser.parse_args(["--config", str(recipe)])), None, 64)
+    recipe.write_text(recipe.read_text().replace("q_proj", ".*(q|v_proj"))
+    with pytest.raises(ValueError, match=r"target_modules='\.\*\(q\|v_proj' is not a valid regular expression "
+                                         r"\(missing \)"):
+        config_from_args(parser.parse_args(["--config", str(recipe)]))
+
+
 def test_yaml_recipe_choices_are_checked(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("cycle_length: 10\nwarmup_steps: 5\ntotal_steps: 50\nprune_method: l1\n")
@@ -70,7 +99,7 @@ def test_recipe_values_are_typed(tmp_path):
     for line, match in (('resume: "no"', r"resume='no' must be true or false"),
                         ("micro_batch_size: 2.5", "micro_batch_size=2.5 must be a whole number"),
                         ("mode: null", "mode=None: a value is required"),
-                        ("target_modules: q_proj", "must be a list of strings")):
+                        ("target_modules: [q_proj, 3]", r"target_modules=\['q_proj', 3\] must be a list of strings")):
         recipe.write_text(f"cycle_length: 10\nwarmup_steps: 5\ntotal_steps: 100\n{line}\n")
         with pytest.raises(ValueError, match=match):
             config_from_args(build_parser().parse_args(["--config", str(recipe)]))

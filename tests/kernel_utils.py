@@ -37,7 +37,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {("cpu", torch.float32): 1e-5, ("cuda", torch.float32): 3e-4,  # fp32 dots are 3xTF32 on GPU
        torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
-# (leading dims of x, d_in, d_out, r, bias): none is a multiple of a block size; r=1 and r > BLOCK_R.
+# (leading dims of x, d_in, d_out, r, bias). Block sizes under the interpreter: BLOCK_M/N 32, BLOCK_K 16,
+# BLOCK_R 16 (merge) / 32 (dS+dB). ((70,), 96, 40, 16) is the aligned case: d_in=96 and r=16 are multiples of
+# BLOCK_K, so its forward takes the unmasked EVEN_K1/EVEN_K2 loads; the others have d_in and r off every
+# block size (ragged last K blocks). r=1, and r > BLOCK_R.
 SHAPES = [((70,), 96, 40, 16, True), ((2, 17), 50, 96, 1, False), ((33,), 40, 70, 40, True),
           ((1,), 17, 19, 3, False)]
 GPU_SHAPES = [((4, 300), 1000, 1500, 128, True), ((1024,), 1024, 2048, 64, False), ((777,), 2048, 640, 256, True)]

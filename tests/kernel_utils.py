@@ -40,9 +40,11 @@ TOL = {("cpu", torch.float32): 1e-5, ("cuda", torch.float32): 3e-4,  # fp32 dots
 # (leading dims of x, d_in, d_out, r, bias). Block sizes under the interpreter: BLOCK_M/N 32, BLOCK_K 16,
 # BLOCK_R 16 (merge) / 32 (dS+dB). ((70,), 96, 40, 16) is the aligned case: d_in=96 and r=16 are multiples of
 # BLOCK_K, so its forward takes the unmasked EVEN_K1/EVEN_K2 loads; the others have d_in and r off every
-# block size (ragged last K blocks). r=1, and r > BLOCK_R.
+# block size (ragged last K blocks). r=1, r > BLOCK_R, and the large ranks: r=256 (several r-blocks of every
+# kernel on a GPU too: BLOCK_R 64-128, BLOCK_K 64; 3-D x of 10 tokens) and r=129 (one past a multiple of
+# every block size).
 SHAPES = [((70,), 96, 40, 16, True), ((2, 17), 50, 96, 1, False), ((33,), 40, 70, 40, True),
-          ((1,), 17, 19, 3, False)]
+          ((1,), 17, 19, 3, False), ((2, 5), 50, 40, 256, True), ((37,), 40, 33, 129, False)]
 GPU_SHAPES = [((4, 300), 1000, 1500, 128, True), ((1024,), 1024, 2048, 64, False), ((777,), 2048, 640, 256, True)]
 
 

@@ -291,8 +291,10 @@ def test_autocast_computes_in_autocast_dtype(kernels_on, device):
 @pytest.mark.parametrize("lora_dtype", ["same", "fp32"])
 @pytest.mark.parametrize("wdtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(70, 45, 5), (33, 96, 1), (64, 64, 16), (40, 50, 40)],
-                         ids=lambda s: "x".join(map(str, s)))  # r=40: more than one block of r (16 interpreted)
+# r=40: more than one block of r interpreted (BLOCK_R 16); r=256 and r=129 (one past a multiple): more than one
+# on a GPU too (BLOCK_R 64).
+@pytest.mark.parametrize("shape", [(70, 45, 5), (33, 96, 1), (64, 64, 16), (40, 50, 40), (48, 80, 256), (37, 50, 129)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_lora_merge_matches_reference(kernels_on, device, wdtype, lora_dtype, shape):
     d_out, d_in, r = shape
     g = torch.Generator().manual_seed(d_out * r)

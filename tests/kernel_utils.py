@@ -103,6 +103,28 @@ def count_layer_launches(monkeypatch) -> collections.Counter:
     return calls
 
 
+def record_launches(monkeypatch, launch: bool = True) -> list:
+    """Records, from now on, every Triton launch the kernels make (all go through
+    ``_runtime.for_current_mode(kernel)[grid](...)``) as (kernel name, its keyword arguments: the constexpr
+    flags and the launch config). ``launch=False``: record only, run nothing (outputs stay unwritten)."""
+    from relora_kernels import _runtime
+    launches = []
+    real = _runtime.for_current_mode
+
+    class Recorded:
+        def __init__(self, kernel):
+            self.kernel, self.fn = kernel, kernel.fn  # _runtime.launch_fixed keys its cache on .fn
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launches.append((self.fn.__name__, kwargs))
+                if launch:
+                    real(self.kernel)[grid](*args, **kwargs)
+            return run
+    monkeypatch.setattr(_runtime, "for_current_mode", Recorded)
+    return launches
+
+
 def _shape_id(s):
     return "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}-r{s[3]}" + ("-bias" if s[4] else "")
 

@@ -136,6 +136,17 @@ def test_deterministic_mode_sources(monkeypatch):
     monkeypatch.setenv("RELORA_DETERMINISTIC", "enable")  # neither on nor off: an error, not silently off
     with pytest.raises(ValueError, match=r"RELORA_DETERMINISTIC='enable' is not valid; use one of 1, true"):
         rk.deterministic_mode()
+    # torch's global switch turns it on (the kernels' launches under it: tests/test_kernels.py), an explicit
+    # argument still wins; the switch is restored for the tests after this one.
+    monkeypatch.delenv("RELORA_DETERMINISTIC")
+    was_on = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert rk.deterministic_mode() is True and rk.deterministic_mode(False) is False
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=warn_only)
+    assert rk.deterministic_mode() is was_on
 
 
 def test_argument_errors(monkeypatch):

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import relora_kernels as rk
-from kernel_utils import DEVICE_SHAPES, DEVICES, DTYPES, NAMES, make_inputs, rel_err, run_both, tol
+from kernel_utils import (DEVICE_SHAPES, DEVICES, DTYPES, NAMES, make_inputs, record_launches, rel_err, run_both,
+                          tol)
 
 
 @pytest.mark.parametrize("mode", ["fused", "splitdb", "det", "tma", "blas_lr"])
@@ -129,23 +130,53 @@ def test_dropout_mask_consistent_with_reference(kernels_on, device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_mode_is_bitwise_reproducible(kernels_on, device, monkeypatch):
     """Bitwise repeatability is a real check on a GPU only: the interpreter runs programs one at a time, so
-    even the atomic path repeats there. On both, the deterministic path (partial sums reduced in a fixed
-    order) must also be correct against the float64 twin."""
+    even the atomic path repeats there. So the launches are checked too: in deterministic mode no GEMM launch
+    adds with atomics (ATOMIC=False) and the atomic dS+dB kernel never runs, while the default mode does
+    both on the same layer; ``torch.use_deterministic_algorithms(True)`` alone switches the kernels to
+    deterministic mode (the same bits as RELORA_DETERMINISTIC=1). On both devices, the deterministic path
+    (partial sums reduced in a fixed order) must also be correct against the float64 twin."""
+    import relora_kernels.linear as linear_mod
     import relora_kernels.matmul as matmul_mod
+    monkeypatch.setattr(linear_mod, "FUSE_DS_DB", True)  # the default mode's atomic dS+dB kernel
     # Enough tokens on a GPU that dB and dA split their token reduction (>= 4 K-blocks of 64 per split).
     x, w, a, b, bias, dy = make_inputs((4, 160) if device == "cuda" else (2, 45), 64, 48, 12, True, torch.float16,
                                        device, seed=3)
-    monkeypatch.setenv("RELORA_DETERMINISTIC", "1")
     sums = []  # the fixed-order reduction of split partials, instead of atomics
     real_sum = matmul_mod.sum_splits
     monkeypatch.setattr(matmul_mod, "sum_splits", lambda p, out: sums.append(p.shape[0]) or real_sum(p, out))
-    runs = []
-    for _ in range(2):
+    launches = record_launches(monkeypatch)
+
+    def fwd_bwd():
         y = rk.lora_linear(x, w, a, b, 0.5, bias)
-        runs.append([y, *torch.autograd.grad(y, [x, a, b, bias], dy)])
+        return [y, *torch.autograd.grad(y, [x, a, b, bias], dy)]
+
+    def atomics():  # (launches of the atomic dS+dB kernel, GEMM launches with ATOMIC=True), then forgotten
+        found = (sum(name == "_ds_db_kernel" for name, _ in launches),
+                 sum(bool(kw.get("ATOMIC")) for name, kw in launches if name == "_concat_k_matmul_kernel"))
+        launches.clear()
+        return found
+
+    fwd_bwd()
+    default_atomics = atomics()
+    assert default_atomics[0] == 1 and default_atomics[1] >= 1, default_atomics  # dS+dB, and dA's split
+    monkeypatch.setenv("RELORA_DETERMINISTIC", "1")
+    runs = [fwd_bwd(), fwd_bwd()]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+    assert atomics() == (0, 0)
     assert sums and min(sums) > 1, sums  # the split path ran, and reduced without atomics
+    monkeypatch.delenv("RELORA_DETERMINISTIC")
+    sums.clear()
+    was_on = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # warn_only: cuBLAS needs no workspace setting
+    try:
+        by_torch_switch = fwd_bwd()
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=warn_only)
+    assert atomics() == (0, 0) and sums
+    assert all(torch.equal(g, t) for g, t in zip(by_torch_switch, runs[0]))
+    monkeypatch.setenv("RELORA_DETERMINISTIC", "1")
     got, want = run_both(x, w, a, b, bias, dy, 0.5)
     errs = {n: rel_err(g, t) for n, g, t in zip(NAMES, got, want)}
     assert all(e <= tol(device, torch.float16) for e in errs.values()), errs

@@ -18,6 +18,17 @@ from kernel_utils import (DEVICE_SHAPES, DEVICES, DTYPES, NAMES, make_inputs, re
                           tol)
 
 
+def kernel_variant(monkeypatch, mode: str) -> bool:
+    """Sets the layer's launch variant (test_lora_linear_matches_reference names them); True for ``det``, the
+    ``deterministic`` argument the layer then takes."""
+    import relora_kernels.linear as linear_mod
+    import relora_kernels.matmul as matmul_mod
+    monkeypatch.setattr(linear_mod, "FUSE_DS_DB", mode in ("fused", "tma"))
+    monkeypatch.setattr(matmul_mod, "TMA_GEMM", mode == "tma")
+    monkeypatch.setattr(linear_mod, "LOWRANK_BLAS", mode == "blas_lr")
+    return mode == "det"
+
+
 @pytest.mark.parametrize("mode", ["fused", "splitdb", "det", "tma", "blas_lr"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device,shape", DEVICE_SHAPES)
@@ -25,18 +36,38 @@ def test_lora_linear_matches_reference(kernels_on, device, dtype, shape, mode, m
     """fused: dS+dB in one read of dY (atomics); splitdb: dB its own GEMM (atomics); det: no atomics;
     tma: fused, with the big products on the TMA-descriptor kernel where TMA can read them; blas_lr: the
     rank-r products on torch.mm, the concat-K products on Triton."""
-    import relora_kernels.linear as linear_mod
-    import relora_kernels.matmul as matmul_mod
-    monkeypatch.setattr(linear_mod, "FUSE_DS_DB", mode in ("fused", "tma"))
-    monkeypatch.setattr(matmul_mod, "TMA_GEMM", mode == "tma")
-    monkeypatch.setattr(linear_mod, "LOWRANK_BLAS", mode == "blas_lr")
-    deterministic = mode == "det"
+    deterministic = kernel_variant(monkeypatch, mode)
     lead, d_in, d_out, r, has_bias = shape
     x, w, a, b, bias, dy = make_inputs(lead, d_in, d_out, r, has_bias, dtype, device, seed=7 * d_in + d_out + r)
     got, want = run_both(x, w, a, b, bias, dy, scale=0.7, deterministic=deterministic)
     assert got[0].shape == (*lead, d_out) and got[0].dtype == dtype and got[1].shape == x.shape
     errs = {n: rel_err(g, t) for n, g, t in zip(NAMES, got, want)}
     assert all(e <= tol(device, dtype) for e in errs.values()), errs
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("mode", ["fused", "det"])
+@pytest.mark.parametrize("lead", [(), (0,), (3, 0)], ids=lambda lead: "x".join(map(str, lead)) or "1d")
+@pytest.mark.parametrize("device", DEVICES)
+def test_x_of_any_leading_shape(kernels_on, device, lead, mode, dropout, monkeypatch):
+    """x of shape (d_in,): y of shape (d_out,), every output and gradient against the float64 twin (same
+    dropout mask). x with zero tokens ((0, d_in), (3, 0, d_in)): y and dx of their empty shapes, and dA, dB
+    and dbias exactly zero, a sum over no token (the launchers' M == 0 and K == 0 branches; new buffers are
+    NaN-poisoned, so one left unwritten shows)."""
+    deterministic = kernel_variant(monkeypatch, mode)
+    x, w, a, b, bias, dy = make_inputs(lead, 40, 24, 6, True, torch.float32, device, seed=6)
+    kw = dict(dropout_p=dropout, deterministic=deterministic)
+    if lead == ():
+        got, want = run_both(x, w, a, b, bias, dy, 0.7, dropout_seed=2, **kw)
+        assert got[0].shape == (24,) and got[1].shape == (40,)
+        errs = {n: rel_err(g, t) for n, g, t in zip(NAMES, got, want)}
+        assert all(e <= tol(device, torch.float32) for e in errs.values()), errs
+        return
+    y = rk.lora_linear(x, w, a, b, 0.7, bias, **kw)
+    dx, da, db, dbias = torch.autograd.grad(y, [x, a, b, bias], dy)
+    assert y.shape == (*lead, 24) and dx.shape == x.shape
+    for grad, param in ((da, a), (db, b), (dbias, bias)):
+        assert grad.shape == param.shape and torch.equal(grad, torch.zeros_like(param)), grad
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -141,11 +141,13 @@ def test_tma_launch_sets_its_allocator_in_every_thread(kernels_on, device):
     assert seen and seen[0][0] is not _allocation._NULL_ALLOCATOR and seen[0][1] <= tol(device, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("r", [8, 40], ids=lambda r: f"r{r}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_dropout_mask_consistent_with_reference(kernels_on, device, dtype):
-    """Same generator seed -> same mask on both paths: S = drop(X)A^T, dA = dS^T drop(X), dX masked."""
-    x, w, a, b, bias, dy = make_inputs((3, 23), 40, 50, 8, True, dtype, device, seed=7)
+def test_dropout_mask_consistent_with_reference(kernels_on, device, dtype, r):
+    """Same generator seed -> same mask on both paths: S = drop(X)A^T, dA = dS^T drop(X), dX masked; r=40 is
+    more than one r-block of the interpreted dS+dB kernel (BLOCK_R 32), bf16 the interpreter's upcast dots."""
+    x, w, a, b, bias, dy = make_inputs((3, 23), 40, 50, r, True, dtype, device, seed=7)
     for deterministic in (False, True):
         got, want = run_both(x, w, a, b, bias, dy, 2.0, dropout_seed=5, dropout_p=0.3, deterministic=deterministic)
         errs = {n: rel_err(g, t) for n, g, t in zip(NAMES, got, want)}

@@ -160,6 +160,34 @@ def test_dropout_mask_consistent_with_reference(kernels_on, device, dtype, r):
     assert torch.equal(evaluated, no_drop)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_layer_saves_x_s_and_the_mask_only(kernels_on, device, dropout):
+    """What the Triton layer's autograd Function saves for backward (seen by saved_tensors_hooks): x, W, A and B
+    themselves (no copies), S = drop(X)·Aᵀ (M, r) and, under dropout, the keep-mask as uint8 (M, d_in); nothing
+    else, so never Y (M, d_out). The BLAS path's counterpart: tests/test_kernel_torch_path.py
+    ::test_torch_path_saves_less_than_reference."""
+    lead, d_in, d_out, r = (2, 9), 40, 24, 6
+    x, w, a, b, bias, _ = make_inputs(lead, d_in, d_out, r, True, torch.float32, device, seed=8)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rk.lora_linear(x, w, a, b, 0.5, bias, dropout_p=dropout)
+
+    def name(t):  # an input by its storage and shape, anything else by its shape and dtype
+        for n, p in (("x", x), ("W", w), ("A", a), ("B", b)):
+            if t.data_ptr() == p.data_ptr() and t.shape == p.shape:
+                return n
+        return (tuple(t.shape), t.dtype)
+    M = 2 * 9
+    assert not any(t.numel() == M * d_out and t.shape[-1] == d_out for t in saved)  # no Y
+    want = ["x", "W", "A", "B", ((M, r), torch.float32)] + ([((M, d_in), torch.uint8)] if dropout else [])
+    assert sorted(map(str, map(name, saved))) == sorted(map(str, want))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_deterministic_mode_is_bitwise_reproducible(kernels_on, device, monkeypatch):
     """Bitwise repeatability is a real check on a GPU only: the interpreter runs programs one at a time, so

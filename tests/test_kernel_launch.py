@@ -1,6 +1,6 @@
 """How the kernels launch, checked without a GPU: the autotuner's shared-memory prune, the host-side grid
 arithmetic (no Triton ConstexprFunction calls on the launch path), the config cache in front of triton's
-autotuner, and the merge's product precision (BENCHMARKS.md "Host overhead of the fused layer")."""
+autotuner, and the merge's and the layer's product precision (BENCHMARKS.md "Host overhead of the fused layer")."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 
 import relora_kernels as rk
 from relora_kernels import _runtime
-from kernel_utils import interpreter_3_7, make_inputs
+from kernel_utils import interpreter_3_7, make_inputs, record_launches
 
 
 def test_autotune_prunes_configs_that_overflow_shared_memory(monkeypatch):
@@ -102,6 +102,29 @@ def test_merge_products_in_fp32_only_where_the_result_keeps_fp32(monkeypatch, wd
     merge.merge_launch(w, a, b, 0.5, config=dict(BLOCK_N=32, BLOCK_K=32, BLOCK_R=16, num_warps=4,
                                                  DOT_PRECISION="ieee"))
     assert got == [want, "ieee"]
+
+
+@pytest.mark.parametrize("dtype,want", [(torch.float32, "tf32x3"), (torch.bfloat16, "tf32"), (torch.float16, "tf32")],
+                         ids=str)
+def test_linear_products_in_3xtf32_for_fp32_operands(monkeypatch, dtype, want):
+    """The fused layer's products (_runtime.dot_precision): fp32 operands take "tf32x3" (error ~1e-6 against
+    plain TF32's ~4e-4: fp32 is the accuracy path), 16-bit ones "tf32" (ignored for them: tensor cores as
+    they are). Every GEMM and dS+dB launch of the forward and backward, default and deterministic, receives
+    it (recorded, not run, as on a GPU: the interpreter would ignore it)."""
+    from relora_kernels import linear, matmul
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
+    monkeypatch.setattr(linear, "FUSE_DS_DB", True)
+    monkeypatch.setattr(linear, "LOWRANK_BLAS", False)
+    monkeypatch.setattr(matmul, "TMA_GEMM", False)
+    launches = record_launches(monkeypatch, launch=False)
+    x, w, a, b, bias, dy = (t.detach() for t in make_inputs((40,), 48, 24, 8, True, dtype, "cpu", seed=2))
+    assert _runtime.dot_precision(dtype) == want
+    for deterministic in (False, True):
+        _, s = linear.lora_forward(x, w, a, b, 0.5, bias, deterministic=deterministic)
+        linear.lora_backward(dy, x, s, w, a, b, 0.5, deterministic=deterministic)
+    got = sorted((name, kw["DOT_PRECISION"]) for name, kw in launches if name != "_sum_splits_kernel")
+    # default: S, Y, dA, dX and the fused dS+dB; deterministic: S, Y, dS, dB, dA, dX
+    assert got == [("_concat_k_matmul_kernel", want)] * (4 + 6) + [("_ds_db_kernel", want)], got
 
 
 def test_an_autotuned_key_then_launches_straight_with_the_config_chosen_for_it(monkeypatch):

@@ -2,6 +2,7 @@
 launch/tune_kernels.py, launch/gpu_check.sh. Not performance numbers; those live in BENCHMARKS.md."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -14,7 +15,8 @@ from kernel_utils import HAS_CUDA, ROOT
 
 
 def test_bench_script_smoke(tmp_path):
-    """launch/bench_kernels.py runs end to end (CPU interpreter, tiny shapes) and writes keyed rows."""
+    """launch/bench_kernels.py runs end to end (CPU interpreter, tiny shapes), writes keyed rows and prints the
+    fused lines' ratios to the baselines."""
     out = tmp_path / "bench.csv"
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_kernels.py"), "--device", "cpu", "--quick",
                            "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -33,6 +35,17 @@ def test_bench_script_smoke(tmp_path):
             "ms"} <= set(rows[0])
     assert all(float(r["max_rel_err"]) < 1e-4 for r in rows if "fused" in r["provider"])
     assert all(float(r["host_ms"]) > 0 for r in rows if r["op"] == "linear")  # the launch-bound check's column
+    # The table's ratio columns on each fused line, the docstring's (d)/(a), (d)/(c), (d)/(b): /full=, /peft=,
+    # /frozen=, each the fused time over that baseline's in the same mode (oracle: the CSV's ms, one pass).
+    ms = {(r["mode"], r["provider"]): float(r["ms"]) for r in rows if r["op"] == "linear"}
+    table = [line.split() for line in proc.stdout.splitlines() if line.startswith("linear")]
+    fused = [f for f in table if f[6] == "fused"]  # op, mode, M, d_in, d_out, r, provider, ...
+    assert sorted(f[1] for f in fused) == ["bwd", "fwd", "fwd+bwd"], proc.stdout
+    for f in fused:
+        ratios = dict(t[1:].split("=") for t in f if t.startswith("/"))
+        assert ratios.keys() == {"full", "peft", "frozen"}, f
+        for base, value in ratios.items():
+            assert math.isclose(float(value), ms[(f[1], "fused")] / ms[(f[1], base)], rel_tol=1e-3, abs_tol=1e-3), f
     if not HAS_CUDA:
         proc = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_kernels.py"), "--out",
                                str(tmp_path / "x.csv")], capture_output=True, text=True, timeout=300, cwd=ROOT)

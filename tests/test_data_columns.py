@@ -93,6 +93,16 @@ def test_non_string_text_column_is_an_error(tmp_path):
                                          r"has no string column \(its columns are \['text'\]\)"):
         prepare_data([str(numbers)], tmp_path / "out", tokenizer=str(_tiny_tokenizer(tmp_path)))
     prepare_data([str(path)], tmp_path / "out", vocab_size=300, text_column="body")
+    # One record's number or list among texts (datasets then reads the column as JSON values): that record is
+    # named, not another column suggested.
+    for stray, shown in ((12345, r"12345 \(int\)"), (["a", "b"], r'\["a", "b"\] \(list\)')):
+        mixed = tmp_path / "mixed.jsonl"
+        mixed.write_text("".join(json.dumps({"text": s, "title": "t"}) + "\n" for s in SENTENCES[:5])
+                         + json.dumps({"text": stray, "title": "t"}) + "\n" + json.dumps({"text": "x"}) + "\n")
+        for streaming in (False, True):
+            with pytest.raises(ValueError, match=rf"text column 'text' of .*mixed\.jsonl holds a value that is not "
+                                                 rf"text at .*mixed\.jsonl line 6: {shown}: fix or drop that record"):
+                prepare_data([str(mixed)], tmp_path / "mixed_out", vocab_size=300, streaming=streaming)
     # Numbers in a file after one of strings: datasets cast them to the strings "0", "1", ... (a review found
     # them trained on); each file's text type now keeps them apart, and the numbers are named.
     import pyarrow as pa

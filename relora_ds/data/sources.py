@@ -95,9 +95,10 @@ def _text_column_of(columns, text_column: str | list[str]) -> str | None:
     return next((name for name in names if name in columns), None)
 
 
-def _select_text(ds, text_column: str | list[str], origin: str):
+def _select_text(ds, text_column: str | list[str], origin: str, files: dict[str, str] | None = None):
     """`ds` reduced to one column named "text"; a clear error when `text_column` (each of a list) is missing
-    or holds no text."""
+    or holds no text. ``files`` (path read: name to give) of a JSON group: where a record's value is not text,
+    the error names the first such record."""
     if ds.features is not None:
         kinds = {name: f.dtype if isinstance(f, datasets.Value) else type(f).__name__
                  for name, f in ds.features.items()}
@@ -118,12 +119,39 @@ def _select_text(ds, text_column: str | list[str], origin: str):
                          f"takes the first it has)")
     if kinds[text_column] not in _STRING_DTYPES:
         # Otherwise every value is skipped as a non-text and the corpus looks empty.
+        bad = _first_non_text(files or {}, text_column)
+        if bad:  # text in most records (datasets then reads the column as JSON values), not in this one
+            raise ValueError(f"text column {text_column!r} of {origin} holds a value that is not text at {bad}: "
+                             "fix or drop that record (a null value is skipped)")
         strings = [name for name, kind in kinds.items() if kind in _STRING_DTYPES]
         raise ValueError(f"text column {text_column!r} of {origin} holds {kinds[text_column]} values, not text; "
                          + (f"its string columns are {strings} (choose one with --text-column)" if strings
                             else f"it has no string column (its columns are {list(kinds)})"))
     ds = ds.select_columns([text_column])
     return ds.rename_column(text_column, "text") if text_column != "text" else ds
+
+
+def _first_non_text(files: dict[str, str], column: str) -> str | None:
+    """``"<file> line N: 12345 (int)"``: in JSON Lines files whose ``column`` holds text in some records, the
+    first record whose value there is neither text nor null; None where the column holds no text at all
+    (another column is meant), or a file is not JSON Lines (a .json array)."""
+    first, text = None, False
+    for path, name in files.items():
+        try:
+            with (gzip.open if path.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    record = json.loads(line) if line.strip() else {}
+                    value = record.get(column) if isinstance(record, dict) else None
+                    text = text or isinstance(value, str)
+                    if first is None and value is not None and not isinstance(value, str):
+                        shown = json.dumps(value)
+                        first = f"{name} line {n}: {shown[:60]}{'...' if len(shown) > 60 else ''} " \
+                                f"({type(value).__name__})"
+                    if first and text:
+                        return first
+        except (OSError, ValueError):  # not JSON Lines (a .json array, a record over lines): not located
+            continue
+    return None
 
 
 # datasets splits paragraphs on "\n\n" only; a line of spaces or tabs between two paragraphs also ends one.
@@ -284,7 +312,8 @@ def _load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwar
         raise ValueError(f"could not read {origin}: {type(e).__name__}: {e}") from e
     except StopIteration as e:  # datasets' JSON reader on a file with no records
         raise ValueError(f"could not read {origin}: no records (an empty file?)") from e
-    ds = _select_text(ds, "text" if builder == "text" else text_column, origin)
+    ds = _select_text(ds, "text" if builder == "text" else text_column, origin,
+                      dict(zip(group, named)) if builder == "json" else None)
     if builder == "text" and txt_unit == "paragraph":
         ds = ds.map(_split_paragraphs, batched=True)
     return ds

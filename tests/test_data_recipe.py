@@ -101,6 +101,23 @@ def test_options_that_change_nothing_are_ignored_with_a_warning_and_not_recorded
         assert [(d / "manifest.json").stat().st_mtime_ns for d in (out, ref)] == mtimes
 
 
+def test_tokenizer_train_chars_with_a_given_tokenizer_is_ignored_with_a_warning(tmp_path):
+    """tokenizer_train_chars caps the text a trained tokenizer reads: with --tokenizer nothing is trained, so it
+    changes nothing (a bad-input trial found it taken without a word). Oracle: the same preparation without it."""
+    from test_data_inputs import _tiny_tokenizer
+
+    tok = str(_tiny_tokenizer(tmp_path))
+    jsonl = write_jsonl(tmp_path / "c.jsonl", DOCS_150)
+    ref = prepare_data([jsonl], tmp_path / "ref", tokenizer=tok, val_fraction=0.1)
+    with pytest.warns(DataWarning, match=r"^tokenizer_train_chars=1000 is ignored: a given tokenizer is used as it is"):
+        out = prepare_data([jsonl], tmp_path / "with", tokenizer=tok, val_fraction=0.1, tokenizer_train_chars=1000)
+    assert (out / "train.bin").read_bytes() == (ref / "train.bin").read_bytes()
+    assert load_manifest(out)["recipe"] == load_manifest(ref)["recipe"]
+    with warnings.catch_warnings():  # a trained tokenizer reads it: no warning
+        warnings.simplefilter("error", DataWarning)
+        prepare_data([jsonl], tmp_path / "trained", vocab_size=300, val_fraction=0.1, tokenizer_train_chars=100_000)
+
+
 def test_an_option_only_the_validation_corpus_uses_is_recorded(tmp_path):
     """txt_unit with .jsonl training input and a .txt --val-input (text_column with .txt training input and a
     .jsonl one) applies to the validation corpus: kept in the recipe, no warning. Oracle: the validation

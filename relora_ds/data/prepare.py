@@ -178,7 +178,7 @@ def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig,
         raise ValueError(f"hub dataset {resolved[1]!r}, split {val_split!r}, is both the training input and "
                          "--val-input, so validation would be trained on; read another split for one of the two "
                          "(hf_split / hf_val_split, e.g. hf_val_split 'validation')")
-    inapplicable = inapplicable_options(resolved, resolved_val)
+    inapplicable = inapplicable_options(resolved, resolved_val, tokenizer_given=cfg.tokenizer is not None)
     cfg = at_defaults(cfg, inapplicable)
     recipe = recipe_of(resolved, cfg, out_dir, resolved_val)
     old = mf.read_manifest_file(out_dir)

@@ -136,16 +136,19 @@ def recipe_of(resolved: tuple[list[str], str | None] | None, cfg: PrepareConfig,
 
 
 _IGNORED_BECAUSE = {"txt_unit": "no input is a .txt file (it says what one document of a .txt file is)",
-                    "text_column": ".txt files have no columns"}
+                    "text_column": ".txt files have no columns",
+                    "tokenizer_train_chars": "a given tokenizer is used as it is (the text a tokenizer's training "
+                                             "reads applies only where one is trained: no --tokenizer)"}
 
 
 def inapplicable_options(resolved: tuple[list[str], str | None] | None,
-                          resolved_val: tuple[list[str], str | None] | None) -> dict[str, object]:
-    """The options that cannot change these inputs' documents (training and validation), with their defaults:
-    txt_unit without a .txt file, text_column with .txt files alone. None for the built-in corpus, which
-    refuses both (load_corpus)."""
+                          resolved_val: tuple[list[str], str | None] | None,
+                          tokenizer_given: bool = False) -> dict[str, object]:
+    """The options that cannot change these inputs' documents (training and validation) or their tokens, with
+    their defaults: txt_unit without a .txt file, text_column with .txt files alone (None for the built-in
+    corpus, which refuses both: load_corpus), tokenizer_train_chars with a given tokenizer."""
     if resolved is None:
-        return {}
+        return {"tokenizer_train_chars": PrepareConfig.tokenizer_train_chars} if tokenizer_given else {}
     sides = [r for r in (resolved, resolved_val) if r is not None]
     builders = {builder_for(f) for files, _ in sides for f in files}
     defaults = {}
@@ -153,6 +156,8 @@ def inapplicable_options(resolved: tuple[list[str], str | None] | None,
         defaults["txt_unit"] = PrepareConfig.txt_unit
     if builders == {"text"} and not any(hub for _, hub in sides):
         defaults["text_column"] = PrepareConfig.text_column
+    if tokenizer_given:
+        defaults["tokenizer_train_chars"] = PrepareConfig.tokenizer_train_chars
     return defaults
 
 

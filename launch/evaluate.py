@@ -84,7 +84,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     from relora_ds.hf import PROGRESS_FILE
     from relora_ds.evaluate import validation_losses
     from relora_ds.hf_load import load_hf, load_hf_config
-    from relora_ds.startup import check_model_tokenizer
+    from relora_ds.startup import check_model_tokenizer, windows_shortfall
 
     if not (args.model / "config.json").is_file():
         raise ValueError(f"{args.model} is not a Hugging Face model directory (no config.json)")
@@ -105,6 +105,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     if len(data) == 0:
         raise ValueError(f"the {args.split} split of {args.data_dir} holds no window of --seq-len {args.seq_len} "
                          "(seq_len + 1 tokens): use a smaller --seq-len")
+    if args.windows and (short := windows_shortfall(manifest["splits"][args.split], args.seq_len, args.windows,
+                                                    str(args.data_dir), f"--windows {args.windows}",
+                                                    "the evaluation", args.split)):
+        warnings.warn(short, UserWarning, stacklevel=2)
     masking = args.document_masking == "on"
     if args.document_masking == "auto" and (args.model / PROGRESS_FILE).is_file():
         progress = json.loads((args.model / PROGRESS_FILE).read_text())

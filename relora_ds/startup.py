@@ -275,20 +275,28 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
                       f"{cfg.global_batch_size} sequences, {train_windows} windows of {need} tokens): "
                       "set data_dir to a larger prepared corpus (launch/prepare_data.py)", ConfigWarning,
                       stacklevel=2)
-    members = [m for m in splits["validation"].get("members", []) if num_windows(m["tokens"], seq)]
     for name in ("eval_windows", "final_eval_windows"):
-        which, n = ("each" if name == "eval_windows" else "the final"), getattr(cfg, name) or 0
-        if not (cfg.eval_every and n):
-            continue
-        if members:  # a mixture: n shared out by the weights, each member read at most whole (evaluation_windows)
-            sizes, shares = [num_windows(m["tokens"], seq) for m in members], [m["weight"] for m in members]
-            counts, asked = evaluation_windows(shares, sizes, n), evaluation_windows(shares, [n] * len(sizes), n)
-            short = [f"{m['path']} ({size:,} windows for its share of {want:,})"
-                     for m, size, want, got in zip(members, sizes, asked, counts) if got < want]
-            if short:
-                warnings.warn(f"{name}={n} shared out by the weights of mixture {data} asks more windows of member(s) "
-                              f"{', '.join(short)} than their validation splits hold: {which} evaluation reads all "
-                              f"of theirs, {int(counts.sum()):,} windows in all", ConfigWarning, stacklevel=2)
-        elif n > val_windows:
-            warnings.warn(f"{name}={n} but the validation split of {data} holds {val_windows} windows: {which} "
-                          f"evaluation uses all {val_windows}", ConfigWarning, stacklevel=2)
+        n = getattr(cfg, name) or 0
+        if cfg.eval_every and n and (short := windows_shortfall(
+                splits["validation"], seq, n, data, f"{name}={n}",
+                "each evaluation" if name == "eval_windows" else "the final evaluation")):
+            warnings.warn(short, ConfigWarning, stacklevel=2)
+
+
+def windows_shortfall(split: dict, seq: int, n: int, data: str, asked: str, which: str,
+                      split_name: str = "validation") -> str | None:
+    """What ``asked`` (n evaluation windows of --seq-len ``seq``) gets short of in ``split`` (a manifest's, of
+    ``data``), said of ``which`` evaluation; None when it gets all n. A mixture shares n out by its weights,
+    each member read at most whole (evaluation_windows)."""
+    members = [m for m in split.get("members", []) if num_windows(m["tokens"], seq)]
+    if members:
+        sizes, shares = [num_windows(m["tokens"], seq) for m in members], [m["weight"] for m in members]
+        counts, wanted = evaluation_windows(shares, sizes, n), evaluation_windows(shares, [n] * len(sizes), n)
+        short = [f"{m['path']} ({size:,} windows for its share of {want:,})"
+                 for m, size, want, got in zip(members, sizes, wanted, counts) if got < want]
+        return (f"{asked} shared out by the weights of mixture {data} asks more windows of member(s) "
+                f"{', '.join(short)} than their {split_name} splits hold: {which} reads all of theirs, "
+                f"{int(counts.sum()):,} windows in all") if short else None
+    windows = split_windows(split, seq)
+    return (f"{asked} but the {split_name} split of {data} holds {windows} windows: {which} uses all {windows}"
+            if n > windows else None)

@@ -171,6 +171,7 @@ def test_evaluate_script_equals_transformers_on_a_data_dir_and_a_mixture(tmp_pat
     dir the model cannot embed is refused."""
     import json
     import math
+    import re
     import subprocess
     import sys
 
@@ -221,6 +222,16 @@ def test_evaluate_script_equals_transformers_on_a_data_dir_and_a_mixture(tmp_pat
         assert got["windows"] == sum(counts.values()) and got["tokens"] == 32 * got["windows"]
     proc, got_a = run(a)
     assert got_a["loss"] == pytest.approx(sum(alone["a"]) / 37, rel=1e-5)
+    # More windows than the split holds: all of them, said on stderr (it went unsaid), the same loss.
+    proc, got = run(a, "--windows", "50")
+    assert got == {**got_a, "seconds": got["seconds"]}
+    assert re.search(r"--windows 50 but the validation split of \S+ holds 37 windows: the evaluation uses all 37",
+                     proc.stderr), proc.stderr
+    proc, got = run(mix, "--windows", "100")  # shares 75/25 of members holding 37/21
+    assert got["windows"] == 58 and "--windows 100 shared out by the weights of mixture" in proc.stderr
+    assert re.search(r"a \(37 windows for its share of 75\), \S+b \(21 windows for its share of 25\) than their "
+                     r"validation splits hold: the evaluation reads all of theirs, 58 windows in all", proc.stderr), \
+        proc.stderr
     proc, _ = run(a, "--windows", "0")
     assert proc.returncode == 2 and "--windows: must be a positive whole number, got 0" in proc.stderr, proc.stderr
     from relora_ds.evaluate import validation_losses

@@ -31,7 +31,7 @@ from relora_ds.data.manifest import read_manifest_file
 from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
 from relora_ds.ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device
 from relora_ds.output_dir import check_output_dir
-from relora_ds.resume_plan import plan_resume, resume_progress
+from relora_ds.resume_plan import nothing_to_resume, plan_resume, resume_progress
 from relora_ds.schedule import total_steps_for
 from relora_ds.startup import (apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels,
                                check_model_and_data, train_data_record, unused_vocab_size)
@@ -93,11 +93,12 @@ def _check(argv) -> str:
             check_data_use(cfg, total_steps, manifest["splits"], str(data_dir), args.world_size)
         if cfg.resume:  # as the trainer plans it
             cfg.vocab_size = vocab
-            plan_resume(Path(cfg.output_dir) / "checkpoints", model=model_config.to_dict(),
-                                   train=cfg.to_dict(), ds=ds, world=args.world_size, data_dir=data_dir,
-                                   tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None,
-                                   total_steps=total_steps,
-                                   data=train_data_record(manifest, cfg.seq_len) if manifest else None)
+            ckpt_dir = Path(cfg.output_dir) / "checkpoints"
+            if plan_resume(ckpt_dir, model=model_config.to_dict(), train=cfg.to_dict(), ds=ds, world=args.world_size,
+                           data_dir=data_dir, tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None,
+                           total_steps=total_steps,
+                           data=train_data_record(manifest, cfg.seq_len) if manifest else None) is None:
+                warnings.warn(nothing_to_resume(ckpt_dir), ConfigWarning, stacklevel=1)
         memory = memory_summary(model_config, cfg, ds, args.world_size, args.gpu_memory_gb,
                                 progress["step"] if progress else 0)
     except ValueError as e:

@@ -17,6 +17,7 @@ from .distributed import on_rank_zero
 from .engines import group_weight_decay
 from .hf import PROGRESS_FILE
 from .relora import relora_layers
+from .resume_plan import nothing_to_resume
 from .schedule import cycle_anchor
 from .startup import build_schedule
 from .train_config import ConfigWarning
@@ -126,8 +127,7 @@ class CheckpointsMixin:
     def _resume(self) -> bool:
         if self.resume_plan is None:
             if self.rank == 0:  # a warning, not a line among the config: a mistyped --output-dir shows here
-                warnings.warn(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0 (expected at a "
-                              "job's first start; otherwise check --output-dir)", ConfigWarning, stacklevel=2)
+                warnings.warn(nothing_to_resume(self.ckpt_dir), ConfigWarning, stacklevel=2)
             return False
         tag, saved, as_universal = (self.resume_plan[k] for k in ("tag", "saved", "universal"))
         step = checkpoint.tag_step(tag)

@@ -125,6 +125,12 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
             "rewind": rewind}
 
 
+def nothing_to_resume(ckpt_dir: Path) -> str:
+    """The warning of a --resume that finds no checkpoint (the trainer's rank 0, launch/preflight.py)."""
+    return (f"--resume: no checkpoint in {ckpt_dir}; starting from step 0 (expected at a job's first start; "
+            "otherwise check --output-dir)")
+
+
 def check_same_data(saved: dict | None, now: dict, ckpt: Path, data_dir: Path, seq_len: int) -> None:
     """A checkpoint's sampler position is an index into the epoch order of its own training windows: on data
     prepared again from other inputs or options (another ``train_data_fingerprint`` of the manifest), or with

@@ -8,28 +8,30 @@ import difflib
 import os
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 import yaml
 
 from .schedule import total_steps_for
 from .config_values import bare_type, coerce_value
-from .train_config import TrainConfig
+from .train_config import ConfigWarning, TrainConfig
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a hint for each unrecognized flag: the recipe key spelled as a flag (``--total_steps``
     for ``--total-steps``) or the closest flag (``--totl-steps``), as the recipe's YAML keys get; and an
-    option given twice with different values is an error (argparse keeps the last one silently:
-    ``--input a --input b`` read only b, ``--target-modules q_proj --target-modules v_proj`` only v_proj).
-    The same value twice passes (a wrapper script's own ``--resume`` or ``--config`` repeated by its user)."""
+    option given more than once with different values is said (a ConfigWarning): the last counts, as
+    argparse and wrapper scripts' overrides have it (the sbatch scripts' TRAIN_ARGS after their own
+    ``--deepspeed``), but no longer silently. A list option (``--target-modules``, ``prepare_data.py
+    --input``) collects the values of each use instead (it kept the last use's alone)."""
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
-        self._refuse_repeats(args)
+        self._warn_repeats(args)
         return super().parse_known_args(args, namespace)
 
-    def _refuse_repeats(self, args: list[str]) -> None:
+    def _warn_repeats(self, args: list[str]) -> None:
         given: dict[str, list[tuple[str, object]]] = {}  # dest -> (as written, what it sets) per occurrence
         i = 0
         while i < len(args) and args[i] != "--":
@@ -38,7 +40,7 @@ class ArgumentParser(argparse.ArgumentParser):
             i += 1
             if action is None or isinstance(action, (argparse._HelpAction, argparse._AppendAction,
                                                      argparse._CountAction)):  # help; a flag meant to repeat
-                continue
+                continue  # (extend, the list options', is an append)
             if action.nargs == 0:  # a switch: what it sets (--no-x: False)
                 values = not name.startswith("--no-") if isinstance(action, argparse.BooleanOptionalAction) \
                     else action.const
@@ -53,14 +55,11 @@ class ArgumentParser(argparse.ArgumentParser):
                 values = tuple(values)
             given.setdefault(action.dest, []).append((" ".join([name, *values]) if isinstance(values, tuple)
                                                       else name, values))
-        for dest, seen in given.items():
+        for seen in given.values():
             if len({values for _, values in seen}) > 1:
-                action = next(a for a in self._actions if a.dest == dest)
-                hint = (f"; a list takes all its values after one flag, e.g. {action.option_strings[0]} a b"
-                        if action.nargs in ("+", "*") else "")
-                self.error(f"{' and '.join(written for written, _ in seen)}: the same option given "
-                           f"{len(seen)} times with different values, of which only the last would count: give "
-                           f"it once{hint}")
+                warnings.warn(f"{' and '.join(written for written, _ in seen)}: the same option given {len(seen)} "
+                              f"times with different values; the last, {seen[-1][0]}, counts", ConfigWarning,
+                              stacklevel=4)
 
     def _is_option(self, arg: str) -> bool:
         """An argument that starts another option rather than being a value (``-1`` is a value)."""
@@ -110,8 +109,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         tp = bare_type(hints[f.name])
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif typing.get_origin(tp) is list:
-            parser.add_argument(flag, dest=f.name, nargs="+", default=None, help=help_)
+        elif typing.get_origin(tp) is list:  # given twice: both lists
+            parser.add_argument(flag, dest=f.name, nargs="+", action="extend", default=None, help=help_)
         else:
             optional = type(None) in typing.get_args(hints[f.name])
             choices = f.metadata.get("choices")

@@ -13,6 +13,7 @@ import pytest
 from launch_utils import ROOT
 from launch_utils import clean_env as _clean_env
 from launch_utils import run_tool as _run
+from relora_ds.train_config import ConfigWarning
 
 sys.path.insert(0, str(ROOT / "launch"))
 
@@ -76,7 +77,14 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
         proc = _preflight("--world-size", "3", *args, *extra, env=_clean_env(**env))
         assert proc.returncode == 2 and msg in proc.stderr, (extra, proc.stderr[-500:])
     for ok in (["--resume"], ["--overwrite"]):
-        assert _preflight("--world-size", "3", *args, *ok).returncode == 0
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert _preflight("--world-size", "3", *args, *ok).returncode == 0
+        # --resume of a run without a checkpoint starts over: said here, as the trainer says it (a mistyped
+        # --output-dir passed preflight without a word)
+        said = [str(w.message) for w in seen if issubclass(w.category, ConfigWarning)]
+        assert any(m.startswith(f"--resume: no checkpoint in {tmp_path / 'run' / 'checkpoints'}; starting from "
+                                "step 0") for m in said) == (ok == ["--resume"]), said
 
 
 def test_preflight_estimates_memory_per_gpu_and_refuses_a_micro_batch_over_gpu_memory_gb(tmp_path, monkeypatch):

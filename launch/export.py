@@ -41,6 +41,9 @@ def main(argv=None) -> Path:
                     help="dtype of the exported weights (default: the run's export_dtype, else the dtype of the "
                          "Hugging Face model it started from, else float32)")
     args = ap.parse_args(argv)
+    if not args.checkpoints.is_dir():
+        ap.error(f"{args.checkpoints} " + ("is a file" if args.checkpoints.exists() else "does not exist")
+                 + ": give a run's output_dir, its checkpoints/ folder, or one checkpoint's step_N/ folder")
     if (args.checkpoints / "checkpoints").is_dir() and not (args.checkpoints / "latest").is_file():
         args.checkpoints = args.checkpoints / "checkpoints"  # the run's output_dir: its checkpoints/ is meant
     elif (args.checkpoints / "config.json").is_file() and args.tag in (None, args.checkpoints.name):

@@ -26,7 +26,12 @@ _LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
 
 
 def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
-    """{host: slots} in file order. Comments (#) and blank lines are skipped."""
+    """{host: slots} in file order. Comments (#) and blank lines are skipped. A host name holding anything but
+    printable ASCII is refused: a byte-order mark (an editor's UTF-8 "with BOM") or a non-breaking space is
+    invisible in a message, and DeepSpeed's launcher keeps it as part of the name it connects to."""
+    if text.startswith("\ufeff"):
+        raise ValueError(f"{source} starts with a UTF-8 byte-order mark, which DeepSpeed's launcher reads as part of "
+                         "the first host's name: save the file without it (UTF-8 without BOM, or ASCII)")
     hosts: dict[str, int] = {}
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -36,6 +41,10 @@ def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
         if not m:
             raise ValueError(f"{source}:{n}: {raw.strip()!r} is not 'HOST slots=N'")
         host, slots = m.group(1), int(m.group(2))
+        if not (host.isascii() and host.isprintable()):
+            odd = sorted({f"U+{ord(c):04X}" for c in host if not (c.isascii() and c.isprintable())})
+            raise ValueError(f"{source}:{n}: host {host!r} holds characters a host name cannot ({', '.join(odd)}): "
+                             "retype the name in plain ASCII")
         if host in hosts:
             raise ValueError(f"{source}:{n}: host {host!r} is listed twice")
         if slots < 1:

@@ -226,7 +226,13 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             vocab = cfg.vocab_size or BUILTIN_VOCAB_SIZE
             path = builtin_data_dir(vocab)
             # One process tokenizes (its error stops every rank); the others wait and read. relora_ds's cache.
-            on_rank_zero(lambda: prepare_data(None, path, vocab_size=vocab, seq_len=cfg.seq_len, overwrite=True))
+            try:
+                on_rank_zero(lambda: prepare_data(None, path, vocab_size=vocab, seq_len=cfg.seq_len, overwrite=True))
+            except ValueError as e:  # the path is not one the user typed: say where it comes from
+                cache = os.environ.get("RELORA_DATA_CACHE")
+                raise ValueError(f"{e} [the built-in corpus's cache, "
+                                 + (f"from RELORA_DATA_CACHE={cache}" if cache else "the default ~/.cache/relora_ds")
+                                 + ": set RELORA_DATA_CACHE to a writable directory, or pass --data-dir]") from None
             what = f"the built-in corpus that rank 0 prepared in {path}"
             fix = ("on several nodes set RELORA_DATA_CACHE to a directory all nodes share, or prepare data once "
                    "(launch/prepare_data.py) and pass --data-dir")

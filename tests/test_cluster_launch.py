@@ -79,7 +79,12 @@ def test_hostfile_parse_errors():
                       ("n1 slots=0\n", "slots=0; need at least 1"),
                       ("n1 8\n", "hostfile:1: 'n1 8' is not 'HOST slots=N'"),
                       ("n1 slots=8 extra\n", "is not 'HOST slots=N'"),
-                      ("# only a comment\n", "no 'HOST slots=N' lines")]:
+                      ("# only a comment\n", "no 'HOST slots=N' lines"),
+                      # a review found these passing `check` while DeepSpeed's launcher kept them in the name
+                      ("\ufeffn1 slots=8\n", "hostfile starts with a UTF-8 byte-order mark"),
+                      ("n1 slots=8\nn\u00e92 slots=8\n", r"hostfile:2: host 'n\u00e92' holds characters a host name "
+                                                        r"cannot \(U\+00E9\): retype"),
+                      ("n1\u200b slots=8\n", r"\(U\+200B\)")]:
         with pytest.raises(ValueError, match=msg):
             hostfile.parse_hostfile(text)
 

@@ -407,3 +407,26 @@ def test_unk_tokens_of_a_tokenizer_without_byte_fallback_are_counted_and_warned(
         out = prepare_data([str(corpus)], tmp_path / "out", tokenizer=str(model), val_fraction=0.0)
     assert load_manifest(out)["warnings"]["unk_tokens"] == want
 
+
+
+def test_an_unusable_builtin_cache_is_named_with_where_it_comes_from(tmp_path, monkeypatch, capsys):
+    """The built-in corpus goes to $RELORA_DATA_CACHE (or ~/.cache/relora_ds), a path the user never typed:
+    when it cannot be created, launch/train.py's error names the variable and its value (it named only the
+    path, and suggested prepare_data.py's --out)."""
+    import sys
+
+    from launch_utils import ROOT, free_port
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    import train as train_py
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("RELORA_DATA_CACHE", str(tmp_path / "afile"))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    assert train_py.main(["--model", "debug", "--cycle-length", "4", "--total-steps", "8", "--warmup-steps", "2",
+                          "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"data dir {tmp_path / 'afile' / 'builtin-vocab2048'}: cannot create it" in err, err
+    assert (f"[the built-in corpus's cache, from RELORA_DATA_CACHE={tmp_path / 'afile'}: set RELORA_DATA_CACHE to a "
+            "writable directory, or pass --data-dir]") in err, err
+

@@ -211,6 +211,10 @@ def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path
     (tmp_path / "afile").write_text("x")
     proc = export(run / "checkpoints", "--out", tmp_path / "afile")
     assert proc.returncode == 2 and "exists and is not a directory" in proc.stderr
+    for given, what in ((tmp_path / "no_such_run", "does not exist"), (tmp_path / "afile", "is a file")):
+        proc = export(given, "--out", tmp_path / "z")  # was: "no checkpoint (latest) in <it>; found: none"
+        assert proc.returncode == 2 and f"{given} {what}: give a run's output_dir, its checkpoints/ folder, or " \
+            "one checkpoint's step_N/ folder" in proc.stderr, proc.stderr
     (run / "checkpoints" / "step_25" / "config.json").unlink()
     proc = export(run / "checkpoints", "--tag", "step_25", "--out", tmp_path / "x")
     assert proc.returncode == 2 and "step_25 has no config.json: an incomplete checkpoint" in proc.stderr

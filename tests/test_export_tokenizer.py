@@ -125,6 +125,30 @@ def test_continued_pretraining_export_keeps_the_source_models_tokenizer_config_a
     assert json.loads((tmp_path / "other" / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
+def test_a_short_model_max_length_exports_without_transformers_length_warning(tmp_path):
+    """The export's encoding probes are longer than a short run's model_max_length (seq_len + 1): transformers
+    warned "Token indices sequence length is longer than the specified maximum ..." on every such export,
+    which reads like a failure (a bad-input trial's find). The exported tokenizer keeps the length, and
+    encoding a long text with it still warns (the probes alone are quiet)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.tokenization_utils_base")  # where transformers says it
+    logger.addHandler(handler)
+    try:
+        path = _train_sp(tmp_path, "short", 320, model_type="bpe", byte_fallback=True)
+        relora_ds.hf_tokenizer.save_hf_tokenizer(path, tmp_path / "short", model_max_length=8)
+        assert not [r.getMessage() for r in records]
+        tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "short")
+        assert tok.model_max_length == 8
+        tok("the quick brown fox jumps over the lazy dog")
+        assert any("Token indices sequence length" in r.getMessage() for r in records)
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_export_takes_special_ids_from_the_tokenizer_not_llamas(tmp_path):
     """A SentencePiece model whose BOS/EOS are 3 and 4 (not LLaMA's 1 and 2): config.json,
     generation_config.json and the exported Hugging Face tokenizer carry the model's own ids (SentencePiece

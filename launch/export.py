@@ -29,7 +29,8 @@ from cli_types import DefaultsHelpFormatter  # launch/, the script's directory
 
 def main(argv=None) -> Path:
     ap = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter, allow_abbrev=False)
-    ap.add_argument("checkpoints", type=Path, help="the run's checkpoints/ directory")
+    ap.add_argument("checkpoints", type=Path, help="the run's output_dir, its checkpoints/ directory, or one "
+                                                    "checkpoint's step_N/ directory")
     ap.add_argument("--tag", help="checkpoint tag, e.g. step_400 (default: latest)")
     ap.add_argument("--out", type=Path, required=True, help="output Hugging Face directory")
     tok = ap.add_mutually_exclusive_group()
@@ -52,7 +53,7 @@ def main(argv=None) -> Path:
         ap.error(f"--out {args.out} exists and is not a directory")
     tag = args.tag or latest_tag(args.checkpoints)
     if tag is None or not (args.checkpoints / tag).is_dir():
-        found = sorted(p.name for p in args.checkpoints.glob("step_*")) if args.checkpoints.is_dir() else []
+        found = sorted(p.name for p in args.checkpoints.glob("step_*"))
         ap.error(f"no checkpoint {tag or '(latest)'} in {args.checkpoints}; found: {found or 'none'}")
     if not (args.checkpoints / tag / "config.json").is_file():
         ap.error(f"{args.checkpoints / tag} has no config.json: an incomplete checkpoint (its save did not finish?); "

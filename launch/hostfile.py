@@ -27,7 +27,7 @@ _LINE = re.compile(r"^(\S+)\s+slots=(\d+)$")
 
 def parse_hostfile(text: str, source: str = "hostfile") -> dict[str, int]:
     """{host: slots} in file order. Comments (#) and blank lines are skipped. A host name holding anything but
-    printable ASCII is refused: a byte-order mark (an editor's UTF-8 "with BOM") or a non-breaking space is
+    printable ASCII is refused: a byte-order mark (an editor's UTF-8 "with BOM") or a zero-width space is
     invisible in a message, and DeepSpeed's launcher keeps it as part of the name it connects to."""
     if text.startswith("\ufeff"):
         raise ValueError(f"{source} starts with a UTF-8 byte-order mark, which DeepSpeed's launcher reads as part of "

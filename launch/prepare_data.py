@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "Face tokenizer.json (its tokenizer_config.json beside it) or a model directory holding one")
     tok.add_argument("--vocab-size", type=int, default=None, help="vocab of the BPE tokenizer to train (32000)")
     p.add_argument("--seq-len", type=int, default=None, help="report windows per split for this length")
-    p.add_argument("--text-column", nargs="+", default=[defaults["text_column"]],
+    p.add_argument("--text-column", nargs="+", action="extend", default=None,
                    help="column holding the text in JSON/Parquet/hub inputs; several: each file takes the first "
                         "it has, e.g. --text-column text content (default: text)")
     p.add_argument("--num-proc", type=int, default=defaults["num_proc"],
@@ -73,10 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "spaces or tabs is blank), or per line")
     p.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
     p.add_argument("--tokenizer-train-chars", type=int, default=defaults["tokenizer_train_chars"],
-                   help="characters of the training documents the BPE tokenizer learns from (default: 100M)")
+                   help="characters of the training documents the BPE tokenizer learns from (default: 100M); "
+                        "ignored, with a warning, with --tokenizer")
     p.add_argument("--overwrite", action="store_true",
                    help="replace data --out holds from another recipe (runs trained on it cannot resume after)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.text_column is None:  # a list default would be extended by the flag, not replaced
+        args.text_column = [defaults["text_column"]]
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

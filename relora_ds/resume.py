@@ -2,7 +2,8 @@
 what ``--resume`` / ``--resume-from`` do (go back to a chosen checkpoint, load it on any world size, apply
 the recipe's optimizer settings, catch up a merge that older code skipped). A mixin of
 ``relora_ds.trainer.Trainer``, which owns the engine, the data and the loop; the file-level logic (layout,
-atomic ``latest``, what a resume may change, universal conversion) is in ``relora_ds/checkpoint.py``."""
+atomic ``latest``) is in ``relora_ds/checkpoint.py``, what a resume loads and may change in
+``relora_ds/resume_plan.py``, the universal conversion in ``relora_ds/universal.py``."""
 from __future__ import annotations
 
 import json

@@ -277,10 +277,10 @@ def check_data_use(cfg: TrainConfig, total_steps: int, splits: dict, data: str, 
                       stacklevel=2)
     for name in ("eval_windows", "final_eval_windows"):
         n = getattr(cfg, name) or 0
-        if cfg.eval_every and n and (short := windows_shortfall(
+        if cfg.eval_every and n and (shortfall := windows_shortfall(
                 splits["validation"], seq, n, data, f"{name}={n}",
                 "each evaluation" if name == "eval_windows" else "the final evaluation")):
-            warnings.warn(short, ConfigWarning, stacklevel=2)
+            warnings.warn(shortfall, ConfigWarning, stacklevel=2)
 
 
 def windows_shortfall(split: dict, seq: int, n: int, data: str, asked: str, which: str,

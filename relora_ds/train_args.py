@@ -24,7 +24,11 @@ class ArgumentParser(argparse.ArgumentParser):
     option given more than once with different values is said (a ConfigWarning): the last counts, as
     argparse and wrapper scripts' overrides have it (the sbatch scripts' TRAIN_ARGS after their own
     ``--deepspeed``), but no longer silently. A list option (``--target-modules``, ``prepare_data.py
-    --input``) collects the values of each use instead (it kept the last use's alone)."""
+    --input``) collects the values of each use instead (it kept the last use's alone).
+
+    The uses are read from the command line as these parsers' options are written (long options, one value,
+    a list, or a switch); short options with an attached value, fixed counts of values and subcommands are
+    not looked at."""
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
@@ -32,7 +36,7 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def _warn_repeats(self, args: list[str]) -> None:
-        given: dict[str, list[tuple[str, object]]] = {}  # dest -> (as written, what it sets) per occurrence
+        given: dict[str, list[tuple[str, object]]] = {}  # dest -> (as written, what it sets) per use
         i = 0
         while i < len(args) and args[i] != "--":
             name, eq, inline = args[i].partition("=")
@@ -42,29 +46,38 @@ class ArgumentParser(argparse.ArgumentParser):
                                                      argparse._CountAction)):  # help; a flag meant to repeat
                 continue  # (extend, the list options', is an append)
             if action.nargs == 0:  # a switch: what it sets (--no-x: False)
-                values = not name.startswith("--no-") if isinstance(action, argparse.BooleanOptionalAction) \
+                written = name
+                stored = not name.startswith("--no-") if isinstance(action, argparse.BooleanOptionalAction) \
                     else action.const
-            elif eq:
-                values = (inline,)
             else:
-                taken = 1 if action.nargs in (None, 1, "?") else len(args)
-                values = []
-                while i < len(args) and len(values) < taken and not self._is_option(args[i]):
+                values = [inline] if eq else []
+                while not eq and i < len(args) and not self._is_option(args[i]) and \
+                        (not values or action.nargs in ("+", "*")):
                     values.append(args[i])
                     i += 1
-                values = tuple(values)
-            given.setdefault(action.dest, []).append((" ".join([name, *values]) if isinstance(values, tuple)
-                                                      else name, values))
-        for seen in given.values():
-            if len({values for _, values in seen}) > 1:
-                warnings.warn(f"{' and '.join(written for written, _ in seen)}: the same option given {len(seen)} "
-                              f"times with different values; the last, {seen[-1][0]}, counts", ConfigWarning,
+                written, stored = " ".join([name, *values]), self._stored(action, values)
+            given.setdefault(action.dest, []).append((written, stored))
+        for uses in given.values():
+            if len({stored for _, stored in uses}) > 1:
+                warnings.warn(f"{' and '.join(written for written, _ in uses)}: the same option given {len(uses)} "
+                              f"times with different values; the last, {uses[-1][0]}, counts", ConfigWarning,
                               stacklevel=4)
+
+    @staticmethod
+    def _stored(action: argparse.Action, values: list[str]):
+        """What argparse stores for these values (``--lr 1e-3`` and ``--lr 0.001`` are one value), or the text
+        where its type refuses them (argparse says why once it parses)."""
+        try:
+            converted = tuple(action.type(v) if action.type else v for v in values)
+            hash(converted)
+            return converted
+        except Exception:  # noqa: BLE001 (the type's own error is argparse's to report)
+            return tuple(values)
 
     def _is_option(self, arg: str) -> bool:
         """An argument that starts another option rather than being a value (``-1`` is a value)."""
-        return arg == "--" or arg.startswith("--") or (arg.startswith("-") and arg.partition("=")[0] in
-                                                       self._option_string_actions)
+        return arg == "--" or arg.startswith("--") or (arg.startswith("-") and
+                                                       arg.partition("=")[0] in self._option_string_actions)
 
     def error(self, message: str):
         prefix = "unrecognized arguments: "

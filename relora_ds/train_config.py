@@ -244,6 +244,10 @@ class TrainConfig:
             else self.target_modules
         if isinstance(spelled, str) and spelled.lower() == ALL_LINEAR:  # a recipe's string, the command line's list
             self.target_modules = ALL_LINEAR  # wrap's own spelling of it (relora_ds/targets.py)
+        elif isinstance(spelled, list) and any(isinstance(t, str) and t.lower() == ALL_LINEAR for t in spelled):
+            problems.add(f"target_modules={spelled!r}: {ALL_LINEAR} selects every linear layer but the output layer "
+                         "and stands alone: give it without other names (a --target-modules given twice collects "
+                         "the names of both)", "target_modules")
         if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:  # a recipe's regex
             try:
                 re.compile(self.target_modules)

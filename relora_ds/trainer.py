@@ -229,6 +229,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             try:
                 on_rank_zero(lambda: prepare_data(None, path, vocab_size=vocab, seq_len=cfg.seq_len, overwrite=True))
             except ValueError as e:  # the path is not one the user typed: say where it comes from
+                if str(path) not in str(e):  # another failure (another rank's view of rank 0's error, ...)
+                    raise
                 cache = os.environ.get("RELORA_DATA_CACHE")
                 raise ValueError(f"{e} [the built-in corpus's cache, "
                                  + (f"from RELORA_DATA_CACHE={cache}" if cache else "the default ~/.cache/relora_ds")

@@ -15,7 +15,8 @@ PORT="${MASTER_PORT:-$(python -c 'import socket; s = socket.socket(); s.bind(("1
 for a in "$@"; do  # help: the demo's own usage and train.py's flags, nothing launched
   if [[ "$a" == -h || "$a" == --help ]]; then
     echo "usage: bash scripts/demo.sh [launch/train.py flags]   (env: NPROC ranks, default 2; MASTER_PORT)"
-    echo "runs launch/train.py --config launch/configs/tiny.yaml --deepspeed ds_configs/zero2.json on NPROC ranks, then plots"
+    echo "runs launch/train.py --config launch/configs/tiny.yaml --deepspeed ds_configs/zero2.json on NPROC ranks" \
+         "(a --config or --deepspeed given replaces the demo's), then plots"
     exec python launch/train.py --help
   fi
 done

@@ -4,7 +4,8 @@ a run elsewhere, named by --output-dir or by another --config, is never deleted 
 --overwrite), then the DeepSpeed config: the one given by --deepspeed, else ds_configs/zero2.json (bf16), or
 ds_configs/zero2_fp32.json on a machine without a GPU whose CPU has no native bf16 matmul (there PyTorch's
 bf16 fallback made the demo 12x slower than fp32: 370 vs 4,500 tokens/s on 2 cores), then the recipe: the
-one given by --config, else the demo's tiny.yaml (a flag given twice with different values is an error)."""
+one given by --config, else the demo's tiny.yaml. Recipe warnings (a flag given twice, ...) are train.py's to
+say, once: not repeated here."""
 import sys
 import warnings
 from pathlib import Path
@@ -56,6 +57,9 @@ def _output_dir(path: str) -> Path:
 
 
 if __name__ == "__main__":
+    from relora_ds.train_config import ConfigWarning
+
+    warnings.simplefilter("ignore", ConfigWarning)  # train.py says them; each parse here would repeat them
     try:
         out, extra = plan(sys.argv[1:])
     except ValueError as e:

@@ -37,10 +37,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {("cpu", torch.float32): 1e-5, ("cuda", torch.float32): 3e-4,  # fp32 dots are 3xTF32 on GPU
        torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
-# (leading dims of x, d_in, d_out, r, bias). Block sizes under the interpreter: BLOCK_M/N 32, BLOCK_K 16,
-# BLOCK_R 16 (merge) / 32 (dS+dB). ((70,), 96, 40, 16) is the aligned case: d_in=96 and r=16 are multiples of
-# BLOCK_K, so its forward takes the unmasked EVEN_K1/EVEN_K2 loads; the others have d_in and r off every
-# block size (ragged last K blocks). r=1, r > BLOCK_R, and the large ranks: r=256 (several r-blocks of every
+# (leading dims of x, d_in, d_out, r, bias). Block sizes under the interpreter: BLOCK_M/N 32, BLOCK_K 16 (the
+# GEMM's; the merge's 32), BLOCK_R 16 (merge) / 32 (dS+dB). ((70,), 96, 40, 16) is the aligned case: d_in=96
+# and r=16 are multiples of BLOCK_K, so its forward takes the unmasked EVEN_K1/EVEN_K2 loads; the others have
+# d_in off every block size (ragged last K blocks), and r off them too but for r=256. r=1, r > BLOCK_R, and the large ranks: r=256 (several r-blocks of every
 # kernel on a GPU too: BLOCK_R 64-128, BLOCK_K 64; 3-D x of 10 tokens) and r=129 (one past a multiple of
 # every block size).
 SHAPES = [((70,), 96, 40, 16, True), ((2, 17), 50, 96, 1, False), ((33,), 40, 70, 40, True),
@@ -107,9 +107,12 @@ def record_launches(monkeypatch, launch: bool = True) -> list:
     """Records, from now on, every Triton launch the kernels make (all go through
     ``_runtime.for_current_mode(kernel)[grid](...)``) as (kernel name, its keyword arguments: the constexpr
     flags and the launch config). ``launch=False``: record only, run nothing (outputs stay unwritten)."""
-    from relora_kernels import _runtime
+    from relora_kernels import _runtime, matmul
     launches = []
     real = _runtime.for_current_mode
+    # The autotuned GEMM is built once around for_current_mode's result and cached: built afresh while
+    # recording (its launches recorded), and dropped after (no recording wrapper outlives the test).
+    monkeypatch.setattr(matmul, "_AUTOTUNED", {})
 
     class Recorded:
         def __init__(self, kernel):

@@ -45,6 +45,7 @@ def test_a_list_option_given_twice_collects_both():
 
 @pytest.mark.parametrize("argv", [
     ["--lr", "0.001", "--lr", "0.001"],
+    ["--lr", "1e-3", "--lr", "0.001"],  # one value, as argparse stores it
     ["--lr=0.001", "--lr", "0.001"],
     ["--resume", "--resume"],
 ])
@@ -71,6 +72,10 @@ def test_prepare_data_collects_every_input_given():
                                     "--val-input", "v1.txt", "--val-input", "v2.txt"])
     assert args.input == ["a.txt", "b.txt", "c.txt"] and args.val_inputs == ["v1.txt", "v2.txt"]
     assert prepare_data.parse_args(["--mix", "x:1", "--mix", "y:2", "--out", "o"]).mix == ["x:1", "y:2"]
+    assert prepare_data.parse_args(["--out", "o", "--text-column", "body", "--text-column", "title"]).text_column \
+        == ["body", "title"]
+    assert prepare_data.parse_args(["--out", "o"]).text_column == ["text"]  # the default, replaced when given
+    assert prepare_data.parse_args(["--out", "o", "--text-column", "body"]).text_column == ["body"]
     with pytest.warns(ConfigWarning, match="--out o and --out p: the same option given 2 times"):
         assert prepare_data.parse_args(["--input", "a.txt", "--out", "o", "--out", "p"]).out == "p"
 
@@ -78,11 +83,16 @@ def test_prepare_data_collects_every_input_given():
 def test_demo_passes_the_users_recipe_once():
     """scripts/demo.sh adds its own --config, --deepspeed: the user's, where given (the same value twice is not
     said), rather than tiny.yaml followed by the user's recipe."""
-    proc = subprocess.run([sys.executable, "scripts/demo_plan.py", "--config", "launch/configs/paper_60m.yaml",
-                           "--deepspeed", "ds_configs/zero3.json"], cwd=ROOT, capture_output=True, text=True,
-                          check=True)
-    assert proc.stdout.split("\n")[:4] == ["runs/paper-60m", "", "ds_configs/zero3.json",
-                                           "launch/configs/paper_60m.yaml"]
+    for config in (["--config", "launch/configs/paper_60m.yaml"], ["--config=launch/configs/paper_60m.yaml"]):
+        proc = subprocess.run([sys.executable, "scripts/demo_plan.py", *config, "--deepspeed", "ds_configs/zero3.json"],
+                              cwd=ROOT, capture_output=True, text=True, check=True)
+        assert proc.stdout.split("\n")[:4] == ["runs/paper-60m", "", "ds_configs/zero3.json",
+                                               "launch/configs/paper_60m.yaml"]
+        assert "same option" not in proc.stderr, proc.stderr
+    # a real repeat is train.py's to say once, not demo_plan's on each of its parses
+    proc = subprocess.run([sys.executable, "scripts/demo_plan.py", "--seed", "1", "--seed", "2"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    assert "same option" not in proc.stderr, proc.stderr
     proc = subprocess.run([sys.executable, "scripts/demo_plan.py", "--total-steps", "500"], cwd=ROOT,
                           capture_output=True, text=True, check=True)
     assert proc.stdout.split("\n")[3] == "launch/configs/tiny.yaml"

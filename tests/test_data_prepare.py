@@ -408,7 +408,6 @@ def test_unk_tokens_of_a_tokenizer_without_byte_fallback_are_counted_and_warned(
     assert load_manifest(out)["warnings"]["unk_tokens"] == want
 
 
-
 def test_an_unusable_builtin_cache_is_named_with_where_it_comes_from(tmp_path, monkeypatch, capsys):
     """The built-in corpus goes to $RELORA_DATA_CACHE (or ~/.cache/relora_ds), a path the user never typed:
     when it cannot be created, launch/train.py's error names the variable and its value (it named only the
@@ -429,4 +428,3 @@ def test_an_unusable_builtin_cache_is_named_with_where_it_comes_from(tmp_path, m
     assert f"data dir {tmp_path / 'afile' / 'builtin-vocab2048'}: cannot create it" in err, err
     assert (f"[the built-in corpus's cache, from RELORA_DATA_CACHE={tmp_path / 'afile'}: set RELORA_DATA_CACHE to a "
             "writable directory, or pass --data-dir]") in err, err
-

@@ -122,7 +122,7 @@ def test_plan_resume_loads_another_optimizer_class_as_universal_and_refuses_it_a
     same = resume_plan.plan_resume(tmp_path / "a", ds={"zero_optimization": offload, "optimizer": torch_adam}, **kw)
     assert same["universal"] is False
     plan = resume_plan.plan_resume(tmp_path / "a", ds={"zero_optimization": offload, "optimizer": {"type": "AdamW"}},
-                                  **kw)
+                                   **kw)
     assert plan["universal"] is True
     assert (plan["layouts"][0]["optimizer"], plan["layouts"][1]["optimizer"]) == ("AdamW", "DeepSpeedCPUAdam")
 
@@ -148,7 +148,7 @@ def test_plan_resume_takes_a_checkpoint_without_zero_into_zero_in_fp32_only(tmp_
     with pytest.raises(ValueError, match=r"written without ZeRO \(stage 0\) in bf16; this run uses ZeRO stage 2\. .*"
                                          r"converts only from fp32 runs\. Resume it without ZeRO .*--warm-start-from"):
         resume_plan.plan_resume(tmp_path, model={"hidden_size": 64}, train=TRAIN, world=2, data_dir=tmp_path / "data",
-                               ds={"zero_optimization": {"stage": 2}}, total_steps=12, tokenizer_sha256="a" * 64)
+                                ds={"zero_optimization": {"stage": 2}}, total_steps=12, tokenizer_sha256="a" * 64)
 
 
 def test_plan_resume_names_the_hf_model_a_run_started_from(tmp_path):
@@ -158,7 +158,7 @@ def test_plan_resume_names_the_hf_model_a_run_started_from(tmp_path):
     with pytest.raises(ValueError, match=r"another model: .*; its run started from --hf-model /models/llama: pass "
                                          r"that again"):
         resume_plan.plan_resume(tmp_path, model={"hidden_size": 128}, train=TRAIN, ds={"zero_optimization": {"stage": 2}},
-                               world=1, data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
+                                world=1, data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
 
 
 def test_plan_resume_takes_checkpoints_written_before_the_model_families(tmp_path):

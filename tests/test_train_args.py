@@ -43,12 +43,17 @@ def test_all_linear_targets_from_the_command_line_and_a_recipe(tmp_path):
     default = TrainConfig(**BASE).target_modules
     assert config_from_args(parser.parse_args(["--config", str(recipe), "--target-modules", *default])
                             ).target_modules == default
+    # all-linear among names (a repeated --target-modules collects both uses): refused, not a name matching nothing
+    with pytest.raises(ValueError, match=r"target_modules=\['q_proj', 'all-linear'\]: all-linear selects every "
+                                         r"linear layer but the output layer and stands alone"):
+        config_from_args(build_launch_parser().parse_args(["--config", str(recipe), "--target-modules", "q_proj",
+                                                           "--target-modules", "all-linear"]))
 
 
 def test_a_recipes_regex_targets_select_as_peft_does(tmp_path):
     """A recipe's string target_modules is a regular expression the full module name must match (PEFT's
-    meaning; the no-match error suggests one, and it was a type error): the start-up check and wrap take the
-    q and v projections of each layer; an invalid pattern is an error naming it; the command line's
+    meaning; the no-match error suggests one, and it was a type error): the start-up check passes it and wrap
+    takes the q and v projections of each layer; an invalid pattern is an error naming it; the command line's
     --target-modules stays a list of names (overriding the recipe's pattern)."""
     import relora_ds
     from relora_ds.startup import check_model_and_data

@@ -134,12 +134,16 @@ def _select_text(ds, text_column: str | list[str], origin: str, files: dict[str,
 def _first_non_text(files: dict[str, str], column: str) -> str | None:
     """``"<file> line N: 12345 (int)"``: in JSON Lines files whose ``column`` holds text in some records, the
     first record whose value there is neither text nor null; None where the column holds no text at all
-    (another column is meant), or a file is not JSON Lines (a .json array)."""
-    first, text = None, False
+    (another column is meant), a file is not JSON Lines (a .json array), or the first 100,000 records do not
+    show both (an error path: a large corpus is not read through)."""
+    first, text, read = None, False, 0
     for path, name in files.items():
         try:
             with (gzip.open if path.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
+                    read += 1
+                    if read > 100_000:
+                        return None
                     record = json.loads(line) if line.strip() else {}
                     value = record.get(column) if isinstance(record, dict) else None
                     text = text or isinstance(value, str)

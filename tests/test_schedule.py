@@ -368,3 +368,31 @@ def test_a_restart_warmup_longer_than_the_cycle_is_cut_to_the_cycle():
         want = [jagged_cosine(s, total_steps=40, warmup_steps=4, cycle_length=cycle, restart_warmup_steps=cycle)
                 for s in range(40)]
         assert [build_schedule(c, 40)(s) for s in range(40)] == pytest.approx(want, abs=1e-12)
+
+
+def test_a_restart_warmup_longer_than_the_first_warmup_ramps_only_after_a_reset():
+    """Without a warm start the first cycle has no reset at its start: with restart_warmup_steps (200) longer
+    than warmup_steps (100), steps 100..299 follow the plain cosine (hand-computed), not a second ramp from 0
+    after the first warmup; the ramp comes only after the reset at 300. (A mutation audit found that counting
+    cycle 0 as a reset, `cycle >= 0`, passed every test: the existing cases have the re-warmup shorter than the
+    warmup, or compare against jagged_cosine itself.)"""
+    kw = dict(total_steps=1000, warmup_steps=100, cycle_length=300, restart_warmup_steps=200, min_lr_ratio=0.1)
+    assert jagged_cosine(100, **kw) == 1.0  # the warmup's end: the peak, not the start of a ramp
+    assert [jagged_cosine(s, **kw) for s in range(100, 300)] == pytest.approx(
+        [_cos_tw(s) for s in range(100, 300)], abs=1e-12)
+    assert jagged_cosine(300, **kw) == 0.0
+    assert jagged_cosine(400, **kw) == pytest.approx(0.5 * _cos_tw(500))  # the ramp after the first reset
+
+
+def test_steps_before_the_cycle_anchor_follow_the_plain_cosine():
+    """jagged_cosine(cycle_start=...) as its docstring says: steps before the anchor are past and follow the
+    plain cosine (hand-computed), with no reset at the switch (500) nor at 700, a cycle before the anchor; from
+    the anchor (1000) on, a reset every cycle_length. (A
+    mutation audit found `step < anchor` removable with every test passing: the resumed trainer only evaluates
+    steps at or after the anchor.)"""
+    kw = dict(total_steps=2000, warmup_steps=50, cycle_length=300, restart_warmup_steps=10, min_lr_ratio=0.1,
+              start_step=500, cycle_start=1000)
+    for s in (500, 505, 700, 705, 800, 999):
+        assert jagged_cosine(s, **kw) == pytest.approx(_cos_at(s, total=2000, warmup=50)), s
+    assert jagged_cosine(1000, **kw) == 0.0 and jagged_cosine(1300, **kw) == 0.0
+    assert jagged_cosine(1005, **kw) == pytest.approx(0.5 * _cos_at(1010, total=2000, warmup=50))

@@ -129,6 +129,72 @@ def test_already_quantized_layers_refused(kind, quantize):
         relora_ds.wrap(model, rank=4, quantize=quantize)
 
 
+def test_foreign_quantization_names_libraries_by_whole_module_name_and_checks_the_weight_and_the_layer():
+    """quant.foreign_quantization against hand-written expectations: a Linear subclass from a module that only
+    begins like a listed library ("quantopt", "hqq_extras", "awqward") is the user's own layer, not refused;
+    one from inside a listed library ("hqq.core.quantize") is. A plain nn.Linear whose weight is a float-dtype
+    tensor subclass (torchao's quantized tensors) or whose module carries quantization state ('SCB' on the
+    layer, as bitsandbytes keeps it) is refused. (A mutation audit found all three checks removable with every
+    test passing.)"""
+    def linear_from(module_name):
+        cls = type("Layer", (nn.Linear,), {})
+        cls.__module__ = module_name
+        return cls(8, 4)
+
+    for own in ("quantopt.layers", "hqq_extras", "awqward", "transformers.integrations_extra"):
+        assert quant.foreign_quantization(linear_from(own)) is None, own
+    assert quant.foreign_quantization(linear_from("hqq.core.quantize")) == (
+        "its class hqq.core.quantize.Layer is a quantized linear layer")
+
+    class Packed(torch.Tensor):  # a float-dtype tensor subclass, as torchao's quantized weights are
+        pass
+
+    linear = nn.Linear(8, 4)
+    linear.weight = nn.Parameter(torch.randn(4, 8).as_subclass(Packed))
+    assert quant.foreign_quantization(linear) == "its weight is a Packed tensor subclass"
+    linear = nn.Linear(8, 4)
+    linear.SCB = torch.ones(4)  # on the layer, not on its weight
+    assert quant.foreign_quantization(linear) == "it carries quantization state ('SCB')"
+    assert quant.foreign_quantization(nn.Linear(8, 4)) is None
+
+
+def test_host_buffers_are_made_on_the_cpu_whatever_the_layers_device():
+    """quant.host_device, hand-written: the merge residual lives in host memory for a layer built on any
+    accelerator (a device that need not exist here: nothing is allocated), and on meta where a layer is built
+    on meta. (A mutation audit found that returning the layer's own device passed every CPU test: only the
+    multi-GPU int8 test would see the residual land on the GPU.)"""
+    cpu = torch.device("cpu")
+    assert quant.host_device("cuda") == quant.host_device(torch.device("cuda", 1)) == cpu
+    assert quant.host_device("cpu") == quant.host_device() == cpu
+    assert quant.host_device("meta") == torch.device("meta")
+    with torch.device("meta"):
+        assert quant.host_device() == torch.device("meta")
+
+
+def test_dequantize_and_merge_use_the_whole_weight_they_are_given():
+    """``q=``: FSDP2 passes the int8 weight gathered whole from its shards, which is not the layer's weight_q.
+    dequantized(layer, q=q2) is q2 · scale (the exact fp32 product, by hand); merge_(layer, A, B, q=q2) writes
+    into q2, leaving weight_q as it was, what a merge of an identical layer holding q2 as its own weight_q
+    (the default path) writes. (A mutation audit found both functions could ignore q with every one-process
+    test passing.)"""
+    torch.manual_seed(0)
+    layer = relora_ds.ReLoRALinear(96, 40, 4, quantize="int8")
+    twin = relora_ds.ReLoRALinear(96, 40, 4, quantize="int8")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05, generator=g)
+        q2 = torch.randint(-127, 128, layer.weight_q.shape, generator=g, dtype=torch.int8)
+        twin.load_state_dict(layer.state_dict())
+        twin.weight_q.copy_(q2)
+    before, q2_before = layer.weight_q.clone(), q2.clone()
+    assert torch.equal(quant.dequantized(layer, q=q2), q2.float() * layer.weight_scale.float()[:, None])
+    quant.merge_(layer, layer.lora_A, layer.lora_B, q=q2)
+    quant.merge_(twin, twin.lora_A, twin.lora_B)
+    assert torch.equal(layer.weight_q, before) and not torch.equal(q2, q2_before)
+    assert torch.equal(q2, twin.weight_q) and torch.equal(layer.weight_scale, twin.weight_scale)
+    assert torch.equal(layer.weight_residual, twin.weight_residual)
+
+
 def test_train_config_quantize_validation():
     from relora_ds.train_config import TrainConfig
 

@@ -247,6 +247,20 @@ def test_quantizer_rounds_ties_half_up_like_the_kernels():
     assert q.tolist() == [[127, 1, 3, 0, -1, -2]]
 
 
+def test_a_row_with_a_subnormal_scale_saturates_at_127_instead_of_wrapping():
+    """A row of absmax 177.8·2^-133 (≈1.6e-38): absmax/127 = 1.4·2^-133 is a bf16 subnormal, whose spacing is
+    2^-133, so the stored scale rounds to 2^-133 and the row's largest element is 177.8 steps: the int8 code
+    saturates at 127 (hand-computed), it does not wrap around to -78 and flip the weight's sign; -88.9 steps
+    rounds half up to -89. (Such rows lose the half-step error bound, which assumes the bf16 scale's 2^-8
+    relative rounding; a mutation audit found the clamp to ±127 removable with every test passing.)"""
+    step = 2.0 ** -133
+    w = torch.tensor([[1.4 * 127 * step, -0.7 * 127 * step, 0.0]])
+    q, s, r = rk.int8_quantize_reference(w, residual=True)
+    assert s.float().item() == step
+    assert q.tolist() == [[127, -89, 0]]
+    assert r.abs().max() <= 127
+
+
 def test_dequantize_to_fp16_is_the_fp32_product_rounded_once():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(4, 64, generator=g) * torch.tensor([[1e-1], [1e-3], [1e-4], [3e-5]])  # tiny rows too

@@ -396,3 +396,18 @@ def test_steps_before_the_cycle_anchor_follow_the_plain_cosine():
         assert jagged_cosine(s, **kw) == pytest.approx(_cos_at(s, total=2000, warmup=50)), s
     assert jagged_cosine(1000, **kw) == 0.0 and jagged_cosine(1300, **kw) == 0.0
     assert jagged_cosine(1005, **kw) == pytest.approx(0.5 * _cos_at(1010, total=2000, warmup=50))
+
+
+def test_a_token_budget_already_spent_at_the_resume_trains_no_further_step():
+    """A run resumed with a token_budget below the tokens its checkpoint has seen (the budget lowered, or the
+    batch changed) ends at the step it resumed at: 20 steps saw 20,480 tokens, the budget is now 10,240, so
+    total_steps is 20 (hand-computed: nothing is left), not 20 + ceil((10,240 - 20,480) / 2,048) = 15, a total
+    below the step already done. (A mutation audit found the max(0, ...) removable: the existing case spends
+    the budget exactly.)"""
+    from relora_ds.schedule import total_steps_for
+    from relora_ds.train_config import TrainConfig
+
+    cfg = TrainConfig(cycle_length=10, restart_warmup_steps=2, token_budget=10240, seq_len=64,
+                      global_batch_size=32, micro_batch_size=4)
+    assert total_steps_for(cfg, {"step": 20, "tokens_seen": 20480}) == 20
+    assert total_steps_for(cfg, {"step": 20, "tokens_seen": 10241}) == 20

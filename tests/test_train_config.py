@@ -361,20 +361,6 @@ def test_a_resumed_token_budget_trains_what_is_left_at_the_new_batch(tmp_path):
     assert resume_progress(tmp_path / "none", None) is None
 
 
-def test_a_token_budget_already_spent_at_the_resume_trains_no_further_step():
-    """A run resumed with a token_budget below the tokens its checkpoint has seen (the budget lowered, or the
-    batch changed) ends at the step it resumed at: 20 steps saw 20,480 tokens, the budget is now 10,240, so
-    total_steps is 20 (hand-computed: nothing is left), not 20 + ceil((10,240 - 20,480) / 2,048) = 15, a total
-    below the step already done. (A mutation audit found the max(0, ...) removable: the existing case spends
-    the budget exactly.)"""
-    from relora_ds.schedule import total_steps_for
-
-    cfg = TrainConfig(**{**BASE, "total_steps": None, "token_budget": 10240, "seq_len": 64,
-                         "global_batch_size": 32, "micro_batch_size": 4})
-    assert total_steps_for(cfg, {"step": 20, "tokens_seen": 20480}) == 20
-    assert total_steps_for(cfg, {"step": 20, "tokens_seen": 10241}) == 20
-
-
 def test_merges_only_at_the_last_step_are_no_online_merges():
     """cycle_length = merge_every = the low-rank phase's 20 steps: the one merge (and reset) comes at the last
     step, so the warning says the run trains as plain LoRA, not that its merges "are never followed by an

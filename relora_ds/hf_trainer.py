@@ -38,7 +38,7 @@ from transformers import Trainer, TrainerCallback
 
 from .merge import check_not_fsdp1, merge_and_reinit
 from .prune import MOMENT_KEYS, check_prune_args, prune_optimizer_state
-from .relora import lora_parameters, relora_layers
+from .relora import is_deepspeed_engine, lora_parameters, relora_layers
 from .reset_hook import events_due
 from .schedule import build_scheduler, cycle_anchor, jagged_cosine
 
@@ -80,6 +80,18 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
         raise ValueError("enable_relora: the trainer already has its lr scheduler (built by train(), or passed as "
                          "optimizers=(..., scheduler)); call enable_relora on a Trainer built without one, before "
                          "train()")
+    args = trainer.args
+    schedule, strategy = (str(getattr(v, "value", v)) for v in (args.lr_scheduler_type, args.hub_strategy))
+    if schedule != "linear" or args.lr_scheduler_kwargs:  # "linear": TrainingArguments' default
+        warnings.warn(f"enable_relora: lr_scheduler_type={schedule!r}"
+                      + (f" and lr_scheduler_kwargs={args.lr_scheduler_kwargs} are" if args.lr_scheduler_kwargs
+                         else " is") + " not used: ReLoRA's jagged cosine replaces the Trainer's schedule (warmup_steps, then "
+                      "enable_relora's cycle_length, restart_warmup_steps and min_lr_ratio)", UserWarning, stacklevel=2)
+    if args.push_to_hub and strategy != "end":
+        warnings.warn(f"enable_relora: push_to_hub with hub_strategy={strategy!r} uploads each checkpoint's model "
+                      "files, the wrapped state (base weights and LoRA factors), which from_pretrained loads without "
+                      "s·B·A; save_model / push_to_hub upload the merged model. hub_strategy='end' uploads only "
+                      "that", UserWarning, stacklevel=2)
     ds_config = _deepspeed_config(trainer)
     if "scheduler" in ds_config:
         raise ValueError("enable_relora: the DeepSpeed config has a 'scheduler' section, which would replace "
@@ -168,7 +180,8 @@ def _save_merged_models(trainer: Trainer) -> None:
         if in_checkpoint:
             return save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir or trainer.args.output_dir
-        if trainer.is_deepspeed_enabled:  # every rank: the fp32 masters and ZeRO-3 partitions are gathered
+        if is_deepspeed_engine(trainer.model_wrapped):  # every rank: the fp32 masters, ZeRO-3 partitions gathered
+            # (before train() there is no engine yet: the model itself, gathered below if zero.Init built it)
             from .hf import export_hf
 
             # in the dtype the engine trains the model in (a bf16 run: 2 bytes a weight, as transformers saves it)

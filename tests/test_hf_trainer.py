@@ -203,6 +203,16 @@ def test_save_model_writes_the_merged_model_and_checkpoints_the_wrapped_state(tm
     from safetensors import safe_open
     with safe_open(str(tmp_path / "checkpoint-5" / "model.safetensors"), "pt") as f:
         assert any(k.endswith("lora_A") for k in f.keys())
+    # README's recipe for a usable model from a checkpoint folder: wrap as in training, load its state (a tied
+    # head is not stored: missing is only it), unwrap, save; the same logits as the trained model.
+    from safetensors.torch import load_file
+    net = w.model(kind, quantize=quantize)
+    missing, unexpected = net.load_state_dict(load_file(tmp_path / "checkpoint-5" / "model.safetensors"), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    relora_ds.unwrap(net).save_pretrained(tmp_path / "from_checkpoint")
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "from_checkpoint").eval()(input_ids=x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_resume_with_another_cycle_length_counts_from_the_checkpoints_last_reset(tmp_path):
@@ -314,11 +324,17 @@ def test_save_model_of_a_bf16_deepspeed_run_writes_bf16(tmp_path):
     bf16 model (2 bytes a weight; a mutation passing no dtype wrote fp32 masters, twice the size, and no test
     trained in bf16 under DeepSpeed). One rank, ZeRO-2; the export loads in transformers as bf16 and holds the
     engine's weights: the last step follows the reset at step 6 at lr 0, so B = 0 and each merged weight is
-    the fp32 master rounded once, which is the engine's own bf16 copy."""
+    the fp32 master rounded once, which is the engine's own bf16 copy. save_model before train() (no engine
+    yet: it read the engine's module and failed) writes the model as it is, B = 0: its base weights."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--bf16", nprocs=1, timeout=600)
+    run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--bf16", "--save-before", nprocs=1,
+              timeout=600)
+    before = load_file(str(tmp_path / "before" / "model.safetensors"))
+    assert not any("lora" in k for k in before) and len(before) == len(load_file(str(tmp_path / "hf" /
+                                                                                    "model.safetensors")))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "before") is not None
     state = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert {t.dtype for t in state.values()} == {torch.bfloat16} and not any("lora" in k for k in state)
     trained = torch.load(tmp_path / "state.pt")

@@ -4,6 +4,7 @@ FSDP1, transformers' inference engine, optimizers without Adam moments or built 
 Trainer runs against their oracles: tests/test_hf_trainer.py."""
 import json
 import sys
+import warnings
 
 import pytest
 import torch
@@ -45,6 +46,24 @@ def test_misuse_is_named(tmp_path):
         short.create_scheduler(num_training_steps=3)
     with pytest.raises(ValueError, match="already a ReLoRA run"):
         enable_relora(trainer, cycle_length=3, restart_warmup_steps=1)
+    # Trainer settings the jagged cosine replaces, and checkpoint uploads of the wrapped state: said (silent)
+    other = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2,
+                              lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr": 1e-3})
+    hub = w.InOrder(model=w.model(), args=other, train_dataset=w.Windows())
+    hub.args.push_to_hub = True  # set after the Trainer is built: building it would create the hub repo
+    with pytest.warns(UserWarning) as said:
+        enable_relora(hub, cycle_length=3, restart_warmup_steps=1)
+    said = [str(m.message) for m in said]
+    assert any(m.startswith("enable_relora: lr_scheduler_type='cosine_with_min_lr' and lr_scheduler_kwargs="
+                            "{'min_lr': 0.001} are not used: ReLoRA's jagged cosine replaces") for m in said), said
+    assert any(m.startswith("enable_relora: push_to_hub with hub_strategy='every_save' uploads each checkpoint's "
+                            "model files, the wrapped state") for m in said), said
+    defaults = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2)
+    quiet = w.InOrder(model=w.model(), args=defaults, train_dataset=w.Windows())  # nothing to say
+    quiet.args.push_to_hub, quiet.args.hub_strategy = True, "end"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        enable_relora(quiet, cycle_length=3, restart_warmup_steps=1)
     model = w.model()
     opt = torch.optim.AdamW(model.parameters())
     own = w.InOrder(model=model, args=args, train_dataset=w.Windows(),

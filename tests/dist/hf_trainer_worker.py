@@ -75,10 +75,10 @@ def arguments(out_dir, batch) -> dict:
 
 
 def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", source=None, quantize=None, selective=False,
-        resume=None, relora_kw=None, **overrides):
+        resume=None, relora_kw=None, save_before=None, **overrides):
     """Train (from the checkpoint directory ``resume``, where given); returns (trainer, callback or None).
     ``selective``: the model recomputes its layers under relora_ds's selective checkpointing policy;
-    ``relora_kw``: enable_relora's arguments over RELORA."""
+    ``relora_kw``: enable_relora's arguments over RELORA; ``save_before``: save_model there before training."""
     args = TrainingArguments(**{**arguments(out_dir, batch), "deepspeed": deepspeed, **overrides})
     if source is not None and deepspeed is not None:
         # zero.Init (inside from_pretrained) needs the process group, which the Trainer would start only later
@@ -90,6 +90,8 @@ def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", source=None, 
         net.activation_checkpointing_enable(activation_checkpointing_kwargs=hf_checkpointing_kwargs(net))
     trainer = InOrder(model=net, args=args, train_dataset=Windows())
     callback = enable_relora(trainer, **{**RELORA, **(relora_kw or {})}) if relora else None
+    if save_before:
+        trainer.save_model(save_before)
     trainer.train(resume_from_checkpoint=resume)
     return trainer, callback
 
@@ -108,6 +110,7 @@ def main():
     ap.add_argument("--save-steps", type=int, help="a Trainer checkpoint every N steps")
     ap.add_argument("--resume", help="a Trainer checkpoint directory to resume from")
     ap.add_argument("--bf16", action="store_true", help="train in bf16 (DeepSpeed's bf16 section)")
+    ap.add_argument("--save-before", action="store_true", help="save_model to OUT/before before training")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     if a.refuse_config:
@@ -128,7 +131,8 @@ def main():
         saving = dict(save_strategy="steps", save_steps=a.save_steps) if a.save_steps else {}
         trainer, callback = run(a.out, batch=2 // a.grad_accum, deepspeed=ds, kind=a.model, source=a.source,
                                 gradient_accumulation_steps=a.grad_accum, selective=a.selective, resume=a.resume,
-                                bf16=a.bf16, **saving)
+                                bf16=a.bf16, save_before=os.path.join(a.out, "before") if a.save_before else None,
+                                **saving)
     # accelerate steps the engine only at accumulation boundaries: the merges after them are not inside one
     wrong = [str(x.message) for x in seen if "inside a gradient accumulation" in str(x.message)]
     assert not wrong, wrong

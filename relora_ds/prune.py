@@ -130,9 +130,11 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     """Zero, in place, the chosen fraction of each Adam moment of each given parameter.
 
     ``method``: 'magnitude' (smallest |value| per tensor), 'random', or 'reset' (all). Other parameters'
-    state is untouched. Adam's ``step`` is deliberately left alone: DeepSpeed keeps it per flat param
-    group, so it cannot be reset for the LoRA parameters alone, and the reference implementation does not
-    reset it either; keeping it makes single-process and ZeRO runs identical.
+    state is untouched. Adam's ``step`` is deliberately left alone, as the reference implementation leaves
+    it (DeepSpeed keeps one per flat param group; the trainer's LoRA factors have a group of their own, so it
+    could be reset there, but then the run would differ from the reference's): a pruned entry's first update
+    after a reset is then up to ~3.2·lr for a steady gradient once the step count is in the thousands
+    (README, "The step at lr 0 after a reset").
 
     ``joint=False`` (the paper): each moment is pruned by its own magnitudes, and exp_avg is also zeroed
     wherever exp_avg_sq is (``moment_masks``): an entry keeping exp_avg without exp_avg_sq would move lora_A

@@ -408,7 +408,7 @@ def test_unk_tokens_of_a_tokenizer_without_byte_fallback_are_counted_and_warned(
     assert load_manifest(out)["warnings"]["unk_tokens"] == want
 
 
-def test_an_unusable_builtin_cache_is_named_with_where_it_comes_from(tmp_path, monkeypatch, capsys):
+def test_an_unusable_builtin_cache_is_named_with_where_it_comes_from(tmp_path, capsys):
     """The built-in corpus goes to $RELORA_DATA_CACHE (or ~/.cache/relora_ds), a path the user never typed:
     when it cannot be created, launch/train.py's error names the variable and its value (it named only the
     path, and suggested prepare_data.py's --out)."""
@@ -420,10 +420,14 @@ def test_an_unusable_builtin_cache_is_named_with_where_it_comes_from(tmp_path, m
     import train as train_py
 
     (tmp_path / "afile").write_text("x")
-    monkeypatch.setenv("RELORA_DATA_CACHE", str(tmp_path / "afile"))
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    assert train_py.main(["--model", "debug", "--cycle-length", "4", "--total-steps", "8", "--warmup-steps", "2",
-                          "--output-dir", str(tmp_path / "run")]) == 2
+    saved = dict(os.environ)  # the process group's start sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR: a later
+    try:  # test in this worker then took itself for a rank of a distributed job (the Trainer wrapped DDP)
+        os.environ.update(RELORA_DATA_CACHE=str(tmp_path / "afile"), MASTER_PORT=str(free_port()))
+        assert train_py.main(["--model", "debug", "--cycle-length", "4", "--total-steps", "8", "--warmup-steps",
+                              "2", "--output-dir", str(tmp_path / "run")]) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     err = capsys.readouterr().err
     assert f"data dir {tmp_path / 'afile' / 'builtin-vocab2048'}: cannot create it" in err, err
     assert (f"[the built-in corpus's cache, from RELORA_DATA_CACHE={tmp_path / 'afile'}: set RELORA_DATA_CACHE to a "

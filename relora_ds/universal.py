@@ -64,7 +64,8 @@ def make_universal(ckpt_dir: Path, tag: str, param_groups: list[list[str]] | Non
 # record for the SLURM scripts to requeue on, where the trainer notes the signal and stops after the load.
 # Ignored signals stay ignored in the converter's worker processes (fork and exec keep SIG_IGN). The converter
 # leads its own process group, which it kills, workers included, once the trainer that started it is gone (a
-# worker outliving its converter would block for ever on the work queue).
+# worker outliving its converter would block for ever on the work queue). ds_to_universal's ProcessPoolExecutor
+# ends its workers with sentinels; a multiprocessing.Pool's terminate() relies on SIGTERM and can hang here.
 _SHIELDED = ("import os, runpy, signal, sys, threading, time\n"
              "for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):\n"
              "    signal.signal(s, signal.SIG_IGN)\n"

@@ -67,7 +67,9 @@ def test_the_converter_outlives_the_stop_signals_a_run_stops_cleanly_on(tmp_path
     group: the checkpoint converter (minutes at scale) ran in the trainer's group and died of USR1, failing
     the resume with no "preempted" record to requeue on. It now ignores TERM, USR1 and INT, as do the workers
     it forks, and finishes while the trainer notes the signal. Oracle: the signals are delivered to the child
-    and to its forked worker, whose default action would kill them, and both complete; a SIGKILL is named."""
+    and to its forked worker, whose default action would kill them, and both complete; a SIGKILL is named.
+    The worker pool is ds_to_universal's (a ProcessPoolExecutor): a `with multiprocessing.Pool` ends in
+    terminate(), which can hang for ever on workers that ignore SIGTERM (it hung once in CI, and within 300 pools in a loop)."""
     import os
     import signal
     import subprocess
@@ -80,6 +82,7 @@ def test_the_converter_outlives_the_stop_signals_a_run_stops_cleanly_on(tmp_path
 
     (tmp_path / "slow_module.py").write_text(
         "import multiprocessing as mp, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
         "def work(d):\n"
         "    open(os.path.join(d, 'worker.pid'), 'w').write(str(os.getpid()))\n"
         "    while not os.path.exists(os.path.join(d, 'go')):\n"
@@ -88,8 +91,8 @@ def test_the_converter_outlives_the_stop_signals_a_run_stops_cleanly_on(tmp_path
         "if __name__ == '__main__':\n"
         "    d = sys.argv[1]\n"
         "    open(os.path.join(d, 'child.pid'), 'w').write(str(os.getpid()))\n"
-        "    with mp.get_context('fork').Pool(1) as pool:\n"
-        "        print(pool.apply(work, (d,)), sys.argv[1:])\n")
+        "    with ProcessPoolExecutor(1, mp_context=mp.get_context('fork')) as pool:\n"
+        "        print(pool.submit(work, d).result(), sys.argv[1:])\n")
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     result = {}
     thread = threading.Thread(target=lambda: result.update(proc=universal.run_module_shielded(
@@ -99,12 +102,16 @@ def test_the_converter_outlives_the_stop_signals_a_run_stops_cleanly_on(tmp_path
     deadline = time.time() + 60
     while not all(p.exists() and p.read_text() for p in pids) and time.time() < deadline:
         time.sleep(0.05)
+    child = int(pids[0].read_text())
     for pid in (int(p.read_text()) for p in pids):
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             os.kill(pid, sig)
     time.sleep(0.3)
     (tmp_path / "go").touch()
     thread.join(60)
+    if thread.is_alive():
+        os.killpg(child, signal.SIGKILL)  # the converter's group: its worker too
+        pytest.fail("the shielded converter did not finish within 60 s of its go-ahead")
     assert result["proc"].returncode == 0, result["proc"].stderr
     assert result["proc"].stdout.strip() == f"7 [{str(tmp_path)!r}, 'x']"
 

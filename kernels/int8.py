@@ -35,7 +35,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from . import _runtime
-from .int8_reference import QMAX, RES_STEPS, int8_dequantize_reference, int8_lora_linear_reference, \
+from .int8_reference import MIN_SCALE, QMAX, RES_STEPS, int8_dequantize_reference, int8_lora_linear_reference, \
     int8_merge_reference_
 from .linear import _check_args, _check_triton_args, _fits_int32, differentiable_backward, run_backward, run_forward
 from .reference import check_dropout_p, check_scale, dropout_keep_mask
@@ -48,6 +48,7 @@ IN_GEMM_DEQUANT = False
 
 _QMAX = tl.constexpr(QMAX)  # kernels may read only constexpr globals
 _RES_STEPS = tl.constexpr(RES_STEPS)
+_MIN_SCALE = tl.constexpr(MIN_SCALE)
 
 
 @triton.jit
@@ -114,7 +115,7 @@ def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
     bits = tl.div_rn(rowmax, _QMAX).to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     s_new = bits.to(tl.float32, bitcast=True)
-    s_new = tl.where(s_new == 0.0, 1.0, s_new)
+    s_new = tl.where(rowmax == 0.0, 1.0, tl.maximum(s_new, _MIN_SCALE))  # the twin's floor: never subnormal
     for k0 in range(0, K, BLOCK_K):  # pass 2: recompute the tile, requantize, write in place
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = n_ok[:, None] & (offs_k[None, :] < K)

@@ -5,10 +5,10 @@ merges wherever Triton does not run (the int8 layer itself under ``RELORA_KERNEL
 Storage of a frozen weight W (out, in):
 
 - ``q`` int8 (out, in) in [-127, 127] and ``scale`` bf16 (out,): ``W ≈ q · scale[:, None]`` (per output
-  channel, absmax: ``scale = bf16(max|W_row| / 127)``). A bf16 scale costs 2 bytes per row instead of 4, which
-  keeps the frozen bytes ≤ 0.52× bf16 even at in_features = 64 (debug preset); the quantizer divides by the
-  *stored* scale, so its rounding changes the step by ≤ 2^-8 (relative) and the error bound stays
-  ``scale / 2``.
+  channel, absmax: ``scale = max(bf16(max|W_row| / 127), 2^-126)``; an all-zero row's scale is 1). A bf16
+  scale costs 2 bytes per row instead of 4, which keeps the frozen bytes ≤ 0.52× bf16 even at in_features =
+  64 (debug preset); the quantizer divides by the *stored* scale, so its rounding changes the step by ≤ 2^-8
+  (relative) and the error bound stays ``scale / 2``.
 - ``residual`` int8 (out, in), optional, kept in host memory: the next 8 bits, ``W ≈ (q + residual/254) ·
   scale``. It is the error-feedback term of a merge: a merge requantizes the 16-bit-accurate value, so the
   int8 weight stays one rounding away from the exact fp32-accumulated weight (see relora_ds/quant.py).
@@ -25,6 +25,10 @@ import torch.nn.functional as F
 from .reference import lora_dropout
 
 QMAX = 127
+# The smallest normal bf16 (and fp32), 2^-126: the floor of a nonzero row's scale. Below it a bf16 scale is
+# subnormal, with fewer significant bits (2^-133 holds one): its rounding broke the half-step error bound
+# (codes saturated at 127, up to ~50 steps from the weight) and a GPU flushing subnormals would zero it.
+MIN_SCALE = 2.0 ** -126
 RES_STEPS = 254  # residual units per int8 step: residual ∈ [-127, 127] covers the ±0.5-step rounding error
 
 
@@ -33,9 +37,11 @@ def round_half_up(v: torch.Tensor) -> torch.Tensor:
 
 
 def int8_scale(w32: torch.Tensor) -> torch.Tensor:
-    """Per-row absmax scale of an fp32 (out, in) tensor, stored in bf16; all-zero rows get scale 1."""
-    s = (w32.abs().amax(dim=1) / QMAX).to(torch.bfloat16)
-    return torch.where(s == 0, torch.ones_like(s), s)
+    """Per-row absmax scale of an fp32 (out, in) tensor, stored in bf16, at least MIN_SCALE (rows of absmax
+    below 127·2^-126 ≈ 1.5e-36 get codes below 127); all-zero rows get scale 1."""
+    absmax = w32.abs().amax(dim=1)
+    s = (absmax / QMAX).to(torch.bfloat16).clamp_min(MIN_SCALE)
+    return torch.where(absmax == 0, torch.ones_like(s), s)
 
 
 def int8_quantize_reference(w: torch.Tensor, residual: bool = False):

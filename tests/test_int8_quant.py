@@ -247,18 +247,43 @@ def test_quantizer_rounds_ties_half_up_like_the_kernels():
     assert q.tolist() == [[127, 1, 3, 0, -1, -2]]
 
 
-def test_a_row_with_a_subnormal_scale_saturates_at_127_instead_of_wrapping():
-    """A row of absmax 177.8·2^-133 (≈1.6e-38): absmax/127 = 1.4·2^-133 is a bf16 subnormal, whose spacing is
-    2^-133, so the stored scale rounds to 2^-133 and the row's largest element is 177.8 steps: the int8 code
-    saturates at 127 (hand-computed), it does not wrap around to -78 and flip the weight's sign; -88.9 steps
-    rounds half up to -89. (Such rows lose the half-step error bound, which assumes the bf16 scale's 2^-8
-    relative rounding; a mutation audit found the clamp to ±127 removable with every test passing.)"""
+def test_a_row_too_small_for_a_normal_bf16_scale_keeps_the_half_step_bound():
+    """A row of absmax 177.8·2^-133 (≈1.6e-38): absmax/127 = 1.4·2^-133 is a bf16 subnormal (spacing 2^-133),
+    which rounded the scale to 2^-133 and put the row's largest element 177.8 steps out, its code saturated at
+    127 (50 steps off). The scale is floored at the smallest normal 2^-126: codes 177.8/128 -> 1 and
+    -88.9/128 -> -1, residuals 0.389·254 -> 99 and 0.305·254 -> 78 (hand-computed), and rows from 1e-45 up
+    to past the floor (127·2^-126 ≈ 1.49e-36) keep the half-step bound; an all-zero row keeps scale 1."""
     step = 2.0 ** -133
-    w = torch.tensor([[1.4 * 127 * step, -0.7 * 127 * step, 0.0]])
+    w = torch.tensor([[1.4 * 127 * step, -0.7 * 127 * step, 0.0], [0.0, 0.0, 0.0]])
     q, s, r = rk.int8_quantize_reference(w, residual=True)
-    assert s.float().item() == step
-    assert q.tolist() == [[127, -89, 0]]
-    assert r.abs().max() <= 127
+    assert s.float().tolist() == [2.0 ** -126, 1.0]
+    assert q.tolist() == [[1, -1, 0], [0, 0, 0]] and r.tolist() == [[99, 78, 0], [0, 0, 0]]
+    absmax = torch.tensor([1e-45, 1e-40, 1.6e-38, 1e-37, 1.4e-36, 1.5e-36, 1.6e-36, 1e-30])
+    w = absmax[:, None] * torch.linspace(-1, 1, 9)[None, :] * torch.tensor([1.0, -0.3, 0.77, 0.1, 1, 0.5, -1, 0.9, 1])
+    q, s, r = rk.int8_quantize_reference(w, residual=True)
+    assert (s.float() >= 2.0 ** -126).all() and q.abs().max() <= 127
+    err = (rk.int8_dequantize_reference(q, s).double() - w.double()).abs()
+    assert (err <= s.double()[:, None] * 0.5).all()
+    err16 = (rk.int8_dequantize_reference(q, s, residual=r).double() - w.double()).abs()
+    assert (err16 <= s.double()[:, None] * (0.501 / 254)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_kernel_floors_a_tiny_rows_scale_as_the_twin(kernels_on, device):
+    """A merge whose rows come out at 1e-45..1.6e-36 (and one exactly zero): the kernel's scale is the twin's
+    (floored at 2^-126, 1 for the zero row), its codes and residuals equal. Before the floor the kernel stored
+    subnormal scales (and a GPU flushing subnormals would store 0, then 1)."""
+    absmax = torch.tensor([1e-45, 1e-40, 1.6e-38, 1e-37, 1.5e-36, 0.0])
+    A = absmax[:, None] * torch.tensor([[1.0, -0.4, 0.77, -1.0, 0.3]])  # (r=6, in=5); B = I: rows = A's
+    B = torch.eye(6)
+    q, s, res = torch.zeros(6, 5, dtype=torch.int8), torch.ones(6, dtype=torch.bfloat16), torch.zeros(6, 5,
+                                                                                                     dtype=torch.int8)
+    ref = [q.clone(), s.clone(), res.clone()]
+    rk.int8_merge_reference_(*ref, A, B, 1.0)
+    assert ref[1].float().tolist() == [2.0 ** -126] * 4 + [ref[1].float()[4].item(), 1.0]
+    got = [q.to(device), s.to(device), res.clone()]
+    rk.int8_merge_(*got, A.to(device), B.to(device), 1.0)
+    assert torch.equal(got[1].cpu(), ref[1]) and torch.equal(got[0].cpu(), ref[0]) and torch.equal(got[2], ref[2])
 
 
 def test_dequantize_to_fp16_is_the_fp32_product_rounded_once():

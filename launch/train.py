@@ -72,9 +72,15 @@ def main(argv=None) -> int:
         if trainer is not None:  # a NaN stop or any exception: the last TensorBoard events are written too,
             trainer.metrics.close(exit_code=status)  # and W&B marks the run failed
             trainer.close()  # the output_dir lock and the signal handlers (main() may run in-process)
-        # Shut the process group down on every exit path, also when main() is called in-process.
+        # Shut the process group down on every exit path, also when main() is called in-process: through
+        # DeepSpeed when it started it, which also drops its groups (the world group's clone with the run's
+        # timeout, which a later in-process run would otherwise find made and use, destroyed).
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            ds_comm = sys.modules.get("deepspeed.comm.comm")
+            if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+                ds_comm.destroy_process_group()
+            else:
+                torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

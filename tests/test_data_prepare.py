@@ -428,6 +428,8 @@ def test_an_unusable_builtin_cache_is_named_with_where_it_comes_from(tmp_path, c
     finally:
         os.environ.clear()
         os.environ.update(saved)
+    from deepspeed.utils import groups  # main() ended DeepSpeed's groups too: a later in-process run makes its own
+    assert groups._WORLD_GROUP is None
     err = capsys.readouterr().err
     assert f"data dir {tmp_path / 'afile' / 'builtin-vocab2048'}: cannot create it" in err, err
     assert (f"[the built-in corpus's cache, from RELORA_DATA_CACHE={tmp_path / 'afile'}: set RELORA_DATA_CACHE to a "

@@ -74,6 +74,41 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+# What a launcher gives each rank: left in os.environ by a test (launch/train.py's main() run in-process, whose
+# process group start sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR), they made a later test in the same xdist
+# worker take itself for a rank of a distributed job: the HF Trainer wrapped DDP (CI, 2026-12-06).
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE",
+                  "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_launcher_environment():
+    """Fails the test that leaves a launcher's variable changed, or a torch.distributed process group started,
+    after its own fixtures (monkeypatch) have undone theirs; restores the variables and ends the group first,
+    so the tests after it run as they would alone."""
+    import sys
+
+    before = {k: os.environ.get(k) for k in _LAUNCHER_VARS}
+    dist = sys.modules.get("torch.distributed")
+    group_before = dist is not None and dist.is_available() and dist.is_initialized()
+    yield
+    leaked = {k: os.environ.get(k) for k in _LAUNCHER_VARS if os.environ.get(k) != before[k]}
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    dist = sys.modules.get("torch.distributed")
+    group_left = not group_before and dist is not None and dist.is_available() and dist.is_initialized()
+    if group_left:
+        dist.destroy_process_group()
+    left = [f"the launcher variables {leaked}"] * bool(leaked) + ["a torch.distributed process group"] * group_left
+    if left:
+        pytest.fail(f"this test left {' and '.join(left)} behind in this pytest process: later tests here would "
+                    "run as ranks of a job. Undo it in the test (monkeypatch.setenv; save and restore os.environ "
+                    "around an in-process main(); destroy_process_group)", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def small_data_dir(tmp_path_factory):
     """The built-in corpus, first 1500 documents, 512-token SentencePiece vocab (prepared once per session)."""

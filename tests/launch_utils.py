@@ -1,6 +1,7 @@
 """Run a script on N CPU ranks (gloo) from a test: under the deepspeed launcher, or started directly with the
 environment that launcher gives its ranks (run_ranks: the same ranks, without the launcher's ~5 s)."""
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -12,10 +13,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_LOWEST_PORT = 10000
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now that nothing else in the test run is likely to take before a rank binds it (seconds
+    later, after its start-up). ``bind(0)`` picked from the kernel's ephemeral range, where every outgoing
+    connection (the other xdist worker's gloo pairs, a hundred per run) takes its local port: one could take
+    a picked port before rank 0's store bound it. So: a random port below that range, in a block of its own
+    per xdist worker (the workers never pick the same), checked bindable now."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    index, count = (int(worker) if worker.isdigit() else 0), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    span = (low - _LOWEST_PORT) // max(count, 1)
+    if span < 100:  # an unusual ephemeral range: the kernel's pick
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    pick = random.SystemRandom()  # not the global generator, which tests seed
+    for _ in range(200):
+        port = _LOWEST_PORT + index % max(count, 1) * span + pick.randrange(span)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port among 200 tried in [{_LOWEST_PORT + index * span}, "
+                       f"{_LOWEST_PORT + (index + 1) * span})")
 
 
 def launch_env() -> dict:
@@ -94,10 +122,27 @@ def run_ranks(script, *args, nprocs: int = 2, timeout: int = 600, cwd=ROOT, mast
     return _check(cmd, proc) if check else proc
 
 
+def run_group(cmd, timeout: int, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)``, but a timeout kills
+    the command's whole process group: subprocess.run kills only the launcher, leaving its ranks to load the
+    machine (and push later tests past their limits)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C)
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_deepspeed(script, *args, nprocs: int = 2, timeout: int = 600, cwd=ROOT,
                   master_port: int | None = None) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).with_name("deepspeed")
     port = master_port or free_port()
     cmd = [str(launcher), "--num_gpus", str(nprocs), "--master_port", str(port), str(script), *map(str, args)]
-    return _check(cmd, subprocess.run(cmd, cwd=cwd, env=launch_env(), capture_output=True, text=True,
-                                      timeout=timeout))
+    return _check(cmd, run_group(cmd, timeout, cwd=cwd, env=launch_env()))

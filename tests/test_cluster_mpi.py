@@ -44,7 +44,7 @@ def test_mpirun_two_ranks(tmp_path):
     port = free_port()
     per_rank_port = f'MASTER_PORT=$(({port} + ${{PMI_RANK:-${{OMPI_COMM_WORLD_RANK:-0}}}})) exec "$0" "$@"'
     cmd = [*_mpirun(), "-np", "2", "bash", "-c", per_rank_port, sys.executable, str(ROOT / "launch/train.py"),
-           "--collective-timeout-min", "2",
+           "--collective-timeout-min", "5",
            "--config", str(ROOT / "launch/configs/tiny.yaml"), "--deepspeed", str(ROOT / "ds_configs/zero2_fp32.json"),
            "--total-steps", "12", "--warm-start-steps", "4", "--cycle-length", "4", "--restart-warmup-steps", "2",
            "--warmup-steps", "2", "--eval-every", "12", "--eval-windows", "16", "--micro-batch-size", "4",

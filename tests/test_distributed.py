@@ -162,7 +162,8 @@ def test_without_mpi4py_a_single_process_starts_and_several_ranks_get_one_line(t
             "    init_distributed(auto_mpi_discovery=True, distributed_port=int(os.environ.get('MASTER_PORT', 29500)))\n"
             "except ValueError as e:\n"
             "    print('error:', e); sys.exit(2)\n"
-            "import torch.distributed as dist\nprint('world', dist.get_world_size(), dist.get_rank())\n")
+            "import torch.distributed as dist\nprint('world', dist.get_world_size(), dist.get_rank())\n"
+            "from relora_ds.distributed import exit_process\nexit_process(0)  # a plain exit can abort in gloo\n")
     from relora_ds.distributed import _LAUNCHER_VARS
     import subprocess
     import sys

@@ -194,7 +194,8 @@ def _bf16_accumulation_worker(out: str) -> None:
 
 
 if __name__ == "__main__":
-    _bf16_accumulation_worker(sys.argv[1])
+    from relora_ds.distributed import run_and_exit  # a normal exit can abort in gloo's teardown (exit -6)
+    run_and_exit(lambda: _bf16_accumulation_worker(sys.argv[1]))
 
 
 def test_completed_config_carries_every_recipe_value():

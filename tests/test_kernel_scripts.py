@@ -172,7 +172,7 @@ def test_gpu_tests_groups_hold_every_cuda_case_once():
     last ones): together they must hold every CUDA case of tests/test_kernels.py, none twice, and the int8 and
     dispatch files."""
     proc = subprocess.run(["bash", str(ROOT / "launch" / "gpu_tests.sh"), "--collect-only", "-qq"],  # -v -qq: ids
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)  # 8 pytest start-ups
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     got = [line for line in proc.stdout.splitlines() if "::" in line]
     kernels = [t for t in got if t.startswith("tests/test_kernels.py::")]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from launch_utils import ROOT, free_port, launch_env, run_ranks
+from launch_utils import ROOT, free_port, launch_env, run_group, run_ranks
 from trainer_utils import FP32_ZERO2, RECIPE, export_equals_the_trainers, read_losses, train1, write
 
 def test_two_rank_run_leaves_no_shared_memory_behind(uninterrupted_run):
@@ -298,9 +298,9 @@ def test_torchrun_launcher(tmp_path, small_data_dir):
     recipe, ds = write(tmp_path, small_data_dir, total_steps=4, warm_start_steps=0, cycle_length=2,
                         restart_warmup_steps=1, warmup_steps=1, eval_every=0)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()),
-                           str(ROOT / "launch/train.py"), "--config", str(recipe), "--deepspeed", str(ds)],
-                          cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600)
+    proc = run_group([torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()),
+                      str(ROOT / "launch/train.py"), "--config", str(recipe), "--deepspeed", str(ds)], 600,
+                     cwd=ROOT, env=launch_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 rank(s)" in proc.stdout + proc.stderr
     losses, recs = read_losses(tmp_path / "run")

@@ -94,7 +94,9 @@ def test_ctrl_c_finishes_the_step_saves_and_stops_a_second_aborts(tmp_path, smal
                              str(ds)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 300
     while not (metrics.is_file() and '"step": 3,' in metrics.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()  # a run still going would make communicate() wait out its 200 steps
+            pytest.fail(f"the run ended or did not reach step 3 within 300 s: {proc.communicate()[1][-3000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)

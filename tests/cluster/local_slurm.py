@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,9 +27,11 @@ class SlurmUnavailable(RuntimeError):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """tests/launch_utils.py's pick (below the ephemeral range, a block per xdist worker): the daemons bind
+    these ports seconds later, while the other worker's ranks open connections."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from launch_utils import free_port
+    return free_port()
 
 
 def ensure_installed(timeout: int = 300) -> None:

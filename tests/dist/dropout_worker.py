@@ -41,6 +41,8 @@ trainer = Trainer(cfg, "ds_configs/zero2_fp32.json")
 trainer.train()
 keep, as_seeded = first[0]
 digest = hashlib.sha256(np.ascontiguousarray(keep.cpu().numpy()).tobytes()).hexdigest()[:16]
-print(f"RANK {dist.get_rank()} AS_SEEDED {as_seeded} MASK {digest} {tuple(keep.shape)}", flush=True)
+# One write: print's separate newline let the two ranks' lines (on one shared stdout) join into one.
+sys.stdout.write(f"RANK {dist.get_rank()} AS_SEEDED {as_seeded} MASK {digest} {tuple(keep.shape)}\n")
+sys.stdout.flush()
 trainer.close()
 exit_process(0)

@@ -296,3 +296,12 @@ def test_amsgrad_running_max_is_pruned_with_exp_avg_sq():
     assert int(pruned.sum()) == 360 and torch.equal(pruned, sq <= sq.flatten().kthvalue(360).values)
     assert not torch.equal(state["exp_avg"] == 0, pruned)  # the masks differ: the test can tell them apart
     assert torch.equal(state["max_exp_avg_sq"] == 0, pruned)
+
+
+def test_mass_share_of_moments_that_hold_no_mass_is_zero():
+    """A prune of moments that are already all zero (a second 'reset' with no step between) zeroes every
+    entry but no L1 mass: {key}_mass is 0/0, reported as 0.0 (nothing held was lost), not 1.0 or NaN."""
+    opt, a = _opt()
+    relora_ds.prune_optimizer_state(opt, [a], "reset")
+    assert relora_ds.prune_optimizer_state(opt, [a], "reset") == \
+        {"exp_avg": 1.0, "exp_avg_sq": 1.0, "exp_avg_mass": 0.0, "exp_avg_sq_mass": 0.0}

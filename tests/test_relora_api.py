@@ -95,6 +95,26 @@ def test_unwrap_keeps_the_base_dtype_when_lora_masters_are_fp32():
     model(torch.randint(0, 128, (1, 8)))  # one dtype throughout: runs
 
 
+def test_merged_weight_and_the_merged_state_dict_keep_the_base_dtype_with_fp32_masters():
+    """merged_weight() (what relora_ds.hf.merged_state_dict and so export_hf write) defaults to the base
+    weight's dtype, not the factors': a bf16 model with fp32 LoRA masters exports round_bf16(W + s·B·A),
+    summed in fp32, as bf16 like every other tensor (fp32 would double those layers and mix dtypes)."""
+    from relora_ds.hf import merged_state_dict
+    model = relora_ds.wrap(_tiny_llama().to(torch.bfloat16), rank=4)
+    g = torch.Generator().manual_seed(0)
+    for _, l in relora_ds.relora_layers(model):
+        l.lora_A.data = l.lora_A.data.float()
+        l.lora_B.data = torch.randn(l.lora_B.shape, generator=g) * 0.1
+    layer = model.model.layers[0].self_attn.q_proj
+    want = (layer.weight.float() + layer.scale * layer.lora_B.data @ layer.lora_A.data).to(torch.bfloat16)
+    got = layer.merged_weight()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert layer.merged_weight(torch.float32).dtype == torch.float32  # an explicit dtype still wins
+    state = merged_state_dict(model)
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.weight"], want)
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.bfloat16}
+
+
 def test_standalone_layer_with_bias_starts_like_nn_linear():
     """A layer built directly draws nn.Linear's weight and bias: the same values from the same seed."""
     torch.manual_seed(3)
@@ -241,6 +261,25 @@ def test_prune_names_a_model_or_module_passed_in_the_wrong_place():
         relora_ds.prune_optimizer_state(model, relora_ds.lora_parameters(model))
     with pytest.raises(ValueError, match=r"params is a module .*relora_ds.lora_parameters\(model\)"):
         relora_ds.prune_optimizer_state(opt, model)
+
+
+def test_prune_names_the_engine_when_given_deepspeeds_optimizer_wrapper():
+    """engine.optimizer (DeepSpeed's fp16/ZeRO wrappers, whose moments live with the fp32 masters) passed to
+    prune_optimizer_state is refused naming the engine as what to pass, before any state is read (bare
+    instances: their class is what is checked, as for the FSDP1 refusal)."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    params = relora_ds.lora_parameters(relora_ds.wrap(_tiny_llama(), rank=4))
+    for cls in (FP16_Optimizer, DeepSpeedZeroOptimizer):
+        with pytest.raises(ValueError, match=rf"got DeepSpeed's {cls.__name__}; pass the engine itself"):
+            relora_ds.prune_optimizer_state(cls.__new__(cls), params)
+
+
+def test_merging_a_model_without_relora_layers_says_to_wrap_it_first():
+    """merge_and_reinit of a plain model (wrap forgotten, or after unwrap) is a ValueError naming wrap."""
+    for model in (_tiny_llama(), relora_ds.unwrap(relora_ds.wrap(_tiny_llama(), rank=4))):
+        with pytest.raises(ValueError, match=r"no ReLoRALinear layers \(call relora_ds.wrap first\)"):
+            relora_ds.merge_and_reinit(model)
 
 
 def test_deepspeeds_engine_subclasses_are_engines_everywhere():

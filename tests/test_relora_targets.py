@@ -121,6 +121,28 @@ def test_gpt2_conv1d_layers_wrap_merge_and_unwrap_to_conv1d(tmp_path, quantize):
         torch.testing.assert_close(loaded(x).logits, before, rtol=1e-5, atol=1e-5)
 
 
+def test_a_wrapped_gpt2_state_dict_loads_back_untransposed():
+    """A wrapped model's own state dict (a checkpoint of a run, with lora_A) holds each base in the layer's
+    (out, in) layout and loads as it is; only the plain model's Conv1D (in, out) weight is transposed on load.
+    GPT-2's attn.c_proj (the layers wrapped here) is square, so a transposed base would load without a shape
+    error: oracle, the saved model's logits and tensors."""
+    model = relora_ds.wrap(_tiny_gpt2(), rank=4, target_modules=r".*\.attn\.c_proj")
+    with torch.no_grad():
+        for _, layer in relora_ds.relora_layers(model):
+            layer.lora_B.normal_(std=0.1)
+    relora_ds.merge_and_reinit(model)  # a base that is no longer the plain checkpoint's
+    with torch.no_grad():
+        for _, layer in relora_ds.relora_layers(model):
+            layer.lora_B.normal_(std=0.1)
+    state = copy.deepcopy(model.state_dict())
+    fresh = relora_ds.wrap(_tiny_gpt2(), rank=4, target_modules=r".*\.attn\.c_proj")
+    fresh.load_state_dict(state)
+    assert all(torch.equal(t, fresh.state_dict()[k]) for k, t in state.items())
+    x = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, model(x).logits)
+
+
 @pytest.mark.parametrize("targets", ["all-linear", r".*\.attn\.c_proj"])
 def test_a_gpt2_wrapped_on_meta_loads_the_plain_gpt2_checkpoint(targets):
     """The large-model load: build and wrap on meta, to_empty, load the base model's own state (strict=False).

@@ -62,3 +62,19 @@ def test_the_baselines_never_merge_or_reset(monkeypatch, mode):
         cfg = TrainConfig(mode=mode, cycle_length=4, restart_warmup_steps=2, total_steps=12)
     engine = SimpleNamespace(module=None, global_steps=0, skipped_steps=0)
     assert all(reset_hook.after_step(engine, step, cfg, cycle_start=0) is None for step in range(1, 13))
+
+
+def test_nothing_is_due_at_the_cycles_anchor_itself(monkeypatch):
+    """after_step at step == cycle_start (the switch, or the checkpoint's last reset a resume counts from) does
+    nothing: that step's reset, if any, was already done; the next merge is merge_every steps on."""
+    from types import SimpleNamespace
+
+    from relora_ds import reset_hook
+    from relora_ds.train_config import TrainConfig
+
+    monkeypatch.setattr(reset_hook, "merge_and_reinit", lambda engine: pytest.fail("merged"))
+    monkeypatch.setattr(reset_hook, "prune_optimizer_state", lambda *a, **kw: pytest.fail("pruned"))
+    cfg = TrainConfig(cycle_length=4, restart_warmup_steps=2, total_steps=12)
+    engine = SimpleNamespace(module=None, global_steps=8, skipped_steps=0)
+    assert [reset_hook.after_step(engine, s, cfg, cycle_start=s) for s in (0, 4, 8)] == [None] * 3
+    assert reset_hook.events_due(0, 4, 2) == (False, False)

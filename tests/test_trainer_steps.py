@@ -153,3 +153,92 @@ def test_each_rank_draws_its_own_lora_dropout_masks(tmp_path, small_data_dir):
     assert [line[:4] for line in lines] == [["RANK", "0", "AS_SEEDED", "True"], ["RANK", "1", "AS_SEEDED", "True"]], \
         proc.stdout[-3000:] + proc.stderr[-3000:]
     assert lines[0][5] != lines[1][5] and lines[0][6:] == lines[1][6:], lines  # other masks, same shape
+
+
+def _stub_train_step(monkeypatch, grads, losses, world=1, ckpt_dir=None):
+    """StepsMixin._train_step on a stub stage-0 engine (no DeepSpeed, no process group): ``len(losses)``
+    micro-batches, the i-th backward leaving ``grads[i]`` in the one parameter; the all-reduce sums over
+    ``world`` ranks that all hold this rank's values. Returns (the step's loss, optimizer steps applied,
+    scheduler steps, events)."""
+    import torch
+    from types import SimpleNamespace
+
+    from relora_ds import steps
+
+    monkeypatch.setattr(steps.dist, "all_reduce", lambda t: t.mul_(world))
+    param = torch.nn.Parameter(torch.zeros(2))
+    calls = {"opt": 0, "sched": 0}
+
+    class Optimizer:
+        def step(self):
+            calls["opt"] += 1
+
+    class Engine:
+        device, module, optimizer = "cpu", torch.nn.Sequential(), Optimizer()
+        lr_scheduler = SimpleNamespace(step=lambda: calls.__setitem__("sched", calls["sched"] + 1))
+
+        def __init__(self):
+            self.module.p, self.micro, self.applied = param, 0, True
+
+        def get_lr(self):
+            return [1e-3]
+
+        def gradient_accumulation_steps(self):
+            return len(losses)
+
+        def __call__(self, batch, labels):
+            return SimpleNamespace(loss=torch.tensor(losses[self.micro]))
+
+        def backward(self, loss):
+            param.grad = torch.tensor(grads[self.micro])
+            self.micro += 1
+
+        def step(self):  # DeepSpeed's stage 0: at the accumulation boundary the optimizer's step, skipped on
+            if self.micro < len(losses):  # its overflow flag; nothing before the boundary
+                return
+            self.applied = not getattr(self.optimizer, "overflow", False)
+            if self.applied:
+                self.optimizer.step()
+                self.lr_scheduler.step()
+
+        def was_step_applied(self):
+            return self.applied
+
+    class Trainer(steps.StepsMixin):
+        pass
+
+    events = []
+    t = Trainer()
+    t.__dict__.update(engine=Engine(), batches=iter([torch.zeros(1, 4, dtype=torch.long)] * len(losses)),
+                      own_grad_norm=True, grad_norm=None, _stop_signal=0, world=world, step=0, fp16=False,
+                      _event=events.append, ckpt_dir=ckpt_dir)
+    return t._train_step(), calls["opt"], calls["sched"], events, t.grad_norm
+
+
+def test_a_step_logs_the_mean_loss_of_its_micro_batches_over_the_ranks(monkeypatch):
+    """The step's loss is the mean over its micro-batches (not the last one's) and over the ranks (the
+    all-reduce's sum divided by the world size): micro losses 1 and 3 on each of 2 ranks give 2."""
+    loss, applied, sched, events, norm = _stub_train_step(monkeypatch, [[3.0, 0.0], [3.0, 4.0]], [1.0, 3.0], world=2)
+    assert loss == 2.0 and (applied, sched, events) == (1, 1, [])
+    assert norm == 5.0  # the norm of the gradient after the last micro-batch
+
+
+def test_an_infinite_gradient_norm_skips_the_update_like_a_nan_one(monkeypatch):
+    """Stage 0 skips an update whose gradient norm is not finite: +inf (an overflowing gradient with no NaN
+    in it) as well as NaN. The schedule still advances and a step_skipped event is logged."""
+    import math
+    for bad in (float("inf"), float("nan")):
+        loss, applied, sched, events, norm = _stub_train_step(monkeypatch, [[1.0, bad]], [2.0])
+        assert loss == 2.0 and not math.isfinite(norm)
+        assert (applied, sched) == (0, 1), bad
+        assert [(e["event"], e["step"], e["reason"]) for e in events] == \
+            [("step_skipped", 1, "non-finite gradient norm")]
+
+
+def test_a_non_finite_step_loss_stops_the_run_naming_the_last_checkpoint(monkeypatch, tmp_path):
+    """A NaN loss (finite gradients) raises FloatingPointError naming the step and the checkpoint to resume
+    from, instead of training on."""
+    (tmp_path / "step_4").mkdir()
+    (tmp_path / "latest").write_text("step_4")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 1; .*step_4"):
+        _stub_train_step(monkeypatch, [[1.0, 0.0]], [float("nan")], ckpt_dir=tmp_path)

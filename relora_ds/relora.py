@@ -289,7 +289,9 @@ class ReLoRALinear(nn.Module):
         if self.merge_residual is not None:  # error feedback: W + residual + s·B·A, rounded once, remainder kept
             exact = base.to(_acc_dtype(base.dtype)) + self.merge_residual.to(base.device, torch.float32) + delta
             base.copy_(exact.to(base.dtype))
-            self.merge_residual.copy_((exact - base.float()).to(torch.bfloat16).cpu())
+            # In exact's dtype: base.float() put an fp64 base's own fp32 rounding error in the residual, which
+            # the next merge added to W (W drifted under zero updates).
+            self.merge_residual.copy_((exact - base.to(exact.dtype)).to(torch.bfloat16).cpu())
             return
         base.copy_((base.to(_acc_dtype(base.dtype)) + delta).to(base.dtype))
 

@@ -312,6 +312,19 @@ def test_activation_checkpointing_layers_are_checked():
             model.gradient_checkpointing_enable(num_layers=bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_merges_of_a_zero_update_leave_a_base_with_merge_residual_as_it_was(dtype):
+    """B = 0 (a fresh layer): each merge adds nothing, so W and the residual stay exactly as they were. An
+    fp64 base drifted by 5.6e-9 in three merges: its residual was taken against base.float(), W's own fp32
+    rounding error, which the next merge added in (a mutation trial's find)."""
+    torch.manual_seed(0)
+    layer = ReLoRALinear(64, 32, rank=4, name="l", dtype=dtype, merge_residual=True)
+    w0 = layer.weight.detach().clone()
+    for _ in range(3):
+        layer.merge_()
+    assert torch.equal(layer.weight, w0) and not layer.merge_residual.any()
+
+
 def test_merge_residual_keeps_frequent_small_bf16_merges():
     """100 merges of small updates (0.1% of the weights' std each) into a bf16 base: rounding each result
     to bf16 loses most of them; with merge_residual (error feedback) the weight stays within one bf16

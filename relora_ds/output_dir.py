@@ -122,6 +122,11 @@ def check_shared_output_dir(out: Path, rank: int, world: int, tries: int = 31, p
                      "Lustre, ...) at the same path")
 
 
+def holds_output_dir_lock(out: Path) -> bool:
+    """Whether this process holds ``output_dir``'s lock (lock_output_dir then hands back the held one)."""
+    return (Path(out) / LOCK_FILE).resolve() in _HELD
+
+
 def unlock_output_dir(out: Path) -> None:
     """Release this process's lock on ``output_dir`` (none held: nothing to do)."""
     f = _HELD.pop((Path(out) / LOCK_FILE).resolve(), None)

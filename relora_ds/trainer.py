@@ -43,7 +43,8 @@ from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_lin
 from .relora import lora_parameters
 from .resume import CheckpointsMixin
 from .ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device, nvme_offloads
-from .output_dir import check_output_dir, check_shared_output_dir, lock_output_dir, unlock_output_dir
+from .output_dir import check_output_dir, check_shared_output_dir, holds_output_dir_lock, lock_output_dir, \
+    unlock_output_dir
 from .resume_plan import plan_resume, resume_progress
 from .startup import apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels, \
     check_model_and_data, train_data_record, unused_vocab_size
@@ -64,6 +65,19 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         """``early_stop``: returns the number of a stop signal (SIGTERM/SIGUSR1) the process got before this
         Trainer installed its handler, else 0 (launch/train.py records them from its first line): the run
         then stops before its first step."""
+        self._signal_handlers, self._took_lock = {}, False
+        try:
+            self._build(cfg, ds_config_path, early_stop)
+        except BaseException:
+            # A refused recipe releases the output_dir lock it took (not one an earlier Trainer in this process
+            # holds): a notebook's process held it until it ended, refusing a run started elsewhere.
+            if self._took_lock:
+                unlock_output_dir(self.out)
+            for sig, handler in self._signal_handlers.items():
+                signal.signal(sig, handler)
+            raise
+
+    def _build(self, cfg: TrainConfig, ds_config_path: str | None, early_stop: Callable[[], int] | None) -> None:
         self.cfg = cfg
         apply_kernels_setting(cfg.kernels)
         check_kernels(cfg, torch.cuda.is_available())
@@ -80,7 +94,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
                          timeout=datetime.timedelta(minutes=cfg.collective_timeout_min))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.out = Path(cfg.output_dir)
-        self._signal_handlers = {}
+        self._took_lock = self.rank == 0 and not holds_output_dir_lock(self.out)
         with self._warnings_on_rank_zero():  # rank 0's lock on output_dir, until close() or the process ends
             on_rank_zero(lambda: lock_output_dir(self.out))
         check_shared_output_dir(self.out, self.rank, self.world)  # node-local disks: every rank stops here

@@ -430,6 +430,14 @@ def test_an_unusable_builtin_cache_is_named_with_where_it_comes_from(tmp_path, c
         os.environ.update(saved)
     from deepspeed.utils import groups  # main() ended DeepSpeed's groups too: a later in-process run makes its own
     assert groups._WORLD_GROUP is None
+    # The refused Trainer released the output_dir lock it took: another process may run there (it was held,
+    # and its file left open, until this process ended).
+    import fcntl
+
+    from relora_ds.output_dir import LOCK_FILE, holds_output_dir_lock
+    assert not holds_output_dir_lock(tmp_path / "run")
+    with open(tmp_path / "run" / LOCK_FILE) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a lock held elsewhere raises BlockingIOError
     err = capsys.readouterr().err
     assert f"data dir {tmp_path / 'afile' / 'builtin-vocab2048'}: cannot create it" in err, err
     assert (f"[the built-in corpus's cache, from RELORA_DATA_CACHE={tmp_path / 'afile'}: set RELORA_DATA_CACHE to a "

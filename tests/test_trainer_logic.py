@@ -160,6 +160,29 @@ def test_the_trainer_names_a_training_split_too_small_before_reading_it(tmp_path
     assert str(e.value).startswith(message.format(data=data)), str(e.value)
 
 
+def test_a_refused_trainer_releases_the_output_dir_lock_it_took_not_one_held_before(tmp_path, monkeypatch):
+    """Trainer.__init__ refusing a recipe after it locked output_dir (a split too small) kept the lock until
+    the process ended: a notebook's refused recipe refused a run started elsewhere in that dir. The lock it took
+    is released; one this process held before (as a Trainer built earlier here holds it) stays held."""
+    from relora_ds.output_dir import holds_output_dir_lock, lock_output_dir, unlock_output_dir
+    from relora_ds.train_config import TrainConfig
+    from trainer_utils import in_process_trainer, packed_data_dir
+
+    trainer_mod = in_process_trainer(monkeypatch)
+    run = tmp_path / "run"
+    cfg = TrainConfig(model="debug", seq_len=2048, data_dir=str(packed_data_dir(tmp_path / "data", 1_500, 4_000)),
+                      output_dir=str(run), rank=4, cycle_length=4, restart_warmup_steps=2, warmup_steps=2,
+                      total_steps=8, micro_batch_size=1, global_batch_size=8, eval_every=0, export=False)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        trainer_mod.Trainer(cfg)
+    assert not holds_output_dir_lock(run)
+    lock_output_dir(run)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        trainer_mod.Trainer(cfg)
+    assert holds_output_dir_lock(run)
+    unlock_output_dir(run)
+
+
 def test_resume_on_data_prepared_again_is_refused_before_any_engine(tmp_path, monkeypatch):
     """Each checkpoint's config.json records the training data (the manifest's fingerprint, tokens, windows at
     the run's seq_len); --resume on the data dir prepared again -- with more tokens, or as many from another

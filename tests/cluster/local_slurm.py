@@ -69,7 +69,7 @@ class LocalSlurm:
         """Environment for sbatch/squeue/scontrol against this cluster."""
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
-    def start(self, timeout: float = 60) -> "LocalSlurm":
+    def start(self, timeout: float = 180) -> "LocalSlurm":  # a loaded 2-core CI machine: daemons start slowly
         ensure_installed()
         if os.geteuid() != 0:
             raise SlurmUnavailable("a local slurmd must run as root (it starts jobs as their users)")

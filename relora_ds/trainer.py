@@ -73,8 +73,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             # holds): a notebook's process held it until it ended, refusing a run started elsewhere.
             if self._took_lock:
                 unlock_output_dir(self.out)
-            for sig, handler in self._signal_handlers.items():
-                signal.signal(sig, handler)
+            self._restore_signal_handlers()
             raise
 
     def _build(self, cfg: TrainConfig, ds_config_path: str | None, early_stop: Callable[[], int] | None) -> None:
@@ -192,11 +191,14 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
     def close(self) -> None:
         """Release what the run holds in this process: the output_dir lock and the signal handlers (for a
         Trainer built in a notebook or test; launch/train.py calls it on every exit path)."""
+        self._restore_signal_handlers()
+        if self.rank == 0:
+            unlock_output_dir(self.out)
+
+    def _restore_signal_handlers(self) -> None:
         for sig, handler in self._signal_handlers.items():
             signal.signal(sig, handler)
         self._signal_handlers = {}
-        if self.rank == 0:
-            unlock_output_dir(self.out)
 
     @contextlib.contextmanager
     def _warnings_on_rank_zero(self):

@@ -276,7 +276,7 @@ def test_bad_mixtures_are_named(tmp_path, members, error):
         make_mixture([parse_member(f"{dirs[m.split(':')[0]]}:{m.split(':')[1]}") for m in members], tmp_path / "out")
 
 
-@pytest.mark.parametrize("spec", ["data/c4", "data/c4:0", "data/c4:-1", "data/c4:nan", "data/c4:x", ":1"])
+@pytest.mark.parametrize("spec", ["data/c4", "data/c4:0", "data/c4:-1", "data/c4:nan", "data/c4:inf", "data/c4:x", ":1"])
 def test_a_member_spec_without_a_positive_weight_is_named(spec):
     from relora_ds.data.mixture import parse_member
 
@@ -353,3 +353,71 @@ def test_equal_members_shuffle_apart_and_the_mixture_counts_every_members_unknow
     write_manifest(b, {**manifest, "warnings": {"unk_tokens": 5}})
     mix = make_mixture([(a, 1), (b, 1)], tmp_path / "mix")
     assert load_manifest(mix)["warnings"] == {"unk_tokens": 5}
+
+
+def test_rounding_ties_go_to_the_earlier_member_and_a_split_counts_each_members_windows():
+    """Hand-computed: equal weights over 1 + 2 windows share N = 3 as 1.5 / 1.5, the tie's extra position to the
+    earlier member (2, 1). split_windows of a mixture's split cuts each member on its own: 30 tokens hold
+    (30 - 1) // 16 = 1 window of 16 per member, 2 in all (the 60 tokens together would hold 3). starved_members
+    names a member whose weight rounds to no position, never one without a window (that one is too short:
+    check_data_use says so). member_labels: dirs' names where unique, else the paths as given."""
+    from relora_ds.data.mixture import MixedWindows, member_labels, split_windows, starved_members
+
+    assert MixedWindows([Windows(0, 1), Windows(1, 2)], [1, 1]).quotas.tolist() == [2, 1]
+    assert MixedWindows([Windows(0, 2), Windows(1, 1)], [1, 1]).quotas.tolist() == [2, 1]
+    split = {"tokens": 60, "members": [{"path": "../a", "tokens": 30, "weight": 0.5},
+                                       {"path": "../b", "tokens": 30, "weight": 0.5}]}
+    assert split_windows(split, 16) == 2 and split_windows({"tokens": 60}, 16) == 3
+    big = {"path": "../a", "tokens": 16_001, "weight": 0.9999}  # 1,000 windows of 16
+    assert starved_members({"members": [big, {"path": "../b", "tokens": 161, "weight": 0.0001}]}, 16) == [
+        "../b (weight 0.0001)"]  # 10 windows, 0.0001 x 1,010 positions: none
+    assert starved_members({"members": [big, {"path": "../b", "tokens": 10, "weight": 0.0001}]}, 16) == []
+    assert member_labels(["../data/c4", "../data/code"]) == ["c4", "code"]
+    assert member_labels(["../a/c4", "../b/c4"]) == ["../a/c4", "../b/c4"]
+
+
+def test_mixed_windows_refuse_what_they_cannot_mix_and_name_their_tokens():
+    """Sources of different seq_len, and a member whose weight gives it no position of an epoch, are refused;
+    a position outside the epoch (negative too) is an IndexError, not another position's window. The mixture's
+    tokens are its members' together (the sampler's too-small error names them: 10 + 20 = 30)."""
+    from relora_ds.data import ShardedBatches
+    from relora_ds.data.mixture import MixedWindows
+
+    with pytest.raises(ValueError, match=r"sources have windows of different seq_len: \['3', '4'\]"):
+        MixedWindows([Windows(0, 5, seq_len=3), Windows(1, 5, seq_len=4)], [1, 1])
+    with pytest.raises(ValueError, match=r"member\(s\) \['member 1 \(weight 0.0001\)'\] get no window of the 1,010 "
+                                         r"in an epoch"):
+        MixedWindows([Windows(0, 1000), Windows(1, 10)], [0.9999, 0.0001])
+    a, b = Windows(0, 3), Windows(1, 4)
+    a.num_tokens, b.num_tokens = 10, 20
+    mix = MixedWindows([a, b], [1, 1])
+    assert mix.num_tokens == 30
+    for bad in (-1, 7):
+        with pytest.raises(IndexError, match=rf"window {bad} out of range for 7 windows"):
+            mix.get_batch([0, bad])
+    with pytest.raises(ValueError, match=r"^the dataset has 7 windows \(30 tokens at seq_len=3\), fewer than"):
+        ShardedBatches(mix, 8, rank=0, world_size=1, seed=0)
+
+
+@pytest.mark.parametrize("weight", [0, -1, float("nan"), float("inf")])
+def test_make_mixture_refuses_a_weight_that_is_not_finite_and_positive(tmp_path, weight):
+    """make_mixture (the API; the CLI's parse_member refuses these too): a weight of 0 would record a member
+    that never trains, nan or inf shares that are no shares."""
+    from relora_ds.data import make_mixture
+
+    a, b = _member(tmp_path, "a", 500, 100, "corpus-a"), _member(tmp_path, "b", 500, 100, "corpus-b")
+    with pytest.raises(ValueError, match=r"mixture weights must be finite and > 0"):
+        make_mixture([(a, 1), (b, weight)], tmp_path / "mix")
+    assert not (tmp_path / "mix").exists()
+
+
+def test_a_mixture_written_over_one_of_its_members_is_refused_and_the_member_kept(tmp_path):
+    """--out naming a member, even with --overwrite: the member's manifest, tokenizer and token files would be
+    replaced by the mixture's (the member lost, and the mixture naming itself)."""
+    from relora_ds.data import make_mixture
+
+    a, b = _member(tmp_path, "a", 500, 100, "corpus-a"), _member(tmp_path, "b", 500, 100, "corpus-b")
+    before = {p.name: p.read_bytes() for p in a.iterdir()}
+    with pytest.raises(ValueError, match=r"is one of the mixture's members: write the mixture to a dir of its own"):
+        make_mixture([(a, 1), (b, 1)], a, overwrite=True)
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == before

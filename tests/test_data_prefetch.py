@@ -200,3 +200,36 @@ def test_an_eval_read_error_is_raised_at_its_batch():
 def test_eval_prefetch_must_be_a_non_negative_int(prefetch):
     with pytest.raises(ValueError, match=f"prefetch={prefetch!r} must be a non-negative int"):
         next(eval_batches(Windows(40), 4, 0, 1, prefetch=prefetch))
+
+
+def test_each_access_mode_advises_the_kernel_of_its_read_pattern(data_dir, monkeypatch):
+    """The access mode is the madvise the mapping gets (what makes shuffled reads of evicted windows fast): a
+    recording mmap stands in for mmap.mmap (Linux: madvise is there)."""
+    import mmap
+
+    advised = []
+
+    class Recording(mmap.mmap):
+        def madvise(self, option, *args):
+            advised.append(option)
+            return super().madvise(option, *args)
+
+    monkeypatch.setattr(mmap, "mmap", Recording)
+    for access, option in (("random", mmap.MADV_RANDOM), ("sequential", mmap.MADV_SEQUENTIAL),
+                           ("normal", mmap.MADV_NORMAL)):
+        advised.clear()
+        PackedTokens(data_dir, "train", seq_len=SEQ, access=access).tokens
+        assert advised == [option], access
+
+
+def test_an_empty_split_reads_as_no_windows(tmp_path):
+    """A split of 0 tokens (an empty validation split) opens, holds no window, and an empty batch of it is a
+    (0, seq_len + 1) LongTensor (an empty file cannot be memory-mapped: nothing is mapped)."""
+    from trainer_utils import packed_data_dir
+
+    ds = PackedTokens(packed_data_dir(tmp_path / "d", 100, 0), "validation", seq_len=SEQ)
+    assert len(ds) == 0 and ds.tokens.size == 0
+    batch = ds.get_batch([])
+    assert batch.shape == (0, SEQ + 1) and batch.dtype == torch.long
+    with pytest.raises(IndexError, match=r"window 0 out of range for 0 windows \(validation, seq_len=32\)"):
+        ds[0]

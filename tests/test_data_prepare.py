@@ -442,3 +442,41 @@ def test_an_unusable_builtin_cache_is_named_with_where_it_comes_from(tmp_path, c
     assert f"data dir {tmp_path / 'afile' / 'builtin-vocab2048'}: cannot create it" in err, err
     assert (f"[the built-in corpus's cache, from RELORA_DATA_CACHE={tmp_path / 'afile'}: set RELORA_DATA_CACHE to a "
             "writable directory, or pass --data-dir]") in err, err
+
+
+def test_a_tokenizers_identity_is_the_documented_hash_of_its_files(tmp_path):
+    """tokenizer_sha256, recomputed by its documented rule (data dirs and checkpoints store it, so it must not
+    drift): a SentencePiece .model's file sha256; for a tokenizer.json, sha256 over "name\\0sha256(file)\\n" of
+    it and each special-token file beside it, in HF_TOKENIZER_FILES order."""
+    import hashlib
+
+    from relora_ds.data.manifest import tokenizer_sha256
+
+    def sha(data):
+        return hashlib.sha256(data).hexdigest()
+
+    (tmp_path / "sp.model").write_bytes(b"a sentencepiece model")
+    assert tokenizer_sha256(tmp_path / "sp.model") == sha(b"a sentencepiece model")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    files = {"tokenizer.json": b'{"model": 1}', "tokenizer_config.json": b'{"eos_token": "</s>"}'}
+    for name, data in files.items():
+        (hf / name).write_bytes(data)
+    expected = sha("".join(f"{n}\0{sha(d)}\n" for n, d in files.items()).encode())
+    assert tokenizer_sha256(hf / "tokenizer.json") == expected
+    files["special_tokens_map.json"] = b'{"eos_token": "<eos>"}'
+    (hf / "special_tokens_map.json").write_bytes(files["special_tokens_map.json"])
+    assert tokenizer_sha256(hf / "tokenizer.json") == sha("".join(f"{n}\0{sha(d)}\n" for n, d in files.items()).encode())
+
+
+def test_a_manifest_of_another_format_is_refused(tmp_path):
+    """A data dir written by another version of the format is named, not read as this one."""
+    from relora_ds.data.manifest import FORMAT
+    from trainer_utils import packed_data_dir
+
+    d = packed_data_dir(tmp_path / "d", 100, 10)
+    manifest = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**manifest, "format": "relora_ds.packed_tokens/2"}))
+    with pytest.raises(ValueError, match=rf"has format 'relora_ds.packed_tokens/2', this code reads '{FORMAT}'; "
+                                         r"re-run prepare_data"):
+        load_manifest(d)

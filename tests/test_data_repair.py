@@ -118,3 +118,29 @@ def test_an_unreadable_file_read_through_its_repaired_copy_is_named_by_its_own_p
     with pytest.warns(DataWarning), pytest.raises(ValueError, match=rf"could not read {path}: ") as err:
         prepare_data([str(path)], tmp_path / "out", tokenizer=str(_tiny_tokenizer(tmp_path)))
     assert "utf8-repaired" not in str(err.value)
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz_upper_case"])
+def test_a_repair_does_not_depend_on_where_the_file_is_cut_into_chunks(tmp_path, monkeypatch, gz):
+    """repair_utf8 reads a file in chunks of _CHUNK bytes (4 MiB): an escape, a hint of one or a character cut by
+    a chunk's end must come out as from the whole file. Brute force over every cut: chunks of 3 to 40 bytes (a
+    hint, the 4 bytes \\ud8, then spans at most two) each give the hand-written result. File A: its one lone
+    escape a low surrogate (no high one to hint at it) and a U+FEFF inside the text (only a leading one is a
+    byte-order mark); file B: a byte-order mark, a valid pair (kept) and a lone high surrogate. A ".GZ" name is
+    gzip too (input names match case-insensitively)."""
+    from relora_ds.data import repair
+
+    files = {"a": ([r'{"text": "low \udc00 only"}', '{"text": "zero\ufeffwidth"}'],
+                   ["low \ufffd only", "zero\ufeffwidth"], b""),
+             "b": ([r'{"text": "pair \ud83d\ude00 kept"}', r'{"text": "lone \ud800 high"}'],
+                   ["pair \U0001f600 kept", "lone \ufffd high"], b"\xef\xbb\xbf")}
+    for key, (lines, expected, bom) in files.items():
+        src = tmp_path / (f"{key}.JSONL.GZ" if gz else f"{key}.jsonl")
+        data = bom + "\n".join(lines).encode() + b"\n"
+        src.write_bytes(gzip.compress(data) if gz else data)
+        for chunk in range(3, 41):
+            monkeypatch.setattr(repair, "_CHUNK", chunk)
+            dest = tmp_path / f"{key}.{chunk}.repaired"
+            assert repair_utf8(str(src), str(dest), json=True) == (0, 1), (key, chunk)
+            text = dest.read_text(encoding="utf-8")
+            assert [json.loads(line)["text"] for line in text.splitlines()] == expected, (key, chunk)

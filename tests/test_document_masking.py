@@ -309,3 +309,23 @@ def test_data_whose_eos_ids_are_not_only_document_ends_is_named(manifest, proble
 
     found = document_ends_problem(manifest)
     assert found is None if problem is None else re.search(problem, found), found
+
+
+def test_the_mask_of_each_window_and_dtype_is_the_brute_force_rule():
+    """Documents.mask(window, dtype), against a loop over (row, i, j): 0 where j <= i, both in one document (a
+    document ends with its EOS) and i - j < window, else -inf; in the dtype asked for, each (window, dtype)
+    its own (an fp32 mask handed to bf16 activations, or the other way, would be one of another dtype)."""
+    from relora_ds.documents import Documents
+
+    ids = torch.tensor([[5, EOS, 7, 7, EOS, 9], [EOS, 4, 4, 4, 4, 4]])
+    docs = Documents(ids, EOS)
+    for window in (None, 2, 3):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            mask = docs.mask(window, dtype)
+            assert mask.dtype == dtype and mask.shape == (2, 1, 6, 6)
+            for b, row in enumerate(ids.tolist()):
+                doc = [sum(t == EOS for t in row[:k]) for k in range(6)]  # EOSes before token k
+                for i in range(6):
+                    for j in range(6):
+                        ok = j <= i and doc[i] == doc[j] and (window is None or i - j < window)
+                        assert mask[b, 0, i, j].item() == (0.0 if ok else float("-inf")), (window, dtype, b, i, j)

@@ -156,3 +156,65 @@ def test_data_prepared_with_an_option_that_changed_nothing_stays_up_to_date(tmp_
     assert (out / "manifest.json").read_bytes() == before
     with pytest.raises(ValueError, match=r"another recipe \(max_docs: null -> 5; txt_unit: \"line\" -> \"document\"\)"):
         prepare_data([jsonl], out, vocab_size=300, max_docs=5)  # another recipe: every difference is named
+
+
+def test_prepare_config_refuses_values_that_cannot_prepare_and_keeps_one_text_column_a_name():
+    """PrepareConfig's checks, at their boundaries: val_fraction 1.0 would leave no training document, max_docs 0
+    and tokenizer_train_chars 0 no text. A list of one text column is recorded as the name alone (as recipes
+    recorded it before lists existed: the same data is the same recipe); more stay a list."""
+    from relora_ds.data.recipe import PrepareConfig
+
+    for kw, match in ((dict(val_fraction=1.0), r"val_fraction=1.0 must be in \[0, 1\)"),
+                      (dict(val_fraction=-0.1), r"val_fraction=-0.1 must be in \[0, 1\)"),
+                      (dict(max_docs=0), r"max_docs=0 must be a positive int or None"),
+                      (dict(tokenizer_train_chars=0), r"tokenizer_train_chars=0 must be positive")):
+        with pytest.raises(ValueError, match=match):
+            PrepareConfig(**kw)
+    assert PrepareConfig(val_fraction=0.0).val_fraction == 0.0
+    assert PrepareConfig(text_column=["body"]).text_column == "body"
+    assert PrepareConfig(text_column=("body", "text")).text_column == ["body", "text"]
+
+
+def test_which_options_are_inapplicable_depends_on_every_input_side(tmp_path):
+    """inapplicable_options, by hand: txt_unit with no .txt file on either side; text_column with .txt files
+    alone and no hub dataset on either side (a hub --val-input reads its text column); tokenizer_train_chars
+    with a given tokenizer."""
+    from relora_ds.data.recipe import PrepareConfig, inapplicable_options
+
+    txt, jsonl = ([str(tmp_path / "a.txt")], None), ([str(tmp_path / "a.jsonl")], None)
+    assert inapplicable_options(txt, None) == {"text_column": PrepareConfig.text_column}
+    assert inapplicable_options(txt, ([], "owner/validation")) == {}
+    assert inapplicable_options(txt, jsonl) == {}
+    assert inapplicable_options(jsonl, None) == {"txt_unit": PrepareConfig.txt_unit}
+    assert inapplicable_options(jsonl, txt) == {}
+    assert inapplicable_options(jsonl, None, tokenizer_given=True) == {
+        "txt_unit": "document", "tokenizer_train_chars": PrepareConfig.tokenizer_train_chars}
+
+
+def test_a_recipe_leaves_out_default_hub_keys_and_offline_keeps_each_sides_prepared_commit(tmp_path, monkeypatch):
+    """Keys absent at their defaults (data prepared before they existed keeps its recipe): a local corpus's
+    recipe has no hub_commit and, at hf_split 'train', no hf_split. Offline, current_commit falls back to the
+    commit the dir was prepared at: the training corpus's, or with validation=True the validation corpus's
+    (recorded under validation_corpus); with none recorded the error stands."""
+    from relora_ds.data import recipe as recipe_mod
+    from relora_ds.data.manifest import write_manifest
+    from relora_ds.data.recipe import PrepareConfig, current_commit, recipe_of
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "a"}\n')
+    rec = recipe_of(([str(corpus)], None), PrepareConfig(), tmp_path / "out")
+    assert "hf_split" not in rec and "hub_commit" not in rec and "validation_corpus" not in rec
+
+    def offline(name, revision=None):
+        raise ValueError("offline")
+
+    monkeypatch.setattr(recipe_mod, "hub_commit", offline)
+    out = tmp_path / "prepared"
+    out.mkdir()
+    with pytest.raises(ValueError, match="offline"):
+        current_commit("owner/train", None, out)
+    write_manifest(out, {"recipe": {"hub_commit": "aaa", "validation_corpus": {"hub_commit": "bbb"}}})
+    with pytest.warns(DataWarning, match="keeping the data prepared at commit aaa"):
+        assert current_commit("owner/train", None, out) == "aaa"
+    with pytest.warns(DataWarning, match="keeping the data prepared at commit bbb"):
+        assert current_commit("owner/validation", None, out, validation=True) == "bbb"

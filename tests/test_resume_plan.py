@@ -159,6 +159,12 @@ def test_plan_resume_names_the_hf_model_a_run_started_from(tmp_path):
                                          r"that again"):
         resume_plan.plan_resume(tmp_path, model={"hidden_size": 128}, train=TRAIN, ds={"zero_optimization": {"stage": 2}},
                                 world=1, data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64)
+    # The same --hf-model passed again: no hint to pass it (the model differs for another reason).
+    with pytest.raises(ValueError) as e:
+        resume_plan.plan_resume(tmp_path, model={"hidden_size": 128}, train={**TRAIN, "hf_model": "/models/llama"},
+                                ds={"zero_optimization": {"stage": 2}}, world=1, data_dir=tmp_path / "data",
+                                total_steps=12, tokenizer_sha256="a" * 64)
+    assert "another model" in str(e.value) and "pass that again" not in str(e.value)
 
 
 def test_plan_resume_takes_checkpoints_written_before_the_model_families(tmp_path):
@@ -345,3 +351,112 @@ def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
     checkpoint.rewind(tmp_path, "step_4", plan["rewind"])
     assert sorted(p.name for p in (tmp_path / "rewound").iterdir()) == ["step_12", "step_14", "step_16", "step_8",
                                                                         "step_8.1"]
+
+
+# Cases a mutation trial of the checkpoint/resume modules found unpinned (each checked to fail with its mutant).
+
+def _plan_kw(tmp_path, **over):
+    return {**dict(model={"hidden_size": 64}, train=TRAIN, ds={"zero_optimization": {"stage": 2}}, world=2,
+                   data_dir=tmp_path / "data", total_steps=12, tokenizer_sha256="a" * 64), **over}
+
+
+def test_plan_resume_refuses_a_checkpoint_with_a_shard_cut_short(tmp_path):
+    """plan_resume itself reads the files' ends (check_complete): a shard cut short in half (a disk that filled
+    mid-write) is refused before any engine, naming the file, not left to torch inside DeepSpeed's load."""
+    from relora_ds import resume_plan
+
+    _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True)
+    shard = tmp_path / "step_8" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    whole = shard.read_bytes()
+    assert resume_plan.plan_resume(tmp_path, **_plan_kw(tmp_path))["tag"] == "step_8"
+    shard.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"step_8 \(the one to resume from\) has 1 damaged file\(s\), cut short: "
+                                         r"zero_pp_rank_0_mp_rank_00_optim_states.pt; complete checkpoints in .*: "
+                                         r"none: start over with --overwrite"):
+        resume_plan.plan_resume(tmp_path, **_plan_kw(tmp_path))
+
+
+def test_the_defaults_of_older_checkpoints_fill_only_what_a_checkpoint_lacks(tmp_path):
+    """DEFAULTS_OF_OLDER_CHECKPOINTS stand in for a setting the checkpoint does not record, never over one it
+    does: a checkpoint of a `restart` run with merge_residual resumes with the same settings, and is refused
+    with `continue` (the refusal names the checkpoint's own value)."""
+    from relora_ds import resume_plan
+
+    saved = {**TRAIN, "lowrank_schedule": "restart", "merge_residual": True}
+    _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True, train=saved)
+    assert resume_plan.plan_resume(tmp_path, **_plan_kw(tmp_path, train=saved))["tag"] == "step_8"
+    with pytest.raises(ValueError, match=r"'lowrank_schedule': \('continue', 'restart'\)"):
+        resume_plan.plan_resume(tmp_path, **_plan_kw(tmp_path, train={**saved, "lowrank_schedule": "continue"}))
+
+
+def test_an_older_model_config_gets_the_defaults_of_its_time_for_missing_fields_only(tmp_path):
+    """A checkpoint's model config without head_dim had head_dim = hidden_size / num_attention_heads (64 / 4 = 16
+    here, with 2 key-value heads: not 64 / 2); the fields it does record (a Qwen2 model with tied embeddings)
+    are its own, not the older defaults; a field the run has that the checkpoint neither records nor has a
+    default for is a mismatch, not passed over."""
+    from relora_ds import resume_plan
+
+    saved = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "model_type": "qwen2",
+             "tie_word_embeddings": True, "qkv_bias": True}
+    _fake_checkpoint(tmp_path, world=2, stage=2, sharded=True, model=saved)
+    now = {**saved, "head_dim": 16, "attention_bias": False, "rope_scaling": None}
+    assert resume_plan.plan_resume(tmp_path, **_plan_kw(tmp_path, model=now))["tag"] == "step_8"
+    with pytest.raises(ValueError, match=r"another model: field \(now, checkpoint\): \{'head_dim': \(32, 16\)\}"):
+        resume_plan.plan_resume(tmp_path, **_plan_kw(tmp_path, model={**now, "head_dim": 32}))
+    with pytest.raises(ValueError, match=r"another model: field \(now, checkpoint\): \{'num_hidden_layers': \(2, None\)\}"):
+        resume_plan.plan_resume(tmp_path, **_plan_kw(tmp_path, model={**now, "num_hidden_layers": 2}))
+
+
+def test_a_tokenizer_not_known_yet_is_not_checked(tmp_path):
+    """tokenizer_sha256=None (the caller does not know the data's tokenizer yet) skips the check; a checkpoint
+    that recorded none is not refused for it either."""
+    from relora_ds import resume_plan
+
+    _fake_checkpoint(tmp_path / "a", world=2, stage=2, sharded=True)
+    assert resume_plan.plan_resume(tmp_path / "a", **_plan_kw(tmp_path, tokenizer_sha256=None))["tag"] == "step_8"
+    _fake_checkpoint(tmp_path / "b", world=2, stage=2, sharded=True, sha=None)
+    assert resume_plan.plan_resume(tmp_path / "b", **_plan_kw(tmp_path))["tag"] == "step_8"
+
+
+def test_check_same_data_compares_the_window_count_too_and_says_same_size_only_when_it_is():
+    """The sampler's position indexes windows: the same fingerprint with another window count is other data;
+    "the same size" is said only when both the tokens and the windows agree."""
+    from pathlib import Path
+
+    from relora_ds.resume_plan import check_same_data
+
+    was = {"fingerprint": "f" * 64, "train_tokens": 4_000, "train_windows": 124}
+    check_same_data(was, dict(was), Path("ckpt"), Path("data"), 32)
+    with pytest.raises(ValueError, match=r"now 4,000 tokens, 93 windows \(data fingerprint"):
+        check_same_data(was, {**was, "train_windows": 93}, Path("ckpt"), Path("data"), 32)
+    with pytest.raises(ValueError) as e:
+        check_same_data(was, {**was, "fingerprint": "0" * 64, "train_tokens": 4_001}, Path("ckpt"), Path("data"), 32)
+    assert "the same size" not in str(e.value) and "now 4,001 tokens, 124 windows" in str(e.value)
+
+
+def test_resume_from_goes_back_even_when_latest_names_a_folder_deleted_by_hand(tmp_path):
+    """--resume-from step_4 where `latest` names step_12, deleted by hand: step_4 is complete and the way back
+    (the later step_8 moved aside), not a FileNotFoundError reading step_12's config."""
+    from relora_ds import resume_plan
+
+    for step in (4, 8):
+        _tag(tmp_path, step)
+    (tmp_path / "latest").write_text("step_12")
+    plan = resume_plan.plan_resume(tmp_path, **_plan_kw(tmp_path, train={**TRAIN, "resume_from": "step_4"}))
+    assert plan["tag"] == "step_4" and plan["rewind"] == ["step_8"]
+
+
+def test_resume_progress_reads_the_checkpoint_resume_from_names(tmp_path):
+    """resume_progress with --resume-from: the progress of that checkpoint (step_4: 4 steps, 3,000 tokens), not
+    of `latest` (step_10)."""
+    import json
+
+    from relora_ds.resume_plan import resume_progress
+
+    for step, tokens in ((4, 3_000), (10, 9_000)):
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "config.json").write_text(json.dumps(
+            {"train": TRAIN, "progress": {"step": step, "tokens_seen": tokens}}))
+    (tmp_path / "latest").write_text("step_10")
+    assert resume_progress(tmp_path, None) == {"step": 10, "tokens_seen": 9_000}
+    assert resume_progress(tmp_path, "step_4") == {"step": 4, "tokens_seen": 3_000}

@@ -445,3 +445,351 @@ def test_a_save_that_fails_names_the_free_space_and_what_resume_loads(tmp_path, 
                                            r"names the last complete checkpoint \(step_2\), which --resume loads"):
         checkpoint.save(SimpleNamespace(save_checkpoint=full), tmp_path, 4, {}, {}, keep_last=0)
     assert (tmp_path / "latest").read_text() == "step_2"
+
+
+# Cases a mutation trial of the checkpoint/resume modules found unpinned (each checked to fail with its mutant).
+
+class _Engine:
+    """A stand-in DeepSpeed engine: save_checkpoint writes one shard file into the tag's folder (or fails)."""
+
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def save_checkpoint(self, path, tag, client_state, save_latest):
+        if self.fail:
+            raise OSError("No space left on device")
+        from pathlib import Path
+
+        (Path(path) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(path) / tag / "mp_rank_00_model_states.pt").write_bytes(b"new")
+
+
+def test_a_save_clears_what_a_crashed_save_of_that_step_left_but_not_the_checkpoint_latest_names(tmp_path):
+    """A folder of the step being saved that `latest` does not name is a crashed save's (maybe of another
+    number of ranks): its stale shards go before the new ones are written, or ds_to_universal would read them
+    beside the new. The folder `latest` names is the last complete checkpoint: a save of that step again that
+    fails leaves it whole."""
+    from relora_ds import checkpoint
+
+    (tmp_path / "step_5").mkdir()
+    (tmp_path / "step_5" / "zero_pp_rank_3_mp_rank_00_optim_states.pt").write_bytes(b"stale, of 4 ranks")
+    (tmp_path / "latest").write_text("step_2")
+    checkpoint.save(_Engine(), tmp_path, 5, {}, {"x": 1}, keep_last=0)
+    assert sorted(p.name for p in (tmp_path / "step_5").iterdir()) == ["config.json", "mp_rank_00_model_states.pt",
+                                                                       "rng_rank0.pt"]
+    with pytest.raises(RuntimeError, match="saving checkpoint"):
+        checkpoint.save(_Engine(fail=True), tmp_path, 5, {}, {"x": 1}, keep_last=0)
+    assert checkpoint.latest_tag(tmp_path) == "step_5" and checkpoint.complete_tags(tmp_path) == ["step_5"]
+    assert (tmp_path / "step_5" / "mp_rank_00_model_states.pt").read_bytes() == b"new"
+
+
+def test_keep_last_spares_the_protected_checkpoints_without_counting_them(tmp_path):
+    """--keep-warm-start: the warm start's last step (step_2, in `protect`) is neither deleted nor counted among
+    keep_last. Oracle, by hand: keep_last 2 after saving step_10 keeps step_2, step_8 and step_10; the save
+    passes its protect on to the pruning."""
+    from relora_ds import checkpoint
+
+    for s in (2, 4, 6, 8):
+        (tmp_path / f"step_{s}").mkdir()
+        (tmp_path / f"step_{s}" / "config.json").write_text("{}")
+    (tmp_path / "latest").write_text("step_8")
+    checkpoint.save(_Engine(), tmp_path, 10, {}, {}, keep_last=2, protect=("step_2",))
+    assert checkpoint.complete_tags(tmp_path) == ["step_2", "step_8", "step_10"]
+    checkpoint._prune_old(tmp_path, keep_last=1, keep="step_10")  # not protected any more: it goes
+    assert checkpoint.complete_tags(tmp_path) == ["step_10"]
+
+
+def test_keep_last_leaves_a_folder_whose_config_json_cannot_be_deleted(tmp_path, monkeypatch):
+    """A checkpoint made read-only to keep it: its config.json cannot be unlinked, and the rest of it stays
+    too (not emptied by rmtree while it still says complete)."""
+    from pathlib import Path
+
+    from relora_ds import checkpoint
+
+    for s in (2, 4):
+        (tmp_path / f"step_{s}" / "universal").mkdir(parents=True)
+        (tmp_path / f"step_{s}" / "universal" / "w.pt").write_bytes(b"w")
+        (tmp_path / f"step_{s}" / "config.json").write_text("{}")
+    real = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self == tmp_path / "step_2" / "config.json":
+            raise PermissionError(13, "Permission denied")
+        return real(self, missing_ok=missing_ok)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    checkpoint._prune_old(tmp_path, keep_last=1, keep="step_4")
+    assert (tmp_path / "step_2" / "universal" / "w.pt").read_bytes() == b"w"
+    assert checkpoint.complete_tags(tmp_path) == ["step_2", "step_4"]
+
+
+def test_latest_written_by_hand_with_a_newline_and_tags_not_of_the_form_step_n(tmp_path):
+    """`echo step_8 > latest` (a hand-made rewind) names step_8; tag_step reads only step_N tags."""
+    from relora_ds import checkpoint
+
+    assert checkpoint.latest_tag(tmp_path) is None
+    (tmp_path / "latest").write_text("step_8\n")
+    assert checkpoint.latest_tag(tmp_path) == "step_8"
+    assert checkpoint.tag_step("step_12") == 12
+    for bad in ("stage_8", "step_", "step_8a", "global_step8"):
+        with pytest.raises(ValueError, match=rf"checkpoint tag '{bad}' is not of the form step_N"):
+            checkpoint.tag_step(bad)
+
+
+def test_a_rewind_points_latest_back_before_it_moves_anything_and_keeps_every_rewound_copy(tmp_path, monkeypatch):
+    """checkpoint.rewind moves `latest` first: killed after the first move (here the second os.replace fails),
+    `latest` names the rewind point, not a folder that moved into rewound/. Rewound three times past the same
+    step, all three copies are kept (step_8, step_8.1, step_8.2)."""
+    from relora_ds import checkpoint
+
+    for s in (4, 8, 12):
+        (tmp_path / f"step_{s}").mkdir()
+        (tmp_path / f"step_{s}" / "config.json").write_text(f'{{"step": {s}}}')
+    (tmp_path / "latest").write_text("step_12")
+    real, moves = checkpoint.os.replace, []
+
+    def replace(a, b):
+        if "rewound" in str(b):
+            moves.append(b)
+            if len(moves) == 2:
+                raise OSError("killed")
+        return real(a, b)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    with pytest.raises(OSError, match="killed"):
+        checkpoint.rewind(tmp_path, "step_4", ["step_8", "step_12"])
+    assert checkpoint.latest_tag(tmp_path) == "step_4"
+    monkeypatch.undo()
+    for n in (1, 2):  # the rewound run saves step_8 again, and is rewound again
+        (tmp_path / "step_8").mkdir()
+        (tmp_path / "step_8" / "config.json").write_text(f'{{"again": {n}}}')
+        checkpoint.rewind(tmp_path, "step_4", ["step_8"])
+    assert sorted(p.name for p in (tmp_path / "rewound").iterdir()) == ["step_8", "step_8.1", "step_8.2"]
+    assert [(tmp_path / "rewound" / name / "config.json").read_text() for name in ("step_8", "step_8.1", "step_8.2")] \
+        == ['{"step": 8}', '{"again": 1}', '{"again": 2}']
+
+
+def test_load_rng_restores_the_saved_generators(tmp_path):
+    """load_rng puts the state saved in rng_rank0.pt back: the draws after it repeat those after the save."""
+    import random
+
+    import torch
+
+    from relora_ds import checkpoint
+
+    (tmp_path / "step_5").mkdir()
+    torch.save(checkpoint.rng_state(), tmp_path / "step_5" / "rng_rank0.pt")
+    first = (random.random(), torch.rand(3).tolist())
+    assert checkpoint.load_rng(tmp_path, "step_5") is True
+    assert (random.random(), torch.rand(3).tolist()) == first
+
+
+def test_the_bf16_optimizers_files_are_sharded_optimizer_state(tmp_path):
+    """DeepSpeed's bf16 optimizer writes bf16_zero_pp_rank_<r>_mp_rank_00_optim_states.pt: a sharded optimizer
+    state (resumed on other ranks through the universal checkpoint), as ZeRO's zero_pp_rank_* files are; the
+    model states alone are not."""
+    from relora_ds import checkpoint
+
+    for name, sharded in (("a", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                          ("b", "zero_pp_rank_1_mp_rank_00_optim_states.pt"), ("c", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mp_rank_00_model_states.pt").write_bytes(b"m")
+        if sharded:
+            (tmp_path / name / sharded).write_bytes(b"o")
+        assert checkpoint.is_sharded(tmp_path, name) is bool(sharded)
+
+
+def test_an_old_rng_state_of_fewer_devices_than_this_ranks_index_is_skipped(monkeypatch):
+    """A checkpoint from before 2026-12-01 saved every visible device's CUDA state: resumed on device 2 of a
+    node where the saving one showed 2 devices (indices 0 and 1), nothing is restored, no IndexError."""
+    import torch
+
+    from relora_ds import checkpoint
+
+    state = {k: v for k, v in checkpoint.rng_state().items() if k != "cuda_device"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new, device="cuda": pytest.fail("restored a state"))
+    checkpoint.set_rng_state({**state, "cuda": [torch.tensor([20]), torch.tensor([21])]})
+
+
+def test_full_state_dict_keeps_zeros_fp32_masters_over_the_16_bit_module_states(tmp_path, monkeypatch):
+    """A sharded checkpoint: the trainable weights are zero_to_fp32's fp32 masters, not the module states'
+    fp16 copies; what zero_to_fp32 leaves out (a frozen base at ZeRO-1) comes from the module states. A folder
+    holding neither DeepSpeed file is named, not read as an empty model."""
+    import deepspeed.utils.zero_to_fp32 as z2f
+    import torch
+
+    from relora_ds import checkpoint, zero_reset
+
+    src = tmp_path / "step_3"
+    src.mkdir()
+    master = torch.tensor([1.0001, 2.0002])
+    torch.save({"module": {"w": master.half(), "base": torch.ones(2)}}, src / "mp_rank_00_model_states.pt")
+    (src / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o")
+    monkeypatch.setattr(zero_reset, "bf16_optimizer_masters", lambda folder, shapes: None)
+    monkeypatch.setattr(z2f, "get_fp32_state_dict_from_zero_checkpoint", lambda d, tag: {"w": master.clone()})
+    state = checkpoint.full_state_dict(tmp_path, "step_3")
+    assert state["w"].dtype == torch.float32 and torch.equal(state["w"], master)
+    assert torch.equal(state["base"], torch.ones(2))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty holds neither ZeRO optimizer files nor "
+                                                r"mp_rank_00_model_states.pt: not a DeepSpeed checkpoint folder"):
+        checkpoint.full_state_dict(tmp_path, "empty")
+
+
+def test_a_checkpoint_without_zero_is_written_parameter_by_parameter_in_the_universal_layout(tmp_path):
+    """_unsharded_to_universal against the input it reads: each trainable parameter's fp32 weight and Adam
+    moments under zero/<name>/ by its place in its param group, zero moments for one that never had a
+    gradient, its group's Adam step; the param groups without their params; the module states without the
+    optimizer under both loaders' names. Param groups that do not match the model, by count or by shape, are
+    refused."""
+    import torch
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM
+
+    from relora_ds import universal
+
+    module = {"a": torch.arange(3.0), "b": torch.arange(4.0).view(2, 2) + 10, "c": torch.arange(2.0) + 20,
+              "d": torch.arange(3.0) + 30, "base": torch.ones(5)}
+
+    def adam(value, shape):
+        return {"step": torch.tensor(7.0), "exp_avg": torch.full(shape, value), "exp_avg_sq": torch.full(shape, value / 10)}
+    optimizer = {"state": {0: adam(0.1, (3,)), 1: adam(0.2, (2, 2)), 2: adam(0.3, (2,))},  # d (3): no gradient yet
+                 "param_groups": [{"params": [0, 1], "lr": 1e-3, "weight_decay": 0.1},
+                                  {"params": [2, 3], "lr": 1e-3, "weight_decay": 0.0}]}
+    (tmp_path / "src").mkdir()
+    torch.save({"module": module, "optimizer": optimizer, "ds_version": "0.x"},
+               tmp_path / "src" / "mp_rank_00_model_states.pt")
+    out = tmp_path / "out"
+    universal._unsharded_to_universal(tmp_path / "src", out, [["a", "b"], ["c", "d"]])
+    zero = out / "zero"
+
+    def load(name, key):
+        return torch.load(zero / name / f"{key}.pt", weights_only=False)
+    assert sorted(p.name for p in zero.iterdir()) == ["a", "b", "c", "d", "optimizer_state.pt"]
+    for name, value in (("a", 0.1), ("b", 0.2), ("c", 0.3), ("d", 0.0)):
+        assert torch.equal(load(name, "fp32")[PARAM], module[name])
+        assert torch.equal(load(name, "exp_avg")[PARAM], torch.full(module[name].shape, value))
+        assert torch.equal(load(name, "exp_avg_sq")[PARAM], torch.full(module[name].shape, value / 10))
+        assert float(load(name, "step")) == 7.0
+    opt = torch.load(zero / "optimizer_state.pt", weights_only=False)
+    groups = [{"lr": 1e-3, "weight_decay": 0.1}, {"lr": 1e-3, "weight_decay": 0.0}]
+    assert opt["param_groups"] == groups and opt[OPTIMIZER_STATE_DICT]["param_groups"] == groups
+    assert float(opt[OPTIMIZER_STATE_DICT]["state"][0]["step"]) == 7.0
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        states = torch.load(out / name, weights_only=False)
+        assert "optimizer" not in states and set(states["module"]) == set(module)
+    with pytest.raises(ValueError, match=r"its optimizer's param groups hold \[2, 2\] parameters, this run's model "
+                                         r"\[3, 1\]: not a checkpoint of this model and phase"):
+        universal._unsharded_to_universal(tmp_path / "src", tmp_path / "out2", [["a", "b", "c"], ["d"]])
+    with pytest.raises(ValueError, match=r"the optimizer state at b's place has shape \(3,\), the parameter \(2, 2\)"):
+        universal._unsharded_to_universal(tmp_path / "src", tmp_path / "out3", [["b", "a"], ["c", "d"]])
+
+
+def test_the_frozen_tensors_added_to_a_conversion_leave_what_the_converter_wrote(tmp_path, monkeypatch):
+    """_add_frozen_tensors writes the tensors ds_to_universal left out (ZeRO-3's frozen ones) and leaves its
+    files as it wrote them (a trainable weight's fp32 master with its merge metadata)."""
+    import torch
+
+    from relora_ds import universal
+
+    monkeypatch.setattr(universal, "full_state_dict", lambda ckpt_dir, tag: {"w": torch.zeros(2), "base": torch.ones(2)})
+    (tmp_path / "zero" / "w").mkdir(parents=True)
+    torch.save({"param": torch.full((2,), 3.0), "cat_dim": 0}, tmp_path / "zero" / "w" / "fp32.pt")
+    universal._add_frozen_tensors(tmp_path, "step_2", tmp_path / "zero")
+    w = torch.load(tmp_path / "zero" / "w" / "fp32.pt", weights_only=False)
+    assert w["cat_dim"] == 0 and torch.equal(w["param"], torch.full((2,), 3.0))
+    assert torch.equal(torch.load(tmp_path / "zero" / "base" / "fp32.pt", weights_only=False)["param"], torch.ones(2))
+
+
+def test_restore_frozen_copies_the_frozen_parameters_and_persistent_buffers_only(tmp_path):
+    """restore_frozen_from_universal: a frozen base (saved flat, as the converter does) and a persistent buffer
+    come from zero/<name>/fp32.pt; the trainable weights (DeepSpeed's own load) and a non-persistent buffer
+    (rotary tables, rebuilt) are not read, nor required. One missing is named."""
+    import torch
+
+    from relora_ds import universal
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.base = torch.nn.Parameter(torch.zeros(2, 2), requires_grad=False)
+            self.register_buffer("count", torch.zeros((), dtype=torch.long))
+            self.register_buffer("table", torch.zeros(3), persistent=False)
+    model = Model()
+    before = model.lin.weight.detach().clone()
+    for name, value in (("base", torch.arange(4.0)), ("count", torch.tensor(3)), ("lin.weight", torch.full((2, 2), 9.0))):
+        (tmp_path / "zero" / name).mkdir(parents=True)
+        torch.save({"param": value}, tmp_path / "zero" / name / "fp32.pt")
+    assert universal.restore_frozen_from_universal(model, tmp_path) == 2
+    assert torch.equal(model.base, torch.arange(4.0).view(2, 2)) and int(model.count) == 3
+    assert torch.equal(model.lin.weight, before) and torch.equal(model.table, torch.zeros(3))
+    (tmp_path / "zero" / "count" / "fp32.pt").unlink()
+    with pytest.raises(RuntimeError, match=r"lacks 1 frozen tensor\(s\), e.g. \['count'\]: convert it again"):
+        universal.restore_frozen_from_universal(model, tmp_path)
+
+
+def test_a_conversion_cut_short_earlier_leaves_nothing_in_the_next(tmp_path, monkeypatch):
+    """A conversion killed before its rename left .step_2_universal.tmp behind: the next one starts it afresh,
+    so no stale tensor of the first is renamed into the checkpoint's universal/ folder."""
+    from relora_ds import universal
+
+    def convert(src, out):
+        (out / "zero" / "w").mkdir(parents=True)
+        (out / "zero" / "w" / "fp32.pt").write_bytes(b"w")
+    monkeypatch.setattr(universal, "is_sharded", lambda ckpt_dir, tag: True)
+    monkeypatch.setattr(universal, "_ds_to_universal", convert)
+    monkeypatch.setattr(universal, "_add_frozen_tensors", lambda ckpt_dir, tag, zero: None)
+    (tmp_path / "step_2").mkdir()
+    (tmp_path / ".step_2_universal.tmp" / "zero" / "stale").mkdir(parents=True)
+    (tmp_path / ".step_2_universal.tmp" / "zero" / "stale" / "fp32.pt").write_bytes(b"old")
+    assert universal.make_universal(tmp_path, "step_2") == "step_2/universal"
+    assert sorted(p.name for p in (tmp_path / "step_2" / "universal" / "zero").iterdir()) == ["w"]
+    assert not (tmp_path / ".step_2_universal.tmp").exists()
+
+
+def test_a_checkpoint_of_this_version_records_its_steps_merge_done_and_loads_back():
+    """Trainer.state_dict records step_events_done: resumed with another cycle_length (cycles counted from a
+    moved anchor), _catch_up_missed_merge neither refuses it (the refusal is for checkpoints from before the
+    record) nor merges again. load_state_dict reads back the step, the tokens seen and the sampler's state."""
+    from types import SimpleNamespace
+
+    from relora_ds.resume import CheckpointsMixin
+    from relora_ds.train_config import TrainConfig
+
+    sampler = {"epoch": 1, "position": 5, "samples_consumed": 37, "num_samples": 32}
+    saved = SimpleNamespace(step=6, engine_phase="lowrank", relora_start=2, world=2, tokens_seen=6_144,
+                            batches=SimpleNamespace(state_dict=lambda: dict(sampler)))
+    client = CheckpointsMixin.state_dict(saved)
+    loaded = []
+    t = SimpleNamespace(cfg=TrainConfig(cycle_length=2, restart_warmup_steps=2, total_steps=20, warm_start_steps=2,
+                                        warm_start_lr=1e-3),
+                        relora_start=2, cycle_start=6, engine_phase="lowrank", step=0, tokens_seen=0,
+                        batches=SimpleNamespace(load_state_dict=loaded.append),
+                        _after_step_events=lambda: pytest.fail("merged again"))
+    CheckpointsMixin.load_state_dict(t, client)
+    assert (t.step, t.tokens_seen, loaded) == (6, 6_144, [sampler])
+    CheckpointsMixin._catch_up_missed_merge(t, client)
+
+
+def test_a_missed_merge_of_online_relora_is_counted_in_merges_not_resets():
+    """With merge_every 2 and cycle_length 4 from the switch at step 2, a checkpoint of step 8 from before
+    step_events_done has had merges at steps 4 and 6 (merge_count 2) and misses the one at 8: caught up once;
+    with merge_count 3 it is done. (Counted in cycles, 8 would expect 0 merges before it.)"""
+    from types import SimpleNamespace
+
+    import relora_ds
+    from relora_ds.resume import CheckpointsMixin
+    from relora_ds.train_config import TrainConfig
+
+    model = relora_ds.wrap(relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug")), rank=4)
+    calls = []
+    cfg = TrainConfig(cycle_length=4, merge_every=2, restart_warmup_steps=2, total_steps=20, warm_start_steps=2,
+                      warm_start_lr=1e-3)
+    t = SimpleNamespace(cfg=cfg, relora_start=2, cycle_start=2, engine_phase="lowrank", step=8,
+                        engine=SimpleNamespace(module=model), _after_step_events=lambda: calls.append(t.step))
+    for merges, want in ((2, [8]), (3, []), (0, [])):
+        for _, layer in relora_ds.relora_layers(model):
+            layer.merge_count.fill_(merges)
+        calls.clear()
+        CheckpointsMixin._catch_up_missed_merge(t, {})
+        assert calls == want, merges

@@ -213,3 +213,52 @@ def test_a_prepared_data_dir_is_on_disk_before_its_manifest_calls_it_complete(tm
     assert events[manifest - 1] == ("fsync", out / ".manifest.json.tmp") and events[manifest + 1] == ("fsync", out)
     last_bin = max(i for i, (kind, b) in enumerate(events) if kind == "replace" and b.suffix == ".bin")
     assert ("fsync", out) in events[last_bin:manifest - 1]  # the renames' entries before the manifest names them
+
+
+def test_rank_0_flushes_the_rest_of_the_folder_and_its_entries_before_config_json(tmp_path, monkeypatch):
+    """Rank 0 (here without a process group) flushes, before config.json says complete, also what the engine
+    wrote past its checkpoint writer (DeepSpeed's zero_to_fp32.py recovery script), the checkpoint folder's
+    entries and its entry in the checkpoints folder: a power loss after `latest` moved must not lose a name."""
+    from pathlib import Path
+
+    from relora_ds import checkpoint
+
+    events = _recorded(monkeypatch)
+
+    class Engine:
+        def save_checkpoint(self, path, tag, client_state, save_latest):
+            (Path(path) / tag).mkdir(parents=True)
+            (Path(path) / tag / "zero_to_fp32.py").write_text("# recovery script")
+
+    checkpoint.save(Engine(), tmp_path / "checkpoints", 3, {}, {}, keep_last=0)
+    root = (tmp_path / "checkpoints").resolve()
+    config = events.index(("replace", tmp_path / "checkpoints" / "step_3" / "config.json"))
+    flushed = [path for kind, path in events[:config] if kind == "fsync"]
+    assert {root / "step_3" / "zero_to_fp32.py", root / "step_3" / "rng_rank0.pt", root / "step_3", root} <= set(flushed)
+    assert flushed.index(root / "step_3") < flushed.index(root)  # the folder's entries, then its own name
+
+
+def test_fsync_passes_over_only_a_directory_the_file_system_cannot_sync(tmp_path, monkeypatch):
+    """A file system that cannot fsync a directory (EINVAL, ENOTSUP) keeps its entries by its own rules: passed
+    over. The same error on a file's data, or another error on a directory, is raised. Every descriptor is
+    closed either way."""
+    import errno
+    import os
+
+    from relora_ds import durable
+
+    (tmp_path / "f").write_text("x")
+    opened, closed = [], []
+    real_open, real_close = os.open, os.close
+    monkeypatch.setattr(os, "open", lambda *a, **k: opened.append(real_open(*a, **k)) or opened[-1])
+    monkeypatch.setattr(os, "close", lambda fd: (closed.append(fd), real_close(fd)))
+    for code in (errno.EINVAL, errno.ENOTSUP):
+        monkeypatch.setattr(os, "fsync", lambda fd, code=code: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
+        durable.fsync_path(tmp_path)
+        with pytest.raises(OSError) as e:
+            durable.fsync_path(tmp_path / "f")
+        assert e.value.errno == code
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        durable.fsync_path(tmp_path)
+    assert opened and closed == opened

@@ -381,3 +381,27 @@ def test_int8_layer_computes_the_float_formula_on_its_dequantized_base(monkeypat
     bound = 2e-2 if low else 1e-5
     for name, got, ref in zip(("y", "dx", "dA", "dB", "dbias"), (y, *grads), (want, *want_grads)):
         assert rel(got, ref) < bound, (name, rel(got, ref))
+
+
+def test_the_gathered_state_holds_the_state_dicts_tensors_with_frozen_floats_as_fp32():
+    """full_fp32_state_dict outside an engine (its parameters are the masters): exactly the keys of the module's
+    state_dict (a non-persistent buffer, as rotary tables are, left out), a frozen bf16 weight as fp32 of the
+    same values, a persistent integer buffer as it is; keep=False holds nothing."""
+    from types import SimpleNamespace
+
+    from relora_ds.engine_state import full_fp32_state_dict
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.base = nn.Parameter(torch.tensor([1.5, -2.25], dtype=torch.bfloat16), requires_grad=False)
+            self.register_buffer("count", torch.tensor(3))
+            self.register_buffer("table", torch.zeros(4), persistent=False)
+    model = Model()
+    state = full_fp32_state_dict(SimpleNamespace(module=model))
+    assert set(state) == set(model.state_dict()) == {"lin.weight", "lin.bias", "base", "count"}
+    assert state["base"].dtype == torch.float32 and state["base"].tolist() == [1.5, -2.25]
+    assert state["count"].dtype == torch.int64 and int(state["count"]) == 3
+    assert torch.equal(state["lin.weight"], model.lin.weight)
+    assert full_fp32_state_dict(SimpleNamespace(module=model), keep=False) == {}

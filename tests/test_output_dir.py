@@ -70,3 +70,65 @@ def test_overwrite_refuses_to_delete_the_runs_own_prepared_data(tmp_path):
             check_output_dir(TrainConfig(**BASE, output_dir=str(out), data_dir=str(inside), overwrite=True))
     check_output_dir(TrainConfig(**BASE, output_dir=str(out), data_dir=str(tmp_path / "data"), overwrite=True))
     check_output_dir(TrainConfig(**BASE, output_dir=str(out), data_dir=str(out / "data")))  # nothing deleted
+
+
+# Cases a mutation trial of the checkpoint/resume modules found unpinned (each checked to fail with its mutant).
+
+def test_a_run_with_checkpoints_alone_is_another_run(tmp_path):
+    """checkpoints/latest without metrics.jsonl (deleted, or never written) is a run there too: a new run
+    without --resume is refused, naming it; with --resume or --overwrite it goes on."""
+    from relora_ds.output_dir import check_output_dir
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step_4")
+    with pytest.raises(ValueError, match=rf"output_dir {out} holds a run \(latest\): pass --resume to continue it"):
+        check_output_dir(TrainConfig(**BASE, output_dir=str(out)))
+    check_output_dir(TrainConfig(**BASE, output_dir=str(out), resume=True))
+    check_output_dir(TrainConfig(**BASE, output_dir=str(out), overwrite=True))
+
+
+def test_the_lock_names_this_process_alone_and_a_second_holder_is_refused(tmp_path):
+    """lock_output_dir replaces a crashed run's holder line with this process's one line; a lock held through
+    another open file (another run) is refused naming its holder, and not taken; unlock_output_dir empties the
+    line (a pid left there would name a run that is gone) and lets the other holder in."""
+    import fcntl
+    import os
+    import socket
+
+    from relora_ds.output_dir import LOCK_FILE, lock_output_dir, unlock_output_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("host gone, pid 1, since 2026-01-01T00:00:00\nhost older, pid 2\n")
+    lock_output_dir(out)
+    lines = (out / LOCK_FILE).read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"host {socket.gethostname()}, pid {os.getpid()}, since "), lines
+    unlock_output_dir(out)
+    assert (out / LOCK_FILE).read_text() == ""
+    with open(out / LOCK_FILE, "a+") as other:  # another run's lock (flock: per open file)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("host n7, pid 4242, since 2026-12-05T10:00:00\n")
+        other.flush()
+        with pytest.raises(ValueError, match=rf"output_dir {out} is in use by a run still going \(host n7, pid 4242, "
+                                             r"since 2026-12-05T10:00:00\)"):
+            lock_output_dir(out)
+        fcntl.flock(other, fcntl.LOCK_UN)
+    lock_output_dir(out)  # free again
+    unlock_output_dir(out)
+
+
+def test_an_empty_lock_file_is_one_a_rank_cannot_see_and_the_last_try_is_not_waited_for(tmp_path, monkeypatch):
+    """An empty .lock (one unlock_output_dir left, not rank 0's line) is compared as none at all; refused after
+    the tries, with a pause between tries only (3 tries: 2 pauses)."""
+    from relora_ds import distributed, output_dir
+    from relora_ds.output_dir import LOCK_FILE, check_shared_output_dir
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).write_text("")
+    asked, pauses = [], []
+    monkeypatch.setattr(distributed, "agreement", lambda text: asked.append(text) or (text is None, False))
+    monkeypatch.setattr(output_dir.time, "sleep", pauses.append)
+    with pytest.raises(ValueError, match=r"cannot see rank 0's .lock there; waited 10 s"):
+        check_shared_output_dir(tmp_path / "run", 1, 2, tries=3, pause_s=5)
+    assert asked == [None] * 3 and pauses == [5, 5]

@@ -383,6 +383,7 @@ def test_a_resume_puts_the_recipes_adam_settings_into_the_optimizer():
             assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (0.5e-3, (0.8, 0.95), 1e-6,
                                                                                           decay)
         assert sched.base_lrs == [1e-3] * 3 and t.engine.optimizer.clip_grad == 0.25
+        assert sched.get_last_lr() == [0.5e-3] * 3  # what the first step's record logs (a mutation trial's find)
         assert events[0]["lr"] == "0.003 -> 0.001" and events[0]["adam_beta2"] == "0.999 -> 0.95"
 
 
@@ -431,8 +432,9 @@ def test_a_resume_refuses_adam_params_the_checkpoint_would_undo_and_takes_the_ne
     opt = resumed(dynamic(256.0), {"enabled": True, "loss_scale": 64}, old, LossScaler(scale=64))
     assert isinstance(opt.loss_scaler, LossScaler) and opt.loss_scaler.cur_scale == 64 and not opt.dynamic_loss_scale
     # dynamic to dynamic with a new window and minimum: those apply, the scale reached carries over
-    opt = resumed(dynamic(256.0), {**old, "loss_scale_window": 5, "min_loss_scale": 32}, old,
-                  dynamic(2.0 ** 16, window=5, min=32))
+    fresh = dynamic(2.0 ** 16, window=5, min=32)
+    fresh.cur_iter, fresh.last_overflow_iter = 0, -1  # as DeepSpeed builds it (the counters: a mutation trial's find)
+    opt = resumed(dynamic(256.0), {**old, "loss_scale_window": 5, "min_loss_scale": 32}, old, fresh)
     s = opt.loss_scaler
     assert (s.scale_window, s.min_scale, s.cur_scale, s.cur_iter, s.last_overflow_iter) == (5, 32, 256.0, 6, 3)
     # a new minimum above the scale reached: the scale rises to it (a mutation keeping 16 went unseen)

@@ -186,3 +186,16 @@ def test_an_events_numbers_reach_tensorboard_under_its_name(tmp_path):
     events.Reload()
     assert sorted(events.Tags()["scalars"]) == ["loss", "lr", "reset/exp_avg", "reset/exp_avg_sq"]
     assert events.Scalars("reset/exp_avg")[0].value == pytest.approx(0.99)
+
+
+def test_run_info_records_the_slurm_jobs_variables(monkeypatch):
+    """The scheduler's job in run_info: the SLURM variables of SLURM_VARS that are set, none other (a mutation
+    trial found the record untested)."""
+    from relora_ds import run_info
+
+    for k in run_info.SLURM_VARS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "16")
+    assert run_info.environment(world_size=1)["slurm"] == {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "2"}

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 
 import numpy as np
 import pytest
 
 from relora_ds.data import DataWarning, PackedTokens, load_manifest, load_tokenizer, prepare_data
-from relora_ds.data.inputs import builder_for, resolve_inputs
+from relora_ds.data.inputs import builder_for, corpus_fingerprint, local_fingerprint, resolve_inputs
 from relora_ds.data.sources import load_corpus
 
 
@@ -294,6 +295,91 @@ def test_file_extensions_are_matched_case_insensitively():
     assert builder_for("C4-TRAIN.00000-OF-01024.JSON.GZ") == "json"
     assert (builder_for("Notes.TXT"), builder_for("x.Parquet"), builder_for("a.JsonL")) == ("text", "parquet", "json")
     assert builder_for("a.docx") is None
+
+
+
+def test_a_hub_name_is_the_only_input_and_never_a_file_name(tmp_path, monkeypatch):
+    """Hand-written rules of resolve_inputs' docstring: a hub dataset must be the only input (a second name was
+    dropped unsaid under a mutation trial's mutant), and a missing relative path with a file extension
+    ("data/train.jsonl", owner/name-shaped) is a missing path, not a hub dataset to fetch from the network."""
+    monkeypatch.chdir(tmp_path)
+    assert resolve_inputs(["allenai/c4"]) == ([], "allenai/c4")
+    with pytest.raises(ValueError, match=r"a hub dataset \('allenai/c4'\) must be the only input; got "
+                                         r"\['allenai/c4', 'allenai/dolma'\]"):
+        resolve_inputs(["allenai/c4", "allenai/dolma"])
+    for missing in ("data/train.jsonl", "shards/part-0.parquet", "c4/en.json.gz"):
+        with pytest.raises(ValueError, match=rf"input path '{missing}' does not exist"):
+            resolve_inputs([missing])
+
+
+def test_what_lies_under_an_excluded_directory_is_not_read_nor_counted(tmp_path):
+    """`exclude` leaves out the paths it names "or anything under them" (resolve_inputs' docstring): a file under
+    an excluded directory is not corpus, and prepare's own hidden scratch directory (.work) inside an input
+    directory is not reported as the user's hidden files."""
+    import warnings
+
+    corpus = tmp_path / "corpus"
+    (corpus / "out" / ".work").mkdir(parents=True)
+    (corpus / "prepared").mkdir()
+    a = write_jsonl(corpus / "a.jsonl", SENTENCES[:10])
+    write_jsonl(corpus / "prepared" / "b.jsonl", SENTENCES[10:20])
+    (corpus / "out" / ".work" / "tokenized0.arrow").write_bytes(b"cache")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipped 1 hidden files" for prepare's .work
+        assert resolve_inputs([str(corpus)], exclude=[corpus / "prepared", corpus / "out" / ".work"]) == ([a], None)
+    b = str(corpus / "prepared" / "b.jsonl")
+    assert resolve_inputs([str(corpus)], exclude=[corpus / "out" / ".work"]) == ([a, b], None)
+
+
+def test_a_glob_leaves_out_prepare_s_own_files_and_says_when_that_is_all_it_matched(tmp_path):
+    """`--input 'proj/*' --out proj`: prepare's outputs a glob matches are left out like those a directory holds
+    (the files in `exclude`), without an "unsupported extensions" warning about them; a glob matching only them
+    says so."""
+    import warnings
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    data = write_jsonl(proj / "data.jsonl", SENTENCES[:10])
+    own = [proj / "manifest.json", proj / "train.bin", proj / "tokenizer.model"]
+    for f in own:
+        f.write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_inputs([str(proj / "*")], exclude=own) == ([data], None)
+    with pytest.raises(ValueError, match=rf"input glob '.*\*\.json' matches only prepare's own output files "
+                                         rf"\['{re.escape(str(proj / 'manifest.json'))}'\]"):
+        resolve_inputs([str(proj / "*.json")], exclude=own)
+
+
+def test_a_json_file_named_like_save_to_disk_metadata_is_corpus_without_arrow_files_beside_it(tmp_path):
+    """state.json and dataset_info.json are skipped as save_to_disk metadata only beside .arrow files; in a folder
+    of JSON files they are the user's data (skipping them would lose documents unsaid)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    files = [write_jsonl(corpus / name, SENTENCES[:5]) for name in ("a.jsonl", "dataset_info.json", "state.json")]
+    assert resolve_inputs([str(corpus)]) == (files, None)
+    assert resolve_inputs([str(corpus / "*.json")]) == (files[1:], None)
+
+
+def test_the_corpus_fingerprint_follows_a_files_size_and_a_hub_dataset_s_config(tmp_path):
+    """The fingerprint covers each file's size besides its mtime (a file rewritten within the filesystem's mtime
+    granularity, or copied back with its old mtime, changes size) and a hub dataset's config (C4's 'en' and
+    'realnewslike' are other documents), as corpus_fingerprint's docstring says."""
+    import os
+
+    path = tmp_path / "a.jsonl"
+    write_jsonl(path, SENTENCES[:10])
+    st = os.stat(path)
+    before = local_fingerprint([str(path)])
+    write_jsonl(path, SENTENCES[:11])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size != st.st_size
+    assert local_fingerprint([str(path)]) != before
+    assert corpus_fingerprint(([str(path)], None)) == local_fingerprint([str(path)])
+    hub = ([], "allenai/c4")
+    assert corpus_fingerprint(hub, "en", "abc123") == corpus_fingerprint(hub, "en", "abc123")
+    assert corpus_fingerprint(hub, "en", "abc123") != corpus_fingerprint(hub, "realnewslike", "abc123")
+    assert corpus_fingerprint(hub, "en", "abc123") != corpus_fingerprint(hub, "en", "def456")
 
 
 # --- Inputs a user brings (found by a test-drive, 2026-12-01) ---

@@ -120,6 +120,24 @@ def test_non_string_text_column_is_an_error(tmp_path):
         prepare_data([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], tmp_path / "out4", vocab_size=300)
 
 
+def test_the_encoder_names_a_value_that_is_not_text(tmp_path):
+    """Encode, the map every record goes through, is the last check of the text column's values (a streamed
+    dataset without features is checked at its first record only: sources._select_text): a number or a list
+    is named, never encoded as a blank document (0, []) nor failing as an AttributeError (12345); null is a
+    record without text."""
+    from relora_ds.data.encode import Encode
+    from relora_ds.data.tokenizer import open_tokenizer
+
+    encode = Encode(open_tokenizer(_tiny_tokenizer(tmp_path)), val_fraction=0.0, num_threads=1)
+    out = encode({"text": ["kings", None, " "]})
+    assert [len(ids) > 0 for ids in out["ids"]] == [True, False, False]
+    assert out["no_text"].tolist() == [False, True, False]
+    for stray, shown in ((12345, r"int values, not strings: '12345'"), (0, r"int values, not strings: '0'"),
+                         ([], r"list values, not strings: '\[\]'"), (False, r"bool values")):
+        with pytest.raises(ValueError, match=rf"^the text column holds {shown}"):
+            encode({"text": ["kings", stray]})
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_files_with_other_columns_beside_the_text_are_read_together(tmp_path, streaming):
     """A directory of JSON Lines / Parquet files whose metadata columns differ (a common dump): each file's

@@ -141,6 +141,23 @@ def test_documents_longer_than_seq_len_are_split_never_truncated(tmp_path, caplo
     assert f"; {spanning} documents span several windows of seq_len=16" in caplog.text
 
 
+def test_a_document_of_exactly_one_window_does_not_span_several(tmp_path, caplog):
+    """A window is seq_len + 1 tokens (the inputs and their shifted targets): a document of BOS + pieces + EOS =
+    seq_len + 1 tokens fits one and is not counted in "documents span several windows"; one token more is.
+    Oracle: the tokenizer's own lengths, with seq_len set so that the first document fills exactly one window."""
+    tok = _tiny_tokenizer(tmp_path)
+    sp = load_tokenizer(tok)
+    docs = SENTENCES[:12] + [" ".join(SENTENCES[:3])]
+    lengths = [len(sp.encode(d)) + 2 for d in docs]
+    seq_len = lengths[0] - 1
+    spanning = sum(n > seq_len + 1 for n in lengths)
+    assert lengths.count(seq_len + 1) >= 1 and 0 < spanning < len(docs), lengths
+    with caplog.at_level("INFO", logger="relora_ds"):
+        prepare_data([write_jsonl(tmp_path / "c.jsonl", docs)], tmp_path / "out", tokenizer=str(tok),
+                     val_fraction=0.0, seq_len=seq_len)
+    assert f"; {spanning} documents span several windows of seq_len={seq_len}" in caplog.text
+
+
 def test_vocab_size_too_large_is_capped_with_a_warning_and_too_small_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", SENTENCES)
     with pytest.warns(DataWarning, match=r"vocab_size=32000 is larger than this corpus supports; capped to \d+"):

@@ -19,7 +19,7 @@ from relora_ds.data import (
     PackedTokens, check_tokenizer_matches, in_validation, load_manifest, load_tokenizer, prepare_data,
 )
 from relora_ds.data.builtin_corpus import builtin_documents, play_scenes
-from test_data_inputs import write_jsonl
+from test_data_inputs import SENTENCES, _tiny_tokenizer, write_jsonl
 
 TINY_VOCAB = 1000
 
@@ -96,6 +96,23 @@ def test_validation_split_is_a_fixed_hash_of_the_text():
     assert [in_validation(t, 0.5) for t in texts] == [True, True, True, False, True, True, True, False]
     assert not in_validation("anything", 0.0)
     assert in_validation("anything", 0.999999)
+
+
+def test_a_documents_split_is_in_validation_of_its_text_as_read(tmp_path):
+    """Leading and trailing whitespace is part of the text in_validation hashes: a record's tokens go to the split
+    in_validation gives for its text as read, as the tokenizer's training text is chosen (prepare._texts), so
+    that no validation document is trained on. Oracle: in_validation of each raw text and SentencePiece's own
+    encoding."""
+    tok = _tiny_tokenizer(tmp_path)
+    sp = load_tokenizer(tok)
+    docs = [f"{pad}{t}{end}" for i, t in enumerate(SENTENCES[:40])
+            for pad, end in [(("  ", "", "\t")[i % 3], ("\n", " ", "")[i % 2])]]
+    assert any(in_validation(d, 0.5) != in_validation(d.strip(), 0.5) for d in docs)
+    out = prepare_data([write_jsonl(tmp_path / "c.jsonl", docs)], tmp_path / "out", tokenizer=str(tok),
+                       val_fraction=0.5)
+    for split, is_val in (("train", False), ("validation", True)):
+        want = [i for d in docs if in_validation(d, 0.5) == is_val for i in [sp.bos_id(), *sp.encode(d), sp.eos_id()]]
+        assert read_split(out, split).tolist() == want, split
 
 
 def test_concurrent_callers_serialize_and_the_later_one_finds_the_work_done(tmp_path, caplog):

@@ -281,6 +281,23 @@ def test_hidden_folders_and_an_output_inside_the_input_are_not_read(tmp_path):
     assert m["created"] == load_manifest(corpus / "prepared")["created"]
 
 
+def test_hidden_files_a_glob_names_by_their_dot_are_read(tmp_path):
+    """Python's glob matches a hidden name only where the pattern spells its dot (`data/.*.jsonl`): asked for, such
+    files are read, as a path to one is. They used to be dropped unsaid after matching (the glob then "held no
+    supported files (found 0: [])"; `data/.*` read .cache/b.jsonl but not .a.jsonl), while a directory, or a
+    glob without the dot, leaves hidden files out (counted in a warning for a directory)."""
+    data = tmp_path / "data"
+    (data / ".cache").mkdir(parents=True)
+    hidden, cached, plain = (write_jsonl(data / name, SENTENCES[:5])
+                             for name in (".a.jsonl", ".cache/b.jsonl", "c.jsonl"))
+    assert resolve_inputs([str(data / ".*.jsonl")]) == ([hidden], None)
+    assert resolve_inputs([hidden]) == ([hidden], None)
+    assert resolve_inputs([str(data / ".*")]) == ([hidden, cached], None)
+    assert resolve_inputs([str(data / "*")]) == resolve_inputs([str(data / "**" / "*.jsonl")]) == ([plain], None)
+    with pytest.warns(DataWarning, match="skipped 2 hidden files"):
+        assert resolve_inputs([str(data)]) == ([plain], None)
+
+
 def test_a_file_named_twice_is_read_once(tmp_path):
     """The same file given as a path, again through another spelling and through its directory (a common
     `--input data/ data/a.jsonl` slip) is one corpus file, not a corpus counted two or three times."""

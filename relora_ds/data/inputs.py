@@ -49,8 +49,10 @@ def _unsupported(path: str) -> ValueError:
 
 
 def _files_in(candidates: list[str], origin: str) -> list[str]:
-    """Supported files among `candidates` (from a directory or glob); the others are counted and warned."""
-    files = sorted(c for c in candidates if os.path.isfile(c) and not Path(c).name.startswith("."))
+    """Supported files among `candidates` (from a directory or glob); the others are counted and warned.
+    Hidden names are already left out (and counted) by _walk, and a glob matches them only where it spells
+    their dot: those are read, as a path to a hidden file is."""
+    files = sorted(c for c in candidates if os.path.isfile(c))
     kept = [f for f in files if builder_for(f)]
     skipped = [Path(f).name for f in files if not builder_for(f)]
     if not kept:
@@ -127,7 +129,8 @@ def resolve_inputs(inputs: list[str], exclude=None) -> tuple[list[str], str | No
     Directories, and directories a glob matches, are read recursively, without hidden files and folders
     (counted in a warning) and without the paths in `exclude` (prepare's own outputs, when its output
     directory lies inside an input) or anything under them. A directory written by ``Dataset.save_to_disk``
-    is read through its ``.arrow`` files.
+    is read through its ``.arrow`` files. A glob matches hidden names only where it spells their dot (Python's
+    glob: ``data/.*.jsonl``), and reads what it matches.
 
     A string that is neither an existing path nor a glob with matches is a hub name only if it looks
     like ``owner/name`` and has no file extension; anything else is a missing-path error.

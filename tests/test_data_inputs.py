@@ -385,6 +385,18 @@ def test_a_glob_leaves_out_prepare_s_own_files_and_says_when_that_is_all_it_matc
         resolve_inputs([str(proj / "*.json")], exclude=own)
 
 
+def test_a_glob_matching_nothing_to_read_says_what_it_matched(tmp_path):
+    """A glob matching only an empty directory, or only a save_to_disk dataset's metadata files, found nothing to
+    read; it used to say it matched "only prepare's own output files", which it did not (no exclude given)."""
+    import datasets
+
+    (tmp_path / "shards" / "empty").mkdir(parents=True)
+    datasets.Dataset.from_dict({"text": SENTENCES[:5]}).save_to_disk(str(tmp_path / "saved"))
+    for glob in (tmp_path / "shards" / "*", tmp_path / "saved" / "*.json"):
+        with pytest.raises(ValueError, match=rf"^input '{re.escape(str(glob))}' holds no supported files \(found 0"):
+            resolve_inputs([str(glob)])
+
+
 def test_a_json_file_named_like_save_to_disk_metadata_is_corpus_without_arrow_files_beside_it(tmp_path):
     """state.json and dataset_info.json are skipped as save_to_disk metadata only beside .arrow files; in a folder
     of JSON files they are the user's data (skipping them would lose documents unsaid)."""

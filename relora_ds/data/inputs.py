@@ -155,17 +155,17 @@ def resolve_inputs(inputs: list[str], exclude=None) -> tuple[list[str], str | No
             matches = [Path(m).resolve() for m in glob.glob(str(path), recursive=True)]
             if not matches:
                 raise ValueError(f"input glob {item!r} matches no files")
-            found = []
+            found, own = [], []
             for m in sorted(matches):
                 if _excluded(m, exclude):
-                    continue
-                if m.is_dir():
+                    own.append(str(m))
+                elif m.is_dir():
                     _check_not_dataset_dict(m, f"{item} -> {m}")
                     found.extend(_walk(m, item, exclude))
                 elif not _is_save_to_disk_meta(m):
                     found.append(str(m))
-            if not found:
-                raise ValueError(f"input glob {item!r} matches only prepare's own output files {sorted(map(str, matches))[:5]}")
+            if len(own) == len(matches):  # else nothing found is _files_in's "holds no supported files"
+                raise ValueError(f"input glob {item!r} matches only prepare's own output files {own[:5]}")
             files.extend(_files_in(found, item))
         elif _HUB_NAME.match(item) and builder_for(item) is None and not item.startswith("."):
             hub.append(item)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from relora_ds import LlamaConfig, LlamaForCausalLM, wrap
-from relora_ds.checkpoint import full_state_dict, latest_tag, load_config
+from relora_ds.checkpoint import checkpoint_folders, full_state_dict, latest_tag, load_config, tag_step
 from relora_ds.data import load_manifest
 from relora_ds.data.manifest import tokenizer_sha256
 from relora_ds.data.tokenizer import resolve_tokenizer
@@ -53,7 +53,7 @@ def main(argv=None) -> Path:
         ap.error(f"--out {args.out} exists and is not a directory")
     tag = args.tag or latest_tag(args.checkpoints)
     if tag is None or not (args.checkpoints / tag).is_dir():
-        found = sorted(p.name for p in args.checkpoints.glob("step_*"))
+        found = sorted((p.name for p in checkpoint_folders(args.checkpoints)), key=tag_step)
         ap.error(f"no checkpoint {tag or '(latest)'} in {args.checkpoints}; found: {found or 'none'}")
     if not (args.checkpoints / tag / "config.json").is_file():
         ap.error(f"{args.checkpoints / tag} has no config.json: an incomplete checkpoint (its save did not finish?); "

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 import zipfile
@@ -100,6 +101,12 @@ def tag_step(tag: str) -> int:
     return int(number)
 
 
+def checkpoint_folders(ckpt_dir: Path) -> list[Path]:
+    """The folders in ``ckpt_dir`` named as checkpoints are (``step_N``), complete or not. Anything else there
+    (a user's ``cp -r step_8 step_8_backup``) is not the run's to count, resume from or delete."""
+    return [p for p in Path(ckpt_dir).glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+
+
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, keep_last: int,
          protect: tuple[str, ...] = ()) -> Path:
     """Every rank calls this. Returns the checkpoint directory. Pruning to ``keep_last`` spares the tags in
@@ -154,7 +161,7 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str, protect: tuple[str, ..
     in ``protect`` (the warm start's last step) are neither counted nor deleted."""
     if keep_last <= 0:
         return
-    folders = [p for p in ckpt_dir.glob("step_*") if p.is_dir()]
+    folders = checkpoint_folders(ckpt_dir)
     complete = sorted((p for p in folders if (p / "config.json").is_file() or p.name == keep),
                       key=lambda p: tag_step(p.name))
     stale = [p for p in folders if p not in complete]
@@ -175,7 +182,7 @@ OPTIMIZER_GROUPS = ("lora", "matrices", "vectors")
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
     """The checkpoint tags in ``ckpt_dir`` whose files are all written (config.json comes last), by step."""
-    tags = [p.name for p in Path(ckpt_dir).glob("step_*") if (p / "config.json").is_file()]
+    tags = [p.name for p in checkpoint_folders(ckpt_dir) if (p / "config.json").is_file()]
     return sorted(tags, key=tag_step)
 
 

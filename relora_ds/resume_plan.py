@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import (OPTIMIZER_GROUPS, check_complete, complete_tags, is_sharded, latest_tag, load_config,
-                         tag_step)
+from .checkpoint import (OPTIMIZER_GROUPS, check_complete, checkpoint_folders, complete_tags, is_sharded, latest_tag,
+                         load_config, tag_step)
 from .ds_config import engine_layout, zero_stage
 
 
@@ -185,5 +185,5 @@ def _resume_point(ckpt_dir: Path, resume_from: str, latest: str | None) -> tuple
     if resume_from not in complete:  # a tag after `latest` is a save that crashed: maybe not every rank's files
         raise ValueError(f"--resume-from {resume_from}: no complete checkpoint {ckpt_dir / resume_from}; there: "
                          f"{complete or 'none'}")
-    later = [p.name for p in ckpt_dir.glob("step_*") if p.is_dir() and tag_step(p.name) > step]
+    later = [p.name for p in checkpoint_folders(ckpt_dir) if tag_step(p.name) > step]
     return resume_from, sorted(later, key=tag_step)

@@ -460,3 +460,30 @@ def test_resume_progress_reads_the_checkpoint_resume_from_names(tmp_path):
     (tmp_path / "latest").write_text("step_10")
     assert resume_progress(tmp_path, None) == {"step": 10, "tokens_seen": 9_000}
     assert resume_progress(tmp_path, "step_4") == {"step": 4, "tokens_seen": 3_000}
+
+
+def test_folders_not_named_step_n_are_not_the_runs_to_count_resume_from_move_or_delete(tmp_path):
+    """From a helper's reading: a user's copy `cp -r step_8 step_8_backup` (complete) and a `step_2_old`
+    folder without config.json sat beside the run's checkpoints. Every later save's prune raised "not of the
+    form step_N" (the run crashed after moving latest), resume planning raised it too, and a prune would have
+    deleted `step_2_old` as a crashed save. Oracle, by hand: only step_N folders are checkpoints; the other two
+    are left as they are by prune, plain resume and --resume-from."""
+    from relora_ds import checkpoint, resume_plan
+
+    for step in (4, 8, 12):
+        _tag(tmp_path, step)
+    _tag(tmp_path, 8)
+    (tmp_path / "step_8").rename(tmp_path / "step_8_backup")
+    _tag(tmp_path, 8)
+    (tmp_path / "step_2_old").mkdir()
+    (tmp_path / "step_2_old" / "notes.txt").write_text("mine")
+    (tmp_path / "latest").write_text("step_12")
+    assert checkpoint.complete_tags(tmp_path) == ["step_4", "step_8", "step_12"]
+    kw = dict(model={"hidden_size": 64}, ds={"zero_optimization": {"stage": 2}}, world=2,
+              data_dir=tmp_path / "data", tokenizer_sha256="a" * 64, total_steps=12)
+    assert resume_plan.plan_resume(tmp_path, train=TRAIN, **kw)["tag"] == "step_12"
+    plan = resume_plan.plan_resume(tmp_path, train={**TRAIN, "resume_from": "step_4"}, **kw)
+    assert plan["tag"] == "step_4" and plan["rewind"] == ["step_8", "step_12"]
+    checkpoint._prune_old(tmp_path, keep_last=1, keep="step_12")
+    assert {p.name for p in tmp_path.iterdir()} == {"step_12", "step_8_backup", "step_2_old", "latest"}
+    assert (tmp_path / "step_2_old" / "notes.txt").read_text() == "mine"

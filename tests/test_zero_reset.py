@@ -43,6 +43,8 @@ def test_prune_equals_single_process_oracle(results, case):
         assert res["stats"] == pytest.approx(res["expected_stats"], abs=1e-12)
         assert res["stats"]["exp_avg_sq"] == pytest.approx(0.9, abs=1e-3)
         assert res["stats"]["exp_avg"] > res["stats"]["exp_avg_sq"]  # the masks differ: the union is tested
+        # Each tensor's two fp32 moments gathered whole once (4 bytes an entry), on every rank alike.
+        assert res["prune_comm_bytes"] == res["expected_prune_comm_bytes"] > 0
 
 
 def test_random_prune_of_a_second_param_group_equals_the_single_process_oracle(results):
@@ -93,6 +95,16 @@ def test_merge_writes_masters_keeps_outputs_and_ranks_agree(results, case):
         assert res["no_resurrection"], "the next step restored pre-merge LoRA values (DeepSpeed #2424)"
         # Outputs unchanged up to W's dtype rounding (bf16 has 8 mantissa bits).
         assert res["merge_max_logit_diff"] < (1e-5 if case.endswith("fp32") else 0.05)
+        # The bytes its gathers moved: A's and B's fp32 masters, and under ZeRO-3 the base in its dtype.
+        assert res["merge_comm_bytes"] == res["expected_merge_comm_bytes"] > 0
+    # The merge's record (‖s·B·A‖_F of the fp32 masters; relative to ‖W‖_F): on every rank under ZeRO-1/2, on
+    # the rank that merged (rank 0) under ZeRO-3, where the other has no norms to report.
+    for rank, r in enumerate(results):
+        got = r[case]["merge_update_stats"]
+        if case.startswith("3") and rank == 1:
+            assert got == {}, got
+        else:
+            assert got == pytest.approx(r[case]["expected_update_stats"], rel=1e-6)
     assert results[0][case]["base_hash"] == results[1][case]["base_hash"], "base weights diverged across ranks"
 
 
@@ -146,3 +158,138 @@ def test_optimizer_steps_after_a_universal_load_are_separate_tensors():
     ref.step()
     assert torch.equal(a, a2) and torch.equal(b, b2)
     assert opt.state[a]["step"].item() == opt.state[b]["step"].item() == 6
+
+
+def test_full_state_reads_and_writes_refuse_what_zero_does_not_hold():
+    """get_full of a parameter ZeRO keeps no fp32 state of (frozen, or never in the engine) is a ValueError
+    naming it, not a None the prune would index later; a ZeRO-3 set-full of a value of another size than the
+    parameter's is refused before anything is read or written (DeepSpeed's narrow would zero-fill a short one)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from relora_ds.zero_reset import get_full, set_full
+
+    p = torch.nn.Parameter(torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"shape \(2, 3\) has no ZeRO-managed fp32 state \(master\); is it trainable"):
+        get_full(p)
+    with pytest.raises(ValueError, match=r"has no ZeRO-managed fp32 state \(exp_avg_sq\)"):
+        get_full(p, "exp_avg_sq")
+    z3 = SimpleNamespace(ds_id=7, ds_numel=6, ds_shape=torch.Size([2, 3]))  # no optimizer: nothing may be touched
+    for key in (None, "exp_avg"):
+        with pytest.raises(ValueError, match=r"ZeRO-3 set-full: 5 values for a parameter of 6 \(shape \(2, 3\)\)"):
+            set_full(z3, torch.zeros(5), key)
+
+
+class _Stage0Engine:
+    """The surface of a DeepSpeed engine at ZeRO stage 0 in fp32 (no DeepSpeed optimizer wrapper: the model
+    copies are the masters, the torch optimizer's state the moments) that merge and prune read."""
+
+    def __init__(self, module, optimizer, accumulation=1, micro_steps=0):
+        self.module, self.optimizer = module, optimizer
+        self.accumulation, self.micro_steps = accumulation, micro_steps
+
+    def gradient_accumulation_steps(self):
+        return self.accumulation
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def bfloat16_enabled(self):
+        return False
+
+    def fp16_enabled(self):
+        return False
+
+
+def _stage0_engine(**kw):
+    import torch
+    import transformers
+
+    import relora_ds
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    model = relora_ds.wrap(transformers.LlamaForCausalLM(cfg), rank=3, seed=5)
+    opt = torch.optim.AdamW(relora_ds.lora_parameters(model), **kw)
+    return _Stage0Engine(model, opt)
+
+
+def test_a_stage_0_engine_prunes_its_torch_optimizers_moments_in_place_as_the_sort_oracle():
+    """ZeRO stage 0 in fp32: the engine's torch optimizer holds the moments; the prune zeroes them in that
+    state, exactly as the sort-based oracle of tests/dist/zero_reset_worker.py masks them (a prune of a copy
+    of the state left the optimizer's moments as they were, and no test saw it)."""
+    import torch
+
+    import relora_ds
+
+    def sort_mask(t, ratio):  # the worker's oracle: the round(ratio * n) smallest |t|, by a stable sort
+        mask = torch.zeros(t.numel(), dtype=torch.bool)
+        mask[torch.sort(t.reshape(-1).abs(), stable=True).indices[:round(ratio * t.numel())]] = True
+        return mask.view(t.shape)
+
+    engine = _stage0_engine()
+    lora = relora_ds.lora_parameters(engine.module)
+    g = torch.Generator().manual_seed(3)
+    for p in lora:  # live moments: every entry non-zero, no ties
+        engine.optimizer.state[p] = {"step": torch.tensor(2.0), "exp_avg": torch.randn(p.shape, generator=g),
+                                     "exp_avg_sq": torch.rand(p.shape, generator=g) + 0.1}
+    before = [{k: engine.optimizer.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")} for p in lora]
+    stats = relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.9)
+    for p, b in zip(lora, before):
+        sq = sort_mask(b["exp_avg_sq"], 0.9)
+        assert torch.equal(engine.optimizer.state[p]["exp_avg_sq"], b["exp_avg_sq"].masked_fill(sq, 0.0))
+        assert torch.equal(engine.optimizer.state[p]["exp_avg"],
+                           b["exp_avg"].masked_fill(sort_mask(b["exp_avg"], 0.9) | sq, 0.0))
+    numel = sum(p.numel() for p in lora)
+    assert stats["exp_avg_sq"] == sum(int(sort_mask(b["exp_avg_sq"], 0.9).sum()) for b in before) / numel
+    assert stats["prune_comm_bytes"] == 0  # one process: nothing gathered
+
+
+@pytest.mark.parametrize("setting", ["amsgrad", "muon"])
+def test_an_engine_optimizer_without_plain_adam_moments_is_refused_before_any_change(setting):
+    """amsgrad (its running max of exp_avg_sq would keep every pruned entry) and a Muon group (no Adam moments)
+    are refused naming the setting, with the moments left as they were."""
+    import torch
+
+    import relora_ds
+
+    engine = _stage0_engine(amsgrad=setting == "amsgrad")
+    if setting == "muon":
+        engine.optimizer.param_groups[0]["use_muon"] = True
+    lora = relora_ds.lora_parameters(engine.module)
+    for p in lora:
+        engine.optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.ones(p.shape),
+                                     "exp_avg_sq": torch.ones(p.shape), "max_exp_avg_sq": torch.ones(p.shape)}
+    message = {"amsgrad": r"runs amsgrad, whose running max of exp_avg_sq would keep every pruned entry",
+               "muon": r"keeps no Adam moments \(exp_avg, exp_avg_sq\) in every param group"}[setting]
+    with pytest.raises(ValueError, match=message):
+        relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.9)
+    assert all(bool((engine.optimizer.state[p][k] == 1).all()) for p in lora for k in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.parametrize("micro_steps, boundary, warns", [
+    (1, None, "1 of 2 micro-steps done"), (2, None, None), (4, None, None),
+    (1, False, "of 2 micro-steps"), (1, True, None)])
+def test_a_merge_inside_a_gradient_accumulation_warns_and_one_at_its_boundary_does_not(micro_steps, boundary,
+                                                                                        warns):
+    """A driver of its own steps the engine every micro-batch (micro_steps counts them: a merge is inside an
+    accumulation unless micro_steps is a multiple of gradient_accumulation_steps); accelerate sets the
+    engine's boundary flag, which then decides alone. A warning at every merge would hide the real one."""
+    import warnings
+
+    import relora_ds
+
+    engine = _stage0_engine()
+    engine.accumulation, engine.micro_steps = 2, micro_steps
+    if boundary is not None:
+        engine._is_gradient_accumulation_boundary = boundary
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert relora_ds.merge_and_reinit(engine)["layers"] == 7
+    found = [str(w.message) for w in seen if "inside a gradient accumulation" in str(w.message)]
+    if warns is None:
+        assert not found, found
+    else:
+        assert len(found) == 1 and f"({warns})" in found[0], found

@@ -270,6 +270,8 @@ def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_secon
                                   for p, o in zip(others, others_before))
     res["stats"] = {k: v for k, v in stats.items() if k.startswith("exp")}
     res["prune_comm_bytes"] = stats["prune_comm_bytes"]
+    # What the prune's gathers move: both fp32 moments of every LoRA tensor, whole (this model's sizes).
+    res["expected_prune_comm_bytes"] = 2 * 4 * sum(b["exp_avg"].numel() for b in before)
     # joint=True: one mask from |exp_avg| (the sort oracle's) zeroes both moments.
     before = [{k: safe_get_full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")} for p in lora]
     relora_ds.prune_optimizer_state(engine, lora, "magnitude", 0.95, joint=True)
@@ -286,13 +288,25 @@ def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_secon
     old_A = [safe_get_full_fp32_param(l.lora_A).clone() for _, l in relora_ds.relora_layers(model)]
     # The merge's oracle: W0 + scale * B_master @ A_master in fp32, rounded once to W's dtype (the bf16 module
     # copies of A and B would give another W, and outputs closer to the pre-merge bf16 forward).
-    want_W = []
+    want_W, deltas, rel = [], [], []
+    # The merge's gathers: the fp32 masters of A and B (ZeRO-1/2/3), and under ZeRO-3 each base too (its dtype).
+    res["expected_merge_comm_bytes"] = 0
     for _, l in relora_ds.relora_layers(model):
         with deepspeed.zero.GatheredParameters([l.weight], enabled=hasattr(l.weight, "ds_id")):
             W0 = l.weight.detach().cpu().clone()
         A_m, B_m = (safe_get_full_fp32_param(t).float().cpu() for t in (l.lora_A, l.lora_B))
         want_W.append((W0.float() + (B_m @ A_m) * l.scale).to(W0.dtype))
-    relora_ds.merge_and_reinit(engine)
+        res["expected_merge_comm_bytes"] += 4 * (A_m.numel() + B_m.numel()) + (
+            W0.numel() * W0.element_size() if hasattr(l.weight, "ds_id") else 0)
+        deltas.append(float(((B_m.double() @ A_m.double()) * l.scale).norm()))  # ‖s·B·A‖_F, as a product
+        rel.append(deltas[-1] / float(W0.double().norm()))
+    merge_stats = relora_ds.merge_and_reinit(engine)
+    res["merge_comm_bytes"] = merge_stats["merge_comm_bytes"]
+    # The merge's record: update norms of every layer, on the ranks that merged every layer (ZeRO-3: rank 0)
+    res["merge_update_stats"] = {k: merge_stats[k] for k in ("update_norm_mean", "update_rel_mean", "update_rel_max")
+                                 if k in merge_stats}
+    res["expected_update_stats"] = {"update_norm_mean": sum(deltas) / len(deltas),
+                                    "update_rel_mean": sum(rel) / len(rel), "update_rel_max": max(rel)}
     merged_ok = True
     for (_, l), want in zip(relora_ds.relora_layers(model), want_W):
         with deepspeed.zero.GatheredParameters([l.weight], enabled=hasattr(l.weight, "ds_id")):

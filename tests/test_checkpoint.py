@@ -793,3 +793,15 @@ def test_a_missed_merge_of_online_relora_is_counted_in_merges_not_resets():
         calls.clear()
         CheckpointsMixin._catch_up_missed_merge(t, {})
         assert calls == want, merges
+
+
+def test_bf16_optimizer_masters_of_a_folder_without_the_bf16_optimizers_files_are_none(tmp_path):
+    """None, not {}, where ``src`` holds no bf16 optimizer files or files of another layout: the caller
+    (checkpoint.full_state_dict) then reads the module states instead of finding no masters at all."""
+    import torch
+
+    from relora_ds.zero_reset import bf16_optimizer_masters
+
+    assert bf16_optimizer_masters(tmp_path, {"w": (2, 3)}) is None
+    torch.save({"optimizer_state_dict": {"state": {}}}, tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert bf16_optimizer_masters(tmp_path, {"w": (2, 3)}) is None

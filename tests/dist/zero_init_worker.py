@@ -81,6 +81,10 @@ def main():
         relora_ds.wrap(model, rank=3, seed=11, quantize=quantize)  # swaps partitioned nn.Linear layers
         zero_init.cast_partitions_(model, DS)
         check_partitioned(model, f"wrap quantize={quantize}")
+        # The parameters themselves (empty outside a gather) carry the cast dtype too, as the engine's cast
+        # leaves them: DeepSpeed reads a parameter's dtype from it, not from its partition.
+        for name, q in model.named_parameters():
+            assert q.dtype == (torch.int8 if name.endswith("weight_q") else torch.bfloat16), (name, q.dtype)
         oracle = whole(0, quantize)
         check_equal(model, oracle, f"wrap quantize={quantize}")
         # The engine's param groups (weight decay spares the vectors): a partitioned parameter is flat and
@@ -95,6 +99,7 @@ def main():
     check_partitioned(model, "partition_")
     check_equal(model, oracle.to(torch.bfloat16), "partition_")
     check_load_refuses(model)
+    check_load_int8(model)
     check_transformers_model("llama")
     check_transformers_model("gpt2")
     print(f"rank {torch.distributed.get_rank()}: zero_init checks passed", flush=True)
@@ -114,6 +119,21 @@ def check_load_refuses(model) -> None:
             assert str(e).startswith("the source") and message in str(e), e
         else:
             raise AssertionError(f"load_ accepted {tensors}")
+
+
+def check_load_int8(model) -> None:
+    """zero_init.load_ into a partitioned model with an int8 base takes each base by the name of the linear it
+    replaced (….weight; its int8 weight_q is no name of the source) and every other parameter by its own."""
+    bases = {f"{n}.weight": layer for n, layer in relora_ds.relora_layers(model)}
+    assert all(layer.quantize for layer in bases.values())
+    params = dict(model.named_parameters())
+    others = {n: torch.full(tuple(p.ds_shape), 0.5) for n, p in params.items()
+              if not n.endswith(("lora_A", "lora_B", "weight_q")) and n not in bases}
+    tensors = {**others, **{n: torch.ones(layer.out_features, layer.in_features) for n, layer in bases.items()}}
+    zero_init.load_(model, tensors.items(), "int8 source")  # before, a complete source was refused as lacking
+    with deepspeed.zero.GatheredParameters([params[n] for n in others]):
+        for n in others:
+            assert torch.equal(params[n].float(), others[n]), f"int8 load: {n}"
 
 
 def check_transformers_model(kind: str) -> None:

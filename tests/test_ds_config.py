@@ -389,3 +389,20 @@ def test_a_config_without_a_zero_stage_is_deepspeeds_stage_0_and_deepspeed_print
     cfg = TrainConfig(**BASE)
     assert complete_ds_config({"zero_optimization": {"stage": 2}}, cfg, world_size=2)["steps_per_print"] > \
         cfg.total_steps
+
+
+def test_a_steps_per_print_in_the_json_is_kept_and_the_layout_of_a_json_without_an_optimizer_is_its_completions():
+    """Mutations a trial ran that no test saw. complete_ds_config only defaults steps_per_print (DeepSpeed's own
+    log, which our logging replaces): a JSON that sets it keeps its value. engine_layout of a JSON without an
+    optimizer section names the optimizer completion gives it (torch's AdamW; DeepSpeedCPUAdam offloaded), as
+    plan_resume compares layouts of such JSONs: not FusedAdam, which DeepSpeed would build for an empty section."""
+    from relora_ds.ds_config import engine_layout
+
+    cfg = TrainConfig(**BASE)
+    assert complete_ds_config({"steps_per_print": 5}, cfg, world_size=1)["steps_per_print"] == 5
+    assert complete_ds_config({}, cfg, world_size=1)["steps_per_print"] == 10**9
+    for zero, name in (({"stage": 1}, "AdamW"), ({"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                                                  "DeepSpeedCPUAdam")):
+        ds = {"zero_optimization": zero}
+        assert engine_layout(ds)["optimizer"] == name, zero
+        assert engine_layout(ds) == engine_layout(complete_ds_config(ds, cfg, world_size=1)), zero

@@ -320,3 +320,36 @@ def test_checkpoint_writers_that_break_the_trainers_save_are_refused():
     assert get_checkpoint_config({"checkpoint": {"writer": None}})["writer"] is None
     complete_ds_config({"checkpoint": {"writer": None, "use_node_local_storage": False}, "datastates_ckpt": False},
                        TrainConfig(**BASE), world_size=2)
+
+
+def test_edges_of_the_checks_that_read_the_recipe_and_the_zero_stage():
+    """Mutations a trial ran that no test saw.
+
+    - merge_residual's fp32 warning is for mode=relora: mode=lora never merges, and TrainConfig already names
+      the setting as ignored there; complete_ds_config adds nothing.
+    - memory_efficient_linear is refused or turned off only where the selective policy runs: with
+      activation_checkpointing off (the policy ignored, TrainConfig says so) a ZeRO-3 JSON keeps it.
+    - the int8 refusals of ZeRO-3 settings read the stage as DeepSpeed does ("3" is stage 3).
+    - a stage that is none of 0-3 is named with the valid ones."""
+    with pytest.warns(ConfigWarning, match="merge_residual=True is ignored: mode='lora' never merges"):
+        lora = TrainConfig(**{**BASE, "mode": "lora", "cycle_length": None, "restart_warmup_steps": 100,
+                               "merge_residual": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        complete_ds_config({"zero_optimization": {"stage": 1}}, lora, world_size=1)
+    relora = TrainConfig(**{**BASE, "merge_residual": True})
+    with pytest.warns(ConfigWarning, match="merge_residual=True is ignored: the weights are fp32"):
+        complete_ds_config({"zero_optimization": {"stage": 1}}, relora, world_size=1)
+
+    with pytest.warns(ConfigWarning, match="activation_checkpointing_policy='selective' is ignored"):
+        off = TrainConfig(**{**BASE, "activation_checkpointing_policy": "selective"})
+    ds = complete_ds_config({"zero_optimization": {"stage": 3, "memory_efficient_linear": True}}, off, world_size=1)
+    assert ds["zero_optimization"]["memory_efficient_linear"] is True
+
+    with pytest.raises(ValueError, match=r"zero_optimization.zero_quantized_weights with quantize='int8'"):
+        complete_ds_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": "3", "zero_quantized_weights": True}},
+                           TrainConfig(**BASE, quantize="int8"), world_size=1)
+
+    with pytest.raises(ValueError, match=r"zero_optimization.stage=4 is not a ZeRO stage: valid stages are 0, 1, 2 "
+                                         r"and 3"):
+        complete_ds_config({"zero_optimization": {"stage": 4}}, TrainConfig(**BASE), world_size=1)

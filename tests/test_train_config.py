@@ -489,3 +489,33 @@ def test_data_read_many_times_over_and_fewer_validation_windows_than_asked_are_w
                               "(launch/prepare_data.py)"]
     assert warned(50, 11) == ["eval_windows=11 but the validation split of data holds 10 windows: each evaluation "
                               "uses all 10"]
+
+
+def test_documented_defaults_and_the_smallest_builtin_vocab():
+    """Mutations a trial ran that no test saw, each against its source: the Adam defaults are torch's AdamW's
+    (the help says AdamW); collective_timeout_min is 60 (README); rank 128 and a 100-step restart warmup are
+    the paper's (README, the paper recipes); the defaults train on one rank without gradient accumulation
+    (the plain `python launch/train.py` run); a merge_residual with an int8 base is refused; and the built-in
+    corpus's vocab can be as small as its 259 fixed pieces (256 bytes, <unk>, <s>, </s>), not below."""
+    import inspect
+
+    import torch
+
+    cfg = TrainConfig(cycle_length=1000, total_steps=100)
+    adamw = inspect.signature(torch.optim.AdamW).parameters
+    assert (cfg.adam_beta1, cfg.adam_beta2) == adamw["betas"].default
+    assert cfg.adam_eps == adamw["eps"].default
+    assert cfg.collective_timeout_min == 60
+    assert (cfg.rank, cfg.restart_warmup_steps) == (128, 100)
+    ds = complete_ds_config(load_ds_config(None), cfg, world_size=1)
+    assert ds["gradient_accumulation_steps"] == 1
+    assert ds["train_micro_batch_size_per_gpu"] == ds["train_batch_size"] == cfg.micro_batch_size
+
+    with pytest.raises(ValueError, match=r"merge_residual is for float bases: quantize=int8 already merges"):
+        TrainConfig(**BASE, quantize="int8", merge_residual=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert TrainConfig(**BASE, vocab_size=259).vocab_size == 259
+    with pytest.raises(ValueError, match=r"vocab_size=258 is too small"):
+        TrainConfig(**BASE, vocab_size=258)

@@ -120,6 +120,20 @@ def test_llama3_rope_scaling_needs_high_freq_factor_above_low_freq_factor():
     assert cfg.rope_scaling["high_freq_factor"] == 4.0
 
 
+def test_shapes_and_biases_a_family_cannot_have_are_refused():
+    """Mutations a trial ran that no test saw: query heads not a multiple of the key/value heads (grouped-query
+    attention shares each kv head among a whole number of query heads), a non-positive RoPE scaling factor,
+    and MLP biases on Qwen3 (its Hugging Face architecture has none)."""
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by num_key_value_heads=3"):
+        LlamaConfig.preset("debug", num_key_value_heads=3)
+    for factor in (-2.0, 0.0):
+        with pytest.raises(ValueError, match=r"\['factor'\] must be positive numbers"):
+            LlamaConfig.preset("debug", rope_scaling={"rope_type": "linear", "factor": factor})
+    with pytest.raises(ValueError, match=r"model_type='qwen3' cannot have \{'mlp_bias': True\}"):
+        LlamaConfig.preset("debug", model_type="qwen3", mlp_bias=True)
+    assert LlamaConfig.preset("debug", num_key_value_heads=2).num_key_value_heads == 2
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("rope_scaling", {"type": "dynamic", "factor": 2.0},  # the pre-4.37 spelling
      r"rope scaling 'dynamic' is not supported; valid rope types: 'default' \(plain RoPE\), 'linear', 'llama3'"),

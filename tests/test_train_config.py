@@ -519,3 +519,19 @@ def test_documented_defaults_and_the_smallest_builtin_vocab():
         assert TrainConfig(**BASE, vocab_size=259).vocab_size == 259
     with pytest.raises(ValueError, match=r"vocab_size=258 is too small"):
         TrainConfig(**BASE, vocab_size=258)
+
+
+def test_more_edges_a_mutation_trial_found_unpinned():
+    """keep_last=0 would delete every checkpoint, the last included: refused; final_eval_windows below 0 is
+    refused as eval_windows is; a bool field takes true/false, not 1 (YAML's `compile: 1`); eval_windows'
+    default is the one its help text states."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match=r"keep_last=0 must be positive"):
+        TrainConfig(**BASE, keep_last=0)
+    with pytest.raises(ValueError, match=r"final_eval_windows=-1 must be >= 0"):
+        TrainConfig(**BASE, final_eval_windows=-1)
+    with pytest.raises(ValueError, match=r"compile=1 must be true or false"):
+        TrainConfig(**BASE, compile=1)
+    field = {f.name: f for f in dataclasses.fields(TrainConfig)}["eval_windows"]
+    assert "default 10240" in field.metadata["help"] and field.default == 10240

@@ -84,8 +84,8 @@ def kernel_mode() -> str:
 
 def interpret_env() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter, read as Triton reads it (1, true, yes,
-    on, y), without importing triton."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE + ("y",)
+    on, y, any case; unstripped: Triton reads " 1" as off), without importing triton."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in _TRUE + ("y",)
 
 
 def eager_under_compile(fn):

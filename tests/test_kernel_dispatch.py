@@ -376,3 +376,24 @@ def test_int8_dispatchers_take_and_return_what_their_twins_do(monkeypatch, mode)
     out = rk.int8_merge_(q, s, res, a, b, 0.5)
     assert len(out) == 3 and all(o is t for o, t in zip(out, (q, s, res)))
     assert all(torch.equal(o, t) for o, t in zip(out, rk.int8_merge_reference_(*twin, a, b, 0.5)))
+
+
+def test_switch_values_are_read_as_documented(monkeypatch):
+    """RELORA_KERNELS ignores case and surrounding spaces (the start-up check compares it so, relora_ds/startup.py);
+    TRITON_INTERPRET is read exactly as the installed Triton reads it (oracle: ``triton.knobs.runtime.interpret``):
+    the start-up check asks interpret_env, the kernels ask Triton, and a value the two read differently (' 1':
+    stripped here, not by Triton) passed the check and failed at the first layer; a device that is neither CUDA nor
+    CPU is refused by name under RELORA_KERNELS=triton."""
+    import triton
+    for value, want in ((" Triton ", "triton"), ("REFERENCE", "reference"), ("", "auto")):
+        monkeypatch.setenv("RELORA_KERNELS", value)
+        assert rk.kernel_mode() == want
+    for value in ("1", "true", "YES", "On", "y", "0", "false", "off", "", "2", "enable", " 1", "1 "):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        assert rk.interpret_env() is bool(triton.knobs.runtime.interpret), value
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    with pytest.raises(ValueError, match="no Triton path for device meta; use CUDA tensors or RELORA_KERNELS=reference"):
+        rk.use_triton(torch.empty(2, device="meta"))
+    with pytest.raises(AttributeError, match="relora_kernels' has no attribute 'lora_linears'"):
+        rk.lora_linears  # a typo is an AttributeError (hasattr works), not a None to call later
+

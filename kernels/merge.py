@@ -94,7 +94,8 @@ def lora_merge_(weight, lora_A, lora_B, scale):
     :func:`lora_merge_reference_`.
     """
     if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        raise ValueError("weight, lora_A, lora_B must be 2-D")
+        raise ValueError(f"lora_merge_: weight (out, in), lora_A (r, in) and lora_B (out, r) must be 2-D; got "
+                         f"{tuple(weight.shape)}, {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
     if lora_A.shape[1] != weight.shape[1] or lora_B.shape != (weight.shape[0], lora_A.shape[0]):
         raise ValueError(f"lora_merge_: expected lora_A (r, {weight.shape[1]}) and lora_B ({weight.shape[0]}, r); "
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")

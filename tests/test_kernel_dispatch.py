@@ -397,3 +397,80 @@ def test_switch_values_are_read_as_documented(monkeypatch):
     with pytest.raises(AttributeError, match="relora_kernels' has no attribute 'lora_linears'"):
         rk.lora_linears  # a typo is an AttributeError (hasattr works), not a None to call later
 
+
+def test_a_tensor_spanning_exactly_the_32_bit_limit_fits():
+    """A tensor spanning n elements has offsets 0..n-1: n = INT32_MAX fits ("at most 2,147,483,647" in the error),
+    one more does not."""
+    assert _runtime.fits_int32("op", x=_runtime.INT32_MAX, w=1)
+    with pytest.warns(RuntimeWarning, match="x spans 2,147,483,648 elements"):
+        assert not _runtime.fits_int32("op", x=_runtime.INT32_MAX + 1, w=1)
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch", "reference"])
+def test_bad_arguments_are_named_on_every_path(monkeypatch, mode):
+    """Each argument check of the layers and the merges, on every path (the twins run most of these shapes without
+    an error, or fail with an unrelated one: a rank-0 layer was a silent no-op, int32 scales were truncated by the
+    int8 merge, float64 factors under RELORA_KERNELS=triton quietly merged on the twin): a ValueError naming the
+    argument and what is valid, and nothing written."""
+    monkeypatch.setenv("RELORA_KERNELS", mode)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w, a, b, bias, _ = make_inputs((4,), 8, 6, 2, True, torch.float32, "cpu", seed=0)
+    q, s, res = rk.int8_quantize_reference(w, residual=True)
+    layer_cases = [
+        ((x, w, a[:0], b[:, :0], 1.0), r"lora_A \(r, in\) \(0, 8\) need in_features >= 1, out_features >= 1 and r >= 1"),
+        ((x[:, :0], w[:, :0], a[:, :0], b, 1.0), r"weight \(out, in\) \(6, 0\) and lora_A \(r, in\) \(2, 0\) need"),
+        ((x[0, 0], w, a, b, 1.0), r"x's last dimension must be weight's in_features=8; got x of shape \(\)"),
+        ((x, w, torch.randn(2, 9), b, 1.0), r"expected lora_A \(r, 8\) and lora_B \(6, r\) with the same r; got lora_A "
+                                            r"\(2, 9\), lora_B \(6, 2\)"),
+        ((x, w, a, b, 1.0, bias[:5]), r"bias must have shape \(6,\); got \(5,\)"),
+        ((x, w, a, b, 1.0, None, -0.1), r"dropout_p=-0.1 must be in \[0, 1\)"),
+        ((x, w, a, b, torch.tensor([0.5, 0.5])), r"scale must be a number or a one-element tensor; got shape \(2,\)"),
+    ]
+    for args, match in layer_cases:
+        with pytest.raises(ValueError, match=match):
+            rk.lora_linear(*args)
+        x_, w_, *rest = args  # the int8 layer: the same checks on q (out, in)
+        with pytest.raises(ValueError, match=match):
+            rk.int8_lora_linear(x_, torch.zeros(w_.shape, dtype=torch.int8), torch.ones(w_.shape[0]), *rest)
+    for args in ((x, q.float(), s, a, b, 1.0), (x, q, s[:3], a, b, 1.0)):
+        with pytest.raises(ValueError, match=r"int8_lora_linear: expected int8 q \(out, in\) and scale \(out,\)"):
+            rk.int8_lora_linear(*args)
+    if mode == "triton":  # the Triton path reads every tensor beside x; the twins fail as torch does
+        with pytest.raises(ValueError, match="lora_linear: lora_A is on meta but x is on cpu"):
+            rk.lora_linear(x, w, a.to("meta"), b, 1.0)
+        with pytest.raises(ValueError, match="int8_lora_linear: w_scale is on meta but x is on cpu"):
+            rk.int8_lora_linear(x, q, s.to("meta"), a, b, 1.0)
+        for fn, weights in ((rk.lora_linear, (w,)), (rk.int8_lora_linear, (q, s))):  # the kernels take one dtype
+            with pytest.raises(ValueError, match=r"\(Triton path\): bias has dtype torch.float16 but x has torch.float32"):
+                fn(x, *weights, a, b, 1.0, bias.half())
+
+    a, b = a.detach(), b.detach()
+    w0, q0, s0, res0 = w.clone(), q.clone(), s.clone(), res.clone()
+    merge_cases = [((w[0], a, b), r"lora_merge_: weight \(out, in\), lora_A \(r, in\) and lora_B \(out, r\) must be "
+                                  r"2-D; got \(8,\), \(2, 8\), \(6, 2\)"),
+                   ((w, a[0], b), r"must be 2-D; got \(6, 8\), \(8,\), \(6, 2\)"),
+                   ((w, a.long(), b.long()), r"weight and the LoRA factors must be floating point; got weight "
+                                             r"torch.float32, lora_A torch.int64"),
+                   ((w, a, b.to("meta")), "lora_B is on meta but weight is on cpu; move it to weight's device")]
+    if mode == "triton":
+        merge_cases.append(((w, a.double(), b.double()), r"lora dtype torch.float64 is not supported by the kernel; "
+                                                         r"use one of .* \(float64 factors: RELORA_KERNELS=auto"))
+    for args, match in merge_cases:
+        with pytest.raises(ValueError, match=match):
+            rk.lora_merge_(*args, 0.5)
+    int8_cases = [((q, s.to(torch.int32), res, a, b), r"int8_merge_: scale must be floating point \(bf16, as "
+                                                      r"int8_quantize_reference makes it\); got torch.int32"),
+                  ((q, s, res.to(torch.int16), a, b), r"residual must be int8 of q's shape \(6, 8\); got torch.int16 "
+                                                      r"\(6, 8\)"),
+                  ((q, s[:1].expand(6), res, a, b), "int8_merge_: scale has elements that share memory"),
+                  ((q, s, res[:1].expand(6, 8), a, b), "int8_merge_: residual has elements that share memory"),
+                  ((q, s, res, a[:, :3], b), r"int8_merge_: expected lora_A \(r, 8\) and lora_B \(6, r\); got \(2, 3\) "
+                                             r"and \(6, 2\)"),
+                  ((q, s, res, a, b[:3]), r"expected lora_A \(r, 8\) and lora_B \(6, r\); got \(2, 8\) and \(3, 2\)"),
+                  ((q, s, res, a[0], b), r"expected lora_A \(r, 8\) and lora_B \(6, r\); got \(8,\) and \(6, 2\)")]
+    for args, match in int8_cases:
+        with pytest.raises(ValueError, match=match):
+            rk.int8_merge_(*args, 0.5)
+    with pytest.raises(ValueError, match="int8_dequantize: scale must be floating point"):
+        rk.int8_dequantize(q, s.to(torch.int32))
+    assert torch.equal(w, w0) and torch.equal(q, q0) and torch.equal(s, s0) and torch.equal(res, res0)

@@ -478,3 +478,43 @@ def test_tiny_training_run_kernels_match_reference(kernels_on, device, monkeypat
     assert kernel_losses[-1] < kernel_losses[0]
     for k, r in zip(kernel_losses, ref_losses):
         assert abs(k - r) <= tol(device, torch.float32) * abs(r), (kernel_losses, ref_losses)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_concat_matmul_computes_its_documented_formula(kernels_on, device):
+    """The exported launcher's contract, C = alpha·(A1·B1 + beta·mask ⊙ (A2·B2)) + bias, with every term at once on
+    the pointer kernel (the layer never sends alpha != 1 together with a bias: a mutation scaling the bias by alpha
+    went unseen), ragged shapes; and a product over K = 0 is the bias alone, zeros without one (NaN-poisoned
+    buffers). Oracle: float64 torch."""
+    from relora_kernels.matmul import MASK_OUT2
+    g = torch.Generator().manual_seed(5)
+    a1, b1, a2, b2 = (torch.randn(*s, generator=g).to(device) for s in ((37, 50), (50, 45), (37, 7), (7, 45)))
+    bias = torch.randn(45, generator=g).to(device)
+    keep = torch.rand(37, 45, generator=g).to(device) > 0.3
+    d1, e1, d2, e2, db = (t.double() for t in (a1, b1, a2, b2, bias))
+    out = rk.concat_matmul(a1, b1, a2, b2, alpha=0.5, beta=0.3, bias=bias)
+    assert rel_err(out, 0.5 * (d1 @ e1 + 0.3 * d2 @ e2) + db) <= tol(device, torch.float32)
+    out = rk.concat_matmul(a1, b1, a2, b2, alpha=0.5, beta=0.3, bias=bias, mask=keep, mask_mode=MASK_OUT2)
+    assert rel_err(out, 0.5 * (d1 @ e1 + 0.3 * keep.double() * (d2 @ e2)) + db) <= tol(device, torch.float32)
+    empty_a, empty_b = torch.empty(37, 0, device=device), torch.empty(0, 45, device=device)
+    assert torch.equal(rk.concat_matmul(empty_a, empty_b, alpha=0.5, bias=bias), bias.expand(37, 45))
+    assert torch.equal(rk.concat_matmul(empty_a, empty_b), torch.zeros(37, 45, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_merge_writes_nothing_outside_the_weight(kernels_on, device):
+    """W a view into a larger buffer (rows padded by 9 columns, 8 more rows below): the merge writes W's elements
+    and nothing else. The rest of the buffer holds -0.0, which any write of a merged value turns into +0.0, even a
+    write of the value just read (-0.0 + s·0 = +0.0): a tile mask letting the column past W's last through went
+    unseen (on a GPU that write can put a neighbouring row's element back stale). Oracle: float64 for W."""
+    g = torch.Generator().manual_seed(6)
+    buf = torch.full((48, 54), -0.0, device=device)
+    w = buf[:40, :45]  # K = 45: a ragged last column tile under the interpreter (BLOCK_K 32) and on a GPU (128)
+    w.copy_(torch.randn(40, 45, generator=g).to(device))
+    a, b = torch.randn(5, 45, generator=g).to(device), torch.randn(40, 5, generator=g).to(device)
+    want = w.double() + 0.5 * (b.double() @ a.double())
+    rk.lora_merge_(w, a, b, 0.5)
+    assert rel_err(w, want) <= tol(device, torch.float32)
+    outside = torch.ones(buf.shape, dtype=torch.bool, device=device)
+    outside[:40, :45] = False
+    assert (buf[outside] == 0).all() and buf[outside].signbit().all()

@@ -220,3 +220,23 @@ def test_fixed_configs_drop_pipeline_stages_until_the_device_fits_them(monkeypat
     monkeypatch.setattr(_runtime, "_FITTED_STAGES", {})
     with pytest.raises(OutOfResources):
         matmul.concat_matmul(x, w, deterministic=True)
+
+
+@pytest.mark.parametrize("ldtype,want", [(torch.float32, "ieee"), (torch.bfloat16, "tf32")], ids=str)
+def test_int8_merge_products_in_exact_fp32_for_fp32_factors(monkeypatch, ldtype, want):
+    """The int8 merge requantizes (q + residual/254)·scale + s·B·A, which its twin computes with fp32 products, and
+    kernel and twin are to differ only where fp32 products do (kernels/int8_reference.py): fp32 factors take exact
+    fp32 products ("ieee"; a TF32 product's ~2^-11 relative error moves codes and residual units at their rounding
+    boundaries), 16-bit factors tensor cores as they are. Recorded, not run (the interpreter ignores it)."""
+    from relora_kernels import int8
+    got = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: got.append(kwargs["DOT_PRECISION"])
+    monkeypatch.setattr(_runtime, "for_current_mode", lambda kernel: Kernel())
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
+    q, scale = torch.zeros(40, 24, dtype=torch.int8), torch.ones(40, dtype=torch.bfloat16)
+    for residual in (None, torch.zeros(40, 24, dtype=torch.int8)):
+        int8.int8_merge_launch(q, scale, residual, torch.ones(4, 24, dtype=ldtype), torch.ones(40, 4, dtype=ldtype), 0.5)
+    assert got == [want, want]

@@ -188,3 +188,50 @@ def test_torch_path_second_order_gradients_match_the_twin(base, merged):
     if base != "float-dropout":  # gradgradcheck draws no mask; the dropout case is covered above
         torch.autograd.gradgradcheck(lambda x, a, b: run("torch", x, a, b, bias),
                                      [t.detach().clone().requires_grad_() for t in (x, a, b)])
+
+
+def test_merged_weight_counts_a_backward_through_the_lora_factors_alone(monkeypatch):
+    """A backward runs when any input needs a gradient, not only x (a first layer's input is data, its LoRA factors
+    train): then the merged variant is the cheaper one from M·(in + out) >= 2·in·out (hand-computed for 256 -> 128:
+    M >= 171 tokens, however x is shaped), in a forward alone from M >= in (256)."""
+    from relora_kernels import torch_linear
+    monkeypatch.delenv("RELORA_MERGED_WEIGHT", raising=False)
+    x, w, a, b, bias, _ = make_inputs((171,), 256, 128, 8, True, torch.float32, "cpu", seed=5)
+    x = x.detach()
+    assert torch_linear.use_merged_weight(x, w.shape, None, (w, a, b, bias)) is True
+    assert torch_linear.use_merged_weight(x[:170], w.shape, None, (w, a, b, bias)) is False
+    assert torch_linear.use_merged_weight(x.reshape(9, 19, 256), w.shape, None, (w, a, b, bias)) is True  # 171 tokens
+    frozen = (w, a.detach(), b.detach(), bias.detach())
+    assert torch_linear.use_merged_weight(x, w.shape, None, frozen) is False  # no backward: 171 < 256
+    assert torch_linear.use_merged_weight(torch.cat([x, x]), w.shape, None, frozen) is True
+
+
+@pytest.mark.parametrize("case", ["bias", "no_bias", "int8"])
+def test_the_out_of_place_forward_under_a_dispatch_mode_matches_the_twin(case):
+    """Under a Python dispatch mode (selective activation checkpointing's; here one that only forwards each op) the
+    epilogue chain's forward runs out of place, with the scale moved onto alpha or beta (kernels/torch_linear.py
+    _side_then_base); y and every gradient against the float64 twin, with and without a bias, float and int8 base."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from relora_kernels import torch_linear
+
+    class Forward(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    x, w, a, b, bias, dy = make_inputs((2, 9), 24, 20, 4, case != "no_bias", torch.float32, "cpu", seed=12)
+    q, w_scale, _ = rk.int8_quantize_reference(w)
+    leaves = [t for t in (x, a, b, bias) if t is not None]
+
+    def run(x, a, b, bias, twin):
+        if case == "int8":
+            fn = rk.int8_lora_linear_reference if twin else torch_linear.int8_lora_linear_torch
+            return fn(x, q, w_scale, a, b, 0.7, bias, **({} if twin else {"merged_weight": False}))
+        fn = rk.lora_linear_reference if twin else torch_linear.lora_linear_torch
+        return fn(x, w.to(x.dtype), a, b, 0.7, bias, **({} if twin else {"merged_weight": False}))
+    with Forward():
+        y = run(*leaves, *([None] if bias is None else []), twin=False)
+        got = [y, *torch.autograd.grad(y, leaves, dy)]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    yr = run(*ref, *([None] if bias is None else []), twin=True)
+    want = [yr, *torch.autograd.grad(yr, ref, dy.double())]
+    assert all(rel_err(g, t) < 1e-5 for g, t in zip(got, want)), [rel_err(g, t) for g, t in zip(got, want)]

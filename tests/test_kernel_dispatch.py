@@ -406,6 +406,22 @@ def test_a_tensor_spanning_exactly_the_32_bit_limit_fits():
         assert not _runtime.fits_int32("op", x=_runtime.INT32_MAX + 1, w=1)
 
 
+
+def test_the_layers_output_and_weight_are_checked_for_32_bit_offsets_too(monkeypatch):
+    """Besides x and dX, a layer's launches address Y and dY (rows x out) and W. With the limit lowered to 100,
+    under RELORA_KERNELS=triton (refused before any launch): 12 rows widened from 8 to 9 features (x 96 elements,
+    y 108), and a 13 x 8 weight (104) under 2 rows; float and int8 base."""
+    monkeypatch.setattr(_runtime, "INT32_MAX", 100)
+    monkeypatch.setenv("RELORA_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for lead, d_out, what in (((12,), 9, "y spans 108 elements"), ((2,), 13, "weight spans 104 elements")):
+        x, w, a, b, _, _ = make_inputs(lead, 8, d_out, 2, False, torch.float32, "cpu", seed=0)
+        q, s, _ = rk.int8_quantize_reference(w)
+        with pytest.raises(ValueError, match=f"relora_kernels.lora_linear: {what}, past the Triton kernels' 32-bit"):
+            rk.lora_linear(x, w, a, b, 1.0)
+        with pytest.raises(ValueError, match=f"relora_kernels.int8_lora_linear: {what}, past"):
+            rk.int8_lora_linear(x, q, s, a, b, 1.0)
+
 @pytest.mark.parametrize("mode", ["triton", "torch", "reference"])
 def test_bad_arguments_are_named_on_every_path(monkeypatch, mode):
     """Each argument check of the layers and the merges, on every path (the twins run most of these shapes without

@@ -330,3 +330,55 @@ def test_resume_on_data_prepared_again_is_one_error_line(tmp_path):
     assert "Traceback" not in proc.stderr
     losses, _ = read_losses(tmp_path / "run")
     assert sorted(losses) == [1, 2, 3, 4]
+
+
+def test_resume_restores_a_ranks_rng_only_on_its_own_world_size_and_counts_an_old_checkpoints_tokens(tmp_path):
+    """Trainer._resume without an engine (stubs stand in for DeepSpeed's load): on the world size the checkpoint
+    was written on, the rank's saved RNG state comes back (its LoRA dropout masks go on as uninterrupted); on
+    another, rank r's file holds another layout's stream, so the rank is seeded as a start at that step is
+    (dropout_seed(seed, step, rank)), its file present or not. A checkpoint from before the token counter
+    counts its steps at its own global batch and seq_len. Oracle: torch's generator seeded by hand. (Mutation
+    trial: loading the file on another world size, and tokens_seen without seq_len, passed every test.)"""
+    from types import SimpleNamespace
+
+    from relora_ds import checkpoint
+    from relora_ds.engines import EnginesMixin
+    from relora_ds.relora import dropout_seed
+    from relora_ds.resume import CheckpointsMixin
+    from relora_ds.train_config import TrainConfig
+
+    tag = "step_4"
+    (tmp_path / tag).mkdir()
+    torch.manual_seed(1234)
+    saved_rng = checkpoint.rng_state()
+    torch.save(saved_rng, tmp_path / tag / "rng_rank0.pt")
+    cfg = TrainConfig(cycle_length=4, restart_warmup_steps=2, total_steps=20, warm_start_steps=2, warm_start_lr=1e-3,
+                      dropout=0.1, seed=7)
+
+    def resume(world, saved_world, **client_extra):
+        client = {"step": 4, "phase": "lowrank", "sampler": {"num_samples": 32}, "step_events_done": True,
+                  **client_extra}
+        saved = {"world_size": saved_world, "dropout_streams": 1, "train": {"global_batch_size": 8, "seq_len": 32}}
+        t = SimpleNamespace(
+            cfg=cfg, world=world, rank=0, step=0, tokens_seen=0, ckpt_dir=tmp_path, engine_phase="lowrank",
+            resume_plan={"tag": tag, "saved": saved, "universal": False},
+            batches=SimpleNamespace(num_samples=32, load_state_dict=lambda state: None),
+            engine=SimpleNamespace(load_checkpoint=lambda path, tag: (None, client), zero_optimization_stage=lambda: 2),
+            _phase=lambda step: "lowrank", _fresh_model=lambda: None, _build_engine=lambda *a, **kw: None,
+            _optimizer_as_built=lambda: None, _apply_optimizer_settings=lambda *a: None,
+            _catch_up_missed_merge=lambda client: None, _print=lambda *a: None)
+        t.load_state_dict = lambda state: CheckpointsMixin.load_state_dict(t, state)
+        t._seed_dropout = lambda: EnginesMixin._seed_dropout(t)
+        torch.manual_seed(99)  # neither stream
+        assert CheckpointsMixin._resume(t) is True
+        return t, torch.get_rng_state()
+
+    torch.manual_seed(dropout_seed(7, 4, 0))
+    seeded = torch.get_rng_state()
+    assert not torch.equal(seeded, saved_rng["torch"])
+    t, state = resume(world=2, saved_world=2, tokens_seen=999)
+    assert torch.equal(state, saved_rng["torch"]) and (t.step, t.tokens_seen) == (4, 999)
+    for world, saved_world in ((1, 2), (2, 1)):
+        t, state = resume(world=world, saved_world=saved_world)
+        assert torch.equal(state, seeded), (world, saved_world)
+        assert t.tokens_seen == 4 * 8 * 32  # written before the counter: steps x its global batch x its seq_len

@@ -219,3 +219,39 @@ def test_nvme_swap_buffers_last_a_relora_step(tmp_path):
     failed = re.match(r"swap failed: Not enough buffers (\d+) for swapping (\d+)", out["persistent"])
     assert counted and failed, out["persistent"]
     assert int(failed.group(1)) < int(failed.group(2)) <= int(counted.group(1)) == 10, out["persistent"]
+
+
+def test_patching_twice_installs_each_fix_once_and_a_release_drops_only_its_engines_model(monkeypatch):
+    """patch_deepspeed_nvme is idempotent (the trainer calls it for each engine it builds: a second call must
+    not wrap a fix around the fix), and release_engine destroys the engine and takes its model, and no other,
+    off DeepSpeed's FWD_MODULE_STACK (item 4). A mutation trial's survivors: wrapping on every call, and a
+    release that left the stack alone, passed every test."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from relora_ds.ds_patches import patch_deepspeed_nvme, release_engine
+
+    wrapped = [(DeepSpeedEngine, "_get_param_fragment_func"), (DeepSpeedEngine, "load_module_state_dict"),
+               (DeepSpeedZeroOptimizer_Stage3, "_rigid_state_dict"),
+               (DeepSpeedZeroOptimizer_Stage3, "_rigid_load_state_dict"),
+               (DeepSpeedZeroOptimizer_Stage3, "load_hp_checkpoint_state_from_checkpoint_dir_stage3")]
+    replaced = [(OptimizerSwapper, "_adjust_for_misaligned_lengths"), (DeepSpeedEngine, "zero_nvme_offload_optimizer"),
+                (PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__prefetch_nvme_param_partitions")]
+    for cls, name in wrapped + replaced:
+        monkeypatch.setattr(cls, name, cls.__dict__[name])  # put back after the test
+    assert patch_deepspeed_nvme() and patch_deepspeed_nvme()
+    for cls, name in wrapped:
+        fix = getattr(cls, name)
+        inner = [c.cell_contents for c in fix.__closure__ if callable(c.cell_contents)]
+        assert fix._relora_nvme and len(inner) == 1 and not getattr(inner[0], "_relora_nvme", False), name
+
+    kept, released, destroyed = object(), object(), []
+    monkeypatch.setattr(parameter_offload, "FWD_MODULE_STACK", [kept, released, kept])
+    release_engine(SimpleNamespace(destroy=lambda: destroyed.append(True), module=released,
+                                   zero_optimization_stage=lambda: 3))
+    assert destroyed == [True] and parameter_offload.FWD_MODULE_STACK == [kept, kept]

@@ -436,3 +436,25 @@ def test_a_launcher_that_sets_rank_and_world_size_but_not_local_rank_is_named(mo
     with pytest.raises(ValueError, match=r"the launcher set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT but not "
                                          r"LOCAL_RANK: DeepSpeed needs all of"):
         init_distributed()
+
+
+def test_a_single_process_keeps_a_users_master_addr_and_rank_without_world_size_is_a_launch_of_unknown_size(
+        monkeypatch):
+    """single_process_environment fills in MASTER_ADDR only where none is set (a user's address, e.g. the
+    interface a one-rank run binds, stays), and launched_ranks reads RANK without WORLD_SIZE as a launcher's
+    process of unknown size (0), not a world of one (a mutation trial's survivors)."""
+    from relora_ds.distributed import _LAUNCHER_VARS, launched_ranks, single_process_environment
+
+    for var in (*_LAUNCHER_VARS, "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.setenv(var, "x")  # recorded, so that what the function sets is undone after the test
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("MASTER_ADDR", "10.1.2.3")
+    monkeypatch.setenv("MASTER_PORT", "29611")
+    assert single_process_environment() is None
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["WORLD_SIZE"]) == ("10.1.2.3", "29611", "1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("RANK", "3")
+    assert launched_ranks() == 0
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert launched_ranks() == 4

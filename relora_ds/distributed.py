@@ -199,10 +199,12 @@ def _check_launcher_env() -> None:
     """DeepSpeed takes the launcher's environment only when all of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
     MASTER_PORT are set; otherwise it runs MPI discovery, which with mpi4py installed overwrites RANK and
     WORLD_SIZE with a world of one. Name what a launcher that sets some of them (Kubeflow's PyTorchJob without
-    torchrun: no LOCAL_RANK) left out."""
+    torchrun: no LOCAL_RANK; a script that exports RANK alone) left out."""
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     given = [n for n in names if n in os.environ]
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and len(given) < len(names):
+    # Either of RANK and WORLD_SIZE makes a launcher's process (launched_ranks): RANK without WORLD_SIZE fell to
+    # DeepSpeed's MPI discovery too (with mpi4py: rank 0 of a world of one; without: an error blaming mpi4py).
+    if ("RANK" in os.environ or "WORLD_SIZE" in os.environ) and len(given) < len(names):
         missing = [n for n in names if n not in os.environ]
         hint = " (LOCAL_RANK: this process's index on its node, e.g. SLURM_LOCALID)" if "LOCAL_RANK" in missing else ""
         raise ValueError(f"the launcher set {', '.join(given)} but not {', '.join(missing)}: DeepSpeed needs all of "

@@ -436,6 +436,13 @@ def test_a_launcher_that_sets_rank_and_world_size_but_not_local_rank_is_named(mo
     with pytest.raises(ValueError, match=r"the launcher set RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT but not "
                                          r"LOCAL_RANK: DeepSpeed needs all of"):
         init_distributed()
+    # RANK without WORLD_SIZE (a mutation trial's find): it fell to DeepSpeed's MPI discovery, which with mpi4py
+    # made the process rank 0 of a world of one, training alone, and without it blamed the missing mpi4py
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match=r"the launcher set RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT but not "
+                                         r"WORLD_SIZE: DeepSpeed needs all of"):
+        init_distributed()
 
 
 def test_a_single_process_keeps_a_users_master_addr_and_rank_without_world_size_is_a_launch_of_unknown_size(
@@ -458,3 +465,37 @@ def test_a_single_process_keeps_a_users_master_addr_and_rank_without_world_size_
     assert launched_ranks() == 0
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert launched_ranks() == 4
+
+
+def test_under_mpirun_every_rank_takes_rank_zeros_master_port(monkeypatch):
+    """agree_on_master_port, mpi4py standing in (its broadcast hands every rank rank 0's value; CI has no
+    mpi4py, so tests/test_cluster_mpi.py cannot run it there): an mpirun rank without RANK takes rank 0's
+    MASTER_PORT over its own, or none where rank 0 has none; a launcher's rank (RANK set) and a process without
+    MPI variables keep their environment and broadcast nothing. A mutation trial's survivors."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from relora_ds.distributed import _LAUNCHER_VARS, agree_on_master_port
+
+    for var in (*_LAUNCHER_VARS, "MASTER_PORT"):
+        monkeypatch.setenv(var, "x")  # recorded, so that what the function sets is undone after the test
+        monkeypatch.delenv(var)
+    rank0, roots = {"port": "29777"}, []
+
+    def bcast(value, root):
+        roots.append(root)
+        return rank0["port"]
+    mpi4py = types.ModuleType("mpi4py")
+    mpi4py.MPI = SimpleNamespace(COMM_WORLD=SimpleNamespace(bcast=bcast))
+    monkeypatch.setitem(sys.modules, "mpi4py", mpi4py)
+    monkeypatch.setenv("MASTER_PORT", "29500")  # this rank's own
+    assert agree_on_master_port() is None and roots == [] and os.environ["MASTER_PORT"] == "29500"
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert agree_on_master_port() == "29777" and os.environ["MASTER_PORT"] == "29777" and roots == [0]
+    rank0["port"] = None  # rank 0 has none: DeepSpeed's default on every rank
+    assert agree_on_master_port() is None and "MASTER_PORT" not in os.environ
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert agree_on_master_port() is None and os.environ["MASTER_PORT"] == "29500" and roots == [0, 0]

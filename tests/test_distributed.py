@@ -228,6 +228,7 @@ def test_exit_process_destroys_the_group_joins_threads_runs_atexit_and_flushes(t
     ("return None", 0, ""),
     ("raise RuntimeError('boom')", 1, "RuntimeError: boom"),
     ("raise SystemExit(2)", 2, ""),
+    ("import sys; sys.exit()", 0, ""),  # SystemExit(None): a success, as at a normal exit
     ("raise SystemExit('usage: bad flag')", 1, "usage: bad flag"),
 ])
 def test_run_and_exit_keeps_the_status_and_the_traceback(tmp_path, body, status, stderr):
@@ -270,7 +271,8 @@ def test_exit_process_finalizes_mpi(tmp_path):
 
 def test_a_failing_shutdown_step_makes_a_zero_status_one():
     """MPI_Finalize (or the process group's destruction) failing after the work is done is printed and the rank
-    exits 1, so the launcher or SLURM does not count the job a success."""
+    exits 1, so the launcher or SLURM does not count the job a success; a status that already says failure
+    keeps its own value (a mutation trial's survivor made every such exit 1)."""
     import subprocess
     import sys
 
@@ -280,9 +282,10 @@ def test_a_failing_shutdown_step_makes_a_zero_status_one():
             "sys.modules['mpi4py.MPI'] = types.SimpleNamespace(Is_initialized=lambda: True, "
             "Is_finalized=lambda: False, Finalize=boom)\n"
             "from relora_ds.distributed import exit_process\n"
-            "exit_process(0)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "RuntimeError: finalize failed" in proc.stderr, proc.stderr[-2000:]
+            "exit_process(int(sys.argv[1]))\n")
+    for status, want in ((0, 1), (3, 3)):
+        proc = subprocess.run([sys.executable, "-c", code, str(status)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == want and "RuntimeError: finalize failed" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_an_error_on_rank_zero_stops_every_rank_and_max_over_ranks(tmp_path):

@@ -3,13 +3,14 @@ package's own API (the oracle), and a 2-rank DeepSpeed ZeRO-2 Trainer run agains
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
 import relora_ds
-from launch_utils import ROOT, run_ranks
+from launch_utils import ROOT, free_port, run_ranks
 
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
 import hf_trainer_worker as w  # noqa: E402
@@ -130,8 +131,12 @@ def test_two_rank_zero_trainer_equals_one_process(tmp_path, stage, kind):
         extra = ["--source", tmp_path / "source"]
     if kind == "gpt2":  # micro-batch 1, two per step: the merges after accumulation boundaries warn nothing
         extra = ["--grad-accum", 2]
+    port = free_port()
     run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--stage", stage, "--model", kind,
-              *extra, timeout=600)
+              *extra, timeout=600, master_port=port)
+    # DeepSpeed's CPU shared-memory segments (relora_ds.distributed): the callback released them at train begin
+    # (a mutation trial's survivor: without that release each rank left 66 MiB in /dev/shm)
+    assert not list(Path("/dev/shm").glob(f"*allreduce_buffer_*_{port}_*"))
     got = json.loads((tmp_path / "run.json").read_text())
     assert [(e["step"], e["event"]) for e in got["events"]] == [(3, "reset"), (6, "reset")]
     trainer, _ = w.run(tmp_path / "one", batch=4, kind=kind)

@@ -218,3 +218,27 @@ def test_a_deepspeed_config_with_a_scheduler_is_refused(tmp_path):
                          tmp_path / "ds.json", "--via", via, nprocs=1, timeout=300)
         assert f"{via} refused: enable_relora: the DeepSpeed config has a 'scheduler' section" in proc.stdout, \
             proc.stdout
+
+
+def test_the_edges_of_enable_reloras_ranges_are_accepted_and_past_them_refused(tmp_path):
+    """What enable_relora's docstring allows, at its edges (a mutation trial's survivors: the misuse test only
+    tried values well outside): merge_every a proper divisor of cycle_length, a restart warmup as long as the
+    cycle, min_lr_ratio 0 and 1; and a min_lr_ratio past 1 or below 0 is refused naming the range."""
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2)
+    for good in (dict(cycle_length=4, merge_every=2, restart_warmup_steps=1),
+                 dict(cycle_length=4, merge_every=4, restart_warmup_steps=1),
+                 dict(cycle_length=4, restart_warmup_steps=4), dict(cycle_length=4, restart_warmup_steps=0),
+                 dict(cycle_length=4, restart_warmup_steps=1, min_lr_ratio=0.0),
+                 dict(cycle_length=4, restart_warmup_steps=1, min_lr_ratio=1.0)):
+        trainer = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+        callback = enable_relora(trainer, **good)
+        assert (callback.cycle_length, callback.merge_every) == (4, good.get("merge_every", 4)), good
+    trainer = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"min_lr_ratio={bad} must be in \[0, 1\]"):
+            enable_relora(trainer, cycle_length=4, restart_warmup_steps=1, min_lr_ratio=bad)
+    with pytest.raises(ValueError, match=r"merge_every=8 must divide cycle_length=4"):
+        enable_relora(trainer, cycle_length=4, merge_every=8, restart_warmup_steps=1)

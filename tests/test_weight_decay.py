@@ -19,3 +19,29 @@ def test_every_deepspeed_optimizer_keeps_each_groups_weight_decay():
     want = [f"{case} decay_vectors={dv} {kind}: ok ({n})" for case, dv in CASES
             for kind, n in (("lora", 14), ("matrix", 2), ("norm", 5))]
     assert lines == want, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_a_zero3_partitioned_parameter_is_grouped_by_its_full_shape():
+    """Under ZeRO-3 built partitioned (zero_init), each parameter the trainer groups is DeepSpeed's empty
+    placeholder (shape (0,)), its full shape in ds_shape: the groups, and so the weight decay, are those of the
+    same model whole (a mutation trial's survivor read p.shape, and every matrix went undecayed: the worker
+    above builds its models whole, so it never saw a placeholder). In-process, placeholders made by hand."""
+    import copy
+
+    import torch
+
+    import relora_ds
+    from relora_ds.engines import optimizer_groups, param_groups
+    from relora_ds.train_config import TrainConfig
+
+    cfg = TrainConfig(cycle_length=4, restart_warmup_steps=2, total_steps=8, weight_decay=0.1)
+    whole = relora_ds.wrap(relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug", vocab_size=64)), rank=4)
+    flat = copy.deepcopy(whole)
+    for p in flat.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+
+    def names(model):
+        return [(kind, [name for name, _ in group]) for kind, group in param_groups(model)]
+    assert names(flat) == names(whole) and [kind for kind, _ in names(whole)] == ["lora", "matrices", "vectors"]
+    assert [g["weight_decay"] for g in optimizer_groups(flat, cfg)] == [0.1, 0.1, 0.0]

@@ -382,3 +382,16 @@ def test_resume_restores_a_ranks_rng_only_on_its_own_world_size_and_counts_an_ol
         t, state = resume(world=world, saved_world=saved_world)
         assert torch.equal(state, seeded), (world, saved_world)
         assert t.tokens_seen == 4 * 8 * 32  # written before the counter: steps x its global batch x its seq_len
+
+
+def test_the_logged_deepspeed_changes_name_each_setting_by_its_whole_path():
+    """resume_settings_changed names a changed DeepSpeed setting by its path from the config's top
+    (_flat; a mutation trial's survivor kept only the last two levels: "offload_optimizer.device" for
+    "zero_optimization.offload_optimizer.device"). Hand-written oracle."""
+    from relora_ds.resume import _flat
+
+    ds = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+          "bf16": {"enabled": False}, "gradient_clipping": 1.0}
+    assert _flat(ds) == {"zero_optimization.stage": 2, "zero_optimization.offload_optimizer.device": "cpu",
+                         "zero_optimization.offload_optimizer.pin_memory": True, "bf16.enabled": False,
+                         "gradient_clipping": 1.0}

@@ -242,3 +242,34 @@ def test_the_edges_of_enable_reloras_ranges_are_accepted_and_past_them_refused(t
             enable_relora(trainer, cycle_length=4, restart_warmup_steps=1, min_lr_ratio=bad)
     with pytest.raises(ValueError, match=r"merge_every=8 must divide cycle_length=4"):
         enable_relora(trainer, cycle_length=4, merge_every=8, restart_warmup_steps=1)
+
+
+def test_an_optimizer_with_one_of_the_two_moments_is_refused_after_the_first_step(tmp_path):
+    """A Lion-like optimizer keeps exp_avg alone: every reset prunes both Adam moments, so it is refused at the
+    first step, naming what it keeps (a mutation trial's survivor took any one moment as enough, and the run
+    went on to its first reset)."""
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+
+    class OneMoment(torch.optim.Optimizer):  # Lion's state: one moment, under Adam's first moment's name
+        def __init__(self, params, lr=1e-3):
+            super().__init__(params, dict(lr=lr))
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                        p.add_(m.mul_(0.9).add_(p.grad, alpha=0.1).sign(), alpha=-group["lr"])
+
+    model = w.model()
+    opt = OneMoment([p for p in model.parameters() if p.requires_grad])
+    trainer = w.InOrder(model=model, args=TrainingArguments(**w.arguments(tmp_path, 4)), train_dataset=w.Windows(),
+                        optimizers=(opt, None))
+    enable_relora(trainer, **w.RELORA)
+    with pytest.raises(ValueError, match=r"the optimizer \(OneMoment\) keeps \['exp_avg'\] for the LoRA factors, "
+                                         r"not the Adam moments \['exp_avg', 'exp_avg_sq'\]"):
+        trainer.train()
+    assert trainer.state.global_step == 1

@@ -369,11 +369,17 @@ def test_the_nvme_persistence_refusal_counts_what_deepspeed_keeps_and_swaps(monk
         return sum(AsyncPartitionedParameterSwapper.swappable_tensor(swapper, numel=p.numel()) for p in kept)
 
     q = 768 * 768
+    # A model threshold of exactly the persistent parameters up to the first swapped one: inclusive, that one is
+    # kept (a mutation trial's survivor compared strictly and kept none that swaps)
+    kept = DeepSpeedZeRoOffload.mark_persistent_parameters(SimpleNamespace(module=oracle_model), 10**6, 2**62)
+    first = next(i for i, p in enumerate(kept) if 2 * p.numel() >= 2**20)
+    exact = sum(p.numel() for p in kept[:first + 1])
     cases = [(q, 2**62, 2 * q), (q - 1, 2**62, 2 * q), (q, 2**62, 2 * q + 1), (10**6, 2**62, 2**20),
-             (10**6, 10 * q, 2**20), (10**6, 0, 2**20)]
+             (10**6, 10 * q, 2**20), (10**6, 0, 2**20), (10**6, exact, 2**20)]
     got = [refused(*case) for case in cases]
     assert got == [deepspeed_keeps(*case) for case in cases]
     assert got[0] == 48 and got[1:3] == [0, 0] and 0 < got[4] < got[3] == 48 and got[5] == 0, got
+    assert got[6] == 1, got
 
 
 def test_a_config_without_a_zero_stage_is_deepspeeds_stage_0_and_deepspeed_prints_nothing_of_its_own():

@@ -395,3 +395,30 @@ def test_the_logged_deepspeed_changes_name_each_setting_by_its_whole_path():
     assert _flat(ds) == {"zero_optimization.stage": 2, "zero_optimization.offload_optimizer.device": "cpu",
                          "zero_optimization.offload_optimizer.pin_memory": True, "bf16.enabled": False,
                          "gradient_clipping": 1.0}
+
+
+def test_the_resume_record_names_what_changed_and_not_what_an_older_checkpoint_recorded_as_the_default():
+    """_apply_optimizer_settings without an engine (a torch AdamW stands in): the resume_settings_changed record
+    names each recipe setting that changed, the world size and a DeepSpeed entry by its path, and leaves out the
+    resume flags and the model of an hf_model run whose older checkpoint recorded the default preset ("tiny"
+    where this run has none: a mutation trial's survivor logged "tiny -> None"). Hand-written oracle."""
+    from types import SimpleNamespace
+
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from relora_ds.resume import CheckpointsMixin
+    from relora_ds.train_config import TrainConfig
+
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(3))]}], lr=1e-3)
+    cfg = TrainConfig(cycle_length=4, restart_warmup_steps=2, total_steps=12, hf_model="/a/hf/dir", resume=True)
+    events = []
+    t = SimpleNamespace(cfg=cfg, engine=SimpleNamespace(lr_scheduler=LambdaLR(opt, lambda step: 1.0),
+                                                        optimizer=SimpleNamespace()),
+                        engine_phase="lowrank", _phase_lr=lambda phase: cfg.lr, world=1, step=6, _event=events.append,
+                        _group_kinds=lambda: ["lora"], ds={"zero_optimization": {"stage": 2, "offload_optimizer": {
+                            "device": "none"}}})
+    saved = {"train": {**cfg.to_dict(), "model": "tiny", "total_steps": 8, "resume": False},
+             "world_size": 2, "deepspeed": {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}}
+    CheckpointsMixin._apply_optimizer_settings(t, saved)
+    assert events == [{"event": "resume_settings_changed", "step": 6, "total_steps": "8 -> 12", "world_size": "2 -> 1",
+                       "deepspeed.zero_optimization.offload_optimizer.device": "cpu -> none"}]

@@ -296,11 +296,10 @@ def test_compile_reports_warn_on_new_breaks_and_limit_hits(monkeypatch, recwarn)
     stub.engine_phase, stub.rank, stub._compile_reports, stub._compile_reported = "lowrank", 0, set(), None
     stub.engine = type("E", (), {"module": _model()})()
     stub._event = events.append
+    breaks = dict(graphs=3, graph_breaks=2, break_reasons={"Skip calling `torch.compiler.disable()`d": 2})
     stats = iter([dict(graphs=1, graph_breaks=0, break_reasons={}, recompile_limit_hits=0),
-                  dict(graphs=3, graph_breaks=2, break_reasons={"Skip calling `torch.compiler.disable()`d": 2},
-                       recompile_limit_hits=0),
-                  dict(graphs=3, graph_breaks=2, break_reasons={"Skip calling `torch.compiler.disable()`d": 2},
-                       recompile_limit_hits=1)])
+                  dict(breaks, recompile_limit_hits=0), dict(breaks, recompile_limit_hits=1),
+                  dict(breaks, recompile_limit_hits=1)])
     monkeypatch.setattr(trainer_mod, "compile_stats", lambda: next(stats))
     stub._report_compile("step", 1)
     assert not recwarn.list
@@ -311,8 +310,11 @@ def test_compile_reports_warn_on_new_breaks_and_limit_hits(monkeypatch, recwarn)
     stub._report_compile("evaluation", 3)  # the same breaks: no warning again; a limit hit: one
     (w,) = recwarn.list
     assert "reached its recompile limit 1 times" in str(w.message)
+    recwarn.clear()
+    stub._report_compile("step", 4)  # the same hit again: no warning (a mutation trial's survivor warned)
+    assert not recwarn.list
     assert [(e["step"], e["after"], e["graphs"]) for e in events] == [(1, "step", 1), (2, "evaluation", 3),
-                                                                     (3, "evaluation", 3)]
+                                                                     (3, "evaluation", 3), (4, "step", 3)]
     assert stub._compile_reports == {("lowrank", "step"), ("lowrank", "evaluation")}
 
 

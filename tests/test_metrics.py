@@ -103,3 +103,80 @@ def test_tensorboard_after_a_resume_keeps_the_checkpoint_step_and_replaces_the_l
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]
+
+
+def test_a_second_rewind_keeps_the_first_ones_records_each_on_its_line(tmp_path):
+    """Two crashes, two resumes from step 1: metrics.rewound.jsonl keeps what both rewinds moved, each record on
+    its own line, the first crash's cut line too (ended there, so the second rewind's first record is not glued
+    onto it and lost to every JSON reader). Oracle: the records written, in order. (A mutation trial's survivors:
+    the rewound file opened for writing, not appending; a cut line moved without its newline.)"""
+    first = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 3, "loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in first) + '{"step": 4, "lo')
+    logger = MetricsLogger(tmp_path, enabled=True, resume_step=1)
+    second = [{"step": 2, "loss": 2.4}, {"step": 3, "loss": 1.9}]
+    for r in second:
+        logger.log(r)
+    logger.close()
+    MetricsLogger(tmp_path, enabled=True, resume_step=1).close()
+    moved = (tmp_path / MetricsLogger.REWOUND).read_text().splitlines()
+    assert moved == [json.dumps(r) for r in first[1:]] + ['{"step": 4, "lo'] + [json.dumps(r) for r in second]
+    assert [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == first[:1]
+
+
+def test_a_tuple_in_a_record_is_strict_json_too(tmp_path):
+    """A non-finite number inside a tuple (a record's pair of values) is null as in a list: json.dumps with
+    allow_nan=False refused the record, and the run stopped (a mutation trial's survivor)."""
+    import math
+
+    logger = MetricsLogger(tmp_path, enabled=True)
+    logger.log({"step": 1, "pair": (1.5, math.inf), "nested": {"t": (math.nan,)}})
+    logger.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "pair": [1.5, None],
+                                                                   "nested": {"t": [None]}}
+
+
+def test_peak_memory_is_this_processs_peak_rss_in_mib_where_cuda_is_not_in_use(monkeypatch):
+    """Without CUDA in use (no GPU, or a GPU host running on DeepSpeed's CPU accelerator: CUDA available but
+    never initialized) the peak is the process's peak RSS, in MiB. Oracle: the kernel's VmHWM (kB) in
+    /proc/self/status, read after; a factor of two apart at most (the two read the same peak, a moment apart).
+    (A mutation trial's survivors: ru_maxrss taken as bytes, and CUDA's counter read where CUDA was never
+    initialized, which reports 0.)"""
+    from relora_ds import metrics
+
+    def hwm_mib():
+        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+
+    assert 0.5 * hwm_mib() <= metrics.peak_memory_mb() <= 2 * hwm_mib()
+    monkeypatch.setattr(metrics.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(metrics.torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(metrics.torch.cuda, "max_memory_allocated", lambda *a: 0)
+    assert 0.5 * hwm_mib() <= metrics.peak_memory_mb() <= 2 * hwm_mib()
+    monkeypatch.setattr(metrics.torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(metrics.torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**20)
+    assert metrics.peak_memory_mb() == 3.0
+
+
+@pytest.mark.parametrize("step, want", [
+    (201, {"cycle": "2/4", "in_cycle": "1/50"}),
+    (250, {"cycle": "2/4", "in_cycle": "50/50"}),
+    (300, {"cycle": "3/4", "in_cycle": "50/50"}),
+    (350, {"cycle": "4/4", "in_cycle": "50/50"}),
+])
+def test_cycle_position_after_a_resume_that_re_counted_the_cycles(step, want):
+    """A resume changed cycle_length from 100 to 50 at step 200, the end of cycle 1 (100 warm-start steps
+    before it): the cycles count on from there, after the one before, 1 + 150 / 50 = 4 in all. The trainer
+    passes its re-count (cycle_start, cycles_before) through, and shows no cycles outside mode relora.
+    Hand-counted. (A mutation trial's survivors: cycles_before dropped from the total, from the cycle's
+    number, or by the trainer.)"""
+    from types import SimpleNamespace
+
+    from relora_ds.metrics import cycle_position
+    from relora_ds.trainer import Trainer
+
+    assert cycle_position(step, cycle_start=200, cycle_length=50, total_steps=350, cycles_before=1) == want
+    stub = SimpleNamespace(cfg=SimpleNamespace(mode="relora", cycle_length=50), step=step, cycle_start=200,
+                           total_steps=350, cycles_before=1)
+    assert Trainer._cycle_position(stub) == want
+    stub.cfg.mode = "lora"  # merges and resets never come: no cycles to count
+    assert Trainer._cycle_position(stub) == {}

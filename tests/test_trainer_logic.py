@@ -462,3 +462,60 @@ def test_an_fp32_source_at_stage_0_in_16_bits_is_named_not_silently_rounded(tmp_
     with pytest.warns(RuntimeWarning, match=r"ZeRO stage 0 with bf16/fp16: the fp32 masters start from .*src's "
                                             r"weights rounded to 16 bits"):
         EnginesMixin._source_masters(fake)
+
+
+def test_each_of_two_ranks_reads_its_share_of_the_global_batch_and_rank_0_alone_warns(tmp_path, monkeypatch):
+    """Two ranks built in process (on stubs), micro-batches of 2 and a global batch of 8: each rank's sampler
+    takes optimizer steps of the 8 windows (4 on each rank: 2 micro-steps of 2), a step trains 8 x seq_len
+    tokens (the predicted ones, tokens_per_s's count), and a recipe's vocab_size that the data's tokenizer
+    overrides is named once, by rank 0. Oracles: the recipe's numbers, by hand. A mutation trial's survivors:
+    the accumulation steps not divided by the ranks (a step of 16 windows: epochs that end a step early), a
+    step's tokens counted with the window's extra token, the vocab_size warning on every rank."""
+    import warnings
+
+    from relora_ds.output_dir import unlock_output_dir
+    from relora_ds.train_config import ConfigWarning, TrainConfig
+    from trainer_utils import in_process_trainer, packed_data_dir
+
+    data = packed_data_dir(tmp_path / "data", 4_000, 400)  # a tokenizer of 512 pieces
+    for rank in (0, 1):
+        trainer_mod = in_process_trainer(monkeypatch, rank=rank, world=2)
+        cfg = TrainConfig(model="debug", seq_len=32, data_dir=str(data), output_dir=str(tmp_path / "run"), rank=4,
+                          cycle_length=4, restart_warmup_steps=2, warmup_steps=2, total_steps=12, vocab_size=1000,
+                          micro_batch_size=2, global_batch_size=8, eval_every=0, export=False)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            t = trainer_mod.Trainer(cfg)
+        t.metrics.close()
+        t.close()
+        unlock_output_dir(tmp_path / "run")
+        assert (t.batches.rank, t.batches.world_size, t.batches.step_samples) == (rank, 2, 8)
+        assert t.tokens_per_step == 8 * 32
+        vocab = [str(w.message) for w in said if issubclass(w.category, ConfigWarning) and "vocab_size" in str(w.message)]
+        assert vocab == ([f"vocab_size=1000 is not used: the tokenizer of data_dir {data} has 512 pieces, which the "
+                          "model takes"] if rank == 0 else []), (rank, vocab)
+
+
+def test_the_trainer_computes_the_grad_norm_only_where_deepspeed_records_none(tmp_path, monkeypatch):
+    """DeepSpeed records the gradient norm under ZeRO and under its bf16/fp16 optimizers, not at stage 0 in
+    fp32: the trainer computes its own there only (and skips a non-finite step itself: tests/test_trainer_steps.py).
+    A mutation trial's survivor computed it at stage 0 in bf16 too, from gradients DeepSpeed's bf16 optimizer
+    keeps elsewhere. In process, on stubs; each DeepSpeed config as a file."""
+    from relora_ds import ds_machine
+    from relora_ds.train_config import TrainConfig
+    from trainer_utils import in_process_trainer, packed_data_dir
+
+    monkeypatch.setattr(ds_machine, "cpu_has_native_bf16", lambda: True)  # (else a warning about this CPU)
+    trainer_mod = in_process_trainer(monkeypatch)
+    data = packed_data_dir(tmp_path / "data", 4_000, 400)
+    for name, ds, own in (("fp32_stage0", {"zero_optimization": {"stage": 0}}, True),
+                          ("bf16_stage0", {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, False),
+                          ("fp32_stage2", {"zero_optimization": {"stage": 2}}, False)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(ds))
+        cfg = TrainConfig(model="debug", seq_len=32, data_dir=str(data), output_dir=str(tmp_path / name), mode="full",
+                          warmup_steps=2, total_steps=12, micro_batch_size=4, global_batch_size=8, eval_every=0,
+                          export=False)  # (mode relora refuses bf16 at stage 0)
+        t = trainer_mod.Trainer(cfg, str(tmp_path / f"{name}.json"))
+        t.metrics.close()
+        t.close()
+        assert t.own_grad_norm == own, name

@@ -33,7 +33,7 @@ def test_overwrite_clears_every_output_of_the_previous_run(tmp_path, monkeypatch
 
     from relora_ds import trainer as trainer_mod
     monkeypatch.setattr(trainer_mod, "on_rank_zero", lambda fn: fn())  # one process: rank 0 alone
-    for d in ("checkpoints/step_4", "tensorboard", "hf"):
+    for d in ("checkpoints/step_4", "tensorboard", "hf", "wandb/run-1"):  # wandb/: W&B's local run files
         (tmp_path / d).mkdir(parents=True)
     for f in ("metrics.jsonl", "metrics.rewound.jsonl", "wandb_run_id", "run_info.jsonl", "curves.png", "notes.txt"):
         (tmp_path / f).write_text("x")
@@ -199,3 +199,31 @@ def test_run_info_records_the_slurm_jobs_variables(monkeypatch):
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     monkeypatch.setenv("SLURM_CPUS_ON_NODE", "16")
     assert run_info.environment(world_size=1)["slurm"] == {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "2"}
+
+
+def test_a_resume_without_a_checkpoint_moves_the_dead_runs_records_aside_and_close_unlocks(tmp_path, monkeypatch):
+    """--resume where the previous run died before its first checkpoint: this run starts at step 0 and trains
+    steps 1, 2... again, so the records that run logged move to metrics.rewound.jsonl (resume step 0, as
+    run_info.jsonl says), not kept beside the new ones; and close() releases the output_dir lock the Trainer
+    took. (A mutation trial's survivors: the resume step None there, which rewinds nothing; close() keeping
+    the lock.) In process, on stubs (trainer_utils.in_process_trainer)."""
+    from relora_ds.output_dir import holds_output_dir_lock
+    from relora_ds.train_config import TrainConfig
+    from trainer_utils import in_process_trainer, packed_data_dir
+
+    trainer_mod = in_process_trainer(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = [{"step": 1, "loss": 6.0}, {"step": 2, "loss": 5.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dead))
+    cfg = TrainConfig(model="debug", seq_len=32, data_dir=str(packed_data_dir(tmp_path / "data", 4_000, 400)),
+                      output_dir=str(run), rank=4, cycle_length=4, restart_warmup_steps=2, warmup_steps=2,
+                      total_steps=12, micro_batch_size=4, global_batch_size=8, eval_every=0, export=False, resume=True)
+    t = trainer_mod.Trainer(cfg)
+    assert holds_output_dir_lock(run)
+    t.metrics.close()
+    t.close()
+    assert not holds_output_dir_lock(run)
+    assert (run / "metrics.jsonl").read_text() == ""
+    assert [json.loads(l) for l in (run / "metrics.rewound.jsonl").read_text().splitlines()] == dead
+    assert json.loads((run / "run_info.jsonl").read_text().splitlines()[-1])["resume_step"] == 0

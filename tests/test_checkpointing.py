@@ -8,6 +8,7 @@ keeps in memory is checked against the heap in tests/test_memory_table.py, and c
 from __future__ import annotations
 
 import collections
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,6 +153,15 @@ def test_the_policy_keeps_big_matmuls_and_fused_attention_only():
         assert not checkpointing.keeps(op, (x, x), rank=4)
     assert checkpointing.keeps(aten._scaled_dot_product_flash_attention_for_cpu.default, (x, x, x), rank=4)
     assert checkpointing.keeps(aten._scaled_dot_product_efficient_attention.default, (x, x, x), rank=4)
+    # Every fused kernel SDPA may pick on a GPU (cuDNN's on H100s), and flash-attn's ops, named by their schema
+    # (flash-attn is not installed here: stand-ins with its ops' schema names). A mutation trial's survivors:
+    # the cuDNN kernel or flash-attn's varlen forward left out, recomputed in backward.
+    for op in (aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_cudnn_attention,
+               aten._scaled_dot_product_fused_attention_overrideable):
+        assert checkpointing.keeps(op.default, (x, x, x), rank=4), op
+    for name in ("flash_attn::_flash_attn_forward", "flash_attn::_flash_attn_varlen_forward"):
+        op = SimpleNamespace(_schema=SimpleNamespace(name=name, is_mutable=False))
+        assert checkpointing.keeps(op, (x, x, x), rank=4), name
 
 
 def test_lora_rank_is_the_largest_adapted_rank():
@@ -324,3 +334,14 @@ def test_a_linear_replaced_after_the_kwargs_are_built_is_refused_at_the_forward(
     with pytest.raises(RuntimeError, match=r"model.layers.0.self_attn.q_proj has a bias"):
         checkpointing.hf_checkpointing_kwargs(wrapped)
     checkpointing.hf_checkpointing_kwargs(_model(rank=4))
+
+
+def test_lora_rank_of_a_partitioned_layer_without_a_rank_attribute():
+    """A LoRA layer that keeps no ``rank`` (another library's): its rank is lora_A's rows, read from the whole
+    shape (ds_shape) under ZeRO-3, whose partitioned tensor is empty outside a gather (a mutation trial's
+    survivor read the empty local shape, rank 0: every rank-r product then kept as a big one)."""
+    layer = torch.nn.Module()
+    layer.lora_A = torch.nn.Parameter(torch.zeros(6, 8))
+    layer.lora_A.ds_shape = layer.lora_A.shape
+    layer.lora_A.data = torch.empty(0)
+    assert checkpointing.lora_rank(torch.nn.Sequential(layer)) == 6

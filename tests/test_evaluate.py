@@ -325,3 +325,44 @@ def test_evaluate_script_names_a_bad_device_and_takes_no_abbreviated_flags(capsy
         with pytest.raises(SystemExit):
             script.parse_args(argv)
         assert error in capsys.readouterr().err
+
+
+def test_eval_windows_0_reads_the_whole_split_and_a_diverged_loss_still_logs(monkeypatch):
+    """eval_windows 0 (and final_eval_windows 0) is the whole split, as TrainConfig documents; a diverged run's
+    validation loss (1,004.5 here) is logged with its perplexity capped at e^50, not an OverflowError out of
+    math.exp that stopped the run at its evaluation. Oracle: the mean of the 10 windows' values, by hand.
+    (A mutation trial's survivors: 0 passed on as a window count, the perplexity uncapped.) One rank, a stub
+    engine whose loss is a batch's mean of known per-window values."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from relora_ds import evaluate
+    from relora_ds import trainer as trainer_mod
+
+    value = torch.tensor([1000.0 + i for i in range(10)])
+    windows = torch.zeros(10, 9, dtype=torch.long)
+    windows[:, 0] = torch.arange(10)
+
+    class Engine:
+        device = "cpu"
+
+        def eval(self):
+            pass
+
+        def train(self):
+            pass
+
+        def __call__(self, batch, labels):
+            return SimpleNamespace(loss=value[batch[:, 0]].mean())
+
+    monkeypatch.setattr(evaluate.dist, "all_reduce", lambda t: None)  # one rank
+    for eval_windows, final_eval_windows, final in ((0, None, False), (0, None, True), (3, 0, True)):
+        cfg = SimpleNamespace(micro_batch_size=4, eval_windows=eval_windows, final_eval_windows=final_eval_windows,
+                              data_prefetch=0, compile=False)
+        t = SimpleNamespace(engine=Engine(), val_data=windows, cfg=cfg, rank=0, world=1, step=7, pin_batches=False,
+                            metrics=SimpleNamespace(log=lambda rec: None), _print=lambda msg: None)
+        rec = trainer_mod.Trainer.evaluate(t, final=final)
+        assert rec["val_tokens"] == 10 * 8 and rec["val_loss"] == pytest.approx(1004.5, rel=1e-12)
+        assert rec["val_ppl"] == pytest.approx(math.exp(50.0), rel=1e-12)

@@ -101,11 +101,29 @@ def test_a_sliding_window_layer_is_credited_the_keys_it_attends(monkeypatch, mod
     assert flops_per_token(model, 33) == pytest.approx(_counted_per_token(model, 2, 33) - masked_out, rel=1e-12)
 
 
+def test_a_zero3_partitioned_model_is_counted_whole():
+    """Under ZeRO-3 each rank's parameters are empty tensors outside a gather, their whole shape in ds_shape and
+    size in ds_numel: the count is the unpartitioned model's (a mutation trial's survivors: the local shape or
+    numel read, which counts nothing, or every matrix as a 1-D empty tensor). Emulated: each parameter's data
+    emptied after its ds_shape and ds_numel are set, as DeepSpeed's partitioning leaves them."""
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    relora_ds.wrap(model, rank=4)
+    whole = flops_per_token(model, 33)
+    for p in model.parameters():
+        p.ds_shape, p.ds_numel = p.shape, p.numel()
+        p.data = torch.empty(0)
+    assert flops_per_token(model, 33) == whole
+
+
 def test_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert peak_tflops("NVIDIA H100 NVL") == peak_tflops("NVIDIA H200 NVL") == 835.5
     assert peak_tflops("NVIDIA H200") == 989.4
+    assert peak_tflops("NVIDIA H800 PCIe") == 756.0 and peak_tflops("NVIDIA H800") == 989.4  # as H100's
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 == peak_tflops("NVIDIA A800-SXM4-80GB")
     assert peak_tflops("NVIDIA L40S") == 362.05
     assert peak_tflops("NVIDIA L4") is None and peak_tflops(None) is None

@@ -519,3 +519,33 @@ def test_the_trainer_computes_the_grad_norm_only_where_deepspeed_records_none(tm
         t.metrics.close()
         t.close()
         assert t.own_grad_norm == own, name
+
+
+def test_mfus_peak_is_the_gpus_half_precision_one_in_bf16_and_fp16_only(tmp_path, monkeypatch):
+    """On a GPU the mfu column divides by the table's dense bf16/fp16 peak when the run trains in bf16 or fp16
+    (the same peak: tensor cores), none in fp32, and the recipe's peak_tflops wins. A stand-in H100 and CUDA
+    accelerator, in process (trainer_utils.in_process_trainer). A mutation trial's survivor: fp16 runs without
+    an mfu column."""
+    from types import SimpleNamespace
+
+    from relora_ds.train_config import TrainConfig
+    from trainer_utils import in_process_trainer, packed_data_dir
+
+    trainer_mod = in_process_trainer(monkeypatch)
+    monkeypatch.setattr(trainer_mod.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trainer_mod.torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(trainer_mod, "get_accelerator", lambda: SimpleNamespace(device_name=lambda: "cuda",
+                                                                               is_fp16_supported=lambda: True))
+    monkeypatch.setattr(trainer_mod.run_info, "environment", lambda world: {})
+    data = packed_data_dir(tmp_path / "data", 4_000, 400)
+    for name, ds, recipe_peak, peak in (("fp16", {"fp16": {"enabled": True}}, None, 989.4),
+                                        ("bf16", {"bf16": {"enabled": True}}, None, 989.4),
+                                        ("fp32", {}, None, None), ("fp32_recipe", {}, 500.0, 500.0)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"zero_optimization": {"stage": 0}, **ds}))
+        cfg = TrainConfig(model="debug", seq_len=32, data_dir=str(data), output_dir=str(tmp_path / name), mode="full",
+                          warmup_steps=2, total_steps=12, micro_batch_size=4, global_batch_size=8, eval_every=0,
+                          export=False, peak_tflops=recipe_peak)
+        t = trainer_mod.Trainer(cfg, str(tmp_path / f"{name}.json"))
+        t.metrics.close()
+        t.close()
+        assert t.peak_tflops == peak, name

@@ -376,6 +376,40 @@ def test_a_flash_attn_that_does_not_import_falls_back_to_sdpa_under_auto(monkeyp
         model_module._warn_flash_fallback.cache_clear()
 
 
+def test_sdpa_never_runs_flash_attn_and_flash_refuses_what_flash_attn_cannot_run(monkeypatch):
+    """Where flash-attn imports: 'auto' runs it for CUDA fp16/bf16 queries only, 'sdpa' never (a user's choice
+    to compare with or avoid flash-attn), and 'flash' refuses a CPU or fp32 forward, naming the device and
+    dtype, rather than running SDPA without a word. (No GPU here: stand-in queries that say their device and
+    dtype; flash-attn an importable stand-in module.) Mutations a trial ran that no test saw: 'sdpa' running
+    flash-attn, 'flash' falling back to SDPA off the GPU."""
+    import importlib.util
+    import sys
+    import types
+
+    import relora_ds.model as model_module
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    attention = {impl: LlamaForCausalLM(LlamaConfig(**SHAPE, attn_implementation=impl)).model.layers[0]
+                 .self_attn for impl in ("auto", "sdpa", "flash")}
+    gpu_bf16 = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
+    gpu_fp32 = types.SimpleNamespace(is_cuda=True, dtype=torch.float32, device="cuda:0")
+    cpu_bf16 = types.SimpleNamespace(is_cuda=False, dtype=torch.bfloat16, device="cpu")
+    model_module._flash_attn_problem.cache_clear()
+    try:
+        assert attention["auto"]._use_flash(gpu_bf16) is True and attention["flash"]._use_flash(gpu_bf16) is True
+        assert attention["sdpa"]._use_flash(gpu_bf16) is False
+        for q in (gpu_fp32, cpu_bf16):
+            assert attention["auto"]._use_flash(q) is False and attention["sdpa"]._use_flash(q) is False
+            with pytest.raises(ValueError, match=rf"attn_implementation='flash' needs flash-attn and CUDA fp16/bf16 "
+                                                 rf"inputs \(flash-attn imports; device={q.device}, dtype={q.dtype}\)"):
+                attention["flash"]._use_flash(q)
+    finally:  # the next test sees this machine's real flash-attn (or its absence)
+        model_module._flash_attn_problem.cache_clear()
+
+
 def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(tmp_path):
     """A transformers-5 config (rope_parameters: default RoPE at theta 1e6) to which someone added a 4.x-style
     rope_scaling (linear, factor 4) to extend the context: transformers builds its model from rope_scaling, with

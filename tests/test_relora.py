@@ -310,6 +310,9 @@ def test_activation_checkpointing_layers_are_checked():
         with pytest.raises(ValueError, match=rf"num_layers must be a number of decoder layers from 1 to {n} \(or "
                                              rf"None: all\), got {bad!r}"):
             model.gradient_checkpointing_enable(num_layers=bad)
+    for good in (1, n):  # both ends of the range the message names (a mutation trial refused n)
+        model.gradient_checkpointing_enable(num_layers=good)
+        assert model.model.gradient_checkpointing and model.model.checkpoint_layers == good
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

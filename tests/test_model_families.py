@@ -137,6 +137,26 @@ def test_rope_scaling_frequencies_equal_transformers_past_the_original_length(sc
     torch.testing.assert_close(sin[positions[0]], want_sin[0], atol=1e-6, rtol=0)
 
 
+def test_llama3_rope_scaling_at_wavelengths_exactly_on_its_bounds_equals_transformers():
+    """llama3 RoPE keeps a wavelength equal to original / low_freq_factor in the blended band (slowed by factor
+    only through the blend: transformers' `wavelen > low_freq_wavelen` is strict), and likewise one equal to
+    original / high_freq_factor. Factors chosen so that both bounds fall exactly on one of the 64 wavelengths
+    (in fp32, as they are compared); oracle: transformers' inverse frequencies, bit for bit. A mutation trial's
+    `>=` at the low bound passed every other test (the real factors never hit a wavelength)."""
+    import math
+
+    wavelen = 2 * math.pi / rope_inv_freq(128, 500000.0)
+    old = 8192
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": old / float(wavelen[50]),
+               "high_freq_factor": old / float(wavelen[30]), "original_max_position_embeddings": old}
+    for k, factor in ((50, "low_freq_factor"), (30, "high_freq_factor")):
+        assert torch.tensor(old / scaling[factor], dtype=torch.float32) == wavelen[k]  # exactly on the bound
+    config = transformers.LlamaConfig(hidden_size=1024, num_attention_heads=8, max_position_embeddings=65536,
+                                      rope_theta=500000.0, rope_scaling=dict(scaling))
+    want = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config).inv_freq
+    assert torch.equal(rope_inv_freq(128, 500000.0, config_from_hf(config.to_dict()).rope_scaling), want)
+
+
 def test_a_tied_model_trains_one_weight_and_relora_keeps_it_full_rank():
     """Tied: one Parameter whose gradient is the sum of what an untied twin with the same values gives its
     embedding and its lm_head; wrap keeps it (and the q/k/v biases) trainable full-rank, in the optimizer

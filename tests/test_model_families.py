@@ -186,6 +186,25 @@ def test_a_tied_model_trains_one_weight_and_relora_keeps_it_full_rank():
     assert "lm_head.weight" in keys and not any("bias" in k for k in keys)
 
 
+@pytest.mark.parametrize("family", ["llama-bias-head_dim-linear", "qwen2-tied", "qwen3-bias-window"])
+def test_a_fresh_model_initializes_as_transformers_does(family):
+    """A model built from scratch: biases zero, norms one, linear and embedding weights N(0, initializer_range),
+    as transformers' _init_weights makes them (the oracle: its model from the same config). torch's own
+    nn.Linear init leaves biases uniform in +-1/sqrt(in): a mutation trial's skipped bias init passed every
+    other test."""
+    config_cls, options = FAMILIES[family]
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(config_cls(**SHAPE, **copy.deepcopy(options)))
+    ours = LlamaForCausalLM(config_from_hf(theirs.config.to_dict()))
+    params = dict(ours.named_parameters())
+    assert params.keys() == dict(theirs.named_parameters()).keys()
+    for name, p in theirs.named_parameters():
+        if name.endswith(".bias") or "norm" in name:
+            assert torch.equal(params[name], p), name  # zeros, ones
+        else:
+            assert abs(params[name].std().item() - p.std().item()) < 0.1 * p.std().item(), name
+
+
 def test_load_state_dict_of_a_tied_model_with_or_without_lm_head():
     """DeepSpeed's fp32 state dicts name the shared weight once (model.embed_tokens.weight); transformers
     ignores a stored lm_head.weight of a tied model, and so do we."""

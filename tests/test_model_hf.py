@@ -1,7 +1,7 @@
 """Our LLaMA equals Hugging Face's LlamaForCausalLM (the oracle) with the same weights, both directions."""
 import json
-
 import os
+import re
 import shutil
 
 import pytest
@@ -78,6 +78,11 @@ def test_loss_is_shifted_next_token_cross_entropy():
     by_hand = -torch.stack([logp[b, t, x[b, t + 1]] for b in range(2) for t in range(8)]).mean()
     torch.testing.assert_close(out.loss, by_hand)
     assert model(x).loss is None
+    # one sequence without its batch dimension (or a batch of batches) is named, not an IndexError deep inside
+    for bad in (x[0], x[None]):
+        shape = re.escape(str(tuple(bad.shape)))
+        with pytest.raises(ValueError, match=rf"input_ids must be \(batch, seq_len\), got shape {shape}"):
+            model(bad)
 
 
 def test_presets_match_paper_sizes_and_unknown_preset_is_an_error():

@@ -125,6 +125,30 @@ def test_continued_pretraining_export_keeps_the_source_models_tokenizer_config_a
     assert json.loads((tmp_path / "other" / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
+def test_another_tokenizer_under_the_sources_file_name_is_the_one_exported(tmp_path):
+    """A run's data dir names its tokenizer tokenizer.model, as the source model it started from may: the export
+    carries the given tokenizer when its content differs from the source's, not the source's file of the same
+    name (a mutation trial comparing the names only passed every other test, whose other tokenizer had another
+    name). Oracle: SentencePiece's own encoding by the given model."""
+    import shutil
+
+    import sentencepiece as spm
+
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=340))
+    relora_ds.export_hf(model, tmp_path / "src", token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    (tmp_path / "data").mkdir()
+    tokenizers = {name: tmp_path / name / "tokenizer.model" for name in ("src", "data")}
+    for name, vocab_size in (("src", 320), ("data", 340)):  # the source model's, and the run's data's
+        shutil.copy(_train_sp(tmp_path, name, vocab_size, model_type="bpe", byte_fallback=True), tokenizers[name])
+    relora_ds.export_hf(model, tmp_path / "out", tokenizer=tokenizers["data"], like=tmp_path / "src")
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == tokenizers["data"].read_bytes()
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizers["data"]))
+    text = "the lazy dog 1234"
+    assert sp.encode(text) != spm.SentencePieceProcessor(model_file=str(tokenizers["src"])).encode(text)
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert exported(text)["input_ids"] == [sp.bos_id(), *sp.encode(text)]
+
+
 def test_a_short_model_max_length_exports_without_transformers_length_warning(tmp_path):
     """The export's encoding probes are longer than a short run's model_max_length (seq_len + 1): transformers
     warned "Token indices sequence length is longer than the specified maximum ..." on every such export,

@@ -454,6 +454,15 @@ def test_export_dtype_reads_transformers_5_dtype_key(tmp_path):
     name = written.get("dtype") or written.get("torch_dtype")
     assert name == "bfloat16"
     assert export_dtype(None, tmp_path / "src") == torch.bfloat16
+    # "auto" (a config saying nothing definite) and no dtype at all export fp32; a name given is checked
+    for key in ("torch_dtype", "dtype"):
+        bare = {k: v for k, v in written.items() if k not in ("torch_dtype", "dtype")}
+        (tmp_path / "src" / "config.json").write_text(json.dumps({**bare, key: "auto"}))
+        assert export_dtype(None, tmp_path / "src") == torch.float32
+    assert export_dtype(None) == torch.float32 and export_dtype("float16") == torch.float16
+    with pytest.raises(ValueError, match=r"export dtype 'float64' is not supported; valid: 'float32', 'bfloat16', "
+                                         r"'float16'"):
+        export_dtype("float64")
 
 
 def test_mistral_config_without_sliding_window_gets_transformers_default():

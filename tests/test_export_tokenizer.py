@@ -273,6 +273,25 @@ def test_special_ids_come_from_the_source_model_or_are_left_null(tmp_path):
     assert transformers.AutoConfig.from_pretrained(tmp_path / "bare").eos_token_id is None
 
 
+def test_special_ids_a_source_model_lacks_stay_absent(tmp_path):
+    """A Qwen2 config.json without bos_token_id/eos_token_id (Qwen2Config's defaults are None): an export like
+    it leaves them out as well, so transformers reads the ids it reads from the source, not LLaMA-2's 1 and 2
+    (a mutation trial writing hf_config_dict's defaults passed every other test, whose sources had ids).
+    Oracle: transformers' AutoConfig of the source."""
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    written = json.loads((tmp_path / "src" / "config.json").read_text())
+    for key in ("bos_token_id", "eos_token_id"):
+        written.pop(key, None)
+    (tmp_path / "src" / "config.json").write_text(json.dumps(written))
+    relora_ds.export_hf(relora_ds.load_hf(tmp_path / "src"), tmp_path / "out", like=tmp_path / "src")
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "bos_token_id" not in exported and "eos_token_id" not in exported
+    source, out = (transformers.AutoConfig.from_pretrained(tmp_path / d) for d in ("src", "out"))
+    assert (out.bos_token_id, out.eos_token_id) == (source.bos_token_id, source.eos_token_id) == (None, None)
+
+
 def test_a_failed_export_leaves_the_earlier_export_as_it_was(tmp_path):
     """The export is staged and moved into place at the end: a tokenizer transformers cannot reproduce (a
     unigram model) refused halfway left config.json without weights or tokenizer before (a review's find);

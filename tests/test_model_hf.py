@@ -245,6 +245,30 @@ def test_load_hf_refuses_quantized_tensors_and_casts_each_tensor(tmp_path):
             relora_ds.load_hf(tmp_path / "q")
 
 
+def test_hf_tensors_reads_only_the_names_asked_for_in_their_stored_dtype(tmp_path):
+    """hf_tensors(dtype=None, names=...) (the ReLoRA start from a Hugging Face model reads the trained weights
+    only, ~1 of a 7B's 27 GB): exactly the named tensors of every shard, as stored (bf16 stays bf16). Oracle:
+    safetensors' own load_file of each shard. Mutations a trial ran that no test saw: the names ignored, everything
+    cast to fp32."""
+    from relora_ds.hf import hf_tensors
+
+    cfg = LlamaConfig.preset("debug")
+    hf = transformers.LlamaForCausalLM(_hf_config(cfg)).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    stored = {}
+    for shard in tmp_path.glob("model-*.safetensors"):
+        stored.update(load_file(str(shard)))
+    last = cfg.num_hidden_layers - 1
+    names = {"model.embed_tokens.weight", "model.norm.weight", f"model.layers.{last}.mlp.up_proj.weight"}
+    assert len({json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"][n]
+                 for n in names}) > 1  # in more than one shard
+    got = dict(hf_tensors(tmp_path, dtype=None, names=names))
+    assert got.keys() == names
+    for name, tensor in got.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, stored[name]), name
+    assert {t.dtype for _, t in hf_tensors(tmp_path)} == {torch.float32}  # the default casts each to fp32
+
+
 def test_rope_frequencies_survive_a_cast_to_bf16():
     """Casting the model (load_hf(dtype=bf16), model.to(bf16)) must not round the RoPE frequencies:
     transformers keeps them fp32 as well."""

@@ -288,6 +288,26 @@ def test_qwen2_window_layers_map_both_ways():
         assert theirs.layer_types == out["layer_types"] and theirs.sliding_window == 32
 
 
+def test_a_qwen2_config_without_max_window_layers_or_layer_types_slides_where_transformers_does():
+    """A Qwen2 config.json with use_sliding_window but neither layer_types nor max_window_layers: Qwen2Config's
+    default max_window_layers (28) decides, the layers from 28 on slide; without use_sliding_window none does (a
+    mutation trial's other default, and one ignoring use_sliding_window, passed every other test). Oracle:
+    transformers' Qwen2Config of the same dict."""
+    hf = {**hf_config_dict(LlamaConfig(**{**SHAPE, "num_hidden_layers": 30}, model_type="qwen2"), torch.float32),
+          "use_sliding_window": True, "sliding_window": 32}
+    for key in ("layer_types", "max_window_layers"):
+        hf.pop(key, None)
+    theirs = transformers.Qwen2Config(**{k: v for k, v in hf.items() if k != "architectures"})
+    assert theirs.layer_types == ["full_attention"] * 28 + ["sliding_attention"] * 2
+    ours = config_from_hf(hf)
+    assert (ours.sliding_window, ours.layer_types) == (32, theirs.layer_types)
+    # use_sliding_window false (Qwen2.5's configs, which still name a sliding_window): full attention everywhere
+    off = {**hf, "use_sliding_window": False}
+    assert transformers.Qwen2Config(**{k: v for k, v in off.items() if k != "architectures"}).layer_types == \
+        ["full_attention"] * 30
+    assert config_from_hf(off).sliding_window is None
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(model_type="gpt2"), r"model_type='gpt2' is not supported; valid: llama, qwen2, qwen3, mistral"),
     (dict(model_type="qwen2", mlp_bias=True), r"model_type='qwen2' cannot have \{'mlp_bias': True\}"),

@@ -147,6 +147,10 @@ def test_shapes_and_biases_a_family_cannot_have_are_refused():
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, r"lacks \['low_freq_factor', 'high_freq_factor', "
                                                              r"'original_max_position_embeddings'\]"),
     ("partial_rotary_factor", 0.5, "partial_rotary_factor=0.5 is not supported"),
+    # transformers 5's RoPE per layer type (Gemma-3 style): a mutation trial's dropped refusal loaded plain RoPE
+    ("rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e6}},
+     r"per-layer-type RoPE parameters \['full_attention', 'sliding_attention'\] are not supported"),
     # transformers applies it in training: ours has none (a review's find: the value was dropped silently)
     ("attention_dropout", 0.5, r"attention_dropout=0.5 is not supported \(this model has no attention dropout"),
     ("hidden_act", "gelu", r"hidden_act=.gelu. is not supported \(LLaMA.s SwiGLU uses .silu., also spelled .swish.\)"),

@@ -219,6 +219,12 @@ def test_export_of_a_tokenizer_without_bos(tmp_path):
         cfg = json.loads((out / name).read_text())
         assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (None, 1), name
     assert transformers.LlamaForCausalLM.from_pretrained(out).config.eos_token_id == 1
+    # BOS at id 0 is a BOS (a mutation trial's `> 0` made it None in this fallback export only)
+    path = _train_sp(tmp_path, "bos0", 60, model_type="unigram", bos_id=0, eos_id=1, unk_id=2)
+    relora_ds.export_hf(model, tmp_path / "bos0", tokenizer=path, hf_tokenizer=False)
+    for name in ("config.json", "generation_config.json"):
+        cfg = json.loads((tmp_path / "bos0" / name).read_text())
+        assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (0, 1), name
 
 
 def test_an_export_into_a_used_directory_leaves_no_old_weights_or_tokenizer_beside_it(tmp_path):

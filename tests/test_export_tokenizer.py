@@ -45,6 +45,10 @@ def test_exported_tokenizer_encodes_exactly_as_training(tmp_path, small_data_dir
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (sp.bos_id(), sp.eos_id()) == (tok.bos_token_id, tok.eos_token_id)
     assert tok.model_max_length == model.config.max_position_embeddings
     assert (tmp_path / "tokenizer.model").read_bytes() == open(tok_path, "rb").read()
+    # a class transformers 4.x loads too: transformers 5 records its own TokenizersBackend, unknown to 4.x (a
+    # mutation trial leaving 5's name passed every other test, all on transformers 5)
+    tokenizer_class = json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert tokenizer_class == "PreTrainedTokenizerFast"
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
     assert hf.generation_config.eos_token_id == sp.eos_id()
 

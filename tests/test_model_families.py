@@ -308,6 +308,16 @@ def test_a_qwen2_config_without_max_window_layers_or_layer_types_slides_where_tr
     assert config_from_hf(off).sliding_window is None
 
 
+def test_qwen2_ignores_llamas_bias_keys_as_transformers_does():
+    """Qwen2's biases are fixed (q/k/v, no o_proj or MLP bias): a config.json carrying LLaMA's attention_bias and
+    mlp_bias (a hand-edited or converted one) loads with the biases transformers' Qwen2ForCausalLM has, not
+    refused (a mutation trial reading the keys for Qwen2 as for LLaMA passed every other test)."""
+    config = transformers.Qwen2Config(**SHAPE, attention_bias=True, mlp_bias=True)
+    theirs = transformers.AutoModelForCausalLM.from_config(config)
+    ours = LlamaForCausalLM(config_from_hf(config.to_dict()))
+    assert dict(ours.named_parameters()).keys() == dict(theirs.named_parameters()).keys()
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(model_type="gpt2"), r"model_type='gpt2' is not supported; valid: llama, qwen2, qwen3, mistral"),
     (dict(model_type="qwen2", mlp_bias=True), r"model_type='qwen2' cannot have \{'mlp_bias': True\}"),

@@ -499,6 +499,17 @@ def test_rope_scaling_beside_rope_parameters_is_read_as_transformers_reads_it(tm
     torch.testing.assert_close(_logits(ours, x), _logits(theirs, x), atol=1e-5, rtol=0)
     assert (ours.config.rope_theta, ours.config.rope_scaling) == (theirs.config.rope_parameters["rope_theta"],
                                                                    {"rope_type": "linear", "factor": 4.0})
+    # An export like this source writes the RoPE it computes, without the source's contradicting rope_parameters
+    # (a mutation trial keeping them passed every other test): it loads back without the warning, as transformers
+    # reads it.
+    relora_ds.export_hf(ours, tmp_path / "out", like=tmp_path)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = relora_ds.load_hf(tmp_path / "out").eval()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    torch.testing.assert_close(_logits(again, x), _logits(exported, x), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(again, x), _logits(theirs, x), atol=1e-5, rtol=0)
 
 
 def test_an_export_like_its_source_keeps_the_sources_dtype(tmp_path):

@@ -217,6 +217,23 @@ def test_the_recompile_limit_is_only_ever_raised():
         setattr(torch._dynamo.config, option, before)
 
 
+def test_compiling_the_layers_twice_is_refused():
+    """A second compile_layers is refused by name, the layers keep their compiled forward (a mutation trial
+    dropping the refusal passed every other test). Nothing is compiled here: torch.compile is lazy."""
+    from relora_ds.compiling import _limit_option, recompile_limit
+
+    before, option = recompile_limit(), _limit_option(torch._dynamo.config)
+    model = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug"))
+    try:
+        model.compile_layers()
+        forwards = [vars(layer)["forward"] for layer in model.model.layers]
+        with pytest.raises(RuntimeError, match=r"compile_layers: the decoder layers are compiled already"):
+            model.compile_layers()
+        assert [vars(layer)["forward"] for layer in model.model.layers] == forwards
+    finally:
+        setattr(torch._dynamo.config, option, before)
+
+
 class _Engine:
     """What relora_ds.evaluate.validation_losses calls of a DeepSpeed engine, around a plain model."""
 

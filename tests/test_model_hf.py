@@ -78,6 +78,12 @@ def test_loss_is_shifted_next_token_cross_entropy():
     by_hand = -torch.stack([logp[b, t, x[b, t + 1]] for b in range(2) for t in range(8)]).mean()
     torch.testing.assert_close(out.loss, by_hand)
     assert model(x).loss is None
+    model.chunked_loss_enable(4)
+    assert model(x, labels=x).logits is None
+    model.chunked_loss_disable()  # the plain path again, with logits (a mutation trial's no-op passed the rest)
+    out = model(x, labels=x)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, by_hand)
     # one sequence without its batch dimension (or a batch of batches) is named, not an IndexError deep inside
     for bad in (x[0], x[None]):
         shape = re.escape(str(tuple(bad.shape)))

@@ -301,6 +301,10 @@ def test_activation_checkpointing_same_loss_and_grads_with_recompute(monkeypatch
         calls.clear()
         model(batch)
         assert len(calls) == model.config.num_hidden_layers
+    model.gradient_checkpointing_disable()  # no recompute after it (a mutation trial's no-op passed the rest)
+    calls.clear()
+    model(batch, labels=batch).loss.backward()
+    assert len(calls) == model.config.num_hidden_layers
 
 
 def test_activation_checkpointing_layers_are_checked():

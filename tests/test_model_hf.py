@@ -287,6 +287,13 @@ def test_rope_frequencies_survive_a_cast_to_bf16():
     model.to(torch.bfloat16)
     after = model.model.rotary_emb(2048, torch.device("cpu"), torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+    # bf16 activations get cos/sin computed in fp32 (positions past 256 are not bf16 numbers) and then cast,
+    # as transformers' (the oracle) gives them; a mutation trial's bf16 positions passed every other test
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=2048)
+    rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)
+    want = rotary(torch.zeros(1, dtype=torch.bfloat16), torch.arange(2048)[None])
+    got = model.model.rotary_emb(2048, torch.device("cpu"), torch.bfloat16)
+    assert all(g.dtype == torch.bfloat16 and torch.equal(g, w[0]) for g, w in zip(got, want))
 
 
 def _randomize_norms(model):

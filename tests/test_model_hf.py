@@ -447,6 +447,26 @@ def test_hf_model_smaller_vocab_and_positions_are_named_with_the_fix(tmp_path, s
         check_model_and_data(cfg, small_data_dir, 512)
 
 
+def test_export_hf_of_a_transformers_model_or_a_zero3_module_names_the_way_to_save_it(tmp_path):
+    """export_hf writes relora_ds's own model; a transformers model handed to it is refused with the way out
+    (save_pretrained of the unwrapped model), not an AttributeError from its config, and so is a ZeRO-3
+    engine's module (mutation trials dropping either refusal passed every other test)."""
+    hf = transformers.LlamaForCausalLM(_hf_config(LlamaConfig.preset("debug")))
+    with pytest.raises(ValueError, match=r"export_hf expects a relora_ds.LlamaForCausalLM or a DeepSpeed engine "
+                                         r"training one, got LlamaForCausalLM \(for a Hugging Face model: "
+                                         r"relora_ds.unwrap\(model\).save_pretrained\(dir\)\)"):
+        relora_ds.export_hf(relora_ds.wrap(hf, rank=2), tmp_path)
+    # the module of a ZeRO-3 engine holds empty placeholders (DeepSpeed marks each partitioned parameter with a
+    # ds_id, stood in for here): an export of it would write empty tensors
+    ours = LlamaForCausalLM(LlamaConfig.preset("debug"))
+    for i, p in enumerate(ours.parameters()):
+        p.ds_id = i
+    with pytest.raises(ValueError, match=r"partitioned by DeepSpeed ZeRO-3 .*pass the engine itself, "
+                                         r"export_hf\(engine, out_dir\), on every rank"):
+        relora_ds.export_hf(ours, tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_load_hf_casts_to_the_requested_dtype(tmp_path):
     torch.manual_seed(4)
     relora_ds.export_hf(LlamaForCausalLM(LlamaConfig.preset("debug")), tmp_path)

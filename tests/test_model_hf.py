@@ -224,6 +224,13 @@ def test_a_relora_ds_run_or_checkpoint_given_as_a_hugging_face_model_is_named(tm
     (run / "hf" / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=rf"pass its export {run}/hf$"):
         load_hf_config(run)
+    # a run that has not checkpointed yet: its metrics.jsonl alone names it (a mutation trial's checkpoints-only
+    # rule passed every other test)
+    young = tmp_path / "young"
+    young.mkdir()
+    (young / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match=rf"^{young} is a relora_ds run directory, not a Hugging Face model"):
+        load_hf_config(young)
     # A Hugging Face Trainer's checkpoint under DeepSpeed (its `latest` and global_step*/ beside the model) is
     # a model: read as one (a review found it refused).
     hf_ckpt = tmp_path / "checkpoint-500"

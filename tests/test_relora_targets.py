@@ -260,6 +260,9 @@ def test_regex_and_all_linear_targets_select_as_peft_does():
         relora_ds.wrap(_tiny_llama(), rank=4, target_modules="q_proj")  # a string is a full-name pattern
     with pytest.raises(ValueError, match=r"target_modules='\(q' is not a valid regular expression .*'all-linear'"):
         relora_ds.wrap(_tiny_llama(), rank=4, target_modules="(q")
+    with pytest.raises(ValueError, match=r"matched no linear layer.*list entries are names or dotted suffixes, a "
+                                         r"regular expression is passed as one string"):
+        relora_ds.wrap(_tiny_llama(), rank=4, target_modules=[r".*\.(q|v)_proj"])  # a regex in a list: named
     with pytest.raises(ValueError, match=r"target_modules must be a non-empty list .*got \[''\]"):
         relora_ds.wrap(_tiny_llama(), rank=4, target_modules=[""])
     with pytest.raises(ValueError, match=r"matched no linear layer.*target_modules='all-linear' selects every"):

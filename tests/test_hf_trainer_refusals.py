@@ -189,20 +189,27 @@ def test_an_optimizer_without_adam_moments_is_refused_after_the_first_step(tmp_p
 def test_an_optimizer_built_before_the_wrap_is_refused_before_the_first_step(tmp_path):
     """optimizers=(opt, None) with opt built on the plain model's parameters: the LoRA factors are in no
     group, so they never trained, and the first reset (cycle_length steps in) refused it (a user trial)."""
+    plain = w.plain()
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    trainer = _training_refused(tmp_path, relora_ds.wrap(plain, rank=4), opt,
+                                r"enable_relora: \d+ LoRA parameters \(model\.layers\.0\.self_attn\.q_proj"
+                                r"\.lora_A, \.\.\.\) are not in the Trainer's optimizer")
+    assert trainer.state.global_step == 0
+
+
+def _training_refused(tmp_path, model, opt, match):
+    """A Trainer given optimizers=(opt, None), enable_relora'd: its train() raises ValueError matching `match`.
+    Returns the Trainer (its step shows when)."""
     from transformers import TrainingArguments
 
     from relora_ds.hf_trainer import enable_relora
 
-    plain = w.plain()
-    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
-    model = relora_ds.wrap(plain, rank=4)
     trainer = w.InOrder(model=model, args=TrainingArguments(**w.arguments(tmp_path, 4)), train_dataset=w.Windows(),
                         optimizers=(opt, None))
     enable_relora(trainer, **w.RELORA)
-    with pytest.raises(ValueError, match=r"enable_relora: \d+ LoRA parameters \(model\.layers\.0\.self_attn\.q_proj"
-                                         r"\.lora_A, \.\.\.\) are not in the Trainer's optimizer"):
+    with pytest.raises(ValueError, match=match):
         trainer.train()
-    assert trainer.state.global_step == 0
+    return trainer
 
 
 def test_a_deepspeed_config_with_a_scheduler_is_refused(tmp_path):
@@ -248,10 +255,6 @@ def test_an_optimizer_with_one_of_the_two_moments_is_refused_after_the_first_ste
     """A Lion-like optimizer keeps exp_avg alone: every reset prunes both Adam moments, so it is refused at the
     first step, naming what it keeps (a mutation trial's survivor took any one moment as enough, and the run
     went on to its first reset)."""
-    from transformers import TrainingArguments
-
-    from relora_ds.hf_trainer import enable_relora
-
     class OneMoment(torch.optim.Optimizer):  # Lion's state: one moment, under Adam's first moment's name
         def __init__(self, params, lr=1e-3):
             super().__init__(params, dict(lr=lr))
@@ -266,10 +269,6 @@ def test_an_optimizer_with_one_of_the_two_moments_is_refused_after_the_first_ste
 
     model = w.model()
     opt = OneMoment([p for p in model.parameters() if p.requires_grad])
-    trainer = w.InOrder(model=model, args=TrainingArguments(**w.arguments(tmp_path, 4)), train_dataset=w.Windows(),
-                        optimizers=(opt, None))
-    enable_relora(trainer, **w.RELORA)
-    with pytest.raises(ValueError, match=r"the optimizer \(OneMoment\) keeps \['exp_avg'\] for the LoRA factors, "
-                                         r"not the Adam moments \['exp_avg', 'exp_avg_sq'\]"):
-        trainer.train()
+    trainer = _training_refused(tmp_path, model, opt, r"the optimizer \(OneMoment\) keeps \['exp_avg'\] for the LoRA "
+                                                      r"factors, not the Adam moments \['exp_avg', 'exp_avg_sq'\]")
     assert trainer.state.global_step == 1

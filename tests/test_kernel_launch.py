@@ -80,6 +80,19 @@ def test_no_launcher_calls_tritons_host_helpers(monkeypatch):
     rk.lora_merge_(w.detach().clone(), a.detach(), b.detach(), 0.5)
 
 
+def _record_dot_precision(monkeypatch) -> list:
+    """Launches recorded, not run, as a GPU would get them (the interpreter ignores DOT_PRECISION): the list fills
+    with each launch's DOT_PRECISION."""
+    got = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: got.append(kwargs["DOT_PRECISION"])
+    monkeypatch.setattr(_runtime, "for_current_mode", lambda kernel: Kernel())
+    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
+    return got
+
+
 @pytest.mark.parametrize("wdtype,ldtype,want", [(torch.bfloat16, torch.float32, "tf32x3"),
                                                  (torch.float16, torch.float32, "tf32x3"),
                                                  (torch.float32, torch.float32, "ieee"),
@@ -89,13 +102,7 @@ def test_merge_products_in_fp32_only_where_the_result_keeps_fp32(monkeypatch, wd
     FMAs at 17% of copy bandwidth on the H200. Into an fp32 W they stay exact fp32. The launch receives the
     choice, and a tuning config's DOT_PRECISION overrides it."""
     from relora_kernels import merge
-    got = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: got.append(kwargs["DOT_PRECISION"])
-    monkeypatch.setattr(_runtime, "for_current_mode", lambda kernel: Kernel())
-    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
+    got = _record_dot_precision(monkeypatch)
     w, a, b = torch.zeros(40, 24, dtype=wdtype), torch.ones(4, 24, dtype=ldtype), torch.ones(40, 4, dtype=ldtype)
     assert merge.merge_dot_precision(wdtype, ldtype) == want
     merge.merge_launch(w, a, b, 0.5)
@@ -229,13 +236,7 @@ def test_int8_merge_products_in_exact_fp32_for_fp32_factors(monkeypatch, ldtype,
     fp32 products ("ieee"; a TF32 product's ~2^-11 relative error moves codes and residual units at their rounding
     boundaries), 16-bit factors tensor cores as they are. Recorded, not run (the interpreter ignores it)."""
     from relora_kernels import int8
-    got = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: got.append(kwargs["DOT_PRECISION"])
-    monkeypatch.setattr(_runtime, "for_current_mode", lambda kernel: Kernel())
-    monkeypatch.setattr(_runtime, "interpreting", lambda: False)
+    got = _record_dot_precision(monkeypatch)
     q, scale = torch.zeros(40, 24, dtype=torch.int8), torch.ones(40, dtype=torch.bfloat16)
     for residual in (None, torch.zeros(40, 24, dtype=torch.int8)):
         int8.int8_merge_launch(q, scale, residual, torch.ones(4, 24, dtype=ldtype), torch.ones(40, 4, dtype=ldtype), 0.5)

@@ -406,7 +406,6 @@ def test_a_tensor_spanning_exactly_the_32_bit_limit_fits():
         assert not _runtime.fits_int32("op", x=_runtime.INT32_MAX + 1, w=1)
 
 
-
 def test_the_layers_output_and_weight_are_checked_for_32_bit_offsets_too(monkeypatch):
     """Besides x and dX, a layer's launches address Y and dY (rows x out) and W. With the limit lowered to 100,
     under RELORA_KERNELS=triton (refused before any launch): 12 rows widened from 8 to 9 features (x 96 elements,
@@ -421,6 +420,7 @@ def test_the_layers_output_and_weight_are_checked_for_32_bit_offsets_too(monkeyp
             rk.lora_linear(x, w, a, b, 1.0)
         with pytest.raises(ValueError, match=f"relora_kernels.int8_lora_linear: {what}, past"):
             rk.int8_lora_linear(x, q, s, a, b, 1.0)
+
 
 @pytest.mark.parametrize("mode", ["triton", "torch", "reference"])
 def test_bad_arguments_are_named_on_every_path(monkeypatch, mode):

@@ -9,9 +9,16 @@ import re
 from collections import Counter
 
 
-def compile_problem(cuda: bool) -> str | None:
-    """Why torch.compile's default backend (inductor) cannot build code here, or None: on a GPU it writes
-    Triton kernels, on the CPU C++ that a C++ compiler builds."""
+def compile_problem(cuda: bool, backend: str = "inductor") -> str | None:
+    """Why torch.compile with ``backend`` cannot build code here, or None: a backend torch does not have; inductor
+    (the default) on a GPU writes Triton kernels, on the CPU C++ that a C++ compiler builds."""
+    if backend != "inductor":
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in known:
+            return f"compile_backend={backend!r} is not one of torch's backends: {', '.join(known)}"
+        return None
     if cuda:
         if importlib.util.find_spec("triton") is None:
             return "torch.compile on a GPU generates Triton kernels, and triton is not installed"

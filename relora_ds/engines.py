@@ -90,7 +90,7 @@ class EnginesMixin:
             self._wrap(model)
         zero_init.partition_(model, self.ds, cfg.zero_init)  # whatever arrived whole (under ZeRO-3)
         if cfg.compile:
-            compile_for_engine(model, self.ds)
+            compile_for_engine(model, self.ds, backend=cfg.compile_backend)
         groups = optimizer_groups(model, cfg)
         offset = 0 if phase == "full" else self.relora_start
         fn = functools.partial(_shifted, fn=self.schedule, offset=offset)

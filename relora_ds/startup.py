@@ -190,9 +190,11 @@ def check_kernels(cfg: TrainConfig, cuda: bool) -> None:
 
 
 def check_compile(cfg: TrainConfig, cuda: bool) -> None:
-    """--compile where torch.compile cannot build code would fail at the first step, after the data and the
-    engine: fail now."""
-    if cfg.compile and (problem := compile_problem(cuda)):
+    """--compile where torch.compile cannot build code, or with a backend torch does not have, would fail at
+    the first step, after the data and the engine: fail now."""
+    if not cfg.compile:
+        return
+    if problem := compile_problem(cuda, cfg.compile_backend):
         raise ValueError(f"compile: {problem}; or train without --compile")
 
 

@@ -183,6 +183,10 @@ class TrainConfig:
                               "fuses the norms, RoPE and the MLP's activation; the first step of each phase and "
                               "the first evaluation wait for the compile; under ZeRO-3 each layer's weights are "
                               "gathered at once, around its compiled forward")
+    compile_backend: str = _f("inductor", "torch.compile's backend for --compile (torchtitan's compile.backend): "
+                                          "inductor generates kernels; another of torch._dynamo.list_backends("
+                                          "exclude_tags=()), e.g. aot_eager (AOTAutograd's graphs run eagerly: "
+                                          "to tell a compile problem from a codegen one)")
     zero_init: bool = _f(True, "under ZeRO stage 3, build the model partitioned (deepspeed.zero.Init) and load "
                                "hf_model's or the warm start's weights into it a tensor at a time: no rank holds "
                                "the whole model; false: every rank builds it whole and DeepSpeed moves it to each "
@@ -450,6 +454,8 @@ class TrainConfig:
         if self.activation_checkpointing_policy != "full" and not self.activation_checkpointing:
             ignored.append((f"activation_checkpointing_policy={self.activation_checkpointing_policy!r}",
                             "activation_checkpointing is off (--activation-checkpointing turns it on)"))
+        if self.compile_backend != "inductor" and not self.compile:
+            ignored.append((f"compile_backend={self.compile_backend!r}", "compile is off (--compile turns it on)"))
         for name in ("eval_windows", "final_eval_windows"):
             if getattr(self, name) != getattr(TrainConfig, name) and not self.eval_every:
                 ignored.append((f"{name}={getattr(self, name)}", "eval_every=0 runs no evaluation, the final one "

@@ -225,6 +225,7 @@ def test_settings_a_mode_does_not_use_are_named():
                                                       r"activation_checkpointing is off \(--activation-checkpointing"),
             (dict(activation_checkpointing_policy="selective"), r"activation_checkpointing_policy='selective' is "
                                                                 r"ignored: activation_checkpointing is off"),
+            (dict(compile_backend="aot_eager"), r"compile_backend='aot_eager' is ignored: compile is off \(--compile"),
             (dict(mode="full", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='full' has no "
                                                         "resets"),
             (dict(mode="lora", restart_warmup_steps=5), r"restart_warmup_steps=5 is ignored: mode='lora' has no "

@@ -49,7 +49,7 @@ def use_path(path: str) -> None:
 def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, device: str = "cuda",
         interleave: list[str] | None = None, dtype: str | None = None, quantize: str | None = None,
         loss_chunk_size: int = 0, activation_checkpointing: bool | str = False,
-        path: str | None = None, compile_layers: bool = False) -> dict | list[dict]:
+        path: str | None = None, compile_layers: bool = False, compile_backend: str = "inductor") -> dict | list[dict]:
     """Time ``steps`` training steps after 3 warm-up steps on ``path`` (None: the environment as it is).
     ``interleave``: alternate these paths step by step on one model and batch (cancels a shared machine's
     drift); returns one row per path. ``activation_checkpointing``: False, True or "full" (every layer recomputed
@@ -73,7 +73,7 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
     if activation_checkpointing:
         model.gradient_checkpointing_enable(policy="full" if activation_checkpointing is True else activation_checkpointing)
     if compile_layers:
-        model.compile_layers()  # compiled in the warm-up steps
+        model.compile_layers(backend=compile_backend)  # compiled in the warm-up steps
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     batch = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), device=device)
@@ -108,6 +108,7 @@ def one(preset: str, micro_batch: int, seq_len: int, steps: int, rank: int, devi
                      "interleaved": interleave is not None, "dtype": str(dt).replace("torch.", ""),
                      "base": quantize or "float", "loss_chunk_size": loss_chunk_size,
                      "activation_checkpointing": activation_checkpointing, "compile": compile_layers,
+                     "compile_backend": compile_backend if compile_layers else None,
                      "micro_batch": micro_batch, "seq_len": seq_len,
                      "rank": rank, "step_ms": 1000 * t, "tokens_per_s": micro_batch * seq_len / t,
                      "model_tflops": tflops, "mfu": tflops / peak if peak else float("nan"),
@@ -140,6 +141,8 @@ def main() -> None:
                     help="with --activation-checkpointing: gradient_checkpointing_enable(policy=...)")
     ap.add_argument("--compile", action="store_true", help="model.compile_layers() (torch.compile of each decoder "
                     "layer, the trainer's --compile), compiled during the warm-up steps")
+    ap.add_argument("--compile-backend", default="inductor", help="with --compile: torch.compile's backend (the "
+                    "trainer's --compile-backend)")
     ap.add_argument("--paths", nargs="+", default=None, choices=tuple(PATH_ENV),
                     help="default: reference torch torch_merged triton (on cpu without triton, which runs there "
                     "only under TRITON_INTERPRET=1)")
@@ -150,12 +153,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.activation_checkpointing_policy != "full" and not args.activation_checkpointing:
         ap.error("--activation-checkpointing-policy needs --activation-checkpointing")
+    if args.compile_backend != "inductor" and not args.compile:
+        ap.error("--compile-backend needs --compile")
     if args.one:
         print(json.dumps(one(args.one, args.micro_batch, args.seq_len, args.steps, args.rank, args.device,
                              args.paths if args.interleave else None, args.dtype, args.quantize,
                              args.loss_chunk_size[0],
                              args.activation_checkpointing and args.activation_checkpointing_policy,
-                             None if args.interleave or not args.paths else args.paths[0], args.compile)))
+                             None if args.interleave or not args.paths else args.paths[0], args.compile,
+                             args.compile_backend)))
         return
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -182,7 +188,7 @@ def main() -> None:
                 ["--loss-chunk-size", str(chunk)] + \
                 (["--activation-checkpointing", "--activation-checkpointing-policy",
                   args.activation_checkpointing_policy] if args.activation_checkpointing else []) + \
-                (["--compile"] if args.compile else [])
+                (["--compile", "--compile-backend", args.compile_backend] if args.compile else [])
             # stdout is the row; stderr streams through, so a run killed at a time limit still shows its progress
             proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
             if proc.returncode:

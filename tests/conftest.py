@@ -8,15 +8,21 @@ _shm_before: set[str] = set()
 
 # scripts/test.sh runs the suite on pytest-xdist workers, a whole file per worker (--dist loadfile: a file's
 # module fixtures are built once). Files are handed out in collection order, so the longest go first (by
-# `pytest --durations` on 2 cores, 2026-12-01); one started last would run alone at the end.
-_HEAVY_FIRST = ("test_trainer_resume.py", "test_trainer_resume_layouts.py", "test_nvme_offload.py",
-                "test_cluster_slurm.py", "test_trainer.py",
-                "test_trainer_steps.py",
-                "test_demo.py", "test_memory_table.py", "test_model_families_trainer.py", "test_int8_trainer.py", "test_compile.py",
-                "test_zero_reset.py", "test_distributed.py", "test_kernel_scripts.py", "test_int8_zero.py")
+# `pytest --durations=0` on 2 cores, 2026-12-06; test_kernels_compile.py also installs the GPU image's Triton
+# on a fresh machine); one started last would run alone at the end, so every file over ~20 s is named here.
+_HEAVY_FIRST = ("test_trainer_resume_layouts.py", "test_trainer_resume.py", "test_nvme_offload.py",
+                "test_compile.py", "test_trainer.py", "test_cluster_slurm.py", "test_kernels_compile.py",
+                "test_demo.py", "test_kernel_scripts.py", "test_memory_table.py", "test_hf_trainer.py",
+                "test_zero_init.py", "test_kernels.py", "test_warm_start_from.py", "test_distributed.py",
+                "test_memory_runs.py", "test_evaluate.py", "test_checkpointing.py", "test_model_families_trainer.py",
+                "test_trainer_steps.py", "test_zero_reset.py", "test_bench_comm.py", "test_int8_trainer.py",
+                "test_update_rank.py", "test_kernel_ops.py", "test_fsdp.py")
 
 
 def pytest_collection_modifyitems(config, items):
+    gone = [name for name in _HEAVY_FIRST if not os.path.isfile(os.path.join(os.path.dirname(__file__), name))]
+    if gone:  # a renamed file would drop out of the order unseen
+        raise pytest.UsageError(f"tests/conftest.py _HEAVY_FIRST names files that do not exist: {gone}")
     order = {name: i for i, name in enumerate(_HEAVY_FIRST)}
     items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: the rest keep their order
 

@@ -149,7 +149,8 @@ def test_compiled_layers_on_the_triton_path_call_the_kernels_as_ops(fresh_dynamo
                                                                      backend, policy):
     """RELORA_KERNELS=triton (Triton's interpreter here), float and int8 bases: traced, the layer launches through
     its two registered ops (relora_kernels.linear.FORWARD_OP, BACKWARD_OP), so a decoder layer stays one graph with
-    no break, and the compiled model has the eager model's loss and gradients. The ops run inside the compiled
+    no break, and the compiled model has the eager model's loss and gradients (on the reference path: the
+    kernels' torch twin, which they match, tests/test_kernels.py). The ops run inside the compiled
     code: one forward and one backward launch per LoRA layer and step, also under the selective policy (its
     forward kept, not recomputed: with the checkpoint inside the compiled function, AOTAutograd's min-cut
     partitioner, aot_eager's and inductor's, applies the policy to the op). inductor for the float base (its
@@ -162,7 +163,9 @@ def test_compiled_layers_on_the_triton_path_call_the_kernels_as_ops(fresh_dynamo
     compiled = copy.deepcopy(eager)
     compiled.compile_layers(backend=backend)
     batch = _batch(eager.config.vocab_size, rows=1)  # 32 tokens: one block of the interpreter's GEMM tiles
-    want = _step(eager, batch)
+    with monkeypatch.context() as m:  # the oracle on the pure-torch reference twin (one interpreted step less)
+        m.setenv("RELORA_KERNELS", "reference")
+        want = _step(eager, batch)
     calls = count_layer_launches(monkeypatch)
     _close(want, _step(compiled, batch), 2e-5)
     stats = compile_stats()

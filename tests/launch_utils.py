@@ -54,7 +54,6 @@ def launch_env() -> dict:
     return env
 
 
-
 def clean_env(**extra) -> dict:
     """This process's environment without a launcher's or SLURM's variables (a run here is nobody's rank),
     with ``extra`` set."""
@@ -68,6 +67,7 @@ def run_tool(*cmd, env=None) -> subprocess.CompletedProcess:
     """``cmd`` from the repository root, in ``env`` (default clean_env()), its output captured."""
     return subprocess.run(list(map(str, cmd)), cwd=ROOT, env=env or clean_env(), capture_output=True, text=True,
                           timeout=120)
+
 
 def _check(cmd, proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     if proc.returncode != 0:

@@ -197,8 +197,10 @@ def test_compile_needs_a_working_compiler():
         check_compile(SimpleNamespace(compile=True, compile_backend="aot_eager"), cuda=False)  # builds no C++
     check_compile(cfg, cuda=False)  # the compiler is back
     with pytest.raises(ValueError, match=r"compile: compile_backend='inductr' is not one of torch's backends: "
-                                         r"aot_eager, .*inductor.*; or train without --compile"):
+                                         r"aot_eager, .*inductor.*; or train without --compile") as refused:
         check_compile(SimpleNamespace(compile=True, compile_backend="inductr"), cuda=False)
+    assert "TESTING_ONLY" not in str(refused.value)  # torch's own test doubles are not offered
+    check_compile(SimpleNamespace(compile=True, compile_backend="aot_eager_decomp_partition"), cuda=False)
     # On a GPU inductor writes Triton: its package is what is asked for.
     import importlib.util
 

@@ -143,13 +143,15 @@ def agree_on_master_port() -> str | None:
 
 def init_distributed(**kwargs) -> None:
     """``deepspeed.init_distributed(**kwargs)``, then release the shared-memory segment it leaks on CPU. Also
-    spares the rank DeepSpeed's import of torch's compiler (relora_ds/ds_patches.py, item 5)."""
+    spares the rank DeepSpeed's import of torch's compiler and its repeated CPU queries (relora_ds/ds_patches.py,
+    items 5 and 7)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from .ds_patches import import_muon_compiling_on_first_call
+    from .ds_patches import import_muon_compiling_on_first_call, memoize_cpu_info
 
     import_muon_compiling_on_first_call()
+    memoize_cpu_info()
     accelerator = get_accelerator()
     # Before DeepSpeed's init, which passes device_id=cuda:LOCAL_RANK to torch (its own, less helpful error).
     if accelerator.device_name() == "cuda" and "LOCAL_RANK" in os.environ:

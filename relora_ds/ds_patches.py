@@ -2,7 +2,8 @@
 ``deepspeed.initialize`` (the trainer does, for a config with anything on nvme). With them, the optimizer and
 the parameters on NVMe train and reset bit for bit as with host offload, and a checkpoint of parameters on
 NVMe, and of the optimizer on NVMe, resumes exactly (tests/test_nvme_offload.py).
-Also here: ``release_engine``, for an engine replaced by another in the same process (item 4).
+Also here: ``release_engine``, for an engine replaced by another in the same process (item 4), and two
+savings in every rank's start-up (items 5 and 7).
 
 1. The optimizer offloaded to NVMe trains on wrong gradients without a word.
 
@@ -68,6 +69,13 @@ folder nor skips those files. A universal checkpoint (a resume on another number
 way (DeepSpeed's copied into the swapped sub-groups' empty placeholders: "start (0) + length (16500) exceeds
 dimension size (0)"). The copies cost host memory for the optimizer's state while the checkpoint is written:
 small with ReLoRA, whose optimizer holds the LoRA factors, embeddings and norms.
+
+7. Every ``DeepSpeedCPUAdam`` (the offloaded optimizer; two a run with a warm start) and the first load of a
+DeepSpeed op (twice: ``-march`` and the SIMD width) ask py-cpuinfo, whose ``get_cpu_info`` starts a Python
+subprocess each time (~0.9 s of CPU each, measured on this project's 2-core machine: 3 of a rank's 5 s of
+start-up in a run with the optimizer offloaded). The answer does not change while the process lives:
+``memoize_cpu_info`` (called by ``relora_ds.distributed.init_distributed`` on every rank) keeps the first
+one and hands each caller its own copy.
 """
 from __future__ import annotations
 
@@ -372,6 +380,29 @@ def import_muon_compiling_on_first_call() -> None:
         importlib.import_module("deepspeed.runtime.zero.muon.muon_optimizer")
     finally:
         torch.compile = compile_now
+
+
+def memoize_cpu_info() -> None:
+    """Item 7: ``cpuinfo.get_cpu_info`` answers from the first call's result, a deep copy each time (a caller
+    may change its dict). A failed query (py-cpuinfo's ``{}``) is not kept: the next call asks again. Nothing
+    where py-cpuinfo is missing (DeepSpeed then reads ``lscpu``). A second call wraps the first's wrapper,
+    which answers without asking."""
+    import copy
+    import functools
+
+    try:
+        import cpuinfo
+    except ImportError:
+        return
+    ask = cpuinfo.get_cpu_info
+    kept = {}
+
+    @functools.wraps(ask)
+    def get_cpu_info():
+        if not kept:
+            kept.update(ask())
+        return copy.deepcopy(kept)
+    cpuinfo.get_cpu_info = get_cpu_info
 
 
 def release_engine(engine) -> None:

@@ -4,7 +4,7 @@ import subprocess
 import sys
 import textwrap
 
-from launch_utils import ROOT, launch_env
+from launch_utils import ROOT, free_port, launch_env
 
 
 def _run(code: str) -> str:
@@ -49,6 +49,41 @@ def test_deepspeeds_muon_module_compiles_on_first_call_not_at_import():
         print(loaded, len(compiled), compiled[0] is plain, torch.equal(first, plain(g, 5)), torch.equal(second, first))
     """)
     assert out == "False 1 True True True"
+
+
+def test_a_rank_asks_py_cpuinfo_once_and_every_caller_gets_its_answer():
+    """py-cpuinfo starts a Python subprocess per query (~0.9 s of CPU); DeepSpeed asked 4 times on each rank of
+    a run with the optimizer offloaded (relora_ds/ds_patches.py, item 7). After the rank's init_distributed:
+    two DeepSpeedCPUAdams and the op's first load, one query in all; each caller gets py-cpuinfo's own answer
+    (the oracle: its query before the patch) as a dict of its own, and a failed query ({}) is not kept."""
+    out = _run("""
+        import os, subprocess, torch
+        asked = []
+
+        class Counting(subprocess.Popen):
+            def __init__(self, args, *a, **kw):
+                asked.extend(["cpuinfo"] if any("cpuinfo" in str(x) for x in args) else [])
+                super().__init__(args, *a, **kw)
+        subprocess.Popen = Counting
+        import cpuinfo
+        truth = cpuinfo.get_cpu_info()
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT="THE_PORT")
+        from relora_ds.distributed import init_distributed
+        init_distributed(dist_backend="gloo")
+        real_json = cpuinfo.cpuinfo.get_cpu_info_json
+        cpuinfo.cpuinfo.get_cpu_info_json = lambda: "{}"  # this query fails, as py-cpuinfo reports it
+        failed = cpuinfo.get_cpu_info()
+        cpuinfo.cpuinfo.get_cpu_info_json = real_json
+        before = len(asked)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        w = torch.nn.Parameter(torch.ones(4))
+        DeepSpeedCPUAdam([w]), DeepSpeedCPUAdam([w])
+        mine = cpuinfo.get_cpu_info()
+        mine["flags"].clear()
+        print(failed, before, len(asked), cpuinfo.get_cpu_info() == truth, bool(truth.get("flags")))
+    """.replace("THE_PORT", str(free_port())))
+    assert out == "{} 1 2 True True"
 
 
 def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels_package(tmp_path):

@@ -72,8 +72,9 @@ small with ReLoRA, whose optimizer holds the LoRA factors, embeddings and norms.
 
 7. Every ``DeepSpeedCPUAdam`` (the offloaded optimizer; two a run with a warm start) and the first load of a
 DeepSpeed op (twice: ``-march`` and the SIMD width) ask py-cpuinfo, whose ``get_cpu_info`` starts a Python
-subprocess each time (~0.9 s of CPU each, measured on this project's 2-core machine: 3 of a rank's 5 s of
-start-up in a run with the optimizer offloaded). The answer does not change while the process lives:
+subprocess each time (~0.9 s of CPU each, measured on this project's 2-core machine: a one-rank, 12-step run
+of the tests' recipe with the optimizer offloaded took 8.0-8.6 s of user CPU with 4 queries, 5.7-6.0 s with
+one). The answer does not change while the process lives:
 ``memoize_cpu_info`` (called by ``relora_ds.distributed.init_distributed`` on every rank) keeps the first
 one and hands each caller its own copy.
 """

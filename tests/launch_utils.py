@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import forked_python
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -54,6 +56,9 @@ def launch_env() -> dict:
     return env
 
 
+forked_python.use_environment(launch_env())  # this session's, as the tests import this module
+
+
 def clean_env(**extra) -> dict:
     """This process's environment without a launcher's or SLURM's variables (a run here is nobody's rank),
     with ``extra`` set."""
@@ -83,6 +88,8 @@ def run_ranks(script, *args, nprocs: int = 2, timeout: int = 600, cwd=ROOT, mast
     WORLD_SIZE, LOCAL_SIZE, CROSS_RANK/SIZE, MASTER_ADDR/PORT set), the ranks share one stdout and one stderr
     as they share the launcher's, and the first rank to fail ends the run with its exit status after the
     others are terminated, as the launcher does (it polls once a second: they get that second to report).
+    Each rank is a fork of this process's preloaded interpreter where the environment allows
+    (start_python: tests/forked_python.py), ~3 s of imports less a rank.
     The launcher's two Python start-ups and its polling cost ~5 s a run; the tests of the launchers
     themselves (tests/test_distributed.py, tests/test_cluster_*.py, the conftest reference run) use them."""
     port = master_port or free_port()
@@ -91,8 +98,8 @@ def run_ranks(script, *args, nprocs: int = 2, timeout: int = 600, cwd=ROOT, mast
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(nprocs)))}
     cmd = [sys.executable, "-u", str(script), *map(str, args)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        procs = [subprocess.Popen([*cmd[:3], f"--local_rank={r}", *cmd[3:]], cwd=cwd, stdout=out, stderr=err,
-                                  env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
+        procs = [start_python(script, [f"--local_rank={r}", *cmd[3:]], cwd=cwd, stdout=out, stderr=err,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
                  for r in range(nprocs)]
         deadline, failed = time.monotonic() + timeout, None
         try:
@@ -120,6 +127,31 @@ def run_ranks(script, *args, nprocs: int = 2, timeout: int = 600, cwd=ROOT, mast
         out.seek(0), err.seek(0)
         proc = subprocess.CompletedProcess(cmd, failed.returncode if failed else 0, out.read(), err.read())
     return _check(cmd, proc) if check else proc
+
+
+def start_python(script, args, *, env: dict, **kwargs):
+    """``python -u script args`` started: as a fork of the tests' preloaded interpreter where its environment
+    allows (tests/forked_python.py), else as a subprocess. kwargs: subprocess.Popen's cwd, stdout, stderr
+    (files) and start_new_session."""
+    if forked_python.forkable(env):
+        return forked_python.ForkedPython(script, args, env=env, **kwargs)
+    return subprocess.Popen([sys.executable, "-u", str(script), *map(str, args)], env=env, **kwargs)
+
+
+def run_python(script, *args, env: dict, cwd=ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``subprocess.run([python, -u, script, *args], capture_output=True, text=True)`` through start_python;
+    a timeout kills its whole session, as run_group's does."""
+    cmd = [sys.executable, "-u", str(script), *map(str, args)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = start_python(script, args, env=env, cwd=cwd, stdout=out, stderr=err, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
 
 
 def run_group(cmd, timeout: int, **kwargs) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from launch_utils import ROOT, free_port, launch_env, run_deepspeed, run_ranks
+from launch_utils import ROOT, free_port, launch_env, run_deepspeed, run_python, run_ranks
 
 FP32_ZERO2 = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
 # warm start 2 steps, resets at steps 6 and 10 (cycle 4), 2-step restart warmups.
@@ -45,9 +45,7 @@ def train1(tmp_path, data_dir, *extra, ds=None, check=True, **overrides):
     recipe, ds2 = write(tmp_path, data_dir, **overrides)
     env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", str(recipe), "--deepspeed",
-                           str(ds or ds2), *map(str, extra)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_python(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds or ds2, *extra, env=env)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

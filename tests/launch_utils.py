@@ -138,9 +138,10 @@ def start_python(script, args, *, env: dict, **kwargs):
     return subprocess.Popen([sys.executable, "-u", str(script), *map(str, args)], env=env, **kwargs)
 
 
-def run_python(script, *args, env: dict, cwd=ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_python(script, *args, env: dict, cwd=ROOT, timeout: int = 600, check: bool = False
+               ) -> subprocess.CompletedProcess:
     """``subprocess.run([python, -u, script, *args], capture_output=True, text=True)`` through start_python;
-    a timeout kills its whole session, as run_group's does."""
+    a timeout kills its whole session, as run_group's does; ``check``: a failure raises with its output."""
     cmd = [sys.executable, "-u", str(script), *map(str, args)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = start_python(script, args, env=env, cwd=cwd, stdout=out, stderr=err, start_new_session=True)
@@ -151,7 +152,8 @@ def run_python(script, *args, env: dict, cwd=ROOT, timeout: int = 600) -> subpro
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         out.seek(0), err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    return _check(cmd, done) if check else done
 
 
 def run_group(cmd, timeout: int, **kwargs) -> subprocess.CompletedProcess:

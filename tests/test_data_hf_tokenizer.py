@@ -216,10 +216,8 @@ def test_continued_pretraining_on_hugging_face_tokens_exports_the_models_tokeniz
     the export carries the model's tokenizer files, and launch/export.py finds the run's tokenizer.json
     through its data dir (an export without `like` copies it too)."""
     import os
-    import subprocess
-    import sys
 
-    from launch_utils import ROOT, launch_env
+    from launch_utils import ROOT, launch_env, run_python
     from trainer_utils import read_losses, train1
 
     path, docs = corpus
@@ -236,23 +234,21 @@ def test_continued_pretraining_on_hugging_face_tokens_exports_the_models_tokeniz
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (hf / name).read_bytes() == (model / name).read_bytes(), name
     assert json.loads((hf / "config.json").read_text())["eos_token_id"] == open_tokenizer(model).eos_id
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(tmp_path / "run"), "--out",
-                           str(tmp_path / "exported")], capture_output=True, text=True, env=launch_env(), cwd=tmp_path)
+    proc = run_python(ROOT / "launch/export.py", tmp_path / "run", "--out", tmp_path / "exported", env=launch_env(),
+                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     relora_ds.export_hf(relora_ds.load_hf(tmp_path / "exported"), tmp_path / "plain", tokenizer=data / "tokenizer.json")
     theirs = transformers.AutoTokenizer.from_pretrained(toks["llama3"])
     for out in ("exported", "plain"):
         tok = transformers.AutoTokenizer.from_pretrained(tmp_path / out)
         assert tok(docs[0])["input_ids"] == theirs(docs[0])["input_ids"] and tok.eos_token_id == theirs.eos_token_id
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(tmp_path / "run"), "--out",
-                           str(tmp_path / "e2"), "--tokenizer", str(toks["qwen"])], capture_output=True, text=True,
-                          env=launch_env())
+    proc = run_python(ROOT / "launch/export.py", tmp_path / "run", "--out", tmp_path / "e2", "--tokenizer",
+                      toks["qwen"], env=launch_env())
     assert proc.returncode == 2 and "qwen/tokenizer.json is not the tokenizer" in proc.stderr, proc.stderr[-2000:]
     # --out the model the run started from: one error line (a review found two tracebacks and a retry that
     # blamed the tokenizer), the source untouched
     before = {p.name: p.read_bytes() for p in model.iterdir()}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(tmp_path / "run"), "--out",
-                           str(model)], capture_output=True, text=True, env=launch_env())
+    proc = run_python(ROOT / "launch/export.py", tmp_path / "run", "--out", model, env=launch_env())
     assert proc.returncode == 2 and "is the directory the model was loaded from" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and {p.name: p.read_bytes() for p in model.iterdir()} == before
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch_utils import ROOT, free_port, launch_env, run_deepspeed
+from launch_utils import ROOT, free_port, launch_env, run_deepspeed, run_python
 
 SHORT = ["--total-steps", "50", "--warm-start-steps", "14", "--cycle-length", "12", "--restart-warmup-steps", "4",
          "--warmup-steps", "7", "--eval-every", "25", "--eval-windows", "32", "--save-every", "25",
@@ -114,8 +114,7 @@ def test_demo_help_prints_usage_and_launches_nothing():
 def _python_train(*args):
     env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
-    return subprocess.run([sys.executable, str(ROOT / "launch/train.py"), *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_python(ROOT / "launch/train.py", *args, env=env, timeout=300)
 
 
 def test_resume_with_another_model_is_a_clear_error(demo_run, tmp_path):
@@ -143,8 +142,8 @@ def test_export_any_checkpoint_offline(demo_run, tmp_path):
     import transformers
 
     for tag in ("step_25", "step_50"):
-        subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(demo_run / "checkpoints"), "--tag", tag,
-                        "--out", str(tmp_path / tag)], check=True, capture_output=True, env=launch_env())
+        run_python(ROOT / "launch/export.py", demo_run / "checkpoints", "--tag", tag, "--out", tmp_path / tag,
+                   env=launch_env(), check=True)
     final = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "step_50").eval()
     trainer_export = transformers.LlamaForCausalLM.from_pretrained(demo_run / "hf").eval()
     mid = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "step_25").eval()
@@ -162,8 +161,7 @@ def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path
 
     run = tmp_path / "run"
     shutil.copytree(demo_run / "checkpoints", run / "checkpoints")
-    export = lambda *a: subprocess.run([sys.executable, str(ROOT / "launch/export.py"), *map(str, a)],  # noqa: E731
-                                       capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    export = lambda *a: run_python(ROOT / "launch/export.py", *a, env=launch_env())  # noqa: E731
     proc = export(run, "--tag", "step_50", "--out", tmp_path / "hf", "--no-tokenizer")
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = export(run / "checkpoints" / "step_50", "--out", tmp_path / "hf2", "--no-tokenizer")  # one checkpoint's dir
@@ -244,8 +242,7 @@ def test_export_refuses_a_tokenizer_the_run_was_not_trained_with(demo_run, tmp_p
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto, vocab_size=100, minloglevel=2)
     other = tmp_path / "other.model"
     other.write_bytes(proto.getvalue())
-    export = lambda *a: subprocess.run([sys.executable, str(ROOT / "launch/export.py"), *map(str, a)],  # noqa: E731
-                                       capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    export = lambda *a: run_python(ROOT / "launch/export.py", *a, env=launch_env())  # noqa: E731
     proc = export(demo_run / "checkpoints", "--tag", "step_50", "--out", tmp_path / "hf", "--tokenizer", other)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{other} is not the tokenizer" in proc.stderr

@@ -265,17 +265,13 @@ def test_the_trainer_masks_documents_in_training_and_validation(tmp_path, small_
     # Its export (launch/export.py, the checkpoint's path; the trainer's records the same progress) records the
     # masking, and launch/evaluate.py evaluates as the run did (it evaluated unmasked before).
     import json
-    import subprocess
-    import sys
 
-    from launch_utils import ROOT, launch_env
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(run / "checkpoints"), "--out",
-                           str(tmp_path / "hf")], capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    from launch_utils import ROOT, launch_env, run_python
+    proc = run_python(ROOT / "launch/export.py", run / "checkpoints", "--out", tmp_path / "hf", env=launch_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "hf" / "relora_ds_progress.json").read_text())["document_masking"] is True
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), str(tmp_path / "hf"), "--data-dir",
-                           str(small_data_dir), "--seq-len", "32", "--windows", "16", "--dtype", "float32"],
-                          capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    proc = run_python(ROOT / "launch/evaluate.py", tmp_path / "hf", "--data-dir", small_data_dir, "--seq-len", "32",
+                      "--windows", "16", "--dtype", "float32", env=launch_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.splitlines()[-1])["loss"] == pytest.approx(logged, rel=1e-4)
 

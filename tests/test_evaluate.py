@@ -172,13 +172,11 @@ def test_evaluate_script_equals_transformers_on_a_data_dir_and_a_mixture(tmp_pat
     import json
     import math
     import re
-    import subprocess
-    import sys
 
     import torch
     import transformers
 
-    from launch_utils import ROOT, launch_env
+    from launch_utils import ROOT, launch_env, run_python
     from relora_ds import LlamaConfig, LlamaForCausalLM
     from relora_ds.data import PackedTokens, make_mixture
     from relora_ds.hf import export_hf
@@ -197,9 +195,8 @@ def test_evaluate_script_equals_transformers_on_a_data_dir_and_a_mixture(tmp_pat
             return [hf(w[None], labels=w[None]).loss.item() for w in val.get_batch(positions)]
 
     def run(data_dir, *extra):
-        proc = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), str(tmp_path / "hf"), "--data-dir",
-                               str(data_dir), "--seq-len", "32", "--micro-batch-size", "3", *extra],
-                              capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+        proc = run_python(ROOT / "launch/evaluate.py", tmp_path / "hf", "--data-dir", data_dir, "--seq-len", "32",
+                          "--micro-batch-size", "3", *extra, env=launch_env())
         return proc, (json.loads(proc.stdout.splitlines()[-1]) if proc.returncode == 0 else None)
 
     proc, got = run(a, "--windows", "10")
@@ -250,14 +247,12 @@ def test_evaluate_script_masks_documents_as_the_run_trained(tmp_path):
     transformers' LlamaForCausalLM run on each document of a window alone (RoPE is relative: alone, a document
     gets the logits the mask gives it inside the window), the window's loss over those logits."""
     import json
-    import subprocess
-    import sys
 
     import numpy as np
     import torch
     import transformers
 
-    from launch_utils import ROOT, launch_env
+    from launch_utils import ROOT, launch_env, run_python
     from relora_ds import LlamaConfig, LlamaForCausalLM
     from relora_ds.hf import PROGRESS_FILE, export_hf
     from trainer_utils import packed_data_dir
@@ -284,9 +279,8 @@ def test_evaluate_script_masks_documents_as_the_run_trained(tmp_path):
         return sum(losses) / 4
 
     def run(*extra):
-        proc = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), str(tmp_path / "hf"), "--data-dir",
-                               str(data), "--seq-len", "32", *extra], capture_output=True, text=True,
-                              env=launch_env(), cwd=ROOT)
+        proc = run_python(ROOT / "launch/evaluate.py", tmp_path / "hf", "--data-dir", data, "--seq-len", "32", *extra,
+                          env=launch_env())
         assert proc.returncode == 0, proc.stderr[-2000:]
         return json.loads(proc.stdout.splitlines()[-1])
 
@@ -295,8 +289,8 @@ def test_evaluate_script_masks_documents_as_the_run_trained(tmp_path):
     got = run()  # an export without the record (another tool's): unmasked
     assert not got["document_masking"] and got["loss"] == pytest.approx(plain, rel=1e-5)
     (tmp_path / "hf" / PROGRESS_FILE).write_text(json.dumps({"step": 4}))  # an export from before the record
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/evaluate.py"), str(tmp_path / "hf"), "--data-dir",
-                           str(data), "--seq-len", "32"], capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+    proc = run_python(ROOT / "launch/evaluate.py", tmp_path / "hf", "--data-dir", data, "--seq-len", "32",
+                      env=launch_env())
     assert proc.returncode == 0 and "predates the record of --document-masking" in proc.stderr, proc.stderr[-2000:]
     assert json.loads(proc.stdout.splitlines()[-1])["loss"] == pytest.approx(plain, rel=1e-5)
     (tmp_path / "hf" / PROGRESS_FILE).write_text(json.dumps({"document_masking": True}))

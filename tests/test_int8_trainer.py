@@ -1,15 +1,13 @@
 """The trainer with ``--quantize int8``: 2 ranks, ZeRO-2 bf16 (the shipped config), warm-start switch,
 two resets, checkpoints holding the int8 buffers, and an export that loads in transformers."""
 import json
-import subprocess
-import sys
 
 import torch
 import yaml
 
 import relora_kernels as rk
 
-from launch_utils import ROOT, launch_env, run_ranks
+from launch_utils import ROOT, launch_env, run_python, run_ranks
 
 RECIPE = dict(model="debug", seq_len=32, mode="relora", rank=4, alpha=8, warm_start_steps=2, cycle_length=4,
               restart_warmup_steps=2, warmup_steps=2, total_steps=12, lr=3e-3, micro_batch_size=4,
@@ -44,8 +42,8 @@ def test_int8_trainer_zero2_resets_checkpoint_export(tmp_path, small_data_dir):
     assert (got - want).abs().max() < 2e-3 * want.abs().max()
     assert losses[12] < losses[1]
     # launch/export.py rebuilds the int8 layers from the checkpoint alone: the same weights as the trainer's.
-    subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(tmp_path / "run" / "checkpoints"),
-                    "--out", str(tmp_path / "exported")], check=True, capture_output=True, env=launch_env())
+    run_python(ROOT / "launch/export.py", tmp_path / "run" / "checkpoints", "--out", tmp_path / "exported",
+               env=launch_env(), check=True)
     offline = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
     assert offline.keys() == hf.state_dict().keys()
     assert all(torch.equal(offline[k], v) for k, v in hf.state_dict().items())
@@ -71,8 +69,8 @@ def test_int8_trainer_zero3_partitions_the_int8_base_and_exports(tmp_path, small
     assert not [r for r in recs if r.get("event") == "warning"]
     losses = {r["step"]: r["loss"] for r in recs if "loss" in r}
     assert losses[12] < losses[1]
-    subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(tmp_path / "run" / "checkpoints"),
-                    "--out", str(tmp_path / "exported")], check=True, capture_output=True, env=launch_env())
+    run_python(ROOT / "launch/export.py", tmp_path / "run" / "checkpoints", "--out", tmp_path / "exported",
+               env=launch_env(), check=True)
     offline = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
     trainer_export = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "run" / "hf").state_dict()
     assert all(torch.equal(offline[k], v) for k, v in trainer_export.items())

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from launch_utils import ROOT, free_port, launch_env, run_group, run_ranks
+from launch_utils import ROOT, free_port, launch_env, run_group, run_python, run_ranks
 from trainer_utils import FP32_ZERO2, RECIPE, export_equals_the_trainers, read_losses, train1, write
 
 def test_two_rank_run_leaves_no_shared_memory_behind(uninterrupted_run):
@@ -238,9 +238,8 @@ def test_the_full_rank_engine_is_freed_before_the_relora_engine_is_built(tmp_pat
     references at the second deepspeed.initialize (one process). And the parameters trained full-rank on both
     sides (embeddings, norms, head) keep their fp32 masters bit for bit: deepspeed.initialize built the new
     masters from the bf16 copies, rounding away e.g. norm updates below 2e-3 (a review's find)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/dist/switch_worker.py"), str(tmp_path / "run"),
-                           str(small_data_dir), str(ROOT / f"ds_configs/{ds}.json")],
-                          env=launch_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = run_python(ROOT / "tests/dist/switch_worker.py", tmp_path / "run", small_data_dir,
+                      ROOT / f"ds_configs/{ds}.json", env=launch_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("ALIVE_AT_BUILD"))
     # first build: nothing before it; second (the switch): the full-rank engine and its optimizer, both gone
@@ -318,10 +317,9 @@ def test_bad_lora_setting_fails_before_the_warm_start(tmp_path, small_data_dir, 
     traceback at the switch after the warm start."""
     env = {**launch_env(), "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
            "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--model", "debug", "--data-dir",
-                           str(small_data_dir), "--cycle-length", "4", "--warm-start-steps", "2", "--total-steps", "8",
-                           "--warmup-steps", "2", *bad, "--output-dir", str(tmp_path / "run")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_python(ROOT / "launch/train.py", "--model", "debug", "--data-dir", small_data_dir, "--cycle-length", "4",
+                      "--warm-start-steps", "2", "--total-steps", "8", "--warmup-steps", "2", *bad, "--output-dir",
+                      tmp_path / "run", env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -373,11 +371,9 @@ def test_a_wrong_deepspeed_path_fails_before_the_process_group(tmp_path):
     (which would have created the output directory)."""
     env = {**launch_env(), "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
            "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--model", "debug", "--cycle-length", "4",
-                           "--restart-warmup-steps", "2", "--total-steps", "8", "--warmup-steps", "2",
-                           "--output-dir", str(tmp_path / "run"),
-                           "--deepspeed", str(tmp_path / "zero2.jsn")], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_python(ROOT / "launch/train.py", "--model", "debug", "--cycle-length", "4", "--restart-warmup-steps",
+                      "2", "--total-steps", "8", "--warmup-steps", "2", "--output-dir", tmp_path / "run",
+                      "--deepspeed", tmp_path / "zero2.jsn", env=env, timeout=300)
     assert proc.returncode == 2
     assert f"error: --deepspeed {tmp_path / 'zero2.jsn'}: no such file (configs ship in ds_configs/)" in proc.stderr
     assert not (tmp_path / "run").exists()

@@ -2,12 +2,11 @@
 ReLoRA's merges of rank r add up to a rank above r). Oracle: K merges of random rank-r factors through
 relora_ds's own merge give an update of rank K·r in every ReLoRA layer, and none elsewhere (by hand)."""
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
-from launch_utils import ROOT, launch_env
+from launch_utils import ROOT, launch_env, run_python
 
 import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM
@@ -68,15 +67,13 @@ def test_the_update_rank_numbers_are_the_singular_values_by_hand():
 
 def test_the_command_prints_each_kind_and_writes_json(tmp_path):
     _merged_k_times(tmp_path, 2)
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/update_rank.py"), str(tmp_path / "a"),
-                           str(tmp_path / "b"), "--json", str(tmp_path / "new" / "r.json")], env=launch_env(),
-                          capture_output=True, text=True, check=True)  # its folder made (it was a traceback)
+    proc = run_python(ROOT / "launch/update_rank.py", tmp_path / "a", tmp_path / "b", "--json",
+                      tmp_path / "new" / "r.json", env=launch_env(), check=True)  # its folder made (it was a traceback)
     q = next(line.split() for line in proc.stdout.splitlines() if line.startswith("q_proj"))
     assert q[1] == "32x32" and float(q[2]) == 4.0
     saved = json.loads((tmp_path / "new" / "r.json").read_text())["matrices"]
     assert saved["model.layers.0.mlp.up_proj.weight"]["rank"] == 4
-    bad = subprocess.run([sys.executable, str(ROOT / "launch/update_rank.py"), str(tmp_path / "a"),
-                          str(tmp_path / "nothing")], env=launch_env(), capture_output=True, text=True)
+    bad = run_python(ROOT / "launch/update_rank.py", tmp_path / "a", tmp_path / "nothing", env=launch_env())
     assert bad.returncode == 2 and "is not a directory" in bad.stderr
 
 
@@ -122,8 +119,7 @@ def test_a_rounding_base_is_told_apart_from_what_the_merges_add(tmp_path, base):
     assert len(per_layer) == 14
     for name, rec in per_layer.items():
         assert rec["rank"] > 24 and rec["bound"] == 12 and rec["above_rounding"] == 12, (name, rec)
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/update_rank.py"), str(tmp_path / "a"),
-                           str(tmp_path / "b")], env=launch_env(), capture_output=True, text=True, check=True)
+    proc = run_python(ROOT / "launch/update_rank.py", tmp_path / "a", tmp_path / "b", env=launch_env(), check=True)
     assert "warning: 14 matrices" in proc.stderr and "rank above the 12 the merges" in proc.stderr, proc.stderr
     q = next(line.split() for line in proc.stdout.splitlines() if line.startswith("q_proj"))
     assert q[5:] == ["12", "12.0"]
@@ -148,8 +144,7 @@ def test_live_factors_and_a_full_rank_start_count_in_the_bound(tmp_path):
     assert {(r["rank"], r["bound"]) for r in update_rank.compare(tmp_path / "a", tmp_path / "b").values()} == {(6, 6)}
     relora_ds.export_hf(model, tmp_path / "c", token_ids=IDS, dtype=torch.float64)  # no progress: no record
     assert all("bound" not in r for r in update_rank.compare(tmp_path / "a", tmp_path / "c").values())
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/update_rank.py"), str(tmp_path / "a"),
-                           str(tmp_path / "c")], env=launch_env(), capture_output=True, text=True, check=True)
+    proc = run_python(ROOT / "launch/update_rank.py", tmp_path / "a", tmp_path / "c", env=launch_env(), check=True)
     assert f"note: {tmp_path / 'c'}'s merges are not known (no relora_ds_progress.json" in proc.stderr
 
 
@@ -169,8 +164,8 @@ def test_a_runs_exports_record_its_bf16_base_and_merges(tmp_path, small_data_dir
     record = json.loads((run / "hf" / "relora_ds_progress.json").read_text())["relora"]
     assert (record["base_dtype"], record["merges"], record["rank"], record["live"]) == ("bfloat16", 2, 4, False)
     for tag in ("step_2", "step_6"):
-        subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(run / "checkpoints"), "--tag", tag,
-                        "--out", str(tmp_path / tag)], env=launch_env(), check=True, capture_output=True)
+        run_python(ROOT / "launch/export.py", run / "checkpoints", "--tag", tag, "--out", tmp_path / tag,
+                   env=launch_env(), check=True)
     assert "relora" not in json.loads((tmp_path / "step_2" / "relora_ds_progress.json").read_text())  # full rank
     six = json.loads((tmp_path / "step_6" / "relora_ds_progress.json").read_text())["relora"]
     assert {k: six[k] for k in ("base_dtype", "merges", "rank")} == {"base_dtype": "bfloat16", "merges": 1, "rank": 4}

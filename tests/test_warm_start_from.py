@@ -4,11 +4,9 @@ steps after an in-run warm start do; it re-read them from the start before. Orac
 for the steps of both runs in one process."""
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
-from launch_utils import ROOT, launch_env
+from launch_utils import ROOT, launch_env, run_python
 from trainer_utils import RECIPE, read_losses, train1
 
 from relora_ds import checkpoint
@@ -57,8 +55,7 @@ def test_the_relora_run_reads_on_after_the_warm_starts_data(tmp_path, small_data
     event = next(r for r in recs if r.get("event") == "warm_start_data")
     assert event["samples_consumed"] == 3 * GLOBAL and event["warm_start_step"] == 3
     out = tmp_path / "export"
-    subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(warm_start / "checkpoints"), "--out",
-                    str(out)], check=True, env=launch_env(), capture_output=True)
+    run_python(ROOT / "launch/export.py", warm_start / "checkpoints", "--out", out, env=launch_env(), check=True)
     assert json.loads((out / PROGRESS_FILE).read_text()) == progress
 
 

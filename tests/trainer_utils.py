@@ -2,8 +2,6 @@
 launch/train.py on 2 ranks (as the deepspeed launcher starts them) or 1 (plain python), and readers of
 what a run leaves."""
 import json
-import subprocess
-import sys
 
 import yaml
 
@@ -61,8 +59,8 @@ def export_equals_the_trainers(run_dir, tmp_path):
     """launch/export.py on the checkpoints alone gives the weights the trainer exported from its live model."""
     import torch
     import transformers
-    proc = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), str(run_dir / "checkpoints"), "--out",
-                           str(tmp_path / "exported")], capture_output=True, text=True, env=launch_env())
+    proc = run_python(ROOT / "launch/export.py", run_dir / "checkpoints", "--out", tmp_path / "exported",
+                      env=launch_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     offline = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
     live = transformers.LlamaForCausalLM.from_pretrained(run_dir / "hf").state_dict()

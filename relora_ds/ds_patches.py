@@ -75,8 +75,9 @@ DeepSpeed op (twice: ``-march`` and the SIMD width) ask py-cpuinfo, whose ``get_
 subprocess each time (~0.9 s of CPU each, measured on this project's 2-core machine: a one-rank, 12-step run
 of the tests' recipe with the optimizer offloaded took 8.0-8.6 s of user CPU with 4 queries, 5.7-6.0 s with
 one). The answer does not change while the process lives:
-``memoize_cpu_info`` (called by ``relora_ds.distributed.init_distributed`` on every rank) keeps the first
-one and hands each caller its own copy.
+``memoize_cpu_info`` (called by ``relora_ds.distributed.init_distributed`` on every rank, and by
+``relora_ds.hf_trainer.enable_relora`` on a DeepSpeed Trainer's, which accelerate starts, with item 5's) keeps
+the first one and hands each caller its own copy.
 """
 from __future__ import annotations
 

@@ -128,6 +128,14 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
 
     trainer.create_scheduler = create_scheduler
     _save_merged_models(trainer)
+    if trainer.is_deepspeed_enabled:
+        # The start-up savings relora_ds.distributed.init_distributed gives the trainer's ranks, for these, which
+        # accelerate starts (relora_ds/ds_patches.py, items 5 and 7: torch's compiler imported for DeepSpeed's
+        # Muon module; py-cpuinfo asked 3-4 times a rank with the optimizer offloaded, ~0.9 s of CPU each).
+        from .ds_patches import import_muon_compiling_on_first_call, memoize_cpu_info
+
+        import_muon_compiling_on_first_call()
+        memoize_cpu_info()
     callback = ReLoRACallback(trainer, cycle_length, merge_every, prune_method, prune_ratio, prune_joint)
     trainer.add_callback(callback)
     return callback

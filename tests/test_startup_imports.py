@@ -86,6 +86,38 @@ def test_a_rank_asks_py_cpuinfo_once_and_every_caller_gets_its_answer():
     assert out == "{} 1 2 True True"
 
 
+def test_a_deepspeed_trainer_made_a_relora_run_asks_py_cpuinfo_once(tmp_path):
+    """A Hugging Face Trainer's ranks start through accelerate, not relora_ds.distributed.init_distributed:
+    enable_relora installs the same memo on a DeepSpeed Trainer (relora_ds/ds_patches.py, item 7). After it, two
+    DeepSpeedCPUAdams and the op's first load make one py-cpuinfo query in all (counted subprocesses)."""
+    out = _run("""
+        import json, os, subprocess, sys, torch
+        asked = []
+
+        class Counting(subprocess.Popen):
+            def __init__(self, args, *a, **kw):
+                asked.extend(["cpuinfo"] if any("cpuinfo" in str(x) for x in args) else [])
+                super().__init__(args, *a, **kw)
+        subprocess.Popen = Counting
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="THE_PORT")
+        sys.path.insert(0, "tests/dist")
+        import hf_trainer_worker as w
+        from transformers import TrainingArguments
+        from relora_ds.hf_trainer import enable_relora
+        ds = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+        args = TrainingArguments(output_dir="OUT", use_cpu=True, report_to=[], max_steps=2, deepspeed=ds)
+        trainer = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+        enable_relora(trainer, cycle_length=1, restart_warmup_steps=0)
+        before = len(asked)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        p = torch.nn.Parameter(torch.ones(4))
+        DeepSpeedCPUAdam([p]), DeepSpeedCPUAdam([p])
+        print(trainer.is_deepspeed_enabled, len(asked) - before)
+    """.replace("THE_PORT", str(free_port())).replace("OUT", str(tmp_path)))
+    assert out == "True 1"
+
+
 def test_the_kernels_folder_does_not_shadow_hugging_faces_kernels_package(tmp_path):
     """From the repository root (on sys.path for `python -m pytest` and `python -c`), `import kernels` found
     this project's kernels/ folder: transformers >= 5.25 requires Hugging Face's `kernels` package and imports

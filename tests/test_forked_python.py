@@ -60,8 +60,11 @@ def test_a_forked_script_runs_and_exits_as_python_runs_it(tmp_path, mode):
     code or message, a traceback's 1, a signal's), atexit functions and non-daemon threads at the end."""
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    # Without the two variables the preloaded imports set (this process, having imported them, has them set).
-    env = {k: v for k, v in launch_env().items() if k not in ("PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR")}
+    assert forked_python.forkable(launch_env())  # (starts the server)
+    # Without the two variables the preloaded imports set where unset (this process, having imported them, has
+    # them set), unless the server started with them set (the user's TORCHINDUCTOR_CACHE_DIR).
+    env = {k: v for k, v in launch_env().items()
+           if k not in ("PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR") or k in forked_python._server_env}
     env.update(RANK="1", RELORA_PROBE="x")
     assert forked_python.forkable(env)
     forked = _run(forked_python.ForkedPython, script, mode, env)

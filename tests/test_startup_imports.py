@@ -7,6 +7,19 @@ import textwrap
 from launch_utils import ROOT, free_port, launch_env
 
 
+# py-cpuinfo queries a script makes, counted in ``asked`` (each is a subprocess of cpuinfo.py).
+COUNT_CPUINFO_QUERIES = """
+        import subprocess
+        asked = []
+
+        class Counting(subprocess.Popen):
+            def __init__(self, args, *a, **kw):
+                asked.extend(["cpuinfo"] if any("cpuinfo" in str(x) for x in args) else [])
+                super().__init__(args, *a, **kw)
+        subprocess.Popen = Counting
+"""
+
+
 def _run(code: str) -> str:
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=launch_env(),
                           capture_output=True, text=True, timeout=300)
@@ -56,15 +69,8 @@ def test_a_rank_asks_py_cpuinfo_once_and_every_caller_gets_its_answer():
     a run with the optimizer offloaded (relora_ds/ds_patches.py, item 7). After the rank's init_distributed:
     two DeepSpeedCPUAdams and the op's first load, one query in all; each caller gets py-cpuinfo's own answer
     (the oracle: its query before the patch) as a dict of its own, and a failed query ({}) is not kept."""
-    out = _run("""
-        import os, subprocess, torch
-        asked = []
-
-        class Counting(subprocess.Popen):
-            def __init__(self, args, *a, **kw):
-                asked.extend(["cpuinfo"] if any("cpuinfo" in str(x) for x in args) else [])
-                super().__init__(args, *a, **kw)
-        subprocess.Popen = Counting
+    out = _run(COUNT_CPUINFO_QUERIES + """
+        import os, torch
         import cpuinfo
         truth = cpuinfo.get_cpu_info()
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -90,15 +96,8 @@ def test_a_deepspeed_trainer_made_a_relora_run_asks_py_cpuinfo_once(tmp_path):
     """A Hugging Face Trainer's ranks start through accelerate, not relora_ds.distributed.init_distributed:
     enable_relora installs the same memo on a DeepSpeed Trainer (relora_ds/ds_patches.py, item 7). After it, two
     DeepSpeedCPUAdams and the op's first load make one py-cpuinfo query in all (counted subprocesses)."""
-    out = _run("""
-        import json, os, subprocess, sys, torch
-        asked = []
-
-        class Counting(subprocess.Popen):
-            def __init__(self, args, *a, **kw):
-                asked.extend(["cpuinfo"] if any("cpuinfo" in str(x) for x in args) else [])
-                super().__init__(args, *a, **kw)
-        subprocess.Popen = Counting
+    out = _run(COUNT_CPUINFO_QUERIES + """
+        import os, sys, torch
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="THE_PORT")
         sys.path.insert(0, "tests/dist")
         import hf_trainer_worker as w

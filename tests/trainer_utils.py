@@ -1,5 +1,5 @@
 """Shared by the trainer's end-to-end tests (tests/test_trainer*.py): the tiny recipe, runs of
-launch/train.py on 2 ranks (as the deepspeed launcher starts them) or 1 (plain python), and readers of
+launch/train.py on 2 ranks (as the deepspeed launcher starts them) or 1 (as plain python runs it), and readers of
 what a run leaves."""
 import json
 
@@ -39,7 +39,7 @@ def train2(tmp_path, data_dir, *extra, env=None, check=True, master_port=None, l
 
 
 def train1(tmp_path, data_dir, *extra, ds=None, check=True, **overrides):
-    """One rank, plain python (the trainer reads RANK/WORLD_SIZE)."""
+    """One rank, as plain python runs it (run_python; the trainer reads RANK/WORLD_SIZE)."""
     recipe, ds2 = write(tmp_path, data_dir, **overrides)
     env = {**launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}

@@ -67,7 +67,13 @@ def use_environment(env: dict) -> None:
 def forkable(env: dict) -> bool:
     """Whether ``python script`` in ``env`` may start as a fork: the server's environment, as its imports saw
     it (_as_imported), is the script's less the per-run variables. Starts the server at the first ask."""
+    import torch
+
     if os.environ.get("RELORA_TESTS_FORK_RANKS", "1") == "0" or _wanted_env is None:
+        return False
+    if torch.version.cuda or torch.version.hip:
+        # A GPU build: an import that asks for the devices (torch.cuda.is_available()) sets up the driver in the
+        # server, and a fork of it cannot use the GPU. The CPU machines are what the forks are for.
         return False
     if _server_env is None:
         _start_server()

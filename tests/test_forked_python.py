@@ -8,6 +8,7 @@ import sys
 import tempfile
 
 import pytest
+import torch
 
 import forked_python
 from launch_utils import ROOT, launch_env, start_python
@@ -91,7 +92,8 @@ def test_two_forks_draw_different_numbers_from_numpys_global_generator(tmp_path)
 
 def test_an_environment_the_server_did_not_import_in_starts_a_subprocess(tmp_path):
     """Only the launcher's, pytest's, the compiler's run-time and this project's variables may differ from the
-    server's: another (here one torch reads when it loads OpenMP) starts the script as python would."""
+    server's: another (here one torch reads when it loads OpenMP) starts the script as python would. So does
+    any script where torch is a GPU build."""
     script = tmp_path / "threads.py"
     script.write_text("import os\nprint(os.getppid(), os.environ['OMP_NUM_THREADS'])\n")
     env = {**launch_env(), "OMP_NUM_THREADS": "3"}
@@ -102,5 +104,8 @@ def test_an_environment_the_server_did_not_import_in_starts_a_subprocess(tmp_pat
         assert isinstance(proc, subprocess.Popen) and proc.wait(timeout=120) == 0
         out.seek(0)
         assert out.read().split() == [str(os.getpid()), "3"]  # this process's child, not the server's
+    with pytest.MonkeyPatch.context() as m:  # a GPU build of torch: every script starts as a subprocess
+        m.setattr(torch.version, "cuda", "12.8")
+        assert not forked_python.forkable(launch_env())
     with pytest.raises(AssertionError, match="differs from the server's"):
         forked_python.ForkedPython(script, [], env=env, cwd=ROOT, stdout=sys.stdout, stderr=sys.stderr)

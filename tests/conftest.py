@@ -11,12 +11,12 @@ _shm_before: set[str] = set()
 # `pytest --durations=0` on 2 cores, 2026-12-07, ranks forked: tests/forked_python.py; test_kernels_compile.py
 # also installs the GPU image's Triton on a fresh machine); one started last would run alone at the end, so
 # every file over ~10 s is named here.
-_HEAVY_FIRST = ("test_cluster_slurm.py", "test_compile.py", "test_trainer_resume_layouts.py", "test_kernels_compile.py",
-                "test_nvme_offload.py", "test_memory_table.py", "test_trainer.py", "test_trainer_resume.py",
-                "test_kernel_scripts.py", "test_kernels.py", "test_distributed.py", "test_demo.py", "test_hf_trainer.py",
-                "test_checkpointing.py", "test_zero_init.py", "test_zero_reset.py", "test_kernel_ops.py",
-                "test_startup_imports.py", "test_trainer_steps.py", "test_model_families_trainer.py",
-                "test_bench_comm.py", "test_memory_runs.py", "test_int8_trainer.py",
+_HEAVY_FIRST = ("test_cluster_slurm.py", "test_compile.py", "test_trainer_resume_layouts.py",
+                "test_kernels_compile.py", "test_nvme_offload.py", "test_memory_table.py", "test_trainer.py",
+                "test_trainer_resume.py", "test_kernel_scripts.py", "test_kernels.py", "test_distributed.py",
+                "test_demo.py", "test_hf_trainer.py", "test_checkpointing.py", "test_zero_init.py",
+                "test_zero_reset.py", "test_kernel_ops.py", "test_startup_imports.py", "test_trainer_steps.py",
+                "test_model_families_trainer.py", "test_bench_comm.py", "test_memory_runs.py", "test_int8_trainer.py",
                 "test_fsdp.py", "test_data_inputs.py", "test_warm_start_from.py", "test_cluster_mpi.py",
                 "test_kernel_dispatch.py")
 

@@ -36,7 +36,9 @@ def magnitude_prune_mask(t: torch.Tensor, ratio: float) -> torch.Tensor:
     well-defined function of the values. The threshold is the exact k-th smallest |t| from
     ``torch.kthvalue`` (``torch.quantile`` refuses inputs above ~16.7M elements).
     """
-    flat = t.detach().reshape(-1).abs().float()
+    flat = t.detach().reshape(-1).abs()
+    if flat.dtype != torch.float64:  # 16-bit ranks in fp32; fp64 keeps the differences fp32 would round away
+        flat = flat.float()
     n = flat.numel()
     k = num_pruned(n, ratio)
     if k == 0:

@@ -258,7 +258,7 @@ def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed
         for key in MOMENT_KEYS:
             if _is_partitioned(p):
                 full[key] = get_full(p, key)
-                comm_bytes += 4 * full[key].numel()
+                comm_bytes += full[key].element_size() * full[key].numel()  # gathered in its master dtype
             else:  # ZeRO stage 0 keeps plain torch optimizer state
                 full[key] = engine.optimizer.state[p][key]
         masks = moment_masks(full, method, ratio, seed + 1000003 * i, joint)

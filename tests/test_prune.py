@@ -31,6 +31,15 @@ def test_magnitude_mask_with_ties_prunes_exactly_k():
     assert torch.equal(mask, _oracle_mask(t, 0.5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_magnitude_mask_ranks_in_the_moments_own_precision(dtype):
+    """fp64 moments that differ below fp32's resolution are ranked by their fp64 values (not made ties)."""
+    t = torch.tensor([1.0 + 1e-12, 1.0, 5.0, 6.0], dtype=torch.float64)
+    assert torch.equal(magnitude_prune_mask(t, 0.25), torch.tensor([False, True, False, False]))
+    u = torch.randn(41, 29, dtype=torch.float64).to(dtype)
+    assert torch.equal(magnitude_prune_mask(u, 0.9), _oracle_mask(u.double(), 0.9))
+
+
 def test_large_tensor_beyond_quantile_limit():
     g = torch.Generator().manual_seed(0)
     t = torch.randn(17_000_000, generator=g)

@@ -288,7 +288,7 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
         raise ValueError(f"int8_lora_linear: expected int8 q (out, in) and scale (out,); got {q.dtype} "
                          f"{tuple(q.shape)} and {tuple(w_scale.shape)}")
     _check_args(x, q, lora_A, lora_B, bias)
-    check_scale(scale, "int8_lora_linear")
+    scale = check_scale(scale, "int8_lora_linear")
     p = check_dropout_p(dropout_p)
     path = _runtime.linear_path(x)  # the same choice as lora_linear, AUTO_TORCH_OPS included
     if path == "triton" and not _fits_int32("int8_lora_linear", x, q):

@@ -367,7 +367,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, trai
     ``RELORA_DETERMINISTIC`` / ``torch.are_deterministic_algorithms_enabled()``.
     """
     _check_args(x, weight, lora_A, lora_B, bias)
-    check_scale(scale, "lora_linear")
+    scale = check_scale(scale, "lora_linear")
     p = check_dropout_p(dropout_p)
     path = _runtime.linear_path(x)
     if path == "triton" and not _fits_int32("lora_linear", x, weight):

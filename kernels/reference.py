@@ -22,15 +22,18 @@ def check_dropout_p(dropout_p: float) -> float:
     return p
 
 
-def check_scale(scale, op: str) -> None:
+def check_scale(scale, op: str) -> float:
     """The LoRA scale is a constant of the layer: the Triton and BLAS paths take it as a float, so a tensor
-    that requires grad would get no gradient there (the twin would give it one); refused on every path."""
+    that requires grad would get no gradient there (the twin would give it one); refused on every path.
+    Returns it as a float, which every path then takes: a one-element tensor kept as such would promote a
+    bf16 output to its own dtype and broadcast a 1-D x's output to its own dimensions on the twin."""
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
             raise ValueError(f"{op}: scale must be a number or a one-element tensor; got shape {tuple(scale.shape)}")
         if scale.requires_grad:
             raise ValueError(f"{op}: scale is a tensor that requires grad, but the kernels take it as a constant "
                              "(no gradient reaches it on the Triton and BLAS paths); pass a float or scale.detach()")
+    return float(scale)
 
 
 def dropout_keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:

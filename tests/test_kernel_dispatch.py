@@ -423,6 +423,27 @@ def test_the_layers_output_and_weight_are_checked_for_32_bit_offsets_too(monkeyp
 
 
 @pytest.mark.parametrize("mode", ["triton", "torch", "reference"])
+def test_a_one_element_tensor_scale_acts_as_its_float(monkeypatch, mode):
+    """A scale given as a one-element tensor (accepted on every path) gives what the float gives: the same
+    dtype, shape and values, with gradients (the twin kept the tensor: fp16 inputs came out fp32 or fp64 by
+    type promotion, and a 1-D x's output took the scale's (1, 1) shape)."""
+    monkeypatch.setenv("RELORA_KERNELS", mode)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for lead in ((2, 3), ()):
+        x, w, a, b, bias, dy = make_inputs(lead, 8, 6, 2, True, torch.float16, "cpu", seed=1)
+        q, s, _ = rk.int8_quantize_reference(w.float())
+        for layer, weights in ((rk.lora_linear, (w,)), (rk.int8_lora_linear, (q, s.half()))):
+            want = layer(x, *weights, a, b, 0.5, bias)
+            want_grads = torch.autograd.grad(want, (x, a, b, bias), dy)
+            for scale in (torch.tensor([0.5], dtype=torch.float64), torch.tensor([[0.5]]), torch.tensor(0.5)):
+                y = layer(x, *weights, a, b, scale, bias)
+                assert (y.dtype, y.shape) == (torch.float16, (*lead, 6)), (layer.__name__, lead, scale)
+                assert torch.equal(y, want)
+                for g, g_want in zip(torch.autograd.grad(y, (x, a, b, bias), dy), want_grads):
+                    assert torch.equal(g, g_want)
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch", "reference"])
 def test_bad_arguments_are_named_on_every_path(monkeypatch, mode):
     """Each argument check of the layers and the merges, on every path (the twins run most of these shapes without
     an error, or fail with an unrelated one: a rank-0 layer was a silent no-op, int32 scales were truncated by the

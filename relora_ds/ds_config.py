@@ -309,8 +309,8 @@ _UNUSED_SECTIONS = (
      "curriculum learning and data routing act only through DeepSpeed's own dataloader (deepspeed_io) and "
      "model conversions, which the trainer does not use: its batches come from relora_ds.data"),
     ("torch_autocast", lambda sec: bool(sec) and not (isinstance(sec, dict) and _off(sec.get("enabled"))),
-     "the ReLoRA layers' Triton kernels do not autocast (under it they would run in fp32), and the memory "
-     "estimate, the MFU and the gradient norm read the precision from the bf16/fp16 sections: use "
+     "the memory estimate, the MFU and the gradient norm read the training precision from the bf16/fp16 "
+     "sections, which would say fp32 under it: use "
      "\"bf16\": {\"enabled\": true} (fp32 masters in the optimizer, as ds_configs/zero2.json)"),
     ("flops_profiler", lambda sec: isinstance(sec, dict) and bool(sec.get("enabled")),
      "its timers expect DeepSpeed's own forward/backward calls and stop the first backward here with "

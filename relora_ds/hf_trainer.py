@@ -313,24 +313,32 @@ class ReLoRACallback(TrainerCallback):
                           f"True): the jagged cosine continues at step {state.global_step}; optimizer moments the "
                           "checkpoint lacks start from zero", stacklevel=2)
             _set_step(self.scheduler, state.global_step)
-        self._anchor_cycles(state.global_step)
+        self._anchor_cycles(state.global_step, args.seed)
 
-    def _anchor_cycles(self, step: int) -> None:
+    def _anchor_cycles(self, step: int, seed: int) -> None:
         """Resumed with another cycle_length than the checkpoint's (its scheduler state records it): the cycles
         count from the checkpoint's last reset, in the schedule and here, so the next reset comes one new cycle
-        after it, not at once or at full lr (schedule.cycle_anchor, as relora_ds's own trainer)."""
+        after it, not at once or at full lr; where that cycle has already ended, the overdue reset is done now
+        and the cycles count from here (schedule.cycle_anchor, as relora_ds's own trainer)."""
         sched = self.scheduler
         record = getattr(sched.lr_lambdas[0], "relora_cycles", None) or {}
-        start, before = cycle_anchor(step, relora_start=0, cycle_length=self.cycle_length,
-                                     saved_cycle_length=record.get("cycle_length"),
-                                     saved_start=record.get("cycle_start"), saved_before=record.get("cycles_before", 0))
+        start, before, reset_now = cycle_anchor(
+            step, relora_start=0, cycle_length=self.cycle_length, saved_cycle_length=record.get("cycle_length"),
+            saved_start=record.get("cycle_start"), saved_before=record.get("cycles_before", 0))
         self.cycle_start = start
         if start != (sched.lr_lambdas[0].keywords.get("cycle_start") or 0):
             sched.lr_lambdas = [functools.partial(jagged_cosine, **{**fn.keywords, "cycle_start": start})
                                 for fn in sched.lr_lambdas]
             _record_cycles(sched, start, before)
             _set_step(sched, step)
-        if start != record.get("cycle_start", 0):
+        if reset_now:
+            logger.warning("relora_ds: cycle_length %s -> %s: the checkpoint's last reset is a whole new cycle or "
+                           "more back, so the reset is overdue: it is done now, at step %d, and cycles count from "
+                           "here; the next reset is at step %d", record.get("cycle_length"), self.cycle_length, step,
+                           step + self.cycle_length)
+            self._check_moments(merging=True)
+            self._merge(step, reset=True, seed=seed, overdue=True)
+        elif start != record.get("cycle_start", 0):
             logger.warning("relora_ds: cycle_length %s -> %s: cycles now count from the reset at step %d, the "
                            "checkpoint's last; the next reset is at step %d", record.get("cycle_length"),
                            self.cycle_length, start, start + self.cycle_length)
@@ -365,8 +373,11 @@ class ReLoRACallback(TrainerCallback):
         if self.scheduler is not None and self.scheduler.last_epoch != step:  # an fp16 step skipped for an
             # overflow did not step the schedule
             _set_step(self.scheduler, step)
-        if not merge:
-            return
+        if merge:
+            self._merge(step, reset, args.seed)
+
+    def _merge(self, step: int, reset: bool, seed: int, overdue: bool = False) -> None:
+        """The merge after global step ``step``, and with ``reset`` the prune; recorded in ``self.events``."""
         trainer = self.trainer
         engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
         event = {"step": step, **merge_and_reinit(engine if engine is not None else trainer.model)}
@@ -377,7 +388,9 @@ class ReLoRACallback(TrainerCallback):
                 target, params = _innermost_optimizer(trainer.optimizer), lora_parameters(trainer.model)
             # Each reset its own seed (a 'random' prune must not reuse a mask; a resumed run draws the same).
             event.update(prune_optimizer_state(target, params, method=self.prune_method, ratio=self.prune_ratio,
-                                               seed=args.seed + step, joint=self.prune_joint), reset=True)
+                                               seed=seed + step, joint=self.prune_joint), reset=True)
         event["event"] = "reset" if event.get("reset") else "merge"
+        if overdue:
+            event["overdue"] = True
         self.events.append(event)
         logger.info("relora_ds: %s after step %d (%d layers)", event["event"], step, event["layers"])

@@ -49,7 +49,7 @@ class CheckpointsMixin:
         progress = saved.get("progress") or {}
         step = checkpoint.tag_step(plan["tag"])
         before = saved["train"].get("cycle_length") if saved["train"].get("mode") == "relora" else None
-        self.cycle_start, self.cycles_before = cycle_anchor(
+        self.cycle_start, self.cycles_before, self.reset_on_resume = cycle_anchor(
             step, relora_start=self.relora_start, cycle_length=self.cfg.cycle_length if self.cfg.mode == "relora"
             else None, saved_cycle_length=before, saved_start=progress.get("cycle_start"),
             saved_before=progress.get("cycles_before", 0))
@@ -57,7 +57,13 @@ class CheckpointsMixin:
             with warnings.catch_warnings():  # the settings' warnings came from the first build, once
                 warnings.simplefilter("ignore")
                 self.schedule = build_schedule(self.cfg, self.total_steps, self.cycle_start)
-        if self.cycle_start != progress.get("cycle_start", self.relora_start):
+        if self.reset_on_resume:
+            last = progress.get("cycle_start", self.relora_start)
+            last += (step - last) // before * before
+            self._print(f"cycle_length {before} -> {self.cfg.cycle_length}: the checkpoint's last reset (step {last}) "
+                        f"is a whole new cycle or more back, so the reset is overdue: it is done now, at step {step}, "
+                        f"and cycles count from here; the next reset is at step {step + self.cfg.cycle_length}")
+        elif self.cycle_start != progress.get("cycle_start", self.relora_start):
             self._print(f"cycle_length {before} -> {self.cfg.cycle_length}: cycles now count from the reset at step "
                         f"{self.cycle_start}, the checkpoint's last; the next reset is at step "
                         f"{self.cycle_start + self.cfg.cycle_length}")
@@ -180,6 +186,10 @@ class CheckpointsMixin:
             self.tokens_seen = self.step * saved["train"]["global_batch_size"] * saved["train"]["seq_len"]
         self._apply_optimizer_settings(saved, built)
         self._catch_up_missed_merge(client)
+        if self.reset_on_resume:  # a shorter cycle_length made the checkpoint's step a missed reset (cycle_anchor)
+            event = reset_hook.after_step(self.engine, self.step, self.cfg, self.cycle_start - self.cfg.cycle_length)
+            if not self.metrics.logged(self.step, "overdue"):  # (resumed here before: done again, logged once)
+                self._event({**event, "overdue": True})
         if self.engine.zero_optimization_stage() == 3:
             # DeepSpeed's ZeRO-3 load leaves the persisting parameters (below stage3_param_persistence_threshold:
             # the tiny preset's 53 norms and LoRA factors) gathered: the first forward then gathers fewer than

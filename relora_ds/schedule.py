@@ -78,20 +78,32 @@ def jagged_cosine(step: int, *, total_steps: int, warmup_steps: int, cycle_lengt
     return cosine(step)
 
 
+class CycleAnchor(typing.NamedTuple):
+    start: int  # the reset step the cycles of cycle_length count from
+    cycles_before: int  # cycles ended there
+    reset_now: bool  # that reset is the resume step's own, not yet done: do it before the next step
+
+
 def cycle_anchor(step: int, *, relora_start: int, cycle_length: int | None, saved_cycle_length: int | None,
-                 saved_start: int | None = None, saved_before: int = 0) -> tuple[int, int]:
-    """Where the cycles of a run resumed at ``step`` count from: ``(start, cycles_before)``, the step of
-    the reset its cycles of ``cycle_length`` start at and how many cycles ended there. The checkpoint's
-    cycles (``saved_cycle_length``) started at ``saved_start`` (None: the switch to ReLoRA,
-    ``relora_start``) with ``saved_before`` cycles before them. With the same length nothing moves; with
-    another, the new length counts from the checkpoint's last reset at or before ``step``. Counted from the
-    switch instead, the next reset could come at once, without the restart warmup after the one just done
-    (cycle 10 -> 15 at step 21: lr 1.3e-3 at the step after a 99% prune, and the next reset 4 steps on)."""
+                 saved_start: int | None = None, saved_before: int = 0) -> CycleAnchor:
+    """Where the cycles of a run resumed at ``step`` count from (:class:`CycleAnchor`). The checkpoint's cycles
+    (``saved_cycle_length``) started at ``saved_start`` (None: the switch to ReLoRA, ``relora_start``) with
+    ``saved_before`` cycles before them. With the same length nothing moves. With another, the new length
+    counts from the checkpoint's last reset at or before ``step``, so the next reset comes one new cycle after
+    it with the lr's restart warmup after the last one intact. Counted from the switch instead, the next reset
+    could come at once, without the restart warmup after the one just done (cycle 10 -> 15 at step 21: lr
+    1.3e-3 at the step after a 99% prune, and the next reset 4 steps on). Where that new cycle has already
+    ended (a shorter cycle, ``step`` a whole new cycle or more after the last reset), the overdue reset is
+    ``step``'s own: ``reset_now``, and the cycles count from ``step`` (left at the last reset, the schedule
+    would drop the lr to 0 and ramp at the missed boundaries, with no merge or prune behind them)."""
     start = relora_start if saved_start is None else saved_start
     if not cycle_length or not saved_cycle_length or saved_cycle_length == cycle_length or step <= start:
-        return start, saved_before
+        return CycleAnchor(start, saved_before, False)
     done = (step - start) // saved_cycle_length
-    return start + done * saved_cycle_length, saved_before + done
+    last = start + done * saved_cycle_length
+    if step - last >= cycle_length:
+        return CycleAnchor(step, saved_before + done + 1, True)
+    return CycleAnchor(last, saved_before + done, False)
 
 
 def restarted_at(step: int, *, start_step: int, first, second) -> float:

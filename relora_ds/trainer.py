@@ -129,7 +129,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self.total_steps = total_steps_for(cfg, resume_progress(self.ckpt_dir, cfg.resume_from)
                                            if cfg.resume and cfg.token_budget else None)
         self.relora_start = self.cycle_start = cfg.warm_start_steps
-        self.cycles_before = 0
+        self.cycles_before, self.reset_on_resume = 0, False
         self.schedule = build_schedule(cfg, self.total_steps)
         with self._warnings_on_rank_zero():  # a split too small for a window or a global batch: named here
             check_data_use(cfg, self.total_steps, manifest["splits"], str(self.data_dir), self.world)

@@ -242,6 +242,30 @@ def test_a_resume_with_another_cycle_length_counts_from_the_checkpoints_last_res
         "cycle_length": 2, "cycle_start": 3, "cycles_before": 1}
 
 
+def test_a_resume_whose_shorter_cycle_has_already_ended_resets_at_once(tmp_path):
+    """The checkpoint of step 5 (cycles of 3: a reset at 3) resumed with cycle_length 2: the new cycle from 3 ended
+    at 5, before the checkpoint, so the overdue reset is done at train begin, at step 5, and the cycles count from
+    there: resets at 5 and 7, the lr 0 at step 6 and 8 (hand-computed). Left at the reset at 3, step 6 trained at
+    lr 0 with nothing merged or pruned behind it (a review), and the first reset came at 7. The merge at 5 is
+    that of the plain run's checkpoint state: its A and B are the checkpoint's."""
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+    w.run(tmp_path, batch=4, save_strategy="steps", save_steps=5)
+    args = TrainingArguments(**w.arguments(tmp_path / "resumed", batch=4))
+    resumed = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+    callback = enable_relora(resumed, **{**w.RELORA, "cycle_length": 2})
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-5"))
+    assert [(e["step"], e["event"], e.get("overdue", False)) for e in callback.events] == [
+        (5, "reset", True), (7, "reset", False)]
+    assert all(e["layers"] > 0 and e["exp_avg_sq"] > 0.9 for e in callback.events), callback.events
+    fn = callback.scheduler.lr_lambdas[0]
+    cos = lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * (i - 1) / 6))  # noqa: E731
+    assert [fn(i) for i in (5, 6)] == pytest.approx([0.0, cos(6)], abs=1e-12)
+    assert callback.scheduler.state_dict()["lr_lambdas"][0]["relora_cycles"] == {
+        "cycle_length": 2, "cycle_start": 5, "cycles_before": 2}
+
+
 def test_the_lr_stays_on_the_step_when_the_scheduler_missed_one(tmp_path):
     """A step whose scheduler step did not run (what an fp16 overflow skip does: the optimizer step is skipped,
     global_step still counts it) shifted every later re-warm-up by one; a resume from a checkpoint without

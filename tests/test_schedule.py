@@ -297,21 +297,26 @@ def test_a_recipes_schedule_problems_are_named_together_before_the_run_starts(tm
 def test_a_changed_cycle_length_counts_from_the_checkpoints_last_reset():
     """Resumed with another cycle_length, the cycles count from the checkpoint's last reset (hand-computed),
     after the cycles done before it; counted from the switch instead, the trial's 10 -> 15 at step 21 (switch
-    at 10, a reset at 20) trained step 21 at the cosine's full lr right after a 99% prune and reset again at 25."""
+    at 10, a reset at 20) trained step 21 at the cosine's full lr right after a 99% prune and reset again at 25.
+    Where the new cycle from that reset has already ended at the checkpoint's step, the reset is overdue: done at
+    that step (reset_now), the cycles count from it (left at 20, cycles of 5 resumed at 29 trained step 30 at lr
+    0 with no reset behind it: a review)."""
     from relora_ds.schedule import cycle_anchor
 
     at = dict(relora_start=10, saved_cycle_length=10)
-    assert cycle_anchor(21, cycle_length=15, **at) == (20, 1)
-    assert cycle_anchor(20, cycle_length=15, **at) == (20, 1)  # resumed on the reset's own step
-    assert cycle_anchor(29, cycle_length=5, **at) == (20, 1)
-    assert cycle_anchor(21, cycle_length=10, **at) == (10, 0)  # unchanged: nothing moves
-    assert cycle_anchor(8, cycle_length=15, **at) == (10, 0)  # still in the warm start
-    assert cycle_anchor(21, cycle_length=None, **at) == (10, 0)  # mode lora: no cycles
+    assert cycle_anchor(21, cycle_length=15, **at) == (20, 1, False)
+    assert cycle_anchor(20, cycle_length=15, **at) == (20, 1, False)  # resumed on the reset's own step
+    assert cycle_anchor(24, cycle_length=5, **at) == (20, 1, False)
+    assert cycle_anchor(25, cycle_length=5, **at) == (25, 2, True)  # the new cycle's first reset: this step's
+    assert cycle_anchor(29, cycle_length=5, **at) == (29, 2, True)  # missed at 25: done now, at 29
+    assert cycle_anchor(21, cycle_length=10, **at) == (10, 0, False)  # unchanged: nothing moves
+    assert cycle_anchor(8, cycle_length=15, **at) == (10, 0, False)  # still in the warm start
+    assert cycle_anchor(21, cycle_length=None, **at) == (10, 0, False)  # mode lora: no cycles
     # Changed again: from where the previous change left them (cycle 15 from step 20, 1 cycle before).
-    assert cycle_anchor(40, cycle_length=10, relora_start=10, saved_cycle_length=15, saved_start=20,
-                        saved_before=1) == (35, 2)
-    assert cycle_anchor(40, cycle_length=15, relora_start=10, saved_cycle_length=15, saved_start=20,
-                        saved_before=1) == (20, 1)
+    again = dict(relora_start=10, saved_cycle_length=15, saved_start=20, saved_before=1)
+    assert cycle_anchor(40, cycle_length=10, **again) == (35, 2, False)
+    assert cycle_anchor(40, cycle_length=15, **again) == (20, 1, False)
+    assert cycle_anchor(48, cycle_length=10, **again) == (48, 3, True)  # 35 + 10 passed: overdue
 
 
 @pytest.mark.parametrize("lowrank_schedule", ["continue", "restart"])

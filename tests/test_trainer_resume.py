@@ -196,6 +196,39 @@ def test_a_changed_cycle_length_counts_from_the_checkpoints_last_reset(tmp_path,
     assert (progress["cycle_start"], progress["cycles_before"]) == (6, 1)  # carried over, not counted anew
 
 
+def test_a_shorter_cycle_length_that_has_already_ended_resets_on_resume(tmp_path, small_data_dir):
+    """Resumed at step 8 (a reset at 6, cycle 4) with cycle_length 2, whose first reset from 6 falls at 8: the
+    reset is overdue, done right after the load, and the cycles count from 8 (resets at 8, 10, 12). The oracle:
+    the same change resumed at step 6, where the reset at 8 comes in its turn (its steps 7-8 train at the lrs
+    the cycles of 4 gave them, the restart warmup being 2 either way): steps 9-12 bit for bit. Left at 6, the
+    run trained step 9 at lr 0 with no reset behind it, and the first reset came at 10 (a review)."""
+    train1(tmp_path, small_data_dir, save_every=2)
+    rewind_to(tmp_path / "run", "step_8")
+    proc = train1(tmp_path, small_data_dir, "--resume", "--cycle-length", "2", save_every=2)
+    assert ("cycle_length 4 -> 2: the checkpoint's last reset (step 6) is a whole new cycle or more back, so the "
+            "reset is overdue: it is done now, at step 8, and cycles count from here; the next reset is at step 10"
+            ) in proc.stdout + proc.stderr
+    overdue, recs = read_losses(tmp_path / "run")
+    resets = [(r["step"], r.get("overdue", False)) for r in recs if r.get("event") == "reset"]
+    assert resets == [(8, True), (10, False), (12, False)]
+    lrs = [r["lr"] for r in recs if "loss" in r]
+    progress = json.loads((tmp_path / "run/checkpoints/step_12/config.json").read_text())["progress"]
+    assert (progress["cycle_start"], progress["cycles_before"]) == (8, 2)
+    # Resumed from the same checkpoint again (a requeue before the next save): done again, logged once.
+    rewind_to(tmp_path / "run", "step_8")
+    (tmp_path / "run/metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs if r["step"] <= 8))
+    train1(tmp_path, small_data_dir, "--resume", "--cycle-length", "2", save_every=2)
+    again, recs = read_losses(tmp_path / "run")
+    assert again == overdue and [r["step"] for r in recs if r.get("event") == "reset"] == [8, 10, 12]
+    rewind_to(tmp_path / "run", "step_6")
+    train1(tmp_path, small_data_dir, "--resume", "--cycle-length", "2", save_every=2)
+    in_turn, recs = read_losses(tmp_path / "run")
+    assert [r["step"] for r in recs if r.get("event") == "reset"] == [8, 10, 12]
+    assert [in_turn[s] for s in range(9, 13)] == [overdue[s] for s in range(9, 13)]
+    assert [r["lr"] for r in recs if "loss" in r and r["step"] > 8] == lrs
+    assert lrs[0] == 0.0 and lrs[2] == 0.0  # steps 9 and 11: right after a reset
+
+
 def test_a_finished_run_extended_with_resume_keeps_its_last_reset(tmp_path, small_data_dir):
     """The reset at a run's last step is done too, so `--resume --total-steps` longer continues from a
     checkpoint taken after it (it used to be skipped there, and never done)."""

@@ -222,7 +222,9 @@ def int8_merge_(q, scale, residual, lora_A, lora_B, s):
     if lora_A.dtype != lora_B.dtype:  # as lora_merge_: the kernel would round B to A's dtype
         raise ValueError(f"int8_merge_: lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
     if not (_runtime.use_triton(lora_A.to(q.device) if lora_A.device != q.device else lora_A)
-            and _runtime.fits_int32("int8_merge_", q=_runtime.span(q))):
+            and _runtime.fits_int32("int8_merge_", q=_runtime.span(q), lora_A=_runtime.span(lora_A),
+                                    lora_B=_runtime.span(lora_B),
+                                    residual=_runtime.span(residual) if residual is not None else 0)):
         return int8_merge_reference_(q, scale, residual, lora_A, lora_B, s)
     A, B = lora_A.to(q.device), lora_B.to(q.device, lora_A.dtype)
     res_dev = residual.to(q.device) if residual is not None else None  # 1 B/param each way per merge
@@ -291,7 +293,7 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
     scale = check_scale(scale, "int8_lora_linear")
     p = check_dropout_p(dropout_p)
     path = _runtime.linear_path(x)  # the same choice as lora_linear, AUTO_TORCH_OPS included
-    if path == "triton" and not _fits_int32("int8_lora_linear", x, q):
+    if path == "triton" and not _fits_int32("int8_lora_linear", x, q, lora_A, lora_B):
         path = "torch"
     if path == "torch":  # RELORA_KERNELS=torch, or auto (CPU and CUDA): BLAS on the dequantized weight
         return int8_lora_linear_torch(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator)

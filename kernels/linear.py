@@ -349,11 +349,14 @@ def _check_triton_args(x, weight, lora_A, lora_B, bias):
             raise ValueError(f"relora_kernels.lora_linear: {name} is on {t.device} but x is on {x.device}")
 
 
-def _fits_int32(op, x, weight):
-    """x, dX (the same shape), Y, dY (rows × out) and the weight within the kernels' 32-bit offsets."""
+def _fits_int32(op, x, weight, lora_A, lora_B):
+    """x, dX (the same shape), Y, dY (rows × out), S, dS (rows × r), the weight and the factors (and their
+    gradients, as large) within the kernels' 32-bit offsets."""
     rows = math.prod(x.shape[:-1])
-    return _runtime.fits_int32(op, x=_runtime.span(x), weight=_runtime.span(weight), y=rows * weight.shape[0],
-                               dx=rows * x.shape[-1])
+    span = _runtime.span
+    return _runtime.fits_int32(op, x=span(x), weight=span(weight), y=rows * weight.shape[0], dx=rows * x.shape[-1],
+                               s=rows * lora_A.shape[0], lora_A=max(span(lora_A), lora_A.numel()),
+                               lora_B=max(span(lora_B), lora_B.numel()))
 
 
 def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, training=True, generator=None, *,
@@ -370,7 +373,7 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, trai
     scale = check_scale(scale, "lora_linear")
     p = check_dropout_p(dropout_p)
     path = _runtime.linear_path(x)
-    if path == "triton" and not _fits_int32("lora_linear", x, weight):
+    if path == "triton" and not _fits_int32("lora_linear", x, weight, lora_A, lora_B):
         path = "torch"
     if path == "reference":
         return lora_linear_reference(x, weight, lora_A, lora_B, scale, bias, p, training, generator)

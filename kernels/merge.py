@@ -114,7 +114,8 @@ def lora_merge_(weight, lora_A, lora_B, scale):
         raise ValueError(f"lora_merge_: lora dtype {lora_A.dtype} is not supported by the kernel; use one of "
                          f"{_runtime.SUPPORTED_DTYPES} (float64 factors: RELORA_KERNELS=auto or reference)")
     if not (_runtime.use_triton(weight) and lora_A.dtype in _runtime.SUPPORTED_DTYPES
-            and _runtime.fits_int32("lora_merge_", weight=_runtime.span(weight))):
+            and _runtime.fits_int32("lora_merge_", weight=_runtime.span(weight), lora_A=_runtime.span(lora_A),
+                                    lora_B=_runtime.span(lora_B))):
         return lora_merge_reference_(weight, lora_A, lora_B, scale)
     _runtime.check_device(weight)
     merge_launch(weight, lora_A, lora_B, scale)

@@ -409,17 +409,26 @@ def test_a_tensor_spanning_exactly_the_32_bit_limit_fits():
 def test_the_layers_output_and_weight_are_checked_for_32_bit_offsets_too(monkeypatch):
     """Besides x and dX, a layer's launches address Y and dY (rows x out) and W. With the limit lowered to 100,
     under RELORA_KERNELS=triton (refused before any launch): 12 rows widened from 8 to 9 features (x 96 elements,
-    y 108), and a 13 x 8 weight (104) under 2 rows; float and int8 base."""
+    y 108), a 13 x 8 weight (104) under 2 rows, S (rows x r) of 10 x 11 and a 13 x 8 lora_A (r above out, which
+    lora_linear allows); float and int8 base. The merges: the factors and a strided residual."""
     monkeypatch.setattr(_runtime, "INT32_MAX", 100)
     monkeypatch.setenv("RELORA_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for lead, d_out, what in (((12,), 9, "y spans 108 elements"), ((2,), 13, "weight spans 104 elements")):
-        x, w, a, b, _, _ = make_inputs(lead, 8, d_out, 2, False, torch.float32, "cpu", seed=0)
+    for lead, d_out, r, what in (((12,), 9, 2, "y spans 108 elements"), ((2,), 13, 2, "weight spans 104 elements"),
+                                 ((10,), 6, 11, "s spans 110 elements"), ((2,), 6, 13, "lora_A spans 104 elements")):
+        x, w, a, b, _, _ = make_inputs(lead, 8, d_out, r, False, torch.float32, "cpu", seed=0)
         q, s, _ = rk.int8_quantize_reference(w)
         with pytest.raises(ValueError, match=f"relora_kernels.lora_linear: {what}, past the Triton kernels' 32-bit"):
             rk.lora_linear(x, w, a, b, 1.0)
         with pytest.raises(ValueError, match=f"relora_kernels.int8_lora_linear: {what}, past"):
             rk.int8_lora_linear(x, q, s, a, b, 1.0)
+    w, a, b = torch.randn(6, 8), torch.randn(13, 8), torch.randn(6, 13)
+    with pytest.raises(ValueError, match="relora_kernels.lora_merge_: lora_A spans 104 elements, past"):
+        rk.lora_merge_(w, a, b, 1.0)
+    q, s, _ = rk.int8_quantize_reference(w)
+    residual = torch.zeros(6, 20, dtype=torch.int8)[:, :8]  # 48 elements spanning 5 * 20 + 8
+    with pytest.raises(ValueError, match="relora_kernels.int8_merge_: residual spans 108 elements, past"):
+        rk.int8_merge_(q, s, residual, a[:2], b[:, :2], 1.0)
 
 
 @pytest.mark.parametrize("mode", ["triton", "torch", "reference"])

@@ -54,6 +54,8 @@ trainable parameters (and at ZeRO-1 their full bf16 gradients, reduced only at t
     optimizer (ZeRO 1-3): 4 T (ZeRO 1), 2 T (ZeRO 2) or 2 T/N (ZeRO 3); fp32 master, grad partition, m, v:
         16 T/N to host
     optimizer+parameters (ZeRO 3 only): 0; the bf16 partitions 2 T/N and the frozen ones go to host as well
+    parameters (ZeRO 3 only, the optimizer on the GPU): 14 T/N (gradient, fp32 master, m, v partitions); the bf16
+        partitions 2 T/N and the frozen ones to host (DeepSpeed has no estimator for this case)
 ZeRO-2 and 3 are DeepSpeed's estimate_zero2/zero3_model_states_mem_needs without their largest-layer working
 set (tests/test_memory_table.py; DeepSpeed has no ZeRO-1 estimate). Host RAM per GPU (memory_table.py shows
 it with --offload or --quantize): those offloaded bytes, the int8 base's merge residual (1 byte per frozen
@@ -68,7 +70,7 @@ from relora_ds.model_config import LlamaConfig
 GIB = 2**30
 # What the ZeRO optimizer moves to host memory, and the stages DeepSpeed allows it at (relora_ds/zero_reset.offloaded
 # prints the same names).
-OFFLOAD_STAGES = {"none": (0, 1, 2, 3), "optimizer": (1, 2, 3), "optimizer+parameters": (3,)}
+OFFLOAD_STAGES = {"none": (0, 1, 2, 3), "optimizer": (1, 2, 3), "parameters": (3,), "optimizer+parameters": (3,)}
 
 
 def param_counts(cfg: LlamaConfig, rank: int) -> dict[str, int]:
@@ -112,6 +114,8 @@ def state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n: int,
         return buffers
     if offload == "optimizer":
         t = {1: 4 * trainable, 2: 2 * trainable, 3: 2 * trainable / n}[stage]
+    elif offload == "parameters":  # ZeRO-3's bf16 partitions, frozen ones included, on the host
+        return 14 * trainable / n + buffers
     else:
         t = {0: 16 * trainable, 1: (8 if fp32_grads else 4) * trainable + 12 * trainable / n,
              2: 2 * trainable + 14 * trainable / n, 3: 16 * trainable / n}[stage]
@@ -124,8 +128,9 @@ def host_state_bytes(trainable: int, frozen: tuple[float, float], stage: int, n:
     partitions, 16 T/N, and with the parameters also their bf16 partitions and the frozen ones) plus
     ``residual``, the int8 merge residual every rank keeps whole in host memory."""
     _check_offload(stage, offload)
-    offloaded = 0.0 if offload == "none" else \
-        16 * trainable / n + (2 * trainable + frozen[0]) / n * (offload == "optimizer+parameters")
+    optimizer = 16 * trainable / n if offload in ("optimizer", "optimizer+parameters") else 0.0
+    parameters = (2 * trainable + frozen[0]) / n if offload in ("parameters", "optimizer+parameters") else 0.0
+    offloaded = optimizer + parameters
     return offloaded + residual
 
 
@@ -260,7 +265,8 @@ def run_phases(model_config: LlamaConfig, cfg, ds: dict, world_size: int, start_
     zero = _zero_config(ds, "the DeepSpeed config")  # as DeepSpeed reads it: legacy spellings mapped
     devices = [getattr(part, "device", None) for part in (zero.offload_optimizer, zero.offload_param)]
     on_host = [str(getattr(d, "value", d)) in ("cpu", "nvme") for d in devices]  # a str or an enum by version
-    offload = "optimizer+parameters" if all(on_host) else "optimizer" if on_host[0] else "none"
+    offload = {(True, True): "optimizer+parameters", (True, False): "optimizer", (False, True): "parameters",
+               (False, False): "none"}[tuple(on_host)]
     fp32_grads = uses_bf16_optimizer(ds)
     ckpt = (cfg.activation_checkpointing_layers or True) if cfg.activation_checkpointing else False
     with torch.device("meta"):

@@ -369,12 +369,20 @@ def test_offloaded_states_match_deepspeeds_own_estimates(gpus):
     assert memory.state_bytes(0, frozen, 3, gpus, "optimizer") == frozen[0] / gpus + frozen[1]
     assert memory.state_bytes(0, frozen, 3, gpus, "optimizer+parameters") == frozen[1]
     assert memory.host_state_bytes(0, frozen, 3, gpus, "optimizer+parameters") == frozen[0] / gpus
+    # The parameters alone (no DeepSpeed estimator; hand-computed): the bf16 partitions, frozen ones included,
+    # leave the GPU (2 T/N + frozen/N of ZeRO-3's 16 T/N + frozen/N), and nothing else; the host holds just them.
+    both = (T, frozen)
+    assert memory.state_bytes(*both, 3, gpus, "parameters") == 14 * T / gpus + frozen[1]
+    assert memory.state_bytes(*both, 3, gpus, "none") - memory.state_bytes(*both, 3, gpus, "parameters") == \
+        pytest.approx((2 * T + frozen[0]) / gpus)
+    assert memory.host_state_bytes(*both, 3, gpus, "parameters", residual=5) == (2 * T + frozen[0]) / gpus + 5
 
 
 @pytest.mark.parametrize("stage, offload, error", [
     (0, "optimizer", "offload='optimizer' needs ZeRO stage 1 or 2 or 3, got stage 0"),
     (2, "optimizer+parameters", "offload='optimizer\\+parameters' needs ZeRO stage 3, got stage 2"),
-    (3, "nvme", "offload='nvme' is not valid: use one of none, optimizer, optimizer\\+parameters"),
+    (2, "parameters", "offload='parameters' needs ZeRO stage 3, got stage 2"),
+    (3, "nvme", "offload='nvme' is not valid: use one of none, optimizer, parameters, optimizer\\+parameters"),
 ])
 def test_offload_at_a_stage_deepspeed_refuses_is_an_error(stage, offload, error):
     with pytest.raises(ValueError, match=error):

@@ -66,9 +66,9 @@ def hf_config_dict(config: LlamaConfig, dtype: torch.dtype, bos_token_id: int | 
 def _qwen_window(config: LlamaConfig) -> dict:
     """Qwen2/Qwen3's window keys: layer_types (transformers 5) and max_window_layers (earlier: the first
     sliding layer, where all after it slide too, Qwen's own pattern)."""
-    if config.sliding_window is None:
-        return {"use_sliding_window": False}
     layers = config.layer_types or ["sliding_attention"] * config.num_hidden_layers
+    if config.sliding_window is None or "sliding_attention" not in layers:  # (a window no layer uses)
+        return {"use_sliding_window": False}
     first = layers.index("sliding_attention")
     suffix = all(t == "sliding_attention" for t in layers[first:])
     return {"use_sliding_window": True, "sliding_window": config.sliding_window, "layer_types": layers,

@@ -62,7 +62,9 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     if model_type == "qwen3" and "attention_bias" in hf:  # its q/k norms follow model_type
         kw["attention_bias"] = bool(hf["attention_bias"])
     return LlamaConfig(model_type=model_type, rope_theta=float(theta), rope_scaling=rope or None,
-                       head_dim=hf.get("head_dim"), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                       # Qwen3Config's head_dim defaults to 128, not hidden / heads
+                       head_dim=hf.get("head_dim", 128 if model_type == "qwen3" else None),
+                       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                        **_sliding_window(hf), **kw)
 
 

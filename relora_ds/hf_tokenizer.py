@@ -11,7 +11,8 @@ from pathlib import Path
 # Checked by save_hf_tokenizer on every export: leading, repeated and trailing spaces, newlines, tabs,
 # digits, non-ASCII (byte fallback) and the empty string.
 _PROBES = ["Hello world", " leading space", "  two  spaces  ", "line\nbreak\n\n", "\tTab", "12345 3.14",
-           "naïve café, 漢字 ✓", "", " ", "text with <s>, </s> and <unk> written in it"]
+           "naïve café, 漢字 ✓", "", " ", "text with <s>, </s> and <unk> written in it", "\x85next line\x85",
+           "\u3000ideographic\u00a0space\u2028"]
 
 
 class TokenizerNotConvertible(ValueError):
@@ -62,7 +63,9 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
         backend = AutoTokenizer.from_pretrained(tmp).backend_tokenizer
     steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
     if spec.remove_extra_whitespaces:
-        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+        # SentencePiece strips spaces only; tokenizers' Strip takes any Unicode whitespace (U+0085 too, which
+        # nmt_nfkc keeps)
+        steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
     if spec.add_dummy_prefix:
         steps.append(normalizers.Prepend("▁"))
     backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])

@@ -308,6 +308,31 @@ def test_a_qwen2_config_without_max_window_layers_or_layer_types_slides_where_tr
     assert config_from_hf(off).sliding_window is None
 
 
+def test_a_window_no_layer_uses_exports_as_none_and_qwen3_head_dim_defaults_as_transformers(tmp_path):
+    """A Qwen2 config with a sliding_window but every layer full attention (accepted, trains without a window)
+    exported: its export crashed at the end of the run looking for a sliding layer (a review); now
+    use_sliding_window false, and transformers' model of the export gives our logits. A Qwen3 config.json
+    without head_dim: Qwen3Config's 128, not hidden / heads (load_hf failed on a size mismatch)."""
+    cfg = LlamaConfig(**SHAPE, model_type="qwen2", sliding_window=8, layer_types=["full_attention"] * 2)
+    model = LlamaForCausalLM(cfg).eval()
+    assert all(layer.self_attn.sliding_window is None for layer in model.model.layers)
+    relora_ds.export_hf(model, tmp_path / "qwen2", token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2").eval()
+    assert theirs.config.layer_types == ["full_attention"] * 2
+    x = torch.randint(0, SHAPE["vocab_size"], (2, 24))
+    torch.testing.assert_close(_logits(theirs, x), _logits(model, x), rtol=1e-5, atol=1e-5)
+
+    torch.manual_seed(0)
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE)).eval()
+    assert qwen3.config.head_dim == 128
+    qwen3.save_pretrained(tmp_path / "qwen3")
+    path = tmp_path / "qwen3" / "config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "head_dim"}))
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "qwen3").head_dim == 128
+    ours = relora_ds.load_hf(str(tmp_path / "qwen3")).eval()
+    torch.testing.assert_close(_logits(ours, x), _logits(qwen3, x), rtol=1e-5, atol=1e-5)
+
+
 def test_qwen2_ignores_llamas_bias_keys_as_transformers_does():
     """Qwen2's biases are fixed (q/k/v, no o_proj or MLP bias): a config.json carrying LLaMA's attention_bias and
     mlp_bias (a hand-edited or converted one) loads with the biases transformers' Qwen2ForCausalLM has, not

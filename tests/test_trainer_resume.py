@@ -394,7 +394,7 @@ def test_resume_restores_a_ranks_rng_only_on_its_own_world_size_and_counts_an_ol
         saved = {"world_size": saved_world, "dropout_streams": 1, "train": {"global_batch_size": 8, "seq_len": 32}}
         t = SimpleNamespace(
             cfg=cfg, world=world, rank=0, step=0, tokens_seen=0, ckpt_dir=tmp_path, engine_phase="lowrank",
-            resume_plan={"tag": tag, "saved": saved, "universal": False},
+            reset_on_resume=False, resume_plan={"tag": tag, "saved": saved, "universal": False},
             batches=SimpleNamespace(num_samples=32, load_state_dict=lambda state: None),
             engine=SimpleNamespace(load_checkpoint=lambda path, tag: (None, client), zero_optimization_stage=lambda: 2),
             _phase=lambda step: "lowrank", _fresh_model=lambda: None, _build_engine=lambda *a, **kw: None,

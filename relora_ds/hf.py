@@ -25,7 +25,7 @@ from .hf_load import CONFIG_KEYS, config_from_hf, hf_tensors, load_hf, load_hf_c
 from .hf_tokenizer import TokenizerNotConvertible, save_hf_tokenizer, sentencepiece_special_ids
 from .model import LlamaForCausalLM
 from .model_config import LlamaConfig
-from .relora import is_deepspeed_engine, relora_layers
+from .relora import _gathered, is_deepspeed_engine, relora_layers
 
 # relora_ds.hf: export (here) and load (hf_load.py) under one name.
 __all__ = ["TOKENIZER_FILES", "config_from_hf", "export_dtype", "export_hf", "export_run", "hf_config_dict",
@@ -82,8 +82,11 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None,
     layer's layout). A tied model's lm_head.weight is left out, as transformers saves it (safetensors refuses
     a tensor under two names, and loading ties it back). A model sharded by FSDP2 is gathered a tensor at a
     time (a collective: every rank calls this); a rank with ``keep`` False drops what it gathers and gets {}
-    (the Trainer's save_model: only the saving rank holds the whole model)."""
-    gathered = bool(sharded.fsdp2_modules(model)) or any(map(sharded.is_sharded, model.parameters()))
+    (the Trainer's save_model: only the saving rank holds the whole model). So is a model zero.Init built
+    partitioned (DeepSpeed ZeRO-3, no engine yet), a module's parameters at a time (its tensors copied out
+    before the gather is released)."""
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    gathered = zero3 or bool(sharded.fsdp2_modules(model)) or any(map(sharded.is_sharded, model.parameters()))
     if not keep and not gathered:
         return {}
     sharded.reshard_(model)  # FSDP2's whole copies after a forward that did not reshard may be stale
@@ -91,24 +94,35 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None,
     layer_names = set()
     for name, layer in relora_layers(model):
         layer_names.add(name)
-        weight = layer.merged_weight(dtype)
-        bias = None if layer.bias is None else sharded.whole(layer.bias).detach().to(dtype or layer.bias.dtype)
-        if keep:
-            merged[f"{name}.weight"] = weight.contiguous().cpu()  # each on the host at once: one whole
-            if bias is not None:  # tensor at a time on the device
-                merged[f"{name}.bias"] = bias.contiguous().cpu()
+        with _gathered(list(layer.parameters(recurse=False))):
+            weight = layer.merged_weight(dtype)  # a new tensor
+            bias = None if layer.bias is None else sharded.whole(layer.bias).detach().to(dtype or layer.bias.dtype)
+            if keep:
+                merged[f"{name}.weight"] = weight.contiguous().cpu()  # each on the host at once: one whole
+                if bias is not None:  # tensor at a time on the device
+                    merged[f"{name}.bias"] = _copied_out(bias, zero3)
+    params = dict(model.named_parameters(remove_duplicate=False))
     for key, t in model.state_dict().items():
         owner = key.rpartition(".")[0]
         if owner in layer_names:
             continue  # weight/bias written above; lora_A/B, merge_count and quantization buffers dropped
-        t = sharded.whole(t).detach()
-        if keep:
-            merged[key] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous().cpu()
+        p = params.get(key)
+        with _gathered([] if p is None else [p]):
+            t = sharded.whole(t if p is None else p).detach()
+            if keep:
+                merged[key] = _copied_out(t.to(dtype) if dtype is not None and t.is_floating_point() else t, zero3)
     if not keep:
         return {}
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):  # (BERT's tied head has another
         merged.pop("lm_head.weight", None)  # name: transformers' save_pretrained drops the tied copy itself)
     return merged
+
+
+def _copied_out(t: torch.Tensor, zero3: bool) -> torch.Tensor:
+    """``t`` on the host, contiguous; under a ZeRO-3 gather a copy of its own (the gathered storage is freed
+    when the gather ends, and on the host .cpu() would return that very storage)."""
+    out = t.contiguous().cpu()
+    return out.clone() if zero3 and out.data_ptr() == t.data_ptr() else out
 
 
 def merge_record(model, base_dtype: str | None = None) -> dict | None:

@@ -202,11 +202,19 @@ def _save_merged_models(trainer: Trainer) -> None:
             model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
             # every rank: an FSDP2-sharded model is gathered (a collective); the saving rank keeps and writes it
             state = merged_state_dict(model, keep=trainer.args.should_save)
-            if trainer.args.should_save:
+            if trainer.args.should_save and hasattr(model, "save_pretrained"):
                 model.save_pretrained(output_dir, state_dict=state)
+            elif trainer.args.should_save:  # any nn.Module, as Trainer._save writes one
+                from safetensors.torch import save_file
+
+                os.makedirs(output_dir, exist_ok=True)
+                save_file(state, os.path.join(output_dir, "model.safetensors"), metadata={"format": "pt"})
         if trainer.args.should_save:  # what Trainer._save writes beside the model
+            collator_tokenizer = getattr(trainer.data_collator, "tokenizer", None)
             if trainer.processing_class is not None:
                 trainer.processing_class.save_pretrained(output_dir)
+            elif hasattr(collator_tokenizer, "save_pretrained"):
+                collator_tokenizer.save_pretrained(output_dir)
             torch.save(trainer.args, os.path.join(output_dir, "training_args.bin"))
         if trainer.args.push_to_hub and not _internal_call:
             trainer.push_to_hub(commit_message="Model save", revision=trainer.args.hub_revision)

@@ -124,11 +124,13 @@ def test_two_rank_zero_trainer_equals_one_process(tmp_path, stage, kind):
     batch 4 ends (a schedule other than the jagged cosine would not). At ZeRO-3 the model comes from
     from_pretrained, built partitioned (zero.Init) and wrapped so, as a model too large for one GPU is.
     GPT-2: its Conv1D projections, exported as Conv1D again, and two micro-batches of 1 per step (gradient
-    accumulation). trainer.save_model writes the merged model, which transformers loads."""
+    accumulation). trainer.save_model writes the merged model, which transformers loads; at ZeRO-3 also before
+    train(), when the partitioned model has no engine yet: the source's weights (B = 0), not the empty
+    partitions it wrote (a review)."""
     extra = []
     if stage == 3:
         w.plain(kind).save_pretrained(tmp_path / "source")
-        extra = ["--source", tmp_path / "source"]
+        extra = ["--source", tmp_path / "source", "--save-before"]
     if kind == "gpt2":  # micro-batch 1, two per step: the merges after accumulation boundaries warn nothing
         extra = ["--grad-accum", 2]
     port = free_port()
@@ -155,6 +157,13 @@ def test_two_rank_zero_trainer_equals_one_process(tmp_path, stage, kind):
         want = trainer.model.eval()(input_ids=x).logits
         got = exported.eval()(input_ids=x).logits
     assert (got - want).abs().max() <= 1e-3 * want.abs().max(), float((got - want).abs().max())
+    if stage == 3:
+        from safetensors.torch import load_file
+        source = load_file(str(tmp_path / "source" / "model.safetensors"))
+        before = load_file(str(tmp_path / "before" / "model.safetensors"))
+        assert before.keys() == source.keys()
+        for k in source:
+            assert torch.equal(before[k], source[k]), k
 
 
 def test_a_zero3_trainer_with_selective_checkpointing_resumes_where_it_left_off(tmp_path):
@@ -218,6 +227,48 @@ def test_save_model_writes_the_merged_model_and_checkpoints_the_wrapped_state(tm
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "from_checkpoint").eval()(input_ids=x).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_save_model_of_any_module_and_of_the_collators_tokenizer(tmp_path):
+    """The Trainer takes any nn.Module: save_model wrote it with save_pretrained, which a plain module lacks
+    (AttributeError; a review), and now writes model.safetensors as Trainer._save does, merged: the state of
+    relora_ds.unwrap of the trained model. A tokenizer given only through the data collator is saved beside it,
+    as Trainer._save saves it."""
+    import copy
+
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer, models
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = w.plain()
+
+        def forward(self, input_ids, labels=None):
+            return self.lm(input_ids=input_ids, labels=labels)
+
+    class Collate:  # carries its tokenizer, as DataCollatorWithPadding does
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __call__(self, features):
+            return transformers.default_data_collator(features)
+
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "fox": 1}, unk_token="[UNK]")))
+    args = TrainingArguments(**{**w.arguments(tmp_path / "run", batch=4), "max_steps": 5})
+    trainer = w.InOrder(model=relora_ds.wrap(Holder(), rank=4, seed=3), args=args, train_dataset=w.Windows(),
+                        data_collator=Collate(tok))
+    callback = enable_relora(trainer, **w.RELORA)
+    trainer.train()
+    assert [e["step"] for e in callback.events] == [3]
+    trainer.save_model(tmp_path / "final")
+    want = relora_ds.unwrap(copy.deepcopy(trainer.model)).state_dict()
+    assert_same_weights(load_file(str(tmp_path / "final" / "model.safetensors")), want, rtol=1e-6)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "final")("fox")["input_ids"] == [1]
 
 
 def test_a_resume_with_another_cycle_length_counts_from_the_checkpoints_last_reset(tmp_path):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import datetime
 import io
 import os
 import pstats
@@ -178,6 +179,12 @@ def main(argv=None):
         return measure(args, make_paths(args), launches)
 
 
+def path_dtype(args):
+    """bf16 on a GPU and through Triton's launch path; fp32 where the launches are stubbed on CPU."""
+    import torch
+    return torch.bfloat16 if args.device == "cuda" or args.through_triton else torch.float32
+
+
 def make_paths(args):
     """{path: one fwd+bwd} on a layer of args.M x args.d, rank args.rank."""
     import torch
@@ -186,7 +193,7 @@ def make_paths(args):
     import relora_kernels as rk
     from relora_kernels.torch_linear import lora_linear_torch
     M, d, r, scale, dev = args.M, args.d, args.rank, 2.0, args.device
-    dtype = torch.bfloat16 if dev == "cuda" or args.through_triton else torch.float32
+    dtype = path_dtype(args)
     g = torch.Generator(device=dev).manual_seed(0)
     rnd = lambda *s, std=1.0: torch.randn(*s, generator=g, device=dev, dtype=dtype) * std  # noqa: E731
     x = rnd(M, d).requires_grad_()
@@ -218,7 +225,8 @@ def measure(args, paths, launches):
         per_call = launches.count
     cpu_mode = "Triton's launch path, driver call stubbed" if args.through_triton else "launches stubbed"
     meta = dict(device=torch.cuda.get_device_name() if dev == "cuda" else f"cpu ({cpu_mode})",
-                torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0], M=M, d=d, r=r)
+                torch=torch.__version__, triton=triton.__version__, python=sys.version.split()[0], M=M, d=d, r=r,
+                dtype=str(path_dtype(args)).removeprefix("torch."), date=datetime.date.today().isoformat())
     rows = RowSink(args.out, meta) if args.out else []
     print(f"host time per LoRA linear fwd+bwd on {meta['device']} (best of {args.repeats} x {args.calls} calls, "
           f"M={M} d={d} r={r}):")

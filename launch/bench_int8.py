@@ -61,7 +61,7 @@ def kernel_rows(M, shapes, r, device, rows):
                     print(f"{name} {mode} {d_in}x{d_out} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                     continue
                 rows.append(dict(op="linear", provider=name, mode=mode, M=M, d_in=d_in, d_out=d_out, r=r,
-                                 ms=med, p20=p20, p80=p80, peak_mib=peak_mib(fn, device)))
+                                 dtype="bfloat16", ms=med, p20=p20, p80=p80, peak_mib=peak_mib(fn, device)))
         Af, Bf = A.detach().float(), B.detach().float()
         Wm, qm, sm = W.clone(), q.clone(), s.clone()
         for name, fn in (("dequant", lambda: rk.int8_dequantize(q, s, torch.bfloat16)),
@@ -73,7 +73,8 @@ def kernel_rows(M, shapes, r, device, rows):
                 print(f"{name} {d_in}x{d_out} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
                 continue
             rows.append(dict(op=name, provider=name, mode="-", M=0, d_in=d_in, d_out=d_out, r=r, ms=med,
-                             p20=p20, p80=p80, peak_mib=float("nan")))
+                             dtype="bfloat16" if name == "dequant" else "float32 factors", p20=p20, p80=p80,
+                             peak_mib=float("nan")))
     return rows
 
 

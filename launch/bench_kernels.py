@@ -249,7 +249,10 @@ def run_grid(args, Ms, shapes, ranks, dtype, device, elem, emit, failures):
                     except Exception as exc:  # noqa: BLE001  as for the layers: the layer rows still come
                         _failed(failures, provider, 0, d_in, d_out, r, exc)
                         continue
-                    nbytes = 2 * d_out * d_in * elem  # W read once and written once (copy: src + dst)
+                    # W read once and written once (copy: src + dst), and the factors read once (fp32 for
+                    # merge_fp32ab; rows before 2026-12-07 counted W alone: 3% fewer bytes at 4096^2 r=128 bf16)
+                    factor_elem = {"copy": 0, "merge_fp32ab": 4}.get(provider, elem)
+                    nbytes = 2 * d_out * d_in * elem + r * (d_in + d_out) * factor_elem
                     emit(op="merge", provider=provider, mode="inplace", M=0, d_in=d_in, d_out=d_out, r=r,
                          ms=ms, ms_p20=p20, ms_p80=p80,  # the copy row computes nothing
                          tflops=float("nan") if provider == "copy" else 2 * d_out * d_in * r / ms / 1e9,

@@ -184,29 +184,32 @@ def make_ops(M, d_in, d_out, r, dtype, device):
         w_merge.copy_(w)
         return w_merge.copy_(w_merge.float() + scale * (fb @ fa))
 
+    # bytes: every operand read once and every output written once (the fewest any kernel moves)
+    y_bytes = e * (M * d_in + d_out * d_in + M * r + d_out * r + M * d_out)  # x, W, S, B in; Y out
+    dx_bytes = e * (M * d_out + d_out * d_in + M * r + r * d_in + M * d_in)  # dY, W, dS, A in; dX out
     return {
-        "S": (lambda cfg: concat_matmul(x, a.t(), config=cfg), lambda: x @ a.t(), e * (M * d_in + M * r)),
+        "S": (lambda cfg: concat_matmul(x, a.t(), config=cfg), lambda: x @ a.t(), e * (M * d_in + r * d_in + M * r)),
         "dS": (lambda cfg: concat_matmul(dy, b, alpha=scale, config=cfg), lambda: scale * (dy @ b),
-               e * (M * d_out + M * r)),
+               e * (M * d_out + d_out * r + M * r)),
         "dB": (lambda cfg, det=False: concat_matmul(dy.t(), s_, alpha=scale, reduce_k=True, deterministic=det,
                                                     out_dtype=dtype, config=cfg),
-               lambda: scale * (dy.t() @ s_), e * (M * d_out + M * r)),
+               lambda: scale * (dy.t() @ s_), e * (M * d_out + M * r + d_out * r)),
         "dA": (lambda cfg, det=False: concat_matmul(ds.t(), x, reduce_k=True, deterministic=det, out_dtype=dtype,
                                                     config=cfg),
-               lambda: ds.t() @ x, e * (M * d_in + M * r)),
+               lambda: ds.t() @ x, e * (M * d_in + M * r + r * d_in)),
         "dSdB": (lambda cfg: lin.fused_ds_db(dy, b, s_, scale, db_dtype=dtype, config=cfg),
-                 lambda: (scale * (dy @ b), scale * (dy.t() @ s_)), e * (M * d_out + 2 * M * r)),
+                 lambda: (scale * (dy @ b), scale * (dy.t() @ s_)), e * (M * d_out + 2 * M * r + 2 * d_out * r)),
         "Y": (lambda cfg: concat_matmul(x, w.t(), s_, b.t(), beta=scale, config=cfg),
-              lambda: x @ w.t() + scale * (s_ @ b.t()), e * (M * d_in + M * d_out + M * r)),
+              lambda: x @ w.t() + scale * (s_ @ b.t()), y_bytes),
         "dX": (lambda cfg: concat_matmul(dy, w, ds, a, config=cfg), lambda: dy @ w + ds @ a,
-               e * (M * d_out + M * d_in + M * r)),
+               dx_bytes),
         "Y_tma": (lambda cfg: matmul_tma.launch(x, w.t(), s_, b.t(), torch.empty_like(dy), beta=scale, config=cfg),
-                  lambda: x @ w.t() + scale * (s_ @ b.t()), e * (M * d_in + M * d_out + M * r)),
+                  lambda: x @ w.t() + scale * (s_ @ b.t()), y_bytes),
         "dX_tma": (lambda cfg: matmul_tma.launch(dy, w, ds, a, torch.empty_like(x), config=cfg),
-                   lambda: dy @ w + ds @ a, e * (M * d_out + M * d_in + M * r)),
-        "merge": (merge_kernel, merge_torch, 2 * e * d_out * d_in),
+                   lambda: dy @ w + ds @ a, dx_bytes),
+        "merge": (merge_kernel, merge_torch, 2 * e * d_out * d_in + e * r * (d_in + d_out)),
         "merge32": (lambda cfg, timed=False: merge_kernel(cfg, timed, a32, b32),
-                    lambda timed=False: merge_torch(timed, a32, b32), 2 * e * d_out * d_in),
+                    lambda timed=False: merge_torch(timed, a32, b32), 2 * e * d_out * d_in + 4 * r * (d_in + d_out)),
         "_cublas_Y": (None, lambda: x @ w.t(), 0),   # the big GEMMs without the low-rank term: cuBLAS floor
         "_cublas_dX": (None, lambda: dy @ w, 0),
         "_copy": (None, lambda: w_merge.copy_(w), 2 * e * d_out * d_in),

@@ -2,6 +2,7 @@
 launch/tune_kernels.py, launch/gpu_check.sh. Not performance numbers; those live in BENCHMARKS.md."""
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import re
@@ -34,6 +35,13 @@ def test_bench_script_smoke(tmp_path):
     assert {"op", "provider", "mode", "M", "d_in", "d_out", "r", "dtype", "device", "torch", "triton", "date",
             "ms"} <= set(rows[0])
     assert all(float(r["max_rel_err"]) < 1e-4 for r in rows if "fused" in r["provider"])
+    # merge GB/s: W read and written, A and B read (fp32 for merge_fp32ab; the copy reads and writes W only)
+    for r in (r for r in rows if r["op"] == "merge"):
+        elem = {"float32": 4, "bfloat16": 2, "float16": 2}[r["dtype"]]
+        d_in, d_out, rank = int(r["d_in"]), int(r["d_out"]), int(r["r"])
+        factor = {"copy": 0, "merge_fp32ab": 4}.get(r["provider"], elem)
+        want = 2 * d_out * d_in * elem + rank * (d_in + d_out) * factor
+        assert math.isclose(float(r["gbps"]) * float(r["ms"]) * 1e6, want, rel_tol=1e-9), r
     assert all(float(r["host_ms"]) > 0 for r in rows if r["op"] == "linear")  # the launch-bound check's column
     # The table's ratio columns on each fused line, the docstring's (d)/(a), (d)/(c), (d)/(b): /full=, /peft=,
     # /frozen=, each the fused time over that baseline's in the same mode (oracle: the CSV's ms, one pass).
@@ -413,6 +421,7 @@ def test_host_overhead_script_counts_the_fused_layers_launches(tmp_path):
     rows = {r["provider"]: r for r in json.loads(out.read_text())}
     assert set(rows) == {"fused", "torch", "peft"}
     assert rows["fused"]["triton_launches"] == 5 and all(r["us"] > 0 for r in rows.values())
+    assert {(r["dtype"], r["date"]) for r in rows.values()} == {("float32", datetime.date.today().isoformat())}
     # Through Triton's own launch path (kernels compiled for a Hopper stand-in, the driver call counted):
     # the same five launches reach the driver.
     out = tmp_path / "host_triton.json"
@@ -422,3 +431,4 @@ def test_host_overhead_script_counts_the_fused_layers_launches(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(out.read_text())
     assert row["provider"] == "fused" and row["triton_launches"] == 5 and row["us"] > 0
+    assert row["dtype"] == "bfloat16"

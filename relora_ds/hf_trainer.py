@@ -38,7 +38,7 @@ from transformers import Trainer, TrainerCallback
 
 from .merge import check_not_fsdp1, merge_and_reinit
 from .prune import MOMENT_KEYS, check_prune_args, prune_optimizer_state
-from .relora import is_deepspeed_engine, lora_parameters, relora_layers
+from .relora import ignore_host_buffers_in_ddp, is_deepspeed_engine, lora_parameters, relora_layers
 from .reset_hook import events_due
 from .schedule import build_scheduler, cycle_anchor, jagged_cosine
 
@@ -136,6 +136,7 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
 
         import_muon_compiling_on_first_call()
         memoize_cpu_info()
+    ignore_host_buffers_in_ddp(trainer.model)  # the model accelerate hands to DDP, if wrap saw only a part of it
     callback = ReLoRACallback(trainer, cycle_length, merge_every, prune_method, prune_ratio, prune_joint)
     trainer.add_callback(callback)
     return callback

@@ -390,7 +390,20 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
             layer.base_type = type(linear)  # what unwrap puts back
         layer.train(training[name])  # an eval-mode model stays in eval mode (no LoRA dropout)
         _set_submodule(model, name, layer)
+    ignore_host_buffers_in_ddp(model)
     return model
+
+
+def ignore_host_buffers_in_ddp(root: nn.Module) -> None:
+    """Name the ReLoRA layers' host-memory buffers (the merge residuals) in ``root._ddp_params_and_buffers_to_ignore``:
+    torch's DistributedDataParallel broadcasts every other buffer from rank 0 at construction and, with
+    broadcast_buffers, at each forward, which NCCL refuses for CPU tensors. Nothing is lost: every rank merges
+    the same factors into the same weights, so the residuals agree (as the DeepSpeed path relies on too)."""
+    host = {f"{name}.{key}" for name, layer in relora_layers(root) for key in layer.HOST_BUFFERS
+            if layer._buffers.get(key) is not None}
+    if host:
+        root._ddp_params_and_buffers_to_ignore = sorted(set(getattr(root, "_ddp_params_and_buffers_to_ignore", ()))
+                                                       | host)
 
 
 def _gathered(params: list):

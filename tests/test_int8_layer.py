@@ -171,6 +171,30 @@ def test_host_buffers_are_made_on_the_cpu_whatever_the_layers_device():
         assert quant.host_device() == torch.device("meta")
 
 
+@pytest.mark.parametrize("kw", [{"quantize": "int8"}, {"merge_residual": True}])
+def test_ddp_leaves_the_host_residuals_out_of_its_buffer_broadcasts(kw):
+    """torch's DistributedDataParallel broadcasts a module's buffers from rank 0 (at construction, and at each
+    forward with broadcast_buffers), which NCCL refuses for the host-memory residuals of a CUDA model (a review,
+    by reading: the Trainer without DeepSpeed on several GPUs). wrap names them in
+    _ddp_params_and_buffers_to_ignore: DDP's own list of what it syncs (one gloo rank here) holds every other
+    buffer of the model, its int8 scales included, and none of them."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = relora_ds.wrap(LlamaForCausalLM(LlamaConfig.preset("debug")), rank=4, **kw)
+    residuals = [b for name, b in model.named_buffers() if name.endswith(("weight_residual", "merge_residual"))]
+    assert len(residuals) == 7 * model.config.num_hidden_layers
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        synced = {id(b) for b in DistributedDataParallel(model).modules_buffers}
+    finally:
+        dist.destroy_process_group()
+    assert not synced & {id(b) for b in residuals}
+    assert synced == {id(b) for b in model.buffers()} - {id(b) for b in residuals}
+    bases = {id(b) for name, b in model.named_buffers() if name.endswith("weight_scale")}  # (weight_q: a parameter)
+    assert len(bases) == (len(residuals) if "quantize" in kw else 0) and bases <= synced
+
+
 def test_dequantize_and_merge_use_the_whole_weight_they_are_given():
     """``q=``: FSDP2 passes the int8 weight gathered whole from its shards, which is not the layer's weight_q.
     dequantized(layer, q=q2) is q2 · scale (the exact fp32 product, by hand); merge_(layer, A, B, q=q2) writes

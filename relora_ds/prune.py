@@ -177,8 +177,12 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
         raise ValueError(f"prune_optimizer_state: got DeepSpeed's {type(optimizer).__name__}; pass the engine "
                          "itself (relora_ds.prune_optimizer_state(engine, ...)), whose moments ZeRO partitions")
     tally = PruneTally()
+    held = {id(q) for g in optimizer.param_groups for q in g["params"]}
+    started = any(len(st) for st in optimizer.state.values())
     for i, p in enumerate(params):
         state = optimizer.state.get(p, {})
+        if not state and started and id(p) in held:
+            continue  # never had a gradient (a layer no forward used, an expert no token reached): nothing to prune
         if not all(k in state for k in MOMENT_KEYS):
             raise ValueError(_no_moments(optimizer, i, p, state))
         # FSDP2's moments are DTensors: the masks of the whole tensors (gathered), each rank zeroing its shard
@@ -206,7 +210,7 @@ def _no_moments(optimizer, i: int, p: torch.Tensor, state: dict) -> str:
                 "modules are unsharded (after a forward with reshard_after_forward=False, or at the root); take "
                 "the parameters after relora_ds.merge_and_reinit(model), which reshards, or after model.reshard()")
     if any(len(st) for st in optimizer.state.values()):
-        return (f"{where} has no optimizer state although other parameters do: is it in this optimizer's param "
-                "groups, and did it get a gradient? (An optimizer built before relora_ds.wrap holds the replaced "
-                "layers' old weights, not the LoRA factors: build it after wrap.)")
+        return (f"{where} is not in this optimizer's param groups, which hold other parameters' moments (an "
+                "optimizer built before relora_ds.wrap holds the replaced layers' old weights, not the LoRA "
+                "factors: build it after wrap)")
     return f"{where} has no Adam moments yet: prune after the first optimizer step"

@@ -282,8 +282,24 @@ def test_errors_say_why_a_parameter_has_no_adam_moments():
     with pytest.raises(ValueError, match="after the first optimizer step"):
         relora_ds.prune_optimizer_state(adam, ps[:1])
     _one_step(adam, ps[:1])
-    with pytest.raises(ValueError, match=r"parameter 1 .* no optimizer state although other parameters do: is it in"):
+    with pytest.raises(ValueError, match=r"parameter 1 .* is not in this optimizer's param groups, which hold other"):
         relora_ds.prune_optimizer_state(adam, ps)
+
+
+def test_a_parameter_that_never_had_a_gradient_has_nothing_to_prune():
+    """A LoRA factor in the optimizer that no step gave a gradient (a layer no forward used, an expert no token
+    reached) has no moments: the reset prunes the others exactly and leaves it (it raised, ending the run at its
+    first reset; a review)."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(2)]
+    adam = torch.optim.AdamW(ps)
+    _one_step(adam, ps[:1])
+    assert ps[1] not in adam.state
+    want = {k: adam.state[ps[0]][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    stats = relora_ds.prune_optimizer_state(adam, ps, ratio=0.5)
+    assert ps[1] not in adam.state and stats["exp_avg_sq"] == 0.5
+    mask = _oracle_mask(want["exp_avg_sq"], 0.5)
+    assert torch.equal(adam.state[ps[0]]["exp_avg_sq"], want["exp_avg_sq"].masked_fill(mask, 0.0))
 
 
 def test_amsgrad_running_max_is_pruned_with_exp_avg_sq():

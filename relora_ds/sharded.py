@@ -24,9 +24,14 @@ def shard_of(like: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     communication. A plain ``like``: ``full`` itself."""
     if not is_sharded(like):
         return full
-    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    out = distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    local = like.to_local()
+    if out.to_local().device != local.device:  # CPUOffloadPolicy: host shards of a GPU mesh (not yet run on a GPU)
+        out = DTensor.from_local(out.to_local().to(local.device), like.device_mesh, like.placements, run_check=False,
+                                 shape=like.shape, stride=like.stride())
+    return out
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import full_state_dict, is_sharded
-from .durable import fsync_path, fsync_tree
+from .durable import fsync_path, fsync_tree, replace_durably
 from .distributed import on_rank_zero
 
 UNIVERSAL = "universal"
@@ -50,6 +50,10 @@ def make_universal(ckpt_dir: Path, tag: str, param_groups: list[list[str]] | Non
         fsync_tree(tmp)  # on disk before the rename says complete: a resume loads what is there
         os.replace(tmp, out)
         fsync_path(src)
+        # DeepSpeed's converter named its output folder (the temporary one) in latest_universal, which
+        # load_checkpoint(dir, load_universal=True) without a tag reads: name where it now is
+        if (Path(ckpt_dir) / "latest_universal").exists():
+            replace_durably(f"{tag}/{UNIVERSAL}", Path(ckpt_dir) / "latest_universal")
 
     if dist.is_initialized():
         on_rank_zero(convert)  # a failed conversion stops every rank, not only rank 0

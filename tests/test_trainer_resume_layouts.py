@@ -27,6 +27,9 @@ def test_a_zero2_checkpoint_resumes_on_fewer_ranks_offloaded_or_in_bf16(tmp_path
     proc = train1(tmp_path, small_data_dir, "--resume", save_every=7)
     assert "loading it as a DeepSpeed universal checkpoint" in proc.stdout + proc.stderr
     assert (tmp_path / "run" / "checkpoints" / "step_7" / "universal" / "zero").is_dir()
+    # latest_universal, which DeepSpeed's load_checkpoint(load_universal=True) reads without a tag, names it (the
+    # converter wrote the temporary folder's name there: a review)
+    assert (tmp_path / "run" / "checkpoints" / "latest_universal").read_text() == "step_7/universal"
     resumed, recs = read_losses(tmp_path / "run")
     assert sorted(resumed) == list(range(8, 13))
     for step, loss in resumed.items():  # only the reduction order differs (fp32; seen: equal)

@@ -219,6 +219,10 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
     out = Path(out_dir)
     if like is not None and out.resolve() == Path(like).resolve():
         raise ValueError(f"export_hf: {out} is the directory the model was loaded from; export to another one")
+    if tokenizer is not None and (size := open_tokenizer(tokenizer).vocab_size) > config.vocab_size:
+        raise ValueError(f"export_hf: the tokenizer {tokenizer} has {size:,} ids, more than the model's vocab_size="
+                         f"{config.vocab_size:,}: ids past it have no embedding; pass the tokenizer the model was "
+                         "trained with")
     source = _source_config(like)
     # The source model's ids (and tokenizer files, where it has some) unless another tokenizer is given.
     from_source = like is not None and (tokenizer is None or _same_tokenizer(Path(like), tokenizer))

@@ -84,6 +84,20 @@ def test_exported_tokenizer_other_sentencepiece_models(tmp_path):
     assert not (tmp_path / "unigram").exists()
 
 
+def test_a_tokenizer_with_more_ids_than_the_models_vocab_is_refused(tmp_path):
+    """export_hf(model, dir, tokenizer=) with a tokenizer of 320 pieces for a model of 256 embeddings wrote an
+    export whose tokenizer's ids past 255 raise IndexError in the model (a review); refused, nothing written.
+    A smaller tokenizer than the vocab (a padded vocab) still exports."""
+    path = _train_sp(tmp_path, "tok320", 320, model_type="bpe", byte_fallback=True)
+    small = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug", vocab_size=256))
+    with pytest.raises(ValueError, match=r"has 320 ids, more than the model's vocab_size=256: ids past it"):
+        relora_ds.export_hf(small, tmp_path / "small", tokenizer=path)
+    assert not (tmp_path / "small" / "model.safetensors").exists()
+    padded = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug", vocab_size=384))
+    relora_ds.export_hf(padded, tmp_path / "padded", tokenizer=path)
+    assert (tmp_path / "padded" / "model.safetensors").exists()
+
+
 def test_exported_tokenizer_of_a_model_with_sentencepieces_default_normalization(tmp_path):
     """SentencePiece's training defaults (nmt_nfkc, remove_extra_whitespaces): it strips spaces only, and keeps a
     U+0085 (NEL) at either end, which tokenizers' Strip removed (a review: 368 of 3,000 random texts encoded

@@ -1,6 +1,6 @@
 r"""Tokenize a corpus once into a data dir that training reads by random access.
 
-    python launch/prepare_data.py --out data/builtin                       # the built-in corpus
+    python launch/prepare_data.py --out data/builtin --vocab-size 2048     # the built-in corpus, as tiny.yaml
     python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --out data/c4 --num-proc 16
     python launch/prepare_data.py --input allenai/c4 --hf-config en --out data/c4 --tokenizer t.model
     python launch/prepare_data.py --input 'c4/en/c4-train.*.json.gz' --out data/c4-llama3 --tokenizer Meta-Llama-3-8B

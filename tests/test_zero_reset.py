@@ -92,6 +92,7 @@ def test_merge_writes_masters_keeps_outputs_and_ranks_agree(results, case):
         res = r[case]
         assert res["merge_exact"], "merged W != W0 + scale * B_master @ A_master (fp32, rounded once)"
         assert res["masters_A_new_init"] and res["masters_B_zero"]
+        assert res["module_copies_new_init"], "the module's A/B (what the next step computes with) kept old values"
         assert res["no_resurrection"], "the next step restored pre-merge LoRA values (DeepSpeed #2424)"
         # Outputs unchanged up to W's dtype rounding (bf16 has 8 mantissa bits).
         assert res["merge_max_logit_diff"] < (1e-5 if case.endswith("fp32") else 0.05)
@@ -214,6 +215,31 @@ def _stage0_engine(**kw):
     model = relora_ds.wrap(transformers.LlamaForCausalLM(cfg), rank=3, seed=5)
     opt = torch.optim.AdamW(relora_ds.lora_parameters(model), **kw)
     return _Stage0Engine(model, opt)
+
+
+def test_a_stage_0_engine_merges_s_B_A_into_W_and_draws_the_new_A():
+    """ZeRO stage 0 in fp32 (the model's copies are the masters): the merge adds s·B·A of live factors into
+    W, computed as the ZeRO workers' oracle computes it (fp32, rounded once), draws A from the layer's reinit
+    seed and zeroes B. Only multi-rank runs checked this path's values before (a review's mutant that merged
+    B = 0 passed every single-process test, whose fresh B was 0 anyway)."""
+    import torch
+
+    import relora_ds
+    from relora_ds.relora import kaiming_uniform_A, reinit_seed
+
+    engine = _stage0_engine()
+    layers = list(relora_ds.relora_layers(engine.module))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, l in layers:
+            l.lora_B.copy_(torch.randn(l.lora_B.shape, generator=g))
+    want = [(l.weight.detach().float() + (l.lora_B.detach().float() @ l.lora_A.detach().float()) * l.scale
+             ).to(l.weight.dtype) for _, l in layers]
+    assert relora_ds.merge_and_reinit(engine)["layers"] == len(layers) == 7
+    for (name, l), w in zip(layers, want):
+        assert torch.equal(l.weight, w), name
+        assert torch.equal(l.lora_A, kaiming_uniform_A(tuple(l.lora_A.shape), reinit_seed(5, name, 1))), name
+        assert int(torch.count_nonzero(l.lora_B)) == 0 and int(l.merge_count) == 1, name
 
 
 def test_a_stage_0_engine_prunes_its_torch_optimizers_moments_in_place_as_the_sort_oracle():

@@ -321,6 +321,14 @@ def run_case(stage, bf16, rank, offload=False, persist0=False, random_lora_secon
     res["masters_A_new_init"] = all(torch.equal(safe_get_full_fp32_param(l.lora_A).cpu(), a)
                                     for (_, l), a in zip(layers, expected_A))
     res["masters_B_zero"] = all(int(torch.count_nonzero(safe_get_full_fp32_param(l.lora_B))) == 0 for _, l in layers)
+    # The model's own copies, which the next forward and backward use, right after the merge (before any step
+    # copies the masters over them: a merge writing the masters alone would train a step with the old A)
+    lp_ok = True
+    for (_, l), a in zip(layers, expected_A):
+        with deepspeed.zero.GatheredParameters([l.lora_A, l.lora_B], enabled=hasattr(l.lora_A, "ds_id")):
+            lp_ok &= torch.equal(l.lora_A.detach().cpu(), a.to(l.lora_A.dtype))
+            lp_ok &= int(torch.count_nonzero(l.lora_B)) == 0
+    res["module_copies_new_init"] = bool(lp_ok)
     h = hashlib.sha256()
     for _, l in layers:
         with deepspeed.zero.GatheredParameters([l.weight], enabled=hasattr(l.weight, "ds_id")):

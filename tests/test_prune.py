@@ -31,11 +31,14 @@ def test_magnitude_mask_with_ties_prunes_exactly_k():
     assert torch.equal(mask, _oracle_mask(t, 0.5))
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_magnitude_mask_ranks_in_the_moments_own_precision(dtype):
+def test_magnitude_mask_ranks_fp64_moments_in_fp64():
     """fp64 moments that differ below fp32's resolution are ranked by their fp64 values (not made ties)."""
     t = torch.tensor([1.0 + 1e-12, 1.0, 5.0, 6.0], dtype=torch.float64)
     assert torch.equal(magnitude_prune_mask(t, 0.25), torch.tensor([False, True, False, False]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_magnitude_mask_of_each_dtype_equals_the_sort_oracle(dtype):
     u = torch.randn(41, 29, dtype=torch.float64).to(dtype)
     assert torch.equal(magnitude_prune_mask(u, 0.9), _oracle_mask(u.double(), 0.9))
 

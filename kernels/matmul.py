@@ -277,8 +277,9 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
         cfg = None  # autotune
     split = (forced_split or _split_count(M, N, K1, cfg, device)) if reduce_k else 1
     block_k = cfg["BLOCK_K"] if cfg else _GPU_BLOCK_K
-    k1_per_split = _runtime.cdiv(_runtime.cdiv(K1, split), block_k) * block_k
-    split = _runtime.cdiv(K1, k1_per_split)
+    # (K1 = 0 beside a second term: one split whose first loop runs no iteration)
+    k1_per_split = max(block_k, _runtime.cdiv(_runtime.cdiv(K1, split), block_k) * block_k)
+    split = max(1, _runtime.cdiv(K1, k1_per_split))
 
     atomic = split > 1 and not deterministic
     if split == 1:

@@ -116,6 +116,8 @@ def eligible(a1, b1, a2, b2, out, mask, b1_scale, reduce_k) -> bool:
     """Whether :func:`launch` can compute this product (see the module docstring for the rules)."""
     if mask is not None or b1_scale is not None or reduce_k or not _row_major(out) or not _row_major(a1):
         return False
+    if a1.shape[1] == 0:  # no descriptor of a zero-length dimension: the pointer kernel takes an empty first term
+        return False
     pairs = [(a1, b1)] + ([(a2, b2)] if a2 is not None else [])
     for a, b in pairs:
         lay = _layout(b)

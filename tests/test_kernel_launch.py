@@ -241,3 +241,17 @@ def test_int8_merge_products_in_exact_fp32_for_fp32_factors(monkeypatch, ldtype,
     for residual in (None, torch.zeros(40, 24, dtype=torch.int8)):
         int8.int8_merge_launch(q, scale, residual, torch.ones(4, 24, dtype=ldtype), torch.ones(40, 4, dtype=ldtype), 0.5)
     assert got == [want, want]
+
+
+@pytest.mark.parametrize("mode", ["plain", "deterministic"])
+def test_an_empty_first_product_beside_a_second_is_the_second_alone(monkeypatch, mode):
+    """concat_matmul's C = alpha·(A1·B1 + beta·A2·B2) with K1 = 0 (an empty sum, a valid input the docstring
+    allows) divided by zero sizing its K splits (a review); oracle: torch's alpha·beta·A2·B2. Under the
+    interpreter, as on a GPU the same sizing runs."""
+    from relora_kernels import matmul
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(0)
+    a2, b2 = torch.randn(8, 5, generator=g), torch.randn(5, 16, generator=g)
+    got = matmul.concat_matmul(torch.randn(8, 0), torch.randn(0, 16), a2, b2, alpha=2.0, beta=0.5,
+                               deterministic=mode == "deterministic")
+    torch.testing.assert_close(got, a2 @ b2, rtol=1e-5, atol=1e-5)

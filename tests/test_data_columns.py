@@ -161,6 +161,25 @@ def test_files_with_other_columns_beside_the_text_are_read_together(tmp_path, st
     with pytest.raises(ValueError, match=r"text column 'text' not found in .*e\.jsonl; its columns are \['content', "
                                          r"'id'\]"):
         prepare_data([str(corpus)], tmp_path / "bad", vocab_size=300, val_fraction=0.0, streaming=streaming)
+    # JSON files whose first records agree but whose later ones do not (a review): a key added in a later
+    # record of the second file (streaming failed with datasets' CastError), and a number in its text column
+    # (cast to the first file's strings and trained as digits); each file is read with its own schema.
+    later = tmp_path / "later"
+    later.mkdir()
+    write_jsonl(later / "a.jsonl", SENTENCES[:40])
+    rows = [{"text": t} for t in SENTENCES[40:80]]
+    rows[30]["meta"] = "added"
+    (later / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = prepare_data([str(later)], tmp_path / "later_out", tokenizer=str(out / "tokenizer.model"),
+                       val_fraction=0.0, streaming=streaming)
+    want = [i for t in SENTENCES[:80] for i in [sp.bos_id(), *sp.encode(t), sp.eos_id()]]
+    assert np.fromfile(out / "train.bin", dtype=load_manifest(out)["dtype"]).tolist() == want
+    rows = [{"text": t} for t in SENTENCES[40:80]]
+    rows[5]["text"] = 987654321
+    (later / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"text column 'text' of .*b\.jsonl holds a value that is not text at "
+                                         r".*b\.jsonl line 6: 987654321 \(int\)"):
+        prepare_data([str(later)], tmp_path / "later_bad", vocab_size=300, val_fraction=0.0, streaming=streaming)
 
 
 def test_a_group_read_again_file_by_file_logs_no_failure(tmp_path):

@@ -262,14 +262,14 @@ def load_corpus(
 
     parts = []
     # Consecutive files with the same builder and columns are read together (datasets reads a group as one
-    # schema: JSON Lines or Parquet files with other metadata columns beside the text failed, or when
-    # streaming failed later, inside tokenization); order is the resolved order.
+    # schema: Parquet files with other metadata columns beside the text failed); order is the resolved order.
+    # JSON files are read one by one, each with its own schema: datasets fixes a JSON group's schema from its
+    # first file, so a later file whose records add a key failed when streaming (a CastError), and one whose
+    # text column holds a number was cast to the first file's strings and trained as its digits (a review).
     groups: list[tuple[tuple, list[str]]] = []
     for f in files:
         key = (builder_for(f), _columns(f, builder_for(f), text_column))
-        # Streaming cannot re-read a group file by file when a later file's columns differ (below): files whose
-        # columns are not read cheaply (a .json array) are read one by one, each by its own text column.
-        alone = streaming and key[0] == "json" and key[1] is None
+        alone = key[0] == "json"
         if groups and groups[-1][0] == key and not alone:
             groups[-1][1].append(f)
         else:

@@ -218,3 +218,40 @@ def test_inputs_inside_the_output_directory_are_read(tmp_path):
         created = load_manifest(out)["created"]
         assert _documents(out) == (120 if "raw" in inputs[0] else 30)
         assert load_manifest(prepare_data(inputs, proj, vocab_size=300))["created"] == created
+
+
+def test_symlinked_inputs_are_read_by_their_names_and_each_file_once(tmp_path):
+    """A Hugging Face hub cache snapshot links each file's name to an extensionless blob (a review): a file or
+    a glob input was resolved to the blob and refused or crashed; a directory's symlinked sub-folder was
+    skipped without a word; a validation file reached through a link escaped the train/validation overlap
+    refusal. Oracle: the same documents given as plain files."""
+    import os
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    (snap / "more").mkdir(parents=True)
+    write_jsonl(blobs / "9f2c1e", SENTENCES[:60])
+    write_jsonl(blobs / "77aa01", SENTENCES[60:])
+    os.symlink(blobs / "9f2c1e", snap / "train.jsonl")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    os.symlink(blobs / "77aa01", shards / "s1.jsonl")
+    os.symlink(shards, snap / "more" / "linked")  # a linked folder inside a directory input
+    os.symlink(snap, snap / "more" / "loop")  # a link cycle: read once
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_jsonl(plain / "a.jsonl", SENTENCES[:60])
+    write_jsonl(plain / "b.jsonl", SENTENCES[60:])
+    want = prepare_data([str(plain)], tmp_path / "want", vocab_size=300)
+    for item in (str(snap), str(snap / "**" / "*.jsonl")):  # (the glob also walks the cycle, as far as it goes)
+        files, _ = resolve_inputs([item])
+        assert sorted(files) == [str(snap / "more" / "linked" / "s1.jsonl"), str(snap / "train.jsonl")], (item, files)
+    assert resolve_inputs([str(snap / "train.jsonl")])[0] == [str(snap / "train.jsonl")]
+    # each document once
+    out = prepare_data([str(snap)], tmp_path / "out", vocab_size=300)
+    assert load_manifest(out)["splits"]["train"]["documents"] + \
+        load_manifest(out)["splits"]["validation"]["documents"] == len(SENTENCES)
+    assert load_manifest(want)["splits"]["train"]["documents"] + \
+        load_manifest(want)["splits"]["validation"]["documents"] == len(SENTENCES)
+    with pytest.raises(ValueError, match=r"1 files are both training input and --val-input"):
+        prepare_data([str(snap)], tmp_path / "overlap", vocab_size=300, val_inputs=[str(shards / "s1.jsonl")])

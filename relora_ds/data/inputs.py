@@ -75,7 +75,17 @@ def _walk(root: Path, origin: str, exclude: tuple[Path, ...]) -> list[str]:
     """Every non-hidden path under directory `root` (hidden files counted in a warning), without the
     paths in `exclude` and what lies under them; a ``save_to_disk`` dataset's metadata files are not text."""
     found, hidden, caches = [], 0, 0
-    for p in sorted(root.rglob("*")):
+    paths, seen = [], set()
+    # Symlinked folders are read through (Path.rglob on Python 3.11 skips them: a hub cache snapshot's
+    # links, a tree of linked shards); a folder reached twice (a link cycle, a second link) is read once.
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        paths += [Path(folder) / name for name in names]
+    for p in sorted(paths):
         if _excluded(p, exclude):
             continue
         if any(part.startswith(".") for part in p.relative_to(root).parts):  # .git, .ipynb_checkpoints
@@ -112,7 +122,8 @@ def _is_save_to_disk_meta(p: Path) -> bool:
 
 
 def _excluded(p: Path, exclude: tuple[Path, ...]) -> bool:
-    return any(p == e or e in p.parents for e in exclude)
+    real = Path(os.path.realpath(p))  # `exclude` is resolved; p may be reached through a link
+    return any(q == e or e in q.parents for q in (Path(p), real) for e in exclude)
 
 
 def _check_not_dataset_dict(root: Path, origin: str) -> None:
@@ -144,15 +155,17 @@ def resolve_inputs(inputs: list[str], exclude=None) -> tuple[list[str], str | No
     for item in inputs:
         item = str(item)
         path = Path(item).expanduser()
+        # Absolute paths as named, not resolved: a symlink's target may carry no extension (a hub cache's
+        # blobs), and the name says how to read it; the same file reached twice is read once (below).
         if path.is_file():
             if builder_for(path) is None:
                 raise _unsupported(item)
-            files.append(str(path.resolve()))
+            files.append(os.path.abspath(path))
         elif path.is_dir():
             _check_not_dataset_dict(path.resolve(), item)
-            files.extend(_files_in(_walk(path.resolve(), item, exclude), item))
+            files.extend(_files_in(_walk(Path(os.path.abspath(path)), item, exclude), item))
         elif _GLOB_CHARS.search(item):
-            matches = [Path(m).resolve() for m in glob.glob(str(path), recursive=True)]
+            matches = [Path(os.path.abspath(m)) for m in glob.glob(str(path), recursive=True)]
             if not matches:
                 raise ValueError(f"input glob {item!r} matches no files")
             found, own = [], []
@@ -174,7 +187,13 @@ def resolve_inputs(inputs: list[str], exclude=None) -> tuple[list[str], str | No
                              f"or Hugging Face hub name like 'allenai/c4')")
     if hub and (files or len(hub) > 1):
         raise ValueError(f"a hub dataset ({hub[0]!r}) must be the only input; got {list(inputs)}")
-    return list(dict.fromkeys(files)), (hub[0] if hub else None)
+    # Each file once, by what it is (where it first came in the order), under its shortest name (a glob's
+    # ** through a link cycle also finds it under loop/loop/...)
+    by_target: dict[str, str] = {}
+    for f in files:
+        real = os.path.realpath(f)
+        by_target[real] = min(by_target.get(real, f), f, key=lambda name: (name.count(os.sep), name))
+    return list(by_target.values()), (hub[0] if hub else None)
 
 
 def local_fingerprint(files: list[str]) -> str:

@@ -168,7 +168,8 @@ def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig,
                          f"given as --val-input, but --val-input here is {len(resolved_val[0])} local files, "
                          "which have no splits: leave --hf-val-split out, or give a hub dataset name as --val-input")
     if resolved and resolved_val:
-        both = sorted(set(resolved[0]) & set(resolved_val[0]))
+        val_files = {os.path.realpath(f) for f in resolved_val[0]}  # reached by any name or link
+        both = sorted(f for f in resolved[0] if os.path.realpath(f) in val_files)
         if both:
             raise ValueError(f"{len(both)} files are both training input and --val-input, so validation would "
                              f"be trained on: {both[:5]}{' ...' if len(both) > 5 else ''}; leave them out of "

@@ -218,3 +218,10 @@ def test_a_recipe_leaves_out_default_hub_keys_and_offline_keeps_each_sides_prepa
         assert current_commit("owner/train", None, out) == "aaa"
     with pytest.warns(DataWarning, match="keeping the data prepared at commit bbb"):
         assert current_commit("owner/validation", None, out, validation=True) == "bbb"
+    # A pinned revision: a commit sha is that commit, offline too; a branch or tag cannot be checked offline
+    # against data the dir does not say it was prepared for (it kept commit aaa: a no-op on another revision)
+    sha = "b" * 40
+    assert current_commit("owner/train", sha, out) == sha
+    with pytest.raises(ValueError, match=r"offline The data in .* was prepared at commit aaa, but which commit "
+                                         r"revision 'v2' names now cannot be checked offline: pin the commit sha"):
+        current_commit("owner/train", "v2", out)

@@ -4,6 +4,7 @@ prepares a data dir only when its manifest's recipe is not this one."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -90,14 +91,23 @@ class PrepareConfig:
 
 def current_commit(hub: str, revision: str | None, out_dir: Path, validation: bool = False) -> str:
     """The hub dataset's commit now; offline, the one `out_dir` was prepared at (with a warning), so that
-    re-running on prepared data stays a no-op without network. `validation`: of the val_inputs dataset."""
+    re-running on prepared data stays a no-op without network. `validation`: of the val_inputs dataset.
+    A revision that is a commit sha is that commit, online or not. Offline with a branch or tag named, which
+    the prepared data does not record, the data may be of another revision: an error (it kept the prepared
+    commit, and the run was a no-op on data of another revision; a review)."""
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
     try:
         return hub_commit(hub, revision)
-    except ValueError:
+    except ValueError as e:
         recipe = (mf.read_manifest_file(out_dir) or {}).get("recipe", {})
         prepared = (recipe.get("validation_corpus", {}) if validation else recipe).get("hub_commit")
         if prepared is None:
             raise
+        if revision is not None:
+            raise ValueError(f"{e} The data in {out_dir} was prepared at commit {prepared}, but which commit "
+                             f"revision {revision!r} names now cannot be checked offline: pin the commit sha as "
+                             "hf_revision (--hf-revision), which needs no network") from e
         warnings.warn(f"cannot reach the hub to check whether {hub!r} moved; keeping the data prepared at "
                       f"commit {prepared}", DataWarning, stacklevel=4)
         return prepared

@@ -126,6 +126,36 @@ def test_concurrent_callers_serialize_and_the_later_one_finds_the_work_done(tmp_
     assert caplog.text.count("prepared ") == 1 and caplog.text.count("is up to date") == 1
 
 
+def test_prepared_data_in_a_read_only_dir_is_a_no_op(tmp_path, monkeypatch, caplog):
+    """Data prepared once and shared read-only (or a read-only RELORA_DATA_CACHE): the same preparation again
+    is a no-op, not a failure to open the lock file (a review); one that would write there is an error naming
+    the directory. The read-only directory is simulated (this runs as root, whom permissions do not stop): its
+    lock file cannot be opened and os.access says not writable."""
+    import builtins
+    import os
+
+    from relora_ds.data import prepare as prep
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Now is the winter of our discontent " * 40)
+    out = prepare_data([str(corpus)], tmp_path / "shared", vocab_size=300, val_fraction=0.0)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    real_open, real_access = builtins.open, os.access
+
+    def read_only_open(path, *args, **kwargs):
+        if str(path).startswith(str(out)) and args and args[0] != "rb" and args[0] != "r":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(prep, "open", read_only_open, raising=False)
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(out) else real_access(path, mode))
+    caplog.set_level("INFO", logger="relora_ds.data.prepare")
+    assert prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0) == out
+    assert "is up to date" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    with pytest.raises(ValueError, match=r"another recipe"):
+        prepare_data([str(corpus)], out, vocab_size=280, val_fraction=0.0)
+
+
 def test_an_out_dir_that_cannot_be_made_is_one_error(tmp_path):
     """A path under a file (or a read-only mount: a user trial got an OSError traceback there) is a ValueError
     naming it, which launch/prepare_data.py prints as one line; a symlink to a folder not made yet is made."""

@@ -120,6 +120,13 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory: give a directory (new or "
                          "holding prepared data) for --out")
     created, lock = _lock_out_dir(out_dir)
+    if lock is None:  # prepared data in a directory this process cannot write: a no-op, or an error saying why
+        try:
+            return _prepare_locked(inputs, out_dir, cfg, overwrite)
+        except OSError as e:
+            raise ValueError(f"data dir {out_dir} is not writable ({e.strerror}) and its data would have to be "
+                             "prepared again: prepare into a writable directory (prepare_data.py --out, "
+                             "--data-dir)") from None
     with lock:
         try:
             return _prepare_locked(inputs, out_dir, cfg, overwrite)
@@ -136,7 +143,8 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
 def _lock_out_dir(out_dir: Path):
     """(whether this call created `out_dir`, the open lock file, held). Processes preparing the same
     directory serialize on it; one whose lock file was removed while it waited (a failed first prepare
-    cleaned up) locks a new one."""
+    cleaned up) locks a new one. Prepared data in a directory this process cannot write (shared read-only):
+    no lock (None), as nothing will be written where the data is the one asked for."""
     created = False
     while True:
         created |= not out_dir.exists()
@@ -144,6 +152,8 @@ def _lock_out_dir(out_dir: Path):
             out_dir.resolve().mkdir(parents=True, exist_ok=True)
             lock = open(out_dir / ".prepare.lock", "a")
         except OSError as e:  # read-only, a file on the path, a full disk, ...
+            if (out_dir / mf.MANIFEST).is_file() and not os.access(out_dir, os.W_OK):
+                return False, None
             raise ValueError(f"data dir {out_dir}: cannot create it or its lock file ({e.strerror}); pick a "
                              "writable directory (prepare_data.py --out, --data-dir)") from None
         fcntl.flock(lock, fcntl.LOCK_EX)

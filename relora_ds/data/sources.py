@@ -357,7 +357,8 @@ def _columns(path: str, builder: str | None, text_column: str | list[str] = "tex
             return (*sorted(schema.names), kind)
         if builder != "json":
             return None
-        with (gzip.open if str(path).lower().endswith(".gz") else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+        opener = gzip.open if str(path).lower().endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
             while line := f.readline(1 << 20):  # at most 1 MB: a .json array can be one huge line
                 if line.strip():
                     record = json.loads(line)  # a cut line fails here: None

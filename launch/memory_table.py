@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quantize", choices=("int8",), help="the trainer's --quantize: int8 frozen base weights")
     parser.add_argument("--offload", choices=tuple(OFFLOAD_STAGES), default="none",
                         help="what the DeepSpeed config offloads to host memory (ds_configs/zero2_offload.json: "
-                             "optimizer; zero3_offload.json: optimizer+parameters; ZeRO-3 may offload the parameters alone)")
+                             "optimizer; zero3_offload.json: optimizer+parameters; ZeRO-3 may offload the "
+                             "parameters alone)")
     parser.add_argument("--loss-chunk-size", type=int, default=0,
                         help="the trainer's --loss-chunk-size: the loss without full logits (0: off)")
     args = parser.parse_args(argv)

@@ -26,8 +26,9 @@ def check_precision_on_device(ds: dict, accelerator) -> None:
         warnings.warn("bf16 (the DeepSpeed config's \"bf16\": {\"enabled\": true}) on this CPU, which has no "
                       f"native bf16 matmul (PyTorch sees {torch.backends.cpu.get_cpu_capability()}, no AVX-512 or "
                       "AMX): every bf16 matmul takes PyTorch's slow fallback (a matmul 27x slower than fp32 measured "
-                      "on a 2-core AMD EPYC; the whole tiny demo 12x: 370 vs 4,500 tokens/s). Train in fp32 on this machine: "
-                      "a DeepSpeed config with bf16 off, e.g. ds_configs/zero2_fp32.json", ConfigWarning, stacklevel=2)
+                      "on a 2-core AMD EPYC; the whole tiny demo 12x: 370 vs 4,500 tokens/s). Train in fp32 on "
+                      "this machine: a DeepSpeed config with bf16 off, e.g. ds_configs/zero2_fp32.json",
+                      ConfigWarning, stacklevel=2)
 
 
 def cpu_has_native_bf16() -> bool:

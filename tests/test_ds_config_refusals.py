@@ -57,7 +57,8 @@ def test_a_recipe_value_in_the_json_is_an_error_not_overwritten(ds, key):
     # found by a user trial: accepted, and the batches (and losses) were those of a run without them
     ("data_efficiency", {"enabled": True, "data_sampling": {"enabled": True, "curriculum_learning": {
         "enabled": True, "data_cluster_path": "/tmp/none", "curriculum_metrics": {}}}}, "deepspeed_io"),
-    ("torch_autocast", {"enabled": True, "dtype": "bfloat16"}, "read the training precision from the bf16/fp16 sections"),
+    ("torch_autocast", {"enabled": True, "dtype": "bfloat16"},
+     "read the training precision from the bf16/fp16 sections"),
 ])
 def test_sections_this_trainer_would_leave_without_effect_are_refused(section, value, why):
     """DeepSpeed accepts them, and here they would do nothing or log a fragment: an error, not silence;

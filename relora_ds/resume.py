@@ -19,7 +19,7 @@ from .engines import group_weight_decay
 from .hf import PROGRESS_FILE
 from .relora import relora_layers
 from .resume_plan import nothing_to_resume
-from .schedule import cycle_anchor
+from .schedule import cycle_anchor, last_reset
 from .startup import build_schedule
 from .train_config import ConfigWarning
 from .zero_reset import unshare_optimizer_steps
@@ -58,8 +58,8 @@ class CheckpointsMixin:
                 warnings.simplefilter("ignore")
                 self.schedule = build_schedule(self.cfg, self.total_steps, self.cycle_start)
         if self.reset_on_resume:
-            last = progress.get("cycle_start", self.relora_start)
-            last += (step - last) // before * before
+            saved_start = progress.get("cycle_start")
+            last = last_reset(step, self.relora_start if saved_start is None else saved_start, before)
             self._print(f"cycle_length {before} -> {self.cfg.cycle_length}: the checkpoint's last reset (step {last}) "
                         f"is a whole new cycle or more back, so the reset is overdue: it is done now, at step {step}, "
                         f"and cycles count from here; the next reset is at step {step + self.cfg.cycle_length}")

@@ -100,10 +100,15 @@ def cycle_anchor(step: int, *, relora_start: int, cycle_length: int | None, save
     if not cycle_length or not saved_cycle_length or saved_cycle_length == cycle_length or step <= start:
         return CycleAnchor(start, saved_before, False)
     done = (step - start) // saved_cycle_length
-    last = start + done * saved_cycle_length
+    last = last_reset(step, start, saved_cycle_length)
     if step - last >= cycle_length:
         return CycleAnchor(step, saved_before + done + 1, True)
     return CycleAnchor(last, saved_before + done, False)
+
+
+def last_reset(step: int, start: int, cycle_length: int) -> int:
+    """The last reset at or before ``step`` of cycles of ``cycle_length`` counted from ``start``."""
+    return start + (step - start) // cycle_length * cycle_length
 
 
 def restarted_at(step: int, *, start_step: int, first, second) -> float:

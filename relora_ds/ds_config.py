@@ -15,7 +15,8 @@ import json
 import warnings
 from pathlib import Path
 
-from .ds_schema import _as_int, _bf16_section, adam_parameters, check_deepspeed_keys, optimizer_offload, uses_bf16, uses_fp16
+from .ds_schema import (_as_int, _bf16_section, adam_parameters, as_bool, check_deepspeed_keys, optimizer_offload,
+                        uses_bf16, uses_fp16)
 from .train_config import ConfigWarning, TrainConfig
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -53,16 +54,6 @@ def _unique_keys(pairs: list) -> dict:
             raise _DuplicateKey(key)
         out[key] = value
     return out
-
-
-def _as_bool(value):
-    """``value`` as DeepSpeed's config model reads a bool (pydantic's lax parsing: "false", 0, "off", ...);
-    None where it would refuse it."""
-    import pydantic
-    try:
-        return pydantic.TypeAdapter(bool).validate_python(value)
-    except pydantic.ValidationError:
-        return None
 
 
 def _off(value) -> bool:
@@ -109,7 +100,7 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
     stage = _zero_config(ds, source).stage
     if stage == 3 and cfg.activation_checkpointing and cfg.activation_checkpointing_policy == "selective":
         zero = ds["zero_optimization"]
-        if "memory_efficient_linear" in zero and _as_bool(zero["memory_efficient_linear"]) is not False:
+        if "memory_efficient_linear" in zero and as_bool(zero["memory_efficient_linear"]) is not False:
             raise ValueError(f"{source} sets zero_optimization.memory_efficient_linear, which replaces "
                              "torch.nn.functional.linear with DeepSpeed's version that adds a bias in place into "
                              "its matmul's output; the selective checkpointing policy keeps that output, so its "
@@ -205,7 +196,7 @@ def _refuse_int8_breaking_zero3(ds: dict, quantize: str | None, source: str) -> 
         return  # below stage 3 DeepSpeed reads none of them
     for key, why in _INT8_BREAKING_ZERO3.items():
         for spelling in (key, f"stage3_{key}"):
-            if zero.get(spelling):
+            if as_bool(zero.get(spelling, False)) is not False:  # DeepSpeed's pydantic bool: "false" is off
                 raise ValueError(f"{source}: zero_optimization.{spelling} with quantize={quantize!r}: {why}. Remove "
                                  f"it, or train without quantize")
 
@@ -295,13 +286,13 @@ _UNUSED_SECTIONS = (
     ("activation_checkpointing", lambda sec: bool(sec),
      "the model recomputes with torch.utils.checkpoint, not DeepSpeed's checkpointing: use the recipe's "
      "activation_checkpointing (--activation-checkpointing)"),
-    ("compile", lambda sec: isinstance(sec, dict) and bool(sec.get("deepcompile")),
+    ("compile", lambda sec: isinstance(sec, dict) and as_bool(sec.get("deepcompile", False)) is not False,
      "the trainer never calls engine.compile(): use the recipe's compile (--compile), torch.compile of each "
      "decoder layer"),
-    # Pydantic sections: DeepSpeed reads "enabled": "false" as false, and so does _as_bool.
-    ("comms_logger", lambda sec: isinstance(sec, dict) and _as_bool(sec.get("enabled", False)) is not False,
+    # Pydantic sections: DeepSpeed reads "enabled": "false" as false, and so does as_bool.
+    ("comms_logger", lambda sec: isinstance(sec, dict) and as_bool(sec.get("enabled", False)) is not False,
      "the trainer never prints DeepSpeed's communication summary"),
-    *((m, lambda sec: isinstance(sec, dict) and _as_bool(sec.get("enabled", False)) is not False, _MONITOR_WHY)
+    *((m, lambda sec: isinstance(sec, dict) and as_bool(sec.get("enabled", False)) is not False, _MONITOR_WHY)
       for m in ("tensorboard", "wandb", "csv_monitor", "comet")),
     # Read by truthiness (get_scalar_param): anything but an empty section or "enabled": false (or 0) is refused,
     # a misspelt key included.

@@ -22,7 +22,10 @@ _SUPPORTED_OPTIMIZERS = ("AdamW", "Adam")
 # Sections DeepSpeed parses as objects ({"enabled": true, ...}): a bare true or null fails inside it.
 _OBJECT_SECTIONS = ("bf16", "bfloat16", "fp16", "optimizer", "data_types", "aio", "tensorboard", "wandb",
                     "csv_monitor", "comet", "checkpoint", "activation_checkpointing", "flops_profiler",
-                    "comms_logger")
+                    "comms_logger", "compile", "timers", "pipeline", "tensor_parallel", "autotuning",
+                    "weight_quantization", "hybrid_engine", "expert_parallel")
+# Keys DeepSpeed reads as a dtype name ("fp16", "bf16", "fp32"; null for its default): anything else fails inside it.
+_DTYPE_NAME_KEYS = ("communication_data_type", "seq_parallel_communication_data_type")
 # Keys deepspeed.initialize reads for a device mesh (sequence parallelism): this trainer shards data over all ranks.
 _MESH_KEYS = ("sequence_parallel_size", "data_parallel_size")
 
@@ -34,13 +37,23 @@ def uses_bf16(ds: dict) -> bool:
     return bool(DeepSpeedBF16Config(**_bf16_section(ds)).enabled)
 
 
+def as_bool(value):
+    """``value`` as DeepSpeed's config models read a bool (pydantic's lax parsing: "false", 0, "off", ... are
+    False); None where they would refuse it (their own validation then names it)."""
+    import pydantic
+    try:
+        return pydantic.TypeAdapter(bool).validate_python(value)
+    except pydantic.ValidationError:
+        return None
+
+
 def optimizer_offload(ds: dict) -> str | None:
     """Where an offloaded optimizer runs ("cpu", "nvme"), as DeepSpeed reads the section (also the legacy
-    ``cpu_offload`` flag); None when it is not offloaded."""
+    ``cpu_offload`` flag, a pydantic bool: "false" is off); None when it is not offloaded."""
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         return None
-    if zero.get("cpu_offload"):
+    if as_bool(zero.get("cpu_offload", False)):
         return "cpu"
     device = (zero.get("offload_optimizer") or {}).get("device")
     return device if device in ("cpu", "nvme") else None
@@ -87,10 +100,17 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
             raise ValueError(f"{source}: {key!r} sets a DeepSpeed device mesh for sequence parallelism, which this "
                              "trainer does not have: it is data-parallel over every rank (the sampler shards the "
                              "data over all of them). Remove it")
+        recipe_key = key in {f.name for f in dataclasses.fields(TrainConfig)}
         if key in _OBJECT_SECTIONS and not isinstance(ds[key], dict):
+            also = (f"; the recipe setting {key!r} goes in the recipe (or --{key.replace('_', '-')})"
+                    if recipe_key else "")
             raise ValueError(f"{source}: {key!r} must be an object, not {ds[key]!r} (e.g. "
-                             f"{_SECTION_EXAMPLES.get(key, '{...}')}); leave the key out for DeepSpeed's default")
-        if key in {f.name for f in dataclasses.fields(TrainConfig)} - deepspeed_top_level_keys():
+                             f"{_SECTION_EXAMPLES.get(key, '{...}')}); leave the key out for DeepSpeed's "
+                             f"default{also}")
+        if key in _DTYPE_NAME_KEYS and ds[key] is not None and not isinstance(ds[key], str):
+            raise ValueError(f"{source}: {key!r} must name a dtype (\"fp32\", \"fp16\" or \"bf16\"), not "
+                             f"{ds[key]!r}; leave the key out for DeepSpeed's default")
+        if recipe_key and key not in deepspeed_top_level_keys():
             raise ValueError(f"{source}: {key!r} is not a DeepSpeed key but a recipe setting: set it in the "
                              f"recipe (or --{key.replace('_', '-')}), not in the DeepSpeed JSON")
         if key not in deepspeed_top_level_keys():
@@ -115,7 +135,7 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{source}: zero_optimization.stage={stage!r} is not a ZeRO stage: valid stages are 0, 1, "
                          "2 and 3")
-    if stage in (2, 3) and zero.get("reduce_scatter", True) and (
+    if stage in (2, 3) and as_bool(zero.get("reduce_scatter", True)) is not False and (
             ds.get("prescale_gradients") or ds.get("gradient_predivide_factor", 1.0) != 1.0):
         raise ValueError(f"{source}: prescale_gradients and gradient_predivide_factor are not supported by "
                          f"DeepSpeed at ZeRO stage {stage} with reduce_scatter (its default): remove them, or "
@@ -127,7 +147,7 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                          "DeepSpeedCPUAdam)")
     if isinstance(zero, dict) and stage < 3:
         param = zero.get("offload_param")
-        if zero.get("cpu_offload_param"):  # DeepSpeed's legacy spelling of offload_param: {"device": "cpu"}
+        if as_bool(zero.get("cpu_offload_param", False)):  # DeepSpeed's legacy spelling of offload_param: {"device": "cpu"}
             param = {"device": "cpu (cpu_offload_param)"}
         if isinstance(param, dict) and param.get("device", "none") not in ("none", None):
             raise ValueError(f"{source}: zero_optimization.offload_param (device {param['device']!r}) acts only at "
@@ -135,8 +155,7 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                              "on the accelerator without a word. Use stage 3 (ds_configs/zero3_offload.json) or "
                              "remove offload_param")
         optimizer = zero.get("offload_optimizer")
-        if stage == 0 and (zero.get("cpu_offload") or (isinstance(optimizer, dict)
-                                                       and optimizer.get("device", "none") not in ("none", None))):
+        if stage == 0 and optimizer_offload(ds):
             raise ValueError(f"{source}: an offloaded optimizer (zero_optimization.offload_optimizer / cpu_offload) "
                              "needs ZeRO stage 1 or higher: at stage 0 DeepSpeed builds its CPU Adam for parameters "
                              "that stay on the accelerator (it fails at the first step on a GPU). Use stage 1 or 2 "

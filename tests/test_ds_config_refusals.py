@@ -354,3 +354,61 @@ def test_edges_of_the_checks_that_read_the_recipe_and_the_zero_stage():
     with pytest.raises(ValueError, match=r"zero_optimization.stage=4 is not a ZeRO stage: valid stages are 0, 1, 2 "
                                          r"and 3"):
         complete_ds_config({"zero_optimization": {"stage": 4}}, TrainConfig(**BASE), world_size=1)
+
+
+def test_string_flags_and_bare_sections_are_read_as_deepspeed_reads_them():
+    """Found by a review: DeepSpeed's pydantic models read "false"/"off"/0 as False, but these flags were read by
+    truthiness: cpu_offload "false" counted as an offloaded optimizer (the default optimizer section then left
+    out torch_adam: DeepSpeed built FusedAdam, not torch AdamW; stage 0 was refused), and reduce_scatter,
+    cpu_offload_param, the int8-breaking ZeRO-3 flags and compile.deepcompile "false" were refused as on.
+    Oracle: DeepSpeed's own config models. And a bare true for a section DeepSpeed parses as an object (compile,
+    timers, pipeline, ...) or a non-string communication dtype passed every check and failed inside
+    deepspeed.initialize with a TypeError/AttributeError."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from relora_ds.ds_config import adam_parameters, engine_layout
+    from relora_ds.ds_schema import optimizer_offload
+
+    cfg, int8 = TrainConfig(**BASE), TrainConfig(**BASE, quantize="int8")
+    for flag, offloaded in (("false", False), ("off", False), (0, False), ("true", True), ("yes", True)):
+        zero = {"stage": 2, "cpu_offload": flag}
+        assert (DeepSpeedZeroConfig(**zero).offload_optimizer is not None) is offloaded  # the oracle
+        assert optimizer_offload({"zero_optimization": zero}) == ("cpu" if offloaded else None)
+        ds = complete_ds_config({"zero_optimization": zero}, cfg, world_size=2)
+        assert ds["optimizer"]["params"].get("torch_adam") is (None if offloaded else True), flag
+        assert (adam_parameters(ds)[0] is DeepSpeedCPUAdam) is offloaded
+        assert engine_layout(ds)["offload_optimizer"] == ("cpu" if offloaded else "none")
+    complete_ds_config({"zero_optimization": {"stage": 0, "cpu_offload": "false"}}, cfg, world_size=2)
+    with pytest.raises(ValueError, match="needs ZeRO stage 1 or higher"):
+        complete_ds_config({"zero_optimization": {"stage": 0, "cpu_offload": "true"}}, cfg, world_size=2)
+    accepted = [({"zero_optimization": {"stage": 2, "reduce_scatter": "false"}, "gradient_predivide_factor": 2.0}, cfg),
+                ({"zero_optimization": {"stage": 2, "cpu_offload_param": "false"}}, cfg),
+                ({"zero_optimization": {"stage": 3, "zero_quantized_weights": "false",
+                                        "zero_quantized_nontrainable_weights": "off"}}, int8),
+                ({"compile": {"deepcompile": "false"}}, cfg)]
+    for ds, c in accepted:
+        assert DeepSpeedZeroConfig(**ds.get("zero_optimization", {})).reduce_scatter is not None  # parses
+        complete_ds_config(ds, c, world_size=2)
+    assert not DeepSpeedZeroConfig(stage=2, reduce_scatter="false").reduce_scatter
+    for ds, c, match in (
+            ({"zero_optimization": {"stage": 2, "reduce_scatter": "true"}, "gradient_predivide_factor": 2.0}, cfg,
+             "not supported by DeepSpeed at ZeRO stage 2 with reduce_scatter"),
+            ({"zero_optimization": {"stage": 2, "cpu_offload_param": "on"}}, cfg, "acts only at ZeRO stage 3"),
+            ({"zero_optimization": {"stage": 3, "zero_quantized_weights": "true"}}, int8,
+             "zero_quantized_weights with quantize='int8'"),
+            ({"compile": {"deepcompile": "true"}}, cfg, r"never calls engine.compile\(\)")):
+        with pytest.raises(ValueError, match=match):
+            complete_ds_config(ds, c, world_size=2)
+    for key in ("compile", "activation_checkpointing"):  # DeepSpeed sections and recipe settings both
+        with pytest.raises(ValueError, match=rf"'{key}' must be an object, not True .* the recipe setting '{key}' "
+                                             rf"goes in the recipe \(or --{key.replace('_', '-')}\)"):
+            complete_ds_config({key: True}, cfg, world_size=2)
+    for key in ("timers", "pipeline", "tensor_parallel", "autotuning", "weight_quantization", "hybrid_engine",
+                "expert_parallel"):
+        with pytest.raises(ValueError, match=rf"'{key}' must be an object, not True"):
+            complete_ds_config({key: True}, cfg, world_size=2)
+    for key in ("communication_data_type", "seq_parallel_communication_data_type"):
+        with pytest.raises(ValueError, match=rf"'{key}' must name a dtype \(\"fp32\", \"fp16\" or \"bf16\"\), not 1"):
+            complete_ds_config({key: 1}, cfg, world_size=2)
+        complete_ds_config({key: "fp32"}, cfg, world_size=2)

@@ -332,6 +332,21 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, layer in relora_layers(model) for p in (layer.lora_A, layer.lora_B)]
 
 
+def _refuse_data_parallel_wrappers(model: nn.Module) -> None:
+    """DistributedDataParallel and FSDP1 record the parameters they sync (DDP's reducer buckets, FSDP1's flat
+    parameters) when they wrap a model: LoRA factors added inside afterwards would train on each rank alone."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name, module in model.named_modules():
+        if isinstance(module, DistributedDataParallel | FullyShardedDataParallel):
+            where = f"its submodule {name!r}" if name else "it"
+            raise ValueError(f"wrap: the model is in torch's {type(module).__name__} ({where}), which syncs only the "
+                             "parameters it had when it was built: LoRA factors added now would train on each rank "
+                             "alone and the ranks would drift apart. Call relora_ds.wrap(model, ...) first, then "
+                             f"{type(module).__name__}(model)")
+
+
 def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout: float = 0.0,
          target_modules: Iterable[str] | str | None = None, seed: int = 0, quantize: str | None = None,
          merge_residual: bool = False) -> nn.Module:
@@ -356,6 +371,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
         raise ValueError("wrap: the model is already in a DeepSpeed engine (deepspeed.initialize built its optimizer "
                          "and ZeRO partitions from the parameters it had, so LoRA factors added now would never "
                          "train); call relora_ds.wrap(model, ...) before deepspeed.initialize")
+    _refuse_data_parallel_wrappers(model)
     if any(True for _ in relora_layers(model)):
         raise ValueError("model already contains ReLoRALinear layers; wrap() it only once "
                          "(use relora_ds.unwrap(model) first to start over)")

@@ -77,6 +77,8 @@ def _unwrappable(model: nn.Module, linears: list) -> dict[str, str]:
     why = {}
     for name, layer in linears:
         shared = [o for o in owners.get(id(layer.weight), []) if o != f"{name}.weight"]
+        shared_bias = [o for o in owners.get(id(layer.bias), []) if o != f"{name}.bias"] if layer.bias is not None \
+            else []
         if name in mha:
             why[name] = ("nn.MultiheadAttention reads its out_proj's weight directly and never calls the module, so a "
                          "ReLoRA layer there would never run")
@@ -85,6 +87,8 @@ def _unwrappable(model: nn.Module, linears: list) -> dict[str, str]:
                          "chunked loss needs the plain layer")
         elif shared:
             why[name] = f"its weight is tied to {shared}: a ReLoRA layer would untie it silently"
+        elif shared_bias:
+            why[name] = f"its bias is shared with {shared_bias}: a ReLoRA layer would untie it silently"
     return why
 
 
@@ -216,13 +220,15 @@ def warn_unwrapped(model: nn.Module, chosen: list, target_modules) -> None:
     other = [(f"{mn}.{pn}" if mn else pn, p) for mn, m in model.named_modules()
              if not (is_linear(m) or isinstance(m, nn.Embedding)) and m is not out_emb
              for pn, p in m.named_parameters(recurse=False) if p.requires_grad and p.dim() >= 2]
-    other += [(f"{n}.weight", m.weight) for n, m in linears if n in cannot and "MultiheadAttention" in cannot[n]
-              and m.weight.requires_grad]
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # a tied head: trains as one
+    other += [(f"{n}.weight", m.weight) for n, m in linears if n in cannot and m.weight.requires_grad
+              and not _is_output_layer(model, n, m) and id(m.weight) not in embedded]
     if other:
         names = [f"{n} {tuple(p.shape)}" for n, p in other]
         total = sum(p.numel() for _, p in other)
         warnings.warn(f"relora_ds.wrap: {_count(len(other), 'trainable weight')} no ReLoRA layer takes stay "
                       f"full-rank ({total:,} parameters): {names[:4]}{' ...' if len(names) > 4 else ''}; wrap converts "
                       "only nn.Linear and transformers' Conv1D layers (a mixture of experts' fused 3-D expert "
-                      "weights, nn.MultiheadAttention's projections are neither or cannot be replaced)",
+                      "weights, nn.MultiheadAttention's projections are neither or cannot be replaced, nor a layer whose "
+                      "weight or bias is shared with another)",
                       stacklevel=3)

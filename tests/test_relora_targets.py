@@ -308,3 +308,47 @@ def test_a_name_target_matches_whole_name_parts_and_all_linear_spares_only_the_m
     model = relora_ds.wrap(Tagger(), rank=2, target_modules="all-linear")
     assert sorted(n for n, _ in relora_ds.relora_layers(model)) == ["block.classifier", "block.mix"]
     assert type(model.head) is nn.Linear
+
+
+def test_shared_biases_and_shared_layers_are_refused_or_named():
+    """Found by a review: a bias shared by two linear layers was untied without a word (only a shared weight was
+    refused), and 'all-linear' skipped a linear layer shared by two blocks (a tied weight) without naming it,
+    though it stays full-rank and trainable. An explicit name is refused for either; 'all-linear' skips them
+    and the warning names them."""
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.v, self.ff = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.v.bias = self.q.bias
+            self.blocks = nn.ModuleList(nn.Module() for _ in range(2))
+            self.blocks[0].fc = self.blocks[1].fc = nn.Linear(8, 8, bias=False)
+
+    with pytest.raises(ValueError, match=r"selects 'q' \(and 1 more: \['q', 'v'\]\), which no ReLoRA layer can "
+                                         r"replace: its bias is shared with \['v.bias'\]: a ReLoRA layer would untie"):
+        relora_ds.wrap(Shared(), rank=2, target_modules=["q", "v"])
+    with pytest.raises(ValueError, match=r"selects 'blocks.0.fc'.*its weight is tied to \['blocks.1.fc.weight'\]"):
+        relora_ds.wrap(Shared(), rank=2, target_modules=["fc"])
+    with pytest.warns(UserWarning, match=r"3 trainable weights no ReLoRA layer takes stay full-rank \(192 parameters"
+                                         r"\): \['q.weight \(8, 8\)', 'v.weight \(8, 8\)', 'blocks.0.fc.weight "):
+        model = relora_ds.wrap(Shared(), rank=2, target_modules="all-linear")
+    assert [n for n, _ in relora_ds.relora_layers(model)] == ["ff"]
+    assert model.q.bias is model.v.bias
+
+
+def test_a_model_in_ddp_or_fsdp1_is_refused():
+    """Found by a review: wrap(DDP(model)) added LoRA factors DDP's reducer never syncs, so each rank trained its
+    own (2 gloo ranks: their lora_B gradients differed). Refused, inside a container too, naming the order."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(_tiny_llama())
+        for model, where in ((ddp, r"\(it\)"), (nn.Sequential(ddp), r"\(its submodule '0'\)")):
+            with pytest.raises(ValueError, match=rf"wrap: the model is in torch's DistributedDataParallel {where}, "
+                                                 r"which syncs only .* Call relora_ds.wrap\(model, ...\) first, then "
+                                                 r"DistributedDataParallel\(model\)"):
+                relora_ds.wrap(model, rank=4)
+        assert not any(True for _ in relora_ds.relora_layers(ddp))
+    finally:
+        dist.destroy_process_group()

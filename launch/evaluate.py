@@ -139,7 +139,12 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    line = json.dumps(result)
+    from relora_ds.metrics import json_finite
+
+    if not math.isfinite(result["loss"]):  # a diverged model: JSON has no NaN/Infinity, metrics.jsonl's null
+        print(f"launch/evaluate.py: the loss is {result['loss']} (the model's outputs are not finite); written as "
+              "null", file=sys.stderr)
+    line = json.dumps(json_finite(result), allow_nan=False)
     print(line)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,14 +16,14 @@ import torch
 from .durable import fsync_path, fsync_tree, replace_durably
 
 
-def _json_finite(value):
+def json_finite(value):
     """``value`` with every non-finite float (also in nested dicts and lists) replaced by None."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _json_finite(v) for k, v in value.items()}
+        return {k: json_finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_finite(v) for v in value]
+        return [json_finite(v) for v in value]
     return value
 
 
@@ -122,7 +122,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        line = json.dumps(_json_finite(record), allow_nan=False)
+        line = json.dumps(json_finite(record), allow_nan=False)
         with self.path.open("a") as f:
             f.write(line + "\n")
         # An event's numbers (a reset's pruned fractions, a checkpoint's seconds...) under the event's name:

@@ -360,3 +360,28 @@ def test_eval_windows_0_reads_the_whole_split_and_a_diverged_loss_still_logs(mon
         rec = trainer_mod.Trainer.evaluate(t, final=final)
         assert rec["val_tokens"] == 10 * 8 and rec["val_loss"] == pytest.approx(1004.5, rel=1e-12)
         assert rec["val_ppl"] == pytest.approx(math.exp(50.0), rel=1e-12)
+
+
+def test_evaluate_script_writes_strict_json_for_a_diverged_model(tmp_path, monkeypatch, capsys):
+    """Found by a review: a non-finite loss was printed (and written to --out) as a bare NaN, which is not JSON
+    (RFC 8259; strict parsers refuse it). It is null, as in metrics.jsonl, and said on stderr."""
+    import importlib.util
+    import json
+
+    from launch_utils import ROOT
+
+    spec = importlib.util.spec_from_file_location("evaluate_py_under_test", ROOT / "launch/evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "evaluate", lambda args: {"loss": float("nan"), "ppl": float("nan"),
+                                                          "loss/a": float("inf"), "tokens": 64})
+    assert script.main([str(tmp_path / "hf"), "--data-dir", str(tmp_path), "--seq-len", "32",
+                        "--out", str(tmp_path / "eval.json")]) == 0
+    out, err = capsys.readouterr()
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    for line in (out.splitlines()[-1], (tmp_path / "eval.json").read_text()):
+        assert json.loads(line, parse_constant=refuse) == {"loss": None, "ppl": None, "loss/a": None, "tokens": 64}
+    assert "the loss is nan (the model's outputs are not finite); written as null" in err

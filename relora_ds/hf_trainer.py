@@ -361,6 +361,9 @@ class ReLoRACallback(TrainerCallback):
         trainer = self.trainer
         engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
         optimizer = _innermost_optimizer(engine.optimizer if engine is not None else trainer.optimizer)
+        if engine is not None:  # a group without Adam moments (Muon's), though others have them: refused now
+            from .zero_reset import check_adam_groups  # DeepSpeed's internals: imported only under it
+            check_adam_groups(engine, "enable_relora")
         # DeepSpeed keeps its state by flat partitions; the torch optimizer by parameter: the factors' own
         states = list(optimizer.state.values()) if engine is not None else \
             [optimizer.state.get(p, {}) for p in lora_parameters(trainer.model)]

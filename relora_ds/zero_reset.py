@@ -231,6 +231,16 @@ def merge_and_reinit_engine(engine) -> dict:
             **(update_stats(norms) if len(norms) == len(layers) else {})}
 
 
+def check_adam_groups(engine, who: str) -> None:
+    """Every param group of the engine's optimizer an Adam one (its state: exp_avg, exp_avg_sq): DeepSpeed's Muon
+    keeps a momentum_buffer for the 2-D parameters, the LoRA factors among them, and Adam moments for the rest."""
+    if not all("betas" in g and "eps" in g and not g.get("use_muon") for g in engine.optimizer.param_groups):
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        raise ValueError(f"{who}: the engine's optimizer ({type(inner).__name__}) keeps no Adam moments (exp_avg, "
+                         "exp_avg_sq) in every param group; ReLoRA under DeepSpeed supports Adam/AdamW "
+                         "(optimizer.type Adam or AdamW, or a torch Adam/AdamW client optimizer)")
+
+
 @torch.no_grad()
 def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed: int, joint: bool = False) -> dict:
     """Prune each LoRA tensor's Adam moments exactly as a single process holding the whole tensor would."""
@@ -240,13 +250,9 @@ def prune_engine_optimizer_state(engine, params, method: str, ratio: float, seed
         raise ValueError("prune_optimizer_state: the engine's optimizer runs amsgrad, whose running max of "
                          "exp_avg_sq would keep every pruned entry; ReLoRA under DeepSpeed supports Adam/AdamW "
                          "without amsgrad (remove optimizer.params.amsgrad)")
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    if not all("betas" in g and "eps" in g and not g.get("use_muon") for g in engine.optimizer.param_groups):
-        # checked here, on every rank alike: a missing moment found later fails only on the ranks holding a
-        # piece of the tensor, while the others wait in the gather's all-reduce
-        raise ValueError(f"prune_optimizer_state: the engine's optimizer ({type(inner).__name__}) keeps no Adam "
-                         "moments (exp_avg, exp_avg_sq) in every param group; ReLoRA under DeepSpeed supports "
-                         "Adam/AdamW (optimizer.type Adam or AdamW, or a torch Adam/AdamW client optimizer)")
+    # checked here, on every rank alike: a missing moment found later fails only on the ranks holding a piece of
+    # the tensor, while the others wait in the gather's all-reduce
+    check_adam_groups(engine, "prune_optimizer_state")
     if not optimizer_state_ready(engine):
         raise ValueError("prune_optimizer_state: the DeepSpeed optimizer holds no Adam moments yet; DeepSpeed "
                          "creates them at the first optimizer step (or loads them with a checkpoint), so prune "

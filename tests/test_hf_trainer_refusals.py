@@ -272,3 +272,37 @@ def test_an_optimizer_with_one_of_the_two_moments_is_refused_after_the_first_ste
     trainer = _training_refused(tmp_path, model, opt, r"the optimizer \(OneMoment\) keeps \['exp_avg'\] for the LoRA "
                                                       r"factors, not the Adam moments \['exp_avg', 'exp_avg_sq'\]")
     assert trainer.state.global_step == 1
+
+
+def test_a_deepspeed_optimizer_with_a_group_without_adam_moments_is_refused_at_the_first_step(tmp_path):
+    """Found by a review: under DeepSpeed the check passed once any flat partition held Adam moments, so
+    DeepSpeed's Muon (momentum_buffer for the 2-D LoRA factors, Adam moments for the norms' auxiliary groups)
+    ran a whole cycle and was refused at the first reset, after its merge. Now refused at the first step, by the
+    prune's own group test; an optimizer whose groups are all Adam ones passes. (An engine stand-in: the real
+    engine's optimizer holds its state the same way, by flat partition.)"""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2)
+    trainer = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+    callback = enable_relora(trainer, cycle_length=3, restart_warmup_steps=1)
+    norms, factors = torch.zeros(8, requires_grad=True), torch.zeros(16, requires_grad=True)  # flat partitions
+    for muon in (True, False):
+        opt = torch.optim.AdamW([norms])
+        opt.param_groups.append({"params": [factors], "lr": 1e-3, **({"use_muon": True, "momentum": 0.95} if muon
+                                                                      else {"betas": (0.9, 0.99), "eps": 1e-8})})
+        opt.state[norms] = {"step": torch.tensor(1.0), "exp_avg": torch.ones(8), "exp_avg_sq": torch.ones(8)}
+        opt.state[factors] = {"momentum_buffer": torch.ones(16)} if muon else dict(opt.state[norms])
+        trainer.is_deepspeed_enabled = True
+        trainer.model_wrapped = SimpleNamespace(optimizer=opt, module=trainer.model)
+        callback.moments_checked = False
+        if muon:
+            with pytest.raises(ValueError, match=r"enable_relora: the engine's optimizer \(AdamW\) keeps no Adam "
+                                                 r"moments \(exp_avg, exp_avg_sq\) in every param group"):
+                callback._check_moments(merging=False)
+        else:
+            callback._check_moments(merging=False)
+        assert callback.moments_checked is not muon

@@ -186,3 +186,18 @@ def test_no_valid_target_at_all_gives_zero_loss_and_zero_gradients():
     assert loss.item() == 0.0 and torch.count_nonzero(dh) == 0 and torch.count_nonzero(dw) == 0
     with torch.no_grad():
         assert linear_cross_entropy(h, w, y, 5).item() == 0.0
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_only_one_input_needing_a_gradient_gets_the_plain_paths(frozen):
+    """A frozen lm_head (or hidden states that need none): the other input still gets F.cross_entropy's
+    gradient (fp64 oracle). A mutation audit swapped the two needs_input_grad flags with every test passing:
+    a frozen head would have left the whole model below it without a gradient."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 24, generator=g, dtype=torch.float64).requires_grad_(frozen != "hidden")
+    w = (torch.randn(53, 24, generator=g, dtype=torch.float64) * 0.2).requires_grad_(frozen != "weight")
+    y = torch.randint(0, 53, (37,), generator=g)
+    live = w if frozen == "hidden" else h
+    want, = torch.autograd.grad(F.cross_entropy(F.linear(h, w), y), live)
+    got, = torch.autograd.grad(linear_cross_entropy(h, w, y, 8), live)
+    torch.testing.assert_close(got, want)

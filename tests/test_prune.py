@@ -236,6 +236,8 @@ def test_bad_arguments():
         relora_ds.prune_optimizer_state(opt, [a], ratio=1.5)
     with pytest.raises(ValueError, match=r"ratio='0.5' must be a number in \[0, 1\]"):  # was: a TypeError in round
         relora_ds.prune_optimizer_state(opt, [a], ratio="0.5")
+    with pytest.raises(ValueError, match=r"ratio=True must be a number in \[0, 1\]"):  # not 1.0: every moment zeroed
+        relora_ds.prune_optimizer_state(opt, [a], ratio=True)
     with pytest.raises(ValueError, match="valid methods"):
         relora_ds.prune_optimizer_state(opt, [a], method="l1")
     fresh = torch.nn.Parameter(torch.randn(3))

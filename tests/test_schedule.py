@@ -416,3 +416,27 @@ def test_a_token_budget_already_spent_at_the_resume_trains_no_further_step():
                       global_batch_size=32, micro_batch_size=4)
     assert total_steps_for(cfg, {"step": 20, "tokens_seen": 20480}) == 20
     assert total_steps_for(cfg, {"step": 20, "tokens_seen": 10241}) == 20
+
+
+def test_schedule_edges_a_mutation_audit_left_untested():
+    """min_lr_ratio=1.0 (TrainConfig's range is [0, 1]) is a constant lr after the warmup, accepted by
+    build_scheduler; steps between an anchor before the warmup's end and that end follow the first warmup (hand
+    values 10/12, 11/12), no restart ramp from 0; a cycle exactly as long as the low-rank phase warns (its only
+    reset would be the last step: plain LoRA); a negative start_step is refused."""
+    from relora_ds.schedule import schedule_problems
+
+    for fn in (cosine_with_warmup, linear_with_warmup):
+        assert fn(500, total_steps=1000, warmup_steps=100, min_lr_ratio=1.0) == 1.0
+    assert jagged_cosine(450, total_steps=1000, warmup_steps=100, cycle_length=300, restart_warmup_steps=50,
+                         min_lr_ratio=1.0) == 1.0
+    build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), total_steps=1000,
+                    warmup_steps=100, cycle_length=300, restart_warmup_steps=50, min_lr_ratio=1.0)
+    kw = dict(total_steps=100, warmup_steps=12, cycle_length=20, restart_warmup_steps=5, min_lr_ratio=0.1,
+              cycle_start=10)
+    assert jagged_cosine(10, **kw) == pytest.approx(10 / 12) and jagged_cosine(11, **kw) == pytest.approx(11 / 12)
+    for start in (0, 20):
+        problems, warned = schedule_problems(total_steps=100, warm_start_steps=start, warmup_steps=5, mode="relora",
+                                             cycle_length=100 - start, lowrank_schedule="continue")
+        assert not problems and len(warned) == 1 and "not shorter than the low-rank phase" in warned[0]
+    with pytest.raises(ValueError, match="start_step=-5"):
+        jagged_cosine(0, total_steps=1000, warmup_steps=100, cycle_length=300, restart_warmup_steps=50, start_step=-5)

@@ -7,6 +7,7 @@ atomic ``latest``) is in ``relora_ds/checkpoint.py``, what a resume loads and ma
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -48,7 +49,10 @@ class CheckpointsMixin:
         saved = plan["saved"]
         progress = saved.get("progress") or {}
         step = checkpoint.tag_step(plan["tag"])
-        before = saved["train"].get("cycle_length") if saved["train"].get("mode") == "relora" else None
+        saved_mode = saved["train"].get("mode")
+        # a LoRA checkpoint resumed as ReLoRA: no reset since the switch (one cycle as long as it trained)
+        before = saved["train"].get("cycle_length") if saved_mode == "relora" else math.inf if saved_mode == "lora" \
+            else None
         self.cycle_start, self.cycles_before, self.reset_on_resume = cycle_anchor(
             step, relora_start=self.relora_start, cycle_length=self.cfg.cycle_length if self.cfg.mode == "relora"
             else None, saved_cycle_length=before, saved_start=progress.get("cycle_start"),
@@ -57,7 +61,12 @@ class CheckpointsMixin:
             with warnings.catch_warnings():  # the settings' warnings came from the first build, once
                 warnings.simplefilter("ignore")
                 self.schedule = build_schedule(self.cfg, self.total_steps, self.cycle_start)
-        if self.reset_on_resume:
+        if self.reset_on_resume and before == math.inf:
+            self._print(f"mode lora -> relora: the checkpoint trained plain LoRA for {step - self.relora_start} steps "
+                        f"since the switch at step {self.relora_start}, a whole cycle_length ({self.cfg.cycle_length}) "
+                        f"or more, so the first reset is overdue: it is done now, at step {step}, and cycles count "
+                        f"from here; the next reset is at step {step + self.cfg.cycle_length}")
+        elif self.reset_on_resume:
             saved_start = progress.get("cycle_start")
             last = last_reset(step, self.relora_start if saved_start is None else saved_start, before)
             self._print(f"cycle_length {before} -> {self.cfg.cycle_length}: the checkpoint's last reset (step {last}) "

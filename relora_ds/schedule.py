@@ -95,12 +95,15 @@ def cycle_anchor(step: int, *, relora_start: int, cycle_length: int | None, save
     1.3e-3 at the step after a 99% prune, and the next reset 4 steps on). Where that new cycle has already
     ended (a shorter cycle, ``step`` a whole new cycle or more after the last reset), the overdue reset is
     ``step``'s own: ``reset_now``, and the cycles count from ``step`` (left at the last reset, the schedule
-    would drop the lr to 0 and ramp at the missed boundaries, with no merge or prune behind them)."""
+    would drop the lr to 0 and ramp at the missed boundaries, with no merge or prune behind them).
+    ``saved_cycle_length=math.inf``: the checkpoint trained plain LoRA (mode lora), no reset since the switch;
+    resumed as ReLoRA, the switch is its last reset."""
     start = relora_start if saved_start is None else saved_start
     if not cycle_length or not saved_cycle_length or saved_cycle_length == cycle_length or step <= start:
         return CycleAnchor(start, saved_before, False)
-    done = (step - start) // saved_cycle_length
-    last = last_reset(step, start, saved_cycle_length)
+    lora = saved_cycle_length == math.inf
+    done = 0 if lora else (step - start) // saved_cycle_length
+    last = start if lora else last_reset(step, start, saved_cycle_length)
     if step - last >= cycle_length:
         return CycleAnchor(step, saved_before + done + 1, True)
     return CycleAnchor(last, saved_before + done, False)

@@ -317,6 +317,12 @@ def test_a_changed_cycle_length_counts_from_the_checkpoints_last_reset():
     assert cycle_anchor(40, cycle_length=10, **again) == (35, 2, False)
     assert cycle_anchor(40, cycle_length=15, **again) == (20, 1, False)
     assert cycle_anchor(48, cycle_length=10, **again) == (48, 3, True)  # 35 + 10 passed: overdue
+    # A LoRA checkpoint resumed as ReLoRA (a review: the lr dropped to 0 and ramped at step 11 with no reset): the
+    # switch is its last reset; a whole cycle or more since, the first reset is overdue.
+    lora = dict(relora_start=2, saved_cycle_length=math.inf)
+    assert cycle_anchor(5, cycle_length=4, **lora) == (2, 0, False)
+    assert cycle_anchor(6, cycle_length=4, **lora) == (6, 1, True)
+    assert cycle_anchor(13, cycle_length=4, **lora) == (13, 1, True)
 
 
 @pytest.mark.parametrize("lowrank_schedule", ["continue", "restart"])

@@ -455,3 +455,29 @@ def test_the_resume_record_names_what_changed_and_not_what_an_older_checkpoint_r
     CheckpointsMixin._apply_optimizer_settings(t, saved)
     assert events == [{"event": "resume_settings_changed", "step": 6, "total_steps": "8 -> 12", "world_size": "2 -> 1",
                        "deepspeed.zero_optimization.offload_optimizer.device": "cpu -> none"}]
+
+
+def test_a_lora_checkpoint_resumed_as_relora_resets_where_a_cycle_has_passed(tmp_path, small_data_dir):
+    """Found by a review: a mode-lora checkpoint at step 6 (switch at 2) resumed as ReLoRA with cycles of 4
+    dropped the lr to 0 and ramped at step 7 with no merge or prune behind it. The LoRA run's last reset is the
+    switch: a whole cycle later the first reset is overdue, done right after the load (resets at 6, 10). Oracle:
+    the same change resumed at step 5, where the reset at 6 comes in its turn: steps 7-10 bit for bit."""
+    train1(tmp_path, small_data_dir, mode="lora", total_steps=10, save_every=1, keep_last=10)
+    rewind_to(tmp_path / "run", "step_6")
+    proc = train1(tmp_path, small_data_dir, "--resume", total_steps=10, save_every=2, keep_last=10)
+    assert ("mode lora -> relora: the checkpoint trained plain LoRA for 4 steps since the switch at step 2, a whole "
+            "cycle_length (4) or more, so the first reset is overdue: it is done now, at step 6, and cycles count "
+            "from here; the next reset is at step 10") in proc.stdout + proc.stderr
+    overdue, recs = read_losses(tmp_path / "run")
+    assert [(r["step"], r.get("overdue", False)) for r in recs if r.get("event") == "reset"] == [(6, True),
+                                                                                                 (10, False)]
+    lrs = [r["lr"] for r in recs if "loss" in r]
+    assert lrs[0] == 0.0  # step 7: right after the reset
+    rewind_to(tmp_path / "run", "step_5")
+    proc = train1(tmp_path, small_data_dir, "--resume", total_steps=10, save_every=2, keep_last=10)
+    assert "mode lora -> relora" not in proc.stdout + proc.stderr
+    in_turn, recs = read_losses(tmp_path / "run")
+    assert [(r["step"], r.get("overdue", False)) for r in recs if r.get("event") == "reset"] == [(6, False),
+                                                                                                 (10, False)]
+    assert [in_turn[s] for s in range(7, 11)] == [overdue[s] for s in range(7, 11)]
+    assert [r["lr"] for r in recs if "loss" in r and r["step"] > 6] == lrs

@@ -15,7 +15,7 @@ import json
 import warnings
 from pathlib import Path
 
-from .ds_schema import (_as_int, _bf16_section, adam_parameters, as_bool, check_deepspeed_keys, optimizer_offload,
+from .ds_schema import (ROUND_ROBIN_WHY, _as_int, _bf16_section, adam_parameters, as_bool, check_deepspeed_keys, optimizer_offload,
                         uses_bf16, uses_fp16)
 from .train_config import ConfigWarning, TrainConfig
 
@@ -108,6 +108,9 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
                              "then turns it off) or use --activation-checkpointing-policy full")
         zero["memory_efficient_linear"] = False
     _release_nvme_parameters_after_use(ds, stage, source)
+    zero = ds.get("zero_optimization")
+    if stage in (1, 2) and isinstance(zero, dict) and as_bool(zero.get("round_robin_gradients", False)) is not False:
+        raise ValueError(f"{source}: zero_optimization.round_robin_gradients is not supported: {ROUND_ROBIN_WHY}")
     if low and stage == 0 and cfg.mode != "full":
         # DeepSpeed then wraps the optimizer in its FP16 optimizer, whose fp32 masters and Adam moments
         # (keyed by those masters) the ReLoRA merge and prune cannot reach (relora_ds/zero_reset.py).

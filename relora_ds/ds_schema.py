@@ -26,6 +26,14 @@ _OBJECT_SECTIONS = ("bf16", "bfloat16", "fp16", "optimizer", "data_types", "aio"
                     "weight_quantization", "hybrid_engine", "expert_parallel")
 # Keys DeepSpeed reads as a dtype name ("fp16", "bf16", "fp32"; null for its default): anything else fails inside it.
 _DTYPE_NAME_KEYS = ("communication_data_type", "seq_parallel_communication_data_type")
+# DeepSpeed 0.19.8 stage_1_and_2.py: the flat partitions hold round_robin_bit16_groups (the parameters
+# reordered [p0, p2, ..., p1, p3, ...] over 2 ranks), but _link_all_hp_params links bit16_groups (model order)
+# with offsets summed in that order: each _hp_mapping points at another parameter's slice.
+ROUND_ROBIN_WHY = ("DeepSpeed 0.19.8 then links each parameter to another parameter's slice of the fp32 masters "
+                   "and optimizer state (stage_1_and_2.py _link_all_hp_params), so the warm-start switch, the "
+                   "merge, the prune and the export, which read and write them there, would use other "
+                   "parameters' values (its own step is right). Remove it: it only reorders the gradient "
+                   "reduction")
 # Keys deepspeed.initialize reads for a device mesh (sequence parallelism): this trainer shards data over all ranks.
 _MESH_KEYS = ("sequence_parallel_size", "data_parallel_size")
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
+from .ds_schema import ROUND_ROBIN_WHY
 from .prune import MOMENT_KEYS, PruneTally, moment_masks
 from .merge_stats import update_stats
 from .relora import relora_layers
@@ -143,6 +144,9 @@ def check_engine_supported(engine, what: str) -> None:
     keeps the fp32 masters and Adam moments keyed by its own copies, out of the merge's and the prune's reach;
     ds_config.py refuses it for the trainer, this is the same refusal for the Python API), and LoRA factors in
     no optimizer group at any stage (a model wrapped after deepspeed.initialize)."""
+    if getattr(engine.optimizer, "round_robin_gradients", False):
+        raise ValueError(f"{what}: the engine's zero_optimization.round_robin_gradients is not supported: "
+                         f"{ROUND_ROBIN_WHY}")
     low = [n for n, on in (("bf16", engine.bfloat16_enabled()), ("fp16", engine.fp16_enabled())) if on]
     stage = engine.zero_optimization_stage()
     if low and stage == 0:

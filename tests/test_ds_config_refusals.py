@@ -412,3 +412,29 @@ def test_string_flags_and_bare_sections_are_read_as_deepspeed_reads_them():
         with pytest.raises(ValueError, match=rf"'{key}' must name a dtype \(\"fp32\", \"fp16\" or \"bf16\"\), not 1"):
             complete_ds_config({key: 1}, cfg, world_size=2)
         complete_ds_config({key: "fp32"}, cfg, world_size=2)
+
+
+def test_round_robin_gradients_is_refused_by_the_trainer_and_the_python_api():
+    """Found by a review (2 ranks, ZeRO-2 fp32): with round_robin_gradients the losses left the plain run's at
+    the first step after the warm-start switch (6.2253 vs 6.2508) and after each reset, while mode=full stayed
+    bit-identical. DeepSpeed 0.19.8 links each parameter to another one's slice of the fp32 masters under it
+    (safe_get_full_fp32_param(p) != p for 4 of 6 parameters of 3 Linear layers on 2 ranks), which the switch,
+    merge, prune and export read and write. Refused in a config (DeepSpeed's bool reading: "false" is off) and
+    by the engine check the merge and prune start with."""
+    from types import SimpleNamespace
+
+    from relora_ds.zero_reset import check_engine_supported
+
+    cfg = TrainConfig(**BASE)
+    for stage in (1, 2):
+        for on in (True, "true"):
+            with pytest.raises(ValueError, match=r"zero_optimization.round_robin_gradients is not supported: "
+                                                 r"DeepSpeed 0.19.8 then links each parameter to another "
+                                                 r"parameter's slice"):
+                complete_ds_config({"zero_optimization": {"stage": stage, "round_robin_gradients": on}}, cfg, 2)
+        complete_ds_config({"zero_optimization": {"stage": stage, "round_robin_gradients": "false"}}, cfg, 2)
+    engine = SimpleNamespace(optimizer=SimpleNamespace(round_robin_gradients=True), bfloat16_enabled=lambda: False,
+                             fp16_enabled=lambda: False, zero_optimization_stage=lambda: 2)
+    with pytest.raises(ValueError, match=r"merge_and_reinit: the engine's zero_optimization.round_robin_gradients "
+                                         r"is not supported"):
+        check_engine_supported(engine, "merge_and_reinit")

@@ -235,6 +235,11 @@ def jagged_scheduler(trainer: Trainer) -> LambdaLR | None:
     return None
 
 
+# trainer_state.json's stateful_callbacks entry holding where the cycles count from (no callback of that name:
+# with restore_callback_states_from_checkpoint, transformers logs that it ignores it)
+CYCLES_RECORD = "relora_ds_cycles"
+
+
 def _record_cycles(sched: LambdaLR, cycle_start: int = 0, cycles_before: int = 0) -> LambdaLR:
     """Note on each lr function where its cycles count from, as an attribute: LambdaLR's state_dict keeps a
     callable's ``__dict__`` (not a partial's bound arguments), so the Trainer's and DeepSpeed's checkpoints
@@ -322,19 +327,24 @@ class ReLoRACallback(TrainerCallback):
                           f"True): the jagged cosine continues at step {state.global_step}; optimizer moments the "
                           "checkpoint lacks start from zero", stacklevel=2)
             _set_step(self.scheduler, state.global_step)
-        self._anchor_cycles(state.global_step, args.seed)
+        self._anchor_cycles(state, args.seed)
 
-    def _anchor_cycles(self, step: int, seed: int) -> None:
-        """Resumed with another cycle_length than the checkpoint's (its scheduler state records it): the cycles
-        count from the checkpoint's last reset, in the schedule and here, so the next reset comes one new cycle
-        after it, not at once or at full lr; where that cycle has already ended, the overdue reset is done now
-        and the cycles count from here (schedule.cycle_anchor, as relora_ds's own trainer)."""
-        sched = self.scheduler
-        record = getattr(sched.lr_lambdas[0], "relora_cycles", None) or {}
+    def _anchor_cycles(self, state, seed: int) -> None:
+        """Resumed with another cycle_length than the checkpoint's (its trainer_state.json records it, and its
+        scheduler state): the cycles count from the checkpoint's last reset, in the schedule and here, so the next
+        reset comes one new cycle after it, not at once or at full lr; where that cycle has already ended, the
+        overdue reset is done now and the cycles count from here (schedule.cycle_anchor, as relora_ds's own
+        trainer). The record goes into the TrainerState, which every checkpoint writes (save_only_model's too,
+        which have no scheduler state: their resume counted the cycles from step 0)."""
+        sched, step = self.scheduler, state.global_step
+        record = state.stateful_callbacks.get(CYCLES_RECORD) or getattr(sched.lr_lambdas[0], "relora_cycles", None) \
+            or {}
         start, before, reset_now = cycle_anchor(
             step, relora_start=0, cycle_length=self.cycle_length, saved_cycle_length=record.get("cycle_length"),
             saved_start=record.get("cycle_start"), saved_before=record.get("cycles_before", 0))
         self.cycle_start = start
+        state.stateful_callbacks[CYCLES_RECORD] = {"cycle_length": self.cycle_length, "cycle_start": start,
+                                                   "cycles_before": before}
         if start != (sched.lr_lambdas[0].keywords.get("cycle_start") or 0):
             sched.lr_lambdas = [functools.partial(jagged_cosine, **{**fn.keywords, "cycle_start": start})
                                 for fn in sched.lr_lambdas]

@@ -426,3 +426,32 @@ def test_save_model_of_a_bf16_deepspeed_run_writes_bf16(tmp_path):
     for k in state:
         assert torch.equal(state[k], trained[k]), k
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype="auto").dtype == torch.bfloat16
+
+
+def test_a_save_only_model_checkpoint_keeps_where_the_cycles_count_from(tmp_path):
+    """Found by a review: where the cycles count from (moved by a resume with another cycle_length) was kept only
+    in the scheduler's state, which save_only_model checkpoints lack: their resume counted the cycles from step 0
+    again, resetting at other steps than the run it continues and dropping the lr to 0 with no reset behind it.
+    The record is in trainer_state.json, which every checkpoint has. Oracle: the uninterrupted run (cycles of 4
+    resumed at 6 with cycles of 3: from the reset at 4, resets at 7 and 10), resumed from its step-9
+    save_only_model checkpoint: the reset at 10 and the lrs of steps 10-12 are the uninterrupted run's."""
+    common = dict(batch=4, max_steps=12, logging_steps=1)
+    # (save_steps 3 in both: a resumed TrainerState keeps the checkpoint's save_steps)
+    w.run(tmp_path / "a", relora_kw={"cycle_length": 4}, save_strategy="steps", save_steps=3, **common)
+    whole, callback = w.run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-6"),
+                            relora_kw={"cycle_length": 3}, save_strategy="steps", save_steps=3, save_only_model=True,
+                            **common)
+    assert [(e["step"], e["event"]) for e in callback.events] == [(7, "reset"), (10, "reset")]
+    saved = json.loads((tmp_path / "b" / "checkpoint-9" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["relora_ds_cycles"] == {"cycle_length": 3, "cycle_start": 4,
+                                                               "cycles_before": 1}
+    assert not (tmp_path / "b" / "checkpoint-9" / "scheduler.pt").exists()
+    with pytest.warns(UserWarning, match="resumed at step 9 with the schedule at step 0"):
+        resumed, callback = w.run(tmp_path / "c", resume=str(tmp_path / "b" / "checkpoint-9"),
+                                  relora_kw={"cycle_length": 3}, **common)
+    assert [(e["step"], e["event"]) for e in callback.events] == [(10, "reset")]
+    def lrs(trainer):
+        return {h["step"]: h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h}
+
+    assert [lrs(resumed)[s] for s in (10, 11, 12)] == pytest.approx([lrs(whole)[s] for s in (10, 11, 12)], rel=1e-9)
+    assert lrs(resumed)[11] == 0.0  # right after the reset at 10

@@ -5,14 +5,51 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 
 # Checked by save_hf_tokenizer on every export: leading, repeated and trailing spaces, newlines, tabs,
-# digits, non-ASCII (byte fallback) and the empty string.
+# digits, non-ASCII (byte fallback) and the empty string; and _model_probes, the model's own pieces.
 _PROBES = ["Hello world", " leading space", "  two  spaces  ", "line\nbreak\n\n", "\tTab", "12345 3.14",
            "naïve café, 漢字 ✓", "", " ", "text with <s>, </s> and <unk> written in it", "\x85next line\x85",
            "\u3000ideographic\u00a0space\u2028"]
+# tokenizers' Precompiled normalizer maps a character with a compatibility mapping and the combining marks after
+# it as one grapheme, dropping the marks ("\u00a0\u0301": " "), where SentencePiece's charsmap maps the
+# character and keeps them (3,514 such characters before U+0301 in a byte-fallback nmt_nfkc model): every
+# transformers conversion of such a model (T5's, ALBERT's) has it, so it is warned about, not refused.
+_COMBINING_PROBES = ["word\u00a0\u0301 more", "x\u00b2\u0308y", "a\u0301\u0300b"]
+
+
+def _model_probes(proto, count: int = 300) -> list[str]:
+    """Texts made of ``proto``'s pieces: each user-defined symbol (SentencePiece reads it in text, and adds one
+    dummy prefix to the whole text; transformers makes it an added token and prefixes every piece of text
+    around it) alone, inside a word and between spaces; and ``count`` seeded mixes of pieces, whitespace and
+    code points."""
+    import random
+    import unicodedata
+
+    kind = type(proto.pieces[0]) if proto.pieces else None
+    user = [p.piece for p in proto.pieces if p.type == kind.USER_DEFINED] if kind else []
+    probes = [t for piece in user for t in (piece, f"a{piece}b", f" {piece} ", f"{piece}{piece}x")]
+    words = [p.piece.replace("\u2581", " ") for p in proto.pieces if kind and p.type in (kind.NORMAL,
+                                                                                        kind.USER_DEFINED)]
+    rng = random.Random(0)
+    for _ in range(count if words else 0):
+        parts = []
+        for _ in range(rng.randint(1, 8)):
+            r = rng.random()
+            if r < 0.5:
+                parts.append(rng.choice(words))
+            elif r < 0.7:
+                parts.append(rng.choice([" ", "  ", "\n", "\t", "\u00a0", "\u3000", "\x85"]))
+            else:  # no combining mark: _COMBINING_PROBES
+                char = "\u0301"
+                while unicodedata.category(char).startswith("M"):
+                    char = chr(rng.choice([rng.randint(0x20, 0xD7FF), rng.randint(0xE000, 0x2FFFF)]))
+                parts.append(char)
+        probes.append("".join(parts))
+    return probes
 
 
 class TokenizerNotConvertible(ValueError):
@@ -76,7 +113,7 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length,
                                   add_bos_token=bool(bos), add_eos_token=False, split_special_tokens=True,
                                   **pieces)
-    for text in _PROBES if probes is None else probes:
+    for text in [*_PROBES, *_model_probes(proto)] if probes is None else probes:
         want = [*bos, *sp.encode(text)]
         got = tok(text, verbose=False)["input_ids"]  # a probe over model_max_length is no user's input
         if got != want:
@@ -84,6 +121,13 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
                 f"{sp_model}: the Hugging Face tokenizer encodes {text!r} as {got[:12]}, SentencePiece as "
                 f"{want[:12]}: transformers cannot convert this model exactly (SentencePiece reads its "
                 "tokenizer.model)")
+    combining = [text for text in _COMBINING_PROBES if tok(text, verbose=False)["input_ids"] != [*bos, *sp.encode(text)]]
+    if combining and probes is None:
+        warnings.warn(f"{sp_model}: its tokenizer.json encodes {combining[0]!r} otherwise than SentencePiece: "
+                      "tokenizers' Precompiled normalizer drops the combining marks after a character with a "
+                      "compatibility mapping (a no-break space, a superscript, ...), as in every transformers "
+                      "conversion of this model; other text encodes alike. SentencePiece reads the exported "
+                      "tokenizer.model exactly", stacklevel=2)
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(out)
     # transformers 5 records its own class name (TokenizersBackend), which 4.x cannot load; the generic

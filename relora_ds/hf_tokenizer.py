@@ -102,7 +102,7 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
     if spec.remove_extra_whitespaces:
         # SentencePiece strips spaces only; tokenizers' Strip takes any Unicode whitespace (U+0085 too, which
         # nmt_nfkc keeps)
-        steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
     if spec.add_dummy_prefix:
         steps.append(normalizers.Prepend("▁"))
     backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])

@@ -377,3 +377,23 @@ def test_a_model_with_user_defined_symbols_is_not_converted_and_combining_marks_
     sp = spm.SentencePieceProcessor(model_file=str(path))
     assert tok("word\u00a0\u0301")["input_ids"] != [sp.bos_id(), *sp.encode("word\u00a0\u0301")]  # the upstream gap
     assert tok("word\u00a0more")["input_ids"] == [sp.bos_id(), *sp.encode("word\u00a0more")]
+
+
+def test_extra_whitespace_is_removed_at_the_texts_ends_only(tmp_path):
+    """remove_extra_whitespaces strips spaces at the text's two ends: the converted normalizer's ^ and $ (Onig
+    regexes: a line's start and end) also stripped a space before or after a newline inside the text (found by
+    the export's own random probes, on a model with identity normalization, where a newline stays a newline).
+    Oracle: sp.encode."""
+    import random
+
+    import sentencepiece as spm
+
+    path = _train_sp(tmp_path, "identity", 320, model_type="bpe", byte_fallback=True,
+                     normalization_rule_name="identity")
+    relora_ds.hf_tokenizer.save_hf_tokenizer(path, tmp_path / "identity", model_max_length=64)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "identity")
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    rnd = random.Random(0)
+    texts = ["fox \ndog", "fox\n dog", " fox \n ", *("".join(rnd.choice(" \n\t\rfox") for _ in range(rnd.randint(0, 10)))
+                                                    for _ in range(500))]
+    assert [t for t in texts if tok(t)["input_ids"] != [sp.bos_id(), *sp.encode(t)]] == []

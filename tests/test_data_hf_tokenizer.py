@@ -271,3 +271,32 @@ def test_special_tokens_map_wins_over_tokenizer_config_as_in_transformers(tmp_pa
     (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "</s>", "unk_token": "<unk>"}))
     want = transformers.AutoTokenizer.from_pretrained(d).eos_token_id
     assert open_tokenizer(d / "tokenizer.json").eos_id == want
+
+
+def test_a_tokenizer_config_class_that_rebuilds_the_pipeline_encodes_as_autotokenizer(tmp_path):
+    """Found by a review: a LLaMA-2-style directory (tokenizer.json converted from SentencePiece, no
+    tokenizer.model, tokenizer_config.json naming LlamaTokenizer, as LLaMA-2/Mistral ship theirs) was encoded
+    with tokenizer.json as written, but transformers 5's LlamaTokenizer replaces the file's normalizer with its
+    own Metaspace pre-tokenizer: every text starting with a space got other ids than AutoTokenizer gives. The
+    data now follow the pipeline AutoTokenizer builds. Oracle: AutoTokenizer on the same directory."""
+    import io
+
+    import sentencepiece as spm
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(d["text"] for d in builtin_documents()[:300]),
+                                   model_writer=proto, vocab_size=400, model_type="bpe", byte_fallback=True,
+                                   normalization_rule_name="identity", minloglevel=2)
+    (tmp_path / "sp.model").write_bytes(proto.getvalue())
+    relora_ds.hf_tokenizer.save_hf_tokenizer(tmp_path / "sp.model", tmp_path / "llama2", model_max_length=4096)
+    (tmp_path / "llama2" / "tokenizer.model").unlink()
+    config = json.loads((tmp_path / "llama2" / "tokenizer_config.json").read_text())
+    (tmp_path / "llama2" / "tokenizer_config.json").write_text(json.dumps({**config,
+                                                                          "tokenizer_class": "LlamaTokenizer"}))
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "llama2", split_special_tokens=True)
+    assert type(auto).__name__ == "LlamaTokenizer"
+    texts = [" leading space", "  two spaces first", "no leading space", *CRAFTED]
+    ours = open_tokenizer(tmp_path / "llama2")
+    want = [auto(t)["input_ids"] + [auto.eos_token_id] for t in texts]
+    assert [ids.tolist() for ids in ours.encode_documents(texts)] == want
+    assert ours.bos_id == auto.bos_token_id and ours.vocab_size == len(auto)

@@ -308,13 +308,31 @@ def tokenizer_difference(a: str | Path, b: str | Path) -> str | None:
     return None
 
 
+# tokenizer_config.json classes under which transformers 5's AutoTokenizer encodes with tokenizer.json as written;
+# another (LlamaTokenizer, BertTokenizer, GPT2Tokenizer, ...) rebuilds parts of the pipeline in its __init__
+_AS_WRITTEN = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+
+
 def _hf_backend(path: Path):
+    """The ``tokenizers.Tokenizer`` AutoTokenizer encodes with: the file's, or, where tokenizer_config.json names a
+    class that rebuilds the pipeline (transformers 5's LlamaTokenizer puts its own Metaspace pre-tokenizer in
+    place of the file's normalizer), the one AutoTokenizer builds from the directory."""
     from tokenizers import Tokenizer as HFTokenizer
 
+    config = path.parent / "tokenizer_config.json"
+    cls = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") if config.is_file() else None
     try:
-        backend = HFTokenizer.from_file(str(path))
+        if cls in _AS_WRITTEN or path.name != "tokenizer.json":  # (AutoTokenizer reads tokenizer.json only)
+            backend = HFTokenizer.from_file(str(path))
+        else:
+            from transformers import AutoTokenizer
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # its notes on the class's own defaults
+                backend = HFTokenizer.from_str(AutoTokenizer.from_pretrained(path.parent).backend_tokenizer.to_str())
     except Exception as e:  # the Rust side raises its own exception type for a malformed file
-        raise ValueError(f"{str(path)!r} is not a Hugging Face tokenizer.json: {e}") from e
+        raise ValueError(f"{str(path)!r} is not a Hugging Face tokenizer.json"
+                         f"{'' if cls in _AS_WRITTEN else f' that transformers loads as {cls}'}: {e}") from e
     backend.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not the special token
     backend.no_truncation()
     backend.no_padding()

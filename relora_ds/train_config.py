@@ -18,6 +18,8 @@ import warnings
 from dataclasses import dataclass, field
 
 from .config_values import coerce_value
+
+_MAX_TIMEOUT_MIN = 60 * 24 * 366
 from .model_config import PRESETS
 
 
@@ -307,6 +309,10 @@ class TrainConfig:
                      "data_prefetch"):
             if problems.ok(name) and (getattr(self, name) or 0) < 0:
                 bad(f"{name}={getattr(self, name)} must be >= 0", name)
+        if problems.ok("collective_timeout_min") and self.collective_timeout_min > _MAX_TIMEOUT_MIN:
+            bad(f"collective_timeout_min={self.collective_timeout_min} is over a year ({_MAX_TIMEOUT_MIN} minutes; "
+                "torch's timeout takes a datetime.timedelta, which overflows far above): a hung rank would hold the "
+                "job for good", "collective_timeout_min")
         if problems.ok("seed") and self.seed >= 2**62:  # torch's generators take < 2**64, with the offsets added
             bad(f"seed={self.seed} must be below 2**62 = {2**62} (random pruning's seeds add offsets to it, and "
                 "torch's generators take seeds below 2**64)", "seed")
@@ -360,6 +366,9 @@ class TrainConfig:
         if not source and self.model is None:
             bad("model=None needs hf_model or warm_start_from (a Hugging Face directory); else give a preset: "
                 f"{', '.join(PRESETS)}", "model")
+        elif not source and self.model not in PRESETS and problems.ok("model"):
+            bad(f"model={self.model!r} is not a preset; valid presets: {', '.join(PRESETS)} (or hf_model / "
+                "warm_start_from for a Hugging Face model)", "model")
         if self.warm_start_steps and self.mode == "full" and problems.ok("warm_start_steps"):
             bad(f"warm_start_steps={self.warm_start_steps} only makes sense with mode=relora or lora: mode=full "
                 "trains full-rank throughout; set warm_start_steps to 0 (--warm-start-steps 0)", "warm_start_steps")

@@ -55,7 +55,7 @@ def test_preflight_checks_batch_arithmetic_for_the_world_size(tmp_path):
                 "--output-dir", tmp_path / "other")
     assert proc.returncode == 2 and "--deepspeed nope.json: no such file" in proc.stderr
     # What would otherwise fail every rank after start-up: preset, data dir, target_modules, rank, HF directory.
-    for extra, msg in ((["--model", "13b"], "unknown model preset '13b'"),
+    for extra, msg in ((["--model", "13b"], "model='13b' is not a preset; valid presets: debug"),
                        (["--data-dir", "/nonexistent"], "'/nonexistent' is not a prepared data dir"),
                        (["--target-modules", "q_proj", "v_prj"], "target_modules ['v_prj'] matched no linear layer"),
                        (["--rank", "512"], "rank=512 must be in [1, min(in_features=256, out_features=256)]"),

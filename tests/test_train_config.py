@@ -61,6 +61,10 @@ def test_values_in_two_places_are_errors(ds, match):
     (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
     (dict(adam_beta2=1.5), r"adam_beta2=1.5 must be in \[0, 1\)"),
     (dict(min_lr_ratio=2.0), r"min_lr_ratio=2.0 must be in \[0, 1\]"),
+    # found by a review: refused only after the output dir's lock and the data preparation, and a timeout that
+    # overflowed datetime.timedelta (OverflowError traceback at start-up)
+    (dict(model="130M"), r"model='130M' is not a preset; valid presets: debug, tiny, 60m, 130m"),
+    (dict(collective_timeout_min=10**13), r"collective_timeout_min=10000000000000 is over a year \(527040 minutes"),
 ])
 def test_invalid_train_configs(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -1,5 +1,6 @@
 """argparse types the launch scripts share: a bad number is a parse error naming the flag and the value."""
 import argparse
+import math
 
 
 def positive_int(text: str) -> int:
@@ -11,8 +12,8 @@ def positive_int(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    if not 0 < value < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 

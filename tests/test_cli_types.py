@@ -32,8 +32,9 @@ def test_help_shows_each_default_once_and_no_none():
 
 @pytest.mark.parametrize("parse, text, error", [(positive_int, "0", "must be a positive whole number, got 0"),
                                                 (positive_int, "-3", "must be a positive whole number, got -3"),
-                                                (positive_float, "nan", "must be a positive number, got nan"),
-                                                (positive_float, "0.0", "must be a positive number, got 0.0")])
+                                                (positive_float, "nan", "must be a positive finite number, got nan"),
+                                                (positive_float, "inf", "must be a positive finite number, got inf"),
+                                                (positive_float, "0.0", "must be a positive finite number, got 0.0")])
 def test_positive_types_name_the_bad_value(parse, text, error):
     with pytest.raises(argparse.ArgumentTypeError, match=error):
         parse(text)

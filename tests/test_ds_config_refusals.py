@@ -133,6 +133,8 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
            # null section was a TypeError/AttributeError traceback; AdamW ignores adam_w_mode false
            ({"sequence_parallel_size": 2}, r"'sequence_parallel_size' sets a DeepSpeed device mesh .* data-parallel"),
            ({"data_parallel_size": 8}, r"'data_parallel_size' sets a DeepSpeed device mesh"),
+           # found by a review: AutoTP replaced the linear layers by shards the merges and resets do not reach
+           ({"tensor_parallel": {"autotp_size": "2"}}, r"tensor_parallel.autotp_size=2 turns on DeepSpeed's AutoTP"),
            ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}},
             r"an offloaded optimizer .* needs ZeRO stage 1 or higher"),
            ({"zero_optimization": {"stage": 0, "cpu_offload": True}}, r"needs ZeRO stage 1 or higher"),

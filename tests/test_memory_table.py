@@ -269,7 +269,7 @@ def _table(capsys, *argv) -> dict[str, dict[str, str]]:
     (["--gpus", "0"], "argument --gpus: must be a positive whole number, got 0"),
     (["--gpus", "-2"], "argument --gpus: must be a positive whole number, got -2"),
     (["--global-batch-size", "0"], "argument --global-batch-size: must be a positive whole number, got 0"),
-    (["--memory-gb", "nan"], "argument --memory-gb: must be a positive number, got nan"),
+    (["--memory-gb", "nan"], "argument --memory-gb: must be a positive finite number, got nan"),
     (["--gpus", "7"], "--global-batch-size 1152 is not divisible by --gpus 7, so no micro-batch can be used "
                       r"\(.*\): use 6 or 8 GPUs, or a global batch of 1148 or 1155"),
     (["--gpus", "5", "--global-batch-size", "3"], "use 3 GPUs, or a global batch of 5"),

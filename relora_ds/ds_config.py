@@ -15,8 +15,8 @@ import json
 import warnings
 from pathlib import Path
 
-from .ds_schema import (ROUND_ROBIN_WHY, _as_int, _bf16_section, adam_parameters, as_bool, check_deepspeed_keys, optimizer_offload,
-                        uses_bf16, uses_fp16)
+from .ds_schema import (ROUND_ROBIN_WHY, _as_int, _bf16_section, adam_parameters, as_bool, check_deepspeed_keys,
+                        optimizer_offload, uses_bf16, uses_fp16)
 from .train_config import ConfigWarning, TrainConfig
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")

@@ -127,9 +127,9 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                      hint=" (DeepSpeed would silently ignore it)")
     tp = ds.get("tensor_parallel")
     if isinstance(tp, dict) and isinstance(_as_int(tp.get("autotp_size", 0)), int) and _as_int(tp["autotp_size"]) > 1:
-        raise ValueError(f"{source}: tensor_parallel.autotp_size={tp['autotp_size']} turns on DeepSpeed's AutoTP, which "
-                         "replaces the linear layers by tensor-parallel shards (the ReLoRA layers' merges and resets "
-                         "do not reach those) and makes ranks of a group read the same data, while this trainer is "
+        raise ValueError(f"{source}: tensor_parallel.autotp_size={tp['autotp_size']} turns on DeepSpeed's AutoTP, "
+                         "which replaces the linear layers by tensor-parallel shards (the ReLoRA layers' merges and "
+                         "resets do not reach those) and makes ranks of a group read the same data, while this trainer is "
                          "data-parallel over every rank: remove it (or set 1)")
     if "bf16" in ds and "bfloat16" in ds:
         raise ValueError(f"{source} has both 'bf16' and 'bfloat16' (DeepSpeed then reads only 'bf16'): keep 'bf16'")
@@ -161,7 +161,7 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                          "DeepSpeedCPUAdam)")
     if isinstance(zero, dict) and stage < 3:
         param = zero.get("offload_param")
-        if as_bool(zero.get("cpu_offload_param", False)):  # DeepSpeed's legacy spelling of offload_param: {"device": "cpu"}
+        if as_bool(zero.get("cpu_offload_param", False)):  # DeepSpeed's legacy offload_param: {"device": "cpu"}
             param = {"device": "cpu (cpu_offload_param)"}
         if isinstance(param, dict) and param.get("device", "none") not in ("none", None):
             raise ValueError(f"{source}: zero_optimization.offload_param (device {param['device']!r}) acts only at "

@@ -121,7 +121,8 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
                 f"{sp_model}: the Hugging Face tokenizer encodes {text!r} as {got[:12]}, SentencePiece as "
                 f"{want[:12]}: transformers cannot convert this model exactly (SentencePiece reads its "
                 "tokenizer.model)")
-    combining = [text for text in _COMBINING_PROBES if tok(text, verbose=False)["input_ids"] != [*bos, *sp.encode(text)]]
+    combining = [text for text in _COMBINING_PROBES
+                 if tok(text, verbose=False)["input_ids"] != [*bos, *sp.encode(text)]]
     if combining and probes is None:
         warnings.warn(f"{sp_model}: its tokenizer.json encodes {combining[0]!r} otherwise than SentencePiece: "
                       "tokenizers' Precompiled normalizer drops the combining marks after a character with a "

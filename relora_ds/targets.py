@@ -229,6 +229,6 @@ def warn_unwrapped(model: nn.Module, chosen: list, target_modules) -> None:
         warnings.warn(f"relora_ds.wrap: {_count(len(other), 'trainable weight')} no ReLoRA layer takes stay "
                       f"full-rank ({total:,} parameters): {names[:4]}{' ...' if len(names) > 4 else ''}; wrap converts "
                       "only nn.Linear and transformers' Conv1D layers (a mixture of experts' fused 3-D expert "
-                      "weights, nn.MultiheadAttention's projections are neither or cannot be replaced, nor a layer whose "
-                      "weight or bias is shared with another)",
+                      "weights, nn.MultiheadAttention's projections are neither or cannot be replaced, nor a layer "
+                      "whose weight or bias is shared with another)",
                       stacklevel=3)

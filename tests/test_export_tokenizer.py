@@ -394,6 +394,6 @@ def test_extra_whitespace_is_removed_at_the_texts_ends_only(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "identity")
     sp = spm.SentencePieceProcessor(model_file=str(path))
     rnd = random.Random(0)
-    texts = ["fox \ndog", "fox\n dog", " fox \n ", *("".join(rnd.choice(" \n\t\rfox") for _ in range(rnd.randint(0, 10)))
-                                                    for _ in range(500))]
+    texts = ["fox \ndog", "fox\n dog", " fox \n ",
+             *("".join(rnd.choice(" \n\t\rfox") for _ in range(rnd.randint(0, 10))) for _ in range(500))]
     assert [t for t in texts if tok(t)["input_ids"] != [sp.bos_id(), *sp.encode(t)]] == []

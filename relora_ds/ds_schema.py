@@ -129,8 +129,8 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
     if isinstance(tp, dict) and isinstance(_as_int(tp.get("autotp_size", 0)), int) and _as_int(tp["autotp_size"]) > 1:
         raise ValueError(f"{source}: tensor_parallel.autotp_size={tp['autotp_size']} turns on DeepSpeed's AutoTP, "
                          "which replaces the linear layers by tensor-parallel shards (the ReLoRA layers' merges and "
-                         "resets do not reach those) and makes ranks of a group read the same data, while this trainer is "
-                         "data-parallel over every rank: remove it (or set 1)")
+                         "resets do not reach those) and makes ranks of a group read the same data, while this "
+                         "trainer is data-parallel over every rank: remove it (or set 1)")
     if "bf16" in ds and "bfloat16" in ds:
         raise ValueError(f"{source} has both 'bf16' and 'bfloat16' (DeepSpeed then reads only 'bf16'): keep 'bf16'")
     if isinstance(ds.get("checkpoint"), dict) and "load_universal" in ds["checkpoint"]:

@@ -160,6 +160,9 @@ def test_bad_hugging_face_tokenizers_are_named(tmp_path, toks, corpus):
     with pytest.raises(ValueError, match=r"bare names no eos_token .* Set eos_token in its tokenizer_config.json "
                                          r"to one of the tokenizer's tokens"):
         prepare_data([str(path)], tmp_path / "d1", tokenizer=str(bare))
+    (bare / "tokenizer_config.json").write_text('{"eos_token": ')  # damaged: named (a review: a bare JSONDecodeError)
+    with pytest.raises(ValueError, match=r"bare/tokenizer_config.json is not valid JSON"):
+        prepare_data([str(path)], tmp_path / "d2", tokenizer=str(bare))
     (bare / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     with pytest.raises(ValueError, match=r"eos_token '</s>' is not a token of tokenizer.json"):
         prepare_data([str(path)], tmp_path / "d2", tokenizer=str(bare))
@@ -300,3 +303,38 @@ def test_a_tokenizer_config_class_that_rebuilds_the_pipeline_encodes_as_autotoke
     want = [auto(t)["input_ids"] + [auto.eos_token_id] for t in texts]
     assert [ids.tolist() for ids in ours.encode_documents(texts)] == want
     assert ours.bos_id == auto.bos_token_id and ours.vocab_size == len(auto)
+
+
+def test_what_autotokenizer_adds_or_rebuilds_is_what_the_data_hold(tmp_path, toks):
+    """Found by a review, each against AutoTokenizer on the same directory: a config's additional special token
+    that tokenizer.json lacks is appended by AutoTokenizer (an id past the file's vocab, which the model must
+    embed: it was not counted in vocab_size); a post-processor that starts each text with a token the config does
+    not name as bos_token (LLaMA-3 style, no bos_token) gave documents without it; and two directories with the
+    same tokenizer.json under different tokenizer_class (one rebuilt by transformers) counted as one tokenizer."""
+    from relora_ds.data.tokenizer import DataWarning, tokenizer_difference
+
+    d = tmp_path / "extra"
+    shutil.copytree(toks["llama3"], d)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "additional_special_tokens": ["<|extra|>"]}))
+    auto = transformers.AutoTokenizer.from_pretrained(d)
+    ours = open_tokenizer(d)
+    assert ours.vocab_size == len(auto) == 401 and ours.backend.token_to_id("<|extra|>") == 400
+    assert ours.spells_special_token(["text <|extra|> text"]) == [True]
+    unnamed = tmp_path / "unnamed"
+    shutil.copytree(toks["llama3"], unnamed)
+    config.pop("bos_token")
+    (unnamed / "tokenizer_config.json").write_text(json.dumps(config))
+    auto = transformers.AutoTokenizer.from_pretrained(unnamed)
+    with pytest.warns(DataWarning, match=r"post-processor starts each text with '<\|begin_of_text\|>' \(id 0\), while "
+                                         r"tokenizer_config.json names bos_token None"):
+        ours = open_tokenizer(unnamed)
+    assert ours.bos_id == 0 and [ids.tolist() for ids in ours.encode_documents(CRAFTED[:3])] == [
+        auto(t)["input_ids"] + [auto.eos_token_id] for t in CRAFTED[:3]]
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(toks["llama3"], rebuilt)
+    config = json.loads((rebuilt / "tokenizer_config.json").read_text())
+    (rebuilt / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "BertTokenizer"}))
+    assert tokenizer_difference(toks["llama3"] / "tokenizer.json", toks["llama3"] / "tokenizer.json") is None
+    assert "the same tokenizer.json, but another pipeline" in tokenizer_difference(
+        toks["llama3"] / "tokenizer.json", rebuilt / "tokenizer.json")

@@ -254,13 +254,16 @@ def open_tokenizer(path: str | Path) -> Tokenizer:
                          sp.unk_id() if sp.unk_id() >= 0 else None, sp.pad_id() if sp.pad_id() >= 0 else None)
     backend = _hf_backend(path)
     special = _hf_special_tokens(path.parent)
+    from tokenizers import Tokenizer as HFTokenizer
+
+    written = HFTokenizer.from_file(str(path))  # (AutoTokenizer would append a misspelt special token as new)
 
     def token_id(name: str) -> int | None:
         token = special.get(name)
         if token is None:
             return None
         i = backend.token_to_id(token)
-        if i is None:
+        if i is None or written.token_to_id(token) is None:
             raise ValueError(f"{path.parent}: {name} {token!r} is not a token of {path.name}; set {name} in "
                              "tokenizer_config.json to one of its tokens (or add the token to the tokenizer)")
         return i
@@ -277,7 +280,20 @@ def open_tokenizer(path: str | Path) -> Tokenizer:
     bos = token_id("bos_token")
     # tokenizer.json's post-processor decides, as in transformers 5 (its TokenizersBackend ignores the
     # config's add_bos_token, which 4.x's LlamaTokenizerFast applied): where the two disagree, say so.
-    adds_bos = bos is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos]
+    plain = backend.encode("a", add_special_tokens=False).ids
+    added = backend.encode("a", add_special_tokens=True).ids
+    prefix = added[:added.index(plain[0])] if plain and plain[0] in added else added
+    if prefix and prefix != [bos]:  # what AutoTokenizer puts first is what the documents start with
+        if len(prefix) > 1:
+            raise ValueError(f"{path.parent}: tokenizer.json's post-processor puts {len(prefix)} tokens "
+                             f"({[backend.id_to_token(i) for i in prefix]}) before each text; documents are packed "
+                             "as [BOS] text EOS, with one BOS at most: use a tokenizer that adds one (or none)")
+        warnings.warn(f"{path.parent}: tokenizer.json's post-processor starts each text with "
+                      f"{backend.id_to_token(prefix[0])!r} (id {prefix[0]}), while tokenizer_config.json names "
+                      f"bos_token {special.get('bos_token')!r}: documents start with the post-processor's, as "
+                      "AutoTokenizer's encodings do", DataWarning, stacklevel=2)
+        bos = prefix[0]
+    adds_bos = bool(prefix)
     if special.get("add_bos_token") is not None and bool(special["add_bos_token"]) != adds_bos:
         does = "adds" if adds_bos else "does not add"
         warnings.warn(f"{path.parent}: tokenizer_config.json says add_bos_token={special['add_bos_token']}, but "
@@ -301,6 +317,9 @@ def tokenizer_difference(a: str | Path, b: str | Path) -> str | None:
     if json.loads(a.read_text(encoding="utf-8")) != json.loads(b.read_text(encoding="utf-8")):
         return "other pieces"
     ta, tb = open_tokenizer(a), open_tokenizer(b)
+    if json.loads(ta.backend.to_str()) != json.loads(tb.backend.to_str()):  # one config's class rebuilds it
+        return "the same tokenizer.json, but another pipeline (tokenizer_config.json's tokenizer_class or special " \
+               "tokens)"
     for what, ia, ib in (("end", ta.eos_id, tb.eos_id), ("start", ta.bos_id, tb.bos_id)):
         if ia != ib:
             return (f"the same pieces, but its documents {what} with {ta.spelled(ia)}, not {tb.spelled(ib)} "
@@ -308,21 +327,20 @@ def tokenizer_difference(a: str | Path, b: str | Path) -> str | None:
     return None
 
 
-# tokenizer_config.json classes under which transformers 5's AutoTokenizer encodes with tokenizer.json as written;
-# another (LlamaTokenizer, BertTokenizer, GPT2Tokenizer, ...) rebuilds parts of the pipeline in its __init__
-_AS_WRITTEN = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
-
-
 def _hf_backend(path: Path):
-    """The ``tokenizers.Tokenizer`` AutoTokenizer encodes with: the file's, or, where tokenizer_config.json names a
-    class that rebuilds the pipeline (transformers 5's LlamaTokenizer puts its own Metaspace pre-tokenizer in
-    place of the file's normalizer), the one AutoTokenizer builds from the directory."""
+    """The ``tokenizers.Tokenizer`` AutoTokenizer encodes with: in a directory with a tokenizer_config.json, the one
+    AutoTokenizer builds there (its class may rebuild the pipeline: transformers 5's LlamaTokenizer puts its own
+    Metaspace pre-tokenizer in place of the file's normalizer; it adds the config's special tokens the file lacks
+    and marks them special), else the file's."""
     from tokenizers import Tokenizer as HFTokenizer
 
     config = path.parent / "tokenizer_config.json"
-    cls = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") if config.is_file() else None
     try:
-        if cls in _AS_WRITTEN or path.name != "tokenizer.json":  # (AutoTokenizer reads tokenizer.json only)
+        cls = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") if config.is_file() else None
+    except ValueError as e:  # (also UnicodeDecodeError)
+        raise ValueError(f"{config} is not valid JSON: {e}") from None
+    try:
+        if path.name != "tokenizer.json" or not config.is_file():  # (AutoTokenizer reads tokenizer.json only)
             backend = HFTokenizer.from_file(str(path))
         else:
             from transformers import AutoTokenizer
@@ -332,7 +350,7 @@ def _hf_backend(path: Path):
                 backend = HFTokenizer.from_str(AutoTokenizer.from_pretrained(path.parent).backend_tokenizer.to_str())
     except Exception as e:  # the Rust side raises its own exception type for a malformed file
         raise ValueError(f"{str(path)!r} is not a Hugging Face tokenizer.json"
-                         f"{'' if cls in _AS_WRITTEN else f' that transformers loads as {cls}'}: {e}") from e
+                         f"{f' that transformers loads as {cls}' if cls else ''}: {e}") from e
     backend.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not the special token
     backend.no_truncation()
     backend.no_padding()

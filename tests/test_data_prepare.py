@@ -527,3 +527,21 @@ def test_a_manifest_of_another_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"has format 'relora_ds.packed_tokens/2', this code reads '{FORMAT}'; "
                                          r"re-run prepare_data"):
         load_manifest(d)
+
+
+def test_a_damaged_manifest_is_named_and_re_prepared(tmp_path, caplog):
+    """Found by a review: a manifest.json cut short (an interrupted copy) made prepare_data raise a bare
+    JSONDecodeError even with overwrite, though damaged data is to be re-prepared (the built-in corpus's cache
+    then failed every start), and load_manifest named no file. The same data come back."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Now is the winter of our discontent " * 40)
+    out = prepare_data([str(corpus)], tmp_path / "out", vocab_size=300, val_fraction=0.0)
+    before = (out / "train.bin").read_bytes()
+    text = (out / "manifest.json").read_text()
+    (out / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"out/manifest.json is damaged \(JSONDecodeError: "):
+        load_manifest(out)
+    caplog.set_level("WARNING", logger="relora_ds.data.prepare")
+    prepare_data([str(corpus)], out, vocab_size=300, val_fraction=0.0)
+    assert "manifest.json is damaged (JSONDecodeError" in caplog.text and "re-preparing" in caplog.text
+    assert load_manifest(out)["splits"]["train"]["tokens"] > 0 and (out / "train.bin").read_bytes() == before

@@ -81,7 +81,12 @@ def test_a_truncated_gzip_file_is_named(tmp_path):
     whole = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in SENTENCES * 20).encode())
     (corpus / "trunc.jsonl.gz").write_bytes(whole[: len(whole) // 2])
     (corpus / "not_gzip.jsonl.gz").write_bytes(b'{"text": "plain"}\n')
-    for name in ("trunc.jsonl.gz", "not_gzip.jsonl.gz"):
+    # Invalid UTF-8 before the cut (a review): the check's pass ended at the bad byte, and the repair's read on
+    # to the cut and raised a bare EOFError naming no file.
+    bad = gzip.compress(b'{"text": "caf\xe9"}\n' + "".join(json.dumps({"text": t}) + "\n"
+                                                          for t in SENTENCES * 20).encode())
+    (corpus / "bad_trunc.jsonl.gz").write_bytes(bad[: len(bad) // 2])
+    for name in ("trunc.jsonl.gz", "not_gzip.jsonl.gz", "bad_trunc.jsonl.gz"):
         with pytest.raises(ValueError, match=rf"could not read .*{name}: .*\(a truncated or corrupt gzip file\?\)"):
             prepare_data([str(corpus / "a.jsonl"), str(corpus / name)], tmp_path / f"out_{name}", vocab_size=300)
 

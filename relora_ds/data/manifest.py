@@ -64,13 +64,24 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
+class DamagedManifest(ValueError):
+    """A manifest.json that is not a JSON object (cut short by an interrupted copy): the data it describes are
+    re-prepared like incomplete data."""
+
+
 def read_manifest_file(data_dir: str | Path) -> dict | None:
     """The manifest as stored (paths relative to the dir), or None if there is none."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise DamagedManifest(f"{path} is damaged ({type(e).__name__}: {e})") from None
+    if not isinstance(manifest, dict):
+        raise DamagedManifest(f"{path} is damaged (a JSON {type(manifest).__name__}, not an object)")
+    return manifest
 
 
 def write_manifest(data_dir: Path, manifest: dict) -> None:

@@ -118,7 +118,12 @@ def make_mixture(members: Sequence[tuple[str | Path, float]], out_dir: str | Pat
                  "splits": _split_counts(m)}
                 for d, w, m in zip(dirs, shares, manifests)]
     recipe = {"mixture": [{"fingerprint": r["fingerprint"], "weight": r["weight"]} for r in recorded]}
-    old = mf.read_manifest_file(out_dir)
+    try:
+        old = mf.read_manifest_file(out_dir)
+    except mf.DamagedManifest as e:  # written anew below, with --overwrite (it may be a prepared dir's)
+        if not overwrite:
+            raise ValueError(f"{e}; pass --overwrite to write the mixture there, or another --out") from None
+        old = None
     if old is not None and old.get("recipe") == recipe:
         # The same members' data and weights: runs trained on it resume on it whatever else is rewritten (a
         # member moved, named here at its new place; a tokenizer copy lost).

@@ -192,7 +192,11 @@ def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig,
     inapplicable = inapplicable_options(resolved, resolved_val, tokenizer_given=cfg.tokenizer is not None)
     cfg = at_defaults(cfg, inapplicable)
     recipe = recipe_of(resolved, cfg, out_dir, resolved_val)
-    old = mf.read_manifest_file(out_dir)
+    try:
+        old = mf.read_manifest_file(out_dir)
+    except mf.DamagedManifest as e:  # e.g. an interrupted copy: as incomplete data
+        log.warning("%s; re-preparing", e)
+        old = None
     if old is not None and same_recipe(old.get("recipe"), recipe, inapplicable) and mf.files_intact(out_dir, old):
         log.info("%s is up to date (manifest matches); nothing to do", out_dir)
         _report_windows(old, cfg.seq_len)

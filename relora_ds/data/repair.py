@@ -35,10 +35,13 @@ def repair_utf8(path: str, dest: str, *, json: bool = False) -> tuple[int, int]:
     if _is_clean(path, json):
         return 0, 0
     bad = lone = 0
-    with open(dest, "w", encoding="utf-8") as out:
-        for text, n_bad, n_lone in _repaired(path, json):
-            out.write(text)
-            bad, lone = bad + n_bad, lone + n_lone
+    try:
+        with open(dest, "w", encoding="utf-8") as out:
+            for text, n_bad, n_lone in _repaired(path, json):
+                out.write(text)
+                bad, lone = bad + n_bad, lone + n_lone
+    except (EOFError, zlib.error) as e:  # truncated after the first invalid byte, which ended _is_clean's pass
+        raise ValueError(f"could not read {path}: {type(e).__name__}: {e} (a truncated or corrupt gzip file?)") from e
     return bad, lone
 
 

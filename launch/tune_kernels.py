@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
+import math
 import os
 import sys
 from pathlib import Path
@@ -221,7 +222,8 @@ def max_rel_err(got, want_fn):
     got = tuple(t.clone() for t in (got if isinstance(got, tuple) else (got,)))
     want = want_fn()
     want = want if isinstance(want, tuple) else (want,)
-    return max(((g.float() - t.float()).norm() / t.float().norm()).item() for g, t in zip(got, want))
+    errs = [((g.float() - t.float()).norm() / t.float().norm()).item() for g, t in zip(got, want)]
+    return math.nan if any(math.isnan(e) for e in errs) else max(errs)  # max() drops a NaN after the first
 
 
 def main(argv=None):
@@ -257,7 +259,7 @@ def main(argv=None):
                        config="" if cfg is None else " ".join(f"{k}={v}" for k, v in cfg.items()), **meta)
             try:
                 err = max_rel_err(fn(), want) if want is not None else float("nan")
-                if err == err and err > tol:
+                if want is not None and not err <= tol:  # NaN too: unwritten or overflowed outputs
                     row.update(status=f"wrong (rel err {err:.1e})", ms=float("nan"), err=err)
                     return rows.append(row)
                 ms = bench(timed or fn, args.device, args.rep)[0]

@@ -129,7 +129,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
         for path in written:  # on disk before any rank marks the folder complete or deletes an older one
             fsync_path(path)
     except (OSError, RuntimeError) as e:  # a full disk reads "basic_ios::clear: iostream error" from torch
-        free = shutil.disk_usage(ckpt_dir).free
+        # (a first save's makedirs may be what failed: the nearest folder that exists)
+        free = shutil.disk_usage(next(p for p in (ckpt_dir, *ckpt_dir.parents) if p.exists())).free
         raise RuntimeError(f"rank {rank}: saving checkpoint {ckpt_dir / tag} failed ({type(e).__name__}: {e}); "
                            f"its file system has {free / 2**20:,.0f} MiB free{' (full?)' if free < 2**30 else ''}. "
                            f"`latest` still names the last complete checkpoint ({latest_tag(ckpt_dir)}), which "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import re
 import resource
 from pathlib import Path
 
@@ -160,10 +161,14 @@ def _start_wandb(output_dir: Path, project: str, run_config: dict | None):
 
     import wandb
 
+    from .durable import replace_durably
+
     id_file = output_dir / MetricsLogger.WANDB_ID
-    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    run_id = id_file.read_text().strip() if id_file.is_file() else ""
+    if not re.fullmatch(r"[\w-]+", run_id):  # none yet, or a file a crash left empty (W&B ids: letters, digits, -_)
+        run_id = uuid.uuid4().hex[:12]
     output_dir.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id)
+    replace_durably(run_id, id_file)
     run = wandb.init(project=project, id=run_id, resume="allow", config=run_config, dir=str(output_dir))
     run.define_metric("step")
     run.define_metric("*", step_metric="step")

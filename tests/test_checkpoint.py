@@ -298,6 +298,17 @@ def test_a_save_that_fails_names_the_free_space_and_what_resume_loads(tmp_path, 
                                            r"names the last complete checkpoint \(step_2\), which --resume loads"):
         checkpoint.save(SimpleNamespace(save_checkpoint=full), tmp_path, 4, {}, {}, keep_last=0)
     assert (tmp_path / "latest").read_text() == "step_2"
+    # The first save of a run, whose checkpoints folder DeepSpeed's makedirs failed to create on a full disk: the
+    # handler's own disk_usage raised FileNotFoundError (a review); it measures the nearest existing folder.
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match=r"saving checkpoint .*checkpoints/step_1 failed \(OSError: \[Errno 28\] No "
+                                           r"space left on device\); its file system has [\d,]+ MiB free"):
+        checkpoint.save(SimpleNamespace(save_checkpoint=lambda *a, **k: _raise(OSError(28, "No space left on device"))),
+                        tmp_path / "checkpoints", 1, {}, {}, keep_last=0)
+
+
+def _raise(error):
+    raise error
 
 
 # Cases a mutation trial of the checkpoint/resume modules found unpinned (each checked to fail with its mutant).

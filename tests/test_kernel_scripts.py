@@ -120,6 +120,9 @@ def test_tune_script_smoke(tmp_path):
     import tune_kernels
     assert tune_kernels.max_rel_err(torch.ones(3), lambda: torch.ones(3)) == 0.0
     assert tune_kernels.max_rel_err(torch.zeros(3), lambda: torch.ones(3)) == 1.0
+    # A NaN in a later output (a review: Python's max() kept the first output's error and the gate passed it)
+    nan = torch.tensor([float("nan"), 1.0, 1.0])
+    assert math.isnan(tune_kernels.max_rel_err((torch.ones(3), nan), lambda: (torch.ones(3), torch.ones(3))))
 
 
 def test_tune_script_arguments():

@@ -2,6 +2,7 @@
 --overwrite clears, W&B and TensorBoard records, run_info.jsonl. (tokens_per_s against a fake clock:
 test_throughput_metric.py; runs through DeepSpeed: tests/test_trainer.py.)"""
 import json
+import re
 
 import pytest
 
@@ -86,6 +87,13 @@ def test_wandb_gets_every_metric_and_a_requeued_job_continues_its_run(tmp_path, 
     MetricsLogger(tmp_path, enabled=True, resume_step=2, wandb_project="relora").close(exit_code=3)
     assert calls[0][1]["id"] == init["id"]  # the same W&B run
     assert calls[-1] == ("finish", 3)  # a NaN stop (launch/train.py's status 3): the W&B run is marked failed
+    calls.clear()
+    # An id file a crash left empty (a review: it was written in place, unflushed, and "" passed to wandb.init):
+    # a new id, written through a flushed temporary file.
+    (tmp_path / "wandb_run_id").write_text("")
+    MetricsLogger(tmp_path, enabled=True, resume_step=2, wandb_project="relora").close()
+    assert re.fullmatch(r"[0-9a-f]{12}", calls[0][1]["id"]) and calls[0][1]["id"] != init["id"]
+    assert (tmp_path / "wandb_run_id").read_text() == calls[0][1]["id"]
     calls.clear()
     MetricsLogger(tmp_path, enabled=False, wandb_project="relora").close()  # ranks other than 0: no run
     assert calls == []

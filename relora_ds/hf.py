@@ -236,6 +236,8 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
                           "eos_token_id null (transformers would otherwise assume LLaMA-2's 1 and 2); pass the "
                           "training tokenizer, or token_ids", stacklevel=2)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".export-*"):  # a killed export's staged copy of the model (its finally never ran)
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
     try:
         if from_source:  # its tokenizer files, if it has any

@@ -74,23 +74,28 @@ class MetricsLogger:
     def _rewind(self, step: int) -> int:
         if not self.path.is_file():
             return 0
-        keep, later = [], []
-        for line in self.path.read_text().splitlines(keepends=True):
+        keep, later, text = [], [], self.path.read_text()
+        for line in text.splitlines(keepends=True):
+            line = line if line.endswith("\n") else line + "\n"  # a last line cut before its newline: the next
+            # append would continue it, and the two records read as one broken line
             try:
                 rec = json.loads(line)
                 rec_step = rec.get("step")
             except ValueError:  # a line cut by a crash mid-write: the dead run's, and no JSON reader's
-                later.append(line if line.endswith("\n") else line + "\n")
+                later.append(line)
                 continue
             redone = isinstance(rec_step, int) and (
                 rec_step > step or (rec_step == step and rec.get("event") in self.AFTER_CHECKPOINT_EVENTS))
             (later if redone else keep).append(line)
         if later:  # the moved records on disk before metrics.jsonl loses them, whatever stops this start
             rewound = self.path.parent / self.REWOUND
-            with rewound.open("a") as f:
-                f.writelines(later)
+            moved = "".join(later)
+            if not (rewound.is_file() and rewound.read_text().endswith(moved)):  # moved there by a start that
+                with rewound.open("a") as f:  # then died before rewriting metrics.jsonl: not twice
+                    f.write(moved)
             fsync_path(rewound)
             fsync_path(self.path.parent)  # (its entry, where this start made the file)
+        if later or not text.endswith("\n") and text:
             replace_durably("".join(keep), self.path)
         return len(later)
 

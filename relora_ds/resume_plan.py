@@ -181,8 +181,10 @@ def _resume_point(ckpt_dir: Path, resume_from: str, latest: str | None) -> tuple
     if latest is not None and tag_step(latest) > step and (ckpt_dir / latest / "config.json").is_file() and \
             load_config(ckpt_dir, latest)["train"].get("resume_from") == resume_from:
         return latest, []
-    complete = [t for t in complete_tags(ckpt_dir) if latest is not None and tag_step(t) <= tag_step(latest)]
-    if resume_from not in complete:  # a tag after `latest` is a save that crashed: maybe not every rank's files
+    # (a complete tag after `latest` too: its config.json is written once every rank's files are on disk, so
+    # only `latest`'s move was lost; the refusal of a damaged `latest` names it as the way out)
+    complete = complete_tags(ckpt_dir)
+    if resume_from not in complete:
         raise ValueError(f"--resume-from {resume_from}: no complete checkpoint {ckpt_dir / resume_from}; there: "
                          f"{complete or 'none'}")
     later = [p.name for p in checkpoint_folders(ckpt_dir) if tag_step(p.name) > step]

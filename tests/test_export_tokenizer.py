@@ -283,6 +283,8 @@ def test_an_export_into_a_used_directory_leaves_no_old_weights_or_tokenizer_besi
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
     new = _train_sp(tmp_path, "new", 320, model_type="bpe", byte_fallback=True)
+    (out / ".export-k1lled").mkdir()  # a killed export's staged model (a review: never removed, a model's size)
+    (out / ".export-k1lled" / "model.safetensors").write_text("staged")
     relora_ds.export_hf(model, out, tokenizer=new, hf_tokenizer=False)  # writes tokenizer.model only
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                     "notes.txt", "tokenizer.model"]

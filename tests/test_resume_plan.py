@@ -307,7 +307,7 @@ def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
 
     for step in (4, 8, 12):
         _tag(tmp_path, step)
-    _tag(tmp_path, 14)  # a save that crashed after rank 0's config.json: never latest, not a resume point
+    _tag(tmp_path, 14)  # a save that died after its config.json (every rank's files written), before `latest` moved
     (tmp_path / "step_16").mkdir()  # a save that crashed earlier: no config.json
     (tmp_path / "latest").write_text("step_12")
     kw = dict(model={"hidden_size": 64}, ds={"zero_optimization": {"stage": 2}}, world=2,
@@ -315,10 +315,14 @@ def test_resume_from_picks_the_tag_moves_later_ones_aside_once(tmp_path):
     back = {**TRAIN, "resume_from": "step_4"}
     plan = resume_plan.plan_resume(tmp_path, train=back, **kw)
     assert plan["tag"] == "step_4" and plan["rewind"] == ["step_8", "step_12", "step_14", "step_16"]
-    for bad in ("step_6", "step_14"):
+    for bad in ("step_6", "step_16"):
         with pytest.raises(ValueError, match=rf"--resume-from {bad}: no complete checkpoint .*{bad}; there: "
-                                             r"\['step_4', 'step_8', 'step_12'\]"):
+                                             r"\['step_4', 'step_8', 'step_12', 'step_14'\]"):
             resume_plan.plan_resume(tmp_path, train={**TRAIN, "resume_from": bad}, **kw)
+    # step_14 is complete (a review: a damaged `latest`'s refusal named it as the way out, and --resume-from
+    # refused it): it loads, the crashed step_16 moved aside.
+    past = resume_plan.plan_resume(tmp_path, train={**TRAIN, "resume_from": "step_14"}, **{**kw, "total_steps": 16})
+    assert past["tag"] == "step_14" and past["rewind"] == ["step_16"]
     # A crash after the first move: latest already names step_4, and the next --resume-from moves the rest.
     checkpoint.rewind(tmp_path, "step_4", plan["rewind"][:1])
     assert checkpoint.latest_tag(tmp_path) == "step_4"

@@ -3,6 +3,7 @@
 test_throughput_metric.py; runs through DeepSpeed: tests/test_trainer.py.)"""
 import json
 import re
+import time
 
 import pytest
 
@@ -25,6 +26,35 @@ def test_resume_moves_metrics_of_steps_it_trains_again_aside(tmp_path):
     assert m.rewound == 4 and moved == lines[5:8] + ['{"step": 9, "lo']
     assert MetricsLogger(tmp_path, enabled=True, resume_step=0).rewound == 6  # steps 1-5 and the new 6
     assert MetricsLogger(tmp_path / "fresh", enabled=True, resume_step=3).rewound == 0
+
+
+def test_a_record_cut_before_its_newline_and_a_rewind_cut_short_lose_nothing(tmp_path, monkeypatch):
+    """Found by a review: a whole last record without its newline (a short write at a full disk, a power loss)
+    was kept as it was, so the resumed run's first record was glued to it and a later rewind moved both out of
+    metrics.jsonl (step 4's loss lost for good); and a start that moved records to metrics.rewound.jsonl, then
+    died before rewriting metrics.jsonl, made its retry move them there twice."""
+    from relora_ds import metrics
+    from relora_ds.metrics import MetricsLogger
+
+    lines = [json.dumps({"step": s, "loss": 10.0 - s}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))  # no newline after step 3's record
+    m = MetricsLogger(tmp_path, enabled=True, resume_step=3)
+    m.log({"step": 4, "loss": 5.6})
+    m.close()
+    assert MetricsLogger(tmp_path, enabled=True, resume_step=4).rewound == 0
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    real = metrics.replace_durably
+
+    def dies(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(metrics, "replace_durably", dies)
+    with pytest.raises(OSError):
+        MetricsLogger(tmp_path, enabled=True, resume_step=2)
+    monkeypatch.setattr(metrics, "replace_durably", real)
+    assert MetricsLogger(tmp_path, enabled=True, resume_step=2).rewound == 2
+    moved = [json.loads(l)["step"] for l in (tmp_path / "metrics.rewound.jsonl").read_text().splitlines()]
+    assert moved == [3, 4] and [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
+                                ] == [1, 2]
 
 
 def test_overwrite_clears_every_output_of_the_previous_run(tmp_path, monkeypatch):
@@ -169,6 +199,9 @@ def test_tensorboard_keeps_each_step_once_after_a_resume(tmp_path):
     for s in range(1, 9):
         first.log({"step": s, "loss": float(s)})
     first.close()
+    # A resumed run is a later process: its event file's name (seconds, host, pid, then a per-process counter)
+    # sorts after the first run's. In one process within one second, the counter decides, as text ("10" < "9").
+    time.sleep(1.1)
     resumed = MetricsLogger(tmp_path, enabled=True, resume_step=5)
     for s in range(6, 9):
         resumed.log({"step": s, "loss": 100.0 + s})

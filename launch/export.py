@@ -58,7 +58,16 @@ def main(argv=None) -> Path:
     if not (args.checkpoints / tag / "config.json").is_file():
         ap.error(f"{args.checkpoints / tag} has no config.json: an incomplete checkpoint (its save did not finish?); "
                  "export another with --tag")
-    run = load_config(args.checkpoints, tag)
+    try:
+        run = load_config(args.checkpoints, tag)
+    except ValueError as e:
+        ap.error(f"{args.checkpoints / tag / 'config.json'} is damaged: {e}")
+    if not isinstance(run, dict) or not {"train", "model"} <= set(run):  # e.g. a run's hf/ export, whose config.json is transformers'
+        kind = f"a Hugging Face model directory ({run['model_type']})" if "model_type" in run else \
+            "not a relora_ds checkpoint"
+        ap.error(f"{args.checkpoints / tag} is {kind}: its config.json has no 'train' and 'model' sections of a "
+                 "relora_ds checkpoint; give a run's output_dir, its checkpoints/ folder or one step_N/ folder (an "
+                 "export needs no second one: transformers loads it with from_pretrained)")
     tokenizer = None if args.no_tokenizer else args.tokenizer or _run_tokenizer(run, ap)
     try:
         tokenizer = tokenizer and resolve_tokenizer(tokenizer)

@@ -213,6 +213,10 @@ def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path
         proc = export(given, "--out", tmp_path / "z")  # was: "no checkpoint (latest) in <it>; found: none"
         assert proc.returncode == 2 and f"{given} {what}: give a run's output_dir, its checkpoints/ folder, or " \
             "one checkpoint's step_N/ folder" in proc.stderr, proc.stderr
+    # A run's hf/ export given by mistake (a review: the error was about the run's tokenizer)
+    proc = export(demo_run / "hf", "--out", tmp_path / "z")
+    assert proc.returncode == 2 and f"{demo_run / 'hf'} is a Hugging Face model directory (llama): its config.json " \
+        "has no 'train' and 'model' sections" in proc.stderr, proc.stderr
     (run / "checkpoints" / "step_25" / "config.json").unlink()
     proc = export(run / "checkpoints", "--tag", "step_25", "--out", tmp_path / "x")
     assert proc.returncode == 2 and "step_25 has no config.json: an incomplete checkpoint" in proc.stderr

@@ -338,3 +338,30 @@ def test_what_autotokenizer_adds_or_rebuilds_is_what_the_data_hold(tmp_path, tok
     assert tokenizer_difference(toks["llama3"] / "tokenizer.json", toks["llama3"] / "tokenizer.json") is None
     assert "the same tokenizer.json, but another pipeline" in tokenizer_difference(
         toks["llama3"] / "tokenizer.json", rebuilt / "tokenizer.json")
+
+
+def test_an_eos_that_text_can_spell_is_counted_and_refused_for_document_masking(tmp_path):
+    """Found by a review: with an eos_token that is a plain vocabulary entry (no special added token), text that
+    spells it encodes to the EOS id inside a document (as AutoTokenizer's encoding does), which document masking
+    takes for a document's end; nothing said so. Counted, warned, and named by document_ends_problem."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from relora_ds.data.manifest import document_ends_problem
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "world": 2, "</s>": 3}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "unk_token": "<unk>"}))
+    docs = ["hello </s> world", "world hello", "hello world </s>"]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok", split_special_tokens=True)
+    assert auto(docs[0])["input_ids"] == [1, 3, 2]  # the oracle: the text makes the EOS id
+    with pytest.warns(UserWarning, match=r"2 documents of .* encode to the EOS id '</s>' \(id 3\) inside their text"):
+        out = prepare_data([str(tmp_path / "docs.jsonl")], tmp_path / "data", tokenizer=str(tmp_path / "tok"),
+                           val_fraction=0.0)
+    manifest = load_manifest(out)
+    assert np.fromfile(out / "train.bin", dtype=np.uint16).tolist() == [1, 3, 2, 3, 2, 1, 3, 1, 2, 3, 3]
+    assert manifest["warnings"]["documents_holding_eos"] == 2
+    assert "2 documents of the data hold the EOS id (3) inside their text" in document_ends_problem(manifest)

@@ -49,8 +49,13 @@ class Encode:
         nonblank = [t for t, k in zip(texts, keep, strict=True) if k]
         encoded = iter(self.tokenizer.encode_documents(nonblank, self.num_threads))
         empty = np.zeros(0, dtype=np.int32)
+        ids = [next(encoded) if k else empty for k in keep]
+        first = 1 if self.tokenizer.bos_id is not None else 0  # (BOS may be the EOS id: OPT)
         return {
-            "ids": [next(encoded) if k else empty for k in keep],
+            "ids": ids,
+            # the text produced the EOS id (an eos_token that is a plain vocabulary entry): document masking
+            # would end the document there
+            "holds_eos": np.array([bool((d[first:-1] == self.tokenizer.eos_id).any()) for d in ids], dtype=bool),
             "validation": np.array([in_validation(t, self.val_fraction) for t in texts], dtype=bool),
             "spells_special": np.array(self.tokenizer.spells_special_token(texts), dtype=bool),
             "no_text": np.array([text is None for text in batch["text"]], dtype=bool),
@@ -59,6 +64,7 @@ class Encode:
 
 _TOKENIZED = datasets.Features({"ids": datasets.List(datasets.Value("int32")),
                                 "validation": datasets.Value("bool"), "spells_special": datasets.Value("bool"),
+                                "holds_eos": datasets.Value("bool"),
                                 "no_text": datasets.Value("bool")})  # the text column null or absent
 
 
@@ -89,7 +95,7 @@ def tokenize_and_write(parts: list[tuple[Corpus, Encode]], out_dir: Path, work_d
         for i, (corpus, encode) in enumerate(parts):
             counts = {"splits": {s: {"tokens": 0, "documents": 0, "longer_than_seq_len": 0} for s in mf.SPLITS},
                       "empty_documents": 0, "records_without_text": 0, "unk_tokens": 0,
-                      "documents_spelling_special_tokens": 0}
+                      "documents_spelling_special_tokens": 0, "documents_holding_eos": 0}
             _write_part(corpus, encode, num_proc, seq_len, work_dir / f"tokenized{i}.arrow", files, counts,
                         dtype, unk_id)
             all_counts.append(counts)
@@ -114,6 +120,7 @@ def _write_part(corpus, encode, num_proc, seq_len, cache_file, files, counts, dt
             counts["empty_documents"] += int(((lengths == 0) & ~no_text).sum())
             counts["unk_tokens"] += _unk_count(values, lengths, unk_id, encode.tokenizer.bos_id is not None)
             counts["documents_spelling_special_tokens"] += int(pc.sum(table.column("spells_special")).as_py() or 0)
+            counts["documents_holding_eos"] += int(pc.sum(table.column("holds_eos")).as_py() or 0)
             token_is_val = np.repeat(is_val, lengths)
             for split, doc_mask, tok_mask in (("train", ~is_val, ~token_is_val),
                                               ("validation", is_val, token_is_val)):

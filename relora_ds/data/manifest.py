@@ -149,6 +149,10 @@ def document_ends_problem(manifest: dict) -> str | None:
     if manifest.get("bos_id") == eos:
         return (f"the data's tokenizer uses one id ({eos}) for BOS and EOS, so an EOS cannot tell where a document "
                 "ends (each BOS would be a document of its own)")
+    holding = manifest.get("warnings", {}).get("documents_holding_eos", 0)
+    if holding:
+        return (f"{holding:,} documents of the data hold the EOS id ({eos}) inside their text (the tokenizer's "
+                "eos_token is not a special token), each of which would end a document there")
     unk_tokens = manifest.get("warnings", {}).get("unk_tokens", 0)
     if manifest.get("unk_id") == eos and unk_tokens:
         return (f"the data's tokenizer uses one id ({eos}) for <unk> and EOS, and its text holds {unk_tokens:,} "

@@ -82,6 +82,11 @@ def _warn_counts(counts: dict, what: str, text_column, tok: Tokenizer) -> None:
                       f"special token of the tokenizer ({tok.special_example()}): they are encoded as text, as "
                       "training should see them; transformers' AutoTokenizer reads such text as the special token "
                       "unless called with split_special_tokens=True", DataWarning, stacklevel=4)
+    if counts["documents_holding_eos"]:
+        warnings.warn(f"{counts['documents_holding_eos']} documents of {what} encode to the EOS id "
+                      f"{tok.spelled(tok.eos_id)} inside their text (an eos_token that is a plain vocabulary entry, "
+                      "not a special token: AutoTokenizer reads it from text too); --document-masking would end "
+                      "each of them there, and is refused on this data", DataWarning, stacklevel=4)
 
 
 def _report_windows(manifest: dict, seq_len: int | None) -> None:

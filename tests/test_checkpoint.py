@@ -558,3 +558,26 @@ def test_bf16_optimizer_masters_of_a_folder_without_the_bf16_optimizers_files_ar
     assert bf16_optimizer_masters(tmp_path, {"w": (2, 3)}) is None
     torch.save({"optimizer_state_dict": {"state": {}}}, tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
     assert bf16_optimizer_masters(tmp_path, {"w": (2, 3)}) is None
+
+
+def test_full_state_dict_of_the_bf16_optimizer_keeps_its_fp32_masters_over_the_bf16_module_states(tmp_path):
+    """DeepSpeed's bf16 optimizer (ZeRO-1, bf16, fp32 gradient accumulation) keeps the fp32 masters in its own
+    files: full_state_dict takes them over the bf16 module copies (an export of such a run otherwise writes
+    bf16-rounded weights; a mutation audit found only a 2-rank end-to-end test pinning it); a frozen weight
+    (no master) is the module state's."""
+    import torch
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from relora_ds import checkpoint
+
+    src = tmp_path / "step_3"
+    src.mkdir()
+    master = torch.tensor([1.0001, 2.0002, 3.0003])
+    torch.save({"module": {"w": master.bfloat16(), "base": torch.ones(2, dtype=torch.bfloat16)}},
+               src / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"single_partition_of_fp32_groups": [master.clone()],
+                                         "param_slice_mappings": [{"w": fragment_address(numel=3, start=0)}]}},
+               src / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    state = checkpoint.full_state_dict(tmp_path, "step_3")
+    assert state["w"].dtype == torch.float32 and torch.equal(state["w"], master)
+    assert torch.equal(state["base"], torch.ones(2, dtype=torch.bfloat16))

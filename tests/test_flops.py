@@ -142,3 +142,19 @@ def test_mfu_peak_in_half_precision_only_and_a_gpu_the_table_lacks_is_named():
     with pytest.warns(ConfigWarning, match="no mfu column: the peak TFLOP/s of 'NVIDIA L4' is not in .*give "
                                            "peak_tflops"):
         assert mfu_peak("NVIDIA L4", half=True) is None
+
+
+def test_attention_flops_use_heads_times_head_dim_not_hidden_size(monkeypatch):
+    """A model whose explicit head_dim makes heads x head_dim differ from hidden_size (Qwen3-style: Qwen3-0.6B has
+    hidden 1024 and 16 x 128 = 2048). A mutation audit found hidden_size in place of heads x head_dim passing
+    every test (their models had heads x head_dim = hidden). Oracle: torch's FlopCounterMode."""
+    monkeypatch.setenv("RELORA_KERNELS", "reference")
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, head_dim=16, max_position_embeddings=128)  # 4 x 16 = 64 != 48
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    x = torch.randint(0, 96, (2, 34), generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        model(x, labels=x).loss.backward()
+    assert flops_per_token(model, 33) == pytest.approx(counter.get_total_flops() / (2 * 33), rel=1e-12)

@@ -471,3 +471,28 @@ def test_an_int8_base_under_dropout_counts_the_twins_masks(capsys):
     assert want[True] - want[False] > 0.4
     row = _table(capsys, "--presets", "1b", "--quantize", "int8")["1b"]
     assert row["activations per seq. full / ReLoRA (GB)"].split(" / ")[1] == f"{want[True]:.2f}"
+
+
+def test_memory_formulas_a_mutation_audit_left_unpinned():
+    """Hand counts from activation_phases' docstring for a model whose last-kept-layer phase is the peak (V < h):
+    that layer's backward holds everything kept but the loss's buffers, plus 8 s h of gradients in flight (a
+    mutant keeping the loss's buffers moved the heap test's predictions by 1.8%, inside its tolerance); and
+    launch/memory_table.py's one --activation-checkpointing-layers N for every preset: N above a preset's layer
+    count recomputes all of them (a mutant without the clamp counted negative kept layers: activations
+    0.03 GB for 0.20)."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=512)
+    s, h, V, i, r, L = 128, 256, 64, 512, 16, 2
+    layer = 24 * s * h + 8 * s * i + 14 * s * r
+    for chunk, head in ((0, 4 * s * V), (32, 2 * s * h)):
+        kept = L * layer + 8 * s * h + head
+        assert memory.kept_activation_bytes(cfg, s, r, chunked_loss=bool(chunk)) == kept
+        assert memory.activation_phases(cfg, s, r, loss_chunk_size=chunk)[1] == (kept - head + 8 * s * h, 0)
+        if not chunk:
+            assert memory.activation_peak_bytes(cfg, s, r, 1) == kept - head + 8 * s * h
+    assert memory.recomputed_layers(cfg, 100) == 2
+    for policy in ("full", "selective"):
+        assert memory.kept_activation_bytes(cfg, 128, 16, 100, policy=policy) == \
+            memory.kept_activation_bytes(cfg, 128, 16, True, policy=policy)
+        assert memory.activation_peak_bytes(cfg, 128, 16, 2, 100, policy=policy) == \
+            memory.activation_peak_bytes(cfg, 128, 16, 2, True, policy=policy)

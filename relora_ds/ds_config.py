@@ -30,7 +30,7 @@ DEFAULT_DS_CONFIG = {"zero_optimization": {"stage": 0},
 def load_ds_config(path: str | Path | None) -> dict:
     if path is None:
         return copy.deepcopy(DEFAULT_DS_CONFIG)
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"--deepspeed {path}: no such file (configs ship in ds_configs/)")
     try:

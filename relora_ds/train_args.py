@@ -170,7 +170,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < YAML recipe < CLI flags. Unknown recipe keys are an error (a typo is never ignored)."""
     values: dict = {}
     if getattr(args, "config", None):
-        path = Path(args.config)
+        path = Path(args.config).expanduser()  # (the shell expands no ~ after "=" or from a script's list)
         if not path.is_file():
             raise ValueError(f"--config {path}: no such file")
         try:

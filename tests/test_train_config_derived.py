@@ -143,6 +143,15 @@ def test_a_leading_tilde_in_a_path_is_expanded(tmp_path, monkeypatch):
     cfg = TrainConfig(**BASE, output_dir="~/runs/x", data_dir="~/data", warm_start_from="~/hf", warm_start_steps=0)
     assert (cfg.output_dir, cfg.data_dir, cfg.warm_start_from) == tuple(
         os.path.join(str(tmp_path), p) for p in ("runs/x", "data", "hf"))
+    # --config=~/... and --deepspeed=~/... too (a README check: they were "no such file")
+    from launch_utils import ROOT
+    from relora_ds.ds_config import load_ds_config
+    from relora_ds.train_args import build_parser, config_from_args
+
+    (tmp_path / "r.yaml").write_text("model: debug\nmode: lora\ntotal_steps: 10\nwarmup_steps: 2\n")
+    (tmp_path / "ds.json").write_text((ROOT / "ds_configs" / "zero2.json").read_text())
+    assert config_from_args(build_parser().parse_args(["--config=~/r.yaml"])).model == "debug"
+    assert load_ds_config("~/ds.json") == load_ds_config(ROOT / "ds_configs" / "zero2.json")
 
 
 def test_documented_defaults_and_the_smallest_builtin_vocab():

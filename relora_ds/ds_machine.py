@@ -8,6 +8,7 @@ import warnings
 
 import torch
 
+from .ds_schema import as_bool
 from .model_config import LlamaConfig
 from .startup import meta_model
 from .train_config import ConfigWarning, TrainConfig
@@ -61,7 +62,8 @@ def check_offload_on_device(ds: dict, accelerator, quantize: str | None = None) 
     # What no machine can run first, then what this machine lacks (a user need not install libaio to learn
     # that the combination is refused anyway).
     optimizer = ds["zero_optimization"]["offload_optimizer"] if "offload_optimizer" in nvme else {}
-    pipelined = [k for k in ("pipeline_read", "pipeline_write") if optimizer.get(k)]
+    pipelined = [k for k in ("pipeline_read", "pipeline_write")
+                 if as_bool(optimizer.get(k, False)) is not False]  # DeepSpeed's pydantic bool: "false" is off
     if pipelined:
         raise ValueError(f"zero_optimization.offload_optimizer.{' and '.join(pipelined)}: DeepSpeed 0.19.8's "
                          "pipelined optimizer swapping stopped at the first optimizer step here (2 CPU ranks: an "

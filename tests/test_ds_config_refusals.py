@@ -227,6 +227,9 @@ def test_nvme_offload_is_checked_before_any_engine(tmp_path):
     with pytest.raises(ValueError, match=r"offload_optimizer.pipeline_read and pipeline_write: DeepSpeed 0.19.8's "
                                          r"pipelined optimizer swapping stopped at the first optimizer step"):
         check_offload_on_device(pipelined, acc())
+    off = optimizer_nvme()  # DeepSpeed reads "false" as off (a review: refused as on)
+    off["zero_optimization"]["offload_optimizer"].update(pipeline_read="false", pipeline_write=0)
+    check_offload_on_device(off, acc())
     with pytest.raises(ValueError, match=r"offload_param offloads to nvme, which needs DeepSpeed's async_io op"):
         check_offload_on_device(nvme(), acc(aio=False))
     (tmp_path / "a_file").write_text("")

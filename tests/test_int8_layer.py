@@ -429,3 +429,13 @@ def test_the_gathered_state_holds_the_state_dicts_tensors_with_frozen_floats_as_
     assert state["count"].dtype == torch.int64 and int(state["count"]) == 3
     assert torch.equal(state["lin.weight"], model.lin.weight)
     assert full_fp32_state_dict(SimpleNamespace(module=model), keep=False) == {}
+
+
+def test_an_int8_layer_leaves_an_integer_weight_unexpected():
+    """A replaced layer's state whose weight is an integer tensor (another library's int8 codes) is no float
+    base: it stays an unexpected key and weight_q is unchanged (a mutation audit: quantizing it as numbers
+    raised from inside the quantizer instead)."""
+    layer = relora_ds.ReLoRALinear(8, 8, 2, quantize="int8")
+    before = layer.weight_q.clone()
+    res = layer.load_state_dict({"weight": torch.randint(-127, 128, (8, 8), dtype=torch.int8)}, strict=False)
+    assert "weight" in res.unexpected_keys and torch.equal(layer.weight_q, before), res

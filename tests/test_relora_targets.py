@@ -352,3 +352,18 @@ def test_a_model_in_ddp_or_fsdp1_is_refused():
         assert not any(True for _ in relora_ds.relora_layers(ddp))
     finally:
         dist.destroy_process_group()
+
+
+def test_a_regex_matches_whole_names_and_a_root_multihead_attention_is_refused():
+    """A mutation audit's survivors: a string target is a regular expression the full module name must match
+    (README, PEFT's re.fullmatch: '.*q_proj' must not take q_proj_gate); and a model that is itself an
+    nn.MultiheadAttention (module name '') has the out_proj no ReLoRA layer can replace, as a nested one."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.q_proj_gate = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    model = relora_ds.wrap(Net(), rank=2, target_modules=r".*q_proj")
+    assert isinstance(model.q_proj, relora_ds.ReLoRALinear) and type(model.q_proj_gate) is nn.Linear
+    with pytest.raises(ValueError, match="nn.MultiheadAttention reads its out_proj"):
+        relora_ds.wrap(nn.MultiheadAttention(8, 2), rank=2, target_modules=["out_proj"])

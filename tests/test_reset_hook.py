@@ -78,3 +78,21 @@ def test_nothing_is_due_at_the_cycles_anchor_itself(monkeypatch):
     engine = SimpleNamespace(module=None, global_steps=8, skipped_steps=0)
     assert [reset_hook.after_step(engine, s, cfg, cycle_start=s) for s in (0, 4, 8)] == [None] * 3
     assert reset_hook.events_due(0, 4, 2) == (False, False)
+
+
+def test_a_reset_prunes_after_a_single_real_update(monkeypatch):
+    """fp16 overflows left one real optimizer update since the switch (global_steps 3, skipped_steps 2): Adam
+    holds moments, and the reset prunes them; only global_steps == skipped_steps means no update. (A mutation
+    audit found `<= skipped + 1` passing: the moments would have survived into the new cycle.)"""
+    from types import SimpleNamespace
+
+    from relora_ds import reset_hook
+    from relora_ds.train_config import TrainConfig
+
+    pruned = []
+    monkeypatch.setattr(reset_hook, "merge_and_reinit", lambda engine: {"layers": 1})
+    monkeypatch.setattr(reset_hook, "prune_optimizer_state", lambda *a, **kw: pruned.append(kw) or {})
+    monkeypatch.setattr(reset_hook, "lora_parameters", lambda module: [])
+    cfg = TrainConfig(cycle_length=4, restart_warmup_steps=2, total_steps=12)
+    rec = reset_hook.after_step(SimpleNamespace(module=None, global_steps=3, skipped_steps=2), 4, cfg, cycle_start=0)
+    assert len(pruned) == 1 and "prune_skipped" not in rec, rec

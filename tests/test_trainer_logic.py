@@ -549,3 +549,17 @@ def test_mfus_peak_is_the_gpus_half_precision_one_in_bf16_and_fp16_only(tmp_path
         t.metrics.close()
         t.close()
         assert t.peak_tflops == peak, name
+
+
+def test_a_full_rank_run_trains_at_lr_not_warm_start_lr():
+    """mode=full has no warm start: TrainConfig says warm_start_lr is ignored, and the full-rank engine's peak lr
+    is lr (a mutation audit: dropping the mode check passed every test, and a baseline from a ReLoRA recipe
+    would have trained at warm_start_lr)."""
+    from types import SimpleNamespace
+
+    from relora_ds.engines import EnginesMixin
+    from relora_ds.train_config import TrainConfig
+
+    with pytest.warns(UserWarning, match="warm_start_lr=0.0001 is ignored"):
+        cfg = TrainConfig(mode="full", lr=1e-3, warm_start_lr=1e-4, warm_start_steps=0, total_steps=12)
+    assert EnginesMixin._phase_lr(SimpleNamespace(cfg=cfg), "full") == 1e-3

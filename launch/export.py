@@ -62,7 +62,8 @@ def main(argv=None) -> Path:
         run = load_config(args.checkpoints, tag)
     except ValueError as e:
         ap.error(f"{args.checkpoints / tag / 'config.json'} is damaged: {e}")
-    if not isinstance(run, dict) or not {"train", "model"} <= set(run):  # e.g. a run's hf/ export, whose config.json is transformers'
+    # e.g. a run's hf/ export, whose config.json is transformers'
+    if not isinstance(run, dict) or not {"train", "model"} <= set(run):
         kind = f"a Hugging Face model directory ({run['model_type']})" if "model_type" in run else \
             "not a relora_ds checkpoint"
         ap.error(f"{args.checkpoints / tag} is {kind}: its config.json has no 'train' and 'model' sections of a "

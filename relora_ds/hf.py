@@ -236,8 +236,6 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
                           "eos_token_id null (transformers would otherwise assume LLaMA-2's 1 and 2); pass the "
                           "training tokenizer, or token_ids", stacklevel=2)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".export-*"):  # a killed export's staged copy of the model (its finally never ran)
-        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
     try:
         if from_source:  # its tokenizer files, if it has any
@@ -380,6 +378,11 @@ def export_run(model: torch.nn.Module, out_dir: str | Path, train: dict, tokeniz
     data) goes to PROGRESS_FILE, where a run started from the export reads on in the data. Returns
     (out_dir, warnings to show)."""
     notes = []
+    # A killed export's staged copy of the model (its finally never ran). Here, not in export_hf: one process
+    # writes a run's export (rank 0 under the run's lock, or launch/export.py), where ranks of a script may call
+    # export_hf into one directory at once.
+    for stale in Path(out_dir).glob(".export-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     source = train.get("hf_model") or train.get("warm_start_from")
     if source and not (Path(source) / "config.json").is_file():
         notes.append(f"{source}, the Hugging Face model the run started from, is gone: its config keys, "

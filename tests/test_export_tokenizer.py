@@ -283,8 +283,6 @@ def test_an_export_into_a_used_directory_leaves_no_old_weights_or_tokenizer_besi
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
     new = _train_sp(tmp_path, "new", 320, model_type="bpe", byte_fallback=True)
-    (out / ".export-k1lled").mkdir()  # a killed export's staged model (a review: never removed, a model's size)
-    (out / ".export-k1lled" / "model.safetensors").write_text("staged")
     relora_ds.export_hf(model, out, tokenizer=new, hf_tokenizer=False)  # writes tokenizer.model only
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                     "notes.txt", "tokenizer.model"]
@@ -399,3 +397,18 @@ def test_extra_whitespace_is_removed_at_the_texts_ends_only(tmp_path):
     texts = ["fox \ndog", "fox\n dog", " fox \n ",
              *("".join(rnd.choice(" \n\t\rfox") for _ in range(rnd.randint(0, 10))) for _ in range(500))]
     assert [t for t in texts if tok(t)["input_ids"] != [sp.bos_id(), *sp.encode(t)]] == []
+
+
+def test_a_run_export_removes_a_killed_exports_staged_copy(tmp_path):
+    """Found by a review: a killed export left its staged copy of the model (.export-*/, a model's size) in the
+    export directory for good. A run's export (the trainer's rank 0 under the run's lock, launch/export.py)
+    removes it; export_hf itself leaves another one alone (ranks of a script may export into one directory at
+    once: a 2-rank test's exports failed when one removed the other's)."""
+    model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=320))
+    out = tmp_path / "hf"
+    (out / ".export-k1lled").mkdir(parents=True)
+    (out / ".export-k1lled" / "model.safetensors").write_text("staged")
+    relora_ds.export_hf(model, out, token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    assert (out / ".export-k1lled").is_dir()
+    relora_ds.hf.export_run(model, out, {}, None, token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]

@@ -280,6 +280,14 @@ def new_empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return out
 
 
+def layer_output(y: torch.Tensor, x_shape, out_features: int) -> torch.Tensor:
+    """A Function's 2-D result ``y`` (M, out) in x's leading shape, as a tensor of its own, not a view: autograd
+    refuses in-place ops on a view made inside a custom Function (Falcon's ``mlp_output += attention_output``
+    on a wrapped layer's output failed), and F.linear's output takes them. ``_unsafe_view`` is what aten's
+    matmul returns for the same reason: y is fresh, nothing else holds it."""
+    return torch.ops.aten._unsafe_view(y, (*x_shape[:-1], out_features))
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for launch grids. Plain Python: since Triton 3.5 ``triton.cdiv`` and
     ``triton.next_power_of_2`` are ``ConstexprFunction`` objects whose host-side call costs ~2 µs (Triton

@@ -257,7 +257,7 @@ class Int8LoRALinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, s, q, w_scale, lora_A, lora_B, keep2)  # x itself: see differentiable_backward
         ctx.scale, ctx.dropout_p, ctx.deterministic, ctx.in_gemm = scale, dropout_p, deterministic, in_gemm
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        return y2.reshape(*x.shape[:-1], q.shape[0])
+        return _runtime.layer_output(y2, x.shape, q.shape[0])
 
     @staticmethod
     def backward(ctx, dy):

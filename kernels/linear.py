@@ -297,7 +297,7 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, s, weight, lora_A, lora_B, keep2)  # x itself: see differentiable_backward
         ctx.scale, ctx.dropout_p, ctx.deterministic = scale, dropout_p, deterministic
         ctx.x_shape, ctx.bias_dtype = x.shape, (bias.dtype if bias is not None else None)
-        return y2.reshape(*x.shape[:-1], weight.shape[0])
+        return _runtime.layer_output(y2, x.shape, weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):

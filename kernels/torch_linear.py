@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import autocast_inputs, merged_weight_env, traced
+from ._runtime import autocast_inputs, layer_output, merged_weight_env, traced
 from .int8_reference import int8_dequantize_reference, int8_lora_linear_reference
 from .reference import check_dropout_p, differentiable_backward, dropout_keep_mask, lora_linear_reference
 
@@ -111,7 +111,7 @@ class MergedLoRALinearFunction(torch.autograd.Function):
         y = torch.addmm(bias, x2, w_eff.t()) if bias is not None else torch.mm(x2, w_eff.t())
         ctx.save_for_backward(x, s, weight, lora_A, lora_B)  # x itself: see reference.differentiable_backward
         ctx.scale, ctx.x_shape, ctx.has_bias = scale, x.shape, bias is not None
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return layer_output(y, x.shape, weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -153,7 +153,7 @@ class MergedInt8LoRALinearFunction(torch.autograd.Function):
             y = torch.addmm(y, s, lora_B.t(), alpha=scale) if traced() else y.addmm_(s, lora_B.t(), alpha=scale)
         ctx.save_for_backward(x, s, q, w_scale, lora_A, lora_B)  # x itself: see reference.differentiable_backward
         ctx.scale, ctx.x_shape, ctx.has_bias, ctx.merged = scale, x.shape, bias is not None, merged
-        return y.reshape(*x.shape[:-1], q.shape[0])
+        return layer_output(y, x.shape, q.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -210,7 +210,7 @@ class TorchLoRALinearFunction(torch.autograd.Function):
         y = _side_then_base(s, lora_B, x2, weight, bias, scale)
         ctx.save_for_backward(x, s, weight, lora_A, lora_B, keep2)  # x itself: see reference.differentiable_backward
         ctx.scale, ctx.inv_keep, ctx.x_shape, ctx.has_bias = scale, inv_keep, x.shape, bias is not None
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return layer_output(y, x.shape, weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):

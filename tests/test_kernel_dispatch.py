@@ -452,6 +452,31 @@ def test_a_one_element_tensor_scale_acts_as_its_float(monkeypatch, mode):
                     assert torch.equal(g, g_want)
 
 
+@pytest.mark.parametrize("mode", ["triton", "torch", "merged", "reference"])
+def test_the_output_takes_in_place_ops_as_a_linears_does(monkeypatch, mode):
+    """A model may change a linear's output in place (Falcon's ``mlp_output += attention_output``, OLMo's
+    ``clamp_`` of the q projection under clip_qkv): the layer's output is a fresh tensor, as F.linear's is (each
+    Function returned a view of a tensor made in its forward, which autograd refuses to modify in place: the
+    wrapped model failed at its first training step). Oracle: the same op out of place."""
+    monkeypatch.setenv("RELORA_KERNELS", "torch" if mode == "merged" else mode)
+    monkeypatch.setenv("RELORA_MERGED_WEIGHT", "1" if mode == "merged" else "0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for lead, dropout_p in (((5,), 0.0), ((2, 3), 0.0), ((2, 3), 0.25)):
+        x, w, a, b, bias, dy = make_inputs(lead, 8, 6, 2, True, torch.float32, "cpu", seed=2)
+        q, s, _ = rk.int8_quantize_reference(w)
+        for layer, weights in ((rk.lora_linear, (w,)), (rk.int8_lora_linear, (q, s))):
+            if dropout_p and mode == "merged":
+                continue  # the merged weight is the no-dropout path
+            grads = []
+            for in_place in (False, True):
+                g = torch.Generator().manual_seed(0)
+                y = layer(x, *weights, a, b, 0.5, bias, dropout_p, generator=g)
+                y = y.clamp_(-0.5, 0.5).add_(1.0) if in_place else y.clamp(-0.5, 0.5).add(1.0)
+                grads.append((y.detach(), *torch.autograd.grad(y, (x, a, b, bias), dy)))
+            for got, want in zip(*grads):
+                assert torch.equal(got, want), (layer.__name__, lead, dropout_p)
+
+
 @pytest.mark.parametrize("mode", ["triton", "torch", "reference"])
 def test_bad_arguments_are_named_on_every_path(monkeypatch, mode):
     """Each argument check of the layers and the merges, on every path (the twins run most of these shapes without

@@ -375,7 +375,8 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
     if any(True for _ in relora_layers(model)):
         raise ValueError("model already contains ReLoRALinear layers; wrap() it only once "
                          "(use relora_ds.unwrap(model) first to start over)")
-    chosen = targets.target_linears(model, target_modules, quantize)
+    chosen = targets.without_narrow_layers(targets.target_linears(model, target_modules, quantize), rank,
+                                           target_modules)
     # Every check before the first swap: a bad setting must not leave the model half wrapped.
     for name, linear in chosen:
         check_layer_args(name, *targets.features(linear), rank, alpha, dropout)

@@ -56,6 +56,46 @@ def features(module: nn.Module) -> tuple[int, int]:
     return module.nx, module.nf
 
 
+# nn.Linear subclasses that override forward with the same map (Falcon's ``x @ W.T + b``): taken without a probe,
+# also where their weight cannot be run (meta, a ZeRO-3 partition).
+_SAME_MAP_SUBCLASSES = ("transformers.models.falcon.modeling_falcon.FalconLinear",)
+
+
+def _other_forward(layer: nn.Module) -> str | None:
+    """Why ``layer`` is no ``y = x·Wᵀ + b`` although it is an nn.Linear (or Conv1D) subclass, or None: a class that
+    overrides forward may compute something else (Llama 4's and Phi-MoE's routers return a tuple after top-k, a
+    grouped linear multiplies blocks), which a ReLoRA layer's plain linear map would replace. Its forward is
+    probed on three random rows against the plain map; a weight that cannot run (meta, partitioned) cannot be
+    probed. Integer (already quantized) weights are quant.check_not_quantized's to name."""
+    base = nn.Linear if isinstance(layer, nn.Linear) else _conv1d_class()
+    cls = type(layer)
+    if cls.forward is base.forward or f"{cls.__module__}.{cls.__qualname__}" in _SAME_MAP_SUBCLASSES:
+        return None
+    w, b = layer.weight, layer.bias
+    if not w.is_floating_point() or quant.foreign_quantized_module(layer):
+        return None
+    d_in, d_out = features(layer)
+    what = f"its class {cls.__name__} overrides {base.__name__}.forward"
+    if w.is_meta or w.numel() != d_in * d_out:
+        return f"{what}, and its weight ({'meta' if w.is_meta else 'partitioned'}) cannot be run to check that it " \
+               "computes x·Wᵀ + b"
+    g = torch.Generator(device=w.device).manual_seed(0)
+    x = torch.randn(3, d_in, generator=g, device=w.device).to(w.dtype)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, w if base is nn.Linear else w.t(), b)
+        try:
+            got = layer.forward(x)
+        except Exception as e:  # noqa: BLE001  whatever it raises, it is not the plain map
+            return f"{what} and fails on a (3, {d_in}) input ({type(e).__name__}: {e})"
+    if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        return f"{what} and returns {shape} for a (3, {d_in}) input, not the (3, {d_out}) of x·Wᵀ + b"
+    err = (got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)
+    if not err <= (1e-2 if w.element_size() <= 2 else 1e-4):
+        return f"{what} and computes something other than x·Wᵀ + b (relative difference {err:.2g} on a probe)"
+    return None
+
+
 def _output_layer(model: nn.Module) -> nn.Module | None:
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return out if isinstance(out, nn.Module) else None
@@ -89,6 +129,8 @@ def _unwrappable(model: nn.Module, linears: list) -> dict[str, str]:
             why[name] = f"its weight is tied to {shared}: a ReLoRA layer would untie it silently"
         elif shared_bias:
             why[name] = f"its bias is shared with {shared_bias}: a ReLoRA layer would untie it silently"
+        elif other := _other_forward(layer):
+            why[name] = other
     return why
 
 
@@ -190,6 +232,24 @@ def target_linears(model: nn.Module, target_modules: Iterable[str] | str | None 
         raise ValueError(f"target_modules selects {name!r}{more}, which no ReLoRA layer can replace: {why}; leave it "
                          "out of target_modules")
     return chosen
+
+
+def without_narrow_layers(chosen: list, rank, target_modules) -> list:
+    """'all-linear' leaves out, and names, the layers narrower than ``rank`` (a mixture of experts' 1-output
+    shared-expert gate, a router to 8 experts at rank 128): they stay full-rank and trainable, as the layers it
+    cannot replace do. A layer named explicitly is checked (and refused) by wrap's check_layer_args."""
+    if not _all_linear(target_modules) or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        return chosen
+    narrow = [n for n, m in chosen if min(features(m)) < rank]
+    if narrow and len(narrow) == len(chosen):
+        raise ValueError(f"target_modules='all-linear': every linear layer it selects is narrower than rank={rank} "
+                         f"(min(in_features, out_features) < rank: {narrow[:4]}); choose a rank of at most "
+                         f"{max(min(features(m)) for _, m in chosen)}")
+    if narrow:
+        warnings.warn(f"relora_ds.wrap: 'all-linear' leaves {_count(len(narrow), 'linear layer')} narrower than "
+                      f"rank={rank} full-rank and trainable: {narrow[:6]}{' ...' if len(narrow) > 6 else ''}",
+                      stacklevel=3)
+    return [(n, m) for n, m in chosen if n not in narrow]
 
 
 def _count(n: int, thing: str) -> str:

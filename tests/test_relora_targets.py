@@ -367,3 +367,74 @@ def test_a_regex_matches_whole_names_and_a_root_multihead_attention_is_refused()
     assert isinstance(model.q_proj, relora_ds.ReLoRALinear) and type(model.q_proj_gate) is nn.Linear
     with pytest.raises(ValueError, match="nn.MultiheadAttention reads its out_proj"):
         relora_ds.wrap(nn.MultiheadAttention(8, 2), rank=2, target_modules=["out_proj"])
+
+
+def test_linear_subclasses_that_compute_something_else_are_not_replaced():
+    """Found by a review: an nn.Linear subclass whose forward is no ``x·Wᵀ + b`` (Llama 4's and Phi-MoE's routers
+    return a tuple after top-k, a grouped linear multiplies blocks) was replaced by a ReLoRA layer, and the model
+    failed at its first forward. Its forward is probed against the plain map (the oracle: F.linear): 'all-linear'
+    skips and names it, an explicit name is refused; a subclass computing the same map (Falcon's FalconLinear,
+    or one with its own forward) is wrapped, also on meta when it is Falcon's."""
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.topk(1, dim=-1).values.sigmoid(), logits
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class SameMap(nn.Linear):
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router, self.scaled, self.same, self.ff = Router(8, 4), Scaled(8, 8), SameMap(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.ff(self.same(self.scaled(x))).sum() + self.router(x)[1].sum()
+
+    with pytest.raises(ValueError, match=r"selects 'router', which no ReLoRA layer can replace: its class Router "
+                                         r"overrides Linear.forward and returns tuple for a \(3, 8\) input"):
+        relora_ds.wrap(Model(), rank=2, target_modules=["router", "ff"])
+    with pytest.raises(ValueError, match=r"'scaled'.*its class Scaled overrides Linear.forward and computes something "
+                                         r"other than x·Wᵀ \+ b \(relative difference 1 on a probe\)"):
+        relora_ds.wrap(Model(), rank=2, target_modules=["scaled"])
+    with pytest.warns(UserWarning, match=r"2 trainable weights no ReLoRA layer takes stay full-rank \(96 parameters\): "
+                                         r"\['router.weight \(4, 8\)', 'scaled.weight \(8, 8\)'\]"):
+        model = relora_ds.wrap(Model(), rank=2, target_modules="all-linear")
+    assert [n for n, _ in relora_ds.relora_layers(model)] == ["same", "ff"]
+    model(torch.randn(2, 8)).backward()  # the router still returns its tuple
+    with torch.device("meta"):
+        meta = Model()
+    with pytest.raises(ValueError, match=r"'same'.*overrides Linear.forward, and its weight \(meta\) cannot be run"):
+        relora_ds.wrap(meta, rank=2, target_modules=["same"])
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+    with torch.device("meta"):
+        falcon = nn.Sequential(FalconLinear(8, 8), FalconLinear(8, 8, bias=False))
+    relora_ds.wrap(falcon, rank=2, target_modules="all-linear")
+    assert len(list(relora_ds.relora_layers(falcon))) == 2
+
+
+def test_all_linear_leaves_layers_narrower_than_the_rank_full_rank():
+    """Found by a review: 'all-linear' on a mixture of experts (Qwen2-MoE's shared_expert_gate has one output) was
+    refused at any rank above 1, with no way through 'all-linear'. It leaves such layers out (full-rank and
+    trainable, named in a warning); a layer named explicitly is still refused, and a rank no layer takes is."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.router, self.ff = nn.Linear(8, 1), nn.Linear(8, 4), nn.Linear(8, 8)
+
+    with pytest.warns(UserWarning, match=r"'all-linear' leaves 2 linear layers narrower than rank=6 full-rank and "
+                                         r"trainable: \['gate', 'router'\]"):
+        model = relora_ds.wrap(Model(), rank=6, target_modules="all-linear")
+    assert [n for n, _ in relora_ds.relora_layers(model)] == ["ff"] and model.gate.weight.requires_grad
+    assert [n for n, _ in relora_ds.relora_layers(relora_ds.wrap(Model(), rank=4, target_modules="all-linear"))] == \
+        ["router", "ff"]
+    with pytest.raises(ValueError, match=r"layer gate: rank=6 must be in \[1, min\(in_features=8, out_features=1\)\]"):
+        relora_ds.wrap(Model(), rank=6, target_modules=["gate", "ff"])
+    with pytest.raises(ValueError, match=r"'all-linear': every linear layer it selects is narrower than rank=9 .*"
+                                         r"choose a rank of at most 8"):
+        relora_ds.wrap(Model(), rank=9, target_modules="all-linear")

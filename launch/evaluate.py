@@ -117,7 +117,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             warnings.warn(f"{args.model / PROGRESS_FILE} predates the record of --document-masking (2026-12-05): "
                           "evaluated without it; pass --document-masking on if the run trained with it",
                           UserWarning, stacklevel=2)
-    if masking and (problem := document_ends_problem(manifest)):
+    if masking and (problem := document_ends_problem(manifest, args.data_dir)):
         raise ValueError(f"document masking: {problem}; evaluate with --document-masking off")
     model = load_hf(args.model, dtype=dtype).to(device)
     if masking:

@@ -123,7 +123,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         check_nvme_swap_buffers(cfg, self.ds, self.model_config, self.world)
         self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
         self.eos_id = manifest["eos_id"]  # where a document ends (--document-masking)
-        if cfg.document_masking and (problem := document_ends_problem(manifest)):
+        if cfg.document_masking and (problem := document_ends_problem(manifest, self.data_dir)):
             raise ValueError(f"document_masking: {problem}; train without --document-masking, or prepare the data "
                              "with a tokenizer whose EOS is its own token")
         self.total_steps = total_steps_for(cfg, resume_progress(self.ckpt_dir, cfg.resume_from)

@@ -365,3 +365,18 @@ def test_an_eos_that_text_can_spell_is_counted_and_refused_for_document_masking(
     assert np.fromfile(out / "train.bin", dtype=np.uint16).tolist() == [1, 3, 2, 3, 2, 1, 3, 1, 2, 3, 3]
     assert manifest["warnings"]["documents_holding_eos"] == 2
     assert "2 documents of the data hold the EOS id (3) inside their text" in document_ends_problem(manifest)
+    # A mixture with it as a member: its manifest counts them (it kept only unk_tokens: a mixture passed), and one
+    # made before that (no count) is judged by its members' manifests.
+    from relora_ds.data import make_mixture
+    (tmp_path / "clean.jsonl").write_text(json.dumps({"text": "world hello"}) + "\n")
+    clean = prepare_data([str(tmp_path / "clean.jsonl")], tmp_path / "clean", tokenizer=str(tmp_path / "tok"),
+                         val_fraction=0.0)
+    assert document_ends_problem(load_manifest(clean), clean) is None
+    mix = make_mixture([(clean, 0.5), (out, 0.5)], tmp_path / "mix")
+    mixed = load_manifest(mix)
+    assert mixed["warnings"]["documents_holding_eos"] == 2
+    assert "2 documents of the data hold the EOS id (3)" in document_ends_problem(mixed)
+    del mixed["warnings"]["documents_holding_eos"]
+    assert document_ends_problem(mixed, mix) == (f"its member {out}: 2 documents of the data hold the EOS id (3) "
+                                                 "inside their text (the tokenizer's eos_token is not a special "
+                                                 "token), each of which would end a document there")

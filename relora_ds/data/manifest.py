@@ -140,11 +140,18 @@ def files_intact(data_dir: Path, manifest: dict) -> bool:
     return tokenizer.is_file() and tokenizer_sha256(tokenizer) == manifest["tokenizer_sha256"]
 
 
-def document_ends_problem(manifest: dict) -> str | None:
+def document_ends_problem(manifest: dict, data_dir: str | Path | None = None) -> str | None:
     """Why EOS ids do not mark exactly the ends of the documents of this data (document masking cuts windows
     at them), or None where they do. One id for BOS and EOS (OPT-style tokenizers) ends a one-token document at
     every BOS; an ``<unk>`` that is the EOS ends one at every unknown piece the text produced. A tokenizer that
-    only names its EOS unk (GPT-2's byte-level BPE: every text encodes without unknown pieces) is fine."""
+    only names its EOS unk (GPT-2's byte-level BPE: every text encodes without unknown pieces) is fine. A
+    mixture (with its ``data_dir``) is also judged by each member's own manifest: one made before its manifest
+    counted the members' documents holding the EOS id (2026-12-07) does not say."""
+    if manifest.get("kind") == "mixture" and data_dir is not None:
+        from .mixture import member_dirs
+        for member in member_dirs(data_dir, manifest):
+            if (problem := document_ends_problem(load_manifest(member), member)) is not None:
+                return f"its member {member}: {problem}"
     eos = manifest["eos_id"]
     if manifest.get("bos_id") == eos:
         return (f"the data's tokenizer uses one id ({eos}) for BOS and EOS, so an EOS cannot tell where a document "

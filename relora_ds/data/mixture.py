@@ -152,8 +152,9 @@ def make_mixture(members: Sequence[tuple[str | Path, float]], out_dir: str | Pat
                                    for r in recorded]}
                    for s in mf.SPLITS},
         "corpus": {"description": "mixture of " + ", ".join(f"{r['path']} ({r['weight']:.3g})" for r in recorded)},
-        # What the members' own manifests warned of (counted there): document masking reads unk_tokens.
-        "warnings": {"unk_tokens": sum(int(m.get("warnings", {}).get("unk_tokens", 0)) for m in manifests)},
+        # What the members' own manifests warned of (counted there): document masking reads both.
+        "warnings": {key: sum(int(m.get("warnings", {}).get(key, 0)) for m in manifests)
+                     for key in ("unk_tokens", "documents_holding_eos")},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     mf.write_manifest(out_dir, manifest)

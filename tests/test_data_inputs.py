@@ -246,6 +246,12 @@ def test_paragraphs_are_split_at_blank_lines_holding_spaces_or_tabs(tmp_path, st
         # "Sixth\n", which hash apart from "Sixth": a duplicate paragraph could land in both splits)
         assert [row["text"] for row in corpus.dataset] == ["First para\nline two", "Second", "Third", "Fourth  ",
                                                            "Fifth", "Sixth"]
+    # A file's first line of whitespace, or its last without a newline, is no part of a paragraph either (a review
+    # found " \t\nSixth" and "Sixth\n  " in both splits of one corpus); a first line's own indent is.
+    (tmp_path / "edges.txt").write_bytes(b" \t\nSixth\n\n  Seventh\n \nSixth\n  ")
+    files, _ = resolve_inputs([str(tmp_path / "edges.txt")])
+    corpus = load_corpus((files, None), work_dir=tmp_path / "work2", txt_unit="paragraph", streaming=streaming)
+    assert [row["text"] for row in corpus.dataset] == ["Sixth", "  Seventh", "Sixth"]
 
 
 # --- Inputs a user brings (found by a test-drive, 2026-12-01) ---

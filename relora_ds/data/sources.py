@@ -160,13 +160,17 @@ def _first_non_text(files: dict[str, str], column: str) -> str | None:
 
 # datasets splits paragraphs on "\n\n" only; a line of spaces or tabs between two paragraphs also ends one.
 _BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")
+# Lines of only whitespace at a piece's start (a file's first lines) or end (its last, with no newline after).
+_EDGE_BLANK_LINES = re.compile(r"\A(?:[^\S\n]*\n)+|(?:\n[^\S\n]*)+\Z")
 
 
 def _split_paragraphs(batch: dict) -> dict:
     """Each of `batch`'s paragraphs split again at lines holding only whitespace; the separators go."""
-    # A third newline after a paragraph, or the file's last one, stays on a paragraph otherwise: the same
-    # paragraph would then hash differently (the split) and a duplicate could land in both splits.
-    return {"text": [p.strip("\n") for text in batch["text"] for p in _BLANK_LINES.split(text) if p.strip()]}
+    # A third newline after a paragraph, the file's last one, or a line of whitespace before the first paragraph
+    # or after the last, stays on a paragraph otherwise: the same paragraph would then hash differently (the
+    # split) and a duplicate could land in both splits.
+    return {"text": [_EDGE_BLANK_LINES.sub("", p) for text in batch["text"] for p in _BLANK_LINES.split(text)
+                     if p.strip()]}
 
 
 def _same_text(batch: dict) -> dict:

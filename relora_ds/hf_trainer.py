@@ -355,8 +355,11 @@ class ReLoRACallback(TrainerCallback):
                            "more back, so the reset is overdue: it is done now, at step %d, and cycles count from "
                            "here; the next reset is at step %d", record.get("cycle_length"), self.cycle_length, step,
                            step + self.cycle_length)
-            self._check_moments(merging=True)
-            self._merge(step, reset=True, seed=seed, overdue=True)
+            # A checkpoint without optimizer state (save_only_model): the moments start fresh, nothing to prune
+            fresh = not any(self._optimizer().state.values())
+            if not fresh:
+                self._check_moments(merging=True)
+            self._merge(step, reset=True, seed=seed, overdue=True, prune=not fresh)
         elif start != record.get("cycle_start", 0):
             logger.warning("relora_ds: cycle_length %s -> %s: cycles now count from the reset at step %d, the "
                            "checkpoint's last; the next reset is at step %d", record.get("cycle_length"),
@@ -370,7 +373,7 @@ class ReLoRACallback(TrainerCallback):
         first merge."""
         trainer = self.trainer
         engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
-        optimizer = _innermost_optimizer(engine.optimizer if engine is not None else trainer.optimizer)
+        optimizer = self._optimizer()
         if engine is not None:  # a group without Adam moments (Muon's), though others have them: refused now
             from .zero_reset import check_adam_groups  # DeepSpeed's internals: imported only under it
             check_adam_groups(engine, "enable_relora")
@@ -387,6 +390,12 @@ class ReLoRACallback(TrainerCallback):
                              "that ReLoRA prunes at each reset: use an Adam/AdamW optimizer (optim='adamw_torch', "
                              "'adamw_torch_fused', or DeepSpeed's AdamW)")
 
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer inside accelerate's wrapper or DeepSpeed's engine (its state by flat partition)."""
+        trainer = self.trainer
+        wrapped = trainer.model_wrapped.optimizer if trainer.is_deepspeed_enabled else trainer.optimizer
+        return _innermost_optimizer(wrapped)
+
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         merge, reset = events_due(step - self.cycle_start, self.cycle_length, self.merge_every)
@@ -398,12 +407,15 @@ class ReLoRACallback(TrainerCallback):
         if merge:
             self._merge(step, reset, args.seed)
 
-    def _merge(self, step: int, reset: bool, seed: int, overdue: bool = False) -> None:
-        """The merge after global step ``step``, and with ``reset`` the prune; recorded in ``self.events``."""
+    def _merge(self, step: int, reset: bool, seed: int, overdue: bool = False, prune: bool = True) -> None:
+        """The merge after global step ``step``, and with ``reset`` the prune (``prune=False``: the optimizer
+        holds no state to prune); recorded in ``self.events``."""
         trainer = self.trainer
         engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
         event = {"step": step, **merge_and_reinit(engine if engine is not None else trainer.model)}
-        if reset:
+        if reset and not prune:
+            event.update(reset=True, prune_skipped="the optimizer holds no state yet (a checkpoint without it)")
+        elif reset:
             if engine is not None:
                 target, params = engine, lora_parameters(engine.module)
             else:  # accelerate's AcceleratedOptimizer around the torch one

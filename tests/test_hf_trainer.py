@@ -455,3 +455,24 @@ def test_a_save_only_model_checkpoint_keeps_where_the_cycles_count_from(tmp_path
 
     assert [lrs(resumed)[s] for s in (10, 11, 12)] == pytest.approx([lrs(whole)[s] for s in (10, 11, 12)], rel=1e-9)
     assert lrs(resumed)[11] == 0.0  # right after the reset at 10
+
+
+def test_an_overdue_reset_on_a_checkpoint_without_optimizer_state_merges_and_prunes_nothing(tmp_path):
+    """Found by a review: resuming a save_only_model checkpoint (no optimizer state: the moments start fresh, as
+    warned) with a shorter cycle_length whose cycle had ended failed at train begin: the overdue reset asked
+    the new optimizer for Adam moments it could not hold yet. The reset is done (merged; nothing to prune: the
+    moments are the fresh zeros a prune leaves), and the cycles go on from it. Oracle: the schedule of resets
+    (cycles of 4 saved at 7, the last reset at 4; cycles of 3: overdue at 7, then 10) and the merge (its
+    layers), the restart warmup's lr 0 after each reset."""
+    common = dict(batch=4, max_steps=12, logging_steps=1)
+    w.run(tmp_path / "a", relora_kw={"cycle_length": 4}, save_strategy="steps", save_steps=7, save_only_model=True,
+          **common)
+    checkpoint = tmp_path / "a" / "checkpoint-7"
+    assert not (checkpoint / "optimizer.pt").exists()
+    with pytest.warns(UserWarning, match="resumed at step 7 with the schedule at step 0"):
+        trainer, callback = w.run(tmp_path / "b", resume=str(checkpoint), relora_kw={"cycle_length": 3}, **common)
+    assert [(e["step"], e["event"], e.get("overdue", False), "prune_skipped" in e) for e in callback.events] == [
+        (7, "reset", True, True), (10, "reset", False, False)]
+    assert callback.events[0]["layers"] > 0 and callback.events[1]["exp_avg"] > 0.9  # the second prunes
+    lrs = {h["step"]: h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h}
+    assert lrs[8] == 0.0 and lrs[11] == 0.0  # the restart warmups after the resets at 7 and 10

@@ -189,18 +189,22 @@ def _save_merged_models(trainer: Trainer) -> None:
         if in_checkpoint:
             return save_model(output_dir, _internal_call=_internal_call)
         output_dir = output_dir or trainer.args.output_dir
-        if is_deepspeed_engine(trainer.model_wrapped):  # every rank: the fp32 masters, ZeRO-3 partitions gathered
-            # (before train() there is no engine yet: the model itself, gathered below if zero.Init built it)
+        engine = trainer.model_wrapped if is_deepspeed_engine(trainer.model_wrapped) else None
+        if engine is not None and hasattr(getattr(engine.module, "config", None), "to_dict"):
+            # every rank: the fp32 masters, ZeRO-3 partitions gathered (before train() there is no engine yet:
+            # the model itself, gathered below if zero.Init built it)
             from .hf import export_hf
 
             # in the dtype the engine trains the model in (a bf16 run: 2 bytes a weight, as transformers saves it)
-            module = trainer.model_wrapped.module
-            dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
-            export_hf(trainer.model_wrapped, output_dir, dtype=dtype)
+            dtype = next(p.dtype for p in engine.module.parameters() if p.is_floating_point())
+            export_hf(engine, output_dir, dtype=dtype)
         else:
             from .hf import merged_state_dict
 
-            model = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
+            # A module with no transformers config (no copy can be built from one) under an engine: its own
+            # weights, ZeRO-3 partitions gathered, as the Trainer saves it (accelerate's get_state_dict).
+            model = engine.module if engine is not None else \
+                trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
             # every rank: an FSDP2-sharded model is gathered (a collective); the saving rank keeps and writes it
             state = merged_state_dict(model, keep=trainer.args.should_save)
             if trainer.args.should_save and hasattr(model, "save_pretrained"):

@@ -476,3 +476,20 @@ def test_an_overdue_reset_on_a_checkpoint_without_optimizer_state_merges_and_pru
     assert callback.events[0]["layers"] > 0 and callback.events[1]["exp_avg"] > 0.9  # the second prunes
     lrs = {h["step"]: h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h}
     assert lrs[8] == 0.0 and lrs[11] == 0.0  # the restart warmups after the resets at 7 and 10
+
+
+def test_save_model_of_any_module_under_deepspeed_writes_its_merged_weights(tmp_path):
+    """Found by a review: under DeepSpeed, save_model after train() of a model that is no PreTrainedModel (the
+    Trainer takes any nn.Module) failed (the export builds a copy from a transformers config, which it lacks);
+    without DeepSpeed, and before train(), it wrote model.safetensors. Now written as the Trainer saves such a
+    module, merged. Oracle: relora_ds.unwrap of a fresh model holding the engine's trained state."""
+    from safetensors.torch import load_file
+
+    run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--model", "holder", nprocs=1, timeout=600)
+    assert [(e["step"], e["event"]) for e in json.loads((tmp_path / "run.json").read_text())["events"]] == [
+        (3, "reset"), (6, "reset")]
+    oracle = w.model("holder")
+    oracle.load_state_dict(torch.load(tmp_path / "state.pt"))
+    saved = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert not any("lora" in k for k in saved)
+    assert_same_weights(saved, relora_ds.unwrap(oracle).state_dict(), rtol=1e-6)

@@ -46,10 +46,23 @@ def plain(kind="llama"):
     return LlamaForCausalLM(cfg)
 
 
+class Holder(torch.nn.Module):
+    """A model that is no PreTrainedModel (no config): the Trainer takes any nn.Module."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, labels=None):
+        return self.lm(input_ids=input_ids, labels=labels)
+
+
 def model(kind="llama", source=None, quantize=None):
     """``plain(kind)`` wrapped ('all-linear' for GPT-2), or the model saved in ``source`` loaded and wrapped:
     under a ZeRO-3 TrainingArguments, from_pretrained builds it partitioned (deepspeed.zero.Init), the way a
     model too large for one GPU is loaded, and wrap converts the partitioned layers."""
+    if kind == "holder":  # the LLaMA inside a plain nn.Module
+        return relora_ds.wrap(Holder(plain()), rank=4, seed=3, quantize=quantize)
     if source is None:
         base = plain(kind)
     else:
@@ -100,7 +113,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--stage", type=int, default=2)
-    ap.add_argument("--model", choices=["llama", "gpt2"], default="llama")
+    ap.add_argument("--model", choices=["llama", "gpt2", "holder"], default="llama")
     ap.add_argument("--source", help="a saved plain(model): loaded with from_pretrained (at ZeRO-3: partitioned)")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (batch 2 / this)")
     ap.add_argument("--refuse-config", help="only check that enable_relora refuses this DeepSpeed config")

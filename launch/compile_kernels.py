@@ -241,6 +241,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16", "fp32"), default=["bf16"])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(DEFAULT_MODES))
     ap.add_argument("--all-modes", action="store_true", help="every mode switch (slower: more kernels)")
+    ap.add_argument("--shapes", nargs="+", type=int, choices=range(len(SHAPES)), default=list(range(len(SHAPES))),
+                    metavar="I", help=f"which of the (M, d_in, d_out, r) shapes, by index: {list(SHAPES)}")
     ap.add_argument("--configs", choices=("all", "largest"), default="all",
                     help="of an autotuned launch: every config its prune keeps, or the largest pipeline only")
     ap.add_argument("--out", type=Path, help="rows as JSON")
@@ -249,7 +251,8 @@ def main(argv=None) -> int:
     from bench_common import load_relora_kernels
     load_relora_kernels()  # also from a checkout that is not pip-installed (kernels/ as relora_kernels)
     dtypes = tuple({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d] for d in args.dtypes)
-    rows = compile_all(MODES if args.all_modes else tuple(args.modes), dtypes, configs=args.configs)
+    rows = compile_all(MODES if args.all_modes else tuple(args.modes), dtypes, configs=args.configs,
+                       shapes=tuple(SHAPES[i] for i in dict.fromkeys(args.shapes)))
     import triton
     print(f"Triton {triton.__version__}, target cuda:90, shared-memory limit {HOPPER_SHARED_MEMORY} B")
     for r in rows:

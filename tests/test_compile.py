@@ -362,19 +362,20 @@ def _run(tmp_path, data_dir, compile_, stage=2, policy="full", backend="inductor
 
 def test_compiled_trainer_runs_match_the_eager_run(tmp_path, small_data_dir):
     """2 ranks, fp32, an int8 base: warm start, switch to ReLoRA, two resets, evaluations with short last
-    batches. Compiled under ZeRO-2 with full activation checkpointing, and under ZeRO-3 (each layer's weights
-    gathered by its hooks around the compiled forward) with the selective policy (the checkpoint inside the
-    graph) and with full checkpointing (DeepSpeed's memory_efficient_linear traced in the graph), the losses and validation losses are the eager ZeRO-2 run's (reordered sums only), and each run
-    reports what was compiled: after the first step of each phase one graph for the layers, after the first
+    batches. Compiled (through AOTAutograd, inductor's decompositions and partitioner) under ZeRO-2 with full
+    activation checkpointing, and under ZeRO-3 (each layer's weights gathered by its hooks around the compiled
+    forward) with the selective policy (the checkpoint inside the graph) and with full checkpointing
+    (DeepSpeed's memory_efficient_linear traced in the graph), the losses and validation losses are the eager
+    ZeRO-2 run's (reordered sums only), and each run reports what was compiled: after the first step of each phase one graph for the layers, after the first
     evaluation one more (no grad), no break, no recompile-limit hit."""
     eager, eager_recs, _ = _run(tmp_path, small_data_dir, False)
     assert not any(r.get("event") == "compiled" for r in eager_recs)
     assert len(eager) == 12
-    # Inductor under ZeRO-2; under ZeRO-3 (the hooks, the gathers, the checkpoints in the graph) AOTAutograd's
-    # graphs with inductor's decompositions and partitioner but no generated code (CI's cold cache: ~40 s each)
-    for stage, policy, backend in ((2, "full", "inductor"), (3, "selective", "aot_eager_decomp_partition"),
-                                   (3, "full", "aot_eager_decomp_partition")):
-        compiled, recs, stderr = _run(tmp_path, small_data_dir, True, stage, policy, backend)
+    # AOTAutograd's graphs with inductor's decompositions and partitioner but no generated code (CI's cold cache:
+    # ~40 s a run; inductor's code for the same layers, fp32 and int8, under both checkpointing policies, is
+    # checked against the eager model by the layer tests above, and inductor here took ~80 s of CI's cold cache)
+    for stage, policy in ((2, "full"), (3, "selective"), (3, "full")):
+        compiled, recs, stderr = _run(tmp_path, small_data_dir, True, stage, policy, "aot_eager_decomp_partition")
         assert eager.keys() == compiled.keys()
         assert all(abs(eager[s] - compiled[s]) <= 1e-5 * eager[s] for s in eager), (stage, eager, compiled)
         val = [[r["val_loss"] for r in rs if "val_loss" in r] for rs in (eager_recs, recs)]

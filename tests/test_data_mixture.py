@@ -350,9 +350,9 @@ def test_equal_members_shuffle_apart_and_the_mixture_counts_every_members_unknow
     a = _member(tmp_path, "a", 3_300, 330, "corpus-a")
     b = _member(tmp_path, "b", 1_700, 170, "corpus-b")
     manifest = load_manifest(b)
-    write_manifest(b, {**manifest, "warnings": {"unk_tokens": 5}})
+    write_manifest(b, {**manifest, "warnings": {"unk_tokens": 5, "documents_holding_eos": 2}})
     mix = make_mixture([(a, 1), (b, 1)], tmp_path / "mix")
-    assert load_manifest(mix)["warnings"] == {"unk_tokens": 5}
+    assert load_manifest(mix)["warnings"] == {"unk_tokens": 5, "documents_holding_eos": 2}
 
 
 def test_rounding_ties_go_to_the_earlier_member_and_a_split_counts_each_members_windows():

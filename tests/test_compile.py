@@ -366,8 +366,8 @@ def test_compiled_trainer_runs_match_the_eager_run(tmp_path, small_data_dir):
     activation checkpointing, and under ZeRO-3 (each layer's weights gathered by its hooks around the compiled
     forward) with the selective policy (the checkpoint inside the graph) and with full checkpointing
     (DeepSpeed's memory_efficient_linear traced in the graph), the losses and validation losses are the eager
-    ZeRO-2 run's (reordered sums only), and each run reports what was compiled: after the first step of each phase one graph for the layers, after the first
-    evaluation one more (no grad), no break, no recompile-limit hit."""
+    ZeRO-2 run's (reordered sums only), and each run reports what was compiled: after the first step of each phase
+    one graph for the layers, after the first evaluation one more (no grad), no break, no recompile-limit hit."""
     eager, eager_recs, _ = _run(tmp_path, small_data_dir, False)
     assert not any(r.get("event") == "compiled" for r in eager_recs)
     assert len(eager) == 12

@@ -76,7 +76,8 @@ def test_every_launch_compiles_under_the_gpu_images_triton(tmp_path):
            "TRITON_CACHE_DIR": str(tmp_path / "triton_cache")}
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-W", "error::relora_kernels._runtime.AutotuneKeyWarning",
-                           str(Path(ck.__file__)), "--configs", "largest", "--all-modes", "--dtypes", "bf16", "fp32", "--shapes", "0"],
+                           str(Path(ck.__file__)), "--configs", "largest", "--all-modes", "--dtypes", "bf16", "fp32",
+                           "--shapes", "0"],
                           capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert proc.stdout.startswith(f"Triton {GPU_IMAGE_TRITON}, target cuda:90"), proc.stdout[:300]

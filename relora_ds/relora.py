@@ -333,18 +333,20 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _refuse_data_parallel_wrappers(model: nn.Module) -> None:
-    """DistributedDataParallel and FSDP1 record the parameters they sync (DDP's reducer buckets, FSDP1's flat
-    parameters) when they wrap a model: LoRA factors added inside afterwards would train on each rank alone."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    """DistributedDataParallel, FSDP1 and FSDP2 record the parameters they sync (DDP's reducer buckets, FSDP1's
+    flat parameters, FSDP2's sharded parameters) when they wrap a model: LoRA factors added inside afterwards
+    would train on each rank alone."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
 
     for name, module in model.named_modules():
-        if isinstance(module, DistributedDataParallel | FullyShardedDataParallel):
+        if isinstance(module, DistributedDataParallel | FullyShardedDataParallel | FSDPModule):
             where = f"its submodule {name!r}" if name else "it"
-            raise ValueError(f"wrap: the model is in torch's {type(module).__name__} ({where}), which syncs only the "
-                             "parameters it had when it was built: LoRA factors added now would train on each rank "
-                             "alone and the ranks would drift apart. Call relora_ds.wrap(model, ...) first, then "
-                             f"{type(module).__name__}(model)")
+            kind, call = (("FSDP2 (fully_shard)", "fully_shard(model)") if isinstance(module, FSDPModule) else
+                          (type(module).__name__, f"{type(module).__name__}(model)"))
+            raise ValueError(f"wrap: the model is in torch's {kind} ({where}), which syncs only the parameters it had "
+                             "when it was built: LoRA factors added now would train on each rank alone and the ranks "
+                             f"would drift apart. Call relora_ds.wrap(model, ...) first, then {call}")
 
 
 def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout: float = 0.0,

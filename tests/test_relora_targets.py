@@ -335,7 +335,7 @@ def test_shared_biases_and_shared_layers_are_refused_or_named():
     assert model.q.bias is model.v.bias
 
 
-def test_a_model_in_ddp_or_fsdp1_is_refused():
+def test_a_model_in_ddp_or_fsdp_is_refused():
     """Found by a review: wrap(DDP(model)) added LoRA factors DDP's reducer never syncs, so each rank trained its
     own (2 gloo ranks: their lora_B gradients differed). Refused, inside a container too, naming the order."""
     import torch.distributed as dist
@@ -350,6 +350,17 @@ def test_a_model_in_ddp_or_fsdp1_is_refused():
                                                  r"DistributedDataParallel\(model\)"):
                 relora_ds.wrap(model, rank=4)
         assert not any(True for _ in relora_ds.relora_layers(ddp))
+        # FSDP2 too (a review: after a forward wrap passed, and the factors were plain tensors each rank trained
+        # alone; sharded, an int8 check named the DTensor weights "already quantized by another library")
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        sharded = _tiny_llama()
+        fully_shard(sharded, mesh=init_device_mesh("cpu", (1,)))
+        for model in (sharded, nn.Sequential(sharded)):
+            with pytest.raises(ValueError, match=r"wrap: the model is in torch's FSDP2 \(fully_shard\) \((it|its "
+                                                 r"submodule '0')\), which syncs only .* first, then fully_shard"):
+                relora_ds.wrap(model, rank=4)
     finally:
         dist.destroy_process_group()
 

@@ -117,7 +117,12 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
     if rank == 0 and (ckpt_dir / tag).exists() and latest_tag(ckpt_dir) != tag:
         # Left by a save that crashed (maybe on another number of ranks): its stale shards would sit next
         # to the new ones, and ds_to_universal reads every *_optim_states.pt it finds.
-        shutil.rmtree(ckpt_dir / tag)
+        try:
+            shutil.rmtree(ckpt_dir / tag)
+        except OSError as e:
+            raise RuntimeError(f"saving checkpoint {ckpt_dir / tag}: the folder of that name, left by a save that did "
+                               f"not complete, cannot be removed ({type(e).__name__}: {e}); remove it (or make it "
+                               f"writable). `latest` still names {latest_tag(ckpt_dir)}, which --resume loads") from e
     if dist.is_initialized():
         dist.barrier()
     written = []

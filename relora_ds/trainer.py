@@ -209,13 +209,35 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             yield
 
     def _clear_output_dir(self) -> None:
-        """--overwrite: the previous run's checkpoints, metrics, TensorBoard logs, export and plot go."""
+        """--overwrite: the previous run's checkpoints, metrics, TensorBoard logs, export and plot go. A folder
+        that is a symlink (checkpoints on a scratch disk) is emptied and stays; what cannot be deleted (a
+        read-only checkpoint kept on purpose) is named and stops the run, before any step: left there, an old
+        checkpoint would be resumed as this run's."""
+        failed: list[str] = []
+
+        def note(_fn, path, exc):  # rmtree's onexc (Python >= 3.12), or onerror with exc_info
+            failed.append(f"{path} ({exc[1] if isinstance(exc, tuple) else exc})")
+
+        def remove(path: Path) -> None:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": note})
+            elif path.is_dir():  # a link to a folder elsewhere: its contents are the run's, the link the user's
+                for child in path.iterdir():
+                    remove(child)
+            elif path.exists() or path.is_symlink():
+                try:
+                    path.unlink()
+                except OSError as e:
+                    failed.append(f"{path} ({e})")
+
         def clear():
-            for name in ("checkpoints", "tensorboard", "hf", "wandb"):
-                shutil.rmtree(self.out / name, ignore_errors=True)
-            for name in ("metrics.jsonl", MetricsLogger.REWOUND, MetricsLogger.WANDB_ID, "run_info.jsonl",
-                         "curves.png"):
-                (self.out / name).unlink(missing_ok=True)
+            for name in ("checkpoints", "tensorboard", "hf", "wandb", "metrics.jsonl", MetricsLogger.REWOUND,
+                         MetricsLogger.WANDB_ID, "run_info.jsonl", "curves.png"):
+                remove(self.out / name)
+            if failed:
+                raise ValueError(f"--overwrite: {len(failed)} path(s) of the previous run in {self.out} could not "
+                                 f"be deleted, e.g. {failed[:3]}; delete them (make them writable), or train into "
+                                 "another output_dir")
         on_rank_zero(clear)
 
     def _request_stop(self, signum, frame) -> None:

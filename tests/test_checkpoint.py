@@ -305,6 +305,15 @@ def test_a_save_that_fails_names_the_free_space_and_what_resume_loads(tmp_path, 
                                            r"space left on device\); its file system has [\d,]+ MiB free"):
         checkpoint.save(SimpleNamespace(save_checkpoint=lambda *a, **k: _raise(OSError(28, "No space left on device"))),
                         tmp_path / "checkpoints", 1, {}, {}, keep_last=0)
+    # A crashed save's folder of the same step that cannot be removed (read-only): named, not a bare PermissionError
+    # (a review: the run trained every step and lost its last checkpoint and export to it).
+    (tmp_path / "step_4").mkdir()
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda path: _raise(PermissionError(1, "Operation not permitted",
+                                                                                        "rng_rank0.pt")))
+    with pytest.raises(RuntimeError, match=r"saving checkpoint .*step_4: the folder of that name, left by a save that "
+                                           r"did not complete, cannot be removed \(PermissionError: .*\); remove it .* "
+                                           r"`latest` still names step_2"):
+        checkpoint.save(SimpleNamespace(save_checkpoint=full), tmp_path, 4, {}, {}, keep_last=0)
 
 
 def _raise(error):

@@ -70,6 +70,30 @@ def test_overwrite_clears_every_output_of_the_previous_run(tmp_path, monkeypatch
         (tmp_path / f).write_text("x")
     trainer_mod.Trainer._clear_output_dir(SimpleNamespace(rank=0, out=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    # Found by a review: what rmtree could not delete was ignored. A symlinked checkpoints folder (rmtree refuses
+    # links: nothing went, and the next --resume loaded the old run's latest) is emptied, the link kept; a file
+    # that cannot be deleted stops the run, named (the old step_6 was resumed as the new run's).
+    scratch = tmp_path.parent / f"{tmp_path.name}_scratch"
+    (scratch / "step_8").mkdir(parents=True)
+    (scratch / "latest").write_text("step_8")
+    (tmp_path / "checkpoints").symlink_to(scratch)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_text("x")
+    trainer_mod.Trainer._clear_output_dir(SimpleNamespace(rank=0, out=tmp_path))
+    assert (tmp_path / "checkpoints").is_symlink() and not any(scratch.iterdir()) and not (tmp_path / "hf").exists()
+    (tmp_path / "checkpoints" / "step_6").mkdir()
+    (tmp_path / "checkpoints" / "step_6" / "config.json").write_text("{}")
+    real_unlink = trainer_mod.os.unlink
+
+    def refused(path, *args, **kwargs):  # what a read-only folder (or chattr +i) does for a user who is not root
+        if str(path).endswith("config.json"):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_unlink(path, *args, **kwargs)
+    monkeypatch.setattr(trainer_mod.os, "unlink", refused)
+    with pytest.raises(ValueError, match=r"--overwrite: 2 path\(s\) of the previous run in .* could not be deleted, "
+                                         r"e.g. \[.*step_6/config.json \(\[Errno 1\] Operation not permitted.*\]; "
+                                         r"delete them"):
+        trainer_mod.Trainer._clear_output_dir(SimpleNamespace(rank=0, out=tmp_path))
 
 
 def test_wandb_gets_every_metric_and_a_requeued_job_continues_its_run(tmp_path, monkeypatch):

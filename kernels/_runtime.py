@@ -225,6 +225,30 @@ def span(t: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
 
 
+def check_disjoint(op: str, written: str, w: torch.Tensor, **read: torch.Tensor | None) -> None:
+    """An in-place op writing ``w`` reads no tensor that shares its memory: the twin computes the product before
+    it writes, a kernel writes tile by tile while later tiles still read (``lora_merge_(W, A, W[:, :r])``
+    differed by 9.3 from the twin). Byte ranges of one storage, strides included."""
+    if w.numel() == 0:
+        return
+    start = w.data_ptr()
+    end = start + span(w) * w.element_size()
+    for name, t in read.items():
+        if t is None or t.numel() == 0 or t.untyped_storage().data_ptr() != w.untyped_storage().data_ptr():
+            continue
+        if t.data_ptr() < end and start < t.data_ptr() + span(t) * t.element_size():
+            raise ValueError(f"{op}: {name} shares memory with {written}, which the op writes; pass a copy "
+                             f"({name}.clone())")
+
+
+def check_writable(op: str, name: str, t: torch.Tensor) -> None:
+    """As torch's in-place ops: an inference tensor is written only inside inference_mode (the twins' copy_
+    refuses it; a kernel writing it anyway would accept on a GPU what the CPU refuses)."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{op}: {name} is an inference tensor (made under torch.inference_mode), which is written "
+                         "in place only inside inference_mode; call it there, or pass a tensor made outside it")
+
+
 def within_int32(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy when its strides reach past 32-bit offsets while its size does not (a
     narrowed view, e.g. the gradient torch.cat's backward hands on): the forward checked the size of dY,

@@ -203,9 +203,9 @@ def _check_int8_base(op: str, q, scale, residual=None) -> None:
                          f"{tuple(residual.shape)}")
     if scale.device != q.device:  # the kernels read it beside q (the residual may live on the host)
         raise ValueError(f"{op}: scale is on {scale.device} but q is on {q.device}; move it to q's device")
-    if not scale.is_floating_point():
-        raise ValueError(f"{op}: scale must be floating point (bf16, as int8_quantize_reference makes it); "
-                         f"got {scale.dtype}")
+    if scale.dtype not in (torch.bfloat16, torch.float32):  # fp16's range: a row under ~8e-3 lost its scale
+        raise ValueError(f"{op}: scale must be bf16 (as int8_quantize_reference makes it) or float32; got "
+                         f"{scale.dtype}")
     for name, t in (("q", q), ("scale", scale), ("residual", residual)):
         _runtime.check_owns_elements(op, name, t)
 
@@ -221,6 +221,9 @@ def int8_merge_(q, scale, residual, lora_A, lora_B, s):
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
     if lora_A.dtype != lora_B.dtype:  # as lora_merge_: the kernel would round B to A's dtype
         raise ValueError(f"int8_merge_: lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype")
+    for name, t in (("q", q), ("scale", scale), ("residual", residual)):
+        if t is not None:
+            _runtime.check_writable("int8_merge_", name, t)
     if not (_runtime.use_triton(lora_A.to(q.device) if lora_A.device != q.device else lora_A)
             and _runtime.fits_int32("int8_merge_", q=_runtime.span(q), lora_A=_runtime.span(lora_A),
                                     lora_B=_runtime.span(lora_B),

@@ -101,6 +101,8 @@ def lora_merge_(weight, lora_A, lora_B, scale):
                          f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
     # Checked on every path, so that a call that runs on the CPU's twin runs on a GPU's kernel too.
     _runtime.check_owns_elements("lora_merge_", "weight", weight)  # torch's copy_ refuses it too
+    _runtime.check_disjoint("lora_merge_", "weight", weight, lora_A=lora_A, lora_B=lora_B)
+    _runtime.check_writable("lora_merge_", "weight", weight)
     if not (weight.is_floating_point() and lora_A.is_floating_point()):
         raise ValueError(f"lora_merge_: weight and the LoRA factors must be floating point; got weight "
                          f"{weight.dtype}, lora_A {lora_A.dtype}")

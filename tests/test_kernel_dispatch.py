@@ -523,14 +523,32 @@ def test_bad_arguments_are_named_on_every_path(monkeypatch, mode):
                    ((w, a.long(), b.long()), r"weight and the LoRA factors must be floating point; got weight "
                                              r"torch.float32, lora_A torch.int64"),
                    ((w, a, b.to("meta")), "lora_B is on meta but weight is on cpu; move it to weight's device")]
+    # Found by a fuzzing review: a factor inside W's memory (the kernel read B from tiles it had written: 9.3 off
+    # the twin), and an inference tensor outside inference_mode (the kernels wrote it, the twins' copy_ refused)
+    big = torch.randn(14, 8)
+    merge_cases += [((big[:6], a, big[:6, :2]), "lora_merge_: lora_B shares memory with weight, which the op "
+                                                r"writes; pass a copy \(lora_B.clone\(\)\)"),
+                    ((big[:6], big[5:7], b), "lora_merge_: lora_A shares memory with weight"),
+                    ((big[:6], big[6:8], big[8:14, :2]), None)]  # disjoint rows of one buffer: merged
+    with torch.inference_mode():
+        frozen = torch.randn(6, 8)
+    merge_cases.append(((frozen, a, b), "lora_merge_: weight is an inference tensor .* only inside inference_mode"))
     if mode == "triton":
         merge_cases.append(((w, a.double(), b.double()), r"lora dtype torch.float64 is not supported by the kernel; "
                                                          r"use one of .* \(float64 factors: RELORA_KERNELS=auto"))
     for args, match in merge_cases:
+        if match is None:
+            want = args[0] + 0.5 * args[2].double().mm(args[1].double()).float()
+            assert torch.allclose(rk.lora_merge_(*args, 0.5), want, rtol=1e-5, atol=1e-5)
+            continue
         with pytest.raises(ValueError, match=match):
             rk.lora_merge_(*args, 0.5)
-    int8_cases = [((q, s.to(torch.int32), res, a, b), r"int8_merge_: scale must be floating point \(bf16, as "
-                                                      r"int8_quantize_reference makes it\); got torch.int32"),
+    with torch.inference_mode():
+        q_inf, s_inf, res_inf = (t.clone() for t in (q, s, res))
+    int8_cases = [((q, s.to(torch.int32), res, a, b), r"int8_merge_: scale must be bf16 \(as int8_quantize_reference "
+                                                      r"makes it\) or float32; got torch.int32"),
+                  ((q, s.half(), res, a, b), r"scale must be bf16 .* or float32; got torch.float16"),
+                  ((q_inf, s_inf, res_inf, a, b), "int8_merge_: q is an inference tensor"),
                   ((q, s, res.to(torch.int16), a, b), r"residual must be int8 of q's shape \(6, 8\); got torch.int16 "
                                                       r"\(6, 8\)"),
                   ((q, s[:1].expand(6), res, a, b), "int8_merge_: scale has elements that share memory"),
@@ -542,6 +560,6 @@ def test_bad_arguments_are_named_on_every_path(monkeypatch, mode):
     for args, match in int8_cases:
         with pytest.raises(ValueError, match=match):
             rk.int8_merge_(*args, 0.5)
-    with pytest.raises(ValueError, match="int8_dequantize: scale must be floating point"):
+    with pytest.raises(ValueError, match="int8_dequantize: scale must be bf16"):
         rk.int8_dequantize(q, s.to(torch.int32))
     assert torch.equal(w, w0) and torch.equal(q, q0) and torch.equal(s, s0) and torch.equal(res, res0)

@@ -7,7 +7,9 @@ import datetime
 import errno
 import fcntl
 import os
+import shutil
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -134,3 +136,31 @@ def unlock_output_dir(out: Path) -> None:
         f.seek(0)
         f.truncate()
         f.close()  # closing the file drops the flock
+
+
+def clear_previous_run(out: Path, names: tuple[str, ...]) -> None:
+    """--overwrite: delete ``names`` in ``out`` (files or folders). A folder that is a symlink (checkpoints on a
+    scratch disk) is emptied and stays; what cannot be deleted (a read-only checkpoint kept on purpose) is named
+    in a ValueError, before any step: left there, an old checkpoint would be resumed as this run's."""
+    failed: list[str] = []
+
+    def note(_fn, path, exc):  # rmtree's onexc (Python >= 3.12), or onerror with exc_info
+        failed.append(f"{path} ({exc[1] if isinstance(exc, tuple) else exc})")
+
+    def remove(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": note})
+        elif path.is_dir():  # a link to a folder elsewhere: its contents are the run's, the link the user's
+            for child in path.iterdir():
+                remove(child)
+        elif path.exists() or path.is_symlink():
+            try:
+                path.unlink()
+            except OSError as e:
+                failed.append(f"{path} ({e})")
+
+    for name in names:
+        remove(Path(out) / name)
+    if failed:
+        raise ValueError(f"--overwrite: {len(failed)} path(s) of the previous run in {out} could not be deleted, "
+                         f"e.g. {failed[:3]}; delete them (make them writable), or train into another output_dir")

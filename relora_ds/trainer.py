@@ -12,7 +12,6 @@ import datetime
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -43,8 +42,8 @@ from .metrics import MetricsLogger, cycle_position, peak_memory_mb, progress_lin
 from .relora import lora_parameters
 from .resume import CheckpointsMixin
 from .ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device, nvme_offloads
-from .output_dir import check_output_dir, check_shared_output_dir, holds_output_dir_lock, lock_output_dir, \
-    unlock_output_dir
+from .output_dir import check_output_dir, check_shared_output_dir, clear_previous_run, holds_output_dir_lock, \
+    lock_output_dir, unlock_output_dir
 from .resume_plan import plan_resume, resume_progress
 from .startup import apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels, \
     check_model_and_data, train_data_record, unused_vocab_size
@@ -209,36 +208,11 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             yield
 
     def _clear_output_dir(self) -> None:
-        """--overwrite: the previous run's checkpoints, metrics, TensorBoard logs, export and plot go. A folder
-        that is a symlink (checkpoints on a scratch disk) is emptied and stays; what cannot be deleted (a
-        read-only checkpoint kept on purpose) is named and stops the run, before any step: left there, an old
-        checkpoint would be resumed as this run's."""
-        failed: list[str] = []
-
-        def note(_fn, path, exc):  # rmtree's onexc (Python >= 3.12), or onerror with exc_info
-            failed.append(f"{path} ({exc[1] if isinstance(exc, tuple) else exc})")
-
-        def remove(path: Path) -> None:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": note})
-            elif path.is_dir():  # a link to a folder elsewhere: its contents are the run's, the link the user's
-                for child in path.iterdir():
-                    remove(child)
-            elif path.exists() or path.is_symlink():
-                try:
-                    path.unlink()
-                except OSError as e:
-                    failed.append(f"{path} ({e})")
-
-        def clear():
-            for name in ("checkpoints", "tensorboard", "hf", "wandb", "metrics.jsonl", MetricsLogger.REWOUND,
-                         MetricsLogger.WANDB_ID, "run_info.jsonl", "curves.png"):
-                remove(self.out / name)
-            if failed:
-                raise ValueError(f"--overwrite: {len(failed)} path(s) of the previous run in {self.out} could not "
-                                 f"be deleted, e.g. {failed[:3]}; delete them (make them writable), or train into "
-                                 "another output_dir")
-        on_rank_zero(clear)
+        """--overwrite: the previous run's checkpoints, metrics, TensorBoard logs, export and plot go
+        (output_dir.clear_previous_run: what cannot be deleted stops the run, named)."""
+        on_rank_zero(lambda: clear_previous_run(self.out, ("checkpoints", "tensorboard", "hf", "wandb", "metrics.jsonl",
+                                                           MetricsLogger.REWOUND, MetricsLogger.WANDB_ID,
+                                                           "run_info.jsonl", "curves.png")))
 
     def _request_stop(self, signum, frame) -> None:
         if signum == signal.SIGINT:

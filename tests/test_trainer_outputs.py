@@ -62,6 +62,7 @@ def test_overwrite_clears_every_output_of_the_previous_run(tmp_path, monkeypatch
     anything else in output_dir stays."""
     from types import SimpleNamespace
 
+    from relora_ds import output_dir
     from relora_ds import trainer as trainer_mod
     monkeypatch.setattr(trainer_mod, "on_rank_zero", lambda fn: fn())  # one process: rank 0 alone
     for d in ("checkpoints/step_4", "tensorboard", "hf", "wandb/run-1"):  # wandb/: W&B's local run files
@@ -83,13 +84,13 @@ def test_overwrite_clears_every_output_of_the_previous_run(tmp_path, monkeypatch
     assert (tmp_path / "checkpoints").is_symlink() and not any(scratch.iterdir()) and not (tmp_path / "hf").exists()
     (tmp_path / "checkpoints" / "step_6").mkdir()
     (tmp_path / "checkpoints" / "step_6" / "config.json").write_text("{}")
-    real_unlink = trainer_mod.os.unlink
+    real_unlink = output_dir.os.unlink
 
     def refused(path, *args, **kwargs):  # what a read-only folder (or chattr +i) does for a user who is not root
         if str(path).endswith("config.json"):
             raise PermissionError(1, "Operation not permitted", str(path))
         return real_unlink(path, *args, **kwargs)
-    monkeypatch.setattr(trainer_mod.os, "unlink", refused)
+    monkeypatch.setattr(output_dir.os, "unlink", refused)
     with pytest.raises(ValueError, match=r"--overwrite: 2 path\(s\) of the previous run in .* could not be deleted, "
                                          r"e.g. \[.*step_6/config.json \(\[Errno 1\] Operation not permitted.*\]; "
                                          r"delete them"):

@@ -191,7 +191,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         """Release what the run holds in this process: the output_dir lock and the signal handlers (for a
         Trainer built in a notebook or test; launch/train.py calls it on every exit path)."""
         self._restore_signal_handlers()
-        if self.rank == 0:
+        if self._took_lock:  # not one an earlier Trainer in this process holds (still live: it keeps its lock)
             unlock_output_dir(self.out)
 
     def _restore_signal_handlers(self) -> None:

@@ -287,6 +287,12 @@ def test_a_resume_without_a_checkpoint_moves_the_dead_runs_records_aside_and_clo
                       total_steps=12, micro_batch_size=4, global_batch_size=8, eval_every=0, export=False, resume=True)
     t = trainer_mod.Trainer(cfg)
     assert holds_output_dir_lock(run)
+    # A second Trainer on that dir in the same process (a notebook) takes the held lock; its close() leaves it to
+    # the first, still live (a review: it released the first's lock, letting a run elsewhere in)
+    second = trainer_mod.Trainer(cfg)
+    second.metrics.close()
+    second.close()
+    assert holds_output_dir_lock(run)
     t.metrics.close()
     t.close()
     assert not holds_output_dir_lock(run)

@@ -126,7 +126,14 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
 
 
 def nothing_to_resume(ckpt_dir: Path) -> str:
-    """The warning of a --resume that finds no checkpoint (the trainer's rank 0, launch/preflight.py)."""
+    """The warning of a --resume that finds no checkpoint (the trainer's rank 0, launch/preflight.py). A
+    complete checkpoint with no ``latest`` (a run killed between the two, or ``latest`` deleted) is named: this
+    run would retrain its steps and replace it when it saves that step."""
+    complete = complete_tags(ckpt_dir) if Path(ckpt_dir).is_dir() else []
+    if complete:
+        return (f"--resume: {ckpt_dir} has no `latest`, so nothing to resume; starting from step 0. It holds "
+                f"complete checkpoint(s) {complete[-3:]}: to continue from one instead, stop this run and pass "
+                f"--resume-from {complete[-1]}")
     return (f"--resume: no checkpoint in {ckpt_dir}; starting from step 0 (expected at a job's first start; "
             "otherwise check --output-dir)")
 

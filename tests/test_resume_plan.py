@@ -491,3 +491,19 @@ def test_folders_not_named_step_n_are_not_the_runs_to_count_resume_from_move_or_
     checkpoint._prune_old(tmp_path, keep_last=1, keep="step_12")
     assert {p.name for p in tmp_path.iterdir()} == {"step_12", "step_8_backup", "step_2_old", "latest"}
     assert (tmp_path / "step_2_old" / "notes.txt").read_text() == "mine"
+
+
+def test_a_resume_with_nothing_to_load_names_complete_checkpoints_without_latest(tmp_path):
+    """A review: a complete checkpoint without `latest` (a run killed between writing its config.json and moving
+    `latest`) made --resume say "no checkpoint" and start from step 0, later replacing it. The warning names it
+    and the --resume-from that continues from it; a folder without config.json (a save cut short) is not named."""
+    from relora_ds.resume_plan import nothing_to_resume
+
+    assert "no checkpoint in" in nothing_to_resume(tmp_path / "checkpoints")  # not made yet
+    for step, complete in ((4, True), (8, True), (12, False)):
+        (tmp_path / f"step_{step}").mkdir()
+        if complete:
+            (tmp_path / f"step_{step}" / "config.json").write_text("{}")
+    assert nothing_to_resume(tmp_path) == (f"--resume: {tmp_path} has no `latest`, so nothing to resume; starting "
+                                           "from step 0. It holds complete checkpoint(s) ['step_4', 'step_8']: to "
+                                           "continue from one instead, stop this run and pass --resume-from step_8")

@@ -61,3 +61,22 @@ def test_mpirun_two_ranks(tmp_path):
     assert [r["step"] for r in recs if "loss" in r] == list(range(1, 13))
     assert [r["step"] for r in recs if r.get("event") == "reset"] == [8, 12]  # the last step resets too
     assert (out / "checkpoints/latest").read_text() == "step_12"
+
+
+def test_a_rank_that_fails_under_mpirun_stops_the_job_with_its_status(tmp_path):
+    """Found by a review: a rank leaving with an error went through MPI_Finalize, which under MPICH waits for every
+    other rank: the others trained on (into their next collective, on GPUs until its timeout) and mpirun often
+    reported 0. It aborts the job with its status (rank 0 here would sleep 60 s, then exit 0)."""
+    if os.environ.get("RELORA_SKIP_MPI") == "1":
+        pytest.skip("RELORA_SKIP_MPI=1")
+    script = tmp_path / "rank.py"
+    script.write_text("import time\nfrom mpi4py import MPI\nfrom relora_ds.distributed import exit_process\n"
+                      "if MPI.COMM_WORLD.Get_rank() == 1:\n    exit_process(3)\ntime.sleep(60)\nexit_process(0)\n")
+    env = {k: v for k, v in launch_env().items() if k not in DIST_VARS and not k.startswith(("SLURM_", "PMI_"))}
+    import time
+
+    start = time.monotonic()
+    proc = subprocess.run([*_mpirun(), "-np", "2", sys.executable, str(script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert time.monotonic() - start < 30

@@ -11,6 +11,7 @@ tokenizer (a SentencePiece model also in Hugging Face form; found through the ru
 it must be the one the checkpoint was trained with).
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,6 +26,15 @@ from relora_ds.hf import export_run, merge_record
 from relora_ds.relora import relora_layers
 from relora_ds.train_args import ArgumentParser
 from cli_types import DefaultsHelpFormatter  # launch/, the script's directory
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    """A relora_ds checkpoint's folder: its config.json has the run's 'train' and 'model' sections."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"train", "model"} <= set(config)
 
 
 def main(argv=None) -> Path:
@@ -69,6 +79,12 @@ def main(argv=None) -> Path:
         ap.error(f"{args.checkpoints / tag} is {kind}: its config.json has no 'train' and 'model' sections of a "
                  "relora_ds checkpoint; give a run's output_dir, its checkpoints/ folder or one step_N/ folder (an "
                  "export needs no second one: transformers loads it with from_pretrained)")
+    out, ckpts = args.out.resolve(), args.checkpoints.resolve()
+    if out == ckpts or ckpts in out.parents or (out / "latest").is_file() or (out / "checkpoints").is_dir() \
+            or _is_checkpoint(out):
+        ap.error(f"--out {args.out} is a run's output_dir, its checkpoints/ folder or a checkpoint in it: the export "
+                 "would replace a checkpoint's config.json (no resume could load it again); export into a folder "
+                 f"of its own, e.g. {ckpts.parent / 'export'}")
     tokenizer = None if args.no_tokenizer else args.tokenizer or _run_tokenizer(run, ap)
     try:
         tokenizer = tokenizer and resolve_tokenizer(tokenizer)

@@ -217,6 +217,15 @@ def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path
     proc = export(demo_run / "hf", "--out", tmp_path / "z")
     assert proc.returncode == 2 and f"{demo_run / 'hf'} is a Hugging Face model directory (llama): its config.json " \
         "has no 'train' and 'model' sections" in proc.stderr, proc.stderr
+    # --out into the run's checkpoints (a review: the export replaced step_50's config.json, and no resume or
+    # export could load that checkpoint again), or into the run's output_dir: refused, nothing written
+    before = (run / "checkpoints" / "step_50" / "config.json").read_bytes()
+    for out in (run / "checkpoints" / "step_50", run / "checkpoints", run / "checkpoints" / "new", run):
+        proc = export(run, "--tag", "step_50", "--out", out)
+        assert proc.returncode == 2 and f"--out {out} is a run's output_dir, its checkpoints/ folder or a checkpoint " \
+            "in it" in proc.stderr, proc.stderr
+    assert (run / "checkpoints" / "step_50" / "config.json").read_bytes() == before
+    assert not (run / "checkpoints" / "new").exists()
     (run / "checkpoints" / "step_25" / "config.json").unlink()
     proc = export(run / "checkpoints", "--tag", "step_25", "--out", tmp_path / "x")
     assert proc.returncode == 2 and "step_25 has no config.json: an incomplete checkpoint" in proc.stderr

@@ -382,10 +382,28 @@ def test_a_dataset_saved_with_save_to_disk_is_read_and_a_dataset_dict_refused(tm
         prepare_data([str(tmp_path / "dd")], tmp_path / "out_dd", vocab_size=300, text_column="content")
 
 
-def test_out_dir_that_is_a_file_is_named(tmp_path):
+def test_out_dir_that_is_a_file_or_holds_other_files_is_named(tmp_path):
+    """An --out that is a file, or a directory holding other files and no manifest (found by a review: a model
+    directory's tokenizer files were replaced and deleted without --overwrite) is refused, the files kept;
+    --overwrite prepares into it. What a prepare cut short leaves there (token files, a tokenizer) is its own."""
     (tmp_path / "f").write_text("x")
+    corpus = [write_jsonl(tmp_path / "a.jsonl", SENTENCES)]
     with pytest.raises(ValueError, match=r"out_dir '.*f' exists and is not a directory"):
-        prepare_data([write_jsonl(tmp_path / "a.jsonl", SENTENCES)], tmp_path / "f", vocab_size=300)
+        prepare_data(corpus, tmp_path / "f", vocab_size=300)
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (model / name).write_text("{}")
+    with pytest.raises(ValueError, match=r"out_dir '.*model' holds files that are not prepared data "
+                                         r"\(\['config.json'\]\) and no manifest.json: .* or --overwrite"):
+        prepare_data(corpus, model, vocab_size=300)
+    assert (model / "tokenizer.json").read_text() == "{}"
+    assert (prepare_data(corpus, model, vocab_size=300, overwrite=True) / "manifest.json").is_file()
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "train.bin").write_bytes(b"\0\0")
+    (cut / ".prepare.lock").write_text("")
+    assert (prepare_data(corpus, cut, vocab_size=300) / "manifest.json").is_file()
 
 
 def test_one_txt_document_says_how_to_get_a_validation_split(tmp_path):

@@ -124,6 +124,15 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory: give a directory (new or "
                          "holding prepared data) for --out")
+    if out_dir.is_dir() and not (out_dir / mf.MANIFEST).is_file() and not overwrite:
+        # Neither new nor prepared data (a model directory, say: its tokenizer files would be replaced). What a
+        # prepare cut short leaves (token files, a tokenizer, dot-files) is this directory's own.
+        own = {*mf.TOKENIZER_FILES, *(f"{split}.bin" for split in mf.SPLITS)}
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in own and not p.name.startswith("."))
+        if foreign:
+            raise ValueError(f"out_dir {str(out_dir)!r} holds files that are not prepared data ({foreign[:4]}) and no "
+                             f"{mf.MANIFEST}: give a new directory (or one holding prepared data) for --out, or "
+                             "--overwrite to prepare into it anyway (its tokenizer files are replaced)")
     created, lock = _lock_out_dir(out_dir)
     if lock is None:  # prepared data in a directory this process cannot write: a no-op, or an error saying why
         try:

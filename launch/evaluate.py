@@ -68,7 +68,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.out is not None and args.out.is_dir():  # named now, not after the evaluation
+        ap.error(f"--out {args.out} is a directory: give a file to write the JSON result to")
+    device = args.device
+    if device is not None and device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+            ap.error(f"--device {device}: torch here has no {device.type} device (torch {torch.__version__}); "
+                     "use --device cpu")
+        if device.index is not None and device.index >= backend.device_count():
+            ap.error(f"--device {device}: this machine has {backend.device_count()} {device.type} device(s)")
+    return args
 
 
 def _device(text: str) -> torch.device:

@@ -216,6 +216,8 @@ def main(argv=None) -> dict:
     for d in (args.a, args.b):
         if not d.is_dir():
             ap.error(f"{d} is not a directory (give two Hugging Face exports: launch/export.py)")
+    if args.json is not None and args.json.is_dir():
+        ap.error(f"--json {args.json} is a directory: give a file to write the numbers to")
     try:
         per_layer = compare(args.a, args.b, args.threshold, args.all)
     except ValueError as e:

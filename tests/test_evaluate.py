@@ -315,7 +315,12 @@ def test_evaluate_script_names_a_bad_device_and_takes_no_abbreviated_flags(capsy
     assert script.parse_args([*base, "--device", "cpu"]).device == torch.device("cpu")
     for argv, error in (([*base, "--device", "foo"], "argument --device: 'foo' is not a torch device"),
                         (["run/hf", "--data-dir", "data", "--seq", "8"], "the following arguments are required: "
-                                                                         "--seq-len")):
+                                                                         "--seq-len"),
+                        # a review: a directory for --out failed after the whole evaluation (IsADirectoryError), and
+                        # a device this torch lacks with torch's AssertionError
+                        ([*base, "--out", str(ROOT)], f"--out {ROOT} is a directory: give a file"),
+                        *([([*base, "--device", "cuda"], "--device cuda: torch here has no cuda device")]
+                          if not torch.cuda.is_available() else [])):
         with pytest.raises(SystemExit):
             script.parse_args(argv)
         assert error in capsys.readouterr().err

@@ -75,6 +75,9 @@ def test_the_command_prints_each_kind_and_writes_json(tmp_path):
     assert saved["model.layers.0.mlp.up_proj.weight"]["rank"] == 4
     bad = run_python(ROOT / "launch/update_rank.py", tmp_path / "a", tmp_path / "nothing", env=launch_env())
     assert bad.returncode == 2 and "is not a directory" in bad.stderr
+    bad = run_python(ROOT / "launch/update_rank.py", tmp_path / "a", tmp_path / "b", "--json", tmp_path / "new",
+                     env=launch_env())  # a review: an IsADirectoryError traceback after the comparison
+    assert bad.returncode == 2 and f"--json {tmp_path / 'new'} is a directory" in bad.stderr, bad.stderr
 
 
 def _merged_into(tmp_path, base, k=3, rank=4, rel=0.02):

@@ -115,9 +115,9 @@ def _export_dtype(directory: Path) -> str | None:
 def rounding_plan(a: Path, b: Path) -> dict | None:
     """From the two exports' merge records: {bound: the most rank the merges between them can add, roundings:
     [(how many, dtype)] of the independent roundings in B - A, ...}. None where either export's merges are not
-    known. The roundings: one per merge into a bf16/fp16 base, or with error feedback (merge_residual, an
-    int8 base) B's one and A's; and each export's own cast to bf16/fp16, unless it held nothing to round (its
-    base in that dtype, no live factors)."""
+    known. The roundings: one per merge into a bf16/fp16 base (and the switch's, from a full-rank A), or with
+    error feedback (merge_residual, an int8 base) B's one and A's; and each export's own cast to bf16/fp16,
+    unless it held nothing to round (its base in that dtype, no live factors)."""
     ra, rb = _merges(a), _merges(b)
     sa, sb = _step(a), _step(b)
     if ra and rb == {} and sa is not None and sb is not None and sb < sa:  # B: the warm start, before A's ReLoRA
@@ -134,7 +134,9 @@ def rounding_plan(a: Path, b: Path) -> dict | None:
     roundings = []
     if base in LOW:
         feedback = rb["merge_residual"] or base == "int8"  # B's one rounding less A's
-        roundings.append((1 + (ra.get("base_dtype") in LOW) if feedback else between, base))
+        # without it one per merge, and from a full-rank A (no ReLoRA layers: its fp32 masters) one more, the
+        # switch's, which rounds them into the frozen base
+        roundings.append((1 + (ra.get("base_dtype") in LOW) if feedback else between + (not ra), base))
     for directory, record in ((a, ra), (b, rb)):
         cast = _export_dtype(directory)
         if cast in ("bfloat16", "float16") and not (record.get("base_dtype") == cast and not record.get("live")):

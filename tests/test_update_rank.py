@@ -259,6 +259,10 @@ def test_error_feedback_rounds_once_per_export_whatever_the_merges_between(tmp_p
     assert plan(export("q1", record(1, "int8")), export("q4", record(4, "int8"))) == [(2, "int8")]
     assert plan(export("full", None), export("q3", record(3, "int8"))) == [(1, "int8")]
     assert plan(export("bf1", record(1)), export("bf4", record(4))) == [(3, "bfloat16")]
+    # from a full-rank A the switch rounds its fp32 masters into the bf16 base too (a review: with no merge yet
+    # the floor was 0, and a live LoRA's B - A counted 12-56 'above rounding' for a bound of 4)
+    assert plan(export("full2", None), export("bf3", record(3))) == [(4, "bfloat16")]
+    assert plan(export("full3", None), export("bf0", record(0, live=True))) == [(1, "bfloat16")]
     assert plan(export("bf1c", record(1), "bfloat16"), export("bf4c", record(4, live=True), "bfloat16")) == \
         [(3, "bfloat16"), (1, "bfloat16")]  # A's cast of a bf16 base without live factors rounds nothing
     assert update_rank.rounding_plan(tmp_path / "res1", tmp_path / "res4")["bound"] == 4 * 3

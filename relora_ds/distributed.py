@@ -292,9 +292,9 @@ def exit_process(code: int = 0) -> NoReturn:
     mpi4py finalizes MPI from ``Py_AtExit``, which ``os._exit`` skips, so MPI is finalized here (under
     ``mpirun`` DeepSpeed finds the ranks through mpi4py; MPI requires every process to finalize before it
     exits, and mpich otherwise leaves its /dev/shm segment behind); a rank exiting with a non-zero ``code``
-    among others aborts the MPI job with it instead (``MPI_Abort``: mpirun stops every rank and reports it). An error in any of these steps is
-    printed and makes a zero ``code`` 1; an ``atexit`` handler's own error is printed and ignored, as at a
-    normal exit.
+    among others aborts the MPI job with it instead (``MPI_Abort``: mpirun stops every rank and reports it).
+    An error in any of these steps is printed and makes a zero ``code`` 1; an ``atexit`` handler's own error
+    is printed and ignored, as at a normal exit.
     """
     def attempt(step) -> None:
         nonlocal code

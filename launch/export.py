@@ -28,13 +28,16 @@ from relora_ds.train_args import ArgumentParser
 from cli_types import DefaultsHelpFormatter  # launch/, the script's directory
 
 
+def _is_run_config(config) -> bool:
+    """A relora_ds checkpoint's config.json: the run's 'train' and 'model' sections."""
+    return isinstance(config, dict) and {"train", "model"} <= set(config)
+
+
 def _is_checkpoint(folder: Path) -> bool:
-    """A relora_ds checkpoint's folder: its config.json has the run's 'train' and 'model' sections."""
     try:
-        config = json.loads((folder / "config.json").read_text())
+        return _is_run_config(json.loads((folder / "config.json").read_text()))
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and {"train", "model"} <= set(config)
 
 
 def main(argv=None) -> Path:
@@ -73,7 +76,7 @@ def main(argv=None) -> Path:
     except ValueError as e:
         ap.error(f"{args.checkpoints / tag / 'config.json'} is damaged: {e}")
     # e.g. a run's hf/ export, whose config.json is transformers'
-    if not isinstance(run, dict) or not {"train", "model"} <= set(run):
+    if not _is_run_config(run):
         kind = f"a Hugging Face model directory ({run['model_type']})" if "model_type" in run else \
             "not a relora_ds checkpoint"
         ap.error(f"{args.checkpoints / tag} is {kind}: its config.json has no 'train' and 'model' sections of a "

@@ -162,6 +162,8 @@ class CheckpointsMixin:
                         f"this run has {layout(self.world, now)}: loading it as a DeepSpeed universal checkpoint")
             groups = None if checkpoint.is_sharded(self.ckpt_dir, tag) else self._param_group_names(phase)
             load_tag = universal.make_universal(self.ckpt_dir, tag, groups)
+            if groups is not None and self.resume_plan["stages"][1] == 3:
+                universal.check_zero3_load(self.ckpt_dir / load_tag)
         # The checkpoint holds every weight (frozen bases, int8 or not, and their residuals included): a fresh
         # model takes them; an hf_model's weights are not read again (minutes at 7b, at every requeue).
         self._build_engine(self._fresh_model(), phase, load_universal=as_universal)

@@ -26,6 +26,8 @@ from .distributed import on_rank_zero
 UNIVERSAL = "universal"
 # DeepSpeed's converter needs this key in the checkpoint (Megatron-DeepSpeed sets it); set on the model.
 UNIVERSAL_INFO = {"universal_checkpoint_version": 0.4}
+# In a conversion of a checkpoint without ZeRO: each optimizer param group's Adam step (check_zero3_load).
+GROUP_STEPS = "relora_group_steps"
 
 
 def make_universal(ckpt_dir: Path, tag: str, param_groups: list[list[str]] | None = None) -> str:
@@ -151,14 +153,27 @@ def _unsharded_to_universal(src: Path, out: Path, param_groups: list[list[str]])
             torch.save(step.clone(), zero / name / "step.pt")
         groups.append({k: v for k, v in group.items() if k != "params"})
         steps.append(step)
-    # The ZeRO-3 loader takes one step and the first group's settings for every group (the trainer
-    # re-applies its settings on resume; zero_reset.unshare_optimizer_steps gives each group its own counter).
-    assert all(torch.equal(s, steps[0]) for s in steps), f"the param groups' Adam steps differ: {steps}"
-    torch.save({"ds_version": states.get("ds_version"), "param_groups": groups,
+    # The ZeRO-1/2 loader reads each group's step from its parameters' step.pt; the ZeRO-3 loader takes this
+    # one step and the first group's settings for every group (the trainer re-applies its settings on resume;
+    # zero_reset.unshare_optimizer_steps gives each group its own counter), so GROUP_STEPS records them all
+    # for check_zero3_load to refuse a ZeRO-3 load of groups whose counts differ.
+    torch.save({"ds_version": states.get("ds_version"), "param_groups": groups, GROUP_STEPS: [float(s) for s in steps],
                 OPTIMIZER_STATE_DICT: {"state": {0: {"step": steps[0].clone()}}, "param_groups": groups}},
                zero / "optimizer_state.pt")
     torch.save(states, out / "mp_rank_00_model_states.pt")
     os.link(out / "mp_rank_00_model_states.pt", out / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def check_zero3_load(universal_dir: Path) -> None:
+    """Refuse loading a conversion of a checkpoint without ZeRO (``_unsharded_to_universal``) into ZeRO-3 when
+    its param groups' Adam steps differ: DeepSpeed's ZeRO-3 loader gives every group the first group's, which
+    would bias-correct the others' moments by another step count. ZeRO-1/2 load each group's own."""
+    optimizer_state = Path(universal_dir) / "zero" / "optimizer_state.pt"
+    steps = torch.load(optimizer_state, map_location="cpu", weights_only=False).get(GROUP_STEPS, [])
+    if len(set(steps)) > 1:
+        raise ValueError(f"{universal_dir}: the checkpoint's optimizer param groups hold different Adam step counts "
+                         f"({steps}); DeepSpeed's ZeRO-3 load gives every group one count, so it would bias-correct "
+                         "the others' moments wrongly. Resume it with ZeRO stage 1 or 2 (or stage 0 as it was written)")
 
 
 def _add_frozen_tensors(ckpt_dir: Path, tag: str, zero: Path) -> None:

@@ -68,6 +68,32 @@ def test_a_checkpoint_without_zero_whose_adam_steps_differ_in_a_group_is_refused
         universal._unsharded_to_universal(tmp_path / "src", tmp_path / "out", [["a", "b"]])
 
 
+def test_param_groups_at_different_adam_steps_convert_and_only_a_zero3_load_is_refused(tmp_path):
+    """A checkpoint without ZeRO whose param groups stepped different numbers of times (a group without
+    gradients at some steps) stopped the conversion with a bare assert, also for a ZeRO-1/2 resume, whose
+    loader reads each group's step from its parameters' step.pt. It converts (each parameter's step.pt holds
+    its group's count); a ZeRO-3 load, which gives every group the first group's count, is refused by name."""
+    import torch
+
+    from relora_ds import universal
+
+    def state(step):
+        return {"step": torch.tensor(float(step)), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}
+    for name, steps in (("differ", (7, 5)), ("same", (7, 7))):
+        src = tmp_path / name / "src"
+        src.mkdir(parents=True)
+        torch.save({"module": {"a": torch.zeros(3), "b": torch.zeros(3)},
+                    "optimizer": {"state": {0: state(steps[0]), 1: state(steps[1])},
+                                  "param_groups": [{"params": [0], "lr": 1e-3}, {"params": [1], "lr": 1e-3}]}},
+                   src / "mp_rank_00_model_states.pt")
+        universal._unsharded_to_universal(src, tmp_path / name / "out", [["a"], ["b"]])
+        zero = tmp_path / name / "out" / "zero"
+        assert [float(torch.load(zero / p / "step.pt", weights_only=False)) for p in "ab"] == list(steps)
+    universal.check_zero3_load(tmp_path / "same" / "out")
+    with pytest.raises(ValueError, match=r"different Adam step counts \(\[7.0, 5.0\]\).*ZeRO stage 1 or 2"):
+        universal.check_zero3_load(tmp_path / "differ" / "out")
+
+
 def test_the_converter_outlives_the_stop_signals_a_run_stops_cleanly_on(tmp_path, monkeypatch):
     """SLURM's `scancel --signal` reaches every process of the job step, a terminal's Ctrl-C the foreground
     group: the checkpoint converter (minutes at scale) ran in the trainer's group and died of USR1, failing

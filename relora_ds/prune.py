@@ -33,8 +33,9 @@ def magnitude_prune_mask(t: torch.Tensor, ratio: float) -> torch.Tensor:
     """Boolean mask (same shape as t) of exactly round(ratio·numel) entries with the smallest |t|.
 
     Ties at the threshold are broken by flat index (lowest indices pruned first), so the mask is a
-    well-defined function of the values. The threshold is the exact k-th smallest |t| from
-    ``torch.kthvalue`` (``torch.quantile`` refuses inputs above ~16.7M elements).
+    well-defined function of the values; NaN ranks above every value (+inf too), as in ``torch.sort``.
+    The threshold is the exact k-th smallest |t| from ``torch.kthvalue`` (``torch.quantile`` refuses
+    inputs above ~16.7M elements).
     """
     flat = t.detach().reshape(-1).abs()
     if flat.dtype != torch.float64:  # 16-bit ranks in fp32; fp64 keeps the differences fp32 would round away
@@ -45,6 +46,12 @@ def magnitude_prune_mask(t: torch.Tensor, ratio: float) -> torch.Tensor:
         return torch.zeros_like(flat, dtype=torch.bool).view(t.shape)
     if k >= n:
         return torch.ones_like(flat, dtype=torch.bool).view(t.shape)
+    if flat.isnan().any():
+        # NaN ranks above every value, as torch.sort orders it (kthvalue's threshold would be NaN, nothing below
+        # it: the prune zeroed no entry); a stable sort, on this rare path only, keeps the ties' flat order.
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[torch.sort(flat, stable=True).indices[:k]] = True
+        return mask.view(t.shape)
     threshold = flat.kthvalue(k).values
     mask = flat < threshold
     need = k - int(mask.sum())

@@ -43,6 +43,18 @@ def test_magnitude_mask_of_each_dtype_equals_the_sort_oracle(dtype):
     assert torch.equal(magnitude_prune_mask(u, 0.9), _oracle_mask(u.double(), 0.9))
 
 
+def test_magnitude_mask_with_nan_moments_prunes_exactly_k_as_the_sort_oracle():
+    """NaN moments (a diverged step an optimizer took) made kthvalue's threshold NaN and the prune zero no entry
+    of the tensor at all; NaN ranks above every value, +inf too, as torch.sort orders it."""
+    t = torch.randn(23, 31)
+    t.view(-1)[torch.randperm(t.numel(), generator=torch.Generator().manual_seed(0))[:300]] = float("nan")
+    t.view(-1)[:5] = float("inf")
+    for ratio in (0.5, 0.99):  # the cut among the finite values, and among the infs and NaNs
+        mask = magnitude_prune_mask(t, ratio)
+        assert int(mask.sum()) == round(ratio * t.numel())
+        assert torch.equal(mask, _oracle_mask(t, ratio))
+
+
 def test_large_tensor_beyond_quantile_limit():
     g = torch.Generator().manual_seed(0)
     t = torch.randn(17_000_000, generator=g)

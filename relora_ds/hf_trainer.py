@@ -113,11 +113,11 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
         schedule = dict(total_steps=num_training_steps, cycle_length=cycle_length,
                         warmup_steps=trainer.args.get_warmup_steps(num_training_steps),
                         restart_warmup_steps=restart_warmup_steps, min_lr_ratio=min_lr_ratio)
+        if (trainer.lr_scheduler is None or optimizer is not None) and cycle_length >= num_training_steps:
+            warnings.warn(f"enable_relora: cycle_length={cycle_length} but the run is {num_training_steps} "
+                          "optimizer steps: no reset happens before its last step (LoRA, not ReLoRA); use a "
+                          "cycle_length below it", UserWarning, stacklevel=3)
         if trainer.lr_scheduler is None:  # transformers' contract (4.x passes its own optimizer here)
-            if cycle_length >= num_training_steps:
-                warnings.warn(f"enable_relora: cycle_length={cycle_length} but the run is {num_training_steps} "
-                              "optimizer steps: no reset happens before its last step (LoRA, not ReLoRA); use a "
-                              "cycle_length below it", UserWarning, stacklevel=3)
             trainer.lr_scheduler = _record_cycles(build_scheduler(
                 optimizer if optimizer is not None else trainer.optimizer, "jagged_cosine", **schedule))
             trainer._created_lr_scheduler = True

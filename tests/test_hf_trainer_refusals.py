@@ -122,6 +122,33 @@ def test_one_group_weight_decay_under_a_deepspeed_optimizer_section_is_named(tmp
     assert enable() == []
 
 
+def test_a_cycle_as_long_as_the_run_is_named_on_both_ways_the_schedule_is_built(tmp_path):
+    """cycle_length >= the run's optimizer steps: no reset before the last step (plain LoRA). Named when the
+    Trainer builds the schedule and when transformers asks for one over DeepSpeed's optimizer (an optimizer
+    section: deepspeed_init's callable, with trainer.lr_scheduler already its DummyScheduler); the second
+    said nothing. Not named for a run longer than the cycle."""
+    from transformers import TrainingArguments
+
+    from relora_ds.hf_trainer import enable_relora
+
+    def named(steps, ds_section):
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2)
+        trainer = w.InOrder(model=w.model(), args=args, train_dataset=w.Windows())
+        enable_relora(trainer, cycle_length=6, restart_warmup_steps=1)
+        trainer.create_optimizer()
+        if ds_section:  # what transformers' deepspeed_init has set by then (a stand-in object)
+            trainer.lr_scheduler = object()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            sched = trainer.create_scheduler(num_training_steps=steps, optimizer=trainer.optimizer)
+        assert sched.lr_lambdas[0].func is relora_ds.jagged_cosine
+        return [str(x.message) for x in seen if "no reset happens" in str(x.message)]
+    for ds_section in (False, True):
+        assert named(6, ds_section) == ["enable_relora: cycle_length=6 but the run is 6 optimizer steps: no reset "
+                                        "happens before its last step (LoRA, not ReLoRA); use a cycle_length below it"]
+        assert named(7, ds_section) == []
+
+
 def test_accelerates_fsdp1_is_refused_before_the_first_step(tmp_path):
     """A Trainer under accelerate's FSDP1 (fsdp_version 1, its default; GPU only, so a bare instance of its class
     wraps the model here, as in tests/test_fsdp.py) is refused when training begins, naming FSDP2, rather than

@@ -25,5 +25,5 @@ status=0
 "${t[@]}" -k cuda tests/test_int8_quant.py "$@" || status=1
 "${t[@]}" -k "cuda and ($first)" tests/test_kernels.py "$@" || status=1
 "${t[@]}" -k cuda tests/test_kernel_ops.py "$@" || status=1
-env -u RELORA_KERNELS "${t[@]}" tests/test_kernel_dispatch.py "$@" || status=1
+env -u RELORA_KERNELS "${t[@]}" tests/test_kernel_dispatch.py tests/test_kernel_args.py "$@" || status=1
 exit $status

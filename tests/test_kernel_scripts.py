@@ -194,6 +194,7 @@ def test_gpu_tests_groups_hold_every_cuda_case_once():
     assert len(want) > 100 and sorted(kernels) == sorted(want)  # each once
     assert any(t.startswith("tests/test_int8_quant.py::") for t in got)
     assert any(t.startswith("tests/test_kernel_dispatch.py::") for t in got)
+    assert any(t.startswith("tests/test_kernel_args.py::") for t in got)
     order = [t.split("::")[1].split("[")[0] for t in kernels]
     # what the H200 run of 2026-12-04 did not reach first: the layer's cases, then (one group) the TMA ones,
     # both before the merges and the other cases that passed there

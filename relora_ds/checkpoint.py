@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import on_rank_zero
+from .distributed import failed_ranks, on_rank_zero
 from .durable import fsync_path, fsync_tree, replace_durably
 
 LATEST = "latest"
@@ -67,12 +67,16 @@ def _write_latest(ckpt_dir: Path, tag: str) -> None:
 
 
 @contextlib.contextmanager
-def _recording_writes(engine, written: list[Path]):
+def _recording_writes(engine, written: list[Path], failed: list[Exception]):
     """Append to ``written`` each file ``engine.save_checkpoint`` writes through its checkpoint engine (this
     rank's model states and optimizer shard), so that this rank flushes exactly its own: another node's listing
     of a shared directory can miss a file just made (NFS caches lookups). Every path given to the engine's
     save is a file written by the time save_checkpoint returns with DeepSpeed's torch.save engine, the only
-    one the DeepSpeed config may select (ds_schema refuses the writers that write later or not at all)."""
+    one the DeepSpeed config may select (ds_schema refuses the writers that write later or not at all).
+
+    A write that fails is put in ``failed`` instead of raised, and the writes after it are skipped:
+    save_checkpoint goes on to its closing barrier, which the other ranks wait in (raised from the write, the
+    error left them there until the launcher's timeout). The caller raises it once save_checkpoint returns."""
     writer = getattr(engine, "checkpoint_engine", None)
     if writer is None:
         yield
@@ -80,8 +84,14 @@ def _recording_writes(engine, written: list[Path]):
     save, own = writer.save, "save" in getattr(writer, "__dict__", {})
 
     def recording_save(state_dict, path, *args, **kwargs):
+        if failed:
+            return None
         written.append(Path(path))
-        return save(state_dict, path, *args, **kwargs)
+        try:
+            return save(state_dict, path, *args, **kwargs)
+        except Exception as e:  # every error: the other ranks must hear of it (save's _agreed)
+            failed.append(e)
+            return None
 
     writer.save = recording_save
     try:
@@ -91,6 +101,27 @@ def _recording_writes(engine, written: list[Path]):
             writer.save = save
         else:
             del writer.save  # the class's method again
+
+
+@contextlib.contextmanager
+def _agreed(ckpt_dir: Path, tag: str, part: str):
+    """Run the block on every rank, then stop every rank if it failed on any: the rank it failed on raises its
+    own error, the others a RuntimeError naming that rank. A rank that raised alone left the others waiting in
+    the next collective until the launcher's timeout (NCCL's: 10-30 min), without a word of why. The agreement
+    waits for every rank, as the barrier it replaces did. (A KeyboardInterrupt is raised at once: a Ctrl-C
+    reaches every rank, and a rank waiting for the others would not stop.)"""
+    try:
+        yield
+    except Exception:  # every error: the other ranks must hear of it
+        failed_ranks(True)
+        raise
+    failed = failed_ranks(False)
+    if failed:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        who = (f"rank {failed[0]} failed while {part} (its error is in its output)" if len(failed) == 1 else
+               f"ranks {', '.join(map(str, failed))} failed while {part} (their errors are in their output)")
+        raise RuntimeError(f"rank {rank}: saving checkpoint {Path(ckpt_dir) / tag} stopped: {who}. `latest` still "
+                           f"names the last complete checkpoint ({latest_tag(ckpt_dir)}), which --resume loads")
 
 
 def tag_step(tag: str) -> int:
@@ -110,11 +141,48 @@ def checkpoint_folders(ckpt_dir: Path) -> list[Path]:
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, keep_last: int,
          protect: tuple[str, ...] = ()) -> Path:
     """Every rank calls this. Returns the checkpoint directory. Pruning to ``keep_last`` spares the tags in
-    ``protect`` (and does not count them)."""
+    ``protect`` (and does not count them). A failure on any rank stops every rank, before `latest` moves
+    (:func:`_agreed`)."""
     ckpt_dir = Path(ckpt_dir)
     tag = f"step_{step}"
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0 and (ckpt_dir / tag).exists() and latest_tag(ckpt_dir) != tag:
+    with _agreed(ckpt_dir, tag, "preparing the folder"):
+        if rank == 0:
+            _clear_the_way(ckpt_dir, tag)
+    with _agreed(ckpt_dir, tag, "writing the checkpoint's files"):
+        written, failed = [], []
+        try:
+            with _recording_writes(engine, written, failed):
+                engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+            if failed:
+                raise failed[0]
+            written.append(ckpt_dir / tag / f"rng_rank{rank}.pt")
+            torch.save(rng_state(), written[-1])
+            for path in written:  # on disk before any rank marks the folder complete or deletes an older one
+                fsync_path(path)
+        except (OSError, RuntimeError) as e:  # a full disk reads "basic_ios::clear: iostream error" from torch
+            raise _save_failed(ckpt_dir, tag, rank, e) from e
+    # Every rank's files are written: only now does config.json mark the folder complete.
+    with _agreed(ckpt_dir, tag, "marking the checkpoint complete"):
+        if rank == 0:
+            # Rank 0 flushes what else is in the folder (DeepSpeed's recovery scripts) and its entries, and the
+            # folder's own entry in ckpt_dir; the files flushed already cost a system call each.
+            fsync_tree(ckpt_dir / tag)
+            fsync_path(ckpt_dir)
+            replace_durably(json.dumps(config, indent=2), ckpt_dir / tag / "config.json")
+        if os.environ.get("RELORA_TEST_CRASH_IN_SAVE") == str(step):
+            os._exit(17)  # tests: die after the files, before `latest` moves (a crash mid-save)
+        if rank == 0:
+            _write_latest(ckpt_dir, tag)
+            _prune_old(ckpt_dir, keep_last, keep=tag, protect=protect)
+    return ckpt_dir / tag
+
+
+def _clear_the_way(ckpt_dir: Path, tag: str) -> None:
+    """Rank 0, before any rank writes: remove the folder of ``tag`` a save that crashed left, and make
+    ``ckpt_dir`` (DeepSpeed's rank 0 makes it ahead of its first barrier, where a failure would be rank 0's
+    alone)."""
+    if (ckpt_dir / tag).exists() and latest_tag(ckpt_dir) != tag:
         # Left by a save that crashed (maybe on another number of ranks): its stale shards would sit next
         # to the new ones, and ds_to_universal reads every *_optim_states.pt it finds.
         try:
@@ -123,39 +191,19 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
             raise RuntimeError(f"saving checkpoint {ckpt_dir / tag}: the folder of that name, left by a save that did "
                                f"not complete, cannot be removed ({type(e).__name__}: {e}); remove it (or make it "
                                f"writable). `latest` still names {latest_tag(ckpt_dir)}, which --resume loads") from e
-    if dist.is_initialized():
-        dist.barrier()
-    written = []
     try:
-        with _recording_writes(engine, written):
-            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        written.append(ckpt_dir / tag / f"rng_rank{rank}.pt")
-        torch.save(rng_state(), written[-1])
-        for path in written:  # on disk before any rank marks the folder complete or deletes an older one
-            fsync_path(path)
-    except (OSError, RuntimeError) as e:  # a full disk reads "basic_ios::clear: iostream error" from torch
-        # (a first save's makedirs may be what failed: the nearest folder that exists)
-        free = shutil.disk_usage(next(p for p in (ckpt_dir, *ckpt_dir.parents) if p.exists())).free
-        raise RuntimeError(f"rank {rank}: saving checkpoint {ckpt_dir / tag} failed ({type(e).__name__}: {e}); "
-                           f"its file system has {free / 2**20:,.0f} MiB free{' (full?)' if free < 2**30 else ''}. "
-                           f"`latest` still names the last complete checkpoint ({latest_tag(ckpt_dir)}), which "
-                           "--resume loads") from e
-    if dist.is_initialized():
-        dist.barrier()  # every rank's files are written: only now does config.json mark the folder complete
-    if rank == 0:
-        # Rank 0 flushes what else is in the folder (DeepSpeed's recovery scripts) and its entries, and the
-        # folder's own entry in ckpt_dir; the files flushed already cost a system call each.
-        fsync_tree(ckpt_dir / tag)
-        fsync_path(ckpt_dir)
-        replace_durably(json.dumps(config, indent=2), ckpt_dir / tag / "config.json")
-    if os.environ.get("RELORA_TEST_CRASH_IN_SAVE") == str(step):
-        os._exit(17)  # tests: die after the files, before `latest` moves (a crash mid-save)
-    if rank == 0:
-        _write_latest(ckpt_dir, tag)
-        _prune_old(ckpt_dir, keep_last, keep=tag, protect=protect)
-    if dist.is_initialized():
-        dist.barrier()
-    return ckpt_dir / tag
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _save_failed(ckpt_dir, tag, 0, e) from e
+
+
+def _save_failed(ckpt_dir: Path, tag: str, rank: int, error: Exception) -> RuntimeError:
+    # (a first save's makedirs may be what failed: the nearest folder that exists)
+    free = shutil.disk_usage(next(p for p in (ckpt_dir, *ckpt_dir.parents) if p.exists())).free
+    return RuntimeError(f"rank {rank}: saving checkpoint {ckpt_dir / tag} failed ({type(error).__name__}: {error}); "
+                        f"its file system has {free / 2**20:,.0f} MiB free{' (full?)' if free < 2**30 else ''}. "
+                        f"`latest` still names the last complete checkpoint ({latest_tag(ckpt_dir)}), which "
+                        "--resume loads")
 
 
 def _prune_old(ckpt_dir: Path, keep_last: int, keep: str, protect: tuple[str, ...] = ()) -> None:

@@ -248,6 +248,22 @@ def on_rank_zero(fn: Callable, *args) -> None:
                    f"rank {dist.get_rank()} stops too")
 
 
+def failed_ranks(failed: bool) -> list[int]:
+    """The ranks that passed ``failed=True``, in order, the same list on every rank (a collective: every rank
+    calls it); ``[0]`` or ``[]`` without a process group. One all-reduce of world-size floats: it waits for
+    every rank as a barrier does, at about a barrier's cost."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        return [0] if failed else []
+    flags = torch.zeros(dist.get_world_size(), device=get_accelerator().current_device_name())
+    flags[dist.get_rank()] = float(failed)
+    dist.all_reduce(flags)
+    return flags.nonzero().flatten().tolist()
+
+
 def max_over_ranks(value: float) -> float:
     """The largest of every rank's ``value`` (a collective: every rank calls it); ``value`` itself without
     a process group. Peak memory is the busiest rank's, not rank 0's."""

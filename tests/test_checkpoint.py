@@ -118,7 +118,8 @@ def test_keep_last_neither_counts_nor_deletes_a_complete_checkpoint_past_the_sav
 def test_config_json_marks_a_checkpoint_complete_only_after_every_ranks_files(tmp_path, monkeypatch):
     """config.json is what makes a folder a complete checkpoint (_prune_old, complete_tags): rank 0 wrote it
     right after its own files, while other ranks could still be writing theirs (a review's find; a kill
-    then left a 'complete' folder without rank 1's RNG state). Now a barrier comes first. Rank 0 of a
+    then left a 'complete' folder without rank 1's RNG state). Now the ranks' agreement that every rank's
+    part succeeded (a collective, which waits for every rank as a barrier does) comes first. Rank 0 of a
     stand-in 2-rank group records the order."""
     import json
     from pathlib import Path
@@ -128,7 +129,7 @@ def test_config_json_marks_a_checkpoint_complete_only_after_every_ranks_files(tm
     order = []
     monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(checkpoint.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(checkpoint.dist, "barrier", lambda: order.append("barrier"))
+    monkeypatch.setattr(checkpoint, "failed_ranks", lambda failed: order.append("agree") or [])
 
     class Engine:
         def save_checkpoint(self, path, tag, client_state, save_latest):
@@ -140,8 +141,8 @@ def test_config_json_marks_a_checkpoint_complete_only_after_every_ranks_files(tm
     real_replace = checkpoint.os.replace
     monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (real_replace(a, b), order.append(Path(b).name)))
     checkpoint.save(Engine(), tmp_path, 5, {}, {"x": 1}, keep_last=0)
-    assert order[order.index("rng") + 1] == "barrier" and order.index("config.json") > order.index("rng") + 1
-    assert order.index("latest") > order.index("config.json")
+    assert order[order.index("rng") + 1] == "agree" and order.index("config.json") > order.index("rng") + 1
+    assert order.index("latest") > order.index("config.json") and order[-1] == "agree"
     assert json.loads((tmp_path / "step_5" / "config.json").read_text()) == {"x": 1}
 
 

@@ -228,6 +228,11 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str, protect: tuple[str, ..
         except OSError:  # a folder made read-only to keep it: left, as rmtree leaves what it cannot delete
             continue
         shutil.rmtree(old, ignore_errors=True)
+    # A universal conversion killed mid-way left its folder (universal.make_universal names it) beside them;
+    # it is started afresh only when that step converts again, so one of a step now gone would stay for ever.
+    for tmp in ckpt_dir.glob(".step_*_universal.tmp"):
+        if not (ckpt_dir / tmp.name[1:-len("_universal.tmp")]).is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # The param-group kinds of the engines (relora_ds.engines.param_groups; a phase leaves an empty one out): a

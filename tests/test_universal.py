@@ -94,6 +94,30 @@ def test_param_groups_at_different_adam_steps_convert_and_only_a_zero3_load_is_r
         universal.check_zero3_load(tmp_path / "differ" / "out")
 
 
+def test_a_killed_conversions_folder_goes_with_its_checkpoint(tmp_path, monkeypatch):
+    """A conversion cut short leaves its temporary folder beside the checkpoints, started afresh only when the
+    same step converts again: once keep_last prunes that step it stayed for ever (a whole model's masters and
+    moments). The prune now takes it with the step; one of a step still there stays (a resume converts it)."""
+    from relora_ds import checkpoint, universal
+
+    def killed(src, out):
+        (out / "zero").mkdir(parents=True)
+        raise RuntimeError("converter killed")
+    monkeypatch.setattr(universal, "is_sharded", lambda ckpt_dir, tag: True)
+    monkeypatch.setattr(universal, "_ds_to_universal", killed)
+    for s in (2, 4, 6):
+        (tmp_path / f"step_{s}").mkdir()
+        (tmp_path / f"step_{s}" / "config.json").write_text("{}")
+    for tag in ("step_2", "step_6"):
+        with pytest.raises(RuntimeError, match="converter killed"):
+            universal.make_universal(tmp_path, tag)
+    left = {p.name for p in tmp_path.iterdir()} - {"step_2", "step_4", "step_6"}
+    assert len(left) == 2
+    checkpoint._prune_old(tmp_path, keep_last=1, keep="step_6")
+    assert {p.name for p in tmp_path.iterdir()} == {"step_6", f".step_6_{universal.UNIVERSAL}.tmp"}
+    assert f".step_6_{universal.UNIVERSAL}.tmp" in left
+
+
 def test_the_converter_outlives_the_stop_signals_a_run_stops_cleanly_on(tmp_path, monkeypatch):
     """SLURM's `scancel --signal` reaches every process of the job step, a terminal's Ctrl-C the foreground
     group: the checkpoint converter (minutes at scale) ran in the trainer's group and died of USR1, failing

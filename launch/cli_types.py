@@ -19,12 +19,14 @@ def positive_float(text: str) -> float:
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The description as written; each option's help ends with its default, unless the default is None or
-    False (nothing to say) or the help already names one."""
+    False (nothing to say), the help already names one, or the option is a switch taking no value (a
+    store_false's True is not its destination's default: ``--no-streaming`` said "default: True" beside
+    ``--streaming``'s automatic default)."""
 
     def _get_help_string(self, action):
         help_ = action.help or ""
         default = action.default
-        if (action.option_strings and default is not None and default is not False and default != argparse.SUPPRESS
+        if (action.option_strings and action.nargs != 0 and default is not None and default is not False and default != argparse.SUPPRESS
                 and "default" not in help_):
             help_ += " (default: %(default)s)"
         return help_

@@ -19,12 +19,13 @@ def test_help_shows_each_default_once_and_no_none():
     p.add_argument("--vocab", default=None, help="rows (default 2048 with the built-in corpus)")
     p.add_argument("--chunk", type=int, default=0, help="tokens per chunk (0: off)")
     p.add_argument("--flag", action="store_true", help="a switch")
+    p.add_argument("--no-flag", dest="flag", action="store_false", help="the switch off")  # no "default: True"
     p.add_argument("--presets", nargs="+", default=["tiny", "60m"], help="models")
     p.add_argument("--rank", type=int, default=128, help="LoRA rank (default 128; 32 for tiny)")
     text = " ".join(p.format_help().split())
     assert "ranks (default: 8)" in text and "(0: off) (default: 0)" in text
     assert "models (default: ['tiny', '60m'])" in text
-    assert "default: None" not in text and "default: False" not in text
+    assert "default: None" not in text and "default: False" not in text and "default: True" not in text
     assert "(default 128; 32 for tiny)" in text and "(default: 128)" not in text
     assert text.count("default") == 5  # gpus, chunk, presets, and vocab's and rank's own words
     assert "Line one.\n  kept" in p.format_help()  # the description as written

@@ -56,11 +56,15 @@ def main(argv=None) -> Path:
     for line in args.metrics.read_text().splitlines():
         if line.strip():
             try:
-                recs.append(json.loads(line))
+                rec = json.loads(line)
             except ValueError:  # a line cut by a run killed mid-write (metrics.py moves it aside on resume)
+                rec = None
+            if isinstance(rec, dict):
+                recs.append(rec)
+            else:  # (or JSON but no record: a hand edit)
                 cut += 1
     if cut:
-        print(f"{args.metrics}: skipped {cut} line(s) that are not complete JSON (a run killed mid-write)")
+        print(f"{args.metrics}: skipped {cut} line(s) that are not complete JSON records (a run killed mid-write?)")
     train, val, resets = curves(recs)
     if not train:
         ap.error(f"{args.metrics}: no training records")

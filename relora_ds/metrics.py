@@ -80,10 +80,12 @@ class MetricsLogger:
             # append would continue it, and the two records read as one broken line
             try:
                 rec = json.loads(line)
-                rec_step = rec.get("step")
             except ValueError:  # a line cut by a crash mid-write: the dead run's, and no JSON reader's
+                rec = None
+            if not isinstance(rec, dict):  # (or JSON but no record: a hand edit, blocks a power loss left)
                 later.append(line)
                 continue
+            rec_step = rec.get("step")
             redone = isinstance(rec_step, int) and (
                 rec_step > step or (rec_step == step and rec.get("event") in self.AFTER_CHECKPOINT_EVENTS))
             (later if redone else keep).append(line)

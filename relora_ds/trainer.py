@@ -310,7 +310,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         started, first_step = time.perf_counter(), self.step
         final = {}
         # Throughput counts training steps and their merges and resets, not evaluation, checkpoints or the
-        # warm-start switch (each step ends in an all-reduce read on the host, so the clock sees the device).
+        # warm-start switch (each step ends in an all-reduce read on the host, so the clock sees the device);
+        # with --compile the first step of each phase includes its compilation (README, "Outputs").
         # A record covers the steps since the last one (log_every): their mean loss, as Megatron and the HF
         # Trainer log; lr and grad_norm are its last step's. A window ends at the warm-start switch too, so
         # that no record mixes the phases, at a stop and at each evaluation (a stop may come during one), so

@@ -80,10 +80,10 @@ def test_plot_a_killed_runs_metrics_with_a_cut_last_line(tmp_path, capsys):
 
     recs = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3} for s in range(1, 6)]
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 6, "loss": 4.')
-    out = plot_metrics.main([str(path)])
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + "0\n" + '{"step": 6, "loss": 4.')
+    out = plot_metrics.main([str(path)])  # (a line of JSON that is no record, "0": an AttributeError)
     assert out == tmp_path / "curves.png" and out.stat().st_size > 0
-    assert "skipped 1 line(s) that are not complete JSON" in capsys.readouterr().out
+    assert "skipped 2 line(s) that are not complete JSON records" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         plot_metrics.main([str(path), "-o", str(tmp_path / "missing" / "c.png")])
     assert "no directory" in capsys.readouterr().err

@@ -123,6 +123,17 @@ def test_a_second_rewind_keeps_the_first_ones_records_each_on_its_line(tmp_path)
     assert [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == first[:1]
 
 
+def test_a_line_of_json_that_is_no_record_is_moved_aside_on_resume(tmp_path):
+    """A line that parses as JSON but is no object (a hand edit; blocks a power loss left) stopped the resume
+    with an AttributeError in the rewind (`logged` skips such lines); it is moved aside with the redone
+    records, as a cut line is. Oracle: the lines written."""
+    lines = ['{"step": 1, "loss": 7.0}', "0", '{"step": 2, "loss": 6.0}', "[1, 2]"]
+    (tmp_path / "metrics.jsonl").write_text("".join(line + "\n" for line in lines))
+    MetricsLogger(tmp_path, enabled=True, resume_step=1).close()
+    assert (tmp_path / MetricsLogger.REWOUND).read_text().splitlines() == lines[1:]
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:1]
+
+
 def test_a_tuple_in_a_record_is_strict_json_too(tmp_path):
     """A non-finite number inside a tuple (a record's pair of values) is null as in a list: json.dumps with
     allow_nan=False refused the record, and the run stopped (a mutation trial's survivor)."""

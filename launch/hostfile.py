@@ -3,6 +3,8 @@
     python launch/hostfile.py from-slurm --slots 8 > hostfile   # "node slots=8" per node of the job
     python launch/hostfile.py check hostfile                    # every host known, slots valid; prints the world size
     python launch/hostfile.py node-rank hostfile                # this node's 0-based host line (--no_ssh --node_rank)
+    python launch/hostfile.py launcher-args -- ARGS...          # refuse launcher options that choose hosts, or that
+                                                                # train_deepspeed.sbatch sets
 
 A host is *known* when it is a node of the current SLURM job (inside one) or else when its name resolves.
 The deepspeed launcher itself only warns about a missing hostfile and then trains on the local node
@@ -135,6 +137,41 @@ def check_visible_devices(slots: int, visible: str | None) -> None:
                          "takes the GPU of its local rank among those SLURM gave the job")
 
 
+# DeepSpeed launcher options that train_deepspeed.sbatch sets itself, or that choose hosts and GPUs, with what to
+# use instead. With --no_ssh each node's launcher reads --node_rank as an index into the hosts left after
+# --include/--exclude/--num_nodes (deepspeed/launcher/runner.py, 0.19.8), while ds_node.sh counts the hostfile's
+# lines: with --exclude n1, n1 started n2's ranks (world size 2 where preflight checked 4) and n2's launcher
+# failed "--node_rank is not set correctly".
+_PICKS_HOSTS = ("the script starts a launcher on every node of the job and numbers the nodes by the hostfile, "
+                "which a choice made by the launcher would contradict: choose the nodes with sbatch (--nodes, "
+                "--nodelist, --exclude) and the ranks per node with GPUS_PER_NODE or a HOSTFILE's slots=N (a node's "
+                "ranks get GPUs 0..slots-1)")
+_SET_BY_THE_SCRIPT = {
+    "--include": _PICKS_HOSTS, "--exclude": _PICKS_HOSTS, "--num_nodes": _PICKS_HOSTS,
+    "--num_gpus": _PICKS_HOSTS, "--num_accelerators": _PICKS_HOSTS,
+    "--hostfile": "the script passes its own: set HOSTFILE",
+    "--node_rank": "ds_node.sh passes each node's own",
+    "--master_addr": "the script passes the hostfile's first host, where the launcher puts rank 0",
+    "--master_port": "the script passes MASTER_PORT: set MASTER_PORT instead",
+}
+_SHORT_OPTIONS = {"-H": "--hostfile", "-i": "--include", "-e": "--exclude"}
+
+
+def check_launcher_args(args: list[str], source: str = "DS_LAUNCHER_ARGS") -> None:
+    """Refuse an option of _SET_BY_THE_SCRIPT among the deepspeed launcher's `args`, in any spelling its argparse
+    parser takes: --opt, --opt=V, an abbreviation (--incl), a short form (-i, -iVALUE)."""
+    for word in args:
+        if word.startswith("--") and len(name := word.split("=", 1)[0]) > 2:
+            # argparse's allow_abbrev: the exact name, else every option it abbreviates (several: an error there)
+            meant = [name] if name in _SET_BY_THE_SCRIPT else [o for o in _SET_BY_THE_SCRIPT if o.startswith(name)]
+        else:
+            meant = [_SHORT_OPTIONS[word[:2]]] if word[:2] in _SHORT_OPTIONS else []
+        if meant:
+            what = meant[0] if meant[0] == word.split("=", 1)[0] else f"{word!r} (the launcher's {' or '.join(meant)})"
+            raise ValueError(f"{source}={' '.join(args)!r}: {what} is not an option to give here: "
+                             f"{_SET_BY_THE_SCRIPT[meant[0]]}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
                                      formatter_class=DefaultsHelpFormatter)
@@ -155,6 +192,10 @@ def main(argv=None) -> int:
     p.add_argument("--check-visible-devices", action="store_true",
                    help="also refuse a CUDA_VISIBLE_DEVICES that lacks one of GPUs 0..slots-1 (ds_node.sh)")
     p.add_argument("--with-slots", action="store_true", help="print 'INDEX SLOTS': also this node's slots")
+    p = sub.add_parser("launcher-args", **common,
+                       help="refuse deepspeed launcher options that train_deepspeed.sbatch sets itself or that choose "
+                            "hosts and GPUs (give them after --)")
+    p.add_argument("args", nargs="*", help="the launcher options (DS_LAUNCHER_ARGS)")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "from-slurm":
@@ -168,6 +209,8 @@ def main(argv=None) -> int:
             hosts = read_hostfile(args.hostfile)
             check(hosts, slurm_nodes(), args.hostfile, all_nodes=args.all_nodes)
             print(sum(hosts.values()))
+        elif args.cmd == "launcher-args":
+            check_launcher_args(args.args)
         elif args.cmd == "first-host":
             print(next(iter(read_hostfile(args.hostfile))))
         else:

@@ -1,6 +1,7 @@
 """Launcher helpers without a cluster: errors before launching (missing SLURM variables, unknown hosts), the
 per-task environment, hostfiles (launch/preflight.py: tests/test_preflight.py)."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -179,3 +180,69 @@ def test_slurm_start_up_line_names_the_master_the_ranks_get(tmp_path):
         out = subprocess.run(["bash", "-c", script], cwd=ROOT, env={**env, "MASTER": master}, capture_output=True,
                              text=True, check=True).stdout
         assert f"master {want}:20005" in out and f"ranks-get={want}" in out, out
+
+
+# Spellings of deepspeed launcher options, each to be classified by DeepSpeed's own parser
+_LAUNCHER_WORDS = [["--exclude", "n1"], ["--include=n2:0"], ["-i", "n1"], ["-in1"], ["-i=n1"], ["--incl", "n1@n2"],
+                   ["-e", "n2:1"], ["--exc=n2"], ["--num_gpus", "1"], ["--num_accelerators=1"], ["--num_n", "1"],
+                   ["-H", "hf"], ["-Hhf"], ["--hostf=hf"], ["--node_rank", "1"], ["--master_addr", "n2"],
+                   ["--master_a", "n2"], ["--master_port=1"],
+                   ["--bind_cores_to_rank"], ["--enable_each_rank_log", "logs"], ["--no_ssh_check"], ["--no_ssh"],
+                   ["--no_python"], ["--no_local_rank"], ["--launcher", "pdsh"], ["--bind_core_list", "0-3"],
+                   ["--ssh_port", "22"], ["--save_pid"], ["--force_multi"], ["--module"], ["--log_level=info"]]
+
+
+@pytest.mark.parametrize("words", _LAUNCHER_WORDS, ids=" ".join)
+def test_launcher_args_refused_are_those_deepspeed_reads_as_the_scripts_or_a_host_choice(words):
+    """hostfile.check_launcher_args (train_deepspeed.sbatch's DS_LAUNCHER_ARGS check) against the oracle, DeepSpeed's
+    own runner parser: a spelling it reads as --include/--exclude/--num_nodes/--num_gpus (a choice of hosts or GPUs,
+    which shifts --no_ssh node ranks) or as --hostfile/--node_rank/--master_addr/--master_port (which ds_node.sh
+    passes) is refused, naming the option; anything else passes."""
+    runner = pytest.importorskip("deepspeed.launcher.runner")
+    watched = ("include", "exclude", "num_nodes", "num_gpus", "hostfile", "node_rank", "master_addr", "master_port")
+    default = vars(runner.parse_args(["train.py"]))
+    parsed = vars(runner.parse_args([*words, "train.py"]))
+    changed = [k for k in watched if parsed[k] != default[k]]
+    assert parsed["user_script"] == "train.py" and parsed["user_args"] == []
+    if changed:
+        option = {"num_gpus": "--num_(gpus|accelerators)"}.get(changed[0], f"--{changed[0]}")  # its alias
+        with pytest.raises(ValueError, match=rf"DS_LAUNCHER_ARGS=.*{option}.* is not an option to give here: "):
+            hostfile.check_launcher_args(words)
+    else:
+        hostfile.check_launcher_args(words)
+
+
+def test_launcher_args_subcommand_takes_the_words_after_a_double_dash():
+    proc = _run(sys.executable, "launch/hostfile.py", "launcher-args", "--", "--bind_cores_to_rank", "--exclude", "n1")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: DS_LAUNCHER_ARGS='--bind_cores_to_rank --exclude n1': --exclude is not an "
+                                  "option to give here: the script starts a launcher on every node"), proc.stderr
+    assert "choose the nodes with sbatch (--nodes, --nodelist, --exclude)" in proc.stderr
+    for words in ([], ["--enable_each_rank_log", "logs"]):
+        proc = _run(sys.executable, "launch/hostfile.py", "launcher-args", "--", *words)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+def test_ds_node_ignores_stop_signals_from_its_first_line(tmp_path):
+    """A USR1 (or TERM) to the step while ds_node.sh checked its hostfile line killed the task (bash's default
+    action), and with srun --kill-on-bad-exit the whole step, unsaved; the script ignored them only from the
+    launcher's start. A stand-in python signals its parent, ds_node.sh, during the check; the oracle is the same
+    stand-in under a bash without the trap, which dies of it."""
+    (tmp_path / "hf").write_text("n1 slots=2\n")
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ]; then echo launched; exit 0; fi\nkill -$STOP_SIGNAL $PPID\n'
+                    f'sleep 0.2\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    plain = tmp_path / "plain.sh"  # ds_node.sh's hostfile check alone, without its trap
+    plain.write_text('#!/usr/bin/env bash\nline=$("$PYTHON" launch/hostfile.py node-rank "$1")\necho "checked $line"\n')
+    plain.chmod(0o755)
+    default = dict(preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGUSR1, signal.SIGTERM)])
+    for sig in ("USR1", "TERM"):
+        env = _clean_env(MASTER_ADDR="n1", MASTER_PORT="29501", SLURMD_NODENAME="n1", PYTHON=str(fake),
+                         STOP_SIGNAL=sig)
+        proc = subprocess.run([str(plain), str(tmp_path / "hf")], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=60, **default)
+        assert proc.returncode == -getattr(signal, f"SIG{sig}") and proc.stdout == "", (sig, proc)
+        proc = subprocess.run([str(ROOT / "launch/slurm/ds_node.sh"), str(tmp_path / "hf"), "launch/train.py"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, **default)
+        assert (proc.returncode, proc.stdout) == (0, "launched\n"), (sig, proc)

@@ -163,6 +163,34 @@ def test_deepspeed_launcher_variant_checkpoints_on_term(slurm, tmp_path):
     assert len(n) == 1 and (tmp_path / "run/checkpoints/latest").read_text() == f"step_{n[0]}" and n[0] < 60
 
 
+def test_deepspeed_launcher_variant_stops_on_a_usr1_sent_while_the_launcher_starts(slurm, tmp_path):
+    """USR1 to the batch script while the node's deepspeed launcher starts (seconds of imports, with USR1
+    ignored until launch/train.py's first lines): forwarded once, it was lost, and the job trained all its
+    steps as if never asked to stop (at a time limit: killed unsaved). Now it is sent again until the ranks
+    listen: they stop, the job requeues, and the restart trains every step once. PYTHON is a wrapper that,
+    on the first start, sends the signal as the launcher starts and holds the launcher back 3 s."""
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"""#!/usr/bin/env bash
+if [[ "$1 $2" == "-m deepspeed.launcher.runner" && "${{SLURM_RESTART_COUNT:-0}}" == 0 ]]; then
+    scancel --batch --signal=USR1 "$SLURM_JOB_ID" && sleep 3
+fi
+exec {sys.executable} "$@"
+""")
+    wrapper.chmod(0o755)
+    job = _submit(slurm, tmp_path, "train_deepspeed.sbatch", "--ntasks-per-node=1", "--cpus-per-task=2",
+                  node=("--nodes=1",), GPUS_PER_NODE="2", PYTHON=str(wrapper), STOP_RESEND_S="1",
+                  TRAIN_ARGS=SHORT + " --no-export")
+    info = slurm.wait(job)
+    log = _log(tmp_path, job)
+    _assert_finished(info, log)
+    assert info["Restarts"] == "1", (info, log[-3000:])
+    recs = _records(tmp_path / "run")
+    stopped = [r["step"] for r in recs if r.get("event") == "preempted"]
+    assert len(stopped) == 1 and stopped[0] < 30, (stopped, log[-3000:])
+    assert f"requeueing job {job}" in log and f"job {job} restart 1: 2 rank(s)" in log
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, 31))
+
+
 def test_bad_batch_arithmetic_stops_the_job_before_any_rank(slurm, tmp_path):
     job = _submit(slurm, tmp_path, "train.sbatch", "--ntasks-per-node=2", "--cpus-per-task=1",
                   TRAIN_ARGS=SHORT.replace("--global-batch-size 8", "--global-batch-size 12"))
@@ -202,9 +230,12 @@ _JOB = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_N
 # record last in metrics.jsonl, exit 0). Python, not bash: srun runs with TERM ignored, which bash cannot trap.
 _RANK = """import os, signal, sys, time
 def stop(signum, frame):
+    time.sleep(float(os.environ.get("FAKE_SAVE_S", "0")))  # finishing the step, saving
     open(os.path.join(sys.argv[1], "metrics.jsonl"), "a").write('{"event": "preempted", "step": 7}\\n')
     os._exit(0)
 signal.signal(signal.SIGUSR1, stop), signal.signal(signal.SIGTERM, stop)
+# what the trainer appends once every rank has its handlers (common.sh stops re-sending a stop it then sees)
+open(os.path.join(sys.argv[1], "run_info.jsonl"), "a").write('{"world_size": 1}\\n')
 with open(sys.argv[2] + ".tmp", "w") as f:
     f.write(str(os.getpid()))
 os.rename(sys.argv[2] + ".tmp", sys.argv[2])  # whole when it appears (the test waits for it, scancel reads it)
@@ -213,9 +244,15 @@ sys.exit(1)
 """
 
 _FAKES = {
-    # records its argv (NUL-separated); with FAKE_RANK=1 becomes one rank, else exits 0 (the ranks trained)
+    # records its argv (NUL-separated); with FAKE_RANK=1 becomes one rank, else exits 0 (the ranks trained). With
+    # FAKE_SRUN_WAIT=1 the rank starts only once the file srun.release exists: until then the step's task is
+    # starting (SLURM creating the step, a launcher importing), and a signal sent to it is lost.
     "srun": """printf '%s\\0' "$@" > "$FAKE_SLURM/srun.argv"
 [[ -n "${FAKE_RANK:-}" ]] || exit 0
+if [[ -n "${FAKE_SRUN_WAIT:-}" ]]; then
+    touch "$FAKE_SLURM/srun.started"
+    until [[ -e "$FAKE_SLURM/srun.release" ]]; do sleep 0.05; done
+fi
 exec "$REAL_PYTHON" "$FAKE_SLURM/rank.py" "$OUTPUT_DIR" "$FAKE_SLURM/rank.pid"
 """,
     "scontrol": """echo "scontrol $*" >> "$FAKE_SLURM/calls"
@@ -224,9 +261,10 @@ if [[ "$1" == show ]]; then
     printf 'n1\\nn2\\n'
 fi
 """,
-    # the signal to the job's steps: here, to the one rank
+    # the signal to the job's steps: here, to the one rank; lost (as SLURM's scancel, which exits 0 with no step)
+    # while the rank is not yet listening
     "scancel": """echo "scancel $*" >> "$FAKE_SLURM/calls"
-kill -s "${1#--signal=}" "$(cat "$FAKE_SLURM/rank.pid")"
+[[ ! -e "$FAKE_SLURM/rank.pid" ]] || kill -s "${1#--signal=}" "$(cat "$FAKE_SLURM/rank.pid")"
 """,
     # PYTHON: preflight records its argv and prints OUTPUT_DIR (with FAKE_PREFLIGHT_WAIT=1 it first waits for
     # the file preflight.release, so a test can signal the script meanwhile); hostfile.py etc. run for real
@@ -423,21 +461,105 @@ def test_scontrol_failing_to_expand_the_nodelist_is_named_with_its_own_error(tmp
     assert job.argv("preflight") is None and job.argv("srun") is None
 
 
-def test_rank_env_ignores_usr1_until_the_command_runs_and_needs_a_command():
-    """launch/slurm/rank_env.sh execs the rank's command with USR1 ignored (the disposition survives exec):
-    a USR1 a shell command sends itself ($$: the process rank_env.sh became) leaves it running to print
-    "alive", where the same command run directly is killed by it (the oracle: the default disposition). With
-    the SLURM variables set and no command, exit 2 naming "no command given" (a mutation trial found both
-    untested)."""
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_rank_env_ignores_stop_signals_until_the_command_runs_and_needs_a_command(sig):
+    """launch/slurm/rank_env.sh execs the rank's command with USR1 and TERM ignored (the disposition survives
+    exec): a signal a shell command sends itself ($$: the process rank_env.sh became) leaves it running to print
+    "alive", where the same command run directly is killed by it (the oracle: the default disposition). TERM:
+    common.sh sends a stop again until the ranks listen, and one landing before launch/train.py's first lines
+    killed the rank (the job then failed, unsaved and not requeued). With the SLURM variables set and no
+    command, exit 2 naming "no command given" (a mutation trial found both untested)."""
     env = {k: v for k, v in launch_env().items() if not k.startswith("SLURM_")}
     env.update(SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NTASKS="4", MASTER_ADDR="n1", MASTER_PORT="29501")
-    command = ["sh", "-c", "kill -USR1 $$; echo alive"]
-    default = dict(preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_DFL))  # whatever pytest inherited
+    command = ["sh", "-c", f"kill -{sig.name[3:]} $$; echo alive"]
+    default = dict(preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))  # whatever pytest inherited
     direct = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, **default)
-    assert direct.returncode == -signal.SIGUSR1 and direct.stdout == ""
+    assert direct.returncode == -sig and direct.stdout == ""
     proc = subprocess.run([str(ROOT / "launch/slurm/rank_env.sh"), *command], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60, **default)
     assert proc.returncode == 0 and proc.stdout == "alive\n", (proc.returncode, proc.stderr)
     proc = subprocess.run([str(ROOT / "launch/slurm/rank_env.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr == "rank_env.sh: error: no command given\n", proc.stderr
+
+
+# --- Edges of train_deepspeed.sbatch and of the signal forwarding (a review's suspicions, reproduced first).
+
+@pytest.mark.parametrize("words, option", [("--exclude n1", "--exclude"), ("--include=n2:0", "--include"),
+                                           ("-i n1", "--include"), ("--incl n1@n2", "--include"),
+                                           ("--bind_cores_to_rank --num_gpus 1", "--num_gpus"),
+                                           ("--num_nodes=1", "--num_nodes"), ("-Hother_hostfile", "--hostfile"),
+                                           ("--master_port 1234", "--master_port")])
+def test_deepspeed_launcher_args_that_pick_hosts_or_gpus_stop_the_job_before_preflight(tmp_path, words, option):
+    """DS_LAUNCHER_ARGS="--exclude n1" reached every node's launcher, which with --no_ssh reads --node_rank as an
+    index into the hosts left after the filter: n1 (node rank 0) started n2's ranks with WORLD_SIZE 2 (preflight
+    had checked 4) and n2's launcher failed "--node_rank is not set correctly" (seen with DeepSpeed 0.19.8's
+    runner under ds_node.sh). Such options, and those the script sets itself, now stop the job up front, named
+    with what to use instead; argparse's abbreviations and short forms are DeepSpeed's (-i is --include)."""
+    job, rc, out, err = _fake_job(tmp_path, "train_deepspeed.sbatch", GPUS_PER_NODE="2", DS_LAUNCHER_ARGS=words)
+    assert rc == 2, (out, err)
+    assert f"DS_LAUNCHER_ARGS={words!r}: " in err and option in err, err
+    assert job.argv("preflight") is None and job.argv("srun") is None
+
+
+def test_gpus_per_job_spread_over_nodes_is_refused_where_the_hostfile_would_assume_one_count(tmp_path):
+    """sbatch --gpus=5 --nodes=2 may give the nodes 3 and 2 GPUs; SLURM_GPUS_ON_NODE is the batch node's 3, and
+    the generated hostfile said slots=3 for both (world 6: n2's third rank on a GPU it does not have). Without
+    GPUS_PER_NODE, the count is taken from SLURM only where the request fixes one per node."""
+    uneven = dict(SLURM_GPUS_ON_NODE="3", SLURM_GPUS="5")
+    job, rc, out, err = _fake_job(tmp_path, "train_deepspeed.sbatch", **uneven)
+    assert rc == 2, (out, err)
+    assert ("SLURM_GPUS_ON_NODE=3 is this node's GPU count, but the job asked for its GPUs with --gpus "
+            "(SLURM_GPUS=5)") in err and "--gpus-per-node" in err and "GPUS_PER_NODE" in err, err
+    assert job.argv("preflight") is None and job.argv("srun") is None
+    # --gpus-per-task with 2 tasks on one node, 1 on the other (SLURM_TASKS_PER_NODE "2,1"), or per socket
+    for variables, flag in ((dict(SLURM_GPUS_PER_TASK="1", SLURM_TASKS_PER_NODE="2,1"), "--gpus-per-task"),
+                            (dict(SLURM_GPUS_PER_SOCKET="1"), "--gpus-per-socket")):
+        job, rc, out, err = _fake_job(tmp_path, "train_deepspeed.sbatch", SLURM_GPUS_ON_NODE="2", **variables)
+        assert rc == 2 and f"with {flag} (SLURM_GPUS_PER_" in err, (out, err)
+    # a count per node (--gpus-per-node; --gres=gpu:3, which sets none of these; --gpus-per-task with one task on
+    # each node), or the user's GPUS_PER_NODE
+    for variables, slots in ((dict(uneven, SLURM_GPUS_PER_NODE="3"), 3), (dict(SLURM_GPUS_ON_NODE="3"), 3),
+                             (dict(SLURM_GPUS_ON_NODE="3", SLURM_GPUS_PER_TASK="3", SLURM_TASKS_PER_NODE="1(x2)"), 3),
+                             (dict(uneven, GPUS_PER_NODE="2"), 2)):
+        job, rc, out, err = _fake_job(tmp_path, "train_deepspeed.sbatch", **variables)
+        assert rc == 0, (variables, out, err)
+        assert (job.run_dir / "hostfile-4242").read_text() == f"n1 slots={slots}\nn2 slots={slots}\n"
+        assert job.argv("preflight")[:3] == ["launch/preflight.py", "--world-size", str(2 * slots)]
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_deepspeed.sbatch"])
+def test_a_stop_signal_before_the_step_listens_is_sent_again_until_it_is_heard(tmp_path, script):
+    """USR1 reaching the batch script after srun_with_requeue's traps but before the step's ranks listen (SLURM
+    still creating the step: scancel then exits 0 and signals nothing, seen on the local cluster; or the
+    launcher and rank_env.sh ignoring USR1 until launch/train.py's first lines) was lost: the ranks then trained
+    to the time limit and the job was killed unsaved. The script now sends it again every STOP_RESEND_S until
+    the ranks show they listen (the trainer's run_info.jsonl line), so the rank stops and the job requeues."""
+    job = FakeJob(tmp_path, script, FAKE_RANK="1", FAKE_SRUN_WAIT="1", STOP_RESEND_S="0.2", GPUS_PER_NODE="2")
+    job.wait_for("srun.started")
+    job.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 60
+    while "scancel --signal=USR1 4242" not in job.calls():  # forwarded to a step that cannot hear it yet
+        assert time.monotonic() < deadline and job.proc.poll() is None, (job.calls(), job.proc.poll())
+        time.sleep(0.02)
+    (job.dir / "srun.release").touch()
+    rc, out, err = job.finish()
+    assert rc == 0, (out, err)
+    assert (job.run_dir / "metrics.jsonl").read_text() == '{"event": "preempted", "step": 7}\n'
+    assert job.calls()[-1] == "scontrol requeue 4242" and "requeueing job 4242" in out, (job.calls(), out)
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "5s", "-1"])
+def test_a_stop_resend_interval_that_is_not_a_positive_number_stops_the_job_before_preflight(tmp_path, value):
+    job, rc, out, err = _fake_job(tmp_path, STOP_RESEND_S=value)
+    assert rc == 2 and f'STOP_RESEND_S="{value}" is not a positive number of seconds (e.g. 5 or 0.5)' in err, err
+    assert job.argv("preflight") is None and job.argv("srun") is None
+
+
+def test_a_stop_signal_to_ranks_already_listening_is_sent_once(tmp_path):
+    """Ranks that showed they listen get the stop once, not again while they save (each signal interrupts the
+    ranks' system calls)."""
+    job, rc, out, err = _signal_mid_run(tmp_path, signal.SIGUSR1, STOP_RESEND_S="0.2", FAKE_SAVE_S="1.5")
+    assert rc == 0, (out, err)
+    assert [c for c in job.calls() if c.startswith("scancel")] == ["scancel --signal=USR1 4242"], job.calls()
+    assert job.calls()[-1] == "scontrol requeue 4242", job.calls()

@@ -12,6 +12,7 @@
 #   TORCH_EXTENSIONS_DIR  DeepSpeed's JIT-compiled ops (default: per job, node-local /tmp)
 #   REQUEUE_SIGNALS  signals after whose checkpoint the job requeues itself: USR1, TERM or both (default: USR1;
 #                    "SIGUSR1 SIGTERM", "usr1,term" are the same; anything else stops the job before it starts)
+#   STOP_RESEND_S    seconds between the sends of a stop signal to ranks not yet listening (default 5; see _forward)
 
 SCRIPT=${SCRIPT:-launch/slurm}  # set by the sourcing script, prefixes its messages
 say() { echo "$SCRIPT: $*"; }
@@ -25,6 +26,8 @@ require_slurm_job() {
     trap '_signal_before_ranks USR1' USR1
     trap '_signal_before_ranks TERM' TERM
     parse_requeue_signals
+    [[ "${STOP_RESEND_S:-5}" =~ ^([0-9]+|[0-9]*[.][0-9]+)$ && ! "${STOP_RESEND_S:-5}" =~ ^[0.]+$ ]] \
+        || die "STOP_RESEND_S=\"$STOP_RESEND_S\" is not a positive number of seconds (e.g. 5 or 0.5)"
     local v missing=()
     for v in SLURM_JOB_ID SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_NTASKS "$@"; do
         [[ -n "${!v:-}" ]] || missing+=("$v")
@@ -114,6 +117,8 @@ srun_with_requeue() {
     [[ -n "${requeue_signals:-}" ]] || parse_requeue_signals
     stop_signal=""
     srun_pid=""
+    resend_pid=""
+    listening_mark=$(_run_info_size)  # see _ranks_listen
     trap '_forward USR1' USR1
     trap '_forward TERM' TERM
     # srun in the background: bash runs a trap only between commands, and `wait` returns when one arrives.
@@ -131,6 +136,10 @@ srun_with_requeue() {
     # If srun ended just after a trap woke `wait`, its status is still there to collect (127: collected).
     wait "$srun_pid" 2>/dev/null || late=$?
     (( late == 127 )) || rc=$late
+    if [[ -n "$resend_pid" ]]; then
+        kill "$resend_pid" 2>/dev/null || true
+        wait "$resend_pid" 2>/dev/null || true
+    fi
 
     if [[ -n "$stop_signal" && $rc -eq 0 ]] \
         && tail -n 1 "$out_dir/metrics.jsonl" 2>/dev/null | grep -q '"preempted"'; then
@@ -152,4 +161,34 @@ _forward() {
     # To the tasks of the job's steps, not to srun (see above) nor to this script (no --batch). It fails,
     # harmlessly, when SLURM is already cancelling the job: then SLURM signals the ranks itself.
     scancel --signal="$as" "$SLURM_JOB_ID" 2>/dev/null || true
+    # Ranks not yet listening lose it, and would train to the time limit: before srun's step exists, scancel
+    # signals nothing (and exits 0: seen with SLURM 22.05), and until launch/train.py's first lines record a
+    # stop, the step's processes ignore it (rank_env.sh; ds_node.sh and the deepspeed launcher under it, for
+    # seconds of imports). So send it again until they listen, then once more.
+    if [[ -z "$resend_pid" ]] && ! _ranks_listen; then
+        say "the ranks may not be listening yet: sending SIG$as again every ${STOP_RESEND_S:-5} s until they are"
+        _resend_until_heard "$as" &
+        resend_pid=$!
+    fi
+}
+
+# Whether every rank runs launch/train.py's signal handlers: the trainer appends to run_info.jsonl once every rank
+# has joined the process group, which each does after those first lines (listening_mark: the size before srun).
+_ranks_listen() {
+    (( $(_run_info_size) > listening_mark ))
+}
+
+_run_info_size() {
+    stat -c %s "$out_dir/run_info.jsonl" 2>/dev/null || echo 0
+}
+
+# In the background (_forward): SIG$1 to the job's steps every STOP_RESEND_S seconds until the ranks listen, then
+# once more; srun_with_requeue ends it when srun ends.
+_resend_until_heard() {
+    local heard=0
+    until (( heard )); do
+        sleep "${STOP_RESEND_S:-5}"
+        ! _ranks_listen || heard=1
+        scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || true
+    done
 }

@@ -9,6 +9,16 @@
 # lines 0..i-1, on GPUs 0..slots-1 (a CUDA_VISIBLE_DEVICES naming other GPUs is refused: the launcher
 # would not honour it).
 set -euo pipefail
+# SLURM delivers a step signal to every process of the step. The launcher processes ignore USR1 (the
+# disposition is inherited; launch/train.py installs its own handler first thing): its default action would kill the
+# launcher, end the step, and SLURM would then kill the ranks before their checkpoint is written. The runner
+# (this task's top process) ignores TERM too and waits for its launcher: it has no TERM handler of its own
+# with --no_ssh, and died of it at once (the step over, the ranks killed unsaved). The launcher under it,
+# deepspeed.launcher.launch, installs its own TERM handler: it terminates the ranks, gives them 30 s, and
+# exits 1; train_deepspeed.sbatch therefore forwards its signals to the ranks as USR1. From the first line: a
+# signal during the hostfile check below would kill this task, and with it the step. One ignored here is not lost:
+# common.sh sends a stop again until the ranks listen.
+trap '' USR1 TERM
 
 (( $# >= 2 )) || { echo "ds_node.sh: error: usage: ds_node.sh HOSTFILE SCRIPT [ARGS...]" >&2; exit 2; }
 for v in MASTER_ADDR MASTER_PORT; do
@@ -23,13 +33,5 @@ if [[ -n "${DS_NODE_CPUS:-}" ]]; then
     export OMP_NUM_THREADS=$(( DS_NODE_CPUS / slots > 0 ? DS_NODE_CPUS / slots : 1 ))
 fi
 
-# SLURM delivers a step signal to every process of the step. The launcher processes ignore USR1 (the
-# disposition is inherited; launch/train.py installs its own handler first thing): its default action would kill the
-# launcher, end the step, and SLURM would then kill the ranks before their checkpoint is written. The runner
-# (this task's top process) ignores TERM too and waits for its launcher: it has no TERM handler of its own
-# with --no_ssh, and died of it at once (the step over, the ranks killed unsaved). The launcher under it,
-# deepspeed.launcher.launch, installs its own TERM handler: it terminates the ranks, gives them 30 s, and
-# exits 1; train_deepspeed.sbatch therefore forwards its signals to the ranks as USR1.
-trap '' USR1 TERM
 exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$hostfile" --no_ssh --node_rank="$node_rank" \
     --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" "$@"

@@ -8,6 +8,11 @@
 # One task per GPU: LOCAL_RANK picks the device, so do not bind one GPU per task (--gpus-per-task) or
 # every task would see its GPU as device 0.
 set -euo pipefail
+# A USR1 or TERM before Python runs launch/train.py's first lines (which record it: the run then stops before its
+# first step, and the job requeues) would kill the rank, ending the job without a requeue: ignore them until
+# then (the disposition is inherited through exec). One ignored is not lost: common.sh sends a stop again until
+# the ranks listen.
+trap '' USR1 TERM
 
 missing=()
 for v in SLURM_PROCID SLURM_LOCALID SLURM_NTASKS MASTER_ADDR MASTER_PORT; do
@@ -21,8 +26,4 @@ fi
 (( $# )) || { echo "rank_env.sh: error: no command given" >&2; exit 2; }
 
 export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
-# A USR1 before Python runs launch/train.py's first lines (which record it: the run then stops before its
-# first step, and the job requeues) would kill the rank, ending the job without a requeue: ignore it until
-# then (the disposition is inherited through exec).
-trap '' USR1
 exec "$@"

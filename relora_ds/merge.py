@@ -56,6 +56,8 @@ def merge_and_reinit(model: nn.Module) -> dict:
         raise ValueError("merge_and_reinit: the model has no ReLoRALinear layers (call relora_ds.wrap first)")
     check_not_engine_managed(layers[0][1].lora_A, "merge_and_reinit")
     check_not_fsdp1(model)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        _broadcast_host_buffers(model, layers)
     norms = []
     for _, layer in layers:
         layer.merge_()
@@ -66,3 +68,28 @@ def merge_and_reinit(model: nn.Module) -> dict:
         # otherwise hand them to the next step (B would not start at 0). None: the optimizer skips them.
         layer.lora_A.grad = layer.lora_B.grad = None
     return {"layers": len(layers), "merge_seconds": time.perf_counter() - start, **update_stats(norms)}
+
+
+def _broadcast_host_buffers(ddp: nn.parallel.DistributedDataParallel, layers: list) -> None:
+    """Rank 0's host-memory merge residuals (an int8 base's, merge_residual's) to every rank of ``ddp``'s group,
+    before a merge reads them: DDP gives every rank rank 0's parameters and other buffers, but leaves these out
+    (relora.ignore_host_buffers_in_ddp: NCCL refuses CPU tensors). Ranks that built the model apart (another
+    seed, weights loaded on rank 0 only) then merged rank 0's weights with their own residuals and drifted
+    apart. NCCL's broadcast goes through the factors' device, a layer's buffer at a time."""
+    import torch
+    import torch.distributed as dist
+
+    group = ddp.process_group
+    if dist.get_world_size(group) == 1:
+        return
+    src, via_device = dist.get_global_rank(group, 0), dist.get_backend(group) != "gloo"
+    for _, layer in layers:
+        for key in layer.HOST_BUFFERS:
+            buffer = layer._buffers.get(key)
+            if buffer is None:
+                continue
+            sent = buffer.to(layer.lora_A.device) if via_device else buffer
+            dist.broadcast(sent, src, group=group)
+            if sent is not buffer:
+                with torch.no_grad():
+                    buffer.copy_(sent)

@@ -12,6 +12,7 @@ from torch import nn
 import relora_ds
 from relora_ds import LlamaConfig, LlamaForCausalLM, quant
 from relora_ds.hf import load_hf
+from launch_utils import ROOT, run_ranks
 
 
 def rel(a, b):
@@ -193,6 +194,24 @@ def test_ddp_leaves_the_host_residuals_out_of_its_buffer_broadcasts(kw):
     assert synced == {id(b) for b in model.buffers()} - {id(b) for b in residuals}
     bases = {id(b) for name, b in model.named_buffers() if name.endswith("weight_scale")}  # (weight_q: a parameter)
     assert len(bases) == (len(residuals) if "quantize" in kw else 0) and bases <= synced
+
+
+def test_a_merge_under_ddp_gives_every_rank_rank_0s_host_residuals(tmp_path):
+    """DDP copies rank 0's parameters and buffers to every rank but leaves the host residuals out (above), so
+    ranks that built the model apart (seeded by rank, counting on DDP's broadcast as DDP scripts do) merged rank
+    0's weights with their own residuals: after the first merge an int8 base's weight_q differed by up to 2
+    steps, a bf16 base by one rounding step (a review). A merge given the DDP module broadcasts rank 0's first.
+    Oracle: the run whose ranks all start from rank 0's seed; every tensor bit for bit on both ranks, int8 and
+    bf16 with merge_residual (2 gloo ranks, 2 merges)."""
+    run_ranks(ROOT / "tests/dist/ddp_host_buffers_worker.py", tmp_path, timeout=300)
+    for kind in ("int8", "residual"):
+        want = torch.load(tmp_path / f"same_{kind}_rank0.pt")
+        for rank in (0, 1):
+            got = torch.load(tmp_path / f"apart_{kind}_rank{rank}.pt")
+            assert got.keys() == want.keys()
+            differ = [k for k in want if not torch.equal(got[k], want[k])]
+            assert not differ, (kind, rank, len(differ), differ[:4])
+        assert any(k.endswith(("weight_residual", "merge_residual")) for k in want)
 
 
 def test_dequantize_and_merge_use_the_whole_weight_they_are_given():

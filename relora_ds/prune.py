@@ -186,12 +186,15 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     tally = PruneTally()
     held = {id(q) for g in optimizer.param_groups for q in g["params"]}
     started = any(len(st) for st in optimizer.state.values())
-    for i, p in enumerate(params):
+    pruned = []
+    for i, p in enumerate(params):  # every parameter checked before any moment is zeroed
         state = optimizer.state.get(p, {})
         if not state and started and id(p) in held:
             continue  # never had a gradient (a layer no forward used, an expert no token reached): nothing to prune
         if not all(k in state for k in MOMENT_KEYS):
             raise ValueError(_no_moments(optimizer, i, p, state))
+        pruned.append((i, p, state))
+    for i, p, state in pruned:
         # FSDP2's moments are DTensors: the masks of the whole tensors (gathered), each rank zeroing its shard
         whole = {k: sharded.whole(state[k]) for k in MOMENT_KEYS}
         masks = moment_masks(whole, method, ratio, seed + 1000003 * i, joint)
@@ -210,6 +213,9 @@ def _no_moments(optimizer, i: int, p: torch.Tensor, state: dict) -> str:
     if state:
         return (f"{where} has optimizer state {sorted(state)}, not the Adam moments {list(MOMENT_KEYS)}: ReLoRA "
                 f"prunes Adam/AdamW moments, and {name} keeps none")
+    if not p.requires_grad:
+        return (f"{where} is frozen (requires_grad=False: a ReLoRA layer's base weight?) and has no Adam moments; "
+                "pass the LoRA parameters, relora_ds.lora_parameters(model)")
     if "betas" not in getattr(optimizer, "defaults", {"betas": None}):
         return f"{where} has no optimizer state: ReLoRA prunes Adam/AdamW moments, and {name} keeps none"
     if not sharded.is_sharded(p) and any(sharded.is_sharded(q) for g in optimizer.param_groups for q in g["params"]):

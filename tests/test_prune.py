@@ -303,6 +303,25 @@ def test_errors_say_why_a_parameter_has_no_adam_moments():
         relora_ds.prune_optimizer_state(adam, ps)
 
 
+def test_all_of_a_models_parameters_are_refused_before_any_moment_is_zeroed():
+    """prune_optimizer_state(opt, model.parameters()) instead of the LoRA parameters: the embedding's moments
+    were pruned, then the first frozen base weight raised "not in this optimizer's param groups ... built before
+    wrap" (a review): the state changed and the error named another cause. Every parameter is now checked first,
+    and a frozen one is named as such. Oracle: the optimizer state before the call, bit for bit."""
+    torch.manual_seed(0)
+    model = relora_ds.wrap(relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug")), rank=4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    batch = torch.randint(0, 512, (2, 17))
+    model(batch, labels=batch).loss.backward()
+    opt.step()
+    before = {id(p): {k: v.clone() for k, v in st.items()} for p, st in opt.state.items()}
+    with pytest.raises(ValueError, match=r"parameter \d+ \(shape .*\) is frozen \(requires_grad=False: a ReLoRA "
+                                         r"layer's base weight\?\).*relora_ds.lora_parameters\(model\)"):
+        relora_ds.prune_optimizer_state(opt, model.parameters())
+    for p, st in opt.state.items():
+        assert all(torch.equal(v, before[id(p)][k]) for k, v in st.items())
+
+
 def test_a_parameter_that_never_had_a_gradient_has_nothing_to_prune():
     """A LoRA factor in the optimizer that no step gave a gradient (a layer no forward used, an expert no token
     reached) has no moments: the reset prunes the others exactly and leaves it (it raised, ending the run at its

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .distributed import failed_ranks, on_rank_zero
 from .durable import fsync_path, fsync_tree, replace_durably
+from .recovery import replace_recovery_scripts
 
 LATEST = "latest"
 REWOUND = "rewound"  # checkpoints after a --resume-from point
@@ -165,8 +166,9 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, config: dict, ke
     # Every rank's files are written: only now does config.json mark the folder complete.
     with _agreed(ckpt_dir, tag, "marking the checkpoint complete"):
         if rank == 0:
-            # Rank 0 flushes what else is in the folder (DeepSpeed's recovery scripts) and its entries, and the
-            # folder's own entry in ckpt_dir; the files flushed already cost a system call each.
+            replace_recovery_scripts(ckpt_dir, engine)  # DeepSpeed's would export a ReLoRA model wrong (recovery.py)
+            # Rank 0 flushes what else is in the folder and its entries, and the folder's own entry in ckpt_dir;
+            # the files flushed already cost a system call each (DeepSpeed's recovery scripts lie in ckpt_dir).
             fsync_tree(ckpt_dir / tag)
             fsync_path(ckpt_dir)
             replace_durably(json.dumps(config, indent=2), ckpt_dir / tag / "config.json")

@@ -1,0 +1,60 @@
+"""DeepSpeed's recovery scripts beside ReLoRA checkpoints (relora_ds/recovery.py): in their place a script that
+exits 1, names what DeepSpeed's would lose and the export command, which gives the trained model."""
+import json
+import shlex
+from types import SimpleNamespace
+
+import torch
+from safetensors.torch import load_file
+
+from launch_utils import ROOT, launch_env, run_python
+from trainer_utils import train1
+
+ZERO1_FP32 = {"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
+
+
+def test_the_recovery_scripts_refuse_a_relora_checkpoint_and_name_the_export_that_works(tmp_path, small_data_dir):
+    """ZeRO-1, 3 steps into the ReLoRA phase (warm start 2, no reset yet): DeepSpeed's zero_to_fp32 would have
+    returned the LoRA factors unmerged and no frozen base at all, with exit status 0. The oracle is the
+    trainer's own export of its model in memory (run_dir/hf)."""
+    (tmp_path / "zero1.json").write_text(json.dumps(ZERO1_FP32))
+    train1(tmp_path, small_data_dir, ds=tmp_path / "zero1.json", total_steps=5, export=True)
+    ckpts = tmp_path / "run" / "checkpoints"
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(ckpts), tag="step_5")  # what the copied script wrote
+    bases = [k.removesuffix(".lora_A") + ".weight" for k in theirs if k.endswith(".lora_A")]
+    assert bases and not set(bases) & set(theirs), "the ZeRO-1 premise: DeepSpeed leaves the frozen bases out"
+    assert max(theirs[k.replace(".weight", ".lora_B")].abs().max() for k in bases) > 0, "LoRA must change the model"
+
+    for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+        proc = run_python(ckpts / script, ckpts, tmp_path / "fp32", "-t", "step_5", env=launch_env())
+        assert proc.returncode == 1 and not (tmp_path / "fp32").exists(), (proc.returncode, proc.stderr[-2000:])
+        assert "lora_A, lora_B" in proc.stderr and "at ZeRO stage 1 the frozen base weight" in proc.stderr
+        command = shlex.split(next(line for line in proc.stderr.splitlines() if "export.py" in line))
+        assert command == ["python", str(ROOT / "launch/export.py"), str(ckpts.resolve()), "--tag", "step_5",
+                           "--out", str((tmp_path / "fp32").resolve())], command
+
+    proc = run_python(*command[1:], env=launch_env(), cwd=tmp_path)  # as printed, from another folder
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported, live = load_file(tmp_path / "fp32" / "model.safetensors"), load_file(tmp_path / "run/hf/model.safetensors")
+    assert exported.keys() == live.keys() and all(torch.equal(exported[k], v) for k, v in live.items())
+
+
+def test_a_full_rank_model_keeps_deepspeeds_scripts(tmp_path):
+    """A warm start's (or mode: full's) checkpoint is the whole model to zero_to_fp32: its script stays. Only the
+    scripts DeepSpeed wrote are replaced (none without ZeRO)."""
+    from relora_ds import LlamaConfig, LlamaForCausalLM, wrap
+    from relora_ds.recovery import replace_recovery_scripts
+
+    (tmp_path / "zero_to_fp32.py").write_text("# DeepSpeed's")
+    model = LlamaForCausalLM(LlamaConfig.preset("debug"))
+    engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
+    assert replace_recovery_scripts(tmp_path, engine) == []
+    assert (tmp_path / "zero_to_fp32.py").read_text() == "# DeepSpeed's"
+    wrap(model, rank=4, quantize="int8")
+    assert replace_recovery_scripts(tmp_path, engine) == [tmp_path / "zero_to_fp32.py"]
+    assert not (tmp_path / "zero_to_torch.py").exists()
+    proc = run_python(tmp_path / "zero_to_fp32.py", env=launch_env())
+    assert proc.returncode == 1 and "weight_q (int8)" in proc.stderr and "left out" not in proc.stderr, proc.stderr
+    assert f"--out {tmp_path.parent / 'export'}" in proc.stderr  # the run's output_dir's export/

@@ -49,6 +49,10 @@ def merge_and_reinit(model: nn.Module) -> dict:
         from .zero_reset import merge_and_reinit_engine  # only this path touches DeepSpeed
 
         return merge_and_reinit_engine(model)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"merge_and_reinit: got a {type(model).__module__}.{type(model).__name__}; pass the wrapped "
+                         "model (or the DeepSpeed engine, or the DistributedDataParallel module), whose ReLoRA layers "
+                         "merge; the optimizer goes to relora_ds.prune_optimizer_state")
     start = time.perf_counter()
     sharded.reshard_(model)  # FSDP2: merge into its shards, not into whole copies it never writes back
     layers = list(relora_layers(model))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import typing
 
 from torch.optim import Optimizer
@@ -127,6 +128,10 @@ def build_scheduler(optimizer: Optimizer, name: str = "jagged_cosine", **kwargs)
     """``LambdaLR`` over one of SCHEDULES with its keyword arguments bound (validated right away)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid: {sorted(SCHEDULES)}")
+    for key in ("total_steps", "warmup_steps", "cycle_length", "restart_warmup_steps", "start_step", "cycle_start"):
+        value = kwargs.get(key)  # a float would put resets and the warmup's end between steps, never reached
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ValueError(f"build_scheduler: {key}={value!r} must be a whole number of optimizer steps")
     fn = functools.partial(SCHEDULES[name], **kwargs)
     fn(0)  # raise ValueError on a bad combination now, not at the first step
     return LambdaLR(optimizer, fn)

@@ -280,6 +280,10 @@ def test_merging_a_model_without_relora_layers_says_to_wrap_it_first():
     for model in (_tiny_llama(), relora_ds.unwrap(relora_ds.wrap(_tiny_llama(), rank=4))):
         with pytest.raises(ValueError, match=r"no ReLoRALinear layers \(call relora_ds.wrap first\)"):
             relora_ds.merge_and_reinit(model)
+    opt = torch.optim.AdamW(relora_ds.wrap(_tiny_llama(), rank=4).parameters())  # (an AttributeError of AdamW's)
+    with pytest.raises(ValueError, match=r"got a torch.optim.adamw.AdamW; pass the wrapped model .*the optimizer goes "
+                                         r"to relora_ds.prune_optimizer_state"):
+        relora_ds.merge_and_reinit(opt)
 
 
 def test_deepspeeds_engine_subclasses_are_engines_everywhere():

@@ -81,6 +81,19 @@ def test_invalid_combinations_raise(bad, match):
         build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **{**KW, **bad})
 
 
+@pytest.mark.parametrize("key, value", [("total_steps", 1000.5), ("cycle_length", 300.0), ("warmup_steps", True),
+                                        ("restart_warmup_steps", "50")])
+def test_a_step_count_that_is_no_whole_number_is_refused(key, value):
+    """A float total_steps=1000.5 (or a whole-valued 300.0, a bool, a string) was taken: resets and the warmup's
+    end then fall between steps. numpy's integers are whole numbers."""
+    import numpy as np
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match=rf"build_scheduler: {key}={value!r} must be a whole number of optimizer"):
+        build_scheduler(opt, **{**KW, key: value})
+    build_scheduler(opt, **{**KW, "total_steps": np.int64(1000)})
+
+
 def _reference_multiple_warmups(step, *, num_training_steps, first_warmup_steps, restart_warmup_steps,
                                 restart_every, min_lr_ratio):
     """Guitaricet/relora's peft_pretraining/training_utils.py `_get_cosine_schedule_with_multiple_warmups_lambda`

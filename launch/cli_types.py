@@ -26,7 +26,7 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         help_ = action.help or ""
         default = action.default
-        if (action.option_strings and action.nargs != 0 and default is not None and default is not False and default != argparse.SUPPRESS
-                and "default" not in help_):
+        if (action.option_strings and action.nargs != 0 and default is not None and default is not False
+                and default != argparse.SUPPRESS and "default" not in help_):
             help_ += " (default: %(default)s)"
         return help_

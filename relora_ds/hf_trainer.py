@@ -35,6 +35,7 @@ import warnings
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .merge import check_not_fsdp1, merge_and_reinit
 from .prune import MOMENT_KEYS, check_prune_args, prune_optimizer_state
@@ -410,6 +411,18 @@ class ReLoRACallback(TrainerCallback):
             _set_step(self.scheduler, step)
         if merge:
             self._merge(step, reset, args.seed)
+
+    def on_save(self, args, state, control, **kwargs):
+        """The checkpoint just written under DeepSpeed: in place of the recovery scripts DeepSpeed's rank 0 copied
+        into it, whose state dict is not the trained model, one that exits 1 and says what exports it
+        (relora_ds/recovery.py)."""
+        trainer = self.trainer
+        if trainer.is_deepspeed_enabled and args.process_index == 0:  # where DeepSpeed copies them
+            from .recovery import replace_recovery_scripts
+
+            run_dir = trainer._get_output_dir(getattr(trainer, "_trial", None))  # as Trainer._save_checkpoint
+            replace_recovery_scripts(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),
+                                     trainer.model_wrapped, hf_trainer=True)
 
     def _merge(self, step: int, reset: bool, seed: int, overdue: bool = False, prune: bool = True) -> None:
         """The merge after global step ``step``, and with ``reset`` the prune (``prune=False``: the optimizer

@@ -16,6 +16,14 @@ old name would write a Hugging Face folder where a ``pytorch_model.bin`` was exp
 warm start, ``mode: full``) keeps DeepSpeed's scripts: their output is then the whole model (checked against
 the export at ZeRO-1/2/3). ``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` cannot be
 replaced: the README and the script's message name what it leaves out.
+
+The Hugging Face Trainer's ``checkpoint-N/`` folders (``relora_ds.hf_trainer``) get the same script, whose
+message gives what exports them (``hf_trainer=True``): launch/export.py reads only relora_ds's own checkpoints
+(a model of its families, rebuilt from the run's config), and at ZeRO-3 such a folder has no model.safetensors
+(transformers' log then names zero_to_fp32.py); so ``full_state_dict`` of ``global_stepN`` loaded into the model
+wrapped as for training, then ``relora_ds.unwrap(model).save_pretrained``. Checked on 1 rank against
+``trainer.save_model`` at the same step: the same logits for a LLaMA at ZeRO-1/2/3 and a GPT-2 with int8 bases at
+ZeRO-2; bf16 at ZeRO-1 within bf16's rounding (the export merges the fp32 masters, save_model bf16 weights).
 """
 from __future__ import annotations
 
@@ -30,12 +38,10 @@ EXPORT = Path(__file__).resolve().parents[1] / "launch" / "export.py"  # a sourc
 
 _STUB = '''#!/usr/bin/env python
 """Written by relora_ds (relora_ds/recovery.py) in place of DeepSpeed's {name}: run as DeepSpeed's would be, it
-exits 1 and prints the command that exports these ReLoRA checkpoints."""
-import shlex
+exits 1 and prints what exports these ReLoRA checkpoints."""
 import sys
 from pathlib import Path
 
-EXPORT = {export!r}
 LOST = {lost!r}
 VALUED = ("-t", "--tag", "--dtype", "--max_shard_size")  # DeepSpeed's options that take a value
 
@@ -54,19 +60,36 @@ while i < len(sys.argv):
 here = Path(__file__).resolve().parent
 ckpts = Path(args[0]).resolve() if args else here
 out = Path(args[1]).resolve() if len(args) > 1 else here.parent / "export"
-command = ["python", EXPORT, str(ckpts), *(["--tag", tag] if tag else []), "--out", str(out)]
+{how}
 sys.exit(f"{name}: relora_ds put this in place of DeepSpeed's script: for these ReLoRA checkpoints DeepSpeed's "
          "(and deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint) returns, without an error, a "
-         "state dict that is not the trained model:\\n" + "".join(f"  - {{line}}\\n" for line in LOST)
-         + "Export the trained model (LoRA merged into its weights: config.json and model.safetensors, which "
-         "transformers' from_pretrained loads) with:\\n  " + shlex.join(command) + "\\nEvery tensor as saved "
-         "(LoRA unmerged), in Python: relora_ds.checkpoint.full_state_dict(checkpoints_dir, tag).")
+         "state dict that is not the trained model:\\n" + "".join(f"  - {{line}}\\n" for line in LOST) + HOW)
 '''
+# The stub's last part, for launch/train.py's checkpoints (the folder holding step_N/ and `latest`)
+_EXPORT_HOW = '''import shlex
+
+EXPORT = {export!r}
+command = ["python", EXPORT, str(ckpts), *(["--tag", tag] if tag else []), "--out", str(out)]
+HOW = ("Export the trained model (LoRA merged into its weights: config.json and model.safetensors, which "
+       "transformers' from_pretrained loads) with:\\n  " + shlex.join(command) + "\\nEvery tensor as saved "
+       "(LoRA unmerged), in Python: relora_ds.checkpoint.full_state_dict(checkpoints_dir, tag).")'''
+# ... and for a Hugging Face Trainer's checkpoint-N/ (holding global_stepN/ and `latest`)
+_HF_TRAINER_HOW = '''latest = ckpts / "latest"
+tag = tag or (latest.read_text().strip() if latest.is_file() else "global_stepN")
+HOW = ("This is a Hugging Face Trainer checkpoint (relora_ds.hf_trainer.enable_relora), which relora_ds's "
+       "launch/export.py does not read. The trained model (LoRA merged into its weights, as transformers' "
+       "from_pretrained loads it) is what trainer.save_model(out) writes; from this checkpoint, in Python:\\n"
+       "  from relora_ds import unwrap\\n  from relora_ds.checkpoint import full_state_dict\\n"
+       "  model = ...  # the model built and relora_ds.wrap-ped as for training (same rank, targets, quantize)\\n"
+       f"  model.load_state_dict(full_state_dict({str(ckpts)!r}, {tag!r}))\\n"
+       f"  unwrap(model).save_pretrained({str(out)!r})\\n"
+       "(every tensor as saved, LoRA unmerged: full_state_dict alone).")'''
 
 
-def replace_recovery_scripts(ckpt_dir: Path, engine) -> list[Path]:
+def replace_recovery_scripts(ckpt_dir: Path, engine, hf_trainer: bool = False) -> list[Path]:
     """Rank 0, after ``engine.save_checkpoint`` into ``ckpt_dir``: replace the recovery scripts DeepSpeed copied
-    there (none without ZeRO) by the stub, if the engine's model has ReLoRA layers. Returns the files written."""
+    there (none without ZeRO) by the stub, if the engine's model has ReLoRA layers. ``hf_trainer``: ``ckpt_dir``
+    is a Hugging Face Trainer's checkpoint-N/, which the stub tells how to export. Returns the files written."""
     found = [Path(ckpt_dir) / name for name in SCRIPTS if (Path(ckpt_dir) / name).is_file()]
     layers = [layer for _, layer in relora_layers(engine.module)] if found else []
     if not layers:
@@ -83,7 +106,8 @@ def replace_recovery_scripts(ckpt_dir: Path, engine) -> list[Path]:
         lost.append("their int8 bases come as weight_q (int8) and weight_scale, which only relora_ds's int8 layers "
                     "read: no model's weight holds them")
     export = str(EXPORT) if EXPORT.is_file() else "launch/export.py"  # (from the relora_ds repository)
+    how = _HF_TRAINER_HOW if hf_trainer else _EXPORT_HOW.format(export=export)
     for path in found:
-        replace_durably(_STUB.format(name=path.name, export=export, lost=lost), path)
+        replace_durably(_STUB.format(name=path.name, lost=lost, how=how), path)
         path.chmod(path.stat().st_mode | stat.S_IXUSR)  # as DeepSpeed leaves its own
     return found

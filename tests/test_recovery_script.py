@@ -2,12 +2,14 @@
 exits 1, names what DeepSpeed's would lose and the export command, which gives the trained model."""
 import json
 import shlex
+import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch_utils import ROOT, launch_env, run_python
+from launch_utils import ROOT, launch_env, run_python, run_ranks
 from trainer_utils import train1
 
 ZERO1_FP32 = {"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
@@ -58,3 +60,43 @@ def test_a_full_rank_model_keeps_deepspeeds_scripts(tmp_path):
     proc = run_python(tmp_path / "zero_to_fp32.py", env=launch_env())
     assert proc.returncode == 1 and "weight_q (int8)" in proc.stderr and "left out" not in proc.stderr, proc.stderr
     assert f"--out {tmp_path.parent / 'export'}" in proc.stderr  # the run's output_dir's export/
+
+
+
+def test_a_hf_trainer_checkpoint_gets_the_script_with_what_exports_it(tmp_path):
+    """A Hugging Face Trainer run with enable_relora under DeepSpeed ZeRO-1 (1 rank), its checkpoint-5 (two steps
+    after the reset at 3): DeepSpeed's copied zero_to_fp32 returned, with exit status 0, the LoRA factors
+    unmerged and no frozen base (a plain model loaded from it: max |Δlogit| 1.0 of 1.2). In its place a script
+    that exits 1 and prints Python that exports the checkpoint (launch/export.py reads only relora_ds's own);
+    that code, run as printed, writes a plain transformers model whose loss on step 6's batch is the loss the run
+    logged there (the oracle: the trained model's forward, with the weights checkpoint-5 holds)."""
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tests" / "dist"))
+    import hf_trainer_worker as w
+
+    run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--stage", 1, "--save-steps", 5,
+              nprocs=1, timeout=300)
+    ckpt = tmp_path / "checkpoint-5"
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))  # what the copied script wrote
+    bases = [k.removesuffix(".lora_A") + ".weight" for k in theirs if k.endswith(".lora_A")]
+    assert bases and not set(bases) & set(theirs), "the ZeRO-1 premise: DeepSpeed leaves the frozen bases out"
+    assert max(theirs[k.replace(".weight", ".lora_B")].abs().max() for k in bases) > 0, "LoRA must change the model"
+
+    for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+        proc = run_python(ckpt / script, ckpt, tmp_path / "fp32", env=launch_env())
+        assert proc.returncode == 1 and not (tmp_path / "fp32").exists(), (proc.returncode, proc.stderr[-2000:])
+        assert "lora_A, lora_B" in proc.stderr and "at ZeRO stage 1 the frozen base weight" in proc.stderr
+        assert "Hugging Face Trainer checkpoint" in proc.stderr and "export.py does not read" in proc.stderr
+    lines = proc.stderr.split("in Python:\n", 1)[1].splitlines()
+    code = [line.strip() for line in lines[:next(i for i, line in enumerate(lines) if "save_pretrained" in line) + 1]]
+    assert code[2].startswith("model = ...") and f"full_state_dict({str(ckpt.resolve())!r}, 'global_step5')" in code[3]
+    exec("\n".join(code[:2] + ["model = w.model()"] + code[3:]), {"w": w})  # the model built as for training
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32").eval()
+    assert not any("lora" in k for k in exported.state_dict())
+    ids = torch.stack([w.Windows()[i]["input_ids"] for i in (10, 11)])  # step 6's batch: 2 a step, in order
+    logged = [r["loss"] for r in json.loads((tmp_path / "run.json").read_text())["log"] if "loss" in r]
+    with torch.no_grad():
+        assert exported(input_ids=ids, labels=ids).loss.item() == pytest.approx(logged[5], rel=1e-5)

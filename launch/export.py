@@ -28,6 +28,14 @@ from relora_ds.train_args import ArgumentParser
 from cli_types import DefaultsHelpFormatter  # launch/, the script's directory
 
 
+def _refuse_hf_trainer_checkpoint(path: Path, ap: argparse.ArgumentParser) -> None:
+    if (path / "trainer_state.json").is_file():
+        ap.error(f"{path} is a Hugging Face Trainer checkpoint (trainer_state.json), not a relora_ds trainer's: its "
+                 "weights are the wrapped model's (LoRA unmerged), which from_pretrained loads without scale·B·A. "
+                 "Export it with trainer.save_model(out) under relora_ds.hf_trainer.enable_relora, or under "
+                 "DeepSpeed as its zero_to_fp32.py prints (relora_ds/recovery.py)")
+
+
 def _is_run_config(config) -> bool:
     """A relora_ds checkpoint's config.json: the run's 'train' and 'model' sections."""
     return isinstance(config, dict) and {"train", "model"} <= set(config)
@@ -58,6 +66,7 @@ def main(argv=None) -> Path:
     if not args.checkpoints.is_dir():
         ap.error(f"{args.checkpoints} " + ("is a file" if args.checkpoints.exists() else "does not exist")
                  + ": give a run's output_dir, its checkpoints/ folder, or one checkpoint's step_N/ folder")
+    _refuse_hf_trainer_checkpoint(args.checkpoints, ap)
     if (args.checkpoints / "checkpoints").is_dir() and not (args.checkpoints / "latest").is_file():
         args.checkpoints = args.checkpoints / "checkpoints"  # the run's output_dir: its checkpoints/ is meant
     elif (args.checkpoints / "config.json").is_file() and args.tag in (None, args.checkpoints.name):
@@ -68,6 +77,7 @@ def main(argv=None) -> Path:
     if tag is None or not (args.checkpoints / tag).is_dir():
         found = sorted((p.name for p in checkpoint_folders(args.checkpoints)), key=tag_step)
         ap.error(f"no checkpoint {tag or '(latest)'} in {args.checkpoints}; found: {found or 'none'}")
+    _refuse_hf_trainer_checkpoint(args.checkpoints / tag, ap)
     if not (args.checkpoints / tag / "config.json").is_file():
         ap.error(f"{args.checkpoints / tag} has no config.json: an incomplete checkpoint (its save did not finish?); "
                  "export another with --tag")

@@ -217,6 +217,15 @@ def test_export_names_damaged_checkpoints_and_takes_a_run_dir(demo_run, tmp_path
     proc = export(demo_run / "hf", "--out", tmp_path / "z")
     assert proc.returncode == 2 and f"{demo_run / 'hf'} is a Hugging Face model directory (llama): its config.json " \
         "has no 'train' and 'model' sections" in proc.stderr, proc.stderr
+    # A Hugging Face Trainer's checkpoint-N (its weights the wrapped model's): the error said from_pretrained
+    # loads it, which drops scale·B·A; it names the ways that export it (ZeRO-3's holds no config.json)
+    hf_ckpt = tmp_path / "trainer_out" / "checkpoint-5"
+    hf_ckpt.mkdir(parents=True)
+    (hf_ckpt / "trainer_state.json").write_text("{}")
+    for given, tag in ((hf_ckpt, ()), (hf_ckpt.parent, ("--tag", "checkpoint-5"))):
+        proc = export(given, *tag, "--out", tmp_path / "z")
+        assert proc.returncode == 2 and f"{hf_ckpt} is a Hugging Face Trainer checkpoint (trainer_state.json)" in \
+            proc.stderr and "trainer.save_model(out)" in proc.stderr, proc.stderr
     # --out into the run's checkpoints (a review: the export replaced step_50's config.json, and no resume or
     # export could load that checkpoint again), or into the run's output_dir: refused, nothing written
     before = (run / "checkpoints" / "step_50" / "config.json").read_bytes()

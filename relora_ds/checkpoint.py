@@ -77,31 +77,44 @@ def _recording_writes(engine, written: list[Path], failed: list[Exception]):
 
     A write that fails is put in ``failed`` instead of raised, and the writes after it are skipped:
     save_checkpoint goes on to its closing barrier, which the other ranks wait in (raised from the write, the
-    error left them there until the launcher's timeout). The caller raises it once save_checkpoint returns."""
+    error left them there until the launcher's timeout). The caller raises it once save_checkpoint returns.
+    So is a failure of rank 0's copy of DeepSpeed's recovery scripts (shutil.copyfile, not the checkpoint
+    engine: a full disk failed it after rank 0's shard, and every rank waited out the timeout)."""
     writer = getattr(engine, "checkpoint_engine", None)
-    if writer is None:
+    with contextlib.ExitStack() as stack:
+        if writer is not None:
+            stack.enter_context(_held(writer, "save", failed, record=lambda path: written.append(Path(path))))
+        if hasattr(engine, "_copy_recovery_script"):
+            stack.enter_context(_held(engine, "_copy_recovery_script", failed))
         yield
-        return
-    save, own = writer.save, "save" in getattr(writer, "__dict__", {})
 
-    def recording_save(state_dict, path, *args, **kwargs):
+
+@contextlib.contextmanager
+def _held(obj, name: str, failed: list[Exception], record=None):
+    """``obj.<name>`` replaced (an instance attribute) by a call that, once ``failed`` holds an error, does
+    nothing, and otherwise puts the error it raises in ``failed`` instead of raising it; ``record(path)``
+    first, for a writer's ``save(state_dict, path, ...)``. Restored after."""
+    real, own = getattr(obj, name), name in getattr(obj, "__dict__", {})
+
+    def held(*args, **kwargs):
         if failed:
             return None
-        written.append(Path(path))
+        if record is not None:
+            record(args[1] if len(args) > 1 else kwargs["path"])
         try:
-            return save(state_dict, path, *args, **kwargs)
+            return real(*args, **kwargs)
         except Exception as e:  # every error: the other ranks must hear of it (save's _agreed)
             failed.append(e)
             return None
 
-    writer.save = recording_save
+    setattr(obj, name, held)
     try:
         yield
     finally:
         if own:
-            writer.save = save
+            setattr(obj, name, real)
         else:
-            del writer.save  # the class's method again
+            delattr(obj, name)  # the class's method again
 
 
 @contextlib.contextmanager

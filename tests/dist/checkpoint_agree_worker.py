@@ -38,6 +38,9 @@ def arm(failure: str, rank: int, ckpt_dir: Path) -> None:
         checkpoint.shutil.rmtree = read_only  # (chmod keeps no folder from root, which the tests may run as)
     elif failure == "shard" and rank == 1:  # inside DeepSpeed's save_checkpoint, before its closing barrier
         torch.save = failing_on("zero_pp_rank_1_mp_rank_00_optim_states.pt", torch.save)
+    elif failure == "scripts" and rank == 0:  # DeepSpeed's copy of its recovery scripts (shutil, not its writer)
+        import deepspeed.runtime.engine
+        deepspeed.runtime.engine.copyfile = no_space  # (engine.py's own name for shutil.copyfile)
     elif failure == "rng" and rank == 1:  # after DeepSpeed's save
         torch.save = failing_on("rng_rank1.pt", torch.save)
     elif failure == "config" and rank == 0:  # after every rank's files

@@ -429,7 +429,10 @@ class ReLoRACallback(TrainerCallback):
         holds no state to prune); recorded in ``self.events``."""
         trainer = self.trainer
         engine = trainer.model_wrapped if trainer.is_deepspeed_enabled else None
-        event = {"step": step, **merge_and_reinit(engine if engine is not None else trainer.model)}
+        # under DDP its module: the merge gives every rank rank 0's host residuals first, which DDP does not sync
+        ddp = isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+        event = {"step": step, **merge_and_reinit(engine if engine is not None else
+                                                  trainer.model_wrapped if ddp else trainer.model)}
         if reset and not prune:
             event.update(reset=True, prune_skipped="the optimizer holds no state yet (a checkpoint without it)")
         elif reset:

@@ -33,8 +33,9 @@ from relora_ds.ds_machine import check_nvme_swap_buffers, check_offload_on_devic
 from relora_ds.output_dir import check_output_dir
 from relora_ds.resume_plan import nothing_to_resume, plan_resume, resume_progress
 from relora_ds.schedule import total_steps_for
-from relora_ds.startup import (apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels,
-                               check_model_and_data, train_data_record, unused_vocab_size)
+from relora_ds.startup import (apply_kernels_setting, build_schedule, check_compile, check_data_use,
+                               check_document_masking, check_kernels, check_model_and_data, train_data_record,
+                               unused_vocab_size)
 from relora_ds.train_args import build_launch_parser, config_from_args
 from relora_ds.train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, show_config_warnings_plainly
 
@@ -91,6 +92,7 @@ def _check(argv) -> str:
             if is_mixture(manifest):  # its members still hold the data it was made of
                 check_members(data_dir, manifest)
             check_data_use(cfg, total_steps, manifest["splits"], str(data_dir), args.world_size)
+            check_document_masking(cfg, manifest, data_dir)
         if cfg.resume:  # as the trainer plans it
             cfg.vocab_size = vocab
             ckpt_dir = Path(cfg.output_dir) / "checkpoints"

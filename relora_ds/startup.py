@@ -12,7 +12,7 @@ import torch
 
 from .compiling import compile_problem
 from .data import check_tokenizer_matches
-from .data.manifest import tokenizer_sha256, train_data_fingerprint
+from .data.manifest import document_ends_problem, tokenizer_sha256, train_data_fingerprint
 from .data.tokenizer import tokenizer_difference
 from .data.mixture import evaluation_windows, split_windows, starved_members
 from .data.packed import num_windows
@@ -196,6 +196,13 @@ def check_compile(cfg: TrainConfig, cuda: bool) -> None:
         return
     if problem := compile_problem(cuda, cfg.compile_backend):
         raise ValueError(f"compile: {problem}; or train without --compile")
+
+
+def check_document_masking(cfg: TrainConfig, manifest: dict, data_dir: str | Path) -> None:
+    """--document-masking needs data whose EOS id ends documents and nothing else (data.manifest)."""
+    if cfg.document_masking and (problem := document_ends_problem(manifest, data_dir)):
+        raise ValueError(f"document_masking: {problem}; train without --document-masking, or prepare the data "
+                         "with a tokenizer whose EOS is its own token")
 
 
 def train_data_record(manifest: dict, seq_len: int) -> dict:

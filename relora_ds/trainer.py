@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import checkpoint, reset_hook, run_info, zero_init
 from .data import DataWarning, ShardedBatches, builtin_data_dir, load_manifest, open_eval_split, open_split
-from .data.manifest import document_ends_problem, read_manifest_file
+from .data.manifest import read_manifest_file
 from .compiling import cache_entries, compile_stats, compile_warnings, recompile_limit
 from .distributed import agree_on_master_port, agreement, init_distributed, max_over_ranks, on_rank_zero, \
     single_process_environment
@@ -45,8 +45,8 @@ from .ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_
 from .output_dir import check_output_dir, check_shared_output_dir, clear_previous_run, holds_output_dir_lock, \
     lock_output_dir, unlock_output_dir
 from .resume_plan import plan_resume, resume_progress
-from .startup import apply_kernels_setting, build_schedule, check_compile, check_data_use, check_kernels, \
-    check_model_and_data, train_data_record, unused_vocab_size
+from .startup import apply_kernels_setting, build_schedule, check_compile, check_data_use, check_document_masking, \
+    check_kernels, check_model_and_data, train_data_record, unused_vocab_size
 from .schedule import total_steps_for
 from .steps import StepsMixin
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
@@ -122,9 +122,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         check_nvme_swap_buffers(cfg, self.ds, self.model_config, self.world)
         self.tokenizer_path, self.tokenizer_sha256 = manifest["tokenizer_path"], manifest["tokenizer_sha256"]
         self.eos_id = manifest["eos_id"]  # where a document ends (--document-masking)
-        if cfg.document_masking and (problem := document_ends_problem(manifest, self.data_dir)):
-            raise ValueError(f"document_masking: {problem}; train without --document-masking, or prepare the data "
-                             "with a tokenizer whose EOS is its own token")
+        check_document_masking(cfg, manifest, self.data_dir)
         self.total_steps = total_steps_for(cfg, resume_progress(self.ckpt_dir, cfg.resume_from)
                                            if cfg.resume and cfg.token_budget else None)
         self.relora_start = self.cycle_start = cfg.warm_start_steps

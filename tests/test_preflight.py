@@ -2,6 +2,7 @@
 this world size (batch arithmetic, memory per GPU, what the trainer refuses at start-up, a resume, the data)."""
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -329,3 +330,26 @@ def test_preflight_checks_a_mixtures_members(tmp_path):
     proc = _preflight(*args, "--seq-len", "32")
     assert proc.returncode == 2 and f"its member {b} was prepared again since the mixture was made" in proc.stderr, \
         proc.stderr[-800:]
+
+
+def test_preflight_refuses_document_masking_on_data_whose_eos_ends_no_document(tmp_path, monkeypatch):
+    """--document-masking on data whose tokenizer uses one id for BOS and EOS: the trainer refuses it at start-up,
+    preflight accepted it (a fuzzer's find: a multi-node job then died at its start); both refuse it alike
+    (startup.check_document_masking). Oracle: the Trainer's own refusal."""
+    from relora_ds.train_args import build_launch_parser, config_from_args
+    from trainer_utils import in_process_trainer, packed_data_dir
+
+    data = packed_data_dir(tmp_path / "data", 4000, 600)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["bos_id"] = manifest["eos_id"]  # an OPT-style tokenizer: BOS and EOS share an id
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    args = ["--config", "launch/configs/tiny.yaml", "--data-dir", str(data), "--seq-len", "32", "--total-steps", "3",
+            "--warm-start-steps", "0", "--warmup-steps", "0", "--cycle-length", "1", "--restart-warmup-steps", "0",
+            "--micro-batch-size", "2", "--global-batch-size", "2", "--eval-every", "0",
+            "--output-dir", str(tmp_path / "run"), "--document-masking"]
+    trainer_mod = in_process_trainer(monkeypatch)
+    with pytest.raises(ValueError, match="document_masking: the data's tokenizer uses one id") as refused:
+        trainer_mod.Trainer(config_from_args(build_launch_parser().parse_args(args)), None)  # the oracle
+    proc = _preflight("--world-size", "1", *args)
+    assert proc.returncode == 2 and f"error: {refused.value}" in proc.stderr, proc.stderr[-800:]
+    assert _preflight("--world-size", "1", *args[:-1]).returncode == 0  # without masking the data is fine

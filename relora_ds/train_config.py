@@ -24,8 +24,9 @@ from .model_config import PRESETS
 
 
 BUILTIN_VOCAB_SIZE = 2048
-# The built-in corpus's SentencePiece model: byte fallback (256 pieces) and <unk>, <s>, </s>.
-_MIN_BUILTIN_VOCAB = 259
+# The built-in corpus's smallest SentencePiece model: byte fallback (256 pieces), <unk>, <s>, </s> and a piece for
+# each of the corpus's characters SentencePiece keeps (its training refuses fewer: 338, tests/test_preflight.py).
+_MIN_BUILTIN_VOCAB = 338
 # Fields holding a path, whose leading "~" is expanded.
 _PATH_FIELDS = ("output_dir", "data_dir", "hf_model", "warm_start_from")
 ALL_LINEAR = "all-linear"  # target_modules: every linear layer but the output layer (PEFT's spelling)
@@ -323,9 +324,9 @@ class TrainConfig:
             if problems.ok(name) and not 0.0 <= getattr(self, name) <= 1.0:
                 bad(f"{name}={getattr(self, name)} must be in [0, 1]", name)
         if self.vocab_size is not None and self.data_dir is None and 0 < self.vocab_size < _MIN_BUILTIN_VOCAB:
-            bad(f"vocab_size={self.vocab_size} is too small: the built-in corpus's tokenizer falls back to bytes, "
-                f"which takes {_MIN_BUILTIN_VOCAB} pieces (256 bytes, <unk>, <s>, </s>) before any of its characters "
-                f"and merges; leave room for those (default {BUILTIN_VOCAB_SIZE})", "vocab_size")
+            bad(f"vocab_size={self.vocab_size} is too small: the built-in corpus's tokenizer takes "
+                f"{_MIN_BUILTIN_VOCAB} pieces (256 byte fallbacks, <unk>, <s>, </s> and its characters) before any "
+                f"merge; give at least that (default {BUILTIN_VOCAB_SIZE})", "vocab_size")
 
         relora = self.mode == "relora"
         if relora and not self.cycle_length and problems.ok("cycle_length"):

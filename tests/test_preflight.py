@@ -353,3 +353,19 @@ def test_preflight_refuses_document_masking_on_data_whose_eos_ends_no_document(t
     proc = _preflight("--world-size", "1", *args)
     assert proc.returncode == 2 and f"error: {refused.value}" in proc.stderr, proc.stderr[-800:]
     assert _preflight("--world-size", "1", *args[:-1]).returncode == 0  # without masking the data is fine
+
+
+def test_the_smallest_builtin_vocab_preflight_accepts_is_the_smallest_the_corpus_tokenizes(tmp_path):
+    """vocab_size for the built-in corpus: TrainConfig (and so preflight) took 259 to 337, which SentencePiece's
+    training then refused on every rank (a fuzzer's find: byte fallback plus the corpus's characters need 338).
+    Oracle: data preparation itself, at the bound and one below."""
+    from relora_ds.data import prepare_data
+    from relora_ds.train_config import _MIN_BUILTIN_VOCAB
+
+    with pytest.raises(ValueError, match=rf"too small for this corpus: .* need at least {_MIN_BUILTIN_VOCAB} pieces"):
+        prepare_data(None, tmp_path / "below", vocab_size=_MIN_BUILTIN_VOCAB - 1, seq_len=32)
+    prepare_data(None, tmp_path / "at", vocab_size=_MIN_BUILTIN_VOCAB, seq_len=32)
+    proc = _preflight("--world-size", "1", "--config", "launch/configs/tiny.yaml", "--vocab-size",
+                      str(_MIN_BUILTIN_VOCAB - 1), "--output-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2 and f"vocab_size={_MIN_BUILTIN_VOCAB - 1} is too small" in proc.stderr, proc.stderr
+

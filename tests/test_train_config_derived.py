@@ -159,7 +159,8 @@ def test_documented_defaults_and_the_smallest_builtin_vocab():
     (the help says AdamW); collective_timeout_min is 60 (README); rank 128 and a 100-step restart warmup are
     the paper's (README, the paper recipes); the defaults train on one rank without gradient accumulation
     (the plain `python launch/train.py` run); a merge_residual with an int8 base is refused; and the built-in
-    corpus's vocab can be as small as its 259 fixed pieces (256 bytes, <unk>, <s>, </s>), not below."""
+    corpus's vocab can be as small as its tokenizer's 338 pieces, not below (the oracle, SentencePiece's own
+    minimum: tests/test_preflight.py)."""
     import inspect
 
     import torch
@@ -179,6 +180,6 @@ def test_documented_defaults_and_the_smallest_builtin_vocab():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert TrainConfig(**BASE, vocab_size=259).vocab_size == 259
-    with pytest.raises(ValueError, match=r"vocab_size=258 is too small"):
-        TrainConfig(**BASE, vocab_size=258)
+        assert TrainConfig(**BASE, vocab_size=338).vocab_size == 338
+    with pytest.raises(ValueError, match=r"vocab_size=337 is too small"):
+        TrainConfig(**BASE, vocab_size=337)

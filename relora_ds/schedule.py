@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import typing
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
+from .model_config import _is_int
 
 if typing.TYPE_CHECKING:
     from .train_config import TrainConfig
@@ -130,7 +131,7 @@ def build_scheduler(optimizer: Optimizer, name: str = "jagged_cosine", **kwargs)
         raise ValueError(f"unknown schedule {name!r}; valid: {sorted(SCHEDULES)}")
     for key in ("total_steps", "warmup_steps", "cycle_length", "restart_warmup_steps", "start_step", "cycle_start"):
         value = kwargs.get(key)  # a float would put resets and the warmup's end between steps, never reached
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        if value is not None and not _is_int(value):
             raise ValueError(f"build_scheduler: {key}={value!r} must be a whole number of optimizer steps")
     fn = functools.partial(SCHEDULES[name], **kwargs)
     fn(0)  # raise ValueError on a bad combination now, not at the first step

@@ -416,8 +416,8 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
 def ignore_host_buffers_in_ddp(root: nn.Module) -> None:
     """Name the ReLoRA layers' host-memory buffers (the merge residuals) in ``root._ddp_params_and_buffers_to_ignore``:
     torch's DistributedDataParallel broadcasts every other buffer from rank 0 at construction and, with
-    broadcast_buffers, at each forward, which NCCL refuses for CPU tensors. Nothing is lost: every rank merges
-    the same factors into the same weights, so the residuals agree (as the DeepSpeed path relies on too)."""
+    broadcast_buffers, at each forward, which NCCL refuses for CPU tensors. A merge given the DDP module sends
+    rank 0's first (merge._broadcast_host_buffers); the DeepSpeed path relies on every rank building alike."""
     host = {f"{name}.{key}" for name, layer in relora_layers(root) for key in layer.HOST_BUFFERS
             if layer._buffers.get(key) is not None}
     if host:

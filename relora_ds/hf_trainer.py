@@ -283,6 +283,7 @@ class ReLoRACallback(TrainerCallback):
         self.scheduler: LambdaLR | None = None  # found at train begin
         self.moments_checked = False
         self.cycle_start = 0  # where cycles count from: a resume that changed cycle_length moves it
+        self.save_failed: list[Exception] = []  # rank 0's recovery scripts' write, held for on_save
 
     def on_train_begin(self, args, state, control, **kwargs):
         """What the first merge would refuse (bf16 at ZeRO stage 0, LoRA factors outside the engine's optimizer,
@@ -308,6 +309,7 @@ class ReLoRACallback(TrainerCallback):
             # DeepSpeed's CPU accelerator leaves a 66 MiB /dev/shm segment per rank behind every run
             # (relora_ds.distributed); unlinked now (every rank is here: it is collective), the mapping stays.
             release_shm_segment()
+            self._replace_recovery_scripts_at_copy(trainer.model_wrapped)
         else:  # accelerate's FSDP1 (fsdp_version 1, its default): refused now, not at the first merge
             check_not_fsdp1(trainer.model_wrapped, "enable_relora")
             # An optimizer built before wrap (optimizers=(opt, None)) never trains the factors: a whole cycle of
@@ -412,17 +414,44 @@ class ReLoRACallback(TrainerCallback):
         if merge:
             self._merge(step, reset, args.seed)
 
-    def on_save(self, args, state, control, **kwargs):
-        """The checkpoint just written under DeepSpeed: in place of the recovery scripts DeepSpeed's rank 0 copied
-        into it, whose state dict is not the trained model, one that exits 1 and says what exports it
-        (relora_ds/recovery.py)."""
-        trainer = self.trainer
-        if trainer.is_deepspeed_enabled and args.process_index == 0:  # where DeepSpeed copies them
-            from .recovery import replace_recovery_scripts
+    def _replace_recovery_scripts_at_copy(self, engine) -> None:
+        """DeepSpeed's rank 0 copies its recovery scripts into each checkpoint-N/ it saves, whose state dict is not
+        the trained model: in their place, as it copies them, one that exits 1 and says what exports it
+        (relora_ds/recovery.py). At the copy, not at on_save: the Trainer pushes a checkpoint to the Hub
+        (push_to_hub, hub_strategy 'checkpoint'/'all_checkpoints') before the callbacks hear of the save. A
+        failure is held until on_save, where every rank hears of it: raised inside DeepSpeed's save it would leave
+        the other ranks in its closing barrier, raised at rank 0's on_save alone in the next step's collectives."""
+        from .recovery import replace_recovery_scripts
 
-            run_dir = trainer._get_output_dir(getattr(trainer, "_trial", None))  # as Trainer._save_checkpoint
-            replace_recovery_scripts(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"),
-                                     trainer.model_wrapped, hf_trainer=True)
+        self.save_failed = []
+        real = type(engine)._copy_recovery_script.__get__(engine)  # the class's: a second train() wraps it once
+
+        def copy_then_replace(save_path):
+            if self.save_failed:
+                return
+            try:
+                real(save_path)
+                replace_recovery_scripts(save_path, engine, hf_trainer=True)
+            except Exception as e:  # every error: the other ranks must hear of it (on_save)
+                self.save_failed.append(e)
+
+        engine._copy_recovery_script = copy_then_replace
+
+    def on_save(self, args, state, control, **kwargs):
+        """Every rank, after a checkpoint: stop every rank if rank 0's copy of the recovery scripts failed (the
+        failing rank raises its error, the others a RuntimeError naming it)."""
+        if not self.trainer.is_deepspeed_enabled:
+            return
+        from .distributed import failed_ranks
+
+        failed, checkpoint = failed_ranks(bool(self.save_failed)), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if self.save_failed:
+            error, self.save_failed = self.save_failed[0], []
+            raise RuntimeError(f"enable_relora: saving {checkpoint}: writing its recovery scripts (zero_to_fp32.py, "
+                               f"zero_to_torch.py) failed: {error}") from error
+        if failed:
+            raise RuntimeError(f"enable_relora: saving {checkpoint}: rank {failed[0]} failed writing its recovery "
+                               "scripts (its error is in its output)")
 
     def _merge(self, step: int, reset: bool, seed: int, overdue: bool = False, prune: bool = True) -> None:
         """The merge after global step ``step``, and with ``reset`` the prune (``prune=False``: the optimizer

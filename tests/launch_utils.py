@@ -81,6 +81,38 @@ def _check(cmd, proc: subprocess.CompletedProcess) -> subprocess.CompletedProces
     return proc
 
 
+def run_each_rank(script, *args, nprocs: int = 2, timeout: int = 120) -> list[tuple[int, str]]:
+    """(exit status, stdout + stderr) of each of ``nprocs`` ranks started in ``run_ranks``' environment (RANK,
+    LOCAL_RANK, ... set; no --local_rank argument), each waited for on its own (run_ranks ends the run at the
+    first rank to fail): what every rank says when one fails. Ranks still running at ``timeout`` are killed
+    (exit status -9)."""
+    port = free_port()
+    base = {**launch_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nprocs),
+            "LOCAL_SIZE": str(nprocs), "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+    outs = [tempfile.TemporaryFile("w+") for _ in range(nprocs)]
+    procs = [start_python(script, list(map(str, args)), cwd=ROOT, stdout=outs[r], stderr=outs[r],
+                          env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
+             for r in range(nprocs)]
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    results = []
+    for p, out in zip(procs, outs):
+        out.seek(0)
+        results.append((p.returncode, out.read()))
+        out.close()
+    return results
+
+
 def run_ranks(script, *args, nprocs: int = 2, timeout: int = 600, cwd=ROOT, master_port: int | None = None,
               env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus nprocs script args`` without the launcher: each rank is started as

@@ -1,46 +1,15 @@
 """A checkpoint save that fails on one rank stops every rank at once (checkpoint._agreed), leaving `latest` on
 the last complete checkpoint: two real ranks (gloo) with a DeepSpeed engine, the failure put on one of them at
 each part of the save (tests/dist/checkpoint_agree_worker.py)."""
-import os
 import re
-import signal
-import tempfile
-import time
 
 import pytest
 
-from launch_utils import ROOT, free_port, launch_env, start_python
+from launch_utils import ROOT, run_each_rank
 
 WORKER = ROOT / "tests/dist/checkpoint_agree_worker.py"
 TIMEOUT = 30  # the process group's: a rank left waiting in a collective raises after it
 PROMPT = 10  # seconds a save may take to stop every rank; on 2 cores the tiny engine's save takes under 1
-
-
-def _run_two_ranks(*args, timeout: int = 120) -> list[tuple[int, str]]:
-    """(exit status, stdout + stderr) of each of 2 ranks started as the deepspeed launcher starts them, each
-    waited for on its own (tests/launch_utils.run_ranks ends the run at the first rank to fail)."""
-    port = free_port()
-    base = {**launch_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-            "LOCAL_SIZE": "2", "CROSS_RANK": "0", "CROSS_SIZE": "1"}
-    outs = [tempfile.TemporaryFile("w+") for _ in range(2)]
-    procs = [start_python(WORKER, list(map(str, args)), cwd=ROOT, stdout=outs[r], stderr=outs[r],
-                          env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True)
-             for r in range(2)]
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    results = []
-    for p, out in zip(procs, outs):
-        out.seek(0)
-        results.append((p.returncode, out.read()))
-        out.close()
-    return results
 
 
 # The failure, the rank it strikes, the part of the save it fails (the other rank's error names it) and that
@@ -71,7 +40,7 @@ def test_a_save_failing_on_one_rank_stops_every_rank_at_once_and_latest_stays(tm
 
     ckpt_dir = tmp_path / "checkpoints"
     failing, part, own_error = CASES[failure]
-    results = _run_two_ranks(ckpt_dir, failure, TIMEOUT)
+    results = run_each_rank(WORKER, ckpt_dir, failure, TIMEOUT)
     for rank, (status, output) in enumerate(results):
         assert status == 1, f"rank {rank} exited {status}\n{output[-4000:]}"
         stopped = re.search(r"^rank (\d) stopped after ([\d.]+) s: (.*)$", output, re.MULTILINE)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch_utils import ROOT, launch_env, run_python, run_ranks
+from launch_utils import ROOT, launch_env, run_each_rank, run_python, run_ranks
 from trainer_utils import train1
 
 ZERO1_FP32 = {"zero_optimization": {"stage": 1}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}
@@ -76,8 +76,15 @@ def test_a_hf_trainer_checkpoint_gets_the_script_with_what_exports_it(tmp_path):
     import hf_trainer_worker as w
 
     run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--stage", 1, "--save-steps", 5,
-              nprocs=1, timeout=300)
+              "--push", nprocs=1, timeout=300)
     ckpt = tmp_path / "checkpoint-5"
+    # push_to_hub (hub_strategy 'checkpoint') uploads the folder before the callbacks hear of the save: the
+    # script was replaced as DeepSpeed copied it, so the Hub gets ours too
+    pushed = json.loads((tmp_path / "run.json").read_text())["pushed"]
+    assert [p["folder"] for p in pushed] == ["checkpoint-5", "checkpoint-7"], pushed  # 7: the run's last step
+    for push in pushed:
+        assert push["zero_to_fp32.py"].startswith('#!/usr/bin/env python\n"""Written by relora_ds'), push
+        assert push["zero_to_fp32.py"] == (tmp_path / push["folder"] / "zero_to_fp32.py").read_text()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     theirs = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))  # what the copied script wrote
@@ -100,3 +107,18 @@ def test_a_hf_trainer_checkpoint_gets_the_script_with_what_exports_it(tmp_path):
     logged = [r["loss"] for r in json.loads((tmp_path / "run.json").read_text())["log"] if "loss" in r]
     with torch.no_grad():
         assert exported(input_ids=ids, labels=ids).loss.item() == pytest.approx(logged[5], rel=1e-5)
+
+
+def test_a_hf_trainer_recovery_script_write_failing_on_rank_0_stops_every_rank(tmp_path):
+    """2 ranks, ZeRO-1, a Trainer checkpoint at step 5 whose recovery scripts rank 0 cannot write (a full disk):
+    rank 0 raised alone (at on_save) and rank 1 trained on into step 6's collectives, where it read "Connection
+    closed by peer" once rank 0's process ended (gloo; NCCL on another node waits out the process group's
+    timeout), saying nothing of why. Now rank 0 raises its error and rank 1 one naming rank 0, both at the save."""
+    timeout = 90  # the process group's: rank 1 left waiting in a collective raises after it
+    results = run_each_rank(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--stage", 1,
+                            "--save-steps", 5, "--fail-recovery", "--ddp-timeout", timeout, timeout=timeout + 60)
+    (status0, out0), (status1, out1) = results
+    assert status0 == 1 and "RuntimeError: enable_relora: saving checkpoint-5: writing its recovery scripts " \
+        "(zero_to_fp32.py, zero_to_torch.py) failed: [Errno 28] No space left on device" in out0, out0[-4000:]
+    assert status1 == 1 and "RuntimeError: enable_relora: saving checkpoint-5: rank 0 failed writing its " \
+        "recovery scripts (its error is in its output)" in out1, out1[-4000:]

@@ -124,6 +124,11 @@ def main():
     ap.add_argument("--resume", help="a Trainer checkpoint directory to resume from")
     ap.add_argument("--bf16", action="store_true", help="train in bf16 (DeepSpeed's bf16 section)")
     ap.add_argument("--save-before", action="store_true", help="save_model to OUT/before before training")
+    ap.add_argument("--push", action="store_true", help="push_to_hub, hub_strategy 'checkpoint', to a stand-in Hub: "
+                                                       "OUT/pushed.json holds the zero_to_fp32.py each push found")
+    ap.add_argument("--fail-recovery", action="store_true", help="rank 0's write of the recovery scripts fails "
+                                                                 "(a full disk)")
+    ap.add_argument("--ddp-timeout", type=int, help="the process group's timeout, seconds")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     if a.refuse_config:
@@ -142,6 +147,15 @@ def main():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         saving = dict(save_strategy="steps", save_steps=a.save_steps) if a.save_steps else {}
+        pushed = stand_in_hub() if a.push else None
+        saving.update(dict(push_to_hub=True, hub_strategy="checkpoint") if a.push else {},
+                      **({"ddp_timeout": a.ddp_timeout} if a.ddp_timeout else {}))
+        if a.fail_recovery and int(os.environ["RANK"]) == 0:
+            import relora_ds.recovery
+
+            def full_disk(*args, **kwargs):
+                raise OSError(28, "No space left on device")
+            relora_ds.recovery.replace_durably = full_disk
         trainer, callback = run(a.out, batch=2 // a.grad_accum, deepspeed=ds, kind=a.model, source=a.source,
                                 gradient_accumulation_steps=a.grad_accum, selective=a.selective, resume=a.resume,
                                 bf16=a.bf16, save_before=os.path.join(a.out, "before") if a.save_before else None,
@@ -161,8 +175,26 @@ def main():
         torch.save(state, os.path.join(a.out, "state.pt"))
         with open(os.path.join(a.out, "run.json"), "w") as f:
             json.dump({"events": [{k: e[k] for k in ("step", "event")} for e in callback.events],
-                       "log": trainer.state.log_history}, f)
+                       "log": trainer.state.log_history, "pushed": pushed}, f)
     sys.stdout.flush()
+
+
+def stand_in_hub() -> list[dict]:
+    """The Trainer's Hub calls replaced (no network): each checkpoint push records, as it starts, the recovery
+    script the folder it uploads holds (the real one uploads in a thread from then on). Returns the records."""
+    pushed = []
+
+    def init_hf_repo(self, token=None, private=None):
+        self.hub_model_id, self.push_in_progress = "relora-ds/stand-in", None
+
+    def push_from_checkpoint(self, folder):
+        if self.is_world_process_zero():  # as the Trainer's: rank 0 pushes
+            script = os.path.join(folder, "zero_to_fp32.py")
+            pushed.append({"folder": os.path.basename(folder), "zero_to_fp32.py": open(script).read()})
+
+    Trainer.init_hf_repo, Trainer._push_from_checkpoint = init_hf_repo, push_from_checkpoint
+    Trainer.push_to_hub = lambda self, *args, **kwargs: None  # save_model's upload of the final model
+    return pushed
 
 
 def check_scheduler_refused(out_dir: str, config: str, via: str) -> None:

@@ -79,13 +79,20 @@ def _recording_writes(engine, written: list[Path], failed: list[Exception]):
     save_checkpoint goes on to its closing barrier, which the other ranks wait in (raised from the write, the
     error left them there until the launcher's timeout). The caller raises it once save_checkpoint returns.
     So is a failure of rank 0's copy of DeepSpeed's recovery scripts (shutil.copyfile, not the checkpoint
-    engine: a full disk failed it after rank 0's shard, and every rank waited out the timeout)."""
+    engine: a full disk failed it after rank 0's shard, and every rank waited out the timeout), of the optimizer's
+    state dict (a rank out of host memory: it copies the offloaded moments), and of the copy of an NVMe-offloaded
+    optimizer's swap files into the checkpoint (shutil.copytree, which save_checkpoint imports as it runs: files
+    the size of the moments, the likeliest to fill a disk). A failure before one of DeepSpeed's own collectives
+    inside the save (ZeRO-3's gather of the model states) still leaves the others there."""
     writer = getattr(engine, "checkpoint_engine", None)
     with contextlib.ExitStack() as stack:
         if writer is not None:
             stack.enter_context(_held(writer, "save", failed, record=lambda path: written.append(Path(path))))
-        if hasattr(engine, "_copy_recovery_script"):
-            stack.enter_context(_held(engine, "_copy_recovery_script", failed))
+        for name in ("_save_zero_checkpoint", "_copy_recovery_script"):  # (the first calls the second on rank 0)
+            if hasattr(engine, name):
+                stack.enter_context(_held(engine, name, failed))
+        if getattr(engine, "zero_nvme_offload_optimizer", lambda: False)():
+            stack.enter_context(_held(shutil, "copytree", failed))
         yield
 
 

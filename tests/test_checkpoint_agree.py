@@ -19,6 +19,11 @@ CASES = {
                                           r"by a save that did not complete, cannot be removed \(PermissionError"),
     "shard": (1, "writing the checkpoint's files", r"RuntimeError: rank 1: saving checkpoint \S+step_2 failed "
                                                     r"\(OSError: \[Errno 28\] No space left on device\)"),
+    "optimizer": (1, "writing the checkpoint's files", r"RuntimeError: rank 1: saving checkpoint \S+step_2 failed "
+                                                        r"\(RuntimeError: \[enforce fail at alloc_cpu.cpp:117\] .*not "
+                                                        r"enough memory"),
+    "nvme": (1, "writing the checkpoint's files", r"RuntimeError: rank 1: saving checkpoint \S+step_2 failed "
+                                                   r"\(OSError: \[Errno 28\] No space left on device\)"),
     "scripts": (0, "writing the checkpoint's files", r"RuntimeError: rank 0: saving checkpoint \S+step_2 failed "
                                                       r"\(OSError: \[Errno 28\] No space left on device\)"),
     "rng": (1, "writing the checkpoint's files", r"RuntimeError: rank 1: saving checkpoint \S+step_2 failed "
@@ -29,7 +34,8 @@ CASES = {
 
 @pytest.mark.parametrize("failure", list(CASES))
 def test_a_save_failing_on_one_rank_stops_every_rank_at_once_and_latest_stays(tmp_path, failure):
-    """Rank 1's optimizer shard or RNG state that cannot be written, rank 0's copy of DeepSpeed's recovery scripts
+    """Rank 1's optimizer shard or RNG state that cannot be written, its optimizer state dict out of host memory
+    or its NVMe swap files' copy on a full disk, rank 0's copy of DeepSpeed's recovery scripts
     (shutil's, not DeepSpeed's checkpoint writer: a review), rank 0's crashed-save folder that cannot be
     removed or its config.json that cannot be written: the failing rank raised alone and the other waited in
     the next barrier (DeepSpeed's closing one, or the save's own) until the process group's timeout (NCCL's on

@@ -2,10 +2,12 @@
 step_1, then step_2 with one rank's part of it failing (argv: the checkpoints folder, the failure, the process
 group's timeout in seconds). Each rank prints how long its step_2 save took and how it ended, and exits with
 its error (status 1) once every rank's save has ended."""
+import shutil
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -30,7 +32,12 @@ def failing_on(name: str, real):
                                                real(obj, path, *args, **kwargs))
 
 
-def arm(failure: str, rank: int, ckpt_dir: Path) -> None:
+def host_out_of_memory(*args, **kwargs):  # torch's own words for a CPU allocation that failed
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried "
+                       "to allocate 1073741824 bytes.")
+
+
+def arm(failure: str, rank: int, ckpt_dir: Path, engine) -> None:
     """Where the failure strikes (the rank it fails on, in order of the save's parts)."""
     if failure == "stale" and rank == 0:  # before any rank writes: a crashed save's step_2, which cannot go
         (ckpt_dir / "step_2").mkdir()
@@ -38,6 +45,16 @@ def arm(failure: str, rank: int, ckpt_dir: Path) -> None:
         checkpoint.shutil.rmtree = read_only  # (chmod keeps no folder from root, which the tests may run as)
     elif failure == "shard" and rank == 1:  # inside DeepSpeed's save_checkpoint, before its closing barrier
         torch.save = failing_on("zero_pp_rank_1_mp_rank_00_optim_states.pt", torch.save)
+    elif failure == "optimizer" and rank == 1:  # DeepSpeed's optimizer.state_dict(), out of host memory
+        engine.optimizer.state_dict = host_out_of_memory
+    elif failure == "nvme" and rank == 1:  # the copy of an NVMe-offloaded optimizer's swap files (a stand-in
+        # swapper: DeepSpeed's save copies its folder with shutil.copytree, which fills the disk)
+        swap = ckpt_dir.parent / "swap1"
+        swap.mkdir()
+        (swap / "moments.tensor.swp").write_bytes(bytes(64))
+        engine.zero_nvme_offload_optimizer = lambda: True
+        engine.optimizer.optimizer_swapper = SimpleNamespace(swap_folder=str(swap))
+        shutil.copytree = no_space
     elif failure == "scripts" and rank == 0:  # DeepSpeed's copy of its recovery scripts (shutil, not its writer)
         import deepspeed.runtime.engine
         deepspeed.runtime.engine.copyfile = no_space  # (engine.py's own name for shutil.copyfile)
@@ -57,7 +74,7 @@ def main():
     engine.backward(engine(x, labels=x).loss)
     engine.step()
     checkpoint.save(engine, ckpt_dir, 1, {}, {"step": 1}, keep_last=0)
-    arm(failure, rank, ckpt_dir)
+    arm(failure, rank, ckpt_dir, engine)
     start = time.monotonic()
     try:
         checkpoint.save(engine, ckpt_dir, 2, {}, {"step": 2}, keep_last=0)

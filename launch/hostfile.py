@@ -157,6 +157,31 @@ _SET_BY_THE_SCRIPT = {
 _SHORT_OPTIONS = {"-H": "--hostfile", "-i": "--include", "-e": "--exclude"}
 
 
+# The deepspeed launcher's options that take a value (deepspeed/launcher/runner.py, 0.19.8), and those that do not:
+# its user script is the first word that is neither an option nor such an option's value.
+_VALUED_OPTIONS = ("--hostfile", "--include", "--exclude", "--num_nodes", "--num_gpus", "--num_accelerators",
+                   "--master_port", "--master_addr", "--node_rank", "--launcher", "--launcher_args",
+                   "--enable_each_rank_log", "--autotuning", "--bind_core_list", "--ssh_port", "--venv_script",
+                   "--log_level")
+_FLAG_OPTIONS = ("--help", "--module", "--no_python", "--no_local_rank", "--no_ssh", "--no_ssh_check",
+                 "--force_multi", "--save_pid", "--bind_cores_to_rank", "--quiet")
+
+
+def launcher_words(words: list[str]) -> list[str]:
+    """The words of a deepspeed launcher command line (after ``deepspeed``) that are the launcher's own: those
+    before its user script, as its parser reads them (an option's value, ``--exclude n1``, is the option's)."""
+    i = 0
+    while i < len(words) and words[i].startswith("-"):
+        word = words[i]
+        if word.startswith("--") and "=" not in word:
+            named = [o for o in _VALUED_OPTIONS + _FLAG_OPTIONS if o == word] or \
+                [o for o in _VALUED_OPTIONS + _FLAG_OPTIONS if o.startswith(word)]
+            i += 1 + (len(named) == 1 and named[0] in _VALUED_OPTIONS)  # an ambiguous one: the launcher refuses
+        else:  # --opt=V, -iVALUE, or a short option taking the next word (-H, -i, -e; -q, -h take none)
+            i += 1 + (word in ("-H", "-i", "-e"))
+    return words[:i]
+
+
 def check_launcher_args(args: list[str], source: str = "DS_LAUNCHER_ARGS") -> None:
     """Refuse an option of _SET_BY_THE_SCRIPT among the deepspeed launcher's `args`, in any spelling its argparse
     parser takes: --opt, --opt=V, an abbreviation (--incl), a short form (-i, -iVALUE)."""
@@ -196,6 +221,9 @@ def main(argv=None) -> int:
                        help="refuse deepspeed launcher options that train_deepspeed.sbatch sets itself or that choose "
                             "hosts and GPUs (give them after --)")
     p.add_argument("args", nargs="*", help="the launcher options (DS_LAUNCHER_ARGS)")
+    p.add_argument("--before-script", action="store_true",
+                   help="ARGS is a whole launcher command line (ds_node.sh's): check only the words before its "
+                        "script")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "from-slurm":
@@ -209,6 +237,8 @@ def main(argv=None) -> int:
             hosts = read_hostfile(args.hostfile)
             check(hosts, slurm_nodes(), args.hostfile, all_nodes=args.all_nodes)
             print(sum(hosts.values()))
+        elif args.cmd == "launcher-args" and args.before_script:
+            check_launcher_args(launcher_words(args.args), source="ds_node.sh's launcher options")
         elif args.cmd == "launcher-args":
             check_launcher_args(args.args)
         elif args.cmd == "first-host":

@@ -204,12 +204,38 @@ def test_launcher_args_refused_are_those_deepspeed_reads_as_the_scripts_or_a_hos
     parsed = vars(runner.parse_args([*words, "train.py"]))
     changed = [k for k in watched if parsed[k] != default[k]]
     assert parsed["user_script"] == "train.py" and parsed["user_args"] == []
+    # ds_node.sh's split of a whole command line: the launcher's words are those before the script, whose own
+    # arguments (here words the launcher would read as its options) are not the launcher's
+    script_args = ["--exclude", "n1", "-i", "x"]
+    assert vars(runner.parse_args([*words, "train.py", *script_args]))["user_args"] == script_args
+    assert hostfile.launcher_words([*words, "train.py", *script_args]) == words
     if changed:
         option = {"num_gpus": "--num_(gpus|accelerators)"}.get(changed[0], f"--{changed[0]}")  # its alias
         with pytest.raises(ValueError, match=rf"DS_LAUNCHER_ARGS=.*{option}.* is not an option to give here: "):
             hostfile.check_launcher_args(words)
     else:
         hostfile.check_launcher_args(words)
+
+
+def test_ds_node_refuses_launcher_options_that_choose_hosts_before_its_script(tmp_path):
+    """ds_node.sh run by another scheduler's job line (no train_deepspeed.sbatch to check DS_LAUNCHER_ARGS): with
+    --exclude n1 before the script, n1 started n2's ranks. Refused before the launcher starts; the same words
+    after the script are the script's, and an option's value (--enable_each_rank_log's) is not the script."""
+    (tmp_path / "hf").write_text("n1 slots=2\nn2 slots=2\n")
+    fake = tmp_path / "python"  # a stand-in for python that prints the launcher's command line
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = "-m" ]; then echo "$@"; exit 0; fi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    env = _clean_env(MASTER_ADDR="n1", MASTER_PORT="29501", SLURMD_NODENAME="n2", PYTHON=str(fake))
+    proc = _run(ROOT / "launch/slurm/ds_node.sh", tmp_path / "hf", "--exclude", "n1", "launch/train.py", env=env)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert "error: ds_node.sh's launcher options='--exclude n1': --exclude is not an option to give here: the " \
+        "script starts a launcher on every node" in proc.stderr, proc.stderr
+    proc = _run(ROOT / "launch/slurm/ds_node.sh", tmp_path / "hf", "--enable_each_rank_log", "logs", "launch/train.py",
+                "--exclude", "n1", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["-m", "deepspeed.launcher.runner", "--hostfile", str(tmp_path / "hf"), "--no_ssh",
+                                   "--node_rank=1", "--master_addr=n1", "--master_port=29501",
+                                   "--enable_each_rank_log", "logs", "launch/train.py", "--exclude", "n1"], proc.stdout
 
 
 def test_launcher_args_subcommand_takes_the_words_after_a_double_dash():

@@ -2,7 +2,7 @@
 # Run by srun once per node (launch/slurm/train_deepspeed.sbatch): start this node's ranks with the
 # deepspeed launcher in --no_ssh mode, so no node needs ssh access to another.
 #
-#   srun --ntasks-per-node=1 launch/slurm/ds_node.sh HOSTFILE launch/train.py --config ... --deepspeed ...
+#   srun --ntasks-per-node=1 launch/slurm/ds_node.sh HOSTFILE [LAUNCHER OPTIONS] launch/train.py --config ...
 #
 # --node_rank is this node's 0-based position among the hostfile's host lines (launch/hostfile.py
 # node-rank): the launcher gives node i the slots of host line i and numbers its ranks after those of
@@ -20,12 +20,16 @@ set -euo pipefail
 # common.sh sends a stop again until the ranks listen.
 trap '' USR1 TERM
 
-(( $# >= 2 )) || { echo "ds_node.sh: error: usage: ds_node.sh HOSTFILE SCRIPT [ARGS...]" >&2; exit 2; }
+(( $# >= 2 )) || { echo "ds_node.sh: error: usage: ds_node.sh HOSTFILE [LAUNCHER OPTIONS] SCRIPT [ARGS...]" >&2
+                   exit 2; }
 for v in MASTER_ADDR MASTER_PORT; do
     [[ -n "${!v:-}" ]] || { echo "ds_node.sh: error: $v not set (train_deepspeed.sbatch exports it)" >&2; exit 2; }
 done
 hostfile=$1; shift
 PYTHON=${PYTHON:-python}
+# Launcher options that choose hosts or GPUs, or that this script sets (train_deepspeed.sbatch checks its
+# DS_LAUNCHER_ARGS as well; another scheduler's job line reaches only this check)
+"$PYTHON" launch/hostfile.py launcher-args --before-script -- "$@" || exit 2
 line=$("$PYTHON" launch/hostfile.py node-rank --check-visible-devices --with-slots "$hostfile") || exit 2
 read -r node_rank slots <<< "$line"
 # train_deepspeed.sbatch's CPUs per node task, shared by this node's ranks (unless OMP_NUM_THREADS was given)

@@ -65,7 +65,7 @@ def _dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_qn, stride_qk, stride_on
 
 
 def _max(a, b):
-    return tl.maximum(a, b)
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 # tl.reduce's combine function is a global the kernel calls, which the compiler accepts only as a compiled-mode
@@ -107,7 +107,11 @@ def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
         w = v * s_old[:, None] + scale * acc
         # tl.reduce with our combine, not tl.max: the interpreter runs a reduce's combine_fn as Python
         # whatever mode triton was imported in, while tl.max is a standard-library @jit (see _runtime).
-        rowmax = tl.maximum(rowmax, tl.reduce(tl.where(mask, tl.abs(w), 0.0), 1, _max_combine))
+        # NaN wins (PropagateNan.ALL, here, in _max and at the floor below), as in the twin's amax: tl.maximum's
+        # default drops a NaN, and a merge of a NaN update stored scale 1 (an all-NaN row) or a finite scale,
+        # with codes of ±127, where the twin's scale is NaN (every later forward NaN, as a float base's).
+        rowmax = tl.maximum(rowmax, tl.reduce(tl.where(mask, tl.abs(w), 0.0), 1, _max_combine),
+                            propagate_nan=tl.PropagateNan.ALL)
     # bf16 round-to-nearest-even of rowmax/127 by bit arithmetic: identical compiled and interpreted (the
     # interpreter's fp32->bf16 cast truncates) and identical to torch's .to(torch.bfloat16).
     # tl.div_rn, here and below: IEEE division, as the twin's. A plain `/` compiles to div.full.f32 (up to
@@ -115,7 +119,8 @@ def _int8_merge_kernel(q_ptr, r_ptr, s_ptr, a_ptr, b_ptr, N, K, R,
     bits = tl.div_rn(rowmax, _QMAX).to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     s_new = bits.to(tl.float32, bitcast=True)
-    s_new = tl.where(rowmax == 0.0, 1.0, tl.maximum(s_new, _MIN_SCALE))  # the twin's floor: never subnormal
+    # the twin's floor: never subnormal
+    s_new = tl.where(rowmax == 0.0, 1.0, tl.maximum(s_new, _MIN_SCALE, propagate_nan=tl.PropagateNan.ALL))
     for k0 in range(0, K, BLOCK_K):  # pass 2: recompute the tile, requantize, write in place
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = n_ok[:, None] & (offs_k[None, :] < K)

@@ -18,8 +18,11 @@ rounds at every merge and drifts (measured: 1.41× the one-shot error after 1 me
 We carry the rounding residual (error feedback), and the residual includes
 the *initial* quantization error W0 − q(W0): the merge requantizes the 16-bit-accurate value
 ``(q + residual/254)·scale + s·B·A``, so after k merges the int8 weight is one absmax rounding of a value
-within (k+1)·scale/508 of the exact fp32-accumulated weight (the initial residual rounds too). Measured
-ratio to the one-shot error: 1.000–1.001 for k = 1…20 (``merge_drift`` below; tests/test_int8_quant.py;
+within Σ scale_j/508 (plus fp32 rounding) of the exact fp32-accumulated weight, summed over the k + 1 roundings
+of the residual (the initial one included) with the row's scale at each: at most (k+1)·max_j scale_j/508, not
+(k+1)·scale/508 with the row's scale now (a row whose scale shrank keeps the larger steps' errors: 1.12× that
+seen over 50 merges, tests/test_int8_review.py). Measured ratio to the one-shot error: 1.000–1.001 for
+k = 1…20 (``merge_drift`` below; tests/test_int8_quant.py;
 BENCHMARKS.md "int8 base weights"), 1.008 after 1000 independent merges, 1.7–4.0 after 1000 merges of one
 update repeated, where the residual's roundings add up (launch/bench_merge_rounding.py).
 Alternatives measured with the same function: stochastic rounding (unbiased, but error grows like √k),
@@ -146,7 +149,15 @@ def merge_(layer: nn.Module, A: torch.Tensor, B: torch.Tensor, q: torch.Tensor |
     """``(q, scale, residual) ← quantize(dequantize(q, scale, residual) + s·B·A)``: one Triton pass on CUDA
     (residual staged host→device→host), the fp32 torch twin elsewhere; deterministic, so identical on every
     data-parallel rank given identical A and B (the gathered fp32 masters). ``q``: the layer's weight_q
-    (default), or the whole of it gathered from FSDP2's shards."""
+    (default), or the whole of it gathered from FSDP2's shards. A NaN or Inf in A or B would make rows' scales
+    NaN or Inf for good (every later forward NaN), as at a load (:func:`quantized_base`): refused, counted, the
+    base left as it was."""
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in (("lora_A", A), ("lora_B", B))}
+    if any(bad.values()):
+        raise ValueError(f"the merge into the int8 base of layer {layer.name or '<unnamed>'} got "
+                         f"{' and '.join(f'{n} non-finite values (NaN/Inf) in {k}' for k, n in bad.items() if n)}, "
+                         "which no per-row int8 scale can hold; the base is left as it was. The LoRA factors "
+                         "diverged: resume from an earlier checkpoint (e.g. with a lower lr)")
     q = layer.weight_q if q is None else q
     relora_kernels.int8_merge_(q, layer.weight_scale, layer.weight_residual, A, B, layer.scale)
 

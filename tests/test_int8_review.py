@@ -2,7 +2,7 @@
 quantizer's error bounds on awkward rows, the layer's forward and backward on every kernel path, 50 merges against
 the exact fp64 sum, non-finite updates (kernel as twin; the layer refuses them), and a resume from a state dict.
 
-Kernels run under Triton's interpreter on CPU (``kernels_on``)."""
+Kernels run under Triton's interpreter on CPU (``kernels_on``), the merge's NaN case also compiled on CUDA."""
 from __future__ import annotations
 
 import io
@@ -13,6 +13,9 @@ import torch
 import relora_ds
 import relora_kernels as rk
 from relora_ds import LlamaConfig, LlamaForCausalLM
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: the int8 kernels then run compiled"))]
 
 RES = 254  # residual units per int8 step (relora_ds/quant.py)
 
@@ -159,8 +162,9 @@ def test_merge_kernel_tracks_the_twin_over_repeated_merges(kernels_on):
 
 # ------------------------------------------------------------------------------------------ non-finite
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN/Inf
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("where", ["B_row", "A_column", "B_inf"])
-def test_merge_kernel_keeps_a_non_finite_update_in_the_scale_as_the_twin(kernels_on, where):
+def test_merge_kernel_keeps_a_non_finite_update_in_the_scale_as_the_twin(kernels_on, device, where):
     """A NaN in one row of B (NaN in that row), in one column of A (NaN in every row), an Inf in B: the kernel's
     scales are the twin's, NaN or Inf where the twin's are (every later forward NaN, as a float base's). The
     kernel's row maximum dropped the NaN (tl.maximum's default): scale 1.0 for the NaN row and codes of -127 on
@@ -174,8 +178,9 @@ def test_merge_kernel_keeps_a_non_finite_update_in_the_scale_as_the_twin(kernels
         A[0, 7] = float("nan")
     else:
         B[4, 1] = float("inf")
-    kern, twin = [q.clone(), s.clone(), r.clone()], [q.clone(), s.clone(), r.clone()]
-    rk.int8_merge_(*kern, A, B, 2.0)
+    kern, twin = [q.clone().to(device), s.clone().to(device), r.clone()], [q.clone(), s.clone(), r.clone()]
+    rk.int8_merge_(*kern, A.to(device), B.to(device), 2.0)  # (the residual stays on the host)
+    kern = [t.cpu() for t in kern]
     rk.int8_merge_reference_(*twin, A, B, 2.0)
     bad = {"B_row": [1], "A_column": list(range(6)), "B_inf": [4]}[where]
     assert (~torch.isfinite(twin[1])).nonzero().flatten().tolist() == bad  # the oracle's own view

@@ -14,11 +14,15 @@ of them would. A member with a larger share (``q_i >= n_i``) is read ``floor(q_i
 epoch and ``q_i mod n_i`` windows of one more: each of its windows ``floor`` or ``ceil(q_i / n_i)`` times in
 every epoch. One with a smaller share walks on through its windows from epoch to epoch: epoch ``e`` takes
 windows ``e·q_i .. (e+1)·q_i - 1`` of an endless stream of shuffles of all its windows, so over the epochs it
-covers every window before repeating one. The sampler (:class:`relora_ds.data.ShardedBatches`) shuffles the
-epoch's ``N`` positions as for one dir: ranks, resume and re-sharding work unchanged; the mapping from
-(epoch, position) to a member's window is a pure function of the members' window counts, the weights and the
-seed (each shuffle drawn from them), so an exact resume stays exact. Each epoch's mapping is built once, as
-one array of ``N`` window ids (the size of the sampler's own epoch order), and shared by the reading threads.
+covers every window before repeating one; and no epoch reads one of its windows twice: where an epoch runs from
+the end of one shuffle into the next, the next one starts with windows that epoch has not read yet (the others
+follow in its drawn order; as drawn, such an epoch read about ``t·h/n`` windows twice, ``t`` and ``h`` its
+windows on either side, up to a quarter of them, and an optimizer step could hold a window twice). The sampler
+(:class:`relora_ds.data.ShardedBatches`) shuffles the epoch's ``N`` positions as for one dir: ranks, resume and
+re-sharding work unchanged; the mapping from (epoch, position) to a member's window is a pure function of the
+members' window counts, the weights and the seed (each shuffle drawn from them), so an exact resume stays exact.
+Each epoch's mapping is built once, as one array of ``N`` window ids (the size of the sampler's own epoch order),
+and shared by the reading threads.
 """
 from __future__ import annotations
 
@@ -317,6 +321,8 @@ class MixedWindows:
         # Epoch -> the id of the window at each position (shared by the views and the reading threads; built
         # once under the lock; the newest two epochs' are kept).
         self._tables: dict[int, np.ndarray] = {}
+        # Member -> {c: its shuffle c as read} (_walk), the newest two kept, built under the same lock.
+        self._walks: dict[int, dict[int, np.ndarray]] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -332,7 +338,7 @@ class MixedWindows:
         return view
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tables": {}, "_lock": None}
+        return {**self.__dict__, "_tables": {}, "_walks": {}, "_lock": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
@@ -350,8 +356,33 @@ class MixedWindows:
             parts = [self._shuffle(member, (1, epoch, c)) for c in range(-(-q // n))]
             return np.concatenate(parts)[:q]
         first, last = epoch * q, (epoch + 1) * q  # a slice of the member's endless stream of shuffles
-        parts = [self._shuffle(member, (0, c)) for c in range(first // n, (last - 1) // n + 1)]
+        parts = [self._walk(member, c) for c in range(first // n, (last - 1) // n + 1)]
         return np.concatenate(parts)[first - first // n * n:][:q]
+
+    def _walk(self, member: int, c: int) -> np.ndarray:
+        """Shuffle ``c`` of a down-weighted member's stream (``q < n``) as read: the one drawn for it, but where an
+        epoch crosses into it from shuffle ``c - 1`` (``t`` windows there, ``q - t`` here), its first ``q - t``
+        are the first drawn that the epoch's ``t`` did not read. That depends on shuffle ``c - 1`` as read, so the
+        walk goes from the last one kept (the newest two per member), from shuffle 0 after a resume."""
+        q, n = int(self.quotas[member]), int(self.sizes[member])
+        kept = self._walks.setdefault(member, {})
+        start = max((k for k in kept if k <= c), default=None)
+        walk = kept[start] if start is not None else self._shuffle(member, (0, 0))
+        for k in range(0 if start is None else start + 1, c + 1):
+            if k:
+                drawn, t = self._shuffle(member, (0, k)), k * n % q  # t: the crossing epoch's windows before it
+                if t:
+                    read = np.zeros(n, dtype=bool)
+                    read[walk[n - t:]] = True
+                    first = np.flatnonzero(~read[drawn])[:q - t]
+                    rest = np.ones(n, dtype=bool)
+                    rest[first] = False
+                    drawn = np.concatenate([drawn[first], drawn[rest]])
+                walk = drawn
+            kept[k] = walk
+            for old in sorted(kept)[:-2]:
+                del kept[old]
+        return walk
 
     def _table(self) -> np.ndarray:
         table = self._tables.get(self.epoch)

@@ -97,11 +97,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     from relora_ds.hf_load import load_hf, load_hf_config
     from relora_ds.startup import check_model_tokenizer, windows_shortfall
 
-    if not (args.model / "config.json").is_file():
-        raise ValueError(f"{args.model} is not a Hugging Face model directory (no config.json)")
+    config = load_hf_config(args.model)  # first: a run's directory or checkpoint is named, with its export
     manifest = load_manifest(args.data_dir)
     own_tokenizer = check_model_tokenizer(args.model, manifest, args.data_dir)
-    config = load_hf_config(args.model)
     if config.vocab_size < manifest["vocab_size"]:
         what = ("the model directory is inconsistent: its own tokenizer (the data's) has more ids than its "
                 "embedding" if own_tokenizer else "not the model's data")
@@ -122,7 +120,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         warnings.warn(short, UserWarning, stacklevel=2)
     masking = args.document_masking == "on"
     if args.document_masking == "auto" and (args.model / PROGRESS_FILE).is_file():
-        progress = json.loads((args.model / PROGRESS_FILE).read_text())
+        progress = _progress(args.model / PROGRESS_FILE)
         masking = bool(progress.get("document_masking"))
         if "document_masking" not in progress:
             warnings.warn(f"{args.model / PROGRESS_FILE} predates the record of --document-masking (2026-12-05): "
@@ -141,6 +139,17 @@ def evaluate(args: argparse.Namespace) -> dict:
             "ppl": math.exp(min(loss, 50.0)), **{f"loss/{k}": v for k, v in members.items()},
             "document_masking": masking, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _progress(path: Path) -> dict:
+    try:
+        progress = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        progress = e
+    if not isinstance(progress, dict):
+        raise ValueError(f"{path} is not the JSON object an export writes ({progress}): --document-masking auto "
+                         "cannot read how the run trained; pass --document-masking on or off")
+    return progress
 
 
 def main(argv=None) -> int:

@@ -74,9 +74,14 @@ def main(argv=None) -> Path:
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out {args.out} exists and is not a directory")
     tag = args.tag or latest_tag(args.checkpoints)
+    if _is_checkpoint(args.checkpoints) and args.tag not in (None, args.checkpoints.name):
+        found = sorted((p.name for p in checkpoint_folders(args.checkpoints.parent)), key=tag_step)
+        ap.error(f"{args.checkpoints} is one checkpoint, {args.checkpoints.name}, and --tag {args.tag} another: give "
+                 f"their checkpoints/ folder {args.checkpoints.parent} with --tag (found there: {found or 'none'})")
     if tag is None or not (args.checkpoints / tag).is_dir():
         found = sorted((p.name for p in checkpoint_folders(args.checkpoints)), key=tag_step)
-        ap.error(f"no checkpoint {tag or '(latest)'} in {args.checkpoints}; found: {found or 'none'}")
+        ap.error(f"no checkpoint {tag or '(latest)'} in {args.checkpoints}; found: {found or 'none'}" + (
+            "" if found else " (give a run's output_dir, its checkpoints/ folder, or one checkpoint's step_N/ folder)"))
     _refuse_hf_trainer_checkpoint(args.checkpoints / tag, ap)
     if not (args.checkpoints / tag / "config.json").is_file():
         ap.error(f"{args.checkpoints / tag} has no config.json: an incomplete checkpoint (its save did not finish?); "

@@ -140,6 +140,29 @@ def save_hf_tokenizer(sp_model: str | Path, out_dir: str | Path, *, model_max_le
     return {"bos_token_id": bos[0] if bos else None, "eos_token_id": sp.eos_id()}
 
 
+def auto_tokenizer_difference(folder: str | Path) -> str | None:
+    """None where transformers' ``AutoTokenizer`` loads the tokenizer.json of `folder` (a model directory, its
+    config.json written) as written, else how it encodes otherwise. transformers 5 rebuilds the tokenizer of
+    some model types from tokenizer.json's vocab and merges under its own normalizer and pre-tokenizer,
+    whatever class tokenizer_config.json names (model_type qwen2: Qwen2Tokenizer's byte-level BPE), which a
+    SentencePiece model's conversion or another family's tokenizer does not survive."""
+    import transformers
+
+    try:
+        auto = transformers.AutoTokenizer.from_pretrained(folder)
+        written = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+    except Exception as e:  # a check: whatever fails in transformers is named, and the export goes on
+        return f"transformers {transformers.__version__}'s AutoTokenizer cannot load it ({type(e).__name__}: {e})"
+    for text in _PROBES:
+        got, want = auto(text, verbose=False)["input_ids"], written(text, verbose=False)["input_ids"]
+        if got != want:
+            model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+            return (f"transformers {transformers.__version__}'s AutoTokenizer loads the tokenizer of this "
+                    f"{model_type} model as {type(auto).__name__}, which encodes {text!r} as {got[:12]}, where its "
+                    f"tokenizer.json (the training tokenizer) gives {want[:12]}")
+    return None
+
+
 def converted_difference(sp_model: str | Path, tokenizer_json: str | Path) -> str | None:
     """None where a SentencePiece ``tokenizer.model`` and a ``tokenizer.json`` give the same ids: the former
     converted as an export converts it (:func:`save_hf_tokenizer`) equals the latter (its JSON content, BOS

@@ -20,6 +20,7 @@ GPU on this node is compared with, as a warning only. Prints a summary on stderr
 find metrics.jsonl); exit 2 on error.
 """
 import contextlib
+import math
 import os
 import sys
 import warnings
@@ -60,8 +61,8 @@ def _check(argv) -> str:
     args = parser.parse_args(argv)
     if args.world_size < 1:
         parser.exit(2, f"error: --world-size must be >= 1, got {args.world_size}\n")
-    if args.gpu_memory_gb is not None and not args.gpu_memory_gb > 0:
-        parser.exit(2, f"error: --gpu-memory-gb must be > 0, got {args.gpu_memory_gb:g}\n")
+    if args.gpu_memory_gb is not None and not 0 < args.gpu_memory_gb < math.inf:  # inf: "nan GB usable"
+        parser.exit(2, f"error: --gpu-memory-gb must be a positive finite number, got {args.gpu_memory_gb:g}\n")
     try:
         cfg = config_from_args(args)
         check_output_dir(cfg)

@@ -2,6 +2,8 @@
 rule for both, so a value the command line refuses is refused in a recipe too."""
 from __future__ import annotations
 
+import contextlib
+import decimal
 import math
 import typing
 
@@ -20,6 +22,7 @@ def coerce_value(name: str, value, tp):
             return value
         raise ValueError(f"{name}={value!r} must be true or false")
     if tp in (int, float):
+        text = None
         if isinstance(value, str):
             text = value
             try:
@@ -29,12 +32,17 @@ def coerce_value(name: str, value, tp):
                     value = float(text)
                 except ValueError:
                     raise ValueError(f"{name}={text!r} must be a number") from None
+                if tp is int and math.isfinite(value):  # "1e30" is 10**30 exactly, not float(1e30)'s 10**30 + 2e13
+                    with contextlib.suppress(decimal.InvalidOperation):
+                        exact = decimal.Decimal(text.strip())
+                        value = int(exact) if exact == exact.to_integral_value() else value
+        shown = text if isinstance(text, str) else value  # "1e400", not the inf it reads as
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name}={value!r} must be a {'whole' if tp is int else 'finite'} number")
+            raise ValueError(f"{name}={shown!r} must be a {'whole' if tp is int else 'finite'} number")
         if tp is float:
             return float(value)
         if isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"{name}={value!r} must be a whole number")
+            raise ValueError(f"{name}={shown!r} must be a whole number")
         return int(value)
     if typing.get_origin(tp) is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -130,7 +130,26 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
                   weight_decay=cfg.weight_decay)
     _accumulate_bf16_optimizer_grads_once(ds, source)
     ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's
+    _parse_as_deepspeed(ds, source)
     return ds
+
+
+def _parse_as_deepspeed(ds: dict, source: str) -> None:
+    """DeepSpeed's own parse of the completed config, the one deepspeed.initialize makes: a value it refuses
+    (e.g. an unknown communication_data_type) is a ValueError naming the file here, in preflight too, not an
+    error (or a traceback) from every rank's engine start. train_batch_size is left out: DeepSpeed derives it
+    from its world size, 1 before the process group starts."""
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+    from deepspeed.utils import logger
+
+    level = logger.level
+    logger.setLevel("ERROR")  # its world-size line and deprecation warnings: DeepSpeed says them again at start
+    try:
+        DeepSpeedConfig({k: v for k, v in copy.deepcopy(ds).items() if k != "train_batch_size"})
+    except (DeepSpeedConfigError, ValueError, TypeError, AttributeError, AssertionError) as e:
+        raise ValueError(f"{source}: DeepSpeed refuses this config: {e}") from None
+    finally:
+        logger.setLevel(level)
 
 
 def _release_nvme_parameters_after_use(ds: dict, stage: int, source: str) -> None:

@@ -24,6 +24,10 @@ _OBJECT_SECTIONS = ("bf16", "bfloat16", "fp16", "optimizer", "data_types", "aio"
                     "csv_monitor", "comet", "checkpoint", "activation_checkpointing", "flops_profiler",
                     "comms_logger", "compile", "timers", "pipeline", "tensor_parallel", "autotuning",
                     "weight_quantization", "hybrid_engine", "expert_parallel")
+# Top-level switches DeepSpeed reads by truthiness ("false" is on) or combines with `|` (a string fails at start).
+_SWITCH_KEYS = ("prescale_gradients", "disable_allgather", "dump_state", "zero_allow_untested_optimizer",
+                "zero_force_ds_cpu_optimizer", "wall_clock_breakdown", "memory_breakdown",
+                "use_data_before_expert_parallelism")
 # Keys DeepSpeed reads as a dtype name ("fp16", "bf16", "fp32"; null for its default): anything else fails inside it.
 _DTYPE_NAME_KEYS = ("communication_data_type", "seq_parallel_communication_data_type")
 # DeepSpeed 0.19.8 stage_1_and_2.py: the flat partitions hold round_robin_bit16_groups (the parameters
@@ -115,9 +119,13 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
             raise ValueError(f"{source}: {key!r} must be an object, not {ds[key]!r} (e.g. "
                              f"{_SECTION_EXAMPLES.get(key, '{...}')}); leave the key out for DeepSpeed's "
                              f"default{also}")
-        if key in _DTYPE_NAME_KEYS and ds[key] is not None and not isinstance(ds[key], str):
+        if key in _DTYPE_NAME_KEYS and ds[key] is not None and not (
+                isinstance(ds[key], str) and ds[key].lower() in ("fp32", "fp16", "bf16")):  # DeepSpeed lowercases
             raise ValueError(f"{source}: {key!r} must name a dtype (\"fp32\", \"fp16\" or \"bf16\"), not "
                              f"{ds[key]!r}; leave the key out for DeepSpeed's default")
+        if key in _SWITCH_KEYS and not isinstance(ds[key], (bool, int)):
+            raise ValueError(f"{source}: {key}={ds[key]!r} must be true or false (a JSON boolean, or 0/1); DeepSpeed "
+                             "reads it by truthiness, so a string such as \"false\" counts as true")
         if recipe_key and key not in deepspeed_top_level_keys():
             raise ValueError(f"{source}: {key!r} is not a DeepSpeed key but a recipe setting: set it in the "
                              f"recipe (or --{key.replace('_', '-')}), not in the DeepSpeed JSON")
@@ -145,6 +153,20 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
     for key in zero if isinstance(zero, dict) else ():
         if key in removed_zero:
             raise ValueError(f"{source}: {removed_zero[key]}")
+    for key in ("offload_optimizer", "offload_param"):  # read with .get() below, and by DeepSpeed
+        section = zero.get(key) if isinstance(zero, dict) else None
+        if section is not None and not isinstance(section, dict):
+            raise ValueError(f"{source}: zero_optimization.{key}={section!r} must be an object, e.g. "
+                             f"{{\"device\": \"cpu\"}}, or null (none)")
+    every = ds.get("steps_per_print")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        # DeepSpeed takes the step count modulo it at every step: 0 failed there (ZeroDivisionError), "10" too
+        raise ValueError(f"{source}: steps_per_print={every!r} must be a positive whole number (DeepSpeed's "
+                         "progress lines every N steps); leave it out to have the trainer turn them off")
+    tag = ds["checkpoint"].get("tag_validation", "WARN") if isinstance(ds.get("checkpoint"), dict) else "WARN"
+    if not (isinstance(tag, str) and tag.upper() in ("WARN", "IGNORE", "FAIL")):  # else a traceback at start
+        raise ValueError(f"{source}: checkpoint.tag_validation={tag!r} is not valid; valid values: 'WARN', "
+                         "'IGNORE', 'FAIL' (any case)")
     stage = _as_int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{source}: zero_optimization.stage={stage!r} is not a ZeRO stage: valid stages are 0, 1, "
@@ -207,7 +229,11 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                 _unknown(f"{source}: aio: key", key, AIO_DEFAULT_DICT,
                          hint=f" (DeepSpeed would silently ignore it{renamed})")
     _check_optimizer(ds, source)
-    if uses_bf16(ds) and uses_fp16(ds):  # after the sections' keys are checked: these parse them
+    try:  # after the sections' keys are checked: these parse them
+        both = uses_bf16(ds) and uses_fp16(ds)
+    except ValueError as e:  # pydantic's message names the field and the section's class, not the file
+        raise ValueError(f"{source}: {e}") from None
+    if both:
         raise ValueError(f"{source} enables both bf16 and fp16: enable one (bf16 on GPUs that have it)")
 
 

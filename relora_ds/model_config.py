@@ -192,6 +192,9 @@ def _checked_rope_scaling(scaling: dict | None) -> dict | None:
     if not isinstance(scaling, dict):
         raise ValueError(f"rope_scaling must be a dict or None, got {scaling!r}")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if not isinstance(rope_type, str):
+        raise ValueError(f"rope_scaling's rope_type={rope_type!r} must be a name; valid rope types: 'default' (plain "
+                         f"RoPE), {', '.join(repr(t) for t in ROPE_TYPES)}")
     # rope_theta (transformers 5 keeps it here) is the config's own field.
     scaling = {"rope_type": rope_type,
                **{k: v for k, v in scaling.items() if k not in ("type", "rope_type", "rope_theta")}}
@@ -203,7 +206,8 @@ def _checked_rope_scaling(scaling: dict | None) -> dict | None:
     missing = [k for k in ROPE_TYPES[rope_type] if scaling.get(k) is None]
     if missing:
         raise ValueError(f"rope_scaling of type {rope_type!r} lacks {missing}; it needs {list(ROPE_TYPES[rope_type])}")
-    if not all(math.isfinite(scaling[k]) and scaling[k] > 0 for k in ROPE_TYPES[rope_type]):
+    if not all(isinstance(scaling[k], numbers.Real) and not isinstance(scaling[k], bool)
+               and math.isfinite(scaling[k]) and scaling[k] > 0 for k in ROPE_TYPES[rope_type]):
         raise ValueError(f"rope_scaling {scaling}: {list(ROPE_TYPES[rope_type])} must be positive numbers")
     if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ValueError(f"rope_scaling {scaling}: high_freq_factor must be above low_freq_factor")

@@ -32,6 +32,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
+        self._args = args  # for error()'s hints
         self._warn_repeats(args)
         return super().parse_known_args(args, namespace)
 
@@ -84,9 +85,17 @@ class ArgumentParser(argparse.ArgumentParser):
         if message.startswith(prefix):
             flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
             hints = []
+            args = getattr(self, "_args", [])
             for arg in message[len(prefix):].split():
                 name = arg.split("=", 1)[0]
-                if not name.startswith("--"):
+                if not name.startswith("--"):  # a value after a switch: `--export false`
+                    switches = [args[i - 1] for i in range(1, len(args)) if args[i] == arg and
+                                getattr(self._option_string_actions.get(args[i - 1]), "nargs", None) == 0]
+                    if switches:
+                        action = self._option_string_actions[switches[0]]
+                        ways = " or ".join(action.option_strings) if isinstance(
+                            action, argparse.BooleanOptionalAction) else switches[0]
+                        hints.append(f"{arg}: {switches[0]} is a switch and takes no value ({ways})")
                     continue
                 dashed = "--" + name[2:].replace("_", "-")
                 match = [dashed] if dashed in flags else difflib.get_close_matches(dashed, flags, n=1, cutoff=0.75)

@@ -27,6 +27,10 @@ BUILTIN_VOCAB_SIZE = 2048
 # The built-in corpus's smallest SentencePiece model: byte fallback (256 pieces), <unk>, <s>, </s> and a piece for
 # each of the corpus's characters SentencePiece keeps (its training refuses fewer: 338, tests/test_preflight.py).
 _MIN_BUILTIN_VOCAB = 338
+_MAX_BUILTIN_VOCAB = 2**31 - 1  # SentencePiece reads vocab_size as a 32-bit int (2**31: "cannot parse as int")
+# data_prefetch: each micro-batch read ahead has its own reader thread; far more failed the first step with
+# "RuntimeError: can't start new thread" (1e8, measured), after the model was built.
+_MAX_PREFETCH = 256
 # Fields holding a path, whose leading "~" is expanded.
 _PATH_FIELDS = ("output_dir", "data_dir", "hf_model", "warm_start_from")
 ALL_LINEAR = "all-linear"  # target_modules: every linear layer but the output layer (PEFT's spelling)
@@ -294,6 +298,12 @@ class TrainConfig:
                 optional = " (or none, the default)" if f.default is None else ""
                 bad(f"{f.name}={value!r} is not valid; valid values: {', '.join(map(repr, choices))}{optional}",
                     f.name)
+        for f in dataclasses.fields(self):  # `--data-dir "$DIR"` with DIR unset: '' read as unset, or as the cwd
+            value = getattr(self, f.name)
+            if isinstance(value, str) and not value.strip() and f.name != "target_modules" and problems.ok(f.name):
+                unset = (f"give none (--{f.name.replace('_', '-')} none) or leave it out for the default"
+                         if f.default is None else f"leave it out for the default {f.default!r}")
+                bad(f"{f.name}={value!r} is empty: give a value, or {unset}", f.name)
         for f in dataclasses.fields(self):  # nan passes every comparison below, and inf none usefully
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -323,6 +333,14 @@ class TrainConfig:
         for name in ("prune_ratio", "min_lr_ratio"):
             if problems.ok(name) and not 0.0 <= getattr(self, name) <= 1.0:
                 bad(f"{name}={getattr(self, name)} must be in [0, 1]", name)
+        if problems.ok("data_prefetch") and self.data_prefetch > _MAX_PREFETCH:
+            bad(f"data_prefetch={self.data_prefetch} is too many: each micro-batch read ahead takes a reader thread "
+                f"and its memory; give at most {_MAX_PREFETCH} (a few hide the storage's latency; 0 reads each "
+                "batch when the step needs it)", "data_prefetch")
+        if self.vocab_size is not None and self.data_dir is None and self.vocab_size > _MAX_BUILTIN_VOCAB:
+            bad(f"vocab_size={self.vocab_size} is too large: SentencePiece, which trains the built-in corpus's "
+                f"tokenizer, takes at most 2**31 - 1 = {_MAX_BUILTIN_VOCAB} pieces (below that, one larger than the "
+                f"corpus supports is capped, with a warning); default {BUILTIN_VOCAB_SIZE}", "vocab_size")
         if self.vocab_size is not None and self.data_dir is None and 0 < self.vocab_size < _MIN_BUILTIN_VOCAB:
             bad(f"vocab_size={self.vocab_size} is too small: the built-in corpus's tokenizer takes "
                 f"{_MIN_BUILTIN_VOCAB} pieces (256 byte fallbacks, <unk>, <s>, </s> and its characters) before any "
@@ -381,7 +399,7 @@ class TrainConfig:
             warned.append(f"the full-rank warm start runs at ReLoRA's lr={self.lr}: the paper's ReLoRA lr is 2x the "
                           "full-rank one, and a warm start at the full-rank lr measured better (BENCHMARKS.md); set "
                           "warm_start_lr (e.g. lr / 2)")
-        if self.resume_from is not None:
+        if self.resume_from is not None and problems.ok("resume_from"):
             if re.fullmatch(r"step_\d+", self.resume_from):
                 self.resume = True
             else:
@@ -391,7 +409,8 @@ class TrainConfig:
             bad("give resume or overwrite, not both (resume continues the run in output_dir, overwrite deletes it; "
                 "the SLURM scripts always pass --resume: for a new run there, give a new output_dir)",
                 "resume", "overwrite")
-        if self.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        if self.wandb_project is not None and problems.ok("wandb_project") and \
+                importlib.util.find_spec("wandb") is None:
             bad(f"wandb_project={self.wandb_project!r} needs the wandb package, which is not installed (pip install "
                 "wandb), or leave wandb_project unset", "wandb_project")
         if self.merge_residual and self.quantize == "int8":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                              safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
@@ -61,7 +62,7 @@ def _zero3_set_full(param: torch.Tensor, value: torch.Tensor, key: str | None) -
         raise ValueError(f"ZeRO-3 set-full: {value.numel()} values for a parameter of {param.ds_numel} "
                          f"(shape {tuple(param.ds_shape)})")
     opt = param._z3_optimizer
-    part, group_idx = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    part, group_idx = _zero3_partition(param, key, release_swap_buffers=False)
     world = opt._get_param_partition_world_size(param)
     rank = opt._get_param_partition_rank(param)
     padded = torch.zeros(part.numel() * world, dtype=part.dtype, device=part.device)
@@ -71,8 +72,37 @@ def _zero3_set_full(param: torch.Tensor, value: torch.Tensor, key: str | None) -
         opt._optimizer_states_and_gradient_swap_out(group_idx)
 
 
+def _zero3_backup_stepped(opt, group_idx: int) -> bool:
+    """Whether ZeRO-3 steps sub-group ``group_idx`` with its backup torch AdamW: a partial optimizer offload
+    (offload_optimizer.ratio < 1) keeps some sub-groups on the accelerator and steps them there with it, so their
+    moments live in its state, which DeepSpeed's optimizer-state API (``self.optimizer.state``) never reads: the
+    prune raised KeyError 'exp_avg' (DeepSpeed 0.19.8, stage3.py ``_optimizer_step``: any device but 'cpu'; its
+    checkpoints save ``self.optimizer``'s state alone, so a resume loses these moments: DeepSpeed's to fix)."""
+    return (getattr(opt, "backup_optimizer", None) is not None and getattr(opt, "offload_optimizer", False)
+            and opt.subgroup_to_device[group_idx] != "cpu")
+
+
+def _zero3_sub_group(param: torch.Tensor) -> int:
+    opt = param._z3_optimizer
+    return opt.grad_position[opt.get_param_id(param)][0]
+
+
+def _zero3_partition(param: torch.Tensor, key: str | None, release_swap_buffers: bool) -> tuple[torch.Tensor, int]:
+    """This rank's partition of ``param``'s fp32 master (key None) or optimizer state, and its sub-group."""
+    opt = param._z3_optimizer
+    group_idx, offset, count = opt.grad_position[opt.get_param_id(param)]  # (sub-group, start, partition numel)
+    if key is not None and _zero3_backup_stepped(opt, group_idx):
+        flat = opt.fp32_partitioned_groups_flat[group_idx]
+        return opt.backup_optimizer.state[flat][key].narrow(0, offset, count), group_idx
+    return opt._get_fp32_opt_state_partition(param, release_swap_buffers=release_swap_buffers, optim_state_key=key)
+
+
 def get_full(param: torch.Tensor, key: str | None = None) -> torch.Tensor:
     """Full fp32 master (key None) or optimizer state of ``param``; a collective on every rank."""
+    if key is not None and _is_zero3(param) and param.requires_grad and _zero3_backup_stepped(
+            param._z3_optimizer, _zero3_sub_group(param)):  # DeepSpeed's get_full_hp_param, from the backup's state
+        part, _ = _zero3_partition(param, key, release_swap_buffers=True)
+        return param._z3_optimizer._fp32_state_allgather(param, part.to(get_accelerator().current_device_name()))
     out = safe_get_full_fp32_param(param) if key is None else safe_get_full_optimizer_state(param, key)
     if out is None:
         raise ValueError(f"parameter of shape {tuple(param.shape)} has no ZeRO-managed fp32 state "
@@ -96,7 +126,8 @@ def optimizer_state_ready(engine) -> bool:
     sub-groups), not from DeepSpeed's "fragments linked" flag, which a load leaves unset."""
     opt = engine.optimizer
     inner = getattr(opt, "optimizer", opt)  # ZeRO and the BF16 optimizer wrap the torch optimizer
-    return len(getattr(inner, "state", {})) > 0
+    backup = getattr(opt, "backup_optimizer", None)  # ZeRO-3's partial offload: the accelerator's sub-groups
+    return len(getattr(inner, "state", {})) > 0 or (backup is not None and len(backup.state) > 0)
 
 
 def relink_optimizer_fragments(engine) -> None:

@@ -181,6 +181,17 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                          "updates only selected columns each step and keeps state of its own, which ReLoRA's merges "
                          "and optimizer resets do not reach; remove zenflow (offload_optimizer alone trains with "
                          "DeepSpeedCPUAdam)")
+    partial = zero.get("offload_optimizer") if isinstance(zero, dict) and stage == 3 else None
+    if isinstance(partial, dict) and partial.get("device", "none") not in ("none", None) and \
+            isinstance(partial.get("ratio"), (int, float)) and not isinstance(partial["ratio"], bool) and \
+            partial["ratio"] < 1:
+        # DeepSpeed 0.19.8 stage3.py: the sub-groups left on the accelerator step on a backup torch AdamW, and
+        # _rigid_state_dict / _rigid_load_state_dict save and load self.optimizer's state alone
+        warnings.warn(f"{source}: zero_optimization.offload_optimizer.ratio={partial['ratio']} keeps a share of the "
+                      "optimizer on the accelerator, where DeepSpeed steps it with a second AdamW whose moments its "
+                      "checkpoints do not hold: at every --resume those restart from zero (the resumed run is not "
+                      "the uninterrupted one). Leave ratio out (1: all offloaded) for an exact resume",
+                      ConfigWarning, stacklevel=2)
     if isinstance(zero, dict) and stage < 3:
         param = zero.get("offload_param")
         if as_bool(zero.get("cpu_offload_param", False)):  # DeepSpeed's legacy offload_param: {"device": "cpu"}

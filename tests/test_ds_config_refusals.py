@@ -172,6 +172,16 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
     with pytest.warns(ConfigWarning, match=r"max_live_parameters, prefetch_bucket_size act only at ZeRO stage 3"):
         complete_ds_config({"zero_optimization": {"stage": 1, "prefetch_bucket_size": 10, "max_live_parameters": 5}},
                            TrainConfig(**BASE), world_size=2)  # the same settings without their stage3_ prefix
+    # ZeRO-3's partial optimizer offload: DeepSpeed's checkpoints lack its backup AdamW's moments (stage3.py)
+    with pytest.warns(ConfigWarning, match=r"offload_optimizer.ratio=0.5 keeps a share of the optimizer on the "
+                                           r"accelerator, .* at every --resume those restart from zero"):
+        complete_ds_config({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}}},
+                           TrainConfig(**BASE), world_size=2)
+    for ratio in ({}, {"ratio": 1}, {"ratio": 1.0}):  # all offloaded: no warning
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConfigWarning)
+            complete_ds_config({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", **ratio}}},
+                               TrainConfig(**BASE), world_size=2)
     with pytest.warns(ConfigWarning, match=r"torch_adam with an offloaded optimizer: DeepSpeed steps "
                                            r"torch.optim.AdamW on the host instead of its vectorized DeepSpeedCPUAdam"):
         complete_ds_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import sharded
 from .merge_stats import update_stats
-from .relora import is_deepspeed_engine, relora_layers
+from .relora import fsdp2_modules_above, is_deepspeed_engine, relora_layers
 
 
 def check_not_engine_managed(param, what: str) -> None:
@@ -54,7 +54,12 @@ def merge_and_reinit(model: nn.Module) -> dict:
                          "model (or the DeepSpeed engine, or the DistributedDataParallel module), whose ReLoRA layers "
                          "merge; the optimizer goes to relora_ds.prune_optimizer_state")
     start = time.perf_counter()
-    sharded.reshard_(model)  # FSDP2: merge into its shards, not into whole copies it never writes back
+    # FSDP2: merge into its shards, not into whole copies it never writes back; those of the FSDP2 modules the
+    # model sits in too (merge_and_reinit(model.model) of a root-only sharded model after an evaluation forward
+    # merged into the root's whole copies: every merge lost, merge_count advanced, no error)
+    sharded.reshard_(model)
+    for module in fsdp2_modules_above(model):
+        module.reshard()
     layers = list(relora_layers(model))
     if not layers:
         raise ValueError("merge_and_reinit: the model has no ReLoRALinear layers (call relora_ds.wrap first)")

@@ -157,6 +157,18 @@ _SET_BY_THE_SCRIPT = {
 _SHORT_OPTIONS = {"-H": "--hostfile", "-i": "--include", "-e": "--exclude"}
 
 
+def _short_option(word: str) -> tuple[str | None, bool]:
+    """The option taking a value (-H, -i, -e) that a single-dash `word` gives, as argparse reads it after the
+    switches it may start with (-qe n1 and -qen1 are -q -e n1), or None; and whether its value is the next word."""
+    if not word.startswith("-") or word.startswith("--"):
+        return None, False
+    rest = word[1:]
+    while len(rest) > 1 and rest[0] in "qh":  # -q, -h: switches, which argparse lets lead a cluster
+        rest = rest[1:]
+    option = "-" + rest[:1]
+    return (option, rest == rest[:1]) if option in _SHORT_OPTIONS else (None, False)
+
+
 # The deepspeed launcher's options that take a value (deepspeed/launcher/runner.py, 0.19.8), and those that do not:
 # its user script is the first word that is neither an option nor such an option's value.
 _VALUED_OPTIONS = ("--hostfile", "--include", "--exclude", "--num_nodes", "--num_gpus", "--num_accelerators",
@@ -177,20 +189,20 @@ def launcher_words(words: list[str]) -> list[str]:
             named = [o for o in _VALUED_OPTIONS + _FLAG_OPTIONS if o == word] or \
                 [o for o in _VALUED_OPTIONS + _FLAG_OPTIONS if o.startswith(word)]
             i += 1 + (len(named) == 1 and named[0] in _VALUED_OPTIONS)  # an ambiguous one: the launcher refuses
-        else:  # --opt=V, -iVALUE, or a short option taking the next word (-H, -i, -e; -q, -h take none)
-            i += 1 + (word in ("-H", "-i", "-e"))
+        else:  # --opt=V, -iVALUE, or a short option taking the next word (-H, -i, -e, -qe; -q, -h take none)
+            i += 1 + _short_option(word)[1]
     return words[:i]
 
 
 def check_launcher_args(args: list[str], source: str = "DS_LAUNCHER_ARGS") -> None:
     """Refuse an option of _SET_BY_THE_SCRIPT among the deepspeed launcher's `args`, in any spelling its argparse
-    parser takes: --opt, --opt=V, an abbreviation (--incl), a short form (-i, -iVALUE)."""
+    parser takes: --opt, --opt=V, an abbreviation (--incl), a short form (-i, -iVALUE, -qi after a switch)."""
     for word in args:
         if word.startswith("--") and len(name := word.split("=", 1)[0]) > 2:
             # argparse's allow_abbrev: the exact name, else every option it abbreviates (several: an error there)
             meant = [name] if name in _SET_BY_THE_SCRIPT else [o for o in _SET_BY_THE_SCRIPT if o.startswith(name)]
         else:
-            meant = [_SHORT_OPTIONS[word[:2]]] if word[:2] in _SHORT_OPTIONS else []
+            meant = [_SHORT_OPTIONS[short]] if (short := _short_option(word)[0]) else []
         if meant:
             what = meant[0] if meant[0] == word.split("=", 1)[0] else f"{word!r} (the launcher's {' or '.join(meant)})"
             raise ValueError(f"{source}={' '.join(args)!r}: {what} is not an option to give here: "

@@ -189,7 +189,9 @@ _LAUNCHER_WORDS = [["--exclude", "n1"], ["--include=n2:0"], ["-i", "n1"], ["-in1
                    ["--master_a", "n2"], ["--master_port=1"],
                    ["--bind_cores_to_rank"], ["--enable_each_rank_log", "logs"], ["--no_ssh_check"], ["--no_ssh"],
                    ["--no_python"], ["--no_local_rank"], ["--launcher", "pdsh"], ["--bind_core_list", "0-3"],
-                   ["--ssh_port", "22"], ["--save_pid"], ["--force_multi"], ["--module"], ["--log_level=info"]]
+                   ["--ssh_port", "22"], ["--save_pid"], ["--force_multi"], ["--module"], ["--log_level=info"],
+                   # switches leading a cluster of short options (argparse reads -qe n1 as -q -e n1), values
+                   ["-qe", "n1"], ["-qen1"], ["-qi=n1"], ["-qH", "hf"], ["-q"], ["-q", "--launcher_args", "xe"]]
 
 
 @pytest.mark.parametrize("words", _LAUNCHER_WORDS, ids=" ".join)

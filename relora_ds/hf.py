@@ -8,8 +8,6 @@ as training did (``save_hf_tokenizer``), a Hugging Face tokenizer.json copied as
 """
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
 import os
 import shutil
@@ -286,99 +284,28 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
 
 
 def _replace_export(out: Path, staging: Path, writes_tokenizer: bool) -> None:
-    """Put the staged export in place of the one in `out`. An earlier export's (or model's) weights and
-    progress file go (an old shard index would win over model.safetensors), and, when this export writes a
-    tokenizer, its tokenizer files too, so that no old tokenizer.json stays beside a new tokenizer.model;
-    tokenizer files an export without a tokenizer finds are named. Other files are the user's. The staged
-    files are flushed to disk first (a power loss leaves no empty model.safetensors under its name).
-
-    The folder is swapped whole (``_swap_folder``: a crash leaves the earlier export or this one, never a mix;
-    between its two renames the earlier one whole beside it, put back by the next ``export_run``); where it
-    cannot be, file by file: the earlier export's files go, then the new ones come in (a crash between leaves
-    a folder without weights, never old weights beside a new config or progress)."""
+    """Move the staged export into `out`. An earlier export's (or model's) weights go first (an old shard
+    index would win over model.safetensors), and, when this export writes a tokenizer, its tokenizer files
+    too, so that no old tokenizer.json stays beside a new tokenizer.model; tokenizer files an export without
+    a tokenizer finds are named. Other files are the user's. The staged files are flushed to disk first (a
+    power loss leaves no empty model.safetensors under its name), before anything of the old export goes.
+    A crash in the moment between leaves no weights (an error at load), never old weights beside a new config.
+    (Swapping the folder whole instead, rename aside and rename in, took the directory from under any process
+    working in it, a shell or the exporting process's own `--out .`: not done.)"""
     fsync_tree(staging)
     old = [name for name in TOKENIZER_FILES if (out / name).is_file()]
-    if old and not writes_tokenizer:
+    if writes_tokenizer:
+        for name in old:
+            (out / name).unlink()
+    elif old:
         warnings.warn(f"export_hf: {out} holds tokenizer files this export did not write ({', '.join(old)}); they "
                       "stay beside the new weights: remove them unless they are this model's tokenizer", stacklevel=3)
-    superseded = [*out.glob("model*.safetensors"), *out.glob("pytorch_model*.bin"), *out.glob("*.index.json"),
-                  *[out / name for name in old if writes_tokenizer], out / PROGRESS_FILE]
-    if _swap_folder(out, staging, {f.name for f in superseded}):
-        return
-    for stale in superseded:
-        stale.unlink(missing_ok=True)
+    for stale in (*out.glob("model*.safetensors"), *out.glob("pytorch_model*.bin"), *out.glob("*.index.json")):
+        stale.unlink()
+    (out / PROGRESS_FILE).unlink(missing_ok=True)  # an earlier export's: it described other weights
     for f in sorted(staging.iterdir()):
         os.replace(f, out / f.name)
     fsync_path(out)
-
-
-# An export folder put aside by _swap_folder until its replacement is in place (".hf.replaced-x1y2" beside hf/).
-_ASIDE = ".{}.replaced-"
-
-
-def _swap_folder(out: Path, staging: Path, superseded: set[str]) -> bool:
-    """Make `staging` (a folder inside `out`) the folder `out`: the user's other files hard-linked (else copied)
-    into it, `out` renamed aside, `staging` renamed into its place, the aside deleted. A crash leaves `out` the
-    earlier export or this one, or (between the two renames) no `out` and the earlier export whole aside,
-    which the next ``export_run`` puts back. False, `out` untouched, where the folder is not this user's or
-    holds a folder of its own (another export's staging, a .git: files only are carried over), or cannot be
-    renamed (a mount point, a parent not writable): the caller replaces the files one by one."""
-    out = out.resolve()
-    staging = out / staging.name
-    if out.stat().st_uid != os.getuid():  # the new folder would be this user's
-        return False
-    carried = [f for f in out.iterdir() if f.name not in superseded and f != staging]
-    if any(f.is_dir() and not f.is_symlink() or not (f.is_file() or f.is_symlink()) for f in carried):
-        return False
-    try:
-        aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=_ASIDE.format(out.name)))
-    except OSError:
-        return False
-    staged = {f.name for f in staging.iterdir()}
-    carried = [f for f in carried if f.name not in staged]
-    try:
-        for f in carried:
-            if f.is_symlink():
-                os.symlink(os.readlink(f), staging / f.name)
-            else:
-                _link_or_copy(f, staging / f.name)
-        shutil.copystat(out, staging)  # the folder's mode and extended attributes (ACLs), not mkdtemp's 0700
-        info = out.stat()
-        with contextlib.suppress(OSError):  # a group the folder was given (chgrp) other than the parent's
-            os.chown(staging, -1, info.st_gid)
-        fsync_path(staging)
-        os.rename(out, aside)  # onto the empty folder mkdtemp made: atomic
-    except OSError:
-        for f in carried:
-            (staging / f.name).unlink(missing_ok=True)
-        shutil.rmtree(aside, ignore_errors=True)
-        return False
-    if any(f.name.startswith(".export-") and f.name != staging.name for f in aside.iterdir()):
-        os.rename(aside, out)  # another export_hf staged into `out` meanwhile: its folder back, file by file
-        for f in carried:
-            (staging / f.name).unlink(missing_ok=True)
-        return False
-    os.rename(aside / staging.name, out)
-    fsync_path(out.parent)
-    shutil.rmtree(aside, ignore_errors=True)
-    return True
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # a file system without hard links, or a file of another user (protected_hardlinks)
-        shutil.copy2(src, dst)
-
-
-def _restore_aside(out: Path) -> None:
-    """After a crash in ``_swap_folder``: the earlier export back where `out` is gone, else its copy deleted."""
-    out = Path(out).resolve()
-    for aside in sorted(out.parent.glob(glob.escape(_ASIDE.format(out.name)) + "*")):
-        if out.exists():
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.rename(aside, out)
 
 
 def model_from_engine(engine, keep: bool = True) -> torch.nn.Module | None:
@@ -463,7 +390,6 @@ def export_run(model: torch.nn.Module, out_dir: str | Path, train: dict, tokeniz
     # A killed export's staged copy of the model (its finally never ran). Here, not in export_hf: one process
     # writes a run's export (rank 0 under the run's lock, or launch/export.py), where ranks of a script may call
     # export_hf into one directory at once.
-    _restore_aside(Path(out_dir))  # a killed export's earlier one, where it was killed with it put aside
     for stale in Path(out_dir).glob(".export-*"):
         shutil.rmtree(stale, ignore_errors=True)
     source = train.get("hf_model") or train.get("warm_start_from")

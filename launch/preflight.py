@@ -79,7 +79,8 @@ def _check(argv) -> str:
         progress = resume_progress(Path(cfg.output_dir) / "checkpoints", cfg.resume_from) \
             if cfg.resume else None
         total_steps = total_steps_for(cfg, progress if cfg.token_budget else None)
-        build_schedule(cfg, total_steps)
+        if not cfg.resume:  # a resume's once its checkpoint's cycles are known (below), as the trainer builds it
+            build_schedule(cfg, total_steps)
         apply_kernels_setting(cfg.kernels)
         if os.environ.get("DS_ACCELERATOR"):  # what the ranks will run on (see above)
             check_kernels(cfg, os.environ["DS_ACCELERATOR"] == "cuda")
@@ -97,11 +98,16 @@ def _check(argv) -> str:
         if cfg.resume:  # as the trainer plans it
             cfg.vocab_size = vocab
             ckpt_dir = Path(cfg.output_dir) / "checkpoints"
-            if plan_resume(ckpt_dir, model=model_config.to_dict(), train=cfg.to_dict(), ds=ds, world=args.world_size,
-                           data_dir=data_dir, tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None,
-                           total_steps=total_steps,
-                           data=train_data_record(manifest, cfg.seq_len) if manifest else None) is None:
+            plan = plan_resume(ckpt_dir, model=model_config.to_dict(), train=cfg.to_dict(), ds=ds,
+                               world=args.world_size, data_dir=data_dir, total_steps=total_steps,
+                               tokenizer_sha256=manifest["tokenizer_sha256"] if manifest else None,
+                               data=train_data_record(manifest, cfg.seq_len) if manifest else None)
+            if plan is None:
                 warnings.warn(nothing_to_resume(ckpt_dir), ConfigWarning, stacklevel=1)
+            from relora_ds.resume import resumed_cycles
+
+            build_schedule(cfg, total_steps, cfg.warm_start_steps if plan is None else
+                           resumed_cycles(plan, cfg, cfg.warm_start_steps)[0])
         memory = memory_summary(model_config, cfg, ds, args.world_size, args.gpu_memory_gb,
                                 progress["step"] if progress else 0)
     except ValueError as e:

@@ -21,9 +21,26 @@ from .hf import PROGRESS_FILE
 from .relora import relora_layers
 from .resume_plan import nothing_to_resume
 from .schedule import cycle_anchor, last_reset
-from .startup import build_schedule
 from .train_config import ConfigWarning
 from .zero_reset import unshare_optimizer_steps
+
+
+def _saved_cycle_length(plan: dict) -> float | None:
+    """The cycle_length the checkpoint's run trained with: a LoRA checkpoint resumed as ReLoRA had no reset since
+    the switch (one cycle as long as it trained); a full-rank one none."""
+    saved_mode = plan["saved"]["train"].get("mode")
+    return plan["saved"]["train"].get("cycle_length") if saved_mode == "relora" else math.inf \
+        if saved_mode == "lora" else None
+
+
+def resumed_cycles(plan: dict, cfg, relora_start: int) -> tuple[int, int, bool]:
+    """``(cycle_start, cycles_before, reset_now)`` of a resume from ``plan`` (resume_plan.plan_resume's) with the
+    settings ``cfg``: where its cycles count from (schedule.cycle_anchor), for the trainer and preflight."""
+    progress = plan["saved"].get("progress") or {}
+    return cycle_anchor(checkpoint.tag_step(plan["tag"]), relora_start=relora_start,
+                        cycle_length=cfg.cycle_length if cfg.mode == "relora" else None,
+                        saved_cycle_length=_saved_cycle_length(plan), saved_start=progress.get("cycle_start"),
+                        saved_before=progress.get("cycles_before", 0))
 
 
 class CheckpointsMixin:
@@ -45,22 +62,11 @@ class CheckpointsMixin:
     def _resume_cycles(self, plan: dict) -> None:
         """Where this run's cycles count from (schedule.cycle_anchor), from the checkpoint's config.json: a
         changed cycle_length counts from the checkpoint's last reset, so the next one comes a whole new cycle
-        after it, with the lr's restart warmup after the last one intact. The schedule is rebuilt on it."""
-        saved = plan["saved"]
-        progress = saved.get("progress") or {}
+        after it, with the lr's restart warmup after the last one intact. The trainer builds the schedule on it."""
+        progress = plan["saved"].get("progress") or {}
         step = checkpoint.tag_step(plan["tag"])
-        saved_mode = saved["train"].get("mode")
-        # a LoRA checkpoint resumed as ReLoRA: no reset since the switch (one cycle as long as it trained)
-        before = saved["train"].get("cycle_length") if saved_mode == "relora" else math.inf if saved_mode == "lora" \
-            else None
-        self.cycle_start, self.cycles_before, self.reset_on_resume = cycle_anchor(
-            step, relora_start=self.relora_start, cycle_length=self.cfg.cycle_length if self.cfg.mode == "relora"
-            else None, saved_cycle_length=before, saved_start=progress.get("cycle_start"),
-            saved_before=progress.get("cycles_before", 0))
-        if self.cycle_start != self.relora_start:
-            with warnings.catch_warnings():  # the settings' warnings came from the first build, once
-                warnings.simplefilter("ignore")
-                self.schedule = build_schedule(self.cfg, self.total_steps, self.cycle_start)
+        before = _saved_cycle_length(plan)
+        self.cycle_start, self.cycles_before, self.reset_on_resume = resumed_cycles(plan, self.cfg, self.relora_start)
         if self.reset_on_resume and before == math.inf:
             self._print(f"mode lora -> relora: the checkpoint trained plain LoRA for {step - self.relora_start} steps "
                         f"since the switch at step {self.relora_start}, a whole cycle_length ({self.cfg.cycle_length}) "

@@ -63,15 +63,16 @@ def jagged_cosine(step: int, *, total_steps: int, warmup_steps: int, cycle_lengt
         raise ValueError(f"cycle_length={cycle_length} must be positive (steps between optimizer resets)")
     if not 0 <= restart_warmup_steps <= cycle_length:  # 0: no re-warmup, the lr jumps back after a reset
         raise ValueError(f"restart_warmup_steps={restart_warmup_steps} must be in [0, cycle_length={cycle_length}]")
-    if start_step == 0 and warmup_steps > cycle_length:  # after a warm start the warmup is long over
+    anchor = start_step if cycle_start is None else cycle_start
+    # after a warm start the warmup is long over; a resume that changed cycle_length counts from its last reset
+    if start_step == 0 and warmup_steps > anchor + cycle_length:
         raise ValueError(f"warmup_steps={warmup_steps} is longer than a cycle (cycle_length={cycle_length}): "
-                         "the first reset would interrupt the warmup")
+                         f"the first reset (step {anchor + cycle_length}) would interrupt the warmup")
     if start_step < 0 or 0 < start_step < warmup_steps:
         raise ValueError(f"start_step={start_step} (the warm start's length) must be 0 or at least warmup_steps="
                          f"{warmup_steps}: the first warmup must end before the switch to the low-rank phase")
     cosine = functools.partial(cosine_with_warmup, total_steps=total_steps, warmup_steps=warmup_steps,
                                min_lr_ratio=min_lr_ratio)
-    anchor = start_step if cycle_start is None else cycle_start
     if step < warmup_steps or step < start_step or step < anchor:
         return cosine(step)
     cycle, in_cycle = divmod(step - anchor, cycle_length)
@@ -153,11 +154,18 @@ def total_steps_for(cfg: TrainConfig, progress: dict | None = None) -> int:
 
 def schedule_problems(*, total_steps: int, warm_start_steps: int, warmup_steps: int, mode: str,
                       cycle_length: int | None, lowrank_schedule: str, merge_every: int | None = None,
-                      token_budget: int | None = None) -> tuple[list[tuple], list[str]]:
+                      token_budget: int | None = None, cycle_start: int | None = None,
+                      resuming: bool = False) -> tuple[list[tuple], list[str]]:
     """A run's schedule settings against each other, as the trainer's schedule (relora_ds.startup.build_schedule)
     will call the functions above: ``(problems, warnings)``, every problem at once, each ``(message, the
-    settings it names)`` with the change that fixes it. The settings' own ranges are checked before this."""
+    settings it names)`` with the change that fixes it. The settings' own ranges are checked before this.
+    ``cycle_start``: the reset the cycles count from (cycle_anchor; default the switch to the low-rank phase);
+    ``resuming`` without it: whether the first reset interrupts the warmup is left to the resume, which knows
+    the checkpoint's last reset (a resume past the warmup with a cycle shorter than it is no problem)."""
     total, start, warmup = total_steps, warm_start_steps, warmup_steps
+    # the reset the cycles count from, in the steps of the phase whose warmup the next one could interrupt
+    anchor = None if resuming and cycle_start is None else \
+        (start if cycle_start is None else cycle_start) - (start if lowrank_schedule == "restart" else 0)
     problems, warned = [], []
     # total_steps from token_budget: say so, and name the setting the user gave
     total_is = f"total_steps={total}" + (f" (token_budget={token_budget}'s)" if token_budget else "")
@@ -179,12 +187,12 @@ def schedule_problems(*, total_steps: int, warm_start_steps: int, warmup_steps: 
                              f"(total_steps={total} - warm_start_steps={start}): lowrank_schedule='restart' "
                              "warms up again after the switch; lower warmup_steps or warm_start_steps, or raise "
                              "total_steps", ("warmup_steps",)))
-        elif warmup > cycle:
+        elif anchor is not None and warmup > anchor + cycle:
             problems.append((f"warmup_steps={warmup} is longer than a cycle (cycle_length={cycle}): "
                              "lowrank_schedule='restart' warms up again after the switch, and the first reset "
                              "would interrupt that warmup; lower warmup_steps or raise cycle_length",
                              ("warmup_steps",)))
-    elif start == 0 and warmup > cycle:
+    elif start == 0 and anchor is not None and warmup > anchor + cycle:
         problems.append((f"warmup_steps={warmup} is longer than a cycle (cycle_length={cycle}): the first reset "
                          "would interrupt the warmup; lower warmup_steps or raise cycle_length", ("warmup_steps",)))
     elif 0 < start < warmup:

@@ -141,10 +141,11 @@ def unused_vocab_size(cfg: TrainConfig, data_vocab: int) -> str | None:
 def build_schedule(cfg: TrainConfig, total_steps: int, cycle_start: int | None = None):
     """The run's LR multiplier as a function of the global step (0-based): a bad combination of the schedule
     settings is a ValueError here (all of them, TrainConfig.check_schedule), before any engine exists.
-    ``cycle_start``: the reset the cycles count from (schedule.cycle_anchor; default: the switch to ReLoRA)."""
-    cfg.check_schedule(total_steps)
+    ``cycle_start``: the reset the cycles count from (schedule.cycle_anchor; default: the switch to ReLoRA),
+    which a resume gives: its checkpoint's (or the switch, where it found none)."""
     start = cfg.warm_start_steps
     anchor = start if cycle_start is None else cycle_start
+    cfg.check_schedule(total_steps, cycle_start=anchor)
     kw = dict(total_steps=total_steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
     if cfg.mode == "full":
         schedule = functools.partial(cosine_with_warmup, **kw)

@@ -420,16 +420,19 @@ class TrainConfig:
             bad("quantize=int8 applies to the frozen base of mode=relora or lora, not mode=full", "quantize")
         self._warn_ignored(warned)
 
-    def check_schedule(self, total_steps: int, warn: bool = True) -> None:
+    def check_schedule(self, total_steps: int, warn: bool = True, cycle_start: int | None = None) -> None:
         """The LR schedule's settings against each other and ``total_steps`` (given, or token_budget's at the
         run's batch): every problem in one ValueError, each naming the change that fixes it, then (``warn``)
         the ConfigWarnings. Not part of construction, which allows a partial TrainConfig (e.g. for a memory
-        estimate); the launch scripts check a recipe's right after it (train_args.config_from_args)."""
+        estimate); the launch scripts check a recipe's right after it (train_args.config_from_args).
+        ``cycle_start``: the reset the cycles count from (a resume's, from its checkpoint); a resume without it
+        leaves the check that depends on it (a cycle shorter than the warmup) to the resume."""
         from .schedule import schedule_problems
         found, warned = schedule_problems(
             total_steps=total_steps, warm_start_steps=self.warm_start_steps, warmup_steps=self.warmup_steps,
             mode=self.mode, cycle_length=self.cycle_length, lowrank_schedule=self.lowrank_schedule,
-            merge_every=self.merge_every, token_budget=None if self.total_steps else self.token_budget)
+            merge_every=self.merge_every, token_budget=None if self.total_steps else self.token_budget,
+            cycle_start=cycle_start, resuming=self.resume)
         problems = _Problems()
         for message, fields in found:
             problems.add(message, *fields)

@@ -127,7 +127,9 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
                                            if cfg.resume and cfg.token_budget else None)
         self.relora_start = self.cycle_start = cfg.warm_start_steps
         self.cycles_before, self.reset_on_resume = 0, False
-        self.schedule = build_schedule(cfg, self.total_steps)
+        # a resume's once the checkpoint's cycles are known (below: whether the first reset after them would cut
+        # into the warmup depends on them)
+        self.schedule = None if cfg.resume else build_schedule(cfg, self.total_steps)
         with self._warnings_on_rank_zero():  # a split too small for a window or a global batch: named here
             check_data_use(cfg, self.total_steps, manifest["splits"], str(self.data_dir), self.world)
         # A prepared dir, or a mixture of several (relora_ds.data.mixture: the seed draws its members' shuffles)
@@ -155,6 +157,8 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
             total_steps=self.total_steps)
         if self.resume_plan is not None:
             self._resume_cycles(self.resume_plan)
+        if self.schedule is None:
+            self.schedule = build_schedule(cfg, self.total_steps, self.cycle_start)
         if cfg.overwrite:  # only now that every check has passed: a refused run deletes nothing
             self._clear_output_dir()
         if cfg.resume_from:

@@ -176,3 +176,29 @@ def test_lowrank_schedule_restart_resumed_with_another_cycle_length(run, tmp_pat
         {s: e for s, e in _events_by_hand(recipe).items() if s <= stop}
     _check_by_hand(recs, {**recipe, "cycle_length": cycle, "total_steps": 15}, anchor=anchor, after=stop)
     assert [x["step"] for x in recs if x.get("overdue")] == ([stop] if anchor == stop else [])
+
+
+@pytest.mark.parametrize("recipe, stop, anchor", [
+    # no warm start, warmup 4: the last reset was at 6, and 9 - 6 is a whole new cycle: an overdue reset at 9
+    (dict(warm_start_steps=0, warmup_steps=4, cycle_length=6, restart_warmup_steps=2, total_steps=14), 9, 9),
+    # lowrank_schedule restart, the low-rank warmup over 2..6: cycles count from the last reset, at 7
+    (dict(warm_start_steps=2, warmup_steps=4, cycle_length=5, restart_warmup_steps=2, total_steps=14,
+          lowrank_schedule="restart"), 9, 7),
+], ids=["overdue", "restart-from-the-last-reset"])
+def test_a_cycle_shorter_than_the_warmup_is_taken_by_a_resume_past_the_warmup(run, tmp_path, capsys, recipe, stop,
+                                                                             anchor):
+    """cycle_length 3 < warmup_steps 4 given on a resume after the warmup ended: no reset can cut into it (the
+    cycles count from the checkpoint's last reset, past the warmup), but the resume was refused with "the first
+    reset would interrupt the warmup" (a review's find). Now it runs the schedule written out by hand; a resume
+    still inside the warmup is refused (stopped at 1, the first reset would come at step 3, inside the warmup)."""
+    recipe = {**recipe, "save_every": 0, "keep_last": 2}
+    assert run(tmp_path / "inside", recipe, stop=1) == 0
+    capsys.readouterr()
+    try:
+        status = run(tmp_path / "inside", recipe, "--resume", "--cycle-length", "3")
+    except SystemExit as e:
+        status = e.code
+    assert status == 2 and "warmup_steps=4 is longer than a cycle (cycle_length=3)" in capsys.readouterr().err
+    assert run(tmp_path / "past", recipe, stop=stop) == 0
+    assert run(tmp_path / "past", recipe, "--resume", "--cycle-length", "3") == 0
+    _check_by_hand(_records(tmp_path / "past"), {**recipe, "cycle_length": 3}, anchor=anchor, after=stop)

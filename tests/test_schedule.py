@@ -241,22 +241,24 @@ def test_schedule_problems_are_exactly_what_the_schedule_functions_refuse(monkey
     from relora_ds.startup import build_schedule
     from relora_ds.train_config import TrainConfig
 
-    monkeypatch.setattr(TrainConfig, "check_schedule", lambda self, total_steps, warn=True: None)
+    monkeypatch.setattr(TrainConfig, "check_schedule", lambda self, total_steps, warn=True, cycle_start=None: None)
     base = TrainConfig(total_steps=100, cycle_length=10, warmup_steps=5, restart_warmup_steps=2)
     named = refused = 0
+    # after: a resume's anchor (the reset its cycles count from) this many steps after the switch, or none
     grid = itertools.product(("relora", "lora", "full"), ("continue", "restart"), (30, 40), (0, 5, 12, 30, 45),
-                             (0, 3, 5, 12, 29, 30, 35, 60), (4, 12, 29, 100))
-    for mode, lowrank_schedule, total, start, warmup, cycle in grid:
+                             (0, 3, 5, 12, 29, 30, 35, 60), (4, 12, 29, 100), (None, 2, 7))
+    for mode, lowrank_schedule, total, start, warmup, cycle, after in grid:
         if mode == "full" and start:  # TrainConfig's own refusal: a warm start needs a low-rank phase
             continue
+        anchor = None if after is None else start + after
         settings = dict(mode=mode, lowrank_schedule=lowrank_schedule, total_steps=total, warm_start_steps=start,
                         warmup_steps=warmup, cycle_length=cycle)
-        problems, _ = schedule_problems(**settings)
+        problems, _ = schedule_problems(**settings, cycle_start=anchor)
         cfg = dataclasses.replace(base)  # then the settings as they are, unchecked
         for name, value in settings.items():
             setattr(cfg, name, value)
         try:
-            build_schedule(cfg, total)
+            build_schedule(cfg, total, anchor)
             refuses = False
         except ValueError:
             refuses = True

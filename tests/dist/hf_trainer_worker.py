@@ -77,6 +77,16 @@ def model(kind="llama", source=None, quantize=None):
     return relora_ds.wrap(base, rank=4, seed=3, quantize=quantize)
 
 
+class Held(Windows):
+    """8 windows past the training set's: what evaluation reads."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return super().__getitem__(SAMPLES + i)
+
+
 class InOrder(Trainer):
     def _get_train_sampler(self, *args, **kwargs):
         return SequentialSampler(self.train_dataset)
@@ -90,8 +100,10 @@ def arguments(out_dir, batch) -> dict:
 def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", source=None, quantize=None, selective=False,
         resume=None, relora_kw=None, save_before=None, **overrides):
     """Train (from the checkpoint directory ``resume``, where given); returns (trainer, callback or None).
+    ``eval_dataset`` in ``overrides``: the Trainer's evaluation set.
     ``selective``: the model recomputes its layers under relora_ds's selective checkpointing policy;
     ``relora_kw``: enable_relora's arguments over RELORA; ``save_before``: save_model there before training."""
+    eval_dataset = overrides.pop("eval_dataset", None)
     args = TrainingArguments(**{**arguments(out_dir, batch), "deepspeed": deepspeed, **overrides})
     if source is not None and deepspeed is not None:
         # zero.Init (inside from_pretrained) needs the process group, which the Trainer would start only later
@@ -101,7 +113,7 @@ def run(out_dir, batch, deepspeed=None, relora=True, kind="llama", source=None, 
     if selective:
         from relora_ds.checkpointing import hf_checkpointing_kwargs
         net.activation_checkpointing_enable(activation_checkpointing_kwargs=hf_checkpointing_kwargs(net))
-    trainer = InOrder(model=net, args=args, train_dataset=Windows())
+    trainer = InOrder(model=net, args=args, train_dataset=Windows(), eval_dataset=eval_dataset)
     callback = enable_relora(trainer, **{**RELORA, **(relora_kw or {})}) if relora else None
     if save_before:
         trainer.save_model(save_before)
@@ -129,6 +141,12 @@ def main():
     ap.add_argument("--fail-recovery", action="store_true", help="rank 0's write of the recovery scripts fails "
                                                                  "(a full disk)")
     ap.add_argument("--ddp-timeout", type=int, help="the process group's timeout, seconds")
+    ap.add_argument("--cycle-length", type=int, help="enable_relora's cycle_length (default RELORA's)")
+    ap.add_argument("--max-steps", type=int, help="optimizer steps (default HP's)")
+    ap.add_argument("--eval-steps", type=int, help="evaluate (8 windows the training never reads) every N steps")
+    ap.add_argument("--load-best", action="store_true", help="load_best_model_at_end (by eval_loss), with "
+                                                             "save_total_limit 1")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="TrainingArguments' gradient_checkpointing")
     ap.add_argument("--local_rank", type=int, default=-1)
     a = ap.parse_args()
     if a.refuse_config:
@@ -147,6 +165,12 @@ def main():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         saving = dict(save_strategy="steps", save_steps=a.save_steps) if a.save_steps else {}
+        if a.eval_steps:
+            saving.update(eval_strategy="steps", eval_steps=a.eval_steps, eval_dataset=Held())
+        if a.gradient_checkpointing:
+            saving.update(gradient_checkpointing=True)
+        if a.load_best:
+            saving.update(load_best_model_at_end=True, metric_for_best_model="eval_loss", save_total_limit=1)
         pushed = stand_in_hub() if a.push else None
         saving.update(dict(push_to_hub=True, hub_strategy="checkpoint") if a.push else {},
                       **({"ddp_timeout": a.ddp_timeout} if a.ddp_timeout else {}))
@@ -159,7 +183,8 @@ def main():
         trainer, callback = run(a.out, batch=2 // a.grad_accum, deepspeed=ds, kind=a.model, source=a.source,
                                 gradient_accumulation_steps=a.grad_accum, selective=a.selective, resume=a.resume,
                                 bf16=a.bf16, save_before=os.path.join(a.out, "before") if a.save_before else None,
-                                **saving)
+                                relora_kw={"cycle_length": a.cycle_length} if a.cycle_length else None,
+                                **({"max_steps": a.max_steps} if a.max_steps else {}), **saving)
     # accelerate steps the engine only at accumulation boundaries: the merges after them are not inside one
     wrong = [str(x.message) for x in seen if "inside a gradient accumulation" in str(x.message)]
     assert not wrong, wrong
@@ -174,8 +199,9 @@ def main():
     if int(os.environ["RANK"]) == 0:
         torch.save(state, os.path.join(a.out, "state.pt"))
         with open(os.path.join(a.out, "run.json"), "w") as f:
-            json.dump({"events": [{k: e[k] for k in ("step", "event")} for e in callback.events],
-                       "log": trainer.state.log_history, "pushed": pushed}, f)
+            json.dump({"events": [{k: e[k] for k in ("step", "event", "overdue") if k in e} for e in callback.events],
+                       "log": trainer.state.log_history, "pushed": pushed,
+                       "best": trainer.state.best_model_checkpoint}, f)
     sys.stdout.flush()
 
 

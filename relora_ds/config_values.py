@@ -1,5 +1,6 @@
 """Reading a setting's value as its field's type (TrainConfig's fields, from a recipe or the command line): one
-rule for both, so a value the command line refuses is refused in a recipe too."""
+rule for both, so a value the command line refuses is refused in a recipe too; and the problems found in a
+configuration, collected to be raised together."""
 from __future__ import annotations
 
 import contextlib
@@ -59,3 +60,26 @@ def bare_type(tp):
     if type(None) in args:
         return next(a for a in args if a is not type(None))
     return tp
+
+
+class Problems:
+    """The problems found in a configuration, raised together: one ValueError, a line each."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.fields: set[str] = set()
+
+    def add(self, message: str, *fields: str) -> None:
+        self.messages.append(message)
+        self.fields.update(fields)
+
+    def ok(self, *fields: str) -> bool:
+        """No problem found yet with any of these fields (a check that reads a field skips a bad one)."""
+        return not self.fields.intersection(fields)
+
+    def raise_if_any(self) -> None:
+        if len(self.messages) == 1:
+            raise ValueError(self.messages[0])
+        if self.messages:
+            raise ValueError(f"{len(self.messages)} problems with the settings:\n" +
+                             "\n".join(f"  - {m}" for m in self.messages))

@@ -17,12 +17,10 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 
-from .config_values import coerce_value
-
-_MAX_TIMEOUT_MIN = 60 * 24 * 366
+from .config_values import Problems, coerce_value
 from .model_config import PRESETS
 
-
+_MAX_TIMEOUT_MIN = 60 * 24 * 366
 BUILTIN_VOCAB_SIZE = 2048
 # The built-in corpus's smallest SentencePiece model: byte fallback (256 pieces), <unk>, <s>, </s> and a piece for
 # each of the corpus's characters SentencePiece keeps (its training refuses fewer: 338, tests/test_preflight.py).
@@ -57,29 +55,6 @@ def show_config_warnings_plainly() -> None:
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = fmt
-
-
-class _Problems:
-    """The problems found in a configuration, raised together: one ValueError, a line each."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.fields: set[str] = set()
-
-    def add(self, message: str, *fields: str) -> None:
-        self.messages.append(message)
-        self.fields.update(fields)
-
-    def ok(self, *fields: str) -> bool:
-        """No problem found yet with any of these fields (a check that reads a field skips a bad one)."""
-        return not self.fields.intersection(fields)
-
-    def raise_if_any(self) -> None:
-        if len(self.messages) == 1:
-            raise ValueError(self.messages[0])
-        if self.messages:
-            raise ValueError(f"{len(self.messages)} problems with the settings:\n" +
-                             "\n".join(f"  - {m}" for m in self.messages))
 
 
 def _f(default, help: str, **kw):
@@ -250,7 +225,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
-        problems = _Problems()
+        problems = Problems()
         spelled = self.target_modules[0] if isinstance(self.target_modules, list) and len(self.target_modules) == 1 \
             else self.target_modules
         if isinstance(spelled, str) and spelled.lower() == ALL_LINEAR:  # a recipe's string, the command line's list
@@ -283,13 +258,13 @@ class TrainConfig:
     def validate(self) -> None:
         """Every problem of the settings in one ValueError (a line each), so a recipe is fixed in one round;
         the ConfigWarnings only when there is none (a warning about a value that is an error is noise)."""
-        problems, warned = _Problems(), []
+        problems, warned = Problems(), []
         self._check(problems, warned)
         problems.raise_if_any()
         for message in warned:
             warnings.warn(message, ConfigWarning, stacklevel=3)
 
-    def _check(self, problems: _Problems, warned: list[str]) -> None:
+    def _check(self, problems: Problems, warned: list[str]) -> None:
         bad = problems.add
         # The CLI enforces `choices` through argparse; a recipe (YAML) or a direct construction gets the same check.
         for f in dataclasses.fields(self):
@@ -298,16 +273,15 @@ class TrainConfig:
                 optional = " (or none, the default)" if f.default is None else ""
                 bad(f"{f.name}={value!r} is not valid; valid values: {', '.join(map(repr, choices))}{optional}",
                     f.name)
-        for f in dataclasses.fields(self):  # `--data-dir "$DIR"` with DIR unset: '' read as unset, or as the cwd
+        for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+                bad(f"{f.name}={value} must be a finite number", f.name)
+            # `--data-dir "$DIR"` with DIR unset: '' was read as unset, or as the cwd
             if isinstance(value, str) and not value.strip() and f.name != "target_modules" and problems.ok(f.name):
                 unset = (f"give none (--{f.name.replace('_', '-')} none) or leave it out for the default"
                          if f.default is None else f"leave it out for the default {f.default!r}")
                 bad(f"{f.name}={value!r} is empty: give a value, or {unset}", f.name)
-        for f in dataclasses.fields(self):  # nan passes every comparison below, and inf none usefully
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                bad(f"{f.name}={value} must be a finite number", f.name)
         for name in ("micro_batch_size", "global_batch_size", "seq_len", "rank", "lr", "alpha", "adam_eps",
                      "vocab_size", "keep_last", "log_every", "total_steps", "token_budget", "peak_tflops",
                      "collective_timeout_min", "cycle_length", "merge_every", "warm_start_lr",
@@ -337,14 +311,15 @@ class TrainConfig:
             bad(f"data_prefetch={self.data_prefetch} is too many: each micro-batch read ahead takes a reader thread "
                 f"and its memory; give at most {_MAX_PREFETCH} (a few hide the storage's latency; 0 reads each "
                 "batch when the step needs it)", "data_prefetch")
-        if self.vocab_size is not None and self.data_dir is None and self.vocab_size > _MAX_BUILTIN_VOCAB:
-            bad(f"vocab_size={self.vocab_size} is too large: SentencePiece, which trains the built-in corpus's "
-                f"tokenizer, takes at most 2**31 - 1 = {_MAX_BUILTIN_VOCAB} pieces (below that, one larger than the "
-                f"corpus supports is capped, with a warning); default {BUILTIN_VOCAB_SIZE}", "vocab_size")
-        if self.vocab_size is not None and self.data_dir is None and 0 < self.vocab_size < _MIN_BUILTIN_VOCAB:
-            bad(f"vocab_size={self.vocab_size} is too small: the built-in corpus's tokenizer takes "
-                f"{_MIN_BUILTIN_VOCAB} pieces (256 byte fallbacks, <unk>, <s>, </s> and its characters) before any "
-                f"merge; give at least that (default {BUILTIN_VOCAB_SIZE})", "vocab_size")
+        vocab = self.vocab_size if self.data_dir is None else None  # the built-in corpus's tokenizer's
+        if vocab is not None and vocab > _MAX_BUILTIN_VOCAB:
+            bad(f"vocab_size={vocab} is too large: SentencePiece, which trains the built-in corpus's tokenizer, "
+                f"takes at most 2**31 - 1 = {_MAX_BUILTIN_VOCAB} pieces (below that, one larger than the corpus "
+                f"supports is capped, with a warning); default {BUILTIN_VOCAB_SIZE}", "vocab_size")
+        elif vocab is not None and 0 < vocab < _MIN_BUILTIN_VOCAB:
+            bad(f"vocab_size={vocab} is too small: the built-in corpus's tokenizer takes {_MIN_BUILTIN_VOCAB} pieces "
+                f"(256 byte fallbacks, <unk>, <s>, </s> and its characters) before any merge; give at least that "
+                f"(default {BUILTIN_VOCAB_SIZE})", "vocab_size")
 
         relora = self.mode == "relora"
         if relora and not self.cycle_length and problems.ok("cycle_length"):
@@ -433,7 +408,7 @@ class TrainConfig:
             mode=self.mode, cycle_length=self.cycle_length, lowrank_schedule=self.lowrank_schedule,
             merge_every=self.merge_every, token_budget=None if self.total_steps else self.token_budget,
             cycle_start=cycle_start, resuming=self.resume)
-        problems = _Problems()
+        problems = Problems()
         for message, fields in found:
             problems.add(message, *fields)
         problems.raise_if_any()

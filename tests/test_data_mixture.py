@@ -10,23 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer_utils import packed_data_dir
-
-
-class Windows:
-    """A stand-in source: window i of source s is the row [s, i, i, ...] (so a read says where it came from)."""
-
-    def __init__(self, source, size, seq_len=3):
-        self.source, self.size, self.seq_len = source, size, seq_len
-
-    def __len__(self):
-        return self.size
-
-    def get_batch(self, idx):
-        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-        out = idx[:, None].repeat(1, self.seq_len + 1)
-        out[:, 0] = self.source
-        return out
+from trainer_utils import Windows, packed_data_dir
 
 
 def reads(ds, positions):

@@ -1,8 +1,10 @@
 """Shared by the trainer's end-to-end tests (tests/test_trainer*.py): the tiny recipe, runs of
 launch/train.py on 2 ranks (as the deepspeed launcher starts them) or 1 (as plain python runs it), and readers of
-what a run leaves."""
+what a run leaves; and a stand-in data source for the mixture tests."""
 import json
 
+import numpy as np
+import torch
 import yaml
 
 from launch_utils import ROOT, free_port, launch_env, run_deepspeed, run_python, run_ranks
@@ -116,3 +118,19 @@ def in_process_trainer(monkeypatch, *, rank=0, world=1):
         raise AssertionError("deepspeed.initialize reached: the check should have come before any engine")
     monkeypatch.setattr(deepspeed, "initialize", no_engine)
     return trainer_mod
+
+
+class Windows:  # tests/test_data_mixture.py, tests/test_data_resume_fuzz.py
+    """A stand-in source: window i of source s is the row [s, i, i, ...] (so a read says where it came from)."""
+
+    def __init__(self, source, size, seq_len=3):
+        self.source, self.size, self.seq_len = source, size, seq_len
+
+    def __len__(self):
+        return self.size
+
+    def get_batch(self, idx):
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        out = idx[:, None].repeat(1, self.seq_len + 1)
+        out[:, 0] = self.source
+        return out

@@ -19,7 +19,7 @@ from .distributed import on_rank_zero
 from .engines import group_weight_decay
 from .hf import PROGRESS_FILE
 from .relora import relora_layers
-from .resume_plan import nothing_to_resume
+from .resume_plan import nothing_to_resume, sub_group_size
 from .schedule import cycle_anchor, last_reset
 from .train_config import ConfigWarning
 from .zero_reset import unshare_optimizer_steps
@@ -164,8 +164,11 @@ class CheckpointsMixin:
                 return (f"{world} rank(s), ZeRO stage {lay['zero_stage']}, {lay['precision']}, optimizer "
                         f"{lay.get('optimizer', 'Adam')} {place}")
             then, now = self.resume_plan["layouts"]
+            groups = [sub_group_size(ds) for ds in (saved["deepspeed"], self.ds)] if now["zero_stage"] == 3 else []
+            regrouped = f" (ZeRO-3 sub_group_size {groups[0]} -> {groups[1]})" if len(set(groups)) == 2 else ""
             self._print(f"checkpoint {self.ckpt_dir / tag} was written with {layout(saved['world_size'], then)}, "
-                        f"this run has {layout(self.world, now)}: loading it as a DeepSpeed universal checkpoint")
+                        f"this run has {layout(self.world, now)}{regrouped}: loading it as a DeepSpeed universal "
+                        "checkpoint")
             groups = None if checkpoint.is_sharded(self.ckpt_dir, tag) else self._param_group_names(phase)
             load_tag = universal.make_universal(self.ckpt_dir, tag, groups)
             if groups is not None and self.resume_plan["stages"][1] == 3:

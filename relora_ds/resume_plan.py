@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .checkpoint import (OPTIMIZER_GROUPS, check_complete, checkpoint_folders, complete_tags, is_sharded, latest_tag,
                          load_config, tag_step)
-from .ds_config import engine_layout, zero_stage
+from .ds_config import _zero_config, engine_layout, zero_stage
 
 
 # Settings a resume cannot change: they decide the saved module structure, the phase and reset positions,
@@ -95,8 +95,12 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
     stages = (zero_stage(saved["deepspeed"]), zero_stage(ds))
     layouts = (engine_layout(saved["deepspeed"]), engine_layout(ds))
     unsharded_into_zero = stages[0] == 0 and stages[1] != 0
+    # ZeRO-3 keeps each rank's fp32 masters and Adam moments in sub-groups of at most sub_group_size elements:
+    # DeepSpeed's own load into sub-groups of another size failed at the resume in torch's optimizer load
+    # ("loaded state dict contains a parameter group that doesn't match the size of optimizer's group").
+    regrouped = stages == (3, 3) and sub_group_size(saved["deepspeed"]) != sub_group_size(ds)
     universal = unsharded_into_zero or \
-        (saved["world_size"] != world or layouts[0] != layouts[1]) and is_sharded(ckpt_dir, tag)
+        (saved["world_size"] != world or layouts[0] != layouts[1] or regrouped) and is_sharded(ckpt_dir, tag)
     if universal and stages[0] != stages[1] and 3 in stages and not unsharded_into_zero:
         raise ValueError(f"checkpoint {ckpt_dir / tag} was written with ZeRO stage {stages[0]}, this run uses "
                          f"stage {stages[1]}: DeepSpeed 0.19's universal checkpoint cannot move a checkpoint "
@@ -123,6 +127,11 @@ def plan_resume(ckpt_dir: Path, *, model: dict, train: dict, ds: dict, world: in
                          f"ds_configs/zero{stages[0] or 2}.json)")
     return {"tag": tag, "saved": saved, "universal": universal, "stages": stages, "layouts": layouts,
             "rewind": rewind}
+
+
+def sub_group_size(ds: dict) -> int:
+    """ZeRO-3's optimizer sub-group size as DeepSpeed reads it (its default when the config has none)."""
+    return int(_zero_config(ds, "the DeepSpeed config").sub_group_size)
 
 
 def nothing_to_resume(ckpt_dir: Path) -> str:

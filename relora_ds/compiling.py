@@ -9,16 +9,35 @@ import re
 from collections import Counter
 
 
+# Backends torch registers whose compiler is another package, imported at the first compile (after the data and
+# the engine): (package, what to install).
+_BACKEND_PACKAGES = {"tvm": ("tvm", "apache-tvm"), "openxla": ("torch_xla", "torch_xla"),
+                     "openxla_eval": ("torch_xla", "torch_xla")}
+# torch's minifiers, registered as backends but no compiler: they take the compiler to minify as an argument.
+_MINIFIERS = ("dynamo_minifier_backend", "dynamo_accuracy_minifier_backend")
+
+
 def compile_problem(cuda: bool, backend: str = "inductor") -> str | None:
-    """Why torch.compile with ``backend`` cannot build code here, or None: a backend torch does not have; inductor
-    (the default) on a GPU writes Triton kernels, on the CPU C++ that a C++ compiler builds."""
+    """Why torch.compile with ``backend`` cannot build code here, or None: a backend torch does not have, one whose
+    package is not installed (tvm, openxla), a minifier, cudagraphs without a GPU; inductor (the default) on a GPU
+    writes Triton kernels, on the CPU C++ that a C++ compiler builds."""
     if backend != "inductor":
         import torch._dynamo
 
         known = torch._dynamo.list_backends(exclude_tags=())
+        # not offered: torch's own test doubles, and the minifiers
+        shown = ", ".join(name for name in known if "TESTING_ONLY" not in name and name not in _MINIFIERS)
         if backend not in known:
-            shown = [name for name in known if "TESTING_ONLY" not in name]  # torch's own test doubles
-            return f"compile_backend={backend!r} is not one of torch's backends: {', '.join(shown)}"
+            return f"compile_backend={backend!r} is not one of torch's backends: {shown}"
+        if backend in _MINIFIERS:
+            return (f"compile_backend={backend!r} is torch's minifier, not a compiler (TORCHDYNAMO_REPRO_AFTER "
+                    f"runs it around one); use one of: {shown}")
+        if backend in _BACKEND_PACKAGES and importlib.util.find_spec(_BACKEND_PACKAGES[backend][0]) is None:
+            return (f"compile_backend={backend!r} compiles with {_BACKEND_PACKAGES[backend][1]}, which is not "
+                    "installed; install it, or use another backend (inductor, aot_eager)")
+        if backend == "cudagraphs" and not cuda:
+            return ("compile_backend='cudagraphs' records CUDA graphs, and this run has no GPU (torch skips them, "
+                    "with a log line); use inductor or aot_eager")
         return None
     if cuda:
         if importlib.util.find_spec("triton") is None:

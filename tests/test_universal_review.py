@@ -79,8 +79,8 @@ def test_a_zero1_int8_checkpoint_resumes_on_three_ranks_at_zero2_right_after_a_r
     shutil.copytree(tmp_path / "run" / "checkpoints" / "step_9", tmp_path / "reference_step_9")
     rewind_to(tmp_path / "run", "step_6")
     proc = run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", zero2, "--resume", nprocs=3)
-    assert "(ZeRO-3 sub_group_size 1000000000 -> 3000): loading it as a DeepSpeed universal checkpoint" in \
-        proc.stdout + proc.stderr
+    said = proc.stdout + proc.stderr
+    assert "this run has 3 rank(s), ZeRO stage 2" in said and "loading it as a DeepSpeed universal checkpoint" in said
     resumed, recs = read_losses(tmp_path / "run")
     assert sorted(resumed) == [7, 8, 9]
     for step, loss in resumed.items():

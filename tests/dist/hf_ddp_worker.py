@@ -13,19 +13,26 @@ import hf_trainer_worker as w  # tests/dist, this script's folder
 import relora_ds
 from relora_ds.hf_trainer import enable_relora
 
-out, init = [Path(a) if i == 0 else a for i, a in
-             enumerate(a for a in sys.argv[1:] if not a.startswith("--local_rank"))]
-rank = int(os.environ["RANK"])
-base = w.plain()
-if init == "apart" and rank == 1:
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(123)
-        for p in base.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=g))
-model = relora_ds.wrap(base, rank=4, seed=3, quantize="int8")
-args = TrainingArguments(**{**w.arguments(out / init, 2), "ddp_backend": "gloo"})
-trainer = w.InOrder(model=model, args=args, train_dataset=w.Windows())
-enable_relora(trainer, **w.RELORA)
-trainer.train()
-assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel), type(trainer.model_wrapped)
-torch.save(model.state_dict(), out / f"{init}_rank{rank}.pt")
+def main():
+    out, init = [Path(a) if i == 0 else a for i, a in
+                 enumerate(a for a in sys.argv[1:] if not a.startswith("--local_rank"))]
+    rank = int(os.environ["RANK"])
+    base = w.plain()
+    if init == "apart" and rank == 1:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(123)
+            for p in base.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+    model = relora_ds.wrap(base, rank=4, seed=3, quantize="int8")
+    args = TrainingArguments(**{**w.arguments(out / init, 2), "ddp_backend": "gloo"})
+    trainer = w.InOrder(model=model, args=args, train_dataset=w.Windows())
+    enable_relora(trainer, **w.RELORA)
+    trainer.train()
+    assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel), type(trainer.model_wrapped)
+    torch.save(model.state_dict(), out / f"{init}_rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    from relora_ds.distributed import run_and_exit
+
+    run_and_exit(main)  # no interpreter teardown, as every other worker (relora_ds.distributed.exit_process)

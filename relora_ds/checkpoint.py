@@ -255,6 +255,11 @@ def _prune_old(ckpt_dir: Path, keep_last: int, keep: str, protect: tuple[str, ..
     for tmp in ckpt_dir.glob(".step_*_universal.tmp"):
         if not (ckpt_dir / tmp.name[1:-len("_universal.tmp")]).is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
+    # latest_universal (DeepSpeed's load_checkpoint(dir, load_universal=True) without a tag reads it; make_universal
+    # writes it) naming a conversion of a step pruned here would send that load to a missing folder: it goes.
+    pointer = ckpt_dir / "latest_universal"
+    if pointer.is_file() and not (ckpt_dir / pointer.read_text().strip()).is_dir():
+        pointer.unlink(missing_ok=True)
 
 
 # The param-group kinds of the engines (relora_ds.engines.param_groups; a phase leaves an empty one out): a

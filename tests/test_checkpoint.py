@@ -404,3 +404,19 @@ def test_a_missed_merge_of_online_relora_is_counted_in_merges_not_resets():
         assert calls == want, merges
 
 
+
+
+def test_keep_last_removes_latest_universal_with_the_conversion_it_names(tmp_path):
+    """latest_universal (DeepSpeed's load_checkpoint(dir, load_universal=True) without a tag loads the folder it
+    names, engine.py) named the conversion of a step keep_last then deleted: it goes with it, and stays while
+    the step it names stays."""
+    from relora_ds import checkpoint
+
+    for s in (2, 4, 6):
+        (tmp_path / f"step_{s}" / "universal").mkdir(parents=True)
+        (tmp_path / f"step_{s}" / "config.json").write_text("{}")
+    (tmp_path / "latest_universal").write_text("step_4/universal")
+    checkpoint._prune_old(tmp_path, keep_last=2, keep="step_6")
+    assert (tmp_path / "latest_universal").read_text() == "step_4/universal"
+    checkpoint._prune_old(tmp_path, keep_last=1, keep="step_6")
+    assert not (tmp_path / "step_4").exists() and not (tmp_path / "latest_universal").exists()

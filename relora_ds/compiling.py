@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from collections import Counter
 
 
@@ -38,6 +39,9 @@ def compile_problem(cuda: bool, backend: str = "inductor") -> str | None:
         if backend == "cudagraphs" and not cuda:
             return ("compile_backend='cudagraphs' records CUDA graphs, and this run has no GPU (torch skips them, "
                     "with a log line); use inductor or aot_eager")
+        if failure := _trial_compile(backend):
+            return (f"compile_backend={backend!r} failed to compile a one-line function here ({failure}); use "
+                    "inductor or aot_eager")
         return None
     if cuda:
         if importlib.util.find_spec("triton") is None:
@@ -51,6 +55,32 @@ def compile_problem(cuda: bool, backend: str = "inductor") -> str | None:
         return (f"torch.compile on the CPU builds C++, and no C++ compiler works here ({e}); install g++ "
                 "or clang++, or set CXX to one")
     return None
+
+
+def _trial_compile(backend: str) -> str | None:
+    """The first line of the error torch.compile with ``backend`` raises on a product and its backward (CPU
+    tensors), or None. A backend can be registered and still fail on every graph: the TorchScript ones (``ts``,
+    ``aot_ts``) cannot script torch.fx's graph modules in torch 2.13 ("method cannot be used as a value"), which
+    a run saw only at its first step. torch.compile's counters (:func:`compile_stats`) are left as they were."""
+    import copy
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    saved = copy.deepcopy(counters)
+    try:
+        with warnings.catch_warnings():  # TorchScript's deprecation warnings: the error says what matters
+            warnings.simplefilter("ignore")
+            x = torch.ones(2, requires_grad=True)
+            torch.compile(lambda t: (t * 2 + 1).sum(), backend=backend)(x).backward()
+        return None
+    except Exception as e:  # torch._dynamo.exc.BackendCompilerFailed, wrapping the backend's own error
+        cause = getattr(e, "inner_exception", None) or e.__cause__ or e
+        text = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+        return f"{type(cause).__name__}: {text}"
+    finally:
+        counters.clear()
+        counters.update(saved)
 
 
 def compile_stats() -> dict:

@@ -158,12 +158,14 @@ def _compiles(backend):
 
 
 @pytest.mark.parametrize("backend,package", [("tvm", "tvm"), ("openxla", "torch_xla"), ("openxla_eval", "torch_xla"),
-                                             ("dynamo_minifier_backend", None), ("cudagraphs", None)])
+                                             ("dynamo_minifier_backend", None), ("cudagraphs", None),
+                                             ("ts", None), ("aot_ts", None)])
 def test_backends_torch_registers_but_cannot_run_here_are_refused_at_start_up(caplog, backend, package):
     """torch registers these backends, yet compiling with them here fails at the first step (after the data and
-    the engine: tvm and openxla need packages that are not installed, the minifier is no compiler) or, cudagraphs
-    on the CPU, skips what it was asked for. The start-up check (compile_problem, which check_compile raises)
-    names each; the backends that run are still accepted."""
+    the engine: tvm and openxla need packages that are not installed, the minifier is no compiler, TorchScript
+    (ts, aot_ts) cannot script torch.fx's graphs) or, cudagraphs on the CPU, skips what it was asked for. The
+    start-up check (compile_problem, which check_compile raises) names each, leaving torch.compile's counters as
+    they were; the backends that run are still accepted."""
     if package and importlib.util.find_spec(package) is not None:
         pytest.skip(f"{package} is installed here")
     failed = _compiles(backend)
@@ -171,8 +173,10 @@ def test_backends_torch_registers_but_cannot_run_here_are_refused_at_start_up(ca
         assert failed is None and "skipping cudagraphs due to cpu device" in caplog.text
     else:
         assert failed is not None
+    before = compile_stats()
     problem = compile_problem(cuda=False, backend=backend)
     assert problem is not None and backend in problem
+    assert compile_stats() == before
     assert "aot_eager" in problem or "install" in problem  # what would do
     for works in ("aot_eager", "eager", "aot_eager_decomp_partition"):
         assert compile_problem(cuda=False, backend=works) is None

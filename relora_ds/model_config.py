@@ -85,7 +85,9 @@ class LlamaConfig:
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
             setattr(self, name, int(getattr(self, name)))  # a NumPy integer as Python's (config.json writes it)
-        for name in ("rms_norm_eps", "rope_theta"):  # a negative eps makes RMSNorm's rsqrt NaN, silently
+        # a negative eps makes RMSNorm's rsqrt NaN, silently; initializer_range 0 starts every weight at zero (no
+        # symmetry to break), a negative or NaN one failed in torch's normal_ when the model was built
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
                 raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got {value!r}")

@@ -380,6 +380,9 @@ def test_configs_the_export_could_not_express_are_refused(overrides, match):
     (dict(rms_norm_eps=0), r"rms_norm_eps must be a positive finite number, got 0"),
     (dict(rope_theta=0.0), r"rope_theta must be a positive finite number, got 0.0"),
     (dict(rope_theta=float("inf")), r"rope_theta must be a positive finite number, got inf"),
+    (dict(initializer_range=0.0), r"initializer_range must be a positive finite number, got 0.0"),  # was: all zeros
+    (dict(initializer_range=-0.02), r"initializer_range must be a positive finite number, got -0.02"),
+    (dict(initializer_range=float("nan")), r"initializer_range must be a positive finite number, got nan"),
     (dict(model_type="mistral", sliding_window=8.5), r"sliding_window must be a positive number of tokens or None"),
 ])
 def test_sizes_must_be_whole_numbers_and_eps_and_theta_positive(overrides, match):

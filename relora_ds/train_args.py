@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import typing
 import warnings
@@ -173,6 +174,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                                         f"found the key {key!r} twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        """YAML 1.1's ints, except the two forms that read as another number than they show: a leading 0
+        (`seed: 017` is octal, 15) and base 60 (`total_steps: 1:30` is 90)."""
+        text = self.construct_scalar(node)
+        value = super().construct_yaml_int(node)
+        if ":" in text:
+            raise yaml.constructor.ConstructorError(None, None, f"{text} reads as {value} in YAML 1.1 (base 60): "
+                                                    "write the number, or quote it", node.start_mark)
+        if re.fullmatch(r"[-+]?0[0-7_]+", text) and value != 0:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text} reads as {value} in YAML 1.1 (octal): write the number without a leading 0 "
+                f"(or {value} if that is what you mean), or quote it", node.start_mark)
+        return value
+
+    def construct_yaml_float(self, node):
+        """YAML 1.1's floats, except base 60 (`lr: 1:30.5` is 90.5)."""
+        text = self.construct_scalar(node)
+        value = super().construct_yaml_float(node)
+        if ":" in text:
+            raise yaml.constructor.ConstructorError(None, None, f"{text} reads as {value} in YAML 1.1 (base 60): "
+                                                    "write the number, or quote it", node.start_mark)
+        return value
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -1,6 +1,7 @@
 """launch/train.py's command line (relora_ds/train_args.py): a YAML recipe plus CLI flags, read into a
 TrainConfig; what cannot be read is an error naming the file, the key or the flag."""
 import argparse
+import re
 
 import pytest
 
@@ -282,3 +283,23 @@ def test_cli_null_clears_a_recipe_value_as_none_does(tmp_path):
     for word in ("null", "NULL", "none"):
         cfg = config_from_args(build_parser().parse_args(["--config", str(recipe), "--cycle-length", word]))
         assert cfg.cycle_length is None, word
+
+
+@pytest.mark.parametrize("line, shown", [("seed: 017", "017 reads as 15 in YAML 1.1 (octal)"),
+                                         ("seed: -0_17", "-0_17 reads as -15 in YAML 1.1 (octal)"),
+                                         ("total_steps: 1:30", "1:30 reads as 90 in YAML 1.1 (base 60)"),
+                                         ("lr: 1:30.5", "1:30.5 reads as 90.5 in YAML 1.1 (base 60)")])
+def test_a_number_yaml_reads_as_another_is_refused(tmp_path, line, shown):
+    """PyYAML (YAML 1.1) reads `seed: 017` as 15 and `1:30` as 90: a recipe trained with another seed or length
+    than it shows. Such a number is named with what it would read as; what shows as it reads stays accepted (a
+    0 alone, 019, hex, a quoted "017")."""
+    import yaml
+
+    assert yaml.safe_load(line) != yaml.safe_load(line.replace(" ", ' "') + '"')  # the oracle: YAML's own reading
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"{line}\ncycle_length: 10\n" + ("total_steps: 100\n" if "total" not in line else ""))
+    with pytest.raises(ValueError, match=rf"(?s)r.yaml: not valid YAML: {re.escape(shown)}.*line 1"):
+        config_from_args(argparse.Namespace(config=str(recipe)))
+    for fine, seed in (("seed: 0", 0), ("seed: 019", 19), ("seed: 0x11", 17), ('seed: "017"', 17)):
+        recipe.write_text(f"{fine}\ncycle_length: 10\ntotal_steps: 100\nwarmup_steps: 5\n")
+        assert config_from_args(argparse.Namespace(config=str(recipe))).seed == seed

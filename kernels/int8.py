@@ -314,7 +314,7 @@ def int8_lora_linear(x, q, w_scale, lora_A, lora_B, scale, bias=None, dropout_p=
 def _int8_lora_linear_triton(x, q, w_scale, lora_A, lora_B, scale, bias, p, training, generator, deterministic,
                              in_gemm):
     x, lora_A, lora_B, bias = _runtime.autocast_inputs(x.device.type, x, lora_A, lora_B, bias)
-    _check_triton_args(x, None, lora_A, lora_B, bias)
+    _check_triton_args(x, None, lora_A, lora_B, bias, op="int8_lora_linear")
     for name, t in (("q", q), ("w_scale", w_scale)):
         if t.device != x.device:
             raise ValueError(f"relora_kernels.int8_lora_linear: {name} is on {t.device} but x is on {x.device}")

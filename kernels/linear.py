@@ -337,7 +337,7 @@ def _check_args(x, weight, lora_A, lora_B, bias):
         raise ValueError(f"bias must have shape ({d_out},); got {tuple(bias.shape)}")
 
 
-def _check_triton_args(x, weight, lora_A, lora_B, bias):
+def _check_triton_args(x, weight, lora_A, lora_B, bias, op="lora_linear"):
     tensors = {"weight": weight, "lora_A": lora_A, "lora_B": lora_B, "bias": bias}
     for name, t in tensors.items():
         if t is None:
@@ -346,7 +346,8 @@ def _check_triton_args(x, weight, lora_A, lora_B, bias):
             raise ValueError(f"relora_kernels (Triton path): {name} has dtype {t.dtype} but x has "
                              f"{x.dtype}; cast them to one dtype (or use RELORA_KERNELS=reference)")
         if t.device != x.device:
-            raise ValueError(f"relora_kernels.lora_linear: {name} is on {t.device} but x is on {x.device}")
+            raise ValueError(f"relora_kernels.{op}: {name} is on {t.device} but x is on {x.device}; move it to x's "
+                             "device")
 
 
 def _fits_int32(op, x, weight, lora_A, lora_B):

@@ -18,7 +18,9 @@ is cheapest. ``B1_SCALE=1`` (forward, ``B1 = q.T``: one scale per output column 
 accumulator is multiplied by ``scale[n]`` once, before the r-loop adds the low-rank term. ``B1_SCALE=2``
 (dX, ``B1 = q``: one scale per K row): each weight tile row is multiplied by ``scale[k]`` in fp32 and
 rounded to the compute dtype, which is what a dequantized bf16 weight holds. Without an output mask, beta is folded into the B2 tile (that is the ``[W | s·B]`` of the
-paper); with one (dX under dropout), the second loop gets its own accumulator.
+paper); with one (dX under dropout), the second loop gets its own accumulator, and so it does for fp16 operands
+with |beta| > 1 (:func:`beta_on_acc`): s·B rounded to fp16 overflows past 65504 (|B| = 10 at s = 1e4: Y all
+NaN), where the twin's S·Bᵀ, scaled afterwards, stays finite.
 
 A split over K1 (``split > 1``) serves the reductions over tokens (dA, dB): each split writes an fp32 partial
 that :func:`sum_splits` adds in a fixed order (deterministic), or adds its partial into a zeroed fp32
@@ -49,7 +51,7 @@ def _concat_k_matmul_kernel(
         stride_mask0, stride_mask1, stride_cs, stride_cm, stride_cn,
         alpha, beta,
         HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr, ATOMIC: tl.constexpr,
-        B1_SCALE: tl.constexpr,
+        B1_SCALE: tl.constexpr, BETA_ON_ACC: tl.constexpr,
         EVEN_K1: tl.constexpr, EVEN_K2: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped tile order: GROUP_M row-tiles share each B column-tile while it is hot in L2.
@@ -109,7 +111,7 @@ def _concat_k_matmul_kernel(
         acc = acc * tl.load(b1s_ptr + rn).to(tl.float32)[None, :]
 
     if HAS_SECOND:  # the short r-loop of the concatenated K: [A1 | A2] @ [B1 ; B2]
-        if MASK_MODE == 3:
+        if BETA_ON_ACC:  # an output mask (MASK_MODE 3), or a beta that fp16's beta·B2 tile could not hold
             acc2 = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for k0 in range(0, K2, BLOCK_K):
             kk = k0 + rk
@@ -124,7 +126,7 @@ def _concat_k_matmul_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            if MASK_MODE == 3:
+            if BETA_ON_ACC:
                 acc2 = tl.dot(a, b, acc2, input_precision=DOT_PRECISION)
             else:  # [W | beta·B]: scale the small B2 tile, not the big accumulator
                 b = (b.to(tl.float32) * beta).to(a.dtype)
@@ -132,6 +134,8 @@ def _concat_k_matmul_kernel(
         if MASK_MODE == 3:  # dX = dY @ W + keep ⊙ (dS @ A) / (1 - p)
             keep = tl.load(mask_ptr + rm[:, None] * stride_mask0 + rn[None, :] * stride_mask1)
             acc += tl.where(keep != 0, acc2 * beta, 0.0)
+        elif BETA_ON_ACC:
+            acc += acc2 * beta
 
     acc = acc * alpha
     if HAS_BIAS:
@@ -258,7 +262,9 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
         return out
 
     mask_t = mask.view(torch.uint8) if mask is not None and mask.dtype == torch.bool else mask
-    if TMA_GEMM and config is None and not deterministic:  # the TMA kernel autotunes
+    mask_mode = mask_mode if mask_t is not None else MASK_NONE
+    on_acc = has_second and (mask_mode == MASK_OUT2 or beta_on_acc(a2.dtype, beta))
+    if TMA_GEMM and config is None and not deterministic and not on_acc:  # the TMA kernel autotunes; it folds beta
         from . import matmul_tma
         if matmul_tma.eligible(a1, b1, a2, b2, out, mask_t, b1_scale, reduce_k):
             return matmul_tma.launch(a1, b1, a2, b2, out, alpha=alpha, beta=beta, bias=bias)
@@ -304,8 +310,9 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
             b2.stride(0) if has_second else 0, b2.stride(1) if has_second else 0,
             ms[0], ms[1], stride_cs, c2d.stride(0), c2d.stride(1),
             float(alpha), float(beta)]
-    flags = dict(HAS_SECOND=has_second, HAS_BIAS=bias is not None, MASK_MODE=mask_mode if mask_t is not None else 0,
-                 ATOMIC=atomic, B1_SCALE=b1_scale_mode, EVEN_K1=(K1 % k1_per_split == 0 and k1_per_split % block_k == 0),
+    flags = dict(HAS_SECOND=has_second, HAS_BIAS=bias is not None, MASK_MODE=mask_mode, ATOMIC=atomic,
+                 B1_SCALE=b1_scale_mode, BETA_ON_ACC=on_acc,
+                 EVEN_K1=(K1 % k1_per_split == 0 and k1_per_split % block_k == 0),
                  EVEN_K2=(K2 % block_k == 0), UPCAST=_runtime.upcast_for_interpreter(a1.dtype),
                  DOT_PRECISION=_runtime.dot_precision(a1.dtype))
     if cfg is None:
@@ -341,6 +348,13 @@ def concat_matmul(a1, b1, a2=None, b2=None, *, alpha=1.0, beta=1.0, bias=None, m
         else:
             sum_splits(target, out)
     return out
+
+
+def beta_on_acc(dtype: torch.dtype, beta: float) -> bool:
+    """Whether beta must scale the second product's own fp32 accumulator rather than be folded into the B2 tile
+    in the operands' dtype: fp16 (finite to 65504) with |beta| > 1, where beta·B2 can overflow. bf16 and fp32
+    have fp32's range, and |beta| <= 1 keeps any finite B2 finite."""
+    return dtype == torch.float16 and not abs(float(beta)) <= 1.0  # not <=: a NaN beta too
 
 
 def sum_splits(partials: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

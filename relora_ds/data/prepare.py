@@ -198,6 +198,11 @@ def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig,
             raise ValueError(f"{len(both)} files are both training input and --val-input, so validation would "
                              f"be trained on: {both[:5]}{' ...' if len(both) > 5 else ''}; leave them out of "
                              "one of the two (e.g. a narrower glob for --input)")
+        copies = _copies(resolved[0], resolved_val[0])
+        if copies:
+            shown = ", ".join(f"{v} = {t}" for t, v in copies[:3]) + (" ..." if len(copies) > 3 else "")
+            raise ValueError(f"{len(copies)} --val-input files are byte-identical copies of training input files, "
+                             f"so validation would be trained on: {shown}; leave them out of one of the two")
     val_split = cfg.hf_val_split or "validation"
     if resolved and resolved_val and resolved[1] and resolved[1] == resolved_val[1] and cfg.hf_split == val_split:
         raise ValueError(f"hub dataset {resolved[1]!r}, split {val_split!r}, is both the training input and "
@@ -227,6 +232,26 @@ def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig,
     manifest = _prepare(inputs, (resolved, resolved_val), cfg, out_dir, recipe)
     _report_windows(manifest, cfg.seq_len)
     return out_dir
+
+
+def _copies(train: list[str], val: list[str]) -> list[tuple[str, str]]:
+    """(training file, validation file) pairs of byte-identical files: a copy, which the check by name misses.
+    Compared by size, then first 64 KiB, then sha256: files that differ are not read through."""
+    def head(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read(1 << 16)
+
+    by_size: dict[int, list[str]] = {}
+    for f in train:
+        by_size.setdefault(os.path.getsize(f), []).append(f)
+    pairs = []
+    for v in val:
+        size = os.path.getsize(v)
+        twin = next((t for t in by_size.get(size, [])
+                     if size and head(t) == head(v) and mf.file_sha256(t) == mf.file_sha256(v)), None)
+        if twin is not None:
+            pairs.append((twin, v))
+    return pairs
 
 
 def _prepare(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig, out_dir: Path, recipe: dict) -> dict:

@@ -7,7 +7,8 @@ or one Hugging Face hub dataset name (``allenai/c4`` with ``hf_config="en"``) wh
 ``None`` means the built-in corpus (:mod:`relora_ds.data.builtin_corpus`).
 
 Reading, decompression, JSON/Parquet parsing and streaming are ``datasets``' job. What is ours: running
-the text repair pass (:mod:`relora_ds.data.repair`) on each text and JSON file, grouping files datasets can
+the text repair pass (:mod:`relora_ds.data.repair`) on each text and JSON file (and its
+invalid-UTF-8 half on the text column of each Parquet and Arrow file), grouping files datasets can
 read as one schema, and the text-column check.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 from relora_ds.data.builtin_corpus import builtin_documents
 from relora_ds.data.inputs import DataWarning, builder_for
-from relora_ds.data.repair import repair_utf8
+from relora_ds.data.repair import _ESCAPED_BYTES, repair_utf8
 
 TXT_UNITS = ("document", "paragraph", "line")
 _STRING_DTYPES = ("string", "large_string")
@@ -54,33 +55,89 @@ class Corpus:
         return isinstance(self.dataset, datasets.IterableDataset)
 
 
-def _repair_job(args: tuple[str, str]) -> tuple[int, int]:
-    src, dest = args
+def _repair_job(args: tuple[str, str, str | list[str]]) -> tuple[int, int]:
+    src, dest, text_column = args
+    if builder_for(src) in ("parquet", "arrow"):
+        return _repair_columnar(src, dest, text_column), 0
     return repair_utf8(src, dest, json=builder_for(src) == "json")
 
 
-def _repair_files(files: list[str], work_dir: Path, num_proc: int
+def _repair_columnar(path: str, dest: str, text_column: str | list[str]) -> int:
+    """Write a copy of the Parquet or Arrow file `path` to `dest` with each invalid UTF-8 byte of its text
+    column replaced by U+FFFD; returns how many there were (0: clean, nothing written). Arrow's string
+    columns are meant to be UTF-8, but writers other than pyarrow do not all check it, and decoding one
+    such value failed the whole prepare with a bare UnicodeDecodeError that named no file (a review)."""
+    column = _invalid_utf8_column(path, text_column)
+    if column is None:
+        return 0
+    schema = pq.read_schema(path) if builder_for(path) == "parquet" else _arrow_schema(path)
+    at, bad = schema.get_field_index(column), 0
+    with pq.ParquetWriter(dest, schema) if builder_for(path) == "parquet" else pa.ipc.new_stream(dest, schema) as out:
+        for batch in _record_batches(path):
+            texts = [None if raw is None else raw.decode("utf-8", "surrogateescape")
+                     for raw in batch.column(at).cast(pa.large_binary()).to_pylist()]
+            bad += sum(len(_ESCAPED_BYTES.findall(t)) for t in texts if t is not None)
+            texts = [None if t is None else _ESCAPED_BYTES.sub("\ufffd", t) for t in texts]
+            out.write_batch(batch.set_column(at, schema.field(column), pa.array(texts, schema.field(column).type)))
+    return bad
+
+
+def _invalid_utf8_column(path: str, text_column: str | list[str]) -> str | None:
+    """The text column of a Parquet or Arrow file where it holds invalid UTF-8; None where it holds none, or
+    where the file or its text column cannot be read here (the load names the problem)."""
+    try:
+        schema = pq.read_schema(path) if builder_for(path) == "parquet" else _arrow_schema(path)
+        column = _text_column_of(schema.names, text_column)
+        if column is None or str(schema.field(column).type) not in _STRING_DTYPES:
+            return None
+        for batch in _record_batches(path, [column]):
+            try:
+                batch.column(column).validate(full=True)
+            except pa.ArrowInvalid:
+                return column
+    except (OSError, pa.ArrowException):
+        pass
+    return None
+
+
+def _record_batches(path: str, columns: list[str] | None = None):
+    """The record batches of a Parquet file (only `columns`, where given) or of an Arrow stream (all)."""
+    if builder_for(path) == "parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=1 << 16, columns=columns)
+    else:
+        with pa.memory_map(path) as source:
+            yield from pa.ipc.open_stream(source)
+
+
+def _arrow_schema(path: str) -> pa.Schema:
+    with pa.memory_map(path) as source:
+        return pa.ipc.open_stream(source).schema
+
+
+def _repair_files(files: list[str], work_dir: Path, num_proc: int, text_column: str | list[str] = "text"
                   ) -> tuple[list[str], dict[str, int], dict[str, int]]:
     """Replace files holding invalid UTF-8 (or lone surrogate escapes) by repaired copies in `work_dir`;
-    warn once per such file. Returns the files to read and the counts of both repairs per file."""
-    text_files = [f for f in files if builder_for(f) in ("text", "json")]
-    if not text_files:
+    warn once per such file. Returns the files to read and the counts of both repairs per file. Of a
+    Parquet or Arrow file, only the text column (`text_column`, as in :func:`load_corpus`) is checked and
+    repaired: the others are dropped when it is read."""
+    checked = [f for f in files if builder_for(f) in ("text", "json", "parquet", "arrow")]
+    if not checked:
         return files, {}, {}
     repair_dir = work_dir / "utf8-repaired"
     repair_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
-    for i, f in enumerate(text_files):
+    for i, f in enumerate(checked):
         name = Path(f).name
         name = name[:-3] if name.lower().endswith(".gz") else name
-        jobs.append((f, str(repair_dir / f"{i:06d}-{name}")))
+        jobs.append((f, str(repair_dir / f"{i:06d}-{name}"), text_column))
         Path(jobs[-1][1]).unlink(missing_ok=True)  # written below only for a file that needs repair
     # Threads suffice: the cost is gzip inflation and the strict decode, which run outside the GIL
     # for large buffers; the slow repairing pass is only for the rare bad file.
     with ThreadPoolExecutor(max_workers=max(1, min(num_proc, len(jobs)))) as pool:
         counts = list(pool.map(_repair_job, jobs))
-    replaced = {src: dest for src, dest in jobs if os.path.exists(dest)}  # invalid bytes or a BOM
-    invalid = {src: n for (src, _), (n, _) in zip(jobs, counts, strict=True) if n}
-    lone = {src: n for (src, _), (_, n) in zip(jobs, counts, strict=True) if n}
+    replaced = {src: dest for src, dest, _ in jobs if os.path.exists(dest)}  # invalid bytes or a BOM
+    invalid = {src: n for (src, _, _), (n, _) in zip(jobs, counts, strict=True) if n}
+    lone = {src: n for (src, _, _), (_, n) in zip(jobs, counts, strict=True) if n}
     for src, n in invalid.items():
         warnings.warn(f"{src}: replaced {n} invalid UTF-8 bytes with U+FFFD", DataWarning, stacklevel=3)
     for src, n in lone.items():
@@ -250,7 +307,7 @@ def load_corpus(
     if streaming is None:
         streaming = _default_streaming(files)
     originals = files
-    files, invalid, lone = _repair_files(files, work_dir, num_proc)
+    files, invalid, lone = _repair_files(files, work_dir, num_proc, text_column)
     originals = dict(zip(files, originals, strict=True))  # repaired copy -> the file it repairs
     # Empty shards are common in real corpora: skipped, not the whole prepare failed (datasets fails on one).
     empty = [originals[f] for f in files if _holds_no_records(f, builder_for(f))]

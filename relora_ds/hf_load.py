@@ -56,6 +56,7 @@ def config_from_hf(hf: dict) -> LlamaConfig:
     if partial != 1.0:
         raise ValueError(f"partial_rotary_factor={partial} is not supported (RoPE on the whole head)")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope = _llama3_original_length(hf, rope)
     kw = {k: hf[k] for k in CONFIG_KEYS if k in hf and k != "rope_theta"}
     if model_type == "llama":  # Qwen2's q/k/v biases are fixed (qkv_bias follows model_type); Mistral has none
         kw.update({k: bool(hf[k]) for k in ("attention_bias", "mlp_bias") if k in hf})
@@ -66,6 +67,20 @@ def config_from_hf(hf: dict) -> LlamaConfig:
                        head_dim=hf.get("head_dim", 128 if model_type == "qwen3" else None),
                        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                        **_sliding_window(hf), **kw)
+
+
+def _llama3_original_length(hf: dict, rope: dict) -> dict:
+    """``rope`` with llama3 RoPE's original_max_position_embeddings as transformers 5 reads it: a top-level one
+    (Phi-3's place) before the RoPE dict's. A top-level one other than the dict's is refused: transformers 4.x
+    reads the dict's, so the RoPE would depend on the version. (Given in neither place, LlamaConfig names it.)"""
+    key = "original_max_position_embeddings"
+    top, own = hf.get(key), rope.get(key)
+    if rope.get("rope_type", rope.get("type")) != "llama3" or top is None:
+        return rope
+    if own is not None and top != own:
+        raise ValueError(f"config.json gives {key}={top} and its llama3 RoPE {key}={own}: transformers 5 reads the "
+                         "top-level one, 4.x the RoPE's; give one value (or delete the top-level key)")
+    return {**rope, key: top}
 
 
 def _sliding_window(hf: dict) -> dict:
@@ -113,7 +128,51 @@ def load_hf_config(path: str | Path) -> LlamaConfig:
         config = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    return config_from_hf(config)
+    config = config_from_hf(config)
+    _check_tied_head(path, config)
+    return config
+
+
+def _check_tied_head(path: Path, config: LlamaConfig) -> None:
+    """Refuse a tied config (tie_word_embeddings) whose checkpoint stores lm_head.weight with values other than
+    the embedding's, or without the embedding. transformers 5 then does not tie as the config says: it loads the
+    head untied (or ties the embedding to the head), where the model here would tie the head to the embedding, a
+    model of other logits, silently. A head equal to the embedding (a .bin conversion stores both) loads."""
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if not config.tie_word_embeddings:
+        return
+    stored = _stored_names(path)
+    if head not in stored:
+        return
+    if embed not in stored:
+        raise ValueError(f"{path}: config.json ties lm_head to the embedding (tie_word_embeddings true), but the "
+                         f"checkpoint stores {head} and no {embed}; store the tensor as {embed}")
+    with safe_open(str(path / stored[head]), framework="pt") as reader:
+        a = reader.get_tensor(head)
+    with safe_open(str(path / stored[embed]), framework="pt") as reader:
+        b = reader.get_tensor(embed)
+    if a.shape != b.shape or not (torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.float(), b.float())):
+        raise ValueError(f"{path}: config.json ties lm_head to the embedding (tie_word_embeddings true), but the "
+                         f"checkpoint stores {head} with values other than {embed}'s: transformers 5 loads the two "
+                         "untied (4.x would drop the stored head). Set tie_word_embeddings to false in config.json to "
+                         f"train both as stored, or delete {head} from the checkpoint to tie the head to the embedding")
+
+
+def _safetensors_files(path: Path) -> list[str]:
+    """The safetensors files of a Hugging Face directory (a sharded one's, from its index); [] where it has none."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["model.safetensors"] if (path / "model.safetensors").is_file() else []
+
+
+def _stored_names(path: Path) -> dict[str, str]:
+    """{tensor name: its safetensors file} of a Hugging Face directory, read from the files' headers."""
+    names = {}
+    for f in _safetensors_files(path):
+        with safe_open(str(path / f), framework="pt") as reader:
+            names.update(dict.fromkeys(reader.keys(), f))
+    return names
 
 
 def hf_tensors(path: str | Path, dtype: torch.dtype | None = torch.float32,
@@ -122,12 +181,8 @@ def hf_tensors(path: str | Path, dtype: torch.dtype | None = torch.float32,
     safetensors (only those in `names` where given: the others are not read), one at a time (rotary tables
     skipped; a quantized checkpoint refused)."""
     path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
+    files = _safetensors_files(path)
+    if not files:
         raise ValueError(f"{path} has no model.safetensors(.index.json); convert .bin checkpoints to "
                          "safetensors first")
     for f in files:

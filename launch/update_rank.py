@@ -81,12 +81,28 @@ def _progress(directory: Path) -> dict | None:
 
 def _merges(directory: Path) -> dict | None:
     """The export's merge record (relora_ds.hf.merge_record, in its relora_ds_progress.json); {} for a run's
-    export of a model without ReLoRA layers (the full-rank warm start); None where unknown (another tool's
-    export, or a checkpoint saved before merge counts were)."""
+    export of a model without ReLoRA layers (the full-rank warm start); None where unknown (_unknown_why)."""
+    return None if _unknown_why(directory) else _progress(directory).get("relora", {})
+
+
+def _unknown_why(directory: Path) -> str | None:
+    """Why the export's merges are not known, or None where they are. A run's exports recorded no merges before
+    2026-12-05 (a progress file with the sampler but neither a merge record nor ``document_masking``, both
+    written since: it reads as a full-rank export, whatever its phase), then, for an hour, the layers' kinds
+    and the export copy's dtype (fp32 for a bf16 base) in place of the ReLoRA layers' names and the base's."""
     progress = _progress(directory)
     if progress is None:
-        return None
-    return progress.get("relora", {}) if progress.get("relora", {}) is not None else None
+        return ("no relora_ds_progress.json: not a relora_ds run's export, or one made by export_hf without "
+                "progress")
+    record = progress.get("relora", {})
+    if record is None:
+        return "its relora_ds_progress.json records none (an export of a checkpoint from before merge counts)"
+    if "relora" not in progress and "sampler" in progress and "document_masking" not in progress:
+        return "its relora_ds_progress.json is from before 2026-12-05, when a run's exports recorded no merges"
+    if record and "layers" not in record:
+        return ("its relora_ds_progress.json is from 2026-12-05's first merge record, which named the layers' "
+                "kinds, not the ReLoRA layers, and the export copy's dtype, not the base's")
+    return None
 
 
 def _step(directory: Path) -> int | None:
@@ -147,12 +163,10 @@ def rounding_plan(a: Path, b: Path) -> dict | None:
 
 def plan_note(a: Path, b: Path) -> str | None:
     """Why no bound or rounding floor is printed, where that is not plain; None otherwise."""
-    ra, rb = _merges(a), _merges(b)
-    if ra is None or rb is None:
-        unknown = a if ra is None else b
-        return (f"{unknown}'s merges are not known (no relora_ds_progress.json with them: not a relora_ds run's "
-                "export, one made by export_hf without progress, or of a checkpoint from before merge counts): "
-                "'rank' may count the rounding of a bf16 base at each merge")
+    unknown = next((d for d in (a, b) if _unknown_why(d)), None)
+    if unknown is not None:
+        return (f"{unknown}'s merges are not known ({_unknown_why(unknown)}): 'rank' may count the rounding of "
+                "a bf16 base at each merge")
     return None
 
 

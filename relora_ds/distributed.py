@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable, NoReturn
 
@@ -158,6 +159,10 @@ def init_distributed(**kwargs) -> None:
         _check_local_rank(int(os.environ["LOCAL_RANK"]), accelerator.device_count())
     launched = launched_ranks()
     _check_launcher_env()
+    if kwargs.get("auto_mpi_discovery", True):
+        _warn_master_addr_replaced()
+    import torch.distributed as dist
+
     try:
         deepspeed.init_distributed(**kwargs)
     except ModuleNotFoundError as e:  # DeepSpeed's MPI discovery, the only way left to it, needs mpi4py
@@ -167,8 +172,17 @@ def init_distributed(**kwargs) -> None:
                          "mpi4py is not installed for DeepSpeed's MPI discovery: start the ranks with deepspeed, "
                          "torchrun, srun through launch/slurm/rank_env.sh (or the sbatch scripts), or install "
                          "mpi4py (pip install -e '.[mpi]') for mpirun/srun --mpi") from None
+    except dist.DistNetworkError as e:  # rank 0's TCPStore could not listen: a traceback on every such start
+        if "EADDRINUSE" not in str(e):
+            raise
+        import socket
+
+        raise ValueError(f"MASTER_PORT={os.environ.get('MASTER_PORT')} is already in use on this host "
+                         f"({socket.gethostname()}), where rank 0 listens for the other ranks: another run on this "
+                         "node holds it, or a second process was started as RANK=0. Give this run a free port: "
+                         "deepspeed --master_port N, torchrun --master-port N, else MASTER_PORT=N (srun, the sbatch "
+                         "scripts, mpirun)") from None
     release_shm_segment()
-    import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else None
     if launched and world is not None and world != launched:
@@ -208,10 +222,29 @@ def _check_launcher_env() -> None:
     # DeepSpeed's MPI discovery too (with mpi4py: rank 0 of a world of one; without: an error blaming mpi4py).
     if ("RANK" in os.environ or "WORLD_SIZE" in os.environ) and len(given) < len(names):
         missing = [n for n in names if n not in os.environ]
-        hint = " (LOCAL_RANK: this process's index on its node, e.g. SLURM_LOCALID)" if "LOCAL_RANK" in missing else ""
+        hint = (" (LOCAL_RANK: this process's index on its node, e.g. SLURM_LOCALID)" if "LOCAL_RANK" in missing
+                else "")
         raise ValueError(f"the launcher set {', '.join(given)} but not {', '.join(missing)}: DeepSpeed needs all of "
-                         f"{', '.join(names)} (else it falls back to MPI discovery). Set {' and '.join(missing)}{hint}, "
-                         "or start the ranks with deepspeed or torchrun, which set them all")
+                         f"{', '.join(names)} (else it falls back to MPI discovery). "
+                         f"Set {' and '.join(missing)}{hint}, or start the ranks with deepspeed or torchrun, which set "
+                         "them all")
+
+
+def _warn_master_addr_replaced() -> None:
+    """DeepSpeed runs MPI discovery when any of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT is
+    missing, and it replaces MASTER_ADDR with rank 0's first ``hostname -I`` address (deepspeed/comm/comm.py,
+    mpi_discovery, 0.19.8): a MASTER_ADDR given to mpirun alone, to pick the training network, was dropped
+    without a word (and where that first address is unreachable the ranks wait in rendezvous until the
+    timeout). Said before the rendezvous, which may never end. MASTER_PORT is kept (agree_on_master_port)."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    if os.environ.get("MASTER_ADDR") and not all(n in os.environ for n in names):
+        from .train_config import ConfigWarning
+
+        warnings.warn(f"MASTER_ADDR={os.environ['MASTER_ADDR']} is not used: without RANK, WORLD_SIZE and LOCAL_RANK "
+                      "(mpirun, srun --mpi) DeepSpeed's MPI discovery replaces it with rank 0's first `hostname -I` "
+                      "address. To choose the address, start each rank with all five of RANK, WORLD_SIZE, LOCAL_RANK, "
+                      "MASTER_ADDR, MASTER_PORT set (a wrapper exporting RANK=$OMPI_COMM_WORLD_RANK or $PMI_RANK ...: "
+                      "README, \"MPI\")", ConfigWarning, stacklevel=3)
 
 
 def _check_local_rank(local: int, count: int) -> None:

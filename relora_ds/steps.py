@@ -8,6 +8,9 @@ import math
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
+from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
 from . import checkpoint
 
@@ -20,7 +23,8 @@ class StepsMixin:
         for micro in range(gas):
             batch = next(self.batches).to(engine.device, non_blocking=True)
             loss = engine(batch, labels=batch).loss
-            engine.backward(loss)
+            scale = _scale_left_to_us(engine.optimizer)
+            engine.backward(loss if scale is None else loss.float() * scale)
             skip = False
             if micro == gas - 1 and self.own_grad_norm:
                 self.grad_norm = self._grad_norm_before_step()
@@ -29,6 +33,10 @@ class StepsMixin:
                 skip = self.grad_norm is not None and not math.isfinite(self.grad_norm)
             with _update_skipped(engine.optimizer) if skip else contextlib.nullcontext():
                 engine.step()
+            if scale is not None and micro == gas - 1 and isinstance(engine.optimizer, FP16_UnfusedOptimizer):
+                # It records the norm of the scaled gradients (ZeRO and FP16_Optimizer: the unscaled one).
+                norm = engine.get_global_grad_norm()
+                self.grad_norm = None if norm is None else norm / scale
             losses.append(loss.detach().float())
         if not engine.was_step_applied():
             # An fp16 overflow (or a non-finite gradient norm under ZeRO/bf16): DeepSpeed skips the update and
@@ -36,9 +44,9 @@ class StepsMixin:
             # schedule on the step (a reset's lr stays the schedule's: 0 with a restart warmup).
             engine.lr_scheduler.step()
             reason = "fp16 overflow: loss scale lowered" if self.fp16 else "non-finite gradient norm"
+            lowered = getattr(engine.optimizer, "loss_scale", None)  # (ZeRO's and the FP16 optimizers': not cur_scale)
             self._event({"event": "step_skipped", "step": self.step + 1, "reason": reason,
-                         "loss_scale": float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale")
-                         else None})
+                         "loss_scale": float(lowered) if lowered is not None else None})
         # One all-reduce carries the loss and whether any rank was asked to stop.
         stop = torch.tensor(float(self._stop_signal > 0), device=losses[0].device)
         flags = torch.stack([torch.stack(losses).mean(), stop])
@@ -59,6 +67,18 @@ class StepsMixin:
         (unscaled) norm themselves (get_global_grad_norm)."""
         norms = [p.grad.float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.stack(norms).norm()) if norms else None
+
+
+def _scale_left_to_us(optimizer) -> float | None:
+    """The fp16 loss scale that ``engine.backward`` does not apply, None where it applies its own or none:
+    DeepSpeed 0.19.8 scales the loss for its ZeRO optimizers only (deepspeedai/DeepSpeed PR #8393, open), while at
+    ZeRO stage 0 its FP16 optimizers divide the gradients by the scale in ``step()``: updates 2^16 times too small
+    (Adam's eps then dominates them), the clip compared with the norm over the scale (never reached), small fp16
+    gradients flushed to zero. The trainer scales the loss as their own ``backward`` does."""
+    if isinstance(optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)) and not isinstance(optimizer, ZeROOptimizer) \
+            and optimizer.loss_scale_config.use_grad_scaling:  # (fp16, not bf16)
+        return float(optimizer.loss_scale)
+    return None
 
 
 @contextlib.contextmanager

@@ -184,6 +184,14 @@ def check_engine_supported(engine, what: str) -> None:
         raise ValueError(f"{what}: the engine runs {low[0]} with ZeRO stage 0, whose fp32 masters and Adam moments "
                          "ReLoRA's merge and prune cannot reach: use ZeRO stage 1 or higher (on one rank it holds "
                          f"the same state as stage 0), or disable {low[0]} (fp32)")
+    # LoRA factors the user froze: DeepSpeed gives them no optimizer state (ZeRO-1/2: no master, which read as
+    # a late wrap; ZeRO-3: a master-less partition the merge failed on; stage 0: B stays 0, merges do nothing).
+    frozen = [n for n, q in engine.module.named_parameters() if n.endswith(LORA_SUFFIXES) and not q.requires_grad]
+    if frozen:
+        raise ValueError(f"{what}: {len(frozen)} LoRA parameters ({frozen[0]}, ...) are frozen (requires_grad="
+                         "False): they never train and ReLoRA's merge and prune have no optimizer state of them. "
+                         "Leave every LoRA factor trainable (relora_ds.wrap makes them so); to keep a layer out of "
+                         "ReLoRA, leave it out of wrap's target_modules")
     # A model wrapped after deepspeed.initialize: its LoRA factors are in no optimizer group and no ZeRO
     # partition (they would never train, and the merge would read the model copies as masters).
     if stage == 0:

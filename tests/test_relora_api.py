@@ -237,7 +237,9 @@ def test_wrapping_after_deepspeed_initialize_is_refused_at_once_or_at_the_first_
     optimizer group or ZeRO partition, never trained (B stayed 0); the merge then said OK and the prune failed
     with a bare KeyError. wrap(engine) and wrap of an engine-managed ZeRO-1/2 model are refused now, and a
     reset on an engine whose LoRA factors it does not manage (stage 0, or a ZeRO-3 module wrapped late) names
-    the order. One process of its own (DeepSpeed's process group), ZeRO stages 0, 2 and 3 in turn."""
+    the order. A LoRA factor the user froze (no optimizer state: it never trains) is named as frozen, not as a
+    late wrap (ZeRO-2) or a master-less partition (ZeRO-3), nor merged as if trained (stage 0). One process of
+    its own (DeepSpeed's process group), ZeRO stages 0, 2 and 3 in turn."""
     import subprocess
     import sys
 
@@ -247,10 +249,11 @@ def test_wrapping_after_deepspeed_initialize_is_refused_at_once_or_at_the_first_
     proc = subprocess.run([sys.executable, str(ROOT / "tests/dist/late_wrap_worker.py")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("stage")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("stage", "frozen"))]
     assert lines == ["stage 0: wrap(engine) refused", "stage 0: merge refused", "stage 0: prune refused",
                      "stage 2: wrap(engine) refused", "stage 2: wrap(engine.module) refused",
-                     "stage 3: wrap(engine) refused", "stage 3: merge refused", "stage 3: prune refused"]
+                     "stage 3: wrap(engine) refused", "stage 3: merge refused", "stage 3: prune refused",
+                     "frozen stage 0: refused", "frozen stage 2: refused", "frozen stage 3: refused"]
     assert "accumulation: merge warned" in proc.stdout  # a merge inside a gradient accumulation is named
 
 

@@ -38,6 +38,19 @@ def main():
             refused(f"stage {stage}: prune", lambda: relora_ds.prune_optimizer_state(engine, lora),
                     r"LoRA parameters .* are not in the engine's optimizer")
         engine.destroy()
+    # Wrapped in the right order, one LoRA factor frozen by the user: no optimizer state, never trains; named as
+    # frozen, not as a late wrap.
+    for stage in (0, 2, 3):
+        model = relora_ds.wrap(tiny_llama(), rank=4)
+        next(p for n, p in model.named_parameters() if n.endswith("lora_B")).requires_grad_(False)
+        engine = tiny_engine(model, stage)
+        try:
+            relora_ds.merge_and_reinit(engine)
+        except ValueError as e:
+            assert re.search(r"^merge_and_reinit: 1 LoRA parameters \(model.layers.0.self_attn.q_proj.lora_B, ...\) "
+                             r"are frozen \(requires_grad=False\).*leave it out of wrap's target_modules$", str(e)), e
+            print(f"frozen stage {stage}: refused", flush=True)
+        engine.destroy()
     # Wrapped in the right order, but merged inside a gradient accumulation (1 of 2 micro-steps done): named.
     engine = tiny_engine(relora_ds.wrap(tiny_llama(), rank=4), 2, accumulation=2)
     x = torch.randint(0, 128, (1, 9))

@@ -105,6 +105,16 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
                          "0.01 on every parameter) instead of TrainingArguments' learning_rate and weight_decay. "
                          "Remove the 'optimizer' section (the Trainer then builds its AdamW, with its decay groups, "
                          "and DeepSpeed runs it), or set them to \"auto\" in its params (the Trainer fills them)")
+    # transformers fills only "auto" values (and reports a different one): a key left out runs the optimizer's
+    # default, (0.9, 0.999) and 1e-8 in torch's AdamW, FusedAdam and DeepSpeedCPUAdam alike
+    given = (section or {}).get("params") or {}
+    unset = [f"{key} (TrainingArguments: {value}; DeepSpeed would run {default})" for key, value, default in
+             (("betas", [args.adam_beta1, args.adam_beta2], [0.9, 0.999]), ("eps", args.adam_epsilon, 1e-8))
+             if isinstance(section, dict) and key not in given and value != default]
+    if unset:
+        raise ValueError(f"enable_relora: the DeepSpeed config's 'optimizer' section sets no {' and '.join(unset)}. "
+                         "Set them to \"auto\" in its params (the Trainer fills them), or remove the 'optimizer' "
+                         "section")
     if (message := _one_group_decay(ds_config, trainer.args.weight_decay)) is not None:
         warnings.warn(message, UserWarning, stacklevel=2)
 

@@ -276,12 +276,20 @@ def merge_and_reinit_engine(engine) -> dict:
 
 def check_adam_groups(engine, who: str) -> None:
     """Every param group of the engine's optimizer an Adam one (its state: exp_avg, exp_avg_sq): DeepSpeed's Muon
-    keeps a momentum_buffer for the 2-D parameters, the LoRA factors among them, and Adam moments for the rest."""
-    if not all("betas" in g and "eps" in g and not g.get("use_muon") for g in engine.optimizer.param_groups):
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    keeps a momentum_buffer for the 2-D parameters, the LoRA factors among them, and Adam moments for the rest.
+    The state itself is read too, once there is one: torch's Adamax has Adam's betas and eps but keeps exp_inf,
+    not exp_avg_sq; found missing inside the gather, DeepSpeed raised on the ranks holding a piece of the tensor
+    while the others waited in its all-reduce. Every rank's optimizer is the same class: all decide alike."""
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    optimizers = (inner, getattr(opt, "backup_optimizer", None))  # ZeRO-3's partial offload: a second AdamW
+    states = [st for o in optimizers if o is not None for st in getattr(o, "state", {}).values()]
+    kept = next((sorted(st) for st in states if st and not all(k in st for k in MOMENT_KEYS)), None)
+    if kept is not None or not all("betas" in g and "eps" in g and not g.get("use_muon") for g in opt.param_groups):
         raise ValueError(f"{who}: the engine's optimizer ({type(inner).__name__}) keeps no Adam moments (exp_avg, "
-                         "exp_avg_sq) in every param group; ReLoRA under DeepSpeed supports Adam/AdamW "
-                         "(optimizer.type Adam or AdamW, or a torch Adam/AdamW client optimizer)")
+                         "exp_avg_sq) in every param group" + (f" (its state: {kept})" if kept else "") + "; ReLoRA "
+                         "under DeepSpeed supports Adam/AdamW (optimizer.type Adam or AdamW, or a torch Adam/AdamW "
+                         "client optimizer)")
 
 
 @torch.no_grad()

@@ -400,6 +400,11 @@ def _check_optimizer(ds: dict, source: str) -> None:
         if key not in valid:
             _unknown(f"{source}: optimizer.params key", key, valid,
                      hint=f" to {ctor.__module__}.{ctor.__name__}, which DeepSpeed builds for this config")
+    if ctor.__name__ == "Adam" and ctor.__module__.startswith("torch.optim") and params.get("decoupled_weight_decay"):
+        # adam_w_mode false picks torch's Adam for L2 decay, which decoupled_weight_decay turns into AdamW's
+        raise ValueError(f"{source}: optimizer.params.decoupled_weight_decay true contradicts adam_w_mode false "
+                         "(torch's Adam with decoupled weight decay is AdamW); for decoupled decay remove both (type "
+                         "Adam or AdamW decouples by default), for L2 decay remove decoupled_weight_decay")
     if params.get("torch_adam") and optimizer_offload(ds):
         warnings.warn(f"{source}: optimizer.params.torch_adam with an offloaded optimizer: DeepSpeed steps "
                       f"torch.optim.{ctor.__name__} on the host instead of its vectorized DeepSpeedCPUAdam, several "

@@ -145,6 +145,11 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
            ({"zero_optimization": None}, r"zero_optimization=None must be a section"),
            ({"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "adam_w_mode": False}}},
             r"optimizer.type 'AdamW' with params.adam_w_mode false: DeepSpeed ignores adam_w_mode"),
+           # found by a review: torch's Adam with decoupled_weight_decay is AdamW, whatever adam_w_mode false says
+           ({"optimizer": {"type": "Adam", "params": {"torch_adam": True, "adam_w_mode": False,
+                                                      "decoupled_weight_decay": True}}},
+            r"decoupled_weight_decay true contradicts adam_w_mode false \(torch's Adam with decoupled weight decay "
+            r"is AdamW\)"),
            # found by a review of the DeepSpeed integration: DeepSpeed maps the legacy flag to offload_param and
            # ignores it below stage 3; ZenFlow builds an optimizer the resets do not reach; DeepSpeed reads these
            # data_types and would cast the int8 base's buffers (they were refused as unknown keys)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from launch_utils import ROOT, free_port, launch_env
+from launch_utils import ROOT, launch_env
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_RANK",
                 "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "PMIX_SIZE", "MV2_COMM_WORLD_RANK",

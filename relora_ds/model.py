@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from . import checkpointing
-from .compiling import raise_recompile_limit
+from .compiling import compile_problem, raise_recompile_limit
 from .documents import Documents, sdpa_dtype
 from .loss import linear_cross_entropy
 from .model_config import LlamaConfig
@@ -423,7 +423,11 @@ class LlamaForCausalLM(nn.Module):
         and would break it at every linear layer. Parameter names, the state dict and the ReLoRA resets are
         unchanged: a merge writes the weights in place and the graphs read them as inputs. ``kwargs`` go to
         ``torch.compile``. The embedding, the final norm and the loss stay eager. Raises torch's recompile limit
-        (process-wide) to 4 entries per kind of layer where it is lower."""
+        (process-wide) to 4 entries per kind of layer where it is lower. A backend named by a string that cannot
+        build code here (relora_ds.compiling.compile_problem) is refused now, not at the first forward."""
+        backend = kwargs.get("backend", "inductor")
+        if isinstance(backend, str) and (problem := compile_problem(self.lm_head.weight.is_cuda, backend)):
+            raise ValueError(f"compile_layers: {problem}")
         # Each kind of layer (a sliding window or not) takes cache entries in the layers' shared code object for
         # training (plain, or selective checkpointing) and evaluation (no grad); torch's default limit of 8
         # entries, past which it runs the code eagerly without a word (relora_ds.compiling.compile_stats counts

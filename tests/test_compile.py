@@ -245,6 +245,21 @@ def test_compiling_the_layers_twice_is_refused():
         setattr(torch._dynamo.config, option, before)
 
 
+def test_compile_layers_refuses_a_backend_that_cannot_build_code_here(fresh_dynamo):
+    """compile_layers(backend="ts") (TorchScript, which cannot script torch.fx's graphs in this torch) was taken,
+    and the model failed at its first forward; now refused at the call, naming the backend, the layers as they were.
+    The oracle: torch.compile with that backend on a layer's MLP fails at its first call."""
+    model = relora_ds.LlamaForCausalLM(relora_ds.LlamaConfig.preset("debug"))
+    mlp = model.model.layers[0].mlp
+    with pytest.raises(Exception, match="method cannot be used as a value"):
+        torch.compile(lambda h: mlp(h).sum(), backend="ts")(torch.randn(1, 4, model.config.hidden_size))
+    for backend, shown in (("ts", r"compile_backend='ts' failed to compile a one-line function here"),
+                           ("inductr", r"compile_backend='inductr' is not one of torch's backends: .*aot_eager")):
+        with pytest.raises(ValueError, match=rf"^compile_layers: {shown}"):
+            model.compile_layers(backend=backend)
+        assert not any("forward" in vars(layer) for layer in model.model.layers)
+
+
 class _Engine:
     """What relora_ds.evaluate.validation_losses calls of a DeepSpeed engine, around a plain model."""
 

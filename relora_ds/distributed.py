@@ -145,14 +145,15 @@ def agree_on_master_port() -> str | None:
 def init_distributed(**kwargs) -> None:
     """``deepspeed.init_distributed(**kwargs)``, then release the shared-memory segment it leaks on CPU. Also
     spares the rank DeepSpeed's import of torch's compiler and its repeated CPU queries (relora_ds/ds_patches.py,
-    items 5 and 7)."""
+    items 5 and 7), and has fp16 steps raise the loss scale after the update, not before (item 8)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from .ds_patches import import_muon_compiling_on_first_call, memoize_cpu_info
+    from .ds_patches import import_muon_compiling_on_first_call, memoize_cpu_info, raise_loss_scale_after_step
 
     import_muon_compiling_on_first_call()
     memoize_cpu_info()
+    raise_loss_scale_after_step()
     accelerator = get_accelerator()
     # Before DeepSpeed's init, which passes device_id=cuda:LOCAL_RANK to torch (its own, less helpful error).
     if accelerator.device_name() == "cuda" and "LOCAL_RANK" in os.environ:

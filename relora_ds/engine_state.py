@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import deepspeed
 import torch
+from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.utils import safe_get_full_fp32_param
+from torch._utils import _unflatten_dense_tensors
 
 
 @torch.no_grad()
@@ -16,8 +19,9 @@ def full_fp32_state_dict(engine, keep: bool = True) -> dict[str, torch.Tensor]:
     int8 base: int8, not 4× its size) and persistent buffer. ``keep=False``: take part in the gathers and
     return {} (the ranks that do not write an export need not hold a full copy in host memory each)."""
     state: dict[str, torch.Tensor] = {}
+    stage0 = _stage0_masters(engine.optimizer)
     for name, p in engine.module.named_parameters():
-        master = safe_get_full_fp32_param(p) if p.requires_grad else None
+        master = stage0.get(id(p)) if id(p) in stage0 else safe_get_full_fp32_param(p) if p.requires_grad else None
         if master is not None:
             if keep:
                 state[name] = master.detach().float().cpu().clone()
@@ -34,3 +38,19 @@ def full_fp32_state_dict(engine, keep: bool = True) -> dict[str, torch.Tensor]:
         if name in persistent:  # e.g. merge_count; not rotary tables
             state[name] = b.detach().cpu().clone()
     return state
+
+
+def _stage0_masters(optimizer) -> dict[int, torch.Tensor]:
+    """id(parameter) -> its fp32 master in DeepSpeed's FP16 optimizers, which hold bf16/fp16 weights without ZeRO
+    (a ``mode: full`` run at stage 0): FP16_Optimizer's flat fp32 groups, FP16_UnfusedOptimizer's per-parameter
+    copies. ``safe_get_full_fp32_param`` returns None there, and the model's 16-bit copy is the master rounded
+    (by up to half a step: 0.4% of the weight in bf16, 0.05% in fp16), without the updates below that step.
+    {} for other optimizers."""
+    if not isinstance(optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        return {}
+    masters = {}
+    for i, group in enumerate(optimizer.fp16_groups):
+        fp32 = optimizer.fp32_groups[i] if isinstance(optimizer, FP16_UnfusedOptimizer) else \
+            _unflatten_dense_tensors(optimizer.fp32_groups_flat[i], group)
+        masters.update({id(p): q for p, q in zip(group, fp32)})
+    return masters

@@ -142,11 +142,13 @@ def enable_relora(trainer: Trainer, *, cycle_length: int, restart_warmup_steps: 
     if trainer.is_deepspeed_enabled:
         # The start-up savings relora_ds.distributed.init_distributed gives the trainer's ranks, for these, which
         # accelerate starts (relora_ds/ds_patches.py, items 5 and 7: torch's compiler imported for DeepSpeed's
-        # Muon module; py-cpuinfo asked 3-4 times a rank with the optimizer offloaded, ~0.9 s of CPU each).
-        from .ds_patches import import_muon_compiling_on_first_call, memoize_cpu_info
+        # Muon module; py-cpuinfo asked 3-4 times a rank with the optimizer offloaded, ~0.9 s of CPU each), and
+        # item 8's fix: an fp16 step that raises the loss scale trained on half its gradient.
+        from .ds_patches import import_muon_compiling_on_first_call, memoize_cpu_info, raise_loss_scale_after_step
 
         import_muon_compiling_on_first_call()
         memoize_cpu_info()
+        raise_loss_scale_after_step()
     ignore_host_buffers_in_ddp(trainer.model)  # the model accelerate hands to DDP, if wrap saw only a part of it
     callback = ReLoRACallback(trainer, cycle_length, merge_every, prune_method, prune_ratio, prune_joint)
     trainer.add_callback(callback)

@@ -82,9 +82,10 @@ def eval_oracle(reference: LlamaForCausalLM, windows: torch.Tensor, n: int | Non
     return (sum(sums) / (n * SEQ)).item()
 
 
-def oracle(reference: LlamaForCausalLM, data: torch.Tensor, zero_step: bool) -> list[dict]:
+def oracle(reference: LlamaForCausalLM, data: torch.Tensor, zero_step: bool, clip: float = CLIP) -> list[dict]:
     """Per step: the global batch's mean loss per predicted token, its gradient norm, and the parameters after
-    AdamW's step on the clipped gradient, all in float64 in one process. `zero_step`: one AdamW step on zero
+    AdamW's step on the gradient clipped to `clip` (0: not clipped), all in float64 in one process (also
+    tests/dist/stage0_review_worker.py's oracle). `zero_step`: one AdamW step on zero
     gradients first, as DeepSpeed's FP16_UnfusedOptimizer takes at its start (its initialize_optimizer_states:
     Adam's step count, and so its bias correction, is one ahead)."""
     ref = reference.double()
@@ -103,7 +104,7 @@ def oracle(reference: LlamaForCausalLM, data: torch.Tensor, zero_step: bool) -> 
         opt.zero_grad()
         loss.backward()
         norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
-        coef = min(1.0, CLIP / (norm.item() + 1e-6))
+        coef = min(1.0, clip / (norm.item() + 1e-6)) if clip else 1.0
         for p in params:
             p.grad.mul_(coef)
         opt.step()

@@ -17,12 +17,13 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from relora_ds import LlamaConfig, LlamaForCausalLM
 from relora_ds.distributed import init_distributed, run_and_exit
 from relora_ds.engine_state import full_fp32_state_dict
 from relora_ds.steps import StepsMixin
+
+from loss_review_worker import oracle  # tests/dist, this script's folder
 
 VOCAB, SEQ, MICRO, ACCUM, STEPS = 61, 9, 2, 2, 3
 LR, BETAS, EPS, CLIP = 1e-2, (0.9, 0.95), 1e-3, 0.05
@@ -42,33 +43,6 @@ def model() -> LlamaForCausalLM:
 def batches(world: int) -> torch.Tensor:
     """(STEPS, world, ACCUM, MICRO, SEQ + 1): step s's micro-batch k on rank r at [s, r, k]."""
     return torch.randint(0, VOCAB, (STEPS, world, ACCUM, MICRO, SEQ + 1), generator=torch.Generator().manual_seed(1))
-
-
-def oracle(reference: LlamaForCausalLM, data: torch.Tensor, clip: float, zero_step: bool) -> list[dict]:
-    """Per step: the global gradient's norm and the parameters after AdamW's step on it clipped to ``clip`` (0: not
-    clipped), float64, one process. ``zero_step``: one AdamW step on zero gradients first, as DeepSpeed's FP16
-    optimizers (stage 0) take at their start (their Adam step count, and so its bias correction, is one ahead)."""
-    ref = reference.double()
-    params = [p for p in ref.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
-    if zero_step:
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        opt.step()
-    out = []
-    for step in data:
-        windows = step.reshape(-1, SEQ + 1)
-        logits = ref(windows).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), windows[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params)).item()
-        coef = min(1.0, clip / (norm + 1e-6)) if clip else 1.0
-        for p in params:
-            p.grad.mul_(coef)
-        opt.step()
-        out.append({"grad_norm": norm, "params": {n: p.detach().clone() for n, p in ref.named_parameters()}})
-    return out
 
 
 class _Step(StepsMixin):
@@ -98,7 +72,7 @@ def case(name, zero, clip, torch_adam, rank, world) -> None:
     reference = copy.deepcopy(m)
     data = batches(world)
     engine = engine_for(m, zero, clip, torch_adam)
-    want = oracle(reference, data, clip, zero_step=zero["stage"] == 0)
+    want = oracle(reference, data, zero_step=zero["stage"] == 0, clip=clip)
     names = [n for n, _ in engine.module.named_parameters()]
     before = full_fp32_state_dict(engine)
     for s in range(STEPS):

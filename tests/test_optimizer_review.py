@@ -26,22 +26,6 @@ def _sort_mask(t, ratio):
     return mask.view(t.shape)
 
 
-class _Stage0Engine:
-    """The surface of a ZeRO stage 0 fp32 DeepSpeed engine that the prune reads (tests/test_zero_reset.py's)."""
-
-    def __init__(self, module, optimizer):
-        self.module, self.optimizer = module, optimizer
-
-    def zero_optimization_stage(self):
-        return 0
-
-    def bfloat16_enabled(self):
-        return False
-
-    def fp16_enabled(self):
-        return False
-
-
 def test_a_stage_0_engine_with_adamax_is_refused_naming_its_state_before_any_change():
     """Adamax's param groups look like Adam's (betas, eps); its state does not (exp_inf for exp_avg_sq). The prune
     read exp_avg, then failed with KeyError('exp_avg_sq'). It must be a ValueError naming the optimizer, the state
@@ -50,6 +34,7 @@ def test_a_stage_0_engine_with_adamax_is_refused_naming_its_state_before_any_cha
     import transformers
 
     import relora_ds
+    from test_zero_reset import _Stage0Engine  # its stand-in for a stage-0 fp32 engine
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,

@@ -115,11 +115,12 @@ def launched_ranks() -> int | None:
 def launch_rank() -> tuple[int, int]:
     """(rank, world size) as the launcher's environment says, before any process group exists: torchrun's and
     deepspeed's RANK/WORLD_SIZE, else Open MPI's, MPICH's/PMIx's, MVAPICH's or SLURM's own (a step's tasks);
-    (0, 1) with none."""
+    (0, 1) with none. PMIx sets no size: under ``srun --mpi=pmix`` the step's task count is it."""
     for rank, world in (*_RANK_VARS, ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")):
         if os.environ.get(rank, "").isdigit():
-            size = os.environ.get(world, "")
-            return int(os.environ[rank]), int(size) if size.isdigit() else 1
+            size = next((os.environ[v] for v in (world, "SLURM_STEP_NUM_TASKS") if os.environ.get(v, "").isdigit()),
+                        "1")
+            return int(os.environ[rank]), int(size)
     return 0, 1
 
 

@@ -360,6 +360,12 @@ def test_the_launch_rank_is_read_from_every_launchers_environment(monkeypatch):
         assert launch_rank() == (3, 4), rank
         monkeypatch.setenv(rank, "1")  # the more specific launcher's variable wins over those set before
         assert launch_rank() == (1, 4), rank
+    for var in names:
+        monkeypatch.delenv(var, raising=False)
+    # srun --mpi=pmix: PMIx gives the rank and no size (PMIX_SIZE is not a PMIx variable); the step's task count
+    monkeypatch.setenv("PMIX_RANK", "2")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "3")
+    assert launch_rank() == (2, 3)
 
 
 def test_more_ranks_on_a_node_than_gpus_is_one_line(monkeypatch):

@@ -4,6 +4,7 @@ engine, so a run's log says how many graphs its layers became and what broke the
 part of the layer eagerly, and is easy to miss)."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import warnings
@@ -39,7 +40,7 @@ def compile_problem(cuda: bool, backend: str = "inductor") -> str | None:
         if backend == "cudagraphs" and not cuda:
             return ("compile_backend='cudagraphs' records CUDA graphs, and this run has no GPU (torch skips them, "
                     "with a log line); use inductor or aot_eager")
-        if failure := _trial_compile(backend):
+        if backend != "cudagraphs" and (failure := _trial_compile(backend)):  # (it skips CPU tensors, with a log line)
             return (f"compile_backend={backend!r} failed to compile a one-line function here ({failure}); use "
                     "inductor or aot_eager")
         return None
@@ -57,6 +58,7 @@ def compile_problem(cuda: bool, backend: str = "inductor") -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)  # once per process and backend: each engine build of a run checks it
 def _trial_compile(backend: str) -> str | None:
     """The first line of the error torch.compile with ``backend`` raises on a product and its backward (CPU
     tensors), or None. A backend can be registered and still fail on every graph: the TorchScript ones (``ts``,

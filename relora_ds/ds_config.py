@@ -130,6 +130,7 @@ def complete_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str 
                   weight_decay=cfg.weight_decay)
     _accumulate_bf16_optimizer_grads_once(ds, source)
     _refuse_bf16_masters_with_fp32_moments(ds, stage, source)
+    _refuse_fp16_masters_with_fp32_moments(ds, stage, source)
     ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's
     _parse_as_deepspeed(ds, source)
     return ds
@@ -284,6 +285,22 @@ def _refuse_bf16_masters_with_fp32_moments(ds: dict, stage: int, source: str) ->
                          "\"fp32_optimizer_states\": false to optimizer.params: moments in bf16 from the start, and a "
                          "resume continues exactly), or remove bf16_master_weights_and_grads (fp32 masters and "
                          "moments)")
+
+
+def _refuse_fp16_masters_with_fp32_moments(ds: dict, stage: int, source: str) -> None:
+    """fp16 master weights (``fp16.fp16_master_weights_and_grads``, ZeRO 1-3, offloaded DeepSpeedCPUAdam) with its
+    fp32 Adam moments: a checkpoint load casts the moments to the fp16 masters' dtype, where exp_avg_sq below fp16's
+    range flushes to zero (measured: 39% of them; the resumed step 1.5e4 times the update;
+    tests/test_diff_review.py). DeepSpeed has no fp16 counterpart of bf16_optimizer_states."""
+    fp16 = ds.get("fp16")
+    if stage == 0 or not uses_fp16(ds) or not isinstance(fp16, dict) or \
+            as_bool(fp16.get("fp16_master_weights_and_grads", False)) is not True:
+        return
+    if as_bool(ds["optimizer"].get("params", {}).get("fp32_optimizer_states", True)) is not False:
+        raise ValueError(f"{source} sets fp16.fp16_master_weights_and_grads with Adam moments in fp32: a checkpoint "
+                         "load casts the moments to fp16, where small exp_avg_sq values become 0, so a resumed run "
+                         "does not continue the saved one. Remove fp16_master_weights_and_grads (fp32 masters and "
+                         "moments), or use bf16 with bf16_master_weights_and_grads and bf16_optimizer_states")
 
 
 def _check_grad_accum_dtype(ds: dict, source: str) -> None:

@@ -181,6 +181,12 @@ def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed config") -> None
                          "updates only selected columns each step and keeps state of its own, which ReLoRA's merges "
                          "and optimizer resets do not reach; remove zenflow (offload_optimizer alone trains with "
                          "DeepSpeedCPUAdam)")
+    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    if isinstance(offload, dict) and as_bool(offload.get("super_offload", False)) is True:
+        raise ValueError(f"{source}: zero_optimization.offload_optimizer.super_offload is not supported: SuperOffload "
+                         "steps DeepSpeedCPUAdam in a worker process of its own, whose Adam moments ReLoRA's "
+                         "optimizer resets cannot reach; remove super_offload (offload_optimizer alone trains with "
+                         "DeepSpeedCPUAdam in the rank's process)")
     partial = zero.get("offload_optimizer") if isinstance(zero, dict) and stage == 3 else None
     if isinstance(partial, dict) and partial.get("device", "none") not in ("none", None) and \
             isinstance(partial.get("ratio"), (int, float)) and not isinstance(partial["ratio"], bool) and \

@@ -426,7 +426,9 @@ class LlamaForCausalLM(nn.Module):
         (process-wide) to 4 entries per kind of layer where it is lower. A backend named by a string that cannot
         build code here (relora_ds.compiling.compile_problem) is refused now, not at the first forward."""
         backend = kwargs.get("backend", "inductor")
-        if isinstance(backend, str) and (problem := compile_problem(self.lm_head.weight.is_cuda, backend)):
+        # on the CPU still where DeepSpeed moves it to the GPU next (the trainer compiles before deepspeed.initialize)
+        cuda = self.lm_head.weight.is_cuda or torch.cuda.is_available()
+        if isinstance(backend, str) and (problem := compile_problem(cuda, backend)):
             raise ValueError(f"compile_layers: {problem}")
         # Each kind of layer (a sliding window or not) takes cache entries in the layers' shared code object for
         # training (plain, or selective checkpointing) and evaluation (no grad); torch's default limit of 8

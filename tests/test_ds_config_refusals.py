@@ -159,6 +159,10 @@ def test_settings_deepspeed_would_ignore_or_choke_on_are_named():
             r"zero_optimization.zenflow is not supported: ZenFlow's optimizer \(ZenFlowCPUAdam\)"),
            ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "zenflow": {}}},
             r"zero_optimization.zenflow is not supported"),  # DeepSpeed fills in its defaults
+           # found by a review: SuperOffload's DeepSpeedCPUAdam steps in a worker process, out of the resets' reach
+           ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "super_offload": True}}},
+            r"offload_optimizer.super_offload is not supported: SuperOffload steps DeepSpeedCPUAdam in a worker "
+            r"process"),
            ({"data_types": {"buffer_dtype": "bf16"}}, r"data_types.buffer_dtype is not supported: it casts the "
                                                       r"model's floating-point buffers, among them the bf16 scales"),
            ({"data_types": {"param_dtype": "bf16"}}, r"data_types.param_dtype is not supported"),

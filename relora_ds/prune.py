@@ -141,9 +141,10 @@ def prune_optimizer_state(optimizer, params: Iterable[torch.nn.Parameter], metho
     ``method``: 'magnitude' (smallest |value| per tensor), 'random', or 'reset' (all). Other parameters'
     state is untouched. Adam's ``step`` is deliberately left alone, as the reference implementation leaves
     it (DeepSpeed keeps one per flat param group; the trainer's LoRA factors have a group of their own, so it
-    could be reset there, but then the run would differ from the reference's): a pruned entry's first update
-    after a reset is then up to ~3.2·lr for a steady gradient once the step count is in the thousands
-    (README, "The step at lr 0 after a reset").
+    could be reset there, but then the run would differ from the reference's): for a steady gradient, a pruned
+    lora_B entry's first move, at the step after the reset's lr-0 step (which seeds both moments), is then
+    ~4.2·lr once the step count is in the thousands ((1-β1²)/√(1-β2²) at the default betas; lora_A's, a step
+    later, ~3.2·lr: its gradient is 0 until B moves); README, "The step at lr 0 after a reset".
 
     ``joint=False`` (the paper): each moment is pruned by its own magnitudes, and exp_avg is also zeroed
     wherever exp_avg_sq is (``moment_masks``): an entry keeping exp_avg without exp_avg_sq would move lora_A

@@ -365,8 +365,9 @@ def full_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """Every tensor of the model saved in ``<ckpt_dir>/<tag>``, whole, on any world size: trainable
     parameters as their fp32 masters, frozen parameters and buffers in their own dtype.
 
-    - Without ZeRO (stage 0): the module states, which hold the whole model -- in fp32, or for a
-      ``mode: full`` run in bf16/fp16 at stage 0, in that dtype (its fp32 masters are not read).
+    - Without ZeRO (stage 0): the module states, which hold the whole model; for a ``mode: full`` run in
+      bf16/fp16 (the module states in that dtype), its trainable parameters as the fp32 masters of DeepSpeed's
+      FP16 optimizer, from the saved optimizer state (:func:`_stage0_masters`).
     - DeepSpeed's bf16 optimizer (ZeRO-1 with bf16 weights and fp32 gradient accumulation), whose files
       DeepSpeed's zero_to_fp32 cannot read: the module states, with the fp32 masters put together from the
       ranks' partitions (:func:`relora_ds.zero_reset.bf16_optimizer_masters`).
@@ -376,13 +377,13 @@ def full_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
       zero_to_fp32 has its frozen ones)."""
     src = Path(ckpt_dir) / tag
     module_states = src / "mp_rank_00_model_states.pt"
-    module = (torch.load(module_states, map_location="cpu", weights_only=False)["module"]
-              if module_states.is_file() else {})
+    states = torch.load(module_states, map_location="cpu", weights_only=False) if module_states.is_file() else {}
+    module = states.get("module") or {}
     if not is_sharded(ckpt_dir, tag):
         if not module:
             raise FileNotFoundError(f"{src} holds neither ZeRO optimizer files nor {module_states.name}: "
                                     "not a DeepSpeed checkpoint folder")
-        return dict(module)
+        return {**module, **_stage0_masters(src, states)}
     from .zero_reset import bf16_optimizer_masters
 
     masters = bf16_optimizer_masters(src, {k: v.shape for k, v in module.items()})
@@ -393,3 +394,66 @@ def full_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     state.update({k: v for k, v in module.items() if k not in state})
     return state
+
+
+def _stage0_masters(src: Path, states: dict) -> dict[str, torch.Tensor]:
+    """name -> fp32 master of each trainable parameter of a checkpoint without ZeRO whose optimizer is one of
+    DeepSpeed's FP16 optimizers (bf16/fp16 at stage 0: a ``mode: full`` run), from its saved state: FP16_Optimizer's
+    flat fp32 group per param group ("fp32_groups_flat"), FP16_UnfusedOptimizer's fp32 copy per parameter
+    ("fp32_groups"). Neither names the parameters: they are the engine's param groups
+    (relora_ds.engines.param_groups) in order, rebuilt from the checkpoint's model config; each master, rounded
+    to 16 bits, must be the saved 16-bit weight, as DeepSpeed copies it after every step. {} for another
+    optimizer (at fp32 the module states are the masters)."""
+    optimizer = states.get("optimizer") or {}
+    saved = optimizer.get("fp32_groups_flat", optimizer.get("fp32_groups"))
+    if saved is None:
+        return {}
+    groups, aliases = _param_group_names(src)
+    module = states["module"]
+    missing = [name for names in groups for name in names if name not in module]
+    if len(groups) != len(saved) or missing:
+        raise ValueError(f"{src}: its FP16 optimizer saved {len(saved)} param group(s), the model its config.json "
+                         f"describes has {len(groups)} ({[len(g) for g in groups]} parameters)" +
+                         (f", {len(missing)} of them not in its module states (e.g. {missing[:3]})" if missing else ""))
+    masters = {}
+    for i, (names, group) in enumerate(zip(groups, saved)):
+        shapes = [module[name].shape for name in names]
+        if isinstance(group, torch.Tensor):  # FP16_Optimizer: one flat group, the parameters in order
+            if group.numel() != sum(s.numel() for s in shapes):
+                raise ValueError(f"{src}: param group {i}'s flat fp32 masters hold {group.numel()} elements, its "
+                                 f"parameters in the model config.json describes {sum(s.numel() for s in shapes)}")
+            group = [t.view(s) for t, s in zip(group.split([s.numel() for s in shapes]), shapes)]
+        elif [t.shape for t in group] != shapes:
+            raise ValueError(f"{src}: param group {i}'s fp32 masters have shapes {[tuple(t.shape) for t in group]}, "
+                             f"its parameters in the model config.json describes {[tuple(s) for s in shapes]}")
+        for name, master in zip(names, group):
+            weight = module[name]
+            # bit patterns: a NaN weight is its master's rounding too
+            if not torch.equal(master.to(weight.dtype).view(torch.int16), weight.view(torch.int16)):
+                raise ValueError(f"{src}: the fp32 master taken for {name} does not round to its saved "
+                                 f"{weight.dtype} weight: the optimizer state does not match the parameters "
+                                 "config.json's model gives; its 16-bit weights alone are torch.load(...)['module']")
+            masters.update({alias: master.float() for alias in aliases[name] if alias in module})
+    return masters
+
+
+def _param_group_names(src: Path) -> tuple[list[list[str]], dict[str, list[str]]]:
+    """The parameter names in each optimizer param group of the engine that saved ``src`` (a ``mode: full`` run,
+    the only one DeepSpeed's stage-0 16-bit optimizers train), from its model built on the meta device; and
+    each name's aliases in the module states (a tied lm_head.weight is the embedding)."""
+    from .engines import param_groups
+    from .model import LlamaForCausalLM
+    from .model_config import LlamaConfig
+
+    run = load_config(src.parent, src.name)
+    if not isinstance(run.get("model"), dict) or (run.get("train") or {}).get("mode") != "full":
+        raise ValueError(f"{src}: an FP16 optimizer's checkpoint without ZeRO whose config.json is not a relora_ds "
+                         f"`mode: full` run's (mode {(run.get('train') or {}).get('mode')!r}): its fp32 masters "
+                         "cannot be told apart; its 16-bit weights alone are torch.load(...)['module']")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**run["model"]))
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    return ([[name for name, _ in group] for _, group in param_groups(model)],
+            {names[0]: names for names in aliases.values()})

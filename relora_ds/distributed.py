@@ -18,6 +18,7 @@ import atexit
 import os
 import sys
 import threading
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -51,6 +52,35 @@ def release_shm_segment() -> Path | None:
     except FileNotFoundError:
         return None  # GPU accelerator, ranks on several nodes, or a DeepSpeed without the shm op
     return path
+
+
+def remove_stale_shm_segments(min_age_s: float = 60.0) -> list[Path]:
+    """Unlink this user's DeepSpeed allreduce segments that no process maps and that are older than
+    ``min_age_s``; return them. A run killed (SIGKILL: no handler runs) between DeepSpeed's ``shm_initialize``,
+    which creates and maps them, and :func:`release_shm_segment`, which unlinks them once every rank has mapped
+    them, left 66 MiB of RAM per rank until the node rebooted (a kill fuzz hit it). A live start-up maps its own
+    from creation on, and a started run's are unlinked already."""
+    now = time.time()
+    old = []
+    for path in SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*"):
+        try:
+            if now - path.stat().st_mtime > min_age_s:
+                old.append(path)
+        except FileNotFoundError:  # unlinked meanwhile
+            continue
+    if not old:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        mapped.update(line.split(maxsplit=5)[-1] for line in text.splitlines() if SHM_PREFIX in line)
+    gone = [path for path in old if str(path) not in mapped]
+    for path in gone:
+        path.unlink(missing_ok=True)
+    return gone
 
 
 # (rank, world size) variables of torchrun/deepspeed, then of mpirun: Open MPI, MPICH/PMIx, MVAPICH.
@@ -163,6 +193,8 @@ def init_distributed(**kwargs) -> None:
     _check_launcher_env()
     if kwargs.get("auto_mpi_discovery", True):
         _warn_master_addr_replaced()
+    if os.environ.get("LOCAL_RANK", "0") == "0" and SHM_DIR.is_dir():  # one rank a node
+        remove_stale_shm_segments()
     import torch.distributed as dist
 
     try:

@@ -9,7 +9,6 @@ import signal
 import textwrap
 import time
 
-
 from launch_utils import ROOT, free_port, launch_env, start_python
 
 # Rank 1 joins the process group, then stalls before DeepSpeed's shm_initialize: rank 0 has made its segment

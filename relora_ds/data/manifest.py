@@ -42,7 +42,10 @@ def file_sha256(path: str | Path) -> str:
 # A Hugging Face tokenizer is these files (those present): tokenizer.json holds the vocabulary and rules, the
 # other two name its special tokens (which one ends a document).
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-TOKENIZER_FILES = ("tokenizer.model", *HF_TOKENIZER_FILES)  # what a data dir's tokenizer may be
+# Kept with a tokenizer.json: transformers (5.25, checked) saves a tokenizer's chat template in this file beside
+# it, not in tokenizer_config.json, and AutoTokenizer reads it there. Not in the tokenizer's hash: it changes no id.
+HF_CHAT_TEMPLATE_FILES = ("chat_template.jinja",)
+TOKENIZER_FILES = ("tokenizer.model", *HF_TOKENIZER_FILES, *HF_CHAT_TEMPLATE_FILES)  # a data dir's tokenizer
 
 
 def tokenizer_sha256(path: str | Path) -> str:

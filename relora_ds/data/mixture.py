@@ -141,7 +141,8 @@ def make_mixture(members: Sequence[tuple[str | Path, float]], out_dir: str | Pat
     (out_dir / mf.MANIFEST).unlink(missing_ok=True)
     for name in (*mf.TOKENIZER_FILES, *(f"{s}.bin" for s in mf.SPLITS)):
         (out_dir / name).unlink(missing_ok=True)  # another recipe's tokenizer and token files
-    names = [tok.name] if tok.suffix != ".json" else [n for n in mf.HF_TOKENIZER_FILES if (first / n).is_file()]
+    names = [tok.name] if tok.suffix != ".json" else [n for n in (*mf.HF_TOKENIZER_FILES, *mf.HF_CHAT_TEMPLATE_FILES)
+                                                      if (first / n).is_file()]
     for name in names:
         shutil.copyfile(tok.parent / name, out_dir / name)
     base = manifests[0]

@@ -176,10 +176,10 @@ class Tokenizer:
 
     @property
     def files(self) -> list[Path]:
-        """The files that are this tokenizer (what a data dir keeps a copy of)."""
+        """The files that are this tokenizer (what a data dir keeps a copy of, and an export)."""
         if self.kind == "sentencepiece":
             return [self.path]
-        beside = (self.path.parent / name for name in mf.HF_TOKENIZER_FILES[1:])
+        beside = (self.path.parent / name for name in (*mf.HF_TOKENIZER_FILES[1:], *mf.HF_CHAT_TEMPLATE_FILES))
         return [self.path, *(f for f in beside if f.is_file())]
 
     def copy_to(self, directory: Path) -> None:

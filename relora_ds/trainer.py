@@ -218,9 +218,14 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
 
     def _request_stop(self, signum, frame) -> None:
         if signum == signal.SIGINT:
-            if self._interrupted:  # Ctrl-C twice: abort now, as Python's own handler does
+            now = time.monotonic()
+            # Ctrl-C twice: abort now, as Python's own handler does. Not a SIGINT within a second of the first:
+            # torchrun passes the terminal's SIGINT on to each rank, which the terminal's reached as well.
+            if self._interrupted and now - self._interrupted > 1.0:
                 raise KeyboardInterrupt
-            self._interrupted = True
+            if self._interrupted:
+                return
+            self._interrupted = now  # (the first SIGINT's time; False: none yet)
             if self.rank == 0:  # a terminal's Ctrl-C reaches every rank of the node; os.write: no buffered
                 os.write(2, b"interrupted: finishing the step, saving a checkpoint, then stopping (resume with "
                             b"--resume); Ctrl-C again to abort without saving\n")  # stream to re-enter

@@ -2,7 +2,7 @@
 or Mistral model relora_ds loads) on a prepared data dir or a mixture of them: the windows the trainer's
 evaluation reads (``--windows N`` spread evenly over the split, as ``eval_windows``), one process.
 
-    python launch/evaluate.py runs/tiny/hf --data-dir ~/.cache/relora_ds/builtin-vocab2048 --seq-len 256
+    python launch/evaluate.py runs/tiny/hf --data-dir ~/.cache/relora_ds/builtin-vocab2048 --seq-len 128 --windows 256
     python launch/evaluate.py runs/c4/hf --data-dir data/c4 --seq-len 1024 --windows 10240 --out eval.json
 
 Compare models only on one tokenizer's data (perplexity is per token): the model's tokenizer must be the one

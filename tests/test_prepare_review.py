@@ -137,3 +137,16 @@ def test_a_copy_of_a_training_file_as_val_input_is_refused(tmp_path, tokenizer, 
     m = load_manifest(out)
     val = np.fromfile(m["splits"]["validation"]["path"], dtype=m["dtype"]).astype(np.int64)
     np.testing.assert_array_equal(val, expected(tokenizer, sp_texts))
+
+
+def test_an_empty_validation_split_of_many_small_documents_names_val_fraction(tmp_path, tokenizer):
+    """30 short documents at the default val_fraction 0.01 expect 0.3 in validation: the warning named --txt-unit
+    (.txt only) and --val-input, never --val-fraction, which a new user then had to guess (and which works)."""
+    texts = [f"document {i}: " + " ".join(SENTENCES) for i in range(30)]
+    files = [write_jsonl(tmp_path / "d.jsonl", texts)]
+    with pytest.warns(DataWarning, match=r"validation split is empty \(30 documents, val_fraction=0.01\).*raise "
+                                         r"--val-fraction: about val_fraction x 30 documents go to validation "
+                                         r"\(0.3 at 0.01\)"):
+        prepare_data(files, tmp_path / "a", tokenizer=tokenizer, val_fraction=0.01)
+    out = prepare_data(files, tmp_path / "b", tokenizer=tokenizer, val_fraction=0.3)
+    assert load_manifest(out)["splits"]["validation"]["documents"] > 0

@@ -331,8 +331,11 @@ def _prepare_files(inputs: list[str] | None, resolved: tuple, cfg: PrepareConfig
                "'paragraph' or 'line', --txt-unit, for .txt inputs) or give a validation corpus (--val-input)"
                if total_docs * cfg.val_fraction < 10 else "")
         if splits["validation"]["documents"] == 0 and cfg.val_fraction > 0:
+            # (~val_fraction x documents go to validation: 30 documents at 0.01 expect 0.3)
+            more = (f"; or raise --val-fraction: about val_fraction x {total_docs} documents go to validation "
+                    f"({total_docs * cfg.val_fraction:.2g} at {cfg.val_fraction})") if total_docs >= 2 else ""
             warnings.warn(f"the validation split is empty ({total_docs} documents, val_fraction="
-                          f"{cfg.val_fraction}); evaluation will see no data{few}", DataWarning, stacklevel=3)
+                          f"{cfg.val_fraction}); evaluation will see no data{few}{more}", DataWarning, stacklevel=3)
         if splits["train"]["documents"] == 0:
             raise ValueError(f"the training split is empty ({total_docs} documents, all in validation){few}")
 

@@ -162,6 +162,8 @@ def frozen_dtype(model) -> str | None:
 # A Hugging Face model directory's tokenizer: what `export_hf(like=...)` carries over.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# transformers 5 saves a tokenizer's named chat templates (other than the default) as files in this folder
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
 
 
 def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
@@ -242,6 +244,8 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
         if from_source:  # its tokenizer files, if it has any
             for name in source_files:
                 shutil.copy(Path(like) / name, staging / name)
+            if (Path(like) / CHAT_TEMPLATES_DIR).is_dir():  # its named chat templates (transformers 5)
+                shutil.copytree(Path(like) / CHAT_TEMPLATES_DIR, staging / CHAT_TEMPLATES_DIR)
         elif tokenizer is not None and Path(tokenizer).suffix == ".json":  # a Hugging Face tokenizer: as it is
             tok = open_tokenizer(tokenizer)
             tok.copy_to(staging)
@@ -297,6 +301,7 @@ def _replace_export(out: Path, staging: Path, writes_tokenizer: bool) -> None:
     if writes_tokenizer:
         for name in old:
             (out / name).unlink()
+        shutil.rmtree(out / CHAT_TEMPLATES_DIR, ignore_errors=True)  # an earlier tokenizer's named templates
     elif old:
         warnings.warn(f"export_hf: {out} holds tokenizer files this export did not write ({', '.join(old)}); they "
                       "stay beside the new weights: remove them unless they are this model's tokenizer", stacklevel=3)

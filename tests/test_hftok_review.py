@@ -154,3 +154,27 @@ def test_a_replaced_tokenizer_leaves_no_chat_template_and_a_mixture_keeps_it(tmp
     prepare_data([str(path)], out, tokenizer=str(toks / "llama3"), val_fraction=0.0, overwrite=True)
     assert transformers.AutoTokenizer.from_pretrained(out).chat_template is None
     assert not (out / "chat_template.jinja").exists()
+
+
+def test_an_export_like_a_model_keeps_its_named_chat_templates(tmp_path, toks):
+    """transformers 5 saves a tokenizer's named chat templates other than the default in
+    additional_chat_templates/*.jinja: an export like that model (its tokenizer carried over) kept the default
+    alone, and an export over an earlier one with such a folder kept the old templates beside a new tokenizer.
+    The oracle: AutoTokenizer on the source model's folder."""
+    from relora_ds.hf import export_hf
+    from relora_ds.hf_load import load_hf
+
+    src = tmp_path / "src"
+    tok = transformers.AutoTokenizer.from_pretrained(toks / "chat")
+    tok.chat_template = {"default": CHAT, "tool_use": "{{ messages[0]['content'] }} <tools>"}
+    tok.save_pretrained(src)
+    assert (src / "additional_chat_templates" / "tool_use.jinja").is_file()
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    want = transformers.AutoTokenizer.from_pretrained(src).chat_template
+    assert set(want) == {"default", "tool_use"}
+    out = export_hf(load_hf(src), tmp_path / "out", like=src)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template == want
+    export_hf(load_hf(src), out, tokenizer=toks / "chat" / "tokenizer.json")  # another tokenizer over it
+    assert not (out / "additional_chat_templates").exists()

@@ -178,3 +178,16 @@ def test_an_export_like_a_model_keeps_its_named_chat_templates(tmp_path, toks):
     assert transformers.AutoTokenizer.from_pretrained(out).chat_template == want
     export_hf(load_hf(src), out, tokenizer=toks / "chat" / "tokenizer.json")  # another tokenizer over it
     assert not (out / "additional_chat_templates").exists()
+
+
+def test_preparing_with_a_tokenizer_whose_named_chat_templates_stay_behind_says_so(tmp_path, toks, corpus):
+    """A data dir keeps a tokenizer's files, and its default chat template, not the additional_chat_templates/
+    folder transformers 5 writes for named ones: said, not dropped silently."""
+    from relora_ds.data.inputs import DataWarning
+
+    src = tmp_path / "tok"
+    tok = transformers.AutoTokenizer.from_pretrained(toks / "chat")
+    tok.chat_template = {"default": CHAT, "tool_use": "{{ messages[0]['content'] }} <tools>"}
+    tok.save_pretrained(src)
+    with pytest.warns(DataWarning, match=r"named chat templates .*additional_chat_templates\) are not copied"):
+        prepare_data([str(corpus[0])], tmp_path / "data", tokenizer=str(src / "tokenizer.json"), val_fraction=0.0)

@@ -52,6 +52,11 @@ def _get_tokenizer(corpus: Corpus, cfg: PrepareConfig, dest: Path, val_fraction:
             raise ValueError(f"vocab_size={cfg.vocab_size} but tokenizer {cfg.tokenizer!r} has "
                              f"{given.vocab_size} pieces; give one of the two")
         given.copy_to(dest)
+        if (given.path.parent / "additional_chat_templates").is_dir():  # transformers 5's named templates
+            warnings.warn(f"the tokenizer's named chat templates ({given.path.parent / 'additional_chat_templates'}"
+                          ") are not copied with it (its default chat_template.jinja is); a run's export has the "
+                          "default alone: copy that folder into the export if you need them", DataWarning,
+                          stacklevel=4)
         return open_tokenizer(dest)
     start = time.perf_counter()
     lines = list(training_lines(_texts(corpus.dataset, val_fraction), cfg.tokenizer_train_chars))

@@ -184,7 +184,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
                 self._continue_warm_start_data()
         # SIGTERM/SIGUSR1 (SLURM preemption or time limit) and a first Ctrl-C (SIGINT): finish the step,
         # checkpoint, exit cleanly. A second Ctrl-C aborts at once, without saving.
-        self._stop_signal, self._interrupted = 0, False
+        self._stop_signal, self._interrupted = 0, 0
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._signal_handlers[sig] = signal.signal(sig, self._request_stop)
         self._stop_signal = self._stop_signal or (early_stop() if early_stop else 0)  # read once ours are in
@@ -218,14 +218,15 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
 
     def _request_stop(self, signum, frame) -> None:
         if signum == signal.SIGINT:
-            now = time.monotonic()
-            # Ctrl-C twice: abort now, as Python's own handler does. Not a SIGINT within a second of the first:
-            # torchrun passes the terminal's SIGINT on to each rank, which the terminal's reached as well.
-            if self._interrupted and now - self._interrupted > 1.0:
+            # Ctrl-C twice: abort now, as Python's own handler does. Under torchrun the first Ctrl-C comes twice: the
+            # terminal's SIGINT and torchrun's copy of it (torch.distributed.elastic passes it on to each rank). No
+            # time window tells the copy apart: Python runs a handler between bytecodes only, so a copy that arrives
+            # while the rank waits in a collective is handled when it returns, seconds later. Counted instead.
+            self._interrupted += 1
+            if self._interrupted > (2 if "TORCHELASTIC_RUN_ID" in os.environ else 1):
                 raise KeyboardInterrupt
-            if self._interrupted:
+            if self._interrupted > 1:
                 return
-            self._interrupted = now  # (the first SIGINT's time; False: none yet)
             if self.rank == 0:  # a terminal's Ctrl-C reaches every rank of the node; os.write: no buffered
                 os.write(2, b"interrupted: finishing the step, saving a checkpoint, then stopping (resume with "
                             b"--resume); Ctrl-C again to abort without saving\n")  # stream to re-enter

@@ -301,7 +301,11 @@ def _replace_export(out: Path, staging: Path, writes_tokenizer: bool) -> None:
     if writes_tokenizer:
         for name in old:
             (out / name).unlink()
-        shutil.rmtree(out / CHAT_TEMPLATES_DIR, ignore_errors=True)  # an earlier tokenizer's named templates
+        named = out / CHAT_TEMPLATES_DIR  # an earlier tokenizer's named templates
+        if named.is_symlink() or named.is_file():
+            named.unlink()
+        elif named.is_dir():
+            shutil.rmtree(named)
     elif old:
         warnings.warn(f"export_hf: {out} holds tokenizer files this export did not write ({', '.join(old)}); they "
                       "stay beside the new weights: remove them unless they are this model's tokenizer", stacklevel=3)

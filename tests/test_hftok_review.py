@@ -178,6 +178,13 @@ def test_an_export_like_a_model_keeps_its_named_chat_templates(tmp_path, toks):
     assert transformers.AutoTokenizer.from_pretrained(out).chat_template == want
     export_hf(load_hf(src), out, tokenizer=toks / "chat" / "tokenizer.json")  # another tokenizer over it
     assert not (out / "additional_chat_templates").exists()
+    export_hf(load_hf(src), out, like=src)
+    (out / "elsewhere").mkdir()
+    (out / "additional_chat_templates").rename(out / "elsewhere" / "named")
+    (out / "additional_chat_templates").symlink_to(out / "elsewhere" / "named")  # a link: unlinked, not followed
+    export_hf(load_hf(src), out, like=src)
+    assert (out / "additional_chat_templates").is_dir() and not (out / "additional_chat_templates").is_symlink()
+    assert (out / "elsewhere" / "named" / "tool_use.jinja").is_file()
 
 
 def test_preparing_with_a_tokenizer_whose_named_chat_templates_stay_behind_says_so(tmp_path, toks, corpus):

@@ -19,7 +19,7 @@ def full_fp32_state_dict(engine, keep: bool = True) -> dict[str, torch.Tensor]:
     int8 base: int8, not 4× its size) and persistent buffer. ``keep=False``: take part in the gathers and
     return {} (the ranks that do not write an export need not hold a full copy in host memory each)."""
     state: dict[str, torch.Tensor] = {}
-    stage0 = _stage0_masters(engine.optimizer)
+    stage0 = _stage0_masters(getattr(engine, "optimizer", None))
     for name, p in engine.module.named_parameters():
         master = stage0.get(id(p)) if id(p) in stage0 else safe_get_full_fp32_param(p) if p.requires_grad else None
         if master is not None:

@@ -21,6 +21,7 @@ from .ds_schema import uses_bf16, uses_fp16
 from .engine_state import full_fp32_state_dict
 from .flops import flops_per_token
 from .hf import hf_tensors, load_hf
+from .hf_load import check_tied_head
 from .model import LlamaForCausalLM
 from .relora import dropout_seed, lora_parameters, relora_layers, wrap
 from .zero_reset import set_full
@@ -67,6 +68,7 @@ class EnginesMixin:
         if phase == "lowrank":
             self._wrap(model)
         tied = self.model_config.tie_word_embeddings  # lm_head is the embedding, stored or not
+        check_tied_head(src, self.model_config)  # (not at a resume, which reads no weight from src)
         zero_init.load_(model, ((k, t) for k, t in hf_tensors(src) if not (tied and k == "lm_head.weight")), src)
         return model
 

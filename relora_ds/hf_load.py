@@ -128,17 +128,15 @@ def load_hf_config(path: str | Path) -> LlamaConfig:
         config = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    config = config_from_hf(config)
-    _check_tied_head(path, config)
-    return config
+    return config_from_hf(config)
 
 
-def _check_tied_head(path: Path, config: LlamaConfig) -> None:
+def check_tied_head(path: str | Path, config: LlamaConfig) -> None:
     """Refuse a tied config (tie_word_embeddings) whose checkpoint stores lm_head.weight with values other than
     the embedding's, or without the embedding. transformers 5 then does not tie as the config says: it loads the
     head untied (or ties the embedding to the head), where the model here would tie the head to the embedding, a
     model of other logits, silently. A head equal to the embedding (a .bin conversion stores both) loads."""
-    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    head, embed, path = "lm_head.weight", "model.embed_tokens.weight", Path(path)
     if not config.tie_word_embeddings:
         return
     stored = _stored_names(path)
@@ -201,6 +199,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCau
     """A ``LlamaForCausalLM`` from a Hugging Face LLaMA, Qwen2, Qwen3 or Mistral directory (safetensors, single or
     sharded). A tied model's lm_head is its embedding, whether the file stores lm_head.weight or not."""
     config = load_hf_config(path)
+    check_tied_head(path, config)
     # Each tensor cast to `dtype` as it is read: the host holds the model once in `dtype` (4 bytes per
     # parameter in fp32), not also the whole checkpoint in its own dtype beside it.
     state = dict(hf_tensors(path, dtype))

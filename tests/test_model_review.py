@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import relora_ds
 from relora_ds import LlamaForCausalLM
 from relora_ds.hf import config_from_hf, load_hf_config
+from relora_ds.hf_load import check_tied_head
 
 SHAPE = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=16)
@@ -142,7 +143,7 @@ def test_a_tied_config_whose_checkpoint_stores_another_head_is_refused(tmp_path)
                                          ".*tie_word_embeddings to false.*delete lm_head.weight"):
         relora_ds.load_hf(untied)
     with pytest.raises(ValueError, match="stores lm_head.weight with values other than"):
-        load_hf_config(untied)  # the trainer's ZeRO-3 build reads the config alone first
+        check_tied_head(untied, load_hf_config(untied))  # the trainer's ZeRO-3 build: the config, then this
 
     same = relora_ds.load_hf(variant("same-head", {**state, "lm_head.weight": embed.clone()})).eval()
     assert same.lm_head.weight is same.model.embed_tokens.weight

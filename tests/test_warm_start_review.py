@@ -28,12 +28,9 @@ def _train(tmp_path, data_dir, stage, *extra, nprocs=2, **overrides):
     return run_ranks(ROOT / "launch/train.py", "--config", recipe, "--deepspeed", ds, *extra, nprocs=nprocs)
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_the_switch_at_zero_1_and_3_is_the_one_process_loop(tmp_path, small_data_dir, stage):
-    _train(tmp_path, small_data_dir, stage)
-    run = tmp_path / "run"
+def _is_the_one_process_loop(run, data_dir):
     losses, recs = read_losses(run)
-    steps, mine = replay(run, small_data_dir)
+    steps, mine = replay(run, data_dir)
     lrs = {r["step"]: r["lr"] for r in recs if "lr" in r}
     for step, (loss, lr) in enumerate(steps, start=1):
         assert lrs[step] == pytest.approx(lr, rel=1e-12, abs=1e-15), step
@@ -41,6 +38,16 @@ def test_the_switch_at_zero_1_and_3_is_the_one_process_loop(tmp_path, small_data
     theirs = checkpoint.full_state_dict(run / "checkpoints", "step_8")
     errors = relative_errors(mine, theirs)
     assert max(errors.values()) < 1e-5, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_the_switch_at_zero_1_is_the_one_process_loop(tmp_path, small_data_dir):
+    _train(tmp_path, small_data_dir, 1)
+    _is_the_one_process_loop(tmp_path / "run", small_data_dir)
+
+
+def test_the_switch_at_zero_3_is_the_one_process_loop(zero3_run, small_data_dir):
+    """(The run the resumes below start from: its saves change nothing it computes.)"""
+    _is_the_one_process_loop(zero3_run, small_data_dir)
 
 
 def _state(run, tag="step_8"):
@@ -62,12 +69,12 @@ def zero3_run(tmp_path_factory, small_data_dir):
     return tmp / "run"
 
 
-@pytest.mark.parametrize("tag,nprocs", [("step_2", 2), ("step_3", 2), ("step_2", 1)])
+@pytest.mark.parametrize("tag,nprocs", [("step_2", 2), ("step_3", 1)])
 def test_a_zero3_resume_at_the_switch_and_one_step_after_is_the_uninterrupted_run(tmp_path, small_data_dir,
                                                                                      zero3_run, tag, nprocs):
-    """Resumed at the kept warm-start checkpoint (the switch comes first), one step into ReLoRA, and at the
-    switch on 1 rank (through the universal checkpoint): the same losses and final weights as the run that went
-    on, and as the one-process loop."""
+    """Resumed at the kept warm-start checkpoint (the switch comes first), and one step into ReLoRA on 1 rank
+    (through the universal checkpoint; step_2 on 1 rank and step_3 on 2 passed too): the same losses and final
+    weights as the run that went on, and as the one-process loop."""
     resumed = tmp_path / "run"
     shutil.copytree(zero3_run, resumed)
     (resumed / "checkpoints" / "latest").write_text(tag)  # as if the job had died right after saving ``tag``
@@ -86,12 +93,12 @@ def test_a_zero3_resume_at_the_switch_and_one_step_after_is_the_uninterrupted_ru
     assert max(errors.values()) < 1e-5, sorted(errors.items(), key=lambda kv: -kv[1])[:5]
 
 
-@pytest.mark.parametrize("rank", [8, 2])
+@pytest.mark.parametrize("rank", [2])  # (8, above the run's 4, passed too)
 def test_a_mid_cycle_export_carries_its_live_update_into_a_run_at_another_rank(tmp_path, small_data_dir, zero3_run,
                                                                                rank):
     """Step 8 is two steps after a reset, its B not zero (a merge pending). launch/export.py writes
-    W + (alpha/r)·B·A (by hand from the checkpoint's own tensors), and a run from the export at a higher and a
-    lower rank (B = 0 again) starts from exactly that model: its first step's loss is the export's on the
+    W + (alpha/r)·B·A (by hand from the checkpoint's own tensors), and a run from the export at a lower
+    rank (B = 0 again) starts from exactly that model: its first step's loss is the export's on the
     same batches, computed by transformers."""
     import transformers
     from safetensors.torch import load_file

@@ -156,6 +156,28 @@ def test_a_replaced_tokenizer_leaves_no_chat_template_and_a_mixture_keeps_it(tmp
     assert not (out / "chat_template.jinja").exists()
 
 
+def test_a_re_prepare_takes_the_tokenizers_changed_chat_template(tmp_path, toks, corpus):
+    """The chat template is not in the tokenizer's hash (it changes no id), so a re-prepare after it changed (or
+    went) finds the data up to date; it left the old template, which the run's export then copied. Oracle:
+    AutoTokenizer on the tokenizer's own directory."""
+    import shutil
+
+    path, _ = corpus
+    mine = tmp_path / "tok"
+    shutil.copytree(toks / "chat", mine)
+    out = prepare_data([str(path)], tmp_path / "data", tokenizer=str(mine), val_fraction=0.0)
+    before = (out / "train.bin").stat().st_mtime_ns
+    (mine / "chat_template.jinja").write_text(CHAT.replace("<|im_end|>", "<|im_end|>!"))
+    prepare_data([str(path)], out, tokenizer=str(mine), val_fraction=0.0)
+    assert (out / "train.bin").stat().st_mtime_ns == before  # up to date: not re-tokenized
+    want = transformers.AutoTokenizer.from_pretrained(mine).chat_template
+    assert "!" in want and transformers.AutoTokenizer.from_pretrained(out).chat_template == want
+    (mine / "chat_template.jinja").unlink()
+    prepare_data([str(path)], out, tokenizer=str(mine), val_fraction=0.0)
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template is None
+    assert not (out / "chat_template.jinja").exists() and (out / "train.bin").stat().st_mtime_ns == before
+
+
 def test_an_export_like_a_model_keeps_its_named_chat_templates(tmp_path, toks):
     """transformers 5 saves a tokenizer's named chat templates other than the default in
     additional_chat_templates/*.jinja: an export like that model (its tokenizer carried over) kept the default

@@ -184,11 +184,31 @@ def _lock_out_dir(out_dir: Path):
         lock.close()
 
 
+def _refresh_chat_templates(given: Tokenizer, out_dir: Path) -> None:
+    """The given tokenizer's chat template (``chat_template.jinja``), changed or removed since ``out_dir`` was
+    prepared, replaced there: it changes no token id, so it is not in the tokenizer's hash and the data stay
+    up to date without it, but a run's export copies the data dir's template."""
+    for name in mf.HF_CHAT_TEMPLATE_FILES:
+        source, kept = given.path.parent / name, out_dir / name
+        if given.kind != "huggingface" or not source.is_file():
+            if kept.is_file():
+                kept.unlink()
+                log.warning("removed %s: the tokenizer %s has none now", kept, given.path)
+        elif not kept.is_file() or mf.file_sha256(kept) != mf.file_sha256(source):
+            tmp = out_dir / f".{name}.tmp"
+            shutil.copyfile(source, tmp)
+            fsync_path(tmp)
+            tmp.replace(kept)
+            fsync_path(out_dir)
+            log.warning("replaced %s with the tokenizer's changed chat template (%s)", kept, source)
+
+
 def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig, overwrite: bool) -> Path:
     # Resolved once: resolving warns about each skipped file, and the fingerprint and the loading
     # must see the same files. Inputs may lie in out_dir: only what prepare writes there is left out.
     own = [out_dir / name for name in (mf.MANIFEST, *mf.TOKENIZER_FILES, ".work", ".tokenizer.tmp",
-                                       ".prepare.lock", *(f"{s}.bin" for s in mf.SPLITS))]
+                                       ".prepare.lock", *(f"{s}.bin" for s in mf.SPLITS),
+                                       *(f".{t}.tmp" for t in mf.HF_CHAT_TEMPLATE_FILES))]
     resolved = resolve_inputs(inputs, exclude=own) if inputs is not None else None
     resolved_val = resolve_inputs(list(cfg.val_inputs), exclude=own) if cfg.val_inputs else None
     if cfg.hf_val_split is not None and resolved_val is not None and resolved_val[1] is None:
@@ -223,6 +243,8 @@ def _prepare_locked(inputs: list[str] | None, out_dir: Path, cfg: PrepareConfig,
         old = None
     if old is not None and same_recipe(old.get("recipe"), recipe, inapplicable) and mf.files_intact(out_dir, old):
         log.info("%s is up to date (manifest matches); nothing to do", out_dir)
+        if cfg.tokenizer is not None:
+            _refresh_chat_templates(open_tokenizer(cfg.tokenizer), out_dir)
         _report_windows(old, cfg.seq_len)
         return out_dir
     if old is not None and mf.files_intact(out_dir, old) and not overwrite:

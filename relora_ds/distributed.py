@@ -262,6 +262,18 @@ def _check_launcher_env() -> None:
                          f"{', '.join(names)} (else it falls back to MPI discovery). "
                          f"Set {' and '.join(missing)}{hint}, or start the ranks with deepspeed or torchrun, which set "
                          "them all")
+    # More processes than ranks: a RANK/WORLD_SIZE left in the shell (an earlier job's, a notebook's) wins over
+    # mpirun's or srun's own, and the processes take the same ranks (each a world of its own at WORLD_SIZE=1).
+    # Fewer is a launcher per node (srun or mpirun starting torchrun or deepspeed on each), as it should be.
+    world = _int_env("WORLD_SIZE")
+    for size in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        started = _int_env(size)
+        if world is not None and started is not None and started > world:
+            raise ValueError(f"WORLD_SIZE={world} (RANK={os.environ.get('RANK')}) but the launcher started {started} "
+                             f"processes ({size}={started}): some would share a rank. RANK and WORLD_SIZE set in the "
+                             "shell before mpirun/srun (an earlier job's, a notebook's?) win over the launcher's: unset "
+                             "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT there, or set them per process "
+                             "from the launcher's (launch/slurm/rank_env.sh; README, \"MPI\")")
 
 
 def _warn_master_addr_replaced() -> None:

@@ -454,6 +454,30 @@ def test_a_launcher_that_sets_rank_and_world_size_but_not_local_rank_is_named(mo
         init_distributed()
 
 
+def test_a_stale_world_size_under_mpirun_or_srun_is_named(monkeypatch):
+    """RANK=0 WORLD_SIZE=1 (and the rest) left exported in the shell, then mpirun -np 4 or srun -n 4: DeepSpeed
+    took the stale five and every process was rank 0 of a world of one (on one host: all but one failing on
+    MASTER_PORT; across hosts: each training alone into the same output dir). More processes than ranks is
+    refused; fewer (a torchrun or deepspeed launcher on each node) is how it should be."""
+    from relora_ds.distributed import _LAUNCHER_VARS, _check_launcher_env
+
+    for var in (*_LAUNCHER_VARS, "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="10.0.0.1",
+                           MASTER_PORT="29500").items():
+        monkeypatch.setenv(var, value)
+    _check_launcher_env()
+    for size in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.setenv(size, "4")
+        with pytest.raises(ValueError, match=rf"WORLD_SIZE=1 \(RANK=0\) but the launcher started 4 processes "
+                                             rf"\({size}=4\): some would share a rank.* unset RANK, WORLD_SIZE"):
+            _check_launcher_env()
+        monkeypatch.setenv("WORLD_SIZE", "8")  # srun -n 4 starting torchrun --nproc-per-node 2 on each task
+        _check_launcher_env()
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        monkeypatch.delenv(size)
+
+
 def test_a_single_process_keeps_a_users_master_addr_and_rank_without_world_size_is_a_launch_of_unknown_size(
         monkeypatch):
     """single_process_environment fills in MASTER_ADDR only where none is set (a user's address, e.g. the

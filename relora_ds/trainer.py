@@ -12,7 +12,6 @@ import datetime
 import json
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -49,6 +48,7 @@ from .startup import apply_kernels_setting, build_schedule, check_compile, check
     check_kernels, check_model_and_data, train_data_record, unused_vocab_size
 from .schedule import total_steps_for
 from .steps import StepsMixin
+from .stop_signals import StopSignalsMixin
 from .train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, TrainConfig
 from .zero_reset import offloaded
 
@@ -58,7 +58,7 @@ from .zero_reset import offloaded
 DROPOUT_STREAMS = "per_rank"
 
 
-class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
+class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin, StopSignalsMixin):
     def __init__(self, cfg: TrainConfig, ds_config_path: str | None = None,
                  early_stop: Callable[[], int] | None = None):
         """``early_stop``: returns the number of a stop signal (SIGTERM/SIGUSR1) the process got before this
@@ -182,12 +182,7 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         if cfg.warm_start_from and cfg.warm_start_data == "continue" and self.resume_plan is None:
             with self._warnings_on_rank_zero():
                 self._continue_warm_start_data()
-        # SIGTERM/SIGUSR1 (SLURM preemption or time limit) and a first Ctrl-C (SIGINT): finish the step,
-        # checkpoint, exit cleanly. A second Ctrl-C aborts at once, without saving.
-        self._stop_signal, self._interrupted = 0, 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            self._signal_handlers[sig] = signal.signal(sig, self._request_stop)
-        self._stop_signal = self._stop_signal or (early_stop() if early_stop else 0)  # read once ours are in
+        self._install_stop_handlers(early_stop)
 
     def close(self) -> None:
         """Release what the run holds in this process: the output_dir lock and the signal handlers (for a
@@ -195,11 +190,6 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self._restore_signal_handlers()
         if self._took_lock:  # not one an earlier Trainer in this process holds (still live: it keeps its lock)
             unlock_output_dir(self.out)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, handler in self._signal_handlers.items():
-            signal.signal(sig, handler)
-        self._signal_handlers = {}
 
     @contextlib.contextmanager
     def _warnings_on_rank_zero(self):
@@ -215,23 +205,6 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         on_rank_zero(lambda: clear_previous_run(self.out, ("checkpoints", "tensorboard", "hf", "wandb", "metrics.jsonl",
                                                            MetricsLogger.REWOUND, MetricsLogger.WANDB_ID,
                                                            "run_info.jsonl", "curves.png")))
-
-    def _request_stop(self, signum, frame) -> None:
-        if signum == signal.SIGINT:
-            # Ctrl-C twice: abort now, as Python's own handler does. Under torchrun the first Ctrl-C comes twice: the
-            # terminal's SIGINT and torchrun's copy of it (torch.distributed.elastic passes it on to each rank). No
-            # time window tells the copy apart: Python runs a handler between bytecodes only, so a copy that arrives
-            # while the rank waits in a collective is handled when it returns, seconds later. Counted instead.
-            self._interrupted += 1
-            if self._interrupted > (2 if "TORCHELASTIC_RUN_ID" in os.environ else 1):
-                raise KeyboardInterrupt
-            if self._interrupted > 1:
-                return
-            if self.rank == 0:  # a terminal's Ctrl-C reaches every rank of the node; os.write: no buffered
-                os.write(2, b"interrupted: finishing the step, saving a checkpoint, then stopping (resume with "
-                            b"--resume); Ctrl-C again to abort without saving\n")  # stream to re-enter
-        # The first signal names the stop (the deepspeed launcher TERMs its ranks after the terminal's SIGINT).
-        self._stop_signal = self._stop_signal or signum
 
     # ---------------------------------------------------------------- setup
     def _prepare_data(self) -> Path:
@@ -386,17 +359,6 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         self.metrics.close()
         return final
 
-    def _any_rank(self, flag: bool) -> bool:
-        """Whether `flag` holds on any rank: every rank learns it from one all-reduce."""
-        flags = torch.tensor(float(flag), device=self.engine.device)
-        dist.all_reduce(flags)
-        return flags.item() > 0
-
-    def _stop_agreed_now(self) -> bool:
-        """Whether any rank got a stop signal (during start-up, or an evaluation); the steps carry the same
-        flag in their loss all-reduce."""
-        return self._any_rank(self._stop_signal > 0)
-
     def _evaluation_due(self, step: int) -> bool:
         """Whether the validation loss is measured after `step` (eval_every, and the run's last step)."""
         return bool(self.cfg.eval_every) and (step % self.cfg.eval_every == 0 or step == self.total_steps)
@@ -410,21 +372,6 @@ class Trainer(EnginesMixin, CheckpointsMixin, StepsMixin):
         if self.step == 0 or not self._evaluation_due(self.step):
             return False
         return self._any_rank(self.rank == 0 and not self.metrics.logged(self.step, "val_loss"))
-
-    def _stopped(self, bar, saved: bool) -> dict:
-        """End a run stopped by a signal: the "preempted" record (after which the SLURM scripts requeue)."""
-        bar.close()
-        self.metrics.preempting()
-        who = self._stop_signal or "on another rank"
-        if saved:
-            self._print(f"stopped by signal {who} after step {self.step}; checkpoint saved, resume with --resume")
-        else:
-            since = f"the checkpoint of step {self.step}" if self.step else "the start"
-            self._print(f"stopped by signal {who} during start-up, before training a step: nothing to save "
-                        f"(nothing trained since {since}); resume with --resume")
-        self.metrics.log({"event": "preempted", "step": self.step})
-        self.metrics.close()
-        return {"preempted": True, "step": self.step}
 
     def _cycle_position(self) -> dict:
         """{"cycle": k/of, "in_cycle": j/length} of the step just done; empty outside ReLoRA's cycles."""

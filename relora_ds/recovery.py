@@ -28,6 +28,7 @@ ZeRO-2; bf16 at ZeRO-1 within bf16's rounding (the export merges the fp32 master
 from __future__ import annotations
 
 import stat
+import sys
 from pathlib import Path
 
 from .durable import replace_durably
@@ -86,6 +87,17 @@ HOW = ("This is a Hugging Face Trainer checkpoint (relora_ds.hf_trainer.enable_r
        "(every tensor as saved, LoRA unmerged: full_state_dict alone).")'''
 
 
+def _export_script() -> str:
+    """launch/export.py of the checkout relora_ds is imported from (pip install -e), else the one beside the
+    running script (a checkout's launch/train.py, relora_ds installed with pip install .), else its place in a
+    relora_ds checkout, so named: a bare "launch/export.py" ran only from the checkout's root."""
+    beside = Path(sys.argv[0]).resolve().parent / "export.py" if sys.argv and sys.argv[0] else None
+    for path in (EXPORT, beside):
+        if path is not None and path.is_file() and path.parent.name == "launch":
+            return str(path)
+    return "<relora_ds checkout>/launch/export.py"
+
+
 def replace_recovery_scripts(ckpt_dir: Path, engine, hf_trainer: bool = False) -> list[Path]:
     """Rank 0, after ``engine.save_checkpoint`` into ``ckpt_dir``: replace the recovery scripts DeepSpeed copied
     there (none without ZeRO) by the stub, if the engine's model has ReLoRA layers. ``hf_trainer``: ``ckpt_dir``
@@ -105,8 +117,7 @@ def replace_recovery_scripts(ckpt_dir: Path, engine, hf_trainer: bool = False) -
     elif int8:
         lost.append("their int8 bases come as weight_q (int8) and weight_scale, which only relora_ds's int8 layers "
                     "read: no model's weight holds them")
-    export = str(EXPORT) if EXPORT.is_file() else "launch/export.py"  # (from the relora_ds repository)
-    how = _HF_TRAINER_HOW if hf_trainer else _EXPORT_HOW.format(export=export)
+    how = _HF_TRAINER_HOW if hf_trainer else _EXPORT_HOW.format(export=_export_script())
     for path in found:
         replace_durably(_STUB.format(name=path.name, lost=lost, how=how), path)
         path.chmod(path.stat().st_mode | stat.S_IXUSR)  # as DeepSpeed leaves its own

@@ -43,6 +43,28 @@ def test_the_recovery_scripts_refuse_a_relora_checkpoint_and_name_the_export_tha
     assert exported.keys() == live.keys() and all(torch.equal(exported[k], v) for k, v in live.items())
 
 
+def test_an_installed_relora_ds_names_the_export_script_of_the_checkout_that_runs(tmp_path, monkeypatch):
+    """relora_ds installed with pip install . (no launch/ beside the package): the stub named a bare
+    launch/export.py, which ran only from the checkout's root. It names the export.py beside the running
+    launch/train.py, else its place in a checkout, said so."""
+    from relora_ds import LlamaConfig, LlamaForCausalLM, recovery, wrap
+
+    model = wrap(LlamaForCausalLM(LlamaConfig.preset("debug")), rank=4)
+    engine = SimpleNamespace(module=model, zero_optimization_stage=lambda: 2)
+    monkeypatch.setattr(recovery, "EXPORT", tmp_path / "site-packages" / "launch" / "export.py")  # not there
+    checkout = tmp_path / "my checkout" / "launch"
+    checkout.mkdir(parents=True)
+    (checkout / "export.py").write_text("")
+    for argv0, want in ((checkout / "train.py", str(checkout / "export.py")),
+                        (tmp_path / "elsewhere.py", "<relora_ds checkout>/launch/export.py")):
+        monkeypatch.setattr(sys, "argv", [str(argv0)])
+        (tmp_path / "zero_to_fp32.py").write_text("# DeepSpeed's")
+        recovery.replace_recovery_scripts(tmp_path, engine)
+        proc = run_python(tmp_path / "zero_to_fp32.py", env=launch_env())
+        command = shlex.split(next(line for line in proc.stderr.splitlines() if "export.py" in line))
+        assert proc.returncode == 1 and command[:2] == ["python", want], proc.stderr[-2000:]
+
+
 def test_a_full_rank_model_keeps_deepspeeds_scripts(tmp_path):
     """A warm start's (or mode: full's) checkpoint is the whole model to zero_to_fp32: its script stays. Only the
     scripts DeepSpeed wrote are replaced (none without ZeRO)."""

@@ -23,6 +23,11 @@ setup(
         "sentencepiece>=0.2",
         "safetensors>=0.4",
         "transformers>=4.45",  # the exported tokenizer (relora_ds/hf_tokenizer.py)
+        # Imported by name, not only through the packages above that depend on them today:
+        "tokenizers",  # tokenizer.json files (relora_ds/data/tokenizer.py, data/prepare.py)
+        "pyarrow",  # Parquet/Arrow inputs read and repaired (relora_ds/data/sources.py, data/encode.py)
+        "huggingface_hub",  # a hub dataset's commit (relora_ds/data/inputs.py)
+        "pydantic>=2",  # DeepSpeed's config fields, parsed as DeepSpeed parses them (relora_ds/ds_schema.py)
         "tqdm",
         "numpy",
         "pyyaml",
@@ -36,6 +41,7 @@ setup(
         "mpi": ["mpi4py>=4.0"],
         "mpich": ["mpi4py>=4.0", "mpich"],
         "flash": ["flash-attn>=2.5"],
+        "wandb": ["wandb"],  # --wandb-project (relora_ds/metrics.py)
         "dev": ["pytest", "pytest-xdist", "peft>=0.13"],
     },
 )

@@ -41,13 +41,19 @@ class MetricsLogger:
     checkpoint). What the previous run logged for later steps -- the steps between its last checkpoint and
     its end, which this run trains again -- moves from metrics.jsonl to metrics.rewound.jsonl (kept, not
     lost), with any line a crash cut short, and TensorBoard hides its events from those steps on
-    (``purge_step``), so each step is logged once."""
+    (``purge_step``), so each step is logged once. Where a record of the checkpoint's own step moves too (one
+    logged after the checkpoint: AFTER_CHECKPOINT_EVENTS, an overdue reset), TensorBoard hides that step as
+    well and gets the step's kept records again: it shows what metrics.jsonl holds."""
 
     REWOUND = "metrics.rewound.jsonl"
     # Events logged with step N after step N's checkpoint (the warm-start switch runs at the start of step
     # N + 1; a resumed start's settings changes, logged at its resume step): a run resumed from that
     # checkpoint logs them again (its own), so the earlier record is rewound too.
     AFTER_CHECKPOINT_EVENTS = ("switch_to_relora", "resume_settings_changed")
+    # So is the reset a resume with a shorter cycle_length does at its resume step N ("overdue": the checkpoint's
+    # step became a missed reset, done after the load): a later resume from N does it again where its own
+    # cycle_length still makes N overdue, and logs it again; with another cycle_length, no reset at N happens,
+    # and the record left behind showed one (in metrics.jsonl, the plot's reset lines and TensorBoard).
 
     WANDB_ID = "wandb_run_id"
 
@@ -61,20 +67,32 @@ class MetricsLogger:
             self._wandb = _start_wandb(Path(output_dir), wandb_project, run_config)
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            replay = None  # the kept records of the resume step, where TensorBoard hides it (see above)
             if resume_step is not None:
-                self.rewound = self._rewind(resume_step)
+                self.rewound, replay = self._rewind(resume_step)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                purge = None if resume_step is None else resume_step + 1
+                purge = None if resume_step is None else resume_step + (replay is None)
                 self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is a dependency; keep JSONL logging if it is missing
                 self._tb = None
+            for rec in replay or ():
+                self._log_tensorboard(rec)
 
-    def _rewind(self, step: int) -> int:
+    def _after_checkpoint(self, rec: dict) -> bool:
+        """Whether `rec`, a record of a checkpoint's own step, was logged after that checkpoint was saved (or
+        loaded): a run resumed from it logs its own."""
+        return rec.get("event") in self.AFTER_CHECKPOINT_EVENTS or (
+            rec.get("event") == "reset" and rec.get("overdue") is True)
+
+    def _rewind(self, step: int) -> tuple[int, list[dict] | None]:
+        """Moves the records logged after checkpoint `step` aside: (how many lines moved, the records of `step`
+        kept where one of `step` moved too, else None)."""
         if not self.path.is_file():
-            return 0
+            return 0, None
         keep, later, text = [], [], self.path.read_text()
+        at_step, step_moved = [], False
         for line in text.splitlines(keepends=True):
             line = line if line.endswith("\n") else line + "\n"  # a last line cut before its newline: the next
             # append would continue it, and the two records read as one broken line
@@ -87,8 +105,12 @@ class MetricsLogger:
                 continue
             rec_step = rec.get("step")
             redone = isinstance(rec_step, int) and (
-                rec_step > step or (rec_step == step and rec.get("event") in self.AFTER_CHECKPOINT_EVENTS))
+                rec_step > step or (rec_step == step and self._after_checkpoint(rec)))
             (later if redone else keep).append(line)
+            if rec_step == step:
+                step_moved = step_moved or redone
+                if not redone:
+                    at_step.append(rec)
         if later:  # the moved records on disk before metrics.jsonl loses them, whatever stops this start
             rewound = self.path.parent / self.REWOUND
             moved = "".join(later)
@@ -99,7 +121,7 @@ class MetricsLogger:
             fsync_path(self.path.parent)  # (its entry, where this start made the file)
         if later or not text.endswith("\n") and text:
             replace_durably("".join(keep), self.path)
-        return len(later)
+        return len(later), at_step if step_moved else None
 
     def sync(self) -> None:
         """Flush what was logged so far to stable storage (before a checkpoint is saved): a run resumed from
@@ -133,16 +155,15 @@ class MetricsLogger:
         line = json.dumps(json_finite(record), allow_nan=False)
         with self.path.open("a") as f:
             f.write(line + "\n")
-        # An event's numbers (a reset's pruned fractions, a checkpoint's seconds...) under the event's name:
-        # "reset/exp_avg", not an "exp_avg" chart beside the training curves.
-        prefix = f"{record['event']}/" if "event" in record else ""
-        scalars = {f"{prefix}{k}": v for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self._tb is not None and "step" in record:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, v, record["step"])
+        self._log_tensorboard(record)
+        scalars = _scalars(record)
         if self._wandb is not None and "step" in record and scalars:  # (an event without numbers: no empty row)
             self._wandb.log({**scalars, "step": record["step"]})
+
+    def _log_tensorboard(self, record: dict) -> None:
+        if self._tb is not None and "step" in record:
+            for k, v in _scalars(record).items():
+                self._tb.add_scalar(k, v, record["step"])
 
     def preempting(self) -> None:
         """The job stops to be resumed: W&B marks its run preempted rather than finished."""
@@ -158,6 +179,14 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish(exit_code=exit_code)
             self._wandb = None
+
+
+def _scalars(record: dict) -> dict:
+    """A record's numbers for TensorBoard and W&B; an event's (a reset's pruned fractions, a checkpoint's
+    seconds...) under the event's name: "reset/exp_avg", not an "exp_avg" chart beside the training curves."""
+    prefix = f"{record['event']}/" if "event" in record else ""
+    return {f"{prefix}{k}": v for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _start_wandb(output_dir: Path, project: str, run_config: dict | None):

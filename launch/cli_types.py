@@ -1,6 +1,7 @@
 """argparse types the launch scripts share: a bad number is a parse error naming the flag and the value."""
 import argparse
 import math
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -15,6 +16,12 @@ def positive_float(text: str) -> float:
     if not 0 < value < math.inf:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
+
+
+def user_path(text: str) -> Path:
+    """A path argument; a leading ~ is the home directory, as in the trainer's and prepare_data.py's paths (the
+    shell expands no ~ after '=', as in --out=~/x, nor in a quoted or scripted argument)."""
+    return Path(text).expanduser()
 
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
-from cli_types import DefaultsHelpFormatter, positive_int  # noqa: E402
+from cli_types import DefaultsHelpFormatter, positive_int, user_path  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,8 +51,8 @@ class _Model:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
                                  formatter_class=DefaultsHelpFormatter)
-    ap.add_argument("model", type=Path, help="Hugging Face model directory (e.g. RUN/hf, a run's export)")
-    ap.add_argument("--data-dir", type=Path, required=True, help="prepared data dir or mixture dir")
+    ap.add_argument("model", type=user_path, help="Hugging Face model directory (e.g. RUN/hf, a run's export)")
+    ap.add_argument("--data-dir", type=user_path, required=True, help="prepared data dir or mixture dir")
     ap.add_argument("--seq-len", type=positive_int, required=True, help="tokens per window (the run's seq_len)")
     ap.add_argument("--split", choices=("validation", "train"), default="validation",
                     help="the split to read (on a mixture each member's own)")
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="a torch device: cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    ap.add_argument("--out", type=user_path, default=None, help="also write the JSON result here")
     args = ap.parse_args(argv)
     if args.out is not None and args.out.is_dir():  # named now, not after the evaluation
         ap.error(f"--out {args.out} is a directory: give a file to write the JSON result to")

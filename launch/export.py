@@ -25,7 +25,7 @@ from relora_ds.data.tokenizer import resolve_tokenizer
 from relora_ds.hf import export_run, merge_record
 from relora_ds.relora import relora_layers
 from relora_ds.train_args import ArgumentParser
-from cli_types import DefaultsHelpFormatter  # launch/, the script's directory
+from cli_types import DefaultsHelpFormatter, user_path  # launch/, the script's directory
 
 
 def _refuse_hf_trainer_checkpoint(path: Path, ap: argparse.ArgumentParser) -> None:
@@ -50,12 +50,12 @@ def _is_checkpoint(folder: Path) -> bool:
 
 def main(argv=None) -> Path:
     ap = ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter, allow_abbrev=False)
-    ap.add_argument("checkpoints", type=Path, help="the run's output_dir, its checkpoints/ directory, or one "
+    ap.add_argument("checkpoints", type=user_path, help="the run's output_dir, its checkpoints/ directory, or one "
                                                     "checkpoint's step_N/ directory")
     ap.add_argument("--tag", help="checkpoint tag, e.g. step_400 (default: latest)")
-    ap.add_argument("--out", type=Path, required=True, help="output Hugging Face directory")
+    ap.add_argument("--out", type=user_path, required=True, help="output Hugging Face directory")
     tok = ap.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", type=Path, help="SentencePiece .model, Hugging Face tokenizer.json or a model "
+    tok.add_argument("--tokenizer", type=user_path, help="SentencePiece .model, Hugging Face tokenizer.json or a model "
                      "directory holding one (default: the run's data dir's)")
     tok.add_argument("--no-tokenizer", action="store_true", help="write the model only (its BOS/EOS ids from the "
                      "run's data manifest where it is still there)")

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
-from cli_types import DefaultsHelpFormatter  # noqa: E402  (launch/, the script's directory)
+from cli_types import DefaultsHelpFormatter, user_path  # noqa: E402  (launch/, the script's directory)
 
 
 def curves(recs: list[dict]) -> tuple[list[dict], list[dict], list[int]]:
@@ -29,11 +29,12 @@ def curves(recs: list[dict]) -> tuple[list[dict], list[dict], list[int]]:
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
                                  formatter_class=DefaultsHelpFormatter)
-    ap.add_argument("metrics", type=Path)
+    ap.add_argument("metrics", type=user_path)
     ap.add_argument("-o", "--out", help="image path, PNG unless its suffix names another format "
                     "(a directory, or a path ending in /, created if missing: DIR/curves.png; default: curves.png "
                     "next to the metrics file)")
     args = ap.parse_args(argv)
+    args.out = args.out if args.out is None else os.path.expanduser(args.out)  # as user_path, keeping a trailing /
     if args.out is not None and args.out.endswith(("/", os.sep)):  # Path() would drop the slash: DIR.png
         Path(args.out).mkdir(parents=True, exist_ok=True)
     args.out = Path(args.out) if args.out is not None else None

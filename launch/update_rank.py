@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from cli_types import DefaultsHelpFormatter  # launch/, the script's directory
+from cli_types import DefaultsHelpFormatter, user_path  # launch/, the script's directory
 
 EMBEDDINGS = re.compile(r"(embed_tokens|lm_head|wte|wpe)\.weight$")
 
@@ -219,13 +219,13 @@ def by_kind(per_layer: dict[str, dict]) -> dict[str, dict]:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
                                  formatter_class=DefaultsHelpFormatter)
-    ap.add_argument("a", type=Path, help="the earlier Hugging Face directory (e.g. the warm start's export)")
-    ap.add_argument("b", type=Path, help="the later one")
+    ap.add_argument("a", type=user_path, help="the earlier Hugging Face directory (e.g. the warm start's export)")
+    ap.add_argument("b", type=user_path, help="the later one")
     ap.add_argument("--threshold", type=float, default=0.01,
                     help="a singular value counts toward `rank` above this fraction of the largest (default 0.01)")
     ap.add_argument("--per-layer", action="store_true", help="a row per weight matrix, not per layer kind")
     ap.add_argument("--all", action="store_true", help="include the embeddings and lm_head")
-    ap.add_argument("--json", type=Path, help="also write every matrix's numbers here")
+    ap.add_argument("--json", type=user_path, help="also write every matrix's numbers here")
     args = ap.parse_args(argv)
     if not 0 < args.threshold < 1:
         ap.error(f"--threshold {args.threshold} must be in (0, 1)")

@@ -12,11 +12,13 @@ checkpoint, for another number of ranks or another engine layout, is in ``relora
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import random
 import re
 import shutil
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -391,7 +393,12 @@ def full_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         return {**module, **masters}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    with tempfile.TemporaryDirectory() as links:
+        plain = str(ckpt_dir)
+        if glob.has_magic(plain):  # zero_to_fp32 globs the ranks' files in it: under "runs [v2]" it found none
+            plain = os.path.join(links, "checkpoints")
+            os.symlink(os.path.abspath(ckpt_dir), plain)
+        state = get_fp32_state_dict_from_zero_checkpoint(plain, tag=tag)
     state.update({k: v for k, v in module.items() if k not in state})
     return state
 

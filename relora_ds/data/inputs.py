@@ -3,11 +3,14 @@
 read; and the corpus fingerprint that makes re-runs no-ops. Reading them: :mod:`relora_ds.data.sources`."""
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,6 +30,8 @@ SUPPORTED_SUFFIXES = {
 _SAVE_TO_DISK_META = ("state.json", "dataset_info.json")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# What datasets.load_dataset reads in a data_files path as other than its name (below: plain_names).
+_NOT_PLAIN = re.compile(r"[$*?\[\]{}]|::")
 
 
 class DataWarning(PlainWarning):
@@ -194,6 +199,32 @@ def resolve_inputs(inputs: list[str], exclude=None) -> tuple[list[str], str | No
         real = os.path.realpath(f)
         by_target[real] = min(by_target.get(real, f), f, key=lambda name: (name.count(os.sep), name))
     return list(by_target.values()), (hub[0] if hub else None)
+
+
+def plain_names(files: list[str]) -> list[str]:
+    """``files`` as names datasets.load_dataset reads as given: its ``data_files`` are patterns and URLs, not
+    names. It expands $VARS, globs [...], ? and * and splits at '::', so a file 'exp[1]/c.txt' read 'exp1/c.txt',
+    'a?b.txt' read 'axb.txt' as well (other data, silently: a review), and '$HOME/c.txt' or 'a::b/c.txt' failed.
+    A file whose path has none of these is itself; any other is a link to it with a plain name (its supported
+    suffix, which datasets infers the compression from) in a temporary directory removed at exit (a streamed
+    dataset opens its files late)."""
+    if not any(_NOT_PLAIN.search(f) for f in files):
+        return list(files)
+    links = tempfile.mkdtemp(prefix="relora_ds-inputs-")
+    atexit.register(shutil.rmtree, links, ignore_errors=True)
+    if _NOT_PLAIN.search(links):
+        raise ValueError(f"the temporary directory {links!r} (TMPDIR) has one of $ * ? [ ] {{ }} :: in its path, "
+                         "which datasets would expand: set TMPDIR to a directory with a plain path")
+    named = []
+    for i, f in enumerate(files):
+        if not _NOT_PLAIN.search(f):
+            named.append(f)
+            continue
+        suffix = next((s for s in SUPPORTED_SUFFIXES if Path(f).name.lower().endswith(s)), "")
+        link = os.path.join(links, f"{i}{suffix}")
+        os.symlink(os.path.abspath(f), link)
+        named.append(link)
+    return named
 
 
 def local_fingerprint(files: list[str]) -> str:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from relora_ds.data.builtin_corpus import builtin_documents
-from relora_ds.data.inputs import DataWarning, builder_for
+from relora_ds.data.inputs import DataWarning, builder_for, plain_names
 from relora_ds.data.repair import _ESCAPED_BYTES, repair_utf8
 
 TXT_UNITS = ("document", "paragraph", "line")
@@ -370,7 +370,7 @@ def _load_group(builder, group, text_column, txt_unit, streaming, work_dir, kwar
     named = [(originals or {}).get(f, f) for f in group]  # a repaired copy is named by its original file
     origin = named[0] if len(group) == 1 else f"{len(group)} {builder} files ({named[0]}, ...)"
     try:
-        ds = datasets.load_dataset(builder, data_files=group, split="train", streaming=streaming,
+        ds = datasets.load_dataset(builder, data_files=plain_names(group), split="train", streaming=streaming,
                                    cache_dir=str(work_dir / "hf-cache"), **kwargs)
     except datasets.exceptions.DatasetGenerationError as e:
         raise ValueError(f"could not read {origin}: {e.__cause__ or e}") from e

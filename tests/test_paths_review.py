@@ -1,0 +1,112 @@
+"""Awkward paths through the user pipeline (a review): spaces, Unicode, a quote, '$HOME', '#', '[...]', '?' and a
+leading '~' in the names prepare_data, launch/train.py and the launch tools are given. Oracles: the same corpus
+from a plain path (prepared tokens byte for byte), the trainer's own export (launch/export.py's weights) and the
+tools run on plain paths."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launch_utils import ROOT, launch_env, run_python
+from trainer_utils import read_losses, train2
+
+from relora_ds.data import load_manifest, prepare_data
+from relora_ds.data.inputs import plain_names
+
+LINES = [f"the {w} cat sat on the {v} mat number {i}" for i, (w, v) in
+         enumerate(zip(["red", "big", "old", "shy"] * 100, ["blue", "small", "new", "warm"] * 100))]
+OTHER = [f"zeta eta theta {i} omega" for i in range(500)]
+
+
+def _prepared(out):
+    return [(out / f"{split}.bin").read_bytes() for split in ("train", "validation")]
+
+
+@pytest.mark.parametrize("folder, name, decoy", [("exp[1]", "c.txt", ("exp1", "c.txt")),
+                                                 ("q", "a?b.txt", ("q", "axb.txt")),
+                                                 ("$HOME x", "c.txt", None), ("c::d", "c.txt", None)])
+def test_prepare_reads_the_file_named_whatever_its_path_holds(tmp_path, folder, name, decoy):
+    """datasets reads data_files as patterns: 'exp[1]/c.txt' read 'exp1/c.txt' instead, 'a?b.txt' read 'axb.txt'
+    too (other data, silently), '$HOME x' was expanded to '/root x' and 'c::d' split as a URL (both failed). The
+    oracle: the same file prepared from a plain path gives the same tokens."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "c.txt").write_text("\n".join(LINES) + "\n")
+    prepare_data([str(tmp_path / "plain" / "c.txt")], tmp_path / "want", vocab_size=300, txt_unit="line")
+    if decoy is not None:
+        (tmp_path / decoy[0]).mkdir(exist_ok=True)
+        (tmp_path / decoy[0] / decoy[1]).write_text("\n".join(OTHER) + "\n")
+    (tmp_path / folder).mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "plain" / "c.txt", tmp_path / folder / name)
+    prepare_data([str(tmp_path / folder / name)], tmp_path / "got", vocab_size=300, txt_unit="line")
+    assert _prepared(tmp_path / "got") == _prepared(tmp_path / "want")
+    docs = {s: v["documents"] for s, v in load_manifest(tmp_path / "got")["splits"].items()}
+    assert sum(docs.values()) == len(LINES), docs
+
+
+def test_plain_names_link_only_what_datasets_would_misread(tmp_path):
+    plain, odd = tmp_path / "a b é #'" / "c.jsonl", tmp_path / "x[1]" / "D.TXT.GZ"
+    for f in (plain, odd):
+        f.parent.mkdir()
+        f.write_text("")
+    names = plain_names([str(plain), str(odd)])
+    assert names[0] == str(plain) and os.path.samefile(names[1], odd)
+    assert names[1].endswith(".txt.gz") and "[" not in names[1]
+    assert plain_names([str(plain)]) == [str(plain)]
+
+
+@pytest.fixture(scope="module")
+def awkward_run(tmp_path_factory):
+    """prepare -> 2-rank training (exporting at its end) with the data and the run under
+    'sp ace/données ü/it's/$HOME/#1'."""
+    tmp = tmp_path_factory.mktemp("awkward")
+    base = tmp / "sp ace" / "données ü" / "it's" / "$HOME" / "#1"
+    base.mkdir(parents=True)
+    (tmp / "c.txt").write_text("\n".join(LINES * 4) + "\n")
+    prepare_data([str(tmp / "c.txt")], base / "data", vocab_size=300, txt_unit="line")
+    train2(base, base / "data", export=True, save_every=6)
+    assert sorted(read_losses(base / "run")[0]) == list(range(1, 13))
+    return base
+
+
+def _tool(script, *args, home, cwd):
+    proc = run_python(ROOT / "launch" / script, *args, env={**launch_env(), "HOME": str(home)}, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _same_weights(a, b):
+    a, b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], v) for k, v in b.items())
+
+
+def test_the_tools_expand_a_leading_tilde_as_the_trainer_does(awkward_run, tmp_path):
+    """export/evaluate/update_rank/plot_metrics given --out=~/... (which no shell expands) wrote into a folder
+    named '~' in the working directory, where the trainer and prepare_data.py expand it. Oracles: the trainer's
+    own export, and the tools on plain arguments."""
+    run, data, home, cwd = awkward_run / "run", awkward_run / "data", tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    _tool("export.py", run, "--out=~/exp", home=home, cwd=cwd)
+    _same_weights(home / "exp", run / "hf")
+    ours = _tool("evaluate.py", "~/exp", f"--data-dir={data}", "--seq-len=32", "--windows=8", "--out=~/eval.json",
+                 home=home, cwd=cwd)
+    plain = _tool("evaluate.py", run / "hf", "--data-dir", data, "--seq-len=32", "--windows=8", home=home, cwd=cwd)
+    loss = json.loads(plain.splitlines()[-1])["loss"]
+    assert json.loads(ours.splitlines()[-1])["loss"] == loss == json.loads((home / "eval.json").read_text())["loss"]
+    _tool("update_rank.py", "~/exp", run / "hf", "--json=~/ranks.json", home=home, cwd=cwd)
+    ranks = json.loads((home / "ranks.json").read_text())["matrices"]
+    assert ranks and all(r["rank"] == 0 for r in ranks.values())  # the same weights: no update
+    _tool("plot_metrics.py", run, "-o=~/plots/", home=home, cwd=cwd)
+    assert (home / "plots" / "curves.png").stat().st_size > 0
+    assert not (cwd / "~").exists()
+
+
+def test_a_run_under_a_folder_with_brackets_exports(awkward_run, tmp_path):
+    """DeepSpeed's zero_to_fp32 finds the ranks' files with glob.glob(os.path.join(checkpoint_dir, pattern)): under
+    'runs [v2]' it found none, and launch/export.py said the checkpoint had no *_model_states.pt."""
+    moved = tmp_path / "runs [v2]" / "run"
+    shutil.copytree(awkward_run / "run", moved, symlinks=True)
+    _tool("export.py", moved, "--out", tmp_path / "exp", home=tmp_path, cwd=tmp_path)
+    _same_weights(tmp_path / "exp", awkward_run / "run" / "hf")

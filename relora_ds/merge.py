@@ -11,7 +11,7 @@ from torch import nn
 
 from . import sharded
 from .merge_stats import update_stats
-from .relora import fsdp2_modules_above, is_deepspeed_engine, relora_layers
+from .relora import is_deepspeed_engine, relora_layers
 
 
 def check_not_engine_managed(param, what: str) -> None:
@@ -58,7 +58,7 @@ def merge_and_reinit(model: nn.Module) -> dict:
     # model sits in too (merge_and_reinit(model.model) of a root-only sharded model after an evaluation forward
     # merged into the root's whole copies: every merge lost, merge_count advanced, no error)
     sharded.reshard_(model)
-    for module in fsdp2_modules_above(model):
+    for module in sharded.fsdp2_modules_above(model):
         module.reshard()
     layers = list(relora_layers(model))
     if not layers:

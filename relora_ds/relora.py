@@ -332,47 +332,6 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, layer in relora_layers(model) for p in (layer.lora_A, layer.lora_B)]
 
 
-def fsdp2_modules_above(module: nn.Module) -> list[nn.Module]:
-    """The FSDP2 modules (``fully_shard``) that hold ``module`` inside them (``module`` itself included): a
-    submodule of a sharded model knows nothing of them, but its parameters are their shards, or after a forward
-    that did not reshard their whole copies. Found through torch's registry of composable states (private: none
-    found if it moves)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    try:
-        from torch.distributed._composable_state import _module_state_mapping
-    except ImportError:
-        return []
-    return [m for m in list(_module_state_mapping) if isinstance(m, FSDPModule) and any(
-        sub is module for sub in m.modules())]
-
-
-def _refuse_data_parallel_wrappers(model: nn.Module) -> None:
-    """DistributedDataParallel, FSDP1 and FSDP2 record the parameters they sync (DDP's reducer buckets, FSDP1's
-    flat parameters, FSDP2's sharded parameters) when they wrap a model: LoRA factors added inside afterwards
-    would train on each rank alone. A submodule of a sharded model is refused too: its new layers would be
-    outside FSDP2 (a root-only ``fully_shard`` model after a forward, whose layers hold whole copies, took
-    them, and every rank trained its own factors)."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    from torch.nn.parallel import DistributedDataParallel
-
-    for name, module in model.named_modules():
-        if isinstance(module, DistributedDataParallel | FullyShardedDataParallel | FSDPModule):
-            where = f"its submodule {name!r}" if name else "it"
-            kind, call = (("FSDP2 (fully_shard)", "fully_shard(model)") if isinstance(module, FSDPModule) else
-                          (type(module).__name__, f"{type(module).__name__}(model)"))
-            raise ValueError(f"wrap: the model is in torch's {kind} ({where}), which syncs only the parameters it had "
-                             "when it was built: LoRA factors added now would train on each rank alone and the ranks "
-                             f"would drift apart. Call relora_ds.wrap(model, ...) first, then {call}")
-    above = fsdp2_modules_above(model)
-    if above or any(map(sharded.is_sharded, model.parameters())):
-        raise ValueError("wrap: the module is part of a model sharded by torch's FSDP2 (fully_shard"
-                         + (f" on a {type(above[0]).__name__}" if above else "") + "), which syncs only the "
-                         "parameters it had when it was built: LoRA factors added now would train on each rank "
-                         "alone and the ranks would drift apart. Call relora_ds.wrap(model, ...) on the whole model "
-                         "first, then fully_shard it")
-
-
 def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout: float = 0.0,
          target_modules: Iterable[str] | str | None = None, seed: int = 0, quantize: str | None = None,
          merge_residual: bool = False) -> nn.Module:
@@ -397,7 +356,7 @@ def wrap(model: nn.Module, rank: int = 128, alpha: float | None = None, dropout:
         raise ValueError("wrap: the model is already in a DeepSpeed engine (deepspeed.initialize built its optimizer "
                          "and ZeRO partitions from the parameters it had, so LoRA factors added now would never "
                          "train); call relora_ds.wrap(model, ...) before deepspeed.initialize")
-    _refuse_data_parallel_wrappers(model)
+    sharded.refuse_data_parallel_wrappers(model)
     if any(True for _ in relora_layers(model)):
         raise ValueError("model already contains ReLoRALinear layers; wrap() it only once "
                          "(use relora_ds.unwrap(model) first to start over)")

@@ -24,6 +24,10 @@ import triton.language as tl
 
 from . import _runtime
 
+if not hasattr(tl, "make_tensor_descriptor"):  # setup.py's floor is Triton 3.3: this opt-in kernel needs more
+    raise ImportError(f"TMA_GEMM needs Triton >= 3.4 (tl.make_tensor_descriptor); this is Triton "
+                      f"{triton.__version__}: leave relora_kernels.matmul.TMA_GEMM False, or upgrade Triton")
+
 
 @triton.jit
 def _concat_k_matmul_tma_kernel(

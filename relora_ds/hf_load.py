@@ -5,6 +5,7 @@ transformers does), the safetensors read a tensor at a time. Public through ``re
 from __future__ import annotations
 
 import json
+import shlex
 import warnings
 from collections.abc import Collection, Iterator
 from pathlib import Path
@@ -112,10 +113,11 @@ def _not_a_relora_ds_run(path: Path) -> None:
         export = path / "hf"
         raise ValueError(f"{path} is a relora_ds run directory, not a Hugging Face model: pass its export "
                          f"{export}" + ("" if (export / "config.json").is_file() else
-                                       f" (not there: python launch/export.py {path} --out {export})"))
+                                       f" (not there: python launch/export.py {shlex.quote(str(path))} --out "
+                                       f"{shlex.quote(str(export))})"))
     if any(path.glob("*model_states.pt")) or (path / "latest").is_file():
         raise ValueError(f"{path} is a relora_ds (DeepSpeed) training checkpoint, not a Hugging Face model: "
-                         f"export it (python launch/export.py {path} --out DIR) and pass DIR")
+                         f"export it (python launch/export.py {shlex.quote(str(path))} --out DIR) and pass DIR")
 
 
 def load_hf_config(path: str | Path) -> LlamaConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import warnings
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def check_model_and_data(cfg: TrainConfig, data_dir: str | Path | None,
         if model_config.vocab_size < manifest["vocab_size"]:
             raise ValueError(f"the model in {source} has {model_config.vocab_size} embedding rows, fewer than the "
                              f"{manifest['vocab_size']} pieces of the tokenizer {data_dir} was prepared with: prepare "
-                             f"the data with the model's own tokenizer (launch/prepare_data.py --tokenizer {source})")
+                             "the data with the model's own tokenizer (launch/prepare_data.py --tokenizer "
+                             f"{shlex.quote(str(source))})")
     if source and cfg.seq_len > model_config.max_position_embeddings:
         warnings.warn(f"seq_len={cfg.seq_len} is longer than the max_position_embeddings="
                       f"{model_config.max_position_embeddings} of the model in {source}: it trains on positions "
@@ -109,7 +111,7 @@ def check_model_tokenizer(source: str | Path, manifest: dict, data_dir: str | Pa
             raise ValueError(f"{data_dir} was prepared with a {data_tokenizer.name}, {source} holds only a "
                              f"{other.name}, and they are different tokenizers ({difference}): the model's token "
                              f"ids would mean other pieces. Prepare the data with the model's own tokenizer "
-                             f"(launch/prepare_data.py --tokenizer {source})")
+                             f"(launch/prepare_data.py --tokenizer {shlex.quote(str(source))})")
         warnings.warn(f"{source} has no tokenizer.model or tokenizer.json, so relora_ds cannot check that "
                       f"{data_dir} was tokenized with this model's tokenizer; if it was not, every token id means "
                       "another piece to the model (prepare the data with launch/prepare_data.py --tokenizer "

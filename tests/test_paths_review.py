@@ -110,3 +110,24 @@ def test_a_run_under_a_folder_with_brackets_exports(awkward_run, tmp_path):
     shutil.copytree(awkward_run / "run", moved, symlinks=True)
     _tool("export.py", moved, "--out", tmp_path / "exp", home=tmp_path, cwd=tmp_path)
     _same_weights(tmp_path / "exp", awkward_run / "run" / "hf")
+
+
+def test_the_commands_an_error_suggests_paste_into_a_shell(tmp_path):
+    """The command an error suggests names its paths quoted for a shell: "--out -x/sp ace ü/it's/data" pasted
+    broke on the space and the quote. Oracle: shlex.split of the suggested command gives the path back."""
+    import shlex
+
+    from relora_ds.hf_load import load_hf_config
+
+    odd = tmp_path / "sp ace ü" / "it's $HOME"
+    odd.mkdir(parents=True)
+    with pytest.raises(ValueError) as e:
+        load_manifest(odd)
+    command = str(e.value).split("create it with ", 1)[1]
+    assert shlex.split(command)[:4] == ["python", "launch/prepare_data.py", "--out", str(odd)]
+    (odd / "latest").write_text("step_1")
+    with pytest.raises(ValueError) as e:
+        load_hf_config(odd)
+    command = str(e.value).split("export it (", 1)[1].split(") and pass DIR")[0]
+    assert shlex.split(command)[:3] == ["python", "launch/export.py", str(odd)]
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 
 from relora_ds.durable import replace_durably
@@ -104,7 +105,7 @@ def load_manifest(data_dir: str | Path) -> dict:
     manifest = read_manifest_file(data_dir)
     if manifest is None:
         raise ValueError(f"{str(data_dir)!r} is not a prepared data dir (no {MANIFEST}); create it with "
-                         f"python launch/prepare_data.py --out {data_dir} [--input ...]")
+                         f"python launch/prepare_data.py --out {shlex.quote(str(data_dir))} [--input ...]")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{str(data_dir / MANIFEST)!r} has format {manifest.get('format')!r}, this code "
                          f"reads {FORMAT!r}; re-run prepare_data")

@@ -131,3 +131,11 @@ def test_the_commands_an_error_suggests_paste_into_a_shell(tmp_path):
     command = str(e.value).split("export it (", 1)[1].split(") and pass DIR")[0]
     assert shlex.split(command)[:3] == ["python", "launch/export.py", str(odd)]
 
+
+def test_an_out_dir_with_a_double_colon_is_refused_by_name(tmp_path):
+    """datasets splits its cache path (under out_dir) at '::': an IsADirectoryError from fsspec named neither."""
+    (tmp_path / "c.txt").write_text("\n\n".join(f"document {i} with some words" for i in range(50)))
+    with pytest.raises(ValueError, match=r"out_dir .*a::b/data' has '::' in its path, which Hugging Face datasets "
+                                         r"reads as a chained URL .*: give a directory without '::'"):
+        prepare_data([str(tmp_path / "c.txt")], tmp_path / "a::b" / "data", vocab_size=300)
+

@@ -126,6 +126,9 @@ def prepare_data(inputs: list[str] | None, out_dir: str | Path, overwrite: bool 
     if inputs is not None:
         inputs = [str(i) for i in inputs]
     out_dir = Path(out_dir).expanduser().resolve()
+    if "::" in str(out_dir):  # its work dir holds datasets' cache, whose path datasets splits at '::' (a chain)
+        raise ValueError(f"out_dir {str(out_dir)!r} has '::' in its path, which Hugging Face datasets reads as a "
+                         "chained URL (its cache goes there): give a directory without '::'")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory: give a directory (new or "
                          "holding prepared data) for --out")

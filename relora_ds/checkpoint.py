@@ -393,14 +393,28 @@ def full_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         return {**module, **masters}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with tempfile.TemporaryDirectory() as links:
-        plain = str(ckpt_dir)
-        if glob.has_magic(plain):  # zero_to_fp32 globs the ranks' files in it: under "runs [v2]" it found none
-            plain = os.path.join(links, "checkpoints")
-            os.symlink(os.path.abspath(ckpt_dir), plain)
-        state = get_fp32_state_dict_from_zero_checkpoint(plain, tag=tag)
+    with globbable(ckpt_dir) as plain:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(plain), tag=tag)
     state.update({k: v for k, v in module.items() if k not in state})
     return state
+
+
+@contextlib.contextmanager
+def globbable(ckpt_dir: str | Path):
+    """``ckpt_dir``, or where its path holds glob characters (``[ ] * ?``) a link to it with a plain path, for
+    DeepSpeed, which finds a checkpoint's files with ``glob.glob(os.path.join(dir, pattern))`` (load_checkpoint,
+    zero_to_fp32, ds_to_universal): under "runs [v2]" it found none. The link lives in a temporary directory of
+    this process while the block runs."""
+    if not glob.has_magic(str(ckpt_dir)):
+        yield Path(ckpt_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="relora_ds-ckpt-") as links:
+        if glob.has_magic(links):
+            raise ValueError(f"the temporary directory {links!r} (TMPDIR) has glob characters ([ ] * ?) in its path, "
+                             f"as {str(ckpt_dir)!r} does: set TMPDIR to a directory with a plain path")
+        link = Path(links) / "checkpoints"
+        link.symlink_to(Path(ckpt_dir).resolve(), target_is_directory=True)
+        yield link
 
 
 def _stage0_masters(src: Path, states: dict) -> dict[str, torch.Tensor]:

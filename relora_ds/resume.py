@@ -178,7 +178,8 @@ class CheckpointsMixin:
         self._build_engine(self._fresh_model(), phase, load_universal=as_universal)
         built = self._optimizer_as_built()  # from this run's config, before the checkpoint overwrites it
         try:
-            _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
+            with checkpoint.globbable(self.ckpt_dir) as plain:  # (DeepSpeed globs for the ranks' files in it)
+                _, client = self.engine.load_checkpoint(str(plain), tag=load_tag)
         except (AssertionError, FileNotFoundError) as e:  # DeepSpeed asserts that its files exist
             raise ValueError(f"DeepSpeed could not load checkpoint {self.ckpt_dir / load_tag}: {type(e).__name__}: "
                              f"{e} (a file missing from it?); resume from another one with --resume-from step_N "

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import full_state_dict, is_sharded
+from .checkpoint import full_state_dict, globbable, is_sharded
 from .durable import fsync_path, fsync_tree, replace_durably
 from .distributed import on_rank_zero
 
@@ -44,7 +44,8 @@ def make_universal(ckpt_dir: Path, tag: str, param_groups: list[list[str]] | Non
         tmp = Path(ckpt_dir) / f".{tag}_{UNIVERSAL}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if is_sharded(ckpt_dir, tag):
-            _ds_to_universal(src, tmp)
+            with globbable(ckpt_dir) as plain:  # the converter globs in its input and output folders
+                _ds_to_universal(plain / tag, plain / tmp.name)
         else:
             assert param_groups is not None, "a checkpoint without ZeRO converts only with its param groups' names"
             _unsharded_to_universal(src, tmp, param_groups)

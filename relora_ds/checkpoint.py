@@ -404,7 +404,7 @@ def globbable(ckpt_dir: str | Path):
     """``ckpt_dir``, or where its path holds glob characters (``[ ] * ?``) a link to it with a plain path, for
     DeepSpeed, which finds a checkpoint's files with ``glob.glob(os.path.join(dir, pattern))`` (load_checkpoint,
     zero_to_fp32, ds_to_universal): under "runs [v2]" it found none. The link lives in a temporary directory of
-    this process while the block runs."""
+    this process while the block runs; an error raised in the block names ``ckpt_dir`` where it named the link."""
     if not glob.has_magic(str(ckpt_dir)):
         yield Path(ckpt_dir)
         return
@@ -412,9 +412,16 @@ def globbable(ckpt_dir: str | Path):
         if glob.has_magic(links):
             raise ValueError(f"the temporary directory {links!r} (TMPDIR) has glob characters ([ ] * ?) in its path, "
                              f"as {str(ckpt_dir)!r} does: set TMPDIR to a directory with a plain path")
-        link = Path(links) / "checkpoints"
-        link.symlink_to(Path(ckpt_dir).resolve(), target_is_directory=True)
-        yield link
+        link, target = Path(links) / "checkpoints", Path(ckpt_dir).resolve()
+        link.symlink_to(target, target_is_directory=True)
+        try:
+            yield link
+        except Exception as e:  # DeepSpeed's message names the link, gone once it reaches the user: the checkpoint
+            e.args = tuple(a.replace(str(link), str(target)) if isinstance(a, str) else a for a in e.args)
+            for name in ("filename", "filename2"):  # (an OSError's str names these, not its args)
+                if isinstance(getattr(e, name, None), str):
+                    setattr(e, name, getattr(e, name).replace(str(link), str(target)))
+            raise
 
 
 def _stage0_masters(src: Path, states: dict) -> dict[str, torch.Tensor]:

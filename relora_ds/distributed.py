@@ -264,13 +264,17 @@ def _check_launcher_env() -> None:
                          "them all")
     # More processes than ranks: a RANK/WORLD_SIZE left in the shell (an earlier job's, a notebook's) wins over
     # mpirun's or srun's own, and the processes take the same ranks (each a world of its own at WORLD_SIZE=1).
-    # Fewer is a launcher per node (srun or mpirun starting torchrun or deepspeed on each), as it should be.
-    world = _int_env("WORLD_SIZE")
+    # Fewer is a launcher per node (srun or mpirun starting torchrun or deepspeed on each), as it should be. A
+    # per-node launcher's RANK/WORLD_SIZE are its own (torchrun sets TORCHELASTIC_RUN_ID, deepspeed CROSS_RANK),
+    # whatever the step around it: `srun -n 8 --pty bash` then torchrun on 2 GPUs, each task of `srun -n 4
+    # deepspeed --num_gpus 1 ...` a run of its own.
+    launcher = "TORCHELASTIC_RUN_ID" in os.environ or "CROSS_RANK" in os.environ
+    world = None if launcher else _int_env("WORLD_SIZE")
     for size in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
         started = _int_env(size)
         if world is not None and started is not None and started > world:
-            raise ValueError(f"WORLD_SIZE={world} (RANK={os.environ.get('RANK')}) but the launcher started {started} "
-                             f"processes ({size}={started}): some would share a rank. RANK and WORLD_SIZE set in the "
+            raise ValueError(f"WORLD_SIZE={world} (RANK={os.environ.get('RANK')}) but the launcher started "
+                             f"{started} processes ({size}={started}): some would share a rank. RANK and WORLD_SIZE set in the "
                              "shell before mpirun/srun (an earlier job's, a notebook's?) win over the launcher's: unset "
                              "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT there, or set them per process "
                              "from the launcher's (launch/slurm/rank_env.sh; README, \"MPI\")")

@@ -274,10 +274,10 @@ def _check_launcher_env() -> None:
         started = _int_env(size)
         if world is not None and started is not None and started > world:
             raise ValueError(f"WORLD_SIZE={world} (RANK={os.environ.get('RANK')}) but the launcher started "
-                             f"{started} processes ({size}={started}): some would share a rank. RANK and WORLD_SIZE set in the "
-                             "shell before mpirun/srun (an earlier job's, a notebook's?) win over the launcher's: unset "
-                             "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT there, or set them per process "
-                             "from the launcher's (launch/slurm/rank_env.sh; README, \"MPI\")")
+                             f"{started} processes ({size}={started}): some would share a rank. RANK and WORLD_SIZE "
+                             "set in the shell before mpirun/srun (an earlier job's, a notebook's?) win over the "
+                             "launcher's: unset RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT there, or "
+                             "set them per process from the launcher's (launch/slurm/rank_env.sh; README, \"MPI\")")
 
 
 def _warn_master_addr_replaced() -> None:

@@ -87,9 +87,9 @@ def fsdp2_modules_above(module: nn.Module) -> list[nn.Module]:
 def refuse_data_parallel_wrappers(model: nn.Module) -> None:
     """DistributedDataParallel, FSDP1 and FSDP2 record the parameters they sync (DDP's reducer buckets, FSDP1's
     flat parameters, FSDP2's sharded parameters) when they wrap a model: LoRA factors added inside afterwards
-    would train on each rank alone (relora_ds.wrap calls this first). A submodule of a sharded model is refused too: its new layers would be
-    outside FSDP2 (a root-only ``fully_shard`` model after a forward, whose layers hold whole copies, took
-    them, and every rank trained its own factors)."""
+    would train on each rank alone (relora_ds.wrap calls this first). A submodule of a sharded model is
+    refused too: its new layers would be outside FSDP2 (a root-only ``fully_shard`` model after a forward, whose
+    layers hold whole copies, took them, and every rank trained its own factors)."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.nn.parallel import DistributedDataParallel
 

@@ -7,7 +7,6 @@ does what that branch does (distributed_type FSDP, the plugin kept, its mixed pr
 FSDP2 preparation runs: fully_shard on each decoder layer and the root, checkpoint_wrapper from fsdp_config's
 activation_checkpointing, the optimizer moved onto the DTensor parameters, FSDP2 checkpoints."""
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 """argparse types the launch scripts share: a bad number is a parse error naming the flag and the value."""
 import argparse
 import math
+import sys
 from pathlib import Path
 
 
@@ -22,6 +23,14 @@ def user_path(text: str) -> Path:
     """A path argument; a leading ~ is the home directory, as in the trainer's and prepare_data.py's paths (the
     shell expands no ~ after '=', as in --out=~/x, nor in a quoted or scripted argument)."""
     return Path(text).expanduser()
+
+
+def tolerant_stdout() -> None:
+    """stdout writes a character its encoding lacks as a backslash escape, as Python's stderr does: under
+    LC_ALL=C with PYTHONUTF8=0, PYTHONIOENCODING=ascii or a Latin-1 locale, a '·' in a --help text or a
+    non-ASCII path in a progress line raised UnicodeEncodeError (a run died at its first evaluation)."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
-from cli_types import DefaultsHelpFormatter, positive_int, user_path  # noqa: E402
+from cli_types import DefaultsHelpFormatter, positive_int, tolerant_stdout, user_path  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -173,4 +173,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    tolerant_stdout()
     sys.exit(main())

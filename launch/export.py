@@ -25,7 +25,7 @@ from relora_ds.data.tokenizer import resolve_tokenizer
 from relora_ds.hf import export_run, merge_record
 from relora_ds.relora import relora_layers
 from relora_ds.train_args import ArgumentParser
-from cli_types import DefaultsHelpFormatter, user_path  # launch/, the script's directory
+from cli_types import DefaultsHelpFormatter, tolerant_stdout, user_path  # launch/, the script's directory
 
 
 def _refuse_hf_trainer_checkpoint(path: Path, ap: argparse.ArgumentParser) -> None:
@@ -178,4 +178,5 @@ def _run_token_ids(run: dict) -> dict | None:
 
 
 if __name__ == "__main__":
+    tolerant_stdout()
     sys.exit(0 if main() else 1)

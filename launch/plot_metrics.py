@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
-from cli_types import DefaultsHelpFormatter, user_path  # noqa: E402  (launch/, the script's directory)
+from cli_types import DefaultsHelpFormatter, tolerant_stdout, user_path  # noqa: E402  (launch/, the script's directory)
 
 
 def curves(recs: list[dict]) -> tuple[list[dict], list[dict], list[int]]:
@@ -93,4 +93,5 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
+    tolerant_stdout()
     main()

@@ -29,6 +29,7 @@ from pathlib import Path
 from relora_ds.data import builtin_data_dir, load_manifest
 from relora_ds.data.mixture import check_members, is_mixture
 from relora_ds.data.manifest import read_manifest_file
+from relora_ds.distributed import check_op_build_dir
 from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
 from relora_ds.ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device
 from relora_ds.output_dir import check_output_dir
@@ -39,6 +40,8 @@ from relora_ds.startup import (apply_kernels_setting, build_schedule, check_comp
                                unused_vocab_size)
 from relora_ds.train_args import build_launch_parser, config_from_args
 from relora_ds.train_config import BUILTIN_VOCAB_SIZE, ConfigWarning, show_config_warnings_plainly
+
+from cli_types import tolerant_stdout  # launch/, the script's directory
 
 
 def main(argv=None) -> int:
@@ -88,6 +91,7 @@ def _check(argv) -> str:
             from deepspeed.accelerator import get_accelerator
             check_precision_on_device(ds, get_accelerator())
             check_offload_on_device(ds, get_accelerator(), cfg.quantize)
+            check_op_build_dir(get_accelerator())
         # The built-in corpus may not be prepared yet: then its size, tokenizer and fingerprint are not checked.
         manifest = read_manifest_file(data_dir)
         if manifest is not None:  # a split too small for a window or a global batch at this world size
@@ -210,4 +214,5 @@ def memory_summary(model_config, cfg, ds: dict, world_size: int, gpu_memory_gb: 
 
 
 if __name__ == "__main__":
+    tolerant_stdout()
     sys.exit(main())

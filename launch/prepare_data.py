@@ -27,7 +27,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     from relora_ds.data import PrepareConfig, prepare_data
 from relora_ds.train_args import ArgumentParser  # noqa: E402  (argparse with hints for misspelled flags)
 from relora_ds.train_config import show_config_warnings_plainly  # noqa: E402
-from cli_types import DefaultsHelpFormatter  # noqa: E402  (launch/, the script's directory)
+from cli_types import DefaultsHelpFormatter, tolerant_stdout  # noqa: E402  (launch/, the script's directory)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,4 +106,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    tolerant_stdout()
     main()

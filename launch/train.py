@@ -23,6 +23,9 @@ def catch_early_stops() -> None:
 
 if __name__ == "__main__":  # not when imported: a test process keeps its own handlers
     catch_early_stops()
+    # A non-ASCII path in a progress line under an ASCII or Latin-1 stdout: a backslash escape, as stderr
+    # writes it, not a UnicodeEncodeError at the first evaluation (launch/cli_types.tolerant_stdout)
+    sys.stdout.reconfigure(errors="backslashreplace")
 
 import torch  # noqa: E402  (after the handlers: importing torch and DeepSpeed takes seconds)
 

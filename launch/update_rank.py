@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from cli_types import DefaultsHelpFormatter, user_path  # launch/, the script's directory
+from cli_types import DefaultsHelpFormatter, tolerant_stdout, user_path  # launch/, the script's directory
 
 EMBEDDINGS = re.compile(r"(embed_tokens|lm_head|wte|wpe)\.weight$")
 
@@ -266,4 +266,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    tolerant_stdout()
     sys.exit(0 if main() is not None else 1)

@@ -197,6 +197,7 @@ def init_distributed(**kwargs) -> None:
         remove_stale_shm_segments()
     import torch.distributed as dist
 
+    check_op_build_dir(accelerator)
     try:
         deepspeed.init_distributed(**kwargs)
     except ModuleNotFoundError as e:  # DeepSpeed's MPI discovery, the only way left to it, needs mpi4py
@@ -232,6 +233,37 @@ def init_distributed(**kwargs) -> None:
         accelerator.set_device(local)
     if world is not None and kwargs.get("timeout") is not None:
         _timed_world_clone(world, kwargs["timeout"])
+
+
+def check_op_build_dir(accelerator) -> None:
+    """Every rank's ``deepspeed.init_distributed`` loads DeepSpeed's shared-memory allreduce op (the CPU
+    accelerator's; none on CUDA) from TORCH_EXTENSIONS_DIR (default torch's ~/.cache/torch_extensions), building
+    it there the first time, unless DeepSpeed was installed with it prebuilt (DS_BUILD_SHM_COMM=1). torch takes
+    a lock file in the op's folder even to load a built op: a folder this user cannot write (a shared read-only
+    venv's, where scripts/setup_env.sh points it; a read-only home) failed every rank with a PermissionError
+    traceback. A ValueError naming the folder and the ways out (init_distributed, and launch/preflight.py)."""
+    import deepspeed.ops
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if accelerator.device_name() != "cpu":  # (the op is the CPU accelerator's)
+        return
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False) \
+            or installed_ops.get(builder.name, False):  # DeepSpeed's own test (deepspeed/comm/torch.py)
+        return
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    root = Path(env) if env else Path(get_default_build_root())
+    folder = root / builder.name if env else root  # (torch puts the default's ops one level further down)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # what the lock or the folder goes in
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return
+    source = f"TORCH_EXTENSIONS_DIR={env}" if env else "torch's default, TORCH_EXTENSIONS_DIR being unset"
+    raise ValueError(f"DeepSpeed's {builder.NAME} op, which every rank loads at start-up, lives in {folder} ({source}),"
+                     f" and {existing} is not writable by this user: torch takes a lock file there even to load an "
+                     "op built already. Set TORCH_EXTENSIONS_DIR to a directory of your own (e.g. "
+                     "${TMPDIR:-/tmp}/torch_extensions_$USER; the first start builds the op there, 20-70 s), or "
+                     "install DeepSpeed with the op prebuilt (DS_BUILD_SHM_COMM=1 pip install deepspeed)")
 
 
 def _timed_world_clone(world: int, timeout) -> None:

@@ -249,9 +249,10 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
     try:
         if from_source:  # its tokenizer files, if it has any
             for name in source_files:
-                shutil.copy(Path(like) / name, staging / name)
+                shutil.copyfile(Path(like) / name, staging / name)
             if (Path(like) / CHAT_TEMPLATES_DIR).is_dir():  # its named chat templates (transformers 5)
-                shutil.copytree(Path(like) / CHAT_TEMPLATES_DIR, staging / CHAT_TEMPLATES_DIR)
+                shutil.copytree(Path(like) / CHAT_TEMPLATES_DIR, staging / CHAT_TEMPLATES_DIR,
+                                copy_function=shutil.copyfile)
         elif tokenizer is not None and Path(tokenizer).suffix == ".json":  # a Hugging Face tokenizer: as it is
             tok = open_tokenizer(tokenizer)
             tok.copy_to(staging)
@@ -260,7 +261,7 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
             special = save_hf_tokenizer(tokenizer, staging, model_max_length=config.max_position_embeddings)
         elif tokenizer is not None:
             special = sentencepiece_special_ids(tokenizer)
-            shutil.copy(tokenizer, staging / "tokenizer.model")
+            shutil.copyfile(tokenizer, staging / "tokenizer.model")
         state = merged_state_dict(model, dtype)
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         _readable_as_umask_allows(staging / "model.safetensors")
@@ -279,7 +280,7 @@ def export_hf(model, out_dir: str | Path, dtype: torch.dtype | None = None,
                           "written (SentencePiece: its tokenizer.model)", stacklevel=2)
         generation = Path(like) / "generation_config.json" if from_source else None
         if generation is not None and generation.is_file():
-            shutil.copy(generation, staging / "generation_config.json")
+            shutil.copyfile(generation, staging / "generation_config.json")
         else:
             (staging / "generation_config.json").write_text(json.dumps(special, indent=2))
         if progress is not None:  # with what the ReLoRA layers merged, unless the caller knows it better

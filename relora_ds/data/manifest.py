@@ -29,7 +29,12 @@ def builtin_data_dir(vocab_size: int) -> Path:
     if not isinstance(vocab_size, int) or vocab_size < 1:
         raise ValueError(f"vocab_size={vocab_size!r} must be a positive int")
     root = os.environ.get("RELORA_DATA_CACHE") or "~/.cache/relora_ds"
-    return Path(root).expanduser() / f"builtin-vocab{vocab_size}"
+    try:
+        return Path(root).expanduser() / f"builtin-vocab{vocab_size}"
+    except RuntimeError:  # "Could not determine home directory" (docker --user N: HOME unset, no passwd entry)
+        raise ValueError(f"the built-in corpus's cache {root} is under the home directory, and this process has "
+                         f"none (HOME is unset and uid {os.getuid()} has no passwd entry): set RELORA_DATA_CACHE "
+                         "to a writable directory, or pass --data-dir") from None
 
 
 def file_sha256(path: str | Path) -> str:

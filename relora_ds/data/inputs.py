@@ -127,8 +127,9 @@ def _is_save_to_disk_meta(p: Path) -> bool:
 
 
 def _excluded(p: Path, exclude: tuple[Path, ...]) -> bool:
-    real = Path(os.path.realpath(p))  # `exclude` is resolved; p may be reached through a link
-    return any(q == e or e in q.parents for q in (Path(p), real) for e in exclude)
+    # As strings: `e in q.parents` builds a Path per ancestor, ~0.3 ms a file (17 s of 50,000 files' resolving).
+    real = os.path.realpath(p)  # `exclude` is resolved; p may be reached through a link
+    return any(q == e or q.startswith(os.path.join(e, "")) for q in (str(p), real) for e in map(str, exclude))
 
 
 def _check_not_dataset_dict(root: Path, origin: str) -> None:

@@ -25,7 +25,8 @@ if __name__ == "__main__":  # not when imported: a test process keeps its own ha
     catch_early_stops()
     # A non-ASCII path in a progress line under an ASCII or Latin-1 stdout: a backslash escape, as stderr
     # writes it, not a UnicodeEncodeError at the first evaluation (launch/cli_types.tolerant_stdout)
-    sys.stdout.reconfigure(errors="backslashreplace")
+    if sys.stdout is not None:  # None: started with stdout closed (>&-), where print() writes nothing
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 import torch  # noqa: E402  (after the handlers: importing torch and DeepSpeed takes seconds)
 

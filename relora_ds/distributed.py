@@ -252,13 +252,13 @@ def check_op_build_dir(accelerator) -> None:
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False) \
             or installed_ops.get(builder.name, False):  # DeepSpeed's own test (deepspeed/comm/torch.py)
         return
-    env = os.environ.get("TORCH_EXTENSIONS_DIR")
-    root = Path(env) if env else Path(get_default_build_root())
-    folder = root / builder.name if env else root  # (torch puts the default's ops one level further down)
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")  # set but empty: torch builds in the working directory
+    root = Path(env) if env is not None else Path(get_default_build_root())
+    folder = root / builder.name if env is not None else root  # (the default's ops go one level further down)
     existing = next(p for p in (folder, *folder.parents) if p.exists())  # what the lock or the folder goes in
     if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
         return
-    source = f"TORCH_EXTENSIONS_DIR={env}" if env else "torch's default, TORCH_EXTENSIONS_DIR being unset"
+    source = f"TORCH_EXTENSIONS_DIR={env}" if env is not None else "torch's default, TORCH_EXTENSIONS_DIR being unset"
     raise ValueError(f"DeepSpeed's {builder.NAME} op, which every rank loads at start-up, lives in {folder} ({source}),"
                      f" and {existing} is not writable by this user: torch takes a lock file there even to load an "
                      "op built already. Set TORCH_EXTENSIONS_DIR to a directory of your own (e.g. "

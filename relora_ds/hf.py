@@ -94,12 +94,16 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None,
     # torch's checkpoint_wrapper (accelerate's FSDP activation_checkpointing) leaves its wrapped module's name out
     # of state_dict's keys: merged weights under the module names were not found by from_pretrained, which then
     # loaded the unmerged bases (and ignored lora_A/B as unexpected keys)
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+    # (its level alone: a module of the model's own named like 'x_checkpoint_wrapped_module' keeps its name)
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_WRAPPED_MODULE as WRAPPED
+
+    def unwrapped(name: str) -> str:
+        return ".".join(part for part in name.split(".") if part != WRAPPED)
 
     merged: dict[str, torch.Tensor] = {}
     layer_names = set()
     for name, layer in relora_layers(model):
-        name = name.replace(_CHECKPOINT_PREFIX, "")
+        name = unwrapped(name)
         layer_names.add(name)
         with _gathered(list(layer.parameters(recurse=False))):
             weight = layer.merged_weight(dtype)  # a new tensor
@@ -108,7 +112,7 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None,
                 merged[f"{name}.weight"] = weight.contiguous().cpu()  # each on the host at once: one whole
                 if bias is not None:  # tensor at a time on the device
                     merged[f"{name}.bias"] = _copied_out(bias, zero3)
-    params = {n.replace(_CHECKPOINT_PREFIX, ""): p for n, p in model.named_parameters(remove_duplicate=False)}
+    params = {unwrapped(n): p for n, p in model.named_parameters(remove_duplicate=False)}
     for key, t in model.state_dict().items():
         owner = key.rpartition(".")[0]
         if owner in layer_names:

@@ -46,7 +46,12 @@ if [ -z "${TORCH_EXTENSIONS_DIR:-}" ]; then
   if [ -w "$VENV" ]; then
     TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"
   else
-    TORCH_EXTENSIONS_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions_$(printf %s "$VENV" | sha256sum | cut -c1-8)"
+    hash=$(printf %s "$VENV" | sha256sum | cut -c1-8)
+    if [ -n "${XDG_CACHE_HOME:-${HOME:-}}" ]; then
+      TORCH_EXTENSIONS_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/torch_extensions_$hash"
+    else  # no home directory (docker --user N): $HOME stopped the script under set -u ("unbound variable")
+      TORCH_EXTENSIONS_DIR="${TMPDIR:-/tmp}/torch_extensions_$(id -u)_$hash"
+    fi
   fi
   export TORCH_EXTENSIONS_DIR
 fi

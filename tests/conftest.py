@@ -23,7 +23,7 @@ _HEAVY_FIRST = ("test_cluster_slurm.py", "test_compile.py", "test_trainer_resume
                 "test_universal_review.py", "test_checkpointing_review.py", "test_warm_start_review.py",
                 "test_precision_review.py", "test_loss_review.py", "test_optimizer_review.py", "test_flops_review.py",
                 "test_stage0_review.py", "test_ckpt16_review.py", "test_packaging_review.py", "test_paths_review.py",
-                "test_diff_review3.py", "test_hf_fsdp_review.py")
+                "test_diff_review3.py", "test_hf_fsdp_review.py", "test_diff_review4.py", "test_perms_review.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """argparse types the launch scripts share: a bad number is a parse error naming the flag and the value."""
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,15 @@ def user_path(text: str) -> Path:
     """A path argument; a leading ~ is the home directory, as in the trainer's and prepare_data.py's paths (the
     shell expands no ~ after '=', as in --out=~/x, nor in a quoted or scripted argument)."""
     return Path(text).expanduser()
+
+
+def check_writable(ap: argparse.ArgumentParser, flag: str, path: Path) -> None:
+    """An output ``path`` this user cannot write (or create, with its missing folders) is a parse error naming
+    the folder, before any work: it was a PermissionError traceback after the checkpoint was read or the
+    evaluation done (whose result was then lost)."""
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        ap.error(f"{flag} {path}: {existing} is not writable by this user; give another {flag}")
 
 
 def tolerant_stdout() -> None:

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
-from cli_types import DefaultsHelpFormatter, positive_int, tolerant_stdout, user_path  # noqa: E402
+from cli_types import DefaultsHelpFormatter, check_writable, positive_int, tolerant_stdout, user_path  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.out is not None and args.out.is_dir():  # named now, not after the evaluation
         ap.error(f"--out {args.out} is a directory: give a file to write the JSON result to")
+    if args.out is not None:
+        check_writable(ap, "--out", args.out)
     device = args.device
     if device is not None and device.type != "cpu":
         backend = getattr(torch, device.type, None)

@@ -25,7 +25,7 @@ from relora_ds.data.tokenizer import resolve_tokenizer
 from relora_ds.hf import export_run, merge_record
 from relora_ds.relora import relora_layers
 from relora_ds.train_args import ArgumentParser
-from cli_types import DefaultsHelpFormatter, tolerant_stdout, user_path  # launch/, the script's directory
+from cli_types import DefaultsHelpFormatter, check_writable, tolerant_stdout, user_path  # launch/
 
 
 def _refuse_hf_trainer_checkpoint(path: Path, ap: argparse.ArgumentParser) -> None:
@@ -73,6 +73,7 @@ def main(argv=None) -> Path:
         args.checkpoints, args.tag = args.checkpoints.parent, args.checkpoints.name  # one checkpoint: step_N/
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out {args.out} exists and is not a directory")
+    check_writable(ap, "--out", args.out)
     tag = args.tag or latest_tag(args.checkpoints)
     if _is_checkpoint(args.checkpoints) and args.tag not in (None, args.checkpoints.name):
         found = sorted((p.name for p in checkpoint_folders(args.checkpoints.parent)), key=tag_step)

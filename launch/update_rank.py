@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from cli_types import DefaultsHelpFormatter, tolerant_stdout, user_path  # launch/, the script's directory
+from cli_types import DefaultsHelpFormatter, check_writable, tolerant_stdout, user_path  # launch/
 
 EMBEDDINGS = re.compile(r"(embed_tokens|lm_head|wte|wpe)\.weight$")
 
@@ -234,6 +234,8 @@ def main(argv=None) -> dict:
             ap.error(f"{d} is not a directory (give two Hugging Face exports: launch/export.py)")
     if args.json is not None and args.json.is_dir():
         ap.error(f"--json {args.json} is a directory: give a file to write the numbers to")
+    if args.json is not None:
+        check_writable(ap, "--json", args.json)
     try:
         per_layer = compare(args.a, args.b, args.threshold, args.all)
     except ValueError as e:

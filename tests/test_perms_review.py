@@ -189,3 +189,21 @@ def test_an_export_gives_the_tokenizer_the_modes_its_own_files_get(tmp_path, sma
     weights = (out / "model.safetensors").stat().st_mode & 0o777
     assert weights == 0o644 and (out / "tokenizer.model").stat().st_mode & 0o777 == weights
 
+
+def test_an_output_this_user_cannot_write_is_named_before_any_work(tmp_path):
+    """export --out, evaluate --out, update_rank --json into a folder this user cannot write: a PermissionError
+    traceback after the checkpoint was read or the evaluation done (its result lost). /proc/1 stands for it: no
+    user, root included, may create files there (os.access and the kernel agree)."""
+    from launch_utils import launch_env, run_python
+
+    assert not os.access("/proc/1", os.W_OK)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    for script, args in (("export.py", [tmp_path, "--out", "/proc/1/exp"]),
+                         ("evaluate.py", [hf, "--data-dir", tmp_path, "--seq-len", "8", "--out", "/proc/1/e.json"]),
+                         ("update_rank.py", [hf, hf, "--json", "/proc/1/r.json"])):
+        proc = run_python(ROOT / "launch" / script, *args, env=launch_env())
+        flag = "--json" if script == "update_rank.py" else "--out"
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (script, proc.stderr[-2000:])
+        assert f"{flag} /proc/1/" in proc.stderr and "/proc/1 is not writable by this user" in proc.stderr, script
+

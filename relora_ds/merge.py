@@ -30,10 +30,12 @@ def check_not_fsdp1(model: nn.Module, what: str = "merge_and_reinit") -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        how = ("fsdp_config={'fsdp_version': 2} in TrainingArguments, or fsdp_version: 2 in the accelerate "
+               "config" if what == "enable_relora" else
+               "torch.distributed.fsdp.fully_shard, on each decoder layer then the model")
         raise ValueError(f"{what}: the model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat "
-                         "parameter shards no merge can read as matrices; shard it with FSDP2 instead "
-                         "(torch.distributed.fsdp.fully_shard, on each decoder layer then the model), or train it "
-                         "with a DeepSpeed engine")
+                         f"parameter shards no merge can read as matrices; shard it with FSDP2 instead ({how}), or "
+                         "train it with a DeepSpeed engine")
 
 
 def merge_and_reinit(model: nn.Module) -> dict:

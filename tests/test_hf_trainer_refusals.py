@@ -166,7 +166,9 @@ def test_accelerates_fsdp1_is_refused_before_the_first_step(tmp_path):
     wrapper._modules["_fsdp_wrapped_module"] = trainer.model
     trainer.model_wrapped = wrapper
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"enable_relora: the model is wrapped in FSDP1.*fully_shard"):
+    with pytest.raises(ValueError, match=r"enable_relora: the model is wrapped in FSDP1.* shard it with FSDP2 "
+                                         r"instead \(fsdp_config=\{'fsdp_version': 2\} in TrainingArguments, or "
+                                         r"fsdp_version: 2 in the accelerate config\)"):
         callback.on_train_begin(args, trainer.state, trainer.control)
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 

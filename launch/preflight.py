@@ -29,12 +29,12 @@ from pathlib import Path
 from relora_ds.data import builtin_data_dir, load_manifest
 from relora_ds.data.mixture import check_members, is_mixture
 from relora_ds.data.manifest import read_manifest_file
-from relora_ds.distributed import check_op_build_dir
 from relora_ds.ds_config import complete_ds_config, load_ds_config, zero_stage
 from relora_ds.ds_machine import check_nvme_swap_buffers, check_offload_on_device, check_precision_on_device
 from relora_ds.output_dir import check_output_dir
 from relora_ds.resume_plan import nothing_to_resume, plan_resume, resume_progress
 from relora_ds.schedule import total_steps_for
+from relora_ds.shm_comm import check_op_build_dir
 from relora_ds.startup import (apply_kernels_setting, build_schedule, check_compile, check_data_use,
                                check_document_masking, check_kernels, check_model_and_data, train_data_record,
                                unused_vocab_size)

@@ -303,7 +303,7 @@ class ReLoRACallback(TrainerCallback):
         cosine; and the schedule put at global_step (a checkpoint without scheduler state restarted it)."""
         trainer = self.trainer
         if trainer.is_deepspeed_enabled:
-            from .distributed import release_shm_segment
+            from .shm_comm import release_shm_segment
             from .zero_reset import check_engine_supported
 
             # transformers' inference engine: no optimizer, or (transformers 5, ZeRO-3) DeepSpeed's parameter
@@ -319,7 +319,7 @@ class ReLoRACallback(TrainerCallback):
                 # checkpointing requires to match ("c10d._allgather_base_ ... not found in storage").
                 trainer.model_wrapped.empty_partition_cache()
             # DeepSpeed's CPU accelerator leaves a 66 MiB /dev/shm segment per rank behind every run
-            # (relora_ds.distributed); unlinked now (every rank is here: it is collective), the mapping stays.
+            # (relora_ds/shm_comm.py); unlinked now (every rank is here: it is collective), the mapping stays.
             release_shm_segment()
             self._replace_recovery_scripts_at_copy(trainer.model_wrapped)
         else:  # accelerate's FSDP1 (fsdp_version 1, its default): refused now, not at the first merge

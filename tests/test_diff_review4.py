@@ -56,7 +56,7 @@ def test_the_op_folder_check_looks_where_torch_builds_when_the_variable_is_empty
     from deepspeed.accelerator import get_accelerator
     from torch.utils import cpp_extension
 
-    from relora_ds.distributed import check_op_build_dir
+    from relora_ds.shm_comm import check_op_build_dir
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None:

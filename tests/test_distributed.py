@@ -62,7 +62,7 @@ def test_a_single_rank_leaves_no_segment_either(tmp_path, launcher):
 
 
 def test_single_process_has_nothing_to_release():
-    from relora_ds.distributed import release_shm_segment
+    from relora_ds.shm_comm import release_shm_segment
     assert release_shm_segment() is None  # no process group: no collective, no error
 
 

@@ -136,7 +136,7 @@ def test_two_rank_zero_trainer_equals_one_process(tmp_path, stage, kind):
     port = free_port()
     run_ranks(ROOT / "tests/dist/hf_trainer_worker.py", "--out", tmp_path, "--stage", stage, "--model", kind,
               *extra, timeout=600, master_port=port)
-    # DeepSpeed's CPU shared-memory segments (relora_ds.distributed): the callback released them at train begin
+    # DeepSpeed's CPU shared-memory segments (relora_ds/shm_comm.py): the callback released them at train begin
     # (a mutation trial's survivor: without that release each rank left 66 MiB in /dev/shm)
     assert not list(Path("/dev/shm").glob(f"*allreduce_buffer_*_{port}_*"))
     got = json.loads((tmp_path / "run.json").read_text())

@@ -1,4 +1,4 @@
-"""2-rank check of relora_ds.distributed.release_shm_segment against DeepSpeed's own shared-memory allreduce.
+"""2-rank check of relora_ds.shm_comm.release_shm_segment against DeepSpeed's own shared-memory allreduce.
 
 Records whether the segment names we predict exist right after ``deepspeed.init_distributed`` (so a change of
 DeepSpeed's naming scheme fails the test instead of silently leaking again), releases them, and then runs
@@ -12,7 +12,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from relora_ds.distributed import release_shm_segment, run_and_exit, shm_segment_path
+from relora_ds.distributed import run_and_exit
+from relora_ds.shm_comm import release_shm_segment, shm_segment_path
 
 
 def main():

@@ -32,7 +32,7 @@ from relora_ds.data.sources import Corpus, load_corpus
 from relora_ds.data.tokenizer import Tokenizer, open_tokenizer, train_tokenizer, training_lines
 from relora_ds.data.recipe import (DEFAULT_VOCAB_SIZE, PrepareConfig, at_defaults, inapplicable_options, recipe_diff,
                                    recipe_of, same_recipe)
-from relora_ds.durable import fsync_path
+from relora_ds.durable import fsync_path, replace_durably
 
 log = logging.getLogger(__name__)
 
@@ -198,11 +198,7 @@ def _refresh_chat_templates(given: Tokenizer, out_dir: Path) -> None:
                 kept.unlink()
                 log.warning("removed %s: the tokenizer %s has none now", kept, given.path)
         elif not kept.is_file() or mf.file_sha256(kept) != mf.file_sha256(source):
-            tmp = out_dir / f".{name}.tmp"
-            shutil.copyfile(source, tmp)
-            fsync_path(tmp)
-            tmp.replace(kept)
-            fsync_path(out_dir)
+            replace_durably(source.read_bytes().decode("utf-8"), kept)  # (its bytes: no newline translation)
             log.warning("replaced %s with the tokenizer's changed chat template (%s)", kept, source)
 
 
